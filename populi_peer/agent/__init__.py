@@ -1,0 +1,17 @@
+"""The trio shell: the agent and its services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from populi_peer.agent.agent import Agent
+from populi_peer.clock import SystemClock
+from populi_peer.config import Config
+
+
+def build_agent(*, data_dir: Path, config: Config) -> Agent:
+    """The agent as ``populi agent`` runs it: real clock, TLS network, HTTPS server."""
+    return Agent(data_dir=data_dir, config=config, clock=SystemClock())
+
+
+__all__ = ["Agent", "build_agent"]

@@ -1,0 +1,112 @@
+"""Cluster records held by this node: the settings record (serial, signer, values).
+
+The control plane signs a new record for every change (serial + 1) with its node key on
+behalf of the operator who asked; other nodes accept a record only with a higher serial
+and a signature from a voter in their membership view.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from enrollment.records import SignedRecord, sign_record, verify_record
+from populi_peer.agent.membership import Membership
+from populi_peer.core import settings as cluster_settings
+from populi_peer.errors import Forbidden
+from populi_peer.identity import Identity
+from populi_peer.store import Store
+
+
+class ClusterRecords:
+    def __init__(self, store: Store, membership: Membership) -> None:
+        self.store = store
+        self.membership = membership
+        self.settings_record: SignedRecord | None = None
+        self.settings: dict[str, Any] = cluster_settings.defaults()
+        row = store.execute("SELECT text FROM cluster_records WHERE kind = 'settings'").fetchone()
+        if row is not None:
+            record = verify_record(row["text"], expected_kind="settings")
+            self._install(record)
+
+    def _install(self, record: SignedRecord) -> None:
+        self.settings_record = record
+        self.settings = cluster_settings.validate_settings(record.body)
+
+    @property
+    def settings_serial(self) -> int:
+        return self.settings_record.serial if self.settings_record else 0
+
+    def check_signer(self, record: SignedRecord) -> None:
+        member = self.membership.get(record.signer)
+        if (
+            member is None
+            or "voter" not in member.roles
+            or self.membership.principal(record.signer) is None
+        ):
+            raise Forbidden(
+                f"record signed by {record.signer}, who is not a voter",
+                code="record_foreign_signer",
+            )
+        principal = self.membership.principal(record.signer)
+        assert principal is not None
+        if principal.public_key != record.signer_key:
+            raise Forbidden(
+                "record signer key does not match the member's key", code="record_foreign_signer"
+            )
+
+    def offer_settings(self, text: str) -> bool:
+        """Install a settings record from the control plane if newer and properly signed."""
+        record = verify_record(text, expected_kind="settings")
+        if record.serial <= self.settings_serial:
+            return False
+        self.check_signer(record)
+        cluster_settings.validate_settings(record.body)
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO cluster_records (kind, serial, text, stored_ms) VALUES ('settings', ?, ?, ?) "
+                "ON CONFLICT (kind) DO UPDATE SET serial=excluded.serial, text=excluded.text, stored_ms=excluded.stored_ms",
+                (record.serial, record.text, record.signed_ms),
+            )
+        self._install(record)
+        return True
+
+    def change_settings(
+        self, changes: dict[str, Any], *, identity: Identity, actor: str, now_ms: int
+    ) -> SignedRecord:
+        """Control plane: validate, sign and durably store a new settings record."""
+        values = dict(self.settings)
+        for key, value in changes.items():
+            values[key] = cluster_settings.validate_value(key, value)
+        values = cluster_settings.validate_settings(values)
+        text = sign_record(
+            kind="settings",
+            serial=self.settings_serial + 1,
+            body=values,
+            signer_id=identity.node_id,
+            signer_key=identity.node_key,
+            now_ms=now_ms,
+            actor=actor,
+        )
+        record = verify_record(text, expected_kind="settings")
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO cluster_records (kind, serial, text, stored_ms) VALUES ('settings', ?, ?, ?) "
+                "ON CONFLICT (kind) DO UPDATE SET serial=excluded.serial, text=excluded.text, stored_ms=excluded.stored_ms",
+                (record.serial, text, now_ms),
+            )
+        self._install(record)
+        return record
+
+    def settings_json(self) -> dict[str, Any]:
+        record = self.settings_record
+        return {
+            "serial": self.settings_serial,
+            "signer": record.signer if record else None,
+            "actor": record.actor if record else None,
+            "signed_ms": record.signed_ms if record else None,
+            "values": dict(self.settings),
+            "record": record.text if record else None,
+        }
+
+
+__all__ = ["ClusterRecords"]

@@ -1,0 +1,280 @@
+"""A small ASGI application: one route table, signed-request auth, JSON in and out.
+
+Every response is JSON with ``"v"`` (protocol version) and ``"server_time_ms"``, and carries
+the headers ``Populi-Server-Time-Ms`` (so a caller sees skew), ``Populi-Protocol`` and
+``Populi-Correlation-Id`` (echoed from the request or made here). Errors are
+``{"v": 1, "server_time_ms": ..., "error": {"code": ..., "message": ...}}``. Bodies are read up
+to ``max_body_bytes`` (413 beyond); malformed JSON is a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from populi_peer import PROTOCOL_VERSION
+from populi_peer.api.auth import Authenticator, Principal
+from populi_peer.clock import Clock
+from populi_peer.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, PopuliError
+from populi_peer.log import correlation_id, get_logger, log
+
+ANY_MEMBER = frozenset({"operator", "submit", "voter", "worker"})
+_CID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_PARAM_RE = re.compile(r"\{([a-z_]+)\}")
+
+Handler = Callable[["Request"], Awaitable["Response | dict[str, Any]"]]
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    path_params: dict[str, str]
+    principal: Principal | None
+    client: tuple[str, int] | None
+    cid: str
+    _json: Any = field(default=None, repr=False)
+
+    def json(self) -> dict[str, Any]:
+        """The body as a JSON object (400 when it is not one)."""
+        if self._json is None:
+            if not self.body:
+                raise BadRequest("request body must be a JSON object", code="bad_json")
+            try:
+                value = json.loads(self.body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BadRequest(f"malformed JSON body: {exc}", code="bad_json") from exc
+            if not isinstance(value, dict):
+                raise BadRequest("request body must be a JSON object", code="bad_json")
+            self._json = value
+        return dict(self._json)
+
+    def query_one(self, name: str, default: str | None = None) -> str | None:
+        values = parse_qs(self.query, keep_blank_values=True).get(name)
+        if not values:
+            return default
+        if len(values) > 1:
+            raise BadRequest(f"query parameter {name!r} given more than once")
+        return values[0]
+
+    def query_int(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int = 1 << 62
+    ) -> int:
+        raw = self.query_one(name)
+        if raw is None or raw == "":
+            return default
+        if not re.fullmatch(r"-?\d{1,19}", raw):
+            raise BadRequest(f"query parameter {name!r} must be an integer, got {raw[:32]!r}")
+        value = int(raw)
+        if not minimum <= value <= maximum:
+            raise BadRequest(f"query parameter {name!r} must be between {minimum} and {maximum}")
+        return value
+
+    @property
+    def caller(self) -> Principal:
+        if self.principal is None:  # pragma: no cover - only on authenticated routes
+            raise Forbidden("this route needs a signed request")
+        return self.principal
+
+
+@dataclass
+class Response:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: str
+    handler: Handler
+    #: Roles allowed to call; ``None`` means unauthenticated (health, join only).
+    roles: frozenset[str] | None
+    name: str = ""
+
+    def compile(self) -> re.Pattern[str]:
+        regex = _PARAM_RE.sub(
+            lambda m: f"(?P<{m.group(1)}>[^/]+)",
+            re.escape(self.pattern).replace(r"\{", "{").replace(r"\}", "}"),
+        )
+        return re.compile(f"^{regex}$")
+
+
+class ApiApp:
+    """The ASGI callable."""
+
+    def __init__(
+        self,
+        *,
+        routes: list[Route],
+        authenticator: Authenticator,
+        clock: Clock,
+        max_body_bytes: int,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.auth = authenticator
+        self.clock = clock
+        self.max_body_bytes = max_body_bytes
+        self.logger = logger or get_logger("api")
+        self._routes: list[tuple[re.Pattern[str], Route]] = []
+        self.add_routes(routes)
+
+    def add_routes(self, routes: list[Route]) -> None:
+        for route in routes:
+            self._routes.append((route.compile(), route))
+
+    def route_table(self) -> list[Route]:
+        return [route for _, route in self._routes]
+
+    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        allowed: list[str] = []
+        for regex, route in self._routes:
+            found = regex.match(path)
+            if found is None:
+                continue
+            if route.method == method:
+                return route, found.groupdict()
+            allowed.append(route.method)
+        if allowed:
+            raise PopuliError(
+                f"method {method} not allowed here; use {', '.join(sorted(set(allowed)))}",
+                code="method_not_allowed",
+            )
+        raise NotFound(f"no route {path}", code="no_route")
+
+    async def _read_body(
+        self, receive: Callable[[], Awaitable[dict[str, Any]]], headers: Mapping[str, str]
+    ) -> bytes:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the limit of {self.max_body_bytes} bytes"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"request body exceeds the limit of {self.max_body_bytes} bytes"
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # websockets are not part of the API
+            return
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
+        raw_cid = headers.get("populi-correlation-id", "")
+        cid = raw_cid if _CID_RE.match(raw_cid) else secrets.token_hex(8)
+        token = correlation_id.set(cid)
+        method = scope["method"].upper()
+        path = scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        started = self.clock.mono()
+        principal: Principal | None = None
+        try:
+            try:
+                route, params = self._match(method, path)
+                body = await self._read_body(receive, headers)
+                if route.roles is not None:
+                    principal = self.auth.authenticate(
+                        method=method, path=path, query=query, headers=headers, body=body
+                    )
+                    if not principal.has_any(route.roles):
+                        raise Forbidden(
+                            f"{principal.kind} {principal.id} lacks the role for {method} {route.pattern} "
+                            f"(needs one of: {', '.join(sorted(route.roles))})",
+                            code="role_required",
+                        )
+                client = scope.get("client")
+                request = Request(
+                    method=method,
+                    path=path,
+                    query=query,
+                    headers=headers,
+                    body=body,
+                    path_params=params,
+                    principal=principal,
+                    client=tuple(client) if client else None,  # type: ignore[arg-type]
+                    cid=cid,
+                )
+                result = await route.handler(request)
+                response = result if isinstance(result, Response) else Response(200, result)
+            except PopuliError as exc:
+                status = 405 if exc.code == "method_not_allowed" else exc.http_status
+                response = Response(status, {"error": exc.to_json()})
+                if status >= 500:
+                    log(self.logger, logging.ERROR, "request failed", code=exc.code, error=str(exc))
+            except Exception:
+                self.logger.exception("unhandled error in %s %s", method, path)
+                response = Response(
+                    500,
+                    {
+                        "error": {
+                            "code": "internal_error",
+                            "message": "internal error; see the agent log",
+                        }
+                    },
+                )
+            await self._send(send, response, cid)
+            log(
+                self.logger,
+                logging.DEBUG if path == "/v1/populi/health" else logging.INFO,
+                "request",
+                method=method,
+                path=path,
+                status=response.status,
+                ms=round((self.clock.mono() - started) * 1000, 2),
+                caller=principal.id if principal else None,
+            )
+        finally:
+            correlation_id.reset(token)
+
+    async def _send(self, send: Any, response: Response, cid: str) -> None:
+        now_ms = int(self.clock.wall() * 1000)
+        body = {"v": PROTOCOL_VERSION, "server_time_ms": now_ms, **response.body}
+        payload = json.dumps(body, separators=(",", ":"), default=str).encode("utf-8")
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"populi-server-time-ms", str(now_ms).encode()),
+            (b"populi-protocol", str(PROTOCOL_VERSION).encode()),
+            (b"populi-correlation-id", cid.encode()),
+        ]
+        headers.extend((k.lower().encode(), v.encode()) for k, v in response.headers.items())
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+__all__ = ["ANY_MEMBER", "ApiApp", "Handler", "Request", "Response", "Route"]

@@ -1,0 +1,48 @@
+"""Serving the ASGI app over TLS with hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from populi_peer.config import format_host_port
+
+
+def hypercorn_config(
+    *, host: str, port: int, certfile: Path, keyfile: Path, keep_alive_max_requests: int
+) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [format_host_port(host, port)]
+    config.certfile = str(certfile)
+    config.keyfile = str(keyfile)
+    config.ciphers = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    # Peers reuse connections for heartbeats and leases: a low cap resets in-flight requests.
+    config.keep_alive_max_requests = keep_alive_max_requests
+    config.accesslog = None
+    # hypercorn takes a logging.Logger here, so its lines come out in our format.
+    config.errorlog = logging.getLogger("populi.http")
+    config.graceful_timeout = 1.0
+    config.use_reloader = False
+    config.verify_mode = ssl.CERT_NONE  # identity is the request signature (DESIGN)
+    return config
+
+
+async def serve_api(
+    app: Any,
+    config: HypercornConfig,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown_trigger`` returns; reports the bound ``https://`` URLs."""
+    await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+
+
+__all__ = ["hypercorn_config", "serve_api"]

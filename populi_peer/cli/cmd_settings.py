@@ -1,0 +1,73 @@
+"""``populi settings show|set``: the cluster settings record."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+from populi_peer.core.settings import SETTINGS, parse_setting
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("settings", help="show or change the cluster settings")
+    verbs = parser.add_subparsers(
+        dest="verb", metavar="VERB", required=True, parser_class=type(parser)
+    )
+    show = verbs.add_parser("show", help="show the cluster settings record")
+    add_data_dir(show)
+    add_json(show)
+    show.set_defaults(handler=run_show)
+    set_ = verbs.add_parser("set", help="change one cluster setting (operator)")
+    set_.add_argument("key", choices=[spec.key for spec in SETTINGS], metavar="KEY")
+    set_.add_argument("value", metavar="VALUE")
+    add_data_dir(set_)
+    add_json(set_)
+    set_.set_defaults(handler=run_set)
+
+
+def _print(answer: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(answer)
+        return
+    settings = answer["settings"]
+    values = settings["values"]
+    rows = [
+        (spec.key, _text(values.get(spec.key)), spec.unit or "-", spec.doc) for spec in SETTINGS
+    ]
+    print_table(rows, ["key", "value", "unit", "meaning"])
+    sys.stdout.write(
+        f"serial {settings['serial']}, signed by {settings['signer']} for {settings['actor']}\n"
+    )
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(value) or "(none)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    local = open_local(args)
+    try:
+        answer = local.call_control_plane("GET", "/v1/populi/settings")
+    finally:
+        local.close()
+    _print(answer, args.json)
+    return 0
+
+
+def run_set(args: argparse.Namespace) -> int:
+    value = parse_setting(args.key, args.value)
+    local = open_local(args)
+    try:
+        answer = local.call_control_plane(
+            "POST", "/v1/populi/admin/settings", {"changes": {args.key: value}}
+        )
+    finally:
+        local.close()
+    _print(answer, args.json)
+    return 0

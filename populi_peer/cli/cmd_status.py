@@ -1,0 +1,42 @@
+"""``populi status``: what the local agent says about itself."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "status", help="cluster, node, address, uptime, term, control plane"
+    )
+    add_data_dir(parser)
+    add_json(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    local = open_local(args)
+    try:
+        status = local.call_agent("GET", "/v1/populi/status")
+    finally:
+        local.close()
+    if args.json:
+        print_json(status)
+        return 0
+    cp = status["control_plane"]
+    lines = [
+        f"cluster        {status['cluster']['name']} ({status['cluster']['id']})",
+        f"node           {status['node']['name']} ({status['node']['id']})",
+        f"roles          {', '.join(status['node']['roles'])}",
+        f"listen         {status['listen']}  (reach at {status['url']})",
+        f"uptime         {status['uptime_s']:.0f} s",
+        f"version        {status['version']} (protocol {status['protocol_version']})",
+        f"term           {status['term']}",
+        f"control plane  {cp['node_id']} at {cp['url']}{'  (this node)' if cp['is_self'] else ''}",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0

@@ -1,0 +1,170 @@
+"""What every command shares: data directory, config, talking to agents, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from populi_peer.api.client import SyncPeerClient
+from populi_peer.api.tls import client_context
+from populi_peer.clock import SystemClock
+from populi_peer.config import Config, default_data_dir, load_config
+from populi_peer.identity import Identity, RuntimeInfo, load_identity, read_runtime
+from populi_peer.store import Store
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line (exit 2)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data directory (default: $POPULI_DATA_DIR or $XDG_DATA_HOME/populi)",
+    )
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def data_dir_of(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir) if getattr(args, "data_dir", None) else default_data_dir()
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(message + "\n")
+
+
+def config_of(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
+    return load_config(
+        data_dir=data_dir_of(args),
+        config_file=getattr(args, "config", None),
+        overrides=overrides,
+        warn=warn,
+    )
+
+
+@dataclass
+class Local:
+    """The local node: identity from the data directory, and its running agent."""
+
+    data_dir: Path
+    identity: Identity
+    store: Store
+
+    def runtime(self) -> RuntimeInfo:
+        return read_runtime(self.identity.paths)
+
+    def client(self, timeout_s: float = 15.0) -> SyncPeerClient:
+        return SyncPeerClient(
+            credential=self.identity.cli_credential,
+            clock=SystemClock(),
+            verify=client_context(self.identity.paths.ca_cert),
+            timeout_s=timeout_s,
+        )
+
+    def call_agent(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+    ) -> dict[str, Any]:
+        info = self.runtime()
+        client = self.client(timeout_s)
+        try:
+            return client.call(
+                url=info.url,
+                node_id=info.node_id,
+                method=method,
+                path=path,
+                payload=payload,
+                params=params,
+            )
+        finally:
+            client.close()
+
+    def control_plane(self) -> tuple[str, str]:
+        """(url, node id) of the control plane, as the local agent knows it."""
+        status = self.call_agent("GET", "/v1/populi/status")
+        cp = status["control_plane"]
+        return str(cp["url"]), str(cp["node_id"])
+
+    def call_control_plane(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+    ) -> dict[str, Any]:
+        url, node_id = self.control_plane()
+        client = self.client(timeout_s)
+        try:
+            return client.call(
+                url=url, node_id=node_id, method=method, path=path, payload=payload, params=params
+            )
+        finally:
+            client.close()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_local(args: argparse.Namespace) -> Local:
+    data_dir = data_dir_of(args)
+    store = Store.open(data_dir, migrate_ok=False)
+    try:
+        identity = load_identity(data_dir, store)
+    except BaseException:
+        store.close()
+        raise
+    return Local(data_dir=data_dir, identity=identity, store=store)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    text_rows = [[("-" if cell is None else str(cell)) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], len(cell))
+    lines = ["  ".join(h.upper().ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
+    for row in text_rows:
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return "\n".join(lines)
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    sys.stdout.write(format_table(rows, headers) + "\n")
+
+
+__all__ = [
+    "ArgParser",
+    "Local",
+    "add_data_dir",
+    "add_json",
+    "config_of",
+    "data_dir_of",
+    "format_table",
+    "open_local",
+    "print_json",
+    "print_table",
+    "warn",
+]

@@ -1,0 +1,70 @@
+"""``populi``: everyday verbs at the top, administration as noun + verb.
+
+Exit codes: 0 success, 2 usage, 3 no agent running, 4 refused (bad input, illegal
+transition, not allowed), 125 Populi itself failed. ``populi run`` passes the task's exit
+code through instead (see its help). Errors are one line on stderr, never a traceback
+(``POPULI_DEBUG=1`` adds the traceback for bug reports).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from populi_peer import __version__
+from populi_peer.cli import cmd_agent, cmd_init, cmd_settings, cmd_status
+from populi_peer.cli.common import ArgParser
+from populi_peer.errors import PopuliError
+
+COMMAND_MODULES = [cmd_init, cmd_agent, cmd_status, cmd_settings]
+
+
+def build_parser() -> ArgParser:
+    parser = ArgParser(
+        prog="populi",
+        description="Populi: the machines you own as one GPU mesh.",
+        epilog="Exit codes: 0 ok, 2 usage, 3 no agent running, 4 refused, 125 Populi failed.",
+    )
+    parser.add_argument("--version", action="version", version=f"populi {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        code = handler(args)
+    except PopuliError as exc:
+        _debug_trace()
+        sys.stderr.write(f"populi: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("populi: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        _debug_trace()
+        sys.stderr.write(
+            f"populi: internal error: {type(exc).__name__}: {exc} (set POPULI_DEBUG=1 for details)\n"
+        )
+        return 125
+    return int(code or 0)
+
+
+def _debug_trace() -> None:
+    if os.environ.get("POPULI_DEBUG"):
+        traceback.print_exc()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Cluster settings: one signed record held by the control plane.
+
+Safety timings, the work-class gates and the kill switch live here, not in node config, so
+that every node obeys the same values. ``populi settings set KEY VALUE`` parses ``VALUE``
+from text with :func:`parse_setting`; the control plane validates with
+:func:`validate_settings` before it signs and stores a new record (serial + 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from populi_peer.errors import BadRequest
+
+WORK_CLASSES = ("agent", "inference", "training", "collective")
+SCOPES = ("local", "lan", "overlay")
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    key: str
+    kind: str  # "float" | "bool" | "gates"
+    default: Any
+    unit: str
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+SETTINGS: tuple[SettingSpec, ...] = (
+    SettingSpec(
+        "remote_exec_enabled",
+        "bool",
+        False,
+        "",
+        "allow tasks to run on other nodes (off: every task runs locally)",
+    ),
+    SettingSpec(
+        "kill_switch",
+        "bool",
+        False,
+        "",
+        "stop all remote execution cluster-wide at once; wins over remote_exec_enabled",
+    ),
+    SettingSpec(
+        "max_lease_ttl_s",
+        "float",
+        30.0,
+        "seconds",
+        "longest lease TTL the control plane grants",
+        3.0,
+        3600.0,
+    ),
+    SettingSpec(
+        "lease_expiry_margin_s",
+        "float",
+        5.0,
+        "seconds",
+        "a lease is dead only this long after it expired on the control plane's clock",
+        0.5,
+        600.0,
+    ),
+    SettingSpec(
+        "leader_lease_s",
+        "float",
+        5.0,
+        "seconds",
+        "leader-lease interval: part of the no-new-grants hold after a control plane starts",
+        0.5,
+        600.0,
+    ),
+    SettingSpec(
+        "auto_revoke_stale_leases",
+        "bool",
+        False,
+        "",
+        "revoke leases whose holder is stale or quarantined (off: only flag them)",
+    ),
+    SettingSpec(
+        "policy_gates",
+        "gates",
+        (),
+        "",
+        "gated work-class:scope pairs switched on, e.g. inference:overlay",
+    ),
+)
+_BY_KEY = {spec.key: spec for spec in SETTINGS}
+
+
+def defaults() -> dict[str, Any]:
+    return {
+        spec.key: (list(spec.default) if spec.kind == "gates" else spec.default)
+        for spec in SETTINGS
+    }
+
+
+def _check_gate(text: str) -> str:
+    work_class, sep, scope = text.partition(":")
+    if not sep or work_class not in WORK_CLASSES or scope not in SCOPES:
+        raise BadRequest(
+            f"policy gate {text!r} must be CLASS:SCOPE with CLASS in {', '.join(WORK_CLASSES)} "
+            f"and SCOPE in {', '.join(SCOPES)}",
+            code="bad_setting",
+        )
+    return f"{work_class}:{scope}"
+
+
+def validate_value(key: str, value: Any) -> Any:
+    spec = _BY_KEY.get(key)
+    if spec is None:
+        raise BadRequest(
+            f"unknown cluster setting {key!r} (known: {', '.join(_BY_KEY)})", code="unknown_setting"
+        )
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise BadRequest(f"cluster setting {key}: expected true or false", code="bad_setting")
+        return value
+    if spec.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadRequest(
+                f"cluster setting {key}: expected a number of {spec.unit}", code="bad_setting"
+            )
+        number = float(value)
+        if (spec.minimum is not None and number < spec.minimum) or (
+            spec.maximum is not None and number > spec.maximum
+        ):
+            raise BadRequest(
+                f"cluster setting {key}: {number:g} is outside {spec.minimum:g}..{spec.maximum:g} {spec.unit}",
+                code="bad_setting",
+            )
+        return number
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise BadRequest(
+            f"cluster setting {key}: expected a list of CLASS:SCOPE gates", code="bad_setting"
+        )
+    return sorted({_check_gate(item) for item in value})
+
+
+def validate_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A complete, validated settings mapping (missing keys take their defaults)."""
+    out = defaults()
+    for key, value in values.items():
+        out[key] = validate_value(key, value)
+    return out
+
+
+def parse_setting(key: str, text: str) -> Any:
+    """Parse the text of ``populi settings set KEY VALUE``."""
+    spec = _BY_KEY.get(key)
+    if spec is None:
+        raise BadRequest(
+            f"unknown cluster setting {key!r} (known: {', '.join(_BY_KEY)})", code="unknown_setting"
+        )
+    if spec.kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in ("true", "on", "yes", "1"):
+            return True
+        if lowered in ("false", "off", "no", "0"):
+            return False
+        raise BadRequest(
+            f"cluster setting {key}: expected true or false, got {text!r}", code="bad_setting"
+        )
+    if spec.kind == "float":
+        try:
+            return validate_value(key, float(text))
+        except ValueError as exc:
+            raise BadRequest(
+                f"cluster setting {key}: expected a number, got {text!r}", code="bad_setting"
+            ) from exc
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return validate_value(key, items)
+
+
+__all__ = [
+    "SCOPES",
+    "SETTINGS",
+    "WORK_CLASSES",
+    "SettingSpec",
+    "defaults",
+    "parse_setting",
+    "validate_settings",
+    "validate_value",
+]

@@ -1,0 +1,142 @@
+"""The one error tree of Populi.
+
+Every error a user can meet is a :class:`PopuliError`; adapters translate library errors
+(httpx, sqlite3, pynvml, cryptography) at the boundary with ``raise ... from exc``. The CLI
+prints ``str(error)`` as one line and exits with ``error.exit_code``; the API answers with
+``error.http_status`` and ``{"error": {"code": error.code, "message": str(error)}}``.
+
+The tree is split by whose fault it is::
+
+    PopuliError                       base; .code, .exit_code (125), .http_status (500)
+    ├── UsageError                    the command line is wrong (exit 2)
+    ├── ConfigError                   a config file, variable or flag is wrong (exit 4)
+    ├── RefusedError                  a request was refused (exit 4, HTTP 400)
+    │   ├── BadRequest                malformed or invalid input (HTTP 400)
+    │   ├── PayloadTooLarge           body over the size limit (HTTP 413)
+    │   ├── Unauthenticated           no valid signature / unknown signer (HTTP 401)
+    │   ├── Forbidden                 signer lacks the role (HTTP 403)
+    │   ├── NotFound                  no such node, task, lease... (HTTP 404)
+    │   ├── Conflict                  illegal transition, already exists (HTTP 409)
+    │   └── RateLimited               too many requests (HTTP 429)
+    ├── AgentUnavailable              no agent answers (exit 3, HTTP 503)
+    ├── PeerError                     a peer failed or could not be reached (HTTP 502)
+    ├── StoreError                    the data directory or database failed
+    │   └── DatabaseTooNew            the database was written by a newer Populi
+    └── (domain subtrees in their packages: enrollment.errors.EnrollmentError,
+         populi_peer.gpu.errors.ProbeError, ...)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PopuliError(Exception):
+    """Base of every Populi error. ``code`` is a stable machine-readable reason code."""
+
+    code: str = "internal_error"
+    exit_code: int = 125
+    http_status: int = 500
+
+    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.details: dict[str, Any] = details
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": str(self)}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class UsageError(PopuliError):
+    code = "usage"
+    exit_code = 2
+    http_status = 400
+
+
+class ConfigError(PopuliError):
+    code = "bad_config"
+    exit_code = 4
+    http_status = 400
+
+
+class RefusedError(PopuliError):
+    code = "refused"
+    exit_code = 4
+    http_status = 400
+
+
+class BadRequest(RefusedError):
+    code = "bad_request"
+    http_status = 400
+
+
+class PayloadTooLarge(RefusedError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class Unauthenticated(RefusedError):
+    code = "unauthenticated"
+    http_status = 401
+
+
+class Forbidden(RefusedError):
+    code = "forbidden"
+    http_status = 403
+
+
+class NotFound(RefusedError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(RefusedError):
+    code = "conflict"
+    http_status = 409
+
+
+class RateLimited(RefusedError):
+    code = "rate_limited"
+    http_status = 429
+
+
+class AgentUnavailable(PopuliError):
+    code = "agent_unavailable"
+    exit_code = 3
+    http_status = 503
+
+
+class PeerError(PopuliError):
+    code = "peer_error"
+    http_status = 502
+
+
+class StoreError(PopuliError):
+    code = "store_error"
+
+
+class DatabaseTooNew(StoreError):
+    code = "database_too_new"
+
+
+__all__ = [
+    "AgentUnavailable",
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "DatabaseTooNew",
+    "Forbidden",
+    "NotFound",
+    "PayloadTooLarge",
+    "PeerError",
+    "PopuliError",
+    "RateLimited",
+    "RefusedError",
+    "StoreError",
+    "Unauthenticated",
+    "UsageError",
+]

@@ -1,0 +1,250 @@
+"""The data directory and its SQLite database.
+
+One file, ``populi.db``, in WAL mode with ``synchronous=FULL`` (DESIGN rule 7: grants,
+consumed tokens, lifecycle records and tasks are durable before they are acknowledged; we
+use FULL for every commit rather than pick per record, and keep high-rate, derivable state
+such as heartbeat arrival times in memory). ``PRAGMA user_version`` is the schema version;
+migrations only move forward, one step at a time, each in its own transaction. A database
+newer than this code is refused with a clear message.
+
+All access runs on the caller's thread: in the agent that is the trio thread, so one
+transaction is atomic with respect to every other task (commits are short).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from populi_peer.errors import DatabaseTooNew, StoreError
+
+DB_FILE_NAME = "populi.db"
+
+#: Forward migrations; ``MIGRATIONS[i]`` moves the schema from version i to i+1.
+MIGRATIONS: list[str] = [
+    # 1: identity, membership, registers, events, enrollment.
+    """
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE principals (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('node', 'operator')),
+        name TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        addresses TEXT NOT NULL DEFAULT '[]',
+        cert_serial TEXT NOT NULL DEFAULT '',
+        cert_not_after_ms INTEGER NOT NULL DEFAULT 0,
+        joined_ms INTEGER NOT NULL,
+        token_id TEXT NOT NULL DEFAULT '',
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX principals_name ON principals (name);
+    CREATE TABLE registers (
+        node_id TEXT NOT NULL,
+        attribute TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (node_id, attribute)
+    );
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        node_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_node ON events (node_id, seq);
+    CREATE TABLE join_tokens (
+        token_id TEXT PRIMARY KEY,
+        digest TEXT NOT NULL UNIQUE,
+        roles TEXT NOT NULL,
+        name TEXT,
+        uses_total INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+        not_before_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        revoked_ms INTEGER
+    );
+    CREATE TABLE token_uses (
+        token_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (token_id, node_id)
+    );
+    CREATE TABLE revocation_lists (
+        serial INTEGER PRIMARY KEY,
+        text TEXT NOT NULL,
+        stored_ms INTEGER NOT NULL
+    );
+    CREATE TABLE cluster_records (
+        kind TEXT PRIMARY KEY,
+        serial INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        stored_ms INTEGER NOT NULL
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Store:
+    """A connection to ``<data dir>/populi.db``."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        try:
+            if readonly:
+                uri = f"file:{path}?mode=ro"
+                self.conn = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False
+                )
+            else:
+                self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA busy_timeout = 5000")
+            if not readonly:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        self._depth = 0
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path,
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        migrate_ok: bool = True,
+    ) -> Store:
+        path = data_dir / DB_FILE_NAME
+        if not path.exists() and not create:
+            raise StoreError(
+                f"{data_dir} is not a Populi data directory (no {DB_FILE_NAME}); "
+                "run 'populi init' or 'populi join' first",
+                code="no_data_dir",
+            )
+        if create:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(data_dir, 0o700)
+        store = cls(path, readonly=readonly)
+        try:
+            store.migrate(allow_write=migrate_ok and not readonly)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self, *, allow_write: bool = True) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise DatabaseTooNew(
+                f"database {self.path} has schema version {version}, newer than this Populi "
+                f"understands ({SCHEMA_VERSION}); upgrade Populi, or use another --data-dir"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if not allow_write:
+            raise StoreError(
+                f"database {self.path} has schema version {version}; start the agent once to "
+                f"upgrade it to {SCHEMA_VERSION}",
+                code="database_too_old",
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction():
+                for statement in _split_sql(MIGRATIONS[target - 1]):
+                    self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {target}")
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (nested calls join the outer one)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {self.path} is busy or broken: {exc}") from exc
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"database error: {exc}") from exc
+
+    # -- meta -----------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else str(row[0])
+
+    def require_meta(self, key: str) -> str:
+        value = self.get_meta(key)
+        if value is None:
+            raise StoreError(
+                f"data directory is incomplete: no {key!r}; re-run init or join", code="no_identity"
+            )
+        return value
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction():
+            self.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def get_meta_json(self, key: str, default: Any = None) -> Any:
+        raw = self.get_meta(key)
+        return default if raw is None else json.loads(raw)
+
+    def set_meta_json(self, key: str, value: Any) -> None:
+        self.set_meta(key, json.dumps(value, sort_keys=True))
+
+
+def _split_sql(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
+__all__ = ["DB_FILE_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Store"]
