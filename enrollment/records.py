@@ -1,8 +1,8 @@
 """Signed cluster records (DESIGN: "cluster records ... signed by the operator or the leader").
 
-A record is ``populi-record-1.`` + base64url(signer public key (32) || Ed25519 signature
-(64) || canonical JSON payload); the signature covers a domain-separation prefix and the
-payload, and is checked before the payload is parsed. The payload is
+A record is a sealed envelope (``enrollment._sealed``) with prefix ``populi-record-1.``:
+the signature covers a domain-separation prefix and the canonical JSON payload, and is
+checked before the payload is parsed. The payload is
 ``{"v": 1, "kind", "serial", "body", "signer", "actor", "signed_ms"}``; the verifier decides
 whether the signer may sign that kind (a voter, the cluster key...).
 
@@ -15,12 +15,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment._sealed import _EnvelopeError, _parse_canonical_object, _seal, _unseal
+from enrollment.canonical import canonical_json
 from enrollment.errors import EnrollmentError
-from enrollment.keys import public_from_raw, raw_public
+from enrollment.keys import public_from_raw
 
 RECORD_PREFIX = "populi-record-1."
 _DOMAIN = b"populi/record/v1\x00"
@@ -64,8 +64,7 @@ def sign_record(
             "signed_ms": now_ms,
         }
     )
-    signature = signer_key.sign(_DOMAIN + payload)
-    return RECORD_PREFIX + b64url_encode(raw_public(signer_key.public_key()) + signature + payload)
+    return _seal(RECORD_PREFIX, _DOMAIN, signer_key, payload)
 
 
 def _integral(body: dict[str, Any]) -> Any:
@@ -93,19 +92,13 @@ def verify_record(text: str, *, expected_kind: str | None = None) -> SignedRecor
             "not a Populi record (unknown prefix or version)", code="record_malformed"
         )
     try:
-        raw = b64url_decode(text[len(RECORD_PREFIX) :])
-    except ValueError as exc:
-        raise RecordError("record is not base64url", code="record_malformed") from exc
-    if len(raw) < 96 + 2:
-        raise RecordError("record is truncated", code="record_malformed")
-    key = public_from_raw(raw[:32])
-    signature, payload = raw[32:96], raw[96:]
+        key_raw, payload = _unseal(text[len(RECORD_PREFIX) :], _DOMAIN)
+    except _EnvelopeError as exc:
+        code = "record_bad_signature" if exc.kind == "bad_signature" else "record_malformed"
+        raise RecordError(f"record {exc.problem}", code=code) from None
+    key = public_from_raw(key_raw)
     try:
-        key.verify(signature, _DOMAIN + payload)
-    except InvalidSignature as exc:
-        raise RecordError("record signature does not verify", code="record_bad_signature") from exc
-    try:
-        data = json.loads(payload)
+        data = _parse_canonical_object(payload)
         kind = data["kind"]
         serial = data["serial"]
         body = _restore(data["body"])

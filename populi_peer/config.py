@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -654,3 +655,47 @@ __all__ = [
     "parse_host_port",
     "reach_host",
 ]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+    return repr(value)
+
+
+def example_toml() -> str:
+    """The documented example config: every key, its unit, default and meaning."""
+    lines = [
+        "# Populi node configuration: every key, with its unit and default.",
+        "# Layers (later wins): defaults < <data dir>/populi.toml < --config FILE <",
+        "# POPULI_<TABLE>__<KEY> environment variables < command-line flags.",
+        "# Unknown keys, wrong types and impossible values are refused, naming the key.",
+        "# Generated from populi_peer/config.py (python -m populi_peer.config); a test keeps",
+        "# this file and the code in step.",
+    ]
+    current_table = None
+    for key, _tp, meta in iter_keys():
+        table, _, name = key.rpartition(".")
+        if table != current_table:
+            lines.append("")
+            lines.append(f"[{table}]")
+            current_table = table
+        default = default_value(key)
+        env = "POPULI_" + key.upper().replace(".", "__")
+        unit = f" [{meta['unit']}]" if meta.get("unit") else ""
+        lines.append(f"# {meta['doc']}{unit}. Env: {env}")
+        if isinstance(default, dict):
+            lines.append(f'# {name} = {{ model = "RTX 4090" }}  (free-form strings; default empty)')
+            continue
+        lines.append(f"{name} = {_toml_value(default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.stdout.write(example_toml())

@@ -21,7 +21,8 @@ The tree is split by whose fault it is::
     ├── AgentUnavailable              no agent answers (exit 3, HTTP 503)
     ├── PeerError                     a peer failed or could not be reached (HTTP 502)
     ├── StoreError                    the data directory or database failed
-    │   └── DatabaseTooNew            the database was written by a newer Populi
+    │   ├── DatabaseTooNew            the database was written by a newer Populi
+    │   └── NoDataDir                 the data directory holds no node (exit 4)
     └── (domain subtrees in their packages: enrollment.errors.EnrollmentError,
          populi_peer.gpu.errors.ProbeError, ...)
 """
@@ -123,6 +124,14 @@ class DatabaseTooNew(StoreError):
     code = "database_too_new"
 
 
+class NoDataDir(StoreError):
+    """The data directory holds no node (bad input: exit 4)."""
+
+    code = "no_data_dir"
+    exit_code = 4
+    http_status = 400
+
+
 __all__ = [
     "AgentUnavailable",
     "BadRequest",
@@ -130,6 +139,7 @@ __all__ = [
     "Conflict",
     "DatabaseTooNew",
     "Forbidden",
+    "NoDataDir",
     "NotFound",
     "PayloadTooLarge",
     "PeerError",

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from populi_peer.errors import DatabaseTooNew, StoreError
+from populi_peer.errors import DatabaseTooNew, NoDataDir, StoreError
 
 DB_FILE_NAME = "populi.db"
 
@@ -133,10 +133,9 @@ class Store:
     ) -> Store:
         path = data_dir / DB_FILE_NAME
         if not path.exists() and not create:
-            raise StoreError(
+            raise NoDataDir(
                 f"{data_dir} is not a Populi data directory (no {DB_FILE_NAME}); "
-                "run 'populi init' or 'populi join' first",
-                code="no_data_dir",
+                "run 'populi init' or 'populi join' first, or pass --data-dir"
             )
         if create:
             data_dir.mkdir(parents=True, exist_ok=True)

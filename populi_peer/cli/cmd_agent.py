@@ -7,8 +7,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from populi_peer.cli.common import add_data_dir, config_of, data_dir_of
 
 
@@ -33,6 +31,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import trio
+
     from populi_peer.agent import build_agent
     from populi_peer.log import setup_logging
 

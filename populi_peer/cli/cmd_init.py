@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from populi_peer.cli.common import add_data_dir, add_json, data_dir_of, print_json
-from populi_peer.cluster import init_cluster
 from populi_peer.config import default_node_name, parse_host_port
 from populi_peer.errors import UsageError
 
@@ -57,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     problem = _node_name(name)
     if problem:
         raise UsageError(f"--name {name!r}: {problem}")
+    from populi_peer.cluster import init_cluster
+
     result = init_cluster(
         data_dir,
         cluster_name=args.cluster_name,

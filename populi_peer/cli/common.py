@@ -8,14 +8,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from populi_peer.api.client import SyncPeerClient
-from populi_peer.api.tls import client_context
-from populi_peer.clock import SystemClock
 from populi_peer.config import Config, default_data_dir, load_config
-from populi_peer.identity import Identity, RuntimeInfo, load_identity, read_runtime
-from populi_peer.store import Store
+
+if TYPE_CHECKING:  # heavy imports stay out of ``populi --help`` and usage errors
+    from populi_peer.api.client import SyncPeerClient
+    from populi_peer.identity import Identity, RuntimeInfo
+    from populi_peer.store import Store
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -65,9 +65,15 @@ class Local:
     store: Store
 
     def runtime(self) -> RuntimeInfo:
+        from populi_peer.identity import read_runtime
+
         return read_runtime(self.identity.paths)
 
     def client(self, timeout_s: float = 15.0) -> SyncPeerClient:
+        from populi_peer.api.client import SyncPeerClient
+        from populi_peer.api.tls import client_context
+        from populi_peer.clock import SystemClock
+
         return SyncPeerClient(
             credential=self.identity.cli_credential,
             clock=SystemClock(),
@@ -125,6 +131,9 @@ class Local:
 
 
 def open_local(args: argparse.Namespace) -> Local:
+    from populi_peer.identity import load_identity
+    from populi_peer.store import Store
+
     data_dir = data_dir_of(args)
     store = Store.open(data_dir, migrate_ok=False)
     try:

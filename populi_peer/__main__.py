@@ -1,0 +1,5 @@
+"""``python -m populi_peer`` is ``populi``."""
+
+from populi_peer.cli.main import main
+
+raise SystemExit(main())

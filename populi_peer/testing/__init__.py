@@ -1,0 +1,7 @@
+"""Public test helpers, like ``trio.testing``: a virtual clock, an in-memory network with
+seeded faults, and (``populi_peer.testing.cluster``) a virtual cluster of real agents."""
+
+from populi_peer.testing.clock import VirtualClock
+from populi_peer.testing.network import Faults, MemoryNetwork
+
+__all__ = ["Faults", "MemoryNetwork", "VirtualClock"]

@@ -1,0 +1,108 @@
+"""Issue acceptance on loopback with a real agent process, real TLS and real SQLite."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from populi_peer.api.client import SignedAuth
+from populi_peer.api.tls import client_context
+from populi_peer.clock import SystemClock
+from populi_peer.identity import load_identity
+from populi_peer.store import Store
+from support.procs import Processes, init, one_line, populi
+
+pytestmark = pytest.mark.e2e
+
+
+def test_init_agent_status_and_sigterm(tmp_path: Path, procs: Processes) -> None:
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    agent = procs.start_agent(data_dir)
+    result = populi("status", "--data-dir", str(data_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["cluster"]["name"] == "lab"
+    assert status["url"] == agent.url
+    code = procs.stop(agent, signal.SIGTERM)
+    assert code == 0
+    assert "Traceback" not in agent.log()
+    assert not (data_dir / "run" / "agent.json").exists()
+    after = populi("status", "--data-dir", str(data_dir))
+    assert after.returncode == 3
+    assert one_line(after.stderr)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_unsigned_status_is_401_and_health_200(tmp_path: Path, procs: Processes) -> None:
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    agent = procs.start_agent(data_dir)
+    status = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", agent.url + "/v1/populi/status"], capture_output=True, text=True, timeout=30)
+    health = subprocess.run(["curl", "-sk", "-w", "\n%{http_code}", agent.url + "/v1/populi/health"], capture_output=True, text=True, timeout=30)
+    assert status.stdout == "401"
+    body, code = health.stdout.rsplit("\n", 1)
+    assert code == "200"
+    assert json.loads(body)["status"] == "ok"
+
+
+def test_replayed_request_over_real_tls_is_refused(tmp_path: Path, procs: Processes) -> None:
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    agent = procs.start_agent(data_dir)
+    store = Store.open(data_dir)
+    identity = load_identity(data_dir, store)
+    store.close()
+    with httpx.Client(verify=client_context(identity.paths.ca_cert), timeout=10) as client:
+        request = client.build_request("GET", agent.url + "/v1/populi/status")
+        signed = next(SignedAuth(identity.cli_credential, agent.node_id, SystemClock()).auth_flow(request))
+        first = client.send(signed)
+        second = client.send(signed)
+    assert first.status_code == 200
+    assert second.status_code == 401
+    assert second.json()["error"]["code"] == "signature_replayed"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_openssl_verifies_the_chain_against_the_cluster_ca_only(tmp_path: Path, procs: Processes) -> None:
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    agent = procs.start_agent(data_dir)
+    hostport = agent.url.removeprefix("https://")
+    ok = subprocess.run(
+        ["openssl", "s_client", "-connect", hostport, "-CAfile", str(data_dir / "tls" / "ca.crt"), "-verify_return_error", "-tls1_3"],
+        input="", capture_output=True, text=True, timeout=30,
+    )
+    assert "Verify return code: 0 (ok)" in ok.stdout
+    assert "TLSv1.3" in ok.stdout
+    system = subprocess.run(["openssl", "s_client", "-connect", hostport, "-verify_return_error"], input="", capture_output=True, text=True, timeout=30)
+    assert "Verify return code: 0 (ok)" not in system.stdout
+
+
+def test_misspelled_config_key_fails_the_agent_in_one_line(tmp_path: Path) -> None:
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    config = tmp_path / "bad.toml"
+    config.write_text("[heartbeat]\ninterval_s = 1\n[gpu]\nrefresh_sec = 2\n")
+    result = populi("agent", "--data-dir", str(data_dir), "--config", str(config), timeout=60)
+    assert result.returncode == 4
+    assert one_line(result.stderr)
+    assert "heartbeat" in result.stderr and str(config) in result.stderr
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    data_dir = tmp_path / "d"
+    first = init(data_dir)
+    again = populi("init", "--cluster-name", "lab", "--data-dir", str(data_dir))
+    assert again.returncode == 4
+    assert one_line(again.stderr)
+    forced = init(data_dir, "--force")
+    assert forced["cluster"]["id"] != first["cluster"]["id"]
+    for key in ("node.key", "cluster.key", "operator.key"):
+        assert oct((data_dir / "keys" / key).stat().st_mode & 0o777) == "0o600"
