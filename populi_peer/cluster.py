@@ -23,6 +23,7 @@ from enrollment.keys import (
     write_public_file,
 )
 from enrollment.records import sign_record
+from enrollment.revocation import RevocationList, sign_revocations
 from populi_peer.config import CONFIG_FILE_NAME, format_host_port, parse_host_port, reach_host
 from populi_peer.core import settings as cluster_settings
 from populi_peer.errors import Conflict, UsageError
@@ -218,6 +219,13 @@ def init_cluster(
                 (settings_text, now_ms),
             )
             store.execute(
+                "INSERT INTO revocation_lists (serial, text, stored_ms) VALUES (0, ?, ?)",
+                (
+                    sign_revocations(RevocationList.empty(cluster_id, now_ms=now_ms), root_key),
+                    now_ms,
+                ),
+            )
+            store.execute(
                 "INSERT INTO events (at_ms, node_id, kind, actor, reason, detail) VALUES (?, ?, 'cluster_created', ?, '', ?)",
                 (now_ms, node_id, operator_id, json.dumps({"cluster_name": cluster_name})),
             )
@@ -242,7 +250,7 @@ def init_cluster(
 
 def _default_advertise(listen: str) -> list[str]:
     host, port = parse_host_port(listen)
-    if host in ("0.0.0.0", "::"):
+    if host in ("0.0.0.0", "::") or port == 0:
         return []
     return [format_host_port(host, port)]
 

@@ -1,32 +1,43 @@
 """The agent: one trio process per node.
 
-It owns the store, the identity, the API and the services (heartbeats, control plane,
-GPU, worker, submitter). ``run()`` nests lifetimes: the API server outlives the services so
-that a stopping node can still answer while its services wind down; shutdown is a
-deadline (``api.shutdown_grace_s``), not a hope.
+It owns the store, the identity, the API and the services (heartbeats, certificate
+renewal, and — as features land — GPU probe, worker and submitter). ``run()`` nests
+lifetimes: the API server outlives the services so that a stopping node can still answer
+while its services wind down; shutdown is a deadline (``api.shutdown_grace_s``), not a
+hope. Feature services plug in through the ``on_*`` hooks and ``heartbeat_*`` extras.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from enrollment.ca import cert_from_pem, cert_to_pem, certificate_public_key, node_certificate_info
+from enrollment.keys import write_public_file
 from populi_peer import PROTOCOL_VERSION, __version__
-from populi_peer.agent.membership import Membership
+from populi_peer.agent.enrollment import Enrollment
+from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat
+from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.network import Network, TlsNetwork
+from populi_peer.agent.nodes import NodeAdmin, leave_sequence
 from populi_peer.agent.records import ClusterRecords
+from populi_peer.agent.registry import Registry
+from populi_peer.agent.revocations import RevocationState
 from populi_peer.api.app import ANY_MEMBER, ApiApp, Request, Route
-from populi_peer.api.auth import Authenticator
+from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.api.client import PeerClient
-from populi_peer.api.server import hypercorn_config, serve_api
+from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
-from populi_peer.errors import BadRequest
+from populi_peer.core.registers import RegisterWrite
+from populi_peer.errors import BadRequest, Conflict, PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -55,14 +66,29 @@ class Agent:
         self.node_id = self.identity.node_id
         self.membership = Membership(self.store)
         self.records = ClusterRecords(self.store, self.membership)
+        self.revocations = RevocationState(
+            self.store,
+            cluster_id=self.identity.cluster_id,
+            cluster_key=certificate_public_key(self.identity.ca_cert),
+        )
+        self.registry = Registry(
+            self.store, self.identity, clock, max_skew_s=config.security.max_skew_s
+        )
         self.network = network or TlsNetwork(self.identity.paths.ca_cert)
         self.started_mono: float | None = None
         self.url = url or self._configured_url()
+        self.leaving = False
+        self.hypercorn: ReloadableConfig | None = None
+        # Components with routes.
+        self.enrollment = Enrollment(self)
+        self.heartbeats = HeartbeatReceiver(self)
+        self.heartbeat_sender = HeartbeatSender(self)
+        self.node_admin = NodeAdmin(self)
         self.authenticator = Authenticator(
             node_id=self.node_id,
             clock=clock,
             skew_s=config.security.max_skew_s,
-            lookup=self.membership.principal,
+            lookup=self.lookup_principal,
             is_revoked=self.is_revoked,
             replay_max_entries=config.security.replay_cache_max_entries,
         )
@@ -107,13 +133,47 @@ class Agent:
     def is_control_plane(self) -> bool:
         return self.control_plane_id == self.node_id
 
+    def self_addresses(self) -> list[str]:
+        address = self.url.removeprefix("https://")
+        advertised = [a for a in self.config.node.advertise if a != address]
+        return [address, *advertised]
+
     def is_revoked(self, principal_id: str) -> bool:
-        return False
+        return self.revocations.is_revoked(principal_id)
+
+    def lookup_principal(self, principal_id: str) -> Principal | None:
+        """The signer of a request, unless unknown, retired or its certificate expired."""
+        principal = self.membership.principal(principal_id)
+        if principal is None:
+            return None
+        member = self.membership.get(principal_id)
+        if member is not None and member.kind == "node":
+            lc = self.registry.lifecycle(principal_id)
+            if lc is not None and lc.state == "retired":
+                return None
+            skew_ms = self.config.security.max_skew_s * 1000
+            if (
+                member.cert_not_after_ms
+                and member.cert_not_after_ms < self.clock.wall() * 1000 - skew_ms
+            ):
+                return None
+        return principal
+
+    def require_control_plane(self) -> None:
+        if not self.is_control_plane:
+            raise Conflict(
+                f"this node is not the control plane (term {self.term}); ask {self.control_plane_url}",
+                code="not_control_plane",
+                control_plane_url=self.control_plane_url,
+            )
 
     # -- routes ---------------------------------------------------------------------------
 
     def _routes(self) -> list[Route]:
         return [
+            *self.enrollment.routes(),
+            *self.heartbeats.routes(),
+            *self.node_admin.routes(),
             Route("GET", "/v1/populi/health", self._health, roles=None, name="health"),
             Route("GET", "/v1/populi/status", self._status, roles=ANY_MEMBER, name="status"),
             Route(
@@ -137,6 +197,7 @@ class Agent:
 
     def status_json(self) -> dict[str, Any]:
         uptime = 0.0 if self.started_mono is None else self.clock.mono() - self.started_mono
+        sender = self.heartbeat_sender
         return {
             "cluster": {"id": self.identity.cluster_id, "name": self.identity.cluster_name},
             "node": {
@@ -154,9 +215,20 @@ class Agent:
                 "node_id": self.control_plane_id,
                 "url": self.control_plane_url,
                 "is_self": self.is_control_plane,
+                "reachable": True
+                if self.is_control_plane
+                else (sender.beats > 0 and not sender.cp_down),
             },
+            "lifecycle": self.own_lifecycle(),
             "cert_not_after_ms": int(self.identity.cert_not_after_s * 1000),
+            "revocation_serial": self.revocations.serial,
         }
+
+    def own_lifecycle(self) -> dict[str, Any] | None:
+        if self.is_control_plane:
+            lc = self.registry.lifecycle(self.node_id)
+            return None if lc is None else lc.to_json()
+        return self.heartbeat_sender.lifecycle
 
     async def _status(self, request: Request) -> dict[str, Any]:
         return self.status_json()
@@ -165,13 +237,7 @@ class Agent:
         return {"settings": self.records.settings_json(), "term": self.term}
 
     async def _settings_set(self, request: Request) -> dict[str, Any]:
-        from populi_peer.errors import Conflict
-
-        if not self.is_control_plane:
-            raise Conflict(
-                f"this node is not the control plane; send settings to {self.control_plane_url}",
-                code="not_control_plane",
-            )
+        self.require_control_plane()
         body = request.json()
         changes = body.get("changes")
         if not isinstance(changes, dict) or not changes:
@@ -203,8 +269,6 @@ class Agent:
         reason: str = "",
         detail: dict[str, Any] | None = None,
     ) -> None:
-        import json
-
         with self.store.transaction():
             self.store.execute(
                 "INSERT INTO events (at_ms, node_id, kind, actor, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
@@ -214,9 +278,116 @@ class Agent:
                     kind,
                     actor,
                     reason,
-                    json.dumps(detail or {}, sort_keys=True),
+                    json.dumps(detail or {}, sort_keys=True, default=str),
                 ),
             )
+
+    # -- membership sync (non-control-plane nodes) ------------------------------------------
+
+    async def sync_members(self) -> None:
+        answer = await self.peers.call(
+            url=self.control_plane_url,
+            node_id=self.control_plane_id,
+            method="GET",
+            path="/v1/populi/members",
+        )
+        members = [Member.from_json(m) for m in answer.get("members", [])]
+        if not any(m.id == self.node_id for m in members):
+            log(self.logger, logging.WARNING, "this node is not in the control plane's membership")
+        self.membership.replace_all(members, int(answer.get("version", 0)))
+
+    # -- hooks for features (overridden / extended as they land) ----------------------------
+
+    def heartbeat_report(self) -> dict[str, Any]:
+        """Extra fields this node puts in its heartbeat (GPU summary, held leases)."""
+        return {
+            "uptime_s": round(
+                0.0 if self.started_mono is None else self.clock.mono() - self.started_mono, 3
+            )
+        }
+
+    def heartbeat_answer_extras(self, node_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    async def on_heartbeat(self, node_id: str, report: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def on_heartbeat_answer(self, answer: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def on_self_register(self, write: RegisterWrite) -> None:
+        """A node's own register (e.g. GPU quarantine) reached the control plane."""
+
+    async def on_lifecycle_changed(self, node_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def on_membership_changed(self) -> None:
+        """Called on the control plane after membership or revocations change."""
+
+    def gpu_view(self, node_id: str) -> dict[str, Any] | None:
+        return None
+
+    async def stop_all_work(self, *, reason: str) -> int:
+        """Stop every task this node runs and release their leases; returns how many."""
+        await trio.lowlevel.checkpoint()
+        return 0
+
+    async def leave(self, *, reason: str, actor: str) -> dict[str, Any]:
+        result = await leave_sequence(self, reason=reason, actor=actor)
+        self._leave_done.set()
+        return result
+
+    # -- certificate renewal --------------------------------------------------------------
+
+    async def renew_certificate(self) -> None:
+        if self.is_control_plane:
+            member = self.membership.get(self.node_id)
+            if member is None:
+                raise PopuliError("the control plane is missing from its own membership")
+            pem = cert_to_pem(self.enrollment.issue_certificate(member)).decode("ascii")
+        else:
+            answer = await self.peers.call(
+                url=self.control_plane_url,
+                node_id=self.control_plane_id,
+                method="POST",
+                path="/v1/populi/certs/renew",
+                payload={},
+            )
+            pem = str(answer["certificate"])
+        cert = cert_from_pem(pem)
+        if certificate_public_key(cert) != self.identity.node_key.public_key():
+            raise PopuliError(
+                "renewed certificate is not for this node's key", code="bad_peer_answer"
+            )
+        write_public_file(self.identity.paths.node_cert, pem.encode("ascii"))
+        self.identity = replace(self.identity, node_cert=cert)
+        if self.hypercorn is not None:
+            self.hypercorn.reload_certificate()
+        info = node_certificate_info(cert)
+        log(self.logger, logging.INFO, "certificate renewed", not_after_s=int(info.not_after_s))
+
+    async def run_cert_renewal(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Renew at two thirds of the certificate's lifetime; retry every minute on failure."""
+        task_status.started()
+        while True:
+            info = node_certificate_info(self.identity.node_cert)
+            renew_at = info.not_before_s + (info.not_after_s - info.not_before_s) * 2 / 3
+            wait = renew_at - self.clock.wall()
+            if wait > 0:
+                await trio.sleep(min(wait, 3600.0))
+                continue
+            try:
+                await self.renew_certificate()
+            except PopuliError as exc:
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "certificate renewal failed; retrying",
+                    error=str(exc),
+                )
+                await trio.sleep(60.0)
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -225,13 +396,18 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         self.started_mono = self.clock.mono()
+        self._leave_done = trio.Event()
+        self._ensure_lifecycles()
         try:
             async with trio.open_nursery() as server_nursery:
                 if self.serve:
                     await self._start_server(server_nursery)
+                else:
+                    self._publish_self_address()
                 async with trio.open_nursery() as services:
                     for service in self.services():
                         await services.start(service)
+                    services.start_soon(self._stop_after_leave)
                     log(
                         self.logger,
                         logging.INFO,
@@ -261,12 +437,34 @@ class Agent:
             self.stopped.set()
             log(self.logger, logging.INFO, "agent stopped")
 
+    async def _stop_after_leave(self) -> None:
+        await self._leave_done.wait()
+        # Let the leave answer reach the caller before the server goes.
+        await trio.sleep(0.2)
+        self.request_stop()
+
+    def _ensure_lifecycles(self) -> None:
+        """The control plane holds a lifecycle register for every node (the init node's
+        is written here, on the first start)."""
+        if not self.is_control_plane:
+            return
+        for member in self.membership.nodes():
+            if self.registry.registers.lifecycle(
+                member.id
+            ) is None and not self.registry.registers.is_deleted(member.id):
+                self.registry.set_initial(member.id, actor=self.node_id, term=self.term)
+
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
-        return []
+        services: list[Callable[..., Any]] = [self.run_cert_renewal]
+        if self.is_control_plane:
+            services.append(SelfBeat(self, self.heartbeats).run)
+        else:
+            services.append(self.heartbeat_sender.run)
+        return services
 
     async def shutdown_services(self) -> None:
-        """Graceful steps before the services are cancelled (overridden as features land)."""
+        """Graceful steps before the services are cancelled (extended as features land)."""
         await trio.lowlevel.checkpoint()
 
     async def _start_server(self, nursery: trio.Nursery) -> None:
@@ -278,6 +476,7 @@ class Agent:
             keyfile=self.identity.paths.node_key,
             keep_alive_max_requests=self.config.api.keep_alive_max_requests,
         )
+        self.hypercorn = hconfig
         binds: list[str] = await nursery.start(serve_api, self.app, hconfig, self._server_stop.wait)
         bound_host, bound_port = parse_host_port(binds[0].removeprefix("https://"))
         if not self.config.node.advertise:
@@ -297,17 +496,14 @@ class Agent:
     def _publish_self_address(self) -> None:
         """Keep our own member record (and, on the control plane, its URL) in step with the
         address we actually serve on (a listen port of 0 is only known after binding)."""
-        address = self.url.removeprefix("https://")
+        addresses = tuple(self.self_addresses())
         member = self.membership.get(self.node_id)
-        if member is not None and member.addresses[:1] != (address,):
-            from dataclasses import replace
-
+        if member is not None and member.addresses != addresses and self.is_control_plane:
             self.membership.upsert(
-                replace(
-                    member,
-                    addresses=(address, *[a for a in member.addresses if a != address]),
-                    updated_ms=int(self.clock.wall() * 1000),
-                )
+                replace(member, addresses=addresses, updated_ms=int(self.clock.wall() * 1000))
             )
         if self.is_control_plane and self.control_plane_url != self.url:
             self.store.set_meta("control_plane_url", self.url)
+
+
+__all__ = ["Agent"]

@@ -15,10 +15,25 @@ from hypercorn.trio import serve
 from populi_peer.config import format_host_port
 
 
+class ReloadableConfig(HypercornConfig):
+    """Keeps the server's SSL context so that a renewed certificate can be loaded into it:
+    new connections get the new certificate, open ones keep theirs."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        self.ssl_context = super().create_ssl_context()
+        return self.ssl_context
+
+    def reload_certificate(self) -> None:
+        if self.ssl_context is not None:
+            self.ssl_context.load_cert_chain(certfile=self.certfile, keyfile=self.keyfile)
+
+
 def hypercorn_config(
     *, host: str, port: int, certfile: Path, keyfile: Path, keep_alive_max_requests: int
-) -> HypercornConfig:
-    config = HypercornConfig()
+) -> ReloadableConfig:
+    config = ReloadableConfig()
     config.bind = [format_host_port(host, port)]
     config.certfile = str(certfile)
     config.keyfile = str(keyfile)
@@ -45,4 +60,4 @@ async def serve_api(
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
-__all__ = ["hypercorn_config", "serve_api"]
+__all__ = ["ReloadableConfig", "hypercorn_config", "serve_api"]

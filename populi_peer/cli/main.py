@@ -14,11 +14,29 @@ import traceback
 from collections.abc import Sequence
 
 from populi_peer import __version__
-from populi_peer.cli import cmd_agent, cmd_demo, cmd_init, cmd_settings, cmd_status
+from populi_peer.cli import (
+    cmd_agent,
+    cmd_demo,
+    cmd_init,
+    cmd_join,
+    cmd_node,
+    cmd_settings,
+    cmd_status,
+    cmd_token,
+)
 from populi_peer.cli.common import ArgParser
 from populi_peer.errors import PopuliError
 
-COMMAND_MODULES = [cmd_init, cmd_agent, cmd_status, cmd_demo, cmd_settings]
+COMMAND_MODULES = [
+    cmd_init,
+    cmd_join,
+    cmd_agent,
+    cmd_status,
+    cmd_demo,
+    cmd_node,
+    cmd_token,
+    cmd_settings,
+]
 
 
 def build_parser() -> ArgParser:

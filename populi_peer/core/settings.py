@@ -79,6 +79,15 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "revoke leases whose holder is stale or quarantined (off: only flag them)",
     ),
     SettingSpec(
+        "node_cert_lifetime_s",
+        "float",
+        30 * 86400.0,
+        "seconds",
+        "lifetime of node certificates issued from now on (renewed at two thirds)",
+        60.0,
+        366 * 86400.0,
+    ),
+    SettingSpec(
         "policy_gates",
         "gates",
         (),

@@ -5,3 +5,6 @@ from populi_peer.testing.clock import VirtualClock
 from populi_peer.testing.network import Faults, MemoryNetwork
 
 __all__ = ["Faults", "MemoryNetwork", "VirtualClock"]
+
+# ``populi_peer.testing.cluster`` (the virtual cluster) imports the whole agent; import it
+# explicitly: ``from populi_peer.testing.cluster import open_virtual_cluster``.

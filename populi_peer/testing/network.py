@@ -62,15 +62,21 @@ class MemoryNetwork:
         self.rng = random.Random(self.seed)
         self._hosts: dict[str, _Endpoint] = {}
         self._blocked: set[tuple[str, str]] = set()
+        self._addresses: dict[str, str] = {}
         self.stats: Counter[str] = Counter()
         self.log: list[Delivery] = []
 
     # -- topology -------------------------------------------------------------------------
 
-    def register(self, *, node_id: str, host: str, app: Any) -> str:
-        """Attach ``app`` at ``host``; returns the node's base URL."""
+    def register(self, *, node_id: str, host: str, app: Any, address: str | None = None) -> str:
+        """Attach ``app`` at ``host``; ``address`` is the IP its requests appear to come
+        from (default: a LAN address of its own). Returns the node's base URL."""
         self._hosts[host] = _Endpoint(node_id=node_id, app=app)
+        self._addresses[node_id] = address or f"10.77.0.{len(self._addresses) % 250 + 1}"
         return f"https://{host}"
+
+    def address_of(self, node_id: str) -> str:
+        return self._addresses.get(node_id, "10.77.0.254")
 
     def unregister(self, host: str) -> None:
         self._hosts.pop(host, None)
@@ -153,7 +159,7 @@ class MemoryNetwork:
             clone = httpx.Request(
                 request.method, request.url, headers=request.headers, content=body
             )
-            transport = httpx.ASGITransport(app=endpoint.app, client=(src, 443))
+            transport = httpx.ASGITransport(app=endpoint.app, client=(self.address_of(src), 443))
             answer = await transport.handle_async_request(clone)
             await answer.aread()
             response = response or answer

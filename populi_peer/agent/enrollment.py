@@ -1,0 +1,668 @@
+"""Enrollment on the control plane: join tokens, the join handshake, certificates,
+retirement and revocation (issue: signed enrollment).
+
+Join, in three unauthenticated steps, all rate-limited per client address:
+
+1. ``GET /v1/populi/join/ca`` — the CA certificate; the joiner checks it against the
+   token's pin and from then on trusts only it (it sends nothing secret before that).
+2. ``POST /v1/populi/join/challenge`` — a fresh single-use challenge.
+3. ``POST /v1/populi/join/enroll`` — token, the joiner's public key, its name and
+   addresses, the challenge and a proof: its signature over all of them. The token is
+   consumed atomically and durably (one SQLite transaction, ``synchronous=FULL``) together
+   with the new member record; a consumed token never works again.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidSignature
+
+from enrollment.ca import cert_from_pem, cert_to_pem, make_node_certificate
+from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment.errors import TokenError
+from enrollment.keys import node_id_for, public_from_text, public_to_text
+from enrollment.revocation import RevokedNode, revoke_node, unblock_name
+from enrollment.tokens import decode_token, mint_token, token_digest, validate_node_name
+from populi_peer.agent.membership import Member
+from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.core.ratelimit import RateLimiter
+from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited
+from populi_peer.log import get_logger, log
+
+if TYPE_CHECKING:
+    from populi_peer.agent.agent import Agent
+
+OPERATOR = frozenset({"operator"})
+NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
+PROOF_DOMAIN = b"populi/join-proof/v1\x00"
+CHALLENGE_TTL_S = 120.0
+DEFAULT_TOKEN_TTL_S = 3600.0
+MAX_CHALLENGES = 10_000
+
+
+class TokenUsed(TokenError, Conflict):
+    code = "token_already_used"
+    http_status = 409
+
+
+def proof_payload(
+    *, challenge: str, token_id: str, public_key: str, cluster_id: str, name: str
+) -> bytes:
+    """What the joiner signs to prove it holds its key (bound to this join only)."""
+    return PROOF_DOMAIN + canonical_json(
+        {
+            "challenge": challenge,
+            "token_id": token_id,
+            "public_key": public_key,
+            "cluster_id": cluster_id,
+            "name": name,
+        }
+    )
+
+
+class Enrollment:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.logger = get_logger("enrollment")
+        self.limiter = RateLimiter(agent.config.security.join_rate_per_min)
+        self._challenges: OrderedDict[str, float] = OrderedDict()
+
+    # -- routes ---------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/v1/populi/join/ca", self._join_ca, roles=None, name="join_ca"),
+            Route(
+                "POST",
+                "/v1/populi/join/challenge",
+                self._join_challenge,
+                roles=None,
+                name="join_challenge",
+            ),
+            Route(
+                "POST", "/v1/populi/join/enroll", self._join_enroll, roles=None, name="join_enroll"
+            ),
+            Route(
+                "POST",
+                "/v1/populi/admin/tokens",
+                self._token_create,
+                roles=OPERATOR,
+                name="token_create",
+            ),
+            Route(
+                "GET",
+                "/v1/populi/admin/tokens",
+                self._token_list,
+                roles=OPERATOR,
+                name="token_list",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/admin/tokens/{token_id}/revoke",
+                self._token_revoke,
+                roles=OPERATOR,
+                name="token_revoke",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/certs/renew",
+                self._cert_renew,
+                roles=NODE_ROLES,
+                name="cert_renew",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/admin/nodes/{node}/retire",
+                self._retire,
+                roles=OPERATOR,
+                name="node_retire",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/admin/nodes/{node}/delete",
+                self._delete,
+                roles=OPERATOR,
+                name="node_delete",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/admin/names/{name}/unretire",
+                self._unretire,
+                roles=OPERATOR,
+                name="name_unretire",
+            ),
+            Route(
+                "GET",
+                "/v1/populi/revocations",
+                self._revocations,
+                roles=ANY_MEMBER,
+                name="revocations",
+            ),
+            Route("GET", "/v1/populi/members", self._members, roles=ANY_MEMBER, name="members"),
+        ]
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self.agent.clock.wall() * 1000)
+
+    def _require_cp(self) -> None:
+        self.agent.require_control_plane()
+
+    def _rate_limit(self, request: Request) -> None:
+        key = request.client[0] if request.client else "unknown"
+        if not self.limiter.allow(key, now_mono=self.agent.clock.mono()):
+            wait = self.limiter.retry_after_s(key)
+            raise RateLimited(
+                f"too many join requests from {key}; retry in {wait:.0f} s",
+                retry_after_s=round(wait, 1),
+            )
+
+    def _cluster_key(self) -> Any:
+        key = self.agent.identity.cluster_key
+        if key is None:
+            raise Conflict(
+                "this node does not hold the cluster key; it cannot enroll nodes",
+                code="no_cluster_key",
+            )
+        return key
+
+    def contacts(self) -> list[str]:
+        member = self.agent.membership.get(self.agent.node_id)
+        addresses = list(member.addresses) if member else []
+        return addresses or [self.agent.url.removeprefix("https://")]
+
+    # -- join -----------------------------------------------------------------------------
+
+    async def _join_ca(self, request: Request) -> dict[str, Any]:
+        self._rate_limit(request)
+        identity = self.agent.identity
+        return {
+            "cluster_id": identity.cluster_id,
+            "ca_certificate": cert_to_pem(identity.ca_cert).decode("ascii"),
+        }
+
+    async def _join_challenge(self, request: Request) -> dict[str, Any]:
+        self._rate_limit(request)
+        self._require_cp()
+        now = self.agent.clock.mono()
+        while self._challenges and (
+            len(self._challenges) >= MAX_CHALLENGES or next(iter(self._challenges.values())) < now
+        ):
+            self._challenges.popitem(last=False)
+        challenge = b64url_encode(secrets.token_bytes(32))
+        self._challenges[challenge] = now + CHALLENGE_TTL_S
+        return {
+            "challenge": challenge,
+            "node_id": self.agent.node_id,
+            "cluster_id": self.agent.identity.cluster_id,
+            "expires_in_s": CHALLENGE_TTL_S,
+        }
+
+    async def _join_enroll(self, request: Request) -> dict[str, Any]:
+        self._rate_limit(request)
+        self._require_cp()
+        body = request.json()
+        fields = {}
+        for name in ("token", "public_key", "name", "challenge", "proof"):
+            value = body.get(name)
+            if not isinstance(value, str) or not value:
+                raise BadRequest(
+                    f"join request needs {name!r} as a non-empty string", code="bad_request"
+                )
+            fields[name] = value
+        addresses = body.get("addresses", [])
+        if (
+            not isinstance(addresses, list)
+            or len(addresses) > 8
+            or not all(isinstance(a, str) and 0 < len(a) <= 261 for a in addresses)
+        ):
+            raise BadRequest(
+                "'addresses' must be a list of up to 8 host:port strings", code="bad_request"
+            )
+        identity = self.agent.identity
+        cluster_key = self._cluster_key()
+        now_ms = self._now_ms()
+        skew_ms = int(self.agent.config.security.max_skew_s * 1000)
+        token = decode_token(
+            fields["token"],
+            now_ms=now_ms,
+            skew_ms=skew_ms,
+            trusted_root=cluster_key.public_key(),
+            expected_cluster_id=identity.cluster_id,
+        )
+        expires = self._challenges.pop(fields["challenge"], None)
+        if expires is None or expires < self.agent.clock.mono():
+            raise Forbidden(
+                "join challenge unknown or expired; start the join again", code="challenge_invalid"
+            )
+        try:
+            public_key = public_from_text(fields["public_key"])
+            proof = b64url_decode(fields["proof"])
+            public_key.verify(
+                proof,
+                proof_payload(
+                    challenge=fields["challenge"],
+                    token_id=token.token_id,
+                    public_key=fields["public_key"],
+                    cluster_id=identity.cluster_id,
+                    name=fields["name"],
+                ),
+            )
+        except (ValueError, InvalidSignature) as exc:
+            raise Forbidden(
+                "proof of key possession does not verify", code="proof_invalid"
+            ) from exc
+        name = validate_node_name(fields["name"])
+        if token.name is not None and token.name != name:
+            raise Forbidden(
+                f"this token is bound to the name {token.name!r}, not {name!r}",
+                code="token_name_mismatch",
+            )
+        if self.agent.revocations.is_name_blocked(name):
+            raise Forbidden(
+                f"the name {name!r} belongs to a retired node; an operator must run 'populi node unretire {name}' first",
+                code="name_retired",
+            )
+        node_id = node_id_for(public_key)
+        if self.agent.membership.get(node_id) is not None or self.agent.revocations.is_revoked(
+            node_id
+        ):
+            raise Conflict(
+                f"key {node_id} is already enrolled; every join needs a fresh key",
+                code="key_reused",
+            )
+        holder = next((m for m in self.agent.membership.nodes() if m.name == name), None)
+        if holder is not None and holder.cert_not_after_ms > now_ms - skew_ms:
+            raise Conflict(
+                f"node name {name!r} is taken by {holder.id}; pick another --name",
+                code="name_taken",
+            )
+
+        serial = secrets.randbits(63) | 1
+        cert = make_node_certificate(
+            ca_key=cluster_key,
+            ca_cert=identity.ca_cert,
+            subject_key=public_key,
+            principal_id=node_id,
+            cluster_id=identity.cluster_id,
+            addresses=[_host_of(a) for a in addresses],
+            now_wall_s=now_ms / 1000,
+            serial=serial,
+            days=self.agent.records.settings["node_cert_lifetime_s"] / 86400,
+        )
+        roles = tuple(sorted(token.roles))
+        member = Member(
+            id=node_id,
+            kind="node",
+            name=name,
+            public_key=public_to_text(public_key),
+            roles=roles,
+            addresses=tuple(addresses),
+            cert_serial=format(serial, "x"),
+            cert_not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
+            joined_ms=now_ms,
+            token_id=token.token_id,
+            updated_ms=now_ms,
+        )
+        store = self.agent.store
+        digest = token_digest(fields["token"])
+        # One transaction, no await inside: consumption, membership and lifecycle are
+        # durable together before anyone is told (DESIGN rule 7).
+        with store.transaction():
+            row = store.execute(
+                "SELECT * FROM join_tokens WHERE token_id = ?", (token.token_id,)
+            ).fetchone()
+            if row is None or row["digest"] != digest:
+                raise Forbidden(
+                    "this token was not issued by this control plane", code="token_unknown"
+                )
+            if row["revoked_ms"] is not None:
+                raise Forbidden("this token was revoked", code="token_revoked")
+            if row["uses_left"] <= 0:
+                raise TokenUsed("token already used", code="token_already_used")
+            store.execute(
+                "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE token_id = ?",
+                (token.token_id,),
+            )
+            store.execute(
+                "INSERT INTO token_uses (token_id, node_id, at_ms) VALUES (?, ?, ?)",
+                (token.token_id, node_id, now_ms),
+            )
+            if holder is not None:
+                self.agent.membership.remove(holder.id)
+            self.agent.membership.upsert(member)
+            self.agent.registry.set_initial(
+                node_id, actor=f"token:{token.token_id}", term=self.agent.term
+            )
+            self.agent.record_event(
+                node_id,
+                "node_joined",
+                actor=f"token:{token.token_id}",
+                detail={"name": name, "roles": list(roles)},
+            )
+        log(
+            self.logger,
+            logging.INFO,
+            "node joined",
+            node_id=node_id,
+            name=name,
+            token_id=token.token_id,
+            roles=list(roles),
+        )
+        return {
+            "node_id": node_id,
+            "name": name,
+            "roles": list(roles),
+            "cluster": {"id": identity.cluster_id, "name": identity.cluster_name},
+            "certificate": cert_to_pem(cert).decode("ascii"),
+            "ca_certificate": cert_to_pem(identity.ca_cert).decode("ascii"),
+            "term": self.agent.term,
+            "control_plane": {"node_id": self.agent.node_id, "url": self.agent.url},
+            "membership_version": self.agent.membership.version,
+            "members": [m.to_json() for m in self.agent.membership.all()],
+            "revocations": self.agent.revocations.text,
+            "settings_record": self.agent.records.settings_record.text
+            if self.agent.records.settings_record
+            else None,
+        }
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    async def _token_create(self, request: Request) -> dict[str, Any]:
+        self._require_cp()
+        body = request.json()
+        ttl_s = body.get("ttl_s", DEFAULT_TOKEN_TTL_S)
+        uses = body.get("uses", 1)
+        roles = body.get("roles", ["worker", "submit"])
+        name = body.get("name")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)):
+            raise BadRequest("'ttl_s' must be a number of seconds", code="bad_request")
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise BadRequest("'roles' must be a list of role names", code="bad_request")
+        if name is not None and not isinstance(name, str):
+            raise BadRequest("'name' must be a string", code="bad_request")
+        if name is not None and self.agent.revocations.is_name_blocked(name):
+            raise Conflict(
+                f"the name {name!r} belongs to a retired node; run 'populi node unretire {name}' first",
+                code="name_retired",
+            )
+        now_ms = self._now_ms()
+        text, token = mint_token(
+            signing_key=self._cluster_key(),
+            cluster_id=self.agent.identity.cluster_id,
+            contacts=self.contacts(),
+            roles=roles,
+            now_ms=now_ms,
+            ttl_ms=int(ttl_s * 1000),
+            uses=uses,
+            name=name,
+            token_id=secrets.token_bytes(16),
+        )
+        with self.agent.store.transaction():
+            self.agent.store.execute(
+                "INSERT INTO join_tokens (token_id, digest, roles, name, uses_total, uses_left, not_before_ms, "
+                "expires_ms, created_ms, created_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    token.token_id,
+                    token_digest(text),
+                    canonical_json(sorted(token.roles)).decode(),
+                    token.name,
+                    token.uses,
+                    token.uses,
+                    token.not_before_ms,
+                    token.expires_ms,
+                    now_ms,
+                    request.caller.id,
+                ),
+            )
+            self.agent.record_event(
+                self.agent.node_id,
+                "token_created",
+                actor=request.caller.id,
+                detail={
+                    "token_id": token.token_id,
+                    "roles": sorted(token.roles),
+                    "name": token.name,
+                },
+            )
+        log(
+            self.logger,
+            logging.INFO,
+            "join token created",
+            token_id=token.token_id,
+            roles=sorted(token.roles),
+            uses=token.uses,
+        )
+        return {"token": text, "summary": self._token_row_json(self._token_row(token.token_id))}
+
+    def _token_row(self, token_id: str) -> Any:
+        row = self.agent.store.execute(
+            "SELECT * FROM join_tokens WHERE token_id = ?", (token_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no join token {token_id}", code="unknown_token")
+        return row
+
+    def _token_row_json(self, row: Any) -> dict[str, Any]:
+        import json
+
+        now_ms = self._now_ms()
+        if row["revoked_ms"] is not None:
+            state = "revoked"
+        elif row["uses_left"] <= 0:
+            state = "used"
+        elif row["expires_ms"] <= now_ms:
+            state = "expired"
+        else:
+            state = "active"
+        uses = [
+            r["node_id"]
+            for r in self.agent.store.execute(
+                "SELECT node_id FROM token_uses WHERE token_id = ? ORDER BY at_ms",
+                (row["token_id"],),
+            )
+        ]
+        return {
+            "token_id": row["token_id"],
+            "state": state,
+            "roles": json.loads(row["roles"]),
+            "name": row["name"],
+            "uses_total": row["uses_total"],
+            "uses_left": row["uses_left"],
+            "used_by": uses,
+            "not_before_ms": row["not_before_ms"],
+            "expires_ms": row["expires_ms"],
+            "created_ms": row["created_ms"],
+            "created_by": row["created_by"],
+            "revoked_ms": row["revoked_ms"],
+        }
+
+    async def _token_list(self, request: Request) -> dict[str, Any]:
+        self._require_cp()
+        rows = self.agent.store.execute("SELECT * FROM join_tokens ORDER BY created_ms").fetchall()
+        return {"tokens": [self._token_row_json(row) for row in rows]}
+
+    async def _token_revoke(self, request: Request) -> dict[str, Any]:
+        self._require_cp()
+        token_id = request.path_params["token_id"]
+        row = self._token_row(token_id)
+        if row["revoked_ms"] is None:
+            with self.agent.store.transaction():
+                self.agent.store.execute(
+                    "UPDATE join_tokens SET revoked_ms = ? WHERE token_id = ?",
+                    (self._now_ms(), token_id),
+                )
+                self.agent.record_event(
+                    self.agent.node_id,
+                    "token_revoked",
+                    actor=request.caller.id,
+                    detail={"token_id": token_id},
+                )
+        return {"token": self._token_row_json(self._token_row(token_id))}
+
+    # -- certificates ---------------------------------------------------------------------
+
+    def issue_certificate(self, member: Member) -> Any:
+        identity = self.agent.identity
+        now_ms = self._now_ms()
+        serial = secrets.randbits(63) | 1
+        cert = make_node_certificate(
+            ca_key=self._cluster_key(),
+            ca_cert=identity.ca_cert,
+            subject_key=public_from_text(member.public_key),
+            principal_id=member.id,
+            cluster_id=identity.cluster_id,
+            addresses=[_host_of(a) for a in member.addresses],
+            now_wall_s=now_ms / 1000,
+            serial=serial,
+            days=self.agent.records.settings["node_cert_lifetime_s"] / 86400,
+        )
+        from dataclasses import replace
+
+        updated = replace(
+            member,
+            cert_serial=format(serial, "x"),
+            cert_not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
+            updated_ms=now_ms,
+        )
+        self.agent.membership.upsert(updated)
+        self.agent.record_event(
+            member.id,
+            "certificate_renewed",
+            actor=member.id,
+            detail={"serial": updated.cert_serial, "not_after_ms": updated.cert_not_after_ms},
+        )
+        return cert
+
+    async def _cert_renew(self, request: Request) -> dict[str, Any]:
+        self._require_cp()
+        member = self.agent.membership.get(request.caller.id)
+        if member is None or member.kind != "node":
+            raise Forbidden("only enrolled nodes renew certificates", code="not_a_node")
+        cert = self.issue_certificate(member)
+        return {"certificate": cert_to_pem(cert).decode("ascii")}
+
+    # -- retirement -----------------------------------------------------------------------
+
+    async def _retire(self, request: Request) -> dict[str, Any]:
+        self._require_cp()
+        member = self.agent.membership.resolve_node(request.path_params["node"])
+        if member.id == self.agent.node_id:
+            raise Conflict("the control plane cannot retire itself", code="retire_self")
+        body = request.json() if request.body else {}
+        reason = str(body.get("reason") or "retired by operator")[:200]
+        before, _after = self.agent.registry.command(
+            member.id,
+            "retire",
+            writer_class="operator",
+            actor=request.caller.id,
+            reason=reason,
+            term=self.agent.term,
+        )
+        if not self.agent.revocations.is_revoked(member.id):
+            now_ms = self._now_ms()
+            current = self.agent.revocations.empty_or_current(now_ms=now_ms)
+            new = revoke_node(
+                current,
+                RevokedNode(
+                    node_id=member.id,
+                    name=member.name,
+                    reason=" ".join(reason.split()) or "retired",
+                    revoked_ms=now_ms,
+                    cert_serials=(member.cert_serial,) if member.cert_serial else (),
+                ),
+                now_ms=now_ms,
+            )
+            self.agent.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
+        self.agent.record_event(
+            member.id,
+            "lifecycle",
+            actor=request.caller.id,
+            reason=reason,
+            detail={"command": "retire", "from": before.state if before else None, "to": "retired"},
+        )
+        self.agent.on_membership_changed()
+        return {
+            "node_id": member.id,
+            "state": "retired",
+            "revocation_serial": self.agent.revocations.serial,
+        }
+
+    async def _delete(self, request: Request) -> dict[str, Any]:
+        self._require_cp()
+        member = self.agent.membership.resolve_node(request.path_params["node"])
+        body = request.json() if request.body else {}
+        reason = str(body.get("reason") or "deleted by operator")[:200]
+        self.agent.registry.command(
+            member.id,
+            "delete",
+            writer_class="operator",
+            actor=request.caller.id,
+            reason=reason,
+            term=self.agent.term,
+        )
+        self.agent.membership.remove(member.id)
+        self.agent.record_event(
+            member.id,
+            "node_deleted",
+            actor=request.caller.id,
+            reason=reason,
+            detail={"name": member.name},
+        )
+        return {
+            "node_id": member.id,
+            "deleted": True,
+            "name_blocked": self.agent.revocations.is_name_blocked(member.name),
+        }
+
+    async def _unretire(self, request: Request) -> dict[str, Any]:
+        self._require_cp()
+        name = validate_node_name(request.path_params["name"])
+        if not self.agent.revocations.is_name_blocked(name):
+            raise NotFound(f"the name {name!r} is not blocked", code="name_not_blocked")
+        now_ms = self._now_ms()
+        new = unblock_name(
+            self.agent.revocations.empty_or_current(now_ms=now_ms), name, now_ms=now_ms
+        )
+        self.agent.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
+        self.agent.record_event(
+            self.agent.node_id, "name_unretired", actor=request.caller.id, detail={"name": name}
+        )
+        return {"name": name, "blocked": False, "revocation_serial": self.agent.revocations.serial}
+
+    # -- views ----------------------------------------------------------------------------
+
+    async def _revocations(self, request: Request) -> dict[str, Any]:
+        since = request.query_int("since", -1, minimum=-1)
+        serial = self.agent.revocations.serial
+        return {
+            "serial": serial,
+            "revocations": self.agent.revocations.text if serial > since else None,
+        }
+
+    async def _members(self, request: Request) -> dict[str, Any]:
+        return {
+            "version": self.agent.membership.version,
+            "members": [m.to_json() for m in self.agent.membership.all()],
+        }
+
+
+def _host_of(address: str) -> str:
+    from populi_peer.config import parse_host_port
+
+    try:
+        return parse_host_port(address)[0]
+    except ValueError:
+        return ""
+
+
+def load_cert(pem: str) -> Any:
+    return cert_from_pem(pem)
+
+
+__all__ = ["Enrollment", "TokenUsed", "proof_payload"]

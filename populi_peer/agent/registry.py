@@ -1,0 +1,194 @@
+"""Per-(node, attribute) registers held by this node, persisted and signed.
+
+Every write the control plane accepts is stored as a signed record (``kind="register"``,
+signed by the node that stored it) so that a record read back — or, once election lands,
+merged from another voter — can be checked. The in-memory :class:`RegisterSet` is the
+merge of everything stored; lifecycle reads go through ``effective()`` so that a
+maintenance window ends when read, never by a timer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from enrollment.records import sign_record, verify_record
+from populi_peer.clock import Clock
+from populi_peer.core.hlc import Hlc, hlc_receive, hlc_tick
+from populi_peer.core.lifecycle import (
+    Command,
+    NodeLifecycle,
+    WriterClass,
+    apply_command,
+    check_command_writer,
+    effective,
+    initial_lifecycle,
+)
+from populi_peer.core.registers import LIFECYCLE, RegisterSet, RegisterWrite, Stamp
+from populi_peer.errors import NotFound
+from populi_peer.identity import Identity
+from populi_peer.store import Store
+
+
+class Registry:
+    def __init__(
+        self, store: Store, identity: Identity, clock: Clock, *, max_skew_s: float
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.clock = clock
+        self.max_skew_ms = int(max_skew_s * 1000)
+        writes = []
+        for row in store.execute("SELECT body FROM registers").fetchall():
+            record = verify_record(row["body"], expected_kind="register")
+            writes.append(RegisterWrite.from_json(record.body))
+        self.registers = RegisterSet(writes)
+        saved = store.get_meta_json("hlc")
+        self._hlc = Hlc.from_json(saved) if saved else Hlc(0, 0)
+
+    def now_ms(self) -> int:
+        return int(self.clock.wall() * 1000)
+
+    def _tick(self) -> Hlc:
+        self._hlc = hlc_tick(self._hlc, self.now_ms())
+        return self._hlc
+
+    def observe(self, remote: Hlc) -> None:
+        self._hlc = hlc_receive(self._hlc, remote, self.now_ms(), self.max_skew_ms)
+
+    def make_write(
+        self,
+        node_id: str,
+        attribute: str,
+        value: dict[str, Any] | None,
+        *,
+        writer_class: WriterClass,
+        actor: str,
+        reason: str,
+        term: int,
+    ) -> RegisterWrite:
+        writer = node_id if writer_class == "self" else actor
+        return RegisterWrite(
+            node_id=node_id,
+            attribute=attribute,
+            value=value,
+            stamp=Stamp(term=term, hlc=self._tick(), writer=writer),
+            writer_class=writer_class,
+            actor=actor,
+            reason=reason,
+            at_wall_ms=self.now_ms(),
+        )
+
+    def apply(self, write: RegisterWrite) -> bool:
+        """Merge ``write``; when it changes anything, store it (signed) durably first."""
+        merged, changed = self.registers.apply(
+            write, now_wall_ms=self.now_ms(), max_skew_ms=self.max_skew_ms
+        )
+        if not changed:
+            return False
+        self.observe(write.stamp.hlc)
+        text = sign_record(
+            kind="register",
+            serial=0,
+            body=write.to_json(),
+            signer_id=self.identity.node_id,
+            signer_key=self.identity.node_key,
+            now_ms=self.now_ms(),
+            actor=write.actor,
+        )
+        with self.store.transaction():
+            if write.attribute == LIFECYCLE and write.value is None:
+                # A tombstone drops the node's other registers for good.
+                self.store.execute("DELETE FROM registers WHERE node_id = ?", (write.node_id,))
+            self.store.execute(
+                "INSERT INTO registers (node_id, attribute, body) VALUES (?, ?, ?) "
+                "ON CONFLICT (node_id, attribute) DO UPDATE SET body = excluded.body",
+                (write.node_id, write.attribute, text),
+            )
+            self.store.set_meta_json("hlc", self._hlc.to_json())
+        self.registers = merged
+        return True
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def lifecycle(self, node_id: str) -> NodeLifecycle | None:
+        """The effective lifecycle of a node now (maintenance ends when read)."""
+        stored = self.registers.lifecycle(node_id)
+        return None if stored is None else effective(stored, self.now_ms())
+
+    def set_initial(self, node_id: str, *, actor: str, term: int) -> None:
+        lc = initial_lifecycle(now_wall_ms=self.now_ms(), actor=actor)
+        self.apply(
+            self.make_write(
+                node_id,
+                LIFECYCLE,
+                lc.to_json(),
+                writer_class="leader",
+                actor=actor,
+                reason="joined",
+                term=term,
+            )
+        )
+
+    def command(
+        self,
+        node_id: str,
+        command: Command,
+        *,
+        writer_class: WriterClass,
+        actor: str,
+        reason: str,
+        term: int,
+        deadline_wall_ms: int | None = None,
+        until_wall_ms: int | None = None,
+    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None]:
+        """Apply a lifecycle command; returns (before, after). Illegal -> nothing changes."""
+        check_command_writer(command, writer_class)
+        stored = self.registers.lifecycle(node_id)
+        if stored is None:
+            raise NotFound(f"node {node_id} has no lifecycle record", code="unknown_node")
+        before = effective(stored, self.now_ms())
+        after = apply_command(
+            stored,
+            command,
+            now_wall_ms=self.now_ms(),
+            actor=actor,
+            reason=reason,
+            deadline_wall_ms=deadline_wall_ms,
+            until_wall_ms=until_wall_ms,
+        )
+        if after is not stored:
+            value = None if after is None else after.to_json()
+            self.apply(
+                self.make_write(
+                    node_id,
+                    LIFECYCLE,
+                    value,
+                    writer_class=writer_class,
+                    actor=actor,
+                    reason=reason,
+                    term=term,
+                )
+            )
+        return before, after
+
+    def node_writes_json(self, node_id: str) -> dict[str, Any]:
+        return {attr: write.to_json() for attr, write in self.registers.node(node_id).items()}
+
+
+def events_json(rows: list[Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "seq": row["seq"],
+            "at_ms": row["at_ms"],
+            "node_id": row["node_id"],
+            "kind": row["kind"],
+            "actor": row["actor"],
+            "reason": row["reason"],
+            "detail": json.loads(row["detail"]),
+        }
+        for row in rows
+    ]
+
+
+__all__ = ["Registry", "events_json"]

@@ -1,0 +1,102 @@
+"""This node's revocation list: a signed list with a strictly increasing serial.
+
+Only lists signed by the cluster key with a higher serial that keeps every revoked node
+are installed (``enrollment.revocation.accept_newer``); anything else is ignored and
+logged. The list is checked on every request (``Authenticator.is_revoked``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from enrollment.revocation import (
+    RevocationList,
+    accept_newer,
+    is_name_blocked,
+    is_revoked,
+    sign_revocations,
+    verify_revocations,
+)
+from populi_peer.log import get_logger, log
+from populi_peer.store import Store
+
+
+class RevocationState:
+    def __init__(self, store: Store, *, cluster_id: str, cluster_key: Ed25519PublicKey) -> None:
+        self.store = store
+        self.cluster_id = cluster_id
+        self.cluster_key = cluster_key
+        self.logger = get_logger("revocations")
+        self.current: RevocationList | None = None
+        self.text: str | None = None
+        row = store.execute(
+            "SELECT text FROM revocation_lists ORDER BY serial DESC LIMIT 1"
+        ).fetchone()
+        if row is not None:
+            self.current = verify_revocations(
+                row["text"], cluster_key=cluster_key, cluster_id=cluster_id
+            )
+            self.text = row["text"]
+
+    @property
+    def serial(self) -> int:
+        return -1 if self.current is None else self.current.serial
+
+    def is_revoked(self, principal_id: str) -> bool:
+        return self.current is not None and is_revoked(self.current, principal_id)
+
+    def is_name_blocked(self, name: str) -> bool:
+        return self.current is not None and is_name_blocked(self.current, name)
+
+    def offer(self, text: str, *, now_ms: int) -> str:
+        """Install ``text`` if it is a newer list from the cluster key; returns the outcome."""
+        kept, outcome = accept_newer(
+            self.current, text, cluster_key=self.cluster_key, cluster_id=self.cluster_id
+        )
+        if outcome == "accepted" and kept is not None:
+            self._store(kept, text, now_ms)
+            log(
+                self.logger,
+                logging.INFO,
+                "revocation list installed",
+                serial=kept.serial,
+                revoked=len(kept.revoked),
+            )
+        elif outcome != "ignored_not_newer":
+            log(self.logger, logging.WARNING, "revocation list ignored", outcome=outcome)
+        return outcome
+
+    def publish(self, new: RevocationList, *, signing_key: Ed25519PrivateKey, now_ms: int) -> str:
+        """Control plane: sign ``new`` with the cluster key and store it durably."""
+        text = sign_revocations(new, signing_key)
+        kept, outcome = accept_newer(
+            self.current, text, cluster_key=self.cluster_key, cluster_id=self.cluster_id
+        )
+        if outcome != "accepted" or kept is None:
+            raise RuntimeError(
+                f"refusing to publish a revocation list that peers would ignore ({outcome})"
+            )
+        self._store(kept, text, now_ms)
+        return text
+
+    def _store(self, lst: RevocationList, text: str, now_ms: int) -> None:
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT OR REPLACE INTO revocation_lists (serial, text, stored_ms) VALUES (?, ?, ?)",
+                (lst.serial, text, now_ms),
+            )
+            self.store.execute("DELETE FROM revocation_lists WHERE serial < ?", (lst.serial,))
+        self.current = lst
+        self.text = text
+
+    def empty_or_current(self, *, now_ms: int) -> RevocationList:
+        return (
+            self.current
+            if self.current is not None
+            else RevocationList.empty(self.cluster_id, now_ms=now_ms)
+        )
+
+
+__all__ = ["RevocationState"]

@@ -1,0 +1,91 @@
+"""``populi join TOKEN``: enroll this machine with a token from ``populi token create``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from populi_peer.cli.common import add_data_dir, add_json, data_dir_of, print_json
+from populi_peer.config import _node_name, default_node_name, parse_host_port
+from populi_peer.errors import UsageError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "join", help="enroll this machine into a cluster with a join token"
+    )
+    parser.add_argument(
+        "token", help="the token printed by 'populi token create' (or '-' to read it from stdin)"
+    )
+    add_data_dir(parser)
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1:7431",
+        help="HOST:PORT this node's API binds (default 127.0.0.1:7431)",
+    )
+    parser.add_argument(
+        "--advertise",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="HOST:PORT other nodes use to reach this one (repeatable)",
+    )
+    parser.add_argument("--name", default=None, help="this node's name (default: host name)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing node in the data directory"
+    )
+    add_json(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from populi_peer.clock import SystemClock
+    from populi_peer.joining import join_cluster
+
+    token_text = sys.stdin.read().strip() if args.token == "-" else args.token  # noqa: S105 - "-" means stdin
+    for flag, value in [("--listen", args.listen), *(("--advertise", a) for a in args.advertise)]:
+        try:
+            parse_host_port(value)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from exc
+    name = args.name or default_node_name()
+    problem = _node_name(name)
+    if problem:
+        raise UsageError(f"--name {name!r}: {problem}")
+    advertise = list(args.advertise)
+    if not advertise:
+        host, port = parse_host_port(args.listen)
+        if host not in ("0.0.0.0", "::") and port != 0:
+            advertise = [args.listen]
+    data_dir = data_dir_of(args)
+    result = trio.run(
+        lambda: join_cluster(
+            token_text,
+            data_dir=data_dir,
+            name=name,
+            listen=args.listen,
+            advertise=advertise,
+            clock=SystemClock(),
+            force=args.force,
+        )
+    )
+    if args.json:
+        print_json(
+            {
+                "node": {"id": result.node_id, "name": result.name, "roles": list(result.roles)},
+                "cluster": {"id": result.cluster_id, "name": result.cluster_name},
+                "control_plane_url": result.control_plane_url,
+                "data_dir": str(data_dir),
+            }
+        )
+    else:
+        sys.stdout.write(
+            f"joined cluster {result.cluster_name} ({result.cluster_id}) as {result.name} ({result.node_id})\n"
+            f"  roles     {', '.join(result.roles)}\n"
+            f"  contact   {result.contact}; control plane {result.control_plane_url}\n"
+            f"next: populi agent --data-dir {data_dir}\n"
+        )
+    return 0

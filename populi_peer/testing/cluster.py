@@ -1,0 +1,257 @@
+"""A virtual cluster: several real :class:`~populi_peer.agent.agent.Agent` objects in one
+trio run, each with its own data directory, clock and ASGI app, joined by a
+:class:`~populi_peer.testing.network.MemoryNetwork` through the real join flow (token,
+pinned CA, challenge, proof). Run it on trio's ``MockClock`` (pytest-trio's
+``autojump_clock``) and time is virtual: a test can wait an hour in milliseconds.
+
+    async with open_virtual_cluster(tmp_path, workers=2) as cluster:
+        await cluster.wait_until(lambda: cluster.cp.heartbeats.age_ms(cluster["w1"].node_id) is not None)
+        cluster.network.partition(cluster["w1"].node_id, cluster.cp.node_id)
+
+``crash(name)`` cancels an agent without any graceful step (like SIGKILL: its tasks stop,
+its store is closed, nothing is said to anyone); ``start(name)`` brings it back from its
+data directory, as a restart would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from populi_peer.agent.agent import Agent
+from populi_peer.api.client import SignedAuth
+from populi_peer.cluster import init_cluster
+from populi_peer.config import Config
+from populi_peer.joining import join_cluster
+from populi_peer.testing.clock import VirtualClock
+from populi_peer.testing.network import Faults, MemoryNetwork
+
+
+@dataclass
+class VirtualNode:
+    name: str
+    data_dir: Path
+    clock: VirtualClock
+    config: Config
+    host: str
+    address: str
+    agent: Agent | None = None
+    scope: trio.CancelScope | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def node_id(self) -> str:
+        assert self.agent is not None, f"{self.name} is not running"
+        return self.agent.node_id
+
+    @property
+    def running(self) -> bool:
+        return self.agent is not None and self.scope is not None and not self.done.is_set()
+
+
+AgentFactory = Callable[..., Agent]
+
+
+class VirtualCluster:
+    def __init__(
+        self,
+        root: Path,
+        nursery: trio.Nursery,
+        *,
+        seed: int = 0,
+        faults: Faults | None = None,
+        config: Config | None = None,
+        agent_factory: AgentFactory = Agent,
+    ) -> None:
+        self.root = root
+        self.nursery = nursery
+        self.network = MemoryNetwork(seed=seed, faults=faults or Faults())
+        self.config = config or Config()
+        self.agent_factory = agent_factory
+        self.nodes: dict[str, VirtualNode] = {}
+        self.node_ids: dict[str, str] = {}
+
+    def __getitem__(self, name: str) -> Agent:
+        agent = self.nodes[name].agent
+        assert agent is not None, f"{name} is not running"
+        return agent
+
+    @property
+    def cp(self) -> Agent:
+        return self["cp"]
+
+    def _new_node(
+        self, name: str, *, address: str | None, skew_s: float, config: Config | None
+    ) -> VirtualNode:
+        number = len(self.nodes) + 1
+        node = VirtualNode(
+            name=name,
+            data_dir=self.root / name,
+            clock=VirtualClock(skew_s=skew_s),
+            config=config or self.config,
+            host=f"{name}.populi.test",
+            address=address or f"10.77.0.{number}",
+        )
+        self.nodes[name] = node
+        return node
+
+    async def init(
+        self, name: str = "cp", *, address: str | None = None, config: Config | None = None
+    ) -> Agent:
+        node = self._new_node(name, address=address, skew_s=0.0, config=config)
+        init_cluster(
+            node.data_dir,
+            cluster_name="virtual",
+            node_name=name,
+            listen="127.0.0.1:0",
+            advertise=[f"{node.host}:443"],
+            force=False,
+            now_wall_s=node.clock.wall(),
+        )
+        return await self.start(name)
+
+    async def start(self, name: str) -> Agent:
+        node = self.nodes[name]
+        node.done = trio.Event()
+        url = f"https://{node.host}:443"
+        agent = self.agent_factory(
+            data_dir=node.data_dir,
+            config=dataclasses.replace(
+                node.config,
+                node=dataclasses.replace(node.config.node, advertise=[f"{node.host}:443"]),
+            ),
+            clock=node.clock,
+            network=self.network,
+            serve=False,
+            url=url,
+        )
+        node.agent = agent
+        self.network.register(
+            node_id=agent.node_id, host=node.host, app=agent.app, address=node.address
+        )
+        self.node_ids[name] = agent.node_id
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                node.scope = scope
+                try:
+                    await agent.run(task_status=task_status)
+                finally:
+                    node.done.set()
+            node.done.set()
+
+        await self.nursery.start(run)
+        return agent
+
+    async def crash(self, name: str) -> None:
+        """Stop an agent abruptly: no leave, no graceful steps."""
+        node = self.nodes[name]
+        if node.scope is not None:
+            node.scope.cancel()
+        await node.done.wait()
+        self.network.unregister(node.host)
+
+    async def stop(self, name: str) -> None:
+        """Graceful stop, as SIGTERM would."""
+        node = self.nodes[name]
+        assert node.agent is not None
+        node.agent.request_stop()
+        await node.done.wait()
+        self.network.unregister(node.host)
+
+    def operator_client(self, via: str = "cp") -> httpx.AsyncClient:
+        """An httpx client signing as the init node's operator, talking to ``via``."""
+        cp = self["cp"]
+        target = self[via]
+        assert cp.identity.operator is not None
+        return httpx.AsyncClient(
+            transport=self.network.transport_for("operator"),
+            base_url=f"https://{self.nodes[via].host}",
+            auth=SignedAuth(cp.identity.operator, target.node_id, cp.clock),
+        )
+
+    async def mint_token(self, **payload: Any) -> str:
+        async with self.operator_client() as client:
+            response = await client.post("/v1/populi/admin/tokens", json={"ttl_s": 3600, **payload})
+        if response.status_code != 200:
+            raise AssertionError(f"token create failed: {response.status_code} {response.text}")
+        return str(response.json()["token"])
+
+    async def join(
+        self,
+        name: str,
+        *,
+        token: str | None = None,
+        roles: list[str] | None = None,
+        address: str | None = None,
+        skew_s: float = 0.0,
+        config: Config | None = None,
+        start: bool = True,
+    ) -> Agent | None:
+        token = token or await self.mint_token(roles=roles or ["worker", "submit"])
+        node = self._new_node(name, address=address, skew_s=skew_s, config=config)
+
+        def transports(ca_pem: str | None) -> httpx.AsyncBaseTransport:
+            return self.network.transport_for(f"joiner-{name}")
+
+        await join_cluster(
+            token,
+            data_dir=node.data_dir,
+            name=name,
+            listen="127.0.0.1:0",
+            advertise=[f"{node.host}:443"],
+            clock=node.clock,
+            transports=transports,
+        )
+        return await self.start(name) if start else None
+
+    async def wait_until(
+        self, predicate: Callable[[], bool], *, timeout_s: float = 60.0, poll_s: float = 0.05
+    ) -> float:
+        """Wait (virtual time) until ``predicate()``; returns how long it took."""
+        started = trio.current_time()
+        with trio.fail_after(timeout_s):
+            while not predicate():  # noqa: ASYNC110 - polls state owned by other tasks
+                await trio.sleep(poll_s)
+        return trio.current_time() - started
+
+    async def aclose(self) -> None:
+        for name, node in self.nodes.items():
+            if node.running:
+                await self.stop(name)
+
+
+@contextlib.asynccontextmanager
+async def open_virtual_cluster(
+    root: Path,
+    *,
+    workers: int = 0,
+    seed: int = 0,
+    faults: Faults | None = None,
+    config: Config | None = None,
+    agent_factory: AgentFactory = Agent,
+) -> AsyncIterator[VirtualCluster]:
+    """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``."""
+    async with trio.open_nursery() as nursery:
+        cluster = VirtualCluster(
+            root, nursery, seed=seed, faults=faults, config=config, agent_factory=agent_factory
+        )
+        await cluster.init("cp")
+        for index in range(1, workers + 1):
+            await cluster.join(f"w{index}")
+        try:
+            yield cluster
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                await cluster.aclose()
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["VirtualCluster", "VirtualNode", "open_virtual_cluster"]
