@@ -69,10 +69,11 @@ class VirtualCluster:
         faults: Faults | None = None,
         config: Config | None = None,
         agent_factory: AgentFactory = Agent,
+        on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
     ) -> None:
         self.root = root
         self.nursery = nursery
-        self.network = MemoryNetwork(seed=seed, faults=faults or Faults())
+        self.network = MemoryNetwork(seed=seed, faults=faults or Faults(), on_response=on_response)
         self.config = config or Config()
         self.agent_factory = agent_factory
         self.nodes: dict[str, VirtualNode] = {}
@@ -237,11 +238,18 @@ async def open_virtual_cluster(
     faults: Faults | None = None,
     config: Config | None = None,
     agent_factory: AgentFactory = Agent,
+    on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
 ) -> AsyncIterator[VirtualCluster]:
     """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``."""
     async with trio.open_nursery() as nursery:
         cluster = VirtualCluster(
-            root, nursery, seed=seed, faults=faults, config=config, agent_factory=agent_factory
+            root,
+            nursery,
+            seed=seed,
+            faults=faults,
+            config=config,
+            agent_factory=agent_factory,
+            on_response=on_response,
         )
         await cluster.init("cp")
         for index in range(1, workers + 1):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ class MemoryNetwork:
     seed: int = 0
     faults: Faults = field(default_factory=Faults)
     record: bool = False
+    #: Called with every (request, response) an app produced, e.g. a contract validator.
+    on_response: Callable[[httpx.Request, httpx.Response], None] | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -162,6 +165,8 @@ class MemoryNetwork:
             transport = httpx.ASGITransport(app=endpoint.app, client=(self.address_of(src), 443))
             answer = await transport.handle_async_request(clone)
             await answer.aread()
+            if self.on_response is not None:
+                self.on_response(clone, answer)
             response = response or answer
         assert response is not None
         if copies == 2:

@@ -7,14 +7,21 @@ from pathlib import Path
 import pytest
 import trio
 
-from populi_peer.testing.cluster import open_virtual_cluster
+from support.vcluster import vcluster as open_virtual_cluster
 
 
-async def test_joined_nodes_heartbeat_and_are_fresh(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_joined_nodes_heartbeat_and_are_fresh(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=2) as cluster:
         cp = cluster.cp
         w1, w2 = cluster["w1"], cluster["w2"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None and cp.heartbeats.age_ms(w2.node_id) is not None)
+        await cluster.wait_until(
+            lambda: (
+                cp.heartbeats.age_ms(w1.node_id) is not None
+                and cp.heartbeats.age_ms(w2.node_id) is not None
+            )
+        )
         await trio.sleep(3)
         assert not cp.heartbeats.stale(w1.node_id)
         assert cp.heartbeats.seen[w1.node_id].scope == "lan"
@@ -22,7 +29,9 @@ async def test_joined_nodes_heartbeat_and_are_fresh(tmp_path: Path, autojump_clo
         assert listing["state"] == "active" and listing["eligible"]
 
 
-async def test_stale_exactly_after_the_configured_time(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_stale_exactly_after_the_configured_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
         await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
@@ -36,7 +45,9 @@ async def test_stale_exactly_after_the_configured_time(tmp_path: Path, autojump_
         assert "heartbeat_stale" in cp.node_admin.node_json(w1.node_id)["ineligible_reasons"]
 
 
-async def test_two_second_pause_is_not_stale(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_two_second_pause_is_not_stale(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
         await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
@@ -55,7 +66,9 @@ async def test_two_second_pause_is_not_stale(tmp_path: Path, autojump_clock: tri
         assert worst >= 2000
 
 
-async def test_partitioned_node_goes_stale_and_comes_back(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_partitioned_node_goes_stale_and_comes_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
         await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
@@ -70,11 +83,16 @@ async def test_partitioned_node_goes_stale_and_comes_back(tmp_path: Path, autoju
         assert not cluster["w1"].heartbeat_sender.cp_down
 
 
-async def test_maintenance_for_one_minute_clears_after_60_s(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_maintenance_for_one_minute_clears_after_60_s(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
         async with cluster.operator_client() as client:
-            response = await client.post(f"/v1/populi/admin/nodes/w1/maintenance", json={"until_in_s": 60, "reason": "kernel update"})
+            response = await client.post(
+                "/v1/populi/admin/nodes/w1/maintenance",
+                json={"until_in_s": 60, "reason": "kernel update"},
+            )
         assert response.status_code == 200
         assert response.json()["node"]["state"] == "maintenance"
         await trio.sleep(59.9)
@@ -89,12 +107,16 @@ async def test_maintenance_for_one_minute_clears_after_60_s(tmp_path: Path, auto
         assert w1.heartbeat_sender.lifecycle["state"] == "active"
 
 
-async def test_retired_node_learns_through_heartbeats_and_is_refused_everywhere(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_retired_node_learns_through_heartbeats_and_is_refused_everywhere(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=2) as cluster:
-        cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
+        w1, w2 = cluster["w1"], cluster["w2"]
         await cluster.wait_until(lambda: w2.membership.get(w1.node_id) is not None)
         async with cluster.operator_client() as client:
-            response = await client.post("/v1/populi/admin/nodes/w1/retire", json={"reason": "stolen laptop"})
+            response = await client.post(
+                "/v1/populi/admin/nodes/w1/retire", json={"reason": "stolen laptop"}
+            )
         assert response.status_code == 200
         # w2 pulls the newer revocation list with its next heartbeat answer.
         await cluster.wait_until(lambda: w2.revocations.is_revoked(w1.node_id), timeout_s=5)
@@ -103,7 +125,9 @@ async def test_retired_node_learns_through_heartbeats_and_is_refused_everywhere(
         await cluster.wait_until(lambda: w1.heartbeat_sender.expelled, timeout_s=10)
 
 
-async def test_membership_reaches_every_node(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_membership_reaches_every_node(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=2) as cluster:
         await cluster.join("w3")
         w3_id = cluster["w3"].node_id
@@ -111,8 +135,12 @@ async def test_membership_reaches_every_node(tmp_path: Path, autojump_clock: tri
         assert took <= 2.5  # within two heartbeats
 
 
-@pytest.mark.parametrize("skew_s,ok", [(240.0, True), (-240.0, True), (600.0, False), (-600.0, False)])
-async def test_clock_skew_budget_between_nodes(tmp_path: Path, autojump_clock: trio.testing.MockClock, skew_s: float, ok: bool) -> None:
+@pytest.mark.parametrize(
+    "skew_s,ok", [(240.0, True), (-240.0, True), (600.0, False), (-600.0, False)]
+)
+async def test_clock_skew_budget_between_nodes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, skew_s: float, ok: bool
+) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
         await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)

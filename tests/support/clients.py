@@ -9,7 +9,9 @@ from populi_peer.api.client import SignedAuth
 from support.contract import async_hook
 
 
-def signed_client(agent: Agent, *, credential=None, recipient: str | None = None, validate: bool = True) -> httpx.AsyncClient:
+def signed_client(
+    agent: Agent, *, credential=None, recipient: str | None = None, validate: bool = True
+) -> httpx.AsyncClient:
     """A client that talks to ``agent``'s ASGI app, signing as the operator by default and
     validating every response against the OpenAPI contract."""
     credential = credential or agent.identity.operator or agent.identity.node_credential
@@ -24,4 +26,8 @@ def signed_client(agent: Agent, *, credential=None, recipient: str | None = None
 
 def unsigned_client(agent: Agent, *, validate: bool = True) -> httpx.AsyncClient:
     hooks = {"response": [async_hook]} if validate else {}
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=agent.app), base_url="https://cp.virtual", event_hooks=hooks)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=agent.app),
+        base_url="https://cp.virtual",
+        event_hooks=hooks,
+    )

@@ -15,7 +15,9 @@ from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 
-CONTRACT = Path(__file__).resolve().parents[2] / "contracts" / "populi" / "control-plane.openapi.yaml"
+CONTRACT = (
+    Path(__file__).resolve().parents[2] / "contracts" / "populi" / "control-plane.openapi.yaml"
+)
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,9 +17,13 @@ import httpx
 POPULI = [sys.executable, "-m", "populi_peer"]
 
 
-def populi(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+def populi(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     merged = {**os.environ, **(env or {})}
-    result = subprocess.run([*POPULI, *args], capture_output=True, text=True, env=merged, timeout=timeout)
+    result = subprocess.run(
+        [*POPULI, *args], capture_output=True, text=True, env=merged, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"populi {' '.join(args)} exited {result.returncode}: {result.stderr}")
     return result
@@ -43,7 +47,14 @@ class Processes:
 
     started: list[AgentProcess] = field(default_factory=list)
 
-    def start_agent(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, guard_s: float = 30.0) -> AgentProcess:
+    def start_agent(
+        self,
+        data_dir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        guard_s: float = 30.0,
+    ) -> AgentProcess:
         log_path = data_dir.parent / f"{data_dir.name}.agent.log"
         runtime = data_dir / "run" / "agent.json"
         runtime.unlink(missing_ok=True)
@@ -75,7 +86,9 @@ class Processes:
                     info = None
                 if info and info.get("pid") == agent.proc.pid:
                     try:
-                        response = httpx.get(info["url"] + "/v1/populi/health", verify=False, timeout=2)  # noqa: S501
+                        response = httpx.get(
+                            info["url"] + "/v1/populi/health", verify=False, timeout=2
+                        )
                     except httpx.HTTPError:
                         response = None
                     if response is not None and response.status_code == 200:
@@ -98,7 +111,20 @@ class Processes:
 
 
 def init(data_dir: Path, *args: str, name: str = "cp") -> dict[str, object]:
-    result = populi("init", "--cluster-name", "lab", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--name", name, "--json", *args, check=True)
+    result = populi(
+        "init",
+        "--cluster-name",
+        "lab",
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        name,
+        "--json",
+        *args,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 
