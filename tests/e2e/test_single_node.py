@@ -44,8 +44,18 @@ def test_curl_unsigned_status_is_401_and_health_200(tmp_path: Path, procs: Proce
     data_dir = tmp_path / "d"
     init(data_dir)
     agent = procs.start_agent(data_dir)
-    status = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", agent.url + "/v1/populi/status"], capture_output=True, text=True, timeout=30)
-    health = subprocess.run(["curl", "-sk", "-w", "\n%{http_code}", agent.url + "/v1/populi/health"], capture_output=True, text=True, timeout=30)
+    status = subprocess.run(
+        ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", agent.url + "/v1/populi/status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    health = subprocess.run(
+        ["curl", "-sk", "-w", "\n%{http_code}", agent.url + "/v1/populi/health"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert status.stdout == "401"
     body, code = health.stdout.rsplit("\n", 1)
     assert code == "200"
@@ -61,7 +71,9 @@ def test_replayed_request_over_real_tls_is_refused(tmp_path: Path, procs: Proces
     store.close()
     with httpx.Client(verify=client_context(identity.paths.ca_cert), timeout=10) as client:
         request = client.build_request("GET", agent.url + "/v1/populi/status")
-        signed = next(SignedAuth(identity.cli_credential, agent.node_id, SystemClock()).auth_flow(request))
+        signed = next(
+            SignedAuth(identity.cli_credential, agent.node_id, SystemClock()).auth_flow(request)
+        )
         first = client.send(signed)
         second = client.send(signed)
     assert first.status_code == 200
@@ -70,18 +82,38 @@ def test_replayed_request_over_real_tls_is_refused(tmp_path: Path, procs: Proces
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
-def test_openssl_verifies_the_chain_against_the_cluster_ca_only(tmp_path: Path, procs: Processes) -> None:
+def test_openssl_verifies_the_chain_against_the_cluster_ca_only(
+    tmp_path: Path, procs: Processes
+) -> None:
     data_dir = tmp_path / "d"
     init(data_dir)
     agent = procs.start_agent(data_dir)
     hostport = agent.url.removeprefix("https://")
     ok = subprocess.run(
-        ["openssl", "s_client", "-connect", hostport, "-CAfile", str(data_dir / "tls" / "ca.crt"), "-verify_return_error", "-tls1_3"],
-        input="", capture_output=True, text=True, timeout=30,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            hostport,
+            "-CAfile",
+            str(data_dir / "tls" / "ca.crt"),
+            "-verify_return_error",
+            "-tls1_3",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert "Verify return code: 0 (ok)" in ok.stdout
     assert "TLSv1.3" in ok.stdout
-    system = subprocess.run(["openssl", "s_client", "-connect", hostport, "-verify_return_error"], input="", capture_output=True, text=True, timeout=30)
+    system = subprocess.run(
+        ["openssl", "s_client", "-connect", hostport, "-verify_return_error"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "Verify return code: 0 (ok)" not in system.stdout
 
 
