@@ -94,6 +94,54 @@ MIGRATIONS: list[str] = [
         stored_ms INTEGER NOT NULL
     );
     """,
+    # 2: execution plane — leases (control plane), tasks (submitter), fences and attempts
+    # (worker and local runs), the inbox.
+    """
+    CREATE TABLE leases (
+        lease_id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        state TEXT NOT NULL,
+        body TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX leases_task ON leases (task_id);
+    CREATE INDEX leases_holder ON leases (holder, state);
+    CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE fences (
+        task_id TEXT PRIMARY KEY,
+        token TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE attempts (
+        task_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('worker', 'local')),
+        submitter TEXT NOT NULL,
+        token TEXT NOT NULL,
+        lease_id TEXT,
+        state TEXT NOT NULL,
+        body TEXT NOT NULL,
+        result TEXT,
+        delivered_ms INTEGER,
+        updated_ms INTEGER NOT NULL,
+        PRIMARY KEY (task_id, attempt, role)
+    );
+    CREATE TABLE inbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id TEXT NOT NULL UNIQUE,
+        sender TEXT NOT NULL,
+        type TEXT NOT NULL,
+        body TEXT NOT NULL,
+        received_ms INTEGER NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

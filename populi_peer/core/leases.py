@@ -1,0 +1,1260 @@
+"""The control plane's lease table: events in, leases to persist out (DESIGN rules 1-5).
+
+A :class:`Lease` gives one holder the right to run one attempt of one task on a set of
+GPUs until it expires. The control plane owns the table; the holder (a worker, or the
+submitter for a local attempt) holds a lease; the submitter owns the task.
+
+States and the one transition table (:data:`TRANSITIONS`)::
+
+    live --renew--> live
+    live --revoke--> revoking              (operator / reconcile; keeps GPUs and task key)
+    live, revoking --release(stopped)-->   released (from live) / revoked (from revoking)
+    live, revoking --release(completed)--> completed
+    live, revoking --expire--> expired     (control plane's clock + margin)
+
+``completed``, ``released``, ``revoked`` and ``expired`` are terminal: nothing leaves them.
+``released``, ``revoked`` and ``expired`` are **dead** — the task key is free and the
+submitter may fall back. ``completed`` is not dead: its GPUs are free but its task key
+stays taken forever and it never triggers a fallback. An event a state's row lacks
+raises :class:`IllegalLeaseTransition`; a retried request that already took effect (a
+second ``release`` with the same outcome, a second ``revoke``) is acknowledged with no
+change (:data:`REPLAYS`), so a lost reply is harmless.
+
+Kinds: ``remote`` (holder is a worker), ``local`` (holder is the submitter, on its own
+GPUs; renewed like any other) and ``fence`` (a local attempt with no GPUs: it only takes
+the task key and records the token; it never expires and is never renewed or revoked —
+the submitter releases it when the attempt ends).
+
+Durability (DESIGN rules 4 and 7). The table is immutable: every operation returns a new
+table and, in its result, ``records`` — every lease whose persisted fields changed. The
+shell writes all of them in one ``synchronous=FULL`` transaction, adopts the new table
+only once the write succeeded, and only then answers. A failed write leaves the old table
+in force, so nothing is acknowledged that is not on disk. Renewals change only
+``expires_mono``, which is never persisted (a restart counts every holding lease as
+renewed at restart, DESIGN rule 5), so they return no records.
+
+Time. ``now_mono`` (seconds, the control plane's monotonic clock) drives expiry and is
+never persisted; ``now_wall_ms`` (UTC ms) is written into records. A lease is renewable
+while ``now_mono <= expires_mono`` and is declared dead once
+``now_mono > expires_mono + expiry_margin_s``: the margin absorbs message delay and clock
+drift between the holder (whose deadline counts from when it *sent* the renewal, on
+``CLOCK_BOOTTIME``) and the control plane (whose ``expires_mono`` counts from when it
+*received* it, which is later).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Final, Literal, get_args
+
+from populi_peer.core.fencing import (
+    FencingToken,
+    _bool,
+    _float,
+    _get,
+    _int,
+    _obj,
+    _opt_str,
+    _str,
+    _str_tuple,
+)
+from populi_peer.core.policy import WorkClass, check_work_class
+from populi_peer.errors import BadRequest, ConfigError, Conflict, NotFound, StoreError
+
+LeaseState = Literal["live", "revoking", "completed", "released", "revoked", "expired"]
+LeaseKind = Literal["remote", "local", "fence"]
+LeaseEvent = Literal["renew", "revoke", "release_stopped", "release_completed", "expire"]
+ReleaseOutcome = Literal["stopped", "completed"]
+HolderStatus = Literal["ok", "stale", "quarantined"]
+
+LEASE_STATES: Final[tuple[LeaseState, ...]] = get_args(LeaseState)
+LEASE_KINDS: Final[tuple[LeaseKind, ...]] = get_args(LeaseKind)
+
+#: A holding lease keeps its GPUs and its task key.
+HOLDING_STATES: Final[frozenset[LeaseState]] = frozenset({"live", "revoking"})
+#: A dead lease frees its GPUs and its task key; only a dead latest lease allows a fallback.
+DEAD_STATES: Final[frozenset[LeaseState]] = frozenset({"released", "revoked", "expired"})
+TERMINAL_STATES: Final[frozenset[LeaseState]] = DEAD_STATES | {"completed"}
+#: States in which a lease keeps its task key taken.
+KEY_TAKING_STATES: Final[frozenset[LeaseState]] = HOLDING_STATES | {"completed"}
+
+_NO_MOVES: Final[Mapping[LeaseEvent, LeaseState]] = MappingProxyType({})
+
+# The one transition table. A missing (state, event) is illegal.
+TRANSITIONS: Final[Mapping[LeaseState, Mapping[LeaseEvent, LeaseState]]] = MappingProxyType(
+    {
+        "live": MappingProxyType(
+            {
+                "renew": "live",
+                "revoke": "revoking",
+                "release_stopped": "released",
+                "release_completed": "completed",
+                "expire": "expired",
+            }
+        ),
+        # Revoking: no renewals (the holder is told to stop), and it stays holding until
+        # the holder confirms or it expires by the control plane's clock (DESIGN rule 4).
+        "revoking": MappingProxyType(
+            {
+                "release_stopped": "revoked",
+                # It finished before it could stop: the task is done, never rerun.
+                "release_completed": "completed",
+                "expire": "expired",
+            }
+        ),
+        "completed": _NO_MOVES,
+        "released": _NO_MOVES,
+        "revoked": _NO_MOVES,
+        "expired": _NO_MOVES,
+    }
+)
+
+#: A request that already took effect: acknowledged with no change and nothing to persist.
+REPLAYS: Final[Mapping[LeaseState, frozenset[LeaseEvent]]] = MappingProxyType(
+    {
+        "revoking": frozenset({"revoke"}),
+        "released": frozenset({"release_stopped"}),
+        "revoked": frozenset({"release_stopped"}),
+        "completed": frozenset({"release_completed"}),
+    }
+)
+
+#: Who revokes a lease when :meth:`LeaseTable.reconcile` does it by itself.
+CONTROL_PLANE_ACTOR: Final = "control_plane"
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class LeaseRefused(Conflict):
+    """The control plane refuses a lease operation; ``reasons`` are stable codes
+    (``grant_hold``, ``ttl_too_long``, ``task_key_taken``, ``task_completed``,
+    ``node_ineligible`` + the node's own reasons, ``no_free_gpu``, ``lease_not_live``,
+    ``not_holder``, ``lease_revoked``, ``lease_live``, ``not_task_owner``,
+    ``stale_attempt``, ``lease_not_renewable``, ``lease_not_revocable``...)."""
+
+    code = "lease_refused"
+
+    def __init__(self, message: str, *, reasons: Iterable[str], **details: Any) -> None:
+        self.reasons: tuple[str, ...] = tuple(reasons)
+        super().__init__(message, reasons=list(self.reasons), **details)
+
+
+class IllegalLeaseTransition(LeaseRefused):
+    """An event the transition table does not allow in the lease's state (e.g. releasing
+    an expired lease: a dead lease stays dead). Reason ``lease_<state>``."""
+
+    code = "illegal_lease_transition"
+
+    def __init__(self, lease: Lease, event: LeaseEvent) -> None:
+        allowed = sorted(TRANSITIONS[lease.state])
+        super().__init__(
+            f"lease {lease.lease_id} is {lease.state}: {event} is not allowed; "
+            f"allowed: {', '.join(allowed) if allowed else 'none (terminal)'}",
+            reasons=(f"lease_{lease.state}",),
+            lease_id=lease.lease_id,
+            state=lease.state,
+            event=event,
+        )
+
+
+class LeaseNotFound(NotFound):
+    code = "lease_not_found"
+
+
+# -- settings and timing ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseSettings:
+    """Cluster-wide lease timings (part of the signed cluster settings record).
+
+    - ``max_lease_ttl_s``: longest TTL a grant may carry.
+    - ``expiry_margin_s``: how long past ``expires_mono`` the control plane waits before it
+      declares a lease dead (message delay + drift between holder and control plane).
+    - ``leader_lease_s``: the leader-lease (check-quorum) interval of the election.
+
+    :attr:`grant_hold_s` is how long a new leader or a restarted control plane makes no
+    new grants (DESIGN rule 5). Serialised in integer milliseconds (signed records carry
+    no floats), so values are kept to millisecond resolution.
+    """
+
+    max_lease_ttl_s: float = 30.0
+    expiry_margin_s: float = 5.0
+    leader_lease_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_lease_ttl_s", "expiry_margin_s", "leader_lease_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(
+                    f"{name} must be a number of seconds, got {type(value).__name__}", key=name
+                )
+            if not math.isfinite(value) or value < 0.001:
+                raise ConfigError(f"{name} must be at least 0.001 s, got {value}", key=name)
+            object.__setattr__(self, name, float(value))
+
+    @property
+    def grant_hold_s(self) -> float:
+        return self.max_lease_ttl_s + self.leader_lease_s + self.expiry_margin_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_lease_ttl_ms": round(self.max_lease_ttl_s * 1000),
+            "expiry_margin_ms": round(self.expiry_margin_s * 1000),
+            "leader_lease_ms": round(self.leader_lease_s * 1000),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> LeaseSettings:
+        obj = _obj(data, "lease settings")
+        values: dict[str, float] = {}
+        for name in ("max_lease_ttl", "expiry_margin", "leader_lease"):
+            if f"{name}_ms" in obj:
+                values[f"{name}_s"] = _int(obj, f"{name}_ms", "lease settings") / 1000
+        return cls(**values)
+
+
+def renew_interval_s(ttl_s: float) -> float:
+    """How often a holder renews: a third of the TTL, so two renewals can fail in a row
+    before the lease is in danger."""
+    _check_ttl(ttl_s)
+    return ttl_s / 3
+
+
+def worker_deadline_boot(renew_sent_boot: float, ttl_s: float) -> float:
+    """The holder's local deadline on ``CLOCK_BOOTTIME``: from when the renewal that the
+    control plane accepted was *sent* (DESIGN rule 3). The control plane counts from when
+    it received it, which is later, so the holder's deadline is never the later one."""
+    _check_ttl(ttl_s)
+    return renew_sent_boot + ttl_s
+
+
+def worker_stop_at_boot(renew_sent_boot: float, ttl_s: float, stop_margin_s: float) -> float:
+    """When the supervisor starts stopping the task: ``deadline - stop_margin_s``."""
+    return worker_deadline_boot(renew_sent_boot, ttl_s) - stop_margin_s
+
+
+def validate_stop_margin(
+    stop_margin_s: float,
+    *,
+    kill_grace_s: float,
+    kill_latency_s: float,
+    drift_ppm: float,
+    ttl_s: float,
+    key: str = "exec.stop_margin_s",
+) -> None:
+    """Refuse a stop margin that cannot keep a task gone by its deadline (DESIGN rule 3):
+    it must cover the SIGTERM grace, the kill latency and the clock drift over one TTL
+    (pass the longest TTL in use, ``max_lease_ttl_s``), and it must leave room for a
+    renewal (below ``ttl_s - renew_interval_s(ttl_s)``), or the task would be stopped
+    before its first renewal could land. Raises :class:`ConfigError` naming ``key``."""
+    _check_ttl(ttl_s)
+    for name, value in (
+        (key, stop_margin_s),
+        ("kill_grace_s", kill_grace_s),
+        ("kill_latency_s", kill_latency_s),
+        ("drift_ppm", drift_ppm),
+    ):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value}", key=name)
+    drift_s = ttl_s * drift_ppm / 1_000_000
+    floor_s = kill_grace_s + kill_latency_s + drift_s
+    if stop_margin_s < floor_s:
+        raise ConfigError(
+            f"{key} = {stop_margin_s} s is below kill_grace_s + kill_latency_s + drift over "
+            f"one {ttl_s} s TTL ({kill_grace_s} + {kill_latency_s} + {drift_s:.6f} = "
+            f"{floor_s:.6f} s); raise {key}",
+            key=key,
+        )
+    ceiling_s = ttl_s - renew_interval_s(ttl_s)
+    if stop_margin_s >= ceiling_s:
+        raise ConfigError(
+            f"{key} = {stop_margin_s} s leaves no room to renew a {ttl_s} s lease "
+            f"(must be below {ceiling_s:.3f} s); lower {key} or raise the TTL",
+            key=key,
+        )
+
+
+def _check_ttl(ttl_s: float) -> None:
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)):
+        raise BadRequest(f"ttl_s must be a number, got {type(ttl_s).__name__}", code="bad_ttl")
+    if not math.isfinite(ttl_s) or ttl_s <= 0:
+        raise BadRequest(f"ttl_s must be a finite number > 0, got {ttl_s}", code="bad_ttl")
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+def _check_name(value: object, name: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise BadRequest(
+            f"lease {name} must be a non-empty string, got {value!r}", code="bad_record", field=name
+        )
+
+
+def _check_ms(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(
+            f"lease {name} must be an integer >= 0 (UTC ms), got {value!r}",
+            code="bad_record",
+            field=name,
+        )
+
+
+def _check_gpus(gpus: object) -> tuple[str, ...]:
+    if not isinstance(gpus, tuple) or not all(isinstance(g, str) and g for g in gpus):
+        raise BadRequest(
+            f"gpus must be a tuple of GPU UUIDs, got {gpus!r}", code="bad_record", field="gpus"
+        )
+    if len(set(gpus)) != len(gpus):
+        raise BadRequest(f"gpus {gpus!r} names a GPU twice", code="bad_record", field="gpus")
+    return gpus
+
+
+def task_key(task_id: str) -> str:
+    """The key a task's holding and completed leases keep taken."""
+    return f"task:{task_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One lease. ``expires_mono`` is the control plane's timer: never persisted, so
+    :meth:`to_json` omits it and :meth:`from_json` leaves it at ``+inf`` (a lease read
+    back never expires until :meth:`LeaseTable.restore` counts it as renewed at restart:
+    a read-back lease can only err on the side of being held)."""
+
+    lease_id: str
+    task_id: str
+    attempt: int
+    work_class: WorkClass
+    holder: str
+    submitter: str
+    gpus: tuple[str, ...]
+    token: FencingToken
+    ttl_s: float
+    state: LeaseState
+    kind: LeaseKind
+    granted_wall_ms: int
+    state_changed_wall_ms: int
+    #: Why it ended or is ending ('' while live): an operator's revoke reason,
+    #: ``holder_stale``, ``released``, ``completed``, ``expired``.
+    reason: str = ""
+    revoked_by: str | None = None
+    expires_mono: float = math.inf
+
+    def __post_init__(self) -> None:
+        for name in ("lease_id", "task_id", "holder", "submitter"):
+            _check_name(getattr(self, name), name)
+        if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 1:
+            raise BadRequest(
+                f"lease attempt must be an integer >= 1, got {self.attempt!r}",
+                code="bad_record",
+                field="attempt",
+            )
+        check_work_class(self.work_class)
+        _check_gpus(self.gpus)
+        if not isinstance(self.token, FencingToken):
+            raise BadRequest("lease token must be a FencingToken", code="bad_record", field="token")
+        if self.state not in LEASE_STATES:
+            raise BadRequest(
+                f"unknown lease state {self.state!r}", code="bad_record", field="state"
+            )
+        if self.kind not in LEASE_KINDS:
+            raise BadRequest(f"unknown lease kind {self.kind!r}", code="bad_record", field="kind")
+        _check_ms(self.granted_wall_ms, "granted_wall_ms")
+        _check_ms(self.state_changed_wall_ms, "state_changed_wall_ms")
+        if self.kind == "fence":
+            if self.gpus or self.ttl_s != 0:
+                raise BadRequest("a fence lease has no GPUs and no TTL", code="bad_record")
+        else:
+            _check_ttl(self.ttl_s)
+        if (self.kind == "remote") == (self.holder == self.submitter):
+            raise BadRequest(
+                f"a {self.kind} lease is held by "
+                f"{'a worker, not the submitter' if self.kind == 'remote' else 'its submitter'}",
+                code="bad_record",
+            )
+        if not isinstance(self.reason, str) or (
+            self.revoked_by is not None and not isinstance(self.revoked_by, str)
+        ):
+            raise BadRequest("lease reason / revoked_by must be strings", code="bad_record")
+
+    @property
+    def task_key(self) -> str:
+        return task_key(self.task_id)
+
+    @property
+    def holding(self) -> bool:
+        return self.state in HOLDING_STATES
+
+    @property
+    def dead(self) -> bool:
+        return self.state in DEAD_STATES
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "lease_id": self.lease_id,
+            "task_key": self.task_key,
+            "task_id": self.task_id,
+            "attempt": self.attempt,
+            "work_class": self.work_class,
+            "holder": self.holder,
+            "submitter": self.submitter,
+            "gpus": list(self.gpus),
+            "token": str(self.token),
+            "ttl_s": self.ttl_s,
+            "state": self.state,
+            "kind": self.kind,
+            "granted_wall_ms": self.granted_wall_ms,
+            "state_changed_wall_ms": self.state_changed_wall_ms,
+            "reason": self.reason,
+        }
+        if self.revoked_by is not None:
+            body["revoked_by"] = self.revoked_by
+        return body
+
+    @classmethod
+    def from_json(cls, data: object) -> Lease:
+        what = "lease"
+        obj = _obj(data, what)
+        state = _str(obj, "state", what)
+        kind = _str(obj, "kind", what)
+        if state not in LEASE_STATES:
+            raise BadRequest(f"lease: unknown state {state!r}", code="bad_record", field="state")
+        if kind not in LEASE_KINDS:
+            raise BadRequest(f"lease: unknown kind {kind!r}", code="bad_record", field="kind")
+        return cls(
+            lease_id=_str(obj, "lease_id", what),
+            task_id=_str(obj, "task_id", what),
+            attempt=_int(obj, "attempt", what),
+            work_class=check_work_class(_str(obj, "work_class", what)),
+            holder=_str(obj, "holder", what),
+            submitter=_str(obj, "submitter", what),
+            gpus=_str_tuple(obj, "gpus", what),
+            token=FencingToken.parse(_get(obj, "token", what)),
+            ttl_s=_float(obj, "ttl_s", what),
+            state=_as_state(state),
+            kind=_as_kind(kind),
+            granted_wall_ms=_int(obj, "granted_wall_ms", what),
+            state_changed_wall_ms=_int(obj, "state_changed_wall_ms", what),
+            reason=_opt_str(obj, "reason", what) or "",
+            revoked_by=_opt_str(obj, "revoked_by", what),
+        )
+
+
+def _as_state(value: str) -> LeaseState:
+    for state in LEASE_STATES:
+        if value == state:
+            return state
+    raise BadRequest(f"unknown lease state {value!r}", code="bad_record")
+
+
+def _as_kind(value: str) -> LeaseKind:
+    for kind in LEASE_KINDS:
+        if value == kind:
+            return kind
+    raise BadRequest(f"unknown lease kind {value!r}", code="bad_record")
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRequest:
+    """A submitter's request for a lease on ``target`` (the submitter itself for a local
+    attempt that uses GPUs)."""
+
+    task_id: str
+    attempt: int
+    work_class: WorkClass
+    target: str
+    gpus_wanted: int
+    ttl_s: float
+    submitter: str
+
+    def __post_init__(self) -> None:
+        for name in ("task_id", "target", "submitter"):
+            _check_name(getattr(self, name), name)
+        if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 1:
+            raise BadRequest(
+                f"attempt must be an integer >= 1, got {self.attempt!r}",
+                code="bad_request",
+                field="attempt",
+            )
+        if (
+            isinstance(self.gpus_wanted, bool)
+            or not isinstance(self.gpus_wanted, int)
+            or self.gpus_wanted < 0
+        ):
+            raise BadRequest(
+                f"gpus_wanted must be an integer >= 0, got {self.gpus_wanted!r}",
+                code="bad_request",
+                field="gpus_wanted",
+            )
+        check_work_class(self.work_class)
+        _check_ttl(self.ttl_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "attempt": self.attempt,
+            "work_class": self.work_class,
+            "target": self.target,
+            "gpus_wanted": self.gpus_wanted,
+            "ttl_s": self.ttl_s,
+            "submitter": self.submitter,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> GrantRequest:
+        what = "grant request"
+        obj = _obj(data, what)
+        return cls(
+            task_id=_str(obj, "task_id", what),
+            attempt=_int(obj, "attempt", what),
+            work_class=check_work_class(_str(obj, "work_class", what)),
+            target=_str(obj, "target", what),
+            gpus_wanted=_int(obj, "gpus_wanted", what),
+            ttl_s=_float(obj, "ttl_s", what),
+            submitter=_str(obj, "submitter", what),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TargetView:
+    """What the control plane itself knows about the target at grant time (DESIGN rule
+    6: hints never authorize): the eligibility verdict another module computed from
+    lifecycle, staleness, health and policy, and the GPUs its verified facts say are
+    allocatable (healthy, not busy with foreign processes), in preference order."""
+
+    node_id: str
+    eligible: bool
+    reasons: tuple[str, ...] = ()
+    allocatable_gpus: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_name(self.node_id, "node_id")
+        _check_gpus(self.allocatable_gpus)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "eligible": self.eligible,
+            "reasons": list(self.reasons),
+            "allocatable_gpus": list(self.allocatable_gpus),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> TargetView:
+        what = "target view"
+        obj = _obj(data, what)
+        return cls(
+            node_id=_str(obj, "node_id", what),
+            eligible=_bool(obj, "eligible", what, False),
+            reasons=_str_tuple(obj, "reasons", what) if "reasons" in obj else (),
+            allocatable_gpus=(
+                _str_tuple(obj, "allocatable_gpus", what) if "allocatable_gpus" in obj else ()
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseChange:
+    """The result of one operation: the lease it concerns and every lease to persist
+    (``records``; empty for a renewal or a replay). ``prior`` is the dead lease a
+    fallback lease follows, if any."""
+
+    lease: Lease
+    records: tuple[Lease, ...]
+    replay: bool = False
+    prior: Lease | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlaggedLease:
+    lease_id: str
+    holder: str
+    status: HolderStatus
+    revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    flagged: tuple[FlaggedLease, ...]
+    records: tuple[Lease, ...]
+
+
+# -- the table ----------------------------------------------------------------------------
+
+
+def _transition(
+    lease: Lease,
+    event: LeaseEvent,
+    *,
+    now_wall_ms: int,
+    reason: str | None = None,
+    revoked_by: str | None = None,
+) -> Lease | None:
+    """The lease after ``event``, or ``None`` for a replay. Raises on an illegal event."""
+    _check_ms(now_wall_ms, "now_wall_ms")
+    target = TRANSITIONS[lease.state].get(event)
+    if target is None:
+        if event in REPLAYS.get(lease.state, frozenset()):
+            return None
+        raise IllegalLeaseTransition(lease, event)
+    if target == lease.state:
+        return lease
+    return replace(
+        lease,
+        state=target,
+        state_changed_wall_ms=now_wall_ms,
+        reason=lease.reason if reason is None else reason,
+        revoked_by=lease.revoked_by if revoked_by is None else revoked_by,
+    )
+
+
+def _check_now(now_mono: float) -> None:
+    if (
+        isinstance(now_mono, bool)
+        or not isinstance(now_mono, (int, float))
+        or not math.isfinite(now_mono)
+    ):
+        raise BadRequest(f"now_mono must be a finite number, got {now_mono!r}", code="bad_request")
+
+
+def _expiry_due(lease: Lease, now_mono: float, margin_s: float) -> bool:
+    return lease.holding and now_mono > lease.expires_mono + margin_s
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTable:
+    """The control plane's leases. Immutable: operations return ``(table, result)``.
+
+    ``term`` is the control plane's term; ``next_seq`` the sequence number of the next
+    token (every issued token is ``(term, next_seq)`` and ``next_seq`` only grows within a
+    term). ``grants_allowed_from_mono`` starts the grant hold of DESIGN rule 5.
+    """
+
+    term: int
+    next_seq: int
+    leases: Mapping[str, Lease]
+    settings: LeaseSettings = field(default_factory=LeaseSettings)
+    grants_allowed_from_mono: float = -math.inf
+
+    def __post_init__(self) -> None:
+        for name, low in (("term", 0), ("next_seq", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise BadRequest(
+                    f"lease table {name} must be an integer >= {low}", code="bad_record"
+                )
+        if not isinstance(self.leases, MappingProxyType):
+            object.__setattr__(self, "leases", MappingProxyType(dict(self.leases)))
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, settings: LeaseSettings | None = None, *, term: int = 1) -> LeaseTable:
+        """An empty table for a brand-new cluster (``populi init``): nothing was ever
+        granted, so there is nothing to hold grants for."""
+        return cls(term=term, next_seq=1, leases={}, settings=settings or LeaseSettings())
+
+    @classmethod
+    def restore(
+        cls,
+        leases: Iterable[Lease],
+        *,
+        term: int,
+        next_seq: int,
+        settings: LeaseSettings,
+        now_mono: float,
+        hold_s: float | None = None,
+    ) -> LeaseTable:
+        """Rebuild after a control-plane restart from the persisted leases (DESIGN rule
+        5): every holding lease counts as renewed at restart (``expires_mono = now_mono +
+        ttl_s``), because the holder may have renewed it just before the crash and
+        renewals are not persisted. No new grants until ``now_mono + hold_s`` (default
+        :attr:`LeaseSettings.grant_hold_s`). ``next_seq`` is raised above every
+        persisted token of ``term``, so a lost counter can never reissue a token. Raises
+        :class:`StoreError` if the persisted leases break the table's invariants."""
+        _check_now(now_mono)
+        by_id: dict[str, Lease] = {}
+        for lease in leases:
+            if lease.lease_id in by_id:
+                raise StoreError(f"lease {lease.lease_id} is stored twice", code="lease_store")
+            if lease.token.term > term:
+                raise StoreError(
+                    f"lease {lease.lease_id} carries token {lease.token} from a term above the "
+                    f"current term {term}; refusing to issue lower tokens",
+                    code="lease_store",
+                )
+            renewed = lease.holding and lease.kind != "fence"
+            by_id[lease.lease_id] = replace(
+                lease, expires_mono=now_mono + lease.ttl_s if renewed else math.inf
+            )
+        seqs = [lease.token.seq for lease in by_id.values() if lease.token.term == term]
+        table = cls(
+            term=term,
+            next_seq=max([next_seq, *(seq + 1 for seq in seqs)]),
+            leases=by_id,
+            settings=settings,
+            grants_allowed_from_mono=now_mono
+            + (settings.grant_hold_s if hold_s is None else hold_s),
+        )
+        problem = table.invariant_violation()
+        if problem is not None:
+            raise StoreError(f"persisted leases are inconsistent: {problem}", code="lease_store")
+        return table
+
+    def set_term(self, term: int, *, now_mono: float, hold_s: float | None = None) -> LeaseTable:
+        """Adopt a new term after winning an election: tokens restart at ``(term, 1)``,
+        which outranks every token of earlier terms, and no new grants are made until
+        ``now_mono + hold_s`` (default :attr:`LeaseSettings.grant_hold_s`): a lease the
+        previous leader granted and this one has not heard of yet has expired by then
+        (DESIGN rule 5). Renewals go on."""
+        _check_now(now_mono)
+        if isinstance(term, bool) or not isinstance(term, int) or term <= self.term:
+            raise Conflict(
+                f"term {term} is not above the current term {self.term}", code="stale_term"
+            )
+        hold = self.settings.grant_hold_s if hold_s is None else hold_s
+        return replace(
+            self,
+            term=term,
+            next_seq=1,
+            grants_allowed_from_mono=max(self.grants_allowed_from_mono, now_mono + hold),
+        )
+
+    # -- queries --------------------------------------------------------------------------
+
+    def find(self, lease_id: str) -> Lease | None:
+        return self.leases.get(lease_id)
+
+    def get(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            raise LeaseNotFound(f"no lease {lease_id!r}", lease_id=lease_id)
+        return lease
+
+    def by_task(self, task_id: str) -> tuple[Lease, ...]:
+        """Every lease of ``task_id``, oldest token first."""
+        return tuple(
+            sorted((x for x in self.leases.values() if x.task_id == task_id), key=lambda x: x.token)
+        )
+
+    def by_node(self, node: str) -> tuple[Lease, ...]:
+        """Every lease held by ``node``, oldest token first."""
+        return tuple(
+            sorted((x for x in self.leases.values() if x.holder == node), key=lambda x: x.token)
+        )
+
+    def in_state(self, *states: LeaseState) -> tuple[Lease, ...]:
+        return tuple(
+            sorted((x for x in self.leases.values() if x.state in states), key=lambda x: x.token)
+        )
+
+    def holding(self) -> tuple[Lease, ...]:
+        return self.in_state(*HOLDING_STATES)
+
+    def latest(self, task_id: str) -> Lease | None:
+        leases = self.by_task(task_id)
+        return leases[-1] if leases else None
+
+    def live_gpus(self) -> frozenset[tuple[str, str]]:
+        """``(node, GPU UUID)`` of every GPU in a holding lease."""
+        return frozenset(
+            (lease.holder, gpu)
+            for lease in self.leases.values()
+            if lease.holding
+            for gpu in lease.gpus
+        )
+
+    def next_deadline(self) -> float | None:
+        """The earliest ``now_mono`` at which :meth:`expire_due` has work, or ``None``.
+        (The first float strictly after ``expires_mono + margin``, so a timer that fires
+        exactly then finds the lease due.)"""
+        margin = self.settings.expiry_margin_s
+        due = [
+            math.nextafter(lease.expires_mono + margin, math.inf)
+            for lease in self.leases.values()
+            if lease.holding and math.isfinite(lease.expires_mono)
+        ]
+        return min(due) if due else None
+
+    def invariant_violation(self) -> str | None:
+        """A description of the first broken invariant, or ``None``: no GPU in two
+        holding leases, at most one holding lease per task key, no holding lease beside a
+        completed one, every token below ``(term, next_seq)``."""
+        gpus: dict[tuple[str, str], str] = {}
+        keys: dict[str, str] = {}
+        ceiling = FencingToken(self.term, self.next_seq)
+        for lease in self.leases.values():
+            if lease.token >= ceiling:
+                return f"lease {lease.lease_id} token {lease.token} is not below {ceiling}"
+            if lease.state in KEY_TAKING_STATES:
+                other = keys.get(lease.task_key)
+                if other is not None:
+                    return f"task key {lease.task_key} taken by {other} and {lease.lease_id}"
+                keys[lease.task_key] = lease.lease_id
+            if lease.holding:
+                for gpu in lease.gpus:
+                    other = gpus.get((lease.holder, gpu))
+                    if other is not None:
+                        return f"GPU {lease.holder}/{gpu} in {other} and {lease.lease_id}"
+                    gpus[(lease.holder, gpu)] = lease.lease_id
+        return None
+
+    # -- operations -----------------------------------------------------------------------
+
+    def _with(self, *changed: Lease, issued: bool = False) -> LeaseTable:
+        leases = dict(self.leases)
+        for lease in changed:
+            leases[lease.lease_id] = lease
+        return replace(
+            self,
+            leases=MappingProxyType(leases),
+            next_seq=self.next_seq + 1 if issued else self.next_seq,
+        )
+
+    def _issue(
+        self,
+        *,
+        lease_id: str,
+        task_id: str,
+        attempt: int,
+        work_class: WorkClass,
+        holder: str,
+        submitter: str,
+        gpus: tuple[str, ...],
+        ttl_s: float,
+        kind: LeaseKind,
+        now_mono: float,
+        now_wall_ms: int,
+    ) -> Lease:
+        if lease_id in self.leases:
+            raise Conflict(f"lease id {lease_id!r} is already taken", code="lease_id_taken")
+        return Lease(
+            lease_id=lease_id,
+            task_id=task_id,
+            attempt=attempt,
+            work_class=work_class,
+            holder=holder,
+            submitter=submitter,
+            gpus=gpus,
+            token=FencingToken(self.term, self.next_seq),
+            ttl_s=ttl_s,
+            state="live",
+            kind=kind,
+            granted_wall_ms=now_wall_ms,
+            state_changed_wall_ms=now_wall_ms,
+            expires_mono=math.inf if kind == "fence" else now_mono + ttl_s,
+        )
+
+    def _task_reasons(self, task_id: str, submitter: str, attempt: int) -> list[str]:
+        """The refusals a grant gets from the task's own leases (owner, key, attempt)."""
+        history = self.by_task(task_id)
+        reasons: list[str] = []
+        if any(lease.submitter != submitter for lease in history):
+            reasons.append("not_task_owner")
+        if any(lease.state in KEY_TAKING_STATES for lease in history):
+            reasons.append("task_key_taken")
+        if any(lease.state == "completed" for lease in history):
+            reasons.append("task_completed")
+        if history and attempt <= max(lease.attempt for lease in history):
+            reasons.append("stale_attempt")
+        return reasons
+
+    def _hold_and_ttl_reasons(self, ttl_s: float, now_mono: float) -> list[str]:
+        reasons: list[str] = []
+        if now_mono < self.grants_allowed_from_mono:
+            reasons.append("grant_hold")
+        if ttl_s > self.settings.max_lease_ttl_s:
+            reasons.append("ttl_too_long")
+        return reasons
+
+    def grant(
+        self,
+        request: GrantRequest,
+        *,
+        now_mono: float,
+        now_wall_ms: int,
+        lease_id: str,
+        target: TargetView,
+    ) -> tuple[LeaseTable, LeaseChange]:
+        """Grant ``request`` or raise :class:`LeaseRefused` with every reason that
+        applies. The token is ``(term, next_seq)``. A request with ``target ==
+        submitter`` gives a ``local`` lease on the submitter's own GPUs. A retried
+        request (same task, attempt, target, GPU count and TTL; its lease still holding)
+        gets the same lease back as a replay, so a lost reply costs nothing."""
+        _check_now(now_mono)
+        _check_ms(now_wall_ms, "now_wall_ms")
+        _check_name(lease_id, "lease_id")
+        if target.node_id != request.target:
+            raise BadRequest(
+                f"target view is for {target.node_id!r}, the request targets {request.target!r}",
+                code="bad_request",
+            )
+        for lease in self.by_task(request.task_id):
+            if (
+                lease.holding
+                and lease.attempt == request.attempt
+                and lease.submitter == request.submitter
+                and lease.holder == request.target
+                and lease.kind != "fence"
+                and len(lease.gpus) == request.gpus_wanted
+                and lease.ttl_s == request.ttl_s
+            ):
+                return self, LeaseChange(lease, records=(), replay=True)
+        reasons = self._task_reasons(request.task_id, request.submitter, request.attempt)
+        reasons += self._hold_and_ttl_reasons(request.ttl_s, now_mono)
+        if not target.eligible:
+            reasons.append("node_ineligible")
+            for reason in target.reasons:
+                if reason not in reasons:
+                    reasons.append(reason)
+        busy = self.live_gpus()
+        free = [g for g in target.allocatable_gpus if (target.node_id, g) not in busy]
+        if len(free) < request.gpus_wanted:
+            reasons.append("no_free_gpu")
+        if reasons:
+            raise LeaseRefused(
+                f"lease for task {request.task_id} on {request.target} refused: "
+                f"{', '.join(reasons)}",
+                reasons=reasons,
+                task_id=request.task_id,
+            )
+        lease = self._issue(
+            lease_id=lease_id,
+            task_id=request.task_id,
+            attempt=request.attempt,
+            work_class=request.work_class,
+            holder=request.target,
+            submitter=request.submitter,
+            gpus=tuple(free[: request.gpus_wanted]),
+            ttl_s=request.ttl_s,
+            kind="local" if request.target == request.submitter else "remote",
+            now_mono=now_mono,
+            now_wall_ms=now_wall_ms,
+        )
+        return self._with(lease, issued=True), LeaseChange(lease, records=(lease,))
+
+    def local_grant(
+        self,
+        task_id: str,
+        *,
+        submitter: str,
+        attempt: int,
+        work_class: WorkClass,
+        gpus_wanted: int,
+        ttl_s: float,
+        target: TargetView,
+        lease_id: str,
+        now_mono: float,
+        now_wall_ms: int,
+    ) -> tuple[LeaseTable, LeaseChange]:
+        """A first local attempt that uses GPUs: a ``local`` lease on the submitter's own
+        GPUs, so they are never leased out at the same time. The same rules as
+        :meth:`grant` (hold, TTL, task key, eligibility, free GPUs)."""
+        request = GrantRequest(
+            task_id=task_id,
+            attempt=attempt,
+            work_class=work_class,
+            target=submitter,
+            gpus_wanted=gpus_wanted,
+            ttl_s=ttl_s,
+            submitter=submitter,
+        )
+        return self.grant(
+            request, now_mono=now_mono, now_wall_ms=now_wall_ms, lease_id=lease_id, target=target
+        )
+
+    def renew(
+        self, lease_id: str, holder: str, *, now_mono: float, now_wall_ms: int
+    ) -> tuple[LeaseTable, LeaseChange]:
+        """Extend a live lease to ``now_mono + ttl_s``. Only a lease live on the control
+        plane's own clock renews: past ``expires_mono`` it is refused (``lease_not_live``)
+        even before :meth:`expire_due` declares it dead (DESIGN rule 4). A revoking lease
+        answers ``lease_revoked``: the holder must stop. Nothing to persist."""
+        _check_now(now_mono)
+        _check_ms(now_wall_ms, "now_wall_ms")
+        lease = self.get(lease_id)
+        reasons: list[str] = []
+        if lease.holder != holder:
+            reasons.append("not_holder")
+        elif lease.kind == "fence":
+            reasons.append("lease_not_renewable")
+        elif lease.state == "revoking":
+            reasons.append("lease_revoked")
+        elif "renew" not in TRANSITIONS[lease.state] or now_mono > lease.expires_mono:
+            reasons.append("lease_not_live")
+        if reasons:
+            raise LeaseRefused(
+                f"renewal of lease {lease_id} ({lease.state}) refused: {', '.join(reasons)}",
+                reasons=reasons,
+                lease_id=lease_id,
+            )
+        renewed = replace(lease, expires_mono=max(lease.expires_mono, now_mono + lease.ttl_s))
+        return self._with(renewed), LeaseChange(renewed, records=())
+
+    def release(
+        self,
+        lease_id: str,
+        holder: str,
+        *,
+        outcome: ReleaseOutcome,
+        now_mono: float,
+        now_wall_ms: int,
+    ) -> tuple[LeaseTable, LeaseChange]:
+        """The holder ends its lease: ``stopped`` (the task is gone, not finished) makes
+        it ``released`` (``revoked`` if it was revoking); ``completed`` (the task
+        finished) makes it ``completed``. Releasing a dead lease raises: dead stays dead.
+        ``now_mono`` is unused (a release is always safe) but kept for a uniform shell."""
+        _check_now(now_mono)
+        lease = self.get(lease_id)
+        if lease.holder != holder:
+            raise LeaseRefused(
+                f"{holder} does not hold lease {lease_id}",
+                reasons=("not_holder",),
+                lease_id=lease_id,
+            )
+        if outcome == "stopped":
+            event: LeaseEvent = "release_stopped"
+        elif outcome == "completed":
+            event = "release_completed"
+        else:
+            raise BadRequest(
+                f"release outcome {outcome!r} is not 'stopped' or 'completed'",
+                code="bad_request",
+                field="outcome",
+            )
+        reason = (
+            "completed"
+            if outcome == "completed"
+            else (lease.reason if lease.state == "revoking" else "released")
+        )
+        after = _transition(lease, event, now_wall_ms=now_wall_ms, reason=reason)
+        if after is None:
+            return self, LeaseChange(lease, records=(), replay=True)
+        return self._with(after), LeaseChange(after, records=(after,))
+
+    def revoke(
+        self, lease_id: str, *, actor: str, reason: str, now_mono: float, now_wall_ms: int
+    ) -> tuple[LeaseTable, LeaseChange]:
+        """Ask the holder to stop (``revoking``). The lease keeps its GPUs and task key
+        until the holder releases it or it expires by the control plane's clock: a
+        revoke alone never frees anything (DESIGN rule 4)."""
+        _check_now(now_mono)
+        _check_name(actor, "actor")
+        _check_name(reason, "reason")
+        lease = self.get(lease_id)
+        if lease.kind == "fence":
+            raise LeaseRefused(
+                f"lease {lease_id} fences a local attempt; the submitter ends it",
+                reasons=("lease_not_revocable",),
+                lease_id=lease_id,
+            )
+        after = _transition(
+            lease, "revoke", now_wall_ms=now_wall_ms, reason=reason, revoked_by=actor
+        )
+        if after is None:
+            return self, LeaseChange(lease, records=(), replay=True)
+        return self._with(after), LeaseChange(after, records=(after,))
+
+    def expire_due(
+        self, *, now_mono: float, now_wall_ms: int
+    ) -> tuple[LeaseTable, tuple[Lease, ...]]:
+        """Declare dead every holding lease past ``expires_mono + expiry_margin_s``. The
+        returned leases must be written durably before anyone is told (DESIGN rule 4)."""
+        _check_now(now_mono)
+        margin = self.settings.expiry_margin_s
+        expired: list[Lease] = []
+        for lease in self.holding():
+            if _expiry_due(lease, now_mono, margin):
+                after = _transition(lease, "expire", now_wall_ms=now_wall_ms, reason="expired")
+                assert after is not None
+                expired.append(after)
+        if not expired:
+            return self, ()
+        return self._with(*expired), tuple(expired)
+
+    def confirm_dead_for_fallback(
+        self,
+        task_id: str,
+        *,
+        submitter: str,
+        attempt: int,
+        gpus: tuple[str, ...],
+        local_node: str,
+        ttl_s: float,
+        lease_id: str,
+        now_mono: float,
+        now_wall_ms: int,
+        work_class: WorkClass | None = None,
+    ) -> tuple[LeaseTable, LeaseChange]:
+        """The control plane's word for a submitter's fallback (DESIGN rules 1 and 4).
+
+        If no lease of the task holds its key (the latest is dead, or there never was
+        one), atomically issue the local attempt a higher token: with ``gpus`` a
+        ``local`` lease (renewable, GPUs exclusive, ``ttl_s``); without, a ``fence``
+        lease (no expiry; it keeps the task key and records the token). A holding lease
+        due for expiry is declared dead in the same step (both go in ``records``).
+        Refused: ``lease_live`` (holding: the submitter waits), ``task_completed``,
+        ``not_task_owner``, ``stale_attempt``; a ``local`` lease also ``grant_hold``,
+        ``ttl_too_long``, ``no_free_gpu``. A retry whose lease already exists is a replay.
+        ``work_class`` defaults to the latest lease's; it is required when there is none.
+        """
+        _check_now(now_mono)
+        _check_ms(now_wall_ms, "now_wall_ms")
+        _check_name(task_id, "task_id")
+        _check_name(lease_id, "lease_id")
+        _check_gpus(gpus)
+        if local_node != submitter:
+            raise BadRequest(
+                f"a fallback runs on the submitter's own node {submitter!r}, not {local_node!r}",
+                code="bad_request",
+            )
+        kind: LeaseKind = "local" if gpus else "fence"
+        history = self.by_task(task_id)
+        for lease in history:
+            if (
+                lease.holding
+                and lease.attempt == attempt
+                and lease.holder == local_node
+                and lease.kind == kind
+                and lease.gpus == gpus
+            ):
+                return self, LeaseChange(lease, records=(), replay=True)
+        table = self
+        records: list[Lease] = []
+        margin = self.settings.expiry_margin_s
+        for lease in history:
+            if _expiry_due(lease, now_mono, margin):
+                after = _transition(lease, "expire", now_wall_ms=now_wall_ms, reason="expired")
+                assert after is not None
+                records.append(after)
+        if records:
+            table = self._with(*records)
+        history = table.by_task(task_id)
+        reasons: list[str] = []
+        if any(lease.submitter != submitter for lease in history):
+            reasons.append("not_task_owner")
+        if any(lease.state == "completed" for lease in history):
+            reasons.append("task_completed")
+        if any(lease.holding for lease in history):
+            reasons.append("lease_live")
+        if history and attempt <= max(lease.attempt for lease in history):
+            reasons.append("stale_attempt")
+        prior = history[-1] if history else None
+        if work_class is None:
+            if prior is None:
+                raise BadRequest(
+                    f"task {task_id} has no lease yet: the fallback must name its work class",
+                    code="bad_request",
+                    field="work_class",
+                )
+            work_class = prior.work_class
+        if kind == "local":
+            _check_ttl(ttl_s)
+            reasons += table._hold_and_ttl_reasons(ttl_s, now_mono)
+            busy = table.live_gpus()
+            if any((local_node, gpu) in busy for gpu in gpus):
+                reasons.append("no_free_gpu")
+        if reasons:
+            raise LeaseRefused(
+                f"fallback for task {task_id} refused: {', '.join(reasons)}",
+                reasons=reasons,
+                task_id=task_id,
+            )
+        lease = table._issue(
+            lease_id=lease_id,
+            task_id=task_id,
+            attempt=attempt,
+            work_class=check_work_class(work_class),
+            holder=local_node,
+            submitter=submitter,
+            gpus=gpus,
+            ttl_s=ttl_s if kind == "local" else 0.0,
+            kind=kind,
+            now_mono=now_mono,
+            now_wall_ms=now_wall_ms,
+        )
+        records.append(lease)
+        return table._with(lease, issued=True), LeaseChange(
+            lease, records=tuple(records), prior=prior
+        )
+
+    def reconcile(
+        self,
+        holder_status: Mapping[str, HolderStatus],
+        *,
+        auto_revoke: bool,
+        now_mono: float,
+        now_wall_ms: int,
+        actor: str = CONTROL_PLANE_ACTOR,
+    ) -> tuple[LeaseTable, ReconcileResult]:
+        """Flag every holding (non-fence) lease whose holder is ``stale`` or
+        ``quarantined``; with ``auto_revoke`` (a cluster setting, off by default) revoke
+        the live ones (reason ``holder_stale`` / ``holder_quarantined``). A revoke only
+        asks: the GPUs stay taken until release or expiry."""
+        _check_now(now_mono)
+        flagged: list[FlaggedLease] = []
+        changed: list[Lease] = []
+        for lease in self.holding():
+            status = holder_status.get(lease.holder, "ok")
+            if lease.kind == "fence" or status == "ok":
+                continue
+            if status not in ("stale", "quarantined"):
+                raise BadRequest(f"unknown holder status {status!r}", code="bad_request")
+            revoke_now = auto_revoke and lease.state == "live"
+            if revoke_now:
+                after = _transition(
+                    lease,
+                    "revoke",
+                    now_wall_ms=now_wall_ms,
+                    reason=f"holder_{status}",
+                    revoked_by=actor,
+                )
+                assert after is not None
+                changed.append(after)
+            flagged.append(FlaggedLease(lease.lease_id, lease.holder, status, revoke_now))
+        table = self._with(*changed) if changed else self
+        return table, ReconcileResult(tuple(flagged), tuple(changed))
+
+
+__all__ = [
+    "CONTROL_PLANE_ACTOR",
+    "DEAD_STATES",
+    "HOLDING_STATES",
+    "KEY_TAKING_STATES",
+    "LEASE_KINDS",
+    "LEASE_STATES",
+    "REPLAYS",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "FlaggedLease",
+    "GrantRequest",
+    "HolderStatus",
+    "IllegalLeaseTransition",
+    "Lease",
+    "LeaseChange",
+    "LeaseEvent",
+    "LeaseKind",
+    "LeaseNotFound",
+    "LeaseRefused",
+    "LeaseSettings",
+    "LeaseState",
+    "LeaseTable",
+    "ReconcileResult",
+    "ReleaseOutcome",
+    "TargetView",
+    "renew_interval_s",
+    "task_key",
+    "validate_stop_margin",
+    "worker_deadline_boot",
+    "worker_stop_at_boot",
+]

@@ -1,0 +1,913 @@
+"""The submitter's task record and its one transition table (DESIGN rules 1, 4 and 7).
+
+The submitter owns the task: it proposes a placement, asks the control plane for a
+lease, hands the task to the worker, and is the only party that may decide to run it
+locally instead — and only on the control plane's word that the remote lease is dead.
+
+States::
+
+    queued            submitted, not yet being placed
+    placing           choosing a node / waiting for a grant
+    running_remote    a worker holds a lease for the current attempt
+    fallback_pending  waiting for the control plane's word (it could not be reached, or
+                      the handoff failed and the lease may still be live)
+    running_local     the current attempt runs here (after a dead lease, or by placement)
+    succeeded | failed | cancelled | timed_out      terminal: reached once, never left
+
+Events (:data:`TaskEvent`) are classified into keys (:func:`event_key`), because a few
+transitions depend on the record: ``--no-fallback`` turns every way into a local run
+(``placed_local``, ``grant_refused``, ``lease_dead_confirmed``) into ``failed``, and a
+result counts only for the current attempt's token
+(:func:`populi_peer.core.fencing.accept_result`), otherwise it is ``result_stale`` and only recorded. The table
+(:data:`TRANSITIONS`) maps ``state -> {key: next state}``; a key a row lacks raises
+:class:`IllegalTaskTransition` and the (immutable) record stays as it was. A result that
+arrives after the task ended (``result_late``, e.g. a worker retrying delivery) is
+acknowledged and changes nothing.
+
+Why there is no way from ``placing`` or ``running_remote`` straight to ``running_local``
+past the control plane: a grant request whose answer was lost may have been granted, and
+a worker whose handoff failed may have started anyway. Only ``lease_dead_confirmed`` —
+which carries the higher token the control plane issued with its confirmation — starts a
+local attempt after a remote one; ``control_plane_unreachable`` waits in
+``fallback_pending``, never on a local timer.
+
+Every accepted event appends :class:`ReasonEntry` rows (the decision, then one row per
+reason code), so a finished task says why it ran where it ran (DESIGN rule 7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypeVar, get_args
+
+from populi_peer.core.fencing import (
+    FencingToken,
+    _bool,
+    _get,
+    _int,
+    _obj,
+    _opt_float,
+    _opt_int,
+    _opt_str,
+    _str,
+    _str_tuple,
+    accept_result,
+)
+from populi_peer.core.policy import WorkClass, check_work_class
+from populi_peer.errors import BadRequest, Conflict
+
+_S = TypeVar("_S", bound=str)
+
+TaskState = Literal[
+    "queued",
+    "placing",
+    "running_remote",
+    "fallback_pending",
+    "running_local",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timed_out",
+]
+EventKey = Literal[
+    "placing_started",
+    "placed_remote",
+    "placed_local",
+    "placed_local_no_fallback",
+    "grant_refused",
+    "grant_refused_no_fallback",
+    "placement_failed",
+    "handoff_failed",
+    "control_plane_unreachable",
+    "lease_dead_confirmed",
+    "lease_dead_confirmed_no_fallback",
+    "fallback_refused",
+    "lease_lost",
+    "result_ok",
+    "result_failed",
+    "result_stale",
+    "result_late",
+    "cancel",
+    "timeout",
+    "populi_failure",
+]
+Where = Literal["remote", "local"]
+AttemptOutcome = Literal[
+    "succeeded",
+    "failed",
+    "lease_dead",
+    "lease_lost",
+    "cancelled",
+    "timed_out",
+    "populi_failure",
+]
+
+TASK_STATES: Final[tuple[TaskState, ...]] = get_args(TaskState)
+EVENT_KEYS: Final[tuple[EventKey, ...]] = get_args(EventKey)
+ATTEMPT_OUTCOMES: Final[tuple[AttemptOutcome, ...]] = get_args(AttemptOutcome)
+TERMINAL_STATES: Final[frozenset[TaskState]] = frozenset(
+    {"succeeded", "failed", "cancelled", "timed_out"}
+)
+#: States in which the current attempt may be running somewhere.
+RUNNING_STATES: Final[frozenset[TaskState]] = frozenset(
+    {"running_remote", "fallback_pending", "running_local"}
+)
+
+
+def _pick(value: str, choices: tuple[_S, ...], name: str) -> _S:
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise BadRequest(
+        f"{name} {value!r} is not one of {', '.join(choices)}", code="bad_record", field=name
+    )
+
+
+def _row(**moves: TaskState) -> Mapping[EventKey, TaskState]:
+    row: dict[EventKey, TaskState] = {}
+    for key, target in moves.items():
+        row[_pick(key, EVENT_KEYS, "event key")] = _pick(target, TASK_STATES, "state")
+    return MappingProxyType(row)
+
+
+# The one transition table. A key missing from a state's row is illegal there.
+TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingProxyType(
+    {
+        "queued": _row(
+            placing_started="placing",
+            placement_failed="failed",
+            populi_failure="failed",
+            result_stale="queued",
+            cancel="cancelled",
+            timeout="timed_out",
+        ),
+        "placing": _row(
+            placed_remote="running_remote",
+            placed_local="running_local",
+            placed_local_no_fallback="failed",
+            grant_refused="placing",
+            grant_refused_no_fallback="failed",
+            placement_failed="failed",
+            # A grant request went unanswered: it may have been granted. Wait for the
+            # control plane's word (a fence for the local run, or the lease to die).
+            control_plane_unreachable="fallback_pending",
+            populi_failure="failed",
+            result_stale="placing",
+            cancel="cancelled",
+            timeout="timed_out",
+        ),
+        "running_remote": _row(
+            result_ok="succeeded",
+            result_failed="failed",
+            result_stale="running_remote",
+            # The worker may have started it anyway: only the lease's death frees it.
+            handoff_failed="fallback_pending",
+            control_plane_unreachable="fallback_pending",
+            lease_dead_confirmed="running_local",
+            lease_dead_confirmed_no_fallback="failed",
+            fallback_refused="running_remote",
+            # The worker says it could not renew and stopped the task.
+            lease_lost="fallback_pending",
+            cancel="cancelled",
+            timeout="timed_out",
+        ),
+        "fallback_pending": _row(
+            lease_dead_confirmed="running_local",
+            lease_dead_confirmed_no_fallback="failed",
+            # lease_live: keep waiting; task_completed: the worker's result is on its way.
+            fallback_refused="fallback_pending",
+            control_plane_unreachable="fallback_pending",
+            handoff_failed="fallback_pending",
+            # The remote attempt may still finish and deliver: its token is still current.
+            result_ok="succeeded",
+            result_failed="failed",
+            result_stale="fallback_pending",
+            populi_failure="failed",
+            cancel="cancelled",
+            timeout="timed_out",
+        ),
+        "running_local": _row(
+            result_ok="succeeded",
+            result_failed="failed",
+            result_stale="running_local",
+            # Our own local lease could not be renewed: the supervisor stopped the task
+            # before its deadline, like any holder's (DESIGN rule 3). Wait for the word.
+            lease_lost="fallback_pending",
+            populi_failure="failed",
+            cancel="cancelled",
+            timeout="timed_out",
+        ),
+        "succeeded": _row(result_late="succeeded"),
+        "failed": _row(result_late="failed"),
+        "cancelled": _row(result_late="cancelled"),
+        "timed_out": _row(result_late="timed_out"),
+    }
+)
+
+
+class IllegalTaskTransition(Conflict):
+    """An event the task's state does not allow; the record is unchanged."""
+
+    code = "illegal_task_transition"
+
+    def __init__(self, task_id: str, state: TaskState, key: str, why: str = "") -> None:
+        allowed = sorted(TRANSITIONS[state])
+        super().__init__(
+            f"task {task_id} is {state}: {key} is not allowed"
+            + (f" ({why})" if why else "")
+            + f"; allowed: {', '.join(allowed)}",
+            task_id=task_id,
+            state=state,
+            event=key,
+        )
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementStarted:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedRemote:
+    """The control plane granted a lease on ``node``; the handoff comes next."""
+
+    node: str
+    lease_id: str
+    token: FencingToken
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedLocal:
+    """Placement chose this node (``remote_disabled``, ``no_remote_candidate``,
+    ``policy_blocked``, ``node_ineligible``...); ``lease_id`` / ``token`` when the local
+    attempt holds a ``local`` lease on its GPUs."""
+
+    node: str
+    reasons: tuple[str, ...]
+    lease_id: str | None = None
+    token: FencingToken | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRefused:
+    node: str
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementFailed:
+    """No placement is possible (e.g. ``--no-fallback`` and no remote candidate)."""
+
+    reasons: tuple[str, ...]
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffFailed:
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneUnreachable:
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseDeadConfirmed:
+    """The control plane declared the lease dead and issued the local attempt ``token``
+    (higher than every earlier token), with a ``local`` or ``fence`` lease ``lease_id``."""
+
+    node: str
+    token: FencingToken
+    lease_id: str | None = None
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackRefused:
+    """The control plane refused to confirm: ``lease_live`` or ``task_completed``."""
+
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseLost:
+    """The current attempt's holder could not renew its lease and stopped the task."""
+
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """An attempt ended. Counted only for the current attempt and token."""
+
+    attempt: int
+    token: FencingToken | None
+    exit_code: int | None
+    signal: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    actor: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    which: Literal["queue", "run"]
+
+
+@dataclass(frozen=True, slots=True)
+class PopuliFailure:
+    """Populi itself failed the task (e.g. ``spawn_failed``, ``store_error``)."""
+
+    code: str
+    detail: str = ""
+
+
+TaskEvent = (
+    PlacementStarted
+    | PlacedRemote
+    | PlacedLocal
+    | GrantRefused
+    | PlacementFailed
+    | HandoffFailed
+    | ControlPlaneUnreachable
+    | LeaseDeadConfirmed
+    | FallbackRefused
+    | LeaseLost
+    | Result
+    | Cancel
+    | Timeout
+    | PopuliFailure
+)
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+def _check_ms(value: object, name: str, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(
+            f"{name} must be an integer >= 0 (UTC ms), got {value!r}", code="bad_record", field=name
+        )
+
+
+def _check_reason_codes(reasons: object, name: str) -> None:
+    if not isinstance(reasons, tuple) or not all(isinstance(r, str) and r for r in reasons):
+        raise BadRequest(
+            f"{name} must be a tuple of reason codes, got {reasons!r}",
+            code="bad_record",
+            field=name,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonEntry:
+    """One row of a task's decision log."""
+
+    at_wall_ms: int
+    code: str
+    detail: str = ""
+
+    def to_json(self) -> list[Any]:
+        return [self.at_wall_ms, self.code, self.detail]
+
+    @classmethod
+    def from_json(cls, data: object) -> ReasonEntry:
+        if (
+            not isinstance(data, list)
+            or len(data) < 2
+            or isinstance(data[0], bool)
+            or not isinstance(data[0], int)
+            or not isinstance(data[1], str)
+            or (len(data) > 2 and not isinstance(data[2], str))
+        ):
+            raise BadRequest(
+                f"reason entry must be [at_wall_ms, code, detail], got {data!r}", code="bad_record"
+            )
+        return cls(data[0], data[1], data[2] if len(data) > 2 else "")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    no_fallback: bool = False
+    queue_timeout_s: float | None = None
+    timeout_s: float | None = None
+    #: ``--node``: the only node the task may be placed on.
+    node: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("queue_timeout_s", "timeout_s"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise BadRequest(
+                    f"{name} must be a number > 0, got {value!r}", code="bad_request", field=name
+                )
+        if self.node is not None and (not isinstance(self.node, str) or not self.node):
+            raise BadRequest(
+                f"node must be a node id, got {self.node!r}", code="bad_request", field="node"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "no_fallback": self.no_fallback,
+            "queue_timeout_s": self.queue_timeout_s,
+            "timeout_s": self.timeout_s,
+            "node": self.node,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> TaskOptions:
+        what = "task options"
+        obj = _obj(data, what)
+        return cls(
+            no_fallback=_bool(obj, "no_fallback", what, False),
+            queue_timeout_s=_opt_float(obj, "queue_timeout_s", what),
+            timeout_s=_opt_float(obj, "timeout_s", what),
+            node=_opt_str(obj, "node", what),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One run of the task, remote or local. ``outcome`` is ``None`` while it may run."""
+
+    n: int
+    where: Where
+    node: str
+    lease_id: str | None
+    token: FencingToken | None
+    placement_reasons: tuple[str, ...]
+    started_wall_ms: int
+    finished_wall_ms: int | None = None
+    outcome: AttemptOutcome | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise BadRequest(f"attempt number must be >= 1, got {self.n!r}", code="bad_record")
+        if self.where not in ("remote", "local"):
+            raise BadRequest(f"attempt where {self.where!r} is not remote/local", code="bad_record")
+        if not isinstance(self.node, str) or not self.node:
+            raise BadRequest("attempt node must be a node id", code="bad_record")
+        if self.where == "remote" and (self.token is None or not self.lease_id):
+            raise BadRequest("a remote attempt has a lease and a token", code="bad_record")
+        if self.token is not None and not isinstance(self.token, FencingToken):
+            raise BadRequest("attempt token must be a FencingToken", code="bad_record")
+        _check_reason_codes(self.placement_reasons, "placement_reasons")
+        _check_ms(self.started_wall_ms, "started_wall_ms")
+        _check_ms(self.finished_wall_ms, "finished_wall_ms", optional=True)
+        if (self.outcome is None) != (self.finished_wall_ms is None):
+            raise BadRequest(
+                "an attempt has an outcome exactly when it has finished", code="bad_record"
+            )
+        if self.outcome is not None and self.outcome not in ATTEMPT_OUTCOMES:
+            raise BadRequest(f"unknown attempt outcome {self.outcome!r}", code="bad_record")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "where": self.where,
+            "node": self.node,
+            "lease_id": self.lease_id,
+            "token": None if self.token is None else str(self.token),
+            "placement_reasons": list(self.placement_reasons),
+            "started_wall_ms": self.started_wall_ms,
+            "finished_wall_ms": self.finished_wall_ms,
+            "outcome": self.outcome,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Attempt:
+        what = "attempt"
+        obj = _obj(data, what)
+        where = _str(obj, "where", what)
+        outcome = _opt_str(obj, "outcome", what)
+        token = obj.get("token")
+        return cls(
+            n=_int(obj, "n", what),
+            where=_pick(where, ("remote", "local"), "where"),
+            node=_str(obj, "node", what),
+            lease_id=_opt_str(obj, "lease_id", what),
+            token=None if token is None else FencingToken.parse(token),
+            placement_reasons=_str_tuple(obj, "placement_reasons", what),
+            started_wall_ms=_int(obj, "started_wall_ms", what),
+            finished_wall_ms=_opt_int(obj, "finished_wall_ms", what),
+            outcome=None if outcome is None else _pick(outcome, ATTEMPT_OUTCOMES, "outcome"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """The submitter's durable task record. Build with :meth:`new`; change with
+    :meth:`apply`, which returns a new record (persist it before acting on it)."""
+
+    task_id: str
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    gpus_wanted: int
+    work_class: WorkClass
+    state: TaskState
+    attempts: tuple[Attempt, ...]
+    reasons: tuple[ReasonEntry, ...]
+    created_wall_ms: int
+    finished_wall_ms: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    terminal_reason: str | None = None
+    options: TaskOptions = field(default_factory=TaskOptions)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task_id, str) or not self.task_id:
+            raise BadRequest("task id must be a non-empty string", code="bad_record")
+        if (
+            not isinstance(self.command, tuple)
+            or not self.command
+            or not all(isinstance(arg, str) for arg in self.command)
+        ):
+            raise BadRequest(
+                "command must be a non-empty tuple of strings (argv)",
+                code="bad_request",
+                field="command",
+            )
+        keys = [pair[0] for pair in self.env]
+        if not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in self.env
+        ) or keys != sorted(set(keys)):
+            raise BadRequest(
+                "env must be sorted, unique (name, value) string pairs",
+                code="bad_request",
+                field="env",
+            )
+        if (
+            isinstance(self.gpus_wanted, bool)
+            or not isinstance(self.gpus_wanted, int)
+            or self.gpus_wanted < 0
+        ):
+            raise BadRequest(
+                f"gpus_wanted must be an integer >= 0, got {self.gpus_wanted!r}",
+                code="bad_request",
+                field="gpus_wanted",
+            )
+        check_work_class(self.work_class)
+        if self.state not in TASK_STATES:
+            raise BadRequest(f"unknown task state {self.state!r}", code="bad_record")
+        if [a.n for a in self.attempts] != list(range(1, len(self.attempts) + 1)):
+            raise BadRequest("attempts must be numbered 1, 2, ...", code="bad_record")
+        _check_ms(self.created_wall_ms, "created_wall_ms")
+        _check_ms(self.finished_wall_ms, "finished_wall_ms", optional=True)
+        if (self.state in TERMINAL_STATES) != (self.finished_wall_ms is not None):
+            raise BadRequest(
+                "a task has finished_wall_ms exactly when it is terminal", code="bad_record"
+            )
+
+    @classmethod
+    def new(
+        cls,
+        task_id: str,
+        *,
+        command: tuple[str, ...],
+        env: Mapping[str, str],
+        gpus_wanted: int,
+        work_class: WorkClass,
+        created_wall_ms: int,
+        options: TaskOptions | None = None,
+    ) -> Task:
+        """A freshly submitted task, ``queued``."""
+        return cls(
+            task_id=task_id,
+            command=tuple(command),
+            env=tuple(sorted(env.items())),
+            gpus_wanted=gpus_wanted,
+            work_class=work_class,
+            state="queued",
+            attempts=(),
+            reasons=(ReasonEntry(created_wall_ms, "submitted"),),
+            created_wall_ms=created_wall_ms,
+            options=options or TaskOptions(),
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def current_attempt(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def current_token(self) -> FencingToken | None:
+        attempt = self.current_attempt
+        return None if attempt is None else attempt.token
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+    def apply(self, event: TaskEvent, *, now_wall_ms: int) -> Task:
+        """The record after ``event``. Raises :class:`IllegalTaskTransition` (record
+        unchanged) if the state's row lacks the event's key."""
+        _check_ms(now_wall_ms, "now_wall_ms")
+        key = event_key(self, event)
+        target = TRANSITIONS[self.state].get(key)
+        if target is None:
+            raise IllegalTaskTransition(self.task_id, self.state, key)
+        if key == "result_late":
+            return self
+        pinned = self.options.node
+        if isinstance(event, PlacedRemote) and pinned is not None and event.node != pinned:
+            raise IllegalTaskTransition(self.task_id, self.state, key, f"pinned to {pinned}")
+        if isinstance(event, LeaseDeadConfirmed) and key == "lease_dead_confirmed":
+            earlier = [a.token for a in self.attempts if a.token is not None]
+            if earlier and event.token <= max(earlier):
+                raise IllegalTaskTransition(
+                    self.task_id,
+                    self.state,
+                    key,
+                    f"token {event.token} is not above {max(earlier)}",
+                )
+        attempts = list(self.attempts)
+        entries = _entries(self, event, key, now_wall_ms)
+        changes: dict[str, Any] = {}
+        ending = _attempt_ending(event, key)
+        current = self.current_attempt
+        if ending is not None and current is not None and current.outcome is None:
+            attempts[-1] = replace(current, outcome=ending, finished_wall_ms=now_wall_ms)
+        new_attempt = _new_attempt(event, key, len(attempts) + 1, now_wall_ms)
+        if new_attempt is not None:
+            attempts.append(new_attempt)
+        if isinstance(event, Result) and key in ("result_ok", "result_failed"):
+            changes["exit_code"] = event.exit_code
+            changes["signal"] = event.signal
+        if target in TERMINAL_STATES:
+            changes["finished_wall_ms"] = now_wall_ms
+            changes["terminal_reason"] = _terminal_reason(event, key)
+        return replace(
+            self,
+            state=target,
+            attempts=tuple(attempts),
+            reasons=self.reasons + entries,
+            **changes,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "command": list(self.command),
+            "env": dict(self.env),
+            "gpus_wanted": self.gpus_wanted,
+            "work_class": self.work_class,
+            "state": self.state,
+            "attempts": [a.to_json() for a in self.attempts],
+            "reasons": [r.to_json() for r in self.reasons],
+            "created_wall_ms": self.created_wall_ms,
+            "finished_wall_ms": self.finished_wall_ms,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "terminal_reason": self.terminal_reason,
+            "options": self.options.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Task:
+        what = "task"
+        obj = _obj(data, what)
+        env = _get(obj, "env", what)
+        if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise BadRequest("task: field 'env' must be an object of strings", code="bad_record")
+        attempts = _get(obj, "attempts", what)
+        reasons = _get(obj, "reasons", what)
+        if not isinstance(attempts, list) or not isinstance(reasons, list):
+            raise BadRequest("task: 'attempts' and 'reasons' must be lists", code="bad_record")
+        return cls(
+            task_id=_str(obj, "task_id", what),
+            command=_str_tuple(obj, "command", what),
+            env=tuple(sorted(env.items())),
+            gpus_wanted=_int(obj, "gpus_wanted", what),
+            work_class=check_work_class(_str(obj, "work_class", what)),
+            state=_pick(_str(obj, "state", what), TASK_STATES, "state"),
+            attempts=tuple(Attempt.from_json(a) for a in attempts),
+            reasons=tuple(ReasonEntry.from_json(r) for r in reasons),
+            created_wall_ms=_int(obj, "created_wall_ms", what),
+            finished_wall_ms=_opt_int(obj, "finished_wall_ms", what),
+            exit_code=_opt_int(obj, "exit_code", what),
+            signal=_opt_int(obj, "signal", what),
+            terminal_reason=_opt_str(obj, "terminal_reason", what),
+            options=TaskOptions.from_json(obj.get("options", {})),
+        )
+
+
+# -- the rules behind the table -----------------------------------------------------------
+
+
+def _is_current_result(task: Task, result: Result) -> bool:
+    attempt = task.current_attempt
+    if attempt is None or attempt.outcome is not None or result.attempt != attempt.n:
+        return False
+    if attempt.token is None:
+        # A local attempt that holds no lease: its result comes from this node's own
+        # executor, matched by attempt number alone.
+        return result.token is None
+    return accept_result(attempt.token, result.token)
+
+
+# Events whose key does not depend on the record.
+_PLAIN_KEYS: Final[Mapping[type, EventKey]] = MappingProxyType(
+    {
+        PlacementStarted: "placing_started",
+        PlacedRemote: "placed_remote",
+        PlacementFailed: "placement_failed",
+        HandoffFailed: "handoff_failed",
+        ControlPlaneUnreachable: "control_plane_unreachable",
+        FallbackRefused: "fallback_refused",
+        LeaseLost: "lease_lost",
+        Cancel: "cancel",
+        Timeout: "timeout",
+        PopuliFailure: "populi_failure",
+    }
+)
+
+
+def event_key(task: Task, event: TaskEvent) -> EventKey:
+    """Classify ``event`` against ``task`` (the only conditional part of the machine)."""
+    no_fallback = task.options.no_fallback
+    if isinstance(event, Result):
+        if task.terminal:
+            return "result_late"
+        if not _is_current_result(task, event):
+            return "result_stale"
+        return "result_ok" if event.exit_code == 0 and event.signal is None else "result_failed"
+    if isinstance(event, PlacedLocal):
+        return "placed_local_no_fallback" if no_fallback else "placed_local"
+    if isinstance(event, GrantRefused):
+        return "grant_refused_no_fallback" if no_fallback else "grant_refused"
+    if isinstance(event, LeaseDeadConfirmed):
+        return "lease_dead_confirmed_no_fallback" if no_fallback else "lease_dead_confirmed"
+    key = _PLAIN_KEYS.get(type(event))
+    if key is None:
+        raise BadRequest(f"not a task event: {event!r}", code="bad_request")
+    return key
+
+
+def _attempt_ending(event: TaskEvent, key: EventKey) -> AttemptOutcome | None:
+    """How the current (open) attempt ends on this event, if it does."""
+    if key == "result_ok":
+        return "succeeded"
+    if key == "result_failed":
+        return "failed"
+    if key in ("lease_dead_confirmed", "lease_dead_confirmed_no_fallback"):
+        return "lease_dead"
+    if key == "lease_lost":
+        return "lease_lost"
+    if key == "cancel":
+        return "cancelled"
+    if key == "timeout":
+        return "timed_out"
+    if key == "populi_failure":
+        return "populi_failure"
+    return None
+
+
+def _new_attempt(event: TaskEvent, key: EventKey, n: int, now_wall_ms: int) -> Attempt | None:
+    if isinstance(event, PlacedRemote):
+        return Attempt(
+            n, "remote", event.node, event.lease_id, event.token, event.reasons, now_wall_ms
+        )
+    if isinstance(event, PlacedLocal) and key == "placed_local":
+        return Attempt(
+            n, "local", event.node, event.lease_id, event.token, event.reasons, now_wall_ms
+        )
+    if isinstance(event, LeaseDeadConfirmed) and key == "lease_dead_confirmed":
+        return Attempt(
+            n,
+            "local",
+            event.node,
+            event.lease_id,
+            event.token,
+            ("lease_dead_confirmed", *event.reasons),
+            now_wall_ms,
+        )
+    return None
+
+
+def _terminal_reason(event: TaskEvent, key: EventKey) -> str:
+    if isinstance(event, Result):
+        if key == "result_ok":
+            return "exit_zero"
+        return "exit_nonzero" if event.signal is None else "signalled"
+    if isinstance(event, PlacementFailed):
+        return event.reasons[0] if event.reasons else "placement_failed"
+    if isinstance(event, PlacedLocal):
+        # --no-fallback: why it could not run remotely.
+        return event.reasons[0] if event.reasons else "no_remote_candidate"
+    if isinstance(event, GrantRefused):
+        return "grant_refused"
+    if isinstance(event, LeaseDeadConfirmed):
+        return "lease_dead"
+    if isinstance(event, Timeout):
+        return f"{event.which}_timeout"
+    if isinstance(event, PopuliFailure):
+        return event.code
+    return "cancelled"
+
+
+def _entries(task: Task, event: TaskEvent, key: EventKey, at: int) -> tuple[ReasonEntry, ...]:
+    """The decision-log rows for an accepted event: the decision, then its reason codes."""
+
+    def rows(decision: str, detail: str, codes: tuple[str, ...] = ()) -> list[ReasonEntry]:
+        return [ReasonEntry(at, decision, detail)] + [ReasonEntry(at, c, detail) for c in codes]
+
+    out: list[ReasonEntry]
+    if isinstance(event, PlacementStarted):
+        out = rows("placing", "")
+    elif isinstance(event, PlacedRemote):
+        out = rows(
+            "placed_remote",
+            f"node={event.node} lease={event.lease_id} token={event.token}",
+            event.reasons,
+        )
+    elif isinstance(event, PlacedLocal):
+        out = rows("placed_local", f"node={event.node}", event.reasons)
+    elif isinstance(event, GrantRefused):
+        out = rows("grant_refused", f"node={event.node}", event.reasons)
+    elif isinstance(event, PlacementFailed):
+        out = rows("placement_failed", event.detail, event.reasons)
+    elif isinstance(event, HandoffFailed):
+        out = rows("handoff_failed", event.detail, (event.reason,))
+    elif isinstance(event, ControlPlaneUnreachable):
+        out = rows("control_plane_unreachable", event.detail)
+    elif isinstance(event, LeaseDeadConfirmed):
+        out = rows("lease_dead_confirmed", f"token={event.token}", event.reasons)
+    elif isinstance(event, FallbackRefused):
+        out = rows("fallback_refused", "", event.reasons)
+    elif isinstance(event, LeaseLost):
+        out = rows("lease_lost", event.detail, (event.reason,))
+    elif isinstance(event, Result):
+        detail = (
+            f"attempt={event.attempt} token={event.token} exit={event.exit_code} "
+            f"signal={event.signal}"
+        )
+        out = rows("stale_result" if key == "result_stale" else "result", detail)
+    elif isinstance(event, Cancel):
+        out = rows("cancelled", f"by={event.actor} {event.detail}".rstrip())
+    elif isinstance(event, Timeout):
+        out = rows(f"{event.which}_timeout", "")
+    else:
+        out = rows(event.code, event.detail)
+    if key.endswith("_no_fallback"):
+        out.append(ReasonEntry(at, "no_fallback", "--no-fallback: the task never runs locally"))
+    return tuple(out)
+
+
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "EVENT_KEYS",
+    "RUNNING_STATES",
+    "TASK_STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "Attempt",
+    "AttemptOutcome",
+    "Cancel",
+    "ControlPlaneUnreachable",
+    "EventKey",
+    "FallbackRefused",
+    "GrantRefused",
+    "HandoffFailed",
+    "IllegalTaskTransition",
+    "LeaseDeadConfirmed",
+    "LeaseLost",
+    "PlacedLocal",
+    "PlacedRemote",
+    "PlacementFailed",
+    "PlacementStarted",
+    "PopuliFailure",
+    "ReasonEntry",
+    "Result",
+    "Task",
+    "TaskEvent",
+    "TaskOptions",
+    "TaskState",
+    "Timeout",
+    "Where",
+    "event_key",
+]
