@@ -1,0 +1,1 @@
+"""Tests of populi_peer.gpu (helpers: gpu_variants)."""
