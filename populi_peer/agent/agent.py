@@ -19,17 +19,30 @@ from typing import Any
 
 import trio
 
-from enrollment.ca import cert_from_pem, cert_to_pem, certificate_public_key, node_certificate_info
+from enrollment.ca import (
+    BACKDATE_S,
+    cert_from_pem,
+    cert_to_pem,
+    certificate_public_key,
+    node_certificate_info,
+)
 from enrollment.keys import write_public_file
 from populi_peer import PROTOCOL_VERSION, __version__
+from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.enrollment import Enrollment
+from populi_peer.agent.executor import Executor, ProcessExecutor
+from populi_peer.agent.gpu import GpuService
 from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat
+from populi_peer.agent.inbox import Inbox
+from populi_peer.agent.leases import LeaseService
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import NodeAdmin, leave_sequence
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
+from populi_peer.agent.submitter import Submitter
+from populi_peer.agent.worker import Worker
 from populi_peer.api.app import ANY_MEMBER, ApiApp, Request, Route
 from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.api.client import PeerClient
@@ -55,6 +68,7 @@ class Agent:
         network: Network | None = None,
         serve: bool = True,
         url: str | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.config = config
@@ -84,6 +98,13 @@ class Agent:
         self.heartbeats = HeartbeatReceiver(self)
         self.heartbeat_sender = HeartbeatSender(self)
         self.node_admin = NodeAdmin(self)
+        self.executor: Executor = executor or ProcessExecutor()
+        self.inbox = Inbox(self)
+        self.leases = LeaseService(self)
+        self.runner = AttemptRunner(self)
+        self.worker = Worker(self, self.runner)
+        self.submitter = Submitter(self)
+        self.gpu = GpuService(self)
         self.authenticator = Authenticator(
             node_id=self.node_id,
             clock=clock,
@@ -174,6 +195,11 @@ class Agent:
             *self.enrollment.routes(),
             *self.heartbeats.routes(),
             *self.node_admin.routes(),
+            *self.inbox.routes(),
+            *self.leases.routes(),
+            *self.worker.routes(),
+            *self.submitter.routes(),
+            *self.gpu.routes(),
             Route("GET", "/v1/populi/health", self._health, roles=None, name="health"),
             Route("GET", "/v1/populi/status", self._status, roles=ANY_MEMBER, name="status"),
             Route(
@@ -299,24 +325,34 @@ class Agent:
     # -- hooks for features (overridden / extended as they land) ----------------------------
 
     def heartbeat_report(self) -> dict[str, Any]:
-        """Extra fields this node puts in its heartbeat (GPU summary, held leases)."""
+        """Extra fields this node puts in its heartbeat: GPU summary, held leases."""
+        uptime = 0.0 if self.started_mono is None else self.clock.mono() - self.started_mono
         return {
-            "uptime_s": round(
-                0.0 if self.started_mono is None else self.clock.mono() - self.started_mono, 3
-            )
+            "uptime_s": round(uptime, 3),
+            "leases": self.worker.held_leases(),
+            **self.gpu.heartbeat_report(),
         }
 
     def heartbeat_answer_extras(self, node_id: str, report: dict[str, Any]) -> dict[str, Any]:
-        return {}
+        return self.gpu.answer_extras(node_id)
 
     async def on_heartbeat(self, node_id: str, report: dict[str, Any]) -> None:
+        self.gpu.on_heartbeat(node_id, report)
         await trio.lowlevel.checkpoint()
 
     async def on_heartbeat_answer(self, answer: dict[str, Any]) -> None:
+        self.gpu.absorb_answer(answer)
         await trio.lowlevel.checkpoint()
 
     def on_self_register(self, write: RegisterWrite) -> None:
         """A node's own register (e.g. GPU quarantine) reached the control plane."""
+        self.record_event(
+            write.node_id,
+            "register",
+            actor=write.actor,
+            reason=write.reason,
+            detail={"attribute": write.attribute, "value": write.value},
+        )
 
     async def on_lifecycle_changed(self, node_id: str) -> None:
         await trio.lowlevel.checkpoint()
@@ -325,17 +361,44 @@ class Agent:
         """Called on the control plane after membership or revocations change."""
 
     def gpu_view(self, node_id: str) -> dict[str, Any] | None:
-        return None
+        return self.gpu.view(node_id)
+
+    def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
+        return self.gpu.allocatable_gpus(node_id)
+
+    def verified_gpu_uuids(self) -> list[str]:
+        return self.gpu.verified_uuids()
+
+    def own_pids(self) -> set[int]:
+        return self.worker.own_pids()
+
+    def policy_gates(self) -> frozenset[tuple[str, str]]:
+        gates = self.records.settings.get("policy_gates") or []
+        return frozenset(tuple(g.split(":", 1)) for g in gates)  # type: ignore[misc]
 
     async def stop_all_work(self, *, reason: str) -> int:
         """Stop every task this node runs and release their leases; returns how many."""
-        await trio.lowlevel.checkpoint()
-        return 0
+        local = await self.submitter.stop_all(reason)
+        remote = await self.worker.stop_all(reason)
+        return local + remote
 
     async def leave(self, *, reason: str, actor: str) -> dict[str, Any]:
         result = await leave_sequence(self, reason=reason, actor=actor)
-        self._leave_done.set()
+        if result["acknowledged"]:
+            self._leave_done.set()
+        # Otherwise the heartbeat loop keeps saying goodbye until the control plane hears
+        # it, and then the agent stops (a node that left is told from one that vanished).
         return result
+
+    def leave_acknowledged(self) -> None:
+        self.record_event(
+            self.node_id,
+            "left",
+            actor=self.node_id,
+            reason="acknowledged late",
+            detail={"acknowledged": True},
+        )
+        self._leave_done.set()
 
     # -- certificate renewal --------------------------------------------------------------
 
@@ -373,13 +436,17 @@ class Agent:
         task_status.started()
         while True:
             info = node_certificate_info(self.identity.node_cert)
-            renew_at = info.not_before_s + (info.not_after_s - info.not_before_s) * 2 / 3
+            # Two thirds of the lifetime as issued (the start is back-dated for skew).
+            issued = info.not_before_s + BACKDATE_S
+            renew_at = issued + (info.not_after_s - issued) * 2 / 3
             wait = renew_at - self.clock.wall()
             if wait > 0:
                 await trio.sleep(min(wait, 3600.0))
                 continue
             try:
                 await self.renew_certificate()
+                # Never renew more often than once a minute, whatever the lifetime.
+                await trio.sleep(60.0)
             except PopuliError as exc:
                 log(
                     self.logger,
@@ -456,11 +523,12 @@ class Agent:
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
-        services: list[Callable[..., Any]] = [self.run_cert_renewal]
+        services: list[Callable[..., Any]] = [self.run_cert_renewal, self.gpu.run]
         if self.is_control_plane:
-            services.append(SelfBeat(self, self.heartbeats).run)
+            services += [SelfBeat(self, self.heartbeats).run, self.leases.run]
         else:
             services.append(self.heartbeat_sender.run)
+        services += [self.worker.run, self.submitter.run]
         return services
 
     async def shutdown_services(self) -> None:

@@ -179,7 +179,7 @@ class Enrollment:
     # -- join -----------------------------------------------------------------------------
 
     async def _join_ca(self, request: Request) -> dict[str, Any]:
-        self._rate_limit(request)
+        # Public and static: not counted against the join rate (a join is challenge + enroll).
         identity = self.agent.identity
         return {
             "cluster_id": identity.cluster_id,
@@ -276,7 +276,16 @@ class Enrollment:
                 f"key {node_id} is already enrolled; every join needs a fresh key",
                 code="key_reused",
             )
-        holder = next((m for m in self.agent.membership.nodes() if m.name == name), None)
+        # A name is held by a live node: not retired, certificate not expired. A retired
+        # node keeps its record (until deleted) but, once unretired, not its name.
+        holder = next(
+            (
+                m
+                for m in self.agent.membership.nodes()
+                if m.name == name and not self.agent.revocations.is_revoked(m.id)
+            ),
+            None,
+        )
         if holder is not None and holder.cert_not_after_ms > now_ms - skew_ms:
             raise Conflict(
                 f"node name {name!r} is taken by {holder.id}; pick another --name",
@@ -503,7 +512,7 @@ class Enrollment:
                     actor=request.caller.id,
                     detail={"token_id": token_id},
                 )
-        return {"token": self._token_row_json(self._token_row(token_id))}
+        return {"summary": self._token_row_json(self._token_row(token_id))}
 
     # -- certificates ---------------------------------------------------------------------
 
@@ -554,8 +563,7 @@ class Enrollment:
         member = self.agent.membership.resolve_node(request.path_params["node"])
         if member.id == self.agent.node_id:
             raise Conflict("the control plane cannot retire itself", code="retire_self")
-        body = request.json() if request.body else {}
-        reason = str(body.get("reason") or "retired by operator")[:200]
+        reason = request.reason("retired by operator")
         before, _after = self.agent.registry.command(
             member.id,
             "retire",
@@ -596,8 +604,7 @@ class Enrollment:
     async def _delete(self, request: Request) -> dict[str, Any]:
         self._require_cp()
         member = self.agent.membership.resolve_node(request.path_params["node"])
-        body = request.json() if request.body else {}
-        reason = str(body.get("reason") or "deleted by operator")[:200]
+        reason = request.reason("deleted by operator")
         self.agent.registry.command(
             member.id,
             "delete",

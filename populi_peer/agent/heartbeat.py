@@ -127,13 +127,14 @@ class HeartbeatReceiver:
         scope = scope_of(agent, address)
         self.seen[caller.id] = Seen(agent.clock.mono(), address, scope, report["status"], report)
         self._update_member(member, report)
-        for raw in report["registers"]:
-            write = RegisterWrite.from_json(raw)
+        writes = [RegisterWrite.from_json(raw) for raw in report["registers"]]
+        for write in writes:  # all checked before any is applied
             if write.node_id != caller.id or write.writer_class != "self":
                 raise Forbidden(
                     "a node may only send registers about itself, as itself",
                     code="writer_not_allowed",
                 )
+        for write in writes:
             before = agent.registry.lifecycle(caller.id)
             if agent.registry.apply(write) and write.attribute == LIFECYCLE:
                 after = agent.registry.lifecycle(caller.id)
@@ -308,10 +309,12 @@ class HeartbeatSender:
         task_status.started()
         failures = 0
         while True:
-            if self.agent.leaving:
-                return
+            leaving = self.agent.leaving
             try:
-                await self.beat_once()
+                answer = await self.beat_once(status="leaving" if leaving else "running")
+                if leaving and (answer.get("lifecycle") or {}).get("state") == "left":
+                    self.agent.leave_acknowledged()
+                    return
             except PopuliError as exc:
                 if (
                     exc.code in ("unknown_signer", "signature_invalid")

@@ -25,7 +25,7 @@ from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.lifecycle import NodeLifecycle, effective
 from populi_peer.core.registers import LIFECYCLE
-from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound
+from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
 
 if TYPE_CHECKING:
@@ -68,11 +68,7 @@ class NodeAdmin:
         agent.require_control_plane()
         member = agent.membership.resolve_node(request.path_params["node"])
         body = request.json() if request.body else {}
-        reason = body.get("reason", "")
-        if not isinstance(reason, str) or len(reason) > MAX_REASON or "\n" in reason:
-            raise BadRequest(
-                f"'reason' must be one line of at most {MAX_REASON} characters", code="bad_request"
-            )
+        reason = request.reason("")
         now_ms = int(agent.clock.wall() * 1000)
         deadline = _relative_or_absolute(body, "deadline", now_ms)
         until = _relative_or_absolute(body, "until", now_ms)
@@ -215,8 +211,7 @@ class NodeAdmin:
                 "the control plane cannot leave: until election lands it is the cluster's single point of failure",
                 code="control_plane_cannot_leave",
             )
-        body = request.json() if request.body else {}
-        reason = str(body.get("reason") or "left voluntarily")[:MAX_REASON]
+        reason = request.reason("left voluntarily")
         result = await agent.leave(reason=reason, actor=caller.id)
         return result
 
@@ -262,7 +257,15 @@ async def leave_sequence(agent: Agent, *, reason: str, actor: str) -> dict[str, 
     agent.heartbeat_sender.outbox_registers.append(write.to_json())
     answer = None
     with trio.move_on_after(agent.config.api.request_timeout_s):
-        answer = await agent.heartbeat_sender.beat_once(status="leaving")
+        try:
+            answer = await agent.heartbeat_sender.beat_once(status="leaving")
+        except PopuliError as exc:
+            log(
+                get_logger("nodes"),
+                logging.WARNING,
+                "could not tell the control plane that this node leaves; retrying with every heartbeat",
+                error=str(exc),
+            )
     acknowledged = bool(answer and (answer.get("lifecycle") or {}).get("state") == "left")
     agent.record_event(
         agent.node_id,

@@ -25,6 +25,7 @@ from populi_peer.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge,
 from populi_peer.log import correlation_id, get_logger, log
 
 ANY_MEMBER = frozenset({"operator", "submit", "voter", "worker"})
+MAX_REASON_CHARS = 200
 _CID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
 
@@ -57,6 +58,24 @@ class Request:
                 raise BadRequest("request body must be a JSON object", code="bad_json")
             self._json = value
         return dict(self._json)
+
+    def reason(self, default: str) -> str:
+        """The optional ``reason`` of an operator action: one line, at most 200 characters."""
+        body = self.json() if self.body else {}
+        value = body.get("reason")
+        if value is None or value == "":
+            return default
+        if (
+            not isinstance(value, str)
+            or len(value) > MAX_REASON_CHARS
+            or "\n" in value
+            or "\r" in value
+        ):
+            raise BadRequest(
+                f"'reason' must be one line of at most {MAX_REASON_CHARS} characters",
+                code="bad_request",
+            )
+        return value
 
     def query_one(self, name: str, default: str | None = None) -> str | None:
         values = parse_qs(self.query, keep_blank_values=True).get(name)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from populi_peer.clock import SystemClock
     from populi_peer.joining import join_cluster
 
-    token_text = sys.stdin.read().strip() if args.token == "-" else args.token  # noqa: S105 - "-" means stdin
+    token_text = sys.stdin.read().strip() if args.token == "-" else args.token
     for flag, value in [("--listen", args.listen), *(("--advertise", a) for a in args.advertise)]:
         try:
             parse_host_port(value)

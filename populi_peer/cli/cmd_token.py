@@ -125,5 +125,5 @@ def run_revoke(args: argparse.Namespace) -> int:
     if args.json:
         print_json(answer)
     else:
-        sys.stdout.write(f"token {answer['token']['token_id']} is {answer['token']['state']}\n")
+        sys.stdout.write(f"token {answer['summary']['token_id']} is {answer['summary']['state']}\n")
     return 0

@@ -180,6 +180,11 @@ class _Caller:
                             await waiter[0].wait()
                     if len(results) > seen:
                         seen = len(results)  # an answer: the next call gets a full timeout
+                        if seen == len(calls) or (stop is not None and stop(results[-1])):
+                            # Every answer is in: do not wait for the thread's own return,
+                            # which a timeout could misread as a hang.
+                            nursery.cancel_scope.cancel()
+                            break
                         continue
                     if not finished[0]:
                         timed_out = True

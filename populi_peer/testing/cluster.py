@@ -195,6 +195,7 @@ class VirtualCluster:
         skew_s: float = 0.0,
         config: Config | None = None,
         start: bool = True,
+        force: bool = False,
     ) -> Agent | None:
         token = token or await self.mint_token(roles=roles or ["worker", "submit"])
         node = self._new_node(name, address=address, skew_s=skew_s, config=config)
@@ -210,6 +211,7 @@ class VirtualCluster:
             advertise=[f"{node.host}:443"],
             clock=node.clock,
             transports=transports,
+            force=force,
         )
         return await self.start(name) if start else None
 

@@ -116,7 +116,9 @@ async def test_retired_name_is_blocked_until_unretire(
         # ...and a fresh unbound token cannot take the name either.
         token = await cluster.mint_token()
         cluster.nodes.pop("w1")
-        error = await _join_error(cluster, "w1", token)
+        with pytest.raises(RefusedError) as info:
+            await cluster.join("w1", token=token, force=True)
+        error = info.value
         assert error.code == "name_retired"
         assert "populi node unretire w1" in str(error)
         async with cluster.operator_client() as client:
@@ -127,7 +129,7 @@ async def test_retired_name_is_blocked_until_unretire(
                 "token"
             ]
         cluster.nodes.pop("w1")
-        agent = await cluster.join("w1", token=bound)
+        agent = await cluster.join("w1", token=bound, force=True)
         assert agent is not None
         old = [m for m in cluster.cp.membership.nodes() if m.name == "w1"]
         assert len(old) == 2  # the retired record stays until deleted; the new one is fresh

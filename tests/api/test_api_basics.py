@@ -45,20 +45,28 @@ async def test_replayed_signed_request_is_refused(virtual_agent: Agent) -> None:
         assert first.status_code == 200
         replay = first.request
         # Send the very same signed request again, bypassing the signer.
-        again = await client.send(httpx.Request(replay.method, replay.url, headers=replay.headers), auth=None)
+        again = await client.send(
+            httpx.Request(replay.method, replay.url, headers=replay.headers), auth=None
+        )
     assert again.status_code == 401
     assert again.json()["error"]["code"] == "signature_replayed"
 
 
 async def test_correlation_id_is_echoed(virtual_agent: Agent) -> None:
     async with unsigned_client(virtual_agent) as client:
-        response = await client.get("/v1/populi/health", headers={"populi-correlation-id": "abc-123"})
+        response = await client.get(
+            "/v1/populi/health", headers={"populi-correlation-id": "abc-123"}
+        )
     assert response.headers["populi-correlation-id"] == "abc-123"
 
 
 async def test_node_credential_on_operator_route_is_403(virtual_agent: Agent) -> None:
-    async with signed_client(virtual_agent, credential=virtual_agent.identity.node_credential) as client:
-        response = await client.post("/v1/populi/admin/settings", json={"changes": {"kill_switch": True}})
+    async with signed_client(
+        virtual_agent, credential=virtual_agent.identity.node_credential
+    ) as client:
+        response = await client.post(
+            "/v1/populi/admin/settings", json={"changes": {"kill_switch": True}}
+        )
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "role_required"
 
@@ -66,10 +74,14 @@ async def test_node_credential_on_operator_route_is_403(virtual_agent: Agent) ->
 async def test_settings_change_is_signed_validated_and_versioned(virtual_agent: Agent) -> None:
     async with signed_client(virtual_agent) as client:
         before = (await client.get("/v1/populi/settings")).json()["settings"]
-        response = await client.post("/v1/populi/admin/settings", json={"changes": {"max_lease_ttl_s": 60}})
+        response = await client.post(
+            "/v1/populi/admin/settings", json={"changes": {"max_lease_ttl_s": 60}}
+        )
         assert response.status_code == 200
         after = response.json()["settings"]
-        bad = await client.post("/v1/populi/admin/settings", json={"changes": {"max_lease_ttl_s": 1e9}})
+        bad = await client.post(
+            "/v1/populi/admin/settings", json={"changes": {"max_lease_ttl_s": 1e9}}
+        )
         unknown = await client.post("/v1/populi/admin/settings", json={"changes": {"nope": 1}})
     assert after["serial"] == before["serial"] + 1
     assert after["values"]["max_lease_ttl_s"] == 60.0
@@ -82,8 +94,16 @@ async def test_settings_change_is_signed_validated_and_versioned(virtual_agent: 
 
 async def test_malformed_json_is_400_with_json_error(virtual_agent: Agent) -> None:
     async with signed_client(virtual_agent) as client:
-        response = await client.post("/v1/populi/admin/settings", content=b"{not json", headers={"content-type": "application/json"})
-        array = await client.post("/v1/populi/admin/settings", content=b"[1]", headers={"content-type": "application/json"})
+        response = await client.post(
+            "/v1/populi/admin/settings",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        array = await client.post(
+            "/v1/populi/admin/settings",
+            content=b"[1]",
+            headers={"content-type": "application/json"},
+        )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "bad_json"
     assert array.status_code == 400
@@ -93,7 +113,11 @@ async def test_body_over_the_limit_is_413(virtual_agent: Agent) -> None:
     limit = virtual_agent.config.api.max_body_bytes
     payload = json.dumps({"changes": {"x": "a" * (limit + 10)}}).encode()
     async with signed_client(virtual_agent) as client:
-        response = await client.post("/v1/populi/admin/settings", content=payload, headers={"content-type": "application/json"})
+        response = await client.post(
+            "/v1/populi/admin/settings",
+            content=payload,
+            headers={"content-type": "application/json"},
+        )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
 
@@ -118,6 +142,11 @@ async def test_tampered_signature_header_is_401(virtual_agent: Agent) -> None:
 
 def test_contract_rejects_an_undocumented_answer() -> None:
     request = httpx.Request("GET", "https://x/v1/populi/health")
-    response = httpx.Response(200, json={"v": 1, "server_time_ms": 1}, headers={"content-type": "application/json"}, request=request)
+    response = httpx.Response(
+        200,
+        json={"v": 1, "server_time_ms": 1},
+        headers={"content-type": "application/json"},
+        request=request,
+    )
     with pytest.raises(Exception):  # noqa: B017 - any validation error will do
         validate(request, response)

@@ -1,0 +1,537 @@
+"""Running one attempt of a task under its lease: shared by the worker (remote attempts)
+and the submitter (local attempts).
+
+DESIGN rule 3, step by step:
+
+1. A holder with a renewable lease renews it itself before it starts the task; its local
+   deadline counts from when that renewal was *sent*, on ``CLOCK_BOOTTIME``
+   (``core.leases.worker_deadline_boot``). A refused renewal means the task never starts.
+2. The task runs under its own supervisor process, which stops the whole tree by
+   ``deadline - stop_margin`` by itself; a paused or dead agent cannot keep it alive.
+3. The agent renews every TTL/3 and extends the supervisor's deadline after each renewal
+   (again from when it was sent). A renewal refused (revoked, no longer live) stops the
+   task at once; an unreachable control plane changes nothing: the supervisor's deadline
+   runs out on its own.
+4. When the task ends, the outcome is stored durably, then the lease is released:
+   ``completed`` if the command ran to its end (whatever its exit code), ``stopped``
+   otherwise.
+
+Attempt rows (table ``attempts``) record every step, so an agent restarted within the
+lease re-adopts its supervisors (``resume``) and one that cannot kills what it recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from populi_peer.core.leases import renew_interval_s, worker_deadline_boot
+from populi_peer.errors import PopuliError
+from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
+from populi_peer.log import get_logger, log
+
+if TYPE_CHECKING:
+    from populi_peer.agent.agent import Agent
+    from populi_peer.agent.executor import Execution
+
+#: Kept of each stream in a result message (the rest stays on the worker).
+RESULT_TAIL_BYTES = 64 * 1024
+#: Deadline of an attempt with no lease to renew (a local run without GPUs): effectively
+#: none; ``--timeout`` and cancel stop it.
+NO_LEASE_DEADLINE_S = 10 * 365 * 86400.0
+
+
+@dataclass(frozen=True)
+class AttemptPlan:
+    task_id: str
+    attempt: int
+    role: str  # "worker" | "local"
+    submitter: str
+    token: str
+    lease_id: str | None
+    ttl_s: float | None
+    renewable: bool
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    gpus: tuple[str, ...]
+    work_class: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "attempt": self.attempt,
+            "role": self.role,
+            "submitter": self.submitter,
+            "token": self.token,
+            "lease_id": self.lease_id,
+            "ttl_s": self.ttl_s,
+            "renewable": self.renewable,
+            "argv": list(self.argv),
+            "env": dict(self.env),
+            "gpus": list(self.gpus),
+            "work_class": self.work_class,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AttemptPlan:
+        return cls(
+            task_id=str(data["task_id"]),
+            attempt=int(data["attempt"]),
+            role=str(data["role"]),
+            submitter=str(data["submitter"]),
+            token=str(data["token"]),
+            lease_id=data.get("lease_id"),
+            ttl_s=data.get("ttl_s"),
+            renewable=bool(data.get("renewable", False)),
+            argv=tuple(data["argv"]),
+            env=dict(data.get("env", {})),
+            gpus=tuple(data.get("gpus", [])),
+            work_class=str(data.get("work_class", "agent")),
+        )
+
+
+@dataclass
+class Running:
+    plan: AttemptPlan
+    execution: Execution | None = None
+    cancel_requested: bool = False
+    cancel_reason: str = ""
+    cancel_event: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+    result: dict[str, Any] | None = None
+
+
+class AttemptRunner:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.logger = get_logger("attempts")
+        self.running: dict[tuple[str, int, str], Running] = {}
+
+    # -- paths and rows -------------------------------------------------------------------
+
+    def task_dir(self, plan: AttemptPlan) -> Path:
+        return self.agent.identity.paths.tasks / plan.role / plan.task_id / str(plan.attempt)
+
+    def save(
+        self,
+        plan: AttemptPlan,
+        state: str,
+        *,
+        result: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        now_ms = int(self.agent.clock.wall() * 1000)
+        body = {**plan.to_json(), **(extra or {})}
+        with self.agent.store.transaction():
+            self.agent.store.execute(
+                "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, updated_ms) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, attempt, role) DO UPDATE SET "
+                "state=excluded.state, body=excluded.body, result=COALESCE(excluded.result, attempts.result), updated_ms=excluded.updated_ms",
+                (
+                    plan.task_id,
+                    plan.attempt,
+                    plan.role,
+                    plan.submitter,
+                    plan.token,
+                    plan.lease_id,
+                    state,
+                    json.dumps(body, sort_keys=True),
+                    None if result is None else json.dumps(result, sort_keys=True),
+                    now_ms,
+                ),
+            )
+
+    def row(self, task_id: str, attempt: int, role: str) -> Any:
+        return self.agent.store.execute(
+            "SELECT * FROM attempts WHERE task_id = ? AND attempt = ? AND role = ?",
+            (task_id, attempt, role),
+        ).fetchone()
+
+    # -- control plane calls --------------------------------------------------------------
+
+    async def _cp(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        return await agent.peers.call(
+            url=agent.control_plane_url,
+            node_id=agent.control_plane_id,
+            method="POST",
+            path=path,
+            payload=payload,
+            timeout_s=max(2.0, (payload.get("_ttl") or 6.0) / 3),
+        )
+
+    async def renew(self, plan: AttemptPlan) -> float:
+        """Renew; returns the new local deadline (boot clock, from when the request was sent)."""
+        assert plan.lease_id is not None and plan.ttl_s is not None
+        sent_boot = self.agent.clock.boot()
+        await self._cp(f"/v1/populi/exec/leases/{plan.lease_id}/renew", {"_ttl": plan.ttl_s})
+        return worker_deadline_boot(sent_boot, plan.ttl_s)
+
+    async def release(self, plan: AttemptPlan, outcome: str) -> str | None:
+        """Release the lease; returns its final state, or None if the control plane could
+        not be told (the lease then expires by itself: nothing depends on the release)."""
+        if plan.lease_id is None:
+            return None
+        try:
+            answer = await self._cp(
+                f"/v1/populi/exec/leases/{plan.lease_id}/release", {"outcome": outcome}
+            )
+        except PopuliError as exc:
+            log(
+                self.logger,
+                logging.INFO,
+                "lease release not accepted",
+                lease_id=plan.lease_id,
+                outcome=outcome,
+                error=str(exc),
+                code=exc.code,
+            )
+            return None
+        return str(answer["lease"]["state"])
+
+    # -- running --------------------------------------------------------------------------
+
+    def spec(self, plan: AttemptPlan) -> TaskSpec:
+        cfg = self.agent.config.exec
+        work = self.task_dir(plan) / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        env = build_task_env(
+            base=None,
+            passed=plan.env,
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            fencing_token=plan.token,
+            cuda_visible_devices=",".join(plan.gpus),
+        )
+        return TaskSpec(
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            argv=plan.argv,
+            env=env,
+            cwd=str(work),
+            stop_margin_s=cfg.stop_margin_s,
+            kill_grace_s=cfg.kill_grace_s,
+            output_cap_bytes=cfg.output_cap_bytes,
+        )
+
+    async def run(self, plan: AttemptPlan) -> dict[str, Any]:
+        """Run ``plan`` to its end; returns the stored result."""
+        key = (plan.task_id, plan.attempt, plan.role)
+        running = self.running.setdefault(key, Running(plan))
+        try:
+            return await self._run(running)
+        finally:
+            running.done.set()
+            self.running.pop(key, None)
+
+    async def _run(self, running: Running) -> dict[str, Any]:
+        plan = running.plan
+        agent = self.agent
+        started_ms = int(agent.clock.wall() * 1000)
+        if running.cancel_requested:
+            return self._finish(
+                plan, outcome="cancelled", started_ms=started_ms, detail=running.cancel_reason
+            )
+        deadline = agent.clock.boot() + NO_LEASE_DEADLINE_S
+        if plan.renewable:
+            try:
+                deadline = await self.renew(plan)
+            except PopuliError as exc:
+                # Not proved: never start (DESIGN rule 3).
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "lease not renewable before start; task not started",
+                    task_id=plan.task_id,
+                    attempt=plan.attempt,
+                    error=str(exc),
+                )
+                return self._finish(
+                    plan, outcome="lease_lost", started_ms=started_ms, detail=exc.code
+                )
+        task_dir = self.task_dir(plan)
+        try:
+            execution = await agent.executor.start(task_dir, self.spec(plan), deadline)
+        except SpawnFailed as exc:
+            code = int(exc.details.get("exit_code", 127))
+            result = self._finish(
+                plan, outcome="spawn_failed", started_ms=started_ms, exit_code=code, detail=str(exc)
+            )
+            await self.release(plan, "completed")
+            return result
+        except ExecError as exc:
+            result = self._finish(
+                plan, outcome="populi_failure", started_ms=started_ms, detail=str(exc)
+            )
+            await self.release(plan, "stopped")
+            return result
+        running.execution = execution
+        self.save(plan, "running", extra={"started_wall_ms": started_ms, "task_dir": str(task_dir)})
+        log(
+            self.logger,
+            logging.INFO,
+            "attempt started",
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            role=plan.role,
+            token=plan.token,
+            gpus=list(plan.gpus),
+        )
+        return await self._supervise(running, execution, started_ms)
+
+    async def resume(
+        self, plan: AttemptPlan, execution: Execution, started_ms: int
+    ) -> dict[str, Any]:
+        """Carry on with an attempt whose supervisor survived an agent restart."""
+        key = (plan.task_id, plan.attempt, plan.role)
+        running = self.running.setdefault(key, Running(plan, execution=execution))
+        try:
+            log(
+                self.logger,
+                logging.INFO,
+                "attempt re-adopted",
+                task_id=plan.task_id,
+                attempt=plan.attempt,
+                role=plan.role,
+            )
+            return await self._supervise(running, execution, started_ms)
+        finally:
+            running.done.set()
+            self.running.pop(key, None)
+
+    async def _supervise(
+        self, running: Running, execution: Execution, started_ms: int
+    ) -> dict[str, Any]:
+        plan = running.plan
+        lost: list[str] = []
+        outcome_box: list[Any] = []
+        async with trio.open_nursery() as nursery:
+
+            async def renew_loop() -> None:
+                assert plan.ttl_s is not None
+                while True:
+                    await trio.sleep(renew_interval_s(plan.ttl_s))
+                    try:
+                        execution.extend_deadline(await self.renew(plan))
+                    except PopuliError as exc:
+                        if definitive(exc):
+                            lost.append(lease_reason(exc))
+                            log(
+                                self.logger,
+                                logging.WARNING,
+                                "lease lost; stopping the task",
+                                task_id=plan.task_id,
+                                attempt=plan.attempt,
+                                reason=lost[-1],
+                            )
+                            execution.cancel()
+                            return
+                        # Unreachable: keep trying; the supervisor's deadline stands.
+                        log(
+                            self.logger,
+                            logging.INFO,
+                            "lease renewal failed; retrying",
+                            task_id=plan.task_id,
+                            error=str(exc),
+                        )
+
+            if plan.renewable:
+                nursery.start_soon(renew_loop)
+
+            async def watch_cancel() -> None:
+                await running.cancel_event.wait()
+                execution.cancel()
+
+            nursery.start_soon(watch_cancel)
+            try:
+                outcome_box.append(await execution.wait())
+            except ExecError as exc:
+                outcome_box.append(exc)
+            nursery.cancel_scope.cancel()
+        outcome = outcome_box[0]
+        if isinstance(outcome, Exception):
+            await self.agent.executor.kill_orphan(self.task_dir(plan))
+            result = self._finish(plan, outcome="lost", started_ms=started_ms, detail=str(outcome))
+            await self.release(plan, "stopped")
+            return result
+        stop_reason = outcome.stop_reason
+        if lost:
+            kind = "lease_lost"
+        elif stop_reason == "exited":
+            kind = "exited"
+        elif stop_reason == "cancelled":
+            kind = "cancelled"
+        elif stop_reason == "deadline":
+            kind = "lease_lost"
+        elif stop_reason == "spawn_failed":
+            kind = "spawn_failed"
+        else:
+            kind = "populi_failure"
+        result = self._finish(
+            plan,
+            outcome=kind,
+            started_ms=int((outcome.started_at_wall or started_ms / 1000) * 1000),
+            stopped_ms=int(outcome.stopped_at_wall * 1000) if outcome.stopped_at_wall else None,
+            exit_code=outcome.exit_code,
+            signal=outcome.signal,
+            stop_reason=stop_reason,
+            detail=lost[0] if lost else (running.cancel_reason if kind == "cancelled" else ""),
+            totals=(outcome.stdout_total_bytes, outcome.stderr_total_bytes),
+        )
+        await self.release(plan, "completed" if kind in ("exited", "spawn_failed") else "stopped")
+        return result
+
+    def _finish(
+        self,
+        plan: AttemptPlan,
+        *,
+        outcome: str,
+        started_ms: int,
+        stopped_ms: int | None = None,
+        exit_code: int | None = None,
+        signal: int | None = None,
+        stop_reason: str | None = None,
+        detail: str = "",
+        totals: tuple[int, int] = (0, 0),
+    ) -> dict[str, Any]:
+        task_dir = self.task_dir(plan)
+        tails = {}
+        for stream in ("stdout", "stderr"):
+            try:
+                data = (
+                    self.agent.executor.tail(task_dir, stream, RESULT_TAIL_BYTES)
+                    if task_dir.exists()
+                    else b""
+                )
+            except (OSError, ValueError, PopuliError):
+                data = b""
+            tails[stream] = base64.b64encode(data).decode("ascii")
+        result = {
+            "task_id": plan.task_id,
+            "attempt": plan.attempt,
+            "token": plan.token,
+            "lease_id": plan.lease_id,
+            "node": self.agent.node_id,
+            "role": plan.role,
+            "outcome": outcome,
+            "exit_code": exit_code,
+            "signal": signal,
+            "stop_reason": stop_reason,
+            "detail": detail,
+            "gpus": list(plan.gpus),
+            "started_wall_ms": started_ms,
+            "stopped_wall_ms": stopped_ms
+            if stopped_ms is not None
+            else int(self.agent.clock.wall() * 1000),
+            "stdout_tail_b64": tails["stdout"],
+            "stderr_tail_b64": tails["stderr"],
+            "stdout_total": totals[0],
+            "stderr_total": totals[1],
+        }
+        self.save(plan, "finished", result=result)
+        log(
+            self.logger,
+            logging.INFO,
+            "attempt finished",
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            role=plan.role,
+            outcome=outcome,
+            exit_code=exit_code,
+            signal=signal,
+        )
+        return result
+
+    def request_cancel(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
+        running = self.running.get((task_id, attempt, role))
+        if running is None:
+            return False
+        running.cancel_requested = True
+        running.cancel_reason = reason
+        running.cancel_event.set()
+        return True
+
+    async def recover(self, role: str, on_result: Any) -> list[tuple[AttemptPlan, Any]]:
+        """At start: attempts recorded as running are re-adopted if their supervisor is
+        alive, otherwise whatever is left of them is killed and they end as ``lost`` (or
+        with the outcome their supervisor recorded). Returns (plan, execution) pairs to
+        resume; the caller owns running them."""
+        to_resume: list[tuple[AttemptPlan, Any]] = []
+        rows = self.agent.store.execute(
+            "SELECT * FROM attempts WHERE role = ? AND state IN ('accepted', 'running')", (role,)
+        ).fetchall()
+        for row in rows:
+            body = json.loads(row["body"])
+            plan = AttemptPlan.from_json(body)
+            task_dir = self.task_dir(plan)
+            execution = self.agent.executor.adopt(task_dir) if task_dir.exists() else None
+            if execution is not None:
+                to_resume.append((plan, execution))
+                continue
+            killed = await self.agent.executor.kill_orphan(task_dir) if task_dir.exists() else False
+            from populi_peer.exec import read_state
+
+            state = read_state(task_dir) if task_dir.exists() else None
+            if state is not None and state.status == "exited":
+                result = self._finish(
+                    plan,
+                    outcome="exited"
+                    if state.stop_reason == "exited"
+                    else ("cancelled" if state.stop_reason == "cancelled" else "lease_lost"),
+                    started_ms=int((state.started_at_wall or 0) * 1000),
+                    stopped_ms=int(state.stopped_at_wall * 1000) if state.stopped_at_wall else None,
+                    exit_code=state.exit_code,
+                    signal=state.signal,
+                    stop_reason=state.stop_reason,
+                    totals=(state.stdout.total_bytes, state.stderr.total_bytes),
+                )
+                await self.release(
+                    plan, "completed" if state.stop_reason == "exited" else "stopped"
+                )
+            else:
+                result = self._finish(
+                    plan,
+                    outcome="lost",
+                    started_ms=int(body.get("started_wall_ms", 0)),
+                    detail="agent restarted and could not re-adopt the task"
+                    + (" (killed its leftovers)" if killed else ""),
+                )
+                await self.release(plan, "stopped")
+            await on_result(plan, result)
+        return to_resume
+
+
+def definitive(exc: PopuliError) -> bool:
+    """Did the control plane answer (refused, unknown, not allowed), as opposed to not
+    being reachable?"""
+    return exc.details.get("http_status") in (401, 403, 404, 409)
+
+
+def lease_reason(exc: PopuliError) -> str:
+    reasons = exc.details.get("reasons")
+    if isinstance(reasons, list) and reasons:
+        return str(reasons[0])
+    return exc.code
+
+
+def decode_tail(b64: str | None) -> bytes:
+    return base64.b64decode(b64 or "")
+
+
+def plan_with(plan: AttemptPlan, **changes: Any) -> AttemptPlan:
+    return replace(plan, **changes)
+
+
+__all__ = [
+    "NO_LEASE_DEADLINE_S",
+    "RESULT_TAIL_BYTES",
+    "AttemptPlan",
+    "AttemptRunner",
+    "decode_tail",
+]

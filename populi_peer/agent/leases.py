@@ -1,0 +1,542 @@
+"""Execution leases on the control plane: the trio shell around ``core.leases.LeaseTable``.
+
+Every operation of the pure table returns the leases to persist; they are written in one
+``synchronous=FULL`` transaction (with the token counter) before the new table is adopted
+and before anyone is answered (DESIGN rules 4 and 7). Renewals change only the in-memory
+expiry, which is never persisted: after a restart every holding lease counts as renewed at
+restart (rule 5). A restart of the term's control plane needs no grant hold — every grant
+it ever acknowledged is on disk — while a newly elected leader will (``set_term``).
+
+Routes:
+- ``POST /v1/populi/exec/leases`` (submit): grant; the control plane re-checks the target's
+  lifecycle, staleness, GPU health and free GPUs from its own view (rule 6).
+- ``POST /v1/populi/exec/leases/{lease_id}/renew`` and ``/release`` (the holder).
+- ``GET /v1/populi/exec/leases`` (filters ``node``, ``task``, ``state``) and ``/{lease_id}``.
+- ``POST /v1/populi/exec/fallback`` (submit): the control plane's word that a task's lease
+  is dead, with a higher token for the local attempt (a ``local`` lease on the submitter's
+  GPUs, or a ``fence`` when it needs none).
+- ``POST /v1/populi/admin/exec-lease-revoke`` (operator).
+
+A timer declares leases dead at ``expires + margin`` (persisted first); a reconcile pass
+flags leases whose holder is stale or quarantined (and revokes them with the
+``auto_revoke_stale_leases`` setting), and revokes those of a node whose drain deadline
+has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.core.eligibility import routing_eligibility
+from populi_peer.core.leases import (
+    GrantRequest,
+    HolderStatus,
+    Lease,
+    LeaseRefused,
+    LeaseSettings,
+    LeaseTable,
+    TargetView,
+)
+from populi_peer.core.policy import decide
+from populi_peer.errors import BadRequest
+from populi_peer.log import get_logger, log
+
+if TYPE_CHECKING:
+    from populi_peer.agent.agent import Agent
+
+SUBMIT = frozenset({"submit"})
+HOLDERS = frozenset({"worker", "submit"})
+OPERATOR = frozenset({"operator"})
+RECONCILE_INTERVAL_S = 1.0
+_SCOPE_RANK = {"local": 0, "lan": 1, "overlay": 2}
+
+
+def new_lease_id() -> str:
+    return "l-" + secrets.token_hex(8)
+
+
+class LeaseService:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.logger = get_logger("leases")
+        self.table: LeaseTable | None = None
+        self.flags: dict[str, HolderStatus] = {}
+        self._kick = trio.Event()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def settings(self) -> LeaseSettings:
+        values = self.agent.records.settings
+        return LeaseSettings(
+            max_lease_ttl_s=float(values["max_lease_ttl_s"]),
+            expiry_margin_s=float(values["lease_expiry_margin_s"]),
+            leader_lease_s=float(values["leader_lease_s"]),
+        )
+
+    def load(self) -> None:
+        """Rebuild the table from the store (control plane start)."""
+        rows = self.agent.store.execute("SELECT body FROM leases").fetchall()
+        leases = [Lease.from_json(json.loads(row["body"])) for row in rows]
+        next_seq = int(self.agent.store.get_meta("lease_next_seq", "1") or "1")
+        self.table = LeaseTable.restore(
+            leases,
+            term=self.agent.term,
+            next_seq=next_seq,
+            settings=self.settings(),
+            now_mono=self.agent.clock.mono(),
+            hold_s=0.0,
+        )
+        if leases:
+            log(
+                self.logger,
+                logging.INFO,
+                "lease table restored",
+                leases=len(leases),
+                holding=len(self.table.holding()),
+            )
+
+    def _table(self) -> LeaseTable:
+        self.agent.require_control_plane()
+        if self.table is None:
+            self.load()
+        assert self.table is not None
+        if self.table.settings != self.settings():
+            self.table = replace(self.table, settings=self.settings())
+        return self.table
+
+    def _commit(self, table: LeaseTable, records: tuple[Lease, ...] | list[Lease]) -> None:
+        """Persist ``records`` (and the token counter) durably, then adopt ``table``."""
+        if records:
+            now_ms = int(self.agent.clock.wall() * 1000)
+            with self.agent.store.transaction():
+                for lease in records:
+                    self.agent.store.execute(
+                        "INSERT INTO leases (lease_id, task_id, holder, state, body, updated_ms) VALUES (?,?,?,?,?,?) "
+                        "ON CONFLICT (lease_id) DO UPDATE SET state=excluded.state, body=excluded.body, updated_ms=excluded.updated_ms",
+                        (
+                            lease.lease_id,
+                            lease.task_id,
+                            lease.holder,
+                            lease.state,
+                            json.dumps(lease.to_json(), sort_keys=True),
+                            now_ms,
+                        ),
+                    )
+                self.agent.store.execute(
+                    "INSERT INTO meta (key, value) VALUES ('lease_next_seq', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(table.next_seq),),
+                )
+        self.table = table
+        self._kick.set()
+
+    def lease_json(self, lease: Lease) -> dict[str, Any]:
+        data = lease.to_json()
+        data["expires_in_s"] = None
+        if lease.holding and lease.kind != "fence":
+            data["expires_in_s"] = round(lease.expires_mono - self.agent.clock.mono(), 3)
+        data["flag"] = self.flags.get(lease.lease_id)
+        return data
+
+    # -- the control plane's own view of a target (DESIGN rule 6) --------------------------
+
+    def target_view(
+        self, node_id: str, *, gpus_wanted: int, work_class: str, submitter: str
+    ) -> TargetView:
+        agent = self.agent
+        member = agent.membership.get(node_id)
+        if member is None or member.kind != "node":
+            return TargetView(node_id=node_id, eligible=False, reasons=("unknown_node",))
+        now_ms = int(agent.clock.wall() * 1000)
+        receiver = agent.heartbeats
+        seen = receiver.seen.get(node_id)
+        _, stale_after = receiver.timings(seen.scope if seen else "lan")
+        allocatable, unhealthy = agent.allocatable_gpus(node_id)
+        eligibility = routing_eligibility(
+            lifecycle=agent.registry.lifecycle(node_id),
+            heartbeat_age_ms=receiver.age_ms(node_id),
+            stale_after_ms=int(stale_after * 1000),
+            now_wall_ms=now_ms,
+            gpus_wanted=gpus_wanted,
+            allocatable_gpus=len(allocatable),
+            unhealthy_gpus=unhealthy,
+        )
+        reasons = [r for r in eligibility.reasons if r != "no_free_gpu"]
+        if node_id != submitter:
+            settings = agent.records.settings
+            if settings["kill_switch"] or not settings["remote_exec_enabled"]:
+                reasons.append("remote_disabled")
+            scope = self.path_scope(submitter, node_id)
+            decision = decide(work_class, scope, gates_enabled=agent.policy_gates())  # type: ignore[arg-type]
+            if not decision.allowed:
+                reasons.append(decision.reason or "policy_blocked")
+        return TargetView(
+            node_id=node_id,
+            eligible=not reasons,
+            reasons=tuple(reasons),
+            allocatable_gpus=tuple(allocatable),
+        )
+
+    def path_scope(self, a: str, b: str) -> str:
+        """The most patient of the scopes of ``a`` and ``b`` as the control plane sees
+        them: the path between two nodes is at best as close as each one is to us."""
+        seen = self.agent.heartbeats.seen
+        scopes = [seen[n].scope if n in seen else "overlay" for n in (a, b)]
+        return max(scopes, key=lambda s: _SCOPE_RANK[s])
+
+    # -- routes ---------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("POST", "/v1/populi/exec/leases", self._grant, roles=SUBMIT, name="lease_grant"),
+            Route("GET", "/v1/populi/exec/leases", self._list, roles=ANY_MEMBER, name="lease_list"),
+            Route(
+                "GET",
+                "/v1/populi/exec/leases/{lease_id}",
+                self._get,
+                roles=ANY_MEMBER,
+                name="lease_get",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/exec/leases/{lease_id}/renew",
+                self._renew,
+                roles=HOLDERS,
+                name="lease_renew",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/exec/leases/{lease_id}/release",
+                self._release,
+                roles=HOLDERS,
+                name="lease_release",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/exec/fallback",
+                self._fallback,
+                roles=SUBMIT,
+                name="lease_fallback",
+            ),
+            Route(
+                "POST",
+                "/v1/populi/admin/exec-lease-revoke",
+                self._revoke,
+                roles=OPERATOR,
+                name="lease_revoke",
+            ),
+        ]
+
+    def _now(self) -> tuple[float, int]:
+        return self.agent.clock.mono(), int(self.agent.clock.wall() * 1000)
+
+    async def _grant(self, request: Request) -> dict[str, Any]:
+        table = self._table()
+        body = request.json()
+        submitter = request.caller.id
+        try:
+            grant = GrantRequest(
+                task_id=_text(body, "task_id"),
+                attempt=_int(body, "attempt"),
+                work_class=_text(body, "work_class"),  # type: ignore[arg-type]
+                target=_text(body, "target"),
+                gpus_wanted=_int(body, "gpus_wanted"),
+                ttl_s=_number(body, "ttl_s"),
+                submitter=submitter,
+            )
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"grant request: {exc}", code="bad_request") from exc
+        target = self.target_view(
+            grant.target,
+            gpus_wanted=grant.gpus_wanted,
+            work_class=grant.work_class,
+            submitter=submitter,
+        )
+        now_mono, now_ms = self._now()
+        new, change = table.grant(
+            grant, now_mono=now_mono, now_wall_ms=now_ms, lease_id=new_lease_id(), target=target
+        )
+        self._commit(new, change.records)
+        if not change.replay:
+            log(
+                self.logger,
+                logging.INFO,
+                "lease granted",
+                lease_id=change.lease.lease_id,
+                task_id=grant.task_id,
+                holder=grant.target,
+                token=str(change.lease.token),
+                gpus=list(change.lease.gpus),
+            )
+        return {"lease": self.lease_json(change.lease), "replay": change.replay}
+
+    async def _renew(self, request: Request) -> dict[str, Any]:
+        table = self._table()
+        now_mono, now_ms = self._now()
+        new, change = table.renew(
+            request.path_params["lease_id"],
+            request.caller.id,
+            now_mono=now_mono,
+            now_wall_ms=now_ms,
+        )
+        self._commit(new, change.records)
+        return {"lease": self.lease_json(change.lease)}
+
+    async def _release(self, request: Request) -> dict[str, Any]:
+        table = self._table()
+        body = request.json()
+        outcome = body.get("outcome")
+        if outcome not in ("stopped", "completed"):
+            raise BadRequest("release needs 'outcome': stopped or completed", code="bad_request")
+        now_mono, now_ms = self._now()
+        new, change = table.release(
+            request.path_params["lease_id"],
+            request.caller.id,
+            outcome=outcome,
+            now_mono=now_mono,
+            now_wall_ms=now_ms,
+        )
+        self._commit(new, change.records)
+        if change.records:
+            log(
+                self.logger,
+                logging.INFO,
+                "lease released",
+                lease_id=change.lease.lease_id,
+                state=change.lease.state,
+            )
+        return {"lease": self.lease_json(change.lease), "replay": change.replay}
+
+    async def _fallback(self, request: Request) -> dict[str, Any]:
+        table = self._table()
+        body = request.json()
+        submitter = request.caller.id
+        task_id = _text(body, "task_id")
+        gpus_wanted = _int(body, "gpus_wanted")
+        work_class = body.get("work_class")
+        gpus: tuple[str, ...] = ()
+        if gpus_wanted:
+            # The submitter's own GPUs, by the control plane's verified view of them.
+            view = self.target_view(
+                submitter,
+                gpus_wanted=gpus_wanted,
+                work_class=str(work_class or "agent"),
+                submitter=submitter,
+            )
+            busy = table.live_gpus()
+            gpus = tuple(g for g in view.allocatable_gpus if (submitter, g) not in busy)[
+                :gpus_wanted
+            ]
+            if len(gpus) < gpus_wanted:
+                raise LeaseRefused(
+                    f"no free local GPU for task {task_id}'s fallback",
+                    reasons=["no_free_gpu"],
+                    task_id=task_id,
+                )
+        now_mono, now_ms = self._now()
+        new, change = table.confirm_dead_for_fallback(
+            task_id,
+            submitter=submitter,
+            attempt=_int(body, "attempt"),
+            gpus=gpus,
+            local_node=submitter,
+            ttl_s=_number(body, "ttl_s"),
+            lease_id=new_lease_id(),
+            now_mono=now_mono,
+            now_wall_ms=now_ms,
+            work_class=work_class,  # type: ignore[arg-type]
+        )
+        self._commit(new, change.records)
+        log(
+            self.logger,
+            logging.INFO,
+            "fallback confirmed",
+            task_id=task_id,
+            token=str(change.lease.token),
+            kind=change.lease.kind,
+            prior=change.prior.lease_id if change.prior else None,
+        )
+        return {
+            "lease": self.lease_json(change.lease),
+            "prior": None if change.prior is None else self.lease_json(change.prior),
+            "replay": change.replay,
+        }
+
+    async def _revoke(self, request: Request) -> dict[str, Any]:
+        table = self._table()
+        body = request.json()
+        lease_id = _text(body, "lease_id")
+        reason = request.reason("revoked by operator")
+        now_mono, now_ms = self._now()
+        new, change = table.revoke(
+            lease_id, actor=request.caller.id, reason=reason, now_mono=now_mono, now_wall_ms=now_ms
+        )
+        self._commit(new, change.records)
+        self.agent.record_event(
+            change.lease.holder,
+            "lease_revoked",
+            actor=request.caller.id,
+            reason=reason,
+            detail={"lease_id": lease_id, "task_id": change.lease.task_id},
+        )
+        return {"lease": self.lease_json(change.lease), "replay": change.replay}
+
+    async def _list(self, request: Request) -> dict[str, Any]:
+        table = self._table()
+        node = request.query_one("node")
+        task = request.query_one("task")
+        state = request.query_one("state")
+        leases = list(table.leases.values())
+        if node:
+            node_id = (
+                self.agent.membership.resolve_node(node).id
+                if self.agent.membership.get(node) is None
+                else node
+            )
+            leases = [lease for lease in leases if node_id in (lease.holder, lease.submitter)]
+        if task:
+            leases = [lease for lease in leases if lease.task_id == task]
+        if state:
+            if state == "holding":
+                leases = [lease for lease in leases if lease.holding]
+            else:
+                leases = [lease for lease in leases if lease.state == state]
+        leases.sort(key=lambda lease: (lease.token.term, lease.token.seq))
+        return {"term": self.agent.term, "leases": [self.lease_json(lease) for lease in leases]}
+
+    async def _get(self, request: Request) -> dict[str, Any]:
+        return {"lease": self.lease_json(self._table().get(request.path_params["lease_id"]))}
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def expire_now(self) -> list[Lease]:
+        if self.table is None:
+            return []
+        now_mono, now_ms = self._now()
+        new, dead = self.table.expire_due(now_mono=now_mono, now_wall_ms=now_ms)
+        if dead:
+            self._commit(new, dead)
+            for lease in dead:
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "lease expired",
+                    lease_id=lease.lease_id,
+                    task_id=lease.task_id,
+                    holder=lease.holder,
+                )
+        return list(dead)
+
+    def reconcile_now(self) -> None:
+        if self.table is None:
+            return
+        agent = self.agent
+        statuses: dict[str, HolderStatus] = {}
+        drain_overdue: list[Lease] = []
+        now_mono, now_ms = self._now()
+        for lease in self.table.holding():
+            if lease.kind == "fence" or lease.holder in statuses:
+                continue
+            lc = agent.registry.lifecycle(lease.holder)
+            if lc is not None and lc.state == "quarantined":
+                statuses[lease.holder] = "quarantined"
+            elif lease.holder != agent.node_id and agent.heartbeats.stale(lease.holder):
+                statuses[lease.holder] = "stale"
+            else:
+                statuses[lease.holder] = "ok"
+            if (
+                lc is not None
+                and lc.state == "draining"
+                and lc.deadline_wall_ms is not None
+                and lc.deadline_wall_ms <= now_ms
+            ):
+                drain_overdue.extend(
+                    x
+                    for x in self.table.holding()
+                    if x.holder == lease.holder and x.state == "live" and x.kind != "fence"
+                )
+        auto = bool(agent.records.settings["auto_revoke_stale_leases"])
+        new, result = self.table.reconcile(
+            statuses, auto_revoke=auto, now_mono=now_mono, now_wall_ms=now_ms
+        )
+        self.flags = {f.lease_id: f.status for f in result.flagged}
+        records = list(result.records)
+        for lease in drain_overdue:
+            current = new.get(lease.lease_id)
+            if current.state != "live":
+                continue
+            new, change = new.revoke(
+                lease.lease_id,
+                actor=agent.node_id,
+                reason="drain_deadline",
+                now_mono=now_mono,
+                now_wall_ms=now_ms,
+            )
+            records.extend(change.records)
+        if records:
+            self._commit(new, records)
+            for lease in records:
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "lease revoked by the control plane",
+                    lease_id=lease.lease_id,
+                    holder=lease.holder,
+                    reason=lease.reason,
+                )
+        else:
+            self.table = new
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.load()
+        task_status.started()
+        while True:
+            self.expire_now()
+            self.reconcile_now()
+            deadline = self.table.next_deadline() if self.table else None
+            wake = self.agent.clock.mono() + RECONCILE_INTERVAL_S
+            if deadline is not None:
+                wake = min(wake, deadline + 0.001)
+            with trio.move_on_at(wake):
+                await self._kick.wait()
+            if self._kick.is_set():
+                self._kick = trio.Event()
+
+    # -- what holders report --------------------------------------------------------------
+
+    def held_by(self, node_id: str) -> list[Lease]:
+        return (
+            []
+            if self.table is None
+            else [lease for lease in self.table.holding() if lease.holder == node_id]
+        )
+
+
+def _text(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise BadRequest(f"{name!r} must be a non-empty string", code="bad_request")
+    return value
+
+
+def _int(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{name!r} must be a non-negative integer", code="bad_request")
+    return value
+
+
+def _number(body: dict[str, Any], name: str) -> float:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise BadRequest(f"{name!r} must be a positive number", code="bad_request")
+    return float(value)
+
+
+__all__ = ["LeaseService", "new_lease_id"]

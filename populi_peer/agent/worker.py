@@ -1,0 +1,431 @@
+"""The worker: runs tasks handed to it under leases, and delivers their results.
+
+A handoff (inbox message ``handoff``) is accepted only when remote execution is on (the
+cluster settings and this node's ``exec.remote``), from a node with the ``submit`` role
+that ``exec.accept_from`` allows, and only with a fencing token at least the highest this
+node keeps for the task (DESIGN rule 2): higher starts the attempt, equal is acknowledged
+and never started twice, lower is refused. The fence and the attempt are durable before
+the answer. The attempt then runs under :class:`~populi_peer.agent.attempts.AttemptRunner`
+(renew before start, supervisor, renew every TTL/3, release), and its result is stored
+and delivered to the submitter's inbox until the submitter acknowledges it (a submitter
+may be asleep: delivery retries with backoff, forever).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import re
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
+from populi_peer.api.app import Request, Route
+from populi_peer.api.auth import Principal
+from populi_peer.config import RESERVED_TASK_VARIABLES
+from populi_peer.core.fencing import FencingToken
+from populi_peer.core.leases import validate_stop_margin
+from populi_peer.core.policy import check_work_class
+from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PopuliError
+from populi_peer.log import get_logger, log
+
+if TYPE_CHECKING:
+    from populi_peer.agent.agent import Agent
+
+MAX_ARGS = 4096
+MAX_ENV = 256
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+DELIVERY_MAX_BACKOFF_S = 30.0
+
+
+class Worker:
+    def __init__(self, agent: Agent, runner: AttemptRunner) -> None:
+        self.agent = agent
+        self.runner = runner
+        self.logger = get_logger("worker")
+        self.rng = random.Random()
+        self._nursery: trio.Nursery | None = None
+        self._deliver_kick = trio.Event()
+        agent.inbox.on("handoff", self.on_handoff)
+        agent.inbox.on("cancel", self.on_cancel)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(
+                "GET",
+                "/v1/populi/exec/attempts/{task_id}/{attempt}/output",
+                self._output,
+                roles=frozenset({"submit", "operator"}),
+                name="attempt_output",
+            )
+        ]
+
+    # -- gates ----------------------------------------------------------------------------
+
+    def remote_enabled(self) -> bool:
+        settings = self.agent.records.settings
+        return bool(
+            self.agent.config.exec.remote
+            and settings["remote_exec_enabled"]
+            and not settings["kill_switch"]
+        )
+
+    def margin_problem(self, ttl_s: float) -> str | None:
+        """Why a lease of ``ttl_s`` cannot be held safely here (DESIGN rule 3), if so."""
+        cfg = self.agent.config.exec
+        try:
+            validate_stop_margin(
+                cfg.stop_margin_s,
+                kill_grace_s=cfg.kill_grace_s,
+                kill_latency_s=cfg.kill_latency_s,
+                drift_ppm=cfg.drift_ppm,
+                ttl_s=ttl_s,
+            )
+        except PopuliError as exc:
+            return f"a {ttl_s:g} s lease is too short for this worker: {exc}"
+        return None
+
+    def _allowed(self, caller: Principal) -> bool:
+        allowed = self.agent.config.exec.accept_from
+        if not allowed:
+            return "submit" in caller.roles
+        return "submit" in caller.roles and (caller.id in allowed or caller.name in allowed)
+
+    # -- inbox ----------------------------------------------------------------------------
+
+    async def on_handoff(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        plan = self._parse(caller, message)
+        token = FencingToken.parse(plan.token)
+        row = agent.store.execute(
+            "SELECT token FROM fences WHERE task_id = ?", (plan.task_id,)
+        ).fetchone()
+        highest = FencingToken.parse(row["token"]) if row else None
+        if highest is not None and token < highest:
+            raise Conflict(
+                f"token {token} is older than {highest} for task {plan.task_id}",
+                code="stale_token",
+                highest=str(highest),
+            )
+        if highest is not None and token == highest:
+            existing = agent.store.execute(
+                "SELECT state FROM attempts WHERE task_id = ? AND role = 'worker' AND token = ?",
+                (plan.task_id, plan.token),
+            ).fetchone()
+            return {"verdict": "duplicate", "state": existing["state"] if existing else "unknown"}
+        refusal: PopuliError | None = None
+        missing = [g for g in plan.gpus if g not in set(agent.verified_gpu_uuids())]
+        if not self.remote_enabled():
+            refusal = Conflict("remote execution is off on this node", code="remote_disabled")
+        elif agent.leaving:
+            refusal = Conflict("this node is leaving the cluster", code="node_leaving")
+        elif not self._allowed(caller):
+            refusal = Forbidden(
+                f"this worker does not take tasks from {caller.name} ({caller.id})",
+                code="submitter_not_allowed",
+            )
+        elif (margin_problem := self.margin_problem(plan.ttl_s or 0.0)) is not None:
+            refusal = Conflict(margin_problem, code="ttl_too_short")
+        elif missing:
+            refusal = BadRequest(
+                f"GPUs {', '.join(missing)} are not on this node", code="unknown_gpu"
+            )
+        if refusal is not None:
+            # We hold that lease and will not run it: give it back at once, so the
+            # submitter's fallback need not wait for it to expire.
+            await self.runner.release(plan, "stopped")
+            raise refusal
+        # Durable before the answer: the fence and the accepted attempt, in one transaction.
+        with agent.store.transaction():
+            agent.store.execute(
+                "INSERT INTO fences (task_id, token, updated_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (task_id) DO UPDATE SET token = excluded.token, updated_ms = excluded.updated_ms",
+                (plan.task_id, plan.token, int(agent.clock.wall() * 1000)),
+            )
+            self.runner.save(plan, "accepted")
+        log(
+            self.logger,
+            logging.INFO,
+            "handoff accepted",
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            token=plan.token,
+            submitter=caller.id,
+        )
+        assert self._nursery is not None
+        self._nursery.start_soon(self._drive, plan)
+        return {"verdict": "start"}
+
+    def _parse(self, caller: Principal, message: dict[str, Any]) -> AttemptPlan:
+        task_id = message.get("task_id")
+        lease_id = message.get("lease_id")
+        if not isinstance(task_id, str) or not _ID_RE.match(task_id):
+            raise BadRequest("handoff 'task_id' is missing or invalid", code="bad_request")
+        if not isinstance(lease_id, str) or not _ID_RE.match(lease_id):
+            raise BadRequest("handoff 'lease_id' is missing or invalid", code="bad_request")
+        attempt = message.get("attempt")
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise BadRequest("handoff 'attempt' must be an integer >= 1", code="bad_request")
+        token = message.get("token")
+        if not isinstance(token, str):
+            raise BadRequest("handoff 'token' is missing", code="bad_request")
+        FencingToken.parse(token)
+        command = message.get("command")
+        if (
+            not isinstance(command, list)
+            or not command
+            or len(command) > MAX_ARGS
+            or not all(isinstance(a, str) and "\0" not in a for a in command)
+        ):
+            raise BadRequest(
+                "handoff 'command' must be a non-empty list of strings", code="bad_request"
+            )
+        env = message.get("env", {})
+        if (
+            not isinstance(env, dict)
+            or len(env) > MAX_ENV
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
+            raise BadRequest("handoff 'env' must be an object of strings", code="bad_request")
+        reserved = [k for k in env if k in RESERVED_TASK_VARIABLES or k == "CUDA_VISIBLE_DEVICES"]
+        if reserved:
+            raise BadRequest(
+                f"handoff env may not set {', '.join(sorted(reserved))}", code="bad_env"
+            )
+        gpus = message.get("gpus", [])
+        if not isinstance(gpus, list) or not all(
+            isinstance(g, str) and _ID_RE.match(g) for g in gpus
+        ):
+            raise BadRequest("handoff 'gpus' must be a list of GPU UUIDs", code="bad_request")
+        ttl_s = message.get("ttl_s")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or ttl_s <= 0:
+            raise BadRequest("handoff 'ttl_s' must be a positive number", code="bad_request")
+        work_class = message.get("work_class", "agent")
+        check_work_class(work_class)
+        return AttemptPlan(
+            task_id=task_id,
+            attempt=attempt,
+            role="worker",
+            submitter=caller.id,
+            token=token,
+            lease_id=lease_id,
+            ttl_s=float(ttl_s),
+            renewable=True,
+            argv=tuple(command),
+            env=dict(env),
+            gpus=tuple(gpus),
+            work_class=str(work_class),
+        )
+
+    async def on_cancel(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
+        task_id = message.get("task_id")
+        attempt = message.get("attempt")
+        if (
+            not isinstance(task_id, str)
+            or isinstance(attempt, bool)
+            or not isinstance(attempt, int)
+        ):
+            raise BadRequest("cancel needs 'task_id' and 'attempt'", code="bad_request")
+        row = self.runner.row(task_id, attempt, "worker")
+        if row is None:
+            raise NotFound(f"no attempt {attempt} of task {task_id} here", code="unknown_attempt")
+        if row["submitter"] != caller.id and "operator" not in caller.roles:
+            raise Forbidden(
+                "only the task's submitter or an operator cancels it", code="not_task_owner"
+            )
+        reason = str(message.get("reason") or "cancelled")[:200]
+        found = self.runner.request_cancel(task_id, attempt, "worker", reason)
+        return {"cancelled": found, "state": row["state"]}
+
+    # -- running --------------------------------------------------------------------------
+
+    async def _drive(self, plan: AttemptPlan) -> None:
+        result = await self.runner.run(plan)
+        await self._stored(plan, result)
+
+    async def _resume(self, plan: AttemptPlan, execution: Any, started_ms: int) -> None:
+        result = await self.runner.resume(plan, execution, started_ms)
+        await self._stored(plan, result)
+
+    async def _stored(self, plan: AttemptPlan, result: dict[str, Any]) -> None:
+        self._deliver_kick.set()
+        await trio.lowlevel.checkpoint()
+
+    def own_pids(self) -> set[int]:
+        """Processes this node started for tasks (not foreign GPU users)."""
+        pids: set[int] = set()
+        for running in self.runner.running.values():
+            execution = running.execution
+            state = getattr(execution, "state", None)
+            if callable(state):
+                try:
+                    current = state()
+                except (OSError, ValueError, PopuliError):
+                    continue
+                for pid in (
+                    getattr(current, "child_pid", None),
+                    getattr(current, "supervisor_pid", None),
+                ):
+                    if pid:
+                        pids.add(int(pid))
+        return pids
+
+    def held_leases(self) -> list[dict[str, Any]]:
+        rows = self.agent.store.execute(
+            "SELECT task_id, attempt, token, lease_id, state FROM attempts WHERE role = 'worker' AND state IN ('accepted', 'running')"
+        ).fetchall()
+        return [
+            {
+                "task_id": r["task_id"],
+                "attempt": r["attempt"],
+                "token": r["token"],
+                "lease_id": r["lease_id"],
+                "state": r["state"],
+            }
+            for r in rows
+        ]
+
+    async def stop_all(self, reason: str) -> int:
+        keys = [key for key in self.runner.running if key[2] == "worker"]
+        for task_id, attempt, role in keys:
+            self.runner.request_cancel(task_id, attempt, role, reason)
+        for key in keys:
+            running = self.runner.running.get(key)
+            if running is not None:
+                await running.done.wait()
+        return len(keys)
+
+    # -- result delivery ------------------------------------------------------------------
+
+    async def deliver_pending(self) -> bool:
+        """Try to deliver every stored, undelivered result; returns True if all went."""
+        agent = self.agent
+        rows = agent.store.execute(
+            "SELECT * FROM attempts WHERE role = 'worker' AND state = 'finished' AND delivered_ms IS NULL"
+        ).fetchall()
+        ok = True
+        for row in rows:
+            result = json.loads(row["result"])
+            submitter = agent.membership.get(row["submitter"])
+            if submitter is None or not submitter.addresses:
+                ok = False
+                continue
+            message = {
+                "message_id": f"result-{row['task_id']}-{row['attempt']}",
+                "type": "result",
+                **result,
+            }
+            try:
+                await agent.peers.call(
+                    url=f"https://{submitter.addresses[0]}",
+                    node_id=submitter.id,
+                    method="POST",
+                    path="/v1/populi/inbox",
+                    payload=message,
+                )
+            except PopuliError as exc:
+                ok = False
+                if exc.details.get("http_status") in (400, 403, 404):
+                    log(
+                        self.logger,
+                        logging.WARNING,
+                        "result refused by the submitter; keeping it",
+                        task_id=row["task_id"],
+                        error=str(exc),
+                    )
+                continue
+            with agent.store.transaction():
+                agent.store.execute(
+                    "UPDATE attempts SET delivered_ms = ? WHERE task_id = ? AND attempt = ? AND role = 'worker'",
+                    (int(agent.clock.wall() * 1000), row["task_id"], row["attempt"]),
+                )
+            log(
+                self.logger,
+                logging.INFO,
+                "result delivered",
+                task_id=row["task_id"],
+                attempt=row["attempt"],
+                submitter=submitter.id,
+            )
+        return ok
+
+    async def _delivery_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            ok = await self.deliver_pending()
+            backoff = 0.5 if ok else min(backoff * 2, DELIVERY_MAX_BACKOFF_S)
+            with trio.move_on_after(backoff * self.rng.uniform(0.8, 1.2) if not ok else 5.0):
+                await self._deliver_kick.wait()
+            self._deliver_kick = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+
+            async def on_result(plan: AttemptPlan, result: dict[str, Any]) -> None:
+                self._deliver_kick.set()
+                await trio.lowlevel.checkpoint()
+
+            for plan, execution in await self.runner.recover("worker", on_result):
+                row = self.runner.row(plan.task_id, plan.attempt, "worker")
+                started = json.loads(row["body"]).get("started_wall_ms", 0) if row else 0
+                nursery.start_soon(self._resume, plan, execution, int(started))
+            # Accepted attempts whose supervisor never started: run them (renew first).
+            for row in self.agent.store.execute(
+                "SELECT body FROM attempts WHERE role = 'worker' AND state = 'accepted'"
+            ).fetchall():
+                plan = AttemptPlan.from_json(json.loads(row["body"]))
+                if (plan.task_id, plan.attempt, "worker") not in self.runner.running:
+                    nursery.start_soon(self._drive, plan)
+            nursery.start_soon(self._delivery_loop)
+            task_status.started()
+
+    # -- output ---------------------------------------------------------------------------
+
+    async def _output(self, request: Request) -> dict[str, Any]:
+        task_id = request.path_params["task_id"]
+        try:
+            attempt = int(request.path_params["attempt"])
+        except ValueError as exc:
+            raise BadRequest("attempt must be a number", code="bad_request") from exc
+        row = self.runner.row(task_id, attempt, "worker")
+        if row is None:
+            raise NotFound(f"no attempt {attempt} of task {task_id} here", code="unknown_attempt")
+        caller = request.caller
+        if row["submitter"] != caller.id and "operator" not in caller.roles:
+            raise Forbidden(
+                "only the task's submitter or an operator reads its output", code="not_task_owner"
+            )
+        stream = request.query_one("stream", "stdout")
+        if stream not in ("stdout", "stderr"):
+            raise BadRequest("stream must be stdout or stderr", code="bad_request")
+        offset = request.query_int("offset", 0, minimum=0)
+        limit = request.query_int("limit", 256 * 1024, minimum=1, maximum=1 << 20)
+        return read_output(self.runner, row, stream, offset, limit)
+
+
+def read_output(
+    runner: AttemptRunner, row: Any, stream: str, offset: int, limit: int
+) -> dict[str, Any]:
+    plan = AttemptPlan.from_json(json.loads(row["body"]))
+    task_dir = runner.task_dir(plan)
+    data, next_offset, total = b"", offset, 0
+    running = runner.running.get((plan.task_id, plan.attempt, plan.role))
+    if running is not None and running.execution is not None:
+        data, next_offset, total = running.execution.read_output(stream, offset, limit)
+    elif (task_dir / stream).exists():
+        from populi_peer.exec._files import read_tail
+
+        data, next_offset, total = read_tail(task_dir / stream, offset, limit)
+    return {
+        "data_b64": base64.b64encode(data).decode("ascii"),
+        "next_offset": next_offset,
+        "total": total,
+        "done": row["state"] == "finished",
+    }
+
+
+__all__ = ["Worker", "read_output"]

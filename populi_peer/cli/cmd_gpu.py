@@ -1,0 +1,139 @@
+"""``populi probe`` (local, no agent), ``populi gpus`` and ``populi gpu resume``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    config_of,
+    open_local,
+    print_json,
+    print_table,
+)
+
+
+def register(subparsers: Any) -> None:
+    probe = subparsers.add_parser(
+        "probe", help="probe this machine's GPUs with NVML (no agent needed)"
+    )
+    probe.add_argument(
+        "--fixture", default=None, help="replay this NVML capture instead (or POPULI_GPU_FIXTURE)"
+    )
+    add_data_dir(probe)
+    probe.add_argument("--config", type=Path, default=None)
+    add_json(probe)
+    probe.set_defaults(handler=run_probe)
+    gpus = subparsers.add_parser(
+        "gpus", help="the cluster's GPUs: health, free memory, allocatable, reasons"
+    )
+    gpus.add_argument("--node", default=None, help="only this node")
+    add_data_dir(gpus)
+    add_json(gpus)
+    gpus.set_defaults(handler=run_gpus)
+    gpu = subparsers.add_parser("gpu", help="operate on one GPU")
+    verbs = gpu.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=type(gpu))
+    resume = verbs.add_parser("resume", help="clear a GPU's quarantine (after an XID)")
+    resume.add_argument("node", metavar="NODE")
+    resume.add_argument("uuid", metavar="UUID")
+    resume.add_argument("--reason", default="", help="why (recorded)")
+    add_data_dir(resume)
+    add_json(resume)
+    resume.set_defaults(handler=run_resume)
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    import trio
+
+    from populi_peer.clock import SystemClock
+    from populi_peer.gpu import format_probe, health_verdicts, open_probe, probe_json
+
+    config = config_of(args, {"gpu.fixture": args.fixture})
+    fixture = config.gpu.fixture or None
+
+    async def main() -> Any:
+        async with open_probe(
+            fixture=fixture,
+            node_id=None,
+            clock=SystemClock(),
+            call_timeout_s=config.gpu.call_timeout_s,
+        ) as probe:
+            return await probe.probe()
+
+    inventory = trio.run(main)
+    verdicts = health_verdicts(inventory)
+    if args.json:
+        print_json(probe_json(inventory, verdicts))
+    else:
+        sys.stdout.write(format_probe(inventory, verdicts) + "\n")
+    return 0
+
+
+def _gib(value: Any) -> str:
+    return "-" if value is None else f"{value / 2**30:.1f}"
+
+
+def run_gpus(args: argparse.Namespace) -> int:
+    local = open_local(args)
+    try:
+        answer = local.call_control_plane(
+            "GET", "/v1/populi/gpus", params={"node": args.node} if args.node else None
+        )
+    finally:
+        local.close()
+    if args.json:
+        print_json(answer)
+        return 0
+    rows = []
+    for node in answer["nodes"]:
+        if not node["devices"]:
+            rows.append(
+                (
+                    node["name"],
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    node.get("cpu_only_reason")
+                    or ("no report yet" if node["facts_version"] is None else "cpu-only"),
+                )
+            )
+        for d in node["devices"]:
+            reasons = ",".join([*d["health_reasons"], *d["allocation_reasons"]]) or "-"
+            rows.append(
+                (
+                    node["name"],
+                    d["index"],
+                    d["uuid"],
+                    d["name"],
+                    f"{_gib(d['memory_free_bytes'])}/{_gib(d['memory_total_bytes'])}",
+                    d["health"],
+                    "yes" if d["allocatable"] else "no",
+                    reasons,
+                )
+            )
+    print_table(
+        rows, ["node", "idx", "uuid", "name", "free/total GiB", "health", "alloc", "reasons"]
+    )
+    return 0
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    local = open_local(args)
+    try:
+        answer = local.call_control_plane(
+            "POST", f"/v1/populi/admin/gpus/{args.node}/{args.uuid}/resume", {"reason": args.reason}
+        )
+    finally:
+        local.close()
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(f"GPU {answer['uuid']} of {answer['node_id']} is no longer quarantined\n")
+    return 0

@@ -1,0 +1,101 @@
+"""``populi leases`` and ``populi lease revoke``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+
+
+def register(subparsers: Any) -> None:
+    leases = subparsers.add_parser("leases", help="execution leases held by the control plane")
+    leases.add_argument("--node", default=None, help="held by or submitted from this node")
+    leases.add_argument("--task", default=None, help="of this task")
+    leases.add_argument(
+        "--state",
+        default=None,
+        help="live, revoking, completed, released, revoked, expired, or holding",
+    )
+    add_data_dir(leases)
+    add_json(leases)
+    leases.set_defaults(handler=run_leases)
+    lease = subparsers.add_parser("lease", help="revoke a lease (operator)")
+    verbs = lease.add_subparsers(
+        dest="verb", metavar="VERB", required=True, parser_class=type(lease)
+    )
+    revoke = verbs.add_parser(
+        "revoke",
+        help="ask the holder to stop; the GPUs stay taken until it confirms or the lease expires",
+    )
+    revoke.add_argument("lease_id")
+    revoke.add_argument("--reason", default="", help="why (recorded)")
+    add_data_dir(revoke)
+    add_json(revoke)
+    revoke.set_defaults(handler=run_revoke)
+
+
+def run_leases(args: argparse.Namespace) -> int:
+    params = {
+        k: v for k, v in (("node", args.node), ("task", args.task), ("state", args.state)) if v
+    }
+    local = open_local(args)
+    try:
+        answer = local.call_control_plane("GET", "/v1/populi/exec/leases", params=params)
+    finally:
+        local.close()
+    if args.json:
+        print_json(answer)
+        return 0
+    rows = [
+        (
+            lease["lease_id"],
+            lease["state"],
+            lease["kind"],
+            lease["task_id"],
+            lease["attempt"],
+            lease["holder"],
+            lease["token"],
+            ",".join(lease["gpus"]) or "-",
+            lease["expires_in_s"],
+            lease.get("flag") or "-",
+        )
+        for lease in answer["leases"]
+    ]
+    print_table(
+        rows,
+        [
+            "lease",
+            "state",
+            "kind",
+            "task",
+            "attempt",
+            "holder",
+            "token",
+            "gpus",
+            "expires in s",
+            "flag",
+        ],
+    )
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    local = open_local(args)
+    try:
+        answer = local.call_control_plane(
+            "POST",
+            "/v1/populi/admin/exec-lease-revoke",
+            {"lease_id": args.lease_id, "reason": args.reason},
+        )
+    finally:
+        local.close()
+    if args.json:
+        print_json(answer)
+    else:
+        lease = answer["lease"]
+        sys.stdout.write(
+            f"lease {lease['lease_id']} is {lease['state']}; the holder stops the task and releases it\n"
+        )
+    return 0

@@ -1,0 +1,393 @@
+"""``populi run``, ``populi tasks``, ``populi task show|wait|cancel``.
+
+``populi run`` passes the task's exit code through; its own failures exit 125, a command
+that cannot be run 126/127, ``--timeout`` 124, a task killed by signal N 128+N, and a
+cancelled task (Ctrl-C) 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import signal
+import sys
+import time
+from typing import Any
+
+from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+from populi_peer.core.durations import parse_duration
+from populi_peer.errors import PopuliError, UsageError
+
+WORK_CLASSES = ("agent", "inference", "training", "collective")
+RUN_FAILED = 125
+
+
+def register(subparsers: Any) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="run a command on a remote GPU under a lease, or locally",
+        description="Run CMD on the best node (remote under a fenced lease, or here), stream its output, exit with its code.",
+        epilog="Exit codes: the task's own; 124 --timeout; 125 Populi failed; 126/127 the command could not be run; 128+N killed by signal N; 130 cancelled.",
+    )
+    run.add_argument("--gpus", type=int, default=0, help="GPUs the task needs (default 0)")
+    run.add_argument(
+        "--class",
+        dest="work_class",
+        choices=WORK_CLASSES,
+        default=None,
+        help="work class for the policy matrix (default: inference with GPUs, agent without)",
+    )
+    run.add_argument("--node", default=None, help="run only on this node (id or name)")
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="pass this variable to the task (repeatable); nothing else of your environment is passed",
+    )
+    run.add_argument(
+        "--no-fallback", action="store_true", help="fail (exit 125) instead of running locally"
+    )
+    run.add_argument(
+        "--queue-timeout",
+        default=None,
+        metavar="DUR",
+        help="keep retrying placement this long when no GPU is free (e.g. 10m)",
+    )
+    run.add_argument(
+        "--timeout", default=None, metavar="DUR", help="stop the task after this long (exit 124)"
+    )
+    run.add_argument("--detach", action="store_true", help="print the task id and return")
+    add_data_dir(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    run.set_defaults(handler=run_run)
+
+    tasks = subparsers.add_parser("tasks", help="tasks submitted on this node, newest first")
+    tasks.add_argument("--state", default=None, help="only tasks in this state")
+    tasks.add_argument("--limit", type=int, default=50)
+    add_data_dir(tasks)
+    add_json(tasks)
+    tasks.set_defaults(handler=run_tasks)
+
+    task = subparsers.add_parser("task", help="show, wait for or cancel a task")
+    verbs = task.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=type(task))
+    show = verbs.add_parser("show", help="attempts, placement and fallback reasons, lease history")
+    show.add_argument("task_id")
+    add_data_dir(show)
+    add_json(show)
+    show.set_defaults(handler=run_show)
+    wait = verbs.add_parser(
+        "wait", help="wait until the tasks end; exit with the first failure's status"
+    )
+    wait.add_argument("task_ids", nargs="+", metavar="TASK_ID")
+    wait.add_argument(
+        "--timeout", default=None, metavar="DUR", help="give up after this long (exit 124)"
+    )
+    add_data_dir(wait)
+    add_json(wait)
+    wait.set_defaults(handler=run_wait)
+    cancel = verbs.add_parser(
+        "cancel", help="cancel a task (remote and local attempts are stopped)"
+    )
+    cancel.add_argument("task_id")
+    add_data_dir(cancel)
+    add_json(cancel)
+    cancel.set_defaults(handler=run_cancel)
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--env {pair!r}: use K=V")
+        env[name] = value
+    return env
+
+
+def run_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        sys.stderr.write(
+            "populi run: error: give the command after --, e.g. populi run -- python infer.py\n"
+        )
+        return 2
+    try:
+        payload: dict[str, Any] = {
+            "command": command,
+            "env": _env(args.env),
+            "gpus": args.gpus,
+            "no_fallback": args.no_fallback,
+        }
+        if args.gpus < 0:
+            raise UsageError("--gpus must be 0 or more")
+        if args.work_class:
+            payload["work_class"] = args.work_class
+        if args.node:
+            payload["node"] = args.node
+        if args.queue_timeout:
+            payload["queue_timeout_s"] = parse_duration(args.queue_timeout, flag="--queue-timeout")
+        if args.timeout:
+            payload["timeout_s"] = parse_duration(args.timeout, flag="--timeout")
+    except UsageError as exc:
+        sys.stderr.write(f"populi run: error: {exc}\n")
+        return 2
+    try:
+        local = open_local(args)
+    except PopuliError as exc:
+        sys.stderr.write(f"populi run: error: {exc}\n")
+        return RUN_FAILED
+    try:
+        try:
+            task = local.call_agent("POST", "/v1/populi/tasks", payload)["task"]
+        except PopuliError as exc:
+            sys.stderr.write(f"populi run: error: {exc}\n")
+            return RUN_FAILED
+        task_id = task["task_id"]
+        if args.detach:
+            sys.stdout.write(task_id + "\n")
+            return 0
+        return _follow(local, task_id)
+    finally:
+        local.close()
+
+
+def _follow(local: Any, task_id: str) -> int:
+    """Stream the task's output until it ends; Ctrl-C cancels it (remote and local)."""
+    offsets = {"stdout": 0, "stderr": 0}
+    seen = 0
+    cancelled = False
+    ended_at: float | None = None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while True:
+            try:
+                done, latest, state = _pump(local, task_id, offsets, seen)
+                if latest > seen:
+                    # A new attempt (placement, or the fallback after a dead lease).
+                    _announce(local, task_id, latest)
+                    seen = latest
+                    offsets.update(stdout=0, stderr=0)
+                    continue
+                if state in ("succeeded", "failed", "cancelled", "timed_out"):
+                    ended_at = ended_at or time.monotonic()
+                    # The last output may lag its result a moment (a worker still delivering).
+                    if done or time.monotonic() - ended_at > 3.0:
+                        break
+                time.sleep(0.3)
+            except KeyboardInterrupt:
+                if cancelled:
+                    raise
+                cancelled = True
+                sys.stderr.write(f"populi: cancelling {task_id}...\n")
+                try:
+                    local.call_agent(
+                        "POST", f"/v1/populi/tasks/{task_id}/cancel", {}, timeout_s=60.0
+                    )
+                except PopuliError as exc:
+                    sys.stderr.write(f"populi run: error: could not cancel: {exc}\n")
+                    return RUN_FAILED
+            except PopuliError as exc:
+                sys.stderr.write(
+                    f"populi run: error: lost the agent while following {task_id}: {exc}\n"
+                )
+                return RUN_FAILED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    task = local.call_agent("GET", f"/v1/populi/tasks/{task_id}")["task"]
+    _summary(task)
+    status = task.get("exit_status")
+    return RUN_FAILED if status is None else int(status)
+
+
+def _pump(local: Any, task_id: str, offsets: dict[str, int], seen: int) -> tuple[bool, int, str]:
+    """Print what attempt ``seen`` wrote since ``offsets``; returns (its output is
+    complete, the latest attempt, the task's state)."""
+    done = True
+    latest = 0
+    state = ""
+    for stream, sink in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        params: dict[str, Any] = {"stream": stream, "offset": offsets[stream]}
+        if seen:
+            params["attempt"] = seen
+        chunk = local.call_agent("GET", f"/v1/populi/tasks/{task_id}/output", params=params)
+        latest, state = int(chunk["latest_attempt"]), str(chunk["task_state"])
+        if not seen:
+            return False, latest, state
+        data = base64.b64decode(chunk["data_b64"])
+        if data:
+            sink.buffer.write(data)
+            sink.flush()
+        offsets[stream] = chunk["next_offset"]
+        done = done and bool(chunk["done"])
+    return done, latest, state
+
+
+def _announce(local: Any, task_id: str, n: int) -> None:
+    task = local.call_agent("GET", f"/v1/populi/tasks/{task_id}")["task"]
+    attempt = task["attempts"][n - 1]
+    why = ", ".join(attempt["placement_reasons"]) or "-"
+    sys.stderr.write(
+        f"populi: {task_id} attempt {n}: {attempt['where']} on {attempt['node']} ({why})\n"
+    )
+    sys.stderr.flush()
+
+
+def _summary(task: dict[str, Any]) -> None:
+    attempts = task["attempts"]
+    if (
+        task["state"] == "succeeded"
+        and len(attempts) <= 1
+        and (not attempts or attempts[0]["where"] == "local")
+    ):
+        return
+    parts = []
+    for attempt in attempts:
+        parts.append(
+            f"attempt {attempt['n']} {attempt['where']} on {attempt['node']} -> {attempt['outcome'] or 'running'}"
+        )
+    reason = task.get("terminal_reason") or task["state"]
+    sys.stderr.write(
+        f"populi: {task['task_id']} {task['state']} ({reason}); " + "; ".join(parts) + "\n"
+    )
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.state:
+        params["state"] = args.state
+    local = open_local(args)
+    try:
+        answer = local.call_agent("GET", "/v1/populi/tasks", params=params)
+    finally:
+        local.close()
+    if args.json:
+        print_json(answer)
+        return 0
+    rows = []
+    for t in answer["tasks"]:
+        last = t["attempts"][-1] if t["attempts"] else None
+        where = f"{last['where']}:{last['node']}" if last else "-"
+        rows.append(
+            (
+                t["task_id"],
+                t["state"],
+                t.get("exit_status"),
+                where,
+                len(t["attempts"]),
+                _when(t["created_wall_ms"]),
+                " ".join(t["command"])[:40],
+            )
+        )
+    print_table(rows, ["id", "state", "exit", "where", "attempts", "submitted", "command"])
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    local = open_local(args)
+    try:
+        task = local.call_agent("GET", f"/v1/populi/tasks/{args.task_id}")["task"]
+    finally:
+        local.close()
+    if args.json:
+        print_json(task)
+        return 0
+    out = sys.stdout
+    out.write(
+        f"task      {task['task_id']}  {task['state']}"
+        + (f" ({task['terminal_reason']})" if task.get("terminal_reason") else "")
+        + "\n"
+    )
+    out.write(f"command   {' '.join(task['command'])}\n")
+    out.write(
+        f"gpus      {task['gpus_wanted']}   class {task['work_class']}   exit {task.get('exit_status')}\n"
+    )
+    rows = [
+        (
+            a["n"],
+            a["where"],
+            a["node"],
+            a["token"] or "-",
+            a["lease_id"] or "-",
+            ",".join(a["placement_reasons"]) or "-",
+            a["outcome"] or "running",
+            _when(a["started_wall_ms"]),
+            _when(a["finished_wall_ms"]),
+        )
+        for a in task["attempts"]
+    ]
+    if rows:
+        out.write("\n")
+        print_table(
+            rows,
+            ["n", "where", "node", "token", "lease", "reasons", "outcome", "started", "finished"],
+        )
+    out.write("\ndecisions:\n")
+    for at_ms, code, detail in task["reasons"]:
+        out.write(f"  {_when(at_ms)}  {code}{'  ' + detail if detail else ''}\n")
+    return 0
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    deadline = (
+        time.monotonic() + parse_duration(args.timeout, flag="--timeout") if args.timeout else None
+    )
+    local = open_local(args)
+    results = []
+    try:
+        for task_id in args.task_ids:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    sys.stderr.write(f"populi: error: {task_id} did not end within --timeout\n")
+                    return 124
+                wait_s = 30 if remaining is None else max(1, min(30, int(remaining)))
+                task = local.call_agent(
+                    "GET",
+                    f"/v1/populi/tasks/{task_id}",
+                    params={"wait_s": wait_s},
+                    timeout_s=wait_s + 15,
+                )["task"]
+                if task["exit_status"] is not None:
+                    results.append(task)
+                    break
+    finally:
+        local.close()
+    if args.json:
+        print_json({"tasks": results})
+    else:
+        for task in results:
+            sys.stdout.write(f"{task['task_id']}  {task['state']}  exit {task['exit_status']}\n")
+    failures = [t["exit_status"] for t in results if t["exit_status"]]
+    return int(failures[0]) if failures else 0
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    local = open_local(args)
+    try:
+        answer = local.call_agent(
+            "POST", f"/v1/populi/tasks/{args.task_id}/cancel", {}, timeout_s=60.0
+        )
+    finally:
+        local.close()
+    if args.json:
+        print_json(answer)
+    else:
+        task = answer["task"]
+        note = "" if answer["cancelled"] else " (it had already ended)"
+        sys.stdout.write(f"{task['task_id']} is {task['state']}{note}\n")
+    return 0

@@ -1,0 +1,173 @@
+"""The OpenAPI contract covers exactly the routes the agent serves.
+
+The contract validator (``support.contract``) checks every answer a test receives, but only
+for routes some test calls; these tests compare the document with a real agent's route
+table, so that a route added without documentation (or documentation left behind by a
+removed route) fails here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from openapi_spec_validator import validate
+from openapi_spec_validator.readers import read_from_filename
+
+from populi_peer.agent.agent import Agent
+from populi_peer.agent.nodes import LIFECYCLE_ACTIONS
+from populi_peer.api.app import Route
+from populi_peer.cluster import init_cluster
+from populi_peer.config import Config
+from populi_peer.testing import VirtualClock
+from support.contract import CONTRACT
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    with CONTRACT.open(encoding="utf-8") as handle:
+        loaded = yaml.safe_load(handle)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@pytest.fixture
+async def routes(tmp_path: Path) -> AsyncIterator[list[Route]]:
+    """The route table of a real agent (built as the ``virtual_agent`` fixture builds it)."""
+    clock = VirtualClock()
+    data_dir = tmp_path / "cp"
+    init_cluster(
+        data_dir,
+        cluster_name="lab",
+        node_name="cp",
+        listen="127.0.0.1:0",
+        advertise=[],
+        force=False,
+        now_wall_s=clock.wall_start_s,
+    )
+    agent = Agent(
+        data_dir=data_dir, config=Config(), clock=clock, serve=False, url="https://cp.virtual"
+    )
+    try:
+        yield agent.app.route_table()
+    finally:
+        await agent.peers.aclose()
+        agent.store.close()
+
+
+def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(METHOD, path) -> operation object, for every operation in the document."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for path, item in document["paths"].items():
+        for method in HTTP_METHODS:
+            if method in item:
+                found[(method.upper(), path)] = item[method]
+    return found
+
+
+def served(routes: list[Route]) -> dict[tuple[str, str], Route]:
+    table: dict[tuple[str, str], Route] = {}
+    for route in routes:
+        key = (route.method, route.pattern)
+        assert key not in table, f"the app serves {route.method} {route.pattern} twice"
+        table[key] = route
+    return table
+
+
+def test_document_is_valid_openapi_3_1() -> None:
+    spec, _ = read_from_filename(str(CONTRACT))
+    assert str(spec["openapi"]).startswith("3.1.")
+    validate(spec)  # raises on an invalid document
+
+
+async def test_every_served_route_is_documented(
+    document: dict[str, Any], routes: list[Route]
+) -> None:
+    missing = sorted(set(served(routes)) - set(operations(document)))
+    assert not missing, f"served but not in {CONTRACT.name}: {missing}"
+
+
+async def test_every_documented_operation_is_served(
+    document: dict[str, Any], routes: list[Route]
+) -> None:
+    stale = sorted(set(operations(document)) - set(served(routes)))
+    assert not stale, f"in {CONTRACT.name} but not served: {stale}"
+
+
+async def test_unauthenticated_operations_are_exactly_the_open_routes(
+    document: dict[str, Any], routes: list[Route]
+) -> None:
+    default_security = document.get("security", [])
+    open_in_document = {
+        key
+        for key, operation in operations(document).items()
+        if operation.get("security", default_security) == []
+    }
+    open_in_app = {key for key, route in served(routes).items() if route.roles is None}
+    assert open_in_document == open_in_app
+
+
+async def test_operation_ids_are_route_names(document: dict[str, Any], routes: list[Route]) -> None:
+    documented = operations(document)
+    mismatched = {
+        key: (documented[key].get("operationId"), route.name)
+        for key, route in served(routes).items()
+        if key in documented and documented[key].get("operationId") != route.name
+    }
+    assert not mismatched, f"operationId differs from the route name: {mismatched}"
+
+
+def test_every_operation_documents_success_and_errors(document: dict[str, Any]) -> None:
+    for (method, path), operation in operations(document).items():
+        responses = operation.get("responses", {})
+        assert "200" in responses, f"{method} {path} documents no 200 answer"
+        assert "default" in responses, f"{method} {path} documents no default (error) answer"
+        summary = operation.get("summary", "")
+        assert "Roles:" in summary, (
+            f"{method} {path}: the summary should say which roles may call it"
+        )
+
+
+async def test_documented_path_values_reach_their_route(
+    document: dict[str, Any], routes: list[Route]
+) -> None:
+    """Each value a path parameter's enum documents is routed by the app to that operation
+    (not to an earlier, more specific route), and the lifecycle actions are the handler's."""
+    compiled = [(route.compile(), route) for route in routes]
+    checked = 0
+    for (method, path), operation in operations(document).items():
+        for entry in operation.get("parameters", []):
+            parameter = resolve(document, entry["$ref"]) if "$ref" in entry else entry
+            schema = parameter.get("schema", {})
+            if "$ref" in schema:
+                schema = resolve(document, schema["$ref"])
+            if parameter.get("in") != "path" or "enum" not in schema:
+                continue
+            if path == "/v1/populi/admin/nodes/{node}/{action}":
+                assert set(schema["enum"]) == set(LIFECYCLE_ACTIONS)
+            for value in schema["enum"]:
+                concrete = path.replace("{" + parameter["name"] + "}", value)
+                concrete = concrete.replace("{", "").replace("}", "")
+                first = next(
+                    route
+                    for regex, route in compiled
+                    if route.method == method and regex.match(concrete)
+                )
+                assert first.pattern == path, (
+                    f"{method} {concrete} reaches {first.pattern}, not {path}"
+                )
+                checked += 1
+    assert checked >= len(LIFECYCLE_ACTIONS)
+
+
+def resolve(document: dict[str, Any], ref: str) -> dict[str, Any]:
+    assert ref.startswith("#/"), ref
+    node: Any = document
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
