@@ -322,6 +322,45 @@ class Agent:
             log(self.logger, logging.WARNING, "this node is not in the control plane's membership")
         self.membership.replace_all(members, int(answer.get("version", 0)))
 
+    async def peer_member(self, node_id: str) -> Member | None:
+        """A node's member record with an address; refreshes membership from the control
+        plane once if this node has not heard of it yet (it may have joined a moment ago)."""
+        member = self.membership.get(node_id)
+        if (member is None or not member.addresses) and not self.is_control_plane:
+            try:
+                await self.sync_members()
+            except PopuliError as exc:
+                log(self.logger, logging.INFO, "membership refresh failed", error=str(exc))
+            member = self.membership.get(node_id)
+        return member if member is not None and member.addresses else None
+
+    async def call_member(
+        self,
+        member: Member,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        attempts: int = 5,
+    ) -> dict[str, Any]:
+        """Call another node. A peer that does not know us yet (we joined after its last
+        membership refresh: 401 ``unknown_signer``) learns of us within a heartbeat, so
+        that refusal is retried a few times before it counts."""
+        for attempt in range(attempts):
+            try:
+                return await self.peers.call(
+                    url=f"https://{member.addresses[0]}",
+                    node_id=member.id,
+                    method=method,
+                    path=path,
+                    payload=payload,
+                )
+            except PopuliError as exc:
+                if exc.code != "unknown_signer" or attempt == attempts - 1:
+                    raise
+                await trio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
     # -- hooks for features (overridden / extended as they land) ----------------------------
 
     def heartbeat_report(self) -> dict[str, Any]:

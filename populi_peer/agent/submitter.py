@@ -583,19 +583,15 @@ class Submitter:
         attempt = task.current_attempt
         assert attempt is not None
         if attempt.n not in control.handed_off:
-            worker = self.agent.membership.get(attempt.node)
-            if worker is None or not worker.addresses:
+            worker = await self.agent.peer_member(attempt.node)
+            if worker is None:
                 self.apply(
                     task.task_id, HandoffFailed(reason="worker_unknown", detail=attempt.node)
                 )
                 return
             try:
-                await self.agent.peers.call(
-                    url=f"https://{worker.addresses[0]}",
-                    node_id=worker.id,
-                    method="POST",
-                    path="/v1/populi/inbox",
-                    payload=self.handoff_message(task),
+                await self.agent.call_member(
+                    worker, "POST", "/v1/populi/inbox", self.handoff_message(task)
                 )
             except PopuliError as exc:
                 # Refused or unreachable, the lease may be live and (if unreachable) the
@@ -822,16 +818,15 @@ class Submitter:
         if attempt.where == "local":
             self.agent.runner.request_cancel(task.task_id, attempt.n, "local", why)
             return
-        worker = self.agent.membership.get(attempt.node)
-        if worker is None or not worker.addresses:
+        worker = await self.agent.peer_member(attempt.node)
+        if worker is None:
             return
         try:
-            await self.agent.peers.call(
-                url=f"https://{worker.addresses[0]}",
-                node_id=worker.id,
-                method="POST",
-                path="/v1/populi/inbox",
-                payload={
+            await self.agent.call_member(
+                worker,
+                "POST",
+                "/v1/populi/inbox",
+                {
                     "message_id": f"cancel-{task.task_id}-{attempt.n}",
                     "type": "cancel",
                     "task_id": task.task_id,

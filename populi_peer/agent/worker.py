@@ -309,8 +309,8 @@ class Worker:
         ok = True
         for row in rows:
             result = json.loads(row["result"])
-            submitter = agent.membership.get(row["submitter"])
-            if submitter is None or not submitter.addresses:
+            submitter = await agent.peer_member(row["submitter"])
+            if submitter is None:
                 ok = False
                 continue
             message = {
@@ -319,13 +319,7 @@ class Worker:
                 **result,
             }
             try:
-                await agent.peers.call(
-                    url=f"https://{submitter.addresses[0]}",
-                    node_id=submitter.id,
-                    method="POST",
-                    path="/v1/populi/inbox",
-                    payload=message,
-                )
+                await agent.call_member(submitter, "POST", "/v1/populi/inbox", message, attempts=2)
             except PopuliError as exc:
                 ok = False
                 if exc.details.get("http_status") in (400, 403, 404):

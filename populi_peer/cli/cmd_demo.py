@@ -56,6 +56,7 @@ class Node:
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     node_id: str = ""
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Demo:
         return result
 
     def start_agent(self, node: Node, env: dict[str, str] | None = None) -> None:
+        node.env = env or {}
         log = (self.root / f"{node.name}.log").open("ab")
         runtime = node.data_dir / "run" / "agent.json"
         runtime.unlink(missing_ok=True)
@@ -150,9 +152,31 @@ def run(args: argparse.Namespace) -> int:
         _scenario(demo)
         if args.keep:
             keep = True
-            _print_keep(demo)
+            for node in demo.nodes:  # bring the killed worker back
+                if node.proc is not None and node.proc.poll() is not None:
+                    demo.start_agent(node, env=node.env)
+            if not args.json:
+                _print_keep(demo)
         if args.json:
-            print_json({"ok": True, "timeline": demo.timeline, "root": str(root), "kept": keep})
+            nodes = [
+                {
+                    "name": n.name,
+                    "url": n.url,
+                    "node_id": n.node_id,
+                    "data_dir": str(n.data_dir),
+                    "pid": n.proc.pid if n.proc else None,
+                }
+                for n in demo.nodes
+            ]
+            print_json(
+                {
+                    "ok": True,
+                    "timeline": demo.timeline,
+                    "root": str(root),
+                    "kept": keep,
+                    "nodes": nodes if keep else [],
+                }
+            )
         else:
             sys.stdout.write("demo finished: every step passed\n")
         return 0
@@ -162,9 +186,46 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
+TICK_SCRIPT = (
+    "for i in $(seq 1 40); do "
+    'echo "$POPULI_ATTEMPT $POPULI_FENCING_TOKEN $$ $(date +%s%N)" >> "$TICKS"; '
+    'echo "tick $i attempt=$POPULI_ATTEMPT token=$POPULI_FENCING_TOKEN gpu=$CUDA_VISIBLE_DEVICES"; '
+    "sleep 0.1; done"
+)
+#: Node config for the demo: short leases so the fallback shows within seconds.
+WORKER_ENV = {
+    "POPULI_EXEC__STOP_MARGIN_S": "2",
+    "POPULI_EXEC__KILL_GRACE_S": "1",
+    "POPULI_EXEC__KILL_LATENCY_S": "0.5",
+    "POPULI_LOG__FORMAT": "text",
+}
+GPU_ENV = {**WORKER_ENV, "POPULI_GPU_FIXTURE": "h100-80gb-hbm3-idle.json"}
+
+
+def _client(node: Node) -> Any:
+    from populi_peer.cli.common import open_local
+
+    return open_local(argparse.Namespace(data_dir=node.data_dir))
+
+
+def _wait(demo: Demo, what: str, check: Any, poll_s: float = 0.2, describe: Any = None) -> Any:
+    deadline = time.monotonic() + demo.guard_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll_s)
+    seen = f" (last seen: {describe()})" if describe is not None else ""
+    raise PopuliError(f"demo: gave up waiting for {what} after {demo.guard_s:.0f} s{seen}")
+
+
 def _scenario(demo: Demo) -> None:
+    import httpx
+
     cp = Node("cp", demo.root / "cp")
-    demo.nodes.append(cp)
+    laptop = Node("gpu-a", demo.root / "gpu-a")
+    worker = Node("gpu-b", demo.root / "gpu-b")
+    demo.nodes += [cp, laptop, worker]
     out = json.loads(
         demo.populi(
             "init",
@@ -179,22 +240,180 @@ def _scenario(demo: Demo) -> None:
             "--json",
         ).stdout
     )
-    demo.say("cluster created", cluster=out["cluster"]["id"], node=out["node"]["id"])
-    demo.start_agent(cp)
-    demo.say("agent running", node="cp", url=cp.url)
-    status = json.loads(demo.populi("status", "--data-dir", str(cp.data_dir), "--json").stdout)
-    demo.say(
-        "signed status over TLS",
-        cluster=status["cluster"]["name"],
-        term=status["term"],
-        control_plane=status["control_plane"]["node_id"],
-    )
-    import httpx
+    demo.say("cluster created", cluster=out["cluster"]["id"], control_plane=out["node"]["id"])
+    demo.start_agent(cp, env=WORKER_ENV)
+    demo.say("control plane running (CPU only)", url=cp.url)
 
     unsigned = httpx.get(cp.url + "/v1/populi/status", verify=False, timeout=5)  # noqa: S501 - shows the refusal
     demo.say("unsigned request refused", status=unsigned.status_code)
     if unsigned.status_code != 401:
         raise PopuliError(f"an unsigned request got HTTP {unsigned.status_code}, expected 401")
+
+    for key, value in (
+        ("remote_exec_enabled", "true"),
+        ("max_lease_ttl_s", "6"),
+        ("lease_expiry_margin_s", "2"),
+    ):
+        demo.populi("settings", "set", key, value, "--data-dir", str(cp.data_dir))
+    demo.say("remote execution enabled", max_lease_ttl_s=6, lease_expiry_margin_s=2)
+
+    for node in (laptop, worker):
+        token = json.loads(
+            demo.populi(
+                "token", "create", "--name", node.name, "--data-dir", str(cp.data_dir), "--json"
+            ).stdout
+        )["token"]
+        demo.populi(
+            "join",
+            token,
+            "--data-dir",
+            str(node.data_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            node.name,
+        )
+        demo.start_agent(node, env=GPU_ENV)
+        demo.say(
+            "node joined with a single-use token",
+            node=node.name,
+            id=node.node_id,
+            gpu="replayed H100",
+        )
+
+    local = _client(cp)
+    try:
+
+        def gpus_ready() -> Any:
+            nodes = local.call_control_plane("GET", "/v1/populi/gpus")["nodes"]
+            devices = {n["name"]: n["devices"] for n in nodes}
+            ready = all(
+                devices.get(n.name) and devices[n.name][0]["allocatable"] for n in (laptop, worker)
+            )
+            return devices if ready else None
+
+        devices = _wait(demo, "verified GPUs on both nodes", gpus_ready)
+    finally:
+        local.close()
+    uuids = {name: devs[0]["uuid"] for name, devs in devices.items() if devs}
+    demo.say("verified GPUs reported by heartbeat", **uuids)
+    if uuids[laptop.name] == uuids[worker.name]:
+        raise PopuliError("both replaying nodes show the same GPU UUID")
+
+    ticks = demo.root / "ticks.log"
+    task_id = demo.populi(
+        "run",
+        "--gpus",
+        "1",
+        "--class",
+        "inference",
+        "--node",
+        worker.name,
+        "--env",
+        f"TICKS={ticks}",
+        "--detach",
+        "--data-dir",
+        str(laptop.data_dir),
+        "--",
+        "sh",
+        "-c",
+        TICK_SCRIPT,
+    ).stdout.strip()
+    demo.say("task submitted from gpu-a", task=task_id, command="populi run --gpus 1 -- <40 ticks>")
+    submitter = _client(laptop)
+    try:
+
+        def task() -> dict[str, Any]:
+            return dict(submitter.call_agent("GET", f"/v1/populi/tasks/{task_id}")["task"])
+
+        def describe() -> str:
+            t = task()
+            return f"state {t['state']}, decisions {[r[1] for r in t['reasons']]}"
+
+        first = _wait(
+            demo,
+            "the remote attempt",
+            lambda: (t := task())["attempts"] and t["state"] == "running_remote" and t,
+            describe=describe,
+        )
+        attempt = first["attempts"][0]
+        demo.say(
+            "running remotely under a lease",
+            node=worker.name,
+            token=attempt["token"],
+            lease=attempt["lease_id"],
+            reasons=",".join(attempt["placement_reasons"]),
+        )
+        _wait(
+            demo,
+            "ticks from the remote attempt",
+            lambda: ticks.exists() and ticks.read_text().count("\n") >= 5,
+        )
+        demo.stop_agent(worker, signal.SIGKILL)
+        demo.say("SIGKILL the worker's agent mid-task", node=worker.name)
+        fallback = _wait(
+            demo,
+            "the fallback",
+            lambda: len((t := task())["attempts"]) >= 2 and t,
+            describe=describe,
+        )
+        second = fallback["attempts"][1]
+        demo.say(
+            "control plane declared the lease dead; falling back locally",
+            token=second["token"],
+            reasons=",".join(second["placement_reasons"]),
+        )
+        done = _wait(
+            demo, "the end of the task", lambda: (t := task())["exit_status"] is not None and t
+        )
+    finally:
+        submitter.close()
+    demo.say(
+        "task finished",
+        state=done["state"],
+        exit=done["exit_status"],
+        attempts=len(done["attempts"]),
+    )
+    if done["state"] != "succeeded":
+        raise PopuliError(f"the task ended {done['state']}, expected succeeded")
+    _check_ticks(demo, ticks)
+    _timeline(demo, done)
+
+
+def _check_ticks(demo: Demo, ticks: Path) -> None:
+    rows = [line.split() for line in ticks.read_text().splitlines() if line.strip()]
+    by_attempt: dict[str, list[int]] = {}
+    for attempt, _token, _pid, at_ns in rows:
+        by_attempt.setdefault(attempt, []).append(int(at_ns))
+    if set(by_attempt) != {"1", "2"}:
+        raise PopuliError(f"expected ticks from attempts 1 and 2, got {sorted(by_attempt)}")
+    last_remote, first_local = max(by_attempt["1"]), min(by_attempt["2"])
+    if last_remote >= first_local:
+        raise PopuliError(
+            "a tick of attempt 1 came after attempt 2 started: the task ran in two places"
+        )
+    demo.say(
+        "single owner checked",
+        remote_ticks=len(by_attempt["1"]),
+        local_ticks=len(by_attempt["2"]),
+        gap_ms=round((first_local - last_remote) / 1e6),
+    )
+
+
+def _timeline(demo: Demo, task: dict[str, Any]) -> None:
+    if demo.quiet:
+        return
+    sys.stdout.write("\ntask decisions (reason codes):\n")
+    start = task["reasons"][0][0]
+    for at_ms, code, detail in task["reasons"]:
+        sys.stdout.write(
+            f"  +{(at_ms - start) / 1000:6.2f}s  {code}{'  ' + detail if detail else ''}\n"
+        )
+    for attempt in task["attempts"]:
+        sys.stdout.write(
+            f"  attempt {attempt['n']}: {attempt['where']} on {attempt['node']} token {attempt['token']} -> {attempt['outcome']}\n"
+        )
+    sys.stdout.write("\n")
 
 
 def _print_keep(demo: Demo) -> None:
