@@ -169,6 +169,9 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         self._depth = 0
+        # Meta values are read on every request (term, control plane); cache them and
+        # forget the cache whenever this connection commits (any commit may change meta).
+        self._meta_cache: dict[str, str | None] = {}
 
     @classmethod
     def open(
@@ -249,6 +252,7 @@ class Store:
             self.conn.execute("ROLLBACK")
             raise
         self._depth = 0
+        self._meta_cache.clear()
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -263,8 +267,14 @@ class Store:
     # -- meta -----------------------------------------------------------------------------
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
-        row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else str(row[0])
+        if key not in self._meta_cache or self._depth:
+            row = self.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            value = None if row is None else str(row[0])
+            if self._depth:
+                return default if value is None else value
+            self._meta_cache[key] = value
+        cached = self._meta_cache[key]
+        return default if cached is None else cached
 
     def require_meta(self, key: str) -> str:
         value = self.get_meta(key)

@@ -413,7 +413,7 @@ class Agent:
 
     def policy_gates(self) -> frozenset[tuple[str, str]]:
         gates = self.records.settings.get("policy_gates") or []
-        return frozenset(tuple(g.split(":", 1)) for g in gates)  # type: ignore[misc]
+        return frozenset((g.split(":", 1)[0], g.split(":", 1)[1]) for g in gates)
 
     async def stop_all_work(self, *, reason: str) -> int:
         """Stop every task this node runs and release their leases; returns how many."""

@@ -5,7 +5,7 @@ on virtual time while the agent code stays the same."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from populi_peer.exec import (
     Supervised,
@@ -30,7 +30,7 @@ class Execution(Protocol):
     async def wait(self, poll_s: float = 0.05) -> TaskOutcome: ...
 
     def read_output(
-        self, stream: str, offset: int = 0, limit: int = 1 << 20
+        self, stream: Any, offset: int = 0, limit: int = 1 << 20
     ) -> tuple[bytes, int, int]: ...
 
 

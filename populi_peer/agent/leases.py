@@ -173,7 +173,7 @@ class LeaseService:
             if settings["kill_switch"] or not settings["remote_exec_enabled"]:
                 reasons.append("remote_disabled")
             scope = self.path_scope(submitter, node_id)
-            decision = decide(work_class, scope, gates_enabled=agent.policy_gates())  # type: ignore[arg-type]
+            decision = decide(work_class, scope, gates_enabled=agent.policy_gates())
             if not decision.allowed:
                 reasons.append(decision.reason or "policy_blocked")
         return TargetView(
@@ -350,7 +350,7 @@ class LeaseService:
             lease_id=new_lease_id(),
             now_mono=now_mono,
             now_wall_ms=now_ms,
-            work_class=work_class,  # type: ignore[arg-type]
+            work_class=work_class,
         )
         self._commit(new, change.records)
         log(

@@ -236,7 +236,7 @@ class ApiApp:
                     body=body,
                     path_params=params,
                     principal=principal,
-                    client=tuple(client) if client else None,  # type: ignore[arg-type]
+                    client=(str(client[0]), int(client[1])) if client else None,
                     cid=cid,
                 )
                 result = await route.handler(request)

@@ -93,10 +93,12 @@ def decode_response(response: httpx.Response, *, peer: str) -> dict[str, Any]:
         )
     if response.is_success:
         return body
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    raw_error = body.get("error")
+    error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
     message = str(error.get("message") or f"HTTP {response.status_code}")
     code = str(error.get("code") or "peer_error")
-    details = error.get("details") if isinstance(error.get("details"), dict) else {}
+    raw_details = error.get("details")
+    details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
     cls = _STATUS_ERRORS.get(response.status_code)
     if cls is None:
         cls = RefusedError if 400 <= response.status_code < 500 else PeerError

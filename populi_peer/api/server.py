@@ -26,7 +26,7 @@ class ReloadableConfig(HypercornConfig):
         return self.ssl_context
 
     def reload_certificate(self) -> None:
-        if self.ssl_context is not None:
+        if self.ssl_context is not None and self.certfile is not None:
             self.ssl_context.load_cert_chain(certfile=self.certfile, keyfile=self.keyfile)
 
 

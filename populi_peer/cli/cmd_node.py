@@ -105,7 +105,7 @@ def _state_text(node: dict[str, Any]) -> str:
         state += f" until {_when(lc['until_wall_ms'])}"
     if lc.get("deadline_wall_ms"):
         state += f" by {_when(lc['deadline_wall_ms'])}"
-    return state
+    return str(state)
 
 
 def _age(node: dict[str, Any]) -> str:

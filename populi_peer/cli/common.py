@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # heavy imports stay out of ``populi --help`` and usage error
 class ArgParser(argparse.ArgumentParser):
     """argparse that reports usage errors in one line (exit 2)."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 

@@ -139,7 +139,7 @@ class VirtualCluster:
         )
         self.node_ids[name] = agent.node_id
 
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             with trio.CancelScope() as scope:
                 node.scope = scope
                 try:
