@@ -270,6 +270,12 @@ class Agent:
             raise BadRequest(
                 "body needs 'changes': an object of setting -> value", code="bad_request"
             )
+        if "max_lease_ttl_s" in changes:
+            seen = float(self.store.get_meta("lease_max_ttl_seen_s", "0") or 0)
+            self.store.set_meta(
+                "lease_max_ttl_seen_s",
+                str(max(seen, float(self.records.settings["max_lease_ttl_s"]))),
+            )
         record = self.records.change_settings(
             changes,
             identity=self.identity,

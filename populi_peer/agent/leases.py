@@ -85,14 +85,36 @@ class LeaseService:
         rows = self.agent.store.execute("SELECT body FROM leases").fetchall()
         leases = [Lease.from_json(json.loads(row["body"])) for row in rows]
         next_seq = int(self.agent.store.get_meta("lease_next_seq", "1") or "1")
+        settings = self.settings()
+        # DESIGN rule 5 / ADR 0006: after a restart, renewals only for a while — a lease
+        # this table does not know of (a store restored from an older copy) has by then
+        # either renewed here or expired on its holder's own deadline. A cluster that never
+        # granted a lease has nothing to wait for. The hold uses the largest TTL ever
+        # allowed, in case max_lease_ttl_s was lowered since.
+        longest_ttl = max(
+            settings.max_lease_ttl_s,
+            float(self.agent.store.get_meta("lease_max_ttl_seen_s", "0") or 0),
+        )
+        hold_s = (
+            longest_ttl + settings.leader_lease_s + settings.expiry_margin_s
+            if next_seq > 1
+            else 0.0
+        )
         self.table = LeaseTable.restore(
             leases,
             term=self.agent.term,
             next_seq=next_seq,
-            settings=self.settings(),
+            settings=settings,
             now_mono=self.agent.clock.mono(),
-            hold_s=0.0,
+            hold_s=hold_s,
         )
+        if hold_s:
+            log(
+                self.logger,
+                logging.INFO,
+                "no new grants until restarted leases are known",
+                hold_s=round(hold_s, 1),
+            )
         if leases:
             log(
                 self.logger,

@@ -460,9 +460,14 @@ class Submitter:
         except PopuliError as exc:
             if definitive(exc):
                 refusal = tuple(exc.details.get("reasons") or [exc.code])
-                control.tried.add(node)
                 self.apply(task_id, GrantRefused(node=node, reasons=refusal))
-                if "no_free_gpu" in refusal or "grant_hold" in refusal:
+                if "grant_hold" in refusal:
+                    # The control plane just restarted: it grants nothing to anyone for a
+                    # while. Not the node's fault: wait and place again.
+                    await self._pause(control, 1.0)
+                    return
+                control.tried.add(node)
+                if "no_free_gpu" in refusal:
                     await self._pause(control, 0.5)
                 return
             # The answer was lost: the grant may have happened. Wait for the word.
