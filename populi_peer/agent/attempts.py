@@ -207,7 +207,7 @@ class AttemptRunner:
             task_id=plan.task_id,
             attempt=plan.attempt,
             fencing_token=plan.token,
-            cuda_visible_devices=",".join(plan.gpus),
+            cuda_visible_devices=",".join(cuda_id(g) for g in plan.gpus),
         )
         return TaskSpec(
             task_id=plan.task_id,
@@ -505,6 +505,13 @@ class AttemptRunner:
                 await self.release(plan, "stopped")
             await on_result(plan, result)
         return to_resume
+
+
+def cuda_id(gpu: str) -> str:
+    """What ``CUDA_VISIBLE_DEVICES`` names for a leased GPU: its UUID, or for an advertised
+    pseudo-device (``advertised-N``, trusted operator labels) its index N."""
+    prefix = "advertised-"
+    return gpu[len(prefix) :] if gpu.startswith(prefix) else gpu
 
 
 def definitive(exc: PopuliError) -> bool:

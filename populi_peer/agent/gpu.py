@@ -89,9 +89,13 @@ class GpuService:
         )
 
     def verified_uuids(self) -> list[str]:
+        """The GPUs this node may be handed: its verified devices, plus the advertised
+        pseudo-devices when it trusts its own labels."""
         if self.inventory is None:
             return []
-        return [d.uuid for d in self.inventory.devices if d.uuid]
+        uuids = [d.uuid for d in self.inventory.devices if d.uuid]
+        uuids += [a.uuid for a in self.allocations if not a.verified and a.uuid]
+        return uuids
 
     async def refresh(self) -> None:
         if self._probe is None:
@@ -264,6 +268,37 @@ class GpuService:
                     "allocation_reasons": reasons,
                     "quarantined": uuid in quarantined,
                     "quarantine_reason": quarantined.get(uuid) if uuid else None,
+                    "verified": True,
+                }
+            )
+        # Operator labels become capacity only where the node trusts them
+        # (``gpu.trust_advertised``): it then reports pseudo-devices, never verified ones.
+        advertised = (
+            (entry.metrics or {}).get("advertised_devices", [])
+            if entry.metrics_version == entry.facts_version
+            else []
+        )
+        labels = entry.static.get("advertised") or {}
+        for index, pseudo in enumerate(advertised):
+            if not isinstance(pseudo, dict) or not isinstance(pseudo.get("uuid"), str):
+                continue
+            uuid = pseudo["uuid"]
+            allocatable_now = bool(pseudo.get("allocatable", False)) and uuid not in quarantined
+            rows.append(
+                {
+                    "index": index,
+                    "uuid": uuid,
+                    "name": labels.get("model") if isinstance(labels, dict) else None,
+                    "memory_total_bytes": None,
+                    "memory_free_bytes": None,
+                    "utilization_gpu_pct": None,
+                    "health": "unknown",
+                    "health_reasons": [],
+                    "allocatable": allocatable_now,
+                    "allocation_reasons": list(pseudo.get("reasons", [])),
+                    "quarantined": uuid in quarantined,
+                    "quarantine_reason": quarantined.get(uuid),
+                    "verified": False,
                 }
             )
         return rows
