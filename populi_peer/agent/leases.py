@@ -55,6 +55,11 @@ SUBMIT = frozenset({"submit"})
 HOLDERS = frozenset({"worker", "submit"})
 OPERATOR = frozenset({"operator"})
 RECONCILE_INTERVAL_S = 1.0
+#: Ended leases stay in memory this long (listings, late releases), then only on disk:
+#: the table stays the size of the live work, not of history. A lookup by task or lease id
+#: reads the store for what memory no longer holds (a completed task keeps its key).
+RETAIN_ENDED_S = 3600.0
+COMPACT_INTERVAL_S = 60.0
 _SCOPE_RANK = {"local": 0, "lan": 1, "overlay": 2}
 
 
@@ -124,6 +129,43 @@ class LeaseService:
                 holding=len(self.table.holding()),
             )
 
+    def hydrate(self, *, task_id: str | None = None, lease_id: str | None = None) -> None:
+        """Bring back from the store the leases of ``task_id`` (or lease ``lease_id``)
+        that compaction dropped from memory, before anything is decided about them."""
+        table = self._table()
+        if task_id is not None:
+            rows = self.agent.store.execute(
+                "SELECT body FROM leases WHERE task_id = ?", (task_id,)
+            ).fetchall()
+        elif lease_id is not None:
+            rows = self.agent.store.execute(
+                "SELECT body FROM leases WHERE lease_id = ?", (lease_id,)
+            ).fetchall()
+        else:
+            return
+        missing = [Lease.from_json(json.loads(row["body"])) for row in rows]
+        missing = [lease for lease in missing if lease.lease_id not in table.leases]
+        if missing:
+            # Only ended leases are ever dropped, so what comes back is terminal.
+            self.table = replace(
+                table, leases={**table.leases, **{lease.lease_id: lease for lease in missing}}
+            )
+
+    def compact(self) -> int:
+        """Drop from memory the leases that ended more than ``RETAIN_ENDED_S`` ago."""
+        if self.table is None:
+            return 0
+        cutoff = int(self.agent.clock.wall() * 1000 - RETAIN_ENDED_S * 1000)
+        keep = {
+            lid: lease
+            for lid, lease in self.table.leases.items()
+            if not lease.terminal or lease.state_changed_wall_ms >= cutoff
+        }
+        dropped = len(self.table.leases) - len(keep)
+        if dropped:
+            self.table = replace(self.table, leases=keep)
+        return dropped
+
     def _table(self) -> LeaseTable:
         self.agent.require_control_plane()
         if self.table is None:
@@ -156,7 +198,8 @@ class LeaseService:
                     (str(table.next_seq),),
                 )
         self.table = table
-        self._kick.set()
+        if records:
+            self._kick.set()
 
     def lease_json(self, lease: Lease) -> dict[str, Any]:
         data = lease.to_json()
@@ -274,6 +317,8 @@ class LeaseService:
             )
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"grant request: {exc}", code="bad_request") from exc
+        self.hydrate(task_id=grant.task_id)
+        table = self._table()
         target = self.target_view(
             grant.target,
             gpus_wanted=grant.gpus_wanted,
@@ -299,6 +344,7 @@ class LeaseService:
         return {"lease": self.lease_json(change.lease), "replay": change.replay}
 
     async def _renew(self, request: Request) -> dict[str, Any]:
+        self.hydrate(lease_id=request.path_params["lease_id"])
         table = self._table()
         now_mono, now_ms = self._now()
         new, change = table.renew(
@@ -311,6 +357,7 @@ class LeaseService:
         return {"lease": self.lease_json(change.lease)}
 
     async def _release(self, request: Request) -> dict[str, Any]:
+        self.hydrate(lease_id=request.path_params["lease_id"])
         table = self._table()
         body = request.json()
         outcome = body.get("outcome")
@@ -341,9 +388,23 @@ class LeaseService:
         submitter = request.caller.id
         task_id = _text(body, "task_id")
         gpus_wanted = _int(body, "gpus_wanted")
+        attempt = _int(body, "attempt")
         work_class = body.get("work_class")
+        self.hydrate(task_id=task_id)
+        table = self._table()
         gpus: tuple[str, ...] = ()
-        if gpus_wanted:
+        retried = next(
+            (
+                lease
+                for lease in table.by_task(task_id)
+                if lease.holding and lease.attempt == attempt and lease.holder == submitter
+            ),
+            None,
+        )
+        if retried is not None:
+            # A retry whose first answer was lost: the table answers it as a replay.
+            gpus = retried.gpus
+        elif gpus_wanted:
             # The submitter's own GPUs, by the control plane's verified view of them.
             view = self.target_view(
                 submitter,
@@ -365,7 +426,7 @@ class LeaseService:
         new, change = table.confirm_dead_for_fallback(
             task_id,
             submitter=submitter,
-            attempt=_int(body, "attempt"),
+            attempt=attempt,
             gpus=gpus,
             local_node=submitter,
             ttl_s=_number(body, "ttl_s"),
@@ -395,6 +456,8 @@ class LeaseService:
         body = request.json()
         lease_id = _text(body, "lease_id")
         reason = request.reason("revoked by operator")
+        self.hydrate(lease_id=lease_id)
+        table = self._table()
         now_mono, now_ms = self._now()
         new, change = table.revoke(
             lease_id, actor=request.caller.id, reason=reason, now_mono=now_mono, now_wall_ms=now_ms
@@ -433,6 +496,7 @@ class LeaseService:
         return {"term": self.agent.term, "leases": [self.lease_json(lease) for lease in leases]}
 
     async def _get(self, request: Request) -> dict[str, Any]:
+        self.hydrate(lease_id=request.path_params["lease_id"])
         return {"lease": self.lease_json(self._table().get(request.path_params["lease_id"]))}
 
     # -- timers ---------------------------------------------------------------------------
@@ -518,9 +582,13 @@ class LeaseService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.load()
         task_status.started()
+        next_compaction = self.agent.clock.mono() + COMPACT_INTERVAL_S
         while True:
             self.expire_now()
             self.reconcile_now()
+            if self.agent.clock.mono() >= next_compaction:
+                self.compact()
+                next_compaction = self.agent.clock.mono() + COMPACT_INTERVAL_S
             deadline = self.table.next_deadline() if self.table else None
             wake = self.agent.clock.mono() + RECONCILE_INTERVAL_S
             if deadline is not None:

@@ -48,6 +48,7 @@ from populi_peer.core.tasks import (
     FallbackRefused,
     GrantRefused,
     HandoffFailed,
+    IllegalTaskTransition,
     LeaseDeadConfirmed,
     LeaseLost,
     PlacedLocal,
@@ -172,6 +173,34 @@ class Submitter:
             )
         return new
 
+    def update_extras(self, task_id: str, **updates: Any) -> None:
+        extras = self._row(task_id)
+        extras.update(updates)
+        self._save(Task.from_json(extras["task"]), extras)
+
+    def request_number(self, task: Task, kind: str) -> int:
+        """The attempt number for a lease request of ``kind`` (grant, local, fallback).
+
+        A request whose answer was lost is sent again with the *same* number, so the
+        control plane answers it as a replay (the lease it may have created comes back);
+        any other request takes a number above every one used so far, so that after a
+        lost grant the control plane's next word is for a later attempt. The number is
+        durable before the request leaves."""
+        extras = self._row(task.task_id)
+        pending = extras.get("pending_request") or {}
+        if pending.get("kind") == kind:
+            return int(pending["attempt"])
+        n = max(len(task.attempts), int(extras.get("max_requested_attempt", 0))) + 1
+        self.update_extras(
+            task.task_id, pending_request={"kind": kind, "attempt": n}, max_requested_attempt=n
+        )
+        return n
+
+    def request_settled(self, task_id: str) -> None:
+        """A lease was obtained, or the number was refused as stale: the next request
+        takes a new number."""
+        self.update_extras(task_id, pending_request=None)
+
     # -- gates ----------------------------------------------------------------------------
 
     def remote_enabled(self) -> bool:
@@ -283,6 +312,16 @@ class Submitter:
                 control.reset()
                 try:
                     await self._step(task, control)
+                except IllegalTaskTransition as exc:
+                    # Decided on a record that changed meanwhile (a result arrived during
+                    # an await): the record is untouched; look at it again.
+                    log(
+                        self.logger,
+                        logging.INFO,
+                        "task moved on while a step was deciding",
+                        task_id=task_id,
+                        detail=str(exc),
+                    )
                 except PopuliError as exc:
                     log(
                         self.logger,
@@ -346,10 +385,9 @@ class Submitter:
         )
 
     async def candidates(self) -> list[CandidateView]:
-        answer = await self._cp("GET", "/v1/populi/gpus")
         nodes = await self._cp("GET", "/v1/populi/nodes")
         free = {
-            n["node_id"]: sum(1 for d in n["devices"] if d["allocatable"]) for n in answer["nodes"]
+            n["id"]: int((n.get("gpu_summary") or {}).get("allocatable", 0)) for n in nodes["nodes"]
         }
         out = []
         for node in nodes["nodes"]:
@@ -443,7 +481,7 @@ class Submitter:
         self, task: Task, control: Control, node: str, reasons: tuple[str, ...]
     ) -> None:
         task_id = task.task_id
-        attempt = len(task.attempts) + 1
+        attempt = self.request_number(task, "grant")
         try:
             answer = await self._cp(
                 "POST",
@@ -460,6 +498,7 @@ class Submitter:
         except PopuliError as exc:
             if definitive(exc):
                 refusal = tuple(exc.details.get("reasons") or [exc.code])
+                self.request_settled(task_id)
                 self.apply(task_id, GrantRefused(node=node, reasons=refusal))
                 if "grant_hold" in refusal:
                     # The control plane just restarted: it grants nothing to anyone for a
@@ -474,6 +513,7 @@ class Submitter:
             self.apply(task_id, ControlPlaneUnreachable(detail=f"grant: {exc}"[:200]))
             return
         lease = answer["lease"]
+        self.request_settled(task_id)
         self.apply(
             task_id,
             PlacedRemote(
@@ -500,7 +540,12 @@ class Submitter:
         except PopuliError as exc:
             if definitive(exc):
                 refusal = tuple(exc.details.get("reasons") or [exc.code])
-                if "no_free_gpu" in refusal and not self._queue_deadline_passed(task):
+                if "stale_attempt" in refusal:
+                    self.request_settled(task_id)
+                    return
+                if "grant_hold" in refusal or (
+                    "no_free_gpu" in refusal and not self._queue_deadline_passed(task)
+                ):
                     await self._pause(control, 1.0)
                     return
                 self.apply(task_id, PlacementFailed(reasons=refusal, detail=str(exc)[:200]))
@@ -536,7 +581,7 @@ class Submitter:
         )
 
     async def _local_token(self, task: Task, control: Control) -> dict[str, Any]:
-        attempt = len(task.attempts) + 1
+        attempt = self.request_number(task, "local")
         if task.gpus_wanted > 0:
             answer = await self._cp(
                 "POST",
@@ -562,6 +607,7 @@ class Submitter:
                     "work_class": task.work_class,
                 },
             )
+        self.request_settled(task.task_id)
         return dict(answer["lease"])
 
     # -- remote ---------------------------------------------------------------------------
@@ -656,13 +702,14 @@ class Submitter:
 
     async def _fallback(self, task: Task, control: Control, *, reason: str) -> None:
         """Ask the control plane for its word that the lease is dead, with a higher token."""
+        attempt = self.request_number(task, "fallback")
         try:
             answer = await self._cp(
                 "POST",
                 "/v1/populi/exec/fallback",
                 {
                     "task_id": task.task_id,
-                    "attempt": len(task.attempts) + 1,
+                    "attempt": attempt,
                     "gpus_wanted": task.gpus_wanted,
                     "ttl_s": self.ttl_s(),
                     "work_class": task.work_class,
@@ -671,6 +718,8 @@ class Submitter:
         except PopuliError as exc:
             if definitive(exc):
                 refusal = tuple(exc.details.get("reasons") or [exc.code])
+                if "stale_attempt" in refusal:
+                    self.request_settled(task.task_id)
                 if task.state in {"fallback_pending", "running_remote"}:
                     self.apply(task.task_id, FallbackRefused(reasons=refusal))
                 return
@@ -678,6 +727,7 @@ class Submitter:
                 self.apply(task.task_id, ControlPlaneUnreachable(detail=f"fallback: {exc}"[:200]))
             return
         lease = answer["lease"]
+        self.request_settled(task.task_id)
         prior = answer.get("prior") or {}
         why = tuple(
             r for r in (reason or (f"lease_{prior['state']}" if prior.get("state") else ""),) if r
@@ -869,14 +919,18 @@ class Submitter:
         result = {k: message[k] for k in message if k not in ("message_id", "type", "v")}
         result["node"] = caller.id
         self._record_result(task_id, result)
-        before = task.state
-        await self._apply_result(task, result)
+        before = self.load(task_id).state
+        try:
+            await self._apply_result(self.load(task_id), result)
+        except IllegalTaskTransition:
+            # Recorded above; it no longer applies to the task as it stands (stale or
+            # late): acknowledged, so the worker stops retrying, and ignored.
+            pass
         after = self.load(task_id)
-        accepted = after.state != before or (after.terminal and before != after.state)
         control = self.controls.get(task_id)
         if control is not None:
             control.poke()
-        return {"accepted": bool(accepted or after.terminal), "state": after.state}
+        return {"accepted": after.state != before, "state": after.state}
 
     # -- API ------------------------------------------------------------------------------
 

@@ -63,23 +63,29 @@ class Local:
     data_dir: Path
     identity: Identity
     store: Store
+    _client: SyncPeerClient | None = None
+    _runtime: RuntimeInfo | None = None
+    _control_plane: tuple[str, str] | None = None
 
     def runtime(self) -> RuntimeInfo:
         from populi_peer.identity import read_runtime
 
         return read_runtime(self.identity.paths)
 
-    def client(self, timeout_s: float = 15.0) -> SyncPeerClient:
-        from populi_peer.api.client import SyncPeerClient
-        from populi_peer.api.tls import client_context
-        from populi_peer.clock import SystemClock
+    def client(self) -> SyncPeerClient:
+        """One keep-alive client for the whole command (a TLS handshake per request adds up
+        when ``populi run`` follows a task)."""
+        if self._client is None:
+            from populi_peer.api.client import SyncPeerClient
+            from populi_peer.api.tls import client_context
+            from populi_peer.clock import SystemClock
 
-        return SyncPeerClient(
-            credential=self.identity.cli_credential,
-            clock=SystemClock(),
-            verify=client_context(self.identity.paths.ca_cert),
-            timeout_s=timeout_s,
-        )
+            self._client = SyncPeerClient(
+                credential=self.identity.cli_credential,
+                clock=SystemClock(),
+                verify=client_context(self.identity.paths.ca_cert),
+            )
+        return self._client
 
     def call_agent(
         self,
@@ -89,25 +95,26 @@ class Local:
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
     ) -> dict[str, Any]:
-        info = self.runtime()
-        client = self.client(timeout_s)
-        try:
-            return client.call(
-                url=info.url,
-                node_id=info.node_id,
-                method=method,
-                path=path,
-                payload=payload,
-                params=params,
-            )
-        finally:
-            client.close()
+        if self._runtime is None:
+            self._runtime = self.runtime()
+        info = self._runtime
+        return self.client().call(
+            url=info.url,
+            node_id=info.node_id,
+            method=method,
+            path=path,
+            payload=payload,
+            params=params,
+            timeout_s=timeout_s,
+        )
 
     def control_plane(self) -> tuple[str, str]:
         """(url, node id) of the control plane, as the local agent knows it."""
-        status = self.call_agent("GET", "/v1/populi/status")
-        cp = status["control_plane"]
-        return str(cp["url"]), str(cp["node_id"])
+        if self._control_plane is None:
+            status = self.call_agent("GET", "/v1/populi/status")
+            cp = status["control_plane"]
+            self._control_plane = (str(cp["url"]), str(cp["node_id"]))
+        return self._control_plane
 
     def call_control_plane(
         self,
@@ -118,15 +125,20 @@ class Local:
         timeout_s: float = 15.0,
     ) -> dict[str, Any]:
         url, node_id = self.control_plane()
-        client = self.client(timeout_s)
-        try:
-            return client.call(
-                url=url, node_id=node_id, method=method, path=path, payload=payload, params=params
-            )
-        finally:
-            client.close()
+        return self.client().call(
+            url=url,
+            node_id=node_id,
+            method=method,
+            path=path,
+            payload=payload,
+            params=params,
+            timeout_s=timeout_s,
+        )
 
     def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         self.store.close()
 
 
