@@ -29,9 +29,17 @@ def cluster_dir(tmp_path: Path) -> tuple[Path, InitResult]:
 
 
 @pytest.fixture
-async def virtual_agent(cluster_dir: tuple[Path, InitResult], autojump_clock: trio.testing.MockClock) -> AsyncIterator[Agent]:
+async def virtual_agent(
+    cluster_dir: tuple[Path, InitResult], autojump_clock: trio.testing.MockClock
+) -> AsyncIterator[Agent]:
     data_dir, _ = cluster_dir
-    agent = Agent(data_dir=data_dir, config=Config(), clock=VirtualClock(), serve=False, url="https://cp.virtual")
+    agent = Agent(
+        data_dir=data_dir,
+        config=Config(),
+        clock=VirtualClock(),
+        serve=False,
+        url="https://cp.virtual",
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(agent.run)
         yield agent

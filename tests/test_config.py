@@ -68,10 +68,17 @@ def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
 def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
     data_dir = tmp_path / "d"
     data_dir.mkdir()
-    (data_dir / "populi.toml").write_text('[node]\nname = "from-data-dir"\nlisten = "127.0.0.1:1"\n')
-    path = _write(tmp_path, "[node]\nlisten = \"127.0.0.1:2\"\n[gpu]\nrefresh_s = 7\n")
+    (data_dir / "populi.toml").write_text(
+        '[node]\nname = "from-data-dir"\nlisten = "127.0.0.1:1"\n'
+    )
+    path = _write(tmp_path, '[node]\nlisten = "127.0.0.1:2"\n[gpu]\nrefresh_s = 7\n')
     environ = {"POPULI_GPU__REFRESH_S": "8", "POPULI_NODE__LISTEN": "127.0.0.1:3"}
-    config = load_config(data_dir=data_dir, config_file=path, environ=environ, overrides={"node.listen": "127.0.0.1:4"})
+    config = load_config(
+        data_dir=data_dir,
+        config_file=path,
+        environ=environ,
+        overrides={"node.listen": "127.0.0.1:4"},
+    )
     assert config.node.name == "from-data-dir"
     assert config.gpu.refresh_s == 8.0
     assert config.node.listen == "127.0.0.1:4"
@@ -141,7 +148,9 @@ def test_config_is_frozen() -> None:
 def test_example_file_documents_every_key_and_matches_the_code() -> None:
     path = ROOT / "configs" / "populi.example.toml"
     text = path.read_text()
-    assert text == example_toml(), "regenerate with: python -m populi_peer.config > configs/populi.example.toml"
+    assert text == example_toml(), (
+        "regenerate with: python -m populi_peer.config > configs/populi.example.toml"
+    )
     parsed = apply_mapping(Config(), tomllib.loads(text), source=str(path))
     assert parsed == Config()
     for key, _tp, meta in iter_keys():

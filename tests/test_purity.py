@@ -9,10 +9,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PURE = sorted((ROOT / "populi_peer" / "core").glob("*.py")) + [
-    ROOT / "enrollment" / name for name in ("canonical.py", "signing.py", "tokens.py", "revocation.py", "records.py", "errors.py")
+    ROOT / "enrollment" / name
+    for name in (
+        "canonical.py",
+        "signing.py",
+        "tokens.py",
+        "revocation.py",
+        "records.py",
+        "errors.py",
+    )
 ]
-FORBIDDEN_MODULES = {"trio", "socket", "time", "random", "secrets", "asyncio", "anyio", "httpx", "sqlite3", "threading", "os", "subprocess"}
-FORBIDDEN_CALLS = {("datetime", "now"), ("datetime", "utcnow"), ("datetime", "today"), ("date", "today")}
+FORBIDDEN_MODULES = {
+    "trio",
+    "socket",
+    "time",
+    "random",
+    "secrets",
+    "asyncio",
+    "anyio",
+    "httpx",
+    "sqlite3",
+    "threading",
+    "os",
+    "subprocess",
+}
+FORBIDDEN_CALLS = {
+    ("datetime", "now"),
+    ("datetime", "utcnow"),
+    ("datetime", "today"),
+    ("date", "today"),
+}
 
 
 def _violations(path: Path) -> list[str]:
@@ -35,14 +61,18 @@ def _violations(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", [p for p in PURE if p.exists()], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", [p for p in PURE if p.exists()], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_module_is_pure(path: Path) -> None:
     assert _violations(path) == []
 
 
 def test_checker_catches_what_it_forbids(tmp_path: Path) -> None:
     sample = tmp_path / "bad.py"
-    sample.write_text("import time\nfrom trio import sleep\nimport datetime\nx = datetime.datetime.now()\n")
+    sample.write_text(
+        "import time\nfrom trio import sleep\nimport datetime\nx = datetime.datetime.now()\n"
+    )
     assert len(_violations(sample)) == 3
 
 

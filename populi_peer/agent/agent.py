@@ -270,18 +270,17 @@ class Agent:
             raise BadRequest(
                 "body needs 'changes': an object of setting -> value", code="bad_request"
             )
-        if "max_lease_ttl_s" in changes:
-            seen = float(self.store.get_meta("lease_max_ttl_seen_s", "0") or 0)
-            self.store.set_meta(
-                "lease_max_ttl_seen_s",
-                str(max(seen, float(self.records.settings["max_lease_ttl_s"]))),
-            )
+        previous_ttl = float(self.records.settings["max_lease_ttl_s"])
         record = self.records.change_settings(
             changes,
             identity=self.identity,
             actor=request.caller.id,
             now_ms=int(self.clock.wall() * 1000),
         )
+        if float(self.records.settings["max_lease_ttl_s"]) != previous_ttl:
+            # Remembered for the grant hold after a restart (ADR 0006, decision 5).
+            seen = float(self.store.get_meta("lease_max_ttl_seen_s", "0") or 0)
+            self.store.set_meta("lease_max_ttl_seen_s", str(max(seen, previous_ttl)))
         self.record_event(
             self.node_id,
             "settings_changed",

@@ -15,6 +15,7 @@ Join, in three unauthenticated steps, all rate-limited per client address:
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -389,8 +390,13 @@ class Enrollment:
         uses = body.get("uses", 1)
         roles = body.get("roles", ["worker", "submit"])
         name = body.get("name")
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)):
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or math.isnan(ttl_s):
             raise BadRequest("'ttl_s' must be a number of seconds", code="bad_request")
+        if ttl_s > 48 * 3600:
+            # Far beyond the maximum (and possibly beyond an integer of milliseconds).
+            raise TokenError(
+                f"token TTL {ttl_s:g} s exceeds the 24h maximum", code="token_ttl_too_long"
+            )
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise BadRequest("'roles' must be a list of role names", code="bad_request")
         if name is not None and not isinstance(name, str):

@@ -125,15 +125,17 @@ class HeartbeatReceiver:
         report = self._validate(body)
         address = request.client[0] if request.client else None
         scope = scope_of(agent, address)
-        self.seen[caller.id] = Seen(agent.clock.mono(), address, scope, report["status"], report)
-        self._update_member(member, report)
         writes = [RegisterWrite.from_json(raw) for raw in report["registers"]]
-        for write in writes:  # all checked before any is applied
+        for write in writes:  # everything is checked before anything is applied
             if write.node_id != caller.id or write.writer_class != "self":
                 raise Forbidden(
                     "a node may only send registers about itself, as itself",
                     code="writer_not_allowed",
                 )
+        if "gpu" in report:
+            agent.gpu.check_summary(report["gpu"])
+        self.seen[caller.id] = Seen(agent.clock.mono(), address, scope, report["status"], report)
+        self._update_member(member, report)
         for write in writes:
             before = agent.registry.lifecycle(caller.id)
             if agent.registry.apply(write) and write.attribute == LIFECYCLE:

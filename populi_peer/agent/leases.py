@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import secrets
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -463,13 +465,14 @@ class LeaseService:
             lease_id, actor=request.caller.id, reason=reason, now_mono=now_mono, now_wall_ms=now_ms
         )
         self._commit(new, change.records)
-        self.agent.record_event(
-            change.lease.holder,
-            "lease_revoked",
-            actor=request.caller.id,
-            reason=reason,
-            detail={"lease_id": lease_id, "task_id": change.lease.task_id},
-        )
+        if change.records:  # a repeated revoke changes nothing and is not an event
+            self.agent.record_event(
+                change.lease.holder,
+                "lease_revoked",
+                actor=request.caller.id,
+                reason=reason,
+                detail={"lease_id": lease_id, "task_id": change.lease.task_id},
+            )
         return {"lease": self.lease_json(change.lease), "replay": change.replay}
 
     async def _list(self, request: Request) -> dict[str, Any]:
@@ -608,24 +611,30 @@ class LeaseService:
         )
 
 
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
 def _text(body: dict[str, Any], name: str) -> str:
+    """An identifier (task, node, lease, work class): 1-128 of A-Z a-z 0-9 . _ : -"""
     value = body.get(name)
-    if not isinstance(value, str) or not value or len(value) > 128:
-        raise BadRequest(f"{name!r} must be a non-empty string", code="bad_request")
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise BadRequest(
+            f"{name!r} must be 1-128 characters of A-Z a-z 0-9 . _ : -", code="bad_request"
+        )
     return value
 
 
 def _int(body: dict[str, Any], name: str) -> int:
     value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
         raise BadRequest(f"{name!r} must be a non-negative integer", code="bad_request")
     return value
 
 
 def _number(body: dict[str, Any], name: str) -> float:
     value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise BadRequest(f"{name!r} must be a positive number", code="bad_request")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise BadRequest(f"{name!r} must be a positive number of seconds", code="bad_request")
     return float(value)
 
 

@@ -246,6 +246,8 @@ class Submitter:
                 )
             if not name or "=" in name or "\0" in name:
                 raise BadRequest(f"--env {name!r}: not a valid variable name", code="bad_env")
+            if "\0" in env[name]:
+                raise BadRequest(f"--env {name}: a value cannot contain a NUL byte", code="bad_env")
         gpus = body.get("gpus", 0)
         if isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= 64:
             raise BadRequest("'gpus' must be an integer 0..64", code="bad_request")
@@ -257,7 +259,7 @@ class Submitter:
                 raise BadRequest("'node' must be a node id or name", code="bad_request")
             node = self.agent.membership.resolve_node(node).id
         options = TaskOptions(
-            no_fallback=bool(body.get("no_fallback", False)),
+            no_fallback=_flag(body, "no_fallback"),
             queue_timeout_s=body.get("queue_timeout_s"),
             timeout_s=body.get("timeout_s"),
             node=node,
@@ -1042,6 +1044,11 @@ class Submitter:
             raise BadRequest("stream must be stdout or stderr", code="bad_request")
         offset = request.query_int("offset", 0, minimum=0)
         limit = request.query_int("limit", 256 * 1024, minimum=1, maximum=1 << 20)
+        asked = request.query_int("attempt", 0, minimum=0, maximum=1_000_000)
+        if asked > len(task.attempts):
+            raise BadRequest(
+                f"task {task_id} has {len(task.attempts)} attempt(s)", code="bad_request"
+            )
         if not task.attempts:
             return {
                 "attempt": 0,
@@ -1053,7 +1060,7 @@ class Submitter:
                 "task_state": task.state,
                 "latest_attempt": 0,
             }
-        n = request.query_int("attempt", len(task.attempts), minimum=1, maximum=len(task.attempts))
+        n = asked or len(task.attempts)
         attempt = task.attempts[n - 1]
         results = self._row(task_id).get("results", {})
         chunk: dict[str, Any]
@@ -1120,6 +1127,13 @@ class Submitter:
                 self._start_driver(row["task_id"])
             task_status.started()
             await trio.sleep_forever()
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name!r} must be true or false", code="bad_request")
+    return value
 
 
 def _from_tail(result: dict[str, Any], stream: str, offset: int, limit: int) -> dict[str, Any]:

@@ -385,6 +385,10 @@ class Worker:
             attempt = int(request.path_params["attempt"])
         except ValueError as exc:
             raise BadRequest("attempt must be a number", code="bad_request") from exc
+        if not 1 <= attempt <= 1_000_000:
+            raise NotFound(
+                f"no attempt {attempt} of task {task_id[:64]} here", code="unknown_attempt"
+            )
         row = self.runner.row(task_id, attempt, "worker")
         if row is None:
             raise NotFound(f"no attempt {attempt} of task {task_id} here", code="unknown_attempt")

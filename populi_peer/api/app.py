@@ -32,6 +32,10 @@ _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
 Handler = Callable[["Request"], Awaitable["Response | dict[str, Any]"]]
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 @dataclass
 class Request:
     method: str
@@ -51,9 +55,14 @@ class Request:
             if not self.body:
                 raise BadRequest("request body must be a JSON object", code="bad_json")
             try:
-                value = json.loads(self.body)
+                value = json.loads(self.body, parse_constant=_refuse_constant)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise BadRequest(f"malformed JSON body: {exc}", code="bad_json") from exc
+            except (ValueError, RecursionError) as exc:
+                # NaN/Infinity (not JSON), absurdly long numbers, too deep nesting.
+                raise BadRequest(
+                    f"malformed JSON body: {str(exc)[:100]}", code="bad_json"
+                ) from None
             if not isinstance(value, dict):
                 raise BadRequest("request body must be a JSON object", code="bad_json")
             self._json = value

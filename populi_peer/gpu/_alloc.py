@@ -91,7 +91,7 @@ def advertised_count(advertised: Mapping[str, str]) -> int | None:
     text = raw.strip()
     if not text.isdigit() or not text.isascii():
         raise AdvertisedLabelError(
-            f"[gpu.labels] count = {raw!r}: expected a whole number of GPUs, like \"2\""
+            f'[gpu.labels] count = {raw!r}: expected a whole number of GPUs, like "2"'
         )
     value = int(text)
     if value > MAX_ADVERTISED_COUNT:

@@ -53,9 +53,7 @@ def _verdicts(
     return {v.index: v for v in chosen}
 
 
-def format_probe(
-    inventory: GpuInventory, verdicts: Sequence[HealthVerdict] | None = None
-) -> str:
+def format_probe(inventory: GpuInventory, verdicts: Sequence[HealthVerdict] | None = None) -> str:
     """A table of the node's GPUs; unknown fields read ``unknown``."""
     source = inventory.backend
     if inventory.source:
@@ -66,10 +64,7 @@ def format_probe(
         f"NVML {_or_unknown(inventory.nvml_version)}"
     )
     if inventory.cpu_only_reason is not None:
-        return (
-            f"GPU probe: {source}; no GPU: this node is CPU-only "
-            f"({inventory.cpu_only_reason})\n"
-        )
+        return f"GPU probe: {source}; no GPU: this node is CPU-only ({inventory.cpu_only_reason})\n"
     by_index = _verdicts(inventory, verdicts)
     header = ("IDX", "UUID", "NAME", "MEMORY USED/TOTAL", "UTIL", "TEMP", "POWER", "HEALTH")
     rows = [header]

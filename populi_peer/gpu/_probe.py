@@ -312,7 +312,8 @@ def _conv_processes(value: Any) -> tuple[ComputeProcess, ...]:
         out.append(
             ComputeProcess(
                 pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-                used_memory_bytes=used if isinstance(used, int) and not isinstance(used, bool)
+                used_memory_bytes=used
+                if isinstance(used, int) and not isinstance(used, bool)
                 else None,
             )
         )
@@ -365,56 +366,136 @@ def _ecc(counter: int) -> Callable[[Any, Any], Any]:
 def _device_queries() -> tuple[_Query, ...]:
     p = _pynvml
     return (
-        _Query("uuid", ("uuid",), lambda n, h: n.nvmlDeviceGetUUID(h), lambda v: (_text(v),),
-               static=True),
-        _Query("name", ("name",), lambda n, h: n.nvmlDeviceGetName(h), lambda v: (_text(v),),
-               static=True),
-        _Query("pci", ("pci_bus_id",), lambda n, h: n.nvmlDeviceGetPciInfo(h),
-               lambda v: (_text(_attr(v, "busId")),), static=True),
-        _Query("cuda_cc", ("compute_capability",),
-               lambda n, h: n.nvmlDeviceGetCudaComputeCapability(h),
-               lambda v: ((_int(_pair(v)[0]), _int(_pair(v)[1])),), static=True),
+        _Query(
+            "uuid",
+            ("uuid",),
+            lambda n, h: n.nvmlDeviceGetUUID(h),
+            lambda v: (_text(v),),
+            static=True,
+        ),
+        _Query(
+            "name",
+            ("name",),
+            lambda n, h: n.nvmlDeviceGetName(h),
+            lambda v: (_text(v),),
+            static=True,
+        ),
+        _Query(
+            "pci",
+            ("pci_bus_id",),
+            lambda n, h: n.nvmlDeviceGetPciInfo(h),
+            lambda v: (_text(_attr(v, "busId")),),
+            static=True,
+        ),
+        _Query(
+            "cuda_cc",
+            ("compute_capability",),
+            lambda n, h: n.nvmlDeviceGetCudaComputeCapability(h),
+            lambda v: ((_int(_pair(v)[0]), _int(_pair(v)[1])),),
+            static=True,
+        ),
         _Query("numa_node", ("numa_node",), _numa_node, lambda v: (_int(v),), static=True),
-        _Query("memory", ("memory_total_bytes", "memory_used_bytes", "memory_free_bytes"),
-               lambda n, h: n.nvmlDeviceGetMemoryInfo(h),
-               lambda v: (_int(_attr(v, "total")), _int(_attr(v, "used")),
-                          _int(_attr(v, "free")))),
-        _Query("utilization", ("utilization_gpu_pct", "utilization_memory_pct"),
-               lambda n, h: n.nvmlDeviceGetUtilizationRates(h),
-               lambda v: (_int(_attr(v, "gpu")), _int(_attr(v, "memory")))),
-        _Query("temperature_gpu", ("temperature_c",),
-               lambda n, h: n.nvmlDeviceGetTemperature(h, p.NVML_TEMPERATURE_GPU),
-               lambda v: (_int(v),)),
-        _Query("power_usage_mw", ("power_draw_mw",), lambda n, h: n.nvmlDeviceGetPowerUsage(h),
-               lambda v: (_int(v),)),
-        _Query("power_limit_mw", ("power_limit_mw",),
-               lambda n, h: n.nvmlDeviceGetEnforcedPowerLimit(h), lambda v: (_int(v),)),
-        _Query("mig_mode", ("mig_mode_current", "mig_mode_pending"),
-               lambda n, h: n.nvmlDeviceGetMigMode(h),
-               lambda v: (_enabled(_pair(v)[0]), _enabled(_pair(v)[1]))),
-        _Query("ecc_mode", ("ecc_mode_current", "ecc_mode_pending"),
-               lambda n, h: n.nvmlDeviceGetEccMode(h),
-               lambda v: (_enabled(_pair(v)[0]), _enabled(_pair(v)[1]))),
-        _Query("ecc_volatile_uncorrected", ("ecc_uncorrected_volatile",),
-               _ecc(p.NVML_VOLATILE_ECC), lambda v: (_int(v),)),
-        _Query("ecc_aggregate_uncorrected", ("ecc_uncorrected_aggregate",),
-               _ecc(p.NVML_AGGREGATE_ECC), lambda v: (_int(v),)),
-        _Query("remapped_rows", ("remapped_rows_correctable", "remapped_rows_uncorrectable",
-                                 "row_remap_pending", "row_remap_failure"),
-               lambda n, h: n.nvmlDeviceGetRemappedRows(h), _conv_remap),
-        _Query("clocks_throttle_reasons", ("throttle_reasons_mask",), _clock_reasons,
-               lambda v: (_int(v),)),
-        _Query("persistence_mode", ("persistence_mode",),
-               lambda n, h: n.nvmlDeviceGetPersistenceMode(h), lambda v: (_enabled(v),)),
-        _Query("compute_processes", ("compute_processes",),
-               lambda n, h: n.nvmlDeviceGetComputeRunningProcesses(h),
-               lambda v: (_conv_processes(v),)),
-        _Query("pcie_link_gen", ("pcie_link_gen",),
-               lambda n, h: n.nvmlDeviceGetCurrPcieLinkGeneration(h), lambda v: (_int(v),)),
-        _Query("pcie_link_width", ("pcie_link_width",),
-               lambda n, h: n.nvmlDeviceGetCurrPcieLinkWidth(h), lambda v: (_int(v),)),
-        _Query("fan_speed", ("fan_speed_pct",), lambda n, h: n.nvmlDeviceGetFanSpeed(h),
-               lambda v: (_int(v),)),
+        _Query(
+            "memory",
+            ("memory_total_bytes", "memory_used_bytes", "memory_free_bytes"),
+            lambda n, h: n.nvmlDeviceGetMemoryInfo(h),
+            lambda v: (_int(_attr(v, "total")), _int(_attr(v, "used")), _int(_attr(v, "free"))),
+        ),
+        _Query(
+            "utilization",
+            ("utilization_gpu_pct", "utilization_memory_pct"),
+            lambda n, h: n.nvmlDeviceGetUtilizationRates(h),
+            lambda v: (_int(_attr(v, "gpu")), _int(_attr(v, "memory"))),
+        ),
+        _Query(
+            "temperature_gpu",
+            ("temperature_c",),
+            lambda n, h: n.nvmlDeviceGetTemperature(h, p.NVML_TEMPERATURE_GPU),
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "power_usage_mw",
+            ("power_draw_mw",),
+            lambda n, h: n.nvmlDeviceGetPowerUsage(h),
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "power_limit_mw",
+            ("power_limit_mw",),
+            lambda n, h: n.nvmlDeviceGetEnforcedPowerLimit(h),
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "mig_mode",
+            ("mig_mode_current", "mig_mode_pending"),
+            lambda n, h: n.nvmlDeviceGetMigMode(h),
+            lambda v: (_enabled(_pair(v)[0]), _enabled(_pair(v)[1])),
+        ),
+        _Query(
+            "ecc_mode",
+            ("ecc_mode_current", "ecc_mode_pending"),
+            lambda n, h: n.nvmlDeviceGetEccMode(h),
+            lambda v: (_enabled(_pair(v)[0]), _enabled(_pair(v)[1])),
+        ),
+        _Query(
+            "ecc_volatile_uncorrected",
+            ("ecc_uncorrected_volatile",),
+            _ecc(p.NVML_VOLATILE_ECC),
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "ecc_aggregate_uncorrected",
+            ("ecc_uncorrected_aggregate",),
+            _ecc(p.NVML_AGGREGATE_ECC),
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "remapped_rows",
+            (
+                "remapped_rows_correctable",
+                "remapped_rows_uncorrectable",
+                "row_remap_pending",
+                "row_remap_failure",
+            ),
+            lambda n, h: n.nvmlDeviceGetRemappedRows(h),
+            _conv_remap,
+        ),
+        _Query(
+            "clocks_throttle_reasons",
+            ("throttle_reasons_mask",),
+            _clock_reasons,
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "persistence_mode",
+            ("persistence_mode",),
+            lambda n, h: n.nvmlDeviceGetPersistenceMode(h),
+            lambda v: (_enabled(v),),
+        ),
+        _Query(
+            "compute_processes",
+            ("compute_processes",),
+            lambda n, h: n.nvmlDeviceGetComputeRunningProcesses(h),
+            lambda v: (_conv_processes(v),),
+        ),
+        _Query(
+            "pcie_link_gen",
+            ("pcie_link_gen",),
+            lambda n, h: n.nvmlDeviceGetCurrPcieLinkGeneration(h),
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "pcie_link_width",
+            ("pcie_link_width",),
+            lambda n, h: n.nvmlDeviceGetCurrPcieLinkWidth(h),
+            lambda v: (_int(v),),
+        ),
+        _Query(
+            "fan_speed",
+            ("fan_speed_pct",),
+            lambda n, h: n.nvmlDeviceGetFanSpeed(h),
+            lambda v: (_int(v),),
+        ),
     )
 
 
@@ -528,17 +609,26 @@ class Probe:
         now_ms = round(self._clock.wall() * 1000)
         if cpu_only is not None:
             return GpuInventory(
-                backend=self.backend, source=self.source, cpu_only_reason=cpu_only,
-                wedged=refresh.wedged, probed_at_ms=now_ms,
+                backend=self.backend,
+                source=self.source,
+                cpu_only_reason=cpu_only,
+                wedged=refresh.wedged,
+                probed_at_ms=now_ms,
             )
         system, system_unknown = await self._system_facts(refresh)
         count = await self._device_count(refresh)
         if count == 0:
-            self._log_once("no_gpus", logging.INFO,
-                           "NVML works but reports no GPU: this node is CPU-only")
+            self._log_once(
+                "no_gpus", logging.INFO, "NVML works but reports no GPU: this node is CPU-only"
+            )
             return GpuInventory(
-                backend=self.backend, source=self.source, cpu_only_reason="no_gpus",
-                wedged=refresh.wedged, probed_at_ms=now_ms, unknown=system_unknown, **system,
+                backend=self.backend,
+                source=self.source,
+                cpu_only_reason="no_gpus",
+                wedged=refresh.wedged,
+                probed_at_ms=now_ms,
+                unknown=system_unknown,
+                **system,
             )
         devices = []
         for index in range(count or 0):
@@ -549,22 +639,31 @@ class Probe:
                 self._wedged_logged = True
                 log.warning(
                     "an NVML call did not answer within %.1f s: GPU facts are unknown "
-                    "until it returns", self._caller.timeout_s,
+                    "until it returns",
+                    self._caller.timeout_s,
                 )
         elif self._wedged_logged:
             self._wedged_logged = False
             log.info("NVML answers again")
         return GpuInventory(
-            devices=tuple(devices), backend=self.backend, source=self.source,
-            wedged=refresh.wedged, probed_at_ms=now_ms, unknown=system_unknown, **system,
+            devices=tuple(devices),
+            backend=self.backend,
+            source=self.source,
+            wedged=refresh.wedged,
+            probed_at_ms=now_ms,
+            unknown=system_unknown,
+            **system,
         )
 
     async def _ensure_init(self, refresh: _Refresh) -> str | None:
         """None when NVML is up; else why this node is CPU-only for now."""
         if self._permanent_cpu_only is not None:
-            self._log_once(self._permanent_cpu_only, logging.INFO,
-                           "no NVIDIA driver (%s): this node is CPU-only",
-                           self._permanent_cpu_only)
+            self._log_once(
+                self._permanent_cpu_only,
+                logging.INFO,
+                "no NVIDIA driver (%s): this node is CPU-only",
+                self._permanent_cpu_only,
+            )
             return self._permanent_cpu_only
         if self._initialized:
             return None
@@ -581,8 +680,9 @@ class Probe:
         if reason == "nvml_library_not_found":
             # No libnvidia-ml.so: installing a driver means restarting the agent.
             self._permanent_cpu_only = reason
-        self._log_once(reason, logging.INFO, "no usable NVIDIA driver (%s): this node is "
-                       "CPU-only", reason)
+        self._log_once(
+            reason, logging.INFO, "no usable NVIDIA driver (%s): this node is CPU-only", reason
+        )
         return reason
 
     async def _system_facts(self, refresh: _Refresh) -> tuple[dict[str, Any], dict[str, str]]:
@@ -674,9 +774,13 @@ class Probe:
             unknown["nvlinks"] = nvlink_reason
         values["nvlinks"] = nvlinks
         if lost:
-            self._log_once(f"lost:{index}", logging.WARNING,
-                           "GPU %d (%s) is lost: NVML answers GpuIsLost", index,
-                           values.get("uuid") or "uuid unknown")
+            self._log_once(
+                f"lost:{index}",
+                logging.WARNING,
+                "GPU %d (%s) is lost: NVML answers GpuIsLost",
+                index,
+                values.get("uuid") or "uuid unknown",
+            )
         return GpuDevice(index=index, lost=lost, unknown=unknown, **values)
 
     async def _read_nvlinks(
@@ -689,15 +793,16 @@ class Probe:
         # Link states in one batch, ending at the first refusal: past the device's last
         # link NVML answers InvalidArgument (or NotSupported).
         states = await refresh.call_batch(
-            [(self._nvml.nvmlDeviceGetNvLinkState, (handle, link))
-             for link in range(_MAX_NVLINKS)],
+            [(self._nvml.nvmlDeviceGetNvLinkState, (handle, link)) for link in range(_MAX_NVLINKS)],
             stop=lambda o: isinstance(o, _Fail),
         )
         active: list[bool] = []
         for link, outcome in enumerate(states):
             if isinstance(outcome, _Fail):
-                if link == 0 or outcome.reason not in ("not_supported",
-                                                       "error:NVMLError_InvalidArgument"):
+                if link == 0 or outcome.reason not in (
+                    "not_supported",
+                    "error:NVMLError_InvalidArgument",
+                ):
                     return None, outcome.reason
                 break
             try:
@@ -745,8 +850,7 @@ class Probe:
         self, on_event: Callable[[XidEvent], Awaitable[None] | None], event: XidEvent
     ) -> None:
         if event.critical:
-            log.warning("critical XID %d on GPU %s (index %s)", event.code, event.uuid,
-                        event.index)
+            log.warning("critical XID %d on GPU %s (index %s)", event.code, event.uuid, event.index)
         result = on_event(event)
         if inspect.isawaitable(result):
             await result
@@ -763,8 +867,9 @@ class Probe:
             uuid = self._replay.device_uuid_at(step.index, step.at_s)
             await self._deliver(
                 on_event,
-                XidEvent(uuid, step.index, step.code, is_critical_xid(step.code),
-                         self._clock.wall()),
+                XidEvent(
+                    uuid, step.index, step.code, is_critical_xid(step.code), self._clock.wall()
+                ),
             )
             await trio.lowlevel.checkpoint()
 
@@ -824,9 +929,14 @@ class Probe:
 
         def thread_main() -> None:
             try:
-                _xid_thread(nvml, handles, wait_ms, stop, tell,
-                            lambda n: trio.from_thread.run_sync(mark_registered, n,
-                                                                trio_token=token))
+                _xid_thread(
+                    nvml,
+                    handles,
+                    wait_ms,
+                    stop,
+                    tell,
+                    lambda n: trio.from_thread.run_sync(mark_registered, n, trio_token=token),
+                )
             except Exception as exc:  # never let the watcher take the agent down
                 log.warning("XID watcher stopped: %s", error_reason(exc))
                 try:
@@ -847,20 +957,30 @@ class Probe:
                     await registered.wait()
                 if state["registered"] == 0:
                     if registered.is_set():
-                        self._log_once("xid_unsupported", logging.INFO,
-                                       "XID events are not supported here: not watching them")
+                        self._log_once(
+                            "xid_unsupported",
+                            logging.INFO,
+                            "XID events are not supported here: not watching them",
+                        )
                     else:
-                        self._log_once("xid_timeout", logging.WARNING,
-                                       "NVML did not register XID events in time: not "
-                                       "watching them")
+                        self._log_once(
+                            "xid_timeout",
+                            logging.WARNING,
+                            "NVML did not register XID events in time: not watching them",
+                        )
                     stop.set()
                     task_status.started()
                     nursery.cancel_scope.cancel()
                     return
                 task_status.started()
                 async for index, code in receive:
-                    event = XidEvent(await self._uuid_of(index), index, code,
-                                     is_critical_xid(code), self._clock.wall())
+                    event = XidEvent(
+                        await self._uuid_of(index),
+                        index,
+                        code,
+                        is_critical_xid(code),
+                        self._clock.wall(),
+                    )
                     await self._deliver(on_event, event)
         finally:
             stop.set()
@@ -952,7 +1072,8 @@ def _link_peers(devices: list[GpuDevice]) -> list[GpuDevice]:
             continue
         links = tuple(
             replace(link, peer_index=by_bus.get(link.remote_pci_bus_id.lower()))
-            if link.remote_pci_bus_id else link
+            if link.remote_pci_bus_id
+            else link
             for link in device.nvlinks
         )
         out.append(replace(device, nvlinks=links))
@@ -984,7 +1105,10 @@ def open_probe(
     """
     if fixture is not None:
         return open_replay_probe(
-            fixture, node_id=node_id, keep_fixture_uuids=keep_fixture_uuids, clock=clock,
+            fixture,
+            node_id=node_id,
+            keep_fixture_uuids=keep_fixture_uuids,
+            clock=clock,
             call_timeout_s=call_timeout_s,
         )
     return Probe(_pynvml, backend="nvml", clock=clock, call_timeout_s=call_timeout_s)
@@ -1005,12 +1129,20 @@ def open_replay_probe(
     sequence = load_fixture(fixture)
     uuid_map = None
     if node_id is not None and not keep_fixture_uuids:
+
         def uuid_map(uuid: str) -> str:
             return derive_replay_uuid(uuid, node_id)
+
     controller = ReplayController(sequence, uuid_map=uuid_map, blocking_hangs=threaded)
     return Probe(
-        controller.nvml, backend="replay", clock=clock, call_timeout_s=call_timeout_s,
-        source=sequence.label, replay=controller, threaded=threaded, xid_wait_ms=xid_wait_ms,
+        controller.nvml,
+        backend="replay",
+        clock=clock,
+        call_timeout_s=call_timeout_s,
+        source=sequence.label,
+        replay=controller,
+        threaded=threaded,
+        xid_wait_ms=xid_wait_ms,
     )
 
 

@@ -248,7 +248,9 @@ class GpuInventory:
             source=_load("str", data.get("source"), "source"),
             driver_version=_load("str", data.get("driver_version"), "driver_version"),
             nvml_version=_load("str", data.get("nvml_version"), "nvml_version"),
-            cuda_driver_version=_load("int", data.get("cuda_driver_version"), "cuda_driver_version"),
+            cuda_driver_version=_load(
+                "int", data.get("cuda_driver_version"), "cuda_driver_version"
+            ),
             cpu_only_reason=_load("str", data.get("cpu_only_reason"), "cpu_only_reason"),
             wedged=wedged,
             probed_at_ms=_load("int", data.get("probed_at_ms"), "probed_at_ms"),
@@ -352,7 +354,9 @@ def _load_process(value: Any, where: str) -> ComputeProcess:
         raise InventoryFormatError(f"{where}: expected an object, got {_tname(value)}")
     return ComputeProcess(
         pid=_load("int", value.get("pid"), f"{where}.pid"),
-        used_memory_bytes=_load("int", value.get("used_memory_bytes"), f"{where}.used_memory_bytes"),
+        used_memory_bytes=_load(
+            "int", value.get("used_memory_bytes"), f"{where}.used_memory_bytes"
+        ),
     )
 
 
@@ -366,7 +370,9 @@ def _load_nvlink(value: Any, where: str) -> NvLink:
     return NvLink(
         link=link,
         active=active,
-        remote_pci_bus_id=_load("str", value.get("remote_pci_bus_id"), f"{where}.remote_pci_bus_id"),
+        remote_pci_bus_id=_load(
+            "str", value.get("remote_pci_bus_id"), f"{where}.remote_pci_bus_id"
+        ),
         peer_index=_load("int", value.get("peer_index"), f"{where}.peer_index"),
     )
 

@@ -79,9 +79,7 @@ def derive_replay_uuid(capture_uuid: str, node_id: str) -> str:
     digest = hashlib.sha256(
         _UUID_DOMAIN + capture_uuid.encode() + b"\x00" + node_id.encode()
     ).hexdigest()[:32]
-    return (
-        f"GPU-{digest[0:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
-    )
+    return f"GPU-{digest[0:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
 
 
 def package_capture_names() -> tuple[str, ...]:
@@ -253,8 +251,11 @@ def _parse_sequence(data: dict[str, Any], *, label: str, base_dir: Path | None) 
             if not isinstance(body, dict):
                 raise FixtureError(f"GPU fixture {where}.xid: expected {{index, code}}")
             xids.append(
-                XidStep(at_s, _int(body.get("index"), f"{where}.xid.index"),
-                        _int(body.get("code"), f"{where}.xid.code"))
+                XidStep(
+                    at_s,
+                    _int(body.get("index"), f"{where}.xid.index"),
+                    _int(body.get("code"), f"{where}.xid.code"),
+                )
             )
         else:
             if not isinstance(body, dict):
@@ -296,8 +297,10 @@ def _nvml_error(code: int) -> BaseException:
 def _captured_error(value: Any) -> BaseException:
     """The real pynvml error a capture recorded (``{"error": name, "code": n}``)."""
     code = value.get("code")
-    if isinstance(code, int) and not isinstance(code, bool) and code in (
-        pynvml.NVMLError._valClassMapping
+    if (
+        isinstance(code, int)
+        and not isinstance(code, bool)
+        and code in (pynvml.NVMLError._valClassMapping)
     ):
         return _nvml_error(code)
     name = value.get("error")

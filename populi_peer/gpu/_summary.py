@@ -89,9 +89,7 @@ def summary_static(
     return out
 
 
-def facts_version(
-    inventory: GpuInventory, *, advertised: Mapping[str, str] | None = None
-) -> str:
+def facts_version(inventory: GpuInventory, *, advertised: Mapping[str, str] | None = None) -> str:
     """sha256 (first 16 hex digits) of the canonical JSON of :func:`summary_static`."""
     static = summary_static(inventory, advertised=advertised)
     canonical = json.dumps(static, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -24,8 +24,10 @@ they survive the agent's crash (``VirtualCluster.crash``), and :meth:`SimExecuto
 on the restarted agent finds them again by task directory. A finished supervisor leaves a
 final ``state.json`` in the task directory (the real record, :class:`SupervisorState`), so
 an agent that restarts after its task ended recovers the outcome through the same code as
-with real processes; :meth:`SimHost.power_off` plays a machine that loses power: every
-supervisor of the node dies with its task and leaves no final state.
+with real processes. :meth:`SimHost.power_off` plays a machine that loses power: every
+supervisor of the node dies with its task and leaves no final state;
+:meth:`SimHost.suspend` plays a suspend (boot and wall time jump, the supervisors look at
+their deadlines at once).
 
     async with open_sim_host() as host:
         async with open_virtual_cluster(tmp_path, workers=2,

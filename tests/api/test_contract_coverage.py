@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 import yaml
 from openapi_spec_validator import validate
 from openapi_spec_validator.readers import read_from_filename
@@ -23,6 +24,7 @@ from populi_peer.api.app import Route
 from populi_peer.cluster import init_cluster
 from populi_peer.config import Config
 from populi_peer.testing import VirtualClock
+from support.clients import signed_client
 from support.contract import CONTRACT
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -171,3 +173,55 @@ def resolve(document: dict[str, Any], ref: str) -> dict[str, Any]:
     for part in ref[2:].split("/"):
         node = node[part]
     return node
+
+
+async def test_answers_that_changed_are_documented(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Answers whose shape changed since the contract was first written, each checked
+    against the document by the signed client: token revoke answers ``summary``; task
+    answers carry environment names, never values; task output carries
+    ``latest_attempt``; an unknown lease is 404 ``lease_not_found``."""
+    clock = VirtualClock()
+    init_cluster(
+        tmp_path / "cp",
+        cluster_name="lab",
+        node_name="cp",
+        listen="127.0.0.1:0",
+        advertise=[],
+        force=False,
+        now_wall_s=clock.wall_start_s,
+    )
+    # A URL with a port, so that join tokens can carry it as their contact.
+    agent = Agent(
+        data_dir=tmp_path / "cp",
+        config=Config(),
+        clock=clock,
+        serve=False,
+        url="https://cp.virtual:443",
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        async with signed_client(agent) as client:
+            created = (await client.post("/v1/populi/admin/tokens", json={})).json()
+            token_id = created["summary"]["token_id"]
+            revoked = await client.post(f"/v1/populi/admin/tokens/{token_id}/revoke")
+            again = await client.post(f"/v1/populi/admin/tokens/{token_id}/revoke")
+            # Times out before it is placed: no process starts.
+            submitted = await client.post(
+                "/v1/populi/tasks",
+                json={"command": ["true"], "env": {"API_KEY": "hunter2"}, "timeout_s": 1e-300},
+            )
+            task_id = submitted.json()["task"]["task_id"]
+            shown = await client.get(f"/v1/populi/tasks/{task_id}", params={"wait_s": 5})
+            output = await client.get(f"/v1/populi/tasks/{task_id}/output")
+            lease = await client.get("/v1/populi/exec/leases/l-0000")
+        agent.request_stop()
+        await agent.stopped.wait()
+    assert revoked.status_code == 200 and revoked.json()["summary"]["state"] == "revoked"
+    assert again.json()["summary"]["revoked_ms"] == revoked.json()["summary"]["revoked_ms"]
+    assert submitted.json()["task"]["env"] == [["API_KEY", "…"]]
+    assert "hunter2" not in submitted.text + shown.text
+    assert shown.json()["task"]["state"] == "timed_out"
+    assert output.json()["latest_attempt"] == 0 and output.json()["attempt"] == 0
+    assert (lease.status_code, lease.json()["error"]["code"]) == (404, "lease_not_found")

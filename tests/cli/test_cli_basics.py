@@ -27,29 +27,52 @@ def test_unknown_command_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_status_without_agent_is_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["init", "--cluster-name", "lab", "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:0"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--cluster-name",
+                "lab",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--listen",
+                "127.0.0.1:0",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["status", "--data-dir", str(tmp_path / "d")]) == 3
     err = capsys.readouterr().err
     assert len(_lines(err)) == 1 and "no agent running" in err
 
 
-def test_status_on_a_missing_data_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_on_a_missing_data_dir_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["status", "--data-dir", str(tmp_path / "none")])
     assert code == 4
     err = capsys.readouterr().err
     assert len(_lines(err)) == 1 and "populi init" in err
 
 
-@pytest.mark.parametrize("args", [["--listen", "host:notaport"], ["--advertise", "[::1"], ["--name", "Bad Name"]])
-def test_init_bad_flags_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "args", [["--listen", "host:notaport"], ["--advertise", "[::1"], ["--name", "Bad Name"]]
+)
+def test_init_bad_flags_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
     code = main(["init", "--cluster-name", "lab", "--data-dir", str(tmp_path / "d"), *args])
     assert code == 2
     assert len(_lines(capsys.readouterr().err)) == 1
     assert not (tmp_path / "d").exists()
 
 
-def test_settings_set_rejects_bad_value_before_contacting_anyone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["settings", "set", "max_lease_ttl_s", "forever", "--data-dir", str(tmp_path / "none")])
+def test_settings_set_rejects_bad_value_before_contacting_anyone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["settings", "set", "max_lease_ttl_s", "forever", "--data-dir", str(tmp_path / "none")]
+    )
     assert code == 4
     assert "max_lease_ttl_s" in capsys.readouterr().err
