@@ -300,14 +300,17 @@ class AttemptRunner:
                 attempt=plan.attempt,
                 role=plan.role,
             )
-            return await self._supervise(running, execution, started_ms)
+            return await self._supervise(running, execution, started_ms, renew_now=True)
         finally:
             running.done.set()
             self.running.pop(key, None)
 
     async def _supervise(
-        self, running: Running, execution: Execution, started_ms: int
+        self, running: Running, execution: Execution, started_ms: int, *, renew_now: bool = False
     ) -> dict[str, Any]:
+        """Wait for the task, renewing its lease every TTL/3. ``renew_now``: an attempt
+        re-adopted after a restart renews at once — the agent was away for an unknown
+        part of the interval, and the supervisor's deadline did not wait for it."""
         plan = running.plan
         lost: list[str] = []
         outcome_box: list[Any] = []
@@ -315,8 +318,11 @@ class AttemptRunner:
 
             async def renew_loop() -> None:
                 assert plan.ttl_s is not None
+                first = renew_now
                 while True:
-                    await trio.sleep(renew_interval_s(plan.ttl_s))
+                    if not first:
+                        await trio.sleep(renew_interval_s(plan.ttl_s))
+                    first = False
                     try:
                         execution.extend_deadline(await self.renew(plan))
                     except PopuliError as exc:

@@ -447,9 +447,15 @@ class LeaseService:
             kind=change.lease.kind,
             prior=change.prior.lease_id if change.prior else None,
         )
+        prior = change.prior
+        if prior is None and change.replay:
+            # A retried request whose first answer was lost: say again which dead lease
+            # this attempt follows, so the submitter records why it fell back.
+            earlier = [x for x in new.by_task(task_id) if x.dead and x.token < change.lease.token]
+            prior = max(earlier, key=lambda x: x.token) if earlier else None
         return {
             "lease": self.lease_json(change.lease),
-            "prior": None if change.prior is None else self.lease_json(change.prior),
+            "prior": None if prior is None else self.lease_json(prior),
             "replay": change.replay,
         }
 
