@@ -49,8 +49,9 @@ from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
+from populi_peer.core.leases import validate_stop_margin
 from populi_peer.core.registers import RegisterWrite
-from populi_peer.errors import BadRequest, Conflict, PopuliError
+from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -88,6 +89,7 @@ class Agent:
         self.registry = Registry(
             self.store, self.identity, clock, max_skew_s=config.security.max_skew_s
         )
+        self._check_stop_margin()
         self.network = network or TlsNetwork(self.identity.paths.ca_cert)
         self.started_mono: float | None = None
         self.url = url or self._configured_url()
@@ -128,6 +130,29 @@ class Agent:
         self._stop = trio.Event()
         self._server_stop = trio.Event()
         self.stopped = trio.Event()
+
+    def _check_stop_margin(self) -> None:
+        """DESIGN rule 3: refuse a stop margin smaller than the SIGTERM grace plus the kill
+        latency plus the clock drift over one TTL (the cluster's longest), and one that
+        leaves no room for a renewal. Checked at start against the settings this node
+        holds; a later, longer ``max_lease_ttl_s`` makes the worker refuse such leases
+        (``ttl_too_short``) instead."""
+        if not self.config.exec.remote:
+            return
+        cfg = self.config.exec
+        try:
+            validate_stop_margin(
+                cfg.stop_margin_s,
+                kill_grace_s=cfg.kill_grace_s,
+                kill_latency_s=cfg.kill_latency_s,
+                drift_ppm=cfg.drift_ppm,
+                ttl_s=float(self.records.settings["max_lease_ttl_s"]),
+            )
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (cluster max_lease_ttl_s = {self.records.settings['max_lease_ttl_s']:g} s)",
+                key="exec.stop_margin_s",
+            ) from None
 
     # -- identity facts -------------------------------------------------------------------
 
