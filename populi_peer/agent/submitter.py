@@ -501,15 +501,31 @@ class Submitter:
             if definitive(exc):
                 refusal = tuple(exc.details.get("reasons") or [exc.code])
                 self.request_settled(task_id)
-                self.apply(task_id, GrantRefused(node=node, reasons=refusal))
                 if "grant_hold" in refusal:
                     # The control plane just restarted: it grants nothing to anyone for a
-                    # while. Not the node's fault: wait and place again.
+                    # while. Not the node's fault, nor the task's: wait and place again.
+                    log(
+                        self.logger,
+                        logging.INFO,
+                        "grant hold on the control plane; waiting",
+                        task_id=task_id,
+                    )
                     await self._pause(control, 1.0)
                     return
-                control.tried.add(node)
-                if "no_free_gpu" in refusal:
+                if "no_free_gpu" in refusal and not self._queue_deadline_passed(task):
+                    # --queue-timeout: the GPU is busy for now; keep trying (even with
+                    # --no-fallback, which only decides what happens when time is up).
+                    log(
+                        self.logger,
+                        logging.INFO,
+                        "no free GPU yet; waiting",
+                        task_id=task_id,
+                        node=node,
+                    )
                     await self._pause(control, 0.5)
+                    return
+                control.tried.add(node)
+                self.apply(task_id, GrantRefused(node=node, reasons=refusal))
                 return
             # The answer was lost: the grant may have happened. Wait for the word.
             self.apply(task_id, ControlPlaneUnreachable(detail=f"grant: {exc}"[:200]))
@@ -703,8 +719,51 @@ class Submitter:
         await self._fallback(task, control, reason="")
 
     async def _fallback(self, task: Task, control: Control, *, reason: str) -> None:
-        """Ask the control plane for its word that the lease is dead, with a higher token."""
+        """Ask the control plane for its word that the lease is dead, with a higher token.
+
+        The local attempt takes this node's GPUs when it has enough (a ``local`` lease).
+        A node with fewer GPUs than the task wants (a CPU-only laptop) runs it without
+        any, reason ``no_local_gpu``: the task finishes here instead, as a CPU run.
+        With ``--no-fallback`` only the word is wanted: no GPU is taken, and the fence
+        that records the token is released at once."""
+        current = task.current_attempt
+        if (
+            task.options.no_fallback
+            and current is not None
+            and current.lease_id
+            and current.token is not None
+        ):
+            # --no-fallback: the control plane's word that the lease is dead is all that
+            # is wanted; nothing new is leased.
+            try:
+                state = (await self._cp("GET", f"/v1/populi/exec/leases/{current.lease_id}"))[
+                    "lease"
+                ]["state"]
+            except PopuliError as exc:
+                if not definitive(exc) and task.state != "fallback_pending":
+                    self.apply(
+                        task.task_id, ControlPlaneUnreachable(detail=f"lease check: {exc}"[:200])
+                    )
+                return
+            if state in ("released", "revoked", "expired"):
+                self.apply(
+                    task.task_id,
+                    LeaseDeadConfirmed(
+                        node=self.agent.node_id,
+                        token=current.token,
+                        lease_id=None,
+                        reasons=(f"lease_{state}",),
+                    ),
+                )
+            return
         attempt = self.request_number(task, "fallback")
+        local_gpus = task.gpus_wanted
+        extra_reasons: tuple[str, ...] = ()
+        if task.options.no_fallback:
+            local_gpus = 0
+        elif task.gpus_wanted > len(self.agent.verified_gpu_uuids()):
+            local_gpus = 0
+            extra_reasons = ("no_local_gpu",)
         try:
             answer = await self._cp(
                 "POST",
@@ -712,7 +771,7 @@ class Submitter:
                 {
                     "task_id": task.task_id,
                     "attempt": attempt,
-                    "gpus_wanted": task.gpus_wanted,
+                    "gpus_wanted": local_gpus,
                     "ttl_s": self.ttl_s(),
                     "work_class": task.work_class,
                 },
@@ -731,9 +790,30 @@ class Submitter:
         lease = answer["lease"]
         self.request_settled(task.task_id)
         prior = answer.get("prior") or {}
-        why = tuple(
-            r for r in (reason or (f"lease_{prior['state']}" if prior.get("state") else ""),) if r
+        why = (
+            tuple(
+                r
+                for r in (reason or (f"lease_{prior['state']}" if prior.get("state") else ""),)
+                if r
+            )
+            + extra_reasons
         )
+        if task.options.no_fallback:
+            plan = AttemptPlan(
+                task.task_id,
+                attempt,
+                "local",
+                self.agent.node_id,
+                str(lease["token"]),
+                str(lease["lease_id"]),
+                None,
+                False,
+                task.command,
+                {},
+                (),
+                task.work_class,
+            )
+            await self.agent.runner.release(plan, "stopped")
         self.apply(
             task.task_id,
             LeaseDeadConfirmed(
@@ -920,6 +1000,16 @@ class Submitter:
             )
         result = {k: message[k] for k in message if k not in ("message_id", "type", "v")}
         result["node"] = caller.id
+        if task.terminal or str(result.get("token")) != str(match.token):
+            # Late or for an older token: kept apart, never over the accepted record.
+            extras = self._row(task_id)
+            ignored = [*extras.get("ignored_results", []), result][-20:]
+            self.update_extras(task_id, ignored_results=ignored)
+            try:
+                await self._apply_result(self.load(task_id), result)
+            except IllegalTaskTransition:
+                pass
+            return {"accepted": False, "state": self.load(task_id).state}
         self._record_result(task_id, result)
         before = self.load(task_id).state
         try:

@@ -1,0 +1,449 @@
+"""A worker cut off from the control plane by the network itself: real agents in network
+namespaces, real TLS and SQLite, iptables partitions (root; skipped otherwise).
+
+The lab (``tests/lab/netns.py``): hosts ``cp`` (10.77.0.1, the control plane, CPU only),
+``wa`` (10.77.0.2) and ``wb`` (10.77.0.3), both replaying an idle H100, each in its own
+namespace, joined by veth pairs to a bridge in a fourth one; no default route, nothing
+leaves the lab. Every ``populi`` process — agents and CLI alike — runs inside its host's
+namespace (``ip netns exec``), each agent listening on its lab address (``--listen
+10.77.0.X:7431``), and the CLI talks to its local agent at that advertised address.
+Short leases as in ``tests/e2e/test_exec_e2e.py``: TTL 6 s, expiry margin 2 s, worker stop
+margin 2 s, kill grace 1 s, kill latency 0.5 s.
+
+The scenario: ``populi run --node wb --gpus 1`` on ``wa`` runs a ticking task (the tick
+protocol of ``tests/e2e/exec_support.py``: ``node attempt pid time_ns token boot_ns
+index`` lines in a file under ``tmp_path``, which every namespace sees) on ``wb``; then
+``wb`` is cut from ``cp`` alone, by DROP rules in ``wb``'s namespace (``INPUT -s CP`` and
+``OUTPUT -d CP``); ``wa`` still reaches both. The contract (DESIGN rules 1-4, 7):
+
+- the remote attempt ran on ``wb``; its supervisor stopped it by itself (``deadline``),
+  its last tick before the lease deadline on CLOCK_BOOTTIME, and no tick of attempt 1
+  came after the first tick of attempt 2;
+- the lease expired on ``cp`` (its own clock plus margin), after the last tick;
+- ``wa`` fell back on ``cp``'s word with a higher token and the task succeeded, with
+  exactly one accepted result, the local attempt's;
+- ``wb``'s own result for attempt 1 (``lease_lost``) reaches ``wa`` — during the
+  partition, as ``wb -> wa`` still works — and is recorded; after healing, ``cp`` hears
+  ``wb`` again and nothing changes: the task, its one accepted result, the dead lease.
+
+How long the fallback took is printed, never asserted (two busy cores).
+
+What ``../shared/LAB.md`` says about partitions, which this test relies on: partitions are
+made with ``ip link set DEV down`` (cut cable) or ``iptables ... -j DROP`` per peer
+(one-way if applied on one side) — ``tc netem`` is not available, the kernel lacks it; an
+httpx request on a kept-alive connection across a partition does not fail fast: it hangs
+until its timeout, and succeeds again after healing. So ``wb``'s renewals (and
+heartbeats) to ``cp`` time out rather than being refused, which is exactly the case the
+supervisor's own deadline is for: nothing tells ``wb`` that its lease is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e.exec_support import (
+    EXEC_ENV,
+    EXPIRY_MARGIN_S,
+    GPU_FIXTURE,
+    LEASE_TTL_S,
+    TERMINAL,
+    accepted_results,
+    check_tick_order,
+    deadline_boot_ns,
+    kill_pids,
+    leftovers,
+    marked_pids,
+    read_ticks,
+    supervisor_state,
+    tick_command,
+    token_key,
+    wait_for,
+)
+from lab.netns import Lab
+
+from support.procs import POPULI, AgentProcess, Processes
+
+pytestmark = pytest.mark.lab
+
+PORT = 7431
+#: Attempt 1 would tick for a minute (it is stopped long before); attempt 2 for 2 s.
+N1, N2 = 600, 20
+GUARD_S = 60.0
+
+
+@dataclass
+class LabNode:
+    name: str
+    data_dir: Path
+    env: dict[str, str]
+    agent: AgentProcess | None = None
+    node_id: str = ""
+
+    def db_query(self, sql: str, *args: Any) -> list[Any]:
+        """A read-only look at the node's own SQLite (WAL: readers never block it)."""
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{self.data_dir / 'populi.db'}?mode=ro", uri=True, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.agent.log()[-chars:] if self.agent is not None else "(not started)"
+
+
+class LabMesh:
+    """Agents and CLI calls inside the lab's namespaces; every agent ends by its PID."""
+
+    def __init__(self, lab: Lab, root: Path) -> None:
+        self.lab = lab
+        self.root = root
+        self.procs = Processes()
+        self.nodes: dict[str, LabNode] = {}
+        for name in lab.names:
+            env = dict(EXEC_ENV)
+            if name != "cp":
+                env["POPULI_GPU_FIXTURE"] = GPU_FIXTURE
+                env["POPULI_GPU__REFRESH_S"] = "1"
+            self.nodes[name] = LabNode(name, root / name, env)
+
+    def __getitem__(self, name: str) -> LabNode:
+        return self.nodes[name]
+
+    def listen(self, name: str) -> str:
+        return f"{self.lab.ip(name)}:{PORT}"
+
+    def cli(
+        self, name: str, *args: str, after: tuple[str, ...] = (), timeout: float = 120.0
+    ) -> str:
+        """``populi ARGS --data-dir D AFTER`` inside ``name``'s namespace; returns stdout.
+        (``AFTER`` for ``run``: the command after ``--`` takes the rest of the line.)"""
+        node = self.nodes[name]
+        argv = self.lab.argv(name, *POPULI, *args, "--data-dir", str(node.data_dir), *after)
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **node.env},
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"[{name}] populi {' '.join(args)} exited {result.returncode}: "
+                f"{result.stderr.strip()[-1500:]}"
+            )
+        return result.stdout
+
+    def start(self, name: str) -> float:
+        """Start ``name``'s agent in its namespace; wait until it serves (it writes its
+        runtime file once the API is bound). Returns how long that took."""
+        node = self.nodes[name]
+        log_path = self.root / f"{name}.agent.log"
+        runtime = node.data_dir / "run" / "agent.json"
+        runtime.unlink(missing_ok=True)
+        started = time.monotonic()
+        with log_path.open("ab") as handle:
+            proc = subprocess.Popen(
+                self.lab.argv(name, *POPULI, "agent", "--data-dir", str(node.data_dir)),
+                stdout=handle,
+                stderr=handle,
+                env={**os.environ, **node.env},
+            )
+        # ``ip netns exec`` execs the agent: the PID is the agent's own.
+        node.agent = AgentProcess(data_dir=node.data_dir, proc=proc, log_path=log_path)
+        self.procs.started.append(node.agent)
+
+        def ready() -> dict[str, Any] | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name}'s agent exited {proc.returncode}: {node.log_tail()}")
+            try:
+                info = json.loads(runtime.read_text())
+            except (OSError, ValueError):
+                return None
+            return info if info.get("pid") == proc.pid else None
+
+        info, _ = wait_for(f"{name}'s agent serves", ready, guard_s=GUARD_S, every_s=0.05)
+        assert info["url"] == f"https://{self.listen(name)}", info
+        node.agent.url, node.agent.node_id = info["url"], info["node_id"]
+        node.node_id = info["node_id"]
+        return time.monotonic() - started
+
+    def settings_serial(self, name: str) -> int:
+        rows = self.nodes[name].db_query(
+            "SELECT serial FROM cluster_records WHERE kind = 'settings'"
+        )
+        return int(rows[0]["serial"]) if rows else 0
+
+    def task_record(self, name: str, task_id: str) -> dict[str, Any]:
+        rows = self.nodes[name].db_query("SELECT body FROM tasks WHERE task_id = ?", task_id)
+        assert rows, f"no task {task_id} on {name}"
+        return dict(json.loads(rows[0]["body"]))
+
+    def lease_record(self, lease_id: str) -> dict[str, Any]:
+        rows = self.nodes["cp"].db_query("SELECT body FROM leases WHERE lease_id = ?", lease_id)
+        assert rows, f"no lease {lease_id} on cp"
+        return dict(json.loads(rows[0]["body"]))
+
+    def worker_attempt(self, name: str, task_id: str, attempt: int) -> dict[str, Any] | None:
+        rows = self.nodes[name].db_query(
+            "SELECT * FROM attempts WHERE task_id = ? AND attempt = ? AND role = 'worker'",
+            task_id,
+            attempt,
+        )
+        return dict(rows[0]) if rows else None
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {n}'s agent log (tail)\n{x.log_tail()}" for n, x in self.nodes.items()
+        )
+
+    def close(self) -> None:
+        """End the agents (SIGTERM, then SIGKILL) and whatever they left (task processes
+        by their mark, supervisors by their task directory), each by its PID."""
+        for agent in self.procs.started:
+            if agent.proc.poll() is None:
+                agent.proc.send_signal(signal.SIGTERM)
+        for agent in self.procs.started:
+            try:
+                agent.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.cleanup()  # SIGKILL by PID whatever is still there
+        kill_pids(leftovers(self.root))  # supervisors and tasks outlive their agent
+        try:
+            wait_for("task processes gone", lambda: not leftovers(self.root), guard_s=10)
+        except AssertionError:
+            kill_pids(leftovers(self.root))
+
+
+@pytest.fixture
+def mesh(lab: Lab, tmp_path: Path) -> Iterator[LabMesh]:
+    built = LabMesh(lab, tmp_path)
+    try:
+        yield built
+    finally:
+        built.close()
+    left = leftovers(tmp_path)
+    assert not left, f"processes left behind: {left}"
+
+
+def build_cluster(mesh: LabMesh) -> None:
+    """``cp`` inits and runs the cluster with remote execution on and short leases; ``wa``
+    and ``wb`` join with single-use tokens; each node holds the settings."""
+    cp = mesh["cp"]
+    init = json.loads(
+        mesh.cli(
+            "cp",
+            "init",
+            "--cluster-name",
+            "lab",
+            "--listen",
+            mesh.listen("cp"),
+            "--name",
+            "cp",
+            "--json",
+        )
+    )
+    cp.node_id = init["node"]["id"]
+    took = mesh.start("cp")
+    print(f"\ncp up in {took:.1f} s")
+    serial = 0
+    for key, value in (
+        ("remote_exec_enabled", "true"),
+        ("max_lease_ttl_s", str(LEASE_TTL_S)),
+        ("lease_expiry_margin_s", str(EXPIRY_MARGIN_S)),
+    ):
+        answer = json.loads(mesh.cli("cp", "settings", "set", key, value, "--json"))
+        serial = int(answer["settings"]["serial"])
+    for name in ("wa", "wb"):
+        token = json.loads(mesh.cli("cp", "token", "create", "--json"))["token"]
+        mesh.cli(name, "join", token, "--listen", mesh.listen(name), "--name", name)
+        took = mesh.start(name)
+        print(f"{name} joined and up in {took:.1f} s")
+    _, took = wait_for(
+        f"settings serial {serial} on every node",
+        lambda: all(mesh.settings_serial(n) >= serial for n in mesh.nodes),
+        guard_s=GUARD_S,
+    )
+    print(f"settings on every node after {took:.1f} s")
+
+
+def test_worker_cut_from_the_control_plane_by_iptables(
+    lab: Lab, mesh: LabMesh, tmp_path: Path
+) -> None:
+    try:
+        scenario(lab, mesh, tmp_path)
+    except BaseException:
+        print(mesh.logs())
+        raise
+
+
+def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path) -> None:
+    build_cluster(mesh)
+    wa, wb = mesh["wa"], mesh["wb"]
+    ticks = tmp_path / "ticks"
+    out = mesh.cli(
+        "wa",
+        "run",
+        "--detach",
+        "--node",
+        "wb",
+        "--gpus",
+        "1",
+        "--queue-timeout",
+        "60s",
+        after=tuple(tick_command(ticks, n1=N1, n2=N2)),
+    )
+    task_id = out.strip()
+    assert task_id.startswith("t-"), out
+
+    # The remote attempt runs on wb, under its lease.
+    _, took = wait_for(
+        "3 ticks of attempt 1",
+        lambda: len([t for t in read_ticks(ticks) if t.attempt == 1]) >= 3 or None,
+        guard_s=GUARD_S,
+        every_s=0.05,
+    )
+    print(f"remote attempt ticking {took:.1f} s after submission")
+    first_ticks = [t for t in read_ticks(ticks) if t.attempt == 1]
+    assert {t.node for t in first_ticks} == {"wb"}, first_ticks
+    record = mesh.task_record("wa", task_id)
+    remote = record["task"]["attempts"][0]
+    assert (remote["where"], remote["node"]) == ("remote", wb.node_id), remote
+    task_dir = wb.data_dir / "tasks" / "worker" / task_id / "1"
+
+    # Cut wb from cp only.
+    lab.cut("wb", "cp")
+    cut_ns, cut_mono = time.time_ns(), time.monotonic()
+    print(f"cut wb <-> cp at {cut_ns}")
+
+    task, took = wait_for(
+        f"task {task_id} ends at wa",
+        lambda: (t := mesh.task_record("wa", task_id)["task"])["state"] in TERMINAL and t,
+        guard_s=GUARD_S,
+        every_s=0.2,
+    )
+    print(f"task ended {took:.1f} s after the cut")
+
+    # Never in two places at once; the remote attempt stopped itself before its deadline.
+    all_ticks = read_ticks(ticks)
+    by_attempt = check_tick_order(all_ticks)
+    assert set(by_attempt) == {1, 2}, sorted(by_attempt)
+    assert {t.node for t in by_attempt[1]} == {"wb"}
+    assert {t.node for t in by_attempt[2]} == {"wa"}
+    assert len(by_attempt[2]) == N2
+    state = supervisor_state(task_dir)
+    assert state["status"] == "exited" and state["stop_reason"] == "deadline", state
+    # (``ip netns exec`` mounts a fresh /sys: no cgroup there, so process-group isolation)
+    print(f"wb's supervisor: isolation {state.get('isolation')}, signal {state.get('signal')}")
+    deadline_ns = deadline_boot_ns(task_dir)
+    last_boot_ns = max(t.boot_ns for t in by_attempt[1])
+    assert last_boot_ns < deadline_ns, (
+        f"attempt 1 ticked {(last_boot_ns - deadline_ns) / 1e6:.0f} ms past its lease deadline"
+    )
+    assert not [
+        pid
+        for pid in marked_pids(f"POPULI_TASK_ID={task_id}".encode())
+        if pid in marked_pids(b"POPULI_ATTEMPT=1")
+    ], "a process of attempt 1 is still alive"
+    # The cut did its work: wb's packets to cp were dropped.
+    drops = lab.drop_counts("wb")
+    assert drops.get("OUTPUT", 0) > 0, drops
+
+    # The lease expired on cp, after the last tick of the remote attempt.
+    assert task["state"] == "succeeded", task["reasons"]
+    first, second = task["attempts"]
+    lease = mesh.lease_record(first["lease_id"])
+    assert lease["state"] == "expired", lease
+    last_tick_ms = max(t.time_ns for t in by_attempt[1]) / 1e6
+    assert lease["state_changed_wall_ms"] > last_tick_ms, (lease, last_tick_ms)
+
+    # wa fell back on cp's word, with a higher token, and ran the task once more.
+    # (lease_lost when wb's own report that it stopped reached wa first: wb -> wa works)
+    assert (first["where"], first["node"]) == ("remote", wb.node_id), first
+    assert first["outcome"] in ("lease_lost", "lease_dead"), first
+    assert (second["where"], second["node"], second["outcome"]) == (
+        "local",
+        wa.node_id,
+        "succeeded",
+    )
+    assert second["placement_reasons"][0] == "lease_dead_confirmed", second
+    assert token_key(second["token"]) > token_key(first["token"])
+    assert by_attempt[1][0].token == first["token"] and by_attempt[2][0].token == second["token"]
+    accepted = accepted_results(task)
+    assert len(accepted) == 1 and f"token={second['token']} " in accepted[0][2], accepted
+    first_local_ns = min(t.time_ns for t in by_attempt[2])
+    last_remote_ns = max(t.time_ns for t in by_attempt[1])
+    print(
+        "fallback: remote attempt's last tick {:.2f} s after the cut, lease expired on cp "
+        "{:.2f} s after the cut, local attempt's first tick {:.2f} s after the cut".format(
+            (last_remote_ns - cut_ns) / 1e9,
+            (lease["state_changed_wall_ms"] * 1e6 - cut_ns) / 1e9,
+            (first_local_ns - cut_ns) / 1e9,
+        )
+    )
+
+    # The real CLI, from inside each namespace, says the same.
+    shown = json.loads(mesh.cli("wa", "task", "show", task_id, "--json"))
+    assert shown["state"] == "succeeded" and len(shown["attempts"]) == 2, shown
+    leases = json.loads(mesh.cli("cp", "leases", f"--task={task_id}", "--json"))["leases"]
+    assert {x["lease_id"]: x["state"] for x in leases}[first["lease_id"]] == "expired", leases
+
+    # The cut cut heartbeats too: cp no longer hears wb.
+    assert cp_view_of(mesh, "wb")["heartbeat_stale"], cp_view_of(mesh, "wb")
+
+    # Heal: wb's result for attempt 1 gets through, is recorded, and changes nothing.
+    delivered_before = (mesh.worker_attempt("wb", task_id, 1) or {}).get("delivered_ms")
+    lab.heal()
+    healed_mono = time.monotonic()
+    row, took = wait_for(
+        "wb's result for attempt 1 is delivered",
+        lambda: (r := mesh.worker_attempt("wb", task_id, 1)) and r["delivered_ms"] and r,
+        guard_s=GUARD_S,
+        every_s=0.2,
+    )
+    print(
+        "wb's attempt-1 result delivered "
+        + (
+            "during the partition (wb -> wa works)"
+            if delivered_before
+            else f"{took:.1f} s after healing"
+        )
+    )
+    assert row["state"] == "finished"
+    worker_result = json.loads(row["result"])
+    assert worker_result["outcome"] == "lease_lost", worker_result
+    after = mesh.task_record("wa", task_id)
+    assert after["results"]["1"]["token"] == first["token"], after["results"]
+    assert after["results"]["1"]["outcome"] == "lease_lost", after["results"]["1"]
+    # wb is back in touch with cp (its heartbeats get through again), and nothing moved.
+    _, took = wait_for(
+        "cp hears wb again",
+        lambda: not cp_view_of(mesh, "wb")["heartbeat_stale"] or None,
+        guard_s=GUARD_S,
+        every_s=0.5,
+    )
+    print(f"cp hears wb again {time.monotonic() - healed_mono:.1f} s after healing")
+    again = mesh.task_record("wa", task_id)
+    assert again["task"] == task, "the task changed after healing"
+    assert len(accepted_results(again["task"])) == 1
+    assert mesh.lease_record(first["lease_id"])["state"] == "expired"
+    assert check_tick_order(read_ticks(ticks)).keys() == {1, 2}
+    print(f"whole scenario after the cut: {time.monotonic() - cut_mono:.1f} s")
+
+
+def cp_view_of(mesh: LabMesh, name: str) -> dict[str, Any]:
+    """``populi nodes --json`` on cp: its view of node ``name``."""
+    nodes = json.loads(mesh.cli("cp", "nodes", "--json"))["nodes"]
+    return next(n for n in nodes if n["name"] == name)
