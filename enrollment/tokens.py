@@ -85,7 +85,7 @@ from enrollment.errors import TokenError
 from populi_peer.errors import BadRequest
 
 TOKEN_VERSION = 1
-TOKEN_PREFIX = "populi-join-1."  # noqa: S105 - a wire prefix, not a secret
+TOKEN_PREFIX = "populi-join-1."
 TOKEN_DOMAIN = b"populi/join-token/v1\x00"
 MAX_TOKEN_CHARS = 4096
 MAX_TOKEN_TTL_MS = 24 * 60 * 60 * 1000
