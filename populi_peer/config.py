@@ -333,6 +333,14 @@ class ExecConfig:
             _positive,
         ),
     )
+    retain_finished_s: float = field(
+        default=7 * 86400.0,
+        metadata=_meta(
+            "finished task directories (output kept on the worker) and inbox messages are removed after this long",
+            "seconds",
+            _positive,
+        ),
+    )
     output_cap_bytes: int = field(
         default=1 << 20,
         metadata=_meta("stdout/stderr tail kept per attempt and stream", "bytes", _positive),

@@ -28,7 +28,7 @@ from enrollment.ca import (
 )
 from enrollment.keys import write_public_file
 from populi_peer import PROTOCOL_VERSION, __version__
-from populi_peer.agent.attempts import AttemptRunner
+from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gpu import GpuService
@@ -399,6 +399,9 @@ class Agent:
         return {
             "uptime_s": round(uptime, 3),
             "leases": self.worker.held_leases(),
+            # Whether this node takes remote work at all (POPULI_EXEC_REMOTE=0: no), so
+            # the control plane does not place any here.
+            "exec_remote": bool(self.config.exec.remote),
             **self.gpu.heartbeat_report(),
         }
 
@@ -498,6 +501,45 @@ class Agent:
         info = node_certificate_info(cert)
         log(self.logger, logging.INFO, "certificate renewed", not_after_s=int(info.not_after_s))
 
+    def prune(self) -> dict[str, int]:
+        """Forget what is older than ``exec.retain_finished_s``: inbox messages, and the
+        directories of finished attempts (whose results are stored and, on a worker,
+        delivered). Task and attempt rows stay: they are small and they are the record."""
+        import shutil
+
+        cutoff_ms = int((self.clock.wall() - self.config.exec.retain_finished_s) * 1000)
+        with self.store.transaction():
+            messages = self.store.execute(
+                "DELETE FROM inbox WHERE received_ms < ?", (cutoff_ms,)
+            ).rowcount
+        dirs = 0
+        rows = self.store.execute(
+            "SELECT * FROM attempts WHERE state = 'finished' AND updated_ms < ? AND (role = 'local' OR delivered_ms IS NOT NULL)",
+            (cutoff_ms,),
+        ).fetchall()
+        for row in rows:
+            task_dir = self.runner.task_dir(AttemptPlan.from_json(json.loads(row["body"])))
+            if task_dir.exists() and not self.executor.leftovers(task_dir):
+                shutil.rmtree(task_dir, ignore_errors=True)
+                dirs += 1
+        if messages or dirs:
+            log(
+                self.logger,
+                logging.INFO,
+                "pruned old records",
+                inbox_messages=messages,
+                task_dirs=dirs,
+            )
+        return {"inbox_messages": messages, "task_dirs": dirs}
+
+    async def run_janitor(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            self.prune()
+            await trio.sleep(3600.0)
+
     async def run_cert_renewal(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -592,7 +634,7 @@ class Agent:
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
-        services: list[Callable[..., Any]] = [self.run_cert_renewal, self.gpu.run]
+        services: list[Callable[..., Any]] = [self.run_cert_renewal, self.run_janitor, self.gpu.run]
         if self.is_control_plane:
             services += [SelfBeat(self, self.heartbeats).run, self.leases.run]
         else:

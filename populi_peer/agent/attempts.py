@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,7 +156,9 @@ class AttemptRunner:
 
     # -- control plane calls --------------------------------------------------------------
 
-    async def _cp(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _cp(
+        self, path: str, payload: dict[str, Any], *, ttl_s: float | None = None
+    ) -> dict[str, Any]:
         agent = self.agent
         return await agent.peers.call(
             url=agent.control_plane_url,
@@ -163,15 +166,30 @@ class AttemptRunner:
             method="POST",
             path=path,
             payload=payload,
-            timeout_s=max(2.0, (payload.get("_ttl") or 6.0) / 3),
+            # A renewal answered later than TTL/3 is as good as lost.
+            timeout_s=max(2.0, (ttl_s or 6.0) / 3),
         )
 
     async def renew(self, plan: AttemptPlan) -> float:
         """Renew; returns the new local deadline (boot clock, from when the request was sent)."""
         assert plan.lease_id is not None and plan.ttl_s is not None
         sent_boot = self.agent.clock.boot()
-        await self._cp(f"/v1/populi/exec/leases/{plan.lease_id}/renew", {"_ttl": plan.ttl_s})
-        return worker_deadline_boot(sent_boot, plan.ttl_s)
+        answer = await self._cp(
+            f"/v1/populi/exec/leases/{plan.lease_id}/renew", {}, ttl_s=plan.ttl_s
+        )
+        lease = answer.get("lease") or {}
+        # The control plane's lease is the authority: it must be the one this attempt was
+        # handed, and its TTL — not the handoff's — bounds the local deadline.
+        if (
+            lease.get("task_id") != plan.task_id
+            or lease.get("token") != plan.token
+            or lease.get("holder") != self.agent.node_id
+        ):
+            raise PopuliError(
+                f"lease {plan.lease_id} is not the lease of this attempt", code="lease_mismatch"
+            )
+        ttl_s = min(plan.ttl_s, float(lease.get("ttl_s") or plan.ttl_s))
+        return worker_deadline_boot(sent_boot, ttl_s)
 
     async def release(self, plan: AttemptPlan, outcome: str) -> str | None:
         """Release the lease; returns its final state, or None if the control plane could
@@ -202,7 +220,8 @@ class AttemptRunner:
         work = self.task_dir(plan) / "work"
         work.mkdir(parents=True, exist_ok=True)
         env = build_task_env(
-            base=None,
+            # PATH, HOME and LANG of the agent (nothing else of its environment).
+            base=os.environ,
             passed=plan.env,
             task_id=plan.task_id,
             attempt=plan.attempt,
@@ -235,9 +254,11 @@ class AttemptRunner:
         agent = self.agent
         started_ms = int(agent.clock.wall() * 1000)
         if running.cancel_requested:
-            return self._finish(
+            result = self._finish(
                 plan, outcome="cancelled", started_ms=started_ms, detail=running.cancel_reason
             )
+            await self.release(plan, "stopped")  # nothing ran: free the GPUs now
+            return result
         deadline = agent.clock.boot() + NO_LEASE_DEADLINE_S
         if plan.renewable:
             try:
@@ -258,18 +279,25 @@ class AttemptRunner:
         task_dir = self.task_dir(plan)
         try:
             execution = await agent.executor.start(task_dir, self.spec(plan), deadline)
-        except SpawnFailed as exc:
-            code = int(exc.details.get("exit_code", 127))
-            result = self._finish(
-                plan, outcome="spawn_failed", started_ms=started_ms, exit_code=code, detail=str(exc)
-            )
-            await self.release(plan, "completed")
-            return result
-        except ExecError as exc:
+        except PopuliError as exc:
+            if isinstance(exc, SpawnFailed):
+                code = int(exc.details.get("exit_code", 127))
+                result = self._finish(
+                    plan,
+                    outcome="spawn_failed",
+                    started_ms=started_ms,
+                    exit_code=code,
+                    detail=str(exc),
+                )
+                await self.release(plan, "completed")
+                return result
+            # The supervisor did not come up properly (or the spec was refused). Release
+            # only if nothing it recorded can still run; otherwise the lease expires.
             result = self._finish(
                 plan, outcome="populi_failure", started_ms=started_ms, detail=str(exc)
             )
-            await self.release(plan, "stopped")
+            if not agent.executor.leftovers(task_dir):
+                await self.release(plan, "stopped")
             return result
         running.execution = execution
         self.save(plan, "running", extra={"started_wall_ms": started_ms, "task_dir": str(task_dir)})
@@ -364,7 +392,8 @@ class AttemptRunner:
         if isinstance(outcome, Exception):
             await self.agent.executor.kill_orphan(self.task_dir(plan))
             result = self._finish(plan, outcome="lost", started_ms=started_ms, detail=str(outcome))
-            await self.release(plan, "stopped")
+            if not self.agent.executor.leftovers(self.task_dir(plan)):
+                await self.release(plan, "stopped")
             return result
         stop_reason = outcome.stop_reason
         if lost:
@@ -463,12 +492,24 @@ class AttemptRunner:
         running.cancel_event.set()
         return True
 
-    async def recover(self, role: str, on_result: Any) -> list[tuple[AttemptPlan, Any]]:
-        """At start: attempts recorded as running are re-adopted if their supervisor is
-        alive, otherwise whatever is left of them is killed and they end as ``lost`` (or
-        with the outcome their supervisor recorded). Returns (plan, execution) pairs to
-        resume; the caller owns running them."""
+    async def recover(
+        self, role: str, on_result: Any
+    ) -> tuple[list[tuple[AttemptPlan, Any]], list[AttemptPlan]]:
+        """At start, for every attempt this node recorded as accepted or running:
+
+        - its supervisor still runs: re-adopt it (returned to resume);
+        - it was accepted but nothing was launched yet: start it (returned to start; it
+          renews its lease first, so a lease that died meanwhile is never used);
+        - a launch was begun but never reported: make sure that supervisor can never start
+          the task (cancel, no deadline), and let the lease expire;
+        - otherwise: kill whatever is left, record the outcome the supervisor wrote (or
+          ``lost``), and release the lease only if nothing can still run.
+        """
+        from populi_peer.exec import read_state
+
         to_resume: list[tuple[AttemptPlan, Any]] = []
+        to_start: list[AttemptPlan] = []
+        executor = self.agent.executor
         rows = self.agent.store.execute(
             "SELECT * FROM attempts WHERE role = ? AND state IN ('accepted', 'running')", (role,)
         ).fetchall()
@@ -476,19 +517,26 @@ class AttemptRunner:
             body = json.loads(row["body"])
             plan = AttemptPlan.from_json(body)
             task_dir = self.task_dir(plan)
-            execution = self.agent.executor.adopt(task_dir) if task_dir.exists() else None
+            execution = executor.adopt(task_dir) if task_dir.exists() else None
             if execution is not None:
                 to_resume.append((plan, execution))
                 continue
-            killed = await self.agent.executor.kill_orphan(task_dir) if task_dir.exists() else False
-            from populi_peer.exec import read_state
-
+            state = read_state(task_dir) if task_dir.exists() else None
+            launched = (task_dir / "spec.json").exists()
+            if row["state"] == "accepted" and not launched:
+                to_start.append(plan)
+                continue
+            if state is None and launched:
+                (task_dir / "cancel").write_text("agent restarted before the supervisor reported\n")
+                (task_dir / "deadline").unlink(missing_ok=True)
+            killed = await executor.kill_orphan(task_dir) if task_dir.exists() else False
             state = read_state(task_dir) if task_dir.exists() else None
             if state is not None and state.status == "exited":
+                finished_ok = state.stop_reason == "exited"
                 result = self._finish(
                     plan,
                     outcome="exited"
-                    if state.stop_reason == "exited"
+                    if finished_ok
                     else ("cancelled" if state.stop_reason == "cancelled" else "lease_lost"),
                     started_ms=int((state.started_at_wall or 0) * 1000),
                     stopped_ms=int(state.stopped_at_wall * 1000) if state.stopped_at_wall else None,
@@ -497,9 +545,7 @@ class AttemptRunner:
                     stop_reason=state.stop_reason,
                     totals=(state.stdout.total_bytes, state.stderr.total_bytes),
                 )
-                await self.release(
-                    plan, "completed" if state.stop_reason == "exited" else "stopped"
-                )
+                await self.release(plan, "completed" if finished_ok else "stopped")
             else:
                 result = self._finish(
                     plan,
@@ -508,9 +554,10 @@ class AttemptRunner:
                     detail="agent restarted and could not re-adopt the task"
                     + (" (killed its leftovers)" if killed else ""),
                 )
-                await self.release(plan, "stopped")
+                if not executor.leftovers(task_dir):
+                    await self.release(plan, "stopped")
             await on_result(plan, result)
-        return to_resume
+        return to_resume, to_start
 
 
 def cuda_id(gpu: str) -> str:

@@ -13,6 +13,7 @@ from populi_peer.exec import (
     TaskSpec,
     adopt,
     kill_orphan,
+    leftovers,
     start_supervised,
     tail,
 )
@@ -41,6 +42,8 @@ class Executor(Protocol):
 
     async def kill_orphan(self, task_dir: Path) -> bool: ...
 
+    def leftovers(self, task_dir: Path) -> bool: ...
+
     def tail(self, task_dir: Path, stream: str, max_bytes: int) -> bytes: ...
 
 
@@ -55,6 +58,9 @@ class ProcessExecutor:
 
     async def kill_orphan(self, task_dir: Path) -> bool:
         return await kill_orphan(task_dir)
+
+    def leftovers(self, task_dir: Path) -> bool:
+        return bool(leftovers(task_dir))
 
     def tail(self, task_dir: Path, stream: str, max_bytes: int) -> bytes:
         return tail(task_dir, stream, max_bytes)  # type: ignore[arg-type]

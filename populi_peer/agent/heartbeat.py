@@ -207,12 +207,22 @@ class HeartbeatReceiver:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise BadRequest(f"heartbeat {name!r} must be an integer", code="bad_request")
             out[name] = value
-        for name in ("version", "started_ms", "uptime_s"):
-            if name in body:
-                out[name] = body[name]
-        for name in ("gpu", "leases"):
-            if name in body:
-                out[name] = body[name]
+        version = body.get("version")
+        if isinstance(version, str) and len(version) <= 64:
+            out["version"] = version
+        uptime = body.get("uptime_s")
+        if isinstance(uptime, (int, float)) and not isinstance(uptime, bool):
+            out["uptime_s"] = float(uptime)
+        if "gpu" in body:
+            out["gpu"] = body["gpu"]
+        leases = body.get("leases", [])
+        if not isinstance(leases, list) or len(leases) > 10_000:
+            raise BadRequest("heartbeat 'leases' must be a list", code="bad_request")
+        out["leases"] = leases
+        exec_remote = body.get("exec_remote", True)
+        if not isinstance(exec_remote, bool):
+            raise BadRequest("heartbeat 'exec_remote' must be true or false", code="bad_request")
+        out["exec_remote"] = exec_remote
         return out
 
     def _update_member(self, member: Member, report: dict[str, Any]) -> None:

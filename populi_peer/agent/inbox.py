@@ -14,12 +14,12 @@ operators.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.api.auth import Principal
+from populi_peer.core.wire import ID_RE
 from populi_peer.errors import BadRequest, Forbidden
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 NODES = frozenset({"worker", "submit", "voter"})
 MESSAGE_TYPES = ("handoff", "cancel", "result", "ack")
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Handler = Callable[[Principal, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -52,7 +51,7 @@ class Inbox:
         body = request.json()
         message_id = body.get("message_id")
         message_type = body.get("type")
-        if not isinstance(message_id, str) or not _ID_RE.match(message_id):
+        if not isinstance(message_id, str) or not ID_RE.match(message_id):
             raise BadRequest(
                 "inbox message needs 'message_id' (1-128 of A-Z a-z 0-9 . _ : -)",
                 code="bad_request",

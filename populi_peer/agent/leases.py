@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import secrets
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -47,6 +46,7 @@ from populi_peer.core.leases import (
     TargetView,
 )
 from populi_peer.core.policy import decide
+from populi_peer.core.wire import check_id
 from populi_peer.errors import BadRequest
 from populi_peer.log import get_logger, log
 
@@ -236,6 +236,9 @@ class LeaseService:
         )
         reasons = [r for r in eligibility.reasons if r != "no_free_gpu"]
         if node_id != submitter:
+            seen = receiver.seen.get(node_id)
+            if seen is not None and seen.report.get("exec_remote") is False:
+                reasons.append("remote_off_on_node")
             settings = agent.records.settings
             if settings["kill_switch"] or not settings["remote_exec_enabled"]:
                 reasons.append("remote_disabled")
@@ -617,17 +620,8 @@ class LeaseService:
         )
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
 def _text(body: dict[str, Any], name: str) -> str:
-    """An identifier (task, node, lease, work class): 1-128 of A-Z a-z 0-9 . _ : -"""
-    value = body.get(name)
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise BadRequest(
-            f"{name!r} must be 1-128 characters of A-Z a-z 0-9 . _ : -", code="bad_request"
-        )
-    return value
+    return check_id(body.get(name), name)
 
 
 def _int(body: dict[str, Any], name: str) -> int:

@@ -160,6 +160,7 @@ class NodeAdmin:
             "stale_after_ms": int(stale_after * 1000),
             "scope": scope,
             "status": seen.status if seen else None,
+            "accepts_remote_work": bool(seen.report.get("exec_remote", True)) if seen else None,
             "gpu_summary": gpu,
             "cert_not_after_ms": member.cert_not_after_ms or None,
             "joined_ms": member.joined_ms,

@@ -38,7 +38,7 @@ from populi_peer.agent.attempts import AttemptPlan, definitive
 from populi_peer.agent.heartbeat import scope_of
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
-from populi_peer.config import RESERVED_TASK_VARIABLES, parse_host_port
+from populi_peer.config import parse_host_port
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.placement import CandidateView, TaskView, propose
 from populi_peer.core.policy import check_work_class
@@ -62,6 +62,7 @@ from populi_peer.core.tasks import (
     TaskOptions,
     Timeout,
 )
+from populi_peer.core.wire import check_command, check_env
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
 
@@ -70,8 +71,6 @@ if TYPE_CHECKING:
 
 SUBMIT = frozenset({"submit"})
 READERS = frozenset({"submit", "operator"})
-MAX_ARGS = 4096
-MAX_ENV = 256
 #: Token of a local attempt when remote execution is off (no control plane involved).
 LOCAL_ONLY_TOKEN = "0.0"
 DEFAULT_TTL_S = 30.0
@@ -217,37 +216,8 @@ class Submitter:
     # -- submission -----------------------------------------------------------------------
 
     def submit(self, body: dict[str, Any]) -> Task:
-        command = body.get("command")
-        if (
-            not isinstance(command, list)
-            or not command
-            or len(command) > MAX_ARGS
-            or not all(isinstance(a, str) and a and "\0" not in a for a in command[:1])
-            or not all(isinstance(a, str) and "\0" not in a for a in command)
-        ):
-            raise BadRequest(
-                "'command' must be a non-empty list of strings (argv)", code="bad_request"
-            )
-        env = body.get("env", {})
-        if (
-            not isinstance(env, dict)
-            or len(env) > MAX_ENV
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-        ):
-            raise BadRequest("'env' must be an object of strings", code="bad_request")
-        for name in env:
-            if (
-                name in RESERVED_TASK_VARIABLES
-                or name == "CUDA_VISIBLE_DEVICES"
-                or name.startswith("POPULI_")
-            ):
-                raise BadRequest(
-                    f"--env {name}: reserved; Populi sets it for the task", code="bad_env"
-                )
-            if not name or "=" in name or "\0" in name:
-                raise BadRequest(f"--env {name!r}: not a valid variable name", code="bad_env")
-            if "\0" in env[name]:
-                raise BadRequest(f"--env {name}: a value cannot contain a NUL byte", code="bad_env")
+        command = list(check_command(body.get("command")))
+        env = check_env(body.get("env", {}))
         gpus = body.get("gpus", 0)
         if isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= 64:
             raise BadRequest("'gpus' must be an integer 0..64", code="bad_request")
@@ -333,7 +303,16 @@ class Submitter:
                         error=str(exc),
                         code=exc.code,
                     )
-                    self.apply(task_id, PopuliFailure(code=exc.code, detail=str(exc)[:200]))
+                    current = self.load(task_id)
+                    try:
+                        # Fails only where no attempt may be running (the table refuses
+                        # it in running_remote: only the lease's death frees the task).
+                        self.apply(task_id, PopuliFailure(code=exc.code, detail=str(exc)[:200]))
+                    except IllegalTaskTransition:
+                        await self._pause(control, 2.0)
+                        continue
+                    if current.state == "running_local":
+                        await self._stop_current(current, "populi_failure")
         finally:
             self.controls.pop(task_id, None)
             control.changed.set()
@@ -405,11 +384,16 @@ class Submitter:
             out.append(
                 CandidateView(
                     node_id=node["id"],
-                    eligible=bool(node["eligible"]) and "worker" in node["roles"],
+                    eligible=bool(node["eligible"])
+                    and "worker" in node["roles"]
+                    and node.get("accepts_remote_work") is not False,
                     free_gpus=int(free.get(node["id"], 0)),
                     scope=scope_of(self.agent, host),
                     reasons=tuple(node["ineligible_reasons"])
-                    or (() if "worker" in node["roles"] else ("not_a_worker",)),
+                    or (() if "worker" in node["roles"] else ("not_a_worker",))
+                    or (
+                        ("remote_off_on_node",) if node.get("accepts_remote_work") is False else ()
+                    ),
                 )
             )
         return out
@@ -1207,10 +1191,13 @@ class Submitter:
             async def on_result(plan: AttemptPlan, result: dict[str, Any]) -> None:
                 await trio.lowlevel.checkpoint()
 
-            for plan, execution in await runner.recover("local", on_result):
+            to_resume, _to_start = await runner.recover("local", on_result)
+            for plan, execution in to_resume:
                 row = runner.row(plan.task_id, plan.attempt, "local")
                 started = json.loads(row["body"]).get("started_wall_ms", 0) if row else 0
                 nursery.start_soon(runner.resume, plan, execution, int(started))
+            # Local attempts accepted but never launched are started again by their task's
+            # driver (running_local with no finished row), after it renews their lease.
             for row in self.agent.store.execute(
                 "SELECT task_id FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
             ).fetchall():

@@ -17,7 +17,6 @@ import base64
 import json
 import logging
 import random
-import re
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -25,19 +24,16 @@ import trio
 from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
-from populi_peer.config import RESERVED_TASK_VARIABLES
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import validate_stop_margin
 from populi_peer.core.policy import check_work_class
+from populi_peer.core.wire import ID_RE, check_command, check_env, check_id
 from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
 
-MAX_ARGS = 4096
-MAX_ENV = 256
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DELIVERY_MAX_BACKOFF_S = 30.0
 
 
@@ -98,6 +94,11 @@ class Worker:
 
     async def on_handoff(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent
+        if not self._allowed(caller):
+            raise Forbidden(
+                f"this worker does not take tasks from {caller.name} ({caller.id})",
+                code="submitter_not_allowed",
+            )
         plan = self._parse(caller, message)
         token = FencingToken.parse(plan.token)
         row = agent.store.execute(
@@ -122,11 +123,6 @@ class Worker:
             refusal = Conflict("remote execution is off on this node", code="remote_disabled")
         elif agent.leaving:
             refusal = Conflict("this node is leaving the cluster", code="node_leaving")
-        elif not self._allowed(caller):
-            refusal = Forbidden(
-                f"this worker does not take tasks from {caller.name} ({caller.id})",
-                code="submitter_not_allowed",
-            )
         elif (margin_problem := self.margin_problem(plan.ttl_s or 0.0)) is not None:
             refusal = Conflict(margin_problem, code="ttl_too_short")
         elif missing:
@@ -134,9 +130,10 @@ class Worker:
                 f"GPUs {', '.join(missing)} are not on this node", code="unknown_gpu"
             )
         if refusal is not None:
-            # We hold that lease and will not run it: give it back at once, so the
-            # submitter's fallback need not wait for it to expire.
-            await self.runner.release(plan, "stopped")
+            # If it is really this task's lease, held by us for this submitter, give it back
+            # at once so the fallback need not wait for it to expire. Check first: a
+            # message could name any lease this worker holds.
+            await self._release_if_ours(plan)
             raise refusal
         # Durable before the answer: the fence and the accepted attempt, in one transaction.
         with agent.store.transaction():
@@ -159,45 +156,49 @@ class Worker:
         self._nursery.start_soon(self._drive, plan)
         return {"verdict": "start"}
 
+    async def _release_if_ours(self, plan: AttemptPlan) -> None:
+        agent = self.agent
+        try:
+            lease = (
+                await agent.peers.call(
+                    url=agent.control_plane_url,
+                    node_id=agent.control_plane_id,
+                    method="GET",
+                    path=f"/v1/populi/exec/leases/{plan.lease_id}",
+                    timeout_s=5.0,
+                )
+            )["lease"]
+        except PopuliError:
+            return
+        running = any(key[0] == plan.task_id and key[2] == "worker" for key in self.runner.running)
+        if (
+            lease.get("task_id") == plan.task_id
+            and lease.get("submitter") == plan.submitter
+            and lease.get("holder") == agent.node_id
+            and lease.get("token") == plan.token
+            and not running
+        ):
+            await self.runner.release(plan, "stopped")
+
     def _parse(self, caller: Principal, message: dict[str, Any]) -> AttemptPlan:
-        task_id = message.get("task_id")
-        lease_id = message.get("lease_id")
-        if not isinstance(task_id, str) or not _ID_RE.match(task_id):
-            raise BadRequest("handoff 'task_id' is missing or invalid", code="bad_request")
-        if not isinstance(lease_id, str) or not _ID_RE.match(lease_id):
-            raise BadRequest("handoff 'lease_id' is missing or invalid", code="bad_request")
+        task_id = check_id(message.get("task_id"), "task_id")
+        lease_id = check_id(message.get("lease_id"), "lease_id")
         attempt = message.get("attempt")
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        if (
+            isinstance(attempt, bool)
+            or not isinstance(attempt, int)
+            or not 1 <= attempt <= 1_000_000
+        ):
             raise BadRequest("handoff 'attempt' must be an integer >= 1", code="bad_request")
         token = message.get("token")
         if not isinstance(token, str):
             raise BadRequest("handoff 'token' is missing", code="bad_request")
         FencingToken.parse(token)
-        command = message.get("command")
-        if (
-            not isinstance(command, list)
-            or not command
-            or len(command) > MAX_ARGS
-            or not all(isinstance(a, str) and "\0" not in a for a in command)
-        ):
-            raise BadRequest(
-                "handoff 'command' must be a non-empty list of strings", code="bad_request"
-            )
-        env = message.get("env", {})
-        if (
-            not isinstance(env, dict)
-            or len(env) > MAX_ENV
-            or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-        ):
-            raise BadRequest("handoff 'env' must be an object of strings", code="bad_request")
-        reserved = [k for k in env if k in RESERVED_TASK_VARIABLES or k == "CUDA_VISIBLE_DEVICES"]
-        if reserved:
-            raise BadRequest(
-                f"handoff env may not set {', '.join(sorted(reserved))}", code="bad_env"
-            )
+        command = check_command(message.get("command"))
+        env = check_env(message.get("env", {}))
         gpus = message.get("gpus", [])
         if not isinstance(gpus, list) or not all(
-            isinstance(g, str) and _ID_RE.match(g) for g in gpus
+            isinstance(g, str) and ID_RE.match(g) for g in gpus
         ):
             raise BadRequest("handoff 'gpus' must be a list of GPU UUIDs", code="bad_request")
         ttl_s = message.get("ttl_s")
@@ -363,17 +364,13 @@ class Worker:
                 self._deliver_kick.set()
                 await trio.lowlevel.checkpoint()
 
-            for plan, execution in await self.runner.recover("worker", on_result):
+            to_resume, to_start = await self.runner.recover("worker", on_result)
+            for plan, execution in to_resume:
                 row = self.runner.row(plan.task_id, plan.attempt, "worker")
                 started = json.loads(row["body"]).get("started_wall_ms", 0) if row else 0
                 nursery.start_soon(self._resume, plan, execution, int(started))
-            # Accepted attempts whose supervisor never started: run them (renew first).
-            for row in self.agent.store.execute(
-                "SELECT body FROM attempts WHERE role = 'worker' AND state = 'accepted'"
-            ).fetchall():
-                plan = AttemptPlan.from_json(json.loads(row["body"]))
-                if (plan.task_id, plan.attempt, "worker") not in self.runner.running:
-                    nursery.start_soon(self._drive, plan)
+            for plan in to_start:
+                nursery.start_soon(self._drive, plan)
             nursery.start_soon(self._delivery_loop)
             task_status.started()
 

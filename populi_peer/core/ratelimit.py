@@ -25,17 +25,19 @@ class RateLimiter:
         self.per_minute = per_minute
         self.burst = float(burst if burst is not None else max(per_minute, 1))
         self.max_keys = max_keys
+        # Insertion-ordered, and each use moves a key to the end: the first key is the
+        # least recently used, so eviction is O(1) even under a flood of new addresses.
         self._buckets: dict[str, _Bucket] = {}
 
     def allow(self, key: str, *, now_mono: float) -> bool:
         if self.per_minute <= 0:
             return True
-        bucket = self._buckets.get(key)
+        bucket = self._buckets.pop(key, None)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:
-                stalest = min(self._buckets, key=lambda k: self._buckets[k].updated)
-                del self._buckets[stalest]
-            bucket = self._buckets[key] = _Bucket(self.burst, now_mono)
+                del self._buckets[next(iter(self._buckets))]
+            bucket = _Bucket(self.burst, now_mono)
+        self._buckets[key] = bucket
         rate = self.per_minute / 60.0
         bucket.tokens = min(self.burst, bucket.tokens + (now_mono - bucket.updated) * rate)
         bucket.updated = now_mono

@@ -225,6 +225,10 @@ async def start_supervised(
                 break
             await trio.sleep(0.01)
     if state is None or state.status == "starting":
+        # A supervisor too slow to report may still come up: make sure it finds the task
+        # cancelled and no deadline to run to, so it never starts the command late.
+        _files.write_atomic(task_dir / _files.CANCEL, b"startup timed out\n")
+        (task_dir / _files.DEADLINE).unlink(missing_ok=True)
         await kill_orphan(task_dir)
         raise SupervisorFailed(
             f"supervisor for {task_dir} did not report within {startup_timeout_s}s: "
@@ -289,6 +293,25 @@ def _session_members(state: SupervisorState) -> list[int]:
         # session id any more (a live session pins its id): nothing to kill.
         return []
     return [pid for pid in _proc.pids_in_session(state.pgid) if pid != os.getpid()]
+
+
+def leftovers(task_dir: Path) -> bool:
+    """Whether anything ``task_dir`` records may still run: the supervisor, a process in
+    the task's cgroup, or one in its session. A lease may be released as stopped only
+    when this is False."""
+    state = read_state(task_dir)
+    if state is None:
+        # Nothing recorded, so nothing can be found to prove it gone — unless the
+        # supervisor never got as far as writing a state (no spec, nothing started).
+        return (task_dir / _files.SPEC).exists() and not (task_dir / _files.CANCEL).exists()
+    if state.status == "exited":
+        return False
+    if _proc.is_running(state.supervisor_pid, state.supervisor_starttime_ticks):
+        return True
+    group = Path(state.cgroup) if state.cgroup else None
+    if group is not None and group.exists() and _cgroup.is_populated(group):
+        return True
+    return bool(_session_members(state)) if state.isolation != "cgroup" else False
 
 
 async def kill_orphan(task_dir: Path) -> bool:

@@ -417,6 +417,10 @@ class SimExecutor:
         execution = self._find(task_dir)
         return execution is not None and execution.kill("killed_orphan")
 
+    def leftovers(self, task_dir: Path) -> bool:
+        execution = self._find(task_dir)
+        return execution is not None and execution.alive()
+
     def tail(self, task_dir: Path, stream: str, max_bytes: int) -> bytes:
         execution = self._find(task_dir)
         return b"" if execution is None else execution.tail(stream, max_bytes)

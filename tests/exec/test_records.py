@@ -33,6 +33,7 @@ def test_exports_are_pinned() -> None:
         "adopt",
         "build_task_env",
         "kill_orphan",
+        "leftovers",
         "min_stop_margin_s",
         "read_state",
         "start_supervised",

@@ -553,3 +553,22 @@ def test_task_group_guard_refuses_strangers() -> None:
     assert not _cgroup.looks_like_task_group(mount[0] / "populi.slice" / "other", "t", 1)
     assert _cgroup.looks_like_task_group(mount[0] / "populi.slice" / "task-t-1", "t", 1)
     assert not _cgroup.looks_like_task_group(Path("/tmp/task-t-1"), "t", 1)
+
+
+async def test_leftovers_tells_whether_a_lease_may_be_released(tmp_path: Path) -> None:
+    """A lease is released as stopped only when nothing the task directory records can
+    still run: a live supervisor counts, an exited one does not, nor an empty directory."""
+    from populi_peer.clock import boot_time
+    from populi_peer.exec import TaskSpec, kill_orphan, leftovers, start_supervised
+
+    task_dir = tmp_path / "t"
+    assert not leftovers(task_dir)
+    spec = TaskSpec(task_id="lo-1", attempt=1, argv=("sleep", "30"), env={"PATH": "/usr/bin:/bin"}, cwd=str(tmp_path), stop_margin_s=1.0, kill_grace_s=0.5)
+    supervised = await start_supervised(task_dir, spec, boot_time() + 60)
+    try:
+        assert leftovers(task_dir)
+        supervised.cancel()
+        await supervised.wait()
+        assert not leftovers(task_dir)
+    finally:
+        await kill_orphan(task_dir)

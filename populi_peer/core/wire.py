@@ -1,0 +1,76 @@
+"""Checks shared by every route that takes identifiers, commands or environments.
+
+One definition, so that what a submitter accepts is exactly what a worker accepts: a task
+refused at the worker for something the submitter let through would only ever fail late.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from populi_peer.errors import BadRequest
+
+#: Task, lease, node, message ids and work classes: a letter or digit first (never ``.``
+#: or ``..``: ids become path components), then letters, digits, ``.``, ``_``, ``:``, ``-``.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_ARGS = 4096
+MAX_ARG_CHARS = 128 * 1024
+MAX_ENV = 256
+#: Names Populi sets for every task; nobody may pass them.
+RESERVED_ENV = frozenset(
+    {"POPULI_TASK_ID", "POPULI_ATTEMPT", "POPULI_FENCING_TOKEN", "CUDA_VISIBLE_DEVICES"}
+)
+
+
+def check_id(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise BadRequest(
+            f"{name!r} must be 1-128 characters of A-Z a-z 0-9 . _ : -, starting with a letter or digit",
+            code="bad_request",
+        )
+    return value
+
+
+def check_command(command: Any) -> tuple[str, ...]:
+    """An argv: a non-empty list of strings without NUL, the first one non-empty."""
+    if (
+        not isinstance(command, list)
+        or not command
+        or len(command) > MAX_ARGS
+        or not all(
+            isinstance(arg, str) and "\0" not in arg and len(arg) <= MAX_ARG_CHARS
+            for arg in command
+        )
+        or not command[0]
+    ):
+        raise BadRequest(
+            "'command' must be a non-empty list of strings (argv) without NUL bytes",
+            code="bad_request",
+        )
+    return tuple(command)
+
+
+def check_env(env: Any) -> dict[str, str]:
+    """Variables passed to a task: names without ``=`` or NUL, not reserved (no
+    ``POPULI_*``, no ``CUDA_VISIBLE_DEVICES``), values without NUL."""
+    if not isinstance(env, Mapping) or len(env) > MAX_ENV:
+        raise BadRequest(
+            f"'env' must be an object of at most {MAX_ENV} strings", code="bad_request"
+        )
+    out: dict[str, str] = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise BadRequest("'env' must be an object of strings", code="bad_request")
+        if name in RESERVED_ENV or name.startswith("POPULI_"):
+            raise BadRequest(f"--env {name}: reserved; Populi sets it for the task", code="bad_env")
+        if not name or "=" in name or "\0" in name:
+            raise BadRequest(f"--env {name[:64]!r}: not a valid variable name", code="bad_env")
+        if "\0" in value:
+            raise BadRequest(f"--env {name}: a value cannot contain a NUL byte", code="bad_env")
+        out[name] = value
+    return out
+
+
+__all__ = ["ID_RE", "MAX_ARGS", "MAX_ENV", "RESERVED_ENV", "check_command", "check_env", "check_id"]
