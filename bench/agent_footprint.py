@@ -41,9 +41,26 @@ def _rss_kib(pid: int) -> int:
 def one_run(idle_s: float) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="populi-bench-"))
     data_dir = root / "d"
-    subprocess.run([*POPULI, "init", "--cluster-name", "bench", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *POPULI,
+            "init",
+            "--cluster-name",
+            "bench",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        check=True,
+        capture_output=True,
+    )
     started = time.monotonic()
-    proc = subprocess.Popen([*POPULI, "agent", "--data-dir", str(data_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*POPULI, "agent", "--data-dir", str(data_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         runtime = data_dir / "run" / "agent.json"
         url = None
@@ -55,7 +72,10 @@ def one_run(idle_s: float) -> dict[str, float]:
                     url = None
             if url:
                 try:
-                    if httpx.get(url + "/v1/populi/health", verify=False, timeout=1).status_code == 200:
+                    if (
+                        httpx.get(url + "/v1/populi/health", verify=False, timeout=1).status_code
+                        == 200
+                    ):
                         break
                 except httpx.HTTPError:
                     pass
@@ -82,7 +102,9 @@ def main() -> None:
     print(f"agent footprint, {args.runs} runs, idle window {args.idle_s:.0f} s")
     for key, unit in (("start_to_health_s", "s"), ("idle_cpu_pct", "%"), ("idle_rss_mib", "MiB")):
         values = sorted(r[key] for r in results)
-        print(f"  {key:20} median {statistics.median(values):8.3f} {unit}   min {values[0]:8.3f}   max {values[-1]:8.3f}")
+        print(
+            f"  {key:20} median {statistics.median(values):8.3f} {unit}   min {values[0]:8.3f}   max {values[-1]:8.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ def main() -> int:
     parser.add_argument("--refreshes", type=int, default=2000)
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, trio {trio.__version__}, {args.refreshes} refreshes")
-    print(f"{'gpus':>4}  {'mode':<9} {'calls/refresh':>13}  {'median ms':>9}  {'p99 ms':>7}  "
-          f"{'static+metrics B':>16}  {'metrics B':>9}")
+    print(
+        f"{'gpus':>4}  {'mode':<9} {'calls/refresh':>13}  {'median ms':>9}  {'p99 ms':>7}  "
+        f"{'static+metrics B':>16}  {'metrics B':>9}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for gpus in (1, 8):
             path = Path(tmp) / f"{gpus}.json"
@@ -83,17 +85,25 @@ def main() -> int:
                 refreshes = args.refreshes if not threaded else max(1, args.refreshes // 4)
                 samples, inventory, calls = trio.run(_measure, path, refreshes, threaded)
                 allocs = allocatable(
-                    inventory, quarantined=frozenset(), leased=frozenset(),
-                    own_pids=frozenset(), advertised={}, trust_advertised=False,
+                    inventory,
+                    quarantined=frozenset(),
+                    leased=frozenset(),
+                    own_pids=frozenset(),
+                    advertised={},
+                    trust_advertised=False,
                 )
                 compact = (",", ":")
                 full = len(json.dumps(gpu_summary(inventory, allocs), separators=compact))
-                short = len(json.dumps(
-                    gpu_summary(inventory, allocs, include_static=False), separators=compact
-                ))
+                short = len(
+                    json.dumps(
+                        gpu_summary(inventory, allocs, include_static=False), separators=compact
+                    )
+                )
                 mode = "threaded" if threaded else "in-loop"
-                print(f"{gpus:>4}  {mode:<9} {calls:>13}  {statistics.median(samples):>9.3f}  "
-                      f"{_pct(samples, 0.99):>7.3f}  {full:>16}  {short:>9}")
+                print(
+                    f"{gpus:>4}  {mode:<9} {calls:>13}  {statistics.median(samples):>9.3f}  "
+                    f"{_pct(samples, 0.99):>7.3f}  {full:>16}  {short:>9}"
+                )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Signed cluster records (DESIGN: "cluster records ... signed by the operator or the leader").
+"""Signed cluster records (docs/design.md: "cluster records ... signed by the operator or the leader").
 
 A record is a sealed envelope (``enrollment._sealed``) with prefix ``populi-record-1.``:
 the signature covers a domain-separation prefix and the canonical JSON payload, and is

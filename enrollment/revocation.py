@@ -1,6 +1,6 @@
 """The cluster's revocation list: signed, serial-numbered, grow-only in node ids.
 
-DESIGN ("Identity, enrollment and peer authentication"): a signed list with a strictly
+the design (docs/design.md) ("Identity, enrollment and peer authentication"): a signed list with a strictly
 increasing serial, pulled and pushed between nodes and checked on every request. Its wire
 form follows the join token's::
 

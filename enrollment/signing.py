@@ -1,4 +1,4 @@
-"""Per-request signatures between peers (DESIGN: "Identity ... and peer authentication").
+"""Per-request signatures between peers (docs/design.md: "Identity ... and peer authentication").
 
 The ASGI server does not show the app the client certificate, so a request proves who sent
 it with an Ed25519 signature over what matters in it, in the spirit of RFC 9421 (HTTP

@@ -1,6 +1,6 @@
 """Join tokens: signed, short-lived, single-use invitations that pin the cluster CA.
 
-A join token is what ``populi join TOKEN`` consumes (DESIGN, "Identity, enrollment and
+A join token is what ``populi join TOKEN`` consumes (docs/design.md, "Identity, enrollment and
 peer authentication"). Its wire form is one line of ASCII::
 
     populi-join-1.<base64url-no-padding(signer_key[32] || signature[64] || payload)>

@@ -4,7 +4,7 @@
   May jump (NTP, skew). Never used for timers.
 - ``mono()``: seconds on trio's clock; for timers inside one process. Never persisted.
 - ``boot()``: seconds on ``CLOCK_BOOTTIME``, which keeps counting through suspend; for lease
-  deadlines that a process on this machine enforces (DESIGN rule 3).
+  deadlines that a process on this machine enforces (safety rule 3).
 
 The agent uses :class:`SystemClock`; tests use :class:`populi_peer.testing.VirtualClock`,
 driven by trio's clock, so that ``autojump_clock`` moves all three readings together and a

@@ -37,9 +37,7 @@ CONFIG_FILE_NAME = "populi.toml"
 RESERVED_TASK_VARIABLES = frozenset({"POPULI_TASK_ID", "POPULI_ATTEMPT", "POPULI_FENCING_TOKEN"})
 ENV_ALIASES = {"POPULI_GPU_FIXTURE": "gpu.fixture", "POPULI_EXEC_REMOTE": "exec.remote"}
 #: Variables that are not config keys but are understood by Populi.
-ENV_NON_CONFIG = frozenset(
-    {"POPULI_DATA_DIR", "POPULI_CONFIG", "POPULI_DEBUG", "POPULI_LOG_FORMAT"}
-)
+ENV_NON_CONFIG = frozenset({"POPULI_DATA_DIR", "POPULI_CONFIG", "POPULI_DEBUG"})
 DEFAULT_PORT = 7431
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")

@@ -1,6 +1,6 @@
 """The data directory and its SQLite database.
 
-One file, ``populi.db``, in WAL mode with ``synchronous=FULL`` (DESIGN rule 7: grants,
+One file, ``populi.db``, in WAL mode with ``synchronous=FULL`` (safety rule 7: grants,
 consumed tokens, lifecycle records and tasks are durable before they are acknowledged; we
 use FULL for every commit rather than pick per record, and keep high-rate, derivable state
 such as heartbeat arrival times in memory). ``PRAGMA user_version`` is the schema version;

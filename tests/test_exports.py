@@ -9,7 +9,15 @@ import pytest
 
 EXPECTED = {
     "populi_peer": ["PROTOCOL_VERSION", "PopuliError", "__version__"],
-    "populi_peer.api": ["ANY_MEMBER", "ApiApp", "Authenticator", "Principal", "Request", "Response", "Route"],
+    "populi_peer.api": [
+        "ANY_MEMBER",
+        "ApiApp",
+        "Authenticator",
+        "Principal",
+        "Request",
+        "Response",
+        "Route",
+    ],
     "populi_peer.agent": ["Agent", "build_agent"],
     "populi_peer.testing": ["Faults", "MemoryNetwork", "VirtualClock"],
     "populi_peer.cli": ["main"],
@@ -33,5 +41,7 @@ def test_importing_the_package_is_cheap() -> None:
     import sys
 
     code = "import sys, populi_peer, populi_peer.cli.main; print(','.join(m for m in ('trio', 'httpx', 'cryptography') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == ""

@@ -1,4 +1,4 @@
-"""The pure core imports no trio, socket, clock or global random (DESIGN: how it is tested)."""
+"""The pure core imports no trio, socket, clock or global random (docs/design.md: how it is tested)."""
 
 from __future__ import annotations
 

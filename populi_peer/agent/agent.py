@@ -132,7 +132,7 @@ class Agent:
         self.stopped = trio.Event()
 
     def _check_stop_margin(self) -> None:
-        """DESIGN rule 3: refuse a stop margin smaller than the SIGTERM grace plus the kill
+        """safety rule 3: refuse a stop margin smaller than the SIGTERM grace plus the kill
         latency plus the clock drift over one TTL (the cluster's longest), and one that
         leaves no room for a renewal. Checked at start against the settings this node
         holds; a later, longer ``max_lease_ttl_s`` makes the worker refuse such leases
@@ -443,6 +443,16 @@ class Agent:
 
     def own_pids(self) -> set[int]:
         return self.worker.own_pids()
+
+    def remote_enabled(self) -> bool:
+        """Remote execution is on in this node's config and cluster settings, and the
+        kill switch is off."""
+        settings = self.records.settings
+        return bool(
+            self.config.exec.remote
+            and settings["remote_exec_enabled"]
+            and not settings["kill_switch"]
+        )
 
     def policy_gates(self) -> frozenset[tuple[str, str]]:
         gates = self.records.settings.get("policy_gates") or []

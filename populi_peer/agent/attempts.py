@@ -1,7 +1,7 @@
 """Running one attempt of a task under its lease: shared by the worker (remote attempts)
 and the submitter (local attempts).
 
-DESIGN rule 3, step by step:
+safety rule 3, step by step:
 
 1. A holder with a renewable lease renews it itself before it starts the task; its local
    deadline counts from when that renewal was *sent*, on ``CLOCK_BOOTTIME``
@@ -26,7 +26,7 @@ import base64
 import json
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -264,7 +264,7 @@ class AttemptRunner:
             try:
                 deadline = await self.renew(plan)
             except PopuliError as exc:
-                # Not proved: never start (DESIGN rule 3).
+                # Not proved: never start (safety rule 3).
                 log(
                     self.logger,
                     logging.WARNING,
@@ -580,18 +580,9 @@ def lease_reason(exc: PopuliError) -> str:
     return exc.code
 
 
-def decode_tail(b64: str | None) -> bytes:
-    return base64.b64decode(b64 or "")
-
-
-def plan_with(plan: AttemptPlan, **changes: Any) -> AttemptPlan:
-    return replace(plan, **changes)
-
-
 __all__ = [
     "NO_LEASE_DEADLINE_S",
     "RESULT_TAIL_BYTES",
     "AttemptPlan",
     "AttemptRunner",
-    "decode_tail",
 ]

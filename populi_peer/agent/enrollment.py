@@ -1,7 +1,7 @@
 """Enrollment on the control plane: join tokens, the join handshake, certificates,
-retirement and revocation (issue: signed enrollment).
+retirement and revocation.
 
-Join, in three unauthenticated steps, all rate-limited per client address:
+Join, in three unauthenticated steps (challenge and enroll rate-limited per client address):
 
 1. ``GET /v1/populi/join/ca`` — the CA certificate; the joiner checks it against the
    token's pin and from then on trusts only it (it sends nothing secret before that).
@@ -322,7 +322,7 @@ class Enrollment:
         store = self.agent.store
         digest = token_digest(fields["token"])
         # One transaction, no await inside: consumption, membership and lifecycle are
-        # durable together before anyone is told (DESIGN rule 7).
+        # durable together before anyone is told (safety rule 7).
         with store.transaction():
             row = store.execute(
                 "SELECT * FROM join_tokens WHERE token_id = ?", (token.token_id,)

@@ -11,7 +11,7 @@ heartbeat answers. A GPU busy with processes Populi did not start is not allocat
 On the wire: the heartbeat carries the compact summary; its static part only when the
 control plane has not acknowledged this ``facts_version`` (the answer echoes the version it
 holds). The control plane keeps the latest summaries in memory — they are hints — and
-re-checks allocatable GPUs itself at grant time (DESIGN rule 6), including its own view of
+re-checks allocatable GPUs itself at grant time (safety rule 6), including its own view of
 quarantines.
 """
 
@@ -276,7 +276,7 @@ class GpuService:
 
     def devices(self, node_id: str) -> list[dict[str, Any]]:
         """One row per verified device of ``node_id``, static facts joined with metrics of
-        the same ``facts_version`` (older metrics are ignored, DESIGN: hints only)."""
+        the same ``facts_version`` (older metrics are ignored, the design (docs/design.md): hints only)."""
         entry = self.nodes.get(node_id)
         if entry is None or entry.static is None:
             return []

@@ -2,10 +2,10 @@
 
 Every operation of the pure table returns the leases to persist; they are written in one
 ``synchronous=FULL`` transaction (with the token counter) before the new table is adopted
-and before anyone is answered (DESIGN rules 4 and 7). Renewals change only the in-memory
+and before anyone is answered (safety rules 4 and 7). Renewals change only the in-memory
 expiry, which is never persisted: after a restart every holding lease counts as renewed at
-restart (rule 5). A restart of the term's control plane needs no grant hold — every grant
-it ever acknowledged is on disk — while a newly elected leader will (``set_term``).
+restart (rule 5), and no new grants are made for a while (ADR 0007: the longest TTL ever
+allowed + leader lease + margin; none for a cluster that never granted a lease).
 
 Routes:
 - ``POST /v1/populi/exec/leases`` (submit): grant; the control plane re-checks the target's
@@ -93,7 +93,7 @@ class LeaseService:
         leases = [Lease.from_json(json.loads(row["body"])) for row in rows]
         next_seq = int(self.agent.store.get_meta("lease_next_seq", "1") or "1")
         settings = self.settings()
-        # DESIGN rule 5 / ADR 0006: after a restart, renewals only for a while — a lease
+        # safety rule 5 / ADR 0006: after a restart, renewals only for a while — a lease
         # this table does not know of (a store restored from an older copy) has by then
         # either renewed here or expired on its holder's own deadline. A cluster that never
         # granted a lease has nothing to wait for. The hold uses the largest TTL ever
@@ -211,7 +211,7 @@ class LeaseService:
         data["flag"] = self.flags.get(lease.lease_id)
         return data
 
-    # -- the control plane's own view of a target (DESIGN rule 6) --------------------------
+    # -- the control plane's own view of a target (safety rule 6) --------------------------
 
     def target_view(
         self, node_id: str, *, gpus_wanted: int, work_class: str, submitter: str
@@ -609,15 +609,6 @@ class LeaseService:
                 await self._kick.wait()
             if self._kick.is_set():
                 self._kick = trio.Event()
-
-    # -- what holders report --------------------------------------------------------------
-
-    def held_by(self, node_id: str) -> list[Lease]:
-        return (
-            []
-            if self.table is None
-            else [lease for lease in self.table.holding() if lease.holder == node_id]
-        )
 
 
 def _text(body: dict[str, Any], name: str) -> str:

@@ -1,5 +1,5 @@
 """The submitter: owns the tasks submitted on this node, places them, and is the only
-party that may decide to run one locally (DESIGN rules 1, 4, 7).
+party that may decide to run one locally (safety rules 1, 4, 7).
 
 A task is recorded durably before anything else happens, and every decision is an event
 of the pure task machine (``core.tasks``) persisted before it is acted on. One driver per
@@ -202,14 +202,6 @@ class Submitter:
 
     # -- gates ----------------------------------------------------------------------------
 
-    def remote_enabled(self) -> bool:
-        settings = self.agent.records.settings
-        return bool(
-            self.agent.config.exec.remote
-            and settings["remote_exec_enabled"]
-            and not settings["kill_switch"]
-        )
-
     def ttl_s(self) -> float:
         return float(min(self.agent.records.settings["max_lease_ttl_s"], DEFAULT_TTL_S))
 
@@ -402,7 +394,7 @@ class Submitter:
 
     async def _place(self, task: Task, control: Control) -> None:
         task_id = task.task_id
-        if not self.remote_enabled():
+        if not self.agent.remote_enabled():
             self.apply(
                 task_id,
                 PlacedLocal(

@@ -3,7 +3,7 @@
 A handoff (inbox message ``handoff``) is accepted only when remote execution is on (the
 cluster settings and this node's ``exec.remote``), from a node with the ``submit`` role
 that ``exec.accept_from`` allows, and only with a fencing token at least the highest this
-node keeps for the task (DESIGN rule 2): higher starts the attempt, equal is acknowledged
+node keeps for the task (safety rule 2): higher starts the attempt, equal is acknowledged
 and never started twice, lower is refused. The fence and the attempt are durable before
 the answer. The attempt then runs under :class:`~populi_peer.agent.attempts.AttemptRunner`
 (renew before start, supervisor, renew every TTL/3, release), and its result is stored
@@ -61,16 +61,8 @@ class Worker:
 
     # -- gates ----------------------------------------------------------------------------
 
-    def remote_enabled(self) -> bool:
-        settings = self.agent.records.settings
-        return bool(
-            self.agent.config.exec.remote
-            and settings["remote_exec_enabled"]
-            and not settings["kill_switch"]
-        )
-
     def margin_problem(self, ttl_s: float) -> str | None:
-        """Why a lease of ``ttl_s`` cannot be held safely here (DESIGN rule 3), if so."""
+        """Why a lease of ``ttl_s`` cannot be held safely here (safety rule 3), if so."""
         cfg = self.agent.config.exec
         try:
             validate_stop_margin(
@@ -119,7 +111,7 @@ class Worker:
             return {"verdict": "duplicate", "state": existing["state"] if existing else "unknown"}
         refusal: PopuliError | None = None
         missing = [g for g in plan.gpus if g not in set(agent.verified_gpu_uuids())]
-        if not self.remote_enabled():
+        if not self.agent.remote_enabled():
             refusal = Conflict("remote execution is off on this node", code="remote_disabled")
         elif agent.leaving:
             refusal = Conflict("this node is leaving the cluster", code="node_leaving")
@@ -244,16 +236,12 @@ class Worker:
     # -- running --------------------------------------------------------------------------
 
     async def _drive(self, plan: AttemptPlan) -> None:
-        result = await self.runner.run(plan)
-        await self._stored(plan, result)
+        await self.runner.run(plan)
+        self._deliver_kick.set()  # result stored: deliver it now
 
     async def _resume(self, plan: AttemptPlan, execution: Any, started_ms: int) -> None:
-        result = await self.runner.resume(plan, execution, started_ms)
-        await self._stored(plan, result)
-
-    async def _stored(self, plan: AttemptPlan, result: dict[str, Any]) -> None:
-        self._deliver_kick.set()
-        await trio.lowlevel.checkpoint()
+        await self.runner.resume(plan, execution, started_ms)
+        self._deliver_kick.set()  # result stored: deliver it now
 
     def own_pids(self) -> set[int]:
         """Processes this node started for tasks (not foreign GPU users)."""

@@ -23,6 +23,8 @@ class ReloadableConfig(HypercornConfig):
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         self.ssl_context = super().create_ssl_context()
+        if self.ssl_context is not None:
+            self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_3  # peers speak 1.3 only
         return self.ssl_context
 
     def reload_certificate(self) -> None:
@@ -45,7 +47,7 @@ def hypercorn_config(
     config.errorlog = logging.getLogger("populi.http")
     config.graceful_timeout = 1.0
     config.use_reloader = False
-    config.verify_mode = ssl.CERT_NONE  # identity is the request signature (DESIGN)
+    config.verify_mode = ssl.CERT_NONE  # identity is the request signature (docs/design.md)
     return config
 
 

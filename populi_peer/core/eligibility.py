@@ -1,7 +1,7 @@
 """Routing eligibility: may new work be placed on a node, and if not, why not.
 
 One pure function, :func:`routing_eligibility`, used both by placement (on hints) and by
-the control plane at grant time (on its own view; DESIGN rule 6: hints never authorize).
+the control plane at grant time (on its own view; safety rule 6: hints never authorize).
 It reports every reason that applies, not only the first, in the fixed order of
 :data:`REASON_ORDER`: the most lasting cause first, so that the first reason is the one an
 operator should act on::
@@ -18,7 +18,7 @@ operator should act on::
     unhealthy_gpu     not enough allocatable GPUs, and some GPUs are unhealthy
     no_free_gpu       not enough allocatable GPUs even if the unhealthy ones were healed
 
-Heartbeat staleness is derived, never stored (DESIGN "Node lifecycle"): the caller keeps
+Heartbeat staleness is derived, never stored (docs/design.md "Node lifecycle"): the caller keeps
 the monotonic time it last heard from a node (never persisted) and asks
 :func:`heartbeat_age_ms`; :func:`is_stale` says whether that age is past the bound. The
 boundary: an age *equal* to ``stale_after_ms`` is still fresh; one millisecond more is

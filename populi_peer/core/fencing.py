@@ -1,4 +1,4 @@
-"""Fencing tokens and the worker's book of the highest token per task (DESIGN rule 2).
+"""Fencing tokens and the worker's book of the highest token per task (safety rule 2).
 
 A lease carries a :class:`FencingToken` ``(term, seq)``: the control plane's term and a
 sequence number it never reuses within that term, so tokens are totally ordered and every
@@ -137,7 +137,7 @@ def _str_tuple(data: Mapping[str, Any], key: str, what: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True, order=True)
 class FencingToken:
-    """``(term, seq)``, ordered by term first, then seq (DESIGN rule 2)."""
+    """``(term, seq)``, ordered by term first, then seq (safety rule 2)."""
 
     term: int
     seq: int
@@ -186,7 +186,7 @@ class FencingToken:
 
 def accept_result(current_token: FencingToken | None, result_token: FencingToken | None) -> bool:
     """Whether the submitter accepts a result: only one carrying the current token
-    (DESIGN rule 2). With no current token nothing is accepted."""
+    (safety rule 2). With no current token nothing is accepted."""
     return current_token is not None and result_token == current_token
 
 

@@ -13,7 +13,7 @@ Two operations, both pure (the caller reads the clock and passes ``now_wall_ms``
 - :func:`hlc_receive` for a message received (Algorithm 5, "receive event"). A remote
   value further ahead of our wall clock than ``max_skew_ms`` is refused with
   :class:`ClockSkewError`: accepting it would drag every later stamp of ours into the
-  future (DESIGN "Cluster state": "a clock value beyond now + max skew is refused").
+  future (docs/design.md "Cluster state": "a clock value beyond now + max skew is refused").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The control plane's lease table: events in, leases to persist out (DESIGN rules 1-5).
+"""The control plane's lease table: events in, leases to persist out (safety rules 1-5).
 
 A :class:`Lease` gives one holder the right to run one attempt of one task on a set of
 GPUs until it expires. The control plane owns the table; the holder (a worker, or the
@@ -25,13 +25,13 @@ GPUs; renewed like any other) and ``fence`` (a local attempt with no GPUs: it on
 the task key and records the token; it never expires and is never renewed or revoked —
 the submitter releases it when the attempt ends).
 
-Durability (DESIGN rules 4 and 7). The table is immutable: every operation returns a new
+Durability (safety rules 4 and 7). The table is immutable: every operation returns a new
 table and, in its result, ``records`` — every lease whose persisted fields changed. The
 shell writes all of them in one ``synchronous=FULL`` transaction, adopts the new table
 only once the write succeeded, and only then answers. A failed write leaves the old table
 in force, so nothing is acknowledged that is not on disk. Renewals change only
 ``expires_mono``, which is never persisted (a restart counts every holding lease as
-renewed at restart, DESIGN rule 5), so they return no records.
+renewed at restart, safety rule 5), so they return no records.
 
 Time. ``now_mono`` (seconds, the control plane's monotonic clock) drives expiry and is
 never persisted; ``now_wall_ms`` (UTC ms) is written into records. A lease is renewable
@@ -96,7 +96,7 @@ TRANSITIONS: Final[Mapping[LeaseState, Mapping[LeaseEvent, LeaseState]]] = Mappi
             }
         ),
         # Revoking: no renewals (the holder is told to stop), and it stays holding until
-        # the holder confirms or it expires by the control plane's clock (DESIGN rule 4).
+        # the holder confirms or it expires by the control plane's clock (safety rule 4).
         "revoking": MappingProxyType(
             {
                 "release_stopped": "revoked",
@@ -178,7 +178,7 @@ class LeaseSettings:
     - ``leader_lease_s``: the leader-lease (check-quorum) interval of the election.
 
     :attr:`grant_hold_s` is how long a new leader or a restarted control plane makes no
-    new grants (DESIGN rule 5). Serialised in integer milliseconds (signed records carry
+    new grants (safety rule 5). Serialised in integer milliseconds (signed records carry
     no floats), so values are kept to millisecond resolution.
     """
 
@@ -227,7 +227,7 @@ def renew_interval_s(ttl_s: float) -> float:
 
 def worker_deadline_boot(renew_sent_boot: float, ttl_s: float) -> float:
     """The holder's local deadline on ``CLOCK_BOOTTIME``: from when the renewal that the
-    control plane accepted was *sent* (DESIGN rule 3). The control plane counts from when
+    control plane accepted was *sent* (safety rule 3). The control plane counts from when
     it received it, which is later, so the holder's deadline is never the later one."""
     _check_ttl(ttl_s)
     return renew_sent_boot + ttl_s
@@ -247,7 +247,7 @@ def validate_stop_margin(
     ttl_s: float,
     key: str = "exec.stop_margin_s",
 ) -> None:
-    """Refuse a stop margin that cannot keep a task gone by its deadline (DESIGN rule 3):
+    """Refuse a stop margin that cannot keep a task gone by its deadline (safety rule 3):
     it must cover the SIGTERM grace, the kill latency and the clock drift over one TTL
     (pass the longest TTL in use, ``max_lease_ttl_s``), and it must leave room for a
     renewal (below ``ttl_s - renew_interval_s(ttl_s)``), or the task would be stopped
@@ -527,7 +527,7 @@ class GrantRequest:
 
 @dataclass(frozen=True, slots=True)
 class TargetView:
-    """What the control plane itself knows about the target at grant time (DESIGN rule
+    """What the control plane itself knows about the target at grant time (safety rule
     6: hints never authorize): the eligibility verdict another module computed from
     lifecycle, staleness, health and policy, and the GPUs its verified facts say are
     allocatable (healthy, not busy with foreign processes), in preference order."""
@@ -637,7 +637,7 @@ class LeaseTable:
 
     ``term`` is the control plane's term; ``next_seq`` the sequence number of the next
     token (every issued token is ``(term, next_seq)`` and ``next_seq`` only grows within a
-    term). ``grants_allowed_from_mono`` starts the grant hold of DESIGN rule 5.
+    term). ``grants_allowed_from_mono`` starts the grant hold of safety rule 5.
     """
 
     term: int
@@ -675,7 +675,7 @@ class LeaseTable:
         now_mono: float,
         hold_s: float | None = None,
     ) -> LeaseTable:
-        """Rebuild after a control-plane restart from the persisted leases (DESIGN rule
+        """Rebuild after a control-plane restart from the persisted leases (safety rule
         5): every holding lease counts as renewed at restart (``expires_mono = now_mono +
         ttl_s``), because the holder may have renewed it just before the crash and
         renewals are not persisted. No new grants until ``now_mono + hold_s`` (default
@@ -716,7 +716,7 @@ class LeaseTable:
         which outranks every token of earlier terms, and no new grants are made until
         ``now_mono + hold_s`` (default :attr:`LeaseSettings.grant_hold_s`): a lease the
         previous leader granted and this one has not heard of yet has expired by then
-        (DESIGN rule 5). Renewals go on."""
+        (safety rule 5). Renewals go on."""
         _check_now(now_mono)
         if isinstance(term, bool) or not isinstance(term, int) or term <= self.term:
             raise Conflict(
@@ -978,7 +978,7 @@ class LeaseTable:
     ) -> tuple[LeaseTable, LeaseChange]:
         """Extend a live lease to ``now_mono + ttl_s``. Only a lease live on the control
         plane's own clock renews: past ``expires_mono`` it is refused (``lease_not_live``)
-        even before :meth:`expire_due` declares it dead (DESIGN rule 4). A revoking lease
+        even before :meth:`expire_due` declares it dead (safety rule 4). A revoking lease
         answers ``lease_revoked``: the holder must stop. Nothing to persist."""
         _check_now(now_mono)
         _check_ms(now_wall_ms, "now_wall_ms")
@@ -1047,7 +1047,7 @@ class LeaseTable:
     ) -> tuple[LeaseTable, LeaseChange]:
         """Ask the holder to stop (``revoking``). The lease keeps its GPUs and task key
         until the holder releases it or it expires by the control plane's clock: a
-        revoke alone never frees anything (DESIGN rule 4)."""
+        revoke alone never frees anything (safety rule 4)."""
         _check_now(now_mono)
         _check_name(actor, "actor")
         _check_name(reason, "reason")
@@ -1069,7 +1069,7 @@ class LeaseTable:
         self, *, now_mono: float, now_wall_ms: int
     ) -> tuple[LeaseTable, tuple[Lease, ...]]:
         """Declare dead every holding lease past ``expires_mono + expiry_margin_s``. The
-        returned leases must be written durably before anyone is told (DESIGN rule 4)."""
+        returned leases must be written durably before anyone is told (safety rule 4)."""
         _check_now(now_mono)
         margin = self.settings.expiry_margin_s
         expired: list[Lease] = []
@@ -1096,7 +1096,7 @@ class LeaseTable:
         now_wall_ms: int,
         work_class: WorkClass | None = None,
     ) -> tuple[LeaseTable, LeaseChange]:
-        """The control plane's word for a submitter's fallback (DESIGN rules 1 and 4).
+        """The control plane's word for a submitter's fallback (safety rules 1 and 4).
 
         If no lease of the task holds its key (the latest is dead, or there never was
         one), atomically issue the local attempt a higher token: with ``gpus`` a

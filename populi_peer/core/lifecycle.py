@@ -1,4 +1,4 @@
-"""Node lifecycle: one transition table, as data (DESIGN "Node lifecycle").
+"""Node lifecycle: one transition table, as data (docs/design.md "Node lifecycle").
 
 States::
 
@@ -138,8 +138,7 @@ TRANSITIONS: Final[Mapping[State, Mapping[Command, State | None]]] = MappingProx
     }
 )
 
-#: Which writer class may issue each command. ``leave`` is the node's own word (DESIGN:
-#: "the node itself, e.g. ... ``left``"); the node may not lift its own cordon or quarantine.
+#: Which writer class may issue each command. ``leave`` is the node's own word (docs/design.md: #: "the node itself, e.g. ... ``left``"); the node may not lift its own cordon or quarantine.
 COMMAND_WRITERS: Final[Mapping[Command, frozenset[WriterClass]]] = MappingProxyType(
     {
         "cordon": frozenset({"operator", "leader"}),

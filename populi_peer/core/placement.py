@@ -1,7 +1,7 @@
 """Placement v1: where should a task run? Pure and deterministic.
 
 The submitter proposes; the control plane decides at grant time from its own view
-(DESIGN rule 6), so a proposal may rest on hints. A remote node fits when it is
+(safety rule 6), so a proposal may rest on hints. A remote node fits when it is
 eligible (lifecycle, staleness, health, worker policy — judged by the caller), has at
 least ``gpus_wanted`` free, healthy, verified GPUs, and the work-class policy allows the
 path's scope. Among fits the one with the most free GPUs wins, then the smallest node id:

@@ -1,4 +1,4 @@
-"""The work-class x network-scope policy matrix (DESIGN "Network scope").
+"""The work-class x network-scope policy matrix (docs/design.md "Network scope").
 
 Each cell says whether work of a class may run over a path of a scope:
 

@@ -1,6 +1,6 @@
 """Registers: one last-writer-wins value per (node, attribute) that merges in any order.
 
-DESIGN "Cluster state without a replicated log": state that must outlive a leader is kept
+the design (docs/design.md) "Cluster state without a replicated log": state that must outlive a leader is kept
 in records that merge commutatively, associatively and idempotently, so a new leader can
 merge what the majority that elected it holds, in whatever order it arrives. Registers
 hold per-node facts: lifecycle, GPU quarantine, addresses, labels.

@@ -1,4 +1,4 @@
-"""The scope of a network path: ``local``, ``lan`` or ``overlay`` (DESIGN "Network scope").
+"""The scope of a network path: ``local``, ``lan`` or ``overlay`` (docs/design.md "Network scope").
 
 Scope belongs to the path between two nodes, not to a node: the same peer can be ``lan``
 from the next desk and ``overlay`` from a hotel. It is derived from the IP address used

@@ -1,4 +1,4 @@
-"""The submitter's task record and its one transition table (DESIGN rules 1, 4 and 7).
+"""The submitter's task record and its one transition table (safety rules 1, 4 and 7).
 
 The submitter owns the task: it proposes a placement, asks the control plane for a
 lease, hands the task to the worker, and is the only party that may decide to run it
@@ -32,7 +32,7 @@ local attempt after a remote one; ``control_plane_unreachable`` waits in
 ``fallback_pending``, never on a local timer.
 
 Every accepted event appends :class:`ReasonEntry` rows (the decision, then one row per
-reason code), so a finished task says why it ran where it ran (DESIGN rule 7).
+reason code), so a finished task says why it ran where it ran (safety rule 7).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             result_failed="failed",
             result_stale="running_local",
             # Our own local lease could not be renewed: the supervisor stopped the task
-            # before its deadline, like any holder's (DESIGN rule 3). Wait for the word.
+            # before its deadline, like any holder's (safety rule 3). Wait for the word.
             lease_lost="fallback_pending",
             populi_failure="failed",
             cancel="cancelled",

@@ -42,7 +42,7 @@ def build_task_env(
        environment) when set there, else ``/usr/local/sbin:/usr/local/bin:/usr/sbin:
        /usr/bin:/sbin:/bin``, ``/`` and ``C.UTF-8``; nothing else of ``base`` is used;
     2. the variables the submitter ``passed`` (they may override the baseline);
-    3. ``POPULI_TASK_ID``, ``POPULI_ATTEMPT``, ``POPULI_FENCING_TOKEN`` (DESIGN rule 1:
+    3. ``POPULI_TASK_ID``, ``POPULI_ATTEMPT``, ``POPULI_FENCING_TOKEN`` (safety rule 1:
        the task's own storage fences on them) and ``CUDA_VISIBLE_DEVICES``.
 
     ``cuda_visible_devices`` is the leased GPU UUIDs, comma-joined. None or ``""`` (no

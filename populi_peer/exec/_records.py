@@ -360,7 +360,7 @@ class TaskOutcome:
 def min_stop_margin_s(
     kill_grace_s: float, kill_latency_s: float, drift_ppm: float, ttl_s: float
 ) -> float:
-    """The smallest stop margin that still stops a task before its lease ends (DESIGN rule 3).
+    """The smallest stop margin that still stops a task before its lease ends (safety rule 3).
 
     The stop begins at ``deadline - margin``; it takes up to ``kill_grace_s`` (SIGTERM
     grace), then ``kill_latency_s`` (SIGKILL until the last process is gone), and this

@@ -182,7 +182,7 @@ async def start_supervised(
     """Start a detached supervisor for ``spec`` in ``task_dir`` under ``deadline_boot``.
 
     ``deadline_boot`` is the lease deadline on CLOCK_BOOTTIME, counted from when the
-    renewal that proved the lease was sent (DESIGN rule 3). Returns once the supervisor
+    renewal that proved the lease was sent (safety rule 3). Returns once the supervisor
     runs the command (or already finished it). Raises :class:`SpawnFailed` when the
     command cannot be started (``details["exit_code"]`` 127 not found, 126 not
     executable), :class:`TaskDirInUse` when ``task_dir`` already holds a task, and
@@ -258,7 +258,7 @@ def _log_tail(task_dir: Path, max_bytes: int = 500) -> str:
 def adopt(task_dir: Path) -> Supervised | None:
     """A handle on the supervisor recorded in ``task_dir``, if that very process still runs.
 
-    For an agent that restarted (DESIGN rule 3: an upgrade does not kill running work).
+    For an agent that restarted (safety rule 3: an upgrade does not kill running work).
     None when there is no state, the recorded pid is gone, or it now belongs to another
     process (its ``/proc`` start time differs from the recorded one).
     """

@@ -1,7 +1,7 @@
 """The per-task supervisor: ``python -m populi_peer.exec.supervisor [--detach] TASK_DIR``.
 
 One supervisor process runs one task attempt and enforces its lease deadline by itself
-(DESIGN rule 3), so that a paused, starved or dead agent cannot keep the task alive past
+(safety rule 3), so that a paused, starved or dead agent cannot keep the task alive past
 it. It runs apart from the agent (own session, re-parented to init with ``--detach``) and
 talks to it only through files in ``TASK_DIR`` (see :mod:`populi_peer.exec._files`):
 

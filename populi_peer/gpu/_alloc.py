@@ -1,6 +1,6 @@
 """Which GPUs may be leased: a pure function of verified facts and the agent's own state.
 
-Capacity comes from the *verified* layer only (DESIGN, "GPU truth"). The *advertised*
+Capacity comes from the *verified* layer only (docs/design.md, "GPU truth"). The *advertised*
 layer (operator labels from ``[gpu.labels]``) becomes capacity only when the operator
 says ``trust_advertised = true`` *and* the probe verified no GPU at all; then each of the
 ``count`` advertised GPUs becomes a pseudo-device whose uuid starts with
@@ -123,7 +123,7 @@ def _device_allocation(
         reasons.append("gpu_leased")
     if device.mig_mode_current is True:
         # In MIG mode CUDA sees GPU instances, not the parent GPU: a lease on the whole
-        # device could not run anything. MIG instances are a later issue (ADR 0004).
+        # device could not run anything. MIG instances are not leased yet (ADR 0004).
         reasons.append("mig_enabled")
     if device.compute_processes is not None:
         if any(p.pid is None or p.pid not in own_pids for p in device.compute_processes):

@@ -32,7 +32,7 @@ A key whose value is unknown is left out (absent means unknown), as are empty re
 lists, so a heartbeat stays small. Metric entries name their device by ``index``; the
 index means the device with that index in the static facts of the same
 ``facts_version`` — a receiver holding other static facts must ignore the metrics and
-wait for (or ask for) the static part. Hints never authorize (DESIGN rule 6): the control
+wait for (or ask for) the static part. Hints never authorize (safety rule 6): the control
 plane re-checks at grant time.
 """
 

@@ -6,7 +6,7 @@
 "runs" for a number of seconds of trio's clock read from its argv, writes what it does
 into a shared :class:`Ledger`, and is stopped by a simulated *supervisor* that enforces
 the lease deadline on the node's ``boot()`` clock by itself, exactly as the real one does
-on ``CLOCK_BOOTTIME`` (DESIGN rule 3): it starts stopping at ``deadline -
+on ``CLOCK_BOOTTIME`` (safety rule 3): it starts stopping at ``deadline -
 spec.stop_margin_s``, a cancel stops it too, renewals only move the deadline later.
 
 The argv of a simulated task::

@@ -1,6 +1,6 @@
 """The seeded safety simulation: a scenario drawn from a seed, played on the virtual
 cluster with simulated tasks (``populi_peer.testing.sim``), with the safety contract
-(docs: DESIGN rules 1, 2, 4, 7) checked after every step.
+(docs: safety rules 1, 2, 4, 7) checked after every step.
 
 Replay one seed with its timeline::
 
@@ -92,7 +92,7 @@ CONTRACT_EVERY = 40
 
 
 def sim_config() -> Config:
-    """Every node: a replayed H100, short kills, short peer timeouts (DESIGN rule 3's
+    """Every node: a replayed H100, short kills, short peer timeouts (safety rule 3's
     margin: 2 s >= 1 s grace + 0.5 s kill latency + drift over a 6 s TTL)."""
     return Config(
         gpu=GpuConfig(fixture=GPU_FIXTURE),
@@ -412,7 +412,7 @@ class Observer:
                 )
 
     def check_told(self, cluster: VirtualCluster) -> None:
-        """DESIGN rule 4: the control plane writes the dead state durably before it tells
+        """safety rule 4: the control plane writes the dead state durably before it tells
         anyone."""
         node = cluster.nodes["cp"]
         if not self.told_dead or not node.running or node.agent is None:

@@ -1,4 +1,4 @@
-"""A worker cut off from the control plane, in virtual time (DESIGN rules 1-4, 7).
+"""A worker cut off from the control plane, in virtual time (safety rules 1-4, 7).
 
 Three nodes on the virtual cluster with simulated tasks (``populi_peer.testing.sim``):
 ``cp`` (control plane), ``w1`` (the submitter), ``w2`` (the worker). A GPU task submitted
@@ -205,8 +205,7 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
         assert expire_at < watch.first_dead <= expire_at + 1.0, (watch.first_dead, expire_at)
         dead = cluster.cp.leases.table.get(lease_id)
         assert dead.state == "expired", dead
-        # The control plane's own expiry: from when it received that renewal (DESIGN
-        # rule 3: never earlier than the holder's deadline).
+        # The control plane's own expiry: from when it received that renewal (docs/design.md         # rule 3: never earlier than the holder's deadline).
         assert dead.expires_mono == last_renewal + TTL_S, dead
         confirmed = [
             (at, body) for at, body in answers.fallbacks if body["lease"]["task_id"] == task_id

@@ -1,4 +1,4 @@
-"""The safety contract under seeded faults, on the virtual cluster (DESIGN: "How it is
+"""The safety contract under seeded faults, on the virtual cluster (docs/design.md: "How it is
 tested"), the bugs it found, each on its own, and the simulated executor it stands on.
 
 ``POPULI_SIM_SEEDS=N`` runs seeds ``0..N-1`` (default 200); ``POPULI_SIM_SEED=17``
@@ -317,7 +317,7 @@ async def test_sim_task_runs_its_duration_and_records_ticks(
 async def test_sim_supervisor_stops_at_deadline_minus_margin(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """DESIGN rule 3 on the boot clock: stop at deadline - stop_margin; a renewal moves
+    """safety rule 3 on the boot clock: stop at deadline - stop_margin; a renewal moves
     the deadline later, never earlier; a suspend (boot jumps) brings the stop forward."""
     async with open_sim_host() as host:
         executor, clock = _executor(host)
@@ -449,7 +449,7 @@ async def test_worker_restart_readopts_the_running_task(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The agent code unchanged on the simulated executor: a worker that crashes just
-    after a renewal and restarts within the lease re-adopts its task (DESIGN rule 3);
+    after a renewal and restarts within the lease re-adopts its task (safety rule 3);
     the task runs once, to its end, and the submitter gets its result."""
     async with open_small_cluster(tmp_path) as (cluster, host):
         task_id = await _restart_worker_mid_task(cluster, host, after_renewal_s=0.1, down_s=0.5)
@@ -464,7 +464,7 @@ async def test_worker_restart_readopts_the_running_task(
 async def test_worker_restart_just_before_a_renewal_keeps_the_task(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """DESIGN rule 3: "an agent that restarts within the lease re-adopts its
+    """safety rule 3: "an agent that restarts within the lease re-adopts its
     supervisors". w1 is down 1 s, 1.5 s after a renewal (TTL 6 s, stop margin 2 s: the
     supervisor stops 4 s after the last renewal was sent). The re-adopted attempt's
     first renewal comes a whole renewal interval (2 s) after the restart

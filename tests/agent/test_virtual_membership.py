@@ -154,7 +154,9 @@ async def test_clock_skew_budget_between_nodes(
             assert cp.heartbeats.stale(w1.node_id) or w1.heartbeat_sender.cp_down
 
 
-async def test_old_inbox_messages_and_task_dirs_are_pruned(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_old_inbox_messages_and_task_dirs_are_pruned(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     import json as _json
 
     async with open_virtual_cluster(tmp_path) as cluster:
@@ -164,10 +166,29 @@ async def test_old_inbox_messages_and_task_dirs_are_pruned(tmp_path: Path, autoj
         task_dir = cp.identity.paths.tasks / "worker" / "t-old" / "1"
         task_dir.mkdir(parents=True)
         (task_dir / "stdout").write_text("old output")
-        plan = {"task_id": "t-old", "attempt": 1, "role": "worker", "submitter": "n-x", "token": "1.1", "lease_id": "l-1", "ttl_s": 6.0, "renewable": True, "argv": ["true"], "env": {}, "gpus": [], "work_class": "agent"}
+        plan = {
+            "task_id": "t-old",
+            "attempt": 1,
+            "role": "worker",
+            "submitter": "n-x",
+            "token": "1.1",
+            "lease_id": "l-1",
+            "ttl_s": 6.0,
+            "renewable": True,
+            "argv": ["true"],
+            "env": {},
+            "gpus": [],
+            "work_class": "agent",
+        }
         with cp.store.transaction():
-            cp.store.execute("INSERT INTO inbox (message_id, sender, type, body, received_ms) VALUES ('n-x/m-old', 'n-x', 'result', '{}', ?)", (old_ms,))
-            cp.store.execute("INSERT INTO inbox (message_id, sender, type, body, received_ms) VALUES ('n-x/m-new', 'n-x', 'result', '{}', ?)", (now_ms,))
+            cp.store.execute(
+                "INSERT INTO inbox (message_id, sender, type, body, received_ms) VALUES ('n-x/m-old', 'n-x', 'result', '{}', ?)",
+                (old_ms,),
+            )
+            cp.store.execute(
+                "INSERT INTO inbox (message_id, sender, type, body, received_ms) VALUES ('n-x/m-new', 'n-x', 'result', '{}', ?)",
+                (now_ms,),
+            )
             cp.store.execute(
                 "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, delivered_ms, updated_ms) VALUES ('t-old', 1, 'worker', 'n-x', '1.1', 'l-1', 'finished', ?, '{}', ?, ?)",
                 (_json.dumps(plan), old_ms, old_ms),

@@ -6,7 +6,7 @@ both replaying a captured idle H100 (``gpu.fixture``), so the control plane's vi
 GPUs comes from real heartbeats. The tests speak for a node with that node's own
 credential, over its own transport, as its agent would; nothing here starts a task
 process (a handoff is accepted only for a lease already revoked, so the worker's renewal
-before start is refused and the task never starts, DESIGN rule 3).
+before start is refused and the task never starts, safety rule 3).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(cluster: VirtualCl
         path = f"/v1/populi/exec/leases/{lease['lease_id']}"
         renew = await holder.post(f"{path}/renew", json={})
         # Revoking frees nothing: the GPU and the task key stay taken until the holder
-        # releases or the lease expires (DESIGN rule 4).
+        # releases or the lease expires (safety rule 4).
         busy = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-gpu", w1))
         waiting = await submitter.post(
             "/v1/populi/exec/fallback",
@@ -343,7 +343,7 @@ async def test_inbox_fences_handoffs_answers_duplicates_and_pages(
 
         # Attempt 1 ends; attempt 2 gets a higher token, and the operator revokes it
         # before the handoff arrives, so the worker's renewal before start is refused and
-        # nothing runs (DESIGN rule 3).
+        # nothing runs (safety rule 3).
         first = (
             await submitter.post(
                 "/v1/populi/exec/leases", json=grant_body("t-fenced", w1, gpus_wanted=0)

@@ -377,7 +377,7 @@ def test_no_free_gpu_counts_only_allocatable_and_unleased_gpus() -> None:
         target=target(gpus=("G0",)),
     )
     assert reasons == ("no_free_gpu",)
-    # The same UUID on another node is another GPU (DESIGN: a GPU is (node, UUID)).
+    # The same UUID on another node is another GPU (docs/design.md: a GPU is (node, UUID)).
     table, change = table.grant(
         req("t2", node="w2", gpus=1),
         now_mono=101.0,
@@ -840,7 +840,7 @@ MARGIN = SETTINGS.expiry_margin_s
 
 class LeaseTableMachine(RuleBasedStateMachine):
     """Drives a LeaseTable with random operations and checks each answer against an
-    independent model, and DESIGN rules 1-5 after every step."""
+    independent model, and safety rules 1-5 after every step."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -32,7 +32,18 @@ def test_least_recently_used_key_is_forgotten_first() -> None:
     assert limiter.allow("b", now_mono=0.3)  # b starts again with a full bucket
 
 
-@pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("1h30m", 5400), ("2d", 172800), ("45", 45), ("1.5h", 5400), ("250ms", 0.25)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("1h30m", 5400),
+        ("2d", 172800),
+        ("45", 45),
+        ("1.5h", 5400),
+        ("250ms", 0.25),
+    ],
+)
 def test_durations_parse(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 

@@ -424,7 +424,7 @@ class TaskMachine(RuleBasedStateMachine):
         if before.terminal:
             assert after is before  # never left, never changed
         if isinstance(event, Result) and not before.terminal:
-            # The oracle for fencing on the submitter's side (DESIGN rule 2): a result
+            # The oracle for fencing on the submitter's side (safety rule 2): a result
             # counts only for the open current attempt and its exact token.
             current = before.current_attempt
             counts = (

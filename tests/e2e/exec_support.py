@@ -125,7 +125,7 @@ def check_tick_order(ticks: list[Tick]) -> dict[int, list[Tick]]:
     - each attempt ticked from one process with one token, on one node;
     - tokens strictly increase with the attempt number;
     - no tick of attempt N comes after the first tick of attempt N+1 (same machine, same
-      wall clock): never in two places at once (DESIGN rule 1).
+      wall clock): never in two places at once (safety rule 1).
     """
     by_attempt: dict[int, list[Tick]] = {}
     for tick in ticks:

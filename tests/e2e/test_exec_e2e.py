@@ -8,11 +8,11 @@ task on ``w2`` (the only other GPU node), and a fallback runs it on ``w1``.
 Tasks follow the tick protocol (``exec_support.TICK_SCRIPT``): a line ``node attempt pid
 time_ns token boot_ns index`` every 100 ms into a file under ``tmp_path`` that every
 attempt can reach. From it the tests read where each attempt ran, with which token, and
-that no attempt ticked after the next one began (DESIGN rule 1).
+that no attempt ticked after the next one began (safety rule 1).
 
 Timings are printed, never asserted; what is asserted is that events happen, in order,
 within generous guard timeouts. The one time bound asserted is the safety contract's:
-a task whose holder cannot renew is gone before its lease deadline (DESIGN rule 3),
+a task whose holder cannot renew is gone before its lease deadline (safety rule 3),
 compared on the same clock (CLOCK_BOOTTIME) the supervisor enforces it on.
 
 Tests marked ``xfail(strict=True, reason="BUG: ...")`` pin product bugs found here; each
@@ -242,7 +242,7 @@ def fallback_checks(
 
 
 def stopped_before_deadline(task_dir: Path, attempt_ticks: list[Any]) -> None:
-    """DESIGN rule 3 on the worker: with no renewal after the agent went away, the
+    """safety rule 3 on the worker: with no renewal after the agent went away, the
     supervisor stopped the task by itself, and its last tick came before the lease
     deadline (both on CLOCK_BOOTTIME)."""
     state = supervisor_state(task_dir)
@@ -791,7 +791,7 @@ def refused_handoff(mesh: Mesh, submitter: str, *args: str) -> tuple[str, dict[s
 def test_cpu_only_submitter_moves_on_after_a_dead_lease(mesh: Mesh) -> None:
     """The control plane submits a GPU task; its remote lease dies. A fallback here needs
     a local GPU the control plane does not have, so every fallback request is refused
-    (no_free_gpu): the task must move on (placed again, or ended with a reason, DESIGN
+    (no_free_gpu): the task must move on (placed again, or ended with a reason, docs/design.md
     rule 7), not ask forever."""
     task_id, _ = refused_handoff(mesh, "cp")
     try:

@@ -138,3 +138,19 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert forced["cluster"]["id"] != first["cluster"]["id"]
     for key in ("node.key", "cluster.key", "operator.key"):
         assert oct((data_dir / "keys" / key).stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_1_2_is_refused(tmp_path: Path, procs: Processes) -> None:
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    agent = procs.start_agent(data_dir)
+    hostport = agent.url.removeprefix("https://")
+    old = subprocess.run(
+        ["openssl", "s_client", "-connect", hostport, "-tls1_2"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "Cipher is (NONE)" in old.stdout or old.returncode != 0

@@ -12,7 +12,15 @@ KEY = generate_key()
 
 
 def _record(**body: object) -> str:
-    return sign_record(kind="settings", serial=3, body=dict(body) or {"max_lease_ttl_s": 30.5, "gates": ["a"]}, signer_id="n-a", signer_key=KEY, now_ms=5, actor="op-b")
+    return sign_record(
+        kind="settings",
+        serial=3,
+        body=dict(body) or {"max_lease_ttl_s": 30.5, "gates": ["a"]},
+        signer_id="n-a",
+        signer_key=KEY,
+        now_ms=5,
+        actor="op-b",
+    )
 
 
 def test_round_trip_keeps_floats_exact() -> None:

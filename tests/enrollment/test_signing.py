@@ -37,7 +37,18 @@ def _sign(**over):
     return sign_request(**args)
 
 
-def _verify(headers, *, cache=None, now=NOW, body=b'{"v":1}', path="/v1/populi/admin/settings", query="x=1", method="POST", me="n-node", keys=None):
+def _verify(
+    headers,
+    *,
+    cache=None,
+    now=NOW,
+    body=b'{"v":1}',
+    path="/v1/populi/admin/settings",
+    query="x=1",
+    method="POST",
+    me="n-node",
+    keys=None,
+):
     keys = keys if keys is not None else {"op-a": KEY.public_key()}
     return verify_request(
         headers=headers,
@@ -117,7 +128,9 @@ def test_body_and_digest_both_replaced_fails_the_signature() -> None:
     assert info.value.code == "signature_invalid"
 
 
-@pytest.mark.parametrize("field,value", [("path", "/v1/populi/status"), ("query", "x=2"), ("method", "PUT")])
+@pytest.mark.parametrize(
+    "field,value", [("path", "/v1/populi/status"), ("query", "x=2"), ("method", "PUT")]
+)
 def test_any_covered_component_changed_fails(field: str, value: str) -> None:
     with pytest.raises(SignatureError) as info:
         _verify(_sign(), **{field: value})
@@ -186,7 +199,11 @@ def test_signature_input_parser_never_crashes(value: str) -> None:
         pass
 
 
-@given(st.dictionaries(st.sampled_from([HEADER_INPUT, HEADER_SIGNATURE, HEADER_DIGEST, "x"]), st.text(max_size=200)))
+@given(
+    st.dictionaries(
+        st.sampled_from([HEADER_INPUT, HEADER_SIGNATURE, HEADER_DIGEST, "x"]), st.text(max_size=200)
+    )
+)
 def test_verify_never_crashes_on_arbitrary_headers(headers: dict[str, str]) -> None:
     try:
         _verify(headers)

@@ -563,7 +563,15 @@ async def test_leftovers_tells_whether_a_lease_may_be_released(tmp_path: Path) -
 
     task_dir = tmp_path / "t"
     assert not leftovers(task_dir)
-    spec = TaskSpec(task_id="lo-1", attempt=1, argv=("sleep", "30"), env={"PATH": "/usr/bin:/bin"}, cwd=str(tmp_path), stop_margin_s=1.0, kill_grace_s=0.5)
+    spec = TaskSpec(
+        task_id="lo-1",
+        attempt=1,
+        argv=("sleep", "30"),
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=str(tmp_path),
+        stop_margin_s=1.0,
+        kill_grace_s=0.5,
+    )
     supervised = await start_supervised(task_dir, spec, boot_time() + 60)
     try:
         assert leftovers(task_dir)

@@ -16,7 +16,7 @@ from populi_peer.gpu import FixtureError, open_probe, package_capture_names
 from populi_peer.gpu.__main__ import main
 from populi_peer.testing import VirtualClock
 
-#: sha256 of the real readings as captured (shared/fixtures/nvml/h100-80gb-hbm3/): the
+#: sha256 of the real H100 readings as captured (nvml-idle.json, nvml-load.json): the
 #: shipped copies must stay byte-identical to what the hardware said.
 CAPTURE_SHA256 = {
     "h100-80gb-hbm3-idle.json": "e2ea2eade2d8cc710b192f3a0aabd1dadb9edd8a3dc43f301cc6622182bc7867",
@@ -31,21 +31,24 @@ def test_shipped_captures_are_the_real_readings() -> None:
         assert hashlib.sha256(folder.joinpath(name).read_bytes()).hexdigest() == digest
 
 
-async def test_relative_captures_resolve_next_to_the_sequence(tmp_path: Path,
-                                                              clock: VirtualClock) -> None:
+async def test_relative_captures_resolve_next_to_the_sequence(
+    tmp_path: Path, clock: VirtualClock
+) -> None:
     sub = tmp_path / "fixtures"
     sub.mkdir()
     v.write(sub, v.ecc_uncorrected(), "ecc.json")
     seq = v.sequence({"at_s": 0, "capture": "ecc.json"})
-    async with open_probe(fixture=v.write(sub, seq, "seq.json"), node_id=None,
-                          clock=clock) as probe:
+    async with open_probe(
+        fixture=v.write(sub, seq, "seq.json"), node_id=None, clock=clock
+    ) as probe:
         inventory = await probe.probe()
     assert inventory.source == "seq.json"
     assert inventory.devices[0].ecc_uncorrected_volatile == 2
     # A name that is not next to the sequence falls back to the shipped captures.
     seq = v.sequence({"at_s": 0, "capture": v.LOAD})
-    async with open_probe(fixture=v.write(sub, seq, "seq2.json"), node_id=None,
-                          clock=clock) as probe:
+    async with open_probe(
+        fixture=v.write(sub, seq, "seq2.json"), node_id=None, clock=clock
+    ) as probe:
         assert (await probe.probe()).devices[0].utilization_gpu_pct == 99
 
 
@@ -55,14 +58,14 @@ async def test_relative_captures_resolve_next_to_the_sequence(tmp_path: Path,
         ({"populi_replay": 2, "steps": []}, "populi_replay 2 is not supported"),
         ({"populi_replay": 1, "steps": []}, "'steps' must be a non-empty list"),
         (v.sequence({"at_s": 1, "capture": v.IDLE}), "first capture step must be at at_s 0"),
-        (v.sequence({"at_s": 0, "capture": v.IDLE}, {"at_s": -1, "lost": [0]}),
-         "steps[1].at_s"),
+        (v.sequence({"at_s": 0, "capture": v.IDLE}, {"at_s": -1, "lost": [0]}), "steps[1].at_s"),
         (v.sequence({"at_s": 0, "capture": v.IDLE, "lost": [0]}), "exactly one of"),
         (v.sequence({"at_s": 0, "capture": "nope.json"}), "capture 'nope.json' not found"),
-        (v.sequence({"at_s": 0, "capture": v.IDLE}, {"at_s": 2, "xid": {"index": 0}}),
-         "steps[1].xid.code"),
-        (v.sequence({"at_s": 0, "capture": v.IDLE}, {"at_s": 2, "lost": 0}),
-         "steps[1].lost"),
+        (
+            v.sequence({"at_s": 0, "capture": v.IDLE}, {"at_s": 2, "xid": {"index": 0}}),
+            "steps[1].xid.code",
+        ),
+        (v.sequence({"at_s": 0, "capture": v.IDLE}, {"at_s": 2, "lost": 0}), "steps[1].lost"),
         ({"label": "x"}, "not a capture"),
         ([1, 2], "not a capture"),
     ],

@@ -40,7 +40,11 @@ READ_OK: dict[str, Any] = {
 
 
 def _device(**fields: Any) -> GpuDevice:
-    base: dict[str, Any] = {"index": 0, "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000", **READ_OK}
+    base: dict[str, Any] = {
+        "index": 0,
+        "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000000",
+        **READ_OK,
+    }
     base.update(fields)
     return GpuDevice(**base)
 
@@ -115,36 +119,57 @@ def test_all_health_fields_unanswered_is_unknown(reason: str) -> None:
 
 
 def test_one_health_field_read_is_enough() -> None:
-    unknown = {"ecc_uncorrected_volatile": "timeout", "row_remap_pending": "timeout",
-               "row_remap_failure": "timeout"}
+    unknown = {
+        "ecc_uncorrected_volatile": "timeout",
+        "row_remap_pending": "timeout",
+        "row_remap_failure": "timeout",
+    }
     device = GpuDevice(index=0, throttle_reasons_mask=0x40, unknown=unknown)
     verdict = health_verdict(device)
     assert (verdict.health, verdict.reasons) == (Health.DEGRADED, ("throttle_hw_thermal",))
 
 
 def _alloc(inventory: GpuInventory, **kwargs: Any) -> list[DeviceAllocation]:
-    args: dict[str, Any] = {"quarantined": frozenset(), "leased": frozenset(), "own_pids": frozenset(),
-            "advertised": {}, "trust_advertised": False}
+    args: dict[str, Any] = {
+        "quarantined": frozenset(),
+        "leased": frozenset(),
+        "own_pids": frozenset(),
+        "advertised": {},
+        "trust_advertised": False,
+    }
     args.update(kwargs)
     return allocatable(inventory, **args)
 
 
 def test_allocation_reasons_combine_in_order() -> None:
     uuid = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
-    device = _device(ecc_uncorrected_volatile=1, mig_mode_current=True,
-                     compute_processes=(ComputeProcess(99, 1),))
-    (entry,) = _alloc(GpuInventory(devices=(device,)), quarantined=frozenset({uuid}),
-                      leased=frozenset({uuid}))
+    device = _device(
+        ecc_uncorrected_volatile=1,
+        mig_mode_current=True,
+        compute_processes=(ComputeProcess(99, 1),),
+    )
+    (entry,) = _alloc(
+        GpuInventory(devices=(device,)), quarantined=frozenset({uuid}), leased=frozenset({uuid})
+    )
     assert not entry.allocatable
-    assert entry.reasons == ("gpu_unhealthy", "gpu_quarantined", "gpu_leased", "mig_enabled",
-                             "gpu_in_use_foreign")
+    assert entry.reasons == (
+        "gpu_unhealthy",
+        "gpu_quarantined",
+        "gpu_leased",
+        "mig_enabled",
+        "gpu_in_use_foreign",
+    )
     (free,) = _alloc(GpuInventory(devices=(_device(),)))
     assert (free.allocatable, free.reasons, free.verified) == (True, (), True)
 
 
 def test_unknown_health_is_not_allocatable() -> None:
-    device = GpuDevice(index=0, uuid="GPU-a", compute_processes=(),
-                       unknown={name: "wedged" for name in READ_OK if name != "compute_processes"})
+    device = GpuDevice(
+        index=0,
+        uuid="GPU-a",
+        compute_processes=(),
+        unknown={name: "wedged" for name in READ_OK if name != "compute_processes"},
+    )
     (entry,) = _alloc(GpuInventory(devices=(device,)))
     assert (entry.allocatable, entry.reasons) == (False, ("gpu_unknown_health",))
 
@@ -156,8 +181,12 @@ def test_advertised_is_never_capacity_untrusted() -> None:
 
 def test_advertised_trusted_without_verified_gpus() -> None:
     cpu_only = GpuInventory(backend="nvml", cpu_only_reason="nvml_library_not_found")
-    entries = _alloc(cpu_only, advertised={"model": "RTX 4090", "count": "3"},
-                     trust_advertised=True, leased=frozenset({"advertised-1"}))
+    entries = _alloc(
+        cpu_only,
+        advertised={"model": "RTX 4090", "count": "3"},
+        trust_advertised=True,
+        leased=frozenset({"advertised-1"}),
+    )
     assert [(e.uuid, e.allocatable, e.reasons, e.verified, e.index) for e in entries] == [
         ("advertised-0", True, ("advertised_trusted",), False, None),
         ("advertised-1", False, ("gpu_leased", "advertised_trusted"), False, None),
@@ -191,9 +220,13 @@ def test_advertised_count_values() -> None:
 
 
 def test_format_probe_shows_unknown() -> None:
-    device = _device(name="NVIDIA H100 80GB HBM3", memory_total_bytes=85520809984,
-                     memory_used_bytes=None, temperature_c=None,
-                     unknown={"memory_used_bytes": "timeout", "temperature_c": "timeout"})
+    device = _device(
+        name="NVIDIA H100 80GB HBM3",
+        memory_total_bytes=85520809984,
+        memory_used_bytes=None,
+        temperature_c=None,
+        unknown={"memory_used_bytes": "timeout", "temperature_c": "timeout"},
+    )
     text = format_probe(GpuInventory(devices=(device,), backend="nvml", wedged=True))
     row = text.splitlines()[2]
     assert re.search(r"unknown/81559 MiB", row)
@@ -205,16 +238,43 @@ def test_format_probe_shows_unknown() -> None:
 
 
 def test_exports_are_pinned() -> None:
-    assert sorted(gpu.__all__) == sorted([
-        "ADVERTISED_UUID_PREFIX", "ALLOCATION_REASONS", "CRITICAL_XIDS", "HEALTH_RULES",
-        "AdvertisedLabelError", "ComputeProcess", "DeviceAllocation", "FixtureError",
-        "GpuDevice", "GpuInventory", "Health", "HealthRule", "HealthVerdict",
-        "InventoryFormatError", "NvLink", "Probe", "ProbeError", "XidEvent",
-        "advertised_count", "allocatable", "derive_replay_uuid", "facts_version",
-        "format_probe", "gpu_summary", "health_verdict", "health_verdicts",
-        "is_critical_xid", "open_probe", "package_capture_names", "probe_json",
-        "summary_metrics", "summary_static", "throttle_reason_names",
-    ])
+    assert sorted(gpu.__all__) == sorted(
+        [
+            "ADVERTISED_UUID_PREFIX",
+            "ALLOCATION_REASONS",
+            "CRITICAL_XIDS",
+            "HEALTH_RULES",
+            "AdvertisedLabelError",
+            "ComputeProcess",
+            "DeviceAllocation",
+            "FixtureError",
+            "GpuDevice",
+            "GpuInventory",
+            "Health",
+            "HealthRule",
+            "HealthVerdict",
+            "InventoryFormatError",
+            "NvLink",
+            "Probe",
+            "ProbeError",
+            "XidEvent",
+            "advertised_count",
+            "allocatable",
+            "derive_replay_uuid",
+            "facts_version",
+            "format_probe",
+            "gpu_summary",
+            "health_verdict",
+            "health_verdicts",
+            "is_critical_xid",
+            "open_probe",
+            "package_capture_names",
+            "probe_json",
+            "summary_metrics",
+            "summary_static",
+            "throttle_reason_names",
+        ]
+    )
     for name in gpu.__all__:
         assert hasattr(gpu, name), name
 

@@ -26,8 +26,9 @@ from populi_peer.testing import VirtualClock
 
 
 async def probe_fixture(path: Path | str, clock: VirtualClock, **kwargs: Any) -> GpuInventory:
-    async with open_probe(fixture=path, node_id=kwargs.pop("node_id", None), clock=clock,
-                          **kwargs) as probe:
+    async with open_probe(
+        fixture=path, node_id=kwargs.pop("node_id", None), clock=clock, **kwargs
+    ) as probe:
         return await probe.probe()
 
 
@@ -39,8 +40,12 @@ def allocations(
     leased: frozenset[str] = frozenset(),
 ) -> list[DeviceAllocation]:
     return allocatable(
-        inventory, quarantined=quarantined, leased=leased, own_pids=own_pids,
-        advertised={}, trust_advertised=False,
+        inventory,
+        quarantined=quarantined,
+        leased=leased,
+        own_pids=own_pids,
+        advertised={},
+        trust_advertised=False,
     )
 
 
@@ -79,7 +84,9 @@ async def test_idle_capture_fields(clock: VirtualClock) -> None:
     assert d.name == "NVIDIA H100 80GB HBM3"
     assert d.pci_bus_id == "00000000:00:06.0"
     assert (d.memory_total_bytes, d.memory_used_bytes, d.memory_free_bytes) == (
-        85520809984, 503316480, 85017493504,
+        85520809984,
+        503316480,
+        85017493504,
     )
     # nvidia-smi's view of the same card: 81559 MiB total.
     assert d.memory_total_bytes is not None
@@ -124,23 +131,36 @@ VARIANTS = [
     ("hw_thermal", lambda: v.throttled(0x40), Health.DEGRADED, ("throttle_hw_thermal",)),
     ("sw_thermal", lambda: v.throttled(0x20), Health.DEGRADED, ("throttle_sw_thermal",)),
     ("hw_slowdown", lambda: v.throttled(0x8), Health.DEGRADED, ("throttle_hw_slowdown",)),
-    ("power_brake", lambda: v.throttled(0x80 | 0x8), Health.DEGRADED,
-     ("throttle_hw_slowdown", "throttle_hw_power_brake")),
+    (
+        "power_brake",
+        lambda: v.throttled(0x80 | 0x8),
+        Health.DEGRADED,
+        ("throttle_hw_slowdown", "throttle_hw_power_brake"),
+    ),
     ("sw_power_cap", lambda: v.throttled(0x4), Health.HEALTHY, ()),
     ("reset_required", v.reset_required, Health.UNHEALTHY, ("gpu_reset_required",)),
     ("nothing_supported", v.nothing_supported, Health.HEALTHY, ()),
     ("mig_enabled", v.mig_enabled, Health.HEALTHY, ()),
-    ("remap_failure_and_thermal",
-     lambda: v.with_device(v.row_remap_failure(), clocks_throttle_reasons=0x40),
-     Health.UNHEALTHY, ("row_remap_failure", "throttle_hw_thermal")),
+    (
+        "remap_failure_and_thermal",
+        lambda: v.with_device(v.row_remap_failure(), clocks_throttle_reasons=0x40),
+        Health.UNHEALTHY,
+        ("row_remap_failure", "throttle_hw_thermal"),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "make", "health", "reasons"), VARIANTS,
-                         ids=[x[0] for x in VARIANTS])
-async def test_variant_verdicts(tmp_path: Path, clock: VirtualClock, name: str,
-                                make: Callable[[], dict[str, Any]], health: Health,
-                                reasons: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("name", "make", "health", "reasons"), VARIANTS, ids=[x[0] for x in VARIANTS]
+)
+async def test_variant_verdicts(
+    tmp_path: Path,
+    clock: VirtualClock,
+    name: str,
+    make: Callable[[], dict[str, Any]],
+    health: Health,
+    reasons: tuple[str, ...],
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, make()), clock)
     (d,) = inventory.devices
     verdict = health_verdict(d)
@@ -173,15 +193,14 @@ async def test_foreign_and_own_processes(tmp_path: Path, clock: VirtualClock) ->
     inventory = await probe_fixture(v.write(tmp_path, v.busy(4242)), clock)
     (d,) = inventory.devices
     assert d.compute_processes is not None
-    assert [(p.pid, p.used_memory_bytes) for p in d.compute_processes] == [
-        (4242, 21610 * 2**20)
-    ]
+    assert [(p.pid, p.used_memory_bytes) for p in d.compute_processes] == [(4242, 21610 * 2**20)]
     (foreign,) = allocations(inventory, own_pids=frozenset({1, 2}))
     assert (foreign.allocatable, foreign.reasons) == (False, ("gpu_in_use_foreign",))
     (ours,) = allocations(inventory, own_pids=frozenset({4242}))
     assert (ours.allocatable, ours.reasons) == (True, ())
-    (ours_leased,) = allocations(inventory, own_pids=frozenset({4242}),
-                                 leased=frozenset({v.LOAD_UUID}))
+    (ours_leased,) = allocations(
+        inventory, own_pids=frozenset({4242}), leased=frozenset({v.LOAD_UUID})
+    )
     assert (ours_leased.allocatable, ours_leased.reasons) == (False, ("gpu_leased",))
 
 
@@ -295,8 +314,9 @@ async def test_derived_uuids(tmp_path: Path, clock: VirtualClock) -> None:
     assert not set(uuids(a)) & set(uuids(plain))
 
 
-async def test_threaded_replay_reads_the_same(thread_autojump_clock: MockClock,
-                                              tmp_path: Path) -> None:
+async def test_threaded_replay_reads_the_same(
+    thread_autojump_clock: MockClock, tmp_path: Path
+) -> None:
     """The worker-thread caller (the one NVML uses) reads what the in-loop one reads."""
     clock = VirtualClock()
     path = v.write(tmp_path, v.eight_gpus(v.capture(v.LOAD)))

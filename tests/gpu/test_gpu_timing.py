@@ -31,14 +31,17 @@ from populi_peer.testing import VirtualClock
 TIMEOUT_S = 2.0
 
 
-async def test_gpu_lost_mid_run(autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock) -> None:
+async def test_gpu_lost_mid_run(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     seq = v.sequence(
         {"at_s": 0, "capture": v.LOAD},
         {"at_s": 6, "lost": [0]},
     )
     path = v.write(tmp_path, seq)
-    async with open_probe(fixture=path, node_id=None, clock=clock,
-                          call_timeout_s=TIMEOUT_S) as probe:
+    async with open_probe(
+        fixture=path, node_id=None, clock=clock, call_timeout_s=TIMEOUT_S
+    ) as probe:
         before = await probe.probe()
         (d,) = before.devices
         assert health_verdict(d).health is Health.HEALTHY
@@ -61,8 +64,9 @@ async def test_gpu_lost_mid_run(autojump_clock: MockClock, tmp_path: Path, clock
         assert not after.wedged
 
 
-async def test_capture_steps_change_readings(autojump_clock: MockClock, tmp_path: Path,
-                                             clock: VirtualClock) -> None:
+async def test_capture_steps_change_readings(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     seq = v.sequence(
         {"at_s": 0, "capture": v.IDLE},
         {"at_s": 10, "capture": v.LOAD},
@@ -84,8 +88,9 @@ async def test_capture_steps_change_readings(autojump_clock: MockClock, tmp_path
     ]
 
 
-async def test_xid_replay_events_at_their_time(autojump_clock: MockClock, tmp_path: Path,
-                                                clock: VirtualClock) -> None:
+async def test_xid_replay_events_at_their_time(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     seq = v.sequence(
         {"at_s": 0, "capture": v.eight_gpus()},
         {"at_s": 7, "xid": {"index": 2, "code": 13}},
@@ -96,8 +101,7 @@ async def test_xid_replay_events_at_their_time(autojump_clock: MockClock, tmp_pa
     async def on_event(event: XidEvent) -> None:
         events.append((trio.current_time(), event))
 
-    async with open_probe(fixture=v.write(tmp_path, seq), node_id="node-a",
-                          clock=clock) as probe:
+    async with open_probe(fixture=v.write(tmp_path, seq), node_id="node-a", clock=clock) as probe:
         async with trio.open_nursery() as nursery:
             await nursery.start(probe.run_xid_watch, on_event)
         assert trio.current_time() == 7  # the watcher returned after its last XID
@@ -110,14 +114,16 @@ async def test_xid_replay_events_at_their_time(autojump_clock: MockClock, tmp_pa
     assert events[0][1].at_wall == clock.wall_start_s + 5
 
 
-async def test_hung_query_is_unknown_within_the_timeout(autojump_clock: MockClock, tmp_path: Path,
-                                                         clock: VirtualClock) -> None:
+async def test_hung_query_is_unknown_within_the_timeout(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     seq = v.sequence(
         {"at_s": 0, "capture": v.LOAD},
         {"at_s": 0, "hang": {"index": 0, "query": "memory", "until_s": 30}},
     )
-    async with open_probe(fixture=v.write(tmp_path, seq), node_id=None, clock=clock,
-                          call_timeout_s=TIMEOUT_S) as probe:
+    async with open_probe(
+        fixture=v.write(tmp_path, seq), node_id=None, clock=clock, call_timeout_s=TIMEOUT_S
+    ) as probe:
         first = await probe.probe()
         assert trio.current_time() == TIMEOUT_S  # one call waited out its timeout, no more
         assert first.wedged
@@ -146,15 +152,18 @@ async def test_hung_query_is_unknown_within_the_timeout(autojump_clock: MockCloc
         assert health_verdict(third.devices[0]).health is Health.HEALTHY
 
 
-async def test_hung_query_in_a_real_worker_thread(thread_autojump_clock: MockClock, tmp_path: Path) -> None:
+async def test_hung_query_in_a_real_worker_thread(
+    thread_autojump_clock: MockClock, tmp_path: Path
+) -> None:
     """The thread caller NVML uses: the hung call blocks a real thread, which is abandoned."""
     clock = VirtualClock()
     seq = v.sequence(
         {"at_s": 0, "capture": v.LOAD},
         {"at_s": 0, "hang": {"index": 0, "query": "utilization", "until_s": 30}},
     )
-    async with open_replay_probe(v.write(tmp_path, seq), node_id=None, clock=clock,
-                                 call_timeout_s=TIMEOUT_S, threaded=True) as probe:
+    async with open_replay_probe(
+        v.write(tmp_path, seq), node_id=None, clock=clock, call_timeout_s=TIMEOUT_S, threaded=True
+    ) as probe:
         first = await probe.probe()
         assert trio.current_time() == TIMEOUT_S
         assert first.wedged
@@ -176,14 +185,16 @@ async def test_hung_query_in_a_real_worker_thread(thread_autojump_clock: MockClo
         assert probe._caller.stuck_calls == 0
 
 
-async def test_hung_init_is_cpu_only_for_now(autojump_clock: MockClock, tmp_path: Path,
-                                              clock: VirtualClock) -> None:
+async def test_hung_init_is_cpu_only_for_now(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     seq = v.sequence(
         {"at_s": 0, "capture": v.IDLE},
         {"at_s": 0, "hang": {"query": "init", "until_s": 5}},
     )
-    async with open_probe(fixture=v.write(tmp_path, seq), node_id=None, clock=clock,
-                          call_timeout_s=TIMEOUT_S) as probe:
+    async with open_probe(
+        fixture=v.write(tmp_path, seq), node_id=None, clock=clock, call_timeout_s=TIMEOUT_S
+    ) as probe:
         first = await probe.probe()
         assert trio.current_time() == TIMEOUT_S
         assert first.cpu_only_reason == "nvml_init_timeout"
@@ -254,8 +265,9 @@ def _machine_has_nvml() -> bool:
 
 
 @pytest.mark.skipif(_machine_has_nvml(), reason="this machine has an NVIDIA driver")
-async def test_real_nvml_without_driver_is_cpu_only(clock: VirtualClock,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+async def test_real_nvml_without_driver_is_cpu_only(
+    clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="populi.gpu")
     async with open_probe(fixture=None, node_id="n1", clock=clock) as probe:
         assert probe.backend == "nvml"

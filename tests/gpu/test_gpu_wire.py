@@ -33,8 +33,7 @@ from populi_peer.gpu import (
 from populi_peer.testing import VirtualClock
 
 
-async def _probe(path: Path | str, clock: VirtualClock,
-                 node_id: str | None = None) -> GpuInventory:
+async def _probe(path: Path | str, clock: VirtualClock, node_id: str | None = None) -> GpuInventory:
     async with open_probe(fixture=path, node_id=node_id, clock=clock) as probe:
         return await probe.probe()
 
@@ -50,12 +49,16 @@ async def _inventories(tmp_path: Path, clock: VirtualClock) -> list[GpuInventory
         await _probe(v.write(tmp_path, v.busy(7, 8), "busy.json"), clock),
     ]
     linked = GpuDevice(
-        index=0, uuid="GPU-00000000-0000-0000-0000-000000000000",
+        index=0,
+        uuid="GPU-00000000-0000-0000-0000-000000000000",
         nvlinks=(NvLink(0, True, "00000000:00:07.0", 1), NvLink(1, False)),
         compute_processes=(ComputeProcess(1, None), ComputeProcess(None, 5)),
     )
-    out.append(GpuInventory(devices=(linked,), backend="nvml", wedged=True,
-                            unknown={"driver_version": "timeout"}))
+    out.append(
+        GpuInventory(
+            devices=(linked,), backend="nvml", wedged=True, unknown={"driver_version": "timeout"}
+        )
+    )
     return out
 
 
@@ -76,9 +79,17 @@ async def test_old_payload_without_optional_fields(clock: VirtualClock) -> None:
     for key in ("source", "nvml_version", "wedged", "probed_at_ms", "unknown", "v"):
         del wire[key]
     device = wire["devices"][0]
-    for key in ("nvlinks", "numa_node", "fan_speed_pct", "row_remap_pending",
-                "row_remap_failure", "lost", "unknown", "throttle_reasons",
-                "compute_processes"):
+    for key in (
+        "nvlinks",
+        "numa_node",
+        "fan_speed_pct",
+        "row_remap_pending",
+        "row_remap_failure",
+        "lost",
+        "unknown",
+        "throttle_reasons",
+        "compute_processes",
+    ):
         del device[key]
     parsed = GpuInventory.from_json(wire)
     assert parsed.nvml_version is None
@@ -111,21 +122,24 @@ async def test_new_payload_with_unknown_fields(clock: VirtualClock) -> None:
     ("mutate", "field"),
     [
         (lambda w: w.update(devices={}), "devices"),
-        (lambda w: w["devices"][0].update(memory_total_bytes="85 GB"),
-         "devices[0].memory_total_bytes"),
+        (
+            lambda w: w["devices"][0].update(memory_total_bytes="85 GB"),
+            "devices[0].memory_total_bytes",
+        ),
         (lambda w: w["devices"][0].update(ecc_mode_current=1), "devices[0].ecc_mode_current"),
         (lambda w: w["devices"][0].update(index=True), "devices[0].index"),
-        (lambda w: w["devices"][0].update(compute_capability=[9]),
-         "devices[0].compute_capability"),
-        (lambda w: w["devices"][0].update(compute_processes=[{"pid": "x"}]),
-         "devices[0].compute_processes[0].pid"),
+        (lambda w: w["devices"][0].update(compute_capability=[9]), "devices[0].compute_capability"),
+        (
+            lambda w: w["devices"][0].update(compute_processes=[{"pid": "x"}]),
+            "devices[0].compute_processes[0].pid",
+        ),
         (lambda w: w["devices"][0].update(unknown={"fan_speed_pct": 3}), "devices[0].unknown"),
         (lambda w: w.update(wedged="no"), "wedged"),
     ],
 )
-async def test_wrong_types_name_the_field(clock: VirtualClock,
-                                          mutate: Callable[[dict[str, Any]], None],
-                                          field: str) -> None:
+async def test_wrong_types_name_the_field(
+    clock: VirtualClock, mutate: Callable[[dict[str, Any]], None], field: str
+) -> None:
     wire = (await _probe(v.LOAD, clock)).to_json()
     mutate(wire)
     with pytest.raises(InventoryFormatError) as info:
@@ -137,8 +151,9 @@ async def test_wrong_types_name_the_field(clock: VirtualClock,
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -146,15 +161,22 @@ json_values = st.recursive(
 RICH = GpuInventory(
     devices=(
         GpuDevice(
-            index=0, uuid="GPU-00000000-0000-0000-0000-000000000000", name="x",
-            memory_total_bytes=1, compute_capability=(9, 0), ecc_mode_current=True,
+            index=0,
+            uuid="GPU-00000000-0000-0000-0000-000000000000",
+            name="x",
+            memory_total_bytes=1,
+            compute_capability=(9, 0),
+            ecc_mode_current=True,
             compute_processes=(ComputeProcess(1, 2), ComputeProcess(None, None)),
             nvlinks=(NvLink(0, True, "00000000:00:07.0", 1), NvLink(1, False)),
             unknown={"fan_speed_pct": "not_supported"},
         ),
         GpuDevice(index=1, lost=True, unknown={"uuid": "gpu_lost"}),
     ),
-    backend="nvml", driver_version="580", cuda_driver_version=13000, probed_at_ms=5,
+    backend="nvml",
+    driver_version="580",
+    cuda_driver_version=13000,
+    probed_at_ms=5,
     unknown={"nvml_version": "timeout"},
 ).to_json()
 
@@ -173,7 +195,8 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 DELETE = object()
 mutations = st.lists(
     st.tuples(st.sampled_from(_paths(RICH)[1:]), st.just(DELETE) | json_values),
-    min_size=1, max_size=3,
+    min_size=1,
+    max_size=3,
 )
 
 
@@ -217,8 +240,14 @@ def test_from_json_on_damaged_payloads(changes: list[tuple[tuple[Any, ...], Any]
 
 
 def _allocs(inventory: GpuInventory) -> list[DeviceAllocation]:
-    return allocatable(inventory, quarantined=frozenset(), leased=frozenset(),
-                       own_pids=frozenset(), advertised={}, trust_advertised=False)
+    return allocatable(
+        inventory,
+        quarantined=frozenset(),
+        leased=frozenset(),
+        own_pids=frozenset(),
+        advertised={},
+        trust_advertised=False,
+    )
 
 
 async def test_summary_static_and_metrics(clock: VirtualClock) -> None:
@@ -232,28 +261,32 @@ async def test_summary_static_and_metrics(clock: VirtualClock) -> None:
         "backend": "replay",
         "driver_version": "580.159.04",
         "cuda_driver_version": 13000,
-        "devices": [{
-            "index": 0,
-            "uuid": v.LOAD_UUID,
-            "name": "NVIDIA H100 80GB HBM3",
-            "memory_total_bytes": 85520809984,
-            "compute_capability": "9.0",
-            "mig_mode": False,
-            "ecc_mode": True,
-        }],
+        "devices": [
+            {
+                "index": 0,
+                "uuid": v.LOAD_UUID,
+                "name": "NVIDIA H100 80GB HBM3",
+                "memory_total_bytes": 85520809984,
+                "compute_capability": "9.0",
+                "mig_mode": False,
+                "ecc_mode": True,
+            }
+        ],
     }
     assert full["metrics"] == {
-        "devices": [{
-            "index": 0,
-            "memory_used_bytes": 23172284416,
-            "memory_free_bytes": 62348525568,
-            "utilization_gpu_pct": 99,
-            "temperature_c": 61,
-            "power_draw_mw": 698494,
-            "health": "healthy",
-            "allocatable": False,
-            "allocation_reasons": ["gpu_in_use_foreign"],
-        }],
+        "devices": [
+            {
+                "index": 0,
+                "memory_used_bytes": 23172284416,
+                "memory_free_bytes": 62348525568,
+                "utilization_gpu_pct": 99,
+                "temperature_c": 61,
+                "power_draw_mw": 698494,
+                "health": "healthy",
+                "allocatable": False,
+                "allocation_reasons": ["gpu_in_use_foreign"],
+            }
+        ],
     }
     short = gpu_summary(load, _allocs(load), include_static=False)
     assert set(short) == {"v", "facts_version", "metrics"}
@@ -264,8 +297,9 @@ async def test_summary_static_and_metrics(clock: VirtualClock) -> None:
     assert summary_static(load, advertised={"model": "H100"})["advertised"] == {"model": "H100"}
 
 
-async def test_summary_changes_version_with_static_facts(tmp_path: Path,
-                                                         clock: VirtualClock) -> None:
+async def test_summary_changes_version_with_static_facts(
+    tmp_path: Path, clock: VirtualClock
+) -> None:
     base = await _probe(v.IDLE, clock)
     mig = await _probe(v.write(tmp_path, v.mig_enabled()), clock)
     other_node = await _probe(v.IDLE, clock, node_id="node-b")
@@ -274,9 +308,14 @@ async def test_summary_changes_version_with_static_facts(tmp_path: Path,
 
 async def test_summary_omits_unknown_and_carries_pseudo_devices(clock: VirtualClock) -> None:
     inventory = GpuInventory(backend="nvml", cpu_only_reason="nvml_library_not_found")
-    allocs = allocatable(inventory, quarantined=frozenset(), leased=frozenset(),
-                         own_pids=frozenset(), advertised={"count": "2"},
-                         trust_advertised=True)
+    allocs = allocatable(
+        inventory,
+        quarantined=frozenset(),
+        leased=frozenset(),
+        own_pids=frozenset(),
+        advertised={"count": "2"},
+        trust_advertised=True,
+    )
     summary = gpu_summary(inventory, allocs, advertised={"count": "2"})
     assert summary["static"] == {
         "backend": "nvml",
@@ -288,8 +327,9 @@ async def test_summary_omits_unknown_and_carries_pseudo_devices(clock: VirtualCl
         {"uuid": "advertised-0", "allocatable": True, "reasons": ["advertised_trusted"]},
         {"uuid": "advertised-1", "allocatable": True, "reasons": ["advertised_trusted"]},
     ]
-    wedged = GpuInventory(devices=(GpuDevice(index=0, unknown={"memory_used_bytes": "timeout"}),),
-                          wedged=True)
+    wedged = GpuInventory(
+        devices=(GpuDevice(index=0, unknown={"memory_used_bytes": "timeout"}),), wedged=True
+    )
     metrics = summary_metrics(wedged, [])
     assert metrics["wedged"] is True
     assert metrics["devices"] == [{"index": 0, "health": "healthy"}]

@@ -1,4 +1,4 @@
-"""A lab of network namespaces for multi-host tests (root only; ``../shared/LAB.md``).
+"""A lab of network namespaces for multi-host tests (root only).
 
 One namespace per host, each with loopback up and one interface ``eth0`` (a veth pair)
 whose other end sits on a bridge ``br0`` in a namespace of its own (the hub). Hosts get

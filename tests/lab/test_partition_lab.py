@@ -14,7 +14,7 @@ The scenario: ``populi run --node wb --gpus 1`` on ``wa`` runs a ticking task (t
 protocol of ``tests/e2e/exec_support.py``: ``node attempt pid time_ns token boot_ns
 index`` lines in a file under ``tmp_path``, which every namespace sees) on ``wb``; then
 ``wb`` is cut from ``cp`` alone, by DROP rules in ``wb``'s namespace (``INPUT -s CP`` and
-``OUTPUT -d CP``); ``wa`` still reaches both. The contract (DESIGN rules 1-4, 7):
+``OUTPUT -d CP``); ``wa`` still reaches both. The contract (safety rules 1-4, 7):
 
 - the remote attempt ran on ``wb``; its supervisor stopped it by itself (``deadline``),
   its last tick before the lease deadline on CLOCK_BOOTTIME, and no tick of attempt 1
@@ -28,7 +28,7 @@ index`` lines in a file under ``tmp_path``, which every namespace sees) on ``wb`
 
 How long the fallback took is printed, never asserted (two busy cores).
 
-What ``../shared/LAB.md`` says about partitions, which this test relies on: partitions are
+How partitions behave here, which this test relies on: partitions are
 made with ``ip link set DEV down`` (cut cable) or ``iptables ... -j DROP`` per peer
 (one-way if applied on one side) — ``tc netem`` is not available, the kernel lacks it; an
 httpx request on a kept-alive connection across a partition does not fail fast: it hangs
