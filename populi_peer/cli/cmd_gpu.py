@@ -11,7 +11,7 @@ from populi_peer.cli.common import (
     add_data_dir,
     add_json,
     config_of,
-    open_local,
+    control_plane_call,
     print_json,
     print_table,
 )
@@ -78,13 +78,9 @@ def _gib(value: Any) -> str:
 
 
 def run_gpus(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane(
-            "GET", "/v1/populi/gpus", params={"node": args.node} if args.node else None
-        )
-    finally:
-        local.close()
+    answer = control_plane_call(
+        args, "GET", "/v1/populi/gpus", params={"node": args.node} if args.node else None
+    )
     if args.json:
         print_json(answer)
         return 0
@@ -125,13 +121,12 @@ def run_gpus(args: argparse.Namespace) -> int:
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane(
-            "POST", f"/v1/populi/admin/gpus/{args.node}/{args.uuid}/resume", {"reason": args.reason}
-        )
-    finally:
-        local.close()
+    answer = control_plane_call(
+        args,
+        "POST",
+        f"/v1/populi/admin/gpus/{args.node}/{args.uuid}/resume",
+        {"reason": args.reason},
+    )
     if args.json:
         print_json(answer)
     else:

@@ -6,7 +6,13 @@ import argparse
 import sys
 from typing import Any
 
-from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    control_plane_call,
+    print_json,
+    print_table,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -40,11 +46,7 @@ def run_leases(args: argparse.Namespace) -> int:
     params = {
         k: v for k, v in (("node", args.node), ("task", args.task), ("state", args.state)) if v
     }
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane("GET", "/v1/populi/exec/leases", params=params)
-    finally:
-        local.close()
+    answer = control_plane_call(args, "GET", "/v1/populi/exec/leases", params=params)
     if args.json:
         print_json(answer)
         return 0
@@ -82,15 +84,12 @@ def run_leases(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane(
-            "POST",
-            "/v1/populi/admin/exec-lease-revoke",
-            {"lease_id": args.lease_id, "reason": args.reason},
-        )
-    finally:
-        local.close()
+    answer = control_plane_call(
+        args,
+        "POST",
+        "/v1/populi/admin/exec-lease-revoke",
+        {"lease_id": args.lease_id, "reason": args.reason},
+    )
     if args.json:
         print_json(answer)
     else:

@@ -7,7 +7,14 @@ import datetime as dt
 import sys
 from typing import Any
 
-from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    agent_call,
+    control_plane_call,
+    print_json,
+    print_table,
+)
 from populi_peer.core.durations import format_duration, parse_duration
 from populi_peer.errors import UsageError
 
@@ -124,11 +131,7 @@ def _gpus(node: dict[str, Any]) -> str:
 
 
 def run_nodes(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane("GET", "/v1/populi/nodes")
-    finally:
-        local.close()
+    answer = control_plane_call(args, "GET", "/v1/populi/nodes")
     if args.json:
         print_json(answer)
         return 0
@@ -157,11 +160,7 @@ def run_events(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"limit": args.limit}
     if args.node:
         params["node"] = args.node
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane("GET", "/v1/populi/events", params=params)
-    finally:
-        local.close()
+    answer = control_plane_call(args, "GET", "/v1/populi/events", params=params)
     if args.json:
         print_json(answer)
         return 0
@@ -177,13 +176,7 @@ def run_events(args: argparse.Namespace) -> int:
 
 
 def run_leave(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_agent(
-            "POST", "/v1/populi/leave", {"reason": args.reason}, timeout_s=60.0
-        )
-    finally:
-        local.close()
+    answer = agent_call(args, "POST", "/v1/populi/leave", {"reason": args.reason}, timeout_s=60.0)
     if args.json:
         print_json(answer)
     else:
@@ -210,13 +203,7 @@ def run_node_verb(args: argparse.Namespace) -> int:
             if args.for_minutes <= 0:
                 raise UsageError("--for-minutes must be more than 0")
             payload["until_in_s"] = args.for_minutes * 60
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane(
-            "POST", f"/v1/populi/admin/nodes/{args.node}/{verb}", payload
-        )
-    finally:
-        local.close()
+    answer = control_plane_call(args, "POST", f"/v1/populi/admin/nodes/{args.node}/{verb}", payload)
     if args.json:
         print_json(answer)
         return 0
@@ -236,13 +223,7 @@ def run_node_verb(args: argparse.Namespace) -> int:
 
 
 def run_unretire(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane(
-            "POST", f"/v1/populi/admin/names/{args.name}/unretire", {}
-        )
-    finally:
-        local.close()
+    answer = control_plane_call(args, "POST", f"/v1/populi/admin/names/{args.name}/unretire", {})
     if args.json:
         print_json(answer)
     else:

@@ -15,7 +15,14 @@ import sys
 import time
 from typing import Any
 
-from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    agent_call,
+    open_local,
+    print_json,
+    print_table,
+)
 from populi_peer.core.durations import parse_duration
 from populi_peer.errors import PopuliError, UsageError
 
@@ -270,11 +277,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"limit": args.limit}
     if args.state:
         params["state"] = args.state
-    local = open_local(args)
-    try:
-        answer = local.call_agent("GET", "/v1/populi/tasks", params=params)
-    finally:
-        local.close()
+    answer = agent_call(args, "GET", "/v1/populi/tasks", params=params)
     if args.json:
         print_json(answer)
         return 0
@@ -298,11 +301,7 @@ def run_tasks(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        task = local.call_agent("GET", f"/v1/populi/tasks/{args.task_id}")["task"]
-    finally:
-        local.close()
+    task = agent_call(args, "GET", f"/v1/populi/tasks/{args.task_id}")["task"]
     if args.json:
         print_json(task)
         return 0
@@ -377,13 +376,7 @@ def run_wait(args: argparse.Namespace) -> int:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_agent(
-            "POST", f"/v1/populi/tasks/{args.task_id}/cancel", {}, timeout_s=60.0
-        )
-    finally:
-        local.close()
+    answer = agent_call(args, "POST", f"/v1/populi/tasks/{args.task_id}/cancel", {}, timeout_s=60.0)
     if args.json:
         print_json(answer)
     else:

@@ -6,7 +6,13 @@ import argparse
 import sys
 from typing import Any
 
-from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    control_plane_call,
+    print_json,
+    print_table,
+)
 from populi_peer.core.settings import SETTINGS, parse_setting
 
 
@@ -51,23 +57,15 @@ def _text(value: Any) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane("GET", "/v1/populi/settings")
-    finally:
-        local.close()
+    answer = control_plane_call(args, "GET", "/v1/populi/settings")
     _print(answer, args.json)
     return 0
 
 
 def run_set(args: argparse.Namespace) -> int:
     value = parse_setting(args.key, args.value)
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane(
-            "POST", "/v1/populi/admin/settings", {"changes": {args.key: value}}
-        )
-    finally:
-        local.close()
+    answer = control_plane_call(
+        args, "POST", "/v1/populi/admin/settings", {"changes": {args.key: value}}
+    )
     _print(answer, args.json)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json
+from populi_peer.cli.common import add_data_dir, add_json, agent_call, print_json
 
 
 def register(subparsers: Any) -> None:
@@ -19,11 +19,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        status = local.call_agent("GET", "/v1/populi/status")
-    finally:
-        local.close()
+    status = agent_call(args, "GET", "/v1/populi/status")
     if args.json:
         print_json(status)
         return 0

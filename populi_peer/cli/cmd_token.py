@@ -7,7 +7,13 @@ import datetime as dt
 import sys
 from typing import Any
 
-from populi_peer.cli.common import add_data_dir, add_json, open_local, print_json, print_table
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    control_plane_call,
+    print_json,
+    print_table,
+)
 from populi_peer.core.durations import parse_duration
 from populi_peer.errors import UsageError
 
@@ -71,11 +77,7 @@ def run_create(args: argparse.Namespace) -> int:
     if args.uses < 1:
         raise UsageError("--uses must be at least 1")
     payload = {"ttl_s": ttl_s, "uses": args.uses, "roles": _roles(args.roles), "name": args.name}
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane("POST", "/v1/populi/admin/tokens", payload)
-    finally:
-        local.close()
+    answer = control_plane_call(args, "POST", "/v1/populi/admin/tokens", payload)
     if args.json:
         print_json(answer)
         return 0
@@ -91,11 +93,7 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane("GET", "/v1/populi/admin/tokens")
-    finally:
-        local.close()
+    answer = control_plane_call(args, "GET", "/v1/populi/admin/tokens")
     if args.json:
         print_json(answer)
         return 0
@@ -115,13 +113,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    local = open_local(args)
-    try:
-        answer = local.call_control_plane(
-            "POST", f"/v1/populi/admin/tokens/{args.token_id}/revoke", {}
-        )
-    finally:
-        local.close()
+    answer = control_plane_call(args, "POST", f"/v1/populi/admin/tokens/{args.token_id}/revoke", {})
     if args.json:
         print_json(answer)
     else:

@@ -156,6 +156,40 @@ def open_local(args: argparse.Namespace) -> Local:
     return Local(data_dir=data_dir, identity=identity, store=store)
 
 
+def agent_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+) -> dict[str, Any]:
+    """One call to this node's agent, for commands that make only one."""
+    local = open_local(args)
+    try:
+        return local.call_agent(method, path, payload, params, timeout_s)
+    finally:
+        local.close()
+
+
+def control_plane_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+) -> dict[str, Any]:
+    """One call to the control plane (found through this node's agent)."""
+    local = open_local(args)
+    try:
+        return local.call_control_plane(method, path, payload, params, timeout_s)
+    finally:
+        local.close()
+
+
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 

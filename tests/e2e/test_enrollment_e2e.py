@@ -149,6 +149,7 @@ def test_cli_refusals_are_one_line_exit_4(tmp_path: Path, procs: Processes) -> N
         ["node", "drain", "cp"],  # quarantined -> drain is illegal
         ["token", "revoke", "0" * 32],
         ["node", "unretire", "never-retired"],
+        ["lease", "revoke", "0" * 32],
     ):
         result = populi(*args, "--data-dir", str(cp))
         if args[:2] == ["node", "quarantine"]:
@@ -158,6 +159,12 @@ def test_cli_refusals_are_one_line_exit_4(tmp_path: Path, procs: Processes) -> N
         assert one_line(result.stderr), result.stderr
     usage = populi("token", "create", "--ttl", "25h", "--data-dir", str(cp))
     assert usage.returncode == 2 and one_line(usage.stderr)
+    minted = json.loads(
+        populi("token", "create", "--json", "--data-dir", str(cp), check=True).stdout
+    )
+    listed = json.loads(populi("token", "list", "--json", "--data-dir", str(cp), check=True).stdout)
+    assert [t["token_id"] for t in listed["tokens"]] == [minted["summary"]["token_id"]]
+    assert minted["token"] not in json.dumps(listed)  # the list holds no secrets
 
 
 def _fake_ca_server(tmp_path: Path) -> tuple[Path, Path, str]:
