@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from populi_peer.core.leases import validate_stop_margin
 from populi_peer.errors import ConfigError
 
 CONFIG_FILE_NAME = "populi.toml"
@@ -343,6 +344,17 @@ class ExecConfig:
         default=1 << 20,
         metadata=_meta("stdout/stderr tail kept per attempt and stream", "bytes", _positive),
     )
+
+    def check_stop_margin(self, ttl_s: float) -> None:
+        """Safety rule 3 for a lease of ``ttl_s``: ConfigError when ``stop_margin_s`` is too
+        small for it."""
+        validate_stop_margin(
+            self.stop_margin_s,
+            kill_grace_s=self.kill_grace_s,
+            kill_latency_s=self.kill_latency_s,
+            drift_ppm=self.drift_ppm,
+            ttl_s=ttl_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,6 @@ from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
-from populi_peer.core.leases import validate_stop_margin
 from populi_peer.core.registers import RegisterWrite
 from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
@@ -139,15 +138,8 @@ class Agent:
         (``ttl_too_short``) instead."""
         if not self.config.exec.remote:
             return
-        cfg = self.config.exec
         try:
-            validate_stop_margin(
-                cfg.stop_margin_s,
-                kill_grace_s=cfg.kill_grace_s,
-                kill_latency_s=cfg.kill_latency_s,
-                drift_ppm=cfg.drift_ppm,
-                ttl_s=float(self.records.settings["max_lease_ttl_s"]),
-            )
+            self.config.exec.check_stop_margin(float(self.records.settings["max_lease_ttl_s"]))
         except ConfigError as exc:
             raise ConfigError(
                 f"{exc} (cluster max_lease_ttl_s = {self.records.settings['max_lease_ttl_s']:g} s)",

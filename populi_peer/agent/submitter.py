@@ -62,7 +62,7 @@ from populi_peer.core.tasks import (
     TaskOptions,
     Timeout,
 )
-from populi_peer.core.wire import check_command, check_env
+from populi_peer.core.wire import check_command, check_env, task_attempt
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
 
@@ -960,14 +960,7 @@ class Submitter:
     # -- inbox: results -------------------------------------------------------------------
 
     async def on_result(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
-        task_id = message.get("task_id")
-        attempt = message.get("attempt")
-        if (
-            not isinstance(task_id, str)
-            or isinstance(attempt, bool)
-            or not isinstance(attempt, int)
-        ):
-            raise BadRequest("result needs 'task_id' and 'attempt'", code="bad_request")
+        task_id, attempt = task_attempt(message, "result")
         task = self.load(task_id)
         match = next((a for a in task.attempts if a.n == attempt), None)
         if match is None or match.where != "remote" or match.node != caller.id:

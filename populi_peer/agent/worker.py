@@ -25,9 +25,8 @@ from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.core.fencing import FencingToken
-from populi_peer.core.leases import validate_stop_margin
 from populi_peer.core.policy import check_work_class
-from populi_peer.core.wire import ID_RE, check_command, check_env, check_id
+from populi_peer.core.wire import ID_RE, check_command, check_env, check_id, task_attempt
 from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
 
@@ -63,15 +62,8 @@ class Worker:
 
     def margin_problem(self, ttl_s: float) -> str | None:
         """Why a lease of ``ttl_s`` cannot be held safely here (safety rule 3), if so."""
-        cfg = self.agent.config.exec
         try:
-            validate_stop_margin(
-                cfg.stop_margin_s,
-                kill_grace_s=cfg.kill_grace_s,
-                kill_latency_s=cfg.kill_latency_s,
-                drift_ppm=cfg.drift_ppm,
-                ttl_s=ttl_s,
-            )
+            self.agent.config.exec.check_stop_margin(ttl_s)
         except PopuliError as exc:
             return f"a {ttl_s:g} s lease is too short for this worker: {exc}"
         return None
@@ -173,15 +165,8 @@ class Worker:
             await self.runner.release(plan, "stopped")
 
     def _parse(self, caller: Principal, message: dict[str, Any]) -> AttemptPlan:
-        task_id = check_id(message.get("task_id"), "task_id")
+        task_id, attempt = task_attempt(message, "handoff")
         lease_id = check_id(message.get("lease_id"), "lease_id")
-        attempt = message.get("attempt")
-        if (
-            isinstance(attempt, bool)
-            or not isinstance(attempt, int)
-            or not 1 <= attempt <= 1_000_000
-        ):
-            raise BadRequest("handoff 'attempt' must be an integer >= 1", code="bad_request")
         token = message.get("token")
         if not isinstance(token, str):
             raise BadRequest("handoff 'token' is missing", code="bad_request")
@@ -214,14 +199,7 @@ class Worker:
         )
 
     async def on_cancel(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
-        task_id = message.get("task_id")
-        attempt = message.get("attempt")
-        if (
-            not isinstance(task_id, str)
-            or isinstance(attempt, bool)
-            or not isinstance(attempt, int)
-        ):
-            raise BadRequest("cancel needs 'task_id' and 'attempt'", code="bad_request")
+        task_id, attempt = task_attempt(message, "cancel")
         row = self.runner.row(task_id, attempt, "worker")
         if row is None:
             raise NotFound(f"no attempt {attempt} of task {task_id} here", code="unknown_attempt")

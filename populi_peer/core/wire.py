@@ -18,6 +18,7 @@ ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_ARGS = 4096
 MAX_ARG_CHARS = 128 * 1024
 MAX_ENV = 256
+MAX_ATTEMPT = 1_000_000
 #: Names Populi sets for every task; nobody may pass them.
 RESERVED_ENV = frozenset(
     {"POPULI_TASK_ID", "POPULI_ATTEMPT", "POPULI_FENCING_TOKEN", "CUDA_VISIBLE_DEVICES"}
@@ -31,6 +32,20 @@ def check_id(value: Any, name: str) -> str:
             code="bad_request",
         )
     return value
+
+
+def check_attempt(value: Any, what: str) -> int:
+    """An attempt number: an integer from 1 (``True`` is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPT:
+        raise BadRequest(
+            f"{what} 'attempt' must be an integer from 1 to {MAX_ATTEMPT}", code="bad_request"
+        )
+    return value
+
+
+def task_attempt(message: Mapping[str, Any], what: str) -> tuple[str, int]:
+    """The ``task_id`` and ``attempt`` every inbox message about an attempt carries."""
+    return check_id(message.get("task_id"), "task_id"), check_attempt(message.get("attempt"), what)
 
 
 def check_command(command: Any) -> tuple[str, ...]:

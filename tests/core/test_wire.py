@@ -1,0 +1,70 @@
+"""The shared checks for ids, attempts, commands and environments."""
+
+from __future__ import annotations
+
+import pytest
+
+from populi_peer.core.wire import (
+    MAX_ATTEMPT,
+    check_attempt,
+    check_command,
+    check_env,
+    check_id,
+    task_attempt,
+)
+from populi_peer.errors import BadRequest
+
+
+@pytest.mark.parametrize("value", ["t-1", "a", "A.b_c:d-9", "9" * 128])
+def test_ids_accepted(value: str) -> None:
+    assert check_id(value, "task_id") == value
+
+
+@pytest.mark.parametrize(
+    "value", ["", ".", "..", ".hidden", "-x", "a/b", "a b", "9" * 129, 7, None]
+)
+def test_ids_refused(value: object) -> None:
+    with pytest.raises(BadRequest, match="task_id"):
+        check_id(value, "task_id")
+
+
+@pytest.mark.parametrize("value", [1, 2, MAX_ATTEMPT])
+def test_attempts_accepted(value: int) -> None:
+    assert check_attempt(value, "result") == value
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_ATTEMPT + 1, True, 1.0, "1", None])
+def test_attempts_refused(value: object) -> None:
+    with pytest.raises(BadRequest, match="result 'attempt'"):
+        check_attempt(value, "result")
+
+
+def test_task_attempt_reads_both() -> None:
+    assert task_attempt({"task_id": "t-1", "attempt": 3}, "cancel") == ("t-1", 3)
+    with pytest.raises(BadRequest, match="task_id"):
+        task_attempt({"attempt": 3}, "cancel")
+    with pytest.raises(BadRequest, match="cancel 'attempt'"):
+        task_attempt({"task_id": "t-1"}, "cancel")
+
+
+def test_commands() -> None:
+    assert check_command(["true", ""]) == ("true", "")
+    for bad in ([], [""], ["a\0b"], "true", [1], None):
+        with pytest.raises(BadRequest, match="command"):
+            check_command(bad)
+
+
+def test_envs() -> None:
+    assert check_env({"A": "1", "B": ""}) == {"A": "1", "B": ""}
+    for bad, code in (
+        ({"POPULI_X": "1"}, "bad_env"),
+        ({"CUDA_VISIBLE_DEVICES": "0"}, "bad_env"),
+        ({"A=B": "1"}, "bad_env"),
+        ({"": "1"}, "bad_env"),
+        ({"A": "a\0"}, "bad_env"),
+        ({"A": 1}, "bad_request"),
+        (["A"], "bad_request"),
+    ):
+        with pytest.raises(BadRequest) as caught:
+            check_env(bad)
+        assert caught.value.code == code, bad
