@@ -5,10 +5,12 @@ A task is recorded durably before anything else happens, and every decision is a
 of the pure task machine (``core.tasks``) persisted before it is acted on. One driver per
 task loops over its state:
 
-- ``placing``: remote execution off -> local (``remote_disabled``, no lease traffic at
-  all). Otherwise placement v1 (``core.placement``) proposes a node from the control
-  plane's node list; a grant makes it ``running_remote``; a refusal is recorded and the
-  placement retried (until ``--queue-timeout`` when no GPU is free) or the task runs here.
+- ``placing``: remote execution off -> local (``remote_disabled``): a GPU task takes a
+  ``local`` lease on this node's GPUs (``no_local_gpu`` and a CPU run when it has too
+  few), a task without GPUs runs with no lease traffic at all. Otherwise placement v1
+  (``core.placement``) proposes a node from the control plane's node list; a grant makes
+  it ``running_remote``; a refusal is recorded and the placement retried (until
+  ``--queue-timeout`` when no GPU is free) or the task runs here.
   A local attempt gets its token from the control plane: a ``local`` lease on this node's
   GPUs, or a ``fence`` when it needs none.
 - ``running_remote``: hand the task to the worker's inbox, then wait for its result while
@@ -395,11 +397,17 @@ class Submitter:
     async def _place(self, task: Task, control: Control) -> None:
         task_id = task.task_id
         if not self.agent.remote_enabled():
+            if 0 < task.gpus_wanted <= len(self.agent.verified_gpu_uuids()):
+                # Nothing leaves this node, but its GPUs are still taken under a `local`
+                # lease: two tasks never share one, and the lease names which to use.
+                await self._place_local(task, control, ("remote_disabled",))
+                return
+            reasons: tuple[str, ...] = ("remote_disabled",)
+            if task.gpus_wanted:
+                reasons += ("no_local_gpu",)
             self.apply(
                 task_id,
-                PlacedLocal(
-                    node=self.agent.node_id, reasons=("remote_disabled",), lease_id=None, token=None
-                ),
+                PlacedLocal(node=self.agent.node_id, reasons=reasons, lease_id=None, token=None),
             )
             return
         try:
@@ -526,8 +534,9 @@ class Submitter:
         )
 
     async def _place_local(self, task: Task, control: Control, reasons: tuple[str, ...]) -> None:
-        """A first local attempt while remote execution is on: take its token (and its GPUs,
-        if any) from the control plane, so this node's GPUs are never leased out too."""
+        """A first local attempt (remote execution on, or off for a GPU task): take its
+        token (and its GPUs, if any) from the control plane, so this node's GPUs are never
+        leased out too, nor given to two local tasks."""
         task_id = task.task_id
         try:
             lease = await self._local_token(task, control)

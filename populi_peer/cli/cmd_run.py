@@ -268,9 +268,8 @@ def _summary(task: dict[str, Any]) -> None:
             f"attempt {attempt['n']} {attempt['where']} on {attempt['node']} -> {attempt['outcome'] or 'running'}"
         )
     reason = task.get("terminal_reason") or task["state"]
-    sys.stderr.write(
-        f"populi: {task['task_id']} {task['state']} ({reason}); " + "; ".join(parts) + "\n"
-    )
+    story = "; ".join(parts) or "no attempt started"
+    sys.stderr.write(f"populi: {task['task_id']} {task['state']} ({reason}); {story}\n")
 
 
 def run_tasks(args: argparse.Namespace) -> int:

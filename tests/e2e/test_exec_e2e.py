@@ -880,8 +880,8 @@ def test_control_plane_restart_right_after_renewal_lease_survives(
 
 def test_remote_off_runs_locally_and_sends_nothing(tmp_path: Path) -> None:
     """Remote execution off (the default): a GPU task runs on the submitter, here the
-    CPU-only control plane although a GPU node is in the mesh, and nothing about it
-    leaves the node."""
+    CPU-only control plane although a GPU node is in the mesh, as a CPU run
+    (``no_local_gpu``), and nothing about it leaves the node."""
     off = Mesh.create(tmp_path / "mesh", ["w1"], remote=False)
     try:
         ticks = tmp_path / "ticks"
@@ -908,7 +908,7 @@ def test_remote_off_runs_locally_and_sends_nothing(tmp_path: Path) -> None:
         assert task["state"] == "succeeded" and task["exit_status"] == 0
         (attempt,) = task["attempts"]
         assert attempt["where"] == "local" and attempt["node"] == off["cp"].node_id
-        assert attempt["placement_reasons"] == ["remote_disabled"]
+        assert attempt["placement_reasons"] == ["remote_disabled", "no_local_gpu"]
         assert attempt["lease_id"] is None and attempt["token"] is None
         # The control plane heard requests (heartbeats), none of them about execution;
         # the GPU node heard nothing at all about it.

@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -154,3 +155,57 @@ def test_tls_1_2_is_refused(tmp_path: Path, procs: Processes) -> None:
         timeout=30,
     )
     assert "Cipher is (NONE)" in old.stdout or old.returncode != 0
+
+
+def _wait_for_gpu(data_dir: Path, *, allocatable: bool) -> dict[str, object]:
+    """The control plane's view of this node's one GPU, once it has one."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        listing = json.loads(populi("gpus", "--data-dir", str(data_dir), "--json").stdout)
+        devices = listing["nodes"][0]["devices"] if listing["nodes"] else []
+        if devices and devices[0]["allocatable"] is allocatable:
+            return dict(devices[0])
+        time.sleep(0.2)
+    raise AssertionError(f"no GPU with allocatable={allocatable} within 30 s: {listing}")
+
+
+def test_remote_off_gpu_task_gets_this_nodes_gpu(tmp_path: Path, procs: Processes) -> None:
+    """Remote execution off (the default) on a one-GPU node: ``--gpus 1`` runs here with
+    the GPU's UUID in CUDA_VISIBLE_DEVICES, under a local lease (token from the control
+    plane), and the lease is done when the task is."""
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    procs.start_agent(data_dir, env={"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-idle.json"})
+    gpu = _wait_for_gpu(data_dir, allocatable=True)
+    run = populi(
+        "run",
+        "--gpus",
+        "1",
+        "--data-dir",
+        str(data_dir),
+        "--",
+        "sh",
+        "-c",
+        'echo "gpu=$CUDA_VISIBLE_DEVICES token=$POPULI_FENCING_TOKEN"',
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"gpu={gpu['uuid']} token=1." in run.stdout
+    assert "(remote_disabled)" in run.stderr
+    leases = json.loads(populi("leases", "--data-dir", str(data_dir), "--json").stdout)["leases"]
+    (lease,) = leases
+    assert (lease["kind"], lease["gpus"], lease["state"]) == ("local", [gpu["uuid"]], "completed")
+
+
+def test_gpu_task_with_the_gpu_busy_fails_in_one_line(tmp_path: Path, procs: Processes) -> None:
+    """The node's only GPU runs a process Populi did not start (the load capture): a
+    ``--gpus 1`` task without ``--queue-timeout`` fails at once, exit 125, one line."""
+    data_dir = tmp_path / "d"
+    init(data_dir)
+    procs.start_agent(data_dir, env={"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-load.json"})
+    gpu = _wait_for_gpu(data_dir, allocatable=False)
+    assert gpu["allocation_reasons"] == ["gpu_in_use_foreign"]
+    run = populi("run", "--gpus", "1", "--data-dir", str(data_dir), "--", "true", timeout=60)
+    assert run.returncode == 125
+    assert one_line(run.stderr), run.stderr
+    assert "failed (no_free_gpu); no attempt started" in run.stderr
