@@ -6,11 +6,11 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from e2e.exec_support import wait_for
 
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
@@ -159,14 +159,14 @@ def test_tls_1_2_is_refused(tmp_path: Path, procs: Processes) -> None:
 
 def _wait_for_gpu(data_dir: Path, *, allocatable: bool) -> dict[str, object]:
     """The control plane's view of this node's one GPU, once it has one."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def gpu() -> dict[str, object] | None:
         listing = json.loads(populi("gpus", "--data-dir", str(data_dir), "--json").stdout)
         devices = listing["nodes"][0]["devices"] if listing["nodes"] else []
-        if devices and devices[0]["allocatable"] is allocatable:
-            return dict(devices[0])
-        time.sleep(0.2)
-    raise AssertionError(f"no GPU with allocatable={allocatable} within 30 s: {listing}")
+        return devices[0] if devices and devices[0]["allocatable"] is allocatable else None
+
+    found, _ = wait_for(f"a GPU with allocatable={allocatable}", gpu, guard_s=30, every_s=0.2)
+    return found
 
 
 def test_remote_off_gpu_task_gets_this_nodes_gpu(tmp_path: Path, procs: Processes) -> None:
