@@ -55,31 +55,32 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def _timed_refreshes(probe: Any, refreshes: int) -> tuple[list[float], Any]:
+    """``refreshes`` refreshes of an opened probe: each one's ms, and the last inventory."""
+    samples = []
+    inventory = None
+    for _ in range(refreshes):
+        start = time.perf_counter()
+        inventory = await probe.probe()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples, inventory
+
+
 async def _measure(path: Path, refreshes: int, threaded: bool) -> tuple[list[float], Any, int]:
     async with open_replay_probe(
         path, node_id="bench-node", clock=SystemClock(), threaded=threaded
     ) as probe:
-        inventory = await probe.probe()  # first refresh reads and caches static facts
+        await probe.probe()  # first refresh reads and caches static facts
         calls_before = probe._nvml.calls
-        samples = []
-        for _ in range(refreshes):
-            start = time.perf_counter()
-            inventory = await probe.probe()
-            samples.append((time.perf_counter() - start) * 1000)
+        samples, inventory = await _timed_refreshes(probe, refreshes)
         calls = (probe._nvml.calls - calls_before) // refreshes
     return samples, inventory, calls
 
 
 async def _measure_nvml(refreshes: int) -> tuple[list[float], Any, float]:
     async with open_probe(fixture=None, node_id=None, clock=SystemClock()) as probe:
-        start = time.perf_counter()
-        inventory = await probe.probe()  # nvmlInit and the static facts
-        first_ms = (time.perf_counter() - start) * 1000
-        samples = []
-        for _ in range(refreshes):
-            start = time.perf_counter()
-            inventory = await probe.probe()
-            samples.append((time.perf_counter() - start) * 1000)
+        (first_ms,), _ = await _timed_refreshes(probe, 1)  # nvmlInit and the static facts
+        samples, inventory = await _timed_refreshes(probe, refreshes)
     return samples, inventory, first_ms
 
 
