@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from populi_peer.core.leases import renew_interval_s, worker_deadline_boot
+from populi_peer.core.leases import renew_interval_s, renew_timeout_s, worker_deadline_boot
 from populi_peer.errors import PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import get_logger, log
@@ -167,7 +167,7 @@ class AttemptRunner:
             path=path,
             payload=payload,
             # A renewal answered later than TTL/3 is as good as lost.
-            timeout_s=max(2.0, (ttl_s or 6.0) / 3),
+            timeout_s=renew_timeout_s(ttl_s or 6.0),
         )
 
     async def renew(self, plan: AttemptPlan) -> float:

@@ -131,7 +131,7 @@ CONTROL_PLANE_ACTOR: Final = "control_plane"
 
 class LeaseRefused(Conflict):
     """The control plane refuses a lease operation; ``reasons`` are stable codes
-    (``grant_hold``, ``ttl_too_long``, ``task_key_taken``, ``task_completed``,
+    (``grant_hold``, ``ttl_too_short``, ``ttl_too_long``, ``task_key_taken``, ``task_completed``,
     ``node_ineligible`` + the node's own reasons, ``no_free_gpu``, ``lease_not_live``,
     ``not_holder``, ``lease_revoked``, ``lease_live``, ``not_task_owner``,
     ``stale_attempt``, ``lease_not_renewable``, ``lease_not_revocable``...)."""
@@ -196,6 +196,12 @@ class LeaseSettings:
             if not math.isfinite(value) or value < 0.001:
                 raise ConfigError(f"{name} must be at least 0.001 s, got {value}", key=name)
             object.__setattr__(self, name, float(value))
+        if self.max_lease_ttl_s < MIN_LEASE_TTL_S:
+            raise ConfigError(
+                f"max_lease_ttl_s must be at least {MIN_LEASE_TTL_S:g} s (the shortest lease "
+                f"a holder can renew), got {self.max_lease_ttl_s:g}",
+                key="max_lease_ttl_s",
+            )
 
     @property
     def grant_hold_s(self) -> float:
@@ -218,11 +224,45 @@ class LeaseSettings:
         return cls(**values)
 
 
+#: The shortest time a holder waits for the answer to one renewal: below it a renewal
+#: across a busy overlay is given up while it may still be on its way.
+RENEW_TIMEOUT_FLOOR_S: Final = 2.0
+
+#: The shortest TTL the control plane grants (reason ``ttl_too_short``). A holder renews
+#: every TTL/3 and waits up to :func:`renew_timeout_s` for each answer; the renewal sent
+#: one interval after the last one must be able to use its whole timeout and still land
+#: before the deadline that last one set: ``TTL/3 + RENEW_TIMEOUT_FLOOR_S <= TTL``, so
+#: ``TTL >= 1.5 * RENEW_TIMEOUT_FLOOR_S`` = 3 s. Anything shorter is a lease its holder
+#: cannot keep (a TTL of 1e-300 s is born dead). A worker may ask for more: its stop
+#: margin must stay below two thirds of the TTL (:func:`validate_stop_margin`), so with
+#: the default 7 s margin it takes leases above 10.5 s only. The cluster setting
+#: ``max_lease_ttl_s`` has this as its minimum.
+MIN_LEASE_TTL_S: Final = 1.5 * RENEW_TIMEOUT_FLOOR_S
+
+
 def renew_interval_s(ttl_s: float) -> float:
     """How often a holder renews: a third of the TTL, so two renewals can fail in a row
     before the lease is in danger."""
     _check_ttl(ttl_s)
     return ttl_s / 3
+
+
+def renew_timeout_s(ttl_s: float) -> float:
+    """How long a holder waits for the answer to one renewal: a renewal answered later
+    than TTL/3 is as good as lost, but never less than :data:`RENEW_TIMEOUT_FLOOR_S`."""
+    return max(RENEW_TIMEOUT_FLOOR_S, renew_interval_s(ttl_s))
+
+
+def ttl_reasons(ttl_s: float, *, max_lease_ttl_s: float) -> list[str]:
+    """Why a lease of ``ttl_s`` may not be granted, by its length alone: ``ttl_too_short``
+    (below :data:`MIN_LEASE_TTL_S`) or ``ttl_too_long`` (above the cluster's
+    ``max_lease_ttl_s``). The one rule for every grant path."""
+    _check_ttl(ttl_s)
+    if ttl_s < MIN_LEASE_TTL_S:
+        return ["ttl_too_short"]
+    if ttl_s > max_lease_ttl_s:
+        return ["ttl_too_long"]
+    return []
 
 
 def worker_deadline_boot(renew_sent_boot: float, ttl_s: float) -> float:
@@ -873,8 +913,7 @@ class LeaseTable:
         reasons: list[str] = []
         if now_mono < self.grants_allowed_from_mono:
             reasons.append("grant_hold")
-        if ttl_s > self.settings.max_lease_ttl_s:
-            reasons.append("ttl_too_long")
+        reasons += ttl_reasons(ttl_s, max_lease_ttl_s=self.settings.max_lease_ttl_s)
         return reasons
 
     def grant(
@@ -1105,7 +1144,7 @@ class LeaseTable:
         due for expiry is declared dead in the same step (both go in ``records``).
         Refused: ``lease_live`` (holding: the submitter waits), ``task_completed``,
         ``not_task_owner``, ``stale_attempt``; a ``local`` lease also ``grant_hold``,
-        ``ttl_too_long``, ``no_free_gpu``. A retry whose lease already exists is a replay.
+        ``ttl_too_short``, ``ttl_too_long``, ``no_free_gpu``. A retry whose lease already exists is a replay.
         ``work_class`` defaults to the latest lease's; it is required when there is none.
         """
         _check_now(now_mono)
@@ -1233,6 +1272,8 @@ __all__ = [
     "KEY_TAKING_STATES",
     "LEASE_KINDS",
     "LEASE_STATES",
+    "MIN_LEASE_TTL_S",
+    "RENEW_TIMEOUT_FLOOR_S",
     "REPLAYS",
     "TERMINAL_STATES",
     "TRANSITIONS",
@@ -1253,7 +1294,9 @@ __all__ = [
     "ReleaseOutcome",
     "TargetView",
     "renew_interval_s",
+    "renew_timeout_s",
     "task_key",
+    "ttl_reasons",
     "validate_stop_margin",
     "worker_deadline_boot",
     "worker_stop_at_boot",

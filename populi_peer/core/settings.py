@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from populi_peer.core.leases import MIN_LEASE_TTL_S
 from populi_peer.errors import BadRequest
 
 WORK_CLASSES = ("agent", "inference", "training", "collective")
@@ -49,8 +50,9 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "float",
         30.0,
         "seconds",
-        "longest lease TTL the control plane grants",
-        3.0,
+        "longest lease TTL the control plane grants (none is granted below "
+        f"{MIN_LEASE_TTL_S:g} s, the shortest a holder can renew)",
+        MIN_LEASE_TTL_S,
         3600.0,
     ),
     SettingSpec(

@@ -507,6 +507,8 @@ for _label, _changes, _status, _code in [
     ("ttl-negative", {"ttl_s": -30}, 400, "bad_request"),
     ("ttl-string", {"ttl_s": "30"}, 400, "bad_request"),
     ("ttl-1e308", {"ttl_s": 1e308}, 409, "lease_refused"),
+    ("ttl-1e-300", {"ttl_s": 1e-300}, 409, "lease_refused"),
+    ("ttl-below-minimum", {"ttl_s": 2.999}, 409, "lease_refused"),
     ("gpus-huge", {"gpus_wanted": 10**30}, 400, "bad_request"),
     ("target-unknown", {"target": "nope"}, 409, "lease_refused"),
 ]:
@@ -722,6 +724,19 @@ async def test_every_route_has_wrong_input(agent: Agent) -> None:
     table = {route.name for route in agent.app.route_table()}
     assert covered == table, f"routes without wrong input: {sorted(table - covered)}"
     assert oversize == table, f"routes without the 413 row: {sorted(table - oversize)}"
+
+
+@pytest.mark.parametrize("ttl_s", [1e-300, 2.999])
+async def test_a_grant_below_the_minimum_ttl_says_ttl_too_short(agent: Agent, ttl_s: float) -> None:
+    """A lease can never be born dead: the refusal names ``ttl_too_short`` (beside
+    whatever else is wrong with the request), and the minimum itself is not too short."""
+    async with client_for(agent, "operator") as client:
+        short = await client.post("/v1/populi/exec/leases", json={**_GRANT, "ttl_s": ttl_s})
+        least = await client.post("/v1/populi/exec/leases", json={**_GRANT, "ttl_s": 3})
+    assert short.status_code == 409, short.text
+    assert "ttl_too_short" in short.json()["error"]["details"]["reasons"]
+    assert "ttl_too_short" not in least.json()["error"]["details"]["reasons"]
+    assert agent.leases.table is not None and not agent.leases.table.leases
 
 
 async def test_a_malformed_gpu_summary_cannot_break_the_listings(agent: Agent) -> None:

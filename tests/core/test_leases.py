@@ -14,6 +14,8 @@ from populi_peer.core.leases import (
     DEAD_STATES,
     HOLDING_STATES,
     LEASE_STATES,
+    MIN_LEASE_TTL_S,
+    RENEW_TIMEOUT_FLOOR_S,
     TERMINAL_STATES,
     TRANSITIONS,
     GrantRequest,
@@ -27,6 +29,8 @@ from populi_peer.core.leases import (
     LeaseTable,
     TargetView,
     renew_interval_s,
+    renew_timeout_s,
+    ttl_reasons,
     validate_stop_margin,
     worker_deadline_boot,
     worker_stop_at_boot,
@@ -285,6 +289,76 @@ def test_set_term_must_increase() -> None:
         with pytest.raises(Conflict) as info:
             table.set_term(term, now_mono=0.0)
         assert info.value.code == "stale_term"
+
+
+@pytest.mark.parametrize("ttl_s", [1e-300, 0.5, 2.999])
+def test_a_lease_is_never_born_dead(ttl_s: float) -> None:
+    """A TTL below the documented minimum is refused (``ttl_too_short``) on every grant
+    path, and nothing changes: such a lease would be due before its holder could renew."""
+    table = LeaseTable.new(SETTINGS)
+    reasons = refused(
+        table.grant, req(ttl_s=ttl_s), now_mono=0.0, now_wall_ms=W, lease_id="L", target=target()
+    )
+    assert reasons == ("ttl_too_short",)
+    assert refused(
+        table.local_grant,
+        "t1",
+        submitter="sub",
+        attempt=1,
+        work_class="agent",
+        gpus_wanted=1,
+        ttl_s=ttl_s,
+        target=target("sub"),
+        lease_id="L",
+        now_mono=0.0,
+        now_wall_ms=W,
+    ) == ("ttl_too_short",)
+    assert refused(
+        table.confirm_dead_for_fallback,
+        "t1",
+        submitter="sub",
+        attempt=1,
+        gpus=("G0",),
+        local_node="sub",
+        ttl_s=ttl_s,
+        lease_id="F",
+        now_mono=0.0,
+        now_wall_ms=W,
+        work_class="agent",
+    ) == ("ttl_too_short",)
+    assert table.leases == {} and table.next_seq == 1
+
+
+def test_the_minimum_ttl_leaves_a_renewal_its_whole_timeout() -> None:
+    """The renewal sent one interval after the last may take its whole timeout and still
+    land before the deadline the last one set; and the minimum is granted."""
+    assert MIN_LEASE_TTL_S == 3.0
+    assert renew_interval_s(MIN_LEASE_TTL_S) + renew_timeout_s(MIN_LEASE_TTL_S) <= MIN_LEASE_TTL_S
+    assert renew_timeout_s(MIN_LEASE_TTL_S) == RENEW_TIMEOUT_FLOOR_S
+    assert renew_timeout_s(30.0) == 10.0
+    assert ttl_reasons(MIN_LEASE_TTL_S, max_lease_ttl_s=30.0) == []
+    table, change = LeaseTable.new(SETTINGS).grant(
+        req(ttl_s=MIN_LEASE_TTL_S), now_mono=0.0, now_wall_ms=W, lease_id="L", target=target()
+    )
+    assert change.lease.ttl_s == MIN_LEASE_TTL_S and table.get("L").holding
+    with pytest.raises(ConfigError) as info:
+        LeaseSettings(max_lease_ttl_s=MIN_LEASE_TTL_S / 2)
+    assert info.value.details["key"] == "max_lease_ttl_s"
+
+
+def test_a_lease_stored_before_the_minimum_still_loads() -> None:
+    """The minimum is a grant rule, not a record rule: a short lease persisted by an older
+    version is read back and restored (it can only err on the side of being held)."""
+    lease = Lease.from_json({**_short_lease_json(), "ttl_s": 0.5})
+    table = LeaseTable.restore([lease], term=1, next_seq=2, settings=SETTINGS, now_mono=0.0)
+    assert table.get("L1").holding
+
+
+def _short_lease_json() -> dict[str, object]:
+    table, change = LeaseTable.new(SETTINGS).grant(
+        req(), now_mono=0.0, now_wall_ms=W, lease_id="L1", target=target()
+    )
+    return change.lease.to_json()
 
 
 def test_ttl_too_long() -> None:
@@ -960,6 +1034,8 @@ class LeaseTableMachine(RuleBasedStateMachine):
             expected.add("grant_hold")
         if ttl > SETTINGS.max_lease_ttl_s:
             expected.add("ttl_too_long")
+        if ttl < MIN_LEASE_TTL_S:
+            expected.add("ttl_too_short")
         if not eligible:
             expected.add("node_ineligible")
         if sum((node, g) not in busy for g in allocatable) < gpus_wanted:
