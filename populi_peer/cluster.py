@@ -26,6 +26,7 @@ from enrollment.records import sign_record
 from enrollment.revocation import RevocationList, sign_revocations
 from populi_peer.config import CONFIG_FILE_NAME, format_host_port, parse_host_port, reach_host
 from populi_peer.core import settings as cluster_settings
+from populi_peer.datadir_lock import refuse_while_locked
 from populi_peer.errors import Conflict, UsageError
 from populi_peer.identity import NODE_ROLES_INIT, OPERATOR_ROLES, DataPaths
 from populi_peer.store import DB_FILE_NAME, Store
@@ -57,13 +58,15 @@ def has_cluster(data_dir: Path) -> bool:
 
 
 def wipe_node_files(data_dir: Path) -> None:
-    """Remove the files Populi owns in a data directory (``--force``), nothing else."""
-    for name in _OWNED:
-        path = data_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+    """Remove the files Populi owns in a data directory (``--force``), nothing else;
+    refused (:class:`AlreadyRunning`) while an agent runs on it."""
+    with refuse_while_locked(data_dir):
+        for name in _OWNED:
+            path = data_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def address_hosts(addresses: list[str]) -> list[str]:

@@ -17,10 +17,12 @@ The tree is split by whose fault it is::
     │   ├── Forbidden                 signer lacks the role (HTTP 403)
     │   ├── NotFound                  no such node, task, lease... (HTTP 404)
     │   ├── Conflict                  illegal transition, already exists (HTTP 409)
+    │   ├── AlreadyRunning            an agent already runs on this data directory
     │   └── RateLimited               too many requests (HTTP 429)
     ├── AgentUnavailable              no agent answers (exit 3, HTTP 503)
     ├── PeerError                     a peer failed or could not be reached (HTTP 502)
     ├── StoreError                    the data directory or database failed
+    │   ├── StorageUnavailable        disk full, I/O error, read-only: retry later (HTTP 503)
     │   ├── DatabaseTooNew            the database was written by a newer Populi
     │   └── NoDataDir                 the data directory holds no node (exit 4)
     └── (domain subtrees in their packages: enrollment.errors.EnrollmentError,
@@ -100,6 +102,13 @@ class Conflict(RefusedError):
     http_status = 409
 
 
+class AlreadyRunning(RefusedError):
+    """Another agent holds this data directory's lock (``details["pid"]``)."""
+
+    code = "already_running"
+    http_status = 409
+
+
 class RateLimited(RefusedError):
     code = "rate_limited"
     http_status = 429
@@ -120,6 +129,16 @@ class StoreError(PopuliError):
     code = "store_error"
 
 
+class StorageUnavailable(StoreError):
+    """A write could not be made durable for a reason outside the request: the disk is
+    full, the device failed (I/O error), the database became read-only or stayed locked.
+    Nothing was acknowledged; the same write may succeed once the condition clears, so
+    callers retry and the API answers 503 ``storage_unavailable``."""
+
+    code = "storage_unavailable"
+    http_status = 503
+
+
 class DatabaseTooNew(StoreError):
     code = "database_too_new"
 
@@ -134,6 +153,7 @@ class NoDataDir(StoreError):
 
 __all__ = [
     "AgentUnavailable",
+    "AlreadyRunning",
     "BadRequest",
     "ConfigError",
     "Conflict",
@@ -146,6 +166,7 @@ __all__ = [
     "PopuliError",
     "RateLimited",
     "RefusedError",
+    "StorageUnavailable",
     "StoreError",
     "Unauthenticated",
     "UsageError",

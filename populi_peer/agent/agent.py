@@ -50,6 +50,7 @@ from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
 from populi_peer.core.registers import RegisterWrite
+from populi_peer.datadir_lock import DataDirLock
 from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
@@ -75,6 +76,8 @@ class Agent:
         self.clock = clock
         self.serve = serve
         self.logger = get_logger("agent")
+        # One agent per data directory, before anything is opened (datadir_lock).
+        self.data_dir_lock = DataDirLock.acquire(data_dir)
         self.store = Store.open(data_dir)
         self.identity = load_identity(data_dir, self.store)
         self.node_id = self.identity.node_id
@@ -614,6 +617,7 @@ class Agent:
             if self.serve:
                 clear_runtime(self.identity.paths, os.getpid())
             self.store.close()
+            self.data_dir_lock.release()
             self.stopped.set()
             log(self.logger, logging.INFO, "agent stopped")
 

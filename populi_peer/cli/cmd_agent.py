@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 from pathlib import Path
 from typing import Any
 
 from populi_peer.cli.common import add_data_dir, config_of, data_dir_of
+from populi_peer.errors import ConfigError, PopuliError
 
 
 def register(subparsers: Any) -> None:
@@ -62,5 +64,32 @@ def run(args: argparse.Namespace) -> int:
             await agent.stopped.wait()
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        raise one_error(group, config.node.listen) from group
     return 0
+
+
+def one_error(group: BaseExceptionGroup[BaseException], listen: str) -> BaseException:
+    """The one line a user sees for an agent that failed inside its nurseries: the first
+    Populi error in ``group``, a listen address that cannot be bound, else the group."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, PopuliError):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, OSError) and leaf.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            return ConfigError(
+                f"cannot listen on {listen}: {leaf.strerror or leaf}", key="node.listen"
+            )
+    return group

@@ -355,7 +355,7 @@ def test_a_lease_stored_before_the_minimum_still_loads() -> None:
 
 
 def _short_lease_json() -> dict[str, object]:
-    table, change = LeaseTable.new(SETTINGS).grant(
+    _, change = LeaseTable.new(SETTINGS).grant(
         req(), now_mono=0.0, now_wall_ms=W, lease_id="L1", target=target()
     )
     return change.lease.to_json()
