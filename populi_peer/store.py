@@ -9,19 +9,29 @@ newer than this code is refused with a clear message.
 
 All access runs on the caller's thread: in the agent that is the trio thread, so one
 transaction is atomic with respect to every other task (commits are short).
+
+Failures are translated once, here. A statement the database refuses (a constraint, a bug)
+is a :class:`StoreError`; a write the *storage* could not take — the disk is full, the
+device failed, the file became read-only, the database stayed locked — is a
+:class:`StorageUnavailable` (HTTP 503 ``storage_unavailable``): the same write may succeed
+later, so the caller retries. Either way the transaction is rolled back whole (SQLite
+rolls some of these back by itself; the store never leaves one open), nothing was
+acknowledged, and the caller's in-memory state must not adopt the change. The agent
+listens (:attr:`Store.write_listener`) to report a degraded node while writes fail.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from populi_peer.errors import DatabaseTooNew, NoDataDir, StoreError
+from populi_peer.errors import DatabaseTooNew, NoDataDir, StorageUnavailable, StoreError
 
 DB_FILE_NAME = "populi.db"
 
@@ -146,6 +156,46 @@ MIGRATIONS: list[str] = [
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+#: SQLite primary result codes that mean the storage failed, not the statement
+#: (https://sqlite.org/rescode.html): the same write may succeed once it clears.
+_UNAVAILABLE_CODES = {
+    5: "busy",  # SQLITE_BUSY: another writer held the database past busy_timeout
+    6: "locked",  # SQLITE_LOCKED
+    7: "out_of_memory",  # SQLITE_NOMEM
+    8: "read_only",  # SQLITE_READONLY: the file, its directory or the mount is read-only
+    10: "io_error",  # SQLITE_IOERR (and its extended codes)
+    13: "disk_full",  # SQLITE_FULL: no space left, or max_page_count reached
+    14: "cannot_open",  # SQLITE_CANTOPEN: e.g. no room for the -wal or -shm file
+    15: "locking_protocol",  # SQLITE_PROTOCOL
+}
+#: errno values of file writes that mean the same for the files beside the database.
+_UNAVAILABLE_ERRNOS = {
+    errno.ENOSPC: "disk_full",
+    errno.EDQUOT: "disk_full",
+    errno.EIO: "io_error",
+    errno.EROFS: "read_only",
+}
+
+
+def store_error(exc: sqlite3.Error, what: str) -> StoreError:
+    """``exc`` as the error tree has it: :class:`StorageUnavailable` (with ``details
+    ["condition"]``: ``disk_full``, ``io_error``, ``read_only``...) when the storage
+    failed, else :class:`StoreError`."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    condition = None if code is None else _UNAVAILABLE_CODES.get(code & 0xFF)
+    if condition is not None:
+        return StorageUnavailable(f"{what}: {exc}", condition=condition)
+    return StoreError(f"{what}: {exc}")
+
+
+def file_error(exc: OSError, what: str) -> StoreError:
+    """A failed write of a file in the data directory, translated like :func:`store_error`."""
+    condition = _UNAVAILABLE_ERRNOS.get(exc.errno or 0)
+    message = f"{what}: {exc.strerror or exc}"
+    if condition is not None:
+        return StorageUnavailable(message, condition=condition)
+    return StoreError(message)
+
 
 class Store:
     """A connection to ``<data dir>/populi.db``."""
@@ -167,11 +217,14 @@ class Store:
             self.conn.execute("PRAGMA synchronous = FULL")
             self.conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
+            raise store_error(exc, f"cannot open database {path}") from exc
         self._depth = 0
         # Meta values are read on every request (term, control plane); cache them and
         # forget the cache whenever this connection commits (any commit may change meta).
         self._meta_cache: dict[str, str | None] = {}
+        #: Told of every write transaction's outcome: ``None`` after a commit, the
+        #: :class:`StorageUnavailable` after a write the storage could not take.
+        self.write_listener: Callable[[StoreError | None], None] | None = None
 
     @classmethod
     def open(
@@ -240,29 +293,54 @@ class Store:
             finally:
                 self._depth -= 1
             return
+        # A transaction a failed rollback left open would refuse every BEGIN after it.
+        self._rollback()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise StoreError(f"database {self.path} is busy or broken: {exc}") from exc
+            raise self._failed(store_error(exc, f"database {self.path} is busy or broken")) from exc
         self._depth = 1
         try:
             yield self.conn
-        except BaseException:
+        except sqlite3.Error as exc:
             self._depth = 0
-            self.conn.execute("ROLLBACK")
+            self._rollback()
+            raise self._failed(store_error(exc, "database error")) from exc
+        except BaseException as exc:
+            self._depth = 0
+            self._rollback()
+            if isinstance(exc, StorageUnavailable):
+                self._failed(exc)
             raise
         self._depth = 0
         self._meta_cache.clear()
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
+            # SQLite may have rolled back by itself (SQLITE_FULL, SQLITE_IOERR) or left
+            # the transaction open (SQLITE_BUSY): either way nothing of it is kept.
+            self._rollback()
+            raise self._failed(store_error(exc, f"cannot commit to {self.path}")) from exc
+        if self.write_listener is not None:
+            self.write_listener(None)
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+
+    def _failed(self, error: StoreError) -> StoreError:
+        if isinstance(error, StorageUnavailable) and self.write_listener is not None:
+            self.write_listener(error)
+        return error
 
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         try:
             return self.conn.execute(sql, params)
         except sqlite3.Error as exc:
-            raise StoreError(f"database error: {exc}") from exc
+            error = store_error(exc, "database error")
+            # Inside a transaction the transaction reports it, once.
+            raise (error if self._depth else self._failed(error)) from exc
 
     # -- meta -----------------------------------------------------------------------------
 
@@ -304,4 +382,4 @@ def _split_sql(script: str) -> list[str]:
     return [part.strip() for part in script.split(";") if part.strip()]
 
 
-__all__ = ["DB_FILE_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Store"]
+__all__ = ["DB_FILE_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Store", "file_error", "store_error"]

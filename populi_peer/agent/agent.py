@@ -32,6 +32,7 @@ from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gpu import GpuService
+from populi_peer.agent.health import RETRIED, Health
 from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.leases import LeaseService
@@ -79,6 +80,9 @@ class Agent:
         # One agent per data directory, before anything is opened (datadir_lock).
         self.data_dir_lock = DataDirLock.acquire(data_dir)
         self.store = Store.open(data_dir)
+        # Writes the storage cannot take make the node degraded until one succeeds.
+        self.health = Health(clock)
+        self.store.write_listener = self.health.storage_result
         self.identity = load_identity(data_dir, self.store)
         self.node_id = self.identity.node_id
         self.membership = Membership(self.store)
@@ -268,6 +272,7 @@ class Agent:
             "lifecycle": self.own_lifecycle(),
             "cert_not_after_ms": int(self.identity.cert_not_after_s * 1000),
             "revocation_serial": self.revocations.serial,
+            "health": self.health.to_json(),
         }
 
     def own_lifecycle(self) -> dict[str, Any] | None:
@@ -542,7 +547,12 @@ class Agent:
     ) -> None:
         task_status.started()
         while True:
-            self.prune()
+            try:
+                self.prune()
+            except RETRIED as exc:
+                await self.health.retry_after(self.health.failed("janitor", exc))
+                continue
+            self.health.ok("janitor")
             await trio.sleep(3600.0)
 
     async def run_cert_renewal(
@@ -561,8 +571,11 @@ class Agent:
                 continue
             try:
                 await self.renew_certificate()
-                # Never renew more often than once a minute, whatever the lifetime.
-                await trio.sleep(60.0)
+            except RETRIED as exc:
+                # The new certificate could not be kept here (disk full...): the old one
+                # stays in force, and the renewal is tried again.
+                await self.health.retry_after(self.health.failed("cert_renewal", exc))
+                continue
             except PopuliError as exc:
                 log(
                     self.logger,
@@ -571,6 +584,10 @@ class Agent:
                     error=str(exc),
                 )
                 await trio.sleep(60.0)
+                continue
+            self.health.ok("cert_renewal")
+            # Never renew more often than once a minute, whatever the lifetime.
+            await trio.sleep(60.0)
 
     # -- lifetime -------------------------------------------------------------------------
 

@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from populi_peer.agent.health import retrying
 from populi_peer.core.leases import renew_interval_s, renew_timeout_s, worker_deadline_boot
 from populi_peer.errors import PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import get_logger, log
+from populi_peer.store import file_error
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
@@ -148,6 +150,25 @@ class AttemptRunner:
                 ),
             )
 
+    async def save_durably(
+        self,
+        plan: AttemptPlan,
+        state: str,
+        *,
+        result: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """:meth:`save`, tried again until the storage takes it (disk full, read-only...):
+        a running attempt's record is what lets a restarted agent re-adopt it, and its
+        result must be durable before its lease is released. The task itself is not
+        held up: its supervisor keeps to the lease deadline on its own meanwhile."""
+
+        async def step() -> None:
+            self.save(plan, state, result=result, extra=extra)
+            await trio.lowlevel.checkpoint()
+
+        await retrying(self.agent.health, _component(plan), step)
+
     def row(self, task_id: str, attempt: int, role: str) -> Any:
         return self.agent.store.execute(
             "SELECT * FROM attempts WHERE task_id = ? AND attempt = ? AND role = ?",
@@ -254,7 +275,7 @@ class AttemptRunner:
         agent = self.agent
         started_ms = int(agent.clock.wall() * 1000)
         if running.cancel_requested:
-            result = self._finish(
+            result = await self._finish(
                 plan, outcome="cancelled", started_ms=started_ms, detail=running.cancel_reason
             )
             await self.release(plan, "stopped")  # nothing ran: free the GPUs now
@@ -273,16 +294,22 @@ class AttemptRunner:
                     attempt=plan.attempt,
                     error=str(exc),
                 )
-                return self._finish(
+                return await self._finish(
                     plan, outcome="lease_lost", started_ms=started_ms, detail=exc.code
                 )
         task_dir = self.task_dir(plan)
         try:
-            execution = await agent.executor.start(task_dir, self.spec(plan), deadline)
+            try:
+                execution = await agent.executor.start(task_dir, self.spec(plan), deadline)
+            except OSError as exc:
+                # The task directory could not be written (disk full...): nothing started.
+                failure = file_error(exc, f"cannot prepare {task_dir}")
+                agent.health.failed(_component(plan), failure)
+                raise failure from exc
         except PopuliError as exc:
             if isinstance(exc, SpawnFailed):
                 code = int(exc.details.get("exit_code", 127))
-                result = self._finish(
+                result = await self._finish(
                     plan,
                     outcome="spawn_failed",
                     started_ms=started_ms,
@@ -293,14 +320,16 @@ class AttemptRunner:
                 return result
             # The supervisor did not come up properly (or the spec was refused). Release
             # only if nothing it recorded can still run; otherwise the lease expires.
-            result = self._finish(
+            result = await self._finish(
                 plan, outcome="populi_failure", started_ms=started_ms, detail=str(exc)
             )
             if not agent.executor.leftovers(task_dir):
                 await self.release(plan, "stopped")
             return result
         running.execution = execution
-        self.save(plan, "running", extra={"started_wall_ms": started_ms, "task_dir": str(task_dir)})
+        await self.save_durably(
+            plan, "running", extra={"started_wall_ms": started_ms, "task_dir": str(task_dir)}
+        )
         log(
             self.logger,
             logging.INFO,
@@ -353,6 +382,12 @@ class AttemptRunner:
                     first = False
                     try:
                         execution.extend_deadline(await self.renew(plan))
+                        self.agent.health.ok(_component(plan))
+                    except OSError as exc:
+                        # The longer deadline could not be written (disk full...): the
+                        # supervisor keeps the old one and stops the task by it (safety
+                        # rule 3); the next renewal tries again.
+                        self.agent.health.failed(_component(plan), exc)
                     except PopuliError as exc:
                         if definitive(exc):
                             lost.append(lease_reason(exc))
@@ -364,7 +399,9 @@ class AttemptRunner:
                                 attempt=plan.attempt,
                                 reason=lost[-1],
                             )
-                            execution.cancel()
+                            # If the cancel cannot be written, the deadline it no longer
+                            # extends stops the task.
+                            self._cancel(plan, execution)
                             return
                         # Unreachable: keep trying; the supervisor's deadline stands.
                         log(
@@ -380,7 +417,9 @@ class AttemptRunner:
 
             async def watch_cancel() -> None:
                 await running.cancel_event.wait()
-                execution.cancel()
+                health = self.agent.health
+                while (delay := self._cancel(plan, execution)) is not None:
+                    await health.retry_after(delay)
 
             nursery.start_soon(watch_cancel)
             try:
@@ -391,7 +430,7 @@ class AttemptRunner:
         outcome = outcome_box[0]
         if isinstance(outcome, Exception):
             await self.agent.executor.kill_orphan(self.task_dir(plan))
-            result = self._finish(plan, outcome="lost", started_ms=started_ms, detail=str(outcome))
+            result = await self._finish(plan, outcome="lost", started_ms=started_ms, detail=str(outcome))
             if not self.agent.executor.leftovers(self.task_dir(plan)):
                 await self.release(plan, "stopped")
             return result
@@ -408,7 +447,7 @@ class AttemptRunner:
             kind = "spawn_failed"
         else:
             kind = "populi_failure"
-        result = self._finish(
+        result = await self._finish(
             plan,
             outcome=kind,
             started_ms=int((outcome.started_at_wall or started_ms / 1000) * 1000),
@@ -422,7 +461,7 @@ class AttemptRunner:
         await self.release(plan, "completed" if kind in ("exited", "spawn_failed") else "stopped")
         return result
 
-    def _finish(
+    async def _finish(
         self,
         plan: AttemptPlan,
         *,
@@ -469,7 +508,8 @@ class AttemptRunner:
             "stdout_total": totals[0],
             "stderr_total": totals[1],
         }
-        self.save(plan, "finished", result=result)
+        # Durable before the lease is released and the result delivered (safety rule 7).
+        await self.save_durably(plan, "finished", result=result)
         log(
             self.logger,
             logging.INFO,
@@ -482,6 +522,16 @@ class AttemptRunner:
             signal=signal,
         )
         return result
+
+    def _cancel(self, plan: AttemptPlan, execution: Execution) -> float | None:
+        """Ask the supervisor to stop the task. None once asked; when the request could
+        not be written (disk full...), how long to wait before asking again."""
+        try:
+            execution.cancel()
+        except OSError as exc:
+            return self.agent.health.failed(_component(plan), exc)
+        self.agent.health.ok(_component(plan))
+        return None
 
     def request_cancel(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
         running = self.running.get((task_id, attempt, role))
@@ -533,7 +583,7 @@ class AttemptRunner:
             state = read_state(task_dir) if task_dir.exists() else None
             if state is not None and state.status == "exited":
                 finished_ok = state.stop_reason == "exited"
-                result = self._finish(
+                result = await self._finish(
                     plan,
                     outcome="exited"
                     if finished_ok
@@ -547,7 +597,7 @@ class AttemptRunner:
                 )
                 await self.release(plan, "completed" if finished_ok else "stopped")
             else:
-                result = self._finish(
+                result = await self._finish(
                     plan,
                     outcome="lost",
                     started_ms=int(body.get("started_wall_ms", 0)),
@@ -558,6 +608,11 @@ class AttemptRunner:
                     await self.release(plan, "stopped")
             await on_result(plan, result)
         return to_resume, to_start
+
+
+def _component(plan: AttemptPlan) -> str:
+    """Where a failed attempt record shows in the node's health."""
+    return "worker" if plan.role == "worker" else "submitter"
 
 
 def cuda_id(gpu: str) -> str:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from populi_peer.agent.health import RETRIED, retrying
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.core.registers import GPU_QUARANTINE_PREFIX, RegisterWrite
 from populi_peer.errors import BadRequest, NotFound, PopuliError
@@ -145,7 +146,14 @@ class GpuService:
             critical=event.critical,
         )
         if event.critical and event.uuid:
-            self.quarantine_self(event.uuid, reason=f"xid_{event.code}")
+            uuid = event.uuid
+
+            async def quarantine() -> None:
+                self.quarantine_self(uuid, reason=f"xid_{event.code}")
+                await trio.lowlevel.checkpoint()
+
+            # A bad GPU must stay out of service: its quarantine is kept until it is durable.
+            await retrying(self.agent.health, "gpu_quarantine", quarantine)
             await self.refresh()
 
     def quarantine_self(self, uuid: str, *, reason: str) -> None:
@@ -162,6 +170,11 @@ class GpuService:
             term=agent.term,
         )
         agent.registry.apply(write)
+        # Queued for the control plane before the event is written: a retry after a
+        # failed event write finds the GPU quarantined already and returns early.
+        if not agent.is_control_plane:
+            agent.heartbeat_sender.outbox_registers.append(write.to_json())
+            agent.heartbeat_sender.kick.set()
         agent.record_event(
             agent.node_id,
             "gpu_quarantined",
@@ -169,9 +182,6 @@ class GpuService:
             reason=reason,
             detail={"uuid": uuid},
         )
-        if not agent.is_control_plane:
-            agent.heartbeat_sender.outbox_registers.append(write.to_json())
-            agent.heartbeat_sender.kick.set()
 
     # -- heartbeats -----------------------------------------------------------------------
 
@@ -452,9 +462,15 @@ class GpuService:
             async with trio.open_nursery() as nursery:
                 await nursery.start(probe.run_xid_watch, self.on_xid)
                 task_status.started()
+                health = self.agent.health
                 while True:
                     await trio.sleep(cfg.refresh_s)
-                    await self.refresh()
+                    try:
+                        await self.refresh()
+                    except RETRIED as exc:
+                        health.failed("gpu", exc)
+                        continue
+                    health.ok("gpu")
 
 
 def check_uuid(uuid: str) -> str:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from populi_peer import __version__
+from populi_peer.agent.health import RETRIED
 from populi_peer.agent.membership import Member
 from populi_peer.api.app import Request, Route
 from populi_peer.config import parse_host_port
@@ -327,6 +328,10 @@ class HeartbeatSender:
                 if leaving and (answer.get("lifecycle") or {}).get("state") == "left":
                     self.agent.leave_acknowledged()
                     return
+            except RETRIED as exc:
+                # The control plane answered, but what it said could not be kept here
+                # (disk full...): not an unreachable control plane; beat again soon.
+                delay = self.agent.health.failed("heartbeat", exc)
             except PopuliError as exc:
                 if (
                     exc.code in ("unknown_signer", "signature_invalid")
@@ -366,6 +371,7 @@ class HeartbeatSender:
                         after_failures=failures,
                     )
                 failures = 0
+                self.agent.health.ok("heartbeat")
                 delay = self.interval_s()
             with trio.move_on_after(delay):
                 await self.kick.wait()
@@ -382,8 +388,14 @@ class SelfBeat:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        health = self.agent.health
         while True:
-            self.receiver.note_self()
+            try:
+                self.receiver.note_self()
+            except RETRIED as exc:
+                await health.retry_after(health.failed("self_beat", exc))
+                continue
+            health.ok("self_beat")
             await trio.sleep(self.agent.config.timings.local.heartbeat_interval_s)
 
 

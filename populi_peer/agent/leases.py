@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from populi_peer.agent.health import RETRIED
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.leases import (
@@ -594,10 +595,18 @@ class LeaseService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.load()
         task_status.started()
+        health = self.agent.health
         next_compaction = self.agent.clock.mono() + COMPACT_INTERVAL_S
         while True:
-            self.expire_now()
-            self.reconcile_now()
+            try:
+                self.expire_now()
+                self.reconcile_now()
+            except RETRIED as exc:
+                # The dead state could not be written: the table keeps the lease holding
+                # (nobody is told it is dead) and the same expiry is tried again.
+                await health.retry_after(health.failed("leases", exc))
+                continue
+            health.ok("leases")
             if self.agent.clock.mono() >= next_compaction:
                 self.compact()
                 next_compaction = self.agent.clock.mono() + COMPACT_INTERVAL_S

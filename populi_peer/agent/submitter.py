@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from populi_peer.agent.health import RETRIED
 from populi_peer.agent.attempts import AttemptPlan, definitive
 from populi_peer.agent.heartbeat import scope_of
 from populi_peer.api.app import Request, Route
@@ -262,54 +263,71 @@ class Submitter:
 
     async def _drive(self, task_id: str) -> None:
         control = self.controls[task_id]
+        health = self.agent.health
         try:
             while True:
-                task = self.load(task_id)
-                if task.terminal:
-                    return
-                if control.cancel_actor is not None:
-                    await self._stop_current(task, "cancelled")
-                    self.apply(task_id, Cancel(actor=control.cancel_actor))
-                    continue
-                if self._run_timed_out(task):
-                    await self._stop_current(task, "timeout")
-                    self.apply(task_id, Timeout(which="run"))
-                    continue
-                control.reset()
                 try:
-                    await self._step(task, control)
-                except IllegalTaskTransition as exc:
-                    # Decided on a record that changed meanwhile (a result arrived during
-                    # an await): the record is untouched; look at it again.
-                    log(
-                        self.logger,
-                        logging.INFO,
-                        "task moved on while a step was deciding",
-                        task_id=task_id,
-                        detail=str(exc),
-                    )
-                except PopuliError as exc:
-                    log(
-                        self.logger,
-                        logging.ERROR,
-                        "task failed inside Populi",
-                        task_id=task_id,
-                        error=str(exc),
-                        code=exc.code,
-                    )
-                    current = self.load(task_id)
-                    try:
-                        # Fails only where no attempt may be running (the table refuses
-                        # it in running_remote: only the lease's death frees the task).
-                        self.apply(task_id, PopuliFailure(code=exc.code, detail=str(exc)[:200]))
-                    except IllegalTaskTransition:
-                        await self._pause(control, 2.0)
-                        continue
-                    if current.state == "running_local":
-                        await self._stop_current(current, "populi_failure")
+                    if not await self._drive_once(task_id, control):
+                        return
+                except RETRIED as exc:
+                    # A step whose record could not be written (disk full...) changed
+                    # nothing durable: the task waits, and the step is decided again from
+                    # its record. A storage problem never fails a task.
+                    await self._pause(control, health.failed("submitter", exc))
         finally:
             self.controls.pop(task_id, None)
             control.changed.set()
+
+    async def _drive_once(self, task_id: str, control: Control) -> bool:
+        """One step of the task's driver; False once the task is terminal."""
+        task = self.load(task_id)
+        if task.terminal:
+            return False
+        if control.cancel_actor is not None:
+            await self._stop_current(task, "cancelled")
+            self.apply(task_id, Cancel(actor=control.cancel_actor))
+            return True
+        if self._run_timed_out(task):
+            await self._stop_current(task, "timeout")
+            self.apply(task_id, Timeout(which="run"))
+            return True
+        control.reset()
+        try:
+            await self._step(task, control)
+        except IllegalTaskTransition as exc:
+            # Decided on a record that changed meanwhile (a result arrived during
+            # an await): the record is untouched; look at it again.
+            log(
+                self.logger,
+                logging.INFO,
+                "task moved on while a step was deciding",
+                task_id=task_id,
+                detail=str(exc),
+            )
+        except RETRIED:
+            raise
+        except PopuliError as exc:
+            log(
+                self.logger,
+                logging.ERROR,
+                "task failed inside Populi",
+                task_id=task_id,
+                error=str(exc),
+                code=exc.code,
+            )
+            current = self.load(task_id)
+            try:
+                # Fails only where no attempt may be running (the table refuses
+                # it in running_remote: only the lease's death frees the task).
+                self.apply(task_id, PopuliFailure(code=exc.code, detail=str(exc)[:200]))
+            except IllegalTaskTransition:
+                await self._pause(control, 2.0)
+                return True
+            if current.state == "running_local":
+                await self._stop_current(current, "populi_failure")
+        else:
+            self.agent.health.ok("submitter")
+        return True
 
     def _run_timed_out(self, task: Task) -> bool:
         timeout = task.options.timeout_s

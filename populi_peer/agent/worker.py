@@ -14,14 +14,17 @@ may be asleep: delivery retries with backoff, forever).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
+from populi_peer.agent.health import RETRIED
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.core.fencing import FencingToken
@@ -214,12 +217,32 @@ class Worker:
     # -- running --------------------------------------------------------------------------
 
     async def _drive(self, plan: AttemptPlan) -> None:
-        await self.runner.run(plan)
+        with self._contained(plan):
+            await self.runner.run(plan)
         self._deliver_kick.set()  # result stored: deliver it now
 
     async def _resume(self, plan: AttemptPlan, execution: Any, started_ms: int) -> None:
-        await self.runner.resume(plan, execution, started_ms)
+        with self._contained(plan):
+            await self.runner.resume(plan, execution, started_ms)
         self._deliver_kick.set()  # result stored: deliver it now
+
+    @contextlib.contextmanager
+    def _contained(self, plan: AttemptPlan) -> Iterator[None]:
+        """A store or file error that escapes one attempt ends that attempt's driver, not
+        the worker: the supervisor keeps to its lease deadline on its own, and the
+        attempt's record (accepted or running) is re-adopted by the next start."""
+        try:
+            yield
+        except RETRIED as exc:
+            self.agent.health.failed("worker", exc)
+            log(
+                self.logger,
+                logging.ERROR,
+                "attempt left to its supervisor after a storage error",
+                task_id=plan.task_id,
+                attempt=plan.attempt,
+                error=str(exc),
+            )
 
     def own_pids(self) -> set[int]:
         """Processes this node started for tasks (not foreign GPU users)."""
@@ -316,7 +339,15 @@ class Worker:
     async def _delivery_loop(self) -> None:
         backoff = 0.5
         while True:
-            ok = await self.deliver_pending()
+            try:
+                ok = await self.deliver_pending()
+            except RETRIED as exc:
+                # An acknowledged delivery could not be recorded: it is sent again (the
+                # submitter's inbox answers a duplicate as such).
+                self.agent.health.failed("result_delivery", exc)
+                ok = False
+            else:
+                self.agent.health.ok("result_delivery")
             backoff = 0.5 if ok else min(backoff * 2, DELIVERY_MAX_BACKOFF_S)
             with trio.move_on_after(backoff * self.rng.uniform(0.8, 1.2) if not ok else 5.0):
                 await self._deliver_kick.wait()

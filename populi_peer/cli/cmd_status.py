@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from populi_peer.cli.common import add_data_dir, add_json, agent_call, print_json
@@ -33,6 +34,22 @@ def run(args: argparse.Namespace) -> int:
         f"version        {status['version']} (protocol {status['protocol_version']})",
         f"term           {status['term']}",
         f"control plane  {cp['node_id']} at {cp['url']}{'  (this node)' if cp['is_self'] else ''}",
+        *health_lines(status.get("health")),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def health_lines(health: Any) -> list[str]:
+    """``health  ok``, or ``health  degraded`` and one line per problem: which part of the
+    node, the reason code, since when, how many failures, and the error itself."""
+    if not isinstance(health, dict) or health.get("state") == "ok":
+        return ["health         ok"]
+    lines = ["health         degraded"]
+    for problem in health.get("problems") or []:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(problem["since_ms"] / 1000))
+        lines.append(
+            f"  {problem['component']}: {problem['code']} since {since} "
+            f"({problem['failures']} failures): {problem['message']}"
+        )
+    return lines
