@@ -141,6 +141,18 @@ class Health:
         }
 
 
+def retried_failure(exc: BaseException) -> BaseException | None:
+    """``exc`` if it is a failure to report and retry (:data:`RETRIED`), or the first of
+    an exception group made only of such failures (a step that ran a nursery); else None."""
+    if isinstance(exc, RETRIED):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [retried_failure(inner) for inner in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
+
+
 async def retrying(health: Health, component: str, step: Callable[[], Awaitable[T]]) -> T:
     """Run ``step`` until it succeeds: each failure it cannot help (:data:`RETRIED`) is
     reported under ``component`` and tried again after the backoff; anything else
@@ -160,4 +172,13 @@ def _since(problem: Problem) -> tuple[int, str]:
     return (problem.since_wall_ms, problem.component)
 
 
-__all__ = ["BACKOFF_MAX_S", "RETRIED", "STORAGE", "Health", "Problem", "as_error", "retrying"]
+__all__ = [
+    "BACKOFF_MAX_S",
+    "RETRIED",
+    "STORAGE",
+    "Health",
+    "Problem",
+    "as_error",
+    "retried_failure",
+    "retrying",
+]

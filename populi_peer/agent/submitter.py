@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from populi_peer.agent.health import RETRIED
+from populi_peer.agent.health import RETRIED, retried_failure
 from populi_peer.agent.attempts import AttemptPlan, definitive
 from populi_peer.agent.heartbeat import scope_of
 from populi_peer.api.app import Request, Route
@@ -269,11 +269,14 @@ class Submitter:
                 try:
                     if not await self._drive_once(task_id, control):
                         return
-                except RETRIED as exc:
+                except (*RETRIED, BaseExceptionGroup) as exc:
                     # A step whose record could not be written (disk full...) changed
                     # nothing durable: the task waits, and the step is decided again from
                     # its record. A storage problem never fails a task.
-                    await self._pause(control, health.failed("submitter", exc))
+                    failure = retried_failure(exc)
+                    if failure is None:
+                        raise
+                    await self._pause(control, health.failed("submitter", failure))
         finally:
             self.controls.pop(task_id, None)
             control.changed.set()
@@ -873,7 +876,7 @@ class Submitter:
                         done_row = runner.row(plan.task_id, plan.attempt, "local")
                         result_box.append(json.loads(done_row["result"]))
                     else:
-                        runner.save(plan, "accepted")
+                        await runner.save_durably(plan, "accepted")
                         result_box.append(await runner.run(plan))
                     nursery.cancel_scope.cancel()
 

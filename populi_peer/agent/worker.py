@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
-from populi_peer.agent.health import RETRIED
+from populi_peer.agent.health import RETRIED, retried_failure
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.core.fencing import FencingToken
@@ -233,15 +233,18 @@ class Worker:
         attempt's record (accepted or running) is re-adopted by the next start."""
         try:
             yield
-        except RETRIED as exc:
-            self.agent.health.failed("worker", exc)
+        except (*RETRIED, BaseExceptionGroup) as exc:
+            failure = retried_failure(exc)
+            if failure is None:
+                raise
+            self.agent.health.failed("worker", failure)
             log(
                 self.logger,
                 logging.ERROR,
                 "attempt left to its supervisor after a storage error",
                 task_id=plan.task_id,
                 attempt=plan.attempt,
-                error=str(exc),
+                error=str(failure),
             )
 
     def own_pids(self) -> set[int]:

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from agent.sim_support import sim_config
 from api.test_exec_routes import GUARD_S, TTL_S, as_node, gpu_config, grant_body, set_remote
 
 from populi_peer.agent.agent import Agent
 from populi_peer.agent.health import BACKOFF_MAX_S
-from populi_peer.testing.cluster import VirtualCluster
+from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
+from populi_peer.testing.sim import open_sim_host
+from support.contract import validate
 from support.vcluster import vcluster
 
 
@@ -120,3 +123,55 @@ async def test_a_dead_state_that_cannot_be_written_is_never_announced(
     assert confirmed.json()["prior"]["state"] == "expired"
     assert announced_before_durable == []
     assert cluster.nodes["cp"].running
+
+
+async def test_a_task_whose_records_cannot_be_written_waits_and_finishes_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The submitter's own storage turns read-only while its local GPU task runs: the task
+    ends meanwhile, its result cannot be recorded, and its driver's steps cannot be
+    written. Nothing fails and nothing runs twice: the record stays as it was, the node is
+    degraded, and once writes work again the task finishes, once."""
+    async with (
+        open_sim_host() as host,
+        open_virtual_cluster(
+            tmp_path,
+            workers=1,
+            config=sim_config(),
+            agent_factory=host.agent_factory,
+            on_response=validate,
+        ) as cluster,
+    ):
+        w1 = cluster["w1"]
+        await cluster.wait_until(
+            lambda: bool(cluster.cp.allocatable_gpus(w1.node_id)[0] and w1.verified_gpu_uuids())
+        )
+        async with cluster.operator_client("w1") as client:
+            submitted = await client.post(
+                "/v1/populi/tasks", json={"command": ["sim", "5"], "gpus": 1}
+            )
+        assert submitted.status_code == 200, submitted.text
+        task_id = submitted.json()["task"]["task_id"]
+        await cluster.wait_until(lambda: bool(host.ledger.for_task(task_id)))
+        w1.store.execute("PRAGMA query_only = ON")
+        await trio.sleep(15)  # the 5 s task ended meanwhile
+        (run,) = host.ledger.for_task(task_id)
+        assert run.stopped is not None
+        assert cluster.nodes["w1"].running, "the agent went down on a failed write"
+        assert w1.submitter.load(task_id).state == "running_local"
+        assert problems(w1).get("submitter") == "storage_unavailable", problems(w1)
+        async with cluster.operator_client("w1") as client:
+            shown = (await client.get(f"/v1/populi/tasks/{task_id}")).json()
+            refused = await client.post("/v1/populi/tasks", json={"command": ["sim", "1"]})
+        assert shown["task"]["state"] == "running_local"
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "storage_unavailable"
+
+        w1.store.execute("PRAGMA query_only = OFF")
+        await cluster.wait_until(lambda: w1.submitter.load(task_id).terminal, timeout_s=60)
+        await cluster.wait_until(lambda: w1.status_json()["health"]["state"] == "ok")
+        task = w1.submitter.load(task_id)
+        assert task.state == "succeeded", task
+        assert len(task.attempts) == 1 and len(host.ledger.for_task(task_id)) == 1
+        tasks = w1.store.execute("SELECT task_id FROM tasks").fetchall()
+        assert [row["task_id"] for row in tasks] == [task_id]  # the refused one left nothing
