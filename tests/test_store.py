@@ -113,9 +113,8 @@ def test_a_read_only_database_is_storage_unavailable(tmp_path: Path) -> None:
 
 def test_a_statement_error_is_a_store_error_not_unavailable(tmp_path: Path) -> None:
     store = Store.open(tmp_path, create=True)
-    with pytest.raises(StoreError) as info:
-        with store.transaction():
-            store.execute("INSERT INTO meta (key, value) VALUES ('a', NULL)")
+    with pytest.raises(StoreError) as info, store.transaction():
+        store.execute("INSERT INTO meta (key, value) VALUES ('a', NULL)")
     assert not isinstance(info.value, StorageUnavailable)
     assert info.value.code == "store_error" and not store.conn.in_transaction
     store.close()

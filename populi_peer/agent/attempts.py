@@ -430,7 +430,9 @@ class AttemptRunner:
         outcome = outcome_box[0]
         if isinstance(outcome, Exception):
             await self.agent.executor.kill_orphan(self.task_dir(plan))
-            result = await self._finish(plan, outcome="lost", started_ms=started_ms, detail=str(outcome))
+            result = await self._finish(
+                plan, outcome="lost", started_ms=started_ms, detail=str(outcome)
+            )
             if not self.agent.executor.leftovers(self.task_dir(plan)):
                 await self.release(plan, "stopped")
             return result

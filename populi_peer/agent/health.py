@@ -102,7 +102,7 @@ class Health:
                 error=str(error),
                 failures=problem.failures,
             )
-        return min(BACKOFF_BASE_S * 2 ** (problem.failures - 1), BACKOFF_MAX_S)
+        return float(min(BACKOFF_BASE_S * 2.0 ** (problem.failures - 1), BACKOFF_MAX_S))
 
     def ok(self, component: str) -> None:
         """``component`` succeeded: its problem, if any, is over."""

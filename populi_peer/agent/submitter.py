@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from populi_peer.agent.health import RETRIED, retried_failure
 from populi_peer.agent.attempts import AttemptPlan, definitive
+from populi_peer.agent.health import RETRIED, retried_failure
 from populi_peer.agent.heartbeat import scope_of
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal

@@ -81,7 +81,9 @@ async def test_a_dead_state_that_cannot_be_written_is_never_announced(
         await trio.sleep(TTL_S + margin + 3 * BACKOFF_MAX_S)
         assert cluster.nodes["cp"].running, "the control plane went down on a failed write"
         shown = (await submitter.get(path)).json()["lease"]
-        expired = (await submitter.get("/v1/populi/exec/leases", params={"state": "expired"})).json()
+        expired = (
+            await submitter.get("/v1/populi/exec/leases", params={"state": "expired"})
+        ).json()
         fallback = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
         async with cluster.operator_client() as operator:
             settings = await operator.post(

@@ -91,13 +91,15 @@ def test_a_lease_expiring_on_a_full_disk_stays_holding_and_the_agent_carries_on(
             filler = fill(data_dir)
             filled = time.monotonic()
             # Nobody renews the lease; its expiry cannot be written.
-            problem, waited = wait_for(
+            problem, _ = wait_for(
                 "the lease service reports the failed expiry",
                 lambda: components(data_dir).get("leases"),
                 guard_s=60,
                 every_s=0.5,
             )
-            print(f"expiry write failed and was reported {time.monotonic() - filled:.1f} s after the fill")
+            print(
+                f"expiry write failed and was reported {time.monotonic() - filled:.1f} s after the fill"
+            )
             assert agent.proc.poll() is None, agent.log()[-3000:]
             assert problem["code"] == "storage_unavailable"
             assert "full" in problem["message"]
@@ -126,8 +128,10 @@ def test_a_lease_expiring_on_a_full_disk_stays_holding_and_the_agent_carries_on(
             freed = time.monotonic()
             _, took = wait_for(
                 "the lease expires once its dead state can be written",
-                lambda: client.get(f"/v1/populi/exec/leases/{lease_id}").json()["lease"]["state"]
-                == "expired",
+                lambda: (
+                    client.get(f"/v1/populi/exec/leases/{lease_id}").json()["lease"]["state"]
+                    == "expired"
+                ),
                 guard_s=60,
                 every_s=0.2,
             )
