@@ -727,7 +727,9 @@ async def test_every_route_has_wrong_input(agent: Agent) -> None:
 
 
 @pytest.mark.parametrize("ttl_s", [1e-300, 2.999])
-async def test_a_grant_below_the_minimum_ttl_says_ttl_too_short(agent: Agent, ttl_s: float) -> None:
+async def test_a_grant_below_the_minimum_ttl_says_ttl_too_short(
+    agent: Agent, ttl_s: float, autojump_clock: trio.testing.MockClock
+) -> None:
     """A lease can never be born dead: the refusal names ``ttl_too_short`` (beside
     whatever else is wrong with the request), and the minimum itself is not too short."""
     async with client_for(agent, "operator") as client:
