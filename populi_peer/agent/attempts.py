@@ -376,17 +376,21 @@ class AttemptRunner:
             async def renew_loop() -> None:
                 assert plan.ttl_s is not None
                 first = renew_now
+                unwritten = False
                 while True:
                     if not first:
                         await trio.sleep(renew_interval_s(plan.ttl_s))
                     first = False
                     try:
                         execution.extend_deadline(await self.renew(plan))
-                        self.agent.health.ok(_component(plan))
+                        if unwritten:
+                            unwritten = False
+                            self.agent.health.ok(_component(plan))
                     except OSError as exc:
                         # The longer deadline could not be written (disk full...): the
                         # supervisor keeps the old one and stops the task by it (safety
                         # rule 3); the next renewal tries again.
+                        unwritten = True
                         self.agent.health.failed(_component(plan), exc)
                     except PopuliError as exc:
                         if definitive(exc):
@@ -418,8 +422,12 @@ class AttemptRunner:
             async def watch_cancel() -> None:
                 await running.cancel_event.wait()
                 health = self.agent.health
+                retried = False
                 while (delay := self._cancel(plan, execution)) is not None:
+                    retried = True
                     await health.retry_after(delay)
+                if retried:
+                    health.ok(_component(plan))
 
             nursery.start_soon(watch_cancel)
             try:
@@ -532,7 +540,6 @@ class AttemptRunner:
             execution.cancel()
         except OSError as exc:
             return self.agent.health.failed(_component(plan), exc)
-        self.agent.health.ok(_component(plan))
         return None
 
     def request_cancel(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
