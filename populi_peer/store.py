@@ -142,6 +142,11 @@ MIGRATIONS: list[str] = [
         received_ms INTEGER NOT NULL
     );
     """,
+    # 3: a join's outcome (the certificate it issued) kept with its token use, in the same
+    # transaction, so that a retried join (same token, same key) gets the first answer.
+    """
+    ALTER TABLE token_uses ADD COLUMN certificate TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -249,13 +254,23 @@ class Store:
             yield self.conn
         except BaseException:
             self._depth = 0
-            self.conn.execute("ROLLBACK")
+            # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR): a
+            # second ROLLBACK would raise and hide the error that matters.
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
             raise
         self._depth = 0
         self._meta_cache.clear()
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            # A failed COMMIT (disk full, I/O error) may leave the transaction open; end it,
+            # or every later BEGIN on this connection fails and nothing recovers when space
+            # returns. Nothing of it was written.
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
             raise StoreError(f"cannot commit to {self.path}: {exc}") from exc
 
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
