@@ -1,13 +1,20 @@
-"""A man in the middle of a join, on loopback with real processes and real TLS (issue 10,
-item 1): a retired node's certificate still chains to the cluster CA, so an impostor that
-holds one and answers on the control plane's address passes the CA pin. ``populi join``
-must notice that the node it reached is not one its token names, say so in one line and
-exit 4, having sent nothing but a GET of the public CA certificate.
+"""Joins on loopback with real processes, real TLS and real SQLite (issue 10).
+
+- A man in the middle (item 1): a retired node's certificate still chains to the cluster
+  CA, so an impostor that holds one and answers on the control plane's address passes the
+  CA pin. ``populi join`` must notice that the node it reached is not one its token names,
+  say so in one line and exit 4, having sent nothing but a GET of the public CA
+  certificate; the token then still works at the real control plane.
+- A full disk (item 2): the control plane's data directory on a small tmpfs, filled. The
+  join is refused in one line (503 ``storage_unavailable`` on the wire), the control plane
+  keeps running and knows nothing of the joiner; once space is back the same token joins
+  exactly one node.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.clock import SystemClock
 from populi_peer.store import Store
 from support.procs import POPULI, Processes, init, one_line, populi
+from support.tmpfs import fill, small_tmpfs
 
 pytestmark = pytest.mark.e2e
 
@@ -187,3 +195,36 @@ def _meta(data_dir: Path, key: str) -> str:
         return store.require_meta(key)
     finally:
         store.close()
+
+
+def test_a_join_refused_for_a_full_disk_leaves_nothing_and_the_token_works_once(
+    tmp_path: Path, procs: Processes
+) -> None:
+    with small_tmpfs(tmp_path / "cp") as cp:
+        init(cp)
+        agent = procs.start_agent(cp)
+        token = _token(cp)
+        # Start the WAL afresh so that the next commit must grow it, then fill the disk.
+        with sqlite3.connect(cp / "populi.db") as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = fill(cp)
+        refused = populi(*_join_args(token, tmp_path / "w1", "w1"))
+        assert refused.returncode == 125, refused.stderr
+        assert one_line(refused.stderr)
+        assert "could not record the join" in refused.stderr
+        assert "token is unused" in refused.stderr
+        assert not (tmp_path / "w1" / "populi.db").exists()
+        assert agent.proc.poll() is None, agent.log()[-2000:]
+        filler.unlink()
+        nodes = json.loads(populi("nodes", "--data-dir", str(cp), "--json", check=True).stdout)
+        assert [n["name"] for n in nodes["nodes"]] == ["cp"]
+        listed = json.loads(
+            populi("token", "list", "--data-dir", str(cp), "--json", check=True).stdout
+        )
+        assert [(t["uses_left"], t["used_by"]) for t in listed["tokens"]] == [(1, [])]
+        populi(*_join_args(token, tmp_path / "w1", "w1"), check=True)
+        again = populi(*_join_args(token, tmp_path / "w2", "w2"))
+        assert again.returncode == 4 and "token already used" in again.stderr
+        nodes = json.loads(populi("nodes", "--data-dir", str(cp), "--json", check=True).stdout)
+        assert sorted(n["name"] for n in nodes["nodes"]) == ["cp", "w1"]
+        procs.stop(agent)

@@ -13,13 +13,9 @@ virtual cluster: real agents, real SQLite, the memory network, virtual time.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import os
 import sqlite3
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +38,7 @@ from populi_peer.clock import Clock
 from populi_peer.errors import PeerError, RefusedError
 from populi_peer.joining import join_cluster
 from populi_peer.testing.cluster import VirtualCluster
+from support.tmpfs import fill, small_tmpfs
 from support.vcluster import vcluster
 
 CP_BASE = "https://cp.populi.test:443"
@@ -345,46 +342,10 @@ async def test_a_lost_answer_is_asked_again_and_gets_the_first_outcome(
         assert info.value.code == "token_already_used"
 
 
-@contextlib.contextmanager
-def _small_tmpfs(path: Path, size: str = "16m") -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs to fill up needs root")
-    path.mkdir(parents=True)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    """Fill the file system of ``directory`` to the last byte; returns the filler."""
-    filler = directory / "filler"
-    chunk = b"\0" * (1 << 16)
-    with filler.open("wb", buffering=0) as out:
-        while True:
-            try:
-                out.write(chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-                break
-        for size in (4096, 512, 1):
-            with contextlib.suppress(OSError):
-                while out.write(b"\0" * size):
-                    pass
-    return filler
-
-
 async def test_a_join_that_fails_on_a_full_disk_leaves_nothing_behind(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with _small_tmpfs(tmp_path / "cluster" / "cp") as cp_dir:
+    with small_tmpfs(tmp_path / "cluster" / "cp") as cp_dir:
         async with vcluster(tmp_path / "cluster") as cluster:
             cp = cluster.cp
             assert cp.store.path.parent == cp_dir
@@ -392,7 +353,7 @@ async def test_a_join_that_fails_on_a_full_disk_leaves_nothing_behind(
             # Start the WAL afresh, so that the next commit must grow it, then fill the disk.
             with sqlite3.connect(cp.store.path) as conn:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            filler = _fill(cp_dir)
+            filler = fill(cp_dir)
             key = generate_key()
             node_id = node_id_for(key.public_key())
             with pytest.raises(PeerError) as info:
