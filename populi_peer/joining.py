@@ -85,9 +85,9 @@ class JoinResult:
     contact: str
 
 
-async def _call(
+async def _send(
     client: httpx.AsyncClient, url: str, payload: dict[str, Any] | None, *, peer: str
-) -> tuple[dict[str, Any], httpx.Response]:
+) -> httpx.Response:
     try:
         if payload is None:
             response = await client.get(url)
@@ -104,7 +104,7 @@ async def _call(
                 code="peer_certificate_foreign",
             ) from exc
         raise transport_error(exc, peer=peer, url=url) from exc
-    return decode_response(response, peer=peer), response
+    return response
 
 
 def _certificate_refusal(exc: BaseException) -> str | None:
@@ -153,7 +153,8 @@ async def fetch_pinned_ca(
     nothing was sent but a GET."""
     base = f"https://{contact}"
     async with httpx.AsyncClient(transport=transports(None), timeout=timeout_s) as probe:
-        answer, _ = await _call(probe, base + "/v1/populi/join/ca", None, peer=contact)
+        response = await _send(probe, base + "/v1/populi/join/ca", None, peer=contact)
+    answer = decode_response(response, peer=contact)
     pem = answer.get("ca_certificate")
     if not isinstance(pem, str):
         raise PeerError(f"{contact} did not send a CA certificate", code="bad_peer_answer")
@@ -184,8 +185,8 @@ class _Contact:
         self, path: str, payload: dict[str, Any] | None, *, node_id: str | None
     ) -> tuple[dict[str, Any], str]:
         """One request; returns the answer and the node that gave it, which must be
-        ``node_id`` when given."""
-        answer, response = await _call(self.client, self.base + path, payload, peer=self.address)
+        ``node_id`` when given (checked before the answer, refusals included, is read)."""
+        response = await _send(self.client, self.base + path, payload, peer=self.address)
         answered_by = tls_peer_node_id(response, self.ca, peer=self.address)
         if node_id is not None and answered_by != node_id:
             raise CertificateError(
@@ -193,7 +194,7 @@ class _Contact:
                 "a man in the middle; the join stopped",
                 code="join_peer_changed",
             )
-        return answer, answered_by
+        return decode_response(response, peer=self.address), answered_by
 
 
 async def _identify_recipient(contact: _Contact, held: HeldToken) -> str:

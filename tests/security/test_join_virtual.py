@@ -36,7 +36,7 @@ from enrollment.tokens import (
 from populi_peer.agent.agent import Agent
 from populi_peer.clock import Clock
 from populi_peer.errors import PeerError, RefusedError
-from populi_peer.joining import join_cluster
+from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.cluster import VirtualCluster
 from support.tmpfs import fill, small_tmpfs
 from support.vcluster import vcluster
@@ -238,6 +238,40 @@ async def test_the_joiner_stops_at_a_node_its_token_does_not_name(
             answer = await client.post("/v1/populi/join/enroll", json=body)
         assert answer.status_code == 403
         assert answer.json()["error"]["code"] == "token_wrong_recipient"
+
+
+class _SwitchAfterIdentity(httpx.AsyncBaseTransport):
+    """Answers the first two requests as the control plane, the rest as ``other``: what
+    a path that changes under the joiner (a DNAT rule added mid-join) would look like."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, other: str) -> None:
+        self.inner = inner
+        self.other = other
+        self.paths: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        self.paths.append(request.url.path)
+        if len(self.paths) > 2:
+            response.extensions[PEER_NODE_ID_EXTENSION] = self.other
+        return response
+
+
+async def test_the_joiner_stops_when_another_node_answers_mid_join(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with vcluster(tmp_path, workers=1) as cluster:
+        cp = cluster.cp
+        token = await cluster.mint_token()
+        switch = _SwitchAfterIdentity(
+            cluster.network.transport_for("joiner-x"), other=cluster["w1"].node_id
+        )
+        with pytest.raises(CertificateError) as info:
+            await _join(cluster, token, "x", key=generate_key(), transport=switch)
+        assert info.value.code == "join_peer_changed"
+        assert "man in the middle" in str(info.value)
+        assert switch.paths[-1] == "/v1/populi/join/challenge"  # the enroll never left
+        assert _token_state(cp, token) == (1, [])
 
 
 async def test_the_token_secret_is_never_sent(
