@@ -54,10 +54,9 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from enrollment.canonical import b64url_encode
 from enrollment.keys import generate_key, node_id_for, public_to_text
+from enrollment.tokens import JoinClaim, open_token, prove_join
 from populi_peer import __version__
-from populi_peer.agent.enrollment import proof_payload
 from populi_peer.api.client import SignedAuth, decode_response, encode_body
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
@@ -391,24 +390,29 @@ class Bench:
                     name = f"sim-{index:05d}"
                     address = f"127.0.0.1:{20000 + index}"
                     challenge = await post("/v1/populi/join/challenge", {})
-                    proof = key.sign(
-                        proof_payload(
-                            challenge=challenge["challenge"],
-                            token_id=token[1],
-                            public_key=public,
-                            cluster_id=challenge["cluster_id"],
-                            name=name,
-                        )
+                    held = open_token(token[0], now_ms=int(time.time() * 1000), skew_ms=300_000)
+                    claim = JoinClaim(
+                        # A benchmark on loopback: the recipient is the node the challenge
+                        # names (populi join takes it from the TLS handshake instead).
+                        recipient=challenge["node_id"],
+                        challenge=challenge["challenge"],
+                        public_key=public,
+                        cluster_id=challenge["cluster_id"],
+                        name=name,
+                        token_id=token[1],
+                        addresses=(address,),
                     )
+                    proofs = prove_join(claim, node_key=key, token_key=held.token_key)
                     answer = await post(
                         "/v1/populi/join/enroll",
                         {
-                            "token": token[0],
+                            "token": held.envelope,
                             "public_key": public,
                             "name": name,
                             "addresses": [address],
-                            "challenge": challenge["challenge"],
-                            "proof": b64url_encode(proof),
+                            "challenge": claim.challenge,
+                            "proof": proofs.proof,
+                            "token_proof": proofs.token_proof,
                         },
                     )
                     if answer["node_id"] != node_id_for(key.public_key()):

@@ -1,16 +1,32 @@
-"""Join tokens: signed, short-lived, single-use invitations that pin the cluster CA.
+"""Join tokens: signed, short-lived invitations that pin the cluster CA and name the nodes
+allowed to receive them, and the proofs a joiner makes with them.
 
 A join token is what ``populi join TOKEN`` consumes (docs/design.md, "Identity, enrollment and
-peer authentication"). Its wire form is one line of ASCII::
+peer authentication"; ADR 0008). Its wire form is one line of ASCII::
 
-    populi-join-1.<base64url-no-padding(signer_key[32] || signature[64] || payload)>
+    populi-join-2.<envelope>.<secret>
+    envelope = base64url-no-padding(signer_key[32] || signature[64] || payload)
+    secret   = base64url-no-padding(token_key_seed[32])
 
-``payload`` is ``canonical_json(fields)``; the Ed25519 signature covers
-``b"populi/join-token/v1\\x00" + payload``. The domain prefix keeps a token signature from
+``payload`` is ``canonical_json(fields)``; the Ed25519 signature of the cluster root covers
+``b"populi/join-token/v2\x00" + payload``. The domain prefix keeps a token signature from
 ever being replayed as another kind of signed object (a revocation list, a request).
 
-There is no algorithm field: version 1 means Ed25519, and a new algorithm means a new
-version prefix. Nothing is negotiated, so nothing can be downgraded.
+The payload names the node ids allowed to receive the token (``recipients``: the control
+plane that minted it; once elections exist, the voters of the signed voter record at
+minting) and the public half of a per-token Ed25519 *token key*. The secret is that key's
+32-byte seed; it sits *outside* the signed envelope and never leaves the joiner. The joiner
+sends the envelope (not secret) and proves that it holds the seed with a signature over a
+:class:`JoinClaim`, which binds the receiving node's id as the joiner verified it in TLS,
+a fresh challenge from that node, the joiner's own public key, the cluster id, its name,
+its addresses and the token id. A proof captured by any other node, or replayed with
+another challenge or key, verifies nowhere; a leaked control-plane store (which keeps only
+:func:`token_digest` of the envelope) or a captured request lets nobody join.
+
+There is no algorithm field: version 2 means Ed25519 for every key, and a new algorithm
+means a new version prefix. Nothing is negotiated, so nothing can be downgraded. Version 1
+tokens (``populi-join-1.``, whose whole text was the secret and was sent to whichever node
+answered) are refused with ``token_unsupported_version``.
 
 :func:`decode_token` checks in this order, and each step runs only if the previous one
 passed, so the payload is parsed only once its signature holds:
@@ -19,33 +35,47 @@ passed, so the payload is parsed only once its signature holds:
 step  check                                           code on failure
 ====  ==============================================  ===============================
 1     text, at most 4096 chars once stripped          token_malformed, token_too_long
-2     prefix ``populi-join-1.``                       token_unsupported_version,
+2     prefix ``populi-join-2.``                       token_unsupported_version,
                                                       token_malformed
-3     strict base64url, long enough for key+sig       token_malformed
-4     signature by the embedded key                   token_bad_signature
-5     embedded key == ``trusted_root`` (if given)     token_foreign_signer
-6     canonical JSON object with ``"v": 1``           token_malformed
-7     ``ca_pin`` == sha256 of the embedded key        token_pin_mismatch
-8     every field valid (one line naming the field)   token_malformed
-9     ``cluster_id`` == ``expected_cluster_id``       token_wrong_cluster
-10    not before / expiry, with the skew budget       token_not_yet_valid,
+3     at most one ``.`` after the prefix; the secret  token_malformed
+      (if present) is strict base64url of 32 bytes
+4     strict base64url, long enough for key+sig       token_malformed
+5     signature by the embedded key                   token_bad_signature
+6     embedded key == ``trusted_root`` (if given)     token_foreign_signer
+7     canonical JSON object with ``"v": 2``           token_malformed
+8     ``ca_pin`` == sha256 of the embedded key        token_pin_mismatch
+9     every field valid (one line naming the field)   token_malformed
+10    the secret (if present) is the token key's      token_key_mismatch
+11    ``cluster_id`` == ``expected_cluster_id``       token_wrong_cluster
+12    not before / expiry, with ``skew_ms``           token_not_yet_valid,
                                                       token_expired
 ====  ==============================================  ===============================
 
+:func:`open_token` (the joiner) runs the same steps and requires the secret
+(``token_incomplete``). :func:`redeem_token` (the control plane) runs steps 1-9 and 11 on
+the envelope alone (a request that carries the secret is refused, ``token_secret_sent``),
+then requires its own node id among the recipients (``token_wrong_recipient``); it does not
+look at time. :func:`check_redeem_time` is the control plane's step 12.
+
+Expiry. The node that checks a token's expiry is the node that minted it (the token names
+it), so the check reads the same clock that set ``not_before_ms`` and ``expires_ms``. It
+grants :data:`REDEEM_GRACE_MS` (2 s) on each edge, enough for a wall-clock step by NTP and
+nothing more: the request skew budget (±5 min, for clocks of *different* nodes) is never
+applied to a token's expiry, so a ``--ttl 1s`` token is refused 2 s after it expired.
+The joiner's own pre-check (:func:`open_token`) stays lenient (``skew_ms``, the skew
+budget): its clock is not the one that counts, and it only saves a round trip.
+
 Unknown payload fields are ignored (docs/conventions.md, "Records and wire"); a field that
 would *restrict* a token must therefore come with a new version, never as an optional
-field a version-1 node would skip.
+field an older node would skip (``recipients`` is why this is version 2).
 
-``not_before_ms`` is the minting time itself, not back-dated: the verifier already allows
-``skew_ms`` on both edges, and a back-date would only widen that allowance and lengthen
-the token's life past its TTL.
+``not_before_ms`` is the minting time itself, not back-dated.
 
-Single use is not decided here: the control plane counts uses by ``token_id`` and keeps
-:func:`token_digest` of the text rather than the text, which is a secret (whoever holds
-it can join). No error message ever contains the token text.
+Single use is not decided here: the control plane counts uses by ``token_id``. No error
+message ever contains the token text.
 
 This module is pure (docs/conventions.md, "Layers"): time comes in as ``now_ms`` (UTC
-milliseconds) and random token ids as bytes the caller drew.
+milliseconds), and random token ids and token-key seeds as bytes the caller drew.
 """
 
 from __future__ import annotations
@@ -54,9 +84,10 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -80,18 +111,28 @@ from enrollment._sealed import (
     _unseal,
     _utc_iso_ms,
 )
-from enrollment.canonical import canonical_json
+from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
 from enrollment.errors import TokenError
-from populi_peer.errors import BadRequest
+from populi_peer.errors import BadRequest, Forbidden
 
-TOKEN_VERSION = 1
-TOKEN_PREFIX = "populi-join-1."
-TOKEN_DOMAIN = b"populi/join-token/v1\x00"
+TOKEN_VERSION = 2
+TOKEN_PREFIX = "populi-join-2."
+TOKEN_DOMAIN = b"populi/join-token/v2\x00"
+#: What the joiner's node key signs, and what the token key signs: the same claim under
+#: two domains, so that neither signature can stand in for the other.
+JOIN_PROOF_DOMAIN = b"populi/join-proof/v2\x00"
+TOKEN_PROOF_DOMAIN = b"populi/join-token-proof/v2\x00"
 MAX_TOKEN_CHARS = 4096
 MAX_TOKEN_TTL_MS = 24 * 60 * 60 * 1000
 MAX_TOKEN_USES = 1000
 MAX_CONTACTS = 8
+#: Recipients are the minting control plane today, the voters later (1, 3, 5, 7 or 9).
+MAX_RECIPIENTS = 9
 TOKEN_ID_BYTES = 16
+TOKEN_SEED_BYTES = 32
+#: What the control plane grants on each edge of a token's validity, on its own clock
+#: (the one that minted the token): a wall-clock step, never the request skew budget.
+REDEEM_GRACE_MS = 2_000
 #: Roles a join token may grant. ``voter`` is reserved: voters hold issuing keys and are
 #: chosen by election, not by whoever holds an invitation.
 TOKEN_ROLES = frozenset({"operator", "submit", "worker"})
@@ -103,6 +144,9 @@ _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", re.ASCII)
 _TOKEN_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
 _PIN_RE = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
 _PORT_RE = re.compile(r"[1-9][0-9]{0,4}", re.ASCII)
+#: A node id: ``n-`` + 16 lowercase base32 characters of its key's sha256
+#: (``enrollment.keys.node_id_for``).
+_NODE_ID_RE = re.compile(r"n-[a-z2-7]{16}", re.ASCII)
 # RFC 1123 §2.1 labels; the whole name at most 253 chars (RFC 1035 §2.3.4 less the root).
 _LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
 _TOKEN_FAMILY_RE = re.compile(r"populi-join-([0-9]{1,9})", re.ASCII)
@@ -124,6 +168,18 @@ class TokenFieldError(TokenError, BadRequest):
         super().__init__(message or f"join token field {field}: {problem}", code=code, field=field)
         self.field = field
         self.problem = problem
+
+
+class JoinProofError(TokenError, Forbidden):
+    """A join request's proofs, challenge or recipient do not hold (HTTP 403).
+
+    Codes: ``proof_invalid`` (the joiner's node-key signature), ``token_proof_invalid``
+    (the token-key signature: the sender does not hold the token's secret, or signed for
+    another node, challenge, key or name), ``token_wrong_recipient`` (this node is not
+    among the token's recipients).
+    """
+
+    code = "proof_invalid"
 
 
 # --- public validators ----------------------------------------------------------------
@@ -153,14 +209,22 @@ def ca_pin(public_key: Ed25519PublicKey) -> str:
     return "sha256:" + hashlib.sha256(_raw_public_key(public_key)).hexdigest()
 
 
-def token_digest(text: str) -> str:
-    """Hex sha256 of a token's text, surrounding whitespace removed.
-
-    The control plane stores this, never the token: a leaked store then lets nobody join.
-    Stripping matches :func:`decode_token`, so a pasted token with a trailing newline has
-    the same digest.
-    """
-    return hashlib.sha256(text.strip().encode("utf-8", "surrogatepass")).hexdigest()
+def _check_recipients(value: object) -> tuple[str, ...]:
+    if not isinstance(value, tuple):
+        raise _FieldProblem("recipients", f"must be a tuple, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_RECIPIENTS:
+        raise _FieldProblem(
+            "recipients", f"must name 1 to {MAX_RECIPIENTS} node ids, got {len(value)}"
+        )
+    for index, node_id in enumerate(value):
+        if not isinstance(node_id, str) or not _NODE_ID_RE.fullmatch(node_id):
+            raise _FieldProblem(
+                f"recipients[{index}]",
+                f"{_show(node_id)} is not a node id ('n-' and 16 base32 characters)",
+            )
+        if value.index(node_id) != index:
+            raise _FieldProblem(f"recipients[{index}]", f"{_show(node_id)} is listed twice")
+    return value
 
 
 def _check_contact(index: int, value: object) -> str:
@@ -225,11 +289,15 @@ class JoinToken:
     cluster_id: str
     ca_pin: str
     contacts: tuple[str, ...]
+    #: Node ids allowed to receive the token (and to redeem it), in minting order.
+    recipients: tuple[str, ...]
     not_before_ms: int
     expires_ms: int
     uses: int
     roles: tuple[str, ...]
     name: str | None
+    #: The raw 32-byte public half of the token key; the joiner proves it holds the seed.
+    token_key: bytes
     #: The raw 32-byte Ed25519 key that signed the token; ``ca_pin`` is its sha256.
     signer_public_key: bytes
 
@@ -263,6 +331,9 @@ class JoinToken:
             _check_contact(index, contact)
             if self.contacts.index(contact) != index:
                 raise _FieldProblem(f"contacts[{index}]", f"{_show(contact)} is listed twice")
+        _check_recipients(self.recipients)
+        if not isinstance(self.token_key, bytes) or len(self.token_key) != _KEY_BYTES:
+            raise _FieldProblem("token_key", f"must be {_KEY_BYTES} raw key bytes")
         not_before_ms = _check_ms("not_before_ms", self.not_before_ms)
         expires_ms = _check_ms("expires_ms", self.expires_ms)
         if expires_ms <= not_before_ms:
@@ -314,14 +385,20 @@ class JoinToken:
             "cluster_id": self.cluster_id,
             "ca_pin": self.ca_pin,
             "contacts": list(self.contacts),
+            "recipients": list(self.recipients),
             "not_before_ms": self.not_before_ms,
             "expires_ms": self.expires_ms,
             "uses": self.uses,
             "roles": list(self.roles),
+            "token_key": b64url_encode(self.token_key),
         }
         if self.name is not None:
             body["name"] = self.name
         return body
+
+    def names_recipient(self, node_id: str) -> bool:
+        """Whether ``node_id`` may receive (and redeem) this token."""
+        return node_id in self.recipients
 
     def summary(self) -> dict[str, Any]:
         """What ``populi token list`` shows. Safe to print: holds no secret."""
@@ -334,6 +411,7 @@ class JoinToken:
             "not_before": _utc_iso_ms(self.not_before_ms),
             "expires": _utc_iso_ms(self.expires_ms),
             "contacts": list(self.contacts),
+            "recipients": list(self.recipients),
         }
 
 
@@ -342,19 +420,23 @@ def mint_token(
     signing_key: Ed25519PrivateKey,
     cluster_id: str,
     contacts: Sequence[str],
+    recipients: Sequence[str],
     roles: Iterable[str],
     now_ms: int,
     ttl_ms: int,
     uses: int = 1,
     name: str | None = None,
     token_id: bytes,
+    token_seed: bytes,
 ) -> tuple[str, JoinToken]:
     """Make a join token signed by ``signing_key`` (the cluster root).
 
     Returns ``(text, token)``: ``text`` is the secret to hand to the joining machine,
-    ``token`` its content for the control plane (which stores ``token_digest(text)``).
-    ``token_id`` is 16 random bytes the caller drew; ``ttl_ms`` is at most 24 h (the
-    default of 1 h is the caller's). Raises :class:`TokenFieldError` naming the field.
+    ``token`` its content for the control plane (which stores ``token_digest(text)``, the
+    digest of the envelope). ``recipients`` are the node ids allowed to receive it (the
+    minting control plane). ``token_id`` is 16 and ``token_seed`` 32 random bytes the
+    caller drew; ``ttl_ms`` is at most 24 h (the default of 1 h is the caller's). Raises
+    :class:`TokenFieldError` naming the field.
     """
     if not isinstance(signing_key, Ed25519PrivateKey):
         raise TypeError("signing_key must be an Ed25519PrivateKey")
@@ -374,23 +456,29 @@ def mint_token(
         raise TokenFieldError(problem.field, problem.problem) from None
     if not isinstance(token_id, bytes) or len(token_id) != TOKEN_ID_BYTES:
         raise TokenFieldError("token_id", f"must be {TOKEN_ID_BYTES} random bytes")
-    for field, value in (("contacts", contacts), ("roles", roles)):
+    if not isinstance(token_seed, bytes) or len(token_seed) != TOKEN_SEED_BYTES:
+        raise TokenFieldError("token_seed", f"must be {TOKEN_SEED_BYTES} random bytes")
+    for field_name, value in (("contacts", contacts), ("recipients", recipients), ("roles", roles)):
         if isinstance(value, (str, bytes)):
-            raise TokenFieldError(field, "must be a list of strings, not one string")
+            raise TokenFieldError(field_name, "must be a list of strings, not one string")
     signer = _raw_public_key(signing_key.public_key())
+    token_key = Ed25519PrivateKey.from_private_bytes(token_seed)
     token = JoinToken(
         token_id=token_id.hex(),
         cluster_id=cluster_id,
         ca_pin="sha256:" + hashlib.sha256(signer).hexdigest(),
         contacts=tuple(contacts),
+        recipients=tuple(recipients),
         not_before_ms=now_ms,
         expires_ms=now_ms + ttl_ms,
         uses=uses,
         roles=tuple(roles),
         name=name,
+        token_key=_raw_public_key(token_key.public_key()),
         signer_public_key=signer,
     )
-    text = _seal(TOKEN_PREFIX, TOKEN_DOMAIN, signing_key, canonical_json(token.to_json()))
+    envelope = _seal(TOKEN_PREFIX, TOKEN_DOMAIN, signing_key, canonical_json(token.to_json()))
+    text = envelope + "." + b64url_encode(token_seed)
     if len(text) > MAX_TOKEN_CHARS:  # unreachable with today's field limits; kept as a guard
         raise TokenFieldError(
             "contacts",
@@ -404,24 +492,37 @@ def _refuse(code: str, message: str, **details: Any) -> TokenError:
     return TokenError(message, code=code, **details)
 
 
-def decode_token(
-    text: str,
-    *,
-    now_ms: int,
-    skew_ms: int,
-    trusted_root: Ed25519PublicKey | None = None,
-    expected_cluster_id: str | None = None,
-) -> JoinToken:
-    """Check a join token and return its content; raise :class:`TokenError` otherwise.
+def token_envelope(text: str) -> str:
+    """The signed part of a token's text: what a joiner sends, never its secret.
 
-    Without ``trusted_root`` (a machine that has never met the cluster) the token vouches
-    for itself: it must be signed by the key its ``ca_pin`` names, and the joiner then
-    holds the contacted node's chain to that pin. With ``trusted_root`` (a cluster node
-    redeeming it) the signer must be that key. See the module docstring for the order of
-    the checks. ``skew_ms`` is the clock-skew budget granted on both edges.
+    Only splits (no check): :func:`decode_token` and :func:`redeem_token` check.
     """
-    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
-        raise ValueError("skew_ms must be a non-negative integer")
+    head, dot, rest = text.strip().partition(".")
+    return head + dot + rest.partition(".")[0]
+
+
+def token_digest(text: str) -> str:
+    """Hex sha256 of a token's envelope (its text without the secret, surrounding
+    whitespace removed).
+
+    The control plane stores this and compares it with the envelope a joiner sends. The
+    full text and the envelope alone have the same digest.
+    """
+    return hashlib.sha256(token_envelope(text).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class HeldToken:
+    """A token as its holder (the joiner) has it: the content, the envelope it sends, and
+    the token key it signs with (from the secret, which it never sends)."""
+
+    token: JoinToken
+    envelope: str
+    token_key: Ed25519PrivateKey = field(repr=False)
+
+
+def _split(text: object) -> tuple[str, str | None]:
+    """Steps 1-3: the envelope's base64url body and the secret's text (or ``None``)."""
     if not isinstance(text, str):
         raise _refuse("token_malformed", "token must be text")
     text = text.strip()
@@ -433,9 +534,15 @@ def decode_token(
         )
     if not text:
         raise _refuse("token_malformed", "token is empty")
-    head, dot, body = text.partition(".")
+    head, dot, rest = text.partition(".")
     if head + dot != TOKEN_PREFIX:
         family = _TOKEN_FAMILY_RE.fullmatch(head)
+        if family and dot and family.group(1) == "1":
+            raise _refuse(
+                "token_unsupported_version",
+                "join token version 1 is no longer accepted (its whole text was sent to "
+                "whichever node answered); ask the operator for a new token",
+            )
         if family and dot:
             raise _refuse(
                 "token_unsupported_version",
@@ -447,6 +554,37 @@ def decode_token(
             "token_malformed",
             f"token does not start with {TOKEN_PREFIX!r}; copy the whole token that was printed",
         )
+    body, dot, secret = rest.partition(".")
+    if not dot:
+        return body, None
+    if "." in secret:
+        raise _refuse("token_malformed", "token has more than three parts; copy it exactly")
+    return body, secret
+
+
+def _seed(secret: str) -> bytes:
+    try:
+        seed = b64url_decode(secret)
+    except ValueError as exc:
+        raise _refuse(
+            "token_malformed", f"token's secret part is not valid base64url ({exc})"
+        ) from None
+    if len(seed) != TOKEN_SEED_BYTES:
+        raise _refuse(
+            "token_malformed",
+            f"token's secret part is {len(seed)} bytes, not {TOKEN_SEED_BYTES}; copy the "
+            "whole token that was printed",
+        )
+    return seed
+
+
+def _read(
+    body: str,
+    *,
+    trusted_root: Ed25519PublicKey | None,
+    expected_cluster_id: str | None,
+) -> JoinToken:
+    """Steps 4-9 and 11: the envelope's signature, then its payload."""
     try:
         signer, payload = _unseal(body, TOKEN_DOMAIN)
     except _EnvelopeError as exc:
@@ -488,17 +626,18 @@ def decode_token(
             "Populi cluster root, do not use it",
         )
     try:
-        name = obj.get("name")
         token = JoinToken(
             token_id=_required(obj, "token_id"),
             cluster_id=_required(obj, "cluster_id"),
             ca_pin=signer_pin,
             contacts=_list_field(obj, "contacts"),
+            recipients=_list_field(obj, "recipients"),
             not_before_ms=_required(obj, "not_before_ms"),
             expires_ms=_required(obj, "expires_ms"),
             uses=_required(obj, "uses"),
             roles=_list_field(obj, "roles"),
-            name=name,
+            name=obj.get("name"),
+            token_key=_key_field(obj, "token_key"),
             signer_public_key=signer,
         )
     except _FieldProblem as problem:
@@ -517,6 +656,42 @@ def decode_token(
             f"token is for cluster {_show(token.cluster_id)}, not {_show(expected_cluster_id)}; "
             "ask this cluster's operator for a token",
         )
+    return token
+
+
+def _key_field(obj: dict[str, Any], name: str) -> bytes:
+    value = _required(obj, name)
+    if not isinstance(value, str):
+        raise _FieldProblem(name, f"must be a base64url string, got {_json_type(value)}")
+    try:
+        raw = b64url_decode(value)
+    except ValueError as exc:
+        raise _FieldProblem(name, f"is not valid base64url ({exc})") from None
+    if len(raw) != _KEY_BYTES:
+        raise _FieldProblem(name, f"must be {_KEY_BYTES} raw key bytes, got {len(raw)}")
+    return raw
+
+
+def _token_key_of(token: JoinToken, secret: str) -> Ed25519PrivateKey:
+    """Step 10: the secret must be the seed of the key the signed payload names."""
+    key = Ed25519PrivateKey.from_private_bytes(_seed(secret))
+    if _raw_public_key(key.public_key()) != token.token_key:
+        raise _refuse(
+            "token_key_mismatch",
+            "token's secret part does not belong to its signed part; copy the whole token "
+            "that was printed, in one piece",
+        )
+    return key
+
+
+def check_token_time(token: JoinToken, *, now_ms: int, skew_ms: int) -> None:
+    """Step 12: refuse a token outside ``[not_before - skew, expires + skew)``.
+
+    ``skew_ms`` is what the caller grants on both edges: the joiner's pre-check passes the
+    request skew budget; the control plane calls :func:`check_redeem_time` instead.
+    """
+    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
+        raise ValueError("skew_ms must be a non-negative integer")
     if now_ms + skew_ms < token.not_before_ms:
         raise _refuse(
             "token_not_yet_valid",
@@ -531,25 +706,209 @@ def decode_token(
             f"{_utc_iso_ms(now_ms)}, allowing {_human_ms(skew_ms)} of skew); "
             "ask for a new token",
         )
+
+
+def check_redeem_time(token: JoinToken, *, now_ms: int) -> None:
+    """The control plane's expiry check, on the clock that minted the token: at most
+    :data:`REDEEM_GRACE_MS` on each edge, never the request skew budget."""
+    check_token_time(token, now_ms=now_ms, skew_ms=REDEEM_GRACE_MS)
+
+
+def decode_token(
+    text: str,
+    *,
+    now_ms: int,
+    skew_ms: int,
+    trusted_root: Ed25519PublicKey | None = None,
+    expected_cluster_id: str | None = None,
+) -> JoinToken:
+    """Check a join token (its whole text, or its envelope alone) and return its content;
+    raise :class:`TokenError` otherwise.
+
+    Without ``trusted_root`` (a machine that has never met the cluster) the token vouches
+    for itself: it must be signed by the key its ``ca_pin`` names, and the joiner then
+    holds the contacted node's chain to that pin. With ``trusted_root`` the signer must be
+    that key. When the text carries the secret, it must be the token key's seed. See the
+    module docstring for the order of the checks. ``skew_ms`` is the clock-skew budget
+    granted on both edges.
+    """
+    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
+        raise ValueError("skew_ms must be a non-negative integer")
+    body, secret = _split(text)
+    if secret is not None:
+        _seed(secret)
+    token = _read(body, trusted_root=trusted_root, expected_cluster_id=expected_cluster_id)
+    if secret is not None:
+        _token_key_of(token, secret)
+    check_token_time(token, now_ms=now_ms, skew_ms=skew_ms)
     return token
 
 
+def open_token(text: str, *, now_ms: int, skew_ms: int) -> HeldToken:
+    """The joiner's view of its token: :func:`decode_token` on the whole text, which must
+    carry the secret, and the token key to prove possession with."""
+    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
+        raise ValueError("skew_ms must be a non-negative integer")
+    body, secret = _split(text)
+    if secret is None:
+        raise _refuse(
+            "token_incomplete",
+            "token has no secret part (it ends at the second '.'); copy the whole token "
+            "that was printed",
+        )
+    _seed(secret)
+    token = _read(body, trusted_root=None, expected_cluster_id=None)
+    key = _token_key_of(token, secret)
+    check_token_time(token, now_ms=now_ms, skew_ms=skew_ms)
+    return HeldToken(token=token, envelope=TOKEN_PREFIX + body, token_key=key)
+
+
+def redeem_token(
+    envelope: str,
+    *,
+    trusted_root: Ed25519PublicKey,
+    expected_cluster_id: str,
+    recipient: str,
+) -> JoinToken:
+    """The control plane's view of a token a joiner sent: the envelope alone, signed by
+    ``trusted_root``, for ``expected_cluster_id``, naming ``recipient`` (this node).
+
+    Time is not checked here (:func:`check_redeem_time` does, once the caller knows the
+    join is not a retry of one already recorded).
+    """
+    body, secret = _split(envelope)
+    if secret is not None:
+        raise _refuse(
+            "token_secret_sent",
+            "the join request carries the token's secret part, which a joiner never sends; "
+            "this token must be considered leaked: revoke it and mint another",
+        )
+    token = _read(body, trusted_root=trusted_root, expected_cluster_id=expected_cluster_id)
+    if not token.names_recipient(recipient):
+        raise JoinProofError(
+            f"this token does not name this node ({recipient}) as a recipient; it was "
+            f"minted for {', '.join(token.recipients)}",
+            code="token_wrong_recipient",
+        )
+    return token
+
+
+# --- proof of possession ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JoinClaim:
+    """What a joiner's two proofs sign: everything the join binds.
+
+    ``recipient`` is the node the joiner verified in TLS (the joiner fills it from the
+    handshake; the receiving node fills it with its own id, so a proof made for another
+    node fails). ``challenge`` is single use and comes from that node. ``public_key`` is
+    the joiner's node key (base64url of its raw 32 bytes).
+    """
+
+    recipient: str
+    challenge: str
+    public_key: str
+    cluster_id: str
+    name: str
+    token_id: str
+    addresses: tuple[str, ...]
+
+    def payload(self) -> bytes:
+        return canonical_json(
+            {
+                "v": TOKEN_VERSION,
+                "recipient": self.recipient,
+                "challenge": self.challenge,
+                "public_key": self.public_key,
+                "cluster_id": self.cluster_id,
+                "name": self.name,
+                "token_id": self.token_id,
+                "addresses": list(self.addresses),
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JoinProofs:
+    """``proof``: the node key's signature; ``token_proof``: the token key's (base64url)."""
+
+    proof: str
+    token_proof: str
+
+
+def prove_join(
+    claim: JoinClaim, *, node_key: Ed25519PrivateKey, token_key: Ed25519PrivateKey
+) -> JoinProofs:
+    """Sign ``claim`` with the joiner's node key and with the token key."""
+    payload = claim.payload()
+    return JoinProofs(
+        proof=b64url_encode(node_key.sign(JOIN_PROOF_DOMAIN + payload)),
+        token_proof=b64url_encode(token_key.sign(TOKEN_PROOF_DOMAIN + payload)),
+    )
+
+
+def verify_join(claim: JoinClaim, proofs: JoinProofs, *, token: JoinToken) -> None:
+    """Check both proofs of ``claim`` for ``token``; raise :class:`JoinProofError`.
+
+    The caller builds ``claim`` from what it knows itself (its own node id, the challenge
+    it issued) and what the joiner asks for (key, name, addresses): nothing the joiner says
+    about *where* it sent the request is taken from the request.
+    """
+    if claim.token_id != token.token_id or claim.cluster_id != token.cluster_id:
+        raise JoinProofError("the join claim is for another token", code="token_proof_invalid")
+    payload = claim.payload()
+    try:
+        node_key = Ed25519PublicKey.from_public_bytes(b64url_decode(claim.public_key))
+        node_key.verify(b64url_decode(proofs.proof), JOIN_PROOF_DOMAIN + payload)
+    except (ValueError, InvalidSignature):
+        raise JoinProofError(
+            "proof of key possession does not verify", code="proof_invalid"
+        ) from None
+    try:
+        Ed25519PublicKey.from_public_bytes(token.token_key).verify(
+            b64url_decode(proofs.token_proof), TOKEN_PROOF_DOMAIN + payload
+        )
+    except (ValueError, InvalidSignature):
+        raise JoinProofError(
+            "proof of token possession does not verify (made for another node, challenge, "
+            "key or name, or without the token's secret)",
+            code="token_proof_invalid",
+        ) from None
+
+
 __all__ = [
+    "JOIN_PROOF_DOMAIN",
     "MAX_CONTACTS",
+    "MAX_RECIPIENTS",
     "MAX_TOKEN_CHARS",
     "MAX_TOKEN_TTL_MS",
     "MAX_TOKEN_USES",
+    "REDEEM_GRACE_MS",
     "RESERVED_ROLES",
     "TOKEN_DOMAIN",
     "TOKEN_ID_BYTES",
     "TOKEN_PREFIX",
+    "TOKEN_PROOF_DOMAIN",
     "TOKEN_ROLES",
+    "TOKEN_SEED_BYTES",
     "TOKEN_VERSION",
+    "HeldToken",
+    "JoinClaim",
+    "JoinProofError",
+    "JoinProofs",
     "JoinToken",
     "TokenFieldError",
     "ca_pin",
+    "check_redeem_time",
+    "check_token_time",
     "decode_token",
     "mint_token",
+    "open_token",
+    "prove_join",
+    "redeem_token",
     "token_digest",
+    "token_envelope",
     "validate_node_name",
+    "verify_join",
 ]

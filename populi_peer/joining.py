@@ -1,33 +1,49 @@
-"""The joining side of enrollment (``populi join TOKEN``).
+"""The joining side of enrollment (``populi join TOKEN``; ADR 0008).
 
-1. Decode the token: its signature is checked with the key it embeds, and that key must
-   match the token's CA pin. Nothing is trusted yet.
+1. Open the token: its signature is checked with the key it embeds, that key must match
+   the token's CA pin, and its secret must be the seed of the token key it names. Nothing
+   is trusted yet, and the secret never leaves this process.
 2. Fetch the CA certificate from a contact address over a connection that verifies
-   nothing, and check the CA key against the pin. A mismatch ends the join: the token is
-   never sent.
-3. From then on, talk to the contact only over TLS that trusts exactly that CA: ask for a
-   challenge, then send the token, this node's new public key and a proof of possession.
-4. Write the data directory: keys (0600), certificates, identity facts, the membership
+   nothing, and check the CA key against the pin. A mismatch ends the join: only a GET
+   was sent.
+3. From then on, talk to the contact only over TLS that trusts exactly that CA, and learn
+   from each handshake which node answers (the node id of its certificate's key). A node
+   the token does not name among its recipients ends the join before anything is asked
+   or sent: it may be a man in the middle (a retired node's certificate still chains to
+   the CA).
+4. Ask that node for a challenge and send the token's envelope, this node's new public
+   key, its name and addresses, and two proofs over a claim bound to that node's id and
+   challenge (node key and token key). Every answer must come from that same node. An
+   answer lost on the way is retried with a new challenge and the same key: the control
+   plane answers a retry with the outcome it recorded.
+5. Write the data directory: keys (0600), certificates, identity facts, the membership
    snapshot, the revocation list and the settings record.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enrollment.ca import ca_pin, cert_from_pem, certificate_public_key, verify_issued_by
-from enrollment.canonical import b64url_encode
+from enrollment.ca import (
+    ca_pin,
+    cert_from_pem,
+    certificate_public_key,
+    node_certificate_info,
+    verify_issued_by,
+)
 from enrollment.errors import CertificateError
 from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.revocation import verify_revocations
-from enrollment.tokens import decode_token
-from populi_peer.agent.enrollment import proof_payload
+from enrollment.tokens import HeldToken, JoinClaim, open_token, prove_join
 from populi_peer.api.client import decode_response, encode_body, transport_error
 from populi_peer.api.tls import client_context_from_pem, insecure_probe_context
 from populi_peer.clock import Clock
@@ -43,6 +59,14 @@ from populi_peer.store import Store
 
 #: ``transport_for(ca_pem)``: ``None`` asks for the unverified first-contact transport.
 TransportFactory = Callable[[str | None], httpx.AsyncBaseTransport]
+
+#: Where a transport without TLS (an in-memory network, a test) says which node answered;
+#: over TLS the answer's own handshake says it, and this is not looked at.
+PEER_NODE_ID_EXTENSION = "populi_peer_node_id"
+
+#: Errors after which an enroll request may or may not have been handled: retried with a
+#: fresh challenge and the same key, the control plane answering from what it recorded.
+_LOST_ANSWER_CODES = frozenset({"peer_timeout", "peer_unreachable"})
 
 
 def tls_transports(ca_pem: str | None) -> httpx.AsyncBaseTransport:
@@ -61,9 +85,9 @@ class JoinResult:
     contact: str
 
 
-async def _post(
+async def _send(
     client: httpx.AsyncClient, url: str, payload: dict[str, Any] | None, *, peer: str
-) -> dict[str, Any]:
+) -> httpx.Response:
     try:
         if payload is None:
             response = await client.get(url)
@@ -72,8 +96,54 @@ async def _post(
                 url, content=encode_body(payload), headers={"content-type": "application/json"}
             )
     except httpx.HTTPError as exc:
+        foreign = _certificate_refusal(exc)
+        if foreign is not None:
+            raise CertificateError(
+                f"the node at {peer} presents a certificate the token's CA did not issue "
+                f"({foreign}): this may be a man in the middle; nothing was sent",
+                code="peer_certificate_foreign",
+            ) from exc
         raise transport_error(exc, peer=peer, url=url) from exc
-    return decode_response(response, peer=peer)
+    return response
+
+
+def _certificate_refusal(exc: BaseException) -> str | None:
+    """The verification error behind a failed TLS handshake, if that is what failed."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return str(current.verify_message or current)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def tls_peer_node_id(response: httpx.Response, ca: x509.Certificate, *, peer: str) -> str:
+    """The node that sent ``response``, as its TLS handshake proved it: the node id of the
+    key in its certificate, which must chain to ``ca``.
+
+    Over a transport without TLS, the transport's own word (:data:`PEER_NODE_ID_EXTENSION`).
+    """
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    if ssl_object is not None:
+        der = ssl_object.getpeercert(binary_form=True)
+        if not der:
+            raise PeerError(f"{peer} sent no certificate", code="peer_unverified")
+        cert = x509.load_der_x509_certificate(der)
+        verify_issued_by(cert, ca)
+        node_id = node_id_for(certificate_public_key(cert))
+        if node_certificate_info(cert).principal_id != node_id:
+            raise CertificateError(
+                f"the certificate of the node at {peer} names another node than its key",
+                code="certificate_malformed",
+            )
+        return node_id
+    claimed = response.extensions.get(PEER_NODE_ID_EXTENSION)
+    if isinstance(claimed, str):
+        return claimed
+    raise PeerError(f"cannot tell which node answered at {peer}", code="peer_unverified")
 
 
 async def fetch_pinned_ca(
@@ -83,7 +153,8 @@ async def fetch_pinned_ca(
     nothing was sent but a GET."""
     base = f"https://{contact}"
     async with httpx.AsyncClient(transport=transports(None), timeout=timeout_s) as probe:
-        answer = await _post(probe, base + "/v1/populi/join/ca", None, peer=contact)
+        response = await _send(probe, base + "/v1/populi/join/ca", None, peer=contact)
+    answer = decode_response(response, peer=contact)
     pem = answer.get("ca_certificate")
     if not isinstance(pem, str):
         raise PeerError(f"{contact} did not send a CA certificate", code="bad_peer_answer")
@@ -98,6 +169,102 @@ async def fetch_pinned_ca(
     return pem
 
 
+@dataclass(frozen=True)
+class _Contact:
+    """One contact address, over TLS trusting exactly the pinned CA."""
+
+    client: httpx.AsyncClient
+    address: str
+    ca: x509.Certificate
+
+    @property
+    def base(self) -> str:
+        return f"https://{self.address}"
+
+    async def call(
+        self, path: str, payload: dict[str, Any] | None, *, node_id: str | None
+    ) -> tuple[dict[str, Any], str]:
+        """One request; returns the answer and the node that gave it, which must be
+        ``node_id`` when given (checked before the answer, refusals included, is read)."""
+        response = await _send(self.client, self.base + path, payload, peer=self.address)
+        answered_by = tls_peer_node_id(response, self.ca, peer=self.address)
+        if node_id is not None and answered_by != node_id:
+            raise CertificateError(
+                f"{self.address} was {node_id} and now answers as {answered_by}: this may be "
+                "a man in the middle; the join stopped",
+                code="join_peer_changed",
+            )
+        return decode_response(response, peer=self.address), answered_by
+
+
+async def _identify_recipient(contact: _Contact, held: HeldToken) -> str:
+    """The node at ``contact`` if the token names it; else a refusal that says it may be
+    a man in the middle. Nothing but a GET of the public CA certificate was sent."""
+    _, node_id = await contact.call("/v1/populi/join/ca", None, node_id=None)
+    if not held.token.names_recipient(node_id):
+        raise CertificateError(
+            f"the node at {contact.address} is {node_id}, which this token does not name "
+            f"(it names {', '.join(held.token.recipients)}): this may be a man in the "
+            "middle; nothing was sent",
+            code="join_peer_not_recipient",
+        )
+    return node_id
+
+
+async def _enroll_at(
+    contact: _Contact,
+    held: HeldToken,
+    *,
+    recipient: str,
+    key: Ed25519PrivateKey,
+    name: str,
+    advertise: list[str],
+    attempts: int = 3,
+) -> dict[str, Any]:
+    """Challenge, proofs, enroll at ``recipient``; an answer lost on the way is asked for
+    again with a fresh challenge and the same key (the control plane answers a retry with
+    the outcome it recorded)."""
+    public_text = public_to_text(key.public_key())
+    for attempt in range(1, attempts + 1):
+        challenge, _ = await contact.call("/v1/populi/join/challenge", {}, node_id=recipient)
+        if challenge.get("cluster_id") != held.token.cluster_id:
+            raise CertificateError(
+                f"{contact.address} belongs to another cluster", code="wrong_cluster"
+            )
+        if not isinstance(challenge.get("challenge"), str):
+            raise PeerError(f"{contact.address} sent no challenge", code="bad_peer_answer")
+        claim = JoinClaim(
+            recipient=recipient,
+            challenge=challenge["challenge"],
+            public_key=public_text,
+            cluster_id=held.token.cluster_id,
+            name=name,
+            token_id=held.token.token_id,
+            addresses=tuple(advertise),
+        )
+        proofs = prove_join(claim, node_key=key, token_key=held.token_key)
+        try:
+            answer, _ = await contact.call(
+                "/v1/populi/join/enroll",
+                {
+                    "token": held.envelope,
+                    "public_key": public_text,
+                    "name": name,
+                    "addresses": list(advertise),
+                    "challenge": claim.challenge,
+                    "proof": proofs.proof,
+                    "token_proof": proofs.token_proof,
+                },
+                node_id=recipient,
+            )
+        except PopuliError as exc:
+            if exc.code in _LOST_ANSWER_CODES and attempt < attempts:
+                continue
+            raise
+        return answer
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 async def join_cluster(
     token_text: str,
     *,
@@ -110,7 +277,10 @@ async def join_cluster(
     force: bool = False,
     timeout_s: float = 15.0,
     skew_s: float = 300.0,
+    node_key: Ed25519PrivateKey | None = None,
 ) -> JoinResult:
+    """Join the cluster of ``token_text``; ``node_key`` (a fresh key by default) is the
+    key this node will be known by."""
     if has_cluster(data_dir):
         if not force:
             raise Conflict(
@@ -119,59 +289,32 @@ async def join_cluster(
             )
         wipe_node_files(data_dir)
     now_ms = int(clock.wall() * 1000)
-    token = decode_token(token_text, now_ms=now_ms, skew_ms=int(skew_s * 1000))
-    key = generate_key()
-    public_text = public_to_text(key.public_key())
+    # The joiner's clock is not the one that counts (the control plane checks expiry on
+    # the clock that minted the token): this pre-check allows the whole skew budget.
+    held = open_token(token_text, now_ms=now_ms, skew_ms=int(skew_s * 1000))
+    key = node_key or generate_key()
     errors: list[str] = []
-    for contact in token.contacts:
+    for address in held.token.contacts:
         try:
             ca_pem = await fetch_pinned_ca(
-                contact, token.ca_pin, transports=transports, timeout_s=timeout_s
+                address, held.token.ca_pin, transports=transports, timeout_s=timeout_s
             )
         except CertificateError:
             raise
         except PopuliError as exc:
-            errors.append(f"{contact}: {exc}")
+            errors.append(f"{address}: {exc}")
             continue
-        base = f"https://{contact}"
         async with httpx.AsyncClient(transport=transports(ca_pem), timeout=timeout_s) as client:
+            contact = _Contact(client=client, address=address, ca=cert_from_pem(ca_pem))
             try:
-                challenge = await _post(
-                    client, base + "/v1/populi/join/challenge", {}, peer=contact
-                )
-            except (PeerError, CertificateError) as exc:
-                errors.append(f"{contact}: {exc}")
-                continue
-            except PopuliError as exc:
-                if exc.code in ("peer_unreachable", "agent_unavailable"):
-                    errors.append(f"{contact}: {exc}")
-                    continue
+                recipient = await _identify_recipient(contact, held)
+            except CertificateError:
                 raise
-            if challenge.get("cluster_id") != token.cluster_id:
-                raise CertificateError(
-                    f"{contact} belongs to another cluster", code="wrong_cluster"
-                )
-            proof = key.sign(
-                proof_payload(
-                    challenge=str(challenge["challenge"]),
-                    token_id=token.token_id,
-                    public_key=public_text,
-                    cluster_id=token.cluster_id,
-                    name=name,
-                )
-            )
-            answer = await _post(
-                client,
-                base + "/v1/populi/join/enroll",
-                {
-                    "token": token_text.strip(),
-                    "public_key": public_text,
-                    "name": name,
-                    "addresses": advertise,
-                    "challenge": challenge["challenge"],
-                    "proof": b64url_encode(proof),
-                },
-                peer=contact,
+            except PopuliError as exc:
+                errors.append(f"{address}: {exc}")
+                continue
+            answer = await _enroll_at(
+                contact, held, recipient=recipient, key=key, name=name, advertise=advertise
             )
         _write_data_dir(
             data_dir,
@@ -190,7 +333,7 @@ async def join_cluster(
             cluster_id=str(answer["cluster"]["id"]),
             cluster_name=str(answer["cluster"]["name"]),
             control_plane_url=str(answer["control_plane"]["url"]),
-            contact=contact,
+            contact=address,
         )
     raise PeerError(
         "no contact address of the token answered: " + "; ".join(errors), code="peer_unreachable"
@@ -285,4 +428,12 @@ def _write_data_dir(
     store.close()
 
 
-__all__ = ["JoinResult", "TransportFactory", "fetch_pinned_ca", "join_cluster", "tls_transports"]
+__all__ = [
+    "PEER_NODE_ID_EXTENSION",
+    "JoinResult",
+    "TransportFactory",
+    "fetch_pinned_ca",
+    "join_cluster",
+    "tls_peer_node_id",
+    "tls_transports",
+]

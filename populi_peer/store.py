@@ -152,6 +152,11 @@ MIGRATIONS: list[str] = [
         received_ms INTEGER NOT NULL
     );
     """,
+    # 3: a join's outcome (the certificate it issued) kept with its token use, in the same
+    # transaction, so that a retried join (same token, same key) gets the first answer.
+    """
+    ALTER TABLE token_uses ADD COLUMN certificate TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

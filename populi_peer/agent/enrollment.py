@@ -1,15 +1,22 @@
 """Enrollment on the control plane: join tokens, the join handshake, certificates,
 retirement and revocation.
 
-Join, in three unauthenticated steps (challenge and enroll rate-limited per client address):
+Join, in three unauthenticated steps (challenge and enroll rate-limited per client address;
+ADR 0008):
 
 1. ``GET /v1/populi/join/ca`` — the CA certificate; the joiner checks it against the
-   token's pin and from then on trusts only it (it sends nothing secret before that).
+   token's pin, then trusts only it and checks that the node it reached over that TLS is
+   one the token names (it sends nothing before that).
 2. ``POST /v1/populi/join/challenge`` — a fresh single-use challenge.
-3. ``POST /v1/populi/join/enroll`` — token, the joiner's public key, its name and
-   addresses, the challenge and a proof: its signature over all of them. The token is
-   consumed atomically and durably (one SQLite transaction, ``synchronous=FULL``) together
-   with the new member record; a consumed token never works again.
+3. ``POST /v1/populi/join/enroll`` — the token's envelope (never its secret), the joiner's
+   public key, its name and addresses, the challenge and two proofs over a
+   :class:`~enrollment.tokens.JoinClaim` bound to this node's id: one by the joiner's key,
+   one by the token key. The token is consumed atomically and durably (one SQLite
+   transaction, ``synchronous=FULL``) together with the new member record, its lifecycle
+   register, the event and the certificate issued; memory adopts the member only after
+   that commit, so a failed commit (a full disk: 503 ``storage_unavailable``) leaves
+   nothing of the joiner anywhere. A retry with the same token and key is answered from
+   the recorded use; a consumed token never works again.
 """
 
 from __future__ import annotations
@@ -20,18 +27,35 @@ import secrets
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-
 from enrollment.ca import cert_from_pem, cert_to_pem, make_node_certificate
-from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment.canonical import b64url_encode
 from enrollment.errors import TokenError
 from enrollment.keys import node_id_for, public_from_text, public_to_text
 from enrollment.revocation import RevokedNode, revoke_node, unblock_name
-from enrollment.tokens import decode_token, mint_token, token_digest, validate_node_name
+from enrollment.tokens import (
+    JoinClaim,
+    JoinProofs,
+    JoinToken,
+    check_redeem_time,
+    mint_token,
+    redeem_token,
+    token_digest,
+    validate_node_name,
+    verify_join,
+)
+from populi_peer.agent.join_store import JoinTokens
 from populi_peer.agent.membership import Member
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.core.ratelimit import RateLimiter
-from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited
+from populi_peer.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    StorageUnavailable,
+    StoreError,
+)
 from populi_peer.log import get_logger, log
 
 if TYPE_CHECKING:
@@ -39,7 +63,6 @@ if TYPE_CHECKING:
 
 OPERATOR = frozenset({"operator"})
 NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
-PROOF_DOMAIN = b"populi/join-proof/v1\x00"
 CHALLENGE_TTL_S = 120.0
 DEFAULT_TOKEN_TTL_S = 3600.0
 MAX_CHALLENGES = 10_000
@@ -50,19 +73,9 @@ class TokenUsed(TokenError, Conflict):
     http_status = 409
 
 
-def proof_payload(
-    *, challenge: str, token_id: str, public_key: str, cluster_id: str, name: str
-) -> bytes:
-    """What the joiner signs to prove it holds its key (bound to this join only)."""
-    return PROOF_DOMAIN + canonical_json(
-        {
-            "challenge": challenge,
-            "token_id": token_id,
-            "public_key": public_key,
-            "cluster_id": cluster_id,
-            "name": name,
-        }
-    )
+class JoinNotStored(StorageUnavailable):
+    """The join could not be committed (a full disk, an I/O error): nothing of it was kept
+    and the token was not consumed; the joiner may try again later (HTTP 503)."""
 
 
 class Enrollment:
@@ -71,6 +84,7 @@ class Enrollment:
         self.logger = get_logger("enrollment")
         self.limiter = RateLimiter(agent.config.security.join_rate_per_min)
         self._challenges: OrderedDict[str, float] = OrderedDict()
+        self.tokens = JoinTokens(agent.store)
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -209,7 +223,7 @@ class Enrollment:
         self._require_cp()
         body = request.json()
         fields = {}
-        for name in ("token", "public_key", "name", "challenge", "proof"):
+        for name in ("token", "public_key", "name", "challenge", "proof", "token_proof"):
             value = body.get(name)
             if not isinstance(value, str) or not value:
                 raise BadRequest(
@@ -227,38 +241,83 @@ class Enrollment:
             )
         identity = self.agent.identity
         cluster_key = self._cluster_key()
-        now_ms = self._now_ms()
-        skew_ms = int(self.agent.config.security.max_skew_s * 1000)
-        token = decode_token(
+        token = redeem_token(
             fields["token"],
-            now_ms=now_ms,
-            skew_ms=skew_ms,
             trusted_root=cluster_key.public_key(),
             expected_cluster_id=identity.cluster_id,
+            recipient=self.agent.node_id,
         )
         expires = self._challenges.pop(fields["challenge"], None)
         if expires is None or expires < self.agent.clock.mono():
             raise Forbidden(
                 "join challenge unknown or expired; start the join again", code="challenge_invalid"
             )
-        try:
-            public_key = public_from_text(fields["public_key"])
-            proof = b64url_decode(fields["proof"])
-            public_key.verify(
-                proof,
-                proof_payload(
-                    challenge=fields["challenge"],
-                    token_id=token.token_id,
-                    public_key=fields["public_key"],
-                    cluster_id=identity.cluster_id,
-                    name=fields["name"],
-                ),
-            )
-        except (ValueError, InvalidSignature) as exc:
-            raise Forbidden(
-                "proof of key possession does not verify", code="proof_invalid"
-            ) from exc
         name = validate_node_name(fields["name"])
+        # The recipient is this node, whatever the joiner believes it reached: a proof made
+        # for another node (an impostor that relays) does not verify here.
+        verify_join(
+            JoinClaim(
+                recipient=self.agent.node_id,
+                challenge=fields["challenge"],
+                public_key=fields["public_key"],
+                cluster_id=identity.cluster_id,
+                name=name,
+                token_id=token.token_id,
+                addresses=tuple(addresses),
+            ),
+            JoinProofs(proof=fields["proof"], token_proof=fields["token_proof"]),
+            token=token,
+        )
+        public_key = public_from_text(fields["public_key"])
+        node_id = node_id_for(public_key)
+        replayed = self._recorded_join(token, node_id, name)
+        if replayed is not None:
+            return replayed
+        now_ms = self._now_ms()
+        check_redeem_time(token, now_ms=now_ms)
+        return self._enroll(
+            token,
+            envelope=fields["token"],
+            public_key=public_key,
+            name=name,
+            addresses=addresses,
+            now_ms=now_ms,
+        )
+
+    def _recorded_join(self, token: JoinToken, node_id: str, name: str) -> dict[str, Any] | None:
+        """The first answer again, when this key already joined with this token (the
+        joiner lost the answer and retried): same node, same certificate, no second use."""
+        recorded = self.tokens.recorded(token.token_id, node_id)
+        if recorded is None or recorded.certificate is None:
+            return None
+        member = self.agent.membership.get(node_id)
+        if member is None or self.agent.revocations.is_revoked(node_id) or member.name != name:
+            raise Conflict(
+                f"key {node_id} already joined with this token and is no longer a member "
+                "under that name; every join needs a fresh key",
+                code="key_reused",
+            )
+        log(
+            self.logger,
+            logging.INFO,
+            "join retried; answering with the recorded outcome",
+            node_id=node_id,
+            token_id=token.token_id,
+        )
+        return self._join_answer(member, recorded.certificate)
+
+    def _enroll(
+        self,
+        token: JoinToken,
+        *,
+        envelope: str,
+        public_key: Any,
+        name: str,
+        addresses: list[str],
+        now_ms: int,
+    ) -> dict[str, Any]:
+        identity = self.agent.identity
+        skew_ms = int(self.agent.config.security.max_skew_s * 1000)
         if token.name is not None and token.name != name:
             raise Forbidden(
                 f"this token is bound to the name {token.name!r}, not {name!r}",
@@ -295,7 +354,7 @@ class Enrollment:
 
         serial = secrets.randbits(63) | 1
         cert = make_node_certificate(
-            ca_key=cluster_key,
+            ca_key=self._cluster_key(),
             ca_cert=identity.ca_cert,
             subject_key=public_key,
             principal_id=node_id,
@@ -305,6 +364,7 @@ class Enrollment:
             serial=serial,
             days=self.agent.records.settings["node_cert_lifetime_s"] / 86400,
         )
+        certificate = cert_to_pem(cert).decode("ascii")
         roles = tuple(sorted(token.roles))
         member = Member(
             id=node_id,
@@ -319,42 +379,45 @@ class Enrollment:
             token_id=token.token_id,
             updated_ms=now_ms,
         )
-        store = self.agent.store
-        digest = token_digest(fields["token"])
-        # One transaction, no await inside: consumption, membership and lifecycle are
-        # durable together before anyone is told (safety rule 7).
-        with store.transaction():
-            row = store.execute(
-                "SELECT * FROM join_tokens WHERE token_id = ?", (token.token_id,)
-            ).fetchone()
-            if row is None or row["digest"] != digest:
-                raise Forbidden(
-                    "this token was not issued by this control plane", code="token_unknown"
+        actor = f"token:{token.token_id}"
+        lifecycle = self.agent.registry.initial_write(node_id, actor=actor, term=self.agent.term)
+        # One transaction, no await inside: consumption, membership, lifecycle, the event
+        # and the outcome are durable together before anyone is told (safety rule 7), and
+        # memory adopts them only after the commit: a failed commit leaves nothing behind.
+        try:
+            with self.agent.store.transaction():
+                self._check_unused(token, envelope)
+                self.tokens.consume(
+                    token.token_id, node_id=node_id, at_ms=now_ms, certificate=certificate
                 )
-            if row["revoked_ms"] is not None:
-                raise Forbidden("this token was revoked", code="token_revoked")
-            if row["uses_left"] <= 0:
-                raise TokenUsed("token already used", code="token_already_used")
-            store.execute(
-                "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE token_id = ?",
-                (token.token_id,),
+                if holder is not None:
+                    self.agent.membership.delete_member(holder.id)
+                self.agent.membership.store_member(member)
+                registers = self.agent.registry.stage(lifecycle)
+                self.agent.record_event(
+                    node_id,
+                    "node_joined",
+                    actor=actor,
+                    detail={"name": name, "roles": list(roles)},
+                )
+        except StoreError as exc:
+            log(
+                self.logger,
+                logging.ERROR,
+                "join not recorded; the token was not consumed",
+                token_id=token.token_id,
+                node_id=node_id,
+                error=str(exc),
             )
-            store.execute(
-                "INSERT INTO token_uses (token_id, node_id, at_ms) VALUES (?, ?, ?)",
-                (token.token_id, node_id, now_ms),
-            )
-            if holder is not None:
-                self.agent.membership.remove(holder.id)
-            self.agent.membership.upsert(member)
-            self.agent.registry.set_initial(
-                node_id, actor=f"token:{token.token_id}", term=self.agent.term
-            )
-            self.agent.record_event(
-                node_id,
-                "node_joined",
-                actor=f"token:{token.token_id}",
-                detail={"name": name, "roles": list(roles)},
-            )
+            raise JoinNotStored(
+                "the control plane could not record the join (its storage failed: "
+                f"{_first_line(exc)}); nothing was kept and the token is unused, try again later"
+            ) from exc
+        if holder is not None:
+            self.agent.membership.forget(holder.id)
+        self.agent.membership.adopt(member)
+        if registers is not None:
+            self.agent.registry.adopt(registers)
         log(
             self.logger,
             logging.INFO,
@@ -364,12 +427,25 @@ class Enrollment:
             token_id=token.token_id,
             roles=list(roles),
         )
+        return self._join_answer(member, certificate)
+
+    def _check_unused(self, token: JoinToken, envelope: str) -> None:
+        row = self.tokens.get(token.token_id)
+        if row is None or row["digest"] != token_digest(envelope):
+            raise Forbidden("this token was not issued by this control plane", code="token_unknown")
+        if row["revoked_ms"] is not None:
+            raise Forbidden("this token was revoked", code="token_revoked")
+        if row["uses_left"] <= 0:
+            raise TokenUsed("token already used", code="token_already_used")
+
+    def _join_answer(self, member: Member, certificate: str) -> dict[str, Any]:
+        identity = self.agent.identity
         return {
-            "node_id": node_id,
-            "name": name,
-            "roles": list(roles),
+            "node_id": member.id,
+            "name": member.name,
+            "roles": list(member.roles),
             "cluster": {"id": identity.cluster_id, "name": identity.cluster_name},
-            "certificate": cert_to_pem(cert).decode("ascii"),
+            "certificate": certificate,
             "ca_certificate": cert_to_pem(identity.ca_cert).decode("ascii"),
             "term": self.agent.term,
             "control_plane": {"node_id": self.agent.node_id, "url": self.agent.url},
@@ -411,29 +487,20 @@ class Enrollment:
             signing_key=self._cluster_key(),
             cluster_id=self.agent.identity.cluster_id,
             contacts=self.contacts(),
+            # The node that redeems the token is the one that mints it: this control plane
+            # (with elections, the voters of the voter record at minting).
+            recipients=[self.agent.node_id],
             roles=roles,
             now_ms=now_ms,
             ttl_ms=int(ttl_s * 1000),
             uses=uses,
             name=name,
             token_id=secrets.token_bytes(16),
+            token_seed=secrets.token_bytes(32),
         )
         with self.agent.store.transaction():
-            self.agent.store.execute(
-                "INSERT INTO join_tokens (token_id, digest, roles, name, uses_total, uses_left, not_before_ms, "
-                "expires_ms, created_ms, created_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    token.token_id,
-                    token_digest(text),
-                    canonical_json(sorted(token.roles)).decode(),
-                    token.name,
-                    token.uses,
-                    token.uses,
-                    token.not_before_ms,
-                    token.expires_ms,
-                    now_ms,
-                    request.caller.id,
-                ),
+            self.tokens.add(
+                token, digest=token_digest(text), created_ms=now_ms, created_by=request.caller.id
             )
             self.agent.record_event(
                 self.agent.node_id,
@@ -456,9 +523,7 @@ class Enrollment:
         return {"token": text, "summary": self._token_row_json(self._token_row(token.token_id))}
 
     def _token_row(self, token_id: str) -> Any:
-        row = self.agent.store.execute(
-            "SELECT * FROM join_tokens WHERE token_id = ?", (token_id,)
-        ).fetchone()
+        row = self.tokens.get(token_id)
         if row is None:
             raise NotFound(f"no join token {token_id}", code="unknown_token")
         return row
@@ -475,13 +540,6 @@ class Enrollment:
             state = "expired"
         else:
             state = "active"
-        uses = [
-            r["node_id"]
-            for r in self.agent.store.execute(
-                "SELECT node_id FROM token_uses WHERE token_id = ? ORDER BY at_ms",
-                (row["token_id"],),
-            )
-        ]
         return {
             "token_id": row["token_id"],
             "state": state,
@@ -489,7 +547,7 @@ class Enrollment:
             "name": row["name"],
             "uses_total": row["uses_total"],
             "uses_left": row["uses_left"],
-            "used_by": uses,
+            "used_by": self.tokens.used_by(row["token_id"]),
             "not_before_ms": row["not_before_ms"],
             "expires_ms": row["expires_ms"],
             "created_ms": row["created_ms"],
@@ -499,8 +557,7 @@ class Enrollment:
 
     async def _token_list(self, request: Request) -> dict[str, Any]:
         self._require_cp()
-        rows = self.agent.store.execute("SELECT * FROM join_tokens ORDER BY created_ms").fetchall()
-        return {"tokens": [self._token_row_json(row) for row in rows]}
+        return {"tokens": [self._token_row_json(row) for row in self.tokens.all()]}
 
     async def _token_revoke(self, request: Request) -> dict[str, Any]:
         self._require_cp()
@@ -508,10 +565,7 @@ class Enrollment:
         row = self._token_row(token_id)
         if row["revoked_ms"] is None:
             with self.agent.store.transaction():
-                self.agent.store.execute(
-                    "UPDATE join_tokens SET revoked_ms = ? WHERE token_id = ?",
-                    (self._now_ms(), token_id),
-                )
+                self.tokens.revoke(token_id, now_ms=self._now_ms())
                 self.agent.record_event(
                     self.agent.node_id,
                     "token_revoked",
@@ -665,6 +719,10 @@ class Enrollment:
         }
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 def _host_of(address: str) -> str:
     from populi_peer.config import parse_host_port
 
@@ -678,4 +736,4 @@ def load_cert(pem: str) -> Any:
     return cert_from_pem(pem)
 
 
-__all__ = ["Enrollment", "TokenUsed", "proof_payload"]
+__all__ = ["Enrollment", "JoinNotStored", "TokenUsed"]

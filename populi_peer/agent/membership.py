@@ -142,6 +142,21 @@ class Membership:
 
     def upsert(self, member: Member, *, bump: bool = True) -> None:
         with self.store.transaction():
+            self.store_member(member, bump=bump)
+        self.adopt(member)
+
+    def remove(self, principal_id: str) -> None:
+        with self.store.transaction():
+            self.delete_member(principal_id)
+        self.forget(principal_id)
+
+    # A change that must commit with other records (a join) is written with these inside
+    # the caller's transaction, and adopted into memory only once that commit succeeded.
+
+    def store_member(self, member: Member, *, bump: bool = True) -> None:
+        """Write ``member`` (and bump the version) in the caller's transaction; memory is
+        unchanged until :meth:`adopt`."""
+        with self.store.transaction():
             self.store.execute(
                 "INSERT INTO principals (id, kind, name, public_key, roles, addresses, cert_serial, "
                 "cert_not_after_ms, joined_ms, token_id, updated_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
@@ -165,12 +180,20 @@ class Membership:
             )
             if bump:
                 self._bump()
-        self._cache(member)
 
-    def remove(self, principal_id: str) -> None:
+    def delete_member(self, principal_id: str) -> None:
+        """Delete a principal (and bump the version) in the caller's transaction; memory is
+        unchanged until :meth:`forget`."""
         with self.store.transaction():
             self.store.execute("DELETE FROM principals WHERE id = ?", (principal_id,))
             self._bump()
+
+    def adopt(self, member: Member) -> None:
+        """Show a committed member to this node (after :meth:`store_member` committed)."""
+        self._cache(member)
+
+    def forget(self, principal_id: str) -> None:
+        """Drop a committed deletion from memory (after :meth:`delete_member` committed)."""
         self._members.pop(principal_id, None)
         self._principals.pop(principal_id, None)
 

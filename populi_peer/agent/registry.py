@@ -81,11 +81,22 @@ class Registry:
 
     def apply(self, write: RegisterWrite) -> bool:
         """Merge ``write``; when it changes anything, store it (signed) durably first."""
+        with self.store.transaction():
+            merged = self.stage(write)
+        if merged is None:
+            return False
+        self.adopt(merged)
+        return True
+
+    def stage(self, write: RegisterWrite) -> RegisterSet | None:
+        """Store ``write`` (signed) in the caller's transaction if it changes anything, and
+        return the merged set for :meth:`adopt` once that transaction committed; ``None``
+        when it changes nothing. Memory is unchanged until then."""
         merged, changed = self.registers.apply(
             write, now_wall_ms=self.now_ms(), max_skew_ms=self.max_skew_ms
         )
         if not changed:
-            return False
+            return None
         self.observe(write.stamp.hlc)
         text = sign_record(
             kind="register",
@@ -106,8 +117,11 @@ class Registry:
                 (write.node_id, write.attribute, text),
             )
             self.store.set_meta_json("hlc", self._hlc.to_json())
+        return merged
+
+    def adopt(self, merged: RegisterSet) -> None:
+        """Show a committed :meth:`stage` to this node."""
         self.registers = merged
-        return True
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -117,17 +131,19 @@ class Registry:
         return None if stored is None else effective(stored, self.now_ms())
 
     def set_initial(self, node_id: str, *, actor: str, term: int) -> None:
+        self.apply(self.initial_write(node_id, actor=actor, term=term))
+
+    def initial_write(self, node_id: str, *, actor: str, term: int) -> RegisterWrite:
+        """The lifecycle register of a node that just joined (active)."""
         lc = initial_lifecycle(now_wall_ms=self.now_ms(), actor=actor)
-        self.apply(
-            self.make_write(
-                node_id,
-                LIFECYCLE,
-                lc.to_json(),
-                writer_class="leader",
-                actor=actor,
-                reason="joined",
-                term=term,
-            )
+        return self.make_write(
+            node_id,
+            LIFECYCLE,
+            lc.to_json(),
+            writer_class="leader",
+            actor=actor,
+            reason="joined",
+            term=term,
         )
 
     def command(

@@ -28,6 +28,8 @@ from typing import Any
 import httpx
 import trio
 
+from populi_peer.joining import PEER_NODE_ID_EXTENSION
+
 
 @dataclass
 class Faults:
@@ -180,6 +182,8 @@ class MemoryNetwork:
             headers=response.headers,
             content=response.content,
             request=request,
+            # What a TLS handshake would prove: which node answered (see joining).
+            extensions={PEER_NODE_ID_EXTENSION: dst},
         )
 
 

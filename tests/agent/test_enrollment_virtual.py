@@ -14,7 +14,7 @@ import trio
 from enrollment.errors import CertificateError
 from enrollment.keys import generate_key, load_private_key
 from enrollment.revocation import RevocationList, sign_revocations
-from enrollment.tokens import mint_token
+from enrollment.tokens import mint_token, token_envelope
 from populi_peer.api.client import SignedAuth
 from populi_peer.config import Config
 from populi_peer.errors import RefusedError
@@ -161,10 +161,12 @@ async def test_expired_and_not_yet_valid_tokens(
             signing_key=key,
             cluster_id=cp.identity.cluster_id,
             contacts=["cp.populi.test:443"],
+            recipients=[cp.node_id],
             roles=["worker"],
             now_ms=now_ms + 3_600_000,
             ttl_ms=600_000,
             token_id=secrets.token_bytes(16),
+            token_seed=secrets.token_bytes(32),
         )
         error = await _join_error(cluster, "w2", text)
         assert error.code == "token_not_yet_valid"
@@ -180,10 +182,12 @@ async def test_token_of_another_cluster_or_signer_is_refused(
             signing_key=generate_key(),
             cluster_id=cp.identity.cluster_id,
             contacts=["cp.populi.test:443"],
+            recipients=[cp.node_id],
             roles=["worker"],
             now_ms=now_ms,
             ttl_ms=600_000,
             token_id=secrets.token_bytes(16),
+            token_seed=secrets.token_bytes(32),
         )
         # The joiner itself refuses: the CA at the contact does not match the token's pin.
         with pytest.raises(CertificateError) as info:
@@ -200,11 +204,12 @@ async def test_token_of_another_cluster_or_signer_is_refused(
             answer = await client.post(
                 "/v1/populi/join/enroll",
                 json={
-                    "token": foreign,
+                    "token": token_envelope(foreign),
                     "public_key": "A" * 43,
                     "name": "w1",
                     "challenge": challenge,
                     "proof": "A" * 86,
+                    "token_proof": "A" * 86,
                 },
             )
         assert answer.status_code == 400

@@ -31,7 +31,7 @@ from populi_peer.agent.agent import Agent
 from populi_peer.cluster import init_cluster
 from populi_peer.config import Config
 from populi_peer.core.registers import GPU_QUARANTINE_PREFIX
-from populi_peer.joining import join_cluster
+from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing import VirtualClock
 from support.clients import signed_client, unsigned_client
 from support.vcluster import vcluster
@@ -128,9 +128,22 @@ async def second_node(agent: Agent, tmp_path: Path) -> dict[str, str]:
         listen="127.0.0.1:0",
         advertise=["w1.virtual:443"],
         clock=agent.clock,
-        transports=lambda _ca: httpx.ASGITransport(app=agent.app),
+        transports=lambda _ca: _AnsweredBy(agent),
     )
     return {"node2": result.node_id}
+
+
+class _AnsweredBy(httpx.AsyncBaseTransport):
+    """The agent's app, answering as the agent (what its TLS handshake would prove)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.inner = httpx.ASGITransport(app=agent.app)
+        self.node_id = agent.node_id
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        response.extensions[PEER_NODE_ID_EXTENSION] = self.node_id
+        return response
 
 
 async def quarantined_gpu(agent: Agent, tmp_path: Path) -> dict[str, str]:
@@ -297,19 +310,24 @@ wrong("token_create", "POST", "/v1/populi/admin/tokens", b'{"ttl_s": Infinity}',
 for _label, _body, _code in [
     ("missing-fields", {}, "bad_request"),
     ("token-not-string", {"token": 5, "public_key": "k", "name": "w1", "challenge": "c",
-                          "proof": "p"}, "bad_request"),
+                          "proof": "p", "token_proof": "q"}, "bad_request"),
     ("empty-proof", {"token": "t", "public_key": "k", "name": "w1", "challenge": "c",
-                     "proof": ""}, "bad_request"),
+                     "proof": "", "token_proof": "q"}, "bad_request"),
     ("addresses-not-list", {"token": "t", "public_key": "k", "name": "w1", "challenge": "c",
-                            "proof": "p", "addresses": "h:1"}, "bad_request"),
+                            "proof": "p", "token_proof": "q", "addresses": "h:1"}, "bad_request"),
     ("nine-addresses", {"token": "t", "public_key": "k", "name": "w1", "challenge": "c",
-                        "proof": "p", "addresses": ["h:1"] * 9}, "bad_request"),
+                        "proof": "p", "token_proof": "q", "addresses": ["h:1"] * 9}, "bad_request"),
     ("address-too-long", {"token": "t", "public_key": "k", "name": "w1", "challenge": "c",
-                          "proof": "p", "addresses": ["h" * 262]}, "bad_request"),
+                          "proof": "p", "token_proof": "q", "addresses": ["h" * 262]}, "bad_request"),
     ("garbage-token", {"token": "populi", "public_key": "k", "name": "w1", "challenge": "c",
-                       "proof": "p"}, "token_malformed"),
+                       "proof": "p", "token_proof": "q"}, "token_malformed"),
+    ("no-token-proof", {"token": "t", "public_key": "k", "name": "w1", "challenge": "c",
+                        "proof": "p"}, "bad_request"),
+    ("version-1-token", {"token": "populi-join-1.AAAA", "public_key": "k", "name": "w1",
+                         "challenge": "c", "proof": "p", "token_proof": "q"},
+     "token_unsupported_version"),
     ("over-long-token", {"token": LONG, "public_key": "k", "name": "w1", "challenge": "c",
-                         "proof": "p"}, "token_too_long"),
+                         "proof": "p", "token_proof": "q"}, "token_too_long"),
 ]:
     wrong("join_enroll", "POST", "/v1/populi/join/enroll", _body, 400, _code, _label, signer=None)
 

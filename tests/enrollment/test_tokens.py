@@ -1,4 +1,5 @@
-"""Join tokens: minting, the wire form, and every way decode_token refuses a token."""
+"""Join tokens: minting, the wire form, every way decode_token refuses a token, the joiner's
+and the control plane's views of it, and the join proofs."""
 
 from __future__ import annotations
 
@@ -20,25 +21,40 @@ import enrollment.tokens
 from enrollment.canonical import canonical_json
 from enrollment.errors import TokenError
 from enrollment.tokens import (
+    MAX_RECIPIENTS,
     MAX_TOKEN_CHARS,
+    REDEEM_GRACE_MS,
+    JoinClaim,
+    JoinProofError,
+    JoinProofs,
     JoinToken,
     TokenFieldError,
     _utc_iso_ms,
     ca_pin,
+    check_redeem_time,
     decode_token,
     mint_token,
+    open_token,
+    prove_join,
+    redeem_token,
     token_digest,
+    token_envelope,
     validate_node_name,
+    verify_join,
 )
-from populi_peer.errors import BadRequest, RefusedError
+from populi_peer.errors import BadRequest, Forbidden, RefusedError
 
 ROOT = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
 NOW = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 HOUR = 3_600_000
 TOKEN_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
-PREFIX = "populi-join-1."
-DOMAIN = b"populi/join-token/v1\x00"
+SEED = bytes(range(200, 232))
+TOKEN_KEY = Ed25519PrivateKey.from_private_bytes(SEED)
+CP = "n-aaaaaaaaaaaaaaaa"
+VOTER = "n-bbbbbbbbbbbbbbbb"
+PREFIX = "populi-join-2."
+DOMAIN = b"populi/join-token/v2\x00"
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 DELETE = object()
 
@@ -64,10 +80,12 @@ def mint(**overrides: Any) -> tuple[str, JoinToken]:
         "signing_key": ROOT,
         "cluster_id": "home",
         "contacts": ["10.0.0.1:7070"],
+        "recipients": [CP],
         "roles": ["worker"],
         "now_ms": NOW,
         "ttl_ms": HOUR,
         "token_id": TOKEN_ID,
+        "token_seed": SEED,
     }
     args.update(overrides)
     return mint_token(**args)
@@ -76,15 +94,17 @@ def mint(**overrides: Any) -> tuple[str, JoinToken]:
 def fields(key: Ed25519PrivateKey = ROOT, /, **overrides: Any) -> dict[str, Any]:
     """A valid payload, made by hand (not by the module), with fields replaced."""
     body: dict[str, Any] = {
-        "v": 1,
+        "v": 2,
         "token_id": TOKEN_ID.hex(),
         "cluster_id": "home",
         "ca_pin": pin_of(key),
         "contacts": ["10.0.0.1:7070"],
+        "recipients": [CP],
         "not_before_ms": NOW,
         "expires_ms": NOW + HOUR,
         "uses": 1,
         "roles": ["worker"],
+        "token_key": b64(raw(TOKEN_KEY)),
     }
     for name, value in overrides.items():
         if value is DELETE:
@@ -106,8 +126,19 @@ def seal(
 
 
 def signed(key: Ed25519PrivateKey = ROOT, /, **overrides: Any) -> str:
+    """A hand-sealed envelope (no secret part) with fields replaced."""
     body = fields(key, **overrides)
     return seal(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), key)
+
+
+def whole(envelope: str, seed: bytes = SEED) -> str:
+    """An envelope with its secret part: the text the operator hands out."""
+    return envelope + "." + b64(seed)
+
+
+def body_of(text: str) -> str:
+    """The base64url of a token's envelope (between the prefix and the secret)."""
+    return text[len(PREFIX) :].split(".", maxsplit=1)[0]
 
 
 def decode(text: str, **kwargs: Any) -> JoinToken:
@@ -174,36 +205,45 @@ def test_not_before_is_the_minting_time_and_expiry_is_now_plus_ttl() -> None:
     assert token.expires_ms == NOW + 5 * HOUR
 
 
-def test_wire_form_is_prefix_key_signature_canonical_payload() -> None:
+def test_wire_form_is_prefix_envelope_and_secret() -> None:
     text, token = mint(name="gpu-1")
     assert text.startswith(PREFIX)
     assert text.isascii() and "=" not in text
-    blob = unb64(text[len(PREFIX) :])
+    envelope, secret = text[len(PREFIX) :].split(".")
+    assert unb64(secret) == SEED  # outside the signature: the secret, never sent
+    assert token_envelope(text) == PREFIX + envelope
+    blob = unb64(envelope)
     key, signature, payload = blob[:32], blob[32:96], blob[96:]
     assert key == raw(ROOT)
     ROOT.public_key().verify(signature, DOMAIN + payload)
     assert payload == canonical_json(token.to_json())
     body = json.loads(payload)
-    assert body["v"] == 1
+    assert body["v"] == 2
     assert set(body) == {
         "v",
         "token_id",
         "cluster_id",
         "ca_pin",
         "contacts",
+        "recipients",
         "not_before_ms",
         "expires_ms",
         "uses",
         "roles",
         "name",
+        "token_key",
     }
+    assert body["recipients"] == [CP]
+    assert unb64(body["token_key"]) == raw(TOKEN_KEY)
+    assert b64(SEED) not in payload.decode()
     assert not {"alg", "algorithm", "typ"} & set(body)
 
 
 def test_a_hand_sealed_token_decodes_like_a_minted_one() -> None:
     text, token = mint()
     assert decode(signed()) == token
-    assert signed() == text  # Ed25519 is deterministic: the same bytes exactly
+    assert decode(whole(signed())) == token
+    assert whole(signed()) == text  # Ed25519 is deterministic: the same bytes exactly
 
 
 def test_name_is_left_out_of_the_payload_when_not_bound() -> None:
@@ -220,23 +260,29 @@ def test_ca_pin_is_sha256_of_the_raw_root_key() -> None:
     assert len(ca_pin(ROOT.public_key())) == len("sha256:") + 64
 
 
-def test_token_digest_is_sha256_of_the_stripped_text() -> None:
+def test_token_digest_is_sha256_of_the_envelope() -> None:
     text, _ = mint()
-    assert token_digest(text) == hashlib.sha256(text.encode()).hexdigest()
+    envelope = token_envelope(text)
+    assert token_digest(text) == hashlib.sha256(envelope.encode()).hexdigest()
+    assert token_digest(envelope) == token_digest(text)
     assert token_digest(f"  {text}\n") == token_digest(text)
-    assert text not in token_digest(text)
+    assert hashlib.sha256(text.encode()).hexdigest() != token_digest(text)
 
 
 def test_summary_and_to_json_hold_no_secret() -> None:
     text, token = mint(name="gpu-1")
     blob = text[len(PREFIX) :]
+    secret = text.rsplit(".", 1)[1]
     summary = token.summary()
     assert summary["expires"] == "2023-11-14T23:13:20Z"
     assert summary["not_before"] == "2023-11-14T22:13:20Z"
     assert summary["token_id"] == TOKEN_ID.hex()
     for rendered in (json.dumps(summary), json.dumps(token.to_json()), repr(token)):
         assert blob[:16] not in rendered
-        assert blob[-16:] not in rendered
+        assert secret not in rendered
+    assert summary["recipients"] == [CP]
+    held = open_token(text, now_ms=NOW, skew_ms=0)
+    assert secret not in repr(held) and held.envelope == token_envelope(text)
 
 
 def test_join_token_is_frozen_and_checks_itself() -> None:
@@ -309,6 +355,16 @@ INVALID_AT_MINT: list[tuple[str, dict[str, Any], str]] = [
     ("contacts[0]", {"contacts": ["bücher.lan:7070"]}, "ASCII"),
     ("contacts[0]", {"contacts": [":7070"]}, "hostname"),
     ("contacts[1]", {"contacts": ["gpu:1", "gpu:1"]}, "twice"),
+    ("recipients", {"recipients": []}, "1 to 9"),
+    ("recipients", {"recipients": [CP] * 10}, "1 to 9"),
+    ("recipients", {"recipients": CP}, "not one string"),
+    ("recipients[0]", {"recipients": ["n-short"]}, "not a node id"),
+    ("recipients[0]", {"recipients": ["N-AAAAAAAAAAAAAAAA"]}, "not a node id"),
+    ("recipients[0]", {"recipients": ["op-aaaaaaaaaaaaaaaa"]}, "not a node id"),
+    ("recipients[0]", {"recipients": [7]}, "not a node id"),
+    ("recipients[1]", {"recipients": [CP, CP]}, "twice"),
+    ("token_seed", {"token_seed": bytes(31)}, "32 random bytes"),
+    ("token_seed", {"token_seed": "00" * 32}, "32 random bytes"),
     ("uses", {"uses": 0}, "between 1 and 1000"),
     ("uses", {"uses": 1001}, "between 1 and 1000"),
     ("uses", {"uses": True}, "integer"),
@@ -354,9 +410,12 @@ def test_the_largest_token_fits_the_length_limit() -> None:
 
     contacts = [f"{host(first)}:65535" for first in "abcdefgh"]
     assert all(len(c.rpartition(":")[0]) == 253 for c in contacts)
+    recipients = [f"n-{letter * 16}" for letter in "abcdefghi"]
+    assert len(recipients) == MAX_RECIPIENTS
     text, token = mint(
         cluster_id="c" * 128,
         contacts=contacts,
+        recipients=recipients,
         roles=["operator", "submit", "worker"],
         uses=1000,
         name="n" * 63,
@@ -372,10 +431,11 @@ def test_the_largest_token_fits_the_length_limit() -> None:
 @pytest.mark.parametrize("part", ["key", "signature", "payload"])
 def test_a_flipped_byte_anywhere_is_a_bad_signature(part: str) -> None:
     text, _ = mint()
-    blob = bytearray(unb64(text[len(PREFIX) :]))
+    blob = bytearray(unb64(body_of(text)))
     index = {"key": 5, "signature": 40, "payload": 120}[part]
     blob[index] ^= 0x01
     refused(PREFIX + b64(bytes(blob)), "token_bad_signature")
+    refused(whole(PREFIX + b64(bytes(blob))), "token_bad_signature")
 
 
 def test_a_token_signed_under_another_domain_is_a_bad_signature() -> None:
@@ -391,8 +451,16 @@ def test_truncation_below_key_and_signature_is_malformed() -> None:
 
 
 def test_every_truncation_is_refused() -> None:
-    text, _ = mint()
+    text, token = mint()
+    envelope = token_envelope(text)
     for end in range(len(text)):
+        if end == len(envelope):
+            # The envelope alone is a token without its secret: decodable, not usable.
+            assert decode(text[:end]) == token
+            with pytest.raises(TokenError) as info:
+                open_token(text[:end], now_ms=NOW, skew_ms=0)
+            assert info.value.code == "token_incomplete"
+            continue
         with pytest.raises(TokenError) as info:
             decode(text[:end])
         assert info.value.code in {"token_malformed", "token_bad_signature"}, end
@@ -433,11 +501,21 @@ def test_surrounding_whitespace_is_ignored_and_does_not_count() -> None:
     assert decode(" " * MAX_TOKEN_CHARS + text + "\n" * MAX_TOKEN_CHARS) == token
 
 
-@pytest.mark.parametrize("version", ["2", "0", "10", "01"])
+@pytest.mark.parametrize("version", ["3", "0", "10", "01"])
 def test_unknown_version_prefix_is_unsupported(version: str) -> None:
     text, _ = mint()
     error = refused(f"populi-join-{version}." + text[len(PREFIX) :], "token_unsupported_version")
     assert f"version {version} " in str(error)
+
+
+def test_a_version_1_token_is_refused_with_the_reason() -> None:
+    # A real version-1 token (its whole text was the secret, sent to whoever answered).
+    v1 = seal(
+        canonical_json(fields(v=1)), prefix="populi-join-1.", domain=b"populi/join-token/v1\x00"
+    )
+    error = refused(v1, "token_unsupported_version")
+    assert "version 1 is no longer accepted" in str(error)
+    assert "new token" in str(error)
 
 
 @pytest.mark.parametrize(
@@ -447,6 +525,8 @@ def test_unknown_version_prefix_is_unsupported(version: str) -> None:
         "   ",
         "populi-join-1",
         "populi-join-2",
+        "populi-join-2..",
+        "populi-join-2.AAAA.AAAA.AAAA",
         "populi-join.AAAA",
         "populi-join-v1.AAAA",
         "POPULI-JOIN-1.AAAA",
@@ -512,11 +592,11 @@ def test_a_bad_signature_is_reported_before_a_bad_payload() -> None:
 # --- refusals at decode: payload ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", True, None, 1.0])
+@pytest.mark.parametrize("version", [1, 3, 0, "2", True, None, 2.0])
 def test_payload_version_must_match_the_prefix(version: Any) -> None:
     if isinstance(version, float):
         # Canonical JSON cannot carry floats; seal it by hand.
-        payload = canonical_json(fields(v=DELETE))[:-1] + b',"v":1.0}'
+        payload = canonical_json(fields(v=DELETE))[:-1] + b',"v":2.0}'
         error = refused(seal(payload), "token_malformed")
         assert "JSON" in str(error)
         return
@@ -559,6 +639,16 @@ INVALID_AT_DECODE: list[tuple[str, dict[str, Any]]] = [
     ("expires_ms", {"expires_ms": 2**53}),
     ("ca_pin", {"ca_pin": DELETE}),
     ("ca_pin", {"ca_pin": 5}),
+    ("recipients", {"recipients": DELETE}),
+    ("recipients", {"recipients": []}),
+    ("recipients", {"recipients": CP}),
+    ("recipients[0]", {"recipients": ["n-0000000000000000"]}),
+    ("recipients[1]", {"recipients": [CP, CP]}),
+    ("token_key", {"token_key": DELETE}),
+    ("token_key", {"token_key": 5}),
+    ("token_key", {"token_key": "A" * 42}),
+    ("token_key", {"token_key": b64(bytes(31))}),
+    ("token_key", {"token_key": "not base64!"}),
 ]
 
 
@@ -665,9 +755,12 @@ def test_token_errors_are_refusals() -> None:
 
 def test_no_refusal_echoes_the_token() -> None:
     text, _ = mint()
-    blob = bytearray(unb64(text[len(PREFIX) :]))
+    blob = bytearray(unb64(body_of(text)))
     blob[100] ^= 0x01
+    other_secret = token_envelope(text) + "." + b64(bytes(32))
     cases: list[tuple[str, dict[str, Any]]] = [
+        (other_secret, {}),
+        (whole(PREFIX + b64(bytes(blob))), {}),
         (text, {"now_ms": NOW + 2 * HOUR}),
         (text, {"now_ms": NOW - HOUR}),
         (text, {"expected_cluster_id": "office"}),
@@ -687,6 +780,189 @@ def test_no_refusal_echoes_the_token() -> None:
             decode(case, **kwargs)
         assert_one_clean_line(info.value, case)
         assert text[len(PREFIX) :][:16] not in str(info.value)
+
+
+# --- the secret, the joiner's and the control plane's views ------------------------------
+
+
+def test_the_secret_of_another_token_is_a_key_mismatch() -> None:
+    text, _ = mint()
+    other, _ = mint(token_seed=bytes(32))
+    error = refused(token_envelope(text) + "." + other.rsplit(".", 1)[1], "token_key_mismatch")
+    assert "whole token" in str(error)
+
+
+@pytest.mark.parametrize("secret", ["", "A" * 42, "A" * 44, "not base64!", b64(bytes(31))])
+def test_a_malformed_secret_is_refused_before_the_signature_is_checked(secret: str) -> None:
+    text, _ = mint()
+    refused(token_envelope(text) + "." + secret, "token_malformed")
+    # Even on an envelope whose signature is broken: the secret is checked first (step 3).
+    blob = bytearray(unb64(body_of(text)))
+    blob[40] ^= 1
+    refused(PREFIX + b64(bytes(blob)) + "." + secret, "token_malformed")
+
+
+def test_open_token_gives_the_joiner_its_envelope_and_token_key() -> None:
+    text, token = mint()
+    held = open_token(f" {text}\n", now_ms=NOW, skew_ms=0)
+    assert held.token == token
+    assert held.envelope == token_envelope(text) == signed()
+    assert raw(held.token_key) == raw(TOKEN_KEY) == token.token_key
+    for envelope_only in (token_envelope(text), signed()):
+        with pytest.raises(TokenError) as info:
+            open_token(envelope_only, now_ms=NOW, skew_ms=0)
+        assert info.value.code == "token_incomplete"
+    with pytest.raises(TokenError) as info:
+        open_token(text, now_ms=NOW + HOUR, skew_ms=0)
+    assert info.value.code == "token_expired"
+
+
+def _redeem(envelope: str, **overrides: Any) -> JoinToken:
+    args: dict[str, Any] = {
+        "trusted_root": ROOT.public_key(),
+        "expected_cluster_id": "home",
+        "recipient": CP,
+    }
+    args.update(overrides)
+    return redeem_token(envelope, **args)
+
+
+def test_redeem_takes_the_envelope_for_a_named_recipient_only() -> None:
+    text, token = mint(recipients=[CP, VOTER])
+    assert _redeem(token_envelope(text)) == token
+    assert _redeem(token_envelope(text), recipient=VOTER) == token
+    with pytest.raises(JoinProofError) as info:
+        _redeem(token_envelope(text), recipient="n-cccccccccccccccc")
+    assert info.value.code == "token_wrong_recipient"
+    assert info.value.http_status == 403 and isinstance(info.value, Forbidden)
+    assert CP in str(info.value) and "n-cccccccccccccccc" in str(info.value)
+    with pytest.raises(TokenError) as info:
+        _redeem(text)
+    assert info.value.code == "token_secret_sent"
+    assert text.rsplit(".", 1)[1] not in str(info.value)
+    for overrides, code in (
+        ({"trusted_root": OTHER.public_key()}, "token_foreign_signer"),
+        ({"expected_cluster_id": "office"}, "token_wrong_cluster"),
+    ):
+        with pytest.raises(TokenError) as info:
+            _redeem(token_envelope(text), **overrides)
+        assert info.value.code == code
+
+
+def test_redeem_does_not_look_at_time() -> None:
+    # Time is the caller's next step (a retry of a recorded join needs none).
+    text, token = mint()
+    assert _redeem(token_envelope(text)) == token
+    with pytest.raises(TokenError):
+        check_redeem_time(token, now_ms=NOW + 2 * HOUR)
+
+
+def test_the_redeeming_node_grants_seconds_not_the_skew_budget() -> None:
+    _, token = mint(ttl_ms=1000)
+    expires = NOW + 1000
+    assert REDEEM_GRACE_MS <= 5_000
+    check_redeem_time(token, now_ms=expires + REDEEM_GRACE_MS - 1)
+    with pytest.raises(TokenError) as info:
+        check_redeem_time(token, now_ms=expires + REDEEM_GRACE_MS)
+    assert info.value.code == "token_expired"
+    assert "allowing 2s of skew" in str(info.value)
+    check_redeem_time(token, now_ms=NOW - REDEEM_GRACE_MS)
+    with pytest.raises(TokenError) as info:
+        check_redeem_time(token, now_ms=NOW - REDEEM_GRACE_MS - 1)
+    assert info.value.code == "token_not_yet_valid"
+    # The joiner's own pre-check may still allow the whole budget: it is not the judge.
+    assert decode(mint(ttl_ms=1000)[0], now_ms=expires + SKEW - 1, skew_ms=SKEW) == token
+
+
+# --- join proofs ---------------------------------------------------------------------------
+
+NODE_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(50, 82)))
+
+
+def claim(**overrides: Any) -> JoinClaim:
+    args: dict[str, Any] = {
+        "recipient": CP,
+        "challenge": "c" * 43,
+        "public_key": b64(raw(NODE_KEY)),
+        "cluster_id": "home",
+        "name": "gpu-1",
+        "token_id": TOKEN_ID.hex(),
+        "addresses": ("10.0.0.9:7431",),
+    }
+    args.update(overrides)
+    return JoinClaim(**args)
+
+
+def test_join_claim_payload_is_canonical_and_names_everything_it_binds() -> None:
+    body = json.loads(claim().payload())
+    assert claim().payload() == canonical_json(body)
+    assert body == {
+        "v": 2,
+        "recipient": CP,
+        "challenge": "c" * 43,
+        "public_key": b64(raw(NODE_KEY)),
+        "cluster_id": "home",
+        "name": "gpu-1",
+        "token_id": TOKEN_ID.hex(),
+        "addresses": ["10.0.0.9:7431"],
+    }
+
+
+def test_join_proofs_verify_for_exactly_the_claim_they_were_made_for() -> None:
+    _, token = mint()
+    proofs = prove_join(claim(), node_key=NODE_KEY, token_key=TOKEN_KEY)
+    verify_join(claim(), proofs, token=token)
+    node_bound = {
+        "recipient": VOTER,
+        "challenge": "d" * 43,
+        "public_key": b64(raw(OTHER)),
+        "name": "gpu-2",
+        "addresses": (),
+    }
+    for field, value in node_bound.items():
+        with pytest.raises(JoinProofError) as info:
+            verify_join(claim(**{field: value}), proofs, token=token)
+        assert info.value.code == "proof_invalid", field
+    for field, value in (("token_id", "ff" * 16), ("cluster_id", "office")):
+        with pytest.raises(JoinProofError) as info:
+            verify_join(claim(**{field: value}), proofs, token=token)
+        assert info.value.code == "token_proof_invalid", field
+
+
+def test_a_proof_without_the_token_secret_does_not_verify() -> None:
+    _, token = mint()
+    forged = prove_join(claim(), node_key=NODE_KEY, token_key=OTHER)
+    with pytest.raises(JoinProofError) as info:
+        verify_join(claim(), forged, token=token)
+    assert info.value.code == "token_proof_invalid"
+    assert info.value.http_status == 403
+
+
+def test_the_two_proofs_cannot_stand_in_for_each_other() -> None:
+    _, token = mint()
+    # The joiner's key is the token key here, so only the domains tell the two apart.
+    same = claim(public_key=b64(raw(TOKEN_KEY)))
+    good = prove_join(same, node_key=TOKEN_KEY, token_key=TOKEN_KEY)
+    verify_join(same, good, token=token)
+    assert good.proof != good.token_proof
+    swapped = JoinProofs(proof=good.token_proof, token_proof=good.proof)
+    with pytest.raises(JoinProofError):
+        verify_join(same, swapped, token=token)
+
+
+@pytest.mark.parametrize("bad", ["", "!!", "A" * 86, b64(bytes(63))])
+def test_malformed_proofs_are_refused(bad: str) -> None:
+    _, token = mint()
+    proofs = prove_join(claim(), node_key=NODE_KEY, token_key=TOKEN_KEY)
+    for broken in (
+        JoinProofs(proof=bad, token_proof=proofs.token_proof),
+        JoinProofs(proof=proofs.proof, token_proof=bad),
+    ):
+        with pytest.raises(JoinProofError):
+            verify_join(claim(), broken, token=token)
+    with pytest.raises(JoinProofError) as info:
+        verify_join(claim(public_key="not a key"), proofs, token=token)
+    assert info.value.code == "proof_invalid"
 
 
 # --- node names ----------------------------------------------------------------------------
@@ -762,12 +1038,24 @@ def test_fuzz_character_mutations_of_a_valid_token(data: st.DataObject) -> None:
 
 
 @FUZZ
-@given(st.integers(0, 95 + len(unb64(VALID_TEXT[len(PREFIX) :]))), st.integers(1, 255))
+@given(st.integers(0, 95 + len(unb64(body_of(VALID_TEXT)))), st.integers(1, 255))
 def test_fuzz_any_byte_flip_in_the_blob_is_a_bad_signature(index: int, mask: int) -> None:
-    blob = bytearray(unb64(VALID_TEXT[len(PREFIX) :]))
+    blob = bytearray(unb64(body_of(VALID_TEXT)))
     index %= len(blob)
     blob[index] ^= mask
-    refused(PREFIX + b64(bytes(blob)), "token_bad_signature")
+    refused(whole(PREFIX + b64(bytes(blob))), "token_bad_signature")
+
+
+@FUZZ
+@given(st.integers(0, 31), st.integers(1, 255))
+def test_fuzz_any_byte_flip_in_the_secret_is_refused(index: int, mask: int) -> None:
+    seed = bytearray(SEED)
+    seed[index] ^= mask
+    text = whole(token_envelope(VALID_TEXT), bytes(seed))
+    refused(text, "token_key_mismatch")
+    with pytest.raises(TokenError) as info:
+        open_token(text, now_ms=NOW, skew_ms=0)
+    assert info.value.code == "token_key_mismatch"
 
 
 @FUZZ
@@ -812,6 +1100,9 @@ def test_fuzz_minted_tokens_round_trip(
     assert decode(text, now_ms=now_ms) == token
     assert decode(text, now_ms=now_ms + ttl_ms - 1) == token
     refused(text, "token_expired", now_ms=now_ms + ttl_ms)
+    check_redeem_time(token, now_ms=now_ms + ttl_ms + REDEEM_GRACE_MS - 1)
+    with pytest.raises(TokenError):
+        check_redeem_time(token, now_ms=now_ms + ttl_ms + REDEEM_GRACE_MS)
 
 
 # --- purity --------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""The control plane's join tokens and their uses (tables ``join_tokens``, ``token_uses``).
+
+The rows hold a token's digest (of its envelope, never its secret), what it grants, how
+many uses are left, and, per use, the node it enrolled and the certificate that join
+issued: a retried join (same token, same key) is answered from that row, never by a
+second use. Every write here is meant to run inside the caller's transaction, together
+with the member record it belongs to.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from enrollment.canonical import canonical_json
+from enrollment.tokens import JoinToken
+from populi_peer.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedJoin:
+    """One use of a token: who joined with it and the certificate it was issued."""
+
+    node_id: str
+    at_ms: int
+    certificate: str | None
+
+
+class JoinTokens:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, token: JoinToken, *, digest: str, created_ms: int, created_by: str) -> None:
+        self.store.execute(
+            "INSERT INTO join_tokens (token_id, digest, roles, name, uses_total, uses_left, "
+            "not_before_ms, expires_ms, created_ms, created_by) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                token.token_id,
+                digest,
+                canonical_json(sorted(token.roles)).decode(),
+                token.name,
+                token.uses,
+                token.uses,
+                token.not_before_ms,
+                token.expires_ms,
+                created_ms,
+                created_by,
+            ),
+        )
+
+    def get(self, token_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.store.execute(
+            "SELECT * FROM join_tokens WHERE token_id = ?", (token_id,)
+        ).fetchone()
+        return row
+
+    def all(self) -> list[sqlite3.Row]:
+        return list(self.store.execute("SELECT * FROM join_tokens ORDER BY created_ms"))
+
+    def revoke(self, token_id: str, *, now_ms: int) -> None:
+        self.store.execute(
+            "UPDATE join_tokens SET revoked_ms = ? WHERE token_id = ? AND revoked_ms IS NULL",
+            (now_ms, token_id),
+        )
+
+    def used_by(self, token_id: str) -> list[str]:
+        return [
+            str(row["node_id"])
+            for row in self.store.execute(
+                "SELECT node_id FROM token_uses WHERE token_id = ? ORDER BY at_ms", (token_id,)
+            )
+        ]
+
+    def recorded(self, token_id: str, node_id: str) -> RecordedJoin | None:
+        row = self.store.execute(
+            "SELECT node_id, at_ms, certificate FROM token_uses WHERE token_id = ? AND node_id = ?",
+            (token_id, node_id),
+        ).fetchone()
+        if row is None:
+            return None
+        return RecordedJoin(
+            node_id=str(row["node_id"]), at_ms=int(row["at_ms"]), certificate=row["certificate"]
+        )
+
+    def consume(self, token_id: str, *, node_id: str, at_ms: int, certificate: str) -> None:
+        """Take one use and record who took it (the caller checked that one is left)."""
+        self.store.execute(
+            "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE token_id = ?", (token_id,)
+        )
+        self.store.execute(
+            "INSERT INTO token_uses (token_id, node_id, at_ms, certificate) VALUES (?, ?, ?, ?)",
+            (token_id, node_id, at_ms, certificate),
+        )
+
+
+__all__ = ["JoinTokens", "RecordedJoin"]
