@@ -62,7 +62,7 @@ import trio
 
 from populi_peer import __version__
 from populi_peer.api.client import SyncPeerClient
-from populi_peer.api.tls import client_context
+from populi_peer.api.tls import client_context, peer_context
 from populi_peer.cli.common import open_local
 from populi_peer.clock import SystemClock, boot_time
 from populi_peer.errors import PopuliError
@@ -181,7 +181,7 @@ class Api:
         self.client = SyncPeerClient(
             credential=self.local.identity.cli_credential,
             clock=SystemClock(),
-            verify=client_context(self.local.identity.paths.ca_cert),
+            verify=peer_context(self.local.identity.paths.ca_cert),
             timeout_s=GUARD_S,
         )
 

@@ -184,6 +184,7 @@ class RevocationList:
     blocked_names: tuple[str, ...] = ()
     _node_ids: frozenset[str] = field(init=False, repr=False, compare=False)
     _blocked: frozenset[str] = field(init=False, repr=False, compare=False)
+    _serials: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -210,6 +211,11 @@ class RevocationList:
         object.__setattr__(self, "blocked_names", tuple(sorted(self.blocked_names)))
         object.__setattr__(self, "_node_ids", node_ids)
         object.__setattr__(self, "_blocked", frozenset(self.blocked_names))
+        object.__setattr__(
+            self,
+            "_serials",
+            frozenset(serial.lower() for node in self.revoked for serial in node.cert_serials),
+        )
 
     @classmethod
     def empty(cls, cluster_id: str, *, now_ms: int) -> RevocationList:
@@ -239,6 +245,13 @@ class RevocationList:
 def is_revoked(lst: RevocationList, node_id: str) -> bool:
     """Whether ``node_id`` is revoked (a set lookup: this runs on every request)."""
     return node_id in lst._node_ids
+
+
+def is_certificate_revoked(lst: RevocationList, node_id: str, serial: str) -> bool:
+    """Whether a certificate for ``node_id`` with serial ``serial`` (lowercase hex, as
+    ``enrollment.ca.node_certificate_info`` reads it) is revoked: its node is, or the
+    serial is one a revoked node held. Checked when a peer presents its certificate."""
+    return node_id in lst._node_ids or serial.lower() in lst._serials
 
 
 def is_name_blocked(lst: RevocationList, name: str) -> bool:
@@ -441,6 +454,7 @@ __all__ = [
     "RevokedNode",
     "accept_newer",
     "block_name",
+    "is_certificate_revoked",
     "is_name_blocked",
     "is_revoked",
     "revoke_node",

@@ -21,6 +21,8 @@ The tree is split by whose fault it is::
     │   └── RateLimited               too many requests (HTTP 429)
     ├── AgentUnavailable              no agent answers (exit 3, HTTP 503)
     ├── PeerError                     a peer failed or could not be reached (HTTP 502)
+    │   └── PeerIdentityError         the TLS peer is not the node the caller meant to
+    │                                 reach, or it is revoked (exit 4)
     ├── StoreError                    the data directory or database failed
     │   ├── StorageUnavailable        disk full, I/O error, read-only: retry later (HTTP 503)
     │   ├── DatabaseTooNew            the database was written by a newer Populi
@@ -125,6 +127,17 @@ class PeerError(PopuliError):
     http_status = 502
 
 
+class PeerIdentityError(PeerError):
+    """The node that answered is not the one the caller meant to reach (its certificate
+    names another node: ``peer_identity_mismatch``), or the caller's own revocation list
+    revokes it (``peer_revoked``). Nothing was sent over that connection but the TLS
+    handshake. For a caller's retry logic it is like an unanswered call: the genuine node
+    did not answer (docs/adr/0009-peer-identity-of-answers.md)."""
+
+    code = "peer_identity_mismatch"
+    exit_code = 4
+
+
 class StoreError(PopuliError):
     code = "store_error"
 
@@ -163,6 +176,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PeerError",
+    "PeerIdentityError",
     "PopuliError",
     "RateLimited",
     "RefusedError",

@@ -96,7 +96,9 @@ class Agent:
             self.store, self.identity, clock, max_skew_s=config.security.max_skew_s
         )
         self._check_stop_margin()
-        self.network = network or TlsNetwork(self.identity.paths.ca_cert)
+        self.network = network or TlsNetwork(
+            self.identity.paths.ca_cert, revoked=self.revocations.is_certificate_revoked
+        )
         self.started_mono: float | None = None
         self.url = url or self._configured_url()
         self.leaving = False
@@ -132,6 +134,9 @@ class Agent:
             clock=clock,
             transport=self.network.transport_for(self.node_id),
             timeout_s=config.api.request_timeout_s,
+            # Every call names the node it means to reach; a revoked one is never called,
+            # and no other node's answer is taken (docs/adr/0009).
+            is_revoked=self.is_revoked,
         )
         self._stop = trio.Event()
         self._server_stop = trio.Event()

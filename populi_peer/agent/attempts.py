@@ -407,13 +407,16 @@ class AttemptRunner:
                             # extends stops the task.
                             self._cancel(plan, execution)
                             return
-                        # Unreachable: keep trying; the supervisor's deadline stands.
+                        # Unreachable, or answered by a node that is not the control
+                        # plane (peer_identity_mismatch: a node in the middle): keep
+                        # trying; the supervisor's deadline stands.
                         log(
                             self.logger,
                             logging.INFO,
                             "lease renewal failed; retrying",
                             task_id=plan.task_id,
                             error=str(exc),
+                            code=exc.code,
                         )
 
             if plan.renewable:

@@ -2,7 +2,9 @@
 
 Only lists signed by the cluster key with a higher serial that keeps every revoked node
 are installed (``enrollment.revocation.accept_newer``); anything else is ignored and
-logged. The list is checked on every request (``Authenticator.is_revoked``).
+logged. The list is checked on every request (``Authenticator.is_revoked``), and on every
+answer: this node calls no revoked node, and refuses a TLS peer whose certificate is
+revoked (``populi_peer.api.tls``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from enrollment.revocation import (
     RevocationList,
     accept_newer,
+    is_certificate_revoked,
     is_name_blocked,
     is_revoked,
     sign_revocations,
@@ -46,6 +49,11 @@ class RevocationState:
 
     def is_revoked(self, principal_id: str) -> bool:
         return self.current is not None and is_revoked(self.current, principal_id)
+
+    def is_certificate_revoked(self, node_id: str, serial: str) -> bool:
+        """For the TLS peer check (``populi_peer.api.tls``): the certificate a peer
+        presents in the handshake, by its node id and serial."""
+        return self.current is not None and is_certificate_revoked(self.current, node_id, serial)
 
     def is_name_blocked(self, name: str) -> bool:
         return self.current is not None and is_name_blocked(self.current, name)

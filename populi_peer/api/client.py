@@ -2,21 +2,30 @@
 
 Requests are signed by an ``httpx.Auth`` (:class:`SignedAuth`), so the same code signs for
 the async agent client and the sync CLI client. Transports are a seam: the agent uses
-httpx's HTTP transport with the cluster TLS context; tests and the virtual cluster pass
+:class:`PeerTransport` with the cluster TLS context; tests and the virtual cluster pass
 ``httpx.ASGITransport`` or a fault-injecting transport.
+
+Every call names the node it means to reach (``node_id``), and that name does two jobs:
+the request's signature is bound to it (the recipient), and the answer must come from it.
+The client refuses to call a node its own revocation list revokes, and sends the expected
+id with the request (``populi_peer.api.tls.EXPECTED_PEER``), so that the TLS handshake
+refuses any other node (docs/adr/0009-peer-identity-of-answers.md). An identity refusal
+is a :class:`~populi_peer.errors.PeerIdentityError`.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Generator
+import ssl
+from collections.abc import Callable, Generator
 from typing import Any
 
 import httpx
 
 from enrollment.signing import sign_request
 from populi_peer import PROTOCOL_VERSION
+from populi_peer.api.tls import EXPECTED_PEER, HOSTNAME_MISMATCH, PeerRefused
 from populi_peer.clock import Clock
 from populi_peer.errors import (
     AgentUnavailable,
@@ -26,6 +35,7 @@ from populi_peer.errors import (
     NotFound,
     PayloadTooLarge,
     PeerError,
+    PeerIdentityError,
     PopuliError,
     RateLimited,
     RefusedError,
@@ -107,7 +117,44 @@ def decode_response(response: httpx.Response, *, peer: str) -> dict[str, Any]:
     raise exc
 
 
+def _verification_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that made a connection fail, if one did (httpx wraps
+    httpcore's error, which wraps trio's or the socket's, which wraps the SSL error)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def identity_error(exc: BaseException, *, peer: str, url: str) -> PeerIdentityError | None:
+    """The :class:`PeerIdentityError` behind a failed connection, or None."""
+    failure = _verification_failure(exc)
+    if failure is None:
+        return None
+    if isinstance(failure, PeerRefused):
+        code, presented = failure.code, failure.presented
+    elif getattr(failure, "verify_code", None) == HOSTNAME_MISMATCH:
+        code, presented = "peer_identity_mismatch", ""
+    else:
+        code, presented = "peer_certificate_untrusted", ""
+    detail = getattr(failure, "verify_message", "") or str(failure)
+    return PeerIdentityError(
+        f"{url} did not prove to be {peer}: {detail}; nothing was sent "
+        "(a node in the middle, a stale address, or a retired node)",
+        code=code,
+        peer=peer,
+        presented=presented,
+    )
+
+
 def transport_error(exc: Exception, *, peer: str, url: str) -> PopuliError:
+    refused = identity_error(exc, peer=peer, url=url)
+    if refused is not None:
+        return refused
     if isinstance(exc, httpx.ConnectError):
         return AgentUnavailable(
             f"cannot connect to {peer} at {url}: {exc or 'connection refused'}",
@@ -120,8 +167,90 @@ def transport_error(exc: Exception, *, peer: str, url: str) -> PopuliError:
     )
 
 
+#: ``is_revoked(node_id)``: whether the caller's own revocation list revokes a node.
+RevokedNode = Callable[[str], bool]
+
+#: Per expected peer: a personal mesh has few nodes, and calls to one are short.
+PEER_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30.0)
+
+
+def expected_peer(request: httpx.Request) -> str:
+    """The node id ``request`` expects to reach; a request that names none is refused
+    like a peer that proves to be nobody."""
+    expected = request.extensions.get(EXPECTED_PEER)
+    if not isinstance(expected, str) or not expected:
+        raise httpx.ConnectError(
+            "the request names no expected peer", request=request
+        ) from PeerRefused(
+            "the request names no expected peer node id",
+            code="peer_identity_mismatch",
+            expected="",
+            presented="",
+        )
+    return expected
+
+
+class PeerTransport(httpx.AsyncBaseTransport):
+    """HTTPS to peers, one connection pool per expected node id.
+
+    httpcore pools connections by origin (scheme, host, port) and checks the peer only at
+    the handshake: a kept-alive connection proven to be node A would carry a later
+    request meant for node B at the same address. One pool per expected id means a
+    connection only ever carries requests for the node its handshake proved."""
+
+    def __init__(self, context: ssl.SSLContext, *, limits: httpx.Limits = PEER_LIMITS) -> None:
+        self._context = context
+        self._limits = limits
+        self._pools: dict[str, httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        expected = expected_peer(request)
+        pool = self._pools.get(expected)
+        if pool is None:
+            pool = httpx.AsyncHTTPTransport(verify=self._context, retries=0, limits=self._limits)
+            self._pools[expected] = pool
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+
+class SyncPeerTransport(httpx.BaseTransport):
+    """The blocking :class:`PeerTransport`, for the CLI."""
+
+    def __init__(self, context: ssl.SSLContext, *, limits: httpx.Limits = PEER_LIMITS) -> None:
+        self._context = context
+        self._limits = limits
+        self._pools: dict[str, httpx.HTTPTransport] = {}
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        expected = expected_peer(request)
+        pool = self._pools.get(expected)
+        if pool is None:
+            pool = httpx.HTTPTransport(verify=self._context, retries=0, limits=self._limits)
+            self._pools[expected] = pool
+        return pool.handle_request(request)
+
+    def close(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+
+def _refuse_revoked(is_revoked: RevokedNode | None, node_id: str) -> None:
+    if is_revoked is not None and is_revoked(node_id):
+        raise PeerIdentityError(
+            f"{node_id} is revoked on this node's list; not calling it",
+            code="peer_revoked",
+            peer=node_id,
+        )
+
+
 class PeerClient:
-    """Async, signing client for node-to-node calls."""
+    """Async, signing client for node-to-node calls. ``is_revoked``: the caller's own
+    revocation list; a revoked node is never called."""
 
     def __init__(
         self,
@@ -130,9 +259,11 @@ class PeerClient:
         clock: Clock,
         transport: httpx.AsyncBaseTransport,
         timeout_s: float,
+        is_revoked: RevokedNode | None = None,
     ) -> None:
         self.credential = credential
         self.clock = clock
+        self.is_revoked = is_revoked
         self._client = httpx.AsyncClient(transport=transport, timeout=timeout_s)
 
     async def aclose(self) -> None:
@@ -154,6 +285,7 @@ class PeerClient:
         kwargs: dict[str, Any] = {}
         if timeout_s is not None:
             kwargs["timeout"] = timeout_s
+        _refuse_revoked(self.is_revoked, node_id)
         try:
             response = await self._client.request(
                 method,
@@ -162,6 +294,7 @@ class PeerClient:
                 params=params,
                 headers=headers,
                 auth=SignedAuth(self.credential, node_id, self.clock),
+                extensions={EXPECTED_PEER: node_id},
                 **kwargs,
             )
         except httpx.HTTPError as exc:
@@ -170,23 +303,28 @@ class PeerClient:
 
 
 class SyncPeerClient:
-    """Blocking variant for the CLI."""
+    """Blocking variant for the CLI: ``verify`` is the TLS context
+    (``populi_peer.api.tls.peer_context``) of a :class:`SyncPeerTransport`, unless a
+    ``transport`` is given."""
 
     def __init__(
         self,
         *,
         credential: Credential,
         clock: Clock,
-        verify: Any,
+        verify: ssl.SSLContext | None = None,
         timeout_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        is_revoked: RevokedNode | None = None,
     ) -> None:
         self.credential = credential
         self.clock = clock
-        if transport is not None:
-            self._client = httpx.Client(transport=transport, timeout=timeout_s)
-        else:
-            self._client = httpx.Client(verify=verify, timeout=timeout_s)
+        self.is_revoked = is_revoked
+        if transport is None:
+            if verify is None:
+                raise ValueError("SyncPeerClient needs a TLS context or a transport")
+            transport = SyncPeerTransport(verify)
+        self._client = httpx.Client(transport=transport, timeout=timeout_s)
 
     def close(self) -> None:
         self._client.close()
@@ -207,6 +345,7 @@ class SyncPeerClient:
         kwargs: dict[str, Any] = {}
         if timeout_s is not None:
             kwargs["timeout"] = timeout_s
+        _refuse_revoked(self.is_revoked, node_id)
         try:
             response = self._client.request(
                 method,
@@ -215,6 +354,7 @@ class SyncPeerClient:
                 params=params,
                 headers=headers,
                 auth=SignedAuth(self.credential, node_id, self.clock),
+                extensions={EXPECTED_PEER: node_id},
                 **kwargs,
             )
         except httpx.HTTPError as exc:
@@ -223,10 +363,16 @@ class SyncPeerClient:
 
 
 __all__ = [
+    "PEER_LIMITS",
     "PeerClient",
+    "PeerTransport",
+    "RevokedNode",
     "SignedAuth",
     "SyncPeerClient",
+    "SyncPeerTransport",
     "decode_response",
     "encode_body",
+    "expected_peer",
+    "identity_error",
     "transport_error",
 ]

@@ -74,16 +74,28 @@ class Local:
 
     def client(self) -> SyncPeerClient:
         """One keep-alive client for the whole command (a TLS handshake per request adds up
-        when ``populi run`` follows a task)."""
+        when ``populi run`` follows a task). Every call checks which node answers: the
+        certificate must name the node the call expects, and neither that node nor the
+        certificate may be revoked on this node's own list (docs/adr/0009)."""
         if self._client is None:
+            from enrollment.ca import certificate_public_key
+            from populi_peer.agent.revocations import RevocationState
             from populi_peer.api.client import SyncPeerClient
-            from populi_peer.api.tls import client_context
+            from populi_peer.api.tls import peer_context
             from populi_peer.clock import SystemClock
 
+            revocations = RevocationState(
+                self.store,
+                cluster_id=self.identity.cluster_id,
+                cluster_key=certificate_public_key(self.identity.ca_cert),
+            )
             self._client = SyncPeerClient(
                 credential=self.identity.cli_credential,
                 clock=SystemClock(),
-                verify=client_context(self.identity.paths.ca_cert),
+                verify=peer_context(
+                    self.identity.paths.ca_cert, revoked=revocations.is_certificate_revoked
+                ),
+                is_revoked=revocations.is_revoked,
             )
         return self._client
 
@@ -100,7 +112,9 @@ class Local:
         info = self._runtime
         return self.client().call(
             url=info.url,
-            node_id=info.node_id,
+            # This node's own agent, whatever the runtime file says: the data directory
+            # names the node, and the agent at that URL must prove to be it.
+            node_id=self.identity.node_id,
             method=method,
             path=path,
             payload=payload,

@@ -13,6 +13,15 @@ Faults come from one ``random.Random(seed)``, so a failing run replays exactly:
   ``isolate(node)`` cuts a node from everyone; ``heal()`` restores all.
 - ``pause(node)``: the node's app does not answer until ``resume(node)`` (its own tasks
   keep running: a paused process would stop those too; see ``VirtualCluster.pause``).
+- ``redirect(src, host, to_host)``: ``src``'s requests for ``host`` reach ``to_host``
+  instead (a DNAT rule on ``src``'s machine); ``unredirect`` undoes it.
+
+Peer identity, as TLS checks it (``populi_peer.api.tls``): a request that names the node
+it expects (the ``sni_hostname`` extension, which ``PeerClient`` always sets) and reaches
+an endpoint registered under another node id fails before delivery — the app never sees
+it — with the connect error a refused TLS handshake gives (``outcome``
+``identity_refused``). A request that names no node (the joiner's first contact, the
+tests' operator client) is delivered to whoever is at the host.
 
 Every delivery is counted in ``stats`` and, when ``record=True``, logged in ``log``.
 """
@@ -28,6 +37,7 @@ from typing import Any
 import httpx
 import trio
 
+from populi_peer.api.tls import EXPECTED_PEER, PeerRefused
 from populi_peer.joining import PEER_NODE_ID_EXTENSION
 
 
@@ -68,6 +78,7 @@ class MemoryNetwork:
         self._hosts: dict[str, _Endpoint] = {}
         self._blocked: set[tuple[str, str]] = set()
         self._addresses: dict[str, str] = {}
+        self._redirects: dict[tuple[str, str], str] = {}
         self.stats: Counter[str] = Counter()
         self.log: list[Delivery] = []
 
@@ -107,6 +118,13 @@ class MemoryNetwork:
         else:
             self._blocked = {pair for pair in self._blocked if node_id not in pair}
 
+    def redirect(self, src: str, host: str, to_host: str) -> None:
+        """``src``'s requests for ``host`` go to ``to_host`` (DNAT on ``src``'s side)."""
+        self._redirects[(src, host)] = to_host
+
+    def unredirect(self, src: str, host: str) -> None:
+        self._redirects.pop((src, host), None)
+
     def blocked(self, src: str, dst: str) -> bool:
         return (src, dst) in self._blocked
 
@@ -132,7 +150,7 @@ class MemoryNetwork:
             self.log.append(Delivery(src, dst, request.method, request.url.path, outcome))
 
     async def deliver(self, src: str, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
+        host = self._redirects.get((src, request.url.host), request.url.host)
         endpoint = self._hosts.get(host)
         if endpoint is None:
             self._note(src, host, request, "no_route")
@@ -157,6 +175,17 @@ class MemoryNetwork:
             if endpoint.paused is not None:
                 self._note(src, dst, request, "paused")
                 raise httpx.ReadTimeout("peer paused", request=request)
+        expected = request.extensions.get(EXPECTED_PEER)
+        if expected and expected != dst:
+            self._note(src, dst, request, "identity_refused")
+            raise httpx.ConnectError(
+                f"{host} is {dst}, not {expected}", request=request
+            ) from PeerRefused(
+                f"the peer's certificate names {dst}, not {expected}",
+                code="peer_identity_mismatch",
+                expected=expected,
+                presented=dst,
+            )
         body = request.read()
         copies = 2 if self.rng.random() < self.faults.duplicate else 1
         response: httpx.Response | None = None

@@ -23,6 +23,7 @@ from enrollment.revocation import (
     RevokedNode,
     accept_newer,
     block_name,
+    is_certificate_revoked,
     is_name_blocked,
     is_revoked,
     revoke_node,
@@ -114,6 +115,16 @@ def test_revoke_node_bumps_the_serial_and_blocks_the_name() -> None:
     assert TWO.serial == 2
     assert TWO.node_ids == frozenset({"n-1", "n-2"})
     assert EMPTY.serial == 0  # the old list is untouched
+
+
+def test_a_certificate_is_revoked_by_its_node_or_by_its_serial() -> None:
+    """What a caller checks of the certificate a peer presents (ADR 0009): its node id,
+    and its serial against every serial a revoked node held."""
+    assert is_certificate_revoked(ONE, "n-1", "ff")
+    assert is_certificate_revoked(ONE, "n-9", "0a")
+    assert is_certificate_revoked(ONE, "n-9", "0A")
+    assert not is_certificate_revoked(ONE, "n-9", "0b")
+    assert not is_certificate_revoked(EMPTY, "n-1", "0a")
 
 
 def test_revoking_a_revoked_node_is_a_conflict() -> None:

@@ -1,0 +1,328 @@
+"""Every peer call checks WHO answers (docs/adr/0009-peer-identity-of-answers.md).
+
+Real TLS on loopback: hypercorn serves with real certificates from ``enrollment.ca`` (one
+cluster CA, several nodes), and the real peer clients — the agent's async ``PeerClient``
+over ``PeerTransport`` and the CLI's ``SyncPeerClient`` — call it expecting one node or
+another. The CA alone proves only membership: node B's valid certificate must not answer
+a call meant for node A, nor a revoked node's, and the server must see no request at all
+when the handshake refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from enrollment.ca import cert_to_pem, make_ca_certificate, make_node_certificate
+from enrollment.keys import generate_key, node_id_for, write_private_key
+from populi_peer.api.client import PeerClient, PeerTransport, SyncPeerClient
+from populi_peer.api.server import hypercorn_config, serve_api
+from populi_peer.api.tls import RevokedCheck, client_context, peer_context
+from populi_peer.clock import SystemClock
+from populi_peer.errors import PeerIdentityError
+from populi_peer.identity import Credential
+
+CLUSTER = "c-peerid"
+
+
+@dataclass
+class Pki:
+    root: Path
+    ca_key: Ed25519PrivateKey = field(default_factory=generate_key)
+    ca_cert: x509.Certificate | None = None
+    serial: int = 100
+
+    def __post_init__(self) -> None:
+        self.ca_cert = make_ca_certificate(
+            root_key=self.ca_key,
+            cluster_id=CLUSTER,
+            cluster_name="peerid",
+            now_wall_s=time.time(),
+            serial=1,
+        )
+        (self.root / "ca.crt").write_bytes(cert_to_pem(self.ca_cert))
+
+    @property
+    def ca_path(self) -> Path:
+        return self.root / "ca.crt"
+
+    def node(self, name: str, *, addresses: tuple[str, ...] = ("127.0.0.1",)) -> Node:
+        """A node key and certificate issued by the cluster CA, written as files."""
+        assert self.ca_cert is not None
+        key = generate_key()
+        node_id = node_id_for(key.public_key())
+        self.serial += 1
+        cert = make_node_certificate(
+            ca_key=self.ca_key,
+            ca_cert=self.ca_cert,
+            subject_key=key.public_key(),
+            principal_id=node_id,
+            cluster_id=CLUSTER,
+            addresses=list(addresses),
+            now_wall_s=time.time(),
+            serial=self.serial,
+        )
+        write_private_key(self.root / f"{name}.key", key)
+        (self.root / f"{name}.crt").write_bytes(cert_to_pem(cert))
+        return Node(name, node_id, key, format(self.serial, "x"), self.root)
+
+
+@dataclass
+class Node:
+    name: str
+    node_id: str
+    key: Ed25519PrivateKey
+    serial: str
+    root: Path
+
+    @property
+    def credential(self) -> Credential:
+        return Credential(principal_id=self.node_id, key=self.key)
+
+
+@dataclass
+class Server:
+    url: str
+    node: Node
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+async def _serve(nursery: trio.Nursery, node: Node) -> Server:
+    """An HTTPS server presenting ``node``'s certificate; it answers every request with
+    that node's id and records what it received."""
+    server = Server(url="", node=node)
+
+    async def app(
+        scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        server.requests.append(f"{scope['method']} {scope['path']}")
+        body = json.dumps({"v": 1, "node_id": node.node_id}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    config = hypercorn_config(
+        host="127.0.0.1",
+        port=0,
+        certfile=node.root / f"{node.name}.crt",
+        keyfile=node.root / f"{node.name}.key",
+        keep_alive_max_requests=1000,
+    )
+    stop = trio.Event()
+    bound = await nursery.start(serve_api, app, config, stop.wait)
+    server.url = bound[0]
+    return server
+
+
+def _async_client(
+    pki: Pki, caller: Node, *, revoked: RevokedCheck | None = None, is_revoked: Any = None
+) -> PeerClient:
+    return PeerClient(
+        credential=caller.credential,
+        clock=SystemClock(),
+        transport=PeerTransport(peer_context(pki.ca_path, revoked=revoked)),
+        timeout_s=10.0,
+        is_revoked=is_revoked,
+    )
+
+
+async def test_async_client_refuses_another_nodes_valid_certificate(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    caller, a, b = pki.node("caller"), pki.node("a"), pki.node("b")
+    server = await _serve(nursery, b)
+    client = _async_client(pki, caller)
+    try:
+        with pytest.raises(PeerIdentityError) as refused:
+            await client.call(url=server.url, node_id=a.node_id, method="GET", path="/v1/x")
+        assert refused.value.code == "peer_identity_mismatch"
+        assert refused.value.details["peer"] == a.node_id
+        assert a.node_id in str(refused.value) and "\n" not in str(refused.value)
+        # The handshake refused it: not one request byte reached the impostor.
+        assert server.requests == []
+        # The node it is, it may answer for.
+        answer = await client.call(url=server.url, node_id=b.node_id, method="GET", path="/v1/x")
+        assert answer["node_id"] == b.node_id
+        assert server.requests == ["GET /v1/x"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_proven_for_one_node_never_carries_a_call_for_another(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """httpcore pools by address: after a good call to B, a call expecting A at the same
+    address must not ride B's kept-alive connection."""
+    caller, a, b = pki.node("caller"), pki.node("a"), pki.node("b")
+    server = await _serve(nursery, b)
+    client = _async_client(pki, caller)
+    try:
+        await client.call(url=server.url, node_id=b.node_id, method="GET", path="/first")
+        with pytest.raises(PeerIdentityError):
+            await client.call(url=server.url, node_id=a.node_id, method="GET", path="/second")
+        assert server.requests == ["GET /first"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_certificate_naming_the_expected_id_only_as_an_address_is_refused(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """A joiner names its own addresses, and a host name among them lands in its
+    certificate's SAN: a node that gave A's id as its address passes OpenSSL's host-name
+    check for A, but its certificate is still not A's."""
+    caller, a = pki.node("caller"), pki.node("a")
+    sly = pki.node("sly", addresses=("127.0.0.1", a.node_id))
+    server = await _serve(nursery, sly)
+    client = _async_client(pki, caller)
+    try:
+        with pytest.raises(PeerIdentityError) as refused:
+            await client.call(url=server.url, node_id=a.node_id, method="GET", path="/v1/x")
+        assert refused.value.code == "peer_identity_mismatch"
+        assert refused.value.details["presented"] == sly.node_id
+        assert server.requests == []
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("by", ["node_id", "serial"])
+async def test_a_revoked_nodes_certificate_is_refused_in_the_handshake(
+    pki: Pki, nursery: trio.Nursery, by: str
+) -> None:
+    caller, retired = pki.node("caller"), pki.node("retired")
+    server = await _serve(nursery, retired)
+
+    def revoked(node_id: str, serial: str) -> bool:
+        return node_id == retired.node_id if by == "node_id" else serial == retired.serial
+
+    client = _async_client(pki, caller, revoked=revoked)
+    try:
+        with pytest.raises(PeerIdentityError) as refused:
+            await client.call(url=server.url, node_id=retired.node_id, method="GET", path="/v1/x")
+        assert refused.value.code == "peer_revoked"
+        assert server.requests == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_node_revoked_on_the_callers_list_is_not_called_at_all(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    caller, retired = pki.node("caller"), pki.node("retired")
+    server = await _serve(nursery, retired)
+    client = _async_client(pki, caller, is_revoked=lambda node_id: node_id == retired.node_id)
+    try:
+        with pytest.raises(PeerIdentityError) as refused:
+            await client.call(url=server.url, node_id=retired.node_id, method="GET", path="/v1/x")
+        assert refused.value.code == "peer_revoked"
+        assert server.requests == []
+    finally:
+        await client.aclose()
+
+
+async def test_sync_client_checks_who_answers(pki: Pki, nursery: trio.Nursery) -> None:
+    """The CLI's blocking client, over the same kind of server (run in a thread, so the
+    server keeps serving)."""
+    caller, a, b = pki.node("caller"), pki.node("a"), pki.node("b")
+    server = await _serve(nursery, b)
+
+    def calls() -> list[Any]:
+        client = SyncPeerClient(
+            credential=caller.credential, clock=SystemClock(), verify=peer_context(pki.ca_path)
+        )
+        outcomes: list[Any] = []
+        try:
+            for expected in (a.node_id, b.node_id, a.node_id):
+                try:
+                    outcomes.append(
+                        client.call(url=server.url, node_id=expected, method="GET", path="/s")
+                    )
+                except PeerIdentityError as exc:
+                    outcomes.append(exc.code)
+        finally:
+            client.close()
+        return outcomes
+
+    outcomes = await trio.to_thread.run_sync(calls)
+    assert outcomes == [
+        "peer_identity_mismatch",
+        {"v": 1, "node_id": b.node_id},
+        # B's kept-alive connection does not carry a call meant for A.
+        "peer_identity_mismatch",
+    ]
+    assert server.requests == ["GET /s"]
+
+
+async def test_sync_client_refuses_a_revoked_certificate(pki: Pki, nursery: trio.Nursery) -> None:
+    caller, retired = pki.node("caller"), pki.node("retired")
+    server = await _serve(nursery, retired)
+
+    def call() -> str:
+        client = SyncPeerClient(
+            credential=caller.credential,
+            clock=SystemClock(),
+            verify=peer_context(
+                pki.ca_path, revoked=lambda node_id, serial: serial == retired.serial
+            ),
+        )
+        try:
+            client.call(url=server.url, node_id=retired.node_id, method="GET", path="/s")
+        except PeerIdentityError as exc:
+            return exc.code
+        finally:
+            client.close()
+        return "answered"
+
+    assert await trio.to_thread.run_sync(call) == "peer_revoked"
+    assert server.requests == []
+
+
+async def test_the_chain_only_context_is_what_let_the_impostor_answer(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """The control case: with the chain-only context (what every peer call used before),
+    B's certificate answers a call meant for A. Peer calls must not use it."""
+    caller, a, b = pki.node("caller"), pki.node("a"), pki.node("b")
+    server = await _serve(nursery, b)
+    client = PeerClient(
+        credential=caller.credential,
+        clock=SystemClock(),
+        transport=httpx.AsyncHTTPTransport(verify=client_context(pki.ca_path), retries=0),
+        timeout_s=10.0,
+    )
+    try:
+        answer = await client.call(url=server.url, node_id=a.node_id, method="GET", path="/v1/x")
+    finally:
+        await client.aclose()
+    assert answer["node_id"] == b.node_id
+    assert server.requests == ["GET /v1/x"]

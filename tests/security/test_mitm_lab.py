@@ -1,0 +1,326 @@
+"""A retired node in the middle of the path to the control plane: real agents in network
+namespaces, real TLS and SQLite, a DNAT rule (root; skipped otherwise).
+docs/adr/0009-peer-identity-of-answers.md.
+
+The lab (``tests/lab/netns.py``, agents as in ``tests/lab/test_partition_lab.py``): ``cp``
+(10.77.0.1, control plane), ``wa`` (10.77.0.2, the submitter), ``wb`` (10.77.0.3, the
+worker) and ``im`` (10.77.0.4), a node that joined, was retired (node id and certificate
+serial revoked) and whose agent stopped. Its certificate is still valid and still chains
+to the cluster CA: ``im`` runs ``tests/security/impostor.py`` with it, a server that
+answers renewals of the lease it was told about (state ``live``), node lists and grants
+as an attacker would.
+
+1. **Renewals.** ``populi run --node wb`` on ``wa`` runs a ticking task (the tick
+   protocol of ``tests/e2e/exec_support.py``) on ``wb``. Then, inside ``wb``'s namespace,
+   a DNAT rule sends every new connection for ``cp``'s address to ``im``, and a REJECT
+   rule resets the connections already open to ``cp`` (NAT applies to new connections
+   only). Every renewal ``wb`` sends now reaches the impostor — and is refused by the TLS
+   handshake, since ``im``'s certificate does not name ``cp``. The contract: the impostor
+   receives no request at all; ``wb``'s supervisor stops the task by its deadline (the
+   last genuine renewal's); ``cp`` expires the lease on its own clock; ``wa`` falls back
+   on ``cp``'s word and the task succeeds; no tick of the remote attempt comes after the
+   first tick of the local one (never in two places at once).
+2. **Grants.** The same rules inside ``wa``'s namespace: a second task pinned to ``wb``
+   finds no control plane (``control_plane_unreachable``, the impostor's refusal in the
+   detail) and fails when its queue timeout runs out, never runs anywhere, and the
+   impostor still received nothing. The CLI on ``wa`` asking the control plane
+   (``populi nodes``) exits 4 with one line that says who answered.
+
+Without the check (every peer call before ADR 0009), the impostor's renewals extend the
+remote attempt's deadline while ``cp`` declares the lease dead and ``wa`` starts the
+local attempt: the tick order check fails, and the impostor's log is not empty.
+
+Not covered here: the joiner's side (a join token sent to an impostor), which belongs to
+the join handshake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from e2e.exec_support import (
+    TERMINAL,
+    accepted_results,
+    check_tick_order,
+    deadline_boot_ns,
+    leftovers,
+    read_ticks,
+    supervisor_state,
+    tick_command,
+    token_key,
+    wait_for,
+)
+from lab.mesh import GUARD_S, PORT, LabMesh, build_cluster
+from lab.netns import Lab, open_lab, unavailable
+
+from support.procs import POPULI
+
+pytestmark = pytest.mark.lab
+
+HOSTS = ("cp", "wa", "wb", "im")
+IMPOSTOR = Path(__file__).with_name("impostor.py")
+#: Attempt 1 would tick for a minute (it is stopped long before); attempt 2 for 2 s.
+N1, N2 = 600, 20
+
+
+@pytest.fixture
+def mitm_lab() -> Iterator[Lab]:
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    with open_lab(HOSTS) as built:
+        yield built
+
+
+@pytest.fixture
+def mesh(mitm_lab: Lab, tmp_path: Path) -> Iterator[LabMesh]:
+    built = LabMesh(mitm_lab, tmp_path)
+    try:
+        yield built
+    finally:
+        built.close()
+    left = leftovers(tmp_path)
+    assert not left, f"processes left behind: {left}"
+
+
+class Impostor:
+    """``tests/security/impostor.py`` inside ``im``'s namespace, with ``im``'s own
+    certificate and key; ended by its PID."""
+
+    def __init__(self, lab: Lab, mesh: LabMesh, root: Path, *, started: list[Impostor]) -> None:
+        node = mesh["im"]
+        self.forge = root / "forge.json"
+        self.log = root / "impostor.requests"
+        self.out = root / "impostor.out"
+        ready = root / "impostor.ready"
+        self.forge.write_text("{}")
+        self.log.touch()
+        with self.out.open("ab") as handle:
+            self.proc = subprocess.Popen(
+                lab.argv(
+                    "im",
+                    sys.executable,
+                    str(IMPOSTOR),
+                    "--listen",
+                    f"{lab.ip('im')}:{PORT}",
+                    "--cert",
+                    str(node.data_dir / "tls" / "node.crt"),
+                    "--key",
+                    str(node.data_dir / "keys" / "node.key"),
+                    "--forge",
+                    str(self.forge),
+                    "--log",
+                    str(self.log),
+                    "--ready",
+                    str(ready),
+                ),
+                stdout=handle,
+                stderr=handle,
+            )
+        started.append(self)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the impostor exited: {self.out.read_text()[-2000:]}")
+            return ready.exists()
+
+        wait_for("the impostor listens", up, guard_s=GUARD_S, every_s=0.05)
+
+    def received(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def redirect_to_impostor(lab: Lab, name: str) -> None:
+    """Inside ``name``'s namespace: new connections for ``cp``'s API go to ``im``
+    (DNAT), and the ones already open to ``cp`` are reset (REJECT after NAT sees the
+    original destination only on packets it did not rewrite)."""
+    cp, im = lab.ip("cp"), lab.ip("im")
+    lab.run(
+        name,
+        *("iptables", "-t", "nat", "-A", "OUTPUT", "-d", cp, "-p", "tcp"),
+        *("--dport", str(PORT), "-j", "DNAT", "--to-destination", f"{im}:{PORT}"),
+    )
+    lab.run(
+        name,
+        *("iptables", "-A", "OUTPUT", "-d", cp, "-p", "tcp"),
+        *("-j", "REJECT", "--reject-with", "tcp-reset"),
+    )
+
+
+def dnat_packets(lab: Lab, name: str) -> int:
+    out = lab.run(name, "iptables", "-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x").stdout
+    return sum(
+        int(line.split()[0])
+        for line in out.splitlines()
+        if "DNAT" in line and line.split()[0].isdigit()
+    )
+
+
+def stop_agent(mesh: LabMesh, name: str) -> None:
+    agent = mesh[name].agent
+    assert agent is not None
+    agent.proc.send_signal(signal.SIGTERM)
+    agent.proc.wait(timeout=30)
+
+
+def test_a_retired_node_in_the_middle_can_neither_extend_a_lease_nor_answer_a_grant(
+    mitm_lab: Lab, mesh: LabMesh, tmp_path: Path
+) -> None:
+    impostors: list[Impostor] = []
+    try:
+        scenario(mitm_lab, mesh, tmp_path, impostors)
+    except BaseException:
+        print(mesh.logs())
+        for impostor in impostors:
+            print("--- the impostor received:", impostor.received())
+        raise
+    finally:
+        for impostor in impostors:
+            impostor.close()
+
+
+def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path, impostors: list[Impostor]) -> None:
+    build_cluster(mesh, joiners=("wa", "wb", "im"))
+    wa, wb = mesh["wa"], mesh["wb"]
+
+    # im is retired (its node id and certificate serial revoked) and its agent stops;
+    # its certificate stays valid and chains to the cluster CA.
+    mesh.cli("cp", "node", "retire", "im", "--reason", "decommissioned")
+    stop_agent(mesh, "im")
+    impostor = Impostor(lab, mesh, tmp_path, started=impostors)
+
+    # 1. Renewals.
+    ticks = tmp_path / "ticks"
+    out = mesh.cli(
+        "wa",
+        *("run", "--detach", "--node", "wb", "--gpus", "1", "--queue-timeout", "60s"),
+        after=tuple(tick_command(ticks, n1=N1, n2=N2)),
+    )
+    task_id = out.strip()
+    assert task_id.startswith("t-"), out
+    _, took = wait_for(
+        "3 ticks of attempt 1",
+        lambda: len([t for t in read_ticks(ticks) if t.attempt == 1]) >= 3 or None,
+        guard_s=GUARD_S,
+        every_s=0.05,
+    )
+    print(f"\nremote attempt ticking {took:.1f} s after submission")
+    remote = mesh.task_record("wa", task_id)["task"]["attempts"][0]
+    assert (remote["where"], remote["node"]) == ("remote", wb.node_id), remote
+    lease = mesh.lease_record(remote["lease_id"])
+    assert lease["state"] == "live", lease
+    nodes = json.loads(mesh.cli("cp", "nodes", "--json"))["nodes"]
+    # The impostor knows everything about the lease (a stronger attacker than one who
+    # reads it off the worker's heartbeats) and the cluster's nodes.
+    impostor.forge.write_text(
+        json.dumps(
+            {
+                "leases": {remote["lease_id"]: lease},
+                "nodes": nodes,
+                "grant": {**lease, "lease_id": "l-forged", "token": "99.1"},
+            }
+        )
+    )
+    task_dir = wb.data_dir / "tasks" / "worker" / task_id / "1"
+
+    redirect_to_impostor(lab, "wb")
+    redirected_ns = time.time_ns()
+    task, took = wait_for(
+        f"task {task_id} ends at wa",
+        lambda: (t := mesh.task_record("wa", task_id)["task"])["state"] in TERMINAL and t,
+        guard_s=GUARD_S,
+        every_s=0.2,
+    )
+    print(f"task ended {took:.1f} s after the redirect")
+
+    # Never in two places at once; the remote attempt stopped by its own deadline.
+    by_attempt = check_tick_order(read_ticks(ticks))
+    assert set(by_attempt) == {1, 2}, sorted(by_attempt)
+    assert {t.node for t in by_attempt[1]} == {"wb"}
+    assert {t.node for t in by_attempt[2]} == {"wa"}
+    state = supervisor_state(task_dir)
+    assert state["status"] == "exited" and state["stop_reason"] == "deadline", state
+    assert max(t.boot_ns for t in by_attempt[1]) < deadline_boot_ns(task_dir)
+
+    # The redirect worked: wb's connections for cp went to im...
+    assert dnat_packets(lab, "wb") > 0
+    # ...and were refused at the handshake: not one request reached the impostor.
+    assert impostor.received() == []
+    assert "peer_identity_mismatch" in wb.log_tail(200_000), wb.log_tail()
+
+    # cp declared the lease dead on its own clock, after the last tick; wa fell back on
+    # that word with a higher token; exactly one result was accepted.
+    assert task["state"] == "succeeded", task["reasons"]
+    first, second = task["attempts"]
+    dead = mesh.lease_record(first["lease_id"])
+    assert dead["state"] == "expired", dead
+    assert dead["state_changed_wall_ms"] > max(t.time_ns for t in by_attempt[1]) / 1e6
+    assert (second["where"], second["node"], second["outcome"]) == (
+        "local",
+        wa.node_id,
+        "succeeded",
+    )
+    assert second["placement_reasons"][0] == "lease_dead_confirmed", second
+    assert token_key(second["token"]) > token_key(first["token"])
+    accepted = accepted_results(task)
+    assert len(accepted) == 1 and f"token={second['token']} " in accepted[0][2], accepted
+    last_remote_ns = max(t.time_ns for t in by_attempt[1])
+    first_local_ns = min(t.time_ns for t in by_attempt[2])
+    print(
+        f"remote attempt's last tick {(last_remote_ns - redirected_ns) / 1e9:.2f} s after "
+        f"the redirect, local attempt's first {(first_local_ns - redirected_ns) / 1e9:.2f} s"
+    )
+
+    # 2. Grants: the submitter's path to the control plane goes to the impostor too.
+    redirect_to_impostor(lab, "wa")
+    ticks2 = tmp_path / "ticks2"
+    out = mesh.cli(
+        "wa",
+        *("run", "--detach", "--node", "wb", "--gpus", "1", "--queue-timeout", "10s"),
+        after=tuple(tick_command(ticks2, n1=N2, n2=N2)),
+    )
+    task2_id = out.strip()
+    task2, took = wait_for(
+        f"task {task2_id} ends at wa",
+        lambda: (t := mesh.task_record("wa", task2_id)["task"])["state"] in TERMINAL and t,
+        guard_s=GUARD_S,
+        every_s=0.2,
+    )
+    print(f"second task ended {took:.1f} s after submission: {task2['state']}")
+    assert task2["state"] == "failed", task2
+    assert task2["attempts"] == [], task2["attempts"]
+    # The decision log: [at_ms, code, detail] rows.
+    assert any(
+        code == "control_plane_unreachable" and "did not prove to be" in detail
+        for _, code, detail in task2["reasons"]
+    ), task2["reasons"]
+    assert not read_ticks(ticks2)
+    assert dnat_packets(lab, "wa") > 0
+    assert impostor.received() == []
+
+    # The CLI on wa, asking the control plane: one line, exit 4.
+    node = mesh["wa"]
+    cli = subprocess.run(
+        lab.argv("wa", *POPULI, "nodes", "--data-dir", str(node.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **node.env},
+    )
+    assert cli.returncode == 4, (cli.returncode, cli.stderr)
+    line = cli.stderr.strip()
+    assert "\n" not in line and "did not prove to be" in line, line
+    assert impostor.received() == []
