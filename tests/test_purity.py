@@ -16,6 +16,7 @@ PURE = sorted((ROOT / "populi_peer" / "core").glob("*.py")) + [
         "tokens.py",
         "revocation.py",
         "records.py",
+        "hints.py",
         "errors.py",
     )
 ]

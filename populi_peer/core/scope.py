@@ -220,11 +220,43 @@ def path_scope(
     return "overlay"
 
 
+_SCOPE_RANK: Final[Mapping[Scope, int]] = MappingProxyType({"local": 0, "lan": 1, "overlay": 2})
+
+
+def best_path(
+    addresses: Sequence[str],
+    *,
+    lan_cidrs: Sequence[str] = (),
+    overlay_cidrs: Sequence[str] = (),
+    local_cidrs: Sequence[str] = (),
+) -> tuple[Scope, str] | None:
+    """The nearest path among a peer's ``addresses`` (``host:port``, as its hint lists
+    them): ``(scope, address)`` with the lowest scope, ``local`` before ``lan`` before
+    ``overlay``, the first listed among equals; ``None`` for no address.
+
+    A host name, or anything :func:`path_scope` cannot judge, counts as ``overlay``: the
+    most patient timings and the most guarded policy row, as for unknown addresses.
+    """
+    best: tuple[int, int, Scope, str] | None = None
+    for position, address in enumerate(addresses):
+        try:
+            scope = path_scope(
+                address, lan_cidrs=lan_cidrs, overlay_cidrs=overlay_cidrs, local_cidrs=local_cidrs
+            )
+        except BadRequest:
+            scope = "overlay"
+        key = (_SCOPE_RANK[scope], position, scope, address)
+        if best is None or key < best:
+            best = key
+    return None if best is None else (best[2], best[3])
+
+
 __all__ = [
     "DEFAULT_SCOPE_TIMINGS",
     "SCOPES",
     "Scope",
     "ScopeTimings",
+    "best_path",
     "parse_address",
     "path_scope",
     "validate_cidrs",

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from populi_peer.core.placement import CandidateView, Placement, TaskView, propose
+from populi_peer.core.placement import SCOPE_RANK, CandidateView, Placement, TaskView, propose
 from populi_peer.core.policy import SCOPES, WORK_CLASSES, Scope, decide
 from populi_peer.errors import BadRequest
 
@@ -40,9 +40,11 @@ def test_no_candidates() -> None:
 
 def test_most_free_gpus_then_node_id_wins() -> None:
     p = place(TASK, cand("w2", free=2), cand("w1", free=2), cand("w0", free=1))
-    assert (p.where, p.node, p.reasons) == ("remote", "w1", ("most_free_gpus",))
+    assert (p.where, p.node, p.reasons) == ("remote", "w1", ("node_id_order", "scope_lan"))
     p = place(TASK, cand("w1", free=1), cand("w9", free=4))
-    assert p.node == "w9"
+    assert (p.node, p.reasons) == ("w9", ("most_free_gpus", "scope_lan"))
+    p = place(TASK, cand("w1", free=1))
+    assert (p.node, p.reasons) == ("w1", ("only_fit", "scope_lan"))
 
 
 def test_every_rejection_is_named() -> None:
@@ -81,7 +83,7 @@ def test_a_gate_lets_gated_work_through() -> None:
 def test_pinned_node() -> None:
     pinned = TaskView("training", gpus_wanted=1, node="w2")
     p = place(pinned, cand("w1", free=8), cand("w2", free=1))
-    assert (p.where, p.node, p.reasons) == ("remote", "w2", ("node_pinned",))
+    assert (p.where, p.node, p.reasons) == ("remote", "w2", ("node_pinned", "scope_lan"))
     p = place(pinned, cand("w1", free=8), cand("w2", free=0))
     assert p.where == "local" and p.reasons == ("node_pinned_unavailable", "no_free_gpu")
     p = place(pinned, cand("w1", free=8))
@@ -107,6 +109,8 @@ def test_placement_json() -> None:
         "node": LOCAL,
         "reasons": ["no_remote_candidate", "no_free_gpu"],
         "rejected": {"w1": ["no_free_gpu"]},
+        "gpus": [],
+        "waiting_for": None,
     }
 
 
@@ -150,10 +154,12 @@ def test_remote_placement_always_fits_and_order_does_not_matter(
         assert p.where == "remote"
         chosen = next(c for c in cands if c.node_id == p.node)
         assert fits(chosen)
-        assert all(
-            (chosen.free_gpus, -ord(chosen.node_id)) >= (c.free_gpus, -ord(c.node_id))
-            for c in fitting
-        )
+
+        # Nearest scope first, then the most free GPUs, then the smallest node id.
+        def rank(c: CandidateView) -> tuple[int, int, str]:
+            return (SCOPE_RANK[c.scope], -c.free_gpus, c.node_id)
+
+        assert all(rank(chosen) <= rank(c) for c in fitting)
     else:
         assert p.where == "local" and p.node == LOCAL
         assert p.reasons[0] == "no_remote_candidate"

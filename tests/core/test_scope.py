@@ -13,6 +13,7 @@ from populi_peer.core.scope import (
     DEFAULT_SCOPE_TIMINGS,
     SCOPES,
     ScopeTimings,
+    best_path,
     parse_address,
     path_scope,
     validate_cidrs,
@@ -228,3 +229,16 @@ def test_module_is_pure(name: str) -> None:
                 pytest.fail(f"{name}.py reads a clock at line {node.lineno}")
             continue
         assert not roots & FORBIDDEN_IMPORTS, f"{name}.py imports {roots & FORBIDDEN_IMPORTS}"
+
+
+def test_best_path_takes_the_nearest_scope_then_the_first_listed() -> None:
+    addresses = ["gpu.example.net:7443", "100.64.1.2:7443", "10.0.0.7:7443", "10.0.0.8:7443"]
+    assert best_path(addresses) == ("lan", "10.0.0.7:7443")
+    assert best_path([*addresses, "[::1]:7443"]) == ("local", "[::1]:7443")
+    # An operator CIDR wins over the defaults, as in path_scope.
+    assert best_path(addresses, overlay_cidrs=["10.0.0.0/24"]) == (
+        "overlay",
+        "gpu.example.net:7443",
+    )
+    assert best_path(["gpu.example.net:7443"]) == ("overlay", "gpu.example.net:7443")
+    assert best_path([]) is None
