@@ -631,6 +631,9 @@ class Submitter:
             "gpus": lease.get("gpus", []),
             "ttl_s": lease.get("ttl_s", self.ttl_s()),
             "work_class": task.work_class,
+            # The settings record this was placed under: a worker holding an older one
+            # fetches the signed record before it decides.
+            "settings_serial": self.agent.records.settings_serial,
         }
 
     async def _remote(self, task: Task, control: Control) -> None:
