@@ -2,11 +2,11 @@
 
 A handoff (inbox message ``handoff``) is accepted only when remote execution is on (the
 cluster settings and this node's ``exec.remote``; a handoff names the settings serial it
-was placed under, and a worker holding an older record fetches the signed record from the
-control plane before it decides), by a node that is not retired, from a node with the ``submit`` role
-that ``exec.accept_from`` allows, and only with a fencing token at least the highest this
-node keeps for the task (safety rule 2): higher starts the attempt, equal is acknowledged
-and never started twice, lower is refused. The fence and the attempt are durable before
+was placed under, and a worker holding an older record fetches the signed record from
+the control plane before it decides), by a node that is not retired, from a node with the
+``submit`` role that ``exec.accept_from`` allows, and only with a fencing token at least
+the highest this node keeps for the task (safety rule 2): higher starts the attempt, equal
+is acknowledged and never started twice, lower is refused. The fence and the attempt are durable before
 the answer. The attempt then runs under :class:`~populi_peer.agent.attempts.AttemptRunner`
 (renew before start, supervisor, renew every TTL/3, release), and its result is stored
 and delivered to the submitter's inbox until the submitter acknowledges it (a submitter
@@ -86,6 +86,11 @@ class Worker:
                 code="submitter_not_allowed",
             )
         plan = self._parse(caller, message)
+        # The submitter placed this under a settings record at least this new: never trust
+        # the stamp itself, fetch the signed record if this node holds an older one. Before
+        # the fence is read: from there to the fence's write nothing may await, or two
+        # copies of one handoff could both pass the check (safety rule 2).
+        await agent.settings_sync.catch_up(message.get("settings_serial"))
         token = FencingToken.parse(plan.token)
         row = agent.store.execute(
             "SELECT token FROM fences WHERE task_id = ?", (plan.task_id,)
@@ -103,9 +108,6 @@ class Worker:
                 (plan.task_id, plan.token),
             ).fetchone()
             return {"verdict": "duplicate", "state": existing["state"] if existing else "unknown"}
-        # The submitter placed this under a settings record at least this new: never trust
-        # the stamp itself, fetch the signed record if this node holds an older one.
-        await agent.settings_sync.catch_up(message.get("settings_serial"))
         refusal: PopuliError | None = None
         missing = [g for g in plan.gpus if g not in set(agent.verified_gpu_uuids())]
         if agent.standing.out:

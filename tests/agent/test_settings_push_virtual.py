@@ -193,12 +193,25 @@ async def test_a_worker_with_an_older_record_fetches_the_signed_one_before_it_de
     serial = answer["settings"]["serial"]
     assert not w2.remote_enabled() and w2.records.settings_serial < serial
     lease = await grant(cluster, w1, w2, "t-fetch")
-    async with as_node(cluster, w1, "w2") as to_worker:
-        accepted = await to_worker.post("/v1/populi/inbox", json=handoff(lease, serial))
-    assert accepted.status_code == 200, accepted.text
-    assert accepted.json()["result"]["verdict"] == "start"
+    # Two copies of the handoff at once (a retry racing the first): both wait for the
+    # fetch, and still only one starts (safety rule 2).
+    answers: list[httpx.Response] = []
+
+    async def send(message_id: str) -> None:
+        async with as_node(cluster, w1, "w2") as to_worker:
+            message = handoff(lease, serial) | {"message_id": message_id}
+            answers.append(await to_worker.post("/v1/populi/inbox", json=message))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, "h-first")
+        nursery.start_soon(send, "h-retry")
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    verdicts = sorted(a.json()["result"]["verdict"] for a in answers)
+    assert verdicts == ["duplicate", "start"]
     assert w2.records.settings_serial == serial  # fetched from the control plane, verified
     await cluster.wait_until(lambda: bool(host.ledger.for_task("t-fetch")), timeout_s=GUARD_S)
+    await trio.sleep(5)
+    assert len(host.ledger.for_task("t-fetch")) == 1
 
 
 async def test_a_stamp_alone_never_turns_remote_execution_on(
