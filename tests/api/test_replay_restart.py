@@ -137,7 +137,7 @@ async def restart_cp(cluster: VirtualCluster) -> Agent:
 
 
 async def test_operator_requests_replayed_after_a_restart_are_refused_and_write_nothing(
-    cluster: VirtualCluster,
+    cluster: VirtualCluster, autojump_clock: trio.testing.MockClock
 ) -> None:
     recorder = Recorder()
     async with signed(cluster, sender=None, recipient="cp", recorder=recorder) as op:
@@ -175,7 +175,7 @@ async def test_operator_requests_replayed_after_a_restart_are_refused_and_write_
 
 
 async def test_heartbeats_and_renewals_commit_no_nonce_and_their_replay_after_restart_is_harmless(
-    cluster: VirtualCluster,
+    cluster: VirtualCluster, autojump_clock: trio.testing.MockClock
 ) -> None:
     w1, w2 = cluster["w1"], cluster["w2"]
     async with signed(cluster, sender=None, recipient="cp", recorder=Recorder()) as op:
