@@ -42,6 +42,8 @@ from populi_peer.agent.nodes import NodeAdmin, leave_sequence
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
+from populi_peer.agent.settings_sync import SettingsSync
+from populi_peer.agent.standing import Standing
 from populi_peer.agent.submitter import Submitter
 from populi_peer.agent.worker import Worker
 from populi_peer.api.app import ANY_MEMBER, ApiApp, Request, Route
@@ -51,6 +53,7 @@ from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
 from populi_peer.core.registers import RegisterWrite
+from populi_peer.core.settings import remote_refusal
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
@@ -115,13 +118,32 @@ class Agent:
         self.worker = Worker(self, self.runner)
         self.submitter = Submitter(self)
         self.gpu = GpuService(self)
+        self.standing = Standing(
+            node_id=self.node_id,
+            node_name=self.identity.node_name,
+            clock=clock,
+            revocations=self.revocations,
+            membership=self.membership,
+            registry=self.registry,
+        )
+        self.settings_sync = SettingsSync(
+            node_id=self.node_id,
+            records=self.records,
+            membership=self.membership,
+            registry=self.registry,
+            peers=lambda: self.peers,
+            control_plane=lambda: (self.control_plane_url, self.control_plane_id),
+            timeout_s=config.api.request_timeout_s,
+        )
         self.authenticator = Authenticator(
             node_id=self.node_id,
             clock=clock,
             skew_s=config.security.max_skew_s,
             lookup=self.lookup_principal,
-            is_revoked=self.is_revoked,
+            is_revoked=self._refuses_signer,
             replay_max_entries=config.security.replay_cache_max_entries,
+            nonces=self.store,
+            retired=self.standing.notice_for,
         )
         self.app = ApiApp(
             routes=self._routes(),
@@ -191,6 +213,11 @@ class Agent:
     def is_revoked(self, principal_id: str) -> bool:
         return self.revocations.is_revoked(principal_id)
 
+    def _refuses_signer(self, principal_id: str) -> bool:
+        # This node's own key is always good at its own agent: the CLI here signs with it,
+        # and a retired node's operator must still read its status.
+        return principal_id != self.node_id and self.is_revoked(principal_id)
+
     def lookup_principal(self, principal_id: str) -> Principal | None:
         """The signer of a request, unless unknown, retired or its certificate expired."""
         principal = self.membership.principal(principal_id)
@@ -229,6 +256,7 @@ class Agent:
             *self.worker.routes(),
             *self.submitter.routes(),
             *self.gpu.routes(),
+            *self.settings_sync.routes(),
             Route("GET", "/v1/populi/health", self._health, roles=None, name="health"),
             Route("GET", "/v1/populi/status", self._status, roles=ANY_MEMBER, name="status"),
             Route(
@@ -275,6 +303,7 @@ class Agent:
                 else (sender.beats > 0 and not sender.cp_down),
             },
             "lifecycle": self.own_lifecycle(),
+            "standing": self.standing.json(),
             "cert_not_after_ms": int(self.identity.cert_not_after_s * 1000),
             "revocation_serial": self.revocations.serial,
             "health": self.health.to_json(),
@@ -284,7 +313,7 @@ class Agent:
         if self.is_control_plane:
             lc = self.registry.lifecycle(self.node_id)
             return None if lc is None else lc.to_json()
-        return self.heartbeat_sender.lifecycle
+        return self.standing.refused_lifecycle or self.heartbeat_sender.lifecycle
 
     async def _status(self, request: Request) -> dict[str, Any]:
         return self.status_json()
@@ -317,7 +346,9 @@ class Agent:
             actor=request.caller.id,
             detail={"changes": changes, "serial": record.serial},
         )
-        return {"settings": self.records.settings_json(), "term": self.term}
+        # Every node at once, not at its next heartbeat; the answer says who did not confirm.
+        push = await self.settings_sync.push()
+        return {"settings": self.records.settings_json(), "term": self.term, "push": push}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -450,13 +481,12 @@ class Agent:
         return self.worker.own_pids()
 
     def remote_enabled(self) -> bool:
-        """Remote execution is on in this node's config and cluster settings, and the
-        kill switch is off."""
-        settings = self.records.settings
+        """Remote execution is on in this node's config and cluster settings, the kill
+        switch is off, and this node is still a member (not retired)."""
         return bool(
             self.config.exec.remote
-            and settings["remote_exec_enabled"]
-            and not settings["kill_switch"]
+            and remote_refusal(self.records.settings) is None
+            and not self.standing.out
         )
 
     def policy_gates(self) -> frozenset[tuple[str, str]]:

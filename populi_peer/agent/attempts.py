@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 #: Kept of each stream in a result message (the rest stays on the worker).
 RESULT_TAIL_BYTES = 64 * 1024
+#: Refusals of a pre-start renewal that mean "remote execution is off now".
+REMOTE_OFF_REASONS = frozenset({"remote_disabled", "kill_switch"})
 #: Deadline of an attempt with no lease to renew (a local run without GPUs): effectively
 #: none; ``--timeout`` and cancel stop it.
 NO_LEASE_DEADLINE_S = 10 * 365 * 86400.0
@@ -191,12 +193,16 @@ class AttemptRunner:
             timeout_s=renew_timeout_s(ttl_s or 6.0),
         )
 
-    async def renew(self, plan: AttemptPlan) -> float:
-        """Renew; returns the new local deadline (boot clock, from when the request was sent)."""
+    async def renew(self, plan: AttemptPlan, *, before_start: bool = False) -> float:
+        """Renew; returns the new local deadline (boot clock, from when the request was sent).
+        ``before_start``: the renewal that proves the lease before the task starts (the
+        control plane checks the cluster settings again for it)."""
         assert plan.lease_id is not None and plan.ttl_s is not None
         sent_boot = self.agent.clock.boot()
         answer = await self._cp(
-            f"/v1/populi/exec/leases/{plan.lease_id}/renew", {}, ttl_s=plan.ttl_s
+            f"/v1/populi/exec/leases/{plan.lease_id}/renew",
+            {"before_start": True} if before_start else {},
+            ttl_s=plan.ttl_s,
         )
         lease = answer.get("lease") or {}
         # The control plane's lease is the authority: it must be the one this attempt was
@@ -283,7 +289,7 @@ class AttemptRunner:
         deadline = agent.clock.boot() + NO_LEASE_DEADLINE_S
         if plan.renewable:
             try:
-                deadline = await self.renew(plan)
+                deadline = await self.renew(plan, before_start=True)
             except PopuliError as exc:
                 # Not proved: never start (safety rule 3).
                 log(
@@ -294,9 +300,15 @@ class AttemptRunner:
                     attempt=plan.attempt,
                     error=str(exc),
                 )
-                return await self._finish(
+                reasons = exc.details.get("reasons") or ()
+                result = await self._finish(
                     plan, outcome="lease_lost", started_ms=started_ms, detail=exc.code
                 )
+                if REMOTE_OFF_REASONS & set(reasons):
+                    # The settings forbid remote work now and nothing ran: give the lease
+                    # back so that the submitter need not wait for it to expire.
+                    await self.release(plan, "stopped")
+                return result
         task_dir = self.task_dir(plan)
         try:
             try:

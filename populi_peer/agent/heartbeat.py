@@ -333,15 +333,18 @@ class HeartbeatSender:
                 # (disk full...): not an unreachable control plane; beat again soon.
                 delay = self.agent.health.failed("heartbeat", exc)
             except PopuliError as exc:
-                if (
-                    exc.code in ("unknown_signer", "signature_invalid")
-                    and exc.details.get("http_status") == 401
-                ):
+                # Retired (the control plane says so), or unknown to it (deleted, or the
+                # certificate expired): this node is out; `populi status` says so and how
+                # to re-join. Heartbeats stop.
+                if self.agent.standing.learn(exc):
+                    self.expelled = True
+                    return
+                if exc.code == "signature_invalid" and exc.details.get("http_status") == 401:
                     log(
                         self.logger,
                         logging.ERROR,
-                        "the control plane no longer knows this node (retired, revoked, deleted or its "
-                        "certificate expired); heartbeats stop. Re-join with a new token: runbooks/enroll-a-node.md",
+                        "the control plane does not accept this node's key; heartbeats stop. "
+                        "Re-join with a new token: runbooks/enroll-a-node.md",
                         error=str(exc),
                     )
                     self.expelled = True

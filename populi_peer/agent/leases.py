@@ -47,6 +47,7 @@ from populi_peer.core.leases import (
     TargetView,
 )
 from populi_peer.core.policy import decide
+from populi_peer.core.settings import remote_refusal
 from populi_peer.core.wire import check_id
 from populi_peer.errors import BadRequest
 from populi_peer.log import get_logger, log
@@ -240,9 +241,9 @@ class LeaseService:
             seen = receiver.seen.get(node_id)
             if seen is not None and seen.report.get("exec_remote") is False:
                 reasons.append("remote_off_on_node")
-            settings = agent.records.settings
-            if settings["kill_switch"] or not settings["remote_exec_enabled"]:
-                reasons.append("remote_disabled")
+            refusal = remote_refusal(agent.records.settings)
+            if refusal is not None:
+                reasons.append(refusal)
             scope = self.path_scope(submitter, node_id)
             decision = decide(work_class, scope, gates_enabled=agent.policy_gates())
             if not decision.allowed:
@@ -350,6 +351,10 @@ class LeaseService:
         return {"lease": self.lease_json(change.lease), "replay": change.replay}
 
     async def _renew(self, request: Request) -> dict[str, Any]:
+        body = request.json() if request.body else {}
+        before_start = body.get("before_start", False)
+        if not isinstance(before_start, bool):
+            raise BadRequest("'before_start' must be true or false", code="bad_request")
         self.hydrate(lease_id=request.path_params["lease_id"])
         table = self._table()
         now_mono, now_ms = self._now()
@@ -358,6 +363,10 @@ class LeaseService:
             request.caller.id,
             now_mono=now_mono,
             now_wall_ms=now_ms,
+            # Rule 3's renewal before start: the settings are checked again here, so no
+            # remote attempt starts after `settings set` turned remote execution off.
+            before_start=before_start,
+            remote_refusal=remote_refusal(self.agent.records.settings),
         )
         self._commit(new, change.records)
         return {"lease": self.lease_json(change.lease)}

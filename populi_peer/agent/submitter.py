@@ -665,9 +665,13 @@ class Submitter:
                 )
                 return
             try:
-                await self.agent.call_member(
-                    worker, "POST", "/v1/populi/inbox", self.handoff_message(task)
-                )
+                message = {
+                    **self.handoff_message(task),
+                    # The settings record this was placed under: a worker holding an
+                    # older one fetches the signed record before it decides.
+                    "settings_serial": self.agent.records.settings_serial,
+                }
+                await self.agent.call_member(worker, "POST", "/v1/populi/inbox", message)
             except PopuliError as exc:
                 # Refused or unreachable, the lease may be live and (if unreachable) the
                 # worker may even have started: only the lease's death frees the task.

@@ -1,10 +1,12 @@
 """The worker: runs tasks handed to it under leases, and delivers their results.
 
 A handoff (inbox message ``handoff``) is accepted only when remote execution is on (the
-cluster settings and this node's ``exec.remote``), from a node with the ``submit`` role
-that ``exec.accept_from`` allows, and only with a fencing token at least the highest this
-node keeps for the task (safety rule 2): higher starts the attempt, equal is acknowledged
-and never started twice, lower is refused. The fence and the attempt are durable before
+cluster settings and this node's ``exec.remote``; a handoff names the settings serial it
+was placed under, and a worker holding an older record fetches the signed record from
+the control plane before it decides), by a node that is not retired, from a node with the
+``submit`` role that ``exec.accept_from`` allows, and only with a fencing token at least
+the highest this node keeps for the task (safety rule 2): higher starts the attempt, equal
+is acknowledged and never started twice, lower is refused. The fence and the attempt are durable before
 the answer. The attempt then runs under :class:`~populi_peer.agent.attempts.AttemptRunner`
 (renew before start, supervisor, renew every TTL/3, release), and its result is stored
 and delivered to the submitter's inbox until the submitter acknowledges it (a submitter
@@ -87,6 +89,11 @@ class Worker:
                 code="submitter_not_allowed",
             )
         plan = self._parse(caller, message)
+        # The submitter placed this under a settings record at least this new: never trust
+        # the stamp itself, fetch the signed record if this node holds an older one. Before
+        # the fence is read: from there to the fence's write nothing may await, or two
+        # copies of one handoff could both pass the check (safety rule 2).
+        await agent.settings_sync.catch_up(message.get("settings_serial"))
         token = FencingToken.parse(plan.token)
         row = agent.store.execute(
             "SELECT token FROM fences WHERE task_id = ?", (plan.task_id,)
@@ -106,7 +113,11 @@ class Worker:
             return {"verdict": "duplicate", "state": existing["state"] if existing else "unknown"}
         refusal: PopuliError | None = None
         missing = [g for g in plan.gpus if g not in set(agent.verified_gpu_uuids())]
-        if not self.agent.remote_enabled():
+        if agent.standing.out:
+            refusal = Conflict(
+                "this node was retired from the cluster; it takes no work", code="node_retired"
+            )
+        elif not self.agent.remote_enabled():
             refusal = Conflict("remote execution is off on this node", code="remote_disabled")
         elif agent.leaving:
             refusal = Conflict("this node is leaving the cluster", code="node_leaving")

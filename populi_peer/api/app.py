@@ -23,6 +23,7 @@ from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.clock import Clock
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, PopuliError
 from populi_peer.log import correlation_id, get_logger, log
+from populi_peer.store import RequestNonce, bind_request_nonce
 
 ANY_MEMBER = frozenset({"operator", "submit", "voter", "worker"})
 MAX_REASON_CHARS = 200
@@ -222,12 +223,13 @@ class ApiApp:
         query = scope.get("query_string", b"").decode("latin-1")
         started = self.clock.mono()
         principal: Principal | None = None
+        nonce: RequestNonce | None = None
         try:
             try:
                 route, params = self._match(method, path)
                 body = await self._read_body(receive, headers)
                 if route.roles is not None:
-                    principal = self.auth.authenticate(
+                    principal, nonce = self.auth.verify(
                         method=method, path=path, query=query, headers=headers, body=body
                     )
                     if not principal.has_any(route.roles):
@@ -248,7 +250,9 @@ class ApiApp:
                     client=(str(client[0]), int(client[1])) if client else None,
                     cid=cid,
                 )
-                result = await route.handler(request)
+                # The request's first commit records its nonce (never accepted twice).
+                with bind_request_nonce(nonce):
+                    result = await route.handler(request)
                 response = result if isinstance(result, Response) else Response(200, result)
             except PopuliError as exc:
                 status = 405 if exc.code == "method_not_allowed" else exc.http_status

@@ -737,12 +737,14 @@ async def _set_cluster_settings(cluster: VirtualCluster, **more: Any) -> None:
 
 
 async def _setup(cluster: VirtualCluster) -> None:
-    """Until every node has the settings and the control plane sees every GPU."""
+    """Until every node has the settings, the control plane sees every GPU and every node
+    knows every other (settings are pushed at once; membership travels with heartbeats)."""
     await cluster.wait_until(
         lambda: all(
             cluster[n].records.settings["remote_exec_enabled"]
             and cluster[n].records.settings["max_lease_ttl_s"] == TTL_S
             and cluster.cp.allocatable_gpus(cluster[n].node_id)[0]
+            and all(cluster[n].membership.get(cluster[m].node_id) for m in cluster.nodes)
             for n in cluster.nodes
         ),
         timeout_s=30,

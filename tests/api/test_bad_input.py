@@ -270,6 +270,7 @@ for _route, _method, _path, _signer in [
     ("status", "GET", "/v1/populi/status", "operator"),
     ("settings_show", "GET", "/v1/populi/settings", "operator"),
     ("settings_set", "POST", "/v1/populi/admin/settings", "operator"),
+    ("settings_push", "POST", "/v1/populi/records/settings", "node"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -693,6 +694,18 @@ for _label, _body, _code in [
 for _label, _value in [("ttl-too-big", 1e9), ("ttl-string", "30")]:
     wrong("settings_set", "POST", "/v1/populi/admin/settings",
           {"changes": {"max_lease_ttl_s": _value}}, 400, "bad_setting", _label)
+wrong("settings_push", "POST", "/v1/populi/records/settings", {}, 400, "bad_request", "no-record",
+      signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": 5}, 400, "bad_request",
+      "record-number", signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": "populi-record-1.xx"}, 400,
+      "record_malformed", "record-garbage", signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", NOT_JSON, 400, "bad_json",
+      "malformed-json", signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": "x"}, 403,
+      "role_required", "operator-is-no-voter")
+wrong("lease_renew", "POST", "/v1/populi/exec/leases/l-1/renew", {"before_start": "yes"}, 400,
+      "bad_request", "before-start-string")
 wrong("health", "GET", "/v1/populi/health?verbose=%ff%fe", b"x" * (LIMIT + 1), 413,
       "payload_too_large", "junk-query-and-oversize", signer=None)
 

@@ -68,7 +68,7 @@ async def set_remote(cluster: VirtualCluster, enabled: bool) -> None:
         )
     assert answer.status_code == 200, answer.text
     serial = answer.json()["settings"]["serial"]
-    # Every node learns the new record from its next heartbeat answer.
+    # Pushed to every node before the answer (heartbeat answers carry it too).
     await cluster.wait_until(
         lambda: all(cluster[name].records.settings_serial >= serial for name in ("w1", "w2")),
         timeout_s=GUARD_S,
@@ -87,6 +87,14 @@ async def cluster(
         # The control plane knows each worker's replayed GPU from its heartbeats.
         await cluster.wait_until(
             lambda: all(len(cp.allocatable_gpus(w.node_id)[0]) == 1 for w in (w1, w2)),
+            timeout_s=GUARD_S,
+        )
+        # ...and the workers know each other (membership travels with heartbeats).
+        await cluster.wait_until(
+            lambda: (
+                w1.membership.get(w2.node_id) is not None
+                and w2.membership.get(w1.node_id) is not None
+            ),
             timeout_s=GUARD_S,
         )
         yield cluster
