@@ -27,8 +27,8 @@ from populi_peer.api.auth import Authenticator
 from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.clock import SystemClock
 from populi_peer.store import Store
+from support.disk import fill, small_tmpfs
 from support.procs import POPULI, Processes, init, one_line, populi
-from support.tmpfs import fill, small_tmpfs
 
 pytestmark = pytest.mark.e2e
 

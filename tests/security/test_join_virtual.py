@@ -38,7 +38,7 @@ from populi_peer.clock import Clock
 from populi_peer.errors import PeerError, RefusedError
 from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.cluster import VirtualCluster
-from support.tmpfs import fill, small_tmpfs
+from support.disk import fill, small_tmpfs
 from support.vcluster import vcluster
 
 CP_BASE = "https://cp.populi.test:443"
