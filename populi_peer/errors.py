@@ -50,10 +50,27 @@ class PopuliError(Exception):
         self.details: dict[str, Any] = details
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": str(self)}
+        body: dict[str, Any] = {"code": self.code, "message": one_line(str(self))}
         if self.details:
             body["details"] = self.details
         return body
+
+
+#: The longest error message an answer carries: messages may quote input (an id, a path),
+#: and input is not ours to size.
+MAX_MESSAGE_CHARS = 1000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as one bounded line: control characters (a CR LF smuggled into a path, a
+    NUL) are shown escaped, and anything past ``limit`` characters is cut with a mark."""
+    shown = "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+    if len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    return shown
 
 
 class UsageError(PopuliError):
@@ -165,6 +182,7 @@ class NoDataDir(StoreError):
 
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
     "AgentUnavailable",
     "AlreadyRunning",
     "BadRequest",
@@ -184,4 +202,5 @@ __all__ = [
     "StoreError",
     "Unauthenticated",
     "UsageError",
+    "one_line",
 ]

@@ -88,7 +88,7 @@ from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context, client_context_from_pem, insecure_probe_context
 from populi_peer.clock import SystemClock
 from populi_peer.config import Config
-from populi_peer.errors import PopuliError
+from populi_peer.errors import MAX_MESSAGE_CHARS, PopuliError
 from populi_peer.identity import Credential
 from populi_peer.joining import join_cluster
 from support.contract import sync_hook
@@ -619,6 +619,12 @@ def names_skew(seconds: int, direction: str) -> Callable[[Outcome], None]:
     return check
 
 
+def one_bounded_line(outcome: Outcome) -> None:
+    """Input quoted in a message is shown on one line, escaped, and cut to a bound."""
+    assert outcome.message.isprintable(), repr(outcome.message)
+    assert len(outcome.message) <= MAX_MESSAGE_CHARS, len(outcome.message)
+
+
 def reasons(*expected: str) -> Callable[[Outcome], None]:
     def check(outcome: Outcome) -> None:
         for reason in expected:
@@ -707,7 +713,7 @@ row("skewed-node-clock", "w1's heartbeat signed by a clock 400 s behind (its key
 row("signer-unknown", "a heartbeat signed by a key that never joined",
     401, "unknown_signer", lambda w, _: unknown_signer(w))  # fmt: skip
 row("signer-retired", "a heartbeat signed by the retired node r1's key",
-    401, "unknown_signer",
+    401, "node_retired",
     lambda w, _: w.send("cp", "POST", "/v1/populi/heartbeat", b"{}", signer="r1"))  # fmt: skip
 row("role-operator-route", "the submitter's node key creates a join token (an operator route)",
     403, "role_required", lambda w, _: w.send("cp", "POST", _TOKEN, b"{}", signer="s1"))  # fmt: skip
@@ -741,13 +747,12 @@ row("path-nul", "cordon w1%00 (a NUL in a path parameter)",
     404, "unknown_node", lambda w, _: w.send("cp", "POST", "/v1/populi/admin/nodes/w1%00/cordon"))  # fmt: skip
 row("path-overlong-id", "a 5000-character lease id",
     404, "lease_not_found",
-    lambda w, _: w.send("cp", "GET", "/v1/populi/exec/leases/" + "l" * 5000))  # fmt: skip
+    lambda w, _: w.send("cp", "GET", "/v1/populi/exec/leases/" + "l" * 5000),
+    check=one_bounded_line)  # fmt: skip
 row("path-line-break", "an encoded CR LF in the path of a public route",
     404, "no_route",
     lambda w, _: w.send("cp", "GET", "/v1/populi/join/ca%0D%0AX-Injected:%201", signer=None),
-    hole="the no_route message echoes the decoded path verbatim, so a %0D%0A in the path "
-         "gives a two-line error message (the API promises one line); low: only the "
-         "caller sees it, and log lines are JSON-escaped")  # fmt: skip
+    check=one_bounded_line)  # fmt: skip
 row("body-10mb-declared", "a 10 MB body declared in content-length, 1 KiB sent",
     413, "payload_too_large", lambda w, _: declared_10mb(w))  # fmt: skip
 row("body-10mb-chunked", "a 10 MB chunked body to the public enroll route",
@@ -1195,11 +1200,6 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
                     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 item 4 (fixed separately): the nonce cache lives in memory, so a "
-    "captured token-create request replayed after a control-plane restart mints a token",
-)
 def test_a_request_replayed_after_a_restart_is_refused(process_mesh: Mesh) -> None:
     """Last of the process rows: it leaves the control plane restarted, holding grants."""
     mesh = process_mesh
