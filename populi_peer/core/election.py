@@ -926,8 +926,9 @@ class _Step:
         s.records = event.records
         self.move("started", None)
         voters = self.voters()
-        if voters is not None and voters.voters == {s.node_id}:
-            # A lone voter: nobody else can lead, so nobody's lease needs waiting out.
+        if voters is not None and voters.settled and voters.voters == {s.node_id}:
+            # A lone voter (settled: no other voter of a previous set can still hold a
+            # lease): nobody else can lead, so nobody's lease needs waiting out.
             s.hold_until = self.now
             self.start_prevote()
             return

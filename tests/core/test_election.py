@@ -583,3 +583,48 @@ def test_messages_round_trip_through_json() -> None:
         message_from_json({"type": "heartbeat", "sender": "a", "term": 1})
     with pytest.raises(BadRequest):
         message_from_json({"type": "gossip", "sender": "a", "term": 1})
+
+
+def test_a_voter_change_counts_only_voters_that_hold_everything_the_leader_held() -> None:
+    net = elect_a("abc")
+    net.m["d"], _ = ElectionMachine("d", SETTINGS).handle(
+        Started(PersistedVote(), RecordSet()), 0.0, RNG
+    )
+    written = net.step("a", ClientWrite("w1", token("t1", "x", 1), 1000), 1.1)
+    assert WriteApplied("w1", WriteId(1, 1)) in net.deliver(written, 1.1, only={"b"})
+    change = voters_change(net.m["a"], "abcd")
+    net.step("a", ClientWrite("add-d", change, 1000), 1.2)
+    boot = WriteId(0, 1)
+
+    def ack(voter: str, *ids: WriteId) -> tuple[Action, ...]:
+        net.m["a"], got = net.m["a"].handle(HeartbeatAck(voter, 1, 1, True, Digest(ids)), 1.25, RNG)
+        return got
+
+    assert ack("b", boot, WriteId(1, 1), WriteId(1, 2)) == ()
+    # c and d hold the change but not the token write acknowledged before it: they do not
+    # count, or a majority of the new set could lack an acknowledged write.
+    assert ack("c", boot, WriteId(1, 2)) == ()
+    assert ack("d", WriteId(1, 2)) == ()
+    assert net.m["a"].pending_writes[0].request_id == "add-d"
+    got = ack("d", WriteId(1, 1), WriteId(1, 2))
+    assert WriteApplied("add-d", WriteId(1, 2)) in got
+
+
+def test_while_a_change_is_pending_the_lease_counts_the_previous_set() -> None:
+    # A lone voter adding a second one keeps its lease: the new voter's acknowledgement
+    # is not needed for it (any rival must count votes under {a} or {a, b}: both need a).
+    machine = started("a", voters="a")
+    assert machine.role == "leader"
+    change = voters_change(machine, "ab")
+    machine, actions = machine.handle(ClientWrite("add-b", change, 1000), 1.0, RNG)
+    assert machine.pending_writes and machine.lease_expiry == math.inf
+    assert not any(isinstance(a, WriteApplied) for a in actions)  # b must store it too
+    (to_b,) = sends(actions, Heartbeat)  # the write goes out at once, in a round sent at 1.0
+    assert to_b.to == "b"
+    round_sent = to_b.message.round  # type: ignore[union-attr]
+    machine, actions = machine.handle(
+        HeartbeatAck("b", 1, round_sent, True, machine.records.digest), 1.1, RNG
+    )
+    assert WriteApplied("add-b", WriteId(1, 1)) in actions
+    # Applied: from now on the lease rests on {a, b}: b's acknowledgement of 1.0 counts.
+    assert machine.lease_expiry == pytest.approx(1.5)

@@ -208,3 +208,24 @@ def test_every_acknowledged_write_is_checked_against_later_leaders() -> None:
     with pytest.raises(SimulationFailure, match=r"lacks write 0\.99"):
         cluster.check()
     assert leader
+
+
+def test_a_voter_cut_off_for_long_does_not_disturb_the_leader_when_it_returns() -> None:
+    # Pre-vote: the cut-off voter never gets a majority, so it never bumps its term, and
+    # the leader is not deposed when it comes back.
+    sim = Simulation(7, replace(QUIET, duration_s=16.0))
+    seen: dict[str, object] = {}
+
+    def cut_a_follower(s: Simulation) -> None:
+        (leader,) = _leaders(s)
+        follower = next(n for n in s.node_ids if n != leader)
+        seen.update(leader=leader, follower=follower)
+        pairs = {(follower, n) for n in s.node_ids} | {(n, follower) for n in s.node_ids}
+        s.block(pairs - {(follower, follower)}, f"{follower} cut off", 10.0)
+
+    sim.at(3.0, cut_a_follower)
+    sim.run()
+    cluster = sim.cluster
+    assert len(cluster.elected) == 1  # the first election only
+    follower = cluster.nodes[str(seen["follower"])].machine
+    assert follower is not None and follower.term == 1 and follower.leader == seen["leader"]
