@@ -31,6 +31,7 @@ scenario, each voter's machine gets its own generator drawn from it.
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
 from collections import deque
@@ -60,6 +61,9 @@ from populi_peer.core.election import (
     WriteApplied,
     WriteOutcomeUnknown,
     WriteRefused,
+    is_message,
+    message_from_json,
+    message_to_json,
 )
 from populi_peer.core.hlc import HLC_ZERO, Hlc, hlc_tick
 from populi_peer.core.registers import RegisterWrite, Stamp
@@ -211,8 +215,11 @@ class Cluster:
         on_send: Callable[[str, str, object], None] | None = None,
         on_timer: Callable[[str, float, int], None] | None = None,
         trace_len: int = 120,
+        wire: bool = False,
     ) -> None:
         self.seed = seed
+        #: Pass every election message through its JSON wire form on delivery.
+        self.wire = wire
         self.rng = rng if rng is not None else random.Random(seed)
         self.settings = settings
         self.now = 0.0
@@ -322,7 +329,9 @@ class Cluster:
         self.note(dst, "<-", message)
         if isinstance(message, ClientRequest):
             self.client_request(node, message)
-        else:
+        elif is_message(message):
+            if self.wire:
+                message = message_from_json(json.loads(json.dumps(message_to_json(message))))  # type: ignore[arg-type]
             self.handle(dst, message)  # type: ignore[arg-type]
 
     def set_rate(self, node_id: str, rate: float) -> None:

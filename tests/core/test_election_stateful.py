@@ -47,6 +47,7 @@ class ThreeVoters(RuleBasedStateMachine):
             rng=random.Random(0),
             on_send=self.sent,
             on_timer=self.armed,
+            wire=True,
         )
 
     def sent(self, src: str, dst: str, message: object) -> None:
