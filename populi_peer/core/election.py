@@ -58,7 +58,7 @@ Rules, each with where it comes from:
   ``write_timeout_s`` passed) is :class:`WriteOutcomeUnknown`. Voters refuse heartbeats
   (and the writes they carry) from a lower term.
 - **Voter set**: the latest ``voters`` cluster record in the replica; a change adds or
-  removes one voter and starts only when the previous one is settled (ADR 0009). Answers
+  removes one voter and starts only when the previous one is settled (ADR 0011). Answers
   from non-voters are ignored; a voter that is not in its own voter set never campaigns.
 
 The clock: ``now_mono`` must keep counting through suspend (``CLOCK_BOOTTIME``): a leader
@@ -238,7 +238,7 @@ def check_election_settings(settings: ElectionSettings) -> None:
       fastest one: ``lease / (1 - drift) + margin < min_timeout / (1 + drift)``. A voter
       that acknowledged a heartbeat sent at ``s`` refuses every vote until at least
       ``s + min_timeout / (1 + drift)`` real seconds, so no other leader can be elected
-      before the old lease is over (ADR 0009).
+      before the old lease is over (ADR 0011).
     """
     for name in (
         "election_timeout_min_s",
@@ -775,7 +775,7 @@ def _lease_expiry(s: _State) -> float:
     plus the lease. The majority is of the voter set, or — while the leader does not
     know its voter set to be stored by both majorities — of the previous set: every voter
     set a rival could count votes under is one change from that one, so a majority of it
-    meets every rival's majority (ADR 0009)."""
+    meets every rival's majority (ADR 0011)."""
     voters = s.records.voter_set()
     if voters is None:
         return -math.inf
@@ -1234,7 +1234,7 @@ class _Step:
         is_voters = _is_voters(item)
         settled = isinstance(item, ClusterRecord) and item.settled
         # Marking a change settled once the leader saw it stored by both majorities is a
-        # fact already true: a majority of the voters is enough (ADR 0009).
+        # fact already true: a majority of the voters is enough (ADR 0011).
         marker_only = is_voters and settled and s.voters_acked
         if is_voters and not settled:
             s.voters_acked = False  # a new change: count both sets until it is stored

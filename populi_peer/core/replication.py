@@ -31,7 +31,7 @@ The leader's write rule (:class:`PendingWrite`): a write is applied — acknowle
 caller — once the voters whose reported digest covers it form a majority of every quorum
 set it names. A voter-set write also requires those voters to hold everything the leader
 held when it proposed it (``required`` is the leader's whole winner digest then), so that
-a majority of the *new* set holds every write acknowledged before the change. ADR 0009
+a majority of the *new* set holds every write acknowledged before the change. ADR 0011
 says why that makes "a new leader merges the records of the majority that elected it"
 enough.
 """
@@ -342,7 +342,7 @@ class ClusterRecord:
     """One cluster record: ``text`` is the signed record (checked by the shell, opaque
     here), ``body`` its parsed content, ``serial`` its serial. ``term`` is the term of the
     leader that stored it and ``settled`` says that a voter-set change is known to be
-    stored by a majority of both sets (ADR 0009); both are replication metadata: a leader
+    stored by a majority of both sets (ADR 0011); both are replication metadata: a leader
     may store the same signed record again under its own term."""
 
     kind: ClusterKind
@@ -429,7 +429,7 @@ class VoterSet:
     ``previous`` is the set this one replaced (empty for the first record); a change
     adds or removes exactly one voter. ``settled`` means the change is known to be stored
     by a majority of both sets; until a leader knows that, it counts its lease and its
-    writes against a majority of both (ADR 0009).
+    writes against a majority of both (ADR 0011).
     """
 
     voters: frozenset[str]
