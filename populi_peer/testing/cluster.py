@@ -8,6 +8,11 @@ pinned CA, challenge, proof). Run it on trio's ``MockClock`` (pytest-trio's
         await cluster.wait_until(lambda: cluster.cp.heartbeats.age_ms(cluster["w1"].node_id) is not None)
         cluster.network.partition(cluster["w1"].node_id, cluster.cp.node_id)
 
+A node whose config names no GPU capture replays a real one whose ``nvmlInit`` fails as
+on a machine without a loaded driver (:func:`write_no_driver_capture`): the real NVML runs
+in worker threads, and threads do not mix with an autojump clock (it jumps while a thread
+answers, past the call's timeout), whatever GPU the test machine has.
+
 ``crash(name)`` cancels an agent without any graceful step (like SIGKILL: its tasks stop,
 its store is closed, nothing is said to anyone); ``start(name)`` brings it back from its
 data directory, as a restart would.
@@ -16,9 +21,12 @@ data directory, as a restart would.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +38,7 @@ from populi_peer.api.client import SignedAuth
 from populi_peer.cluster import init_cluster
 from populi_peer.config import Config
 from populi_peer.joining import join_cluster
-from populi_peer.testing.clock import VirtualClock
+from populi_peer.testing.clock import VirtualClock, require_mock_clock
 from populi_peer.testing.network import Faults, MemoryNetwork
 
 
@@ -58,6 +66,32 @@ class VirtualNode:
 
 AgentFactory = Callable[..., Agent]
 
+#: The capture :func:`write_no_driver_capture` starts from.
+NO_DRIVER_BASE_CAPTURE = "h100-80gb-hbm3-idle.json"
+
+
+def write_no_driver_capture(folder: Path, name: str = "no-gpu-driver.json") -> Path:
+    """Write a real capture whose ``nvmlInit`` fails as on a machine without a loaded
+    driver (a CPU-only node, replayed: no NVML thread); returns its path."""
+    text = resources.files("populi_peer.gpu").joinpath("captures", NO_DRIVER_BASE_CAPTURE)
+    data = copy.deepcopy(json.loads(text.read_text("utf-8")))
+    data["init"] = {"error": "NVMLError_DriverNotLoaded", "code": 9, "msg": "Driver Not Loaded"}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(data), "utf-8")
+    return path
+
+
+def replayed_gpu(config: Config, folder: Path) -> Config:
+    """``config``, with the no-driver capture (written in ``folder``) when it names no
+    GPU capture: a virtual node never runs the real NVML."""
+    if config.gpu.fixture:
+        return config
+    capture = folder / "no-gpu-driver.json"
+    if not capture.exists():
+        write_no_driver_capture(folder)
+    return dataclasses.replace(config, gpu=dataclasses.replace(config.gpu, fixture=str(capture)))
+
 
 class VirtualCluster:
     def __init__(
@@ -71,6 +105,7 @@ class VirtualCluster:
         agent_factory: AgentFactory = Agent,
         on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
     ) -> None:
+        require_mock_clock("a VirtualCluster")
         self.root = root
         self.nursery = nursery
         self.network = MemoryNetwork(seed=seed, faults=faults or Faults(), on_response=on_response)
@@ -122,11 +157,11 @@ class VirtualCluster:
         node = self.nodes[name]
         node.done = trio.Event()
         url = f"https://{node.host}:443"
+        config = replayed_gpu(node.config, self.root)
         agent = self.agent_factory(
             data_dir=node.data_dir,
             config=dataclasses.replace(
-                node.config,
-                node=dataclasses.replace(node.config.node, advertise=[f"{node.host}:443"]),
+                config, node=dataclasses.replace(config.node, advertise=[f"{node.host}:443"])
             ),
             clock=node.clock,
             network=self.network,
@@ -239,10 +274,13 @@ async def open_virtual_cluster(
     seed: int = 0,
     faults: Faults | None = None,
     config: Config | None = None,
+    worker_config: Config | None = None,
     agent_factory: AgentFactory = Agent,
     on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
 ) -> AsyncIterator[VirtualCluster]:
-    """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``."""
+    """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``;
+    every node runs ``config``, the workers ``worker_config`` when it is given."""
+    require_mock_clock("a VirtualCluster")
     async with trio.open_nursery() as nursery:
         cluster = VirtualCluster(
             root,
@@ -255,7 +293,7 @@ async def open_virtual_cluster(
         )
         await cluster.init("cp")
         for index in range(1, workers + 1):
-            await cluster.join(f"w{index}")
+            await cluster.join(f"w{index}", config=worker_config)
         try:
             yield cluster
         finally:
@@ -264,4 +302,34 @@ async def open_virtual_cluster(
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["VirtualCluster", "VirtualNode", "open_virtual_cluster"]
+@contextlib.asynccontextmanager
+async def open_virtual_agent(
+    data_dir: Path, *, url: str, config: Config | None = None
+) -> AsyncIterator[Agent]:
+    """One agent on virtual time over the initialised ``data_dir``, with no network: tests
+    call its ASGI app (``agent.app``) directly. Stopped gracefully when the block ends."""
+    require_mock_clock("a virtual agent")
+    agent = Agent(
+        data_dir=data_dir,
+        config=replayed_gpu(config or Config(), data_dir.parent),
+        clock=VirtualClock(),
+        serve=False,
+        url=url,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        try:
+            yield agent
+        finally:
+            agent.request_stop()
+            await agent.stopped.wait()
+
+
+__all__ = [
+    "VirtualCluster",
+    "VirtualNode",
+    "open_virtual_agent",
+    "open_virtual_cluster",
+    "replayed_gpu",
+    "write_no_driver_capture",
+]

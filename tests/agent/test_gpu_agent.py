@@ -9,7 +9,6 @@ summary on its heartbeats. What the tests look at is the control plane's view: t
 
 from __future__ import annotations
 
-import copy
 import json
 from importlib import resources
 from pathlib import Path
@@ -31,7 +30,7 @@ from populi_peer.gpu import (
     open_probe,
 )
 from populi_peer.testing import VirtualClock
-from populi_peer.testing.cluster import VirtualCluster
+from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
 from support.vcluster import vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
@@ -58,9 +57,7 @@ def _write(folder: Path, name: str, data: Any) -> Path:
 
 def _no_driver(tmp_path: Path) -> Path:
     """A real capture whose nvmlInit fails as on a machine without a loaded driver."""
-    data = copy.deepcopy(_capture())
-    data["init"] = {"error": "NVMLError_DriverNotLoaded", "code": 9, "msg": "Driver Not Loaded"}
-    return _write(tmp_path / "fixtures", "no-driver.json", data)
+    return write_no_driver_capture(tmp_path / "fixtures", "no-driver.json")
 
 
 def _sequence(tmp_path: Path, name: str, *steps: dict[str, Any]) -> Path:
