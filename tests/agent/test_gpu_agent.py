@@ -31,6 +31,7 @@ from populi_peer.gpu import (
 )
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
+from populi_peer.testing.waiting import wait_for
 from support.vcluster import vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
@@ -82,16 +83,16 @@ async def _gpus(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
 
 
 async def _wait_gpus(
-    client: httpx.AsyncClient, predicate: Any, *, timeout_s: float = 60.0, poll_s: float = 0.05
+    client: httpx.AsyncClient, predicate: Any, *, timeout_s: float = 60.0
 ) -> tuple[dict[str, dict[str, Any]], float]:
-    """Poll the route (virtual time) until ``predicate(view)``; the view and how long."""
-    started = trio.current_time()
-    with trio.fail_after(timeout_s):
-        while True:
-            view = await _gpus(client)
-            if predicate(view):
-                return view, trio.current_time() - started
-            await trio.sleep(poll_s)
+    """Ask the route (virtual time) until ``predicate(view)``; the view and how long. (It
+    polls: each look is itself a delivery, so it must not wake on the cluster's.)"""
+
+    async def view() -> dict[str, dict[str, Any]] | None:
+        answer = await _gpus(client)
+        return answer if predicate(answer) else None
+
+    return await wait_for("the GPU view", view, timeout_s=timeout_s)
 
 
 def _device(view: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
