@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -40,6 +41,7 @@ from populi_peer.config import Config
 from populi_peer.joining import join_cluster
 from populi_peer.testing.clock import VirtualClock, require_mock_clock
 from populi_peer.testing.network import Faults, MemoryNetwork
+from populi_peer.testing.waiting import Changes, wait_for
 
 
 @dataclass
@@ -93,7 +95,15 @@ def replayed_gpu(config: Config, folder: Path) -> Config:
     return dataclasses.replace(config, gpu=dataclasses.replace(config.gpu, fixture=str(capture)))
 
 
+OnResponse = Callable[[httpx.Request, httpx.Response], None]
+
+
 class VirtualCluster:
+    """Agents on one memory network. ``make_network(cluster)`` builds another network
+    (a :class:`MemoryNetwork` subclass) from the cluster's ``seed``, ``faults`` and
+    ``on_response``; ``changes`` fires at every delivery (:meth:`wait_until` wakes on it).
+    """
+
     def __init__(
         self,
         root: Path,
@@ -103,16 +113,34 @@ class VirtualCluster:
         faults: Faults | None = None,
         config: Config | None = None,
         agent_factory: AgentFactory = Agent,
-        on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
+        on_response: OnResponse | None = None,
+        make_network: Callable[[VirtualCluster], MemoryNetwork] | None = None,
+        changes: Changes | None = None,
     ) -> None:
         require_mock_clock("a VirtualCluster")
         self.root = root
         self.nursery = nursery
-        self.network = MemoryNetwork(seed=seed, faults=faults or Faults(), on_response=on_response)
+        self.seed = seed
+        self.faults = faults or Faults()
+        self.changes = changes or Changes()
+        self._on_response = on_response
+        self.node_ids: dict[str, str] = {}
+        self.network = (
+            make_network(self)
+            if make_network is not None
+            else MemoryNetwork(seed=seed, faults=self.faults, on_response=self.on_response)
+        )
         self.config = config or Config()
         self.agent_factory = agent_factory
         self.nodes: dict[str, VirtualNode] = {}
-        self.node_ids: dict[str, str] = {}
+
+    def on_response(self, request: httpx.Request, response: httpx.Response) -> None:
+        """Every delivered answer: the caller's own hook, then a change for the waiters."""
+        try:
+            if self._on_response is not None:
+                self._on_response(request, response)
+        finally:
+            self.changes.notify()
 
     def __getitem__(self, name: str) -> Agent:
         agent = self.nodes[name].agent
@@ -186,6 +214,14 @@ class VirtualCluster:
         await self.nursery.start(run)
         return agent
 
+    async def start_copy(self, name: str, template: Path) -> Agent:
+        """Start ``name`` from a copy of ``template / name``, a data directory of an
+        earlier virtual cluster (named and addressed as there when the nodes are added
+        in the same order)."""
+        shutil.copytree(template / name, self.root / name)
+        self._new_node(name, address=None, skew_s=0.0, config=None)
+        return await self.start(name)
+
     async def crash(self, name: str) -> None:
         """Stop an agent abruptly: no leave, no graceful steps."""
         node = self.nodes[name]
@@ -251,14 +287,19 @@ class VirtualCluster:
         return await self.start(name) if start else None
 
     async def wait_until(
-        self, predicate: Callable[[], bool], *, timeout_s: float = 60.0, poll_s: float = 0.05
+        self,
+        predicate: Callable[[], object],
+        *,
+        timeout_s: float = 60.0,
+        poll_s: float = 0.05,
+        what: str = "the condition",
     ) -> float:
-        """Wait (virtual time) until ``predicate()``; returns how long it took."""
-        started = trio.current_time()
-        with trio.fail_after(timeout_s):
-            while not predicate():  # noqa: ASYNC110 - polls state owned by other tasks
-                await trio.sleep(poll_s)
-        return trio.current_time() - started
+        """Wait (virtual time) until ``predicate()``, looking again at every delivery
+        (:func:`~populi_peer.testing.waiting.wait_for`); returns how long it took."""
+        _, took = await wait_for(
+            what, predicate, timeout_s=timeout_s, poll_s=poll_s, changes=self.changes
+        )
+        return took
 
     async def aclose(self) -> None:
         for name, node in self.nodes.items():
@@ -276,10 +317,16 @@ async def open_virtual_cluster(
     config: Config | None = None,
     worker_config: Config | None = None,
     agent_factory: AgentFactory = Agent,
-    on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
+    on_response: OnResponse | None = None,
+    make_network: Callable[[VirtualCluster], MemoryNetwork] | None = None,
+    changes: Changes | None = None,
+    template: Path | None = None,
 ) -> AsyncIterator[VirtualCluster]:
     """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``;
-    every node runs ``config``, the workers ``worker_config`` when it is given."""
+    every node runs ``config``, the workers ``worker_config`` when it is given. With
+    ``template`` (the ``root`` of an earlier cluster of as many workers), the nodes are
+    copies of its data directories, restarted, instead of a new cluster. The other
+    arguments are :class:`VirtualCluster`'s."""
     require_mock_clock("a VirtualCluster")
     async with trio.open_nursery() as nursery:
         cluster = VirtualCluster(
@@ -290,10 +337,17 @@ async def open_virtual_cluster(
             config=config,
             agent_factory=agent_factory,
             on_response=on_response,
+            make_network=make_network,
+            changes=changes,
         )
-        await cluster.init("cp")
-        for index in range(1, workers + 1):
-            await cluster.join(f"w{index}", config=worker_config)
+        workers_named = [f"w{index}" for index in range(1, workers + 1)]
+        if template is not None:
+            for name in ("cp", *workers_named):
+                await cluster.start_copy(name, template)
+        else:
+            await cluster.init("cp")
+            for name in workers_named:
+                await cluster.join(name, config=worker_config)
         try:
             yield cluster
         finally:

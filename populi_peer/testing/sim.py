@@ -68,6 +68,7 @@ from populi_peer.exec import (
     _timing,
 )
 from populi_peer.testing.clock import VirtualClock, require_mock_clock
+from populi_peer.testing.waiting import Changes
 
 #: How often a running simulated task writes a tick into the ledger.
 DEFAULT_TICK_S = 0.25
@@ -350,6 +351,7 @@ class SimExecution:
         self._write_state(state)
         self.outcome = TaskOutcome.from_state(state)
         self.gone.set()
+        self.executor.host.changes.notify()
 
     def _never_started(self) -> None:
         """As the real supervisor when the deadline is already too close: the command is
@@ -371,6 +373,7 @@ class SimExecution:
         self._write_state(state)
         self.outcome = TaskOutcome.from_state(state)
         self.gone.set()
+        self.executor.host.changes.notify()
 
     def kill(self, reason: str) -> bool:
         """The supervisor dies at once and its task with it (SIGKILL, power loss); no final
@@ -384,6 +387,7 @@ class SimExecution:
         run.signal = SIGKILL
         self.gone.set()
         self._poke.set()
+        self.executor.host.changes.notify()
         return True
 
 
@@ -445,6 +449,7 @@ class SimExecutor:
             execution._never_started()  # not in the ledger: the task did not run
             return execution
         self.host.ledger.runs.append(run)
+        self.host.changes.notify()
         execution._write_state(execution._state("running", isolation="process_group"))
         self.host.nursery.start_soon(execution.supervise)
         return execution
@@ -497,6 +502,9 @@ class SimHost:
         self.nursery = nursery
         self.tick_s = tick_s
         self.ledger = Ledger()
+        #: Fires whenever a simulated task starts or ends (give it to the virtual
+        #: cluster, ``open_virtual_cluster(changes=host.changes)``, to wait on both).
+        self.changes = Changes()
         self.executors: dict[str, SimExecutor] = {}
 
     def executor(self, node: str, clock: Clock, *, kill_latency_s: float = 0.0) -> SimExecutor:
