@@ -7,10 +7,10 @@
 into a shared :class:`Ledger`, and is stopped by a simulated *supervisor* that enforces
 the lease deadline on the node's ``boot()`` clock by itself, exactly as the real one does
 on ``CLOCK_BOOTTIME`` (safety rule 3): it starts stopping at ``deadline -
-spec.stop_margin_s``, a cancel stops it too, renewals only move the deadline later. When
-it does what is the real supervisor's timeline, :mod:`populi_peer.exec._timing`: a task
-whose deadline is already too close is never started, and a stop's SIGKILL and end come
-from :func:`~populi_peer.exec._timing.plan_stop`.
+spec.stop_margin_s``, a cancel stops it too, renewals only move the deadline later. Its
+timeline is the real supervisor's, :mod:`populi_peer.exec._timing`: a task whose deadline
+is already too close is never started, and a stop's SIGKILL and end come from
+:func:`~populi_peer.exec._timing.plan_stop`.
 
 The argv of a simulated task::
 
