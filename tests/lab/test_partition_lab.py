@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +51,45 @@ from e2e.exec_support import (
     accepted_results,
     check_tick_order,
     deadline_boot_ns,
-    leftovers,
-    marked_pids,
     read_ticks,
     supervisor_state,
     tick_command,
     token_key,
-    wait_for,
 )
-from lab.mesh import GUARD_S, LabMesh, build_cluster
 from lab.netns import Lab
+
+from support.mesh import Host, Mesh
+from support.procs import leftovers, marked_pids
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.lab
 
+PORT = 7431
 #: Attempt 1 would tick for a minute (it is stopped long before); attempt 2 for 2 s.
 N1, N2 = 600, 20
+GUARD_S = 60.0
+
+
+class LabHost(Host):
+    """Each node in its own namespace of the lab, listening on its lab address. Every
+    ``populi`` process, agents and CLI alike, runs there (``ip netns exec`` execs it: the
+    PID is the process's own); this process cannot reach the agents."""
+
+    reachable = False
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+
+    def listen(self, name: str) -> str:
+        return f"{self.lab.ip(name)}:{PORT}"
+
+    def argv(self, name: str, argv: Sequence[str]) -> list[str]:
+        return list(self.lab.argv(name, *argv))
 
 
 @pytest.fixture
-def mesh(lab: Lab, tmp_path: Path) -> Iterator[LabMesh]:
-    built = LabMesh(lab, tmp_path)
+def mesh(lab: Lab, tmp_path: Path) -> Iterator[Mesh]:
+    built = Mesh(tmp_path, host=LabHost(lab))
     try:
         yield built
     finally:
@@ -80,7 +99,7 @@ def mesh(lab: Lab, tmp_path: Path) -> Iterator[LabMesh]:
 
 
 def test_worker_cut_from_the_control_plane_by_iptables(
-    lab: Lab, mesh: LabMesh, tmp_path: Path
+    lab: Lab, mesh: Mesh, tmp_path: Path
 ) -> None:
     try:
         scenario(lab, mesh, tmp_path)
@@ -89,8 +108,10 @@ def test_worker_cut_from_the_control_plane_by_iptables(
         raise
 
 
-def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path) -> None:
-    build_cluster(mesh)
+def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
+    started = time.monotonic()
+    mesh.build(["wa", "wb"])
+    print(f"\nthe lab's cluster up in {time.monotonic() - started:.1f} s")
     wa, wb = mesh["wa"], mesh["wb"]
     ticks = tmp_path / "ticks"
     out = mesh.cli(
@@ -103,8 +124,8 @@ def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path) -> None:
         "1",
         "--queue-timeout",
         "60s",
-        after=tuple(tick_command(ticks, n1=N1, n2=N2)),
-    )
+        after=tick_command(ticks, n1=N1, n2=N2),
+    ).stdout
     task_id = out.strip()
     assert task_id.startswith("t-"), out
 
@@ -195,9 +216,9 @@ def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path) -> None:
     )
 
     # The real CLI, from inside each namespace, says the same.
-    shown = json.loads(mesh.cli("wa", "task", "show", task_id, "--json"))
+    shown = mesh.show("wa", task_id)
     assert shown["state"] == "succeeded" and len(shown["attempts"]) == 2, shown
-    leases = json.loads(mesh.cli("cp", "leases", f"--task={task_id}", "--json"))["leases"]
+    leases = mesh.leases(task=task_id)
     assert {x["lease_id"]: x["state"] for x in leases}[first["lease_id"]] == "expired", leases
 
     # The cut cut heartbeats too: cp no longer hears wb.
@@ -243,7 +264,6 @@ def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path) -> None:
     print(f"whole scenario after the cut: {time.monotonic() - cut_mono:.1f} s")
 
 
-def cp_view_of(mesh: LabMesh, name: str) -> dict[str, Any]:
+def cp_view_of(mesh: Mesh, name: str) -> dict[str, Any]:
     """``populi nodes --json`` on cp: its view of node ``name``."""
-    nodes = json.loads(mesh.cli("cp", "nodes", "--json"))["nodes"]
-    return next(n for n in nodes if n["name"] == name)
+    return mesh.nodes_view()[name]
