@@ -53,7 +53,7 @@ from populi_peer.cluster import (
     write_identity_files,
     write_node_config,
 )
-from populi_peer.errors import Conflict, PeerError, PopuliError
+from populi_peer.errors import Conflict, PeerError, PopuliError, enrollment_boundary
 from populi_peer.identity import DataPaths
 from populi_peer.store import Store
 
@@ -281,63 +281,66 @@ async def join_cluster(
 ) -> JoinResult:
     """Join the cluster of ``token_text``; ``node_key`` (a fresh key by default) is the
     key this node will be known by."""
-    if has_cluster(data_dir):
-        if not force:
-            raise Conflict(
-                f"{data_dir} already holds a Populi node; use another --data-dir, or --force to replace it",
-                code="node_exists",
-            )
-        wipe_node_files(data_dir)
-    now_ms = int(clock.wall() * 1000)
-    # The joiner's clock is not the one that counts (the control plane checks expiry on
-    # the clock that minted the token): this pre-check allows the whole skew budget.
-    held = open_token(token_text, now_ms=now_ms, skew_ms=int(skew_s * 1000))
-    key = node_key or generate_key()
-    errors: list[str] = []
-    for address in held.token.contacts:
-        try:
-            ca_pem = await fetch_pinned_ca(
-                address, held.token.ca_pin, transports=transports, timeout_s=timeout_s
-            )
-        except CertificateError:
-            raise
-        except PopuliError as exc:
-            errors.append(f"{address}: {exc}")
-            continue
-        async with httpx.AsyncClient(transport=transports(ca_pem), timeout=timeout_s) as client:
-            contact = _Contact(client=client, address=address, ca=cert_from_pem(ca_pem))
+    # Enrollment errors leave as Populi errors (still instances of their enrollment class).
+    with enrollment_boundary():
+        if has_cluster(data_dir):
+            if not force:
+                raise Conflict(
+                    f"{data_dir} already holds a Populi node; use another --data-dir, or --force to replace it",
+                    code="node_exists",
+                )
+            wipe_node_files(data_dir)
+        now_ms = int(clock.wall() * 1000)
+        # The joiner's clock is not the one that counts (the control plane checks expiry on
+        # the clock that minted the token): this pre-check allows the whole skew budget.
+        held = open_token(token_text, now_ms=now_ms, skew_ms=int(skew_s * 1000))
+        key = node_key or generate_key()
+        errors: list[str] = []
+        for address in held.token.contacts:
             try:
-                recipient = await _identify_recipient(contact, held)
+                ca_pem = await fetch_pinned_ca(
+                    address, held.token.ca_pin, transports=transports, timeout_s=timeout_s
+                )
             except CertificateError:
                 raise
             except PopuliError as exc:
                 errors.append(f"{address}: {exc}")
                 continue
-            answer = await _enroll_at(
-                contact, held, recipient=recipient, key=key, name=name, advertise=advertise
+            async with httpx.AsyncClient(transport=transports(ca_pem), timeout=timeout_s) as client:
+                contact = _Contact(client=client, address=address, ca=cert_from_pem(ca_pem))
+                try:
+                    recipient = await _identify_recipient(contact, held)
+                except CertificateError:
+                    raise
+                except PopuliError as exc:
+                    errors.append(f"{address}: {exc}")
+                    continue
+                answer = await _enroll_at(
+                    contact, held, recipient=recipient, key=key, name=name, advertise=advertise
+                )
+            _write_data_dir(
+                data_dir,
+                key=key,
+                answer=answer,
+                ca_pem=ca_pem,
+                name=name,
+                listen=listen,
+                advertise=advertise,
+                now_ms=now_ms,
             )
-        _write_data_dir(
-            data_dir,
-            key=key,
-            answer=answer,
-            ca_pem=ca_pem,
-            name=name,
-            listen=listen,
-            advertise=advertise,
-            now_ms=now_ms,
+            return JoinResult(
+                node_id=str(answer["node_id"]),
+                name=str(answer["name"]),
+                roles=tuple(answer["roles"]),
+                cluster_id=str(answer["cluster"]["id"]),
+                cluster_name=str(answer["cluster"]["name"]),
+                control_plane_url=str(answer["control_plane"]["url"]),
+                contact=address,
+            )
+        raise PeerError(
+            "no contact address of the token answered: " + "; ".join(errors),
+            code="peer_unreachable",
         )
-        return JoinResult(
-            node_id=str(answer["node_id"]),
-            name=str(answer["name"]),
-            roles=tuple(answer["roles"]),
-            cluster_id=str(answer["cluster"]["id"]),
-            cluster_name=str(answer["cluster"]["name"]),
-            control_plane_url=str(answer["control_plane"]["url"]),
-            contact=address,
-        )
-    raise PeerError(
-        "no contact address of the token answered: " + "; ".join(errors), code="peer_unreachable"
-    )
 
 
 def _write_data_dir(

@@ -22,7 +22,7 @@ EXPECTED = {
     "populi_peer.testing": ["Faults", "MemoryNetwork", "VirtualClock"],
     "populi_peer.cli": ["main"],
     "populi_peer.core": [],
-    "enrollment": ["EnrollmentError"],
+    "enrollment": ["EnrollmentError", "ErrorKind"],
 }
 
 

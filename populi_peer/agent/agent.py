@@ -55,7 +55,7 @@ from populi_peer.config import Config, format_host_port, parse_host_port, reach_
 from populi_peer.core.registers import RegisterWrite
 from populi_peer.core.settings import remote_refusal
 from populi_peer.datadir_lock import DataDirLock
-from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError
+from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError, enrollment_boundary
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -520,6 +520,10 @@ class Agent:
     # -- certificate renewal --------------------------------------------------------------
 
     async def renew_certificate(self) -> None:
+        with enrollment_boundary():
+            await self._renew_certificate()
+
+    async def _renew_certificate(self) -> None:
         if self.is_control_plane:
             member = self.membership.get(self.node_id)
             if member is None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from enrollment.ca import cert_from_pem, cert_to_pem, make_node_certificate
 from enrollment.canonical import b64url_encode
-from enrollment.errors import TokenError
+from enrollment.errors import ErrorKind, TokenError
 from enrollment.keys import node_id_for, public_from_text, public_to_text
 from enrollment.revocation import RevokedNode, revoke_node, unblock_name
 from enrollment.tokens import (
@@ -69,7 +69,10 @@ MAX_CHALLENGES = 10_000
 
 
 class TokenUsed(TokenError, Conflict):
+    """Both an enrollment :class:`TokenError` and a Populi :class:`Conflict` (HTTP 409)."""
+
     code = "token_already_used"
+    kind = ErrorKind.CONFLICT
     http_status = 409
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from enrollment.keys import public_from_text
 from populi_peer.api.auth import Principal
-from populi_peer.errors import BadRequest, NotFound
+from populi_peer.errors import BadRequest, NotFound, enrollment_boundary
 from populi_peer.store import Store
 
 
@@ -98,12 +98,14 @@ class Membership:
 
     def _cache(self, member: Member) -> None:
         self._members[member.id] = member
+        with enrollment_boundary():
+            public_key = public_from_text(member.public_key)
         self._principals[member.id] = Principal(
             id=member.id,
             kind=member.kind,
             name=member.name,
             roles=frozenset(member.roles),
-            public_key=public_from_text(member.public_key),
+            public_key=public_key,
         )
 
     def principal(self, principal_id: str) -> Principal | None:

@@ -12,7 +12,7 @@ from typing import Any
 from enrollment.records import SignedRecord, sign_record, verify_record
 from populi_peer.agent.membership import Membership
 from populi_peer.core import settings as cluster_settings
-from populi_peer.errors import Forbidden
+from populi_peer.errors import Forbidden, enrollment_boundary
 from populi_peer.identity import Identity
 from populi_peer.store import Store
 
@@ -56,7 +56,8 @@ class ClusterRecords:
 
     def offer_settings(self, text: str) -> bool:
         """Install a settings record from the control plane if newer and properly signed."""
-        record = verify_record(text, expected_kind="settings")
+        with enrollment_boundary():
+            record = verify_record(text, expected_kind="settings")
         if record.serial <= self.settings_serial:
             return False
         self.check_signer(record)

@@ -18,10 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from enrollment.errors import EnrollmentError
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.clock import Clock
-from populi_peer.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, PopuliError
+from populi_peer.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    PopuliError,
+    translate_enrollment,
+)
 from populi_peer.log import correlation_id, get_logger, log
 from populi_peer.store import RequestNonce, bind_request_nonce
 
@@ -254,7 +262,8 @@ class ApiApp:
                 with bind_request_nonce(nonce):
                     result = await route.handler(request)
                 response = result if isinstance(result, Response) else Response(200, result)
-            except PopuliError as exc:
+            except (PopuliError, EnrollmentError) as caught:
+                exc = translate_enrollment(caught)
                 status = 405 if exc.code == "method_not_allowed" else exc.http_status
                 response = Response(status, {"error": exc.to_json()})
                 if status >= 500:

@@ -24,9 +24,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from enrollment.errors import SignatureError
 from enrollment.signing import ReplayCache, verify_request
 from populi_peer.clock import Clock
+from populi_peer.errors import Unauthenticated, enrollment_boundary
 from populi_peer.store import RequestNonce, Store
 
 #: What a node knows of a retired signer: its old key (to check that it is really the
@@ -101,32 +101,33 @@ class Authenticator:
             return key
 
         now_s = self.clock.wall()
-        params = verify_request(
-            headers=headers,
-            method=method,
-            path=path,
-            query=query,
-            body=body,
-            my_node_id=self.node_id,
-            resolve_key=resolve,
-            now_s=now_s,
-            skew_s=self.skew_s,
-            replay_cache=self.replay_cache,
-        )
+        with enrollment_boundary():
+            params = verify_request(
+                headers=headers,
+                method=method,
+                path=path,
+                query=query,
+                body=body,
+                my_node_id=self.node_id,
+                resolve_key=resolve,
+                now_s=now_s,
+                skew_s=self.skew_s,
+                replay_cache=self.replay_cache,
+            )
         if retired:
-            raise SignatureError(
+            raise Unauthenticated(
                 f"node {params.keyid} was retired from this cluster; it takes no part any more "
                 "(to re-join: see details.rejoin)",
                 code="node_retired",
                 **retired[0],
             )
         if self.nonces is not None and self.nonces.nonce_used(params.keyid, params.nonce):
-            raise SignatureError(
+            raise Unauthenticated(
                 "request replayed: this nonce was already used", code="signature_replayed"
             )
         principal = self.lookup(params.keyid)
         if principal is None or self.is_revoked(params.keyid):  # pragma: no cover - raced
-            raise SignatureError(f"signer {params.keyid} is not a member", code="unknown_signer")
+            raise Unauthenticated(f"signer {params.keyid} is not a member", code="unknown_signer")
         binding = (
             None
             if self.nonces is None

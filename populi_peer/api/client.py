@@ -40,6 +40,7 @@ from populi_peer.errors import (
     RateLimited,
     RefusedError,
     Unauthenticated,
+    enrollment_boundary,
 )
 from populi_peer.identity import Credential
 from populi_peer.log import correlation_id
@@ -66,17 +67,18 @@ class SignedAuth(httpx.Auth):
         self.clock = clock
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        headers = sign_request(
-            key=self.credential.key,
-            keyid=self.credential.principal_id,
-            recipient=self.recipient,
-            method=request.method,
-            path=request.url.path,
-            query=request.url.query.decode("ascii"),
-            body=request.content,
-            created_s=int(self.clock.wall()),
-            nonce=secrets.token_bytes(16),
-        )
+        with enrollment_boundary():
+            headers = sign_request(
+                key=self.credential.key,
+                keyid=self.credential.principal_id,
+                recipient=self.recipient,
+                method=request.method,
+                path=request.url.path,
+                query=request.url.query.decode("ascii"),
+                body=request.content,
+                created_s=int(self.clock.wall()),
+                nonce=secrets.token_bytes(16),
+            )
         request.headers.update(headers)
         cid = correlation_id.get()
         if cid:

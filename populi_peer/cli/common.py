@@ -84,12 +84,14 @@ class Local:
             from populi_peer.api.client import SyncPeerClient
             from populi_peer.api.tls import peer_context
             from populi_peer.clock import SystemClock
+            from populi_peer.errors import enrollment_boundary
 
-            revocations = RevocationState(
-                self.store,
-                cluster_id=self.identity.cluster_id,
-                cluster_key=certificate_public_key(self.identity.ca_cert),
-            )
+            with enrollment_boundary():
+                revocations = RevocationState(
+                    self.store,
+                    cluster_id=self.identity.cluster_id,
+                    cluster_key=certificate_public_key(self.identity.ca_cert),
+                )
             own_id = self.identity.node_id
 
             # A retired node's own CLI still reaches its own agent (which says that it

@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from enrollment.errors import EnrollmentError
 from populi_peer import __version__
 from populi_peer.cli import (
     cmd_agent,
@@ -28,7 +29,7 @@ from populi_peer.cli import (
     cmd_token,
 )
 from populi_peer.cli.common import ArgParser
-from populi_peer.errors import PopuliError
+from populi_peer.errors import PopuliError, translate_enrollment
 
 COMMAND_MODULES = [
     cmd_init,
@@ -67,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code = handler(args)
-    except PopuliError as exc:
+    except (PopuliError, EnrollmentError) as caught:
         _debug_trace()
+        exc = translate_enrollment(caught)
         sys.stderr.write(f"populi: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
