@@ -53,9 +53,13 @@ from populi_peer.cluster import (
     write_identity_files,
     write_node_config,
 )
+from populi_peer.core.membership import Member
 from populi_peer.errors import Conflict, PeerError, PopuliError, enrollment_boundary
 from populi_peer.identity import DataPaths
 from populi_peer.store import Store
+from populi_peer.store.members import Members
+from populi_peer.store.records import SignedRecords
+from populi_peer.store.revocations import RevocationLists
 
 #: ``transport_for(ca_pem)``: ``None`` asks for the unverified first-contact transport.
 TransportFactory = Callable[[str | None], httpx.AsyncBaseTransport]
@@ -385,25 +389,23 @@ def _write_data_dir(
                 "created_ms": str(now_ms),
                 "membership_version": str(int(answer.get("membership_version", 1))),
             }
-            for k, v in meta.items():
-                store.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (k, v))
+            store.insert_meta(meta)
+            members = Members(store)
             for member in answer.get("members", []):
-                store.execute(
-                    "INSERT INTO principals (id, kind, name, public_key, roles, addresses, cert_serial, "
-                    "cert_not_after_ms, joined_ms, token_id, updated_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        member["id"],
-                        member["kind"],
-                        member["name"],
-                        member["public_key"],
-                        json.dumps(member["roles"]),
-                        json.dumps(member.get("addresses", [])),
-                        member.get("cert_serial", ""),
-                        int(member.get("cert_not_after_ms", 0)),
-                        int(member.get("joined_ms", 0)),
-                        "",
-                        int(member.get("updated_ms", 0)),
-                    ),
+                members.insert(
+                    Member(
+                        id=member["id"],
+                        kind=member["kind"],
+                        name=member["name"],
+                        public_key=member["public_key"],
+                        roles=tuple(member["roles"]),
+                        addresses=tuple(member.get("addresses", [])),
+                        cert_serial=member.get("cert_serial", ""),
+                        cert_not_after_ms=int(member.get("cert_not_after_ms", 0)),
+                        joined_ms=int(member.get("joined_ms", 0)),
+                        token_id="",
+                        updated_ms=int(member.get("updated_ms", 0)),
+                    )
                 )
             if revocations:
                 serial = verify_revocations(
@@ -411,17 +413,13 @@ def _write_data_dir(
                     cluster_key=certificate_public_key(ca),
                     cluster_id=answer["cluster"]["id"],
                 ).serial
-                store.execute(
-                    "INSERT INTO revocation_lists (serial, text, stored_ms) VALUES (?, ?, ?)",
-                    (serial, revocations, now_ms),
-                )
+                RevocationLists(store).install(serial, revocations, stored_ms=now_ms)
             if answer.get("settings_record"):
                 from enrollment.records import verify_record
 
                 record = verify_record(answer["settings_record"], expected_kind="settings")
-                store.execute(
-                    "INSERT INTO cluster_records (kind, serial, text, stored_ms) VALUES ('settings', ?, ?, ?)",
-                    (record.serial, record.text, now_ms),
+                SignedRecords(store).put(
+                    "settings", serial=record.serial, text=record.text, stored_ms=now_ms
                 )
         write_node_config(data_dir, name=name, listen=listen, advertise=advertise)
     except BaseException:

@@ -9,7 +9,6 @@ hope. Feature services plug in through the ``on_*`` hooks and ``heartbeat_*`` ex
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -59,6 +58,9 @@ from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError, e
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
+from populi_peer.store.attempts import Attempts
+from populi_peer.store.events import EventLog
+from populi_peer.store.inbox import InboxMessages
 
 OPERATOR = frozenset({"operator"})
 
@@ -83,6 +85,7 @@ class Agent:
         # One agent per data directory, before anything is opened (datadir_lock).
         self.data_dir_lock = DataDirLock.acquire(data_dir)
         self.store = Store.open(data_dir)
+        self.events = EventLog(self.store)
         # Writes the storage cannot take make the node degraded until one succeeds.
         self.health = Health(clock)
         self.store.write_listener = self.health.storage_result
@@ -361,18 +364,14 @@ class Agent:
         reason: str = "",
         detail: dict[str, Any] | None = None,
     ) -> None:
-        with self.store.transaction():
-            self.store.execute(
-                "INSERT INTO events (at_ms, node_id, kind, actor, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    int(self.clock.wall() * 1000),
-                    node_id,
-                    kind,
-                    actor,
-                    reason,
-                    json.dumps(detail or {}, sort_keys=True, default=str),
-                ),
-            )
+        self.events.append(
+            at_ms=int(self.clock.wall() * 1000),
+            node_id=node_id,
+            kind=kind,
+            actor=actor,
+            reason=reason,
+            detail=detail,
+        )
 
     # -- membership sync (non-control-plane nodes) ------------------------------------------
 
@@ -557,17 +556,10 @@ class Agent:
         import shutil
 
         cutoff_ms = int((self.clock.wall() - self.config.exec.retain_finished_s) * 1000)
-        with self.store.transaction():
-            messages = self.store.execute(
-                "DELETE FROM inbox WHERE received_ms < ?", (cutoff_ms,)
-            ).rowcount
+        messages = InboxMessages(self.store).prune(before_ms=cutoff_ms)
         dirs = 0
-        rows = self.store.execute(
-            "SELECT * FROM attempts WHERE state = 'finished' AND updated_ms < ? AND (role = 'local' OR delivered_ms IS NOT NULL)",
-            (cutoff_ms,),
-        ).fetchall()
-        for row in rows:
-            task_dir = self.runner.task_dir(AttemptPlan.from_json(json.loads(row["body"])))
+        for row in Attempts(self.store).finished_before(cutoff_ms):
+            task_dir = self.runner.task_dir(AttemptPlan.from_json(row.body))
             if task_dir.exists() and not self.executor.leftovers(task_dir):
                 shutil.rmtree(task_dir, ignore_errors=True)
                 dirs += 1

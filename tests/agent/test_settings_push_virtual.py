@@ -267,7 +267,8 @@ async def test_no_remote_attempt_starts_after_the_kill_switch(
     )
     assert not host.ledger.for_task("t-late")
     row = w2.runner.row("t-late", 1, "worker")
-    assert row["state"] == "finished" and '"outcome": "lease_lost"' in row["result"]
+    assert row is not None and row.state == "finished"
+    assert row.result is not None and row.result["outcome"] == "lease_lost"
     await trio.sleep(40)  # longer than the 30 s TTL: only renewals keep it live
     assert cp.leases.table.get(running["lease_id"]).state == "live"
     assert [run.running for run in host.ledger.for_task("t-running")] == [True]

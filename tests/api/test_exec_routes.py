@@ -386,9 +386,7 @@ async def test_inbox_fences_handoffs_answers_duplicates_and_pages(
         # A delayed handoff of the older attempt arrives last: fenced off.
         stale = await to_worker.post("/v1/populi/inbox", json=handoff("h-1", first))
         await cluster.wait_until(
-            lambda: (
-                (w1.runner.row("t-fenced", 2, "worker") or {"state": ""})["state"] == "finished"
-            ),
+            lambda: getattr(w1.runner.row("t-fenced", 2, "worker"), "state", "") == "finished",
             timeout_s=GUARD_S,
         )
         cancel = await to_worker.post(

@@ -95,7 +95,7 @@ def _token_state(cp: Agent, token_text: str) -> tuple[int, list[str]]:
     token_id = open_token(token_text, now_ms=0, skew_ms=2**52).token.token_id
     row = cp.enrollment.tokens.get(token_id)
     assert row is not None
-    return int(row["uses_left"]), cp.enrollment.tokens.used_by(token_id)
+    return row.uses_left, cp.enrollment.tokens.used_by(token_id)
 
 
 def _nothing_of(cp: Agent, node_id: str) -> None:

@@ -1,4 +1,6 @@
-"""The data directory and its SQLite database.
+"""The data directory's SQLite database: connection, migrations, transactions, meta,
+durable request nonces, storage-fault translation. The tables' own statements live in the
+repositories beside this module (:mod:`populi_peer.store`).
 
 One file, ``populi.db``, in WAL mode with ``synchronous=FULL`` (safety rule 7: grants,
 consumed tokens, lifecycle records and tasks are durable before they are acknowledged; we
@@ -495,6 +497,13 @@ class Store:
                 (key, value),
             )
 
+    def insert_meta(self, values: dict[str, str]) -> None:
+        """Add keys that must not exist yet (a fresh data directory: ``populi init`` and
+        ``join``); one already there is a :class:`StoreError` and nothing is written."""
+        with self.transaction():
+            for key, value in values.items():
+                self.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     def get_meta_json(self, key: str, default: Any = None) -> Any:
         raw = self.get_meta(key)
         return default if raw is None else json.loads(raw)
@@ -510,6 +519,7 @@ def _split_sql(script: str) -> list[str]:
 __all__ = [
     "DB_FILE_NAME",
     "MIGRATIONS",
+    "NONCE_PRUNE_INTERVAL_S",
     "SCHEMA_VERSION",
     "RequestNonce",
     "Store",
