@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import math
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -341,11 +341,12 @@ class _Supervisor:
     # -- the loop ------------------------------------------------------------------
     def _loop(self, spec: TaskSpec) -> None:
         assert self.st is not None
-        poller = select.poll()
+        # poll(2) underneath: a hang-up or an error counts as readable, as with POLLIN.
+        poller = selectors.PollSelector()
         for fd in self.writers:
-            poller.register(fd, select.POLLIN)
+            poller.register(fd, selectors.EVENT_READ)
         if self.pidfd is not None:
-            poller.register(self.pidfd, select.POLLIN)
+            poller.register(self.pidfd, selectors.EVENT_READ)
         empty_since: float | None = None
         last_refresh = boot_time()
         stop_at = math.inf
@@ -378,7 +379,8 @@ class _Supervisor:
                         return
             # While running, wake exactly at the stop point, not up to a tick after it.
             timeout_s = STOP_TICK_S if self.stopping else min(TICK_S, max(0.0, stop_at - now))
-            for fd, _event in poller.poll(math.ceil(timeout_s * 1000)):
+            for key, _events in poller.select(timeout_s):
+                fd = key.fd
                 if fd == self.pidfd:
                     self._reap()
                     if self.main_reaped:
