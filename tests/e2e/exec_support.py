@@ -22,6 +22,7 @@ from support.mesh import (
     GPU_FIXTURE,
     LEASE_TTL_S,
     STOP_MARGIN_S,
+    TERMINAL,
     Mesh,
     Node,
     free_port,
@@ -36,8 +37,6 @@ from support.procs import (
     task_pids,
 )
 from support.waiting import wait_for
-
-TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 
 # The tick protocol: one line ``node attempt pid time_ns token boot_ns index`` every
 # 100 ms, appended (O_APPEND, one write per line) to $TICKS. The node is read from the
@@ -109,6 +108,21 @@ def read_ticks(path: Path) -> list[Tick]:
             Tick(node, int(attempt), int(pid), int(time_ns), token, int(boot_ns), int(index))
         )
     return out
+
+
+def ticks_of(path: Path, attempt: int) -> list[Tick]:
+    return [t for t in read_ticks(path) if t.attempt == attempt]
+
+
+def wait_ticks(path: Path, attempt: int, count: int = 3, guard_s: float = 60.0) -> float:
+    """Wait until attempt ``attempt`` ticked ``count`` times; returns how long it took."""
+    _, took = wait_for(
+        f"{count} ticks of attempt {attempt}",
+        lambda: len(ticks_of(path, attempt)) >= count or None,
+        guard_s=guard_s,
+        every_s=0.05,
+    )
+    return float(took)
 
 
 def token_key(token: str) -> tuple[int, int]:
@@ -205,6 +219,8 @@ __all__ = [
     "supervisor_state",
     "task_pids",
     "tick_command",
+    "ticks_of",
     "token_key",
     "wait_for",
+    "wait_ticks",
 ]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e.exec_support import Mesh, Node, wait_for
+from e2e.exec_support import Mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -27,18 +27,19 @@ WHERE = [
 ]
 
 
-class SlowHeartbeatMesh(Mesh):
-    def _add(self, name: str, *, gpu: bool) -> Node:
-        node = super()._add(name, gpu=gpu)
-        config = self.root / "slow-heartbeats.toml"
-        self.root.mkdir(parents=True, exist_ok=True)
-        config.write_text(SLOW_HEARTBEATS)
-        node.env["POPULI_CONFIG"] = str(config)
-        return node
+def slow_heartbeat_mesh(root: Path, gpu_nodes: list[str]) -> Mesh:
+    """A mesh whose every node (``cp`` too) reads ``SLOW_HEARTBEATS``."""
+    config = root / "slow-heartbeats.toml"
+    root.mkdir(parents=True)
+    config.write_text(SLOW_HEARTBEATS)
+    env = {"POPULI_CONFIG": str(config)}
+    return Mesh.create(
+        root / "mesh", gpu_nodes, remote=False, env={n: env for n in ["cp", *gpu_nodes]}
+    )
 
 
 def test_settings_reach_every_node_before_settings_set_returns(tmp_path: Path) -> None:
-    mesh = SlowHeartbeatMesh.create(tmp_path / "mesh", ["w1", "w2"], remote=False)
+    mesh = slow_heartbeat_mesh(tmp_path / "slow", ["w1", "w2"])
     try:
         # w1 must know w2 to hand it work; membership travels with heartbeats.
         wait_for(
@@ -77,9 +78,9 @@ def test_settings_reach_every_node_before_settings_set_returns(tmp_path: Path) -
 
 
 def test_settings_set_names_the_nodes_that_did_not_confirm(tmp_path: Path) -> None:
-    mesh = SlowHeartbeatMesh.create(tmp_path / "mesh", ["w1"], remote=False)
+    mesh = slow_heartbeat_mesh(tmp_path / "slow", ["w1"])
     try:
-        assert mesh.procs.stop(mesh["w1"].agent) == 0  # type: ignore[arg-type]
+        assert mesh.stop("w1") == 0
         human = mesh.cli("cp", "settings", "set", "remote_exec_enabled", "true")
         assert "NOT confirmed by w1 (" in human.stdout, human.stdout
         assert "next heartbeat" in human.stdout

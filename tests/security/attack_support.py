@@ -1,11 +1,10 @@
 """What the attack table (``test_attack_table.py``) drives: real clusters on loopback, an
 attacker's raw requests, and the state a refusal must leave alone.
 
-- :func:`build_mesh` starts a control plane and nodes as real ``populi`` processes (the
-  ``Mesh`` of ``e2e/exec_support.py``, built faster: tokens and settings through the
-  operator API, joins and agent starts in parallel).
+- The clusters are ``support.mesh.Mesh`` (joins and agent starts all at once, the roles
+  of each node's token, settings set once and awaited); these helpers talk to them.
 - An attacker holds what it holds: a node's key read from its data directory
-  (:func:`credential_of`), a key of its own, a captured request. :func:`sign` signs
+  (``support.mesh.credential_of``), a key of its own, a captured request. :func:`sign` signs
   exactly what it is told (any ``created`` time, any recipient); :func:`raw_exchange`
   writes bytes to a TLS connection and reads one answer, so that a request can be
   replayed byte for byte, or a body be declared larger than what is sent.
@@ -20,115 +19,22 @@ import json
 import secrets
 import socket
 import ssl
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from e2e.exec_support import Mesh, wait_for
 
 from enrollment.signing import sign_request
-from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
-from populi_peer.clock import SystemClock
-from populi_peer.identity import Credential, load_identity
-from populi_peer.store import Store
-from support.contract import sync_hook
-from support.procs import POPULI, populi
+from populi_peer.identity import Credential
 
 #: The reason codes of the API are stable snake_case words.
 CODE_RE = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
 
 
-# -- identities -------------------------------------------------------------------------
-
-
-def credential_of(data_dir: Path, *, operator: bool = False) -> Credential:
-    """The node key (or the operator key) a data directory holds: what anyone who can
-    read that directory can sign with."""
-    store = Store.open(data_dir, readonly=True)
-    try:
-        identity = load_identity(data_dir, store)
-    finally:
-        store.close()
-    if operator:
-        assert identity.operator is not None, f"{data_dir} holds no operator credential"
-        return identity.operator
-    return identity.node_credential
-
-
-def meta(data_dir: Path, key: str) -> str:
-    store = Store.open(data_dir, readonly=True)
-    try:
-        return store.require_meta(key)
-    finally:
-        store.close()
-
-
-# -- building a cluster -----------------------------------------------------------------
-
-
-def build_mesh(
-    root: Path,
-    *,
-    gpu: tuple[str, ...] = (),
-    cpu: tuple[str, ...] = (),
-    roles: dict[str, str] | None = None,
-    settings: dict[str, Any] | None = None,
-    cp_env: dict[str, str] | None = None,
-) -> Mesh:
-    """A control plane ``cp`` (CPU only) and the named nodes, every agent running and seen
-    fresh by the control plane. ``roles`` maps a node to the roles its token grants
-    (default ``worker,submit``); ``settings`` are set once and awaited on every node.
-    Remote execution is on only if ``settings`` turns it on."""
-    remote = bool(settings and settings.get("remote_exec_enabled"))
-    mesh = Mesh(root, remote=remote)
-    try:
-        cp = mesh._add("cp", gpu=False)
-        cp.env.update(cp_env or {})
-        init = populi(
-            "init", "--cluster-name", "lab", "--data-dir", str(cp.data_dir),
-            "--listen", f"127.0.0.1:{cp.port}", "--name", "cp", "--json", check=True,
-        )  # fmt: skip
-        cp.node_id = json.loads(init.stdout)["node"]["id"]
-        mesh.start("cp")
-        names = [*gpu, *cpu]
-        for name in names:
-            mesh._add(name, gpu=name in gpu)
-        with operator_api(mesh) as op:
-            tokens = {
-                name: mint(op, roles=(roles or {}).get(name, "worker,submit").split(","))
-                for name in names
-            }
-        joins = {}
-        for name in names:
-            args = ["join", tokens[name], "--data-dir", str(mesh[name].data_dir),
-                    "--listen", f"127.0.0.1:{mesh[name].port}", "--name", name]  # fmt: skip
-            joins[name] = subprocess.Popen(
-                [*POPULI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        for name, join in joins.items():
-            _, err = join.communicate(timeout=120)
-            assert join.returncode == 0, f"join {name}: {err}"
-        for name in names:
-            node = mesh[name]
-            node.agent = mesh.procs.start_agent(node.data_dir, env=node.env, wait=False)
-        for name in names:
-            node = mesh[name]
-            assert node.agent is not None
-            mesh.procs.wait_ready(node.agent, guard_s=60)
-            node.node_id = node.agent.node_id
-        if settings:
-            set_settings(mesh, settings)
-        mesh.wait_settled()
-    except BaseException:
-        mesh.close()
-        raise
-    return mesh
+# -- tokens -----------------------------------------------------------------------------
 
 
 def mint(client: httpx.Client, **body: Any) -> str:
@@ -138,59 +44,7 @@ def mint(client: httpx.Client, **body: Any) -> str:
     return str(answer.json()["token"])
 
 
-def set_settings(mesh: Mesh, changes: dict[str, Any]) -> None:
-    """Change cluster settings in one record and wait until every running node holds it."""
-    with operator_api(mesh) as op:
-        answer = op.post("/v1/populi/admin/settings", json={"changes": changes})
-    assert answer.status_code == 200, answer.text
-    serial = int(answer.json()["settings"]["serial"])
-    if "max_lease_ttl_s" in changes:
-        mesh.ttl_s = int(changes["max_lease_ttl_s"])
-    wait_for(
-        f"settings serial {serial} reaches every node",
-        lambda: all(
-            mesh.settings_serial(name) >= serial
-            for name, node in mesh.nodes.items()
-            if node.alive()
-        ),
-        guard_s=60,
-    )
-
-
 # -- talking to agents ------------------------------------------------------------------
-
-
-@contextmanager
-def api(
-    mesh: Mesh,
-    to: str,
-    credential: Credential | None,
-    *,
-    validate: bool = True,
-    local_address: str | None = None,
-) -> Iterator[httpx.Client]:
-    """A client of node ``to`` over real TLS (the cluster CA), signing as ``credential``
-    (unsigned with ``None``); every answer is checked against the OpenAPI contract."""
-    node = mesh[to]
-    transport = httpx.HTTPTransport(
-        verify=client_context(mesh["cp"].data_dir / "tls" / "ca.crt"),
-        local_address=local_address,
-        retries=0,
-    )
-    with httpx.Client(
-        base_url=f"https://127.0.0.1:{node.port}",
-        transport=transport,
-        auth=SignedAuth(credential, node.node_id, SystemClock()) if credential else None,
-        event_hooks={"response": [sync_hook]} if validate else {},
-        timeout=30,
-    ) as client:
-        yield client
-
-
-@contextmanager
-def operator_api(mesh: Mesh, to: str = "cp") -> Iterator[httpx.Client]:
-    with api(mesh, to, credential_of(mesh["cp"].data_dir, operator=True)) as client:
-        yield client
 
 
 def sign(
@@ -354,17 +208,11 @@ __all__ = [
     "CODE_RE",
     "Answer",
     "answer_of",
-    "api",
-    "build_mesh",
-    "credential_of",
     "differences",
-    "meta",
     "mint",
-    "operator_api",
     "raw_exchange",
     "read_answer",
     "request_bytes",
-    "set_settings",
     "sign",
     "snapshot",
     "tls_connect",

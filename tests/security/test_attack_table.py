@@ -27,6 +27,7 @@ turn red (XPASS) once it is fixed, and must then be unmarked. ``docs/security-po
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -49,12 +50,8 @@ import httpx
 import pytest
 import trio
 from e2e.exec_support import (
-    EXPIRY_MARGIN_S,
-    LEASE_TTL_S,
     Mesh,
     check_tick_order,
-    kill_pids,
-    leftovers,
     log_events,
     read_ticks,
     tick_command,
@@ -65,13 +62,8 @@ from security.attack_support import (
     CODE_RE,
     Answer,
     answer_of,
-    api,
-    build_mesh,
-    credential_of,
     differences,
-    meta,
     mint,
-    operator_api,
     raw_exchange,
     read_answer,
     request_bytes,
@@ -91,8 +83,8 @@ from populi_peer.config import Config
 from populi_peer.errors import MAX_MESSAGE_CHARS, PopuliError
 from populi_peer.identity import Credential
 from populi_peer.joining import join_cluster
-from support.contract import sync_hook
 from support.disk import fill, small_tmpfs
+from support.mesh import credential_of, meta_of
 from support.procs import one_line, populi
 
 pytestmark = pytest.mark.e2e
@@ -155,11 +147,9 @@ class World:
         return self.mesh[name].port
 
     def key(self, name: str) -> Credential:
-        if name == "operator":
-            return credential_of(self.mesh["cp"].data_dir, operator=True)
         if name == "r1":
             return credential_of(self.root / "r1")
-        return credential_of(self.mesh[name].data_dir)
+        return self.mesh.credential(name)
 
     def fresh(self, prefix: str) -> str:
         return f"{prefix}{next(self.names)}"
@@ -304,7 +294,7 @@ def flipped_signature(raw: bytes) -> bytes:
 def foreign_token(world: World) -> Outcome:
     """A token that names this cluster, its control plane and its address, signed by
     another root (another cluster's, or one the attacker made)."""
-    cluster_id = meta(world.mesh["cp"].data_dir, "cluster_id")
+    cluster_id = meta_of(world.mesh["cp"].data_dir, "cluster_id")
     seed = secrets.token_bytes(32)
     text, token = mint_token(
         signing_key=generate_key(),
@@ -545,7 +535,7 @@ def slowloris(world: World) -> Outcome:
     for crawler in crawlers:
         crawler.start()
     served = 0
-    with api(world.mesh, "cp", world.key("operator")) as client:
+    with world.mesh.client("cp", world.key("operator")) as client:
         while any(c.is_alive() for c in crawlers) and served < 200:
             answer = client.get("/v1/populi/status")
             assert answer.status_code == 200, answer.text
@@ -789,18 +779,12 @@ row("token-expired", "join with a 1 s token 3.5 s after minting (expired, past t
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     started = time.monotonic()
     root = tmp_path_factory.mktemp("attack")
-    mesh = build_mesh(root, gpu=("w1",), cpu=("s1",), roles={"w1": "worker", "s1": "submit"})
-    clients: dict[str, httpx.Client] = {}
+    mesh = Mesh.create(
+        root, ["w1"], cpu_nodes=["s1"], roles={"w1": "worker", "s1": "submit"}, remote=False
+    )
+    stack = contextlib.ExitStack()
     try:
-        operator = credential_of(mesh["cp"].data_dir, operator=True)
-        for name in ("cp", "w1", "s1"):
-            clients[name] = httpx.Client(
-                base_url=f"https://127.0.0.1:{mesh[name].port}",
-                verify=client_context(mesh["cp"].data_dir / "tls" / "ca.crt"),
-                auth=SignedAuth(operator, mesh[name].node_id, SystemClock()),
-                event_hooks={"response": [sync_hook]},
-                timeout=30,
-            )
+        clients = {n: stack.enter_context(mesh.operator(n)) for n in ("cp", "w1", "s1")}
         short = clients["cp"].post(_TOKEN, json={"ttl_s": 1})
         assert short.status_code == 200, short.text
         world = World(
@@ -828,7 +812,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         retired = clients["cp"].post("/v1/populi/admin/nodes/r1/retire", json={"reason": "stolen"})
         assert retired.status_code == 200, retired.text
         # A lease s1 holds for itself, released: a lease whose state never moves again.
-        with api(mesh, "cp", credential_of(mesh["s1"].data_dir)) as s1:
+        with mesh.client("cp", mesh.credential("s1")) as s1:
             granted = s1.post(
                 "/v1/populi/exec/leases",
                 json={"task_id": "t-own", "attempt": 1, "work_class": "agent",
@@ -844,8 +828,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         print(f"\nattack cluster up in {time.monotonic() - started:.1f} s")
         yield world
     finally:
-        for client in clients.values():
-            client.close()
+        stack.close()
         mesh.close()
 
 
@@ -887,9 +870,9 @@ def full_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullDisk]:
     (skipped where no tmpfs can be mounted)."""
     root = tmp_path_factory.mktemp("disk")
     with small_tmpfs(root / "cp", size_kib=16 * 1024):
-        mesh = build_mesh(root)
+        mesh = Mesh.create(root, remote=False)
         try:
-            with operator_api(mesh) as client:
+            with mesh.operator() as client:
                 token = mint(client)
                 # Start the WAL afresh, so that the next commit must grow it.
                 with sqlite3.connect(mesh["cp"].data_dir / "populi.db") as conn:
@@ -962,12 +945,9 @@ def process_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """``cp``, and ``w1`` and ``w2`` with a replayed H100 each; remote execution on,
     leases of 6 s declared dead 2 s after they expire, and a leader lease of 0.5 s (a
     restarted control plane grants nothing for TTL + leader lease + margin: 8.5 s)."""
-    mesh = build_mesh(
-        tmp_path_factory.mktemp("process"),
-        gpu=("w1", "w2"),
-        settings={"remote_exec_enabled": True, "max_lease_ttl_s": LEASE_TTL_S,
-                  "lease_expiry_margin_s": EXPIRY_MARGIN_S, "leader_lease_s": 0.5},
-    )  # fmt: skip
+    mesh = Mesh.create(
+        tmp_path_factory.mktemp("process"), ["w1", "w2"], settings={"leader_lease_s": 0.5}
+    )
     try:
         yield mesh
     finally:
@@ -982,19 +962,13 @@ def healed(process_mesh: Mesh) -> Iterator[Mesh]:
     mesh = process_mesh
     wait_for("the control plane grants again", lambda: probe_grant(mesh), guard_s=60, every_s=0.5)
     yield mesh
-    for name, node in mesh.nodes.items():
-        if node.alive():
-            os.kill(node.pid, signal.SIGCONT)
-        else:
-            mesh.start(name)
-    kill_pids(leftovers(mesh.root))
-    mesh.wait_settled()
+    mesh.heal(kill_leftovers=True)
 
 
 def probe_grant(mesh: Mesh) -> bool:
     """Whether the control plane grants now: a lease w1 takes for itself, at once
     released."""
-    with api(mesh, "cp", credential_of(mesh["w1"].data_dir), validate=False) as w1:
+    with mesh.client("cp", mesh.credential("w1"), validate=False) as w1:
         granted = w1.post(
             "/v1/populi/exec/leases",
             json={"task_id": f"t-probe{secrets.token_hex(4)}", "attempt": 1,
@@ -1039,7 +1013,7 @@ def test_sigstop_of_a_worker_holding_a_lease(healed: Mesh, tmp_path: Path) -> No
     finally:
         os.kill(w2.pid, signal.SIGCONT)
     woke_ms = int(time.time() * 1000)
-    with api(mesh, "cp", credential_of(w2.data_dir)) as client:
+    with mesh.client("cp", mesh.credential("w2")) as client:
         late = outcome_of(client.post(f"/v1/populi/exec/leases/{lease['lease_id']}/renew"))
     assert (late.status, late.code) == (409, "lease_refused"), late
     assert "lease_not_live" in late.details.get("reasons", []), late
@@ -1047,15 +1021,7 @@ def test_sigstop_of_a_worker_holding_a_lease(healed: Mesh, tmp_path: Path) -> No
     assert waited.returncode == 0, waited.stderr
     # The woken worker has acted (it delivered its late result); every renewal it sent
     # after waking was refused, and the lease stayed dead.
-    wait_for(
-        "the woken worker delivers its late result",
-        lambda: [
-            r
-            for r in mesh.worker_attempts("w2")
-            if r["task_id"] == task_id and r["delivered_ms"] is not None
-        ],
-        guard_s=60,
-    )
+    mesh.wait_delivered("w2", task_id, what="the woken worker delivers its late result")
     entries = lease_log(mesh["cp"], lease["lease_id"])
     assert [e for e in entries if e["status"] == 200] == renewed
     woken = [e for e in entries if _ms(e["ts"]) >= woke_ms]
@@ -1077,9 +1043,9 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
     no two leases ever held one GPU at once, and the consumed join tokens, members and
     events are intact."""
     mesh = healed
-    submitter = credential_of(mesh["w1"].data_dir)
+    submitter = mesh.credential("w1")
     target = mesh["w2"].node_id
-    with operator_api(mesh) as op:
+    with mesh.operator() as op:
         before = snapshot(op)
     acks: list[tuple[str, dict[str, Any]]] = []
     refused: Counter[tuple[str, str]] = Counter()
@@ -1120,10 +1086,7 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
     streamer.start()
     try:
         wait_for("grants before the kill", lambda: len(acks) >= 8, guard_s=60)
-        cp = mesh["cp"]
-        assert cp.agent is not None
-        cp.agent.proc.send_signal(signal.SIGKILL)
-        cp.agent.proc.wait(timeout=30)
+        mesh.stop("cp", signal.SIGKILL)
         phase[0] = "after"
         killed_at = len(acks)
         took = mesh.start("cp")
@@ -1134,7 +1097,7 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
         task_id = next(g["task_id"] for _, g in acks if not g["gpus"])
 
         def fall_back() -> bool:
-            with api(mesh, "cp", submitter, validate=False) as client:
+            with mesh.client("cp", submitter, validate=False) as client:
                 answer = client.post(
                     "/v1/populi/exec/fallback",
                     json={"task_id": task_id, "attempt": 2, "gpus_wanted": 0, "ttl_s": 3,
@@ -1155,7 +1118,7 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
     )
     assert refused[("after", "grant_hold")] > 0, "the restarted control plane granted at once"
     acks.append(("after", fallen[0]))
-    with operator_api(mesh) as op:
+    with mesh.operator() as op:
         after = snapshot(op)
         leases = {x["lease_id"]: x for x in op.get("/v1/populi/exec/leases").json()["leases"]}
     # Nothing acknowledged is lost.
@@ -1191,7 +1154,7 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
     # The holders give the leases back, so that the next row starts from a quiet cluster.
     for holder in ("w1", "w2"):
         node_id = mesh[holder].node_id
-        with api(mesh, "cp", credential_of(mesh[holder].data_dir), validate=False) as client:
+        with mesh.client("cp", mesh.credential(holder), validate=False) as client:
             for lease in leases.values():
                 if lease["state"] == "live" and lease["holder"] == node_id:
                     client.post(
@@ -1206,15 +1169,13 @@ def test_a_request_replayed_after_a_restart_is_refused(process_mesh: Mesh) -> No
     cp = mesh["cp"]
     ca = cp.data_dir / "tls" / "ca.crt"
     body = b'{"ttl_s": 600}'
-    operator = credential_of(cp.data_dir, operator=True)
+    operator = mesh.credential("operator")
     signed = sign(operator, cp.node_id, "POST", _TOKEN, body)
     data = request_bytes("POST", _TOKEN, {"content-type": "application/json", **signed}, body)
     assert raw_exchange(cp.port, ca, data).status == 200
-    assert cp.agent is not None
-    cp.agent.proc.send_signal(signal.SIGKILL)
-    cp.agent.proc.wait(timeout=30)
+    mesh.stop("cp", signal.SIGKILL)
     mesh.start("cp")
-    with operator_api(mesh) as op:
+    with mesh.operator() as op:
         before = snapshot(op)
         outcome = outcome_of(raw_exchange(cp.port, ca, data))
         after = snapshot(op)
