@@ -35,6 +35,7 @@ from populi_peer.agent.health import RETRIED, Health
 from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.leases import LeaseService
+from populi_peer.agent.links import UNKNOWN_SIGNER_ATTEMPTS, ControlPlaneLink, PeerLink
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import NodeAdmin, leave_sequence
@@ -54,7 +55,7 @@ from populi_peer.config import Config, format_host_port, parse_host_port, reach_
 from populi_peer.core.registers import RegisterWrite
 from populi_peer.core.settings import remote_refusal
 from populi_peer.datadir_lock import DataDirLock
-from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError, enrollment_boundary
+from populi_peer.errors import BadRequest, ConfigError, PopuliError, enrollment_boundary
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -105,6 +106,24 @@ class Agent:
         self.network = network or TlsNetwork(
             self.identity.paths.ca_cert, revoked=self.revocations.is_certificate_revoked
         )
+        self.peers = PeerClient(
+            credential=self.identity.node_credential,
+            clock=clock,
+            transport=self.network.transport_for(self.node_id),
+            timeout_s=config.api.request_timeout_s,
+            # Every call names the node it means to reach; a revoked one is never called,
+            # and no other node's answer is taken (docs/adr/0009).
+            is_revoked=self.is_revoked,
+        )
+        self.control_plane = ControlPlaneLink(
+            node_id=self.node_id, store=self.store, client=self.peers
+        )
+        self.peer_link = PeerLink(
+            node_id=self.node_id,
+            membership=self.membership,
+            control_plane=self.control_plane,
+            client=self.peers,
+        )
         self.started_mono: float | None = None
         self.url = url or self._configured_url()
         self.leaving = False
@@ -154,15 +173,6 @@ class Agent:
             clock=clock,
             max_body_bytes=config.api.max_body_bytes,
         )
-        self.peers = PeerClient(
-            credential=self.identity.node_credential,
-            clock=clock,
-            transport=self.network.transport_for(self.node_id),
-            timeout_s=config.api.request_timeout_s,
-            # Every call names the node it means to reach; a revoked one is never called,
-            # and no other node's answer is taken (docs/adr/0009).
-            is_revoked=self.is_revoked,
-        )
         self._stop = trio.Event()
         self._server_stop = trio.Event()
         self.stopped = trio.Event()
@@ -194,19 +204,19 @@ class Agent:
 
     @property
     def term(self) -> int:
-        return int(self.store.get_meta("term", "1") or "1")
+        return self.control_plane.term
 
     @property
     def control_plane_id(self) -> str:
-        return self.store.require_meta("control_plane_id")
+        return self.control_plane.id
 
     @property
     def control_plane_url(self) -> str:
-        return self.store.require_meta("control_plane_url")
+        return self.control_plane.url
 
     @property
     def is_control_plane(self) -> bool:
-        return self.control_plane_id == self.node_id
+        return self.control_plane.is_self
 
     def self_addresses(self) -> list[str]:
         address = self.url.removeprefix("https://")
@@ -240,12 +250,7 @@ class Agent:
         return principal
 
     def require_control_plane(self) -> None:
-        if not self.is_control_plane:
-            raise Conflict(
-                f"this node is not the control plane (term {self.term}); ask {self.control_plane_url}",
-                code="not_control_plane",
-                control_plane_url=self.control_plane_url,
-            )
+        self.control_plane.require_self()
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -376,28 +381,10 @@ class Agent:
     # -- membership sync (non-control-plane nodes) ------------------------------------------
 
     async def sync_members(self) -> None:
-        answer = await self.peers.call(
-            url=self.control_plane_url,
-            node_id=self.control_plane_id,
-            method="GET",
-            path="/v1/populi/members",
-        )
-        members = [Member.from_json(m) for m in answer.get("members", [])]
-        if not any(m.id == self.node_id for m in members):
-            log(self.logger, logging.WARNING, "this node is not in the control plane's membership")
-        self.membership.replace_all(members, int(answer.get("version", 0)))
+        await self.peer_link.sync_members()
 
     async def peer_member(self, node_id: str) -> Member | None:
-        """A node's member record with an address; refreshes membership from the control
-        plane once if this node has not heard of it yet (it may have joined a moment ago)."""
-        member = self.membership.get(node_id)
-        if (member is None or not member.addresses) and not self.is_control_plane:
-            try:
-                await self.sync_members()
-            except PopuliError as exc:
-                log(self.logger, logging.INFO, "membership refresh failed", error=str(exc))
-            member = self.membership.get(node_id)
-        return member if member is not None and member.addresses else None
+        return await self.peer_link.member(node_id)
 
     async def call_member(
         self,
@@ -406,25 +393,9 @@ class Agent:
         path: str,
         payload: dict[str, Any] | None = None,
         *,
-        attempts: int = 5,
+        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
     ) -> dict[str, Any]:
-        """Call another node. A peer that does not know us yet (we joined after its last
-        membership refresh: 401 ``unknown_signer``) learns of us within a heartbeat, so
-        that refusal is retried a few times before it counts."""
-        for attempt in range(attempts):
-            try:
-                return await self.peers.call(
-                    url=f"https://{member.addresses[0]}",
-                    node_id=member.id,
-                    method=method,
-                    path=path,
-                    payload=payload,
-                )
-            except PopuliError as exc:
-                if exc.code != "unknown_signer" or attempt == attempts - 1:
-                    raise
-                await trio.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self.peer_link.call(member, method, path, payload, attempts=attempts)
 
     # -- hooks for features (overridden / extended as they land) ----------------------------
 
@@ -735,8 +706,7 @@ class Agent:
             self.membership.upsert(
                 replace(member, addresses=addresses, updated_ms=int(self.clock.wall() * 1000))
             )
-        if self.is_control_plane and self.control_plane_url != self.url:
-            self.store.set_meta("control_plane_url", self.url)
+        self.control_plane.publish_url(self.url)
 
 
 __all__ = ["Agent"]
