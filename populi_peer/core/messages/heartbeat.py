@@ -112,9 +112,10 @@ class GpuHeartbeatSummary(Message):
 
     WHAT = "heartbeat 'gpu'"
 
-    facts_version: str | None = wire(Nullable(Text(max_len=MAX_FACTS_VERSION_CHARS)))
+    #: The digest of the static facts (``populi_peer.gpu``: 16 hex characters).
+    facts_version: str = wire(Text(min_len=1, max_len=MAX_FACTS_VERSION_CHARS))
     static: Mapping[str, Any] | None = wire(GpuSection("static"), omit_none=True)
-    metrics: Mapping[str, Any] | None = wire(GpuSection("metrics"), omit_none=True)
+    metrics: Mapping[str, Any] = wire(GpuSection("metrics"))
 
 
 @message
