@@ -4,8 +4,8 @@ leaving: the bodies of the routes in ``agent/enrollment.py`` and ``agent/nodes.p
 Token and join fields are checked here for their shape only; what the token format allows
 (TTL at most 24 h, 1-1000 uses, grantable roles, the name syntax) stays with
 ``enrollment.tokens``, which answers with its own reason codes (``token_bad_field``,
-``token_ttl_too_long``...). The fields those checks read carry the same code here, so a
-client sees one code per field whichever check refused it.
+``token_ttl_too_long``...). Where that module also refuses a wrong type (``uses``), the
+field here carries its code, so a client sees one code per field whichever check refused.
 """
 
 from __future__ import annotations
@@ -104,12 +104,12 @@ class JoinEnrollAnswer(Message):
 class TokenCreateRequest(Message):
     #: Seconds; its bounds (at most 24 h) are ``enrollment.tokens``'s rule.
     ttl_s: float = wire(Num(), default=DEFAULT_TOKEN_TTL_S)
+    #: 1-1000 (``enrollment.tokens``'s rule); not an integer: ``token_bad_field`` too.
     uses: int = wire(Int(code=TOKEN_FIELD), default=1)
-    roles: tuple[str, ...] = wire(
-        Seq(Text(code=TOKEN_FIELD), code=TOKEN_FIELD), default=("worker", "submit")
-    )
-    #: Bind the token to this node name.
-    name: str | None = wire(Nullable(Text(code=TOKEN_FIELD)), default=None)
+    #: Grantable roles (``enrollment.tokens``'s rule: ``token_bad_field``).
+    roles: tuple[str, ...] = wire(Seq(Text()), default=("worker", "submit"))
+    #: Bind the token to this node name (its syntax: ``enrollment.tokens``).
+    name: str | None = wire(Nullable(Text()), default=None)
 
 
 @message
