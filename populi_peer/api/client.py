@@ -95,10 +95,10 @@ class SignedAuth(httpx.Auth):
 M = TypeVar("M", bound=Message)
 
 #: A request body: a typed message, a plain JSON object (an untyped route), or none.
-Payload = Message | Mapping[str, Any] | None
+RequestBody = Message | Mapping[str, Any] | None
 
 
-def encode_body(payload: Payload) -> bytes:
+def encode_body(payload: RequestBody) -> bytes:
     if payload is None:
         return b""
     body = payload.to_json() if isinstance(payload, Message) else dict(payload)
@@ -316,7 +316,7 @@ class PeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: Payload = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: None = None,
@@ -330,7 +330,7 @@ class PeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: Payload = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[M],
@@ -343,7 +343,7 @@ class PeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: Payload = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[Message] | None = None,
@@ -409,7 +409,7 @@ class SyncPeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: Payload = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: None = None,
@@ -423,7 +423,7 @@ class SyncPeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: Payload = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[M],
@@ -436,7 +436,7 @@ class SyncPeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: Payload = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[Message] | None = None,
@@ -469,9 +469,9 @@ class SyncPeerClient:
 
 __all__ = [
     "PEER_LIMITS",
-    "Payload",
     "PeerClient",
     "PeerTransport",
+    "RequestBody",
     "RevokedNode",
     "SignedAuth",
     "SyncPeerClient",
