@@ -219,7 +219,7 @@ class LeaseService:
         reasons = [r for r in eligibility.reasons if r != "no_free_gpu"]
         if node_id != submitter:
             seen = receiver.seen.get(node_id)
-            if seen is not None and seen.report.get("exec_remote") is False:
+            if seen is not None and not seen.report.exec_remote:
                 reasons.append("remote_off_on_node")
             refusal = remote_refusal(agent.records.settings)
             if refusal is not None:

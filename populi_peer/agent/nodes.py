@@ -159,7 +159,7 @@ class NodeAdmin:
             "stale_after_ms": int(stale_after * 1000),
             "scope": scope,
             "status": seen.status if seen else None,
-            "accepts_remote_work": bool(seen.report.get("exec_remote", True)) if seen else None,
+            "accepts_remote_work": seen.report.exec_remote if seen else None,
             "gpu_summary": gpu,
             "cert_not_after_ms": member.cert_not_after_ms or None,
             "joined_ms": member.joined_ms,
@@ -260,7 +260,9 @@ async def leave_sequence(agent: Agent, *, reason: str, actor: str) -> dict[str, 
                 "could not tell the control plane that this node leaves; retrying with every heartbeat",
                 error=str(exc),
             )
-    acknowledged = bool(answer and (answer.get("lifecycle") or {}).get("state") == "left")
+    acknowledged = (
+        answer is not None and answer.lifecycle is not None and answer.lifecycle.state == "left"
+    )
     agent.record_event(
         agent.node_id,
         "left",

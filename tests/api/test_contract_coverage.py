@@ -23,6 +23,7 @@ from populi_peer.agent.nodes import LIFECYCLE_ACTIONS
 from populi_peer.api.app import Route
 from populi_peer.cluster import InitResult
 from populi_peer.config import Config
+from populi_peer.core.messages import OPERATIONS, HeartbeatAnswer, HeartbeatReport
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import open_virtual_agent
 from support.clients import signed_client
@@ -116,6 +117,21 @@ async def test_operation_ids_are_route_names(document: dict[str, Any], routes: l
         if key in documented and documented[key].get("operationId") != route.name
     }
     assert not mismatched, f"operationId differs from the route name: {mismatched}"
+
+
+async def test_declared_body_types_are_the_catalogues(routes: list[Route]) -> None:
+    """A route that declares its body types declares the ones the catalogue names for its
+    operation (whose schemas tests/core/test_messages_contract.py holds to the contract);
+    the heartbeat, converted first, declares both."""
+    declared = {route.name: route for route in routes}
+    for name, route in declared.items():
+        exchange = OPERATIONS[name]
+        if route.request is not None:
+            assert route.request is exchange.request, f"{name} parses {route.request.__name__}"
+        if route.answer is not None:
+            assert route.answer is exchange.answer, f"{name} answers {route.answer.__name__}"
+    heartbeat = declared["heartbeat"]
+    assert (heartbeat.request, heartbeat.answer) == (HeartbeatReport, HeartbeatAnswer)
 
 
 def test_every_operation_documents_success_and_errors(document: dict[str, Any]) -> None:

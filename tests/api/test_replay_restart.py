@@ -199,7 +199,7 @@ async def test_heartbeats_and_renewals_commit_no_nonce_and_their_replay_after_re
     lease_id = granted.json()["lease"]["lease_id"]
     rows = count(cp, "SELECT COUNT(*) FROM request_nonces")
     async with signed(cluster, sender=w1, recipient="cp", recorder=beats) as node:
-        beat = await node.post("/v1/populi/heartbeat", json=w1.heartbeat_sender.payload())
+        beat = await node.post("/v1/populi/heartbeat", json=w1.heartbeat_sender.payload().to_json())
     async with signed(cluster, sender=w2, recipient="cp", recorder=renewals) as holder:
         renewed = await holder.post(f"/v1/populi/exec/leases/{lease_id}/renew", json={})
         # The lease ends for good (written durably) before the restart.
