@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enrollment.ca import cert_from_pem
@@ -227,7 +228,9 @@ def test_a_class_that_is_both_is_left_as_it_is() -> None:
 # -- where Populi meets enrollment ------------------------------------------------------
 
 
-async def test_the_api_answers_an_untranslated_enrollment_error_as_before() -> None:
+async def test_the_api_answers_an_untranslated_enrollment_error_as_before(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async def refuse(_request: Any) -> dict[str, Any]:
         revoke_node(_ONE, _revoked(), now_ms=NOW + 2)
         return {}
