@@ -19,6 +19,7 @@ Importing this module is cheap: the supervisor imports it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
 
@@ -41,6 +42,43 @@ def bundle_dir() -> str | None:
         return None
     path = getattr(sys, "_MEIPASS", None)
     return str(path) if path else None
+
+
+def die_with_loader() -> None:
+    """In the single file, make this Python process die with the file's loader.
+
+    The one-file loader runs Python in a child process and is itself the process others
+    see: systemd's main PID, a shell's job, ``kill``. It passes SIGTERM and SIGINT on,
+    but a SIGKILL (systemd's last resort at a stop) would leave the Python process
+    running as an orphan: a second agent then finds the data directory locked. A no-op
+    outside the single file, or when the parent is not this file's loader.
+    """
+    if bundle_dir() is None:
+        return
+    parent = os.getppid()
+    try:
+        if os.readlink(f"/proc/{parent}/exe") != os.readlink("/proc/self/exe"):
+            return
+    except OSError:
+        return
+    from populi_peer.exec import _proc
+
+    if not _proc.prctl_available():
+        return
+    _proc.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:  # the loader died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def started_as(recorded_pid: int, started_pid: int) -> bool:
+    """Whether ``recorded_pid`` (what the process says it is) is the process started
+    as ``started_pid``: the same process, or the single file's Python child of it."""
+    if recorded_pid == started_pid:
+        return True
+    from populi_peer.exec import _proc
+
+    stat = _proc.read_stat(recorded_pid)
+    return stat is not None and stat.ppid == started_pid
 
 
 def populi_command() -> list[str]:
@@ -70,7 +108,9 @@ __all__ = [
     "SUPERVISOR_VERB",
     "bundle_dir",
     "child_env",
+    "die_with_loader",
     "frozen",
     "populi_command",
+    "started_as",
     "supervisor_command",
 ]

@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from populi_peer.selfexec import SUPERVISOR_VERB as _VERB
 from support.procs import AgentProcess, Processes, populi
+
+#: How the single file runs a supervisor (``populi _supervisor TASK_DIR``).
+SUPERVISOR_VERB = _VERB.encode()
 
 T = TypeVar("T")
 
@@ -47,7 +51,8 @@ TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 # task's working directory, which Populi makes under the data directory of the node that
 # runs the attempt (``<data_dir>/tasks/<role>/<task>/<attempt>/work``): the task gets no
 # other hint of where it runs. ``boot_ns`` is CLOCK_BOOTTIME, the clock the supervisor's
-# deadline is written in. Attempt 1 ticks $N1 times, later attempts $N2 times.
+# deadline is written in. Attempt 1 ticks $N1 times, later attempts $N2 times; the task
+# exits with $EXIT_CODE (default 0).
 TICK_SCRIPT = """\
 import os, sys, time
 path = os.environ["TICKS"]
@@ -67,6 +72,7 @@ for index in range(count):
         os.close(fd)
     time.sleep(0.1)
 print("ticked", count, "times on", node, "attempt", attempt, "token", token)
+sys.exit(int(os.environ.get("EXIT_CODE", "0")))
 """
 
 
@@ -194,7 +200,8 @@ def supervisor_pids(root: Path) -> list[int]:
     out = []
     for pid in _pids():
         cmdline = _read(f"/proc/{pid}/cmdline").split(b"\0")
-        if b"populi_peer.exec.supervisor" in cmdline and any(
+        supervisor = b"populi_peer.exec.supervisor" in cmdline or SUPERVISOR_VERB in cmdline
+        if supervisor and any(
             arg.startswith(str(root).encode()) for arg in cmdline
         ):
             if _stat_state(pid) not in ("Z", ""):
@@ -249,6 +256,8 @@ class Node:
     gpu: bool
     agent: AgentProcess | None = None
     node_id: str = ""
+    #: How this node runs ``populi`` (None: this checkout); an upgrade changes it.
+    command: list[str] | None = None
 
     @property
     def pid(self) -> int:
@@ -282,11 +291,20 @@ class Mesh:
     # -- building ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path, gpu_nodes: Iterable[str], *, remote: bool = True) -> Mesh:
-        """A control plane ``cp`` (CPU only) and the named GPU nodes, all running."""
+    def create(
+        cls,
+        root: Path,
+        gpu_nodes: Iterable[str],
+        *,
+        remote: bool = True,
+        commands: dict[str, list[str]] | None = None,
+    ) -> Mesh:
+        """A control plane ``cp`` (CPU only) and the named GPU nodes, all running;
+        ``commands`` says how a node runs ``populi`` where not this checkout."""
         mesh = cls(root, remote=remote)
+        commands = commands or {}
         try:
-            cp = mesh._add("cp", gpu=False)
+            cp = mesh._add("cp", gpu=False, command=commands.get("cp"))
             result = populi(
                 "init",
                 "--cluster-name",
@@ -299,11 +317,12 @@ class Mesh:
                 "cp",
                 "--json",
                 check=True,
+                command=cp.command,
             )
             cp.node_id = json.loads(result.stdout)["node"]["id"]
             mesh.start("cp")
             for name in gpu_nodes:
-                node = mesh._add(name, gpu=True)
+                node = mesh._add(name, gpu=True, command=commands.get(name))
                 token = json.loads(mesh.cli("cp", "token", "create", "--json").stdout)["token"]
                 populi(
                     "join",
@@ -315,6 +334,7 @@ class Mesh:
                     "--name",
                     name,
                     check=True,
+                    command=node.command,
                 )
                 mesh.start(name)
             if remote:
@@ -329,13 +349,13 @@ class Mesh:
             raise
         return mesh
 
-    def _add(self, name: str, *, gpu: bool) -> Node:
+    def _add(self, name: str, *, gpu: bool, command: list[str] | None = None) -> Node:
         env = dict(EXEC_ENV)
         if gpu:
             env["POPULI_GPU_FIXTURE"] = GPU_FIXTURE
             # Fresher hints (which GPUs the node itself runs tasks on) for placement.
             env["POPULI_GPU__REFRESH_S"] = "1"
-        node = Node(name, self.root / name, free_port(), env, gpu)
+        node = Node(name, self.root / name, free_port(), env, gpu, command=command)
         self.nodes[name] = node
         return node
 
@@ -346,7 +366,9 @@ class Mesh:
         """Start (or restart) the node's agent; returns how long it took to answer."""
         node = self.nodes[name]
         started = time.monotonic()
-        node.agent = self.procs.start_agent(node.data_dir, env=node.env, guard_s=60.0)
+        node.agent = self.procs.start_agent(
+            node.data_dir, env=node.env, guard_s=60.0, command=node.command
+        )
         node.node_id = node.agent.node_id
         return time.monotonic() - started
 
@@ -363,8 +385,14 @@ class Mesh:
     # -- commands ---------------------------------------------------------------------
 
     def cli(self, name: str, *args: str, check: bool = True, timeout: float = 120.0) -> Any:
+        node = self.nodes[name]
         return populi(
-            *args, "--data-dir", str(self.nodes[name].data_dir), check=check, timeout=timeout
+            *args,
+            "--data-dir",
+            str(node.data_dir),
+            check=check,
+            timeout=timeout,
+            command=node.command,
         )
 
     def settings(self, **changes: str) -> float:
@@ -423,8 +451,15 @@ class Mesh:
 
     def run_detached(self, name: str, *args: str) -> str:
         # The command after ``--`` takes the rest of the line: --data-dir goes first.
+        node = self.nodes[name]
         result = populi(
-            "run", "--detach", "--data-dir", str(self.nodes[name].data_dir), *args, check=True
+            "run",
+            "--detach",
+            "--data-dir",
+            str(node.data_dir),
+            *args,
+            check=True,
+            command=node.command,
         )
         task_id = str(result.stdout).strip()
         assert task_id.startswith("t-"), result.stdout

@@ -14,15 +14,23 @@ from pathlib import Path
 
 import httpx
 
+from populi_peer.selfexec import started_as
+
 POPULI = [sys.executable, "-m", "populi_peer"]
 
 
 def populi(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0, check: bool = False
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    check: bool = False,
+    command: Sequence[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``populi ARGS``: this checkout's package, or ``command`` (another install, the
+    single file)."""
     merged = {**os.environ, **(env or {})}
     result = subprocess.run(
-        [*POPULI, *args], capture_output=True, text=True, env=merged, timeout=timeout
+        [*(command or POPULI), *args], capture_output=True, text=True, env=merged, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"populi {' '.join(args)} exited {result.returncode}: {result.stderr}")
@@ -54,13 +62,14 @@ class Processes:
         env: dict[str, str] | None = None,
         wait: bool = True,
         guard_s: float = 30.0,
+        command: Sequence[str] | None = None,
     ) -> AgentProcess:
         log_path = data_dir.parent / f"{data_dir.name}.agent.log"
         runtime = data_dir / "run" / "agent.json"
         runtime.unlink(missing_ok=True)
         handle = log_path.open("ab")
         proc = subprocess.Popen(
-            [*POPULI, "agent", "--data-dir", str(data_dir), *extra],
+            [*(command or POPULI), "agent", "--data-dir", str(data_dir), *extra],
             stdout=handle,
             stderr=handle,
             env={**os.environ, **(env or {})},
@@ -84,7 +93,8 @@ class Processes:
                     info = json.loads(runtime.read_text())
                 except ValueError:
                     info = None
-                if info and info.get("pid") == agent.proc.pid:
+                # The single file's agent is the Python child of the file's loader.
+                if info and started_as(int(info.get("pid") or 0), agent.proc.pid):
                     try:
                         response = httpx.get(
                             info["url"] + "/v1/populi/health", verify=False, timeout=2
