@@ -201,9 +201,7 @@ def supervisor_pids(root: Path) -> list[int]:
     for pid in _pids():
         cmdline = _read(f"/proc/{pid}/cmdline").split(b"\0")
         supervisor = b"populi_peer.exec.supervisor" in cmdline or SUPERVISOR_VERB in cmdline
-        if supervisor and any(
-            arg.startswith(str(root).encode()) for arg in cmdline
-        ):
+        if supervisor and any(arg.startswith(str(root).encode()) for arg in cmdline):
             if _stat_state(pid) not in ("Z", ""):
                 out.append(pid)
     return out
