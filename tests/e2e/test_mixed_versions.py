@@ -83,9 +83,17 @@ def old_populi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
             check=False,
         )
         assert install.returncode == 0, install.stderr[-2000:]
-        command = [str(venv / "bin" / "python"), "-m", "populi_peer"]
-        version = subprocess.run([*command, "--version"], capture_output=True, text=True)
-        print(f"\nN-1 = {ref[:12]} ({why}): {version.stdout.strip()}")
+        # -P: not this checkout's package from the current directory.
+        python = [str(venv / "bin" / "python"), "-P"]
+        where = subprocess.run(
+            [*python, "-c", "import populi_peer; print(populi_peer.__file__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert where.stdout.startswith(str(venv)), where.stdout
+        command = [*python, "-m", "populi_peer"]
+        print(f"\nN-1 = {ref[:12]} ({why}), installed at {where.stdout.strip()}")
         yield command
     finally:
         git("worktree", "remove", "--force", str(tree))
