@@ -124,7 +124,11 @@ def task_state(mesh: Mesh, task_id: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def mesh_for(tmp_path: Path):  # type: ignore[no-untyped-def]
+def mesh_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    # The file unpacks itself under $TMPDIR; an agent killed with SIGKILL (the cleanup
+    # does) leaves its folder behind: keep them all with the test's files.
+    (tmp_path / "unpack").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "unpack"))
     built: list[Mesh] = []
 
     def make(install: str) -> Mesh:
