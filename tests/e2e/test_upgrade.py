@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,18 @@ def test_supervisor_stops_on_time_with_its_agent_and_file_gone(
     assert token_key(second["token"]) > token_key(first["token"])
     by_attempt = check_tick_order(read_ticks(ticks))
     assert set(by_attempt) == {1, 2} and {t.node for t in by_attempt[2]} == {"w1"}
+
+
+def test_the_file_names_its_commit() -> None:
+    needs_binary("file")
+    assert BINARY is not None
+    result = subprocess.run([BINARY, "--version"], capture_output=True, text=True, check=True)
+    head = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parents[2]), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "single-file" in result.stdout, result.stdout
+    if head.returncode == 0:
+        assert f"commit {head.stdout.strip()}" in result.stdout, result.stdout
