@@ -4,7 +4,7 @@ versions, storage"; docs/adr/0012-single-file-executable.md).
 N is this checkout. N-1 is a build of the commit before the last protocol bump
 (``PROTOCOL_VERSION`` in ``populi_peer/__init__.py``); while the protocol has never been
 bumped, it is the previous commit on the first-parent line that changed the package, the
-version a rolling upgrade replaces. ``POPULI_OLD_REF`` names another commit. N-1 is
+version a rolling upgrade replaces. ``E2E_POPULI_OLD_REF`` names another commit. N-1 is
 checked out with ``git worktree add`` and pip-installed into a virtual environment of its
 own, so that nothing of N leaks into it.
 
@@ -49,9 +49,9 @@ def protocol_at(ref: str) -> int | None:
 
 def previous_version() -> tuple[str, str] | None:
     """``(commit, why)`` of N-1, or None when the history is not here (a shallow clone)."""
-    if os.environ.get("POPULI_OLD_REF"):
-        ref = git("rev-parse", "--verify", os.environ["POPULI_OLD_REF"] + "^{commit}")
-        return (ref, "POPULI_OLD_REF") if ref else None
+    if os.environ.get("E2E_POPULI_OLD_REF"):
+        ref = git("rev-parse", "--verify", os.environ["E2E_POPULI_OLD_REF"] + "^{commit}")
+        return (ref, "E2E_POPULI_OLD_REF") if ref else None
     current = protocol_at("HEAD")
     if current is None:
         return None

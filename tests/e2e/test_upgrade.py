@@ -3,7 +3,7 @@
 
 A mesh on loopback: ``cp`` (control plane, CPU only) and ``w1`` run from this checkout;
 ``w2``, the worker, runs from the install under test: this checkout's package (``pip``)
-or the single file (``file``, ``POPULI_BINARY``: ``scripts/build-binary`` makes it; the
+or the single file (``file``, ``E2E_POPULI_BINARY``: ``scripts/build-binary`` makes it; the
 tests that need it skip without it). ``w1`` submits ``populi run --gpus 1``, which runs on
 ``w2`` (the only other GPU node) under a lease from ``cp``.
 
@@ -51,7 +51,7 @@ from e2e.exec_support import (
 
 pytestmark = pytest.mark.e2e
 
-BINARY = os.environ.get("POPULI_BINARY")
+BINARY = os.environ.get("E2E_POPULI_BINARY")
 #: Long enough for a stop and a start of an agent between two renewals (every TTL/3): the
 #: supervisor stops the task TTL - stop margin after the last renewal was sent.
 UPGRADE_TTL_S = 15
@@ -64,7 +64,7 @@ TICKS = 120
 
 def needs_binary(*installs: str) -> None:
     if "file" in installs and not BINARY:
-        pytest.skip("no single file: build it with scripts/build-binary, set POPULI_BINARY")
+        pytest.skip("no single file: build it with scripts/build-binary, set E2E_POPULI_BINARY")
 
 
 def install_file(bin_dir: Path) -> Path:
