@@ -8,7 +8,7 @@ agents — takes the command and the environment from here, so that in the singl
 
 - the new process is an instance of its own: it unpacks its own copy instead of reusing
   the folder of the process that started it, which vanishes when that process exits or
-  is upgraded (docs/adr/0012-single-file-executable.md);
+  is upgraded (docs/adr/0013-single-file-executable.md);
 - it gets none of the variables the bundle set for itself (``LD_LIBRARY_PATH`` pointing
   into the unpacked folder, the loader's ``_PYI_*``), and the ones the loader changed
   get their values from before it started.

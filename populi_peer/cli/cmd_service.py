@@ -1,7 +1,7 @@
 """``populi service install|uninstall``: run this node's agent as a systemd service.
 
 The unit is written for what Populi promises across restarts and upgrades (safety rule 3,
-docs/adr/0012-single-file-executable.md):
+docs/adr/0013-single-file-executable.md):
 
 - ``KillMode=process``: a stop, restart or upgrade signals the agent alone. Each task runs
   under its own supervisor process, which keeps enforcing the lease deadline; the agent
@@ -129,7 +129,7 @@ def render_unit(*, executable: Path, data_dir: Path, user: bool, commit: str = "
         f"{MARKER} ({built}).",
         "# Remove it with `populi service uninstall"
         + (" --user" if user else "")
-        + "`. docs/adr/0012-single-file-executable.md says why each line is here.",
+        + "`. docs/adr/0013-single-file-executable.md says why each line is here.",
         "[Unit]",
         f"Description=Populi agent (data directory {data_dir})",
         "After=network-online.target",

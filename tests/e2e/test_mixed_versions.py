@@ -1,5 +1,5 @@
 """Version N talks to N-1: a mesh with both versions side by side (docs/design.md, "Time,
-versions, storage"; docs/adr/0012-single-file-executable.md).
+versions, storage"; docs/adr/0013-single-file-executable.md).
 
 N is this checkout. N-1 is a build of the commit before the last protocol bump
 (``PROTOCOL_VERSION`` in ``populi_peer/__init__.py``); while the protocol has never been

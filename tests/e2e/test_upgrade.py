@@ -1,5 +1,5 @@
 """Upgrades keep work, and a task's supervisor needs nothing of the agent that started it
-(docs/adr/0012-single-file-executable.md).
+(docs/adr/0013-single-file-executable.md).
 
 A mesh on loopback: ``cp`` (control plane, CPU only) and ``w1`` run from this checkout;
 ``w2``, the worker, runs from the install under test: this checkout's package (``pip``)
