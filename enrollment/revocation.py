@@ -55,11 +55,10 @@ from enrollment._sealed import (
     _unseal,
 )
 from enrollment.canonical import canonical_json
-from enrollment.errors import RevocationError
+from enrollment.errors import ErrorKind, NodeNameError, RevocationError
 from enrollment.tokens import (
     validate_node_name,
 )
-from populi_peer.errors import BadRequest, Conflict, NotFound
 
 REVOCATIONS_VERSION = 1
 REVOCATIONS_PREFIX = "populi-revocations-1."
@@ -88,10 +87,11 @@ _OUTCOME_OF_CODE: Final[dict[str, AcceptOutcome]] = {
 _FAMILY_RE = re.compile(r"populi-revocations-([0-9]{1,9})", re.ASCII)
 
 
-class RevocationFieldError(RevocationError, BadRequest):
+class RevocationFieldError(RevocationError):
     """A :class:`RevokedNode` or :class:`RevocationList` was given an invalid field."""
 
     code = "revocation_bad_field"
+    kind = ErrorKind.BAD_INPUT
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"revocation list field {field}: {problem}", field=field)
@@ -99,23 +99,25 @@ class RevocationFieldError(RevocationError, BadRequest):
         self.problem = problem
 
 
-class RevocationConflict(RevocationError, Conflict):
+class RevocationConflict(RevocationError):
     """The change is already in the list (``node_already_revoked``,
     ``name_already_blocked``)."""
 
     code = "revocation_conflict"
+    kind = ErrorKind.CONFLICT
 
 
-class RevocationNotFound(RevocationError, NotFound):
+class RevocationNotFound(RevocationError):
     """The change undoes something the list does not hold (``name_not_blocked``)."""
 
     code = "revocation_not_found"
+    kind = ErrorKind.NOT_FOUND
 
 
 def _check_name(field_name: str, value: object) -> str:
     try:
         return validate_node_name(value)
-    except BadRequest as exc:
+    except NodeNameError as exc:
         raise _FieldProblem(field_name, str(exc)) from None
 
 

@@ -112,8 +112,7 @@ from enrollment._sealed import (
     _utc_iso_ms,
 )
 from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
-from enrollment.errors import TokenError
-from populi_peer.errors import BadRequest, Forbidden
+from enrollment.errors import ErrorKind, NodeNameError, TokenError
 
 TOKEN_VERSION = 2
 TOKEN_PREFIX = "populi-join-2."
@@ -152,15 +151,15 @@ _LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
 _TOKEN_FAMILY_RE = re.compile(r"populi-join-([0-9]{1,9})", re.ASCII)
 
 
-class TokenFieldError(TokenError, BadRequest):
+class TokenFieldError(TokenError):
     """A field given to :func:`mint_token` (or a :class:`JoinToken`) is invalid.
 
-    Both a :class:`~enrollment.errors.TokenError` and a
-    :class:`~populi_peer.errors.BadRequest`: the caller asked for a token that cannot
+    Bad input (:attr:`ErrorKind.BAD_INPUT`): the caller asked for a token that cannot
     exist. ``field`` names the field, ``problem`` says what is wrong with it.
     """
 
     code = "token_bad_field"
+    kind = ErrorKind.BAD_INPUT
 
     def __init__(
         self, field: str, problem: str, *, code: str | None = None, message: str | None = None
@@ -170,8 +169,9 @@ class TokenFieldError(TokenError, BadRequest):
         self.problem = problem
 
 
-class JoinProofError(TokenError, Forbidden):
-    """A join request's proofs, challenge or recipient do not hold (HTTP 403).
+class JoinProofError(TokenError):
+    """A join request's proofs, challenge or recipient do not hold
+    (:attr:`ErrorKind.FORBIDDEN`).
 
     Codes: ``proof_invalid`` (the joiner's node-key signature), ``token_proof_invalid``
     (the token-key signature: the sender does not hold the token's secret, or signed for
@@ -180,26 +180,24 @@ class JoinProofError(TokenError, Forbidden):
     """
 
     code = "proof_invalid"
+    kind = ErrorKind.FORBIDDEN
 
 
 # --- public validators ----------------------------------------------------------------
 
 
 def validate_node_name(name: object) -> str:
-    """Return ``name`` if it is a valid node name, else raise ``BadRequest``.
+    """Return ``name`` if it is a valid node name, else raise :class:`NodeNameError`.
 
     A node name is 1-63 chars of ``[a-z0-9-]``, neither starting nor ending with ``-``:
     one DNS label (RFC 1123 §2.1), lower case so that names compare as they read.
     """
     if not isinstance(name, str):
-        raise BadRequest(
-            f"node name must be a string, got {_json_type(name)}", code="bad_node_name"
-        )
+        raise NodeNameError(f"node name must be a string, got {_json_type(name)}")
     if len(name) > 63 or not _NAME_RE.fullmatch(name):
-        raise BadRequest(
+        raise NodeNameError(
             f"node name {_show(name)} is invalid; use 1-63 lowercase letters, digits and "
-            "'-', not starting or ending with '-'",
-            code="bad_node_name",
+            "'-', not starting or ending with '-'"
         )
     return name
 
@@ -350,7 +348,7 @@ class JoinToken:
         if self.name is not None:
             try:
                 validate_node_name(self.name)
-            except BadRequest as exc:
+            except NodeNameError as exc:
                 raise _FieldProblem("name", str(exc)) from None
 
     def _check_roles(self) -> None:

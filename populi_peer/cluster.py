@@ -26,10 +26,15 @@ from enrollment.records import sign_record
 from enrollment.revocation import RevocationList, sign_revocations
 from populi_peer.config import CONFIG_FILE_NAME, format_host_port, parse_host_port, reach_host
 from populi_peer.core import settings as cluster_settings
+from populi_peer.core.membership import Member
 from populi_peer.datadir_lock import refuse_while_locked
 from populi_peer.errors import Conflict, UsageError
 from populi_peer.identity import NODE_ROLES_INIT, OPERATOR_ROLES, DataPaths
 from populi_peer.store import DB_FILE_NAME, Store
+from populi_peer.store.events import EventLog
+from populi_peer.store.members import Members
+from populi_peer.store.records import SignedRecords
+from populi_peer.store.revocations import RevocationLists
 
 _OWNED = (
     DB_FILE_NAME,
@@ -188,49 +193,50 @@ def init_cluster(
                 "control_plane_url": url,
                 "created_ms": str(now_ms),
             }
-            for key, value in meta.items():
-                store.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
-            store.execute(
-                "INSERT INTO principals (id, kind, name, public_key, roles, addresses, cert_serial, "
-                "cert_not_after_ms, joined_ms, updated_ms) VALUES (?, 'node', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    node_id,
-                    node_name,
-                    public_to_text(node_key.public_key()),
-                    json.dumps(list(NODE_ROLES_INIT)),
-                    json.dumps(advertise),
-                    format(node_cert.serial_number, "x"),
-                    int(node_cert.not_valid_after_utc.timestamp() * 1000),
-                    now_ms,
-                    now_ms,
-                ),
+            store.insert_meta(meta)
+            members = Members(store)
+            members.insert(
+                Member(
+                    id=node_id,
+                    kind="node",
+                    name=node_name,
+                    public_key=public_to_text(node_key.public_key()),
+                    roles=tuple(NODE_ROLES_INIT),
+                    addresses=tuple(advertise),
+                    cert_serial=format(node_cert.serial_number, "x"),
+                    cert_not_after_ms=int(node_cert.not_valid_after_utc.timestamp() * 1000),
+                    joined_ms=now_ms,
+                    token_id="",
+                    updated_ms=now_ms,
+                )
             )
-            store.execute(
-                "INSERT INTO principals (id, kind, name, public_key, roles, joined_ms, updated_ms) "
-                "VALUES (?, 'operator', ?, ?, ?, ?, ?)",
-                (
-                    operator_id,
-                    f"operator@{node_name}",
-                    public_to_text(operator_key.public_key()),
-                    json.dumps(list(OPERATOR_ROLES)),
-                    now_ms,
-                    now_ms,
-                ),
+            members.insert(
+                Member(
+                    id=operator_id,
+                    kind="operator",
+                    name=f"operator@{node_name}",
+                    public_key=public_to_text(operator_key.public_key()),
+                    roles=tuple(OPERATOR_ROLES),
+                    addresses=(),
+                    cert_serial="",
+                    cert_not_after_ms=0,
+                    joined_ms=now_ms,
+                    token_id="",
+                    updated_ms=now_ms,
+                )
             )
-            store.execute(
-                "INSERT INTO cluster_records (kind, serial, text, stored_ms) VALUES ('settings', 1, ?, ?)",
-                (settings_text, now_ms),
+            SignedRecords(store).put("settings", serial=1, text=settings_text, stored_ms=now_ms)
+            RevocationLists(store).install(
+                0,
+                sign_revocations(RevocationList.empty(cluster_id, now_ms=now_ms), root_key),
+                stored_ms=now_ms,
             )
-            store.execute(
-                "INSERT INTO revocation_lists (serial, text, stored_ms) VALUES (0, ?, ?)",
-                (
-                    sign_revocations(RevocationList.empty(cluster_id, now_ms=now_ms), root_key),
-                    now_ms,
-                ),
-            )
-            store.execute(
-                "INSERT INTO events (at_ms, node_id, kind, actor, reason, detail) VALUES (?, ?, 'cluster_created', ?, '', ?)",
-                (now_ms, node_id, operator_id, json.dumps({"cluster_name": cluster_name})),
+            EventLog(store).append(
+                at_ms=now_ms,
+                node_id=node_id,
+                kind="cluster_created",
+                actor=operator_id,
+                detail={"cluster_name": cluster_name},
             )
         write_node_config(
             data_dir,

@@ -27,13 +27,35 @@ The tree is split by whose fault it is::
     │   ├── StorageUnavailable        disk full, I/O error, read-only: retry later (HTTP 503)
     │   ├── DatabaseTooNew            the database was written by a newer Populi
     │   └── NoDataDir                 the data directory holds no node (exit 4)
-    └── (domain subtrees in their packages: enrollment.errors.EnrollmentError,
-         populi_peer.gpu.errors.ProbeError, ...)
+    └── (domain subtrees in their packages: populi_peer.gpu.errors.ProbeError, ...)
+
+``enrollment`` is a standalone package with its own tree (``enrollment.errors``): each
+error there carries a ``code``, ``details`` and a ``kind`` but no HTTP status or exit code.
+This module is the one place that translates it (:func:`translate_enrollment`, applied
+with :func:`enrollment_boundary` where Populi calls into enrollment, and by the API app
+and the CLI for whatever reaches them untranslated). Each kind answers as one branch of
+this tree::
+
+    ErrorKind.REFUSED          RefusedError      exit 4, HTTP 400
+    ErrorKind.BAD_INPUT        BadRequest        exit 4, HTTP 400
+    ErrorKind.UNAUTHENTICATED  Unauthenticated   exit 4, HTTP 401
+    ErrorKind.FORBIDDEN        Forbidden         exit 4, HTTP 403
+    ErrorKind.NOT_FOUND        NotFound          exit 4, HTTP 404
+    ErrorKind.CONFLICT         Conflict          exit 4, HTTP 409
+
+The translated error keeps the code, the message and the details, and stays an instance of
+its enrollment class: a ``TokenFieldError`` becomes an error that is both a
+``TokenFieldError`` and a ``BadRequest``, so ``except TokenError`` and ``except
+BadRequest`` both still catch it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, cast
+
+from enrollment.errors import EnrollmentError, ErrorKind
 
 
 class PopuliError(Exception):
@@ -50,10 +72,27 @@ class PopuliError(Exception):
         self.details: dict[str, Any] = details
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": str(self)}
+        body: dict[str, Any] = {"code": self.code, "message": one_line(str(self))}
         if self.details:
             body["details"] = self.details
         return body
+
+
+#: The longest error message an answer carries: messages may quote input (an id, a path),
+#: and input is not ours to size.
+MAX_MESSAGE_CHARS = 1000
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` as one bounded line: control characters (a CR LF smuggled into a path, a
+    NUL) are shown escaped, and anything past ``limit`` characters is cut with a mark."""
+    shown = "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+    if len(shown) > limit:
+        shown = shown[: limit - 1] + "…"
+    return shown
 
 
 class UsageError(PopuliError):
@@ -164,7 +203,59 @@ class NoDataDir(StoreError):
     http_status = 400
 
 
+#: The branch of this tree each kind of enrollment error answers as.
+ENROLLMENT_KINDS: Mapping[ErrorKind, type[RefusedError]] = {
+    ErrorKind.REFUSED: RefusedError,
+    ErrorKind.BAD_INPUT: BadRequest,
+    ErrorKind.UNAUTHENTICATED: Unauthenticated,
+    ErrorKind.FORBIDDEN: Forbidden,
+    ErrorKind.NOT_FOUND: NotFound,
+    ErrorKind.CONFLICT: Conflict,
+}
+
+
+_POPULI_CLASSES: dict[tuple[type[EnrollmentError], ErrorKind], type[PopuliError]] = {}
+
+
+def _populi_class(cls: type[EnrollmentError], kind: ErrorKind) -> type[PopuliError]:
+    """``cls`` as a member of this tree: a subclass of both ``cls`` and the branch of
+    ``kind``, under the same name. One class per (class, kind), made on first use."""
+    found = _POPULI_CLASSES.get((cls, kind))
+    if found is None:
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        made = cast(
+            "type[PopuliError]", type(cls.__name__, (cls, ENROLLMENT_KINDS[kind]), namespace)
+        )
+        found = _POPULI_CLASSES.setdefault((cls, kind), made)
+    return found
+
+
+def translate_enrollment(error: EnrollmentError | PopuliError) -> PopuliError:
+    """``error`` as a Populi error: same message, code and details (and fields such as
+    ``field``), the HTTP status and exit code of its kind. An error that already is one (a
+    class of Populi's that is also an enrollment error) is returned as it is."""
+    if isinstance(error, PopuliError):
+        return error
+    cls = _populi_class(type(error), error.kind)
+    translated = cls.__new__(cls, *error.args)
+    translated.__dict__.update(error.__dict__)
+    return translated
+
+
+@contextmanager
+def enrollment_boundary() -> Iterator[None]:
+    """Where Populi calls into ``enrollment``: an enrollment error raised inside leaves
+    as a Populi error (:func:`translate_enrollment`), so that every ``except PopuliError``
+    beyond it handles it as it handles any refusal."""
+    try:
+        yield
+    except EnrollmentError as exc:
+        raise translate_enrollment(exc) from exc
+
+
 __all__ = [
+    "ENROLLMENT_KINDS",
+    "MAX_MESSAGE_CHARS",
     "AgentUnavailable",
     "AlreadyRunning",
     "BadRequest",
@@ -184,4 +275,7 @@ __all__ = [
     "StoreError",
     "Unauthenticated",
     "UsageError",
+    "enrollment_boundary",
+    "one_line",
+    "translate_enrollment",
 ]

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enrollment.ca import cert_from_pem, certificate_public_key, node_certificate_info
 from enrollment.keys import load_private_key
-from populi_peer.errors import AgentUnavailable, StoreError
+from populi_peer.errors import AgentUnavailable, StoreError, enrollment_boundary
 from populi_peer.store import Store
 
 NODE_ROLES_INIT = ("submit", "voter", "worker")
@@ -111,6 +111,13 @@ class Identity:
 
 
 def load_identity(data_dir: Path, store: Store) -> Identity:
+    """The node's identity from its data directory; a certificate or key that does not
+    load is a refusal (``certificate_*``, ``key_unreadable``)."""
+    with enrollment_boundary():
+        return _load_identity(data_dir, store)
+
+
+def _load_identity(data_dir: Path, store: Store) -> Identity:
     paths = DataPaths(data_dir)
     try:
         ca_cert = cert_from_pem(paths.ca_cert.read_bytes())

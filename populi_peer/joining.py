@@ -53,9 +53,13 @@ from populi_peer.cluster import (
     write_identity_files,
     write_node_config,
 )
-from populi_peer.errors import Conflict, PeerError, PopuliError
+from populi_peer.core.membership import Member
+from populi_peer.errors import Conflict, PeerError, PopuliError, enrollment_boundary
 from populi_peer.identity import DataPaths
 from populi_peer.store import Store
+from populi_peer.store.members import Members
+from populi_peer.store.records import SignedRecords
+from populi_peer.store.revocations import RevocationLists
 
 #: ``transport_for(ca_pem)``: ``None`` asks for the unverified first-contact transport.
 TransportFactory = Callable[[str | None], httpx.AsyncBaseTransport]
@@ -281,63 +285,66 @@ async def join_cluster(
 ) -> JoinResult:
     """Join the cluster of ``token_text``; ``node_key`` (a fresh key by default) is the
     key this node will be known by."""
-    if has_cluster(data_dir):
-        if not force:
-            raise Conflict(
-                f"{data_dir} already holds a Populi node; use another --data-dir, or --force to replace it",
-                code="node_exists",
-            )
-        wipe_node_files(data_dir)
-    now_ms = int(clock.wall() * 1000)
-    # The joiner's clock is not the one that counts (the control plane checks expiry on
-    # the clock that minted the token): this pre-check allows the whole skew budget.
-    held = open_token(token_text, now_ms=now_ms, skew_ms=int(skew_s * 1000))
-    key = node_key or generate_key()
-    errors: list[str] = []
-    for address in held.token.contacts:
-        try:
-            ca_pem = await fetch_pinned_ca(
-                address, held.token.ca_pin, transports=transports, timeout_s=timeout_s
-            )
-        except CertificateError:
-            raise
-        except PopuliError as exc:
-            errors.append(f"{address}: {exc}")
-            continue
-        async with httpx.AsyncClient(transport=transports(ca_pem), timeout=timeout_s) as client:
-            contact = _Contact(client=client, address=address, ca=cert_from_pem(ca_pem))
+    # Enrollment errors leave as Populi errors (still instances of their enrollment class).
+    with enrollment_boundary():
+        if has_cluster(data_dir):
+            if not force:
+                raise Conflict(
+                    f"{data_dir} already holds a Populi node; use another --data-dir, or --force to replace it",
+                    code="node_exists",
+                )
+            wipe_node_files(data_dir)
+        now_ms = int(clock.wall() * 1000)
+        # The joiner's clock is not the one that counts (the control plane checks expiry on
+        # the clock that minted the token): this pre-check allows the whole skew budget.
+        held = open_token(token_text, now_ms=now_ms, skew_ms=int(skew_s * 1000))
+        key = node_key or generate_key()
+        errors: list[str] = []
+        for address in held.token.contacts:
             try:
-                recipient = await _identify_recipient(contact, held)
+                ca_pem = await fetch_pinned_ca(
+                    address, held.token.ca_pin, transports=transports, timeout_s=timeout_s
+                )
             except CertificateError:
                 raise
             except PopuliError as exc:
                 errors.append(f"{address}: {exc}")
                 continue
-            answer = await _enroll_at(
-                contact, held, recipient=recipient, key=key, name=name, advertise=advertise
+            async with httpx.AsyncClient(transport=transports(ca_pem), timeout=timeout_s) as client:
+                contact = _Contact(client=client, address=address, ca=cert_from_pem(ca_pem))
+                try:
+                    recipient = await _identify_recipient(contact, held)
+                except CertificateError:
+                    raise
+                except PopuliError as exc:
+                    errors.append(f"{address}: {exc}")
+                    continue
+                answer = await _enroll_at(
+                    contact, held, recipient=recipient, key=key, name=name, advertise=advertise
+                )
+            _write_data_dir(
+                data_dir,
+                key=key,
+                answer=answer,
+                ca_pem=ca_pem,
+                name=name,
+                listen=listen,
+                advertise=advertise,
+                now_ms=now_ms,
             )
-        _write_data_dir(
-            data_dir,
-            key=key,
-            answer=answer,
-            ca_pem=ca_pem,
-            name=name,
-            listen=listen,
-            advertise=advertise,
-            now_ms=now_ms,
+            return JoinResult(
+                node_id=str(answer["node_id"]),
+                name=str(answer["name"]),
+                roles=tuple(answer["roles"]),
+                cluster_id=str(answer["cluster"]["id"]),
+                cluster_name=str(answer["cluster"]["name"]),
+                control_plane_url=str(answer["control_plane"]["url"]),
+                contact=address,
+            )
+        raise PeerError(
+            "no contact address of the token answered: " + "; ".join(errors),
+            code="peer_unreachable",
         )
-        return JoinResult(
-            node_id=str(answer["node_id"]),
-            name=str(answer["name"]),
-            roles=tuple(answer["roles"]),
-            cluster_id=str(answer["cluster"]["id"]),
-            cluster_name=str(answer["cluster"]["name"]),
-            control_plane_url=str(answer["control_plane"]["url"]),
-            contact=address,
-        )
-    raise PeerError(
-        "no contact address of the token answered: " + "; ".join(errors), code="peer_unreachable"
-    )
 
 
 def _write_data_dir(
@@ -382,25 +389,23 @@ def _write_data_dir(
                 "created_ms": str(now_ms),
                 "membership_version": str(int(answer.get("membership_version", 1))),
             }
-            for k, v in meta.items():
-                store.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (k, v))
+            store.insert_meta(meta)
+            members = Members(store)
             for member in answer.get("members", []):
-                store.execute(
-                    "INSERT INTO principals (id, kind, name, public_key, roles, addresses, cert_serial, "
-                    "cert_not_after_ms, joined_ms, token_id, updated_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        member["id"],
-                        member["kind"],
-                        member["name"],
-                        member["public_key"],
-                        json.dumps(member["roles"]),
-                        json.dumps(member.get("addresses", [])),
-                        member.get("cert_serial", ""),
-                        int(member.get("cert_not_after_ms", 0)),
-                        int(member.get("joined_ms", 0)),
-                        "",
-                        int(member.get("updated_ms", 0)),
-                    ),
+                members.insert(
+                    Member(
+                        id=member["id"],
+                        kind=member["kind"],
+                        name=member["name"],
+                        public_key=member["public_key"],
+                        roles=tuple(member["roles"]),
+                        addresses=tuple(member.get("addresses", [])),
+                        cert_serial=member.get("cert_serial", ""),
+                        cert_not_after_ms=int(member.get("cert_not_after_ms", 0)),
+                        joined_ms=int(member.get("joined_ms", 0)),
+                        token_id="",
+                        updated_ms=int(member.get("updated_ms", 0)),
+                    )
                 )
             if revocations:
                 serial = verify_revocations(
@@ -408,17 +413,13 @@ def _write_data_dir(
                     cluster_key=certificate_public_key(ca),
                     cluster_id=answer["cluster"]["id"],
                 ).serial
-                store.execute(
-                    "INSERT INTO revocation_lists (serial, text, stored_ms) VALUES (?, ?, ?)",
-                    (serial, revocations, now_ms),
-                )
+                RevocationLists(store).install(serial, revocations, stored_ms=now_ms)
             if answer.get("settings_record"):
                 from enrollment.records import verify_record
 
                 record = verify_record(answer["settings_record"], expected_kind="settings")
-                store.execute(
-                    "INSERT INTO cluster_records (kind, serial, text, stored_ms) VALUES ('settings', ?, ?, ?)",
-                    (record.serial, record.text, now_ms),
+                SignedRecords(store).put(
+                    "settings", serial=record.serial, text=record.text, stored_ms=now_ms
                 )
         write_node_config(data_dir, name=name, listen=listen, advertise=advertise)
     except BaseException:

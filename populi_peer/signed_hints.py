@@ -19,19 +19,21 @@ from enrollment.hints import sign_hint, verify_hint
 from populi_peer.core.gossip import Verify
 from populi_peer.core.hints import HintBody, HintRecord
 from populi_peer.core.hlc import Hlc
+from populi_peer.errors import enrollment_boundary
 
 
 def sign_hint_record(
     key: Ed25519PrivateKey, *, version: Hlc, issued_ms: int, body: HintBody
 ) -> HintRecord:
     """Sign ``body`` as this node's hint at ``version`` (persist ``version`` first)."""
-    text = sign_hint(
-        key=key,
-        version_wall_ms=version.wall_ms,
-        version_counter=version.counter,
-        issued_ms=issued_ms,
-        body=body.to_json(),
-    )
+    with enrollment_boundary():
+        text = sign_hint(
+            key=key,
+            version_wall_ms=version.wall_ms,
+            version_counter=version.counter,
+            issued_ms=issued_ms,
+            body=body.to_json(),
+        )
     return hint_verifier(lambda _node: key.public_key())(text)
 
 
@@ -40,7 +42,8 @@ def hint_verifier(resolve_key: Callable[[str], Ed25519PublicKey | None]) -> Veri
     error with a ``hint_*`` code."""
 
     def verify(text: str) -> HintRecord:
-        signed = verify_hint(text, resolve_key=resolve_key)
+        with enrollment_boundary():
+            signed = verify_hint(text, resolve_key=resolve_key)
         return HintRecord.from_signed(
             node_id=signed.node_id,
             version_wall_ms=signed.version_wall_ms,

@@ -5,12 +5,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import trio
 
 from populi_peer.agent.agent import Agent
 from populi_peer.cluster import InitResult, init_cluster
-from populi_peer.config import Config
 from populi_peer.testing import VirtualClock
+from populi_peer.testing.clock import require_mock_clock
+from populi_peer.testing.cluster import open_virtual_agent
 
 
 @pytest.fixture
@@ -29,22 +29,13 @@ def cluster_dir(tmp_path: Path) -> tuple[Path, InitResult]:
 
 
 @pytest.fixture
-async def virtual_agent(
-    cluster_dir: tuple[Path, InitResult], autojump_clock: trio.testing.MockClock
-) -> AsyncIterator[Agent]:
-    data_dir, _ = cluster_dir
-    agent = Agent(
-        data_dir=data_dir,
-        config=Config(),
-        clock=VirtualClock(),
-        serve=False,
-        url="https://cp.virtual",
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
+async def virtual_agent(cluster_dir: tuple[Path, InitResult]) -> AsyncIterator[Agent]:
+    """The agent of ``cluster_dir``, running on virtual time. The test itself must name
+    ``autojump_clock`` (pytest-trio ignores a clock a fixture asks for); this fixture
+    raises ``NotVirtualTime`` when it did not."""
+    require_mock_clock("the virtual_agent fixture")
+    async with open_virtual_agent(cluster_dir[0], url="https://cp.virtual") as agent:
         yield agent
-        agent.request_stop()
-        await agent.stopped.wait()
 
 
 @pytest.fixture

@@ -19,10 +19,21 @@ EXPECTED = {
         "Route",
     ],
     "populi_peer.agent": ["Agent", "build_agent"],
+    "populi_peer.store": [
+        "DB_FILE_NAME",
+        "MIGRATIONS",
+        "NONCE_PRUNE_INTERVAL_S",
+        "SCHEMA_VERSION",
+        "RequestNonce",
+        "Store",
+        "bind_request_nonce",
+        "file_error",
+        "store_error",
+    ],
     "populi_peer.testing": ["Faults", "MemoryNetwork", "VirtualClock"],
     "populi_peer.cli": ["main"],
     "populi_peer.core": [],
-    "enrollment": ["EnrollmentError"],
+    "enrollment": ["EnrollmentError", "ErrorKind"],
 }
 
 

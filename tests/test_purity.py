@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = sorted((ROOT / "populi_peer" / "core").glob("*.py")) + [
+PURE = sorted((ROOT / "populi_peer" / "core").rglob("*.py")) + [
     ROOT / "enrollment" / name
     for name in (
         "canonical.py",

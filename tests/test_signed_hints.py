@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import trio
 from gpu import gpu_variants as v
 
 from enrollment.hints import MAX_HINT_CHARS
@@ -18,7 +19,9 @@ from populi_peer.testing import VirtualClock
 NOW = 1_700_000_000_000
 
 
-async def test_an_eight_gpu_hint_fits_the_bounds_and_reads_back(tmp_path: Path) -> None:
+async def test_an_eight_gpu_hint_fits_the_bounds_and_reads_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     path = v.write(tmp_path, v.eight_gpus(v.capture(v.LOAD)))
     async with open_probe(fixture=path, node_id="n-x", clock=VirtualClock()) as probe:
         inventory = await probe.probe()

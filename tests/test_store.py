@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from populi_peer.errors import DatabaseTooNew, StorageUnavailable, StoreError
-from populi_peer.store import SCHEMA_VERSION, Store
+from populi_peer.errors import DatabaseTooNew, StorageUnavailable, StoreError, Unauthenticated
+from populi_peer.store import NONCE_PRUNE_INTERVAL_S, SCHEMA_VERSION, Store, bind_request_nonce
 from support.disk import fill, small_tmpfs
 
 
@@ -141,3 +141,59 @@ def test_a_full_disk_fails_the_write_whole_and_the_store_carries_on(tmp_path: Pa
         reopened = Store.open(mount / "d")
         assert len(events_rows(reopened)) == 21  # and it was durable
         reopened.close()
+
+
+def test_a_request_nonce_rides_on_its_first_commit_only(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, create=True)
+    binding = store.request_nonce("op-1", "nonce-a", expires_s=1_000_300, now_s=1_000_000)
+    with bind_request_nonce(binding):
+        store.set_meta("a", "1")
+        store.set_meta("b", "2")  # a second commit of the same request: no second row
+    assert binding.recorded
+    rows = store.execute("SELECT signer, nonce, expires_s FROM request_nonces").fetchall()
+    assert [tuple(r) for r in rows] == [("op-1", "nonce-a", 1_000_301)]
+    assert store.nonce_used("op-1", "nonce-a") and not store.nonce_used("op-2", "nonce-a")
+    # Without a bound request (a background write), commits carry no nonce.
+    store.set_meta("c", "3")
+    assert store.execute("SELECT COUNT(*) FROM request_nonces").fetchone()[0] == 1
+    store.close()
+
+
+def test_a_replayed_nonce_rolls_its_transaction_back(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, create=True)
+    with bind_request_nonce(store.request_nonce("op-1", "n", expires_s=300, now_s=0)):
+        store.set_meta("token", "first")
+    replay = store.request_nonce("op-1", "n", expires_s=300, now_s=1)
+    with bind_request_nonce(replay), pytest.raises(Unauthenticated) as info:
+        store.set_meta("token", "second")
+    assert info.value.code == "signature_replayed" and info.value.http_status == 401
+    # Refused again for any later commit of the same request; nothing was written.
+    with bind_request_nonce(replay), pytest.raises(Unauthenticated):
+        store.set_meta("other", "x")
+    assert store.get_meta("token") == "first" and store.get_meta("other") is None
+    store.close()
+
+
+def test_a_nonce_binds_to_its_own_store_only(tmp_path: Path) -> None:
+    one = Store.open(tmp_path / "one", create=True)
+    two = Store.open(tmp_path / "two", create=True)
+    with bind_request_nonce(one.request_nonce("op-1", "n", expires_s=300, now_s=0)):
+        two.set_meta("a", "1")
+        with bind_request_nonce(None):  # an unsigned request handled inside: no nonce
+            one.set_meta("a", "1")
+    assert two.execute("SELECT COUNT(*) FROM request_nonces").fetchone()[0] == 0
+    assert one.execute("SELECT COUNT(*) FROM request_nonces").fetchone()[0] == 0
+    one.close()
+    two.close()
+
+
+def test_expired_nonces_are_pruned_in_a_later_commit(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, create=True)
+    with bind_request_nonce(store.request_nonce("op-1", "old", expires_s=1_000, now_s=700)):
+        store.set_meta("a", "1")
+    # A request received after the first one's skew window closed (and a minute on).
+    later = 1_000 + NONCE_PRUNE_INTERVAL_S + 1
+    with bind_request_nonce(store.request_nonce("op-1", "new", expires_s=later + 300, now_s=later)):
+        store.set_meta("b", "1")
+    assert not store.nonce_used("op-1", "old") and store.nonce_used("op-1", "new")
+    store.close()

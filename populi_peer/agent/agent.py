@@ -9,7 +9,6 @@ hope. Feature services plug in through the ``on_*`` hooks and ``heartbeat_*`` ex
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -36,12 +35,15 @@ from populi_peer.agent.health import RETRIED, Health
 from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.leases import LeaseService
+from populi_peer.agent.links import UNKNOWN_SIGNER_ATTEMPTS, ControlPlaneLink, PeerLink
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import NodeAdmin, leave_sequence
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
+from populi_peer.agent.settings_sync import SettingsSync
+from populi_peer.agent.standing import Standing
 from populi_peer.agent.submitter import Submitter
 from populi_peer.agent.worker import Worker
 from populi_peer.api.app import ANY_MEMBER, ApiApp, Request, Route
@@ -51,11 +53,15 @@ from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
 from populi_peer.core.registers import RegisterWrite
+from populi_peer.core.settings import remote_refusal
 from populi_peer.datadir_lock import DataDirLock
-from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError
+from populi_peer.errors import BadRequest, ConfigError, PopuliError, enrollment_boundary
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
+from populi_peer.store.attempts import Attempts
+from populi_peer.store.events import EventLog
+from populi_peer.store.inbox import InboxMessages
 
 OPERATOR = frozenset({"operator"})
 
@@ -80,6 +86,7 @@ class Agent:
         # One agent per data directory, before anything is opened (datadir_lock).
         self.data_dir_lock = DataDirLock.acquire(data_dir)
         self.store = Store.open(data_dir)
+        self.events = EventLog(self.store)
         # Writes the storage cannot take make the node degraded until one succeeds.
         self.health = Health(clock)
         self.store.write_listener = self.health.storage_result
@@ -99,6 +106,24 @@ class Agent:
         self.network = network or TlsNetwork(
             self.identity.paths.ca_cert, revoked=self.revocations.is_certificate_revoked
         )
+        self.peers = PeerClient(
+            credential=self.identity.node_credential,
+            clock=clock,
+            transport=self.network.transport_for(self.node_id),
+            timeout_s=config.api.request_timeout_s,
+            # Every call names the node it means to reach; a revoked one is never called,
+            # and no other node's answer is taken (docs/adr/0009).
+            is_revoked=self.is_revoked,
+        )
+        self.control_plane = ControlPlaneLink(
+            node_id=self.node_id, store=self.store, client=self.peers
+        )
+        self.peer_link = PeerLink(
+            node_id=self.node_id,
+            membership=self.membership,
+            control_plane=self.control_plane,
+            client=self.peers,
+        )
         self.started_mono: float | None = None
         self.url = url or self._configured_url()
         self.leaving = False
@@ -115,28 +140,38 @@ class Agent:
         self.worker = Worker(self, self.runner)
         self.submitter = Submitter(self)
         self.gpu = GpuService(self)
+        self.standing = Standing(
+            node_id=self.node_id,
+            node_name=self.identity.node_name,
+            clock=clock,
+            revocations=self.revocations,
+            membership=self.membership,
+            registry=self.registry,
+        )
+        self.settings_sync = SettingsSync(
+            node_id=self.node_id,
+            records=self.records,
+            membership=self.membership,
+            registry=self.registry,
+            peers=lambda: self.peers,
+            control_plane=lambda: (self.control_plane_url, self.control_plane_id),
+            timeout_s=config.api.request_timeout_s,
+        )
         self.authenticator = Authenticator(
             node_id=self.node_id,
             clock=clock,
             skew_s=config.security.max_skew_s,
             lookup=self.lookup_principal,
-            is_revoked=self.is_revoked,
+            is_revoked=self._refuses_signer,
             replay_max_entries=config.security.replay_cache_max_entries,
+            nonces=self.store,
+            retired=self.standing.notice_for,
         )
         self.app = ApiApp(
             routes=self._routes(),
             authenticator=self.authenticator,
             clock=clock,
             max_body_bytes=config.api.max_body_bytes,
-        )
-        self.peers = PeerClient(
-            credential=self.identity.node_credential,
-            clock=clock,
-            transport=self.network.transport_for(self.node_id),
-            timeout_s=config.api.request_timeout_s,
-            # Every call names the node it means to reach; a revoked one is never called,
-            # and no other node's answer is taken (docs/adr/0009).
-            is_revoked=self.is_revoked,
         )
         self._stop = trio.Event()
         self._server_stop = trio.Event()
@@ -169,19 +204,19 @@ class Agent:
 
     @property
     def term(self) -> int:
-        return int(self.store.get_meta("term", "1") or "1")
+        return self.control_plane.term
 
     @property
     def control_plane_id(self) -> str:
-        return self.store.require_meta("control_plane_id")
+        return self.control_plane.id
 
     @property
     def control_plane_url(self) -> str:
-        return self.store.require_meta("control_plane_url")
+        return self.control_plane.url
 
     @property
     def is_control_plane(self) -> bool:
-        return self.control_plane_id == self.node_id
+        return self.control_plane.is_self
 
     def self_addresses(self) -> list[str]:
         address = self.url.removeprefix("https://")
@@ -190,6 +225,11 @@ class Agent:
 
     def is_revoked(self, principal_id: str) -> bool:
         return self.revocations.is_revoked(principal_id)
+
+    def _refuses_signer(self, principal_id: str) -> bool:
+        # This node's own key is always good at its own agent: the CLI here signs with it,
+        # and a retired node's operator must still read its status.
+        return principal_id != self.node_id and self.is_revoked(principal_id)
 
     def lookup_principal(self, principal_id: str) -> Principal | None:
         """The signer of a request, unless unknown, retired or its certificate expired."""
@@ -210,12 +250,7 @@ class Agent:
         return principal
 
     def require_control_plane(self) -> None:
-        if not self.is_control_plane:
-            raise Conflict(
-                f"this node is not the control plane (term {self.term}); ask {self.control_plane_url}",
-                code="not_control_plane",
-                control_plane_url=self.control_plane_url,
-            )
+        self.control_plane.require_self()
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -229,6 +264,7 @@ class Agent:
             *self.worker.routes(),
             *self.submitter.routes(),
             *self.gpu.routes(),
+            *self.settings_sync.routes(),
             Route("GET", "/v1/populi/health", self._health, roles=None, name="health"),
             Route("GET", "/v1/populi/status", self._status, roles=ANY_MEMBER, name="status"),
             Route(
@@ -275,6 +311,7 @@ class Agent:
                 else (sender.beats > 0 and not sender.cp_down),
             },
             "lifecycle": self.own_lifecycle(),
+            "standing": self.standing.json(),
             "cert_not_after_ms": int(self.identity.cert_not_after_s * 1000),
             "revocation_serial": self.revocations.serial,
             "health": self.health.to_json(),
@@ -284,7 +321,7 @@ class Agent:
         if self.is_control_plane:
             lc = self.registry.lifecycle(self.node_id)
             return None if lc is None else lc.to_json()
-        return self.heartbeat_sender.lifecycle
+        return self.standing.refused_lifecycle or self.heartbeat_sender.lifecycle
 
     async def _status(self, request: Request) -> dict[str, Any]:
         return self.status_json()
@@ -317,7 +354,9 @@ class Agent:
             actor=request.caller.id,
             detail={"changes": changes, "serial": record.serial},
         )
-        return {"settings": self.records.settings_json(), "term": self.term}
+        # Every node at once, not at its next heartbeat; the answer says who did not confirm.
+        push = await self.settings_sync.push()
+        return {"settings": self.records.settings_json(), "term": self.term, "push": push}
 
     # -- events ---------------------------------------------------------------------------
 
@@ -330,44 +369,22 @@ class Agent:
         reason: str = "",
         detail: dict[str, Any] | None = None,
     ) -> None:
-        with self.store.transaction():
-            self.store.execute(
-                "INSERT INTO events (at_ms, node_id, kind, actor, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    int(self.clock.wall() * 1000),
-                    node_id,
-                    kind,
-                    actor,
-                    reason,
-                    json.dumps(detail or {}, sort_keys=True, default=str),
-                ),
-            )
+        self.events.append(
+            at_ms=int(self.clock.wall() * 1000),
+            node_id=node_id,
+            kind=kind,
+            actor=actor,
+            reason=reason,
+            detail=detail,
+        )
 
     # -- membership sync (non-control-plane nodes) ------------------------------------------
 
     async def sync_members(self) -> None:
-        answer = await self.peers.call(
-            url=self.control_plane_url,
-            node_id=self.control_plane_id,
-            method="GET",
-            path="/v1/populi/members",
-        )
-        members = [Member.from_json(m) for m in answer.get("members", [])]
-        if not any(m.id == self.node_id for m in members):
-            log(self.logger, logging.WARNING, "this node is not in the control plane's membership")
-        self.membership.replace_all(members, int(answer.get("version", 0)))
+        await self.peer_link.sync_members()
 
     async def peer_member(self, node_id: str) -> Member | None:
-        """A node's member record with an address; refreshes membership from the control
-        plane once if this node has not heard of it yet (it may have joined a moment ago)."""
-        member = self.membership.get(node_id)
-        if (member is None or not member.addresses) and not self.is_control_plane:
-            try:
-                await self.sync_members()
-            except PopuliError as exc:
-                log(self.logger, logging.INFO, "membership refresh failed", error=str(exc))
-            member = self.membership.get(node_id)
-        return member if member is not None and member.addresses else None
+        return await self.peer_link.member(node_id)
 
     async def call_member(
         self,
@@ -376,25 +393,9 @@ class Agent:
         path: str,
         payload: dict[str, Any] | None = None,
         *,
-        attempts: int = 5,
+        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
     ) -> dict[str, Any]:
-        """Call another node. A peer that does not know us yet (we joined after its last
-        membership refresh: 401 ``unknown_signer``) learns of us within a heartbeat, so
-        that refusal is retried a few times before it counts."""
-        for attempt in range(attempts):
-            try:
-                return await self.peers.call(
-                    url=f"https://{member.addresses[0]}",
-                    node_id=member.id,
-                    method=method,
-                    path=path,
-                    payload=payload,
-                )
-            except PopuliError as exc:
-                if exc.code != "unknown_signer" or attempt == attempts - 1:
-                    raise
-                await trio.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self.peer_link.call(member, method, path, payload, attempts=attempts)
 
     # -- hooks for features (overridden / extended as they land) ----------------------------
 
@@ -450,13 +451,12 @@ class Agent:
         return self.worker.own_pids()
 
     def remote_enabled(self) -> bool:
-        """Remote execution is on in this node's config and cluster settings, and the
-        kill switch is off."""
-        settings = self.records.settings
+        """Remote execution is on in this node's config and cluster settings, the kill
+        switch is off, and this node is still a member (not retired)."""
         return bool(
             self.config.exec.remote
-            and settings["remote_exec_enabled"]
-            and not settings["kill_switch"]
+            and remote_refusal(self.records.settings) is None
+            and not self.standing.out
         )
 
     def policy_gates(self) -> frozenset[tuple[str, str]]:
@@ -490,6 +490,10 @@ class Agent:
     # -- certificate renewal --------------------------------------------------------------
 
     async def renew_certificate(self) -> None:
+        with enrollment_boundary():
+            await self._renew_certificate()
+
+    async def _renew_certificate(self) -> None:
         if self.is_control_plane:
             member = self.membership.get(self.node_id)
             if member is None:
@@ -523,17 +527,10 @@ class Agent:
         import shutil
 
         cutoff_ms = int((self.clock.wall() - self.config.exec.retain_finished_s) * 1000)
-        with self.store.transaction():
-            messages = self.store.execute(
-                "DELETE FROM inbox WHERE received_ms < ?", (cutoff_ms,)
-            ).rowcount
+        messages = InboxMessages(self.store).prune(before_ms=cutoff_ms)
         dirs = 0
-        rows = self.store.execute(
-            "SELECT * FROM attempts WHERE state = 'finished' AND updated_ms < ? AND (role = 'local' OR delivered_ms IS NOT NULL)",
-            (cutoff_ms,),
-        ).fetchall()
-        for row in rows:
-            task_dir = self.runner.task_dir(AttemptPlan.from_json(json.loads(row["body"])))
+        for row in Attempts(self.store).finished_before(cutoff_ms):
+            task_dir = self.runner.task_dir(AttemptPlan.from_json(row.body))
             if task_dir.exists() and not self.executor.leftovers(task_dir):
                 shutil.rmtree(task_dir, ignore_errors=True)
                 dirs += 1
@@ -709,8 +706,7 @@ class Agent:
             self.membership.upsert(
                 replace(member, addresses=addresses, updated_ms=int(self.clock.wall() * 1000))
             )
-        if self.is_control_plane and self.control_plane_url != self.url:
-            self.store.set_meta("control_plane_url", self.url)
+        self.control_plane.publish_url(self.url)
 
 
 __all__ = ["Agent"]

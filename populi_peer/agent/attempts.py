@@ -23,7 +23,6 @@ lease re-adopts its supervisors (``resume``) and one that cannot kills what it r
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from populi_peer.errors import PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import get_logger, log
 from populi_peer.store import file_error
+from populi_peer.store.attempts import AttemptRecord, Attempts
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 #: Kept of each stream in a result message (the rest stays on the worker).
 RESULT_TAIL_BYTES = 64 * 1024
+#: Refusals of a pre-start renewal that mean "remote execution is off now".
+REMOTE_OFF_REASONS = frozenset({"remote_disabled", "kill_switch"})
 #: Deadline of an attempt with no lease to renew (a local run without GPUs): effectively
 #: none; ``--timeout`` and cancel stop it.
 NO_LEASE_DEADLINE_S = 10 * 365 * 86400.0
@@ -113,6 +115,7 @@ class Running:
 class AttemptRunner:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.attempts = Attempts(agent.store)
         self.logger = get_logger("attempts")
         self.running: dict[tuple[str, int, str], Running] = {}
 
@@ -132,22 +135,17 @@ class AttemptRunner:
         now_ms = int(self.agent.clock.wall() * 1000)
         body = {**plan.to_json(), **(extra or {})}
         with self.agent.store.transaction():
-            self.agent.store.execute(
-                "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, updated_ms) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, attempt, role) DO UPDATE SET "
-                "state=excluded.state, body=excluded.body, result=COALESCE(excluded.result, attempts.result), updated_ms=excluded.updated_ms",
-                (
-                    plan.task_id,
-                    plan.attempt,
-                    plan.role,
-                    plan.submitter,
-                    plan.token,
-                    plan.lease_id,
-                    state,
-                    json.dumps(body, sort_keys=True),
-                    None if result is None else json.dumps(result, sort_keys=True),
-                    now_ms,
-                ),
+            self.attempts.save(
+                task_id=plan.task_id,
+                attempt=plan.attempt,
+                role=plan.role,
+                submitter=plan.submitter,
+                token=plan.token,
+                lease_id=plan.lease_id,
+                state=state,
+                body=body,
+                result=result,
+                now_ms=now_ms,
             )
 
     async def save_durably(
@@ -169,11 +167,8 @@ class AttemptRunner:
 
         await retrying(self.agent.health, _component(plan), step)
 
-    def row(self, task_id: str, attempt: int, role: str) -> Any:
-        return self.agent.store.execute(
-            "SELECT * FROM attempts WHERE task_id = ? AND attempt = ? AND role = ?",
-            (task_id, attempt, role),
-        ).fetchone()
+    def row(self, task_id: str, attempt: int, role: str) -> AttemptRecord | None:
+        return self.attempts.get(task_id, attempt, role)
 
     # -- control plane calls --------------------------------------------------------------
 
@@ -191,12 +186,16 @@ class AttemptRunner:
             timeout_s=renew_timeout_s(ttl_s or 6.0),
         )
 
-    async def renew(self, plan: AttemptPlan) -> float:
-        """Renew; returns the new local deadline (boot clock, from when the request was sent)."""
+    async def renew(self, plan: AttemptPlan, *, before_start: bool = False) -> float:
+        """Renew; returns the new local deadline (boot clock, from when the request was sent).
+        ``before_start``: the renewal that proves the lease before the task starts (the
+        control plane checks the cluster settings again for it)."""
         assert plan.lease_id is not None and plan.ttl_s is not None
         sent_boot = self.agent.clock.boot()
         answer = await self._cp(
-            f"/v1/populi/exec/leases/{plan.lease_id}/renew", {}, ttl_s=plan.ttl_s
+            f"/v1/populi/exec/leases/{plan.lease_id}/renew",
+            {"before_start": True} if before_start else {},
+            ttl_s=plan.ttl_s,
         )
         lease = answer.get("lease") or {}
         # The control plane's lease is the authority: it must be the one this attempt was
@@ -283,7 +282,7 @@ class AttemptRunner:
         deadline = agent.clock.boot() + NO_LEASE_DEADLINE_S
         if plan.renewable:
             try:
-                deadline = await self.renew(plan)
+                deadline = await self.renew(plan, before_start=True)
             except PopuliError as exc:
                 # Not proved: never start (safety rule 3).
                 log(
@@ -294,9 +293,15 @@ class AttemptRunner:
                     attempt=plan.attempt,
                     error=str(exc),
                 )
-                return await self._finish(
+                reasons = exc.details.get("reasons") or ()
+                result = await self._finish(
                     plan, outcome="lease_lost", started_ms=started_ms, detail=exc.code
                 )
+                if REMOTE_OFF_REASONS & set(reasons):
+                    # The settings forbid remote work now and nothing ran: give the lease
+                    # back so that the submitter need not wait for it to expire.
+                    await self.release(plan, "stopped")
+                return result
         task_dir = self.task_dir(plan)
         try:
             try:
@@ -572,11 +577,8 @@ class AttemptRunner:
         to_resume: list[tuple[AttemptPlan, Any]] = []
         to_start: list[AttemptPlan] = []
         executor = self.agent.executor
-        rows = self.agent.store.execute(
-            "SELECT * FROM attempts WHERE role = ? AND state IN ('accepted', 'running')", (role,)
-        ).fetchall()
-        for row in rows:
-            body = json.loads(row["body"])
+        for row in self.attempts.unfinished(role):
+            body = row.body
             plan = AttemptPlan.from_json(body)
             task_dir = self.task_dir(plan)
             execution = executor.adopt(task_dir) if task_dir.exists() else None
@@ -585,7 +587,7 @@ class AttemptRunner:
                 continue
             state = read_state(task_dir) if task_dir.exists() else None
             launched = (task_dir / "spec.json").exists()
-            if row["state"] == "accepted" and not launched:
+            if row.state == "accepted" and not launched:
                 to_start.append(plan)
                 continue
             if state is None and launched:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from enrollment.ca import cert_from_pem, cert_to_pem, make_node_certificate
 from enrollment.canonical import b64url_encode
-from enrollment.errors import TokenError
+from enrollment.errors import ErrorKind, TokenError
 from enrollment.keys import node_id_for, public_from_text, public_to_text
 from enrollment.revocation import RevokedNode, revoke_node, unblock_name
 from enrollment.tokens import (
@@ -43,7 +43,6 @@ from enrollment.tokens import (
     validate_node_name,
     verify_join,
 )
-from populi_peer.agent.join_store import JoinTokens
 from populi_peer.agent.membership import Member
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.core.ratelimit import RateLimiter
@@ -57,6 +56,7 @@ from populi_peer.errors import (
     StoreError,
 )
 from populi_peer.log import get_logger, log
+from populi_peer.store.tokens import JoinTokenRecord, JoinTokens
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
@@ -69,7 +69,10 @@ MAX_CHALLENGES = 10_000
 
 
 class TokenUsed(TokenError, Conflict):
+    """Both an enrollment :class:`TokenError` and a Populi :class:`Conflict` (HTTP 409)."""
+
     code = "token_already_used"
+    kind = ErrorKind.CONFLICT
     http_status = 409
 
 
@@ -431,11 +434,11 @@ class Enrollment:
 
     def _check_unused(self, token: JoinToken, envelope: str) -> None:
         row = self.tokens.get(token.token_id)
-        if row is None or row["digest"] != token_digest(envelope):
+        if row is None or row.digest != token_digest(envelope):
             raise Forbidden("this token was not issued by this control plane", code="token_unknown")
-        if row["revoked_ms"] is not None:
+        if row.revoked_ms is not None:
             raise Forbidden("this token was revoked", code="token_revoked")
-        if row["uses_left"] <= 0:
+        if row.uses_left <= 0:
             raise TokenUsed("token already used", code="token_already_used")
 
     def _join_answer(self, member: Member, certificate: str) -> dict[str, Any]:
@@ -522,37 +525,35 @@ class Enrollment:
         )
         return {"token": text, "summary": self._token_row_json(self._token_row(token.token_id))}
 
-    def _token_row(self, token_id: str) -> Any:
+    def _token_row(self, token_id: str) -> JoinTokenRecord:
         row = self.tokens.get(token_id)
         if row is None:
             raise NotFound(f"no join token {token_id}", code="unknown_token")
         return row
 
-    def _token_row_json(self, row: Any) -> dict[str, Any]:
-        import json
-
+    def _token_row_json(self, row: JoinTokenRecord) -> dict[str, Any]:
         now_ms = self._now_ms()
-        if row["revoked_ms"] is not None:
+        if row.revoked_ms is not None:
             state = "revoked"
-        elif row["uses_left"] <= 0:
+        elif row.uses_left <= 0:
             state = "used"
-        elif row["expires_ms"] <= now_ms:
+        elif row.expires_ms <= now_ms:
             state = "expired"
         else:
             state = "active"
         return {
-            "token_id": row["token_id"],
+            "token_id": row.token_id,
             "state": state,
-            "roles": json.loads(row["roles"]),
-            "name": row["name"],
-            "uses_total": row["uses_total"],
-            "uses_left": row["uses_left"],
-            "used_by": self.tokens.used_by(row["token_id"]),
-            "not_before_ms": row["not_before_ms"],
-            "expires_ms": row["expires_ms"],
-            "created_ms": row["created_ms"],
-            "created_by": row["created_by"],
-            "revoked_ms": row["revoked_ms"],
+            "roles": list(row.roles),
+            "name": row.name,
+            "uses_total": row.uses_total,
+            "uses_left": row.uses_left,
+            "used_by": self.tokens.used_by(row.token_id),
+            "not_before_ms": row.not_before_ms,
+            "expires_ms": row.expires_ms,
+            "created_ms": row.created_ms,
+            "created_by": row.created_by,
+            "revoked_ms": row.revoked_ms,
         }
 
     async def _token_list(self, request: Request) -> dict[str, Any]:
@@ -563,7 +564,7 @@ class Enrollment:
         self._require_cp()
         token_id = request.path_params["token_id"]
         row = self._token_row(token_id)
-        if row["revoked_ms"] is None:
+        if row.revoked_ms is None:
             with self.agent.store.transaction():
                 self.tokens.revoke(token_id, now_ms=self._now_ms())
                 self.agent.record_event(

@@ -210,50 +210,6 @@ class GpuService:
         if changed and self.inventory is not None:
             self._install(self.inventory)
 
-    def check_summary(self, summary: Any) -> None:
-        """Refuse a heartbeat GPU summary this control plane could not read safely later
-        (unknown extra fields are fine: protocol rule)."""
-
-        def bad(what: str) -> BadRequest:
-            return BadRequest(f"heartbeat 'gpu': {what}", code="bad_gpu_summary")
-
-        if not isinstance(summary, dict):
-            raise bad("must be an object")
-        version = summary.get("facts_version")
-        if version is not None and (not isinstance(version, str) or len(version) > 64):
-            raise bad("'facts_version' must be a short string")
-        for part in ("static", "metrics"):
-            section = summary.get(part)
-            if section is None:
-                continue
-            if not isinstance(section, dict):
-                raise bad(f"'{part}' must be an object")
-            devices = section.get("devices", [])
-            if not isinstance(devices, list) or len(devices) > 256:
-                raise bad(f"'{part}.devices' must be a list of at most 256 devices")
-            for device in devices:
-                if (
-                    not isinstance(device, dict)
-                    or isinstance(device.get("index"), bool)
-                    or not isinstance(device.get("index"), int)
-                ):
-                    raise bad(f"every '{part}' device needs an integer 'index'")
-                uuid = device.get("uuid")
-                if uuid is not None and (not isinstance(uuid, str) or not 0 < len(uuid) <= 128):
-                    raise bad(f"'{part}' device uuid must be a string")
-                for key in ("health_reasons", "allocation_reasons"):
-                    if key in device and not (
-                        isinstance(device[key], list)
-                        and all(isinstance(r, str) for r in device[key])
-                    ):
-                        raise bad(f"'{key}' must be a list of strings")
-            advertised = section.get("advertised_devices", [])
-            if not isinstance(advertised, list) or not all(isinstance(a, dict) for a in advertised):
-                raise bad("'advertised_devices' must be a list of objects")
-            labels = section.get("advertised", {})
-            if not isinstance(labels, dict):
-                raise bad("'advertised' must be an object")
-
     def _hold(self, node_id: str, summary: dict[str, Any]) -> None:
         entry = self.nodes.setdefault(node_id, NodeGpus())
         version = summary.get("facts_version")

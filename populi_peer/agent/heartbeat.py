@@ -12,6 +12,13 @@ Receiver (control plane): arrival times live in memory on the monotonic clock, s
 staleness is derived when read (``heartbeat_age_ms``), never stored; after a restart every
 node reads ``heartbeat_never`` until its next heartbeat. The path scope of a node is derived
 from the address its heartbeat came from.
+
+Both ends speak typed messages (:mod:`populi_peer.core.messages.heartbeat`): the sender
+builds a :class:`HeartbeatReport` and parses the answer as a :class:`HeartbeatAnswer` (a
+malformed answer is a ``bad_peer_answer`` error for that beat, like an unreachable control
+plane); the route parses the report before the handler runs and writes the typed answer.
+The agent's hooks (``heartbeat_report``, ``on_heartbeat``, ``heartbeat_answer_extras``,
+``on_heartbeat_answer``) still take and give the wire form, until they are converted too.
 """
 
 from __future__ import annotations
@@ -30,6 +37,14 @@ from populi_peer.agent.membership import Member
 from populi_peer.api.app import Request, Route
 from populi_peer.config import parse_host_port
 from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
+from populi_peer.core.messages import (
+    ControlPlaneRef,
+    GpuHeartbeatSummary,
+    HeartbeatAnswer,
+    HeartbeatReport,
+    HeldLease,
+)
+from populi_peer.core.messages.heartbeat import HeartbeatStatus
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
@@ -48,7 +63,7 @@ class Seen:
     address: str | None
     scope: Scope
     status: str
-    report: dict[str, Any]
+    report: HeartbeatReport
 
 
 def scope_of(agent: Agent, address: str | None) -> Scope:
@@ -92,7 +107,13 @@ class HeartbeatReceiver:
     def routes(self) -> list[Route]:
         return [
             Route(
-                "POST", "/v1/populi/heartbeat", self._heartbeat, roles=NODE_ROLES, name="heartbeat"
+                "POST",
+                "/v1/populi/heartbeat",
+                self._heartbeat,
+                roles=NODE_ROLES,
+                name="heartbeat",
+                request=HeartbeatReport,
+                answer=HeartbeatAnswer,
             )
         ]
 
@@ -102,7 +123,7 @@ class HeartbeatReceiver:
 
     def note_self(self) -> None:
         self.seen[self.agent.node_id] = Seen(
-            self.agent.clock.mono(), "127.0.0.1", "local", "running", self.agent.heartbeat_report()
+            self.agent.clock.mono(), "127.0.0.1", "local", "running", build_report(self.agent)
         )
 
     def age_ms(self, node_id: str) -> int | None:
@@ -115,29 +136,26 @@ class HeartbeatReceiver:
         _, stale_after = self.timings(scope)
         return is_stale(self.age_ms(node_id), int(stale_after * 1000))
 
-    async def _heartbeat(self, request: Request) -> dict[str, Any]:
+    async def _heartbeat(self, request: Request) -> HeartbeatAnswer:
         agent = self.agent
         agent.require_control_plane()
         caller = request.caller
         member = agent.membership.get(caller.id)
         if member is None or member.kind != "node":
             raise Forbidden("heartbeats come from nodes", code="not_a_node")
-        body = request.json()
-        report = self._validate(body)
+        report = request.message(HeartbeatReport)
+        _check_addresses(report.addresses)
         address = request.client[0] if request.client else None
         scope = scope_of(agent, address)
-        writes = [RegisterWrite.from_json(raw) for raw in report["registers"]]
-        for write in writes:  # everything is checked before anything is applied
+        for write in report.registers:  # everything is checked before anything is applied
             if write.node_id != caller.id or write.writer_class != "self":
                 raise Forbidden(
                     "a node may only send registers about itself, as itself",
                     code="writer_not_allowed",
                 )
-        if "gpu" in report:
-            agent.gpu.check_summary(report["gpu"])
-        self.seen[caller.id] = Seen(agent.clock.mono(), address, scope, report["status"], report)
+        self.seen[caller.id] = Seen(agent.clock.mono(), address, scope, report.status, report)
         self._update_member(member, report)
-        for write in writes:
+        for write in report.registers:
             before = agent.registry.lifecycle(caller.id)
             if agent.registry.apply(write) and write.attribute == LIFECYCLE:
                 after = agent.registry.lifecycle(caller.id)
@@ -154,88 +172,75 @@ class HeartbeatReceiver:
                 )
             elif write.attribute != LIFECYCLE:
                 agent.on_self_register(write)
-        await agent.on_heartbeat(caller.id, report)
+        wire_report = report.to_json()  # the agent's hooks still take the wire form
+        await agent.on_heartbeat(caller.id, wire_report)
         interval, stale_after = self.timings(scope)
-        answer: dict[str, Any] = {
-            "term": agent.term,
-            "control_plane": {"node_id": agent.node_id, "url": agent.url},
-            "membership_version": agent.membership.version,
-            "lifecycle": _lc_json(agent.registry.lifecycle(caller.id)),
-            "scope": scope,
-            "heartbeat_interval_s": interval,
-            "stale_after_s": stale_after,
-            "revocation_serial": agent.revocations.serial,
-            "revocations": agent.revocations.text
-            if report["revocation_serial"] < agent.revocations.serial
+        extras = agent.heartbeat_answer_extras(caller.id, wire_report)
+        settings_record = agent.records.settings_record
+        return HeartbeatAnswer(
+            term=agent.term,
+            control_plane=ControlPlaneRef(node_id=agent.node_id, url=agent.url),
+            membership_version=agent.membership.version,
+            lifecycle=agent.registry.lifecycle(caller.id),
+            scope=scope,
+            heartbeat_interval_s=interval,
+            stale_after_s=stale_after,
+            revocation_serial=agent.revocations.serial,
+            revocations=agent.revocations.text
+            if report.revocation_serial < agent.revocations.serial
             else None,
-            "settings_serial": agent.records.settings_serial,
-            "settings_record": (
-                agent.records.settings_record.text
-                if agent.records.settings_record
-                and report["settings_serial"] < agent.records.settings_serial
-                else None
+            settings_serial=agent.records.settings_serial,
+            settings_record=settings_record.text
+            if settings_record and report.settings_serial < agent.records.settings_serial
+            else None,
+            gpu_facts_version=extras.get("gpu_facts_version"),
+            gpu_registers=tuple(
+                RegisterWrite.from_json(r) for r in extras.get("gpu_registers", [])
             ),
-        }
-        answer.update(agent.heartbeat_answer_extras(caller.id, report))
-        return answer
+        )
 
-    def _validate(self, body: dict[str, Any]) -> dict[str, Any]:
-        status = body.get("status", "running")
-        if status not in ("running", "leaving"):
-            raise BadRequest("heartbeat 'status' must be running or leaving", code="bad_request")
-        addresses = body.get("addresses", [])
-        if (
-            not isinstance(addresses, list)
-            or len(addresses) > 8
-            or not all(isinstance(a, str) and 0 < len(a) < 262 for a in addresses)
-        ):
-            raise BadRequest(
-                "heartbeat 'addresses' must be up to 8 host:port strings", code="bad_request"
-            )
-        for address in addresses:
-            try:
-                parse_host_port(address)
-            except ValueError as exc:
-                raise BadRequest(
-                    f"heartbeat address {address!r}: {exc}", code="bad_request"
-                ) from exc
-        registers = body.get("registers", [])
-        if not isinstance(registers, list) or len(registers) > 256:
-            raise BadRequest("heartbeat 'registers' must be a list", code="bad_request")
-        out: dict[str, Any] = {"status": status, "addresses": addresses, "registers": registers}
-        for name in ("revocation_serial", "membership_version", "settings_serial"):
-            value = body.get(name, -1)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise BadRequest(f"heartbeat {name!r} must be an integer", code="bad_request")
-            out[name] = value
-        version = body.get("version")
-        if isinstance(version, str) and len(version) <= 64:
-            out["version"] = version
-        uptime = body.get("uptime_s")
-        if isinstance(uptime, (int, float)) and not isinstance(uptime, bool):
-            out["uptime_s"] = float(uptime)
-        if "gpu" in body:
-            out["gpu"] = body["gpu"]
-        leases = body.get("leases", [])
-        if not isinstance(leases, list) or len(leases) > 10_000:
-            raise BadRequest("heartbeat 'leases' must be a list", code="bad_request")
-        out["leases"] = leases
-        exec_remote = body.get("exec_remote", True)
-        if not isinstance(exec_remote, bool):
-            raise BadRequest("heartbeat 'exec_remote' must be true or false", code="bad_request")
-        out["exec_remote"] = exec_remote
-        return out
-
-    def _update_member(self, member: Member, report: dict[str, Any]) -> None:
-        addresses = tuple(report["addresses"])
+    def _update_member(self, member: Member, report: HeartbeatReport) -> None:
+        addresses = report.addresses
         if addresses and addresses != member.addresses:
             self.agent.membership.upsert(
                 replace(member, addresses=addresses, updated_ms=int(self.agent.clock.wall() * 1000))
             )
 
 
-def _lc_json(lc: Any) -> dict[str, Any] | None:
-    return None if lc is None else lc.to_json()
+def _check_addresses(addresses: tuple[str, ...]) -> None:
+    """Each advertised address is ``host:port`` by the config's rule (the message checked
+    that there are at most 8 strings of 1-261 characters)."""
+    for address in addresses:
+        try:
+            parse_host_port(address)
+        except ValueError as exc:
+            raise BadRequest(
+                f"heartbeat address {address!r}: {exc}", code="bad_request", field="addresses"
+            ) from exc
+
+
+def build_report(
+    agent: Agent,
+    status: HeartbeatStatus = "running",
+    registers: tuple[RegisterWrite, ...] = (),
+) -> HeartbeatReport:
+    """This node's heartbeat: what it holds and runs (the agent's ``heartbeat_report``
+    hook gives uptime, held leases, ``exec_remote`` and the GPU summary in wire form)."""
+    extras = agent.heartbeat_report()
+    gpu = extras.get("gpu")
+    return HeartbeatReport(
+        status=status,
+        addresses=tuple(agent.self_addresses()),
+        registers=registers,
+        revocation_serial=agent.revocations.serial,
+        membership_version=agent.membership.version,
+        settings_serial=agent.records.settings_serial,
+        version=__version__,
+        uptime_s=extras.get("uptime_s"),
+        gpu=None if gpu is None else GpuHeartbeatSummary.from_json(gpu),
+        leases=tuple(HeldLease.from_json(row) for row in extras.get("leases", [])),
+        exec_remote=bool(extras.get("exec_remote", True)),
+    )
 
 
 class HeartbeatSender:
@@ -246,35 +251,28 @@ class HeartbeatSender:
         self.logger = get_logger("heartbeat")
         self.rng = random.Random()
         self.cp_down = False
-        self.last_answer: dict[str, Any] | None = None
+        self.last_answer: HeartbeatAnswer | None = None
+        #: This node's lifecycle as the last answer said, in wire form (``status`` and
+        #: ``standing`` show it as such).
         self.lifecycle: dict[str, Any] | None = None
+        #: This node's own register writes (wire form), sent until acknowledged.
         self.outbox_registers: list[dict[str, Any]] = []
         self.beats = 0
         self.expelled = False
         self.kick = trio.Event()
 
     def interval_s(self) -> float:
-        if self.last_answer and isinstance(
-            self.last_answer.get("heartbeat_interval_s"), (int, float)
-        ):
-            return float(self.last_answer["heartbeat_interval_s"])
+        if self.last_answer is not None:
+            return self.last_answer.heartbeat_interval_s
         scope = scope_of(self.agent, url_host(self.agent.control_plane_url))
         return float(getattr(self.agent.config.timings, scope).heartbeat_interval_s)
 
-    def payload(self, status: str = "running") -> dict[str, Any]:
-        agent = self.agent
-        return {
-            "status": status,
-            "addresses": agent.self_addresses(),
-            "revocation_serial": agent.revocations.serial,
-            "membership_version": agent.membership.version,
-            "settings_serial": agent.records.settings_serial,
-            "registers": list(self.outbox_registers),
-            "version": __version__,
-            **agent.heartbeat_report(),
-        }
+    def payload(self, status: HeartbeatStatus = "running") -> HeartbeatReport:
+        registers = tuple(RegisterWrite.from_json(raw) for raw in self.outbox_registers)
+        return build_report(self.agent, status, registers)
 
-    async def beat_once(self, status: str = "running") -> dict[str, Any]:
+    async def beat_once(self, status: HeartbeatStatus = "running") -> HeartbeatAnswer:
+        """One heartbeat; a malformed answer is ``PeerError(code="bad_peer_answer")``."""
         agent = self.agent
         sent = list(self.outbox_registers)
         answer = await agent.peers.call(
@@ -283,6 +281,7 @@ class HeartbeatSender:
             method="POST",
             path="/v1/populi/heartbeat",
             payload=self.payload(status),
+            answer=HeartbeatAnswer,
             # A heartbeat that takes longer than two periods is as good as lost.
             timeout_s=max(2.0, 2 * self.interval_s()),
         )
@@ -292,31 +291,24 @@ class HeartbeatSender:
         self.beats += 1
         return answer
 
-    async def _absorb(self, answer: dict[str, Any]) -> None:
+    async def _absorb(self, answer: HeartbeatAnswer) -> None:
         agent = self.agent
         self.last_answer = answer
-        self.lifecycle = answer.get("lifecycle")
+        self.lifecycle = None if answer.lifecycle is None else answer.lifecycle.to_json()
         now_ms = int(agent.clock.wall() * 1000)
-        if answer.get("revocations"):
-            agent.revocations.offer(str(answer["revocations"]), now_ms=now_ms)
-        if answer.get("settings_record"):
+        if answer.revocations:
+            agent.revocations.offer(answer.revocations, now_ms=now_ms)
+        if answer.settings_record:
             try:
-                agent.records.offer_settings(str(answer["settings_record"]))
+                agent.records.offer_settings(answer.settings_record)
             except PopuliError as exc:
                 log(self.logger, logging.WARNING, "settings record ignored", error=str(exc))
-        version = answer.get("membership_version")
-        if isinstance(version, int) and version != agent.membership.version:
+        if answer.membership_version != agent.membership.version:
             await agent.sync_members()
-        term = answer.get("term")
-        cp = answer.get("control_plane") or {}
-        if (
-            isinstance(term, int)
-            and term >= agent.term
-            and cp.get("url")
-            and cp.get("url") != agent.control_plane_url
-        ):
-            agent.store.set_meta("control_plane_url", str(cp["url"]))
-        await agent.on_heartbeat_answer(answer)
+        url = answer.control_plane.url
+        if answer.term >= agent.term and url != agent.control_plane_url:
+            agent.store.set_meta("control_plane_url", url)
+        await agent.on_heartbeat_answer(answer.to_json())  # the hook takes the wire form
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -325,7 +317,7 @@ class HeartbeatSender:
             leaving = self.agent.leaving
             try:
                 answer = await self.beat_once(status="leaving" if leaving else "running")
-                if leaving and (answer.get("lifecycle") or {}).get("state") == "left":
+                if leaving and answer.lifecycle is not None and answer.lifecycle.state == "left":
                     self.agent.leave_acknowledged()
                     return
             except RETRIED as exc:
@@ -333,15 +325,18 @@ class HeartbeatSender:
                 # (disk full...): not an unreachable control plane; beat again soon.
                 delay = self.agent.health.failed("heartbeat", exc)
             except PopuliError as exc:
-                if (
-                    exc.code in ("unknown_signer", "signature_invalid")
-                    and exc.details.get("http_status") == 401
-                ):
+                # Retired (the control plane says so), or unknown to it (deleted, or the
+                # certificate expired): this node is out; `populi status` says so and how
+                # to re-join. Heartbeats stop.
+                if self.agent.standing.learn(exc):
+                    self.expelled = True
+                    return
+                if exc.code == "signature_invalid" and exc.details.get("http_status") == 401:
                     log(
                         self.logger,
                         logging.ERROR,
-                        "the control plane no longer knows this node (retired, revoked, deleted or its "
-                        "certificate expired); heartbeats stop. Re-join with a new token: runbooks/enroll-a-node.md",
+                        "the control plane does not accept this node's key; heartbeats stop. "
+                        "Re-join with a new token: runbooks/enroll-a-node.md",
                         error=str(exc),
                     )
                     self.expelled = True
@@ -399,4 +394,11 @@ class SelfBeat:
             await trio.sleep(self.agent.config.timings.local.heartbeat_interval_s)
 
 
-__all__ = ["HeartbeatReceiver", "HeartbeatSender", "SelfBeat", "scope_of", "url_host"]
+__all__ = [
+    "HeartbeatReceiver",
+    "HeartbeatSender",
+    "SelfBeat",
+    "build_report",
+    "scope_of",
+    "url_host",
+]

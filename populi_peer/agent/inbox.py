@@ -13,7 +13,6 @@ operators.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.core.wire import ID_RE
 from populi_peer.errors import BadRequest, Forbidden
+from populi_peer.store.inbox import InboxMessages
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
@@ -34,6 +34,7 @@ Handler = Callable[[Principal, dict[str, Any]], Awaitable[dict[str, Any]]]
 class Inbox:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.messages = InboxMessages(agent.store)
         self.handlers: dict[str, Handler] = {}
 
     def on(self, message_type: str, handler: Handler) -> None:
@@ -68,11 +69,8 @@ class Inbox:
             )
         sender = request.caller.id
         key = f"{sender}/{message_id}"
-        row = self.agent.store.execute(
-            "SELECT body FROM inbox WHERE message_id = ?", (key,)
-        ).fetchone()
-        if row is not None:
-            stored = json.loads(row["body"])
+        stored = self.messages.body(key)
+        if stored is not None:
             return {
                 "message_id": message_id,
                 "type": message_type,
@@ -81,15 +79,12 @@ class Inbox:
             }
         answer = await handler(request.caller, body)
         with self.agent.store.transaction():
-            self.agent.store.execute(
-                "INSERT OR IGNORE INTO inbox (message_id, sender, type, body, received_ms) VALUES (?, ?, ?, ?, ?)",
-                (
-                    key,
-                    sender,
-                    message_type,
-                    json.dumps({"message": _redacted(body), "answer": answer}, sort_keys=True),
-                    int(self.agent.clock.wall() * 1000),
-                ),
+            self.messages.add(
+                key,
+                sender=sender,
+                type=message_type,
+                body={"message": _redacted(body), "answer": answer},
+                received_ms=int(self.agent.clock.wall() * 1000),
             )
         return {
             "message_id": message_id,
@@ -106,19 +101,16 @@ class Inbox:
             )
         cursor = request.query_int("cursor", 0, minimum=0)
         limit = request.query_int("limit", 100, minimum=1, maximum=1000)
-        rows = self.agent.store.execute(
-            "SELECT * FROM inbox WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, limit)
-        ).fetchall()
         messages = []
-        for row in rows:
-            stored = json.loads(row["body"])
+        for row in self.messages.page(after=cursor, limit=limit):
+            stored = row.body
             messages.append(
                 {
-                    "seq": row["seq"],
-                    "message_id": row["message_id"].split("/", 1)[1],
-                    "sender": row["sender"],
-                    "type": row["type"],
-                    "received_ms": row["received_ms"],
+                    "seq": row.seq,
+                    "message_id": row.key.split("/", 1)[1],
+                    "sender": row.sender,
+                    "type": row.type,
+                    "received_ms": row.received_ms,
                     "message": stored.get("message", {}),
                     "answer": stored.get("answer", {}),
                 }

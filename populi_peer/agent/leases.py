@@ -25,7 +25,6 @@ has passed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
@@ -47,9 +46,11 @@ from populi_peer.core.leases import (
     TargetView,
 )
 from populi_peer.core.policy import decide
+from populi_peer.core.settings import remote_refusal
 from populi_peer.core.wire import check_id
 from populi_peer.errors import BadRequest
 from populi_peer.log import get_logger, log
+from populi_peer.store.leases import Leases
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
@@ -73,6 +74,7 @@ def new_lease_id() -> str:
 class LeaseService:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.stored = Leases(agent.store)
         self.logger = get_logger("leases")
         self.table: LeaseTable | None = None
         self.flags: dict[str, HolderStatus] = {}
@@ -90,9 +92,8 @@ class LeaseService:
 
     def load(self) -> None:
         """Rebuild the table from the store (control plane start)."""
-        rows = self.agent.store.execute("SELECT body FROM leases").fetchall()
-        leases = [Lease.from_json(json.loads(row["body"])) for row in rows]
-        next_seq = int(self.agent.store.get_meta("lease_next_seq", "1") or "1")
+        leases = self.stored.all()
+        next_seq = self.stored.next_seq()
         settings = self.settings()
         # safety rule 5 / ADR 0006: after a restart, renewals only for a while — a lease
         # this table does not know of (a store restored from an older copy) has by then
@@ -137,17 +138,13 @@ class LeaseService:
         that compaction dropped from memory, before anything is decided about them."""
         table = self._table()
         if task_id is not None:
-            rows = self.agent.store.execute(
-                "SELECT body FROM leases WHERE task_id = ?", (task_id,)
-            ).fetchall()
+            stored = self.stored.of_task(task_id)
         elif lease_id is not None:
-            rows = self.agent.store.execute(
-                "SELECT body FROM leases WHERE lease_id = ?", (lease_id,)
-            ).fetchall()
+            found = self.stored.get(lease_id)
+            stored = [] if found is None else [found]
         else:
             return
-        missing = [Lease.from_json(json.loads(row["body"])) for row in rows]
-        missing = [lease for lease in missing if lease.lease_id not in table.leases]
+        missing = [lease for lease in stored if lease.lease_id not in table.leases]
         if missing:
             # Only ended leases are ever dropped, so what comes back is terminal.
             self.table = replace(
@@ -183,23 +180,7 @@ class LeaseService:
         if records:
             now_ms = int(self.agent.clock.wall() * 1000)
             with self.agent.store.transaction():
-                for lease in records:
-                    self.agent.store.execute(
-                        "INSERT INTO leases (lease_id, task_id, holder, state, body, updated_ms) VALUES (?,?,?,?,?,?) "
-                        "ON CONFLICT (lease_id) DO UPDATE SET state=excluded.state, body=excluded.body, updated_ms=excluded.updated_ms",
-                        (
-                            lease.lease_id,
-                            lease.task_id,
-                            lease.holder,
-                            lease.state,
-                            json.dumps(lease.to_json(), sort_keys=True),
-                            now_ms,
-                        ),
-                    )
-                self.agent.store.execute(
-                    "INSERT INTO meta (key, value) VALUES ('lease_next_seq', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (str(table.next_seq),),
-                )
+                self.stored.save(records, next_seq=table.next_seq, now_ms=now_ms)
         self.table = table
         if records:
             self._kick.set()
@@ -238,11 +219,11 @@ class LeaseService:
         reasons = [r for r in eligibility.reasons if r != "no_free_gpu"]
         if node_id != submitter:
             seen = receiver.seen.get(node_id)
-            if seen is not None and seen.report.get("exec_remote") is False:
+            if seen is not None and not seen.report.exec_remote:
                 reasons.append("remote_off_on_node")
-            settings = agent.records.settings
-            if settings["kill_switch"] or not settings["remote_exec_enabled"]:
-                reasons.append("remote_disabled")
+            refusal = remote_refusal(agent.records.settings)
+            if refusal is not None:
+                reasons.append(refusal)
             scope = self.path_scope(submitter, node_id)
             decision = decide(work_class, scope, gates_enabled=agent.policy_gates())
             if not decision.allowed:
@@ -350,6 +331,10 @@ class LeaseService:
         return {"lease": self.lease_json(change.lease), "replay": change.replay}
 
     async def _renew(self, request: Request) -> dict[str, Any]:
+        body = request.json() if request.body else {}
+        before_start = body.get("before_start", False)
+        if not isinstance(before_start, bool):
+            raise BadRequest("'before_start' must be true or false", code="bad_request")
         self.hydrate(lease_id=request.path_params["lease_id"])
         table = self._table()
         now_mono, now_ms = self._now()
@@ -358,6 +343,10 @@ class LeaseService:
             request.caller.id,
             now_mono=now_mono,
             now_wall_ms=now_ms,
+            # Rule 3's renewal before start: the settings are checked again here, so no
+            # remote attempt starts after `settings set` turned remote execution off.
+            before_start=before_start,
+            remote_refusal=remote_refusal(self.agent.records.settings),
         )
         self._commit(new, change.records)
         return {"lease": self.lease_json(change.lease)}

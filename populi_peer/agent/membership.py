@@ -7,67 +7,18 @@ Authentication looks signers up here.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any
-
 from enrollment.keys import public_from_text
 from populi_peer.api.auth import Principal
-from populi_peer.errors import BadRequest, NotFound
+from populi_peer.core.membership import Member
+from populi_peer.errors import BadRequest, NotFound, enrollment_boundary
 from populi_peer.store import Store
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    id: str
-    kind: str
-    name: str
-    public_key: str
-    roles: tuple[str, ...]
-    addresses: tuple[str, ...]
-    cert_serial: str
-    cert_not_after_ms: int
-    joined_ms: int
-    token_id: str
-    updated_ms: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "name": self.name,
-            "public_key": self.public_key,
-            "roles": list(self.roles),
-            "addresses": list(self.addresses),
-            "cert_serial": self.cert_serial,
-            "cert_not_after_ms": self.cert_not_after_ms,
-            "joined_ms": self.joined_ms,
-            "updated_ms": self.updated_ms,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Member:
-        try:
-            return cls(
-                id=str(data["id"]),
-                kind=str(data["kind"]),
-                name=str(data["name"]),
-                public_key=str(data["public_key"]),
-                roles=tuple(str(role) for role in data["roles"]),
-                addresses=tuple(str(a) for a in data.get("addresses", [])),
-                cert_serial=str(data.get("cert_serial", "")),
-                cert_not_after_ms=int(data.get("cert_not_after_ms", 0)),
-                joined_ms=int(data.get("joined_ms", 0)),
-                token_id=str(data.get("token_id", "")),
-                updated_ms=int(data.get("updated_ms", 0)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BadRequest(f"malformed member record: {exc}") from exc
+from populi_peer.store.members import Members
 
 
 class Membership:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.rows = Members(store)
         self._members: dict[str, Member] = {}
         self._principals: dict[str, Principal] = {}
         self.reload()
@@ -77,33 +28,22 @@ class Membership:
         return int(self.store.get_meta("membership_version", "1") or "1")
 
     def reload(self) -> None:
-        rows = self.store.execute("SELECT * FROM principals").fetchall()
+        members = self.rows.all()
         self._members = {}
         self._principals = {}
-        for row in rows:
-            member = Member(
-                id=row["id"],
-                kind=row["kind"],
-                name=row["name"],
-                public_key=row["public_key"],
-                roles=tuple(json.loads(row["roles"])),
-                addresses=tuple(json.loads(row["addresses"])),
-                cert_serial=row["cert_serial"],
-                cert_not_after_ms=row["cert_not_after_ms"],
-                joined_ms=row["joined_ms"],
-                token_id=row["token_id"],
-                updated_ms=row["updated_ms"],
-            )
+        for member in members:
             self._cache(member)
 
     def _cache(self, member: Member) -> None:
         self._members[member.id] = member
+        with enrollment_boundary():
+            public_key = public_from_text(member.public_key)
         self._principals[member.id] = Principal(
             id=member.id,
             kind=member.kind,
             name=member.name,
             roles=frozenset(member.roles),
-            public_key=public_from_text(member.public_key),
+            public_key=public_key,
         )
 
     def principal(self, principal_id: str) -> Principal | None:
@@ -157,36 +97,16 @@ class Membership:
         """Write ``member`` (and bump the version) in the caller's transaction; memory is
         unchanged until :meth:`adopt`."""
         with self.store.transaction():
-            self.store.execute(
-                "INSERT INTO principals (id, kind, name, public_key, roles, addresses, cert_serial, "
-                "cert_not_after_ms, joined_ms, token_id, updated_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (id) DO UPDATE SET kind=excluded.kind, name=excluded.name, "
-                "public_key=excluded.public_key, roles=excluded.roles, addresses=excluded.addresses, "
-                "cert_serial=excluded.cert_serial, cert_not_after_ms=excluded.cert_not_after_ms, "
-                "token_id=excluded.token_id, updated_ms=excluded.updated_ms",
-                (
-                    member.id,
-                    member.kind,
-                    member.name,
-                    member.public_key,
-                    json.dumps(list(member.roles)),
-                    json.dumps(list(member.addresses)),
-                    member.cert_serial,
-                    member.cert_not_after_ms,
-                    member.joined_ms,
-                    member.token_id,
-                    member.updated_ms,
-                ),
-            )
+            self.rows.upsert(member)
             if bump:
-                self._bump()
+                self.rows.bump_version()
 
     def delete_member(self, principal_id: str) -> None:
         """Delete a principal (and bump the version) in the caller's transaction; memory is
         unchanged until :meth:`forget`."""
         with self.store.transaction():
-            self.store.execute("DELETE FROM principals WHERE id = ?", (principal_id,))
-            self._bump()
+            self.rows.delete(principal_id)
+            self.rows.bump_version()
 
     def adopt(self, member: Member) -> None:
         """Show a committed member to this node (after :meth:`store_member` committed)."""
@@ -199,38 +119,8 @@ class Membership:
 
     def replace_all(self, members: list[Member], version: int) -> None:
         """Install the control plane's table (on a non-control-plane node)."""
-        with self.store.transaction():
-            self.store.execute("DELETE FROM principals")
-            for member in members:
-                self.store.execute(
-                    "INSERT INTO principals (id, kind, name, public_key, roles, addresses, cert_serial, "
-                    "cert_not_after_ms, joined_ms, token_id, updated_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        member.id,
-                        member.kind,
-                        member.name,
-                        member.public_key,
-                        json.dumps(list(member.roles)),
-                        json.dumps(list(member.addresses)),
-                        member.cert_serial,
-                        member.cert_not_after_ms,
-                        member.joined_ms,
-                        member.token_id,
-                        member.updated_ms,
-                    ),
-                )
-            self.store.execute(
-                "INSERT INTO meta (key, value) VALUES ('membership_version', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (str(version),),
-            )
+        self.rows.replace_all(members, version=version)
         self.reload()
-
-    def _bump(self) -> None:
-        self.store.execute(
-            "INSERT INTO meta (key, value) VALUES ('membership_version', '2') "
-            "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-        )
 
 
 __all__ = ["Member", "Membership"]

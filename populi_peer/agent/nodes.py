@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from populi_peer.agent.registry import events_json
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.lifecycle import NodeLifecycle, effective
@@ -160,7 +159,7 @@ class NodeAdmin:
             "stale_after_ms": int(stale_after * 1000),
             "scope": scope,
             "status": seen.status if seen else None,
-            "accepts_remote_work": bool(seen.report.get("exec_remote", True)) if seen else None,
+            "accepts_remote_work": seen.report.exec_remote if seen else None,
             "gpu_summary": gpu,
             "cert_not_after_ms": member.cert_not_after_ms or None,
             "joined_ms": member.joined_ms,
@@ -178,7 +177,6 @@ class NodeAdmin:
         }
 
     async def _events(self, request: Request) -> dict[str, Any]:
-        store = self.agent.store
         after = request.query_int("after", 0, minimum=0)
         limit = request.query_int("limit", 200, minimum=1, maximum=1000)
         node_ref = request.query_one("node")
@@ -187,15 +185,10 @@ class NodeAdmin:
                 node_id = self.agent.membership.resolve_node(node_ref).id
             except NotFound:
                 node_id = node_ref  # a deleted node's events stay listed by its id
-            rows = store.execute(
-                "SELECT * FROM events WHERE node_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (node_id, after, limit),
-            ).fetchall()
+            rows = self.agent.events.page(node_id=node_id, after=after, limit=limit)
         else:
-            rows = store.execute(
-                "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-            ).fetchall()
-        events = events_json(rows)
+            rows = self.agent.events.page(after=after, limit=limit)
+        events = [event.to_json() for event in rows]
         return {"events": events, "next_after": events[-1]["seq"] if events else after}
 
     # -- leave ----------------------------------------------------------------------------
@@ -267,7 +260,9 @@ async def leave_sequence(agent: Agent, *, reason: str, actor: str) -> dict[str, 
                 "could not tell the control plane that this node leaves; retrying with every heartbeat",
                 error=str(exc),
             )
-    acknowledged = bool(answer and (answer.get("lifecycle") or {}).get("state") == "left")
+    acknowledged = (
+        answer is not None and answer.lifecycle is not None and answer.lifecycle.state == "left"
+    )
     agent.record_event(
         agent.node_id,
         "left",

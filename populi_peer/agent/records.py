@@ -12,20 +12,22 @@ from typing import Any
 from enrollment.records import SignedRecord, sign_record, verify_record
 from populi_peer.agent.membership import Membership
 from populi_peer.core import settings as cluster_settings
-from populi_peer.errors import Forbidden
+from populi_peer.errors import Forbidden, enrollment_boundary
 from populi_peer.identity import Identity
 from populi_peer.store import Store
+from populi_peer.store.records import SignedRecords
 
 
 class ClusterRecords:
     def __init__(self, store: Store, membership: Membership) -> None:
         self.store = store
+        self.rows = SignedRecords(store)
         self.membership = membership
         self.settings_record: SignedRecord | None = None
         self.settings: dict[str, Any] = cluster_settings.defaults()
-        row = store.execute("SELECT text FROM cluster_records WHERE kind = 'settings'").fetchone()
-        if row is not None:
-            record = verify_record(row["text"], expected_kind="settings")
+        text = self.rows.text("settings")
+        if text is not None:
+            record = verify_record(text, expected_kind="settings")
             self._install(record)
 
     def _install(self, record: SignedRecord) -> None:
@@ -56,16 +58,15 @@ class ClusterRecords:
 
     def offer_settings(self, text: str) -> bool:
         """Install a settings record from the control plane if newer and properly signed."""
-        record = verify_record(text, expected_kind="settings")
+        with enrollment_boundary():
+            record = verify_record(text, expected_kind="settings")
         if record.serial <= self.settings_serial:
             return False
         self.check_signer(record)
         cluster_settings.validate_settings(record.body)
         with self.store.transaction():
-            self.store.execute(
-                "INSERT INTO cluster_records (kind, serial, text, stored_ms) VALUES ('settings', ?, ?, ?) "
-                "ON CONFLICT (kind) DO UPDATE SET serial=excluded.serial, text=excluded.text, stored_ms=excluded.stored_ms",
-                (record.serial, record.text, record.signed_ms),
+            self.rows.put(
+                "settings", serial=record.serial, text=record.text, stored_ms=record.signed_ms
             )
         self._install(record)
         return True
@@ -89,11 +90,7 @@ class ClusterRecords:
         )
         record = verify_record(text, expected_kind="settings")
         with self.store.transaction():
-            self.store.execute(
-                "INSERT INTO cluster_records (kind, serial, text, stored_ms) VALUES ('settings', ?, ?, ?) "
-                "ON CONFLICT (kind) DO UPDATE SET serial=excluded.serial, text=excluded.text, stored_ms=excluded.stored_ms",
-                (record.serial, text, now_ms),
-            )
+            self.rows.put("settings", serial=record.serial, text=text, stored_ms=now_ms)
         self._install(record)
         return record
 

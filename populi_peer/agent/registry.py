@@ -9,7 +9,6 @@ maintenance window ends when read, never by a timer.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from enrollment.records import sign_record, verify_record
@@ -28,6 +27,7 @@ from populi_peer.core.registers import LIFECYCLE, RegisterSet, RegisterWrite, St
 from populi_peer.errors import NotFound
 from populi_peer.identity import Identity
 from populi_peer.store import Store
+from populi_peer.store.registers import Registers
 
 
 class Registry:
@@ -35,12 +35,13 @@ class Registry:
         self, store: Store, identity: Identity, clock: Clock, *, max_skew_s: float
     ) -> None:
         self.store = store
+        self.rows = Registers(store)
         self.identity = identity
         self.clock = clock
         self.max_skew_ms = int(max_skew_s * 1000)
         writes = []
-        for row in store.execute("SELECT body FROM registers").fetchall():
-            record = verify_record(row["body"], expected_kind="register")
+        for text in self.rows.all():
+            record = verify_record(text, expected_kind="register")
             writes.append(RegisterWrite.from_json(record.body))
         self.registers = RegisterSet(writes)
         saved = store.get_meta_json("hlc")
@@ -110,12 +111,8 @@ class Registry:
         with self.store.transaction():
             if write.attribute == LIFECYCLE and write.value is None:
                 # A tombstone drops the node's other registers for good.
-                self.store.execute("DELETE FROM registers WHERE node_id = ?", (write.node_id,))
-            self.store.execute(
-                "INSERT INTO registers (node_id, attribute, body) VALUES (?, ?, ?) "
-                "ON CONFLICT (node_id, attribute) DO UPDATE SET body = excluded.body",
-                (write.node_id, write.attribute, text),
-            )
+                self.rows.drop_node(write.node_id)
+            self.rows.put(write.node_id, write.attribute, text)
             self.store.set_meta_json("hlc", self._hlc.to_json())
         return merged
 
@@ -192,19 +189,4 @@ class Registry:
         return {attr: write.to_json() for attr, write in self.registers.node(node_id).items()}
 
 
-def events_json(rows: list[Any]) -> list[dict[str, Any]]:
-    return [
-        {
-            "seq": row["seq"],
-            "at_ms": row["at_ms"],
-            "node_id": row["node_id"],
-            "kind": row["kind"],
-            "actor": row["actor"],
-            "reason": row["reason"],
-            "detail": json.loads(row["detail"]),
-        }
-        for row in rows
-    ]
-
-
-__all__ = ["Registry", "events_json"]
+__all__ = ["Registry"]

@@ -24,6 +24,7 @@ from enrollment.revocation import (
 )
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
+from populi_peer.store.revocations import RevocationLists
 
 
 class RevocationState:
@@ -34,14 +35,11 @@ class RevocationState:
         self.logger = get_logger("revocations")
         self.current: RevocationList | None = None
         self.text: str | None = None
-        row = store.execute(
-            "SELECT text FROM revocation_lists ORDER BY serial DESC LIMIT 1"
-        ).fetchone()
-        if row is not None:
-            self.current = verify_revocations(
-                row["text"], cluster_key=cluster_key, cluster_id=cluster_id
-            )
-            self.text = row["text"]
+        self.rows = RevocationLists(store)
+        text = self.rows.latest()
+        if text is not None:
+            self.current = verify_revocations(text, cluster_key=cluster_key, cluster_id=cluster_id)
+            self.text = text
 
     @property
     def serial(self) -> int:
@@ -91,11 +89,7 @@ class RevocationState:
 
     def _store(self, lst: RevocationList, text: str, now_ms: int) -> None:
         with self.store.transaction():
-            self.store.execute(
-                "INSERT OR REPLACE INTO revocation_lists (serial, text, stored_ms) VALUES (?, ?, ?)",
-                (lst.serial, text, now_ms),
-            )
-            self.store.execute("DELETE FROM revocation_lists WHERE serial < ?", (lst.serial,))
+            self.rows.install(lst.serial, text, stored_ms=now_ms)
         self.current = lst
         self.text = text
 

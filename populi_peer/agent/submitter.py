@@ -28,7 +28,6 @@ token, and answered (the answer is the acknowledgement the worker waits for).
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ from populi_peer.core.tasks import (
 from populi_peer.core.wire import check_command, check_env, task_attempt
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
+from populi_peer.store.tasks import Tasks
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
@@ -102,6 +102,7 @@ class Control:
 class Submitter:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.tasks = Tasks(agent.store)
         self.logger = get_logger("submitter")
         self.controls: dict[str, Control] = {}
         self._nursery: trio.Nursery | None = None
@@ -110,12 +111,10 @@ class Submitter:
     # -- records --------------------------------------------------------------------------
 
     def _row(self, task_id: str) -> dict[str, Any]:
-        row = self.agent.store.execute(
-            "SELECT body FROM tasks WHERE task_id = ?", (task_id,)
-        ).fetchone()
-        if row is None:
+        body = self.tasks.body(task_id)
+        if body is None:
             raise NotFound(f"no task {task_id} on this node", code="unknown_task")
-        return dict(json.loads(row["body"]))
+        return body
 
     def load(self, task_id: str) -> Task:
         return Task.from_json(self._row(task_id)["task"])
@@ -133,21 +132,9 @@ class Submitter:
         }
         with self.agent.store.transaction():
             if create:
-                self.agent.store.execute(
-                    "INSERT INTO tasks (task_id, state, body, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?)",
-                    (
-                        task.task_id,
-                        task.state,
-                        json.dumps(body, sort_keys=True),
-                        task.created_wall_ms,
-                        now_ms,
-                    ),
-                )
+                self.tasks.insert(task, body, now_ms=now_ms)
             else:
-                self.agent.store.execute(
-                    "UPDATE tasks SET state = ?, body = ?, updated_ms = ? WHERE task_id = ?",
-                    (task.state, json.dumps(body, sort_keys=True), now_ms, task.task_id),
-                )
+                self.tasks.update(task, body, now_ms=now_ms)
 
     def apply(self, task_id: str, event: TaskEvent, **extra_updates: Any) -> Task:
         """Apply ``event`` and persist the new record (and extras) before anyone acts."""
@@ -665,9 +652,13 @@ class Submitter:
                 )
                 return
             try:
-                await self.agent.call_member(
-                    worker, "POST", "/v1/populi/inbox", self.handoff_message(task)
-                )
+                message = {
+                    **self.handoff_message(task),
+                    # The settings record this was placed under: a worker holding an
+                    # older one fetches the signed record before it decides.
+                    "settings_serial": self.agent.records.settings_serial,
+                }
+                await self.agent.call_member(worker, "POST", "/v1/populi/inbox", message)
             except PopuliError as exc:
                 # Refused or unreachable, the lease may be live and (if unreachable) the
                 # worker may even have started: only the lease's death frees the task.
@@ -863,8 +854,9 @@ class Submitter:
         plan = self.local_plan(task)
         key = (plan.task_id, plan.attempt, "local")
         row = runner.row(plan.task_id, plan.attempt, "local")
-        if row is not None and row["state"] == "finished":
-            result = json.loads(row["result"])
+        if row is not None and row.state == "finished":
+            assert row.result is not None  # a finished attempt is saved with its result
+            result = row.result
         else:
             result_box: list[dict[str, Any]] = []
             async with trio.open_nursery() as nursery:
@@ -874,7 +866,8 @@ class Submitter:
                     if running is not None:  # re-adopted after a restart
                         await running.done.wait()
                         done_row = runner.row(plan.task_id, plan.attempt, "local")
-                        result_box.append(json.loads(done_row["result"]))
+                        assert done_row is not None and done_row.result is not None
+                        result_box.append(done_row.result)
                     else:
                         await runner.save_durably(plan, "accepted")
                         result_box.append(await runner.run(plan))
@@ -1079,16 +1072,8 @@ class Submitter:
         self._local_only(request)
         limit = request.query_int("limit", 100, minimum=1, maximum=1000)
         state = request.query_one("state")
-        if state:
-            rows = self.agent.store.execute(
-                "SELECT task_id FROM tasks WHERE state = ? ORDER BY created_ms DESC LIMIT ?",
-                (state, limit),
-            ).fetchall()
-        else:
-            rows = self.agent.store.execute(
-                "SELECT task_id FROM tasks ORDER BY created_ms DESC LIMIT ?", (limit,)
-            ).fetchall()
-        return {"tasks": [self.task_json(row["task_id"]) for row in rows]}
+        task_ids = self.tasks.newest(limit=limit, state=state)
+        return {"tasks": [self.task_json(task_id) for task_id in task_ids]}
 
     async def _show(self, request: Request) -> dict[str, Any]:
         self._local_only(request)
@@ -1209,14 +1194,12 @@ class Submitter:
             to_resume, _to_start = await runner.recover("local", on_result)
             for plan, execution in to_resume:
                 row = runner.row(plan.task_id, plan.attempt, "local")
-                started = json.loads(row["body"]).get("started_wall_ms", 0) if row else 0
+                started = row.body.get("started_wall_ms", 0) if row else 0
                 nursery.start_soon(runner.resume, plan, execution, int(started))
             # Local attempts accepted but never launched are started again by their task's
             # driver (running_local with no finished row), after it renews their lease.
-            for row in self.agent.store.execute(
-                "SELECT task_id FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')"
-            ).fetchall():
-                self._start_driver(row["task_id"])
+            for task_id in self.tasks.unfinished():
+                self._start_driver(task_id)
             task_status.started()
             await trio.sleep_forever()
 

@@ -1,10 +1,12 @@
 """The worker: runs tasks handed to it under leases, and delivers their results.
 
 A handoff (inbox message ``handoff``) is accepted only when remote execution is on (the
-cluster settings and this node's ``exec.remote``), from a node with the ``submit`` role
-that ``exec.accept_from`` allows, and only with a fencing token at least the highest this
-node keeps for the task (safety rule 2): higher starts the attempt, equal is acknowledged
-and never started twice, lower is refused. The fence and the attempt are durable before
+cluster settings and this node's ``exec.remote``; a handoff names the settings serial it
+was placed under, and a worker holding an older record fetches the signed record from
+the control plane before it decides), by a node that is not retired, from a node with the
+``submit`` role that ``exec.accept_from`` allows, and only with a fencing token at least
+the highest this node keeps for the task (safety rule 2): higher starts the attempt, equal
+is acknowledged and never started twice, lower is refused. The fence and the attempt are durable before
 the answer. The attempt then runs under :class:`~populi_peer.agent.attempts.AttemptRunner`
 (renew before start, supervisor, renew every TTL/3, release), and its result is stored
 and delivered to the submitter's inbox until the submitter acknowledges it (a submitter
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import random
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from populi_peer.core.policy import check_work_class
 from populi_peer.core.wire import ID_RE, check_command, check_env, check_id, task_attempt
 from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
+from populi_peer.store.attempts import AttemptRecord, Attempts
 
 if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
@@ -43,6 +45,7 @@ class Worker:
     def __init__(self, agent: Agent, runner: AttemptRunner) -> None:
         self.agent = agent
         self.runner = runner
+        self.attempts = Attempts(agent.store)
         self.logger = get_logger("worker")
         self.rng = random.Random()
         self._nursery: trio.Nursery | None = None
@@ -87,11 +90,13 @@ class Worker:
                 code="submitter_not_allowed",
             )
         plan = self._parse(caller, message)
+        # The submitter placed this under a settings record at least this new: never trust
+        # the stamp itself, fetch the signed record if this node holds an older one. Before
+        # the fence is read: from there to the fence's write nothing may await, or two
+        # copies of one handoff could both pass the check (safety rule 2).
+        await agent.settings_sync.catch_up(message.get("settings_serial"))
         token = FencingToken.parse(plan.token)
-        row = agent.store.execute(
-            "SELECT token FROM fences WHERE task_id = ?", (plan.task_id,)
-        ).fetchone()
-        highest = FencingToken.parse(row["token"]) if row else None
+        highest = self.attempts.fence(plan.task_id)
         if highest is not None and token < highest:
             raise Conflict(
                 f"token {token} is older than {highest} for task {plan.task_id}",
@@ -99,14 +104,15 @@ class Worker:
                 highest=str(highest),
             )
         if highest is not None and token == highest:
-            existing = agent.store.execute(
-                "SELECT state FROM attempts WHERE task_id = ? AND role = 'worker' AND token = ?",
-                (plan.task_id, plan.token),
-            ).fetchone()
-            return {"verdict": "duplicate", "state": existing["state"] if existing else "unknown"}
+            existing = self.attempts.worker_state(plan.task_id, plan.token)
+            return {"verdict": "duplicate", "state": "unknown" if existing is None else existing}
         refusal: PopuliError | None = None
         missing = [g for g in plan.gpus if g not in set(agent.verified_gpu_uuids())]
-        if not self.agent.remote_enabled():
+        if agent.standing.out:
+            refusal = Conflict(
+                "this node was retired from the cluster; it takes no work", code="node_retired"
+            )
+        elif not self.agent.remote_enabled():
             refusal = Conflict("remote execution is off on this node", code="remote_disabled")
         elif agent.leaving:
             refusal = Conflict("this node is leaving the cluster", code="node_leaving")
@@ -124,11 +130,7 @@ class Worker:
             raise refusal
         # Durable before the answer: the fence and the accepted attempt, in one transaction.
         with agent.store.transaction():
-            agent.store.execute(
-                "INSERT INTO fences (task_id, token, updated_ms) VALUES (?, ?, ?) "
-                "ON CONFLICT (task_id) DO UPDATE SET token = excluded.token, updated_ms = excluded.updated_ms",
-                (plan.task_id, plan.token, int(agent.clock.wall() * 1000)),
-            )
+            self.attempts.set_fence(plan.task_id, token, now_ms=int(agent.clock.wall() * 1000))
             self.runner.save(plan, "accepted")
         log(
             self.logger,
@@ -206,13 +208,13 @@ class Worker:
         row = self.runner.row(task_id, attempt, "worker")
         if row is None:
             raise NotFound(f"no attempt {attempt} of task {task_id} here", code="unknown_attempt")
-        if row["submitter"] != caller.id and "operator" not in caller.roles:
+        if row.submitter != caller.id and "operator" not in caller.roles:
             raise Forbidden(
                 "only the task's submitter or an operator cancels it", code="not_task_owner"
             )
         reason = str(message.get("reason") or "cancelled")[:200]
         found = self.runner.request_cancel(task_id, attempt, "worker", reason)
-        return {"cancelled": found, "state": row["state"]}
+        return {"cancelled": found, "state": row.state}
 
     # -- running --------------------------------------------------------------------------
 
@@ -267,18 +269,15 @@ class Worker:
         return pids
 
     def held_leases(self) -> list[dict[str, Any]]:
-        rows = self.agent.store.execute(
-            "SELECT task_id, attempt, token, lease_id, state FROM attempts WHERE role = 'worker' AND state IN ('accepted', 'running')"
-        ).fetchall()
         return [
             {
-                "task_id": r["task_id"],
-                "attempt": r["attempt"],
-                "token": r["token"],
-                "lease_id": r["lease_id"],
-                "state": r["state"],
+                "task_id": r.task_id,
+                "attempt": r.attempt,
+                "token": r.token,
+                "lease_id": r.lease_id,
+                "state": r.state,
             }
-            for r in rows
+            for r in self.attempts.unfinished("worker")
         ]
 
     async def stop_all(self, reason: str) -> int:
@@ -296,18 +295,16 @@ class Worker:
     async def deliver_pending(self) -> bool:
         """Try to deliver every stored, undelivered result; returns True if all went."""
         agent = self.agent
-        rows = agent.store.execute(
-            "SELECT * FROM attempts WHERE role = 'worker' AND state = 'finished' AND delivered_ms IS NULL"
-        ).fetchall()
         ok = True
-        for row in rows:
-            result = json.loads(row["result"])
-            submitter = await agent.peer_member(row["submitter"])
+        for row in self.attempts.undelivered():
+            result = row.result
+            assert result is not None  # a finished attempt is saved with its result
+            submitter = await agent.peer_member(row.submitter)
             if submitter is None:
                 ok = False
                 continue
             message = {
-                "message_id": f"result-{row['task_id']}-{row['attempt']}",
+                "message_id": f"result-{row.task_id}-{row.attempt}",
                 "type": "result",
                 **result,
             }
@@ -320,21 +317,20 @@ class Worker:
                         self.logger,
                         logging.WARNING,
                         "result refused by the submitter; keeping it",
-                        task_id=row["task_id"],
+                        task_id=row.task_id,
                         error=str(exc),
                     )
                 continue
             with agent.store.transaction():
-                agent.store.execute(
-                    "UPDATE attempts SET delivered_ms = ? WHERE task_id = ? AND attempt = ? AND role = 'worker'",
-                    (int(agent.clock.wall() * 1000), row["task_id"], row["attempt"]),
+                self.attempts.mark_delivered(
+                    row.task_id, row.attempt, now_ms=int(agent.clock.wall() * 1000)
                 )
             log(
                 self.logger,
                 logging.INFO,
                 "result delivered",
-                task_id=row["task_id"],
-                attempt=row["attempt"],
+                task_id=row.task_id,
+                attempt=row.attempt,
                 submitter=submitter.id,
             )
         return ok
@@ -367,7 +363,7 @@ class Worker:
             to_resume, to_start = await self.runner.recover("worker", on_result)
             for plan, execution in to_resume:
                 row = self.runner.row(plan.task_id, plan.attempt, "worker")
-                started = json.loads(row["body"]).get("started_wall_ms", 0) if row else 0
+                started = row.body.get("started_wall_ms", 0) if row else 0
                 nursery.start_soon(self._resume, plan, execution, int(started))
             for plan in to_start:
                 nursery.start_soon(self._drive, plan)
@@ -390,7 +386,7 @@ class Worker:
         if row is None:
             raise NotFound(f"no attempt {attempt} of task {task_id} here", code="unknown_attempt")
         caller = request.caller
-        if row["submitter"] != caller.id and "operator" not in caller.roles:
+        if row.submitter != caller.id and "operator" not in caller.roles:
             raise Forbidden(
                 "only the task's submitter or an operator reads its output", code="not_task_owner"
             )
@@ -403,9 +399,9 @@ class Worker:
 
 
 def read_output(
-    runner: AttemptRunner, row: Any, stream: str, offset: int, limit: int
+    runner: AttemptRunner, row: AttemptRecord, stream: str, offset: int, limit: int
 ) -> dict[str, Any]:
-    plan = AttemptPlan.from_json(json.loads(row["body"]))
+    plan = AttemptPlan.from_json(row.body)
     task_dir = runner.task_dir(plan)
     data, next_offset, total = b"", offset, 0
     running = runner.running.get((plan.task_id, plan.attempt, plan.role))
@@ -419,7 +415,7 @@ def read_output(
         "data_b64": base64.b64encode(data).decode("ascii"),
         "next_offset": next_offset,
         "total": total,
-        "done": row["state"] == "finished",
+        "done": row.state == "finished",
     }
 
 

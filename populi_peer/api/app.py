@@ -1,5 +1,12 @@
 """A small ASGI application: one route table, signed-request auth, JSON in and out.
 
+A route may declare its body types (:mod:`populi_peer.core.messages`): with
+``request=T`` the app parses the body into ``T`` before the handler runs (a malformed body
+is a 400 naming the field; an empty body reads as ``{}`` when every field of ``T`` has a
+default) and the handler takes it with ``request.message(T)``; with ``answer=A`` the
+handler returns an ``A`` (or a :class:`Response`) and the app writes ``A.to_json()``.
+Routes without types take ``request.json()`` and return a dict, as before.
+
 Every response is JSON with ``"v"`` (protocol version) and ``"server_time_ms"``, and carries
 the headers ``Populi-Server-Time-Ms`` (so a caller sees skew), ``Populi-Protocol`` and
 ``Populi-Correlation-Id`` (echoed from the request or made here). Errors are
@@ -15,21 +22,35 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
+from enrollment.errors import EnrollmentError
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.clock import Clock
-from populi_peer.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, PopuliError
+from populi_peer.core.messages import Message
+from populi_peer.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    PopuliError,
+    translate_enrollment,
+)
 from populi_peer.log import correlation_id, get_logger, log
+from populi_peer.store import RequestNonce, bind_request_nonce
 
 ANY_MEMBER = frozenset({"operator", "submit", "voter", "worker"})
 MAX_REASON_CHARS = 200
 _CID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
 
-Handler = Callable[["Request"], Awaitable["Response | dict[str, Any]"]]
+M = TypeVar("M", bound=Message)
+
+#: A handler answers a typed message (its route declares ``answer``: the app checks the
+#: type), a dict (an untyped route), or a :class:`Response` (another status, headers).
+Handler = Callable[["Request"], Awaitable["Response | Message | dict[str, Any]"]]
 
 
 def _refuse_constant(name: str) -> Any:
@@ -48,6 +69,18 @@ class Request:
     client: tuple[str, int] | None
     cid: str
     _json: Any = field(default=None, repr=False)
+    _message: Message | None = field(default=None, repr=False)
+
+    def message(self, cls: type[M]) -> M:
+        """The body as parsed into ``cls`` before the handler ran (the route declares
+        ``request=cls``)."""
+        if not isinstance(self._message, cls):
+            # The route table and its handler disagree: a programming error (500).
+            raise TypeError(
+                f"{self.method} {self.path}: the route parses {type(self._message).__name__}, "
+                f"the handler asks for {cls.__name__}"
+            )
+        return self._message
 
     def json(self) -> dict[str, Any]:
         """The body as a JSON object (400 when it is not one)."""
@@ -123,12 +156,18 @@ class Response:
 
 @dataclass(frozen=True)
 class Route:
+    """One operation: ``name`` is its ``operationId`` in the contract; ``request`` and
+    ``answer`` its body types, where declared (``OPERATIONS`` in
+    :mod:`populi_peer.core.messages` says which; a test holds the two together)."""
+
     method: str
     pattern: str
     handler: Handler
     #: Roles allowed to call; ``None`` means unauthenticated (health, join only).
     roles: frozenset[str] | None
     name: str = ""
+    request: type[Message] | None = None
+    answer: type[Message] | None = None
 
     def compile(self) -> re.Pattern[str]:
         regex = _PARAM_RE.sub(
@@ -222,12 +261,13 @@ class ApiApp:
         query = scope.get("query_string", b"").decode("latin-1")
         started = self.clock.mono()
         principal: Principal | None = None
+        nonce: RequestNonce | None = None
         try:
             try:
                 route, params = self._match(method, path)
                 body = await self._read_body(receive, headers)
                 if route.roles is not None:
-                    principal = self.auth.authenticate(
+                    principal, nonce = self.auth.verify(
                         method=method, path=path, query=query, headers=headers, body=body
                     )
                     if not principal.has_any(route.roles):
@@ -248,9 +288,14 @@ class ApiApp:
                     client=(str(client[0]), int(client[1])) if client else None,
                     cid=cid,
                 )
-                result = await route.handler(request)
-                response = result if isinstance(result, Response) else Response(200, result)
-            except PopuliError as exc:
+                if route.request is not None:
+                    request._message = _parse_body(route.request, request)
+                # The request's first commit records its nonce (never accepted twice).
+                with bind_request_nonce(nonce):
+                    result = await route.handler(request)
+                response = _respond(route, result)
+            except (PopuliError, EnrollmentError) as caught:
+                exc = translate_enrollment(caught)
                 status = 405 if exc.code == "method_not_allowed" else exc.http_status
                 response = Response(status, {"error": exc.to_json()})
                 if status >= 500:
@@ -303,6 +348,28 @@ class ApiApp:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _parse_body(cls: type[Message], request: Request) -> Message:
+    """The body as ``cls``: an absent body is ``{}`` where ``cls`` needs no field."""
+    data = request.json() if request.body or cls.requires_body() else {}
+    return cls.from_json(data)
+
+
+def _respond(route: Route, result: object) -> Response:
+    if isinstance(result, Response):
+        return result
+    if route.answer is not None and not isinstance(result, route.answer):
+        # The handler and its route disagree about the answer: a programming error.
+        raise TypeError(
+            f"{route.method} {route.pattern} answers {route.answer.__name__}, "
+            f"the handler returned {type(result).__name__}"
+        )
+    if isinstance(result, Message):
+        return Response(200, result.to_json())
+    if isinstance(result, dict):
+        return Response(200, result)
+    raise TypeError(f"{route.method} {route.pattern}: a handler returned {type(result).__name__}")
 
 
 __all__ = ["ANY_MEMBER", "ApiApp", "Handler", "Request", "Response", "Route"]

@@ -11,6 +11,13 @@ The client refuses to call a node its own revocation list revokes, and sends the
 id with the request (``populi_peer.api.tls.EXPECTED_PEER``), so that the TLS handshake
 refuses any other node (docs/adr/0009-peer-identity-of-answers.md). An identity refusal
 is a :class:`~populi_peer.errors.PeerIdentityError`.
+
+Typed calls: ``payload`` may be a message (:mod:`populi_peer.core.messages`), and with
+``answer=T`` the answer is parsed once into ``T``. Whatever a peer answers, a call ends in
+its answer or in a :class:`~populi_peer.errors.PopuliError`: an answer that is not JSON,
+misses a field or has one of the wrong type is ``PeerError(code="bad_peer_answer")``
+naming the peer, the route and the field — never a ``KeyError`` or ``TypeError`` in the
+caller.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from __future__ import annotations
 import json
 import secrets
 import ssl
-from collections.abc import Callable, Generator
-from typing import Any
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, TypeVar, overload
 
 import httpx
 
@@ -27,6 +34,7 @@ from enrollment.signing import sign_request
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.tls import EXPECTED_PEER, HOSTNAME_MISMATCH, PeerRefused
 from populi_peer.clock import Clock
+from populi_peer.core.messages import Message
 from populi_peer.errors import (
     AgentUnavailable,
     BadRequest,
@@ -40,6 +48,7 @@ from populi_peer.errors import (
     RateLimited,
     RefusedError,
     Unauthenticated,
+    enrollment_boundary,
 )
 from populi_peer.identity import Credential
 from populi_peer.log import correlation_id
@@ -66,17 +75,18 @@ class SignedAuth(httpx.Auth):
         self.clock = clock
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        headers = sign_request(
-            key=self.credential.key,
-            keyid=self.credential.principal_id,
-            recipient=self.recipient,
-            method=request.method,
-            path=request.url.path,
-            query=request.url.query.decode("ascii"),
-            body=request.content,
-            created_s=int(self.clock.wall()),
-            nonce=secrets.token_bytes(16),
-        )
+        with enrollment_boundary():
+            headers = sign_request(
+                key=self.credential.key,
+                keyid=self.credential.principal_id,
+                recipient=self.recipient,
+                method=request.method,
+                path=request.url.path,
+                query=request.url.query.decode("ascii"),
+                body=request.content,
+                created_s=int(self.clock.wall()),
+                nonce=secrets.token_bytes(16),
+            )
         request.headers.update(headers)
         cid = correlation_id.get()
         if cid:
@@ -84,17 +94,48 @@ class SignedAuth(httpx.Auth):
         yield request
 
 
-def encode_body(payload: dict[str, Any] | None) -> bytes:
+M = TypeVar("M", bound=Message)
+
+#: A request body: a typed message, a plain JSON object (an untyped route), or none.
+RequestBody = Message | Mapping[str, Any] | None
+
+
+def encode_body(payload: RequestBody) -> bytes:
     if payload is None:
         return b""
-    return json.dumps({"v": PROTOCOL_VERSION, **payload}, separators=(",", ":")).encode("utf-8")
+    body = payload.to_json() if isinstance(payload, Message) else dict(payload)
+    return json.dumps({"v": PROTOCOL_VERSION, **body}, separators=(",", ":")).encode("utf-8")
+
+
+def parse_answer(body: dict[str, Any], answer: type[M], *, peer: str, what: str) -> M:
+    """``body`` (a 2xx answer of ``peer`` to ``what``, e.g. ``POST /v1/populi/heartbeat``)
+    as ``answer``, or ``PeerError(code="bad_peer_answer")`` naming the field."""
+    try:
+        return answer.from_json(body)
+    except PopuliError as exc:
+        field = exc.details.get("field")
+        raise PeerError(
+            f"{peer} sent a malformed answer to {what}: {exc}",
+            code="bad_peer_answer",
+            peer=peer,
+            **({"field": field} if field else {}),
+        ) from exc
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        # A record parser that trusted a shape it should have checked: still the peer's
+        # bad answer, never an exception that escapes the caller's error handling.
+        raise PeerError(
+            f"{peer} sent a malformed answer to {what}: {answer.WHAT}: "
+            f"{type(exc).__name__}: {str(exc)[:200]}",
+            code="bad_peer_answer",
+            peer=peer,
+        ) from exc
 
 
 def decode_response(response: httpx.Response, *, peer: str) -> dict[str, Any]:
     """The JSON body of a 2xx answer, or the matching :class:`PopuliError`."""
     try:
         body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly deep
         body = None
     if not isinstance(body, dict):
         raise PeerError(
@@ -269,6 +310,7 @@ class PeerClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    @overload
     async def call(
         self,
         *,
@@ -276,10 +318,39 @@ class PeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
-    ) -> dict[str, Any]:
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def call(
+        self,
+        *,
+        url: str,
+        node_id: str,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[M],
+    ) -> M: ...
+
+    async def call(
+        self,
+        *,
+        url: str,
+        node_id: str,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        """Call ``node_id`` at ``url``. With ``answer``, the answer parsed as that type."""
         body = encode_body(payload)
         headers = {"content-type": "application/json"} if payload is not None else {}
         kwargs: dict[str, Any] = {}
@@ -299,7 +370,10 @@ class PeerClient:
             )
         except httpx.HTTPError as exc:
             raise transport_error(exc, peer=node_id, url=url) from exc
-        return decode_response(response, peer=node_id)
+        decoded = decode_response(response, peer=node_id)
+        if answer is None:
+            return decoded
+        return parse_answer(decoded, answer, peer=node_id, what=f"{method} {path}")
 
 
 class SyncPeerClient:
@@ -329,6 +403,7 @@ class SyncPeerClient:
     def close(self) -> None:
         self._client.close()
 
+    @overload
     def call(
         self,
         *,
@@ -336,10 +411,39 @@ class SyncPeerClient:
         node_id: str,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
-    ) -> dict[str, Any]:
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def call(
+        self,
+        *,
+        url: str,
+        node_id: str,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[M],
+    ) -> M: ...
+
+    def call(
+        self,
+        *,
+        url: str,
+        node_id: str,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        """Call ``node_id`` at ``url``. With ``answer``, the answer parsed as that type."""
         body = encode_body(payload)
         headers = {"content-type": "application/json"} if payload is not None else {}
         kwargs: dict[str, Any] = {}
@@ -359,13 +463,17 @@ class SyncPeerClient:
             )
         except httpx.HTTPError as exc:
             raise transport_error(exc, peer=node_id, url=url) from exc
-        return decode_response(response, peer=node_id)
+        decoded = decode_response(response, peer=node_id)
+        if answer is None:
+            return decoded
+        return parse_answer(decoded, answer, peer=node_id, what=f"{method} {path}")
 
 
 __all__ = [
     "PEER_LIMITS",
     "PeerClient",
     "PeerTransport",
+    "RequestBody",
     "RevokedNode",
     "SignedAuth",
     "SyncPeerClient",
@@ -374,5 +482,6 @@ __all__ = [
     "encode_body",
     "expected_peer",
     "identity_error",
+    "parse_answer",
     "transport_error",
 ]

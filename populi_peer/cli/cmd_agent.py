@@ -8,8 +8,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from enrollment.errors import EnrollmentError
 from populi_peer.cli.common import add_data_dir, config_of, data_dir_of
-from populi_peer.errors import ConfigError, PopuliError
+from populi_peer.errors import ConfigError, PopuliError, translate_enrollment
 
 
 def register(subparsers: Any) -> None:
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
 def one_error(group: BaseExceptionGroup[BaseException], listen: str) -> BaseException:
     """The one line a user sees for an agent that failed inside its nurseries: the first
-    Populi error in ``group``, a listen address that cannot be bound, else the group."""
+    Populi (or enrollment, translated) error in ``group``, a listen address that cannot be
+    bound, else the group."""
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:
@@ -85,8 +87,8 @@ def one_error(group: BaseExceptionGroup[BaseException], listen: str) -> BaseExce
 
     walk(group)
     for leaf in leaves:
-        if isinstance(leaf, PopuliError):
-            return leaf
+        if isinstance(leaf, (PopuliError, EnrollmentError)):
+            return translate_enrollment(leaf)
     for leaf in leaves:
         if isinstance(leaf, OSError) and leaf.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
             return ConfigError(

@@ -46,6 +46,22 @@ def _print(answer: dict[str, Any], as_json: bool) -> None:
     sys.stdout.write(
         f"serial {settings['serial']}, signed by {settings['signer']} for {settings['actor']}\n"
     )
+    push = answer.get("push")
+    if push is not None:
+        sys.stdout.write(push_summary(push) + "\n")
+
+
+def push_summary(push: dict[str, Any]) -> str:
+    """Which nodes confirmed the new record; the others get it with their next heartbeat."""
+    confirmed = len(push["confirmed"])
+    missing = push["unconfirmed"]
+    if not missing:
+        return f"pushed to every node ({confirmed} confirmed)"
+    names = ", ".join(f"{u['name']} ({u['reason']})" for u in missing)
+    return (
+        f"pushed: {confirmed} confirmed; NOT confirmed by {names} — "
+        "they get it with their next heartbeat"
+    )
 
 
 def _text(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 from typing import Any
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         f"term           {status['term']}",
         f"control plane  {cp['node_id']} at {cp['url']}{'  (this node)' if cp['is_self'] else ''}",
         *health_lines(status.get("health")),
+        *standing_lines(status.get("standing")),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
@@ -52,4 +54,26 @@ def health_lines(health: Any) -> list[str]:
             f"  {problem['component']}: {problem['code']} since {since} "
             f"({problem['failures']} failures): {problem['message']}"
         )
+    return lines
+
+
+def standing_lines(standing: dict[str, Any] | None) -> list[str]:
+    """Nothing for a member; for a node out of the cluster, what happened and how back."""
+    if not standing or standing.get("state") == "member":
+        return []
+    if standing["state"] == "retired":
+        parts = ["RETIRED"]
+        if standing.get("since_ms"):
+            since = dt.datetime.fromtimestamp(standing["since_ms"] / 1000, tz=dt.UTC)
+            parts.append(f"since {since:%Y-%m-%d %H:%M:%SZ}")
+        if standing.get("by"):
+            parts.append(f"by {standing['by']}")
+        if standing.get("reason"):
+            parts.append(f"({standing['reason']})")
+        head = " ".join(parts)
+    else:
+        head = "UNKNOWN to the control plane (deleted, or its certificate expired)"
+    lines = [f"membership     {head}; this node takes no work"]
+    for index, step in enumerate(standing.get("rejoin") or []):
+        lines.append(f"{'to re-join' if index == 0 else '':<15}{index + 1}. {step}")
     return lines

@@ -76,26 +76,37 @@ class Local:
         """One keep-alive client for the whole command (a TLS handshake per request adds up
         when ``populi run`` follows a task). Every call checks which node answers: the
         certificate must name the node the call expects, and neither that node nor the
-        certificate may be revoked on this node's own list (docs/adr/0009)."""
+        certificate may be revoked on this node's own list (docs/adr/0009) — except this
+        node itself, so that a retired node's CLI can still ask its own agent."""
         if self._client is None:
             from enrollment.ca import certificate_public_key
             from populi_peer.agent.revocations import RevocationState
             from populi_peer.api.client import SyncPeerClient
             from populi_peer.api.tls import peer_context
             from populi_peer.clock import SystemClock
+            from populi_peer.errors import enrollment_boundary
 
-            revocations = RevocationState(
-                self.store,
-                cluster_id=self.identity.cluster_id,
-                cluster_key=certificate_public_key(self.identity.ca_cert),
-            )
+            with enrollment_boundary():
+                revocations = RevocationState(
+                    self.store,
+                    cluster_id=self.identity.cluster_id,
+                    cluster_key=certificate_public_key(self.identity.ca_cert),
+                )
+            own_id = self.identity.node_id
+
+            # A retired node's own CLI still reaches its own agent (which says that it
+            # was retired, and how to re-join); every other node is checked.
+            def peer_revoked(node_id: str) -> bool:
+                return node_id != own_id and revocations.is_revoked(node_id)
+
+            def certificate_revoked(node_id: str, serial: str) -> bool:
+                return node_id != own_id and revocations.is_certificate_revoked(node_id, serial)
+
             self._client = SyncPeerClient(
                 credential=self.identity.cli_credential,
                 clock=SystemClock(),
-                verify=peer_context(
-                    self.identity.paths.ca_cert, revoked=revocations.is_certificate_revoked
-                ),
-                is_revoked=revocations.is_revoked,
+                verify=peer_context(self.identity.paths.ca_cert, revoked=certificate_revoked),
+                is_revoked=peer_revoked,
             )
         return self._client
 

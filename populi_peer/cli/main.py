@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from enrollment.errors import EnrollmentError
 from populi_peer.cli import (
     cmd_agent,
     cmd_demo,
@@ -30,7 +31,7 @@ from populi_peer.cli import (
     cmd_token,
 )
 from populi_peer.cli.common import ArgParser
-from populi_peer.errors import PopuliError
+from populi_peer.errors import PopuliError, translate_enrollment
 from populi_peer.selfexec import SUPERVISOR_VERB
 
 
@@ -91,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         code = handler(args)
-    except PopuliError as exc:
+    except (PopuliError, EnrollmentError) as caught:
         _debug_trace()
+        exc = translate_enrollment(caught)
         sys.stderr.write(f"populi: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:

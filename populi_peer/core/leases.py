@@ -1013,12 +1013,24 @@ class LeaseTable:
         )
 
     def renew(
-        self, lease_id: str, holder: str, *, now_mono: float, now_wall_ms: int
+        self,
+        lease_id: str,
+        holder: str,
+        *,
+        now_mono: float,
+        now_wall_ms: int,
+        before_start: bool = False,
+        remote_refusal: str | None = None,
     ) -> tuple[LeaseTable, LeaseChange]:
         """Extend a live lease to ``now_mono + ttl_s``. Only a lease live on the control
         plane's own clock renews: past ``expires_mono`` it is refused (``lease_not_live``)
         even before :meth:`expire_due` declares it dead (safety rule 4). A revoking lease
-        answers ``lease_revoked``: the holder must stop. Nothing to persist."""
+        answers ``lease_revoked``: the holder must stop. Nothing to persist.
+
+        ``before_start``: the holder's renewal before it starts the task (safety rule 3).
+        A remote lease is then refused for ``remote_refusal`` (the cluster settings now
+        forbid remote execution: ``remote_disabled``, ``kill_switch``), so no remote
+        attempt starts after the settings turned it off; a running one keeps renewing."""
         _check_now(now_mono)
         _check_ms(now_wall_ms, "now_wall_ms")
         lease = self.get(lease_id)
@@ -1031,6 +1043,8 @@ class LeaseTable:
             reasons.append("lease_revoked")
         elif "renew" not in TRANSITIONS[lease.state] or now_mono > lease.expires_mono:
             reasons.append("lease_not_live")
+        elif before_start and lease.kind == "remote" and remote_refusal is not None:
+            reasons.append(remote_refusal)
         if reasons:
             raise LeaseRefused(
                 f"renewal of lease {lease_id} ({lease.state}) refused: {', '.join(reasons)}",

@@ -157,6 +157,17 @@ def validate_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def remote_refusal(values: Mapping[str, Any]) -> str | None:
+    """Why these settings forbid remote execution now, if they do: ``kill_switch`` (it wins
+    over everything) or ``remote_disabled``. The one rule the control plane applies at grant
+    time and at a worker's pre-start renewal, and every node applies to its own work."""
+    if values.get("kill_switch"):
+        return "kill_switch"
+    if not values.get("remote_exec_enabled"):
+        return "remote_disabled"
+    return None
+
+
 def parse_setting(key: str, text: str) -> Any:
     """Parse the text of ``populi settings set KEY VALUE``."""
     spec = _BY_KEY.get(key)
@@ -191,6 +202,7 @@ __all__ = [
     "SettingSpec",
     "defaults",
     "parse_setting",
+    "remote_refusal",
     "validate_settings",
     "validate_value",
 ]

@@ -39,7 +39,7 @@ import locale
 import logging
 import math
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -51,7 +51,7 @@ from typing import IO, Any
 
 from populi_peer.clock import boot_time
 from populi_peer.errors import BadRequest
-from populi_peer.exec import _cgroup, _files, _proc
+from populi_peer.exec import _cgroup, _files, _proc, _timing
 from populi_peer.exec._records import (
     StopReason,
     StreamTotals,
@@ -207,7 +207,7 @@ class _Supervisor:
         reason: StopReason | None = None
         if self._cancel_requested():
             reason = "cancelled"
-        elif deadline is None or now >= deadline - spec.stop_margin_s:
+        elif not _timing.may_start(now, deadline, spec.stop_margin_s):
             reason = "deadline"
         if reason is not None:
             log.info("not starting: %s (deadline %s, now %.3f)", reason, deadline, now)
@@ -347,11 +347,12 @@ class _Supervisor:
     # -- the loop ------------------------------------------------------------------
     def _loop(self, spec: TaskSpec) -> None:
         assert self.st is not None
-        poller = select.poll()
+        # poll(2) underneath: a hang-up or an error counts as readable, as with POLLIN.
+        poller = selectors.PollSelector()
         for fd in self.writers:
-            poller.register(fd, select.POLLIN)
+            poller.register(fd, selectors.EVENT_READ)
         if self.pidfd is not None:
-            poller.register(self.pidfd, select.POLLIN)
+            poller.register(self.pidfd, selectors.EVENT_READ)
         empty_since: float | None = None
         last_refresh = boot_time()
         stop_at = math.inf
@@ -360,7 +361,7 @@ class _Supervisor:
             now = boot_time()
             if not self.stopping:
                 deadline = _files.read_deadline(self.dir / _files.DEADLINE)
-                stop_at = -math.inf if deadline is None else deadline - spec.stop_margin_s
+                stop_at = _timing.stop_at(deadline, spec.stop_margin_s)
                 if self.main_reaped:
                     self._begin_stop("exited", now, deadline, spec)
                 elif self._cancel_requested():
@@ -384,7 +385,8 @@ class _Supervisor:
                         return
             # While running, wake exactly at the stop point, not up to a tick after it.
             timeout_s = STOP_TICK_S if self.stopping else min(TICK_S, max(0.0, stop_at - now))
-            for fd, _event in poller.poll(math.ceil(timeout_s * 1000)):
+            for key, _events in poller.select(timeout_s):
+                fd = key.fd
                 if fd == self.pidfd:
                     self._reap()
                     if self.main_reaped:
@@ -428,12 +430,10 @@ class _Supervisor:
             changes["deadline_boot"] = deadline
         if alive or reason != "exited":
             changes["stop_requested_at_boot"] = now
-            self.kill_at = now + spec.kill_grace_s
-            if deadline is not None:
-                # A late stop (the machine was suspended or this process starved past
-                # deadline - margin) gets only what is left of the grace: SIGKILL never
-                # comes later than it would have on time, and at once if that is past.
-                self.kill_at = min(self.kill_at, deadline - spec.stop_margin_s + spec.kill_grace_s)
+            # A late stop gets only what is left of the grace (exec/_timing.py).
+            self.kill_at = _timing.plan_stop(
+                now, deadline, stop_margin_s=spec.stop_margin_s, kill_grace_s=spec.kill_grace_s
+            ).kill_at
             if reason == "exited":
                 log.info("command exited; stopping what it left behind")
             else:

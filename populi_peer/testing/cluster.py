@@ -8,6 +8,11 @@ pinned CA, challenge, proof). Run it on trio's ``MockClock`` (pytest-trio's
         await cluster.wait_until(lambda: cluster.cp.heartbeats.age_ms(cluster["w1"].node_id) is not None)
         cluster.network.partition(cluster["w1"].node_id, cluster.cp.node_id)
 
+A node whose config names no GPU capture replays a real one whose ``nvmlInit`` fails as
+on a machine without a loaded driver (:func:`write_no_driver_capture`): the real NVML runs
+in worker threads, and threads do not mix with an autojump clock (it jumps while a thread
+answers, past the call's timeout), whatever GPU the test machine has.
+
 ``crash(name)`` cancels an agent without any graceful step (like SIGKILL: its tasks stop,
 its store is closed, nothing is said to anyone); ``start(name)`` brings it back from its
 data directory, as a restart would.
@@ -16,9 +21,13 @@ data directory, as a restart would.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import json
+import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +39,9 @@ from populi_peer.api.client import SignedAuth
 from populi_peer.cluster import init_cluster
 from populi_peer.config import Config
 from populi_peer.joining import join_cluster
-from populi_peer.testing.clock import VirtualClock
+from populi_peer.testing.clock import VirtualClock, require_mock_clock
 from populi_peer.testing.network import Faults, MemoryNetwork
+from populi_peer.testing.waiting import Changes, wait_for
 
 
 @dataclass
@@ -58,8 +68,42 @@ class VirtualNode:
 
 AgentFactory = Callable[..., Agent]
 
+#: The capture :func:`write_no_driver_capture` starts from.
+NO_DRIVER_BASE_CAPTURE = "h100-80gb-hbm3-idle.json"
+
+
+def write_no_driver_capture(folder: Path, name: str = "no-gpu-driver.json") -> Path:
+    """Write a real capture whose ``nvmlInit`` fails as on a machine without a loaded
+    driver (a CPU-only node, replayed: no NVML thread); returns its path."""
+    text = resources.files("populi_peer.gpu").joinpath("captures", NO_DRIVER_BASE_CAPTURE)
+    data = copy.deepcopy(json.loads(text.read_text("utf-8")))
+    data["init"] = {"error": "NVMLError_DriverNotLoaded", "code": 9, "msg": "Driver Not Loaded"}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(data), "utf-8")
+    return path
+
+
+def replayed_gpu(config: Config, folder: Path) -> Config:
+    """``config``, with the no-driver capture (written in ``folder``) when it names no
+    GPU capture: a virtual node never runs the real NVML."""
+    if config.gpu.fixture:
+        return config
+    capture = folder / "no-gpu-driver.json"
+    if not capture.exists():
+        write_no_driver_capture(folder)
+    return dataclasses.replace(config, gpu=dataclasses.replace(config.gpu, fixture=str(capture)))
+
+
+OnResponse = Callable[[httpx.Request, httpx.Response], None]
+
 
 class VirtualCluster:
+    """Agents on one memory network. ``make_network(cluster)`` builds another network
+    (a :class:`MemoryNetwork` subclass) from the cluster's ``seed``, ``faults`` and
+    ``on_response``; ``changes`` fires at every delivery (:meth:`wait_until` wakes on it).
+    """
+
     def __init__(
         self,
         root: Path,
@@ -69,15 +113,34 @@ class VirtualCluster:
         faults: Faults | None = None,
         config: Config | None = None,
         agent_factory: AgentFactory = Agent,
-        on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
+        on_response: OnResponse | None = None,
+        make_network: Callable[[VirtualCluster], MemoryNetwork] | None = None,
+        changes: Changes | None = None,
     ) -> None:
+        require_mock_clock("a VirtualCluster")
         self.root = root
         self.nursery = nursery
-        self.network = MemoryNetwork(seed=seed, faults=faults or Faults(), on_response=on_response)
+        self.seed = seed
+        self.faults = faults or Faults()
+        self.changes = changes or Changes()
+        self._on_response = on_response
+        self.node_ids: dict[str, str] = {}
+        self.network = (
+            make_network(self)
+            if make_network is not None
+            else MemoryNetwork(seed=seed, faults=self.faults, on_response=self.on_response)
+        )
         self.config = config or Config()
         self.agent_factory = agent_factory
         self.nodes: dict[str, VirtualNode] = {}
-        self.node_ids: dict[str, str] = {}
+
+    def on_response(self, request: httpx.Request, response: httpx.Response) -> None:
+        """Every delivered answer: the caller's own hook, then a change for the waiters."""
+        try:
+            if self._on_response is not None:
+                self._on_response(request, response)
+        finally:
+            self.changes.notify()
 
     def __getitem__(self, name: str) -> Agent:
         agent = self.nodes[name].agent
@@ -122,11 +185,11 @@ class VirtualCluster:
         node = self.nodes[name]
         node.done = trio.Event()
         url = f"https://{node.host}:443"
+        config = replayed_gpu(node.config, self.root)
         agent = self.agent_factory(
             data_dir=node.data_dir,
             config=dataclasses.replace(
-                node.config,
-                node=dataclasses.replace(node.config.node, advertise=[f"{node.host}:443"]),
+                config, node=dataclasses.replace(config.node, advertise=[f"{node.host}:443"])
             ),
             clock=node.clock,
             network=self.network,
@@ -150,6 +213,14 @@ class VirtualCluster:
 
         await self.nursery.start(run)
         return agent
+
+    async def start_copy(self, name: str, template: Path) -> Agent:
+        """Start ``name`` from a copy of ``template / name``, a data directory of an
+        earlier virtual cluster (named and addressed as there when the nodes are added
+        in the same order)."""
+        shutil.copytree(template / name, self.root / name)
+        self._new_node(name, address=None, skew_s=0.0, config=None)
+        return await self.start(name)
 
     async def crash(self, name: str) -> None:
         """Stop an agent abruptly: no leave, no graceful steps."""
@@ -216,14 +287,19 @@ class VirtualCluster:
         return await self.start(name) if start else None
 
     async def wait_until(
-        self, predicate: Callable[[], bool], *, timeout_s: float = 60.0, poll_s: float = 0.05
+        self,
+        predicate: Callable[[], object],
+        *,
+        timeout_s: float = 60.0,
+        poll_s: float = 0.05,
+        what: str = "the condition",
     ) -> float:
-        """Wait (virtual time) until ``predicate()``; returns how long it took."""
-        started = trio.current_time()
-        with trio.fail_after(timeout_s):
-            while not predicate():  # noqa: ASYNC110 - polls state owned by other tasks
-                await trio.sleep(poll_s)
-        return trio.current_time() - started
+        """Wait (virtual time) until ``predicate()``, looking again at every delivery
+        (:func:`~populi_peer.testing.waiting.wait_for`); returns how long it took."""
+        _, took = await wait_for(
+            what, predicate, timeout_s=timeout_s, poll_s=poll_s, changes=self.changes
+        )
+        return took
 
     async def aclose(self) -> None:
         for name, node in self.nodes.items():
@@ -239,10 +315,19 @@ async def open_virtual_cluster(
     seed: int = 0,
     faults: Faults | None = None,
     config: Config | None = None,
+    worker_config: Config | None = None,
     agent_factory: AgentFactory = Agent,
-    on_response: Callable[[httpx.Request, httpx.Response], None] | None = None,
+    on_response: OnResponse | None = None,
+    make_network: Callable[[VirtualCluster], MemoryNetwork] | None = None,
+    changes: Changes | None = None,
+    template: Path | None = None,
 ) -> AsyncIterator[VirtualCluster]:
-    """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``."""
+    """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``;
+    every node runs ``config``, the workers ``worker_config`` when it is given. With
+    ``template`` (the ``root`` of an earlier cluster of as many workers), the nodes are
+    copies of its data directories, restarted, instead of a new cluster. The other
+    arguments are :class:`VirtualCluster`'s."""
+    require_mock_clock("a VirtualCluster")
     async with trio.open_nursery() as nursery:
         cluster = VirtualCluster(
             root,
@@ -252,10 +337,17 @@ async def open_virtual_cluster(
             config=config,
             agent_factory=agent_factory,
             on_response=on_response,
+            make_network=make_network,
+            changes=changes,
         )
-        await cluster.init("cp")
-        for index in range(1, workers + 1):
-            await cluster.join(f"w{index}")
+        workers_named = [f"w{index}" for index in range(1, workers + 1)]
+        if template is not None:
+            for name in ("cp", *workers_named):
+                await cluster.start_copy(name, template)
+        else:
+            await cluster.init("cp")
+            for name in workers_named:
+                await cluster.join(name, config=worker_config)
         try:
             yield cluster
         finally:
@@ -264,4 +356,34 @@ async def open_virtual_cluster(
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["VirtualCluster", "VirtualNode", "open_virtual_cluster"]
+@contextlib.asynccontextmanager
+async def open_virtual_agent(
+    data_dir: Path, *, url: str, config: Config | None = None
+) -> AsyncIterator[Agent]:
+    """One agent on virtual time over the initialised ``data_dir``, with no network: tests
+    call its ASGI app (``agent.app``) directly. Stopped gracefully when the block ends."""
+    require_mock_clock("a virtual agent")
+    agent = Agent(
+        data_dir=data_dir,
+        config=replayed_gpu(config or Config(), data_dir.parent),
+        clock=VirtualClock(),
+        serve=False,
+        url=url,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        try:
+            yield agent
+        finally:
+            agent.request_stop()
+            await agent.stopped.wait()
+
+
+__all__ = [
+    "VirtualCluster",
+    "VirtualNode",
+    "open_virtual_agent",
+    "open_virtual_cluster",
+    "replayed_gpu",
+    "write_no_driver_capture",
+]

@@ -7,7 +7,10 @@
 into a shared :class:`Ledger`, and is stopped by a simulated *supervisor* that enforces
 the lease deadline on the node's ``boot()`` clock by itself, exactly as the real one does
 on ``CLOCK_BOOTTIME`` (safety rule 3): it starts stopping at ``deadline -
-spec.stop_margin_s``, a cancel stops it too, renewals only move the deadline later.
+spec.stop_margin_s``, a cancel stops it too, renewals only move the deadline later. Its
+timeline is the real supervisor's, :mod:`populi_peer.exec._timing`: a task whose deadline
+is already too close is never started, and a stop's SIGKILL and end come from
+:func:`~populi_peer.exec._timing.plan_stop`.
 
 The argv of a simulated task::
 
@@ -15,9 +18,12 @@ The argv of a simulated task::
 
 ``DURATION_S``: seconds of virtual time the task runs when nothing stops it; ``EXIT_CODE``
 (default 0) what it exits with then; ``TERM_DELAY_S`` (default 0) how long it takes to
-exit after SIGTERM — the supervisor "SIGKILLs" it ``spec.kill_grace_s`` after SIGTERM,
-so a task slower than the grace is killed then. An argv that does not start with ``sim``
-cannot be started (:class:`~populi_peer.exec.SpawnFailed`, exit 127).
+exit after SIGTERM — the supervisor "SIGKILLs" it ``spec.kill_grace_s`` after SIGTERM
+(less when the stop began late), so a task slower than the grace is killed then, and is
+gone ``kill_latency_s`` later: the node's ``exec.kill_latency_s``, the most the
+configuration allows, so that the simulation plays the worst case the stop margin must
+cover. An argv that does not start with ``sim`` cannot be started
+(:class:`~populi_peer.exec.SpawnFailed`, exit 127).
 
 Supervisors run in a nursery owned by :class:`SimHost` (the test), not by the agent, so
 they survive the agent's crash (``VirtualCluster.crash``), and :meth:`SimExecutor.adopt`
@@ -49,6 +55,7 @@ import trio
 
 from populi_peer.agent.agent import Agent
 from populi_peer.clock import Clock
+from populi_peer.config import Config
 from populi_peer.exec import (
     SpawnFailed,
     StreamTotals,
@@ -58,8 +65,10 @@ from populi_peer.exec import (
     TaskOutcome,
     TaskSpec,
     _files,
+    _timing,
 )
-from populi_peer.testing.clock import VirtualClock
+from populi_peer.testing.clock import VirtualClock, require_mock_clock
+from populi_peer.testing.waiting import Changes
 
 #: How often a running simulated task writes a tick into the ledger.
 DEFAULT_TICK_S = 0.25
@@ -90,6 +99,8 @@ class Run:
     stopped_boot: float | None = None
     stop_reason: str | None = None
     stop_requested: float | None = None
+    #: When the supervisor sent SIGKILL (trio's clock), if it had to.
+    sigkill: float | None = None
     exit_code: int | None = None
     signal: int | None = None
     ticks: list[float] = field(default_factory=list)
@@ -254,12 +265,13 @@ class SimExecution:
             if self.cancel_requested:
                 stop_reason = "cancelled"
                 break
-            if clock.boot() >= self.deadline_boot - self.spec.stop_margin_s:
+            stop_at_boot = _timing.stop_at(self.deadline_boot, self.spec.stop_margin_s)
+            if clock.boot() >= stop_at_boot:
                 stop_reason = "deadline"
                 break
             # Wake at the stop time as the boot clock says now; a suspend that moves the
             # boot clock pokes (SimHost.suspend), else it is seen at the next tick.
-            stop_at = now + (self.deadline_boot - self.spec.stop_margin_s - clock.boot())
+            stop_at = now + (stop_at_boot - clock.boot())
             self._poke = trio.Event()
             with trio.move_on_at(max(min(stop_at, natural_end, next_tick), now + 1e-6)):
                 await self._poke.wait()
@@ -269,26 +281,42 @@ class SimExecution:
             self._finish("exited", exit_code=self.exit_code, signal=None)
             return
         # SIGTERM now; the task exits after its own delay (or by itself, if it ends
-        # first), or is SIGKILLed once the grace has passed.
-        run.stop_requested = trio.current_time()
+        # first), or is SIGKILLed when the plan says and gone a kill latency later.
+        now = run.stop_requested = trio.current_time()
         stop_boot = clock.boot()
-        killed = self.term_delay_s > self.spec.kill_grace_s
-        until = run.stop_requested + (self.spec.kill_grace_s if killed else self.term_delay_s)
-        ended_by_itself = natural_end <= until
-        until = min(until, natural_end)
+        plan = _timing.plan_stop(
+            stop_boot,
+            self.deadline_boot,
+            stop_margin_s=self.spec.stop_margin_s,
+            kill_grace_s=self.spec.kill_grace_s,
+            kill_latency_s=self.executor.kill_latency_s,
+        )
+        end_boot, killed = plan.ended(self.term_delay_s)
+        # Boot-clock instants of the plan on trio's clock (a suspend meanwhile is ignored).
+        kill_at = now + (plan.kill_at - stop_boot)
+        until = now + (end_boot - stop_boot)
+        ended_by_itself = natural_end <= (kill_at if killed else until)
+        if ended_by_itself:
+            until = natural_end
+        # The task ticks until it exits or is SIGKILLed (a killed task is dead, though
+        # not yet gone).
+        ticks_until = min(until, kill_at)
         while trio.current_time() < until:
             now = trio.current_time()
-            while next_tick <= now:
+            while next_tick <= now and next_tick < ticks_until:
                 run.ticks.append(next_tick)
                 next_tick += self.executor.tick_s
-            await trio.sleep_until(min(until, next_tick))
+            await trio.sleep_until(min(next_tick, until) if next_tick < ticks_until else until)
             if self.gone.is_set():
                 return
+        if killed and not ended_by_itself:
+            run.sigkill = kill_at
         self._finish(
             stop_reason,
             exit_code=self.exit_code if ended_by_itself else None,
             signal=None if ended_by_itself else (SIGKILL if killed else SIGTERM),
             stop_requested_at_boot=stop_boot,
+            sigkill_at_boot=plan.kill_at if killed and not ended_by_itself else None,
         )
 
     def _finish(
@@ -298,6 +326,7 @@ class SimExecution:
         exit_code: int | None,
         signal: int | None,
         stop_requested_at_boot: float | None = None,
+        sigkill_at_boot: float | None = None,
     ) -> None:
         clock = self.executor.clock
         run = self.run
@@ -312,6 +341,7 @@ class SimExecution:
             isolation="process_group",
             stop_reason=stop_reason,
             stop_requested_at_boot=stop_requested_at_boot,
+            sigkill_at_boot=sigkill_at_boot,
             stopped_at_boot=run.stopped_boot,
             stopped_at_wall=clock.wall(),
             exit_code=exit_code,
@@ -321,6 +351,29 @@ class SimExecution:
         self._write_state(state)
         self.outcome = TaskOutcome.from_state(state)
         self.gone.set()
+        self.executor.host.changes.notify()
+
+    def _never_started(self) -> None:
+        """As the real supervisor when the deadline is already too close: the command is
+        not started at all (safety rule 3), the final state says why."""
+        clock = self.executor.clock
+        run = self.run
+        run.stopped, run.stopped_boot, run.stop_reason = run.started, run.started_boot, "deadline"
+        state = replace(
+            self._state(
+                "exited",
+                stop_reason="deadline",
+                stop_requested_at_boot=run.started_boot,
+                stopped_at_boot=run.started_boot,
+                stopped_at_wall=clock.wall(),
+            ),
+            started_at_boot=None,
+            started_at_wall=None,
+        )
+        self._write_state(state)
+        self.outcome = TaskOutcome.from_state(state)
+        self.gone.set()
+        self.executor.host.changes.notify()
 
     def kill(self, reason: str) -> bool:
         """The supervisor dies at once and its task with it (SIGKILL, power loss); no final
@@ -334,6 +387,7 @@ class SimExecution:
         run.signal = SIGKILL
         self.gone.set()
         self._poke.set()
+        self.executor.host.changes.notify()
         return True
 
 
@@ -341,11 +395,15 @@ class SimExecutor:
     """One node's executor: simulated supervisors in ``host``'s nursery, deadlines on
     ``clock.boot()``, runs recorded in ``host.ledger``."""
 
-    def __init__(self, host: SimHost, node: str, clock: Clock) -> None:
+    def __init__(
+        self, host: SimHost, node: str, clock: Clock, *, kill_latency_s: float = 0.0
+    ) -> None:
         self.host = host
         self.node = node
         self.clock = clock
         self.tick_s = host.tick_s
+        #: How long a SIGKILLed task takes to be gone (the worst case the node allows).
+        self.kill_latency_s = kill_latency_s
         #: Every supervisor this node ever started, by absolute task directory.
         self.executions: dict[Path, SimExecution] = {}
 
@@ -387,7 +445,11 @@ class SimExecutor:
             term_delay_s=term_delay,
         )
         self.executions[task_dir] = execution
+        if not _timing.may_start(run.started_boot, deadline_boot, spec.stop_margin_s):
+            execution._never_started()  # not in the ledger: the task did not run
+            return execution
         self.host.ledger.runs.append(run)
+        self.host.changes.notify()
         execution._write_state(execution._state("running", isolation="process_group"))
         self.host.nursery.start_soon(execution.supervise)
         return execution
@@ -436,25 +498,35 @@ class SimHost:
     supervisors run."""
 
     def __init__(self, nursery: trio.Nursery, *, tick_s: float = DEFAULT_TICK_S) -> None:
+        require_mock_clock("a SimHost")
         self.nursery = nursery
         self.tick_s = tick_s
         self.ledger = Ledger()
+        #: Fires whenever a simulated task starts or ends (give it to the virtual
+        #: cluster, ``open_virtual_cluster(changes=host.changes)``, to wait on both).
+        self.changes = Changes()
         self.executors: dict[str, SimExecutor] = {}
 
-    def executor(self, node: str, clock: Clock) -> SimExecutor:
-        """The executor of ``node`` (created on first use, bound to ``clock``)."""
+    def executor(self, node: str, clock: Clock, *, kill_latency_s: float = 0.0) -> SimExecutor:
+        """The executor of ``node`` (created on first use, bound to ``clock``; a SIGKILLed
+        task is gone ``kill_latency_s`` later)."""
         executor = self.executors.get(node)
         if executor is None:
             executor = self.executors[node] = SimExecutor(self, node, clock)
         executor.clock = clock
+        executor.kill_latency_s = kill_latency_s
         return executor
 
     def agent_factory(self, **kwargs: Any) -> Agent:
         """For ``open_virtual_cluster(agent_factory=...)``: an :class:`Agent` whose
         executor is its node's :class:`SimExecutor` (the node is named by its data
-        directory, as in the virtual cluster)."""
+        directory, as in the virtual cluster), killing with the node's own
+        ``exec.kill_latency_s``."""
         data_dir: Path = kwargs["data_dir"]
-        executor = self.executor(data_dir.name, kwargs["clock"])
+        config: Config = kwargs["config"]
+        executor = self.executor(
+            data_dir.name, kwargs["clock"], kill_latency_s=config.exec.kill_latency_s
+        )
         return Agent(**kwargs, executor=executor)
 
     def power_off(self, node: str) -> int:
@@ -474,6 +546,7 @@ class SimHost:
 @contextlib.asynccontextmanager
 async def open_sim_host(*, tick_s: float = DEFAULT_TICK_S) -> AsyncIterator[SimHost]:
     """A :class:`SimHost` whose supervisors are cancelled when the block ends."""
+    require_mock_clock("a SimHost")
     async with trio.open_nursery() as nursery:
         host = SimHost(nursery, tick_s=tick_s)
         try:

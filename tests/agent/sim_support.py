@@ -66,8 +66,7 @@ from populi_peer.core.tasks import TERMINAL_STATES as TASK_TERMINAL_STATES
 from populi_peer.core.tasks import Task
 from populi_peer.store import Store
 from populi_peer.testing import Faults, MemoryNetwork
-from populi_peer.testing.clock import VirtualClock
-from populi_peer.testing.cluster import VirtualCluster, VirtualNode, open_virtual_cluster
+from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from populi_peer.testing.sim import Ledger, Run, SimHost, open_sim_host
 
 E = TypeVar("E", bound=BaseException)
@@ -737,12 +736,14 @@ async def _set_cluster_settings(cluster: VirtualCluster, **more: Any) -> None:
 
 
 async def _setup(cluster: VirtualCluster) -> None:
-    """Until every node has the settings and the control plane sees every GPU."""
+    """Until every node has the settings, the control plane sees every GPU and every node
+    knows every other (settings are pushed at once; membership travels with heartbeats)."""
     await cluster.wait_until(
         lambda: all(
             cluster[n].records.settings["remote_exec_enabled"]
             and cluster[n].records.settings["max_lease_ttl_s"] == TTL_S
             and cluster.cp.allocatable_gpus(cluster[n].node_id)[0]
+            and all(cluster[n].membership.get(cluster[m].node_id) for m in cluster.nodes)
             for n in cluster.nodes
         ),
         timeout_s=30,
@@ -807,6 +808,7 @@ async def open_small_cluster(
             config=sim_config(),
             agent_factory=host.agent_factory,
             on_response=check,
+            changes=host.changes,
         ) as cluster,
     ):
         await _set_cluster_settings(cluster)
@@ -1045,37 +1047,26 @@ async def open_sim_cluster(
         for check in checks:
             check(request, response)
 
-    for name in NODES:
-        shutil.copytree(template / name, root / name)
-    async with open_sim_host() as host, trio.open_nursery() as nursery:
-        cluster = VirtualCluster(
+    def keyed_network(cluster: VirtualCluster) -> KeyedFaultNetwork:
+        return KeyedFaultNetwork(
+            names=cluster.node_ids, seed=cluster.seed, on_response=cluster.on_response
+        )
+
+    async with (
+        open_sim_host() as host,
+        open_virtual_cluster(
             root,
-            nursery,
+            workers=len(NODES) - 1,
+            template=template,
             seed=seed,
             config=sim_config(),
             agent_factory=_agent_factory(host, seed),
             on_response=on_response,
-        )
-        cluster.network = KeyedFaultNetwork(
-            names=cluster.node_ids, seed=seed, on_response=on_response
-        )
-        for number, name in enumerate(NODES, start=1):
-            # As the virtual cluster names and addresses its nodes (open_virtual_cluster).
-            cluster.nodes[name] = VirtualNode(
-                name=name,
-                data_dir=root / name,
-                clock=VirtualClock(),
-                config=cluster.config,
-                host=f"{name}.populi.test",
-                address=f"10.77.0.{number}",
-            )
-            await cluster.start(name)
-        try:
-            yield cluster, host
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(30):
-                await cluster.aclose()
-            nursery.cancel_scope.cancel()
+            make_network=keyed_network,
+            changes=host.changes,
+        ) as cluster,
+    ):
+        yield cluster, host
 
 
 async def run_seed(

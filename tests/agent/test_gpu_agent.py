@@ -9,7 +9,6 @@ summary on its heartbeats. What the tests look at is the control plane's view: t
 
 from __future__ import annotations
 
-import copy
 import json
 from importlib import resources
 from pathlib import Path
@@ -31,7 +30,8 @@ from populi_peer.gpu import (
     open_probe,
 )
 from populi_peer.testing import VirtualClock
-from populi_peer.testing.cluster import VirtualCluster
+from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
+from populi_peer.testing.waiting import wait_for
 from support.vcluster import vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
@@ -58,9 +58,7 @@ def _write(folder: Path, name: str, data: Any) -> Path:
 
 def _no_driver(tmp_path: Path) -> Path:
     """A real capture whose nvmlInit fails as on a machine without a loaded driver."""
-    data = copy.deepcopy(_capture())
-    data["init"] = {"error": "NVMLError_DriverNotLoaded", "code": 9, "msg": "Driver Not Loaded"}
-    return _write(tmp_path / "fixtures", "no-driver.json", data)
+    return write_no_driver_capture(tmp_path / "fixtures", "no-driver.json")
 
 
 def _sequence(tmp_path: Path, name: str, *steps: dict[str, Any]) -> Path:
@@ -85,16 +83,16 @@ async def _gpus(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
 
 
 async def _wait_gpus(
-    client: httpx.AsyncClient, predicate: Any, *, timeout_s: float = 60.0, poll_s: float = 0.05
+    client: httpx.AsyncClient, predicate: Any, *, timeout_s: float = 60.0
 ) -> tuple[dict[str, dict[str, Any]], float]:
-    """Poll the route (virtual time) until ``predicate(view)``; the view and how long."""
-    started = trio.current_time()
-    with trio.fail_after(timeout_s):
-        while True:
-            view = await _gpus(client)
-            if predicate(view):
-                return view, trio.current_time() - started
-            await trio.sleep(poll_s)
+    """Ask the route (virtual time) until ``predicate(view)``; the view and how long. (It
+    polls: each look is itself a delivery, so it must not wake on the cluster's.)"""
+
+    async def view() -> dict[str, dict[str, Any]] | None:
+        answer = await _gpus(client)
+        return answer if predicate(answer) else None
+
+    return await wait_for("the GPU view", view, timeout_s=timeout_s)
 
 
 def _device(view: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
@@ -425,7 +423,7 @@ async def test_heartbeat_without_gpu_field_still_parses(
         assert answer["term"] == cp.term
         assert "gpu_facts_version" in answer and answer["gpu_registers"] == []
         assert cp.heartbeats.age_ms(w1.node_id) == 0
-        assert "gpu" not in cp.heartbeats.seen[w1.node_id].report
+        assert cp.heartbeats.seen[w1.node_id].report.gpu is None
         async with cluster.operator_client() as client:
             view = await _gpus(client)
         assert view["w1"]["devices"] == [] and not view["w1"]["heartbeat_stale"]

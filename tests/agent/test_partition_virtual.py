@@ -263,11 +263,11 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
 
         def delivered() -> bool:
             row = cluster["w2"].runner.row(task_id, 1, "worker")
-            return row is not None and row["delivered_ms"] is not None
+            return row is not None and row.delivered_ms is not None
 
         await cluster.wait_until(delivered, timeout_s=60)
         row = cluster["w2"].runner.row(task_id, 1, "worker")
-        assert row["state"] == "finished"
+        assert row is not None and row.state == "finished"
         extras = cluster["w1"].submitter.extras(task_id)
         if from_submitter:
             # Late (the task had long succeeded): recorded apart, never over the accepted

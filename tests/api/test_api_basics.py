@@ -4,6 +4,7 @@ import json
 
 import httpx
 import pytest
+from trio.testing import MockClock
 
 from enrollment.signing import HEADER_INPUT
 from populi_peer.agent.agent import Agent
@@ -11,7 +12,7 @@ from support.clients import signed_client, unsigned_client
 from support.contract import validate
 
 
-async def test_health_needs_no_signature(virtual_agent: Agent) -> None:
+async def test_health_needs_no_signature(autojump_clock: MockClock, virtual_agent: Agent) -> None:
     async with unsigned_client(virtual_agent) as client:
         response = await client.get("/v1/populi/health")
     assert response.status_code == 200
@@ -21,14 +22,18 @@ async def test_health_needs_no_signature(virtual_agent: Agent) -> None:
     assert int(response.headers["populi-server-time-ms"]) == body["server_time_ms"]
 
 
-async def test_status_without_signature_is_401(virtual_agent: Agent) -> None:
+async def test_status_without_signature_is_401(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with unsigned_client(virtual_agent) as client:
         response = await client.get("/v1/populi/status")
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "signature_missing"
 
 
-async def test_signed_status_answers_with_cluster_and_term(virtual_agent: Agent) -> None:
+async def test_signed_status_answers_with_cluster_and_term(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with signed_client(virtual_agent) as client:
         response = await client.get("/v1/populi/status")
     assert response.status_code == 200
@@ -39,7 +44,9 @@ async def test_signed_status_answers_with_cluster_and_term(virtual_agent: Agent)
     assert body["node"]["id"] == virtual_agent.node_id
 
 
-async def test_replayed_signed_request_is_refused(virtual_agent: Agent) -> None:
+async def test_replayed_signed_request_is_refused(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with signed_client(virtual_agent) as client:
         first = await client.get("/v1/populi/status")
         assert first.status_code == 200
@@ -52,7 +59,7 @@ async def test_replayed_signed_request_is_refused(virtual_agent: Agent) -> None:
     assert again.json()["error"]["code"] == "signature_replayed"
 
 
-async def test_correlation_id_is_echoed(virtual_agent: Agent) -> None:
+async def test_correlation_id_is_echoed(autojump_clock: MockClock, virtual_agent: Agent) -> None:
     async with unsigned_client(virtual_agent) as client:
         response = await client.get(
             "/v1/populi/health", headers={"populi-correlation-id": "abc-123"}
@@ -60,7 +67,9 @@ async def test_correlation_id_is_echoed(virtual_agent: Agent) -> None:
     assert response.headers["populi-correlation-id"] == "abc-123"
 
 
-async def test_node_credential_on_operator_route_is_403(virtual_agent: Agent) -> None:
+async def test_node_credential_on_operator_route_is_403(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with signed_client(
         virtual_agent, credential=virtual_agent.identity.node_credential
     ) as client:
@@ -71,7 +80,9 @@ async def test_node_credential_on_operator_route_is_403(virtual_agent: Agent) ->
     assert response.json()["error"]["code"] == "role_required"
 
 
-async def test_settings_change_is_signed_validated_and_versioned(virtual_agent: Agent) -> None:
+async def test_settings_change_is_signed_validated_and_versioned(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with signed_client(virtual_agent) as client:
         before = (await client.get("/v1/populi/settings")).json()["settings"]
         response = await client.post(
@@ -92,7 +103,9 @@ async def test_settings_change_is_signed_validated_and_versioned(virtual_agent: 
     assert virtual_agent.records.settings["max_lease_ttl_s"] == 60.0
 
 
-async def test_malformed_json_is_400_with_json_error(virtual_agent: Agent) -> None:
+async def test_malformed_json_is_400_with_json_error(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with signed_client(virtual_agent) as client:
         response = await client.post(
             "/v1/populi/admin/settings",
@@ -109,7 +122,7 @@ async def test_malformed_json_is_400_with_json_error(virtual_agent: Agent) -> No
     assert array.status_code == 400
 
 
-async def test_body_over_the_limit_is_413(virtual_agent: Agent) -> None:
+async def test_body_over_the_limit_is_413(autojump_clock: MockClock, virtual_agent: Agent) -> None:
     limit = virtual_agent.config.api.max_body_bytes
     payload = json.dumps({"changes": {"x": "a" * (limit + 10)}}).encode()
     async with signed_client(virtual_agent) as client:
@@ -122,7 +135,9 @@ async def test_body_over_the_limit_is_413(virtual_agent: Agent) -> None:
     assert response.json()["error"]["code"] == "payload_too_large"
 
 
-async def test_unknown_route_and_wrong_method(virtual_agent: Agent) -> None:
+async def test_unknown_route_and_wrong_method(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with signed_client(virtual_agent, validate=False) as client:
         missing = await client.get("/v1/populi/nothing")
         wrong = await client.delete("/v1/populi/status")
@@ -130,7 +145,9 @@ async def test_unknown_route_and_wrong_method(virtual_agent: Agent) -> None:
     assert wrong.status_code == 405
 
 
-async def test_tampered_signature_header_is_401(virtual_agent: Agent) -> None:
+async def test_tampered_signature_header_is_401(
+    autojump_clock: MockClock, virtual_agent: Agent
+) -> None:
     async with signed_client(virtual_agent) as client:
         request = client.build_request("GET", "/v1/populi/status")
         signed = next(client.auth.auth_flow(request))

@@ -28,11 +28,12 @@ import pytest
 import trio
 
 from populi_peer.agent.agent import Agent
-from populi_peer.cluster import init_cluster
+from populi_peer.cluster import InitResult
 from populi_peer.config import Config
 from populi_peer.core.registers import GPU_QUARANTINE_PREFIX
 from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
-from populi_peer.testing import VirtualClock
+from populi_peer.testing.clock import require_mock_clock
+from populi_peer.testing.cluster import open_virtual_agent
 from support.clients import signed_client, unsigned_client
 from support.vcluster import vcluster
 
@@ -45,30 +46,12 @@ QUARANTINED_GPU = "GPU-00000000-0000-0000-0000-00000000dead"
 
 
 @pytest.fixture
-async def agent(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> AsyncIterator[Agent]:
-    clock = VirtualClock()
-    data_dir = tmp_path / "cp"
-    init_cluster(
-        data_dir,
-        cluster_name="lab",
-        node_name="cp",
-        listen="127.0.0.1:0",
-        advertise=[],
-        force=False,
-        now_wall_s=clock.wall_start_s,
-    )
-    agent = Agent(
-        data_dir=data_dir,
-        config=Config(),
-        clock=clock,
-        serve=False,
-        url="https://cp.virtual:443",
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
+async def agent(cluster_dir: tuple[Path, InitResult]) -> AsyncIterator[Agent]:
+    """Built as ``virtual_agent``, with a port in its URL; needs the test to name
+    ``autojump_clock`` (it raises ``NotVirtualTime`` otherwise)."""
+    require_mock_clock("the agent fixture")
+    async with open_virtual_agent(cluster_dir[0], url="https://cp.virtual:443") as agent:
         yield agent
-        agent.request_stop()
-        await agent.stopped.wait()
 
 
 def client_for(agent: Agent, signer: str | None) -> httpx.AsyncClient:
@@ -270,6 +253,7 @@ for _route, _method, _path, _signer in [
     ("status", "GET", "/v1/populi/status", "operator"),
     ("settings_show", "GET", "/v1/populi/settings", "operator"),
     ("settings_set", "POST", "/v1/populi/admin/settings", "operator"),
+    ("settings_push", "POST", "/v1/populi/records/settings", "node"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -693,6 +677,18 @@ for _label, _body, _code in [
 for _label, _value in [("ttl-too-big", 1e9), ("ttl-string", "30")]:
     wrong("settings_set", "POST", "/v1/populi/admin/settings",
           {"changes": {"max_lease_ttl_s": _value}}, 400, "bad_setting", _label)
+wrong("settings_push", "POST", "/v1/populi/records/settings", {}, 400, "bad_request", "no-record",
+      signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": 5}, 400, "bad_request",
+      "record-number", signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": "populi-record-1.xx"}, 400,
+      "record_malformed", "record-garbage", signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", NOT_JSON, 400, "bad_json",
+      "malformed-json", signer="node")
+wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": "x"}, 403,
+      "role_required", "operator-is-no-voter")
+wrong("lease_renew", "POST", "/v1/populi/exec/leases/l-1/renew", {"before_start": "yes"}, 400,
+      "bad_request", "before-start-string")
 wrong("health", "GET", "/v1/populi/health?verbose=%ff%fe", b"x" * (LIMIT + 1), 413,
       "payload_too_large", "junk-query-and-oversize", signer=None)
 
@@ -710,7 +706,7 @@ def encode(body: Any) -> bytes | None:
 
 @pytest.mark.parametrize("row", ROWS)
 async def test_wrong_input_is_a_clear_4xx_and_writes_nothing(
-    agent: Agent, tmp_path: Path, row: Wrong
+    autojump_clock: trio.testing.MockClock, agent: Agent, tmp_path: Path, row: Wrong
 ) -> None:
     names = {route.name for route in agent.app.route_table()}
     assert row.route in names
@@ -734,7 +730,9 @@ async def test_wrong_input_is_a_clear_4xx_and_writes_nothing(
     assert before == after, f"a refused request changed: {differences(before, after)}"
 
 
-async def test_every_route_has_wrong_input(agent: Agent) -> None:
+async def test_every_route_has_wrong_input(
+    autojump_clock: trio.testing.MockClock, agent: Agent
+) -> None:
     """Every route of a real agent has rows, and the 413 row (the contract coverage test
     compares the same route table with the contract)."""
     covered = {param.values[0].route for param in ROWS}
@@ -759,7 +757,9 @@ async def test_a_grant_below_the_minimum_ttl_says_ttl_too_short(
     assert agent.leases.table is not None and not agent.leases.table.leases
 
 
-async def test_a_malformed_gpu_summary_cannot_break_the_listings(agent: Agent) -> None:
+async def test_a_malformed_gpu_summary_cannot_break_the_listings(
+    autojump_clock: trio.testing.MockClock, agent: Agent
+) -> None:
     summary = {"facts_version": "v-bad", "static": {"devices": 5}, "metrics": {}}
     async with client_for(agent, "node") as node, client_for(agent, "operator") as operator:
         beat = await node.post("/v1/populi/heartbeat", json={"gpu": summary})

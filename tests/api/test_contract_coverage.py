@@ -21,9 +21,11 @@ from openapi_spec_validator.readers import read_from_filename
 from populi_peer.agent.agent import Agent
 from populi_peer.agent.nodes import LIFECYCLE_ACTIONS
 from populi_peer.api.app import Route
-from populi_peer.cluster import init_cluster
+from populi_peer.cluster import InitResult
 from populi_peer.config import Config
+from populi_peer.core.messages import OPERATIONS, HeartbeatAnswer, HeartbeatReport
 from populi_peer.testing import VirtualClock
+from populi_peer.testing.cluster import open_virtual_agent
 from support.clients import signed_client
 from support.contract import CONTRACT
 
@@ -39,21 +41,14 @@ def document() -> dict[str, Any]:
 
 
 @pytest.fixture
-async def routes(tmp_path: Path) -> AsyncIterator[list[Route]]:
-    """The route table of a real agent (built as the ``virtual_agent`` fixture builds it)."""
-    clock = VirtualClock()
-    data_dir = tmp_path / "cp"
-    init_cluster(
-        data_dir,
-        cluster_name="lab",
-        node_name="cp",
-        listen="127.0.0.1:0",
-        advertise=[],
-        force=False,
-        now_wall_s=clock.wall_start_s,
-    )
+async def routes(cluster_dir: tuple[Path, InitResult]) -> AsyncIterator[list[Route]]:
+    """The route table of a real agent (built, not run: no clock is read)."""
     agent = Agent(
-        data_dir=data_dir, config=Config(), clock=clock, serve=False, url="https://cp.virtual"
+        data_dir=cluster_dir[0],
+        config=Config(),
+        clock=VirtualClock(),
+        serve=False,
+        url="https://cp.virtual",
     )
     try:
         yield agent.app.route_table()
@@ -124,6 +119,21 @@ async def test_operation_ids_are_route_names(document: dict[str, Any], routes: l
     assert not mismatched, f"operationId differs from the route name: {mismatched}"
 
 
+async def test_declared_body_types_are_the_catalogues(routes: list[Route]) -> None:
+    """A route that declares its body types declares the ones the catalogue names for its
+    operation (whose schemas tests/core/test_messages_contract.py holds to the contract);
+    the heartbeat, converted first, declares both."""
+    declared = {route.name: route for route in routes}
+    for name, route in declared.items():
+        exchange = OPERATIONS[name]
+        if route.request is not None:
+            assert route.request is exchange.request, f"{name} parses {route.request.__name__}"
+        if route.answer is not None:
+            assert route.answer is exchange.answer, f"{name} answers {route.answer.__name__}"
+    heartbeat = declared["heartbeat"]
+    assert (heartbeat.request, heartbeat.answer) == (HeartbeatReport, HeartbeatAnswer)
+
+
 def test_every_operation_documents_success_and_errors(document: dict[str, Any]) -> None:
     for (method, path), operation in operations(document).items():
         responses = operation.get("responses", {})
@@ -176,48 +186,30 @@ def resolve(document: dict[str, Any], ref: str) -> dict[str, Any]:
 
 
 async def test_answers_that_changed_are_documented(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    cluster_dir: tuple[Path, InitResult], autojump_clock: trio.testing.MockClock
 ) -> None:
     """Answers whose shape changed since the contract was first written, each checked
     against the document by the signed client: token revoke answers ``summary``; task
     answers carry environment names, never values; task output carries
     ``latest_attempt``; an unknown lease is 404 ``lease_not_found``."""
-    clock = VirtualClock()
-    init_cluster(
-        tmp_path / "cp",
-        cluster_name="lab",
-        node_name="cp",
-        listen="127.0.0.1:0",
-        advertise=[],
-        force=False,
-        now_wall_s=clock.wall_start_s,
-    )
     # A URL with a port, so that join tokens can carry it as their contact.
-    agent = Agent(
-        data_dir=tmp_path / "cp",
-        config=Config(),
-        clock=clock,
-        serve=False,
-        url="https://cp.virtual:443",
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
-        async with signed_client(agent) as client:
-            created = (await client.post("/v1/populi/admin/tokens", json={})).json()
-            token_id = created["summary"]["token_id"]
-            revoked = await client.post(f"/v1/populi/admin/tokens/{token_id}/revoke")
-            again = await client.post(f"/v1/populi/admin/tokens/{token_id}/revoke")
-            # Times out before it is placed: no process starts.
-            submitted = await client.post(
-                "/v1/populi/tasks",
-                json={"command": ["true"], "env": {"API_KEY": "hunter2"}, "timeout_s": 1e-300},
-            )
-            task_id = submitted.json()["task"]["task_id"]
-            shown = await client.get(f"/v1/populi/tasks/{task_id}", params={"wait_s": 5})
-            output = await client.get(f"/v1/populi/tasks/{task_id}/output")
-            lease = await client.get("/v1/populi/exec/leases/l-0000")
-        agent.request_stop()
-        await agent.stopped.wait()
+    async with (
+        open_virtual_agent(cluster_dir[0], url="https://cp.virtual:443") as agent,
+        signed_client(agent) as client,
+    ):
+        created = (await client.post("/v1/populi/admin/tokens", json={})).json()
+        token_id = created["summary"]["token_id"]
+        revoked = await client.post(f"/v1/populi/admin/tokens/{token_id}/revoke")
+        again = await client.post(f"/v1/populi/admin/tokens/{token_id}/revoke")
+        # Times out before it is placed: no process starts.
+        submitted = await client.post(
+            "/v1/populi/tasks",
+            json={"command": ["true"], "env": {"API_KEY": "hunter2"}, "timeout_s": 1e-300},
+        )
+        task_id = submitted.json()["task"]["task_id"]
+        shown = await client.get(f"/v1/populi/tasks/{task_id}", params={"wait_s": 5})
+        output = await client.get(f"/v1/populi/tasks/{task_id}/output")
+        lease = await client.get("/v1/populi/exec/leases/l-0000")
     assert revoked.status_code == 200 and revoked.json()["summary"]["state"] == "revoked"
     assert again.json()["summary"]["revoked_ms"] == revoked.json()["summary"]["revoked_ms"]
     assert submitted.json()["task"]["env"] == [["API_KEY", "…"]]

@@ -68,7 +68,7 @@ async def set_remote(cluster: VirtualCluster, enabled: bool) -> None:
         )
     assert answer.status_code == 200, answer.text
     serial = answer.json()["settings"]["serial"]
-    # Every node learns the new record from its next heartbeat answer.
+    # Pushed to every node before the answer (heartbeat answers carry it too).
     await cluster.wait_until(
         lambda: all(cluster[name].records.settings_serial >= serial for name in ("w1", "w2")),
         timeout_s=GUARD_S,
@@ -76,17 +76,22 @@ async def set_remote(cluster: VirtualCluster, enabled: bool) -> None:
 
 
 @pytest.fixture
-async def cluster(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> AsyncIterator[VirtualCluster]:
-    async with vcluster(tmp_path) as cluster:
-        await cluster.join("w1", config=gpu_config())
-        await cluster.join("w2", config=gpu_config())
+async def cluster(tmp_path: Path) -> AsyncIterator[VirtualCluster]:
+    """Needs virtual time: the test names ``autojump_clock`` (``NotVirtualTime`` else)."""
+    async with vcluster(tmp_path, workers=2, worker_config=gpu_config()) as cluster:
         cp = cluster.cp
         w1, w2 = cluster["w1"], cluster["w2"]
         # The control plane knows each worker's replayed GPU from its heartbeats.
         await cluster.wait_until(
             lambda: all(len(cp.allocatable_gpus(w.node_id)[0]) == 1 for w in (w1, w2)),
+            timeout_s=GUARD_S,
+        )
+        # ...and the workers know each other (membership travels with heartbeats).
+        await cluster.wait_until(
+            lambda: (
+                w1.membership.get(w2.node_id) is not None
+                and w2.membership.get(w1.node_id) is not None
+            ),
             timeout_s=GUARD_S,
         )
         yield cluster
@@ -111,7 +116,9 @@ def refusal(response: httpx.Response) -> list[str]:
     return list(error["details"]["reasons"])
 
 
-async def test_grant_replay_and_task_key(cluster: VirtualCluster) -> None:
+async def test_grant_replay_and_task_key(
+    autojump_clock: trio.testing.MockClock, cluster: VirtualCluster
+) -> None:
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     async with as_node(cluster, w2) as submitter:
         off = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-off", w1))
@@ -146,6 +153,7 @@ async def test_grant_replay_and_task_key(cluster: VirtualCluster) -> None:
 
 
 async def test_only_the_holder_renews_and_a_completed_task_never_falls_back(
+    autojump_clock: trio.testing.MockClock,
     cluster: VirtualCluster,
 ) -> None:
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
@@ -192,7 +200,9 @@ async def test_only_the_holder_renews_and_a_completed_task_never_falls_back(
     assert [row["state"] for row in rows] == ["completed"]
 
 
-async def test_operator_revoke_is_learned_at_the_next_renewal(cluster: VirtualCluster) -> None:
+async def test_operator_revoke_is_learned_at_the_next_renewal(
+    autojump_clock: trio.testing.MockClock, cluster: VirtualCluster
+) -> None:
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter, as_node(cluster, w1) as holder:
@@ -239,7 +249,9 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(cluster: VirtualCl
     assert (first["actor"], first["reason"]) == (cp.identity.operator.principal_id, "driver update")
 
 
-async def test_a_repeated_revoke_adds_no_event(cluster: VirtualCluster) -> None:
+async def test_a_repeated_revoke_adds_no_event(
+    autojump_clock: trio.testing.MockClock, cluster: VirtualCluster
+) -> None:
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter:
@@ -263,6 +275,7 @@ async def test_a_repeated_revoke_adds_no_event(cluster: VirtualCluster) -> None:
 
 
 async def test_expiry_in_virtual_time_then_fallback_gets_a_higher_token(
+    autojump_clock: trio.testing.MockClock,
     cluster: VirtualCluster,
 ) -> None:
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
@@ -270,23 +283,28 @@ async def test_expiry_in_virtual_time_then_fallback_gets_a_higher_token(
     margin = float(cp.records.settings["lease_expiry_margin_s"])
     fallback_body = {"task_id": "t-exp", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S}
     async with as_node(cluster, w2) as submitter:
-        before = trio.current_time()
-        lease = (
-            await submitter.post("/v1/populi/exec/leases", json=grant_body("t-exp", w1))
-        ).json()["lease"]
-        after = trio.current_time()
+        granted = trio.current_time()
+        answer = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-exp", w1))
+        assert answer.status_code == 200, answer.text
+        lease = answer.json()["lease"]
+        assert trio.current_time() == granted  # the memory network delivers at once
         path = f"/v1/populi/exec/leases/{lease['lease_id']}"
-        # Nobody renews it. Just before expiry + margin it still holds (past its TTL,
+        # Nobody renews it. The control plane declares it dead strictly after its TTL
+        # plus the expiry margin: at that very instant it still holds (past its TTL,
         # inside the margin), and the submitter must wait.
-        await trio.sleep_until(before + TTL_S + margin - 0.5)
+        expiry = granted + TTL_S + margin
+        await trio.sleep_until(expiry)
         inside = (await submitter.get(path)).json()["lease"]
         waiting = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
-        await trio.sleep_until(after + TTL_S + margin + 0.5)
+        assert trio.current_time() == expiry
+        # The control plane's lease loop wakes 1 ms past it (agent/leases.py) and
+        # declares the lease dead then.
+        await trio.sleep_until(expiry + 0.002)
         dead = (await submitter.get(path)).json()["lease"]
         confirmed = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
         replay = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
         freed = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-after", w1))
-    assert inside["state"] == "live" and inside["expires_in_s"] < 0
+    assert inside["state"] == "live" and inside["expires_in_s"] == -margin
     assert "lease_live" in refusal(waiting)
     assert dead["state"] == "expired" and dead["expires_in_s"] is None
     answer = confirmed.json()
@@ -322,6 +340,7 @@ def handoff(message_id: str, lease: dict[str, Any], **changes: Any) -> dict[str,
 
 
 async def test_inbox_fences_handoffs_answers_duplicates_and_pages(
+    autojump_clock: trio.testing.MockClock,
     cluster: VirtualCluster,
 ) -> None:
     w1, w2 = cluster["w1"], cluster["w2"]
@@ -367,9 +386,7 @@ async def test_inbox_fences_handoffs_answers_duplicates_and_pages(
         # A delayed handoff of the older attempt arrives last: fenced off.
         stale = await to_worker.post("/v1/populi/inbox", json=handoff("h-1", first))
         await cluster.wait_until(
-            lambda: (
-                (w1.runner.row("t-fenced", 2, "worker") or {"state": ""})["state"] == "finished"
-            ),
+            lambda: getattr(w1.runner.row("t-fenced", 2, "worker"), "state", "") == "finished",
             timeout_s=GUARD_S,
         )
         cancel = await to_worker.post(

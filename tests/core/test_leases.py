@@ -545,6 +545,36 @@ def test_renew_refusals() -> None:
         table.renew("nope", "w1", now_mono=101.0, now_wall_ms=W)
 
 
+@pytest.mark.parametrize("refusal", ["remote_disabled", "kill_switch"])
+def test_renewal_before_start_of_a_remote_lease_obeys_the_settings(refusal: str) -> None:
+    table, _ = granted(now=100.0)
+    # The holder's renewal before it starts the task: refused while remote is off now.
+    reasons = refused(
+        table.renew,
+        "L1",
+        "w1",
+        now_mono=101.0,
+        now_wall_ms=W,
+        before_start=True,
+        remote_refusal=refusal,
+    )
+    assert reasons == (refusal,)
+    assert table.get("L1").state == "live" and table.get("L1").expires_mono == 110.0
+    # A running attempt keeps renewing; with remote on, the start goes ahead.
+    _, running = table.renew("L1", "w1", now_mono=101.0, now_wall_ms=W, remote_refusal=refusal)
+    _, start = table.renew("L1", "w1", now_mono=101.0, now_wall_ms=W, before_start=True)
+    assert running.lease.expires_mono == start.lease.expires_mono == 111.0
+
+
+def test_renewal_before_start_of_a_local_lease_ignores_remote_settings() -> None:
+    table, _ = granted(node="sub", submitter="sub", target_gpus=("S0",))
+    assert table.get("L1").kind == "local"
+    _, change = table.renew(
+        "L1", "sub", now_mono=101.0, now_wall_ms=W, before_start=True, remote_refusal="kill_switch"
+    )
+    assert change.lease.expires_mono == 111.0
+
+
 # -- release and revoke -------------------------------------------------------------------
 
 

@@ -24,7 +24,9 @@ from populi_peer.errors import RefusedError
 from populi_peer.identity import load_identity
 from populi_peer.joining import join_cluster
 from populi_peer.store import Store
+from support.mesh import Mesh
 from support.procs import Processes, init, one_line, populi
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -48,30 +50,30 @@ def _join(token: str, data_dir: Path, name: str) -> None:
     )
 
 
-def test_three_real_agents_show_in_nodes(tmp_path: Path, procs: Processes) -> None:
-    cp = tmp_path / "cp"
-    init(cp)
-    procs.start_agent(cp)
-    for name in ("w1", "w2"):
-        _join(_token(cp), tmp_path / name, name)
-        procs.start_agent(tmp_path / name)
-    started = time.monotonic()
-    while True:
-        nodes = json.loads(populi("nodes", "--data-dir", str(cp), "--json", check=True).stdout)[
-            "nodes"
-        ]
-        fresh = [n for n in nodes if n["heartbeat_age_ms"] is not None and not n["heartbeat_stale"]]
-        if len(fresh) == 3:
-            break
-        assert time.monotonic() - started < 30, nodes
-        time.sleep(0.2)
-    assert sorted(n["name"] for n in nodes) == ["cp", "w1", "w2"]
-    assert all(n["state"] == "active" for n in nodes)
-    # The joined nodes' own view: status over their own TLS endpoint, signed by them.
-    w1 = json.loads(
-        populi("status", "--data-dir", str(tmp_path / "w1"), "--json", check=True).stdout
-    )
-    assert w1["control_plane"]["reachable"] is True
+def test_three_real_agents_show_in_nodes(tmp_path: Path) -> None:
+    mesh = Mesh.create(tmp_path, cpu_nodes=["w1", "w2"], remote=False)
+    try:
+        nodes, _ = wait_for(
+            "three fresh nodes",
+            lambda: (
+                (view := mesh.nodes_view())
+                and sum(
+                    n["heartbeat_age_ms"] is not None and not n["heartbeat_stale"]
+                    for n in view.values()
+                )
+                == 3
+                and view
+            ),
+            guard_s=30,
+            every_s=0.2,
+        )
+        assert sorted(nodes) == ["cp", "w1", "w2"]
+        assert all(n["state"] == "active" for n in nodes.values())
+        # The joined nodes' own view: status over their own TLS endpoint, signed by them.
+        w1 = json.loads(mesh.cli("w1", "status", "--json").stdout)
+        assert w1["control_plane"]["reachable"] is True
+    finally:
+        mesh.close()
 
 
 def test_twenty_concurrent_real_joins_one_wins(tmp_path: Path, procs: Processes) -> None:

@@ -34,7 +34,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from e2e.exec_support import (
     LEASE_TTL_S,
@@ -43,7 +42,6 @@ from e2e.exec_support import (
     STOP_MARGIN_S,
     TERMINAL,
     Mesh,
-    Node,
     accepted_results,
     check_tick_order,
     deadline_boot_ns,
@@ -55,18 +53,14 @@ from e2e.exec_support import (
     supervisor_state,
     task_pids,
     tick_command,
+    ticks_of,
     token_key,
     wait_for,
+    wait_ticks,
 )
 
 from populi_peer.agent.submitter import Submitter
-from populi_peer.api.client import SignedAuth
-from populi_peer.api.tls import client_context
-from populi_peer.clock import SystemClock
 from populi_peer.core.tasks import Task
-from populi_peer.identity import Identity, load_identity
-from populi_peer.store import Store
-from support.contract import sync_hook
 from support.procs import POPULI
 
 pytestmark = pytest.mark.e2e
@@ -104,7 +98,7 @@ def no_orphans(
     base = tmp_path_factory.getbasetemp()
     if "mesh" in request.fixturenames:
         mesh: Mesh = request.getfixturevalue("mesh")
-        heal(mesh)
+        mesh.heal()
     try:
         wait_for(
             "no task process or supervisor left", lambda: not leftovers(base) or None, guard_s=30
@@ -113,18 +107,6 @@ def no_orphans(
         left = leftovers(base)
         kill_pids(left)
     assert not left, f"processes left behind: {left}"
-
-
-def heal(mesh: Mesh) -> None:
-    for name, node in mesh.nodes.items():
-        if node.alive():
-            os.kill(node.pid, signal.SIGCONT)
-        else:
-            took = mesh.start(name)
-            print(f"healed: {name} restarted in {took:.1f} s")
-    if mesh.ttl_s != LEASE_TTL_S:
-        mesh.settings(max_lease_ttl_s=str(LEASE_TTL_S))
-    mesh.wait_settled()
 
 
 @contextmanager
@@ -140,20 +122,6 @@ def lease_ttl(mesh: Mesh, ttl_s: int) -> Iterator[None]:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def ticks_of(path: Path, attempt: int) -> list[Any]:
-    return [t for t in read_ticks(path) if t.attempt == attempt]
-
-
-def wait_ticks(path: Path, attempt: int, count: int = 3, guard_s: float = 60.0) -> float:
-    _, took = wait_for(
-        f"{count} ticks of attempt {attempt}",
-        lambda: len(ticks_of(path, attempt)) >= count or None,
-        guard_s=guard_s,
-        every_s=0.05,
-    )
-    return float(took)
 
 
 def wait_renewal(task_dir: Path, guard_s: float = 60.0) -> float:
@@ -263,29 +231,6 @@ def reason_at(task: dict[str, Any], code: str) -> int:
     return int(next(r[0] for r in task["reasons"] if r[1] == code))
 
 
-def identity(node: Node) -> Identity:
-    store = Store.open(node.data_dir, readonly=True)
-    try:
-        return load_identity(node.data_dir, store)
-    finally:
-        store.close()
-
-
-@contextmanager
-def signed_client(sender: Node, recipient: Node) -> Iterator[httpx.Client]:
-    """Real TLS (pinned cluster CA) and a request signature by ``sender``'s node key,
-    every answer checked against the OpenAPI contract."""
-    me = identity(sender)
-    with httpx.Client(
-        base_url=f"https://127.0.0.1:{recipient.port}",
-        verify=client_context(me.paths.ca_cert),
-        auth=SignedAuth(me.node_credential, recipient.node_id, SystemClock()),
-        event_hooks={"response": [sync_hook]},
-        timeout=30,
-    ) as client:
-        yield client
-
-
 class _Records:
     """What ``Submitter.handoff_message`` reads, from the submitter's own database."""
 
@@ -341,13 +286,10 @@ def test_sigkilled_worker_agent_task_stops_before_deadline_then_falls_back(
     mesh: Mesh, tmp_path: Path
 ) -> None:
     ticks = tmp_path / "ticks"
-    w2 = mesh["w2"]
     task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=600, n2=10))
     wait_ticks(ticks, 1)
     task_dir = mesh.task_dir("w2", "worker", task_id, 1)
-    assert w2.agent is not None
-    w2.agent.proc.send_signal(signal.SIGKILL)
-    w2.agent.proc.wait(timeout=30)
+    mesh.stop("w2", signal.SIGKILL)
     killed_wall_ms = int(time.time() * 1000)
     killed = time.monotonic()
     try:
@@ -394,14 +336,8 @@ def test_sigstopped_worker_agent_supervisor_stops_task_late_result_ignored(
     waited = mesh.wait_cli("w1", task_id)
     assert waited.returncode == 0, waited.stderr
     # The woken worker finds its attempt stopped and delivers that (late) result.
-    (row,), took = wait_for(
-        "the woken worker delivers its late result",
-        lambda: [
-            r
-            for r in mesh.worker_attempts("w2")
-            if r["task_id"] == task_id and r["delivered_ms"] is not None
-        ],
-        guard_s=60,
+    (row,), took = mesh.wait_delivered(
+        "w2", task_id, what="the woken worker delivers its late result"
     )
     print(f"late result delivered {took:.1f} s after the task ended")
     late = json.loads(row["result"])
@@ -419,14 +355,13 @@ def test_sigstopped_worker_agent_supervisor_stops_task_late_result_ignored(
 
 def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: Path) -> None:
     ticks = tmp_path / "ticks"
-    w1, w2 = mesh["w1"], mesh["w2"]
     task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=40, n2=10))
     wait_ticks(ticks, 1)
     task = Task.from_json(mesh.task_record("w1", task_id)["task"])
     handoff = Submitter.handoff_message(_Records(mesh, "w1"), task)  # type: ignore[arg-type]
     token = handoff["token"]
     assert token_key(token) > (1, 0)
-    with signed_client(w1, w2) as to_worker:
+    with mesh.client("w2", mesh.credential("w1")) as to_worker:
         # The very message the submitter sent: the inbox answers it from its record.
         again = to_worker.post("/v1/populi/inbox", json=handoff)
         assert again.status_code == 200, again.text
@@ -443,7 +378,7 @@ def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: 
         refused = to_worker.post("/v1/populi/inbox", json=stale)
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "stale_token"
     # While it runs: a result with a stale token, posted by the holder, is recorded, ignored.
-    with signed_client(w2, w1) as to_submitter:
+    with mesh.client("w1", mesh.credential("w2")) as to_submitter:
         bogus = {
             "message_id": f"result-{task_id}-1-stale",
             "type": "result",
@@ -462,17 +397,10 @@ def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: 
     assert [r[1] for r in record["task"]["reasons"]].count("stale_result") == 1
     waited = mesh.wait_cli("w1", task_id)
     assert waited.returncode == 0, waited.stderr
-    (row,), _ = wait_for(
-        "the worker's result is delivered",
-        lambda: [
-            r
-            for r in mesh.worker_attempts("w2")
-            if r["task_id"] == task_id and r["delivered_ms"] is not None
-        ],
-    )
+    (row,), _ = mesh.wait_delivered("w2", task_id)
     # The worker's own result, delivered again: by the same id, and under a new one.
     result = {"message_id": f"result-{task_id}-1", "type": "result", **json.loads(row["result"])}
-    with signed_client(w2, w1) as to_submitter:
+    with mesh.client("w1", mesh.credential("w2")) as to_submitter:
         same = to_submitter.post("/v1/populi/inbox", json=result)
         assert same.status_code == 200 and same.json()["duplicate"] is True, same.text
         renamed = to_submitter.post(
@@ -493,20 +421,12 @@ def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: 
 
 def test_stale_result_after_the_end_keeps_the_accepted_record(mesh: Mesh, tmp_path: Path) -> None:
     ticks = tmp_path / "ticks"
-    w1, w2 = mesh["w1"], mesh["w2"]
     task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=3, n2=3))
     waited = mesh.wait_cli("w1", task_id)
     assert waited.returncode == 0, waited.stderr
-    wait_for(
-        "the worker's result is delivered",
-        lambda: [
-            r
-            for r in mesh.worker_attempts("w2")
-            if r["task_id"] == task_id and r["delivered_ms"] is not None
-        ],
-    )
+    mesh.wait_delivered("w2", task_id)
     accepted = mesh.show("w1", task_id)["results"]["1"]
-    with signed_client(w2, w1) as to_submitter:
+    with mesh.client("w1", mesh.credential("w2")) as to_submitter:
         late = to_submitter.post(
             "/v1/populi/inbox",
             json={
@@ -528,7 +448,7 @@ def test_stale_result_after_the_end_keeps_the_accepted_record(mesh: Mesh, tmp_pa
     # The record of what attempt 1 returned is still the accepted one, and so its output.
     assert after["results"]["1"]["token"] == accepted["token"], after["results"]["1"]
     assert after["results"]["1"]["exit_code"] == 0
-    with signed_client(w1, w1) as own:
+    with mesh.client("w1", mesh.credential("w1")) as own:
         output = own.get(f"/v1/populi/tasks/{task_id}/output", params={"attempt": 1})
         assert output.status_code == 200, output.text
     assert b"ticked 3 times on w2" in base64.b64decode(output.json()["data_b64"])
@@ -549,8 +469,7 @@ def test_worker_agent_restart_readopts_supervisor_task_completes_once(
         supervisor = int(supervisor_state(task_dir)["supervisor_pid"])
         wait_renewal(task_dir)
         renewed = time.monotonic()
-        assert w2.agent is not None
-        code = mesh.procs.stop(w2.agent, signal.SIGTERM, timeout=60)
+        code = mesh.stop("w2", timeout=60)
         down = time.monotonic() - renewed
         assert code == 0
         down_at = len(read_ticks(ticks))
@@ -585,8 +504,7 @@ def test_worker_agent_restarted_within_the_lease_renews_at_once(mesh: Mesh, tmp_
             wait_ticks(ticks, 1, count=1)
             task_dir = mesh.task_dir("w2", "worker", task_id, 1)
             wait_renewal(task_dir)
-            assert w2.agent is not None
-            assert mesh.procs.stop(w2.agent, signal.SIGTERM, timeout=60) == 0
+            assert mesh.stop("w2", timeout=60) == 0
             deadline_s = deadline_boot_ns(task_dir) / 1e9
             stop_at_s = deadline_s - STOP_MARGIN_S
             renew_interval_s = RESTART_TTL_S / 3
@@ -717,7 +635,7 @@ def test_twenty_tasks_two_gpus_never_overlap(mesh: Mesh) -> None:
 def grant_directly(mesh: Mesh, target: str, task_id: str) -> dict[str, Any]:
     """A lease granted by the control plane for a task nobody hands off: the GPU is taken
     at the control plane while the worker, running nothing, reports it free."""
-    with signed_client(mesh["cp"], mesh["cp"]) as client:
+    with mesh.client("cp", mesh.credential("cp")) as client:
         answer = client.post(
             "/v1/populi/exec/leases",
             json={
@@ -759,7 +677,7 @@ def test_no_fallback_queue_timeout_waits_out_a_refused_grant(mesh: Mesh) -> None
     finally:
         # Each holder gives its lease back (if it has not expired yet).
         for name, lease in held.items():
-            with signed_client(mesh[name], mesh["cp"]) as client:
+            with mesh.client("cp", mesh.credential(name)) as client:
                 client.post(
                     f"/v1/populi/exec/leases/{lease['lease_id']}/release",
                     json={"outcome": "stopped"},
@@ -847,8 +765,7 @@ def test_control_plane_restart_right_after_renewal_lease_survives(
         task_dir = mesh.task_dir("w2", "worker", task_id, 1)
         wait_renewal(task_dir)
         renewed = time.monotonic()
-        assert cp.agent is not None
-        code = mesh.procs.stop(cp.agent, signal.SIGTERM, timeout=60)
+        code = mesh.stop("cp", timeout=60)
         down = time.monotonic() - renewed
         assert code == 0
         log_before = len(cp.log())

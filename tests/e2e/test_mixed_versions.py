@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 from e2e.exec_support import Mesh, check_tick_order, kill_pids, leftovers, read_ticks, tick_command
 
+from support.installs import Installs
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +106,8 @@ def test_n_and_n_minus_1_run_each_others_tasks(
     old_side: str, old_populi: list[str], tmp_path: Path
 ) -> None:
     old = ["cp", "w2"] if old_side == "old-control-plane" else ["w1"]
-    mesh = Mesh.create(tmp_path / "mesh", ["w1", "w2"], commands=dict.fromkeys(old, old_populi))
+    host = Installs(dict.fromkeys(old, old_populi))
+    mesh = Mesh.create(tmp_path / "mesh", ["w1", "w2"], host=host)
     try:
         for submitter, worker, code in (("w1", "w2", 5), ("w2", "w1", 6)):
             ticks = tmp_path / f"ticks-{submitter}"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e.exec_support import wait_for
 
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
@@ -18,6 +17,7 @@ from populi_peer.clock import SystemClock
 from populi_peer.identity import load_identity
 from populi_peer.store import Store
 from support.procs import Processes, init, one_line, populi
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

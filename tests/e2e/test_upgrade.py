@@ -49,6 +49,8 @@ from e2e.exec_support import (
     wait_for,
 )
 
+from support.installs import Installs
+
 pytestmark = pytest.mark.e2e
 
 BINARY = os.environ.get("E2E_POPULI_BINARY")
@@ -133,11 +135,14 @@ def mesh_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[n
     built: list[Mesh] = []
 
     def make(install: str) -> Mesh:
+        host = Installs({"w2": command_of(install, tmp_path / "bin")})
         mesh = Mesh.create(
-            tmp_path / "mesh", ["w1", "w2"], commands={"w2": command_of(install, tmp_path / "bin")}
+            tmp_path / "mesh",
+            ["w1", "w2"],
+            host=host,
+            settings={"max_lease_ttl_s": UPGRADE_TTL_S},
         )
         built.append(mesh)
-        mesh.settings(max_lease_ttl_s=str(UPGRADE_TTL_S))
         return mesh
 
     yield make
@@ -176,9 +181,9 @@ def test_upgrade_while_a_task_runs_keeps_the_task_and_its_lease(
     renewed = time.monotonic()
 
     # The upgrade: the new install in place, then the restart (systemd, KillMode=process).
-    w2.command = command_of(after, tmp_path / "bin")
-    assert w2.agent is not None
-    assert mesh.procs.stop(w2.agent, signal.SIGTERM, timeout=60) == 0
+    assert isinstance(mesh.host, Installs)
+    mesh.host.commands["w2"] = command_of(after, tmp_path / "bin")
+    assert mesh.stop("w2", signal.SIGTERM, timeout=60) == 0
     assert supervisor_state(task_dir)["status"] == "running"
     deadline_before = deadline_boot_ns(task_dir)
     log_before = len(w2.log())
@@ -219,7 +224,6 @@ def test_supervisor_stops_on_time_with_its_agent_and_file_gone(
 ) -> None:
     needs_binary("file")
     mesh: Mesh = mesh_for("file")
-    w2 = mesh["w2"]
     ticks = tmp_path / "ticks"
     task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=600, n2=5))
     wait_for("the task ticks on w2", lambda: read_ticks(ticks), guard_s=60)
@@ -240,8 +244,7 @@ def test_supervisor_stops_on_time_with_its_agent_and_file_gone(
     wait_renewal(task_dir)
     # The agent dies hard (its Python child dies with the file's loader), the file is
     # replaced and the agent's unpacked folder removed (SIGKILL leaves it behind).
-    assert w2.agent is not None
-    mesh.procs.stop(w2.agent, signal.SIGKILL, timeout=30)
+    mesh.stop("w2", signal.SIGKILL, timeout=30)
     wait_for("the agent's Python process is gone", lambda: not Path(f"/proc/{agent_pid}").exists())
     install_file(tmp_path / "bin")
     for folder in agent_bundles:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from enrollment.canonical import canonical_json
-from enrollment.errors import RevocationError
+from enrollment.errors import ErrorKind, NodeNameError, RevocationError
 from enrollment.revocation import (
     MAX_REVOCATIONS_CHARS,
     RevocationConflict,
@@ -31,7 +31,6 @@ from enrollment.revocation import (
     unblock_name,
     verify_revocations,
 )
-from populi_peer.errors import BadRequest, Conflict, NotFound
 
 CLUSTER = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
@@ -131,7 +130,7 @@ def test_revoking_a_revoked_node_is_a_conflict() -> None:
     with pytest.raises(RevocationConflict) as info:
         revoke_node(TWO, node("n-1", "gpu-9"), now_ms=NOW + 3)
     assert info.value.code == "node_already_revoked"
-    assert isinstance(info.value, Conflict) and isinstance(info.value, RevocationError)
+    assert info.value.kind is ErrorKind.CONFLICT and isinstance(info.value, RevocationError)
 
 
 def test_unblocking_a_name_frees_the_name_but_not_the_node() -> None:
@@ -147,9 +146,10 @@ def test_unblocking_a_name_that_is_not_blocked_is_not_found() -> None:
     with pytest.raises(RevocationNotFound) as info:
         unblock_name(TWO, "gpu-7", now_ms=NOW + 3)
     assert info.value.code == "name_not_blocked"
-    assert isinstance(info.value, NotFound)
-    with pytest.raises(BadRequest):
+    assert info.value.kind is ErrorKind.NOT_FOUND
+    with pytest.raises(NodeNameError) as bad:
         unblock_name(TWO, "Not A Name", now_ms=NOW + 3)
+    assert bad.value.code == "bad_node_name" and bad.value.kind is ErrorKind.BAD_INPUT
 
 
 def test_block_name_and_a_later_revocation_under_that_name() -> None:
@@ -204,7 +204,7 @@ def test_invalid_revoked_nodes_are_refused(field: str, overrides: dict[str, Any]
         node(**overrides)
     assert info.value.field == field
     assert info.value.code == "revocation_bad_field"
-    assert isinstance(info.value, BadRequest)
+    assert info.value.kind is ErrorKind.BAD_INPUT
     assert str(info.value).startswith(f"revocation list field {field}: ")
     assert "\n" not in str(info.value)
 

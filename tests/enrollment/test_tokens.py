@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import enrollment.tokens
 from enrollment.canonical import canonical_json
-from enrollment.errors import TokenError
+from enrollment.errors import ErrorKind, NodeNameError, TokenError
 from enrollment.tokens import (
     MAX_RECIPIENTS,
     MAX_TOKEN_CHARS,
@@ -42,7 +42,6 @@ from enrollment.tokens import (
     validate_node_name,
     verify_join,
 )
-from populi_peer.errors import BadRequest, Forbidden, RefusedError
 
 ROOT = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
@@ -153,7 +152,11 @@ def assert_one_clean_line(error: Exception, text: str) -> None:
     assert "\n" not in message and "\r" not in message
     secret = text.strip()
     if len(secret) >= 24:
-        rendered = message + json.dumps(error.to_json() if isinstance(error, TokenError) else {})
+        # What an answer carries: the message, the code and the details.
+        shown = (
+            {"code": error.code, "details": error.details} if isinstance(error, TokenError) else {}
+        )
+        rendered = message + json.dumps(shown)
         # No 16-char window of the token (past its public prefix) appears anywhere.
         for start in range(len(PREFIX), len(secret) - 16, 4):
             assert secret[start : start + 16] not in rendered
@@ -173,7 +176,7 @@ def mint_refused(field: str, code: str = "token_bad_field", **overrides: Any) ->
     error = info.value
     assert error.code == code
     assert error.field == field
-    assert isinstance(error, TokenError) and isinstance(error, BadRequest)
+    assert isinstance(error, TokenError) and error.kind is ErrorKind.BAD_INPUT
     assert "\n" not in str(error)
     return error
 
@@ -747,10 +750,11 @@ def test_utc_iso_matches_datetime(ms: int) -> None:
 def test_token_errors_are_refusals() -> None:
     text, _ = mint()
     error = refused(text, "token_expired", now_ms=NOW + 2 * HOUR, skew_ms=0)
-    assert isinstance(error, RefusedError)
-    assert error.exit_code == 4
-    assert error.http_status == 400
-    assert error.to_json()["code"] == "token_expired"
+    assert isinstance(error, TokenError)
+    assert error.kind is ErrorKind.REFUSED
+    assert error.code == "token_expired"
+    # Standalone: no HTTP status or exit code here (populi_peer.errors translates).
+    assert not hasattr(error, "http_status") and not hasattr(error, "exit_code")
 
 
 def test_no_refusal_echoes_the_token() -> None:
@@ -834,7 +838,7 @@ def test_redeem_takes_the_envelope_for_a_named_recipient_only() -> None:
     with pytest.raises(JoinProofError) as info:
         _redeem(token_envelope(text), recipient="n-cccccccccccccccc")
     assert info.value.code == "token_wrong_recipient"
-    assert info.value.http_status == 403 and isinstance(info.value, Forbidden)
+    assert info.value.kind is ErrorKind.FORBIDDEN
     assert CP in str(info.value) and "n-cccccccccccccccc" in str(info.value)
     with pytest.raises(TokenError) as info:
         _redeem(text)
@@ -935,7 +939,7 @@ def test_a_proof_without_the_token_secret_does_not_verify() -> None:
     with pytest.raises(JoinProofError) as info:
         verify_join(claim(), forged, token=token)
     assert info.value.code == "token_proof_invalid"
-    assert info.value.http_status == 403
+    assert info.value.kind is ErrorKind.FORBIDDEN
 
 
 def test_the_two_proofs_cannot_stand_in_for_each_other() -> None:
@@ -977,9 +981,9 @@ def test_valid_node_names(name: str) -> None:
     "name", ["", "A", "gpu_1", "-a", "a-", "a" * 64, "gpu.1", "gpu 1", "gpü", "a\n", None, 5]
 )
 def test_invalid_node_names_are_bad_requests(name: Any) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(NodeNameError) as info:
         validate_node_name(name)
-    assert info.value.code == "bad_node_name"
+    assert info.value.code == "bad_node_name" and info.value.kind is ErrorKind.BAD_INPUT
     assert "\n" not in str(info.value)
 
 

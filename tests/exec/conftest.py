@@ -14,15 +14,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from populi_peer.clock import boot_time
 from populi_peer.exec import TaskSpec, _cgroup, _proc, build_task_env, read_state
+from support.waiting import settle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Guard timeout for things that should take milliseconds; never an assertion on speed.
@@ -86,18 +86,6 @@ def live_task_pids(task_id: str) -> list[int]:
     return found
 
 
-def wait_until(
-    predicate: Callable[[], object], timeout_s: float = GUARD_S, interval_s: float = 0.01
-) -> bool:
-    """Poll ``predicate`` (sync) until true or the guard timeout; whether it became true."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
-
-
 class Tasks:
     """Makes task specs and directories for one test, and remembers them for the guard.
 
@@ -149,7 +137,6 @@ class Tasks:
         )
 
     live_task_pids = staticmethod(live_task_pids)
-    wait_until = staticmethod(wait_until)
     cgroup_usable = staticmethod(cgroup_usable)
 
     @staticmethod
@@ -182,7 +169,7 @@ def _force_clean(task_id: str, task_dir: Path) -> list[str]:
         if _cgroup.is_populated(group):
             problems.append(f"cgroup {group} still populated")
             _cgroup.kill(group)
-            wait_until(lambda: not _cgroup.is_populated(group), 5)
+            settle(lambda: not _cgroup.is_populated(group), guard_s=5)
         if not _cgroup.remove(group):
             problems.append(f"cgroup {group} not removable")
         else:
@@ -213,8 +200,8 @@ def tasks(tmp_path: Path) -> Iterator[Tasks]:
         state = read_state(task_dir)
         if state is not None:
             pid, start = state.supervisor_pid, state.supervisor_starttime_ticks
-            wait_until(functools.partial(_supervisor_gone, pid, start), 5)
-        wait_until(functools.partial(_task_gone, task_id), 2)
+            settle(functools.partial(_supervisor_gone, pid, start), guard_s=5)
+        settle(functools.partial(_task_gone, task_id), guard_s=2)
         problems.extend(f"{task_id}: {p}" for p in _force_clean(task_id, task_dir))
     if problems:
         pytest.fail("processes left behind: " + "; ".join(problems))

@@ -14,6 +14,7 @@ import signal
 import stat
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from populi_peer.exec import (
     SpawnFailed,
     Supervised,
     SupervisorLost,
+    SupervisorState,
     TaskDirInUse,
     TaskOutcome,
     _cgroup,
@@ -36,11 +38,14 @@ from populi_peer.exec import (
     tail,
 )
 from populi_peer.exec._records import Stream
+from support.waiting import settle, wait_for_async
 
 if TYPE_CHECKING:
     from conftest import Tasks
 
 FAR_S = 60.0
+#: Guard timeout for things that should take milliseconds; never an assertion on speed.
+GUARD_S = 20.0
 
 TRAP_TERM = textwrap.dedent(
     """
@@ -54,21 +59,38 @@ TRAP_TERM = textwrap.dedent(
 
 
 async def wait_output(handle: Supervised, marker: bytes, stream: Stream = "stdout") -> None:
-    with trio.fail_after(20):
-        while marker not in handle.read_output(stream)[0]:
-            await trio.sleep(0.01)
+    await wait_for_async(
+        f"{marker!r} on {stream}",
+        lambda: marker in handle.read_output(stream)[0],
+        guard_s=GUARD_S,
+        every_s=0.01,
+    )
 
 
 async def wait_file(path: Path) -> str:
-    with trio.fail_after(20):
-        while True:
-            try:
-                text = path.read_text()
-            except FileNotFoundError:
-                text = ""
-            if text.endswith("\n"):
-                return text
-            await trio.sleep(0.01)
+    def whole_line() -> str | None:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        return text if text.endswith("\n") else None
+
+    text, _ = await wait_for_async(f"a line in {path.name}", whole_line, every_s=0.01)
+    return text
+
+
+async def wait_exited(task_dir: Path) -> SupervisorState:
+    state, _ = await wait_for_async(
+        "the final state",
+        lambda: (s := read_state(task_dir)) is not None and s.status == "exited" and s,
+        guard_s=GUARD_S,
+        every_s=0.05,
+    )
+    return state
+
+
+async def wait_gone(what: str, alive: Callable[[], bool]) -> None:
+    await wait_for_async(what, lambda: not alive(), guard_s=GUARD_S, every_s=0.01)
 
 
 def report(name: str, outcome: TaskOutcome) -> None:
@@ -289,9 +311,7 @@ async def test_dropped_handle_still_stops_at_the_deadline(tasks: Tasks) -> None:
     deadline = tasks.boot_now() + 0.8
     set_deadline(task_dir, deadline)
     del handle
-    with trio.fail_after(20):
-        while (state := read_state(task_dir)) is None or state.status != "exited":
-            await trio.sleep(0.05)
+    state = await wait_exited(task_dir)
     assert state.stop_reason == "deadline"
     assert state.stopped_at_boot is not None and state.stopped_at_boot <= deadline
 
@@ -323,9 +343,7 @@ async def test_launcher_that_exits_leaves_the_deadline_enforced(tasks: Tasks) ->
     )
     supervisor_pid = int(launcher.stdout)
     launcher_gone_at = tasks.boot_now()
-    with trio.fail_after(20):
-        while (state := read_state(task_dir)) is None or state.status != "exited":
-            await trio.sleep(0.05)
+    state = await wait_exited(task_dir)
     print(f"\nlauncher exited {deadline - launcher_gone_at:.2f}s before the deadline", end="")
     assert state.supervisor_pid == supervisor_pid
     assert state.stop_reason == "deadline"
@@ -351,9 +369,11 @@ async def test_supervisor_killed_child_dies_and_kill_orphan_cleans_up(
     state = handle.state()
     assert state.child_pid is not None
     os.kill(handle.supervisor_pid, signal.SIGKILL)
-    with trio.fail_after(20):
-        while handle.alive() or _proc.is_running(state.child_pid):
-            await trio.sleep(0.01)
+    child_pid = state.child_pid
+    await wait_gone(
+        "the supervisor and its main process",
+        lambda: handle.alive() or _proc.is_running(child_pid),
+    )
     # PR_SET_PDEATHSIG took the main process down with the supervisor; the grandchild
     # does not inherit it, and nobody is left to stop it.
     assert _proc.is_running(grandchild)
@@ -382,15 +402,13 @@ async def test_process_group_mode_loses_what_left_the_session_after_supervisor_d
     handle = await start_supervised(task_dir, spec, tasks.boot_now() + FAR_S)
     escaped = int(await wait_file(tasks.tmp_path / "escaped.pid"))
     os.kill(handle.supervisor_pid, signal.SIGKILL)
-    with trio.fail_after(20):
-        while handle.alive():
-            await trio.sleep(0.01)
+    await wait_gone("the supervisor", handle.alive)
     try:
         await kill_orphan(task_dir)
         assert _proc.is_running(escaped), "a setsid process outside any cgroup was found?"
     finally:
         os.kill(escaped, signal.SIGKILL)
-    tasks.wait_until(lambda: not _proc.is_running(escaped), 5)
+    settle(lambda: not _proc.is_running(escaped), guard_s=5)
 
 
 async def test_adopt_after_restart(tasks: Tasks) -> None:
@@ -408,9 +426,7 @@ async def test_adopt_after_restart(tasks: Tasks) -> None:
     adopted.cancel()
     outcome = await adopted.wait()
     assert outcome.stop_reason == "cancelled"
-    with trio.fail_after(20):
-        while adopted.alive():
-            await trio.sleep(0.01)
+    await wait_gone("the adopted supervisor", adopted.alive)
     assert adopt(task_dir) is None
 
 

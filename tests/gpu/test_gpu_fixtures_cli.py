@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trio.testing import MockClock
 
 from gpu import gpu_variants as v
 from populi_peer.errors import ConfigError
@@ -32,7 +33,7 @@ def test_shipped_captures_are_the_real_readings() -> None:
 
 
 async def test_relative_captures_resolve_next_to_the_sequence(
-    tmp_path: Path, clock: VirtualClock
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
 ) -> None:
     sub = tmp_path / "fixtures"
     sub.mkdir()

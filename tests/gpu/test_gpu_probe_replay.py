@@ -49,7 +49,7 @@ def allocations(
     )
 
 
-async def test_load_capture_acceptance(clock: VirtualClock) -> None:
+async def test_load_capture_acceptance(autojump_clock: MockClock, clock: VirtualClock) -> None:
     """What `populi probe --json` must say about the real H100 under load."""
     inventory = await probe_fixture(v.LOAD, clock)
     out = json.loads(json.dumps(probe_json(inventory)))
@@ -71,7 +71,7 @@ async def test_load_capture_acceptance(clock: VirtualClock) -> None:
     }
 
 
-async def test_idle_capture_fields(clock: VirtualClock) -> None:
+async def test_idle_capture_fields(autojump_clock: MockClock, clock: VirtualClock) -> None:
     inventory = await probe_fixture(v.IDLE, clock)
     assert inventory.backend == "replay"
     assert inventory.source == v.IDLE
@@ -111,7 +111,9 @@ async def test_idle_capture_fields(clock: VirtualClock) -> None:
     assert alloc.uuid == v.LOAD_UUID
 
 
-async def test_load_capture_unreadable_process_is_foreign(clock: VirtualClock) -> None:
+async def test_load_capture_unreadable_process_is_foreign(
+    autojump_clock: MockClock, clock: VirtualClock
+) -> None:
     """The real capture's process entry is an object repr: nobody can show it is ours."""
     inventory = await probe_fixture(v.LOAD, clock)
     (d,) = inventory.devices
@@ -154,6 +156,7 @@ VARIANTS = [
     ("name", "make", "health", "reasons"), VARIANTS, ids=[x[0] for x in VARIANTS]
 )
 async def test_variant_verdicts(
+    autojump_clock: MockClock,
     tmp_path: Path,
     clock: VirtualClock,
     name: str,
@@ -168,28 +171,36 @@ async def test_variant_verdicts(
     assert verdict.reasons == reasons
 
 
-async def test_mig_enabled_is_not_allocatable_whole(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_mig_enabled_is_not_allocatable_whole(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, v.mig_enabled()), clock)
     (alloc,) = allocations(inventory)
     assert not alloc.allocatable
     assert alloc.reasons == ("mig_enabled",)
 
 
-async def test_degraded_stays_allocatable(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_degraded_stays_allocatable(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, v.row_remap_pending()), clock)
     (alloc,) = allocations(inventory)
     assert alloc.allocatable
     assert alloc.reasons == ("gpu_degraded",)
 
 
-async def test_unhealthy_is_not_allocatable(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_unhealthy_is_not_allocatable(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, v.ecc_uncorrected()), clock)
     (alloc,) = allocations(inventory)
     assert not alloc.allocatable
     assert alloc.reasons == ("gpu_unhealthy",)
 
 
-async def test_foreign_and_own_processes(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_foreign_and_own_processes(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, v.busy(4242)), clock)
     (d,) = inventory.devices
     assert d.compute_processes is not None
@@ -204,7 +215,9 @@ async def test_foreign_and_own_processes(tmp_path: Path, clock: VirtualClock) ->
     assert (ours_leased.allocatable, ours_leased.reasons) == (False, ("gpu_leased",))
 
 
-async def test_processes_not_supported_vs_unreadable(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_processes_not_supported_vs_unreadable(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, v.nothing_supported()), clock)
     (alloc,) = allocations(inventory)
     assert (alloc.allocatable, alloc.reasons) == (True, ("gpu_processes_not_supported",))
@@ -218,7 +231,9 @@ async def test_processes_not_supported_vs_unreadable(tmp_path: Path, clock: Virt
     assert (alloc.allocatable, alloc.reasons) == (False, ("gpu_processes_unknown",))
 
 
-async def test_eight_gpu_host(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_eight_gpu_host(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, v.eight_gpus()), clock)
     assert [d.index for d in inventory.devices] == list(range(8))
     assert len({d.uuid for d in inventory.devices}) == 8
@@ -227,7 +242,9 @@ async def test_eight_gpu_host(tmp_path: Path, clock: VirtualClock) -> None:
     assert all(a.allocatable for a in allocations(inventory))
 
 
-async def test_lost_gpu_from_the_start(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_lost_gpu_from_the_start(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     seq = v.sequence({"at_s": 0, "capture": v.eight_gpus()}, {"at_s": 0, "lost": [3]})
     inventory = await probe_fixture(v.write(tmp_path, seq), clock)
     lost = inventory.devices[3]
@@ -242,7 +259,9 @@ async def test_lost_gpu_from_the_start(tmp_path: Path, clock: VirtualClock) -> N
     assert blocked.reasons == ("gpu_uuid_unknown", "gpu_unhealthy", "gpu_processes_unknown")
 
 
-async def test_no_driver_is_cpu_only(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_no_driver_is_cpu_only(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     inventory = await probe_fixture(v.write(tmp_path, v.no_driver()), clock)
     assert inventory.cpu_only
     assert inventory.cpu_only_reason == "nvml_driver_not_loaded"
@@ -250,7 +269,9 @@ async def test_no_driver_is_cpu_only(tmp_path: Path, clock: VirtualClock) -> Non
     assert allocations(inventory) == []
 
 
-async def test_zero_devices_is_cpu_only(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_zero_devices_is_cpu_only(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     data = v.capture()
     data["devices"] = []
     data["device_count"] = 0
@@ -259,7 +280,9 @@ async def test_zero_devices_is_cpu_only(tmp_path: Path, clock: VirtualClock) -> 
     assert inventory.driver_version == "580.159.04"
 
 
-async def test_unreadable_values_are_unknown(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_unreadable_values_are_unknown(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     """A hand-edited fixture with nonsense values yields unknown fields, not a crash."""
     data = v.with_device(memory="lots", temperature_gpu=True, cuda_cc=[9], remapped_rows=7)
     del v.device0(data)["fan_speed"]
@@ -274,7 +297,9 @@ async def test_unreadable_values_are_unknown(tmp_path: Path, clock: VirtualClock
     assert d.name == "NVIDIA H100 80GB HBM3"
 
 
-async def test_nvlinks_and_peers(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_nvlinks_and_peers(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     """Two GPUs linked to each other by NVLink (the H100 PCIe in the capture has none)."""
     data = v.eight_gpus()
     data["devices"] = data["devices"][:2]
@@ -301,7 +326,9 @@ def uuids(inventory: GpuInventory) -> list[str | None]:
     return [d.uuid for d in inventory.devices]
 
 
-async def test_derived_uuids(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_derived_uuids(
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+) -> None:
     path = v.write(tmp_path, v.eight_gpus())
     a = await probe_fixture(path, clock, node_id="node-a")
     a_again = await probe_fixture(path, clock, node_id="node-a")

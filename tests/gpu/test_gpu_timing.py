@@ -16,6 +16,7 @@ import trio
 from trio.testing import MockClock
 
 from gpu import gpu_variants as v
+from populi_peer.clock import Clock, SystemClock
 from populi_peer.gpu import (
     Health,
     Probe,
@@ -205,31 +206,35 @@ async def test_hung_init_is_cpu_only_for_now(
         assert len(second.devices) == 1
 
 
-def _nvml_probe_over(fake: ReplayNvml, clock: VirtualClock) -> Probe:
-    """The NVML backend's code path (threads, event set) over a fake NVML module."""
+def _nvml_probe_over(fake: ReplayNvml, clock: Clock) -> Probe:
+    """The NVML backend's code path (threads, event set) over a fake NVML module.
+
+    Real worker threads do not mix with an autojump clock (it jumps while a thread
+    answers, past the call timeout), and nothing here is about time: these tests run on
+    the real clock (``SystemClock``), with generous guards and no time windows.
+    """
     return Probe(fake, backend="nvml", clock=clock, call_timeout_s=5.0, xid_wait_ms=20)
 
 
-async def test_nvml_xid_event_loop(clock: VirtualClock) -> None:
+async def test_nvml_xid_event_loop() -> None:
     fake = ReplayNvml(v.eight_gpus())
     fake.push_xid(4, 48)
     fake.push_xid(0, 31)
     events: list[XidEvent] = []
-    got_two = trio.Event()
+    got = {2: trio.Event(), 3: trio.Event()}
 
     def on_event(event: XidEvent) -> None:
         events.append(event)
-        if len(events) == 2:
-            got_two.set()
+        if len(events) in got:
+            got[len(events)].set()
 
-    async with _nvml_probe_over(fake, clock) as probe:
+    async with _nvml_probe_over(fake, SystemClock()) as probe:
         with trio.fail_after(30):  # a guard, not a timing assertion
             async with trio.open_nursery() as nursery:
                 await nursery.start(probe.run_xid_watch, on_event)
-                await got_two.wait()
+                await got[2].wait()
                 fake.push_xid(7, 79)
-                while len(events) < 3:
-                    await trio.sleep(0.01)
+                await got[3].wait()
                 nursery.cancel_scope.cancel()
     uuids = [d["uuid"] for d in v.eight_gpus()["devices"]]
     assert [(e.index, e.code, e.critical, e.uuid) for e in events] == [
@@ -239,17 +244,17 @@ async def test_nvml_xid_event_loop(clock: VirtualClock) -> None:
     ]
 
 
-async def test_nvml_xid_not_supported_returns(clock: VirtualClock) -> None:
+async def test_nvml_xid_not_supported_returns() -> None:
     fake = ReplayNvml(v.with_device(xid_supported_events=0))
-    async with _nvml_probe_over(fake, clock) as probe:
+    async with _nvml_probe_over(fake, SystemClock()) as probe:
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 await nursery.start(probe.run_xid_watch, lambda e: None)
     # The nursery closed by itself: the watcher returned after started().
 
 
-async def test_nvml_backend_over_fake_reads_capture(clock: VirtualClock) -> None:
-    async with _nvml_probe_over(ReplayNvml(v.capture(v.LOAD)), clock) as probe:
+async def test_nvml_backend_over_fake_reads_capture() -> None:
+    async with _nvml_probe_over(ReplayNvml(v.capture(v.LOAD)), SystemClock()) as probe:
         inventory = await probe.probe()
     assert inventory.backend == "nvml"
     assert inventory.devices[0].utilization_gpu_pct == 99
@@ -265,11 +270,10 @@ def _machine_has_nvml() -> bool:
 
 
 @pytest.mark.skipif(_machine_has_nvml(), reason="this machine has an NVIDIA driver")
-async def test_real_nvml_without_driver_is_cpu_only(
-    clock: VirtualClock, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_real_nvml_without_driver_is_cpu_only(caplog: pytest.LogCaptureFixture) -> None:
+    """The real NVML library in real worker threads: real time (see ``_nvml_probe_over``)."""
     caplog.set_level(logging.INFO, logger="populi.gpu")
-    async with open_probe(fixture=None, node_id="n1", clock=clock) as probe:
+    async with open_probe(fixture=None, node_id="n1", clock=SystemClock()) as probe:
         assert probe.backend == "nvml"
         first = await probe.probe()
         second = await probe.probe()

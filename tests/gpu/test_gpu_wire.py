@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from trio.testing import MockClock
 
 from gpu import gpu_variants as v
 from populi_peer.gpu import (
@@ -62,18 +63,22 @@ async def _inventories(tmp_path: Path, clock: VirtualClock) -> list[GpuInventory
     return out
 
 
-async def test_round_trip(tmp_path: Path, clock: VirtualClock) -> None:
+async def test_round_trip(autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock) -> None:
     for inventory in await _inventories(tmp_path, clock):
         wire = json.loads(json.dumps(inventory.to_json()))
         assert GpuInventory.from_json(wire) == inventory
 
 
-async def test_probe_json_parses_as_inventory(clock: VirtualClock) -> None:
+async def test_probe_json_parses_as_inventory(
+    autojump_clock: MockClock, clock: VirtualClock
+) -> None:
     inventory = await _probe(v.LOAD, clock)
     assert GpuInventory.from_json(json.loads(json.dumps(probe_json(inventory)))) == inventory
 
 
-async def test_old_payload_without_optional_fields(clock: VirtualClock) -> None:
+async def test_old_payload_without_optional_fields(
+    autojump_clock: MockClock, clock: VirtualClock
+) -> None:
     """A sender that predates fields: what it lacks reads as None / defaults."""
     wire = (await _probe(v.LOAD, clock)).to_json()
     for key in ("source", "nvml_version", "wedged", "probed_at_ms", "unknown", "v"):
@@ -106,7 +111,9 @@ async def test_old_payload_without_optional_fields(clock: VirtualClock) -> None:
     assert GpuInventory.from_json({"devices": [{"index": 3}]}).devices == (GpuDevice(index=3),)
 
 
-async def test_new_payload_with_unknown_fields(clock: VirtualClock) -> None:
+async def test_new_payload_with_unknown_fields(
+    autojump_clock: MockClock, clock: VirtualClock
+) -> None:
     """A newer sender's extra fields are ignored, at every level."""
     inventory = await _probe(v.LOAD, clock)
     wire = copy.deepcopy(inventory.to_json())
@@ -138,7 +145,10 @@ async def test_new_payload_with_unknown_fields(clock: VirtualClock) -> None:
     ],
 )
 async def test_wrong_types_name_the_field(
-    clock: VirtualClock, mutate: Callable[[dict[str, Any]], None], field: str
+    autojump_clock: MockClock,
+    clock: VirtualClock,
+    mutate: Callable[[dict[str, Any]], None],
+    field: str,
 ) -> None:
     wire = (await _probe(v.LOAD, clock)).to_json()
     mutate(wire)
@@ -250,7 +260,7 @@ def _allocs(inventory: GpuInventory) -> list[DeviceAllocation]:
     )
 
 
-async def test_summary_static_and_metrics(clock: VirtualClock) -> None:
+async def test_summary_static_and_metrics(autojump_clock: MockClock, clock: VirtualClock) -> None:
     idle = await _probe(v.IDLE, clock)
     load = await _probe(v.LOAD, clock)
     # Static facts are the same card idle and under load: one facts_version.
@@ -298,7 +308,7 @@ async def test_summary_static_and_metrics(clock: VirtualClock) -> None:
 
 
 async def test_summary_changes_version_with_static_facts(
-    tmp_path: Path, clock: VirtualClock
+    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
 ) -> None:
     base = await _probe(v.IDLE, clock)
     mig = await _probe(v.write(tmp_path, v.mig_enabled()), clock)

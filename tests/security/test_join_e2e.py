@@ -26,9 +26,9 @@ from populi_peer.api.app import ApiApp, Request, Response, Route
 from populi_peer.api.auth import Authenticator
 from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.clock import SystemClock
-from populi_peer.store import Store
+from support.disk import fill, small_tmpfs
+from support.mesh import meta_of
 from support.procs import POPULI, Processes, init, one_line, populi
-from support.tmpfs import fill, small_tmpfs
 
 pytestmark = pytest.mark.e2e
 
@@ -129,14 +129,14 @@ def test_an_impostor_with_a_retired_nodes_certificate_receives_nothing(
     w1 = tmp_path / "w1"
     populi(*_join_args(_token(cp), w1, "w1"), check=True)
     populi("node", "retire", "w1", "--data-dir", str(cp), check=True)
-    w1_id = _meta(w1, "node_id")
+    w1_id = meta_of(w1, "node_id")
     token = _token(cp)
     procs.stop(agent)
 
     # The retired node's key and certificate, on the control plane's address.
     recorder = _Recorder(
         _impostor_app(
-            (cp / "tls" / "ca.crt").read_text(), _meta(cp, "cluster_id"), claims_to_be=cp_id
+            (cp / "tls" / "ca.crt").read_text(), meta_of(cp, "cluster_id"), claims_to_be=cp_id
         )
     )
 
@@ -186,15 +186,6 @@ def test_an_impostor_with_a_retired_nodes_certificate_receives_nothing(
     assert joined.returncode == 0, joined.stderr
     again = populi(*_join_args(token, tmp_path / "late", "late"))
     assert again.returncode == 4 and "token already used" in again.stderr
-
-
-def _meta(data_dir: Path, key: str) -> str:
-    """A fact of a data directory (its node id, its cluster id), read without an agent."""
-    store = Store.open(data_dir, readonly=True)
-    try:
-        return store.require_meta(key)
-    finally:
-        store.close()
 
 
 def test_a_join_refused_for_a_full_disk_leaves_nothing_and_the_token_works_once(

@@ -38,7 +38,7 @@ from populi_peer.clock import Clock
 from populi_peer.errors import PeerError, RefusedError
 from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.cluster import VirtualCluster
-from support.tmpfs import fill, small_tmpfs
+from support.disk import fill, small_tmpfs
 from support.vcluster import vcluster
 
 CP_BASE = "https://cp.populi.test:443"
@@ -95,7 +95,7 @@ def _token_state(cp: Agent, token_text: str) -> tuple[int, list[str]]:
     token_id = open_token(token_text, now_ms=0, skew_ms=2**52).token.token_id
     row = cp.enrollment.tokens.get(token_id)
     assert row is not None
-    return int(row["uses_left"]), cp.enrollment.tokens.used_by(token_id)
+    return row.uses_left, cp.enrollment.tokens.used_by(token_id)
 
 
 def _nothing_of(cp: Agent, node_id: str) -> None:

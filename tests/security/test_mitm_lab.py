@@ -2,7 +2,7 @@
 namespaces, real TLS and SQLite, a DNAT rule (root; skipped otherwise).
 docs/adr/0009-peer-identity-of-answers.md.
 
-The lab (``tests/lab/netns.py``, agents as in ``tests/lab/test_partition_lab.py``): ``cp``
+The lab (``tests/lab/netns.py``, agents on ``tests/lab/agents.py``'s ``LabHost``): ``cp``
 (10.77.0.1, control plane), ``wa`` (10.77.0.2, the submitter), ``wb`` (10.77.0.3, the
 worker) and ``im`` (10.77.0.4), a node that joined, was retired (node id and certificate
 serial revoked) and whose agent stopped. Its certificate is still valid and still chains
@@ -37,7 +37,6 @@ the join handshake.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -46,22 +45,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.exec_support import (
-    TERMINAL,
-    accepted_results,
-    check_tick_order,
-    deadline_boot_ns,
-    leftovers,
-    read_ticks,
-    supervisor_state,
-    tick_command,
-    token_key,
-    wait_for,
-)
-from lab.mesh import GUARD_S, PORT, LabMesh, build_cluster
+from e2e.exec_support import read_ticks, tick_command, wait_ticks
+from lab.agents import GUARD_S, PORT, fell_back_on_the_control_planes_word, open_lab_mesh
 from lab.netns import Lab, open_lab, unavailable
 
-from support.procs import POPULI
+from support.mesh import Mesh
+from support.waiting import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -81,21 +70,16 @@ def mitm_lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def mesh(mitm_lab: Lab, tmp_path: Path) -> Iterator[LabMesh]:
-    built = LabMesh(mitm_lab, tmp_path)
-    try:
+def mesh(mitm_lab: Lab, tmp_path: Path) -> Iterator[Mesh]:
+    with open_lab_mesh(mitm_lab, tmp_path) as built:
         yield built
-    finally:
-        built.close()
-    left = leftovers(tmp_path)
-    assert not left, f"processes left behind: {left}"
 
 
 class Impostor:
     """``tests/security/impostor.py`` inside ``im``'s namespace, with ``im``'s own
     certificate and key; ended by its PID."""
 
-    def __init__(self, lab: Lab, mesh: LabMesh, root: Path, *, started: list[Impostor]) -> None:
+    def __init__(self, lab: Lab, mesh: Mesh, root: Path, *, started: list[Impostor]) -> None:
         node = mesh["im"]
         self.forge = root / "forge.json"
         self.log = root / "impostor.requests"
@@ -110,7 +94,7 @@ class Impostor:
                     sys.executable,
                     str(IMPOSTOR),
                     "--listen",
-                    f"{lab.ip('im')}:{PORT}",
+                    node.listen,
                     "--cert",
                     str(node.data_dir / "tls" / "node.crt"),
                     "--key",
@@ -169,15 +153,8 @@ def dnat_packets(lab: Lab, name: str) -> int:
     )
 
 
-def stop_agent(mesh: LabMesh, name: str) -> None:
-    agent = mesh[name].agent
-    assert agent is not None
-    agent.proc.send_signal(signal.SIGTERM)
-    agent.proc.wait(timeout=30)
-
-
 def test_a_retired_node_in_the_middle_can_neither_extend_a_lease_nor_answer_a_grant(
-    mitm_lab: Lab, mesh: LabMesh, tmp_path: Path
+    mitm_lab: Lab, mesh: Mesh, tmp_path: Path
 ) -> None:
     impostors: list[Impostor] = []
     try:
@@ -192,37 +169,32 @@ def test_a_retired_node_in_the_middle_can_neither_extend_a_lease_nor_answer_a_gr
             impostor.close()
 
 
-def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path, impostors: list[Impostor]) -> None:
-    build_cluster(mesh, joiners=("wa", "wb", "im"))
-    wa, wb = mesh["wa"], mesh["wb"]
+def scenario(lab: Lab, mesh: Mesh, tmp_path: Path, impostors: list[Impostor]) -> None:
+    started = time.monotonic()
+    mesh.build(["wa", "wb", "im"])
+    print(f"\nthe lab's cluster up in {time.monotonic() - started:.1f} s")
+    wb = mesh["wb"]
 
     # im is retired (its node id and certificate serial revoked) and its agent stops;
     # its certificate stays valid and chains to the cluster CA.
     mesh.cli("cp", "node", "retire", "im", "--reason", "decommissioned")
-    stop_agent(mesh, "im")
+    mesh.stop("im")
     impostor = Impostor(lab, mesh, tmp_path, started=impostors)
 
     # 1. Renewals.
     ticks = tmp_path / "ticks"
-    out = mesh.cli(
+    task_id = mesh.run_detached(
         "wa",
-        *("run", "--detach", "--node", "wb", "--gpus", "1", "--queue-timeout", "60s"),
-        after=tuple(tick_command(ticks, n1=N1, n2=N2)),
+        *("--node", "wb", "--gpus", "1", "--queue-timeout", "60s"),
+        *tick_command(ticks, n1=N1, n2=N2),
     )
-    task_id = out.strip()
-    assert task_id.startswith("t-"), out
-    _, took = wait_for(
-        "3 ticks of attempt 1",
-        lambda: len([t for t in read_ticks(ticks) if t.attempt == 1]) >= 3 or None,
-        guard_s=GUARD_S,
-        every_s=0.05,
-    )
+    took = wait_ticks(ticks, 1, guard_s=GUARD_S)
     print(f"\nremote attempt ticking {took:.1f} s after submission")
     remote = mesh.task_record("wa", task_id)["task"]["attempts"][0]
     assert (remote["where"], remote["node"]) == ("remote", wb.node_id), remote
     lease = mesh.lease_record(remote["lease_id"])
     assert lease["state"] == "live", lease
-    nodes = json.loads(mesh.cli("cp", "nodes", "--json"))["nodes"]
+    nodes = json.loads(mesh.cli("cp", "nodes", "--json").stdout)["nodes"]
     # The impostor knows everything about the lease (a stronger attacker than one who
     # reads it off the worker's heartbeats) and the cluster's nodes.
     impostor.forge.write_text(
@@ -238,45 +210,21 @@ def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path, impostors: list[Impostor])
 
     redirect_to_impostor(lab, "wb")
     redirected_ns = time.time_ns()
-    task, took = wait_for(
-        f"task {task_id} ends at wa",
-        lambda: (t := mesh.task_record("wa", task_id)["task"])["state"] in TERMINAL and t,
-        guard_s=GUARD_S,
-        every_s=0.2,
-    )
+    task, took = mesh.wait_task_ended("wa", task_id, guard_s=GUARD_S)
     print(f"task ended {took:.1f} s after the redirect")
 
-    # Never in two places at once; the remote attempt stopped by its own deadline.
-    by_attempt = check_tick_order(read_ticks(ticks))
-    assert set(by_attempt) == {1, 2}, sorted(by_attempt)
-    assert {t.node for t in by_attempt[1]} == {"wb"}
-    assert {t.node for t in by_attempt[2]} == {"wa"}
-    state = supervisor_state(task_dir)
-    assert state["status"] == "exited" and state["stop_reason"] == "deadline", state
-    assert max(t.boot_ns for t in by_attempt[1]) < deadline_boot_ns(task_dir)
+    # Never in two places at once; the remote attempt stopped by its own deadline; cp
+    # declared the lease dead on its own clock, after the last tick; wa fell back on that
+    # word with a higher token; exactly one result was accepted.
+    by_attempt, _, _, _ = fell_back_on_the_control_planes_word(
+        mesh, task, ticks, task_dir, remote="wb", local="wa"
+    )
 
     # The redirect worked: wb's connections for cp went to im...
     assert dnat_packets(lab, "wb") > 0
     # ...and were refused at the handshake: not one request reached the impostor.
     assert impostor.received() == []
-    assert "peer_identity_mismatch" in wb.log_tail(200_000), wb.log_tail()
-
-    # cp declared the lease dead on its own clock, after the last tick; wa fell back on
-    # that word with a higher token; exactly one result was accepted.
-    assert task["state"] == "succeeded", task["reasons"]
-    first, second = task["attempts"]
-    dead = mesh.lease_record(first["lease_id"])
-    assert dead["state"] == "expired", dead
-    assert dead["state_changed_wall_ms"] > max(t.time_ns for t in by_attempt[1]) / 1e6
-    assert (second["where"], second["node"], second["outcome"]) == (
-        "local",
-        wa.node_id,
-        "succeeded",
-    )
-    assert second["placement_reasons"][0] == "lease_dead_confirmed", second
-    assert token_key(second["token"]) > token_key(first["token"])
-    accepted = accepted_results(task)
-    assert len(accepted) == 1 and f"token={second['token']} " in accepted[0][2], accepted
+    assert "peer_identity_mismatch" in wb.log()[-200_000:], wb.log()[-3000:]
     last_remote_ns = max(t.time_ns for t in by_attempt[1])
     first_local_ns = min(t.time_ns for t in by_attempt[2])
     print(
@@ -287,18 +235,12 @@ def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path, impostors: list[Impostor])
     # 2. Grants: the submitter's path to the control plane goes to the impostor too.
     redirect_to_impostor(lab, "wa")
     ticks2 = tmp_path / "ticks2"
-    out = mesh.cli(
+    task2_id = mesh.run_detached(
         "wa",
-        *("run", "--detach", "--node", "wb", "--gpus", "1", "--queue-timeout", "10s"),
-        after=tuple(tick_command(ticks2, n1=N2, n2=N2)),
+        *("--node", "wb", "--gpus", "1", "--queue-timeout", "10s"),
+        *tick_command(ticks2, n1=N2, n2=N2),
     )
-    task2_id = out.strip()
-    task2, took = wait_for(
-        f"task {task2_id} ends at wa",
-        lambda: (t := mesh.task_record("wa", task2_id)["task"])["state"] in TERMINAL and t,
-        guard_s=GUARD_S,
-        every_s=0.2,
-    )
+    task2, took = mesh.wait_task_ended("wa", task2_id, guard_s=GUARD_S)
     print(f"second task ended {took:.1f} s after submission: {task2['state']}")
     assert task2["state"] == "failed", task2
     assert task2["attempts"] == [], task2["attempts"]
@@ -312,14 +254,7 @@ def scenario(lab: Lab, mesh: LabMesh, tmp_path: Path, impostors: list[Impostor])
     assert impostor.received() == []
 
     # The CLI on wa, asking the control plane: one line, exit 4.
-    node = mesh["wa"]
-    cli = subprocess.run(
-        lab.argv("wa", *POPULI, "nodes", "--data-dir", str(node.data_dir)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **node.env},
-    )
+    cli = mesh.cli("wa", "nodes", check=False, timeout=60)
     assert cli.returncode == 4, (cli.returncode, cli.stderr)
     line = cli.stderr.strip()
     assert "\n" not in line and "did not prove to be" in line, line

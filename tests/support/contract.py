@@ -1,19 +1,25 @@
 """Validate every API response a test receives against the OpenAPI document.
 
 ``openapi-core`` checks status, content type and body schema for the operation the request
-matched; an undocumented route or status fails the test.
+matched; an undocumented route or status fails the test. Every 200 answer is also parsed
+with the typed message the catalogue (``populi_peer.core.messages.OPERATIONS``) names for
+its operation, so a type stricter than what the agent really answers fails too.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers, ImmutableMultiDict
+
+from populi_peer.core.messages import OPERATIONS
 
 CONTRACT = (
     Path(__file__).resolve().parents[2] / "contracts" / "populi" / "control-plane.openapi.yaml"
@@ -76,9 +82,41 @@ class _Response:
         return self._response.content
 
 
+@functools.lru_cache(maxsize=1)
+def _operation_paths() -> list[tuple[str, re.Pattern[str], str]]:
+    """(METHOD, path regex, operationId), in the document's order (which is the route
+    table's: a specific path before the template that would also match it)."""
+    with CONTRACT.open(encoding="utf-8") as handle:
+        document = yaml.safe_load(handle)
+    found = []
+    for path, item in document["paths"].items():
+        regex = re.compile("^" + re.sub(r"\\{[a-z_]+\\}", "[^/]+", re.escape(path)) + "$")
+        for method, operation in item.items():
+            if isinstance(operation, dict) and "operationId" in operation:
+                found.append((method.upper(), regex, operation["operationId"]))
+    return found
+
+
+def operation_of(request: httpx.Request) -> str | None:
+    for method, regex, operation in _operation_paths():
+        if method == request.method and regex.match(request.url.path):
+            return operation
+    return None
+
+
+def parse_answer(request: httpx.Request, response: httpx.Response) -> None:
+    """Parse a 200 answer with its operation's typed message (raises if it does not)."""
+    operation = operation_of(request)
+    if response.status_code != 200 or operation is None:
+        return
+    OPERATIONS[operation].answer.from_json(response.json())
+
+
 def validate(request: httpx.Request, response: httpx.Response) -> None:
-    """Raise if ``response`` does not match the contract for ``request``."""
+    """Raise if ``response`` does not match the contract for ``request``, or its typed
+    message does not take it."""
     openapi().validate_response(_Request(request), _Response(response))
+    parse_answer(request, response)
 
 
 def validate_request(request: httpx.Request) -> None:

@@ -1,4 +1,4 @@
-"""A real full disk for tests: a small tmpfs mounted as root, filled with a file.
+"""A real full disk for tests: a small tmpfs mounted as root, filled to the last byte.
 
 Tests that use it are skipped, with the reason, where this process cannot mount one (not
 root, or a container without ``CAP_SYS_ADMIN``). Nothing here fakes a failure: SQLite and
@@ -18,8 +18,9 @@ import pytest
 
 
 @contextlib.contextmanager
-def small_tmpfs(mount_point: Path, *, size_kib: int) -> Iterator[Path]:
-    """A tmpfs of ``size_kib`` KiB at ``mount_point`` for the block (lazily unmounted)."""
+def small_tmpfs(mount_point: Path, *, size_kib: int = 16 * 1024) -> Iterator[Path]:
+    """A tmpfs of ``size_kib`` KiB at ``mount_point`` (created) for the block, lazily
+    unmounted after it; skips the test where none can be mounted."""
     if os.geteuid() != 0:
         pytest.skip("a real full disk needs a tmpfs, and mounting one needs root")
     mount_point.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,8 @@ def small_tmpfs(mount_point: Path, *, size_kib: int) -> Iterator[Path]:
 
 
 def fill(directory: Path, name: str = "filler") -> Path:
-    """Write a file into ``directory`` until its file system has no byte left."""
+    """Write a file into ``directory`` until its file system has no byte left; returns
+    the file (delete it to give the space back)."""
     path = directory / name
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

@@ -1,4 +1,5 @@
-"""Real ``populi`` processes for end-to-end tests, always cleaned up by PID."""
+"""Real ``populi`` processes for end-to-end tests, always cleaned up by PID, and looks
+into ``/proc`` for what their tasks left behind."""
 
 from __future__ import annotations
 
@@ -7,30 +8,31 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from populi_peer.selfexec import SUPERVISOR_VERB as _VERB
 from populi_peer.selfexec import started_as
+from support.waiting import wait_for
 
 POPULI = [sys.executable, "-m", "populi_peer"]
+SUPERVISOR_VERB = _VERB.encode()
+#: Every task these tests start carries this variable, so that its processes can be
+#: found in ``/proc`` without mistaking anybody else's for them.
+MARK_NAME = "E2E_EXEC_MARK"
+MARK = "m" + uuid.uuid4().hex
 
 
 def populi(
-    *args: str,
-    env: dict[str, str] | None = None,
-    timeout: float = 60.0,
-    check: bool = False,
-    command: Sequence[str] | None = None,
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0, check: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``populi ARGS``: this checkout's package, or ``command`` (another install, the
-    single file)."""
     merged = {**os.environ, **(env or {})}
     result = subprocess.run(
-        [*(command or POPULI), *args], capture_output=True, text=True, env=merged, timeout=timeout
+        [*POPULI, *args], capture_output=True, text=True, env=merged, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"populi {' '.join(args)} exited {result.returncode}: {result.stderr}")
@@ -62,14 +64,18 @@ class Processes:
         env: dict[str, str] | None = None,
         wait: bool = True,
         guard_s: float = 30.0,
-        command: Sequence[str] | None = None,
+        argv: Callable[[list[str]], list[str]] = list,
+        health: bool = True,
     ) -> AgentProcess:
+        """Start ``populi agent`` on ``data_dir`` (its command line through ``argv``, e.g.
+        into a network namespace: the PID must stay the agent's own) and, with ``wait``,
+        wait until it serves (see :meth:`wait_ready`)."""
         log_path = data_dir.parent / f"{data_dir.name}.agent.log"
         runtime = data_dir / "run" / "agent.json"
         runtime.unlink(missing_ok=True)
         handle = log_path.open("ab")
         proc = subprocess.Popen(
-            [*(command or POPULI), "agent", "--data-dir", str(data_dir), *extra],
+            argv([*POPULI, "agent", "--data-dir", str(data_dir), *extra]),
             stdout=handle,
             stderr=handle,
             env={**os.environ, **(env or {})},
@@ -78,35 +84,43 @@ class Processes:
         agent = AgentProcess(data_dir=data_dir, proc=proc, log_path=log_path)
         self.started.append(agent)
         if wait:
-            self.wait_ready(agent, guard_s=guard_s)
+            self.wait_ready(agent, guard_s=guard_s, health=health)
         return agent
 
-    def wait_ready(self, agent: AgentProcess, *, guard_s: float = 30.0) -> float:
-        """Wait until the agent answers health; returns how long it took."""
-        started = time.monotonic()
+    def wait_ready(
+        self, agent: AgentProcess, *, guard_s: float = 30.0, health: bool = True
+    ) -> float:
+        """Wait until the agent serves: its runtime file names it (written once the API is
+        bound) and, with ``health``, it answers health. Returns how long it took."""
         runtime = agent.data_dir / "run" / "agent.json"
-        while time.monotonic() - started < guard_s:
+
+        def ready() -> dict[str, object] | None:
             if agent.proc.poll() is not None:
                 raise AssertionError(f"agent exited {agent.proc.returncode}: {agent.log()[-2000:]}")
-            if runtime.exists():
+            try:
+                info = json.loads(runtime.read_text())
+            except (OSError, ValueError):
+                return None
+            if not isinstance(info, dict):
+                return None
+            # The single file's agent is the Python child of the file's loader.
+            if not started_as(int(info.get("pid") or 0), agent.proc.pid):
+                return None
+            if health:
                 try:
-                    info = json.loads(runtime.read_text())
-                except ValueError:
-                    info = None
-                # The single file's agent is the Python child of the file's loader.
-                if info and started_as(int(info.get("pid") or 0), agent.proc.pid):
-                    try:
-                        response = httpx.get(
-                            info["url"] + "/v1/populi/health", verify=False, timeout=2
-                        )
-                    except httpx.HTTPError:
-                        response = None
-                    if response is not None and response.status_code == 200:
-                        agent.url = info["url"]
-                        agent.node_id = info["node_id"]
-                        return time.monotonic() - started
-            time.sleep(0.05)
-        raise AssertionError(f"agent not ready within {guard_s} s: {agent.log()[-2000:]}")
+                    answer = httpx.get(info["url"] + "/v1/populi/health", verify=False, timeout=2)
+                except httpx.HTTPError:
+                    return None
+                if answer.status_code != 200:
+                    return None
+            return info
+
+        try:
+            info, took = wait_for("the agent serves", ready, guard_s=guard_s, every_s=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {agent.log()[-2000:]}") from None
+        agent.url, agent.node_id = str(info["url"]), str(info["node_id"])
+        return took
 
     def stop(self, agent: AgentProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if agent.proc.poll() is None:
@@ -118,6 +132,70 @@ class Processes:
             if agent.proc.poll() is None:
                 agent.proc.kill()
                 agent.proc.wait(timeout=10)
+
+
+# -- what tasks leave behind -------------------------------------------------------------
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _stat_state(pid: int) -> str:
+    stat = _read(f"/proc/{pid}/stat").decode(errors="replace")
+    return stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
+
+
+def marked_pids(needle: bytes) -> list[int]:
+    """Live (non-zombie) processes whose environment holds ``needle``."""
+    out = []
+    for pid in _pids():
+        if pid == os.getpid():
+            continue
+        if needle in _read(f"/proc/{pid}/environ").split(b"\0") and _stat_state(pid) not in (
+            "Z",
+            "",
+        ):
+            out.append(pid)
+    return out
+
+
+def task_pids(task_id: str) -> list[int]:
+    return marked_pids(f"POPULI_TASK_ID={task_id}".encode())
+
+
+def supervisor_pids(root: Path) -> list[int]:
+    """Supervisors of task directories under ``root``."""
+    out = []
+    for pid in _pids():
+        cmdline = _read(f"/proc/{pid}/cmdline").split(b"\0")
+        # The package's supervisor, or the single file's (``populi _supervisor DIR``).
+        supervisor = b"populi_peer.exec.supervisor" in cmdline or SUPERVISOR_VERB in cmdline
+        if supervisor and any(arg.startswith(str(root).encode()) for arg in cmdline):
+            if _stat_state(pid) not in ("Z", ""):
+                out.append(pid)
+    return out
+
+
+def leftovers(root: Path) -> list[int]:
+    """Processes of marked tasks, and supervisors of task directories under ``root``."""
+    return sorted(set(marked_pids(f"{MARK_NAME}={MARK}".encode())) | set(supervisor_pids(root)))
+
+
+def kill_pids(pids: Iterable[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def init(data_dir: Path, *args: str, name: str = "cp") -> dict[str, object]:
@@ -143,4 +221,18 @@ def one_line(text: str) -> bool:
     return len(lines) == 1 and "Traceback" not in text
 
 
-__all__: Sequence[str] = ["POPULI", "AgentProcess", "Processes", "init", "one_line", "populi"]
+__all__: Sequence[str] = [
+    "MARK",
+    "MARK_NAME",
+    "POPULI",
+    "AgentProcess",
+    "Processes",
+    "init",
+    "kill_pids",
+    "leftovers",
+    "marked_pids",
+    "one_line",
+    "populi",
+    "supervisor_pids",
+    "task_pids",
+]

@@ -1,4 +1,6 @@
-"""The data directory and its SQLite database.
+"""The data directory's SQLite database: connection, migrations, transactions, meta,
+durable request nonces, storage-fault translation. The tables' own statements live in the
+repositories beside this module (:mod:`populi_peer.store`).
 
 One file, ``populi.db``, in WAL mode with ``synchronous=FULL`` (safety rule 7: grants,
 consumed tokens, lifecycle records and tasks are durable before they are acknowledged; we
@@ -18,20 +20,38 @@ later, so the caller retries. Either way the transaction is rolled back whole (S
 rolls some of these back by itself; the store never leaves one open), nothing was
 acknowledged, and the caller's in-memory state must not adopt the change. The agent
 listens (:attr:`Store.write_listener`) to report a degraded node while writes fail.
+
+Signed requests are never accepted twice, across restarts too (docs/design.md, "Identity
+... and peer authentication"). The API binds each authenticated request's (signer, nonce)
+to the context it is handled in (:func:`bind_request_nonce`); the first transaction that
+request commits inserts the nonce into ``request_nonces`` inside that same commit. So a
+request with a durable effect leaves its nonce on disk together with the effect, and a
+request that commits nothing (a heartbeat, a renewal) costs no write at all. A replay
+finds the row (at authentication, or as a duplicate key in its own transaction, which then
+rolls back with nothing written). Rows are pruned once their request could no longer pass
+the ``created`` check (created + skew budget).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from populi_peer.errors import DatabaseTooNew, NoDataDir, StorageUnavailable, StoreError
+from populi_peer.errors import (
+    DatabaseTooNew,
+    NoDataDir,
+    StorageUnavailable,
+    StoreError,
+    Unauthenticated,
+)
 
 DB_FILE_NAME = "populi.db"
 
@@ -157,6 +177,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE token_uses ADD COLUMN certificate TEXT;
     """,
+    # 4: nonces of signed requests that committed something, kept until their request
+    # could no longer pass the skew check (``expires_s``): replays stay refused across
+    # restarts.
+    """
+    CREATE TABLE request_nonces (
+        signer TEXT NOT NULL,
+        nonce TEXT NOT NULL,
+        expires_s INTEGER NOT NULL,
+        PRIMARY KEY (signer, nonce)
+    ) WITHOUT ROWID;
+    CREATE INDEX request_nonces_expiry ON request_nonces (expires_s);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -202,6 +234,53 @@ def file_error(exc: OSError, what: str) -> StoreError:
     return StoreError(message)
 
 
+#: How often (seconds of request time) expired nonces are pruned, inside a commit that
+#: happens anyway.
+NONCE_PRUNE_INTERVAL_S = 60.0
+
+
+@dataclass(eq=False)
+class RequestNonce:
+    """The (signer, nonce) of one authenticated request, bound to the store that records it.
+
+    ``expires_s`` is when the request could no longer pass the ``created`` check (created
+    + skew budget); ``now_s`` the wall time it was received at (for pruning). ``recorded``
+    turns true once a commit carried the row; ``replayed`` once a commit found it there.
+    """
+
+    store: Store
+    signer: str
+    nonce: str
+    expires_s: int
+    now_s: float
+    recorded: bool = False
+    replayed: bool = False
+
+
+_REQUEST_NONCE: contextvars.ContextVar[RequestNonce | None] = contextvars.ContextVar(
+    "populi_request_nonce", default=None
+)
+
+
+@contextlib.contextmanager
+def bind_request_nonce(binding: RequestNonce | None) -> Iterator[None]:
+    """Handle a request with ``binding`` as its nonce: its first commit records it. Bind
+    ``None`` for an unsigned request, so that it never records an outer request's nonce
+    (in-process transports run one app's handler inside another's)."""
+    token = _REQUEST_NONCE.set(binding)
+    try:
+        yield
+    finally:
+        _REQUEST_NONCE.reset(token)
+
+
+def _replayed(binding: RequestNonce) -> Unauthenticated:
+    return Unauthenticated(
+        f"request replayed: nonce of {binding.signer} was already used",
+        code="signature_replayed",
+    )
+
+
 class Store:
     """A connection to ``<data dir>/populi.db``."""
 
@@ -224,6 +303,7 @@ class Store:
         except sqlite3.Error as exc:
             raise store_error(exc, f"cannot open database {path}") from exc
         self._depth = 0
+        self._nonces_pruned_s = 0.0
         # Meta values are read on every request (term, control plane); cache them and
         # forget the cache whenever this connection commits (any commit may change meta).
         self._meta_cache: dict[str, str | None] = {}
@@ -306,6 +386,7 @@ class Store:
             raise self._failed(store_error(exc, f"database {self.path} is busy or broken")) from exc
         self._depth = 1
         try:
+            binding = self._record_request_nonce()
             yield self.conn
         except sqlite3.Error as exc:
             self._depth = 0
@@ -326,6 +407,8 @@ class Store:
             # the transaction open (SQLITE_BUSY): either way nothing of it is kept.
             self._rollback()
             raise self._failed(store_error(exc, f"cannot commit to {self.path}")) from exc
+        if binding is not None:
+            binding.recorded = True
         if self.write_listener is not None:
             self.write_listener(None)
 
@@ -338,6 +421,45 @@ class Store:
         if isinstance(error, StorageUnavailable) and self.write_listener is not None:
             self.write_listener(error)
         return error
+
+    def _record_request_nonce(self) -> RequestNonce | None:
+        """Inside a transaction just begun: insert the nonce of the request being handled,
+        if it has one for this store and no earlier commit carried it. A duplicate is a
+        replay: refused, and the transaction rolls back with nothing written."""
+        binding = _REQUEST_NONCE.get()
+        if binding is None or binding.store is not self or binding.recorded:
+            return None
+        if binding.replayed:
+            raise _replayed(binding)
+        try:
+            self.conn.execute(
+                "INSERT INTO request_nonces (signer, nonce, expires_s) VALUES (?, ?, ?)",
+                (binding.signer, binding.nonce, binding.expires_s),
+            )
+        except sqlite3.IntegrityError:
+            binding.replayed = True
+            raise _replayed(binding) from None
+        if binding.now_s - self._nonces_pruned_s >= NONCE_PRUNE_INTERVAL_S:
+            self._nonces_pruned_s = binding.now_s
+            self.conn.execute(
+                "DELETE FROM request_nonces WHERE expires_s < ?", (int(binding.now_s),)
+            )
+        return binding
+
+    # -- request nonces -------------------------------------------------------------------
+
+    def nonce_used(self, signer: str, nonce: str) -> bool:
+        """Whether a commit already carried this request nonce (a replay)."""
+        row = self.execute(
+            "SELECT 1 FROM request_nonces WHERE signer = ? AND nonce = ?", (signer, nonce)
+        ).fetchone()
+        return row is not None
+
+    def request_nonce(
+        self, signer: str, nonce: str, *, expires_s: float, now_s: float
+    ) -> RequestNonce:
+        """A binding for :func:`bind_request_nonce` that this store records."""
+        return RequestNonce(self, signer, nonce, int(expires_s) + 1, now_s)
 
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         try:
@@ -375,6 +497,13 @@ class Store:
                 (key, value),
             )
 
+    def insert_meta(self, values: dict[str, str]) -> None:
+        """Add keys that must not exist yet (a fresh data directory: ``populi init`` and
+        ``join``); one already there is a :class:`StoreError` and nothing is written."""
+        with self.transaction():
+            for key, value in values.items():
+                self.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     def get_meta_json(self, key: str, default: Any = None) -> Any:
         raw = self.get_meta(key)
         return default if raw is None else json.loads(raw)
@@ -387,4 +516,14 @@ def _split_sql(script: str) -> list[str]:
     return [part.strip() for part in script.split(";") if part.strip()]
 
 
-__all__ = ["DB_FILE_NAME", "MIGRATIONS", "SCHEMA_VERSION", "Store", "file_error", "store_error"]
+__all__ = [
+    "DB_FILE_NAME",
+    "MIGRATIONS",
+    "NONCE_PRUNE_INTERVAL_S",
+    "SCHEMA_VERSION",
+    "RequestNonce",
+    "Store",
+    "bind_request_nonce",
+    "file_error",
+    "store_error",
+]

@@ -1,0 +1,156 @@
+"""How a node reaches the others: the control plane it believes holds the role, and any
+member by its id.
+
+Two small collaborators every service that talks to another node is given (it never
+reaches for the agent that composes it):
+
+- :class:`ControlPlaneLink` — which node holds the control-plane role as this node knows it
+  (term, node id, URL: kept in the store's meta, updated by whoever learns better), whether
+  that is this node, and a call to it. Every call names the node it means to reach, so the
+  TLS handshake refuses any other node's certificate (docs/adr/0009).
+- :class:`PeerLink` — a member's record with an address (refreshing membership from the
+  control plane once for a node that joined a moment ago), and a call to it that retries a
+  peer's ``unknown_signer`` refusal a few times (that peer learns of us within a heartbeat).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from populi_peer.api.client import PeerClient
+from populi_peer.core.membership import Member
+from populi_peer.errors import Conflict, PopuliError
+from populi_peer.log import get_logger, log
+from populi_peer.store import Store
+
+#: How often a call retries a peer that does not know this node yet (``unknown_signer``).
+UNKNOWN_SIGNER_ATTEMPTS = 5
+
+
+class ControlPlaneLink:
+    """The control plane as this node knows it, and calls to it."""
+
+    def __init__(self, *, node_id: str, store: Store, client: PeerClient) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.client = client
+
+    @property
+    def term(self) -> int:
+        return int(self.store.get_meta("term", "1") or "1")
+
+    @property
+    def id(self) -> str:
+        return self.store.require_meta("control_plane_id")
+
+    @property
+    def url(self) -> str:
+        return self.store.require_meta("control_plane_url")
+
+    @property
+    def is_self(self) -> bool:
+        return self.id == self.node_id
+
+    def require_self(self) -> None:
+        """Refuse (409 ``not_control_plane``) unless this node holds the role."""
+        if not self.is_self:
+            raise Conflict(
+                f"this node is not the control plane (term {self.term}); ask {self.url}",
+                code="not_control_plane",
+                control_plane_url=self.url,
+            )
+
+    def publish_url(self, url: str) -> None:
+        """This node holds the role and serves at ``url`` (known once the API is bound)."""
+        if self.is_self and self.url != url:
+            self.store.set_meta("control_plane_url", url)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        return await self.client.call(
+            url=self.url,
+            node_id=self.id,
+            method=method,
+            path=path,
+            payload=payload,
+            params=params,
+            timeout_s=timeout_s,
+        )
+
+
+class PeerLink:
+    """Members by id: their record with an address, and calls to them."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        membership: Any,
+        control_plane: ControlPlaneLink,
+        client: PeerClient,
+    ) -> None:
+        self.node_id = node_id
+        self.membership = membership
+        self.control_plane = control_plane
+        self.client = client
+        self.logger = get_logger("peers")
+
+    async def sync_members(self) -> None:
+        """Replace this node's membership view with the control plane's."""
+        answer = await self.control_plane.call("GET", "/v1/populi/members")
+        members = [Member.from_json(m) for m in answer.get("members", [])]
+        if not any(m.id == self.node_id for m in members):
+            log(self.logger, logging.WARNING, "this node is not in the control plane's membership")
+        self.membership.replace_all(members, int(answer.get("version", 0)))
+
+    async def member(self, node_id: str) -> Member | None:
+        """A node's member record with an address; refreshes membership from the control
+        plane once if this node has not heard of it yet (it may have joined a moment ago)."""
+        member = self.membership.get(node_id)
+        if (member is None or not member.addresses) and not self.control_plane.is_self:
+            try:
+                await self.sync_members()
+            except PopuliError as exc:
+                log(self.logger, logging.INFO, "membership refresh failed", error=str(exc))
+            member = self.membership.get(node_id)
+        return member if member is not None and member.addresses else None
+
+    async def call(
+        self,
+        member: Member,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
+    ) -> dict[str, Any]:
+        """Call another node. A peer that does not know us yet (we joined after its last
+        membership refresh: 401 ``unknown_signer``) learns of us within a heartbeat, so
+        that refusal is retried a few times before it counts."""
+        for attempt in range(attempts):
+            try:
+                return await self.client.call(
+                    url=f"https://{member.addresses[0]}",
+                    node_id=member.id,
+                    method=method,
+                    path=path,
+                    payload=payload,
+                )
+            except PopuliError as exc:
+                if exc.code != "unknown_signer" or attempt == attempts - 1:
+                    raise
+                await trio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+__all__ = ["UNKNOWN_SIGNER_ATTEMPTS", "ControlPlaneLink", "PeerLink"]

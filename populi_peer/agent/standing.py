@@ -1,0 +1,183 @@
+"""Whether this node is still a member of its cluster, as far as it can tell.
+
+A retired node keeps its agent, its data directory and its old key; it must not look
+healthy. It learns that it was retired in two ways:
+
+- a peer refuses its signed request with 401 ``node_retired`` (its signature still
+  verifies with its old key, so the peer tells it what it knows: the lifecycle record —
+  who retired it, when, why — and the signed revocation list). The heartbeat loop hands
+  that refusal here; the list is installed only if it verifies against the cluster key
+  and is newer, like any other;
+- its own node id is on the signed revocation list it holds (pushed or installed above).
+
+A 401 ``unknown_signer`` from the control plane (the node was deleted, or its certificate
+expired while it was off) is the other way out of the cluster: ``unknown_to_control_plane``.
+
+Either way the node takes no more work: the worker refuses handoffs (``node_retired``),
+the submitter places nothing remotely, and ``populi status`` says what happened and how to
+re-join. Nothing here is persisted apart from the revocation list: after a restart the
+held list (or the next refused heartbeat) tells again.
+
+Serving side: :meth:`Standing.notice_for` is what this node tells a retired signer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from enrollment.revocation import RevokedNode
+from populi_peer.agent.membership import Membership
+from populi_peer.agent.registry import Registry
+from populi_peer.agent.revocations import RevocationState
+from populi_peer.clock import Clock
+from populi_peer.errors import PopuliError
+from populi_peer.log import get_logger, log
+
+#: Refusals of a signed request that mean this node is out of the cluster.
+OUT_CODES = ("node_retired", "unknown_signer")
+
+
+def rejoin_steps(name: str, *, name_blocked: bool) -> list[str]:
+    """What an operator runs to bring this machine back (it re-joins as a new node id)."""
+    steps = []
+    if name_blocked:
+        steps.append(f"on the control plane: populi node unretire {name}  (the name is blocked)")
+    steps.append(f"on the control plane: populi token create --name {name}")
+    steps.append(
+        f"here: stop this agent, then populi join TOKEN --force --name {name} --data-dir DIR "
+        "--listen HOST:PORT, and start the agent again (runbooks/revoke-a-node.md)"
+    )
+    return steps
+
+
+class Standing:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        node_name: str,
+        clock: Clock,
+        revocations: RevocationState,
+        membership: Membership,
+        registry: Registry,
+    ) -> None:
+        self.node_id = node_id
+        self.node_name = node_name
+        self.clock = clock
+        self.revocations = revocations
+        self.membership = membership
+        self.registry = registry
+        self.logger = get_logger("standing")
+        #: The lifecycle record a peer sent with its ``node_retired`` refusal.
+        self.refused_lifecycle: dict[str, Any] | None = None
+        self.refused_at_ms: int | None = None
+        self.refused_code: str | None = None
+
+    # -- this node ------------------------------------------------------------------------
+
+    def revoked_entry(self) -> RevokedNode | None:
+        """This node's entry on the revocation list it holds, if it is there."""
+        current = self.revocations.current
+        if current is None or self.node_id not in current.node_ids:
+            return None
+        return next(node for node in current.revoked if node.node_id == self.node_id)
+
+    @property
+    def retired(self) -> bool:
+        return self.refused_code == "node_retired" or self.revoked_entry() is not None
+
+    @property
+    def out(self) -> bool:
+        """Retired, or unknown to the control plane: this node takes no work."""
+        return self.retired or self.refused_code is not None
+
+    def learn(self, exc: PopuliError) -> bool:
+        """A peer refused this node's signed request; returns whether the refusal says
+        this node is out of the cluster (and takes note of what it says)."""
+        if exc.code not in OUT_CODES or exc.details.get("http_status") != 401:
+            return False
+        now_ms = int(self.clock.wall() * 1000)
+        if exc.code == "node_retired":
+            text = exc.details.get("revocations")
+            if isinstance(text, str):
+                self.revocations.offer(text, now_ms=now_ms)
+            lifecycle = exc.details.get("lifecycle")
+            if isinstance(lifecycle, dict) and lifecycle.get("state") == "retired":
+                self.refused_lifecycle = lifecycle
+        if self.refused_code != "node_retired":
+            self.refused_code = exc.code
+            self.refused_at_ms = now_ms
+        log(
+            self.logger,
+            logging.ERROR,
+            "this node was retired from the cluster; it takes no more work"
+            if self.retired
+            else "the control plane no longer knows this node (deleted, or its certificate "
+            "expired); it takes no more work",
+            error=str(exc),
+            rejoin=self.json()["rejoin"],
+        )
+        return True
+
+    def json(self) -> dict[str, Any]:
+        """``status.standing``: member, retired (since when, by whom, why, and from what
+        this node knows it), or unknown to the control plane; and how to re-join."""
+        name = self.node_name
+        entry = self.revoked_entry()
+        lifecycle = self.refused_lifecycle or {}
+        if self.retired:
+            state = "retired"
+            since = lifecycle.get("since_wall_ms") or (entry.revoked_ms if entry else None)
+            by = lifecycle.get("actor")
+            reason = lifecycle.get("reason") or (entry.reason if entry else None)
+            source = "revocation_list" if entry is not None else "control_plane"
+        elif self.refused_code is not None:
+            state, since, by, reason = "unknown_to_control_plane", self.refused_at_ms, None, None
+            source = "control_plane"
+        else:
+            return {
+                "state": "member",
+                "since_ms": None,
+                "by": None,
+                "reason": None,
+                "source": None,
+                "rejoin": None,
+            }
+        return {
+            "state": state,
+            "since_ms": since if isinstance(since, int) else None,
+            "by": by if isinstance(by, str) else None,
+            "reason": reason if isinstance(reason, str) else None,
+            "source": source,
+            "rejoin": rejoin_steps(name, name_blocked=self.revocations.is_name_blocked(name)),
+        }
+
+    # -- what this node tells others --------------------------------------------------------
+
+    def notice_for(self, signer: str) -> tuple[Ed25519PublicKey, dict[str, Any]] | None:
+        """A retired node's old key and what it is told when it signs a request here;
+        ``None`` for anyone else (they stay ``unknown_signer``)."""
+        if signer == self.node_id:
+            return None
+        principal = self.membership.principal(signer)
+        if principal is None or principal.kind != "node":
+            return None
+        lifecycle = self.registry.lifecycle(signer)
+        retired = lifecycle is not None and lifecycle.state == "retired"
+        revoked = self.revocations.is_revoked(signer)
+        if not (retired or revoked):
+            return None
+        return principal.public_key, {
+            "node_id": signer,
+            "lifecycle": lifecycle.to_json() if retired and lifecycle is not None else None,
+            "revocations": self.revocations.text if revoked else None,
+            "rejoin": rejoin_steps(
+                principal.name, name_blocked=self.revocations.is_name_blocked(principal.name)
+            ),
+        }
+
+
+__all__ = ["OUT_CODES", "Standing", "rejoin_steps"]

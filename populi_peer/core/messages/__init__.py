@@ -1,0 +1,268 @@
+"""Typed wire bodies: one small frozen type per request and answer body of every route
+the agent serves and calls, parsed once at the edge (STYLE 13).
+
+``Message.from_json(data)`` checks a body once (types, ranges, ids; the core's own
+records through their own parsers), ignores unknown fields (version N talks to N-1) and
+raises :class:`~populi_peer.errors.BadRequest` with one line naming the field;
+``to_json()`` writes it back. The API app parses a route's declared request body into its
+type before the handler runs, and the peer client parses a declared answer type, turning
+a malformed answer into ``PeerError(code="bad_peer_answer")`` (``populi_peer.api``).
+
+:data:`OPERATIONS` is the catalogue: for each operation of
+``contracts/populi/control-plane.openapi.yaml`` (by ``operationId``, the route's name), the
+type of its request body (``None``: it takes none, or ignores it) and of its answer. Tests
+check that the catalogue covers the contract's operations, that what each type writes
+validates against the contract's schema, and that a route declaring types declares these.
+
+Domains: :mod:`.records` (shared records), :mod:`.heartbeat`, :mod:`.membership` (join,
+tokens, certificates, retirement, membership views, node lifecycle, events, leave),
+:mod:`.inbox`, :mod:`.leases`, :mod:`.tasks`, :mod:`.status` (health, status, settings,
+GPU views); :mod:`._codec` is how fields are declared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from populi_peer.core.messages._codec import Message
+from populi_peer.core.messages.heartbeat import (
+    GpuHeartbeatSummary,
+    HeartbeatAnswer,
+    HeartbeatReport,
+    HeldLease,
+)
+from populi_peer.core.messages.inbox import (
+    AckMessage,
+    CancelAnswer,
+    CancelMessage,
+    HandoffAnswer,
+    HandoffMessage,
+    InboxDeliverAnswer,
+    InboxMessage,
+    InboxReadAnswer,
+    InboxRecord,
+    Payload,
+    ResultAnswer,
+    ResultMessage,
+)
+from populi_peer.core.messages.leases import (
+    LeaseAnswer,
+    LeaseFallbackAnswer,
+    LeaseFallbackRequest,
+    LeaseGrantRequest,
+    LeaseListAnswer,
+    LeaseReleaseRequest,
+    LeaseReplayAnswer,
+    LeaseRevokeRequest,
+    RenewRequest,
+)
+from populi_peer.core.messages.membership import (
+    CertRenewAnswer,
+    EventsAnswer,
+    JoinCaAnswer,
+    JoinChallengeAnswer,
+    JoinEnrollAnswer,
+    JoinEnrollRequest,
+    LeaveAnswer,
+    LifecycleCommandAnswer,
+    LifecycleCommandRequest,
+    MembersAnswer,
+    NameUnretireAnswer,
+    NodeDeleteAnswer,
+    NodeRetireAnswer,
+    NodesAnswer,
+    ReasonRequest,
+    RevocationsAnswer,
+    TokenCreateAnswer,
+    TokenCreateRequest,
+    TokenListAnswer,
+    TokenRevokeAnswer,
+)
+from populi_peer.core.messages.records import (
+    AttemptResult,
+    ClusterRef,
+    ControlPlaneRef,
+    EventView,
+    GpuDevice,
+    GpuSummaryView,
+    HealthProblem,
+    LeaseView,
+    MemberView,
+    NodeGpus,
+    NodeHealth,
+    NodeView,
+    OutputChunk,
+    SettingsView,
+    Standing,
+    TaskLeaseGrant,
+    TaskView,
+    TokenSummary,
+)
+from populi_peer.core.messages.status import (
+    GpuResumeAnswer,
+    GpusAnswer,
+    HealthAnswer,
+    PushMiss,
+    PushReport,
+    SettingsAnswer,
+    SettingsChangeRequest,
+    SettingsPushAnswer,
+    SettingsPushRequest,
+    SettingsSetAnswer,
+    StatusAnswer,
+    StatusControlPlane,
+    StatusNode,
+)
+from populi_peer.core.messages.tasks import (
+    OutputChunkAnswer,
+    TaskAnswer,
+    TaskCancelAnswer,
+    TaskListAnswer,
+    TaskOutputAnswer,
+    TaskSubmitRequest,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """The body types of one operation: ``request`` is ``None`` where the route reads no
+    body (GET, or a POST whose body the contract calls "Ignored")."""
+
+    request: type[Message] | None
+    answer: type[Message]
+
+
+_E = Exchange
+
+#: operationId (the route's name) -> its body types. Ordered as the contract.
+OPERATIONS: Final[Mapping[str, Exchange]] = {
+    "join_ca": _E(None, JoinCaAnswer),
+    "join_challenge": _E(None, JoinChallengeAnswer),
+    "join_enroll": _E(JoinEnrollRequest, JoinEnrollAnswer),
+    "token_create": _E(TokenCreateRequest, TokenCreateAnswer),
+    "token_list": _E(None, TokenListAnswer),
+    "token_revoke": _E(None, TokenRevokeAnswer),
+    "cert_renew": _E(None, CertRenewAnswer),
+    "node_retire": _E(ReasonRequest, NodeRetireAnswer),
+    "node_delete": _E(ReasonRequest, NodeDeleteAnswer),
+    "name_unretire": _E(None, NameUnretireAnswer),
+    "revocations": _E(None, RevocationsAnswer),
+    "members": _E(None, MembersAnswer),
+    "heartbeat": _E(HeartbeatReport, HeartbeatAnswer),
+    "node_lifecycle": _E(LifecycleCommandRequest, LifecycleCommandAnswer),
+    "nodes": _E(None, NodesAnswer),
+    "events": _E(None, EventsAnswer),
+    "leave": _E(ReasonRequest, LeaveAnswer),
+    "inbox_deliver": _E(InboxMessage, InboxDeliverAnswer),
+    "inbox_read": _E(None, InboxReadAnswer),
+    "lease_grant": _E(LeaseGrantRequest, LeaseReplayAnswer),
+    "lease_list": _E(None, LeaseListAnswer),
+    "lease_get": _E(None, LeaseAnswer),
+    "lease_renew": _E(RenewRequest, LeaseAnswer),
+    "lease_release": _E(LeaseReleaseRequest, LeaseReplayAnswer),
+    "lease_fallback": _E(LeaseFallbackRequest, LeaseFallbackAnswer),
+    "lease_revoke": _E(LeaseRevokeRequest, LeaseReplayAnswer),
+    "attempt_output": _E(None, OutputChunkAnswer),
+    "task_submit": _E(TaskSubmitRequest, TaskAnswer),
+    "task_list": _E(None, TaskListAnswer),
+    "task_show": _E(None, TaskAnswer),
+    "task_cancel": _E(None, TaskCancelAnswer),
+    "task_output": _E(None, TaskOutputAnswer),
+    "gpus": _E(None, GpusAnswer),
+    "gpu_resume": _E(ReasonRequest, GpuResumeAnswer),
+    "health": _E(None, HealthAnswer),
+    "status": _E(None, StatusAnswer),
+    "settings_show": _E(None, SettingsAnswer),
+    "settings_set": _E(SettingsChangeRequest, SettingsSetAnswer),
+    "settings_push": _E(SettingsPushRequest, SettingsPushAnswer),
+}
+
+__all__ = [
+    "OPERATIONS",
+    "AckMessage",
+    "AttemptResult",
+    "CancelAnswer",
+    "CancelMessage",
+    "CertRenewAnswer",
+    "ClusterRef",
+    "ControlPlaneRef",
+    "EventView",
+    "EventsAnswer",
+    "Exchange",
+    "GpuDevice",
+    "GpuHeartbeatSummary",
+    "GpuResumeAnswer",
+    "GpuSummaryView",
+    "GpusAnswer",
+    "HandoffAnswer",
+    "HandoffMessage",
+    "HealthAnswer",
+    "HealthProblem",
+    "HeartbeatAnswer",
+    "HeartbeatReport",
+    "HeldLease",
+    "InboxDeliverAnswer",
+    "InboxMessage",
+    "InboxReadAnswer",
+    "InboxRecord",
+    "JoinCaAnswer",
+    "JoinChallengeAnswer",
+    "JoinEnrollAnswer",
+    "JoinEnrollRequest",
+    "LeaseAnswer",
+    "LeaseFallbackAnswer",
+    "LeaseFallbackRequest",
+    "LeaseGrantRequest",
+    "LeaseListAnswer",
+    "LeaseReleaseRequest",
+    "LeaseReplayAnswer",
+    "LeaseRevokeRequest",
+    "LeaseView",
+    "LeaveAnswer",
+    "LifecycleCommandAnswer",
+    "LifecycleCommandRequest",
+    "MemberView",
+    "MembersAnswer",
+    "Message",
+    "NameUnretireAnswer",
+    "NodeDeleteAnswer",
+    "NodeGpus",
+    "NodeHealth",
+    "NodeRetireAnswer",
+    "NodeView",
+    "NodesAnswer",
+    "OutputChunk",
+    "OutputChunkAnswer",
+    "Payload",
+    "PushMiss",
+    "PushReport",
+    "ReasonRequest",
+    "RenewRequest",
+    "ResultAnswer",
+    "ResultMessage",
+    "RevocationsAnswer",
+    "SettingsAnswer",
+    "SettingsChangeRequest",
+    "SettingsPushAnswer",
+    "SettingsPushRequest",
+    "SettingsSetAnswer",
+    "SettingsView",
+    "Standing",
+    "StatusAnswer",
+    "StatusControlPlane",
+    "StatusNode",
+    "TaskAnswer",
+    "TaskCancelAnswer",
+    "TaskLeaseGrant",
+    "TaskListAnswer",
+    "TaskOutputAnswer",
+    "TaskSubmitRequest",
+    "TaskView",
+    "TokenCreateAnswer",
+    "TokenCreateRequest",
+    "TokenListAnswer",
+    "TokenRevokeAnswer",
+    "TokenSummary",
+]

@@ -1,0 +1,160 @@
+"""Attempts of tasks run on this node (table ``attempts``) and the worker's fences (table
+``fences``).
+
+An attempt row is written at every step of a run (accepted, running, finished), by the
+worker for remote attempts (``role="worker"``) and by the submitter for local ones
+(``"local"``): a restarted agent re-adopts or cleans up what they record. A worker's fence
+is the highest fencing token it accepted per task (safety rule 2); it is read and written
+only here, and written in the same transaction as the attempt it admits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from populi_peer.core.fencing import FencingToken
+from populi_peer.store.db import Store
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    task_id: str
+    attempt: int
+    role: str  # "worker" | "local"
+    submitter: str
+    token: str
+    lease_id: str | None
+    state: str  # "accepted" | "running" | "finished"
+    #: The attempt's plan (``agent.attempts.AttemptPlan.to_json``) and what the run added
+    #: (``started_wall_ms``...).
+    body: dict[str, Any]
+    result: dict[str, Any] | None
+    delivered_ms: int | None
+    updated_ms: int
+
+
+def _record(row: sqlite3.Row) -> AttemptRecord:
+    return AttemptRecord(
+        task_id=row["task_id"],
+        attempt=row["attempt"],
+        role=row["role"],
+        submitter=row["submitter"],
+        token=row["token"],
+        lease_id=row["lease_id"],
+        state=row["state"],
+        body=json.loads(row["body"]),
+        result=None if row["result"] is None else json.loads(row["result"]),
+        delivered_ms=row["delivered_ms"],
+        updated_ms=row["updated_ms"],
+    )
+
+
+class Attempts:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- attempts -------------------------------------------------------------------------
+
+    def save(
+        self,
+        *,
+        task_id: str,
+        attempt: int,
+        role: str,
+        submitter: str,
+        token: str,
+        lease_id: str | None,
+        state: str,
+        body: dict[str, Any],
+        result: dict[str, Any] | None,
+        now_ms: int,
+    ) -> None:
+        """Record an attempt's new state; a result once recorded is kept when ``result`` is
+        ``None``."""
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, updated_ms) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, attempt, role) DO UPDATE SET "
+                "state=excluded.state, body=excluded.body, result=COALESCE(excluded.result, attempts.result), updated_ms=excluded.updated_ms",
+                (
+                    task_id,
+                    attempt,
+                    role,
+                    submitter,
+                    token,
+                    lease_id,
+                    state,
+                    json.dumps(body, sort_keys=True),
+                    None if result is None else json.dumps(result, sort_keys=True),
+                    now_ms,
+                ),
+            )
+
+    def get(self, task_id: str, attempt: int, role: str) -> AttemptRecord | None:
+        row = self.store.execute(
+            "SELECT * FROM attempts WHERE task_id = ? AND attempt = ? AND role = ?",
+            (task_id, attempt, role),
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def unfinished(self, role: str) -> list[AttemptRecord]:
+        """The attempts of ``role`` accepted or running (what a restart takes up again)."""
+        return self._records(
+            "SELECT * FROM attempts WHERE role = ? AND state IN ('accepted', 'running')", (role,)
+        )
+
+    def undelivered(self) -> list[AttemptRecord]:
+        """A worker's finished attempts whose result the submitter has not acknowledged."""
+        return self._records(
+            "SELECT * FROM attempts WHERE role = 'worker' AND state = 'finished' AND delivered_ms IS NULL",
+            (),
+        )
+
+    def mark_delivered(self, task_id: str, attempt: int, *, now_ms: int) -> None:
+        with self.store.transaction():
+            self.store.execute(
+                "UPDATE attempts SET delivered_ms = ? WHERE task_id = ? AND attempt = ? AND role = 'worker'",
+                (now_ms, task_id, attempt),
+            )
+
+    def finished_before(self, cutoff_ms: int) -> list[AttemptRecord]:
+        """Finished attempts last written before ``cutoff_ms`` that nobody waits on any
+        more: local ones, and a worker's once their result was delivered."""
+        return self._records(
+            "SELECT * FROM attempts WHERE state = 'finished' AND updated_ms < ? AND (role = 'local' OR delivered_ms IS NOT NULL)",
+            (cutoff_ms,),
+        )
+
+    def worker_state(self, task_id: str, token: str) -> str | None:
+        """The state of the worker's attempt of ``task_id`` under ``token``, if any."""
+        row = self.store.execute(
+            "SELECT state FROM attempts WHERE task_id = ? AND role = 'worker' AND token = ?",
+            (task_id, token),
+        ).fetchone()
+        return None if row is None else str(row["state"])
+
+    def _records(self, sql: str, params: tuple[Any, ...]) -> list[AttemptRecord]:
+        return [_record(row) for row in self.store.execute(sql, params).fetchall()]
+
+    # -- the worker's fences --------------------------------------------------------------
+
+    def fence(self, task_id: str) -> FencingToken | None:
+        """The highest token this worker accepted for ``task_id``."""
+        row = self.store.execute(
+            "SELECT token FROM fences WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        return FencingToken.parse(row["token"]) if row else None
+
+    def set_fence(self, task_id: str, token: FencingToken, *, now_ms: int) -> None:
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO fences (task_id, token, updated_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (task_id) DO UPDATE SET token = excluded.token, updated_ms = excluded.updated_ms",
+                (task_id, str(token), now_ms),
+            )
+
+
+__all__ = ["AttemptRecord", "Attempts"]
