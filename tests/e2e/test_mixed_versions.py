@@ -11,7 +11,9 @@ own, so that nothing of N leaks into it.
 Both ways round: an N-1 control plane with an N node beside an N-1 node, and an N control
 plane with the versions of the nodes swapped. In each, a GPU task goes from the node of
 one version to the worker of the other, under a lease from the control plane, and back;
-each finishes with its own exit code and a completed lease. Takes a minute or two (the
+each finishes with its own exit code and a completed lease. Then the N-1 worker is
+upgraded to N while a task runs on it (a rolling upgrade: its data directory migrates,
+its supervisor is re-adopted). Takes a minute or two (the
 install), so it is marked slow; it runs in the default suite and in CI.
 """
 
@@ -19,13 +21,23 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.exec_support import Mesh, check_tick_order, kill_pids, leftovers, read_ticks, tick_command
+from e2e.exec_support import (
+    Mesh,
+    check_tick_order,
+    kill_pids,
+    leftovers,
+    log_events,
+    read_ticks,
+    tick_command,
+    wait_for,
+)
 
 from support.installs import Installs
 
@@ -101,12 +113,39 @@ def old_populi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         git("worktree", "remove", "--force", str(tree))
 
 
+def rolling_upgrade(mesh: Mesh, host: Installs, tmp_path: Path) -> None:
+    """The N-1 worker w1 becomes N while a task from w2 runs on it: the N agent opens the
+    N-1 data directory, re-adopts the N-1 supervisor and renews its lease; the task ends
+    with its own exit code in its first attempt, its lease completed."""
+    ticks = tmp_path / "ticks-upgrade"
+    args = ["--gpus", "1", "--node", "w1", "--no-fallback", "--env", "EXIT_CODE=7"]
+    task_id = mesh.run_detached("w2", *args, *tick_command(ticks, n1=60, n2=5))
+    wait_for("the task ticks on w1", lambda: read_ticks(ticks), guard_s=60)
+    host.commands["w1"] = None  # this checkout's package
+    assert mesh.stop("w1", signal.SIGTERM, timeout=60) == 0
+    log_before = len(mesh["w1"].log())
+    mesh.start("w1")
+    wait_for(
+        "the N agent re-adopts the N-1 supervisor",
+        lambda: log_events(mesh["w1"].log()[log_before:], "attempt re-adopted", task_id=task_id),
+        guard_s=60,
+    )
+    waited = mesh.wait_cli("w2", task_id)
+    assert waited.returncode == 7, f"{waited.stdout} {waited.stderr}"
+    (attempt,) = mesh.show("w2", task_id)["attempts"]
+    assert attempt["where"] == "remote" and attempt["node"] == mesh["w1"].node_id
+    assert len(check_tick_order(read_ticks(ticks))[1]) == 60
+    (lease,) = mesh.leases(task=task_id)
+    assert lease["state"] == "completed", lease
+    print("N-1 -> N upgrade of the worker mid-task: exit 7, lease completed")
+
+
 @pytest.mark.parametrize("old_side", ["old-control-plane", "new-control-plane"])
 def test_n_and_n_minus_1_run_each_others_tasks(
     old_side: str, old_populi: list[str], tmp_path: Path
 ) -> None:
     old = ["cp", "w2"] if old_side == "old-control-plane" else ["w1"]
-    host = Installs(dict.fromkeys(old, old_populi))
+    host = Installs(dict.fromkeys(old, old_populi), reachable="cp" not in old)
     mesh = Mesh.create(tmp_path / "mesh", ["w1", "w2"], host=host)
     try:
         for submitter, worker, code in (("w1", "w2", 5), ("w2", "w1", 6)):
@@ -126,6 +165,8 @@ def test_n_and_n_minus_1_run_each_others_tasks(
             assert lease["state"] == "completed", lease
             print(f"{versions}: exit {code}, lease {lease['state']}")
             mesh.wait_settled()
+        if old_side == "new-control-plane":
+            rolling_upgrade(mesh, host, tmp_path)
     finally:
         mesh.close()
         left = leftovers(tmp_path)

@@ -14,8 +14,12 @@ class Installs(Host):
     """Loopback, with each node's ``populi`` taken from the install named for it (this
     checkout's package where none is): an upgrade changes :attr:`commands`."""
 
-    def __init__(self, commands: dict[str, list[str] | None]) -> None:
+    def __init__(self, commands: dict[str, list[str] | None], *, reachable: bool = True) -> None:
         self.commands = commands
+        #: False where the control plane's install is another version: this process's
+        #: own storage code may not read its database (schema), so the mesh uses the
+        #: control plane's own CLI instead of its operator API.
+        self.reachable = reachable
 
     def argv(self, name: str, argv: Sequence[str]) -> list[str]:
         command = self.commands.get(name)
