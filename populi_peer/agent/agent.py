@@ -135,6 +135,7 @@ class Agent:
             revocations=self.revocations,
             membership=self.membership,
             registry=self.registry,
+            max_skew_s=config.security.max_skew_s,
         )
         self.remote_work = RemoteWork(
             exec_remote=config.exec.remote, records=self.records, standing=self.standing
@@ -285,8 +286,8 @@ class Agent:
             node_id=self.node_id,
             clock=clock,
             skew_s=config.security.max_skew_s,
-            lookup=self.lookup_principal,
-            is_revoked=self._refuses_signer,
+            lookup=self.standing.signer,
+            is_revoked=self.standing.refuses_signer,
             replay_max_entries=config.security.replay_cache_max_entries,
             nonces=self.store,
             retired=self.standing.notice_for,
@@ -376,28 +377,8 @@ class Agent:
     def is_revoked(self, principal_id: str) -> bool:
         return self.revocations.is_revoked(principal_id)
 
-    def _refuses_signer(self, principal_id: str) -> bool:
-        # This node's own key is always good at its own agent: the CLI here signs with it,
-        # and a retired node's operator must still read its status.
-        return principal_id != self.node_id and self.is_revoked(principal_id)
-
     def lookup_principal(self, principal_id: str) -> Principal | None:
-        """The signer of a request, unless unknown, retired or its certificate expired."""
-        principal = self.membership.principal(principal_id)
-        if principal is None:
-            return None
-        member = self.membership.get(principal_id)
-        if member is not None and member.kind == "node":
-            lc = self.registry.lifecycle(principal_id)
-            if lc is not None and lc.state == "retired":
-                return None
-            skew_ms = self.config.security.max_skew_s * 1000
-            if (
-                member.cert_not_after_ms
-                and member.cert_not_after_ms < wall_ms(self.clock) - skew_ms
-            ):
-                return None
-        return principal
+        return self.standing.signer(principal_id)
 
     def require_control_plane(self) -> None:
         self.control_plane.require_self()

@@ -47,16 +47,6 @@ class Problem:
     last_wall_ms: int
     failures: int = 1
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "component": self.component,
-            "code": self.code,
-            "message": self.message,
-            "since_ms": self.since_wall_ms,
-            "last_ms": self.last_wall_ms,
-            "failures": self.failures,
-        }
-
 
 def as_error(exc: BaseException) -> PopuliError:
     """The error tree's view of ``exc`` (an ``OSError`` of a data-directory file becomes

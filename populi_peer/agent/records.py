@@ -111,8 +111,5 @@ class ClusterRecords:
             record=record.text if record else None,
         )
 
-    def settings_json(self) -> dict[str, Any]:
-        return self.settings_view().to_json()
-
 
 __all__ = ["ClusterRecords"]

@@ -33,6 +33,7 @@ from populi_peer.agent.membership import Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
+from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import Standing as StandingView
@@ -67,13 +68,17 @@ class Standing:
         revocations: RevocationState,
         membership: Membership,
         registry: Registry,
+        max_skew_s: float,
     ) -> None:
+        """``max_skew_s``: how long past its expiry a signer's certificate still counts
+        (the request-time skew budget)."""
         self.node_id = node_id
         self.node_name = node_name
         self.clock = clock
         self.revocations = revocations
         self.membership = membership
         self.registry = registry
+        self.max_skew_ms = int(max_skew_s * 1000)
         self.logger = get_logger("standing")
         #: The lifecycle record a peer sent with its ``node_retired`` refusal.
         self.refused_lifecycle: NodeLifecycle | None = None
@@ -162,6 +167,29 @@ class Standing:
     def _rejoin(self) -> tuple[str, ...]:
         name = self.node_name
         return tuple(rejoin_steps(name, name_blocked=self.revocations.is_name_blocked(name)))
+
+    # -- who may sign requests here -------------------------------------------------------
+
+    def signer(self, principal_id: str) -> Principal | None:
+        """The signer of a request, unless unknown, retired or its certificate expired."""
+        principal = self.membership.principal(principal_id)
+        if principal is None:
+            return None
+        member = self.membership.get(principal_id)
+        if member is not None and member.kind == "node":
+            lifecycle = self.registry.lifecycle(principal_id)
+            if lifecycle is not None and lifecycle.state == "retired":
+                return None
+            expired_ms = wall_ms(self.clock) - self.max_skew_ms
+            if member.cert_not_after_ms and member.cert_not_after_ms < expired_ms:
+                return None
+        return principal
+
+    def refuses_signer(self, principal_id: str) -> bool:
+        """A revoked signer is refused; this node's own key is always good at its own
+        agent (the CLI here signs with it, and a retired node's operator must still read
+        its status)."""
+        return principal_id != self.node_id and self.revocations.is_revoked(principal_id)
 
     # -- what this node tells others --------------------------------------------------------
 

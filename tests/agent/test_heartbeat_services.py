@@ -353,7 +353,9 @@ async def test_a_report_the_intake_refuses_changes_nothing(
         version = plane.membership.version
         with pytest.raises(PopuliError) as raised:
             built.intake.receive(w1, refused, address="10.0.0.7")
-        assert raised.value.code == ("bad_request" if what == "bad-address" else "writer_not_allowed")
+        assert raised.value.code == (
+            "bad_request" if what == "bad-address" else "writer_not_allowed"
+        )
         assert built.liveness.age_ms(w1) is None and built.heard == []
         assert plane.registry.registers is registers and plane.membership.version == version
         assert plane.event_kinds(w1) == []
@@ -539,8 +541,16 @@ async def test_a_beat_sends_the_report_and_absorbs_the_typed_answer(
 
 MALFORMED: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("no-term", lambda a: {k: v for k, v in a.items() if k != "term"}, "term"),
-    ("lifecycle-state", lambda a: {**a, "lifecycle": {**a["lifecycle"], "state": "x"}}, "lifecycle.state"),
-    ("registers-malformed", lambda a: {**a, "gpu_registers": [{"node_id": "x"}]}, "gpu_registers[0].attribute"),
+    (
+        "lifecycle-state",
+        lambda a: {**a, "lifecycle": {**a["lifecycle"], "state": "x"}},
+        "lifecycle.state",
+    ),
+    (
+        "registers-malformed",
+        lambda a: {**a, "gpu_registers": [{"node_id": "x"}]},
+        "gpu_registers[0].attribute",
+    ),
     ("not-json", lambda a: b"<html>bad gateway</html>", ""),
 ]
 
@@ -657,7 +667,9 @@ async def test_leaving_ends_once_the_control_plane_answers_left(
         assert [r.status for r in fake.reports] == ["leaving", "leaving"]
         assert built.leaving.done.is_set()
         (event,) = [
-            e for e in plane.events.page(node_id=plane.node_id, after=0, limit=10) if e.kind == "left"
+            e
+            for e in plane.events.page(node_id=plane.node_id, after=0, limit=10)
+            if e.kind == "left"
         ]
         assert (event.actor, event.reason) == (plane.node_id, "acknowledged late")
     finally:
