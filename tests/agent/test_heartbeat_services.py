@@ -19,6 +19,7 @@ import httpx
 import pytest
 import trio
 
+from enrollment.ca import certificate_public_key
 from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.revocation import RevocationList
 from populi_peer.agent.address import OwnAddress
@@ -40,6 +41,7 @@ from populi_peer.api.client import PeerClient
 from populi_peer.clock import wall_ms
 from populi_peer.cluster import InitResult
 from populi_peer.config import Config
+from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
     ControlPlaneRef,
@@ -47,7 +49,6 @@ from populi_peer.core.messages import (
     HeartbeatReport,
     HeldLease,
 )
-from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.registers import GPU_QUARANTINE_PREFIX, LIFECYCLE, RegisterWrite
 from populi_peer.errors import Conflict, Forbidden, PeerError, PopuliError
 from populi_peer.identity import Identity, load_identity
@@ -126,7 +127,6 @@ def open_plane(data_dir: Path) -> Plane:
     store = Store.open(data_dir)
     identity = load_identity(data_dir, store)
     membership = Membership(store)
-    cluster_key = identity.ca_cert.public_key()
     return Plane(
         identity=identity,
         store=store,
@@ -136,7 +136,7 @@ def open_plane(data_dir: Path) -> Plane:
         revocations=RevocationState(
             store,
             cluster_id=identity.cluster_id,
-            cluster_key=cluster_key,  # type: ignore[arg-type]
+            cluster_key=certificate_public_key(identity.ca_cert),
         ),
         registry=Registry(store, identity, clock, max_skew_s=CONFIG.security.max_skew_s),
         events=EventLog(store),
