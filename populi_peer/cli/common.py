@@ -8,14 +8,17 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from populi_peer.config import Config, default_data_dir, load_config
 
 if TYPE_CHECKING:  # heavy imports stay out of ``populi --help`` and usage errors
-    from populi_peer.api.client import SyncPeerClient
+    from populi_peer.api.client import RequestBody, SyncPeerClient
+    from populi_peer.core.messages import Message
     from populi_peer.identity import Identity, RuntimeInfo
     from populi_peer.store import Store
+
+    M = TypeVar("M", bound=Message)
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -110,14 +113,41 @@ class Local:
             )
         return self._client
 
+    @overload
     def call_agent(
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
-    ) -> dict[str, Any]:
+        *,
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def call_agent(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[M],
+    ) -> M: ...
+
+    def call_agent(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        """Call this node's agent; with ``answer``, the answer parsed as that type."""
         if self._runtime is None:
             self._runtime = self.runtime()
         info = self._runtime
@@ -131,24 +161,53 @@ class Local:
             payload=payload,
             params=params,
             timeout_s=timeout_s,
+            answer=answer,
         )
 
     def control_plane(self) -> tuple[str, str]:
         """(url, node id) of the control plane, as the local agent knows it."""
         if self._control_plane is None:
-            status = self.call_agent("GET", "/v1/populi/status")
-            cp = status["control_plane"]
-            self._control_plane = (str(cp["url"]), str(cp["node_id"]))
+            from populi_peer.core.messages import StatusAnswer
+
+            cp = self.call_agent("GET", "/v1/populi/status", answer=StatusAnswer).control_plane
+            self._control_plane = (cp.url, cp.node_id)
         return self._control_plane
+
+    @overload
+    def call_control_plane(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def call_control_plane(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[M],
+    ) -> M: ...
 
     def call_control_plane(
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
-    ) -> dict[str, Any]:
+        *,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        """Call the control plane; with ``answer``, the answer parsed as that type."""
         url, node_id = self.control_plane()
         return self.client().call(
             url=url,
@@ -158,6 +217,7 @@ class Local:
             payload=payload,
             params=params,
             timeout_s=timeout_s,
+            answer=answer,
         )
 
     def close(self) -> None:
@@ -181,41 +241,100 @@ def open_local(args: argparse.Namespace) -> Local:
     return Local(data_dir=data_dir, identity=identity, store=store)
 
 
+@overload
 def agent_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
-) -> dict[str, Any]:
+    answer: None = None,
+) -> dict[str, Any]: ...
+
+
+@overload
+def agent_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: RequestBody = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: type[M],
+) -> M: ...
+
+
+def agent_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: RequestBody = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: type[Message] | None = None,
+) -> dict[str, Any] | Message:
     """One call to this node's agent, for commands that make only one."""
     local = open_local(args)
     try:
-        return local.call_agent(method, path, payload, params, timeout_s)
+        return local.call_agent(method, path, payload, params, timeout_s, answer=answer)
     finally:
         local.close()
+
+
+@overload
+def control_plane_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: RequestBody = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: None = None,
+) -> dict[str, Any]: ...
+
+
+@overload
+def control_plane_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: RequestBody = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: type[M],
+) -> M: ...
 
 
 def control_plane_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
-) -> dict[str, Any]:
+    answer: type[Message] | None = None,
+) -> dict[str, Any] | Message:
     """One call to the control plane (found through this node's agent)."""
     local = open_local(args)
     try:
-        return local.call_control_plane(method, path, payload, params, timeout_s)
+        return local.call_control_plane(method, path, payload, params, timeout_s, answer=answer)
     finally:
         local.close()
 
 
 def print_json(value: Any) -> None:
+    """``value`` (a typed answer is written as its wire form) as indented JSON."""
+    from populi_peer.core.messages import Message
+
+    if isinstance(value, Message):
+        value = value.to_json()
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 

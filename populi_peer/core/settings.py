@@ -168,6 +168,17 @@ def remote_refusal(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def gates_enabled(values: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+    """The gated ``(work class, scope)`` cells these settings switch on (the
+    ``policy_gates`` setting, each ``CLASS:SCOPE`` checked when it was set), as
+    :func:`populi_peer.core.policy.decide` takes them."""
+    out = set()
+    for gate in values.get("policy_gates") or ():
+        work_class, _, scope = str(gate).partition(":")
+        out.add((work_class, scope))
+    return frozenset(out)
+
+
 def parse_setting(key: str, text: str) -> Any:
     """Parse the text of ``populi settings set KEY VALUE``."""
     spec = _BY_KEY.get(key)
@@ -201,6 +212,7 @@ __all__ = [
     "WORK_CLASSES",
     "SettingSpec",
     "defaults",
+    "gates_enabled",
     "parse_setting",
     "remote_refusal",
     "validate_settings",
