@@ -32,6 +32,8 @@ from populi_peer.config import parse_host_port
 from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
+from populi_peer.core.timings import ScopeTimings, heartbeat_retry_delay_s
+from populi_peer.discovery.site import url_address
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
 from populi_peer.log import get_logger, log
 
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     from populi_peer.agent.agent import Agent
 
 NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
-MAX_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -97,7 +98,8 @@ class HeartbeatReceiver:
         ]
 
     def timings(self, scope: Scope) -> tuple[float, float]:
-        timing = getattr(self.agent.config.timings, scope)
+        """Heartbeat interval and stale bound on a path of ``scope`` (core.timings)."""
+        timing = self.agent.timings.for_scope(scope)
         return timing.heartbeat_interval_s, timing.stale_after_s
 
     def note_self(self) -> None:
@@ -158,11 +160,16 @@ class HeartbeatReceiver:
         interval, stale_after = self.timings(scope)
         answer: dict[str, Any] = {
             "term": agent.term,
-            "control_plane": {"node_id": agent.node_id, "url": agent.url},
+            "control_plane": {
+                "node_id": agent.node_id,
+                "url": agent.url,
+                "addresses": agent.self_addresses(),
+            },
             "membership_version": agent.membership.version,
             "lifecycle": _lc_json(agent.registry.lifecycle(caller.id)),
             "scope": scope,
             "heartbeat_interval_s": interval,
+            "heartbeat_timeout_s": agent.timings.for_scope(scope).heartbeat_timeout_s,
             "stale_after_s": stale_after,
             "revocation_serial": agent.revocations.serial,
             "revocations": agent.revocations.text
@@ -253,13 +260,36 @@ class HeartbeatSender:
         self.expelled = False
         self.kick = trio.Event()
 
-    def interval_s(self) -> float:
-        if self.last_answer and isinstance(
-            self.last_answer.get("heartbeat_interval_s"), (int, float)
-        ):
-            return float(self.last_answer["heartbeat_interval_s"])
+    def timing(self) -> ScopeTimings:
+        """The timings the control plane judges this node by (its last answer says them),
+        else this node's own table for the scope of its path to the control plane."""
         scope = scope_of(self.agent, url_host(self.agent.control_plane_url))
-        return float(getattr(self.agent.config.timings, scope).heartbeat_interval_s)
+        own = self.agent.timings.for_scope(scope)
+        answer = self.last_answer or {}
+        values = [
+            answer.get(name, getattr(own, name))
+            for name in ("heartbeat_interval_s", "stale_after_s", "heartbeat_timeout_s")
+        ]
+        try:
+            return ScopeTimings(*values)
+        except PopuliError:
+            return own
+
+    def interval_s(self) -> float:
+        return self.timing().heartbeat_interval_s
+
+    def control_plane_url(self, failures: int) -> str:
+        """Where to send the next heartbeat: the control plane's URL this node holds;
+        after a failure, its other addresses in turn, best first from here (its member
+        record, then where discovery saw it; TLS proves who answers)."""
+        agent = self.agent
+        current = url_address(agent.control_plane_url)
+        member = agent.membership.get(agent.control_plane_id)
+        known = [current, *(member.addresses if member else ())]
+        candidates = [current] + [
+            a for a in agent.address_book.candidates(agent.control_plane_id, known) if a != current
+        ]
+        return f"https://{candidates[failures % len(candidates)]}"
 
     def payload(self, status: str = "running") -> dict[str, Any]:
         agent = self.agent
@@ -274,18 +304,22 @@ class HeartbeatSender:
             **agent.heartbeat_report(),
         }
 
-    async def beat_once(self, status: str = "running") -> dict[str, Any]:
+    async def beat_once(self, status: str = "running", *, failures: int = 0) -> dict[str, Any]:
         agent = self.agent
         sent = list(self.outbox_registers)
+        url = self.control_plane_url(failures)
         answer = await agent.peers.call(
-            url=agent.control_plane_url,
+            url=url,
             node_id=agent.control_plane_id,
             method="POST",
             path="/v1/populi/heartbeat",
             payload=self.payload(status),
-            # A heartbeat that takes longer than two periods is as good as lost.
-            timeout_s=max(2.0, 2 * self.interval_s()),
+            # A heartbeat answered later than this is as good as lost (core.timings).
+            timeout_s=self.timing().heartbeat_timeout_s,
         )
+        if url != agent.control_plane_url:
+            # Reached at another of its addresses: keep that one (the old one failed).
+            agent.store.set_meta("control_plane_url", url)
         # Registers are delivered once acknowledged; later writes stay queued.
         self.outbox_registers = [r for r in self.outbox_registers if r not in sent]
         await self._absorb(answer)
@@ -312,8 +346,15 @@ class HeartbeatSender:
         if (
             isinstance(term, int)
             and term >= agent.term
-            and cp.get("url")
-            and cp.get("url") != agent.control_plane_url
+            and isinstance(cp.get("url"), str)
+            and cp["url"] != agent.control_plane_url
+            # Only a URL at least as reachable from here as the one that works: a control
+            # plane that prefers its overlay address must not move a LAN-only node off
+            # the LAN address it reaches it by (core.addresses.rank_addresses).
+            and agent.address_book.rank(
+                [url_address(cp["url"]), url_address(agent.control_plane_url)]
+            )[0]
+            == url_address(cp["url"])
         ):
             agent.store.set_meta("control_plane_url", str(cp["url"]))
         await agent.on_heartbeat_answer(answer)
@@ -324,7 +365,9 @@ class HeartbeatSender:
         while True:
             leaving = self.agent.leaving
             try:
-                answer = await self.beat_once(status="leaving" if leaving else "running")
+                answer = await self.beat_once(
+                    status="leaving" if leaving else "running", failures=failures
+                )
                 if leaving and (answer.get("lifecycle") or {}).get("state") == "left":
                     self.agent.leave_acknowledged()
                     return
@@ -359,10 +402,9 @@ class HeartbeatSender:
                         url=self.agent.control_plane_url,
                         error=str(exc),
                     )
-                delay = min(
-                    self.interval_s() * (2 ** min(failures, 6)), MAX_BACKOFF_S
-                ) * self.rng.uniform(0.5, 1.0)
-                delay = max(delay, self.interval_s() * 0.5)
+                # One interval for the first losses (a lossy overlay path), then back off
+                # from a control plane that is down (core.timings).
+                delay = heartbeat_retry_delay_s(self.timing(), failures, self.rng)
             else:
                 if self.cp_down:
                     self.cp_down = False
