@@ -14,9 +14,7 @@ def build_agent(*, data_dir: Path, config: Config) -> Agent:
     """The agent as ``populi agent`` runs it: real clock, TLS network, HTTPS server, this
     machine's interfaces (its tunnel networks count as overlay: docs/wan.md)."""
     site = Site.detect()
-    return Agent(
-        data_dir=data_dir, config=with_site(config, site), clock=SystemClock(), site=site
-    )
+    return Agent(data_dir=data_dir, config=with_site(config, site), clock=SystemClock(), site=site)
 
 
 __all__ = ["Agent", "build_agent"]

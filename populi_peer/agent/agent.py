@@ -137,6 +137,7 @@ class Agent:
         self.enrollment = Enrollment(self)
         self.heartbeats = HeartbeatReceiver(self)
         self.heartbeat_sender = HeartbeatSender(self)
+        self.sightings.listeners.append(self._on_sighting)
         self.node_admin = NodeAdmin(self)
         self.executor: Executor = executor or ProcessExecutor()
         self.inbox = Inbox(self)
@@ -246,6 +247,13 @@ class Agent:
             ),
             ips,
         )
+
+    def _on_sighting(self, sighting: Sighting) -> None:
+        """The control plane seen (LAN or static peer) while it does not answer here:
+        beat now rather than at the end of the backoff (it may have moved)."""
+        sender = self.heartbeat_sender
+        if sighting.node_id == self.control_plane_id and sender.cp_down:
+            sender.kick.set()
 
     async def _probe_static(self, address: str) -> Sighting:
         from populi_peer.discovery._static import probe_peer

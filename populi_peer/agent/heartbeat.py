@@ -33,6 +33,7 @@ from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
 from populi_peer.core.timings import ScopeTimings, heartbeat_retry_delay_s
+from populi_peer.discovery.service import call_first
 from populi_peer.discovery.site import url_address
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
 from populi_peer.log import get_logger, log
@@ -278,18 +279,17 @@ class HeartbeatSender:
     def interval_s(self) -> float:
         return self.timing().heartbeat_interval_s
 
-    def control_plane_url(self, failures: int) -> str:
-        """Where to send the next heartbeat: the control plane's URL this node holds;
-        after a failure, its other addresses in turn, best first from here (its member
-        record, then where discovery saw it; TLS proves who answers)."""
+    def control_plane_addresses(self) -> list[str]:
+        """Where to send a heartbeat: the control plane's URL this node holds, then its
+        other addresses best first from here (its member record, then where discovery
+        saw it), each tried when nothing reached the one before (TLS proves who answers)."""
         agent = self.agent
         current = url_address(agent.control_plane_url)
         member = agent.membership.get(agent.control_plane_id)
         known = [current, *(member.addresses if member else ())]
-        candidates = [current] + [
+        return [current] + [
             a for a in agent.address_book.candidates(agent.control_plane_id, known) if a != current
         ]
-        return f"https://{candidates[failures % len(candidates)]}"
 
     def payload(self, status: str = "running") -> dict[str, Any]:
         agent = self.agent
@@ -304,22 +304,28 @@ class HeartbeatSender:
             **agent.heartbeat_report(),
         }
 
-    async def beat_once(self, status: str = "running", *, failures: int = 0) -> dict[str, Any]:
+    async def beat_once(self, status: str = "running") -> dict[str, Any]:
         agent = self.agent
         sent = list(self.outbox_registers)
-        url = self.control_plane_url(failures)
-        answer = await agent.peers.call(
-            url=url,
-            node_id=agent.control_plane_id,
-            method="POST",
-            path="/v1/populi/heartbeat",
-            payload=self.payload(status),
-            # A heartbeat answered later than this is as good as lost (core.timings).
-            timeout_s=self.timing().heartbeat_timeout_s,
-        )
-        if url != agent.control_plane_url:
+        payload = self.payload(status)
+        reached: list[str] = []
+
+        async def beat_at(address: str) -> dict[str, Any]:
+            reached[:] = [f"https://{address}"]
+            return await agent.peers.call(
+                url=reached[0],
+                node_id=agent.control_plane_id,
+                method="POST",
+                path="/v1/populi/heartbeat",
+                payload=payload,
+                # A heartbeat answered later than this is as good as lost (core.timings).
+                timeout_s=self.timing().heartbeat_timeout_s,
+            )
+
+        answer = await call_first(self.control_plane_addresses(), beat_at)
+        if reached[0] != agent.control_plane_url:
             # Reached at another of its addresses: keep that one (the old one failed).
-            agent.store.set_meta("control_plane_url", url)
+            agent.store.set_meta("control_plane_url", reached[0])
         # Registers are delivered once acknowledged; later writes stay queued.
         self.outbox_registers = [r for r in self.outbox_registers if r not in sent]
         await self._absorb(answer)
@@ -365,9 +371,7 @@ class HeartbeatSender:
         while True:
             leaving = self.agent.leaving
             try:
-                answer = await self.beat_once(
-                    status="leaving" if leaving else "running", failures=failures
-                )
+                answer = await self.beat_once(status="leaving" if leaving else "running")
                 if leaving and (answer.get("lifecycle") or {}).get("state") == "left":
                     self.agent.leave_acknowledged()
                     return

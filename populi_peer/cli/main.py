@@ -17,6 +17,7 @@ from populi_peer import __version__
 from populi_peer.cli import (
     cmd_agent,
     cmd_demo,
+    cmd_discover,
     cmd_gpu,
     cmd_init,
     cmd_join,
@@ -37,6 +38,7 @@ COMMAND_MODULES = [
     cmd_status,
     cmd_run,
     cmd_demo,
+    cmd_discover,
     cmd_gpu,
     cmd_node,
     cmd_lease,

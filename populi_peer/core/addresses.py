@@ -17,11 +17,14 @@ RFC 1918 space.
 **Advertising** (:func:`plan_advertise`): the addresses an operator configured, per scope
 (``node.advertise_lan`` / ``node.advertise_overlay``) or not (``node.advertise``), win.
 Without any, a node that listens on one address advertises that one; a node that listens
-on every interface (``0.0.0.0`` / ``::``) advertises each interface address (loopback and
-IPv6 link-local left out: they mean nothing to another machine), with the listen port.
-The order is the node's preference, and the first address is its URL: overlay addresses
-first when the cluster is an overlay cluster (:func:`cluster_is_overlay`), LAN first
-otherwise.
+on every interface (``0.0.0.0`` / ``::``) advertises each interface address (loopback,
+IPv6 link-local and container bridges left out: they mean nothing to another machine),
+with the listen port. The order is the node's preference, and the first address is its
+URL: overlay addresses first when the cluster is an overlay cluster
+(:func:`cluster_is_overlay`), tunnel addresses first among them, LAN first otherwise. In
+an overlay cluster a public address (overlay scope, but not on a tunnel) is left out:
+the overlay is how that cluster crosses the Internet, and a public address is where the
+firewall is (runbooks/overlay-*.md close the API port there).
 
 **An overlay cluster** is one whose control plane a node reaches over an overlay: a
 joining node looks at the token's contact addresses, a running node at the control
@@ -260,9 +263,17 @@ def plan_advertise(
         chosen = [with_port(host, port)]
     elif port != 0:
         usable = [a for a in local if a.usable and (host != "0.0.0.0" or a.address.version == 4)]
+        if overlay_cluster:
+            # The overlay is how this cluster crosses the Internet: a public address is
+            # where the firewall is, not a way in.
+            usable = [a for a in usable if a.tunnel or cidrs.scope_of(a.ip) != "overlay"]
         ranked = sorted(
             enumerate(usable),
-            key=lambda item: (preferred.index(cidrs.scope_of(item[1].ip)), item[0]),
+            key=lambda item: (
+                preferred.index(cidrs.scope_of(item[1].ip)),
+                0 if item[1].tunnel else 1,
+                item[0],
+            ),
         )
         chosen = [with_port(a.ip, port) for _, a in ranked]
     unique: list[str] = []

@@ -49,11 +49,16 @@ class Sightings:
         self.bad_announcements = 0
         self.last_problem = ""
         self.changed = trio.Event()
+        #: Called with each sighting as it arrives (e.g. the heartbeat sender, woken
+        #: when its unreachable control plane is seen somewhere).
+        self.listeners: list[Callable[[Sighting], None]] = []
 
     def note(self, event: Seen) -> None:
         """An mDNS event (called in trio by the bridge); never raises."""
         if event.kind == "seen" and event.sighting is not None:
             self._by_instance[event.instance] = event.sighting
+            for listener in self.listeners:
+                listener(event.sighting)
         elif event.kind == "gone":
             self._by_instance.pop(event.instance, None)
         else:
@@ -66,6 +71,8 @@ class Sightings:
             self._by_instance.pop(address, None)
         else:
             self._by_instance[address] = sighting
+            for listener in self.listeners:
+                listener(sighting)
         self._changed()
 
     def _changed(self) -> None:

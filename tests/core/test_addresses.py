@@ -89,6 +89,21 @@ def test_two_cards_advertise_the_overlay_first_in_an_overlay_cluster() -> None:
     assert lan.to_json()["by_scope"] == {"lan": ["192.168.1.20:7431"], "overlay": ["10.8.0.2:7431"]}
 
 
+def test_an_overlay_cluster_leaves_public_addresses_out() -> None:
+    """A rented box: a public address on eth0 and WireGuard. In an overlay cluster it
+    advertises its overlay address only (its API port is closed on the public side);
+    in a cluster without an overlay, the public address is all it has to offer."""
+    box = (LO, LocalAddress("eth0", "198.18.0.2", 24), WG)
+    cidrs = cidrs_of(box)
+    assert plan_advertise(
+        listen=("0.0.0.0", 7431), local=box, cidrs=cidrs, overlay_cluster=True
+    ).addresses == ("10.8.0.2:7431",)
+    public = (LO, LocalAddress("eth0", "198.18.0.2", 24))
+    assert plan_advertise(listen=("0.0.0.0", 7431), local=public).addresses == (
+        "198.18.0.2:7431",
+    )
+
+
 def test_configured_and_specific_addresses_win() -> None:
     cidrs = cidrs_of(TWO_CARDS)
     specific = plan_advertise(listen=("192.168.1.20", 7431), local=TWO_CARDS, cidrs=cidrs)
