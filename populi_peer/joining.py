@@ -338,10 +338,16 @@ async def join_cluster(
             except PopuliError as exc:
                 errors.append(f"{address}: {exc}")
                 return None
-            advertised = advertise([address]) if callable(advertise) else advertise
+            advertised = (
+                advertise([address, *held.token.contacts]) if callable(advertise) else advertise
+            )
             answer = await _enroll_at(
                 contact, held, recipient=recipient, key=key, name=name, advertise=advertised
             )
+        # The control plane is reached where this node just reached it (the nearest of
+        # its addresses from here), not necessarily at the URL it calls its own.
+        if answer.get("control_plane", {}).get("node_id") == recipient:
+            answer["control_plane"]["url"] = f"https://{address}"
         _write_data_dir(
             data_dir,
             key=key,

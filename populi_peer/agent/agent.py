@@ -162,6 +162,7 @@ class Agent:
             peers=lambda: self.peers,
             control_plane=lambda: (self.control_plane_url, self.control_plane_id),
             timeout_s=config.api.request_timeout_s,
+            rank=self.address_book.candidates,
         )
         self.authenticator = Authenticator(
             node_id=self.node_id,
@@ -222,7 +223,12 @@ class Agent:
         plane's address (its own interfaces, on the control plane itself)."""
         cp_url = self.store.get_meta("control_plane_url", "") or ""
         cp_id = self.store.get_meta("control_plane_id", "") or ""
-        theirs = [] if cp_id == self.node_id or not cp_url else [url_address(cp_url)]
+        theirs: list[str] = []
+        if cp_id != self.node_id and cp_url:
+            # Any of its addresses on an overlay makes this an overlay cluster, even when
+            # this node reaches it over a LAN they share.
+            member = self.membership.get(cp_id)
+            theirs = [url_address(cp_url), *(member.addresses if member else ())]
         return advertise_plan(self.config, self.site, control_plane_addresses=theirs, listen=listen)
 
     def _announcement(self) -> tuple[Announcement | None, list[str]]:

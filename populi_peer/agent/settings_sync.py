@@ -21,7 +21,7 @@ the settings record".
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -52,6 +52,7 @@ class SettingsSync:
         peers: Callable[[], PeerClient],
         control_plane: Callable[[], tuple[str, str]],
         timeout_s: float,
+        rank: Callable[[str, Sequence[str]], list[str]] | None = None,
     ) -> None:
         """``control_plane()`` is the (url, node id) this node believes holds the role;
         ``timeout_s`` bounds one push or fetch (at most :data:`PUSH_TIMEOUT_S`)."""
@@ -62,6 +63,9 @@ class SettingsSync:
         self.peers = peers
         self.control_plane = control_plane
         self.timeout_s = min(PUSH_TIMEOUT_S, timeout_s)
+        #: ``rank(node_id, addresses)``: a node's addresses best first from here
+        #: (discovery.service.AddressBook); their own order without it.
+        self.rank = rank or (lambda node_id, addresses: list(addresses))
         self.logger = get_logger("settings")
 
     def routes(self) -> list[Route]:
@@ -104,7 +108,7 @@ class SettingsSync:
             lifecycle = self.registry.lifecycle(member.id)
             if lifecycle is not None and lifecycle.state in GONE_STATES:
                 continue
-            out.append((member.id, member.name, member.addresses[0]))
+            out.append((member.id, member.name, self.rank(member.id, member.addresses)[0]))
         return out
 
     async def push(self) -> dict[str, Any]:

@@ -35,11 +35,36 @@ def run(args: argparse.Namespace) -> int:
         f"version        {status['version']} (protocol {status['protocol_version']})",
         f"term           {status['term']}",
         f"control plane  {cp['node_id']} at {cp['url']}{'  (this node)' if cp['is_self'] else ''}",
+        *address_lines(status.get("addresses"), status.get("discovery")),
         *health_lines(status.get("health")),
         *standing_lines(status.get("standing")),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def address_lines(addresses: Any, discovery: Any) -> list[str]:
+    """What this node advertises, by scope (overlay first in an overlay cluster), and
+    whether it announces itself on the LAN."""
+    lines = []
+    if isinstance(addresses, dict):
+        by_scope = addresses.get("by_scope") or {}
+        shown = [
+            f"{a} ({scope})"
+            for a in addresses.get("addresses") or []
+            for scope, members in by_scope.items()
+            if a in members
+        ]
+        kind = "overlay cluster" if addresses.get("overlay_cluster") else "LAN cluster"
+        lines.append(f"advertises     {', '.join(shown) or '-'}  [{kind}]")
+    if isinstance(discovery, dict):
+        if discovery.get("mdns") == "on":
+            state = f"announced on the LAN ({', '.join(discovery.get('interfaces') or [])})"
+        else:
+            state = f"{discovery.get('mdns')}: {discovery.get('reason') or '-'}"
+        seen = len(discovery.get("sightings") or [])
+        lines.append(f"discovery      {state}; {seen} node(s) seen")
+    return lines
 
 
 def health_lines(health: Any) -> list[str]:

@@ -26,10 +26,12 @@ an overlay cluster a public address (overlay scope, but not on a tunnel) is left
 the overlay is how that cluster crosses the Internet, and a public address is where the
 firewall is (runbooks/overlay-*.md close the API port there).
 
-**An overlay cluster** is one whose control plane a node reaches over an overlay: a
+**An overlay cluster** is one whose control plane has an address on an overlay: a
 joining node looks at the token's contact addresses, a running node at the control
-plane's URL; the control plane itself, having no one to look at, at its own interfaces
-(an overlay interface makes it an overlay cluster).
+plane's URL and advertised addresses (an overlay address among them makes it an overlay
+cluster even for a node that reaches the control plane over a LAN they share); the
+control plane itself, having no one to look at, at its own interfaces (an overlay
+interface makes it an overlay cluster).
 
 **Picking a peer's address** (:func:`rank_addresses`): a peer lists several addresses;
 this node orders them by how sure it is to reach each one, then by the peer's own order:

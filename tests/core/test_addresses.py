@@ -99,9 +99,7 @@ def test_an_overlay_cluster_leaves_public_addresses_out() -> None:
         listen=("0.0.0.0", 7431), local=box, cidrs=cidrs, overlay_cluster=True
     ).addresses == ("10.8.0.2:7431",)
     public = (LO, LocalAddress("eth0", "198.18.0.2", 24))
-    assert plan_advertise(listen=("0.0.0.0", 7431), local=public).addresses == (
-        "198.18.0.2:7431",
-    )
+    assert plan_advertise(listen=("0.0.0.0", 7431), local=public).addresses == ("198.18.0.2:7431",)
 
 
 def test_configured_and_specific_addresses_win() -> None:

@@ -125,7 +125,9 @@ def test_the_address_book_fills_in_from_sightings_of_our_cluster_only() -> None:
     # A foreign cluster announcing the same node id, and an unverified static peer that
     # claims our cluster: neither is an address to try.
     sightings.note(Seen("seen", "b", sighting(NODE, THEIRS, "10.77.0.66:7431")))
-    sightings.note_static("10.77.0.67:7431", sighting(NODE, OURS, "10.77.0.67:7431", source="static"))
+    sightings.note_static(
+        "10.77.0.67:7431", sighting(NODE, OURS, "10.77.0.67:7431", source="static")
+    )
     assert book.candidates(NODE, advertised) == [
         "10.77.0.2:7431",
         "203.0.113.7:7431",
@@ -187,7 +189,9 @@ async def test_discovery_off_starts_nothing() -> None:
 
 
 async def test_a_node_without_a_lan_address_does_not_announce() -> None:
-    service = DiscoveryService(enabled=True, sightings=Sightings(), announcement=None, interfaces=())
+    service = DiscoveryService(
+        enabled=True, sightings=Sightings(), announcement=None, interfaces=()
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
     assert service.status_json()["reason"] == "this node advertises no LAN address"

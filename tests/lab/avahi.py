@@ -98,7 +98,9 @@ class Avahi:
         conf = SYSTEM_CONF.read_text()
         conf = re.sub(r"<listen>.*?</listen>", f"<listen>unix:path={self.bus}</listen>", conf)
         conf = re.sub(r"<pidfile>.*?</pidfile>", f"<pidfile>{self.root}/dbus.pid</pidfile>", conf)
-        conf = conf.replace("<includedir>system.d</includedir>", f"<includedir>{SYSTEM_D}</includedir>")
+        conf = conf.replace(
+            "<includedir>system.d</includedir>", f"<includedir>{SYSTEM_D}</includedir>"
+        )
         conf = re.sub(r"\s*<user>.*?</user>", "", conf)
         conf = conf.replace("<fork/>", "").replace("<syslog/>", "")
         (self.root / "system.conf").write_text(conf)
@@ -110,7 +112,7 @@ class Avahi:
                     stderr=log,
                 )
             )
-        self._wait(lambda: self.bus.exists(), "the private D-Bus socket")
+        self._wait(self.bus.exists, "the private D-Bus socket")
         (self.root / "avahi.conf").write_text(
             "[server]\nhost-name=avahi-observer\nuse-ipv4=yes\nuse-ipv6=no\n"
             "allow-interfaces=eth0\nenable-dbus=yes\nratelimit-interval-usec=1000000\n"

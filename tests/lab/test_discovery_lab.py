@@ -90,7 +90,9 @@ def add(mesh: Mesh, name: str) -> None:
 
 def discover(lab: Lab, host: str, data_dir: Path) -> dict[str, Any]:
     result = subprocess.run(
-        lab.argv(host, *POPULI, "discover", "--json", "--timeout", "3", "--data-dir", str(data_dir)),
+        lab.argv(
+            host, *POPULI, "discover", "--json", "--timeout", "3", "--data-dir", str(data_dir)
+        ),
         capture_output=True,
         text=True,
         timeout=60,
@@ -118,12 +120,24 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
     started = time.monotonic()
     for name in ("cp", "wa", "xf", "wb"):
         add(mesh, name)
-    init = mesh.cli("cp", "init", "--cluster-name", "lab", "--listen", f"0.0.0.0:{PORT}", "--name", "cp", "--json")
+    init = mesh.cli(
+        "cp",
+        "init",
+        "--cluster-name",
+        "lab",
+        "--listen",
+        f"0.0.0.0:{PORT}",
+        "--name",
+        "cp",
+        "--json",
+    )
     mesh["cp"].node_id = json.loads(init.stdout)["node"]["id"]
     mesh.start("cp")
     token = json.loads(mesh.cli("cp", "token", "create", "--json").stdout)["token"]
     joined = json.loads(
-        mesh.cli("wa", "join", token, "--listen", f"0.0.0.0:{PORT}", "--name", "wa", "--json").stdout
+        mesh.cli(
+            "wa", "join", token, "--listen", f"0.0.0.0:{PORT}", "--name", "wa", "--json"
+        ).stdout
     )
     assert joined["control_plane_url"] == f"https://{lab.ip('cp')}:{PORT}", joined
     mesh.start("wa")
@@ -139,11 +153,13 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
         expected = {cp.node_id: ours, wa.node_id: ours, xf.node_id: theirs}
 
         def avahi_sees_all() -> Any:
-            services, raw = avahi.browse("_populi._tcp")
+            services, _raw = avahi.browse("_populi._tcp")
             by_node = {s.txt.get("node"): s for s in services}
             return by_node if set(expected) <= set(by_node) else None
 
-        by_node, took = wait_for("avahi-browse sees cp, wa and xf", avahi_sees_all, guard_s=GUARD_S, every_s=1.0)
+        by_node, took = wait_for(
+            "avahi-browse sees cp, wa and xf", avahi_sees_all, guard_s=GUARD_S, every_s=1.0
+        )
         print(f"avahi-browse saw the three after {took:.1f} s")
         for node_id, digest in expected.items():
             service = by_node[node_id]
@@ -160,7 +176,9 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
         by_node = {s["node_id"]: s for s in answer["sightings"]}
         return answer if set(expected) <= set(by_node) else None
 
-    answer, took = wait_for("populi discover on cp sees all three", discover_sees_all, guard_s=GUARD_S, every_s=0.5)
+    answer, took = wait_for(
+        "populi discover on cp sees all three", discover_sees_all, guard_s=GUARD_S, every_s=0.5
+    )
     assert answer["cluster_digest"] == ours
     by_node = {s["node_id"]: s for s in answer["sightings"]}
     assert by_node[wa.node_id]["cluster"] == "ours"
@@ -189,7 +207,9 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
     cp.agent.proc.wait(timeout=30)  # type: ignore[union-attr]
     impostor = start_impostor(lab, "xf", node_id=cp.node_id, digest=ours, tmp_path=tmp_path)
     try:
-        refused = mesh.cli("wb", "join", token, "--listen", f"0.0.0.0:{PORT}", "--name", "wb", check=False)
+        refused = mesh.cli(
+            "wb", "join", token, "--listen", f"0.0.0.0:{PORT}", "--name", "wb", check=False
+        )
     finally:
         impostor.send_signal(signal.SIGTERM)
         impostor.wait(timeout=30)
@@ -207,9 +227,11 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
     lab.run("cp", "ip", "addr", "add", "10.77.0.11/24", "dev", "eth0")
     mesh.start("cp")
     moved = time.monotonic()
-    print(f"cp serves again at 10.77.0.11")
+    print("cp serves again at 10.77.0.11")
     joined = json.loads(
-        mesh.cli("wb", "join", token, "--listen", f"0.0.0.0:{PORT}", "--name", "wb", "--json").stdout
+        mesh.cli(
+            "wb", "join", token, "--listen", f"0.0.0.0:{PORT}", "--name", "wb", "--json"
+        ).stdout
     )
     print(f"wb joined through cp's sighting {time.monotonic() - moved:.1f} s after cp moved")
     assert joined["control_plane_url"] == f"https://10.77.0.11:{PORT}", joined
@@ -220,10 +242,14 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
         return view if name in view and not view[name]["heartbeat_stale"] else None
 
     view, took = wait_for("cp hears wb", lambda: fresh("wb"), guard_s=GUARD_S, every_s=0.5)
-    view, took = wait_for("cp hears wa at its new address", lambda: fresh("wa"), guard_s=GUARD_S, every_s=0.5)
+    view, took = wait_for(
+        "cp hears wa at its new address", lambda: fresh("wa"), guard_s=GUARD_S, every_s=0.5
+    )
     print(f"wa found cp again {time.monotonic() - moved:.1f} s after it moved")
     wa_status = json.loads(mesh.cli("wa", "status", "--json").stdout)
-    assert wa_status["control_plane"]["url"] == f"https://10.77.0.11:{PORT}", wa_status["control_plane"]
+    assert wa_status["control_plane"]["url"] == f"https://10.77.0.11:{PORT}", wa_status[
+        "control_plane"
+    ]
     assert set(view) == {"cp", "wa", "wb"}
 
 
@@ -240,7 +266,9 @@ trio.run(main)
 """
 
 
-def start_impostor(lab: Lab, host: str, *, node_id: str, digest: str, tmp_path: Path) -> subprocess.Popen[str]:
+def start_impostor(
+    lab: Lab, host: str, *, node_id: str, digest: str, tmp_path: Path
+) -> subprocess.Popen[str]:
     """Someone on the LAN announcing another cluster's node at its own address."""
     with (tmp_path / "impostor.log").open("w") as log:
         proc = subprocess.Popen(
