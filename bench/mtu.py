@@ -5,9 +5,12 @@
 For WireGuard (wireguard-go) and Nebula, built by their runbooks' own steps (through
 "check the overlay"; ``tests/lab/runbook.py``): the tunnel interface's MTU, the largest
 ICMP payload that crosses with "don't fragment", and a 1 MB HTTP download over the
-tunnel (TCP, as Populi's API uses it). Then the underlay's MTU is lowered below what the
-tunnel needs (1400, a PPPoE-and-then-some path) with the tunnel MTU left as it was, and
-the same is measured again: what an operator sees when the tunnel MTU is too large.
+tunnel (TCP, as Populi's API uses it, on Populi's port, which both runbooks open on the
+tunnel). Then the path's middle is made to carry only 1400 bytes without telling anyone
+(the bridge ports' MTU: a bridge neither fragments nor sends ICMP, so the hosts keep
+sending 1500-byte frames): a path-MTU black hole, what an operator meets when the tunnel
+MTU is too large for the path. The same is measured again, and for WireGuard once more
+with the tunnel MTU lowered to fit (1400 - 80 = 1320).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from lab.netns import open_lab  # noqa: E402
+from lab.netns import open_lab, sh  # noqa: E402
 from lab.runbook import Hosts, Runbook  # noqa: E402
 
 OVERLAYS = {
@@ -57,7 +60,7 @@ def download(hosts: Hosts, lab: Any, target: str, tmp: Path) -> dict[str, Any]:
             sys.executable,
             "-m",
             "http.server",
-            "8099",
+            "7431",
             "--bind",
             target,
             "--directory",
@@ -71,7 +74,7 @@ def download(hosts: Hosts, lab: Any, target: str, tmp: Path) -> dict[str, Any]:
         started = time.monotonic()
         out = hosts.run(
             "wb",
-            f"python3 -c \"import urllib.request as u; print(len(u.urlopen('http://{target}:8099/blob', timeout=15).read()))\" 2>&1 | tail -1 || true",
+            f"python3 -c \"import urllib.request as u; print(len(u.urlopen('http://{target}:7431/blob', timeout=15).read()))\" 2>&1 | tail -1 || true",
             timeout=60,
         )
         took = time.monotonic() - started
@@ -97,13 +100,23 @@ def measure(name: str, tmp: Path) -> dict[str, Any]:
                 "largest_df_ping_payload": largest_ping(hosts, cp_overlay),
                 "download_1MB": download(hosts, lab, cp_overlay, tmp / name),
             }
-            for host in ("cp", "wa", "wb"):
-                lab.run(host, "ip", "link", "set", "eth0", "mtu", "1400")
+            # A path whose middle carries only 1400 bytes and says nothing (a bridge does
+            # not fragment and sends no ICMP): the hosts still think 1500 — a PMTU black
+            # hole, as behind some PPPoE links, tunnels and cloud networks.
+            for number in range(1, 4):
+                sh("ip", "-n", lab.hub, "link", "set", f"v-{number}", "mtu", "1400")
             time.sleep(1)
-            result["underlay_1400_tunnel_unchanged"] = {
+            result["path_1400_black_hole"] = {
                 "largest_df_ping_payload": largest_ping(hosts, cp_overlay),
                 "download_1MB": download(hosts, lab, cp_overlay, tmp / name),
             }
+            if dev == "wg0":
+                for host in ("cp", "wa", "wb"):
+                    lab.run(host, "ip", "link", "set", dev, "mtu", "1320")
+                result["same_path_tunnel_mtu_1320"] = {
+                    "largest_df_ping_payload": largest_ping(hosts, cp_overlay),
+                    "download_1MB": download(hosts, lab, cp_overlay, tmp / name),
+                }
             return result
         finally:
             hosts.close()

@@ -52,13 +52,12 @@ from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
-from populi_peer.core.addresses import AdvertisePlan
 from populi_peer.core.registers import RegisterWrite
 from populi_peer.core.settings import remote_refusal
 from populi_peer.datadir_lock import DataDirLock
-from populi_peer.discovery import Announcement, Sighting, Site, cluster_digest
-from populi_peer.discovery.service import AddressBook, DiscoveryService, Sightings, call_first
-from populi_peer.discovery.site import advertise_plan, url_address
+from populi_peer.discovery.node import NodeNetwork
+from populi_peer.discovery.service import call_first
+from populi_peer.discovery.site import Site
 from populi_peer.errors import BadRequest, ConfigError, Conflict, PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
@@ -108,27 +107,21 @@ class Agent:
             self.identity.paths.ca_cert, revoked=self.revocations.is_certificate_revoked
         )
         self.started_mono: float | None = None
-        # Addresses, timings by scope, discovery (docs/wan.md; populi_peer.discovery):
-        # this machine's interfaces, what it advertises per scope, what it saw.
-        self.site = site or Site()
-        self.timings = config.timings.table()
-        self.cluster_digest = cluster_digest(self.identity.cluster_id)
-        self.sightings = Sightings()
-        self.address_book = AddressBook(
-            local=self.site.local,
-            cidrs=self.site.cidrs(config),
-            sightings=self.sightings,
-            cluster_digest=self.cluster_digest,
-        )
-        self.address_plan = self._plan_addresses(self.config.listen_address())
-        self.discovery = DiscoveryService(
-            enabled=config.discovery.enabled,
-            sightings=self.sightings,
-            announcement=None,
-            interfaces=(),
-            static_peers=config.discovery.static_peers,
-            static_interval_s=config.discovery.static_interval_s,
-            probe=self._probe_static,
+        # Timings by scope, advertised addresses, LAN discovery (docs/wan.md).
+        self.net = NodeNetwork(
+            config=config,
+            site=site or Site(),
+            node_id=self.node_id,
+            cluster_id=self.identity.cluster_id,
+            roles=self.identity.roles,
+            ca_pin=self.store.get_meta("ca_pin"),
+            control_plane=lambda: (
+                self.store.get_meta("control_plane_id", "") or "",
+                self.store.get_meta("control_plane_url", "") or "",
+            ),
+            member_addresses=lambda node_id: (
+                m.addresses if (m := self.membership.get(node_id)) else ()
+            ),
         )
         self.url = url or self._configured_url()
         self.leaving = False
@@ -137,7 +130,6 @@ class Agent:
         self.enrollment = Enrollment(self)
         self.heartbeats = HeartbeatReceiver(self)
         self.heartbeat_sender = HeartbeatSender(self)
-        self.sightings.listeners.append(self._on_sighting)
         self.node_admin = NodeAdmin(self)
         self.executor: Executor = executor or ProcessExecutor()
         self.inbox = Inbox(self)
@@ -162,7 +154,7 @@ class Agent:
             peers=lambda: self.peers,
             control_plane=lambda: (self.control_plane_url, self.control_plane_id),
             timeout_s=config.api.request_timeout_s,
-            rank=self.address_book.candidates,
+            rank=self.net.address_book.candidates,
         )
         self.authenticator = Authenticator(
             node_id=self.node_id,
@@ -212,63 +204,11 @@ class Agent:
     # -- identity facts -------------------------------------------------------------------
 
     def _configured_url(self) -> str:
-        addresses = self.address_plan.addresses
+        addresses = self.net.plan.addresses
         if addresses:
             return f"https://{addresses[0]}"
         host, port = self.config.listen_address()
         return f"https://{format_host_port(reach_host(host), port)}"
-
-    def _plan_addresses(self, listen: tuple[str, int]) -> AdvertisePlan:
-        """What this node advertises (core.addresses): judged against the control
-        plane's address (its own interfaces, on the control plane itself)."""
-        cp_url = self.store.get_meta("control_plane_url", "") or ""
-        cp_id = self.store.get_meta("control_plane_id", "") or ""
-        theirs: list[str] = []
-        if cp_id != self.node_id and cp_url:
-            # Any of its addresses on an overlay makes this an overlay cluster, even when
-            # this node reaches it over a LAN they share.
-            member = self.membership.get(cp_id)
-            theirs = [url_address(cp_url), *(member.addresses if member else ())]
-        return advertise_plan(self.config, self.site, control_plane_addresses=theirs, listen=listen)
-
-    def _announcement(self) -> tuple[Announcement | None, list[str]]:
-        """What mDNS announces (this node's LAN addresses that are its own interface
-        addresses) and the interfaces it runs on; nothing without such an address."""
-        own = set(self.site.lan_ips())
-        lan = [
-            a for a in self.address_plan.of_scope("lan") if url_address(a).rsplit(":", 1)[0] in own
-        ]
-        if not lan:
-            return None, []
-        port = int(lan[0].rsplit(":", 1)[1])
-        ips = [a.rsplit(":", 1)[0] for a in lan if a.endswith(f":{port}")]
-        return (
-            Announcement(
-                node_id=self.node_id,
-                cluster_digest=self.cluster_digest,
-                port=port,
-                addresses=tuple(ips),
-                roles=tuple(self.identity.roles),
-                protocol_version=PROTOCOL_VERSION,
-            ),
-            ips,
-        )
-
-    def _on_sighting(self, sighting: Sighting) -> None:
-        """The control plane seen (LAN or static peer) while it does not answer here:
-        beat now rather than at the end of the backoff (it may have moved)."""
-        sender = self.heartbeat_sender
-        if sighting.node_id == self.control_plane_id and sender.cp_down:
-            sender.kick.set()
-
-    async def _probe_static(self, address: str) -> Sighting:
-        from populi_peer.discovery._static import probe_peer
-
-        return await probe_peer(
-            address,
-            our_pin=self.store.get_meta("ca_pin", None),
-            timeout_s=self.config.api.request_timeout_s,
-        )
 
     @property
     def term(self) -> int:
@@ -288,7 +228,7 @@ class Agent:
 
     def self_addresses(self) -> list[str]:
         address = self.url.removeprefix("https://")
-        advertised = [a for a in self.address_plan.addresses if a != address]
+        advertised = [a for a in self.net.plan.addresses if a != address]
         return [address, *advertised]
 
     def is_revoked(self, principal_id: str) -> bool:
@@ -388,8 +328,7 @@ class Agent:
             "cert_not_after_ms": int(self.identity.cert_not_after_s * 1000),
             "revocation_serial": self.revocations.serial,
             "health": self.health.to_json(),
-            "addresses": self.address_plan.to_json(),
-            "discovery": self.discovery.status_json(self.cluster_digest),
+            **self.net.status_json(),
         }
 
     def own_lifecycle(self) -> dict[str, Any] | None:
@@ -497,7 +436,7 @@ class Agent:
         that refusal is retried a few times before it counts."""
         # Its addresses best first from here, then where it was seen (discovery); the
         # next one only when nothing reached the one before (TLS proves who answers).
-        candidates = self.address_book.candidates(member.id, member.addresses)
+        candidates = self.net.address_book.candidates(member.id, member.addresses)
         for attempt in range(attempts):
             try:
                 return await call_first(
@@ -786,10 +725,7 @@ class Agent:
             services += [SelfBeat(self, self.heartbeats).run, self.leases.run]
         else:
             services.append(self.heartbeat_sender.run)
-        services += [self.worker.run, self.submitter.run]
-        announcement, interfaces = self._announcement()
-        self.discovery.announcement, self.discovery.interfaces = announcement, interfaces
-        services.append(self.discovery.run)
+        services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
         return services
 
     async def shutdown_services(self) -> None:
@@ -808,11 +744,10 @@ class Agent:
         self.hypercorn = hconfig
         binds: list[str] = await nursery.start(serve_api, self.app, hconfig, self._server_stop.wait)
         bound_host, bound_port = parse_host_port(binds[0].removeprefix("https://"))
-        self.address_plan = self._plan_addresses((host, bound_port))
-        if not self.address_plan.addresses:
+        if not self.net.replan((host, bound_port)).addresses:
             self.url = f"https://{format_host_port(reach_host(bound_host), bound_port)}"
         elif not self.config.node.advertise:
-            self.url = f"https://{self.address_plan.addresses[0]}"
+            self.url = f"https://{self.net.plan.addresses[0]}"
         self._publish_self_address()
         write_runtime(
             self.identity.paths,

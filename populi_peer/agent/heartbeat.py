@@ -33,6 +33,7 @@ from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
 from populi_peer.core.timings import ScopeTimings, heartbeat_retry_delay_s
+from populi_peer.discovery import Sighting
 from populi_peer.discovery.service import call_first
 from populi_peer.discovery.site import url_address
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
@@ -100,7 +101,7 @@ class HeartbeatReceiver:
 
     def timings(self, scope: Scope) -> tuple[float, float]:
         """Heartbeat interval and stale bound on a path of ``scope`` (core.timings)."""
-        timing = self.agent.timings.for_scope(scope)
+        timing = self.agent.net.timings.for_scope(scope)
         return timing.heartbeat_interval_s, timing.stale_after_s
 
     def note_self(self) -> None:
@@ -170,7 +171,7 @@ class HeartbeatReceiver:
             "lifecycle": _lc_json(agent.registry.lifecycle(caller.id)),
             "scope": scope,
             "heartbeat_interval_s": interval,
-            "heartbeat_timeout_s": agent.timings.for_scope(scope).heartbeat_timeout_s,
+            "heartbeat_timeout_s": agent.net.timings.for_scope(scope).heartbeat_timeout_s,
             "stale_after_s": stale_after,
             "revocation_serial": agent.revocations.serial,
             "revocations": agent.revocations.text
@@ -260,12 +261,19 @@ class HeartbeatSender:
         self.beats = 0
         self.expelled = False
         self.kick = trio.Event()
+        agent.net.sightings.listeners.append(self._on_sighting)
+
+    def _on_sighting(self, sighting: Sighting) -> None:
+        """The control plane seen (LAN or static peer) while it does not answer here:
+        beat now rather than at the end of the backoff (it may have moved)."""
+        if self.cp_down and sighting.node_id == self.agent.control_plane_id:
+            self.kick.set()
 
     def timing(self) -> ScopeTimings:
         """The timings the control plane judges this node by (its last answer says them),
         else this node's own table for the scope of its path to the control plane."""
         scope = scope_of(self.agent, url_host(self.agent.control_plane_url))
-        own = self.agent.timings.for_scope(scope)
+        own = self.agent.net.timings.for_scope(scope)
         answer = self.last_answer or {}
         values = [
             answer.get(name, getattr(own, name))
@@ -288,7 +296,9 @@ class HeartbeatSender:
         member = agent.membership.get(agent.control_plane_id)
         known = [current, *(member.addresses if member else ())]
         return [current] + [
-            a for a in agent.address_book.candidates(agent.control_plane_id, known) if a != current
+            a
+            for a in agent.net.address_book.candidates(agent.control_plane_id, known)
+            if a != current
         ]
 
     def payload(self, status: str = "running") -> dict[str, Any]:
@@ -357,7 +367,7 @@ class HeartbeatSender:
             # Only a URL at least as reachable from here as the one that works: a control
             # plane that prefers its overlay address must not move a LAN-only node off
             # the LAN address it reaches it by (core.addresses.rank_addresses).
-            and agent.address_book.rank(
+            and agent.net.address_book.rank(
                 [url_address(cp["url"]), url_address(agent.control_plane_url)]
             )[0]
             == url_address(cp["url"])
