@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from populi_peer.core.leases import validate_stop_margin
+from populi_peer.core.scope import Scope
+from populi_peer.core.timings import DEFAULT_SCOPE_TIMINGS, ScopeTimings, TimingTable
 from populi_peer.errors import ConfigError
 
 CONFIG_FILE_NAME = "populi.toml"
@@ -166,7 +168,23 @@ class NodeConfig:
     advertise: list[str] = field(
         default_factory=list,
         metadata=_meta(
-            "addresses other nodes use to reach this one (default: the listen address)",
+            "addresses other nodes use to reach this one, any scope, first = preferred "
+            "(default: the listen address; with a wildcard listen, every interface's, "
+            "overlay first in an overlay cluster: docs/wan.md)",
+            "",
+            _addresses,
+        ),
+    )
+    advertise_lan: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "addresses LAN peers use to reach this one (announced by mDNS too)", "", _addresses
+        ),
+    )
+    advertise_overlay: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "addresses overlay peers (WireGuard, Nebula, Tailscale) use to reach this one",
             "",
             _addresses,
         ),
@@ -245,26 +263,88 @@ class ScopeConfig:
 
 @dataclass(frozen=True, slots=True)
 class ScopeTimingConfig:
+    """``[timings.SCOPE]``: one row of the timing table (:mod:`populi_peer.core.timings`),
+    whose defaults it takes."""
+
     heartbeat_interval_s: float = field(
-        default=1.0, metadata=_meta("heartbeat period", "seconds", _positive)
+        default=DEFAULT_SCOPE_TIMINGS["lan"].heartbeat_interval_s,
+        metadata=_meta("heartbeat period on a path of this scope", "seconds", _positive),
+    )
+    heartbeat_timeout_s: float = field(
+        default=DEFAULT_SCOPE_TIMINGS["lan"].heartbeat_timeout_s,
+        metadata=_meta(
+            "how long one heartbeat waits for its answer before it counts as lost",
+            "seconds",
+            _positive,
+        ),
     )
     stale_after_s: float = field(
-        default=5.0,
-        metadata=_meta("heartbeat age after which a node is stale", "seconds", _positive),
+        default=DEFAULT_SCOPE_TIMINGS["lan"].stale_after_s,
+        metadata=_meta(
+            "heartbeat age after which the control plane calls a node stale", "seconds", _positive
+        ),
     )
+
+    @classmethod
+    def default_for(cls, scope: Scope) -> ScopeTimingConfig:
+        row = DEFAULT_SCOPE_TIMINGS[scope]
+        return cls(
+            heartbeat_interval_s=row.heartbeat_interval_s,
+            heartbeat_timeout_s=row.heartbeat_timeout_s,
+            stale_after_s=row.stale_after_s,
+        )
+
+    def timings(self) -> ScopeTimings:
+        return ScopeTimings(
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            stale_after_s=self.stale_after_s,
+            heartbeat_timeout_s=self.heartbeat_timeout_s,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class TimingsConfig:
     local: ScopeTimingConfig = field(
-        default_factory=ScopeTimingConfig, metadata=_meta("timings on a local path")
+        default_factory=lambda: ScopeTimingConfig.default_for("local"),
+        metadata=_meta("timings on a local path"),
     )
     lan: ScopeTimingConfig = field(
-        default_factory=ScopeTimingConfig, metadata=_meta("timings on a LAN path")
+        default_factory=lambda: ScopeTimingConfig.default_for("lan"),
+        metadata=_meta("timings on a LAN path"),
     )
     overlay: ScopeTimingConfig = field(
-        default_factory=lambda: ScopeTimingConfig(heartbeat_interval_s=2.0, stale_after_s=15.0),
+        default_factory=lambda: ScopeTimingConfig.default_for("overlay"),
         metadata=_meta("timings on an overlay/WAN path"),
+    )
+
+    def table(self) -> TimingTable:
+        """The one timing table these keys describe; ConfigError when a scope could not
+        survive one lost heartbeat."""
+        return TimingTable(
+            local=self.local.timings(), lan=self.lan.timings(), overlay=self.overlay.timings()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=_meta(
+            "announce this node on the LAN (mDNS, _populi._tcp) and note the nodes seen "
+            "there; hints only, admission still takes a token (false: no multicast at all)"
+        ),
+    )
+    static_peers: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "host:port of Populi nodes to probe where multicast does not reach (overlays)",
+            "",
+            _addresses,
+        ),
+    )
+    static_interval_s: float = field(
+        default=60.0,
+        metadata=_meta("how often static peers are probed", "seconds", _positive),
     )
 
 
@@ -370,6 +450,9 @@ class Config:
     )
     timings: TimingsConfig = field(
         default_factory=TimingsConfig, metadata=_meta("per-scope timings")
+    )
+    discovery: DiscoveryConfig = field(
+        default_factory=DiscoveryConfig, metadata=_meta("LAN discovery and static peers")
     )
     gpu: GpuConfig = field(default_factory=GpuConfig, metadata=_meta("GPU probe"))
     exec: ExecConfig = field(default_factory=ExecConfig, metadata=_meta("task execution"))
@@ -527,13 +610,17 @@ def apply_mapping(
 
 def _cross_check(config: Config, source: str) -> None:
     for scope in ("local", "lan", "overlay"):
-        timing: ScopeTimingConfig = getattr(config.timings, scope)
+        timing = getattr(config.timings, scope)
         if timing.stale_after_s <= timing.heartbeat_interval_s:
             raise ConfigError(
                 f"timings.{scope}.stale_after_s in {source}: must be greater than "
                 f"timings.{scope}.heartbeat_interval_s ({timing.heartbeat_interval_s})",
                 key=f"timings.{scope}.stale_after_s",
             )
+    try:
+        config.timings.table()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {source})", key=exc.details.get("key", "timings")) from None
     exec_cfg = config.exec
     floor = exec_cfg.kill_grace_s + exec_cfg.kill_latency_s
     if exec_cfg.stop_margin_s < floor:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,11 @@ from populi_peer.cluster import InitResult, init_cluster
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
+
+#: Tests reach loopback and the namespaces they build, never this machine's own network:
+#: every ``populi`` they start inherits LAN discovery off (no multicast on the host's
+#: interfaces, e.g. when a join's contacts fail). Lab tests turn it on in their namespaces.
+os.environ["POPULI_DISCOVERY__ENABLED"] = "0"
 
 
 @pytest.fixture

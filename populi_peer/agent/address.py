@@ -8,16 +8,29 @@ they need it, so they always say what is true now.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from populi_peer.config import Config, format_host_port, reach_host
 
+if TYPE_CHECKING:
+    from populi_peer.discovery.node import NodeNetwork
+
 
 class OwnAddress:
-    def __init__(self, *, url: str, advertise: Sequence[str] = ()) -> None:
+    def __init__(
+        self, *, url: str, advertise: Sequence[str] | Callable[[], Sequence[str]] = ()
+    ) -> None:
         #: ``https://host:port`` where this node's API answers.
         self.url = url
-        self.advertise = tuple(advertise)
+        self._advertise = advertise
+
+    @property
+    def advertise(self) -> tuple[str, ...]:
+        """The addresses this node advertises besides its URL (its advertise plan may change
+        once the API is bound: a listen port of 0)."""
+        value = self._advertise() if callable(self._advertise) else self._advertise
+        return tuple(value)
 
     @classmethod
     def from_config(cls, config: Config, url: str | None = None) -> OwnAddress:
@@ -30,6 +43,20 @@ class OwnAddress:
                 host, port = config.listen_address()
                 url = f"https://{format_host_port(reach_host(host), port)}"
         return cls(url=url, advertise=config.node.advertise)
+
+    @classmethod
+    def from_plan(cls, config: Config, net: NodeNetwork, url: str | None = None) -> OwnAddress:
+        """``url``, else the first address of the node's advertise plan (docs/wan.md: by
+        scope, the overlay first in an overlay cluster), else the listen address; the
+        plan's addresses are advertised as it changes."""
+        if url is None:
+            addresses = net.plan.addresses
+            if addresses:
+                url = f"https://{addresses[0]}"
+            else:
+                host, port = config.listen_address()
+                url = f"https://{format_host_port(reach_host(host), port)}"
+        return cls(url=url, advertise=lambda: net.plan.addresses)
 
     @property
     def host_port(self) -> str:

@@ -60,6 +60,8 @@ from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
 from populi_peer.core.messages import HeartbeatReport, HeldLease
 from populi_peer.datadir_lock import DataDirLock
+from populi_peer.discovery.node import NodeNetwork
+from populi_peer.discovery.site import Site
 from populi_peer.errors import ConfigError
 from populi_peer.identity import Identity, RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
@@ -80,6 +82,7 @@ class Agent:
         serve: bool = True,
         url: str | None = None,
         executor: Executor | None = None,
+        site: Site | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.config = config
@@ -125,7 +128,24 @@ class Agent:
             control_plane=self.control_plane,
             client=self.peers,
         )
-        self.address = OwnAddress.from_config(config, url)
+        # Timings by scope, advertised addresses, LAN discovery (docs/wan.md).
+        self.net = NodeNetwork(
+            config=config,
+            site=site or Site(),
+            node_id=self.node_id,
+            cluster_id=identity.cluster_id,
+            roles=identity.roles,
+            ca_pin=self.store.get_meta("ca_pin"),
+            control_plane=lambda: (
+                self.store.get_meta("control_plane_id", "") or "",
+                self.store.get_meta("control_plane_url", "") or "",
+            ),
+            member_addresses=lambda node_id: (
+                m.addresses if (m := self.membership.get(node_id)) else ()
+            ),
+        )
+        self.peer_link.rank = self.net.address_book.candidates
+        self.address = OwnAddress.from_plan(config, self.net, url)
         self.uptime = Uptime(clock)
         self.hypercorn: ReloadableConfig | None = None
         self.standing = Standing(
@@ -259,6 +279,7 @@ class Agent:
             control_plane=self.control_plane,
             peers=self.peers,
             timeout_s=config.api.request_timeout_s,
+            rank=self.net.address_book.candidates,
         )
         self.node_status = NodeStatus(
             identity=identity,
@@ -272,6 +293,7 @@ class Agent:
             revocations=self.revocations,
             health=self.health,
             cert_not_after_s=lambda: self.certificates.not_after_s,
+            network=self.net.status_json,
         )
         self.janitor = Janitor(
             clock=clock,
@@ -530,7 +552,7 @@ class Agent:
             services += [self_beat.run, self.leases.run]
         else:
             services.append(self.heartbeat_sender.run)
-        services += [self.worker.run, self.submitter.run]
+        services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
         return services
 
     async def shutdown_services(self) -> None:
@@ -549,8 +571,10 @@ class Agent:
         self.hypercorn = hconfig
         binds: list[str] = await nursery.start(serve_api, self.app, hconfig, self._server_stop.wait)
         bound_host, bound_port = parse_host_port(binds[0].removeprefix("https://"))
-        if not self.config.node.advertise:
+        if not self.net.replan((host, bound_port)).addresses:
             self.address.url = f"https://{format_host_port(reach_host(bound_host), bound_port)}"
+        elif not self.config.node.advertise:
+            self.address.url = f"https://{self.net.plan.addresses[0]}"
         self._publish_self_address()
         write_runtime(
             self.identity.paths,

@@ -16,6 +16,7 @@ reaches for the agent that composes it):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 import trio
@@ -24,6 +25,7 @@ from populi_peer.agent.membership import Membership
 from populi_peer.api.client import PeerClient, RequestBody
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import MembersAnswer, Message
+from populi_peer.discovery.service import call_first
 from populi_peer.errors import Conflict, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -126,6 +128,10 @@ class ControlPlaneLink:
         )
 
 
+#: ``rank(node_id, addresses)`` -> the addresses to try, best first.
+Rank = Callable[[str, Sequence[str]], Sequence[str]]
+
+
 class PeerLink:
     """Members by id: their record with an address, and calls to them."""
 
@@ -141,6 +147,9 @@ class PeerLink:
         self.membership = membership
         self.control_plane = control_plane
         self.client = client
+        #: ``rank(node_id, addresses)``: its addresses best first from here (and where
+        #: discovery saw it); ``None`` tries the member record's order.
+        self.rank: Rank | None = None
         self.logger = get_logger("peers")
 
     async def sync_members(self) -> None:
@@ -204,16 +213,24 @@ class PeerLink:
         that does not know us yet (we joined after its last membership refresh: 401
         ``unknown_signer``) learns of us within a heartbeat, so that refusal is retried a
         few times before it counts."""
+        # Its addresses best first from here, then where it was seen (discovery); the
+        # next one only when nothing reached the one before (TLS proves who answers).
+        candidates = (
+            self.rank(member.id, member.addresses) if self.rank else tuple(member.addresses)
+        )
         for attempt in range(attempts):
             try:
-                return await self.client.call(
-                    url=f"https://{member.addresses[0]}",
-                    node_id=member.id,
-                    method=method,
-                    path=path,
-                    payload=payload,
-                    timeout_s=timeout_s,
-                    answer=answer,
+                return await call_first(
+                    candidates,
+                    lambda address: self.client.call(
+                        url=f"https://{address}",
+                        node_id=member.id,
+                        method=method,
+                        path=path,
+                        payload=payload,
+                        timeout_s=timeout_s,
+                        answer=answer,
+                    ),
                 )
             except PopuliError as exc:
                 if exc.code != "unknown_signer" or attempt == attempts - 1:

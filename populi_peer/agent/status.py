@@ -4,8 +4,8 @@ lifecycle, standing, certificate, revocations, health) — what ``populi status`
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import trio
 
@@ -20,7 +20,9 @@ from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import (
+    AdvertisePlanView,
     ClusterRef,
+    DiscoveryStatusView,
     HealthAnswer,
     StatusAnswer,
     StatusControlPlane,
@@ -69,9 +71,11 @@ class NodeStatus:
         revocations: RevocationState,
         health: Health,
         cert_not_after_s: Callable[[], float],
+        network: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         """``identity`` gives the cluster's and this node's names and roles;
-        ``cert_not_after_s()`` is the expiry of the certificate in force now."""
+        ``cert_not_after_s()`` is the expiry of the certificate in force now; ``network()``
+        what it advertises and what discovery sees (``addresses``, ``discovery``)."""
         self.identity = identity
         self.listen = listen
         self.address = address
@@ -83,6 +87,7 @@ class NodeStatus:
         self.revocations = revocations
         self.health = health
         self.cert_not_after_s = cert_not_after_s
+        self.network = network
 
     def routes(self) -> list[Route]:
         return [
@@ -122,6 +127,7 @@ class NodeStatus:
     def answer(self) -> StatusAnswer:
         identity = self.identity
         control_plane = self.control_plane
+        network = self.network() if self.network is not None else {}
         return StatusAnswer(
             cluster=ClusterRef(id=identity.cluster_id, name=identity.cluster_name),
             node=StatusNode(
@@ -146,6 +152,16 @@ class NodeStatus:
             cert_not_after_ms=int(self.cert_not_after_s() * 1000),
             revocation_serial=self.revocations.serial,
             health=self.health.view(),
+            addresses=(
+                AdvertisePlanView.from_json(network["addresses"])
+                if "addresses" in network
+                else None
+            ),
+            discovery=(
+                DiscoveryStatusView.from_json(network["discovery"])
+                if "discovery" in network
+                else None
+            ),
         )
 
 

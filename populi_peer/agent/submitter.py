@@ -1154,7 +1154,7 @@ class Submitter:
             try:
                 assert worker is not None and worker.addresses
                 chunk = await self.agent.peers.call(
-                    url=f"https://{worker.addresses[0]}",
+                    url=f"https://{self.agent.net.address_book.candidates(worker.id, worker.addresses)[0]}",
                     node_id=worker.id,
                     method="GET",
                     path=f"/v1/populi/exec/attempts/{task_id}/{n}/output",

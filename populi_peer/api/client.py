@@ -201,6 +201,11 @@ def transport_error(exc: Exception, *, peer: str, url: str) -> PopuliError:
             f"cannot connect to {peer} at {url}: {exc or 'connection refused'}",
             code="peer_unreachable",
         )
+    if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)):
+        # No connection: nothing was sent, so another address of the peer may be tried.
+        return AgentUnavailable(
+            f"cannot connect to {peer} at {url}: no connection in time", code="peer_unreachable"
+        )
     if isinstance(exc, httpx.TimeoutException):
         return PeerError(f"{peer} at {url} did not answer in time", code="peer_timeout")
     return PeerError(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from populi_peer.cli.common import add_data_dir, add_json, data_dir_of, print_json
+from populi_peer.cli.common import add_data_dir, add_json, config_of, data_dir_of, print_json
 from populi_peer.config import _node_name, default_node_name, parse_host_port
 from populi_peer.errors import UsageError
+
+if TYPE_CHECKING:
+    from enrollment.tokens import JoinToken
 
 
 def register(subparsers: Any) -> None:
@@ -55,12 +59,27 @@ def run(args: argparse.Namespace) -> int:
     problem = _node_name(name)
     if problem:
         raise UsageError(f"--name {name!r}: {problem}")
-    advertise = list(args.advertise)
-    if not advertise:
-        host, port = parse_host_port(args.listen)
-        if host not in ("0.0.0.0", "::") and port != 0:
-            advertise = [args.listen]
     data_dir = data_dir_of(args)
+    # Addresses by scope and LAN hints (populi_peer.discovery; docs/wan.md).
+    from populi_peer.core.addresses import rank_addresses
+    from populi_peer.discovery.browse import join_hints
+    from populi_peer.discovery.site import Site, advertise_plan, with_site
+
+    site = Site.detect()
+    config = with_site(config_of(args, {"node.listen": args.listen}), site)
+    cidrs = site.cidrs(config)
+    advertise: list[str] | Callable[[list[str]], list[str]] = list(args.advertise)
+    if not advertise:
+
+        def advertise(contacts: list[str]) -> list[str]:
+            plan = advertise_plan(config, site, control_plane_addresses=contacts)
+            return list(plan.addresses)
+
+    async def find_contacts(token: JoinToken) -> list[str]:
+        if not config.discovery.enabled:
+            return []
+        return await join_hints(token, site=site, static_peers=config.discovery.static_peers)
+
     result = trio.run(
         lambda: join_cluster(
             token_text,
@@ -70,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
             advertise=advertise,
             clock=SystemClock(),
             force=args.force,
+            rank=lambda contacts: [
+                a for _, a in rank_addresses(contacts, local=site.local, cidrs=cidrs)
+            ],
+            find_contacts=find_contacts,
         )
     )
     if args.json:

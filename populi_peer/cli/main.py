@@ -19,6 +19,7 @@ from enrollment.errors import EnrollmentError
 from populi_peer.cli import (
     cmd_agent,
     cmd_demo,
+    cmd_discover,
     cmd_gpu,
     cmd_init,
     cmd_join,
@@ -55,6 +56,7 @@ COMMAND_MODULES = [
     cmd_status,
     cmd_run,
     cmd_demo,
+    cmd_discover,
     cmd_gpu,
     cmd_node,
     cmd_lease,

@@ -2,8 +2,8 @@
 
 Scope belongs to the path between two nodes, not to a node: the same peer can be ``lan``
 from the next desk and ``overlay`` from a hotel. It is derived from the IP address used
-for the path, and it chooses the timeouts (:class:`ScopeTimings`) and the row of the
-work-class policy matrix.
+for the path, and it chooses the timeouts (the one table of
+:mod:`populi_peer.core.timings`) and the row of the work-class policy matrix.
 
 :func:`path_scope` decides, first match wins:
 
@@ -30,9 +30,7 @@ judged by its IPv4 address, for the CIDR lists as well as the defaults.
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Final, Literal, get_args
@@ -60,47 +58,6 @@ _LAN_DEFAULTS: Final = (
     ipaddress.ip_network("169.254.0.0/16"),
     ipaddress.ip_network("fc00::/7"),
     ipaddress.ip_network("fe80::/10"),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ScopeTimings:
-    """Heartbeat timing for one scope. ``stale_after_s`` must exceed the interval."""
-
-    heartbeat_interval_s: float
-    stale_after_s: float
-
-    def __post_init__(self) -> None:
-        for name in ("heartbeat_interval_s", "stale_after_s"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.stale_after_s <= self.heartbeat_interval_s:
-            raise ConfigError(
-                f"stale_after_s ({self.stale_after_s}) must be greater than "
-                f"heartbeat_interval_s ({self.heartbeat_interval_s}), or every peer "
-                "would look stale between two heartbeats"
-            )
-
-    @property
-    def stale_after_ms(self) -> int:
-        """``stale_after_s`` in whole milliseconds, as :func:`routing_eligibility` takes it."""
-        return round(self.stale_after_s * 1000)
-
-
-#: Defaults per scope: LAN and local paths answer in milliseconds; an overlay may relay
-#: through a DERP server or cross the Internet, so it gets more slack before "stale".
-DEFAULT_SCOPE_TIMINGS: Final[Mapping[Scope, ScopeTimings]] = MappingProxyType(
-    {
-        "local": ScopeTimings(heartbeat_interval_s=1.0, stale_after_s=5.0),
-        "lan": ScopeTimings(heartbeat_interval_s=1.0, stale_after_s=5.0),
-        "overlay": ScopeTimings(heartbeat_interval_s=2.0, stale_after_s=15.0),
-    }
 )
 
 
@@ -252,10 +209,8 @@ def best_path(
 
 
 __all__ = [
-    "DEFAULT_SCOPE_TIMINGS",
     "SCOPES",
     "Scope",
-    "ScopeTimings",
     "best_path",
     "parse_address",
     "path_scope",

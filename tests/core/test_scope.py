@@ -10,9 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from populi_peer.core.scope import (
-    DEFAULT_SCOPE_TIMINGS,
     SCOPES,
-    ScopeTimings,
     best_path,
     parse_address,
     path_scope,
@@ -185,26 +183,6 @@ def test_path_scope_names_the_bad_list() -> None:
         path_scope("10.0.0.1", local_cidrs=[None])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match=r"^overlay_cidrs must be a list"):
         path_scope("10.0.0.1", overlay_cidrs="10.0.0.0/8")
-
-
-def test_default_timings() -> None:
-    assert dict(DEFAULT_SCOPE_TIMINGS) == {
-        "local": ScopeTimings(1.0, 5.0),
-        "lan": ScopeTimings(1.0, 5.0),
-        "overlay": ScopeTimings(2.0, 15.0),
-    }
-    assert set(DEFAULT_SCOPE_TIMINGS) == set(SCOPES)
-    assert DEFAULT_SCOPE_TIMINGS["overlay"].stale_after_ms == 15_000
-    assert ScopeTimings(0.5, 2.0015).stale_after_ms == 2002
-
-
-@pytest.mark.parametrize(
-    ("interval", "stale"),
-    [(0, 5), (-1, 5), (1, 1), (2, 1), (float("nan"), 5), (1, float("inf")), (True, 5), ("1", 5)],
-)
-def test_timings_refuse_nonsense(interval: Any, stale: Any) -> None:
-    with pytest.raises(ConfigError):
-        ScopeTimings(interval, stale)
 
 
 # --- purity of the modules of this part of the core ----------------------------------------

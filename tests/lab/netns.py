@@ -72,6 +72,8 @@ def unavailable() -> str | None:
 class Lab:
     prefix: str
     names: tuple[str, ...]
+    #: The first three octets of the hosts' /24 (``SUBNET`` unless given).
+    subnet: str = SUBNET
     #: name -> IPv4 address on the lab's /24.
     addresses: dict[str, str] = field(default_factory=dict)
     #: Namespaces made so far (hub last), for the teardown.
@@ -112,7 +114,7 @@ class Lab:
         sh("ip", "-n", self.hub, "link", "set", BRIDGE, "up")
         for number, name in enumerate(self.names, start=1):
             ns = self.ns(name)
-            address = f"{SUBNET}.{number}"
+            address = f"{self.subnet}.{number}"
             sh("ip", "netns", "add", ns)
             self.made.insert(0, ns)  # hosts go before the hub
             port = f"v-{number}"
@@ -193,9 +195,13 @@ def namespaces() -> set[str]:
 
 
 @contextlib.contextmanager
-def open_lab(names: Sequence[str], *, prefix: str | None = None) -> Iterator[Lab]:
-    """Build the lab, yield it, tear it down (even when building or the block fails)."""
-    lab = Lab(prefix or f"populi-{os.getpid()}-{uuid.uuid4().hex[:4]}", tuple(names))
+def open_lab(
+    names: Sequence[str], *, prefix: str | None = None, subnet: str = SUBNET
+) -> Iterator[Lab]:
+    """Build the lab, yield it, tear it down (even when building or the block fails).
+    ``subnet``: the hosts' /24, e.g. ``198.18.0`` for an underlay that stands for the
+    Internet (a benchmarking range, RFC 2544: neither LAN nor anyone's real address)."""
+    lab = Lab(prefix or f"populi-{os.getpid()}-{uuid.uuid4().hex[:4]}", tuple(names), subnet)
     try:
         lab.build()
         yield lab

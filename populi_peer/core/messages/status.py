@@ -10,7 +10,9 @@ from typing import Any, Literal
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages._codec import (
     Bool,
+    Choice,
     Const,
+    Dict,
     Int,
     Message,
     Nested,
@@ -32,6 +34,47 @@ from populi_peer.core.messages.records import (
     SettingsView,
     Standing,
 )
+
+
+@message
+class AdvertisePlanView(Message):
+    """``AdvertisePlan``: what this node advertises (docs/wan.md, Addresses)."""
+
+    addresses: tuple[str, ...] = wire(Seq(Text()))
+    by_scope: Mapping[str, tuple[str, ...]] = wire(Dict(Seq(Text())))
+    overlay_cluster: bool = wire(Bool())
+
+
+@message
+class SightingView(Message):
+    """``Sighting``: a Populi node seen on the LAN or at a static peer (a hint)."""
+
+    node_id: str = wire(Text())
+    cluster_digest: str = wire(Text())
+    cluster: Literal["ours", "foreign", "unknown"] = wire(Choice(("ours", "foreign", "unknown")))
+    addresses: tuple[str, ...] = wire(Seq(Text()))
+    source: Literal["mdns", "static"] = wire(Choice(("mdns", "static")))
+    roles: tuple[str, ...] = wire(Seq(Text()), default=())
+    protocol_version: int | None = wire(Nullable(Int()), omit_none=True)
+    instance: str | None = wire(Nullable(Text()), omit_none=True)
+    verified: bool = wire(Bool(), default=False)
+
+
+@message
+class DiscoveryStatusView(Message):
+    """``DiscoveryStatus``: LAN discovery and static peers (hints only, never admission)."""
+
+    enabled: bool = wire(Bool())
+    mdns: Literal["off", "starting", "on", "failed"] = wire(
+        Choice(("off", "starting", "on", "failed"))
+    )
+    interfaces: tuple[str, ...] = wire(Seq(Text()))
+    static_peers: tuple[str, ...] = wire(Seq(Text()))
+    sightings: tuple[SightingView, ...] = wire(Seq(Nested(SightingView)))
+    reason: str | None = wire(Nullable(Text()), default=None)
+    announced: str | None = wire(Nullable(Text()), default=None)
+    static_errors: Mapping[str, str] = wire(Dict(Text()), default_factory=dict)
+    bad_announcements: int = wire(Int(minimum=0), default=0)
 
 
 @message
@@ -80,6 +123,11 @@ class StatusAnswer(Message):
     #: -1 when no list is held.
     revocation_serial: int = wire(Int(minimum=-1))
     health: NodeHealth = wire(Nested(NodeHealth))
+    #: What it advertises and what discovery sees (absent from an older node).
+    addresses: AdvertisePlanView | None = wire(Nullable(Nested(AdvertisePlanView)), omit_none=True)
+    discovery: DiscoveryStatusView | None = wire(
+        Nullable(Nested(DiscoveryStatusView)), omit_none=True
+    )
 
 
 @message
