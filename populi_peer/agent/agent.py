@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gpu import GpuService
 from populi_peer.agent.health import RETRIED, Health
-from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat
+from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat, scope_of
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.leases import LeaseService
 from populi_peer.agent.links import UNKNOWN_SIGNER_ATTEMPTS, ControlPlaneLink, PeerLink
@@ -52,7 +52,9 @@ from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
+from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.registers import RegisterWrite
+from populi_peer.core.scope import Scope
 from populi_peer.core.settings import remote_refusal
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.errors import BadRequest, ConfigError, PopuliError, enrollment_boundary
@@ -62,6 +64,8 @@ from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
 from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
+from populi_peer.store.leases import Leases
+from populi_peer.store.tasks import Tasks
 
 OPERATOR = frozenset({"operator"})
 
@@ -134,11 +138,6 @@ class Agent:
         self.heartbeat_sender = HeartbeatSender(self)
         self.node_admin = NodeAdmin(self)
         self.executor: Executor = executor or ProcessExecutor()
-        self.inbox = Inbox(self)
-        self.leases = LeaseService(self)
-        self.runner = AttemptRunner(self)
-        self.worker = Worker(self, self.runner)
-        self.submitter = Submitter(self)
         self.gpu = GpuService(self)
         self.standing = Standing(
             node_id=self.node_id,
@@ -157,6 +156,7 @@ class Agent:
             control_plane=lambda: (self.control_plane_url, self.control_plane_id),
             timeout_s=config.api.request_timeout_s,
         )
+        self._build_execution()
         self.authenticator = Authenticator(
             node_id=self.node_id,
             clock=clock,
@@ -176,6 +176,72 @@ class Agent:
         self._stop = trio.Event()
         self._server_stop = trio.Event()
         self.stopped = trio.Event()
+
+    def _build_execution(self) -> None:
+        """The execution plane: the inbox, the lease service (control plane), the attempt
+        runner, the worker and the submitter, each given what it uses."""
+        clock, config = self.clock, self.config
+        self.inbox = Inbox(node_id=self.node_id, messages=InboxMessages(self.store), clock=clock)
+        self.leases = LeaseService(
+            leases=Leases(self.store),
+            clock=clock,
+            control_plane=self.control_plane,
+            records=self.records,
+            nodes=ControlPlaneNodeFacts(
+                membership=self.membership,
+                registry=self.registry,
+                heartbeats=self.heartbeats,
+                gpu=self.gpu,
+            ),
+            events=self.events,
+            health=self.health,
+        )
+        self.runner = AttemptRunner(
+            node_id=self.node_id,
+            tasks_dir=self.identity.paths.tasks,
+            attempts=Attempts(self.store),
+            clock=clock,
+            control_plane=self.control_plane,
+            executor=self.executor,
+            config=config.exec,
+            health=self.health,
+        )
+        node = ExecNode(
+            node_id=self.node_id,
+            config=config,
+            records=self.records,
+            standing=self.standing,
+            membership=self.membership,
+            gpu=self.gpu,
+            settings_sync=self.settings_sync,
+            leaving=lambda: self.leaving,
+            scope_of=lambda host: scope_of(self, host),
+        )
+        self.worker = Worker(
+            node_id=self.node_id,
+            runner=self.runner,
+            attempts=self.runner.attempts,
+            clock=clock,
+            config=config.exec,
+            control_plane=self.control_plane,
+            peers=self.peer_link,
+            gates=node,
+            health=self.health,
+        )
+        self.submitter = Submitter(
+            node_id=self.node_id,
+            tasks=Tasks(self.store),
+            runner=self.runner,
+            clock=clock,
+            control_plane=self.control_plane,
+            peers=self.peer_link,
+            records=self.records,
+            node=node,
+            health=self.health,
+        )
+        self.inbox.on("handoff", self.worker.on_handoff)
+        self.inbox.on("cancel", self.worker.on_cancel)
+        self.inbox.on("result", self.submitter.on_result)
 
     def _check_stop_margin(self) -> None:
         """safety rule 3: refuse a stop margin smaller than the SIGTERM grace plus the kill
@@ -404,7 +470,7 @@ class Agent:
         uptime = 0.0 if self.started_mono is None else self.clock.mono() - self.started_mono
         return {
             "uptime_s": round(uptime, 3),
-            "leases": self.worker.held_leases(),
+            "leases": [lease.to_json() for lease in self.worker.held_leases()],
             # Whether this node takes remote work at all (POPULI_EXEC_REMOTE=0: no), so
             # the control plane does not place any here.
             "exec_remote": bool(self.config.exec.remote),
@@ -453,15 +519,7 @@ class Agent:
     def remote_enabled(self) -> bool:
         """Remote execution is on in this node's config and cluster settings, the kill
         switch is off, and this node is still a member (not retired)."""
-        return bool(
-            self.config.exec.remote
-            and remote_refusal(self.records.settings) is None
-            and not self.standing.out
-        )
-
-    def policy_gates(self) -> frozenset[tuple[str, str]]:
-        gates = self.records.settings.get("policy_gates") or []
-        return frozenset((g.split(":", 1)[0], g.split(":", 1)[1]) for g in gates)
+        return remote_enabled(self.config, self.records.settings, retired=self.standing.out)
 
     async def stop_all_work(self, *, reason: str) -> int:
         """Stop every task this node runs and release their leases; returns how many."""
@@ -529,7 +587,7 @@ class Agent:
         cutoff_ms = int((self.clock.wall() - self.config.exec.retain_finished_s) * 1000)
         messages = InboxMessages(self.store).prune(before_ms=cutoff_ms)
         dirs = 0
-        for row in Attempts(self.store).finished_before(cutoff_ms):
+        for row in self.runner.attempts.finished_before(cutoff_ms):
             task_dir = self.runner.task_dir(AttemptPlan.from_json(row.body))
             if task_dir.exists() and not self.executor.leftovers(task_dir):
                 shutil.rmtree(task_dir, ignore_errors=True)
@@ -709,4 +767,89 @@ class Agent:
         self.control_plane.publish_url(self.url)
 
 
-__all__ = ["Agent"]
+# -- what the execution plane reads of the rest of the node (the composition root's) --------
+
+
+def remote_enabled(config: Config, settings: Mapping[str, Any], *, retired: bool) -> bool:
+    """Remote execution is on in this node's config and the cluster settings, the kill
+    switch is off, and this node is still a member (not retired)."""
+    return bool(config.exec.remote and remote_refusal(settings) is None and not retired)
+
+
+@dataclass(frozen=True)
+class ControlPlaneNodeFacts:
+    """:class:`~populi_peer.agent.leases.NodeFacts` from membership, the lifecycle
+    registers, the heartbeat receiver and the GPU service."""
+
+    membership: Membership
+    registry: Registry
+    heartbeats: HeartbeatReceiver
+    gpu: GpuService
+
+    def is_node(self, node_id: str) -> bool:
+        member = self.membership.get(node_id)
+        return member is not None and member.kind == "node"
+
+    def resolve_node(self, ref: str) -> str:
+        if self.membership.get(ref) is not None:
+            return ref
+        return self.membership.resolve_node(ref).id
+
+    def lifecycle(self, node_id: str) -> NodeLifecycle | None:
+        return self.registry.lifecycle(node_id)
+
+    def heartbeat_age_ms(self, node_id: str) -> int | None:
+        return self.heartbeats.age_ms(node_id)
+
+    def stale_after_ms(self, node_id: str) -> int:
+        _, stale_after = self.heartbeats.timings(self.scope(node_id) or "lan")
+        return int(stale_after * 1000)
+
+    def stale(self, node_id: str) -> bool:
+        return self.heartbeats.stale(node_id)
+
+    def scope(self, node_id: str) -> Scope | None:
+        seen = self.heartbeats.seen.get(node_id)
+        return None if seen is None else seen.scope
+
+    def accepts_remote_work(self, node_id: str) -> bool | None:
+        seen = self.heartbeats.seen.get(node_id)
+        return None if seen is None else seen.report.exec_remote
+
+    def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
+        return self.gpu.allocatable_gpus(node_id)
+
+
+@dataclass(frozen=True)
+class ExecNode:
+    """:class:`~populi_peer.agent.worker.WorkerGates` and
+    :class:`~populi_peer.agent.submitter.SubmitterNode`: what the rest of this node tells
+    its worker and its submitter."""
+
+    node_id: str
+    config: Config
+    records: ClusterRecords
+    standing: Standing
+    membership: Membership
+    gpu: GpuService
+    settings_sync: SettingsSync
+    leaving: Callable[[], bool]
+    scope_of: Callable[[str | None], Scope]
+
+    def retired(self) -> bool:
+        return self.standing.out
+
+    def remote_enabled(self) -> bool:
+        return remote_enabled(self.config, self.records.settings, retired=self.standing.out)
+
+    def verified_gpu_uuids(self) -> list[str]:
+        return self.gpu.verified_uuids()
+
+    async def catch_up_settings(self, serial: int | None) -> None:
+        await self.settings_sync.catch_up(serial)
+
+    def resolve_node(self, ref: str) -> str:
+        return self.membership.resolve_node(ref).id
+
+
+__all__ = ["Agent", "ControlPlaneNodeFacts", "ExecNode", "remote_enabled"]

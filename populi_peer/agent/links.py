@@ -16,18 +16,21 @@ reaches for the agent that composes it):
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import trio
 
-from populi_peer.api.client import PeerClient
+from populi_peer.api.client import PeerClient, RequestBody
 from populi_peer.core.membership import Member
+from populi_peer.core.messages import Message
 from populi_peer.errors import Conflict, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
 
 #: How often a call retries a peer that does not know this node yet (``unknown_signer``).
 UNKNOWN_SIGNER_ATTEMPTS = 5
+
+M = TypeVar("M", bound=Message)
 
 
 class ControlPlaneLink:
@@ -68,15 +71,42 @@ class ControlPlaneLink:
         if self.is_self and self.url != url:
             self.store.set_meta("control_plane_url", url)
 
+    @overload
     async def call(
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         *,
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
-    ) -> dict[str, Any]:
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def call(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[M],
+    ) -> M: ...
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        """Call the control plane; with ``answer``, its answer parsed as that type (a
+        malformed one is ``PeerError(code="bad_peer_answer")``)."""
         return await self.client.call(
             url=self.url,
             node_id=self.id,
@@ -85,6 +115,7 @@ class ControlPlaneLink:
             payload=payload,
             params=params,
             timeout_s=timeout_s,
+            answer=answer,
         )
 
 
@@ -125,18 +156,50 @@ class PeerLink:
             member = self.membership.get(node_id)
         return member if member is not None and member.addresses else None
 
+    @overload
     async def call(
         self,
         member: Member,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         *,
         attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
-    ) -> dict[str, Any]:
-        """Call another node. A peer that does not know us yet (we joined after its last
-        membership refresh: 401 ``unknown_signer``) learns of us within a heartbeat, so
-        that refusal is retried a few times before it counts."""
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    async def call(
+        self,
+        member: Member,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        *,
+        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[M],
+    ) -> M: ...
+
+    async def call(
+        self,
+        member: Member,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        *,
+        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        """Call another node; with ``answer``, its answer parsed as that type (a malformed
+        one is ``PeerError(code="bad_peer_answer")``). A peer that does not know us yet (we
+        joined after its last membership refresh: 401 ``unknown_signer``) learns of us
+        within a heartbeat, so that refusal is retried a few times before it counts."""
         for attempt in range(attempts):
             try:
                 return await self.client.call(
@@ -145,6 +208,9 @@ class PeerLink:
                     method=method,
                     path=path,
                     payload=payload,
+                    params=params,
+                    timeout_s=timeout_s,
+                    answer=answer,
                 )
             except PopuliError as exc:
                 if exc.code != "unknown_signer" or attempt == attempts - 1:

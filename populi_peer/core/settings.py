@@ -168,6 +168,13 @@ def remote_refusal(values: Mapping[str, Any]) -> str | None:
     return None
 
 
+def policy_gates(values: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+    """The ``(work_class, scope)`` gates the settings switch on (``policy_gates``, each
+    ``"work_class:scope"``), for :func:`populi_peer.core.policy.decide`."""
+    gates = values.get("policy_gates") or ()
+    return frozenset((gate.split(":", 1)[0], gate.split(":", 1)[1]) for gate in gates)
+
+
 def parse_setting(key: str, text: str) -> Any:
     """Parse the text of ``populi settings set KEY VALUE``."""
     spec = _BY_KEY.get(key)
@@ -202,6 +209,7 @@ __all__ = [
     "SettingSpec",
     "defaults",
     "parse_setting",
+    "policy_gates",
     "remote_refusal",
     "validate_settings",
     "validate_value",
