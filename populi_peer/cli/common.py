@@ -8,14 +8,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from populi_peer.config import Config, default_data_dir, load_config
 
 if TYPE_CHECKING:  # heavy imports stay out of ``populi --help`` and usage errors
     from populi_peer.api.client import SyncPeerClient
+    from populi_peer.core.messages import Message
     from populi_peer.identity import Identity, RuntimeInfo
     from populi_peer.store import Store
+
+#: A typed answer (``answer=``): a malformed one is ``bad_peer_answer``, one clear line.
+M = TypeVar("M", bound="Message")
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -110,6 +114,7 @@ class Local:
             )
         return self._client
 
+    @overload
     def call_agent(
         self,
         method: str,
@@ -117,7 +122,32 @@ class Local:
         payload: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
-    ) -> dict[str, Any]:
+        *,
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def call_agent(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[M],
+    ) -> M: ...
+
+    def call_agent(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
         if self._runtime is None:
             self._runtime = self.runtime()
         info = self._runtime
@@ -131,6 +161,7 @@ class Local:
             payload=payload,
             params=params,
             timeout_s=timeout_s,
+            answer=answer,
         )
 
     def control_plane(self) -> tuple[str, str]:
@@ -141,6 +172,7 @@ class Local:
             self._control_plane = (str(cp["url"]), str(cp["node_id"]))
         return self._control_plane
 
+    @overload
     def call_control_plane(
         self,
         method: str,
@@ -148,7 +180,32 @@ class Local:
         payload: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
-    ) -> dict[str, Any]:
+        *,
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def call_control_plane(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[M],
+    ) -> M: ...
+
+    def call_control_plane(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
         url, node_id = self.control_plane()
         return self.client().call(
             url=url,
@@ -158,6 +215,7 @@ class Local:
             payload=payload,
             params=params,
             timeout_s=timeout_s,
+            answer=answer,
         )
 
     def close(self) -> None:
@@ -181,6 +239,7 @@ def open_local(args: argparse.Namespace) -> Local:
     return Local(data_dir=data_dir, identity=identity, store=store)
 
 
+@overload
 def agent_call(
     args: argparse.Namespace,
     method: str,
@@ -189,13 +248,65 @@ def agent_call(
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
-) -> dict[str, Any]:
+    answer: None = None,
+) -> dict[str, Any]: ...
+
+
+@overload
+def agent_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: type[M],
+) -> M: ...
+
+
+def agent_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: type[Message] | None = None,
+) -> dict[str, Any] | Message:
     """One call to this node's agent, for commands that make only one."""
     local = open_local(args)
     try:
-        return local.call_agent(method, path, payload, params, timeout_s)
+        return local.call_agent(method, path, payload, params, timeout_s, answer=answer)
     finally:
         local.close()
+
+
+@overload
+def control_plane_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: None = None,
+) -> dict[str, Any]: ...
+
+
+@overload
+def control_plane_call(
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 15.0,
+    answer: type[M],
+) -> M: ...
 
 
 def control_plane_call(
@@ -206,11 +317,12 @@ def control_plane_call(
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
-) -> dict[str, Any]:
+    answer: type[Message] | None = None,
+) -> dict[str, Any] | Message:
     """One call to the control plane (found through this node's agent)."""
     local = open_local(args)
     try:
-        return local.call_control_plane(method, path, payload, params, timeout_s)
+        return local.call_control_plane(method, path, payload, params, timeout_s, answer=answer)
     finally:
         local.close()
 
