@@ -384,6 +384,8 @@ def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: 
             "message_id": f"result-{task_id}-1-stale",
             "type": "result",
             "task_id": task_id,
+            # Required by the contract (ADR 0012); the submitter takes the signer anyway.
+            "node": "w2",
             "attempt": 1,
             "token": "1.0",
             "outcome": "exited",
@@ -434,6 +436,7 @@ def test_stale_result_after_the_end_keeps_the_accepted_record(mesh: Mesh, tmp_pa
                 "message_id": f"result-{task_id}-1-stale-late",
                 "type": "result",
                 "task_id": task_id,
+                "node": "w2",
                 "attempt": 1,
                 "token": "1.0",
                 "outcome": "exited",
