@@ -52,4 +52,9 @@ class SystemClock:
         return boot_time()
 
 
-__all__ = ["Clock", "SystemClock", "boot_time"]
+def wall_ms(clock: Clock) -> int:
+    """``clock.wall()`` in whole milliseconds (how records and events carry times)."""
+    return int(clock.wall() * 1000)
+
+
+__all__ = ["Clock", "SystemClock", "boot_time", "wall_ms"]

@@ -27,7 +27,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from cryptography import x509
@@ -44,7 +44,13 @@ from enrollment.errors import CertificateError
 from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.revocation import verify_revocations
 from enrollment.tokens import HeldToken, JoinClaim, open_token, prove_join
-from populi_peer.api.client import decode_response, encode_body, transport_error
+from populi_peer.api.client import (
+    RequestBody,
+    decode_response,
+    encode_body,
+    parse_answer,
+    transport_error,
+)
 from populi_peer.api.tls import client_context_from_pem, insecure_probe_context
 from populi_peer.clock import Clock
 from populi_peer.cluster import (
@@ -53,7 +59,13 @@ from populi_peer.cluster import (
     write_identity_files,
     write_node_config,
 )
-from populi_peer.core.membership import Member
+from populi_peer.core.messages import (
+    JoinCaAnswer,
+    JoinChallengeAnswer,
+    JoinEnrollAnswer,
+    JoinEnrollRequest,
+    Message,
+)
 from populi_peer.errors import Conflict, PeerError, PopuliError, enrollment_boundary
 from populi_peer.identity import DataPaths
 from populi_peer.store import Store
@@ -71,6 +83,12 @@ PEER_NODE_ID_EXTENSION = "populi_peer_node_id"
 #: Errors after which an enroll request may or may not have been handled: retried with a
 #: fresh challenge and the same key, the control plane answering from what it recorded.
 _LOST_ANSWER_CODES = frozenset({"peer_timeout", "peer_unreachable"})
+
+M = TypeVar("M", bound=Message)
+
+CA_PATH = "/v1/populi/join/ca"
+CHALLENGE_PATH = "/v1/populi/join/challenge"
+ENROLL_PATH = "/v1/populi/join/enroll"
 
 
 def tls_transports(ca_pem: str | None) -> httpx.AsyncBaseTransport:
@@ -90,7 +108,7 @@ class JoinResult:
 
 
 async def _send(
-    client: httpx.AsyncClient, url: str, payload: dict[str, Any] | None, *, peer: str
+    client: httpx.AsyncClient, url: str, payload: RequestBody, *, peer: str
 ) -> httpx.Response:
     try:
         if payload is None:
@@ -157,11 +175,11 @@ async def fetch_pinned_ca(
     nothing was sent but a GET."""
     base = f"https://{contact}"
     async with httpx.AsyncClient(transport=transports(None), timeout=timeout_s) as probe:
-        response = await _send(probe, base + "/v1/populi/join/ca", None, peer=contact)
-    answer = decode_response(response, peer=contact)
-    pem = answer.get("ca_certificate")
-    if not isinstance(pem, str):
-        raise PeerError(f"{contact} did not send a CA certificate", code="bad_peer_answer")
+        response = await _send(probe, base + CA_PATH, None, peer=contact)
+    answer = parse_answer(
+        decode_response(response, peer=contact), JoinCaAnswer, peer=contact, what=f"GET {CA_PATH}"
+    )
+    pem = answer.ca_certificate
     ca = cert_from_pem(pem)
     if ca_pin(certificate_public_key(ca)) != pin:
         raise CertificateError(
@@ -186,10 +204,11 @@ class _Contact:
         return f"https://{self.address}"
 
     async def call(
-        self, path: str, payload: dict[str, Any] | None, *, node_id: str | None
-    ) -> tuple[dict[str, Any], str]:
-        """One request; returns the answer and the node that gave it, which must be
-        ``node_id`` when given (checked before the answer, refusals included, is read)."""
+        self, path: str, payload: RequestBody, *, node_id: str | None, answer: type[M]
+    ) -> tuple[M, str]:
+        """One request; returns the answer (parsed as ``answer``: a malformed one is
+        ``bad_peer_answer``) and the node that gave it, which must be ``node_id`` when
+        given (checked before the answer, refusals included, is read)."""
         response = await _send(self.client, self.base + path, payload, peer=self.address)
         answered_by = tls_peer_node_id(response, self.ca, peer=self.address)
         if node_id is not None and answered_by != node_id:
@@ -198,13 +217,15 @@ class _Contact:
                 "a man in the middle; the join stopped",
                 code="join_peer_changed",
             )
-        return decode_response(response, peer=self.address), answered_by
+        body = decode_response(response, peer=self.address)
+        method = "GET" if payload is None else "POST"
+        return parse_answer(body, answer, peer=self.address, what=f"{method} {path}"), answered_by
 
 
 async def _identify_recipient(contact: _Contact, held: HeldToken) -> str:
     """The node at ``contact`` if the token names it; else a refusal that says it may be
     a man in the middle. Nothing but a GET of the public CA certificate was sent."""
-    _, node_id = await contact.call("/v1/populi/join/ca", None, node_id=None)
+    _, node_id = await contact.call(CA_PATH, None, node_id=None, answer=JoinCaAnswer)
     if not held.token.names_recipient(node_id):
         raise CertificateError(
             f"the node at {contact.address} is {node_id}, which this token does not name "
@@ -224,22 +245,22 @@ async def _enroll_at(
     name: str,
     advertise: list[str],
     attempts: int = 3,
-) -> dict[str, Any]:
+) -> JoinEnrollAnswer:
     """Challenge, proofs, enroll at ``recipient``; an answer lost on the way is asked for
     again with a fresh challenge and the same key (the control plane answers a retry with
     the outcome it recorded)."""
     public_text = public_to_text(key.public_key())
     for attempt in range(1, attempts + 1):
-        challenge, _ = await contact.call("/v1/populi/join/challenge", {}, node_id=recipient)
-        if challenge.get("cluster_id") != held.token.cluster_id:
+        challenge, _ = await contact.call(
+            CHALLENGE_PATH, {}, node_id=recipient, answer=JoinChallengeAnswer
+        )
+        if challenge.cluster_id != held.token.cluster_id:
             raise CertificateError(
                 f"{contact.address} belongs to another cluster", code="wrong_cluster"
             )
-        if not isinstance(challenge.get("challenge"), str):
-            raise PeerError(f"{contact.address} sent no challenge", code="bad_peer_answer")
         claim = JoinClaim(
             recipient=recipient,
-            challenge=challenge["challenge"],
+            challenge=challenge.challenge,
             public_key=public_text,
             cluster_id=held.token.cluster_id,
             name=name,
@@ -247,19 +268,18 @@ async def _enroll_at(
             addresses=tuple(advertise),
         )
         proofs = prove_join(claim, node_key=key, token_key=held.token_key)
+        request = JoinEnrollRequest(
+            token=held.envelope,
+            public_key=public_text,
+            name=name,
+            addresses=tuple(advertise),
+            challenge=claim.challenge,
+            proof=proofs.proof,
+            token_proof=proofs.token_proof,
+        )
         try:
             answer, _ = await contact.call(
-                "/v1/populi/join/enroll",
-                {
-                    "token": held.envelope,
-                    "public_key": public_text,
-                    "name": name,
-                    "addresses": list(advertise),
-                    "challenge": claim.challenge,
-                    "proof": proofs.proof,
-                    "token_proof": proofs.token_proof,
-                },
-                node_id=recipient,
+                ENROLL_PATH, request, node_id=recipient, answer=JoinEnrollAnswer
             )
         except PopuliError as exc:
             if exc.code in _LOST_ANSWER_CODES and attempt < attempts:
@@ -333,12 +353,12 @@ async def join_cluster(
                 now_ms=now_ms,
             )
             return JoinResult(
-                node_id=str(answer["node_id"]),
-                name=str(answer["name"]),
-                roles=tuple(answer["roles"]),
-                cluster_id=str(answer["cluster"]["id"]),
-                cluster_name=str(answer["cluster"]["name"]),
-                control_plane_url=str(answer["control_plane"]["url"]),
+                node_id=answer.node_id,
+                name=answer.name,
+                roles=answer.roles,
+                cluster_id=answer.cluster.id,
+                cluster_name=answer.cluster.name,
+                control_plane_url=answer.control_plane.url,
                 contact=address,
             )
         raise PeerError(
@@ -351,7 +371,7 @@ def _write_data_dir(
     data_dir: Path,
     *,
     key: Any,
-    answer: dict[str, Any],
+    answer: JoinEnrollAnswer,
     ca_pem: str,
     name: str,
     listen: str,
@@ -359,67 +379,52 @@ def _write_data_dir(
     now_ms: int,
 ) -> None:
     node_id = node_id_for(key.public_key())
-    if answer.get("node_id") != node_id:
+    if answer.node_id != node_id:
         raise PeerError("the control plane enrolled another key than ours", code="bad_peer_answer")
     ca = cert_from_pem(ca_pem)
-    cert = cert_from_pem(answer["certificate"])
+    cert = cert_from_pem(answer.certificate)
     verify_issued_by(cert, ca)
     if certificate_public_key(cert) != key.public_key():
         raise PeerError("the certificate we received is not for our key", code="bad_peer_answer")
-    revocations = answer.get("revocations")
+    cluster_id = answer.cluster.id
+    revocations = answer.revocations
+    serial = None
     if revocations:
-        verify_revocations(
-            revocations, cluster_key=certificate_public_key(ca), cluster_id=answer["cluster"]["id"]
-        )
+        serial = verify_revocations(
+            revocations, cluster_key=certificate_public_key(ca), cluster_id=cluster_id
+        ).serial
+    settings = None
+    if answer.settings_record:
+        from enrollment.records import verify_record
+
+        settings = verify_record(answer.settings_record, expected_kind="settings")
     paths = DataPaths(data_dir)
     store = Store.open(data_dir, create=True)
     try:
         write_identity_files(paths, node_key=key, node_cert=cert, ca_cert=ca)
         with store.transaction():
             meta = {
-                "cluster_id": answer["cluster"]["id"],
-                "cluster_name": answer["cluster"]["name"],
+                "cluster_id": cluster_id,
+                "cluster_name": answer.cluster.name,
                 "node_id": node_id,
                 "node_name": name,
-                "roles": json.dumps(list(answer["roles"])),
+                "roles": json.dumps(list(answer.roles)),
                 "ca_pin": ca_pin(certificate_public_key(ca)),
-                "term": str(int(answer["term"])),
-                "control_plane_id": answer["control_plane"]["node_id"],
-                "control_plane_url": answer["control_plane"]["url"],
+                "term": str(answer.term),
+                "control_plane_id": answer.control_plane.node_id,
+                "control_plane_url": answer.control_plane.url,
                 "created_ms": str(now_ms),
-                "membership_version": str(int(answer.get("membership_version", 1))),
+                "membership_version": str(answer.membership_version),
             }
             store.insert_meta(meta)
             members = Members(store)
-            for member in answer.get("members", []):
-                members.insert(
-                    Member(
-                        id=member["id"],
-                        kind=member["kind"],
-                        name=member["name"],
-                        public_key=member["public_key"],
-                        roles=tuple(member["roles"]),
-                        addresses=tuple(member.get("addresses", [])),
-                        cert_serial=member.get("cert_serial", ""),
-                        cert_not_after_ms=int(member.get("cert_not_after_ms", 0)),
-                        joined_ms=int(member.get("joined_ms", 0)),
-                        token_id="",
-                        updated_ms=int(member.get("updated_ms", 0)),
-                    )
-                )
-            if revocations:
-                serial = verify_revocations(
-                    revocations,
-                    cluster_key=certificate_public_key(ca),
-                    cluster_id=answer["cluster"]["id"],
-                ).serial
+            for view in answer.members:
+                members.insert(view.member())
+            if revocations and serial is not None:
                 RevocationLists(store).install(serial, revocations, stored_ms=now_ms)
-            if answer.get("settings_record"):
-                from enrollment.records import verify_record
-
-                record = verify_record(answer["settings_record"], expected_kind="settings")
+            if settings is not None:
                 SignedRecords(store).put(
-                    "settings", serial=record.serial, text=record.text, stored_ms=now_ms
+                    "settings", serial=settings.serial, text=settings.text, stored_ms=now_ms
                 )
         write_node_config(data_dir, name=name, listen=listen, advertise=advertise)
     except BaseException:

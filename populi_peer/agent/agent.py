@@ -1,10 +1,12 @@
 """The agent: one trio process per node.
 
-It owns the store, the identity, the API and the services (heartbeats, certificate
-renewal, and — as features land — GPU probe, worker and submitter). ``run()`` nests
-lifetimes: the API server outlives the services so that a stopping node can still answer
-while its services wind down; shutdown is a deadline (``api.shutdown_grace_s``), not a
-hope. Feature services plug in through the ``on_*`` hooks and ``heartbeat_*`` extras.
+It owns the store, the identity, the API and the services, and it is where they are put
+together: each service is given exactly what it uses (stores, clock, config section,
+identity facts, links to other nodes, other services through small callables), and what
+one service adds to another's work — a part of the heartbeat, an answer to absorb — is
+wired here. ``run()`` nests lifetimes: the API server outlives the services so that a
+stopping node can still answer while its services wind down; shutdown is a deadline
+(``api.shutdown_grace_s``), not a hope.
 """
 
 from __future__ import annotations
@@ -18,47 +20,51 @@ from typing import Any
 
 import trio
 
-from enrollment.ca import (
-    BACKDATE_S,
-    cert_from_pem,
-    cert_to_pem,
-    certificate_public_key,
-    node_certificate_info,
-)
-from enrollment.keys import write_public_file
-from populi_peer import PROTOCOL_VERSION, __version__
+from enrollment.ca import certificate_public_key
+from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
+from populi_peer.agent.certificates import CertificateRenewal
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gpu import GpuService
-from populi_peer.agent.health import RETRIED, Health
-from populi_peer.agent.heartbeat import HeartbeatReceiver, HeartbeatSender, SelfBeat, scope_of
+from populi_peer.agent.health import Health
+from populi_peer.agent.heartbeat import (
+    HeartbeatIntake,
+    HeartbeatReports,
+    HeartbeatSender,
+    Leaving,
+    Liveness,
+    RegisterOutbox,
+    SelfBeat,
+    scope_of,
+)
 from populi_peer.agent.inbox import Inbox
+from populi_peer.agent.janitor import Janitor
 from populi_peer.agent.leases import LeaseService
 from populi_peer.agent.links import UNKNOWN_SIGNER_ATTEMPTS, ControlPlaneLink, PeerLink
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.network import Network, TlsNetwork
-from populi_peer.agent.nodes import NodeAdmin, leave_sequence
+from populi_peer.agent.nodes import Departure, NodeAdmin
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.agent.settings_sync import SettingsSync
-from populi_peer.agent.standing import Standing
+from populi_peer.agent.standing import RemoteWork, Standing
+from populi_peer.agent.status import NodeStatus, Uptime
 from populi_peer.agent.submitter import Submitter
 from populi_peer.agent.worker import Worker
-from populi_peer.api.app import ANY_MEMBER, ApiApp, Request, Route
+from populi_peer.api.app import ApiApp, Route
 from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
-from populi_peer.clock import Clock
-from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
+from populi_peer.clock import Clock, wall_ms
+from populi_peer.config import Config, ScopeConfig, format_host_port, parse_host_port, reach_host
 from populi_peer.core.lifecycle import NodeLifecycle
-from populi_peer.core.registers import RegisterWrite
+from populi_peer.core.messages import HeartbeatReport
 from populi_peer.core.scope import Scope
-from populi_peer.core.settings import remote_refusal
 from populi_peer.datadir_lock import DataDirLock
-from populi_peer.errors import BadRequest, ConfigError, PopuliError, enrollment_boundary
-from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
+from populi_peer.errors import ConfigError
+from populi_peer.identity import Identity, RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
@@ -66,8 +72,6 @@ from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
 from populi_peer.store.leases import Leases
 from populi_peer.store.tasks import Tasks
-
-OPERATOR = frozenset({"operator"})
 
 
 class Agent:
@@ -94,24 +98,22 @@ class Agent:
         # Writes the storage cannot take make the node degraded until one succeeds.
         self.health = Health(clock)
         self.store.write_listener = self.health.storage_result
-        self.identity = load_identity(data_dir, self.store)
-        self.node_id = self.identity.node_id
+        identity = load_identity(data_dir, self.store)
+        self.node_id = identity.node_id
         self.membership = Membership(self.store)
         self.records = ClusterRecords(self.store, self.membership)
         self.revocations = RevocationState(
             self.store,
-            cluster_id=self.identity.cluster_id,
-            cluster_key=certificate_public_key(self.identity.ca_cert),
+            cluster_id=identity.cluster_id,
+            cluster_key=certificate_public_key(identity.ca_cert),
         )
-        self.registry = Registry(
-            self.store, self.identity, clock, max_skew_s=config.security.max_skew_s
-        )
+        self.registry = Registry(self.store, identity, clock, max_skew_s=config.security.max_skew_s)
         self._check_stop_margin()
         self.network = network or TlsNetwork(
-            self.identity.paths.ca_cert, revoked=self.revocations.is_certificate_revoked
+            identity.paths.ca_cert, revoked=self.revocations.is_certificate_revoked
         )
         self.peers = PeerClient(
-            credential=self.identity.node_credential,
+            credential=identity.node_credential,
             clock=clock,
             transport=self.network.transport_for(self.node_id),
             timeout_s=config.api.request_timeout_s,
@@ -128,41 +130,164 @@ class Agent:
             control_plane=self.control_plane,
             client=self.peers,
         )
-        self.started_mono: float | None = None
-        self.url = url or self._configured_url()
-        self.leaving = False
+        self.address = OwnAddress.from_config(config, url)
+        self.uptime = Uptime(clock)
         self.hypercorn: ReloadableConfig | None = None
-        # Components with routes.
-        self.enrollment = Enrollment(self)
-        self.heartbeats = HeartbeatReceiver(self)
-        self.heartbeat_sender = HeartbeatSender(self)
-        self.node_admin = NodeAdmin(self)
-        self.executor: Executor = executor or ProcessExecutor()
-        self.gpu = GpuService(self)
         self.standing = Standing(
             node_id=self.node_id,
-            node_name=self.identity.node_name,
+            node_name=identity.node_name,
             clock=clock,
             revocations=self.revocations,
             membership=self.membership,
             registry=self.registry,
+            max_skew_s=config.security.max_skew_s,
+        )
+        self.remote_work = RemoteWork(
+            exec_remote=config.exec.remote, records=self.records, standing=self.standing
+        )
+        self.enrollment = Enrollment(
+            identity=identity,
+            clock=clock,
+            store=self.store,
+            security=config.security,
+            control_plane=self.control_plane,
+            address=self.address,
+            membership=self.membership,
+            registry=self.registry,
+            revocations=self.revocations,
+            records=self.records,
+            events=self.events,
+        )
+        self.certificates = CertificateRenewal(
+            identity=identity,
+            clock=clock,
+            control_plane=self.control_plane,
+            issue_own=self.enrollment.issue_own_certificate,
+            health=self.health,
+            on_renewed=[self._reload_tls],
+        )
+        self.executor: Executor = executor or ProcessExecutor()
+        # -- heartbeats and GPUs -------------------------------------------------------
+        #: The control plane's book of heartbeats (liveness, scope, what each node said).
+        self.heartbeats = Liveness(clock=clock, timings=config.timings)
+        self.outbox = RegisterOutbox()
+        self.leave_state = Leaving(node_id=self.node_id, clock=clock, events=self.events)
+        self.gpu = GpuService(
+            node_id=self.node_id,
+            config=config.gpu,
+            clock=clock,
+            control_plane=self.control_plane,
+            membership=self.membership,
+            registry=self.registry,
+            events=self.events,
+            health=self.health,
+            outbox=self.outbox,
+            liveness=self.heartbeats,
+            leased_gpus=self._leased_gpus,
+            own_pids=lambda: self.worker.own_pids(),  # noqa: PLW0108 (built later)
+        )
+        self.heartbeat_reports = HeartbeatReports(
+            address=self.address,
+            revocations=self.revocations,
+            membership=self.membership,
+            records=self.records,
+            uptime_s=self.uptime.seconds,
+            exec_remote=bool(config.exec.remote),
+            parts=[self._held_leases_part, self.gpu.report_part],
+        )
+        self.heartbeat_intake = HeartbeatIntake(
+            clock=clock,
+            control_plane=self.control_plane,
+            address=self.address,
+            liveness=self.heartbeats,
+            scope=config.scope,
+            membership=self.membership,
+            registry=self.registry,
+            records=self.records,
+            revocations=self.revocations,
+            events=self.events,
+            report_listeners=[self.gpu.hold_report],
+            answer_parts=[self.gpu.answer_part],
+        )
+        self.heartbeat_sender = HeartbeatSender(
+            clock=clock,
+            control_plane=self.control_plane,
+            reports=self.heartbeat_reports,
+            outbox=self.outbox,
+            leaving=self.leave_state,
+            scope=config.scope,
+            timings=config.timings,
+            revocations=self.revocations,
+            records=self.records,
+            membership=self.membership,
+            sync_members=self.peer_link.sync_members,
+            out_of_cluster=self.standing.learn,
+            health=self.health,
+            answer_listeners=[self.gpu.absorb_answer],
+        )
+        self.departure = Departure(
+            node_id=self.node_id,
+            clock=clock,
+            control_plane=self.control_plane,
+            registry=self.registry,
+            events=self.events,
+            outbox=self.outbox,
+            leaving=self.leave_state,
+            beat=self.heartbeat_sender.beat_once,
+            stop_all_work=self.stop_all_work,
+            timeout_s=config.api.request_timeout_s,
+        )
+        self.node_admin = NodeAdmin(
+            clock=clock,
+            control_plane=self.control_plane,
+            membership=self.membership,
+            registry=self.registry,
+            events=self.events,
+            liveness=self.heartbeats,
+            gpu_view=self.gpu.view,
+            departure=self.departure,
         )
         self.settings_sync = SettingsSync(
-            node_id=self.node_id,
+            identity=identity,
+            clock=clock,
+            store=self.store,
             records=self.records,
             membership=self.membership,
             registry=self.registry,
-            peers=lambda: self.peers,
-            control_plane=lambda: (self.control_plane_url, self.control_plane_id),
+            events=self.events,
+            control_plane=self.control_plane,
+            peers=self.peers,
             timeout_s=config.api.request_timeout_s,
         )
-        self._build_execution()
+        self._build_execution(identity.paths.tasks)
+        self.node_status = NodeStatus(
+            identity=identity,
+            listen=config.node.listen,
+            address=self.address,
+            uptime=self.uptime,
+            control_plane=self.control_plane,
+            contact=self.heartbeat_sender,
+            registry=self.registry,
+            standing=self.standing,
+            revocations=self.revocations,
+            health=self.health,
+            cert_not_after_s=lambda: self.certificates.not_after_s,
+        )
+        self.janitor = Janitor(
+            clock=clock,
+            retain_finished_s=config.exec.retain_finished_s,
+            inbox=InboxMessages(self.store),
+            attempts=Attempts(self.store),
+            task_dir=self._task_dir,
+            leftovers=self.executor.leftovers,
+            health=self.health,
+        )
         self.authenticator = Authenticator(
             node_id=self.node_id,
             clock=clock,
             skew_s=config.security.max_skew_s,
-            lookup=self.lookup_principal,
-            is_revoked=self._refuses_signer,
+            lookup=self.standing.signer,
+            is_revoked=self.standing.refuses_signer,
             replay_max_entries=config.security.replay_cache_max_entries,
             nonces=self.store,
             retired=self.standing.notice_for,
@@ -177,7 +302,23 @@ class Agent:
         self._server_stop = trio.Event()
         self.stopped = trio.Event()
 
-    def _build_execution(self) -> None:
+    def _check_stop_margin(self) -> None:
+        """safety rule 3: refuse a stop margin smaller than the SIGTERM grace plus the kill
+        latency plus the clock drift over one TTL (the cluster's longest), and one that
+        leaves no room for a renewal. Checked at start against the settings this node
+        holds; a later, longer ``max_lease_ttl_s`` makes the worker refuse such leases
+        (``ttl_too_short``) instead."""
+        if not self.config.exec.remote:
+            return
+        try:
+            self.config.exec.check_stop_margin(float(self.records.settings["max_lease_ttl_s"]))
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (cluster max_lease_ttl_s = {self.records.settings['max_lease_ttl_s']:g} s)",
+                key="exec.stop_margin_s",
+            ) from None
+
+    def _build_execution(self, tasks_dir: Path) -> None:
         """The execution plane: the inbox, the lease service (control plane), the attempt
         runner, the worker and the submitter, each given what it uses."""
         clock, config = self.clock, self.config
@@ -190,7 +331,7 @@ class Agent:
             nodes=ControlPlaneNodeFacts(
                 membership=self.membership,
                 registry=self.registry,
-                heartbeats=self.heartbeats,
+                liveness=self.heartbeats,
                 gpu=self.gpu,
             ),
             events=self.events,
@@ -198,7 +339,7 @@ class Agent:
         )
         self.runner = AttemptRunner(
             node_id=self.node_id,
-            tasks_dir=self.identity.paths.tasks,
+            tasks_dir=tasks_dir,
             attempts=Attempts(self.store),
             clock=clock,
             control_plane=self.control_plane,
@@ -207,15 +348,13 @@ class Agent:
             health=self.health,
         )
         node = ExecNode(
-            node_id=self.node_id,
-            config=config,
-            records=self.records,
+            remote_work=self.remote_work,
             standing=self.standing,
             membership=self.membership,
             gpu=self.gpu,
             settings_sync=self.settings_sync,
-            leaving=lambda: self.leaving,
-            scope_of=lambda host: scope_of(self, host),
+            scope=config.scope,
+            leaving_state=self.leave_state,
         )
         self.worker = Worker(
             node_id=self.node_id,
@@ -243,30 +382,43 @@ class Agent:
         self.inbox.on("cancel", self.worker.on_cancel)
         self.inbox.on("result", self.submitter.on_result)
 
-    def _check_stop_margin(self) -> None:
-        """safety rule 3: refuse a stop margin smaller than the SIGTERM grace plus the kill
-        latency plus the clock drift over one TTL (the cluster's longest), and one that
-        leaves no room for a renewal. Checked at start against the settings this node
-        holds; a later, longer ``max_lease_ttl_s`` makes the worker refuse such leases
-        (``ttl_too_short``) instead."""
-        if not self.config.exec.remote:
-            return
-        try:
-            self.config.exec.check_stop_margin(float(self.records.settings["max_lease_ttl_s"]))
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{exc} (cluster max_lease_ttl_s = {self.records.settings['max_lease_ttl_s']:g} s)",
-                key="exec.stop_margin_s",
-            ) from None
+    # -- wiring between the planes --------------------------------------------------------
 
-    # -- identity facts -------------------------------------------------------------------
+    def _held_leases_part(self, report: HeartbeatReport) -> HeartbeatReport:
+        """The worker's held leases in this node's heartbeat."""
+        return replace(report, leases=self.worker.held_leases())
 
-    def _configured_url(self) -> str:
-        addresses = self.config.advertise_addresses()
-        if addresses:
-            return f"https://{addresses[0]}"
-        host, port = self.config.listen_address()
-        return f"https://{format_host_port(reach_host(host), port)}"
+    def _leased_gpus(self) -> frozenset[str]:
+        """The GPUs this node's running attempts hold."""
+        return frozenset(g for running in self.runner.running.values() for g in running.plan.gpus)
+
+    def _task_dir(self, body: Mapping[str, Any]) -> Path:
+        return self.runner.task_dir(AttemptPlan.from_json(dict(body)))
+
+    def _reload_tls(self) -> None:
+        if self.hypercorn is not None:
+            self.hypercorn.reload_certificate()
+
+    async def stop_all_work(self, reason: str) -> int:
+        """Stop every task this node runs and release their leases; returns how many."""
+        local = await self.submitter.stop_all(reason)
+        remote = await self.worker.stop_all(reason)
+        return local + remote
+
+    # -- identity facts (read by the execution plane) -------------------------------------
+
+    @property
+    def identity(self) -> Identity:
+        """This node's identity with the certificate in force now."""
+        return self.certificates.identity
+
+    @property
+    def url(self) -> str:
+        return self.address.url
+
+    @property
+    def leaving(self) -> bool:
+        return self.leave_state.started
 
     @property
     def term(self) -> int:
@@ -284,36 +436,11 @@ class Agent:
     def is_control_plane(self) -> bool:
         return self.control_plane.is_self
 
-    def self_addresses(self) -> list[str]:
-        address = self.url.removeprefix("https://")
-        advertised = [a for a in self.config.node.advertise if a != address]
-        return [address, *advertised]
-
     def is_revoked(self, principal_id: str) -> bool:
         return self.revocations.is_revoked(principal_id)
 
-    def _refuses_signer(self, principal_id: str) -> bool:
-        # This node's own key is always good at its own agent: the CLI here signs with it,
-        # and a retired node's operator must still read its status.
-        return principal_id != self.node_id and self.is_revoked(principal_id)
-
     def lookup_principal(self, principal_id: str) -> Principal | None:
-        """The signer of a request, unless unknown, retired or its certificate expired."""
-        principal = self.membership.principal(principal_id)
-        if principal is None:
-            return None
-        member = self.membership.get(principal_id)
-        if member is not None and member.kind == "node":
-            lc = self.registry.lifecycle(principal_id)
-            if lc is not None and lc.state == "retired":
-                return None
-            skew_ms = self.config.security.max_skew_s * 1000
-            if (
-                member.cert_not_after_ms
-                and member.cert_not_after_ms < self.clock.wall() * 1000 - skew_ms
-            ):
-                return None
-        return principal
+        return self.standing.signer(principal_id)
 
     def require_control_plane(self) -> None:
         self.control_plane.require_self()
@@ -323,7 +450,7 @@ class Agent:
     def _routes(self) -> list[Route]:
         return [
             *self.enrollment.routes(),
-            *self.heartbeats.routes(),
+            *self.heartbeat_intake.routes(),
             *self.node_admin.routes(),
             *self.inbox.routes(),
             *self.leases.routes(),
@@ -331,100 +458,10 @@ class Agent:
             *self.submitter.routes(),
             *self.gpu.routes(),
             *self.settings_sync.routes(),
-            Route("GET", "/v1/populi/health", self._health, roles=None, name="health"),
-            Route("GET", "/v1/populi/status", self._status, roles=ANY_MEMBER, name="status"),
-            Route(
-                "GET",
-                "/v1/populi/settings",
-                self._settings_show,
-                roles=ANY_MEMBER,
-                name="settings_show",
-            ),
-            Route(
-                "POST",
-                "/v1/populi/admin/settings",
-                self._settings_set,
-                roles=OPERATOR,
-                name="settings_set",
-            ),
+            *self.node_status.routes(),
         ]
 
-    async def _health(self, request: Request) -> dict[str, Any]:
-        return {"status": "ok", "node_id": self.node_id, "version": __version__}
-
-    def status_json(self) -> dict[str, Any]:
-        uptime = 0.0 if self.started_mono is None else self.clock.mono() - self.started_mono
-        sender = self.heartbeat_sender
-        return {
-            "cluster": {"id": self.identity.cluster_id, "name": self.identity.cluster_name},
-            "node": {
-                "id": self.node_id,
-                "name": self.identity.node_name,
-                "roles": list(self.identity.roles),
-            },
-            "listen": self.config.node.listen,
-            "url": self.url,
-            "uptime_s": round(uptime, 3),
-            "version": __version__,
-            "protocol_version": PROTOCOL_VERSION,
-            "term": self.term,
-            "control_plane": {
-                "node_id": self.control_plane_id,
-                "url": self.control_plane_url,
-                "is_self": self.is_control_plane,
-                "reachable": True
-                if self.is_control_plane
-                else (sender.beats > 0 and not sender.cp_down),
-            },
-            "lifecycle": self.own_lifecycle(),
-            "standing": self.standing.json(),
-            "cert_not_after_ms": int(self.identity.cert_not_after_s * 1000),
-            "revocation_serial": self.revocations.serial,
-            "health": self.health.to_json(),
-        }
-
-    def own_lifecycle(self) -> dict[str, Any] | None:
-        if self.is_control_plane:
-            lc = self.registry.lifecycle(self.node_id)
-            return None if lc is None else lc.to_json()
-        return self.standing.refused_lifecycle or self.heartbeat_sender.lifecycle
-
-    async def _status(self, request: Request) -> dict[str, Any]:
-        return self.status_json()
-
-    async def _settings_show(self, request: Request) -> dict[str, Any]:
-        return {"settings": self.records.settings_json(), "term": self.term}
-
-    async def _settings_set(self, request: Request) -> dict[str, Any]:
-        self.require_control_plane()
-        body = request.json()
-        changes = body.get("changes")
-        if not isinstance(changes, dict) or not changes:
-            raise BadRequest(
-                "body needs 'changes': an object of setting -> value", code="bad_request"
-            )
-        previous_ttl = float(self.records.settings["max_lease_ttl_s"])
-        record = self.records.change_settings(
-            changes,
-            identity=self.identity,
-            actor=request.caller.id,
-            now_ms=int(self.clock.wall() * 1000),
-        )
-        if float(self.records.settings["max_lease_ttl_s"]) != previous_ttl:
-            # Remembered for the grant hold after a restart (ADR 0006, decision 5).
-            seen = float(self.store.get_meta("lease_max_ttl_seen_s", "0") or 0)
-            self.store.set_meta("lease_max_ttl_seen_s", str(max(seen, previous_ttl)))
-        self.record_event(
-            self.node_id,
-            "settings_changed",
-            actor=request.caller.id,
-            detail={"changes": changes, "serial": record.serial},
-        )
-        # Every node at once, not at its next heartbeat; the answer says who did not confirm.
-        push = await self.settings_sync.push()
-        return {"settings": self.records.settings_json(), "term": self.term, "push": push}
-
-    # -- events ---------------------------------------------------------------------------
+    # -- facts read through the agent (tests and tools; no service asks for them) ---------
 
     def record_event(
         self,
@@ -436,15 +473,13 @@ class Agent:
         detail: dict[str, Any] | None = None,
     ) -> None:
         self.events.append(
-            at_ms=int(self.clock.wall() * 1000),
+            at_ms=wall_ms(self.clock),
             node_id=node_id,
             kind=kind,
             actor=actor,
             reason=reason,
             detail=detail,
         )
-
-    # -- membership sync (non-control-plane nodes) ------------------------------------------
 
     async def sync_members(self) -> None:
         await self.peer_link.sync_members()
@@ -463,191 +498,17 @@ class Agent:
     ) -> dict[str, Any]:
         return await self.peer_link.call(member, method, path, payload, attempts=attempts)
 
-    # -- hooks for features (overridden / extended as they land) ----------------------------
-
-    def heartbeat_report(self) -> dict[str, Any]:
-        """Extra fields this node puts in its heartbeat: GPU summary, held leases."""
-        uptime = 0.0 if self.started_mono is None else self.clock.mono() - self.started_mono
-        return {
-            "uptime_s": round(uptime, 3),
-            "leases": [lease.to_json() for lease in self.worker.held_leases()],
-            # Whether this node takes remote work at all (POPULI_EXEC_REMOTE=0: no), so
-            # the control plane does not place any here.
-            "exec_remote": bool(self.config.exec.remote),
-            **self.gpu.heartbeat_report(),
-        }
-
-    def heartbeat_answer_extras(self, node_id: str, report: dict[str, Any]) -> dict[str, Any]:
-        return self.gpu.answer_extras(node_id)
-
-    async def on_heartbeat(self, node_id: str, report: dict[str, Any]) -> None:
-        self.gpu.on_heartbeat(node_id, report)
-        await trio.lowlevel.checkpoint()
-
-    async def on_heartbeat_answer(self, answer: dict[str, Any]) -> None:
-        self.gpu.absorb_answer(answer)
-        await trio.lowlevel.checkpoint()
-
-    def on_self_register(self, write: RegisterWrite) -> None:
-        """A node's own register (e.g. GPU quarantine) reached the control plane."""
-        self.record_event(
-            write.node_id,
-            "register",
-            actor=write.actor,
-            reason=write.reason,
-            detail={"attribute": write.attribute, "value": write.value},
-        )
-
-    async def on_lifecycle_changed(self, node_id: str) -> None:
-        await trio.lowlevel.checkpoint()
-
-    def on_membership_changed(self) -> None:
-        """Called on the control plane after membership or revocations change."""
-
-    def gpu_view(self, node_id: str) -> dict[str, Any] | None:
-        return self.gpu.view(node_id)
-
     def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
         return self.gpu.allocatable_gpus(node_id)
 
     def verified_gpu_uuids(self) -> list[str]:
         return self.gpu.verified_uuids()
 
-    def own_pids(self) -> set[int]:
-        return self.worker.own_pids()
-
     def remote_enabled(self) -> bool:
-        """Remote execution is on in this node's config and cluster settings, the kill
-        switch is off, and this node is still a member (not retired)."""
-        return remote_enabled(self.config, self.records.settings, retired=self.standing.out)
+        return self.remote_work.enabled()
 
-    async def stop_all_work(self, *, reason: str) -> int:
-        """Stop every task this node runs and release their leases; returns how many."""
-        local = await self.submitter.stop_all(reason)
-        remote = await self.worker.stop_all(reason)
-        return local + remote
-
-    async def leave(self, *, reason: str, actor: str) -> dict[str, Any]:
-        result = await leave_sequence(self, reason=reason, actor=actor)
-        if result["acknowledged"]:
-            self._leave_done.set()
-        # Otherwise the heartbeat loop keeps saying goodbye until the control plane hears
-        # it, and then the agent stops (a node that left is told from one that vanished).
-        return result
-
-    def leave_acknowledged(self) -> None:
-        self.record_event(
-            self.node_id,
-            "left",
-            actor=self.node_id,
-            reason="acknowledged late",
-            detail={"acknowledged": True},
-        )
-        self._leave_done.set()
-
-    # -- certificate renewal --------------------------------------------------------------
-
-    async def renew_certificate(self) -> None:
-        with enrollment_boundary():
-            await self._renew_certificate()
-
-    async def _renew_certificate(self) -> None:
-        if self.is_control_plane:
-            member = self.membership.get(self.node_id)
-            if member is None:
-                raise PopuliError("the control plane is missing from its own membership")
-            pem = cert_to_pem(self.enrollment.issue_certificate(member)).decode("ascii")
-        else:
-            answer = await self.peers.call(
-                url=self.control_plane_url,
-                node_id=self.control_plane_id,
-                method="POST",
-                path="/v1/populi/certs/renew",
-                payload={},
-            )
-            pem = str(answer["certificate"])
-        cert = cert_from_pem(pem)
-        if certificate_public_key(cert) != self.identity.node_key.public_key():
-            raise PopuliError(
-                "renewed certificate is not for this node's key", code="bad_peer_answer"
-            )
-        write_public_file(self.identity.paths.node_cert, pem.encode("ascii"))
-        self.identity = replace(self.identity, node_cert=cert)
-        if self.hypercorn is not None:
-            self.hypercorn.reload_certificate()
-        info = node_certificate_info(cert)
-        log(self.logger, logging.INFO, "certificate renewed", not_after_s=int(info.not_after_s))
-
-    def prune(self) -> dict[str, int]:
-        """Forget what is older than ``exec.retain_finished_s``: inbox messages, and the
-        directories of finished attempts (whose results are stored and, on a worker,
-        delivered). Task and attempt rows stay: they are small and they are the record."""
-        import shutil
-
-        cutoff_ms = int((self.clock.wall() - self.config.exec.retain_finished_s) * 1000)
-        messages = InboxMessages(self.store).prune(before_ms=cutoff_ms)
-        dirs = 0
-        for row in self.runner.attempts.finished_before(cutoff_ms):
-            task_dir = self.runner.task_dir(AttemptPlan.from_json(row.body))
-            if task_dir.exists() and not self.executor.leftovers(task_dir):
-                shutil.rmtree(task_dir, ignore_errors=True)
-                dirs += 1
-        if messages or dirs:
-            log(
-                self.logger,
-                logging.INFO,
-                "pruned old records",
-                inbox_messages=messages,
-                task_dirs=dirs,
-            )
-        return {"inbox_messages": messages, "task_dirs": dirs}
-
-    async def run_janitor(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        while True:
-            try:
-                self.prune()
-            except RETRIED as exc:
-                await self.health.retry_after(self.health.failed("janitor", exc))
-                continue
-            self.health.ok("janitor")
-            await trio.sleep(3600.0)
-
-    async def run_cert_renewal(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Renew at two thirds of the certificate's lifetime; retry every minute on failure."""
-        task_status.started()
-        while True:
-            info = node_certificate_info(self.identity.node_cert)
-            # Two thirds of the lifetime as issued (the start is back-dated for skew).
-            issued = info.not_before_s + BACKDATE_S
-            renew_at = issued + (info.not_after_s - issued) * 2 / 3
-            wait = renew_at - self.clock.wall()
-            if wait > 0:
-                await trio.sleep(min(wait, 3600.0))
-                continue
-            try:
-                await self.renew_certificate()
-            except RETRIED as exc:
-                # The new certificate could not be kept here (disk full...): the old one
-                # stays in force, and the renewal is tried again.
-                await self.health.retry_after(self.health.failed("cert_renewal", exc))
-                continue
-            except PopuliError as exc:
-                log(
-                    self.logger,
-                    logging.WARNING,
-                    "certificate renewal failed; retrying",
-                    error=str(exc),
-                )
-                await trio.sleep(60.0)
-                continue
-            self.health.ok("cert_renewal")
-            # Never renew more often than once a minute, whatever the lifetime.
-            await trio.sleep(60.0)
+    def policy_gates(self) -> frozenset[tuple[str, str]]:
+        return self.records.policy_gates()
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -655,8 +516,7 @@ class Agent:
         self._stop.set()
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
-        self.started_mono = self.clock.mono()
-        self._leave_done = trio.Event()
+        self.uptime.start()
         self._ensure_lifecycles()
         try:
             async with trio.open_nursery() as server_nursery:
@@ -699,7 +559,7 @@ class Agent:
             log(self.logger, logging.INFO, "agent stopped")
 
     async def _stop_after_leave(self) -> None:
-        await self._leave_done.wait()
+        await self.leave_state.done.wait()
         # Let the leave answer reach the caller before the server goes.
         await trio.sleep(0.2)
         self.request_stop()
@@ -717,9 +577,19 @@ class Agent:
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
-        services: list[Callable[..., Any]] = [self.run_cert_renewal, self.run_janitor, self.gpu.run]
+        services: list[Callable[..., Any]] = [
+            self.certificates.run,
+            self.janitor.run,
+            self.gpu.run,
+        ]
         if self.is_control_plane:
-            services += [SelfBeat(self, self.heartbeats).run, self.leases.run]
+            self_beat = SelfBeat(
+                intake=self.heartbeat_intake,
+                reports=self.heartbeat_reports,
+                health=self.health,
+                interval_s=self.config.timings.local.heartbeat_interval_s,
+            )
+            services += [self_beat.run, self.leases.run]
         else:
             services.append(self.heartbeat_sender.run)
         services += [self.worker.run, self.submitter.run]
@@ -742,7 +612,7 @@ class Agent:
         binds: list[str] = await nursery.start(serve_api, self.app, hconfig, self._server_stop.wait)
         bound_host, bound_port = parse_host_port(binds[0].removeprefix("https://"))
         if not self.config.node.advertise:
-            self.url = f"https://{format_host_port(reach_host(bound_host), bound_port)}"
+            self.address.url = f"https://{format_host_port(reach_host(bound_host), bound_port)}"
         self._publish_self_address()
         write_runtime(
             self.identity.paths,
@@ -758,11 +628,11 @@ class Agent:
     def _publish_self_address(self) -> None:
         """Keep our own member record (and, on the control plane, its URL) in step with the
         address we actually serve on (a listen port of 0 is only known after binding)."""
-        addresses = tuple(self.self_addresses())
+        addresses = self.address.addresses()
         member = self.membership.get(self.node_id)
         if member is not None and member.addresses != addresses and self.is_control_plane:
             self.membership.upsert(
-                replace(member, addresses=addresses, updated_ms=int(self.clock.wall() * 1000))
+                replace(member, addresses=addresses, updated_ms=wall_ms(self.clock))
             )
         self.control_plane.publish_url(self.url)
 
@@ -770,20 +640,14 @@ class Agent:
 # -- what the execution plane reads of the rest of the node (the composition root's) --------
 
 
-def remote_enabled(config: Config, settings: Mapping[str, Any], *, retired: bool) -> bool:
-    """Remote execution is on in this node's config and the cluster settings, the kill
-    switch is off, and this node is still a member (not retired)."""
-    return bool(config.exec.remote and remote_refusal(settings) is None and not retired)
-
-
 @dataclass(frozen=True)
 class ControlPlaneNodeFacts:
     """:class:`~populi_peer.agent.leases.NodeFacts` from membership, the lifecycle
-    registers, the heartbeat receiver and the GPU service."""
+    registers, the control plane's book of heartbeats and the GPU service."""
 
     membership: Membership
     registry: Registry
-    heartbeats: HeartbeatReceiver
+    liveness: Liveness
     gpu: GpuService
 
     def is_node(self, node_id: str) -> bool:
@@ -799,22 +663,19 @@ class ControlPlaneNodeFacts:
         return self.registry.lifecycle(node_id)
 
     def heartbeat_age_ms(self, node_id: str) -> int | None:
-        return self.heartbeats.age_ms(node_id)
+        return self.liveness.age_ms(node_id)
 
     def stale_after_ms(self, node_id: str) -> int:
-        _, stale_after = self.heartbeats.timings(self.scope(node_id) or "lan")
-        return int(stale_after * 1000)
+        return int(self.liveness.stale_after_s(node_id) * 1000)
 
     def stale(self, node_id: str) -> bool:
-        return self.heartbeats.stale(node_id)
+        return self.liveness.stale(node_id)
 
     def scope(self, node_id: str) -> Scope | None:
-        seen = self.heartbeats.seen.get(node_id)
-        return None if seen is None else seen.scope
+        return self.liveness.scope(node_id)
 
     def accepts_remote_work(self, node_id: str) -> bool | None:
-        seen = self.heartbeats.seen.get(node_id)
-        return None if seen is None else seen.report.exec_remote
+        return self.liveness.accepts_remote_work(node_id)
 
     def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
         return self.gpu.allocatable_gpus(node_id)
@@ -826,21 +687,22 @@ class ExecNode:
     :class:`~populi_peer.agent.submitter.SubmitterNode`: what the rest of this node tells
     its worker and its submitter."""
 
-    node_id: str
-    config: Config
-    records: ClusterRecords
+    remote_work: RemoteWork
     standing: Standing
     membership: Membership
     gpu: GpuService
     settings_sync: SettingsSync
-    leaving: Callable[[], bool]
-    scope_of: Callable[[str | None], Scope]
+    scope: ScopeConfig
+    leaving_state: Leaving
 
     def retired(self) -> bool:
         return self.standing.out
 
+    def leaving(self) -> bool:
+        return self.leaving_state.started
+
     def remote_enabled(self) -> bool:
-        return remote_enabled(self.config, self.records.settings, retired=self.standing.out)
+        return self.remote_work.enabled()
 
     def verified_gpu_uuids(self) -> list[str]:
         return self.gpu.verified_uuids()
@@ -851,5 +713,8 @@ class ExecNode:
     def resolve_node(self, ref: str) -> str:
         return self.membership.resolve_node(ref).id
 
+    def scope_of(self, host: str | None) -> Scope:
+        return scope_of(self.scope, host)
 
-__all__ = ["Agent", "ControlPlaneNodeFacts", "ExecNode", "remote_enabled"]
+
+__all__ = ["Agent", "ControlPlaneNodeFacts", "ExecNode"]

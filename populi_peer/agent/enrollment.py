@@ -22,12 +22,15 @@ ADR 0008):
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, Literal
 
-from enrollment.ca import cert_from_pem, cert_to_pem, make_node_certificate
+import trio
+
+from enrollment.ca import cert_to_pem, make_node_certificate
 from enrollment.canonical import b64url_encode
 from enrollment.errors import ErrorKind, TokenError
 from enrollment.keys import node_id_for, public_from_text, public_to_text
@@ -43,29 +46,63 @@ from enrollment.tokens import (
     validate_node_name,
     verify_join,
 )
-from populi_peer.agent.membership import Member
+from populi_peer.agent.address import OwnAddress
+from populi_peer.agent.links import ControlPlaneLink
+from populi_peer.agent.membership import Member, Membership
+from populi_peer.agent.records import ClusterRecords
+from populi_peer.agent.registry import Registry
+from populi_peer.agent.revocations import RevocationState
 from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.clock import Clock, wall_ms
+from populi_peer.config import SecurityConfig, parse_host_port
+from populi_peer.core.messages import (
+    CertRenewAnswer,
+    ClusterRef,
+    ControlPlaneRef,
+    JoinCaAnswer,
+    JoinChallengeAnswer,
+    JoinEnrollAnswer,
+    JoinEnrollRequest,
+    MembersAnswer,
+    MemberView,
+    NameUnretireAnswer,
+    NodeDeleteAnswer,
+    NodeRetireAnswer,
+    ReasonRequest,
+    RevocationsAnswer,
+    TokenCreateAnswer,
+    TokenCreateRequest,
+    TokenListAnswer,
+    TokenRevokeAnswer,
+    TokenSummary,
+)
+from populi_peer.core.messages.records import ROLES, Role
 from populi_peer.core.ratelimit import RateLimiter
 from populi_peer.errors import (
-    BadRequest,
     Conflict,
     Forbidden,
     NotFound,
+    PopuliError,
     RateLimited,
     StorageUnavailable,
     StoreError,
 )
+from populi_peer.identity import Identity
 from populi_peer.log import get_logger, log
+from populi_peer.store import Store
+from populi_peer.store.events import EventLog
 from populi_peer.store.tokens import JoinTokenRecord, JoinTokens
-
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
 
 OPERATOR = frozenset({"operator"})
 NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
 CHALLENGE_TTL_S = 120.0
-DEFAULT_TOKEN_TTL_S = 3600.0
 MAX_CHALLENGES = 10_000
+#: Far beyond the 24 h maximum (and possibly beyond an integer of milliseconds): refused
+#: here before the token is minted (``enrollment.tokens`` checks the maximum itself).
+ABSURD_TOKEN_TTL_S = 48 * 3600.0
+
+#: Told after membership or revocations changed on the control plane.
+MembershipListener = Callable[[], None]
 
 
 class TokenUsed(TokenError, Conflict):
@@ -82,27 +119,70 @@ class JoinNotStored(StorageUnavailable):
 
 
 class Enrollment:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        clock: Clock,
+        store: Store,
+        security: SecurityConfig,
+        control_plane: ControlPlaneLink,
+        address: OwnAddress,
+        membership: Membership,
+        registry: Registry,
+        revocations: RevocationState,
+        records: ClusterRecords,
+        events: EventLog,
+        membership_listeners: Sequence[MembershipListener] = (),
+    ) -> None:
+        """``identity`` holds the cluster key this control plane enrolls with (a node
+        without it refuses: ``no_cluster_key``); ``store`` commits a join whole."""
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.clock = clock
+        self.store = store
+        self.max_skew_s = security.max_skew_s
+        self.control_plane = control_plane
+        self.address = address
+        self.membership = membership
+        self.registry = registry
+        self.revocations = revocations
+        self.records = records
+        self.events = events
+        self.membership_listeners = tuple(membership_listeners)
         self.logger = get_logger("enrollment")
-        self.limiter = RateLimiter(agent.config.security.join_rate_per_min)
+        self.limiter = RateLimiter(security.join_rate_per_min)
         self._challenges: OrderedDict[str, float] = OrderedDict()
-        self.tokens = JoinTokens(agent.store)
+        self.tokens = JoinTokens(store)
 
     # -- routes ---------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
         return [
-            Route("GET", "/v1/populi/join/ca", self._join_ca, roles=None, name="join_ca"),
+            Route(
+                "GET",
+                "/v1/populi/join/ca",
+                self._join_ca,
+                roles=None,
+                name="join_ca",
+                answer=JoinCaAnswer,
+            ),
             Route(
                 "POST",
                 "/v1/populi/join/challenge",
                 self._join_challenge,
                 roles=None,
                 name="join_challenge",
+                answer=JoinChallengeAnswer,
             ),
             Route(
-                "POST", "/v1/populi/join/enroll", self._join_enroll, roles=None, name="join_enroll"
+                "POST",
+                "/v1/populi/join/enroll",
+                self._join_enroll,
+                roles=None,
+                name="join_enroll",
+                request=JoinEnrollRequest,
+                answer=JoinEnrollAnswer,
             ),
             Route(
                 "POST",
@@ -110,6 +190,8 @@ class Enrollment:
                 self._token_create,
                 roles=OPERATOR,
                 name="token_create",
+                request=TokenCreateRequest,
+                answer=TokenCreateAnswer,
             ),
             Route(
                 "GET",
@@ -117,6 +199,7 @@ class Enrollment:
                 self._token_list,
                 roles=OPERATOR,
                 name="token_list",
+                answer=TokenListAnswer,
             ),
             Route(
                 "POST",
@@ -124,6 +207,7 @@ class Enrollment:
                 self._token_revoke,
                 roles=OPERATOR,
                 name="token_revoke",
+                answer=TokenRevokeAnswer,
             ),
             Route(
                 "POST",
@@ -131,6 +215,7 @@ class Enrollment:
                 self._cert_renew,
                 roles=NODE_ROLES,
                 name="cert_renew",
+                answer=CertRenewAnswer,
             ),
             Route(
                 "POST",
@@ -138,6 +223,8 @@ class Enrollment:
                 self._retire,
                 roles=OPERATOR,
                 name="node_retire",
+                request=ReasonRequest,
+                answer=NodeRetireAnswer,
             ),
             Route(
                 "POST",
@@ -145,6 +232,8 @@ class Enrollment:
                 self._delete,
                 roles=OPERATOR,
                 name="node_delete",
+                request=ReasonRequest,
+                answer=NodeDeleteAnswer,
             ),
             Route(
                 "POST",
@@ -152,6 +241,7 @@ class Enrollment:
                 self._unretire,
                 roles=OPERATOR,
                 name="name_unretire",
+                answer=NameUnretireAnswer,
             ),
             Route(
                 "GET",
@@ -159,21 +249,29 @@ class Enrollment:
                 self._revocations,
                 roles=ANY_MEMBER,
                 name="revocations",
+                answer=RevocationsAnswer,
             ),
-            Route("GET", "/v1/populi/members", self._members, roles=ANY_MEMBER, name="members"),
+            Route(
+                "GET",
+                "/v1/populi/members",
+                self._members,
+                roles=ANY_MEMBER,
+                name="members",
+                answer=MembersAnswer,
+            ),
         ]
 
     # -- helpers --------------------------------------------------------------------------
 
     def _now_ms(self) -> int:
-        return int(self.agent.clock.wall() * 1000)
+        return wall_ms(self.clock)
 
     def _require_cp(self) -> None:
-        self.agent.require_control_plane()
+        self.control_plane.require_self()
 
     def _rate_limit(self, request: Request) -> None:
         key = request.client[0] if request.client else "unknown"
-        if not self.limiter.allow(key, now_mono=self.agent.clock.mono()):
+        if not self.limiter.allow(key, now_mono=self.clock.mono()):
             wait = self.limiter.retry_after_s(key)
             raise RateLimited(
                 f"too many join requests from {key}; retry in {wait:.0f} s",
@@ -181,7 +279,7 @@ class Enrollment:
             )
 
     def _cluster_key(self) -> Any:
-        key = self.agent.identity.cluster_key
+        key = self.identity.cluster_key
         if key is None:
             raise Conflict(
                 "this node does not hold the cluster key; it cannot enroll nodes",
@@ -189,112 +287,101 @@ class Enrollment:
             )
         return key
 
+    def _membership_changed(self) -> None:
+        for listener in self.membership_listeners:
+            listener()
+
     def contacts(self) -> list[str]:
-        member = self.agent.membership.get(self.agent.node_id)
+        member = self.membership.get(self.node_id)
         addresses = list(member.addresses) if member else []
-        return addresses or [self.agent.url.removeprefix("https://")]
+        return addresses or [self.address.host_port]
+
+    def _ca_pem(self) -> str:
+        return cert_to_pem(self.identity.ca_cert).decode("ascii")
 
     # -- join -----------------------------------------------------------------------------
 
-    async def _join_ca(self, request: Request) -> dict[str, Any]:
+    async def _join_ca(self, request: Request) -> JoinCaAnswer:
         # Public and static: not counted against the join rate (a join is challenge + enroll).
-        identity = self.agent.identity
-        return {
-            "cluster_id": identity.cluster_id,
-            "ca_certificate": cert_to_pem(identity.ca_cert).decode("ascii"),
-        }
+        await trio.lowlevel.checkpoint()
+        return JoinCaAnswer(cluster_id=self.identity.cluster_id, ca_certificate=self._ca_pem())
 
-    async def _join_challenge(self, request: Request) -> dict[str, Any]:
+    async def _join_challenge(self, request: Request) -> JoinChallengeAnswer:
         self._rate_limit(request)
         self._require_cp()
-        now = self.agent.clock.mono()
+        now = self.clock.mono()
         while self._challenges and (
             len(self._challenges) >= MAX_CHALLENGES or next(iter(self._challenges.values())) < now
         ):
             self._challenges.popitem(last=False)
         challenge = b64url_encode(secrets.token_bytes(32))
         self._challenges[challenge] = now + CHALLENGE_TTL_S
-        return {
-            "challenge": challenge,
-            "node_id": self.agent.node_id,
-            "cluster_id": self.agent.identity.cluster_id,
-            "expires_in_s": CHALLENGE_TTL_S,
-        }
+        await trio.lowlevel.checkpoint()
+        return JoinChallengeAnswer(
+            challenge=challenge,
+            node_id=self.node_id,
+            cluster_id=self.identity.cluster_id,
+            expires_in_s=CHALLENGE_TTL_S,
+        )
 
-    async def _join_enroll(self, request: Request) -> dict[str, Any]:
+    async def _join_enroll(self, request: Request) -> JoinEnrollAnswer:
         self._rate_limit(request)
         self._require_cp()
-        body = request.json()
-        fields = {}
-        for name in ("token", "public_key", "name", "challenge", "proof", "token_proof"):
-            value = body.get(name)
-            if not isinstance(value, str) or not value:
-                raise BadRequest(
-                    f"join request needs {name!r} as a non-empty string", code="bad_request"
-                )
-            fields[name] = value
-        addresses = body.get("addresses", [])
-        if (
-            not isinstance(addresses, list)
-            or len(addresses) > 8
-            or not all(isinstance(a, str) and 0 < len(a) <= 261 for a in addresses)
-        ):
-            raise BadRequest(
-                "'addresses' must be a list of up to 8 host:port strings", code="bad_request"
-            )
-        identity = self.agent.identity
+        body = request.message(JoinEnrollRequest)
+        identity = self.identity
         cluster_key = self._cluster_key()
         token = redeem_token(
-            fields["token"],
+            body.token,
             trusted_root=cluster_key.public_key(),
             expected_cluster_id=identity.cluster_id,
-            recipient=self.agent.node_id,
+            recipient=self.node_id,
         )
-        expires = self._challenges.pop(fields["challenge"], None)
-        if expires is None or expires < self.agent.clock.mono():
+        expires = self._challenges.pop(body.challenge, None)
+        if expires is None or expires < self.clock.mono():
             raise Forbidden(
                 "join challenge unknown or expired; start the join again", code="challenge_invalid"
             )
-        name = validate_node_name(fields["name"])
+        name = validate_node_name(body.name)
         # The recipient is this node, whatever the joiner believes it reached: a proof made
         # for another node (an impostor that relays) does not verify here.
         verify_join(
             JoinClaim(
-                recipient=self.agent.node_id,
-                challenge=fields["challenge"],
-                public_key=fields["public_key"],
+                recipient=self.node_id,
+                challenge=body.challenge,
+                public_key=body.public_key,
                 cluster_id=identity.cluster_id,
                 name=name,
                 token_id=token.token_id,
-                addresses=tuple(addresses),
+                addresses=body.addresses,
             ),
-            JoinProofs(proof=fields["proof"], token_proof=fields["token_proof"]),
+            JoinProofs(proof=body.proof, token_proof=body.token_proof),
             token=token,
         )
-        public_key = public_from_text(fields["public_key"])
+        public_key = public_from_text(body.public_key)
         node_id = node_id_for(public_key)
         replayed = self._recorded_join(token, node_id, name)
         if replayed is not None:
             return replayed
         now_ms = self._now_ms()
         check_redeem_time(token, now_ms=now_ms)
+        await trio.lowlevel.checkpoint()
         return self._enroll(
             token,
-            envelope=fields["token"],
+            envelope=body.token,
             public_key=public_key,
             name=name,
-            addresses=addresses,
+            addresses=body.addresses,
             now_ms=now_ms,
         )
 
-    def _recorded_join(self, token: JoinToken, node_id: str, name: str) -> dict[str, Any] | None:
+    def _recorded_join(self, token: JoinToken, node_id: str, name: str) -> JoinEnrollAnswer | None:
         """The first answer again, when this key already joined with this token (the
         joiner lost the answer and retried): same node, same certificate, no second use."""
         recorded = self.tokens.recorded(token.token_id, node_id)
         if recorded is None or recorded.certificate is None:
             return None
-        member = self.agent.membership.get(node_id)
-        if member is None or self.agent.revocations.is_revoked(node_id) or member.name != name:
+        member = self.membership.get(node_id)
+        if member is None or self.revocations.is_revoked(node_id) or member.name != name:
             raise Conflict(
                 f"key {node_id} already joined with this token and is no longer a member "
                 "under that name; every join needs a fresh key",
@@ -316,25 +403,23 @@ class Enrollment:
         envelope: str,
         public_key: Any,
         name: str,
-        addresses: list[str],
+        addresses: tuple[str, ...],
         now_ms: int,
-    ) -> dict[str, Any]:
-        identity = self.agent.identity
-        skew_ms = int(self.agent.config.security.max_skew_s * 1000)
+    ) -> JoinEnrollAnswer:
+        identity = self.identity
+        skew_ms = int(self.max_skew_s * 1000)
         if token.name is not None and token.name != name:
             raise Forbidden(
                 f"this token is bound to the name {token.name!r}, not {name!r}",
                 code="token_name_mismatch",
             )
-        if self.agent.revocations.is_name_blocked(name):
+        if self.revocations.is_name_blocked(name):
             raise Forbidden(
                 f"the name {name!r} belongs to a retired node; an operator must run 'populi node unretire {name}' first",
                 code="name_retired",
             )
         node_id = node_id_for(public_key)
-        if self.agent.membership.get(node_id) is not None or self.agent.revocations.is_revoked(
-            node_id
-        ):
+        if self.membership.get(node_id) is not None or self.revocations.is_revoked(node_id):
             raise Conflict(
                 f"key {node_id} is already enrolled; every join needs a fresh key",
                 code="key_reused",
@@ -344,8 +429,8 @@ class Enrollment:
         holder = next(
             (
                 m
-                for m in self.agent.membership.nodes()
-                if m.name == name and not self.agent.revocations.is_revoked(m.id)
+                for m in self.membership.nodes()
+                if m.name == name and not self.revocations.is_revoked(m.id)
             ),
             None,
         )
@@ -365,7 +450,7 @@ class Enrollment:
             addresses=[_host_of(a) for a in addresses],
             now_wall_s=now_ms / 1000,
             serial=serial,
-            days=self.agent.records.settings["node_cert_lifetime_s"] / 86400,
+            days=self.records.settings["node_cert_lifetime_s"] / 86400,
         )
         certificate = cert_to_pem(cert).decode("ascii")
         roles = tuple(sorted(token.roles))
@@ -383,23 +468,24 @@ class Enrollment:
             updated_ms=now_ms,
         )
         actor = f"token:{token.token_id}"
-        lifecycle = self.agent.registry.initial_write(node_id, actor=actor, term=self.agent.term)
+        lifecycle = self.registry.initial_write(node_id, actor=actor, term=self.control_plane.term)
         # One transaction, no await inside: consumption, membership, lifecycle, the event
         # and the outcome are durable together before anyone is told (safety rule 7), and
         # memory adopts them only after the commit: a failed commit leaves nothing behind.
         try:
-            with self.agent.store.transaction():
+            with self.store.transaction():
                 self._check_unused(token, envelope)
                 self.tokens.consume(
                     token.token_id, node_id=node_id, at_ms=now_ms, certificate=certificate
                 )
                 if holder is not None:
-                    self.agent.membership.delete_member(holder.id)
-                self.agent.membership.store_member(member)
-                registers = self.agent.registry.stage(lifecycle)
-                self.agent.record_event(
-                    node_id,
-                    "node_joined",
+                    self.membership.delete_member(holder.id)
+                self.membership.store_member(member)
+                registers = self.registry.stage(lifecycle)
+                self.events.append(
+                    at_ms=self._now_ms(),
+                    node_id=node_id,
+                    kind="node_joined",
                     actor=actor,
                     detail={"name": name, "roles": list(roles)},
                 )
@@ -417,10 +503,10 @@ class Enrollment:
                 f"{_first_line(exc)}); nothing was kept and the token is unused, try again later"
             ) from exc
         if holder is not None:
-            self.agent.membership.forget(holder.id)
-        self.agent.membership.adopt(member)
+            self.membership.forget(holder.id)
+        self.membership.adopt(member)
         if registers is not None:
-            self.agent.registry.adopt(registers)
+            self.registry.adopt(registers)
         log(
             self.logger,
             logging.INFO,
@@ -430,6 +516,7 @@ class Enrollment:
             token_id=token.token_id,
             roles=list(roles),
         )
+        self._membership_changed()
         return self._join_answer(member, certificate)
 
     def _check_unused(self, token: JoinToken, envelope: str) -> None:
@@ -441,46 +528,38 @@ class Enrollment:
         if row.uses_left <= 0:
             raise TokenUsed("token already used", code="token_already_used")
 
-    def _join_answer(self, member: Member, certificate: str) -> dict[str, Any]:
-        identity = self.agent.identity
-        return {
-            "node_id": member.id,
-            "name": member.name,
-            "roles": list(member.roles),
-            "cluster": {"id": identity.cluster_id, "name": identity.cluster_name},
-            "certificate": certificate,
-            "ca_certificate": cert_to_pem(identity.ca_cert).decode("ascii"),
-            "term": self.agent.term,
-            "control_plane": {"node_id": self.agent.node_id, "url": self.agent.url},
-            "membership_version": self.agent.membership.version,
-            "members": [m.to_json() for m in self.agent.membership.all()],
-            "revocations": self.agent.revocations.text,
-            "settings_record": self.agent.records.settings_record.text
-            if self.agent.records.settings_record
-            else None,
-        }
+    def _join_answer(self, member: Member, certificate: str) -> JoinEnrollAnswer:
+        identity = self.identity
+        settings_record = self.records.settings_record
+        return JoinEnrollAnswer(
+            node_id=member.id,
+            name=member.name,
+            roles=_roles(member.roles),
+            cluster=ClusterRef(id=identity.cluster_id, name=identity.cluster_name),
+            certificate=certificate,
+            ca_certificate=self._ca_pem(),
+            term=self.control_plane.term,
+            control_plane=ControlPlaneRef(node_id=self.node_id, url=self.address.url),
+            membership_version=self.membership.version,
+            members=self._member_views(),
+            revocations=self.revocations.text,
+            settings_record=settings_record.text if settings_record else None,
+        )
+
+    def _member_views(self) -> tuple[MemberView, ...]:
+        return tuple(MemberView.of(m) for m in self.membership.all())
 
     # -- tokens ---------------------------------------------------------------------------
 
-    async def _token_create(self, request: Request) -> dict[str, Any]:
+    async def _token_create(self, request: Request) -> TokenCreateAnswer:
         self._require_cp()
-        body = request.json()
-        ttl_s = body.get("ttl_s", DEFAULT_TOKEN_TTL_S)
-        uses = body.get("uses", 1)
-        roles = body.get("roles", ["worker", "submit"])
-        name = body.get("name")
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or math.isnan(ttl_s):
-            raise BadRequest("'ttl_s' must be a number of seconds", code="bad_request")
-        if ttl_s > 48 * 3600:
-            # Far beyond the maximum (and possibly beyond an integer of milliseconds).
+        body = request.message(TokenCreateRequest)
+        if body.ttl_s > ABSURD_TOKEN_TTL_S:
             raise TokenError(
-                f"token TTL {ttl_s:g} s exceeds the 24h maximum", code="token_ttl_too_long"
+                f"token TTL {body.ttl_s:g} s exceeds the 24h maximum", code="token_ttl_too_long"
             )
-        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise BadRequest("'roles' must be a list of role names", code="bad_request")
-        if name is not None and not isinstance(name, str):
-            raise BadRequest("'name' must be a string", code="bad_request")
-        if name is not None and self.agent.revocations.is_name_blocked(name):
+        name = body.name
+        if name is not None and self.revocations.is_name_blocked(name):
             raise Conflict(
                 f"the name {name!r} belongs to a retired node; run 'populi node unretire {name}' first",
                 code="name_retired",
@@ -488,26 +567,27 @@ class Enrollment:
         now_ms = self._now_ms()
         text, token = mint_token(
             signing_key=self._cluster_key(),
-            cluster_id=self.agent.identity.cluster_id,
+            cluster_id=self.identity.cluster_id,
             contacts=self.contacts(),
             # The node that redeems the token is the one that mints it: this control plane
             # (with elections, the voters of the voter record at minting).
-            recipients=[self.agent.node_id],
-            roles=roles,
+            recipients=[self.node_id],
+            roles=list(body.roles),
             now_ms=now_ms,
-            ttl_ms=int(ttl_s * 1000),
-            uses=uses,
+            ttl_ms=int(body.ttl_s * 1000),
+            uses=body.uses,
             name=name,
             token_id=secrets.token_bytes(16),
             token_seed=secrets.token_bytes(32),
         )
-        with self.agent.store.transaction():
+        with self.store.transaction():
             self.tokens.add(
                 token, digest=token_digest(text), created_ms=now_ms, created_by=request.caller.id
             )
-            self.agent.record_event(
-                self.agent.node_id,
-                "token_created",
+            self.events.append(
+                at_ms=self._now_ms(),
+                node_id=self.node_id,
+                kind="token_created",
                 actor=request.caller.id,
                 detail={
                     "token_id": token.token_id,
@@ -523,7 +603,8 @@ class Enrollment:
             roles=sorted(token.roles),
             uses=token.uses,
         )
-        return {"token": text, "summary": self._token_row_json(self._token_row(token.token_id))}
+        await trio.lowlevel.checkpoint()
+        return TokenCreateAnswer(token=text, summary=self._summary(self._token_row(token.token_id)))
 
     def _token_row(self, token_id: str) -> JoinTokenRecord:
         row = self.tokens.get(token_id)
@@ -531,8 +612,9 @@ class Enrollment:
             raise NotFound(f"no join token {token_id}", code="unknown_token")
         return row
 
-    def _token_row_json(self, row: JoinTokenRecord) -> dict[str, Any]:
+    def _summary(self, row: JoinTokenRecord) -> TokenSummary:
         now_ms = self._now_ms()
+        state: TokenState
         if row.revoked_ms is not None:
             state = "revoked"
         elif row.uses_left <= 0:
@@ -541,44 +623,47 @@ class Enrollment:
             state = "expired"
         else:
             state = "active"
-        return {
-            "token_id": row.token_id,
-            "state": state,
-            "roles": list(row.roles),
-            "name": row.name,
-            "uses_total": row.uses_total,
-            "uses_left": row.uses_left,
-            "used_by": self.tokens.used_by(row.token_id),
-            "not_before_ms": row.not_before_ms,
-            "expires_ms": row.expires_ms,
-            "created_ms": row.created_ms,
-            "created_by": row.created_by,
-            "revoked_ms": row.revoked_ms,
-        }
+        return TokenSummary(
+            token_id=row.token_id,
+            state=state,
+            roles=_roles(row.roles),
+            name=row.name,
+            uses_total=row.uses_total,
+            uses_left=row.uses_left,
+            used_by=tuple(self.tokens.used_by(row.token_id)),
+            not_before_ms=row.not_before_ms,
+            expires_ms=row.expires_ms,
+            created_ms=row.created_ms,
+            created_by=row.created_by,
+            revoked_ms=row.revoked_ms,
+        )
 
-    async def _token_list(self, request: Request) -> dict[str, Any]:
+    async def _token_list(self, request: Request) -> TokenListAnswer:
         self._require_cp()
-        return {"tokens": [self._token_row_json(row) for row in self.tokens.all()]}
+        await trio.lowlevel.checkpoint()
+        return TokenListAnswer(tokens=tuple(self._summary(row) for row in self.tokens.all()))
 
-    async def _token_revoke(self, request: Request) -> dict[str, Any]:
+    async def _token_revoke(self, request: Request) -> TokenRevokeAnswer:
         self._require_cp()
         token_id = request.path_params["token_id"]
         row = self._token_row(token_id)
         if row.revoked_ms is None:
-            with self.agent.store.transaction():
+            with self.store.transaction():
                 self.tokens.revoke(token_id, now_ms=self._now_ms())
-                self.agent.record_event(
-                    self.agent.node_id,
-                    "token_revoked",
+                self.events.append(
+                    at_ms=self._now_ms(),
+                    node_id=self.node_id,
+                    kind="token_revoked",
                     actor=request.caller.id,
                     detail={"token_id": token_id},
                 )
-        return {"summary": self._token_row_json(self._token_row(token_id))}
+        await trio.lowlevel.checkpoint()
+        return TokenRevokeAnswer(summary=self._summary(self._token_row(token_id)))
 
     # -- certificates ---------------------------------------------------------------------
 
     def issue_certificate(self, member: Member) -> Any:
-        identity = self.agent.identity
+        identity = self.identity
         now_ms = self._now_ms()
         serial = secrets.randbits(63) | 1
         cert = make_node_certificate(
@@ -590,52 +675,59 @@ class Enrollment:
             addresses=[_host_of(a) for a in member.addresses],
             now_wall_s=now_ms / 1000,
             serial=serial,
-            days=self.agent.records.settings["node_cert_lifetime_s"] / 86400,
+            days=self.records.settings["node_cert_lifetime_s"] / 86400,
         )
-        from dataclasses import replace
-
         updated = replace(
             member,
             cert_serial=format(serial, "x"),
             cert_not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
             updated_ms=now_ms,
         )
-        self.agent.membership.upsert(updated)
-        self.agent.record_event(
-            member.id,
-            "certificate_renewed",
+        self.membership.upsert(updated)
+        self.events.append(
+            at_ms=self._now_ms(),
+            node_id=member.id,
+            kind="certificate_renewed",
             actor=member.id,
             detail={"serial": updated.cert_serial, "not_after_ms": updated.cert_not_after_ms},
         )
         return cert
 
-    async def _cert_renew(self, request: Request) -> dict[str, Any]:
+    def issue_own_certificate(self) -> Any:
+        """The control plane renews its own certificate."""
+        member = self.membership.get(self.node_id)
+        if member is None:
+            raise PopuliError("the control plane is missing from its own membership")
+        return self.issue_certificate(member)
+
+    async def _cert_renew(self, request: Request) -> CertRenewAnswer:
         self._require_cp()
-        member = self.agent.membership.get(request.caller.id)
+        member = self.membership.get(request.caller.id)
         if member is None or member.kind != "node":
             raise Forbidden("only enrolled nodes renew certificates", code="not_a_node")
         cert = self.issue_certificate(member)
-        return {"certificate": cert_to_pem(cert).decode("ascii")}
+        await trio.lowlevel.checkpoint()
+        return CertRenewAnswer(certificate=cert_to_pem(cert).decode("ascii"))
 
     # -- retirement -----------------------------------------------------------------------
 
-    async def _retire(self, request: Request) -> dict[str, Any]:
+    async def _retire(self, request: Request) -> NodeRetireAnswer:
         self._require_cp()
-        member = self.agent.membership.resolve_node(request.path_params["node"])
-        if member.id == self.agent.node_id:
+        member = self.membership.resolve_node(request.path_params["node"])
+        if member.id == self.node_id:
             raise Conflict("the control plane cannot retire itself", code="retire_self")
-        reason = request.reason("retired by operator")
-        before, _after = self.agent.registry.command(
+        reason = request.message(ReasonRequest).reason_or("retired by operator")
+        before, _after = self.registry.command(
             member.id,
             "retire",
             writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=self.agent.term,
+            term=self.control_plane.term,
         )
-        if not self.agent.revocations.is_revoked(member.id):
+        if not self.revocations.is_revoked(member.id):
             now_ms = self._now_ms()
-            current = self.agent.revocations.empty_or_current(now_ms=now_ms)
+            current = self.revocations.empty_or_current(now_ms=now_ms)
             new = revoke_node(
                 current,
                 RevokedNode(
@@ -647,77 +739,92 @@ class Enrollment:
                 ),
                 now_ms=now_ms,
             )
-            self.agent.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
-        self.agent.record_event(
-            member.id,
-            "lifecycle",
+            self.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
+        self.events.append(
+            at_ms=self._now_ms(),
+            node_id=member.id,
+            kind="lifecycle",
             actor=request.caller.id,
             reason=reason,
             detail={"command": "retire", "from": before.state if before else None, "to": "retired"},
         )
-        self.agent.on_membership_changed()
-        return {
-            "node_id": member.id,
-            "state": "retired",
-            "revocation_serial": self.agent.revocations.serial,
-        }
+        self._membership_changed()
+        await trio.lowlevel.checkpoint()
+        return NodeRetireAnswer(
+            node_id=member.id, state="retired", revocation_serial=self.revocations.serial
+        )
 
-    async def _delete(self, request: Request) -> dict[str, Any]:
+    async def _delete(self, request: Request) -> NodeDeleteAnswer:
         self._require_cp()
-        member = self.agent.membership.resolve_node(request.path_params["node"])
-        reason = request.reason("deleted by operator")
-        self.agent.registry.command(
+        member = self.membership.resolve_node(request.path_params["node"])
+        reason = request.message(ReasonRequest).reason_or("deleted by operator")
+        self.registry.command(
             member.id,
             "delete",
             writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=self.agent.term,
+            term=self.control_plane.term,
         )
-        self.agent.membership.remove(member.id)
-        self.agent.record_event(
-            member.id,
-            "node_deleted",
+        self.membership.remove(member.id)
+        self.events.append(
+            at_ms=self._now_ms(),
+            node_id=member.id,
+            kind="node_deleted",
             actor=request.caller.id,
             reason=reason,
             detail={"name": member.name},
         )
-        return {
-            "node_id": member.id,
-            "deleted": True,
-            "name_blocked": self.agent.revocations.is_name_blocked(member.name),
-        }
+        self._membership_changed()
+        await trio.lowlevel.checkpoint()
+        return NodeDeleteAnswer(
+            node_id=member.id,
+            deleted=True,
+            name_blocked=self.revocations.is_name_blocked(member.name),
+        )
 
-    async def _unretire(self, request: Request) -> dict[str, Any]:
+    async def _unretire(self, request: Request) -> NameUnretireAnswer:
         self._require_cp()
         name = validate_node_name(request.path_params["name"])
-        if not self.agent.revocations.is_name_blocked(name):
+        if not self.revocations.is_name_blocked(name):
             raise NotFound(f"the name {name!r} is not blocked", code="name_not_blocked")
         now_ms = self._now_ms()
-        new = unblock_name(
-            self.agent.revocations.empty_or_current(now_ms=now_ms), name, now_ms=now_ms
+        new = unblock_name(self.revocations.empty_or_current(now_ms=now_ms), name, now_ms=now_ms)
+        self.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
+        self.events.append(
+            at_ms=self._now_ms(),
+            node_id=self.node_id,
+            kind="name_unretired",
+            actor=request.caller.id,
+            detail={"name": name},
         )
-        self.agent.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
-        self.agent.record_event(
-            self.agent.node_id, "name_unretired", actor=request.caller.id, detail={"name": name}
+        self._membership_changed()
+        await trio.lowlevel.checkpoint()
+        return NameUnretireAnswer(
+            name=name, blocked=False, revocation_serial=self.revocations.serial
         )
-        return {"name": name, "blocked": False, "revocation_serial": self.agent.revocations.serial}
 
     # -- views ----------------------------------------------------------------------------
 
-    async def _revocations(self, request: Request) -> dict[str, Any]:
+    async def _revocations(self, request: Request) -> RevocationsAnswer:
         since = request.query_int("since", -1, minimum=-1)
-        serial = self.agent.revocations.serial
-        return {
-            "serial": serial,
-            "revocations": self.agent.revocations.text if serial > since else None,
-        }
+        serial = self.revocations.serial
+        await trio.lowlevel.checkpoint()
+        return RevocationsAnswer(
+            serial=serial, revocations=self.revocations.text if serial > since else None
+        )
 
-    async def _members(self, request: Request) -> dict[str, Any]:
-        return {
-            "version": self.agent.membership.version,
-            "members": [m.to_json() for m in self.agent.membership.all()],
-        }
+    async def _members(self, request: Request) -> MembersAnswer:
+        await trio.lowlevel.checkpoint()
+        return MembersAnswer(version=self.membership.version, members=self._member_views())
+
+
+TokenState = Literal["active", "used", "expired", "revoked"]
+
+
+def _roles(roles: Sequence[str]) -> tuple[Role, ...]:
+    """Roles as the wire names them (a record holds only known roles)."""
+    return tuple(role for role in roles if role in ROLES)
 
 
 def _first_line(error: Exception) -> str:
@@ -725,16 +832,10 @@ def _first_line(error: Exception) -> str:
 
 
 def _host_of(address: str) -> str:
-    from populi_peer.config import parse_host_port
-
     try:
         return parse_host_port(address)[0]
     except ValueError:
         return ""
-
-
-def load_cert(pem: str) -> Any:
-    return cert_from_pem(pem)
 
 
 __all__ = ["Enrollment", "JoinNotStored", "TokenUsed"]

@@ -4,29 +4,50 @@ On every node: a probe (NVML, or a replayed capture with per-node UUIDs) refresh
 ``gpu.refresh_s``; health verdicts and allocatable devices are computed from verified facts
 only (operator labels stay a separate layer, never capacity unless ``trust_advertised``).
 Critical XID events quarantine the device with a ``gpu_quarantine/<uuid>`` register written
-by the node itself: durable here, sent with the next heartbeat, and only cleared by an
-operator (``populi gpu resume NODE UUID``), whose later write reaches the node back through
-heartbeat answers. A GPU busy with processes Populi did not start is not allocatable.
+by the node itself: durable here, sent with the next heartbeat (the :class:`RegisterOutbox`),
+and only cleared by an operator (``populi gpu resume NODE UUID``), whose later write
+reaches the node back through heartbeat answers. A GPU busy with processes Populi did not
+start is not allocatable.
 
-On the wire: the heartbeat carries the compact summary; its static part only when the
-control plane has not acknowledged this ``facts_version`` (the answer echoes the version it
-holds). The control plane keeps the latest summaries in memory — they are hints — and
-re-checks allocatable GPUs itself at grant time (safety rule 6), including its own view of
-quarantines.
+On the wire: the heartbeat carries the compact summary (:meth:`GpuService.report_part`);
+its static part only when the control plane has not acknowledged this ``facts_version``
+(the answer echoes the version it holds: :meth:`GpuService.answer_part`,
+:meth:`GpuService.absorb_answer`). The control plane keeps the latest summaries in memory
+(:meth:`GpuService.hold_report`) — they are hints — and re-checks allocatable GPUs itself
+at grant time (safety rule 6), including its own view of quarantines.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, get_args
 
 import trio
 
-from populi_peer.agent.health import RETRIED, retrying
+from populi_peer.agent.health import RETRIED, Health, retrying
+from populi_peer.agent.heartbeat import RegisterOutbox
+from populi_peer.agent.links import ControlPlaneLink
+from populi_peer.agent.membership import Membership
+from populi_peer.agent.registry import Registry
 from populi_peer.api.app import ANY_MEMBER, Request, Route
-from populi_peer.core.registers import GPU_QUARANTINE_PREFIX, RegisterWrite
-from populi_peer.errors import BadRequest, NotFound, PopuliError
+from populi_peer.clock import Clock, wall_ms
+from populi_peer.config import GpuConfig
+from populi_peer.core.messages import (
+    GpuDevice,
+    GpuHeartbeatSummary,
+    GpuResumeAnswer,
+    GpusAnswer,
+    GpuSummaryView,
+    HeartbeatAnswer,
+    HeartbeatReport,
+    NodeGpus,
+    ReasonRequest,
+)
+from populi_peer.core.messages.records import GpuHealth
+from populi_peer.core.registers import GPU_QUARANTINE_PREFIX
+from populi_peer.errors import BadRequest, NotFound
 from populi_peer.gpu import (
     GpuInventory,
     XidEvent,
@@ -36,34 +57,67 @@ from populi_peer.gpu import (
     open_probe,
 )
 from populi_peer.log import get_logger, log
-
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
+from populi_peer.store.events import EventLog
 
 OPERATOR = frozenset({"operator"})
+_HEALTHS: tuple[GpuHealth, ...] = get_args(GpuHealth)
+
+
+class Staleness(Protocol):
+    """Whether a node's heartbeat is stale (the control plane's liveness book)."""
+
+    def stale(self, node_id: str) -> bool: ...
 
 
 @dataclass
-class NodeGpus:
+class HeldGpus:
     """What the control plane holds of one node's GPU summary."""
 
     facts_version: str | None = None
-    static: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
+    static: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Any] | None = None
     metrics_version: str | None = None
     at_mono: float = 0.0
 
 
 class GpuService:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        config: GpuConfig,
+        clock: Clock,
+        control_plane: ControlPlaneLink,
+        membership: Membership,
+        registry: Registry,
+        events: EventLog,
+        health: Health,
+        outbox: RegisterOutbox,
+        liveness: Staleness,
+        leased_gpus: Callable[[], Iterable[str]],
+        own_pids: Callable[[], Iterable[int]],
+    ) -> None:
+        """``leased_gpus()`` are the GPUs this node's running attempts hold; ``own_pids()``
+        the processes Populi started here (a GPU busy with others is not allocatable)."""
+        self.node_id = node_id
+        self.config = config
+        self.clock = clock
+        self.control_plane = control_plane
+        self.membership = membership
+        self.registry = registry
+        self.events = events
+        self.health = health
+        self.outbox = outbox
+        self.liveness = liveness
+        self.leased_gpus = leased_gpus
+        self.own_pids = own_pids
         self.logger = get_logger("gpu")
         self.inventory: GpuInventory | None = None
         self.summary: dict[str, Any] | None = None
         self.allocations: list[Any] = []
         self.verdicts: tuple[Any, ...] = ()
         self.acked_facts_version: str | None = None
-        self.nodes: dict[str, NodeGpus] = {}
+        self.nodes: dict[str, HeldGpus] = {}
         self.refreshes = 0
         self._probe: Any = None
 
@@ -71,9 +125,9 @@ class GpuService:
 
     def quarantined(self, node_id: str | None = None) -> dict[str, str]:
         """GPU UUID -> reason, for GPUs quarantined in this node's registers."""
-        node_id = node_id or self.agent.node_id
+        node_id = node_id or self.node_id
         out: dict[str, str] = {}
-        for attribute, write in self.agent.registry.registers.node(node_id).items():
+        for attribute, write in self.registry.registers.node(node_id).items():
             if (
                 attribute.startswith(GPU_QUARANTINE_PREFIX)
                 and write.value
@@ -83,11 +137,6 @@ class GpuService:
                     write.value.get("reason") or write.reason or "quarantined"
                 )
         return out
-
-    def leased(self) -> frozenset[str]:
-        return frozenset(
-            g for running in self.agent.runner.running.values() for g in running.plan.gpus
-        )
 
     def verified_uuids(self) -> list[str]:
         """The GPUs this node may be handed: its verified devices, plus the advertised
@@ -105,14 +154,14 @@ class GpuService:
         self._install(inventory)
 
     def _install(self, inventory: GpuInventory) -> None:
-        cfg = self.agent.config.gpu
+        cfg = self.config
         self.inventory = inventory
         self.verdicts = health_verdicts(inventory)
         self.allocations = allocatable(
             inventory,
             quarantined=frozenset(self.quarantined()),
-            leased=self.leased(),
-            own_pids=frozenset(self.agent.own_pids()),
+            leased=frozenset(self.leased_gpus()),
+            own_pids=frozenset(self.own_pids()),
             advertised=cfg.labels,
             trust_advertised=cfg.trust_advertised,
         )
@@ -132,8 +181,8 @@ class GpuService:
             )
         self.summary = summary
         self.refreshes += 1
-        if self.agent.is_control_plane:
-            self._hold(self.agent.node_id, summary)
+        if self.control_plane.is_self:
+            self._hold(self.node_id, GpuHeartbeatSummary.from_json(summary))
 
     async def on_xid(self, event: XidEvent) -> None:
         log(
@@ -153,264 +202,272 @@ class GpuService:
                 await trio.lowlevel.checkpoint()
 
             # A bad GPU must stay out of service: its quarantine is kept until it is durable.
-            await retrying(self.agent.health, "gpu_quarantine", quarantine)
+            await retrying(self.health, "gpu_quarantine", quarantine)
             await self.refresh()
 
     def quarantine_self(self, uuid: str, *, reason: str) -> None:
-        agent = self.agent
         if uuid in self.quarantined():
             return
-        write = agent.registry.make_write(
-            agent.node_id,
+        write = self.registry.make_write(
+            self.node_id,
             GPU_QUARANTINE_PREFIX + uuid,
             {"quarantined": True, "reason": reason},
             writer_class="self",
-            actor=agent.node_id,
+            actor=self.node_id,
             reason=reason,
-            term=agent.term,
+            term=self.control_plane.term,
         )
-        agent.registry.apply(write)
+        self.registry.apply(write)
         # Queued for the control plane before the event is written: a retry after a
         # failed event write finds the GPU quarantined already and returns early.
-        if not agent.is_control_plane:
-            agent.heartbeat_sender.outbox_registers.append(write.to_json())
-            agent.heartbeat_sender.kick.set()
-        agent.record_event(
-            agent.node_id,
-            "gpu_quarantined",
-            actor=agent.node_id,
+        if not self.control_plane.is_self:
+            self.outbox.put(write)
+        self.events.append(
+            at_ms=wall_ms(self.clock),
+            node_id=self.node_id,
+            kind="gpu_quarantined",
+            actor=self.node_id,
             reason=reason,
             detail={"uuid": uuid},
         )
 
     # -- heartbeats -----------------------------------------------------------------------
 
-    def heartbeat_report(self) -> dict[str, Any]:
+    def report_part(self, report: HeartbeatReport) -> HeartbeatReport:
+        """This node's GPU summary in its heartbeat; the static part only while the
+        control plane has not acknowledged this ``facts_version``."""
         if self.summary is None:
-            return {}
+            return report
         summary = dict(self.summary)
         if self.acked_facts_version == summary.get("facts_version"):
             summary.pop("static", None)
-        return {"gpu": summary}
+        return replace(report, gpu=GpuHeartbeatSummary.from_json(summary))
 
-    def absorb_answer(self, answer: dict[str, Any]) -> None:
+    def absorb_answer(self, answer: HeartbeatAnswer) -> None:
         """Node side: what the control plane holds, and operator decisions about our GPUs."""
-        held = answer.get("gpu_facts_version")
-        self.acked_facts_version = held if isinstance(held, str) else None
+        self.acked_facts_version = answer.gpu_facts_version
         changed = False
-        for raw in answer.get("gpu_registers") or []:
-            try:
-                write = RegisterWrite.from_json(raw)
-            except PopuliError:
-                continue
-            if write.node_id == self.agent.node_id and write.attribute.startswith(
-                GPU_QUARANTINE_PREFIX
-            ):
-                changed = self.agent.registry.apply(write) or changed
+        for write in answer.gpu_registers:
+            if write.node_id == self.node_id and write.attribute.startswith(GPU_QUARANTINE_PREFIX):
+                changed = self.registry.apply(write) or changed
         if changed and self.inventory is not None:
             self._install(self.inventory)
 
-    def _hold(self, node_id: str, summary: dict[str, Any]) -> None:
-        entry = self.nodes.setdefault(node_id, NodeGpus())
-        version = summary.get("facts_version")
-        if isinstance(summary.get("static"), dict):
-            entry.facts_version = version
-            entry.static = summary["static"]
-        if isinstance(summary.get("metrics"), dict):
-            entry.metrics = summary["metrics"]
-            entry.metrics_version = version
-        entry.at_mono = self.agent.clock.mono()
+    def _hold(self, node_id: str, summary: GpuHeartbeatSummary) -> None:
+        entry = self.nodes.setdefault(node_id, HeldGpus())
+        if summary.static is not None:
+            entry.facts_version = summary.facts_version
+            entry.static = summary.static
+        entry.metrics = summary.metrics
+        entry.metrics_version = summary.facts_version
+        entry.at_mono = self.clock.mono()
 
-    def on_heartbeat(self, node_id: str, report: dict[str, Any]) -> None:
-        gpu = report.get("gpu")
-        if isinstance(gpu, dict):
-            self._hold(node_id, gpu)
+    def hold_report(self, node_id: str, report: HeartbeatReport) -> None:
+        """Control plane: the GPU summary of ``node_id``'s accepted heartbeat."""
+        if report.gpu is not None:
+            self._hold(node_id, report.gpu)
 
-    def answer_extras(self, node_id: str) -> dict[str, Any]:
+    def answer_part(self, node_id: str, answer: HeartbeatAnswer) -> HeartbeatAnswer:
+        """Control plane: the facts version held of ``node_id``, and its GPU registers."""
         entry = self.nodes.get(node_id)
-        registers = [
-            write.to_json()
-            for attribute, write in self.agent.registry.registers.node(node_id).items()
+        registers = tuple(
+            write
+            for attribute, write in self.registry.registers.node(node_id).items()
             if attribute.startswith(GPU_QUARANTINE_PREFIX)
-        ]
-        return {
-            "gpu_facts_version": entry.facts_version if entry else None,
-            "gpu_registers": registers,
-        }
+        )
+        return replace(
+            answer,
+            gpu_facts_version=entry.facts_version if entry else None,
+            gpu_registers=registers,
+        )
 
     # -- the control plane's view ---------------------------------------------------------
 
-    def devices(self, node_id: str) -> list[dict[str, Any]]:
+    def devices(self, node_id: str) -> list[GpuDevice]:
         """One row per verified device of ``node_id``, static facts joined with metrics of
         the same ``facts_version`` (older metrics are ignored, the design (docs/design.md): hints only)."""
         entry = self.nodes.get(node_id)
         if entry is None or entry.static is None:
             return []
-        metrics: dict[int, dict[str, Any]] = {}
-        if entry.metrics is not None and entry.metrics_version == entry.facts_version:
-            metrics = {
-                int(m["index"]): m
-                for m in entry.metrics.get("devices", [])
-                if isinstance(m, dict) and "index" in m
-            }
+        current = entry.metrics is not None and entry.metrics_version == entry.facts_version
+        metrics: dict[int, Mapping[str, Any]] = {}
+        if current and entry.metrics is not None:
+            # The heartbeat's GPU section checked that every device has an integer index.
+            metrics = {int(m["index"]): m for m in entry.metrics.get("devices", [])}
         quarantined = self.quarantined(node_id)
         rows = []
         for device in entry.static.get("devices", []):
-            m = metrics.get(int(device.get("index", -1)), {})
+            m = metrics.get(int(device["index"]), {})
             uuid = device.get("uuid")
-            reasons = list(m.get("allocation_reasons", []))
+            reasons = tuple(m.get("allocation_reasons", ()))
             allocatable_now = bool(m.get("allocatable", False))
             if uuid in quarantined:
                 allocatable_now = False
                 if "gpu_quarantined" not in reasons:
-                    reasons.append("gpu_quarantined")
+                    reasons += ("gpu_quarantined",)
             rows.append(
-                {
-                    "index": device.get("index"),
-                    "uuid": uuid,
-                    "name": device.get("name"),
-                    "memory_total_bytes": device.get("memory_total_bytes"),
-                    "memory_free_bytes": m.get("memory_free_bytes"),
-                    "utilization_gpu_pct": m.get("utilization_gpu_pct"),
-                    "health": m.get("health", "unknown"),
-                    "health_reasons": list(m.get("health_reasons", [])),
-                    "allocatable": allocatable_now,
-                    "allocation_reasons": reasons,
-                    "quarantined": uuid in quarantined,
-                    "quarantine_reason": quarantined.get(uuid) if uuid else None,
-                    "verified": True,
-                }
+                GpuDevice(
+                    index=device.get("index"),
+                    uuid=uuid,
+                    name=_text(device.get("name")),
+                    memory_total_bytes=_int(device.get("memory_total_bytes")),
+                    memory_free_bytes=_int(m.get("memory_free_bytes")),
+                    utilization_gpu_pct=_num(m.get("utilization_gpu_pct")),
+                    health=_health(m.get("health")),
+                    health_reasons=tuple(m.get("health_reasons", ())),
+                    allocatable=allocatable_now,
+                    allocation_reasons=reasons,
+                    quarantined=uuid in quarantined,
+                    quarantine_reason=quarantined.get(uuid) if uuid else None,
+                    verified=True,
+                )
             )
         # Operator labels become capacity only where the node trusts them
         # (``gpu.trust_advertised``): it then reports pseudo-devices, never verified ones.
-        advertised = (
-            (entry.metrics or {}).get("advertised_devices", [])
-            if entry.metrics_version == entry.facts_version
-            else []
-        )
+        advertised = (entry.metrics or {}).get("advertised_devices", []) if current else []
         labels = entry.static.get("advertised") or {}
         for index, pseudo in enumerate(advertised):
-            if not isinstance(pseudo, dict) or not isinstance(pseudo.get("uuid"), str):
+            if not isinstance(pseudo.get("uuid"), str):
                 continue
             uuid = pseudo["uuid"]
             allocatable_now = bool(pseudo.get("allocatable", False)) and uuid not in quarantined
             rows.append(
-                {
-                    "index": index,
-                    "uuid": uuid,
-                    "name": labels.get("model") if isinstance(labels, dict) else None,
-                    "memory_total_bytes": None,
-                    "memory_free_bytes": None,
-                    "utilization_gpu_pct": None,
-                    "health": "unknown",
-                    "health_reasons": [],
-                    "allocatable": allocatable_now,
-                    "allocation_reasons": list(pseudo.get("reasons", [])),
-                    "quarantined": uuid in quarantined,
-                    "quarantine_reason": quarantined.get(uuid),
-                    "verified": False,
-                }
+                GpuDevice(
+                    index=index,
+                    uuid=uuid,
+                    name=_text(labels.get("model")),
+                    memory_total_bytes=None,
+                    memory_free_bytes=None,
+                    utilization_gpu_pct=None,
+                    health="unknown",
+                    health_reasons=(),
+                    allocatable=allocatable_now,
+                    allocation_reasons=tuple(
+                        r for r in pseudo.get("reasons", ()) if isinstance(r, str)
+                    ),
+                    quarantined=uuid in quarantined,
+                    quarantine_reason=quarantined.get(uuid),
+                    verified=False,
+                )
             )
         return rows
 
     def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
+        """(UUIDs free to lease, how many are unhealthy or quarantined) of ``node_id``,
+        as the control plane holds them."""
         rows = self.devices(node_id)
-        free = tuple(r["uuid"] for r in rows if r["allocatable"] and r["uuid"])
-        unhealthy = sum(1 for r in rows if r["health"] == "unhealthy" or r["quarantined"])
+        free = tuple(r.uuid for r in rows if r.allocatable and r.uuid)
+        unhealthy = sum(1 for r in rows if r.health == "unhealthy" or r.quarantined)
         return free, unhealthy
 
-    def view(self, node_id: str) -> dict[str, Any] | None:
+    def view(self, node_id: str) -> GpuSummaryView | None:
         entry = self.nodes.get(node_id)
         if entry is None or entry.static is None:
             return None
         rows = self.devices(node_id)
-        counts = {
-            h: sum(1 for r in rows if r["health"] == h)
-            for h in ("healthy", "degraded", "unhealthy", "unknown")
-        }
-        return {
-            "facts_version": entry.facts_version,
-            "backend": entry.static.get("backend"),
-            "count": len(rows),
-            "allocatable": sum(1 for r in rows if r["allocatable"]),
-            "quarantined": sum(1 for r in rows if r["quarantined"]),
-            **counts,
-        }
+
+        def count(health: GpuHealth) -> int:
+            return sum(1 for r in rows if r.health == health)
+
+        return GpuSummaryView(
+            facts_version=entry.facts_version,
+            backend=_text(entry.static.get("backend")),
+            count=len(rows),
+            allocatable=sum(1 for r in rows if r.allocatable),
+            quarantined=sum(1 for r in rows if r.quarantined),
+            healthy=count("healthy"),
+            degraded=count("degraded"),
+            unhealthy=count("unhealthy"),
+            unknown=count("unknown"),
+        )
 
     # -- routes ---------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
         return [
-            Route("GET", "/v1/populi/gpus", self._gpus, roles=ANY_MEMBER, name="gpus"),
+            Route(
+                "GET",
+                "/v1/populi/gpus",
+                self._gpus,
+                roles=ANY_MEMBER,
+                name="gpus",
+                answer=GpusAnswer,
+            ),
             Route(
                 "POST",
                 "/v1/populi/admin/gpus/{node}/{uuid}/resume",
                 self._resume,
                 roles=OPERATOR,
                 name="gpu_resume",
+                request=ReasonRequest,
+                answer=GpuResumeAnswer,
             ),
         ]
 
-    async def _gpus(self, request: Request) -> dict[str, Any]:
-        agent = self.agent
-        agent.require_control_plane()
+    async def _gpus(self, request: Request) -> GpusAnswer:
+        self.control_plane.require_self()
         ref = request.query_one("node")
-        members = [agent.membership.resolve_node(ref)] if ref else agent.membership.nodes()
+        members = [self.membership.resolve_node(ref)] if ref else self.membership.nodes()
         nodes = []
         for member in members:
             entry = self.nodes.get(member.id)
+            static = (entry.static if entry else None) or {}
             nodes.append(
-                {
-                    "node_id": member.id,
-                    "name": member.name,
-                    "facts_version": entry.facts_version if entry else None,
-                    "backend": (entry.static or {}).get("backend") if entry else None,
-                    "cpu_only_reason": (entry.static or {}).get("cpu_only_reason")
-                    if entry
-                    else None,
-                    "heartbeat_stale": agent.heartbeats.stale(member.id),
-                    "devices": self.devices(member.id),
-                }
+                NodeGpus(
+                    node_id=member.id,
+                    name=member.name,
+                    facts_version=entry.facts_version if entry else None,
+                    backend=_text(static.get("backend")),
+                    cpu_only_reason=_text(static.get("cpu_only_reason")),
+                    heartbeat_stale=self.liveness.stale(member.id),
+                    devices=tuple(self.devices(member.id)),
+                )
             )
-        return {"nodes": nodes}
+        await trio.lowlevel.checkpoint()
+        return GpusAnswer(nodes=tuple(nodes))
 
-    async def _resume(self, request: Request) -> dict[str, Any]:
-        agent = self.agent
-        agent.require_control_plane()
-        member = agent.membership.resolve_node(request.path_params["node"])
+    async def _resume(self, request: Request) -> GpuResumeAnswer:
+        self.control_plane.require_self()
+        member = self.membership.resolve_node(request.path_params["node"])
         uuid = check_uuid(request.path_params["uuid"])
         if uuid not in self.quarantined(member.id):
             raise NotFound(
                 f"GPU {uuid} of {member.name} is not quarantined", code="gpu_not_quarantined"
             )
-        reason = request.reason("resumed by operator")
-        write = agent.registry.make_write(
+        reason = request.message(ReasonRequest).reason_or("resumed by operator")
+        write = self.registry.make_write(
             member.id,
             GPU_QUARANTINE_PREFIX + uuid,
             {"quarantined": False, "reason": reason},
             writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=agent.term,
+            term=self.control_plane.term,
         )
-        agent.registry.apply(write)
-        agent.record_event(
-            member.id, "gpu_resumed", actor=request.caller.id, reason=reason, detail={"uuid": uuid}
+        self.registry.apply(write)
+        self.events.append(
+            at_ms=wall_ms(self.clock),
+            node_id=member.id,
+            kind="gpu_resumed",
+            actor=request.caller.id,
+            reason=reason,
+            detail={"uuid": uuid},
         )
-        if member.id == agent.node_id and self.inventory is not None:
+        if member.id == self.node_id and self.inventory is not None:
             self._install(self.inventory)
-        return {"node_id": member.id, "uuid": uuid, "quarantined": False}
+        await trio.lowlevel.checkpoint()
+        return GpuResumeAnswer(node_id=member.id, uuid=uuid, quarantined=False)
 
     # -- service --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        cfg = self.agent.config.gpu
+        cfg = self.config
         fixture = cfg.fixture or None
         async with open_probe(
             fixture=fixture,
-            node_id=self.agent.node_id,
+            node_id=self.node_id,
             keep_fixture_uuids=cfg.keep_fixture_uuids,
-            clock=self.agent.clock,
+            clock=self.clock,
             call_timeout_s=cfg.call_timeout_s,
         ) as probe:
             self._probe = probe
@@ -418,7 +475,7 @@ class GpuService:
             async with trio.open_nursery() as nursery:
                 await nursery.start(probe.run_xid_watch, self.on_xid)
                 task_status.started()
-                health = self.agent.health
+                health = self.health
                 while True:
                     await trio.sleep(cfg.refresh_s)
                     try:
@@ -435,4 +492,29 @@ def check_uuid(uuid: str) -> str:
     return uuid
 
 
-__all__ = ["GpuService", "NodeGpus"]
+# A node's GPU summary passes the probe's fields through (the heartbeat checked the ones a
+# control plane relies on); these read the others for a view, as unknown when odd.
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def _health(value: object) -> GpuHealth:
+    for health in _HEALTHS:
+        if value == health:
+            return health
+    return "unknown"
+
+
+__all__ = ["GpuService", "HeldGpus", "Staleness", "check_uuid"]

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import trio
 
 from populi_peer.clock import Clock
+from populi_peer.core.messages import HealthProblem, NodeHealth
 from populi_peer.errors import PopuliError, StoreError
 from populi_peer.log import get_logger, log
 from populi_peer.store import file_error
@@ -45,16 +46,6 @@ class Problem:
     since_wall_ms: int
     last_wall_ms: int
     failures: int = 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "component": self.component,
-            "code": self.code,
-            "message": self.message,
-            "since_ms": self.since_wall_ms,
-            "last_ms": self.last_wall_ms,
-            "failures": self.failures,
-        }
 
 
 def as_error(exc: BaseException) -> PopuliError:
@@ -134,11 +125,26 @@ class Health:
         with trio.move_on_after(delay_s):
             await self._recovered.wait()
 
+    def view(self) -> NodeHealth:
+        """``status.health``: ok, or degraded with the problems, oldest first."""
+        problems = sorted(self.problems.values(), key=_since)
+        return NodeHealth(
+            state="degraded" if problems else "ok",
+            problems=tuple(
+                HealthProblem(
+                    component=p.component,
+                    code=p.code,
+                    message=p.message,
+                    since_ms=p.since_wall_ms,
+                    last_ms=p.last_wall_ms,
+                    failures=p.failures,
+                )
+                for p in problems
+            ),
+        )
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "state": "degraded" if self.problems else "ok",
-            "problems": [p.to_json() for p in sorted(self.problems.values(), key=_since)],
-        }
+        return self.view().to_json()
 
 
 def retried_failure(exc: BaseException) -> BaseException | None:

@@ -1,24 +1,29 @@
 """Heartbeats over HTTP: every node tells the control plane it is alive, every interval.
 
-Sender (every node but the control plane, which notes its own liveness in process): POST
-``/v1/populi/heartbeat`` with status, addresses, GPU summary, held leases, and the serials
-it holds (revocations, membership, settings). The answer carries the term, the node's
-lifecycle as the control plane sees it, and whatever the node lacks: a newer revocation
-list or settings record inline, a newer membership version to pull. Failures back off
-exponentially with jitter; a control plane that goes away is logged once, and once again
-when it comes back.
+Sender (:class:`HeartbeatSender`; every node but the control plane, which notes its own
+liveness in process with :class:`SelfBeat`): POST ``/v1/populi/heartbeat`` with a
+:class:`HeartbeatReport` built by :class:`HeartbeatReports` (status, addresses, the serials
+it holds, and what other services add: held leases, the GPU summary) and its own register
+writes from the :class:`RegisterOutbox`. The answer carries the term, the node's lifecycle
+as the control plane sees it, and whatever the node lacks: a newer revocation list or
+settings record inline, a newer membership version to pull; other services absorb the rest
+(the GPU service: the facts version held and operator decisions about its GPUs). Failures
+back off exponentially with jitter; a control plane that goes away is logged once, and once
+again when it comes back. A malformed answer is a ``bad_peer_answer`` error for that beat,
+like an unreachable control plane.
 
-Receiver (control plane): arrival times live in memory on the monotonic clock, so
-staleness is derived when read (``heartbeat_age_ms``), never stored; after a restart every
-node reads ``heartbeat_never`` until its next heartbeat. The path scope of a node is derived
-from the address its heartbeat came from.
+Intake (:class:`HeartbeatIntake`, control plane): the route parses the report before the
+handler runs; the intake checks what the message cannot (the caller's own registers,
+``host:port`` addresses), notes the arrival in the :class:`Liveness` book, applies the
+registers, hands the report to its listeners and builds the typed answer, which its
+answer parts complete. Arrival times live in memory on the monotonic clock, so staleness
+is derived when read (``heartbeat_age_ms``), never stored; after a restart every node reads
+``heartbeat_never`` until its next heartbeat. The path scope of a node is derived from the
+address its heartbeat came from.
 
-Both ends speak typed messages (:mod:`populi_peer.core.messages.heartbeat`): the sender
-builds a :class:`HeartbeatReport` and parses the answer as a :class:`HeartbeatAnswer` (a
-malformed answer is a ``bad_peer_answer`` error for that beat, like an unreachable control
-plane); the route parses the report before the handler runs and writes the typed answer.
-The agent's hooks (``heartbeat_report``, ``on_heartbeat``, ``heartbeat_answer_extras``,
-``on_heartbeat_answer``) still take and give the wire form, until they are converted too.
+What other services add or take is given to these classes as callables (ADR 0012):
+:data:`ReportPart` and :data:`AnswerListener` on the sender's side, :data:`ReportListener`
+and :data:`AnswerPart` on the intake's.
 """
 
 from __future__ import annotations
@@ -26,62 +31,93 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import trio
 
 from populi_peer import __version__
-from populi_peer.agent.health import RETRIED
-from populi_peer.agent.membership import Member
+from populi_peer.agent.address import OwnAddress
+from populi_peer.agent.health import RETRIED, Health
+from populi_peer.agent.links import ControlPlaneLink
+from populi_peer.agent.membership import Member, Membership
+from populi_peer.agent.records import ClusterRecords
+from populi_peer.agent.registry import Registry
+from populi_peer.agent.revocations import RevocationState
 from populi_peer.api.app import Request, Route
-from populi_peer.config import parse_host_port
-from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
-from populi_peer.core.messages import (
-    ControlPlaneRef,
-    GpuHeartbeatSummary,
-    HeartbeatAnswer,
-    HeartbeatReport,
-    HeldLease,
+from populi_peer.clock import Clock, wall_ms
+from populi_peer.config import (
+    Config,
+    ScopeConfig,
+    ScopeTimingConfig,
+    TimingsConfig,
+    parse_host_port,
 )
+from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
+from populi_peer.core.lifecycle import NodeLifecycle
+from populi_peer.core.messages import ControlPlaneRef, HeartbeatAnswer, HeartbeatReport
 from populi_peer.core.messages.heartbeat import HeartbeatStatus
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
 from populi_peer.log import get_logger, log
-
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
+from populi_peer.store.events import EventLog
 
 NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
 MAX_BACKOFF_S = 30.0
 
+#: A service's part of this node's heartbeat (held leases, the GPU summary): it takes the
+#: report built so far and returns it with its own fields set.
+ReportPart = Callable[[HeartbeatReport], HeartbeatReport]
+#: What a service does with a heartbeat answer (the GPU service: the facts version the
+#: control plane holds, operator decisions about this node's GPUs).
+AnswerListener = Callable[[HeartbeatAnswer], None]
+#: Control plane: what a service does with a node's accepted report (node id, report).
+ReportListener = Callable[[str, HeartbeatReport], None]
+#: Control plane: a service's part of the answer to a node (node id, answer so far).
+AnswerPart = Callable[[str, HeartbeatAnswer], HeartbeatAnswer]
 
-@dataclass
+
+@dataclass(frozen=True)
 class Seen:
     last_mono: float
     address: str | None
     scope: Scope
-    status: str
+    status: HeartbeatStatus
     report: HeartbeatReport
 
 
-def scope_of(agent: Agent, address: str | None) -> Scope:
+def scope_timing(timings: TimingsConfig, scope: Scope) -> ScopeTimingConfig:
+    """The heartbeat interval and staleness of a path of ``scope``."""
+    timing: ScopeTimingConfig = getattr(timings, scope)
+    return timing
+
+
+class _Configured(Protocol):
+    """Something that holds this node's config (the submitter still passes its agent)."""
+
+    @property
+    def config(self) -> Config: ...
+
+
+def scope_of(config: ScopeConfig | _Configured, address: str | None) -> Scope:
     """Scope of the path to ``address`` under this node's CIDR config; names and unknown
     addresses count as overlay (the most patient timings)."""
+    if not isinstance(config, ScopeConfig):
+        config = config.config.scope
     if not address:
         return "overlay"
     try:
         ipaddress.ip_address(address)
     except ValueError:
         return "overlay"
-    scope_cfg = agent.config.scope
     try:
         return path_scope(
             address,
-            lan_cidrs=scope_cfg.lan_cidrs,
-            overlay_cidrs=scope_cfg.overlay_cidrs,
-            local_cidrs=scope_cfg.local_cidrs,
+            lan_cidrs=config.lan_cidrs,
+            overlay_cidrs=config.overlay_cidrs,
+            local_cidrs=config.local_cidrs,
         )
     except PopuliError:
         return "overlay"
@@ -96,12 +132,187 @@ def url_host(url: str) -> str | None:
         return None
 
 
-class HeartbeatReceiver:
-    """Control-plane side."""
+# -- what both ends share -----------------------------------------------------------------
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+
+class RegisterOutbox:
+    """This node's own register writes (its GPU quarantines, its ``left``), sent with every
+    heartbeat until the control plane acknowledged them; a new one wakes the sender."""
+
+    def __init__(self) -> None:
+        self.pending: list[RegisterWrite] = []
+        self._put = trio.Event()
+
+    def put(self, write: RegisterWrite, *, now: bool = True) -> None:
+        """Queue ``write``; with ``now``, the sender beats at once instead of at its next
+        interval."""
+        self.pending.append(write)
+        if now:
+            self._put.set()
+
+    def delivered(self, sent: Sequence[RegisterWrite]) -> None:
+        """The control plane acknowledged ``sent``; writes queued since stay."""
+        self.pending = [write for write in self.pending if write not in sent]
+
+    async def wait_put(self, timeout_s: float) -> None:
+        """Until a write is put with ``now``, or ``timeout_s`` passed."""
+        with trio.move_on_after(timeout_s):
+            await self._put.wait()
+        if self._put.is_set():
+            self._put = trio.Event()
+
+
+class Leaving:
+    """Whether this node is leaving the cluster, and when the control plane heard it."""
+
+    def __init__(self, *, node_id: str, clock: Clock, events: EventLog) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.events = events
+        self.started = False
+        #: Set once the control plane answered ``left``: the agent then stops.
+        self.done = trio.Event()
+
+    def begin(self) -> None:
+        self.started = True
+
+    def acknowledged(self, *, late: bool) -> None:
+        """The control plane answered ``left``; ``late``: not to the leave request itself
+        but to a later heartbeat (the event says so)."""
+        if late:
+            self.events.append(
+                at_ms=wall_ms(self.clock),
+                node_id=self.node_id,
+                kind="left",
+                actor=self.node_id,
+                reason="acknowledged late",
+                detail={"acknowledged": True},
+            )
+        self.done.set()
+
+
+class HeartbeatReports:
+    """This node's heartbeat: what it holds (serials), where it answers, how long it has
+    run, whether it takes remote work, and the parts other services add."""
+
+    def __init__(
+        self,
+        *,
+        address: OwnAddress,
+        revocations: RevocationState,
+        membership: Membership,
+        records: ClusterRecords,
+        uptime_s: Callable[[], float],
+        exec_remote: bool,
+        parts: Sequence[ReportPart] = (),
+    ) -> None:
+        self.address = address
+        self.revocations = revocations
+        self.membership = membership
+        self.records = records
+        self.uptime_s = uptime_s
+        self.exec_remote = exec_remote
+        self.parts = tuple(parts)
+
+    def build(
+        self, status: HeartbeatStatus = "running", registers: Sequence[RegisterWrite] = ()
+    ) -> HeartbeatReport:
+        report = HeartbeatReport(
+            status=status,
+            addresses=self.address.addresses(),
+            registers=tuple(registers),
+            revocation_serial=self.revocations.serial,
+            membership_version=self.membership.version,
+            settings_serial=self.records.settings_serial,
+            version=__version__,
+            uptime_s=round(self.uptime_s(), 3),
+            gpu=None,
+            # Whether this node takes remote work at all (POPULI_EXEC_REMOTE=0: no), so
+            # the control plane does not place any here.
+            exec_remote=self.exec_remote,
+        )
+        for part in self.parts:
+            report = part(report)
+        return report
+
+
+# -- control plane ------------------------------------------------------------------------
+
+
+class Liveness:
+    """The control plane's book of heartbeats: when each node last beat (on trio's clock,
+    in memory only), from where (the path scope), and what it said."""
+
+    def __init__(self, *, clock: Clock, timings: TimingsConfig) -> None:
+        self.clock = clock
+        self.timing_config = timings
         self.seen: dict[str, Seen] = {}
+
+    def note(self, node_id: str, seen: Seen) -> None:
+        self.seen[node_id] = seen
+
+    def timings(self, scope: Scope) -> tuple[float, float]:
+        """(heartbeat interval, stale after) in seconds for a path of ``scope``."""
+        timing = scope_timing(self.timing_config, scope)
+        return timing.heartbeat_interval_s, timing.stale_after_s
+
+    def age_ms(self, node_id: str) -> int | None:
+        seen = self.seen.get(node_id)
+        return heartbeat_age_ms(None if seen is None else seen.last_mono, self.clock.mono())
+
+    def stale_after_s(self, node_id: str) -> float:
+        """How long ``node_id``'s heartbeat stays fresh (a node never heard: as on a LAN)."""
+        seen = self.seen.get(node_id)
+        return self.timings(seen.scope if seen else "lan")[1]
+
+    def stale(self, node_id: str) -> bool:
+        return is_stale(self.age_ms(node_id), int(self.stale_after_s(node_id) * 1000))
+
+    def scope(self, node_id: str) -> Scope | None:
+        seen = self.seen.get(node_id)
+        return None if seen is None else seen.scope
+
+    def status(self, node_id: str) -> HeartbeatStatus | None:
+        seen = self.seen.get(node_id)
+        return None if seen is None else seen.status
+
+    def accepts_remote_work(self, node_id: str) -> bool | None:
+        """What the node's last heartbeat said (``exec_remote``); ``None`` before one."""
+        seen = self.seen.get(node_id)
+        return None if seen is None else seen.report.exec_remote
+
+
+class HeartbeatIntake:
+    """Control-plane side: the heartbeat route."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        control_plane: ControlPlaneLink,
+        address: OwnAddress,
+        liveness: Liveness,
+        scope: ScopeConfig,
+        membership: Membership,
+        registry: Registry,
+        records: ClusterRecords,
+        revocations: RevocationState,
+        events: EventLog,
+        report_listeners: Sequence[ReportListener] = (),
+        answer_parts: Sequence[AnswerPart] = (),
+    ) -> None:
+        self.clock = clock
+        self.control_plane = control_plane
+        self.address = address
+        self.liveness = liveness
+        self.scope_config = scope
+        self.membership = membership
+        self.registry = registry
+        self.records = records
+        self.revocations = revocations
+        self.events = events
+        self.report_listeners = tuple(report_listeners)
+        self.answer_parts = tuple(answer_parts)
         self.logger = get_logger("heartbeat")
 
     def routes(self) -> list[Route]:
@@ -117,93 +328,98 @@ class HeartbeatReceiver:
             )
         ]
 
-    def timings(self, scope: Scope) -> tuple[float, float]:
-        timing = getattr(self.agent.config.timings, scope)
-        return timing.heartbeat_interval_s, timing.stale_after_s
-
-    def note_self(self) -> None:
-        self.seen[self.agent.node_id] = Seen(
-            self.agent.clock.mono(), "127.0.0.1", "local", "running", build_report(self.agent)
+    def note_self(self, report: HeartbeatReport) -> None:
+        """The control plane's own liveness (it does not call itself)."""
+        self.liveness.note(
+            self.control_plane.node_id,
+            Seen(self.clock.mono(), "127.0.0.1", "local", report.status, report),
         )
 
-    def age_ms(self, node_id: str) -> int | None:
-        seen = self.seen.get(node_id)
-        return heartbeat_age_ms(None if seen is None else seen.last_mono, self.agent.clock.mono())
-
-    def stale(self, node_id: str) -> bool:
-        seen = self.seen.get(node_id)
-        scope = seen.scope if seen else "lan"
-        _, stale_after = self.timings(scope)
-        return is_stale(self.age_ms(node_id), int(stale_after * 1000))
-
     async def _heartbeat(self, request: Request) -> HeartbeatAnswer:
-        agent = self.agent
-        agent.require_control_plane()
-        caller = request.caller
-        member = agent.membership.get(caller.id)
+        address = request.client[0] if request.client else None
+        answer = self.receive(request.caller.id, request.message(HeartbeatReport), address=address)
+        await trio.lowlevel.checkpoint()
+        return answer
+
+    def receive(
+        self, caller: str, report: HeartbeatReport, *, address: str | None
+    ) -> HeartbeatAnswer:
+        """``caller``'s heartbeat ``report``, sent from ``address``: checked whole before
+        anything is applied, then noted, applied and answered."""
+        self.control_plane.require_self()
+        member = self.membership.get(caller)
         if member is None or member.kind != "node":
             raise Forbidden("heartbeats come from nodes", code="not_a_node")
-        report = request.message(HeartbeatReport)
         _check_addresses(report.addresses)
-        address = request.client[0] if request.client else None
-        scope = scope_of(agent, address)
-        for write in report.registers:  # everything is checked before anything is applied
-            if write.node_id != caller.id or write.writer_class != "self":
+        for write in report.registers:
+            if write.node_id != caller or write.writer_class != "self":
                 raise Forbidden(
                     "a node may only send registers about itself, as itself",
                     code="writer_not_allowed",
                 )
-        self.seen[caller.id] = Seen(agent.clock.mono(), address, scope, report.status, report)
+        scope = scope_of(self.scope_config, address)
+        self.liveness.note(caller, Seen(self.clock.mono(), address, scope, report.status, report))
         self._update_member(member, report)
         for write in report.registers:
-            before = agent.registry.lifecycle(caller.id)
-            if agent.registry.apply(write) and write.attribute == LIFECYCLE:
-                after = agent.registry.lifecycle(caller.id)
-                agent.record_event(
-                    caller.id,
-                    "lifecycle",
-                    actor=caller.id,
-                    reason=write.reason,
-                    detail={
-                        "command": "leave" if after and after.state == "left" else "self",
-                        "from": before.state if before else None,
-                        "to": after.state if after else None,
-                    },
-                )
-            elif write.attribute != LIFECYCLE:
-                agent.on_self_register(write)
-        wire_report = report.to_json()  # the agent's hooks still take the wire form
-        await agent.on_heartbeat(caller.id, wire_report)
-        interval, stale_after = self.timings(scope)
-        extras = agent.heartbeat_answer_extras(caller.id, wire_report)
-        settings_record = agent.records.settings_record
-        return HeartbeatAnswer(
-            term=agent.term,
-            control_plane=ControlPlaneRef(node_id=agent.node_id, url=agent.url),
-            membership_version=agent.membership.version,
-            lifecycle=agent.registry.lifecycle(caller.id),
+            self._apply(caller, write)
+        for listener in self.report_listeners:
+            listener(caller, report)
+        interval, stale_after = self.liveness.timings(scope)
+        records, revocations = self.records, self.revocations
+        settings_record = records.settings_record
+        answer = HeartbeatAnswer(
+            term=self.control_plane.term,
+            control_plane=ControlPlaneRef(node_id=self.control_plane.node_id, url=self.address.url),
+            membership_version=self.membership.version,
+            lifecycle=self.registry.lifecycle(caller),
             scope=scope,
             heartbeat_interval_s=interval,
             stale_after_s=stale_after,
-            revocation_serial=agent.revocations.serial,
-            revocations=agent.revocations.text
-            if report.revocation_serial < agent.revocations.serial
-            else None,
-            settings_serial=agent.records.settings_serial,
+            revocation_serial=revocations.serial,
+            revocations=revocations.text if report.revocation_serial < revocations.serial else None,
+            settings_serial=records.settings_serial,
             settings_record=settings_record.text
-            if settings_record and report.settings_serial < agent.records.settings_serial
+            if settings_record and report.settings_serial < records.settings_serial
             else None,
-            gpu_facts_version=extras.get("gpu_facts_version"),
-            gpu_registers=tuple(
-                RegisterWrite.from_json(r) for r in extras.get("gpu_registers", [])
-            ),
+            gpu_facts_version=None,
+            gpu_registers=(),
+        )
+        for part in self.answer_parts:
+            answer = part(caller, answer)
+        return answer
+
+    def _apply(self, caller: str, write: RegisterWrite) -> None:
+        """One of the caller's own register writes: a lifecycle change is recorded as
+        one; any other register (a GPU quarantine) is recorded as received."""
+        before = self.registry.lifecycle(caller)
+        changed = self.registry.apply(write)
+        if write.attribute == LIFECYCLE:
+            if not changed:
+                return
+            after = self.registry.lifecycle(caller)
+            kind = "lifecycle"
+            detail: dict[str, object] = {
+                "command": "leave" if after and after.state == "left" else "self",
+                "from": before.state if before else None,
+                "to": after.state if after else None,
+            }
+        else:
+            kind = "register"
+            detail = {"attribute": write.attribute, "value": write.value}
+        self.events.append(
+            at_ms=wall_ms(self.clock),
+            node_id=caller,
+            kind=kind,
+            actor=write.actor if kind == "register" else caller,
+            reason=write.reason,
+            detail=detail,
         )
 
     def _update_member(self, member: Member, report: HeartbeatReport) -> None:
         addresses = report.addresses
         if addresses and addresses != member.addresses:
-            self.agent.membership.upsert(
-                replace(member, addresses=addresses, updated_ms=int(self.agent.clock.wall() * 1000))
+            self.membership.upsert(
+                replace(member, addresses=addresses, updated_ms=wall_ms(self.clock))
             )
 
 
@@ -219,126 +435,149 @@ def _check_addresses(addresses: tuple[str, ...]) -> None:
             ) from exc
 
 
-def build_report(
-    agent: Agent,
-    status: HeartbeatStatus = "running",
-    registers: tuple[RegisterWrite, ...] = (),
-) -> HeartbeatReport:
-    """This node's heartbeat: what it holds and runs (the agent's ``heartbeat_report``
-    hook gives uptime, held leases, ``exec_remote`` and the GPU summary in wire form)."""
-    extras = agent.heartbeat_report()
-    gpu = extras.get("gpu")
-    return HeartbeatReport(
-        status=status,
-        addresses=tuple(agent.self_addresses()),
-        registers=registers,
-        revocation_serial=agent.revocations.serial,
-        membership_version=agent.membership.version,
-        settings_serial=agent.records.settings_serial,
-        version=__version__,
-        uptime_s=extras.get("uptime_s"),
-        gpu=None if gpu is None else GpuHeartbeatSummary.from_json(gpu),
-        leases=tuple(HeldLease.from_json(row) for row in extras.get("leases", [])),
-        exec_remote=bool(extras.get("exec_remote", True)),
-    )
+class SelfBeat:
+    """The control plane's own liveness, noted in process every interval."""
+
+    def __init__(
+        self,
+        *,
+        intake: HeartbeatIntake,
+        reports: HeartbeatReports,
+        health: Health,
+        interval_s: float,
+    ) -> None:
+        self.intake = intake
+        self.reports = reports
+        self.health = health
+        self.interval_s = interval_s
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        health = self.health
+        while True:
+            try:
+                self.intake.note_self(self.reports.build())
+            except RETRIED as exc:
+                await health.retry_after(health.failed("self_beat", exc))
+                continue
+            health.ok("self_beat")
+            await trio.sleep(self.interval_s)
+
+
+# -- every other node ---------------------------------------------------------------------
 
 
 class HeartbeatSender:
-    """Every node: the heartbeat loop towards the control plane."""
+    """Every node but the control plane: the heartbeat loop towards the control plane."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        control_plane: ControlPlaneLink,
+        reports: HeartbeatReports,
+        outbox: RegisterOutbox,
+        leaving: Leaving,
+        scope: ScopeConfig,
+        timings: TimingsConfig,
+        revocations: RevocationState,
+        records: ClusterRecords,
+        membership: Membership,
+        sync_members: Callable[[], Awaitable[None]],
+        out_of_cluster: Callable[[PopuliError], bool],
+        health: Health,
+        answer_listeners: Sequence[AnswerListener] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        """``sync_members()`` pulls the control plane's membership; ``out_of_cluster(exc)``
+        says whether a refusal means this node was retired or forgotten (and takes note
+        of it: :meth:`Standing.learn <populi_peer.agent.standing.Standing.learn>`)."""
+        self.clock = clock
+        self.control_plane = control_plane
+        self.reports = reports
+        self.outbox = outbox
+        self.leaving = leaving
+        self.scope_config = scope
+        self.timing_config = timings
+        self.revocations = revocations
+        self.records = records
+        self.membership = membership
+        self.sync_members = sync_members
+        self.out_of_cluster = out_of_cluster
+        self.health = health
+        self.answer_listeners = tuple(answer_listeners)
         self.logger = get_logger("heartbeat")
-        self.rng = random.Random()
+        self.rng = rng or random.Random()
         self.cp_down = False
         self.last_answer: HeartbeatAnswer | None = None
-        #: This node's lifecycle as the last answer said, in wire form (``status`` and
-        #: ``standing`` show it as such).
-        self.lifecycle: dict[str, Any] | None = None
-        #: This node's own register writes (wire form), sent until acknowledged.
-        self.outbox_registers: list[dict[str, Any]] = []
+        #: This node's lifecycle as the last answer said.
+        self.lifecycle: NodeLifecycle | None = None
         self.beats = 0
         self.expelled = False
-        self.kick = trio.Event()
+
+    @property
+    def reachable(self) -> bool:
+        """A heartbeat was answered, and the last one did not fail."""
+        return self.beats > 0 and not self.cp_down
 
     def interval_s(self) -> float:
         if self.last_answer is not None:
             return self.last_answer.heartbeat_interval_s
-        scope = scope_of(self.agent, url_host(self.agent.control_plane_url))
-        return float(getattr(self.agent.config.timings, scope).heartbeat_interval_s)
+        scope = scope_of(self.scope_config, url_host(self.control_plane.url))
+        return scope_timing(self.timing_config, scope).heartbeat_interval_s
 
     def payload(self, status: HeartbeatStatus = "running") -> HeartbeatReport:
-        registers = tuple(RegisterWrite.from_json(raw) for raw in self.outbox_registers)
-        return build_report(self.agent, status, registers)
+        return self.reports.build(status, self.outbox.pending)
 
     async def beat_once(self, status: HeartbeatStatus = "running") -> HeartbeatAnswer:
         """One heartbeat; a malformed answer is ``PeerError(code="bad_peer_answer")``."""
-        agent = self.agent
-        sent = list(self.outbox_registers)
-        answer = await agent.peers.call(
-            url=agent.control_plane_url,
-            node_id=agent.control_plane_id,
-            method="POST",
-            path="/v1/populi/heartbeat",
-            payload=self.payload(status),
+        sent = list(self.outbox.pending)
+        answer = await self.control_plane.call(
+            "POST",
+            "/v1/populi/heartbeat",
+            self.payload(status),
             answer=HeartbeatAnswer,
             # A heartbeat that takes longer than two periods is as good as lost.
             timeout_s=max(2.0, 2 * self.interval_s()),
         )
         # Registers are delivered once acknowledged; later writes stay queued.
-        self.outbox_registers = [r for r in self.outbox_registers if r not in sent]
+        self.outbox.delivered(sent)
         await self._absorb(answer)
         self.beats += 1
         return answer
 
     async def _absorb(self, answer: HeartbeatAnswer) -> None:
-        agent = self.agent
         self.last_answer = answer
-        self.lifecycle = None if answer.lifecycle is None else answer.lifecycle.to_json()
-        now_ms = int(agent.clock.wall() * 1000)
+        self.lifecycle = answer.lifecycle
         if answer.revocations:
-            agent.revocations.offer(answer.revocations, now_ms=now_ms)
+            self.revocations.offer(answer.revocations, now_ms=wall_ms(self.clock))
         if answer.settings_record:
             try:
-                agent.records.offer_settings(answer.settings_record)
+                self.records.offer_settings(answer.settings_record)
             except PopuliError as exc:
                 log(self.logger, logging.WARNING, "settings record ignored", error=str(exc))
-        if answer.membership_version != agent.membership.version:
-            await agent.sync_members()
-        url = answer.control_plane.url
-        if answer.term >= agent.term and url != agent.control_plane_url:
-            agent.store.set_meta("control_plane_url", url)
-        await agent.on_heartbeat_answer(answer.to_json())  # the hook takes the wire form
+        if answer.membership_version != self.membership.version:
+            await self.sync_members()
+        self.control_plane.follow(term=answer.term, url=answer.control_plane.url)
+        for listener in self.answer_listeners:
+            listener(answer)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         failures = 0
         while True:
-            leaving = self.agent.leaving
+            leaving = self.leaving.started
             try:
                 answer = await self.beat_once(status="leaving" if leaving else "running")
                 if leaving and answer.lifecycle is not None and answer.lifecycle.state == "left":
-                    self.agent.leave_acknowledged()
+                    self.leaving.acknowledged(late=True)
                     return
             except RETRIED as exc:
                 # The control plane answered, but what it said could not be kept here
                 # (disk full...): not an unreachable control plane; beat again soon.
-                delay = self.agent.health.failed("heartbeat", exc)
+                delay = self.health.failed("heartbeat", exc)
             except PopuliError as exc:
-                # Retired (the control plane says so), or unknown to it (deleted, or the
-                # certificate expired): this node is out; `populi status` says so and how
-                # to re-join. Heartbeats stop.
-                if self.agent.standing.learn(exc):
-                    self.expelled = True
-                    return
-                if exc.code == "signature_invalid" and exc.details.get("http_status") == 401:
-                    log(
-                        self.logger,
-                        logging.ERROR,
-                        "the control plane does not accept this node's key; heartbeats stop. "
-                        "Re-join with a new token: runbooks/enroll-a-node.md",
-                        error=str(exc),
-                    )
+                if self._expelled_by(exc):
                     self.expelled = True
                     return
                 failures += 1
@@ -348,7 +587,7 @@ class HeartbeatSender:
                         self.logger,
                         logging.WARNING,
                         "control plane unreachable",
-                        url=self.agent.control_plane_url,
+                        url=self.control_plane.url,
                         error=str(exc),
                     )
                 delay = min(
@@ -362,43 +601,46 @@ class HeartbeatSender:
                         self.logger,
                         logging.INFO,
                         "control plane reachable again",
-                        url=self.agent.control_plane_url,
+                        url=self.control_plane.url,
                         after_failures=failures,
                     )
                 failures = 0
-                self.agent.health.ok("heartbeat")
+                self.health.ok("heartbeat")
                 delay = self.interval_s()
-            with trio.move_on_after(delay):
-                await self.kick.wait()
-            if self.kick.is_set():
-                self.kick = trio.Event()
+            await self.outbox.wait_put(delay)
 
-
-class SelfBeat:
-    """The control plane's own liveness, noted in process every interval."""
-
-    def __init__(self, agent: Agent, receiver: HeartbeatReceiver) -> None:
-        self.agent = agent
-        self.receiver = receiver
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        health = self.agent.health
-        while True:
-            try:
-                self.receiver.note_self()
-            except RETRIED as exc:
-                await health.retry_after(health.failed("self_beat", exc))
-                continue
-            health.ok("self_beat")
-            await trio.sleep(self.agent.config.timings.local.heartbeat_interval_s)
+    def _expelled_by(self, exc: PopuliError) -> bool:
+        """Retired (the control plane says so), or unknown to it (deleted, or the
+        certificate expired): this node is out; ``populi status`` says so and how to
+        re-join. Or the control plane does not accept this node's key. Heartbeats stop."""
+        if self.out_of_cluster(exc):
+            return True
+        if exc.code == "signature_invalid" and exc.details.get("http_status") == 401:
+            log(
+                self.logger,
+                logging.ERROR,
+                "the control plane does not accept this node's key; heartbeats stop. "
+                "Re-join with a new token: runbooks/enroll-a-node.md",
+                error=str(exc),
+            )
+            return True
+        return False
 
 
 __all__ = [
-    "HeartbeatReceiver",
+    "AnswerListener",
+    "AnswerPart",
+    "HeartbeatIntake",
+    "HeartbeatReports",
     "HeartbeatSender",
+    "Leaving",
+    "Liveness",
+    "RegisterOutbox",
+    "ReportListener",
+    "ReportPart",
+    "Seen",
     "SelfBeat",
-    "build_report",
     "scope_of",
+    "scope_timing",
     "url_host",
 ]

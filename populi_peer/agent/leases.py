@@ -70,7 +70,7 @@ from populi_peer.core.messages import (
 )
 from populi_peer.core.policy import decide
 from populi_peer.core.scope import Scope
-from populi_peer.core.settings import policy_gates, remote_refusal
+from populi_peer.core.settings import gates_enabled, remote_refusal
 from populi_peer.log import get_logger, log
 from populi_peer.store.events import EventLog
 from populi_peer.store.leases import Leases
@@ -301,7 +301,7 @@ class LeaseService:
             if refusal is not None:
                 reasons.append(refusal)
             scope = self.path_scope(submitter, node_id)
-            decision = decide(work_class, scope, gates_enabled=policy_gates(settings))
+            decision = decide(work_class, scope, gates_enabled=gates_enabled(settings))
             if not decision.allowed:
                 reasons.append(decision.reason or "policy_blocked")
         return TargetView(

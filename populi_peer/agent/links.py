@@ -20,9 +20,10 @@ from typing import Any, TypeVar, overload
 
 import trio
 
+from populi_peer.agent.membership import Membership
 from populi_peer.api.client import PeerClient, RequestBody
 from populi_peer.core.membership import Member
-from populi_peer.core.messages import Message
+from populi_peer.core.messages import MembersAnswer, Message
 from populi_peer.errors import Conflict, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -71,6 +72,12 @@ class ControlPlaneLink:
         if self.is_self and self.url != url:
             self.store.set_meta("control_plane_url", url)
 
+    def follow(self, *, term: int, url: str) -> None:
+        """The control plane answered from ``url`` in ``term``: where to reach it next,
+        unless that term is older than the one this node knows."""
+        if term >= self.term and url != self.url:
+            self.store.set_meta("control_plane_url", url)
+
     @overload
     async def call(
         self,
@@ -105,8 +112,8 @@ class ControlPlaneLink:
         timeout_s: float | None = None,
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
-        """Call the control plane; with ``answer``, its answer parsed as that type (a
-        malformed one is ``PeerError(code="bad_peer_answer")``)."""
+        """Call the control plane; with ``answer``, the answer parsed as that type (a
+        malformed one is ``bad_peer_answer``)."""
         return await self.client.call(
             url=self.url,
             node_id=self.id,
@@ -126,7 +133,7 @@ class PeerLink:
         self,
         *,
         node_id: str,
-        membership: Any,
+        membership: Membership,
         control_plane: ControlPlaneLink,
         client: PeerClient,
     ) -> None:
@@ -138,11 +145,11 @@ class PeerLink:
 
     async def sync_members(self) -> None:
         """Replace this node's membership view with the control plane's."""
-        answer = await self.control_plane.call("GET", "/v1/populi/members")
-        members = [Member.from_json(m) for m in answer.get("members", [])]
+        answer = await self.control_plane.call("GET", "/v1/populi/members", answer=MembersAnswer)
+        members = [view.member() for view in answer.members]
         if not any(m.id == self.node_id for m in members):
             log(self.logger, logging.WARNING, "this node is not in the control plane's membership")
-        self.membership.replace_all(members, int(answer.get("version", 0)))
+        self.membership.replace_all(members, answer.version)
 
     async def member(self, node_id: str) -> Member | None:
         """A node's member record with an address; refreshes membership from the control

@@ -7,11 +7,13 @@ and a signature from a voter in their membership view.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from enrollment.records import SignedRecord, sign_record, verify_record
 from populi_peer.agent.membership import Membership
 from populi_peer.core import settings as cluster_settings
+from populi_peer.core.messages import SettingsView
 from populi_peer.errors import Forbidden, enrollment_boundary
 from populi_peer.identity import Identity
 from populi_peer.store import Store
@@ -94,16 +96,20 @@ class ClusterRecords:
         self._install(record)
         return record
 
-    def settings_json(self) -> dict[str, Any]:
+    def policy_gates(self) -> frozenset[tuple[str, str]]:
+        """The gated work-class cells the settings held here switch on."""
+        return cluster_settings.gates_enabled(self.settings)
+
+    def settings_view(self) -> SettingsView:
         record = self.settings_record
-        return {
-            "serial": self.settings_serial,
-            "signer": record.signer if record else None,
-            "actor": record.actor if record else None,
-            "signed_ms": record.signed_ms if record else None,
-            "values": dict(self.settings),
-            "record": record.text if record else None,
-        }
+        return SettingsView(
+            serial=self.settings_serial,
+            signer=record.signer if record else None,
+            actor=record.actor if record else None,
+            signed_ms=record.signed_ms if record else None,
+            values=MappingProxyType(dict(self.settings)),
+            record=record.text if record else None,
+        )
 
 
 __all__ = ["ClusterRecords"]

@@ -1,11 +1,13 @@
-"""Settings reach every node at once.
+"""Cluster settings: shown by every node, changed on the control plane, and brought to
+every node at once.
 
 Heartbeat answers carry a newer settings record to a node that lacks it, but only at its
 next heartbeat: right after ``populi settings set remote_exec_enabled true`` a submitter
 could still place a GPU task locally, or a worker refuse the handoff. So:
 
-- the control plane pushes each new record to every node it knows (not retired, not left)
-  right away (``POST /v1/populi/records/settings``), all at once, each call bounded by
+- the control plane signs each change (``POST /v1/populi/admin/settings``) and pushes the
+  new record to every node it knows (not retired, not left) right away
+  (``POST /v1/populi/records/settings``), all at once, each call bounded by
   :data:`PUSH_TIMEOUT_S`, and says which nodes did not confirm (they still get it with
   their next heartbeat);
 - a node accepts a pushed record exactly as one from a heartbeat answer: only signed by a
@@ -21,66 +23,138 @@ the settings record".
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 import trio
 
+from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
-from populi_peer.api.app import Request, Route
+from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.api.client import PeerClient
-from populi_peer.errors import BadRequest, PopuliError
+from populi_peer.clock import Clock, wall_ms
+from populi_peer.core.messages import (
+    PushMiss,
+    PushReport,
+    SettingsAnswer,
+    SettingsChangeRequest,
+    SettingsPushAnswer,
+    SettingsPushRequest,
+    SettingsSetAnswer,
+)
+from populi_peer.errors import PopuliError
+from populi_peer.identity import Identity
 from populi_peer.log import get_logger, log
+from populi_peer.store import Store
+from populi_peer.store.events import EventLog
 
 VOTERS = frozenset({"voter"})
+OPERATOR = frozenset({"operator"})
 #: How long the control plane waits for one node to confirm a pushed record.
 PUSH_TIMEOUT_S = 5.0
 #: Lifecycle states of nodes that get no push (they take no part any more).
 GONE_STATES = ("retired", "left")
+#: The store's note of the longest ``max_lease_ttl_s`` ever in force (ADR 0006, decision 5).
+MAX_TTL_SEEN_KEY = "lease_max_ttl_seen_s"
 
 
 class SettingsSync:
     def __init__(
         self,
         *,
-        node_id: str,
+        identity: Identity,
+        clock: Clock,
+        store: Store,
         records: ClusterRecords,
         membership: Membership,
         registry: Registry,
-        peers: Callable[[], PeerClient],
-        control_plane: Callable[[], tuple[str, str]],
+        events: EventLog,
+        control_plane: ControlPlaneLink,
+        peers: PeerClient,
         timeout_s: float,
     ) -> None:
-        """``control_plane()`` is the (url, node id) this node believes holds the role;
+        """``identity`` signs the records this node makes as the control plane;
         ``timeout_s`` bounds one push or fetch (at most :data:`PUSH_TIMEOUT_S`)."""
-        self.node_id = node_id
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.clock = clock
+        self.store = store
         self.records = records
         self.membership = membership
         self.registry = registry
-        self.peers = peers
+        self.events = events
         self.control_plane = control_plane
+        self.peers = peers
         self.timeout_s = min(PUSH_TIMEOUT_S, timeout_s)
         self.logger = get_logger("settings")
 
     def routes(self) -> list[Route]:
         return [
             Route(
+                "GET",
+                "/v1/populi/settings",
+                self._show,
+                roles=ANY_MEMBER,
+                name="settings_show",
+                answer=SettingsAnswer,
+            ),
+            Route(
+                "POST",
+                "/v1/populi/admin/settings",
+                self._set,
+                roles=OPERATOR,
+                name="settings_set",
+                request=SettingsChangeRequest,
+                answer=SettingsSetAnswer,
+            ),
+            Route(
                 "POST",
                 "/v1/populi/records/settings",
                 self._receive,
                 roles=VOTERS,
                 name="settings_push",
-            )
+                request=SettingsPushRequest,
+                answer=SettingsPushAnswer,
+            ),
         ]
+
+    # -- showing and changing -------------------------------------------------------------
+
+    async def _show(self, request: Request) -> SettingsAnswer:
+        await trio.lowlevel.checkpoint()
+        return SettingsAnswer(settings=self.records.settings_view(), term=self.control_plane.term)
+
+    async def _set(self, request: Request) -> SettingsSetAnswer:
+        self.control_plane.require_self()
+        changes = dict(request.message(SettingsChangeRequest).changes)
+        previous_ttl = float(self.records.settings["max_lease_ttl_s"])
+        record = self.records.change_settings(
+            changes,
+            identity=self.identity,
+            actor=request.caller.id,
+            now_ms=wall_ms(self.clock),
+        )
+        if float(self.records.settings["max_lease_ttl_s"]) != previous_ttl:
+            # Remembered for the grant hold after a restart (ADR 0006, decision 5).
+            seen = float(self.store.get_meta(MAX_TTL_SEEN_KEY, "0") or 0)
+            self.store.set_meta(MAX_TTL_SEEN_KEY, str(max(seen, previous_ttl)))
+        self.events.append(
+            at_ms=wall_ms(self.clock),
+            node_id=self.node_id,
+            kind="settings_changed",
+            actor=request.caller.id,
+            detail={"changes": changes, "serial": record.serial},
+        )
+        # Every node at once, not at its next heartbeat; the answer says who did not confirm.
+        push = await self.push()
+        return SettingsSetAnswer(
+            settings=self.records.settings_view(), term=self.control_plane.term, push=push
+        )
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def _receive(self, request: Request) -> dict[str, Any]:
-        record = request.json().get("record")
-        if not isinstance(record, str) or not record:
-            raise BadRequest("body needs 'record': a signed settings record", code="bad_request")
+    async def _receive(self, request: Request) -> SettingsPushAnswer:
+        record = request.message(SettingsPushRequest).record
         installed = self.records.offer_settings(record)
         if installed:
             log(
@@ -91,7 +165,7 @@ class SettingsSync:
                 by=request.caller.id,
             )
         await trio.lowlevel.checkpoint()
-        return {"settings_serial": self.records.settings_serial, "installed": installed}
+        return SettingsPushAnswer(settings_serial=self.records.settings_serial, installed=installed)
 
     # -- pushing (control plane) ----------------------------------------------------------
 
@@ -107,41 +181,40 @@ class SettingsSync:
             out.append((member.id, member.name, member.addresses[0]))
         return out
 
-    async def push(self) -> dict[str, Any]:
+    async def push(self) -> PushReport:
         """Push the current record to every node at once; returns who confirmed it and
         who did not (with why)."""
         record = self.records.settings_record
         serial = self.records.settings_serial
         confirmed: list[str] = []
-        unconfirmed: list[dict[str, Any]] = []
+        unconfirmed: list[PushMiss] = []
         if record is None:
             await trio.lowlevel.checkpoint()
-            return {"serial": serial, "confirmed": confirmed, "unconfirmed": unconfirmed}
+            return PushReport(serial=serial, confirmed=(), unconfirmed=())
         timeout_s = self.timeout_s
 
         async def one(node_id: str, name: str, address: str) -> None:
             reason, detail = "no_answer", f"no answer within {timeout_s:g} s"
             with trio.move_on_after(timeout_s):
                 try:
-                    answer = await self.peers().call(
+                    answer = await self.peers.call(
                         url=f"https://{address}",
                         node_id=node_id,
                         method="POST",
                         path="/v1/populi/records/settings",
-                        payload={"record": record.text},
+                        payload=SettingsPushRequest(record=record.text),
                         timeout_s=timeout_s,
+                        answer=SettingsPushAnswer,
                     )
                 except PopuliError as exc:
                     reason, detail = exc.code, str(exc)[:200]
                 else:
-                    held = answer.get("settings_serial")
-                    if isinstance(held, int) and held >= serial:
+                    held = answer.settings_serial
+                    if held >= serial:
                         confirmed.append(node_id)
                         return
                     reason, detail = "not_installed", f"the node holds serial {held!r}"
-            unconfirmed.append(
-                {"node_id": node_id, "name": name, "reason": reason, "detail": detail}
-            )
+            unconfirmed.append(PushMiss(node_id=node_id, name=name, reason=reason, detail=detail))
 
         async with trio.open_nursery() as nursery:
             for target in self.targets():
@@ -152,13 +225,13 @@ class SettingsSync:
                 logging.WARNING,
                 "settings record not confirmed by every node; they get it with their next heartbeat",
                 serial=serial,
-                unconfirmed=[u["name"] for u in unconfirmed],
+                unconfirmed=[u.name for u in unconfirmed],
             )
-        return {
-            "serial": serial,
-            "confirmed": sorted(confirmed),
-            "unconfirmed": sorted(unconfirmed, key=lambda u: (u["name"], u["node_id"])),
-        }
+        return PushReport(
+            serial=serial,
+            confirmed=tuple(sorted(confirmed)),
+            unconfirmed=tuple(sorted(unconfirmed, key=lambda u: (u.name, u.node_id))),
+        )
 
     # -- catching up (any node) -----------------------------------------------------------
 
@@ -166,25 +239,20 @@ class SettingsSync:
         """A peer acted under settings record ``serial``: if this node holds an older one,
         fetch the signed record from the control plane (and install it if it verifies).
         The serial is only a hint to look; what is decided is decided on the record held."""
-        url, cp_id = self.control_plane()
         if (
             isinstance(serial, bool)
             or not isinstance(serial, int)
             or serial <= self.records.settings_serial
-            or cp_id == self.node_id
+            or self.control_plane.is_self
         ):
             await trio.lowlevel.checkpoint()
             return
         try:
-            answer = await self.peers().call(
-                url=url,
-                node_id=cp_id,
-                method="GET",
-                path="/v1/populi/settings",
-                timeout_s=self.timeout_s,
+            answer = await self.control_plane.call(
+                "GET", "/v1/populi/settings", timeout_s=self.timeout_s, answer=SettingsAnswer
             )
-            text = (answer.get("settings") or {}).get("record")
-            if isinstance(text, str) and self.records.offer_settings(text):
+            text = answer.settings.record
+            if text is not None and self.records.offer_settings(text):
                 log(
                     self.logger,
                     logging.INFO,
@@ -202,4 +270,4 @@ class SettingsSync:
             )
 
 
-__all__ = ["PUSH_TIMEOUT_S", "SettingsSync"]
+__all__ = ["MAX_TTL_SEEN_KEY", "PUSH_TIMEOUT_S", "SettingsSync"]

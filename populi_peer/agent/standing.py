@@ -30,9 +30,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from enrollment.revocation import RevokedNode
 from populi_peer.agent.membership import Membership
+from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
-from populi_peer.clock import Clock
+from populi_peer.api.auth import Principal
+from populi_peer.clock import Clock, wall_ms
+from populi_peer.core.lifecycle import NodeLifecycle
+from populi_peer.core.messages import Standing as StandingView
+from populi_peer.core.settings import remote_refusal
 from populi_peer.errors import PopuliError
 from populi_peer.log import get_logger, log
 
@@ -63,16 +68,20 @@ class Standing:
         revocations: RevocationState,
         membership: Membership,
         registry: Registry,
+        max_skew_s: float,
     ) -> None:
+        """``max_skew_s``: how long past its expiry a signer's certificate still counts
+        (the request-time skew budget)."""
         self.node_id = node_id
         self.node_name = node_name
         self.clock = clock
         self.revocations = revocations
         self.membership = membership
         self.registry = registry
+        self.max_skew_ms = int(max_skew_s * 1000)
         self.logger = get_logger("standing")
         #: The lifecycle record a peer sent with its ``node_retired`` refusal.
-        self.refused_lifecycle: dict[str, Any] | None = None
+        self.refused_lifecycle: NodeLifecycle | None = None
         self.refused_at_ms: int | None = None
         self.refused_code: str | None = None
 
@@ -99,13 +108,13 @@ class Standing:
         this node is out of the cluster (and takes note of what it says)."""
         if exc.code not in OUT_CODES or exc.details.get("http_status") != 401:
             return False
-        now_ms = int(self.clock.wall() * 1000)
+        now_ms = wall_ms(self.clock)
         if exc.code == "node_retired":
             text = exc.details.get("revocations")
             if isinstance(text, str):
                 self.revocations.offer(text, now_ms=now_ms)
-            lifecycle = exc.details.get("lifecycle")
-            if isinstance(lifecycle, dict) and lifecycle.get("state") == "retired":
+            lifecycle = _lifecycle(exc.details.get("lifecycle"))
+            if lifecycle is not None and lifecycle.state == "retired":
                 self.refused_lifecycle = lifecycle
         if self.refused_code != "node_retired":
             self.refused_code = exc.code
@@ -118,42 +127,69 @@ class Standing:
             else "the control plane no longer knows this node (deleted, or its certificate "
             "expired); it takes no more work",
             error=str(exc),
-            rejoin=self.json()["rejoin"],
+            rejoin=self.view().rejoin,
         )
         return True
 
-    def json(self) -> dict[str, Any]:
+    def view(self) -> StandingView:
         """``status.standing``: member, retired (since when, by whom, why, and from what
         this node knows it), or unknown to the control plane; and how to re-join."""
-        name = self.node_name
         entry = self.revoked_entry()
-        lifecycle = self.refused_lifecycle or {}
+        lifecycle = self.refused_lifecycle
         if self.retired:
-            state = "retired"
-            since = lifecycle.get("since_wall_ms") or (entry.revoked_ms if entry else None)
-            by = lifecycle.get("actor")
-            reason = lifecycle.get("reason") or (entry.reason if entry else None)
-            source = "revocation_list" if entry is not None else "control_plane"
-        elif self.refused_code is not None:
-            state, since, by, reason = "unknown_to_control_plane", self.refused_at_ms, None, None
-            source = "control_plane"
-        else:
-            return {
-                "state": "member",
-                "since_ms": None,
-                "by": None,
-                "reason": None,
-                "source": None,
-                "rejoin": None,
-            }
-        return {
-            "state": state,
-            "since_ms": since if isinstance(since, int) else None,
-            "by": by if isinstance(by, str) else None,
-            "reason": reason if isinstance(reason, str) else None,
-            "source": source,
-            "rejoin": rejoin_steps(name, name_blocked=self.revocations.is_name_blocked(name)),
-        }
+            return StandingView(
+                state="retired",
+                since_ms=lifecycle.since_wall_ms
+                if lifecycle is not None
+                else (entry.revoked_ms if entry else None),
+                by=lifecycle.actor if lifecycle is not None else None,
+                reason=(lifecycle.reason if lifecycle is not None else None)
+                or (entry.reason if entry else None),
+                source="revocation_list" if entry is not None else "control_plane",
+                rejoin=self._rejoin(),
+            )
+        if self.refused_code is not None:
+            return StandingView(
+                state="unknown_to_control_plane",
+                since_ms=self.refused_at_ms,
+                by=None,
+                reason=None,
+                source="control_plane",
+                rejoin=self._rejoin(),
+            )
+        return StandingView(
+            state="member", since_ms=None, by=None, reason=None, source=None, rejoin=None
+        )
+
+    def json(self) -> dict[str, Any]:
+        return self.view().to_json()
+
+    def _rejoin(self) -> tuple[str, ...]:
+        name = self.node_name
+        return tuple(rejoin_steps(name, name_blocked=self.revocations.is_name_blocked(name)))
+
+    # -- who may sign requests here -------------------------------------------------------
+
+    def signer(self, principal_id: str) -> Principal | None:
+        """The signer of a request, unless unknown, retired or its certificate expired."""
+        principal = self.membership.principal(principal_id)
+        if principal is None:
+            return None
+        member = self.membership.get(principal_id)
+        if member is not None and member.kind == "node":
+            lifecycle = self.registry.lifecycle(principal_id)
+            if lifecycle is not None and lifecycle.state == "retired":
+                return None
+            expired_ms = wall_ms(self.clock) - self.max_skew_ms
+            if member.cert_not_after_ms and member.cert_not_after_ms < expired_ms:
+                return None
+        return principal
+
+    def refuses_signer(self, principal_id: str) -> bool:
+        """A revoked signer is refused; this node's own key is always good at its own
+        agent (the CLI here signs with it, and a retired node's operator must still read
+        its status)."""
+        return principal_id != self.node_id and self.revocations.is_revoked(principal_id)
 
     # -- what this node tells others --------------------------------------------------------
 
@@ -180,4 +216,31 @@ class Standing:
         }
 
 
-__all__ = ["OUT_CODES", "Standing", "rejoin_steps"]
+def _lifecycle(raw: object) -> NodeLifecycle | None:
+    """The lifecycle record in a peer's refusal, if it is one."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return NodeLifecycle.from_json(raw)
+    except PopuliError:
+        return None
+
+
+class RemoteWork:
+    """Whether this node takes part in remote execution: on in its own config
+    (``exec.remote``) and in the cluster settings (no kill switch), and still a member."""
+
+    def __init__(self, *, exec_remote: bool, records: ClusterRecords, standing: Standing) -> None:
+        self.exec_remote = exec_remote
+        self.records = records
+        self.standing = standing
+
+    def enabled(self) -> bool:
+        return bool(
+            self.exec_remote
+            and remote_refusal(self.records.settings) is None
+            and not self.standing.out
+        )
+
+
+__all__ = ["OUT_CODES", "RemoteWork", "Standing", "rejoin_steps"]

@@ -95,7 +95,7 @@ from populi_peer.core.placement import CandidateView, propose
 from populi_peer.core.placement import TaskView as PlacementTask
 from populi_peer.core.refusals import Ask, Decision, decide_refusal
 from populi_peer.core.scope import Scope
-from populi_peer.core.settings import policy_gates
+from populi_peer.core.settings import gates_enabled
 from populi_peer.core.tasks import (
     Cancel,
     HandoffFailed,
@@ -525,7 +525,7 @@ class Submitter:
             candidates,
             remote_enabled=True,
             local_node=self.node_id,
-            gates_enabled=policy_gates(self.records.settings),
+            gates_enabled=gates_enabled(self.records.settings),
             avoid=frozenset(control.tried),
         )
         if placement.where == "remote":

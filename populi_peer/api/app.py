@@ -147,6 +147,11 @@ class Request:
         return self.principal
 
 
+#: The authentication scheme a 401 names: the per-request Ed25519 signature
+#: (``populi-signature`` / ``populi-signature-input`` headers, enrollment/signing.py).
+AUTH_SCHEME = "Populi-Signature"
+
+
 @dataclass
 class Response:
     status: int
@@ -190,6 +195,7 @@ class ApiApp:
         logger: logging.Logger | None = None,
     ) -> None:
         self.auth = authenticator
+        self.node_id = authenticator.node_id
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.logger = logger or get_logger("api")
@@ -213,9 +219,11 @@ class ApiApp:
                 return route, found.groupdict()
             allowed.append(route.method)
         if allowed:
+            methods = ", ".join(sorted(set(allowed)))
             raise PopuliError(
-                f"method {method} not allowed here; use {', '.join(sorted(set(allowed)))}",
+                f"method {method} not allowed here; use {methods}",
                 code="method_not_allowed",
+                allow=methods,
             )
         raise NotFound(f"no route {path}", code="no_route")
 
@@ -297,7 +305,9 @@ class ApiApp:
             except (PopuliError, EnrollmentError) as caught:
                 exc = translate_enrollment(caught)
                 status = 405 if exc.code == "method_not_allowed" else exc.http_status
-                response = Response(status, {"error": exc.to_json()})
+                response = Response(
+                    status, {"error": exc.to_json()}, self._error_headers(exc, status)
+                )
                 if status >= 500:
                     log(self.logger, logging.ERROR, "request failed", code=exc.code, error=str(exc))
             except Exception:
@@ -324,6 +334,16 @@ class ApiApp:
             )
         finally:
             correlation_id.reset(token)
+
+    def _error_headers(self, exc: PopuliError, status: int) -> dict[str, str]:
+        """What HTTP itself asks of these answers: a 405 names the methods the path takes
+        (RFC 9110 §15.5.6), a 401 the scheme that would authenticate (§11.6.1) — Populi's
+        request signature, for this node."""
+        if status == 405 and isinstance(exc.details.get("allow"), str):
+            return {"allow": exc.details["allow"]}
+        if status == 401:
+            return {"www-authenticate": f'{AUTH_SCHEME} realm="populi", node="{self.node_id}"'}
+        return {}
 
     async def _send(self, send: Any, response: Response, cid: str) -> None:
         now_ms = int(self.clock.wall() * 1000)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,8 +20,11 @@ from typing import Any
 
 from populi_peer.cli.common import add_json, print_json
 from populi_peer.errors import PopuliError
+from populi_peer.selfexec import child_env, populi_command, started_as
 
-POPULI = [sys.executable, "-m", "populi_peer"]
+#: This very installation: the installed package, or the single file (its agents are
+#: instances of their own, see populi_peer.selfexec).
+POPULI = populi_command()
 
 
 def register(subparsers: Any) -> None:
@@ -85,7 +87,7 @@ class Demo:
             capture_output=True,
             text=True,
             timeout=self.guard_s,
-            env={**os.environ, **(env or {})},
+            env={**child_env(), **(env or {})},
         )
         if check and result.returncode != 0:
             raise PopuliError(
@@ -102,7 +104,7 @@ class Demo:
             [*POPULI, "agent", "--data-dir", str(node.data_dir)],
             stdout=log,
             stderr=log,
-            env={**os.environ, **(env or {})},
+            env={**child_env(), **(env or {})},
             start_new_session=True,
         )
         log.close()
@@ -118,7 +120,7 @@ class Demo:
                 info = json.loads(runtime.read_text())
             except (OSError, ValueError):
                 info = None
-            if info and info.get("pid") == node.proc.pid:
+            if info and started_as(int(info.get("pid") or 0), node.proc.pid):
                 try:
                     response = httpx.get(info["url"] + "/v1/populi/health", verify=False, timeout=2)  # noqa: S501 - liveness only
                     if response.status_code == 200:

@@ -78,39 +78,45 @@ def _gib(value: Any) -> str:
 
 
 def run_gpus(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import GpusAnswer
+
     answer = control_plane_call(
-        args, "GET", "/v1/populi/gpus", params={"node": args.node} if args.node else None
+        args,
+        "GET",
+        "/v1/populi/gpus",
+        params={"node": args.node} if args.node else None,
+        answer=GpusAnswer,
     )
     if args.json:
         print_json(answer)
         return 0
-    rows = []
-    for node in answer["nodes"]:
-        if not node["devices"]:
+    rows: list[tuple[Any, ...]] = []
+    for node in answer.nodes:
+        if not node.devices:
             rows.append(
                 (
-                    node["name"],
+                    node.name,
                     "-",
                     "-",
                     "-",
                     "-",
                     "-",
                     "-",
-                    node.get("cpu_only_reason")
-                    or ("no report yet" if node["facts_version"] is None else "cpu-only"),
+                    node.cpu_only_reason
+                    or ("no report yet" if node.facts_version is None else "cpu-only"),
                 )
             )
-        for d in node["devices"]:
-            reasons = ",".join([*d["health_reasons"], *d["allocation_reasons"]]) or "-"
+        for d in node.devices:
+            reasons = ",".join([*d.health_reasons, *d.allocation_reasons]) or "-"
             rows.append(
                 (
-                    node["name"],
-                    d["index"],
-                    d["uuid"],
-                    d["name"],
-                    f"{_gib(d['memory_free_bytes'])}/{_gib(d['memory_total_bytes'])}",
-                    d["health"],
-                    "yes" if d["allocatable"] else "no",
+                    node.name,
+                    d.index,
+                    d.uuid,
+                    d.name,
+                    f"{_gib(d.memory_free_bytes)}/{_gib(d.memory_total_bytes)}",
+                    d.health,
+                    "yes" if d.allocatable else "no",
                     reasons,
                 )
             )
@@ -121,14 +127,17 @@ def run_gpus(args: argparse.Namespace) -> int:
 
 
 def run_resume(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import GpuResumeAnswer, ReasonRequest
+
     answer = control_plane_call(
         args,
         "POST",
         f"/v1/populi/admin/gpus/{args.node}/{args.uuid}/resume",
-        {"reason": args.reason},
+        ReasonRequest(reason=args.reason or None),
+        answer=GpuResumeAnswer,
     )
     if args.json:
         print_json(answer)
     else:
-        sys.stdout.write(f"GPU {answer['uuid']} of {answer['node_id']} is no longer quarantined\n")
+        sys.stdout.write(f"GPU {answer.uuid} of {answer.node_id} is no longer quarantined\n")
     return 0

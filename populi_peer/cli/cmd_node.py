@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from populi_peer.cli.common import (
     add_data_dir,
@@ -17,6 +17,9 @@ from populi_peer.cli.common import (
 )
 from populi_peer.core.durations import format_duration, parse_duration
 from populi_peer.errors import UsageError
+
+if TYPE_CHECKING:
+    from populi_peer.core.messages import NodeView
 
 LIFECYCLE_VERBS = ("cordon", "drain", "maintenance", "quarantine", "resume")
 
@@ -105,49 +108,51 @@ def parse_utc(text: str) -> int:
     return int(value.timestamp() * 1000)
 
 
-def _state_text(node: dict[str, Any]) -> str:
-    lc = node.get("lifecycle") or {}
-    state = node["state"]
-    if lc.get("until_wall_ms"):
-        state += f" until {_when(lc['until_wall_ms'])}"
-    if lc.get("deadline_wall_ms"):
-        state += f" by {_when(lc['deadline_wall_ms'])}"
-    return str(state)
+def _state_text(node: NodeView) -> str:
+    lc = node.lifecycle
+    state = str(node.state)
+    if lc is not None and lc.until_wall_ms:
+        state += f" until {_when(lc.until_wall_ms)}"
+    if lc is not None and lc.deadline_wall_ms:
+        state += f" by {_when(lc.deadline_wall_ms)}"
+    return state
 
 
-def _age(node: dict[str, Any]) -> str:
-    age = node.get("heartbeat_age_ms")
+def _age(node: NodeView) -> str:
+    age = node.heartbeat_age_ms
     if age is None:
         return "never"
     text = format_duration(age / 1000)
-    return text + (" (stale)" if node.get("heartbeat_stale") else "")
+    return text + (" (stale)" if node.heartbeat_stale else "")
 
 
-def _gpus(node: dict[str, Any]) -> str:
-    gpu = node.get("gpu_summary")
-    if not gpu:
+def _gpus(node: NodeView) -> str:
+    gpu = node.gpu_summary
+    if gpu is None:
         return "-"
-    return f"{gpu.get('allocatable', 0)}/{gpu.get('count', 0)}"
+    return f"{gpu.allocatable}/{gpu.count}"
 
 
 def run_nodes(args: argparse.Namespace) -> int:
-    answer = control_plane_call(args, "GET", "/v1/populi/nodes")
+    from populi_peer.core.messages import NodesAnswer
+
+    answer = control_plane_call(args, "GET", "/v1/populi/nodes", answer=NodesAnswer)
     if args.json:
         print_json(answer)
         return 0
     rows = [
         (
-            n["name"],
-            n["id"],
-            n["address"],
-            n["role"],
+            n.name,
+            n.id,
+            n.address,
+            n.role,
             _state_text(n),
             _age(n),
-            n["scope"],
+            n.scope,
             _gpus(n),
-            _when(n["cert_not_after_ms"]),
+            _when(n.cert_not_after_ms),
         )
-        for n in answer["nodes"]
+        for n in answer.nodes
     ]
     print_table(
         rows,
@@ -157,77 +162,129 @@ def run_nodes(args: argparse.Namespace) -> int:
 
 
 def run_events(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import EventsAnswer
+
     params: dict[str, Any] = {"limit": args.limit}
     if args.node:
         params["node"] = args.node
-    answer = control_plane_call(args, "GET", "/v1/populi/events", params=params)
+    answer = control_plane_call(
+        args, "GET", "/v1/populi/events", params=params, answer=EventsAnswer
+    )
     if args.json:
         print_json(answer)
         return 0
     rows = []
-    for e in answer["events"]:
-        detail = e["detail"]
-        what = e["kind"]
-        if e["kind"] == "lifecycle":
+    for e in answer.events:
+        detail = e.detail
+        what = e.kind
+        if e.kind == "lifecycle":
             what = f"{detail.get('command')}: {detail.get('from')} -> {detail.get('to')}"
-        rows.append((_when(e["at_ms"]), e["node_id"], what, e["actor"], e["reason"] or "-"))
+        rows.append((_when(e.at_ms), e.node_id, what, e.actor, e.reason or "-"))
     print_table(rows, ["when", "node", "event", "who", "why"])
     return 0
 
 
 def run_leave(args: argparse.Namespace) -> int:
-    answer = agent_call(args, "POST", "/v1/populi/leave", {"reason": args.reason}, timeout_s=60.0)
+    from populi_peer.core.messages import LeaveAnswer, ReasonRequest
+
+    answer = agent_call(
+        args,
+        "POST",
+        "/v1/populi/leave",
+        ReasonRequest(reason=args.reason or None),
+        timeout_s=60.0,
+        answer=LeaveAnswer,
+    )
     if args.json:
         print_json(answer)
     else:
         ack = (
             "acknowledged by the control plane"
-            if answer["acknowledged"]
+            if answer.acknowledged
             else "NOT acknowledged (control plane unreachable)"
         )
         sys.stdout.write(
-            f"node {answer['node_id']} left the cluster ({ack}); {answer['tasks_stopped']} task(s) stopped; the agent exits\n"
+            f"node {answer.node_id} left the cluster ({ack}); {answer.tasks_stopped} task(s) stopped; the agent exits\n"
         )
     return 0
 
 
 def run_node_verb(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import (
+        LifecycleCommandAnswer,
+        LifecycleCommandRequest,
+        NodeDeleteAnswer,
+        NodeRetireAnswer,
+        ReasonRequest,
+    )
+
     verb = args.verb
-    payload: dict[str, Any] = {"reason": args.reason}
+    path = f"/v1/populi/admin/nodes/{args.node}/{verb}"
+    reason = args.reason or None
+    if verb == "retire":
+        retired = control_plane_call(
+            args, "POST", path, ReasonRequest(reason=reason), answer=NodeRetireAnswer
+        )
+        if args.json:
+            print_json(retired)
+        else:
+            sys.stdout.write(
+                f"node {retired.node_id} retired; revocation list serial {retired.revocation_serial}\n"
+            )
+        return 0
+    if verb == "delete":
+        deleted = control_plane_call(
+            args, "POST", path, ReasonRequest(reason=reason), answer=NodeDeleteAnswer
+        )
+        if args.json:
+            print_json(deleted)
+        else:
+            sys.stdout.write(
+                f"node {deleted.node_id} deleted; its name stays blocked until 'populi node unretire'\n"
+            )
+        return 0
+    deadline_in_s = until_in_s = None
+    until_wall_ms = None
     if verb == "drain" and args.deadline:
-        payload["deadline_in_s"] = parse_duration(args.deadline, flag="--deadline")
+        deadline_in_s = parse_duration(args.deadline, flag="--deadline")
     if verb == "maintenance":
         if args.until:
-            payload["until_wall_ms"] = parse_utc(args.until)
+            until_wall_ms = parse_utc(args.until)
         elif args.for_minutes is not None:
             if args.for_minutes <= 0:
                 raise UsageError("--for-minutes must be more than 0")
-            payload["until_in_s"] = args.for_minutes * 60
-    answer = control_plane_call(args, "POST", f"/v1/populi/admin/nodes/{args.node}/{verb}", payload)
+            until_in_s = args.for_minutes * 60
+    command = LifecycleCommandRequest(
+        reason=reason,
+        deadline_in_s=deadline_in_s,
+        deadline_wall_ms=None,
+        until_in_s=until_in_s,
+        until_wall_ms=until_wall_ms,
+    )
+    answer = control_plane_call(args, "POST", path, command, answer=LifecycleCommandAnswer)
     if args.json:
         print_json(answer)
         return 0
-    if verb == "retire":
-        sys.stdout.write(
-            f"node {answer['node_id']} retired; revocation list serial {answer['revocation_serial']}\n"
-        )
-    elif verb == "delete":
-        sys.stdout.write(
-            f"node {answer['node_id']} deleted; its name stays blocked until 'populi node unretire'\n"
-        )
-    else:
-        node = answer["node"]
-        note = "" if answer["changed"] else " (no change)"
-        sys.stdout.write(f"node {node['name']} ({node['id']}) is {_state_text(node)}{note}\n")
+    node = answer.node
+    note = "" if answer.changed else " (no change)"
+    sys.stdout.write(f"node {node.name} ({node.id}) is {_state_text(node)}{note}\n")
     return 0
 
 
 def run_unretire(args: argparse.Namespace) -> int:
-    answer = control_plane_call(args, "POST", f"/v1/populi/admin/names/{args.name}/unretire", {})
+    from populi_peer.core.messages import NameUnretireAnswer
+
+    answer = control_plane_call(
+        args,
+        "POST",
+        f"/v1/populi/admin/names/{args.name}/unretire",
+        {},
+        answer=NameUnretireAnswer,
+    )
     if args.json:
         print_json(answer)
     else:
         sys.stdout.write(
-            f"name {answer['name']} may join again (revocation list serial {answer['revocation_serial']})\n"
+            f"name {answer.name} may join again (revocation list serial {answer.revocation_serial})\n"
         )
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from populi_peer.cli.common import (
     add_data_dir,
@@ -14,6 +14,9 @@ from populi_peer.cli.common import (
     print_table,
 )
 from populi_peer.core.settings import SETTINGS, parse_setting
+
+if TYPE_CHECKING:
+    from populi_peer.core.messages import PushReport, SettingsAnswer, SettingsSetAnswer
 
 
 def register(subparsers: Any) -> None:
@@ -33,31 +36,32 @@ def register(subparsers: Any) -> None:
     set_.set_defaults(handler=run_set)
 
 
-def _print(answer: dict[str, Any], as_json: bool) -> None:
+def _print(answer: SettingsAnswer | SettingsSetAnswer, as_json: bool) -> None:
+    from populi_peer.core.messages import SettingsSetAnswer
+
     if as_json:
         print_json(answer)
         return
-    settings = answer["settings"]
-    values = settings["values"]
+    settings = answer.settings
+    values = settings.values
     rows = [
         (spec.key, _text(values.get(spec.key)), spec.unit or "-", spec.doc) for spec in SETTINGS
     ]
     print_table(rows, ["key", "value", "unit", "meaning"])
     sys.stdout.write(
-        f"serial {settings['serial']}, signed by {settings['signer']} for {settings['actor']}\n"
+        f"serial {settings.serial}, signed by {settings.signer} for {settings.actor}\n"
     )
-    push = answer.get("push")
-    if push is not None:
-        sys.stdout.write(push_summary(push) + "\n")
+    if isinstance(answer, SettingsSetAnswer):
+        sys.stdout.write(push_summary(answer.push) + "\n")
 
 
-def push_summary(push: dict[str, Any]) -> str:
+def push_summary(push: PushReport) -> str:
     """Which nodes confirmed the new record; the others get it with their next heartbeat."""
-    confirmed = len(push["confirmed"])
-    missing = push["unconfirmed"]
+    confirmed = len(push.confirmed)
+    missing = push.unconfirmed
     if not missing:
         return f"pushed to every node ({confirmed} confirmed)"
-    names = ", ".join(f"{u['name']} ({u['reason']})" for u in missing)
+    names = ", ".join(f"{u.name} ({u.reason})" for u in missing)
     return (
         f"pushed: {confirmed} confirmed; NOT confirmed by {names} — "
         "they get it with their next heartbeat"
@@ -67,21 +71,29 @@ def push_summary(push: dict[str, Any]) -> str:
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return ",".join(value) or "(none)"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def run_show(args: argparse.Namespace) -> int:
-    answer = control_plane_call(args, "GET", "/v1/populi/settings")
+    from populi_peer.core.messages import SettingsAnswer
+
+    answer = control_plane_call(args, "GET", "/v1/populi/settings", answer=SettingsAnswer)
     _print(answer, args.json)
     return 0
 
 
 def run_set(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import SettingsChangeRequest, SettingsSetAnswer
+
     value = parse_setting(args.key, args.value)
     answer = control_plane_call(
-        args, "POST", "/v1/populi/admin/settings", {"changes": {args.key: value}}
+        args,
+        "POST",
+        "/v1/populi/admin/settings",
+        SettingsChangeRequest(changes={args.key: value}),
+        answer=SettingsSetAnswer,
     )
     _print(answer, args.json)
     return 0

@@ -6,9 +6,12 @@ import argparse
 import datetime as dt
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from populi_peer.cli.common import add_data_dir, add_json, agent_call, print_json
+
+if TYPE_CHECKING:
+    from populi_peer.core.messages import NodeHealth, Standing
 
 
 def register(subparsers: Any) -> None:
@@ -21,59 +24,61 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    status = agent_call(args, "GET", "/v1/populi/status")
+    from populi_peer.core.messages import StatusAnswer
+
+    status = agent_call(args, "GET", "/v1/populi/status", answer=StatusAnswer)
     if args.json:
         print_json(status)
         return 0
-    cp = status["control_plane"]
+    cp = status.control_plane
     lines = [
-        f"cluster        {status['cluster']['name']} ({status['cluster']['id']})",
-        f"node           {status['node']['name']} ({status['node']['id']})",
-        f"roles          {', '.join(status['node']['roles'])}",
-        f"listen         {status['listen']}  (reach at {status['url']})",
-        f"uptime         {status['uptime_s']:.0f} s",
-        f"version        {status['version']} (protocol {status['protocol_version']})",
-        f"term           {status['term']}",
-        f"control plane  {cp['node_id']} at {cp['url']}{'  (this node)' if cp['is_self'] else ''}",
-        *health_lines(status.get("health")),
-        *standing_lines(status.get("standing")),
+        f"cluster        {status.cluster.name} ({status.cluster.id})",
+        f"node           {status.node.name} ({status.node.id})",
+        f"roles          {', '.join(status.node.roles)}",
+        f"listen         {status.listen}  (reach at {status.url})",
+        f"uptime         {status.uptime_s:.0f} s",
+        f"version        {status.version} (protocol {status.protocol_version})",
+        f"term           {status.term}",
+        f"control plane  {cp.node_id} at {cp.url}{'  (this node)' if cp.is_self else ''}",
+        *health_lines(status.health),
+        *standing_lines(status.standing),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
 
-def health_lines(health: Any) -> list[str]:
+def health_lines(health: NodeHealth) -> list[str]:
     """``health  ok``, or ``health  degraded`` and one line per problem: which part of the
     node, the reason code, since when, how many failures, and the error itself."""
-    if not isinstance(health, dict) or health.get("state") == "ok":
+    if health.state == "ok":
         return ["health         ok"]
     lines = ["health         degraded"]
-    for problem in health.get("problems") or []:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(problem["since_ms"] / 1000))
+    for problem in health.problems:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(problem.since_ms / 1000))
         lines.append(
-            f"  {problem['component']}: {problem['code']} since {since} "
-            f"({problem['failures']} failures): {problem['message']}"
+            f"  {problem.component}: {problem.code} since {since} "
+            f"({problem.failures} failures): {problem.message}"
         )
     return lines
 
 
-def standing_lines(standing: dict[str, Any] | None) -> list[str]:
+def standing_lines(standing: Standing) -> list[str]:
     """Nothing for a member; for a node out of the cluster, what happened and how back."""
-    if not standing or standing.get("state") == "member":
+    if standing.state == "member":
         return []
-    if standing["state"] == "retired":
+    if standing.state == "retired":
         parts = ["RETIRED"]
-        if standing.get("since_ms"):
-            since = dt.datetime.fromtimestamp(standing["since_ms"] / 1000, tz=dt.UTC)
+        if standing.since_ms:
+            since = dt.datetime.fromtimestamp(standing.since_ms / 1000, tz=dt.UTC)
             parts.append(f"since {since:%Y-%m-%d %H:%M:%SZ}")
-        if standing.get("by"):
-            parts.append(f"by {standing['by']}")
-        if standing.get("reason"):
-            parts.append(f"({standing['reason']})")
+        if standing.by:
+            parts.append(f"by {standing.by}")
+        if standing.reason:
+            parts.append(f"({standing.reason})")
         head = " ".join(parts)
     else:
         head = "UNKNOWN to the control plane (deleted, or its certificate expired)"
     lines = [f"membership     {head}; this node takes no work"]
-    for index, step in enumerate(standing.get("rejoin") or []):
+    for index, step in enumerate(standing.rejoin or ()):
         lines.append(f"{'to re-join' if index == 0 else '':<15}{index + 1}. {step}")
     return lines

@@ -71,51 +71,67 @@ def _when(ms: int | None) -> str:
 
 
 def run_create(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import TokenCreateAnswer, TokenCreateRequest
+
     ttl_s = parse_duration(args.ttl, flag="--ttl")
     if ttl_s > 24 * 3600:
         raise UsageError(f"--ttl {args.ttl}: join tokens live at most 24h")
     if args.uses < 1:
         raise UsageError("--uses must be at least 1")
-    payload = {"ttl_s": ttl_s, "uses": args.uses, "roles": _roles(args.roles), "name": args.name}
-    answer = control_plane_call(args, "POST", "/v1/populi/admin/tokens", payload)
+    request = TokenCreateRequest(
+        ttl_s=ttl_s, uses=args.uses, roles=tuple(_roles(args.roles)), name=args.name
+    )
+    answer = control_plane_call(
+        args, "POST", "/v1/populi/admin/tokens", request, answer=TokenCreateAnswer
+    )
     if args.json:
         print_json(answer)
         return 0
-    summary = answer["summary"]
-    sys.stdout.write(answer["token"] + "\n")
+    summary = answer.summary
+    sys.stdout.write(answer.token + "\n")
     sys.stderr.write(
-        f"token {summary['token_id']}: roles {','.join(summary['roles'])}, {summary['uses_total']} use(s), "
-        f"expires {_when(summary['expires_ms'])}"
-        + (f", bound to name {summary['name']}" if summary["name"] else "")
+        f"token {summary.token_id}: roles {','.join(summary.roles)}, {summary.uses_total} use(s), "
+        f"expires {_when(summary.expires_ms)}"
+        + (f", bound to name {summary.name}" if summary.name else "")
         + "\non the new machine: populi join <token> --data-dir DIR --listen HOST:PORT\n"
     )
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    answer = control_plane_call(args, "GET", "/v1/populi/admin/tokens")
+    from populi_peer.core.messages import TokenListAnswer
+
+    answer = control_plane_call(args, "GET", "/v1/populi/admin/tokens", answer=TokenListAnswer)
     if args.json:
         print_json(answer)
         return 0
     rows = [
         (
-            t["token_id"],
-            t["state"],
-            ",".join(t["roles"]),
-            t["name"],
-            f"{t['uses_total'] - t['uses_left']}/{t['uses_total']}",
-            _when(t["expires_ms"]),
+            t.token_id,
+            t.state,
+            ",".join(t.roles),
+            t.name,
+            f"{t.uses_total - t.uses_left}/{t.uses_total}",
+            _when(t.expires_ms),
         )
-        for t in answer["tokens"]
+        for t in answer.tokens
     ]
     print_table(rows, ["id", "state", "roles", "name", "used", "expires"])
     return 0
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    answer = control_plane_call(args, "POST", f"/v1/populi/admin/tokens/{args.token_id}/revoke", {})
+    from populi_peer.core.messages import TokenRevokeAnswer
+
+    answer = control_plane_call(
+        args,
+        "POST",
+        f"/v1/populi/admin/tokens/{args.token_id}/revoke",
+        {},
+        answer=TokenRevokeAnswer,
+    )
     if args.json:
         print_json(answer)
     else:
-        sys.stdout.write(f"token {answer['summary']['token_id']} is {answer['summary']['state']}\n")
+        sys.stdout.write(f"token {answer.summary.token_id} is {answer.summary.state}\n")
     return 0

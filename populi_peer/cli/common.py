@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from populi_peer.config import Config, default_data_dir, load_config
 
 if TYPE_CHECKING:  # heavy imports stay out of ``populi --help`` and usage errors
-    from populi_peer.api.client import SyncPeerClient
+    from populi_peer.api.client import RequestBody, SyncPeerClient
     from populi_peer.core.messages import Message
     from populi_peer.identity import Identity, RuntimeInfo
     from populi_peer.store import Store
 
-#: A typed answer (``answer=``): a malformed one is ``bad_peer_answer``, one clear line.
-M = TypeVar("M", bound="Message")
+    M = TypeVar("M", bound=Message)
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -119,7 +118,7 @@ class Local:
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         *,
@@ -131,7 +130,7 @@ class Local:
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         *,
@@ -142,12 +141,13 @@ class Local:
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         *,
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
+        """Call this node's agent; with ``answer``, the answer parsed as that type."""
         if self._runtime is None:
             self._runtime = self.runtime()
         info = self._runtime
@@ -167,9 +167,10 @@ class Local:
     def control_plane(self) -> tuple[str, str]:
         """(url, node id) of the control plane, as the local agent knows it."""
         if self._control_plane is None:
-            status = self.call_agent("GET", "/v1/populi/status")
-            cp = status["control_plane"]
-            self._control_plane = (str(cp["url"]), str(cp["node_id"]))
+            from populi_peer.core.messages import StatusAnswer
+
+            cp = self.call_agent("GET", "/v1/populi/status", answer=StatusAnswer).control_plane
+            self._control_plane = (cp.url, cp.node_id)
         return self._control_plane
 
     @overload
@@ -177,7 +178,7 @@ class Local:
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         *,
@@ -189,7 +190,7 @@ class Local:
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         *,
@@ -200,12 +201,13 @@ class Local:
         self,
         method: str,
         path: str,
-        payload: dict[str, Any] | None = None,
+        payload: RequestBody = None,
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         *,
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
+        """Call the control plane; with ``answer``, the answer parsed as that type."""
         url, node_id = self.control_plane()
         return self.client().call(
             url=url,
@@ -244,7 +246,7 @@ def agent_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
@@ -257,7 +259,7 @@ def agent_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
@@ -269,7 +271,7 @@ def agent_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
@@ -288,7 +290,7 @@ def control_plane_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
@@ -301,7 +303,7 @@ def control_plane_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
@@ -313,7 +315,7 @@ def control_plane_call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    payload: dict[str, Any] | None = None,
+    payload: RequestBody = None,
     *,
     params: dict[str, Any] | None = None,
     timeout_s: float = 15.0,
@@ -328,6 +330,11 @@ def control_plane_call(
 
 
 def print_json(value: Any) -> None:
+    """``value`` (a typed answer is written as its wire form) as indented JSON."""
+    from populi_peer.core.messages import Message
+
+    if isinstance(value, Message):
+        value = value.to_json()
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 

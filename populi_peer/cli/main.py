@@ -8,13 +8,14 @@ code through instead (see its help). Errors are one line on stderr, never a trac
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from enrollment.errors import EnrollmentError
-from populi_peer import __version__
 from populi_peer.cli import (
     cmd_agent,
     cmd_demo,
@@ -24,12 +25,28 @@ from populi_peer.cli import (
     cmd_lease,
     cmd_node,
     cmd_run,
+    cmd_service,
     cmd_settings,
     cmd_status,
     cmd_token,
 )
 from populi_peer.cli.common import ArgParser
 from populi_peer.errors import PopuliError, translate_enrollment
+from populi_peer.selfexec import SUPERVISOR_VERB
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the release and the commit, worked out only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and commit, exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from populi_peer.version import version_text
+
+        sys.stdout.write(version_text() + "\n")
+        parser.exit()
+
 
 COMMAND_MODULES = [
     cmd_init,
@@ -43,6 +60,7 @@ COMMAND_MODULES = [
     cmd_lease,
     cmd_token,
     cmd_settings,
+    cmd_service,
 ]
 
 
@@ -52,7 +70,7 @@ def build_parser() -> ArgParser:
         description="Populi: the machines you own as one GPU mesh.",
         epilog="Exit codes: 0 ok, 2 usage, 3 no agent running, 4 refused, 125 Populi failed.",
     )
-    parser.add_argument("--version", action="version", version=f"populi {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
     for module in COMMAND_MODULES:
         module.register(subparsers)
@@ -60,8 +78,14 @@ def build_parser() -> ArgParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == [SUPERVISOR_VERB]:
+        # Hidden: a task's supervisor, for the single-file build (populi_peer.selfexec).
+        from populi_peer.exec.supervisor import main as supervise
+
+        return supervise(words[1:])
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(words)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

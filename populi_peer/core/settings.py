@@ -168,11 +168,15 @@ def remote_refusal(values: Mapping[str, Any]) -> str | None:
     return None
 
 
-def policy_gates(values: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
-    """The ``(work_class, scope)`` gates the settings switch on (``policy_gates``, each
-    ``"work_class:scope"``), for :func:`populi_peer.core.policy.decide`."""
-    gates = values.get("policy_gates") or ()
-    return frozenset((gate.split(":", 1)[0], gate.split(":", 1)[1]) for gate in gates)
+def gates_enabled(values: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+    """The gated ``(work class, scope)`` cells these settings switch on (the
+    ``policy_gates`` setting, each ``CLASS:SCOPE`` checked when it was set), as
+    :func:`populi_peer.core.policy.decide` takes them."""
+    out = set()
+    for gate in values.get("policy_gates") or ():
+        work_class, _, scope = str(gate).partition(":")
+        out.add((work_class, scope))
+    return frozenset(out)
 
 
 def parse_setting(key: str, text: str) -> Any:
@@ -208,8 +212,8 @@ __all__ = [
     "WORK_CLASSES",
     "SettingSpec",
     "defaults",
+    "gates_enabled",
     "parse_setting",
-    "policy_gates",
     "remote_refusal",
     "validate_settings",
     "validate_value",

@@ -7,6 +7,7 @@ variables and a worker's secrets stay where they belong). The result is the comp
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from populi_peer.errors import BadRequest
@@ -16,6 +17,14 @@ from populi_peer.exec._records import check_env_name, check_env_value
 #: GPU list that pins the task to its leased GPUs.
 RESERVED_PREFIX = "POPULI_"
 RESERVED_NAMES = frozenset({"CUDA_VISIBLE_DEVICES"})
+
+#: Variables a single-file build's loader keeps for itself (PyInstaller's ``_PYI_*``
+#: bookkeeping, the ``_MEIPASS2`` of its older versions, a request to start afresh): a
+#: process it starts would take them as "reuse my unpacked folder".
+LOADER_PREFIXES = ("_PYI_",)
+LOADER_NAMES = frozenset({"_MEIPASS2", "PYINSTALLER_RESET_ENVIRONMENT"})
+#: The loader saves a variable it changes (``LD_LIBRARY_PATH``) as ``NAME_ORIG``.
+SAVED_SUFFIX = "_ORIG"
 
 #: The baseline, taken from ``base`` when it has them, so that commands can be found.
 BASELINE_DEFAULTS: Mapping[str, str] = {
@@ -82,4 +91,40 @@ def build_task_env(
     env["POPULI_TASK_ID"] = check_env_value("POPULI_TASK_ID", task_id)
     env["POPULI_ATTEMPT"] = str(attempt)
     env["POPULI_FENCING_TOKEN"] = check_env_value("POPULI_FENCING_TOKEN", fencing_token)
+    return env
+
+
+def outside_env(environ: Mapping[str, str], bundle_dir: str | None) -> dict[str, str]:
+    """``environ`` as it was before a single-file build's loader started this process.
+
+    ``bundle_dir`` is the folder the build unpacked itself into (None when Populi is not
+    frozen: ``environ`` is returned as it is). The loader's own variables go; a variable
+    whose value points into ``bundle_dir`` (``LD_LIBRARY_PATH``, a runtime hook's
+    ``OPENSSL_MODULES``) takes back the value the loader saved as ``NAME_ORIG``, or goes
+    when there is none (it was unset before). Nothing else changes.
+    """
+    if not bundle_dir:
+        return dict(environ)
+    inside = os.path.normpath(bundle_dir)
+
+    def points_inside(value: str) -> bool:
+        return any(
+            part == inside or part.startswith(inside + os.sep)
+            for part in (os.path.normpath(p) for p in value.split(os.pathsep) if p)
+        )
+
+    env: dict[str, str] = {}
+    restored: set[str] = set()
+    for name, value in environ.items():
+        if name.startswith(LOADER_PREFIXES) or name in LOADER_NAMES:
+            continue
+        if points_inside(value):
+            saved = environ.get(name + SAVED_SUFFIX)
+            restored.add(name + SAVED_SUFFIX)
+            if saved is not None:
+                env[name] = saved
+            continue
+        env[name] = value
+    for name in restored:
+        env.pop(name, None)
     return env

@@ -12,13 +12,13 @@ import os
 import signal
 import site
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 import populi_peer
+from populi_peer import selfexec
 from populi_peer.errors import BadRequest
 from populi_peer.exec import _cgroup, _files, _proc
 from populi_peer.exec._records import (
@@ -146,8 +146,12 @@ def tail(task_dir: Path, stream: Stream, max_bytes: int) -> bytes:
 
 
 def _supervisor_env() -> dict[str, str]:
-    """The agent's environment, plus the path to this package when it is not installed."""
-    env = dict(os.environ)
+    """The agent's environment without what the single file's loader set for the agent
+    (so that the supervisor unpacks a copy of its own, see :mod:`populi_peer.selfexec`),
+    plus the path to this package when it is not installed."""
+    env = selfexec.child_env()
+    if selfexec.frozen():
+        return env
     root = str(Path(populi_peer.__file__).resolve().parent.parent)
     installed = {
         str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]
@@ -201,9 +205,9 @@ async def start_supervised(
         )
     task_dir = _prepare_task_dir(task_dir, spec, deadline_boot)
     with open(task_dir / _files.LOG, "ab") as log_file:  # noqa: ASYNC230 - local, small
-        # -P: no current directory on sys.path; cwd "/": pin no mount.
+        # cwd "/": pin no mount.
         launcher = await trio.run_process(
-            [sys.executable, "-P", "-m", "populi_peer.exec.supervisor", "--detach", str(task_dir)],
+            [*selfexec.supervisor_command(), "--detach", str(task_dir)],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,

@@ -1,4 +1,5 @@
-"""The per-task supervisor: ``python -m populi_peer.exec.supervisor [--detach] TASK_DIR``.
+"""The per-task supervisor: ``python -m populi_peer.exec.supervisor [--detach] TASK_DIR``
+(``populi _supervisor [--detach] TASK_DIR`` in the single-file build).
 
 One supervisor process runs one task attempt and enforces its lease deadline by itself
 (safety rule 3), so that a paused, starved or dead agent cannot keep the task alive past
@@ -19,7 +20,10 @@ its main process has ``PR_SET_PDEATHSIG(SIGKILL)``, so it dies with the supervis
 the supervisor is a child subreaper, so orphaned descendants come back to it to be found
 and reaped. docs/adr/0005-task-supervisor.md says why.
 
-This module imports no trio: it starts in a few tens of milliseconds.
+This module imports no trio: it starts in a few tens of milliseconds. It loads all it
+will need before it detaches, so that it reads no file of the installation afterwards: a
+single-file build's unpacked folder is removed as soon as the supervisor detaches, and an
+upgrade may replace every file of the agent that started it.
 
 Exit status (useful when run by hand): the task's own exit code, 128 + signal when a
 signal ended it, 126/127 when it could not be started, 124 when it was stopped before it
@@ -29,7 +33,9 @@ started, 125 when the supervisor itself failed.
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
+import locale
 import logging
 import math
 import os
@@ -562,6 +568,15 @@ def _detach(task_dir: Path) -> None:
     os.close(out)
 
 
+def _load_everything() -> None:
+    """Load now what would otherwise be loaded on first use: the libc handle for prctl,
+    the codec of text files. After this the supervisor opens no file of the installation
+    (module docstring)."""
+    _proc.prctl_available()
+    codecs.lookup(locale.getpreferredencoding(False))
+    codecs.lookup(sys.getfilesystemencoding())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m populi_peer.exec.supervisor",
@@ -574,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     if not task_dir.is_dir():
         print(f"supervisor: {task_dir} is not a directory", file=sys.stderr)
         return EXIT_SUPERVISOR_FAILED
+    _load_everything()
     if args.detach:
         _detach(task_dir)
     logging.basicConfig(

@@ -340,7 +340,7 @@ async def test_certificate_renewal_and_expiry_in_virtual_time(
         assert cluster.cp.lookup_principal(w1.node_id) is None
         restarted = await cluster.start("w1")
         await cluster.wait_until(lambda: restarted.heartbeat_sender.expelled, timeout_s=30)
-        standing = restarted.status_json()["standing"]
+        standing = restarted.node_status.answer().to_json()["standing"]
         assert standing["state"] == "unknown_to_control_plane" and standing["rejoin"]
         assert not restarted.remote_enabled()
 

@@ -218,7 +218,7 @@ async def test_xid_quarantine_survives_restart_and_is_resumed_by_the_operator(
 
             # Rule 6: the control plane re-checks at grant time. Past the no-new-grants
             # hold that follows its start, so that only the GPU can be the reason.
-            await trio.sleep_until(cp.started_mono + 60)
+            await trio.sleep_until(cp.uptime.started_mono + 60)
             with pytest.raises(PopuliError) as refused:
                 await _grant(w2, cp, w1, "task-quarantined")
             reasons = refused.value.details["reasons"]
@@ -340,8 +340,8 @@ async def test_operator_labels_never_become_capacity_without_trust(
         (device,) = view["verified"]["devices"]
         assert device["uuid"] == derive_replay_uuid(CAPTURE_UUID, verified.node_id)
         assert cp.allocatable_gpus(verified.node_id) == ((device["uuid"],), 0)
-        summary = cp.gpu_view(verified.node_id)
-        assert summary is not None and summary["count"] == summary["allocatable"] == 1
+        summary = cp.gpu.view(verified.node_id)
+        assert summary is not None and summary.count == summary.allocatable == 1
 
 
 async def test_trusted_labels_on_a_cpu_only_node_are_capacity_on_the_control_plane(
@@ -366,7 +366,7 @@ async def test_trusted_labels_on_a_cpu_only_node_are_capacity_on_the_control_pla
         free, _ = cp.allocatable_gpus(trusted.node_id)
         assert free == ("advertised-0", "advertised-1")
         rows = cp.gpu.devices(trusted.node_id)
-        assert [r["verified"] for r in rows] == [False, False]
+        assert [r.verified for r in rows] == [False, False]
         # And the node takes a handoff for them (its own view agrees).
         assert set(trusted.verified_gpu_uuids()) == {"advertised-0", "advertised-1"}
 

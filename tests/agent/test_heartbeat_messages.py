@@ -139,7 +139,7 @@ async def test_a_malformed_heartbeat_answer_is_an_error_for_that_beat(
         beats = sender.beats
         await cluster.wait_until(lambda: not sender.cp_down and sender.beats > beats)
         assert isinstance(sender.last_answer, HeartbeatAnswer)
-        assert sender.lifecycle is not None and sender.lifecycle["state"] == "active"
+        assert sender.lifecycle is not None and sender.lifecycle.state == "active"
 
 
 async def test_the_sender_sends_a_report_the_route_takes_and_reads_the_typed_answer(

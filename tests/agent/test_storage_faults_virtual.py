@@ -48,7 +48,10 @@ def stored_state(agent: Agent, lease_id: str) -> str:
 
 
 def problems(agent: Agent) -> dict[str, str]:
-    return {p["component"]: p["code"] for p in agent.status_json()["health"]["problems"]}
+    return {
+        p["component"]: p["code"]
+        for p in agent.node_status.answer().to_json()["health"]["problems"]
+    }
 
 
 async def test_a_dead_state_that_cannot_be_written_is_never_announced(
@@ -117,7 +120,9 @@ async def test_a_dead_state_that_cannot_be_written_is_never_announced(
         took = trio.current_time() - cleared
         dead = (await submitter.get(path)).json()["lease"]
         confirmed = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
-        await cluster.wait_until(lambda: cp.status_json()["health"]["state"] == "ok")
+        await cluster.wait_until(
+            lambda: cp.node_status.answer().to_json()["health"]["state"] == "ok"
+        )
         nursery.cancel_scope.cancel()
     assert took <= BACKOFF_MAX_S + 1.5, f"the expiry was written {took:.2f} s after writes worked"
     assert dead["state"] == "expired"
@@ -171,7 +176,9 @@ async def test_a_task_whose_records_cannot_be_written_waits_and_finishes_once(
 
         w1.store.execute("PRAGMA query_only = OFF")
         await cluster.wait_until(lambda: w1.submitter.load(task_id).terminal, timeout_s=60)
-        await cluster.wait_until(lambda: w1.status_json()["health"]["state"] == "ok")
+        await cluster.wait_until(
+            lambda: w1.node_status.answer().to_json()["health"]["state"] == "ok"
+        )
         task = w1.submitter.load(task_id)
         assert task.state == "succeeded", task
         assert len(task.attempts) == 1 and len(host.ledger.for_task(task_id)) == 1

@@ -25,8 +25,8 @@ async def test_joined_nodes_heartbeat_and_are_fresh(
         await trio.sleep(3)
         assert not cp.heartbeats.stale(w1.node_id)
         assert cp.heartbeats.seen[w1.node_id].scope == "lan"
-        listing = cp.node_admin.node_json(w1.node_id)
-        assert listing["state"] == "active" and listing["eligible"]
+        listing = cp.node_admin.node_view(w1.node_id)
+        assert listing.state == "active" and listing.eligible
 
 
 async def test_stale_exactly_after_the_configured_time(
@@ -42,7 +42,7 @@ async def test_stale_exactly_after_the_configured_time(
         assert not cp.heartbeats.stale(w1.node_id)  # exactly at the bound: still fresh
         await trio.sleep_until(last + stale_after + 0.002)
         assert cp.heartbeats.stale(w1.node_id)
-        assert "heartbeat_stale" in cp.node_admin.node_json(w1.node_id)["ineligible_reasons"]
+        assert "heartbeat_stale" in cp.node_admin.node_view(w1.node_id).ineligible_reasons
 
 
 async def test_two_second_pause_is_not_stale(
@@ -104,7 +104,7 @@ async def test_maintenance_for_one_minute_clears_after_60_s(
         assert cp.registry.registers.lifecycle(w1.node_id).state == "maintenance"
         # The worker learns its lifecycle from heartbeat answers.
         await trio.sleep(2)
-        assert w1.heartbeat_sender.lifecycle["state"] == "active"
+        assert w1.heartbeat_sender.lifecycle.state == "active"
 
 
 async def test_retired_node_learns_through_heartbeats_and_is_refused_everywhere(
@@ -193,7 +193,7 @@ async def test_old_inbox_messages_and_task_dirs_are_pruned(
                 "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, delivered_ms, updated_ms) VALUES ('t-old', 1, 'worker', 'n-x', '1.1', 'l-1', 'finished', ?, '{}', ?, ?)",
                 (_json.dumps(plan), old_ms, old_ms),
             )
-        assert cp.prune() == {"inbox_messages": 1, "task_dirs": 1}
+        assert cp.janitor.prune() == {"inbox_messages": 1, "task_dirs": 1}
         assert not task_dir.exists()
         assert [r[0] for r in cp.store.execute("SELECT message_id FROM inbox")] == ["n-x/m-new"]
         # The attempt's record stays.

@@ -29,6 +29,10 @@ async def test_status_without_signature_is_401(
         response = await client.get("/v1/populi/status")
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "signature_missing"
+    # RFC 9110 §11.6.1: a 401 names the scheme that would authenticate, here for this node.
+    assert response.headers["www-authenticate"] == (
+        f'Populi-Signature realm="populi", node="{virtual_agent.node_id}"'
+    )
 
 
 async def test_signed_status_answers_with_cluster_and_term(
@@ -143,6 +147,9 @@ async def test_unknown_route_and_wrong_method(
         wrong = await client.delete("/v1/populi/status")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "no_route"
     assert wrong.status_code == 405
+    # RFC 9110 §15.5.6: a 405 says which methods the path takes.
+    assert wrong.headers["allow"] == "GET"
+    assert "allow" not in missing.headers
 
 
 async def test_tampered_signature_header_is_401(
@@ -155,6 +162,7 @@ async def test_tampered_signature_header_is_401(
         response = await client.send(signed, auth=None)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "signature_unsupported_version"
+    assert response.headers["www-authenticate"].startswith("Populi-Signature ")
 
 
 def test_contract_rejects_an_undocumented_answer() -> None:

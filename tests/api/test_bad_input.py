@@ -432,8 +432,11 @@ for _label, _path, _body, _status, _code in [
 ]:
     wrong("node_lifecycle", "POST", _path, _body, _status, _code, _label)
 
-# -- leave: on the control plane it is refused before anything is read --
-wrong("leave", "POST", "/v1/populi/leave", {"reason": "a\nb"}, 409,
+# -- leave: the body is parsed first (a bad reason is 400, ADR 0012); on the control plane
+# a good one is refused before anything is done --
+wrong("leave", "POST", "/v1/populi/leave", {"reason": "a\nb"}, 400, "bad_request",
+      "reason-two-lines")
+wrong("leave", "POST", "/v1/populi/leave", {"reason": "bye"}, 409,
       "control_plane_cannot_leave", "control-plane")
 
 # -- inbox --

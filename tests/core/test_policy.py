@@ -103,3 +103,16 @@ def test_from_json_ignores_what_it_does_not_know_and_refuses_bad_verdicts() -> N
         PolicySettings.from_json({"gates_enabled": ["agent"]})
     with pytest.raises(BadRequest):
         PolicySettings(gates_enabled=frozenset({("agent", "moon")}))  # type: ignore[arg-type]
+
+
+def test_the_settings_policy_gates_open_exactly_their_cells() -> None:
+    """``policy_gates`` (``CLASS:SCOPE`` texts in the settings record) is read by one rule,
+    :func:`populi_peer.core.settings.gates_enabled` (``ClusterRecords.policy_gates``)."""
+    from populi_peer.core.settings import defaults, gates_enabled, validate_value
+
+    values = {**defaults(), "policy_gates": validate_value("policy_gates", ["inference:overlay"])}
+    gates = gates_enabled(values)
+    assert gates == {("inference", "overlay")}
+    assert decide("inference", "overlay", gates_enabled=gates).allowed
+    assert not decide("training", "overlay", gates_enabled=gates).allowed
+    assert gates_enabled(defaults()) == NO_GATES

@@ -43,7 +43,8 @@ from support.waiting import wait_for
 # task's working directory, which Populi makes under the data directory of the node that
 # runs the attempt (``<data_dir>/tasks/<role>/<task>/<attempt>/work``): the task gets no
 # other hint of where it runs. ``boot_ns`` is CLOCK_BOOTTIME, the clock the supervisor's
-# deadline is written in. Attempt 1 ticks $N1 times, later attempts $N2 times.
+# deadline is written in. Attempt 1 ticks $N1 times, later attempts $N2 times; the task
+# exits with $EXIT_CODE (default 0).
 TICK_SCRIPT = """\
 import os, sys, time
 path = os.environ["TICKS"]
@@ -63,6 +64,7 @@ for index in range(count):
         os.close(fd)
     time.sleep(0.1)
 print("ticked", count, "times on", node, "attempt", attempt, "token", token)
+sys.exit(int(os.environ.get("EXIT_CODE", "0")))
 """
 
 

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import httpx
 
+from populi_peer.selfexec import SUPERVISOR_VERB as _VERB
+from populi_peer.selfexec import started_as
 from support.waiting import wait_for
 
 POPULI = [sys.executable, "-m", "populi_peer"]
+SUPERVISOR_VERB = _VERB.encode()
 #: Every task these tests start carries this variable, so that its processes can be
 #: found in ``/proc`` without mistaking anybody else's for them.
 MARK_NAME = "E2E_EXEC_MARK"
@@ -98,7 +101,10 @@ class Processes:
                 info = json.loads(runtime.read_text())
             except (OSError, ValueError):
                 return None
-            if not isinstance(info, dict) or info.get("pid") != agent.proc.pid:
+            if not isinstance(info, dict):
+                return None
+            # The single file's agent is the Python child of the file's loader.
+            if not started_as(int(info.get("pid") or 0), agent.proc.pid):
                 return None
             if health:
                 try:
@@ -171,9 +177,9 @@ def supervisor_pids(root: Path) -> list[int]:
     out = []
     for pid in _pids():
         cmdline = _read(f"/proc/{pid}/cmdline").split(b"\0")
-        if b"populi_peer.exec.supervisor" in cmdline and any(
-            arg.startswith(str(root).encode()) for arg in cmdline
-        ):
+        # The package's supervisor, or the single file's (``populi _supervisor DIR``).
+        supervisor = b"populi_peer.exec.supervisor" in cmdline or SUPERVISOR_VERB in cmdline
+        if supervisor and any(arg.startswith(str(root).encode()) for arg in cmdline):
             if _stat_state(pid) not in ("Z", ""):
                 out.append(pid)
     return out

@@ -16,6 +16,7 @@ from populi_peer.core.eligibility import REASON_ORDER
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import LEASE_KINDS, Lease, LeaseKind
 from populi_peer.core.lifecycle import STATES, NodeLifecycle
+from populi_peer.core.membership import Member
 from populi_peer.core.messages._codec import (
     Bool,
     Choice,
@@ -147,6 +148,40 @@ class MemberView(Message):
     cert_not_after_ms: int = wire(Int(minimum=0))
     joined_ms: int = wire(Int())
     updated_ms: int = wire(Int())
+
+    @classmethod
+    def of(cls, member: Member) -> MemberView:
+        """The view of a membership record (its join token id stays home)."""
+        kind: Literal["node", "operator"] = "node" if member.kind == "node" else "operator"
+        return cls(
+            id=member.id,
+            kind=kind,
+            name=member.name,
+            public_key=member.public_key,
+            roles=tuple(r for r in member.roles if r in ROLES),
+            addresses=member.addresses,
+            cert_serial=member.cert_serial,
+            cert_not_after_ms=member.cert_not_after_ms,
+            joined_ms=member.joined_ms,
+            updated_ms=member.updated_ms,
+        )
+
+    def member(self) -> Member:
+        """The membership record this view shows (no join token id: only the control
+        plane keeps it)."""
+        return Member(
+            id=self.id,
+            kind=self.kind,
+            name=self.name,
+            public_key=self.public_key,
+            roles=self.roles,
+            addresses=self.addresses,
+            cert_serial=self.cert_serial,
+            cert_not_after_ms=self.cert_not_after_ms,
+            joined_ms=self.joined_ms,
+            token_id="",
+            updated_ms=self.updated_ms,
+        )
 
 
 @message

@@ -1,0 +1,152 @@
+"""What a node says about itself: ``GET /v1/populi/health`` (liveness, unauthenticated)
+and ``GET /v1/populi/status`` (cluster, node, address, uptime, term, control plane,
+lifecycle, standing, certificate, revocations, health) — what ``populi status`` shows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from populi_peer import PROTOCOL_VERSION, __version__
+from populi_peer.agent.address import OwnAddress
+from populi_peer.agent.health import Health
+from populi_peer.agent.links import ControlPlaneLink
+from populi_peer.agent.registry import Registry
+from populi_peer.agent.revocations import RevocationState
+from populi_peer.agent.standing import Standing
+from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.clock import Clock
+from populi_peer.core.lifecycle import NodeLifecycle
+from populi_peer.core.messages import (
+    ClusterRef,
+    HealthAnswer,
+    StatusAnswer,
+    StatusControlPlane,
+    StatusNode,
+)
+from populi_peer.core.messages.records import ROLES
+from populi_peer.identity import Identity
+
+
+class Uptime:
+    """Since when this agent runs (trio's clock; never persisted)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.started_mono: float | None = None
+
+    def start(self) -> None:
+        self.started_mono = self.clock.mono()
+
+    def seconds(self) -> float:
+        return 0.0 if self.started_mono is None else self.clock.mono() - self.started_mono
+
+
+class ControlPlaneContact(Protocol):
+    """How this node's heartbeats to the control plane fare (the heartbeat sender)."""
+
+    @property
+    def reachable(self) -> bool: ...
+
+    @property
+    def lifecycle(self) -> NodeLifecycle | None: ...
+
+
+class NodeStatus:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        listen: str,
+        address: OwnAddress,
+        uptime: Uptime,
+        control_plane: ControlPlaneLink,
+        contact: ControlPlaneContact,
+        registry: Registry,
+        standing: Standing,
+        revocations: RevocationState,
+        health: Health,
+        cert_not_after_s: Callable[[], float],
+    ) -> None:
+        """``identity`` gives the cluster's and this node's names and roles;
+        ``cert_not_after_s()`` is the expiry of the certificate in force now."""
+        self.identity = identity
+        self.listen = listen
+        self.address = address
+        self.uptime = uptime
+        self.control_plane = control_plane
+        self.contact = contact
+        self.registry = registry
+        self.standing = standing
+        self.revocations = revocations
+        self.health = health
+        self.cert_not_after_s = cert_not_after_s
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(
+                "GET",
+                "/v1/populi/health",
+                self._health,
+                roles=None,
+                name="health",
+                answer=HealthAnswer,
+            ),
+            Route(
+                "GET",
+                "/v1/populi/status",
+                self._status,
+                roles=ANY_MEMBER,
+                name="status",
+                answer=StatusAnswer,
+            ),
+        ]
+
+    async def _health(self, request: Request) -> HealthAnswer:
+        await trio.lowlevel.checkpoint()
+        return HealthAnswer(status="ok", node_id=self.identity.node_id, version=__version__)
+
+    async def _status(self, request: Request) -> StatusAnswer:
+        await trio.lowlevel.checkpoint()
+        return self.answer()
+
+    def own_lifecycle(self) -> NodeLifecycle | None:
+        """On the control plane, its own register; elsewhere what a peer said when it
+        refused this retired node, else what the last heartbeat answer said."""
+        if self.control_plane.is_self:
+            return self.registry.lifecycle(self.identity.node_id)
+        return self.standing.refused_lifecycle or self.contact.lifecycle
+
+    def answer(self) -> StatusAnswer:
+        identity = self.identity
+        control_plane = self.control_plane
+        return StatusAnswer(
+            cluster=ClusterRef(id=identity.cluster_id, name=identity.cluster_name),
+            node=StatusNode(
+                id=identity.node_id,
+                name=identity.node_name,
+                roles=tuple(r for r in identity.roles if r in ROLES),
+            ),
+            listen=self.listen,
+            url=self.address.url,
+            uptime_s=round(self.uptime.seconds(), 3),
+            version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            term=control_plane.term,
+            control_plane=StatusControlPlane(
+                node_id=control_plane.id,
+                url=control_plane.url,
+                is_self=control_plane.is_self,
+                reachable=control_plane.is_self or self.contact.reachable,
+            ),
+            lifecycle=self.own_lifecycle(),
+            standing=self.standing.view(),
+            cert_not_after_ms=int(self.cert_not_after_s() * 1000),
+            revocation_serial=self.revocations.serial,
+            health=self.health.view(),
+        )
+
+
+__all__ = ["ControlPlaneContact", "NodeStatus", "Uptime"]
