@@ -425,9 +425,10 @@ class ExecConfig:
         metadata=_meta("stdout/stderr tail kept per attempt and stream", "bytes", _positive),
     )
 
-    def check_stop_margin(self, ttl_s: float) -> None:
-        """Safety rule 3 for a lease of ``ttl_s``: ConfigError when ``stop_margin_s`` is too
-        small for it."""
+    def check_stop_margin(self, ttl_s: float | None) -> None:
+        """Safety rule 3 for a lease of ``ttl_s`` (``None``: before any TTL is known):
+        ConfigError when ``stop_margin_s`` is too small for it
+        (:func:`populi_peer.core.leases.validate_stop_margin`, the one rule)."""
         validate_stop_margin(
             self.stop_margin_s,
             kill_grace_s=self.kill_grace_s,
@@ -621,14 +622,12 @@ def _cross_check(config: Config, source: str) -> None:
         config.timings.table()
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in {source})", key=exc.details.get("key", "timings")) from None
-    exec_cfg = config.exec
-    floor = exec_cfg.kill_grace_s + exec_cfg.kill_latency_s
-    if exec_cfg.stop_margin_s < floor:
-        raise ConfigError(
-            f"exec.stop_margin_s in {source}: {exec_cfg.stop_margin_s} s is below "
-            f"exec.kill_grace_s + exec.kill_latency_s = {floor} s",
-            key="exec.stop_margin_s",
-        )
+    try:
+        # Safety rule 3 before the cluster's TTL is known (the agent checks it again,
+        # with max_lease_ttl_s, at start): the one rule, core.leases.validate_stop_margin.
+        config.exec.check_stop_margin(None)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {source})", key="exec.stop_margin_s") from None
 
 
 def env_key_path(name: str) -> str | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -156,3 +157,30 @@ def test_example_file_documents_every_key_and_matches_the_code() -> None:
     for key, _tp, meta in iter_keys():
         assert meta["doc"], key
         assert key.rpartition(".")[2] in text
+
+
+def test_the_stop_margin_rule_is_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Safety rule 3's floor lives once, in ``core.leases.validate_stop_margin``: the config
+    (before the cluster's TTL is known) and the worker (for a lease's TTL) call it; exec
+    keeps no copy."""
+    import populi_peer.exec as exec_pkg
+    from populi_peer import config as config_module
+    from populi_peer.core import leases
+
+    calls: list[float | None] = []
+
+    def spy(margin: float, **kwargs: object) -> None:
+        calls.append(kwargs["ttl_s"])  # type: ignore[arg-type]
+        leases.validate_stop_margin(margin, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(config_module, "validate_stop_margin", spy)
+    load_config(
+        data_dir=None, config_file=_write(tmp_path, "[exec]\nstop_margin_s = 7.0\n"), environ={}
+    )
+    assert calls == [None]
+    Config().exec.check_stop_margin(30.0)
+    assert calls == [None, 30.0]
+    assert not hasattr(exec_pkg, "min_stop_margin_s")
+    # No sum of its own (the documentation of the key says the rule in words).
+    source = Path(config_module.__file__).read_text()
+    assert not re.search(r"\.kill_grace_s\s*\+|\+\s*\w+\.kill_latency_s", source)

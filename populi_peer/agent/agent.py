@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from populi_peer.agent.heartbeat import (
     Liveness,
     RegisterOutbox,
     SelfBeat,
+    scope_of,
 )
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.janitor import Janitor
@@ -57,8 +58,10 @@ from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
-from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
-from populi_peer.core.messages import HeartbeatReport, HeldLease
+from populi_peer.config import Config, ScopeConfig, format_host_port, parse_host_port, reach_host
+from populi_peer.core.lifecycle import NodeLifecycle
+from populi_peer.core.messages import HeartbeatReport
+from populi_peer.core.scope import Scope
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
@@ -69,6 +72,8 @@ from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
 from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
+from populi_peer.store.leases import Leases
+from populi_peer.store.tasks import Tasks
 
 
 class Agent:
@@ -181,13 +186,7 @@ class Agent:
             health=self.health,
             on_renewed=[self._reload_tls],
         )
-        # -- the execution plane (its services still take the agent) ------------------
         self.executor: Executor = executor or ProcessExecutor()
-        self.inbox = Inbox(self)
-        self.leases = LeaseService(self)
-        self.runner = AttemptRunner(self)
-        self.worker = Worker(self, self.runner)
-        self.submitter = Submitter(self)
         # -- heartbeats and GPUs -------------------------------------------------------
         #: The control plane's book of heartbeats (liveness, scope, what each node said).
         self.heartbeats = Liveness(clock=clock, timings=config.timings)
@@ -205,7 +204,7 @@ class Agent:
             outbox=self.outbox,
             liveness=self.heartbeats,
             leased_gpus=self._leased_gpus,
-            own_pids=self.worker.own_pids,
+            own_pids=lambda: self.worker.own_pids(),  # noqa: PLW0108 (built later)
         )
         self.heartbeat_reports = HeartbeatReports(
             address=self.address,
@@ -281,6 +280,7 @@ class Agent:
             timeout_s=config.api.request_timeout_s,
             rank=self.net.address_book.candidates,
         )
+        self._build_execution(identity.paths.tasks)
         self.node_status = NodeStatus(
             identity=identity,
             listen=config.node.listen,
@@ -340,13 +340,75 @@ class Agent:
                 key="exec.stop_margin_s",
             ) from None
 
+    def _build_execution(self, tasks_dir: Path) -> None:
+        """The execution plane: the inbox, the lease service (control plane), the attempt
+        runner, the worker and the submitter, each given what it uses."""
+        clock, config = self.clock, self.config
+        self.inbox = Inbox(node_id=self.node_id, messages=InboxMessages(self.store), clock=clock)
+        self.leases = LeaseService(
+            leases=Leases(self.store),
+            clock=clock,
+            control_plane=self.control_plane,
+            records=self.records,
+            nodes=ControlPlaneNodeFacts(
+                membership=self.membership,
+                registry=self.registry,
+                liveness=self.heartbeats,
+                gpu=self.gpu,
+            ),
+            events=self.events,
+            health=self.health,
+        )
+        self.runner = AttemptRunner(
+            node_id=self.node_id,
+            tasks_dir=tasks_dir,
+            attempts=Attempts(self.store),
+            clock=clock,
+            control_plane=self.control_plane,
+            executor=self.executor,
+            config=config.exec,
+            health=self.health,
+        )
+        node = ExecNode(
+            remote_work=self.remote_work,
+            standing=self.standing,
+            membership=self.membership,
+            gpu=self.gpu,
+            settings_sync=self.settings_sync,
+            scope=config.scope,
+            leaving_state=self.leave_state,
+        )
+        self.worker = Worker(
+            node_id=self.node_id,
+            runner=self.runner,
+            attempts=self.runner.attempts,
+            clock=clock,
+            config=config.exec,
+            control_plane=self.control_plane,
+            peers=self.peer_link,
+            gates=node,
+            health=self.health,
+        )
+        self.submitter = Submitter(
+            node_id=self.node_id,
+            tasks=Tasks(self.store),
+            runner=self.runner,
+            clock=clock,
+            control_plane=self.control_plane,
+            peers=self.peer_link,
+            records=self.records,
+            node=node,
+            health=self.health,
+        )
+        self.inbox.on("handoff", self.worker.on_handoff)
+        self.inbox.on("cancel", self.worker.on_cancel)
+        self.inbox.on("result", self.submitter.on_result)
+
     # -- wiring between the planes --------------------------------------------------------
 
     def _held_leases_part(self, report: HeartbeatReport) -> HeartbeatReport:
         """The worker's held leases in this node's heartbeat."""
-        return replace(
-            report, leases=tuple(HeldLease.from_json(row) for row in self.worker.held_leases())
-        )
+        return replace(report, leases=self.worker.held_leases())
 
     def _leased_gpus(self) -> frozenset[str]:
         """The GPUs this node's running attempts hold."""
@@ -421,7 +483,7 @@ class Agent:
             *self.node_status.routes(),
         ]
 
-    # -- what the execution plane still asks the agent for --------------------------------
+    # -- facts read through the agent (tests and tools; no service asks for them) ---------
 
     def record_event(
         self,
@@ -599,4 +661,84 @@ class Agent:
         self.control_plane.publish_url(self.url)
 
 
-__all__ = ["Agent"]
+# -- what the execution plane reads of the rest of the node (the composition root's) --------
+
+
+@dataclass(frozen=True)
+class ControlPlaneNodeFacts:
+    """:class:`~populi_peer.agent.leases.NodeFacts` from membership, the lifecycle
+    registers, the control plane's book of heartbeats and the GPU service."""
+
+    membership: Membership
+    registry: Registry
+    liveness: Liveness
+    gpu: GpuService
+
+    def is_node(self, node_id: str) -> bool:
+        member = self.membership.get(node_id)
+        return member is not None and member.kind == "node"
+
+    def resolve_node(self, ref: str) -> str:
+        if self.membership.get(ref) is not None:
+            return ref
+        return self.membership.resolve_node(ref).id
+
+    def lifecycle(self, node_id: str) -> NodeLifecycle | None:
+        return self.registry.lifecycle(node_id)
+
+    def heartbeat_age_ms(self, node_id: str) -> int | None:
+        return self.liveness.age_ms(node_id)
+
+    def stale_after_ms(self, node_id: str) -> int:
+        return int(self.liveness.stale_after_s(node_id) * 1000)
+
+    def stale(self, node_id: str) -> bool:
+        return self.liveness.stale(node_id)
+
+    def scope(self, node_id: str) -> Scope | None:
+        return self.liveness.scope(node_id)
+
+    def accepts_remote_work(self, node_id: str) -> bool | None:
+        return self.liveness.accepts_remote_work(node_id)
+
+    def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
+        return self.gpu.allocatable_gpus(node_id)
+
+
+@dataclass(frozen=True)
+class ExecNode:
+    """:class:`~populi_peer.agent.worker.WorkerGates` and
+    :class:`~populi_peer.agent.submitter.SubmitterNode`: what the rest of this node tells
+    its worker and its submitter."""
+
+    remote_work: RemoteWork
+    standing: Standing
+    membership: Membership
+    gpu: GpuService
+    settings_sync: SettingsSync
+    scope: ScopeConfig
+    leaving_state: Leaving
+
+    def retired(self) -> bool:
+        return self.standing.out
+
+    def leaving(self) -> bool:
+        return self.leaving_state.started
+
+    def remote_enabled(self) -> bool:
+        return self.remote_work.enabled()
+
+    def verified_gpu_uuids(self) -> list[str]:
+        return self.gpu.verified_uuids()
+
+    async def catch_up_settings(self, serial: int | None) -> None:
+        await self.settings_sync.catch_up(serial)
+
+    def resolve_node(self, ref: str) -> str:
+        return self.membership.resolve_node(ref).id
+
+    def scope_of(self, host: str | None) -> Scope:
+        return scope_of(self.scope, host)
+
+
+__all__ = ["Agent", "ControlPlaneNodeFacts", "ExecNode"]

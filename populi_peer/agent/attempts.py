@@ -18,6 +18,13 @@ safety rule 3, step by step:
 
 Attempt rows (table ``attempts``) record every step, so an agent restarted within the
 lease re-adopts its supervisors (``resume``) and one that cannot kills what it recorded.
+
+The runner is given what it uses: this node's id, the directory its tasks run in, the
+attempt repository, the clock, the control-plane link (renew and release, typed: a
+malformed answer is an error for that call), the executor, the ``[exec]`` config section
+and the node's health. A finished attempt's result is a
+:class:`~populi_peer.core.messages.ResultMessage`: what a worker delivers, and what a
+local attempt's submitter records.
 """
 
 from __future__ import annotations
@@ -25,28 +32,43 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from populi_peer.agent.health import retrying
+from populi_peer.agent.executor import Execution, Executor
+from populi_peer.agent.health import Health, retrying
+from populi_peer.agent.links import ControlPlaneLink
+from populi_peer.clock import Clock
+from populi_peer.config import ExecConfig
+from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import renew_interval_s, renew_timeout_s, worker_deadline_boot
+from populi_peer.core.messages import (
+    AttemptResult,
+    LeaseAnswer,
+    LeaseReleaseRequest,
+    LeaseReplayAnswer,
+    RenewRequest,
+    ResultMessage,
+)
+from populi_peer.core.messages.leases import ReleaseOutcome
+from populi_peer.core.refusals import Refusal
 from populi_peer.errors import PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import get_logger, log
 from populi_peer.store import file_error
 from populi_peer.store.attempts import AttemptRecord, Attempts
 
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
-    from populi_peer.agent.executor import Execution
-
 #: Kept of each stream in a result message (the rest stays on the worker).
 RESULT_TAIL_BYTES = 64 * 1024
 #: Refusals of a pre-start renewal that mean "remote execution is off now".
 REMOTE_OFF_REASONS = frozenset({"remote_disabled", "kill_switch"})
+#: How long a holder waits for the answer to a release (nothing depends on it: an
+#: unanswered release lets the lease expire by itself).
+RELEASE_TIMEOUT_S = renew_timeout_s(6.0)
 #: Deadline of an attempt with no lease to renew (a local run without GPUs): effectively
 #: none; ``--timeout`` and cancel stop it.
 NO_LEASE_DEADLINE_S = 10 * 365 * 86400.0
@@ -58,7 +80,7 @@ class AttemptPlan:
     attempt: int
     role: str  # "worker" | "local"
     submitter: str
-    token: str
+    token: FencingToken
     lease_id: str | None
     ttl_s: float | None
     renewable: bool
@@ -73,7 +95,7 @@ class AttemptPlan:
             "attempt": self.attempt,
             "role": self.role,
             "submitter": self.submitter,
-            "token": self.token,
+            "token": str(self.token),
             "lease_id": self.lease_id,
             "ttl_s": self.ttl_s,
             "renewable": self.renewable,
@@ -90,7 +112,7 @@ class AttemptPlan:
             attempt=int(data["attempt"]),
             role=str(data["role"]),
             submitter=str(data["submitter"]),
-            token=str(data["token"]),
+            token=FencingToken.parse(data["token"]),
             lease_id=data.get("lease_id"),
             ttl_s=data.get("ttl_s"),
             renewable=bool(data.get("renewable", False)),
@@ -109,51 +131,78 @@ class Running:
     cancel_reason: str = ""
     cancel_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
-    result: dict[str, Any] | None = None
+
+
+#: Told of every attempt :meth:`AttemptRunner.recover` finished at start.
+OnRecovered = Callable[[AttemptPlan, ResultMessage], Awaitable[None]]
+
+
+def stored_result(row: AttemptRecord) -> ResultMessage:
+    """The result a finished attempt was saved with."""
+    assert row.result is not None, "a finished attempt is saved with its result"
+    return ResultMessage.from_json(row.result)
 
 
 class AttemptRunner:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.attempts = Attempts(agent.store)
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        tasks_dir: Path,
+        attempts: Attempts,
+        clock: Clock,
+        control_plane: ControlPlaneLink,
+        executor: Executor,
+        config: ExecConfig,
+        health: Health,
+    ) -> None:
+        self.node_id = node_id
+        self.tasks_dir = tasks_dir
+        self.attempts = attempts
+        self.clock = clock
+        self.control_plane = control_plane
+        self.executor = executor
+        self.config = config
+        self.health = health
         self.logger = get_logger("attempts")
         self.running: dict[tuple[str, int, str], Running] = {}
 
     # -- paths and rows -------------------------------------------------------------------
 
     def task_dir(self, plan: AttemptPlan) -> Path:
-        return self.agent.identity.paths.tasks / plan.role / plan.task_id / str(plan.attempt)
+        return self.tasks_dir / plan.role / plan.task_id / str(plan.attempt)
 
     def save(
         self,
         plan: AttemptPlan,
         state: str,
         *,
-        result: dict[str, Any] | None = None,
+        result: ResultMessage | None = None,
         extra: dict[str, Any] | None = None,
+        fence: bool = False,
     ) -> None:
-        now_ms = int(self.agent.clock.wall() * 1000)
-        body = {**plan.to_json(), **(extra or {})}
-        with self.agent.store.transaction():
-            self.attempts.save(
-                task_id=plan.task_id,
-                attempt=plan.attempt,
-                role=plan.role,
-                submitter=plan.submitter,
-                token=plan.token,
-                lease_id=plan.lease_id,
-                state=state,
-                body=body,
-                result=result,
-                now_ms=now_ms,
-            )
+        """Record ``plan``'s new state. ``fence``: a worker admits it — the task's fence
+        becomes its token in the same write (safety rule 2)."""
+        self.attempts.save(
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            role=plan.role,
+            submitter=plan.submitter,
+            token=plan.token,
+            lease_id=plan.lease_id,
+            state=state,
+            body={**plan.to_json(), **(extra or {})},
+            result=None if result is None else result.to_json(),
+            now_ms=int(self.clock.wall() * 1000),
+            fence=fence,
+        )
 
     async def save_durably(
         self,
         plan: AttemptPlan,
         state: str,
         *,
-        result: dict[str, Any] | None = None,
+        result: ResultMessage | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         """:meth:`save`, tried again until the storage takes it (disk full, read-only...):
@@ -165,60 +214,55 @@ class AttemptRunner:
             self.save(plan, state, result=result, extra=extra)
             await trio.lowlevel.checkpoint()
 
-        await retrying(self.agent.health, _component(plan), step)
+        await retrying(self.health, _component(plan), step)
 
     def row(self, task_id: str, attempt: int, role: str) -> AttemptRecord | None:
         return self.attempts.get(task_id, attempt, role)
 
     # -- control plane calls --------------------------------------------------------------
 
-    async def _cp(
-        self, path: str, payload: dict[str, Any], *, ttl_s: float | None = None
-    ) -> dict[str, Any]:
-        agent = self.agent
-        return await agent.peers.call(
-            url=agent.control_plane_url,
-            node_id=agent.control_plane_id,
-            method="POST",
-            path=path,
-            payload=payload,
-            # A renewal answered later than TTL/3 is as good as lost.
-            timeout_s=renew_timeout_s(ttl_s or 6.0),
-        )
-
     async def renew(self, plan: AttemptPlan, *, before_start: bool = False) -> float:
         """Renew; returns the new local deadline (boot clock, from when the request was sent).
         ``before_start``: the renewal that proves the lease before the task starts (the
-        control plane checks the cluster settings again for it)."""
+        control plane checks the cluster settings again for it). A malformed answer is
+        ``bad_peer_answer``, not a renewal."""
         assert plan.lease_id is not None and plan.ttl_s is not None
-        sent_boot = self.agent.clock.boot()
-        answer = await self._cp(
+        sent_boot = self.clock.boot()
+        answer = await self.control_plane.call(
+            "POST",
             f"/v1/populi/exec/leases/{plan.lease_id}/renew",
-            {"before_start": True} if before_start else {},
-            ttl_s=plan.ttl_s,
+            RenewRequest(before_start=before_start),
+            # A renewal answered later than TTL/3 is as good as lost.
+            timeout_s=renew_timeout_s(plan.ttl_s),
+            answer=LeaseAnswer,
         )
-        lease = answer.get("lease") or {}
+        lease = answer.lease.lease
         # The control plane's lease is the authority: it must be the one this attempt was
         # handed, and its TTL — not the handoff's — bounds the local deadline.
         if (
-            lease.get("task_id") != plan.task_id
-            or lease.get("token") != plan.token
-            or lease.get("holder") != self.agent.node_id
+            lease.task_id != plan.task_id
+            or lease.token != plan.token
+            or lease.holder != self.node_id
         ):
             raise PopuliError(
                 f"lease {plan.lease_id} is not the lease of this attempt", code="lease_mismatch"
             )
-        ttl_s = min(plan.ttl_s, float(lease.get("ttl_s") or plan.ttl_s))
+        ttl_s = min(plan.ttl_s, lease.ttl_s or plan.ttl_s)
         return worker_deadline_boot(sent_boot, ttl_s)
 
-    async def release(self, plan: AttemptPlan, outcome: str) -> str | None:
+    async def release(self, plan: AttemptPlan, outcome: ReleaseOutcome) -> str | None:
         """Release the lease; returns its final state, or None if the control plane could
-        not be told (the lease then expires by itself: nothing depends on the release)."""
+        not be told, or its answer not read (the lease then expires by itself: nothing
+        depends on the release)."""
         if plan.lease_id is None:
             return None
         try:
-            answer = await self._cp(
-                f"/v1/populi/exec/leases/{plan.lease_id}/release", {"outcome": outcome}
+            answer = await self.control_plane.call(
+                "POST",
+                f"/v1/populi/exec/leases/{plan.lease_id}/release",
+                LeaseReleaseRequest(outcome=outcome),
+                timeout_s=RELEASE_TIMEOUT_S,
+                answer=LeaseReplayAnswer,
             )
         except PopuliError as exc:
             log(
@@ -231,12 +275,12 @@ class AttemptRunner:
                 code=exc.code,
             )
             return None
-        return str(answer["lease"]["state"])
+        return answer.lease.lease.state
 
     # -- running --------------------------------------------------------------------------
 
     def spec(self, plan: AttemptPlan) -> TaskSpec:
-        cfg = self.agent.config.exec
+        cfg = self.config
         work = self.task_dir(plan) / "work"
         work.mkdir(parents=True, exist_ok=True)
         env = build_task_env(
@@ -245,7 +289,7 @@ class AttemptRunner:
             passed=plan.env,
             task_id=plan.task_id,
             attempt=plan.attempt,
-            fencing_token=plan.token,
+            fencing_token=str(plan.token),
             cuda_visible_devices=",".join(cuda_id(g) for g in plan.gpus),
         )
         return TaskSpec(
@@ -259,7 +303,7 @@ class AttemptRunner:
             output_cap_bytes=cfg.output_cap_bytes,
         )
 
-    async def run(self, plan: AttemptPlan) -> dict[str, Any]:
+    async def run(self, plan: AttemptPlan) -> ResultMessage:
         """Run ``plan`` to its end; returns the stored result."""
         key = (plan.task_id, plan.attempt, plan.role)
         running = self.running.setdefault(key, Running(plan))
@@ -269,17 +313,16 @@ class AttemptRunner:
             running.done.set()
             self.running.pop(key, None)
 
-    async def _run(self, running: Running) -> dict[str, Any]:
+    async def _run(self, running: Running) -> ResultMessage:
         plan = running.plan
-        agent = self.agent
-        started_ms = int(agent.clock.wall() * 1000)
+        started_ms = int(self.clock.wall() * 1000)
         if running.cancel_requested:
             result = await self._finish(
                 plan, outcome="cancelled", started_ms=started_ms, detail=running.cancel_reason
             )
             await self.release(plan, "stopped")  # nothing ran: free the GPUs now
             return result
-        deadline = agent.clock.boot() + NO_LEASE_DEADLINE_S
+        deadline = self.clock.boot() + NO_LEASE_DEADLINE_S
         if plan.renewable:
             try:
                 deadline = await self.renew(plan, before_start=True)
@@ -293,11 +336,11 @@ class AttemptRunner:
                     attempt=plan.attempt,
                     error=str(exc),
                 )
-                reasons = exc.details.get("reasons") or ()
+                refusal = refusal_of(exc)
                 result = await self._finish(
                     plan, outcome="lease_lost", started_ms=started_ms, detail=exc.code
                 )
-                if REMOTE_OFF_REASONS & set(reasons):
+                if REMOTE_OFF_REASONS & set(refusal.reasons):
                     # The settings forbid remote work now and nothing ran: give the lease
                     # back so that the submitter need not wait for it to expire.
                     await self.release(plan, "stopped")
@@ -305,11 +348,11 @@ class AttemptRunner:
         task_dir = self.task_dir(plan)
         try:
             try:
-                execution = await agent.executor.start(task_dir, self.spec(plan), deadline)
+                execution = await self.executor.start(task_dir, self.spec(plan), deadline)
             except OSError as exc:
                 # The task directory could not be written (disk full...): nothing started.
                 failure = file_error(exc, f"cannot prepare {task_dir}")
-                agent.health.failed(_component(plan), failure)
+                self.health.failed(_component(plan), failure)
                 raise failure from exc
         except PopuliError as exc:
             if isinstance(exc, SpawnFailed):
@@ -328,7 +371,7 @@ class AttemptRunner:
             result = await self._finish(
                 plan, outcome="populi_failure", started_ms=started_ms, detail=str(exc)
             )
-            if not agent.executor.leftovers(task_dir):
+            if not self.executor.leftovers(task_dir):
                 await self.release(plan, "stopped")
             return result
         running.execution = execution
@@ -342,14 +385,14 @@ class AttemptRunner:
             task_id=plan.task_id,
             attempt=plan.attempt,
             role=plan.role,
-            token=plan.token,
+            token=str(plan.token),
             gpus=list(plan.gpus),
         )
         return await self._supervise(running, execution, started_ms)
 
     async def resume(
         self, plan: AttemptPlan, execution: Execution, started_ms: int
-    ) -> dict[str, Any]:
+    ) -> ResultMessage:
         """Carry on with an attempt whose supervisor survived an agent restart."""
         key = (plan.task_id, plan.attempt, plan.role)
         running = self.running.setdefault(key, Running(plan, execution=execution))
@@ -369,7 +412,7 @@ class AttemptRunner:
 
     async def _supervise(
         self, running: Running, execution: Execution, started_ms: int, *, renew_now: bool = False
-    ) -> dict[str, Any]:
+    ) -> ResultMessage:
         """Wait for the task, renewing its lease every TTL/3. ``renew_now``: an attempt
         re-adopted after a restart renews at once — the agent was away for an unknown
         part of the interval, and the supervisor's deadline did not wait for it."""
@@ -390,13 +433,13 @@ class AttemptRunner:
                         execution.extend_deadline(await self.renew(plan))
                         if unwritten:
                             unwritten = False
-                            self.agent.health.ok(_component(plan))
+                            self.health.ok(_component(plan))
                     except OSError as exc:
                         # The longer deadline could not be written (disk full...): the
                         # supervisor keeps the old one and stops the task by it (safety
                         # rule 3); the next renewal tries again.
                         unwritten = True
-                        self.agent.health.failed(_component(plan), exc)
+                        self.health.failed(_component(plan), exc)
                     except PopuliError as exc:
                         if definitive(exc):
                             lost.append(lease_reason(exc))
@@ -429,7 +472,7 @@ class AttemptRunner:
 
             async def watch_cancel() -> None:
                 await running.cancel_event.wait()
-                health = self.agent.health
+                health = self.health
                 retried = False
                 while (delay := self._cancel(plan, execution)) is not None:
                     retried = True
@@ -445,11 +488,11 @@ class AttemptRunner:
             nursery.cancel_scope.cancel()
         outcome = outcome_box[0]
         if isinstance(outcome, Exception):
-            await self.agent.executor.kill_orphan(self.task_dir(plan))
+            await self.executor.kill_orphan(self.task_dir(plan))
             result = await self._finish(
                 plan, outcome="lost", started_ms=started_ms, detail=str(outcome)
             )
-            if not self.agent.executor.leftovers(self.task_dir(plan)):
+            if not self.executor.leftovers(self.task_dir(plan)):
                 await self.release(plan, "stopped")
             return result
         stop_reason = outcome.stop_reason
@@ -491,41 +534,43 @@ class AttemptRunner:
         stop_reason: str | None = None,
         detail: str = "",
         totals: tuple[int, int] = (0, 0),
-    ) -> dict[str, Any]:
+    ) -> ResultMessage:
         task_dir = self.task_dir(plan)
         tails = {}
         for stream in ("stdout", "stderr"):
             try:
                 data = (
-                    self.agent.executor.tail(task_dir, stream, RESULT_TAIL_BYTES)
+                    self.executor.tail(task_dir, stream, RESULT_TAIL_BYTES)
                     if task_dir.exists()
                     else b""
                 )
             except (OSError, ValueError, PopuliError):
                 data = b""
             tails[stream] = base64.b64encode(data).decode("ascii")
-        result = {
-            "task_id": plan.task_id,
-            "attempt": plan.attempt,
-            "token": plan.token,
-            "lease_id": plan.lease_id,
-            "node": self.agent.node_id,
-            "role": plan.role,
-            "outcome": outcome,
-            "exit_code": exit_code,
-            "signal": signal,
-            "stop_reason": stop_reason,
-            "detail": detail,
-            "gpus": list(plan.gpus),
-            "started_wall_ms": started_ms,
-            "stopped_wall_ms": stopped_ms
-            if stopped_ms is not None
-            else int(self.agent.clock.wall() * 1000),
-            "stdout_tail_b64": tails["stdout"],
-            "stderr_tail_b64": tails["stderr"],
-            "stdout_total": totals[0],
-            "stderr_total": totals[1],
-        }
+        result = ResultMessage(
+            result=AttemptResult(
+                task_id=plan.task_id,
+                attempt=plan.attempt,
+                node=self.node_id,
+                token=plan.token,
+                lease_id=plan.lease_id,
+                role="worker" if plan.role == "worker" else "local",
+                outcome=outcome,
+                exit_code=exit_code,
+                signal=signal,
+                stop_reason=stop_reason,
+                detail=detail,
+                gpus=plan.gpus,
+                started_wall_ms=started_ms,
+                stopped_wall_ms=stopped_ms
+                if stopped_ms is not None
+                else int(self.clock.wall() * 1000),
+                stdout_total=totals[0],
+                stderr_total=totals[1],
+            ),
+            stdout_tail_b64=tails["stdout"],
+            stderr_tail_b64=tails["stderr"],
+        )
         # Durable before the lease is released and the result delivered (safety rule 7).
         await self.save_durably(plan, "finished", result=result)
         log(
@@ -547,7 +592,7 @@ class AttemptRunner:
         try:
             execution.cancel()
         except OSError as exc:
-            return self.agent.health.failed(_component(plan), exc)
+            return self.health.failed(_component(plan), exc)
         return None
 
     def request_cancel(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
@@ -560,8 +605,8 @@ class AttemptRunner:
         return True
 
     async def recover(
-        self, role: str, on_result: Any
-    ) -> tuple[list[tuple[AttemptPlan, Any]], list[AttemptPlan]]:
+        self, role: str, on_result: OnRecovered
+    ) -> tuple[list[tuple[AttemptPlan, Execution]], list[AttemptPlan]]:
         """At start, for every attempt this node recorded as accepted or running:
 
         - its supervisor still runs: re-adopt it (returned to resume);
@@ -574,9 +619,9 @@ class AttemptRunner:
         """
         from populi_peer.exec import read_state
 
-        to_resume: list[tuple[AttemptPlan, Any]] = []
+        to_resume: list[tuple[AttemptPlan, Execution]] = []
         to_start: list[AttemptPlan] = []
-        executor = self.agent.executor
+        executor = self.executor
         for row in self.attempts.unfinished(role):
             body = row.body
             plan = AttemptPlan.from_json(body)
@@ -638,15 +683,23 @@ def cuda_id(gpu: str) -> str:
 
 def definitive(exc: PopuliError) -> bool:
     """Did the control plane answer (refused, unknown, not allowed), as opposed to not
-    being reachable?"""
+    being reachable (or answering something that could not be read)?"""
     return exc.details.get("http_status") in (401, 403, 404, 409)
 
 
+def refusal_of(exc: PopuliError) -> Refusal:
+    """A failed request as the core's decisions take it: refused with the peer's reason
+    codes (only strings are taken from its error; none: its code), or not reached."""
+    detail = str(exc)
+    if not definitive(exc):
+        return Refusal.unreached(detail)
+    raw = exc.details.get("reasons")
+    reasons = [r for r in raw if isinstance(r, str) and r] if isinstance(raw, list) else []
+    return Refusal.refused(reasons or [exc.code or "refused"], detail)
+
+
 def lease_reason(exc: PopuliError) -> str:
-    reasons = exc.details.get("reasons")
-    if isinstance(reasons, list) and reasons:
-        return str(reasons[0])
-    return exc.code
+    return refusal_of(exc).reasons[0] if definitive(exc) else exc.code
 
 
 __all__ = [
@@ -654,4 +707,9 @@ __all__ = [
     "RESULT_TAIL_BYTES",
     "AttemptPlan",
     "AttemptRunner",
+    "OnRecovered",
+    "definitive",
+    "lease_reason",
+    "refusal_of",
+    "stored_result",
 ]

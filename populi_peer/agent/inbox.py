@@ -1,130 +1,144 @@
 """The inbox: how nodes hand each other work and results (handoff, cancel, result, ack).
 
-``POST /v1/populi/inbox`` delivers one message ``{"message_id", "type", ...}``; delivery is
-idempotent by (sender, message id): a repeated message gets the first answer back, marked
-``duplicate``, and its handler does not run again. Handlers are idempotent too (a handoff
-is fenced by its token; a result by its attempt and token), so a crash between a handler
-and the inbox record only costs a recomputed, identical answer.
+``POST /v1/populi/inbox`` delivers one message (:class:`~populi_peer.core.messages.
+InboxMessage`: a ``message_id`` and a typed payload, parsed before the handler runs);
+delivery is idempotent by (sender, message id): a repeated message gets the first answer
+back, marked ``duplicate``, and its handler does not run again. Handlers are idempotent too
+(a handoff is fenced by its token; a result by its attempt and token), so a crash between a
+handler and the inbox record only costs a recomputed, identical answer.
 
 ``GET /v1/populi/inbox?cursor=&limit=`` reads the messages this node received, oldest
 first, cursor-paged (the cursor is the last ``seq`` seen); callers: the node itself and
 operators.
+
+The handlers are the worker's (``handoff``, ``cancel``) and the submitter's (``result``),
+registered by the composition root with :meth:`Inbox.on`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.api.auth import Principal
-from populi_peer.core.wire import ID_RE
+from populi_peer.clock import Clock
+from populi_peer.core.messages import (
+    OPERATIONS,
+    InboxDeliverAnswer,
+    InboxMessage,
+    InboxReadAnswer,
+    InboxRecord,
+    Message,
+)
+from populi_peer.core.messages.inbox import ANSWERS, MESSAGE_TYPES, MessageType
+from populi_peer.core.messages.records import REDACTED
 from populi_peer.errors import BadRequest, Forbidden
 from populi_peer.store.inbox import InboxMessages
 
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
-
 NODES = frozenset({"worker", "submit", "voter"})
-MESSAGE_TYPES = ("handoff", "cancel", "result", "ack")
 
-Handler = Callable[[Principal, dict[str, Any]], Awaitable[dict[str, Any]]]
+#: A handler of one message type: the signer and the typed payload in, the answer out.
+Handler = Callable[[Principal, Any], Awaitable[Message]]
 
 
 class Inbox:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.messages = InboxMessages(agent.store)
-        self.handlers: dict[str, Handler] = {}
+    def __init__(self, *, node_id: str, messages: InboxMessages, clock: Clock) -> None:
+        self.node_id = node_id
+        self.messages = messages
+        self.clock = clock
+        self.handlers: dict[MessageType, Handler] = {}
 
-    def on(self, message_type: str, handler: Handler) -> None:
+    def on(self, message_type: MessageType, handler: Handler) -> None:
         if message_type not in MESSAGE_TYPES:
             raise ValueError(f"unknown inbox message type {message_type}")
         self.handlers[message_type] = handler
 
     def routes(self) -> list[Route]:
+        deliver, read = OPERATIONS["inbox_deliver"], OPERATIONS["inbox_read"]
         return [
-            Route("POST", "/v1/populi/inbox", self._deliver, roles=NODES, name="inbox_deliver"),
-            Route("GET", "/v1/populi/inbox", self._read, roles=ANY_MEMBER, name="inbox_read"),
+            Route(
+                "POST",
+                "/v1/populi/inbox",
+                self._deliver,
+                roles=NODES,
+                name="inbox_deliver",
+                request=deliver.request,
+                answer=deliver.answer,
+            ),
+            Route(
+                "GET",
+                "/v1/populi/inbox",
+                self._read,
+                roles=ANY_MEMBER,
+                name="inbox_read",
+                answer=read.answer,
+            ),
         ]
 
-    async def _deliver(self, request: Request) -> dict[str, Any]:
-        body = request.json()
-        message_id = body.get("message_id")
-        message_type = body.get("type")
-        if not isinstance(message_id, str) or not ID_RE.match(message_id):
-            raise BadRequest(
-                "inbox message needs 'message_id' (1-128 of A-Z a-z 0-9 . _ : -)",
-                code="bad_request",
-            )
-        if message_type not in MESSAGE_TYPES:
-            raise BadRequest(
-                f"inbox message 'type' must be one of {', '.join(MESSAGE_TYPES)}",
-                code="bad_request",
-            )
+    async def _deliver(self, request: Request) -> InboxDeliverAnswer:
+        message = request.message(InboxMessage)
+        message_type = message.type
         handler = self.handlers.get(message_type)
         if handler is None:
             raise BadRequest(
                 f"this node does not take {message_type} messages", code="unsupported_message"
             )
         sender = request.caller.id
-        key = f"{sender}/{message_id}"
+        key = f"{sender}/{message.message_id}"
         stored = self.messages.body(key)
         if stored is not None:
-            return {
-                "message_id": message_id,
-                "type": message_type,
-                "duplicate": True,
-                "result": stored.get("answer", {}),
-            }
-        answer = await handler(request.caller, body)
-        with self.agent.store.transaction():
-            self.messages.add(
-                key,
-                sender=sender,
+            return InboxDeliverAnswer(
+                message_id=message.message_id,
                 type=message_type,
-                body={"message": _redacted(body), "answer": answer},
-                received_ms=int(self.agent.clock.wall() * 1000),
+                duplicate=True,
+                result=ANSWERS[message_type].from_json(stored.get("answer", {})),
             )
-        return {
-            "message_id": message_id,
-            "type": message_type,
-            "duplicate": False,
-            "result": answer,
-        }
+        answer = await handler(request.caller, message.payload)
+        self.messages.add(
+            key,
+            sender=sender,
+            type=message_type,
+            body={"message": _redacted(message), "answer": answer.to_json()},
+            received_ms=int(self.clock.wall() * 1000),
+        )
+        return InboxDeliverAnswer(
+            message_id=message.message_id, type=message_type, duplicate=False, result=answer
+        )
 
-    async def _read(self, request: Request) -> dict[str, Any]:
+    async def _read(self, request: Request) -> InboxReadAnswer:
         caller = request.caller
-        if caller.id != self.agent.node_id and "operator" not in caller.roles:
+        if caller.id != self.node_id and "operator" not in caller.roles:
             raise Forbidden(
                 "only this node or an operator may read its inbox", code="role_required"
             )
         cursor = request.query_int("cursor", 0, minimum=0)
         limit = request.query_int("limit", 100, minimum=1, maximum=1000)
-        messages = []
-        for row in self.messages.page(after=cursor, limit=limit):
-            stored = row.body
-            messages.append(
-                {
-                    "seq": row.seq,
-                    "message_id": row.key.split("/", 1)[1],
-                    "sender": row.sender,
-                    "type": row.type,
-                    "received_ms": row.received_ms,
-                    "message": stored.get("message", {}),
-                    "answer": stored.get("answer", {}),
-                }
+        records = tuple(
+            InboxRecord(
+                seq=row.seq,
+                message_id=row.key.split("/", 1)[1],
+                sender=row.sender,
+                type=row.type,
+                received_ms=row.received_ms,
+                message=row.body.get("message", {}),
+                answer=row.body.get("answer", {}),
             )
-        next_cursor = messages[-1]["seq"] if messages else cursor
-        return {"messages": messages, "next_cursor": next_cursor, "more": len(messages) == limit}
+            for row in self.messages.page(after=cursor, limit=limit)
+        )
+        return InboxReadAnswer(
+            messages=records,
+            next_cursor=records[-1].seq if records else cursor,
+            more=len(records) == limit,
+        )
 
 
-def _redacted(body: dict[str, Any]) -> dict[str, Any]:
+def _redacted(message: InboxMessage) -> dict[str, Any]:
     """What the inbox keeps of a message: the environment's values are task secrets."""
-    out = dict(body)
+    out = message.to_json()
     if isinstance(out.get("env"), dict):
-        out["env"] = {k: "…" for k in out["env"]}
+        out["env"] = {name: REDACTED for name in out["env"]}
     return out
 
 
-__all__ = ["MESSAGE_TYPES", "Inbox"]
+__all__ = ["NODES", "Handler", "Inbox"]

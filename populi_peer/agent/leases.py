@@ -18,42 +18,62 @@ Routes:
 - ``POST /v1/populi/admin/exec-lease-revoke`` (operator).
 
 A timer declares leases dead at ``expires + margin`` (persisted first); a reconcile pass
-flags leases whose holder is stale or quarantined (and revokes them with the
-``auto_revoke_stale_leases`` setting), and revokes those of a node whose drain deadline
-has passed.
+gives the table what this control plane knows of each holder
+(:meth:`~populi_peer.core.leases.LeaseTable.reconcile_holders`: it flags leases whose
+holder is stale or quarantined, revokes them with the ``auto_revoke_stale_leases``
+setting, and revokes those of a node whose drain deadline has passed).
+
+The service is given what it uses: the lease repository, the clock, the control-plane link
+(term, whether this node holds the role), the cluster settings, and :class:`NodeFacts` —
+the control plane's own view of each node (membership, lifecycle, heartbeats, verified
+GPUs), which the composition root builds from the cluster services. Routes take and
+answer typed messages (:mod:`populi_peer.core.messages.leases`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from populi_peer.agent.health import RETRIED
+from populi_peer.agent.health import RETRIED, Health
+from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.clock import Clock
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.leases import (
-    GrantRequest,
     HolderStatus,
+    HolderView,
     Lease,
     LeaseRefused,
     LeaseSettings,
     LeaseTable,
     TargetView,
 )
+from populi_peer.core.lifecycle import NodeLifecycle
+from populi_peer.core.messages import (
+    OPERATIONS,
+    LeaseAnswer,
+    LeaseFallbackAnswer,
+    LeaseFallbackRequest,
+    LeaseGrantRequest,
+    LeaseListAnswer,
+    LeaseReleaseRequest,
+    LeaseReplayAnswer,
+    LeaseRevokeRequest,
+    LeaseView,
+    RenewRequest,
+)
 from populi_peer.core.policy import decide
-from populi_peer.core.settings import remote_refusal
-from populi_peer.core.wire import check_id
-from populi_peer.errors import BadRequest
+from populi_peer.core.scope import Scope
+from populi_peer.core.settings import gates_enabled, remote_refusal
 from populi_peer.log import get_logger, log
+from populi_peer.store.events import EventLog
 from populi_peer.store.leases import Leases
-
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
 
 SUBMIT = frozenset({"submit"})
 HOLDERS = frozenset({"worker", "submit"})
@@ -71,10 +91,71 @@ def new_lease_id() -> str:
     return "l-" + secrets.token_hex(8)
 
 
+class SettingsSource(Protocol):
+    """The cluster settings this node holds (``agent.records.ClusterRecords``)."""
+
+    @property
+    def settings(self) -> Mapping[str, Any]: ...
+
+
+class NodeFacts(Protocol):
+    """The control plane's own view of the nodes, as the lease service reads it (safety
+    rule 6: hints never authorize). Built by the composition root from membership, the
+    lifecycle registers, the heartbeat receiver and the GPU service."""
+
+    def is_node(self, node_id: str) -> bool:
+        """A member of kind ``node``."""
+        ...
+
+    def resolve_node(self, ref: str) -> str:
+        """The member id ``ref`` is, or the id of the node it names (a unique name);
+        404 ``unknown_node``."""
+        ...
+
+    def lifecycle(self, node_id: str) -> NodeLifecycle | None: ...
+
+    def heartbeat_age_ms(self, node_id: str) -> int | None:
+        """Since its last heartbeat here (``None``: none since this process started)."""
+        ...
+
+    def stale_after_ms(self, node_id: str) -> int:
+        """When its heartbeat counts as stale, by the scope of its path."""
+        ...
+
+    def stale(self, node_id: str) -> bool: ...
+
+    def scope(self, node_id: str) -> Scope | None:
+        """The scope of the path to it, from its last heartbeat (``None``: none yet)."""
+        ...
+
+    def accepts_remote_work(self, node_id: str) -> bool | None:
+        """What its last heartbeat said (``exec_remote``); ``None`` before one."""
+        ...
+
+    def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
+        """Its allocatable GPU UUIDs (verified facts), and how many are unhealthy."""
+        ...
+
+
 class LeaseService:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.stored = Leases(agent.store)
+    def __init__(
+        self,
+        *,
+        leases: Leases,
+        clock: Clock,
+        control_plane: ControlPlaneLink,
+        records: SettingsSource,
+        nodes: NodeFacts,
+        events: EventLog,
+        health: Health,
+    ) -> None:
+        self.stored = leases
+        self.clock = clock
+        self.control_plane = control_plane
+        self.records = records
+        self.nodes = nodes
+        self.events = events
+        self.health = health
         self.logger = get_logger("leases")
         self.table: LeaseTable | None = None
         self.flags: dict[str, HolderStatus] = {}
@@ -83,7 +164,7 @@ class LeaseService:
     # -- state ----------------------------------------------------------------------------
 
     def settings(self) -> LeaseSettings:
-        values = self.agent.records.settings
+        values = self.records.settings
         return LeaseSettings(
             max_lease_ttl_s=float(values["max_lease_ttl_s"]),
             expiry_margin_s=float(values["lease_expiry_margin_s"]),
@@ -102,7 +183,7 @@ class LeaseService:
         # allowed, in case max_lease_ttl_s was lowered since.
         longest_ttl = max(
             settings.max_lease_ttl_s,
-            float(self.agent.store.get_meta("lease_max_ttl_seen_s", "0") or 0),
+            self.stored.longest_ttl_seen_s(),
         )
         hold_s = (
             longest_ttl + settings.leader_lease_s + settings.expiry_margin_s
@@ -111,10 +192,10 @@ class LeaseService:
         )
         self.table = LeaseTable.restore(
             leases,
-            term=self.agent.term,
+            term=self.control_plane.term,
             next_seq=next_seq,
             settings=settings,
-            now_mono=self.agent.clock.mono(),
+            now_mono=self.clock.mono(),
             hold_s=hold_s,
         )
         if hold_s:
@@ -155,7 +236,7 @@ class LeaseService:
         """Drop from memory the leases that ended more than ``RETAIN_ENDED_S`` ago."""
         if self.table is None:
             return 0
-        cutoff = int(self.agent.clock.wall() * 1000 - RETAIN_ENDED_S * 1000)
+        cutoff = int(self.clock.wall() * 1000 - RETAIN_ENDED_S * 1000)
         keep = {
             lid: lease
             for lid, lease in self.table.leases.items()
@@ -167,7 +248,7 @@ class LeaseService:
         return dropped
 
     def _table(self) -> LeaseTable:
-        self.agent.require_control_plane()
+        self.control_plane.require_self()
         if self.table is None:
             self.load()
         assert self.table is not None
@@ -178,54 +259,49 @@ class LeaseService:
     def _commit(self, table: LeaseTable, records: tuple[Lease, ...] | list[Lease]) -> None:
         """Persist ``records`` (and the token counter) durably, then adopt ``table``."""
         if records:
-            now_ms = int(self.agent.clock.wall() * 1000)
-            with self.agent.store.transaction():
-                self.stored.save(records, next_seq=table.next_seq, now_ms=now_ms)
+            # One transaction (the repository's), with the token counter.
+            self.stored.save(records, next_seq=table.next_seq, now_ms=self._now()[1])
         self.table = table
         if records:
             self._kick.set()
 
-    def lease_json(self, lease: Lease) -> dict[str, Any]:
-        data = lease.to_json()
-        data["expires_in_s"] = None
+    def view(self, lease: Lease) -> LeaseView:
+        """``lease`` with what only this control plane's clock says."""
+        expires_in_s = None
         if lease.holding and lease.kind != "fence":
-            data["expires_in_s"] = round(lease.expires_mono - self.agent.clock.mono(), 3)
-        data["flag"] = self.flags.get(lease.lease_id)
-        return data
+            expires_in_s = round(lease.expires_mono - self.clock.mono(), 3)
+        return LeaseView(
+            lease=lease, expires_in_s=expires_in_s, flag=self.flags.get(lease.lease_id)
+        )
 
     # -- the control plane's own view of a target (safety rule 6) --------------------------
 
     def target_view(
         self, node_id: str, *, gpus_wanted: int, work_class: str, submitter: str
     ) -> TargetView:
-        agent = self.agent
-        member = agent.membership.get(node_id)
-        if member is None or member.kind != "node":
+        nodes = self.nodes
+        if not nodes.is_node(node_id):
             return TargetView(node_id=node_id, eligible=False, reasons=("unknown_node",))
-        now_ms = int(agent.clock.wall() * 1000)
-        receiver = agent.heartbeats
-        seen = receiver.seen.get(node_id)
-        _, stale_after = receiver.timings(seen.scope if seen else "lan")
-        allocatable, unhealthy = agent.allocatable_gpus(node_id)
+        allocatable, unhealthy = nodes.allocatable_gpus(node_id)
         eligibility = routing_eligibility(
-            lifecycle=agent.registry.lifecycle(node_id),
-            heartbeat_age_ms=receiver.age_ms(node_id),
-            stale_after_ms=int(stale_after * 1000),
-            now_wall_ms=now_ms,
+            lifecycle=nodes.lifecycle(node_id),
+            heartbeat_age_ms=nodes.heartbeat_age_ms(node_id),
+            stale_after_ms=nodes.stale_after_ms(node_id),
+            now_wall_ms=self._now()[1],
             gpus_wanted=gpus_wanted,
             allocatable_gpus=len(allocatable),
             unhealthy_gpus=unhealthy,
         )
         reasons = [r for r in eligibility.reasons if r != "no_free_gpu"]
         if node_id != submitter:
-            seen = receiver.seen.get(node_id)
-            if seen is not None and not seen.report.exec_remote:
+            if nodes.accepts_remote_work(node_id) is False:
                 reasons.append("remote_off_on_node")
-            refusal = remote_refusal(agent.records.settings)
+            settings = self.records.settings
+            refusal = remote_refusal(settings)
             if refusal is not None:
                 reasons.append(refusal)
             scope = self.path_scope(submitter, node_id)
-            decision = decide(work_class, scope, gates_enabled=agent.policy_gates())
+            decision = decide(work_class, scope, gates_enabled=gates_enabled(settings))
             if not decision.allowed:
                 reasons.append(decision.reason or "policy_blocked")
         return TargetView(
@@ -235,82 +311,68 @@ class LeaseService:
             allocatable_gpus=tuple(allocatable),
         )
 
-    def path_scope(self, a: str, b: str) -> str:
+    def path_scope(self, a: str, b: str) -> Scope:
         """The most patient of the scopes of ``a`` and ``b`` as the control plane sees
         them: the path between two nodes is at best as close as each one is to us."""
-        seen = self.agent.heartbeats.seen
-        scopes = [seen[n].scope if n in seen else "overlay" for n in (a, b)]
+        scopes = [self.nodes.scope(n) or "overlay" for n in (a, b)]
         return max(scopes, key=lambda s: _SCOPE_RANK[s])
 
     # -- routes ---------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
+        def route(method: str, path: str, handler: Any, roles: frozenset[str], name: str) -> Route:
+            types = OPERATIONS[name]
+            return Route(
+                method,
+                path,
+                handler,
+                roles=roles,
+                name=name,
+                request=types.request,
+                answer=types.answer,
+            )
+
         return [
-            Route("POST", "/v1/populi/exec/leases", self._grant, roles=SUBMIT, name="lease_grant"),
-            Route("GET", "/v1/populi/exec/leases", self._list, roles=ANY_MEMBER, name="lease_list"),
-            Route(
-                "GET",
-                "/v1/populi/exec/leases/{lease_id}",
-                self._get,
-                roles=ANY_MEMBER,
-                name="lease_get",
-            ),
-            Route(
+            route("POST", "/v1/populi/exec/leases", self._grant, SUBMIT, "lease_grant"),
+            route("GET", "/v1/populi/exec/leases", self._list, ANY_MEMBER, "lease_list"),
+            route("GET", "/v1/populi/exec/leases/{lease_id}", self._get, ANY_MEMBER, "lease_get"),
+            route(
                 "POST",
                 "/v1/populi/exec/leases/{lease_id}/renew",
                 self._renew,
-                roles=HOLDERS,
-                name="lease_renew",
+                HOLDERS,
+                "lease_renew",
             ),
-            Route(
+            route(
                 "POST",
                 "/v1/populi/exec/leases/{lease_id}/release",
                 self._release,
-                roles=HOLDERS,
-                name="lease_release",
+                HOLDERS,
+                "lease_release",
             ),
-            Route(
-                "POST",
-                "/v1/populi/exec/fallback",
-                self._fallback,
-                roles=SUBMIT,
-                name="lease_fallback",
-            ),
-            Route(
+            route("POST", "/v1/populi/exec/fallback", self._fallback, SUBMIT, "lease_fallback"),
+            route(
                 "POST",
                 "/v1/populi/admin/exec-lease-revoke",
                 self._revoke,
-                roles=OPERATOR,
-                name="lease_revoke",
+                OPERATOR,
+                "lease_revoke",
             ),
         ]
 
     def _now(self) -> tuple[float, int]:
-        return self.agent.clock.mono(), int(self.agent.clock.wall() * 1000)
+        return self.clock.mono(), int(self.clock.wall() * 1000)
 
-    async def _grant(self, request: Request) -> dict[str, Any]:
-        table = self._table()
-        body = request.json()
-        submitter = request.caller.id
-        try:
-            grant = GrantRequest(
-                task_id=_text(body, "task_id"),
-                attempt=_int(body, "attempt"),
-                work_class=_text(body, "work_class"),  # type: ignore[arg-type]
-                target=_text(body, "target"),
-                gpus_wanted=_int(body, "gpus_wanted"),
-                ttl_s=_number(body, "ttl_s"),
-                submitter=submitter,
-            )
-        except (TypeError, ValueError) as exc:
-            raise BadRequest(f"grant request: {exc}", code="bad_request") from exc
+    async def _grant(self, request: Request) -> LeaseReplayAnswer:
+        self._table()
+        grant = request.message(LeaseGrantRequest).grant(request.caller.id)
         self.hydrate(task_id=grant.task_id)
         table = self._table()
         target = self.target_view(
             grant.target,
             gpus_wanted=grant.gpus_wanted,
             work_class=grant.work_class,
-            submitter=submitter,
+            submitter=grant.submitter,
         )
         now_mono, now_ms = self._now()
         new, change = table.grant(
@@ -328,41 +390,37 @@ class LeaseService:
                 token=str(change.lease.token),
                 gpus=list(change.lease.gpus),
             )
-        return {"lease": self.lease_json(change.lease), "replay": change.replay}
+        return LeaseReplayAnswer(lease=self.view(change.lease), replay=change.replay)
 
-    async def _renew(self, request: Request) -> dict[str, Any]:
-        body = request.json() if request.body else {}
-        before_start = body.get("before_start", False)
-        if not isinstance(before_start, bool):
-            raise BadRequest("'before_start' must be true or false", code="bad_request")
-        self.hydrate(lease_id=request.path_params["lease_id"])
+    async def _renew(self, request: Request) -> LeaseAnswer:
+        body = request.message(RenewRequest)
+        lease_id = request.path_params["lease_id"]
+        self.hydrate(lease_id=lease_id)
         table = self._table()
         now_mono, now_ms = self._now()
         new, change = table.renew(
-            request.path_params["lease_id"],
+            lease_id,
             request.caller.id,
             now_mono=now_mono,
             now_wall_ms=now_ms,
             # Rule 3's renewal before start: the settings are checked again here, so no
             # remote attempt starts after `settings set` turned remote execution off.
-            before_start=before_start,
-            remote_refusal=remote_refusal(self.agent.records.settings),
+            before_start=body.before_start,
+            remote_refusal=remote_refusal(self.records.settings),
         )
         self._commit(new, change.records)
-        return {"lease": self.lease_json(change.lease)}
+        return LeaseAnswer(lease=self.view(change.lease))
 
-    async def _release(self, request: Request) -> dict[str, Any]:
-        self.hydrate(lease_id=request.path_params["lease_id"])
+    async def _release(self, request: Request) -> LeaseReplayAnswer:
+        body = request.message(LeaseReleaseRequest)
+        lease_id = request.path_params["lease_id"]
+        self.hydrate(lease_id=lease_id)
         table = self._table()
-        body = request.json()
-        outcome = body.get("outcome")
-        if outcome not in ("stopped", "completed"):
-            raise BadRequest("release needs 'outcome': stopped or completed", code="bad_request")
         now_mono, now_ms = self._now()
         new, change = table.release(
-            request.path_params["lease_id"],
+            lease_id,
             request.caller.id,
-            outcome=outcome,
+            outcome=body.outcome,
             now_mono=now_mono,
             now_wall_ms=now_ms,
         )
@@ -375,16 +433,13 @@ class LeaseService:
                 lease_id=change.lease.lease_id,
                 state=change.lease.state,
             )
-        return {"lease": self.lease_json(change.lease), "replay": change.replay}
+        return LeaseReplayAnswer(lease=self.view(change.lease), replay=change.replay)
 
-    async def _fallback(self, request: Request) -> dict[str, Any]:
-        table = self._table()
-        body = request.json()
+    async def _fallback(self, request: Request) -> LeaseFallbackAnswer:
+        self._table()
+        body = request.message(LeaseFallbackRequest)
         submitter = request.caller.id
-        task_id = _text(body, "task_id")
-        gpus_wanted = _int(body, "gpus_wanted")
-        attempt = _int(body, "attempt")
-        work_class = body.get("work_class")
+        task_id, attempt = body.task_id, body.attempt
         self.hydrate(task_id=task_id)
         table = self._table()
         gpus: tuple[str, ...] = ()
@@ -399,19 +454,19 @@ class LeaseService:
         if retried is not None:
             # A retry whose first answer was lost: the table answers it as a replay.
             gpus = retried.gpus
-        elif gpus_wanted:
+        elif body.gpus_wanted:
             # The submitter's own GPUs, by the control plane's verified view of them.
             view = self.target_view(
                 submitter,
-                gpus_wanted=gpus_wanted,
-                work_class=str(work_class or "agent"),
+                gpus_wanted=body.gpus_wanted,
+                work_class=body.work_class or "agent",
                 submitter=submitter,
             )
             busy = table.live_gpus()
             gpus = tuple(g for g in view.allocatable_gpus if (submitter, g) not in busy)[
-                :gpus_wanted
+                : body.gpus_wanted
             ]
-            if len(gpus) < gpus_wanted:
+            if len(gpus) < body.gpus_wanted:
                 raise LeaseRefused(
                     f"no free local GPU for task {task_id}'s fallback",
                     reasons=["no_free_gpu"],
@@ -424,11 +479,11 @@ class LeaseService:
             attempt=attempt,
             gpus=gpus,
             local_node=submitter,
-            ttl_s=_number(body, "ttl_s"),
+            ttl_s=body.ttl_s,
             lease_id=new_lease_id(),
             now_mono=now_mono,
             now_wall_ms=now_ms,
-            work_class=work_class,
+            work_class=body.work_class,
         )
         self._commit(new, change.records)
         log(
@@ -446,46 +501,46 @@ class LeaseService:
             # this attempt follows, so the submitter records why it fell back.
             earlier = [x for x in new.by_task(task_id) if x.dead and x.token < change.lease.token]
             prior = max(earlier, key=lambda x: x.token) if earlier else None
-        return {
-            "lease": self.lease_json(change.lease),
-            "prior": None if prior is None else self.lease_json(prior),
-            "replay": change.replay,
-        }
+        return LeaseFallbackAnswer(
+            lease=self.view(change.lease),
+            prior=None if prior is None else self.view(prior),
+            replay=change.replay,
+        )
 
-    async def _revoke(self, request: Request) -> dict[str, Any]:
-        table = self._table()
-        body = request.json()
-        lease_id = _text(body, "lease_id")
-        reason = request.reason("revoked by operator")
-        self.hydrate(lease_id=lease_id)
+    async def _revoke(self, request: Request) -> LeaseReplayAnswer:
+        self._table()
+        body = request.message(LeaseRevokeRequest)
+        reason = body.reason or "revoked by operator"
+        self.hydrate(lease_id=body.lease_id)
         table = self._table()
         now_mono, now_ms = self._now()
         new, change = table.revoke(
-            lease_id, actor=request.caller.id, reason=reason, now_mono=now_mono, now_wall_ms=now_ms
+            body.lease_id,
+            actor=request.caller.id,
+            reason=reason,
+            now_mono=now_mono,
+            now_wall_ms=now_ms,
         )
         self._commit(new, change.records)
         if change.records:  # a repeated revoke changes nothing and is not an event
-            self.agent.record_event(
-                change.lease.holder,
-                "lease_revoked",
+            self.events.append(
+                at_ms=now_ms,
+                node_id=change.lease.holder,
+                kind="lease_revoked",
                 actor=request.caller.id,
                 reason=reason,
-                detail={"lease_id": lease_id, "task_id": change.lease.task_id},
+                detail={"lease_id": body.lease_id, "task_id": change.lease.task_id},
             )
-        return {"lease": self.lease_json(change.lease), "replay": change.replay}
+        return LeaseReplayAnswer(lease=self.view(change.lease), replay=change.replay)
 
-    async def _list(self, request: Request) -> dict[str, Any]:
+    async def _list(self, request: Request) -> LeaseListAnswer:
         table = self._table()
         node = request.query_one("node")
         task = request.query_one("task")
         state = request.query_one("state")
         leases = list(table.leases.values())
         if node:
-            node_id = (
-                self.agent.membership.resolve_node(node).id
-                if self.agent.membership.get(node) is None
-                else node
-            )
+            node_id = self.nodes.resolve_node(node)
             leases = [lease for lease in leases if node_id in (lease.holder, lease.submitter)]
         if task:
             leases = [lease for lease in leases if lease.task_id == task]
@@ -494,12 +549,15 @@ class LeaseService:
                 leases = [lease for lease in leases if lease.holding]
             else:
                 leases = [lease for lease in leases if lease.state == state]
-        leases.sort(key=lambda lease: (lease.token.term, lease.token.seq))
-        return {"term": self.agent.term, "leases": [self.lease_json(lease) for lease in leases]}
+        leases.sort(key=lambda lease: lease.token)
+        return LeaseListAnswer(
+            term=self.control_plane.term, leases=tuple(self.view(lease) for lease in leases)
+        )
 
-    async def _get(self, request: Request) -> dict[str, Any]:
-        self.hydrate(lease_id=request.path_params["lease_id"])
-        return {"lease": self.lease_json(self._table().get(request.path_params["lease_id"]))}
+    async def _get(self, request: Request) -> LeaseAnswer:
+        lease_id = request.path_params["lease_id"]
+        self.hydrate(lease_id=lease_id)
+        return LeaseAnswer(lease=self.view(self._table().get(lease_id)))
 
     # -- timers ---------------------------------------------------------------------------
 
@@ -522,54 +580,31 @@ class LeaseService:
         return list(dead)
 
     def reconcile_now(self) -> None:
+        """Give the table what this control plane knows of each holder: its lifecycle and
+        whether its heartbeat is stale (the table flags, revokes and applies the drain
+        deadline: :meth:`~populi_peer.core.leases.LeaseTable.reconcile_holders`)."""
         if self.table is None:
             return
-        agent = self.agent
-        statuses: dict[str, HolderStatus] = {}
-        drain_overdue: list[Lease] = []
         now_mono, now_ms = self._now()
-        for lease in self.table.holding():
-            if lease.kind == "fence" or lease.holder in statuses:
-                continue
-            lc = agent.registry.lifecycle(lease.holder)
-            if lc is not None and lc.state == "quarantined":
-                statuses[lease.holder] = "quarantined"
-            elif lease.holder != agent.node_id and agent.heartbeats.stale(lease.holder):
-                statuses[lease.holder] = "stale"
-            else:
-                statuses[lease.holder] = "ok"
-            if (
-                lc is not None
-                and lc.state == "draining"
-                and lc.deadline_wall_ms is not None
-                and lc.deadline_wall_ms <= now_ms
-            ):
-                drain_overdue.extend(
-                    x
-                    for x in self.table.holding()
-                    if x.holder == lease.holder and x.state == "live" and x.kind != "fence"
-                )
-        auto = bool(agent.records.settings["auto_revoke_stale_leases"])
-        new, result = self.table.reconcile(
-            statuses, auto_revoke=auto, now_mono=now_mono, now_wall_ms=now_ms
+        me = self.control_plane.node_id
+        holders = {
+            holder: HolderView(
+                lifecycle=self.nodes.lifecycle(holder),
+                stale=holder != me and self.nodes.stale(holder),
+            )
+            for holder in self.table.holders()
+        }
+        new, result = self.table.reconcile_holders(
+            holders,
+            auto_revoke=bool(self.records.settings["auto_revoke_stale_leases"]),
+            now_mono=now_mono,
+            now_wall_ms=now_ms,
+            drain_actor=me,
         )
         self.flags = {f.lease_id: f.status for f in result.flagged}
-        records = list(result.records)
-        for lease in drain_overdue:
-            current = new.get(lease.lease_id)
-            if current.state != "live":
-                continue
-            new, change = new.revoke(
-                lease.lease_id,
-                actor=agent.node_id,
-                reason="drain_deadline",
-                now_mono=now_mono,
-                now_wall_ms=now_ms,
-            )
-            records.extend(change.records)
-        if records:
-            self._commit(new, records)
-            for lease in records:
+        if result.records:
+            self._commit(new, result.records)
+            for lease in result.records:
                 log(
                     self.logger,
                     logging.WARNING,
@@ -584,8 +619,8 @@ class LeaseService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.load()
         task_status.started()
-        health = self.agent.health
-        next_compaction = self.agent.clock.mono() + COMPACT_INTERVAL_S
+        health = self.health
+        next_compaction = self.clock.mono() + COMPACT_INTERVAL_S
         while True:
             try:
                 self.expire_now()
@@ -596,11 +631,11 @@ class LeaseService:
                 await health.retry_after(health.failed("leases", exc))
                 continue
             health.ok("leases")
-            if self.agent.clock.mono() >= next_compaction:
+            if self.clock.mono() >= next_compaction:
                 self.compact()
-                next_compaction = self.agent.clock.mono() + COMPACT_INTERVAL_S
+                next_compaction = self.clock.mono() + COMPACT_INTERVAL_S
             deadline = self.table.next_deadline() if self.table else None
-            wake = self.agent.clock.mono() + RECONCILE_INTERVAL_S
+            wake = self.clock.mono() + RECONCILE_INTERVAL_S
             if deadline is not None:
                 wake = min(wake, deadline + 0.001)
             with trio.move_on_at(wake):
@@ -609,22 +644,4 @@ class LeaseService:
                 self._kick = trio.Event()
 
 
-def _text(body: dict[str, Any], name: str) -> str:
-    return check_id(body.get(name), name)
-
-
-def _int(body: dict[str, Any], name: str) -> int:
-    value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
-        raise BadRequest(f"{name!r} must be a non-negative integer", code="bad_request")
-    return value
-
-
-def _number(body: dict[str, Any], name: str) -> float:
-    value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise BadRequest(f"{name!r} must be a positive number of seconds", code="bad_request")
-    return float(value)
-
-
-__all__ = ["LeaseService", "new_lease_id"]
+__all__ = ["LeaseService", "NodeFacts", "SettingsSource", "new_lease_id"]

@@ -181,6 +181,7 @@ class PeerLink:
         payload: RequestBody = None,
         *,
         attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
+        params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: None = None,
     ) -> dict[str, Any]: ...
@@ -194,6 +195,7 @@ class PeerLink:
         payload: RequestBody = None,
         *,
         attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
+        params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[M],
     ) -> M: ...
@@ -206,6 +208,7 @@ class PeerLink:
         payload: RequestBody = None,
         *,
         attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
+        params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
@@ -228,6 +231,7 @@ class PeerLink:
                         method=method,
                         path=path,
                         payload=payload,
+                        params=params,
                         timeout_s=timeout_s,
                         answer=answer,
                     ),

@@ -23,6 +23,18 @@ task loops over its state:
 
 Results arrive in the inbox (``result``), are accepted only for the current attempt's
 token, and answered (the answer is the acknowledgement the worker waits for).
+
+Decisions live in the core: the task machine (``core.tasks``, with its request numbers:
+a request whose answer was lost is sent again with the same number), placement
+(``core.placement``) and what follows a refused or unanswered request
+(``core.refusals.decide_refusal``). Every call to another node is typed: a malformed
+answer, or one about another lease than the one asked for, is an error for that call —
+for a lease request, one that may have happened (the task waits for the control plane's
+word), never an exception that stops the submitter.
+
+The submitter is given what it uses: the task repository, the attempt runner (local
+attempts), the clock, the control-plane and peer links, the cluster settings, the node's
+health, and :class:`SubmitterNode` — what the rest of the node tells it.
 """
 
 from __future__ import annotations
@@ -30,58 +42,124 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import trio
 
-from populi_peer.agent.attempts import AttemptPlan, definitive
-from populi_peer.agent.health import RETRIED, retried_failure
-from populi_peer.agent.heartbeat import scope_of
+from populi_peer.agent.attempts import (
+    AttemptPlan,
+    AttemptRunner,
+    definitive,
+    refusal_of,
+    stored_result,
+)
+from populi_peer.agent.health import RETRIED, Health, retried_failure
+from populi_peer.agent.links import ControlPlaneLink, PeerLink
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
+from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
 from populi_peer.core.fencing import FencingToken
-from populi_peer.core.placement import CandidateView, TaskView, propose
-from populi_peer.core.policy import check_work_class
+from populi_peer.core.leases import DEAD_STATES, Lease
+from populi_peer.core.membership import Member
+from populi_peer.core.messages import (
+    OPERATIONS,
+    CancelMessage,
+    HandoffMessage,
+    InboxDeliverAnswer,
+    InboxMessage,
+    LeaseAnswer,
+    LeaseFallbackAnswer,
+    LeaseFallbackRequest,
+    LeaseGrantRequest,
+    LeaseReplayAnswer,
+    LeaseView,
+    NodesAnswer,
+    OutputChunk,
+    OutputChunkAnswer,
+    Payload,
+    ResultAnswer,
+    ResultMessage,
+    TaskAnswer,
+    TaskCancelAnswer,
+    TaskLeaseGrant,
+    TaskListAnswer,
+    TaskOutputAnswer,
+    TaskSubmitRequest,
+    TaskView,
+)
+from populi_peer.core.messages.inbox import MessageType
+from populi_peer.core.placement import CandidateView, propose
+from populi_peer.core.placement import TaskView as PlacementTask
+from populi_peer.core.refusals import Ask, Decision, decide_refusal
+from populi_peer.core.scope import Scope
+from populi_peer.core.settings import gates_enabled
 from populi_peer.core.tasks import (
     Cancel,
-    ControlPlaneUnreachable,
-    FallbackRefused,
-    GrantRefused,
     HandoffFailed,
     IllegalTaskTransition,
     LeaseDeadConfirmed,
     LeaseLost,
     PlacedLocal,
     PlacedRemote,
-    PlacementFailed,
     PlacementStarted,
     PopuliFailure,
+    RequestKind,
     Result,
     Task,
     TaskEvent,
     TaskOptions,
     Timeout,
 )
-from populi_peer.core.wire import check_command, check_env, task_attempt
-from populi_peer.errors import BadRequest, Forbidden, NotFound, PopuliError
+from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, PopuliError
 from populi_peer.log import get_logger, log
-from populi_peer.store.tasks import Tasks
-
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
+from populi_peer.store.tasks import TaskRecord, Tasks
 
 SUBMIT = frozenset({"submit"})
 READERS = frozenset({"submit", "operator"})
 #: Token of a local attempt when remote execution is off (no control plane involved).
-LOCAL_ONLY_TOKEN = "0.0"
+LOCAL_ONLY_TOKEN = FencingToken(0, 0)
 DEFAULT_TTL_S = 30.0
 LOCAL_EXIT_CANCELLED = 130
+#: How long the submitter waits for a worker's output of a running attempt.
+OUTPUT_TIMEOUT_S = 5.0
+#: What a task holds under no lease (a local attempt without one).
+NO_GRANT = TaskLeaseGrant(gpus=(), ttl_s=None, kind=None)
 
 
 def new_task_id() -> str:
     return "t-" + secrets.token_hex(6)
+
+
+class SubmitterSettings(Protocol):
+    """The cluster settings this node holds (``agent.records.ClusterRecords``)."""
+
+    @property
+    def settings(self) -> Mapping[str, Any]: ...
+
+    @property
+    def settings_serial(self) -> int: ...
+
+
+class SubmitterNode(Protocol):
+    """What the rest of the node tells the submitter (built by the composition root from
+    the config, the settings, standing, membership and the GPU service)."""
+
+    def remote_enabled(self) -> bool:
+        """Remote execution is on here and cluster-wide, and the kill switch is off."""
+        ...
+
+    def verified_gpu_uuids(self) -> Collection[str]: ...
+
+    def resolve_node(self, ref: str) -> str:
+        """The id of the node ``ref`` names (id or unique name); 404 ``unknown_node``."""
+        ...
+
+    def scope_of(self, host: str | None) -> Scope:
+        """The scope of the path to ``host`` by this node's CIDR config."""
+        ...
 
 
 @dataclass
@@ -99,54 +177,65 @@ class Control:
         self.wake = trio.Event()
 
 
+def grant_of(view: LeaseView) -> TaskLeaseGrant:
+    lease = view.lease
+    return TaskLeaseGrant(gpus=lease.gpus, ttl_s=lease.ttl_s, kind=lease.kind)
+
+
 class Submitter:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.tasks = Tasks(agent.store)
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        tasks: Tasks,
+        runner: AttemptRunner,
+        clock: Clock,
+        control_plane: ControlPlaneLink,
+        peers: PeerLink,
+        records: SubmitterSettings,
+        node: SubmitterNode,
+        health: Health,
+    ) -> None:
+        self.node_id = node_id
+        self.tasks = tasks
+        self.runner = runner
+        self.clock = clock
+        self.control_plane = control_plane
+        self.peers = peers
+        self.records = records
+        self.node = node
+        self.health = health
         self.logger = get_logger("submitter")
         self.controls: dict[str, Control] = {}
         self._nursery: trio.Nursery | None = None
-        agent.inbox.on("result", self.on_result)
 
     # -- records --------------------------------------------------------------------------
 
-    def _row(self, task_id: str) -> dict[str, Any]:
-        body = self.tasks.body(task_id)
-        if body is None:
+    def record(self, task_id: str) -> TaskRecord:
+        found = self.tasks.get(task_id)
+        if found is None:
             raise NotFound(f"no task {task_id} on this node", code="unknown_task")
-        return body
+        return found
 
     def load(self, task_id: str) -> Task:
-        return Task.from_json(self._row(task_id)["task"])
+        return self.record(task_id).task
 
-    def extras(self, task_id: str) -> dict[str, Any]:
-        return self._row(task_id)
+    def _now_ms(self) -> int:
+        return int(self.clock.wall() * 1000)
 
-    def _save(
-        self, task: Task, extras: dict[str, Any] | None = None, *, create: bool = False
-    ) -> None:
-        now_ms = int(self.agent.clock.wall() * 1000)
-        body = {
-            **(extras if extras is not None else self._row(task.task_id)),
-            "task": task.to_json(),
-        }
-        with self.agent.store.transaction():
-            if create:
-                self.tasks.insert(task, body, now_ms=now_ms)
-            else:
-                self.tasks.update(task, body, now_ms=now_ms)
+    def _save(self, record: TaskRecord) -> None:
+        self.tasks.update(record, now_ms=self._now_ms())
 
-    def apply(self, task_id: str, event: TaskEvent, **extra_updates: Any) -> Task:
-        """Apply ``event`` and persist the new record (and extras) before anyone acts."""
-        extras = self._row(task_id)
-        task = Task.from_json(extras["task"])
-        new = task.apply(event, now_wall_ms=int(self.agent.clock.wall() * 1000))
-        for key, value in extra_updates.items():
-            if isinstance(value, dict) and isinstance(extras.get(key), dict):
-                extras[key] = {**extras[key], **value}
-            else:
-                extras[key] = value
-        self._save(new, extras)
+    def apply(self, task_id: str, event: TaskEvent, *, lease: LeaseView | None = None) -> Task:
+        """Apply ``event`` and persist the new record (with what ``lease`` granted) before
+        anyone acts."""
+        record = self.record(task_id)
+        task = record.task
+        new = task.apply(event, now_wall_ms=self._now_ms())
+        record = replace(record, task=new)
+        if lease is not None:
+            record = record.with_lease(lease.lease.lease_id, grant_of(lease))
+        self._save(record)
         control = self.controls.get(task_id)
         if control is not None:
             control.changed.set()
@@ -162,78 +251,54 @@ class Submitter:
             )
         return new
 
-    def update_extras(self, task_id: str, **updates: Any) -> None:
-        extras = self._row(task_id)
-        extras.update(updates)
-        self._save(Task.from_json(extras["task"]), extras)
-
-    def request_number(self, task: Task, kind: str) -> int:
-        """The attempt number for a lease request of ``kind`` (grant, local, fallback).
-
-        A request whose answer was lost is sent again with the *same* number, so the
-        control plane answers it as a replay (the lease it may have created comes back);
-        any other request takes a number above every one used so far, so that after a
-        lost grant the control plane's next word is for a later attempt. The number is
-        durable before the request leaves."""
-        extras = self._row(task.task_id)
-        pending = extras.get("pending_request") or {}
-        if pending.get("kind") == kind:
-            return int(pending["attempt"])
-        n = max(len(task.attempts), int(extras.get("max_requested_attempt", 0))) + 1
-        self.update_extras(
-            task.task_id, pending_request={"kind": kind, "attempt": n}, max_requested_attempt=n
-        )
-        return n
+    def request_number(self, task_id: str, kind: RequestKind) -> int:
+        """The attempt number for a lease request of ``kind``, durable before the request
+        leaves (:meth:`~populi_peer.core.tasks.Task.request_number`)."""
+        record = self.record(task_id)
+        task, number = record.task.request_number(kind)
+        if task is not record.task:
+            self._save(replace(record, task=task))
+        return number
 
     def request_settled(self, task_id: str) -> None:
-        """A lease was obtained, or the number was refused as stale: the next request
-        takes a new number."""
-        self.update_extras(task_id, pending_request=None)
+        """A lease was obtained, or the number was refused: the next request takes a new
+        number."""
+        record = self.record(task_id)
+        task = record.task.request_settled()
+        if task is not record.task:
+            self._save(replace(record, task=task))
 
     # -- gates ----------------------------------------------------------------------------
 
     def ttl_s(self) -> float:
-        return float(min(self.agent.records.settings["max_lease_ttl_s"], DEFAULT_TTL_S))
+        return float(min(self.records.settings["max_lease_ttl_s"], DEFAULT_TTL_S))
 
     # -- submission -----------------------------------------------------------------------
 
-    def submit(self, body: dict[str, Any]) -> Task:
-        command = list(check_command(body.get("command")))
-        env = check_env(body.get("env", {}))
-        gpus = body.get("gpus", 0)
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= 64:
-            raise BadRequest("'gpus' must be an integer 0..64", code="bad_request")
-        work_class = body.get("work_class", "inference" if gpus else "agent")
-        check_work_class(work_class)
-        node = body.get("node")
-        if node is not None:
-            if not isinstance(node, str):
-                raise BadRequest("'node' must be a node id or name", code="bad_request")
-            node = self.agent.membership.resolve_node(node).id
-        options = TaskOptions(
-            no_fallback=_flag(body, "no_fallback"),
-            queue_timeout_s=body.get("queue_timeout_s"),
-            timeout_s=body.get("timeout_s"),
-            node=node,
-        )
+    def submit(self, body: TaskSubmitRequest, *, caller: str | None = None) -> Task:
+        node = None if body.node is None else self.node.resolve_node(body.node)
+        work_class = body.chosen_work_class()
         task = Task.new(
             new_task_id(),
-            command=tuple(command),
-            env=env,
-            gpus_wanted=gpus,
+            command=body.command,
+            env=body.env,
+            gpus_wanted=body.gpus,
             work_class=work_class,
-            created_wall_ms=int(self.agent.clock.wall() * 1000),
-            options=options,
+            created_wall_ms=self._now_ms(),
+            options=TaskOptions(
+                no_fallback=body.no_fallback,
+                queue_timeout_s=body.queue_timeout_s,
+                timeout_s=body.timeout_s,
+                node=node,
+            ),
         )
-        self._save(
-            task, {"results": {}, "leases": {}, "submitted_by": body.get("_caller")}, create=True
-        )
+        self.tasks.insert(TaskRecord(task, submitted_by=caller), now_ms=self._now_ms())
         log(
             self.logger,
             logging.INFO,
             "task submitted",
             task_id=task.task_id,
-            gpus=gpus,
+            gpus=body.gpus,
             work_class=work_class,
         )
         self._start_driver(task.task_id)
@@ -250,7 +315,7 @@ class Submitter:
 
     async def _drive(self, task_id: str) -> None:
         control = self.controls[task_id]
-        health = self.agent.health
+        health = self.health
         try:
             while True:
                 try:
@@ -316,21 +381,16 @@ class Submitter:
             if current.state == "running_local":
                 await self._stop_current(current, "populi_failure")
         else:
-            self.agent.health.ok("submitter")
+            self.health.ok("submitter")
         return True
 
     def _run_timed_out(self, task: Task) -> bool:
         timeout = task.options.timeout_s
-        return (
-            timeout is not None
-            and self.agent.clock.wall() * 1000 >= task.created_wall_ms + timeout * 1000
-        )
+        return timeout is not None and self._now_ms() >= task.created_wall_ms + timeout * 1000
 
     def _queue_deadline_passed(self, task: Task) -> bool:
         queue = task.options.queue_timeout_s
-        return (
-            queue is None or self.agent.clock.wall() * 1000 >= task.created_wall_ms + queue * 1000
-        )
+        return queue is None or self._now_ms() >= task.created_wall_ms + queue * 1000
 
     async def _pause(self, control: Control, seconds: float) -> None:
         with trio.move_on_after(seconds):
@@ -348,54 +408,92 @@ class Submitter:
         elif task.state == "running_local":
             await self._local(task, control)
 
+    async def _refused(
+        self,
+        task: Task,
+        control: Control,
+        ask: Ask,
+        exc: PopuliError,
+        *,
+        node: str | None = None,
+        placement_reasons: tuple[str, ...] = (),
+    ) -> None:
+        """Carry out what the core decides after ``ask`` failed with ``exc``
+        (:func:`~populi_peer.core.refusals.decide_refusal`)."""
+        refusal = refusal_of(exc)
+        decision: Decision = decide_refusal(
+            task,
+            ask,
+            refusal,
+            local_node=self.node_id,
+            queue_deadline_passed=self._queue_deadline_passed(task),
+            node=node,
+            placement_reasons=placement_reasons,
+        )
+        if decision.settle:
+            self.request_settled(task.task_id)
+        if decision.avoid is not None:
+            control.tried.add(decision.avoid)
+        if decision.event is not None:
+            self.apply(task.task_id, decision.event)
+        if decision.wait_s:
+            log(
+                self.logger,
+                logging.INFO,
+                "waiting before asking the control plane again",
+                task_id=task.task_id,
+                request=ask,
+                reasons=list(refusal.reasons) or [exc.code],
+                wait_s=decision.wait_s,
+            )
+            await self._pause(control, decision.wait_s)
+
     # -- control plane calls --------------------------------------------------------------
 
-    async def _cp(
-        self,
-        method: str,
-        path: str,
-        payload: dict[str, Any] | None = None,
-        params: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        agent = self.agent
-        return await agent.peers.call(
-            url=agent.control_plane_url,
-            node_id=agent.control_plane_id,
-            method=method,
-            path=path,
-            payload=payload,
-            params=params,
-        )
+    def _check_lease(
+        self, view: LeaseView, *, task_id: str, attempt: int | None = None, holder: str
+    ) -> Lease:
+        """The lease an answer carries, if it is the one asked for (this task, this
+        request's attempt, the holder named, submitted by this node); otherwise the answer
+        is malformed (``bad_peer_answer``): the request may have happened, nothing more."""
+        lease = view.lease
+        if (
+            lease.task_id != task_id
+            or lease.holder != holder
+            or lease.submitter != self.node_id
+            or (attempt is not None and lease.attempt != attempt)
+        ):
+            raise PeerError(
+                f"the control plane answered for lease {lease.lease_id} (task "
+                f"{lease.task_id}, attempt {lease.attempt}, holder {lease.holder}), not the "
+                f"one asked for (task {task_id}, attempt {attempt}, holder {holder})",
+                code="bad_peer_answer",
+                peer=self.control_plane.id,
+            )
+        return lease
 
     async def candidates(self) -> list[CandidateView]:
-        nodes = await self._cp("GET", "/v1/populi/nodes")
-        free = {
-            n["id"]: int((n.get("gpu_summary") or {}).get("allocatable", 0)) for n in nodes["nodes"]
-        }
+        answer = await self.control_plane.call("GET", "/v1/populi/nodes", answer=NodesAnswer)
         out = []
-        for node in nodes["nodes"]:
-            if node["id"] == self.agent.node_id:
+        for node in answer.nodes:
+            if node.id == self.node_id:
                 continue
-            address = node.get("address")
             host = None
-            if address:
+            if node.address:
                 try:
-                    host = parse_host_port(address)[0]
+                    host = parse_host_port(node.address)[0]
                 except ValueError:
                     host = None
+            works = "worker" in node.roles
             out.append(
                 CandidateView(
-                    node_id=node["id"],
-                    eligible=bool(node["eligible"])
-                    and "worker" in node["roles"]
-                    and node.get("accepts_remote_work") is not False,
-                    free_gpus=int(free.get(node["id"], 0)),
-                    scope=scope_of(self.agent, host),
-                    reasons=tuple(node["ineligible_reasons"])
-                    or (() if "worker" in node["roles"] else ("not_a_worker",))
-                    or (
-                        ("remote_off_on_node",) if node.get("accepts_remote_work") is False else ()
-                    ),
+                    node_id=node.id,
+                    eligible=node.eligible and works and node.accepts_remote_work is not False,
+                    free_gpus=node.gpu_summary.allocatable if node.gpu_summary else 0,
+                    scope=self.node.scope_of(host),
+                    reasons=tuple(node.ineligible_reasons)
+                    or (() if works else ("not_a_worker",))
+                    or (("remote_off_on_node",) if node.accepts_remote_work is False else ()),
                 )
             )
         return out
@@ -404,8 +502,8 @@ class Submitter:
 
     async def _place(self, task: Task, control: Control) -> None:
         task_id = task.task_id
-        if not self.agent.remote_enabled():
-            if 0 < task.gpus_wanted <= len(self.agent.verified_gpu_uuids()):
+        if not self.node.remote_enabled():
+            if 0 < task.gpus_wanted <= len(self.node.verified_gpu_uuids()):
                 # Nothing leaves this node, but its GPUs are still taken under a `local`
                 # lease: two tasks never share one, and the lease names which to use.
                 await self._place_local(task, control, ("remote_disabled",))
@@ -413,61 +511,35 @@ class Submitter:
             reasons: tuple[str, ...] = ("remote_disabled",)
             if task.gpus_wanted:
                 reasons += ("no_local_gpu",)
-            self.apply(
-                task_id,
-                PlacedLocal(node=self.agent.node_id, reasons=reasons, lease_id=None, token=None),
-            )
+            self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
             return
         try:
             candidates = await self.candidates()
         except PopuliError as exc:
-            if definitive(exc):
-                raise
-            if not self._queue_deadline_passed(task):
-                await self._pause(control, 2.0)
-                return
-            if task.gpus_wanted == 0 and not task.options.no_fallback:
-                # Nothing was ever granted: running here cannot be running twice.
-                self.apply(
-                    task_id,
-                    PlacedLocal(
-                        node=self.agent.node_id,
-                        reasons=("control_plane_unreachable",),
-                        lease_id=None,
-                        token=None,
-                    ),
-                )
-            else:
-                self.apply(
-                    task_id,
-                    PlacementFailed(reasons=("control_plane_unreachable",), detail=str(exc)[:200]),
-                )
+            await self._refused(task, control, "nodes", exc)
             return
         placement = propose(
-            TaskView(
+            PlacementTask(
                 work_class=task.work_class, gpus_wanted=task.gpus_wanted, node=task.options.node
             ),
             candidates,
             remote_enabled=True,
-            local_node=self.agent.node_id,
-            gates_enabled=self.agent.policy_gates(),
+            local_node=self.node_id,
+            gates_enabled=gates_enabled(self.records.settings),
             avoid=frozenset(control.tried),
         )
         if placement.where == "remote":
+            assert placement.node is not None
             await self._grant_remote(task, control, placement.node, placement.reasons)
             return
         reasons = placement.reasons
-        waiting = task.gpus_wanted > 0 and not self._queue_deadline_passed(task)
-        if waiting:
+        if task.gpus_wanted > 0 and not self._queue_deadline_passed(task):
             # --queue-timeout: keep trying for a free GPU before falling back.
             control.tried.clear()
             await self._pause(control, 1.0)
             return
         if task.options.no_fallback:
-            self.apply(
-                task_id,
-                PlacedLocal(node=self.agent.node_id, reasons=reasons, lease_id=None, token=None),
-            )
+            self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
             return
         await self._place_local(task, control, reasons)
 
@@ -475,190 +547,133 @@ class Submitter:
         self, task: Task, control: Control, node: str, reasons: tuple[str, ...]
     ) -> None:
         task_id = task.task_id
-        attempt = self.request_number(task, "grant")
+        attempt = self.request_number(task_id, "grant")
+        request = LeaseGrantRequest(
+            task_id=task_id,
+            attempt=attempt,
+            work_class=task.work_class,
+            target=node,
+            gpus_wanted=task.gpus_wanted,
+            ttl_s=self.ttl_s(),
+        )
         try:
-            answer = await self._cp(
-                "POST",
-                "/v1/populi/exec/leases",
-                {
-                    "task_id": task_id,
-                    "attempt": attempt,
-                    "work_class": task.work_class,
-                    "target": node,
-                    "gpus_wanted": task.gpus_wanted,
-                    "ttl_s": self.ttl_s(),
-                },
+            answer = await self.control_plane.call(
+                "POST", "/v1/populi/exec/leases", request, answer=LeaseReplayAnswer
             )
+            lease = self._check_lease(answer.lease, task_id=task_id, attempt=attempt, holder=node)
         except PopuliError as exc:
-            if definitive(exc):
-                refusal = tuple(exc.details.get("reasons") or [exc.code])
-                self.request_settled(task_id)
-                if "grant_hold" in refusal:
-                    # The control plane just restarted: it grants nothing to anyone for a
-                    # while. Not the node's fault, nor the task's: wait and place again.
-                    log(
-                        self.logger,
-                        logging.INFO,
-                        "grant hold on the control plane; waiting",
-                        task_id=task_id,
-                    )
-                    await self._pause(control, 1.0)
-                    return
-                if "no_free_gpu" in refusal and not self._queue_deadline_passed(task):
-                    # --queue-timeout: the GPU is busy for now; keep trying (even with
-                    # --no-fallback, which only decides what happens when time is up).
-                    log(
-                        self.logger,
-                        logging.INFO,
-                        "no free GPU yet; waiting",
-                        task_id=task_id,
-                        node=node,
-                    )
-                    await self._pause(control, 0.5)
-                    return
-                control.tried.add(node)
-                self.apply(task_id, GrantRefused(node=node, reasons=refusal))
-                return
-            # The answer was lost: the grant may have happened. Wait for the word.
-            self.apply(task_id, ControlPlaneUnreachable(detail=f"grant: {exc}"[:200]))
+            await self._refused(task, control, "grant", exc, node=node)
             return
-        lease = answer["lease"]
         self.request_settled(task_id)
         self.apply(
             task_id,
-            PlacedRemote(
-                node=node,
-                lease_id=lease["lease_id"],
-                token=FencingToken.parse(lease["token"]),
-                reasons=reasons,
-            ),
-            leases={
-                lease["lease_id"]: {
-                    "gpus": lease["gpus"],
-                    "ttl_s": lease["ttl_s"],
-                    "kind": lease["kind"],
-                }
-            },
+            PlacedRemote(node=node, lease_id=lease.lease_id, token=lease.token, reasons=reasons),
+            lease=answer.lease,
         )
 
     async def _place_local(self, task: Task, control: Control, reasons: tuple[str, ...]) -> None:
         """A first local attempt (remote execution on, or off for a GPU task): take its
         token (and its GPUs, if any) from the control plane, so this node's GPUs are never
         leased out too, nor given to two local tasks."""
-        task_id = task.task_id
         try:
-            lease = await self._local_token(task, control)
+            view = await self._local_token(task)
         except PopuliError as exc:
-            if definitive(exc):
-                refusal = tuple(exc.details.get("reasons") or [exc.code])
-                if "stale_attempt" in refusal:
-                    self.request_settled(task_id)
-                    return
-                if "grant_hold" in refusal or (
-                    "no_free_gpu" in refusal and not self._queue_deadline_passed(task)
-                ):
-                    await self._pause(control, 1.0)
-                    return
-                self.apply(task_id, PlacementFailed(reasons=refusal, detail=str(exc)[:200]))
-                return
-            if task.gpus_wanted == 0:
-                self.apply(
-                    task_id,
-                    PlacedLocal(
-                        node=self.agent.node_id,
-                        reasons=(*reasons, "control_plane_unreachable"),
-                        lease_id=None,
-                        token=None,
-                    ),
-                )
-            else:
-                await self._pause(control, 2.0)
+            await self._refused(task, control, "local", exc, placement_reasons=reasons)
             return
         self.apply(
-            task_id,
+            task.task_id,
             PlacedLocal(
-                node=self.agent.node_id,
+                node=self.node_id,
                 reasons=reasons,
-                lease_id=lease["lease_id"],
-                token=FencingToken.parse(lease["token"]),
+                lease_id=view.lease.lease_id,
+                token=view.lease.token,
             ),
-            leases={
-                lease["lease_id"]: {
-                    "gpus": lease["gpus"],
-                    "ttl_s": lease["ttl_s"],
-                    "kind": lease["kind"],
-                }
-            },
+            lease=view,
         )
 
-    async def _local_token(self, task: Task, control: Control) -> dict[str, Any]:
-        attempt = self.request_number(task, "local")
+    async def _local_token(self, task: Task) -> LeaseView:
+        attempt = self.request_number(task.task_id, "local")
+        view: LeaseView
         if task.gpus_wanted > 0:
-            answer = await self._cp(
+            granted = await self.control_plane.call(
                 "POST",
                 "/v1/populi/exec/leases",
-                {
-                    "task_id": task.task_id,
-                    "attempt": attempt,
-                    "work_class": task.work_class,
-                    "target": self.agent.node_id,
-                    "gpus_wanted": task.gpus_wanted,
-                    "ttl_s": self.ttl_s(),
-                },
+                LeaseGrantRequest(
+                    task_id=task.task_id,
+                    attempt=attempt,
+                    work_class=task.work_class,
+                    target=self.node_id,
+                    gpus_wanted=task.gpus_wanted,
+                    ttl_s=self.ttl_s(),
+                ),
+                answer=LeaseReplayAnswer,
             )
+            view = granted.lease
         else:
-            answer = await self._cp(
+            confirmed = await self.control_plane.call(
                 "POST",
                 "/v1/populi/exec/fallback",
-                {
-                    "task_id": task.task_id,
-                    "attempt": attempt,
-                    "gpus_wanted": 0,
-                    "ttl_s": self.ttl_s(),
-                    "work_class": task.work_class,
-                },
+                LeaseFallbackRequest(
+                    task_id=task.task_id,
+                    attempt=attempt,
+                    gpus_wanted=0,
+                    ttl_s=self.ttl_s(),
+                    work_class=task.work_class,
+                ),
+                answer=LeaseFallbackAnswer,
             )
+            view = confirmed.lease
+        self._check_lease(view, task_id=task.task_id, attempt=attempt, holder=self.node_id)
         self.request_settled(task.task_id)
-        return dict(answer["lease"])
+        return view
 
     # -- remote ---------------------------------------------------------------------------
 
-    def handoff_message(self, task: Task) -> dict[str, Any]:
+    def handoff_message(self, task: Task) -> InboxMessage:
         attempt = task.current_attempt
-        assert attempt is not None and attempt.token is not None and attempt.lease_id is not None
-        lease = self.extras(task.task_id)["leases"].get(attempt.lease_id, {})
-        return {
-            "message_id": f"handoff-{task.task_id}-{attempt.n}",
-            "type": "handoff",
-            "task_id": task.task_id,
-            "attempt": attempt.n,
-            "lease_id": attempt.lease_id,
-            "token": str(attempt.token),
-            "command": list(task.command),
-            "env": task.env_dict,
-            "gpus": lease.get("gpus", []),
-            "ttl_s": lease.get("ttl_s", self.ttl_s()),
-            "work_class": task.work_class,
-        }
+        assert attempt is not None and attempt.lease_id is not None
+        return handoff_message(
+            task,
+            self.record(task.task_id).leases.get(attempt.lease_id) or NO_GRANT,
+            default_ttl_s=self.ttl_s(),
+            settings_serial=self.records.settings_serial,
+        )
+
+    async def _deliver(
+        self, member: Member, message_id: str, payload: Payload, *, expect: MessageType
+    ) -> InboxDeliverAnswer:
+        """Deliver ``payload`` to ``member``'s inbox; its answer must be for this message
+        (``bad_peer_answer`` otherwise)."""
+        node_id = member.id
+        answer = await self.peers.call(
+            member,
+            "POST",
+            "/v1/populi/inbox",
+            InboxMessage(message_id=message_id, payload=payload),
+            answer=InboxDeliverAnswer,
+        )
+        if answer.type != expect or answer.message_id != message_id:
+            raise PeerError(
+                f"{node_id} answered {expect} {message_id} with {answer.type} "
+                f"{answer.message_id[:64]!r}",
+                code="bad_peer_answer",
+                peer=node_id,
+            )
+        return answer
 
     async def _remote(self, task: Task, control: Control) -> None:
         attempt = task.current_attempt
         assert attempt is not None
         if attempt.n not in control.handed_off:
-            worker = await self.agent.peer_member(attempt.node)
+            worker = await self.peers.member(attempt.node)
             if worker is None:
                 self.apply(
                     task.task_id, HandoffFailed(reason="worker_unknown", detail=attempt.node)
                 )
                 return
             try:
-                message = {
-                    **self.handoff_message(task),
-                    # The settings record this was placed under: a worker holding an
-                    # older one fetches the signed record before it decides.
-                    "settings_serial": self.agent.records.settings_serial,
-                }
-                await self.agent.call_member(worker, "POST", "/v1/populi/inbox", message)
+                message = self.handoff_message(task)
+                await self._deliver(worker, message.message_id, message.payload, expect="handoff")
             except PopuliError as exc:
                 # Refused or unreachable, the lease may be live and (if unreachable) the
                 # worker may even have started: only the lease's death frees the task.
@@ -682,30 +697,41 @@ class Submitter:
         await self._pause(control, self._check_interval(task))
         if self.load(task.task_id).state != "running_remote":
             return
-        await self._check_lease(task, control)
+        await self._check_current_lease(task, control)
 
     def _check_interval(self, task: Task) -> float:
         attempt = task.current_attempt
         ttl = self.ttl_s()
         if attempt is not None and attempt.lease_id:
-            ttl = float(
-                self.extras(task.task_id)["leases"].get(attempt.lease_id, {}).get("ttl_s", ttl)
-            )
+            grant = self.record(task.task_id).leases.get(attempt.lease_id)
+            if grant is not None and grant.ttl_s:
+                ttl = grant.ttl_s
         return max(0.5, min(ttl / 3, 5.0))
 
-    async def _check_lease(self, task: Task, control: Control) -> None:
+    async def _lease_state(self, task: Task, lease_id: str, holder: str) -> str:
+        """The state of ``lease_id`` as the control plane says (the answer must be about
+        that lease, of this task)."""
+        answer = await self.control_plane.call(
+            "GET", f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
+        )
+        lease = self._check_lease(answer.lease, task_id=task.task_id, holder=holder)
+        if lease.lease_id != lease_id:
+            raise PeerError(
+                f"the control plane answered for lease {lease.lease_id}, not {lease_id}",
+                code="bad_peer_answer",
+                peer=self.control_plane.id,
+            )
+        return lease.state
+
+    async def _check_current_lease(self, task: Task, control: Control) -> None:
         attempt = task.current_attempt
         assert attempt is not None and attempt.lease_id is not None
         try:
-            answer = await self._cp("GET", f"/v1/populi/exec/leases/{attempt.lease_id}")
+            state = await self._lease_state(task, attempt.lease_id, attempt.node)
         except PopuliError as exc:
-            if not definitive(exc):
-                self.apply(
-                    task.task_id, ControlPlaneUnreachable(detail=f"lease check: {exc}"[:200])
-                )
+            await self._refused(task, control, "lease_check", exc)
             return
-        state = answer["lease"]["state"]
-        if state in ("released", "revoked", "expired"):
+        if state in DEAD_STATES:
             await self._fallback(self.load(task.task_id), control, reason=f"lease_{state}")
 
     async def _await_word(self, task: Task, control: Control) -> None:
@@ -733,99 +759,76 @@ class Submitter:
             # --no-fallback: the control plane's word that the lease is dead is all that
             # is wanted; nothing new is leased.
             try:
-                state = (await self._cp("GET", f"/v1/populi/exec/leases/{current.lease_id}"))[
-                    "lease"
-                ]["state"]
+                state = await self._lease_state(task, current.lease_id, current.node)
             except PopuliError as exc:
-                if not definitive(exc) and task.state != "fallback_pending":
-                    self.apply(
-                        task.task_id, ControlPlaneUnreachable(detail=f"lease check: {exc}"[:200])
-                    )
+                await self._refused(task, control, "lease_check", exc)
                 return
-            if state in ("released", "revoked", "expired"):
+            if state in DEAD_STATES:
                 self.apply(
                     task.task_id,
                     LeaseDeadConfirmed(
-                        node=self.agent.node_id,
+                        node=self.node_id,
                         token=current.token,
                         lease_id=None,
                         reasons=(f"lease_{state}",),
                     ),
                 )
             return
-        attempt = self.request_number(task, "fallback")
+        attempt = self.request_number(task.task_id, "fallback")
         local_gpus = task.gpus_wanted
         extra_reasons: tuple[str, ...] = ()
         if task.options.no_fallback:
             local_gpus = 0
-        elif task.gpus_wanted > len(self.agent.verified_gpu_uuids()):
+        elif task.gpus_wanted > len(self.node.verified_gpu_uuids()):
             local_gpus = 0
             extra_reasons = ("no_local_gpu",)
         try:
-            answer = await self._cp(
+            answer = await self.control_plane.call(
                 "POST",
                 "/v1/populi/exec/fallback",
-                {
-                    "task_id": task.task_id,
-                    "attempt": attempt,
-                    "gpus_wanted": local_gpus,
-                    "ttl_s": self.ttl_s(),
-                    "work_class": task.work_class,
-                },
+                LeaseFallbackRequest(
+                    task_id=task.task_id,
+                    attempt=attempt,
+                    gpus_wanted=local_gpus,
+                    ttl_s=self.ttl_s(),
+                    work_class=task.work_class,
+                ),
+                answer=LeaseFallbackAnswer,
+            )
+            lease = self._check_lease(
+                answer.lease, task_id=task.task_id, attempt=attempt, holder=self.node_id
             )
         except PopuliError as exc:
-            if definitive(exc):
-                refusal = tuple(exc.details.get("reasons") or [exc.code])
-                if "stale_attempt" in refusal:
-                    self.request_settled(task.task_id)
-                if task.state in {"fallback_pending", "running_remote"}:
-                    self.apply(task.task_id, FallbackRefused(reasons=refusal))
-                return
-            if task.state != "fallback_pending":
-                self.apply(task.task_id, ControlPlaneUnreachable(detail=f"fallback: {exc}"[:200]))
+            await self._refused(task, control, "fallback", exc)
             return
-        lease = answer["lease"]
         self.request_settled(task.task_id)
-        prior = answer.get("prior") or {}
+        prior = answer.prior.lease if answer.prior is not None else None
         why = (
-            tuple(
-                r
-                for r in (reason or (f"lease_{prior['state']}" if prior.get("state") else ""),)
-                if r
-            )
+            tuple(r for r in (reason or (f"lease_{prior.state}" if prior else ""),) if r)
             + extra_reasons
         )
         if task.options.no_fallback:
             plan = AttemptPlan(
-                task.task_id,
-                attempt,
-                "local",
-                self.agent.node_id,
-                str(lease["token"]),
-                str(lease["lease_id"]),
-                None,
-                False,
-                task.command,
-                {},
-                (),
-                task.work_class,
+                task_id=task.task_id,
+                attempt=attempt,
+                role="local",
+                submitter=self.node_id,
+                token=lease.token,
+                lease_id=lease.lease_id,
+                ttl_s=None,
+                renewable=False,
+                argv=task.command,
+                env={},
+                gpus=(),
+                work_class=task.work_class,
             )
-            await self.agent.runner.release(plan, "stopped")
+            await self.runner.release(plan, "stopped")
         self.apply(
             task.task_id,
             LeaseDeadConfirmed(
-                node=self.agent.node_id,
-                token=FencingToken.parse(lease["token"]),
-                lease_id=lease["lease_id"],
-                reasons=why,
+                node=self.node_id, token=lease.token, lease_id=lease.lease_id, reasons=why
             ),
-            leases={
-                lease["lease_id"]: {
-                    "gpus": lease["gpus"],
-                    "ttl_s": lease["ttl_s"],
-                    "kind": lease["kind"],
-                }
-            },
+            lease=answer.lease,
         )
 
     # -- local ----------------------------------------------------------------------------
@@ -833,32 +836,31 @@ class Submitter:
     def local_plan(self, task: Task) -> AttemptPlan:
         attempt = task.current_attempt
         assert attempt is not None
-        lease = self.extras(task.task_id)["leases"].get(attempt.lease_id or "", {})
+        grant = self.record(task.task_id).leases.get(attempt.lease_id or "") or NO_GRANT
         return AttemptPlan(
             task_id=task.task_id,
             attempt=attempt.n,
             role="local",
-            submitter=self.agent.node_id,
-            token=str(attempt.token) if attempt.token is not None else LOCAL_ONLY_TOKEN,
+            submitter=self.node_id,
+            token=attempt.token if attempt.token is not None else LOCAL_ONLY_TOKEN,
             lease_id=attempt.lease_id,
-            ttl_s=float(lease["ttl_s"]) if lease.get("ttl_s") else None,
-            renewable=lease.get("kind") == "local",
+            ttl_s=grant.ttl_s or None,
+            renewable=grant.kind == "local",
             argv=task.command,
             env=task.env_dict,
-            gpus=tuple(lease.get("gpus", [])),
+            gpus=grant.gpus,
             work_class=task.work_class,
         )
 
     async def _local(self, task: Task, control: Control) -> None:
-        runner = self.agent.runner
+        runner = self.runner
         plan = self.local_plan(task)
         key = (plan.task_id, plan.attempt, "local")
         row = runner.row(plan.task_id, plan.attempt, "local")
         if row is not None and row.state == "finished":
-            assert row.result is not None  # a finished attempt is saved with its result
-            result = row.result
+            result = stored_result(row)
         else:
-            result_box: list[dict[str, Any]] = []
+            result_box: list[ResultMessage] = []
             async with trio.open_nursery() as nursery:
 
                 async def run() -> None:
@@ -866,8 +868,8 @@ class Submitter:
                     if running is not None:  # re-adopted after a restart
                         await running.done.wait()
                         done_row = runner.row(plan.task_id, plan.attempt, "local")
-                        assert done_row is not None and done_row.result is not None
-                        result_box.append(done_row.result)
+                        assert done_row is not None
+                        result_box.append(stored_result(done_row))
                     else:
                         await runner.save_durably(plan, "accepted")
                         result_box.append(await runner.run(plan))
@@ -888,63 +890,49 @@ class Submitter:
         self._record_result(plan.task_id, result)
         await self._apply_result(self.load(plan.task_id), result)
 
-    def _record_result(self, task_id: str, result: dict[str, Any]) -> None:
-        extras = self._row(task_id)
-        results = dict(extras.get("results", {}))
-        results[str(result["attempt"])] = result
-        extras["results"] = results
-        self._save(Task.from_json(extras["task"]), extras)
+    def _record_result(self, task_id: str, result: ResultMessage) -> None:
+        self._save(self.record(task_id).with_result(result))
 
-    async def _apply_result(self, task: Task, result: dict[str, Any]) -> None:
-        outcome = result.get("outcome")
+    async def _apply_result(self, task: Task, message: ResultMessage) -> None:
+        result = message.result
+        outcome = result.outcome
         token = (
-            FencingToken.parse(result["token"])
-            if result.get("token") and result["token"] != LOCAL_ONLY_TOKEN
-            else None
+            result.token if result.token is not None and result.token != LOCAL_ONLY_TOKEN else None
         )
-        attempt = int(result["attempt"])
+        attempt = result.attempt
         if task.terminal:
             return
+        current = task.current_attempt
+        is_current = current is not None and current.n == attempt
         if outcome == "cancelled":
             control = self.controls.get(task.task_id)
             actor = (
                 control.cancel_actor
                 if control and control.cancel_actor
-                else result.get("detail") or "cancelled"
+                else result.detail or "cancelled"
             )
-            if task.current_attempt is not None and task.current_attempt.n == attempt:
-                if result.get("detail") == "timeout" or self._run_timed_out(task):
+            if is_current:
+                if result.detail == "timeout" or self._run_timed_out(task):
                     self.apply(task.task_id, Timeout(which="run"))
                 else:
-                    self.apply(task.task_id, Cancel(actor=str(actor)))
+                    self.apply(task.task_id, Cancel(actor=actor))
             return
         if outcome in ("lease_lost", "lost"):
-            if (
-                task.current_attempt is not None
-                and task.current_attempt.n == attempt
-                and task.state in ("running_remote", "running_local")
-            ):
-                self.apply(
-                    task.task_id,
-                    LeaseLost(reason=str(result.get("detail") or outcome), detail=str(outcome)),
-                )
+            if is_current and task.state in ("running_remote", "running_local"):
+                self.apply(task.task_id, LeaseLost(reason=result.detail or outcome, detail=outcome))
             return
         if outcome == "populi_failure":
-            if task.current_attempt is not None and task.current_attempt.n == attempt:
+            if is_current:
                 self.apply(
                     task.task_id,
-                    PopuliFailure(
-                        code="populi_failure", detail=str(result.get("detail") or "")[:200]
-                    ),
+                    PopuliFailure(code="populi_failure", detail=(result.detail or "")[:200]),
                 )
             return
-        exit_code = result.get("exit_code")
-        signal = result.get("signal")
-        current = task.current_attempt
         if current is not None and current.token is None:
             token = None
         self.apply(
-            task.task_id, Result(attempt=attempt, token=token, exit_code=exit_code, signal=signal)
+            task.task_id,
+            Result(attempt=attempt, token=token, exit_code=result.exit_code, signal=result.signal),
         )
 
     async def _stop_current(self, task: Task, why: str) -> None:
@@ -952,24 +940,17 @@ class Submitter:
         if attempt is None:
             return
         if attempt.where == "local":
-            self.agent.runner.request_cancel(task.task_id, attempt.n, "local", why)
+            self.runner.request_cancel(task.task_id, attempt.n, "local", why)
             return
-        worker = await self.agent.peer_member(attempt.node)
+        worker = await self.peers.member(attempt.node)
         if worker is None:
             return
         try:
-            await self.agent.call_member(
+            await self._deliver(
                 worker,
-                "POST",
-                "/v1/populi/inbox",
-                {
-                    "message_id": f"cancel-{task.task_id}-{attempt.n}",
-                    "type": "cancel",
-                    "task_id": task.task_id,
-                    "attempt": attempt.n,
-                    "token": str(attempt.token),
-                    "reason": why,
-                },
+                f"cancel-{task.task_id}-{attempt.n}",
+                CancelMessage(task_id=task.task_id, attempt=attempt.n, reason=why),
+                expect="cancel",
             )
         except PopuliError as exc:
             log(
@@ -982,30 +963,28 @@ class Submitter:
 
     # -- inbox: results -------------------------------------------------------------------
 
-    async def on_result(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
-        task_id, attempt = task_attempt(message, "result")
+    async def on_result(self, caller: Principal, message: ResultMessage) -> ResultAnswer:
+        task_id, attempt = message.result.task_id, message.result.attempt
         task = self.load(task_id)
         match = next((a for a in task.attempts if a.n == attempt), None)
         if match is None or match.where != "remote" or match.node != caller.id:
             raise Forbidden(
                 f"{caller.id} ran no attempt {attempt} of task {task_id}", code="not_attempt_holder"
             )
-        result = {k: message[k] for k in message if k not in ("message_id", "type", "v")}
-        result["node"] = caller.id
-        if task.terminal or str(result.get("token")) != str(match.token):
+        # The node that ran it is the signer, whatever the message says.
+        message = replace(message, result=replace(message.result, node=caller.id))
+        if task.terminal or message.result.token != match.token:
             # Late or for an older token: kept apart, never over the accepted record.
-            extras = self._row(task_id)
-            ignored = [*extras.get("ignored_results", []), result][-20:]
-            self.update_extras(task_id, ignored_results=ignored)
+            self._save(self.record(task_id).with_ignored(message))
             try:
-                await self._apply_result(self.load(task_id), result)
+                await self._apply_result(self.load(task_id), message)
             except IllegalTaskTransition:
                 pass
-            return {"accepted": False, "state": self.load(task_id).state}
-        self._record_result(task_id, result)
+            return ResultAnswer(accepted=False, state=self.load(task_id).state)
+        self._record_result(task_id, message)
         before = self.load(task_id).state
         try:
-            await self._apply_result(self.load(task_id), result)
+            await self._apply_result(self.load(task_id), message)
         except IllegalTaskTransition:
             # Recorded above; it no longer applies to the task as it stands (stale or
             # late): acknowledged, so the worker stops retrying, and ignored.
@@ -1014,68 +993,64 @@ class Submitter:
         control = self.controls.get(task_id)
         if control is not None:
             control.poke()
-        return {"accepted": after.state != before, "state": after.state}
+        return ResultAnswer(accepted=after.state != before, state=after.state)
 
     # -- API ------------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
+        def route(method: str, path: str, handler: Any, roles: frozenset[str], name: str) -> Route:
+            types = OPERATIONS[name]
+            return Route(
+                method,
+                path,
+                handler,
+                roles=roles,
+                name=name,
+                request=types.request,
+                answer=types.answer,
+            )
+
         return [
-            Route("POST", "/v1/populi/tasks", self._submit, roles=SUBMIT, name="task_submit"),
-            Route("GET", "/v1/populi/tasks", self._list, roles=READERS, name="task_list"),
-            Route("GET", "/v1/populi/tasks/{task_id}", self._show, roles=READERS, name="task_show"),
-            Route(
-                "POST",
-                "/v1/populi/tasks/{task_id}/cancel",
-                self._cancel,
-                roles=READERS,
-                name="task_cancel",
+            route("POST", "/v1/populi/tasks", self._submit, SUBMIT, "task_submit"),
+            route("GET", "/v1/populi/tasks", self._list, READERS, "task_list"),
+            route("GET", "/v1/populi/tasks/{task_id}", self._show, READERS, "task_show"),
+            route(
+                "POST", "/v1/populi/tasks/{task_id}/cancel", self._cancel, READERS, "task_cancel"
             ),
-            Route(
-                "GET",
-                "/v1/populi/tasks/{task_id}/output",
-                self._output,
-                roles=READERS,
-                name="task_output",
-            ),
+            route("GET", "/v1/populi/tasks/{task_id}/output", self._output, READERS, "task_output"),
         ]
 
-    def task_json(self, task_id: str) -> dict[str, Any]:
-        extras = self._row(task_id)
-        task = Task.from_json(extras["task"])
-        data = task.to_json()
-        # Environment values are the task's secrets: names only in answers.
-        data["env"] = [[name, "…"] for name, _ in task.env]
-        results = extras.get("results", {})
-        data["results"] = {
-            n: {k: v for k, v in r.items() if not k.endswith("_b64")} for n, r in results.items()
-        }
-        data["exit_status"] = exit_status(task, results)
-        data["leases"] = extras.get("leases", {})
-        data["active"] = task_id in self.controls
-        return data
+    def task_view(self, task_id: str) -> TaskView:
+        record = self.record(task_id)
+        return TaskView.of(
+            record.task,
+            # Without the output tails (the output routes give those).
+            results={n: r.result for n, r in record.results.items()},
+            leases=record.leases,
+            exit_status=exit_status(record.task),
+            active=task_id in self.controls,
+        )
 
-    async def _submit(self, request: Request) -> dict[str, Any]:
+    async def _submit(self, request: Request) -> TaskAnswer:
         self._local_only(request)
-        body = request.json()
-        body["_caller"] = request.caller.id
-        task = self.submit(body)
-        return {"task": self.task_json(task.task_id)}
+        task = self.submit(request.message(TaskSubmitRequest), caller=request.caller.id)
+        return TaskAnswer(task=self.task_view(task.task_id))
 
     def _local_only(self, request: Request) -> None:
         caller = request.caller
-        if caller.id != self.agent.node_id and "operator" not in caller.roles:
+        if caller.id != self.node_id and "operator" not in caller.roles:
             raise Forbidden(
                 "tasks are submitted to and read from the node's own agent", code="role_required"
             )
 
-    async def _list(self, request: Request) -> dict[str, Any]:
+    async def _list(self, request: Request) -> TaskListAnswer:
         self._local_only(request)
         limit = request.query_int("limit", 100, minimum=1, maximum=1000)
         state = request.query_one("state")
         task_ids = self.tasks.newest(limit=limit, state=state)
-        return {"tasks": [self.task_json(task_id) for task_id in task_ids]}
+        return TaskListAnswer(tasks=tuple(self.task_view(task_id) for task_id in task_ids))
 
-    async def _show(self, request: Request) -> dict[str, Any]:
+    async def _show(self, request: Request) -> TaskAnswer:
         self._local_only(request)
         task_id = request.path_params["task_id"]
         wait_s = request.query_int("wait_s", 0, minimum=0, maximum=600)
@@ -1089,30 +1064,31 @@ class Submitter:
                         await trio.sleep(0.2)
                     else:
                         await control.changed.wait()
-        return {"task": self.task_json(task_id)}
+        return TaskAnswer(task=self.task_view(task_id))
 
-    async def _cancel(self, request: Request) -> dict[str, Any]:
+    async def _cancel(self, request: Request) -> TaskCancelAnswer:
         self._local_only(request)
         task_id = request.path_params["task_id"]
         task = self.load(task_id)
         if task.terminal:
-            return {"task": self.task_json(task_id), "cancelled": False}
+            return TaskCancelAnswer(task=self.task_view(task_id), cancelled=False)
         control = self.controls.get(task_id)
         if control is None:
             self.apply(task_id, Cancel(actor=request.caller.id))
         else:
             control.cancel_actor = request.caller.id
             control.poke()
-            self.agent.runner.request_cancel(task_id, len(task.attempts), "local", "cancelled")
+            self.runner.request_cancel(task_id, len(task.attempts), "local", "cancelled")
             with trio.move_on_after(30):
                 while not self.load(task_id).terminal:
                     await control.changed.wait()
-        return {"task": self.task_json(task_id), "cancelled": True}
+        return TaskCancelAnswer(task=self.task_view(task_id), cancelled=True)
 
-    async def _output(self, request: Request) -> dict[str, Any]:
+    async def _output(self, request: Request) -> TaskOutputAnswer:
         self._local_only(request)
         task_id = request.path_params["task_id"]
-        task = self.load(task_id)
+        record = self.record(task_id)
+        task = record.task
         stream = request.query_one("stream", "stdout")
         if stream not in ("stdout", "stderr"):
             raise BadRequest("stream must be stdout or stderr", code="bad_request")
@@ -1124,54 +1100,50 @@ class Submitter:
                 f"task {task_id} has {len(task.attempts)} attempt(s)", code="bad_request"
             )
         if not task.attempts:
-            return {
-                "attempt": 0,
-                "where": None,
-                "data_b64": "",
-                "next_offset": 0,
-                "total": 0,
-                "done": task.terminal,
-                "task_state": task.state,
-                "latest_attempt": 0,
-            }
+            return TaskOutputAnswer(
+                chunk=OutputChunk(data_b64="", next_offset=0, total=0, done=task.terminal),
+                attempt=0,
+                where=None,
+                node=None,
+                task_state=task.state,
+                latest_attempt=0,
+            )
         n = asked or len(task.attempts)
         attempt = task.attempts[n - 1]
-        results = self._row(task_id).get("results", {})
-        chunk: dict[str, Any]
-        if str(n) in results:
-            chunk = _from_tail(results[str(n)], stream, offset, limit)
+        nothing = OutputChunk(data_b64="", next_offset=offset, total=0, done=False)
+        chunk = nothing
+        if str(n) in record.results:
+            chunk = _from_tail(record.results[str(n)], stream, offset, limit)
         elif attempt.where == "local":
             from populi_peer.agent.worker import read_output
 
-            row = self.agent.runner.row(task_id, n, "local")
-            chunk = (
-                read_output(self.agent.runner, row, stream, offset, limit)
-                if row is not None
-                else {"data_b64": "", "next_offset": offset, "total": 0, "done": False}
-            )
+            row = self.runner.row(task_id, n, "local")
+            if row is not None:
+                chunk = read_output(self.runner, row, stream, offset, limit)
         else:
-            worker = self.agent.membership.get(attempt.node)
-            try:
-                assert worker is not None and worker.addresses
-                chunk = await self.agent.peers.call(
-                    url=f"https://{self.agent.net.address_book.candidates(worker.id, worker.addresses)[0]}",
-                    node_id=worker.id,
-                    method="GET",
-                    path=f"/v1/populi/exec/attempts/{task_id}/{n}/output",
-                    params={"stream": stream, "offset": offset, "limit": limit},
-                    timeout_s=5.0,
-                )
-                chunk = {k: chunk[k] for k in ("data_b64", "next_offset", "total", "done")}
-            except (PopuliError, AssertionError):
-                chunk = {"data_b64": "", "next_offset": offset, "total": 0, "done": False}
-        return {
-            "attempt": n,
-            "where": attempt.where,
-            "node": attempt.node,
-            **chunk,
-            "task_state": task.state,
-            "latest_attempt": len(task.attempts),
-        }
+            worker = await self.peers.member(attempt.node)
+            if worker is not None:
+                try:
+                    answer = await self.peers.call(
+                        worker,
+                        "GET",
+                        f"/v1/populi/exec/attempts/{task_id}/{n}/output",
+                        params={"stream": stream, "offset": offset, "limit": limit},
+                        timeout_s=OUTPUT_TIMEOUT_S,
+                        attempts=1,
+                        answer=OutputChunkAnswer,
+                    )
+                    chunk = answer.chunk
+                except PopuliError:
+                    chunk = nothing
+        return TaskOutputAnswer(
+            chunk=chunk,
+            attempt=n,
+            where=attempt.where,
+            node=attempt.node,
+            task_state=task.state,
+            latest_attempt=len(task.attempts),
+        )
 
     # -- service --------------------------------------------------------------------------
 
@@ -1186,9 +1158,9 @@ class Submitter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            runner = self.agent.runner
+            runner = self.runner
 
-            async def on_result(plan: AttemptPlan, result: dict[str, Any]) -> None:
+            async def on_result(plan: AttemptPlan, result: ResultMessage) -> None:
                 await trio.lowlevel.checkpoint()
 
             to_resume, _to_start = await runner.recover("local", on_result)
@@ -1204,28 +1176,48 @@ class Submitter:
             await trio.sleep_forever()
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise BadRequest(f"{name!r} must be true or false", code="bad_request")
-    return value
+def handoff_message(
+    task: Task, grant: TaskLeaseGrant, *, default_ttl_s: float, settings_serial: int | None
+) -> InboxMessage:
+    """The handoff of ``task``'s current (remote) attempt, under the lease that granted
+    ``grant``; ``settings_serial``: the settings record it was placed under (a worker
+    holding an older one fetches the signed record before it decides)."""
+    attempt = task.current_attempt
+    assert attempt is not None and attempt.token is not None and attempt.lease_id is not None
+    return InboxMessage(
+        message_id=f"handoff-{task.task_id}-{attempt.n}",
+        payload=HandoffMessage(
+            task_id=task.task_id,
+            lease_id=attempt.lease_id,
+            attempt=attempt.n,
+            token=attempt.token,
+            command=task.command,
+            env=task.env_dict,
+            gpus=grant.gpus,
+            ttl_s=grant.ttl_s or default_ttl_s,
+            work_class=task.work_class,
+            settings_serial=settings_serial,
+        ),
+    )
 
 
-def _from_tail(result: dict[str, Any], stream: str, offset: int, limit: int) -> dict[str, Any]:
-    data = base64.b64decode(result.get(f"{stream}_tail_b64") or "")
-    total = int(result.get(f"{stream}_total") or len(data))
+def _from_tail(result: ResultMessage, stream: str, offset: int, limit: int) -> OutputChunk:
+    tail = result.stdout_tail_b64 if stream == "stdout" else result.stderr_tail_b64
+    data = base64.b64decode(tail or "")
+    total_of = result.result.stdout_total if stream == "stdout" else result.result.stderr_total
+    total = total_of or len(data)
     first = total - len(data)
     start = max(offset, first)
     piece = data[start - first : start - first + limit]
-    return {
-        "data_b64": base64.b64encode(piece).decode("ascii"),
-        "next_offset": start + len(piece),
-        "total": total,
-        "done": True,
-    }
+    return OutputChunk(
+        data_b64=base64.b64encode(piece).decode("ascii"),
+        next_offset=start + len(piece),
+        total=total,
+        done=True,
+    )
 
 
-def exit_status(task: Task, results: dict[str, Any]) -> int | None:
+def exit_status(task: Task) -> int | None:
     """What ``populi run`` exits with: the task's own code, 124 on --timeout, 128+N for a
     signal, 126/127 when the command could not be run, 125 when Populi failed it."""
     if not task.terminal:
@@ -1243,4 +1235,11 @@ def exit_status(task: Task, results: dict[str, Any]) -> int | None:
     return 125
 
 
-__all__ = ["Submitter", "exit_status", "new_task_id"]
+__all__ = [
+    "Submitter",
+    "SubmitterNode",
+    "SubmitterSettings",
+    "exit_status",
+    "handoff_message",
+    "new_task_id",
+]

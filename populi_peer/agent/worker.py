@@ -1,16 +1,23 @@
 """The worker: runs tasks handed to it under leases, and delivers their results.
 
-A handoff (inbox message ``handoff``) is accepted only when remote execution is on (the
-cluster settings and this node's ``exec.remote``; a handoff names the settings serial it
-was placed under, and a worker holding an older record fetches the signed record from
-the control plane before it decides), by a node that is not retired, from a node with the
-``submit`` role that ``exec.accept_from`` allows, and only with a fencing token at least
-the highest this node keeps for the task (safety rule 2): higher starts the attempt, equal
-is acknowledged and never started twice, lower is refused. The fence and the attempt are durable before
-the answer. The attempt then runs under :class:`~populi_peer.agent.attempts.AttemptRunner`
-(renew before start, supervisor, renew every TTL/3, release), and its result is stored
-and delivered to the submitter's inbox until the submitter acknowledges it (a submitter
-may be asleep: delivery retries with backoff, forever).
+A handoff (inbox message ``handoff``, a :class:`~populi_peer.core.messages.HandoffMessage`)
+is accepted only when remote execution is on (the cluster settings and this node's
+``exec.remote``; a handoff names the settings serial it was placed under, and a worker
+holding an older record fetches the signed record from the control plane before it
+decides), by a node that is not retired, from a node with the ``submit`` role that
+``exec.accept_from`` allows, and only as the worker's fence book says (safety rule 2:
+:class:`~populi_peer.core.fencing.FenceBook`, the one fence check): a higher token starts
+the attempt, an equal one is acknowledged and never started twice, a lower one is refused.
+The fence and the attempt are durable before the answer, in one write. The attempt then
+runs under :class:`~populi_peer.agent.attempts.AttemptRunner` (renew before start,
+supervisor, renew every TTL/3, release), and its result is stored and delivered to the
+submitter's inbox until the submitter acknowledges it (a submitter may be asleep: delivery
+retries with backoff, forever). An answer to a delivery that is malformed, or that is not
+the acknowledgement of that result, is not an acknowledgement: the result is sent again.
+
+The worker is given what it uses: the runner, the attempt repository, the clock, the
+``[exec]`` config section, the control-plane and peer links, the node's health, and
+:class:`WorkerGates` — what the rest of the node says before a handoff is taken.
 """
 
 from __future__ import annotations
@@ -19,39 +26,95 @@ import base64
 import contextlib
 import logging
 import random
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Iterator
+from typing import Protocol
 
 import trio
 
-from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
-from populi_peer.agent.health import RETRIED, retried_failure
+from populi_peer.agent.attempts import AttemptPlan, AttemptRunner, stored_result
+from populi_peer.agent.executor import Execution
+from populi_peer.agent.health import RETRIED, Health, retried_failure
+from populi_peer.agent.links import ControlPlaneLink, PeerLink
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
-from populi_peer.core.fencing import FencingToken
-from populi_peer.core.policy import check_work_class
-from populi_peer.core.wire import ID_RE, check_command, check_env, check_id, task_attempt
-from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PopuliError
+from populi_peer.clock import Clock
+from populi_peer.config import ExecConfig
+from populi_peer.core.fencing import FenceBook
+from populi_peer.core.messages import (
+    OPERATIONS,
+    CancelAnswer,
+    CancelMessage,
+    HandoffAnswer,
+    HandoffMessage,
+    HeldLease,
+    InboxDeliverAnswer,
+    InboxMessage,
+    LeaseAnswer,
+    OutputChunk,
+    OutputChunkAnswer,
+    ResultMessage,
+)
+from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PeerError, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store.attempts import AttemptRecord, Attempts
 
-if TYPE_CHECKING:
-    from populi_peer.agent.agent import Agent
-
 DELIVERY_MAX_BACKOFF_S = 30.0
+#: How long the worker waits for the control plane's view of a refused handoff's lease.
+LEASE_LOOKUP_TIMEOUT_S = 5.0
+OUTPUT_READERS = frozenset({"submit", "operator"})
+
+
+class WorkerGates(Protocol):
+    """What the rest of the node says before the worker takes a handoff (the composition
+    root builds it from standing, settings, the leave sequence and the GPU service)."""
+
+    def retired(self) -> bool:
+        """This node was retired from the cluster: it takes no work."""
+        ...
+
+    def leaving(self) -> bool: ...
+
+    def remote_enabled(self) -> bool:
+        """Remote execution is on here and cluster-wide, and the kill switch is off."""
+        ...
+
+    def verified_gpu_uuids(self) -> Collection[str]: ...
+
+    async def catch_up_settings(self, serial: int | None) -> None:
+        """Hold the cluster settings record ``serial`` or newer, fetching it if need be."""
+        ...
 
 
 class Worker:
-    def __init__(self, agent: Agent, runner: AttemptRunner) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        runner: AttemptRunner,
+        attempts: Attempts,
+        clock: Clock,
+        config: ExecConfig,
+        control_plane: ControlPlaneLink,
+        peers: PeerLink,
+        gates: WorkerGates,
+        health: Health,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node_id = node_id
         self.runner = runner
-        self.attempts = Attempts(agent.store)
+        self.attempts = attempts
+        self.clock = clock
+        self.config = config
+        self.control_plane = control_plane
+        self.peers = peers
+        self.gates = gates
+        self.health = health
+        self.rng = rng or random.Random()
         self.logger = get_logger("worker")
-        self.rng = random.Random()
+        #: The highest token accepted per task, as durable in the fences table.
+        self.fences = FenceBook.from_entries(attempts.fences())
         self._nursery: trio.Nursery | None = None
         self._deliver_kick = trio.Event()
-        agent.inbox.on("handoff", self.on_handoff)
-        agent.inbox.on("cancel", self.on_cancel)
 
     def routes(self) -> list[Route]:
         return [
@@ -59,8 +122,9 @@ class Worker:
                 "GET",
                 "/v1/populi/exec/attempts/{task_id}/{attempt}/output",
                 self._output,
-                roles=frozenset({"submit", "operator"}),
+                roles=OUTPUT_READERS,
                 name="attempt_output",
+                answer=OPERATIONS["attempt_output"].answer,
             )
         ]
 
@@ -69,152 +133,129 @@ class Worker:
     def margin_problem(self, ttl_s: float) -> str | None:
         """Why a lease of ``ttl_s`` cannot be held safely here (safety rule 3), if so."""
         try:
-            self.agent.config.exec.check_stop_margin(ttl_s)
+            self.config.check_stop_margin(ttl_s)
         except PopuliError as exc:
             return f"a {ttl_s:g} s lease is too short for this worker: {exc}"
         return None
 
     def _allowed(self, caller: Principal) -> bool:
-        allowed = self.agent.config.exec.accept_from
+        allowed = self.config.accept_from
         if not allowed:
             return "submit" in caller.roles
         return "submit" in caller.roles and (caller.id in allowed or caller.name in allowed)
 
+    def _refusal(self, plan: AttemptPlan) -> PopuliError | None:
+        gates = self.gates
+        if gates.retired():
+            return Conflict(
+                "this node was retired from the cluster; it takes no work", code="node_retired"
+            )
+        if not gates.remote_enabled():
+            return Conflict("remote execution is off on this node", code="remote_disabled")
+        if gates.leaving():
+            return Conflict("this node is leaving the cluster", code="node_leaving")
+        margin_problem = self.margin_problem(plan.ttl_s or 0.0)
+        if margin_problem is not None:
+            return Conflict(margin_problem, code="ttl_too_short")
+        verified = set(gates.verified_gpu_uuids())
+        missing = [g for g in plan.gpus if g not in verified]
+        if missing:
+            return BadRequest(f"GPUs {', '.join(missing)} are not on this node", code="unknown_gpu")
+        return None
+
     # -- inbox ----------------------------------------------------------------------------
 
-    async def on_handoff(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
-        agent = self.agent
+    async def on_handoff(self, caller: Principal, message: HandoffMessage) -> HandoffAnswer:
         if not self._allowed(caller):
             raise Forbidden(
                 f"this worker does not take tasks from {caller.name} ({caller.id})",
                 code="submitter_not_allowed",
             )
-        plan = self._parse(caller, message)
+        plan = plan_of(caller, message)
         # The submitter placed this under a settings record at least this new: never trust
         # the stamp itself, fetch the signed record if this node holds an older one. Before
         # the fence is read: from there to the fence's write nothing may await, or two
         # copies of one handoff could both pass the check (safety rule 2).
-        await agent.settings_sync.catch_up(message.get("settings_serial"))
-        token = FencingToken.parse(plan.token)
-        highest = self.attempts.fence(plan.task_id)
-        if highest is not None and token < highest:
+        await self.gates.catch_up_settings(message.settings_serial)
+        book, verdict = self.fences.check_handoff(plan.task_id, plan.token)
+        if verdict == "stale":
+            highest = self.fences.highest(plan.task_id)
             raise Conflict(
-                f"token {token} is older than {highest} for task {plan.task_id}",
+                f"token {plan.token} is older than {highest} for task {plan.task_id}",
                 code="stale_token",
                 highest=str(highest),
             )
-        if highest is not None and token == highest:
-            existing = self.attempts.worker_state(plan.task_id, plan.token)
-            return {"verdict": "duplicate", "state": "unknown" if existing is None else existing}
-        refusal: PopuliError | None = None
-        missing = [g for g in plan.gpus if g not in set(agent.verified_gpu_uuids())]
-        if agent.standing.out:
-            refusal = Conflict(
-                "this node was retired from the cluster; it takes no work", code="node_retired"
+        if verdict == "duplicate":
+            existing = next(
+                (
+                    row.state
+                    for row in self.attempts.of_task(plan.task_id, "worker")
+                    if row.token == plan.token
+                ),
+                "unknown",
             )
-        elif not self.agent.remote_enabled():
-            refusal = Conflict("remote execution is off on this node", code="remote_disabled")
-        elif agent.leaving:
-            refusal = Conflict("this node is leaving the cluster", code="node_leaving")
-        elif (margin_problem := self.margin_problem(plan.ttl_s or 0.0)) is not None:
-            refusal = Conflict(margin_problem, code="ttl_too_short")
-        elif missing:
-            refusal = BadRequest(
-                f"GPUs {', '.join(missing)} are not on this node", code="unknown_gpu"
-            )
+            return HandoffAnswer(verdict="duplicate", state=existing)
+        refusal = self._refusal(plan)
         if refusal is not None:
             # If it is really this task's lease, held by us for this submitter, give it back
             # at once so the fallback need not wait for it to expire. Check first: a
             # message could name any lease this worker holds.
             await self._release_if_ours(plan)
             raise refusal
-        # Durable before the answer: the fence and the accepted attempt, in one transaction.
-        with agent.store.transaction():
-            self.attempts.set_fence(plan.task_id, token, now_ms=int(agent.clock.wall() * 1000))
-            self.runner.save(plan, "accepted")
+        # Durable before the answer: the fence and the accepted attempt, in one write; the
+        # book is adopted only once it is on disk (a failed write leaves the old one, and a
+        # retried handoff starts normally).
+        self.runner.save(plan, "accepted", fence=True)
+        self.fences = book
         log(
             self.logger,
             logging.INFO,
             "handoff accepted",
             task_id=plan.task_id,
             attempt=plan.attempt,
-            token=plan.token,
+            token=str(plan.token),
             submitter=caller.id,
         )
         assert self._nursery is not None
         self._nursery.start_soon(self._drive, plan)
-        return {"verdict": "start"}
+        return HandoffAnswer(verdict="start", state=None)
 
     async def _release_if_ours(self, plan: AttemptPlan) -> None:
-        agent = self.agent
         try:
-            lease = (
-                await agent.peers.call(
-                    url=agent.control_plane_url,
-                    node_id=agent.control_plane_id,
-                    method="GET",
-                    path=f"/v1/populi/exec/leases/{plan.lease_id}",
-                    timeout_s=5.0,
-                )
-            )["lease"]
+            answer = await self.control_plane.call(
+                "GET",
+                f"/v1/populi/exec/leases/{plan.lease_id}",
+                timeout_s=LEASE_LOOKUP_TIMEOUT_S,
+                answer=LeaseAnswer,
+            )
         except PopuliError:
             return
+        lease = answer.lease.lease
         running = any(key[0] == plan.task_id and key[2] == "worker" for key in self.runner.running)
         if (
-            lease.get("task_id") == plan.task_id
-            and lease.get("submitter") == plan.submitter
-            and lease.get("holder") == agent.node_id
-            and lease.get("token") == plan.token
+            lease.task_id == plan.task_id
+            and lease.submitter == plan.submitter
+            and lease.holder == self.node_id
+            and lease.token == plan.token
             and not running
         ):
             await self.runner.release(plan, "stopped")
 
-    def _parse(self, caller: Principal, message: dict[str, Any]) -> AttemptPlan:
-        task_id, attempt = task_attempt(message, "handoff")
-        lease_id = check_id(message.get("lease_id"), "lease_id")
-        token = message.get("token")
-        if not isinstance(token, str):
-            raise BadRequest("handoff 'token' is missing", code="bad_request")
-        FencingToken.parse(token)
-        command = check_command(message.get("command"))
-        env = check_env(message.get("env", {}))
-        gpus = message.get("gpus", [])
-        if not isinstance(gpus, list) or not all(
-            isinstance(g, str) and ID_RE.match(g) for g in gpus
-        ):
-            raise BadRequest("handoff 'gpus' must be a list of GPU UUIDs", code="bad_request")
-        ttl_s = message.get("ttl_s")
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or ttl_s <= 0:
-            raise BadRequest("handoff 'ttl_s' must be a positive number", code="bad_request")
-        work_class = message.get("work_class", "agent")
-        check_work_class(work_class)
-        return AttemptPlan(
-            task_id=task_id,
-            attempt=attempt,
-            role="worker",
-            submitter=caller.id,
-            token=token,
-            lease_id=lease_id,
-            ttl_s=float(ttl_s),
-            renewable=True,
-            argv=tuple(command),
-            env=dict(env),
-            gpus=tuple(gpus),
-            work_class=str(work_class),
-        )
-
-    async def on_cancel(self, caller: Principal, message: dict[str, Any]) -> dict[str, Any]:
-        task_id, attempt = task_attempt(message, "cancel")
-        row = self.runner.row(task_id, attempt, "worker")
+    async def on_cancel(self, caller: Principal, message: CancelMessage) -> CancelAnswer:
+        row = self.runner.row(message.task_id, message.attempt, "worker")
         if row is None:
-            raise NotFound(f"no attempt {attempt} of task {task_id} here", code="unknown_attempt")
+            raise NotFound(
+                f"no attempt {message.attempt} of task {message.task_id} here",
+                code="unknown_attempt",
+            )
         if row.submitter != caller.id and "operator" not in caller.roles:
             raise Forbidden(
                 "only the task's submitter or an operator cancels it", code="not_task_owner"
             )
-        reason = str(message.get("reason") or "cancelled")[:200]
-        found = self.runner.request_cancel(task_id, attempt, "worker", reason)
-        return {"cancelled": found, "state": row.state}
+        found = self.runner.request_cancel(
+            message.task_id, message.attempt, "worker", message.reason_or("cancelled")
+        )
+        return CancelAnswer(cancelled=found, state=row.state)
 
     # -- running --------------------------------------------------------------------------
 
@@ -223,7 +264,7 @@ class Worker:
             await self.runner.run(plan)
         self._deliver_kick.set()  # result stored: deliver it now
 
-    async def _resume(self, plan: AttemptPlan, execution: Any, started_ms: int) -> None:
+    async def _resume(self, plan: AttemptPlan, execution: Execution, started_ms: int) -> None:
         with self._contained(plan):
             await self.runner.resume(plan, execution, started_ms)
         self._deliver_kick.set()  # result stored: deliver it now
@@ -239,7 +280,7 @@ class Worker:
             failure = retried_failure(exc)
             if failure is None:
                 raise
-            self.agent.health.failed("worker", failure)
+            self.health.failed("worker", failure)
             log(
                 self.logger,
                 logging.ERROR,
@@ -268,17 +309,18 @@ class Worker:
                         pids.add(int(pid))
         return pids
 
-    def held_leases(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "task_id": r.task_id,
-                "attempt": r.attempt,
-                "token": r.token,
-                "lease_id": r.lease_id,
-                "state": r.state,
-            }
+    def held_leases(self) -> tuple[HeldLease, ...]:
+        """The attempts this node runs as a worker, with their leases (its heartbeat)."""
+        return tuple(
+            HeldLease(
+                task_id=r.task_id,
+                attempt=r.attempt,
+                token=r.token,
+                lease_id=r.lease_id,
+                state="accepted" if r.state == "accepted" else "running",
+            )
             for r in self.attempts.unfinished("worker")
-        ]
+        )
 
     async def stop_all(self, reason: str) -> int:
         keys = [key for key in self.runner.running if key[2] == "worker"]
@@ -292,47 +334,62 @@ class Worker:
 
     # -- result delivery ------------------------------------------------------------------
 
-    async def deliver_pending(self) -> bool:
-        """Try to deliver every stored, undelivered result; returns True if all went."""
-        agent = self.agent
-        ok = True
-        for row in self.attempts.undelivered():
-            result = row.result
-            assert result is not None  # a finished attempt is saved with its result
-            submitter = await agent.peer_member(row.submitter)
-            if submitter is None:
-                ok = False
-                continue
-            message = {
-                "message_id": f"result-{row.task_id}-{row.attempt}",
-                "type": "result",
-                **result,
-            }
-            try:
-                await agent.call_member(submitter, "POST", "/v1/populi/inbox", message, attempts=2)
-            except PopuliError as exc:
-                ok = False
-                if exc.details.get("http_status") in (400, 403, 404):
-                    log(
-                        self.logger,
-                        logging.WARNING,
-                        "result refused by the submitter; keeping it",
-                        task_id=row.task_id,
-                        error=str(exc),
-                    )
-                continue
-            with agent.store.transaction():
-                self.attempts.mark_delivered(
-                    row.task_id, row.attempt, now_ms=int(agent.clock.wall() * 1000)
+    async def deliver(self, row: AttemptRecord) -> bool:
+        """Deliver one stored result; True once the submitter acknowledged it (then it is
+        marked delivered). Any failure — unreachable, refused, or an answer that is not
+        the acknowledgement of this result — leaves it to be sent again."""
+        submitter = await self.peers.member(row.submitter)
+        if submitter is None:
+            return False
+        message = InboxMessage(
+            message_id=f"result-{row.task_id}-{row.attempt}", payload=stored_result(row)
+        )
+        try:
+            answer = await self.peers.call(
+                submitter,
+                "POST",
+                "/v1/populi/inbox",
+                message,
+                attempts=2,
+                answer=InboxDeliverAnswer,
+            )
+            if answer.type != "result" or answer.message_id != message.message_id:
+                raise PeerError(
+                    f"{submitter.id} answered result {message.message_id} with "
+                    f"{answer.type} {answer.message_id[:64]!r}",
+                    code="bad_peer_answer",
+                    peer=submitter.id,
                 )
+        except PopuliError as exc:
+            level = logging.INFO
+            if exc.details.get("http_status") in (400, 403, 404) or exc.code == "bad_peer_answer":
+                level = logging.WARNING
             log(
                 self.logger,
-                logging.INFO,
-                "result delivered",
+                level,
+                "result not delivered; keeping it",
                 task_id=row.task_id,
                 attempt=row.attempt,
-                submitter=submitter.id,
+                error=str(exc),
+                code=exc.code,
             )
+            return False
+        self.attempts.mark_delivered(row.task_id, row.attempt, now_ms=int(self.clock.wall() * 1000))
+        log(
+            self.logger,
+            logging.INFO,
+            "result delivered",
+            task_id=row.task_id,
+            attempt=row.attempt,
+            submitter=submitter.id,
+        )
+        return True
+
+    async def deliver_pending(self) -> bool:
+        """Try to deliver every stored, undelivered result; returns True if all went."""
+        ok = True
+        for row in self.attempts.undelivered():
+            ok = await self.deliver(row) and ok
         return ok
 
     async def _delivery_loop(self) -> None:
@@ -343,10 +400,10 @@ class Worker:
             except RETRIED as exc:
                 # An acknowledged delivery could not be recorded: it is sent again (the
                 # submitter's inbox answers a duplicate as such).
-                self.agent.health.failed("result_delivery", exc)
+                self.health.failed("result_delivery", exc)
                 ok = False
             else:
-                self.agent.health.ok("result_delivery")
+                self.health.ok("result_delivery")
             backoff = 0.5 if ok else min(backoff * 2, DELIVERY_MAX_BACKOFF_S)
             with trio.move_on_after(backoff * self.rng.uniform(0.8, 1.2) if not ok else 5.0):
                 await self._deliver_kick.wait()
@@ -356,7 +413,7 @@ class Worker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
 
-            async def on_result(plan: AttemptPlan, result: dict[str, Any]) -> None:
+            async def on_result(plan: AttemptPlan, result: ResultMessage) -> None:
                 self._deliver_kick.set()
                 await trio.lowlevel.checkpoint()
 
@@ -372,7 +429,7 @@ class Worker:
 
     # -- output ---------------------------------------------------------------------------
 
-    async def _output(self, request: Request) -> dict[str, Any]:
+    async def _output(self, request: Request) -> OutputChunkAnswer:
         task_id = request.path_params["task_id"]
         try:
             attempt = int(request.path_params["attempt"])
@@ -395,12 +452,30 @@ class Worker:
             raise BadRequest("stream must be stdout or stderr", code="bad_request")
         offset = request.query_int("offset", 0, minimum=0)
         limit = request.query_int("limit", 256 * 1024, minimum=1, maximum=1 << 20)
-        return read_output(self.runner, row, stream, offset, limit)
+        return OutputChunkAnswer(chunk=read_output(self.runner, row, stream, offset, limit))
+
+
+def plan_of(caller: Principal, message: HandoffMessage) -> AttemptPlan:
+    """The attempt a handoff asks this worker to run (for its signer, ``caller``)."""
+    return AttemptPlan(
+        task_id=message.task_id,
+        attempt=message.attempt,
+        role="worker",
+        submitter=caller.id,
+        token=message.token,
+        lease_id=message.lease_id,
+        ttl_s=message.ttl_s,
+        renewable=True,
+        argv=message.command,
+        env=dict(message.env),
+        gpus=message.gpus,
+        work_class=message.work_class,
+    )
 
 
 def read_output(
     runner: AttemptRunner, row: AttemptRecord, stream: str, offset: int, limit: int
-) -> dict[str, Any]:
+) -> OutputChunk:
     plan = AttemptPlan.from_json(row.body)
     task_dir = runner.task_dir(plan)
     data, next_offset, total = b"", offset, 0
@@ -411,12 +486,12 @@ def read_output(
         from populi_peer.exec._files import read_tail
 
         data, next_offset, total = read_tail(task_dir / stream, offset, limit)
-    return {
-        "data_b64": base64.b64encode(data).decode("ascii"),
-        "next_offset": next_offset,
-        "total": total,
-        "done": row.state == "finished",
-    }
+    return OutputChunk(
+        data_b64=base64.b64encode(data).decode("ascii"),
+        next_offset=next_offset,
+        total=total,
+        done=row.state == "finished",
+    )
 
 
-__all__ = ["Worker", "read_output"]
+__all__ = ["Worker", "WorkerGates", "plan_of", "read_output"]

@@ -1,4 +1,4 @@
-"""``populi leases`` and ``populi lease revoke``."""
+"""``populi leases`` and ``populi lease revoke`` (answers read as their typed messages)."""
 
 from __future__ import annotations
 
@@ -43,28 +43,34 @@ def register(subparsers: Any) -> None:
 
 
 def run_leases(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import LeaseListAnswer
+
     params = {
         k: v for k, v in (("node", args.node), ("task", args.task), ("state", args.state)) if v
     }
-    answer = control_plane_call(args, "GET", "/v1/populi/exec/leases", params=params)
+    answer = control_plane_call(
+        args, "GET", "/v1/populi/exec/leases", params=params, answer=LeaseListAnswer
+    )
     if args.json:
-        print_json(answer)
+        print_json(answer.to_json())
         return 0
-    rows = [
-        (
-            lease["lease_id"],
-            lease["state"],
-            lease["kind"],
-            lease["task_id"],
-            lease["attempt"],
-            lease["holder"],
-            lease["token"],
-            ",".join(lease["gpus"]) or "-",
-            lease["expires_in_s"],
-            lease.get("flag") or "-",
+    rows = []
+    for view in answer.leases:
+        lease = view.lease
+        rows.append(
+            (
+                lease.lease_id,
+                lease.state,
+                lease.kind,
+                lease.task_id,
+                lease.attempt,
+                lease.holder,
+                str(lease.token),
+                ",".join(lease.gpus) or "-",
+                view.expires_in_s,
+                view.flag or "-",
+            )
         )
-        for lease in answer["leases"]
-    ]
     print_table(
         rows,
         [
@@ -84,17 +90,20 @@ def run_leases(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import LeaseReplayAnswer
+
     answer = control_plane_call(
         args,
         "POST",
         "/v1/populi/admin/exec-lease-revoke",
         {"lease_id": args.lease_id, "reason": args.reason},
+        answer=LeaseReplayAnswer,
     )
     if args.json:
-        print_json(answer)
+        print_json(answer.to_json())
     else:
-        lease = answer["lease"]
+        lease = answer.lease.lease
         sys.stdout.write(
-            f"lease {lease['lease_id']} is {lease['state']}; the holder stops the task and releases it\n"
+            f"lease {lease.lease_id} is {lease.state}; the holder stops the task and releases it\n"
         )
     return 0

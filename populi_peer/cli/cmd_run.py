@@ -3,6 +3,10 @@
 ``populi run`` passes the task's exit code through; its own failures exit 125, a command
 that cannot be run 126/127, ``--timeout`` 124, a task killed by signal N 128+N, and a
 cancelled task (Ctrl-C) 130.
+
+The agent's answers are read as their typed messages (``TaskAnswer``,
+``TaskOutputAnswer``...): an answer this CLI cannot read is one clear error line
+(``bad_peer_answer``), never a trace.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import datetime as dt
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from populi_peer.cli.common import (
     add_data_dir,
@@ -25,6 +29,10 @@ from populi_peer.cli.common import (
 )
 from populi_peer.core.durations import parse_duration
 from populi_peer.errors import PopuliError, UsageError
+
+if TYPE_CHECKING:
+    from populi_peer.cli.common import Local
+    from populi_peer.core.messages import TaskView
 
 WORK_CLASSES = ("agent", "inference", "training", "collective")
 RUN_FAILED = 125
@@ -153,13 +161,15 @@ def run_run(args: argparse.Namespace) -> int:
     except PopuliError as exc:
         sys.stderr.write(f"populi run: error: {exc}\n")
         return RUN_FAILED
+    from populi_peer.core.messages import TaskAnswer
+
     try:
         try:
-            task = local.call_agent("POST", "/v1/populi/tasks", payload)["task"]
+            task = local.call_agent("POST", "/v1/populi/tasks", payload, answer=TaskAnswer).task
         except PopuliError as exc:
             sys.stderr.write(f"populi run: error: {exc}\n")
             return RUN_FAILED
-        task_id = task["task_id"]
+        task_id = task.task_id
         if args.detach:
             sys.stdout.write(task_id + "\n")
             return 0
@@ -168,7 +178,7 @@ def run_run(args: argparse.Namespace) -> int:
         local.close()
 
 
-def _follow(local: Any, task_id: str) -> int:
+def _follow(local: Local, task_id: str) -> int:
     """Stream the task's output until it ends; Ctrl-C cancels it (remote and local)."""
     offsets = {"stdout": 0, "stderr": 0}
     seen = 0
@@ -215,15 +225,23 @@ def _follow(local: Any, task_id: str) -> int:
                 return RUN_FAILED
     finally:
         signal.signal(signal.SIGINT, previous)
-    task = local.call_agent("GET", f"/v1/populi/tasks/{task_id}")["task"]
+    task = _task(local, task_id)
     _summary(task)
-    status = task.get("exit_status")
+    status = task.exit_status
     return RUN_FAILED if status is None else int(status)
 
 
-def _pump(local: Any, task_id: str, offsets: dict[str, int], seen: int) -> tuple[bool, int, str]:
+def _task(local: Local, task_id: str) -> TaskView:
+    from populi_peer.core.messages import TaskAnswer
+
+    return local.call_agent("GET", f"/v1/populi/tasks/{task_id}", answer=TaskAnswer).task
+
+
+def _pump(local: Local, task_id: str, offsets: dict[str, int], seen: int) -> tuple[bool, int, str]:
     """Print what attempt ``seen`` wrote since ``offsets``; returns (its output is
     complete, the latest attempt, the task's state)."""
+    from populi_peer.core.messages import TaskOutputAnswer
+
     done = True
     latest = 0
     state = ""
@@ -231,68 +249,66 @@ def _pump(local: Any, task_id: str, offsets: dict[str, int], seen: int) -> tuple
         params: dict[str, Any] = {"stream": stream, "offset": offsets[stream]}
         if seen:
             params["attempt"] = seen
-        chunk = local.call_agent("GET", f"/v1/populi/tasks/{task_id}/output", params=params)
-        latest, state = int(chunk["latest_attempt"]), str(chunk["task_state"])
+        answer = local.call_agent(
+            "GET", f"/v1/populi/tasks/{task_id}/output", params=params, answer=TaskOutputAnswer
+        )
+        latest, state = answer.latest_attempt, answer.task_state
         if not seen:
             return False, latest, state
-        data = base64.b64decode(chunk["data_b64"])
+        chunk = answer.chunk
+        data = base64.b64decode(chunk.data_b64)
         if data:
             sink.buffer.write(data)
             sink.flush()
-        offsets[stream] = chunk["next_offset"]
-        done = done and bool(chunk["done"])
+        offsets[stream] = chunk.next_offset
+        done = done and chunk.done
     return done, latest, state
 
 
-def _announce(local: Any, task_id: str, n: int) -> None:
-    task = local.call_agent("GET", f"/v1/populi/tasks/{task_id}")["task"]
-    attempt = task["attempts"][n - 1]
-    why = ", ".join(attempt["placement_reasons"]) or "-"
-    sys.stderr.write(
-        f"populi: {task_id} attempt {n}: {attempt['where']} on {attempt['node']} ({why})\n"
-    )
+def _announce(local: Local, task_id: str, n: int) -> None:
+    attempt = _task(local, task_id).attempts[n - 1]
+    why = ", ".join(attempt.placement_reasons) or "-"
+    sys.stderr.write(f"populi: {task_id} attempt {n}: {attempt.where} on {attempt.node} ({why})\n")
     sys.stderr.flush()
 
 
-def _summary(task: dict[str, Any]) -> None:
-    attempts = task["attempts"]
+def _summary(task: TaskView) -> None:
+    attempts = task.attempts
     if (
-        task["state"] == "succeeded"
+        task.state == "succeeded"
         and len(attempts) <= 1
-        and (not attempts or attempts[0]["where"] == "local")
+        and (not attempts or attempts[0].where == "local")
     ):
         return
-    parts = []
-    for attempt in attempts:
-        parts.append(
-            f"attempt {attempt['n']} {attempt['where']} on {attempt['node']} -> {attempt['outcome'] or 'running'}"
-        )
-    reason = task.get("terminal_reason") or task["state"]
+    parts = [f"attempt {a.n} {a.where} on {a.node} -> {a.outcome or 'running'}" for a in attempts]
+    reason = task.terminal_reason or task.state
     story = "; ".join(parts) or "no attempt started"
-    sys.stderr.write(f"populi: {task['task_id']} {task['state']} ({reason}); {story}\n")
+    sys.stderr.write(f"populi: {task.task_id} {task.state} ({reason}); {story}\n")
 
 
 def run_tasks(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import TaskListAnswer
+
     params: dict[str, Any] = {"limit": args.limit}
     if args.state:
         params["state"] = args.state
-    answer = agent_call(args, "GET", "/v1/populi/tasks", params=params)
+    answer = agent_call(args, "GET", "/v1/populi/tasks", params=params, answer=TaskListAnswer)
     if args.json:
-        print_json(answer)
+        print_json(answer.to_json())
         return 0
     rows = []
-    for t in answer["tasks"]:
-        last = t["attempts"][-1] if t["attempts"] else None
-        where = f"{last['where']}:{last['node']}" if last else "-"
+    for t in answer.tasks:
+        last = t.attempts[-1] if t.attempts else None
+        where = f"{last.where}:{last.node}" if last else "-"
         rows.append(
             (
-                t["task_id"],
-                t["state"],
-                t.get("exit_status"),
+                t.task_id,
+                t.state,
+                t.exit_status,
                 where,
-                len(t["attempts"]),
-                _when(t["created_wall_ms"]),
-                " ".join(t["command"])[:40],
+                len(t.attempts),
+                _when(t.created_wall_ms),
+                " ".join(t.command)[:40],
             )
         )
     print_table(rows, ["id", "state", "exit", "where", "attempts", "submitted", "command"])
@@ -300,33 +316,33 @@ def run_tasks(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    task = agent_call(args, "GET", f"/v1/populi/tasks/{args.task_id}")["task"]
+    from populi_peer.core.messages import TaskAnswer
+
+    task = agent_call(args, "GET", f"/v1/populi/tasks/{args.task_id}", answer=TaskAnswer).task
     if args.json:
-        print_json(task)
+        print_json(task.to_json())
         return 0
     out = sys.stdout
     out.write(
-        f"task      {task['task_id']}  {task['state']}"
-        + (f" ({task['terminal_reason']})" if task.get("terminal_reason") else "")
+        f"task      {task.task_id}  {task.state}"
+        + (f" ({task.terminal_reason})" if task.terminal_reason else "")
         + "\n"
     )
-    out.write(f"command   {' '.join(task['command'])}\n")
-    out.write(
-        f"gpus      {task['gpus_wanted']}   class {task['work_class']}   exit {task.get('exit_status')}\n"
-    )
+    out.write(f"command   {' '.join(task.command)}\n")
+    out.write(f"gpus      {task.gpus_wanted}   class {task.work_class}   exit {task.exit_status}\n")
     rows = [
         (
-            a["n"],
-            a["where"],
-            a["node"],
-            a["token"] or "-",
-            a["lease_id"] or "-",
-            ",".join(a["placement_reasons"]) or "-",
-            a["outcome"] or "running",
-            _when(a["started_wall_ms"]),
-            _when(a["finished_wall_ms"]),
+            a.n,
+            a.where,
+            a.node,
+            str(a.token) if a.token is not None else "-",
+            a.lease_id or "-",
+            ",".join(a.placement_reasons) or "-",
+            a.outcome or "running",
+            _when(a.started_wall_ms),
+            _when(a.finished_wall_ms),
         )
-        for a in task["attempts"]
+        for a in task.attempts
     ]
     if rows:
         out.write("\n")
@@ -335,17 +351,20 @@ def run_show(args: argparse.Namespace) -> int:
             ["n", "where", "node", "token", "lease", "reasons", "outcome", "started", "finished"],
         )
     out.write("\ndecisions:\n")
-    for at_ms, code, detail in task["reasons"]:
-        out.write(f"  {_when(at_ms)}  {code}{'  ' + detail if detail else ''}\n")
+    for entry in task.reasons:
+        detail = f"  {entry.detail}" if entry.detail else ""
+        out.write(f"  {_when(entry.at_wall_ms)}  {entry.code}{detail}\n")
     return 0
 
 
 def run_wait(args: argparse.Namespace) -> int:
+    from populi_peer.core.messages import TaskAnswer
+
     deadline = (
         time.monotonic() + parse_duration(args.timeout, flag="--timeout") if args.timeout else None
     )
     local = open_local(args)
-    results = []
+    results: list[TaskView] = []
     try:
         for task_id in args.task_ids:
             while True:
@@ -359,27 +378,37 @@ def run_wait(args: argparse.Namespace) -> int:
                     f"/v1/populi/tasks/{task_id}",
                     params={"wait_s": wait_s},
                     timeout_s=wait_s + 15,
-                )["task"]
-                if task["exit_status"] is not None:
+                    answer=TaskAnswer,
+                ).task
+                if task.exit_status is not None:
                     results.append(task)
                     break
     finally:
         local.close()
     if args.json:
-        print_json({"tasks": results})
+        print_json({"tasks": [task.to_json() for task in results]})
     else:
         for task in results:
-            sys.stdout.write(f"{task['task_id']}  {task['state']}  exit {task['exit_status']}\n")
-    failures = [t["exit_status"] for t in results if t["exit_status"]]
+            sys.stdout.write(f"{task.task_id}  {task.state}  exit {task.exit_status}\n")
+    failures = [t.exit_status for t in results if t.exit_status]
     return int(failures[0]) if failures else 0
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    answer = agent_call(args, "POST", f"/v1/populi/tasks/{args.task_id}/cancel", {}, timeout_s=60.0)
+    from populi_peer.core.messages import TaskCancelAnswer
+
+    answer = agent_call(
+        args,
+        "POST",
+        f"/v1/populi/tasks/{args.task_id}/cancel",
+        {},
+        timeout_s=60.0,
+        answer=TaskCancelAnswer,
+    )
     if args.json:
-        print_json(answer)
+        print_json(answer.to_json())
     else:
-        task = answer["task"]
-        note = "" if answer["cancelled"] else " (it had already ended)"
-        sys.stdout.write(f"{task['task_id']} is {task['state']}{note}\n")
+        task = answer.task
+        note = "" if answer.cancelled else " (it had already ended)"
+        sys.stdout.write(f"{task.task_id} is {task.state}{note}\n")
     return 0

@@ -40,6 +40,12 @@ while ``now_mono <= expires_mono`` and is declared dead once
 drift between the holder (whose deadline counts from when it *sent* the renewal, on
 ``CLOCK_BOOTTIME``) and the control plane (whose ``expires_mono`` counts from when it
 *received* it, which is later).
+
+Holders. Each reconcile pass (:meth:`LeaseTable.reconcile_holders`) takes what the control
+plane knows of every holder (:class:`HolderView`: its lifecycle, whether its heartbeat is
+stale) and flags the leases of stale or quarantined holders (revoking them with the
+``auto_revoke_stale_leases`` setting), and revokes the live leases of a draining holder
+whose drain deadline has passed (reason ``drain_deadline``).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from populi_peer.core.fencing import (
     _str,
     _str_tuple,
 )
+from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.policy import WorkClass, check_work_class
 from populi_peer.errors import BadRequest, ConfigError, Conflict, NotFound, StoreError
 
@@ -278,21 +285,36 @@ def worker_stop_at_boot(renew_sent_boot: float, ttl_s: float, stop_margin_s: flo
     return worker_deadline_boot(renew_sent_boot, ttl_s) - stop_margin_s
 
 
+def stop_margin_floor_s(
+    *, kill_grace_s: float, kill_latency_s: float, drift_ppm: float, ttl_s: float
+) -> float:
+    """The smallest stop margin that still has a task gone before its lease ends (safety
+    rule 3): the stop begins at ``deadline - margin``, takes up to ``kill_grace_s``
+    (SIGTERM to SIGKILL) and ``kill_latency_s`` (until the last process is gone), and the
+    holder's clock may run slow against the control plane's by ``drift_ppm`` over the
+    ``ttl_s`` one renewal covers (0: no TTL known yet)."""
+    return kill_grace_s + kill_latency_s + ttl_s * drift_ppm / 1_000_000
+
+
 def validate_stop_margin(
     stop_margin_s: float,
     *,
     kill_grace_s: float,
     kill_latency_s: float,
     drift_ppm: float,
-    ttl_s: float,
+    ttl_s: float | None,
     key: str = "exec.stop_margin_s",
 ) -> None:
     """Refuse a stop margin that cannot keep a task gone by its deadline (safety rule 3):
     it must cover the SIGTERM grace, the kill latency and the clock drift over one TTL
-    (pass the longest TTL in use, ``max_lease_ttl_s``), and it must leave room for a
-    renewal (below ``ttl_s - renew_interval_s(ttl_s)``), or the task would be stopped
-    before its first renewal could land. Raises :class:`ConfigError` naming ``key``."""
-    _check_ttl(ttl_s)
+    (:func:`stop_margin_floor_s`; pass the longest TTL in use, ``max_lease_ttl_s``), and it
+    must leave room for a renewal (below ``ttl_s - renew_interval_s(ttl_s)``), or the task
+    would be stopped before its first renewal could land. With ``ttl_s=None`` (a node's
+    config, read before it knows the cluster's TTL) only the grace and the kill latency
+    are checked. The one rule: the config and the worker call it. Raises
+    :class:`ConfigError` naming ``key``."""
+    if ttl_s is not None:
+        _check_ttl(ttl_s)
     for name, value in (
         (key, stop_margin_s),
         ("kill_grace_s", kill_grace_s),
@@ -301,9 +323,22 @@ def validate_stop_margin(
     ):
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{name} must be a finite number >= 0, got {value}", key=name)
-    drift_s = ttl_s * drift_ppm / 1_000_000
-    floor_s = kill_grace_s + kill_latency_s + drift_s
+    floor_s = stop_margin_floor_s(
+        kill_grace_s=kill_grace_s,
+        kill_latency_s=kill_latency_s,
+        drift_ppm=drift_ppm,
+        ttl_s=ttl_s or 0.0,
+    )
+    if ttl_s is None:
+        if stop_margin_s < floor_s:
+            raise ConfigError(
+                f"{key} = {stop_margin_s} s is below kill_grace_s + kill_latency_s "
+                f"({kill_grace_s} + {kill_latency_s} = {floor_s} s); raise {key}",
+                key=key,
+            )
+        return
     if stop_margin_s < floor_s:
+        drift_s = floor_s - kill_grace_s - kill_latency_s
         raise ConfigError(
             f"{key} = {stop_margin_s} s is below kill_grace_s + kill_latency_s + drift over "
             f"one {ttl_s} s TTL ({kill_grace_s} + {kill_latency_s} + {drift_s:.6f} = "
@@ -601,6 +636,37 @@ class TargetView:
                 _str_tuple(obj, "allocatable_gpus", what) if "allocatable_gpus" in obj else ()
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HolderView:
+    """What the control plane knows of a lease holder at a reconcile pass: its lifecycle
+    (``None``: none recorded) and whether its heartbeat is stale (never for the control
+    plane itself, which notes its own liveness)."""
+
+    lifecycle: NodeLifecycle | None = None
+    stale: bool = False
+
+    @property
+    def status(self) -> HolderStatus:
+        """``quarantined`` before ``stale``: an operator's word outranks a silence."""
+        if self.lifecycle is not None and self.lifecycle.state == "quarantined":
+            return "quarantined"
+        return "stale" if self.stale else "ok"
+
+    def drain_overdue(self, now_wall_ms: int) -> bool:
+        """Draining, with a deadline that has passed: its running work should be gone."""
+        lc = self.lifecycle
+        return (
+            lc is not None
+            and lc.state == "draining"
+            and lc.deadline_wall_ms is not None
+            and lc.deadline_wall_ms <= now_wall_ms
+        )
+
+
+#: Why the control plane revokes the leases of a holder whose drain deadline has passed.
+DRAIN_DEADLINE_REASON: Final = "drain_deadline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1278,10 +1344,60 @@ class LeaseTable:
         table = self._with(*changed) if changed else self
         return table, ReconcileResult(tuple(flagged), tuple(changed))
 
+    def holders(self) -> tuple[str, ...]:
+        """The nodes holding a (non-fence) lease: whom a reconcile pass looks at."""
+        return tuple(sorted({lease.holder for lease in self.holding() if lease.kind != "fence"}))
+
+    def reconcile_holders(
+        self,
+        holders: Mapping[str, HolderView],
+        *,
+        auto_revoke: bool,
+        now_mono: float,
+        now_wall_ms: int,
+        drain_actor: str,
+        actor: str = CONTROL_PLANE_ACTOR,
+    ) -> tuple[LeaseTable, ReconcileResult]:
+        """One reconcile pass over what the control plane knows of each holder
+        (:meth:`holders`): :meth:`reconcile` with each holder's :attr:`HolderView.status`,
+        then every live (non-fence) lease of a holder whose drain deadline has passed is
+        revoked by ``drain_actor`` (reason ``drain_deadline``). A holder missing from
+        ``holders`` counts as ``ok`` and not draining. Like every revoke, it only asks:
+        the GPUs stay taken until release or expiry (safety rule 4)."""
+        _check_ms(now_wall_ms, "now_wall_ms")
+        _check_name(drain_actor, "drain_actor")
+        statuses = {holder: view.status for holder, view in holders.items()}
+        table, result = self.reconcile(
+            statuses,
+            auto_revoke=auto_revoke,
+            now_mono=now_mono,
+            now_wall_ms=now_wall_ms,
+            actor=actor,
+        )
+        changed = {lease.lease_id: lease for lease in result.records}
+        overdue = {holder for holder, view in holders.items() if view.drain_overdue(now_wall_ms)}
+        for lease in table.holding():
+            if lease.holder not in overdue or lease.kind == "fence" or lease.state != "live":
+                continue
+            after = _transition(
+                lease,
+                "revoke",
+                now_wall_ms=now_wall_ms,
+                reason=DRAIN_DEADLINE_REASON,
+                revoked_by=drain_actor,
+            )
+            assert after is not None
+            changed[after.lease_id] = after
+        if len(changed) == len(result.records):
+            return table, result
+        table = self._with(*changed.values())
+        return table, ReconcileResult(result.flagged, tuple(changed.values()))
+
 
 __all__ = [
     "CONTROL_PLANE_ACTOR",
     "DEAD_STATES",
+    "DRAIN_DEADLINE_REASON",
     "HOLDING_STATES",
     "KEY_TAKING_STATES",
     "LEASE_KINDS",
@@ -1294,6 +1410,7 @@ __all__ = [
     "FlaggedLease",
     "GrantRequest",
     "HolderStatus",
+    "HolderView",
     "IllegalLeaseTransition",
     "Lease",
     "LeaseChange",
@@ -1309,6 +1426,7 @@ __all__ = [
     "TargetView",
     "renew_interval_s",
     "renew_timeout_s",
+    "stop_margin_floor_s",
     "task_key",
     "ttl_reasons",
     "validate_stop_margin",

@@ -33,6 +33,10 @@ local attempt after a remote one; ``control_plane_unreachable`` waits in
 
 Every accepted event appends :class:`ReasonEntry` rows (the decision, then one row per
 reason code), so a finished task says why it ran where it ran (safety rule 7).
+
+Beside its state, the record keeps the attempt numbers of its lease requests
+(:class:`LeaseRequests`, :meth:`Task.request_number`): a request whose answer was lost is
+sent again with the same number, so that the control plane answers it as a replay.
 """
 
 from __future__ import annotations
@@ -105,7 +109,12 @@ AttemptOutcome = Literal[
     "populi_failure",
 ]
 
+#: What a lease request asks the control plane for: a remote ``grant``, the ``local``
+#: token of a first local attempt, or the ``fallback`` word after a remote attempt.
+RequestKind = Literal["grant", "local", "fallback"]
+
 TASK_STATES: Final[tuple[TaskState, ...]] = get_args(TaskState)
+REQUEST_KINDS: Final[tuple[RequestKind, ...]] = get_args(RequestKind)
 EVENT_KEYS: Final[tuple[EventKey, ...]] = get_args(EventKey)
 ATTEMPT_OUTCOMES: Final[tuple[AttemptOutcome, ...]] = get_args(AttemptOutcome)
 TERMINAL_STATES: Final[frozenset[TaskState]] = frozenset(
@@ -515,6 +524,58 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseRequests:
+    """The attempt numbers of a task's lease requests (request-number replay).
+
+    Every request the submitter sends the control plane for a task (a remote ``grant``, a
+    ``local`` token, a ``fallback``) carries an attempt number. ``pending`` is the request
+    sent and not yet settled: sent again (its answer was lost), it keeps its number, so the
+    control plane answers it as a replay and the lease it may have created comes back. Any
+    other request takes a number above every one used so far (``highest``), so that after
+    a lost grant the control plane's next word is for a later attempt. Kept in the task
+    record, so a number is durable before its request leaves.
+    """
+
+    pending: RequestKind | None = None
+    pending_attempt: int | None = None
+    highest: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pending is not None and self.pending not in REQUEST_KINDS:
+            raise BadRequest(f"unknown lease request kind {self.pending!r}", code="bad_record")
+        if (self.pending is None) != (self.pending_attempt is None):
+            raise BadRequest(
+                "a pending lease request has a kind and an attempt number", code="bad_record"
+            )
+        for name in ("pending_attempt", "highest"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise BadRequest(f"{name} must be an integer >= 0", code="bad_record")
+        if self.pending_attempt is not None and self.pending_attempt > self.highest:
+            raise BadRequest("a pending request's number is one already used", code="bad_record")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pending": self.pending,
+            "pending_attempt": self.pending_attempt,
+            "highest": self.highest,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> LeaseRequests:
+        what = "lease requests"
+        obj = _obj(data, what)
+        pending = _opt_str(obj, "pending", what)
+        return cls(
+            pending=None if pending is None else _pick(pending, REQUEST_KINDS, "pending"),
+            pending_attempt=_opt_int(obj, "pending_attempt", what),
+            highest=_int(obj, "highest", what) if "highest" in obj else 0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """The submitter's durable task record. Build with :meth:`new`; change with
     :meth:`apply`, which returns a new record (persist it before acting on it)."""
@@ -533,6 +594,7 @@ class Task:
     signal: int | None = None
     terminal_reason: str | None = None
     options: TaskOptions = field(default_factory=TaskOptions)
+    requests: LeaseRequests = field(default_factory=LeaseRequests)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_id, str) or not self.task_id:
@@ -621,6 +683,26 @@ class Task:
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)
 
+    def request_number(self, kind: RequestKind) -> tuple[Task, int]:
+        """The attempt number for a lease request of ``kind``, and the record that keeps
+        it (persist it before the request leaves). The pending request of the same kind
+        keeps its number (a retry, answered as a replay); any other takes a new one, above
+        every number used and every attempt recorded."""
+        requests = self.requests
+        if kind not in REQUEST_KINDS:
+            raise BadRequest(f"unknown lease request kind {kind!r}", code="bad_request")
+        if requests.pending == kind and requests.pending_attempt is not None:
+            return self, requests.pending_attempt
+        number = max(len(self.attempts), requests.highest) + 1
+        return replace(self, requests=LeaseRequests(kind, number, number)), number
+
+    def request_settled(self) -> Task:
+        """A lease was obtained, or the number was refused (``stale_attempt``) or the
+        request refused for good: the next request takes a new number."""
+        if self.requests.pending is None:
+            return self
+        return replace(self, requests=LeaseRequests(highest=self.requests.highest))
+
     def apply(self, event: TaskEvent, *, now_wall_ms: int) -> Task:
         """The record after ``event``. Raises :class:`IllegalTaskTransition` (record
         unchanged) if the state's row lacks the event's key."""
@@ -683,6 +765,7 @@ class Task:
             "signal": self.signal,
             "terminal_reason": self.terminal_reason,
             "options": self.options.to_json(),
+            "requests": self.requests.to_json(),
         }
 
     @classmethod
@@ -713,6 +796,7 @@ class Task:
             signal=_opt_int(obj, "signal", what),
             terminal_reason=_opt_str(obj, "terminal_reason", what),
             options=TaskOptions.from_json(obj.get("options", {})),
+            requests=LeaseRequests.from_json(obj.get("requests", {})),
         )
 
 
@@ -881,6 +965,7 @@ def _entries(task: Task, event: TaskEvent, key: EventKey, at: int) -> tuple[Reas
 __all__ = [
     "ATTEMPT_OUTCOMES",
     "EVENT_KEYS",
+    "REQUEST_KINDS",
     "RUNNING_STATES",
     "TASK_STATES",
     "TERMINAL_STATES",
@@ -896,12 +981,14 @@ __all__ = [
     "IllegalTaskTransition",
     "LeaseDeadConfirmed",
     "LeaseLost",
+    "LeaseRequests",
     "PlacedLocal",
     "PlacedRemote",
     "PlacementFailed",
     "PlacementStarted",
     "PopuliFailure",
     "ReasonEntry",
+    "RequestKind",
     "Result",
     "Task",
     "TaskEvent",

@@ -23,7 +23,6 @@ if TYPE_CHECKING:
         SupervisorState,
         TaskOutcome,
         TaskSpec,
-        min_stop_margin_s,
     )
     from populi_peer.exec._runner import (
         Supervised,
@@ -47,7 +46,6 @@ _EXPORTS = {
     "SupervisorState": "populi_peer.exec._records",
     "TaskOutcome": "populi_peer.exec._records",
     "TaskSpec": "populi_peer.exec._records",
-    "min_stop_margin_s": "populi_peer.exec._records",
     "Supervised": "populi_peer.exec._runner",
     "adopt": "populi_peer.exec._runner",
     "kill_orphan": "populi_peer.exec._runner",
@@ -77,7 +75,6 @@ __all__ = [
     "build_task_env",
     "kill_orphan",
     "leftovers",
-    "min_stop_margin_s",
     "read_state",
     "start_supervised",
     "tail",

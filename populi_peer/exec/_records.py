@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from populi_peer.errors import BadRequest, ConfigError
+from populi_peer.errors import BadRequest
 
 RECORD_VERSION = 1
 
@@ -69,8 +69,8 @@ class TaskSpec:
 
     ``env`` is the complete environment of the task (see :func:`build_task_env`); nothing
     of the agent's environment leaks in. ``stop_margin_s`` is how long before the lease
-    deadline the stop begins; it must cover ``kill_grace_s`` (the config layer demands
-    :func:`min_stop_margin_s`). ``isolation`` ``auto`` uses a cgroup when one is writable
+    deadline the stop begins; it must cover ``kill_grace_s`` (the config demands more:
+    :func:`populi_peer.core.leases.validate_stop_margin`). ``isolation`` ``auto`` uses a cgroup when one is writable
     and a process group otherwise; ``cgroup`` refuses to run without one.
     """
 
@@ -357,32 +357,6 @@ class TaskOutcome:
         )
 
 
-def min_stop_margin_s(
-    kill_grace_s: float, kill_latency_s: float, drift_ppm: float, ttl_s: float
-) -> float:
-    """The smallest stop margin that still stops a task before its lease ends (safety rule 3).
-
-    The stop begins at ``deadline - margin``; it takes up to ``kill_grace_s`` (SIGTERM
-    grace), then ``kill_latency_s`` (SIGKILL until the last process is gone), and this
-    machine's clock may run slow against the control plane's by ``drift_ppm`` over the
-    ``ttl_s`` one renewal covers::
-
-        margin >= kill_grace_s + kill_latency_s + ttl_s * drift_ppm / 1e6
-    """
-    values = {
-        "kill_grace_s": kill_grace_s,
-        "kill_latency_s": kill_latency_s,
-        "drift_ppm": drift_ppm,
-        "ttl_s": ttl_s,
-    }
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{name} must be a number, not {value!r}")
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{name} must be finite and >= 0, not {value!r}")
-    return float(kill_grace_s) + float(kill_latency_s) + float(ttl_s) * float(drift_ppm) / 1e6
-
-
 __all__ = [
     "DEFAULT_OUTPUT_CAP_BYTES",
     "MAX_OUTPUT_CAP_BYTES",
@@ -396,5 +370,4 @@ __all__ = [
     "SupervisorState",
     "TaskOutcome",
     "TaskSpec",
-    "min_stop_margin_s",
 ]

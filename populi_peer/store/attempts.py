@@ -5,7 +5,9 @@ An attempt row is written at every step of a run (accepted, running, finished), 
 worker for remote attempts (``role="worker"``) and by the submitter for local ones
 (``"local"``): a restarted agent re-adopts or cleans up what they record. A worker's fence
 is the highest fencing token it accepted per task (safety rule 2); it is read and written
-only here, and written in the same transaction as the attempt it admits.
+only here, and written in the same transaction as the attempt it admits
+(``save(..., fence=True)``). The check itself is the core's
+(:class:`populi_peer.core.fencing.FenceBook`, rebuilt from :meth:`Attempts.fences`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class AttemptRecord:
     attempt: int
     role: str  # "worker" | "local"
     submitter: str
-    token: str
+    token: FencingToken
     lease_id: str | None
     state: str  # "accepted" | "running" | "finished"
     #: The attempt's plan (``agent.attempts.AttemptPlan.to_json``) and what the run added
@@ -42,7 +44,7 @@ def _record(row: sqlite3.Row) -> AttemptRecord:
         attempt=row["attempt"],
         role=row["role"],
         submitter=row["submitter"],
-        token=row["token"],
+        token=FencingToken.parse(row["token"]),
         lease_id=row["lease_id"],
         state=row["state"],
         body=json.loads(row["body"]),
@@ -65,16 +67,20 @@ class Attempts:
         attempt: int,
         role: str,
         submitter: str,
-        token: str,
+        token: FencingToken,
         lease_id: str | None,
         state: str,
         body: dict[str, Any],
         result: dict[str, Any] | None,
         now_ms: int,
+        fence: bool = False,
     ) -> None:
         """Record an attempt's new state; a result once recorded is kept when ``result`` is
-        ``None``."""
+        ``None``. ``fence``: a worker admits this attempt — its task's fence becomes
+        ``token`` in the same transaction (both or neither)."""
         with self.store.transaction():
+            if fence:
+                self.set_fence(task_id, token, now_ms=now_ms)
             self.store.execute(
                 "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, updated_ms) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, attempt, role) DO UPDATE SET "
@@ -84,7 +90,7 @@ class Attempts:
                     attempt,
                     role,
                     submitter,
-                    token,
+                    str(token),
                     lease_id,
                     state,
                     json.dumps(body, sort_keys=True),
@@ -128,25 +134,23 @@ class Attempts:
             (cutoff_ms,),
         )
 
-    def worker_state(self, task_id: str, token: str) -> str | None:
-        """The state of the worker's attempt of ``task_id`` under ``token``, if any."""
-        row = self.store.execute(
-            "SELECT state FROM attempts WHERE task_id = ? AND role = 'worker' AND token = ?",
-            (task_id, token),
-        ).fetchone()
-        return None if row is None else str(row["state"])
+    def of_task(self, task_id: str, role: str) -> list[AttemptRecord]:
+        """Every attempt of ``task_id`` this node ran as ``role``, oldest first."""
+        return self._records(
+            "SELECT * FROM attempts WHERE task_id = ? AND role = ? ORDER BY attempt",
+            (task_id, role),
+        )
 
     def _records(self, sql: str, params: tuple[Any, ...]) -> list[AttemptRecord]:
         return [_record(row) for row in self.store.execute(sql, params).fetchall()]
 
     # -- the worker's fences --------------------------------------------------------------
 
-    def fence(self, task_id: str) -> FencingToken | None:
-        """The highest token this worker accepted for ``task_id``."""
-        row = self.store.execute(
-            "SELECT token FROM fences WHERE task_id = ?", (task_id,)
-        ).fetchone()
-        return FencingToken.parse(row["token"]) if row else None
+    def fences(self) -> list[tuple[str, FencingToken]]:
+        """Every task's fence, the highest token this worker accepted for it (what
+        :meth:`populi_peer.core.fencing.FenceBook.from_entries` rebuilds the book from)."""
+        rows = self.store.execute("SELECT task_id, token FROM fences").fetchall()
+        return [(str(row["task_id"]), FencingToken.parse(row["token"])) for row in rows]
 
     def set_fence(self, task_id: str, token: FencingToken, *, now_ms: int) -> None:
         with self.store.transaction():

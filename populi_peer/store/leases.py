@@ -1,5 +1,5 @@
-"""The control plane's execution leases (table ``leases``) and the token counter (meta
-``lease_next_seq``).
+"""The control plane's execution leases (table ``leases``), the token counter (meta
+``lease_next_seq``) and the longest TTL ever allowed (meta ``lease_max_ttl_seen_s``).
 
 A lease's row holds its persisted fields (:meth:`core.leases.Lease.to_json`); its
 in-memory expiry is never written (safety rule 5). The pure table returns the leases to
@@ -37,6 +37,11 @@ class Leases:
     def next_seq(self) -> int:
         """The token counter: the sequence number the next grant takes."""
         return int(self.store.get_meta("lease_next_seq", "1") or "1")
+
+    def longest_ttl_seen_s(self) -> float:
+        """The longest ``max_lease_ttl_s`` the cluster allowed before its current one (meta
+        ``lease_max_ttl_seen_s``, kept when the setting changes; 0 if it never did)."""
+        return float(self.store.get_meta("lease_max_ttl_seen_s", "0") or 0)
 
     def save(self, leases: Iterable[Lease], *, next_seq: int, now_ms: int) -> None:
         """Write ``leases`` (new or changed) and the token counter."""

@@ -252,11 +252,11 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
         decisions = [r.code for r in task.reasons]
         if from_submitter:
             # Nothing from w2 reached w1: the lease's death alone moved the task on.
-            assert "1" not in cluster["w1"].submitter.extras(task_id)["results"]
+            assert "1" not in cluster["w1"].submitter.record(task_id).results
             assert "lease_lost" not in decisions, decisions
         else:
             # w2 said it lost the lease: the task waited for the control plane's word.
-            assert "1" in cluster["w1"].submitter.extras(task_id)["results"]
+            assert "1" in cluster["w1"].submitter.record(task_id).results
             assert decisions.index("lease_lost") < decisions.index("lease_dead_confirmed")
         cluster.network.heal()
         observer.note("healed")
@@ -268,18 +268,19 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
         await cluster.wait_until(delivered, timeout_s=60)
         row = cluster["w2"].runner.row(task_id, 1, "worker")
         assert row is not None and row.state == "finished"
-        extras = cluster["w1"].submitter.extras(task_id)
+        record = cluster["w1"].submitter.record(task_id)
         if from_submitter:
             # Late (the task had long succeeded): recorded apart, never over the accepted
             # results, and ignored.
-            late = [r for r in extras.get("ignored_results", []) if r["attempt"] == 1]
-            assert late and late[-1]["outcome"] == "lease_lost", extras
-            assert late[-1]["token"] == remote.token
-            assert "1" not in extras["results"], extras["results"]
+            late = [r.result for r in record.ignored_results if r.result.attempt == 1]
+            assert late and late[-1].outcome == "lease_lost", record
+            assert late[-1].token == FencingToken.parse(remote.token)
+            assert "1" not in record.results, record.results
         else:
             # Arrived while it was current: the lease_lost that sent the task to wait.
-            assert extras["results"]["1"]["outcome"] == "lease_lost", extras["results"]
-            assert extras["results"]["1"]["token"] == remote.token
+            result = record.results["1"].result
+            assert result.outcome == "lease_lost", record.results
+            assert result.token == FencingToken.parse(remote.token)
         await trio.sleep(TTL_S)  # anything else w2 might send
         after = cluster["w1"].submitter.load(task_id)
         assert after == task, (after, task)

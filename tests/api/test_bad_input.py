@@ -482,8 +482,12 @@ for _label, _body, _status, _code in [
      404, "unknown_attempt"),
     ("result-no-task", {"message_id": "r-1", "type": "result", "attempt": 1}, 400,
      "bad_request"),
+    # A result names the node that ran it (the contract requires it; the submitter then
+    # takes the signer instead): without it, 400 before any task is looked up.
+    ("result-no-node", {"message_id": "r-1", "type": "result", "task_id": "t-1",
+                        "attempt": 1}, 400, "bad_request"),
     ("result-unknown-task", {"message_id": "r-1", "type": "result", "task_id": "t-1",
-                             "attempt": 1}, 404, "unknown_task"),
+                             "attempt": 1, "node": "n-x"}, 404, "unknown_task"),
 ]:
     wrong("inbox_deliver", "POST", "/v1/populi/inbox", _body, _status, _code, _label)
 for _label, _query in [("cursor-negative", "cursor=-1"), ("cursor-word", "cursor=x"),
@@ -526,14 +530,15 @@ for _label, _changes, _status, _code in [
     ("empty", None, 400, "bad_request"),
     ("task-id-number", {"task_id": 5}, 400, "bad_request"),
     ("task-id-129", {"task_id": "t" * 129}, 400, "bad_request"),
-    ("attempt-zero", {"attempt": 0}, 400, "bad_record"),
+    # The typed request checks shape first (ADR 0012): `bad_request`, as for a grant.
+    ("attempt-zero", {"attempt": 0}, 400, "bad_request"),
     ("attempt-negative", {"attempt": -1}, 400, "bad_request"),
     ("attempt-string", {"attempt": "1"}, 400, "bad_request"),
     ("gpus-negative", {"gpus_wanted": -1}, 400, "bad_request"),
     ("ttl-zero", {"ttl_s": 0}, 400, "bad_request"),
     ("ttl-string", {"ttl_s": "30"}, 400, "bad_request"),
     ("work-class-unknown", {"work_class": "mining"}, 400, "unknown_work_class"),
-    ("work-class-number", {"work_class": 5}, 400, "unknown_work_class"),
+    ("work-class-number", {"work_class": 5}, 400, "bad_request"),
     ("work-class-missing", {"work_class": None}, 400, "bad_request"),
     ("gpus-huge", {"gpus_wanted": 10**30}, 400, "bad_request"),
 ]:

@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import (
+    CONTROL_PLANE_ACTOR,
     DEAD_STATES,
     HOLDING_STATES,
     LEASE_STATES,
@@ -20,6 +21,7 @@ from populi_peer.core.leases import (
     TRANSITIONS,
     GrantRequest,
     HolderStatus,
+    HolderView,
     IllegalLeaseTransition,
     Lease,
     LeaseChange,
@@ -30,11 +32,13 @@ from populi_peer.core.leases import (
     TargetView,
     renew_interval_s,
     renew_timeout_s,
+    stop_margin_floor_s,
     ttl_reasons,
     validate_stop_margin,
     worker_deadline_boot,
     worker_stop_at_boot,
 )
+from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.policy import WorkClass
 from populi_peer.errors import BadRequest, ConfigError, Conflict, StoreError
 
@@ -151,6 +155,23 @@ def test_stop_margin_below_grace_plus_latency_plus_drift_names_the_key() -> None
     assert info.value.details["key"] == "exec.stop_margin_s"
     assert "exec.stop_margin_s" in str(info.value)
     validate_stop_margin(6.0, kill_grace_s=2.0, kill_latency_s=1.0, drift_ppm=100_000, ttl_s=30.0)
+
+
+def test_the_stop_margin_floor_is_grace_plus_latency_plus_drift() -> None:
+    assert stop_margin_floor_s(
+        kill_grace_s=5.0, kill_latency_s=0.5, drift_ppm=100.0, ttl_s=30.0
+    ) == pytest.approx(5.5 + 0.003)
+    assert stop_margin_floor_s(kill_grace_s=0, kill_latency_s=0, drift_ppm=0, ttl_s=0) == 0.0
+
+
+def test_a_stop_margin_before_any_ttl_is_known_covers_grace_and_latency() -> None:
+    """The config's check (no cluster TTL yet): the same rule, without the drift."""
+    validate_stop_margin(3.0, kill_grace_s=2.0, kill_latency_s=1.0, drift_ppm=10**6, ttl_s=None)
+    with pytest.raises(ConfigError) as info:
+        validate_stop_margin(2.9, kill_grace_s=2.0, kill_latency_s=1.0, drift_ppm=0, ttl_s=None)
+    assert info.value.details["key"] == "exec.stop_margin_s"
+    # Large: no renewal to leave room for yet.
+    validate_stop_margin(1e6, kill_grace_s=2.0, kill_latency_s=1.0, drift_ppm=0, ttl_s=None)
 
 
 def test_stop_margin_must_leave_room_to_renew() -> None:
@@ -913,6 +934,69 @@ def test_reconcile_flags_and_optionally_revokes() -> None:
         now_wall_ms=W,
     )
     assert [f.revoked for f in result.flagged] == [False, False] and result.records == ()
+
+
+def _lc(state: str, **deadline: int) -> NodeLifecycle:
+    return NodeLifecycle(state, W - 1000, "o-alice", "why", **deadline)  # type: ignore[arg-type]
+
+
+def test_a_holders_view_gives_its_status() -> None:
+    assert HolderView().status == "ok"
+    assert HolderView(stale=True).status == "stale"
+    # An operator's word outranks a silence.
+    assert HolderView(_lc("quarantined"), stale=True).status == "quarantined"
+    assert HolderView(_lc("draining"), stale=False).status == "ok"
+    draining = HolderView(_lc("draining", deadline_wall_ms=W + 10))
+    assert not draining.drain_overdue(W + 9) and draining.drain_overdue(W + 10)
+    assert not HolderView(_lc("draining")).drain_overdue(W + 10**9)  # no deadline
+    assert not HolderView(_lc("cordoned")).drain_overdue(W)
+
+
+def test_reconcile_holders_revokes_the_live_leases_of_an_overdue_drain() -> None:
+    table, _ = granted(now=100.0)
+    table, _ = granted(table, lease_id="L2", task_id="t2", node="w2", now=100.0)
+    table, _ = granted(table, lease_id="L3", task_id="t3", node="w3", now=100.0)
+    table, _ = table.revoke("L3", actor="op", reason="swap", now_mono=100.0, now_wall_ms=W)
+    assert table.holders() == ("w1", "w2", "w3")
+    views = {
+        "w1": HolderView(_lc("draining", deadline_wall_ms=W + 5)),
+        "w2": HolderView(_lc("draining", deadline_wall_ms=W + 50)),
+        "w3": HolderView(_lc("draining", deadline_wall_ms=W + 5)),
+    }
+    same, result = table.reconcile_holders(
+        views, auto_revoke=False, now_mono=101.0, now_wall_ms=W, drain_actor="n-cp"
+    )
+    assert same is table and result.records == () and result.flagged == ()
+    table, result = table.reconcile_holders(
+        views, auto_revoke=False, now_mono=101.0, now_wall_ms=W + 5, drain_actor="n-cp"
+    )
+    # w1's live lease is revoked; w3's, already revoking, keeps its first reason.
+    assert [(x.lease_id, x.state, x.reason, x.revoked_by) for x in result.records] == [
+        ("L1", "revoking", "drain_deadline", "n-cp")
+    ]
+    assert table.get("L2").state == "live" and table.get("L3").reason == "swap"
+    # Later w2's deadline passes too; w1's lease, revoking already, is not revoked again.
+    _, again = table.reconcile_holders(
+        views, auto_revoke=False, now_mono=102.0, now_wall_ms=W + 10**6, drain_actor="n-cp"
+    )
+    assert [x.lease_id for x in again.records] == ["L2"]
+
+
+def test_reconcile_holders_flags_as_reconcile_does() -> None:
+    table, _ = granted(now=100.0)
+    table, _ = granted(table, lease_id="L2", task_id="t2", node="w2", now=100.0)
+    views = {"w1": HolderView(stale=True), "w2": HolderView(_lc("quarantined"))}
+    table, result = table.reconcile_holders(
+        views, auto_revoke=True, now_mono=101.0, now_wall_ms=W, drain_actor="n-cp"
+    )
+    assert [(f.lease_id, f.status, f.revoked) for f in result.flagged] == [
+        ("L1", "stale", True),
+        ("L2", "quarantined", True),
+    ]
+    assert [(x.reason, x.revoked_by) for x in result.records] == [
+        ("holder_stale", CONTROL_PLANE_ACTOR),
+        ("holder_quarantined", CONTROL_PLANE_ACTOR),
+    ]
 
 
 def test_query_helpers() -> None:

@@ -20,6 +20,7 @@ from populi_peer.core.tasks import (
     IllegalTaskTransition,
     LeaseDeadConfirmed,
     LeaseLost,
+    LeaseRequests,
     PlacedLocal,
     PlacedRemote,
     PlacementFailed,
@@ -601,3 +602,57 @@ TestTaskMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# -- request numbers (request-number replay) ------------------------------------------------
+
+
+def test_a_request_sent_again_keeps_its_number_and_any_other_takes_a_new_one() -> None:
+    task = new_task()
+    task, first = task.request_number("grant")
+    assert first == 1 and task.requests == LeaseRequests(
+        pending="grant", pending_attempt=1, highest=1
+    )
+    # Its answer was lost: sent again, the same number (the control plane replays it).
+    same, again = task.request_number("grant")
+    assert (same, again) == (task, 1)
+    # Another kind of request: above every number used so far.
+    task, fallback = task.request_number("fallback")
+    assert fallback == 2 and task.requests.highest == 2
+    # Settled: the next request of the same kind takes a new number.
+    task = task.request_settled()
+    assert task.requests == LeaseRequests(highest=2)
+    assert task.request_settled() is task
+    _, third = task.request_number("fallback")
+    assert third == 3
+
+
+def test_a_request_number_is_above_every_attempt_recorded() -> None:
+    task = placed_remote()  # attempt 1 recorded
+    assert task.request_number("fallback")[1] == 2
+
+
+def test_request_numbers_live_in_the_task_record() -> None:
+    task, _ = new_task().request_number("local")
+    body = task.to_json()
+    assert body["requests"] == {"pending": "local", "pending_attempt": 1, "highest": 1}
+    assert Task.from_json(body) == task
+    # A record written before the numbers were kept reads as none used.
+    old = {k: v for k, v in body.items() if k != "requests"}
+    assert Task.from_json(old).requests == LeaseRequests()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"pending": "lottery", "pending_attempt": 1, "highest": 1},
+        {"pending": "grant", "pending_attempt": None, "highest": 1},
+        {"pending": None, "pending_attempt": 2, "highest": 2},
+        {"pending": "grant", "pending_attempt": 3, "highest": 2},
+        {"pending": None, "pending_attempt": None, "highest": -1},
+        {"pending": None, "pending_attempt": None, "highest": "1"},
+    ],
+)
+def test_malformed_request_numbers_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(BadRequest):
+        LeaseRequests.from_json(bad)

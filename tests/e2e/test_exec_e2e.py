@@ -59,8 +59,8 @@ from e2e.exec_support import (
     wait_ticks,
 )
 
-from populi_peer.agent.submitter import Submitter
-from populi_peer.core.tasks import Task
+from populi_peer.agent.submitter import handoff_message
+from populi_peer.store.tasks import TaskRecord
 from support.procs import POPULI
 
 pytestmark = pytest.mark.e2e
@@ -231,17 +231,19 @@ def reason_at(task: dict[str, Any], code: str) -> int:
     return int(next(r[0] for r in task["reasons"] if r[1] == code))
 
 
-class _Records:
-    """What ``Submitter.handoff_message`` reads, from the submitter's own database."""
-
-    def __init__(self, mesh: Mesh, name: str) -> None:
-        self.mesh, self.name = mesh, name
-
-    def extras(self, task_id: str) -> dict[str, Any]:
-        return dict(self.mesh.task_record(self.name, task_id))
-
-    def ttl_s(self) -> float:
-        return float(LEASE_TTL_S)
+def sent_handoff(mesh: Mesh, name: str, task_id: str) -> dict[str, Any]:
+    """The handoff ``name``'s submitter sent for ``task_id``'s current attempt, rebuilt
+    from its own database (``submitter.handoff_message``)."""
+    record = TaskRecord.from_json(mesh.task_record(name, task_id))
+    attempt = record.task.current_attempt
+    assert attempt is not None and attempt.lease_id is not None
+    message = handoff_message(
+        record.task,
+        record.leases[attempt.lease_id],
+        default_ttl_s=float(LEASE_TTL_S),
+        settings_serial=None,
+    )
+    return message.to_json()
 
 
 # -- 1. lease success ---------------------------------------------------------------------
@@ -357,8 +359,7 @@ def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: 
     ticks = tmp_path / "ticks"
     task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=40, n2=10))
     wait_ticks(ticks, 1)
-    task = Task.from_json(mesh.task_record("w1", task_id)["task"])
-    handoff = Submitter.handoff_message(_Records(mesh, "w1"), task)  # type: ignore[arg-type]
+    handoff = sent_handoff(mesh, "w1", task_id)
     token = handoff["token"]
     assert token_key(token) > (1, 0)
     with mesh.client("w2", mesh.credential("w1")) as to_worker:
@@ -383,6 +384,8 @@ def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: 
             "message_id": f"result-{task_id}-1-stale",
             "type": "result",
             "task_id": task_id,
+            # Required by the contract (ADR 0012); the submitter takes the signer anyway.
+            "node": "w2",
             "attempt": 1,
             "token": "1.0",
             "outcome": "exited",
@@ -433,6 +436,7 @@ def test_stale_result_after_the_end_keeps_the_accepted_record(mesh: Mesh, tmp_pa
                 "message_id": f"result-{task_id}-1-stale-late",
                 "type": "result",
                 "task_id": task_id,
+                "node": "w2",
                 "attempt": 1,
                 "token": "1.0",
                 "outcome": "exited",

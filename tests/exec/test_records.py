@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import populi_peer.exec as exec_pkg
-from populi_peer.errors import BadRequest, ConfigError
-from populi_peer.exec import TaskSpec, build_task_env, min_stop_margin_s
+from populi_peer.errors import BadRequest
+from populi_peer.exec import TaskSpec, build_task_env
 from populi_peer.exec._files import HEADER_LEN, TailWriter, read_deadline, read_tail, write_atomic
 from populi_peer.exec._proc import parse_stat
 
@@ -34,7 +34,6 @@ def test_exports_are_pinned() -> None:
         "build_task_env",
         "kill_orphan",
         "leftovers",
-        "min_stop_margin_s",
         "read_state",
         "start_supervised",
         "tail",
@@ -102,16 +101,6 @@ def test_env_refuses_invalid_variables(passed: dict[str, str]) -> None:
 def test_env_refuses_bad_gpu_list() -> None:
     with pytest.raises(BadRequest, match="CUDA_VISIBLE_DEVICES"):
         _env(cuda_visible_devices="GPU-a,,GPU-b")
-
-
-def test_min_stop_margin() -> None:
-    assert min_stop_margin_s(5.0, 0.5, 100.0, 30.0) == pytest.approx(5.5 + 0.003)
-    assert min_stop_margin_s(0, 0, 0, 0) == 0.0
-    for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ConfigError):
-            min_stop_margin_s(bad, 0.1, 10, 10)
-        with pytest.raises(ConfigError):
-            min_stop_margin_s(1.0, 0.1, 10, bad)
 
 
 def _spec(**kw: Any) -> TaskSpec:

@@ -21,6 +21,7 @@ def save(
     attempt: int = 1,
     role: str = "worker",
     token: str = "1.1",
+    fence: bool = False,
     result: dict[str, Any] | None = None,
     now_ms: int = T0,
     **body: Any,
@@ -30,12 +31,13 @@ def save(
         attempt=attempt,
         role=role,
         submitter="n-submitter",
-        token=token,
+        token=FencingToken.parse(token),
         lease_id="l-1",
         state=state,
         body={"task_id": task_id, **body},
         result=result,
         now_ms=now_ms,
+        fence=fence,
     )
 
 
@@ -49,7 +51,7 @@ def test_an_attempt_reads_back_typed_and_keeps_its_result(store: Store) -> None:
         attempt=1,
         role="worker",
         submitter="n-submitter",
-        token="1.1",
+        token=FencingToken(1, 1),
         lease_id="l-1",
         state="finished",
         body={"task_id": "t-1", "started_wall_ms": 5},
@@ -86,28 +88,38 @@ def test_results_wait_for_delivery_then_age_out(store: Store) -> None:
     assert attempts.finished_before(T0) == []
 
 
-def test_worker_state_by_token(store: Store) -> None:
+def test_the_attempts_of_a_task_by_role(store: Store) -> None:
     attempts = Attempts(store)
-    save(attempts, "t-1", "running", token="1.5")
+    save(attempts, "t-1", "finished", attempt=1, token="1.5", result={})
+    save(attempts, "t-1", "running", attempt=2, token="1.9")
     save(attempts, "t-1", "finished", token="1.5", role="local", result={})
-    assert attempts.worker_state("t-1", "1.5") == "running"
-    assert attempts.worker_state("t-1", "1.6") is None
+    found = attempts.of_task("t-1", "worker")
+    assert [(a.attempt, a.token, a.state) for a in found] == [
+        (1, FencingToken(1, 5), "finished"),
+        (2, FencingToken(1, 9), "running"),
+    ]
+    assert attempts.of_task("t-2", "worker") == []
 
 
 def test_the_fence_is_the_last_token_written(store: Store) -> None:
     attempts = Attempts(store)
-    assert attempts.fence("t-1") is None
+    assert attempts.fences() == []
     attempts.set_fence("t-1", FencingToken(1, 5), now_ms=T0)
     attempts.set_fence("t-1", FencingToken(2, 1), now_ms=T0 + 1)
-    assert attempts.fence("t-1") == FencingToken(2, 1)
-    assert attempts.fence("t-2") is None
-    assert store.execute("SELECT token FROM fences").fetchone()[0] == "2.1"
+    attempts.set_fence("t-2", FencingToken(1, 1), now_ms=T0 + 1)
+    assert sorted(attempts.fences()) == [("t-1", FencingToken(2, 1)), ("t-2", FencingToken(1, 1))]
+    assert store.execute("SELECT token FROM fences WHERE task_id = 't-1'").fetchone()[0] == "2.1"
+
+
+def test_an_admitted_attempt_raises_its_fence_in_the_same_write(store: Store) -> None:
+    attempts = Attempts(store)
+    save(attempts, "t-1", "accepted", token="3.4", fence=True)
+    assert attempts.fences() == [("t-1", FencingToken(3, 4))]
 
 
 def test_a_fence_commits_with_its_attempt_or_not_at_all(store: Store) -> None:
     attempts = Attempts(store)
     with pytest.raises(RuntimeError), store.transaction():
-        attempts.set_fence("t-1", FencingToken(1, 1), now_ms=T0)
-        save(attempts, "t-1", "accepted")
+        save(attempts, "t-1", "accepted", fence=True)
         raise RuntimeError("the handoff failed before its commit")
-    assert attempts.fence("t-1") is None and attempts.get("t-1", 1, "worker") is None
+    assert attempts.fences() == [] and attempts.get("t-1", 1, "worker") is None

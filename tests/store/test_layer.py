@@ -25,7 +25,7 @@ from populi_peer.store.members import Members
 from populi_peer.store.records import SignedRecords
 from populi_peer.store.registers import Registers
 from populi_peer.store.revocations import RevocationLists
-from populi_peer.store.tasks import Tasks
+from populi_peer.store.tasks import TaskRecord, Tasks
 from populi_peer.store.tokens import JoinTokens
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,14 +94,14 @@ WRITES: dict[str, Callable[[Store], object]] = {
     "registers.put": lambda s: Registers(s).put("n-a", "lifecycle", "x"),
     "registers.drop_node": lambda s: Registers(s).drop_node("n-a"),
     "leases.save": lambda s: Leases(s).save([], next_seq=2, now_ms=1),
-    "tasks.insert": lambda s: Tasks(s).insert(TASK, {"task": TASK.to_json()}, now_ms=1),
-    "tasks.update": lambda s: Tasks(s).update(TASK, {"task": TASK.to_json()}, now_ms=1),
+    "tasks.insert": lambda s: Tasks(s).insert(TaskRecord(TASK), now_ms=1),
+    "tasks.update": lambda s: Tasks(s).update(TaskRecord(TASK), now_ms=1),
     "attempts.save": lambda s: Attempts(s).save(
         task_id="t",
         attempt=1,
         role="worker",
         submitter="n",
-        token="1.1",
+        token=FencingToken(1, 1),
         lease_id=None,
         state="accepted",
         body={},
