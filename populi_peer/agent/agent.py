@@ -190,7 +190,7 @@ class Agent:
         self.submitter = Submitter(self)
         # -- heartbeats and GPUs -------------------------------------------------------
         #: The control plane's book of heartbeats (liveness, scope, what each node said).
-        self.heartbeats = Liveness(clock=clock, timings=config.timings)
+        self.heartbeats = Liveness(clock=clock, timings=self.net.timings)
         self.outbox = RegisterOutbox()
         self.leave_state = Leaving(node_id=self.node_id, clock=clock, events=self.events)
         self.gpu = GpuService(
@@ -237,7 +237,8 @@ class Agent:
             outbox=self.outbox,
             leaving=self.leave_state,
             scope=config.scope,
-            timings=config.timings,
+            timings=self.net.timings,
+            address_book=self.net.address_book,
             revocations=self.revocations,
             records=self.records,
             membership=self.membership,
@@ -246,6 +247,8 @@ class Agent:
             health=self.health,
             answer_listeners=[self.gpu.absorb_answer],
         )
+        # The control plane seen by discovery while it does not answer: beat at once.
+        self.net.sightings.listeners.append(self.heartbeat_sender.on_sighting)
         self.departure = Departure(
             node_id=self.node_id,
             clock=clock,
@@ -547,7 +550,7 @@ class Agent:
                 intake=self.heartbeat_intake,
                 reports=self.heartbeat_reports,
                 health=self.health,
-                interval_s=self.config.timings.local.heartbeat_interval_s,
+                interval_s=self.net.timings.local.heartbeat_interval_s,
             )
             services += [self_beat.run, self.leases.run]
         else:
