@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ from enrollment.ca import (
 from enrollment.errors import CertificateError
 from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.revocation import verify_revocations
-from enrollment.tokens import HeldToken, JoinClaim, open_token, prove_join
+from enrollment.tokens import HeldToken, JoinClaim, JoinToken, open_token, prove_join
 from populi_peer.api.client import (
     RequestBody,
     decode_response,
@@ -289,22 +289,43 @@ async def _enroll_at(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+#: ``find_contacts(token)``: more addresses to try when the token's own fail (the
+#: recipients as discovery saw them); each is proven like a contact before use.
+ContactFinder = Callable[[JoinToken], Awaitable[list[str]]]
+#: ``advertise(contacts)``: the addresses to advertise, given the address that answered
+#: first and then the token's contacts (an overlay cluster advertises its overlay first).
+AdvertiseFor = Callable[[list[str]], list[str]]
+
+
 async def join_cluster(
     token_text: str,
     *,
     data_dir: Path,
     name: str,
     listen: str,
-    advertise: list[str],
+    advertise: list[str] | AdvertiseFor,
     clock: Clock,
     transports: TransportFactory = tls_transports,
     force: bool = False,
     timeout_s: float = 15.0,
     skew_s: float = 300.0,
     node_key: Ed25519PrivateKey | None = None,
+    rank: Callable[[list[str]], list[str]] | None = None,
+    find_contacts: ContactFinder | None = None,
 ) -> JoinResult:
     """Join the cluster of ``token_text``; ``node_key`` (a fresh key by default) is the
-    key this node will be known by."""
+    key this node will be known by.
+
+    The token's contacts are tried in the order ``rank`` gives (nearest first, as seen
+    from this machine; the token's order without it). When none answers,
+    ``find_contacts`` may offer more (LAN sightings of the token's recipients); those are
+    hints: a CA that does not match the pin, or a node the token does not name, only
+    rules that address out. ``advertise`` may be a function of the address that answered
+    (an overlay cluster advertises its overlay address first: docs/wan.md); the data
+    directory then keeps no fixed ``advertise`` list (the agent plans it at each start).
+    The control plane is kept at the address this node reached it by, when it is the node
+    that answered.
+    """
     # Enrollment errors leave as Populi errors (still instances of their enrollment class).
     with enrollment_boundary():
         if has_cluster(data_dir):
@@ -320,27 +341,49 @@ async def join_cluster(
         held = open_token(token_text, now_ms=now_ms, skew_ms=int(skew_s * 1000))
         key = node_key or generate_key()
         errors: list[str] = []
-        for address in held.token.contacts:
+        contacts = list(held.token.contacts)
+        if rank is not None:
+            contacts = rank(contacts)
+
+        async def attempt(address: str, *, hint: bool) -> JoinResult | None:
+            """Join through ``address``; ``None`` when it is not the way in (it does not
+            answer; or, for a ``hint``, it proves to be someone else)."""
             try:
                 ca_pem = await fetch_pinned_ca(
                     address, held.token.ca_pin, transports=transports, timeout_s=timeout_s
                 )
-            except CertificateError:
-                raise
+            except CertificateError as exc:
+                if not hint:
+                    raise
+                errors.append(f"{address} (seen on the LAN): {exc}")
+                return None
             except PopuliError as exc:
                 errors.append(f"{address}: {exc}")
-                continue
+                return None
             async with httpx.AsyncClient(transport=transports(ca_pem), timeout=timeout_s) as client:
                 contact = _Contact(client=client, address=address, ca=cert_from_pem(ca_pem))
                 try:
                     recipient = await _identify_recipient(contact, held)
-                except CertificateError:
-                    raise
+                except CertificateError as exc:
+                    if not hint:
+                        raise
+                    errors.append(f"{address} (seen on the LAN): {exc}")
+                    return None
                 except PopuliError as exc:
                     errors.append(f"{address}: {exc}")
-                    continue
+                    return None
+                advertised = (
+                    advertise([address, *held.token.contacts]) if callable(advertise) else advertise
+                )
                 answer = await _enroll_at(
-                    contact, held, recipient=recipient, key=key, name=name, advertise=advertise
+                    contact, held, recipient=recipient, key=key, name=name, advertise=advertised
+                )
+            # The control plane is reached where this node just reached it (the nearest of
+            # its addresses from here), not necessarily at the URL it calls its own.
+            if answer.control_plane.node_id == recipient:
+                answer = replace(
+                    answer,
+                    control_plane=replace(answer.control_plane, url=f"https://{address}"),
                 )
             _write_data_dir(
                 data_dir,
@@ -349,7 +392,7 @@ async def join_cluster(
                 ca_pem=ca_pem,
                 name=name,
                 listen=listen,
-                advertise=advertise,
+                advertise=[] if callable(advertise) else advertise,
                 now_ms=now_ms,
             )
             return JoinResult(
@@ -361,6 +404,19 @@ async def join_cluster(
                 control_plane_url=answer.control_plane.url,
                 contact=address,
             )
+
+        for address in contacts:
+            result = await attempt(address, hint=False)
+            if result is not None:
+                return result
+        if find_contacts is not None:
+            seen = [a for a in await find_contacts(held.token) if a not in contacts]
+            if not seen:
+                errors.append("no node the token names was seen on the LAN or at a static peer")
+            for address in seen:
+                result = await attempt(address, hint=True)
+                if result is not None:
+                    return result
         raise PeerError(
             "no contact address of the token answered: " + "; ".join(errors),
             code="peer_unreachable",
@@ -436,6 +492,8 @@ def _write_data_dir(
 
 __all__ = [
     "PEER_NODE_ID_EXTENSION",
+    "AdvertiseFor",
+    "ContactFinder",
     "JoinResult",
     "TransportFactory",
     "fetch_pinned_ca",

@@ -189,7 +189,7 @@ class Agent:
         self.executor: Executor = executor or ProcessExecutor()
         # -- heartbeats and GPUs -------------------------------------------------------
         #: The control plane's book of heartbeats (liveness, scope, what each node said).
-        self.heartbeats = Liveness(clock=clock, timings=config.timings)
+        self.heartbeats = Liveness(clock=clock, timings=self.net.timings)
         self.outbox = RegisterOutbox()
         self.leave_state = Leaving(node_id=self.node_id, clock=clock, events=self.events)
         self.gpu = GpuService(
@@ -236,7 +236,8 @@ class Agent:
             outbox=self.outbox,
             leaving=self.leave_state,
             scope=config.scope,
-            timings=config.timings,
+            timings=self.net.timings,
+            address_book=self.net.address_book,
             revocations=self.revocations,
             records=self.records,
             membership=self.membership,
@@ -245,6 +246,8 @@ class Agent:
             health=self.health,
             answer_listeners=[self.gpu.absorb_answer],
         )
+        # The control plane seen by discovery while it does not answer: beat at once.
+        self.net.sightings.listeners.append(self.heartbeat_sender.on_sighting)
         self.departure = Departure(
             node_id=self.node_id,
             clock=clock,
@@ -609,7 +612,7 @@ class Agent:
                 intake=self.heartbeat_intake,
                 reports=self.heartbeat_reports,
                 health=self.health,
-                interval_s=self.config.timings.local.heartbeat_interval_s,
+                interval_s=self.net.timings.local.heartbeat_interval_s,
             )
             services += [self_beat.run, self.leases.run]
         else:

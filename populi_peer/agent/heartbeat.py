@@ -7,16 +7,24 @@ it holds, and what other services add: held leases, the GPU summary) and its own
 writes from the :class:`RegisterOutbox`. The answer carries the term, the node's lifecycle
 as the control plane sees it, and whatever the node lacks: a newer revocation list or
 settings record inline, a newer membership version to pull; other services absorb the rest
-(the GPU service: the facts version held and operator decisions about its GPUs). Failures
-back off exponentially with jitter; a control plane that goes away is logged once, and once
-again when it comes back. A malformed answer is a ``bad_peer_answer`` error for that beat,
-like an unreachable control plane.
+(the GPU service: the facts version held and operator decisions about its GPUs). The
+timings come from the one table (:mod:`populi_peer.core.timings`): the control plane's
+answer says the row it judges this node by (interval, timeout, staleness), else this
+node's own row for the scope of its path. A beat tries the control plane's URL, then its
+other addresses best first from here (``call_first``: the next only when nothing reached
+the one before) and keeps the one that answered; the URL an answer names is adopted only
+if at least as reachable from here. A lost beat is retried one interval later, then with
+backoff (``heartbeat_retry_delay_s``); the control plane sighted by discovery while it does
+not answer makes the sender beat at once. A control plane that goes away is logged once,
+and once again when it comes back. A malformed answer is a ``bad_peer_answer`` error for
+that beat, like an unreachable control plane.
 
 Intake (:class:`HeartbeatIntake`, control plane): the route parses the report before the
 handler runs; the intake checks what the message cannot (the caller's own registers,
 ``host:port`` addresses), notes the arrival in the :class:`Liveness` book, applies the
-registers, hands the report to its listeners and builds the typed answer, which its
-answer parts complete. Arrival times live in memory on the monotonic clock, so staleness
+registers, hands the report to its listeners and builds the typed answer (the control
+plane's addresses, the timing table's row for the path's scope), which its answer parts
+complete. Arrival times live in memory on the monotonic clock, so staleness
 is derived when read (``heartbeat_age_ms``), never stored; after a restart every node reads
 ``heartbeat_never`` until its next heartbeat. The path scope of a node is derived from the
 address its heartbeat came from.
@@ -33,6 +41,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -47,25 +56,22 @@ from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.api.app import Request, Route
 from populi_peer.clock import Clock, wall_ms
-from populi_peer.config import (
-    Config,
-    ScopeConfig,
-    ScopeTimingConfig,
-    TimingsConfig,
-    parse_host_port,
-)
+from populi_peer.config import Config, ScopeConfig, parse_host_port
 from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import ControlPlaneRef, HeartbeatAnswer, HeartbeatReport
 from populi_peer.core.messages.heartbeat import HeartbeatStatus
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
+from populi_peer.core.timings import ScopeTimings, TimingTable, heartbeat_retry_delay_s
+from populi_peer.discovery import Sighting
+from populi_peer.discovery.service import NOT_SENT_CODES, call_first
+from populi_peer.discovery.site import url_address
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store.events import EventLog
 
 NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
-MAX_BACKOFF_S = 30.0
 
 #: A service's part of this node's heartbeat (held leases, the GPU summary): it takes the
 #: report built so far and returns it with its own fields set.
@@ -86,12 +92,6 @@ class Seen:
     scope: Scope
     status: HeartbeatStatus
     report: HeartbeatReport
-
-
-def scope_timing(timings: TimingsConfig, scope: Scope) -> ScopeTimingConfig:
-    """The heartbeat interval and staleness of a path of ``scope``."""
-    timing: ScopeTimingConfig = getattr(timings, scope)
-    return timing
 
 
 class _Configured(Protocol):
@@ -243,17 +243,22 @@ class Liveness:
     """The control plane's book of heartbeats: when each node last beat (on trio's clock,
     in memory only), from where (the path scope), and what it said."""
 
-    def __init__(self, *, clock: Clock, timings: TimingsConfig) -> None:
+    def __init__(self, *, clock: Clock, timings: TimingTable) -> None:
         self.clock = clock
-        self.timing_config = timings
+        #: The one timing table by scope (core.timings).
+        self.table = timings
         self.seen: dict[str, Seen] = {}
 
     def note(self, node_id: str, seen: Seen) -> None:
         self.seen[node_id] = seen
 
+    def timing(self, scope: Scope) -> ScopeTimings:
+        """The timing table's row for a path of ``scope``."""
+        return self.table.for_scope(scope)
+
     def timings(self, scope: Scope) -> tuple[float, float]:
         """(heartbeat interval, stale after) in seconds for a path of ``scope``."""
-        timing = scope_timing(self.timing_config, scope)
+        timing = self.timing(scope)
         return timing.heartbeat_interval_s, timing.stale_after_s
 
     def age_ms(self, node_id: str) -> int | None:
@@ -364,17 +369,23 @@ class HeartbeatIntake:
             self._apply(caller, write)
         for listener in self.report_listeners:
             listener(caller, report)
-        interval, stale_after = self.liveness.timings(scope)
+        timing = self.liveness.timing(scope)
         records, revocations = self.records, self.revocations
         settings_record = records.settings_record
         answer = HeartbeatAnswer(
             term=self.control_plane.term,
-            control_plane=ControlPlaneRef(node_id=self.control_plane.node_id, url=self.address.url),
+            control_plane=ControlPlaneRef(
+                node_id=self.control_plane.node_id,
+                url=self.address.url,
+                # Where else to try when that URL does not answer (its preference first).
+                addresses=self.address.addresses(),
+            ),
             membership_version=self.membership.version,
             lifecycle=self.registry.lifecycle(caller),
             scope=scope,
-            heartbeat_interval_s=interval,
-            stale_after_s=stale_after,
+            heartbeat_interval_s=timing.heartbeat_interval_s,
+            heartbeat_timeout_s=timing.heartbeat_timeout_s,
+            stale_after_s=timing.stale_after_s,
             revocation_serial=revocations.serial,
             revocations=revocations.text if report.revocation_serial < revocations.serial else None,
             settings_serial=records.settings_serial,
@@ -467,6 +478,15 @@ class SelfBeat:
 # -- every other node ---------------------------------------------------------------------
 
 
+class AddressRanking(Protocol):
+    """Which of a node's addresses to try, best first from here, and whether one is at
+    least as reachable as another (:class:`~populi_peer.discovery.service.AddressBook`)."""
+
+    def candidates(self, node_id: str, addresses: Sequence[str]) -> list[str]: ...
+
+    def at_least_as_reachable(self, address: str, than: str) -> bool: ...
+
+
 class HeartbeatSender:
     """Every node but the control plane: the heartbeat loop towards the control plane."""
 
@@ -479,7 +499,8 @@ class HeartbeatSender:
         outbox: RegisterOutbox,
         leaving: Leaving,
         scope: ScopeConfig,
-        timings: TimingsConfig,
+        timings: TimingTable,
+        address_book: AddressRanking,
         revocations: RevocationState,
         records: ClusterRecords,
         membership: Membership,
@@ -491,14 +512,17 @@ class HeartbeatSender:
     ) -> None:
         """``sync_members()`` pulls the control plane's membership; ``out_of_cluster(exc)``
         says whether a refusal means this node was retired or forgotten (and takes note
-        of it: :meth:`Standing.learn <populi_peer.agent.standing.Standing.learn>`)."""
+        of it: :meth:`Standing.learn <populi_peer.agent.standing.Standing.learn>`);
+        ``timings`` is this node's own table (used until the control plane answers);
+        ``address_book`` orders the control plane's addresses as seen from here."""
         self.clock = clock
         self.control_plane = control_plane
         self.reports = reports
         self.outbox = outbox
         self.leaving = leaving
         self.scope_config = scope
-        self.timing_config = timings
+        self.table = timings
+        self.address_book = address_book
         self.revocations = revocations
         self.records = records
         self.membership = membership
@@ -514,17 +538,60 @@ class HeartbeatSender:
         self.lifecycle: NodeLifecycle | None = None
         self.beats = 0
         self.expelled = False
+        self._sighted = trio.Event()
+        #: The control plane's addresses that did not reach it when last tried (and have
+        #: not since): the answer's URL is not adopted while it is one of them.
+        self._failed: set[str] = set()
 
     @property
     def reachable(self) -> bool:
         """A heartbeat was answered, and the last one did not fail."""
         return self.beats > 0 and not self.cp_down
 
-    def interval_s(self) -> float:
-        if self.last_answer is not None:
-            return self.last_answer.heartbeat_interval_s
+    def on_sighting(self, sighting: Sighting) -> None:
+        """Discovery saw a node (LAN or static peer): if it is the control plane while it
+        does not answer here, beat now rather than at the end of the backoff (it may have
+        moved: the beat tries where it was seen)."""
+        if self.cp_down and sighting.node_id == self.control_plane.id:
+            self._sighted.set()
+
+    def timing(self) -> ScopeTimings:
+        """The timings the control plane judges this node by (its last answer says them),
+        else this node's own row for the scope of its path to the control plane."""
         scope = scope_of(self.scope_config, url_host(self.control_plane.url))
-        return scope_timing(self.timing_config, scope).heartbeat_interval_s
+        own = self.table.for_scope(scope)
+        answer = self.last_answer
+        if answer is None:
+            return own
+        try:
+            return ScopeTimings(
+                heartbeat_interval_s=answer.heartbeat_interval_s,
+                stale_after_s=answer.stale_after_s,
+                heartbeat_timeout_s=own.heartbeat_timeout_s
+                if answer.heartbeat_timeout_s is None
+                else answer.heartbeat_timeout_s,
+            )
+        except PopuliError:
+            return own
+
+    def interval_s(self) -> float:
+        return self.timing().heartbeat_interval_s
+
+    def control_plane_addresses(self) -> list[str]:
+        """Where to send a heartbeat: the control plane's URL this node holds, then its
+        other addresses best first from here (those its last answer listed, its member
+        record's, then where discovery saw it), each tried when nothing reached the one
+        before (TLS proves who answers)."""
+        cp = self.control_plane
+        current = url_address(cp.url)
+        member = self.membership.get(cp.id)
+        said = self.last_answer.control_plane if self.last_answer is not None else None
+        known = [
+            current,
+            *(said.addresses if said is not None and said.node_id == cp.id else ()),
+            *(member.addresses if member is not None else ()),
+        ]
+        return [current] + [a for a in self.address_book.candidates(cp.id, known) if a != current]
 
     def payload(self, status: HeartbeatStatus = "running") -> HeartbeatReport:
         return self.reports.build(status, self.outbox.pending)
@@ -532,14 +599,36 @@ class HeartbeatSender:
     async def beat_once(self, status: HeartbeatStatus = "running") -> HeartbeatAnswer:
         """One heartbeat; a malformed answer is ``PeerError(code="bad_peer_answer")``."""
         sent = list(self.outbox.pending)
-        answer = await self.control_plane.call(
-            "POST",
-            "/v1/populi/heartbeat",
-            self.payload(status),
-            answer=HeartbeatAnswer,
-            # A heartbeat that takes longer than two periods is as good as lost.
-            timeout_s=max(2.0, 2 * self.interval_s()),
-        )
+        payload = self.payload(status)
+        # A heartbeat answered later than this is as good as lost (core.timings).
+        timeout_s = self.timing().heartbeat_timeout_s
+        tried: list[str] = []
+
+        async def beat_at(address: str) -> tuple[str, HeartbeatAnswer]:
+            tried.append(address)
+            url = f"https://{address}"
+            answer = await self.control_plane.call(
+                "POST",
+                "/v1/populi/heartbeat",
+                payload,
+                answer=HeartbeatAnswer,
+                timeout_s=timeout_s,
+                at=url,
+            )
+            return url, answer
+
+        try:
+            reached, answer = await call_first(self.control_plane_addresses(), beat_at)
+        except PopuliError as exc:
+            # call_first moved on from each but the last only when nothing reached it.
+            self._failed.update(tried[:-1])
+            if exc.code in NOT_SENT_CODES:
+                self._failed.update(tried[-1:])
+            raise
+        self._failed.update(tried[:-1])
+        self._failed.discard(tried[-1])
+        # Reached at another of its addresses: keep that one (the one held failed).
+        self.control_plane.reached_at(reached)
         # Registers are delivered once acknowledged; later writes stay queued.
         self.outbox.delivered(sent)
         await self._absorb(answer)
@@ -558,7 +647,15 @@ class HeartbeatSender:
                 log(self.logger, logging.WARNING, "settings record ignored", error=str(exc))
         if answer.membership_version != self.membership.version:
             await self.sync_members()
-        self.control_plane.follow(term=answer.term, url=answer.control_plane.url)
+        # Only a URL at least as reachable from here as the one that works (a control
+        # plane that prefers its overlay address must not move a LAN-only node off the
+        # LAN address it reaches it by: core.addresses), and not one that failed to reach
+        # it (the node would go back to it at every beat).
+        said = url_address(answer.control_plane.url)
+        if said not in self._failed and self.address_book.at_least_as_reachable(
+            said, url_address(self.control_plane.url)
+        ):
+            self.control_plane.follow(term=answer.term, url=answer.control_plane.url)
         for listener in self.answer_listeners:
             listener(answer)
 
@@ -590,10 +687,9 @@ class HeartbeatSender:
                         url=self.control_plane.url,
                         error=str(exc),
                     )
-                delay = min(
-                    self.interval_s() * (2 ** min(failures, 6)), MAX_BACKOFF_S
-                ) * self.rng.uniform(0.5, 1.0)
-                delay = max(delay, self.interval_s() * 0.5)
+                # One interval for the first losses (a lossy overlay path), then back off
+                # from a control plane that is down (core.timings).
+                delay = heartbeat_retry_delay_s(self.timing(), failures, self.rng)
             else:
                 if self.cp_down:
                     self.cp_down = False
@@ -607,7 +703,22 @@ class HeartbeatSender:
                 failures = 0
                 self.health.ok("heartbeat")
                 delay = self.interval_s()
-            await self.outbox.wait_put(delay)
+            await self._pause(delay)
+
+    async def _pause(self, delay_s: float) -> None:
+        """Until the next beat: ``delay_s``, a register put with ``now``, or the control
+        plane sighted while it does not answer, whichever comes first."""
+        with trio.move_on_after(delay_s):
+            async with trio.open_nursery() as nursery:
+
+                async def first(wait: Callable[[], Awaitable[object]]) -> None:
+                    await wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(first, partial(self.outbox.wait_put, delay_s))
+                nursery.start_soon(first, self._sighted.wait)
+        if self._sighted.is_set():
+            self._sighted = trio.Event()
 
     def _expelled_by(self, exc: PopuliError) -> bool:
         """Retired (the control plane says so), or unknown to it (deleted, or the
@@ -628,6 +739,7 @@ class HeartbeatSender:
 
 
 __all__ = [
+    "AddressRanking",
     "AnswerListener",
     "AnswerPart",
     "HeartbeatIntake",
@@ -641,6 +753,5 @@ __all__ = [
     "Seen",
     "SelfBeat",
     "scope_of",
-    "scope_timing",
     "url_host",
 ]

@@ -74,6 +74,12 @@ class ControlPlaneLink:
         if self.is_self and self.url != url:
             self.store.set_meta("control_plane_url", url)
 
+    def reached_at(self, url: str) -> None:
+        """The control plane answered at ``url`` (another of its addresses, after the one
+        held failed): reach it there next."""
+        if url != self.url:
+            self.store.set_meta("control_plane_url", url)
+
     def follow(self, *, term: int, url: str) -> None:
         """The control plane answered from ``url`` in ``term``: where to reach it next,
         unless that term is older than the one this node knows."""
@@ -90,6 +96,7 @@ class ControlPlaneLink:
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: None = None,
+        at: str | None = None,
     ) -> dict[str, Any]: ...
 
     @overload
@@ -102,6 +109,7 @@ class ControlPlaneLink:
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[M],
+        at: str | None = None,
     ) -> M: ...
 
     async def call(
@@ -113,11 +121,13 @@ class ControlPlaneLink:
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[Message] | None = None,
+        at: str | None = None,
     ) -> dict[str, Any] | Message:
         """Call the control plane; with ``answer``, the answer parsed as that type (a
-        malformed one is ``bad_peer_answer``)."""
+        malformed one is ``bad_peer_answer``); with ``at``, at that URL (another of its
+        addresses) rather than the one held (the call still names its node id)."""
         return await self.client.call(
-            url=self.url,
+            url=at or self.url,
             node_id=self.id,
             method=method,
             path=path,
@@ -243,4 +253,4 @@ class PeerLink:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-__all__ = ["UNKNOWN_SIGNER_ATTEMPTS", "ControlPlaneLink", "PeerLink"]
+__all__ = ["UNKNOWN_SIGNER_ATTEMPTS", "ControlPlaneLink", "PeerLink", "Rank"]

@@ -23,10 +23,11 @@ the settings record".
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 
-from populi_peer.agent.links import ControlPlaneLink
+from populi_peer.agent.links import ControlPlaneLink, Rank
 from populi_peer.agent.membership import Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
@@ -42,6 +43,7 @@ from populi_peer.core.messages import (
     SettingsPushRequest,
     SettingsSetAnswer,
 )
+from populi_peer.discovery.service import call_first
 from populi_peer.errors import PopuliError
 from populi_peer.identity import Identity
 from populi_peer.log import get_logger, log
@@ -72,9 +74,12 @@ class SettingsSync:
         control_plane: ControlPlaneLink,
         peers: PeerClient,
         timeout_s: float,
+        rank: Rank | None = None,
     ) -> None:
         """``identity`` signs the records this node makes as the control plane;
-        ``timeout_s`` bounds one push or fetch (at most :data:`PUSH_TIMEOUT_S`)."""
+        ``timeout_s`` bounds one push or fetch (at most :data:`PUSH_TIMEOUT_S`);
+        ``rank(node_id, addresses)`` orders a node's addresses best first from here
+        (discovery.service.AddressBook; their own order without it)."""
         self.identity = identity
         self.node_id = identity.node_id
         self.clock = clock
@@ -86,6 +91,7 @@ class SettingsSync:
         self.control_plane = control_plane
         self.peers = peers
         self.timeout_s = min(PUSH_TIMEOUT_S, timeout_s)
+        self.rank = rank
         self.logger = get_logger("settings")
 
     def routes(self) -> list[Route]:
@@ -169,8 +175,8 @@ class SettingsSync:
 
     # -- pushing (control plane) ----------------------------------------------------------
 
-    def targets(self) -> list[tuple[str, str, str]]:
-        """(node id, name, address) of every node the control plane pushes to."""
+    def targets(self) -> list[tuple[str, str, Sequence[str]]]:
+        """(node id, name, addresses best first) of every node the control plane pushes to."""
         out = []
         for member in self.membership.nodes():
             if member.id == self.node_id or not member.addresses:
@@ -178,7 +184,8 @@ class SettingsSync:
             lifecycle = self.registry.lifecycle(member.id)
             if lifecycle is not None and lifecycle.state in GONE_STATES:
                 continue
-            out.append((member.id, member.name, member.addresses[0]))
+            addresses = self.rank(member.id, member.addresses) if self.rank else member.addresses
+            out.append((member.id, member.name, addresses))
         return out
 
     async def push(self) -> PushReport:
@@ -193,18 +200,23 @@ class SettingsSync:
             return PushReport(serial=serial, confirmed=(), unconfirmed=())
         timeout_s = self.timeout_s
 
-        async def one(node_id: str, name: str, address: str) -> None:
+        async def one(node_id: str, name: str, addresses: Sequence[str]) -> None:
             reason, detail = "no_answer", f"no answer within {timeout_s:g} s"
             with trio.move_on_after(timeout_s):
                 try:
-                    answer = await self.peers.call(
-                        url=f"https://{address}",
-                        node_id=node_id,
-                        method="POST",
-                        path="/v1/populi/records/settings",
-                        payload=SettingsPushRequest(record=record.text),
-                        timeout_s=timeout_s,
-                        answer=SettingsPushAnswer,
+                    # Its addresses best first; the next only when nothing reached the one
+                    # before (TLS proves who answers).
+                    answer = await call_first(
+                        addresses,
+                        lambda address: self.peers.call(
+                            url=f"https://{address}",
+                            node_id=node_id,
+                            method="POST",
+                            path="/v1/populi/records/settings",
+                            payload=SettingsPushRequest(record=record.text),
+                            timeout_s=timeout_s,
+                            answer=SettingsPushAnswer,
+                        ),
                     )
                 except PopuliError as exc:
                     reason, detail = exc.code, str(exc)[:200]

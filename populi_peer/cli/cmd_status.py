@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any
 from populi_peer.cli.common import add_data_dir, add_json, agent_call, print_json
 
 if TYPE_CHECKING:
-    from populi_peer.core.messages import NodeHealth, Standing
+    from populi_peer.core.messages import (
+        AdvertisePlanView,
+        DiscoveryStatusView,
+        NodeHealth,
+        Standing,
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -40,11 +45,36 @@ def run(args: argparse.Namespace) -> int:
         f"version        {status.version} (protocol {status.protocol_version})",
         f"term           {status.term}",
         f"control plane  {cp.node_id} at {cp.url}{'  (this node)' if cp.is_self else ''}",
+        *address_lines(status.addresses, status.discovery),
         *health_lines(status.health),
         *standing_lines(status.standing),
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def address_lines(
+    addresses: AdvertisePlanView | None, discovery: DiscoveryStatusView | None
+) -> list[str]:
+    """What this node advertises, by scope (overlay first in an overlay cluster), and
+    whether it announces itself on the LAN (nothing from an older agent that says neither)."""
+    lines = []
+    if addresses is not None:
+        shown = [
+            f"{address} ({scope})"
+            for address in addresses.addresses
+            for scope, members in addresses.by_scope.items()
+            if address in members
+        ]
+        kind = "overlay cluster" if addresses.overlay_cluster else "LAN cluster"
+        lines.append(f"advertises     {', '.join(shown) or '-'}  [{kind}]")
+    if discovery is not None:
+        if discovery.mdns == "on":
+            state = f"announced on the LAN ({', '.join(discovery.interfaces)})"
+        else:
+            state = f"{discovery.mdns}: {discovery.reason or '-'}"
+        lines.append(f"discovery      {state}; {len(discovery.sightings)} node(s) seen")
+    return lines
 
 
 def health_lines(health: NodeHealth) -> list[str]:

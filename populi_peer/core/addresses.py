@@ -332,6 +332,16 @@ def rank_addresses(
     return [(cidrs.scope_of(_host_port(a)[0]), a) for _, a in ranked]
 
 
+def at_least_as_reachable(
+    address: str, than: str, *, local: Sequence[LocalAddress] = (), cidrs: Cidrs = Cidrs()
+) -> bool:
+    """Whether ``address`` comes no later than ``than`` in :func:`rank_addresses`'s order:
+    a node moves off an address it reaches a peer by only for one at least as near (a
+    control plane that prefers its overlay address must not move a LAN-only node off
+    the LAN address that works)."""
+    return _rank(address, local, cidrs) <= _rank(than, local, cidrs)
+
+
 __all__ = [
     "MAX_ADVERTISED",
     "VIRTUAL_INTERFACE_PREFIXES",
@@ -339,6 +349,7 @@ __all__ = [
     "Cidrs",
     "LocalAddress",
     "LocalRoute",
+    "at_least_as_reachable",
     "cluster_is_overlay",
     "effective_overlay_cidrs",
     "plan_advertise",

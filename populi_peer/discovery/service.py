@@ -22,7 +22,12 @@ from typing import Any, TypeVar
 
 import trio
 
-from populi_peer.core.addresses import Cidrs, LocalAddress, rank_addresses
+from populi_peer.core.addresses import (
+    Cidrs,
+    LocalAddress,
+    at_least_as_reachable,
+    rank_addresses,
+)
 from populi_peer.discovery._announce import Announcement, Sighting
 from populi_peer.discovery._mdns import DiscoveryError, MdnsBridge, Seen
 from populi_peer.errors import PopuliError
@@ -111,6 +116,10 @@ class AddressBook:
 
     def rank(self, addresses: Sequence[str]) -> list[str]:
         return [a for _, a in rank_addresses(addresses, local=self.local, cidrs=self.cidrs)]
+
+    def at_least_as_reachable(self, address: str, than: str) -> bool:
+        """Whether ``address`` ranks no worse than ``than`` from here (core.addresses)."""
+        return at_least_as_reachable(address, than, local=self.local, cidrs=self.cidrs)
 
     def candidates(self, node_id: str, addresses: Sequence[str]) -> list[str]:
         out = self.rank(addresses)

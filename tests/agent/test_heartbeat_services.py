@@ -41,6 +41,7 @@ from populi_peer.api.client import PeerClient
 from populi_peer.clock import wall_ms
 from populi_peer.cluster import InitResult
 from populi_peer.config import Config
+from populi_peer.core.addresses import Cidrs, LocalAddress
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
@@ -50,6 +51,8 @@ from populi_peer.core.messages import (
     HeldLease,
 )
 from populi_peer.core.registers import GPU_QUARANTINE_PREFIX, LIFECYCLE, RegisterWrite
+from populi_peer.discovery import Sighting
+from populi_peer.discovery.service import AddressBook, Sightings
 from populi_peer.errors import Conflict, Forbidden, PeerError, PopuliError
 from populi_peer.identity import Identity, load_identity
 from populi_peer.store import Store
@@ -163,7 +166,7 @@ class Intake:
 
 def make_intake(plane: Plane) -> Intake:
     heard: list[tuple[str, HeartbeatReport]] = []
-    liveness = Liveness(clock=plane.clock, timings=CONFIG.timings)
+    liveness = Liveness(clock=plane.clock, timings=CONFIG.timings.table())
 
     def facts_part(node_id: str, answer: HeartbeatAnswer) -> HeartbeatAnswer:
         return replace(answer, gpu_facts_version=f"held-{len(heard)}")
@@ -222,14 +225,16 @@ async def test_the_intake_notes_applies_and_answers_a_report(
         # The answer: who holds the role, where, the node's lifecycle and its timings.
         assert answer.term == 1
         assert answer.control_plane == ControlPlaneRef(
-            node_id=plane.node_id, url="https://cp.test:7431"
+            node_id=plane.node_id, url="https://cp.test:7431", addresses=("cp.test:7431",)
         )
         assert answer.lifecycle is not None and answer.lifecycle.state == "active"
-        assert (answer.scope, answer.heartbeat_interval_s, answer.stale_after_s) == (
-            "lan",
-            LAN_INTERVAL_S,
-            LAN_STALE_S,
-        )
+        # The timing table's row for the path's scope.
+        assert (
+            answer.scope,
+            answer.heartbeat_interval_s,
+            answer.heartbeat_timeout_s,
+            answer.stale_after_s,
+        ) == ("lan", LAN_INTERVAL_S, CONFIG.timings.lan.heartbeat_timeout_s, LAN_STALE_S)
         assert answer.membership_version == plane.membership.version
         # It lacks nothing: no list nor record inline.
         assert answer.revocations is None and answer.settings_record is None
@@ -395,9 +400,12 @@ class FakeControlPlane:
     def __init__(self, answer: Callable[[HeartbeatReport], Any]) -> None:
         self.respond = answer
         self.reports: list[HeartbeatReport] = []
+        #: ``host:port`` each heartbeat was sent to.
+        self.reached: list[str] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http" and scope["path"] == "/v1/populi/heartbeat"
+        self.reached.append(dict(scope["headers"])[b"host"].decode())
         body = b""
         while True:
             message = await receive()
@@ -421,12 +429,32 @@ class FakeControlPlane:
         await send({"type": "http.response.body", "body": payload})
 
 
+class Unreachable(httpx.AsyncBaseTransport):
+    """The network between this node and the fake: requests to a host in ``dead`` find
+    no one (nothing is sent), the others reach the fake."""
+
+    def __init__(self, fake: FakeControlPlane, dead: set[str]) -> None:
+        self.inner = httpx.ASGITransport(app=fake)
+        self.dead = dead
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host in self.dead:
+            raise httpx.ConnectError("connection refused", request=request)
+        return await self.inner.handle_async_request(request)
+
+
 def good_answer(
-    plane: Plane, *, state: str = "active", membership_version: int | None = None
+    plane: Plane,
+    *,
+    state: str = "active",
+    membership_version: int | None = None,
+    url: str = "https://cp-moved.test:7431",
+    addresses: tuple[str, ...] = (),
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
     return HeartbeatAnswer(
         term=1,
-        control_plane=ControlPlaneRef(node_id=FAKE_CP, url="https://cp-moved.test:7431"),
+        control_plane=ControlPlaneRef(node_id=FAKE_CP, url=url, addresses=addresses),
         membership_version=plane.membership.version
         if membership_version is None
         else membership_version,
@@ -435,6 +463,7 @@ def good_answer(
         ),
         scope="lan",
         heartbeat_interval_s=LAN_INTERVAL_S,
+        heartbeat_timeout_s=timeout_s,
         stale_after_s=LAN_STALE_S,
         revocation_serial=plane.revocations.serial,
         revocations=None,
@@ -461,10 +490,26 @@ HELD = HeldLease.from_json(
 )
 
 
-def make_sender(plane: Plane, fake: FakeControlPlane) -> Sender:
+def address_book(local: tuple[LocalAddress, ...] = ()) -> AddressBook:
+    """The real address book of a machine with ``local`` interfaces (no overlay CIDRs
+    configured: its tunnel networks count as overlay)."""
+    overlay = tuple(str(a.network) for a in local if a.tunnel)
+    return AddressBook(
+        local=local, cidrs=Cidrs(overlay=overlay), sightings=Sightings(), cluster_digest="d"
+    )
+
+
+def make_sender(
+    plane: Plane,
+    fake: FakeControlPlane,
+    *,
+    url: str = "https://cp.test:7431",
+    dead: set[str] | None = None,
+    book: AddressBook | None = None,
+) -> Sender:
     # This node is not the control plane: the fake holds the role.
     plane.store.set_meta("control_plane_id", FAKE_CP)
-    plane.store.set_meta("control_plane_url", "https://cp.test:7431")
+    plane.store.set_meta("control_plane_url", url)
     heard: list[HeartbeatAnswer] = []
     syncs: list[int] = []
     refusals: list[str] = []
@@ -490,12 +535,13 @@ def make_sender(plane: Plane, fake: FakeControlPlane) -> Sender:
     )
     sender = HeartbeatSender(
         clock=plane.clock,
-        control_plane=plane.link(httpx.ASGITransport(app=fake)),
+        control_plane=plane.link(Unreachable(fake, dead or set())),
         reports=reports,
         outbox=outbox,
         leaving=leaving,
         scope=CONFIG.scope,
-        timings=CONFIG.timings,
+        timings=CONFIG.timings.table(),
+        address_book=book or address_book(),
         revocations=plane.revocations,
         records=plane.records,
         membership=plane.membership,
@@ -672,5 +718,165 @@ async def test_leaving_ends_once_the_control_plane_answers_left(
             if e.kind == "left"
         ]
         assert (event.actor, event.reason) == (plane.node_id, "acknowledged late")
+    finally:
+        await close(plane)
+
+
+# -- where the control plane is reached, and when ---------------------------------------------
+
+ETH = LocalAddress("eth0", "192.168.1.20", 24)
+WG = LocalAddress("wg0", "10.8.0.2", 24, tunnel=True)
+
+
+def add_control_plane_member(plane: Plane, addresses: tuple[str, ...]) -> None:
+    """The fake control plane's member record, as this node's membership view holds it."""
+    key = generate_key()
+    now_ms = wall_ms(plane.clock)
+    plane.membership.upsert(
+        Member(
+            id=FAKE_CP,
+            kind="node",
+            name="cp",
+            public_key=public_to_text(key.public_key()),
+            roles=("voter",),
+            addresses=addresses,
+            cert_serial="1",
+            cert_not_after_ms=now_ms + 86_400_000,
+            joined_ms=now_ms,
+            token_id="",
+            updated_ms=now_ms,
+        )
+    )
+
+
+async def test_a_beat_tries_the_other_addresses_and_keeps_the_one_that_answered(
+    cluster_dir: tuple[Path, InitResult], autojump_clock: trio.testing.MockClock
+) -> None:
+    """The URL held does not answer (the control plane's LAN address changed): the beat
+    goes to its next address, best first from here, and the node keeps that one, even
+    though the answer still names the dead URL as the control plane's own."""
+    plane = open_plane(cluster_dir[0])
+    try:
+        fake = FakeControlPlane(
+            lambda got: good_answer(
+                plane,
+                url="https://192.168.1.30:7431",
+                addresses=("192.168.1.30:7431", "10.8.0.3:7431", "192.168.1.31:7431"),
+                timeout_s=3.0,
+            )
+        )
+        add_control_plane_member(plane, ("192.168.1.30:7431", "10.8.0.3:7431", "192.168.1.31:7431"))
+        built = make_sender(
+            plane,
+            fake,
+            url="https://192.168.1.30:7431",
+            dead={"192.168.1.30"},
+            book=address_book((ETH, WG)),
+        )
+        sender = built.sender
+        # Its own row until the control plane answered: the path is on the LAN.
+        assert sender.timing() == CONFIG.timings.lan.timings()
+        # The held URL first, then the LAN address before the overlay one.
+        assert sender.control_plane_addresses() == [
+            "192.168.1.30:7431",
+            "192.168.1.31:7431",
+            "10.8.0.3:7431",
+        ]
+        await sender.beat_once()
+        assert fake.reached == ["192.168.1.31:7431"]
+        assert plane.store.get_meta("control_plane_url") == "https://192.168.1.31:7431"
+        # The answer's row from now on (its timeout included).
+        assert sender.timing().heartbeat_timeout_s == 3.0
+        await sender.beat_once()
+        assert fake.reached == ["192.168.1.31:7431", "192.168.1.31:7431"]
+    finally:
+        await close(plane)
+
+
+async def test_an_answer_without_a_timeout_keeps_the_senders_own(
+    cluster_dir: tuple[Path, InitResult], autojump_clock: trio.testing.MockClock
+) -> None:
+    """An older control plane says no ``heartbeat_timeout_s``: the sender's own row's."""
+    plane = open_plane(cluster_dir[0])
+    try:
+        fake = FakeControlPlane(lambda got: good_answer(plane))
+        built = make_sender(plane, fake)
+        await built.sender.beat_once()
+        assert built.sender.last_answer is not None
+        assert built.sender.last_answer.heartbeat_timeout_s is None
+        timing = built.sender.timing()
+        # cp.test is a name: the overlay row of its own table, the answer's interval.
+        own = CONFIG.timings.overlay.timings()
+        assert (timing.heartbeat_interval_s, timing.heartbeat_timeout_s) == (
+            LAN_INTERVAL_S,
+            own.heartbeat_timeout_s,
+        )
+    finally:
+        await close(plane)
+
+
+@pytest.mark.parametrize(
+    ("local", "kept"),
+    [
+        # Beside the control plane on its LAN: the LAN address stays.
+        ((ETH, WG), "https://192.168.1.30:7431"),
+        # On another LAN, on the same overlay: the overlay address is nearer.
+        ((LocalAddress("eth0", "192.168.7.5", 24), WG), "https://10.8.0.3:7431"),
+    ],
+    ids=["beside-on-the-lan", "elsewhere-on-the-overlay"],
+)
+async def test_the_answers_url_is_taken_only_if_at_least_as_reachable(
+    cluster_dir: tuple[Path, InitResult],
+    autojump_clock: trio.testing.MockClock,
+    local: tuple[LocalAddress, ...],
+    kept: str,
+) -> None:
+    """The control plane calls its overlay address its URL (an overlay cluster); a node
+    that reaches it over a LAN they share does not move off the LAN address."""
+    plane = open_plane(cluster_dir[0])
+    try:
+        fake = FakeControlPlane(lambda got: good_answer(plane, url="https://10.8.0.3:7431"))
+        built = make_sender(plane, fake, url="https://192.168.1.30:7431", book=address_book(local))
+        await built.sender.beat_once()
+        assert plane.store.get_meta("control_plane_url") == kept
+    finally:
+        await close(plane)
+
+
+async def test_the_control_plane_sighted_while_it_does_not_answer_is_beaten_at_once(
+    cluster_dir: tuple[Path, InitResult], autojump_clock: trio.testing.MockClock
+) -> None:
+    plane = open_plane(cluster_dir[0])
+    try:
+        failing = [True]
+
+        def respond(got: HeartbeatReport) -> Any:
+            return {"not": "an answer"} if failing[0] else good_answer(plane)
+
+        fake = FakeControlPlane(respond)
+        built = make_sender(plane, fake)
+        sender = built.sender
+
+        def seen(node_id: str) -> Sighting:
+            return Sighting(node_id=node_id, cluster_digest="d", addresses=("10.0.0.9",))
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            # Backing off by now (the waits grow past one interval).
+            await wait_for("backing off", lambda: sender.cp_down and len(fake.reports) >= 6)
+            failing[0] = False
+            before, started = len(fake.reports), trio.current_time()
+            sender.on_sighting(seen("n-someoneelse"))  # another node: no beat for it
+            await trio.sleep(LAN_INTERVAL_S / 2)
+            assert len(fake.reports) == before
+            sender.on_sighting(seen(FAKE_CP))
+            await wait_for("the beat", lambda: sender.reachable)
+            assert trio.current_time() - started < LAN_INTERVAL_S
+            # Answered: a sighting now changes nothing.
+            beats = sender.beats
+            sender.on_sighting(seen(FAKE_CP))
+            await trio.sleep(LAN_INTERVAL_S / 2)
+            assert sender.beats == beats
+            nursery.cancel_scope.cancel()
     finally:
         await close(plane)

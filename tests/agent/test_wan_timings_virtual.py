@@ -25,14 +25,16 @@ async def test_the_answer_carries_the_overlay_row_of_the_table(
         answer = w1.heartbeat_sender.last_answer
         assert answer is not None
         row = DEFAULT_SCOPE_TIMINGS["overlay"]
-        assert answer["scope"] == "overlay"
+        assert answer.scope == "overlay"
         assert (
-            answer["heartbeat_interval_s"],
-            answer["heartbeat_timeout_s"],
-            answer["stale_after_s"],
+            answer.heartbeat_interval_s,
+            answer.heartbeat_timeout_s,
+            answer.stale_after_s,
         ) == (row.heartbeat_interval_s, row.heartbeat_timeout_s, row.stale_after_s)
+        # Where else to reach the control plane: every address it advertises.
+        assert answer.control_plane.addresses == cp.address.addresses()
         assert w1.heartbeat_sender.timing() == row
-        assert cp.node_admin.node_json(w1.node_id)["stale_after_ms"] == 15_000
+        assert cp.node_admin.node_view(w1.node_id).stale_after_ms == 15_000
 
 
 async def test_two_heartbeats_lost_in_a_row_on_an_overlay_path_are_not_a_stale_verdict(

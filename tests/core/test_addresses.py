@@ -10,6 +10,7 @@ from populi_peer.core.addresses import (
     Cidrs,
     LocalAddress,
     LocalRoute,
+    at_least_as_reachable,
     cluster_is_overlay,
     effective_overlay_cidrs,
     plan_advertise,
@@ -153,6 +154,31 @@ def test_an_address_that_is_ours_is_tried_last_and_loopback_first() -> None:
         "172.17.0.1:7431",
     ]
     assert rank_addresses(["10.8.0.3:7431", "127.0.0.1:7000"])[0] == ("local", "127.0.0.1:7000")
+
+
+def test_a_node_moves_only_to_an_address_at_least_as_near() -> None:
+    """A control plane that prefers its overlay address does not move a node beside it on
+    the LAN off the LAN address; one on another LAN takes the overlay address."""
+    lan, overlay = "192.168.1.30:7431", "10.8.0.3:7431"
+    beside = (LO, ETH, WG)
+    assert not at_least_as_reachable(overlay, lan, local=beside, cidrs=cidrs_of(beside))
+    assert at_least_as_reachable(lan, overlay, local=beside, cidrs=cidrs_of(beside))
+    rented = (LO, LocalAddress("eth0", "192.168.7.5", 24), WG)
+    assert at_least_as_reachable(overlay, lan, local=rented, cidrs=cidrs_of(rented))
+    # Equally near (knowing nothing about this machine): the new one is taken.
+    assert at_least_as_reachable(overlay, lan) and at_least_as_reachable(lan, overlay)
+
+
+@given(st.lists(st.sampled_from([a.ip for a in TWO_CARDS] + ["10.8.0.7", "192.168.1.8"])))
+def test_at_least_as_reachable_agrees_with_the_ranking(ips: list[str]) -> None:
+    """``at_least_as_reachable(a, b)`` is ``a`` coming first when the two are ranked."""
+    cidrs = cidrs_of(TWO_CARDS)
+    for a in ips:
+        for b in ips:
+            first = rank_addresses([f"{a}:1", f"{b}:2"], local=TWO_CARDS, cidrs=cidrs)[0][1]
+            assert at_least_as_reachable(f"{a}:1", f"{b}:2", local=TWO_CARDS, cidrs=cidrs) == (
+                first == f"{a}:1"
+            )
 
 
 @given(st.lists(st.sampled_from([a.ip for a in TWO_CARDS] + ["10.8.0.7", "192.168.1.8"])))

@@ -31,6 +31,13 @@ def test_init_agent_status_and_sigterm(tmp_path: Path, procs: Processes) -> None
     status = json.loads(result.stdout)
     assert status["cluster"]["name"] == "lab"
     assert status["url"] == agent.url
+    # What it advertises, by scope, and whether it announces itself on the LAN.
+    human = populi("status", "--data-dir", str(data_dir))
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    address = agent.url.removeprefix("https://")
+    assert any(line.startswith(f"advertises     {address} (local)") for line in lines), lines
+    assert any(line.startswith("discovery      ") for line in lines), lines
     code = procs.stop(agent, signal.SIGTERM)
     assert code == 0
     assert "Traceback" not in agent.log()

@@ -159,6 +159,9 @@ class HeartbeatAnswer(Message):
     scope: Scope = wire(SCOPE)
     heartbeat_interval_s: float = wire(Num(above=0))
     stale_after_s: float = wire(Num(above=0))
+    #: How long the sender waits for an answer before the beat counts as lost (the timing
+    #: table's row for this path); absent from an older control plane: the sender's own.
+    heartbeat_timeout_s: float | None = wire(Num(above=0), omit_none=True)
     revocation_serial: int = wire(Int(minimum=-1))
     revocations: str | None = wire(Nullable(Text()))
     settings_serial: int = wire(Int(minimum=0))

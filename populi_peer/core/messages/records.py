@@ -125,10 +125,13 @@ class ClusterRef(Message):
 
 @message
 class ControlPlaneRef(Message):
-    """``ControlPlaneRef``: the node that holds the role, and where it answers."""
+    """``ControlPlaneRef``: the node that holds the role, where it answers, and (in a
+    heartbeat answer) every address it advertises, to try when that URL does not answer."""
 
     node_id: str = wire(Text(min_len=1))
     url: str = wire(Text(min_len=1))
+    #: Its advertised ``host:port`` addresses, its preference first; empty: not said.
+    addresses: tuple[str, ...] = wire(ADDRESSES, default=())
 
 
 # -- membership ---------------------------------------------------------------------------
