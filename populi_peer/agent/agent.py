@@ -58,7 +58,7 @@ from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
-from populi_peer.core.messages import HeartbeatReport, HeldLease
+from populi_peer.core.messages import EventKind, HeartbeatReport, HeldLease
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.errors import ConfigError
 from populi_peer.identity import Identity, RuntimeInfo, clear_runtime, load_identity, write_runtime
@@ -404,7 +404,7 @@ class Agent:
     def record_event(
         self,
         node_id: str,
-        kind: str,
+        kind: EventKind,
         *,
         actor: str,
         reason: str = "",

@@ -56,7 +56,12 @@ from populi_peer.config import (
 )
 from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
 from populi_peer.core.lifecycle import NodeLifecycle
-from populi_peer.core.messages import ControlPlaneRef, HeartbeatAnswer, HeartbeatReport
+from populi_peer.core.messages import (
+    ControlPlaneRef,
+    EventKind,
+    HeartbeatAnswer,
+    HeartbeatReport,
+)
 from populi_peer.core.messages.heartbeat import HeartbeatStatus
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
@@ -397,7 +402,7 @@ class HeartbeatIntake:
             if not changed:
                 return
             after = self.registry.lifecycle(caller)
-            kind = "lifecycle"
+            kind: EventKind = "lifecycle"
             detail: dict[str, object] = {
                 "command": "leave" if after and after.state == "left" else "self",
                 "from": before.state if before else None,

@@ -380,6 +380,12 @@ for _label, _query in [("after-negative", "after=-1"), ("limit-zero", "limit=0")
                        ("limit-over-1000", "limit=1001"), ("limit-word", "limit=ten"),
                        ("after-twice", "after=1&after=2"), ("limit-float", "limit=1.5")]:
     wrong("events", "GET", f"/v1/populi/events?{_query}", None, 400, "bad_request", _label)
+for _label, _query in [("since-negative", "since_ms=-1"), ("wait-over-60", "wait_s=61"),
+                       ("wait-word", "wait_s=soon"), ("kind-twice", "kind=left&kind=left")]:
+    wrong("events", "GET", f"/v1/populi/events?{_query}", None, 400, "bad_request", _label)
+wrong("events", "GET", "/v1/populi/events?node=w9", None, 404, "unknown_node", "unknown-node")
+wrong("events", "GET", "/v1/populi/events?kind=bogus", None, 400, "unknown_event_kind",
+      "unknown-kind")
 wrong("members", "GET", "/v1/populi/members", None, 401, "signature_missing", "unsigned",
       signer=None)
 wrong("nodes", "GET", "/v1/populi/nodes", None, 401, "signature_missing", "unsigned",

@@ -81,9 +81,11 @@ from populi_peer.core.messages.membership import (
     TokenRevokeAnswer,
 )
 from populi_peer.core.messages.records import (
+    EVENT_KINDS,
     AttemptResult,
     ClusterRef,
     ControlPlaneRef,
+    EventKind,
     EventView,
     GpuDevice,
     GpuSummaryView,
@@ -180,6 +182,7 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
 }
 
 __all__ = [
+    "EVENT_KINDS",
     "OPERATIONS",
     "AckMessage",
     "AttemptResult",
@@ -188,6 +191,7 @@ __all__ = [
     "CertRenewAnswer",
     "ClusterRef",
     "ControlPlaneRef",
+    "EventKind",
     "EventView",
     "EventsAnswer",
     "Exchange",
