@@ -88,7 +88,7 @@ from populi_peer.errors import (
     StoreError,
 )
 from populi_peer.identity import Identity
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.events import EventLog
 from populi_peer.store.tokens import JoinTokenRecord, JoinTokens
@@ -509,7 +509,7 @@ class Enrollment:
             self.registry.adopt(registers)
         log(
             self.logger,
-            logging.INFO,
+            NOTICE,
             "node joined",
             node_id=node_id,
             name=name,

@@ -66,7 +66,7 @@ from populi_peer.core.messages.heartbeat import HeartbeatStatus
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.events import EventLog
 
 NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
@@ -553,7 +553,18 @@ class HeartbeatSender:
 
     async def _absorb(self, answer: HeartbeatAnswer) -> None:
         self.last_answer = answer
-        self.lifecycle = answer.lifecycle
+        before, after = self.lifecycle, answer.lifecycle
+        self.lifecycle = after
+        if before is not None and after is not None and before.state != after.state:
+            log(
+                self.logger,
+                NOTICE,
+                "this node's lifecycle changed",
+                state=after.state,
+                was=before.state,
+                by=after.actor,
+                reason=after.reason,
+            )
         if answer.revocations:
             self.revocations.offer(answer.revocations, now_ms=wall_ms(self.clock))
         if answer.settings_record:
@@ -604,7 +615,7 @@ class HeartbeatSender:
                     self.cp_down = False
                     log(
                         self.logger,
-                        logging.INFO,
+                        NOTICE,
                         "control plane reachable again",
                         url=self.control_plane.url,
                         after_failures=failures,

@@ -44,7 +44,7 @@ from populi_peer.core.messages import (
 )
 from populi_peer.errors import PopuliError
 from populi_peer.identity import Identity
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.events import EventLog
 
@@ -159,7 +159,7 @@ class SettingsSync:
         if installed:
             log(
                 self.logger,
-                logging.INFO,
+                NOTICE,
                 "settings record installed (pushed)",
                 serial=self.records.settings_serial,
                 by=request.caller.id,
@@ -255,7 +255,7 @@ class SettingsSync:
             if text is not None and self.records.offer_settings(text):
                 log(
                     self.logger,
-                    logging.INFO,
+                    NOTICE,
                     "settings record fetched (a peer held a newer one)",
                     serial=self.records.settings_serial,
                 )

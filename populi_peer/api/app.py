@@ -322,9 +322,10 @@ class ApiApp:
                     },
                 )
             await self._send(send, response, cid)
+            # The access log: debug (heartbeats alone are one a second per node).
             log(
                 self.logger,
-                logging.DEBUG if path == "/v1/populi/health" else logging.INFO,
+                logging.DEBUG,
                 "request",
                 method=method,
                 path=path,
