@@ -134,6 +134,14 @@ class SettingsSync:
             actor=request.caller.id,
             now_ms=wall_ms(self.clock),
         )
+        if record is None:
+            await trio.lowlevel.checkpoint()
+            return SettingsSetAnswer(
+                settings=self.records.settings_view(),
+                term=self.control_plane.term,
+                push=PushReport(serial=self.records.settings_serial, confirmed=(), unconfirmed=()),
+                changed=False,
+            )
         if float(self.records.settings["max_lease_ttl_s"]) != previous_ttl:
             # Remembered for the grant hold after a restart (ADR 0006, decision 5).
             seen = float(self.store.get_meta(MAX_TTL_SEEN_KEY, "0") or 0)

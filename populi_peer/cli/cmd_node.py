@@ -338,8 +338,10 @@ def run_node_verb(args: argparse.Namespace) -> int:
         if args.json:
             print_json(retired)
         else:
+            note = "" if retired.changed else " (no change)"
             sys.stdout.write(
-                f"node {retired.node_id} retired; revocation list serial {retired.revocation_serial}\n"
+                f"node {retired.node_id} retired; revocation list serial "
+                f"{retired.revocation_serial}{note}\n"
             )
         return 0
     if verb == "delete":

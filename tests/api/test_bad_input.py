@@ -276,6 +276,16 @@ for _route, _path, _signer in [
     wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
 wrong("node_retire", "POST", "/v1/populi/admin/nodes/{node2}/retire", NOT_JSON, 400, "bad_json",
       "malformed-json", setup=second_node)
+# Routes whose handler reads no body: a body is still JSON or nothing, as everywhere.
+for _route, _path, _signer in [
+    ("join_challenge", "/v1/populi/join/challenge", None),
+    ("token_revoke", "/v1/populi/admin/tokens/abc/revoke", "operator"),
+    ("cert_renew", "/v1/populi/certs/renew", "node"),
+    ("name_unretire", "/v1/populi/admin/names/cp/unretire", "operator"),
+    ("task_cancel", "/v1/populi/tasks/t-1/cancel", "operator"),
+]:
+    wrong(_route, "POST", _path, NOT_JSON, 400, "bad_json", "malformed-json", signer=_signer)
+    wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
 wrong("gpu_resume", "POST", "/v1/populi/admin/gpus/cp/{gpu}/resume", ARRAY, 400, "bad_json",
       "json-array", setup=quarantined_gpu)
 wrong("token_create", "POST", "/v1/populi/admin/tokens", b"\xff\xfe{}", 400, "bad_json",

@@ -129,6 +129,8 @@ class TokenListAnswer(Message):
 @message
 class TokenRevokeAnswer(Message):
     summary: TokenSummary = wire(Nested(TokenSummary))
+    #: False when the token was revoked already (nothing changed).
+    changed: bool = wire(Bool(), default=True)
 
 
 @message
@@ -155,6 +157,8 @@ class NodeRetireAnswer(Message):
     node_id: str = wire(Text(min_len=1))
     state: Literal["retired"] = wire(Const("retired"))
     revocation_serial: int = wire(Int(minimum=0))
+    #: False when the node was retired and revoked already (nothing changed).
+    changed: bool = wire(Bool(), default=True)
 
 
 @message
