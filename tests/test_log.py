@@ -35,12 +35,14 @@ def test_auto_is_text_at_notice_on_a_terminal_and_json_at_info_elsewhere(
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    root = logging.getLogger("populi")
-    handlers, level, propagate = list(root.handlers), root.level, root.propagate
+    """``setup_logging`` configures the ``populi`` and ``hypercorn.error`` loggers."""
+    loggers = [logging.getLogger(name) for name in ("populi", "hypercorn.error")]
+    saved = [(list(lg.handlers), lg.level, lg.propagate) for lg in loggers]
     try:
         yield
     finally:
-        root.handlers, root.level, root.propagate = handlers, level, propagate
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.level, lg.propagate = handlers, level, propagate
 
 
 def test_notice_passes_where_info_stays_quiet(restore_logging: None) -> None:
