@@ -60,14 +60,14 @@ from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import Config, ScopeConfig, format_host_port, parse_host_port, reach_host
 from populi_peer.core.lifecycle import NodeLifecycle
-from populi_peer.core.messages import HeartbeatReport
+from populi_peer.core.messages import EventKind, HeartbeatReport
 from populi_peer.core.scope import Scope
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
 from populi_peer.errors import ConfigError
 from populi_peer.identity import Identity, RuntimeInfo, clear_runtime, load_identity, write_runtime
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
 from populi_peer.store.events import EventLog
@@ -491,7 +491,7 @@ class Agent:
     def record_event(
         self,
         node_id: str,
-        kind: str,
+        kind: EventKind,
         *,
         actor: str,
         reason: str = "",
@@ -563,7 +563,7 @@ class Agent:
                     )
                     task_status.started(self)
                     await self._stop.wait()
-                    log(self.logger, logging.INFO, "agent stopping")
+                    log(self.logger, NOTICE, "agent stopping")
                     services.cancel_scope.deadline = (
                         trio.current_time() + self.config.api.shutdown_grace_s
                     )
@@ -581,7 +581,7 @@ class Agent:
             self.store.close()
             self.data_dir_lock.release()
             self.stopped.set()
-            log(self.logger, logging.INFO, "agent stopped")
+            log(self.logger, NOTICE, "agent stopped")
 
     async def _stop_after_leave(self) -> None:
         await self.leave_state.done.wait()
