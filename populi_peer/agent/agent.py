@@ -337,7 +337,7 @@ class Agent:
             now_ms=int(self.clock.wall() * 1000),
         )
         if float(self.records.settings["max_lease_ttl_s"]) != previous_ttl:
-            # Remembered for the grant hold after a restart (ADR 0006, decision 5).
+            # Remembered for the per-node resumption window after a restart (ADR 0012).
             seen = float(self.store.get_meta("lease_max_ttl_seen_s", "0") or 0)
             self.store.set_meta("lease_max_ttl_seen_s", str(max(seen, previous_ttl)))
         self.record_event(

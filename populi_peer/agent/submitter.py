@@ -43,6 +43,7 @@ from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.config import parse_host_port
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.leases import RESUMPTION_REASONS
 from populi_peer.core.placement import CandidateView, TaskView, propose
 from populi_peer.core.policy import check_work_class
 from populi_peer.core.tasks import (
@@ -506,14 +507,15 @@ class Submitter:
             if definitive(exc):
                 refusal = tuple(exc.details.get("reasons") or [exc.code])
                 self.request_settled(task_id)
-                if "grant_hold" in refusal:
-                    # The control plane just restarted: it grants nothing to anyone for a
-                    # while. Not the node's fault, nor the task's: wait and place again.
+                if RESUMPTION_REASONS & set(refusal):
+                    # The control plane just restarted: it grants on a node once that node
+                    # reported to it. Not the node's fault, nor the task's: wait, place again.
                     log(
                         self.logger,
                         logging.INFO,
-                        "grant hold on the control plane; waiting",
+                        "the control plane resumes grants per node; waiting",
                         task_id=task_id,
+                        reasons=list(refusal),
                     )
                     await self._pause(control, 1.0)
                     return
@@ -567,7 +569,7 @@ class Submitter:
                 if "stale_attempt" in refusal:
                     self.request_settled(task_id)
                     return
-                if "grant_hold" in refusal or (
+                if RESUMPTION_REASONS & set(refusal) or (
                     "no_free_gpu" in refusal and not self._queue_deadline_passed(task)
                 ):
                     await self._pause(control, 1.0)
