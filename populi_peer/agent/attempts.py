@@ -88,6 +88,8 @@ class AttemptPlan:
     env: dict[str, str]
     gpus: tuple[str, ...]
     work_class: str
+    #: ``--cwd``: where the task runs (None: a fresh ``work`` directory of its own).
+    cwd: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +105,7 @@ class AttemptPlan:
             "env": dict(self.env),
             "gpus": list(self.gpus),
             "work_class": self.work_class,
+            "cwd": self.cwd,
         }
 
     @classmethod
@@ -120,6 +123,7 @@ class AttemptPlan:
             env=dict(data.get("env", {})),
             gpus=tuple(data.get("gpus", [])),
             work_class=str(data.get("work_class", "agent")),
+            cwd=data.get("cwd"),
         )
 
 
@@ -297,7 +301,8 @@ class AttemptRunner:
             attempt=plan.attempt,
             argv=plan.argv,
             env=env,
-            cwd=str(work),
+            # --cwd when given (the supervisor refuses to start in a missing one: 126).
+            cwd=plan.cwd or str(work),
             stop_margin_s=cfg.stop_margin_s,
             kill_grace_s=cfg.kill_grace_s,
             output_cap_bytes=cfg.output_cap_bytes,
@@ -362,7 +367,7 @@ class AttemptRunner:
                     outcome="spawn_failed",
                     started_ms=started_ms,
                     exit_code=code,
-                    detail=str(exc),
+                    detail=str(exc.details.get("error") or exc),
                 )
                 await self.release(plan, "completed")
                 return result

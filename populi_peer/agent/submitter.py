@@ -97,6 +97,8 @@ from populi_peer.core.refusals import Ask, Decision, decide_refusal
 from populi_peer.core.scope import Scope
 from populi_peer.core.settings import gates_enabled
 from populi_peer.core.tasks import (
+    TASK_STATES,
+    WORKER_LEFT,
     Cancel,
     HandoffFailed,
     IllegalTaskTransition,
@@ -112,6 +114,7 @@ from populi_peer.core.tasks import (
     TaskEvent,
     TaskOptions,
     Timeout,
+    exit_status,
 )
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, PopuliError
 from populi_peer.log import get_logger, log
@@ -122,7 +125,6 @@ READERS = frozenset({"submit", "operator"})
 #: Token of a local attempt when remote execution is off (no control plane involved).
 LOCAL_ONLY_TOKEN = FencingToken(0, 0)
 DEFAULT_TTL_S = 30.0
-LOCAL_EXIT_CANCELLED = 130
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0
 #: What a task holds under no lease (a local attempt without one).
@@ -290,6 +292,8 @@ class Submitter:
                 queue_timeout_s=body.queue_timeout_s,
                 timeout_s=body.timeout_s,
                 node=node,
+                node_fallback=body.node_fallback,
+                cwd=body.cwd,
             ),
         )
         self.tasks.insert(TaskRecord(task, submitted_by=caller), now_ms=self._now_ms())
@@ -538,7 +542,8 @@ class Submitter:
             control.tried.clear()
             await self._pause(control, 1.0)
             return
-        if task.options.no_fallback:
+        if not task.options.allows_local(self.node_id):
+            # --no-fallback, or --node naming another node: it fails here, nothing taken.
             self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
             return
         await self._place_local(task, control, reasons)
@@ -739,7 +744,7 @@ class Submitter:
         task = self.load(task.task_id)
         if task.state != "fallback_pending":
             return
-        await self._fallback(task, control, reason="")
+        await self._fallback(task, control, reason=task.lost_reason() or "")
 
     async def _fallback(self, task: Task, control: Control, *, reason: str) -> None:
         """Ask the control plane for its word that the lease is dead, with a higher token.
@@ -747,15 +752,12 @@ class Submitter:
         The local attempt takes this node's GPUs when it has enough (a ``local`` lease).
         A node with fewer GPUs than the task wants (a CPU-only laptop) runs it without
         any, reason ``no_local_gpu``: the task finishes here instead, as a CPU run.
-        With ``--no-fallback`` only the word is wanted: no GPU is taken, and the fence
-        that records the token is released at once."""
+        With ``--no-fallback`` (or ``--node`` naming another node, without
+        ``--node-fallback``) only the word is wanted: no GPU is taken, and the fence that
+        records the token is released at once."""
         current = task.current_attempt
-        if (
-            task.options.no_fallback
-            and current is not None
-            and current.lease_id
-            and current.token is not None
-        ):
+        runs_here = task.options.allows_local(self.node_id)
+        if not runs_here and current is not None and current.lease_id and current.token is not None:
             # --no-fallback: the control plane's word that the lease is dead is all that
             # is wanted; nothing new is leased.
             try:
@@ -777,7 +779,7 @@ class Submitter:
         attempt = self.request_number(task.task_id, "fallback")
         local_gpus = task.gpus_wanted
         extra_reasons: tuple[str, ...] = ()
-        if task.options.no_fallback:
+        if not runs_here:
             local_gpus = 0
         elif task.gpus_wanted > len(self.node.verified_gpu_uuids()):
             local_gpus = 0
@@ -807,7 +809,7 @@ class Submitter:
             tuple(r for r in (reason or (f"lease_{prior.state}" if prior else ""),) if r)
             + extra_reasons
         )
-        if task.options.no_fallback:
+        if not runs_here:
             plan = AttemptPlan(
                 task_id=task.task_id,
                 attempt=attempt,
@@ -850,6 +852,7 @@ class Submitter:
             env=task.env_dict,
             gpus=grant.gpus,
             work_class=task.work_class,
+            cwd=task.options.cwd,
         )
 
     async def _local(self, task: Task, control: Control) -> None:
@@ -904,8 +907,23 @@ class Submitter:
             return
         current = task.current_attempt
         is_current = current is not None and current.n == attempt
+        control = self.controls.get(task.task_id)
+        cancelling = control is not None and control.cancel_actor is not None
+        if (
+            outcome == "cancelled"
+            and result.detail == WORKER_LEFT
+            and result.role != "local"
+            and not cancelling
+        ):
+            # The worker left the cluster: it stopped the attempt and released the lease.
+            # Not a cancel: the task falls back (fallback_pending, then the word).
+            if is_current and task.state == "running_remote":
+                self.apply(
+                    task.task_id,
+                    LeaseLost(reason=WORKER_LEFT, detail="the worker left the cluster"),
+                )
+            return
         if outcome == "cancelled":
-            control = self.controls.get(task.task_id)
             actor = (
                 control.cancel_actor
                 if control and control.cancel_actor
@@ -1047,6 +1065,11 @@ class Submitter:
         self._local_only(request)
         limit = request.query_int("limit", 100, minimum=1, maximum=1000)
         state = request.query_one("state")
+        if state is not None and state not in TASK_STATES:
+            raise BadRequest(
+                f"unknown task state {state[:64]!r}; one of: {', '.join(TASK_STATES)}",
+                code="unknown_task_state",
+            )
         task_ids = self.tasks.newest(limit=limit, state=state)
         return TaskListAnswer(tasks=tuple(self.task_view(task_id) for task_id in task_ids))
 
@@ -1095,6 +1118,7 @@ class Submitter:
         offset = request.query_int("offset", 0, minimum=0)
         limit = request.query_int("limit", 256 * 1024, minimum=1, maximum=1 << 20)
         asked = request.query_int("attempt", 0, minimum=0, maximum=1_000_000)
+        params = {"stream": stream, "offset": offset, "limit": limit}
         if asked > len(task.attempts):
             raise BadRequest(
                 f"task {task_id} has {len(task.attempts)} attempt(s)", code="bad_request"
@@ -1112,8 +1136,12 @@ class Submitter:
         attempt = task.attempts[n - 1]
         nothing = OutputChunk(data_b64="", next_offset=offset, total=0, done=False)
         chunk = nothing
-        if str(n) in record.results:
-            chunk = _from_tail(record.results[str(n)], stream, offset, limit)
+        result = record.results.get(str(n))
+        if result is not None:
+            chunk = _from_tail(result, stream, offset, limit)
+            if attempt.where == "remote" and _before_tail(result, stream, offset):
+                # The result keeps the tail only: the worker keeps the whole output.
+                chunk = await self._worker_output(attempt.node, task_id, n, params) or chunk
         elif attempt.where == "local":
             from populi_peer.agent.worker import read_output
 
@@ -1121,21 +1149,7 @@ class Submitter:
             if row is not None:
                 chunk = read_output(self.runner, row, stream, offset, limit)
         else:
-            worker = await self.peers.member(attempt.node)
-            if worker is not None:
-                try:
-                    answer = await self.peers.call(
-                        worker,
-                        "GET",
-                        f"/v1/populi/exec/attempts/{task_id}/{n}/output",
-                        params={"stream": stream, "offset": offset, "limit": limit},
-                        timeout_s=OUTPUT_TIMEOUT_S,
-                        attempts=1,
-                        answer=OutputChunkAnswer,
-                    )
-                    chunk = answer.chunk
-                except PopuliError:
-                    chunk = nothing
+            chunk = await self._worker_output(attempt.node, task_id, n, params) or nothing
         return TaskOutputAnswer(
             chunk=chunk,
             attempt=n,
@@ -1144,6 +1158,28 @@ class Submitter:
             task_state=task.state,
             latest_attempt=len(task.attempts),
         )
+
+    async def _worker_output(
+        self, node: str, task_id: str, n: int, params: dict[str, Any]
+    ) -> OutputChunk | None:
+        """Attempt ``n``'s output as its worker keeps it (over the signed peer API: the
+        answer must come from that node), or None when it cannot be had."""
+        worker = await self.peers.member(node)
+        if worker is None:
+            return None
+        try:
+            answer = await self.peers.call(
+                worker,
+                "GET",
+                f"/v1/populi/exec/attempts/{task_id}/{n}/output",
+                params=params,
+                timeout_s=OUTPUT_TIMEOUT_S,
+                attempts=1,
+                answer=OutputChunkAnswer,
+            )
+        except PopuliError:
+            return None
+        return answer.chunk
 
     # -- service --------------------------------------------------------------------------
 
@@ -1197,8 +1233,17 @@ def handoff_message(
             ttl_s=grant.ttl_s or default_ttl_s,
             work_class=task.work_class,
             settings_serial=settings_serial,
+            cwd=task.options.cwd,
         ),
     )
+
+
+def _before_tail(result: ResultMessage, stream: str, offset: int) -> bool:
+    """Does ``offset`` fall before the tail the result kept of ``stream``?"""
+    tail = result.stdout_tail_b64 if stream == "stdout" else result.stderr_tail_b64
+    kept = len(base64.b64decode(tail or ""))
+    total = (result.result.stdout_total if stream == "stdout" else result.result.stderr_total) or 0
+    return offset < total - kept
 
 
 def _from_tail(result: ResultMessage, stream: str, offset: int, limit: int) -> OutputChunk:
@@ -1215,24 +1260,6 @@ def _from_tail(result: ResultMessage, stream: str, offset: int, limit: int) -> O
         total=total,
         done=True,
     )
-
-
-def exit_status(task: Task) -> int | None:
-    """What ``populi run`` exits with: the task's own code, 124 on --timeout, 128+N for a
-    signal, 126/127 when the command could not be run, 125 when Populi failed it."""
-    if not task.terminal:
-        return None
-    if task.state == "timed_out":
-        return 124
-    if task.state == "cancelled":
-        return LOCAL_EXIT_CANCELLED
-    if task.state == "succeeded":
-        return 0
-    if task.signal is not None:
-        return 128 + int(task.signal)
-    if task.exit_code is not None:
-        return int(task.exit_code)
-    return 125
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Collection, Iterator
 from typing import Protocol
@@ -54,6 +55,7 @@ from populi_peer.core.messages import (
     OutputChunkAnswer,
     ResultMessage,
 )
+from populi_peer.core.tasks import WORKER_LEFT
 from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PeerError, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store.attempts import AttemptRecord, Attempts
@@ -62,6 +64,8 @@ DELIVERY_MAX_BACKOFF_S = 30.0
 #: How long the worker waits for the control plane's view of a refused handoff's lease.
 LEASE_LOOKUP_TIMEOUT_S = 5.0
 OUTPUT_READERS = frozenset({"submit", "operator"})
+#: How long a leaving worker tries to deliver the results of the attempts it stopped.
+LEAVE_DELIVERY_S = 5.0
 
 
 class WorkerGates(Protocol):
@@ -157,6 +161,8 @@ class Worker:
         margin_problem = self.margin_problem(plan.ttl_s or 0.0)
         if margin_problem is not None:
             return Conflict(margin_problem, code="ttl_too_short")
+        if plan.cwd is not None and not os.path.isdir(plan.cwd):
+            return Conflict(f"--cwd {plan.cwd}: no such directory on this node", code="cwd_missing")
         verified = set(gates.verified_gpu_uuids())
         missing = [g for g in plan.gpus if g not in verified]
         if missing:
@@ -323,13 +329,21 @@ class Worker:
         )
 
     async def stop_all(self, reason: str) -> int:
+        """This node leaves (``reason``): stop every attempt it runs for others, release
+        their leases, and tell their submitters, who fall back (``worker_left``) rather
+        than count the task cancelled. Results that cannot be delivered within
+        :data:`LEAVE_DELIVERY_S` stay stored, and their leases are already released."""
         keys = [key for key in self.runner.running if key[2] == "worker"]
+        log(self.logger, logging.INFO, "stopping attempts", reason=reason, count=len(keys))
         for task_id, attempt, role in keys:
-            self.runner.request_cancel(task_id, attempt, role, reason)
+            self.runner.request_cancel(task_id, attempt, role, WORKER_LEFT)
         for key in keys:
             running = self.runner.running.get(key)
             if running is not None:
                 await running.done.wait()
+        if keys:
+            with trio.move_on_after(LEAVE_DELIVERY_S):
+                await self.deliver_pending()
         return len(keys)
 
     # -- result delivery ------------------------------------------------------------------
@@ -470,6 +484,7 @@ def plan_of(caller: Principal, message: HandoffMessage) -> AttemptPlan:
         env=dict(message.env),
         gpus=message.gpus,
         work_class=message.work_class,
+        cwd=message.cwd,
     )
 
 

@@ -140,7 +140,7 @@ def decide_refusal(
             return Decision(PopuliFailure(code=refusal.reasons[0], detail=refusal.detail))
         if not queue_deadline_passed:
             return Decision(wait_s=WAIT_FOR_CONTROL_PLANE_S)
-        if task.gpus_wanted == 0 and not task.options.no_fallback:
+        if task.gpus_wanted == 0 and task.options.allows_local(local_node):
             # Nothing was ever granted: running here cannot be running twice.
             return Decision(
                 PlacedLocal(node=local_node, reasons=(CONTROL_PLANE_UNREACHABLE,)),

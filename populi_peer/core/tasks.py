@@ -61,6 +61,7 @@ from populi_peer.core.fencing import (
     accept_result,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
+from populi_peer.core.wire import check_cwd
 from populi_peer.errors import BadRequest, Conflict
 
 _S = TypeVar("_S", bound=str)
@@ -112,6 +113,10 @@ AttemptOutcome = Literal[
 #: What a lease request asks the control plane for: a remote ``grant``, the ``local``
 #: token of a first local attempt, or the ``fallback`` word after a remote attempt.
 RequestKind = Literal["grant", "local", "fallback"]
+
+#: The reason a worker that leaves the cluster gives for the attempts it stops: their
+#: submitters fall back (``lease_lost``), they are not cancelled.
+WORKER_LEFT: Final = "worker_left"
 
 TASK_STATES: Final[tuple[TaskState, ...]] = get_args(TaskState)
 REQUEST_KINDS: Final[tuple[RequestKind, ...]] = get_args(RequestKind)
@@ -417,6 +422,11 @@ class TaskOptions:
     timeout_s: float | None = None
     #: ``--node``: the only node the task may be placed on.
     node: str | None = None
+    #: ``--node-fallback``: when ``node`` cannot take it, the task may run on its submitter.
+    node_fallback: bool = False
+    #: ``--cwd``: the directory the task runs in on whichever node runs it (absolute); by
+    #: default a fresh one under that node's data directory.
+    cwd: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("queue_timeout_s", "timeout_s"):
@@ -434,6 +444,14 @@ class TaskOptions:
             raise BadRequest(
                 f"node must be a node id, got {self.node!r}", code="bad_request", field="node"
             )
+        check_cwd(self.cwd)
+
+    def allows_local(self, local_node: str) -> bool:
+        """May the task run on ``local_node``, its submitter? Not with ``--no-fallback``,
+        nor with ``--node`` naming another node unless ``--node-fallback`` says so."""
+        if self.no_fallback:
+            return False
+        return self.node is None or self.node == local_node or self.node_fallback
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -441,6 +459,8 @@ class TaskOptions:
             "queue_timeout_s": self.queue_timeout_s,
             "timeout_s": self.timeout_s,
             "node": self.node,
+            "node_fallback": self.node_fallback,
+            "cwd": self.cwd,
         }
 
     @classmethod
@@ -452,6 +472,8 @@ class TaskOptions:
             queue_timeout_s=_opt_float(obj, "queue_timeout_s", what),
             timeout_s=_opt_float(obj, "timeout_s", what),
             node=_opt_str(obj, "node", what),
+            node_fallback=_bool(obj, "node_fallback", what, False),
+            cwd=_opt_str(obj, "cwd", what),
         )
 
 
@@ -595,6 +617,9 @@ class Task:
     terminal_reason: str | None = None
     options: TaskOptions = field(default_factory=TaskOptions)
     requests: LeaseRequests = field(default_factory=LeaseRequests)
+    #: The key of the event that ended the task (None while it runs, and in records
+    #: written before it was kept): what :func:`exit_status` tells apart.
+    ended_by: EventKey | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task_id, str) or not self.task_id:
@@ -683,6 +708,19 @@ class Task:
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)
 
+    def lost_reason(self) -> str | None:
+        """Why the current attempt's holder stopped it (the reason of the last
+        ``lease_lost`` decision), while the task waits for the word to fall back."""
+        if self.state != "fallback_pending":
+            return None
+        rows = self.reasons
+        for index in range(len(rows) - 1, -1, -1):
+            if rows[index].code == "lease_lost":
+                return rows[index + 1].code if index + 1 < len(rows) else None
+            if rows[index].code in ("placed_remote", "lease_dead_confirmed"):
+                return None
+        return None
+
     def request_number(self, kind: RequestKind) -> tuple[Task, int]:
         """The attempt number for a lease request of ``kind``, and the record that keeps
         it (persist it before the request leaves). The pending request of the same kind
@@ -741,6 +779,7 @@ class Task:
         if target in TERMINAL_STATES:
             changes["finished_wall_ms"] = now_wall_ms
             changes["terminal_reason"] = _terminal_reason(event, key)
+            changes["ended_by"] = key
         return replace(
             self,
             state=target,
@@ -766,6 +805,7 @@ class Task:
             "terminal_reason": self.terminal_reason,
             "options": self.options.to_json(),
             "requests": self.requests.to_json(),
+            "ended_by": self.ended_by,
         }
 
     @classmethod
@@ -781,6 +821,7 @@ class Task:
         reasons = _get(obj, "reasons", what)
         if not isinstance(attempts, list) or not isinstance(reasons, list):
             raise BadRequest("task: 'attempts' and 'reasons' must be lists", code="bad_record")
+        ended_by = _opt_str(obj, "ended_by", what)
         return cls(
             task_id=_str(obj, "task_id", what),
             command=_str_tuple(obj, "command", what),
@@ -797,6 +838,7 @@ class Task:
             terminal_reason=_opt_str(obj, "terminal_reason", what),
             options=TaskOptions.from_json(obj.get("options", {})),
             requests=LeaseRequests.from_json(obj.get("requests", {})),
+            ended_by=None if ended_by is None else _pick(ended_by, EVENT_KEYS, "ended_by"),
         )
 
 
@@ -834,6 +876,7 @@ _PLAIN_KEYS: Final[Mapping[type, EventKey]] = MappingProxyType(
 def event_key(task: Task, event: TaskEvent) -> EventKey:
     """Classify ``event`` against ``task`` (the only conditional part of the machine)."""
     no_fallback = task.options.no_fallback
+    options = task.options
     if isinstance(event, Result):
         if task.terminal:
             return "result_late"
@@ -841,11 +884,13 @@ def event_key(task: Task, event: TaskEvent) -> EventKey:
             return "result_stale"
         return "result_ok" if event.exit_code == 0 and event.signal is None else "result_failed"
     if isinstance(event, PlacedLocal):
-        return "placed_local_no_fallback" if no_fallback else "placed_local"
+        return "placed_local" if options.allows_local(event.node) else "placed_local_no_fallback"
     if isinstance(event, GrantRefused):
         return "grant_refused_no_fallback" if no_fallback else "grant_refused"
     if isinstance(event, LeaseDeadConfirmed):
-        return "lease_dead_confirmed_no_fallback" if no_fallback else "lease_dead_confirmed"
+        if options.allows_local(event.node):
+            return "lease_dead_confirmed"
+        return "lease_dead_confirmed_no_fallback"
     key = _PLAIN_KEYS.get(type(event))
     if key is None:
         raise BadRequest(f"not a task event: {event!r}", code="bad_request")
@@ -914,6 +959,44 @@ def _terminal_reason(event: TaskEvent, key: EventKey) -> str:
     return "cancelled"
 
 
+# -- exit codes ---------------------------------------------------------------------------
+
+#: What ``populi run`` and ``populi task wait`` exit with besides the task's own code (the
+#: README's exit-code table): the ones a task cannot be told apart from are documented.
+EXIT_REFUSED: Final = 4
+EXIT_TIMED_OUT: Final = 124
+EXIT_POPULI_FAILED: Final = 125
+EXIT_CANCELLED: Final = 130
+#: How a task ends refused: it could not be placed anywhere it was allowed to run
+#: (``no_free_gpu``, ``--node`` unavailable, ``--no-fallback`` and no remote node).
+REFUSED_ENDINGS: Final[frozenset[EventKey]] = frozenset(
+    {"placement_failed", "placed_local_no_fallback", "grant_refused_no_fallback"}
+)
+#: Placement failures that are Populi's, not a refusal of the task.
+_NOT_REFUSALS: Final = frozenset({"control_plane_unreachable"})
+
+
+def exit_status(task: Task) -> int | None:
+    """What ``populi run`` exits with (None until the task ended): the task's own code,
+    128+N for signal N, 124 on ``--timeout``, 130 when cancelled, 4 when it could not be
+    placed where it was allowed to run (nothing ran), 125 when Populi failed it."""
+    if not task.terminal:
+        return None
+    if task.state == "timed_out":
+        return EXIT_TIMED_OUT
+    if task.state == "cancelled":
+        return EXIT_CANCELLED
+    if task.state == "succeeded":
+        return 0
+    if task.signal is not None:
+        return 128 + int(task.signal)
+    if task.exit_code is not None:
+        return int(task.exit_code)
+    if task.ended_by in REFUSED_ENDINGS and task.terminal_reason not in _NOT_REFUSALS:
+        return EXIT_REFUSED
+    return EXIT_POPULI_FAILED
+
+
 def _entries(task: Task, event: TaskEvent, key: EventKey, at: int) -> tuple[ReasonEntry, ...]:
     """The decision-log rows for an accepted event: the decision, then its reason codes."""
 
@@ -958,18 +1041,34 @@ def _entries(task: Task, event: TaskEvent, key: EventKey, at: int) -> tuple[Reas
     else:
         out = rows(event.code, event.detail)
     if key.endswith("_no_fallback"):
-        out.append(ReasonEntry(at, "no_fallback", "--no-fallback: the task never runs locally"))
+        if task.options.no_fallback:
+            out.append(ReasonEntry(at, "no_fallback", "--no-fallback: the task never runs locally"))
+        else:
+            out.append(
+                ReasonEntry(
+                    at,
+                    "node_pinned",
+                    f"--node {task.options.node}: the task runs only there "
+                    "(--node-fallback lets it run here)",
+                )
+            )
     return tuple(out)
 
 
 __all__ = [
     "ATTEMPT_OUTCOMES",
     "EVENT_KEYS",
+    "EXIT_CANCELLED",
+    "EXIT_POPULI_FAILED",
+    "EXIT_REFUSED",
+    "EXIT_TIMED_OUT",
+    "REFUSED_ENDINGS",
     "REQUEST_KINDS",
     "RUNNING_STATES",
     "TASK_STATES",
     "TERMINAL_STATES",
     "TRANSITIONS",
+    "WORKER_LEFT",
     "Attempt",
     "AttemptOutcome",
     "Cancel",
@@ -997,4 +1096,5 @@ __all__ = [
     "Timeout",
     "Where",
     "event_key",
+    "exit_status",
 ]

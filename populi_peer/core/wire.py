@@ -19,6 +19,8 @@ MAX_ARGS = 4096
 MAX_ARG_CHARS = 128 * 1024
 MAX_ENV = 256
 MAX_ATTEMPT = 1_000_000
+#: The longest ``--cwd`` (PATH_MAX on Linux).
+MAX_CWD_CHARS = 4096
 #: Names Populi sets for every task; nobody may pass them.
 RESERVED_ENV = frozenset(
     {"POPULI_TASK_ID", "POPULI_ATTEMPT", "POPULI_FENCING_TOKEN", "CUDA_VISIBLE_DEVICES"}
@@ -88,4 +90,34 @@ def check_env(env: Any) -> dict[str, str]:
     return out
 
 
-__all__ = ["ID_RE", "MAX_ARGS", "MAX_ENV", "RESERVED_ENV", "check_command", "check_env", "check_id"]
+def check_cwd(value: Any) -> str | None:
+    """``--cwd``: where the task runs on the node that runs it; an absolute path without
+    NUL (the CLI makes a relative one absolute against the caller's directory). Whether
+    it exists is for the node that runs the task to say (``cwd_missing``)."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or "\0" in value
+        or len(value) > MAX_CWD_CHARS
+    ):
+        raise BadRequest(
+            f"'cwd' must be an absolute path of at most {MAX_CWD_CHARS} characters without "
+            f"NUL, got {str(value)[:64]!r}",
+            code="bad_cwd",
+        )
+    return value
+
+
+__all__ = [
+    "ID_RE",
+    "MAX_ARGS",
+    "MAX_CWD_CHARS",
+    "MAX_ENV",
+    "RESERVED_ENV",
+    "check_command",
+    "check_cwd",
+    "check_env",
+    "check_id",
+]

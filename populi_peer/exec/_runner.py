@@ -243,6 +243,7 @@ async def start_supervised(
         raise SpawnFailed(
             f"task {spec.task_id} attempt {spec.attempt} did not start: {state.error}",
             exit_code=state.exit_code,
+            error=state.error,
             task_dir=str(task_dir),
         )
     return Supervised(task_dir, state.supervisor_pid, state.supervisor_starttime_ticks)

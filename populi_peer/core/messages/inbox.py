@@ -30,7 +30,7 @@ from populi_peer.core.messages._codec import (
 )
 from populi_peer.core.messages.records import TOKEN, WORK_CLASS, AttemptResult
 from populi_peer.core.policy import WorkClass
-from populi_peer.core.wire import MAX_ATTEMPT, check_command, check_env
+from populi_peer.core.wire import MAX_ATTEMPT, check_command, check_cwd, check_env
 from populi_peer.errors import BadRequest
 
 MessageType = Literal["handoff", "cancel", "result", "ack"]
@@ -67,10 +67,14 @@ class HandoffMessage(Payload):
     work_class: WorkClass = wire(WORK_CLASS, default="agent")
     #: The settings record the submitter placed this under.
     settings_serial: int | None = wire(Int(minimum=0), omit_none=True)
+    #: ``--cwd``: the directory to run in here (absent: a fresh one); the worker refuses
+    #: the handoff with ``cwd_missing`` when it has no such directory.
+    cwd: str | None = wire(Text(min_len=1), omit_none=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", check_command(list(self.command)))
         object.__setattr__(self, "env", check_env(self.env))
+        check_cwd(self.cwd)
 
 
 @message

@@ -22,7 +22,8 @@ from populi_peer.core.messages._codec import (
 )
 from populi_peer.core.messages.records import WORK_CLASS, OutputChunk, TaskView
 from populi_peer.core.policy import WorkClass
-from populi_peer.core.wire import check_command, check_env
+from populi_peer.core.wire import check_command, check_cwd, check_env
+from populi_peer.errors import BadRequest
 
 #: The most GPUs one task may ask for.
 MAX_TASK_GPUS: Final = 64
@@ -41,13 +42,20 @@ class TaskSubmitRequest(Message):
     work_class: WorkClass | None = wire(WORK_CLASS, omit_none=True)
     #: The only node the task may run on (id or unique name; the submitter resolves it).
     node: str | None = wire(Nullable(Text(min_len=1)), default=None)
+    #: When ``node`` cannot take the task, it may run on the submitter instead.
+    node_fallback: bool = wire(Bool(), default=False)
     no_fallback: bool = wire(Bool(), default=False)
     queue_timeout_s: float | None = wire(Nullable(Num(above=0)), default=None)
     timeout_s: float | None = wire(Nullable(Num(above=0)), default=None)
+    #: The directory the task runs in, on whichever node runs it (absolute).
+    cwd: str | None = wire(Nullable(Text(min_len=1)), default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", check_command(list(self.command)))
         object.__setattr__(self, "env", check_env(self.env))
+        check_cwd(self.cwd)
+        if self.node_fallback and self.node is None:
+            raise BadRequest("--node-fallback needs --node", code="bad_request")
 
     def chosen_work_class(self) -> WorkClass:
         if self.work_class is not None:
