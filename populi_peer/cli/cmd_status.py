@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from populi_peer.cli.common import add_data_dir, add_json, agent_call, print_json
+from populi_peer.core.durations import parse_duration
 
 if TYPE_CHECKING:
     from populi_peer.core.messages import (
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
         DiscoveryStatusView,
         NodeHealth,
         Standing,
+        StatusAnswer,
     )
 
 
@@ -25,13 +27,23 @@ def register(subparsers: Any) -> None:
     )
     add_data_dir(parser)
     add_json(parser)
+    parser.add_argument(
+        "--wait",
+        default=None,
+        metavar="DUR",
+        help="an agent just started: wait this long for it to answer (e.g. 30s; exit 3 after)",
+    )
     parser.set_defaults(handler=run)
+
+
+#: How often ``status --wait`` asks again while no agent answers.
+WAIT_EVERY_S = 0.2
 
 
 def run(args: argparse.Namespace) -> int:
     from populi_peer.core.messages import StatusAnswer
 
-    status = agent_call(args, "GET", "/v1/populi/status", answer=StatusAnswer)
+    status = _status(args, StatusAnswer)
     if args.json:
         print_json(status)
         return 0
@@ -51,6 +63,23 @@ def run(args: argparse.Namespace) -> int:
     ]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _status(args: argparse.Namespace, answer: type[StatusAnswer]) -> StatusAnswer:
+    """The agent's status; with ``--wait``, asked again while no agent answers (an agent
+    started in the background a moment ago) until the time is up."""
+    from populi_peer.errors import AgentUnavailable
+
+    deadline = (
+        None if args.wait is None else time.monotonic() + parse_duration(args.wait, flag="--wait")
+    )
+    while True:
+        try:
+            return agent_call(args, "GET", "/v1/populi/status", answer=answer)
+        except AgentUnavailable:
+            if deadline is None or time.monotonic() >= deadline:
+                raise
+        time.sleep(WAIT_EVERY_S)
 
 
 def address_lines(
