@@ -259,13 +259,16 @@ async def open_submitter(tmp_path: Path, gates: Gates | None = None) -> AsyncIte
         store.close()
 
 
-def submit(world: World, *command: str, gpus: int = 1) -> str:
+def submit(
+    world: World, *command: str, gpus: int = 1, node: str | None = None, node_fallback: bool = False
+) -> str:
     request = TaskSubmitRequest(
         command=command or ("sim", "1"),
         env={},
         gpus=gpus,
         work_class=None,
-        node=None,
+        node=node,
+        node_fallback=node_fallback,
         no_fallback=False,
         queue_timeout_s=None,
         timeout_s=None,
@@ -520,6 +523,84 @@ async def test_a_malformed_answer_is_an_error_for_that_call(
         # The submitter goes on: the next task runs to its end.
         world.gates.remote = False
         assert (await ended(world, submit(world, gpus=0))).state == "succeeded"
+
+
+# -- a worker that leaves, a pinned node ---------------------------------------------------
+
+
+async def test_a_worker_that_leaves_sends_the_task_back_to_fall_back_here(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``populi leave`` on the worker stops the attempt and releases its lease; the result
+    it delivers (cancelled, ``worker_left``) is not a cancel of the task: the submitter
+    falls back, and says why."""
+    async with open_submitter(tmp_path) as world:
+        task_id = submit(world)
+        await wait_for(
+            "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
+        )
+        task = world.submitter.load(task_id)
+        assert task.current_attempt is not None and task.current_attempt.lease_id is not None
+        world.peers.leases[task.current_attempt.lease_id]["state"] = "released"
+        left = result_of(task)
+        left = ResultMessage(
+            result=AttemptResult(
+                **{
+                    **_fields(left.result),
+                    "outcome": "cancelled",
+                    "detail": "worker_left",
+                    "exit_code": None,
+                    "stop_reason": "cancelled",
+                }
+            ),
+            stdout_tail_b64="",
+            stderr_tail_b64="",
+        )
+        answer = await world.submitter.on_result(principal(WORKER), left)
+        assert answer.state == "fallback_pending"
+        done = await ended(world, task_id)
+        assert done.state == "succeeded", done.reasons
+        first, second = done.attempts
+        assert (first.outcome, second.where) == ("lease_lost", "local")
+        assert "worker_left" in second.placement_reasons
+        assert "cancelled" not in [r.code for r in done.reasons]
+
+
+def refused_grant(world: World, reason: str) -> Spoil:
+    """A grant the control plane refuses (the fake issued it: it never was)."""
+
+    def spoil(good: dict[str, Any]) -> Any:
+        world.peers.leases.pop(good["lease"]["lease_id"])
+        return error(409, "lease_refused", reasons=[reason])
+
+    return spoil
+
+
+async def test_a_task_pinned_to_a_node_that_cannot_take_it_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``--node`` means only there: when the node refuses the grant the task fails, exit
+    4, with the reason, and takes nothing here."""
+    async with open_submitter(tmp_path) as world:
+        world.peers.spoil["grant"] = [refused_grant(world, "node_ineligible")]
+        task = await ended(world, submit(world, gpus=0, node=WORKER))
+        assert (task.state, task.attempts) == ("failed", ())
+        assert task.terminal_reason == "node_pinned_unavailable"
+        assert "node_pinned" in [r.code for r in task.reasons]
+        assert submitter_module.exit_status(task) == 4
+        assert world.host.ledger.runs == []
+        assert world.fake.requests("POST", "/v1/populi/exec/fallback") == []
+
+
+async def test_node_fallback_lets_a_pinned_task_run_here(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_submitter(tmp_path) as world:
+        world.peers.spoil["grant"] = [refused_grant(world, "node_ineligible")]
+        task = await ended(world, submit(world, gpus=0, node=WORKER, node_fallback=True))
+        assert task.state == "succeeded"
+        (attempt,) = task.attempts
+        assert attempt.where == "local" and "node_pinned_unavailable" in attempt.placement_reasons
 
 
 # -- where the rules live ------------------------------------------------------------------

@@ -16,7 +16,7 @@ import ast
 import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from agent.exec_harness import (
 
 from populi_peer.agent import worker as worker_module
 from populi_peer.agent.health import Health
+from populi_peer.agent.attempts import stored_result
 from populi_peer.agent.worker import Worker
 from populi_peer.config import ExecConfig
 from populi_peer.core.fencing import FenceBook, FencingToken
@@ -283,6 +284,44 @@ async def test_a_refused_handoff_gives_its_lease_back(
         assert release.body["outcome"] == "stopped"
         assert world.worker.fences.highest("t-1") is None  # nothing admitted
         assert not world.host.ledger.runs
+
+
+async def test_a_handoff_into_a_missing_cwd_is_refused_and_gives_its_lease_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``--cwd``: a worker without that directory refuses the handoff (409 ``cwd_missing``,
+    so the submitter falls back) and gives the lease back; one that has it takes it."""
+    async with open_worker(tmp_path) as world:
+        missing = replace(handoff(), cwd=str(tmp_path / "no-such-dir"))
+        with pytest.raises(Conflict) as refused:
+            await hand(world, missing)
+        assert refused.value.code == "cwd_missing"
+        assert "no-such-dir" in str(refused.value)
+        (release,) = world.fake.requests("POST", LEASE + "/release")
+        assert release.body["outcome"] == "stopped"
+        assert not world.host.ledger.runs
+        there = replace(handoff(task_id="t-2"), cwd=str(tmp_path))
+        assert await hand(world, there) == "start"
+        row = world.worker.runner.row("t-2", 1, "worker")
+        assert row is not None and row.body["cwd"] == str(tmp_path)
+
+
+async def test_a_leaving_worker_stops_its_attempts_as_worker_left_and_delivers_them(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``populi leave``: the attempts it runs for others stop, their leases are released,
+    and the results say ``worker_left`` (their submitters fall back, not cancel) and are
+    delivered before the worker goes."""
+    async with open_worker(tmp_path) as world:
+        assert await hand(world, handoff(seconds=600)) == "start"
+        await wait_for("running", lambda: world.host.ledger.running(), timeout_s=30)
+        assert await world.worker.stop_all("node_leaving") == 1
+        row = world.worker.runner.row("t-1", 1, "worker")
+        assert row is not None and row.result is not None and row.delivered_ms is not None
+        result = stored_result(row).result
+        assert (result.outcome, result.detail) == ("cancelled", "worker_left")
+        (release,) = world.fake.requests("POST", LEASE + "/release")
+        assert release.body["outcome"] == "stopped"
 
 
 # -- malformed answers ---------------------------------------------------------------------
