@@ -38,8 +38,8 @@ from agent.exec_harness import (
 )
 
 from populi_peer.agent import worker as worker_module
-from populi_peer.agent.health import Health
 from populi_peer.agent.attempts import stored_result
+from populi_peer.agent.health import Health
 from populi_peer.agent.worker import Worker
 from populi_peer.config import ExecConfig
 from populi_peer.core.fencing import FenceBook, FencingToken
@@ -314,7 +314,7 @@ async def test_a_leaving_worker_stops_its_attempts_as_worker_left_and_delivers_t
     delivered before the worker goes."""
     async with open_worker(tmp_path) as world:
         assert await hand(world, handoff(seconds=600)) == "start"
-        await wait_for("running", lambda: world.host.ledger.running(), timeout_s=30)
+        await wait_for("running", world.host.ledger.running, timeout_s=30)
         assert await world.worker.stop_all("node_leaving") == 1
         row = world.worker.runner.row("t-1", 1, "worker")
         assert row is not None and row.result is not None and row.delivered_ms is not None
