@@ -101,11 +101,18 @@ def waiting_text(task: TaskView, now_ms: int, *, output_seen: bool = False) -> s
                 parts.append(f"{_left(deadline, now_ms)} left of --queue-timeout")
         else:
             parts.append("placing")
-    elif state == "fallback_pending" and current is not None:
+    elif state == "fallback_pending":
         why = _codes_and_detail(rows) if rows else ""
+        what = (
+            f"attempt {current.n} on {current.node}"
+            if current is not None
+            else "a grant whose answer was lost"
+        )
+        no_cp = "control_plane_unreachable" in codes
         parts.append(
-            f"fallback_pending: waiting for the control plane's word on attempt {current.n} "
-            f"on {current.node}" + (f" ({why})" if why else "")
+            ("no control plane: " if no_cp else "")
+            + f"fallback_pending: waiting for the control plane's word on {what}"
+            + (f" ({why})" if why else "")
         )
     elif state == "running_remote" and current is not None and not output_seen:
         parts.append(f"starting on {current.node} (remote, token {current.token})")

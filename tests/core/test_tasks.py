@@ -8,6 +8,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.tasks import (
     EVENT_KEYS,
+    EXIT_POPULI_FAILED,
+    EXIT_REFUSED,
     RUNNING_STATES,
     TASK_STATES,
     TERMINAL_STATES,
@@ -31,6 +33,7 @@ from populi_peer.core.tasks import (
     TaskEvent,
     TaskOptions,
     Timeout,
+    exit_status,
 )
 from populi_peer.errors import BadRequest
 
@@ -656,3 +659,97 @@ def test_request_numbers_live_in_the_task_record() -> None:
 def test_malformed_request_numbers_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(BadRequest):
         LeaseRequests.from_json(bad)
+
+
+# -- --node, --node-fallback, --cwd, worker_left, exit codes ------------------------------
+
+
+def test_a_pinned_task_never_runs_on_its_submitter_unless_it_may() -> None:
+    """``--node w1``: placed locally (w1 could not take it) means failed, with the reason;
+    ``--node-fallback`` lets it run here; ``--node`` naming the submitter itself runs here."""
+    strict = run(
+        new_task(node="w1"),
+        PlacementStarted(),
+        PlacedLocal("sub", ("node_pinned_unavailable", "node_ineligible")),
+    )
+    assert (strict.state, strict.attempts, strict.ended_by) == (
+        "failed",
+        (),
+        "placed_local_no_fallback",
+    )
+    assert strict.terminal_reason == "node_pinned_unavailable"
+    assert "node_pinned" in codes(strict) and "no_fallback" not in codes(strict)
+    assert exit_status(strict) == EXIT_REFUSED
+    allowed = run(
+        new_task(node="w1", node_fallback=True),
+        PlacementStarted(),
+        PlacedLocal("sub", ("node_pinned_unavailable",)),
+    )
+    assert allowed.state == "running_local"
+    itself = run(
+        new_task(node="sub"), PlacementStarted(), PlacedLocal("sub", ("node_pinned_local",))
+    )
+    assert itself.state == "running_local"
+
+
+def test_a_pinned_task_whose_remote_attempt_died_does_not_run_here() -> None:
+    task = run(
+        placed_remote(node="w1"),
+        LeaseLost("worker_left", "the worker left the cluster"),
+        LeaseDeadConfirmed("sub", TOK2, None, ("lease_released",)),
+    )
+    assert (task.state, len(task.attempts)) == ("failed", 1)
+    assert exit_status(task) == EXIT_POPULI_FAILED  # it started; Populi could not finish it
+
+
+def test_the_reason_a_holder_stopped_is_kept_for_the_fallback() -> None:
+    task = run(placed_remote(), LeaseLost("worker_left", "the worker left the cluster"))
+    assert task.state == "fallback_pending" and task.lost_reason() == "worker_left"
+    assert run(placed_remote(), ControlPlaneUnreachable()).lost_reason() is None
+    assert placed_remote().lost_reason() is None
+
+
+def test_options_and_the_ending_survive_the_record() -> None:
+    task = run(
+        new_task(node="w1", node_fallback=True, cwd="/srv/code"),
+        PlacementStarted(),
+        PlacementFailed(("no_free_gpu",), "busy"),
+    )
+    again = Task.from_json(task.to_json())
+    assert again == task and again.ended_by == "placement_failed"
+    assert again.options.cwd == "/srv/code" and again.options.node_fallback
+    old = task.to_json()
+    del old["ended_by"], old["options"]["cwd"], old["options"]["node_fallback"]
+    assert Task.from_json(old).ended_by is None  # records written before these fields
+
+
+@pytest.mark.parametrize("cwd", ["relative/dir", "", "/a\0b", "/" + "x" * 5000])
+def test_a_cwd_must_be_an_absolute_path(cwd: str) -> None:
+    with pytest.raises(BadRequest) as refused:
+        TaskOptions(cwd=cwd)
+    assert refused.value.code == "bad_cwd"
+
+
+@pytest.mark.parametrize(
+    ("events", "status"),
+    [
+        ((PlacementFailed(("no_free_gpu",), "busy"),), EXIT_REFUSED),
+        ((PlacementFailed(("control_plane_unreachable",), ""),), EXIT_POPULI_FAILED),
+        ((PopuliFailure("store_error", "disk"),), EXIT_POPULI_FAILED),
+        ((PlacedLocal("sub", ("no_remote_candidate",)), Result(1, None, 127)), 127),
+        ((PlacedLocal("sub", ("no_remote_candidate",)), Result(1, None, None, 9)), 137),
+        ((Cancel("op"),), 130),
+        ((Timeout("run"),), 124),
+    ],
+)
+def test_exit_status_follows_the_table(events: tuple[TaskEvent, ...], status: int) -> None:
+    task = run(new_task(), PlacementStarted(), *events)
+    assert exit_status(task) == status
+    assert exit_status(new_task()) is None
+
+
+def test_no_fallback_with_no_remote_node_is_refused_not_a_failure_of_populi() -> None:
+    task = run(
+        new_task(no_fallback=True), PlacementStarted(), PlacedLocal("sub", ("no_remote_candidate",))
+    )
+    assert exit_status(task) == EXIT_REFUSED and "no_fallback" in codes(task)
