@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import signal
@@ -208,13 +209,31 @@ def test_remote_off_gpu_task_gets_this_nodes_gpu(tmp_path: Path, procs: Processe
 
 def test_gpu_task_with_the_gpu_busy_fails_in_one_line(tmp_path: Path, procs: Processes) -> None:
     """The node's only GPU runs a process Populi did not start (the load capture): a
-    ``--gpus 1`` task without ``--queue-timeout`` fails at once, exit 125, one line."""
+    ``--gpus 1`` task without ``--queue-timeout`` is refused at once: exit 4 (not 125:
+    Populi did not fail), one line with the reason, and ``run`` returns as soon as the task
+    ended (one look at its output, no waiting for output that cannot come)."""
     data_dir = tmp_path / "d"
     init(data_dir)
-    procs.start_agent(data_dir, env={"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-load.json"})
+    agent = procs.start_agent(
+        data_dir,
+        env={"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-load.json", "POPULI_LOG__LEVEL": "debug"},
+    )
     gpu = _wait_for_gpu(data_dir, allocatable=False)
     assert gpu["allocation_reasons"] == ["gpu_in_use_foreign"]
     run = populi("run", "--gpus", "1", "--data-dir", str(data_dir), "--", "true", timeout=60)
-    assert run.returncode == 125
+    assert run.returncode == 4, run.stderr
     assert one_line(run.stderr), run.stderr
-    assert "failed (no_free_gpu); no attempt started" in run.stderr
+    assert "failed: exit 4: placement_failed, no_free_gpu" in run.stderr
+    assert "no attempt started" in run.stderr
+    (task,) = json.loads(populi("tasks", "--json", "--data-dir", str(data_dir)).stdout)["tasks"]
+    # Its looks at the output once the task had ended: the one that saw it end (and one
+    # already on its way), not a poll every 0.3 s for 3 s more.
+    output = f"/v1/populi/tasks/{task['task_id']}/output"
+    looks = [
+        entry
+        for line in agent.log().splitlines()
+        if f'"path": "{output}"' in line and (entry := json.loads(line))
+    ]
+    ended = dt.datetime.fromtimestamp(task["finished_wall_ms"] / 1000, tz=dt.UTC)
+    after = [e for e in looks if dt.datetime.fromisoformat(e["ts"]) >= ended]
+    assert 1 <= len(after) <= 2, looks
