@@ -311,6 +311,8 @@ def _scenario(demo: Demo) -> None:
         "inference",
         "--node",
         worker.name,
+        # The demo's point: when the worker dies, the task finishes here.
+        "--node-fallback",
         "--env",
         f"TICKS={ticks}",
         "--detach",

@@ -115,6 +115,7 @@ async def submit_pinned(cluster: VirtualCluster, via: str, node: str, argv: list
                 "gpus": 1,
                 "work_class": "agent",
                 "node": node,
+                "node_fallback": True,
                 "queue_timeout_s": QUEUE_TIMEOUT_S,
             },
         )

@@ -109,6 +109,7 @@ async def _submit_pinned(cluster: VirtualCluster, via: str, node: str) -> str:
                 "gpus": 1,
                 "work_class": "agent",
                 "node": node,
+                "node_fallback": True,
                 "queue_timeout_s": QUEUE_TIMEOUT_S,
             },
         )

@@ -96,6 +96,7 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:
         "--detach",
         "--node",
         "wb",
+        "--node-fallback",
         "--gpus",
         "1",
         "--queue-timeout",

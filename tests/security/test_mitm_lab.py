@@ -185,7 +185,7 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path, impostors: list[Impostor]) ->
     ticks = tmp_path / "ticks"
     task_id = mesh.run_detached(
         "wa",
-        *("--node", "wb", "--gpus", "1", "--queue-timeout", "60s"),
+        *("--node", "wb", "--node-fallback", "--gpus", "1", "--queue-timeout", "60s"),
         *tick_command(ticks, n1=N1, n2=N2),
     )
     took = wait_ticks(ticks, 1, guard_s=GUARD_S)
@@ -237,7 +237,7 @@ def scenario(lab: Lab, mesh: Mesh, tmp_path: Path, impostors: list[Impostor]) ->
     ticks2 = tmp_path / "ticks2"
     task2_id = mesh.run_detached(
         "wa",
-        *("--node", "wb", "--gpus", "1", "--queue-timeout", "10s"),
+        *("--node", "wb", "--node-fallback", "--gpus", "1", "--queue-timeout", "10s"),
         *tick_command(ticks2, n1=N2, n2=N2),
     )
     task2, took = mesh.wait_task_ended("wa", task2_id, guard_s=GUARD_S)
