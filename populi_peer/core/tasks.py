@@ -1047,7 +1047,7 @@ def _entries(task: Task, event: TaskEvent, key: EventKey, at: int) -> tuple[Reas
             out.append(
                 ReasonEntry(
                     at,
-                    "node_pinned",
+                    "no_node_fallback",
                     f"--node {task.options.node}: the task runs only there "
                     "(--node-fallback lets it run here)",
                 )

@@ -586,7 +586,7 @@ async def test_a_task_pinned_to_a_node_that_cannot_take_it_is_refused(
         task = await ended(world, submit(world, gpus=0, node=WORKER))
         assert (task.state, task.attempts) == ("failed", ())
         assert task.terminal_reason == "node_pinned_unavailable"
-        assert "node_pinned" in [r.code for r in task.reasons]
+        assert "no_node_fallback" in [r.code for r in task.reasons]
         assert submitter_module.exit_status(task) == 4
         assert world.host.ledger.runs == []
         assert world.fake.requests("POST", "/v1/populi/exec/fallback") == []

@@ -678,7 +678,7 @@ def test_a_pinned_task_never_runs_on_its_submitter_unless_it_may() -> None:
         "placed_local_no_fallback",
     )
     assert strict.terminal_reason == "node_pinned_unavailable"
-    assert "node_pinned" in codes(strict) and "no_fallback" not in codes(strict)
+    assert "no_node_fallback" in codes(strict) and "no_fallback" not in codes(strict)
     assert exit_status(strict) == EXIT_REFUSED
     allowed = run(
         new_task(node="w1", node_fallback=True),
