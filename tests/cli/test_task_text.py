@@ -3,10 +3,12 @@ with the core's own task machine and a time."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
 import pytest
 
+from populi_peer.cli.cmd_run import StatusLine
 from populi_peer.cli.task_text import exit_text, failure_text, waiting_text
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.messages import AttemptResult, TaskLeaseGrant, TaskView
@@ -176,3 +178,25 @@ def test_no_control_plane() -> None:
         "word on a grant whose answer was lost (control_plane_unreachable (grant: connect "
         "refused))"
     )
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_status_line_updates_in_place_on_a_terminal_and_is_silent_when_piped() -> None:
+    terminal = Terminal()
+    line = StatusLine(terminal)
+    line.show("populi: t-1 placing")
+    line.show("populi: t-1 placing")  # unchanged: nothing written
+    line.show("populi: t-1 queued for 1 GPU(s)")
+    line.clear()
+    assert terminal.getvalue() == (
+        "\r\x1b[Kpopuli: t-1 placing\r\x1b[Kpopuli: t-1 queued for 1 GPU(s)\r\x1b[K"
+    )
+    piped = io.StringIO()
+    quiet = StatusLine(piped)
+    quiet.show("populi: t-1 placing")
+    quiet.clear()
+    assert piped.getvalue() == ""

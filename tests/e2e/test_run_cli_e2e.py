@@ -65,6 +65,7 @@ def test_refusals_reasons_and_logs_with_one_agent(tmp_path: Path, procs: Process
     missing = populi("run", *d, "--", "no-such-command-xyz")
     assert missing.returncode == 127, missing.stderr
     assert "exit 127: command not found: no-such-command-xyz" in missing.stderr
+    assert "\r" not in missing.stderr  # piped: no waiting line
     task_id = populi("tasks", "--json", *d).stdout
     task_id = json.loads(task_id)["tasks"][0]["task_id"]
     shown = populi("task", "show", task_id, *d)
