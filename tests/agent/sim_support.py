@@ -742,7 +742,7 @@ async def _setup(cluster: VirtualCluster) -> None:
         lambda: all(
             cluster[n].records.settings["remote_exec_enabled"]
             and cluster[n].records.settings["max_lease_ttl_s"] == TTL_S
-            and cluster.cp.allocatable_gpus(cluster[n].node_id)[0]
+            and cluster.cp.gpu.allocatable_gpus(cluster[n].node_id)[0]
             and all(cluster[n].membership.get(cluster[m].node_id) for m in cluster.nodes)
             for n in cluster.nodes
         ),

@@ -94,10 +94,10 @@ async def test_remote_off_gpu_task_runs_on_this_nodes_gpu_under_a_local_lease(
     ):
         w1 = cluster["w1"]
         await cluster.wait_until(
-            lambda: bool(cluster.cp.allocatable_gpus(w1.node_id)[0] and w1.verified_gpu_uuids())
+            lambda: bool(cluster.cp.gpu.allocatable_gpus(w1.node_id)[0] and w1.gpu.verified_uuids())
         )
-        assert not w1.remote_enabled()
-        (gpu,) = w1.verified_gpu_uuids()
+        assert not w1.remote_work.enabled()
+        (gpu,) = w1.gpu.verified_uuids()
 
         async def submit(gpus: int) -> str:
             async with cluster.operator_client("w1") as client:
@@ -146,7 +146,7 @@ def _client(cluster, agent) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(agent.node_id),
         base_url="https://cp.populi.test:443",
-        auth=SignedAuth(agent.identity.node_credential, cp.node_id, agent.clock),
+        auth=SignedAuth(agent.certificates.identity.node_credential, cp.node_id, agent.clock),
     )
 
 

@@ -23,7 +23,9 @@ def as_node(cluster: VirtualCluster, sender: Agent, recipient: str) -> httpx.Asy
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(sender.node_id),
         base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(sender.identity.node_credential, cluster[recipient].node_id, sender.clock),
+        auth=SignedAuth(
+            sender.certificates.identity.node_credential, cluster[recipient].node_id, sender.clock
+        ),
     )
 
 
@@ -43,7 +45,7 @@ async def test_a_retired_node_says_so_and_takes_no_work(
         cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
         await cluster.wait_until(
             lambda: (
-                all(cp.allocatable_gpus(w.node_id)[0] for w in (w1, w2))
+                all(cp.gpu.allocatable_gpus(w.node_id)[0] for w in (w1, w2))
                 and w1.membership.get(w2.node_id) is not None
                 and w2.membership.get(w1.node_id) is not None
             ),
@@ -54,13 +56,13 @@ async def test_a_retired_node_says_so_and_takes_no_work(
                 "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
             )
             assert on.status_code == 200
-            assert w2.remote_enabled()
+            assert w2.remote_work.enabled()
             assert w2.standing.json()["state"] == "member"
             retired = await op.post(
                 "/v1/populi/admin/nodes/w2/retire", json={"reason": "stolen laptop"}
             )
         assert retired.status_code == 200, retired.text
-        operator_id = cp.identity.operator.principal_id
+        operator_id = cp.certificates.identity.operator.principal_id
         # Its next heartbeat is refused as node_retired, with who, when and why.
         took = await cluster.wait_until(lambda: w2.standing.retired, timeout_s=GUARD_S)
         assert took <= 2 * w2.heartbeat_sender.interval_s() + 1
@@ -80,7 +82,7 @@ async def test_a_retired_node_says_so_and_takes_no_work(
         assert any("populi node unretire w2" in step for step in standing["rejoin"])
         assert any("populi join TOKEN --force" in step for step in standing["rejoin"])
         assert status["lifecycle"]["state"] == "retired"
-        assert not w2.remote_enabled()
+        assert not w2.remote_work.enabled()
 
         # Its worker refuses a handoff (from a submitter that has not heard yet).
         message = {
@@ -91,7 +93,7 @@ async def test_a_retired_node_says_so_and_takes_no_work(
             "lease_id": "l-0000000000000002",
             "token": "1.77",
             "command": ["sim", "1"],
-            "gpus": w2.verified_gpu_uuids(),
+            "gpus": w2.gpu.verified_uuids(),
             "ttl_s": 30,
             "work_class": "agent",
         }

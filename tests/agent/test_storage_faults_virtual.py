@@ -36,7 +36,9 @@ async def cluster(
         await cluster.join("w2", config=gpu_config())
         cp = cluster.cp
         await cluster.wait_until(
-            lambda: all(len(cp.allocatable_gpus(cluster[w].node_id)[0]) == 1 for w in ("w1", "w2")),
+            lambda: all(
+                len(cp.gpu.allocatable_gpus(cluster[w].node_id)[0]) == 1 for w in ("w1", "w2")
+            ),
             timeout_s=GUARD_S,
         )
         yield cluster
@@ -151,7 +153,7 @@ async def test_a_task_whose_records_cannot_be_written_waits_and_finishes_once(
     ):
         w1 = cluster["w1"]
         await cluster.wait_until(
-            lambda: bool(cluster.cp.allocatable_gpus(w1.node_id)[0] and w1.verified_gpu_uuids())
+            lambda: bool(cluster.cp.gpu.allocatable_gpus(w1.node_id)[0] and w1.gpu.verified_uuids())
         )
         async with cluster.operator_client("w1") as client:
             submitted = await client.post(
