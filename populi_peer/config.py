@@ -35,6 +35,7 @@ from populi_peer.core.leases import validate_stop_margin
 from populi_peer.core.scope import Scope
 from populi_peer.core.timings import DEFAULT_SCOPE_TIMINGS, ScopeTimings, TimingTable
 from populi_peer.errors import ConfigError
+from populi_peer.log import LOG_FORMATS, LOG_LEVELS
 
 CONFIG_FILE_NAME = "populi.toml"
 RESERVED_TASK_VARIABLES = frozenset({"POPULI_TASK_ID", "POPULI_ATTEMPT", "POPULI_FENCING_TOKEN"})
@@ -194,13 +195,20 @@ class NodeConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = field(
-        default="json",
-        metadata=_meta("json (one JSON object per line) or text", "", _one_of("json", "text")),
+        default="auto",
+        metadata=_meta(
+            "auto (text on a terminal, else JSON), json (one JSON object per line) or text",
+            "",
+            _one_of(*LOG_FORMATS),
+        ),
     )
     level: str = field(
-        default="info",
+        default="auto",
         metadata=_meta(
-            "debug, info, warning or error", "", _one_of("debug", "info", "warning", "error")
+            "auto (notice for text on a terminal, else info), debug (adds every request "
+            "answered), info, notice (start, stop, lifecycle changes), warning or error",
+            "",
+            _one_of(*LOG_LEVELS),
         ),
     )
 

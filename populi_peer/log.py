@@ -1,10 +1,17 @@
-"""Logging: JSON lines on stderr (``--log-format text`` for humans).
+"""Logging: JSON lines on stderr for files and services, short text lines on a terminal.
 
-Every line has ``ts`` (UTC ISO time), ``level``, ``logger``, ``event`` (the message) and
-the fields passed with ``extra={"fields": {...}}``; inside a request the correlation id
+Every JSON line has ``ts`` (UTC ISO time), ``level``, ``logger``, ``event`` (the message)
+and the fields passed with ``extra={"fields": {...}}``; inside a request the correlation id
 (``cid``) is added from a context variable, so every line a request causes can be found.
 Secrets (token texts, private keys) are never passed to the logger; ``redact`` exists for
 the places that handle them.
+
+Levels: ``debug`` (every request the API answered, heartbeats included), ``info`` (what the
+protocol did: tasks, leases, records), ``notice`` (what an operator watching a terminal
+wants to see: the agent starts and stops, this node's lifecycle changes, the control plane
+goes and comes back, storage recovers, a node joins, new cluster records), ``warning``,
+``error``. The format and level default to ``auto`` (:func:`resolve_logging`): on a
+terminal, text at ``notice``; otherwise (a file, a pipe, journald) JSON at ``info``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,23 @@ from typing import Any
 correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "populi_correlation_id", default=None
 )
+
+#: Between info and warning (syslog's notice): what matters to a person at a terminal.
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
+
+LOG_FORMATS = ("auto", "json", "text")
+LOG_LEVELS = ("auto", "debug", "info", "notice", "warning", "error")
+
+
+def resolve_logging(fmt: str, level: str, *, tty: bool) -> tuple[str, str]:
+    """The (format, level) an agent logs with: ``auto`` is text at ``notice`` when it logs
+    to a terminal (``tty``), JSON at ``info`` otherwise; an explicit ``json`` keeps
+    ``info`` on a terminal too (JSON is for machines)."""
+    resolved = fmt if fmt != "auto" else ("text" if tty else "json")
+    if level != "auto":
+        return resolved, level
+    return resolved, "notice" if (tty and resolved == "text") else "info"
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,7 +70,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = _dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
-        text = f"{ts} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        name = record.name.removeprefix("populi.")
+        text = f"{ts} {record.levelname.lower():7} {name}: {record.getMessage()}"
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
             text += " " + " ".join(f"{key}={value}" for key, value in fields.items())
@@ -87,4 +112,14 @@ def redact(secret: str, keep: int = 6) -> str:
     return secret[:keep] + "…" if len(secret) > keep else "…"
 
 
-__all__ = ["correlation_id", "get_logger", "log", "redact", "setup_logging"]
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "NOTICE",
+    "correlation_id",
+    "get_logger",
+    "log",
+    "redact",
+    "resolve_logging",
+    "setup_logging",
+]

@@ -59,16 +59,27 @@ def test_the_lock_is_not_inherited_by_child_processes(tmp_path: Path) -> None:
     lock = DataDirLock.acquire(tmp_path)
     assert lock._fd is not None
     assert fcntl.fcntl(lock._fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=False)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        close_fds=False,
+        stdout=subprocess.PIPE,
+    )
     try:
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"  # settled
         lock.release()
         assert other_process_can_lock(tmp_path), "a child process kept the data directory locked"
-        fds = os.listdir(f"/proc/{child.pid}/fd")
-        targets = {os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in fds}
+        targets = set()
+        for fd in os.listdir(f"/proc/{child.pid}/fd"):
+            try:
+                targets.add(os.readlink(f"/proc/{child.pid}/fd/{fd}"))
+            except FileNotFoundError:  # closed between the listing and the read
+                continue
         assert str(tmp_path / LOCK_FILE_NAME) not in targets
     finally:
         child.kill()
         child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
 
 
 def test_force_refuses_to_wipe_a_directory_an_agent_runs_on(tmp_path: Path) -> None:

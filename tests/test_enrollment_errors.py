@@ -37,6 +37,7 @@ from enrollment.tokens import validate_node_name as check_name
 from populi_peer.agent.enrollment import TokenUsed
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.api.app import ApiApp, Route
+from populi_peer.api.auth import Authenticator
 from populi_peer.cli.main import main
 from populi_peer.errors import (
     ENROLLMENT_KINDS,
@@ -235,10 +236,17 @@ async def test_the_api_answers_an_untranslated_enrollment_error_as_before(
         revoke_node(_ONE, _revoked(), now_ms=NOW + 2)
         return {}
 
+    clock = VirtualClock()
     app = ApiApp(
         routes=[Route("GET", "/refuse", refuse, roles=None)],
-        authenticator=None,  # type: ignore[arg-type]  # no route here is signed
-        clock=VirtualClock(),
+        authenticator=Authenticator(
+            node_id="n-cp",
+            clock=clock,
+            skew_s=30.0,
+            lookup=lambda _keyid: None,  # no route here is signed
+            is_revoked=lambda _keyid: False,
+        ),
+        clock=clock,
         max_body_bytes=1024,
     )
     async with httpx.AsyncClient(

@@ -69,7 +69,7 @@ from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
 from populi_peer.store.events import EventLog
@@ -442,7 +442,7 @@ class Agent:
                     )
                     task_status.started(self)
                     await self._stop.wait()
-                    log(self.logger, logging.INFO, "agent stopping")
+                    log(self.logger, NOTICE, "agent stopping")
                     services.cancel_scope.deadline = (
                         trio.current_time() + self.config.api.shutdown_grace_s
                     )
@@ -460,7 +460,7 @@ class Agent:
             self.store.close()
             self.data_dir_lock.release()
             self.stopped.set()
-            log(self.logger, logging.INFO, "agent stopped")
+            log(self.logger, NOTICE, "agent stopped")
 
     async def _stop_after_leave(self) -> None:
         await self.leave_state.done.wait()

@@ -31,7 +31,7 @@ from populi_peer.clock import Clock
 from populi_peer.core.messages import CertRenewAnswer
 from populi_peer.errors import PopuliError, enrollment_boundary
 from populi_peer.identity import Identity
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 
 #: Never renew more often than this, whatever the lifetime; and retry a failure after it.
 RETRY_S = 60.0
@@ -92,7 +92,7 @@ class CertificateRenewal:
         for listener in self.on_renewed:
             listener()
         info = node_certificate_info(cert)
-        log(self.logger, logging.INFO, "certificate renewed", not_after_s=int(info.not_after_s))
+        log(self.logger, NOTICE, "certificate renewed", not_after_s=int(info.not_after_s))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew at two thirds of the certificate's lifetime; retry every minute on failure."""

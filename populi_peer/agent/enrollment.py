@@ -88,7 +88,7 @@ from populi_peer.errors import (
     StoreError,
 )
 from populi_peer.identity import Identity
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.events import EventLog
 from populi_peer.store.tokens import JoinTokenRecord, JoinTokens
@@ -509,7 +509,7 @@ class Enrollment:
             self.registry.adopt(registers)
         log(
             self.logger,
-            logging.INFO,
+            NOTICE,
             "node joined",
             node_id=node_id,
             name=name,
@@ -647,7 +647,8 @@ class Enrollment:
         self._require_cp()
         token_id = request.path_params["token_id"]
         row = self._token_row(token_id)
-        if row.revoked_ms is None:
+        changed = row.revoked_ms is None
+        if changed:
             with self.store.transaction():
                 self.tokens.revoke(token_id, now_ms=self._now_ms())
                 self.events.append(
@@ -658,7 +659,7 @@ class Enrollment:
                     detail={"token_id": token_id},
                 )
         await trio.lowlevel.checkpoint()
-        return TokenRevokeAnswer(summary=self._summary(self._token_row(token_id)))
+        return TokenRevokeAnswer(summary=self._summary(self._token_row(token_id)), changed=changed)
 
     # -- certificates ---------------------------------------------------------------------
 
@@ -717,7 +718,7 @@ class Enrollment:
         if member.id == self.node_id:
             raise Conflict("the control plane cannot retire itself", code="retire_self")
         reason = request.message(ReasonRequest).reason_or("retired by operator")
-        before, _after = self.registry.command(
+        before, after = self.registry.command(
             member.id,
             "retire",
             writer_class="operator",
@@ -725,7 +726,8 @@ class Enrollment:
             reason=reason,
             term=self.control_plane.term,
         )
-        if not self.revocations.is_revoked(member.id):
+        revoked_now = not self.revocations.is_revoked(member.id)
+        if revoked_now:
             now_ms = self._now_ms()
             current = self.revocations.empty_or_current(now_ms=now_ms)
             new = revoke_node(
@@ -740,18 +742,28 @@ class Enrollment:
                 now_ms=now_ms,
             )
             self.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
-        self.events.append(
-            at_ms=self._now_ms(),
-            node_id=member.id,
-            kind="lifecycle",
-            actor=request.caller.id,
-            reason=reason,
-            detail={"command": "retire", "from": before.state if before else None, "to": "retired"},
-        )
-        self._membership_changed()
+        # Retiring a retired node again is a no-op: no event, and the answer says so.
+        changed = revoked_now or before != after
+        if changed:
+            self.events.append(
+                at_ms=self._now_ms(),
+                node_id=member.id,
+                kind="lifecycle",
+                actor=request.caller.id,
+                reason=reason,
+                detail={
+                    "command": "retire",
+                    "from": before.state if before else None,
+                    "to": "retired",
+                },
+            )
+            self._membership_changed()
         await trio.lowlevel.checkpoint()
         return NodeRetireAnswer(
-            node_id=member.id, state="retired", revocation_serial=self.revocations.serial
+            node_id=member.id,
+            state="retired",
+            revocation_serial=self.revocations.serial,
+            changed=changed,
         )
 
     async def _delete(self, request: Request) -> NodeDeleteAnswer:

@@ -25,7 +25,7 @@ import trio
 from populi_peer.clock import Clock
 from populi_peer.core.messages import HealthProblem, NodeHealth
 from populi_peer.errors import PopuliError, StoreError
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import file_error
 
 T = TypeVar("T")
@@ -102,7 +102,7 @@ class Health:
             return
         log(
             self.logger,
-            logging.INFO,
+            NOTICE,
             "recovered",
             component=component,
             failures=problem.failures,

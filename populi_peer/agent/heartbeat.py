@@ -59,7 +59,12 @@ from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import Config, ScopeConfig, parse_host_port
 from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
 from populi_peer.core.lifecycle import NodeLifecycle
-from populi_peer.core.messages import ControlPlaneRef, HeartbeatAnswer, HeartbeatReport
+from populi_peer.core.messages import (
+    ControlPlaneRef,
+    EventKind,
+    HeartbeatAnswer,
+    HeartbeatReport,
+)
 from populi_peer.core.messages.heartbeat import HeartbeatStatus
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite
 from populi_peer.core.scope import Scope, path_scope
@@ -68,7 +73,7 @@ from populi_peer.discovery import Sighting
 from populi_peer.discovery.service import NOT_SENT_CODES, call_first
 from populi_peer.discovery.site import url_address
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.events import EventLog
 
 NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
@@ -408,7 +413,7 @@ class HeartbeatIntake:
             if not changed:
                 return
             after = self.registry.lifecycle(caller)
-            kind = "lifecycle"
+            kind: EventKind = "lifecycle"
             detail: dict[str, object] = {
                 "command": "leave" if after and after.state == "left" else "self",
                 "from": before.state if before else None,
@@ -637,7 +642,18 @@ class HeartbeatSender:
 
     async def _absorb(self, answer: HeartbeatAnswer) -> None:
         self.last_answer = answer
-        self.lifecycle = answer.lifecycle
+        before, after = self.lifecycle, answer.lifecycle
+        self.lifecycle = after
+        if before is not None and after is not None and before.state != after.state:
+            log(
+                self.logger,
+                NOTICE,
+                "this node's lifecycle changed",
+                state=after.state,
+                was=before.state,
+                by=after.actor,
+                reason=after.reason,
+            )
         if answer.revocations:
             self.revocations.offer(answer.revocations, now_ms=wall_ms(self.clock))
         if answer.settings_record:
@@ -695,7 +711,7 @@ class HeartbeatSender:
                     self.cp_down = False
                     log(
                         self.logger,
-                        logging.INFO,
+                        NOTICE,
                         "control plane reachable again",
                         url=self.control_plane.url,
                         after_failures=failures,

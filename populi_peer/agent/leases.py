@@ -4,8 +4,10 @@ Every operation of the pure table returns the leases to persist; they are writte
 ``synchronous=FULL`` transaction (with the token counter) before the new table is adopted
 and before anyone is answered (safety rules 4 and 7). Renewals change only the in-memory
 expiry, which is never persisted: after a restart every holding lease counts as renewed at
-restart (rule 5), and no new grants are made for a while (ADR 0007: the longest TTL ever
-allowed + leader lease + margin; none for a cluster that never granted a lease).
+restart (rule 5), and grants resume per node (ADR 0015): on a node once it has reported to
+this incarnation, on a silent one once any lease it could hold unknown here has expired (the
+longest TTL ever allowed + margin; nothing to wait for in a cluster that never granted a
+lease). Nodes do not send reports yet, so for now every node waits out that window.
 
 Routes:
 - ``POST /v1/populi/exec/leases`` (submit): grant; the control plane re-checks the target's
@@ -176,34 +178,32 @@ class LeaseService:
         leases = self.stored.all()
         next_seq = self.stored.next_seq()
         settings = self.settings()
-        # safety rule 5 / ADR 0006: after a restart, renewals only for a while — a lease
-        # this table does not know of (a store restored from an older copy) has by then
-        # either renewed here or expired on its holder's own deadline. A cluster that never
-        # granted a lease has nothing to wait for. The hold uses the largest TTL ever
+        # safety rule 5 / ADR 0015: grants resume per node — a lease this table does not
+        # know of (a store restored from an older copy) is in its holder's report, or has
+        # expired on its holder's own deadline once the window ends. A cluster that never
+        # granted a lease has nothing to wait for. The window uses the largest TTL ever
         # allowed, in case max_lease_ttl_s was lowered since.
         longest_ttl = max(
             settings.max_lease_ttl_s,
             self.stored.longest_ttl_seen_s(),
         )
-        hold_s = (
-            longest_ttl + settings.leader_lease_s + settings.expiry_margin_s
-            if next_seq > 1
-            else 0.0
-        )
+        now_mono = self.clock.mono()
         self.table = LeaseTable.restore(
             leases,
             term=self.control_plane.term,
             next_seq=next_seq,
             settings=settings,
-            now_mono=self.clock.mono(),
-            hold_s=hold_s,
+            now_mono=now_mono,
+            incarnation_id=secrets.token_hex(8),
+            longest_ttl_s=longest_ttl,
+            resume=next_seq > 1,
         )
-        if hold_s:
+        if self.table.window is not None:
             log(
                 self.logger,
                 logging.INFO,
-                "no new grants until restarted leases are known",
-                hold_s=round(hold_s, 1),
+                "grants resume per node: each once it reports, a silent one after the window",
+                window_s=round(self.table.window.silent_until_mono - now_mono, 1),
             )
         if leases:
             log(
@@ -462,7 +462,7 @@ class LeaseService:
                 work_class=body.work_class or "agent",
                 submitter=submitter,
             )
-            busy = table.live_gpus()
+            busy = table.busy_gpus()
             gpus = tuple(g for g in view.allocatable_gpus if (submitter, g) not in busy)[
                 : body.gpus_wanted
             ]

@@ -7,7 +7,10 @@ Control plane routes (:class:`NodeAdmin`):
   listing the allowed commands; every change is an event with who, why and when.
 - ``GET /v1/populi/nodes``: every node with lifecycle, heartbeat age / staleness, path
   scope as seen from here, GPU summary, certificate expiry and routing eligibility.
-- ``GET /v1/populi/events?node=&after=&limit=``.
+- ``GET /v1/populi/events?node=&kind=&since_ms=&after=&limit=&wait_s=``: the newest page,
+  oldest first; with ``after`` (the answer's ``next_after``) what came since, waiting up to
+  ``wait_s`` for it (woken by the event log's append, never by polling). Unknown ``node``
+  or ``kind`` filters are refused, not answered with an empty page.
 
 Local route: ``POST /v1/populi/leave`` (the node itself or an operator) — stop taking work,
 stop running tasks, release their leases, report ``left`` and stop heartbeating
@@ -31,6 +34,7 @@ from populi_peer.clock import Clock, wall_ms
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import (
+    EVENT_KINDS,
     EventsAnswer,
     EventView,
     GpuSummaryView,
@@ -48,10 +52,12 @@ from populi_peer.core.registers import LIFECYCLE
 from populi_peer.core.scope import Scope
 from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PopuliError
 from populi_peer.log import get_logger, log
-from populi_peer.store.events import EventLog
+from populi_peer.store.events import Event, EventLog
 
 OPERATOR = frozenset({"operator"})
 LIFECYCLE_ACTIONS = ("cordon", "drain", "maintenance", "quarantine", "resume")
+#: The longest an events request waits for the next event (``wait_s``).
+MAX_EVENTS_WAIT_S = 60
 
 #: A listener told the id of a node whose lifecycle an operator changed.
 LifecycleListener = Callable[[str], None]
@@ -97,6 +103,13 @@ class NodeAdmin:
         self.departure = departure
         self.lifecycle_listeners = tuple(lifecycle_listeners)
         self.logger = get_logger("nodes")
+        # Set (and replaced) by every append: what an events request waits on.
+        self._appended = trio.Event()
+        events.listeners.append(self._event_appended)
+
+    def _event_appended(self) -> None:
+        self._appended.set()
+        self._appended = trio.Event()
 
     def routes(self) -> list[Route]:
         return [
@@ -247,17 +260,48 @@ class NodeAdmin:
         )
 
     async def _events(self, request: Request) -> EventsAnswer:
-        after = request.query_int("after", 0, minimum=0)
+        given_after = request.query_int("after", -1, minimum=0)
+        # Without a cursor: the newest page; with one, what came after it.
+        newest_page = given_after < 0
+        cursor = max(given_after, 0)
         limit = request.query_int("limit", 200, minimum=1, maximum=1000)
-        node_ref = request.query_one("node")
-        if node_ref:
-            try:
-                node_id = self.membership.resolve_node(node_ref).id
-            except NotFound:
-                node_id = node_ref  # a deleted node's events stay listed by its id
-            rows = self.events.page(node_id=node_id, after=after, limit=limit)
-        else:
-            rows = self.events.page(after=after, limit=limit)
+        since = request.query_int("since_ms", -1, minimum=0)
+        since_ms = since if since >= 0 else None
+        wait_s = request.query_int("wait_s", 0, minimum=0, maximum=MAX_EVENTS_WAIT_S)
+        node_id = self._event_node(request.query_one("node"))
+        kind = self._event_kind(request.query_one("kind"))
+        rows: list[Event] = []
+        earlier = False
+        with trio.move_on_after(wait_s):
+            while True:
+                # Taken before reading: an append after the read sets this very event.
+                appended = self._appended
+                if newest_page:
+                    newest_page = False
+                    newest = self.events.page(
+                        node_id=node_id,
+                        kind=kind,
+                        since_ms=since_ms,
+                        limit=limit + 1,
+                        newest_first=True,
+                    )
+                    earlier = len(newest) > limit
+                    rows = newest[:limit][::-1]
+                    # A follower goes on from here (nothing may come between the reads).
+                    cursor = rows[-1].seq if rows else self.events.last_seq()
+                    if rows:
+                        break
+                else:
+                    rows = self.events.page(
+                        node_id=node_id, kind=kind, since_ms=since_ms, after=cursor, limit=limit
+                    )
+                    if rows:
+                        cursor = rows[-1].seq
+                        break
+                if not wait_s:
+                    break
+                await appended.wait()
+        names = {member.id: member.name for member in self.membership.all()}
         events = tuple(
             EventView(
                 seq=event.seq,
@@ -267,11 +311,35 @@ class NodeAdmin:
                 actor=event.actor,
                 reason=event.reason,
                 detail=event.detail,
+                node_name=names.get(event.node_id),
+                actor_name=names.get(event.actor),
             )
             for event in rows
         )
         await trio.lowlevel.checkpoint()
-        return EventsAnswer(events=events, next_after=events[-1].seq if events else after)
+        return EventsAnswer(events=events, next_after=cursor, earlier=earlier)
+
+    def _event_node(self, ref: str | None) -> str | None:
+        """The node id a ``node`` filter names: a member (id or name), or a node the log
+        mentions (a deleted node's events stay listed by its id); else 404."""
+        if not ref:
+            return None
+        try:
+            return self.membership.resolve_node(ref).id
+        except NotFound:
+            if self.events.mentions_node(ref):
+                return ref
+            raise
+
+    def _event_kind(self, kind: str | None) -> str | None:
+        if not kind:
+            return None
+        if kind not in EVENT_KINDS and not self.events.has_kind(kind):
+            raise BadRequest(
+                f"no event kind {kind!r}; use one of {', '.join(EVENT_KINDS)}",
+                code="unknown_event_kind",
+            )
+        return kind
 
     # -- leave ----------------------------------------------------------------------------
 

@@ -75,12 +75,16 @@ class ClusterRecords:
 
     def change_settings(
         self, changes: dict[str, Any], *, identity: Identity, actor: str, now_ms: int
-    ) -> SignedRecord:
-        """Control plane: validate, sign and durably store a new settings record."""
-        values = dict(self.settings)
+    ) -> SignedRecord | None:
+        """Control plane: validate, sign and durably store a new settings record; ``None``
+        (nothing signed or stored) when every value is already as asked."""
+        current = cluster_settings.validate_settings(dict(self.settings))
+        values = dict(current)
         for key, value in changes.items():
             values[key] = cluster_settings.validate_value(key, value)
         values = cluster_settings.validate_settings(values)
+        if values == current and self.settings_record is not None:
+            return None
         text = sign_record(
             kind="settings",
             serial=self.settings_serial + 1,

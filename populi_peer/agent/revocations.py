@@ -22,7 +22,7 @@ from enrollment.revocation import (
     sign_revocations,
     verify_revocations,
 )
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.revocations import RevocationLists
 
@@ -65,7 +65,7 @@ class RevocationState:
             self._store(kept, text, now_ms)
             log(
                 self.logger,
-                logging.INFO,
+                NOTICE,
                 "revocation list installed",
                 serial=kept.serial,
                 revoked=len(kept.revoked),

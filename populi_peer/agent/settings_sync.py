@@ -46,7 +46,7 @@ from populi_peer.core.messages import (
 from populi_peer.discovery.service import call_first
 from populi_peer.errors import PopuliError
 from populi_peer.identity import Identity
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.events import EventLog
 
@@ -140,6 +140,14 @@ class SettingsSync:
             actor=request.caller.id,
             now_ms=wall_ms(self.clock),
         )
+        if record is None:
+            await trio.lowlevel.checkpoint()
+            return SettingsSetAnswer(
+                settings=self.records.settings_view(),
+                term=self.control_plane.term,
+                push=PushReport(serial=self.records.settings_serial, confirmed=(), unconfirmed=()),
+                changed=False,
+            )
         if float(self.records.settings["max_lease_ttl_s"]) != previous_ttl:
             # Remembered for the grant hold after a restart (ADR 0006, decision 5).
             seen = float(self.store.get_meta(MAX_TTL_SEEN_KEY, "0") or 0)
@@ -165,7 +173,7 @@ class SettingsSync:
         if installed:
             log(
                 self.logger,
-                logging.INFO,
+                NOTICE,
                 "settings record installed (pushed)",
                 serial=self.records.settings_serial,
                 by=request.caller.id,
@@ -267,7 +275,7 @@ class SettingsSync:
             if text is not None and self.records.offer_settings(text):
                 log(
                     self.logger,
-                    logging.INFO,
+                    NOTICE,
                     "settings record fetched (a peer held a newer one)",
                     serial=self.records.settings_serial,
                 )

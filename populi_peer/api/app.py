@@ -11,7 +11,8 @@ Every response is JSON with ``"v"`` (protocol version) and ``"server_time_ms"``,
 the headers ``Populi-Server-Time-Ms`` (so a caller sees skew), ``Populi-Protocol`` and
 ``Populi-Correlation-Id`` (echoed from the request or made here). Errors are
 ``{"v": 1, "server_time_ms": ..., "error": {"code": ..., "message": ...}}``. Bodies are read up
-to ``max_body_bytes`` (413 beyond); malformed JSON is a 400.
+to ``max_body_bytes`` (413 beyond); a POST body is a JSON object or nothing, on every route
+(400 ``bad_json`` otherwise, also where the handler does not read it).
 """
 
 from __future__ import annotations
@@ -298,6 +299,10 @@ class ApiApp:
                 )
                 if route.request is not None:
                     request._message = _parse_body(route.request, request)
+                elif body and method == "POST":
+                    # A body no handler reads is still JSON (or absent): the same 400
+                    # bad_json on every route, whether its handler reads the body or not.
+                    request.json()
                 # The request's first commit records its nonce (never accepted twice).
                 with bind_request_nonce(nonce):
                     result = await route.handler(request)
@@ -322,9 +327,10 @@ class ApiApp:
                     },
                 )
             await self._send(send, response, cid)
+            # The access log: debug (heartbeats alone are one a second per node).
             log(
                 self.logger,
-                logging.DEBUG if path == "/v1/populi/health" else logging.INFO,
+                logging.DEBUG,
                 "request",
                 method=method,
                 path=path,

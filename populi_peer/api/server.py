@@ -1,4 +1,14 @@
-"""Serving the ASGI app over TLS with hypercorn's trio worker."""
+"""Serving the ASGI app over TLS with hypercorn's trio worker.
+
+A refused handshake ends with its TLS alert. OpenSSL writes the alert (``protocol_version``
+for a TLS 1.2 client, ``handshake_failure`` for no shared cipher) into the outgoing memory
+BIO and fails the handshake; trio's ``SSLStream`` (0.35) then raises at once and closes
+the socket without sending what the BIO holds, so the client saw a bare EOF ("unexpected
+eof while reading") instead of a reason (python-trio/trio#3413 is the same bug for
+certificate errors). :class:`AlertingSSLObject`, the server context's TLS object, holds
+such a failure back once: it reports "wants to read" so that trio first sends the
+pending bytes (the alert), and raises the failure on trio's next call.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,38 @@ from hypercorn.trio import serve
 from populi_peer.config import format_host_port
 
 
+class AlertingSSLObject(ssl.SSLObject):
+    """The server's TLS object: a failed handshake sends its alert before it ends (see
+    the module docstring)."""
+
+    _outgoing: ssl.MemoryBIO | None = None
+    _failure: ssl.SSLError | None = None
+
+    @classmethod
+    def _create(
+        cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args: Any, **kwargs: Any
+    ) -> AlertingSSLObject:
+        # ``SSLContext.wrap_bio`` builds the object here; keep the outgoing BIO so that a
+        # failure can tell whether an alert waits in it.
+        made = super()._create(incoming, outgoing, *args, **kwargs)  # type: ignore[misc]
+        made._outgoing = outgoing
+        return made  # type: ignore[no-any-return]
+
+    def do_handshake(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        try:
+            super().do_handshake()
+        except ssl.SSLWantReadError:
+            raise
+        except ssl.SSLError as exc:
+            if self._outgoing is None or not self._outgoing.pending:
+                raise
+            self._failure = exc
+            # trio sends what the BIO holds, then calls again and gets the failure.
+            raise ssl.SSLWantReadError("the handshake failed; sending its alert first") from exc
+
+
 class ReloadableConfig(HypercornConfig):
     """Keeps the server's SSL context so that a renewed certificate can be loaded into it:
     new connections get the new certificate, open ones keep theirs."""
@@ -25,6 +67,7 @@ class ReloadableConfig(HypercornConfig):
         self.ssl_context = super().create_ssl_context()
         if self.ssl_context is not None:
             self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_3  # peers speak 1.3 only
+            self.ssl_context.sslobject_class = AlertingSSLObject
         return self.ssl_context
 
     def reload_certificate(self) -> None:
@@ -62,4 +105,4 @@ async def serve_api(
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
-__all__ = ["ReloadableConfig", "hypercorn_config", "serve_api"]
+__all__ = ["AlertingSSLObject", "ReloadableConfig", "hypercorn_config", "serve_api"]

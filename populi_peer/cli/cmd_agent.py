@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enrollment.errors import EnrollmentError
 from populi_peer.cli.common import add_data_dir, config_of, data_dir_of
 from populi_peer.errors import ConfigError, PopuliError, translate_enrollment
+from populi_peer.log import LOG_FORMATS, LOG_LEVELS
+
+if TYPE_CHECKING:
+    from populi_peer.agent import Agent
 
 
 def register(subparsers: Any) -> None:
@@ -25,11 +31,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--listen", default=None, help="HOST:PORT to bind (overrides node.listen)")
     parser.add_argument(
         "--log-format",
-        choices=["json", "text"],
+        choices=LOG_FORMATS,
         default=None,
-        help="log lines as JSON (default) or text",
+        help="auto (default): a short summary and text lines on a terminal, JSON lines otherwise",
     )
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="auto (default): notice on a terminal, info otherwise; debug adds every request",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -37,19 +48,24 @@ def run(args: argparse.Namespace) -> int:
     import trio
 
     from populi_peer.agent import build_agent
-    from populi_peer.log import setup_logging
+    from populi_peer.log import resolve_logging, setup_logging
 
     config = config_of(
         args,
         {"node.listen": args.listen, "log.format": args.log_format, "log.level": args.log_level},
     )
-    setup_logging(fmt=config.log.format, level=config.log.level)
+    tty = sys.stderr.isatty()
+    fmt, level = resolve_logging(config.log.format, config.log.level, tty=tty)
+    setup_logging(fmt=fmt, level=level)
     data_dir = data_dir_of(args)
 
     async def main() -> None:
         agent = build_agent(data_dir=data_dir, config=config)
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
+            if tty and fmt == "text":
+                sys.stderr.write(startup_summary(agent, level=level))
+                sys.stderr.flush()
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 stop_waiter = trio.CancelScope()
 
@@ -70,6 +86,50 @@ def run(args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         raise one_error(group, config.node.listen) from group
     return 0
+
+
+def startup_summary(agent: Agent, *, level: str) -> str:
+    """What a person who typed ``populi agent`` on a terminal sees once it serves: which
+    node of which cluster, where, its control plane and its GPUs."""
+    identity = agent.certificates.identity
+    cp = agent.control_plane
+    if cp.is_self:
+        control_plane = "this node"
+    else:
+        member = agent.membership.get(cp.id)
+        control_plane = f"{member.name if member else cp.id} at {cp.url}"
+    rows = [
+        ("API", agent.address.url),
+        ("control plane", control_plane),
+        ("GPUs", gpu_line(agent)),
+        ("data dir", str(agent.data_dir.absolute())),
+        (
+            "log",
+            f"{level} and above from here on"
+            + (" (--log-level info or debug for more)" if level == "notice" else ""),
+        ),
+    ]
+    lines = [
+        f"populi agent: node {identity.node_name} ({identity.node_id}) of cluster "
+        f"{identity.cluster_name}, pid {os.getpid()}"
+    ]
+    lines += [f"  {key:<14} {value}" for key, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_line(agent: Agent) -> str:
+    inventory = agent.gpu.inventory
+    if inventory is None:
+        return "not probed yet"
+    if inventory.cpu_only:
+        return f"none: a CPU-only node ({inventory.cpu_only_reason})"
+    names: dict[str, int] = {}
+    for device in inventory.devices:
+        names[device.name or "unknown GPU"] = names.get(device.name or "unknown GPU", 0) + 1
+    found = ", ".join(f"{count} x {name}" for name, count in names.items())
+    if inventory.backend == "replay":
+        return f"{found}, replayed from the capture {inventory.source}"
+    return f"{found}, found by NVML"
 
 
 def one_error(group: BaseExceptionGroup[BaseException], listen: str) -> BaseException:

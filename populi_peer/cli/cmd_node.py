@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from populi_peer.cli.common import (
@@ -12,6 +14,7 @@ from populi_peer.cli.common import (
     add_json,
     agent_call,
     control_plane_call,
+    open_local,
     print_json,
     print_table,
 )
@@ -19,9 +22,14 @@ from populi_peer.core.durations import format_duration, parse_duration
 from populi_peer.errors import UsageError
 
 if TYPE_CHECKING:
-    from populi_peer.core.messages import NodeView
+    from populi_peer.core.messages import EventsAnswer, EventView, NodeView
 
 LIFECYCLE_VERBS = ("cordon", "drain", "maintenance", "quarantine", "resume")
+#: The most events one page holds (the route's ``limit``).
+MAX_EVENTS_PAGE = 1000
+#: How long one ``--follow`` request waits at the agent for the next event.
+FOLLOW_WAIT_S = 30
+EVENT_HEADERS = ["when", "node", "id", "event", "who", "why"]
 
 
 def register(subparsers: Any) -> None:
@@ -32,9 +40,30 @@ def register(subparsers: Any) -> None:
     add_json(nodes)
     nodes.set_defaults(handler=run_nodes)
 
-    events = subparsers.add_parser("events", help="lifecycle and membership events, oldest first")
+    events = subparsers.add_parser(
+        "events", help="who did what to which node, when and why (newest last)"
+    )
     events.add_argument("--node", default=None, help="only this node (id or name)")
-    events.add_argument("--limit", type=int, default=200, help="at most this many (default 200)")
+    events.add_argument(
+        "--kind", default=None, help="only this kind, e.g. lifecycle, node_joined, settings_changed"
+    )
+    events.add_argument(
+        "--since",
+        default=None,
+        help="only events since this UTC time (2026-12-01T18:00Z) or for this long (30m, 2d)",
+    )
+    events.add_argument(
+        "--limit",
+        type=int,
+        default=200,
+        help=f"the newest this many (default 200, at most {MAX_EVENTS_PAGE})",
+    )
+    events.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="then print new events as they happen (Ctrl-C ends)",
+    )
     add_data_dir(events)
     add_json(events)
     events.set_defaults(handler=run_events)
@@ -97,15 +126,28 @@ def _when(ms: int | None) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def parse_utc(text: str) -> int:
+def parse_utc(text: str, *, flag: str = "--until") -> int:
     raw = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
     try:
         value = dt.datetime.fromisoformat(raw)
     except ValueError as exc:
-        raise UsageError(f"--until: {text!r} is not a UTC time such as 2026-12-01T18:00Z") from exc
+        raise UsageError(f"{flag}: {text!r} is not a UTC time such as 2026-12-01T18:00Z") from exc
     if value.tzinfo is None:
-        raise UsageError(f"--until: {text!r} needs a time zone; use Z for UTC")
+        raise UsageError(f"{flag}: {text!r} needs a time zone; use Z for UTC")
     return int(value.timestamp() * 1000)
+
+
+def parse_since(text: str, *, now_ms: int) -> int:
+    """``--since``: a UTC time, or a duration back from ``now_ms``; wall ms."""
+    if any(c in text for c in "-:T"):
+        return parse_utc(text, flag="--since")
+    try:
+        seconds = parse_duration(text, flag="--since")
+    except UsageError:
+        raise UsageError(
+            f"--since: {text!r} is neither a duration (30m, 2d) nor a UTC time (2026-12-01T18:00Z)"
+        ) from None
+    return max(0, now_ms - int(seconds * 1000))
 
 
 def _state_text(node: NodeView) -> str:
@@ -161,27 +203,95 @@ def run_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _event_cells(event: EventView) -> list[str]:
+    detail = event.detail
+    what = event.kind
+    if event.kind == "lifecycle":
+        what = f"{detail.get('command')}: {detail.get('from')} -> {detail.get('to')}"
+    return [
+        _when(event.at_ms),
+        event.node_name or "-",
+        event.node_id,
+        what,
+        event.actor_name or event.actor,
+        event.reason or "-",
+    ]
+
+
+def _event_line(cells: Sequence[str], widths: list[int]) -> str:
+    for index, cell in enumerate(cells):
+        widths[index] = max(widths[index], len(cell))
+    return "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(cells)).rstrip()
+
+
 def run_events(args: argparse.Namespace) -> int:
+    import time
+
     from populi_peer.core.messages import EventsAnswer
 
-    params: dict[str, Any] = {"limit": args.limit}
+    if not 1 <= args.limit <= MAX_EVENTS_PAGE:
+        raise UsageError(f"--limit must be from 1 to {MAX_EVENTS_PAGE}")
+    filters: dict[str, Any] = {}
     if args.node:
-        params["node"] = args.node
-    answer = control_plane_call(
-        args, "GET", "/v1/populi/events", params=params, answer=EventsAnswer
-    )
-    if args.json:
-        print_json(answer)
-        return 0
-    rows = []
-    for e in answer.events:
-        detail = e.detail
-        what = e.kind
-        if e.kind == "lifecycle":
-            what = f"{detail.get('command')}: {detail.get('from')} -> {detail.get('to')}"
-        rows.append((_when(e.at_ms), e.node_id, what, e.actor, e.reason or "-"))
-    print_table(rows, ["when", "node", "event", "who", "why"])
-    return 0
+        filters["node"] = args.node
+    if args.kind:
+        filters["kind"] = args.kind
+    params: dict[str, Any] = {**filters, "limit": args.limit}
+    if args.since:
+        params["since_ms"] = parse_since(args.since, now_ms=int(time.time() * 1000))
+    local = open_local(args)
+    try:
+        answer = local.call_control_plane(
+            "GET", "/v1/populi/events", params=params, answer=EventsAnswer
+        )
+        if args.json and not args.follow:
+            print_json(answer)
+            return 0
+        widths = [len(h) for h in EVENT_HEADERS]
+        if args.json:
+            _print_json_lines(answer)
+        else:
+            rows = [_event_cells(e) for e in answer.events]
+            print_table(rows, EVENT_HEADERS)
+            for row in rows:
+                _event_line(row, widths)
+            if answer.earlier:
+                sys.stderr.write(
+                    f"(older events left out: this is the newest {args.limit}; "
+                    "--limit or --since for others)\n"
+                )
+        if not args.follow:
+            return 0
+        cursor = answer.next_after
+        while True:
+            sys.stdout.flush()
+            answer = local.call_control_plane(
+                "GET",
+                "/v1/populi/events",
+                params={
+                    **filters,
+                    "after": cursor,
+                    "limit": MAX_EVENTS_PAGE,
+                    "wait_s": FOLLOW_WAIT_S,
+                },
+                timeout_s=FOLLOW_WAIT_S + 15.0,
+                answer=EventsAnswer,
+            )
+            if args.json:
+                _print_json_lines(answer)
+            else:
+                for event in answer.events:
+                    sys.stdout.write(_event_line(_event_cells(event), widths) + "\n")
+            cursor = answer.next_after
+    except KeyboardInterrupt:
+        return 0  # the way to end --follow
+    finally:
+        local.close()
+
+
+def _print_json_lines(answer: EventsAnswer) -> None:
+    for event in answer.events:
+        sys.stdout.write(json.dumps(event.to_json(), sort_keys=True) + "\n")
 
 
 def run_leave(args: argparse.Namespace) -> int:
@@ -228,8 +338,10 @@ def run_node_verb(args: argparse.Namespace) -> int:
         if args.json:
             print_json(retired)
         else:
+            note = "" if retired.changed else " (no change)"
             sys.stdout.write(
-                f"node {retired.node_id} retired; revocation list serial {retired.revocation_serial}\n"
+                f"node {retired.node_id} retired; revocation list serial "
+                f"{retired.revocation_serial}{note}\n"
             )
         return 0
     if verb == "delete":

@@ -45,14 +45,18 @@ def _print(answer: SettingsAnswer | SettingsSetAnswer, as_json: bool) -> None:
     settings = answer.settings
     values = settings.values
     rows = [
-        (spec.key, _text(values.get(spec.key)), spec.unit or "-", spec.doc) for spec in SETTINGS
+        (spec.key, format_value(values.get(spec.key)), spec.unit or "-", spec.doc)
+        for spec in SETTINGS
     ]
     print_table(rows, ["key", "value", "unit", "meaning"])
     sys.stdout.write(
         f"serial {settings.serial}, signed by {settings.signer} for {settings.actor}\n"
     )
     if isinstance(answer, SettingsSetAnswer):
-        sys.stdout.write(push_summary(answer.push) + "\n")
+        if answer.changed:
+            sys.stdout.write(push_summary(answer.push) + "\n")
+        else:
+            sys.stdout.write("(no change: every value was already so; nothing signed or pushed)\n")
 
 
 def push_summary(push: PushReport) -> str:
@@ -68,12 +72,15 @@ def push_summary(push: PushReport) -> str:
     )
 
 
-def _text(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A setting as an operator writes it: ``2592000``, not ``2.592e+06``; ``0.5``."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return ",".join(value) or "(none)"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
 
 
 def run_show(args: argparse.Namespace) -> int:

@@ -133,5 +133,6 @@ def run_revoke(args: argparse.Namespace) -> int:
     if args.json:
         print_json(answer)
     else:
-        sys.stdout.write(f"token {answer.summary.token_id} is {answer.summary.state}\n")
+        note = "" if answer.changed else " (no change)"
+        sys.stdout.write(f"token {answer.summary.token_id} is {answer.summary.state}{note}\n")
     return 0

@@ -33,6 +33,16 @@ in force, so nothing is acknowledged that is not on disk. Renewals change only
 ``expires_mono``, which is never persisted (a restart counts every holding lease as
 renewed at restart, safety rule 5), so they return no records.
 
+Resumption (safety rule 5). A restarted control plane (:meth:`LeaseTable.restore`) or a new
+leader (:meth:`LeaseTable.set_term`) may not know every lease: one granted after the store it
+restored from, or by the previous leader. It learns them from the nodes' full reports
+(:mod:`populi_peer.core.reports`, :meth:`LeaseTable.receive`) and resumes grants **per node**:
+on a node once that node has reported to this incarnation (and the previous authority has
+provably ended); a node that stays silent keeps its GPUs, and the task keys a request
+names it as the previous node of, until any lease on it could have expired
+(``longest_ttl_s + expiry_margin_s`` from the start). A lease neither persisted nor learned
+is unknown: its renewal is refused (``lease_unknown``), so its holder never starts it.
+
 Time. ``now_mono`` (seconds, the control plane's monotonic clock) drives expiry and is
 never persisted; ``now_wall_ms`` (UTC ms) is written into records. A lease is renewable
 while ``now_mono <= expires_mono`` and is declared dead once
@@ -69,7 +79,27 @@ from populi_peer.core.fencing import (
 )
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.errors import BadRequest, ConfigError, Conflict, NotFound, StoreError
+from populi_peer.core.reports import (
+    Claim,
+    FullReport,
+    Incarnation,
+    NodeHoldings,
+    RefusedLease,
+    ReportAnswer,
+    ReportChange,
+    ReportedLease,
+    ReportMark,
+    ReportMessage,
+    judge,
+)
+from populi_peer.errors import (
+    BadRequest,
+    ConfigError,
+    Conflict,
+    NotFound,
+    PopuliError,
+    StoreError,
+)
 
 LeaseState = Literal["live", "revoking", "completed", "released", "revoked", "expired"]
 LeaseKind = Literal["remote", "local", "fence"]
@@ -132,13 +162,22 @@ REPLAYS: Final[Mapping[LeaseState, frozenset[LeaseEvent]]] = MappingProxyType(
 #: Who revokes a lease when :meth:`LeaseTable.reconcile` does it by itself.
 CONTROL_PLANE_ACTOR: Final = "control_plane"
 
+#: Grant and fallback refusals that mean "not yet" (per-node resumption, safety rule 5):
+#: the previous authority may still act; the target node has not reported to this
+#: incarnation; the node the task last ran on has not. A submitter waits and asks again —
+#: never a reason to avoid the node or fail the task. ``details.wait_s`` says how long at
+#: most (the node reporting ends it sooner).
+RESUMPTION_REASONS: Final[frozenset[str]] = frozenset(
+    {"previous_authority_live", "node_not_reported", "previous_node_not_reported"}
+)
+
 
 # -- errors -------------------------------------------------------------------------------
 
 
 class LeaseRefused(Conflict):
     """The control plane refuses a lease operation; ``reasons`` are stable codes
-    (``grant_hold``, ``ttl_too_short``, ``ttl_too_long``, ``task_key_taken``, ``task_completed``,
+    (:data:`RESUMPTION_REASONS`, ``ttl_too_short``, ``ttl_too_long``, ``task_key_taken``, ``task_completed``,
     ``node_ineligible`` + the node's own reasons, ``no_free_gpu``, ``lease_not_live``,
     ``not_holder``, ``lease_revoked``, ``lease_live``, ``not_task_owner``,
     ``stale_attempt``, ``lease_not_renewable``, ``lease_not_revocable``...)."""
@@ -169,7 +208,21 @@ class IllegalLeaseTransition(LeaseRefused):
 
 
 class LeaseNotFound(NotFound):
+    """No such lease. For a renewal this is the definitive ``lease_unknown``
+    (``details.reasons``): a lease this control plane neither persisted nor learned from
+    its holder's report is never renewed, so its holder never starts it."""
+
     code = "lease_not_found"
+
+
+class ReportNeeded(PopuliError):
+    """Not a refusal: the holder asks about a lease this control plane does not know, and
+    has not reported to this incarnation yet — the lease may be in its report. The holder
+    sends its full report and asks again; until then its deadline stands (``report_needed``,
+    not definitive: the shell answers it as "try again", never as a lost lease)."""
+
+    code = "report_needed"
+    http_status = 503
 
 
 # -- settings and timing ------------------------------------------------------------------
@@ -184,9 +237,8 @@ class LeaseSettings:
       declares a lease dead (message delay + drift between holder and control plane).
     - ``leader_lease_s``: the leader-lease (check-quorum) interval of the election.
 
-    :attr:`grant_hold_s` is how long a new leader or a restarted control plane makes no
-    new grants (safety rule 5). Serialised in integer milliseconds (signed records carry
-    no floats), so values are kept to millisecond resolution.
+    Serialised in integer milliseconds (signed records carry no floats), so values are kept
+    to millisecond resolution.
     """
 
     max_lease_ttl_s: float = 30.0
@@ -209,10 +261,6 @@ class LeaseSettings:
                 f"a holder can renew), got {self.max_lease_ttl_s:g}",
                 key="max_lease_ttl_s",
             )
-
-    @property
-    def grant_hold_s(self) -> float:
-        return self.max_lease_ttl_s + self.leader_lease_s + self.expiry_margin_s
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -542,7 +590,8 @@ def _as_kind(value: str) -> LeaseKind:
 @dataclass(frozen=True, slots=True)
 class GrantRequest:
     """A submitter's request for a lease on ``target`` (the submitter itself for a local
-    attempt that uses GPUs)."""
+    attempt that uses GPUs). ``previous_node``: where the task's last attempt was placed,
+    if anywhere — its task key stays held until that node has reported (safety rule 5)."""
 
     task_id: str
     attempt: int
@@ -551,10 +600,13 @@ class GrantRequest:
     gpus_wanted: int
     ttl_s: float
     submitter: str
+    previous_node: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("task_id", "target", "submitter"):
             _check_name(getattr(self, name), name)
+        if self.previous_node is not None:
+            _check_name(self.previous_node, "previous_node")
         if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 1:
             raise BadRequest(
                 f"attempt must be an integer >= 1, got {self.attempt!r}",
@@ -583,6 +635,7 @@ class GrantRequest:
             "gpus_wanted": self.gpus_wanted,
             "ttl_s": self.ttl_s,
             "submitter": self.submitter,
+            **({} if self.previous_node is None else {"previous_node": self.previous_node}),
         }
 
     @classmethod
@@ -597,6 +650,7 @@ class GrantRequest:
             gpus_wanted=_int(obj, "gpus_wanted", what),
             ttl_s=_float(obj, "ttl_s", what),
             submitter=_str(obj, "submitter", what),
+            previous_node=_opt_str(obj, "previous_node", what),
         )
 
 
@@ -695,6 +749,54 @@ class ReconcileResult:
     records: tuple[Lease, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ResumeWindow:
+    """Per-node resumption after a restart or a new term (safety rule 5), on this control
+    plane's monotonic clock: nothing is granted before ``authority_from_mono`` (the
+    previous authority has provably ended by then); a node that has not reported keeps its
+    GPUs, and the task keys requests name it for, until ``silent_until_mono`` (every lease
+    it could hold unknown to this table has expired on its holder's own deadline by then)."""
+
+    started_mono: float
+    authority_from_mono: float
+    silent_until_mono: float
+
+
+@dataclass(frozen=True, slots=True)
+class GrantWait:
+    """Why grants on a node wait, and until when at the latest (``until_mono``, this
+    control plane's clock): ``previous_authority_live`` or ``node_not_reported``."""
+
+    reason: str
+    until_mono: float
+
+
+@dataclass(frozen=True, slots=True)
+class LearnResult:
+    """What :meth:`LeaseTable.learn` did with a node's word: ``records`` to persist (leases
+    adopted, releases recorded), the leases ``adopted`` (known now from the report alone),
+    the ends ``recorded`` (completed / released — never expired), and the leases
+    ``refused`` (the node must not start them, and stops them if they run)."""
+
+    records: tuple[Lease, ...] = ()
+    adopted: tuple[str, ...] = ()
+    recorded: tuple[str, ...] = ()
+    refused: tuple[RefusedLease, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    """What :meth:`LeaseTable.receive` did: the answer for the node, and the leases to
+    persist before it is sent (safety rules 4 and 7)."""
+
+    answer: ReportAnswer
+    learned: LearnResult = field(default_factory=LearnResult)
+
+    @property
+    def records(self) -> tuple[Lease, ...]:
+        return self.learned.records
+
+
 # -- the table ----------------------------------------------------------------------------
 
 
@@ -733,6 +835,15 @@ def _check_now(now_mono: float) -> None:
         raise BadRequest(f"now_mono must be a finite number, got {now_mono!r}", code="bad_request")
 
 
+def _latest_records(leases: Iterable[Lease]) -> tuple[Lease, ...]:
+    """Each lease once, in its last version (several changes may touch one lease)."""
+    latest: dict[str, Lease] = {}
+    for lease in leases:
+        latest.pop(lease.lease_id, None)
+        latest[lease.lease_id] = lease
+    return tuple(latest.values())
+
+
 def _expiry_due(lease: Lease, now_mono: float, margin_s: float) -> bool:
     return lease.holding and now_mono > lease.expires_mono + margin_s
 
@@ -743,14 +854,22 @@ class LeaseTable:
 
     ``term`` is the control plane's term; ``next_seq`` the sequence number of the next
     token (every issued token is ``(term, next_seq)`` and ``next_seq`` only grows within a
-    term). ``grants_allowed_from_mono`` starts the grant hold of safety rule 5.
+    term). ``incarnation_id`` is drawn at each start (with ``term``, the
+    :attr:`incarnation` every answer carries). ``window`` is the per-node resumption of
+    safety rule 5 (``None``: nothing to wait for); ``marks`` what each node reported to
+    this incarnation; ``claims`` the node-local claims nodes reported, keyed by
+    ``(node, claim_id)`` — their GPUs are busy. Neither marks nor claims are persisted:
+    a new incarnation hears them again.
     """
 
     term: int
     next_seq: int
     leases: Mapping[str, Lease]
     settings: LeaseSettings = field(default_factory=LeaseSettings)
-    grants_allowed_from_mono: float = -math.inf
+    incarnation_id: str = "initial"
+    window: ResumeWindow | None = None
+    marks: Mapping[str, ReportMark] = field(default_factory=lambda: MappingProxyType({}))
+    claims: Mapping[tuple[str, str], Claim] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         for name, low in (("term", 0), ("next_seq", 1)):
@@ -759,16 +878,51 @@ class LeaseTable:
                 raise BadRequest(
                     f"lease table {name} must be an integer >= {low}", code="bad_record"
                 )
-        if not isinstance(self.leases, MappingProxyType):
-            object.__setattr__(self, "leases", MappingProxyType(dict(self.leases)))
+        Incarnation(self.term, self.incarnation_id)  # validates the id
+        for name in ("leases", "marks", "claims"):
+            value = getattr(self, name)
+            if not isinstance(value, MappingProxyType):
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
+
+    @property
+    def incarnation(self) -> Incarnation:
+        return Incarnation(self.term, self.incarnation_id)
 
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def new(cls, settings: LeaseSettings | None = None, *, term: int = 1) -> LeaseTable:
+    def new(
+        cls,
+        settings: LeaseSettings | None = None,
+        *,
+        term: int = 1,
+        incarnation_id: str = "initial",
+    ) -> LeaseTable:
         """An empty table for a brand-new cluster (``populi init``): nothing was ever
-        granted, so there is nothing to hold grants for."""
-        return cls(term=term, next_seq=1, leases={}, settings=settings or LeaseSettings())
+        granted, so there is nothing to wait for."""
+        return cls(
+            term=term,
+            next_seq=1,
+            leases={},
+            settings=settings or LeaseSettings(),
+            incarnation_id=incarnation_id,
+        )
+
+    def _window(
+        self, now_mono: float, authority_from_mono: float | None, longest_ttl_s: float | None
+    ) -> ResumeWindow:
+        _check_now(now_mono)
+        authority = now_mono if authority_from_mono is None else authority_from_mono
+        _check_now(authority)
+        longest = self.settings.max_lease_ttl_s if longest_ttl_s is None else longest_ttl_s
+        if isinstance(longest, bool) or not isinstance(longest, (int, float)) or longest < 0:
+            raise BadRequest(f"longest_ttl_s must be >= 0, got {longest!r}", code="bad_request")
+        longest = max(longest, self.settings.max_lease_ttl_s)
+        # A lease unknown here was last renewed before the previous authority ended: its
+        # holder's own deadline (from when it sent that renewal) passed by then + its TTL;
+        # the margin covers the drift between the holder's clock and this one.
+        silent_until = max(now_mono, authority) + longest + self.settings.expiry_margin_s
+        return ResumeWindow(now_mono, authority, silent_until)
 
     @classmethod
     def restore(
@@ -779,15 +933,24 @@ class LeaseTable:
         next_seq: int,
         settings: LeaseSettings,
         now_mono: float,
-        hold_s: float | None = None,
+        incarnation_id: str,
+        longest_ttl_s: float | None = None,
+        resume: bool = True,
     ) -> LeaseTable:
         """Rebuild after a control-plane restart from the persisted leases (safety rule
         5): every holding lease counts as renewed at restart (``expires_mono = now_mono +
         ttl_s``), because the holder may have renewed it just before the crash and
-        renewals are not persisted. No new grants until ``now_mono + hold_s`` (default
-        :attr:`LeaseSettings.grant_hold_s`). ``next_seq`` is raised above every
-        persisted token of ``term``, so a lost counter can never reissue a token. Raises
-        :class:`StoreError` if the persisted leases break the table's invariants."""
+        renewals are not persisted. ``next_seq`` is raised above every persisted token of
+        ``term``, so a lost counter can never reissue a token. Raises :class:`StoreError`
+        if the persisted leases break the table's invariants.
+
+        Grants then resume per node (:class:`ResumeWindow`): the previous process has
+        ended (one agent per data directory), and a node that does not report keeps its
+        GPUs until ``now_mono + longest_ttl_s + expiry_margin_s``. ``longest_ttl_s``: the
+        longest TTL any lease may still carry (default and floor ``max_lease_ttl_s``; pass
+        the largest value the setting ever had, in case it was lowered). ``resume=False``
+        only when no lease this table does not hold can exist (a cluster that never
+        granted one)."""
         _check_now(now_mono)
         by_id: dict[str, Lease] = {}
         for lease in leases:
@@ -809,31 +972,44 @@ class LeaseTable:
             next_seq=max([next_seq, *(seq + 1 for seq in seqs)]),
             leases=by_id,
             settings=settings,
-            grants_allowed_from_mono=now_mono
-            + (settings.grant_hold_s if hold_s is None else hold_s),
+            incarnation_id=incarnation_id,
         )
+        if resume:
+            table = replace(table, window=table._window(now_mono, None, longest_ttl_s))
         problem = table.invariant_violation()
         if problem is not None:
             raise StoreError(f"persisted leases are inconsistent: {problem}", code="lease_store")
         return table
 
-    def set_term(self, term: int, *, now_mono: float, hold_s: float | None = None) -> LeaseTable:
+    def set_term(
+        self,
+        term: int,
+        *,
+        now_mono: float,
+        incarnation_id: str,
+        authority_from_mono: float | None = None,
+        longest_ttl_s: float | None = None,
+    ) -> LeaseTable:
         """Adopt a new term after winning an election: tokens restart at ``(term, 1)``,
-        which outranks every token of earlier terms, and no new grants are made until
-        ``now_mono + hold_s`` (default :attr:`LeaseSettings.grant_hold_s`): a lease the
-        previous leader granted and this one has not heard of yet has expired by then
-        (safety rule 5). Renewals go on."""
+        which outranks every token of earlier terms. Grants resume per node: from
+        ``authority_from_mono`` (when the previous leader's authority has provably ended;
+        default now — ADR 0011: it has ended when the election is won), on each node once
+        it reported to this incarnation, on a silent one once any lease it holds unknown
+        here could have expired. Reports of the previous incarnation are forgotten.
+        Renewals go on."""
         _check_now(now_mono)
         if isinstance(term, bool) or not isinstance(term, int) or term <= self.term:
             raise Conflict(
                 f"term {term} is not above the current term {self.term}", code="stale_term"
             )
-        hold = self.settings.grant_hold_s if hold_s is None else hold_s
         return replace(
             self,
             term=term,
             next_seq=1,
-            grants_allowed_from_mono=max(self.grants_allowed_from_mono, now_mono + hold),
+            incarnation_id=incarnation_id,
+            window=self._window(now_mono, authority_from_mono, longest_ttl_s),
+            marks=MappingProxyType({}),
+            claims=MappingProxyType({}),
         )
 
     # -- queries --------------------------------------------------------------------------
@@ -880,6 +1056,65 @@ class LeaseTable:
             for gpu in lease.gpus
         )
 
+    def claimed_gpus(self) -> frozenset[tuple[str, str]]:
+        """``(node, GPU UUID)`` of every GPU in a node-local claim its node reported."""
+        return frozenset((claim.node, gpu) for claim in self.claims.values() for gpu in claim.gpus)
+
+    def busy_gpus(self) -> frozenset[tuple[str, str]]:
+        """GPUs no grant may take: in a holding lease or in a reported claim."""
+        return self.live_gpus() | self.claimed_gpus()
+
+    def claims_of(self, node: str) -> tuple[Claim, ...]:
+        return tuple(claim for (owner, _), claim in sorted(self.claims.items()) if owner == node)
+
+    # -- per-node resumption (safety rule 5) ----------------------------------------------
+
+    def reported(self, node: str) -> bool:
+        """Whether ``node`` has reported in full to this incarnation."""
+        return node in self.marks
+
+    def report_mark(self, node: str) -> ReportMark | None:
+        return self.marks.get(node)
+
+    def grant_wait(self, node: str, now_mono: float) -> GrantWait | None:
+        """Why grants on ``node`` must wait now, and until when at the latest; ``None``:
+        they are open. First the previous authority, then the node's report."""
+        _check_now(now_mono)
+        window = self.window
+        if window is None:
+            return None
+        if now_mono < window.authority_from_mono:
+            return GrantWait("previous_authority_live", window.authority_from_mono)
+        if not self.reported(node) and now_mono < window.silent_until_mono:
+            return GrantWait("node_not_reported", window.silent_until_mono)
+        return None
+
+    def grants_open_for(self, node: str, now_mono: float) -> bool:
+        """Whether this table grants on ``node`` now (a grant still checks everything else)."""
+        return self.grant_wait(node, now_mono) is None
+
+    def _wait_reasons(
+        self, node: str | None, previous_node: str | None, now_mono: float
+    ) -> tuple[list[str], float]:
+        """The resumption refusals of an operation on ``node`` (None: it takes no GPU) for
+        a task last placed on ``previous_node``, and the longest wait among them."""
+        reasons: list[str] = []
+        until = -math.inf
+        window = self.window
+        if window is None:
+            return reasons, 0.0
+        if now_mono < window.authority_from_mono:
+            reasons.append("previous_authority_live")
+            until = window.authority_from_mono
+        if now_mono < window.silent_until_mono:
+            if node is not None and not self.reported(node):
+                reasons.append("node_not_reported")
+                until = max(until, window.silent_until_mono)
+            if previous_node is not None and not self.reported(previous_node):
+                reasons.append("previous_node_not_reported")
+                until = max(until, window.silent_until_mono)
+        return reasons, max(0.0, until - now_mono)
+
     def next_deadline(self) -> float | None:
         """The earliest ``now_mono`` at which :meth:`expire_due` has work, or ``None``.
         (The first float strictly after ``expires_mono + margin``, so a timer that fires
@@ -894,8 +1129,9 @@ class LeaseTable:
 
     def invariant_violation(self) -> str | None:
         """A description of the first broken invariant, or ``None``: no GPU in two
-        holding leases, at most one holding lease per task key, no holding lease beside a
-        completed one, every token below ``(term, next_seq)``."""
+        holding leases (persisted or learned from a report: they are one table), at most
+        one holding lease per task key, no holding lease beside a completed one, every
+        token below ``(term, next_seq)``, no GPU in two claims, every claim on its node."""
         gpus: dict[tuple[str, str], str] = {}
         keys: dict[str, str] = {}
         ceiling = FencingToken(self.term, self.next_seq)
@@ -913,6 +1149,15 @@ class LeaseTable:
                     if other is not None:
                         return f"GPU {lease.holder}/{gpu} in {other} and {lease.lease_id}"
                     gpus[(lease.holder, gpu)] = lease.lease_id
+        claimed: dict[tuple[str, str], str] = {}
+        for (node, claim_id), claim in self.claims.items():
+            if claim.node != node or claim.claim_id != claim_id:
+                return f"claim {claim.claim_id} of {claim.node} is filed under {node}/{claim_id}"
+            for gpu in claim.gpus:
+                other = claimed.get((node, gpu))
+                if other is not None:
+                    return f"GPU {node}/{gpu} in claims {other} and {claim_id}"
+                claimed[(node, gpu)] = claim_id
         return None
 
     # -- operations -----------------------------------------------------------------------
@@ -975,13 +1220,6 @@ class LeaseTable:
             reasons.append("stale_attempt")
         return reasons
 
-    def _hold_and_ttl_reasons(self, ttl_s: float, now_mono: float) -> list[str]:
-        reasons: list[str] = []
-        if now_mono < self.grants_allowed_from_mono:
-            reasons.append("grant_hold")
-        reasons += ttl_reasons(ttl_s, max_lease_ttl_s=self.settings.max_lease_ttl_s)
-        return reasons
-
     def grant(
         self,
         request: GrantRequest,
@@ -995,7 +1233,12 @@ class LeaseTable:
         applies. The token is ``(term, next_seq)``. A request with ``target ==
         submitter`` gives a ``local`` lease on the submitter's own GPUs. A retried
         request (same task, attempt, target, GPU count and TTL; its lease still holding)
-        gets the same lease back as a replay, so a lost reply costs nothing."""
+        gets the same lease back as a replay, so a lost reply costs nothing.
+
+        After a restart or a new term (safety rule 5) it also waits
+        (:data:`RESUMPTION_REASONS`, with ``details.wait_s``) until the target — and the
+        request's ``previous_node`` — reported to this incarnation, or could no longer hold
+        a lease unknown here. GPUs in a reported claim are busy."""
         _check_now(now_mono)
         _check_ms(now_wall_ms, "now_wall_ms")
         _check_name(lease_id, "lease_id")
@@ -1015,14 +1258,16 @@ class LeaseTable:
                 and lease.ttl_s == request.ttl_s
             ):
                 return self, LeaseChange(lease, records=(), replay=True)
+        waits, wait_s = self._wait_reasons(request.target, request.previous_node, now_mono)
         reasons = self._task_reasons(request.task_id, request.submitter, request.attempt)
-        reasons += self._hold_and_ttl_reasons(request.ttl_s, now_mono)
+        reasons += waits
+        reasons += ttl_reasons(request.ttl_s, max_lease_ttl_s=self.settings.max_lease_ttl_s)
         if not target.eligible:
             reasons.append("node_ineligible")
             for reason in target.reasons:
                 if reason not in reasons:
                     reasons.append(reason)
-        busy = self.live_gpus()
+        busy = self.busy_gpus()
         free = [g for g in target.allocatable_gpus if (target.node_id, g) not in busy]
         if len(free) < request.gpus_wanted:
             reasons.append("no_free_gpu")
@@ -1032,6 +1277,7 @@ class LeaseTable:
                 f"{', '.join(reasons)}",
                 reasons=reasons,
                 task_id=request.task_id,
+                **({"wait_s": round(wait_s, 3)} if waits else {}),
             )
         lease = self._issue(
             lease_id=lease_id,
@@ -1061,10 +1307,11 @@ class LeaseTable:
         lease_id: str,
         now_mono: float,
         now_wall_ms: int,
+        previous_node: str | None = None,
     ) -> tuple[LeaseTable, LeaseChange]:
         """A first local attempt that uses GPUs: a ``local`` lease on the submitter's own
         GPUs, so they are never leased out at the same time. The same rules as
-        :meth:`grant` (hold, TTL, task key, eligibility, free GPUs)."""
+        :meth:`grant` (resumption, TTL, task key, eligibility, free GPUs)."""
         request = GrantRequest(
             task_id=task_id,
             attempt=attempt,
@@ -1073,6 +1320,7 @@ class LeaseTable:
             gpus_wanted=gpus_wanted,
             ttl_s=ttl_s,
             submitter=submitter,
+            previous_node=previous_node,
         )
         return self.grant(
             request, now_mono=now_mono, now_wall_ms=now_wall_ms, lease_id=lease_id, target=target
@@ -1093,13 +1341,37 @@ class LeaseTable:
         even before :meth:`expire_due` declares it dead (safety rule 4). A revoking lease
         answers ``lease_revoked``: the holder must stop. Nothing to persist.
 
+        A lease this table neither persisted nor learned is unknown: refused
+        :class:`LeaseNotFound` (``details.reasons`` ``lease_unknown``, definitive: its holder
+        never starts it) once the holder has reported to this incarnation — or could hold
+        nothing unknown here any more; before that :class:`ReportNeeded` (not definitive:
+        it may be in the holder's report).
+
         ``before_start``: the holder's renewal before it starts the task (safety rule 3).
         A remote lease is then refused for ``remote_refusal`` (the cluster settings now
         forbid remote execution: ``remote_disabled``, ``kill_switch``), so no remote
         attempt starts after the settings turned it off; a running one keeps renewing."""
         _check_now(now_mono)
         _check_ms(now_wall_ms, "now_wall_ms")
-        lease = self.get(lease_id)
+        lease = self.find(lease_id)
+        if lease is None:
+            window = self.window
+            if (
+                window is not None
+                and not self.reported(holder)
+                and now_mono < window.silent_until_mono
+            ):
+                raise ReportNeeded(
+                    f"lease {lease_id} is not known to this control plane yet: "
+                    f"report to incarnation {self.incarnation} first",
+                    lease_id=lease_id,
+                    incarnation=self.incarnation.to_json(),
+                )
+            raise LeaseNotFound(
+                f"no lease {lease_id!r} (neither persisted nor reported): do not start it",
+                lease_id=lease_id,
+                reasons=["lease_unknown"],
+            )
         reasons: list[str] = []
         if lease.holder != holder:
             reasons.append("not_holder")
@@ -1214,6 +1486,7 @@ class LeaseTable:
         now_mono: float,
         now_wall_ms: int,
         work_class: WorkClass | None = None,
+        previous_node: str | None = None,
     ) -> tuple[LeaseTable, LeaseChange]:
         """The control plane's word for a submitter's fallback (safety rules 1 and 4).
 
@@ -1223,8 +1496,12 @@ class LeaseTable:
         lease (no expiry; it keeps the task key and records the token). A holding lease
         due for expiry is declared dead in the same step (both go in ``records``).
         Refused: ``lease_live`` (holding: the submitter waits), ``task_completed``,
-        ``not_task_owner``, ``stale_attempt``; a ``local`` lease also ``grant_hold``,
-        ``ttl_too_short``, ``ttl_too_long``, ``no_free_gpu``. A retry whose lease already exists is a replay.
+        ``not_task_owner``, ``stale_attempt``; a ``local`` lease also ``ttl_too_short``,
+        ``ttl_too_long``, ``no_free_gpu`` (a reported claim counts). After a restart or a
+        new term (safety rule 5) also :data:`RESUMPTION_REASONS`: the task's
+        ``previous_node`` (where its last attempt was placed) has not reported, so a lease
+        of the task unknown here may still run there; a ``local`` lease also waits for this
+        node's own report. A retry whose lease already exists is a replay.
         ``work_class`` defaults to the latest lease's; it is required when there is none.
         """
         _check_now(now_mono)
@@ -1277,10 +1554,14 @@ class LeaseTable:
                     field="work_class",
                 )
             work_class = prior.work_class
+        waits, wait_s = table._wait_reasons(
+            local_node if kind == "local" else None, previous_node, now_mono
+        )
+        reasons += waits
         if kind == "local":
             _check_ttl(ttl_s)
-            reasons += table._hold_and_ttl_reasons(ttl_s, now_mono)
-            busy = table.live_gpus()
+            reasons += ttl_reasons(ttl_s, max_lease_ttl_s=self.settings.max_lease_ttl_s)
+            busy = table.busy_gpus()
             if any((local_node, gpu) in busy for gpu in gpus):
                 reasons.append("no_free_gpu")
         if reasons:
@@ -1288,6 +1569,7 @@ class LeaseTable:
                 f"fallback for task {task_id} refused: {', '.join(reasons)}",
                 reasons=reasons,
                 task_id=task_id,
+                **({"wait_s": round(wait_s, 3)} if waits else {}),
             )
         lease = table._issue(
             lease_id=lease_id,
@@ -1306,6 +1588,212 @@ class LeaseTable:
         return table._with(lease, issued=True), LeaseChange(
             lease, records=tuple(records), prior=prior
         )
+
+    # -- what the nodes report (safety rule 5) ----------------------------------------------
+
+    def learn(
+        self,
+        node: str,
+        report: NodeHoldings | ReportChange,
+        *,
+        now_mono: float,
+        now_wall_ms: int,
+    ) -> tuple[LeaseTable, LearnResult]:
+        """Adopt what ``node`` says it holds: everything (:class:`NodeHoldings`, a full
+        report: its claims replace the ones this table had of it) or one numbered change
+        (:class:`ReportChange`). :meth:`receive` calls it; the result's ``records`` must be
+        written durably before the node is answered.
+
+        For each lease it names (``node`` is its holder):
+
+        - known here, held by the node: nothing changes (a persisted lease already counts
+          as renewed at restart);
+        - known here and ended on the node (``completed`` / ``stopped``) while still holding
+          here: recorded ``completed`` / ``released`` (``revoked`` if it was revoking) —
+          a release whose answer was lost; never ``expired``, so a finished task is never
+          run again. One that already ended here stays as it is (a dead lease stays dead);
+        - known here but held on the node while it ended here, or with other terms (task,
+          token, GPUs, holder): refused (``lease_<state>``, ``lease_mismatch``);
+        - unknown here (granted after the store this table restored from, or by a previous
+          leader): adopted — held ones ``live`` until ``now_mono + ttl_s`` (the holder
+          renewed it, at the latest, before the previous authority ended, which was before
+          now), ended ones as ``completed`` (its task key stays taken) or ``released`` —
+          unless it conflicts with what this table holds: a holding or completed lease of
+          the task (``task_key_taken``), a newer lease of the task (``superseded``), one of
+          its GPUs in a holding lease (``gpu_taken``), a token from a later term than
+          this table's (``token_from_later_term``), another submitter's task
+          (``not_task_owner``). A refused lease is never renewed here: its holder must not
+          start it, and stops it if it runs. A conflicting ended lease is only
+          acknowledged.
+
+        Leases of ``node`` that the report does not name are left as they are: only their
+        holder's release or their expiry frees them (safety rule 4)."""
+        _check_now(now_mono)
+        _check_ms(now_wall_ms, "now_wall_ms")
+        _check_name(node, "node")
+        full = isinstance(report, NodeHoldings)
+        claims = dict(self.claims)
+        if full:
+            claims = {key: claim for key, claim in claims.items() if key[0] != node}
+        else:
+            assert isinstance(report, ReportChange)
+            for claim_id in report.dropped_claims:
+                claims.pop((node, claim_id), None)
+        for claim in report.claims:
+            if claim.node != node:
+                raise BadRequest(
+                    f"{node} reports claim {claim.claim_id} of {claim.node}", code="bad_report"
+                )
+            claims[(node, claim.claim_id)] = claim
+        table = replace(self, claims=MappingProxyType(claims))
+        problem = table.invariant_violation()
+        if problem is not None:
+            raise BadRequest(f"report of {node} refused: {problem}", code="bad_report")
+        records: list[Lease] = []
+        adopted: list[str] = []
+        recorded: list[str] = []
+        refused: list[RefusedLease] = []
+        for reported in report.leases:
+            table, lease, outcome = table._learn_lease(node, reported, now_mono, now_wall_ms)
+            if lease is not None:
+                records.append(lease)
+            if outcome in {"adopted", "recorded"}:
+                (adopted if outcome == "adopted" else recorded).append(reported.lease_id)
+            elif outcome:
+                refused.append(RefusedLease(reported.lease_id, outcome))
+        problem = table.invariant_violation()
+        assert problem is None, problem
+        return table, LearnResult(tuple(records), tuple(adopted), tuple(recorded), tuple(refused))
+
+    def _learn_lease(
+        self, node: str, reported: ReportedLease, now_mono: float, now_wall_ms: int
+    ) -> tuple[LeaseTable, Lease | None, str]:
+        """One reported lease: ``(table, lease to persist or None, outcome)``, the outcome
+        being ``adopted``, ``recorded``, a refusal reason, or ``""`` (nothing to do)."""
+        lease = self.leases.get(reported.lease_id)
+        if lease is not None:
+            if (
+                lease.holder != node
+                or lease.task_id != reported.task_id
+                or lease.attempt != reported.attempt
+                or lease.token != reported.token
+                or lease.gpus != reported.gpus
+                or lease.kind != reported.kind
+                or lease.submitter != reported.submitter
+            ):
+                return self, None, "lease_mismatch"
+            if reported.held:
+                return self, None, "" if lease.holding else f"lease_{lease.state}"
+            if not lease.holding:
+                return self, None, ""  # already ended here: a replay, or dead stays dead
+            completed = reported.phase == "completed"
+            after = _transition(
+                lease,
+                "release_completed" if completed else "release_stopped",
+                now_wall_ms=now_wall_ms,
+                reason="completed"
+                if completed
+                else (lease.reason if lease.state == "revoking" else "released"),
+            )
+            assert after is not None
+            return self._with(after), after, "recorded"
+        if (reported.kind == "remote") == (reported.submitter == node):
+            return self, None, "lease_mismatch"
+        if reported.token.term > self.term:
+            return self, None, "token_from_later_term"
+        history = self.by_task(reported.task_id)
+        if any(x.token == reported.token for x in self.leases.values()):
+            conflict = "lease_mismatch"  # a token is issued once: this one is another lease's
+        elif any(x.submitter != reported.submitter for x in history):
+            conflict = "not_task_owner"
+        elif any(x.token > reported.token for x in history):
+            conflict = "superseded"
+        elif any(x.state in KEY_TAKING_STATES for x in history) and reported.phase != "stopped":
+            conflict = "task_key_taken"
+        elif reported.held and any((node, g) in self.live_gpus() for g in reported.gpus):
+            conflict = "gpu_taken"
+        else:
+            conflict = ""
+        if conflict:
+            return self, None, conflict if reported.held else ""
+        state: LeaseState = (
+            "live"
+            if reported.held
+            else ("completed" if reported.phase == "completed" else "released")
+        )
+        learned = Lease(
+            lease_id=reported.lease_id,
+            task_id=reported.task_id,
+            attempt=reported.attempt,
+            work_class=reported.work_class,
+            holder=node,
+            submitter=reported.submitter,
+            gpus=reported.gpus,
+            token=reported.token,
+            ttl_s=reported.ttl_s,
+            state=state,
+            kind=_as_kind(reported.kind),
+            granted_wall_ms=(
+                now_wall_ms if reported.granted_wall_ms is None else reported.granted_wall_ms
+            ),
+            state_changed_wall_ms=now_wall_ms,
+            reason="" if state == "live" else ("completed" if state == "completed" else "released"),
+            expires_mono=(
+                now_mono + reported.ttl_s
+                if state == "live" and reported.kind != "fence"
+                else math.inf
+            ),
+        )
+        table = self._with(learned)
+        if reported.token.term == self.term and reported.token.seq >= self.next_seq:
+            table = replace(table, next_seq=reported.token.seq + 1)
+        return table, learned, "adopted" if reported.held else "recorded"
+
+    def receive(
+        self, message: ReportMessage, *, now_mono: float, now_wall_ms: int
+    ) -> tuple[LeaseTable, ReportResult]:
+        """A node's report (:mod:`populi_peer.core.reports`): judged against what this
+        incarnation applied of the node (:func:`~populi_peer.core.reports.judge`), then
+        learned (:meth:`learn`). A full report marks the node as reported: grants on it
+        resume. A report for another incarnation is refused (``wrong_incarnation``); changes
+        on top of a full report this table never got ask for a new one
+        (``full_report_needed``); a duplicate is acknowledged again. Persist the result's
+        ``records`` before the answer is sent."""
+        mark = self.marks.get(message.node)
+        judgement = judge(mark, message, self.incarnation)
+        table = self
+        learned = LearnResult()
+        if judgement.verdict == "apply_full":
+            assert isinstance(message, FullReport)
+            table, learned = self.learn(
+                message.node, message.holdings, now_mono=now_mono, now_wall_ms=now_wall_ms
+            )
+        elif judgement.verdict == "apply_changes":
+            parts: list[LearnResult] = []
+            for change in judgement.changes:
+                table, part = table.learn(
+                    message.node, change, now_mono=now_mono, now_wall_ms=now_wall_ms
+                )
+                parts.append(part)
+            learned = LearnResult(
+                records=_latest_records(lease for part in parts for lease in part.records),
+                adopted=tuple(x for part in parts for x in part.adopted),
+                recorded=tuple(x for part in parts for x in part.recorded),
+                refused=tuple(x for part in parts for x in part.refused),
+            )
+        if judgement.verdict in ("apply_full", "apply_changes") and judgement.mark is not None:
+            table = replace(
+                table, marks=MappingProxyType({**table.marks, message.node: judgement.mark})
+            )
+        now_mark = judgement.mark
+        answer = ReportAnswer(
+            incarnation=self.incarnation,
+            status=judgement.status,
+            epoch=now_mark.epoch if now_mark is not None else 0,
+            acked_seq=now_mark.last_seq if now_mark is not None else 0,
+            refused=learned.refused,
+        )
+        return table, ReportResult(answer, learned)
 
     def reconcile(
         self,
@@ -1405,13 +1893,16 @@ __all__ = [
     "MIN_LEASE_TTL_S",
     "RENEW_TIMEOUT_FLOOR_S",
     "REPLAYS",
+    "RESUMPTION_REASONS",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "FlaggedLease",
     "GrantRequest",
+    "GrantWait",
     "HolderStatus",
     "HolderView",
     "IllegalLeaseTransition",
+    "LearnResult",
     "Lease",
     "LeaseChange",
     "LeaseEvent",
@@ -1423,6 +1914,9 @@ __all__ = [
     "LeaseTable",
     "ReconcileResult",
     "ReleaseOutcome",
+    "ReportNeeded",
+    "ReportResult",
+    "ResumeWindow",
     "TargetView",
     "renew_interval_s",
     "renew_timeout_s",

@@ -44,6 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
+from populi_peer.core.leases import RESUMPTION_REASONS
 from populi_peer.core.tasks import (
     ControlPlaneUnreachable,
     FallbackRefused,
@@ -61,8 +62,9 @@ Ask = Literal["nodes", "grant", "local", "fallback", "lease_check"]
 ASKS: Final[tuple[Ask, ...]] = get_args(Ask)
 
 #: Refusals that are nobody's fault, the node's nor the task's: the control plane just
-#: restarted and grants nothing for a while (safety rule 5). Wait and ask again.
-WAIT_REASONS: Final = frozenset({"grant_hold"})
+#: restarted and grants on a node only once that node (or the task's previous node)
+#: reported to it (safety rule 5, ADR 0015). Wait and ask again.
+WAIT_REASONS: Final = RESUMPTION_REASONS
 #: The attempt number was used already: take a new one and ask again.
 STALE_ATTEMPT: Final = "stale_attempt"
 NO_FREE_GPU: Final = "no_free_gpu"

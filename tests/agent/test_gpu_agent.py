@@ -21,6 +21,7 @@ import trio
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import PeerClient
 from populi_peer.config import Config, GpuConfig
+from populi_peer.core.leases import RESUMPTION_REASONS
 from populi_peer.errors import PopuliError
 from populi_peer.gpu import (
     allocatable,
@@ -216,13 +217,13 @@ async def test_xid_quarantine_survives_restart_and_is_resumed_by_the_operator(
             device = _device(await _gpus(client), "w1")
             assert device["quarantined"] is True and device["allocatable"] is False
 
-            # Rule 6: the control plane re-checks at grant time. Past the no-new-grants
-            # hold that follows its start, so that only the GPU can be the reason.
+            # Rule 6: the control plane re-checks at grant time. Past the per-node
+            # resumption window that follows its start, so that only the GPU is the reason.
             await trio.sleep_until(cp.uptime.started_mono + 60)
             with pytest.raises(PopuliError) as refused:
                 await _grant(w2, cp, w1, "task-quarantined")
             reasons = refused.value.details["reasons"]
-            assert "no_free_gpu" in reasons and "grant_hold" not in reasons, reasons
+            assert "no_free_gpu" in reasons and not RESUMPTION_REASONS & set(reasons), reasons
 
             # A GPU that is not quarantined cannot be resumed.
             other = derive_replay_uuid(CAPTURE_UUID, w2.node_id)

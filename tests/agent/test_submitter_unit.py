@@ -531,7 +531,7 @@ def test_the_submitter_decides_nothing_the_core_decides() -> None:
     of its own."""
     source = inspect.getsource(submitter_module)
     for word in (
-        "grant_hold",
+        "node_not_reported",
         "no_free_gpu",
         "stale_attempt",
         "lease_live",

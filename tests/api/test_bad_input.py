@@ -276,6 +276,16 @@ for _route, _path, _signer in [
     wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
 wrong("node_retire", "POST", "/v1/populi/admin/nodes/{node2}/retire", NOT_JSON, 400, "bad_json",
       "malformed-json", setup=second_node)
+# Routes whose handler reads no body: a body is still JSON or nothing, as everywhere.
+for _route, _path, _signer in [
+    ("join_challenge", "/v1/populi/join/challenge", None),
+    ("token_revoke", "/v1/populi/admin/tokens/abc/revoke", "operator"),
+    ("cert_renew", "/v1/populi/certs/renew", "node"),
+    ("name_unretire", "/v1/populi/admin/names/cp/unretire", "operator"),
+    ("task_cancel", "/v1/populi/tasks/t-1/cancel", "operator"),
+]:
+    wrong(_route, "POST", _path, NOT_JSON, 400, "bad_json", "malformed-json", signer=_signer)
+    wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
 wrong("gpu_resume", "POST", "/v1/populi/admin/gpus/cp/{gpu}/resume", ARRAY, 400, "bad_json",
       "json-array", setup=quarantined_gpu)
 wrong("token_create", "POST", "/v1/populi/admin/tokens", b"\xff\xfe{}", 400, "bad_json",
@@ -380,6 +390,12 @@ for _label, _query in [("after-negative", "after=-1"), ("limit-zero", "limit=0")
                        ("limit-over-1000", "limit=1001"), ("limit-word", "limit=ten"),
                        ("after-twice", "after=1&after=2"), ("limit-float", "limit=1.5")]:
     wrong("events", "GET", f"/v1/populi/events?{_query}", None, 400, "bad_request", _label)
+for _label, _query in [("since-negative", "since_ms=-1"), ("wait-over-60", "wait_s=61"),
+                       ("wait-word", "wait_s=soon"), ("kind-twice", "kind=left&kind=left")]:
+    wrong("events", "GET", f"/v1/populi/events?{_query}", None, 400, "bad_request", _label)
+wrong("events", "GET", "/v1/populi/events?node=w9", None, 404, "unknown_node", "unknown-node")
+wrong("events", "GET", "/v1/populi/events?kind=bogus", None, 400, "unknown_event_kind",
+      "unknown-kind")
 wrong("members", "GET", "/v1/populi/members", None, 401, "signature_missing", "unsigned",
       signer=None)
 wrong("nodes", "GET", "/v1/populi/nodes", None, 401, "signature_missing", "unsigned",

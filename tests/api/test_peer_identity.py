@@ -11,6 +11,8 @@ when the handshake refuses it.
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -326,3 +328,41 @@ async def test_the_chain_only_context_is_what_let_the_impostor_answer(
         await client.aclose()
     assert answer["node_id"] == b.node_id
     assert server.requests == ["GET /v1/x"]
+
+
+# -- what a refused handshake tells the client -------------------------------------------
+
+
+def _handshake_outcome(url: str, *, maximum: ssl.TLSVersion) -> str:
+    """A plain client (chain unchecked) offering TLS up to ``maximum``: the TLS version it
+    got, or the OpenSSL reason its handshake failed with."""
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = maximum
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=30) as raw,
+            context.wrap_socket(raw) as conn,
+        ):
+            return str(conn.version())
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+
+
+async def test_a_tls_1_2_client_hears_the_protocol_version_alert(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    """The server speaks TLS 1.3 only; a TLS 1.2 client is told so with the
+    ``protocol_version`` alert (RFC 8446 §6.2) instead of a bare EOF, which is what trio's
+    SSLStream left it with (populi_peer/api/server.py)."""
+    server = await _serve(nursery, pki.node("a"))
+    refused = await trio.to_thread.run_sync(
+        lambda: _handshake_outcome(server.url, maximum=ssl.TLSVersion.TLSv1_2)
+    )
+    assert refused == "TLSV1_ALERT_PROTOCOL_VERSION"
+    accepted = await trio.to_thread.run_sync(
+        lambda: _handshake_outcome(server.url, maximum=ssl.TLSVersion.TLSv1_3)
+    )
+    assert accepted == "TLSv1.3"

@@ -20,6 +20,7 @@ from populi_peer.core.leases import (
     TERMINAL_STATES,
     TRANSITIONS,
     GrantRequest,
+    GrantWait,
     HolderStatus,
     HolderView,
     IllegalLeaseTransition,
@@ -29,6 +30,7 @@ from populi_peer.core.leases import (
     LeaseRefused,
     LeaseSettings,
     LeaseTable,
+    ResumeWindow,
     TargetView,
     renew_interval_s,
     renew_timeout_s,
@@ -40,6 +42,13 @@ from populi_peer.core.leases import (
 )
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.policy import WorkClass
+from populi_peer.core.reports import (
+    FullReport,
+    Incarnation,
+    NodeHoldings,
+    ReportedLease,
+    ReportedPhase,
+)
 from populi_peer.errors import BadRequest, ConfigError, Conflict, StoreError
 
 SETTINGS = LeaseSettings(max_lease_ttl_s=30.0, expiry_margin_s=5.0, leader_lease_s=10.0)
@@ -96,6 +105,47 @@ def granted(
     return table, change.lease
 
 
+def held_by(table: LeaseTable, node: str, phase: ReportedPhase = "started") -> NodeHoldings:
+    """What ``node`` holds by the table: its holding leases, in ``phase``."""
+    return NodeHoldings(
+        tuple(
+            ReportedLease(
+                lease_id=x.lease_id,
+                task_id=x.task_id,
+                attempt=x.attempt,
+                work_class=x.work_class,
+                submitter=x.submitter,
+                gpus=x.gpus,
+                token=x.token,
+                ttl_s=x.ttl_s,
+                kind=x.kind,
+                phase=phase,
+            )
+            for x in table.by_node(node)
+            if x.holding
+        )
+    )
+
+
+def report(
+    table: LeaseTable,
+    node: str,
+    *,
+    now: float,
+    holdings: NodeHoldings | None = None,
+    epoch: int = 1,
+    seq: int = 1,
+) -> LeaseTable:
+    """``node`` reports in full to the table's incarnation (by default what it holds by the
+    table itself)."""
+    message = FullReport(
+        node, table.incarnation, epoch, seq, held_by(table, node) if holdings is None else holdings
+    )
+    table, result = table.receive(message, now_mono=now, now_wall_ms=W)
+    assert result.answer.status == "applied", result
+    return table
+
+
 def refused(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[str, ...]:
     with pytest.raises(LeaseRefused) as info:
         fn(*args, **kwargs)
@@ -105,10 +155,12 @@ def refused(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple
 # -- settings and timing helpers ----------------------------------------------------------
 
 
-def test_settings_defaults_and_grant_hold() -> None:
+def test_settings_defaults_and_no_grant_hold() -> None:
     s = LeaseSettings()
     assert (s.max_lease_ttl_s, s.expiry_margin_s) == (30.0, 5.0)
-    assert s.grant_hold_s == s.max_lease_ttl_s + s.leader_lease_s + s.expiry_margin_s
+    # The global grant hold of ADR 0006 is gone: grants resume per node (ADR 0015).
+    assert not hasattr(s, "grant_hold_s")
+    assert not hasattr(LeaseTable.new(), "grants_allowed_from_mono")
 
 
 @pytest.mark.parametrize("key", ["max_lease_ttl_s", "expiry_margin_s", "leader_lease_s"])
@@ -284,31 +336,36 @@ def test_grant_is_refused_for_a_mismatched_target_view() -> None:
         )
 
 
-def test_grant_hold_after_a_new_term_refuses_grants_but_not_renewals() -> None:
+def test_a_new_term_resumes_grants_per_node_and_keeps_renewing() -> None:
     table, lease = granted(now=100.0)
-    table = table.set_term(2, now_mono=101.0)
-    assert table.grants_allowed_from_mono == 101.0 + SETTINGS.grant_hold_s
-    reasons = refused(
-        table.grant, req("t2"), now_mono=102.0, now_wall_ms=W, lease_id="L2", target=target()
-    )
-    assert reasons == ("grant_hold",)
+    table = table.set_term(2, now_mono=101.0, incarnation_id="i2")
+    assert table.window == ResumeWindow(101.0, 101.0, 101.0 + 30.0 + 5.0)
+    with pytest.raises(LeaseRefused) as info:
+        table.grant(req("t2"), now_mono=102.0, now_wall_ms=W, lease_id="L2", target=target())
+    assert info.value.reasons == ("node_not_reported",)
+    assert info.value.details["wait_s"] == 34.0
+    assert table.grant_wait("w1", 102.0) == GrantWait("node_not_reported", 136.0)
     table, change = table.renew(lease.lease_id, "w1", now_mono=105.0, now_wall_ms=W)
     assert change.lease.expires_mono == 115.0
-    table, change = table.grant(
-        req("t2"),
-        now_mono=101.0 + SETTINGS.grant_hold_s,
-        now_wall_ms=W,
-        lease_id="L2",
-        target=target(),
+    # A silent node's GPUs are free for grants once any lease on it could have expired.
+    _, change = table.grant(
+        req("t2"), now_mono=136.0, now_wall_ms=W, lease_id="L2", target=target()
     )
     assert change.lease.token == FencingToken(2, 1) > lease.token
+    # A node that reported is open at once.
+    table = report(table, "w1", now=106.0)
+    assert table.grants_open_for("w1", 106.0) and not table.grants_open_for("w2", 106.0)
+    table, change = table.grant(
+        req("t2"), now_mono=106.0, now_wall_ms=W, lease_id="L2", target=target()
+    )
+    assert change.lease.token == FencingToken(2, 1)
 
 
 def test_set_term_must_increase() -> None:
     table = LeaseTable.new(SETTINGS, term=3)
     for term in (3, 2):
         with pytest.raises(Conflict) as info:
-            table.set_term(term, now_mono=0.0)
+            table.set_term(term, now_mono=0.0, incarnation_id="i")
         assert info.value.code == "stale_term"
 
 
@@ -371,7 +428,9 @@ def test_a_lease_stored_before_the_minimum_still_loads() -> None:
     """The minimum is a grant rule, not a record rule: a short lease persisted by an older
     version is read back and restored (it can only err on the side of being held)."""
     lease = Lease.from_json({**_short_lease_json(), "ttl_s": 0.5})
-    table = LeaseTable.restore([lease], term=1, next_seq=2, settings=SETTINGS, now_mono=0.0)
+    table = LeaseTable.restore(
+        [lease], term=1, next_seq=2, settings=SETTINGS, now_mono=0.0, incarnation_id="r"
+    )
     assert table.get("L1").holding
 
 
@@ -484,7 +543,7 @@ def test_no_free_gpu_counts_only_allocatable_and_unleased_gpus() -> None:
 
 
 def test_every_applicable_reason_is_reported() -> None:
-    table = LeaseTable.new(SETTINGS).set_term(2, now_mono=0.0)
+    table = LeaseTable.new(SETTINGS).set_term(2, now_mono=0.0, incarnation_id="i2")
     reasons = refused(
         table.grant,
         req(ttl_s=60.0, gpus=3),
@@ -494,7 +553,7 @@ def test_every_applicable_reason_is_reported() -> None:
         target=target(eligible=False, reasons=("node_draining",)),
     )
     assert set(reasons) == {
-        "grant_hold",
+        "node_not_reported",
         "ttl_too_long",
         "node_ineligible",
         "node_draining",
@@ -701,6 +760,7 @@ def fallback(
     lease_id: str = "F1",
     submitter: str = "sub",
     work_class: WorkClass | None = None,
+    previous_node: str | None = None,
 ) -> tuple[LeaseTable, LeaseChange]:
     return table.confirm_dead_for_fallback(
         "t1",
@@ -713,6 +773,7 @@ def fallback(
         now_mono=now,
         now_wall_ms=W,
         work_class=work_class,
+        previous_node=previous_node,
     )
 
 
@@ -786,10 +847,14 @@ def test_fallback_with_busy_gpus_or_during_the_hold_is_refused() -> None:
     table, _ = granted(table, lease_id="L1", now=100.0)
     table, _ = table.release("L1", "w1", outcome="stopped", now_mono=101.0, now_wall_ms=W)
     assert refused(fallback, table, gpus=("S0",), now=102.0) == ("no_free_gpu",)
-    held = table.set_term(2, now_mono=102.0)
-    assert refused(fallback, held, gpus=("S1",), now=103.0) == ("grant_hold",)
-    # A fence takes no GPUs: the hold does not apply to it.
+    held = table.set_term(2, now_mono=102.0, incarnation_id="i2")
+    # Its own GPUs wait for its own report; the task key for its previous node's.
+    assert refused(fallback, held, gpus=("S1",), now=103.0) == ("node_not_reported",)
+    assert refused(fallback, held, now=103.0, previous_node="w1") == ("previous_node_not_reported",)
+    # A fence takes no GPUs: nothing to wait for when the previous node is known.
     _, change = fallback(held, now=103.0)
+    assert change.lease.token == FencingToken(2, 1)
+    _, change = fallback(report(held, "w1", now=103.0), now=103.0, previous_node="w1")
     assert change.lease.token == FencingToken(2, 1)
 
 
@@ -858,12 +923,15 @@ def test_restore_counts_every_holding_lease_as_renewed_at_restart() -> None:
     table, _ = table.release("L3", "w3", outcome="completed", now_mono=101.0, now_wall_ms=W)
     stored = [Lease.from_json(x.to_json()) for x in table.leases.values()]
     # The new process's monotonic clock has another origin.
-    restored = LeaseTable.restore(stored, term=1, next_seq=1, settings=SETTINGS, now_mono=5.0)
+    restored = LeaseTable.restore(
+        stored, term=1, next_seq=1, settings=SETTINGS, now_mono=5.0, incarnation_id="r"
+    )
     assert restored.get("L1").expires_mono == 15.0
     assert restored.get("L2").expires_mono == 15.0 and restored.get("L2").state == "revoking"
     assert restored.get("L3").state == "completed"
     assert restored.next_seq == 4  # above every persisted token of the term
-    assert restored.grants_allowed_from_mono == 5.0 + SETTINGS.grant_hold_s
+    assert restored.window == ResumeWindow(5.0, 5.0, 5.0 + 30.0 + 5.0)
+    assert restored.incarnation == Incarnation(1, "r")
     # A renewal right after restart works; nothing expires before now + ttl + margin.
     restored.renew("L1", "w1", now_mono=6.0, now_wall_ms=W)
     assert restored.expire_due(now_mono=20.0, now_wall_ms=W)[1] == ()
@@ -875,23 +943,29 @@ def test_restore_counts_every_holding_lease_as_renewed_at_restart() -> None:
         now_wall_ms=W,
         lease_id="L4",
         target=target("w3"),
-    ) == ("grant_hold",)
+    ) == ("node_not_reported",)
 
 
 def test_restore_refuses_inconsistent_stores() -> None:
     _table, lease = granted(now=100.0)
     with pytest.raises(StoreError):
-        LeaseTable.restore([lease, lease], term=1, next_seq=1, settings=SETTINGS, now_mono=0.0)
+        LeaseTable.restore(
+            [lease, lease], term=1, next_seq=1, settings=SETTINGS, now_mono=0.0, incarnation_id="r"
+        )
     with pytest.raises(StoreError):
-        LeaseTable.restore([lease], term=0, next_seq=1, settings=SETTINGS, now_mono=0.0)
+        LeaseTable.restore(
+            [lease], term=0, next_seq=1, settings=SETTINGS, now_mono=0.0, incarnation_id="r"
+        )
     twin = replace(lease, lease_id="L2", token=FencingToken(1, 2))
     with pytest.raises(StoreError):  # same GPU and task key in two live leases
-        LeaseTable.restore([lease, twin], term=1, next_seq=1, settings=SETTINGS, now_mono=0.0)
+        LeaseTable.restore(
+            [lease, twin], term=1, next_seq=1, settings=SETTINGS, now_mono=0.0, incarnation_id="r"
+        )
 
 
 def test_a_new_terms_tokens_outrank_the_old_terms() -> None:
     table, old = granted(now=100.0)
-    table = table.set_term(2, now_mono=100.0, hold_s=0.0)
+    table = report(table.set_term(2, now_mono=100.0, incarnation_id="i2"), "w1", now=100.0)
     table, new = granted(table, lease_id="L2", task_id="t2", now=100.0)
     assert new.token == FencingToken(2, 1) > old.token
 
@@ -1043,6 +1117,8 @@ class LeaseTableMachine(RuleBasedStateMachine):
         self.seen_state: dict[str, str] = {}
         # What the shell wrote durably: only what ``records`` told it to.
         self.store: dict[str, dict[str, object]] = {}
+        self.incarnations = 0
+        self.reports = 0
 
     # helpers ------------------------------------------------------------------------------
 
@@ -1134,7 +1210,7 @@ class LeaseTableMachine(RuleBasedStateMachine):
             submitter=submitter,
         )
         history = self.table.by_task(task_id)
-        busy = self.table.live_gpus()
+        busy = self.table.busy_gpus()
         expected: set[str] = set()
         if any(x.submitter != submitter for x in history):
             expected.add("not_task_owner")
@@ -1144,8 +1220,12 @@ class LeaseTableMachine(RuleBasedStateMachine):
             expected.add("task_completed")
         if history and attempt <= max(x.attempt for x in history):
             expected.add("stale_attempt")
-        if self.now < self.table.grants_allowed_from_mono:
-            expected.add("grant_hold")
+        window = self.table.window
+        if window is not None:
+            if self.now < window.authority_from_mono:
+                expected.add("previous_authority_live")
+            if self.now < window.silent_until_mono and node not in self.table.marks:
+                expected.add("node_not_reported")
         if ttl > SETTINGS.max_lease_ttl_s:
             expected.add("ttl_too_long")
         if ttl < MIN_LEASE_TTL_S:
@@ -1310,29 +1390,92 @@ class LeaseTableMachine(RuleBasedStateMachine):
             self.model_expiry[lease.lease_id] = self.now + 10.0
         self._persist(change.records)
 
-    # ``hold_s`` None is the real hold; shorter ones let grants resume within a run.
-    @rule(lose_counter=st.booleans(), hold_s=st.sampled_from([None, 0.0, 5.0]))
-    def restart(self, lose_counter: bool, hold_s: float | None) -> None:
+    @rule(lose_counter=st.booleans(), resume=st.booleans())
+    def restart(self, lose_counter: bool, resume: bool) -> None:
         """The control plane restarts: it reads back only what was written (the store)."""
         leases = [Lease.from_json(body) for body in self.store.values()]
         before = self.table
+        self.incarnations += 1
         self.table = LeaseTable.restore(
             leases,
             term=before.term,
             next_seq=1 if lose_counter else before.next_seq,
             settings=SETTINGS,
             now_mono=self.now,
-            hold_s=hold_s,
+            incarnation_id=f"r{self.incarnations}",
+            resume=resume,
         )
+        assert not self.table.marks and not self.table.claims
         for lease in self.table.holding():
             if lease.kind != "fence":
                 # A restart never shortens a lease: it counts as renewed at restart.
                 assert lease.expires_mono >= before.get(lease.lease_id).expires_mono
                 self.model_expiry[lease.lease_id] = lease.expires_mono
 
-    @rule(hold_s=st.sampled_from([None, 0.0, 5.0]))
-    def new_term(self, hold_s: float | None) -> None:
-        self.table = self.table.set_term(self.table.term + 1, now_mono=self.now, hold_s=hold_s)
+    @rule(authority_in_s=st.sampled_from([None, 0.0, 5.0]))
+    def new_term(self, authority_in_s: float | None) -> None:
+        self.incarnations += 1
+        self.table = self.table.set_term(
+            self.table.term + 1,
+            now_mono=self.now,
+            incarnation_id=f"t{self.incarnations}",
+            authority_from_mono=None if authority_in_s is None else self.now + authority_in_s,
+        )
+
+    @rule(data=st.data(), node=st.sampled_from(NODES))
+    def report(self, data: st.DataObject, node: str) -> None:
+        """``node`` reports in full what it holds by the table, some of it ended (a
+        release whose answer was lost), maybe with a lease the table never heard of (one
+        granted after the store it restored from, or by a previous leader)."""
+        leases: list[ReportedLease] = []
+        ended: dict[str, ReportedPhase] = {}
+        for lease in held_by(self.table, node).leases:
+            phase = data.draw(st.sampled_from(["started", "started", "completed", "stopped"]))
+            leases.append(replace(lease, phase=phase))
+            if phase != "started":
+                ended[lease.lease_id] = phase
+        unknown: ReportedLease | None = None
+        if data.draw(st.booleans()):
+            task_id = data.draw(st.sampled_from(TASKS))
+            submitter = OWNER[task_id]
+            term = data.draw(st.sampled_from([self.table.term - 1, self.table.term]))
+            unknown = ReportedLease(
+                lease_id=self._lease_id(),
+                task_id=task_id,
+                attempt=self._next_attempt(task_id),
+                work_class="agent",
+                submitter=submitter,
+                gpus=(data.draw(st.sampled_from(NODE_GPUS[node])),) if submitter != node else (),
+                token=FencingToken(max(term, 0), data.draw(st.integers(1, 40))),
+                ttl_s=10.0 if submitter != node else 0.0,
+                kind="remote" if submitter != node else "fence",
+                phase=data.draw(st.sampled_from(["accepted", "started", "completed"])),
+            )
+            leases.append(unknown)
+        self.reports += 1
+        message = FullReport(
+            node, self.table.incarnation, 1, self.reports, NodeHoldings(tuple(leases))
+        )
+        before = self.table
+        self.table, result = self.table.receive(message, now_mono=self.now, now_wall_ms=self.wall)
+        assert result.answer.status == "applied" and self.table.reported(node)
+        for lease_id, phase in ended.items():
+            now_state = self.table.get(lease_id).state
+            was = before.get(lease_id).state
+            # A release whose answer was lost: completed / released — never expired.
+            expected = {"completed": "completed", "stopped": "released"}[phase]
+            if was == "revoking" and phase == "stopped":
+                expected = "revoked"
+            assert now_state == expected
+        if unknown is not None and unknown.lease_id in self.table.leases:
+            learned = self.table.get(unknown.lease_id)
+            if learned.holding:
+                self.model_expiry[learned.lease_id] = self.now + learned.ttl_s
+        for lease in result.records:
+            if lease.lease_id == getattr(unknown, "lease_id", None):
+                # A learned token keeps every later issued token above it.
+                self.max_token = max(self.max_token or lease.token, lease.token)
+        self._persist(result.records)
 
     @rule(data=st.data(), auto_revoke=st.booleans())
     def reconcile(self, data: st.DataObject, auto_revoke: bool) -> None:

@@ -88,7 +88,7 @@ def test_the_node_list() -> None:
 
 
 def test_a_grant() -> None:
-    assert decide(task(), "grant", REFUSED(["grant_hold"])) == Decision(wait_s=1.0, settle=True)
+    assert decide(task(), "grant", REFUSED(["node_not_reported"])) == Decision(wait_s=1.0, settle=True)
     assert decide(task(), "grant", REFUSED(["no_free_gpu"]), queue_over=False) == Decision(
         wait_s=0.5, settle=True
     )
@@ -105,7 +105,7 @@ def test_a_grant() -> None:
 
 def test_a_local_token() -> None:
     assert decide(task(), "local", REFUSED(["stale_attempt"])) == Decision(settle=True)
-    assert decide(task(), "local", REFUSED(["grant_hold"])) == Decision(wait_s=1.0)
+    assert decide(task(), "local", REFUSED(["node_not_reported"])) == Decision(wait_s=1.0)
     assert decide(task(), "local", REFUSED(["no_free_gpu"]), queue_over=False) == Decision(
         wait_s=1.0
     )

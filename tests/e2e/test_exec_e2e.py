@@ -754,8 +754,8 @@ def test_no_fallback_task_takes_no_local_gpu_after_a_dead_lease(mesh: Mesh) -> N
 
 
 # -- 4. the control plane restarts while a remote task runs ----------------------------------
-# Last of the shared-mesh tests: a restarted control plane grants nothing for a while (the
-# grant hold of ADR 0006: max TTL ever allowed + leader lease + margin).
+# Last of the shared-mesh tests: a restarted control plane grants on a node only once it
+# reported, or after max TTL ever allowed + margin (ADR 0015; nodes do not report yet).
 
 
 def test_control_plane_restart_right_after_renewal_lease_survives(

@@ -162,6 +162,8 @@ def test_tls_1_2_is_refused(tmp_path: Path, procs: Processes) -> None:
         timeout=30,
     )
     assert "Cipher is (NONE)" in old.stdout or old.returncode != 0
+    # Told why (the protocol_version alert), not left with "unexpected eof while reading".
+    assert "alert protocol version" in old.stderr, old.stderr
 
 
 def _wait_for_gpu(data_dir: Path, *, allocatable: bool) -> dict[str, object]:

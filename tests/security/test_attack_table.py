@@ -1037,8 +1037,8 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
     """The control plane is SIGKILLed while a submitter asks it for leases every 20 ms
     (half of them for w2's one GPU), and started again. Nothing it acknowledged is lost
     (same lease, same fencing token, same GPU); the restarted control plane makes no new
-    grant at once (``grant_hold``: for the longest TTL ever allowed + leader lease +
-    margin, ADR 0006), and the first token it issues — the fallback of a task whose lease
+    grant on w2 at once (``node_not_reported``: until w2 reports to it, or for the longest
+    TTL ever allowed + margin, ADR 0015), and the first token it issues — the fallback of a task whose lease
     died across the restart — is above every token issued before; no fencing token twice,
     no two leases ever held one GPU at once, and the consumed join tokens, members and
     events are intact."""
@@ -1090,7 +1090,7 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
         phase[0] = "after"
         killed_at = len(acks)
         took = mesh.start("cp")
-        # The first token after the restart: a fallback (no GPU, so no grant hold) for a
+        # The first token after the restart: a fallback (a fence: no GPU to wait for) for a
         # task granted before the kill, once its lease has died on the control plane's
         # clock (restored leases count as renewed at the restart).
         fallen: list[dict[str, Any]] = []
@@ -1116,7 +1116,9 @@ def test_kill_9_of_the_control_plane_under_grant_load(healed: Mesh) -> None:
         f"{killed_at} grants before the kill, {len(acks) - killed_at} after a restart of "
         f"{took:.1f} s, then fallback token {fallen[0]['token']}; refusals {dict(refused)}"
     )
-    assert refused[("after", "grant_hold")] > 0, "the restarted control plane granted at once"
+    assert refused[("after", "node_not_reported")] > 0, (
+        "the restarted control plane granted at once"
+    )
     acks.append(("after", fallen[0]))
     with mesh.operator() as op:
         after = snapshot(op)

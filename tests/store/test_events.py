@@ -74,3 +74,23 @@ def test_filters_by_node_and_kind(store: Store) -> None:
     assert [e.node_id for e in log.page(kind="joined")] == ["n-a", "n-b"]
     assert [e.seq for e in log.page(node_id="n-b", newest_first=True)] == [5, 2]
     assert log.page(node_id="n-gone") == []
+
+
+def test_filters_by_time_and_knows_its_newest_seq(store: Store) -> None:
+    log = EventLog(store)
+    assert log.last_seq() == 0
+    fill(log)
+    assert [e.seq for e in log.page(since_ms=300)] == [3, 4, 5]
+    assert [e.seq for e in log.page(since_ms=300, node_id="n-b")] == [5]
+    assert [e.seq for e in log.page(since_ms=300, newest_first=True, limit=2)] == [5, 4]
+    assert log.last_seq() == 5
+    assert log.mentions_node("n-b") and not log.mentions_node("n-gone")
+    assert log.has_kind("left") and not log.has_kind("bogus")
+
+
+def test_listeners_hear_every_append(store: Store) -> None:
+    log = EventLog(store)
+    heard: list[int] = []
+    log.listeners.append(lambda: heard.append(log.last_seq()))
+    fill(log)
+    assert heard == [1, 2, 3, 4, 5]

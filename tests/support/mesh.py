@@ -6,9 +6,10 @@ only), joins every other node with a single-use token of its own (the roles it g
 node), starts each agent and waits until the control plane sees every node fresh (and every
 GPU node's GPU allocatable). The joins and the agent starts run all at once. GPU nodes
 replay an idle H100 capture (``POPULI_GPU_FIXTURE``); every node runs short kills (see
-``EXEC_ENV``), plus whatever ``env`` adds for it; with ``remote`` the cluster gets remote
-execution and short leases, and any other ``settings`` with them: set before the nodes join
-(on loopback in one record, through the operator API) and awaited on every node.
+``EXEC_ENV``) and logs at debug (``LOG_ENV``: the access log), plus whatever ``env`` adds
+for it; with ``remote`` the cluster gets remote execution and short leases, and any other
+``settings`` with them: set before the nodes join (on loopback in one record, through the
+operator API) and awaited on every node.
 
 Where the agents run is the mesh's :class:`Host`: this machine's loopback by default; the
 network-namespace lab (``tests/lab/agents.py``'s ``LabHost``) gives each node its own
@@ -54,6 +55,9 @@ EXEC_ENV = {
     "POPULI_EXEC__KILL_LATENCY_S": "0.5",
 }
 STOP_MARGIN_S = 2.0
+#: Tests read the agents' access log (``request`` lines) to prove which requests happened;
+#: it is logged at debug.
+LOG_ENV = {"POPULI_LOG__LEVEL": "debug"}
 #: What ``remote`` sets: remote execution on, with the short leases above.
 REMOTE_SETTINGS: Mapping[str, object] = {
     "remote_exec_enabled": True,
@@ -225,7 +229,7 @@ class Mesh:
         self.wait_settled()
 
     def add(self, name: str, *, gpu: bool) -> Node:
-        env = dict(EXEC_ENV)
+        env = {**EXEC_ENV, **LOG_ENV}
         if gpu:
             env["POPULI_GPU_FIXTURE"] = GPU_FIXTURE
             # Fresher hints (which GPUs the node itself runs tasks on) for placement.

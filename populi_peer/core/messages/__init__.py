@@ -81,9 +81,11 @@ from populi_peer.core.messages.membership import (
     TokenRevokeAnswer,
 )
 from populi_peer.core.messages.records import (
+    EVENT_KINDS,
     AttemptResult,
     ClusterRef,
     ControlPlaneRef,
+    EventKind,
     EventView,
     GpuDevice,
     GpuSummaryView,
@@ -183,6 +185,7 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
 }
 
 __all__ = [
+    "EVENT_KINDS",
     "OPERATIONS",
     "AckMessage",
     "AdvertisePlanView",
@@ -193,6 +196,7 @@ __all__ = [
     "ClusterRef",
     "ControlPlaneRef",
     "DiscoveryStatusView",
+    "EventKind",
     "EventView",
     "EventsAnswer",
     "Exchange",

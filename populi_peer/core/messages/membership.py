@@ -129,6 +129,8 @@ class TokenListAnswer(Message):
 @message
 class TokenRevokeAnswer(Message):
     summary: TokenSummary = wire(Nested(TokenSummary))
+    #: False when the token was revoked already (nothing changed).
+    changed: bool = wire(Bool(), default=True)
 
 
 @message
@@ -155,6 +157,8 @@ class NodeRetireAnswer(Message):
     node_id: str = wire(Text(min_len=1))
     state: Literal["retired"] = wire(Const("retired"))
     revocation_serial: int = wire(Int(minimum=0))
+    #: False when the node was retired and revoked already (nothing changed).
+    changed: bool = wire(Bool(), default=True)
 
 
 @message
@@ -248,9 +252,15 @@ class NodesAnswer(Message):
 
 @message
 class EventsAnswer(Message):
+    #: Oldest first, so the newest is last.
     events: tuple[EventView, ...] = wire(Seq(Nested(EventView)))
-    #: The last event's seq, or ``after`` when the page is empty.
+    #: The cursor to ask with next (``after``): the last event's seq; for an empty page,
+    #: ``after`` when it was given, else the newest seq in the log (so that a follower
+    #: starts from now).
     next_after: int = wire(Int(minimum=0))
+    #: Older events that match were left out (a page without ``after`` holds the newest
+    #: ``limit``).
+    earlier: bool = wire(Bool(), default=False)
 
 
 @message

@@ -207,9 +207,32 @@ class TokenSummary(Message):
     revoked_ms: int | None = wire(Nullable(Int()))
 
 
+#: What the event log records (``populi events --kind``). The wire keeps ``kind`` a plain
+#: string, so that a newer node's kinds still read; a filter must name one of these.
+EventKind = Literal[
+    "cluster_created",
+    "node_joined",
+    "token_created",
+    "token_revoked",
+    "certificate_renewed",
+    "lifecycle",
+    "register",
+    "left",
+    "node_deleted",
+    "name_unretired",
+    "settings_changed",
+    "gpu_quarantined",
+    "gpu_resumed",
+    "lease_revoked",
+]
+EVENT_KINDS: Final[tuple[EventKind, ...]] = get_args(EventKind)
+
+
 @message
 class EventView(Message):
-    """``Event``: one entry of a node's event log."""
+    """``Event``: one entry of a node's event log, with the names of the node it is about
+    and of who caused it where this node knows them (``None`` otherwise: a deleted node,
+    a join token)."""
 
     seq: int = wire(Int(minimum=1))
     at_ms: int = wire(Int())
@@ -218,6 +241,8 @@ class EventView(Message):
     actor: str = wire(Text())
     reason: str = wire(Text())
     detail: Mapping[str, Any] = wire(JsonObject())
+    node_name: str | None = wire(Nullable(Text()), default=None)
+    actor_name: str | None = wire(Nullable(Text()), default=None)
 
 
 # -- nodes --------------------------------------------------------------------------------
@@ -514,6 +539,7 @@ class Standing(Message):
 
 __all__ = [
     "ADDRESSES",
+    "EVENT_KINDS",
     "LEASE",
     "LIFECYCLE",
     "MAX_REASON_CHARS",
@@ -527,6 +553,7 @@ __all__ = [
     "AttemptResult",
     "ClusterRef",
     "ControlPlaneRef",
+    "EventKind",
     "EventView",
     "GpuDevice",
     "GpuSummaryView",

@@ -170,6 +170,8 @@ class SettingsSetAnswer(Message):
     settings: SettingsView = wire(Nested(SettingsView))
     term: int = wire(Int(minimum=1))
     push: PushReport = wire(Nested(PushReport))
+    #: False when every value was already as asked: no new record, nothing pushed.
+    changed: bool = wire(Bool(), default=True)
 
 
 @message
