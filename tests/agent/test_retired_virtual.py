@@ -8,13 +8,11 @@ from pathlib import Path
 import httpx
 import trio
 import trio.testing
-from agent.sim_support import sim_config
+from agent.sim_support import open_gpu_cluster
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
-from populi_peer.testing.sim import open_sim_host
-from support.contract import validate
+from populi_peer.testing.cluster import VirtualCluster
 
 GUARD_S = 60.0
 
@@ -32,25 +30,8 @@ def as_node(cluster: VirtualCluster, sender: Agent, recipient: str) -> httpx.Asy
 async def test_a_retired_node_says_so_and_takes_no_work(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=2,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
+    async with open_gpu_cluster(tmp_path, workers=2) as (cluster, host):
         cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
-        await cluster.wait_until(
-            lambda: (
-                all(cp.gpu.allocatable_gpus(w.node_id)[0] for w in (w1, w2))
-                and w1.membership.get(w2.node_id) is not None
-                and w2.membership.get(w1.node_id) is not None
-            ),
-            timeout_s=GUARD_S,
-        )
         async with cluster.operator_client() as op:
             on = await op.post(
                 "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}

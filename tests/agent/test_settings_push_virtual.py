@@ -19,13 +19,12 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from agent.sim_support import sim_config
+from agent.sim_support import open_gpu_cluster
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
-from populi_peer.testing.sim import SimHost, open_sim_host
-from support.contract import validate
+from populi_peer.testing.cluster import VirtualCluster
+from populi_peer.testing.sim import SimHost
 
 GUARD_S = 60.0
 
@@ -34,25 +33,7 @@ GUARD_S = 60.0
 async def mesh(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> AsyncIterator[tuple[VirtualCluster, SimHost]]:
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=2,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
-        cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
-        await cluster.wait_until(
-            lambda: (
-                all(cp.gpu.allocatable_gpus(w.node_id)[0] for w in (w1, w2))
-                and w1.membership.get(w2.node_id) is not None
-                and w2.membership.get(w1.node_id) is not None
-            ),
-            timeout_s=GUARD_S,
-        )
+    async with open_gpu_cluster(tmp_path, workers=2) as (cluster, host):
         yield cluster, host
 
 
