@@ -54,14 +54,18 @@ from populi_peer.errors import (
 from populi_peer.identity import Credential
 from populi_peer.log import correlation_id
 
+#: The error a peer's refusal becomes, by its HTTP status (each class names its own).
 _STATUS_ERRORS: dict[int, type[PopuliError]] = {
-    400: BadRequest,
-    401: Unauthenticated,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: PayloadTooLarge,
-    429: RateLimited,
+    cls.http_status: cls
+    for cls in (
+        BadRequest,
+        Unauthenticated,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        RateLimited,
+    )
 }
 
 
