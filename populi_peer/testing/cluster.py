@@ -242,11 +242,11 @@ class VirtualCluster:
         """An httpx client signing as the init node's operator, talking to ``via``."""
         cp = self["cp"]
         target = self[via]
-        assert cp.identity.operator is not None
+        assert cp.certificates.identity.operator is not None
         return httpx.AsyncClient(
             transport=self.network.transport_for("operator"),
             base_url=f"https://{self.nodes[via].host}",
-            auth=SignedAuth(cp.identity.operator, target.node_id, cp.clock),
+            auth=SignedAuth(cp.certificates.identity.operator, target.node_id, cp.clock),
         )
 
     async def mint_token(self, **payload: Any) -> str:

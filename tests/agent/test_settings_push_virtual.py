@@ -19,13 +19,12 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from agent.sim_support import sim_config
+from agent.sim_support import open_gpu_cluster
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
-from populi_peer.testing.sim import SimHost, open_sim_host
-from support.contract import validate
+from populi_peer.testing.cluster import VirtualCluster
+from populi_peer.testing.sim import SimHost
 
 GUARD_S = 60.0
 
@@ -34,25 +33,7 @@ GUARD_S = 60.0
 async def mesh(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> AsyncIterator[tuple[VirtualCluster, SimHost]]:
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=2,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
-        cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
-        await cluster.wait_until(
-            lambda: (
-                all(cp.allocatable_gpus(w.node_id)[0] for w in (w1, w2))
-                and w1.membership.get(w2.node_id) is not None
-                and w2.membership.get(w1.node_id) is not None
-            ),
-            timeout_s=GUARD_S,
-        )
+    async with open_gpu_cluster(tmp_path, workers=2) as (cluster, host):
         yield cluster, host
 
 
@@ -82,7 +63,9 @@ def as_node(cluster: VirtualCluster, sender: Agent, recipient: str) -> httpx.Asy
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(sender.node_id),
         base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(sender.identity.node_credential, cluster[recipient].node_id, sender.clock),
+        auth=SignedAuth(
+            sender.certificates.identity.node_credential, cluster[recipient].node_id, sender.clock
+        ),
     )
 
 
@@ -138,7 +121,7 @@ async def test_settings_set_pushes_to_every_node_before_it_answers(
     # No heartbeat went by: the record was pushed while the request was handled.
     assert trio.current_time() - started < 0.1
     assert w1.records.settings_serial == w2.records.settings_serial == serial
-    assert w1.remote_enabled() and w2.remote_enabled()
+    assert w1.remote_work.enabled() and w2.remote_work.enabled()
     assert answer["push"] == {
         "serial": serial,
         "confirmed": sorted([w1.node_id, w2.node_id]),
@@ -191,7 +174,7 @@ async def test_a_worker_with_an_older_record_fetches_the_signed_one_before_it_de
     # w2 misses the push (and has no heartbeat answer yet): it still holds "remote off".
     answer = await settings_set_missing(cluster, w2, remote_exec_enabled=True)
     serial = answer["settings"]["serial"]
-    assert not w2.remote_enabled() and w2.records.settings_serial < serial
+    assert not w2.remote_work.enabled() and w2.records.settings_serial < serial
     lease = await grant(cluster, w1, w2, "t-fetch")
     # Two copies of the handoff at once (a retry racing the first): both wait for the
     # fetch, and still only one starts (safety rule 2).
@@ -224,7 +207,7 @@ async def test_a_stamp_alone_never_turns_remote_execution_on(
         "lease_id": "l-0000000000000001",
         "task_id": "t-stamp",
         "token": "1.999",
-        "gpus": w2.verified_gpu_uuids(),
+        "gpus": w2.gpu.verified_uuids(),
         "ttl_s": 6,
     }
     async with as_node(cluster, w1, "w2") as to_worker:
@@ -253,7 +236,7 @@ async def test_no_remote_attempt_starts_after_the_kill_switch(
     late = await grant(cluster, w1, w2, "t-late", gpus=0)  # w2's one GPU is busy
     # The kill switch; w2 misses the push, so only the control plane can stop the start.
     await settings_set_missing(cluster, w2, kill_switch=True)
-    assert w2.remote_enabled()
+    assert w2.remote_work.enabled()
     async with as_node(cluster, w1, "w2") as to_worker:
         accepted = await to_worker.post("/v1/populi/inbox", json=handoff(late, on_serial))
     assert accepted.status_code == 200, accepted.text

@@ -58,7 +58,7 @@ def client_for(agent: Agent, signer: str | None) -> httpx.AsyncClient:
     if signer is None:
         return unsigned_client(agent)
     if signer == "node":
-        return signed_client(agent, credential=agent.identity.node_credential)
+        return signed_client(agent, credential=agent.certificates.identity.node_credential)
     return signed_client(agent)
 
 
@@ -139,7 +139,7 @@ async def quarantined_gpu(agent: Agent, tmp_path: Path) -> dict[str, str]:
             writer_class="self",
             actor=agent.node_id,
             reason="xid 79",
-            term=agent.term,
+            term=agent.control_plane.term,
         )
     )
     return {"gpu": QUARANTINED_GPU}
@@ -818,7 +818,7 @@ async def test_a_leave_with_a_bad_reason_does_not_leave(
         events_after = w1.store.execute("SELECT COUNT(*) AS n FROM events").fetchone()["n"]
         codes = [(a.status_code, a.json()["error"]["code"]) for a in answers]
         assert codes == [(400, "bad_json")] * 2 + [(400, "bad_request")] * 3
-        assert not w1.leaving
+        assert not w1.leave_state.started
         assert cluster.nodes["w1"].running
         assert cp.registry.lifecycle(w1.node_id).state == "active"
         assert events_after == events_before
