@@ -26,6 +26,7 @@ from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
+from populi_peer.agent.gossip import HintGossip
 from populi_peer.agent.gpu import GpuService
 from populi_peer.agent.health import Health
 from populi_peer.agent.heartbeat import (
@@ -59,6 +60,7 @@ from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import Config, ScopeConfig, format_host_port, parse_host_port, reach_host
+from populi_peer.core.hints import HintBody
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import EventKind, HeartbeatReport
 from populi_peer.core.scope import Scope
@@ -298,6 +300,21 @@ class Agent:
             cert_not_after_s=lambda: self.certificates.not_after_s,
             network=self.net.status_json,
         )
+        # Hint gossip: this node's signed hint, and the cluster's, peer to peer (ADR 0010).
+        self.gossip = HintGossip(
+            node_id=self.node_id,
+            node_key=identity.node_key,
+            clock=clock,
+            store=self.store,
+            config=config.gossip,
+            max_skew_s=config.security.max_skew_s,
+            membership=self.membership,
+            registry=self.registry,
+            revocations=self.revocations,
+            peers=self.peer_link,
+            body=self._hint_body,
+            timeout_s=config.api.request_timeout_s,
+        )
         self.janitor = Janitor(
             clock=clock,
             retain_finished_s=config.exec.retain_finished_s,
@@ -417,6 +434,18 @@ class Agent:
         """The GPUs this node's running attempts hold."""
         return frozenset(g for running in self.runner.running.values() for g in running.plan.gpus)
 
+    def _hint_body(self) -> HintBody:
+        """What this node says about itself in its hint (ADR 0010)."""
+        lifecycle = self.node_status.own_lifecycle()
+        return HintBody(
+            lifecycle=lifecycle.state if lifecycle is not None else "active",
+            roles=tuple(sorted(self.identity.roles)),
+            accepts_remote_work=self.remote_work.enabled(),
+            running_tasks=len(self.runner.running),
+            addresses=tuple(self.address.addresses()),
+            gpu=self.gpu.summary,
+        )
+
     def _task_dir(self, body: Mapping[str, Any]) -> Path:
         return self.runner.task_dir(AttemptPlan.from_json(dict(body)))
 
@@ -482,6 +511,7 @@ class Agent:
             *self.worker.routes(),
             *self.submitter.routes(),
             *self.gpu.routes(),
+            *self.gossip.routes(),
             *self.settings_sync.routes(),
             *self.node_status.routes(),
         ]
@@ -618,6 +648,8 @@ class Agent:
         else:
             services.append(self.heartbeat_sender.run)
         services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
+        if self.config.gossip.enabled:
+            services.append(self.gossip.run)
         return services
 
     async def shutdown_services(self) -> None:
