@@ -369,14 +369,21 @@ async def open_virtual_cluster(
 
 @contextlib.asynccontextmanager
 async def open_virtual_agent(
-    data_dir: Path, *, url: str, config: Config | None = None
+    data_dir: Path, *, url: str, config: Config | None = None, gossip: bool = False
 ) -> AsyncIterator[Agent]:
     """One agent on virtual time over the initialised ``data_dir``, with no network: tests
-    call its ASGI app (``agent.app``) directly. Stopped gracefully when the block ends."""
+    call its ASGI app (``agent.app``) directly. Stopped gracefully when the block ends.
+    Hint gossip runs only with ``gossip`` (it has no peer here, and its periodic publish
+    writes the store)."""
     require_mock_clock("a virtual agent")
+    config = replayed_gpu(config or Config(), data_dir.parent)
+    if not gossip:
+        config = dataclasses.replace(
+            config, gossip=dataclasses.replace(config.gossip, enabled=False)
+        )
     agent = Agent(
         data_dir=data_dir,
-        config=replayed_gpu(config or Config(), data_dir.parent),
+        config=config,
         clock=VirtualClock(),
         serve=False,
         url=url,

@@ -39,8 +39,8 @@ from populi_peer.core.messages._codec import (
 from populi_peer.core.messages.records import GpuDevice
 
 #: At most one version per node a peer holds (the core's bound, checked here once).
-_VERSION = Seq(Int(minimum=0), min_items=2, max_items=2, code="bad_gossip")
-_RECORDS = Seq(Text(min_len=1), code="bad_gossip")
+_VERSION = Seq(Int(minimum=0, code="bad_gossip"), min_items=2, max_items=2, code="bad_gossip")
+_RECORDS = Seq(Text(min_len=1, code="bad_gossip"), code="bad_gossip")
 
 
 @message
