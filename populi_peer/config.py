@@ -445,6 +445,30 @@ class GossipConfig:
         )
 
 
+#: The default port of the metrics listener (the API's is DEFAULT_PORT).
+DEFAULT_METRICS_PORT = 7432
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=_meta(
+            "serve Prometheus metrics (GET /metrics, plain HTTP) on their own listener; "
+            "a listen address that cannot be bound leaves the node degraded, never down"
+        ),
+    )
+    listen: str = field(
+        default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+        metadata=_meta(
+            "address the metrics listener binds, host:port (port 0: any free port); keep it "
+            "on loopback or a monitoring network: it is not authenticated",
+            "",
+            _address,
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ExecConfig:
     remote: bool = field(
@@ -529,6 +553,9 @@ class Config:
     exec: ExecConfig = field(default_factory=ExecConfig, metadata=_meta("task execution"))
     gossip: GossipConfig = field(
         default_factory=GossipConfig, metadata=_meta("hint gossip between nodes")
+    )
+    metrics: MetricsConfig = field(
+        default_factory=MetricsConfig, metadata=_meta("Prometheus metrics listener")
     )
 
     def node_name(self) -> str:

@@ -44,6 +44,7 @@ from populi_peer.agent.janitor import Janitor
 from populi_peer.agent.leases import LeaseService
 from populi_peer.agent.links import UNKNOWN_SIGNER_ATTEMPTS, ControlPlaneLink, PeerLink
 from populi_peer.agent.membership import Member, Membership
+from populi_peer.agent.metrics import Metrics, NodeFigures
 from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import Departure, NodeAdmin
 from populi_peer.agent.records import ClusterRecords
@@ -340,6 +341,11 @@ class Agent:
             clock=clock,
             max_body_bytes=config.api.max_body_bytes,
         )
+        self.metrics = Metrics(
+            config=config.metrics, figures=self._figures(), gossip=self.gossip, health=self.health
+        )
+        self.app.observers.append(self.metrics.observe)
+        self.node_status.metrics_url = lambda: self.metrics.url
         self._stop = trio.Event()
         self._server_stop = trio.Event()
         self.stopped = trio.Event()
@@ -444,6 +450,53 @@ class Agent:
             running_tasks=len(self.runner.running),
             addresses=tuple(self.address.addresses()),
             gpu=self.gpu.summary,
+        )
+
+    def _figures(self) -> NodeFigures:
+        """What ``/metrics`` reads of this node when scraped."""
+
+        def nodes() -> list[tuple[str, str, bool]]:
+            out: list[tuple[str, str, bool]] = []
+            for member in self.membership.nodes():
+                lifecycle = self.registry.lifecycle(member.id)
+                state = lifecycle.state if lifecycle is not None else "unknown"
+                out.append(
+                    (member.id, state, self.is_control_plane and self.heartbeats.stale(member.id))
+                )
+            return out
+
+        def gpus() -> list[tuple[str, str, bool]]:
+            if self.is_control_plane:
+                return [
+                    (m.id, d.health, d.allocatable)
+                    for m in self.membership.nodes()
+                    for d in self.gpu.devices(m.id)
+                ]
+            return [
+                (node, g.health, g.allocatable)
+                for node, record in self.gossip.state.records.items()
+                for g in record.body.gpus
+            ]
+
+        def heartbeat_ages_s() -> list[tuple[str, float]]:
+            if not self.is_control_plane:
+                return []
+            ages = ((m.id, self.heartbeats.age_ms(m.id)) for m in self.membership.nodes())
+            return [(node, age / 1000) for node, age in ages if age is not None]
+
+        return NodeFigures(
+            node_id=self.node_id,
+            is_control_plane=lambda: self.is_control_plane,
+            term=lambda: self.term,
+            nodes=nodes,
+            gpus=gpus,
+            lease_states=lambda: (
+                [lease.state for lease in self.leases.table.leases.values()]
+                if self.is_control_plane and self.leases.table is not None
+                else []
+            ),
+            heartbeat_ages_s=heartbeat_ages_s,
+            running_attempts=lambda: len(self.runner.running),
         )
 
     def _task_dir(self, body: Mapping[str, Any]) -> Path:
@@ -650,6 +703,8 @@ class Agent:
         services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
         if self.config.gossip.enabled:
             services.append(self.gossip.run)
+        if self.serve and self.config.metrics.enabled:
+            services.append(self.metrics.run)
         return services
 
     async def shutdown_services(self) -> None:
