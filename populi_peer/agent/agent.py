@@ -32,6 +32,7 @@ from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
+from populi_peer.agent.gossip import HintGossip
 from populi_peer.agent.gpu import GpuService
 from populi_peer.agent.health import Health
 from populi_peer.agent.heartbeat import (
@@ -48,6 +49,7 @@ from populi_peer.agent.janitor import Janitor
 from populi_peer.agent.leases import LeaseService
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
 from populi_peer.agent.membership import Membership
+from populi_peer.agent.metrics import Metrics
 from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import Departure, NodeAdmin
 from populi_peer.agent.records import ClusterRecords
@@ -57,7 +59,14 @@ from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
 from populi_peer.agent.status import NodeStatus, Uptime
 from populi_peer.agent.submitter import Submitter
-from populi_peer.agent.wiring import AllWork, ControlPlaneNodeFacts, ExecNode, check_stop_margin
+from populi_peer.agent.wiring import (
+    AllWork,
+    ControlPlaneNodeFacts,
+    ExecNode,
+    HintSource,
+    check_stop_margin,
+    node_figures,
+)
 from populi_peer.agent.worker import Worker
 from populi_peer.api.app import ApiApp, Route
 from populi_peer.api.auth import Authenticator
@@ -310,6 +319,28 @@ class Agent:
             cert_not_after_s=lambda: self.certificates.not_after_s,
             network=self.net.status_json,
         )
+        # Hint gossip: this node's signed hint, and the cluster's, peer to peer (ADR 0010).
+        self.gossip = HintGossip(
+            node_id=self.node_id,
+            node_key=identity.node_key,
+            clock=clock,
+            store=self.store,
+            config=config.gossip,
+            max_skew_s=config.security.max_skew_s,
+            membership=self.membership,
+            registry=self.registry,
+            revocations=self.revocations,
+            peers=self.peer_link,
+            body=HintSource(
+                roles=tuple(sorted(identity.roles)),
+                node_status=self.node_status,
+                remote_work=self.remote_work,
+                runner=self.runner,
+                address=self.address,
+                gpu=self.gpu,
+            ).body,
+            timeout_s=config.api.request_timeout_s,
+        )
         self.janitor = Janitor(
             clock=clock,
             retain_finished_s=config.exec.retain_finished_s,
@@ -335,6 +366,24 @@ class Agent:
             clock=clock,
             max_body_bytes=config.api.max_body_bytes,
         )
+        self.metrics = Metrics(
+            config=config.metrics,
+            figures=node_figures(
+                node_id=self.node_id,
+                control_plane=self.control_plane,
+                membership=self.membership,
+                registry=self.registry,
+                liveness=self.heartbeats,
+                gpu=self.gpu,
+                gossip=self.gossip,
+                leases=self.leases,
+                runner=self.runner,
+            ),
+            gossip=self.gossip,
+            health=self.health,
+        )
+        self.app.observers.append(self.metrics.observe)
+        self.node_status.metrics_url = lambda: self.metrics.url
         self._stop = trio.Event()
         self._server_stop = trio.Event()
         self.stopped = trio.Event()
@@ -410,6 +459,7 @@ class Agent:
             *self.worker.routes(),
             *self.submitter.routes(),
             *self.gpu.routes(),
+            *self.gossip.routes(),
             *self.settings_sync.routes(),
             *self.node_status.routes(),
         ]
@@ -494,6 +544,10 @@ class Agent:
         else:
             services.append(self.heartbeat_sender.run)
         services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
+        if self.config.gossip.enabled:
+            services.append(self.gossip.run)
+        if self.serve and self.config.metrics.enabled:
+            services.append(self.metrics.run)
         return services
 
     async def shutdown_services(self) -> None:

@@ -12,15 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from populi_peer.agent.address import OwnAddress
+from populi_peer.agent.attempts import AttemptRunner
+from populi_peer.agent.gossip import HintGossip
 from populi_peer.agent.gpu import GpuService
 from populi_peer.agent.heartbeat import Leaving, Liveness, scope_of
+from populi_peer.agent.leases import LeaseService
+from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Membership
+from populi_peer.agent.metrics import NodeFigures
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
+from populi_peer.agent.status import NodeStatus
 from populi_peer.agent.submitter import Submitter
 from populi_peer.agent.worker import Worker
 from populi_peer.config import ExecConfig, ScopeConfig
+from populi_peer.core.hints import HintBody
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.scope import Scope
 from populi_peer.errors import ConfigError
@@ -136,3 +144,86 @@ class AllWork:
 
 
 __all__ = ["AllWork", "ControlPlaneNodeFacts", "ExecNode", "check_stop_margin"]
+
+
+@dataclass(frozen=True)
+class HintSource:
+    """What this node says about itself in its signed hint (ADR 0010), read from the
+    services that own each fact."""
+
+    roles: tuple[str, ...]
+    node_status: NodeStatus
+    remote_work: RemoteWork
+    runner: AttemptRunner
+    address: OwnAddress
+    gpu: GpuService
+
+    def body(self) -> HintBody:
+        lifecycle = self.node_status.own_lifecycle()
+        return HintBody(
+            lifecycle=lifecycle.state if lifecycle is not None else "active",
+            roles=self.roles,
+            accepts_remote_work=self.remote_work.enabled(),
+            running_tasks=len(self.runner.running),
+            addresses=tuple(self.address.addresses()),
+            gpu=self.gpu.summary,
+        )
+
+
+def node_figures(
+    *,
+    node_id: str,
+    control_plane: ControlPlaneLink,
+    membership: Membership,
+    registry: Registry,
+    liveness: Liveness,
+    gpu: GpuService,
+    gossip: HintGossip,
+    leases: LeaseService,
+    runner: AttemptRunner,
+) -> NodeFigures:
+    """What ``/metrics`` reads of this node when scraped: the control plane's own view
+    where it is one, this node's hints elsewhere."""
+
+    def nodes() -> list[tuple[str, str, bool]]:
+        out: list[tuple[str, str, bool]] = []
+        for member in membership.nodes():
+            lifecycle = registry.lifecycle(member.id)
+            state = lifecycle.state if lifecycle is not None else "unknown"
+            out.append((member.id, state, control_plane.is_self and liveness.stale(member.id)))
+        return out
+
+    def gpus() -> list[tuple[str, str, bool]]:
+        if control_plane.is_self:
+            return [
+                (m.id, d.health, d.allocatable)
+                for m in membership.nodes()
+                for d in gpu.devices(m.id)
+            ]
+        return [
+            (node, g.health, g.allocatable)
+            for node, record in gossip.state.records.items()
+            for g in record.body.gpus
+        ]
+
+    def heartbeat_ages_s() -> list[tuple[str, float]]:
+        if not control_plane.is_self:
+            return []
+        ages = ((m.id, liveness.age_ms(m.id)) for m in membership.nodes())
+        return [(node, age / 1000) for node, age in ages if age is not None]
+
+    def lease_states() -> list[str]:
+        if not control_plane.is_self or leases.table is None:
+            return []
+        return [lease.state for lease in leases.table.leases.values()]
+
+    return NodeFigures(
+        node_id=node_id,
+        is_control_plane=lambda: control_plane.is_self,
+        term=lambda: control_plane.term,
+        nodes=nodes,
+        gpus=gpus,
+        lease_states=lease_states,
+        heartbeat_ages_s=heartbeat_ages_s,
+        running_attempts=lambda: len(runner.running),
+    )

@@ -559,6 +559,7 @@ def _agent_factory(host: SimHost, seed: int) -> Callable[..., Agent]:
         # The agents' own jitter (heartbeats, result delivery) from the seed, too.
         agent.worker.rng = random.Random(f"{seed}/{name}/{starts[name]}/worker")
         agent.heartbeat_sender.rng = random.Random(f"{seed}/{name}/{starts[name]}/beat")
+        agent.gossip.rng = random.Random(f"{seed}/{name}/{starts[name]}/gossip")
         return agent
 
     return factory

@@ -254,6 +254,9 @@ for _route, _method, _path, _signer in [
     ("settings_show", "GET", "/v1/populi/settings", "operator"),
     ("settings_set", "POST", "/v1/populi/admin/settings", "operator"),
     ("settings_push", "POST", "/v1/populi/records/settings", "node"),
+    ("gossip_digest", "POST", "/v1/populi/gossip/digest", "node"),
+    ("gossip_push", "POST", "/v1/populi/gossip/push", "node"),
+    ("hints", "GET", "/v1/populi/hints", "operator"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -711,6 +714,24 @@ wrong("settings_push", "POST", "/v1/populi/records/settings", NOT_JSON, 400, "ba
       "malformed-json", signer="node")
 wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": "x"}, 403,
       "role_required", "operator-is-no-voter")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {}, 400, "bad_gossip", "no-digest",
+      signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": 5}, 400, "bad_gossip",
+      "digest-number", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": {"n-1": [1]}}, 400,
+      "bad_gossip", "version-one-number", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": {"": [1, 0]}}, 400,
+      "bad_gossip", "empty-node-id", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", NOT_JSON, 400, "bad_json",
+      "malformed-json", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": {}}, 403, "forbidden",
+      "operator-does-not-gossip")
+wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": 5}, 400, "bad_gossip",
+      "records-number", signer="node")
+wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": [""]}, 400, "bad_gossip",
+      "empty-record", signer="node")
+wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": []}, 403, "forbidden",
+      "operator-does-not-gossip")
 wrong("lease_renew", "POST", "/v1/populi/exec/leases/l-1/renew", {"before_start": "yes"}, 400,
       "bad_request", "before-start-string")
 wrong("health", "GET", "/v1/populi/health?verbose=%ff%fe", b"x" * (LIMIT + 1), 413,
