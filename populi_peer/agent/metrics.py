@@ -218,6 +218,7 @@ class Metrics(Collector):
         hconfig.errorlog = logging.getLogger("populi.http")
         hconfig.graceful_timeout = 1.0
         app = make_asgi_app(self.registry)
+        started = False
         try:
             async with trio.open_nursery() as nursery:
                 binds: list[str] = await nursery.start(
@@ -229,8 +230,15 @@ class Metrics(Collector):
                 self.url = f"http://{format_host_port(reach_host(bound_host), bound_port)}/metrics"
                 self.health.ok("metrics")
                 log(self.logger, logging.INFO, "metrics listening", url=self.url)
+                started = True
                 task_status.started()
-        except OSError as exc:
+        except* OSError as group:
+            # The port is taken (another agent on this machine), or the address is not this
+            # host's: the node runs on without /metrics, degraded, and says why.
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            self.url = None
             self.health.failed("metrics", exc)
             log(
                 self.logger,
@@ -239,7 +247,8 @@ class Metrics(Collector):
                 listen=self.config.listen,
                 error=str(exc),
             )
-            task_status.started()
+            if not started:
+                task_status.started()
 
 
 __all__ = ["Metrics", "NodeFigures"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ import httpx
 import pytest
 from e2e.exec_support import Mesh, tick_command, wait_for, wait_ticks
 from prometheus_client.parser import text_string_to_metric_families
+
+from support.procs import Processes, init, populi
 
 pytestmark = pytest.mark.e2e
 
@@ -100,3 +103,39 @@ def test_a_scrape_passes_promtool_and_sees_lease_and_fallback_counters_move(
             mesh.start("w2")
     finally:
         mesh.close()
+
+
+def test_a_metrics_port_taken_leaves_the_agent_up_and_degraded(
+    tmp_path: Path, procs: Processes
+) -> None:
+    """Two agents on one machine with the default metrics port: the second cannot bind it.
+    It serves on, says so in its health, and names no metrics URL."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        data_dir = tmp_path / "d"
+        init(data_dir)
+        agent = procs.start_agent(
+            data_dir, env={"POPULI_METRICS__LISTEN": f"127.0.0.1:{port}"}, health=True
+        )
+        status, _ = wait_for(
+            "the agent reports the metrics listener as failed",
+            lambda: (
+                s
+                if (
+                    s := json.loads(populi("status", "--data-dir", str(data_dir), "--json").stdout)
+                )["health"]["state"]
+                == "degraded"
+                else None
+            ),
+            guard_s=30,
+            every_s=0.5,
+        )
+        assert [p["component"] for p in status["health"]["problems"]] == ["metrics"]
+        assert status.get("metrics_url") is None
+        assert agent.proc.poll() is None
+        assert "Traceback" not in agent.log()
+    finally:
+        taken.close()
