@@ -112,7 +112,9 @@ from populi_peer.core.tasks import (
     TaskEvent,
     TaskOptions,
     Timeout,
+    event_key,
 )
+from populi_peer.core.transition_log import TASK_TRANSITION, task_transition_fields
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store.tasks import TaskRecord, Tasks
@@ -240,15 +242,10 @@ class Submitter:
         if control is not None:
             control.changed.set()
             control.changed = trio.Event()
-        if new.state != task.state:
-            log(
-                self.logger,
-                logging.INFO,
-                "task state",
-                task_id=task_id,
-                state=new.state,
-                via=type(event).__name__,
-            )
+        # One line per transition, with the codes the record keeps (issue 15).
+        fields = task_transition_fields(task, new, event_key(task, event))
+        if fields is not None:
+            log(self.logger, logging.INFO, TASK_TRANSITION, **fields)
         return new
 
     def request_number(self, task_id: str, kind: RequestKind) -> int:
