@@ -48,6 +48,7 @@ from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.leases import (
+    STOPPING_REFUSALS,
     HolderStatus,
     HolderView,
     Lease,
@@ -393,6 +394,12 @@ class LeaseService:
         body = request.message(RenewRequest)
         lease_id = request.path_params["lease_id"]
         self.hydrate(lease_id=lease_id)
+        self._table()
+        refusal = remote_refusal(self.records.settings)
+        if refusal in STOPPING_REFUSALS:
+            # The kill switch: the lease is revoked for it (durably) before its holder
+            # hears the refusal, so however the lease ends, it says why.
+            self.reconcile_now()
         table = self._table()
         now_mono, now_ms = self._now()
         new, change = table.renew(
@@ -401,9 +408,10 @@ class LeaseService:
             now_mono=now_mono,
             now_wall_ms=now_ms,
             # Rule 3's renewal before start: the settings are checked again here, so no
-            # remote attempt starts after `settings set` turned remote execution off.
+            # remote attempt starts after `settings set` turned remote execution off; and
+            # with the kill switch no remote lease renews at all.
             before_start=body.before_start,
-            remote_refusal=remote_refusal(self.records.settings),
+            remote_refusal=refusal,
         )
         self._commit(new, change.records)
         return LeaseAnswer(lease=self.view(change.lease))
@@ -571,6 +579,7 @@ class LeaseService:
             now_mono=now_mono,
             now_wall_ms=now_ms,
             drain_actor=me,
+            remote_refusal=remote_refusal(self.records.settings),
         )
         self.flags = {f.lease_id: f.status for f in result.flagged}
         if result.records:
