@@ -6,7 +6,9 @@
 - a worker that holds an older record than the handoff names fetches the signed record
   before it decides, and never trusts the serial alone;
 - after ``kill_switch true`` the control plane refuses the worker's renewal before start
-  (a lease granted just before), so no remote attempt starts; a running one keeps renewing.
+  (a lease granted just before), so no remote attempt starts; a running one is refused at
+  its next renewal, stops before its lease's deadline, and its task falls back locally
+  with the reason ``kill_switch``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from agent.sim_support import open_gpu_cluster
+from agent.sim_support import open_gpu_cluster, submit
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
@@ -218,7 +220,7 @@ async def test_a_stamp_alone_never_turns_remote_execution_on(
     assert not host.ledger.for_task("t-stamp")
 
 
-async def test_no_remote_attempt_starts_after_the_kill_switch(
+async def test_no_remote_attempt_starts_after_the_kill_switch_and_a_running_one_stops(
     mesh: tuple[VirtualCluster, SimHost], autojump_clock: trio.testing.MockClock
 ) -> None:
     cluster, host = mesh
@@ -235,6 +237,7 @@ async def test_no_remote_attempt_starts_after_the_kill_switch(
     await cluster.wait_until(lambda: bool(host.ledger.for_task("t-running")), timeout_s=GUARD_S)
     late = await grant(cluster, w1, w2, "t-late", gpus=0)  # w2's one GPU is busy
     # The kill switch; w2 misses the push, so only the control plane can stop the start.
+    thrown = trio.current_time()
     await settings_set_missing(cluster, w2, kill_switch=True)
     assert w2.remote_work.enabled()
     async with as_node(cluster, w1, "w2") as to_worker:
@@ -242,16 +245,68 @@ async def test_no_remote_attempt_starts_after_the_kill_switch(
     assert accepted.status_code == 200, accepted.text
     table = cp.leases.table
     assert table is not None
-    # The renewal before start is refused (kill_switch): nothing ran, the lease is given
-    # back at once, and the running attempt keeps renewing.
+    # The renewal before start is refused (kill_switch): nothing ran, the lease, revoked
+    # for the kill switch, is given back at once.
     await cluster.wait_until(
-        lambda: table is not None and cp.leases.table.get(late["lease_id"]).state == "released",
+        lambda: cp.leases.table.get(late["lease_id"]).state == "revoked",  # type: ignore[union-attr]
         timeout_s=GUARD_S,
     )
+    assert cp.leases.table.get(late["lease_id"]).reason == "kill_switch"
     assert not host.ledger.for_task("t-late")
     row = w2.runner.row("t-late", 1, "worker")
     assert row is not None and row.state == "finished"
     assert row.result is not None and row.result["outcome"] == "lease_lost"
-    await trio.sleep(40)  # longer than the 30 s TTL: only renewals keep it live
-    assert cp.leases.table.get(running["lease_id"]).state == "live"
-    assert [run.running for run in host.ledger.for_task("t-running")] == [True]
+    # The running attempt is refused at its next renewal (TTL/3 = 10 s) and stopped, well
+    # before its lease's deadline; its lease ends revoked, for the kill switch.
+    (run,) = host.ledger.for_task("t-running")
+    await cluster.wait_until(lambda: not run.running, timeout_s=GUARD_S)
+    assert run.stopped is not None and run.stopped - thrown <= 30 / 3 + 1
+    assert run.stopped_boot is not None and run.stopped_boot <= run.deadline_boot
+    await cluster.wait_until(
+        lambda: cp.leases.table.get(running["lease_id"]).state == "revoked",  # type: ignore[union-attr]
+        timeout_s=GUARD_S,
+    )
+    assert cp.leases.table.get(running["lease_id"]).reason == "kill_switch"
+    # Nothing new starts remotely anywhere: a GPU task submitted now runs on its submitter.
+    task_id = await submit(cluster, "w1", ["sim", "1"])
+    await cluster.wait_until(lambda: w1.submitter.load(task_id).terminal, timeout_s=GUARD_S)
+    task = w1.submitter.load(task_id)
+    (attempt,) = task.attempts
+    assert (task.state, attempt.where, attempt.placement_reasons) == (
+        "succeeded",
+        "local",
+        ("kill_switch",),
+    )
+    assert [run.node for run in host.ledger.for_task(task_id)] == ["w1"]
+    now = cp.leases.table
+    assert not any(lease.kind == "remote" and lease.holding for lease in now.leases.values())
+
+
+async def test_a_remote_task_falls_back_locally_for_the_kill_switch(
+    mesh: tuple[VirtualCluster, SimHost], autojump_clock: trio.testing.MockClock
+) -> None:
+    cluster, host = mesh
+    w1 = cluster["w1"]
+    await settings_set(cluster, remote_exec_enabled=True)
+    task_id = await submit(cluster, "w1", ["sim", "300"])
+    await cluster.wait_until(
+        lambda: (
+            w1.submitter.load(task_id).state == "running_remote"
+            and bool(host.ledger.for_task(task_id))
+        ),
+        timeout_s=GUARD_S,
+    )
+    (remote,) = host.ledger.for_task(task_id)
+    await settings_set(cluster, kill_switch=True)
+    await cluster.wait_until(lambda: len(host.ledger.for_task(task_id)) == 2, timeout_s=GUARD_S)
+    first, second = host.ledger.for_task(task_id)
+    # Never in two places at once: the remote run ended before the local one started.
+    assert first is remote and remote.node != "w1" and second.node == "w1"
+    assert remote.stopped is not None and remote.stopped <= second.started
+    assert remote.stopped_boot is not None and remote.stopped_boot <= remote.deadline_boot
+    task = w1.submitter.load(task_id)
+    codes = [entry.code for entry in task.reasons]
+    fell_back = codes.index("lease_dead_confirmed")
+    assert "kill_switch" in codes[fell_back:], codes
+    local = task.attempts[-1]
+    assert local.where == "local" and "kill_switch" in local.placement_reasons, local
