@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from populi_peer.core.gossip import GossipSettings
 from populi_peer.core.leases import validate_stop_margin
 from populi_peer.core.scope import Scope
 from populi_peer.core.timings import DEFAULT_SCOPE_TIMINGS, ScopeTimings, TimingTable
@@ -384,6 +385,91 @@ class GpuConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GossipConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=_meta(
+            "spread this node's signed hint (GPUs, load, lifecycle, addresses) to peers by "
+            "push-pull gossip, and keep theirs; advisory only, the control plane re-checks "
+            "at grant time (docs/adr/0010)"
+        ),
+    )
+    round_interval_s: float = field(
+        default=0.3,
+        metadata=_meta("time between two gossip rounds of this node", "seconds", _positive),
+    )
+    fanout: int = field(
+        default=3, metadata=_meta("random peers contacted per round", "peers", _positive)
+    )
+    max_message_bytes: int = field(
+        default=64 * 1024,
+        metadata=_meta(
+            "signed hint records per gossip message (more wait for a later round; >= 1024)",
+            "bytes",
+            _positive,
+        ),
+    )
+    republish_min_s: float = field(
+        default=1.0,
+        metadata=_meta(
+            "this node re-signs its hint at most this often when it changes",
+            "seconds",
+            _positive,
+        ),
+    )
+    republish_max_s: float = field(
+        default=10.0,
+        metadata=_meta(
+            "this node re-signs its hint at least this often, changed or not (its age "
+            "then means liveness)",
+            "seconds",
+            _positive,
+        ),
+    )
+    stale_after_s: float = field(
+        default=30.0,
+        metadata=_meta(
+            "a hint older than this is shown as stale and not placed on (hint_stale)",
+            "seconds",
+            _positive,
+        ),
+    )
+
+    def settings(self, *, max_skew_s: float = 300.0) -> GossipSettings:
+        """The core's gossip settings (its checks raise ConfigError)."""
+        return GossipSettings(
+            round_interval_s=self.round_interval_s,
+            fanout=self.fanout,
+            max_message_bytes=self.max_message_bytes,
+            max_skew_ms=int(max_skew_s * 1000),
+        )
+
+
+#: The default port of the metrics listener (the API's is DEFAULT_PORT).
+DEFAULT_METRICS_PORT = 7432
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = field(
+        default=True,
+        metadata=_meta(
+            "serve Prometheus metrics (GET /metrics, plain HTTP) on their own listener; "
+            "a listen address that cannot be bound leaves the node degraded, never down"
+        ),
+    )
+    listen: str = field(
+        default=f"127.0.0.1:{DEFAULT_METRICS_PORT}",
+        metadata=_meta(
+            "address the metrics listener binds, host:port (port 0: any free port); keep it "
+            "on loopback or a monitoring network: it is not authenticated",
+            "",
+            _address,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ExecConfig:
     remote: bool = field(
         default=True,
@@ -465,6 +551,12 @@ class Config:
     )
     gpu: GpuConfig = field(default_factory=GpuConfig, metadata=_meta("GPU probe"))
     exec: ExecConfig = field(default_factory=ExecConfig, metadata=_meta("task execution"))
+    gossip: GossipConfig = field(
+        default_factory=GossipConfig, metadata=_meta("hint gossip between nodes")
+    )
+    metrics: MetricsConfig = field(
+        default_factory=MetricsConfig, metadata=_meta("Prometheus metrics listener")
+    )
 
     def node_name(self) -> str:
         return self.node.name or default_node_name()
@@ -636,6 +728,16 @@ def _cross_check(config: Config, source: str) -> None:
         config.exec.check_stop_margin(None)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in {source})", key="exec.stop_margin_s") from None
+    try:
+        config.gossip.settings()  # the core's own checks (core.gossip.GossipSettings)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {source})", key="gossip") from None
+    if config.gossip.republish_max_s < config.gossip.republish_min_s:
+        raise ConfigError(
+            f"gossip.republish_max_s in {source}: must be >= gossip.republish_min_s "
+            f"({config.gossip.republish_min_s})",
+            key="gossip.republish_max_s",
+        )
 
 
 def env_key_path(name: str) -> str | None:

@@ -82,10 +82,14 @@ def started_as(recorded_pid: int, started_pid: int) -> bool:
 
 
 def populi_command() -> list[str]:
-    """The argv prefix that runs ``populi`` as this very installation."""
+    """The argv prefix that runs ``populi`` as this very installation.
+
+    ``-P``: no current directory on ``sys.path``, so a stray ``timeit.py`` in the
+    directory ``populi demo`` runs from cannot stand in for a module Populi imports.
+    """
     if frozen():
         return [sys.executable]
-    return [sys.executable, "-m", "populi_peer"]
+    return [sys.executable, "-P", "-m", "populi_peer"]
 
 
 def supervisor_command() -> list[str]:

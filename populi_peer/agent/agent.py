@@ -1,11 +1,17 @@
-"""The agent: one trio process per node.
+"""The agent: one trio process per node, and the composition root of its services.
 
-It owns the store, the identity, the API and the services, and it is where they are put
-together: each service is given exactly what it uses (stores, clock, config section,
-identity facts, links to other nodes, other services through small callables), and what
-one service adds to another's work — a part of the heartbeat, an answer to absorb — is
-wired here. ``run()`` nests lifetimes: the API server outlives the services so that a
-stopping node can still answer while its services wind down; shutdown is a deadline
+It builds the store, the identity, the links to other nodes and the services, gives each
+service exactly what it uses (stores, clock, config section, identity facts, links, other
+services through the small Protocols the consumer defines, satisfied by the adapters in
+:mod:`populi_peer.agent.wiring`), and wires what one service adds to another's work (a
+part of the heartbeat, an answer to absorb). Beyond construction it holds only the route
+list, the service list and the lifetime; a fact is read from the service that owns it
+(``agent.control_plane.term``, ``agent.gpu.allocatable_gpus(node_id)``,
+``agent.remote_work.enabled()``, ``agent.certificates.identity``, ``agent.address.url``).
+No service imports this module.
+
+``run()`` nests lifetimes: the API server outlives the services so that a stopping node
+can still answer while its services wind down; shutdown is a deadline
 (``api.shutdown_grace_s``), not a hope.
 """
 
@@ -13,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +28,11 @@ import trio
 
 from enrollment.ca import certificate_public_key
 from populi_peer.agent.address import OwnAddress
-from populi_peer.agent.attempts import AttemptPlan, AttemptRunner
+from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
+from populi_peer.agent.gossip import HintGossip
 from populi_peer.agent.gpu import GpuService
 from populi_peer.agent.health import Health
 from populi_peer.agent.heartbeat import (
@@ -36,13 +43,13 @@ from populi_peer.agent.heartbeat import (
     Liveness,
     RegisterOutbox,
     SelfBeat,
-    scope_of,
 )
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.janitor import Janitor
 from populi_peer.agent.leases import LeaseService
-from populi_peer.agent.links import UNKNOWN_SIGNER_ATTEMPTS, ControlPlaneLink, PeerLink
-from populi_peer.agent.membership import Member, Membership
+from populi_peer.agent.links import ControlPlaneLink, PeerLink
+from populi_peer.agent.membership import Membership
+from populi_peer.agent.metrics import Metrics
 from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import Departure, NodeAdmin
 from populi_peer.agent.records import ClusterRecords
@@ -52,21 +59,25 @@ from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
 from populi_peer.agent.status import NodeStatus, Uptime
 from populi_peer.agent.submitter import Submitter
+from populi_peer.agent.wiring import (
+    AllWork,
+    ControlPlaneNodeFacts,
+    ExecNode,
+    HintSource,
+    check_stop_margin,
+    node_figures,
+)
 from populi_peer.agent.worker import Worker
 from populi_peer.api.app import ApiApp, Route
-from populi_peer.api.auth import Authenticator, Principal
+from populi_peer.api.auth import Authenticator
 from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
-from populi_peer.config import Config, ScopeConfig, format_host_port, parse_host_port, reach_host
-from populi_peer.core.lifecycle import NodeLifecycle
-from populi_peer.core.messages import EventKind, HeartbeatReport
-from populi_peer.core.scope import Scope
+from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
-from populi_peer.errors import ConfigError
-from populi_peer.identity import Identity, RuntimeInfo, clear_runtime, load_identity, write_runtime
+from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
@@ -111,7 +122,7 @@ class Agent:
             cluster_key=certificate_public_key(identity.ca_cert),
         )
         self.registry = Registry(self.store, identity, clock, max_skew_s=config.security.max_skew_s)
-        self._check_stop_margin()
+        check_stop_margin(config.exec, self.records.settings)
         self.network = network or TlsNetwork(
             identity.paths.ca_cert, revoked=self.revocations.is_certificate_revoked
         )
@@ -122,7 +133,7 @@ class Agent:
             timeout_s=config.api.request_timeout_s,
             # Every call names the node it means to reach; a revoked one is never called,
             # and no other node's answer is taken (docs/adr/0009).
-            is_revoked=self.is_revoked,
+            is_revoked=self.revocations.is_revoked,
         )
         self.control_plane = ControlPlaneLink(
             node_id=self.node_id, store=self.store, client=self.peers
@@ -192,6 +203,16 @@ class Agent:
         self.heartbeats = Liveness(clock=clock, timings=self.net.timings)
         self.outbox = RegisterOutbox()
         self.leave_state = Leaving(node_id=self.node_id, clock=clock, events=self.events)
+        self.runner = AttemptRunner(
+            node_id=self.node_id,
+            tasks_dir=identity.paths.tasks,
+            attempts=Attempts(self.store),
+            clock=clock,
+            control_plane=self.control_plane,
+            executor=self.executor,
+            config=config.exec,
+            health=self.health,
+        )
         self.gpu = GpuService(
             node_id=self.node_id,
             config=config.gpu,
@@ -203,9 +224,23 @@ class Agent:
             health=self.health,
             outbox=self.outbox,
             liveness=self.heartbeats,
-            leased_gpus=self._leased_gpus,
-            own_pids=lambda: self.worker.own_pids(),  # noqa: PLW0108 (built later)
+            leased_gpus=self.runner.held_gpus,
+            own_pids=self.runner.own_pids,
         )
+        self.settings_sync = SettingsSync(
+            identity=identity,
+            clock=clock,
+            store=self.store,
+            records=self.records,
+            membership=self.membership,
+            registry=self.registry,
+            events=self.events,
+            control_plane=self.control_plane,
+            peers=self.peers,
+            timeout_s=config.api.request_timeout_s,
+            rank=self.net.address_book.candidates,
+        )
+        self._build_execution()
         self.heartbeat_reports = HeartbeatReports(
             address=self.address,
             revocations=self.revocations,
@@ -213,7 +248,7 @@ class Agent:
             records=self.records,
             uptime_s=self.uptime.seconds,
             exec_remote=bool(config.exec.remote),
-            parts=[self._held_leases_part, self.gpu.report_part],
+            parts=[self.worker.report_part, self.gpu.report_part],
         )
         self.heartbeat_intake = HeartbeatIntake(
             clock=clock,
@@ -257,7 +292,7 @@ class Agent:
             outbox=self.outbox,
             leaving=self.leave_state,
             beat=self.heartbeat_sender.beat_once,
-            stop_all_work=self.stop_all_work,
+            stop_all_work=AllWork(submitter=self.submitter, worker=self.worker).stop,
             timeout_s=config.api.request_timeout_s,
         )
         self.node_admin = NodeAdmin(
@@ -270,20 +305,6 @@ class Agent:
             gpu_view=self.gpu.view,
             departure=self.departure,
         )
-        self.settings_sync = SettingsSync(
-            identity=identity,
-            clock=clock,
-            store=self.store,
-            records=self.records,
-            membership=self.membership,
-            registry=self.registry,
-            events=self.events,
-            control_plane=self.control_plane,
-            peers=self.peers,
-            timeout_s=config.api.request_timeout_s,
-            rank=self.net.address_book.candidates,
-        )
-        self._build_execution(identity.paths.tasks)
         self.node_status = NodeStatus(
             identity=identity,
             listen=config.node.listen,
@@ -298,12 +319,34 @@ class Agent:
             cert_not_after_s=lambda: self.certificates.not_after_s,
             network=self.net.status_json,
         )
+        # Hint gossip: this node's signed hint, and the cluster's, peer to peer (ADR 0010).
+        self.gossip = HintGossip(
+            node_id=self.node_id,
+            node_key=identity.node_key,
+            clock=clock,
+            store=self.store,
+            config=config.gossip,
+            max_skew_s=config.security.max_skew_s,
+            membership=self.membership,
+            registry=self.registry,
+            revocations=self.revocations,
+            peers=self.peer_link,
+            body=HintSource(
+                roles=tuple(sorted(identity.roles)),
+                node_status=self.node_status,
+                remote_work=self.remote_work,
+                runner=self.runner,
+                address=self.address,
+                gpu=self.gpu,
+            ).body,
+            timeout_s=config.api.request_timeout_s,
+        )
         self.janitor = Janitor(
             clock=clock,
             retain_finished_s=config.exec.retain_finished_s,
             inbox=InboxMessages(self.store),
             attempts=Attempts(self.store),
-            task_dir=self._task_dir,
+            task_dir=self.runner.stored_task_dir,
             leftovers=self.executor.leftovers,
             health=self.health,
         )
@@ -323,29 +366,32 @@ class Agent:
             clock=clock,
             max_body_bytes=config.api.max_body_bytes,
         )
+        self.metrics = Metrics(
+            config=config.metrics,
+            figures=node_figures(
+                node_id=self.node_id,
+                control_plane=self.control_plane,
+                membership=self.membership,
+                registry=self.registry,
+                liveness=self.heartbeats,
+                gpu=self.gpu,
+                gossip=self.gossip,
+                leases=self.leases,
+                runner=self.runner,
+            ),
+            gossip=self.gossip,
+            health=self.health,
+        )
+        self.app.observers.append(self.metrics.observe)
+        self.node_status.metrics_url = lambda: self.metrics.url
         self._stop = trio.Event()
         self._server_stop = trio.Event()
         self.stopped = trio.Event()
 
-    def _check_stop_margin(self) -> None:
-        """safety rule 3: refuse a stop margin smaller than the SIGTERM grace plus the kill
-        latency plus the clock drift over one TTL (the cluster's longest), and one that
-        leaves no room for a renewal. Checked at start against the settings this node
-        holds; a later, longer ``max_lease_ttl_s`` makes the worker refuse such leases
-        (``ttl_too_short``) instead."""
-        if not self.config.exec.remote:
-            return
-        try:
-            self.config.exec.check_stop_margin(float(self.records.settings["max_lease_ttl_s"]))
-        except ConfigError as exc:
-            raise ConfigError(
-                f"{exc} (cluster max_lease_ttl_s = {self.records.settings['max_lease_ttl_s']:g} s)",
-                key="exec.stop_margin_s",
-            ) from None
-
-    def _build_execution(self, tasks_dir: Path) -> None:
-        """The execution plane: the inbox, the lease service (control plane), the attempt
-        runner, the worker and the submitter, each given what it uses."""
+    def _build_execution(self) -> None:
+        """The execution plane: the inbox, the lease service (control plane), the worker
+        and the submitter, each given what it uses (the attempt runner they share is
+        built before the GPU service, which reads what it runs)."""
         clock, config = self.clock, self.config
         self.inbox = Inbox(node_id=self.node_id, messages=InboxMessages(self.store), clock=clock)
         self.leases = LeaseService(
@@ -360,16 +406,6 @@ class Agent:
                 gpu=self.gpu,
             ),
             events=self.events,
-            health=self.health,
-        )
-        self.runner = AttemptRunner(
-            node_id=self.node_id,
-            tasks_dir=tasks_dir,
-            attempts=Attempts(self.store),
-            clock=clock,
-            control_plane=self.control_plane,
-            executor=self.executor,
-            config=config.exec,
             health=self.health,
         )
         node = ExecNode(
@@ -407,68 +443,9 @@ class Agent:
         self.inbox.on("cancel", self.worker.on_cancel)
         self.inbox.on("result", self.submitter.on_result)
 
-    # -- wiring between the planes --------------------------------------------------------
-
-    def _held_leases_part(self, report: HeartbeatReport) -> HeartbeatReport:
-        """The worker's held leases in this node's heartbeat."""
-        return replace(report, leases=self.worker.held_leases())
-
-    def _leased_gpus(self) -> frozenset[str]:
-        """The GPUs this node's running attempts hold."""
-        return frozenset(g for running in self.runner.running.values() for g in running.plan.gpus)
-
-    def _task_dir(self, body: Mapping[str, Any]) -> Path:
-        return self.runner.task_dir(AttemptPlan.from_json(dict(body)))
-
     def _reload_tls(self) -> None:
         if self.hypercorn is not None:
             self.hypercorn.reload_certificate()
-
-    async def stop_all_work(self, reason: str) -> int:
-        """Stop every task this node runs and release their leases; returns how many."""
-        local = await self.submitter.stop_all(reason)
-        remote = await self.worker.stop_all(reason)
-        return local + remote
-
-    # -- identity facts (read by the execution plane) -------------------------------------
-
-    @property
-    def identity(self) -> Identity:
-        """This node's identity with the certificate in force now."""
-        return self.certificates.identity
-
-    @property
-    def url(self) -> str:
-        return self.address.url
-
-    @property
-    def leaving(self) -> bool:
-        return self.leave_state.started
-
-    @property
-    def term(self) -> int:
-        return self.control_plane.term
-
-    @property
-    def control_plane_id(self) -> str:
-        return self.control_plane.id
-
-    @property
-    def control_plane_url(self) -> str:
-        return self.control_plane.url
-
-    @property
-    def is_control_plane(self) -> bool:
-        return self.control_plane.is_self
-
-    def is_revoked(self, principal_id: str) -> bool:
-        return self.revocations.is_revoked(principal_id)
-
-    def lookup_principal(self, principal_id: str) -> Principal | None:
-        return self.standing.signer(principal_id)
-
-    def require_control_plane(self) -> None:
-        self.control_plane.require_self()
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -482,58 +459,10 @@ class Agent:
             *self.worker.routes(),
             *self.submitter.routes(),
             *self.gpu.routes(),
+            *self.gossip.routes(),
             *self.settings_sync.routes(),
             *self.node_status.routes(),
         ]
-
-    # -- facts read through the agent (tests and tools; no service asks for them) ---------
-
-    def record_event(
-        self,
-        node_id: str,
-        kind: EventKind,
-        *,
-        actor: str,
-        reason: str = "",
-        detail: dict[str, Any] | None = None,
-    ) -> None:
-        self.events.append(
-            at_ms=wall_ms(self.clock),
-            node_id=node_id,
-            kind=kind,
-            actor=actor,
-            reason=reason,
-            detail=detail,
-        )
-
-    async def sync_members(self) -> None:
-        await self.peer_link.sync_members()
-
-    async def peer_member(self, node_id: str) -> Member | None:
-        return await self.peer_link.member(node_id)
-
-    async def call_member(
-        self,
-        member: Member,
-        method: str,
-        path: str,
-        payload: dict[str, Any] | None = None,
-        *,
-        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
-    ) -> dict[str, Any]:
-        return await self.peer_link.call(member, method, path, payload, attempts=attempts)
-
-    def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
-        return self.gpu.allocatable_gpus(node_id)
-
-    def verified_gpu_uuids(self) -> list[str]:
-        return self.gpu.verified_uuids()
-
-    def remote_enabled(self) -> bool:
-        return self.remote_work.enabled()
-
-    def policy_gates(self) -> frozenset[tuple[str, str]]:
-        return self.records.policy_gates()
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -558,8 +487,8 @@ class Agent:
                         logging.INFO,
                         "agent started",
                         node_id=self.node_id,
-                        url=self.url,
-                        control_plane=self.is_control_plane,
+                        url=self.address.url,
+                        control_plane=self.control_plane.is_self,
                     )
                     task_status.started(self)
                     await self._stop.wait()
@@ -577,7 +506,7 @@ class Agent:
             with trio.CancelScope(shield=True):
                 await self.peers.aclose()
             if self.serve:
-                clear_runtime(self.identity.paths, os.getpid())
+                clear_runtime(self.certificates.identity.paths, os.getpid())
             self.store.close()
             self.data_dir_lock.release()
             self.stopped.set()
@@ -590,15 +519,12 @@ class Agent:
         self.request_stop()
 
     def _ensure_lifecycles(self) -> None:
-        """The control plane holds a lifecycle register for every node (the init node's
-        is written here, on the first start)."""
-        if not self.is_control_plane:
-            return
-        for member in self.membership.nodes():
-            if self.registry.registers.lifecycle(
-                member.id
-            ) is None and not self.registry.registers.is_deleted(member.id):
-                self.registry.set_initial(member.id, actor=self.node_id, term=self.term)
+        if self.control_plane.is_self:
+            self.registry.ensure_lifecycles(
+                (member.id for member in self.membership.nodes()),
+                actor=self.node_id,
+                term=self.control_plane.term,
+            )
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
@@ -607,7 +533,7 @@ class Agent:
             self.janitor.run,
             self.gpu.run,
         ]
-        if self.is_control_plane:
+        if self.control_plane.is_self:
             self_beat = SelfBeat(
                 intake=self.heartbeat_intake,
                 reports=self.heartbeat_reports,
@@ -618,6 +544,10 @@ class Agent:
         else:
             services.append(self.heartbeat_sender.run)
         services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
+        if self.config.gossip.enabled:
+            services.append(self.gossip.run)
+        if self.serve and self.config.metrics.enabled:
+            services.append(self.metrics.run)
         return services
 
     async def shutdown_services(self) -> None:
@@ -629,8 +559,8 @@ class Agent:
         hconfig = hypercorn_config(
             host=host,
             port=port,
-            certfile=self.identity.paths.node_cert,
-            keyfile=self.identity.paths.node_key,
+            certfile=self.certificates.identity.paths.node_cert,
+            keyfile=self.certificates.identity.paths.node_key,
             keep_alive_max_requests=self.config.api.keep_alive_max_requests,
         )
         self.hypercorn = hconfig
@@ -642,106 +572,26 @@ class Agent:
             self.address.url = f"https://{self.net.plan.addresses[0]}"
         self._publish_self_address()
         write_runtime(
-            self.identity.paths,
+            self.certificates.identity.paths,
             RuntimeInfo(
                 pid=os.getpid(),
-                url=self.url,
+                url=self.address.url,
                 node_id=self.node_id,
                 started_wall_s=self.clock.wall(),
             ),
         )
-        log(self.logger, logging.INFO, "api listening", binds=binds, url=self.url)
+        log(self.logger, logging.INFO, "api listening", binds=binds, url=self.address.url)
 
     def _publish_self_address(self) -> None:
         """Keep our own member record (and, on the control plane, its URL) in step with the
         address we actually serve on (a listen port of 0 is only known after binding)."""
         addresses = self.address.addresses()
         member = self.membership.get(self.node_id)
-        if member is not None and member.addresses != addresses and self.is_control_plane:
+        if member is not None and member.addresses != addresses and self.control_plane.is_self:
             self.membership.upsert(
                 replace(member, addresses=addresses, updated_ms=wall_ms(self.clock))
             )
-        self.control_plane.publish_url(self.url)
+        self.control_plane.publish_url(self.address.url)
 
 
-# -- what the execution plane reads of the rest of the node (the composition root's) --------
-
-
-@dataclass(frozen=True)
-class ControlPlaneNodeFacts:
-    """:class:`~populi_peer.agent.leases.NodeFacts` from membership, the lifecycle
-    registers, the control plane's book of heartbeats and the GPU service."""
-
-    membership: Membership
-    registry: Registry
-    liveness: Liveness
-    gpu: GpuService
-
-    def is_node(self, node_id: str) -> bool:
-        member = self.membership.get(node_id)
-        return member is not None and member.kind == "node"
-
-    def resolve_node(self, ref: str) -> str:
-        if self.membership.get(ref) is not None:
-            return ref
-        return self.membership.resolve_node(ref).id
-
-    def lifecycle(self, node_id: str) -> NodeLifecycle | None:
-        return self.registry.lifecycle(node_id)
-
-    def heartbeat_age_ms(self, node_id: str) -> int | None:
-        return self.liveness.age_ms(node_id)
-
-    def stale_after_ms(self, node_id: str) -> int:
-        return int(self.liveness.stale_after_s(node_id) * 1000)
-
-    def stale(self, node_id: str) -> bool:
-        return self.liveness.stale(node_id)
-
-    def scope(self, node_id: str) -> Scope | None:
-        return self.liveness.scope(node_id)
-
-    def accepts_remote_work(self, node_id: str) -> bool | None:
-        return self.liveness.accepts_remote_work(node_id)
-
-    def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
-        return self.gpu.allocatable_gpus(node_id)
-
-
-@dataclass(frozen=True)
-class ExecNode:
-    """:class:`~populi_peer.agent.worker.WorkerGates` and
-    :class:`~populi_peer.agent.submitter.SubmitterNode`: what the rest of this node tells
-    its worker and its submitter."""
-
-    remote_work: RemoteWork
-    standing: Standing
-    membership: Membership
-    gpu: GpuService
-    settings_sync: SettingsSync
-    scope: ScopeConfig
-    leaving_state: Leaving
-
-    def retired(self) -> bool:
-        return self.standing.out
-
-    def leaving(self) -> bool:
-        return self.leaving_state.started
-
-    def remote_enabled(self) -> bool:
-        return self.remote_work.enabled()
-
-    def verified_gpu_uuids(self) -> list[str]:
-        return self.gpu.verified_uuids()
-
-    async def catch_up_settings(self, serial: int | None) -> None:
-        await self.settings_sync.catch_up(serial)
-
-    def resolve_node(self, ref: str) -> str:
-        return self.membership.resolve_node(ref).id
-
-    def scope_of(self, host: str | None) -> Scope:
-        return scope_of(self.scope, host)
-
-
-__all__ = ["Agent", "ControlPlaneNodeFacts", "ExecNode"]
+__all__ = ["Agent"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,35 @@ class AttemptRunner:
 
     def task_dir(self, plan: AttemptPlan) -> Path:
         return self.tasks_dir / plan.role / plan.task_id / str(plan.attempt)
+
+    def stored_task_dir(self, body: Mapping[str, Any]) -> Path:
+        """The directory of the attempt stored as ``body`` (an attempt row's)."""
+        return self.task_dir(AttemptPlan.from_json(dict(body)))
+
+    # -- what runs now --------------------------------------------------------------------
+
+    def held_gpus(self) -> frozenset[str]:
+        """The GPUs the attempts running on this node hold."""
+        return frozenset(g for running in self.running.values() for g in running.plan.gpus)
+
+    def own_pids(self) -> set[int]:
+        """Processes this node started for tasks (not foreign GPU users)."""
+        pids: set[int] = set()
+        for running in self.running.values():
+            execution = running.execution
+            state = getattr(execution, "state", None)
+            if callable(state):
+                try:
+                    current = state()
+                except (OSError, ValueError, PopuliError):
+                    continue
+                for pid in (
+                    getattr(current, "child_pid", None),
+                    getattr(current, "supervisor_pid", None),
+                ):
+                    if pid:
+                        pids.add(int(pid))
+        return pids
 
     def save(
         self,

@@ -48,6 +48,7 @@ from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.leases import (
+    STOPPING_REFUSALS,
     HolderStatus,
     HolderView,
     Lease,
@@ -73,6 +74,7 @@ from populi_peer.core.messages import (
 from populi_peer.core.policy import decide
 from populi_peer.core.scope import Scope
 from populi_peer.core.settings import gates_enabled, remote_refusal
+from populi_peer.core.transition_log import LEASE_TRANSITION, lease_transition_fields
 from populi_peer.log import get_logger, log
 from populi_peer.store.events import EventLog
 from populi_peer.store.leases import Leases
@@ -261,9 +263,16 @@ class LeaseService:
         if records:
             # One transaction (the repository's), with the token counter.
             self.stored.save(records, next_seq=table.next_seq, now_ms=self._now()[1])
+        before = self.table.leases if self.table is not None else {}
         self.table = table
         if records:
             self._kick.set()
+        # One line per lease transition, once it is durable (issue 15).
+        for lease in records:
+            fields = lease_transition_fields(before.get(lease.lease_id), lease)
+            if fields is not None:
+                level = logging.WARNING if lease.state in ("expired", "revoking") else logging.INFO
+                log(self.logger, level, LEASE_TRANSITION, **fields)
 
     def view(self, lease: Lease) -> LeaseView:
         """``lease`` with what only this control plane's clock says."""
@@ -379,23 +388,18 @@ class LeaseService:
             grant, now_mono=now_mono, now_wall_ms=now_ms, lease_id=new_lease_id(), target=target
         )
         self._commit(new, change.records)
-        if not change.replay:
-            log(
-                self.logger,
-                logging.INFO,
-                "lease granted",
-                lease_id=change.lease.lease_id,
-                task_id=grant.task_id,
-                holder=grant.target,
-                token=str(change.lease.token),
-                gpus=list(change.lease.gpus),
-            )
         return LeaseReplayAnswer(lease=self.view(change.lease), replay=change.replay)
 
     async def _renew(self, request: Request) -> LeaseAnswer:
         body = request.message(RenewRequest)
         lease_id = request.path_params["lease_id"]
         self.hydrate(lease_id=lease_id)
+        self._table()
+        refusal = remote_refusal(self.records.settings)
+        if refusal in STOPPING_REFUSALS:
+            # The kill switch: the lease is revoked for it (durably) before its holder
+            # hears the refusal, so however the lease ends, it says why.
+            self.reconcile_now()
         table = self._table()
         now_mono, now_ms = self._now()
         new, change = table.renew(
@@ -404,9 +408,10 @@ class LeaseService:
             now_mono=now_mono,
             now_wall_ms=now_ms,
             # Rule 3's renewal before start: the settings are checked again here, so no
-            # remote attempt starts after `settings set` turned remote execution off.
+            # remote attempt starts after `settings set` turned remote execution off; and
+            # with the kill switch no remote lease renews at all.
             before_start=body.before_start,
-            remote_refusal=remote_refusal(self.records.settings),
+            remote_refusal=refusal,
         )
         self._commit(new, change.records)
         return LeaseAnswer(lease=self.view(change.lease))
@@ -425,14 +430,6 @@ class LeaseService:
             now_wall_ms=now_ms,
         )
         self._commit(new, change.records)
-        if change.records:
-            log(
-                self.logger,
-                logging.INFO,
-                "lease released",
-                lease_id=change.lease.lease_id,
-                state=change.lease.state,
-            )
         return LeaseReplayAnswer(lease=self.view(change.lease), replay=change.replay)
 
     async def _fallback(self, request: Request) -> LeaseFallbackAnswer:
@@ -486,15 +483,6 @@ class LeaseService:
             work_class=body.work_class,
         )
         self._commit(new, change.records)
-        log(
-            self.logger,
-            logging.INFO,
-            "fallback confirmed",
-            task_id=task_id,
-            token=str(change.lease.token),
-            kind=change.lease.kind,
-            prior=change.prior.lease_id if change.prior else None,
-        )
         prior = change.prior
         if prior is None and change.replay:
             # A retried request whose first answer was lost: say again which dead lease
@@ -568,15 +556,6 @@ class LeaseService:
         new, dead = self.table.expire_due(now_mono=now_mono, now_wall_ms=now_ms)
         if dead:
             self._commit(new, dead)
-            for lease in dead:
-                log(
-                    self.logger,
-                    logging.WARNING,
-                    "lease expired",
-                    lease_id=lease.lease_id,
-                    task_id=lease.task_id,
-                    holder=lease.holder,
-                )
         return list(dead)
 
     def reconcile_now(self) -> None:
@@ -600,19 +579,11 @@ class LeaseService:
             now_mono=now_mono,
             now_wall_ms=now_ms,
             drain_actor=me,
+            remote_refusal=remote_refusal(self.records.settings),
         )
         self.flags = {f.lease_id: f.status for f in result.flagged}
         if result.records:
             self._commit(new, result.records)
-            for lease in result.records:
-                log(
-                    self.logger,
-                    logging.WARNING,
-                    "lease revoked by the control plane",
-                    lease_id=lease.lease_id,
-                    holder=lease.holder,
-                    reason=lease.reason,
-                )
         else:
             self.table = new
 

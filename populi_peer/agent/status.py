@@ -88,6 +88,8 @@ class NodeStatus:
         self.health = health
         self.cert_not_after_s = cert_not_after_s
         self.network = network
+        #: Where /metrics is served, once bound (the composition root binds it).
+        self.metrics_url: Callable[[], str | None] = lambda: None
 
     def routes(self) -> list[Route]:
         return [
@@ -162,6 +164,7 @@ class NodeStatus:
                 if "discovery" in network
                 else None
             ),
+            metrics_url=self.metrics_url(),
         )
 
 

@@ -62,7 +62,7 @@ from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
 from populi_peer.core.fencing import FencingToken
-from populi_peer.core.leases import DEAD_STATES, Lease
+from populi_peer.core.leases import DEAD_STATES, STOPPING_REFUSALS, Lease
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
     OPERATIONS,
@@ -95,7 +95,7 @@ from populi_peer.core.placement import CandidateView, propose
 from populi_peer.core.placement import TaskView as PlacementTask
 from populi_peer.core.refusals import Ask, Decision, decide_refusal
 from populi_peer.core.scope import Scope
-from populi_peer.core.settings import gates_enabled
+from populi_peer.core.settings import gates_enabled, remote_refusal
 from populi_peer.core.tasks import (
     TASK_STATES,
     WORKER_LEFT,
@@ -114,8 +114,10 @@ from populi_peer.core.tasks import (
     TaskEvent,
     TaskOptions,
     Timeout,
+    event_key,
     exit_status,
 )
+from populi_peer.core.transition_log import TASK_TRANSITION, task_transition_fields
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store.tasks import TaskRecord, Tasks
@@ -242,15 +244,10 @@ class Submitter:
         if control is not None:
             control.changed.set()
             control.changed = trio.Event()
-        if new.state != task.state:
-            log(
-                self.logger,
-                logging.INFO,
-                "task state",
-                task_id=task_id,
-                state=new.state,
-                via=type(event).__name__,
-            )
+        # One line per transition, with the codes the record keeps (issue 15).
+        fields = task_transition_fields(task, new, event_key(task, event))
+        if fields is not None:
+            log(self.logger, logging.INFO, TASK_TRANSITION, **fields)
         return new
 
     def request_number(self, task_id: str, kind: RequestKind) -> int:
@@ -507,12 +504,13 @@ class Submitter:
     async def _place(self, task: Task, control: Control) -> None:
         task_id = task.task_id
         if not self.node.remote_enabled():
+            # kill_switch when that is why (it wins over everything), else remote_disabled.
+            reasons: tuple[str, ...] = (remote_refusal(self.records.settings) or "remote_disabled",)
             if 0 < task.gpus_wanted <= len(self.node.verified_gpu_uuids()):
                 # Nothing leaves this node, but its GPUs are still taken under a `local`
                 # lease: two tasks never share one, and the lease names which to use.
-                await self._place_local(task, control, ("remote_disabled",))
+                await self._place_local(task, control, reasons)
                 return
-            reasons: tuple[str, ...] = ("remote_disabled",)
             if task.gpus_wanted:
                 reasons += ("no_local_gpu",)
             self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
@@ -805,8 +803,11 @@ class Submitter:
             return
         self.request_settled(task.task_id)
         prior = answer.prior.lease if answer.prior is not None else None
+        # The kill switch revoked the lease: say so beside how it died.
+        stopped_by = (prior.reason,) if prior and prior.reason in STOPPING_REFUSALS else ()
         why = (
             tuple(r for r in (reason or (f"lease_{prior.state}" if prior else ""),) if r)
+            + stopped_by
             + extra_reasons
         )
         if not runs_here:

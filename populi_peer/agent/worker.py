@@ -28,6 +28,7 @@ import logging
 import os
 import random
 from collections.abc import Collection, Iterator
+from dataclasses import replace
 from typing import Protocol
 
 import trio
@@ -47,6 +48,7 @@ from populi_peer.core.messages import (
     CancelMessage,
     HandoffAnswer,
     HandoffMessage,
+    HeartbeatReport,
     HeldLease,
     InboxDeliverAnswer,
     InboxMessage,
@@ -296,25 +298,6 @@ class Worker:
                 error=str(failure),
             )
 
-    def own_pids(self) -> set[int]:
-        """Processes this node started for tasks (not foreign GPU users)."""
-        pids: set[int] = set()
-        for running in self.runner.running.values():
-            execution = running.execution
-            state = getattr(execution, "state", None)
-            if callable(state):
-                try:
-                    current = state()
-                except (OSError, ValueError, PopuliError):
-                    continue
-                for pid in (
-                    getattr(current, "child_pid", None),
-                    getattr(current, "supervisor_pid", None),
-                ):
-                    if pid:
-                        pids.add(int(pid))
-        return pids
-
     def held_leases(self) -> tuple[HeldLease, ...]:
         """The attempts this node runs as a worker, with their leases (its heartbeat)."""
         return tuple(
@@ -327,6 +310,10 @@ class Worker:
             )
             for r in self.attempts.unfinished("worker")
         )
+
+    def report_part(self, report: HeartbeatReport) -> HeartbeatReport:
+        """The leases this node holds as a worker, in its heartbeat."""
+        return replace(report, leases=self.held_leases())
 
     async def stop_all(self, reason: str) -> int:
         """This node leaves (``reason``): stop every attempt it runs for others, release

@@ -160,6 +160,16 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+#: ``observe(operation, status, answer, error_code)`` after each answer.
+Observer = Callable[[str, int, "Message | None", "str | None"], None]
+
+
+def _error_code(response: Response) -> str | None:
+    error = response.body.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
 @dataclass(frozen=True)
 class Route:
     """One operation: ``name`` is its ``operationId`` in the contract; ``request`` and
@@ -200,6 +210,10 @@ class ApiApp:
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.logger = logger or get_logger("api")
+        #: Called after every answer with (operation id or "", HTTP status, the typed
+        #: answer or ``None``, the error code or ``None``): the metrics count by these.
+        #: An observer must not raise.
+        self.observers: list[Observer] = []
         self._routes: list[tuple[re.Pattern[str], Route]] = []
         self.add_routes(routes)
 
@@ -269,11 +283,14 @@ class ApiApp:
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         started = self.clock.mono()
+        route_name = ""
+        answer: Message | None = None
         principal: Principal | None = None
         nonce: RequestNonce | None = None
         try:
             try:
                 route, params = self._match(method, path)
+                route_name = route.name
                 body = await self._read_body(receive, headers)
                 if route.roles is not None:
                     principal, nonce = self.auth.verify(
@@ -307,6 +324,7 @@ class ApiApp:
                 with bind_request_nonce(nonce):
                     result = await route.handler(request)
                 response = _respond(route, result)
+                answer = result if isinstance(result, Message) else None
             except (PopuliError, EnrollmentError) as caught:
                 exc = translate_enrollment(caught)
                 status = 405 if exc.code == "method_not_allowed" else exc.http_status
@@ -327,6 +345,8 @@ class ApiApp:
                     },
                 )
             await self._send(send, response, cid)
+            for observe in self.observers:
+                observe(route_name, response.status, answer, _error_code(response))
             # The access log: debug (heartbeats alone are one a second per node).
             log(
                 self.logger,
@@ -398,4 +418,4 @@ def _respond(route: Route, result: object) -> Response:
     raise TypeError(f"{route.method} {route.pattern}: a handler returned {type(result).__name__}")
 
 
-__all__ = ["ANY_MEMBER", "ApiApp", "Handler", "Request", "Response", "Route"]
+__all__ = ["ANY_MEMBER", "ApiApp", "Handler", "Observer", "Request", "Response", "Route"]

@@ -26,7 +26,8 @@ import json
 import secrets
 import ssl
 from collections.abc import Callable, Generator, Mapping
-from typing import Any, TypeVar, overload
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, overload
 
 import httpx
 
@@ -53,14 +54,18 @@ from populi_peer.errors import (
 from populi_peer.identity import Credential
 from populi_peer.log import correlation_id
 
+#: The error a peer's refusal becomes, by its HTTP status (each class names its own).
 _STATUS_ERRORS: dict[int, type[PopuliError]] = {
-    400: BadRequest,
-    401: Unauthenticated,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: PayloadTooLarge,
-    429: RateLimited,
+    cls.http_status: cls
+    for cls in (
+        BadRequest,
+        Unauthenticated,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        RateLimited,
+    )
 }
 
 
@@ -236,6 +241,29 @@ def expected_peer(request: httpx.Request) -> str:
     return expected
 
 
+P = TypeVar("P", httpx.AsyncHTTPTransport, httpx.HTTPTransport)
+
+
+class _PoolPerPeer(Generic[P]):
+    """One connection pool per expected node id, made by ``make`` on first use."""
+
+    def __init__(self, make: Callable[[], P]) -> None:
+        self._make: Callable[[], P] = make
+        self._pools: dict[str, P] = {}
+
+    def pool(self, request: httpx.Request) -> P:
+        expected = expected_peer(request)
+        pool = self._pools.get(expected)
+        if pool is None:
+            pool = self._pools[expected] = self._make()
+        return pool
+
+    def take_all(self) -> list[P]:
+        """Every pool, forgotten here (to be closed by the caller)."""
+        pools, self._pools = list(self._pools.values()), {}
+        return pools
+
+
 class PeerTransport(httpx.AsyncBaseTransport):
     """HTTPS to peers, one connection pool per expected node id.
 
@@ -245,21 +273,15 @@ class PeerTransport(httpx.AsyncBaseTransport):
     connection only ever carries requests for the node its handshake proved."""
 
     def __init__(self, context: ssl.SSLContext, *, limits: httpx.Limits = PEER_LIMITS) -> None:
-        self._context = context
-        self._limits = limits
-        self._pools: dict[str, httpx.AsyncHTTPTransport] = {}
+        self._pools = _PoolPerPeer(
+            lambda: httpx.AsyncHTTPTransport(verify=context, retries=0, limits=limits)
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        expected = expected_peer(request)
-        pool = self._pools.get(expected)
-        if pool is None:
-            pool = httpx.AsyncHTTPTransport(verify=self._context, retries=0, limits=self._limits)
-            self._pools[expected] = pool
-        return await pool.handle_async_request(request)
+        return await self._pools.pool(request).handle_async_request(request)
 
     async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
+        for pool in self._pools.take_all():
             await pool.aclose()
 
 
@@ -267,30 +289,63 @@ class SyncPeerTransport(httpx.BaseTransport):
     """The blocking :class:`PeerTransport`, for the CLI."""
 
     def __init__(self, context: ssl.SSLContext, *, limits: httpx.Limits = PEER_LIMITS) -> None:
-        self._context = context
-        self._limits = limits
-        self._pools: dict[str, httpx.HTTPTransport] = {}
+        self._pools = _PoolPerPeer(
+            lambda: httpx.HTTPTransport(verify=context, retries=0, limits=limits)
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        expected = expected_peer(request)
-        pool = self._pools.get(expected)
-        if pool is None:
-            pool = httpx.HTTPTransport(verify=self._context, retries=0, limits=self._limits)
-            self._pools[expected] = pool
-        return pool.handle_request(request)
+        return self._pools.pool(request).handle_request(request)
 
     def close(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
+        for pool in self._pools.take_all():
             pool.close()
 
 
-def _refuse_revoked(is_revoked: RevokedNode | None, node_id: str) -> None:
-    if is_revoked is not None and is_revoked(node_id):
-        raise PeerIdentityError(
-            f"{node_id} is revoked on this node's list; not calling it",
-            code="peer_revoked",
-            peer=node_id,
+@dataclass(frozen=True)
+class _SignedCall:
+    """One call of either client: what is sent (:meth:`request`) and what its answer
+    becomes (:meth:`result`, :meth:`failure`); the clients only do the I/O."""
+
+    url: str
+    node_id: str
+    method: str
+    path: str
+    payload: RequestBody
+    params: dict[str, Any] | None
+    timeout_s: float | None
+    answer: type[Message] | None
+
+    def request(
+        self, credential: Credential, clock: Clock, is_revoked: RevokedNode | None
+    ) -> dict[str, Any]:
+        """The ``httpx`` request's arguments; a node revoked on ``is_revoked`` is refused
+        before anything is sent."""
+        if is_revoked is not None and is_revoked(self.node_id):
+            raise PeerIdentityError(
+                f"{self.node_id} is revoked on this node's list; not calling it",
+                code="peer_revoked",
+                peer=self.node_id,
+            )
+        return {
+            "method": self.method,
+            "url": self.url.rstrip("/") + self.path,
+            "content": encode_body(self.payload),
+            "params": self.params,
+            "headers": {"content-type": "application/json"} if self.payload is not None else {},
+            "auth": SignedAuth(credential, self.node_id, clock),
+            "extensions": {EXPECTED_PEER: self.node_id},
+            **({"timeout": self.timeout_s} if self.timeout_s is not None else {}),
+        }
+
+    def failure(self, exc: httpx.HTTPError) -> PopuliError:
+        return transport_error(exc, peer=self.node_id, url=self.url)
+
+    def result(self, response: httpx.Response) -> dict[str, Any] | Message:
+        decoded = decode_response(response, peer=self.node_id)
+        if self.answer is None:
+            return decoded
+        return parse_answer(
+            decoded, self.answer, peer=self.node_id, what=f"{self.method} {self.path}"
         )
 
 
@@ -356,29 +411,13 @@ class PeerClient:
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
         """Call ``node_id`` at ``url``. With ``answer``, the answer parsed as that type."""
-        body = encode_body(payload)
-        headers = {"content-type": "application/json"} if payload is not None else {}
-        kwargs: dict[str, Any] = {}
-        if timeout_s is not None:
-            kwargs["timeout"] = timeout_s
-        _refuse_revoked(self.is_revoked, node_id)
+        call = _SignedCall(url, node_id, method, path, payload, params, timeout_s, answer)
+        request = call.request(self.credential, self.clock, self.is_revoked)
         try:
-            response = await self._client.request(
-                method,
-                url.rstrip("/") + path,
-                content=body,
-                params=params,
-                headers=headers,
-                auth=SignedAuth(self.credential, node_id, self.clock),
-                extensions={EXPECTED_PEER: node_id},
-                **kwargs,
-            )
+            response = await self._client.request(**request)
         except httpx.HTTPError as exc:
-            raise transport_error(exc, peer=node_id, url=url) from exc
-        decoded = decode_response(response, peer=node_id)
-        if answer is None:
-            return decoded
-        return parse_answer(decoded, answer, peer=node_id, what=f"{method} {path}")
+            raise call.failure(exc) from exc
+        return call.result(response)
 
 
 class SyncPeerClient:
@@ -449,29 +488,13 @@ class SyncPeerClient:
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
         """Call ``node_id`` at ``url``. With ``answer``, the answer parsed as that type."""
-        body = encode_body(payload)
-        headers = {"content-type": "application/json"} if payload is not None else {}
-        kwargs: dict[str, Any] = {}
-        if timeout_s is not None:
-            kwargs["timeout"] = timeout_s
-        _refuse_revoked(self.is_revoked, node_id)
+        call = _SignedCall(url, node_id, method, path, payload, params, timeout_s, answer)
+        request = call.request(self.credential, self.clock, self.is_revoked)
         try:
-            response = self._client.request(
-                method,
-                url.rstrip("/") + path,
-                content=body,
-                params=params,
-                headers=headers,
-                auth=SignedAuth(self.credential, node_id, self.clock),
-                extensions={EXPECTED_PEER: node_id},
-                **kwargs,
-            )
+            response = self._client.request(**request)
         except httpx.HTTPError as exc:
-            raise transport_error(exc, peer=node_id, url=url) from exc
-        decoded = decode_response(response, peer=node_id)
-        if answer is None:
-            return decoded
-        return parse_answer(decoded, answer, peer=node_id, what=f"{method} {path}")
+            raise call.failure(exc) from exc
+        return call.result(response)
 
 
 __all__ = [

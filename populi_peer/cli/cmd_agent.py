@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 def startup_summary(agent: Agent, *, level: str) -> str:
     """What a person who typed ``populi agent`` on a terminal sees once it serves: which
     node of which cluster, where, its control plane and its GPUs."""
-    identity = agent.identity
+    identity = agent.certificates.identity
     cp = agent.control_plane
     if cp.is_self:
         control_plane = "this node"
@@ -99,7 +99,7 @@ def startup_summary(agent: Agent, *, level: str) -> str:
         member = agent.membership.get(cp.id)
         control_plane = f"{member.name if member else cp.id} at {cp.url}"
     rows = [
-        ("API", agent.url),
+        ("API", agent.address.url),
         ("control plane", control_plane),
         ("GPUs", gpu_line(agent)),
         ("data dir", str(agent.data_dir.absolute())),

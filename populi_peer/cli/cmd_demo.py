@@ -104,7 +104,9 @@ class Demo:
             [*POPULI, "agent", "--data-dir", str(node.data_dir)],
             stdout=log,
             stderr=log,
-            env={**child_env(), **(env or {})},
+            # Three agents on one machine: each takes any free port for /metrics rather
+            # than the default one, which only the first could bind.
+            env={**child_env(), "POPULI_METRICS__LISTEN": "127.0.0.1:0", **(env or {})},
             start_new_session=True,
         )
         log.close()
@@ -150,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="populi-demo-", dir=args.dir))
     demo = Demo(root=root, guard_s=args.guard, quiet=args.json)
     keep = False
+    passed = False
     try:
         _scenario(demo)
         if args.keep:
@@ -181,11 +184,13 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             sys.stdout.write("demo finished: every step passed\n")
+        passed = True
         return 0
     finally:
         if not keep:
             demo.cleanup()
-            shutil.rmtree(root, ignore_errors=True)
+            if passed:  # a failed demo keeps its logs: the error names one of them
+                shutil.rmtree(root, ignore_errors=True)
 
 
 TICK_SCRIPT = (

@@ -10,6 +10,7 @@ from typing import Any
 from populi_peer.cli.common import (
     add_data_dir,
     add_json,
+    agent_call,
     config_of,
     control_plane_call,
     print_json,
@@ -29,9 +30,16 @@ def register(subparsers: Any) -> None:
     add_json(probe)
     probe.set_defaults(handler=run_probe)
     gpus = subparsers.add_parser(
-        "gpus", help="the cluster's GPUs: health, free memory, allocatable, reasons"
+        "gpus",
+        help="the cluster's GPUs: health, free memory, allocatable, reasons (from the "
+        "control plane; from this node's gossip hints, with their age, while it is down)",
     )
     gpus.add_argument("--node", default=None, help="only this node")
+    gpus.add_argument(
+        "--hints",
+        action="store_true",
+        help="show the hints this node holds (gossip) even when the control plane answers",
+    )
     add_data_dir(gpus)
     add_json(gpus)
     gpus.set_defaults(handler=run_gpus)
@@ -77,19 +85,32 @@ def _gib(value: Any) -> str:
     return "-" if value is None else f"{value / 2**30:.1f}"
 
 
+#: Control-plane failures after which ``populi gpus`` shows this node's hints instead.
+_CONTROL_PLANE_DOWN = frozenset({"peer_unreachable", "peer_timeout", "not_control_plane"})
+
+
 def run_gpus(args: argparse.Namespace) -> int:
     from populi_peer.core.messages import GpusAnswer
+    from populi_peer.errors import AgentUnavailable, PeerError
 
-    answer = control_plane_call(
-        args,
-        "GET",
-        "/v1/populi/gpus",
-        params={"node": args.node} if args.node else None,
-        answer=GpusAnswer,
-    )
+    if args.hints:
+        return _show_hints(args, reason="asked for (--hints)")
+    try:
+        answer = control_plane_call(
+            args,
+            "GET",
+            "/v1/populi/gpus",
+            params={"node": args.node} if args.node else None,
+            answer=GpusAnswer,
+        )
+    except (PeerError, AgentUnavailable) as exc:
+        if exc.code not in _CONTROL_PLANE_DOWN:
+            raise
+        return _show_hints(args, reason=f"control plane unreachable: {exc}")
     if args.json:
-        print_json(answer)
+        print_json({"source": "control_plane", **answer.to_json()})
         return 0
+    sys.stdout.write("source: control plane (heartbeats)\n")
     rows: list[tuple[Any, ...]] = []
     for node in answer.nodes:
         if not node.devices:
@@ -122,6 +143,48 @@ def run_gpus(args: argparse.Namespace) -> int:
             )
     print_table(
         rows, ["node", "idx", "uuid", "name", "free/total GiB", "health", "alloc", "reasons"]
+    )
+    return 0
+
+
+def _show_hints(args: argparse.Namespace, *, reason: str) -> int:
+    """The GPUs of the hints this node holds: advisory, each with its age."""
+    from populi_peer.core.messages import HintsAnswer
+
+    answer = agent_call(args, "GET", "/v1/populi/hints", answer=HintsAnswer)
+    nodes = [n for n in answer.nodes if args.node is None or args.node in (n.node_id, n.name)]
+    if args.json:
+        print_json({**answer.to_json(), "nodes": [n.to_json() for n in nodes], "why_hints": reason})
+        return 0
+    sys.stdout.write(
+        f"source: hints held by this node ({reason}); advisory, the control plane "
+        "re-checks at grant time\n"
+    )
+    rows: list[tuple[Any, ...]] = []
+    for node in nodes:
+        age = f"{node.age_s:.1f}s" + (" stale" if node.stale else "")
+        if not node.devices:
+            rows.append(
+                (node.name, age, "-", "-", "-", "-", "-", "-", node.cpu_only_reason or "cpu-only")
+            )
+        for d in node.devices:
+            reasons = ",".join([*d.health_reasons, *d.allocation_reasons]) or "-"
+            rows.append(
+                (
+                    node.name,
+                    age,
+                    d.index,
+                    d.uuid,
+                    d.name,
+                    f"{_gib(d.memory_free_bytes)}/{_gib(d.memory_total_bytes)}",
+                    d.health,
+                    "yes" if d.allocatable else "no",
+                    reasons,
+                )
+            )
+    print_table(
+        rows,
+        ["node", "hint age", "idx", "uuid", "name", "free/total GiB", "health", "alloc", "reasons"],
     )
     return 0
 

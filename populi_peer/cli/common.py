@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -113,56 +113,23 @@ class Local:
             )
         return self._client
 
-    @overload
-    def call_agent(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
-    def call_agent(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: type[M],
-    ) -> M: ...
-
-    def call_agent(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: type[Message] | None = None,
-    ) -> dict[str, Any] | Message:
+    @property
+    def call_agent(self) -> NodeCall:
         """Call this node's agent; with ``answer``, the answer parsed as that type."""
+        return NodeCall(self.client, self._agent_address)
+
+    @property
+    def call_control_plane(self) -> NodeCall:
+        """Call the control plane; with ``answer``, the answer parsed as that type."""
+        return NodeCall(self.client, self.control_plane)
+
+    def _agent_address(self) -> tuple[str, str]:
+        """(url, node id) of this node's agent: the URL from the runtime file, and this
+        node's own id whatever that file says (the data directory names the node, and the
+        agent at that URL must prove to be it)."""
         if self._runtime is None:
             self._runtime = self.runtime()
-        info = self._runtime
-        return self.client().call(
-            url=info.url,
-            # This node's own agent, whatever the runtime file says: the data directory
-            # names the node, and the agent at that URL must prove to be it.
-            node_id=self.identity.node_id,
-            method=method,
-            path=path,
-            payload=payload,
-            params=params,
-            timeout_s=timeout_s,
-            answer=answer,
-        )
+        return self._runtime.url, self.identity.node_id
 
     def control_plane(self) -> tuple[str, str]:
         """(url, node id) of the control plane, as the local agent knows it."""
@@ -172,53 +139,6 @@ class Local:
             cp = self.call_agent("GET", "/v1/populi/status", answer=StatusAnswer).control_plane
             self._control_plane = (cp.url, cp.node_id)
         return self._control_plane
-
-    @overload
-    def call_control_plane(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
-    def call_control_plane(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: type[M],
-    ) -> M: ...
-
-    def call_control_plane(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: type[Message] | None = None,
-    ) -> dict[str, Any] | Message:
-        """Call the control plane; with ``answer``, the answer parsed as that type."""
-        url, node_id = self.control_plane()
-        return self.client().call(
-            url=url,
-            node_id=node_id,
-            method=method,
-            path=path,
-            payload=payload,
-            params=params,
-            timeout_s=timeout_s,
-            answer=answer,
-        )
 
     def close(self) -> None:
         if self._client is not None:
@@ -241,92 +161,116 @@ def open_local(args: argparse.Namespace) -> Local:
     return Local(data_dir=data_dir, identity=identity, store=store)
 
 
-@overload
-def agent_call(
-    args: argparse.Namespace,
-    method: str,
-    path: str,
-    payload: RequestBody = None,
-    *,
-    params: dict[str, Any] | None = None,
-    timeout_s: float = 15.0,
-    answer: None = None,
-) -> dict[str, Any]: ...
+@dataclass(frozen=True)
+class NodeCall:
+    """Calls to one node, found when called (``address() -> (url, node id)``): this
+    node's agent or its control plane, through the command's one client."""
+
+    client: Callable[[], SyncPeerClient]
+    address: Callable[[], tuple[str, str]]
+
+    @overload
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[M],
+    ) -> M: ...
+
+    def __call__(
+        self,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        *,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        url, node_id = self.address()
+        return self.client().call(
+            url=url,
+            node_id=node_id,
+            method=method,
+            path=path,
+            payload=payload,
+            params=params,
+            timeout_s=timeout_s,
+            answer=answer,
+        )
 
 
-@overload
-def agent_call(
-    args: argparse.Namespace,
-    method: str,
-    path: str,
-    payload: RequestBody = None,
-    *,
-    params: dict[str, Any] | None = None,
-    timeout_s: float = 15.0,
-    answer: type[M],
-) -> M: ...
+@dataclass(frozen=True)
+class OneCall:
+    """One call to the node ``pick`` names, for commands that make only one: the local
+    node is opened for it and closed after."""
+
+    pick: Callable[[Local], NodeCall]
+
+    @overload
+    def __call__(
+        self,
+        args: argparse.Namespace,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        answer: None = None,
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def __call__(
+        self,
+        args: argparse.Namespace,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        answer: type[M],
+    ) -> M: ...
+
+    def __call__(
+        self,
+        args: argparse.Namespace,
+        method: str,
+        path: str,
+        payload: RequestBody = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 15.0,
+        answer: type[Message] | None = None,
+    ) -> dict[str, Any] | Message:
+        local = open_local(args)
+        try:
+            return self.pick(local)(method, path, payload, params, timeout_s, answer=answer)
+        finally:
+            local.close()
 
 
-def agent_call(
-    args: argparse.Namespace,
-    method: str,
-    path: str,
-    payload: RequestBody = None,
-    *,
-    params: dict[str, Any] | None = None,
-    timeout_s: float = 15.0,
-    answer: type[Message] | None = None,
-) -> dict[str, Any] | Message:
-    """One call to this node's agent, for commands that make only one."""
-    local = open_local(args)
-    try:
-        return local.call_agent(method, path, payload, params, timeout_s, answer=answer)
-    finally:
-        local.close()
-
-
-@overload
-def control_plane_call(
-    args: argparse.Namespace,
-    method: str,
-    path: str,
-    payload: RequestBody = None,
-    *,
-    params: dict[str, Any] | None = None,
-    timeout_s: float = 15.0,
-    answer: None = None,
-) -> dict[str, Any]: ...
-
-
-@overload
-def control_plane_call(
-    args: argparse.Namespace,
-    method: str,
-    path: str,
-    payload: RequestBody = None,
-    *,
-    params: dict[str, Any] | None = None,
-    timeout_s: float = 15.0,
-    answer: type[M],
-) -> M: ...
-
-
-def control_plane_call(
-    args: argparse.Namespace,
-    method: str,
-    path: str,
-    payload: RequestBody = None,
-    *,
-    params: dict[str, Any] | None = None,
-    timeout_s: float = 15.0,
-    answer: type[Message] | None = None,
-) -> dict[str, Any] | Message:
-    """One call to the control plane (found through this node's agent)."""
-    local = open_local(args)
-    try:
-        return local.call_control_plane(method, path, payload, params, timeout_s, answer=answer)
-    finally:
-        local.close()
+#: One call to this node's agent.
+agent_call = OneCall(lambda local: local.call_agent)
+#: One call to the control plane (found through this node's agent).
+control_plane_call = OneCall(lambda local: local.call_control_plane)
 
 
 def print_json(value: Any) -> None:
@@ -357,9 +301,13 @@ def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
 __all__ = [
     "ArgParser",
     "Local",
+    "NodeCall",
+    "OneCall",
     "add_data_dir",
     "add_json",
+    "agent_call",
     "config_of",
+    "control_plane_call",
     "data_dir_of",
     "format_table",
     "open_local",

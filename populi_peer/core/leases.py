@@ -159,6 +159,13 @@ REPLAYS: Final[Mapping[LeaseState, frozenset[LeaseEvent]]] = MappingProxyType(
     }
 )
 
+#: Refusals of remote execution (``core.settings.remote_refusal``) that stop running remote
+#: work too, not only its start: the kill switch. A renewal of a remote lease is refused
+#: for it, and the control plane revokes every live remote lease with it as the reason
+#: (:meth:`LeaseTable.reconcile_holders`), so the lease's death says why. Turning remote
+#: execution off (``remote_disabled``) lets running attempts finish.
+STOPPING_REFUSALS: Final[frozenset[str]] = frozenset({"kill_switch"})
+
 #: Who revokes a lease when :meth:`LeaseTable.reconcile` does it by itself.
 CONTROL_PLANE_ACTOR: Final = "control_plane"
 
@@ -1350,7 +1357,10 @@ class LeaseTable:
         ``before_start``: the holder's renewal before it starts the task (safety rule 3).
         A remote lease is then refused for ``remote_refusal`` (the cluster settings now
         forbid remote execution: ``remote_disabled``, ``kill_switch``), so no remote
-        attempt starts after the settings turned it off; a running one keeps renewing."""
+        attempt starts after the settings turned it off; a running one keeps renewing —
+        unless the refusal is one of :data:`STOPPING_REFUSALS` (the kill switch): then every
+        renewal of a remote lease is refused for it, so its holder stops the task (by the
+        lease's deadline at the latest, safety rule 3)."""
         _check_now(now_mono)
         _check_ms(now_wall_ms, "now_wall_ms")
         lease = self.find(lease_id)
@@ -1377,6 +1387,8 @@ class LeaseTable:
             reasons.append("not_holder")
         elif lease.kind == "fence":
             reasons.append("lease_not_renewable")
+        elif lease.kind == "remote" and remote_refusal in STOPPING_REFUSALS:
+            reasons.append(remote_refusal)
         elif lease.state == "revoking":
             reasons.append("lease_revoked")
         elif "renew" not in TRANSITIONS[lease.state] or now_mono > lease.expires_mono:
@@ -1845,11 +1857,15 @@ class LeaseTable:
         now_wall_ms: int,
         drain_actor: str,
         actor: str = CONTROL_PLANE_ACTOR,
+        remote_refusal: str | None = None,
     ) -> tuple[LeaseTable, ReconcileResult]:
         """One reconcile pass over what the control plane knows of each holder
         (:meth:`holders`): :meth:`reconcile` with each holder's :attr:`HolderView.status`,
         then every live (non-fence) lease of a holder whose drain deadline has passed is
-        revoked by ``drain_actor`` (reason ``drain_deadline``). A holder missing from
+        revoked by ``drain_actor`` (reason ``drain_deadline``), and, when
+        ``remote_refusal`` (the settings' :func:`~populi_peer.core.settings.remote_refusal`)
+        is one of :data:`STOPPING_REFUSALS`, every live remote lease is revoked by
+        ``actor`` with it as the reason (``kill_switch``). A holder missing from
         ``holders`` counts as ``ok`` and not draining. Like every revoke, it only asks:
         the GPUs stay taken until release or expiry (safety rule 4)."""
         _check_ms(now_wall_ms, "now_wall_ms")
@@ -1864,15 +1880,18 @@ class LeaseTable:
         )
         changed = {lease.lease_id: lease for lease in result.records}
         overdue = {holder for holder, view in holders.items() if view.drain_overdue(now_wall_ms)}
+        stopping = remote_refusal if remote_refusal in STOPPING_REFUSALS else None
         for lease in table.holding():
-            if lease.holder not in overdue or lease.kind == "fence" or lease.state != "live":
+            if lease.kind == "fence" or lease.state != "live":
+                continue
+            if stopping is not None and lease.kind == "remote":
+                reason, by = stopping, actor
+            elif lease.holder in overdue:
+                reason, by = DRAIN_DEADLINE_REASON, drain_actor
+            else:
                 continue
             after = _transition(
-                lease,
-                "revoke",
-                now_wall_ms=now_wall_ms,
-                reason=DRAIN_DEADLINE_REASON,
-                revoked_by=drain_actor,
+                lease, "revoke", now_wall_ms=now_wall_ms, reason=reason, revoked_by=by
             )
             assert after is not None
             changed[after.lease_id] = after
@@ -1894,6 +1913,7 @@ __all__ = [
     "RENEW_TIMEOUT_FLOOR_S",
     "REPLAYS",
     "RESUMPTION_REASONS",
+    "STOPPING_REFUSALS",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "FlaggedLease",

@@ -116,8 +116,13 @@ class VirtualCluster:
         on_response: OnResponse | None = None,
         make_network: Callable[[VirtualCluster], MemoryNetwork] | None = None,
         changes: Changes | None = None,
+        gossip: bool = False,
     ) -> None:
         require_mock_clock("a VirtualCluster")
+        #: Hint gossip runs only where a test asks for it: every round costs a signed
+        #: exchange with a few peers every ``gossip.round_interval_s`` of virtual time, and
+        #: most tests wait through long virtual times that gossip plays no part in.
+        self.gossip = gossip
         self.root = root
         self.nursery = nursery
         self.seed = seed
@@ -186,6 +191,10 @@ class VirtualCluster:
         node.done = trio.Event()
         url = f"https://{node.host}:443"
         config = replayed_gpu(node.config, self.root)
+        if not self.gossip:
+            config = dataclasses.replace(
+                config, gossip=dataclasses.replace(config.gossip, enabled=False)
+            )
         agent = self.agent_factory(
             data_dir=node.data_dir,
             config=dataclasses.replace(
@@ -242,11 +251,11 @@ class VirtualCluster:
         """An httpx client signing as the init node's operator, talking to ``via``."""
         cp = self["cp"]
         target = self[via]
-        assert cp.identity.operator is not None
+        assert cp.certificates.identity.operator is not None
         return httpx.AsyncClient(
             transport=self.network.transport_for("operator"),
             base_url=f"https://{self.nodes[via].host}",
-            auth=SignedAuth(cp.identity.operator, target.node_id, cp.clock),
+            auth=SignedAuth(cp.certificates.identity.operator, target.node_id, cp.clock),
         )
 
     async def mint_token(self, **payload: Any) -> str:
@@ -321,12 +330,13 @@ async def open_virtual_cluster(
     make_network: Callable[[VirtualCluster], MemoryNetwork] | None = None,
     changes: Changes | None = None,
     template: Path | None = None,
+    gossip: bool = False,
 ) -> AsyncIterator[VirtualCluster]:
     """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``;
     every node runs ``config``, the workers ``worker_config`` when it is given. With
     ``template`` (the ``root`` of an earlier cluster of as many workers), the nodes are
     copies of its data directories, restarted, instead of a new cluster. The other
-    arguments are :class:`VirtualCluster`'s."""
+    arguments are :class:`VirtualCluster`'s (``gossip``: run hint gossip, off unless asked)."""
     require_mock_clock("a VirtualCluster")
     async with trio.open_nursery() as nursery:
         cluster = VirtualCluster(
@@ -339,6 +349,7 @@ async def open_virtual_cluster(
             on_response=on_response,
             make_network=make_network,
             changes=changes,
+            gossip=gossip,
         )
         workers_named = [f"w{index}" for index in range(1, workers + 1)]
         if template is not None:
@@ -358,14 +369,21 @@ async def open_virtual_cluster(
 
 @contextlib.asynccontextmanager
 async def open_virtual_agent(
-    data_dir: Path, *, url: str, config: Config | None = None
+    data_dir: Path, *, url: str, config: Config | None = None, gossip: bool = False
 ) -> AsyncIterator[Agent]:
     """One agent on virtual time over the initialised ``data_dir``, with no network: tests
-    call its ASGI app (``agent.app``) directly. Stopped gracefully when the block ends."""
+    call its ASGI app (``agent.app``) directly. Stopped gracefully when the block ends.
+    Hint gossip runs only with ``gossip`` (it has no peer here, and its periodic publish
+    writes the store)."""
     require_mock_clock("a virtual agent")
+    config = replayed_gpu(config or Config(), data_dir.parent)
+    if not gossip:
+        config = dataclasses.replace(
+            config, gossip=dataclasses.replace(config.gossip, enabled=False)
+        )
     agent = Agent(
         data_dir=data_dir,
-        config=replayed_gpu(config or Config(), data_dir.parent),
+        config=config,
         clock=VirtualClock(),
         serve=False,
         url=url,

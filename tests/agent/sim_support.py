@@ -559,6 +559,7 @@ def _agent_factory(host: SimHost, seed: int) -> Callable[..., Agent]:
         # The agents' own jitter (heartbeats, result delivery) from the seed, too.
         agent.worker.rng = random.Random(f"{seed}/{name}/{starts[name]}/worker")
         agent.heartbeat_sender.rng = random.Random(f"{seed}/{name}/{starts[name]}/beat")
+        agent.gossip.rng = random.Random(f"{seed}/{name}/{starts[name]}/gossip")
         return agent
 
     return factory
@@ -742,7 +743,7 @@ async def _setup(cluster: VirtualCluster) -> None:
         lambda: all(
             cluster[n].records.settings["remote_exec_enabled"]
             and cluster[n].records.settings["max_lease_ttl_s"] == TTL_S
-            and cluster.cp.allocatable_gpus(cluster[n].node_id)[0]
+            and cluster.cp.gpu.allocatable_gpus(cluster[n].node_id)[0]
             and all(cluster[n].membership.get(cluster[m].node_id) for m in cluster.nodes)
             for n in cluster.nodes
         ),
@@ -813,6 +814,39 @@ async def open_small_cluster(
     ):
         await _set_cluster_settings(cluster)
         await _setup(cluster)
+        yield cluster, host
+
+
+@contextlib.asynccontextmanager
+async def open_gpu_cluster(
+    root: Path, *, workers: int = 1
+) -> AsyncIterator[tuple[VirtualCluster, SimHost]]:
+    """``cp`` and ``workers`` joined nodes with simulated executors and GPUs, on the
+    cluster's default settings (remote execution off); every answer is checked against
+    the contract. Yields once the control plane can allocate every worker's GPU, each
+    worker has verified its own and every worker knows every other."""
+    from support.contract import validate
+
+    async with (
+        open_sim_host() as host,
+        open_virtual_cluster(
+            root,
+            workers=workers,
+            config=sim_config(),
+            agent_factory=host.agent_factory,
+            on_response=validate,
+        ) as cluster,
+    ):
+        names = [n for n in cluster.nodes if n != "cp"]
+        await cluster.wait_until(
+            lambda: all(
+                cluster.cp.gpu.allocatable_gpus(cluster[n].node_id)[0]
+                and cluster[n].gpu.verified_uuids()
+                and all(cluster[n].membership.get(cluster[m].node_id) for m in names)
+                for n in names
+            ),
+            timeout_s=60,
+        )
         yield cluster, host
 
 

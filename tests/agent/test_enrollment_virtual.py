@@ -155,11 +155,11 @@ async def test_expired_and_not_yet_valid_tokens(
         assert error.code == "token_expired"
         # A token minted with a clock an hour ahead (signed by the real cluster key).
         cp = cluster.cp
-        key = load_private_key(cp.identity.paths.cluster_key)
+        key = load_private_key(cp.certificates.identity.paths.cluster_key)
         now_ms = int(cp.clock.wall() * 1000)
         text, _ = mint_token(
             signing_key=key,
-            cluster_id=cp.identity.cluster_id,
+            cluster_id=cp.certificates.identity.cluster_id,
             contacts=["cp.populi.test:443"],
             recipients=[cp.node_id],
             roles=["worker"],
@@ -180,7 +180,7 @@ async def test_token_of_another_cluster_or_signer_is_refused(
         now_ms = int(cp.clock.wall() * 1000)
         foreign, _ = mint_token(
             signing_key=generate_key(),
-            cluster_id=cp.identity.cluster_id,
+            cluster_id=cp.certificates.identity.cluster_id,
             contacts=["cp.populi.test:443"],
             recipients=[cp.node_id],
             roles=["worker"],
@@ -234,7 +234,7 @@ async def test_worker_credential_on_operator_route_is_403(
         async with httpx.AsyncClient(
             transport=cluster.network.transport_for(w1.node_id),
             base_url="https://cp.populi.test:443",
-            auth=SignedAuth(w1.identity.node_credential, cluster.cp.node_id, w1.clock),
+            auth=SignedAuth(w1.certificates.identity.node_credential, cluster.cp.node_id, w1.clock),
         ) as client:
             response = await client.post("/v1/populi/admin/tokens", json={})
             status = await client.get("/v1/populi/status")
@@ -248,11 +248,13 @@ async def test_operator_token_enrolls_an_admin_machine(
 ) -> None:
     async with vcluster(tmp_path) as cluster:
         admin = await cluster.join("admin", roles=["operator"])
-        assert admin is not None and admin.identity.roles == ("operator",)
+        assert admin is not None and admin.certificates.identity.roles == ("operator",)
         async with httpx.AsyncClient(
             transport=cluster.network.transport_for(admin.node_id),
             base_url="https://cp.populi.test:443",
-            auth=SignedAuth(admin.identity.node_credential, cluster.cp.node_id, admin.clock),
+            auth=SignedAuth(
+                admin.certificates.identity.node_credential, cluster.cp.node_id, admin.clock
+            ),
         ) as client:
             response = await client.post("/v1/populi/admin/tokens", json={"roles": ["worker"]})
         assert response.status_code == 200
@@ -305,9 +307,9 @@ async def test_revocation_lists_with_lower_serial_or_foreign_signer_are_ignored(
         current = cp.revocations.current
         assert current is not None and current.serial == 1
         now_ms = int(cp.clock.wall() * 1000)
-        cluster_key = load_private_key(cp.identity.paths.cluster_key)
+        cluster_key = load_private_key(cp.certificates.identity.paths.cluster_key)
         lower = sign_revocations(
-            RevocationList.empty(cp.identity.cluster_id, now_ms=now_ms), cluster_key
+            RevocationList.empty(cp.certificates.identity.cluster_id, now_ms=now_ms), cluster_key
         )
         assert cp.revocations.offer(lower, now_ms=now_ms) == "ignored_not_newer"
         forged = sign_revocations(
@@ -326,23 +328,25 @@ async def test_certificate_renewal_and_expiry_in_virtual_time(
                 "/v1/populi/admin/settings", json={"changes": {"node_cert_lifetime_s": 900}}
             )
         w1 = await cluster.join("w1")
-        first = w1.identity.node_cert.serial_number
+        first = w1.certificates.identity.node_cert.serial_number
         # Renewed at two thirds of 900 s (+ the 1 h back-date counts in the lifetime).
         await cluster.wait_until(
-            lambda: w1.identity.node_cert.serial_number != first, timeout_s=4000
+            lambda: w1.certificates.identity.node_cert.serial_number != first, timeout_s=4000
         )
-        assert w1.identity.paths.node_cert.read_bytes().count(b"BEGIN CERTIFICATE") == 1
+        assert (
+            w1.certificates.identity.paths.node_cert.read_bytes().count(b"BEGIN CERTIFICATE") == 1
+        )
         member = cluster.cp.membership.get(w1.node_id)
-        assert format(w1.identity.node_cert.serial_number, "x") == member.cert_serial
+        assert format(w1.certificates.identity.node_cert.serial_number, "x") == member.cert_serial
         # A node whose certificate has expired is refused: stop it, let the cert lapse.
         await cluster.crash("w1")
         await trio.sleep(900 + 301)
-        assert cluster.cp.lookup_principal(w1.node_id) is None
+        assert cluster.cp.standing.signer(w1.node_id) is None
         restarted = await cluster.start("w1")
         await cluster.wait_until(lambda: restarted.heartbeat_sender.expelled, timeout_s=30)
         standing = restarted.node_status.answer().to_json()["standing"]
         assert standing["state"] == "unknown_to_control_plane" and standing["rejoin"]
-        assert not restarted.remote_enabled()
+        assert not restarted.remote_work.enabled()
 
 
 async def test_signature_for_another_recipient_is_refused_between_nodes(
@@ -353,7 +357,7 @@ async def test_signature_for_another_recipient_is_refused_between_nodes(
         async with httpx.AsyncClient(
             transport=cluster.network.transport_for(w1.node_id),
             base_url="https://cp.populi.test:443",
-            auth=SignedAuth(w1.identity.node_credential, w1.node_id, w1.clock),
+            auth=SignedAuth(w1.certificates.identity.node_credential, w1.node_id, w1.clock),
         ) as client:
             response = await client.get("/v1/populi/status")
         assert response.status_code == 401

@@ -10,13 +10,10 @@ from pathlib import Path
 import httpx
 import trio
 import trio.testing
-from agent.sim_support import sim_config
+from agent.sim_support import open_gpu_cluster
 
 from populi_peer.api.client import SignedAuth
 from populi_peer.config import Config
-from populi_peer.testing.cluster import open_virtual_cluster
-from populi_peer.testing.sim import open_sim_host
-from support.contract import validate
 from support.vcluster import vcluster
 
 
@@ -82,22 +79,10 @@ async def test_remote_off_gpu_task_runs_on_this_nodes_gpu_under_a_local_lease(
     that GPU in CUDA_VISIBLE_DEVICES, one after the other (the second waits for the first's
     lease); a task wanting more GPUs than the node has runs as a CPU run (``no_local_gpu``),
     a task wanting none takes no lease at all."""
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=1,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
+    async with open_gpu_cluster(tmp_path) as (cluster, host):
         w1 = cluster["w1"]
-        await cluster.wait_until(
-            lambda: bool(cluster.cp.allocatable_gpus(w1.node_id)[0] and w1.verified_gpu_uuids())
-        )
-        assert not w1.remote_enabled()
-        (gpu,) = w1.verified_gpu_uuids()
+        assert not w1.remote_work.enabled()
+        (gpu,) = w1.gpu.verified_uuids()
 
         async def submit(gpus: int) -> str:
             async with cluster.operator_client("w1") as client:
@@ -146,7 +131,7 @@ def _client(cluster, agent) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(agent.node_id),
         base_url="https://cp.populi.test:443",
-        auth=SignedAuth(agent.identity.node_credential, cp.node_id, agent.clock),
+        auth=SignedAuth(agent.certificates.identity.node_credential, cp.node_id, agent.clock),
     )
 
 

@@ -108,7 +108,7 @@ def _lan_interval(cluster: VirtualCluster) -> float:
 
 async def _grant(submitter: Agent, cp: Agent, target: Agent, task_id: str) -> dict[str, Any]:
     return await submitter.peers.call(
-        url=cp.url,
+        url=cp.address.url,
         node_id=cp.node_id,
         method="POST",
         path="/v1/populi/exec/leases",
@@ -160,8 +160,8 @@ async def test_gpu_nodes_reach_the_control_plane_within_two_heartbeats(
         # The control plane replays a node without a driver: a CPU-only node, no devices.
         assert view["cp"]["devices"] == []
         assert view["cp"]["cpu_only_reason"]
-        assert cluster.cp.allocatable_gpus(cluster.cp.node_id) == ((), 0)
-        assert cluster.cp.allocatable_gpus(w1.node_id) == ((d1["uuid"],), 0)
+        assert cluster.cp.gpu.allocatable_gpus(cluster.cp.node_id) == ((), 0)
+        assert cluster.cp.gpu.allocatable_gpus(w1.node_id) == ((d1["uuid"],), 0)
 
 
 # -- 3. XID quarantine: durable, refused at grant, resumed by the operator ------------------
@@ -299,7 +299,7 @@ async def test_gpu_lost_mid_run_is_unhealthy_and_heartbeats_stay_on_time(
         assert "gpu_lost" in device["health_reasons"]
         assert device["allocatable"] is False
         assert device["uuid"] == derive_replay_uuid(CAPTURE_UUID, w1.node_id)
-        assert cp.allocatable_gpus(w1.node_id) == ((), 1)
+        assert cp.gpu.allocatable_gpus(w1.node_id) == ((), 1)
         # Neither crashed nor stalled: beats on time, probe still refreshing.
         assert cluster.nodes["w1"].running
         assert worst_age_ms <= 1.5 * interval * 1000
@@ -333,14 +333,14 @@ async def test_operator_labels_never_become_capacity_without_trust(
                 ),
             )
         assert view["labelled"]["devices"] == []
-        assert cp.allocatable_gpus(labelled.node_id) == ((), 0)
+        assert cp.gpu.allocatable_gpus(labelled.node_id) == ((), 0)
         # The labels did reach the control plane, as labels.
         static = cp.gpu.nodes[labelled.node_id].static
         assert static is not None and static["advertised"] == labels
         assert static["devices"] == []
         (device,) = view["verified"]["devices"]
         assert device["uuid"] == derive_replay_uuid(CAPTURE_UUID, verified.node_id)
-        assert cp.allocatable_gpus(verified.node_id) == ((device["uuid"],), 0)
+        assert cp.gpu.allocatable_gpus(verified.node_id) == ((device["uuid"],), 0)
         summary = cp.gpu.view(verified.node_id)
         assert summary is not None and summary.count == summary.allocatable == 1
 
@@ -364,12 +364,12 @@ async def test_trusted_labels_on_a_cpu_only_node_are_capacity_on_the_control_pla
         await cluster.wait_until(lambda: trusted.node_id in cp.gpu.nodes)
         await trio.sleep(2 * _lan_interval(cluster))
         # ... and the control plane, which grants leases, must count them too.
-        free, _ = cp.allocatable_gpus(trusted.node_id)
+        free, _ = cp.gpu.allocatable_gpus(trusted.node_id)
         assert free == ("advertised-0", "advertised-1")
         rows = cp.gpu.devices(trusted.node_id)
         assert [r.verified for r in rows] == [False, False]
         # And the node takes a handoff for them (its own view agrees).
-        assert set(trusted.verified_gpu_uuids()) == {"advertised-0", "advertised-1"}
+        assert set(trusted.gpu.verified_uuids()) == {"advertised-0", "advertised-1"}
 
 
 # -- 6. old and newer payloads through the real heartbeat route -----------------------------
@@ -378,7 +378,7 @@ async def test_trusted_labels_on_a_cpu_only_node_are_capacity_on_the_control_pla
 def _client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
     """A signing client with ``agent``'s node credential (the agent itself is stopped)."""
     return PeerClient(
-        credential=agent.identity.node_credential,
+        credential=agent.certificates.identity.node_credential,
         clock=agent.clock,
         transport=cluster.network.transport_for(agent.node_id),
         timeout_s=10.0,
@@ -390,7 +390,7 @@ async def _beat(cluster: VirtualCluster, agent: Agent, payload: dict[str, Any]) 
     client = _client_as(cluster, agent)
     try:
         return await client.call(
-            url=cp.url,
+            url=cp.address.url,
             node_id=cp.node_id,
             method="POST",
             path="/v1/populi/heartbeat",
@@ -421,7 +421,7 @@ async def test_heartbeat_without_gpu_field_still_parses(
         await cluster.crash("w1")  # from now on only this test speaks for w1
         await trio.sleep(2)
         answer = await _beat(cluster, w1, _old_payload(cp))
-        assert answer["term"] == cp.term
+        assert answer["term"] == cp.control_plane.term
         assert "gpu_facts_version" in answer and answer["gpu_registers"] == []
         assert cp.heartbeats.age_ms(w1.node_id) == 0
         assert cp.heartbeats.seen[w1.node_id].report.gpu is None
@@ -474,4 +474,4 @@ async def test_gpu_summary_with_unknown_fields_still_parses(
         assert device["memory_total_bytes"] == H100_MEMORY
         assert device["health"] == "healthy" and device["allocatable"] is True
         assert "sm_occupancy_pct" not in device and "c2c_mode" not in device
-        assert cp.allocatable_gpus(w1.node_id) == ((device["uuid"],), 0)
+        assert cp.gpu.allocatable_gpus(w1.node_id) == ((device["uuid"],), 0)

@@ -149,7 +149,7 @@ async def test_the_sender_sends_a_report_the_route_takes_and_reads_the_typed_ans
         cp, w1 = cluster.cp, cluster["w1"]
         await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
         answer = await w1.heartbeat_sender.beat_once()
-        assert answer.term == cp.term and answer.control_plane.node_id == cp.node_id
+        assert answer.term == cp.control_plane.term and answer.control_plane.node_id == cp.node_id
         assert answer.lifecycle is not None and answer.lifecycle.state == "active"
         seen = cp.heartbeats.seen[w1.node_id].report
         assert isinstance(seen, HeartbeatReport)
@@ -162,7 +162,7 @@ async def test_the_sender_sends_a_report_the_route_takes_and_reads_the_typed_ans
 
 def _client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
     return PeerClient(
-        credential=agent.identity.node_credential,
+        credential=agent.certificates.identity.node_credential,
         clock=agent.clock,
         transport=cluster.network.transport_for(agent.node_id),
         timeout_s=10.0,
@@ -238,7 +238,7 @@ async def test_a_malformed_report_is_refused_naming_the_field(
         try:
             with pytest.raises(PopuliError) as raised:
                 await client.call(
-                    url=cp.url,
+                    url=cp.address.url,
                     node_id=cp.node_id,
                     method="POST",
                     path="/v1/populi/heartbeat",

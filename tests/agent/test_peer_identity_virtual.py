@@ -154,7 +154,7 @@ async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(
 
         # w3 is retired: its node id is on the revocation list; its agent is gone.
         await _retire(cluster, "w3")
-        await cluster.wait_until(lambda: cluster["w2"].is_revoked(w3), timeout_s=30)
+        await cluster.wait_until(lambda: cluster["w2"].revocations.is_revoked(w3), timeout_s=30)
         await cluster.crash("w3")
 
         async def watch() -> None:
@@ -241,18 +241,18 @@ async def test_a_misrouted_call_fails_like_a_tls_identity_failure(
         if expects == "the control plane":
             cluster.network.redirect(w1.node_id, cluster.nodes["cp"].host, cluster.nodes["w2"].host)
             with pytest.raises(PeerIdentityError) as refused:
-                await w1.sync_members()
+                await w1.peer_link.sync_members()
             assert refused.value.code == "peer_identity_mismatch"
             assert refused.value.details["presented"] == w2.node_id
             assert cluster.network.stats["identity_refused"] == 1
         else:
             await _retire(cluster, "w2")
-            await cluster.wait_until(lambda: w1.is_revoked(w2.node_id), timeout_s=30)
+            await cluster.wait_until(lambda: w1.revocations.is_revoked(w2.node_id), timeout_s=30)
             member = w1.membership.get(w2.node_id)
             assert member is not None
             before = dict(cluster.network.stats)
             with pytest.raises(PeerIdentityError) as refused:
-                await w1.call_member(member, "GET", "/v1/populi/status")
+                await w1.peer_link.call(member, "GET", "/v1/populi/status")
             assert refused.value.code == "peer_revoked"
             assert dict(cluster.network.stats) == before  # not even sent
         assert "\n" not in str(refused.value)

@@ -8,13 +8,11 @@ from pathlib import Path
 import httpx
 import trio
 import trio.testing
-from agent.sim_support import sim_config
+from agent.sim_support import open_gpu_cluster
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
-from populi_peer.testing.sim import open_sim_host
-from support.contract import validate
+from populi_peer.testing.cluster import VirtualCluster
 
 GUARD_S = 60.0
 
@@ -23,44 +21,29 @@ def as_node(cluster: VirtualCluster, sender: Agent, recipient: str) -> httpx.Asy
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(sender.node_id),
         base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(sender.identity.node_credential, cluster[recipient].node_id, sender.clock),
+        auth=SignedAuth(
+            sender.certificates.identity.node_credential, cluster[recipient].node_id, sender.clock
+        ),
     )
 
 
 async def test_a_retired_node_says_so_and_takes_no_work(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=2,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
+    async with open_gpu_cluster(tmp_path, workers=2) as (cluster, host):
         cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
-        await cluster.wait_until(
-            lambda: (
-                all(cp.allocatable_gpus(w.node_id)[0] for w in (w1, w2))
-                and w1.membership.get(w2.node_id) is not None
-                and w2.membership.get(w1.node_id) is not None
-            ),
-            timeout_s=GUARD_S,
-        )
         async with cluster.operator_client() as op:
             on = await op.post(
                 "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
             )
             assert on.status_code == 200
-            assert w2.remote_enabled()
+            assert w2.remote_work.enabled()
             assert w2.standing.json()["state"] == "member"
             retired = await op.post(
                 "/v1/populi/admin/nodes/w2/retire", json={"reason": "stolen laptop"}
             )
         assert retired.status_code == 200, retired.text
-        operator_id = cp.identity.operator.principal_id
+        operator_id = cp.certificates.identity.operator.principal_id
         # Its next heartbeat is refused as node_retired, with who, when and why.
         took = await cluster.wait_until(lambda: w2.standing.retired, timeout_s=GUARD_S)
         assert took <= 2 * w2.heartbeat_sender.interval_s() + 1
@@ -80,7 +63,7 @@ async def test_a_retired_node_says_so_and_takes_no_work(
         assert any("populi node unretire w2" in step for step in standing["rejoin"])
         assert any("populi join TOKEN --force" in step for step in standing["rejoin"])
         assert status["lifecycle"]["state"] == "retired"
-        assert not w2.remote_enabled()
+        assert not w2.remote_work.enabled()
 
         # Its worker refuses a handoff (from a submitter that has not heard yet).
         message = {
@@ -91,7 +74,7 @@ async def test_a_retired_node_says_so_and_takes_no_work(
             "lease_id": "l-0000000000000002",
             "token": "1.77",
             "command": ["sim", "1"],
-            "gpus": w2.verified_gpu_uuids(),
+            "gpus": w2.gpu.verified_uuids(),
             "ttl_s": 30,
             "work_class": "agent",
         }

@@ -6,7 +6,9 @@
 - a worker that holds an older record than the handoff names fetches the signed record
   before it decides, and never trusts the serial alone;
 - after ``kill_switch true`` the control plane refuses the worker's renewal before start
-  (a lease granted just before), so no remote attempt starts; a running one keeps renewing.
+  (a lease granted just before), so no remote attempt starts; a running one is refused at
+  its next renewal, stops before its lease's deadline, and its task falls back locally
+  with the reason ``kill_switch``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from agent.sim_support import sim_config
+from agent.sim_support import open_gpu_cluster, submit
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
-from populi_peer.testing.sim import SimHost, open_sim_host
-from support.contract import validate
+from populi_peer.testing.cluster import VirtualCluster
+from populi_peer.testing.sim import SimHost
 
 GUARD_S = 60.0
 
@@ -34,25 +35,7 @@ GUARD_S = 60.0
 async def mesh(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> AsyncIterator[tuple[VirtualCluster, SimHost]]:
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=2,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
-        cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
-        await cluster.wait_until(
-            lambda: (
-                all(cp.allocatable_gpus(w.node_id)[0] for w in (w1, w2))
-                and w1.membership.get(w2.node_id) is not None
-                and w2.membership.get(w1.node_id) is not None
-            ),
-            timeout_s=GUARD_S,
-        )
+    async with open_gpu_cluster(tmp_path, workers=2) as (cluster, host):
         yield cluster, host
 
 
@@ -82,7 +65,9 @@ def as_node(cluster: VirtualCluster, sender: Agent, recipient: str) -> httpx.Asy
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(sender.node_id),
         base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(sender.identity.node_credential, cluster[recipient].node_id, sender.clock),
+        auth=SignedAuth(
+            sender.certificates.identity.node_credential, cluster[recipient].node_id, sender.clock
+        ),
     )
 
 
@@ -138,7 +123,7 @@ async def test_settings_set_pushes_to_every_node_before_it_answers(
     # No heartbeat went by: the record was pushed while the request was handled.
     assert trio.current_time() - started < 0.1
     assert w1.records.settings_serial == w2.records.settings_serial == serial
-    assert w1.remote_enabled() and w2.remote_enabled()
+    assert w1.remote_work.enabled() and w2.remote_work.enabled()
     assert answer["push"] == {
         "serial": serial,
         "confirmed": sorted([w1.node_id, w2.node_id]),
@@ -191,7 +176,7 @@ async def test_a_worker_with_an_older_record_fetches_the_signed_one_before_it_de
     # w2 misses the push (and has no heartbeat answer yet): it still holds "remote off".
     answer = await settings_set_missing(cluster, w2, remote_exec_enabled=True)
     serial = answer["settings"]["serial"]
-    assert not w2.remote_enabled() and w2.records.settings_serial < serial
+    assert not w2.remote_work.enabled() and w2.records.settings_serial < serial
     lease = await grant(cluster, w1, w2, "t-fetch")
     # Two copies of the handoff at once (a retry racing the first): both wait for the
     # fetch, and still only one starts (safety rule 2).
@@ -224,7 +209,7 @@ async def test_a_stamp_alone_never_turns_remote_execution_on(
         "lease_id": "l-0000000000000001",
         "task_id": "t-stamp",
         "token": "1.999",
-        "gpus": w2.verified_gpu_uuids(),
+        "gpus": w2.gpu.verified_uuids(),
         "ttl_s": 6,
     }
     async with as_node(cluster, w1, "w2") as to_worker:
@@ -235,7 +220,7 @@ async def test_a_stamp_alone_never_turns_remote_execution_on(
     assert not host.ledger.for_task("t-stamp")
 
 
-async def test_no_remote_attempt_starts_after_the_kill_switch(
+async def test_no_remote_attempt_starts_after_the_kill_switch_and_a_running_one_stops(
     mesh: tuple[VirtualCluster, SimHost], autojump_clock: trio.testing.MockClock
 ) -> None:
     cluster, host = mesh
@@ -252,23 +237,76 @@ async def test_no_remote_attempt_starts_after_the_kill_switch(
     await cluster.wait_until(lambda: bool(host.ledger.for_task("t-running")), timeout_s=GUARD_S)
     late = await grant(cluster, w1, w2, "t-late", gpus=0)  # w2's one GPU is busy
     # The kill switch; w2 misses the push, so only the control plane can stop the start.
+    thrown = trio.current_time()
     await settings_set_missing(cluster, w2, kill_switch=True)
-    assert w2.remote_enabled()
+    assert w2.remote_work.enabled()
     async with as_node(cluster, w1, "w2") as to_worker:
         accepted = await to_worker.post("/v1/populi/inbox", json=handoff(late, on_serial))
     assert accepted.status_code == 200, accepted.text
     table = cp.leases.table
     assert table is not None
-    # The renewal before start is refused (kill_switch): nothing ran, the lease is given
-    # back at once, and the running attempt keeps renewing.
+    # The renewal before start is refused (kill_switch): nothing ran, the lease, revoked
+    # for the kill switch, is given back at once.
     await cluster.wait_until(
-        lambda: table is not None and cp.leases.table.get(late["lease_id"]).state == "released",
+        lambda: cp.leases.table.get(late["lease_id"]).state == "revoked",  # type: ignore[union-attr]
         timeout_s=GUARD_S,
     )
+    assert cp.leases.table.get(late["lease_id"]).reason == "kill_switch"
     assert not host.ledger.for_task("t-late")
     row = w2.runner.row("t-late", 1, "worker")
     assert row is not None and row.state == "finished"
     assert row.result is not None and row.result["outcome"] == "lease_lost"
-    await trio.sleep(40)  # longer than the 30 s TTL: only renewals keep it live
-    assert cp.leases.table.get(running["lease_id"]).state == "live"
-    assert [run.running for run in host.ledger.for_task("t-running")] == [True]
+    # The running attempt is refused at its next renewal (TTL/3 = 10 s) and stopped, well
+    # before its lease's deadline; its lease ends revoked, for the kill switch.
+    (run,) = host.ledger.for_task("t-running")
+    await cluster.wait_until(lambda: not run.running, timeout_s=GUARD_S)
+    assert run.stopped is not None and run.stopped - thrown <= 30 / 3 + 1
+    assert run.stopped_boot is not None and run.stopped_boot <= run.deadline_boot
+    await cluster.wait_until(
+        lambda: cp.leases.table.get(running["lease_id"]).state == "revoked",  # type: ignore[union-attr]
+        timeout_s=GUARD_S,
+    )
+    assert cp.leases.table.get(running["lease_id"]).reason == "kill_switch"
+    # Nothing new starts remotely anywhere: a GPU task submitted now runs on its submitter.
+    task_id = await submit(cluster, "w1", ["sim", "1"])
+    await cluster.wait_until(lambda: w1.submitter.load(task_id).terminal, timeout_s=GUARD_S)
+    task = w1.submitter.load(task_id)
+    (attempt,) = task.attempts
+    assert (task.state, attempt.where, attempt.placement_reasons) == (
+        "succeeded",
+        "local",
+        ("kill_switch",),
+    )
+    assert [run.node for run in host.ledger.for_task(task_id)] == ["w1"]
+    now = cp.leases.table
+    assert not any(lease.kind == "remote" and lease.holding for lease in now.leases.values())
+
+
+async def test_a_remote_task_falls_back_locally_for_the_kill_switch(
+    mesh: tuple[VirtualCluster, SimHost], autojump_clock: trio.testing.MockClock
+) -> None:
+    cluster, host = mesh
+    w1 = cluster["w1"]
+    await settings_set(cluster, remote_exec_enabled=True)
+    task_id = await submit(cluster, "w1", ["sim", "300"])
+    await cluster.wait_until(
+        lambda: (
+            w1.submitter.load(task_id).state == "running_remote"
+            and bool(host.ledger.for_task(task_id))
+        ),
+        timeout_s=GUARD_S,
+    )
+    (remote,) = host.ledger.for_task(task_id)
+    await settings_set(cluster, kill_switch=True)
+    await cluster.wait_until(lambda: len(host.ledger.for_task(task_id)) == 2, timeout_s=GUARD_S)
+    first, second = host.ledger.for_task(task_id)
+    # Never in two places at once: the remote run ended before the local one started.
+    assert first is remote and remote.node != "w1" and second.node == "w1"
+    assert remote.stopped is not None and remote.stopped <= second.started
+    assert remote.stopped_boot is not None and remote.stopped_boot <= remote.deadline_boot
+    task = w1.submitter.load(task_id)
+    codes = [entry.code for entry in task.reasons]
+    fell_back = codes.index("lease_dead_confirmed")
+    assert "kill_switch" in codes[fell_back:], codes
+    local = task.attempts[-1]
+    assert local.where == "local" and "kill_switch" in local.placement_reasons, local

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent.sim_support import sim_config
+from agent.sim_support import open_gpu_cluster
 from api.test_exec_routes import GUARD_S, TTL_S, as_node, gpu_config, grant_body, set_remote
 
 from populi_peer.agent.agent import Agent
 from populi_peer.agent.health import BACKOFF_MAX_S
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
-from populi_peer.testing.sim import open_sim_host
-from support.contract import validate
+from populi_peer.testing.cluster import VirtualCluster
 from support.vcluster import vcluster
 
 
@@ -36,7 +34,9 @@ async def cluster(
         await cluster.join("w2", config=gpu_config())
         cp = cluster.cp
         await cluster.wait_until(
-            lambda: all(len(cp.allocatable_gpus(cluster[w].node_id)[0]) == 1 for w in ("w1", "w2")),
+            lambda: all(
+                len(cp.gpu.allocatable_gpus(cluster[w].node_id)[0]) == 1 for w in ("w1", "w2")
+            ),
             timeout_s=GUARD_S,
         )
         yield cluster
@@ -139,20 +139,8 @@ async def test_a_task_whose_records_cannot_be_written_waits_and_finishes_once(
     ends meanwhile, its result cannot be recorded, and its driver's steps cannot be
     written. Nothing fails and nothing runs twice: the record stays as it was, the node is
     degraded, and once writes work again the task finishes, once."""
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=1,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
+    async with open_gpu_cluster(tmp_path) as (cluster, host):
         w1 = cluster["w1"]
-        await cluster.wait_until(
-            lambda: bool(cluster.cp.allocatable_gpus(w1.node_id)[0] and w1.verified_gpu_uuids())
-        )
         async with cluster.operator_client("w1") as client:
             submitted = await client.post(
                 "/v1/populi/tasks", json={"command": ["sim", "5"], "gpus": 1}

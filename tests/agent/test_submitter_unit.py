@@ -316,7 +316,7 @@ def terminal_transitions(caplog: pytest.LogCaptureFixture, task_id: str) -> list
     return [
         r.fields["state"]  # type: ignore[attr-defined]
         for r in caplog.records
-        if r.getMessage() == "task state"
+        if r.getMessage() == "task transition"
         and r.fields["task_id"] == task_id  # type: ignore[attr-defined]
         and r.fields["state"] in TERMINAL_STATES  # type: ignore[attr-defined]
     ]

@@ -120,8 +120,8 @@ async def test_retired_node_learns_through_heartbeats_and_is_refused_everywhere(
         assert response.status_code == 200
         # w2 pulls the newer revocation list with its next heartbeat answer.
         await cluster.wait_until(lambda: w2.revocations.is_revoked(w1.node_id), timeout_s=5)
-        assert w2.lookup_principal(w1.node_id) is not None  # still a member record...
-        assert w2.is_revoked(w1.node_id)  # ...but refused by every request check
+        assert w2.standing.signer(w1.node_id) is not None  # still a member record...
+        assert w2.revocations.is_revoked(w1.node_id)  # ...but refused by every request check
         await cluster.wait_until(lambda: w1.heartbeat_sender.expelled, timeout_s=10)
 
 
@@ -163,7 +163,7 @@ async def test_old_inbox_messages_and_task_dirs_are_pruned(
         cp = cluster.cp
         now_ms = int(cp.clock.wall() * 1000)
         old_ms = now_ms - int(cp.config.exec.retain_finished_s * 1000) - 1000
-        task_dir = cp.identity.paths.tasks / "worker" / "t-old" / "1"
+        task_dir = cp.certificates.identity.paths.tasks / "worker" / "t-old" / "1"
         task_dir.mkdir(parents=True)
         (task_dir / "stdout").write_text("old output")
         plan = {

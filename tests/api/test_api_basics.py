@@ -75,7 +75,7 @@ async def test_node_credential_on_operator_route_is_403(
     autojump_clock: MockClock, virtual_agent: Agent
 ) -> None:
     async with signed_client(
-        virtual_agent, credential=virtual_agent.identity.node_credential
+        virtual_agent, credential=virtual_agent.certificates.identity.node_credential
     ) as client:
         response = await client.post(
             "/v1/populi/admin/settings", json={"changes": {"kill_switch": True}}
@@ -101,7 +101,7 @@ async def test_settings_change_is_signed_validated_and_versioned(
     assert after["serial"] == before["serial"] + 1
     assert after["values"]["max_lease_ttl_s"] == 60.0
     assert after["signer"] == virtual_agent.node_id
-    assert after["actor"] == virtual_agent.identity.operator.principal_id
+    assert after["actor"] == virtual_agent.certificates.identity.operator.principal_id
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_setting"
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_setting"
     assert virtual_agent.records.settings["max_lease_ttl_s"] == 60.0

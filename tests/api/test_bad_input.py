@@ -58,7 +58,7 @@ def client_for(agent: Agent, signer: str | None) -> httpx.AsyncClient:
     if signer is None:
         return unsigned_client(agent)
     if signer == "node":
-        return signed_client(agent, credential=agent.identity.node_credential)
+        return signed_client(agent, credential=agent.certificates.identity.node_credential)
     return signed_client(agent)
 
 
@@ -139,7 +139,7 @@ async def quarantined_gpu(agent: Agent, tmp_path: Path) -> dict[str, str]:
             writer_class="self",
             actor=agent.node_id,
             reason="xid 79",
-            term=agent.term,
+            term=agent.control_plane.term,
         )
     )
     return {"gpu": QUARANTINED_GPU}
@@ -254,6 +254,9 @@ for _route, _method, _path, _signer in [
     ("settings_show", "GET", "/v1/populi/settings", "operator"),
     ("settings_set", "POST", "/v1/populi/admin/settings", "operator"),
     ("settings_push", "POST", "/v1/populi/records/settings", "node"),
+    ("gossip_digest", "POST", "/v1/populi/gossip/digest", "node"),
+    ("gossip_push", "POST", "/v1/populi/gossip/push", "node"),
+    ("hints", "GET", "/v1/populi/hints", "operator"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -711,6 +714,24 @@ wrong("settings_push", "POST", "/v1/populi/records/settings", NOT_JSON, 400, "ba
       "malformed-json", signer="node")
 wrong("settings_push", "POST", "/v1/populi/records/settings", {"record": "x"}, 403,
       "role_required", "operator-is-no-voter")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {}, 400, "bad_gossip", "no-digest",
+      signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": 5}, 400, "bad_gossip",
+      "digest-number", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": {"n-1": [1]}}, 400,
+      "bad_gossip", "version-one-number", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": {"": [1, 0]}}, 400,
+      "bad_gossip", "empty-node-id", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", NOT_JSON, 400, "bad_json",
+      "malformed-json", signer="node")
+wrong("gossip_digest", "POST", "/v1/populi/gossip/digest", {"digest": {}}, 403, "forbidden",
+      "operator-does-not-gossip")
+wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": 5}, 400, "bad_gossip",
+      "records-number", signer="node")
+wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": [""]}, 400, "bad_gossip",
+      "empty-record", signer="node")
+wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": []}, 403, "forbidden",
+      "operator-does-not-gossip")
 wrong("lease_renew", "POST", "/v1/populi/exec/leases/l-1/renew", {"before_start": "yes"}, 400,
       "bad_request", "before-start-string")
 wrong("health", "GET", "/v1/populi/health?verbose=%ff%fe", b"x" * (LIMIT + 1), 413,
@@ -818,7 +839,7 @@ async def test_a_leave_with_a_bad_reason_does_not_leave(
         events_after = w1.store.execute("SELECT COUNT(*) AS n FROM events").fetchone()["n"]
         codes = [(a.status_code, a.json()["error"]["code"]) for a in answers]
         assert codes == [(400, "bad_json")] * 2 + [(400, "bad_request")] * 3
-        assert not w1.leaving
+        assert not w1.leave_state.started
         assert cluster.nodes["w1"].running
         assert cp.registry.lifecycle(w1.node_id).state == "active"
         assert events_after == events_before

@@ -61,7 +61,7 @@ async def test_since_and_kind_narrow_the_page_and_names_stand_beside_ids(
     status, created = await events(virtual_agent, kind="cluster_created", node="cp")
     (event,) = created["events"]
     assert event["node_id"] == virtual_agent.node_id and event["node_name"] == "cp"
-    operator = virtual_agent.identity.operator
+    operator = virtual_agent.certificates.identity.operator
     assert operator is not None and event["actor"] == operator.principal_id
     assert event["actor_name"] is not None
 

@@ -50,7 +50,7 @@ def as_node(
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(sender.node_id),
         base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(sender.identity.node_credential, target.node_id, sender.clock),
+        auth=SignedAuth(sender.certificates.identity.node_credential, target.node_id, sender.clock),
         event_hooks={"request": [check_request] if check else []},
     )
 
@@ -83,7 +83,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[VirtualCluster]:
         w1, w2 = cluster["w1"], cluster["w2"]
         # The control plane knows each worker's replayed GPU from its heartbeats.
         await cluster.wait_until(
-            lambda: all(len(cp.allocatable_gpus(w.node_id)[0]) == 1 for w in (w1, w2)),
+            lambda: all(len(cp.gpu.allocatable_gpus(w.node_id)[0]) == 1 for w in (w1, w2)),
             timeout_s=GUARD_S,
         )
         # ...and the workers know each other (membership travels with heartbeats).
@@ -137,11 +137,11 @@ async def test_grant_replay_and_task_key(
         busy = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-3", w1))
         holding = await submitter.get("/v1/populi/exec/leases", params={"state": "holding"})
     assert TOKEN_RE.match(lease["token"])
-    assert FencingToken.parse(lease["token"]).term == cp.term
+    assert FencingToken.parse(lease["token"]).term == cp.control_plane.term
     assert lease["state"] == "live" and lease["kind"] == "remote"
     assert lease["holder"] == w1.node_id and lease["submitter"] == w2.node_id
     # The GPU as the worker itself verified it (NVML replay), not as anyone advertised it.
-    assert len(lease["gpus"]) == 1 and lease["gpus"] == w1.verified_gpu_uuids()
+    assert len(lease["gpus"]) == 1 and lease["gpus"] == w1.gpu.verified_uuids()
     assert (
         replay.json()["replay"] is True and replay.json()["lease"]["lease_id"] == lease["lease_id"]
     )
@@ -233,7 +233,7 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(
         )
     body = revoked.json()["lease"]
     assert body["state"] == "revoking" and body["reason"] == "driver update"
-    assert body["revoked_by"] == cp.identity.operator.principal_id
+    assert body["revoked_by"] == cp.certificates.identity.operator.principal_id
     assert again.json()["replay"] is True
     assert refusal(renew) == ["lease_revoked"]
     assert refusal(busy) == ["no_free_gpu"]
@@ -246,7 +246,10 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(
     first = cp.store.execute(
         "SELECT actor, reason FROM events WHERE kind = 'lease_revoked' ORDER BY seq"
     ).fetchone()
-    assert (first["actor"], first["reason"]) == (cp.identity.operator.principal_id, "driver update")
+    assert (first["actor"], first["reason"]) == (
+        cp.certificates.identity.operator.principal_id,
+        "driver update",
+    )
 
 
 async def test_a_repeated_revoke_adds_no_event(
@@ -437,7 +440,9 @@ async def test_inbox_fences_handoffs_answers_duplicates_and_pages(
     ).fetchall()
     assert [(row["attempt"], row["state"]) for row in rows] == [(2, "finished")]
     assert '"outcome": "lease_lost"' in rows[0]["result"]
-    assert not (w1.identity.paths.tasks / "worker" / "t-fenced").exists()  # no process dir
+    assert not (
+        w1.certificates.identity.paths.tasks / "worker" / "t-fenced"
+    ).exists()  # no process dir
     assert not w1.runner.running
     fence = w1.store.execute("SELECT token FROM fences WHERE task_id = 't-fenced'").fetchone()
     assert fence["token"] == second["token"]

@@ -65,11 +65,15 @@ def signed(
     recording every request it sends."""
     target = cluster[recipient]
     if sender is None:
-        credential = cluster.cp.identity.operator
+        credential = cluster.cp.certificates.identity.operator
         assert credential is not None
         clock, source = cluster.cp.clock, "operator"
     else:
-        credential, clock, source = sender.identity.node_credential, sender.clock, sender.node_id
+        credential, clock, source = (
+            sender.certificates.identity.node_credential,
+            sender.clock,
+            sender.node_id,
+        )
     return httpx.AsyncClient(
         transport=cluster.network.transport_for(source),
         base_url=f"https://{cluster.nodes[recipient].host}",
@@ -156,7 +160,7 @@ async def test_operator_requests_replayed_after_a_restart_are_refused_and_write_
     cp = cluster.cp
     # Each request that committed left its nonce, written with its effect.
     for request in captured:
-        assert cp.store.nonce_used(cp.identity.operator.principal_id, request.nonce())
+        assert cp.store.nonce_used(cp.certificates.identity.operator.principal_id, request.nonce())
     # Within one process the in-memory cache refuses them already.
     for request in captured:
         again = await replay(cluster, request, "operator")

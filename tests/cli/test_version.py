@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from populi_peer.selfexec import populi_command
 from populi_peer.version import source_commit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,3 +32,20 @@ def test_version_names_the_checkouts_commit() -> None:
 
 def test_no_checkout_no_commit(tmp_path: Path) -> None:
     assert source_commit(tmp_path) is None
+
+
+def test_populi_started_by_populi_ignores_modules_in_its_working_directory(
+    tmp_path: Path,
+) -> None:
+    """The agents ``populi demo`` starts run from wherever the user ran it: a stray
+    ``json.py`` there must not stand in for the standard library's."""
+    (tmp_path / "json.py").write_text("raise SystemExit(99)\n")
+    result = subprocess.run(
+        [*populi_command(), "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("populi ")

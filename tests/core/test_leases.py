@@ -17,6 +17,7 @@ from populi_peer.core.leases import (
     LEASE_STATES,
     MIN_LEASE_TTL_S,
     RENEW_TIMEOUT_FLOOR_S,
+    STOPPING_REFUSALS,
     TERMINAL_STATES,
     TRANSITIONS,
     GrantRequest,
@@ -640,10 +641,49 @@ def test_renewal_before_start_of_a_remote_lease_obeys_the_settings(refusal: str)
     )
     assert reasons == (refusal,)
     assert table.get("L1").state == "live" and table.get("L1").expires_mono == 110.0
-    # A running attempt keeps renewing; with remote on, the start goes ahead.
-    _, running = table.renew("L1", "w1", now_mono=101.0, now_wall_ms=W, remote_refusal=refusal)
     _, start = table.renew("L1", "w1", now_mono=101.0, now_wall_ms=W, before_start=True)
-    assert running.lease.expires_mono == start.lease.expires_mono == 111.0
+    assert start.lease.expires_mono == 111.0
+    if refusal == "kill_switch":
+        # The kill switch stops running attempts too: every renewal is refused.
+        assert refusal in STOPPING_REFUSALS
+        assert refused(
+            table.renew, "L1", "w1", now_mono=101.0, now_wall_ms=W, remote_refusal=refusal
+        ) == (refusal,)
+    else:
+        # Remote turned off: a running attempt keeps renewing (it may finish).
+        _, running = table.renew("L1", "w1", now_mono=101.0, now_wall_ms=W, remote_refusal=refusal)
+        assert running.lease.expires_mono == 111.0
+
+
+def test_the_kill_switch_revokes_every_live_remote_lease_and_only_those() -> None:
+    table, _ = granted(now=100.0)
+    local, _ = granted(node="sub", submitter="sub", target_gpus=("S0",))
+    both = table._with(replace(local.get("L1"), lease_id="L2", task_id="t-local"))
+    for refusal in (None, "remote_disabled"):
+        _, kept = both.reconcile_holders(
+            {},
+            auto_revoke=False,
+            now_mono=101.0,
+            now_wall_ms=W,
+            drain_actor="cp",
+            remote_refusal=refusal,
+        )
+        assert kept.records == ()
+    after, result = both.reconcile_holders(
+        {},
+        auto_revoke=False,
+        now_mono=101.0,
+        now_wall_ms=W,
+        drain_actor="cp",
+        remote_refusal="kill_switch",
+    )
+    (revoked,) = result.records
+    assert (revoked.lease_id, revoked.state, revoked.reason) == ("L1", "revoking", "kill_switch")
+    assert revoked.revoked_by == CONTROL_PLANE_ACTOR
+    assert after.get("L2").state == "live"
+    # Its holder stops and gives it back: it ends revoked, still saying why.
+    _, gone = after.release("L1", "w1", outcome="stopped", now_mono=102.0, now_wall_ms=W)
+    assert (gone.lease.state, gone.lease.reason) == ("revoked", "kill_switch")
 
 
 def test_renewal_before_start_of_a_local_lease_ignores_remote_settings() -> None:

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.e2e
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TOUR_HEADING = "## A five-minute tour"
-TOUR_PORTS = ("127.0.0.1:7431", "127.0.0.1:7432")
+#: The API of cp and w1, and w1's metrics (cp's stay on the default 127.0.0.1:7432).
+TOUR_PORTS = ("127.0.0.1:7431", "127.0.0.1:7433", "127.0.0.1:7434")
 #: A guard, not a measurement: the tour takes about 30 s on an idle machine.
 GUARD_S = 300
 
@@ -81,6 +82,8 @@ def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
     out, err = out_path.read_text(), err_path.read_text()
     trace = "\n".join(line for line in err.splitlines() if not line.startswith("{"))
     assert done.returncode == 0, f"the tour stopped:\n{trace[-4000:]}"
+    # Both agents came up whole (their API and metrics listeners included).
+    assert len(re.findall(r"^health\s+ok$", out, re.MULTILINE)) == 2, out
     assert re.search(r"^inference on GPU-[0-9a-f-]+$", out, re.MULTILINE), out
     assert "step 1\nstep 2\nstep 3\n" in out, out
     # The GPU task ran remotely, on w1, under a lease; the tasks list shows both done.

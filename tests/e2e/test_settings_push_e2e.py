@@ -71,7 +71,7 @@ def test_settings_reach_every_node_before_settings_set_returns(tmp_path: Path) -
         task = mesh.show("w1", task_id)
         (attempt,) = task["attempts"]
         assert attempt["where"] == "local" and attempt["node"] == mesh["w1"].node_id
-        assert attempt["placement_reasons"] == ["remote_disabled"]
+        assert attempt["placement_reasons"] == ["kill_switch"]
         assert len(mesh.worker_attempts("w2")) == remote_attempts
     finally:
         mesh.close()

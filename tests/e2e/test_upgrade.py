@@ -51,7 +51,7 @@ from e2e.exec_support import (
 
 from support.installs import Installs
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BINARY = os.environ.get("E2E_POPULI_BINARY")
 #: Long enough for a stop and a start of an agent between two renewals (every TTL/3): the

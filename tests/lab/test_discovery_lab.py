@@ -40,7 +40,7 @@ from support.mesh import Host, Mesh
 from support.procs import POPULI
 from support.waiting import wait_for
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 PORT = 7431
 GUARD_S = 60.0

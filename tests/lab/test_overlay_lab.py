@@ -35,7 +35,7 @@ from lab.runbook import Hosts, Runbook, parse_runbook
 
 from support.mesh import EXEC_ENV, EXPIRY_MARGIN_S, GPU_FIXTURE, LEASE_TTL_S
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 RUNBOOKS = Path(__file__).resolve().parents[2] / "runbooks"
 HOSTS = ("cp", "wa", "wb")

@@ -62,7 +62,7 @@ from support.mesh import Mesh
 from support.procs import marked_pids
 from support.waiting import wait_for
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 #: Attempt 1 would tick for a minute (it is stopped long before); attempt 2 for 2 s.
 N1, N2 = 600, 20

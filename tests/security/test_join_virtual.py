@@ -101,7 +101,7 @@ def _token_state(cp: Agent, token_text: str) -> tuple[int, list[str]]:
 def _nothing_of(cp: Agent, node_id: str) -> None:
     """No trace of ``node_id`` on the control plane, in memory or in its database."""
     assert cp.membership.get(node_id) is None
-    assert cp.lookup_principal(node_id) is None
+    assert cp.standing.signer(node_id) is None
     assert cp.registry.lifecycle(node_id) is None
     conn = sqlite3.connect(f"file:{cp.store.path}?mode=ro", uri=True)
     try:
@@ -137,7 +137,7 @@ async def test_a_proof_made_for_another_node_is_refused_and_consumes_nothing(
                 recipient=impostor.node_id,
                 challenge=await _challenge(relay),
                 key=key,
-                cluster_id=cp.identity.cluster_id,
+                cluster_id=cp.certificates.identity.cluster_id,
                 name="victim",
             )
             answer = await relay.post("/v1/populi/join/enroll", json=body)
@@ -160,7 +160,7 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
                 recipient=cp.node_id,
                 challenge=await _challenge(joiner),
                 key=key,
-                cluster_id=cp.identity.cluster_id,
+                cluster_id=cp.certificates.identity.cluster_id,
                 name="gpu-1",
             )
             ok = await joiner.post("/v1/populi/join/enroll", json=captured)
@@ -181,7 +181,7 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
                 recipient=cp.node_id,
                 challenge=await _challenge(thief),
                 key=own,
-                cluster_id=cp.identity.cluster_id,
+                cluster_id=cp.certificates.identity.cluster_id,
                 name="thief",
                 token_key=generate_key(),  # the envelope, but a token key of its own
             )
@@ -206,8 +206,8 @@ async def test_the_joiner_stops_at_a_node_its_token_does_not_name(
         cp, w1 = cluster.cp, cluster["w1"]
         cluster.network.record = True
         text, _ = mint_token(
-            signing_key=load_private_key(cp.identity.paths.cluster_key),
-            cluster_id=cp.identity.cluster_id,
+            signing_key=load_private_key(cp.certificates.identity.paths.cluster_key),
+            cluster_id=cp.certificates.identity.cluster_id,
             contacts=["cp.populi.test:443"],
             recipients=[w1.node_id],
             roles=["worker"],
@@ -232,7 +232,7 @@ async def test_the_joiner_stops_at_a_node_its_token_does_not_name(
                 recipient=cp.node_id,
                 challenge=await _challenge(client),
                 key=generate_key(),
-                cluster_id=cp.identity.cluster_id,
+                cluster_id=cp.certificates.identity.cluster_id,
                 name="victim",
             )
             answer = await client.post("/v1/populi/join/enroll", json=body)

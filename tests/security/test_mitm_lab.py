@@ -52,7 +52,7 @@ from lab.netns import Lab, open_lab, unavailable
 from support.mesh import Mesh
 from support.waiting import wait_for
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 HOSTS = ("cp", "wa", "wb", "im")
 IMPOSTOR = Path(__file__).with_name("impostor.py")

@@ -14,7 +14,11 @@ def signed_client(
 ) -> httpx.AsyncClient:
     """A client that talks to ``agent``'s ASGI app, signing as the operator by default and
     validating every response against the OpenAPI contract."""
-    credential = credential or agent.identity.operator or agent.identity.node_credential
+    credential = (
+        credential
+        or agent.certificates.identity.operator
+        or agent.certificates.identity.node_credential
+    )
     hooks = {"response": [async_hook]} if validate else {}
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=agent.app),

@@ -78,7 +78,8 @@ class Processes:
             argv([*POPULI, "agent", "--data-dir", str(data_dir), *extra]),
             stdout=handle,
             stderr=handle,
-            env={**os.environ, **(env or {})},
+            # Any free port for /metrics: agents of parallel tests never share 7432.
+            env={"POPULI_METRICS__LISTEN": "127.0.0.1:0", **os.environ, **(env or {})},
         )
         handle.close()
         agent = AgentProcess(data_dir=data_dir, proc=proc, log_path=log_path)

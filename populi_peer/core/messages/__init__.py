@@ -17,7 +17,8 @@ validates against the contract's schema, and that a route declaring types declar
 Domains: :mod:`.records` (shared records), :mod:`.heartbeat`, :mod:`.membership` (join,
 tokens, certificates, retirement, membership views, node lifecycle, events, leave),
 :mod:`.inbox`, :mod:`.leases`, :mod:`.tasks`, :mod:`.status` (health, status, settings,
-GPU views); :mod:`._codec` is how fields are declared.
+GPU views), :mod:`.gossip` (hint gossip, held hints); :mod:`._codec` is how fields are
+declared.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from dataclasses import dataclass
 from typing import Final
 
 from populi_peer.core.messages._codec import Message
+from populi_peer.core.messages.gossip import (
+    GossipDigest,
+    GossipPush,
+    GossipPushAnswer,
+    GossipRefusal,
+    GossipReply,
+    HintsAnswer,
+    NodeHint,
+)
 from populi_peer.core.messages.heartbeat import (
     GpuHeartbeatSummary,
     HeartbeatAnswer,
@@ -182,6 +192,9 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
     "settings_show": _E(None, SettingsAnswer),
     "settings_set": _E(SettingsChangeRequest, SettingsSetAnswer),
     "settings_push": _E(SettingsPushRequest, SettingsPushAnswer),
+    "gossip_digest": _E(GossipDigest, GossipReply),
+    "gossip_push": _E(GossipPush, GossipPushAnswer),
+    "hints": _E(None, HintsAnswer),
 }
 
 __all__ = [
@@ -200,6 +213,11 @@ __all__ = [
     "EventView",
     "EventsAnswer",
     "Exchange",
+    "GossipDigest",
+    "GossipPush",
+    "GossipPushAnswer",
+    "GossipRefusal",
+    "GossipReply",
     "GpuDevice",
     "GpuHeartbeatSummary",
     "GpuResumeAnswer",
@@ -212,6 +230,7 @@ __all__ = [
     "HeartbeatAnswer",
     "HeartbeatReport",
     "HeldLease",
+    "HintsAnswer",
     "InboxDeliverAnswer",
     "InboxMessage",
     "InboxReadAnswer",
@@ -239,6 +258,7 @@ __all__ = [
     "NodeDeleteAnswer",
     "NodeGpus",
     "NodeHealth",
+    "NodeHint",
     "NodeRetireAnswer",
     "NodeView",
     "NodesAnswer",

@@ -128,6 +128,8 @@ class StatusAnswer(Message):
     discovery: DiscoveryStatusView | None = wire(
         Nullable(Nested(DiscoveryStatusView)), omit_none=True
     )
+    #: Where this node serves Prometheus metrics (absent: not serving them).
+    metrics_url: str | None = wire(Text(), omit_none=True)
 
 
 @message
