@@ -6,6 +6,7 @@ in, text out.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from populi_peer.core.durations import format_duration
@@ -71,7 +72,9 @@ def failure_text(task: TaskView) -> str | None:
 
 
 def _left(deadline_ms: float, now_ms: int) -> str:
-    return format_duration(max(0.0, (deadline_ms - now_ms) / 1000))
+    """Whole seconds left, rounded up (a line redrawn a few times a second)."""
+    seconds = max(0, math.ceil((deadline_ms - now_ms) / 1000))
+    return format_duration(seconds) if seconds else "0s"
 
 
 def waiting_text(task: TaskView, now_ms: int, *, output_seen: bool = False) -> str | None:

@@ -153,12 +153,24 @@ def test_cancelled_signalled_and_plain_failures() -> None:
             "populi: t-1 starting on n-w1 (remote, token 1.4)",
         ),
         ((PlacementStarted(),), {}, 1, "populi: t-1 placing"),
+        (
+            (PlacementStarted(),),
+            {"queue_timeout_s": 2.0},
+            1.2,
+            "populi: t-1 queued for 1 GPU(s); 1s left of --queue-timeout",
+        ),
+        (
+            (PlacementStarted(),),
+            {"queue_timeout_s": 2.0},
+            3,
+            "populi: t-1 queued for 1 GPU(s); 0s left of --queue-timeout",
+        ),
     ],
 )
 def test_the_waiting_line(
-    events: tuple[TaskEvent, ...], options: dict[str, object], now_s: int, expected: str
+    events: tuple[TaskEvent, ...], options: dict[str, object], now_s: float, expected: str
 ) -> None:
-    assert waiting_text(view(task_of(*events, **options)), T0 + now_s * 1000) == expected
+    assert waiting_text(view(task_of(*events, **options)), int(T0 + now_s * 1000)) == expected
 
 
 def test_no_waiting_line_once_the_task_speaks_or_ended() -> None:
