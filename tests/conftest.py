@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from populi_peer.agent.agent import Agent
 from populi_peer.cluster import InitResult, init_cluster
@@ -17,6 +18,11 @@ from populi_peer.testing.cluster import open_virtual_agent
 #: every ``populi`` they start inherits LAN discovery off (no multicast on the host's
 #: interfaces, e.g. when a join's contacts fail). Lab tests turn it on in their namespaces.
 os.environ["POPULI_DISCOVERY__ENABLED"] = "0"
+
+#: Property tests judge what a function returns, never how long one example took on a
+#: shared 2-core machine: no per-example wall-clock deadline (hypothesis's is 200 ms).
+settings.register_profile("populi", deadline=None)
+settings.load_profile("populi")
 
 
 @pytest.fixture
