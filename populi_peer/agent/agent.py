@@ -27,7 +27,7 @@ from populi_peer.agent.certificates import CertificateRenewal
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gpu import GpuService
-from populi_peer.agent.health import Health
+from populi_peer.agent.health import RETRIED, Health
 from populi_peer.agent.heartbeat import (
     HeartbeatIntake,
     HeartbeatReports,
@@ -38,6 +38,7 @@ from populi_peer.agent.heartbeat import (
     SelfBeat,
     scope_of,
 )
+from populi_peer.agent.holdings import NodeLedger, Reporting
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.janitor import Janitor
 from populi_peer.agent.leases import LeaseService
@@ -65,7 +66,7 @@ from populi_peer.core.scope import Scope
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
-from populi_peer.errors import ConfigError
+from populi_peer.errors import ConfigError, PopuliError
 from populi_peer.identity import Identity, RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
@@ -206,6 +207,15 @@ class Agent:
             leased_gpus=self._leased_gpus,
             own_pids=lambda: self.worker.own_pids(),  # noqa: PLW0108 (built later)
         )
+        # -- what this node holds: its book over the store, its reports (ADR 0015) -----
+        self.ledger = NodeLedger(node_id=self.node_id, attempts=Attempts(self.store))
+        self.reporting = Reporting(
+            node_id=self.node_id,
+            store=self.store,
+            ledger=self.ledger,
+            clock=clock,
+            stop_attempt=lambda *a: self.runner.request_cancel(*a),  # noqa: PLW0108 (built later)
+        )
         self.heartbeat_reports = HeartbeatReports(
             address=self.address,
             revocations=self.revocations,
@@ -213,7 +223,7 @@ class Agent:
             records=self.records,
             uptime_s=self.uptime.seconds,
             exec_remote=bool(config.exec.remote),
-            parts=[self._held_leases_part, self.gpu.report_part],
+            parts=[self._held_leases_part, self.gpu.report_part, self.reporting.part],
         )
         self.heartbeat_intake = HeartbeatIntake(
             clock=clock,
@@ -228,6 +238,7 @@ class Agent:
             events=self.events,
             report_listeners=[self.gpu.hold_report],
             answer_parts=[self.gpu.answer_part],
+            exchanges=[lambda *a: self.leases.heartbeat_exchange(*a)],  # noqa: PLW0108 (built later)
         )
         self.heartbeat_sender = HeartbeatSender(
             clock=clock,
@@ -244,8 +255,9 @@ class Agent:
             sync_members=self.peer_link.sync_members,
             out_of_cluster=self.standing.learn,
             health=self.health,
-            answer_listeners=[self.gpu.absorb_answer],
+            answer_listeners=[self.gpu.absorb_answer, self.reporting.absorb],
         )
+        self.reporting.beat_soon = self.heartbeat_sender.beat_soon
         # The control plane seen by discovery while it does not answer: beat at once.
         self.net.sightings.listeners.append(self.heartbeat_sender.on_sighting)
         self.departure = Departure(
@@ -371,7 +383,9 @@ class Agent:
             executor=self.executor,
             config=config.exec,
             health=self.health,
+            start_check=self.ledger.start,
         )
+        self.runner.report_needed = self.heartbeat_sender.beat_soon
         node = ExecNode(
             remote_work=self.remote_work,
             standing=self.standing,
@@ -391,6 +405,7 @@ class Agent:
             peers=self.peer_link,
             gates=node,
             health=self.health,
+            accept_check=self.ledger.accepts,
         )
         self.submitter = Submitter(
             node_id=self.node_id,
@@ -402,6 +417,7 @@ class Agent:
             records=self.records,
             node=node,
             health=self.health,
+            ledger=self.ledger,
         )
         self.inbox.on("handoff", self.worker.on_handoff)
         self.inbox.on("cancel", self.worker.on_cancel)
@@ -412,6 +428,20 @@ class Agent:
     def _held_leases_part(self, report: HeartbeatReport) -> HeartbeatReport:
         """The worker's held leases in this node's heartbeat."""
         return replace(report, leases=self.worker.held_leases())
+
+    def _report_to_self(self) -> None:
+        """The control plane's own full report and changes, to its own lease table (a
+        storage failure is the self-beat's to retry; anything else only logged)."""
+        try:
+            self.reporting.take(self.leases.incarnation(), None)
+            message = self.reporting.outgoing()
+            if message is not None:
+                answer = self.leases.receive_report(self.node_id, message)
+                self.reporting.take(message.incarnation, answer)
+        except RETRIED:
+            raise
+        except PopuliError as exc:
+            log(self.logger, logging.WARNING, "own report not taken", error=str(exc))
 
     def _leased_gpus(self) -> frozenset[str]:
         """The GPUs this node's running attempts hold."""
@@ -613,6 +643,7 @@ class Agent:
                 reports=self.heartbeat_reports,
                 health=self.health,
                 interval_s=self.net.timings.local.heartbeat_interval_s,
+                also=[self._report_to_self],
             )
             services += [self_beat.run, self.leases.run]
         else:

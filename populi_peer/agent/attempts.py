@@ -30,6 +30,7 @@ local attempt's submitter records.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -40,11 +41,23 @@ from typing import Any
 import trio
 
 from populi_peer.agent.executor import Execution, Executor
-from populi_peer.agent.health import Health, retrying
+from populi_peer.agent.health import RETRIED, Health, retrying
 from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.clock import Clock
 from populi_peer.config import ExecConfig
+from populi_peer.core.claims import Decision
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.holder import (
+    HolderConfig,
+    HolderMachine,
+    NotStarted,
+    RenewAnswered,
+    RenewRefused,
+    RenewUnanswered,
+    SendRenewal,
+    StartAttempt,
+    TimerFired,
+)
 from populi_peer.core.leases import renew_interval_s, renew_timeout_s, worker_deadline_boot
 from populi_peer.core.messages import (
     AttemptResult,
@@ -56,7 +69,8 @@ from populi_peer.core.messages import (
 )
 from populi_peer.core.messages.leases import ReleaseOutcome
 from populi_peer.core.refusals import Refusal
-from populi_peer.errors import PopuliError
+from populi_peer.core.reports import Claim
+from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import get_logger, log
 from populi_peer.store import file_error
@@ -64,8 +78,6 @@ from populi_peer.store.attempts import AttemptRecord, Attempts
 
 #: Kept of each stream in a result message (the rest stays on the worker).
 RESULT_TAIL_BYTES = 64 * 1024
-#: Refusals of a pre-start renewal that mean "remote execution is off now".
-REMOTE_OFF_REASONS = frozenset({"remote_disabled", "kill_switch"})
 #: How long a holder waits for the answer to a release (nothing depends on it: an
 #: unanswered release lets the lease expire by itself).
 RELEASE_TIMEOUT_S = renew_timeout_s(6.0)
@@ -88,6 +100,8 @@ class AttemptPlan:
     env: dict[str, str]
     gpus: tuple[str, ...]
     work_class: str
+    #: The node-local claim the attempt runs under (no lease to renew), if any.
+    claim_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -103,6 +117,7 @@ class AttemptPlan:
             "env": dict(self.env),
             "gpus": list(self.gpus),
             "work_class": self.work_class,
+            **({} if self.claim_id is None else {"claim_id": self.claim_id}),
         }
 
     @classmethod
@@ -120,6 +135,7 @@ class AttemptPlan:
             env=dict(data.get("env", {})),
             gpus=tuple(data.get("gpus", [])),
             work_class=str(data.get("work_class", "agent")),
+            claim_id=data.get("claim_id"),
         )
 
 
@@ -135,6 +151,8 @@ class Running:
 
 #: Told of every attempt :meth:`AttemptRunner.recover` finished at start.
 OnRecovered = Callable[[AttemptPlan, ResultMessage], Awaitable[None]]
+#: The node's start transaction: (role, task, attempt, record the start) -> the decision.
+StartCheck = Callable[[str, str, int, Callable[[], None]], Decision]
 
 
 def stored_result(row: AttemptRecord) -> ResultMessage:
@@ -155,7 +173,10 @@ class AttemptRunner:
         executor: Executor,
         config: ExecConfig,
         health: Health,
+        start_check: StartCheck | None = None,
     ) -> None:
+        """``start_check``: the node's start transaction (``NodeLedger.start``): whether
+        the attempt may start on its GPUs, recording the start if so."""
         self.node_id = node_id
         self.tasks_dir = tasks_dir
         self.attempts = attempts
@@ -166,6 +187,9 @@ class AttemptRunner:
         self.health = health
         self.logger = get_logger("attempts")
         self.running: dict[tuple[str, int, str], Running] = {}
+        self.start_check = start_check
+        #: Told when a renewal answers ``report_needed`` (the heartbeat then goes at once).
+        self.report_needed: Callable[[], None] = lambda: None
 
     # -- paths and rows -------------------------------------------------------------------
 
@@ -180,9 +204,12 @@ class AttemptRunner:
         result: ResultMessage | None = None,
         extra: dict[str, Any] | None = None,
         fence: bool = False,
+        claim: Claim | None = None,
     ) -> None:
         """Record ``plan``'s new state. ``fence``: a worker admits it — the task's fence
-        becomes its token in the same write (safety rule 2)."""
+        becomes its token in the same write (safety rule 2). ``claim``: the node-local
+        claim it starts under, recorded with it; a finished attempt gives its claim back
+        in the same write."""
         self.attempts.save(
             task_id=plan.task_id,
             attempt=plan.attempt,
@@ -195,6 +222,8 @@ class AttemptRunner:
             result=None if result is None else result.to_json(),
             now_ms=int(self.clock.wall() * 1000),
             fence=fence,
+            claim=claim,
+            drop_claim=plan.claim_id if state == "finished" else None,
         )
 
     async def save_durably(
@@ -226,16 +255,27 @@ class AttemptRunner:
         ``before_start``: the renewal that proves the lease before the task starts (the
         control plane checks the cluster settings again for it). A malformed answer is
         ``bad_peer_answer``, not a renewal."""
-        assert plan.lease_id is not None and plan.ttl_s is not None
         sent_boot = self.clock.boot()
-        answer = await self.control_plane.call(
-            "POST",
-            f"/v1/populi/exec/leases/{plan.lease_id}/renew",
-            RenewRequest(before_start=before_start),
-            # A renewal answered later than TTL/3 is as good as lost.
-            timeout_s=renew_timeout_s(plan.ttl_s),
-            answer=LeaseAnswer,
-        )
+        return worker_deadline_boot(sent_boot, await self._renewed_ttl(plan, before_start))
+
+    async def _renewed_ttl(self, plan: AttemptPlan, before_start: bool) -> float:
+        """One renewal; the TTL it counts (the handoff's, or the control plane's if shorter).
+        ``report_needed`` (503: a restarted control plane waits for this node's report)
+        makes the heartbeat go at once."""
+        assert plan.lease_id is not None and plan.ttl_s is not None
+        try:
+            answer = await self.control_plane.call(
+                "POST",
+                f"/v1/populi/exec/leases/{plan.lease_id}/renew",
+                RenewRequest(before_start=before_start),
+                # A renewal answered later than TTL/3 is as good as lost.
+                timeout_s=renew_timeout_s(plan.ttl_s),
+                answer=LeaseAnswer,
+            )
+        except PopuliError as exc:
+            if exc.code == "report_needed":
+                self.report_needed()
+            raise
         lease = answer.lease.lease
         # The control plane's lease is the authority: it must be the one this attempt was
         # handed, and its TTL — not the handoff's — bounds the local deadline.
@@ -247,8 +287,7 @@ class AttemptRunner:
             raise PopuliError(
                 f"lease {plan.lease_id} is not the lease of this attempt", code="lease_mismatch"
             )
-        ttl_s = min(plan.ttl_s, lease.ttl_s or plan.ttl_s)
-        return worker_deadline_boot(sent_boot, ttl_s)
+        return min(plan.ttl_s, lease.ttl_s or plan.ttl_s)
 
     async def release(self, plan: AttemptPlan, outcome: ReleaseOutcome) -> str | None:
         """Release the lease; returns its final state, or None if the control plane could
@@ -275,6 +314,12 @@ class AttemptRunner:
                 code=exc.code,
             )
             return None
+        # The control plane recorded the end: the node's reports need not carry it (if
+        # this cannot be written, the reports carry it until a report answer does).
+        with contextlib.suppress(*RETRIED):
+            self.attempts.mark_released(
+                plan.task_id, plan.attempt, plan.role, now_ms=int(self.clock.wall() * 1000)
+            )
         return answer.lease.lease.state
 
     # -- running --------------------------------------------------------------------------
@@ -324,26 +369,46 @@ class AttemptRunner:
             return result
         deadline = self.clock.boot() + NO_LEASE_DEADLINE_S
         if plan.renewable:
-            try:
-                deadline = await self.renew(plan, before_start=True)
-            except PopuliError as exc:
-                # Not proved: never start (safety rule 3).
+            proved = await self._prove(plan)
+            if isinstance(proved, PopuliError):
+                # Not proved: never start (safety rule 3); nothing ran, give the lease back
+                # (its end also rides this node's reports).
                 log(
                     self.logger,
                     logging.WARNING,
                     "lease not renewable before start; task not started",
                     task_id=plan.task_id,
                     attempt=plan.attempt,
-                    error=str(exc),
+                    error=str(proved),
                 )
-                refusal = refusal_of(exc)
                 result = await self._finish(
-                    plan, outcome="lease_lost", started_ms=started_ms, detail=exc.code
+                    plan, outcome="lease_lost", started_ms=started_ms, detail=proved.code
                 )
-                if REMOTE_OFF_REASONS & set(refusal.reasons):
-                    # The settings forbid remote work now and nothing ran: give the lease
-                    # back so that the submitter need not wait for it to expire.
-                    await self.release(plan, "stopped")
+                await self.release(plan, "stopped")
+                return result
+            deadline = proved
+        if plan.claim_id is None and self.start_check is not None:
+            # The node's start transaction (ADR 0015): refused when a node-local claim or
+            # another started attempt holds one of its GPUs; recorded started otherwise.
+            decision = self.start_check(
+                plan.role, plan.task_id, plan.attempt, lambda: self.save(plan, "running")
+            )
+            if not decision.ok:
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "attempt refused at its start: its GPUs are claimed or busy on this node",
+                    task_id=plan.task_id,
+                    attempt=plan.attempt,
+                    reasons=list(decision.reasons),
+                )
+                result = await self._finish(
+                    plan,
+                    outcome="lease_lost",
+                    started_ms=started_ms,
+                    detail=",".join(decision.reasons),
+                )
+                await self.release(plan, "stopped")
                 return result
         task_dir = self.task_dir(plan)
         try:
@@ -389,6 +454,51 @@ class AttemptRunner:
             gpus=list(plan.gpus),
         )
         return await self._supervise(running, execution, started_ms)
+
+    async def _prove(self, plan: AttemptPlan) -> float | PopuliError:
+        """Prove the lease before the start (safety rule 3), as the holder's machine
+        decides (:class:`~populi_peer.core.holder.HolderMachine`): a refusal is final; an
+        unanswered renewal (unreachable, ``report_needed`` from a control plane waiting for
+        this node's report) is tried again until the lease could no longer be live.
+        Returns the supervisor's deadline, or why the attempt must not start."""
+        assert plan.ttl_s is not None
+        try:
+            config = HolderConfig(ttl_s=plan.ttl_s, stop_margin_s=self.config.stop_margin_s)
+        except BadRequest:
+            # Only the claim timings depend on the margin, and this attempt never claims.
+            config = HolderConfig(ttl_s=plan.ttl_s, stop_margin_s=0.0, claim_lead_s=0.0)
+        machine, pending = HolderMachine.begin(config, self.clock.boot())
+        actions = list(pending)
+        last: PopuliError | None = None
+        while True:
+            while actions:
+                action = actions.pop(0)
+                if isinstance(action, StartAttempt):
+                    assert action.deadline is not None
+                    return action.deadline
+                if isinstance(action, NotStarted):
+                    return last or PopuliError(
+                        f"lease {plan.lease_id} not proved: {action.reason}", code=action.reason
+                    )
+                if isinstance(action, SendRenewal):
+                    sent = action.sent_at
+                    event: RenewAnswered | RenewRefused | RenewUnanswered
+                    try:
+                        event = RenewAnswered(sent, await self._renewed_ttl(plan, True))
+                    except PopuliError as exc:
+                        last = exc
+                        if definitive(exc) or exc.code == "lease_mismatch":
+                            event = RenewRefused(sent, lease_reason(exc))
+                        else:
+                            event = RenewUnanswered(sent)
+                    machine, more = machine.handle(event, self.clock.boot())
+                    actions.extend(more)
+            due = machine.next_deadline()
+            if due is None:
+                return last or PopuliError("lease not proved", code="lease_not_proved")
+            await trio.sleep(max(0.0, due - self.clock.boot()))
+            machine, more = machine.handle(TimerFired(), self.clock.boot())
+            actions.extend(more)
 
     async def resume(
         self, plan: AttemptPlan, execution: Execution, started_ms: int

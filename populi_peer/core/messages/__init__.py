@@ -100,6 +100,7 @@ from populi_peer.core.messages.records import (
     Standing,
     TaskLeaseGrant,
     TaskView,
+    TaskWaiting,
     TokenSummary,
 )
 from populi_peer.core.messages.status import (
@@ -270,6 +271,7 @@ __all__ = [
     "TaskOutputAnswer",
     "TaskSubmitRequest",
     "TaskView",
+    "TaskWaiting",
     "TokenCreateAnswer",
     "TokenCreateRequest",
     "TokenListAnswer",
