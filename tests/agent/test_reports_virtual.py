@@ -18,6 +18,7 @@ import trio
 import trio.testing
 from agent.sim_support import sim_config
 
+from populi_peer.api.client import SignedAuth
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from populi_peer.testing.network import MemoryNetwork
 from populi_peer.testing.sim import SimHost, open_sim_host
@@ -194,3 +195,67 @@ async def test_a_lost_full_report_is_asked_for_again_and_resent(
         assert "full_report_needed" in answers.statuses
         assert answers.full_reports >= before + 1
         assert w1.reporting.reported
+
+
+async def test_with_the_control_plane_unreachable_a_pinned_gpu_task_claims_and_runs_here(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Local work never waits for an unreachable control plane (rule 1): a GPU task pinned
+    to its own node claims that node's GPU and runs, its exit code kept. Once the control
+    plane hears the claim (the node's report), a grant on that GPU from another node is
+    refused (``no_free_gpu``) until the task ends; then it is granted."""
+    async with (
+        open_sim_host() as host,
+        open_virtual_cluster(
+            tmp_path,
+            workers=2,
+            config=sim_config(),
+            agent_factory=host.agent_factory,
+            on_response=validate,
+        ) as cluster,
+    ):
+        await _enable_remote(cluster)
+        await _ready(cluster)
+        cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
+        cluster.network.partition(w1.node_id, cp.node_id)
+        await cluster.wait_until(lambda: w1.heartbeat_sender.cp_down, timeout_s=60)
+        quick = await _submit(cluster, "w1", command=["sim", "1", "7"], gpus=1, node="w1")
+        await cluster.wait_until(lambda: w1.submitter.load(quick).terminal, timeout_s=60)
+        done = w1.submitter.load(quick)
+        assert (done.state, done.exit_code) == ("failed", 7)
+        assert "claimed_locally" in [entry.code for entry in done.reasons]
+        assert [(run.node, run.token) for run in host.ledger.for_task(quick)] == [("w1", "0.0")]
+
+        long = await _submit(cluster, "w1", command=["sim", "30"], gpus=1, node="w1")
+        await cluster.wait_until(lambda: bool(host.ledger.for_task(long)), timeout_s=60)
+        assert w1.ledger.claimed_gpus() == frozenset(w1.verified_gpu_uuids())
+        cluster.network.heal()
+        await cluster.wait_until(
+            lambda: bool(cp.leases.table and cp.leases.table.claims_of(w1.node_id)), timeout_s=60
+        )
+
+        async def grant(task_id: str) -> httpx.Response:
+            async with httpx.AsyncClient(
+                transport=cluster.network.transport_for(w2.node_id),
+                base_url="https://cp.populi.test:443",
+                auth=SignedAuth(w2.identity.node_credential, cp.node_id, w2.clock),
+            ) as client:
+                return await client.post(
+                    "/v1/populi/exec/leases",
+                    json={
+                        "task_id": task_id,
+                        "attempt": 1,
+                        "work_class": "inference",
+                        "target": w1.node_id,
+                        "gpus_wanted": 1,
+                        "ttl_s": 6,
+                    },
+                )
+
+        refused = await grant("t-other")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["details"]["reasons"] == ["no_free_gpu"]
+        await cluster.wait_until(lambda: w1.submitter.load(long).terminal, timeout_s=60)
+        await cluster.wait_until(lambda: not cp.leases.table.claims_of(w1.node_id), timeout_s=30)  # type: ignore[union-attr]
+        granted = await grant("t-other-2")
+        assert granted.status_code == 200, granted.text
