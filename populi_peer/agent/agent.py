@@ -208,7 +208,7 @@ class Agent:
             own_pids=lambda: self.worker.own_pids(),  # noqa: PLW0108 (built later)
         )
         # -- what this node holds: its book over the store, its reports (ADR 0015) -----
-        self.ledger = NodeLedger(node_id=self.node_id, attempts=Attempts(self.store))
+        self.ledger = NodeLedger(node_id=self.node_id, attempts=Attempts(self.store), clock=clock)
         self.reporting = Reporting(
             node_id=self.node_id,
             store=self.store,
@@ -384,6 +384,7 @@ class Agent:
             config=config.exec,
             health=self.health,
             start_check=self.ledger.start,
+            claim_convert=self.ledger.convert,
         )
         self.runner.report_needed = self.heartbeat_sender.beat_soon
         node = ExecNode(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,11 @@ from populi_peer.config import ExecConfig
 from populi_peer.core.claims import Decision
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.holder import (
+    BecomeClaim,
+    ExtendDeadline,
+    HolderAction,
     HolderConfig,
+    HolderEvent,
     HolderMachine,
     NotStarted,
     RenewAnswered,
@@ -56,6 +61,7 @@ from populi_peer.core.holder import (
     RenewUnanswered,
     SendRenewal,
     StartAttempt,
+    StopAttempt,
     TimerFired,
 )
 from populi_peer.core.leases import renew_interval_s, renew_timeout_s, worker_deadline_boot
@@ -72,7 +78,7 @@ from populi_peer.core.refusals import Refusal
 from populi_peer.core.reports import Claim
 from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import file_error
 from populi_peer.store.attempts import AttemptRecord, Attempts
 
@@ -102,6 +108,9 @@ class AttemptPlan:
     work_class: str
     #: The node-local claim the attempt runs under (no lease to renew), if any.
     claim_id: str | None = None
+    #: A local attempt with a claim basis (ADR 0015): when its lease renewals go
+    #: unanswered it becomes a claim before its deadline instead of being stopped.
+    may_claim: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,6 +127,7 @@ class AttemptPlan:
             "gpus": list(self.gpus),
             "work_class": self.work_class,
             **({} if self.claim_id is None else {"claim_id": self.claim_id}),
+            **({"may_claim": True} if self.may_claim else {}),
         }
 
     @classmethod
@@ -136,6 +146,7 @@ class AttemptPlan:
             gpus=tuple(data.get("gpus", [])),
             work_class=str(data.get("work_class", "agent")),
             claim_id=data.get("claim_id"),
+            may_claim=bool(data.get("may_claim", False)),
         )
 
 
@@ -153,6 +164,9 @@ class Running:
 OnRecovered = Callable[[AttemptPlan, ResultMessage], Awaitable[None]]
 #: The node's start transaction: (role, task, attempt, record the start) -> the decision.
 StartCheck = Callable[[str, str, int, Callable[[], None]], Decision]
+#: The node's claim transaction for a local attempt whose renewals go unanswered:
+#: (plan, before its start?, record the claimed plan and its claim) -> the claim or None.
+ClaimConvert = Callable[["AttemptPlan", bool, Callable[["AttemptPlan", Claim], None]], Claim | None]
 
 
 def stored_result(row: AttemptRecord) -> ResultMessage:
@@ -174,6 +188,7 @@ class AttemptRunner:
         config: ExecConfig,
         health: Health,
         start_check: StartCheck | None = None,
+        claim_convert: ClaimConvert | None = None,
     ) -> None:
         """``start_check``: the node's start transaction (``NodeLedger.start``): whether
         the attempt may start on its GPUs, recording the start if so."""
@@ -188,6 +203,7 @@ class AttemptRunner:
         self.logger = get_logger("attempts")
         self.running: dict[tuple[str, int, str], Running] = {}
         self.start_check = start_check
+        self.claim_convert = claim_convert
         #: Told when a renewal answers ``report_needed`` (the heartbeat then goes at once).
         self.report_needed: Callable[[], None] = lambda: None
 
@@ -368,8 +384,21 @@ class AttemptRunner:
             await self.release(plan, "stopped")  # nothing ran: free the GPUs now
             return result
         deadline = self.clock.boot() + NO_LEASE_DEADLINE_S
-        if plan.renewable:
-            proved = await self._prove(plan)
+        holder: HolderMachine | None = None
+        if plan.renewable and plan.claim_id is None:
+            proved, holder = await self._prove(plan)
+            if proved is None:
+                # Not proved, but a local attempt with a claim basis: it claimed its GPUs
+                # and starts under the claim (local work never waits, rule 1).
+                claimed = self._claim(plan, before_start=True)
+                if claimed is None:
+                    proved = PopuliError(
+                        f"lease {plan.lease_id} not proved and its GPUs could not be claimed",
+                        code="lease_not_proved",
+                    )
+                else:
+                    plan = running.plan = claimed
+                    holder = None
             if isinstance(proved, PopuliError):
                 # Not proved: never start (safety rule 3); nothing ran, give the lease back
                 # (its end also rides this node's reports).
@@ -386,7 +415,8 @@ class AttemptRunner:
                 )
                 await self.release(plan, "stopped")
                 return result
-            deadline = proved
+            if proved is not None:
+                deadline = proved
         if plan.claim_id is None and self.start_check is not None:
             # The node's start transaction (ADR 0015): refused when a node-local claim or
             # another started attempt holds one of its GPUs; recorded started otherwise.
@@ -453,52 +483,88 @@ class AttemptRunner:
             token=str(plan.token),
             gpus=list(plan.gpus),
         )
-        return await self._supervise(running, execution, started_ms)
+        return await self._supervise(running, execution, started_ms, holder=holder)
 
-    async def _prove(self, plan: AttemptPlan) -> float | PopuliError:
+    def _claim(self, plan: AttemptPlan, *, before_start: bool) -> AttemptPlan | None:
+        """Claim the GPUs of a local attempt whose renewals go unanswered (the node's
+        claim transaction, recorded with the attempt); the claimed plan, or ``None``."""
+        if self.claim_convert is None or not plan.may_claim:
+            return None
+        box: list[AttemptPlan] = []
+
+        def record(claimed: AttemptPlan, claim: Claim) -> None:
+            self.save(claimed, "running", claim=claim)
+            box.append(claimed)
+
+        claim = self.claim_convert(plan, before_start, record)
+        if claim is None or not box:
+            return None
+        log(
+            self.logger,
+            NOTICE,
+            "no control plane answers: the local attempt runs on under a node-local claim",
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            gpus=list(claim.gpus),
+        )
+        return box[0]
+
+    async def _prove(self, plan: AttemptPlan) -> tuple[float | PopuliError | None, HolderMachine]:
         """Prove the lease before the start (safety rule 3), as the holder's machine
         decides (:class:`~populi_peer.core.holder.HolderMachine`): a refusal is final; an
         unanswered renewal (unreachable, ``report_needed`` from a control plane waiting for
-        this node's report) is tried again until the lease could no longer be live.
-        Returns the supervisor's deadline, or why the attempt must not start."""
+        this node's report) is tried again until the lease could no longer be live — or,
+        for a local attempt with a claim basis, answered by a claim at once. Returns the
+        supervisor's deadline (``None``: start under a claim) or why the attempt must not
+        start, with the machine (which goes on renewing the started attempt)."""
         assert plan.ttl_s is not None
-        try:
-            config = HolderConfig(ttl_s=plan.ttl_s, stop_margin_s=self.config.stop_margin_s)
-        except BadRequest:
-            # Only the claim timings depend on the margin, and this attempt never claims.
-            config = HolderConfig(ttl_s=plan.ttl_s, stop_margin_s=0.0, claim_lead_s=0.0)
-        machine, pending = HolderMachine.begin(config, self.clock.boot())
+        machine, pending = HolderMachine.begin(self.holder_config(plan), self.clock.boot())
         actions = list(pending)
         last: PopuliError | None = None
         while True:
             while actions:
                 action = actions.pop(0)
                 if isinstance(action, StartAttempt):
-                    assert action.deadline is not None
-                    return action.deadline
+                    return action.deadline, machine
                 if isinstance(action, NotStarted):
                     return last or PopuliError(
                         f"lease {plan.lease_id} not proved: {action.reason}", code=action.reason
-                    )
+                    ), machine
                 if isinstance(action, SendRenewal):
-                    sent = action.sent_at
-                    event: RenewAnswered | RenewRefused | RenewUnanswered
-                    try:
-                        event = RenewAnswered(sent, await self._renewed_ttl(plan, True))
-                    except PopuliError as exc:
-                        last = exc
-                        if definitive(exc) or exc.code == "lease_mismatch":
-                            event = RenewRefused(sent, lease_reason(exc))
-                        else:
-                            event = RenewUnanswered(sent)
+                    event, error = await self._renewal(plan, action.sent_at, before_start=True)
+                    last = error or last
                     machine, more = machine.handle(event, self.clock.boot())
                     actions.extend(more)
             due = machine.next_deadline()
             if due is None:
-                return last or PopuliError("lease not proved", code="lease_not_proved")
+                return last or PopuliError("lease not proved", code="lease_not_proved"), machine
             await trio.sleep(max(0.0, due - self.clock.boot()))
             machine, more = machine.handle(TimerFired(), self.clock.boot())
             actions.extend(more)
+
+    def holder_config(self, plan: AttemptPlan) -> HolderConfig:
+        assert plan.ttl_s is not None
+        try:
+            return HolderConfig(
+                ttl_s=plan.ttl_s,
+                stop_margin_s=self.config.stop_margin_s,
+                may_claim=plan.may_claim and self.claim_convert is not None,
+            )
+        except BadRequest:
+            # A margin the TTL has no room for (the worker refuses such leases): no claims.
+            return HolderConfig(ttl_s=plan.ttl_s, stop_margin_s=0.0, claim_lead_s=0.0)
+
+    async def _renewal(
+        self, plan: AttemptPlan, sent_at: float, *, before_start: bool
+    ) -> tuple[RenewAnswered | RenewRefused | RenewUnanswered, PopuliError | None]:
+        """One renewal, as the holder's machine takes its answer: refused (401/403/404/409,
+        or an answer about another lease) or unanswered (anything else); and the error."""
+        try:
+            return RenewAnswered(sent_at, await self._renewed_ttl(plan, before_start)), None
+        except PopuliError as exc:
+            if definitive(exc) or exc.code == "lease_mismatch":
+                return RenewRefused(sent_at, lease_reason(exc)), exc
+            return RenewUnanswered(sent_at), exc
 
     async def resume(
         self, plan: AttemptPlan, execution: Execution, started_ms: int
@@ -520,16 +586,101 @@ class AttemptRunner:
             running.done.set()
             self.running.pop(key, None)
 
+    def _holder_acts(
+        self,
+        actions: tuple[HolderAction, ...],
+        *,
+        running: Running,
+        execution: Execution,
+        lost: list[str],
+        renewals: trio.Nursery,
+        renew: Callable[[float], Awaitable[None]],
+    ) -> bool:
+        """Carry out the holder's actions for a running attempt; ``False`` once the
+        machine is done with it (stopped, or claimed)."""
+        plan = running.plan
+        for action in actions:
+            if isinstance(action, SendRenewal):
+                renewals.start_soon(renew, action.sent_at)
+            elif isinstance(action, ExtendDeadline):
+                try:
+                    execution.extend_deadline(action.deadline)
+                except OSError as exc:
+                    # The supervisor keeps the old deadline and stops the task by it.
+                    self.health.failed(_component(plan), exc)
+            elif isinstance(action, StopAttempt):
+                lost.append(action.reason)
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "lease lost; stopping the task",
+                    task_id=plan.task_id,
+                    attempt=plan.attempt,
+                    reason=action.reason,
+                )
+                self._cancel(plan, execution)
+                return False
+            elif isinstance(action, BecomeClaim):
+                claimed = self._claim(plan, before_start=False)
+                if claimed is not None:
+                    running.plan = claimed
+                    # The claim holds the GPUs now: lift the lease deadline (if that
+                    # cannot be written, the old one stops the task).
+                    try:
+                        execution.extend_deadline(self.clock.boot() + NO_LEASE_DEADLINE_S)
+                    except OSError as exc:
+                        self.health.failed(_component(plan), exc)
+                return False
+        return True
+
     async def _supervise(
-        self, running: Running, execution: Execution, started_ms: int, *, renew_now: bool = False
+        self,
+        running: Running,
+        execution: Execution,
+        started_ms: int,
+        *,
+        renew_now: bool = False,
+        holder: HolderMachine | None = None,
     ) -> ResultMessage:
         """Wait for the task, renewing its lease every TTL/3. ``renew_now``: an attempt
         re-adopted after a restart renews at once — the agent was away for an unknown
-        part of the interval, and the supervisor's deadline did not wait for it."""
+        part of the interval, and the supervisor's deadline did not wait for it.
+        ``holder``: the machine that proved the lease of a local attempt with a claim
+        basis; it drives the renewals, and turns the attempt into a claim before its
+        deadline when they go unanswered (ADR 0015)."""
         plan = running.plan
         lost: list[str] = []
         outcome_box: list[Any] = []
         async with trio.open_nursery() as nursery:
+
+            async def holder_loop(machine: HolderMachine) -> None:
+                # Renewals run beside the machine's timers: one that hangs until its
+                # timeout must not hold back the claim due before the deadline.
+                answers_in, answers = trio.open_memory_channel[HolderEvent](16)
+                async with trio.open_nursery() as renewals:
+
+                    async def renew(sent_at: float) -> None:
+                        event, _ = await self._renewal(running.plan, sent_at, before_start=False)
+                        answers_in.send_nowait(event)
+
+                    while machine.phase == "running":
+                        due = machine.next_deadline()
+                        event: HolderEvent = TimerFired()
+                        wait_s = math.inf if due is None else max(0.0, due - self.clock.boot())
+                        with trio.move_on_after(wait_s):
+                            event = await answers.receive()
+                        machine, actions = machine.handle(event, self.clock.boot())
+                        going = self._holder_acts(
+                            actions,
+                            running=running,
+                            execution=execution,
+                            lost=lost,
+                            renewals=renewals,
+                            renew=renew,
+                        )
+                        if not going:
+                            break
+                    renewals.cancel_scope.cancel()
 
             async def renew_loop() -> None:
                 assert plan.ttl_s is not None
@@ -577,7 +728,9 @@ class AttemptRunner:
                             code=exc.code,
                         )
 
-            if plan.renewable:
+            if holder is not None and holder.config.may_claim:
+                nursery.start_soon(holder_loop, holder)
+            elif plan.renewable and plan.claim_id is None:
                 nursery.start_soon(renew_loop)
 
             async def watch_cancel() -> None:
@@ -596,6 +749,7 @@ class AttemptRunner:
             except ExecError as exc:
                 outcome_box.append(exc)
             nursery.cancel_scope.cancel()
+        plan = running.plan  # claimed meanwhile: its end gives the claim back
         outcome = outcome_box[0]
         if isinstance(outcome, Exception):
             await self.executor.kill_orphan(self.task_dir(plan))

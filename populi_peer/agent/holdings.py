@@ -119,9 +119,10 @@ class NodeLedger:
     """This node's book, over the store: holdings for the reports, and the start and claim
     transactions (each one store transaction that checks and records)."""
 
-    def __init__(self, *, node_id: str, attempts: Attempts) -> None:
+    def __init__(self, *, node_id: str, attempts: Attempts, clock: Clock) -> None:
         self.node_id = node_id
         self.attempts = attempts
+        self.clock = clock
 
     def book(self) -> NodeBook:
         rows = [x for row in self.attempts.held() if (x := node_attempt(row)) is not None]
@@ -217,6 +218,47 @@ class NodeLedger:
             if not decision.ok:
                 return None
             record(claim)
+            return claim
+
+    def convert(
+        self,
+        plan: AttemptPlan,
+        before_start: bool,
+        record: Callable[[AttemptPlan, Claim], None],
+    ) -> Claim | None:
+        """A local attempt whose lease renewals go unanswered becomes a claim (the holder's
+        machine decides when): before its start, the accepted attempt starts under a claim
+        on its GPUs (:meth:`NodeBook.claim`); once started, it keeps its GPUs under one
+        (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan and the
+        claim in the same store transaction. ``None``: not claimable (its GPUs are taken)."""
+        key: AttemptKey = ("local", plan.task_id, plan.attempt)
+        claim_id = f"c-{plan.task_id}-{plan.attempt}"
+        now_ms = wall_ms(self.clock)
+        with self.attempts.store.transaction():
+            book = self.book()
+            attempt = book.get(key)
+            if attempt is None or attempt.lease is None:
+                return None
+            if before_start:
+                claim: Claim | None = Claim(
+                    claim_id=claim_id,
+                    node=self.node_id,
+                    task_id=plan.task_id,
+                    attempt=plan.attempt,
+                    token=attempt.token,
+                    gpus=attempt.gpus,
+                    made_wall_ms=now_ms,
+                    lease_id=attempt.lease.lease_id,
+                )
+                assert claim is not None
+                started = replace(attempt, phase="started", claim_id=claim_id)
+                _, decision = book.claim(claim, started)
+            else:
+                _, decision = book.convert_to_claim(key, claim_id=claim_id, made_wall_ms=now_ms)
+                claim = decision.claim
+            if not decision.ok or claim is None or decision.reasons == ("duplicate",):
+                return None
+            record(replace(plan, claim_id=claim_id), claim)
             return claim
 
 

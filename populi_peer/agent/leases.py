@@ -689,7 +689,9 @@ class LeaseService:
             self.table = new
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.load()
+        if self.table is None:
+            # (A heartbeat may have loaded it first: one incarnation per start.)
+            self.load()
         task_status.started()
         health = self.health
         next_compaction = self.clock.mono() + COMPACT_INTERVAL_S

@@ -473,13 +473,15 @@ class Submitter:
             )
             await self._pause(control, decision.wait_s)
 
-    def claim_basis(self, task: Task) -> ClaimBasis | None:
+    def claim_basis(self, task: Task, *, fallback: bool = False) -> ClaimBasis | None:
         """Why a local attempt of ``task`` may claim this node's GPUs without a control
-        plane (the core's rule), if it may."""
+        plane (the core's rule), if it may; ``fallback``: the attempt follows the control
+        plane's confirmation that the remote lease is dead."""
         return claim_basis(
             remote_enabled=self.node.remote_enabled(),
             pinned_to=task.options.node,
             local_node=self.node_id,
+            fallback_confirmed=fallback,
         )
 
     def _wait_for(self, control: Control, reasons: tuple[str, ...], exc: PopuliError) -> None:
@@ -968,6 +970,11 @@ class Submitter:
             env=task.env_dict,
             gpus=grant.gpus,
             work_class=task.work_class,
+            # ADR 0015: a local lease whose renewals go unanswered becomes a claim.
+            may_claim=self.ledger is not None
+            and grant.kind == "local"
+            and self.claim_basis(task, fallback="lease_dead_confirmed" in attempt.placement_reasons)
+            is not None,
         )
 
     async def _local(self, task: Task, control: Control) -> None:

@@ -202,7 +202,7 @@ def runner(
     health: Health,
 ) -> AttemptRunner:
     # The node's start transaction, as the composition root wires it (ADR 0015).
-    ledger = NodeLedger(node_id=node_id, attempts=Attempts(store))
+    ledger = NodeLedger(node_id=node_id, attempts=Attempts(store), clock=clock)
     return AttemptRunner(
         node_id=node_id,
         tasks_dir=data_dir / "tasks",
@@ -213,6 +213,7 @@ def runner(
         config=ExecConfig(),
         health=health,
         start_check=ledger.start,
+        claim_convert=ledger.convert,
     )
 
 

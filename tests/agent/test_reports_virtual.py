@@ -259,3 +259,69 @@ async def test_with_the_control_plane_unreachable_a_pinned_gpu_task_claims_and_r
         await cluster.wait_until(lambda: not cp.leases.table.claims_of(w1.node_id), timeout_s=30)  # type: ignore[union-attr]
         granted = await grant("t-other-2")
         assert granted.status_code == 200, granted.text
+
+
+async def test_a_local_attempt_whose_renewals_go_unanswered_becomes_a_claim(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A pinned GPU task runs under a ``local`` lease; the control plane becomes
+    unreachable: before the lease's deadline the attempt becomes a node-local claim and runs
+    to its end instead of being stopped (ADR 0015, the holder's machine). A renewal the
+    control plane refuses still stops it."""
+    async with (
+        open_sim_host() as host,
+        open_virtual_cluster(
+            tmp_path,
+            workers=1,
+            config=sim_config(),
+            agent_factory=host.agent_factory,
+            on_response=validate,
+        ) as cluster,
+    ):
+        await _enable_remote(cluster)
+        await _ready(cluster)
+        cp, w1 = cluster.cp, cluster["w1"]
+        task = await _submit(cluster, "w1", command=["sim", "90", "3"], gpus=1, node="w1")
+        await cluster.wait_until(lambda: bool(host.ledger.for_task(task)), timeout_s=60)
+        (lease,) = [x for x in cp.leases.table.holding() if x.task_id == task]  # type: ignore[union-attr]
+        assert lease.kind == "local"
+        print(
+            "PLANS",
+            [(r.plan.may_claim, r.plan.renewable) for r in w1.runner.running.values()],
+            w1.submitter.load(task).options.node,
+            w1.node_id,
+            w1.remote_enabled(),
+        )
+        cluster.network.partition(w1.node_id, cp.node_id)
+        await cluster.wait_until(lambda: bool(w1.ledger.claimed_gpus()), timeout_s=2 * lease.ttl_s)
+        await cluster.wait_until(lambda: w1.submitter.load(task).terminal, timeout_s=120)
+        done = w1.submitter.load(task)
+        assert (done.state, done.exit_code) == ("failed", 3)
+        (run,) = host.ledger.for_task(task)
+        assert run.exit_code == 3  # ran its whole 90 s, far past the lease's deadline
+        assert not w1.ledger.claimed_gpus()
+
+        cluster.network.heal()
+        await cluster.wait_until(lambda: not cp.heartbeats.stale(w1.node_id), timeout_s=60)
+        second = await _submit(cluster, "w1", command=["sim", "90"], gpus=1, node="w1")
+        await cluster.wait_until(
+            lambda: (
+                bool(host.ledger.for_task(second))
+                and cp.leases.table is not None
+                and any(x.task_id == second for x in cp.leases.table.holding())
+            ),
+            timeout_s=60,
+        )
+        (held,) = [x for x in cp.leases.table.holding() if x.task_id == second]  # type: ignore[union-attr]
+        async with cluster.operator_client() as op:
+            revoked = await op.post(
+                "/v1/populi/admin/exec-lease-revoke",
+                json={"lease_id": held.lease_id, "reason": "test"},
+            )
+        assert revoked.status_code == 200, revoked.text
+        await cluster.wait_until(
+            lambda: w1.submitter.load(second).state != "running_local", timeout_s=60
+        )
+        assert not w1.ledger.claimed_gpus()
+        (stopped,) = host.ledger.for_task(second)
+        assert stopped.exit_code != 0 or stopped.signal is not None

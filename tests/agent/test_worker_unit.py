@@ -142,7 +142,7 @@ def build_worker(
         peers=link.peers,
         gates=gates,
         health=health,
-        accept_check=NodeLedger(node_id=WORKER, attempts=run.attempts).accepts,
+        accept_check=NodeLedger(node_id=WORKER, attempts=run.attempts, clock=clock).accepts,
     )
 
 

@@ -88,7 +88,9 @@ def test_the_node_list() -> None:
 
 
 def test_a_grant() -> None:
-    assert decide(task(), "grant", REFUSED(["node_not_reported"])) == Decision(wait_s=1.0, settle=True)
+    assert decide(task(), "grant", REFUSED(["node_not_reported"])) == Decision(
+        wait_s=1.0, settle=True
+    )
     assert decide(task(), "grant", REFUSED(["no_free_gpu"]), queue_over=False) == Decision(
         wait_s=0.5, settle=True
     )
