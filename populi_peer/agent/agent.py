@@ -639,6 +639,7 @@ class Agent:
             self.gpu.run,
         ]
         if self.is_control_plane:
+            self.reporting.to_self = True
             self_beat = SelfBeat(
                 intake=self.heartbeat_intake,
                 reports=self.heartbeat_reports,

@@ -285,6 +285,9 @@ class Reporting:
         self.reporter = NodeReporter(node_id, epoch)
         #: Asked to beat at once (set by the composition root: the heartbeat sender's).
         self.beat_soon: Callable[[], None] = lambda: None
+        #: This node is the control plane: it reports to its own table in process (each
+        #: report must reach the table, so the heartbeat part adds none).
+        self.to_self = False
 
     @property
     def reported(self) -> bool:
@@ -298,6 +301,8 @@ class Reporting:
     def part(self, report: HeartbeatReport) -> HeartbeatReport:
         """The heartbeat's ``report``: a full report to an incarnation this node has not
         reported to, else the changes not yet acknowledged."""
+        if self.to_self:
+            return report
         message = self.outgoing()
         return report if message is None else _with_report(report, message)
 

@@ -140,6 +140,9 @@ async def test_after_a_restart_a_gpu_task_starts_once_its_worker_reported(
         )
         assert cluster.cp.leases.table is not None
         assert cluster.cp.leases.table.reported(w1.node_id)
+        # The control plane's own node reports to its own table, in process.
+        assert cluster.cp.leases.table.reported(cluster.cp.node_id)
+        assert cluster.cp.reporting.reported
         # A few heartbeats (1 s each on this path), far from the window.
         assert took < 6.0 < window_s
         await cluster.wait_until(lambda: w2.submitter.load(task).terminal, timeout_s=60)
