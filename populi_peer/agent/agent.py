@@ -214,7 +214,7 @@ class Agent:
             store=self.store,
             ledger=self.ledger,
             clock=clock,
-            stop_attempt=lambda *a: self.runner.request_cancel(*a),  # noqa: PLW0108 (built later)
+            stop_attempt=lambda *a: self.runner.stop_lost(*a),  # noqa: PLW0108 (built later)
         )
         self.heartbeat_reports = HeartbeatReports(
             address=self.address,

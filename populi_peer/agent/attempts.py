@@ -111,6 +111,14 @@ class AttemptPlan:
     #: A local attempt with a claim basis (ADR 0015): when its lease renewals go
     #: unanswered it becomes a claim before its deadline instead of being stopped.
     may_claim: bool = False
+    #: The lease's own attempt number, where it differs from the task's (a local lease's
+    #: request number): the node's book and reports name the lease by it.
+    lease_attempt: int | None = None
+
+    @property
+    def book_attempt(self) -> int:
+        """The attempt number the node's book and reports use (the lease's)."""
+        return self.lease_attempt or self.attempt
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +136,7 @@ class AttemptPlan:
             "work_class": self.work_class,
             **({} if self.claim_id is None else {"claim_id": self.claim_id}),
             **({"may_claim": True} if self.may_claim else {}),
+            **({} if self.lease_attempt is None else {"lease_attempt": self.lease_attempt}),
         }
 
     @classmethod
@@ -147,6 +156,7 @@ class AttemptPlan:
             work_class=str(data.get("work_class", "agent")),
             claim_id=data.get("claim_id"),
             may_claim=bool(data.get("may_claim", False)),
+            lease_attempt=data.get("lease_attempt"),
         )
 
 
@@ -156,6 +166,8 @@ class Running:
     execution: Execution | None = None
     cancel_requested: bool = False
     cancel_reason: str = ""
+    #: Stopped because its lease is lost (a control plane refused it), not cancelled.
+    lost_reason: str = ""
     cancel_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -421,7 +433,7 @@ class AttemptRunner:
             # The node's start transaction (ADR 0015): refused when a node-local claim or
             # another started attempt holds one of its GPUs; recorded started otherwise.
             decision = self.start_check(
-                plan.role, plan.task_id, plan.attempt, lambda: self.save(plan, "running")
+                plan.role, plan.task_id, plan.book_attempt, lambda: self.save(plan, "running")
             )
             if not decision.ok:
                 log(
@@ -760,6 +772,8 @@ class AttemptRunner:
                 await self.release(plan, "stopped")
             return result
         stop_reason = outcome.stop_reason
+        if running.lost_reason and not lost:
+            lost.append(running.lost_reason)
         if lost:
             kind = "lease_lost"
         elif stop_reason == "exited":
@@ -858,6 +872,16 @@ class AttemptRunner:
         except OSError as exc:
             return self.health.failed(_component(plan), exc)
         return None
+
+    def stop_lost(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
+        """Stop an attempt whose lease a control plane refused: it ends ``lease_lost``
+        (the submitter then asks for the control plane's word), never ``cancelled``."""
+        for (t, n, r), running in self.running.items():
+            if (t, r) == (task_id, role) and attempt in (n, running.plan.book_attempt):
+                running.lost_reason = reason
+                running.cancel_event.set()
+                return True
+        return False
 
     def request_cancel(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
         running = self.running.get((task_id, attempt, role))

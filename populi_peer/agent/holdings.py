@@ -104,7 +104,8 @@ def attempt_of(
         return NodeAttempt(
             role="worker" if role == "worker" else "local",
             task_id=task_id,
-            attempt=attempt,
+            # The lease's own number where it has one (what the control plane knows).
+            attempt=int(body.get("lease_attempt") or attempt),
             token=token,
             gpus=gpus,
             phase=phase,
@@ -231,7 +232,7 @@ class NodeLedger:
         on its GPUs (:meth:`NodeBook.claim`); once started, it keeps its GPUs under one
         (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan and the
         claim in the same store transaction. ``None``: not claimable (its GPUs are taken)."""
-        key: AttemptKey = ("local", plan.task_id, plan.attempt)
+        key: AttemptKey = ("local", plan.task_id, plan.book_attempt)
         claim_id = f"c-{plan.task_id}-{plan.attempt}"
         now_ms = wall_ms(self.clock)
         with self.attempts.store.transaction():
@@ -244,7 +245,7 @@ class NodeLedger:
                     claim_id=claim_id,
                     node=self.node_id,
                     task_id=plan.task_id,
-                    attempt=plan.attempt,
+                    attempt=attempt.attempt,
                     token=attempt.token,
                     gpus=attempt.gpus,
                     made_wall_ms=now_ms,
@@ -356,7 +357,7 @@ class Reporting:
                 reason=reason,
                 task_id=row.task_id,
             )
-            self.stop_attempt(row.task_id, row.attempt, row.role, f"lease refused: {reason}")
+            self.stop_attempt(row.task_id, row.attempt, row.role, f"lease_refused:{reason}")
 
 
 def _with_report(report: HeartbeatReport, message: ReportMessage) -> HeartbeatReport:

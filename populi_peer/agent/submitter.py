@@ -137,7 +137,7 @@ LOCAL_EXIT_CANCELLED = 130
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0
 #: What a task holds under no lease (a local attempt without one).
-NO_GRANT = TaskLeaseGrant(gpus=(), ttl_s=None, kind=None)
+NO_GRANT = TaskLeaseGrant(gpus=(), ttl_s=None, kind=None, attempt=None)
 
 
 def new_task_id() -> str:
@@ -192,7 +192,9 @@ class Control:
 
 def grant_of(view: LeaseView) -> TaskLeaseGrant:
     lease = view.lease
-    return TaskLeaseGrant(gpus=lease.gpus, ttl_s=lease.ttl_s, kind=lease.kind)
+    return TaskLeaseGrant(
+        gpus=lease.gpus, ttl_s=lease.ttl_s, kind=lease.kind, attempt=lease.attempt
+    )
 
 
 class Submitter:
@@ -970,6 +972,7 @@ class Submitter:
             env=task.env_dict,
             gpus=grant.gpus,
             work_class=task.work_class,
+            lease_attempt=grant.attempt,
             # ADR 0015: a local lease whose renewals go unanswered becomes a claim.
             may_claim=self.ledger is not None
             and grant.kind == "local"

@@ -101,9 +101,10 @@ def sim_config() -> Config:
     )
 
 
-def claimed(cluster: VirtualCluster, name: str, task_id: str, attempt: int) -> bool:
-    """Whether node ``name`` holds a node-local claim for this attempt (its store: the
-    agent may be down while its supervisor runs on)."""
+def claimed(cluster: VirtualCluster, name: str, task_id: str) -> bool:
+    """Whether node ``name`` holds a node-local claim for a local attempt of this task (its
+    store: the agent may be down while its supervisor runs on; a node runs one attempt of
+    a task at a time)."""
     node = cluster.nodes.get(name)
     if node is None:
         return False
@@ -112,9 +113,7 @@ def claimed(cluster: VirtualCluster, name: str, task_id: str, attempt: int) -> b
         return False
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         try:
-            row = db.execute(
-                "SELECT 1 FROM claims WHERE task_id = ? AND attempt = ?", (task_id, attempt)
-            ).fetchone()
+            row = db.execute("SELECT 1 FROM claims WHERE task_id = ?", (task_id,)).fetchone()
         except sqlite3.OperationalError:
             return False
     return row is not None
@@ -422,7 +421,7 @@ class Observer:
         for run in self.ledger.running():
             if run.token == LOCAL_ONLY_TOKEN:
                 continue
-            if run.role == "local" and claimed(cluster, run.node, run.task_id, run.attempt):
+            if run.role == "local" and claimed(cluster, run.node, run.task_id):
                 # ADR 0015: a local attempt whose renewals went unanswered runs on under a
                 # node-local claim (its lease may expire); the ledger's own checks (one
                 # place at a time, tokens) still hold it.

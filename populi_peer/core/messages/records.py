@@ -360,6 +360,9 @@ class TaskLeaseGrant(Message):
     gpus: tuple[str, ...] = wire(Seq(Text()), default=())
     ttl_s: float | None = wire(Num(minimum=0), omit_none=True)
     kind: LeaseKind | None = wire(Choice(LEASE_KINDS), omit_none=True)
+    #: The lease's attempt number (the request's number, which a local attempt's own
+    #: number may differ from): what the node reports the lease with (ADR 0015).
+    attempt: int | None = wire(Int(minimum=1), omit_none=True)
 
 
 #: What answers show in place of an environment value (a task's secrets stay home).
