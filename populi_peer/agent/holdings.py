@@ -347,7 +347,9 @@ class Reporting:
         for item in refused:
             lease_id, reason = getattr(item, "lease_id", ""), getattr(item, "reason", "")
             row = rows.get(lease_id)
-            if row is None or row.state == "finished":
+            if row is None or row.state != "running":
+                # Not started: its proof before start decides (a lease the control plane
+                # does not hold live is never renewed, so never started).
                 continue
             log(
                 self.logger,

@@ -1332,6 +1332,7 @@ def handoff_message(
             ttl_s=grant.ttl_s or default_ttl_s,
             work_class=task.work_class,
             settings_serial=settings_serial,
+            lease_attempt=grant.attempt,
         ),
     )
 

@@ -489,6 +489,7 @@ def plan_of(caller: Principal, message: HandoffMessage) -> AttemptPlan:
         env=dict(message.env),
         gpus=message.gpus,
         work_class=message.work_class,
+        lease_attempt=message.lease_attempt,
     )
 
 

@@ -504,3 +504,17 @@ async def test_an_accepted_attempt_whose_gpu_gets_claimed_is_refused_at_its_star
         assert world.host.ledger.for_task("t-1") == []
         released = world.fake.requests("POST", LEASE + "/release")
         assert [r.body.get("outcome") for r in released] == ["stopped"]
+
+
+async def test_a_lease_is_reported_under_its_own_attempt_number(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The grant request's number can run ahead of the task's attempt (refused grants take
+    new numbers): the handoff names the lease's, and the worker's reports use it — under
+    the task's a control plane would refuse the lease (``lease_mismatch``) and stop it."""
+    async with open_worker(tmp_path) as world:
+        message = dataclasses.replace(handoff(seconds=30.0), lease_attempt=3)
+        assert await hand(world, message) == "start"
+        ledger = NodeLedger(node_id=WORKER, attempts=Attempts(world.store), clock=VirtualClock())
+        (reported,) = ledger.holdings().leases
+        assert (reported.lease_id, reported.attempt) == (message.lease_id, 3)

@@ -67,6 +67,9 @@ class HandoffMessage(Payload):
     work_class: WorkClass = wire(WORK_CLASS, default="agent")
     #: The settings record the submitter placed this under.
     settings_serial: int | None = wire(Int(minimum=0), omit_none=True)
+    #: The lease's own attempt number (the grant request's; the task's ``attempt`` may
+    #: differ): the worker reports the lease under it (ADR 0015).
+    lease_attempt: int | None = wire(ATTEMPT, omit_none=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", check_command(list(self.command)))
