@@ -598,14 +598,6 @@ def test_twenty_tasks_two_gpus_never_overlap(mesh: Mesh) -> None:
     tasks = json.loads(waited.stdout)["tasks"]
     assert sorted(t["task_id"] for t in tasks) == sorted(task_ids)
     assert [t["state"] for t in tasks] == ["succeeded"] * 20
-    print(
-        "DEBUG",
-        [
-            (t["attempts"], t["reasons"])
-            for t in tasks
-            if len(t["attempts"]) != 1 or t["attempts"][0]["where"] != "remote"
-        ],
-    )
     assert all(len(t["attempts"]) == 1 and t["attempts"][0]["where"] == "remote" for t in tasks)
     refusals = sum(1 for t in tasks for r in t["reasons"] if r[1] == "grant_refused")
     print(f"grants refused on the way (stale hints, re-checked by the control plane): {refusals}")
