@@ -10,7 +10,6 @@ and the control plane is back, a grant on that GPU requested by another node is 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -90,7 +89,7 @@ def scenario(mesh: Mesh, tmp_path: Path) -> None:
 
     restarted = time.monotonic()
     mesh.start("cp")
-    refused, took = wait_for(
+    wait_for(
         "a grant on w1's claimed GPU refused for no_free_gpu alone",
         lambda: (
             (answer := _grant(mesh, "t-probe"))[0] == 409
@@ -114,5 +113,3 @@ def scenario(mesh: Mesh, tmp_path: Path) -> None:
         guard_s=60,
     )
     assert granted["lease"]["holder"] == mesh["w1"].node_id
-    assert json.dumps(refused)  # what the refusal said, for the log on failure
-    del took
