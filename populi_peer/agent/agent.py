@@ -34,7 +34,7 @@ from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gossip import HintGossip
 from populi_peer.agent.gpu import GpuService
-from populi_peer.agent.health import Health
+from populi_peer.agent.health import RETRIED, Health
 from populi_peer.agent.heartbeat import (
     HeartbeatIntake,
     HeartbeatReports,
@@ -44,6 +44,7 @@ from populi_peer.agent.heartbeat import (
     RegisterOutbox,
     SelfBeat,
 )
+from populi_peer.agent.holdings import NodeLedger, Reporting
 from populi_peer.agent.inbox import Inbox
 from populi_peer.agent.janitor import Janitor
 from populi_peer.agent.leases import LeaseService
@@ -77,6 +78,7 @@ from populi_peer.config import Config, format_host_port, parse_host_port, reach_
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
+from populi_peer.errors import PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
@@ -203,6 +205,15 @@ class Agent:
         self.heartbeats = Liveness(clock=clock, timings=self.net.timings)
         self.outbox = RegisterOutbox()
         self.leave_state = Leaving(node_id=self.node_id, clock=clock, events=self.events)
+        # -- what this node holds: its book over the store, its reports (ADR 0015) -----
+        self.ledger = NodeLedger(node_id=self.node_id, attempts=Attempts(self.store), clock=clock)
+        self.reporting = Reporting(
+            node_id=self.node_id,
+            store=self.store,
+            ledger=self.ledger,
+            clock=clock,
+            stop_attempt=lambda *a: self.runner.stop_lost(*a),  # noqa: PLW0108 (built later)
+        )
         self.runner = AttemptRunner(
             node_id=self.node_id,
             tasks_dir=identity.paths.tasks,
@@ -212,6 +223,8 @@ class Agent:
             executor=self.executor,
             config=config.exec,
             health=self.health,
+            start_check=self.ledger.start,
+            claim_convert=self.ledger.convert,
         )
         self.gpu = GpuService(
             node_id=self.node_id,
@@ -248,7 +261,7 @@ class Agent:
             records=self.records,
             uptime_s=self.uptime.seconds,
             exec_remote=bool(config.exec.remote),
-            parts=[self.worker.report_part, self.gpu.report_part],
+            parts=[self.worker.report_part, self.gpu.report_part, self.reporting.part],
         )
         self.heartbeat_intake = HeartbeatIntake(
             clock=clock,
@@ -263,6 +276,7 @@ class Agent:
             events=self.events,
             report_listeners=[self.gpu.hold_report],
             answer_parts=[self.gpu.answer_part],
+            exchanges=[lambda *a: self.leases.heartbeat_exchange(*a)],  # noqa: PLW0108 (built later)
         )
         self.heartbeat_sender = HeartbeatSender(
             clock=clock,
@@ -279,8 +293,10 @@ class Agent:
             sync_members=self.peer_link.sync_members,
             out_of_cluster=self.standing.learn,
             health=self.health,
-            answer_listeners=[self.gpu.absorb_answer],
+            answer_listeners=[self.gpu.absorb_answer, self.reporting.absorb],
         )
+        self.reporting.beat_soon = self.heartbeat_sender.beat_soon
+        self.runner.report_needed = self.heartbeat_sender.beat_soon
         # The control plane seen by discovery while it does not answer: beat at once.
         self.net.sightings.listeners.append(self.heartbeat_sender.on_sighting)
         self.departure = Departure(
@@ -427,6 +443,7 @@ class Agent:
             peers=self.peer_link,
             gates=node,
             health=self.health,
+            accept_check=self.ledger.accepts,
         )
         self.submitter = Submitter(
             node_id=self.node_id,
@@ -438,10 +455,25 @@ class Agent:
             records=self.records,
             node=node,
             health=self.health,
+            ledger=self.ledger,
         )
         self.inbox.on("handoff", self.worker.on_handoff)
         self.inbox.on("cancel", self.worker.on_cancel)
         self.inbox.on("result", self.submitter.on_result)
+
+    def _report_to_self(self) -> None:
+        """The control plane's own full report and changes, to its own lease table (a
+        storage failure is the self-beat's to retry; anything else only logged)."""
+        try:
+            self.reporting.take(self.leases.incarnation(), None)
+            message = self.reporting.outgoing()
+            if message is not None:
+                answer = self.leases.receive_report(self.node_id, message)
+                self.reporting.take(message.incarnation, answer)
+        except RETRIED:
+            raise
+        except PopuliError as exc:
+            log(self.logger, logging.WARNING, "own report not taken", error=str(exc))
 
     def _reload_tls(self) -> None:
         if self.hypercorn is not None:
@@ -534,11 +566,13 @@ class Agent:
             self.gpu.run,
         ]
         if self.control_plane.is_self:
+            self.reporting.to_self = True
             self_beat = SelfBeat(
                 intake=self.heartbeat_intake,
                 reports=self.heartbeat_reports,
                 health=self.health,
                 interval_s=self.net.timings.local.heartbeat_interval_s,
+                also=[self._report_to_self],
             )
             services += [self_beat.run, self.leases.run]
         else:

@@ -30,7 +30,9 @@ local attempt's submitter records.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,11 +42,28 @@ from typing import Any
 import trio
 
 from populi_peer.agent.executor import Execution, Executor
-from populi_peer.agent.health import Health, retrying
+from populi_peer.agent.health import RETRIED, Health, retrying
 from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.clock import Clock
 from populi_peer.config import ExecConfig
+from populi_peer.core.claims import Decision
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.holder import (
+    BecomeClaim,
+    ExtendDeadline,
+    HolderAction,
+    HolderConfig,
+    HolderEvent,
+    HolderMachine,
+    NotStarted,
+    RenewAnswered,
+    RenewRefused,
+    RenewUnanswered,
+    SendRenewal,
+    StartAttempt,
+    StopAttempt,
+    TimerFired,
+)
 from populi_peer.core.leases import renew_interval_s, renew_timeout_s, worker_deadline_boot
 from populi_peer.core.messages import (
     AttemptResult,
@@ -56,16 +75,15 @@ from populi_peer.core.messages import (
 )
 from populi_peer.core.messages.leases import ReleaseOutcome
 from populi_peer.core.refusals import Refusal
-from populi_peer.errors import PopuliError
+from populi_peer.core.reports import Claim
+from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import file_error
 from populi_peer.store.attempts import AttemptRecord, Attempts
 
 #: Kept of each stream in a result message (the rest stays on the worker).
 RESULT_TAIL_BYTES = 64 * 1024
-#: Refusals of a pre-start renewal that mean "remote execution is off now".
-REMOTE_OFF_REASONS = frozenset({"remote_disabled", "kill_switch"})
 #: How long a holder waits for the answer to a release (nothing depends on it: an
 #: unanswered release lets the lease expire by itself).
 RELEASE_TIMEOUT_S = renew_timeout_s(6.0)
@@ -90,6 +108,19 @@ class AttemptPlan:
     work_class: str
     #: ``--cwd``: where the task runs (None: a fresh ``work`` directory of its own).
     cwd: str | None = None
+    #: The node-local claim the attempt runs under (no lease to renew), if any.
+    claim_id: str | None = None
+    #: A local attempt with a claim basis (ADR 0015): when its lease renewals go
+    #: unanswered it becomes a claim before its deadline instead of being stopped.
+    may_claim: bool = False
+    #: The lease's own attempt number, where it differs from the task's (a local lease's
+    #: request number): the node's book and reports name the lease by it.
+    lease_attempt: int | None = None
+
+    @property
+    def book_attempt(self) -> int:
+        """The attempt number the node's book and reports use (the lease's)."""
+        return self.lease_attempt or self.attempt
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +137,9 @@ class AttemptPlan:
             "gpus": list(self.gpus),
             "work_class": self.work_class,
             "cwd": self.cwd,
+            **({} if self.claim_id is None else {"claim_id": self.claim_id}),
+            **({"may_claim": True} if self.may_claim else {}),
+            **({} if self.lease_attempt is None else {"lease_attempt": self.lease_attempt}),
         }
 
     @classmethod
@@ -124,6 +158,9 @@ class AttemptPlan:
             gpus=tuple(data.get("gpus", [])),
             work_class=str(data.get("work_class", "agent")),
             cwd=data.get("cwd"),
+            claim_id=data.get("claim_id"),
+            may_claim=bool(data.get("may_claim", False)),
+            lease_attempt=data.get("lease_attempt"),
         )
 
 
@@ -133,12 +170,19 @@ class Running:
     execution: Execution | None = None
     cancel_requested: bool = False
     cancel_reason: str = ""
+    #: Stopped because its lease is lost (a control plane refused it), not cancelled.
+    lost_reason: str = ""
     cancel_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
 
 
 #: Told of every attempt :meth:`AttemptRunner.recover` finished at start.
 OnRecovered = Callable[[AttemptPlan, ResultMessage], Awaitable[None]]
+#: The node's start transaction: (role, task, attempt, record the start) -> the decision.
+StartCheck = Callable[[str, str, int, Callable[[], None]], Decision]
+#: The node's claim transaction for a local attempt whose renewals go unanswered:
+#: (plan, before its start?, record the claimed plan and its claim) -> the claim or None.
+ClaimConvert = Callable[["AttemptPlan", bool, Callable[["AttemptPlan", Claim], None]], Claim | None]
 
 
 def stored_result(row: AttemptRecord) -> ResultMessage:
@@ -159,7 +203,11 @@ class AttemptRunner:
         executor: Executor,
         config: ExecConfig,
         health: Health,
+        start_check: StartCheck | None = None,
+        claim_convert: ClaimConvert | None = None,
     ) -> None:
+        """``start_check``: the node's start transaction (``NodeLedger.start``): whether
+        the attempt may start on its GPUs, recording the start if so."""
         self.node_id = node_id
         self.tasks_dir = tasks_dir
         self.attempts = attempts
@@ -170,6 +218,10 @@ class AttemptRunner:
         self.health = health
         self.logger = get_logger("attempts")
         self.running: dict[tuple[str, int, str], Running] = {}
+        self.start_check = start_check
+        self.claim_convert = claim_convert
+        #: Told when a renewal answers ``report_needed`` (the heartbeat then goes at once).
+        self.report_needed: Callable[[], None] = lambda: None
 
     # -- paths and rows -------------------------------------------------------------------
 
@@ -213,9 +265,12 @@ class AttemptRunner:
         result: ResultMessage | None = None,
         extra: dict[str, Any] | None = None,
         fence: bool = False,
+        claim: Claim | None = None,
     ) -> None:
         """Record ``plan``'s new state. ``fence``: a worker admits it — the task's fence
-        becomes its token in the same write (safety rule 2)."""
+        becomes its token in the same write (safety rule 2). ``claim``: the node-local
+        claim it starts under, recorded with it; a finished attempt gives its claim back
+        in the same write."""
         self.attempts.save(
             task_id=plan.task_id,
             attempt=plan.attempt,
@@ -228,6 +283,8 @@ class AttemptRunner:
             result=None if result is None else result.to_json(),
             now_ms=int(self.clock.wall() * 1000),
             fence=fence,
+            claim=claim,
+            drop_claim=plan.claim_id if state == "finished" else None,
         )
 
     async def save_durably(
@@ -259,16 +316,27 @@ class AttemptRunner:
         ``before_start``: the renewal that proves the lease before the task starts (the
         control plane checks the cluster settings again for it). A malformed answer is
         ``bad_peer_answer``, not a renewal."""
-        assert plan.lease_id is not None and plan.ttl_s is not None
         sent_boot = self.clock.boot()
-        answer = await self.control_plane.call(
-            "POST",
-            f"/v1/populi/exec/leases/{plan.lease_id}/renew",
-            RenewRequest(before_start=before_start),
-            # A renewal answered later than TTL/3 is as good as lost.
-            timeout_s=renew_timeout_s(plan.ttl_s),
-            answer=LeaseAnswer,
-        )
+        return worker_deadline_boot(sent_boot, await self._renewed_ttl(plan, before_start))
+
+    async def _renewed_ttl(self, plan: AttemptPlan, before_start: bool) -> float:
+        """One renewal; the TTL it counts (the handoff's, or the control plane's if shorter).
+        ``report_needed`` (503: a restarted control plane waits for this node's report)
+        makes the heartbeat go at once."""
+        assert plan.lease_id is not None and plan.ttl_s is not None
+        try:
+            answer = await self.control_plane.call(
+                "POST",
+                f"/v1/populi/exec/leases/{plan.lease_id}/renew",
+                RenewRequest(before_start=before_start),
+                # A renewal answered later than TTL/3 is as good as lost.
+                timeout_s=renew_timeout_s(plan.ttl_s),
+                answer=LeaseAnswer,
+            )
+        except PopuliError as exc:
+            if exc.code == "report_needed":
+                self.report_needed()
+            raise
         lease = answer.lease.lease
         # The control plane's lease is the authority: it must be the one this attempt was
         # handed, and its TTL — not the handoff's — bounds the local deadline.
@@ -280,8 +348,7 @@ class AttemptRunner:
             raise PopuliError(
                 f"lease {plan.lease_id} is not the lease of this attempt", code="lease_mismatch"
             )
-        ttl_s = min(plan.ttl_s, lease.ttl_s or plan.ttl_s)
-        return worker_deadline_boot(sent_boot, ttl_s)
+        return min(plan.ttl_s, lease.ttl_s or plan.ttl_s)
 
     async def release(self, plan: AttemptPlan, outcome: ReleaseOutcome) -> str | None:
         """Release the lease; returns its final state, or None if the control plane could
@@ -308,6 +375,12 @@ class AttemptRunner:
                 code=exc.code,
             )
             return None
+        # The control plane recorded the end: the node's reports need not carry it (if
+        # this cannot be written, the reports carry it until a report answer does).
+        with contextlib.suppress(*RETRIED):
+            self.attempts.mark_released(
+                plan.task_id, plan.attempt, plan.role, now_ms=int(self.clock.wall() * 1000)
+            )
         return answer.lease.lease.state
 
     # -- running --------------------------------------------------------------------------
@@ -357,27 +430,61 @@ class AttemptRunner:
             await self.release(plan, "stopped")  # nothing ran: free the GPUs now
             return result
         deadline = self.clock.boot() + NO_LEASE_DEADLINE_S
-        if plan.renewable:
-            try:
-                deadline = await self.renew(plan, before_start=True)
-            except PopuliError as exc:
-                # Not proved: never start (safety rule 3).
+        holder: HolderMachine | None = None
+        if plan.renewable and plan.claim_id is None:
+            proved, holder = await self._prove(plan)
+            if proved is None:
+                # Not proved, but a local attempt with a claim basis: it claimed its GPUs
+                # and starts under the claim (local work never waits, rule 1).
+                claimed = self._claim(plan, before_start=True)
+                if claimed is None:
+                    proved = PopuliError(
+                        f"lease {plan.lease_id} not proved and its GPUs could not be claimed",
+                        code="lease_not_proved",
+                    )
+                else:
+                    plan = running.plan = claimed
+                    holder = None
+            if isinstance(proved, PopuliError):
+                # Not proved: never start (safety rule 3); nothing ran, give the lease back
+                # (its end also rides this node's reports).
                 log(
                     self.logger,
                     logging.WARNING,
                     "lease not renewable before start; task not started",
                     task_id=plan.task_id,
                     attempt=plan.attempt,
-                    error=str(exc),
+                    error=str(proved),
                 )
-                refusal = refusal_of(exc)
                 result = await self._finish(
-                    plan, outcome="lease_lost", started_ms=started_ms, detail=exc.code
+                    plan, outcome="lease_lost", started_ms=started_ms, detail=proved.code
                 )
-                if REMOTE_OFF_REASONS & set(refusal.reasons):
-                    # The settings forbid remote work now and nothing ran: give the lease
-                    # back so that the submitter need not wait for it to expire.
-                    await self.release(plan, "stopped")
+                await self.release(plan, "stopped")
+                return result
+            if proved is not None:
+                deadline = proved
+        if plan.claim_id is None and self.start_check is not None:
+            # The node's start transaction (ADR 0015): refused when a node-local claim or
+            # another started attempt holds one of its GPUs; recorded started otherwise.
+            decision = self.start_check(
+                plan.role, plan.task_id, plan.book_attempt, lambda: self.save(plan, "running")
+            )
+            if not decision.ok:
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "attempt refused at its start: its GPUs are claimed or busy on this node",
+                    task_id=plan.task_id,
+                    attempt=plan.attempt,
+                    reasons=list(decision.reasons),
+                )
+                result = await self._finish(
+                    plan,
+                    outcome="lease_lost",
+                    started_ms=started_ms,
+                    detail=",".join(decision.reasons),
+                )
+                await self.release(plan, "stopped")
                 return result
         task_dir = self.task_dir(plan)
         try:
@@ -422,7 +529,88 @@ class AttemptRunner:
             token=str(plan.token),
             gpus=list(plan.gpus),
         )
-        return await self._supervise(running, execution, started_ms)
+        return await self._supervise(running, execution, started_ms, holder=holder)
+
+    def _claim(self, plan: AttemptPlan, *, before_start: bool) -> AttemptPlan | None:
+        """Claim the GPUs of a local attempt whose renewals go unanswered (the node's
+        claim transaction, recorded with the attempt); the claimed plan, or ``None``."""
+        if self.claim_convert is None or not plan.may_claim:
+            return None
+        box: list[AttemptPlan] = []
+
+        def record(claimed: AttemptPlan, claim: Claim) -> None:
+            self.save(claimed, "running", claim=claim)
+            box.append(claimed)
+
+        claim = self.claim_convert(plan, before_start, record)
+        if claim is None or not box:
+            return None
+        log(
+            self.logger,
+            NOTICE,
+            "no control plane answers: the local attempt runs on under a node-local claim",
+            task_id=plan.task_id,
+            attempt=plan.attempt,
+            gpus=list(claim.gpus),
+        )
+        return box[0]
+
+    async def _prove(self, plan: AttemptPlan) -> tuple[float | PopuliError | None, HolderMachine]:
+        """Prove the lease before the start (safety rule 3), as the holder's machine
+        decides (:class:`~populi_peer.core.holder.HolderMachine`): a refusal is final; an
+        unanswered renewal (unreachable, ``report_needed`` from a control plane waiting for
+        this node's report) is tried again until the lease could no longer be live — or,
+        for a local attempt with a claim basis, answered by a claim at once. Returns the
+        supervisor's deadline (``None``: start under a claim) or why the attempt must not
+        start, with the machine (which goes on renewing the started attempt)."""
+        assert plan.ttl_s is not None
+        machine, pending = HolderMachine.begin(self.holder_config(plan), self.clock.boot())
+        actions = list(pending)
+        last: PopuliError | None = None
+        while True:
+            while actions:
+                action = actions.pop(0)
+                if isinstance(action, StartAttempt):
+                    return action.deadline, machine
+                if isinstance(action, NotStarted):
+                    return last or PopuliError(
+                        f"lease {plan.lease_id} not proved: {action.reason}", code=action.reason
+                    ), machine
+                if isinstance(action, SendRenewal):
+                    event, error = await self._renewal(plan, action.sent_at, before_start=True)
+                    last = error or last
+                    machine, more = machine.handle(event, self.clock.boot())
+                    actions.extend(more)
+            due = machine.next_deadline()
+            if due is None:
+                return last or PopuliError("lease not proved", code="lease_not_proved"), machine
+            await trio.sleep(max(0.0, due - self.clock.boot()))
+            machine, more = machine.handle(TimerFired(), self.clock.boot())
+            actions.extend(more)
+
+    def holder_config(self, plan: AttemptPlan) -> HolderConfig:
+        assert plan.ttl_s is not None
+        try:
+            return HolderConfig(
+                ttl_s=plan.ttl_s,
+                stop_margin_s=self.config.stop_margin_s,
+                may_claim=plan.may_claim and self.claim_convert is not None,
+            )
+        except BadRequest:
+            # A margin the TTL has no room for (the worker refuses such leases): no claims.
+            return HolderConfig(ttl_s=plan.ttl_s, stop_margin_s=0.0, claim_lead_s=0.0)
+
+    async def _renewal(
+        self, plan: AttemptPlan, sent_at: float, *, before_start: bool
+    ) -> tuple[RenewAnswered | RenewRefused | RenewUnanswered, PopuliError | None]:
+        """One renewal, as the holder's machine takes its answer: refused (401/403/404/409,
+        or an answer about another lease) or unanswered (anything else); and the error."""
+        try:
+            return RenewAnswered(sent_at, await self._renewed_ttl(plan, before_start)), None
+        except PopuliError as exc:
+            if definitive(exc) or exc.code == "lease_mismatch":
+                return RenewRefused(sent_at, lease_reason(exc)), exc
+            return RenewUnanswered(sent_at), exc
 
     async def resume(
         self, plan: AttemptPlan, execution: Execution, started_ms: int
@@ -444,16 +632,101 @@ class AttemptRunner:
             running.done.set()
             self.running.pop(key, None)
 
+    def _holder_acts(
+        self,
+        actions: tuple[HolderAction, ...],
+        *,
+        running: Running,
+        execution: Execution,
+        lost: list[str],
+        renewals: trio.Nursery,
+        renew: Callable[[float], Awaitable[None]],
+    ) -> bool:
+        """Carry out the holder's actions for a running attempt; ``False`` once the
+        machine is done with it (stopped, or claimed)."""
+        plan = running.plan
+        for action in actions:
+            if isinstance(action, SendRenewal):
+                renewals.start_soon(renew, action.sent_at)
+            elif isinstance(action, ExtendDeadline):
+                try:
+                    execution.extend_deadline(action.deadline)
+                except OSError as exc:
+                    # The supervisor keeps the old deadline and stops the task by it.
+                    self.health.failed(_component(plan), exc)
+            elif isinstance(action, StopAttempt):
+                lost.append(action.reason)
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "lease lost; stopping the task",
+                    task_id=plan.task_id,
+                    attempt=plan.attempt,
+                    reason=action.reason,
+                )
+                self._cancel(plan, execution)
+                return False
+            elif isinstance(action, BecomeClaim):
+                claimed = self._claim(plan, before_start=False)
+                if claimed is not None:
+                    running.plan = claimed
+                    # The claim holds the GPUs now: lift the lease deadline (if that
+                    # cannot be written, the old one stops the task).
+                    try:
+                        execution.extend_deadline(self.clock.boot() + NO_LEASE_DEADLINE_S)
+                    except OSError as exc:
+                        self.health.failed(_component(plan), exc)
+                return False
+        return True
+
     async def _supervise(
-        self, running: Running, execution: Execution, started_ms: int, *, renew_now: bool = False
+        self,
+        running: Running,
+        execution: Execution,
+        started_ms: int,
+        *,
+        renew_now: bool = False,
+        holder: HolderMachine | None = None,
     ) -> ResultMessage:
         """Wait for the task, renewing its lease every TTL/3. ``renew_now``: an attempt
         re-adopted after a restart renews at once — the agent was away for an unknown
-        part of the interval, and the supervisor's deadline did not wait for it."""
+        part of the interval, and the supervisor's deadline did not wait for it.
+        ``holder``: the machine that proved the lease of a local attempt with a claim
+        basis; it drives the renewals, and turns the attempt into a claim before its
+        deadline when they go unanswered (ADR 0015)."""
         plan = running.plan
         lost: list[str] = []
         outcome_box: list[Any] = []
         async with trio.open_nursery() as nursery:
+
+            async def holder_loop(machine: HolderMachine) -> None:
+                # Renewals run beside the machine's timers: one that hangs until its
+                # timeout must not hold back the claim due before the deadline.
+                answers_in, answers = trio.open_memory_channel[HolderEvent](16)
+                async with trio.open_nursery() as renewals:
+
+                    async def renew(sent_at: float) -> None:
+                        event, _ = await self._renewal(running.plan, sent_at, before_start=False)
+                        answers_in.send_nowait(event)
+
+                    while machine.phase == "running":
+                        due = machine.next_deadline()
+                        event: HolderEvent = TimerFired()
+                        wait_s = math.inf if due is None else max(0.0, due - self.clock.boot())
+                        with trio.move_on_after(wait_s):
+                            event = await answers.receive()
+                        machine, actions = machine.handle(event, self.clock.boot())
+                        going = self._holder_acts(
+                            actions,
+                            running=running,
+                            execution=execution,
+                            lost=lost,
+                            renewals=renewals,
+                            renew=renew,
+                        )
+                        if not going:
+                            break
+                    renewals.cancel_scope.cancel()
 
             async def renew_loop() -> None:
                 assert plan.ttl_s is not None
@@ -501,7 +774,9 @@ class AttemptRunner:
                             code=exc.code,
                         )
 
-            if plan.renewable:
+            if holder is not None and holder.config.may_claim:
+                nursery.start_soon(holder_loop, holder)
+            elif plan.renewable and plan.claim_id is None:
                 nursery.start_soon(renew_loop)
 
             async def watch_cancel() -> None:
@@ -520,6 +795,7 @@ class AttemptRunner:
             except ExecError as exc:
                 outcome_box.append(exc)
             nursery.cancel_scope.cancel()
+        plan = running.plan  # claimed meanwhile: its end gives the claim back
         outcome = outcome_box[0]
         if isinstance(outcome, Exception):
             await self.executor.kill_orphan(self.task_dir(plan))
@@ -530,6 +806,8 @@ class AttemptRunner:
                 await self.release(plan, "stopped")
             return result
         stop_reason = outcome.stop_reason
+        if running.lost_reason and not lost:
+            lost.append(running.lost_reason)
         if lost:
             kind = "lease_lost"
         elif stop_reason == "exited":
@@ -628,6 +906,16 @@ class AttemptRunner:
         except OSError as exc:
             return self.health.failed(_component(plan), exc)
         return None
+
+    def stop_lost(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
+        """Stop an attempt whose lease a control plane refused: it ends ``lease_lost``
+        (the submitter then asks for the control plane's word), never ``cancelled``."""
+        for (t, n, r), running in self.running.items():
+            if (t, r) == (task_id, role) and attempt in (n, running.plan.book_attempt):
+                running.lost_reason = reason
+                running.cancel_event.set()
+                return True
+        return False
 
     def request_cancel(self, task_id: str, attempt: int, role: str, reason: str) -> bool:
         running = self.running.get((task_id, attempt, role))

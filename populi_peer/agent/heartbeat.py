@@ -88,6 +88,9 @@ AnswerListener = Callable[[HeartbeatAnswer], None]
 ReportListener = Callable[[str, HeartbeatReport], None]
 #: Control plane: a service's part of the answer to a node (node id, answer so far).
 AnswerPart = Callable[[str, HeartbeatAnswer], HeartbeatAnswer]
+#: Control plane: a service that answers what a report carries (node id, the report, the
+#: answer so far): the lease service takes the node's full report or changes (ADR 0015).
+ReportExchange = Callable[[str, HeartbeatReport, HeartbeatAnswer], HeartbeatAnswer]
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,7 @@ class HeartbeatReports:
             # Whether this node takes remote work at all (POPULI_EXEC_REMOTE=0: no), so
             # the control plane does not place any here.
             exec_remote=self.exec_remote,
+            report=None,
         )
         for part in self.parts:
             report = part(report)
@@ -310,6 +314,7 @@ class HeartbeatIntake:
         events: EventLog,
         report_listeners: Sequence[ReportListener] = (),
         answer_parts: Sequence[AnswerPart] = (),
+        exchanges: Sequence[ReportExchange] = (),
     ) -> None:
         self.clock = clock
         self.control_plane = control_plane
@@ -323,6 +328,7 @@ class HeartbeatIntake:
         self.events = events
         self.report_listeners = tuple(report_listeners)
         self.answer_parts = tuple(answer_parts)
+        self.exchanges = tuple(exchanges)
         self.logger = get_logger("heartbeat")
 
     def routes(self) -> list[Route]:
@@ -399,9 +405,13 @@ class HeartbeatIntake:
             else None,
             gpu_facts_version=None,
             gpu_registers=(),
+            incarnation=None,
+            report_answer=None,
         )
         for part in self.answer_parts:
             answer = part(caller, answer)
+        for exchange in self.exchanges:
+            answer = exchange(caller, report, answer)
         return answer
 
     def _apply(self, caller: str, write: RegisterWrite) -> None:
@@ -461,11 +471,15 @@ class SelfBeat:
         reports: HeartbeatReports,
         health: Health,
         interval_s: float,
+        also: Sequence[Callable[[], None]] = (),
     ) -> None:
+        """``also``: what else the control plane does for itself every interval (its
+        own full report to its own lease table)."""
         self.intake = intake
         self.reports = reports
         self.health = health
         self.interval_s = interval_s
+        self.also = tuple(also)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -473,6 +487,8 @@ class SelfBeat:
         while True:
             try:
                 self.intake.note_self(self.reports.build())
+                for step in self.also:
+                    step()
             except RETRIED as exc:
                 await health.retry_after(health.failed("self_beat", exc))
                 continue
@@ -544,6 +560,7 @@ class HeartbeatSender:
         self.beats = 0
         self.expelled = False
         self._sighted = trio.Event()
+        self._wake = trio.Event()
         #: The control plane's addresses that did not reach it when last tried (and have
         #: not since): the answer's URL is not adopted while it is one of them.
         self._failed: set[str] = set()
@@ -559,6 +576,11 @@ class HeartbeatSender:
         moved: the beat tries where it was seen)."""
         if self.cp_down and sighting.node_id == self.control_plane.id:
             self._sighted.set()
+
+    def beat_soon(self) -> None:
+        """Beat now rather than at the next interval (a full report is due: a control
+        plane that restarted grants on this node once it has it)."""
+        self._wake.set()
 
     def timing(self) -> ScopeTimings:
         """The timings the control plane judges this node by (its last answer says them),
@@ -722,8 +744,13 @@ class HeartbeatSender:
             await self._pause(delay)
 
     async def _pause(self, delay_s: float) -> None:
-        """Until the next beat: ``delay_s``, a register put with ``now``, or the control
-        plane sighted while it does not answer, whichever comes first."""
+        """Until the next beat: ``delay_s``, a register put with ``now``, the control
+        plane sighted while it does not answer, or :meth:`beat_soon` while it answers,
+        whichever comes first."""
+        if self._wake.is_set():
+            self._wake = trio.Event()
+            if not self.cp_down:
+                return
         with trio.move_on_after(delay_s):
             async with trio.open_nursery() as nursery:
 
@@ -733,8 +760,12 @@ class HeartbeatSender:
 
                 nursery.start_soon(first, partial(self.outbox.wait_put, delay_s))
                 nursery.start_soon(first, self._sighted.wait)
+                if not self.cp_down:
+                    nursery.start_soon(first, self._wake.wait)
         if self._sighted.is_set():
             self._sighted = trio.Event()
+        if self._wake.is_set():
+            self._wake = trio.Event()
 
     def _expelled_by(self, exc: PopuliError) -> bool:
         """Retired (the control plane says so), or unknown to it (deleted, or the
@@ -764,6 +795,7 @@ __all__ = [
     "Leaving",
     "Liveness",
     "RegisterOutbox",
+    "ReportExchange",
     "ReportListener",
     "ReportPart",
     "Seen",

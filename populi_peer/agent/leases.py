@@ -7,7 +7,14 @@ expiry, which is never persisted: after a restart every holding lease counts as 
 restart (rule 5), and grants resume per node (ADR 0015): on a node once it has reported to
 this incarnation, on a silent one once any lease it could hold unknown here has expired (the
 longest TTL ever allowed + margin; nothing to wait for in a cluster that never granted a
-lease). Nodes do not send reports yet, so for now every node waits out that window.
+lease).
+
+Reports (ADR 0015): every heartbeat answer carries this incarnation (term + an id drawn at
+each start, :meth:`LeaseService.heartbeat_exchange`); a node that has not reported to it
+sends a full report of what it holds, then numbered changes. The table judges and learns
+them (:meth:`~populi_peer.core.leases.LeaseTable.receive`); the leases it adopts or ends are
+written before the answer. A write that fails answers no ``report_answer`` (nothing is
+adopted): the node sends it again.
 
 Routes:
 - ``POST /v1/populi/exec/leases`` (submit): grant; the control plane re-checks the target's
@@ -71,10 +78,13 @@ from populi_peer.core.messages import (
     LeaseView,
     RenewRequest,
 )
+from populi_peer.core.messages.heartbeat import HeartbeatAnswer, HeartbeatReport
 from populi_peer.core.policy import decide
+from populi_peer.core.reports import Incarnation, ReportAnswer, ReportMessage
 from populi_peer.core.scope import Scope
 from populi_peer.core.settings import gates_enabled, remote_refusal
 from populi_peer.core.transition_log import LEASE_TRANSITION, lease_transition_fields
+from populi_peer.errors import Forbidden, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store.events import EventLog
 from populi_peer.store.leases import Leases
@@ -283,6 +293,67 @@ class LeaseService:
             lease=lease, expires_in_s=expires_in_s, flag=self.flags.get(lease.lease_id)
         )
 
+    # -- reports (ADR 0015) -----------------------------------------------------------------
+
+    def incarnation(self) -> Incarnation:
+        """This control plane's term and the id drawn at its start."""
+        return self._table().incarnation
+
+    def receive_report(self, node: str, message: ReportMessage) -> ReportAnswer:
+        """``node``'s full report or changes: judged and learned by the table, what it
+        adopts or ends written durably, then the table adopted and the answer given."""
+        if message.node != node:
+            raise Forbidden(
+                f"{node} sent a report of {message.node}: a node reports what it holds itself",
+                code="not_report_owner",
+            )
+        table = self._table()
+        was_reported = table.reported(node)
+        now_mono, now_ms = self._now()
+        new, result = table.receive(message, now_mono=now_mono, now_wall_ms=now_ms)
+        self._commit(new, result.records)
+        learned = result.learned
+        if learned.adopted or learned.recorded or learned.refused:
+            log(
+                self.logger,
+                logging.INFO,
+                "report learned",
+                node=node,
+                adopted=list(learned.adopted),
+                recorded=list(learned.recorded),
+                refused=[f"{x.lease_id}:{x.reason}" for x in learned.refused],
+            )
+        if not was_reported and new.reported(node):
+            window = new.window
+            log(
+                self.logger,
+                logging.INFO,
+                "node reported: grants on it resume",
+                node=node,
+                after_s=None if window is None else round(now_mono - window.started_mono, 3),
+                claims=len(new.claims_of(node)),
+            )
+        return result.answer
+
+    def heartbeat_exchange(
+        self, node: str, report: HeartbeatReport, answer: HeartbeatAnswer
+    ) -> HeartbeatAnswer:
+        """The heartbeat answer with this incarnation, and the answer to the report it
+        carried. A report that cannot be recorded (storage) or is refused (malformed) is
+        left unanswered — the heartbeat itself still counts; the node sends it again."""
+        answer = replace(answer, incarnation=self.incarnation())
+        if report.report is None:
+            return answer
+        try:
+            report_answer = self.receive_report(node, report.report)
+        except RETRIED as exc:
+            self.health.failed("leases", exc)
+            return answer
+        except PopuliError as exc:
+            log(self.logger, logging.WARNING, "report refused", node=node, error=str(exc))
+            return answer
+        return replace(answer, report_answer=report_answer)
+
     # -- the control plane's own view of a target (safety rule 6) --------------------------
 
     def target_view(
@@ -481,6 +552,7 @@ class LeaseService:
             now_mono=now_mono,
             now_wall_ms=now_ms,
             work_class=body.work_class,
+            previous_node=body.previous_node,
         )
         self._commit(new, change.records)
         prior = change.prior
@@ -588,7 +660,9 @@ class LeaseService:
             self.table = new
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.load()
+        if self.table is None:
+            # (A heartbeat may have loaded it first: one incarnation per start.)
+            self.load()
         task_status.started()
         health = self.health
         next_compaction = self.clock.mono() + COMPACT_INTERVAL_S

@@ -56,11 +56,13 @@ from populi_peer.agent.attempts import (
     stored_result,
 )
 from populi_peer.agent.health import RETRIED, Health, retried_failure
+from populi_peer.agent.holdings import NodeLedger
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
 from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
+from populi_peer.core.claims import ClaimBasis, claim_basis
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import DEAD_STATES, STOPPING_REFUSALS, Lease
 from populi_peer.core.membership import Member
@@ -89,11 +91,20 @@ from populi_peer.core.messages import (
     TaskOutputAnswer,
     TaskSubmitRequest,
     TaskView,
+    TaskWaiting,
 )
 from populi_peer.core.messages.inbox import MessageType
 from populi_peer.core.placement import CandidateView, propose
 from populi_peer.core.placement import TaskView as PlacementTask
-from populi_peer.core.refusals import Ask, Decision, decide_refusal
+from populi_peer.core.refusals import (
+    CONTROL_PLANE_UNREACHABLE,
+    NO_FREE_GPU,
+    WAIT_FOR_LOCAL_GPU_S,
+    Ask,
+    Decision,
+    decide_refusal,
+)
+from populi_peer.core.reports import Claim
 from populi_peer.core.scope import Scope
 from populi_peer.core.settings import gates_enabled, remote_refusal
 from populi_peer.core.tasks import (
@@ -119,7 +130,7 @@ from populi_peer.core.tasks import (
 )
 from populi_peer.core.transition_log import TASK_TRANSITION, task_transition_fields
 from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, PopuliError
-from populi_peer.log import get_logger, log
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.tasks import TaskRecord, Tasks
 
 SUBMIT = frozenset({"submit"})
@@ -130,7 +141,7 @@ DEFAULT_TTL_S = 30.0
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0
 #: What a task holds under no lease (a local attempt without one).
-NO_GRANT = TaskLeaseGrant(gpus=(), ttl_s=None, kind=None)
+NO_GRANT = TaskLeaseGrant(gpus=(), ttl_s=None, kind=None, attempt=None)
 
 
 def new_task_id() -> str:
@@ -173,6 +184,8 @@ class Control:
     handed_off: set[int] = field(default_factory=set)
     tried: set[str] = field(default_factory=set)
     changed: trio.Event = field(default_factory=trio.Event)
+    #: What the task waits for now (``task show``'s ``waiting``; memory only).
+    waiting: TaskWaiting | None = None
 
     def poke(self) -> None:
         self.wake.set()
@@ -183,7 +196,9 @@ class Control:
 
 def grant_of(view: LeaseView) -> TaskLeaseGrant:
     lease = view.lease
-    return TaskLeaseGrant(gpus=lease.gpus, ttl_s=lease.ttl_s, kind=lease.kind)
+    return TaskLeaseGrant(
+        gpus=lease.gpus, ttl_s=lease.ttl_s, kind=lease.kind, attempt=lease.attempt
+    )
 
 
 class Submitter:
@@ -199,7 +214,10 @@ class Submitter:
         records: SubmitterSettings,
         node: SubmitterNode,
         health: Health,
+        ledger: NodeLedger | None = None,
     ) -> None:
+        """``ledger``: this node's book (its node-local claims, ADR 0015); without it a
+        local GPU task waits for the control plane as before."""
         self.node_id = node_id
         self.tasks = tasks
         self.runner = runner
@@ -209,6 +227,7 @@ class Submitter:
         self.records = records
         self.node = node
         self.health = health
+        self.ledger = ledger
         self.logger = get_logger("submitter")
         self.controls: dict[str, Control] = {}
         self._nursery: trio.Nursery | None = None
@@ -242,6 +261,8 @@ class Submitter:
         self._save(record)
         control = self.controls.get(task_id)
         if control is not None:
+            if new.state != task.state or len(new.attempts) != len(task.attempts):
+                control.waiting = None
             control.changed.set()
             control.changed = trio.Event()
         # One line per transition, with the codes the record keeps (issue 15).
@@ -430,6 +451,7 @@ class Submitter:
             queue_deadline_passed=self._queue_deadline_passed(task),
             node=node,
             placement_reasons=placement_reasons,
+            claim_basis=self.claim_basis(task) if self.ledger is not None else None,
         )
         if decision.settle:
             self.request_settled(task.task_id)
@@ -437,6 +459,11 @@ class Submitter:
             control.tried.add(decision.avoid)
         if decision.event is not None:
             self.apply(task.task_id, decision.event)
+        if decision.claim:
+            await self._claim_local(task, control, placement_reasons)
+            return
+        if decision.wait_s or self.load(task.task_id).state == "fallback_pending":
+            self._wait_for(control, refusal.reasons, exc)
         if decision.wait_s:
             log(
                 self.logger,
@@ -448,6 +475,88 @@ class Submitter:
                 wait_s=decision.wait_s,
             )
             await self._pause(control, decision.wait_s)
+
+    def claim_basis(self, task: Task, *, fallback: bool = False) -> ClaimBasis | None:
+        """Why a local attempt of ``task`` may claim this node's GPUs without a control
+        plane (the core's rule), if it may; ``fallback``: the attempt follows the control
+        plane's confirmation that the remote lease is dead."""
+        return claim_basis(
+            remote_enabled=self.node.remote_enabled(),
+            pinned_to=task.options.node,
+            local_node=self.node_id,
+            fallback_confirmed=fallback,
+        )
+
+    def _wait_for(self, control: Control, reasons: tuple[str, ...], exc: PopuliError) -> None:
+        """Note what the task waits for (``task show``'s ``waiting``)."""
+        reason = reasons[0] if reasons else CONTROL_PLANE_UNREACHABLE
+        wait_s = exc.details.get("wait_s")
+        now = self._now_ms()
+        until = (
+            now + int(float(wait_s) * 1000)
+            if isinstance(wait_s, (int, float)) and not isinstance(wait_s, bool) and wait_s >= 0
+            else None
+        )
+        since = control.waiting.since_wall_ms if control.waiting is not None else now
+        if control.waiting is not None and control.waiting.reason != reason:
+            since = now
+        control.waiting = TaskWaiting(reason=reason, until_wall_ms=until, since_wall_ms=since)
+
+    async def _claim_local(self, task: Task, control: Control, reasons: tuple[str, ...]) -> None:
+        """No control plane answers and the task may run here without one (ADR 0015):
+        claim this node's GPUs in one transaction with the attempt it starts, then place
+        the task here. No free GPU: wait and look again."""
+        assert self.ledger is not None
+        attempt = len(task.attempts) + 1
+        plan = AttemptPlan(
+            task_id=task.task_id,
+            attempt=attempt,
+            role="local",
+            submitter=self.node_id,
+            token=LOCAL_ONLY_TOKEN,
+            lease_id=None,
+            ttl_s=None,
+            renewable=False,
+            argv=task.command,
+            env=task.env_dict,
+            gpus=(),
+            work_class=task.work_class,
+        )
+
+        def record(claim: Claim) -> None:
+            claimed = replace(plan, gpus=claim.gpus, claim_id=claim.claim_id)
+            self.runner.save(claimed, "running", claim=claim)
+
+        claim = self.ledger.claim(
+            task_id=task.task_id,
+            attempt=attempt,
+            gpus_wanted=task.gpus_wanted,
+            verified=frozenset(self.node.verified_gpu_uuids()),
+            now_ms=self._now_ms(),
+            record=record,
+        )
+        if claim is None:
+            control.waiting = TaskWaiting(
+                reason=NO_FREE_GPU,
+                until_wall_ms=None,
+                since_wall_ms=self._now_ms(),
+            )
+            await self._pause(control, WAIT_FOR_LOCAL_GPU_S)
+            return
+        log(
+            self.logger,
+            NOTICE,
+            "no control plane answers: this node's GPUs claimed locally",
+            task_id=task.task_id,
+            gpus=list(claim.gpus),
+        )
+        self.apply(
+            task.task_id,
+            PlacedLocal(
+                node=self.node_id,
+                reasons=(*reasons, CONTROL_PLANE_UNREACHABLE, "claimed_locally"),
+            ),
+        )
 
     # -- control plane calls --------------------------------------------------------------
 
@@ -515,6 +624,11 @@ class Submitter:
                 reasons += ("no_local_gpu",)
             self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
             return
+        if task.options.node == self.node_id:
+            # Pinned to this node: no node list to ask for (and no control plane needed
+            # to run here: ADR 0015).
+            await self._place_local(task, control, ("node_pinned_local",))
+            return
         try:
             candidates = await self.candidates()
         except PopuliError as exc:
@@ -538,6 +652,10 @@ class Submitter:
         if task.gpus_wanted > 0 and not self._queue_deadline_passed(task):
             # --queue-timeout: keep trying for a free GPU before falling back.
             control.tried.clear()
+            if control.waiting is None or control.waiting.reason != NO_FREE_GPU:
+                control.waiting = TaskWaiting(
+                    reason=NO_FREE_GPU, until_wall_ms=None, since_wall_ms=self._now_ms()
+                )
             await self._pause(control, 1.0)
             return
         if not task.options.allows_local(self.node_id):
@@ -558,6 +676,7 @@ class Submitter:
             target=node,
             gpus_wanted=task.gpus_wanted,
             ttl_s=self.ttl_s(),
+            previous_node=previous_node(task),
         )
         try:
             answer = await self.control_plane.call(
@@ -608,6 +727,7 @@ class Submitter:
                     target=self.node_id,
                     gpus_wanted=task.gpus_wanted,
                     ttl_s=self.ttl_s(),
+                    previous_node=previous_node(task),
                 ),
                 answer=LeaseReplayAnswer,
             )
@@ -622,6 +742,7 @@ class Submitter:
                     gpus_wanted=0,
                     ttl_s=self.ttl_s(),
                     work_class=task.work_class,
+                    previous_node=previous_node(task),
                 ),
                 answer=LeaseFallbackAnswer,
             )
@@ -792,6 +913,7 @@ class Submitter:
                     gpus_wanted=local_gpus,
                     ttl_s=self.ttl_s(),
                     work_class=task.work_class,
+                    previous_node=previous_node(task),
                 ),
                 answer=LeaseFallbackAnswer,
             )
@@ -854,6 +976,12 @@ class Submitter:
             gpus=grant.gpus,
             work_class=task.work_class,
             cwd=task.options.cwd,
+            lease_attempt=grant.attempt,
+            # ADR 0015: a local lease whose renewals go unanswered becomes a claim.
+            may_claim=self.ledger is not None
+            and grant.kind == "local"
+            and self.claim_basis(task, fallback="lease_dead_confirmed" in attempt.placement_reasons)
+            is not None,
         )
 
     async def _local(self, task: Task, control: Control) -> None:
@@ -861,6 +989,10 @@ class Submitter:
         plan = self.local_plan(task)
         key = (plan.task_id, plan.attempt, "local")
         row = runner.row(plan.task_id, plan.attempt, "local")
+        claimed = row is not None and bool(row.body.get("claim_id"))
+        if row is not None and claimed:
+            # Started under a node-local claim (ADR 0015): its plan names the GPUs.
+            plan = AttemptPlan.from_json(row.body)
         if row is not None and row.state == "finished":
             result = stored_result(row)
         else:
@@ -875,7 +1007,8 @@ class Submitter:
                         assert done_row is not None
                         result_box.append(stored_result(done_row))
                     else:
-                        await runner.save_durably(plan, "accepted")
+                        if not claimed:
+                            await runner.save_durably(plan, "accepted")
                         result_box.append(await runner.run(plan))
                     nursery.cancel_scope.cancel()
 
@@ -1041,6 +1174,7 @@ class Submitter:
 
     def task_view(self, task_id: str) -> TaskView:
         record = self.record(task_id)
+        control = self.controls.get(task_id)
         return TaskView.of(
             record.task,
             # Without the output tails (the output routes give those).
@@ -1048,6 +1182,7 @@ class Submitter:
             leases=record.leases,
             exit_status=exit_status(record.task),
             active=task_id in self.controls,
+            waiting=None if control is None or record.task.terminal else control.waiting,
         )
 
     async def _submit(self, request: Request) -> TaskAnswer:
@@ -1235,6 +1370,7 @@ def handoff_message(
             work_class=task.work_class,
             settings_serial=settings_serial,
             cwd=task.options.cwd,
+            lease_attempt=grant.attempt,
         ),
     )
 
@@ -1261,6 +1397,12 @@ def _from_tail(result: ResultMessage, stream: str, offset: int, limit: int) -> O
         total=total,
         done=True,
     )
+
+
+def previous_node(task: Task) -> str | None:
+    """Where the task's last attempt was placed, if anywhere: a restarted control plane
+    holds its task key until that node reported (ADR 0015)."""
+    return task.attempts[-1].node if task.attempts else None
 
 
 __all__ = [

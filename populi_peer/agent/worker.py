@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -41,6 +41,7 @@ from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import ExecConfig
+from populi_peer.core.claims import Decision
 from populi_peer.core.fencing import FenceBook
 from populi_peer.core.messages import (
     OPERATIONS,
@@ -105,7 +106,10 @@ class Worker:
         gates: WorkerGates,
         health: Health,
         rng: random.Random | None = None,
+        accept_check: Callable[[AttemptPlan], Decision] | None = None,
     ) -> None:
+        """``accept_check``: the node's book on a handoff (``NodeLedger.accepts``):
+        refused when a node-local claim holds one of its GPUs (ADR 0015)."""
         self.node_id = node_id
         self.runner = runner
         self.attempts = attempts
@@ -116,6 +120,7 @@ class Worker:
         self.gates = gates
         self.health = health
         self.rng = rng or random.Random()
+        self.accept_check = accept_check
         self.logger = get_logger("worker")
         #: The highest token accepted per task, as durable in the fences table.
         self.fences = FenceBook.from_entries(attempts.fences())
@@ -171,6 +176,20 @@ class Worker:
             return BadRequest(f"GPUs {', '.join(missing)} are not on this node", code="unknown_gpu")
         return None
 
+    def _claimed(self, plan: AttemptPlan) -> PopuliError | None:
+        """A node-local claim holds one of the handoff's GPUs: this node ran local work on
+        them while no control plane could hear it (ADR 0015); the lease simply ends."""
+        if self.accept_check is None:
+            return None
+        decision = self.accept_check(plan)
+        if decision.ok:
+            return None
+        return Conflict(
+            f"GPUs of this handoff are in use on this node ({', '.join(decision.reasons)})",
+            code=decision.reasons[0],
+            reasons=list(decision.reasons),
+        )
+
     # -- inbox ----------------------------------------------------------------------------
 
     async def on_handoff(self, caller: Principal, message: HandoffMessage) -> HandoffAnswer:
@@ -203,7 +222,7 @@ class Worker:
                 "unknown",
             )
             return HandoffAnswer(verdict="duplicate", state=existing)
-        refusal = self._refusal(plan)
+        refusal = self._refusal(plan) or self._claimed(plan)
         if refusal is not None:
             # If it is really this task's lease, held by us for this submitter, give it back
             # at once so the fallback need not wait for it to expire. Check first: a
@@ -472,6 +491,7 @@ def plan_of(caller: Principal, message: HandoffMessage) -> AttemptPlan:
         gpus=message.gpus,
         work_class=message.work_class,
         cwd=message.cwd,
+        lease_attempt=message.lease_attempt,
     )
 
 

@@ -69,6 +69,25 @@ CLAIM_BASES: Final[tuple[ClaimBasis, ...]] = get_args(ClaimBasis)
 AttemptKey = tuple[AttemptRole, str, int]
 
 
+def claim_basis(
+    *,
+    remote_enabled: bool,
+    pinned_to: str | None,
+    local_node: str,
+    fallback_confirmed: bool = False,
+) -> ClaimBasis | None:
+    """Why a local attempt may claim this node's GPUs when no control plane answers
+    (:data:`CLAIM_BASES`), or ``None``: it must wait for a control plane's word (a task
+    that may have been granted elsewhere)."""
+    if not remote_enabled:
+        return "remote_off"
+    if pinned_to == local_node:
+        return "pinned_here"
+    if fallback_confirmed:
+        return "fallback_confirmed"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseTerms:
     """The lease an attempt holds, as the node learned it (handoff or grant answer)."""
@@ -419,4 +438,5 @@ __all__ = [
     "LeaseTerms",
     "NodeAttempt",
     "NodeBook",
+    "claim_basis",
 ]

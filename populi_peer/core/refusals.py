@@ -24,9 +24,9 @@ request               refused (reasons)             not reached
                       and avoid the node; always
                       settled
 ``local``             ``stale_attempt``: settle,    no GPUs: run here (nothing can hold a
-                      ask again; wait reasons or    lease for it); else wait 2 s
-                      ``no_free_gpu`` before
-                      ``--queue-timeout``: wait
+                      ask again; wait reasons or    lease for it); with a claim basis:
+                      ``no_free_gpu`` before        claim this node's GPUs locally (ADR
+                      ``--queue-timeout``: wait     0015); else wait 2 s
                       1 s; else ``PlacementFailed``
 ``fallback``          ``FallbackRefused`` while a   ``ControlPlaneUnreachable`` (once: a
                       remote attempt may run;       task already waiting keeps waiting)
@@ -44,6 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
+from populi_peer.core.claims import ClaimBasis
 from populi_peer.core.leases import RESUMPTION_REASONS
 from populi_peer.core.tasks import (
     ControlPlaneUnreachable,
@@ -110,12 +111,15 @@ class Refusal:
 class Decision:
     """What the submitter does after a failed request, in this order: settle the request
     number (``settle``), remember not to place on ``avoid`` again, apply ``event`` to the
-    task, then pause ``wait_s`` before it looks again."""
+    task, then pause ``wait_s`` before it looks again. ``claim``: claim this node's GPUs
+    locally and run the task here (:mod:`populi_peer.core.claims`; a pause if they are
+    not free)."""
 
     event: TaskEvent | None = None
     wait_s: float = 0.0
     settle: bool = False
     avoid: str | None = None
+    claim: bool = False
 
 
 def decide_refusal(
@@ -127,10 +131,13 @@ def decide_refusal(
     queue_deadline_passed: bool,
     node: str | None = None,
     placement_reasons: tuple[str, ...] = (),
+    claim_basis: ClaimBasis | None = None,
 ) -> Decision:
     """What follows when ``ask`` for ``task`` failed with ``refusal`` (the table above).
     ``node``: the grant's target; ``placement_reasons``: why a local attempt was chosen;
-    ``queue_deadline_passed``: ``--queue-timeout`` is over (or was never given)."""
+    ``queue_deadline_passed``: ``--queue-timeout`` is over (or was never given);
+    ``claim_basis``: why a local attempt may claim this node's GPUs without a control
+    plane (:func:`~populi_peer.core.claims.claim_basis`), if it may."""
     if ask not in ASKS:
         raise BadRequest(f"unknown request {ask!r}", code="bad_request")
     reasons = set(refusal.reasons)
@@ -169,6 +176,10 @@ def decide_refusal(
                         node=local_node, reasons=(*placement_reasons, CONTROL_PLANE_UNREACHABLE)
                     )
                 )
+            if claim_basis is not None:
+                # Local work never waits for an unreachable control plane (rule 1): the
+                # task was never placed elsewhere, so only this node can run it.
+                return Decision(claim=True, settle=True)
             return Decision(wait_s=WAIT_FOR_CONTROL_PLANE_S)
         if STALE_ATTEMPT in reasons:
             return Decision(settle=True)

@@ -1,5 +1,5 @@
-"""Attempts of tasks run on this node (table ``attempts``) and the worker's fences (table
-``fences``).
+"""Attempts of tasks run on this node (table ``attempts``), the worker's fences (table
+``fences``) and the node-local claims on this node's GPUs (table ``claims``, ADR 0015).
 
 An attempt row is written at every step of a run (accepted, running, finished), by the
 worker for remote attempts (``role="worker"``) and by the submitter for local ones
@@ -8,6 +8,12 @@ is the highest fencing token it accepted per task (safety rule 2); it is read an
 only here, and written in the same transaction as the attempt it admits
 (``save(..., fence=True)``). The check itself is the core's
 (:class:`populi_peer.core.fencing.FenceBook`, rebuilt from :meth:`Attempts.fences`).
+
+A finished attempt's ``released_ms`` is set once a control plane acknowledged its end (the
+release answer, or a report answer): until then the node's reports carry it. A claim row
+holds a :class:`~populi_peer.core.reports.Claim`; it is written with the attempt it starts
+and deleted with that attempt's end, in one transaction each (``save(claim=...,
+drop_claim=...)``). The decisions are the core's (:class:`populi_peer.core.claims.NodeBook`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.reports import Claim
 from populi_peer.store.db import Store
 
 
@@ -36,6 +43,8 @@ class AttemptRecord:
     result: dict[str, Any] | None
     delivered_ms: int | None
     updated_ms: int
+    #: When a control plane acknowledged the attempt's end (``None``: not yet, or running).
+    released_ms: int | None = None
 
 
 def _record(row: sqlite3.Row) -> AttemptRecord:
@@ -51,6 +60,7 @@ def _record(row: sqlite3.Row) -> AttemptRecord:
         result=None if row["result"] is None else json.loads(row["result"]),
         delivered_ms=row["delivered_ms"],
         updated_ms=row["updated_ms"],
+        released_ms=row["released_ms"],
     )
 
 
@@ -74,13 +84,30 @@ class Attempts:
         result: dict[str, Any] | None,
         now_ms: int,
         fence: bool = False,
+        claim: Claim | None = None,
+        drop_claim: str | None = None,
     ) -> None:
         """Record an attempt's new state; a result once recorded is kept when ``result`` is
         ``None``. ``fence``: a worker admits this attempt — its task's fence becomes
-        ``token`` in the same transaction (both or neither)."""
+        ``token`` in the same transaction (both or neither). ``claim``: the node-local
+        claim this attempt starts under, recorded with it; ``drop_claim``: the claim its
+        end gives back."""
         with self.store.transaction():
             if fence:
                 self.set_fence(task_id, token, now_ms=now_ms)
+            if claim is not None:
+                self.store.execute(
+                    "INSERT INTO claims (claim_id, task_id, attempt, body, made_ms) VALUES (?,?,?,?,?)",
+                    (
+                        claim.claim_id,
+                        claim.task_id,
+                        claim.attempt,
+                        json.dumps(claim.to_json(), sort_keys=True),
+                        now_ms,
+                    ),
+                )
+            if drop_claim is not None:
+                self.store.execute("DELETE FROM claims WHERE claim_id = ?", (drop_claim,))
             self.store.execute(
                 "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, updated_ms) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, attempt, role) DO UPDATE SET "
@@ -126,11 +153,35 @@ class Attempts:
                 (now_ms, task_id, attempt),
             )
 
+    def held(self) -> list[AttemptRecord]:
+        """Every attempt a control plane may still count: accepted, running, or finished
+        with its end not acknowledged yet (what the node's reports are built from)."""
+        return self._records(
+            "SELECT * FROM attempts WHERE state != 'finished' OR released_ms IS NULL", ()
+        )
+
+    def mark_released(self, task_id: str, attempt: int, role: str, *, now_ms: int) -> None:
+        """A control plane acknowledged the end of this (finished) attempt."""
+        with self.store.transaction():
+            self.store.execute(
+                "UPDATE attempts SET released_ms = ? WHERE task_id = ? AND attempt = ? "
+                "AND role = ? AND state = 'finished' AND released_ms IS NULL",
+                (now_ms, task_id, attempt, role),
+            )
+
+    def claims(self) -> list[Claim]:
+        """The node-local claims this node holds."""
+        rows = self.store.execute("SELECT body FROM claims ORDER BY claim_id").fetchall()
+        return [Claim.from_json(json.loads(row["body"])) for row in rows]
+
     def finished_before(self, cutoff_ms: int) -> list[AttemptRecord]:
         """Finished attempts last written before ``cutoff_ms`` that nobody waits on any
-        more: local ones, and a worker's once their result was delivered."""
+        more: local ones, and a worker's once their result was delivered — and only once
+        their end was acknowledged (or they had no lease): until then the node's reports
+        carry it, so that a restarted control plane records the task completed."""
         return self._records(
-            "SELECT * FROM attempts WHERE state = 'finished' AND updated_ms < ? AND (role = 'local' OR delivered_ms IS NOT NULL)",
+            "SELECT * FROM attempts WHERE state = 'finished' AND updated_ms < ? AND (role = 'local' OR delivered_ms IS NOT NULL) "
+            "AND (released_ms IS NOT NULL OR lease_id IS NULL)",
             (cutoff_ms,),
         )
 

@@ -189,6 +189,20 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX request_nonces_expiry ON request_nonces (expires_s);
     """,
+    # 5: full reports and node-local claims (ADR 0015): when an attempt's release was
+    # acknowledged (until then its end rides the node's reports; attempts finished before
+    # this version count as released), and the claims this node holds on its own GPUs.
+    """
+    ALTER TABLE attempts ADD COLUMN released_ms INTEGER;
+    UPDATE attempts SET released_ms = updated_ms WHERE state = 'finished';
+    CREATE TABLE claims (
+        claim_id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        made_ms INTEGER NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from enrollment.keys import public_to_text
 from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.health import Health
+from populi_peer.agent.holdings import NodeLedger
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
 from populi_peer.agent.membership import Membership
 from populi_peer.api.auth import Principal
@@ -200,6 +201,8 @@ def runner(
     clock: VirtualClock,
     health: Health,
 ) -> AttemptRunner:
+    # The node's start transaction, as the composition root wires it (ADR 0015).
+    ledger = NodeLedger(node_id=node_id, attempts=Attempts(store), clock=clock)
     return AttemptRunner(
         node_id=node_id,
         tasks_dir=data_dir / "tasks",
@@ -209,6 +212,8 @@ def runner(
         executor=host.executor(node_id, clock),
         config=ExecConfig(),
         health=health,
+        start_check=ledger.start,
+        claim_convert=ledger.convert,
     )
 
 

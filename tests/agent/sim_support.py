@@ -45,6 +45,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -64,7 +65,7 @@ from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import DEAD_STATES, TERMINAL_STATES, Lease
 from populi_peer.core.tasks import TERMINAL_STATES as TASK_TERMINAL_STATES
 from populi_peer.core.tasks import Task
-from populi_peer.store import Store
+from populi_peer.store import DB_FILE_NAME, Store
 from populi_peer.testing import Faults, MemoryNetwork
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from populi_peer.testing.sim import Ledger, Run, SimHost, open_sim_host
@@ -98,6 +99,24 @@ def sim_config() -> Config:
         exec=ExecConfig(stop_margin_s=2.0, kill_grace_s=1.0, kill_latency_s=0.5),
         api=ApiConfig(request_timeout_s=3.0, shutdown_grace_s=2.0),
     )
+
+
+def claimed(cluster: VirtualCluster, name: str, task_id: str) -> bool:
+    """Whether node ``name`` holds a node-local claim for a local attempt of this task (its
+    store: the agent may be down while its supervisor runs on; a node runs one attempt of
+    a task at a time)."""
+    node = cluster.nodes.get(name)
+    if node is None:
+        return False
+    path = node.data_dir / DB_FILE_NAME
+    if not path.exists():
+        return False
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        try:
+            row = db.execute("SELECT 1 FROM claims WHERE task_id = ?", (task_id,)).fetchone()
+        except sqlite3.OperationalError:
+            return False
+    return row is not None
 
 
 # -- the scenario ---------------------------------------------------------------------------
@@ -401,6 +420,11 @@ class Observer:
                     )
         for run in self.ledger.running():
             if run.token == LOCAL_ONLY_TOKEN:
+                continue
+            if run.role == "local" and claimed(cluster, run.node, run.task_id):
+                # ADR 0015: a local attempt whose renewals went unanswered runs on under a
+                # node-local claim (its lease may expire); the ledger's own checks (one
+                # place at a time, tokens) still hold it.
                 continue
             found = by_token.get((run.task_id, run.token))
             if found is None or not found.holding:

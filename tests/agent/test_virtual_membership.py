@@ -190,8 +190,10 @@ async def test_old_inbox_messages_and_task_dirs_are_pruned(
                 (now_ms,),
             )
             cp.store.execute(
-                "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, delivered_ms, updated_ms) VALUES ('t-old', 1, 'worker', 'n-x', '1.1', 'l-1', 'finished', ?, '{}', ?, ?)",
-                (_json.dumps(plan), old_ms, old_ms),
+                # Its end acknowledged (released_ms): until then the node's reports carry
+                # it, and it is kept (ADR 0015).
+                "INSERT INTO attempts (task_id, attempt, role, submitter, token, lease_id, state, body, result, delivered_ms, updated_ms, released_ms) VALUES ('t-old', 1, 'worker', 'n-x', '1.1', 'l-1', 'finished', ?, '{}', ?, ?, ?)",
+                (_json.dumps(plan), old_ms, old_ms, old_ms),
             )
         assert cp.janitor.prune() == {"inbox_messages": 1, "task_dirs": 1}
         assert not task_dir.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -40,12 +41,15 @@ from agent.exec_harness import (
 from populi_peer.agent import worker as worker_module
 from populi_peer.agent.attempts import stored_result
 from populi_peer.agent.health import Health
+from populi_peer.agent.holdings import NodeLedger
 from populi_peer.agent.worker import Worker
 from populi_peer.config import ExecConfig
 from populi_peer.core.fencing import FenceBook, FencingToken
 from populi_peer.core.messages import HandoffMessage
+from populi_peer.core.reports import Claim
 from populi_peer.errors import Conflict
 from populi_peer.store import Store
+from populi_peer.store.attempts import Attempts
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.sim import SimHost, open_sim_host
 from populi_peer.testing.waiting import wait_for
@@ -139,6 +143,7 @@ def build_worker(
         peers=link.peers,
         gates=gates,
         health=health,
+        accept_check=NodeLedger(node_id=WORKER, attempts=run.attempts, clock=clock).accepts,
     )
 
 
@@ -375,12 +380,12 @@ MALFORMED: list[tuple[str, str, Spoil]] = [
 
 
 @pytest.mark.parametrize(
-    ("route", "spoil"),
-    [(route, spoil) for route, _, spoil in MALFORMED],
+    ("route", "label", "spoil"),
+    MALFORMED,
     ids=[f"{route}-{label}" for route, label, _ in MALFORMED],
 )
 async def test_a_malformed_answer_is_an_error_for_that_call(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, route: str, spoil: Spoil
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, route: str, label: str, spoil: Spoil
 ) -> None:
     async with open_worker(tmp_path) as world:
         world.cp.spoil[route] = [spoil]
@@ -390,9 +395,14 @@ async def test_a_malformed_answer_is_an_error_for_that_call(
         assert row is not None and row.state == "finished" and row.result is not None
         outcome = row.result["outcome"]
         runs = world.host.ledger.for_task("t-1")
-        if route == "renew":
-            # The lease was not proved: the task never started (safety rule 3).
+        renewals = world.fake.requests("POST", LEASE + "/renew")
+        if route == "renew" and "wrong-lease" in label:
+            # An answer about another lease refuses this one: never started (rule 3).
             assert outcome == "lease_lost" and runs == []
+        elif route == "renew":
+            # An unreadable answer is no answer: the proof is sent again (the holder's
+            # machine, ADR 0015) and the task starts only once a renewal proved it.
+            assert outcome == "exited" and len(runs) == 1 and len(renewals) >= 2
         else:
             assert outcome == "exited" and len(runs) == 1 and runs[0].exit_code == 0
         deliveries = world.fake.requests("POST", "/v1/populi/inbox")
@@ -423,3 +433,127 @@ async def test_a_malformed_lease_lookup_releases_nothing(
         assert refused.value.code == "remote_disabled"
         assert world.fake.requests("GET", LEASE)
         assert world.fake.requests("POST", LEASE + "/release") == []
+
+
+# -- what a restarted control plane says (ADR 0015) -------------------------------------------
+
+
+async def test_a_renewal_answered_lease_unknown_is_never_started(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A lease the control plane neither persisted nor learned from a report: ``lease_unknown``
+    is definitive — the worker refuses the attempt, and never runs it."""
+    async with open_worker(tmp_path) as world:
+        unknown = error(404, "lease_not_found", "no lease", reasons=["lease_unknown"])
+        world.cp.spoil["renew"] = [lambda good: unknown]
+        assert await hand(world, handoff(seconds=2.0)) == "start"
+        await delivered(world, "t-1", 1)
+        row = world.worker.runner.row("t-1", 1, "worker")
+        assert row is not None and row.result is not None
+        assert row.result["outcome"] == "lease_lost"
+        assert row.result["detail"] == "lease_not_found"
+        assert world.host.ledger.for_task("t-1") == []
+        assert len(world.fake.requests("POST", LEASE + "/renew")) == 1
+
+
+async def test_report_needed_is_asked_again_and_the_report_goes_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``report_needed`` (503) is no refusal: a restarted control plane waits for this
+    node's full report. The heartbeat is asked to go at once, the proof is sent again
+    (every second) and the attempt starts once a renewal proves its lease."""
+    async with open_worker(tmp_path) as world:
+        needed = error(503, "report_needed", "report first")
+        world.cp.spoil["renew"] = [lambda good: needed, lambda good: needed]
+        asked: list[float] = []
+        world.worker.runner.report_needed = lambda: asked.append(trio.current_time())
+        assert await hand(world, handoff(seconds=2.0)) == "start"
+        await delivered(world, "t-1", 1)
+        row = world.worker.runner.row("t-1", 1, "worker")
+        assert row is not None and row.result is not None
+        assert row.result["outcome"] == "exited"
+        assert len(world.host.ledger.for_task("t-1")) == 1
+        assert len(asked) == 2
+        proofs = world.fake.requests("POST", LEASE + "/renew")
+        assert len(proofs) >= 3
+
+
+# -- node-local claims (ADR 0015) --------------------------------------------------------------
+
+
+def _claim(store: Store, gpu: str) -> None:
+    claim = Claim(
+        claim_id="c-local-1",
+        node=WORKER,
+        task_id="t-local",
+        attempt=1,
+        token=FencingToken(0, 0),
+        gpus=(gpu,),
+        made_wall_ms=1,
+    )
+    Attempts(store).save(
+        task_id="t-local",
+        attempt=1,
+        role="local",
+        submitter=WORKER,
+        token=claim.token,
+        lease_id=None,
+        state="running",
+        body={"gpus": [gpu], "claim_id": claim.claim_id, "task_id": "t-local"},
+        result=None,
+        now_ms=1,
+        claim=claim,
+    )
+
+
+def _gpu_handoff(task_id: str, gpu: str) -> HandoffMessage:
+    return dataclasses.replace(handoff(task_id), gpus=(gpu,))
+
+
+async def test_a_handoff_on_claimed_gpus_is_refused(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A lease granted on GPUs this node claimed while no control plane could hear it is
+    refused at the handoff (``gpu_claimed``); the other GPU is taken."""
+    async with open_worker(tmp_path, Gates(gpus=("GPU-a", "GPU-b"))) as world:
+        _claim(world.store, "GPU-a")
+        with pytest.raises(Conflict) as refused:
+            await hand(world, _gpu_handoff("t-1", "GPU-a"))
+        assert refused.value.code == "gpu_claimed"
+        assert await hand(world, _gpu_handoff("t-2", "GPU-b")) == "start"
+        await delivered(world, "t-2", 1)
+        assert world.host.ledger.for_task("t-1") == []
+
+
+async def test_an_accepted_attempt_whose_gpu_gets_claimed_is_refused_at_its_start(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The start is one transaction that checks for claims: a claim made between the
+    handoff and the start (while the proof is on its way) wins, and the remote attempt
+    never runs; its lease is given back."""
+    async with open_worker(tmp_path, Gates(gpus=("GPU-a",))) as world:
+        assert await hand(world, _gpu_handoff("t-1", "GPU-a")) == "start"
+        # Before the driver proved the lease and ran the start transaction.
+        _claim(world.store, "GPU-a")
+        await delivered(world, "t-1", 1)
+        row = world.worker.runner.row("t-1", 1, "worker")
+        assert row is not None and row.result is not None
+        assert row.result["outcome"] == "lease_lost"
+        assert "gpu_claimed" in row.result["detail"].split(",")
+        assert world.host.ledger.for_task("t-1") == []
+        released = world.fake.requests("POST", LEASE + "/release")
+        assert [r.body.get("outcome") for r in released] == ["stopped"]
+
+
+async def test_a_lease_is_reported_under_its_own_attempt_number(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The grant request's number can run ahead of the task's attempt (refused grants take
+    new numbers): the handoff names the lease's, and the worker's reports use it — under
+    the task's a control plane would refuse the lease (``lease_mismatch``) and stop it."""
+    async with open_worker(tmp_path) as world:
+        message = dataclasses.replace(handoff(seconds=30.0), lease_attempt=3)
+        assert await hand(world, message) == "start"
+        ledger = NodeLedger(node_id=WORKER, attempts=Attempts(world.store), clock=VirtualClock())
+        (reported,) = ledger.holdings().leases
+        assert (reported.lease_id, reported.attempt) == (message.lease_id, 3)

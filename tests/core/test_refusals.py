@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from populi_peer.core.claims import CLAIM_BASES, claim_basis
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.refusals import (
     ASKS,
@@ -180,3 +181,53 @@ def test_every_request_has_a_row() -> None:
         t = task(state="running_remote") if ask in ("fallback", "lease_check") else task()
         assert isinstance(decide(t, ask, UNREACHED), Decision)
         assert isinstance(decide(t, ask, REFUSED(["refused"])), Decision)
+
+
+def test_an_unanswered_local_gpu_request_with_a_claim_basis_claims() -> None:
+    """ADR 0015: local work never waits for an unreachable control plane — a first local
+    GPU attempt with a claim basis claims this node's GPUs; without one it waits, and a
+    refusal (an answer) is never a reason to claim."""
+    for basis in CLAIM_BASES:
+        decision = decide_refusal(
+            task(gpus=1),
+            "local",
+            UNREACHED,
+            local_node=ME,
+            queue_deadline_passed=False,
+            claim_basis=basis,
+        )
+        assert decision == Decision(claim=True, settle=True)
+        refused = decide_refusal(
+            task(gpus=1),
+            "local",
+            REFUSED(["no_free_gpu"]),
+            local_node=ME,
+            queue_deadline_passed=False,
+            claim_basis=basis,
+        )
+        assert not refused.claim
+    assert not decide(task(gpus=1), "local", UNREACHED).claim
+    # A grant, a fallback or a lease check that went unanswered never claims: a lease of
+    # the task may exist elsewhere.
+    for ask, state in (("grant", "placing"), ("fallback", "running_remote")):
+        unanswered = decide_refusal(
+            task(gpus=1, state=state),
+            ask,  # type: ignore[arg-type]
+            UNREACHED,
+            local_node=ME,
+            queue_deadline_passed=True,
+            node="n-w",
+            claim_basis="pinned_here",
+        )
+        assert not unanswered.claim
+
+
+def test_the_claim_bases() -> None:
+    assert claim_basis(remote_enabled=False, pinned_to=None, local_node=ME) == "remote_off"
+    assert claim_basis(remote_enabled=True, pinned_to=ME, local_node=ME) == "pinned_here"
+    assert claim_basis(remote_enabled=True, pinned_to="n-w", local_node=ME) is None
+    assert claim_basis(remote_enabled=True, pinned_to=None, local_node=ME) is None
+    assert (
+        claim_basis(remote_enabled=True, pinned_to=None, local_node=ME, fallback_confirmed=True)
+        == "fallback_confirmed"
+    )

@@ -83,9 +83,16 @@ def test_results_wait_for_delivery_then_age_out(store: Store) -> None:
     assert [a.task_id for a in attempts.undelivered()] == ["t-2"]
     record = attempts.get("t-1", 1, "worker")
     assert record is not None and record.delivered_ms == T0 + 7
-    # Old enough to prune: local ones, and a worker's once delivered.
+    # Old enough to prune: local ones, and a worker's once delivered — and only once a
+    # control plane acknowledged their end (until then the node's reports carry it).
+    assert attempts.finished_before(T0 + 1) == []
+    assert sorted(a.task_id for a in attempts.held()) == ["t-1", "t-2", "t-3", "t-4"]
+    attempts.mark_released("t-1", 1, "worker", now_ms=T0 + 8)
+    attempts.mark_released("t-4", 1, "local", now_ms=T0 + 8)
+    attempts.mark_released("t-3", 1, "worker", now_ms=T0 + 8)  # running: not released
     assert sorted(a.task_id for a in attempts.finished_before(T0 + 1)) == ["t-1", "t-4"]
     assert attempts.finished_before(T0) == []
+    assert sorted(a.task_id for a in attempts.held()) == ["t-2", "t-3"]
 
 
 def test_the_attempts_of_a_task_by_role(store: Store) -> None:

@@ -26,7 +26,7 @@ from populi_peer.core.leases import Lease
 from populi_peer.core.lifecycle import STATES, NodeLifecycle
 from populi_peer.core.messages import OPERATIONS, Message
 from populi_peer.core.messages import _codec as c
-from populi_peer.core.messages.heartbeat import GpuSection
+from populi_peer.core.messages.heartbeat import INCARNATION, REPORT, REPORT_ANSWER, GpuSection
 from populi_peer.core.messages.inbox import (
     ANSWERS,
     PAYLOADS,
@@ -48,6 +48,17 @@ from populi_peer.core.messages.records import (
 )
 from populi_peer.core.policy import WORK_CLASSES
 from populi_peer.core.registers import RegisterWrite, Stamp
+from populi_peer.core.reports import (
+    Claim,
+    FullReport,
+    Incarnation,
+    NodeHoldings,
+    RefusedLease,
+    ReportAnswer,
+    ReportChange,
+    ReportChanges,
+    ReportedLease,
+)
 from populi_peer.core.settings import SCOPES, SETTINGS
 from populi_peer.core.settings import WORK_CLASSES as GATE_CLASSES
 from populi_peer.core.tasks import ATTEMPT_OUTCOMES, Attempt, ReasonEntry, TaskOptions
@@ -277,7 +288,71 @@ task_options = st.builds(
     node=st.none() | ids,
 )
 
+incarnations = st.builds(
+    Incarnation, st.integers(0, 2**31), st.sampled_from(["a1b2c3d4e5f60718", "0011223344556677"])
+)
+reported_leases = st.builds(
+    ReportedLease,
+    lease_id=st.sampled_from(["l-1", "l-2"]),
+    task_id=st.sampled_from(["t-1", "t-2"]),
+    attempt=st.integers(1, 5),
+    work_class=st.sampled_from(WORK_CLASSES),
+    submitter=st.sampled_from(["n-sub", "n-w1"]),
+    gpus=st.sampled_from([(), ("GPU-0",), ("GPU-0", "GPU-1")]),
+    token=tokens,
+    ttl_s=st.floats(1, 600),
+    kind=st.sampled_from(["remote", "local"]),
+    phase=st.sampled_from(["accepted", "started"]),
+    granted_wall_ms=st.none() | st.integers(0, 2**41),
+)
+claims = st.builds(
+    Claim,
+    claim_id=st.sampled_from(["c-1", "c-2"]),
+    node=st.just("n-w1"),
+    task_id=st.sampled_from(["t-1", "t-2"]),
+    attempt=st.integers(1, 5),
+    token=tokens,
+    gpus=st.sampled_from([("GPU-0",), ("GPU-0", "GPU-1")]),
+    made_wall_ms=st.integers(0, 2**41),
+)
+full_reports = st.builds(
+    FullReport,
+    node=st.just("n-w1"),
+    incarnation=incarnations,
+    epoch=st.integers(1, 100),
+    seq=st.integers(1, 100),
+    holdings=st.builds(
+        NodeHoldings,
+        leases=st.lists(reported_leases, max_size=2, unique_by=lambda x: x.lease_id).map(tuple),
+        claims=st.lists(claims, max_size=1).map(tuple),
+    ),
+)
+report_changes = st.builds(
+    ReportChanges,
+    node=st.just("n-w1"),
+    incarnation=incarnations,
+    epoch=st.integers(1, 100),
+    base_seq=st.integers(0, 50),
+    changes=st.lists(
+        st.builds(ReportChange, seq=st.integers(51, 60), dropped_leases=st.just(("l-9",))),
+        max_size=1,
+    ).map(tuple),
+)
+report_answers = st.builds(
+    ReportAnswer,
+    incarnation=incarnations,
+    status=st.sampled_from(["applied", "duplicate", "full_report_needed", "wrong_incarnation"]),
+    epoch=st.integers(0, 100),
+    acked_seq=st.integers(0, 100),
+    refused=st.lists(
+        st.builds(RefusedLease, st.just("l-1"), st.just("lease_mismatch")), max_size=1
+    ).map(tuple),
+)
+
 CORE: dict[int, st.SearchStrategy[Any]] = {
+    id(INCARNATION): incarnations,
+    id(REPORT): full_reports | report_changes,
+    id(REPORT_ANSWER): report_answers,
     id(TOKEN): tokens,
     id(LIFECYCLE): lifecycles(),
     id(REGISTER_WRITE): register_writes(),

@@ -110,6 +110,7 @@ from populi_peer.core.messages.records import (
     Standing,
     TaskLeaseGrant,
     TaskView,
+    TaskWaiting,
     TokenSummary,
 )
 from populi_peer.core.messages.status import (
@@ -290,6 +291,7 @@ __all__ = [
     "TaskOutputAnswer",
     "TaskSubmitRequest",
     "TaskView",
+    "TaskWaiting",
     "TokenCreateAnswer",
     "TokenCreateRequest",
     "TokenListAnswer",

@@ -11,6 +11,7 @@ from populi_peer.core.messages._codec import (
     Bool,
     Choice,
     Codec,
+    Core,
     Int,
     JsonObject,
     Message,
@@ -31,10 +32,15 @@ from populi_peer.core.messages.records import (
     ControlPlaneRef,
 )
 from populi_peer.core.registers import RegisterWrite
+from populi_peer.core.reports import Incarnation, ReportAnswer, ReportMessage, report_from_json
 from populi_peer.core.scope import Scope
 from populi_peer.errors import BadRequest
 
 HeartbeatStatus = Literal["running", "leaving"]
+#: A node's full report or numbered changes (ADR 0015), parsed by the core's own reader.
+REPORT: Final[Core[ReportMessage]] = Core(report_from_json, lambda report: report.to_json())
+INCARNATION: Final[Core[Incarnation]] = Core(Incarnation.from_json, Incarnation.to_json)
+REPORT_ANSWER: Final[Core[ReportAnswer]] = Core(ReportAnswer.from_json, ReportAnswer.to_json)
 HeldState = Literal["accepted", "running"]
 
 #: A heartbeat carries at most this many of the sender's own register writes.
@@ -144,6 +150,10 @@ class HeartbeatReport(Message):
     #: Whether the node takes remote work at all (``POPULI_EXEC_REMOTE=0``: no), so the
     #: control plane places none there.
     exec_remote: bool = wire(Bool(), default=True)
+    #: What the node holds (ADR 0015): a full report to an incarnation it has not reported
+    #: to, else the numbered changes not yet acknowledged. Absent before any control plane
+    #: answered (and from an older node).
+    report: ReportMessage | None = wire(REPORT, omit_none=True)
 
 
 @message
@@ -169,6 +179,12 @@ class HeartbeatAnswer(Message):
     gpu_facts_version: str | None = wire(Nullable(Text()))
     #: The control plane's ``gpu_quarantine/<uuid>`` registers about the sender.
     gpu_registers: tuple[RegisterWrite, ...] = wire(Seq(REGISTER_WRITE))
+    #: The control plane's term and the id drawn at its start (ADR 0015): a node that has
+    #: not reported to it sends a full report with its next heartbeat.
+    incarnation: Incarnation | None = wire(INCARNATION, omit_none=True)
+    #: The answer to the heartbeat's ``report`` (absent when it carried none, or when the
+    #: control plane could not record it: the node sends it again).
+    report_answer: ReportAnswer | None = wire(REPORT_ANSWER, omit_none=True)
 
 
 __all__ = [

@@ -70,6 +70,9 @@ class HandoffMessage(Payload):
     #: ``--cwd``: the directory to run in here (absent: a fresh one); the worker refuses
     #: the handoff with ``cwd_missing`` when it has no such directory.
     cwd: str | None = wire(Text(min_len=1), omit_none=True)
+    #: The lease's own attempt number (the grant request's; the task's ``attempt`` may
+    #: differ): the worker reports the lease under it (ADR 0015).
+    lease_attempt: int | None = wire(ATTEMPT, omit_none=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", check_command(list(self.command)))

@@ -50,6 +50,9 @@ class LeaseGrantRequest(Message):
     target: str = wire(_ID)
     gpus_wanted: int = wire(_GPUS)
     ttl_s: float = wire(Num(above=0))
+    #: Where the task's last attempt was placed, if anywhere (ADR 0015): its task key
+    #: stays held until that node reported to this control plane.
+    previous_node: str | None = wire(_ID, omit_none=True)
 
     def grant(self, submitter: str) -> GrantRequest:
         """The core's request, for ``submitter`` (the signer of this request)."""
@@ -61,6 +64,7 @@ class LeaseGrantRequest(Message):
             gpus_wanted=self.gpus_wanted,
             ttl_s=self.ttl_s,
             submitter=submitter,
+            previous_node=self.previous_node,
         )
 
     @classmethod
@@ -73,6 +77,7 @@ class LeaseGrantRequest(Message):
             target=grant.target,
             gpus_wanted=grant.gpus_wanted,
             ttl_s=grant.ttl_s,
+            previous_node=grant.previous_node,
         )
 
 
@@ -101,6 +106,9 @@ class LeaseFallbackRequest(Message):
     gpus_wanted: int = wire(_GPUS)
     ttl_s: float = wire(Num(above=0))
     work_class: WorkClass | None = wire(WORK_CLASS, omit_none=True)
+    #: Where the task's last attempt was placed (ADR 0015): a lease of the task unknown
+    #: to a restarted control plane may still run there until that node reported.
+    previous_node: str | None = wire(_ID, omit_none=True)
 
 
 @message

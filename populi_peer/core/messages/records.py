@@ -360,6 +360,9 @@ class TaskLeaseGrant(Message):
     gpus: tuple[str, ...] = wire(Seq(Text()), default=())
     ttl_s: float | None = wire(Num(minimum=0), omit_none=True)
     kind: LeaseKind | None = wire(Choice(LEASE_KINDS), omit_none=True)
+    #: The lease's attempt number (the request's number, which a local attempt's own
+    #: number may differ from): what the node reports the lease with (ADR 0015).
+    attempt: int | None = wire(Int(minimum=1), omit_none=True)
 
 
 #: What answers show in place of an environment value (a task's secrets stay home).
@@ -390,6 +393,19 @@ class EnvNames(Codec[tuple[str, ...]]):
 
 
 @message
+class TaskWaiting(Message):
+    """``TaskWaiting``: what a task waits for now (memory of its driver, not persisted):
+    ``reason`` a stable code — ``control_plane_unreachable``, ``node_not_reported``,
+    ``previous_node_not_reported``, ``previous_authority_live``, ``no_free_gpu``, or the
+    control plane's own refusal reason — and ``until_wall_ms`` when the wait has a known
+    end (the control plane's ``details.wait_s``; null otherwise)."""
+
+    reason: str = wire(Text(min_len=1, max_len=128))
+    until_wall_ms: int | None = wire(Nullable(Int(minimum=0)))
+    since_wall_ms: int = wire(Int(minimum=0))
+
+
+@message
 class TaskView(Message):
     """``TaskView``: a task as its submitter holds it; environment names only."""
 
@@ -415,6 +431,8 @@ class TaskView(Message):
     leases: Mapping[str, TaskLeaseGrant] = wire(Dict(Nested(TaskLeaseGrant)))
     #: A driver is working on the task in this process.
     active: bool = wire(Bool())
+    #: What the task waits for now, if it waits (``populi run`` says it on a terminal).
+    waiting: TaskWaiting | None = wire(Nullable(Nested(TaskWaiting)), default=None)
 
     @classmethod
     def of(
@@ -425,6 +443,7 @@ class TaskView(Message):
         leases: Mapping[str, TaskLeaseGrant],
         exit_status: int | None,
         active: bool,
+        waiting: TaskWaiting | None = None,
     ) -> TaskView:
         """The view of the core's :class:`~populi_peer.core.tasks.Task` record."""
         return cls(
@@ -446,6 +465,7 @@ class TaskView(Message):
             exit_status=exit_status,
             leases=leases,
             active=active,
+            waiting=waiting,
         )
 
 
@@ -570,6 +590,7 @@ __all__ = [
     "Standing",
     "TaskLeaseGrant",
     "TaskView",
+    "TaskWaiting",
     "TokenSummary",
     "WorkClassCodec",
 ]
