@@ -24,6 +24,7 @@ from populi_peer.core.messages._codec import (
     Nullable,
     Num,
     Seq,
+    Text,
     message,
     wire,
 )
@@ -50,6 +51,10 @@ class LeaseGrantRequest(Message):
     target: str = wire(_ID)
     gpus_wanted: int = wire(_GPUS)
     ttl_s: float = wire(Num(above=0))
+    #: What each GPU must offer (placement v2); the control plane re-checks it on its
+    #: own view of the target's GPUs (``gpu_misfit``).
+    gpu_mem_bytes: int | None = wire(Int(minimum=1), omit_none=True)
+    gpu_model: str | None = wire(Text(min_len=1), omit_none=True)
 
     def grant(self, submitter: str) -> GrantRequest:
         """The core's request, for ``submitter`` (the signer of this request)."""
@@ -61,6 +66,8 @@ class LeaseGrantRequest(Message):
             gpus_wanted=self.gpus_wanted,
             ttl_s=self.ttl_s,
             submitter=submitter,
+            gpu_mem_bytes=self.gpu_mem_bytes,
+            gpu_model=self.gpu_model,
         )
 
     @classmethod
@@ -73,6 +80,8 @@ class LeaseGrantRequest(Message):
             target=grant.target,
             gpus_wanted=grant.gpus_wanted,
             ttl_s=grant.ttl_s,
+            gpu_mem_bytes=grant.gpu_mem_bytes,
+            gpu_model=grant.gpu_model,
         )
 
 

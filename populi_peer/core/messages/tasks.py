@@ -21,8 +21,10 @@ from populi_peer.core.messages._codec import (
     wire,
 )
 from populi_peer.core.messages.records import WORK_CLASS, OutputChunk, TaskView
+from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass
 from populi_peer.core.wire import check_command, check_env
+from populi_peer.errors import BadRequest
 
 #: The most GPUs one task may ask for.
 MAX_TASK_GPUS: Final = 64
@@ -44,10 +46,20 @@ class TaskSubmitRequest(Message):
     no_fallback: bool = wire(Bool(), default=False)
     queue_timeout_s: float | None = wire(Nullable(Num(above=0)), default=None)
     timeout_s: float | None = wire(Nullable(Num(above=0)), default=None)
+    #: ``--gpu-mem``: free memory each GPU must have, in bytes (needs ``gpus`` >= 1).
+    gpu_mem_bytes: int | None = wire(Int(minimum=1), omit_none=True)
+    #: ``--gpu-model``: a pattern on the verified GPU name (``core.placement``).
+    gpu_model: str | None = wire(Text(min_len=1), omit_none=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", check_command(list(self.command)))
         object.__setattr__(self, "env", check_env(self.env))
+        if self.gpu_model is not None:
+            check_gpu_model(self.gpu_model)
+        if self.gpus == 0 and (self.gpu_mem_bytes is not None or self.gpu_model is not None):
+            raise BadRequest(
+                "gpu_mem_bytes and gpu_model need gpus >= 1", code="bad_request", field="gpus"
+            )
 
     def chosen_work_class(self) -> WorkClass:
         if self.work_class is not None:
