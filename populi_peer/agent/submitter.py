@@ -62,11 +62,13 @@ from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import DEAD_STATES, STOPPING_REFUSALS, Lease
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
     OPERATIONS,
     CancelMessage,
+    GpusAnswer,
     HandoffMessage,
     InboxDeliverAnswer,
     InboxMessage,
@@ -106,6 +108,7 @@ from populi_peer.core.tasks import (
     PlacedRemote,
     PlacementStarted,
     PopuliFailure,
+    Rejected,
     RequestKind,
     Result,
     Task,
@@ -171,12 +174,26 @@ class Control:
     handed_off: set[int] = field(default_factory=set)
     tried: set[str] = field(default_factory=set)
     changed: trio.Event = field(default_factory=trio.Event)
+    #: Why each remote node was refused by the last placement that ran the task here.
+    rejected: Rejected = ()
 
     def poke(self) -> None:
         self.wake.set()
 
     def reset(self) -> None:
         self.wake = trio.Event()
+
+
+def placement_task(task: Task) -> PlacementTask:
+    """What placement needs to know of ``task`` (its ``--gpus``, ``--gpu-mem``,
+    ``--gpu-model``, ``--node``)."""
+    return PlacementTask(
+        work_class=task.work_class,
+        gpus_wanted=task.gpus_wanted,
+        node=task.options.node,
+        gpu_mem_bytes=task.options.gpu_mem_bytes,
+        gpu_model=task.options.gpu_model,
+    )
 
 
 def grant_of(view: LeaseView) -> TaskLeaseGrant:
@@ -287,6 +304,8 @@ class Submitter:
                 queue_timeout_s=body.queue_timeout_s,
                 timeout_s=body.timeout_s,
                 node=node,
+                gpu_mem_bytes=body.gpu_mem_bytes,
+                gpu_model=body.gpu_model,
             ),
         )
         self.tasks.insert(TaskRecord(task, submitted_by=caller), now_ms=self._now_ms())
@@ -469,8 +488,15 @@ class Submitter:
             )
         return lease
 
-    async def candidates(self) -> list[CandidateView]:
+    async def candidates(self, *, gpu_facts: bool = False) -> list[CandidateView]:
+        """The remote nodes as the control plane lists them; with ``gpu_facts`` each with
+        its GPUs as the control plane holds them, so that placement can judge memory,
+        model and health (:func:`~populi_peer.core.placement.gpu_misfits`)."""
         answer = await self.control_plane.call("GET", "/v1/populi/nodes", answer=NodesAnswer)
+        facts: dict[str, tuple[GpuHint, ...]] = {}
+        if gpu_facts:
+            gpus = await self.control_plane.call("GET", "/v1/populi/gpus", answer=GpusAnswer)
+            facts = {n.node_id: tuple(d.hint() for d in n.devices) for n in gpus.nodes}
         out = []
         for node in answer.nodes:
             if node.id == self.node_id:
@@ -482,11 +508,14 @@ class Submitter:
                 except ValueError:
                     host = None
             works = "worker" in node.roles
+            devices = facts.get(node.id) if gpu_facts else None
+            free = node.gpu_summary.allocatable if node.gpu_summary else 0
             out.append(
                 CandidateView(
                     node_id=node.id,
                     eligible=node.eligible and works and node.accepts_remote_work is not False,
-                    free_gpus=node.gpu_summary.allocatable if node.gpu_summary else 0,
+                    free_gpus=free if devices is None else sum(g.allocatable for g in devices),
+                    gpus=devices,
                     scope=self.node.scope_of(host),
                     reasons=tuple(node.ineligible_reasons)
                     or (() if works else ("not_a_worker",))
@@ -512,14 +541,12 @@ class Submitter:
             self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
             return
         try:
-            candidates = await self.candidates()
+            candidates = await self.candidates(gpu_facts=task.gpus_wanted > 0)
         except PopuliError as exc:
             await self._refused(task, control, "nodes", exc)
             return
         placement = propose(
-            PlacementTask(
-                work_class=task.work_class, gpus_wanted=task.gpus_wanted, node=task.options.node
-            ),
+            placement_task(task),
             candidates,
             remote_enabled=True,
             local_node=self.node_id,
@@ -528,21 +555,32 @@ class Submitter:
         )
         if placement.where == "remote":
             assert placement.node is not None
-            await self._grant_remote(task, control, placement.node, placement.reasons)
+            await self._grant_remote(
+                task, control, placement.node, placement.reasons, placement.rejected
+            )
             return
         reasons = placement.reasons
+        control.rejected = placement.rejected
         if task.gpus_wanted > 0 and not self._queue_deadline_passed(task):
             # --queue-timeout: keep trying for a free GPU before falling back.
             control.tried.clear()
             await self._pause(control, 1.0)
             return
         if task.options.no_fallback:
-            self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
+            self.apply(
+                task_id,
+                PlacedLocal(node=self.node_id, reasons=reasons, rejected=placement.rejected),
+            )
             return
         await self._place_local(task, control, reasons)
 
     async def _grant_remote(
-        self, task: Task, control: Control, node: str, reasons: tuple[str, ...]
+        self,
+        task: Task,
+        control: Control,
+        node: str,
+        reasons: tuple[str, ...],
+        rejected: Rejected = (),
     ) -> None:
         task_id = task.task_id
         attempt = self.request_number(task_id, "grant")
@@ -553,6 +591,8 @@ class Submitter:
             target=node,
             gpus_wanted=task.gpus_wanted,
             ttl_s=self.ttl_s(),
+            gpu_mem_bytes=task.options.gpu_mem_bytes,
+            gpu_model=task.options.gpu_model,
         )
         try:
             answer = await self.control_plane.call(
@@ -565,7 +605,13 @@ class Submitter:
         self.request_settled(task_id)
         self.apply(
             task_id,
-            PlacedRemote(node=node, lease_id=lease.lease_id, token=lease.token, reasons=reasons),
+            PlacedRemote(
+                node=node,
+                lease_id=lease.lease_id,
+                token=lease.token,
+                reasons=reasons,
+                rejected=rejected,
+            ),
             lease=answer.lease,
         )
 
@@ -585,6 +631,7 @@ class Submitter:
                 reasons=reasons,
                 lease_id=view.lease.lease_id,
                 token=view.lease.token,
+                rejected=control.rejected,
             ),
             lease=view,
         )

@@ -27,6 +27,12 @@ from populi_peer.cli.common import (
     print_json,
     print_table,
 )
+from populi_peer.cli.placement_flags import (
+    add_need_flags,
+    need_payload,
+    needs_line,
+    rejected_lines,
+)
 from populi_peer.core.durations import parse_duration
 from populi_peer.errors import PopuliError, UsageError
 
@@ -54,6 +60,7 @@ def register(subparsers: Any) -> None:
         help="work class for the policy matrix (default: inference with GPUs, agent without)",
     )
     run.add_argument("--node", default=None, help="run only on this node (id or name)")
+    add_need_flags(run)
     run.add_argument(
         "--env",
         action="append",
@@ -149,6 +156,7 @@ def run_run(args: argparse.Namespace) -> int:
             payload["work_class"] = args.work_class
         if args.node:
             payload["node"] = args.node
+        payload.update(need_payload(args))
         if args.queue_timeout:
             payload["queue_timeout_s"] = parse_duration(args.queue_timeout, flag="--queue-timeout")
         if args.timeout:
@@ -330,6 +338,9 @@ def run_show(args: argparse.Namespace) -> int:
     )
     out.write(f"command   {' '.join(task.command)}\n")
     out.write(f"gpus      {task.gpus_wanted}   class {task.work_class}   exit {task.exit_status}\n")
+    needs = needs_line(task)
+    if needs:
+        out.write(f"needs     {needs}\n")
     rows = [
         (
             a.n,
@@ -350,6 +361,9 @@ def run_show(args: argparse.Namespace) -> int:
             rows,
             ["n", "where", "node", "token", "lease", "reasons", "outcome", "started", "finished"],
         )
+    rejected = rejected_lines(task)
+    if rejected:
+        out.write("\nnodes refused:\n" + "\n".join(rejected) + "\n")
     out.write("\ndecisions:\n")
     for entry in task.reasons:
         detail = f"  {entry.detail}" if entry.detail else ""

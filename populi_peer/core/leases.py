@@ -1965,9 +1965,9 @@ class LeaseTable:
 
 __all__ = [
     "CONTROL_PLANE_ACTOR",
-    "GPU_MISFIT",
     "DEAD_STATES",
     "DRAIN_DEADLINE_REASON",
+    "GPU_MISFIT",
     "HOLDING_STATES",
     "KEY_TAKING_STATES",
     "LEASE_KINDS",

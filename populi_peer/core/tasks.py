@@ -501,8 +501,7 @@ def _check_rejected(value: object) -> None:
 def _rejected_from_json(obj: Mapping[str, Any], what: str) -> Rejected:
     raw = obj.get("rejected", {})
     if not isinstance(raw, Mapping) or not all(
-        isinstance(codes, list) and all(isinstance(c, str) for c in codes)
-        for codes in raw.values()
+        isinstance(codes, list) and all(isinstance(c, str) for c in codes) for codes in raw.values()
     ):
         raise BadRequest(f"{what}: 'rejected' must map node ids to codes", code="bad_record")
     return tuple((str(node), tuple(codes)) for node, codes in raw.items())

@@ -53,8 +53,8 @@ class LeaseGrantRequest(Message):
     ttl_s: float = wire(Num(above=0))
     #: What each GPU must offer (placement v2); the control plane re-checks it on its
     #: own view of the target's GPUs (``gpu_misfit``).
-    gpu_mem_bytes: int | None = wire(Int(minimum=1), omit_none=True)
-    gpu_model: str | None = wire(Text(min_len=1), omit_none=True)
+    gpu_mem_bytes: int | None = wire(Nullable(Int(minimum=1)), default=None)
+    gpu_model: str | None = wire(Nullable(Text(min_len=1)), default=None)
 
     def grant(self, submitter: str) -> GrantRequest:
         """The core's request, for ``submitter`` (the signer of this request)."""

@@ -47,9 +47,9 @@ class TaskSubmitRequest(Message):
     queue_timeout_s: float | None = wire(Nullable(Num(above=0)), default=None)
     timeout_s: float | None = wire(Nullable(Num(above=0)), default=None)
     #: ``--gpu-mem``: free memory each GPU must have, in bytes (needs ``gpus`` >= 1).
-    gpu_mem_bytes: int | None = wire(Int(minimum=1), omit_none=True)
+    gpu_mem_bytes: int | None = wire(Nullable(Int(minimum=1)), default=None)
     #: ``--gpu-model``: a pattern on the verified GPU name (``core.placement``).
-    gpu_model: str | None = wire(Text(min_len=1), omit_none=True)
+    gpu_model: str | None = wire(Nullable(Text(min_len=1)), default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", check_command(list(self.command)))
