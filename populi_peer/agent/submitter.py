@@ -96,7 +96,7 @@ from populi_peer.core.messages.inbox import MessageType
 from populi_peer.core.placement import CandidateView, propose
 from populi_peer.core.placement import TaskView as PlacementTask
 from populi_peer.core.refusals import Ask, Decision, decide_refusal
-from populi_peer.core.scope import Scope
+from populi_peer.core.scope import Scope, parse_address
 from populi_peer.core.settings import gates_enabled, remote_refusal
 from populi_peer.core.tasks import (
     Cancel,
@@ -516,13 +516,23 @@ class Submitter:
                     eligible=node.eligible and works and node.accepts_remote_work is not False,
                     free_gpus=free if devices is None else sum(g.allocatable for g in devices),
                     gpus=devices,
-                    scope=self.node.scope_of(host),
+                    scope=self._scope(host, node.scope),
                     reasons=tuple(node.ineligible_reasons)
                     or (() if works else ("not_a_worker",))
                     or (("remote_off_on_node",) if node.accepts_remote_work is False else ()),
                 )
             )
         return out
+
+    def _scope(self, host: str | None, seen_by_control_plane: Scope | None) -> Scope:
+        """The path's scope by this node's CIDR config when the node is listed by IP
+        address; a node listed by name (DNS, mDNS) is as close as the control plane's
+        heartbeats saw it (overlay when they did not say)."""
+        try:
+            parse_address(host or "")
+        except PopuliError:
+            return seen_by_control_plane or "overlay"
+        return self.node.scope_of(host)
 
     # -- placing --------------------------------------------------------------------------
 
