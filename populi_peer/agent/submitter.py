@@ -488,15 +488,23 @@ class Submitter:
             )
         return lease
 
-    async def candidates(self, *, gpu_facts: bool = False) -> list[CandidateView]:
+    async def candidates(
+        self, *, gpu_facts: bool = False, want_facts: bool = False
+    ) -> list[CandidateView]:
         """The remote nodes as the control plane lists them; with ``gpu_facts`` each with
         its GPUs as the control plane holds them, so that placement can judge memory,
-        model and health (:func:`~populi_peer.core.placement.gpu_misfits`)."""
+        model and health (:func:`~populi_peer.core.placement.gpu_misfits`). With
+        ``want_facts`` only, the facts are used when they can be had, counts otherwise."""
         answer = await self.control_plane.call("GET", "/v1/populi/nodes", answer=NodesAnswer)
-        facts: dict[str, tuple[GpuHint, ...]] = {}
-        if gpu_facts:
-            gpus = await self.control_plane.call("GET", "/v1/populi/gpus", answer=GpusAnswer)
-            facts = {n.node_id: tuple(d.hint() for d in n.devices) for n in gpus.nodes}
+        facts: dict[str, tuple[GpuHint, ...]] | None = None
+        if gpu_facts or want_facts:
+            try:
+                gpus = await self.control_plane.call("GET", "/v1/populi/gpus", answer=GpusAnswer)
+                facts = {n.node_id: tuple(d.hint() for d in n.devices) for n in gpus.nodes}
+            except PopuliError:
+                if gpu_facts:
+                    raise
+                # Ranking by health only: counts still place the task (placement v1).
         out = []
         for node in answer.nodes:
             if node.id == self.node_id:
@@ -508,7 +516,7 @@ class Submitter:
                 except ValueError:
                     host = None
             works = "worker" in node.roles
-            devices = facts.get(node.id) if gpu_facts else None
+            devices = None if facts is None else facts.get(node.id, ())
             free = node.gpu_summary.allocatable if node.gpu_summary else 0
             out.append(
                 CandidateView(
@@ -551,7 +559,9 @@ class Submitter:
             self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
             return
         try:
-            candidates = await self.candidates(gpu_facts=task.gpus_wanted > 0)
+            candidates = await self.candidates(
+                gpu_facts=placement_task(task).constrains_gpus, want_facts=task.gpus_wanted > 0
+            )
         except PopuliError as exc:
             await self._refused(task, control, "nodes", exc)
             return
