@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -54,8 +54,10 @@ from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock
 from populi_peer.core.eligibility import routing_eligibility
+from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import (
     STOPPING_REFUSALS,
+    GrantRequest,
     HolderStatus,
     HolderView,
     Lease,
@@ -148,6 +150,10 @@ class NodeFacts(Protocol):
 
     def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
         """Its allocatable GPU UUIDs (verified facts), and how many are unhealthy."""
+        ...
+
+    def gpu_hints(self, node_id: str) -> Sequence[GpuHint]:
+        """Its GPUs as the control plane holds them, read for placement's rules."""
         ...
 
 
@@ -357,7 +363,13 @@ class LeaseService:
     # -- the control plane's own view of a target (safety rule 6) --------------------------
 
     def target_view(
-        self, node_id: str, *, gpus_wanted: int, work_class: str, submitter: str
+        self,
+        node_id: str,
+        *,
+        gpus_wanted: int,
+        work_class: str,
+        submitter: str,
+        grant: GrantRequest | None = None,
     ) -> TargetView:
         nodes = self.nodes
         if not nodes.is_node(node_id):
@@ -384,11 +396,19 @@ class LeaseService:
             decision = decide(work_class, scope, gates_enabled=gates_enabled(settings))
             if not decision.allowed:
                 reasons.append(decision.reason or "policy_blocked")
+        misfits: list[tuple[str, tuple[str, ...]]] = []
+        if grant is not None and grant.constrains_gpus:
+            # Placement v2's memory and model, re-checked on our own facts (rule 6).
+            for gpu in nodes.gpu_hints(node_id):
+                codes = grant.misfits(gpu)
+                if gpu.uuid in allocatable and codes:
+                    misfits.append((gpu.uuid, codes))
         return TargetView(
             node_id=node_id,
             eligible=not reasons,
             reasons=tuple(reasons),
             allocatable_gpus=tuple(allocatable),
+            misfit_gpus=tuple(misfits),
         )
 
     def path_scope(self, a: str, b: str) -> Scope:
@@ -453,6 +473,7 @@ class LeaseService:
             gpus_wanted=grant.gpus_wanted,
             work_class=grant.work_class,
             submitter=grant.submitter,
+            grant=grant,
         )
         now_mono, now_ms = self._now()
         new, change = table.grant(

@@ -64,11 +64,13 @@ from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
 from populi_peer.core.claims import ClaimBasis, claim_basis
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import DEAD_STATES, STOPPING_REFUSALS, Lease
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
     OPERATIONS,
     CancelMessage,
+    GpusAnswer,
     HandoffMessage,
     InboxDeliverAnswer,
     InboxMessage,
@@ -105,7 +107,7 @@ from populi_peer.core.refusals import (
     decide_refusal,
 )
 from populi_peer.core.reports import Claim
-from populi_peer.core.scope import Scope
+from populi_peer.core.scope import Scope, parse_address
 from populi_peer.core.settings import gates_enabled, remote_refusal
 from populi_peer.core.tasks import (
     TASK_STATES,
@@ -119,6 +121,7 @@ from populi_peer.core.tasks import (
     PlacedRemote,
     PlacementStarted,
     PopuliFailure,
+    Rejected,
     RequestKind,
     Result,
     Task,
@@ -186,12 +189,26 @@ class Control:
     changed: trio.Event = field(default_factory=trio.Event)
     #: What the task waits for now (``task show``'s ``waiting``; memory only).
     waiting: TaskWaiting | None = None
+    #: Why each remote node was refused by the last placement that ran the task here.
+    rejected: Rejected = ()
 
     def poke(self) -> None:
         self.wake.set()
 
     def reset(self) -> None:
         self.wake = trio.Event()
+
+
+def placement_task(task: Task) -> PlacementTask:
+    """What placement needs to know of ``task`` (its ``--gpus``, ``--gpu-mem``,
+    ``--gpu-model``, ``--node``)."""
+    return PlacementTask(
+        work_class=task.work_class,
+        gpus_wanted=task.gpus_wanted,
+        node=task.options.node,
+        gpu_mem_bytes=task.options.gpu_mem_bytes,
+        gpu_model=task.options.gpu_model,
+    )
 
 
 def grant_of(view: LeaseView) -> TaskLeaseGrant:
@@ -312,6 +329,8 @@ class Submitter:
                 node=node,
                 node_fallback=body.node_fallback,
                 cwd=body.cwd,
+                gpu_mem_bytes=body.gpu_mem_bytes,
+                gpu_model=body.gpu_model,
             ),
         )
         self.tasks.insert(TaskRecord(task, submitted_by=caller), now_ms=self._now_ms())
@@ -362,11 +381,14 @@ class Submitter:
             return False
         if control.cancel_actor is not None:
             await self._stop_current(task, "cancelled")
-            self.apply(task_id, Cancel(actor=control.cancel_actor))
+            # The result may have come in while the attempt was being stopped.
+            if not self.load(task_id).terminal:
+                self.apply(task_id, Cancel(actor=control.cancel_actor))
             return True
         if self._run_timed_out(task):
             await self._stop_current(task, "timeout")
-            self.apply(task_id, Timeout(which="run"))
+            if not self.load(task_id).terminal:
+                self.apply(task_id, Timeout(which="run"))
             return True
         control.reset()
         try:
@@ -582,8 +604,23 @@ class Submitter:
             )
         return lease
 
-    async def candidates(self) -> list[CandidateView]:
+    async def candidates(
+        self, *, gpu_facts: bool = False, want_facts: bool = False
+    ) -> list[CandidateView]:
+        """The remote nodes as the control plane lists them; with ``gpu_facts`` each with
+        its GPUs as the control plane holds them, so that placement can judge memory,
+        model and health (:func:`~populi_peer.core.placement.gpu_misfits`). With
+        ``want_facts`` only, the facts are used when they can be had, counts otherwise."""
         answer = await self.control_plane.call("GET", "/v1/populi/nodes", answer=NodesAnswer)
+        facts: dict[str, tuple[GpuHint, ...]] | None = None
+        if gpu_facts or want_facts:
+            try:
+                gpus = await self.control_plane.call("GET", "/v1/populi/gpus", answer=GpusAnswer)
+                facts = {n.node_id: tuple(d.hint() for d in n.devices) for n in gpus.nodes}
+            except PopuliError:
+                if gpu_facts:
+                    raise
+                # Ranking by health only: counts still place the task (placement v1).
         out = []
         for node in answer.nodes:
             if node.id == self.node_id:
@@ -595,18 +632,31 @@ class Submitter:
                 except ValueError:
                     host = None
             works = "worker" in node.roles
+            devices = None if facts is None else facts.get(node.id, ())
+            free = node.gpu_summary.allocatable if node.gpu_summary else 0
             out.append(
                 CandidateView(
                     node_id=node.id,
                     eligible=node.eligible and works and node.accepts_remote_work is not False,
-                    free_gpus=node.gpu_summary.allocatable if node.gpu_summary else 0,
-                    scope=self.node.scope_of(host),
+                    free_gpus=free if devices is None else sum(g.allocatable for g in devices),
+                    gpus=devices,
+                    scope=self._scope(host, node.scope),
                     reasons=tuple(node.ineligible_reasons)
                     or (() if works else ("not_a_worker",))
                     or (("remote_off_on_node",) if node.accepts_remote_work is False else ()),
                 )
             )
         return out
+
+    def _scope(self, host: str | None, seen_by_control_plane: Scope | None) -> Scope:
+        """The path's scope by this node's CIDR config when the node is listed by IP
+        address; a node listed by name (DNS, mDNS) is as close as the control plane's
+        heartbeats saw it (overlay when they did not say)."""
+        try:
+            parse_address(host or "")
+        except PopuliError:
+            return seen_by_control_plane or "overlay"
+        return self.node.scope_of(host)
 
     # -- placing --------------------------------------------------------------------------
 
@@ -630,14 +680,14 @@ class Submitter:
             await self._place_local(task, control, ("node_pinned_local",))
             return
         try:
-            candidates = await self.candidates()
+            candidates = await self.candidates(
+                gpu_facts=placement_task(task).constrains_gpus, want_facts=task.gpus_wanted > 0
+            )
         except PopuliError as exc:
             await self._refused(task, control, "nodes", exc)
             return
         placement = propose(
-            PlacementTask(
-                work_class=task.work_class, gpus_wanted=task.gpus_wanted, node=task.options.node
-            ),
+            placement_task(task),
             candidates,
             remote_enabled=True,
             local_node=self.node_id,
@@ -646,9 +696,12 @@ class Submitter:
         )
         if placement.where == "remote":
             assert placement.node is not None
-            await self._grant_remote(task, control, placement.node, placement.reasons)
+            await self._grant_remote(
+                task, control, placement.node, placement.reasons, placement.rejected
+            )
             return
         reasons = placement.reasons
+        control.rejected = placement.rejected
         if task.gpus_wanted > 0 and not self._queue_deadline_passed(task):
             # --queue-timeout: keep trying for a free GPU before falling back.
             control.tried.clear()
@@ -660,12 +713,20 @@ class Submitter:
             return
         if not task.options.allows_local(self.node_id):
             # --no-fallback, or --node naming another node: it fails here, nothing taken.
-            self.apply(task_id, PlacedLocal(node=self.node_id, reasons=reasons))
+            self.apply(
+                task_id,
+                PlacedLocal(node=self.node_id, reasons=reasons, rejected=placement.rejected),
+            )
             return
         await self._place_local(task, control, reasons)
 
     async def _grant_remote(
-        self, task: Task, control: Control, node: str, reasons: tuple[str, ...]
+        self,
+        task: Task,
+        control: Control,
+        node: str,
+        reasons: tuple[str, ...],
+        rejected: Rejected = (),
     ) -> None:
         task_id = task.task_id
         attempt = self.request_number(task_id, "grant")
@@ -677,6 +738,8 @@ class Submitter:
             gpus_wanted=task.gpus_wanted,
             ttl_s=self.ttl_s(),
             previous_node=previous_node(task),
+            gpu_mem_bytes=task.options.gpu_mem_bytes,
+            gpu_model=task.options.gpu_model,
         )
         try:
             answer = await self.control_plane.call(
@@ -689,7 +752,13 @@ class Submitter:
         self.request_settled(task_id)
         self.apply(
             task_id,
-            PlacedRemote(node=node, lease_id=lease.lease_id, token=lease.token, reasons=reasons),
+            PlacedRemote(
+                node=node,
+                lease_id=lease.lease_id,
+                token=lease.token,
+                reasons=reasons,
+                rejected=rejected,
+            ),
             lease=answer.lease,
         )
 
@@ -709,6 +778,7 @@ class Submitter:
                 reasons=reasons,
                 lease_id=view.lease.lease_id,
                 token=view.lease.token,
+                rejected=control.rejected,
             ),
             lease=view,
         )

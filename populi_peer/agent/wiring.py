@@ -28,7 +28,7 @@ from populi_peer.agent.status import NodeStatus
 from populi_peer.agent.submitter import Submitter
 from populi_peer.agent.worker import Worker
 from populi_peer.config import ExecConfig, ScopeConfig
-from populi_peer.core.hints import HintBody
+from populi_peer.core.hints import GpuHint, HintBody
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.scope import Scope
 from populi_peer.errors import ConfigError
@@ -90,6 +90,9 @@ class ControlPlaneNodeFacts:
 
     def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
         return self.gpu.allocatable_gpus(node_id)
+
+    def gpu_hints(self, node_id: str) -> list[GpuHint]:
+        return [device.hint() for device in self.gpu.devices(node_id)]
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@ from populi_peer.cli.common import (
     print_json,
     print_table,
 )
+from populi_peer.cli.placement_flags import (
+    add_need_flags,
+    need_payload,
+    needs_line,
+    rejected_lines,
+)
 from populi_peer.cli.task_text import exit_text, failure_text, waiting_text
 from populi_peer.core.durations import parse_duration
 from populi_peer.core.tasks import EXIT_POPULI_FAILED
@@ -84,6 +90,7 @@ def register(subparsers: Any) -> None:
         help="run in DIR on the node that runs it (default: a fresh directory); "
         "a node without DIR refuses the task (cwd_missing)",
     )
+    add_need_flags(run)
     run.add_argument(
         "--env",
         action="append",
@@ -198,6 +205,7 @@ def run_run(args: argparse.Namespace) -> int:
         if args.cwd is not None:
             # Relative to where you type it; the node that runs the task must have it.
             payload["cwd"] = os.path.abspath(os.path.expanduser(args.cwd))
+        payload.update(need_payload(args))
         if args.queue_timeout:
             payload["queue_timeout_s"] = parse_duration(args.queue_timeout, flag="--queue-timeout")
         if args.timeout:
@@ -448,6 +456,9 @@ def run_show(args: argparse.Namespace) -> int:
     failure = failure_text(task)
     if failure:
         out.write(f"why       {failure}\n")
+    needs = needs_line(task)
+    if needs:
+        out.write(f"needs     {needs}\n")
     rows = [
         (
             a.n,
@@ -468,6 +479,9 @@ def run_show(args: argparse.Namespace) -> int:
             rows,
             ["n", "where", "node", "token", "lease", "reasons", "outcome", "started", "finished"],
         )
+    rejected = rejected_lines(task)
+    if rejected:
+        out.write("\nnodes refused:\n" + "\n".join(rejected) + "\n")
     out.write("\ndecisions:\n")
     for entry in task.reasons:
         detail = f"  {entry.detail}" if entry.detail else ""

@@ -73,11 +73,15 @@ from populi_peer.core.fencing import (
     _get,
     _int,
     _obj,
+    _opt_int,
     _opt_str,
     _str,
     _str_tuple,
 )
+from populi_peer.core.hints import GpuHint
 from populi_peer.core.lifecycle import NodeLifecycle
+from populi_peer.core.placement import REJECTION_ORDER, check_gpu_model, gpu_misfits
+from populi_peer.core.placement import TaskView as PlacementTask
 from populi_peer.core.policy import WorkClass, check_work_class
 from populi_peer.core.reports import (
     Claim,
@@ -608,10 +612,21 @@ class GrantRequest:
     ttl_s: float
     submitter: str
     previous_node: str | None = None
+    #: What each GPU must offer (placement v2: ``--gpu-mem`` bytes free, ``--gpu-model``).
+    gpu_mem_bytes: int | None = None
+    gpu_model: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("task_id", "target", "submitter"):
             _check_name(getattr(self, name), name)
+        if self.gpu_mem_bytes is not None and (
+            isinstance(self.gpu_mem_bytes, bool)
+            or not isinstance(self.gpu_mem_bytes, int)
+            or self.gpu_mem_bytes < 1
+        ):
+            raise BadRequest("gpu_mem_bytes must be an integer >= 1", field="gpu_mem_bytes")
+        if self.gpu_model is not None:
+            check_gpu_model(self.gpu_model)
         if self.previous_node is not None:
             _check_name(self.previous_node, "previous_node")
         if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 1:
@@ -643,6 +658,8 @@ class GrantRequest:
             "ttl_s": self.ttl_s,
             "submitter": self.submitter,
             **({} if self.previous_node is None else {"previous_node": self.previous_node}),
+            **({} if self.gpu_mem_bytes is None else {"gpu_mem_bytes": self.gpu_mem_bytes}),
+            **({} if self.gpu_model is None else {"gpu_model": self.gpu_model}),
         }
 
     @classmethod
@@ -658,7 +675,37 @@ class GrantRequest:
             ttl_s=_float(obj, "ttl_s", what),
             submitter=_str(obj, "submitter", what),
             previous_node=_opt_str(obj, "previous_node", what),
+            gpu_mem_bytes=_opt_int(obj, "gpu_mem_bytes", what),
+            gpu_model=_opt_str(obj, "gpu_model", what),
         )
+
+    @property
+    def constrains_gpus(self) -> bool:
+        return self.gpus_wanted > 0 and (
+            self.gpu_mem_bytes is not None or self.gpu_model is not None
+        )
+
+    def misfits(self, gpu: GpuHint) -> tuple[str, ...]:
+        """Why ``gpu`` cannot serve this request on memory or model (empty: it can):
+        placement's own rule, :func:`~populi_peer.core.placement.gpu_misfits`."""
+        if not self.constrains_gpus:
+            return ()
+        need = PlacementTask(
+            work_class=self.work_class,
+            gpus_wanted=self.gpus_wanted,
+            gpu_mem_bytes=self.gpu_mem_bytes,
+            gpu_model=self.gpu_model,
+        )
+        return gpu_misfits(need, gpu)
+
+
+#: A grant's refusal: the target's GPUs lack the memory or model the request asks for.
+GPU_MISFIT: Final = "gpu_misfit"
+
+
+def _misfit_codes(codes: Iterable[tuple[str, ...]]) -> list[str]:
+    seen = {c for row in codes for c in row}
+    return [c for c in REJECTION_ORDER if c in seen]
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,6 +719,9 @@ class TargetView:
     eligible: bool
     reasons: tuple[str, ...] = ()
     allocatable_gpus: tuple[str, ...] = ()
+    #: Of the allocatable GPUs, those the request's ``--gpu-mem`` / ``--gpu-model`` rule
+    #: out, with :meth:`GrantRequest.misfits`'s codes (the control plane's own facts).
+    misfit_gpus: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.node_id, "node_id")
@@ -683,6 +733,7 @@ class TargetView:
             "eligible": self.eligible,
             "reasons": list(self.reasons),
             "allocatable_gpus": list(self.allocatable_gpus),
+            "misfit_gpus": {uuid: list(codes) for uuid, codes in self.misfit_gpus},
         }
 
     @classmethod
@@ -695,6 +746,10 @@ class TargetView:
             reasons=_str_tuple(obj, "reasons", what) if "reasons" in obj else (),
             allocatable_gpus=(
                 _str_tuple(obj, "allocatable_gpus", what) if "allocatable_gpus" in obj else ()
+            ),
+            misfit_gpus=tuple(
+                (uuid, _str_tuple(_obj(obj.get("misfit_gpus", {}), what), uuid, what))
+                for uuid in _obj(obj.get("misfit_gpus", {}), what)
             ),
         )
 
@@ -1275,8 +1330,15 @@ class LeaseTable:
                 if reason not in reasons:
                     reasons.append(reason)
         busy = self.busy_gpus()
-        free = [g for g in target.allocatable_gpus if (target.node_id, g) not in busy]
-        if len(free) < request.gpus_wanted:
+        misfit = dict(target.misfit_gpus)
+        fitting = [g for g in target.allocatable_gpus if g not in misfit]
+        free = [g for g in fitting if (target.node_id, g) not in busy]
+        if len(fitting) < request.gpus_wanted <= len(target.allocatable_gpus):
+            # Hints never authorize (rule 6): the GPUs are there, but by this control
+            # plane's facts they lack the memory or model asked for. Waiting won't help.
+            reasons.append(GPU_MISFIT)
+            reasons.extend(_misfit_codes(misfit.values()))
+        elif len(free) < request.gpus_wanted:
             reasons.append("no_free_gpu")
         if reasons:
             raise LeaseRefused(
@@ -1905,6 +1967,7 @@ __all__ = [
     "CONTROL_PLANE_ACTOR",
     "DEAD_STATES",
     "DRAIN_DEADLINE_REASON",
+    "GPU_MISFIT",
     "HOLDING_STATES",
     "KEY_TAKING_STATES",
     "LEASE_KINDS",

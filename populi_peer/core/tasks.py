@@ -60,6 +60,7 @@ from populi_peer.core.fencing import (
     _str_tuple,
     accept_result,
 )
+from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
 from populi_peer.core.wire import check_cwd
 from populi_peer.errors import BadRequest, Conflict
@@ -100,6 +101,8 @@ EventKey = Literal[
     "populi_failure",
 ]
 Where = Literal["remote", "local"]
+#: Per refused node, its rejection codes (``core.placement.Placement.rejected``).
+Rejected = tuple[tuple[str, tuple[str, ...]], ...]
 AttemptOutcome = Literal[
     "succeeded",
     "failed",
@@ -255,6 +258,8 @@ class PlacedRemote:
     lease_id: str
     token: FencingToken
     reasons: tuple[str, ...] = ()
+    #: Why each other node was refused (:attr:`Attempt.rejected`).
+    rejected: Rejected = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +272,8 @@ class PlacedLocal:
     reasons: tuple[str, ...]
     lease_id: str | None = None
     token: FencingToken | None = None
+    #: Why each remote node was refused (:attr:`Attempt.rejected`).
+    rejected: Rejected = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,8 +434,24 @@ class TaskOptions:
     #: ``--cwd``: the directory the task runs in on whichever node runs it (absolute); by
     #: default a fresh one under that node's data directory.
     cwd: str | None = None
+    #: ``--gpu-mem``: free memory each GPU must have, in bytes (placement v2).
+    gpu_mem_bytes: int | None = None
+    #: ``--gpu-model``: a pattern on the verified GPU name (placement v2).
+    gpu_model: str | None = None
 
     def __post_init__(self) -> None:
+        if self.gpu_mem_bytes is not None and (
+            isinstance(self.gpu_mem_bytes, bool)
+            or not isinstance(self.gpu_mem_bytes, int)
+            or self.gpu_mem_bytes < 1
+        ):
+            raise BadRequest(
+                f"gpu_mem_bytes must be an integer >= 1, got {self.gpu_mem_bytes!r}",
+                code="bad_request",
+                field="gpu_mem_bytes",
+            )
+        if self.gpu_model is not None:
+            check_gpu_model(self.gpu_model)
         for name in ("queue_timeout_s", "timeout_s"):
             value = getattr(self, name)
             if value is not None and (
@@ -461,6 +484,8 @@ class TaskOptions:
             "node": self.node,
             "node_fallback": self.node_fallback,
             "cwd": self.cwd,
+            "gpu_mem_bytes": self.gpu_mem_bytes,
+            "gpu_model": self.gpu_model,
         }
 
     @classmethod
@@ -474,7 +499,34 @@ class TaskOptions:
             node=_opt_str(obj, "node", what),
             node_fallback=_bool(obj, "node_fallback", what, False),
             cwd=_opt_str(obj, "cwd", what),
+            gpu_mem_bytes=_opt_int(obj, "gpu_mem_bytes", what),
+            gpu_model=_opt_str(obj, "gpu_model", what),
         )
+
+
+def _check_rejected(value: object) -> None:
+    if not isinstance(value, tuple) or not all(
+        isinstance(row, tuple)
+        and len(row) == 2
+        and isinstance(row[0], str)
+        and row[0]
+        and isinstance(row[1], tuple)
+        and row[1]
+        and all(isinstance(c, str) and c for c in row[1])
+        for row in value
+    ):
+        raise BadRequest(
+            "rejected must be (node id, non-empty reason codes) pairs", code="bad_record"
+        )
+
+
+def _rejected_from_json(obj: Mapping[str, Any], what: str) -> Rejected:
+    raw = obj.get("rejected", {})
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(codes, list) and all(isinstance(c, str) for c in codes) for codes in raw.values()
+    ):
+        raise BadRequest(f"{what}: 'rejected' must map node ids to codes", code="bad_record")
+    return tuple((str(node), tuple(codes)) for node, codes in raw.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,8 +542,11 @@ class Attempt:
     started_wall_ms: int
     finished_wall_ms: int | None = None
     outcome: AttemptOutcome | None = None
+    #: Why each node placement considered was refused (placement v2).
+    rejected: Rejected = ()
 
     def __post_init__(self) -> None:
+        _check_rejected(self.rejected)
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise BadRequest(f"attempt number must be >= 1, got {self.n!r}", code="bad_record")
         if self.where not in ("remote", "local"):
@@ -523,6 +578,7 @@ class Attempt:
             "started_wall_ms": self.started_wall_ms,
             "finished_wall_ms": self.finished_wall_ms,
             "outcome": self.outcome,
+            "rejected": {node: list(codes) for node, codes in self.rejected},
         }
 
     @classmethod
@@ -542,6 +598,7 @@ class Attempt:
             started_wall_ms=_int(obj, "started_wall_ms", what),
             finished_wall_ms=_opt_int(obj, "finished_wall_ms", what),
             outcome=None if outcome is None else _pick(outcome, ATTEMPT_OUTCOMES, "outcome"),
+            rejected=_rejected_from_json(obj, what),
         )
 
 
@@ -919,11 +976,25 @@ def _attempt_ending(event: TaskEvent, key: EventKey) -> AttemptOutcome | None:
 def _new_attempt(event: TaskEvent, key: EventKey, n: int, now_wall_ms: int) -> Attempt | None:
     if isinstance(event, PlacedRemote):
         return Attempt(
-            n, "remote", event.node, event.lease_id, event.token, event.reasons, now_wall_ms
+            n,
+            "remote",
+            event.node,
+            event.lease_id,
+            event.token,
+            event.reasons,
+            now_wall_ms,
+            rejected=event.rejected,
         )
     if isinstance(event, PlacedLocal) and key == "placed_local":
         return Attempt(
-            n, "local", event.node, event.lease_id, event.token, event.reasons, now_wall_ms
+            n,
+            "local",
+            event.node,
+            event.lease_id,
+            event.token,
+            event.reasons,
+            now_wall_ms,
+            rejected=event.rejected,
         )
     if isinstance(event, LeaseDeadConfirmed) and key == "lease_dead_confirmed":
         return Attempt(
@@ -1087,6 +1158,7 @@ __all__ = [
     "PlacementStarted",
     "PopuliFailure",
     "ReasonEntry",
+    "Rejected",
     "RequestKind",
     "Result",
     "Task",

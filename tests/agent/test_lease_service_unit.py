@@ -36,6 +36,7 @@ from populi_peer.agent import leases as leases_module
 from populi_peer.agent.health import Health
 from populi_peer.agent.leases import LeaseService
 from populi_peer.api.app import Request
+from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import TargetView
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import (
@@ -92,6 +93,9 @@ class Nodes:
 
     def allocatable_gpus(self, node_id: str) -> tuple[tuple[str, ...], int]:
         return self.gpus.get(node_id, ()), 0
+
+    def gpu_hints(self, node_id: str) -> list[GpuHint]:
+        return []
 
 
 @dataclass

@@ -300,6 +300,15 @@ async def test_a_local_attempt_whose_renewals_go_unanswered_becomes_a_claim(
         cluster.network.heal()
         await cluster.wait_until(lambda: not cp.heartbeats.stale(w1.node_id), timeout_s=60)
         second = await _submit(cluster, "w1", command=["sim", "90"], gpus=1, node="w1")
+        try:
+            await cluster.wait_until(
+                lambda: bool(host.ledger.for_task(second)), timeout_s=60, what="second runs"
+            )
+        except AssertionError:
+            # What the submitter and the control plane hold, for whoever reads a failure.
+            leases = [(x.task_id, x.state, x.gpus) for x in cp.leases.table.leases.values()]  # type: ignore[union-attr]
+            print("second task:", w1.submitter.load(second).to_json(), "leases:", leases)
+            raise
         await cluster.wait_until(
             lambda: (
                 bool(host.ledger.for_task(second))

@@ -24,6 +24,7 @@ from populi_peer.core.messages._codec import (
     Nullable,
     Num,
     Seq,
+    Text,
     message,
     wire,
 )
@@ -53,6 +54,10 @@ class LeaseGrantRequest(Message):
     #: Where the task's last attempt was placed, if anywhere (ADR 0015): its task key
     #: stays held until that node reported to this control plane.
     previous_node: str | None = wire(_ID, omit_none=True)
+    #: What each GPU must offer (placement v2); the control plane re-checks it on its
+    #: own view of the target's GPUs (``gpu_misfit``).
+    gpu_mem_bytes: int | None = wire(Nullable(Int(minimum=1)), default=None)
+    gpu_model: str | None = wire(Nullable(Text(min_len=1)), default=None)
 
     def grant(self, submitter: str) -> GrantRequest:
         """The core's request, for ``submitter`` (the signer of this request)."""
@@ -65,6 +70,8 @@ class LeaseGrantRequest(Message):
             ttl_s=self.ttl_s,
             submitter=submitter,
             previous_node=self.previous_node,
+            gpu_mem_bytes=self.gpu_mem_bytes,
+            gpu_model=self.gpu_model,
         )
 
     @classmethod
@@ -78,6 +85,8 @@ class LeaseGrantRequest(Message):
             gpus_wanted=grant.gpus_wanted,
             ttl_s=grant.ttl_s,
             previous_node=grant.previous_node,
+            gpu_mem_bytes=grant.gpu_mem_bytes,
+            gpu_model=grant.gpu_model,
         )
 
 

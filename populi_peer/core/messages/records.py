@@ -14,6 +14,7 @@ from typing import Any, Final, Literal, get_args
 
 from populi_peer.core.eligibility import REASON_ORDER
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import LEASE_KINDS, Lease, LeaseKind
 from populi_peer.core.lifecycle import STATES, NodeLifecycle
 from populi_peer.core.membership import Member
@@ -491,6 +492,25 @@ class GpuDevice(Message):
     quarantined: bool = wire(Bool())
     quarantine_reason: str | None = wire(Nullable(Text()))
     verified: bool = wire(Bool())
+
+    def hint(self) -> GpuHint:
+        """This GPU as placement reads it (:func:`populi_peer.core.placement.gpu_misfits`).
+        A pseudo-device (``verified`` false) keeps no name: an advertised model is a
+        label, never a fact placement matches (ADR 0004)."""
+        util = self.utilization_gpu_pct
+        return GpuHint(
+            index=self.index or 0,
+            uuid=self.uuid,
+            name=self.name if self.verified else None,
+            memory_total_bytes=self.memory_total_bytes,
+            memory_free_bytes=self.memory_free_bytes,
+            utilization_gpu_pct=None if util is None else round(util),
+            health=self.health,
+            health_reasons=self.health_reasons,
+            allocatable=self.allocatable,
+            allocation_reasons=self.allocation_reasons,
+            verified=self.verified,
+        )
 
 
 @message

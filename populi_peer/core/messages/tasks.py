@@ -21,6 +21,7 @@ from populi_peer.core.messages._codec import (
     wire,
 )
 from populi_peer.core.messages.records import WORK_CLASS, OutputChunk, TaskView
+from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass
 from populi_peer.core.wire import check_command, check_cwd, check_env
 from populi_peer.errors import BadRequest
@@ -49,6 +50,10 @@ class TaskSubmitRequest(Message):
     timeout_s: float | None = wire(Nullable(Num(above=0)), default=None)
     #: The directory the task runs in, on whichever node runs it (absolute).
     cwd: str | None = wire(Nullable(Text(min_len=1)), default=None)
+    #: ``--gpu-mem``: free memory each GPU must have, in bytes (needs ``gpus`` >= 1).
+    gpu_mem_bytes: int | None = wire(Nullable(Int(minimum=1)), default=None)
+    #: ``--gpu-model``: a pattern on the verified GPU name (``core.placement``).
+    gpu_model: str | None = wire(Nullable(Text(min_len=1)), default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", check_command(list(self.command)))
@@ -56,6 +61,12 @@ class TaskSubmitRequest(Message):
         check_cwd(self.cwd)
         if self.node_fallback and self.node is None:
             raise BadRequest("--node-fallback needs --node", code="bad_request")
+        if self.gpu_model is not None:
+            check_gpu_model(self.gpu_model)
+        if self.gpus == 0 and (self.gpu_mem_bytes is not None or self.gpu_model is not None):
+            raise BadRequest(
+                "gpu_mem_bytes and gpu_model need gpus >= 1", code="bad_request", field="gpus"
+            )
 
     def chosen_work_class(self) -> WorkClass:
         if self.work_class is not None:
