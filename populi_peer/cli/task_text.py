@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 #: Decision-log rows that say nothing about why a task ended or waits.
 _PLAIN_ROWS = frozenset({"submitted", "placing"})
 #: Reason codes of a grant that waits for a node's report or the control plane's hold.
-_REPORT_WAITS = frozenset({"node_not_reported", "grant_hold", "control_plane_starting"})
+_REPORT_WAITS = frozenset(
+    {"node_not_reported", "previous_node_not_reported", "previous_authority_live"}
+)
 _GPU_WAITS = frozenset({"no_free_gpu", "gpu_leased"})
 
 
@@ -90,7 +92,23 @@ def waiting_text(task: TaskView, now_ms: int, *, output_seen: bool = False) -> s
     rows = _last_decision(task)
     codes = {r.code for r in rows}
     current = task.attempts[-1] if task.attempts else None
-    if state in ("queued", "placing"):
+    waiting = task.waiting
+    if state in ("queued", "placing") and waiting is not None:
+        # What the driver waits for right now (not yet in the decision log).
+        if waiting.reason == "control_plane_unreachable":
+            parts.append("no control plane: waiting for it to answer")
+        elif waiting.reason in _REPORT_WAITS:
+            parts.append(f"waiting for a node's report ({waiting.reason})")
+        elif waiting.reason == "no_free_gpu":
+            parts.append(f"queued for {task.gpus_wanted} GPU(s)")
+        else:
+            parts.append(f"waiting ({waiting.reason})")
+        if waiting.until_wall_ms is not None:
+            parts.append(f"{_left(waiting.until_wall_ms, now_ms)} left")
+        elif waiting.reason == "no_free_gpu" and options.queue_timeout_s:
+            deadline = task.created_wall_ms + options.queue_timeout_s * 1000
+            parts.append(f"{_left(deadline, now_ms)} left of --queue-timeout")
+    elif state in ("queued", "placing"):
         if "control_plane_unreachable" in codes:
             parts.append("no control plane: waiting for it to answer")
         elif codes & _REPORT_WAITS:

@@ -3,6 +3,7 @@ with the core's own task machine and a time."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Mapping
 
@@ -11,7 +12,7 @@ import pytest
 from populi_peer.cli.cmd_run import StatusLine
 from populi_peer.cli.task_text import exit_text, failure_text, waiting_text
 from populi_peer.core.fencing import FencingToken
-from populi_peer.core.messages import AttemptResult, TaskLeaseGrant, TaskView
+from populi_peer.core.messages import AttemptResult, TaskLeaseGrant, TaskView, TaskWaiting
 from populi_peer.core.tasks import (
     Cancel,
     ControlPlaneUnreachable,
@@ -212,3 +213,28 @@ def test_the_status_line_updates_in_place_on_a_terminal_and_is_silent_when_piped
     quiet.show("populi: t-1 placing")
     quiet.clear()
     assert piped.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    ("reason", "until_s", "expected"),
+    [
+        ("control_plane_unreachable", None, "no control plane: waiting for it to answer"),
+        ("node_not_reported", 12, "waiting for a node's report (node_not_reported); 12s left"),
+        (
+            "previous_node_not_reported",
+            None,
+            "waiting for a node's report (previous_node_not_reported)",
+        ),
+        ("no_free_gpu", None, "queued for 1 GPU(s)"),
+    ],
+)
+def test_the_waiting_line_says_what_the_driver_waits_for_now(
+    reason: str, until_s: float | None, expected: str
+) -> None:
+    """The submitter's ``waiting`` (task show) comes before the decision log: a restarted
+    control plane's per-node resumption, no control plane at all, a busy GPU."""
+    task = view(task_of(PlacementStarted()))
+    until = None if until_s is None else int(T0 + until_s * 1000)
+    waiting = TaskWaiting(reason=reason, until_wall_ms=until, since_wall_ms=T0)
+    line = waiting_text(dataclasses.replace(task, waiting=waiting), T0)
+    assert line == f"populi: t-1 {expected}"
