@@ -149,7 +149,7 @@ class SettingsSync:
                 changed=False,
             )
         if float(self.records.settings["max_lease_ttl_s"]) != previous_ttl:
-            # Remembered for the grant hold after a restart (ADR 0006, decision 5).
+            # Remembered for the per-node resumption window after a restart (ADR 0015).
             seen = float(self.store.get_meta(MAX_TTL_SEEN_KEY, "0") or 0)
             self.store.set_meta(MAX_TTL_SEEN_KEY, str(max(seen, previous_ttl)))
         self.events.append(
