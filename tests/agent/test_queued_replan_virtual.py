@@ -28,11 +28,7 @@ GB = 10**9
 def replans(task: dict[str, Any]) -> list[tuple[str, str]]:
     """The task's re-placements: (reason code, detail), in order."""
     rows = task["reasons"]
-    return [
-        (rows[i + 1][1], rows[i][2])
-        for i in range(len(rows) - 1)
-        if rows[i][1] == "replanned"
-    ]
+    return [(rows[i + 1][1], rows[i][2]) for i in range(len(rows) - 1) if rows[i][1] == "replanned"]
 
 
 async def show(cluster: VirtualCluster, task_id: str) -> dict[str, Any]:
@@ -82,7 +78,7 @@ async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
 
         # The 80 GB card runs a long task; a second 40 GB task queues for it (the 16 GB
         # card never fits).
-        running = await submit(cluster, command=["sim", "200"], gpu_mem_bytes=40 * GB)
+        running = await submit(cluster, command=["sim", "40"], gpu_mem_bytes=40 * GB)
         await cluster.wait_until(
             lambda: submitter.load(running).state == "running_remote", timeout_s=60
         )
