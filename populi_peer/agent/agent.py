@@ -456,6 +456,8 @@ class Agent:
             node=node,
             health=self.health,
             ledger=self.ledger,
+            # A task queued for a free GPU is re-placed when the hints change.
+            capacity_changed=lambda: self.gossip.changed,
         )
         self.inbox.on("handoff", self.worker.on_handoff)
         self.inbox.on("cancel", self.worker.on_cancel)

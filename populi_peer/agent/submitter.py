@@ -42,7 +42,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -96,7 +96,7 @@ from populi_peer.core.messages import (
     TaskWaiting,
 )
 from populi_peer.core.messages.inbox import MessageType
-from populi_peer.core.placement import CandidateView, propose
+from populi_peer.core.placement import CandidateView, Placement, propose, replan_queued
 from populi_peer.core.placement import TaskView as PlacementTask
 from populi_peer.core.refusals import (
     CONTROL_PLANE_UNREACHABLE,
@@ -122,6 +122,7 @@ from populi_peer.core.tasks import (
     PlacementStarted,
     PopuliFailure,
     Rejected,
+    Replanned,
     RequestKind,
     Result,
     Task,
@@ -143,6 +144,8 @@ LOCAL_ONLY_TOKEN = FencingToken(0, 0)
 DEFAULT_TTL_S = 30.0
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0
+#: How often a task queued for a free GPU looks again when no hint change wakes it.
+QUEUE_RETRY_S = 1.0
 #: What a task holds under no lease (a local attempt without one).
 NO_GRANT = TaskLeaseGrant(gpus=(), ttl_s=None, kind=None, attempt=None)
 
@@ -191,6 +194,11 @@ class Control:
     waiting: TaskWaiting | None = None
     #: Why each remote node was refused by the last placement that ran the task here.
     rejected: Rejected = ()
+    #: The task waits for a free GPU (``--queue-timeout``): later placements ask
+    #: :func:`~populi_peer.core.placement.replan_queued` instead of starting afresh.
+    queued: bool = False
+    #: The node it waits for (:attr:`~populi_peer.core.placement.Placement.waiting_for`).
+    queued_for: str | None = None
 
     def poke(self) -> None:
         self.wake.set()
@@ -232,9 +240,12 @@ class Submitter:
         node: SubmitterNode,
         health: Health,
         ledger: NodeLedger | None = None,
+        capacity_changed: Callable[[], trio.Event] | None = None,
     ) -> None:
         """``ledger``: this node's book (its node-local claims, ADR 0015); without it a
-        local GPU task waits for the control plane as before."""
+        local GPU task waits for the control plane as before. ``capacity_changed``: the
+        event set at the next change of the hints this node holds (hint gossip); a task
+        queued for a free GPU wakes on it, not only on its retry."""
         self.node_id = node_id
         self.tasks = tasks
         self.runner = runner
@@ -245,6 +256,7 @@ class Submitter:
         self.node = node
         self.health = health
         self.ledger = ledger
+        self.capacity_changed = capacity_changed
         self.logger = get_logger("submitter")
         self.controls: dict[str, Control] = {}
         self._nursery: trio.Nursery | None = None
@@ -436,9 +448,22 @@ class Submitter:
         queue = task.options.queue_timeout_s
         return queue is None or self._now_ms() >= task.created_wall_ms + queue * 1000
 
-    async def _pause(self, control: Control, seconds: float) -> None:
+    async def _pause(
+        self, control: Control, seconds: float, *, also: trio.Event | None = None
+    ) -> None:
+        """Wait ``seconds``, or until the task is poked (or ``also`` is set)."""
         with trio.move_on_after(seconds):
-            await control.wake.wait()
+            if also is None:
+                await control.wake.wait()
+                return
+            async with trio.open_nursery() as nursery:
+
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until, control.wake)
+                nursery.start_soon(until, also)
 
     async def _step(self, task: Task, control: Control) -> None:
         if task.state == "queued":
@@ -679,6 +704,8 @@ class Submitter:
             # to run here: ADR 0015).
             await self._place_local(task, control, ("node_pinned_local",))
             return
+        # Taken before the candidates are read: a change meanwhile still wakes the wait.
+        changed = None if self.capacity_changed is None else self.capacity_changed()
         try:
             candidates = await self.candidates(
                 gpu_facts=placement_task(task).constrains_gpus, want_facts=task.gpus_wanted > 0
@@ -686,14 +713,8 @@ class Submitter:
         except PopuliError as exc:
             await self._refused(task, control, "nodes", exc)
             return
-        placement = propose(
-            placement_task(task),
-            candidates,
-            remote_enabled=True,
-            local_node=self.node_id,
-            gates_enabled=gates_enabled(self.records.settings),
-            avoid=frozenset(control.tried),
-        )
+        queueing = task.gpus_wanted > 0 and not self._queue_deadline_passed(task)
+        placement = self._placement(task, control, candidates, queueing=queueing)
         if placement.where == "remote":
             assert placement.node is not None
             await self._grant_remote(
@@ -702,14 +723,16 @@ class Submitter:
             return
         reasons = placement.reasons
         control.rejected = placement.rejected
-        if task.gpus_wanted > 0 and not self._queue_deadline_passed(task):
-            # --queue-timeout: keep trying for a free GPU before falling back.
+        if queueing:
+            # --queue-timeout: wait for a free GPU before falling back; re-placed when
+            # capacity changes (the hints wake the wait), else looked at again each second.
             control.tried.clear()
+            control.queued, control.queued_for = True, placement.waiting_for
             if control.waiting is None or control.waiting.reason != NO_FREE_GPU:
                 control.waiting = TaskWaiting(
                     reason=NO_FREE_GPU, until_wall_ms=None, since_wall_ms=self._now_ms()
                 )
-            await self._pause(control, 1.0)
+            await self._pause(control, QUEUE_RETRY_S, also=changed)
             return
         if not task.options.allows_local(self.node_id):
             # --no-fallback, or --node naming another node: it fails here, nothing taken.
@@ -719,6 +742,52 @@ class Submitter:
             )
             return
         await self._place_local(task, control, reasons)
+
+    def _placement(
+        self,
+        task: Task,
+        control: Control,
+        candidates: list[CandidateView],
+        *,
+        queueing: bool,
+    ) -> Placement:
+        """The core's placement of ``task``; for a task already queued, its re-placement
+        (:func:`~populi_peer.core.placement.replan_queued`), recorded in the task's
+        decision log (``replanned`` and the reason) when it goes to a node or waits on."""
+        ptask = placement_task(task)
+        gates = gates_enabled(self.records.settings)
+        avoid = frozenset(control.tried)
+        if not control.queued:
+            return propose(
+                ptask,
+                candidates,
+                remote_enabled=True,
+                local_node=self.node_id,
+                gates_enabled=gates,
+                avoid=avoid,
+            )
+        decision = replan_queued(
+            ptask,
+            control.queued_for,
+            candidates,
+            local_node=self.node_id,
+            gates_enabled=gates,
+            avoid=avoid,
+        )
+        placement = decision.placement
+        if decision.reason is not None and (placement.where == "remote" or queueing):
+            remote = placement.where == "remote"
+            self.apply(
+                task.task_id,
+                Replanned(
+                    reason=decision.reason,
+                    waited_for=control.queued_for,
+                    waiting_for=None if remote else placement.waiting_for,
+                    node=placement.node if remote else None,
+                ),
+            )
+            control.queued_for = placement.node if remote else placement.waiting_for
+        return placement
 
     async def _grant_remote(
         self,

@@ -85,6 +85,7 @@ EventKey = Literal[
     "placed_local_no_fallback",
     "grant_refused",
     "grant_refused_no_fallback",
+    "replanned",
     "placement_failed",
     "handoff_failed",
     "control_plane_unreachable",
@@ -167,6 +168,8 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             placed_local_no_fallback="failed",
             grant_refused="placing",
             grant_refused_no_fallback="failed",
+            # A queued task re-placed because capacity changed (never a running one).
+            replanned="placing",
             placement_failed="failed",
             # A grant request went unanswered: it may have been granted. Wait for the
             # control plane's word (a fence for the local run, or the lease to die).
@@ -283,6 +286,22 @@ class GrantRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class Replanned:
+    """A queued task (waiting for a free GPU) is re-placed because the candidates changed:
+    ``reason`` is one of :data:`~populi_peer.core.placement.REPLAN_REASONS`; it waited for
+    ``waited_for`` and now goes to ``node`` (placed there) or waits for ``waiting_for``."""
+
+    reason: str
+    waited_for: str | None = None
+    waiting_for: str | None = None
+    node: str | None = None
+
+    def detail(self) -> str:
+        after = f"node={self.node}" if self.node is not None else f"waiting_for={self.waiting_for}"
+        return f"waited_for={self.waited_for} {after}"
+
+
+@dataclass(frozen=True, slots=True)
 class PlacementFailed:
     """No placement is possible (e.g. ``--no-fallback`` and no remote candidate)."""
 
@@ -361,6 +380,7 @@ TaskEvent = (
     | PlacedRemote
     | PlacedLocal
     | GrantRefused
+    | Replanned
     | PlacementFailed
     | HandoffFailed
     | ControlPlaneUnreachable
@@ -918,6 +938,7 @@ _PLAIN_KEYS: Final[Mapping[type, EventKey]] = MappingProxyType(
     {
         PlacementStarted: "placing_started",
         PlacedRemote: "placed_remote",
+        Replanned: "replanned",
         PlacementFailed: "placement_failed",
         HandoffFailed: "handoff_failed",
         ControlPlaneUnreachable: "control_plane_unreachable",
@@ -1087,6 +1108,8 @@ def _entries(task: Task, event: TaskEvent, key: EventKey, at: int) -> tuple[Reas
         out = rows("placed_local", f"node={event.node}", event.reasons)
     elif isinstance(event, GrantRefused):
         out = rows("grant_refused", f"node={event.node}", event.reasons)
+    elif isinstance(event, Replanned):
+        out = rows("replanned", event.detail(), (event.reason,))
     elif isinstance(event, PlacementFailed):
         out = rows("placement_failed", event.detail, event.reasons)
     elif isinstance(event, HandoffFailed):
@@ -1159,6 +1182,7 @@ __all__ = [
     "PopuliFailure",
     "ReasonEntry",
     "Rejected",
+    "Replanned",
     "RequestKind",
     "Result",
     "Task",

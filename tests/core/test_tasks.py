@@ -28,6 +28,7 @@ from populi_peer.core.tasks import (
     PlacementFailed,
     PlacementStarted,
     PopuliFailure,
+    Replanned,
     Result,
     Task,
     TaskEvent,
@@ -753,3 +754,32 @@ def test_no_fallback_with_no_remote_node_is_refused_not_a_failure_of_populi() ->
         new_task(no_fallback=True), PlacementStarted(), PlacedLocal("sub", ("no_remote_candidate",))
     )
     assert exit_status(task) == EXIT_REFUSED and "no_fallback" in codes(task)
+
+
+# -- queued work follows capacity -----------------------------------------------------------
+
+
+def test_a_replanned_queued_task_keeps_placing_and_logs_why() -> None:
+    task = run(
+        new_task(queue_timeout_s=600),
+        PlacementStarted(),
+        Replanned("replan_node_ineligible", waited_for="w1"),
+        Replanned("replan_capacity_freed", waited_for="w2", node="w2"),
+    )
+    assert task.state == "placing" and task.attempts == ()
+    assert [(r.code, r.detail) for r in task.reasons[2:]] == [
+        ("replanned", "waited_for=w1 waiting_for=None"),
+        ("replan_node_ineligible", "waited_for=w1 waiting_for=None"),
+        ("replanned", "waited_for=w2 node=w2"),
+        ("replan_capacity_freed", "waited_for=w2 node=w2"),
+    ]
+    assert Task.from_json(task.to_json()) == task
+
+
+def test_running_work_is_never_replanned() -> None:
+    for state in TASK_STATES:
+        if state != "placing":
+            assert "replanned" not in TRANSITIONS[state], state
+    task = placed_remote()
+    with pytest.raises(IllegalTaskTransition):
+        task.apply(Replanned("replan_better_node", node="w2"), now_wall_ms=T0 + 9)
