@@ -24,6 +24,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -217,7 +218,7 @@ class Metrics(Collector):
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("populi.http")
         hconfig.graceful_timeout = 1.0
-        app = make_asgi_app(self.registry)
+        app = _with_lifespan(make_asgi_app(self.registry))
         started = False
         try:
             async with trio.open_nursery() as nursery:
@@ -249,6 +250,25 @@ class Metrics(Collector):
             )
             if not started:
                 task_status.started()
+
+
+def _with_lifespan(app: Any) -> Any:
+    """``app`` (prometheus-client's, which knows only HTTP) answering the ASGI lifespan
+    protocol too, so hypercorn does not warn at every start that it has no lifespan."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return asgi
 
 
 __all__ = ["Metrics", "NodeFigures"]
