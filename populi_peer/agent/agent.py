@@ -399,6 +399,7 @@ class Agent:
             health=self.health,
         )
         self.app.observers.append(self.metrics.observe)
+        self.submitter.finished_listeners.append(self.metrics.task_finished)
         self.node_status.metrics_url = lambda: self.metrics.url
         self._stop = trio.Event()
         self._server_stop = trio.Event()

@@ -21,16 +21,22 @@ that cannot be bound makes the node degraded (``metrics``), never stops it.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from prometheus_client import CollectorRegistry, make_asgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from populi_peer.agent.gossip import HintGossip
@@ -38,6 +44,7 @@ from populi_peer.agent.health import Health
 from populi_peer.config import MetricsConfig, format_host_port, parse_host_port, reach_host
 from populi_peer.core.leases import LEASE_STATES
 from populi_peer.core.messages import LeaseFallbackAnswer, Message
+from populi_peer.core.tasks import Task
 from populi_peer.log import get_logger, log
 
 #: Operations whose answers count as lease decisions (control plane).
@@ -81,6 +88,10 @@ class Metrics(Collector):
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.lease_decisions: Counter[tuple[str, str, str]] = Counter()
         self.fallbacks: Counter[str] = Counter()
+        #: Finished tasks submitted here, by end state: per-bucket counts and the sum of
+        #: their durations (created to finished), for ``populi_task_duration_seconds``.
+        self.task_buckets: dict[str, list[int]] = {}
+        self.task_seconds: dict[str, float] = {}
         #: ``http://host:port/metrics`` once bound (``populi status --json``).
         self.url: str | None = None
 
@@ -98,6 +109,16 @@ class Metrics(Collector):
         if operation == "lease_fallback" and isinstance(answer, LeaseFallbackAnswer):
             prior = answer.prior
             self.fallbacks["no_lease" if prior is None else f"lease_{prior.lease.state}"] += 1
+
+    def task_finished(self, task: Task) -> None:
+        """``Submitter.finished_listeners``: one task submitted here ended. Never raises."""
+        end = task.finished_wall_ms if task.finished_wall_ms is not None else task.created_wall_ms
+        seconds = max(0.0, (end - task.created_wall_ms) / 1000)
+        buckets = self.task_buckets.setdefault(task.state, [0] * len(TASK_DURATION_BUCKETS_S))
+        for i, bound in enumerate(TASK_DURATION_BUCKETS_S):
+            if seconds <= bound:
+                buckets[i] += 1
+        self.task_seconds[task.state] = self.task_seconds.get(task.state, 0.0) + seconds
 
     # -- read when scraped --------------------------------------------------------------------
 
@@ -195,6 +216,21 @@ class Metrics(Collector):
         for reason, count in sorted(stats.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+        durations = HistogramMetricFamily(
+            "populi_task_duration_seconds",
+            "Tasks submitted on this node, from submission to their end, by end state",
+            labels=["state"],
+        )
+        for state, counts in sorted(self.task_buckets.items()):
+            durations.add_metric(
+                [state],
+                buckets=[
+                    (_bound(b), count)
+                    for b, count in zip(TASK_DURATION_BUCKETS_S, counts, strict=True)
+                ],
+                sum_value=self.task_seconds[state],
+            )
+        yield durations
         yield CounterMetricFamily(
             "populi_gossip_published", "Hints this node signed about itself", stats.published
         )
@@ -250,6 +286,14 @@ class Metrics(Collector):
             )
             if not started:
                 task_status.started()
+
+
+#: Upper bounds of the task-duration buckets, in seconds (the last one is +Inf).
+TASK_DURATION_BUCKETS_S: Final = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, math.inf)
+
+
+def _bound(seconds: float) -> str:
+    return "+Inf" if math.isinf(seconds) else f"{seconds:g}"
 
 
 def _with_lifespan(app: Any) -> Any:

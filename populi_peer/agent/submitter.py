@@ -255,6 +255,8 @@ class Submitter:
         self.records = records
         self.node = node
         self.health = health
+        #: Called with each task of this node as it ends (``/metrics``' task durations).
+        self.finished_listeners: list[Callable[[Task], None]] = []
         self.ledger = ledger
         self.capacity_changed = capacity_changed
         self.logger = get_logger("submitter")
@@ -298,6 +300,9 @@ class Submitter:
         fields = task_transition_fields(task, new, event_key(task, event))
         if fields is not None:
             log(self.logger, logging.INFO, TASK_TRANSITION, **fields)
+        if new.terminal and not task.terminal:
+            for listener in self.finished_listeners:
+                listener(new)
         return new
 
     def request_number(self, task_id: str, kind: RequestKind) -> int:

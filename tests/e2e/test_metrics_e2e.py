@@ -99,6 +99,11 @@ def test_a_scrape_passes_promtool_and_sees_lease_and_fallback_counters_move(
             promtool_check(after)
             waited = mesh.wait_cli("w1", task_id)
             assert waited.returncode == 0, waited.stderr
+            # The submitter counts the task's duration once it ended.
+            finished = scrape(mesh, "w1")
+            assert sample(finished, "populi_task_duration_seconds_count", state="succeeded") == 1
+            assert sample(finished, "populi_task_duration_seconds_sum", state="succeeded") > 0
+            promtool_check(finished)
         finally:
             mesh.start("w2")
     finally:
