@@ -299,6 +299,13 @@ async def test_a_local_attempt_whose_renewals_go_unanswered_becomes_a_claim(
 
         cluster.network.heal()
         await cluster.wait_until(lambda: not cp.heartbeats.stale(w1.node_id), timeout_s=60)
+        # The claim's end reaches the control plane with a report after the heal: until
+        # then it still counts the GPU as busy (and a pinned task would be refused).
+        await cluster.wait_until(
+            lambda: not cp.leases.table.claims_of(w1.node_id),  # type: ignore[union-attr]
+            timeout_s=60,
+            what="the control plane dropped the ended claim",
+        )
         second = await _submit(cluster, "w1", command=["sim", "90"], gpus=1, node="w1")
         try:
             await cluster.wait_until(

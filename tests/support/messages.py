@@ -332,7 +332,7 @@ report_changes = st.builds(
     node=st.just("n-w1"),
     incarnation=incarnations,
     epoch=st.integers(1, 100),
-    base_seq=st.integers(0, 50),
+    base_seq=st.integers(1, 50),
     changes=st.lists(
         st.builds(ReportChange, seq=st.integers(51, 60), dropped_leases=st.just(("l-9",))),
         max_size=1,
