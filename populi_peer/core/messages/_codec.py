@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, Generic, Literal, TypeVar, dataclass_transform, overload
@@ -88,14 +89,15 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-class Codec(Generic[T]):
+class Codec(ABC, Generic[T]):
     """Parses one JSON value into ``T`` (:meth:`parse`) and writes it back (:meth:`dump`).
-    ``code`` is the reason code of its refusals."""
+    ``code`` is the reason code of its refusals. Each kind of value says how it parses."""
 
     code: str = "bad_request"
 
+    @abstractmethod
     def parse(self, value: object, path: str) -> T:
-        raise NotImplementedError
+        """``value`` as ``T``, or a :class:`BadRequest` naming ``path``."""
 
     def dump(self, value: T) -> Any:
         return value
