@@ -13,7 +13,11 @@ local ones (remote execution off or pinned here: a local lease, or a claim when 
 plane answers). The network delays, drops and sometimes holds messages long; faults crash
 and restart the control plane (a new incarnation that keeps only its store), cut a node off
 from it for a while, lose a node's next full report, and put a submitter to sleep so that
-results wait undelivered.
+results wait undelivered. A share of the crashes are *failovers*: another voter leads at the
+next term, holding none of the old leader's leases (leases are rebuilt from the nodes'
+full reports, not replicated; ADR 0011) and numbering its tokens afresh within its term,
+while the old leader's last answers (a grant at its last moment) are still in flight. A
+node that reported to term T ignores a control-plane answer from a lower term.
 
 After every event :class:`LeaseSimulation` asserts:
 
@@ -118,6 +122,10 @@ class SimConfig:
     #: Mean time between control-plane crashes, and how long it stays down.
     crash_every_s: float = 25.0
     down_s: tuple[float, float] = (0.5, 8.0)
+    #: Share of crashes that are failovers: another voter leads at the next term, with none
+    #: of the old leader's leases (leases are not replicated records, ADR 0011) and a token
+    #: counter of its own; the election guarantees the old authority ended first.
+    failover: float = 0.35
     #: Mean time between cuts of one node from the control plane, and their length.
     cut_every_s: float = 15.0
     cut_s: tuple[float, float] = (1.0, 12.0)
@@ -207,6 +215,8 @@ class ControlPlane:
         self.store: dict[str, dict[str, Any]] = {}
         self.next_seq = 1
         self.incarnations = 0
+        #: The election term of the leader that holds the role (a failover raises it).
+        self.term = 1
         self.started_at = 0.0
         self.offset = 1000.0
         self.ids = 0
@@ -243,7 +253,7 @@ class LeaseSimulation:
         self.nodes: dict[str, SimNode] = {}
         self.tasks: dict[str, SimTask] = {}
         self.procs: list[Proc] = []
-        self.terminal_seen: dict[str, str] = {}
+        self.terminal_seen: dict[tuple[int, str], str] = {}
         self.started_tokens: dict[str, list[FencingToken]] = {}
         self.stats: dict[str, int] = {}
         self.claim_ids = 0
@@ -335,10 +345,21 @@ class LeaseSimulation:
                 self.note(f"{node.node_id} -> cp {what}: nobody there")
                 return
             answer = handle()
+            term = self.cp.term
             if not self.linked(node) or self.rng.random() < self.config.drop:
                 self.note(f"cp -> {node.node_id} {what}: answer lost")
                 return
-            self.at(self.now + self.delay(), lambda: reply(answer))
+
+            def deliver() -> None:
+                # A node that reported to term T takes no control-plane answer from a lower
+                # term (a deposed leader's): as if it never came.
+                if term < node.reporter.highest_term:
+                    self.count("stale_term_answers")
+                    self.note(f"{node.node_id} ignores {what} from term {term}")
+                    return
+                reply(answer)
+
+            self.at(self.now + self.delay(), deliver)
 
         self.at(self.now + self.delay(), arrive)
 
@@ -363,18 +384,31 @@ class LeaseSimulation:
         if self.now < c.run_s:
             self.at(self.now + self._exp(c.crash_every_s), self._random_crash)
         if self.cp.up:
-            self.crash_cp(self.rng.uniform(*c.down_s), forget=self.rng.random() < c.forget)
+            failover = self.rng.random() < c.failover
+            forget = not failover and self.rng.random() < c.forget
+            self.crash_cp(self.rng.uniform(*c.down_s), forget=forget, failover=failover)
             self._random_lost_report()
 
-    def crash_cp(self, down_s: float, *, forget: bool = False) -> None:
+    def crash_cp(self, down_s: float, *, forget: bool = False, failover: bool = False) -> None:
         """The control plane dies and restarts ``down_s`` later (a new incarnation that
         keeps its store; with ``forget``, a store without the leases granted in the last
-        ``forget_s``)."""
+        ``forget_s``). With ``failover`` another voter leads instead, at the next term:
+        it holds none of the old leader's leases and numbers its tokens from 1 in its own
+        term. The election makes ``down_s`` at least the old authority's remaining lease
+        (ADR 0011); answers the old leader gave before it went stay in flight."""
         if not self.cp.up:
             return
         self.cp.table = None
         self.count("cp_crashes")
         self.note("CONTROL PLANE CRASHED")
+        if failover:
+            self.count("failovers")
+            self.cp.store = {}
+            self.cp.next_seq = 1
+            self.cp.term += 1
+            self.note(f"a new leader is elected at term {self.cp.term}; it holds no lease")
+            self.at(self.now + down_s, self.restart_cp)
+            return
         if forget:
             cutoff = int((self.now - self.config.forget_s) * 1000) + WALL0
             lost = [
@@ -399,12 +433,13 @@ class LeaseSimulation:
         leases = [Lease.from_json(body) for body in cp.store.values()]
         cp.table = LeaseTable.restore(
             leases,
-            term=1,
+            term=cp.term,
             next_seq=cp.next_seq,
             settings=SIM_LEASES,
             now_mono=cp.mono(self.now),
             incarnation_id=f"i{cp.incarnations}",
-            resume=cp.next_seq > 1,
+            # A new leader cannot know that no lease exists: it always resumes per node.
+            resume=cp.next_seq > 1 or cp.term > 1,
         )
         self.restarts.append(self.now)
         self.note(f"CONTROL PLANE RESTARTED as {cp.table.incarnation} with {len(leases)} leases")
@@ -1096,13 +1131,17 @@ class LeaseSimulation:
         tokens.append(proc.token)
 
     def check_store(self) -> None:
+        # Per leader's store: a new leader never saw what the old one ended, and may learn
+        # a lease from a node's report that the old one expired (a claim's attempt still
+        # running on its own node); rules 1-3, checked on the processes, still hold.
         for lease_id, body in self.cp.store.items():
             state = str(body["state"])
-            seen = self.terminal_seen.get(lease_id)
+            key = (self.cp.term, lease_id)
+            seen = self.terminal_seen.get(key)
             if seen is not None and seen != state:
                 self.fail(f"rule 4: lease {lease_id} was {seen}, now {state}")
             if state in TERMINAL_STATES:
-                self.terminal_seen[lease_id] = state
+                self.terminal_seen[key] = state
 
     def check(self) -> None:
         gpus: dict[tuple[str, str], Proc] = {}

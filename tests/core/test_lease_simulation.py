@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ QUIET = SimConfig(
     sleep_every_s=math.inf,
     lose_full_report=0.0,
     forget=0.0,
+    failover=0.0,
     rate=(1.0, 1.0),
 )
 
@@ -47,6 +49,7 @@ def test_the_suite_seeds_are_clean() -> None:
     # Not vacuous: restarts, lost full reports and gaps, ends recorded from reports,
     # leases learned, claims made and converted, fallbacks — and the work gets done.
     assert totals["cp_crashes"] > SUITE_SEEDS and totals["gaps"] > SUITE_SEEDS
+    assert totals["failovers"] > SUITE_SEEDS // 2
     assert totals["full_reports_lost"] > SUITE_SEEDS // 2
     assert totals["ends_recorded"] > SUITE_SEEDS and totals["learned"] > 0
     assert totals["claims"] > SUITE_SEEDS // 2 and totals["claims_converted"] > SUITE_SEEDS // 2
@@ -217,3 +220,34 @@ def replace_config(**changes: object) -> SimConfig:
     from dataclasses import replace
 
     return replace(QUIET, **changes)  # type: ignore[arg-type]
+
+
+def test_a_grant_of_the_old_leader_that_lands_after_the_report_to_the_new_one_never_runs() -> None:
+    """Issue 13, item 4. The old leader grants at its last moment and is deposed; the
+    handoff reaches the worker only after the worker's full report to the new leader
+    (which therefore does not name it). The new leader does not know the lease: the
+    worker's renewal before the start is refused, the attempt never runs, and the task
+    falls back under a token of the new term."""
+    sim = LeaseSimulation(21, QUIET)
+    sim.add_task("t", "n0", duration_s=2.0, local=False, at=1.0, target="n1")
+    handoff = sim.handoff
+    landed: list[tuple[int, bool, int]] = []
+
+    def late(task: Any, lease: leases.Lease) -> None:
+        def land() -> None:
+            worker = sim.nodes["n1"].reporter
+            landed.append((worker.highest_term, worker.reported, lease.token.term))
+            handoff(task, lease)
+
+        sim.at(sim.now + 3.0, land)
+
+    sim.handoff = late  # type: ignore[method-assign]
+    sim.at(1.02, lambda: sim.crash_cp(0.5, failover=True))
+    sim.run()
+    assert sim.stats["failovers"] == 1 and sim.cp.term == 2
+    # The old leader's grant (term 1) lands on a worker that already reported to term 2.
+    assert landed[0] == (2, True, 1)
+    runs = [p for p in sim.procs if p.task_id == "t"]
+    assert [p.node for p in runs] == ["n0"], runs  # never on n1
+    assert runs[0].token.term == 2 and runs[0].outcome == "completed"
+    assert sim.tasks["t"].state == "done"
