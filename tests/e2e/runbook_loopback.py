@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lab.runbook import RunbookError, Shell
+
 from support.mesh import free_port
 from support.procs import MARK, MARK_NAME, kill_pids, leftovers
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e.runbook_loopback import LoopbackHosts
 from lab.runbook import Runbook, parse_runbook
+
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
