@@ -167,4 +167,4 @@ def _alive(pid: int) -> bool:
         return False
 
 
-__all__ = ["LoopbackHosts", "background_agents"]
+__all__ = ["AGENT_WAIT", "LoopbackHosts", "background_agents"]

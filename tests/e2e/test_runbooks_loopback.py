@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e.runbook_loopback import LoopbackHosts
-from lab.runbook import Runbook, parse_runbook
+from e2e.runbook_loopback import AGENT_WAIT, LoopbackHosts, background_agents
+from lab.runbook import Runbook, RunbookError, parse_runbook
 
 from support.waiting import wait_for
 
@@ -276,3 +276,39 @@ def test_install_runbook(machines: Any) -> None:
         book.run(step.id)
     token_in(book.outputs[("token", "cp")])
     book.check_all_run()
+
+
+def test_the_runner_substitutes_checks_exit_codes_and_backgrounds_agents(
+    machines: Any, tmp_path: Path
+) -> None:
+    """The annotations the pages rely on do what they say: ``sub`` replaces a placeholder
+    (and refuses one the block lacks), ``exit`` passes a line that exits with the code it
+    names and fails one that does not, an indented block runs dedented, and a foreground
+    ``populi agent`` line is started in the background."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "1. A list item:\n"
+        '   <!-- lab: id=ok on=h sub="PLACEHOLDER -> $HOME" exit="false=1" -->\n'
+        "   ```sh\n"
+        "   echo at PLACEHOLDER\n"
+        "   false  # documented to fail\n"
+        "   ```\n"
+        '<!-- lab: id=wrong-code on=h exit="true=4" -->\n'
+        "```sh\ntrue\n```\n"
+        '<!-- lab: id=missing on=h sub="NOT_THERE -> x" -->\n'
+        "```sh\necho\n```\n"
+    )
+    hosts: LoopbackHosts = machines(["h"])
+    book = Runbook(page, hosts)
+    assert f"at {hosts.home('h')}" in book.run("ok")["h"]
+    with pytest.raises(RunbookError, match="exited 0, not 4"):
+        book.run("wrong-code")
+    with pytest.raises(RunbookError, match="NOT_THERE"):
+        book.step("missing").command()
+    script = background_agents("populi agent --data-dir ~/d   # a comment\npopuli nodes")
+    assert script.split("\n") == [
+        "populi agent --data-dir ~/d >> ~/agent.log 2>&1 &",
+        "echo $! >> ~/.agent-pids",
+        f"populi status --wait {AGENT_WAIT} --data-dir ~/d > /dev/null",
+        "populi nodes",
+    ]
