@@ -76,7 +76,7 @@ def active(hosts: LoopbackHosts, name: str) -> None:
         f"{name} active on the control plane",
         lambda: (node_view(hosts, name) or {}).get("state") == "active",
         guard_s=GUARD_S,
-        every_s=0.3,
+        every_s=1.0,
     )
 
 
@@ -128,19 +128,16 @@ def test_enroll_a_node_runbook(machines: Any) -> None:
     # An operator machine: a token with the operator role, then `populi join`; its node
     # key signs operator commands.
     join(hosts, "laptop", "operator")
-    hosts.run("laptop", "populi node cordon gpu-box --reason 'operator check'")
-    hosts.run("laptop", "populi node resume gpu-box")
+    assert "is cordoned" in hosts.run("laptop", "populi node cordon gpu-box --reason check")
     first = node_view(hosts, "laptop")
     assert first is not None
 
-    # A node whose certificate expired: it is off when it re-joins.
+    # A node whose certificate expired: it is off when it re-joins, and gets a new id.
     hosts.stop_agent("laptop")
     hosts.run("laptop", f"TOKEN='{token_in(book.run('rejoin-token')['cp'])}'")
     book.run("rejoin")
-    hosts.run("laptop", "populi agent")
-    active(hosts, "laptop")
     again = node_view(hosts, "laptop")
-    assert again is not None and again["id"] != first["id"]
+    assert again is not None and again["id"] != first["id"] and again["state"] == "active"
     book.check_all_run()
 
 
@@ -173,7 +170,7 @@ def test_run_tasks_runbook(machines: Any, tmp_path: Path) -> None:
         "gpu-box's GPU allocatable",
         lambda: any(g.get("allocatable") for g in gpus_of(hosts, "gpu-box")),
         guard_s=GUARD_S,
-        every_s=0.3,
+        every_s=1.0,
     )
     book = Runbook(RUNBOOKS / "run-tasks.md", hosts)
     assert re.search(r"^remote_exec_enabled\s+true", book.run("remote-on")["cp"], re.M)
@@ -195,7 +192,7 @@ def test_run_tasks_runbook(machines: Any, tmp_path: Path) -> None:
         "a holding lease",
         lambda: as_json(hosts.run("cp", "populi leases --state holding --json"))["leases"],
         guard_s=GUARD_S,
-        every_s=0.3,
+        every_s=1.0,
     )[0][0]["lease_id"]
     hosts.run("cp", f"LEASE={lease}")
     assert "revoking" in book.run("revoke-lease")["cp"]
@@ -227,7 +224,7 @@ def test_gpu_quarantine_runbook(machines: Any, tmp_path: Path) -> None:
         "sick's GPU quarantined",
         lambda: [g for g in gpus_of(hosts, "sick") if "gpu_quarantined" in g["allocation_reasons"]],
         guard_s=GUARD_S,
-        every_s=0.3,
+        every_s=1.0,
     )[0][0]
     assert not gpu["allocatable"]
     assert re.search(r"XID event.*\"critical\": true", hosts.run("sick", "cat ~/agent.log"))
@@ -241,7 +238,7 @@ def test_gpu_quarantine_runbook(machines: Any, tmp_path: Path) -> None:
         "sick's GPU allocatable again",
         lambda: any(g["allocatable"] for g in gpus_of(hosts, "sick")),
         guard_s=GUARD_S,
-        every_s=0.3,
+        every_s=1.0,
     )
     book.check_all_run()
 
@@ -259,7 +256,7 @@ def test_revoke_a_node_runbook(machines: Any) -> None:
         "laptop knows it is retired",
         lambda: "RETIRED since" in hosts.run("laptop", "populi status"),
         guard_s=GUARD_S,
-        every_s=0.3,
+        every_s=1.0,
     )
     assert "populi node unretire laptop" in hosts.run("laptop", "populi status")
     assert "its name stays blocked" in book.run("delete")["cp"]
