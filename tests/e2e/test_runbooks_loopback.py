@@ -36,6 +36,8 @@ SINGLE_MACHINE_PAGES = (
     "install.md",
     "disk-full.md",
 )
+#: Pages that need a network of machines: run (or skipped) step by step in the lab.
+LAB_PAGES = ("overlay-wireguard.md", "overlay-nebula.md", "overlay-tailscale.md")
 GPU_FIXTURE = {"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-idle.json"}
 TOKEN = re.compile(r"^(populi-join-2\.\S+)$", re.M)
 #: Guards for what happens within a heartbeat or two, not measurements.
@@ -101,6 +103,13 @@ def machines(tmp_path: Path) -> Iterator[Any]:
     finally:
         for hosts in opened:
             hosts.close()
+
+
+def test_every_runbook_is_walked_here_or_in_the_lab() -> None:
+    """A new page joins this walk, or the namespace lab's (``tests/lab/test_overlay_lab.py``,
+    the pages that need machines of their own)."""
+    pages = {path.name for path in RUNBOOKS.glob("*.md")}
+    assert pages == set(SINGLE_MACHINE_PAGES) | set(LAB_PAGES)
 
 
 @pytest.mark.parametrize("page", SINGLE_MACHINE_PAGES)
