@@ -261,13 +261,13 @@ def test_revoke_a_node_runbook(machines: Any) -> None:
     assert re.search(r"^laptop\s.*\bretired\b", out, re.M), out
     assert re.search(r"retire: active -> retired\s.*\bstolen$", out, re.M), out
     # "On that machine `populi status` says so and how to come back."
-    wait_for(
-        "laptop knows it is retired",
-        lambda: "RETIRED since" in hosts.run("laptop", "populi status"),
-        guard_s=GUARD_S,
-        every_s=1.0,
-    )
-    assert "populi node unretire laptop" in hosts.run("laptop", "populi status")
+
+    def retired_status() -> str | None:
+        text = hosts.run("laptop", "populi status")
+        return text if "RETIRED since" in text else None
+
+    shown, _ = wait_for("laptop knows it is retired", retired_status, guard_s=GUARD_S, every_s=1.0)
+    assert "1. on the control plane: populi node unretire laptop" in shown, shown
     assert "its name stays blocked" in book.run("delete")["cp"]
     assert "may join again" in book.run("unretire")["cp"]
     book.check_all_run()
