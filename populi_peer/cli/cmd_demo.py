@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from populi_peer.cli.common import add_json, print_json
-from populi_peer.errors import PopuliError
+from populi_peer.errors import PopuliError, UsageError
 from populi_peer.selfexec import child_env, populi_command, started_as
 
 #: This very installation: the installed package, or the single file (its agents are
@@ -149,7 +149,11 @@ class Demo:
 
 
 def run(args: argparse.Namespace) -> int:
-    root = Path(tempfile.mkdtemp(prefix="populi-demo-", dir=args.dir))
+    try:
+        root = Path(tempfile.mkdtemp(prefix="populi-demo-", dir=args.dir))
+    except OSError as exc:
+        # A --dir that is missing or not writable: the user's input, not our failure.
+        raise UsageError(f"--dir {args.dir}: {exc.strerror or exc}", code="bad_dir") from None
     demo = Demo(root=root, guard_s=args.guard, quiet=args.json)
     keep = False
     passed = False

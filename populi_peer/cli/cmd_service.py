@@ -20,6 +20,7 @@ Nothing here talks to systemd: the command writes (or removes) the file and prin
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import shlex
 import shutil
@@ -238,10 +239,18 @@ def run_install(args: argparse.Namespace) -> int:
     )
     if args.user:
         sys.stdout.write(
-            "to keep it running after you log out: loginctl enable-linger "
-            f"{shlex.quote(os.environ.get('USER', '$USER'))}\n"
+            f"to keep it running after you log out: loginctl enable-linger {_user_for_shell()}\n"
         )
     return 0
+
+
+def _user_for_shell() -> str:
+    """This user's name quoted for a shell (``$USER`` when unset: the password database);
+    ``"$USER"``, which the shell expands, when no name can be found."""
+    try:
+        return shlex.quote(getpass.getuser())
+    except (OSError, KeyError):
+        return '"$USER"'
 
 
 def run_uninstall(args: argparse.Namespace) -> int:

@@ -20,7 +20,15 @@ an HTML comment a reader does not see::
   ``DST`` is ``HOSTS:PATH`` or ``others:PATH`` (every other host in ``on``); ``{src}``
   and ``{dst}`` in either path stand for the source and destination host's names;
 - ``expect="TEXT"``: the step's output must contain TEXT;
-- ``timeout=SECONDS`` (default 120).
+- ``timeout=SECONDS`` (default 120);
+- ``sub="OLD -> NEW"`` (several separated by ``;``): the page's placeholder OLD (a name
+  like ``TOKEN_ID``, an address the lab does not have) is run as NEW, e.g. ``$TOKEN``
+  that an earlier step or the test set;
+- ``exit="TEXT=N"`` (several separated by ``;``): the line that contains TEXT must exit
+  with N (a refusal the page documents, e.g. exit 4 where no node fits); every other
+  command must succeed.
+
+A block may be indented (inside a list item): its lines are run dedented.
 
 A block without an annotation fails :func:`parse_runbook`: a new step cannot slip past
 the lab.
@@ -46,10 +54,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from lab.netns import Lab
 
@@ -62,8 +72,9 @@ PRIVATE_DIRS = (
     "/var/log/populi",
     "/var/log/nebula",
 )
-ANNOTATION = re.compile(r"<!--\s*lab:(.*?)-->\s*\n```(\w*)\n(.*?)\n```", re.S)
-FENCE = re.compile(r"^```(sh|bash|shell)\s*$", re.M)
+ANNOTATION = re.compile(r"<!--\s*lab:(.*?)-->[ \t]*\n([ \t]*)```(\w*)\n(.*?)\n[ \t]*```", re.S)
+FENCE = re.compile(r"^[ \t]*```(sh|bash|shell)\s*$", re.M)
+ATTRIBUTES = frozenset({"id", "on", "vars", "skip", "copy", "expect", "timeout", "sub", "exit"})
 
 
 class RunbookError(AssertionError):
@@ -82,6 +93,31 @@ class Step:
     expect: str = ""
     timeout: float = 120.0
     line: int = 0
+    sub: str = ""
+    exit: str = ""
+
+    def command(self) -> str:
+        """The script as it runs: placeholders substituted (``sub``), and each line named
+        by ``exit`` checked for its exit code instead of failing the step."""
+        script = self.script
+        for spec in filter(None, (part.strip() for part in self.sub.split(";"))):
+            old, _, new = (part.strip() for part in spec.partition("->"))
+            if old not in script:
+                raise RunbookError(f"step {self.id!r}: sub {old!r} is not in the block")
+            script = script.replace(old, new)
+        lines = script.split("\n")
+        for spec in filter(None, (part.strip() for part in self.exit.split(";"))):
+            text, _, code = spec.rpartition("=")
+            hits = [i for i, line in enumerate(lines) if text in line]
+            if len(hits) != 1 or not code.isdigit():
+                raise RunbookError(f"step {self.id!r}: exit {spec!r} must name one line")
+            line = lines[hits[0]]
+            lines[hits[0]] = (
+                f"__rc=0; {{ {line}\n}} || __rc=$?\n"
+                f'if [ "$__rc" != {code} ]; then __failed=1; '
+                f'echo "lab: exited $__rc, not {code}: "{shlex.quote(line.strip())}; fi'
+            )
+        return "\n".join(lines)
 
 
 def parse_runbook(path: Path) -> list[Step]:
@@ -96,13 +132,13 @@ def parse_runbook(path: Path) -> list[Step]:
         )
         line = text.count("\n", 0, match.start(2)) + 1
         annotated.add(line)
-        unknown = set(attrs) - {"id", "on", "vars", "skip", "copy", "expect", "timeout"}
+        unknown = set(attrs) - ATTRIBUTES
         if unknown or "id" not in attrs:
             raise RunbookError(f"{path.name}:{line}: bad annotation {match.group(1).strip()!r}")
         on = attrs.get("on", "all")
         step = Step(
             id=attrs["id"],
-            script=match.group(3),
+            script=textwrap.dedent(match.group(4)) if match.group(2) else match.group(4),
             hosts=() if on == "all" else tuple(on.split(",")),
             on_all=on == "all",
             vars="vars" in attrs,
@@ -111,6 +147,8 @@ def parse_runbook(path: Path) -> list[Step]:
             expect=attrs.get("expect", ""),
             timeout=float(attrs.get("timeout", "120")),
             line=line,
+            sub=attrs.get("sub", ""),
+            exit=attrs.get("exit", ""),
         )
         if any(s.id == step.id for s in steps):
             raise RunbookError(f"{path.name}:{line}: step id {step.id!r} used twice")
@@ -172,6 +210,18 @@ class Shell:
                 return int(found.group(1)), output
 
 
+class HostSet(Protocol):
+    """Where a runbook runs: :class:`Hosts` (the lab), or one machine's loopback
+    (``tests/e2e/runbook_loopback.py``)."""
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+    def run(self, host: str, script: str, *, timeout: float = 120.0) -> str: ...
+
+    def dir(self, host: str, path: str) -> Path: ...
+
+
 class Hosts:
     """The lab's hosts as machines of their own (module docstring)."""
 
@@ -189,6 +239,10 @@ class Hosts:
         self.host_env = {host: dict(values) for host, values in (host_env or {}).items()}
         self.holders: dict[str, subprocess.Popen[bytes]] = {}
         self.shells: dict[str, Shell] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.lab.names)
 
     def dir(self, host: str, path: str) -> Path:
         """Where ``path`` of ``host`` (one of :data:`PRIVATE_DIRS`, or below) lives here."""
@@ -280,7 +334,7 @@ class Hosts:
 class Runbook:
     """A runbook's steps, run on :class:`Hosts` by name and in page order."""
 
-    def __init__(self, path: Path, hosts: Hosts) -> None:
+    def __init__(self, path: Path, hosts: HostSet) -> None:
         self.path = path
         self.hosts = hosts
         self.steps = parse_runbook(path)
@@ -296,7 +350,7 @@ class Runbook:
         raise RunbookError(f"{self.path.name} has no step {step_id!r}")
 
     def targets(self, step: Step) -> tuple[str, ...]:
-        return self.hosts.lab.names if step.on_all else step.hosts
+        return self.hosts.names if step.on_all else step.hosts
 
     def run(self, step_id: str) -> dict[str, str]:
         """Run one step on its hosts (in the order the page lists them); the output per
@@ -314,7 +368,7 @@ class Runbook:
             self._copy(step)
         else:
             for host in self.targets(step):
-                script = f"{self.profile}\nNODE={host}\n{step.script}"
+                script = f"{self.profile}\nNODE={host}\n{step.command()}"
                 output = self.hosts.run(host, script, timeout=step.timeout)
                 if step.expect and step.expect not in output:
                     raise RunbookError(
@@ -366,4 +420,4 @@ class Runbook:
             raise RunbookError(f"{self.path.name}: steps not run: {', '.join(left)}")
 
 
-__all__ = ["PRIVATE_DIRS", "Hosts", "Runbook", "RunbookError", "Step", "parse_runbook"]
+__all__ = ["PRIVATE_DIRS", "HostSet", "Hosts", "Runbook", "RunbookError", "Step", "parse_runbook"]
