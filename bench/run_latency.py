@@ -43,7 +43,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -528,13 +527,7 @@ def main() -> None:
     if args.runs < 1 or args.warmup < 0 or 4 * (args.runs + args.warmup) > 900:
         # (the check afterwards reads the submitter's last 1000 tasks)
         parser.error("need --runs >= 1, --warmup >= 0 and --runs + --warmup <= 225")
-    # SIGTERM unwinds like Ctrl-C, so that the cleanup runs either way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process this benchmark started is stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    hb.run_interruptible(run, args)
 
 
 if __name__ == "__main__":
