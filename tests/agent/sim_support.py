@@ -745,19 +745,15 @@ class Driver:
 
 
 async def _set_cluster_settings(cluster: VirtualCluster, **more: Any) -> None:
-    async with cluster.operator_client() as client:
-        response = await client.post(
-            "/v1/populi/admin/settings",
-            json={
-                "changes": {
-                    "remote_exec_enabled": True,
-                    "max_lease_ttl_s": TTL_S,
-                    "lease_expiry_margin_s": EXPIRY_MARGIN_S,
-                    **more,
-                }
-            },
-        )
-    assert response.status_code == 200, response.text
+    from support.vcluster import change_settings
+
+    await change_settings(
+        cluster,
+        remote_exec_enabled=True,
+        max_lease_ttl_s=TTL_S,
+        lease_expiry_margin_s=EXPIRY_MARGIN_S,
+        **more,
+    )
 
 
 async def _setup(cluster: VirtualCluster) -> None:

@@ -33,7 +33,7 @@ from populi_peer.gpu import (
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
 from populi_peer.testing.waiting import wait_for
-from support.vcluster import vcluster
+from support.vcluster import change_settings, vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
 CAPTURE_UUID = "GPU-3ce30699-44e9-8c2b-0f34-997c3c5cae2d"
@@ -174,11 +174,7 @@ async def test_xid_quarantine_survives_restart_and_is_resumed_by_the_operator(
     with_xid = _sequence(tmp_path, "xid.json", {"at_s": xid_at_s, "xid": {"index": 0, "code": 79}})
     async with vcluster(tmp_path, config=_config(_no_driver(tmp_path))) as cluster:
         cp = cluster.cp
-        async with cluster.operator_client() as client:
-            response = await client.post(
-                "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-            )
-            assert response.status_code == 200, response.text
+        await change_settings(cluster, remote_exec_enabled=True)
         await cluster.join("w1", config=_config(with_xid), start=False)
         w2 = await cluster.join("w2", config=_config(IDLE))
         assert w2 is not None

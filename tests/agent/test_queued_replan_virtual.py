@@ -20,7 +20,7 @@ from agent.test_placement_v2_virtual import node_config, small_capture, submit
 from populi_peer.agent import submitter as submitter_module
 from populi_peer.testing.cluster import VirtualCluster
 from populi_peer.testing.sim import open_sim_host
-from support.vcluster import vcluster
+from support.vcluster import change_settings, vcluster
 
 GB = 10**9
 
@@ -62,11 +62,7 @@ async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
         small = await cluster.join("small", config=node_config(small_fixture))
         big = await cluster.join("big", config=node_config("h100-80gb-hbm3-idle.json"))
         assert small is not None and big is not None
-        async with cluster.operator_client() as op:
-            changed = await op.post(
-                "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-            )
-            assert changed.status_code == 200, changed.text
+        await change_settings(cluster, remote_exec_enabled=True)
         await cluster.wait_until(
             lambda: (
                 all(cluster.cp.gpu.allocatable_gpus(a.node_id)[0] for a in (small, big))

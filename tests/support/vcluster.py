@@ -8,6 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from populi_peer.agent.agent import Agent
+from populi_peer.api.client import SignedAuth
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from support.contract import validate
 
@@ -17,3 +21,34 @@ async def vcluster(root: Path, **kwargs: Any) -> AsyncIterator[VirtualCluster]:
     kwargs.setdefault("on_response", validate)
     async with open_virtual_cluster(root, **kwargs) as cluster:
         yield cluster
+
+
+async def change_settings(cluster: VirtualCluster, **changes: Any) -> dict[str, Any]:
+    """``populi settings set`` as the operator; the answer must be 200. Returns its body."""
+    async with cluster.operator_client() as op:
+        answer = await op.post("/v1/populi/admin/settings", json={"changes": changes})
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def as_node(
+    cluster: VirtualCluster,
+    sender: Agent,
+    recipient: str = "cp",
+    *,
+    signed_for: str | None = None,
+    **client: Any,
+) -> httpx.AsyncClient:
+    """A client that signs with ``sender``'s own node credential and sends over
+    ``sender``'s transport to the node named ``recipient``; the signature names
+    ``recipient`` unless ``signed_for`` gives another node id."""
+    return httpx.AsyncClient(
+        transport=cluster.network.transport_for(sender.node_id),
+        base_url=f"https://{cluster.nodes[recipient].host}",
+        auth=SignedAuth(
+            sender.certificates.identity.node_credential,
+            signed_for or cluster[recipient].node_id,
+            sender.clock,
+        ),
+        **client,
+    )
