@@ -24,7 +24,6 @@ from populi_peer.config import Config, GpuConfig
 from populi_peer.core.leases import RESUMPTION_REASONS
 from populi_peer.errors import PopuliError
 from populi_peer.gpu import (
-    allocatable,
     derive_replay_uuid,
     gpu_summary,
     health_verdicts,
@@ -33,6 +32,7 @@ from populi_peer.gpu import (
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
 from populi_peer.testing.waiting import wait_for
+from support.hints import allocations
 from support.vcluster import change_settings, vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
@@ -438,15 +438,8 @@ async def test_gpu_summary_with_unknown_fields_still_parses(
         # does not know at every level.
         async with open_probe(fixture=IDLE, node_id=w1.node_id, clock=VirtualClock()) as probe:
             inventory = await probe.probe()
-        allocations = allocatable(
-            inventory,
-            quarantined=frozenset(),
-            leased=frozenset(),
-            own_pids=frozenset(),
-            advertised={},
-            trust_advertised=False,
-        )
-        summary = gpu_summary(inventory, allocations, verdicts=health_verdicts(inventory))
+        allocs = allocations(inventory)
+        summary = gpu_summary(inventory, allocs, verdicts=health_verdicts(inventory))
         summary["v"] = 2
         summary["topology"] = {"nvswitch": ["future"]}
         summary["static"]["fabric"] = {"clique": 7}
