@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from populi_peer.cluster import InitResult, init_cluster
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
+from support.procs import Processes
 
 #: Tests reach loopback and the namespaces they build, never this machine's own network:
 #: every ``populi`` they start inherits LAN discovery off (no multicast on the host's
@@ -48,6 +49,16 @@ async def virtual_agent(cluster_dir: tuple[Path, InitResult]) -> AsyncIterator[A
     require_mock_clock("the virtual_agent fixture")
     async with open_virtual_agent(cluster_dir[0], url="https://cp.virtual") as agent:
         yield agent
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """Real ``populi`` processes; each one started is ended (by its PID) after the test."""
+    processes = Processes()
+    try:
+        yield processes
+    finally:
+        processes.cleanup()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,6 @@ from support.mesh import meta_of
 from support.procs import POPULI, Processes, init, one_line, populi
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    processes = Processes()
-    try:
-        yield processes
-    finally:
-        processes.cleanup()
 
 
 def _token(cp: Path, *args: str) -> str:
@@ -192,8 +182,7 @@ def test_a_join_refused_for_a_full_disk_leaves_nothing_and_the_token_works_once(
     tmp_path: Path, procs: Processes
 ) -> None:
     with small_tmpfs(tmp_path / "cp") as cp:
-        init(cp)
-        agent = procs.start_agent(cp)
+        agent = procs.init_and_start(cp)
         token = _token(cp)
         # Start the WAL afresh so that the next commit must grow it, then fill the disk.
         with sqlite3.connect(cp / "populi.db") as conn:
