@@ -259,9 +259,16 @@ class Settings:
     settings_serial: int = 1
 
 
+#: A lease's own path (``/v1/populi/exec/leases/<lease>``), as a FakePeers route pattern.
+LEASE = r"/v1/populi/exec/leases/(?P<lease>[^/]+)"
+#: What a test sends instead of a good answer: a function of the good answer's JSON.
+Spoil = Callable[[dict[str, Any]], Any]
+
+
 __all__ = [
     "CP",
     "HOSTS",
+    "LEASE",
     "SUBMITTER",
     "T0_MS",
     "WORKER",
@@ -269,6 +276,7 @@ __all__ = [
     "Gates",
     "Links",
     "Settings",
+    "Spoil",
     "error",
     "lease_json",
     "links",

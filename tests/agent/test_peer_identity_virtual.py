@@ -31,13 +31,13 @@ import trio
 import trio.testing
 from agent.sim_support import (
     EXPIRY_MARGIN_S,
-    QUEUE_TIMEOUT_S,
     TTL_S,
     Action,
     Observer,
     Scenario,
     open_small_cluster,
     sim_config,
+    submit,
 )
 
 from populi_peer.core.fencing import FencingToken
@@ -100,23 +100,6 @@ class Impostor:
             )
 
 
-async def _submit_pinned(cluster: VirtualCluster, via: str, node: str) -> str:
-    async with cluster.operator_client(via) as client:
-        response = await client.post(
-            "/v1/populi/tasks",
-            json={
-                "command": ["sim", f"{TASK_S:g}"],
-                "gpus": 1,
-                "work_class": "agent",
-                "node": node,
-                "node_fallback": True,
-                "queue_timeout_s": QUEUE_TIMEOUT_S,
-            },
-        )
-    assert response.status_code == 200, response.text
-    return str(response.json()["task"]["task_id"])
-
-
 async def _retire(cluster: VirtualCluster, name: str) -> None:
     async with cluster.operator_client() as client:
         response = await client.post(
@@ -163,7 +146,7 @@ async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(
                 await trio.sleep(WATCH_S)
 
         watchers.start_soon(watch)
-        task_id = await _submit_pinned(cluster, "w1", "w2")
+        task_id = await submit(cluster, "w1", ["sim", f"{TASK_S:g}"], node="w2")
         observer.submitted.append(("w1", task_id))
         await cluster.wait_until(lambda: bool(host.ledger.for_task(task_id)), timeout_s=30)
         (remote,) = host.ledger.for_task(task_id)

@@ -20,8 +20,7 @@ from agent.sim_support import sim_config
 from populi_peer.config import Config
 from populi_peer.gpu._replay import load_fixture
 from populi_peer.testing.cluster import VirtualCluster
-from populi_peer.testing.sim import open_sim_host
-from support.vcluster import as_node, change_settings, vcluster
+from support.vcluster import as_node, change_settings, sim_vcluster, vcluster
 
 GB = 10**9
 SMALL_NAME = "NVIDIA RTX A4000"
@@ -73,13 +72,9 @@ async def test_needs_nearest_path_and_every_rejection_with_its_reason(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     small_fixture = small_capture(tmp_path)
-    async with (
-        open_sim_host() as host,
-        vcluster(
-            tmp_path / "c",
-            config=node_config("h100-80gb-hbm3-idle.json"),
-            agent_factory=host.agent_factory,
-        ) as cluster,
+    async with sim_vcluster(tmp_path / "c", config=node_config("h100-80gb-hbm3-idle.json")) as (
+        cluster,
+        host,
     ):
         small = await cluster.join("small", config=node_config(small_fixture))
         big = await cluster.join("big", config=node_config("h100-80gb-hbm3-idle.json"))

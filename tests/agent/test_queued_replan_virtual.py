@@ -19,8 +19,7 @@ from agent.test_placement_v2_virtual import node_config, small_capture, submit
 
 from populi_peer.agent import submitter as submitter_module
 from populi_peer.testing.cluster import VirtualCluster
-from populi_peer.testing.sim import open_sim_host
-from support.vcluster import change_settings, vcluster
+from support.vcluster import change_settings, sim_vcluster
 
 GB = 10**9
 
@@ -50,15 +49,9 @@ async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
 ) -> None:
     monkeypatch.setattr(submitter_module, "QUEUE_RETRY_S", 10_000.0)
     small_fixture = small_capture(tmp_path)
-    async with (
-        open_sim_host() as host,
-        vcluster(
-            tmp_path / "c",
-            config=node_config("h100-80gb-hbm3-idle.json"),
-            agent_factory=host.agent_factory,
-            gossip=True,
-        ) as cluster,
-    ):
+    async with sim_vcluster(
+        tmp_path / "c", config=node_config("h100-80gb-hbm3-idle.json"), gossip=True
+    ) as (cluster, _host):
         small = await cluster.join("small", config=node_config(small_fixture))
         big = await cluster.join("big", config=node_config("h100-80gb-hbm3-idle.json"))
         assert small is not None and big is not None

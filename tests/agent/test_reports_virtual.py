@@ -20,11 +20,11 @@ import trio
 import trio.testing
 from agent.sim_support import sim_config
 
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
+from populi_peer.testing.cluster import VirtualCluster
 from populi_peer.testing.network import MemoryNetwork
-from populi_peer.testing.sim import SimHost, open_sim_host
+from populi_peer.testing.sim import SimHost
 from support.contract import validate
-from support.vcluster import as_node, change_settings
+from support.vcluster import as_node, change_settings, sim_vcluster
 
 HEARTBEAT = "/v1/populi/heartbeat"
 
@@ -84,16 +84,9 @@ async def _gpu_cluster(
 ) -> AsyncIterator[tuple[VirtualCluster, SimHost]]:
     """``cp`` and ``workers`` nodes with simulated executors and GPUs, remote execution on;
     yields once ``w1``'s GPU is allocatable and verified."""
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            root,
-            workers=workers,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=on_response,
-        ) as cluster,
-    ):
+    async with sim_vcluster(
+        root, workers=workers, config=sim_config(), on_response=on_response
+    ) as (cluster, host):
         await _enable_remote(cluster)
         await _ready(cluster)
         yield cluster, host
@@ -173,17 +166,9 @@ async def test_a_lost_full_report_is_asked_for_again_and_resent(
         networks.append(network)
         return network
 
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=1,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=answers,
-            make_network=make_network,
-        ) as cluster,
-    ):
+    async with sim_vcluster(
+        tmp_path, workers=1, config=sim_config(), on_response=answers, make_network=make_network
+    ) as (cluster, _host):
         (network,) = networks
         w1 = cluster["w1"]
         await cluster.wait_until(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,14 @@ import pytest
 import trio
 import trio.testing
 from agent.exec_harness import (
+    LEASE,
     SUBMITTER,
     T0_MS,
     WORKER,
     FakePeers,
     Gates,
     Settings,
+    Spoil,
     error,
     lease_json,
     links,
@@ -56,8 +58,6 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.sim import SimHost, open_sim_host
 from populi_peer.testing.waiting import wait_for
 
-LEASE = r"/v1/populi/exec/leases/(?P<lease>[^/]+)"
-Spoil = Callable[[dict[str, Any]], Any]
 WORKER_GPU = "GPU-11111111-1111-1111-1111-111111111111"
 #: When the control plane declares a lease nobody renews dead (TTL + margin).
 EXPIRES_AFTER_S = 35.0
@@ -322,6 +322,13 @@ def terminal_transitions(caplog: pytest.LogCaptureFixture, task_id: str) -> list
     ]
 
 
+async def handed_off(world: World) -> None:
+    """Until the submitter has sent its handoff (to the worker's inbox)."""
+    await wait_for(
+        "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
+    )
+
+
 # -- alone -------------------------------------------------------------------------------
 
 
@@ -330,9 +337,7 @@ async def test_a_remote_task_runs_on_its_worker_and_its_result_is_taken(
 ) -> None:
     async with open_submitter(tmp_path) as world:
         task_id = submit(world)
-        await wait_for(
-            "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
-        )
+        await handed_off(world)
         task = world.submitter.load(task_id)
         assert task.state == "running_remote" and task.current_attempt is not None
         assert task.current_attempt.token == FencingToken(1, 1)
@@ -355,9 +360,7 @@ async def test_a_result_for_another_token_is_kept_apart(
 ) -> None:
     async with open_submitter(tmp_path) as world:
         task_id = submit(world)
-        await wait_for(
-            "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
-        )
+        await handed_off(world)
         task = world.submitter.load(task_id)
         stale = result_of(task)
         stale = ResultMessage(
@@ -536,9 +539,7 @@ async def test_a_worker_that_leaves_sends_the_task_back_to_fall_back_here(
     falls back, and says why."""
     async with open_submitter(tmp_path) as world:
         task_id = submit(world)
-        await wait_for(
-            "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
-        )
+        await handed_off(world)
         task = world.submitter.load(task_id)
         assert task.current_attempt is not None and task.current_attempt.lease_id is not None
         world.peers.leases[task.current_attempt.lease_id]["state"] = "released"

@@ -26,10 +26,12 @@ import pytest
 import trio
 import trio.testing
 from agent.exec_harness import (
+    LEASE,
     SUBMITTER,
     WORKER,
     FakePeers,
     Gates,
+    Spoil,
     error,
     lease_json,
     links,
@@ -54,9 +56,6 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.sim import SimHost, open_sim_host
 from populi_peer.testing.waiting import wait_for
 
-LEASE = r"/v1/populi/exec/leases/(?P<lease>[^/]+)"
-Spoil = Callable[[dict[str, Any]], Any]
-
 
 @dataclass
 class ControlPlane:
@@ -77,28 +76,32 @@ class ControlPlane:
         return spoils.pop(0)(good) if spoils else good
 
     def install(self, fake: FakePeers) -> None:
-        def lease_of(request: httpx.Request) -> dict[str, Any] | None:
-            return self.leases.get(request.url.path.split("/")[5])
+        def of_lease(
+            handle: Callable[[dict[str, Any], dict[str, Any]], Any],
+        ) -> Callable[[httpx.Request, dict[str, Any]], Any]:
+            """A route on one lease: ``lease_not_found`` for a lease never granted."""
 
-        def renew(request: httpx.Request, body: dict[str, Any]) -> Any:
-            lease = lease_of(request)
-            if lease is None:
-                return error(404, "lease_not_found")
+            def respond(request: httpx.Request, body: dict[str, Any]) -> Any:
+                lease = self.leases.get(request.url.path.split("/")[5])
+                if lease is None:
+                    return error(404, "lease_not_found")
+                return handle(lease, body)
+
+            return respond
+
+        @of_lease
+        def renew(lease: dict[str, Any], body: dict[str, Any]) -> Any:
             return self.answer("renew", {"lease": lease})
 
-        def release(request: httpx.Request, body: dict[str, Any]) -> Any:
-            lease = lease_of(request)
-            if lease is None:
-                return error(404, "lease_not_found")
+        @of_lease
+        def release(lease: dict[str, Any], body: dict[str, Any]) -> Any:
             state = "completed" if body.get("outcome") == "completed" else "released"
             lease = {**lease, "state": state, "expires_in_s": None}
             self.leases[lease["lease_id"]] = lease
             return self.answer("release", {"lease": lease, "replay": False})
 
-        def get(request: httpx.Request, body: dict[str, Any]) -> Any:
-            lease = lease_of(request)
-            if lease is None:
-                return error(404, "lease_not_found")
+        @of_lease
+        def get(lease: dict[str, Any], body: dict[str, Any]) -> Any:
             return self.answer("get", {"lease": lease})
 
         def deliver(request: httpx.Request, body: dict[str, Any]) -> Any:

@@ -13,6 +13,7 @@ import httpx
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
+from populi_peer.testing.sim import SimHost, open_sim_host
 from support.contract import validate
 
 
@@ -21,6 +22,20 @@ async def vcluster(root: Path, **kwargs: Any) -> AsyncIterator[VirtualCluster]:
     kwargs.setdefault("on_response", validate)
     async with open_virtual_cluster(root, **kwargs) as cluster:
         yield cluster
+
+
+@contextlib.asynccontextmanager
+async def sim_vcluster(
+    root: Path, *, host_changes: bool = False, **kwargs: Any
+) -> AsyncIterator[tuple[VirtualCluster, SimHost]]:
+    """:func:`vcluster` whose agents run simulated tasks on one :class:`SimHost` (with
+    ``host_changes``, the cluster also waits on the host's changes)."""
+    async with open_sim_host() as host:
+        kwargs.setdefault("agent_factory", host.agent_factory)
+        if host_changes:
+            kwargs["changes"] = host.changes
+        async with vcluster(root, **kwargs) as cluster:
+            yield cluster, host
 
 
 async def change_settings(cluster: VirtualCluster, **changes: Any) -> dict[str, Any]:
