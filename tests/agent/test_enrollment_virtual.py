@@ -17,7 +17,7 @@ from enrollment.revocation import RevocationList, sign_revocations
 from enrollment.tokens import mint_token, token_envelope
 from populi_peer.config import Config
 from populi_peer.errors import RefusedError
-from support.vcluster import as_node, vcluster
+from support.vcluster import as_node, node_action, vcluster
 
 
 def _no_rate_limit() -> Config:
@@ -87,10 +87,8 @@ async def test_consumed_token_stays_consumed_after_retire_and_delete(
     async with vcluster(tmp_path) as cluster:
         token = await cluster.mint_token()
         await cluster.join("w1", token=token)
+        await node_action(cluster, "w1", "retire", reason="gone")
         async with cluster.operator_client() as client:
-            assert (
-                await client.post("/v1/populi/admin/nodes/w1/retire", json={"reason": "gone"})
-            ).status_code == 200
             deleted = await client.post("/v1/populi/admin/nodes/w1/delete", json={})
         assert deleted.status_code == 200
         assert deleted.json()["name_blocked"] is True
@@ -104,10 +102,8 @@ async def test_retired_name_is_blocked_until_unretire(
 ) -> None:
     async with vcluster(tmp_path) as cluster:
         await cluster.join("w1")
+        await node_action(cluster, "w1", "retire")
         async with cluster.operator_client() as client:
-            assert (
-                await client.post("/v1/populi/admin/nodes/w1/retire", json={})
-            ).status_code == 200
             # A token bound to the old name cannot even be minted...
             minted = await client.post("/v1/populi/admin/tokens", json={"name": "w1"})
             assert minted.status_code == 409 and minted.json()["error"]["code"] == "name_retired"

@@ -43,6 +43,7 @@ from agent.sim_support import (
 from populi_peer.core.fencing import FencingToken
 from populi_peer.testing import Faults
 from populi_peer.testing.cluster import VirtualCluster
+from support.vcluster import node_action
 
 STOP_MARGIN_S = sim_config().exec.stop_margin_s
 TASK_S = 20.0
@@ -101,12 +102,7 @@ class Impostor:
 
 
 async def _retire(cluster: VirtualCluster, name: str) -> None:
-    async with cluster.operator_client() as client:
-        response = await client.post(
-            f"/v1/populi/admin/nodes/{cluster.node_ids[name]}/retire",
-            json={"reason": "decommissioned"},
-        )
-    assert response.status_code == 200, response.text
+    await node_action(cluster, cluster.node_ids[name], "retire", reason="decommissioned")
 
 
 async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(

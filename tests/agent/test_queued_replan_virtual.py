@@ -19,7 +19,7 @@ from agent.test_placement_v2_virtual import node_config, small_capture, submit
 
 from populi_peer.agent import submitter as submitter_module
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import change_settings, sim_vcluster
+from support.vcluster import change_settings, node_action, sim_vcluster
 
 GB = 10**9
 
@@ -36,12 +36,6 @@ async def show(cluster: VirtualCluster, task_id: str) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     task: dict[str, Any] = response.json()["task"]
     return task
-
-
-async def admin(cluster: VirtualCluster, node_id: str, action: str) -> None:
-    async with cluster.operator_client() as op:
-        response = await op.post(f"/v1/populi/admin/nodes/{node_id}/{action}", json={})
-    assert response.status_code == 200, response.text
 
 
 async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
@@ -78,11 +72,11 @@ async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
         assert control.queued_for == big.node_id
 
         # The awaited node is cordoned: it can no longer be waited for.
-        await admin(cluster, big.node_id, "cordon")
+        await node_action(cluster, big.node_id, "cordon")
         await cluster.wait_until(lambda: len(replans(submitter.load(queued).to_json())) == 1)
         assert control.queued_for is None
         # It comes back: a node worth waiting for appeared.
-        await admin(cluster, big.node_id, "resume")
+        await node_action(cluster, big.node_id, "resume")
         await cluster.wait_until(lambda: len(replans(submitter.load(queued).to_json())) == 2)
         assert control.queued_for == big.node_id
         # The long task ends; its GPU is free, and the queued task goes there.

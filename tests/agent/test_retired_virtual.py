@@ -9,7 +9,7 @@ import trio
 import trio.testing
 from agent.sim_support import open_gpu_cluster
 
-from support.vcluster import as_node, change_settings
+from support.vcluster import as_node, change_settings, node_action
 
 GUARD_S = 60.0
 
@@ -22,11 +22,7 @@ async def test_a_retired_node_says_so_and_takes_no_work(
         await change_settings(cluster, remote_exec_enabled=True)
         assert w2.remote_work.enabled()
         assert w2.standing.json()["state"] == "member"
-        async with cluster.operator_client() as op:
-            retired = await op.post(
-                "/v1/populi/admin/nodes/w2/retire", json={"reason": "stolen laptop"}
-            )
-        assert retired.status_code == 200, retired.text
+        await node_action(cluster, "w2", "retire", reason="stolen laptop")
         operator_id = cp.certificates.identity.operator.principal_id
         # Its next heartbeat is refused as node_retired, with who, when and why.
         took = await cluster.wait_until(lambda: w2.standing.retired, timeout_s=GUARD_S)

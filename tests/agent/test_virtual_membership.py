@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from support.vcluster import node_action
 from support.vcluster import vcluster as open_virtual_cluster
 
 
@@ -113,11 +114,7 @@ async def test_retired_node_learns_through_heartbeats_and_is_refused_everywhere(
     async with open_virtual_cluster(tmp_path, workers=2) as cluster:
         w1, w2 = cluster["w1"], cluster["w2"]
         await cluster.wait_until(lambda: w2.membership.get(w1.node_id) is not None)
-        async with cluster.operator_client() as client:
-            response = await client.post(
-                "/v1/populi/admin/nodes/w1/retire", json={"reason": "stolen laptop"}
-            )
-        assert response.status_code == 200
+        await node_action(cluster, "w1", "retire", reason="stolen laptop")
         # w2 pulls the newer revocation list with its next heartbeat answer.
         await cluster.wait_until(lambda: w2.revocations.is_revoked(w1.node_id), timeout_s=5)
         assert w2.standing.signer(w1.node_id) is not None  # still a member record...

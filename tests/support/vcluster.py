@@ -38,12 +38,26 @@ async def sim_vcluster(
             yield cluster, host
 
 
-async def change_settings(cluster: VirtualCluster, **changes: Any) -> dict[str, Any]:
-    """``populi settings set`` as the operator; the answer must be 200. Returns its body."""
+async def operator_post(cluster: VirtualCluster, path: str, **body: Any) -> dict[str, Any]:
+    """POST ``body`` to the control plane as the operator; the answer must be 200.
+    Returns its body."""
     async with cluster.operator_client() as op:
-        answer = await op.post("/v1/populi/admin/settings", json={"changes": changes})
+        answer = await op.post(path, json=body)
     assert answer.status_code == 200, answer.text
     return dict(answer.json())
+
+
+async def change_settings(cluster: VirtualCluster, **changes: Any) -> dict[str, Any]:
+    """``populi settings set`` as the operator (see :func:`operator_post`)."""
+    return await operator_post(cluster, "/v1/populi/admin/settings", changes=changes)
+
+
+async def node_action(
+    cluster: VirtualCluster, node: str, action: str, **body: Any
+) -> dict[str, Any]:
+    """``populi node <action> <node>`` (retire, cordon, ...; ``node`` a name or an id) as
+    the operator (see :func:`operator_post`)."""
+    return await operator_post(cluster, f"/v1/populi/admin/nodes/{node}/{action}", **body)
 
 
 def as_node(
