@@ -9,10 +9,10 @@ import pytest
 from hypothesis import settings
 
 from populi_peer.agent.agent import Agent
-from populi_peer.cluster import InitResult, init_cluster
-from populi_peer.testing import VirtualClock
+from populi_peer.cluster import InitResult
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
+from support.cluster import init_lab_cluster
 from support.procs import Processes
 
 #: Tests reach loopback and the namespaces they build, never this machine's own network:
@@ -29,15 +29,7 @@ settings.load_profile("populi")
 @pytest.fixture
 def cluster_dir(tmp_path: Path) -> tuple[Path, InitResult]:
     data_dir = tmp_path / "cp"
-    result = init_cluster(
-        data_dir,
-        cluster_name="lab",
-        node_name="cp",
-        listen="127.0.0.1:0",
-        advertise=[],
-        force=False,
-        now_wall_s=VirtualClock().wall_start_s,
-    )
+    result = init_lab_cluster(data_dir)
     return data_dir, result
 
 
