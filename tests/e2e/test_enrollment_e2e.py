@@ -14,8 +14,7 @@ import trio
 
 from enrollment.ca import cert_to_pem, make_ca_certificate, make_node_certificate
 from enrollment.keys import generate_key, node_id_for, write_private_key
-from populi_peer.api.app import ApiApp, Request, Response, Route
-from populi_peer.api.auth import Authenticator
+from populi_peer.api.app import Request, Response, Route
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.api.tls import client_context
@@ -24,6 +23,7 @@ from populi_peer.errors import RefusedError
 from populi_peer.identity import load_identity
 from populi_peer.joining import join_cluster
 from populi_peer.store import Store
+from support.apps import open_routes_app
 from support.mesh import Mesh
 from support.procs import Processes, one_line, populi
 from support.waiting import wait_for
@@ -222,17 +222,9 @@ def test_join_never_sends_the_token_to_a_node_of_another_ca(
         )
     ]
     clock = SystemClock()
-    app = ApiApp(
-        routes=routes,
-        authenticator=Authenticator(
-            node_id="n-x",
-            clock=clock,
-            skew_s=300,
-            lookup=lambda _: None,
-            is_revoked=lambda _: False,
-        ),
+    app = open_routes_app(
+        routes,
         clock=clock,
-        max_body_bytes=1 << 20,
     )
 
     async def main() -> Exception | None:

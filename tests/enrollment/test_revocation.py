@@ -31,11 +31,10 @@ from enrollment.revocation import (
     unblock_name,
     verify_revocations,
 )
+from support.tokens import NOW, OTHER, ROOT
 
-CLUSTER = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
+CLUSTER = ROOT
 CLUSTER_ID = "home"
-NOW = 1_700_000_000_000
 PREFIX = "populi-revocations-1."
 DOMAIN = b"populi/revocations/v1\x00"
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"

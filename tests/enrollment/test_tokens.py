@@ -33,7 +33,6 @@ from enrollment.tokens import (
     ca_pin,
     check_redeem_time,
     decode_token,
-    mint_token,
     open_token,
     prove_join,
     redeem_token,
@@ -42,15 +41,9 @@ from enrollment.tokens import (
     validate_node_name,
     verify_join,
 )
+from support.tokens import CP, HOUR, NOW, OTHER, ROOT, SEED, TOKEN_ID, mint
 
-ROOT = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
-NOW = 1_700_000_000_000  # 2023-11-14T22:13:20Z
-HOUR = 3_600_000
-TOKEN_ID = bytes.fromhex("00112233445566778899aabbccddeeff")
-SEED = bytes(range(200, 232))
 TOKEN_KEY = Ed25519PrivateKey.from_private_bytes(SEED)
-CP = "n-aaaaaaaaaaaaaaaa"
 VOTER = "n-bbbbbbbbbbbbbbbb"
 PREFIX = "populi-join-2."
 DOMAIN = b"populi/join-token/v2\x00"
@@ -72,22 +65,6 @@ def b64(data: bytes) -> str:
 
 def unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def mint(**overrides: Any) -> tuple[str, JoinToken]:
-    args: dict[str, Any] = {
-        "signing_key": ROOT,
-        "cluster_id": "home",
-        "contacts": ["10.0.0.1:7070"],
-        "recipients": [CP],
-        "roles": ["worker"],
-        "now_ms": NOW,
-        "ttl_ms": HOUR,
-        "token_id": TOKEN_ID,
-        "token_seed": SEED,
-    }
-    args.update(overrides)
-    return mint_token(**args)
 
 
 def fields(key: Ed25519PrivateKey = ROOT, /, **overrides: Any) -> dict[str, Any]:

@@ -22,9 +22,9 @@ import pytest
 import trio
 
 from populi_peer.api.app import ApiApp, Request, Response, Route
-from populi_peer.api.auth import Authenticator
 from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.clock import SystemClock
+from support.apps import open_routes_app
 from support.disk import fill, small_tmpfs
 from support.mesh import meta_of
 from support.procs import POPULI, Processes, init, one_line, populi
@@ -90,21 +90,14 @@ def _impostor_app(ca_pem: str, cluster_id: str, claims_to_be: str) -> ApiApp:
         return Response(500, {"error": {"code": "captured", "message": "thanks"}})
 
     clock = SystemClock()
-    return ApiApp(
-        routes=[
+    return open_routes_app(
+        [
             Route("GET", "/v1/populi/join/ca", ca, roles=None),
             Route("POST", "/v1/populi/join/challenge", challenge, roles=None),
             Route("POST", "/v1/populi/join/enroll", enroll, roles=None),
         ],
-        authenticator=Authenticator(
-            node_id=claims_to_be,
-            clock=clock,
-            skew_s=300,
-            lookup=lambda _: None,
-            is_revoked=lambda _: False,
-        ),
         clock=clock,
-        max_body_bytes=1 << 20,
+        node_id=claims_to_be,
     )
 
 
