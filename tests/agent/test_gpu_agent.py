@@ -19,7 +19,6 @@ import pytest
 import trio
 
 from populi_peer.agent.agent import Agent
-from populi_peer.api.client import PeerClient
 from populi_peer.config import Config, GpuConfig
 from populi_peer.core.leases import RESUMPTION_REASONS
 from populi_peer.errors import PopuliError
@@ -33,7 +32,7 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
 from populi_peer.testing.waiting import wait_for
 from support.hints import allocations
-from support.vcluster import change_settings, vcluster
+from support.vcluster import change_settings, peer_client_as, vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
 CAPTURE_UUID = "GPU-3ce30699-44e9-8c2b-0f34-997c3c5cae2d"
@@ -371,19 +370,9 @@ async def test_trusted_labels_on_a_cpu_only_node_are_capacity_on_the_control_pla
 # -- 6. old and newer payloads through the real heartbeat route -----------------------------
 
 
-def _client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
-    """A signing client with ``agent``'s node credential (the agent itself is stopped)."""
-    return PeerClient(
-        credential=agent.certificates.identity.node_credential,
-        clock=agent.clock,
-        transport=cluster.network.transport_for(agent.node_id),
-        timeout_s=10.0,
-    )
-
-
 async def _beat(cluster: VirtualCluster, agent: Agent, payload: dict[str, Any]) -> dict[str, Any]:
     cp = cluster.cp
-    client = _client_as(cluster, agent)
+    client = peer_client_as(cluster, agent)
     try:
         return await client.call(
             url=cp.address.url,

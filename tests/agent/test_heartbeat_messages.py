@@ -20,12 +20,10 @@ from typing import Any
 import pytest
 import trio
 
-from populi_peer.agent import Agent
-from populi_peer.api.client import PeerClient
 from populi_peer.core.messages import HeartbeatAnswer, HeartbeatReport
 from populi_peer.errors import PeerError, PopuliError
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import vcluster
+from support.vcluster import peer_client_as, vcluster
 
 Spoil = Callable[[dict[str, Any]], Any]
 
@@ -160,15 +158,6 @@ async def test_the_sender_sends_a_report_the_route_takes_and_reads_the_typed_ans
         )
 
 
-def _client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
-    return PeerClient(
-        credential=agent.certificates.identity.node_credential,
-        clock=agent.clock,
-        transport=cluster.network.transport_for(agent.node_id),
-        timeout_s=10.0,
-    )
-
-
 BAD_REPORTS: list[tuple[str, dict[str, Any], str, str]] = [
     ("status-unknown", {"status": "sleeping"}, "bad_request", "status"),
     ("addresses-not-list", {"addresses": "w1:443"}, "bad_request", "addresses"),
@@ -234,7 +223,7 @@ async def test_a_malformed_report_is_refused_naming_the_field(
         await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
         await cluster.crash("w1")  # from now on only this test speaks for w1
         before = cp.heartbeats.seen[w1.node_id]
-        client = _client_as(cluster, w1)
+        client = peer_client_as(cluster, w1)
         try:
             with pytest.raises(PopuliError) as raised:
                 await client.call(

@@ -59,6 +59,7 @@ from populi_peer.store import Store
 from populi_peer.store.events import EventLog
 from populi_peer.testing.clock import VirtualClock
 from populi_peer.testing.waiting import wait_for
+from support.apps import read_body
 
 CONFIG = Config()
 LAN_INTERVAL_S = CONFIG.timings.lan.heartbeat_interval_s
@@ -390,12 +391,7 @@ class FakeControlPlane:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http" and scope["path"] == "/v1/populi/heartbeat"
         self.reached.append(dict(scope["headers"])[b"host"].decode())
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         got = HeartbeatReport.from_json(json.loads(body))
         self.reports.append(got)
         out = self.respond(got)

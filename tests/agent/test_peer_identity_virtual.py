@@ -43,6 +43,7 @@ from agent.sim_support import (
 from populi_peer.core.fencing import FencingToken
 from populi_peer.testing import Faults
 from populi_peer.testing.cluster import VirtualCluster
+from support.apps import read_body
 from support.vcluster import node_action
 
 STOP_MARGIN_S = sim_config().exec.stop_margin_s
@@ -71,12 +72,7 @@ class Impostor:
             return
         path = scope["path"]
         self.received.append(f"{scope['method']} {path}")
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if path in self.genuine_renewals:
             self.forged.append(path)
             answer = self.genuine_renewals[path]

@@ -274,13 +274,7 @@ for _route, _path, _signer in [
     ("lease_revoke", "/v1/populi/admin/exec-lease-revoke", "operator"),
     ("task_submit", "/v1/populi/tasks", "operator"),
     ("settings_set", "/v1/populi/admin/settings", "operator"),
-]:
-    wrong(_route, "POST", _path, NOT_JSON, 400, "bad_json", "malformed-json", signer=_signer)
-    wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
-wrong("node_retire", "POST", "/v1/populi/admin/nodes/{node2}/retire", NOT_JSON, 400, "bad_json",
-      "malformed-json", setup=second_node)
-# Routes whose handler reads no body: a body is still JSON or nothing, as everywhere.
-for _route, _path, _signer in [
+    # Routes whose handler reads no body: a body is still JSON or nothing, as everywhere.
     ("join_challenge", "/v1/populi/join/challenge", None),
     ("token_revoke", "/v1/populi/admin/tokens/abc/revoke", "operator"),
     ("cert_renew", "/v1/populi/certs/renew", "node"),
@@ -289,6 +283,8 @@ for _route, _path, _signer in [
 ]:
     wrong(_route, "POST", _path, NOT_JSON, 400, "bad_json", "malformed-json", signer=_signer)
     wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
+wrong("node_retire", "POST", "/v1/populi/admin/nodes/{node2}/retire", NOT_JSON, 400, "bad_json",
+      "malformed-json", setup=second_node)
 wrong("gpu_resume", "POST", "/v1/populi/admin/gpus/cp/{gpu}/resume", ARRAY, 400, "bad_json",
       "json-array", setup=quarantined_gpu)
 wrong("token_create", "POST", "/v1/populi/admin/tokens", b"\xff\xfe{}", 400, "bad_json",

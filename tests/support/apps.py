@@ -1,10 +1,11 @@
-"""An API app of a test's own routes, with an authenticator that knows no one: only
+"""Serving in tests: an API app of a test's own routes, with an authenticator that knows no one: only
 ``roles=None`` routes answer (what a fake peer, a test double of a join server or a
 route-table test serves)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from populi_peer.api.app import ApiApp, Route
 from populi_peer.api.auth import Authenticator
@@ -31,3 +32,13 @@ def open_routes_app(
         clock=clock,
         max_body_bytes=max_body_bytes,
     )
+
+
+async def read_body(receive: Callable[[], Awaitable[dict[str, Any]]]) -> bytes:
+    """The whole request body an ASGI app receives, however many messages it comes in."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from populi_peer.agent.agent import Agent
-from populi_peer.api.client import SignedAuth
+from populi_peer.api.client import PeerClient, SignedAuth
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from populi_peer.testing.sim import SimHost, open_sim_host
 from support.contract import validate
@@ -80,4 +80,15 @@ def as_node(
             sender.clock,
         ),
         **client,
+    )
+
+
+def peer_client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
+    """The signing peer client with ``agent``'s node credential, over its transport (the
+    agent itself may be stopped)."""
+    return PeerClient(
+        credential=agent.certificates.identity.node_credential,
+        clock=agent.clock,
+        transport=cluster.network.transport_for(agent.node_id),
+        timeout_s=10.0,
     )
