@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -16,6 +16,7 @@ from enrollment.canonical import canonical_json
 from enrollment.errors import ErrorKind, NodeNameError, RevocationError
 from enrollment.revocation import (
     MAX_REVOCATIONS_CHARS,
+    AcceptOutcome,
     RevocationConflict,
     RevocationFieldError,
     RevocationList,
@@ -418,15 +419,8 @@ def test_accept_newer_never_raises_on_a_non_string() -> None:
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIGNED_TWO = sign_revocations(TWO, CLUSTER)
-OUTCOMES = {
-    "accepted",
-    "ignored_not_newer",
-    "ignored_not_superset",
-    "ignored_bad_signature",
-    "ignored_foreign_signer",
-    "ignored_malformed",
-    "ignored_wrong_cluster",
-}
+#: Every outcome ``accept_revocations`` declares it can give.
+OUTCOMES = frozenset(get_args(AcceptOutcome))
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12),
