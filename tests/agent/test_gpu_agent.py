@@ -32,7 +32,7 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
 from populi_peer.testing.waiting import wait_for
 from support.hints import allocations
-from support.vcluster import change_settings, peer_client_as, vcluster
+from support.vcluster import change_settings, heard_from, peer_client_as, vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
 CAPTURE_UUID = "GPU-3ce30699-44e9-8c2b-0f34-997c3c5cae2d"
@@ -402,7 +402,7 @@ async def test_heartbeat_without_gpu_field_still_parses(
 ) -> None:
     async with vcluster(tmp_path, config=_config(_no_driver(tmp_path)), workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         await cluster.crash("w1")  # from now on only this test speaks for w1
         await trio.sleep(2)
         answer = await _beat(cluster, w1, _old_payload(cp))

@@ -35,7 +35,7 @@ from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
 from support.clients import signed_client, unsigned_client
-from support.vcluster import vcluster
+from support.vcluster import heard_from, vcluster
 
 CODE_RE = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
 LIMIT = Config().api.max_body_bytes
@@ -819,7 +819,7 @@ async def test_a_leave_with_a_bad_reason_does_not_leave(
     input is checked on a worker: refused, and the node stays."""
     async with vcluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         events_before = w1.store.execute("SELECT COUNT(*) AS n FROM events").fetchone()["n"]
         answers = []
         async with cluster.operator_client(via="w1") as op:

@@ -45,6 +45,7 @@ from e2e.exec_support import (
     accepted_results,
     check_tick_order,
     deadline_boot_ns,
+    grant_as_cp,
     kill_pids,
     leftovers,
     log_events,
@@ -633,18 +634,7 @@ def test_twenty_tasks_two_gpus_never_overlap(mesh: Mesh) -> None:
 def grant_directly(mesh: Mesh, target: str, task_id: str) -> dict[str, Any]:
     """A lease granted by the control plane for a task nobody hands off: the GPU is taken
     at the control plane while the worker, running nothing, reports it free."""
-    with mesh.client("cp", mesh.credential("cp")) as client:
-        answer = client.post(
-            "/v1/populi/exec/leases",
-            json={
-                "task_id": task_id,
-                "attempt": 1,
-                "work_class": "inference",
-                "target": mesh[target].node_id,
-                "gpus_wanted": 1,
-                "ttl_s": LEASE_TTL_S,
-            },
-        )
+    answer = grant_as_cp(mesh, target, task_id, ttl_s=LEASE_TTL_S)
     assert answer.status_code == 200, answer.text
     return dict(answer.json()["lease"])
 

@@ -92,3 +92,10 @@ def peer_client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
         transport=cluster.network.transport_for(agent.node_id),
         timeout_s=10.0,
     )
+
+
+async def heard_from(cluster: VirtualCluster, *names: str) -> None:
+    """Until the control plane has taken a heartbeat from each node in ``names``."""
+    await cluster.wait_until(
+        lambda: all(cluster.cp.heartbeats.age_ms(cluster[n].node_id) is not None for n in names)
+    )
