@@ -277,11 +277,12 @@ def generator_main() -> None:
 
 
 class Bench:
-    """Owns every process and folder it makes; ``close()`` removes them all."""
+    """Owns every process and folder it makes (its folder named after the benchmark by
+    ``prefix``); ``close()`` removes them all."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, prefix: str = "populi-hb-bench-") -> None:
         self.args = args
-        self.root = Path(tempfile.mkdtemp(prefix="populi-hb-bench-"))
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.data_dir = self.root / "cp"
         self.procs: list[subprocess.Popen[Any]] = []
         self.agent: subprocess.Popen[Any] | None = None

@@ -49,7 +49,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -262,12 +261,8 @@ class LeaseBench(hb.Bench):
     """The heartbeat benchmark's process and folder ownership, with lease load."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
-        self.root.rmdir()  # still empty: take a folder named after this benchmark instead
-        self.root = Path(tempfile.mkdtemp(prefix="populi-lease-bench-"))
-        self.data_dir = self.root / "cp"
+        super().__init__(args, prefix="populi-lease-bench-")
         self.grants = 0
-        self.warmup_errors: Counter[str] = Counter()
 
     def enable_remote_exec(self) -> None:
         subprocess.run(

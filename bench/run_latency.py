@@ -46,7 +46,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,10 +102,7 @@ class Mesh(hb.Bench):
     """The heartbeat benchmark's control plane and process ownership, plus joined nodes."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
-        self.root.rmdir()  # still empty: take a folder named after this benchmark instead
-        self.root = Path(tempfile.mkdtemp(prefix="populi-run-bench-"))
-        self.data_dir = self.root / "cp"
+        super().__init__(args, prefix="populi-run-bench-")
         self.env = {**os.environ, "POPULI_LOG__LEVEL": "warning"}
 
     def populi(self, *argv: str) -> str:
