@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -113,6 +114,32 @@ def _host_ticks() -> tuple[int, int]:
     idle = values[3] + values[4]  # idle + iowait
     total = sum(values[:8])  # guest time is already inside user
     return total - idle, total
+
+
+@dataclass(frozen=True)
+class CpuWindow:
+    """CPU use over a measured window: the control plane's and the load processes' ticks,
+    and the whole host's, at its start and its end."""
+
+    cp: int
+    load: int
+    host: tuple[int, int]
+    at: float
+
+    @classmethod
+    def take(cls, cp_pid: int, load_pids: list[int]) -> CpuWindow:
+        return cls(
+            _cpu_ticks(cp_pid), sum(map(_cpu_ticks, load_pids)), _host_ticks(), time.monotonic()
+        )
+
+    def since(self, start: CpuWindow) -> tuple[float, float, float]:
+        """(control plane % of one core, load processes % of one core, host % of all cores)."""
+        wall = self.at - start.at
+        return (
+            100.0 * (self.cp - start.cp) / TICKS / wall,
+            100.0 * (self.load - start.load) / TICKS / wall,
+            100.0 * (self.host[0] - start.host[0]) / max(1, self.host[1] - start.host[1]),
+        )
 
 
 def _pct(ordered: list[float], q: float) -> float:
@@ -250,11 +277,12 @@ def generator_main() -> None:
 
 
 class Bench:
-    """Owns every process and folder it makes; ``close()`` removes them all."""
+    """Owns every process and folder it makes (its folder named after the benchmark by
+    ``prefix``); ``close()`` removes them all."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, prefix: str = "populi-hb-bench-") -> None:
         self.args = args
-        self.root = Path(tempfile.mkdtemp(prefix="populi-hb-bench-"))
+        self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.data_dir = self.root / "cp"
         self.procs: list[subprocess.Popen[Any]] = []
         self.agent: subprocess.Popen[Any] | None = None
@@ -473,19 +501,9 @@ class Bench:
             _write_line(proc.stdin, times)
         pids = [p.pid for p in generators]
         _sleep_until(times["from"])
-        cp0, gen0, host0, t0 = (
-            _cpu_ticks(self.agent.pid),
-            sum(map(_cpu_ticks, pids)),
-            _host_ticks(),
-            time.monotonic(),
-        )
+        start_cpu = CpuWindow.take(self.agent.pid, pids)
         _sleep_until(times["to"])
-        cp1, gen1, host1, t1 = (
-            _cpu_ticks(self.agent.pid),
-            sum(map(_cpu_ticks, pids)),
-            _host_ticks(),
-            time.monotonic(),
-        )
+        cp_cpu, gen_cpu, host_busy = CpuWindow.take(self.agent.pid, pids).since(start_cpu)
         latencies: list[float] = []
         lags: list[float] = []
         errors: Counter[str] = Counter()
@@ -505,7 +523,6 @@ class Bench:
             raise RuntimeError(f"the agent exited under load: {self.agent_log_tail()}")
         latencies.sort()
         lags.sort()
-        wall = t1 - t0
         return Row(
             n=n,
             members=len(self.nodes),
@@ -514,9 +531,9 @@ class Bench:
             p99_ms=_pct(latencies, 0.99) * 1000,
             max_ms=(latencies[-1] if latencies else math.nan) * 1000,
             lag_p99_ms=_pct(lags, 0.99) * 1000,
-            cp_cpu=100.0 * (cp1 - cp0) / TICKS / wall,
-            gen_cpu=100.0 * (gen1 - gen0) / TICKS / wall,
-            host_busy=100.0 * (host1[0] - host0[0]) / max(1, host1[1] - host0[1]),
+            cp_cpu=cp_cpu,
+            gen_cpu=gen_cpu,
+            host_busy=host_busy,
             errors=errors,
         )
 
@@ -611,16 +628,7 @@ def run(args: argparse.Namespace) -> None:
             else:
                 bad = mid
         print()
-        if bench.nodes:
-            print(
-                f"enrollment: {len(bench.nodes)} nodes in {bench.enroll_s:.1f} s "
-                f"({len(bench.nodes) / max(bench.enroll_s, 1e-9):.1f} joins/s)"
-            )
-        if bench.warmup_errors:
-            print(
-                "errors during warm-ups (not in the rows): "
-                + ", ".join(f"{k}={v}" for k, v in sorted(bench.warmup_errors.items()))
-            )
+        print_setup_summary(bench)
         good = sorted(r.cp_cpu * 10.0 / r.rate for r in rows.values() if r.passes(args.p99_ms))
         if good:
             per_beat = good[len(good) // 2]
@@ -660,6 +668,31 @@ def _print_agent_log(bench: Bench) -> None:
         print(f"  {count:>6} x {text[:160]}")
 
 
+def print_setup_summary(bench: Bench) -> None:
+    """The enrollment rate and the warm-up errors, after the rows (every benchmark that
+    drives a ``Bench``)."""
+    if bench.nodes:
+        print(
+            f"enrollment: {len(bench.nodes)} nodes in {bench.enroll_s:.1f} s "
+            f"({len(bench.nodes) / max(bench.enroll_s, 1e-9):.1f} joins/s)"
+        )
+    if bench.warmup_errors:
+        print(
+            "errors during warm-ups (not in the rows): "
+            + ", ".join(f"{k}={v}" for k, v in sorted(bench.warmup_errors.items()))
+        )
+
+
+def run_interruptible(run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Run a benchmark so that Ctrl-C and SIGTERM both unwind through its cleanup."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; every process this benchmark started is stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def main() -> None:
     if "--generator" in sys.argv[1:]:
         generator_main()
@@ -678,13 +711,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.start_n < 1 or args.max_n < args.start_n or args.generators < 1:
         parser.error("need 1 <= --start-n <= --max-n and --generators >= 1")
-    # SIGTERM unwinds like Ctrl-C, so that the cleanup runs either way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process this benchmark started is stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_interruptible(run, args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -262,12 +261,8 @@ class LeaseBench(hb.Bench):
     """The heartbeat benchmark's process and folder ownership, with lease load."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
-        self.root.rmdir()  # still empty: take a folder named after this benchmark instead
-        self.root = Path(tempfile.mkdtemp(prefix="populi-lease-bench-"))
-        self.data_dir = self.root / "cp"
+        super().__init__(args, prefix="populi-lease-bench-")
         self.grants = 0
-        self.warmup_errors: Counter[str] = Counter()
 
     def enable_remote_exec(self) -> None:
         subprocess.run(
@@ -366,20 +361,10 @@ class LeaseBench(hb.Bench):
             hb._write_line(proc.stdin, times)
         pids = [p.pid for p in generators]
         hb._sleep_until(times["from"])
-        cp0, gen0, keep0, host0, t0 = (
-            hb._cpu_ticks(self.agent.pid),
-            sum(map(hb._cpu_ticks, pids)),
-            hb._cpu_ticks(keeper.pid),
-            hb._host_ticks(),
-            time.monotonic(),
-        )
+        start_cpu = hb.CpuWindow.take(self.agent.pid, [*pids, keeper.pid])
         hb._sleep_until(times["to"])
-        cp1, gen1, keep1, host1, t1 = (
-            hb._cpu_ticks(self.agent.pid),
-            sum(map(hb._cpu_ticks, pids)),
-            hb._cpu_ticks(keeper.pid),
-            hb._host_ticks(),
-            time.monotonic(),
+        cp_cpu, gen_cpu, host_busy = hb.CpuWindow.take(self.agent.pid, [*pids, keeper.pid]).since(
+            start_cpu
         )
         table = self.grants
         ops: dict[str, list[tuple[float, float]]] = {name: [] for name in OPS}
@@ -399,17 +384,16 @@ class LeaseBench(hb.Bench):
         if self.agent.poll() is not None:
             raise RuntimeError(f"the agent exited under load: {self.agent_log_tail()}")
         lo, hi = times["from"], times["to"]
-        wall = t1 - t0
         return Row(
             concurrency=concurrency,
             table=table,
             cycles=_figures(cycles, lo, hi),
             ops={name: _figures(ops[name], lo, hi) for name in OPS},
-            cp_cpu=100.0 * (cp1 - cp0) / hb.TICKS / wall,
-            gen_cpu=100.0 * (gen1 - gen0 + keep1 - keep0) / hb.TICKS / wall,
+            cp_cpu=cp_cpu,
+            gen_cpu=gen_cpu,
             hb_rate=len(beats["latencies_s"]) / args.window_s,
             hb_p99_ms=hb._pct(sorted(beats["latencies_s"]), 0.99) * 1000,
-            host_busy=100.0 * (host1[0] - host0[0]) / max(1, host1[1] - host0[1]),
+            host_busy=host_busy,
             errors=errors,
         )
 
@@ -616,16 +600,7 @@ def run(args: argparse.Namespace) -> None:
             print(_format(row), flush=True)
         print()
         print(f"leases in the control plane's table at the end: {bench.grants}")
-        if bench.nodes:
-            print(
-                f"enrollment: {len(bench.nodes)} nodes in {bench.enroll_s:.1f} s "
-                f"({len(bench.nodes) / max(bench.enroll_s, 1e-9):.1f} joins/s)"
-            )
-        if bench.warmup_errors:
-            print(
-                "errors during warm-ups (not in the rows): "
-                + ", ".join(f"{k}={v}" for k, v in sorted(bench.warmup_errors.items()))
-            )
+        hb.print_setup_summary(bench)
         best = max(rows, key=lambda r: r.cycles.rate)
         print(
             f"best: {best.cycles.rate:.1f} cycles/s at concurrency {best.concurrency} "
@@ -690,13 +665,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.generators < 1 or args.repeat < 0 or args.window_s <= 0 or args.warmup_s < 0:
         parser.error("need --generators >= 1, --repeat >= 0, --window-s > 0, --warmup-s >= 0")
-    # SIGTERM unwinds like Ctrl-C, so that the cleanup runs either way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process this benchmark started is stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    hb.run_interruptible(run, args)
 
 
 if __name__ == "__main__":

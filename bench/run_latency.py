@@ -43,11 +43,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,10 +102,7 @@ class Mesh(hb.Bench):
     """The heartbeat benchmark's control plane and process ownership, plus joined nodes."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
-        self.root.rmdir()  # still empty: take a folder named after this benchmark instead
-        self.root = Path(tempfile.mkdtemp(prefix="populi-run-bench-"))
-        self.data_dir = self.root / "cp"
+        super().__init__(args, prefix="populi-run-bench-")
         self.env = {**os.environ, "POPULI_LOG__LEVEL": "warning"}
 
     def populi(self, *argv: str) -> str:
@@ -528,13 +523,7 @@ def main() -> None:
     if args.runs < 1 or args.warmup < 0 or 4 * (args.runs + args.warmup) > 900:
         # (the check afterwards reads the submitter's last 1000 tasks)
         parser.error("need --runs >= 1, --warmup >= 0 and --runs + --warmup <= 225")
-    # SIGTERM unwinds like Ctrl-C, so that the cleanup runs either way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process this benchmark started is stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    hb.run_interruptible(run, args)
 
 
 if __name__ == "__main__":

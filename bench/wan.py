@@ -89,38 +89,12 @@ class WanLab:
                 assert proc.stdout is not None
                 proc.stdout.readline()
                 self.netem.append(proc)
-                self.lab.run(
-                    host,
-                    "iptables",
-                    "-t",
-                    "mangle",
-                    "-A",
-                    "OUTPUT",
-                    "-o",
-                    "eth0",
-                    "-p",
-                    "udp",
-                    "--dport",
-                    str(WG_PORT),
-                    "-j",
-                    "NFQUEUE",
-                    "--queue-num",
-                    str(queue),
-                )
+                self._on_wireguard(host, "OUTPUT", "-o", "-j", "NFQUEUE", "--queue-num", str(queue))
             if loss_pct > 0:
-                self.lab.run(
+                self._on_wireguard(
                     host,
-                    "iptables",
-                    "-t",
-                    "mangle",
-                    "-A",
                     "PREROUTING",
                     "-i",
-                    "eth0",
-                    "-p",
-                    "udp",
-                    "--dport",
-                    str(WG_PORT),
                     "-m",
                     "statistic",
                     "--mode",
@@ -130,6 +104,25 @@ class WanLab:
                     "-j",
                     "DROP",
                 )
+
+    def _on_wireguard(self, host: str, chain: str, direction: str, *rule: str) -> None:
+        """An iptables mangle rule on ``host``'s WireGuard packets through eth0
+        (``direction``: ``-o`` going out, ``-i`` coming in)."""
+        self.lab.run(
+            host,
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            chain,
+            direction,
+            "eth0",
+            "-p",
+            "udp",
+            "--dport",
+            str(WG_PORT),
+            *rule,
+        )
 
     def clear_path(self) -> None:
         for host in HOSTS:

@@ -59,47 +59,35 @@ def main() -> int:
         else:
             me = local.identity.node_id
             out.update({"grant_ms": [], "renew_ms": [], "release_ms": []})
+
+            def post(path: str, payload: dict[str, Any]) -> tuple[float, Any]:
+                """A timed lease call to the control plane: (ms, its answer)."""
+                return timed(
+                    lambda: local.client().call(
+                        url=url, node_id=node_id, method="POST", path=path, payload=payload
+                    )
+                )
+
             for _ in range(args.n):
                 task = f"t-bench-{uuid.uuid4().hex[:12]}"
                 try:
-                    ms, answer = timed(
-                        lambda task=task: local.client().call(
-                            url=url,
-                            node_id=node_id,
-                            method="POST",
-                            path="/v1/populi/exec/leases",
-                            payload={
-                                "task_id": task,
-                                "attempt": 1,
-                                "work_class": "inference",
-                                "target": me,
-                                "gpus_wanted": 1,
-                                "ttl_s": 30,
-                            },
-                        )
+                    ms, answer = post(
+                        "/v1/populi/exec/leases",
+                        {
+                            "task_id": task,
+                            "attempt": 1,
+                            "work_class": "inference",
+                            "target": me,
+                            "gpus_wanted": 1,
+                            "ttl_s": 30,
+                        },
                     )
                     out["grant_ms"].append(round(ms, 2))
-                    lease_id = answer["lease"]["lease_id"]
+                    lease = f"/v1/populi/exec/leases/{answer['lease']['lease_id']}"
                     for _ in range(3):
-                        ms, _ = timed(
-                            lambda lease_id=lease_id: local.client().call(
-                                url=url,
-                                node_id=node_id,
-                                method="POST",
-                                path=f"/v1/populi/exec/leases/{lease_id}/renew",
-                                payload={},
-                            )
-                        )
+                        ms, _ = post(f"{lease}/renew", {})
                         out["renew_ms"].append(round(ms, 2))
-                    ms, _ = timed(
-                        lambda lease_id=lease_id: local.client().call(
-                            url=url,
-                            node_id=node_id,
-                            method="POST",
-                            path=f"/v1/populi/exec/leases/{lease_id}/release",
-                            payload={"outcome": "completed"},
-                        )
-                    )
+                    ms, _ = post(f"{lease}/release", {"outcome": "completed"})
                     out["release_ms"].append(round(ms, 2))
                 except PopuliError as exc:
                     out["errors"].append(f"{exc.code}: {str(exc)[:200]}")

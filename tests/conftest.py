@@ -2,17 +2,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 from populi_peer.agent.agent import Agent
-from populi_peer.cluster import InitResult, init_cluster
-from populi_peer.testing import VirtualClock
+from populi_peer.cluster import InitResult
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
+from support.cluster import init_lab_cluster
+from support.procs import Processes
 
 #: Tests reach loopback and the namespaces they build, never this machine's own network:
 #: every ``populi`` they start inherits LAN discovery off (no multicast on the host's
@@ -28,15 +29,7 @@ settings.load_profile("populi")
 @pytest.fixture
 def cluster_dir(tmp_path: Path) -> tuple[Path, InitResult]:
     data_dir = tmp_path / "cp"
-    result = init_cluster(
-        data_dir,
-        cluster_name="lab",
-        node_name="cp",
-        listen="127.0.0.1:0",
-        advertise=[],
-        force=False,
-        now_wall_s=VirtualClock().wall_start_s,
-    )
+    result = init_lab_cluster(data_dir)
     return data_dir, result
 
 
@@ -48,6 +41,16 @@ async def virtual_agent(cluster_dir: tuple[Path, InitResult]) -> AsyncIterator[A
     require_mock_clock("the virtual_agent fixture")
     async with open_virtual_agent(cluster_dir[0], url="https://cp.virtual") as agent:
         yield agent
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """Real ``populi`` processes; each one started is ended (by its PID) after the test."""
+    processes = Processes()
+    try:
+        yield processes
+    finally:
+        processes.cleanup()
 
 
 @pytest.fixture

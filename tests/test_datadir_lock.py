@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from populi_peer.cluster import init_cluster, wipe_node_files
+from populi_peer.cluster import wipe_node_files
 from populi_peer.datadir_lock import LOCK_FILE_NAME, DataDirLock, holder_pid
 from populi_peer.errors import AlreadyRunning
+from support.cluster import init_lab_cluster
 
 #: A separate process that tries the lock: 0 taken (and given back), 1 found held.
 TRY_LOCK = """
@@ -84,28 +85,12 @@ def test_the_lock_is_not_inherited_by_child_processes(tmp_path: Path) -> None:
 
 def test_force_refuses_to_wipe_a_directory_an_agent_runs_on(tmp_path: Path) -> None:
     data_dir = tmp_path / "d"
-    init_cluster(
-        data_dir,
-        cluster_name="lab",
-        node_name="cp",
-        listen="127.0.0.1:0",
-        advertise=[],
-        force=False,
-        now_wall_s=1_700_000_000.0,
-    )
+    init_lab_cluster(data_dir, now_wall_s=1_700_000_000.0)
     lock = DataDirLock.acquire(data_dir)
     before = sorted(p.name for p in data_dir.iterdir())
     try:
         with pytest.raises(AlreadyRunning):
-            init_cluster(
-                data_dir,
-                cluster_name="lab",
-                node_name="cp",
-                listen="127.0.0.1:0",
-                advertise=[],
-                force=True,
-                now_wall_s=1_700_000_000.0,
-            )
+            init_lab_cluster(data_dir, force=True, now_wall_s=1_700_000_000.0)
         with pytest.raises(AlreadyRunning):
             wipe_node_files(data_dir)
         assert sorted(p.name for p in data_dir.iterdir()) == before

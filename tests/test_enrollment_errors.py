@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enrollment.ca import cert_from_pem
 from enrollment.errors import EnrollmentError, ErrorKind, TokenError
@@ -32,7 +31,7 @@ from enrollment.revocation import (
     verify_revocations,
 )
 from enrollment.signing import ReplayCache, verify_request
-from enrollment.tokens import decode_token, mint_token, redeem_token, token_envelope
+from enrollment.tokens import decode_token, redeem_token, token_envelope
 from enrollment.tokens import validate_node_name as check_name
 from populi_peer.agent.enrollment import TokenUsed
 from populi_peer.agent.membership import Member, Membership
@@ -53,27 +52,11 @@ from populi_peer.errors import (
 )
 from populi_peer.store import Store
 from populi_peer.testing import VirtualClock
-
-ROOT = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-NOW = 1_700_000_000_000
-HOUR = 3_600_000
-CP = "n-aaaaaaaaaaaaaaaa"
+from support.tokens import CP, HOUR, NOW, ROOT, mint
 
 
 def _token(**overrides: Any) -> str:
-    args: dict[str, Any] = {
-        "signing_key": ROOT,
-        "cluster_id": "home",
-        "contacts": ["10.0.0.1:7070"],
-        "recipients": [CP],
-        "roles": ["worker"],
-        "now_ms": NOW,
-        "ttl_ms": HOUR,
-        "token_id": bytes(16),
-        "token_seed": bytes(range(32)),
-    }
-    args.update(overrides)
-    return mint_token(**args)[0]
+    return mint(**{"token_id": bytes(16), "token_seed": bytes(range(32)), **overrides})[0]
 
 
 def _revoked(name: str = "gpu-1", **overrides: Any) -> RevokedNode:

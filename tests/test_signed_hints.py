@@ -12,9 +12,10 @@ from enrollment.keys import generate_key
 from populi_peer.core.gossip import GossipSettings, GossipState
 from populi_peer.core.hints import HintBody, next_hint_version
 from populi_peer.core.hlc import Hlc
-from populi_peer.gpu import allocatable, gpu_summary, open_probe
+from populi_peer.gpu import gpu_summary, open_probe
 from populi_peer.signed_hints import hint_verifier, sign_hint_record
 from populi_peer.testing import VirtualClock
+from support.hints import allocations
 
 NOW = 1_700_000_000_000
 
@@ -25,20 +26,13 @@ async def test_an_eight_gpu_hint_fits_the_bounds_and_reads_back(
     path = v.write(tmp_path, v.eight_gpus(v.capture(v.LOAD)))
     async with open_probe(fixture=path, node_id="n-x", clock=VirtualClock()) as probe:
         inventory = await probe.probe()
-    allocations = allocatable(
-        inventory,
-        quarantined=frozenset(),
-        leased=frozenset(),
-        own_pids=frozenset(),
-        advertised={},
-        trust_advertised=False,
-    )
+    allocs = allocations(inventory)
     body = HintBody(
         lifecycle="active",
         roles=("worker",),
         accepts_remote_work=True,
         addresses=("10.0.0.7:7443",),
-        gpu=gpu_summary(inventory, allocations, advertised={"zone": "rack"}),
+        gpu=gpu_summary(inventory, allocs, advertised={"zone": "rack"}),
     )
     key = generate_key()
     record = sign_hint_record(

@@ -259,9 +259,55 @@ class Settings:
     settings_serial: int = 1
 
 
+#: A lease's own path (``/v1/populi/exec/leases/<lease>``), as a FakePeers route pattern.
+LEASE = r"/v1/populi/exec/leases/(?P<lease>[^/]+)"
+#: What a test sends instead of a good answer: a function of the good answer's JSON.
+Spoil = Callable[[Any], Any]
+#: A proxy's error page instead of the answer.
+NOT_JSON: Spoil = lambda good: b"<html>proxy error</html>"  # noqa: E731
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def drop(*path: str | int) -> Spoil:
+    """The good answer without the field at ``path`` (keys and list indexes)."""
+
+    def spoil(good: Any) -> Any:
+        out = _copy(good)
+        inner = out
+        for key in path[:-1]:
+            inner = inner[key]
+        del inner[path[-1]]
+        return out
+
+    return spoil
+
+
+def set_at(value: Any, *path: str | int) -> Spoil:
+    """The good answer with ``value`` at ``path`` (keys and list indexes)."""
+
+    def spoil(good: Any) -> Any:
+        out = _copy(good)
+        inner = out
+        for key in path[:-1]:
+            inner = inner[key]
+        inner[path[-1]] = value
+        return out
+
+    return spoil
+
+
 __all__ = [
     "CP",
     "HOSTS",
+    "LEASE",
+    "NOT_JSON",
     "SUBMITTER",
     "T0_MS",
     "WORKER",
@@ -269,6 +315,8 @@ __all__ = [
     "Gates",
     "Links",
     "Settings",
+    "Spoil",
+    "drop",
     "error",
     "lease_json",
     "links",
@@ -276,4 +324,5 @@ __all__ = [
     "principal",
     "response",
     "runner",
+    "set_at",
 ]

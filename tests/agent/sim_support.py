@@ -713,14 +713,7 @@ class Driver:
         async with self.cluster.operator_client(action.node) as client:
             try:
                 response = await client.post(
-                    "/v1/populi/tasks",
-                    json={
-                        "command": list(action.argv),
-                        "gpus": 1,
-                        "work_class": "agent",
-                        "queue_timeout_s": QUEUE_TIMEOUT_S,
-                    },
-                    timeout=5.0,
+                    "/v1/populi/tasks", json=task_body(list(action.argv)), timeout=5.0
                 )
             except httpx.HTTPError as exc:
                 # Lost on the way or on the way back: the task may exist; the final check
@@ -745,19 +738,15 @@ class Driver:
 
 
 async def _set_cluster_settings(cluster: VirtualCluster, **more: Any) -> None:
-    async with cluster.operator_client() as client:
-        response = await client.post(
-            "/v1/populi/admin/settings",
-            json={
-                "changes": {
-                    "remote_exec_enabled": True,
-                    "max_lease_ttl_s": TTL_S,
-                    "lease_expiry_margin_s": EXPIRY_MARGIN_S,
-                    **more,
-                }
-            },
-        )
-    assert response.status_code == 200, response.text
+    from support.vcluster import change_settings
+
+    await change_settings(
+        cluster,
+        remote_exec_enabled=True,
+        max_lease_ttl_s=TTL_S,
+        lease_expiry_margin_s=EXPIRY_MARGIN_S,
+        **more,
+    )
 
 
 async def _setup(cluster: VirtualCluster) -> None:
@@ -819,23 +808,16 @@ async def open_small_cluster(
     and the simulation's timings; every answer is checked against the contract, then
     given to ``on_response``."""
     from support.contract import validate
+    from support.vcluster import sim_vcluster
 
     def check(request: httpx.Request, response: httpx.Response) -> None:
         validate(request, response)
         if on_response is not None:
             on_response(request, response)
 
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            root,
-            workers=workers,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=check,
-            changes=host.changes,
-        ) as cluster,
-    ):
+    async with sim_vcluster(
+        root, workers=workers, config=sim_config(), on_response=check, host_changes=True
+    ) as (cluster, host):
         await _set_cluster_settings(cluster)
         await _setup(cluster)
         yield cluster, host
@@ -849,18 +831,9 @@ async def open_gpu_cluster(
     cluster's default settings (remote execution off); every answer is checked against
     the contract. Yields once the control plane can allocate every worker's GPU, each
     worker has verified its own and every worker knows every other."""
-    from support.contract import validate
+    from support.vcluster import sim_vcluster
 
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            root,
-            workers=workers,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
+    async with sim_vcluster(root, workers=workers, config=sim_config()) as (cluster, host):
         names = [n for n in cluster.nodes if n != "cp"]
         await cluster.wait_until(
             lambda: all(
@@ -874,18 +847,26 @@ async def open_gpu_cluster(
         yield cluster, host
 
 
-async def submit(cluster: VirtualCluster, via: str, argv: list[str], *, gpus: int = 1) -> str:
-    """Submit a task to ``via`` as the operator; returns its id."""
+def task_body(argv: list[str], *, gpus: int = 1, node: str | None = None) -> dict[str, Any]:
+    """A task of the simulation's kind (``agent`` work, queued up to
+    :data:`QUEUE_TIMEOUT_S`); with ``node``, pinned there with fallback."""
+    body: dict[str, Any] = {
+        "command": argv,
+        "gpus": gpus,
+        "work_class": "agent",
+        "queue_timeout_s": QUEUE_TIMEOUT_S,
+    }
+    if node is not None:
+        body.update(node=node, node_fallback=True)
+    return body
+
+
+async def submit(
+    cluster: VirtualCluster, via: str, argv: list[str], *, gpus: int = 1, node: str | None = None
+) -> str:
+    """Submit a task to ``via`` as the operator (see :func:`task_body`); returns its id."""
     async with cluster.operator_client(via) as client:
-        response = await client.post(
-            "/v1/populi/tasks",
-            json={
-                "command": argv,
-                "gpus": gpus,
-                "work_class": "agent",
-                "queue_timeout_s": QUEUE_TIMEOUT_S,
-            },
-        )
+        response = await client.post("/v1/populi/tasks", json=task_body(argv, gpus=gpus, node=node))
     assert response.status_code == 200, response.text
     return str(response.json()["task"]["task_id"])
 

@@ -15,10 +15,9 @@ from enrollment.errors import CertificateError
 from enrollment.keys import generate_key, load_private_key
 from enrollment.revocation import RevocationList, sign_revocations
 from enrollment.tokens import mint_token, token_envelope
-from populi_peer.api.client import SignedAuth
 from populi_peer.config import Config
 from populi_peer.errors import RefusedError
-from support.vcluster import vcluster
+from support.vcluster import as_node, node_action, vcluster
 
 
 def _no_rate_limit() -> Config:
@@ -88,10 +87,8 @@ async def test_consumed_token_stays_consumed_after_retire_and_delete(
     async with vcluster(tmp_path) as cluster:
         token = await cluster.mint_token()
         await cluster.join("w1", token=token)
+        await node_action(cluster, "w1", "retire", reason="gone")
         async with cluster.operator_client() as client:
-            assert (
-                await client.post("/v1/populi/admin/nodes/w1/retire", json={"reason": "gone"})
-            ).status_code == 200
             deleted = await client.post("/v1/populi/admin/nodes/w1/delete", json={})
         assert deleted.status_code == 200
         assert deleted.json()["name_blocked"] is True
@@ -105,10 +102,8 @@ async def test_retired_name_is_blocked_until_unretire(
 ) -> None:
     async with vcluster(tmp_path) as cluster:
         await cluster.join("w1")
+        await node_action(cluster, "w1", "retire")
         async with cluster.operator_client() as client:
-            assert (
-                await client.post("/v1/populi/admin/nodes/w1/retire", json={})
-            ).status_code == 200
             # A token bound to the old name cannot even be minted...
             minted = await client.post("/v1/populi/admin/tokens", json={"name": "w1"})
             assert minted.status_code == 409 and minted.json()["error"]["code"] == "name_retired"
@@ -231,11 +226,7 @@ async def test_worker_credential_on_operator_route_is_403(
 ) -> None:
     async with vcluster(tmp_path, workers=1) as cluster:
         w1 = cluster["w1"]
-        async with httpx.AsyncClient(
-            transport=cluster.network.transport_for(w1.node_id),
-            base_url="https://cp.populi.test:443",
-            auth=SignedAuth(w1.certificates.identity.node_credential, cluster.cp.node_id, w1.clock),
-        ) as client:
+        async with as_node(cluster, w1) as client:
             response = await client.post("/v1/populi/admin/tokens", json={})
             status = await client.get("/v1/populi/status")
     assert response.status_code == 403
@@ -249,13 +240,7 @@ async def test_operator_token_enrolls_an_admin_machine(
     async with vcluster(tmp_path) as cluster:
         admin = await cluster.join("admin", roles=["operator"])
         assert admin is not None and admin.certificates.identity.roles == ("operator",)
-        async with httpx.AsyncClient(
-            transport=cluster.network.transport_for(admin.node_id),
-            base_url="https://cp.populi.test:443",
-            auth=SignedAuth(
-                admin.certificates.identity.node_credential, cluster.cp.node_id, admin.clock
-            ),
-        ) as client:
+        async with as_node(cluster, admin) as client:
             response = await client.post("/v1/populi/admin/tokens", json={"roles": ["worker"]})
         assert response.status_code == 200
 
@@ -354,11 +339,7 @@ async def test_signature_for_another_recipient_is_refused_between_nodes(
 ) -> None:
     async with vcluster(tmp_path, workers=1) as cluster:
         w1 = cluster["w1"]
-        async with httpx.AsyncClient(
-            transport=cluster.network.transport_for(w1.node_id),
-            base_url="https://cp.populi.test:443",
-            auth=SignedAuth(w1.certificates.identity.node_credential, w1.node_id, w1.clock),
-        ) as client:
+        async with as_node(cluster, w1, signed_for=w1.node_id) as client:
             response = await client.get("/v1/populi/status")
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "signature_wrong_recipient"

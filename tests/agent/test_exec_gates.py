@@ -7,14 +7,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import httpx
 import trio
 import trio.testing
 from agent.sim_support import open_gpu_cluster
 
-from populi_peer.api.client import SignedAuth
 from populi_peer.config import Config
-from support.vcluster import vcluster
+from support.vcluster import as_node, change_settings, vcluster
 
 
 def _gpu_config(remote: bool) -> Config:
@@ -33,18 +31,13 @@ async def test_node_with_remote_execution_off_is_never_a_target(
         off = await cluster.join("off", config=_gpu_config(remote=False))
         on = await cluster.join("on", config=_gpu_config(remote=True))
         assert off is not None and on is not None
-        async with cluster.operator_client() as op:
-            assert (
-                await op.post(
-                    "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-                )
-            ).status_code == 200
+        await change_settings(cluster, remote_exec_enabled=True)
         cp = cluster.cp
         await cluster.wait_until(lambda: off.node_id in cp.gpu.nodes and on.node_id in cp.gpu.nodes)
         listing = {n["name"]: n for n in (await _get(cluster, on, "/v1/populi/nodes"))["nodes"]}
         assert listing["off"]["accepts_remote_work"] is False
         assert listing["on"]["accepts_remote_work"] is True
-        async with _client(cluster, on) as client:
+        async with as_node(cluster, on) as client:
             refused = await client.post(
                 "/v1/populi/exec/leases",
                 json={
@@ -126,17 +119,8 @@ async def test_remote_off_gpu_task_runs_on_this_nodes_gpu_under_a_local_lease(
         assert len(table.leases) == 2
 
 
-def _client(cluster, agent) -> httpx.AsyncClient:
-    cp = cluster.cp
-    return httpx.AsyncClient(
-        transport=cluster.network.transport_for(agent.node_id),
-        base_url="https://cp.populi.test:443",
-        auth=SignedAuth(agent.certificates.identity.node_credential, cp.node_id, agent.clock),
-    )
-
-
 async def _get(cluster, agent, path: str) -> dict:
-    async with _client(cluster, agent) as client:
+    async with as_node(cluster, agent) as client:
         response = await client.get(path)
     assert response.status_code == 200, response.text
     return response.json()

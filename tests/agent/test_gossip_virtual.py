@@ -28,6 +28,7 @@ from populi_peer.core.hlc import Hlc
 from populi_peer.core.messages import GossipPush, GossipPushAnswer, HintsAnswer
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from support.contract import validate
+from support.vcluster import node_action
 
 GUARD_S = 60.0
 NAMES = ("cp", "w1", "w2", "w3")
@@ -164,9 +165,7 @@ async def test_a_retired_nodes_hints_are_refused_everywhere(
         lambda: all(holds(cluster[a], ids["w3"]) for a in ("cp", "w1", "w2")),
         timeout_s=GUARD_S,
     )
-    async with cluster.operator_client() as op:
-        answer = await op.post(f"/v1/populi/admin/nodes/{ids['w3']}/retire", json={})
-    assert answer.status_code == 200, answer.text
+    await node_action(cluster, ids["w3"], "retire")
     await cluster.wait_until(
         lambda: all(cluster[a].gossip.state.get(ids["w3"]) is None for a in ("cp", "w1", "w2")),
         timeout_s=GUARD_S,

@@ -19,12 +19,10 @@ import pytest
 import trio
 
 from populi_peer.agent.agent import Agent
-from populi_peer.api.client import PeerClient
 from populi_peer.config import Config, GpuConfig
 from populi_peer.core.leases import RESUMPTION_REASONS
 from populi_peer.errors import PopuliError
 from populi_peer.gpu import (
-    allocatable,
     derive_replay_uuid,
     gpu_summary,
     health_verdicts,
@@ -33,7 +31,8 @@ from populi_peer.gpu import (
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
 from populi_peer.testing.waiting import wait_for
-from support.vcluster import vcluster
+from support.hints import allocations
+from support.vcluster import change_settings, heard_from, peer_client_as, vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
 CAPTURE_UUID = "GPU-3ce30699-44e9-8c2b-0f34-997c3c5cae2d"
@@ -174,11 +173,7 @@ async def test_xid_quarantine_survives_restart_and_is_resumed_by_the_operator(
     with_xid = _sequence(tmp_path, "xid.json", {"at_s": xid_at_s, "xid": {"index": 0, "code": 79}})
     async with vcluster(tmp_path, config=_config(_no_driver(tmp_path))) as cluster:
         cp = cluster.cp
-        async with cluster.operator_client() as client:
-            response = await client.post(
-                "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-            )
-            assert response.status_code == 200, response.text
+        await change_settings(cluster, remote_exec_enabled=True)
         await cluster.join("w1", config=_config(with_xid), start=False)
         w2 = await cluster.join("w2", config=_config(IDLE))
         assert w2 is not None
@@ -375,19 +370,9 @@ async def test_trusted_labels_on_a_cpu_only_node_are_capacity_on_the_control_pla
 # -- 6. old and newer payloads through the real heartbeat route -----------------------------
 
 
-def _client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
-    """A signing client with ``agent``'s node credential (the agent itself is stopped)."""
-    return PeerClient(
-        credential=agent.certificates.identity.node_credential,
-        clock=agent.clock,
-        transport=cluster.network.transport_for(agent.node_id),
-        timeout_s=10.0,
-    )
-
-
 async def _beat(cluster: VirtualCluster, agent: Agent, payload: dict[str, Any]) -> dict[str, Any]:
     cp = cluster.cp
-    client = _client_as(cluster, agent)
+    client = peer_client_as(cluster, agent)
     try:
         return await client.call(
             url=cp.address.url,
@@ -417,7 +402,7 @@ async def test_heartbeat_without_gpu_field_still_parses(
 ) -> None:
     async with vcluster(tmp_path, config=_config(_no_driver(tmp_path)), workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         await cluster.crash("w1")  # from now on only this test speaks for w1
         await trio.sleep(2)
         answer = await _beat(cluster, w1, _old_payload(cp))
@@ -442,15 +427,8 @@ async def test_gpu_summary_with_unknown_fields_still_parses(
         # does not know at every level.
         async with open_probe(fixture=IDLE, node_id=w1.node_id, clock=VirtualClock()) as probe:
             inventory = await probe.probe()
-        allocations = allocatable(
-            inventory,
-            quarantined=frozenset(),
-            leased=frozenset(),
-            own_pids=frozenset(),
-            advertised={},
-            trust_advertised=False,
-        )
-        summary = gpu_summary(inventory, allocations, verdicts=health_verdicts(inventory))
+        allocs = allocations(inventory)
+        summary = gpu_summary(inventory, allocs, verdicts=health_verdicts(inventory))
         summary["v"] = 2
         summary["topology"] = {"nvswitch": ["future"]}
         summary["static"]["fabric"] = {"clique": 7}

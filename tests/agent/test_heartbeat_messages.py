@@ -20,12 +20,10 @@ from typing import Any
 import pytest
 import trio
 
-from populi_peer.agent import Agent
-from populi_peer.api.client import PeerClient
 from populi_peer.core.messages import HeartbeatAnswer, HeartbeatReport
 from populi_peer.errors import PeerError, PopuliError
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import vcluster
+from support.vcluster import heard_from, peer_client_as, vcluster
 
 Spoil = Callable[[dict[str, Any]], Any]
 
@@ -118,7 +116,7 @@ async def test_a_malformed_heartbeat_answer_is_an_error_for_that_beat(
     async with vcluster(tmp_path, workers=1, on_response=None) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
         sender = w1.heartbeat_sender
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         fake = install_fake(cluster, "w1")
         fake.spoil = spoil
         with pytest.raises(PeerError) as raised:
@@ -147,7 +145,7 @@ async def test_the_sender_sends_a_report_the_route_takes_and_reads_the_typed_ans
 ) -> None:
     async with vcluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         answer = await w1.heartbeat_sender.beat_once()
         assert answer.term == cp.control_plane.term and answer.control_plane.node_id == cp.node_id
         assert answer.lifecycle is not None and answer.lifecycle.state == "active"
@@ -158,15 +156,6 @@ async def test_the_sender_sends_a_report_the_route_takes_and_reads_the_typed_ans
         assert (
             HeartbeatReport.from_json(w1.heartbeat_sender.payload().to_json()).status == "running"
         )
-
-
-def _client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
-    return PeerClient(
-        credential=agent.certificates.identity.node_credential,
-        clock=agent.clock,
-        transport=cluster.network.transport_for(agent.node_id),
-        timeout_s=10.0,
-    )
 
 
 BAD_REPORTS: list[tuple[str, dict[str, Any], str, str]] = [
@@ -231,10 +220,10 @@ async def test_a_malformed_report_is_refused_naming_the_field(
 ) -> None:
     async with vcluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         await cluster.crash("w1")  # from now on only this test speaks for w1
         before = cp.heartbeats.seen[w1.node_id]
-        client = _client_as(cluster, w1)
+        client = peer_client_as(cluster, w1)
         try:
             with pytest.raises(PopuliError) as raised:
                 await client.call(

@@ -35,7 +35,6 @@ import trio
 import trio.testing
 from agent.sim_support import (
     EXPIRY_MARGIN_S,
-    QUEUE_TIMEOUT_S,
     TTL_S,
     Action,
     Observer,
@@ -43,6 +42,7 @@ from agent.sim_support import (
     check_rule_7,
     open_small_cluster,
     sim_config,
+    submit,
 )
 
 from populi_peer.core.fencing import FencingToken
@@ -106,23 +106,6 @@ class LeaseWatch:
             await trio.sleep(WATCH_S)
 
 
-async def submit_pinned(cluster: VirtualCluster, via: str, node: str, argv: list[str]) -> str:
-    async with cluster.operator_client(via) as client:
-        response = await client.post(
-            "/v1/populi/tasks",
-            json={
-                "command": argv,
-                "gpus": 1,
-                "work_class": "agent",
-                "node": node,
-                "node_fallback": True,
-                "queue_timeout_s": QUEUE_TIMEOUT_S,
-            },
-        )
-    assert response.status_code == 200, response.text
-    return str(response.json()["task"]["task_id"])
-
-
 @pytest.mark.parametrize("from_submitter", [False, True], ids=["cp-only", "cp-and-submitter"])
 async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, from_submitter: bool
@@ -152,7 +135,7 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
         watch = LeaseWatch(cluster, observer)
         watchers.start_soon(watch.run)
 
-        task_id = await submit_pinned(cluster, "w1", "w2", ["sim", f"{TASK_S:g}"])
+        task_id = await submit(cluster, "w1", ["sim", f"{TASK_S:g}"], node="w2")
         observer.submitted.append(("w1", task_id))
         await cluster.wait_until(lambda: bool(host.ledger.for_task(task_id)), timeout_s=30)
         (remote,) = host.ledger.for_task(task_id)

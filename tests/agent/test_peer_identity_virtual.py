@@ -31,18 +31,20 @@ import trio
 import trio.testing
 from agent.sim_support import (
     EXPIRY_MARGIN_S,
-    QUEUE_TIMEOUT_S,
     TTL_S,
     Action,
     Observer,
     Scenario,
     open_small_cluster,
     sim_config,
+    submit,
 )
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.testing import Faults
 from populi_peer.testing.cluster import VirtualCluster
+from support.apps import read_body
+from support.vcluster import node_action
 
 STOP_MARGIN_S = sim_config().exec.stop_margin_s
 TASK_S = 20.0
@@ -70,12 +72,7 @@ class Impostor:
             return
         path = scope["path"]
         self.received.append(f"{scope['method']} {path}")
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if path in self.genuine_renewals:
             self.forged.append(path)
             answer = self.genuine_renewals[path]
@@ -100,30 +97,8 @@ class Impostor:
             )
 
 
-async def _submit_pinned(cluster: VirtualCluster, via: str, node: str) -> str:
-    async with cluster.operator_client(via) as client:
-        response = await client.post(
-            "/v1/populi/tasks",
-            json={
-                "command": ["sim", f"{TASK_S:g}"],
-                "gpus": 1,
-                "work_class": "agent",
-                "node": node,
-                "node_fallback": True,
-                "queue_timeout_s": QUEUE_TIMEOUT_S,
-            },
-        )
-    assert response.status_code == 200, response.text
-    return str(response.json()["task"]["task_id"])
-
-
 async def _retire(cluster: VirtualCluster, name: str) -> None:
-    async with cluster.operator_client() as client:
-        response = await client.post(
-            f"/v1/populi/admin/nodes/{cluster.node_ids[name]}/retire",
-            json={"reason": "decommissioned"},
-        )
-    assert response.status_code == 200, response.text
+    await node_action(cluster, cluster.node_ids[name], "retire", reason="decommissioned")
 
 
 async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(
@@ -163,7 +138,7 @@ async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(
                 await trio.sleep(WATCH_S)
 
         watchers.start_soon(watch)
-        task_id = await _submit_pinned(cluster, "w1", "w2")
+        task_id = await submit(cluster, "w1", ["sim", f"{TASK_S:g}"], node="w2")
         observer.submitted.append(("w1", task_id))
         await cluster.wait_until(lambda: bool(host.ledger.for_task(task_id)), timeout_s=30)
         (remote,) = host.ledger.for_task(task_id)

@@ -13,18 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 import trio.testing
 from agent.sim_support import sim_config
 
-from populi_peer.agent.agent import Agent
-from populi_peer.api.client import SignedAuth
 from populi_peer.config import Config
 from populi_peer.gpu._replay import load_fixture
 from populi_peer.testing.cluster import VirtualCluster
-from populi_peer.testing.sim import open_sim_host
-from support.vcluster import vcluster
+from support.vcluster import as_node, change_settings, sim_vcluster, vcluster
 
 GB = 10**9
 SMALL_NAME = "NVIDIA RTX A4000"
@@ -76,13 +72,9 @@ async def test_needs_nearest_path_and_every_rejection_with_its_reason(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     small_fixture = small_capture(tmp_path)
-    async with (
-        open_sim_host() as host,
-        vcluster(
-            tmp_path / "c",
-            config=node_config("h100-80gb-hbm3-idle.json"),
-            agent_factory=host.agent_factory,
-        ) as cluster,
+    async with sim_vcluster(tmp_path / "c", config=node_config("h100-80gb-hbm3-idle.json")) as (
+        cluster,
+        host,
     ):
         small = await cluster.join("small", config=node_config(small_fixture))
         big = await cluster.join("big", config=node_config("h100-80gb-hbm3-idle.json"))
@@ -90,11 +82,7 @@ async def test_needs_nearest_path_and_every_rejection_with_its_reason(
         far = await cluster.join(
             "far", config=node_config("h100-80gb-hbm3-idle.json"), address="100.64.0.9"
         )
-        async with cluster.operator_client() as op:
-            changed = await op.post(
-                "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-            )
-            assert changed.status_code == 200, changed.text
+        await change_settings(cluster, remote_exec_enabled=True)
         ids = {n: cluster[n].node_id for n in ("small", "big", "far")}
         await cluster.wait_until(
             lambda: (
@@ -155,11 +143,7 @@ async def test_grant_rechecks_memory_and_model_on_the_control_planes_facts(
         small = await cluster.join("small", config=node_config(small_fixture))
         sub = await cluster.join("sub", config=node_config("h100-80gb-hbm3-idle.json"))
         assert small is not None and sub is not None
-        async with cluster.operator_client() as op:
-            changed = await op.post(
-                "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-            )
-            assert changed.status_code == 200, changed.text
+        await change_settings(cluster, remote_exec_enabled=True)
         await cluster.wait_until(
             lambda: (
                 bool(cluster.cp.gpu.allocatable_gpus(small.node_id)[0])
@@ -169,7 +153,7 @@ async def test_grant_rechecks_memory_and_model_on_the_control_planes_facts(
         )
 
         async def grant(task_id: str, **needs: Any) -> tuple[int, Any]:
-            async with _client(cluster, sub) as client:
+            async with as_node(cluster, sub) as client:
                 response = await client.post(
                     "/v1/populi/exec/leases",
                     json={
@@ -193,13 +177,3 @@ async def test_grant_rechecks_memory_and_model_on_the_control_planes_facts(
         status, body = await grant("t-fits", gpu_mem_bytes=15 * GB, gpu_model="*A4000")
         assert status == 200, body
         assert body["lease"]["holder"] == small.node_id and len(body["lease"]["gpus"]) == 1
-
-
-def _client(cluster: VirtualCluster, agent: Agent) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=cluster.network.transport_for(agent.node_id),
-        base_url="https://cp.populi.test:443",
-        auth=SignedAuth(
-            agent.certificates.identity.node_credential, cluster.cp.node_id, agent.clock
-        ),
-    )

@@ -19,8 +19,7 @@ from agent.test_placement_v2_virtual import node_config, small_capture, submit
 
 from populi_peer.agent import submitter as submitter_module
 from populi_peer.testing.cluster import VirtualCluster
-from populi_peer.testing.sim import open_sim_host
-from support.vcluster import vcluster
+from support.vcluster import change_settings, node_action, sim_vcluster
 
 GB = 10**9
 
@@ -39,34 +38,18 @@ async def show(cluster: VirtualCluster, task_id: str) -> dict[str, Any]:
     return task
 
 
-async def admin(cluster: VirtualCluster, node_id: str, action: str) -> None:
-    async with cluster.operator_client() as op:
-        response = await op.post(f"/v1/populi/admin/nodes/{node_id}/{action}", json={})
-    assert response.status_code == 200, response.text
-
-
 async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(submitter_module, "QUEUE_RETRY_S", 10_000.0)
     small_fixture = small_capture(tmp_path)
-    async with (
-        open_sim_host() as host,
-        vcluster(
-            tmp_path / "c",
-            config=node_config("h100-80gb-hbm3-idle.json"),
-            agent_factory=host.agent_factory,
-            gossip=True,
-        ) as cluster,
-    ):
+    async with sim_vcluster(
+        tmp_path / "c", config=node_config("h100-80gb-hbm3-idle.json"), gossip=True
+    ) as (cluster, _host):
         small = await cluster.join("small", config=node_config(small_fixture))
         big = await cluster.join("big", config=node_config("h100-80gb-hbm3-idle.json"))
         assert small is not None and big is not None
-        async with cluster.operator_client() as op:
-            changed = await op.post(
-                "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-            )
-            assert changed.status_code == 200, changed.text
+        await change_settings(cluster, remote_exec_enabled=True)
         await cluster.wait_until(
             lambda: (
                 all(cluster.cp.gpu.allocatable_gpus(a.node_id)[0] for a in (small, big))
@@ -89,11 +72,11 @@ async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
         assert control.queued_for == big.node_id
 
         # The awaited node is cordoned: it can no longer be waited for.
-        await admin(cluster, big.node_id, "cordon")
+        await node_action(cluster, big.node_id, "cordon")
         await cluster.wait_until(lambda: len(replans(submitter.load(queued).to_json())) == 1)
         assert control.queued_for is None
         # It comes back: a node worth waiting for appeared.
-        await admin(cluster, big.node_id, "resume")
+        await node_action(cluster, big.node_id, "resume")
         await cluster.wait_until(lambda: len(replans(submitter.load(queued).to_json())) == 2)
         assert control.queued_for == big.node_id
         # The long task ends; its GPU is free, and the queued task goes there.

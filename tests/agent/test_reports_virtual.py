@@ -9,7 +9,9 @@ agents, a memory network, simulated tasks, trio's mock clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,11 @@ import trio
 import trio.testing
 from agent.sim_support import sim_config
 
-from populi_peer.api.client import SignedAuth
-from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
+from populi_peer.testing.cluster import VirtualCluster
 from populi_peer.testing.network import MemoryNetwork
-from populi_peer.testing.sim import SimHost, open_sim_host
+from populi_peer.testing.sim import SimHost
 from support.contract import validate
+from support.vcluster import as_node, change_settings, sim_vcluster
 
 HEARTBEAT = "/v1/populi/heartbeat"
 
@@ -69,13 +71,25 @@ class Answers:
 
 
 async def _enable_remote(cluster: VirtualCluster) -> None:
-    async with cluster.operator_client() as op:
-        answer = await op.post(
-            "/v1/populi/admin/settings",
-            # The memory network's nodes advertise no address: every path counts as overlay.
-            json={"changes": {"remote_exec_enabled": True, "policy_gates": ["inference:overlay"]}},
-        )
-    assert answer.status_code == 200, answer.text
+    # The memory network's nodes advertise no address: every path counts as overlay.
+    await change_settings(cluster, remote_exec_enabled=True, policy_gates=["inference:overlay"])
+
+
+@contextlib.asynccontextmanager
+async def _gpu_cluster(
+    root: Path,
+    *,
+    workers: int,
+    on_response: Callable[[httpx.Request, httpx.Response], None] = validate,
+) -> AsyncIterator[tuple[VirtualCluster, SimHost]]:
+    """``cp`` and ``workers`` nodes with simulated executors and GPUs, remote execution on;
+    yields once ``w1``'s GPU is allocatable and verified."""
+    async with sim_vcluster(
+        root, workers=workers, config=sim_config(), on_response=on_response
+    ) as (cluster, host):
+        await _enable_remote(cluster)
+        await _ready(cluster)
+        yield cluster, host
 
 
 async def _submit(cluster: VirtualCluster, via: str, **body: Any) -> str:
@@ -102,18 +116,7 @@ async def test_after_a_restart_a_gpu_task_starts_once_its_worker_reported(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     answers = Answers()
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=2,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=answers,
-        ) as cluster,
-    ):
-        await _enable_remote(cluster)
-        await _ready(cluster)
+    async with _gpu_cluster(tmp_path, workers=2, on_response=answers) as (cluster, host):
         w1, w2 = cluster["w1"], cluster["w2"]
         # A lease granted before the restart: the restarted table cannot know it holds
         # everything (a store copy may be older), so it opens the per-node window.
@@ -163,17 +166,9 @@ async def test_a_lost_full_report_is_asked_for_again_and_resent(
         networks.append(network)
         return network
 
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=1,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=answers,
-            make_network=make_network,
-        ) as cluster,
-    ):
+    async with sim_vcluster(
+        tmp_path, workers=1, config=sim_config(), on_response=answers, make_network=make_network
+    ) as (cluster, _host):
         (network,) = networks
         w1 = cluster["w1"]
         await cluster.wait_until(
@@ -207,18 +202,7 @@ async def test_with_the_control_plane_unreachable_a_pinned_gpu_task_claims_and_r
     to its own node claims that node's GPU and runs, its exit code kept. Once the control
     plane hears the claim (the node's report), a grant on that GPU from another node is
     refused (``no_free_gpu``) until the task ends; then it is granted."""
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=2,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
-        await _enable_remote(cluster)
-        await _ready(cluster)
+    async with _gpu_cluster(tmp_path, workers=2) as (cluster, host):
         cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
         cluster.network.partition(w1.node_id, cp.node_id)
         await cluster.wait_until(lambda: w1.heartbeat_sender.cp_down, timeout_s=60)
@@ -238,11 +222,7 @@ async def test_with_the_control_plane_unreachable_a_pinned_gpu_task_claims_and_r
         )
 
         async def grant(task_id: str) -> httpx.Response:
-            async with httpx.AsyncClient(
-                transport=cluster.network.transport_for(w2.node_id),
-                base_url="https://cp.populi.test:443",
-                auth=SignedAuth(w2.certificates.identity.node_credential, cp.node_id, w2.clock),
-            ) as client:
+            async with as_node(cluster, w2) as client:
                 return await client.post(
                     "/v1/populi/exec/leases",
                     json={
@@ -271,18 +251,7 @@ async def test_a_local_attempt_whose_renewals_go_unanswered_becomes_a_claim(
     unreachable: before the lease's deadline the attempt becomes a node-local claim and runs
     to its end instead of being stopped (ADR 0015, the holder's machine). A renewal the
     control plane refuses still stops it."""
-    async with (
-        open_sim_host() as host,
-        open_virtual_cluster(
-            tmp_path,
-            workers=1,
-            config=sim_config(),
-            agent_factory=host.agent_factory,
-            on_response=validate,
-        ) as cluster,
-    ):
-        await _enable_remote(cluster)
-        await _ready(cluster)
+    async with _gpu_cluster(tmp_path, workers=1) as (cluster, host):
         cp, w1 = cluster.cp, cluster["w1"]
         task = await _submit(cluster, "w1", command=["sim", "90", "3"], gpus=1, node="w1")
         await cluster.wait_until(lambda: bool(host.ledger.for_task(task)), timeout_s=60)

@@ -5,26 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import trio
 import trio.testing
 from agent.sim_support import open_gpu_cluster
 
-from populi_peer.agent.agent import Agent
-from populi_peer.api.client import SignedAuth
-from populi_peer.testing.cluster import VirtualCluster
+from support.vcluster import as_node, change_settings, node_action
 
 GUARD_S = 60.0
-
-
-def as_node(cluster: VirtualCluster, sender: Agent, recipient: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=cluster.network.transport_for(sender.node_id),
-        base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(
-            sender.certificates.identity.node_credential, cluster[recipient].node_id, sender.clock
-        ),
-    )
 
 
 async def test_a_retired_node_says_so_and_takes_no_work(
@@ -32,17 +19,10 @@ async def test_a_retired_node_says_so_and_takes_no_work(
 ) -> None:
     async with open_gpu_cluster(tmp_path, workers=2) as (cluster, host):
         cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
-        async with cluster.operator_client() as op:
-            on = await op.post(
-                "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": True}}
-            )
-            assert on.status_code == 200
-            assert w2.remote_work.enabled()
-            assert w2.standing.json()["state"] == "member"
-            retired = await op.post(
-                "/v1/populi/admin/nodes/w2/retire", json={"reason": "stolen laptop"}
-            )
-        assert retired.status_code == 200, retired.text
+        await change_settings(cluster, remote_exec_enabled=True)
+        assert w2.remote_work.enabled()
+        assert w2.standing.json()["state"] == "member"
+        await node_action(cluster, "w2", "retire", reason="stolen laptop")
         operator_id = cp.certificates.identity.operator.principal_id
         # Its next heartbeat is refused as node_retired, with who, when and why.
         took = await cluster.wait_until(lambda: w2.standing.retired, timeout_s=GUARD_S)

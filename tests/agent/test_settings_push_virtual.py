@@ -24,9 +24,9 @@ import trio.testing
 from agent.sim_support import open_gpu_cluster, submit
 
 from populi_peer.agent.agent import Agent
-from populi_peer.api.client import SignedAuth
 from populi_peer.testing.cluster import VirtualCluster
 from populi_peer.testing.sim import SimHost
+from support.vcluster import as_node, change_settings
 
 GUARD_S = 60.0
 
@@ -39,13 +39,6 @@ async def mesh(
         yield cluster, host
 
 
-async def settings_set(cluster: VirtualCluster, **changes: Any) -> dict[str, Any]:
-    async with cluster.operator_client() as op:
-        answer = await op.post("/v1/populi/admin/settings", json={"changes": changes})
-    assert answer.status_code == 200, answer.text
-    return dict(answer.json())
-
-
 async def settings_set_missing(
     cluster: VirtualCluster, node: Agent, **changes: Any
 ) -> dict[str, Any]:
@@ -54,21 +47,11 @@ async def settings_set_missing(
     the control plane still cannot reach it."""
     cp = cluster.cp
     cluster.network.partition(cp.node_id, node.node_id)
-    answer = await settings_set(cluster, **changes)
+    answer = await change_settings(cluster, **changes)
     cluster.network.heal(node.node_id)
     cluster.network.block(cp.node_id, node.node_id)
     assert [u["node_id"] for u in answer["push"]["unconfirmed"]] == [node.node_id]
     return answer
-
-
-def as_node(cluster: VirtualCluster, sender: Agent, recipient: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=cluster.network.transport_for(sender.node_id),
-        base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(
-            sender.certificates.identity.node_credential, cluster[recipient].node_id, sender.clock
-        ),
-    )
 
 
 async def grant(
@@ -118,7 +101,7 @@ async def test_settings_set_pushes_to_every_node_before_it_answers(
     cluster, _ = mesh
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     started = trio.current_time()
-    answer = await settings_set(cluster, remote_exec_enabled=True)
+    answer = await change_settings(cluster, remote_exec_enabled=True)
     serial = answer["settings"]["serial"]
     # No heartbeat went by: the record was pushed while the request was handled.
     assert trio.current_time() - started < 0.1
@@ -131,7 +114,7 @@ async def test_settings_set_pushes_to_every_node_before_it_answers(
     }
     # A node that cannot be reached is named; it gets the record with its next heartbeat.
     cluster.network.partition(cp.node_id, w2.node_id)
-    answer = await settings_set(cluster, kill_switch=True)
+    answer = await change_settings(cluster, kill_switch=True)
     assert answer["push"]["confirmed"] == [w1.node_id]
     (missing,) = answer["push"]["unconfirmed"]
     assert (missing["node_id"], missing["name"]) == (w2.node_id, "w2")
@@ -146,7 +129,7 @@ async def test_a_gpu_task_right_after_remote_is_switched_on_runs_remotely(
 ) -> None:
     cluster, host = mesh
     w1 = cluster["w1"]
-    await settings_set(cluster, remote_exec_enabled=True)
+    await change_settings(cluster, remote_exec_enabled=True)
     async with cluster.operator_client("w1") as client:
         response = await client.post(
             "/v1/populi/tasks",
@@ -225,7 +208,7 @@ async def test_no_remote_attempt_starts_after_the_kill_switch_and_a_running_one_
 ) -> None:
     cluster, host = mesh
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
-    answer = await settings_set(cluster, remote_exec_enabled=True)
+    answer = await change_settings(cluster, remote_exec_enabled=True)
     on_serial = answer["settings"]["serial"]
     # One attempt runs already; another's lease is granted but not yet handed off.
     running = await grant(cluster, w1, w2, "t-running")
@@ -287,7 +270,7 @@ async def test_a_remote_task_falls_back_locally_for_the_kill_switch(
 ) -> None:
     cluster, host = mesh
     w1 = cluster["w1"]
-    await settings_set(cluster, remote_exec_enabled=True)
+    await change_settings(cluster, remote_exec_enabled=True)
     task_id = await submit(cluster, "w1", ["sim", "300"])
     await cluster.wait_until(
         lambda: (
@@ -297,7 +280,7 @@ async def test_a_remote_task_falls_back_locally_for_the_kill_switch(
         timeout_s=GUARD_S,
     )
     (remote,) = host.ledger.for_task(task_id)
-    await settings_set(cluster, kill_switch=True)
+    await change_settings(cluster, kill_switch=True)
     await cluster.wait_until(lambda: len(host.ledger.for_task(task_id)) == 2, timeout_s=GUARD_S)
     first, second = host.ledger.for_task(task_id)
     # Never in two places at once: the remote run ended before the local one started.

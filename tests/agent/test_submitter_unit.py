@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +24,23 @@ import pytest
 import trio
 import trio.testing
 from agent.exec_harness import (
+    LEASE,
+    NOT_JSON,
     SUBMITTER,
     T0_MS,
     WORKER,
     FakePeers,
     Gates,
     Settings,
+    Spoil,
+    drop,
     error,
     lease_json,
     links,
     open_store,
     principal,
     runner,
+    set_at,
 )
 
 from populi_peer.agent import submitter as submitter_module
@@ -56,8 +61,6 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.sim import SimHost, open_sim_host
 from populi_peer.testing.waiting import wait_for
 
-LEASE = r"/v1/populi/exec/leases/(?P<lease>[^/]+)"
-Spoil = Callable[[dict[str, Any]], Any]
 WORKER_GPU = "GPU-11111111-1111-1111-1111-111111111111"
 #: When the control plane declares a lease nobody renews dead (TTL + margin).
 EXPIRES_AFTER_S = 35.0
@@ -322,6 +325,14 @@ def terminal_transitions(caplog: pytest.LogCaptureFixture, task_id: str) -> list
     ]
 
 
+async def handed_off(world: World, task_id: str) -> Task:
+    """``task_id`` once the submitter has sent its handoff (to the worker's inbox)."""
+    await wait_for(
+        "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
+    )
+    return world.submitter.load(task_id)
+
+
 # -- alone -------------------------------------------------------------------------------
 
 
@@ -330,10 +341,7 @@ async def test_a_remote_task_runs_on_its_worker_and_its_result_is_taken(
 ) -> None:
     async with open_submitter(tmp_path) as world:
         task_id = submit(world)
-        await wait_for(
-            "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
-        )
-        task = world.submitter.load(task_id)
+        task = await handed_off(world, task_id)
         assert task.state == "running_remote" and task.current_attempt is not None
         assert task.current_attempt.token == FencingToken(1, 1)
         (sent,) = world.fake.requests("POST", "/v1/populi/inbox")
@@ -355,10 +363,7 @@ async def test_a_result_for_another_token_is_kept_apart(
 ) -> None:
     async with open_submitter(tmp_path) as world:
         task_id = submit(world)
-        await wait_for(
-            "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
-        )
-        task = world.submitter.load(task_id)
+        task = await handed_off(world, task_id)
         stale = result_of(task)
         stale = ResultMessage(
             result=AttemptResult(**{**_fields(stale.result), "token": FencingToken(1, 0)}),
@@ -417,40 +422,6 @@ async def test_a_lost_grant_answer_is_asked_again_with_the_same_number(
 # -- malformed answers ---------------------------------------------------------------------
 
 
-def _drop(*path: str | int) -> Spoil:
-    def spoil(good: Any) -> Any:
-        out = _copy(good)
-        inner = out
-        for key in path[:-1]:
-            inner = inner[key]
-        del inner[path[-1]]
-        return out
-
-    return spoil
-
-
-def _set(value: Any, *path: str | int) -> Spoil:
-    def spoil(good: Any) -> Any:
-        out = _copy(good)
-        inner = out
-        for key in path[:-1]:
-            inner = inner[key]
-        inner[path[-1]] = value
-        return out
-
-    return spoil
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
-
-
-NOT_JSON: Spoil = lambda good: b"<html>proxy error</html>"  # noqa: E731
-
 #: What the task's decision log says of each route's failed call.
 DECISION = {
     "nodes": "control_plane_unreachable",
@@ -463,29 +434,29 @@ DECISION = {
 #: (route, label, spoil, how the task ends). Every spoiled answer is the first of its
 #: route; the answers after it are good.
 MALFORMED: list[tuple[str, str, Spoil, str]] = [
-    ("nodes", "missing-field", _drop("nodes"), "failed"),
-    ("nodes", "wrong-type", _set("yes", "nodes", 0, "eligible"), "failed"),
+    ("nodes", "missing-field", drop("nodes"), "failed"),
+    ("nodes", "wrong-type", set_at("yes", "nodes", 0, "eligible"), "failed"),
     ("nodes", "not-json", NOT_JSON, "failed"),
-    ("grant", "missing-field", _drop("lease"), "succeeded"),
-    ("grant", "wrong-type", _set(3.7, "lease", "token"), "succeeded"),
+    ("grant", "missing-field", drop("lease"), "succeeded"),
+    ("grant", "wrong-type", set_at(3.7, "lease", "token"), "succeeded"),
     ("grant", "not-json", NOT_JSON, "succeeded"),
-    ("grant", "wrong-lease-task", _set("t-other", "lease", "task_id"), "succeeded"),
-    ("grant", "wrong-lease-attempt", _set(7, "lease", "attempt"), "succeeded"),
-    ("grant", "wrong-lease-holder", _set("n-else", "lease", "holder"), "succeeded"),
-    ("handoff", "missing-field", _drop("result"), "succeeded"),
-    ("handoff", "wrong-type", _set("no", "duplicate"), "succeeded"),
+    ("grant", "wrong-lease-task", set_at("t-other", "lease", "task_id"), "succeeded"),
+    ("grant", "wrong-lease-attempt", set_at(7, "lease", "attempt"), "succeeded"),
+    ("grant", "wrong-lease-holder", set_at("n-else", "lease", "holder"), "succeeded"),
+    ("handoff", "missing-field", drop("result"), "succeeded"),
+    ("handoff", "wrong-type", set_at("no", "duplicate"), "succeeded"),
     ("handoff", "not-json", NOT_JSON, "succeeded"),
-    ("handoff", "wrong-message", _set("handoff-t-9-9", "message_id"), "succeeded"),
-    ("handoff", "wrong-kind", _set("cancel", "type"), "succeeded"),
-    ("lease", "missing-field", _drop("lease", "state"), "succeeded"),
-    ("lease", "wrong-type", _set(["live"], "lease", "state"), "succeeded"),
+    ("handoff", "wrong-message", set_at("handoff-t-9-9", "message_id"), "succeeded"),
+    ("handoff", "wrong-kind", set_at("cancel", "type"), "succeeded"),
+    ("lease", "missing-field", drop("lease", "state"), "succeeded"),
+    ("lease", "wrong-type", set_at(["live"], "lease", "state"), "succeeded"),
     ("lease", "not-json", NOT_JSON, "succeeded"),
-    ("lease", "wrong-lease", _set("l-other", "lease", "lease_id"), "succeeded"),
-    ("fallback", "missing-field", _drop("lease"), "succeeded"),
-    ("fallback", "wrong-type", _set(5, "prior"), "succeeded"),
+    ("lease", "wrong-lease", set_at("l-other", "lease", "lease_id"), "succeeded"),
+    ("fallback", "missing-field", drop("lease"), "succeeded"),
+    ("fallback", "wrong-type", set_at(5, "prior"), "succeeded"),
     ("fallback", "not-json", NOT_JSON, "succeeded"),
-    ("fallback", "wrong-lease-holder", _set(WORKER, "lease", "holder"), "succeeded"),
-    ("fallback", "wrong-lease-attempt", _set(1, "lease", "attempt"), "succeeded"),
+    ("fallback", "wrong-lease-holder", set_at(WORKER, "lease", "holder"), "succeeded"),
+    ("fallback", "wrong-lease-attempt", set_at(1, "lease", "attempt"), "succeeded"),
 ]
 
 
@@ -536,10 +507,7 @@ async def test_a_worker_that_leaves_sends_the_task_back_to_fall_back_here(
     falls back, and says why."""
     async with open_submitter(tmp_path) as world:
         task_id = submit(world)
-        await wait_for(
-            "handed off", lambda: world.fake.requests("POST", "/v1/populi/inbox"), timeout_s=30
-        )
-        task = world.submitter.load(task_id)
+        task = await handed_off(world, task_id)
         assert task.current_attempt is not None and task.current_attempt.lease_id is not None
         world.peers.leases[task.current_attempt.lease_id]["state"] = "released"
         left = result_of(task)

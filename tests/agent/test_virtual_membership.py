@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from support.vcluster import heard_from, node_action
 from support.vcluster import vcluster as open_virtual_cluster
 
 
@@ -15,13 +16,8 @@ async def test_joined_nodes_heartbeat_and_are_fresh(
 ) -> None:
     async with open_virtual_cluster(tmp_path, workers=2) as cluster:
         cp = cluster.cp
-        w1, w2 = cluster["w1"], cluster["w2"]
-        await cluster.wait_until(
-            lambda: (
-                cp.heartbeats.age_ms(w1.node_id) is not None
-                and cp.heartbeats.age_ms(w2.node_id) is not None
-            )
-        )
+        w1 = cluster["w1"]
+        await heard_from(cluster, "w1", "w2")
         await trio.sleep(3)
         assert not cp.heartbeats.stale(w1.node_id)
         assert cp.heartbeats.seen[w1.node_id].scope == "lan"
@@ -34,7 +30,7 @@ async def test_stale_exactly_after_the_configured_time(
 ) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         await cluster.crash("w1")
         last = cp.heartbeats.seen[w1.node_id].last_mono
         stale_after = cp.config.timings.lan.stale_after_s
@@ -50,7 +46,7 @@ async def test_two_second_pause_is_not_stale(
 ) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         cluster.network.pause(w1.node_id)
         # A paused process sends nothing either: cut its outgoing heartbeats for 2 s.
         cluster.network.block(w1.node_id, cp.node_id)
@@ -71,7 +67,7 @@ async def test_partitioned_node_goes_stale_and_comes_back(
 ) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         cluster.network.partition(w1.node_id, cp.node_id)
         went_stale = await cluster.wait_until(lambda: cp.heartbeats.stale(w1.node_id))
         assert 5.0 <= went_stale <= 7.0
@@ -113,11 +109,7 @@ async def test_retired_node_learns_through_heartbeats_and_is_refused_everywhere(
     async with open_virtual_cluster(tmp_path, workers=2) as cluster:
         w1, w2 = cluster["w1"], cluster["w2"]
         await cluster.wait_until(lambda: w2.membership.get(w1.node_id) is not None)
-        async with cluster.operator_client() as client:
-            response = await client.post(
-                "/v1/populi/admin/nodes/w1/retire", json={"reason": "stolen laptop"}
-            )
-        assert response.status_code == 200
+        await node_action(cluster, "w1", "retire", reason="stolen laptop")
         # w2 pulls the newer revocation list with its next heartbeat answer.
         await cluster.wait_until(lambda: w2.revocations.is_revoked(w1.node_id), timeout_s=5)
         assert w2.standing.signer(w1.node_id) is not None  # still a member record...
@@ -143,7 +135,7 @@ async def test_clock_skew_budget_between_nodes(
 ) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         cluster.nodes["w1"].clock.set_skew(skew_s)
         beats = w1.heartbeat_sender.beats
         await trio.sleep(4)

@@ -10,7 +10,7 @@ import trio
 
 from populi_peer.config import Config, apply_mapping
 from populi_peer.core.timings import DEFAULT_SCOPE_TIMINGS
-from support.vcluster import vcluster
+from support.vcluster import heard_from, vcluster
 
 #: The memory network's nodes appear to come from 10.77.0.0/24: call that an overlay.
 OVERLAY = apply_mapping(Config(), {"scope": {"overlay_cidrs": ["10.77.0.0/24"]}}, source="test")
@@ -46,7 +46,7 @@ async def test_two_heartbeats_lost_in_a_row_on_an_overlay_path_are_not_a_stale_v
     loss, as before, it came 16 to 22 s later: stale.)"""
     async with vcluster(tmp_path, workers=1, config=OVERLAY) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         await trio.sleep(5)
         seen = cp.heartbeats.seen[w1.node_id].last_mono
         await cluster.wait_until(lambda: cp.heartbeats.seen[w1.node_id].last_mono > seen)

@@ -26,16 +26,21 @@ import pytest
 import trio
 import trio.testing
 from agent.exec_harness import (
+    LEASE,
+    NOT_JSON,
     SUBMITTER,
     WORKER,
     FakePeers,
     Gates,
+    Spoil,
+    drop,
     error,
     lease_json,
     links,
     open_store,
     principal,
     runner,
+    set_at,
 )
 
 from populi_peer.agent import worker as worker_module
@@ -53,9 +58,6 @@ from populi_peer.store.attempts import Attempts
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.sim import SimHost, open_sim_host
 from populi_peer.testing.waiting import wait_for
-
-LEASE = r"/v1/populi/exec/leases/(?P<lease>[^/]+)"
-Spoil = Callable[[dict[str, Any]], Any]
 
 
 @dataclass
@@ -77,28 +79,32 @@ class ControlPlane:
         return spoils.pop(0)(good) if spoils else good
 
     def install(self, fake: FakePeers) -> None:
-        def lease_of(request: httpx.Request) -> dict[str, Any] | None:
-            return self.leases.get(request.url.path.split("/")[5])
+        def of_lease(
+            handle: Callable[[dict[str, Any], dict[str, Any]], Any],
+        ) -> Callable[[httpx.Request, dict[str, Any]], Any]:
+            """A route on one lease: ``lease_not_found`` for a lease never granted."""
 
-        def renew(request: httpx.Request, body: dict[str, Any]) -> Any:
-            lease = lease_of(request)
-            if lease is None:
-                return error(404, "lease_not_found")
+            def respond(request: httpx.Request, body: dict[str, Any]) -> Any:
+                lease = self.leases.get(request.url.path.split("/")[5])
+                if lease is None:
+                    return error(404, "lease_not_found")
+                return handle(lease, body)
+
+            return respond
+
+        @of_lease
+        def renew(lease: dict[str, Any], body: dict[str, Any]) -> Any:
             return self.answer("renew", {"lease": lease})
 
-        def release(request: httpx.Request, body: dict[str, Any]) -> Any:
-            lease = lease_of(request)
-            if lease is None:
-                return error(404, "lease_not_found")
+        @of_lease
+        def release(lease: dict[str, Any], body: dict[str, Any]) -> Any:
             state = "completed" if body.get("outcome") == "completed" else "released"
             lease = {**lease, "state": state, "expires_in_s": None}
             self.leases[lease["lease_id"]] = lease
             return self.answer("release", {"lease": lease, "replay": False})
 
-        def get(request: httpx.Request, body: dict[str, Any]) -> Any:
-            lease = lease_of(request)
-            if lease is None:
-                return error(404, "lease_not_found")
+        @of_lease
+        def get(lease: dict[str, Any], body: dict[str, Any]) -> Any:
             return self.answer("get", {"lease": lease})
 
         def deliver(request: httpx.Request, body: dict[str, Any]) -> Any:
@@ -332,50 +338,22 @@ async def test_a_leaving_worker_stops_its_attempts_as_worker_left_and_delivers_t
 # -- malformed answers ---------------------------------------------------------------------
 
 
-def _drop(*path: str) -> Spoil:
-    def spoil(good: dict[str, Any]) -> Any:
-        out = dict(good)
-        inner = out
-        for key in path[:-1]:
-            inner[key] = dict(inner[key])
-            inner = inner[key]
-        inner.pop(path[-1])
-        return out
-
-    return spoil
-
-
-def _set(value: Any, *path: str) -> Spoil:
-    def spoil(good: dict[str, Any]) -> Any:
-        out = dict(good)
-        inner = out
-        for key in path[:-1]:
-            inner[key] = dict(inner[key])
-            inner = inner[key]
-        inner[path[-1]] = value
-        return out
-
-    return spoil
-
-
-NOT_JSON: Spoil = lambda good: b"<html>proxy error</html>"  # noqa: E731
-
 #: (route, label, how its first answer is spoiled)
 MALFORMED: list[tuple[str, str, Spoil]] = [
-    ("renew", "missing-field", _drop("lease")),
-    ("renew", "wrong-type", _set(3.7, "lease", "token")),
+    ("renew", "missing-field", drop("lease")),
+    ("renew", "wrong-type", set_at(3.7, "lease", "token")),
     ("renew", "not-json", NOT_JSON),
-    ("renew", "wrong-lease-task", _set("t-other", "lease", "task_id")),
-    ("renew", "wrong-lease-token", _set("9.9", "lease", "token")),
-    ("renew", "wrong-lease-holder", _set("n-else", "lease", "holder")),
-    ("release", "missing-field", _drop("lease", "state")),
-    ("release", "wrong-type", _set("yes", "replay")),
+    ("renew", "wrong-lease-task", set_at("t-other", "lease", "task_id")),
+    ("renew", "wrong-lease-token", set_at("9.9", "lease", "token")),
+    ("renew", "wrong-lease-holder", set_at("n-else", "lease", "holder")),
+    ("release", "missing-field", drop("lease", "state")),
+    ("release", "wrong-type", set_at("yes", "replay")),
     ("release", "not-json", NOT_JSON),
-    ("deliver", "missing-field", _drop("result")),
-    ("deliver", "wrong-type", _set("no", "duplicate")),
+    ("deliver", "missing-field", drop("result")),
+    ("deliver", "wrong-type", set_at("no", "duplicate")),
     ("deliver", "not-json", NOT_JSON),
-    ("deliver", "wrong-message", _set("result-t-9-9", "message_id")),
-    ("deliver", "wrong-kind", _set("handoff", "type")),
+    ("deliver", "wrong-message", set_at("result-t-9-9", "message_id")),
+    ("deliver", "wrong-kind", set_at("handoff", "type")),
 ]
 
 
@@ -418,7 +396,7 @@ async def test_a_malformed_answer_is_an_error_for_that_call(
 
 @pytest.mark.parametrize(
     "spoil",
-    [_drop("lease"), _set(3.7, "lease", "token"), NOT_JSON, _set("n-else", "lease", "holder")],
+    [drop("lease"), set_at(3.7, "lease", "token"), NOT_JSON, set_at("n-else", "lease", "holder")],
     ids=["missing-field", "wrong-type", "not-json", "wrong-lease"],
 )
 async def test_a_malformed_lease_lookup_releases_nothing(

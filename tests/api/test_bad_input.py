@@ -35,7 +35,7 @@ from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
 from support.clients import signed_client, unsigned_client
-from support.vcluster import vcluster
+from support.vcluster import heard_from, vcluster
 
 CODE_RE = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
 LIMIT = Config().api.max_body_bytes
@@ -274,13 +274,7 @@ for _route, _path, _signer in [
     ("lease_revoke", "/v1/populi/admin/exec-lease-revoke", "operator"),
     ("task_submit", "/v1/populi/tasks", "operator"),
     ("settings_set", "/v1/populi/admin/settings", "operator"),
-]:
-    wrong(_route, "POST", _path, NOT_JSON, 400, "bad_json", "malformed-json", signer=_signer)
-    wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
-wrong("node_retire", "POST", "/v1/populi/admin/nodes/{node2}/retire", NOT_JSON, 400, "bad_json",
-      "malformed-json", setup=second_node)
-# Routes whose handler reads no body: a body is still JSON or nothing, as everywhere.
-for _route, _path, _signer in [
+    # Routes whose handler reads no body: a body is still JSON or nothing, as everywhere.
     ("join_challenge", "/v1/populi/join/challenge", None),
     ("token_revoke", "/v1/populi/admin/tokens/abc/revoke", "operator"),
     ("cert_renew", "/v1/populi/certs/renew", "node"),
@@ -289,6 +283,8 @@ for _route, _path, _signer in [
 ]:
     wrong(_route, "POST", _path, NOT_JSON, 400, "bad_json", "malformed-json", signer=_signer)
     wrong(_route, "POST", _path, ARRAY, 400, "bad_json", "json-array", signer=_signer)
+wrong("node_retire", "POST", "/v1/populi/admin/nodes/{node2}/retire", NOT_JSON, 400, "bad_json",
+      "malformed-json", setup=second_node)
 wrong("gpu_resume", "POST", "/v1/populi/admin/gpus/cp/{gpu}/resume", ARRAY, 400, "bad_json",
       "json-array", setup=quarantined_gpu)
 wrong("token_create", "POST", "/v1/populi/admin/tokens", b"\xff\xfe{}", 400, "bad_json",
@@ -823,7 +819,7 @@ async def test_a_leave_with_a_bad_reason_does_not_leave(
     input is checked on a worker: refused, and the node stays."""
     async with vcluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        await cluster.wait_until(lambda: cp.heartbeats.age_ms(w1.node_id) is not None)
+        await heard_from(cluster, "w1")
         events_before = w1.store.execute("SELECT COUNT(*) AS n FROM events").fetchone()["n"]
         answers = []
         async with cluster.operator_client(via="w1") as op:

@@ -22,12 +22,12 @@ import pytest
 import trio
 
 from populi_peer.agent.agent import Agent
-from populi_peer.api.client import SignedAuth
 from populi_peer.config import Config
 from populi_peer.core.fencing import FencingToken
 from populi_peer.testing.cluster import VirtualCluster
 from support.contract import validate_request
-from support.vcluster import vcluster
+from support.vcluster import as_node as signed_as_node
+from support.vcluster import change_settings, vcluster
 
 FIXTURE = "h100-80gb-hbm3-idle.json"
 TOKEN_RE = re.compile(r"^[1-9][0-9]*\.[1-9][0-9]*$")
@@ -46,12 +46,8 @@ def as_node(
     """A client that signs with ``sender``'s own node credential and sends over
     ``sender``'s transport to the node named ``recipient``; with ``check``, each request
     must be one the contract documents (pass False for deliberately wrong ones)."""
-    target = cluster[recipient]
-    return httpx.AsyncClient(
-        transport=cluster.network.transport_for(sender.node_id),
-        base_url=f"https://{cluster.nodes[recipient].host}",
-        auth=SignedAuth(sender.certificates.identity.node_credential, target.node_id, sender.clock),
-        event_hooks={"request": [check_request] if check else []},
+    return signed_as_node(
+        cluster, sender, recipient, event_hooks={"request": [check_request] if check else []}
     )
 
 
@@ -62,12 +58,8 @@ async def check_request(request: httpx.Request) -> None:
 
 
 async def set_remote(cluster: VirtualCluster, enabled: bool) -> None:
-    async with cluster.operator_client() as op:
-        answer = await op.post(
-            "/v1/populi/admin/settings", json={"changes": {"remote_exec_enabled": enabled}}
-        )
-    assert answer.status_code == 200, answer.text
-    serial = answer.json()["settings"]["serial"]
+    answer = await change_settings(cluster, remote_exec_enabled=enabled)
+    serial = answer["settings"]["serial"]
     # Pushed to every node before the answer (heartbeat answers carry it too).
     await cluster.wait_until(
         lambda: all(cluster[name].records.settings_serial >= serial for name in ("w1", "w2")),

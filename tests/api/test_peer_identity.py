@@ -10,11 +10,12 @@ when the handshake refuses it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,16 +147,21 @@ async def _serve(nursery: trio.Nursery, node: Node) -> Server:
     return server
 
 
-def _async_client(
+@contextlib.asynccontextmanager
+async def _async_client(
     pki: Pki, caller: Node, *, revoked: RevokedCheck | None = None, is_revoked: Any = None
-) -> PeerClient:
-    return PeerClient(
+) -> AsyncIterator[PeerClient]:
+    client = PeerClient(
         credential=caller.credential,
         clock=SystemClock(),
         transport=PeerTransport(peer_context(pki.ca_path, revoked=revoked)),
         timeout_s=10.0,
         is_revoked=is_revoked,
     )
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 async def test_async_client_refuses_another_nodes_valid_certificate(
@@ -163,8 +169,7 @@ async def test_async_client_refuses_another_nodes_valid_certificate(
 ) -> None:
     caller, a, b = pki.node("caller"), pki.node("a"), pki.node("b")
     server = await _serve(nursery, b)
-    client = _async_client(pki, caller)
-    try:
+    async with _async_client(pki, caller) as client:
         with pytest.raises(PeerIdentityError) as refused:
             await client.call(url=server.url, node_id=a.node_id, method="GET", path="/v1/x")
         assert refused.value.code == "peer_identity_mismatch"
@@ -176,8 +181,6 @@ async def test_async_client_refuses_another_nodes_valid_certificate(
         answer = await client.call(url=server.url, node_id=b.node_id, method="GET", path="/v1/x")
         assert answer["node_id"] == b.node_id
         assert server.requests == ["GET /v1/x"]
-    finally:
-        await client.aclose()
 
 
 async def test_a_connection_proven_for_one_node_never_carries_a_call_for_another(
@@ -187,14 +190,11 @@ async def test_a_connection_proven_for_one_node_never_carries_a_call_for_another
     address must not ride B's kept-alive connection."""
     caller, a, b = pki.node("caller"), pki.node("a"), pki.node("b")
     server = await _serve(nursery, b)
-    client = _async_client(pki, caller)
-    try:
+    async with _async_client(pki, caller) as client:
         await client.call(url=server.url, node_id=b.node_id, method="GET", path="/first")
         with pytest.raises(PeerIdentityError):
             await client.call(url=server.url, node_id=a.node_id, method="GET", path="/second")
         assert server.requests == ["GET /first"]
-    finally:
-        await client.aclose()
 
 
 async def test_a_certificate_naming_the_expected_id_only_as_an_address_is_refused(
@@ -206,15 +206,12 @@ async def test_a_certificate_naming_the_expected_id_only_as_an_address_is_refuse
     caller, a = pki.node("caller"), pki.node("a")
     sly = pki.node("sly", addresses=("127.0.0.1", a.node_id))
     server = await _serve(nursery, sly)
-    client = _async_client(pki, caller)
-    try:
+    async with _async_client(pki, caller) as client:
         with pytest.raises(PeerIdentityError) as refused:
             await client.call(url=server.url, node_id=a.node_id, method="GET", path="/v1/x")
         assert refused.value.code == "peer_identity_mismatch"
         assert refused.value.details["presented"] == sly.node_id
         assert server.requests == []
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.parametrize("by", ["node_id", "serial"])
@@ -227,14 +224,11 @@ async def test_a_revoked_nodes_certificate_is_refused_in_the_handshake(
     def revoked(node_id: str, serial: str) -> bool:
         return node_id == retired.node_id if by == "node_id" else serial == retired.serial
 
-    client = _async_client(pki, caller, revoked=revoked)
-    try:
+    async with _async_client(pki, caller, revoked=revoked) as client:
         with pytest.raises(PeerIdentityError) as refused:
             await client.call(url=server.url, node_id=retired.node_id, method="GET", path="/v1/x")
         assert refused.value.code == "peer_revoked"
         assert server.requests == []
-    finally:
-        await client.aclose()
 
 
 async def test_a_node_revoked_on_the_callers_list_is_not_called_at_all(
@@ -242,14 +236,13 @@ async def test_a_node_revoked_on_the_callers_list_is_not_called_at_all(
 ) -> None:
     caller, retired = pki.node("caller"), pki.node("retired")
     server = await _serve(nursery, retired)
-    client = _async_client(pki, caller, is_revoked=lambda node_id: node_id == retired.node_id)
-    try:
+    async with _async_client(
+        pki, caller, is_revoked=lambda node_id: node_id == retired.node_id
+    ) as client:
         with pytest.raises(PeerIdentityError) as refused:
             await client.call(url=server.url, node_id=retired.node_id, method="GET", path="/v1/x")
         assert refused.value.code == "peer_revoked"
         assert server.requests == []
-    finally:
-        await client.aclose()
 
 
 async def test_sync_client_checks_who_answers(pki: Pki, nursery: trio.Nursery) -> None:

@@ -57,6 +57,16 @@ def _credential() -> Credential:
     return Credential(principal_id="n-caller", key=Ed25519PrivateKey.generate())
 
 
+#: The call both clients make: a lease, read as a typed answer.
+LEASE_CALL: dict[str, Any] = {
+    "url": "https://cp.test",
+    "node_id": "n-cp",
+    "method": "GET",
+    "path": "/v1/populi/exec/leases/l-1",
+    "answer": LeaseAnswer,
+}
+
+
 async def _call(
     body: bytes, *, status: int = 200, seen: list[httpx.Request] | None = None
 ) -> LeaseAnswer:
@@ -67,13 +77,7 @@ async def _call(
         timeout_s=5.0,
     )
     try:
-        return await client.call(
-            url="https://cp.test",
-            node_id="n-cp",
-            method="GET",
-            path="/v1/populi/exec/leases/l-1",
-            answer=LeaseAnswer,
-        )
+        return await client.call(**LEASE_CALL)
     finally:
         await client.aclose()
 
@@ -178,13 +182,7 @@ def _sync_call(body: bytes) -> LeaseAnswer:
         credential=_credential(), clock=_WallClock(), transport=_transport(body), timeout_s=5.0
     )
     try:
-        return client.call(
-            url="https://cp.test",
-            node_id="n-cp",
-            method="GET",
-            path="/v1/populi/exec/leases/l-1",
-            answer=LeaseAnswer,
-        )
+        return client.call(**LEASE_CALL)
     finally:
         client.close()
 

@@ -12,7 +12,6 @@ import trio
 
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.app import ApiApp, Request, Response, Route
-from populi_peer.api.auth import Authenticator
 from populi_peer.core.messages import (
     HeartbeatReport,
     RenewRequest,
@@ -20,6 +19,7 @@ from populi_peer.core.messages import (
     SettingsPushRequest,
 )
 from populi_peer.testing import VirtualClock
+from support.apps import open_routes_app
 
 Seen = list[Any]
 
@@ -53,8 +53,8 @@ def _app(seen: Seen) -> ApiApp:
         return Route(method, path, handler, roles=None, name=path.strip("/"), **types)
 
     clock = VirtualClock()
-    return ApiApp(
-        routes=[
+    return open_routes_app(
+        [
             route("POST", "/push", push, request=SettingsPushRequest, answer=SettingsPushAnswer),
             route("POST", "/renew", renew, request=RenewRequest, answer=SettingsPushAnswer),
             route("POST", "/report", report, request=HeartbeatReport),
@@ -62,13 +62,6 @@ def _app(seen: Seen) -> ApiApp:
             route("POST", "/wrong-answer", wrong_answer, answer=SettingsPushAnswer),
             route("POST", "/wrong-request", wrong_request, request=RenewRequest),
         ],
-        authenticator=Authenticator(
-            node_id="n-x",
-            clock=clock,
-            skew_s=300,
-            lookup=lambda _: None,
-            is_revoked=lambda _: False,
-        ),
         clock=clock,
         max_body_bytes=1 << 16,
     )

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from populi_peer.cli.main import main
+from support.nvml import nvml_present
 from support.procs import populi
 
 LOAD = "h100-80gb-hbm3-load.json"
@@ -29,18 +30,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
-
-
-def _nvml_present() -> bool:
-    """Whether this machine has an NVIDIA driver NVML can talk to."""
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
 
 
 def _check_load_capture(answer: dict[str, Any]) -> None:
@@ -91,7 +80,7 @@ def test_probe_without_fixture_on_this_machine(capsys: pytest.CaptureFixture[str
     assert main(["probe", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["backend"] == "nvml"
-    if _nvml_present():
+    if nvml_present():
         # A machine with a GPU: its real devices, each named by its own UUID.
         assert answer["devices"], answer
         assert answer["cpu_only_reason"] is None

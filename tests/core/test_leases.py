@@ -68,13 +68,16 @@ def target(
 
 def req(
     task_id: str = "t1",
+    node: str = "w1",
     *,
     attempt: int = 1,
-    node: str = "w1",
     gpus: int = 1,
     ttl_s: float = 10.0,
     submitter: str = "sub",
+    previous: str | None = None,
 ) -> GrantRequest:
+    """A training task's grant request from ``sub`` (``previous``: the node its last
+    attempt ran on)."""
     return GrantRequest(
         task_id=task_id,
         attempt=attempt,
@@ -83,6 +86,7 @@ def req(
         gpus_wanted=gpus,
         ttl_s=ttl_s,
         submitter=submitter,
+        previous_node=previous,
     )
 
 
@@ -151,6 +155,26 @@ def refused(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple
     with pytest.raises(LeaseRefused) as info:
         fn(*args, **kwargs)
     return info.value.reasons
+
+
+def grant_refused(
+    table: LeaseTable,
+    request: GrantRequest,
+    *,
+    now_mono: float,
+    lease_id: str = "L2",
+    to: TargetView | None = None,
+) -> tuple[str, ...]:
+    """The reasons ``table`` refuses to grant ``request`` (on ``to``, by default
+    :func:`target`'s ``w1``)."""
+    return refused(
+        table.grant,
+        request,
+        now_mono=now_mono,
+        now_wall_ms=W,
+        lease_id=lease_id,
+        target=to or target(),
+    )
 
 
 # -- settings and timing helpers ----------------------------------------------------------
@@ -375,9 +399,7 @@ def test_a_lease_is_never_born_dead(ttl_s: float) -> None:
     """A TTL below the documented minimum is refused (``ttl_too_short``) on every grant
     path, and nothing changes: such a lease would be due before its holder could renew."""
     table = LeaseTable.new(SETTINGS)
-    reasons = refused(
-        table.grant, req(ttl_s=ttl_s), now_mono=0.0, now_wall_ms=W, lease_id="L", target=target()
-    )
+    reasons = grant_refused(table, req(ttl_s=ttl_s), now_mono=0.0, lease_id="L")
     assert reasons == ("ttl_too_short",)
     assert refused(
         table.local_grant,
@@ -443,14 +465,7 @@ def _short_lease_json() -> dict[str, object]:
 
 
 def test_ttl_too_long() -> None:
-    reasons = refused(
-        LeaseTable.new(SETTINGS).grant,
-        req(ttl_s=30.5),
-        now_mono=0.0,
-        now_wall_ms=W,
-        lease_id="L",
-        target=target(),
-    )
+    reasons = grant_refused(LeaseTable.new(SETTINGS), req(ttl_s=30.5), now_mono=0.0, lease_id="L")
     assert reasons == ("ttl_too_long",)
 
 
@@ -461,14 +476,7 @@ def test_task_key_taken(state: str) -> None:
         table, _ = table.revoke("L1", actor="op", reason="maint", now_mono=101.0, now_wall_ms=W)
     if state == "completed":
         table, _ = table.release("L1", "w1", outcome="completed", now_mono=101.0, now_wall_ms=W)
-    reasons = refused(
-        table.grant,
-        req(attempt=2, node="w2"),
-        now_mono=102.0,
-        now_wall_ms=W,
-        lease_id="L2",
-        target=target("w2"),
-    )
+    reasons = grant_refused(table, req(attempt=2, node="w2"), now_mono=102.0, to=target("w2"))
     assert "task_key_taken" in reasons
     assert ("task_completed" in reasons) == (state == "completed")
 
@@ -500,37 +508,22 @@ def test_completed_frees_gpus_but_keeps_the_key() -> None:
 
 
 def test_node_ineligible_carries_the_targets_reasons() -> None:
-    reasons = refused(
-        LeaseTable.new(SETTINGS).grant,
+    reasons = grant_refused(
+        LeaseTable.new(SETTINGS),
         req(),
         now_mono=0.0,
-        now_wall_ms=W,
         lease_id="L",
-        target=target(eligible=False, reasons=("node_cordoned", "node_stale")),
+        to=target(eligible=False, reasons=("node_cordoned", "node_stale")),
     )
     assert reasons == ("node_ineligible", "node_cordoned", "node_stale")
 
 
 def test_no_free_gpu_counts_only_allocatable_and_unleased_gpus() -> None:
     table, _ = granted(gpus=1)  # takes G0 on w1
-    reasons = refused(
-        table.grant,
-        req("t2", gpus=2),
-        now_mono=101.0,
-        now_wall_ms=W,
-        lease_id="L2",
-        target=target(),
-    )
+    reasons = grant_refused(table, req("t2", gpus=2), now_mono=101.0)
     assert reasons == ("no_free_gpu",)
     # A GPU the verified facts do not list (unhealthy, foreign process) is not offered.
-    reasons = refused(
-        table.grant,
-        req("t2", gpus=1),
-        now_mono=101.0,
-        now_wall_ms=W,
-        lease_id="L2",
-        target=target(gpus=("G0",)),
-    )
+    reasons = grant_refused(table, req("t2", gpus=1), now_mono=101.0, to=target(gpus=("G0",)))
     assert reasons == ("no_free_gpu",)
     # The same UUID on another node is another GPU (docs/design.md: a GPU is (node, UUID)).
     table, change = table.grant(
@@ -545,13 +538,12 @@ def test_no_free_gpu_counts_only_allocatable_and_unleased_gpus() -> None:
 
 def test_every_applicable_reason_is_reported() -> None:
     table = LeaseTable.new(SETTINGS).set_term(2, now_mono=0.0, incarnation_id="i2")
-    reasons = refused(
-        table.grant,
+    reasons = grant_refused(
+        table,
         req(ttl_s=60.0, gpus=3),
         now_mono=1.0,
-        now_wall_ms=W,
         lease_id="L",
-        target=target(eligible=False, reasons=("node_draining",)),
+        to=target(eligible=False, reasons=("node_draining",)),
     )
     assert set(reasons) == {
         "node_not_reported",
@@ -565,18 +557,9 @@ def test_every_applicable_reason_is_reported() -> None:
 def test_not_task_owner_and_stale_attempt() -> None:
     table, _ = granted()
     table, _ = table.release("L1", "w1", outcome="stopped", now_mono=101.0, now_wall_ms=W)
-    reasons = refused(
-        table.grant,
-        req(attempt=2, submitter="intruder"),
-        now_mono=102.0,
-        now_wall_ms=W,
-        lease_id="L2",
-        target=target(),
-    )
+    reasons = grant_refused(table, req(attempt=2, submitter="intruder"), now_mono=102.0)
     assert reasons == ("not_task_owner",)
-    reasons = refused(
-        table.grant, req(attempt=1), now_mono=102.0, now_wall_ms=W, lease_id="L2", target=target()
-    )
+    reasons = grant_refused(table, req(attempt=1), now_mono=102.0)
     assert reasons == ("stale_attempt",)
 
 
@@ -751,9 +734,7 @@ def test_revoke_keeps_gpus_and_key_until_release_or_expiry() -> None:
     )
     assert change.lease.state == "revoking" and change.records == (change.lease,)
     assert table.live_gpus() == {("w1", "G0"), ("w1", "G1")}
-    assert refused(
-        table.grant, req("t2"), now_mono=102.0, now_wall_ms=W, lease_id="L2", target=target()
-    ) == ("no_free_gpu",)
+    assert grant_refused(table, req("t2"), now_mono=102.0) == ("no_free_gpu",)
     again, replay = table.revoke("L1", actor="op", reason="maint", now_mono=102.0, now_wall_ms=W)
     assert again is table and replay.replay
     # A revoking lease still expires only on the control plane's clock plus margin.
@@ -838,9 +819,7 @@ def test_fallback_after_expiry_issues_a_higher_token_and_a_fence() -> None:
     assert change.records == (fence,)
     assert table.next_deadline() is None  # a fence never expires
     # The fence takes the task key: a late grant for the task is refused.
-    assert "task_key_taken" in refused(
-        table.grant, req(attempt=3), now_mono=118.0, now_wall_ms=W, lease_id="L3", target=target()
-    )
+    assert "task_key_taken" in grant_refused(table, req(attempt=3), now_mono=118.0, lease_id="L3")
     assert refused(table.renew, "F1", "sub", now_mono=118.0, now_wall_ms=W) == (
         "lease_not_renewable",
     )
@@ -870,13 +849,12 @@ def test_fallback_with_gpus_is_a_renewable_local_lease() -> None:
     table, renewed = table.renew("F1", "sub", now_mono=110.0, now_wall_ms=W)
     assert renewed.lease.expires_mono == 120.0
     # The submitter's GPU is not lent out while its own attempt holds it.
-    assert refused(
-        table.grant,
+    assert grant_refused(
+        table,
         req("t9", node="sub", submitter="other"),
         now_mono=111.0,
-        now_wall_ms=W,
         lease_id="X",
-        target=target("sub", gpus=("S0",)),
+        to=target("sub", gpus=("S0",)),
     ) == ("no_free_gpu",)
 
 
@@ -976,13 +954,8 @@ def test_restore_counts_every_holding_lease_as_renewed_at_restart() -> None:
     restored.renew("L1", "w1", now_mono=6.0, now_wall_ms=W)
     assert restored.expire_due(now_mono=20.0, now_wall_ms=W)[1] == ()
     assert len(restored.expire_due(now_mono=20.1, now_wall_ms=W)[1]) == 2
-    assert refused(
-        restored.grant,
-        req("t4", node="w3"),
-        now_mono=6.0,
-        now_wall_ms=W,
-        lease_id="L4",
-        target=target("w3"),
+    assert grant_refused(
+        restored, req("t4", node="w3"), now_mono=6.0, lease_id="L4", to=target("w3")
     ) == ("node_not_reported",)
 
 

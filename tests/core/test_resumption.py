@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from core.test_leases import req
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import (
@@ -36,21 +37,6 @@ W = 1_700_000_000_000
 T0 = 1000.0  # the restarted control plane's clock at its start
 
 
-def grant_request(
-    task_id: str, node: str = "w1", *, gpus: int = 1, attempt: int = 1, previous: str | None = None
-) -> GrantRequest:
-    return GrantRequest(
-        task_id=task_id,
-        attempt=attempt,
-        work_class="training",
-        target=node,
-        gpus_wanted=gpus,
-        ttl_s=10.0,
-        submitter="sub",
-        previous_node=previous,
-    )
-
-
 def view(node: str = "w1", gpus: tuple[str, ...] = ("G0", "G1")) -> TargetView:
     return TargetView(node, eligible=True, allocatable_gpus=gpus)
 
@@ -60,7 +46,7 @@ def grant(
 ) -> tuple[LeaseTable, Lease]:
     node = str(kwargs.get("node", "w1"))
     table, change = table.grant(
-        grant_request(task_id, **kwargs),  # type: ignore[arg-type]
+        req(task_id, **kwargs),  # type: ignore[arg-type]
         now_mono=now,
         now_wall_ms=W,
         lease_id=lease_id,
@@ -135,7 +121,7 @@ def test_after_a_restart_a_node_is_granted_on_as_soon_as_it_reports() -> None:
     reported, not after the longest TTL."""
     _, l1, l2 = before_restart()
     table = restarted(l1, l2, next_seq=3)
-    assert reasons_of(table, grant_request("t3", gpus=1), T0) == ("node_not_reported",)
+    assert reasons_of(table, req("t3", gpus=1), T0) == ("node_not_reported",)
     assert table.grant_wait("w1", T0) == GrantWait("node_not_reported", T0 + 35.0)
     table, refused, records = full(table, "w1", as_reported(l1))
     assert refused is None and records == ()
@@ -143,8 +129,8 @@ def test_after_a_restart_a_node_is_granted_on_as_soon_as_it_reports() -> None:
     table, lease = grant(table, "t3", "L3", now=T0 + 1)
     assert lease.gpus == ("G1",)  # G0 stays with the running attempt it reported
     # w2 has not reported: its GPUs wait, and so does a task whose last node it was.
-    assert reasons_of(table, grant_request("t4", "w2"), T0 + 1) == ("node_not_reported",)
-    assert reasons_of(table, grant_request("t4", gpus=0, previous="w2"), T0 + 1) == (
+    assert reasons_of(table, req("t4", "w2"), T0 + 1) == ("node_not_reported",)
+    assert reasons_of(table, req("t4", gpus=0, previous="w2"), T0 + 1) == (
         "previous_node_not_reported",
     )
     assert set(RESUMPTION_REASONS) >= {"node_not_reported", "previous_node_not_reported"}
@@ -157,14 +143,14 @@ def test_a_silent_node_is_held_until_any_lease_on_it_could_have_expired() -> Non
     assert table.window is not None and table.window.silent_until_mono == until
     with pytest.raises(LeaseRefused) as info:
         table.grant(
-            grant_request("t3", "w2"),
+            req("t3", "w2"),
             now_mono=T0 + 5,
             now_wall_ms=W,
             lease_id="X",
             target=view("w2"),
         )
     assert info.value.details["wait_s"] == pytest.approx(until - T0 - 5)
-    assert reasons_of(table, grant_request("t3", "w2"), until - 0.001) == ("node_not_reported",)
+    assert reasons_of(table, req("t3", "w2"), until - 0.001) == ("node_not_reported",)
     _, lease = grant(table, "t3", "L3", now=until, node="w2")
     assert lease.holder == "w2"
     # longest_ttl_s never shortens the window below the current max_lease_ttl_s.
@@ -182,7 +168,7 @@ def test_grants_wait_for_the_previous_authority_to_end() -> None:
     table, _, _ = before_restart()
     table = table.set_term(2, now_mono=T0, incarnation_id="t2", authority_from_mono=T0 + 4)
     table, _, _ = full(table, "w1", now=T0 + 1)
-    assert reasons_of(table, grant_request("t3"), T0 + 1) == ("previous_authority_live",)
+    assert reasons_of(table, req("t3"), T0 + 1) == ("previous_authority_live",)
     assert table.grant_wait("w1", T0 + 1) == GrantWait("previous_authority_live", T0 + 4)
     # The silent window counts from the end of the previous authority, not from now.
     assert table.window is not None and table.window.silent_until_mono == T0 + 4 + 35.0
@@ -269,7 +255,7 @@ def test_a_lease_the_table_never_heard_of_is_learned_and_renewed() -> None:
     table, change = table.renew("L1", "w1", now_mono=T0 + 2, now_wall_ms=W, before_start=True)
     assert change.lease.expires_mono == T0 + 12
     # Its GPU is busy, its task key taken.
-    assert reasons_of(table, grant_request("t1", attempt=2), T0 + 2) == ("task_key_taken",)
+    assert reasons_of(table, req("t1", attempt=2), T0 + 2) == ("task_key_taken",)
     table, lease = grant(table, "t5", "L5", now=T0 + 2)
     assert lease.gpus == ("G1",) and lease.token == FencingToken(1, 2)
 
@@ -325,7 +311,7 @@ def test_claims_count_their_gpus_busy_and_follow_the_reports() -> None:
     assert table.busy_gpus() == {("w1", "G0")} and table.claims_of("w1") == (c1,)
     table, lease = grant(table, "t1", "L1", now=T0 + 2)
     assert lease.gpus == ("G1",)
-    assert reasons_of(table, grant_request("t2"), T0 + 2) == ("no_free_gpu",)
+    assert reasons_of(table, req("t2"), T0 + 2) == ("no_free_gpu",)
     # A numbered change ends the claim: the GPU is free again.
     message = ReportChanges(
         "w1", table.incarnation, 1, 1, (ReportChange(2, dropped_claims=("C1",)),)

@@ -11,7 +11,7 @@ import trio
 from populi_peer.agent.agent import Agent
 from populi_peer.discovery import Sighting
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import vcluster
+from support.vcluster import change_settings, vcluster
 
 
 def sighted(cluster: VirtualCluster, seer: Agent, seen: Agent, host: str) -> str:
@@ -44,12 +44,7 @@ async def test_a_settings_push_reaches_a_node_where_it_was_seen(
         # The control plane no longer reaches w1 at the address it advertises.
         cluster.network.redirect(cp.node_id, cluster.nodes["w1"].host, "gone.populi.test")
         sighted(cluster, cp, w1, "w1-seen.populi.test")
-        async with cluster.operator_client() as op:
-            answer = await op.post(
-                "/v1/populi/admin/settings", json={"changes": {"kill_switch": True}}
-            )
-        assert answer.status_code == 200, answer.text
-        push = answer.json()["push"]
+        push = (await change_settings(cluster, kill_switch=True))["push"]
         assert (push["confirmed"], push["unconfirmed"]) == ([w1.node_id], []), push
         assert w1.records.settings["kill_switch"]
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from populi_peer.store import Store
 from support.procs import Processes, init
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    processes = Processes()
-    try:
-        yield processes
-    finally:
-        processes.cleanup()
 
 
 async def test_a_static_peer_is_verified_ours_only_with_our_pin(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 # The mesh, the waiting and the looks into /proc are shared with the other real-process
 # tests; they are re-exported here for the tests that import them from this module.
 from support.mesh import (
@@ -191,6 +193,23 @@ def supervisor_state(task_dir: Path) -> dict[str, Any]:
     return dict(json.loads((task_dir / "state.json").read_text()))
 
 
+def grant_as_cp(mesh: Mesh, target: str, task_id: str, *, ttl_s: float) -> httpx.Response:
+    """A one-GPU lease on ``target`` asked by the control plane's own node (a submitter
+    too) for attempt 1 of ``task_id``, a task nobody hands off."""
+    with mesh.client("cp", mesh.credential("cp")) as client:
+        return client.post(
+            "/v1/populi/exec/leases",
+            json={
+                "task_id": task_id,
+                "attempt": 1,
+                "work_class": "inference",
+                "target": mesh[target].node_id,
+                "gpus_wanted": 1,
+                "ttl_s": ttl_s,
+            },
+        )
+
+
 def accepted_results(task: dict[str, Any]) -> list[list[Any]]:
     """The task's decision-log rows of accepted results (stale ones are ``stale_result``)."""
     return [r for r in task["reasons"] if r[1] == "result"]
@@ -212,6 +231,7 @@ __all__ = [
     "check_tick_order",
     "deadline_boot_ns",
     "free_port",
+    "grant_as_cp",
     "kill_pids",
     "leftovers",
     "log_events",

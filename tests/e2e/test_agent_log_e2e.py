@@ -90,8 +90,7 @@ def test_into_a_file_json_lines_and_the_access_log_only_at_debug(
     tmp_path: Path, procs: Processes
 ) -> None:
     data_dir = tmp_path / "cp"
-    init(data_dir)
-    agent = procs.start_agent(data_dir)
+    agent = procs.init_and_start(data_dir)
     for _ in range(3):
         populi("status", "--data-dir", str(data_dir), check=True)
     assert procs.stop(agent) == 0

@@ -71,8 +71,7 @@ def test_sigkilled_agent_restarts_at_once_and_readopts_its_task(
     tmp_path: Path, procs: Processes
 ) -> None:
     data_dir = tmp_path / "d"
-    init(data_dir)
-    agent = procs.start_agent(data_dir)
+    agent = procs.init_and_start(data_dir)
     ticks, stop = tmp_path / "ticks", tmp_path / "stop"
     ran = populi(
         "run", "--detach", "--data-dir", str(data_dir),

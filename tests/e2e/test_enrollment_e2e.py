@@ -14,8 +14,7 @@ import trio
 
 from enrollment.ca import cert_to_pem, make_ca_certificate, make_node_certificate
 from enrollment.keys import generate_key, node_id_for, write_private_key
-from populi_peer.api.app import ApiApp, Request, Response, Route
-from populi_peer.api.auth import Authenticator
+from populi_peer.api.app import Request, Response, Route
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.api.tls import client_context
@@ -24,8 +23,9 @@ from populi_peer.errors import RefusedError
 from populi_peer.identity import load_identity
 from populi_peer.joining import join_cluster
 from populi_peer.store import Store
+from support.apps import open_routes_app
 from support.mesh import Mesh
-from support.procs import Processes, init, one_line, populi
+from support.procs import Processes, one_line, populi
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -78,8 +78,7 @@ def test_three_real_agents_show_in_nodes(tmp_path: Path) -> None:
 
 def test_twenty_concurrent_real_joins_one_wins(tmp_path: Path, procs: Processes) -> None:
     cp = tmp_path / "cp"
-    init(cp)
-    procs.start_agent(cp, env={"POPULI_SECURITY__JOIN_RATE_PER_MIN": "0"})
+    procs.init_and_start(cp, env={"POPULI_SECURITY__JOIN_RATE_PER_MIN": "0"})
     token = _token(cp)
     outcomes: list[str] = []
 
@@ -123,8 +122,7 @@ def test_revoked_signer_is_refused_on_an_open_keep_alive_connection(
     tmp_path: Path, procs: Processes
 ) -> None:
     cp = tmp_path / "cp"
-    init(cp)
-    cp_agent = procs.start_agent(cp)
+    cp_agent = procs.init_and_start(cp)
     _join(_token(cp), tmp_path / "w1", "w1")
     store = Store.open(tmp_path / "w1")
     w1 = load_identity(tmp_path / "w1", store)
@@ -142,8 +140,7 @@ def test_revoked_signer_is_refused_on_an_open_keep_alive_connection(
 
 def test_cli_refusals_are_one_line_exit_4(tmp_path: Path, procs: Processes) -> None:
     cp = tmp_path / "cp"
-    init(cp)
-    procs.start_agent(cp)
+    procs.init_and_start(cp)
     for args in (
         ["node", "cordon", "nope"],
         ["node", "retire", "nope"],
@@ -199,8 +196,7 @@ def test_join_never_sends_the_token_to_a_node_of_another_ca(
     tmp_path: Path, procs: Processes, serves: str
 ) -> None:
     cp = tmp_path / "cp"
-    init(cp)
-    procs.start_agent(cp)
+    procs.init_and_start(cp)
     token = _token(cp)
     real_ca = (cp / "tls" / "ca.crt").read_text()
     key_path, cert_path, evil_ca = _fake_ca_server(tmp_path)
@@ -226,17 +222,9 @@ def test_join_never_sends_the_token_to_a_node_of_another_ca(
         )
     ]
     clock = SystemClock()
-    app = ApiApp(
-        routes=routes,
-        authenticator=Authenticator(
-            node_id="n-x",
-            clock=clock,
-            skew_s=300,
-            lookup=lambda _: None,
-            is_revoked=lambda _: False,
-        ),
+    app = open_routes_app(
+        routes,
         clock=clock,
-        max_body_bytes=1 << 20,
     )
 
     async def main() -> Exception | None:
@@ -303,8 +291,7 @@ def test_sigkill_then_restart_of_the_control_plane_keeps_quarantine(
     tmp_path: Path, procs: Processes
 ) -> None:
     cp = tmp_path / "cp"
-    init(cp)
-    agent = procs.start_agent(cp)
+    agent = procs.init_and_start(cp)
     _join(_token(cp), tmp_path / "w1", "w1")
     procs.start_agent(tmp_path / "w1")
     populi("node", "quarantine", "w1", "--reason", "flaky PSU", "--data-dir", str(cp), check=True)

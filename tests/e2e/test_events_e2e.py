@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support.procs import POPULI, Processes, init, one_line, populi
+from support.procs import POPULI, Processes, one_line, populi
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -21,8 +21,7 @@ def test_events_newest_last_with_names_and_refused_filters(
     tmp_path: Path, procs: Processes
 ) -> None:
     data_dir = tmp_path / "cp"
-    init(data_dir)
-    procs.start_agent(data_dir)
+    procs.init_and_start(data_dir)
     d = ("--data-dir", str(data_dir))
     for _ in range(3):
         populi("token", "create", *d, check=True)
@@ -46,8 +45,7 @@ def test_events_newest_last_with_names_and_refused_filters(
 
 def test_events_follow_prints_what_happens_next(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "cp"
-    init(data_dir)
-    procs.start_agent(data_dir)
+    procs.init_and_start(data_dir)
     follower = subprocess.Popen(
         [*POPULI, "events", "--follow", "--limit", "1", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,

@@ -45,6 +45,7 @@ from e2e.exec_support import (
     accepted_results,
     check_tick_order,
     deadline_boot_ns,
+    grant_as_cp,
     kill_pids,
     leftovers,
     log_events,
@@ -61,7 +62,7 @@ from e2e.exec_support import (
 
 from populi_peer.agent.submitter import handoff_message
 from populi_peer.store.tasks import TaskRecord
-from support.procs import POPULI
+from support.procs import POPULI, populi
 
 pytestmark = pytest.mark.e2e
 
@@ -246,26 +247,42 @@ def sent_handoff(mesh: Mesh, name: str, task_id: str) -> dict[str, Any]:
     return message.to_json()
 
 
+def run_one_gpu_task(data_dir: Path, ticks: Path, n: int) -> subprocess.CompletedProcess[str]:
+    """``populi run --gpus 1`` of a task that ticks ``n`` times (twice over), waited for."""
+    return populi(
+        "run",
+        "--gpus",
+        "1",
+        "--data-dir",
+        str(data_dir),
+        *tick_command(ticks, n1=n, n2=n),
+        timeout=120,
+    )
+
+
+def stale_result(task_id: str, suffix: str, *, exit_code: int) -> dict[str, Any]:
+    """A result from w2 for attempt 1 of ``task_id`` under the stale token 1.0."""
+    return {
+        "message_id": f"result-{task_id}-1-{suffix}",
+        "type": "result",
+        "task_id": task_id,
+        # Required by the contract (ADR 0012); the submitter takes the signer anyway.
+        "node": "w2",
+        "attempt": 1,
+        "token": "1.0",
+        "outcome": "exited",
+        "exit_code": exit_code,
+        "signal": None,
+    }
+
+
 # -- 1. lease success ---------------------------------------------------------------------
 
 
 def test_remote_attempt_completes_under_its_lease(mesh: Mesh, tmp_path: Path) -> None:
     ticks = tmp_path / "ticks"
     started = time.monotonic()
-    run = subprocess.run(
-        [
-            *POPULI,
-            "run",
-            "--gpus",
-            "1",
-            "--data-dir",
-            str(mesh["w1"].data_dir),
-            *tick_command(ticks, n1=10, n2=10),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = run_one_gpu_task(mesh["w1"].data_dir, ticks, 10)
     print(f"populi run (remote, 1 s task) took {time.monotonic() - started:.1f} s")
     assert run.returncode == 0, run.stderr
     assert "ticked 10 times on w2 attempt 1" in run.stdout, run.stdout
@@ -380,18 +397,7 @@ def test_duplicate_handoff_and_duplicate_or_stale_results(mesh: Mesh, tmp_path: 
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "stale_token"
     # While it runs: a result with a stale token, posted by the holder, is recorded, ignored.
     with mesh.client("w1", mesh.credential("w2")) as to_submitter:
-        bogus = {
-            "message_id": f"result-{task_id}-1-stale",
-            "type": "result",
-            "task_id": task_id,
-            # Required by the contract (ADR 0012); the submitter takes the signer anyway.
-            "node": "w2",
-            "attempt": 1,
-            "token": "1.0",
-            "outcome": "exited",
-            "exit_code": 0,
-            "signal": None,
-        }
+        bogus = stale_result(task_id, "stale", exit_code=0)
         answer = to_submitter.post("/v1/populi/inbox", json=bogus)
         assert answer.status_code == 200, answer.text
         assert answer.json()["result"] == {"accepted": False, "state": "running_remote"}
@@ -431,18 +437,7 @@ def test_stale_result_after_the_end_keeps_the_accepted_record(mesh: Mesh, tmp_pa
     accepted = mesh.show("w1", task_id)["results"]["1"]
     with mesh.client("w1", mesh.credential("w2")) as to_submitter:
         late = to_submitter.post(
-            "/v1/populi/inbox",
-            json={
-                "message_id": f"result-{task_id}-1-stale-late",
-                "type": "result",
-                "task_id": task_id,
-                "node": "w2",
-                "attempt": 1,
-                "token": "1.0",
-                "outcome": "exited",
-                "exit_code": 3,
-                "signal": None,
-            },
+            "/v1/populi/inbox", json=stale_result(task_id, "stale-late", exit_code=3)
         )
         assert late.status_code == 200, late.text
         assert late.json()["result"]["state"] == "succeeded"
@@ -639,18 +634,7 @@ def test_twenty_tasks_two_gpus_never_overlap(mesh: Mesh) -> None:
 def grant_directly(mesh: Mesh, target: str, task_id: str) -> dict[str, Any]:
     """A lease granted by the control plane for a task nobody hands off: the GPU is taken
     at the control plane while the worker, running nothing, reports it free."""
-    with mesh.client("cp", mesh.credential("cp")) as client:
-        answer = client.post(
-            "/v1/populi/exec/leases",
-            json={
-                "task_id": task_id,
-                "attempt": 1,
-                "work_class": "inference",
-                "target": mesh[target].node_id,
-                "gpus_wanted": 1,
-                "ttl_s": LEASE_TTL_S,
-            },
-        )
+    answer = grant_as_cp(mesh, target, task_id, ttl_s=LEASE_TTL_S)
     assert answer.status_code == 200, answer.text
     return dict(answer.json()["lease"])
 
@@ -806,20 +790,7 @@ def test_remote_off_runs_locally_and_sends_nothing(tmp_path: Path) -> None:
     off = Mesh.create(tmp_path / "mesh", ["w1"], remote=False)
     try:
         ticks = tmp_path / "ticks"
-        run = subprocess.run(
-            [
-                *POPULI,
-                "run",
-                "--gpus",
-                "1",
-                "--data-dir",
-                str(off["cp"].data_dir),
-                *tick_command(ticks, n1=5, n2=5),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        run = run_one_gpu_task(off["cp"].data_dir, ticks, 5)
         assert run.returncode == 0, run.stderr
         assert "ticked 5 times on cp attempt 1 token 0.0" in run.stdout
         cp_log = off["cp"].log()

@@ -30,7 +30,7 @@ from populi_peer.identity import load_identity
 from populi_peer.store import Store
 from support.contract import sync_hook
 from support.disk import fill, small_tmpfs
-from support.procs import AgentProcess, Processes, init, populi
+from support.procs import AgentProcess, Processes, populi
 
 pytestmark = pytest.mark.e2e
 
@@ -72,8 +72,7 @@ def test_a_lease_expiring_on_a_full_disk_stays_holding_and_the_agent_carries_on(
 ) -> None:
     data_dir = tmp_path / "d"
     with small_tmpfs(data_dir, size_kib=16 * 1024):
-        init(data_dir)
-        agent = procs.start_agent(data_dir)
+        agent = procs.init_and_start(data_dir)
         for key, value in (
             ("remote_exec_enabled", "true"),
             ("max_lease_ttl_s", str(TTL_S)),

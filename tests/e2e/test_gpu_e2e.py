@@ -12,6 +12,7 @@ import pytest
 
 from populi_peer.gpu import derive_replay_uuid
 from support.mesh import Mesh
+from support.nvml import nvml_present
 from support.procs import one_line
 
 pytestmark = pytest.mark.e2e
@@ -22,17 +23,6 @@ CAPTURE_UUID = "GPU-3ce30699-44e9-8c2b-0f34-997c3c5cae2d"
 
 def _gpus(mesh: Mesh) -> dict[str, dict[str, Any]]:
     return {node["name"]: node for node in mesh.gpus_view()}
-
-
-def _nvml_present() -> bool:
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
 
 
 def test_gpus_of_two_replaying_nodes_reach_the_control_plane(
@@ -67,7 +57,7 @@ def scenario(mesh: Mesh) -> None:
     assert view["w1"]["backend"] == "replay"
     # The control plane has no fixture: this machine's own NVML answers for it.
     assert view["cp"]["backend"] == "nvml"
-    if not _nvml_present():
+    if not nvml_present():
         assert view["cp"]["devices"] == [] and view["cp"]["cpu_only_reason"]
 
     # The table form names both GPUs too.

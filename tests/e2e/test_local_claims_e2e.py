@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e.exec_support import grant_as_cp
 
 from support.mesh import Mesh
 from support.waiting import wait_for
@@ -24,18 +25,7 @@ pytestmark = pytest.mark.e2e
 
 def _grant(mesh: Mesh, task_id: str) -> tuple[int, Any]:
     """A one-GPU grant on w1's GPU, asked by another node (the control plane's own, a submitter too)."""
-    with mesh.client("cp", mesh.credential("cp")) as client:
-        answer = client.post(
-            "/v1/populi/exec/leases",
-            json={
-                "task_id": task_id,
-                "attempt": 1,
-                "work_class": "inference",
-                "target": mesh["w1"].node_id,
-                "gpus_wanted": 1,
-                "ttl_s": 6,
-            },
-        )
+    answer = grant_as_cp(mesh, "w1", task_id, ttl_s=6)
     return answer.status_code, answer.json()
 
 

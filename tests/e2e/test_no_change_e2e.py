@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from support.procs import Processes, init, populi
+from support.procs import Processes, populi
 
 pytestmark = pytest.mark.e2e
 
 
 def test_repeated_operator_commands_say_no_change(tmp_path: Path, procs: Processes) -> None:
     cp = tmp_path / "cp"
-    init(cp)
-    procs.start_agent(cp)
+    procs.init_and_start(cp)
     d = ("--data-dir", str(cp))
     token = populi("token", "create", "--name", "w1", *d, check=True).stdout.strip()
     populi(

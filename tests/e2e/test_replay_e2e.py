@@ -18,7 +18,7 @@ from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
 from populi_peer.identity import load_identity
 from populi_peer.store import Store
-from support.procs import Processes, init
+from support.procs import Processes
 
 pytestmark = pytest.mark.e2e
 
@@ -42,8 +42,7 @@ def test_captured_operator_requests_replayed_after_a_restart_are_refused(
     tmp_path: Path, procs: Processes
 ) -> None:
     cp = tmp_path / "cp"
-    init(cp)
-    agent = procs.start_agent(cp)
+    agent = procs.init_and_start(cp)
     store = Store.open(cp, readonly=True)
     identity = load_identity(cp, store)
     store.close()

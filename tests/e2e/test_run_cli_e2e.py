@@ -45,8 +45,7 @@ def test_no_agent_is_exit_3_at_once(tmp_path: Path) -> None:
 
 def test_refusals_reasons_and_logs_with_one_agent(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
-    init(data_dir)
-    procs.start_agent(data_dir)
+    procs.init_and_start(data_dir)
     d = ("--data-dir", str(data_dir))
 
     # 4: an unknown --node, one line with the reason.

@@ -25,8 +25,7 @@ pytestmark = pytest.mark.e2e
 
 def test_init_agent_status_and_sigterm(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
-    init(data_dir)
-    agent = procs.start_agent(data_dir)
+    agent = procs.init_and_start(data_dir)
     result = populi("status", "--data-dir", str(data_dir), "--json")
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
@@ -51,8 +50,7 @@ def test_init_agent_status_and_sigterm(tmp_path: Path, procs: Processes) -> None
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_unsigned_status_is_401_and_health_200(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
-    init(data_dir)
-    agent = procs.start_agent(data_dir)
+    agent = procs.init_and_start(data_dir)
     status = subprocess.run(
         ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", agent.url + "/v1/populi/status"],
         capture_output=True,
@@ -73,8 +71,7 @@ def test_curl_unsigned_status_is_401_and_health_200(tmp_path: Path, procs: Proce
 
 def test_replayed_request_over_real_tls_is_refused(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
-    init(data_dir)
-    agent = procs.start_agent(data_dir)
+    agent = procs.init_and_start(data_dir)
     store = Store.open(data_dir)
     identity = load_identity(data_dir, store)
     store.close()
@@ -95,8 +92,7 @@ def test_openssl_verifies_the_chain_against_the_cluster_ca_only(
     tmp_path: Path, procs: Processes
 ) -> None:
     data_dir = tmp_path / "d"
-    init(data_dir)
-    agent = procs.start_agent(data_dir)
+    agent = procs.init_and_start(data_dir)
     hostport = agent.url.removeprefix("https://")
     ok = subprocess.run(
         [
@@ -152,8 +148,7 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_tls_1_2_is_refused(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
-    init(data_dir)
-    agent = procs.start_agent(data_dir)
+    agent = procs.init_and_start(data_dir)
     hostport = agent.url.removeprefix("https://")
     old = subprocess.run(
         ["openssl", "s_client", "-connect", hostport, "-tls1_2"],
@@ -184,8 +179,7 @@ def test_remote_off_gpu_task_gets_this_nodes_gpu(tmp_path: Path, procs: Processe
     the GPU's UUID in CUDA_VISIBLE_DEVICES, under a local lease (token from the control
     plane), and the lease is done when the task is."""
     data_dir = tmp_path / "d"
-    init(data_dir)
-    procs.start_agent(data_dir, env={"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-idle.json"})
+    procs.init_and_start(data_dir, env={"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-idle.json"})
     gpu = _wait_for_gpu(data_dir, allocatable=True)
     run = populi(
         "run",

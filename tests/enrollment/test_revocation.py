@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -16,6 +16,7 @@ from enrollment.canonical import canonical_json
 from enrollment.errors import ErrorKind, NodeNameError, RevocationError
 from enrollment.revocation import (
     MAX_REVOCATIONS_CHARS,
+    AcceptOutcome,
     RevocationConflict,
     RevocationFieldError,
     RevocationList,
@@ -31,11 +32,10 @@ from enrollment.revocation import (
     unblock_name,
     verify_revocations,
 )
+from support.tokens import NOW, OTHER, ROOT
 
-CLUSTER = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(100, 132)))
+CLUSTER = ROOT
 CLUSTER_ID = "home"
-NOW = 1_700_000_000_000
 PREFIX = "populi-revocations-1."
 DOMAIN = b"populi/revocations/v1\x00"
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -419,15 +419,8 @@ def test_accept_newer_never_raises_on_a_non_string() -> None:
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIGNED_TWO = sign_revocations(TWO, CLUSTER)
-OUTCOMES = {
-    "accepted",
-    "ignored_not_newer",
-    "ignored_not_superset",
-    "ignored_bad_signature",
-    "ignored_foreign_signer",
-    "ignored_malformed",
-    "ignored_wrong_cluster",
-}
+#: Every outcome ``accept_revocations`` declares it can give.
+OUTCOMES = frozenset(get_args(AcceptOutcome))
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=12),

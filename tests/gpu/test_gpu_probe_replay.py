@@ -13,16 +13,15 @@ from trio.testing import MockClock
 
 from gpu import gpu_variants as v
 from populi_peer.gpu import (
-    DeviceAllocation,
     GpuInventory,
     Health,
-    allocatable,
     health_verdict,
     open_probe,
     probe_json,
 )
 from populi_peer.gpu._probe import open_replay_probe
 from populi_peer.testing import VirtualClock
+from support.hints import allocations
 
 
 async def probe_fixture(path: Path | str, clock: VirtualClock, **kwargs: Any) -> GpuInventory:
@@ -30,23 +29,6 @@ async def probe_fixture(path: Path | str, clock: VirtualClock, **kwargs: Any) ->
         fixture=path, node_id=kwargs.pop("node_id", None), clock=clock, **kwargs
     ) as probe:
         return await probe.probe()
-
-
-def allocations(
-    inventory: GpuInventory,
-    *,
-    own_pids: frozenset[int] = frozenset(),
-    quarantined: frozenset[str] = frozenset(),
-    leased: frozenset[str] = frozenset(),
-) -> list[DeviceAllocation]:
-    return allocatable(
-        inventory,
-        quarantined=quarantined,
-        leased=leased,
-        own_pids=own_pids,
-        advertised={},
-        trust_advertised=False,
-    )
 
 
 async def test_load_capture_acceptance(autojump_clock: MockClock, clock: VirtualClock) -> None:
@@ -171,31 +153,29 @@ async def test_variant_verdicts(
     assert verdict.reasons == reasons
 
 
-async def test_mig_enabled_is_not_allocatable_whole(
-    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
+@pytest.mark.parametrize(
+    ("variant", "usable", "reason"),
+    [
+        # MIG on: not allocatable whole.
+        (v.mig_enabled, False, "mig_enabled"),
+        # Degraded stays allocatable.
+        (v.row_remap_pending, True, "gpu_degraded"),
+        (v.ecc_uncorrected, False, "gpu_unhealthy"),
+    ],
+    ids=["mig-enabled", "degraded", "unhealthy"],
+)
+async def test_a_variant_is_allocatable_or_not_with_its_reason(
+    variant: Callable[[], dict[str, Any]],
+    usable: bool,
+    reason: str,
+    autojump_clock: MockClock,
+    tmp_path: Path,
+    clock: VirtualClock,
 ) -> None:
-    inventory = await probe_fixture(v.write(tmp_path, v.mig_enabled()), clock)
+    inventory = await probe_fixture(v.write(tmp_path, variant()), clock)
     (alloc,) = allocations(inventory)
-    assert not alloc.allocatable
-    assert alloc.reasons == ("mig_enabled",)
-
-
-async def test_degraded_stays_allocatable(
-    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
-) -> None:
-    inventory = await probe_fixture(v.write(tmp_path, v.row_remap_pending()), clock)
-    (alloc,) = allocations(inventory)
-    assert alloc.allocatable
-    assert alloc.reasons == ("gpu_degraded",)
-
-
-async def test_unhealthy_is_not_allocatable(
-    autojump_clock: MockClock, tmp_path: Path, clock: VirtualClock
-) -> None:
-    inventory = await probe_fixture(v.write(tmp_path, v.ecc_uncorrected()), clock)
-    (alloc,) = allocations(inventory)
-    assert not alloc.allocatable
-    assert alloc.reasons == ("gpu_unhealthy",)
+    assert alloc.allocatable is usable
+    assert alloc.reasons == (reason,)
 
 
 async def test_foreign_and_own_processes(

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pynvml
 import pytest
 import trio
 from trio.testing import MockClock
@@ -28,6 +27,7 @@ from populi_peer.gpu import (
 from populi_peer.gpu._probe import _Caller, _Fail, _Ok, open_replay_probe
 from populi_peer.gpu._replay import ReplayNvml
 from populi_peer.testing import VirtualClock
+from support.nvml import nvml_present
 
 TIMEOUT_S = 2.0
 
@@ -260,16 +260,7 @@ async def test_nvml_backend_over_fake_reads_capture() -> None:
     assert inventory.devices[0].utilization_gpu_pct == 99
 
 
-def _machine_has_nvml() -> bool:
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return False
-    pynvml.nvmlShutdown()
-    return True
-
-
-@pytest.mark.skipif(_machine_has_nvml(), reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(nvml_present(), reason="this machine has an NVIDIA driver")
 async def test_real_nvml_without_driver_is_cpu_only(caplog: pytest.LogCaptureFixture) -> None:
     """The real NVML library in real worker threads: real time (see ``_nvml_probe_over``)."""
     caplog.set_level(logging.INFO, logger="populi.gpu")

@@ -17,12 +17,10 @@ from trio.testing import MockClock
 from gpu import gpu_variants as v
 from populi_peer.gpu import (
     ComputeProcess,
-    DeviceAllocation,
     GpuDevice,
     GpuInventory,
     InventoryFormatError,
     NvLink,
-    allocatable,
     derive_replay_uuid,
     facts_version,
     gpu_summary,
@@ -32,6 +30,7 @@ from populi_peer.gpu import (
     summary_static,
 )
 from populi_peer.testing import VirtualClock
+from support.hints import allocations
 
 
 async def _probe(path: Path | str, clock: VirtualClock, node_id: str | None = None) -> GpuInventory:
@@ -249,23 +248,12 @@ def test_from_json_on_damaged_payloads(changes: list[tuple[tuple[Any, ...], Any]
     _parses_or_refuses(_mutate(RICH, changes))
 
 
-def _allocs(inventory: GpuInventory) -> list[DeviceAllocation]:
-    return allocatable(
-        inventory,
-        quarantined=frozenset(),
-        leased=frozenset(),
-        own_pids=frozenset(),
-        advertised={},
-        trust_advertised=False,
-    )
-
-
 async def test_summary_static_and_metrics(autojump_clock: MockClock, clock: VirtualClock) -> None:
     idle = await _probe(v.IDLE, clock)
     load = await _probe(v.LOAD, clock)
     # Static facts are the same card idle and under load: one facts_version.
     assert facts_version(idle) == facts_version(load)
-    full = gpu_summary(load, _allocs(load))
+    full = gpu_summary(load, allocations(load))
     assert set(full) == {"v", "facts_version", "static", "metrics"}
     assert full["static"] == {
         "backend": "replay",
@@ -298,9 +286,9 @@ async def test_summary_static_and_metrics(autojump_clock: MockClock, clock: Virt
             }
         ],
     }
-    short = gpu_summary(load, _allocs(load), include_static=False)
+    short = gpu_summary(load, allocations(load), include_static=False)
     assert set(short) == {"v", "facts_version", "metrics"}
-    assert short["metrics"] == summary_metrics(load, _allocs(load))
+    assert short["metrics"] == summary_metrics(load, allocations(load))
     # Static facts change: a new version.
     labelled = facts_version(load, advertised={"model": "H100"})
     assert labelled != facts_version(load)
@@ -318,14 +306,7 @@ async def test_summary_changes_version_with_static_facts(
 
 async def test_summary_omits_unknown_and_carries_pseudo_devices(clock: VirtualClock) -> None:
     inventory = GpuInventory(backend="nvml", cpu_only_reason="nvml_library_not_found")
-    allocs = allocatable(
-        inventory,
-        quarantined=frozenset(),
-        leased=frozenset(),
-        own_pids=frozenset(),
-        advertised={"count": "2"},
-        trust_advertised=True,
-    )
+    allocs = allocations(inventory, advertised={"count": "2"}, trust_advertised=True)
     summary = gpu_summary(inventory, allocs, advertised={"count": "2"})
     assert summary["static"] == {
         "backend": "nvml",

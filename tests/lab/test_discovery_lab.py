@@ -109,11 +109,8 @@ def cluster_id(mesh: Mesh, name: str) -> str:
 def test_two_agents_announce_avahi_sees_them_and_a_foreign_cluster_joins_nothing(
     lab: Lab, mesh: Mesh, tmp_path: Path
 ) -> None:
-    try:
+    with mesh.logs_on_failure():
         scenario(lab, mesh, tmp_path)
-    except BaseException:
-        print(mesh.logs())
-        raise
 
 
 def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:

@@ -77,11 +77,8 @@ def mesh(lab: Lab, tmp_path: Path) -> Iterator[Mesh]:
 def test_worker_cut_from_the_control_plane_by_iptables(
     lab: Lab, mesh: Mesh, tmp_path: Path
 ) -> None:
-    try:
+    with mesh.logs_on_failure():
         scenario(lab, mesh, tmp_path)
-    except BaseException:
-        print(mesh.logs())
-        raise
 
 
 def scenario(lab: Lab, mesh: Mesh, tmp_path: Path) -> None:

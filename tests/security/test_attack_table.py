@@ -151,6 +151,17 @@ class World:
             return credential_of(self.root / "r1")
         return self.mesh.credential(name)
 
+    def unsigned_from(self, address: str) -> httpx.Client:
+        """A client of the control plane with no credential, from loopback ``address``
+        (the rate limits count per address)."""
+        return httpx.Client(
+            base_url=f"https://127.0.0.1:{self.port('cp')}",
+            transport=httpx.HTTPTransport(
+                verify=client_context(self.ca), local_address=address, retries=0
+            ),
+            timeout=30,
+        )
+
     def fresh(self, prefix: str) -> str:
         return f"{prefix}{next(self.names)}"
 
@@ -228,13 +239,7 @@ def enroll_raw(
     """A join request the real joiner would never send (it checks its token first): a
     fresh challenge, then ``envelope`` with proofs made by ``token_key`` (a key of the
     attacker's own where it has none) over a claim naming the control plane."""
-    with httpx.Client(
-        base_url=f"https://127.0.0.1:{world.port('cp')}",
-        transport=httpx.HTTPTransport(
-            verify=client_context(world.ca), local_address=ATTACKER, retries=0
-        ),
-        timeout=30,
-    ) as client:
+    with world.unsigned_from(ATTACKER) as client:
         challenge = client.post("/v1/populi/join/challenge", json={})
         assert challenge.status_code == 200, challenge.text
         node_key = generate_key()
@@ -403,23 +408,11 @@ def flood(world: World) -> Outcome:
     after which another address is still served."""
     burst = Config().security.join_rate_per_min
     last: Outcome | None = None
-    with httpx.Client(
-        base_url=f"https://127.0.0.1:{world.port('cp')}",
-        transport=httpx.HTTPTransport(
-            verify=client_context(world.ca), local_address=FLOODER, retries=0
-        ),
-        timeout=30,
-    ) as client:
+    with world.unsigned_from(FLOODER) as client:
         for _ in range(burst + 5):
             last = outcome_of(client.post("/v1/populi/join/challenge", json={}))
     assert last is not None
-    with httpx.Client(
-        base_url=f"https://127.0.0.1:{world.port('cp')}",
-        transport=httpx.HTTPTransport(
-            verify=client_context(world.ca), local_address="127.0.0.4", retries=0
-        ),
-        timeout=30,
-    ) as client:
+    with world.unsigned_from("127.0.0.4") as client:
         other = client.post("/v1/populi/join/challenge", json={})
     assert other.status_code == 200, f"another address was refused too: {other.text}"
     return last

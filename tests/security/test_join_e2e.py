@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +22,14 @@ import pytest
 import trio
 
 from populi_peer.api.app import ApiApp, Request, Response, Route
-from populi_peer.api.auth import Authenticator
 from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.clock import SystemClock
+from support.apps import open_routes_app
 from support.disk import fill, small_tmpfs
 from support.mesh import meta_of
 from support.procs import POPULI, Processes, init, one_line, populi
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    processes = Processes()
-    try:
-        yield processes
-    finally:
-        processes.cleanup()
 
 
 def _token(cp: Path, *args: str) -> str:
@@ -100,21 +90,14 @@ def _impostor_app(ca_pem: str, cluster_id: str, claims_to_be: str) -> ApiApp:
         return Response(500, {"error": {"code": "captured", "message": "thanks"}})
 
     clock = SystemClock()
-    return ApiApp(
-        routes=[
+    return open_routes_app(
+        [
             Route("GET", "/v1/populi/join/ca", ca, roles=None),
             Route("POST", "/v1/populi/join/challenge", challenge, roles=None),
             Route("POST", "/v1/populi/join/enroll", enroll, roles=None),
         ],
-        authenticator=Authenticator(
-            node_id=claims_to_be,
-            clock=clock,
-            skew_s=300,
-            lookup=lambda _: None,
-            is_revoked=lambda _: False,
-        ),
         clock=clock,
-        max_body_bytes=1 << 20,
+        node_id=claims_to_be,
     )
 
 
@@ -192,8 +175,7 @@ def test_a_join_refused_for_a_full_disk_leaves_nothing_and_the_token_works_once(
     tmp_path: Path, procs: Processes
 ) -> None:
     with small_tmpfs(tmp_path / "cp") as cp:
-        init(cp)
-        agent = procs.start_agent(cp)
+        agent = procs.init_and_start(cp)
         token = _token(cp)
         # Start the WAL afresh so that the next commit must grow it, then fill the disk.
         with sqlite3.connect(cp / "populi.db") as conn:

@@ -39,7 +39,7 @@ from populi_peer.errors import PeerError, RefusedError
 from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.cluster import VirtualCluster
 from support.disk import fill, small_tmpfs
-from support.vcluster import vcluster
+from support.vcluster import node_action, vcluster
 
 CP_BASE = "https://cp.populi.test:443"
 
@@ -60,12 +60,12 @@ def _enroll_body(
     recipient: str,
     challenge: str,
     key: Any,
-    cluster_id: str,
     name: str,
     token_key: Any = None,
 ) -> dict[str, Any]:
-    """What ``populi join`` sends, with the proofs bound to ``recipient`` (and signed with
-    ``token_key`` instead of the token's own, when given: a thief's guess)."""
+    """What ``populi join`` sends for the token's cluster, with the proofs bound to
+    ``recipient`` (and signed with ``token_key`` instead of the token's own, when given: a
+    thief's guess)."""
     held = open_token(token_text, now_ms=0, skew_ms=2**52)
     if token_key is not None:
         held = dataclasses.replace(held, token_key=token_key)
@@ -74,7 +74,7 @@ def _enroll_body(
         recipient=recipient,
         challenge=challenge,
         public_key=public,
-        cluster_id=cluster_id,
+        cluster_id=held.token.cluster_id,
         name=name,
         token_id=held.token.token_id,
         addresses=(),
@@ -126,9 +126,7 @@ async def test_a_proof_made_for_another_node_is_refused_and_consumes_nothing(
     impostor. Forwarded to the control plane, they do not verify."""
     async with vcluster(tmp_path, workers=1) as cluster:
         cp, impostor = cluster.cp, cluster["w1"]
-        async with cluster.operator_client() as operator:
-            retired = await operator.post("/v1/populi/admin/nodes/w1/retire", json={})
-            assert retired.status_code == 200
+        await node_action(cluster, "w1", "retire")
         token = await cluster.mint_token()
         key = generate_key()
         async with _client(cluster, impostor.node_id) as relay:
@@ -137,7 +135,6 @@ async def test_a_proof_made_for_another_node_is_refused_and_consumes_nothing(
                 recipient=impostor.node_id,
                 challenge=await _challenge(relay),
                 key=key,
-                cluster_id=cp.certificates.identity.cluster_id,
                 name="victim",
             )
             answer = await relay.post("/v1/populi/join/enroll", json=body)
@@ -160,7 +157,6 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
                 recipient=cp.node_id,
                 challenge=await _challenge(joiner),
                 key=key,
-                cluster_id=cp.certificates.identity.cluster_id,
                 name="gpu-1",
             )
             ok = await joiner.post("/v1/populi/join/enroll", json=captured)
@@ -181,7 +177,6 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
                 recipient=cp.node_id,
                 challenge=await _challenge(thief),
                 key=own,
-                cluster_id=cp.certificates.identity.cluster_id,
                 name="thief",
                 token_key=generate_key(),  # the envelope, but a token key of its own
             )
@@ -232,7 +227,6 @@ async def test_the_joiner_stops_at_a_node_its_token_does_not_name(
                 recipient=cp.node_id,
                 challenge=await _challenge(client),
                 key=generate_key(),
-                cluster_id=cp.certificates.identity.cluster_id,
                 name="victim",
             )
             answer = await client.post("/v1/populi/join/enroll", json=body)

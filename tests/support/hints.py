@@ -8,7 +8,14 @@ from typing import Any
 from populi_peer.core.hints import HintBody, HintRecord
 from populi_peer.core.hlc import Hlc
 from populi_peer.errors import BadRequest
-from populi_peer.gpu import ComputeProcess, GpuDevice, GpuInventory, allocatable, gpu_summary
+from populi_peer.gpu import (
+    ComputeProcess,
+    DeviceAllocation,
+    GpuDevice,
+    GpuInventory,
+    allocatable,
+    gpu_summary,
+)
 
 GB = 10**9
 GIB = 2**30
@@ -49,6 +56,26 @@ def device(
     )
 
 
+def allocations(
+    inventory: GpuInventory,
+    *,
+    own_pids: frozenset[int] = frozenset(),
+    quarantined: frozenset[str] = frozenset(),
+    leased: frozenset[str] = frozenset(),
+    advertised: dict[str, str] | None = None,
+    trust_advertised: bool = False,
+) -> list[DeviceAllocation]:
+    """:func:`allocatable` with nothing quarantined, leased, ours or advertised unless given."""
+    return allocatable(
+        inventory,
+        quarantined=quarantined,
+        leased=leased,
+        own_pids=own_pids,
+        advertised=advertised or {},
+        trust_advertised=trust_advertised,
+    )
+
+
 def summary(
     *devices: GpuDevice,
     leased: frozenset[str] = frozenset(),
@@ -60,15 +87,14 @@ def summary(
     inventory = GpuInventory(devices=tuple(devices), backend="replay")
     if not devices:
         inventory = GpuInventory(backend="nvml", cpu_only_reason="no_gpus")
-    allocations = allocatable(
+    allocs = allocations(
         inventory,
         quarantined=quarantined,
         leased=leased,
-        own_pids=frozenset(),
-        advertised=advertised or {},
+        advertised=advertised,
         trust_advertised=trust_advertised,
     )
-    return gpu_summary(inventory, allocations, advertised=advertised)
+    return gpu_summary(inventory, allocs, advertised=advertised)
 
 
 def body(

@@ -592,6 +592,15 @@ class Mesh:
             for name, node in self.nodes.items()
         )
 
+    @contextmanager
+    def logs_on_failure(self) -> Iterator[None]:
+        """Print every agent's log tail when the block fails (then the failure goes on)."""
+        try:
+            yield
+        except BaseException:
+            print(self.logs())
+            raise
+
 
 __all__ = [
     "DEFAULT_ROLES",

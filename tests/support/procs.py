@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -56,6 +57,12 @@ class Processes:
     """Starts agents and guarantees that each is ended (by its PID) after the test."""
 
     started: list[AgentProcess] = field(default_factory=list)
+
+    def init_and_start(self, data_dir: Path, *extra: str, **start: Any) -> AgentProcess:
+        """``populi init`` a new cluster in ``data_dir``, then start its agent (the
+        arguments after ``data_dir`` are :meth:`start_agent`'s)."""
+        init(data_dir)
+        return self.start_agent(data_dir, *extra, **start)
 
     def start_agent(
         self,
