@@ -291,7 +291,9 @@ def issue_intermediate(
         )
     key = request.public_key()
     if not isinstance(key, Ed25519PublicKey):
-        raise CertificateError("the issuer request's key is not Ed25519", code="issuer_request_invalid")
+        raise CertificateError(
+            "the issuer request's key is not Ed25519", code="issuer_request_invalid"
+        )
     org = request.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     ou = request.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     cn = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -348,7 +348,10 @@ class JoinToken:
         else:
             if not isinstance(self.issuer, bytes) or not 0 < len(self.issuer) <= MAX_ISSUER_BYTES:
                 raise _FieldProblem("issuer", f"must be 1 to {MAX_ISSUER_BYTES} DER bytes")
-            if not isinstance(self.root_public_key, bytes) or len(self.root_public_key) != _KEY_BYTES:
+            if (
+                not isinstance(self.root_public_key, bytes)
+                or len(self.root_public_key) != _KEY_BYTES
+            ):
                 raise _FieldProblem("root_key", f"must be {_KEY_BYTES} raw key bytes")
             root = self.root_public_key
         if self.ca_pin != "sha256:" + hashlib.sha256(root).hexdigest():
@@ -660,7 +663,10 @@ def _foreign(root: bytes, trusted_root: Ed25519PublicKey | None) -> None:
 
 
 def _issuer_of(
-    obj: dict[str, Any], signer: bytes, trusted_root: Ed25519PublicKey | None, revoked: Revoked | None
+    obj: dict[str, Any],
+    signer: bytes,
+    trusted_root: Ed25519PublicKey | None,
+    revoked: Revoked | None,
 ) -> tuple[bytes, bytes]:
     """Step 6 of version 3: ``(root key, issuer DER)``, the issuer checked under the root."""
     try:
