@@ -15,14 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import trio
-from cryptography import x509
 
 from enrollment.ca import (
     BACKDATE_S,
-    cert_from_pem,
-    cert_to_pem,
     certificate_public_key,
+    chain_from_pem,
     node_certificate_info,
+    verify_chain,
 )
 from enrollment.keys import write_public_file
 from populi_peer.agent.health import RETRIED, Health
@@ -46,7 +45,7 @@ class CertificateRenewal:
         identity: Identity,
         clock: Clock,
         control_plane: ControlPlaneLink,
-        issue_own: Callable[[], x509.Certificate],
+        issue_own: Callable[[], str],
         health: Health,
         on_renewed: Sequence[Callable[[], None]] = (),
     ) -> None:
@@ -76,17 +75,20 @@ class CertificateRenewal:
 
     async def _renew(self) -> None:
         if self.control_plane.is_self:
-            pem = cert_to_pem(self.issue_own()).decode("ascii")
+            pem = self.issue_own()
         else:
             answer = await self.control_plane.call(
                 "POST", "/v1/populi/certs/renew", {}, answer=CertRenewAnswer
             )
             pem = answer.certificate
-        cert = cert_from_pem(pem)
+        cert, *chain = chain_from_pem(pem)
         if certificate_public_key(cert) != self.identity.node_key.public_key():
             raise PopuliError(
                 "renewed certificate is not for this node's key", code="bad_peer_answer"
             )
+        verify_chain(
+            cert, chain, self.identity.ca_cert, now_wall_s=self.clock.wall(), skew_s=BACKDATE_S
+        )
         write_public_file(self.identity.paths.node_cert, pem.encode("ascii"))
         self.identity = replace(self.identity, node_cert=cert)
         for listener in self.on_renewed:
