@@ -14,6 +14,7 @@ import logging
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from enrollment.revocation import (
     RevocationList,
     accept_newer,
