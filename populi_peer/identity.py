@@ -9,6 +9,7 @@ Layout (``populi init`` / ``populi join`` create it)::
       keys/cluster.key     the cluster root key: made by init, moved off-line by the
                            operator (runbooks/offline-root.md) (0600)
       keys/issuer.key      a voter's issuing key, made on this node, never copied (0600)
+      keys/issuer.next.key the key of a pending issuer request (populi ca request) (0600)
       keys/operator.key    the local operator credential (0600), where one was made
       tls/ca.crt           the cluster CA certificate (the only trust anchor)
       tls/issuer.crt       a voter's issuer certificate, signed by the root
@@ -65,6 +66,11 @@ class DataPaths:
     @property
     def issuer_key(self) -> Path:
         return self.root / "keys" / "issuer.key"
+
+    @property
+    def issuer_key_next(self) -> Path:
+        """The key of a pending issuer request (``populi ca request``), until installed."""
+        return self.root / "keys" / "issuer.next.key"
 
     @property
     def issuer_cert(self) -> Path:
