@@ -81,7 +81,10 @@ def _write_or_print(text: str, out: Path | None) -> None:
     if out is None:
         sys.stdout.write(text)
         return
-    out.write_text(text)
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from exc
     sys.stderr.write(f"wrote {out}\n")
 
 
