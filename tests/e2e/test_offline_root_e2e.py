@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from lab.runbook import parse_runbook
 
 from enrollment.ca import (
     cert_from_pem,
@@ -25,7 +26,6 @@ from enrollment.ca import (
     verify_chain,
 )
 from enrollment.keys import load_private_key
-from lab.runbook import parse_runbook
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
