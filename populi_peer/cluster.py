@@ -130,7 +130,11 @@ def init_cluster(
     advertise: list[str],
     force: bool,
     now_wall_s: float,
+    root_signs: bool = False,
 ) -> InitResult:
+    """A new cluster in ``data_dir``: its root, this node (with its own issuer, which signs
+    from then on; with ``root_signs`` the root key signs as before issuers, so that nodes
+    of an older version can join), an operator credential. ADR 0018."""
     if (
         not cluster_name
         or len(cluster_name) > 63
@@ -163,20 +167,22 @@ def init_cluster(
     advertise = advertise or _default_advertise(listen)
     # The first voter's own issuer: from here on it signs, and the root key is needed only
     # for another voter's issuer or a rotation (runbooks/offline-root.md).
-    issuer_key = generate_key()
-    issuer = Issuer(
-        issuer_key,
-        make_issuer_certificate(
-            root_key=root_key,
-            root_cert=ca_cert,
-            subject_key=issuer_key.public_key(),
-            node_id=node_id,
-            cluster_id=cluster_id,
-            now_wall_s=now_wall_s,
-            serial=secrets.randbits(63) | 1,
-        ),
-        ca_cert,
-    )
+    issuer = Issuer(root_key, None, ca_cert)
+    if not root_signs:
+        issuer_key = generate_key()
+        issuer = Issuer(
+            issuer_key,
+            make_issuer_certificate(
+                root_key=root_key,
+                root_cert=ca_cert,
+                subject_key=issuer_key.public_key(),
+                node_id=node_id,
+                cluster_id=cluster_id,
+                now_wall_s=now_wall_s,
+                serial=secrets.randbits(63) | 1,
+            ),
+            ca_cert,
+        )
     node_cert = make_node_certificate(
         ca_key=issuer.key,
         ca_cert=issuer.signing_certificate,
@@ -196,8 +202,9 @@ def init_cluster(
             paths, node_key=node_key, node_cert=node_cert, ca_cert=ca_cert, chain=issuer.chain
         )
         write_private_key(paths.cluster_key, root_key)
-        write_private_key(paths.issuer_key, issuer.key)
-        write_public_file(paths.issuer_cert, cert_to_pem(issuer.signing_certificate))
+        if issuer.certificate is not None:
+            write_private_key(paths.issuer_key, issuer.key)
+            write_public_file(paths.issuer_cert, cert_to_pem(issuer.certificate))
         write_private_key(paths.operator_key, operator_key)
         url = url_for(advertise, listen)
         settings_text = sign_record(

@@ -117,19 +117,22 @@ class LocalRunbook:
 
 def test_the_offline_root_runbook_runs_as_written(tmp_path: Path, procs: Processes) -> None:
     cp, voter, media = tmp_path / "cp", tmp_path / "voter", tmp_path / "media"
-    init(cp)
+    # A cluster whose root signs, as before issuers: the runbook gives cp its issuer.
+    init(cp, "--root-signs")
     media.mkdir()  # the medium is mounted
     agent: AgentProcess = procs.start_agent(cp)
     first = _token(cp)
-    assert first.startswith("populi-join-3.")  # signed by cp's issuer, not the root
+    assert first.startswith("populi-join-2.")  # signed by the root
     _join(first, voter, "voter")
+    assert len(_chain(voter)) == 1
     book = LocalRunbook(
         tmp_path, {"cp": cp, "voter": voter, "vault": tmp_path / "vault-has-no-node"}, media
     )
-    book.run("check")
-    book.run("issue-own")  # rotates cp's issuer: its old certificates keep verifying
+    assert "signs with  root" in book.run("check")
+    book.run("issue-own")
     procs.stop(agent)
     agent = procs.start_agent(cp)
+    assert _token(cp).startswith("populi-join-3.")  # now signed by cp's issuer
     book.run("move-off")
     assert not (cp / "keys" / "cluster.key").exists()
     assert (media / "cluster.key").exists()
