@@ -7,7 +7,16 @@ form follows the join token's::
     populi-revocations-1.<base64url-no-padding(signer_key[32] || signature[64] || payload)>
 
 ``payload`` is ``canonical_json(list.to_json())`` and the Ed25519 signature covers
-``b"populi/revocations/v1\\x00" + payload``.
+``b"populi/revocations/v1\\x00" + payload``: version 1 is signed by the cluster root.
+
+Version 2 (``populi-revocations-2.``, domain ``b"populi/revocations/v2\\x00"``) is signed
+by a voter's issuer key (ADR 0018): the payload adds ``issuer``, the DER issuer
+certificate (base64url), which must be a certificate of the root, CA with path length 0,
+valid at the list's ``issued_ms``, for the key that signed (``revocation_bad_issuer``).
+:func:`accept_newer` also refuses a list whose issuer the current list revokes
+(``ignored_revoked_issuer``): a revoked voter cannot publish. Revoking a voter's node id
+revokes its issuer, and with it every node certificate that issuer signed
+(``enrollment.ca.verify_chain``, the TLS peer check).
 
 Two sets live in a list, with different rules:
 
@@ -33,6 +42,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -54,8 +64,9 @@ from enrollment._sealed import (
     _show,
     _unseal,
 )
-from enrollment.canonical import canonical_json
-from enrollment.errors import ErrorKind, NodeNameError, RevocationError
+from enrollment.ca import Revoked, certificate_der, check_signing_issuer
+from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment.errors import CertificateError, ErrorKind, NodeNameError, RevocationError
 from enrollment.tokens import (
     validate_node_name,
 )
@@ -63,6 +74,11 @@ from enrollment.tokens import (
 REVOCATIONS_VERSION = 1
 REVOCATIONS_PREFIX = "populi-revocations-1."
 REVOCATIONS_DOMAIN = b"populi/revocations/v1\x00"
+#: Version 2: signed by a voter's issuer key, carrying the issuer certificate.
+ISSUED_REVOCATIONS_VERSION = 2
+ISSUED_REVOCATIONS_PREFIX = "populi-revocations-2."
+ISSUED_REVOCATIONS_DOMAIN = b"populi/revocations/v2\x00"
+_MAX_ISSUER_BYTES = 2048
 #: Refused before decoding. About 12 000 revoked nodes fit, far beyond a personal mesh.
 MAX_REVOCATIONS_CHARS = 4 * 1024 * 1024
 MAX_REASON_CHARS = 200
@@ -75,6 +91,8 @@ AcceptOutcome = Literal[
     "ignored_foreign_signer",
     "ignored_malformed",
     "ignored_wrong_cluster",
+    "ignored_bad_issuer",
+    "ignored_revoked_issuer",
 ]
 
 _OUTCOME_OF_CODE: Final[dict[str, AcceptOutcome]] = {
@@ -82,6 +100,8 @@ _OUTCOME_OF_CODE: Final[dict[str, AcceptOutcome]] = {
     "revocation_foreign_signer": "ignored_foreign_signer",
     "revocation_malformed": "ignored_malformed",
     "revocation_wrong_cluster": "ignored_wrong_cluster",
+    "revocation_bad_issuer": "ignored_bad_issuer",
+    "revocation_revoked_issuer": "ignored_revoked_issuer",
 }
 
 _FAMILY_RE = re.compile(r"populi-revocations-([0-9]{1,9})", re.ASCII)
@@ -224,6 +244,10 @@ class RevocationList:
         """The list a new cluster starts with: serial 0, nothing revoked."""
         return cls(cluster_id=cluster_id, serial=0, issued_ms=now_ms)
 
+    def revokes_certificate(self, node_id: str, serial: str) -> bool:
+        """:func:`is_certificate_revoked` as a method (an ``enrollment.ca.Revoked``)."""
+        return is_certificate_revoked(self, node_id, serial)
+
     @property
     def node_ids(self) -> frozenset[str]:
         """Every revoked node id."""
@@ -309,9 +333,27 @@ def unblock_name(lst: RevocationList, name: str, *, now_ms: int) -> RevocationLi
 # --- wire -----------------------------------------------------------------------------
 
 
-def sign_revocations(lst: RevocationList, signing_key: Ed25519PrivateKey) -> str:
-    """The signed wire form of ``lst``."""
-    text = _seal(REVOCATIONS_PREFIX, REVOCATIONS_DOMAIN, signing_key, canonical_json(lst.to_json()))
+def sign_revocations(
+    lst: RevocationList, signing_key: Ed25519PrivateKey, *, issuer: x509.Certificate | None = None
+) -> str:
+    """The signed wire form of ``lst``: version 1 signed by the root, or version 2 signed
+    by the issuer key whose certificate ``issuer`` is (it travels in the payload)."""
+    if issuer is None:
+        text = _seal(
+            REVOCATIONS_PREFIX, REVOCATIONS_DOMAIN, signing_key, canonical_json(lst.to_json())
+        )
+    else:
+        payload = {
+            **lst.to_json(),
+            "v": ISSUED_REVOCATIONS_VERSION,
+            "issuer": b64url_encode(certificate_der(issuer)),
+        }
+        text = _seal(
+            ISSUED_REVOCATIONS_PREFIX,
+            ISSUED_REVOCATIONS_DOMAIN,
+            signing_key,
+            canonical_json(payload),
+        )
     if len(text) > MAX_REVOCATIONS_CHARS:
         raise RevocationFieldError(
             "revoked", f"the signed list would be {len(text)} chars, over {MAX_REVOCATIONS_CHARS}"
@@ -357,15 +399,56 @@ def _list_from_payload(obj: dict[str, Any]) -> RevocationList:
         raise _FieldProblem(exc.field, exc.problem) from None
 
 
+def _issuer_holds(
+    obj: dict[str, Any],
+    lst: RevocationList,
+    signer: bytes,
+    cluster_key: Ed25519PublicKey,
+    revoked: Revoked | None,
+) -> None:
+    """Version 2: the issuer certificate in the payload is the root's and signed the list."""
+    value = obj.get("issuer")
+    try:
+        if not isinstance(value, str):
+            raise ValueError("is missing or not a string")
+        der = b64url_decode(value)
+        if not 0 < len(der) <= _MAX_ISSUER_BYTES:
+            raise ValueError(f"must be 1 to {_MAX_ISSUER_BYTES} bytes")
+    except ValueError as exc:
+        raise _malformed(f"field issuer {exc}", field="issuer") from None
+    try:
+        check_signing_issuer(
+            der,
+            signer=signer,
+            root_public=cluster_key,
+            cluster_id=lst.cluster_id,
+            signed_ms=lst.issued_ms,
+            revoked=revoked,
+        )
+    except CertificateError as exc:
+        code = (
+            "revocation_revoked_issuer" if exc.code == "issuer_revoked" else "revocation_bad_issuer"
+        )
+        raise RevocationError(
+            f"revocation list's issuer does not hold: {exc}", code=code, issuer_code=exc.code
+        ) from None
+
+
 def verify_revocations(
-    text: str, *, cluster_key: Ed25519PublicKey, cluster_id: str
+    text: str,
+    *,
+    cluster_key: Ed25519PublicKey,
+    cluster_id: str,
+    revoked: Revoked | None = None,
 ) -> RevocationList:
     """Check a signed revocation list and return it; raise :class:`RevocationError`.
 
     Order, as for join tokens: size and prefix, then the signature by the embedded key
-    (``revocation_bad_signature``), then that key is ``cluster_key``
+    (``revocation_bad_signature``), then (version 1) that key is ``cluster_key``
     (``revocation_foreign_signer``), and only then the payload is parsed
-    (``revocation_malformed``) and its cluster compared (``revocation_wrong_cluster``).
+    (``revocation_malformed``) and its cluster compared (``revocation_wrong_cluster``);
+    for version 2 its issuer certificate is then checked under ``cluster_key`` and
+    ``revoked`` (``revocation_bad_issuer``, ``revocation_revoked_issuer``).
     """
     if not isinstance(text, str):
         raise _malformed("it must be text")
@@ -373,32 +456,35 @@ def verify_revocations(
     if len(text) > MAX_REVOCATIONS_CHARS:
         raise _malformed(f"it is {len(text)} chars, over the {MAX_REVOCATIONS_CHARS} limit")
     head, dot, body = text.partition(".")
-    if head + dot != REVOCATIONS_PREFIX:
+    version = {REVOCATIONS_PREFIX: 1, ISSUED_REVOCATIONS_PREFIX: 2}.get(head + dot)
+    if version is None:
         family = _FAMILY_RE.fullmatch(head)
         if family and dot:
             raise _malformed(
-                f"version {family.group(1)} is not supported; this Populi reads version "
-                f"{REVOCATIONS_VERSION}"
+                f"version {family.group(1)} is not supported; this Populi reads versions "
+                f"{REVOCATIONS_VERSION} and {ISSUED_REVOCATIONS_VERSION}"
             )
         raise _malformed(f"it does not start with {REVOCATIONS_PREFIX!r}")
     try:
-        signer, payload = _unseal(body, REVOCATIONS_DOMAIN)
+        signer, payload = _unseal(
+            body, REVOCATIONS_DOMAIN if version == 1 else ISSUED_REVOCATIONS_DOMAIN
+        )
     except _EnvelopeError as exc:
         if exc.kind == "bad_signature":
             raise RevocationError(
                 f"revocation list {exc.problem}", code="revocation_bad_signature"
             ) from None
         raise _malformed(f"it {exc.problem}") from None
-    if signer != _raw_public_key(cluster_key):
+    if version == 1 and signer != _raw_public_key(cluster_key):
         raise RevocationError(
             "revocation list is not signed by this cluster's key", code="revocation_foreign_signer"
         )
     try:
         obj = _parse_canonical_object(payload)
-        version = _required(obj, "v")
-        if isinstance(version, bool) or version != REVOCATIONS_VERSION:
+        version_field = _required(obj, "v")
+        if isinstance(version_field, bool) or version_field != version:
             raise _FieldProblem(
-                "v", f"is {_show(version)} but the prefix says version {REVOCATIONS_VERSION}"
+                "v", f"is {_show(version_field)} but the prefix says version {version}"
             )
         lst = _list_from_payload(obj)
     except ValueError as exc:
@@ -410,6 +496,8 @@ def verify_revocations(
             f"revocation list is for cluster {_show(lst.cluster_id)}, not {_show(cluster_id)}",
             code="revocation_wrong_cluster",
         )
+    if version == ISSUED_REVOCATIONS_VERSION:
+        _issuer_holds(obj, lst, signer, cluster_key, revoked)
     return lst
 
 
@@ -422,15 +510,19 @@ def accept_newer(
 ) -> tuple[RevocationList | None, AcceptOutcome]:
     """Decide whether a received list replaces ``current``; never raises.
 
-    Returns the list to keep and why. A candidate is accepted only if it verifies, has a
-    strictly higher serial than ``current``, and still revokes every node id that
-    ``current`` revokes (node ids are grow-only). Anything else leaves ``current`` in
+    Returns the list to keep and why. A candidate is accepted only if it verifies (signed
+    by the root, or by an issuer that ``current`` does not revoke), has a strictly higher
+    serial than ``current``, and still revokes every node id that ``current`` revokes
+    (node ids are grow-only). Anything else leaves ``current`` in
     place; the outcome is for logs and metrics, since a peer pushing a stale list is
     ordinary gossip and not an error.
     """
     try:
         candidate = verify_revocations(
-            candidate_text, cluster_key=cluster_key, cluster_id=cluster_id
+            candidate_text,
+            cluster_key=cluster_key,
+            cluster_id=cluster_id,
+            revoked=None if current is None else current.revokes_certificate,
         )
     except RevocationError as exc:
         return current, _OUTCOME_OF_CODE.get(exc.code, "ignored_malformed")
@@ -443,6 +535,9 @@ def accept_newer(
 
 
 __all__ = [
+    "ISSUED_REVOCATIONS_DOMAIN",
+    "ISSUED_REVOCATIONS_PREFIX",
+    "ISSUED_REVOCATIONS_VERSION",
     "MAX_REASON_CHARS",
     "MAX_REVOCATIONS_CHARS",
     "REVOCATIONS_DOMAIN",

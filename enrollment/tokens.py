@@ -23,6 +23,16 @@ its addresses and the token id. A proof captured by any other node, or replayed 
 another challenge or key, verifies nowhere; a leaked control-plane store (which keeps only
 :func:`token_digest` of the envelope) or a captured request lets nobody join.
 
+Version 3 (``populi-join-3.``, domain ``b"populi/join-token/v3\x00"``) is the same
+envelope signed by a voter's *issuer* key instead of the root (ADR 0018): the payload adds
+``root_key`` (the raw root public key, whose sha256 is ``ca_pin``) and ``issuer`` (the
+DER issuer certificate, base64url), and step 6 becomes "``root_key`` is ``trusted_root``,
+and ``issuer`` is a certificate of that root, CA with path length 0, valid when the token
+was minted, not revoked, for the key that signed" (``token_foreign_signer``,
+``token_bad_issuer``); it runs once the payload has been parsed, which the signature by
+the embedded key already covers. A version-2-only node refuses a version 3 token with
+``token_unsupported_version``. The pin stays the root's in both versions.
+
 There is no algorithm field: version 2 means Ed25519 for every key, and a new algorithm
 means a new version prefix. Nothing is negotiated, so nothing can be downgraded. Version 1
 tokens (``populi-join-1.``, whose whole text was the secret and was sent to whichever node
@@ -87,6 +97,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -111,12 +122,21 @@ from enrollment._sealed import (
     _unseal,
     _utc_iso_ms,
 )
+from enrollment.ca import Revoked, certificate_der, check_signing_issuer
 from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
-from enrollment.errors import ErrorKind, NodeNameError, TokenError
+from enrollment.errors import CertificateError, ErrorKind, NodeNameError, TokenError
 
 TOKEN_VERSION = 2
 TOKEN_PREFIX = "populi-join-2."
 TOKEN_DOMAIN = b"populi/join-token/v2\x00"
+#: Version 3: signed by a voter's issuer key, carrying the issuer certificate (ADR 0018).
+ISSUED_TOKEN_VERSION = 3
+ISSUED_TOKEN_PREFIX = "populi-join-3."
+ISSUED_TOKEN_DOMAIN = b"populi/join-token/v3\x00"
+_PREFIXES = {2: TOKEN_PREFIX, 3: ISSUED_TOKEN_PREFIX}
+_DOMAINS = {2: TOKEN_DOMAIN, 3: ISSUED_TOKEN_DOMAIN}
+#: An issuer certificate is a few hundred bytes; this bounds what a token may carry.
+MAX_ISSUER_BYTES = 2048
 #: What the joiner's node key signs, and what the token key signs: the same claim under
 #: two domains, so that neither signature can stand in for the other.
 JOIN_PROOF_DOMAIN = b"populi/join-proof/v2\x00"
@@ -296,8 +316,12 @@ class JoinToken:
     name: str | None
     #: The raw 32-byte public half of the token key; the joiner proves it holds the seed.
     token_key: bytes
-    #: The raw 32-byte Ed25519 key that signed the token; ``ca_pin`` is its sha256.
+    #: The raw 32-byte Ed25519 key that signed the token: the root (version 2, and
+    #: ``ca_pin`` is its sha256) or a voter's issuer key (version 3).
     signer_public_key: bytes
+    #: Version 3: the DER certificate of the issuer that signed, and the root's raw key.
+    issuer: bytes | None = None
+    root_public_key: bytes | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -317,8 +341,21 @@ class JoinToken:
             or len(self.signer_public_key) != _KEY_BYTES
         ):
             raise _FieldProblem("signer_public_key", f"must be {_KEY_BYTES} raw key bytes")
-        if self.ca_pin != "sha256:" + hashlib.sha256(self.signer_public_key).hexdigest():
-            raise _FieldProblem("ca_pin", "does not match the key that signs the token")
+        if self.issuer is None:
+            if self.root_public_key not in (None, self.signer_public_key):
+                raise _FieldProblem("root_key", "must be the signer when no issuer signs")
+            root = self.signer_public_key
+        else:
+            if not isinstance(self.issuer, bytes) or not 0 < len(self.issuer) <= MAX_ISSUER_BYTES:
+                raise _FieldProblem("issuer", f"must be 1 to {MAX_ISSUER_BYTES} DER bytes")
+            if (
+                not isinstance(self.root_public_key, bytes)
+                or len(self.root_public_key) != _KEY_BYTES
+            ):
+                raise _FieldProblem("root_key", f"must be {_KEY_BYTES} raw key bytes")
+            root = self.root_public_key
+        if self.ca_pin != "sha256:" + hashlib.sha256(root).hexdigest():
+            raise _FieldProblem("ca_pin", "does not match the cluster root of the token")
         if not isinstance(self.contacts, tuple):
             raise _FieldProblem("contacts", f"must be a tuple, got {type(self.contacts).__name__}")
         if not 1 <= len(self.contacts) <= MAX_CONTACTS:
@@ -378,7 +415,7 @@ class JoinToken:
     def to_json(self) -> dict[str, Any]:
         """The signed payload fields (``name`` only when bound)."""
         body: dict[str, Any] = {
-            "v": TOKEN_VERSION,
+            "v": self.version,
             "token_id": self.token_id,
             "cluster_id": self.cluster_id,
             "ca_pin": self.ca_pin,
@@ -392,7 +429,15 @@ class JoinToken:
         }
         if self.name is not None:
             body["name"] = self.name
+        if self.issuer is not None and self.root_public_key is not None:
+            body["issuer"] = b64url_encode(self.issuer)
+            body["root_key"] = b64url_encode(self.root_public_key)
         return body
+
+    @property
+    def version(self) -> int:
+        """2: signed by the root; 3: signed by a voter's issuer key."""
+        return TOKEN_VERSION if self.issuer is None else ISSUED_TOKEN_VERSION
 
     def names_recipient(self, node_id: str) -> bool:
         """Whether ``node_id`` may receive (and redeem) this token."""
@@ -426,8 +471,13 @@ def mint_token(
     name: str | None = None,
     token_id: bytes,
     token_seed: bytes,
+    issuer: x509.Certificate | None = None,
+    root_key: Ed25519PublicKey | None = None,
 ) -> tuple[str, JoinToken]:
-    """Make a join token signed by ``signing_key`` (the cluster root).
+    """Make a join token signed by ``signing_key``: the cluster root (version 2), or a
+    voter's issuer key, whose certificate ``issuer`` under ``root_key`` the token then
+    carries (version 3; both or neither). A voter whose issuer is not valid now, or not for
+    ``signing_key``, refuses (``issuer_*``).
 
     Returns ``(text, token)``: ``text`` is the secret to hand to the joining machine,
     ``token`` its content for the control plane (which stores ``token_digest(text)``, the
@@ -460,11 +510,28 @@ def mint_token(
         if isinstance(value, (str, bytes)):
             raise TokenFieldError(field_name, "must be a list of strings, not one string")
     signer = _raw_public_key(signing_key.public_key())
+    issuer_der: bytes | None = None
+    root = signer
+    if (issuer is None) != (root_key is None):
+        raise TypeError("issuer and root_key come together")
+    if issuer is not None and root_key is not None:
+        issuer_der = certificate_der(issuer)
+        root = _raw_public_key(root_key)
+        try:
+            check_signing_issuer(
+                issuer_der,
+                signer=signer,
+                root_public=root_key,
+                cluster_id=cluster_id,
+                signed_ms=now_ms,
+            )
+        except CertificateError as exc:
+            raise TokenError(str(exc), code=exc.code) from None
     token_key = Ed25519PrivateKey.from_private_bytes(token_seed)
     token = JoinToken(
         token_id=token_id.hex(),
         cluster_id=cluster_id,
-        ca_pin="sha256:" + hashlib.sha256(signer).hexdigest(),
+        ca_pin="sha256:" + hashlib.sha256(root).hexdigest(),
         contacts=tuple(contacts),
         recipients=tuple(recipients),
         not_before_ms=now_ms,
@@ -474,8 +541,15 @@ def mint_token(
         name=name,
         token_key=_raw_public_key(token_key.public_key()),
         signer_public_key=signer,
+        issuer=issuer_der,
+        root_public_key=None if issuer_der is None else root,
     )
-    envelope = _seal(TOKEN_PREFIX, TOKEN_DOMAIN, signing_key, canonical_json(token.to_json()))
+    envelope = _seal(
+        _PREFIXES[token.version],
+        _DOMAINS[token.version],
+        signing_key,
+        canonical_json(token.to_json()),
+    )
     text = envelope + "." + b64url_encode(token_seed)
     if len(text) > MAX_TOKEN_CHARS:  # unreachable with today's field limits; kept as a guard
         raise TokenFieldError(
@@ -519,8 +593,9 @@ class HeldToken:
     token_key: Ed25519PrivateKey = field(repr=False)
 
 
-def _split(text: object) -> tuple[str, str | None]:
-    """Steps 1-3: the envelope's base64url body and the secret's text (or ``None``)."""
+def _split(text: object) -> tuple[int, str, str | None]:
+    """Steps 1-3: the version, the envelope's base64url body and the secret's text (or
+    ``None``)."""
     if not isinstance(text, str):
         raise _refuse("token_malformed", "token must be text")
     text = text.strip()
@@ -533,7 +608,8 @@ def _split(text: object) -> tuple[str, str | None]:
     if not text:
         raise _refuse("token_malformed", "token is empty")
     head, dot, rest = text.partition(".")
-    if head + dot != TOKEN_PREFIX:
+    version = next((v for v, prefix in _PREFIXES.items() if head + dot == prefix), None)
+    if version is None:
         family = _TOKEN_FAMILY_RE.fullmatch(head)
         if family and dot and family.group(1) == "1":
             raise _refuse(
@@ -545,8 +621,7 @@ def _split(text: object) -> tuple[str, str | None]:
             raise _refuse(
                 "token_unsupported_version",
                 f"join token version {family.group(1)} is not supported; this Populi "
-                f"reads version {TOKEN_VERSION} (upgrade it, or ask for a version "
-                f"{TOKEN_VERSION} token)",
+                f"reads versions {TOKEN_VERSION} and {ISSUED_TOKEN_VERSION} (upgrade it)",
             )
         raise _refuse(
             "token_malformed",
@@ -554,10 +629,10 @@ def _split(text: object) -> tuple[str, str | None]:
         )
     body, dot, secret = rest.partition(".")
     if not dot:
-        return body, None
+        return version, body, None
     if "." in secret:
         raise _refuse("token_malformed", "token has more than three parts; copy it exactly")
-    return body, secret
+    return version, body, secret
 
 
 def _seed(secret: str) -> bytes:
@@ -576,41 +651,86 @@ def _seed(secret: str) -> bytes:
     return seed
 
 
+def _foreign(root: bytes, trusted_root: Ed25519PublicKey | None) -> None:
+    """Step 6: the token's root is ``trusted_root`` (when the caller has one)."""
+    if trusted_root is not None and root != _raw_public_key(trusted_root):
+        root_pin = "sha256:" + hashlib.sha256(root).hexdigest()
+        raise _refuse(
+            "token_foreign_signer",
+            f"token is signed under {root_pin[:23]}..., not under this cluster's root "
+            f"{ca_pin(trusted_root)[:23]}...; it belongs to another cluster",
+        )
+
+
+def _issuer_of(
+    obj: dict[str, Any],
+    signer: bytes,
+    trusted_root: Ed25519PublicKey | None,
+    revoked: Revoked | None,
+) -> tuple[bytes, bytes]:
+    """Step 6 of version 3: ``(root key, issuer DER)``, the issuer checked under the root."""
+    try:
+        root = _key_field(obj, "root_key")
+        issuer = _bytes_field(obj, "issuer", MAX_ISSUER_BYTES)
+        signed_ms = _check_ms("not_before_ms", _required(obj, "not_before_ms"))
+        cluster_id = _check_ident("cluster_id", _required(obj, "cluster_id"))
+    except _FieldProblem as problem:
+        raise _refuse(
+            "token_malformed", f"token is malformed: field {problem}", field=problem.field
+        ) from None
+    _foreign(root, trusted_root)
+    try:
+        check_signing_issuer(
+            issuer,
+            signer=signer,
+            root_public=Ed25519PublicKey.from_public_bytes(root),
+            cluster_id=cluster_id,
+            signed_ms=signed_ms,
+            revoked=revoked,
+        )
+    except CertificateError as exc:
+        raise _refuse(
+            "token_bad_issuer", f"token's issuer does not hold: {exc}", issuer_code=exc.code
+        ) from None
+    return root, issuer
+
+
 def _read(
     body: str,
     *,
+    version: int = TOKEN_VERSION,
     trusted_root: Ed25519PublicKey | None,
     expected_cluster_id: str | None,
+    revoked: Revoked | None = None,
 ) -> JoinToken:
     """Steps 4-9 and 11: the envelope's signature, then its payload."""
     try:
-        signer, payload = _unseal(body, TOKEN_DOMAIN)
+        signer, payload = _unseal(body, _DOMAINS[version])
     except _EnvelopeError as exc:
         code = "token_bad_signature" if exc.kind == "bad_signature" else "token_malformed"
         raise _refuse(code, f"token {exc.problem}; ask for a new token") from None
-    signer_pin = "sha256:" + hashlib.sha256(signer).hexdigest()
-    if trusted_root is not None and signer != _raw_public_key(trusted_root):
-        raise _refuse(
-            "token_foreign_signer",
-            f"token is signed by {signer_pin[:23]}..., not by this cluster's root "
-            f"{ca_pin(trusted_root)[:23]}...; it belongs to another cluster",
-        )
+    if version == TOKEN_VERSION:
+        _foreign(signer, trusted_root)
     try:
         obj = _parse_canonical_object(payload)
-        version = _required(obj, "v")
+        version_field = _required(obj, "v")
     except ValueError as exc:
         raise _refuse("token_malformed", f"token is malformed: {exc}") from None
     except _FieldProblem as problem:
         raise _refuse(
             "token_malformed", f"token is malformed: field {problem}", field=problem.field
         ) from None
-    if isinstance(version, bool) or version != TOKEN_VERSION:
+    if isinstance(version_field, bool) or version_field != version:
         raise _refuse(
             "token_malformed",
-            f"token is malformed: field v is {_show(version)} but its prefix says version "
-            f"{TOKEN_VERSION}",
+            f"token is malformed: field v is {_show(version_field)} but its prefix says "
+            f"version {version}",
             field="v",
         )
+    root, issuer = signer, None
+    if version == ISSUED_TOKEN_VERSION:
+        root, issuer = _issuer_of(obj, signer, trusted_root, revoked)
+    signer_pin = "sha256:" + hashlib.sha256(root).hexdigest()
     if obj.get("ca_pin") != signer_pin:
         if not isinstance(obj.get("ca_pin"), str):
             raise _refuse(
@@ -620,8 +740,8 @@ def _read(
             )
         raise _refuse(
             "token_pin_mismatch",
-            "token's CA pin does not match the key that signed it; it was not made by a "
-            "Populi cluster root, do not use it",
+            "token's CA pin does not match the root it was signed under; it was not made "
+            "by a Populi cluster, do not use it",
         )
     try:
         token = JoinToken(
@@ -637,6 +757,8 @@ def _read(
             name=obj.get("name"),
             token_key=_key_field(obj, "token_key"),
             signer_public_key=signer,
+            issuer=issuer,
+            root_public_key=None if issuer is None else root,
         )
     except _FieldProblem as problem:
         raise _refuse(
@@ -667,6 +789,19 @@ def _key_field(obj: dict[str, Any], name: str) -> bytes:
         raise _FieldProblem(name, f"is not valid base64url ({exc})") from None
     if len(raw) != _KEY_BYTES:
         raise _FieldProblem(name, f"must be {_KEY_BYTES} raw key bytes, got {len(raw)}")
+    return raw
+
+
+def _bytes_field(obj: dict[str, Any], name: str, limit: int) -> bytes:
+    value = _required(obj, name)
+    if not isinstance(value, str):
+        raise _FieldProblem(name, f"must be a base64url string, got {_json_type(value)}")
+    try:
+        raw = b64url_decode(value)
+    except ValueError as exc:
+        raise _FieldProblem(name, f"is not valid base64url ({exc})") from None
+    if not 0 < len(raw) <= limit:
+        raise _FieldProblem(name, f"must be 1 to {limit} bytes, got {len(raw)}")
     return raw
 
 
@@ -719,6 +854,7 @@ def decode_token(
     skew_ms: int,
     trusted_root: Ed25519PublicKey | None = None,
     expected_cluster_id: str | None = None,
+    revoked: Revoked | None = None,
 ) -> JoinToken:
     """Check a join token (its whole text, or its envelope alone) and return its content;
     raise :class:`TokenError` otherwise.
@@ -732,10 +868,16 @@ def decode_token(
     """
     if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
         raise ValueError("skew_ms must be a non-negative integer")
-    body, secret = _split(text)
+    version, body, secret = _split(text)
     if secret is not None:
         _seed(secret)
-    token = _read(body, trusted_root=trusted_root, expected_cluster_id=expected_cluster_id)
+    token = _read(
+        body,
+        version=version,
+        trusted_root=trusted_root,
+        expected_cluster_id=expected_cluster_id,
+        revoked=revoked,
+    )
     if secret is not None:
         _token_key_of(token, secret)
     check_token_time(token, now_ms=now_ms, skew_ms=skew_ms)
@@ -747,7 +889,7 @@ def open_token(text: str, *, now_ms: int, skew_ms: int) -> HeldToken:
     carry the secret, and the token key to prove possession with."""
     if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
         raise ValueError("skew_ms must be a non-negative integer")
-    body, secret = _split(text)
+    version, body, secret = _split(text)
     if secret is None:
         raise _refuse(
             "token_incomplete",
@@ -755,10 +897,10 @@ def open_token(text: str, *, now_ms: int, skew_ms: int) -> HeldToken:
             "that was printed",
         )
     _seed(secret)
-    token = _read(body, trusted_root=None, expected_cluster_id=None)
+    token = _read(body, version=version, trusted_root=None, expected_cluster_id=None)
     key = _token_key_of(token, secret)
     check_token_time(token, now_ms=now_ms, skew_ms=skew_ms)
-    return HeldToken(token=token, envelope=TOKEN_PREFIX + body, token_key=key)
+    return HeldToken(token=token, envelope=_PREFIXES[version] + body, token_key=key)
 
 
 def redeem_token(
@@ -767,21 +909,29 @@ def redeem_token(
     trusted_root: Ed25519PublicKey,
     expected_cluster_id: str,
     recipient: str,
+    revoked: Revoked | None = None,
 ) -> JoinToken:
     """The control plane's view of a token a joiner sent: the envelope alone, signed by
-    ``trusted_root``, for ``expected_cluster_id``, naming ``recipient`` (this node).
+    ``trusted_root`` (or by an issuer of it that ``revoked`` does not revoke), for
+    ``expected_cluster_id``, naming ``recipient`` (this node).
 
     Time is not checked here (:func:`check_redeem_time` does, once the caller knows the
     join is not a retry of one already recorded).
     """
-    body, secret = _split(envelope)
+    version, body, secret = _split(envelope)
     if secret is not None:
         raise _refuse(
             "token_secret_sent",
             "the join request carries the token's secret part, which a joiner never sends; "
             "this token must be considered leaked: revoke it and mint another",
         )
-    token = _read(body, trusted_root=trusted_root, expected_cluster_id=expected_cluster_id)
+    token = _read(
+        body,
+        version=version,
+        trusted_root=trusted_root,
+        expected_cluster_id=expected_cluster_id,
+        revoked=revoked,
+    )
     if not token.names_recipient(recipient):
         raise JoinProofError(
             f"this token does not name this node ({recipient}) as a recipient; it was "
@@ -876,6 +1026,9 @@ def verify_join(claim: JoinClaim, proofs: JoinProofs, *, token: JoinToken) -> No
 
 
 __all__ = [
+    "ISSUED_TOKEN_DOMAIN",
+    "ISSUED_TOKEN_PREFIX",
+    "ISSUED_TOKEN_VERSION",
     "JOIN_PROOF_DOMAIN",
     "MAX_CONTACTS",
     "MAX_RECIPIENTS",

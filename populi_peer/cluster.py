@@ -12,7 +12,14 @@ import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enrollment.ca import ca_pin, cert_to_pem, make_ca_certificate, make_node_certificate
+from enrollment.ca import (
+    Issuer,
+    ca_pin,
+    cert_to_pem,
+    make_ca_certificate,
+    make_issuer_certificate,
+    make_node_certificate,
+)
 from enrollment.keys import (
     generate_key,
     node_id_for,
@@ -103,12 +110,15 @@ def write_identity_files(
     node_key: Ed25519PrivateKey,
     node_cert: x509.Certificate,
     ca_cert: x509.Certificate,
+    chain: tuple[x509.Certificate, ...] = (),
 ) -> None:
+    """The node key, the CA certificate and the node certificate followed by ``chain``
+    (the issuer certificate that signed it, if any: what TLS presents)."""
     (paths.root / "keys").mkdir(parents=True, exist_ok=True)
     (paths.root / "keys").chmod(0o700)
     write_private_key(paths.node_key, node_key)
     write_public_file(paths.ca_cert, cert_to_pem(ca_cert))
-    write_public_file(paths.node_cert, cert_to_pem(node_cert))
+    write_public_file(paths.node_cert, b"".join(cert_to_pem(c) for c in (node_cert, *chain)))
 
 
 def init_cluster(
@@ -120,7 +130,11 @@ def init_cluster(
     advertise: list[str],
     force: bool,
     now_wall_s: float,
+    root_signs: bool = False,
 ) -> InitResult:
+    """A new cluster in ``data_dir``: its root, this node (with its own issuer, which signs
+    from then on; with ``root_signs`` the root key signs as before issuers, so that nodes
+    of an older version can join), an operator credential. ADR 0018."""
     if (
         not cluster_name
         or len(cluster_name) > 63
@@ -151,9 +165,27 @@ def init_cluster(
     node_key = generate_key()
     node_id = node_id_for(node_key.public_key())
     advertise = advertise or _default_advertise(listen)
+    # The first voter's own issuer: from here on it signs, and the root key is needed only
+    # for another voter's issuer or a rotation (runbooks/offline-root.md).
+    issuer = Issuer(root_key, None, ca_cert)
+    if not root_signs:
+        issuer_key = generate_key()
+        issuer = Issuer(
+            issuer_key,
+            make_issuer_certificate(
+                root_key=root_key,
+                root_cert=ca_cert,
+                subject_key=issuer_key.public_key(),
+                node_id=node_id,
+                cluster_id=cluster_id,
+                now_wall_s=now_wall_s,
+                serial=secrets.randbits(63) | 1,
+            ),
+            ca_cert,
+        )
     node_cert = make_node_certificate(
-        ca_key=root_key,
-        ca_cert=ca_cert,
+        ca_key=issuer.key,
+        ca_cert=issuer.signing_certificate,
         subject_key=node_key.public_key(),
         principal_id=node_id,
         cluster_id=cluster_id,
@@ -166,8 +198,13 @@ def init_cluster(
 
     store = Store.open(data_dir, create=True)
     try:
-        write_identity_files(paths, node_key=node_key, node_cert=node_cert, ca_cert=ca_cert)
+        write_identity_files(
+            paths, node_key=node_key, node_cert=node_cert, ca_cert=ca_cert, chain=issuer.chain
+        )
         write_private_key(paths.cluster_key, root_key)
+        if issuer.certificate is not None:
+            write_private_key(paths.issuer_key, issuer.key)
+            write_public_file(paths.issuer_cert, cert_to_pem(issuer.certificate))
         write_private_key(paths.operator_key, operator_key)
         url = url_for(advertise, listen)
         settings_text = sign_record(

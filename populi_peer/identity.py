@@ -6,10 +6,16 @@ Layout (``populi init`` / ``populi join`` create it)::
       populi.db            SQLite: identity facts, membership, records, tasks...
       populi.toml          node config written at init/join (listen, advertise, name)
       keys/node.key        this node's Ed25519 key (0600)
-      keys/cluster.key     the cluster root key, on the init node only (0600)
+      keys/cluster.key     the cluster root key: made by init, moved off-line by the
+                           operator (runbooks/offline-root.md) (0600)
+      keys/issuer.key      a voter's issuing key, made on this node, never copied (0600)
+      keys/issuer.next.key the key of a pending issuer request (populi ca request) (0600)
       keys/operator.key    the local operator credential (0600), where one was made
       tls/ca.crt           the cluster CA certificate (the only trust anchor)
-      tls/node.crt         this node's certificate, signed by the cluster CA
+      tls/issuer.crt       a voter's issuer certificate, signed by the root
+      tls/issuer.csr       the request for it, while the root has not signed it yet
+      tls/node.crt         this node's certificate, then the issuer certificate that
+                           signed it (none when the root signed it: older clusters)
       run/agent.json       written by a running agent: pid, bound address
 """
 
@@ -23,7 +29,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enrollment.ca import cert_from_pem, certificate_public_key, node_certificate_info
+from enrollment.ca import Issuer, cert_from_pem, certificate_public_key, node_certificate_info
 from enrollment.keys import load_private_key
 from populi_peer.errors import AgentUnavailable, StoreError, enrollment_boundary
 from populi_peer.store import Store
@@ -56,6 +62,23 @@ class DataPaths:
     @property
     def operator_key(self) -> Path:
         return self.root / "keys" / "operator.key"
+
+    @property
+    def issuer_key(self) -> Path:
+        return self.root / "keys" / "issuer.key"
+
+    @property
+    def issuer_key_next(self) -> Path:
+        """The key of a pending issuer request (``populi ca request``), until installed."""
+        return self.root / "keys" / "issuer.next.key"
+
+    @property
+    def issuer_cert(self) -> Path:
+        return self.root / "tls" / "issuer.crt"
+
+    @property
+    def issuer_request(self) -> Path:
+        return self.root / "tls" / "issuer.csr"
 
     @property
     def ca_cert(self) -> Path:
@@ -95,6 +118,19 @@ class Identity:
     node_cert: x509.Certificate
     cluster_key: Ed25519PrivateKey | None
     operator: Credential | None
+    issuer_key: Ed25519PrivateKey | None = None
+    issuer_cert: x509.Certificate | None = None
+
+    @property
+    def issuer(self) -> Issuer | None:
+        """What this node signs certificates, tokens and revocation lists with: its issuer
+        (a voter's intermediate), else the root key where it is still here (a cluster made
+        before issuers), else nothing."""
+        if self.issuer_key is not None and self.issuer_cert is not None:
+            return Issuer(self.issuer_key, self.issuer_cert, self.ca_cert)
+        if self.cluster_key is not None:
+            return Issuer(self.cluster_key, None, self.ca_cert)
+        return None
 
     @property
     def node_credential(self) -> Credential:
@@ -133,6 +169,15 @@ def _load_identity(data_dir: Path, store: Store) -> Identity:
             f"{paths.node_cert} does not belong to {paths.node_key}", code="identity_mismatch"
         )
     cluster_key = load_private_key(paths.cluster_key) if paths.cluster_key.exists() else None
+    issuer_key = issuer_cert = None
+    if paths.issuer_key.exists() and paths.issuer_cert.exists():
+        issuer_key = load_private_key(paths.issuer_key)
+        issuer_cert = cert_from_pem(paths.issuer_cert.read_bytes())
+        if certificate_public_key(issuer_cert) != issuer_key.public_key():
+            raise StoreError(
+                f"{paths.issuer_cert} does not belong to {paths.issuer_key}",
+                code="identity_mismatch",
+            )
     operator = None
     operator_id = store.get_meta("operator_id")
     if operator_id and paths.operator_key.exists():
@@ -149,6 +194,8 @@ def _load_identity(data_dir: Path, store: Store) -> Identity:
         node_cert=node_cert,
         cluster_key=cluster_key,
         operator=operator,
+        issuer_key=issuer_key,
+        issuer_cert=issuer_cert,
     )
 
 

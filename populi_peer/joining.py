@@ -34,10 +34,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enrollment.ca import (
+    BACKDATE_S,
     ca_pin,
     cert_from_pem,
     certificate_public_key,
+    chain_from_pem,
+    issuer_node_id,
     node_certificate_info,
+    verify_chain,
     verify_issued_by,
 )
 from enrollment.errors import CertificateError
@@ -154,7 +158,10 @@ def tls_peer_node_id(response: httpx.Response, ca: x509.Certificate, *, peer: st
         if not der:
             raise PeerError(f"{peer} sent no certificate", code="peer_unverified")
         cert = x509.load_der_x509_certificate(der)
-        verify_issued_by(cert, ca)
+        # The handshake verified the chain to exactly ``ca`` (the pinned root); a certificate
+        # the root signed itself is checked here once more (an issuer's is not in ``der``).
+        if issuer_node_id(cert) is None:
+            verify_issued_by(cert, ca)
         node_id = node_id_for(certificate_public_key(cert))
         if node_certificate_info(cert).principal_id != node_id:
             raise CertificateError(
@@ -438,17 +445,26 @@ def _write_data_dir(
     if answer.node_id != node_id:
         raise PeerError("the control plane enrolled another key than ours", code="bad_peer_answer")
     ca = cert_from_pem(ca_pem)
-    cert = cert_from_pem(answer.certificate)
-    verify_issued_by(cert, ca)
+    cert, *chain = chain_from_pem(answer.certificate)
     if certificate_public_key(cert) != key.public_key():
         raise PeerError("the certificate we received is not for our key", code="bad_peer_answer")
     cluster_id = answer.cluster.id
     revocations = answer.revocations
-    serial = None
+    revoked = None
     if revocations:
-        serial = verify_revocations(
+        revoked = verify_revocations(
             revocations, cluster_key=certificate_public_key(ca), cluster_id=cluster_id
-        ).serial
+        )
+    serial = None if revoked is None else revoked.serial
+    # The whole chain, each hop: the issuer under the root, not revoked (ADR 0018).
+    verify_chain(
+        cert,
+        chain,
+        ca,
+        now_wall_s=now_ms / 1000,
+        skew_s=BACKDATE_S,
+        revoked=None if revoked is None else revoked.revokes_certificate,
+    )
     settings = None
     if answer.settings_record:
         from enrollment.records import verify_record
@@ -457,7 +473,7 @@ def _write_data_dir(
     paths = DataPaths(data_dir)
     store = Store.open(data_dir, create=True)
     try:
-        write_identity_files(paths, node_key=key, node_cert=cert, ca_cert=ca)
+        write_identity_files(paths, node_key=key, node_cert=cert, ca_cert=ca, chain=tuple(chain))
         with store.transaction():
             meta = {
                 "cluster_id": cluster_id,

@@ -198,6 +198,7 @@ class Agent:
             issue_own=self.enrollment.issue_own_certificate,
             health=self.health,
             on_renewed=[self._reload_tls],
+            revoked=self.revocations.is_certificate_revoked,
         )
         self.executor: Executor = executor or ProcessExecutor()
         # -- heartbeats and GPUs -------------------------------------------------------

@@ -15,14 +15,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import trio
-from cryptography import x509
 
 from enrollment.ca import (
     BACKDATE_S,
-    cert_from_pem,
-    cert_to_pem,
+    Revoked,
     certificate_public_key,
+    chain_from_pem,
+    issuer_node_id,
     node_certificate_info,
+    verify_chain,
 )
 from enrollment.keys import write_public_file
 from populi_peer.agent.health import RETRIED, Health
@@ -46,18 +47,25 @@ class CertificateRenewal:
         identity: Identity,
         clock: Clock,
         control_plane: ControlPlaneLink,
-        issue_own: Callable[[], x509.Certificate],
+        issue_own: Callable[[], str],
         health: Health,
         on_renewed: Sequence[Callable[[], None]] = (),
+        revoked: Revoked | None = None,
     ) -> None:
         """``issue_own()`` is the control plane's own issuing (used when this node holds
-        the role); ``on_renewed`` are told once a new certificate is in force."""
+        the role); ``on_renewed`` are told once a new certificate is in force; ``revoked``
+        is this node's revocation check: a certificate whose issuer it revokes is renewed
+        at once (ADR 0018), once per certificate."""
         self.identity = identity
         self.clock = clock
         self.control_plane = control_plane
         self.issue_own = issue_own
         self.health = health
         self.on_renewed = tuple(on_renewed)
+        self.revoked = revoked
+        #: The serial of the certificate renewed early because its issuer is revoked: a
+        #: control plane that is that very voter would hand back the same issuer.
+        self._early_for: int | None = None
         self.logger = get_logger("agent")
 
     @property
@@ -65,28 +73,46 @@ class CertificateRenewal:
         return self.identity.cert_not_after_s
 
     def renew_at_s(self) -> float:
-        """Two thirds of the lifetime as issued (the start is back-dated for skew)."""
-        info = node_certificate_info(self.identity.node_cert)
+        """Two thirds of the lifetime as issued (the start is back-dated for skew); now,
+        once, if the voter whose issuer signed it is revoked (no peer accepts it then)."""
+        cert = self.identity.node_cert
+        voter = issuer_node_id(cert)
+        if (
+            self.revoked is not None
+            and voter is not None
+            and self._early_for != cert.serial_number
+            and self.revoked(voter, "")
+        ):
+            return 0.0
+        info = node_certificate_info(cert)
         issued = info.not_before_s + BACKDATE_S
         return issued + (info.not_after_s - issued) * 2 / 3
 
     async def renew(self) -> None:
+        serial = self.identity.node_cert.serial_number
         with enrollment_boundary():
             await self._renew()
+        if self.identity.node_cert.serial_number != serial:
+            voter = issuer_node_id(self.identity.node_cert)
+            if voter is not None and self.revoked is not None and self.revoked(voter, ""):
+                self._early_for = self.identity.node_cert.serial_number
 
     async def _renew(self) -> None:
         if self.control_plane.is_self:
-            pem = cert_to_pem(self.issue_own()).decode("ascii")
+            pem = self.issue_own()
         else:
             answer = await self.control_plane.call(
                 "POST", "/v1/populi/certs/renew", {}, answer=CertRenewAnswer
             )
             pem = answer.certificate
-        cert = cert_from_pem(pem)
+        cert, *chain = chain_from_pem(pem)
         if certificate_public_key(cert) != self.identity.node_key.public_key():
             raise PopuliError(
                 "renewed certificate is not for this node's key", code="bad_peer_answer"
             )
+        verify_chain(
+            cert, chain, self.identity.ca_cert, now_wall_s=self.clock.wall(), skew_s=BACKDATE_S
+        )
         write_public_file(self.identity.paths.node_cert, pem.encode("ascii"))
         self.identity = replace(self.identity, node_cert=cert)
         for listener in self.on_renewed:

@@ -30,7 +30,13 @@ from typing import Any, Literal
 
 import trio
 
-from enrollment.ca import cert_to_pem, make_node_certificate
+from enrollment.ca import (
+    Issuer,
+    cert_to_pem,
+    certificate_public_key,
+    make_node_certificate,
+    node_certificate_info,
+)
 from enrollment.canonical import b64url_encode
 from enrollment.errors import ErrorKind, TokenError
 from enrollment.keys import node_id_for, public_from_text, public_to_text
@@ -135,8 +141,9 @@ class Enrollment:
         events: EventLog,
         membership_listeners: Sequence[MembershipListener] = (),
     ) -> None:
-        """``identity`` holds the cluster key this control plane enrolls with (a node
-        without it refuses: ``no_cluster_key``); ``store`` commits a join whole."""
+        """``identity`` holds the issuer this control plane enrolls with: its own issuer
+        key, or the root key of a cluster made before issuers (a node with neither refuses:
+        ``no_issuer_key``); ``store`` commits a join whole."""
         self.identity = identity
         self.node_id = identity.node_id
         self.clock = clock
@@ -278,14 +285,47 @@ class Enrollment:
                 retry_after_s=round(wait, 1),
             )
 
-    def _cluster_key(self) -> Any:
-        key = self.identity.cluster_key
-        if key is None:
+    def _issuer(self, now_ms: int) -> Issuer:
+        """What signs certificates, tokens and revocation lists here (ADR 0018)."""
+        issuer = self.identity.issuer
+        if issuer is None:
             raise Conflict(
-                "this node does not hold the cluster key; it cannot enroll nodes",
-                code="no_cluster_key",
+                "this node holds no issuer key (nor the cluster root key); it cannot enroll "
+                "nodes until the root signs it an issuer (runbooks/offline-root.md)",
+                code="no_issuer_key",
             )
-        return key
+        if issuer.certificate is not None:
+            not_after_ms = node_certificate_info(issuer.certificate).not_after_s * 1000
+            if now_ms >= not_after_ms:
+                raise Conflict(
+                    "this node's issuer certificate has expired; the root must sign it a new "
+                    "one (runbooks/offline-root.md)",
+                    code="issuer_expired",
+                )
+        return issuer
+
+    def _issue(
+        self, member_key: Any, member_id: str, addresses: Sequence[str], now_ms: int
+    ) -> tuple[Any, str]:
+        """A node certificate and its PEM with the chain, signed by this node's issuer; it
+        never outlives the issuer."""
+        issuer = self._issuer(now_ms)
+        days = self.records.settings["node_cert_lifetime_s"] / 86400
+        if issuer.certificate is not None:
+            left_s = node_certificate_info(issuer.certificate).not_after_s - now_ms / 1000
+            days = min(days, left_s / 86400)
+        cert = make_node_certificate(
+            ca_key=issuer.key,
+            ca_cert=issuer.signing_certificate,
+            subject_key=member_key,
+            principal_id=member_id,
+            cluster_id=self.identity.cluster_id,
+            addresses=[_host_of(a) for a in addresses],
+            now_wall_s=now_ms / 1000,
+            serial=secrets.randbits(63) | 1,
+            days=days,
+        )
+        return cert, issuer.chain_pem(cert)
 
     def _membership_changed(self) -> None:
         for listener in self.membership_listeners:
@@ -329,12 +369,12 @@ class Enrollment:
         self._require_cp()
         body = request.message(JoinEnrollRequest)
         identity = self.identity
-        cluster_key = self._cluster_key()
         token = redeem_token(
             body.token,
-            trusted_root=cluster_key.public_key(),
+            trusted_root=certificate_public_key(identity.ca_cert),
             expected_cluster_id=identity.cluster_id,
             recipient=self.node_id,
+            revoked=self.revocations.is_certificate_revoked,
         )
         expires = self._challenges.pop(body.challenge, None)
         if expires is None or expires < self.clock.mono():
@@ -406,7 +446,6 @@ class Enrollment:
         addresses: tuple[str, ...],
         now_ms: int,
     ) -> JoinEnrollAnswer:
-        identity = self.identity
         skew_ms = int(self.max_skew_s * 1000)
         if token.name is not None and token.name != name:
             raise Forbidden(
@@ -440,19 +479,8 @@ class Enrollment:
                 code="name_taken",
             )
 
-        serial = secrets.randbits(63) | 1
-        cert = make_node_certificate(
-            ca_key=self._cluster_key(),
-            ca_cert=identity.ca_cert,
-            subject_key=public_key,
-            principal_id=node_id,
-            cluster_id=identity.cluster_id,
-            addresses=[_host_of(a) for a in addresses],
-            now_wall_s=now_ms / 1000,
-            serial=serial,
-            days=self.records.settings["node_cert_lifetime_s"] / 86400,
-        )
-        certificate = cert_to_pem(cert).decode("ascii")
+        cert, certificate = self._issue(public_key, node_id, addresses, now_ms)
+        serial = cert.serial_number
         roles = tuple(sorted(token.roles))
         member = Member(
             id=node_id,
@@ -565,8 +593,11 @@ class Enrollment:
                 code="name_retired",
             )
         now_ms = self._now_ms()
+        issuer = self._issuer(now_ms)
         text, token = mint_token(
-            signing_key=self._cluster_key(),
+            signing_key=issuer.key,
+            issuer=issuer.certificate,
+            root_key=None if issuer.certificate is None else certificate_public_key(issuer.root),
             cluster_id=self.identity.cluster_id,
             contacts=self.contacts(),
             # The node that redeems the token is the one that mints it: this control plane
@@ -663,24 +694,15 @@ class Enrollment:
 
     # -- certificates ---------------------------------------------------------------------
 
-    def issue_certificate(self, member: Member) -> Any:
-        identity = self.identity
+    def issue_certificate(self, member: Member) -> str:
+        """A new certificate for ``member``: its PEM, followed by the issuer's."""
         now_ms = self._now_ms()
-        serial = secrets.randbits(63) | 1
-        cert = make_node_certificate(
-            ca_key=self._cluster_key(),
-            ca_cert=identity.ca_cert,
-            subject_key=public_from_text(member.public_key),
-            principal_id=member.id,
-            cluster_id=identity.cluster_id,
-            addresses=[_host_of(a) for a in member.addresses],
-            now_wall_s=now_ms / 1000,
-            serial=serial,
-            days=self.records.settings["node_cert_lifetime_s"] / 86400,
+        cert, pem = self._issue(
+            public_from_text(member.public_key), member.id, member.addresses, now_ms
         )
         updated = replace(
             member,
-            cert_serial=format(serial, "x"),
+            cert_serial=format(cert.serial_number, "x"),
             cert_not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
             updated_ms=now_ms,
         )
@@ -692,9 +714,9 @@ class Enrollment:
             actor=member.id,
             detail={"serial": updated.cert_serial, "not_after_ms": updated.cert_not_after_ms},
         )
-        return cert
+        return pem
 
-    def issue_own_certificate(self) -> Any:
+    def issue_own_certificate(self) -> str:
         """The control plane renews its own certificate."""
         member = self.membership.get(self.node_id)
         if member is None:
@@ -706,9 +728,9 @@ class Enrollment:
         member = self.membership.get(request.caller.id)
         if member is None or member.kind != "node":
             raise Forbidden("only enrolled nodes renew certificates", code="not_a_node")
-        cert = self.issue_certificate(member)
+        pem = self.issue_certificate(member)
         await trio.lowlevel.checkpoint()
-        return CertRenewAnswer(certificate=cert_to_pem(cert).decode("ascii"))
+        return CertRenewAnswer(certificate=pem)
 
     # -- retirement -----------------------------------------------------------------------
 
@@ -741,7 +763,10 @@ class Enrollment:
                 ),
                 now_ms=now_ms,
             )
-            self.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
+            issuer = self._issuer(now_ms)
+            self.revocations.publish(
+                new, signing_key=issuer.key, issuer=issuer.certificate, now_ms=now_ms
+            )
         # Retiring a retired node again is a no-op: no event, and the answer says so.
         changed = revoked_now or before != after
         if changed:
@@ -802,7 +827,10 @@ class Enrollment:
             raise NotFound(f"the name {name!r} is not blocked", code="name_not_blocked")
         now_ms = self._now_ms()
         new = unblock_name(self.revocations.empty_or_current(now_ms=now_ms), name, now_ms=now_ms)
-        self.revocations.publish(new, signing_key=self._cluster_key(), now_ms=now_ms)
+        issuer = self._issuer(now_ms)
+        self.revocations.publish(
+            new, signing_key=issuer.key, issuer=issuer.certificate, now_ms=now_ms
+        )
         self.events.append(
             at_ms=self._now_ms(),
             node_id=self.node_id,

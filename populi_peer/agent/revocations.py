@@ -1,6 +1,7 @@
 """This node's revocation list: a signed list with a strictly increasing serial.
 
-Only lists signed by the cluster key with a higher serial that keeps every revoked node
+Only lists signed by the cluster root, or by an issuer it certified that this list does not
+revoke (ADR 0018), with a higher serial that keeps every revoked node
 are installed (``enrollment.revocation.accept_newer``); anything else is ignored and
 logged. The list is checked on every request (``Authenticator.is_revoked``), and on every
 answer: this node calls no revoked node, and refuses a TLS peer whose certificate is
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from enrollment.revocation import (
@@ -74,9 +76,18 @@ class RevocationState:
             log(self.logger, logging.WARNING, "revocation list ignored", outcome=outcome)
         return outcome
 
-    def publish(self, new: RevocationList, *, signing_key: Ed25519PrivateKey, now_ms: int) -> str:
-        """Control plane: sign ``new`` with the cluster key and store it durably."""
-        text = sign_revocations(new, signing_key)
+    def publish(
+        self,
+        new: RevocationList,
+        *,
+        signing_key: Ed25519PrivateKey,
+        now_ms: int,
+        issuer: x509.Certificate | None = None,
+    ) -> str:
+        """Control plane: sign ``new`` and store it durably. ``signing_key`` is this node's
+        issuer key, whose certificate ``issuer`` is (ADR 0018), or the root key itself
+        (``issuer`` ``None``: a cluster made before issuers)."""
+        text = sign_revocations(new, signing_key, issuer=issuer)
         kept, outcome = accept_newer(
             self.current, text, cluster_key=self.cluster_key, cluster_id=self.cluster_id
         )

@@ -21,7 +21,9 @@ sent:
    subject CN, what ``enrollment.ca.node_certificate_info`` reads) equals the expected
    id — a SAN match alone is not enough, since a joiner names its own addresses, and a
    host name among them lands in its SAN too — and the caller's revocation list revokes
-   neither that node nor the certificate's serial.
+   neither that node, nor the certificate's serial, nor the voter whose issuer signed it
+   (ADR 0018: a node presents its certificate and its issuer's; OpenSSL checks the chain
+   to the root, path length included).
 
 A refusal is a :class:`PeerRefused` (an ``ssl.SSLCertVerificationError``, which trio and
 httpcore turn into a connect error); the peer client reports it as
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from enrollment.ca import node_certificate_info
+from enrollment.ca import issuer_node_id, node_certificate_info
 from enrollment.errors import CertificateError
 
 #: The httpx request extension that carries the node id a request expects to reach.
@@ -86,7 +88,8 @@ def check_peer_certificate(
             presented="",
         )
     try:
-        info = node_certificate_info(x509.load_der_x509_certificate(der))
+        cert = x509.load_der_x509_certificate(der)
+        info = node_certificate_info(cert)
     except (ValueError, CertificateError) as exc:
         raise PeerRefused(
             f"the peer's certificate names no node (expected {expected}): {exc}",
@@ -104,6 +107,18 @@ def check_peer_certificate(
     if revoked is not None and revoked(info.principal_id, info.serial):
         raise PeerRefused(
             f"{info.principal_id}'s certificate (serial {info.serial}) is revoked",
+            code="peer_revoked",
+            expected=expected,
+            presented=info.principal_id,
+        )
+    # The hop above: the voter whose issuer signed it (OpenSSL verified the chain to the
+    # root, so the issuer name is the issuer certificate's subject). Revoking a voter
+    # revokes every certificate its issuer signed (docs/adr/0018-intermediate-issuing-keys.md).
+    voter = issuer_node_id(cert)
+    if revoked is not None and voter is not None and revoked(voter, ""):
+        raise PeerRefused(
+            f"{info.principal_id}'s certificate was signed by the issuer of {voter}, "
+            "which is revoked",
             code="peer_revoked",
             expected=expected,
             presented=info.principal_id,

@@ -34,6 +34,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--force", action="store_true", help="replace an existing node in the data directory"
     )
+    parser.add_argument(
+        "--root-signs",
+        action="store_true",
+        help="sign with the root key, as versions before issuers did, so that nodes of an "
+        "older version can join; give this node an issuer later (runbooks/offline-root.md)",
+    )
     add_json(parser)
     parser.set_defaults(handler=run)
 
@@ -66,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         advertise=advertise,
         force=args.force,
         now_wall_s=time.time(),
+        root_signs=args.root_signs,
     )
     if args.json:
         print_json(

@@ -18,6 +18,7 @@ from typing import Any
 from enrollment.errors import EnrollmentError
 from populi_peer.cli import (
     cmd_agent,
+    cmd_ca,
     cmd_demo,
     cmd_discover,
     cmd_gpu,
@@ -62,6 +63,7 @@ COMMAND_MODULES = [
     cmd_lease,
     cmd_token,
     cmd_settings,
+    cmd_ca,
     cmd_service,
 ]
 

@@ -318,8 +318,9 @@ async def test_certificate_renewal_and_expiry_in_virtual_time(
         await cluster.wait_until(
             lambda: w1.certificates.identity.node_cert.serial_number != first, timeout_s=4000
         )
+        # The file holds the new certificate, then the issuer certificate that signed it.
         assert (
-            w1.certificates.identity.paths.node_cert.read_bytes().count(b"BEGIN CERTIFICATE") == 1
+            w1.certificates.identity.paths.node_cert.read_bytes().count(b"BEGIN CERTIFICATE") == 2
         )
         member = cluster.cp.membership.get(w1.node_id)
         assert format(w1.certificates.identity.node_cert.serial_number, "x") == member.cert_serial

@@ -26,7 +26,12 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enrollment.ca import cert_to_pem, make_ca_certificate, make_node_certificate
+from enrollment.ca import (
+    cert_to_pem,
+    make_ca_certificate,
+    make_issuer_certificate,
+    make_node_certificate,
+)
 from enrollment.keys import generate_key, node_id_for, write_private_key
 from populi_peer.api.client import PeerClient, PeerTransport, SyncPeerClient
 from populi_peer.api.server import hypercorn_config, serve_api
@@ -59,15 +64,57 @@ class Pki:
     def ca_path(self) -> Path:
         return self.root / "ca.crt"
 
-    def node(self, name: str, *, addresses: tuple[str, ...] = ("127.0.0.1",)) -> Node:
-        """A node key and certificate issued by the cluster CA, written as files."""
+    def issuer(self, *, ca: bool = True) -> tuple[str, Ed25519PrivateKey, x509.Certificate]:
+        """A voter's issuer (ADR 0018): its node id, key and certificate under the root;
+        with ``ca=False`` a certificate that must not sign (OpenSSL refuses its chains)."""
+        assert self.ca_cert is not None
+        key = generate_key()
+        voter = node_id_for(generate_key().public_key())
+        self.serial += 1
+        if ca:
+            cert = make_issuer_certificate(
+                root_key=self.ca_key,
+                root_cert=self.ca_cert,
+                subject_key=key.public_key(),
+                node_id=voter,
+                cluster_id=CLUSTER,
+                now_wall_s=time.time(),
+                serial=self.serial,
+            )
+        else:
+            cert = make_node_certificate(
+                ca_key=self.ca_key,
+                ca_cert=self.ca_cert,
+                subject_key=key.public_key(),
+                principal_id=voter,
+                cluster_id=CLUSTER,
+                addresses=[],
+                now_wall_s=time.time(),
+                serial=self.serial,
+            )
+        return voter, key, cert
+
+    def node(
+        self,
+        name: str,
+        *,
+        addresses: tuple[str, ...] = ("127.0.0.1",),
+        issuer: tuple[str, Ed25519PrivateKey, x509.Certificate] | None = None,
+        present_chain: bool = True,
+    ) -> Node:
+        """A node key and certificate issued by the cluster CA (or by ``issuer``, the
+        certificate file then holding the issuer's too unless not ``present_chain``),
+        written as files."""
         assert self.ca_cert is not None
         key = generate_key()
         node_id = node_id_for(key.public_key())
         self.serial += 1
+        signer_key, signer_cert = (
+            (self.ca_key, self.ca_cert) if issuer is None else (issuer[1], issuer[2])
+        )
         cert = make_node_certificate(
-            ca_key=self.ca_key,
-            ca_cert=self.ca_cert,
+            ca_key=signer_key,
+            ca_cert=signer_cert,
             subject_key=key.public_key(),
             principal_id=node_id,
             cluster_id=CLUSTER,
@@ -76,7 +123,8 @@ class Pki:
             serial=self.serial,
         )
         write_private_key(self.root / f"{name}.key", key)
-        (self.root / f"{name}.crt").write_bytes(cert_to_pem(cert))
+        chain = (cert, issuer[2]) if issuer is not None and present_chain else (cert,)
+        (self.root / f"{name}.crt").write_bytes(b"".join(cert_to_pem(c) for c in chain))
         return Node(name, node_id, key, format(self.serial, "x"), self.root)
 
 
@@ -229,6 +277,55 @@ async def test_a_revoked_nodes_certificate_is_refused_in_the_handshake(
             await client.call(url=server.url, node_id=retired.node_id, method="GET", path="/v1/x")
         assert refused.value.code == "peer_revoked"
         assert server.requests == []
+
+
+async def test_a_node_certificate_signed_by_an_issuer_verifies_to_the_root_in_tls(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    caller, worker = pki.node("caller"), pki.node("worker", issuer=pki.issuer())
+    server = await _serve(nursery, worker)
+    client = _async_client(pki, caller, revoked=lambda node_id, serial: False)
+    try:
+        await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
+        assert server.requests == ["GET /v1/x"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_certificate_whose_issuer_is_revoked_is_refused_in_the_handshake(
+    pki: Pki, nursery: trio.Nursery
+) -> None:
+    voter, *_ = issuer = pki.issuer()
+    caller, worker = pki.node("caller"), pki.node("worker", issuer=issuer)
+    server = await _serve(nursery, worker)
+    client = _async_client(pki, caller, revoked=lambda node_id, serial: node_id == voter)
+    try:
+        with pytest.raises(PeerIdentityError) as refused:
+            await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
+        assert refused.value.code == "peer_revoked"
+        assert voter in str(refused.value)
+        assert server.requests == []
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("case", ["not_a_ca", "chain_missing"])
+async def test_a_chain_through_a_non_ca_or_without_its_issuer_is_refused(
+    pki: Pki, nursery: trio.Nursery, case: str
+) -> None:
+    caller = pki.node("caller")
+    if case == "not_a_ca":
+        worker = pki.node("worker", issuer=pki.issuer(ca=False))
+    else:
+        worker = pki.node("worker", issuer=pki.issuer(), present_chain=False)
+    server = await _serve(nursery, worker)
+    client = _async_client(pki, caller)
+    try:
+        with pytest.raises(PeerIdentityError):
+            await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
+        assert server.requests == []
+    finally:
+        await client.aclose()
 
 
 async def test_a_node_revoked_on_the_callers_list_is_not_called_at_all(

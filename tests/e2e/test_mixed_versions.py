@@ -146,7 +146,10 @@ def test_n_and_n_minus_1_run_each_others_tasks(
 ) -> None:
     old = ["cp", "w2"] if old_side == "old-control-plane" else ["w1"]
     host = Installs(dict.fromkeys(old, old_populi), reachable="cp" not in old)
-    mesh = Mesh.create(tmp_path / "mesh", ["w1", "w2"], host=host)
+    # An N control plane whose nodes include N-1 ones keeps its root signing (ADR 0018,
+    # Decision 3): an N-1 joiner reads neither version 3 tokens nor issuer chains.
+    init_args = ("--root-signs",) if "cp" not in old else ()
+    mesh = Mesh.create(tmp_path / "mesh", ["w1", "w2"], host=host, init_args=init_args)
     try:
         for submitter, worker, code in (("w1", "w2", 5), ("w2", "w1", 6)):
             ticks = tmp_path / f"ticks-{submitter}"

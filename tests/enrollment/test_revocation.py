@@ -301,8 +301,8 @@ def test_garbage_is_malformed(text: str) -> None:
 
 
 def test_unknown_version_says_so() -> None:
-    text = sign_revocations(ONE, CLUSTER).replace(PREFIX, "populi-revocations-2.")
-    assert "version 2 is not supported" in str(refused(text, "revocation_malformed"))
+    text = sign_revocations(ONE, CLUSTER).replace(PREFIX, "populi-revocations-3.")
+    assert "version 3 is not supported" in str(refused(text, "revocation_malformed"))
 
 
 def test_over_long_text_is_malformed_before_decoding() -> None:

@@ -481,7 +481,7 @@ def test_surrounding_whitespace_is_ignored_and_does_not_count() -> None:
     assert decode(" " * MAX_TOKEN_CHARS + text + "\n" * MAX_TOKEN_CHARS) == token
 
 
-@pytest.mark.parametrize("version", ["3", "0", "10", "01"])
+@pytest.mark.parametrize("version", ["4", "0", "10", "01"])
 def test_unknown_version_prefix_is_unsupported(version: str) -> None:
     text, _ = mint()
     error = refused(f"populi-join-{version}." + text[len(PREFIX) :], "token_unsupported_version")

@@ -49,6 +49,7 @@ from urllib.parse import unquote
 import httpx
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from e2e.exec_support import (
     Mesh,
     check_tick_order,
@@ -72,10 +73,28 @@ from security.attack_support import (
     tls_connect,
 )
 
-from enrollment.canonical import b64url_decode, b64url_encode
-from enrollment.keys import generate_key, node_id_for, public_to_text
+from enrollment._sealed import _seal
+from enrollment.ca import (
+    ca_pin,
+    cert_from_pem,
+    certificate_der,
+    certificate_public_key,
+    make_ca_certificate,
+    make_issuer_certificate,
+)
+from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment.keys import generate_key, load_private_key, node_id_for, public_to_text, raw_public
 from enrollment.signing import content_digest
-from enrollment.tokens import REDEEM_GRACE_MS, JoinClaim, mint_token, open_token, prove_join
+from enrollment.tokens import (
+    ISSUED_TOKEN_DOMAIN,
+    ISSUED_TOKEN_PREFIX,
+    REDEEM_GRACE_MS,
+    JoinClaim,
+    JoinToken,
+    mint_token,
+    open_token,
+    prove_join,
+)
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context, client_context_from_pem, insecure_probe_context
 from populi_peer.clock import SystemClock
@@ -319,6 +338,75 @@ def foreign_token(world: World) -> Outcome:
         token_key=held.token_key,
         token_id=token.token_id,
         cluster_id=cluster_id,
+    )
+
+
+def forged_issued_token(world: World, signing_key: Any, issuer_der: bytes) -> Outcome:
+    """A version-3 token (ADR 0018) naming this cluster's root, signed by ``signing_key``
+    and carrying ``issuer_der`` as its issuer: sealed by hand, since ``mint_token`` itself
+    refuses an issuer that does not hold."""
+    ca = cert_from_pem(world.ca.read_bytes())
+    root = certificate_public_key(ca)
+    now_ms = int(time.time() * 1000)
+    seed = secrets.token_bytes(32)
+    token = JoinToken(
+        token_id=secrets.token_bytes(16).hex(),
+        cluster_id=meta_of(world.mesh["cp"].data_dir, "cluster_id"),
+        ca_pin=ca_pin(root),
+        contacts=(f"127.0.0.1:{world.port('cp')}",),
+        recipients=(world.cp_id,),
+        not_before_ms=now_ms,
+        expires_ms=now_ms + 600_000,
+        uses=1,
+        roles=("operator", "submit", "worker"),
+        name=None,
+        token_key=raw_public(Ed25519PrivateKey.from_private_bytes(seed).public_key()),
+        signer_public_key=raw_public(signing_key.public_key()),
+        issuer=issuer_der,
+        root_public_key=raw_public(root),
+    )
+    envelope = _seal(
+        ISSUED_TOKEN_PREFIX, ISSUED_TOKEN_DOMAIN, signing_key, canonical_json(token.to_json())
+    )
+    return enroll_raw(
+        world,
+        envelope,
+        token_key=Ed25519PrivateKey.from_private_bytes(seed),
+        token_id=token.token_id,
+        cluster_id=token.cluster_id,
+    )
+
+
+def issuer_of_another_root(world: World) -> Outcome:
+    """An issuer certificate for this cluster made by a root the attacker holds."""
+    other_root, issuer_key = generate_key(), generate_key()
+    cluster_id = meta_of(world.mesh["cp"].data_dir, "cluster_id")
+    other_ca = make_ca_certificate(
+        root_key=other_root,
+        cluster_id=cluster_id,
+        cluster_name="lab",
+        now_wall_s=time.time(),
+        serial=1,
+    )
+    issuer = make_issuer_certificate(
+        root_key=other_root,
+        root_cert=other_ca,
+        subject_key=issuer_key.public_key(),
+        node_id=world.cp_id,
+        cluster_id=cluster_id,
+        now_wall_s=time.time(),
+        serial=2,
+    )
+    return forged_issued_token(world, issuer_key, certificate_der(issuer))
+
+
+def member_as_issuer(world: World) -> Outcome:
+    """A member (the retired r1, whose data directory the attacker holds) signs a token
+    with its node key and presents its genuine node certificate as the issuer."""
+    r1 = world.root / "r1"
+    leaf = cert_from_pem((r1 / "tls" / "node.crt").read_bytes())
+    return forged_issued_token(
+        world, load_private_key(r1 / "keys" / "node.key"), certificate_der(leaf)
     )
 
 
@@ -630,6 +718,11 @@ row("token-tampered-signature", "a genuine token with one bit of its signature f
     setup=lambda w: w.token())  # fmt: skip
 row("token-foreign-ca", "a token naming this cluster and control plane, signed by another root",
     400, "token_foreign_signer", lambda w, _: foreign_token(w))  # fmt: skip
+row("token-issuer-foreign", "a version-3 token naming this root, its issuer certificate signed by another root",
+    400, "token_bad_issuer", lambda w, _: issuer_of_another_root(w),
+    check=says("not signed by this cluster's root"))  # fmt: skip
+row("token-member-as-issuer", "a version-3 token signed by a member's node key, its node certificate as the issuer",
+    400, "token_bad_issuer", lambda w, _: member_as_issuer(w))  # fmt: skip
 row("token-version-1", "a version-1 token (populi-join-1.)",
     400, "token_unsupported_version",
     lambda w, _: enroll_raw(w, "populi-join-1." + b64url_encode(secrets.token_bytes(32))))  # fmt: skip

@@ -189,11 +189,14 @@ class Mesh:
         roles: Mapping[str, str] | None = None,
         settings: Mapping[str, object] | None = None,
         env: Mapping[str, Mapping[str, str]] | None = None,
+        init_args: Sequence[str] = (),
     ) -> Mesh:
         """:meth:`build` a new mesh; closed again if that fails."""
         mesh = cls(root, host=host or Host(), remote=remote, env=env or {})
         try:
-            mesh.build(gpu_nodes, cpu_nodes=cpu_nodes, roles=roles, settings=settings)
+            mesh.build(
+                gpu_nodes, cpu_nodes=cpu_nodes, roles=roles, settings=settings, init_args=init_args
+            )
         except BaseException:
             mesh.close()
             raise
@@ -206,15 +209,25 @@ class Mesh:
         cpu_nodes: Iterable[str] = (),
         roles: Mapping[str, str] | None = None,
         settings: Mapping[str, object] | None = None,
+        init_args: Sequence[str] = (),
     ) -> None:
         """A control plane ``cp`` (CPU only) and the named nodes, all running, seen fresh
         by the control plane. ``roles`` maps a node to the roles its token grants
         (comma-separated; :data:`DEFAULT_ROLES` otherwise). The cluster settings (with
         ``remote``, :data:`REMOTE_SETTINGS` under ``settings``) are set once, before the
-        nodes join, and awaited on every node."""
+        nodes join, and awaited on every node. ``init_args`` go to ``populi init``."""
         cp = self.add("cp", gpu=False)
         init = self.cli(
-            "cp", "init", "--cluster-name", "lab", "--listen", cp.listen, "--name", "cp", "--json"
+            "cp",
+            "init",
+            "--cluster-name",
+            "lab",
+            "--listen",
+            cp.listen,
+            "--name",
+            "cp",
+            "--json",
+            *init_args,
         )
         cp.node_id = json.loads(init.stdout)["node"]["id"]
         self.start("cp")

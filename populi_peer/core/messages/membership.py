@@ -43,7 +43,7 @@ from populi_peer.errors import BadRequest
 TOKEN_FIELD: Final = "token_bad_field"
 #: The text of a join token, as ``enrollment.tokens`` mints it: its signed envelope and
 #: its 32-byte secret, base64url.
-TOKEN_TEXT: Final = r"populi-join-2\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}"
+TOKEN_TEXT: Final = r"populi-join-[23]\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}"
 #: How long a token lives unless asked (seconds).
 DEFAULT_TOKEN_TTL_S: Final = 3600.0
 
@@ -114,9 +114,9 @@ class TokenCreateRequest(Message):
 
 @message
 class TokenCreateAnswer(Message):
-    #: ``populi-join-2.<envelope>.<secret>``: a secret, shown once.
+    #: ``populi-join-3.<envelope>.<secret>``: a secret, shown once.
     token: str = wire(
-        Text(pattern=TOKEN_TEXT, what="a join token (populi-join-2.<envelope>.<secret>)")
+        Text(pattern=TOKEN_TEXT, what="a join token (populi-join-3.<envelope>.<secret>)")
     )
     summary: TokenSummary = wire(Nested(TokenSummary))
 
