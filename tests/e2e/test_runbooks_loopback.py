@@ -38,8 +38,10 @@ SINGLE_MACHINE_PAGES = (
 )
 #: Pages that need a network of machines: run (or skipped) step by step in the lab.
 LAB_PAGES = ("overlay-wireguard.md", "overlay-nebula.md", "overlay-tailscale.md")
+#: Pages walked step by step by a test of their own.
+OWN_TEST_PAGES = ("offline-root.md",)  # tests/e2e/test_offline_root_e2e.py
 GPU_FIXTURE = {"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-idle.json"}
-TOKEN = re.compile(r"^(populi-join-2\.\S+)$", re.M)
+TOKEN = re.compile(r"^(populi-join-[23]\.\S+)$", re.M)
 #: Guards for what happens within a heartbeat or two, not measurements.
 GUARD_S = 60.0
 
@@ -107,9 +109,10 @@ def machines(tmp_path: Path) -> Iterator[Any]:
 
 def test_every_runbook_is_walked_here_or_in_the_lab() -> None:
     """A new page joins this walk, or the namespace lab's (``tests/lab/test_overlay_lab.py``,
-    the pages that need machines of their own)."""
+    the pages that need machines of their own), or has a test of its own."""
     pages = {path.name for path in RUNBOOKS.glob("*.md")}
-    assert pages == set(SINGLE_MACHINE_PAGES) | set(LAB_PAGES)
+    assert pages == set(SINGLE_MACHINE_PAGES) | set(LAB_PAGES) | set(OWN_TEST_PAGES)
+    assert (Path(__file__).parent / "test_offline_root_e2e.py").exists()
 
 
 @pytest.mark.parametrize("page", SINGLE_MACHINE_PAGES)
