@@ -11,6 +11,7 @@ SQLite, virtual time, the machine driven by trio.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import random
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,111 @@ async def test_the_init_node_of_a_cluster_is_the_sole_voter_and_leads(
         assert not w1.election.can_act()
         # The worker still follows the init node as its control plane.
         assert w1.control_plane.id == cp.node_id
+
+
+class Direct:
+    """Voters in one trio run, each message handed to the other service's ``receive`` (what
+    the election route does after authenticating the caller); ``down`` voters answer
+    nothing, as a crashed process would not."""
+
+    def __init__(self, sender: str, services: dict[str, ElectionService], down: set[str]) -> None:
+        self.sender = sender
+        self.services = services
+        self.down = down
+
+    async def exchange(self, to: str, messages: Sequence[object]) -> Sequence[object]:
+        await trio.sleep(0.01)
+        if to in self.down or self.sender in self.down:
+            raise ServiceUnavailable(f"{to} does not answer", code="peer_unreachable")
+        return self.services[to].receive(self.sender, messages)  # type: ignore[arg-type]
+
+
+async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_write(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    names = ("n-v1", "n-v2", "n-v3")
+    settings = ElectionSettings(
+        election_timeout_min_s=2.0,
+        election_timeout_max_s=4.0,
+        heartbeat_interval_s=0.25,
+        leader_lease_s=1.0,
+        lease_margin_s=0.2,
+        write_timeout_s=3.0,
+    )
+    stores = {}
+    for name in names:
+        (tmp_path / name).mkdir()
+        stores[name] = Store.open(tmp_path / name, create=True)
+        ElectionState(stores[name]).bootstrap(bootstrap_voters(names, "voters/1"))
+    services: dict[str, ElectionService] = {}
+    down: set[str] = set()
+    scopes: dict[str, trio.CancelScope] = {}
+
+    def build(name: str, seed: int) -> ElectionService:
+        service = ElectionService(
+            node_id=name,
+            clock=VirtualClock(),
+            state=ElectionState(stores[name]),
+            events=EventLog(stores[name]),
+            settings=settings,
+            transport=Direct(name, services, down),  # type: ignore[arg-type]
+            rng=random.Random(seed),
+        )
+        services[name] = service
+        return service
+
+    async def run(name: str, seed: int, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as scope:
+            scopes[name] = scope
+            await build(name, seed).run(task_status=task_status)
+
+    def leaders() -> list[str]:
+        return [n for n in names if n not in down and services[n].can_act()]
+
+    async with trio.open_nursery() as nursery:
+        for seed, name in enumerate(names):
+            await nursery.start(run, name, seed)
+        await wait_for(lambda: len(leaders()) == 1)
+        first = leaders()[0]
+        term = services[first].term
+        assert all(services[n].leader_id == first for n in names)
+        entry = await services[first].write(
+            SetElement(
+                "consumed_tokens",
+                "tok-1",
+                {"consumer": "node-x"},
+                Stamp(term, Hlc(1, 0), first),
+            )
+        )
+        # Applied: a majority stored it (the leader and at least one more, on disk).
+        holders = [n for n in names if entry in ElectionState(stores[n]).load()[1].entries()]
+        assert len(holders) >= 2 and first in holders
+
+        # The leader dies (nothing graceful); a survivor leads at a higher term, with it.
+        down.add(first)
+        scopes[first].cancel()
+        await wait_for(lambda: len(leaders()) == 1 and leaders()[0] != first)
+        second = leaders()[0]
+        assert services[second].term > term
+        machine = services[second].machine
+        assert machine is not None
+        assert machine.records.set_element("consumed_tokens", "tok-1") == entry.item
+        with pytest.raises(Conflict) as refused:
+            await services[second].write(
+                SetElement(
+                    "consumed_tokens",
+                    "tok-1",
+                    {"consumer": "node-y"},
+                    Stamp(services[second].term, Hlc(2, 0), second),
+                )
+            )
+        assert refused.value.code == "token_already_consumed"
+
+        # The old leader comes back from its disk and follows the new one.
+        down.discard(first)
+        await nursery.start(run, first, 99)
+        await wait_for(lambda: services[first].leader_id == second)
+        assert services[first].term == services[second].term and leaders() == [second]
+        nursery.cancel_scope.cancel()
+    for store in stores.values():
+        store.close()
