@@ -30,7 +30,7 @@ from enrollment.ca import certificate_public_key
 from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
-from populi_peer.agent.election import ElectionService, PeerElectionTransport
+from populi_peer.agent.election import ElectionService, PeerElectionTransport, RoleServices
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gossip import HintGossip
@@ -159,6 +159,7 @@ class Agent:
         )
         self._ensure_voter_record(identity)
         self.election.role_listeners.append(self.control_plane.role_changed)
+        self.control_plane.authority = self.election.can_act
         # Timings by scope, advertised addresses, LAN discovery (docs/wan.md).
         self.net = NodeNetwork(
             config=config,
@@ -177,6 +178,12 @@ class Agent:
         )
         self.peer_link.rank = self.net.address_book.candidates
         self.address = OwnAddress.from_plan(config, self.net, url)
+        self.control_plane.is_voter = lambda node_id: (
+            (m := self.membership.get(node_id)) is not None and "voter" in m.roles
+        )
+        self.control_plane.voters = lambda: [
+            (m.id, m.addresses) for m in self.membership.nodes() if "voter" in m.roles
+        ]
         self.control_plane.url_of = lambda node_id: (
             self.address.url
             if node_id == self.node_id
@@ -529,7 +536,6 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         self.uptime.start()
-        self._ensure_lifecycles()
         try:
             async with trio.open_nursery() as server_nursery:
                 if self.serve:
@@ -579,7 +585,7 @@ class Agent:
     def _ensure_voter_record(self, identity: Any) -> None:
         """A data directory made by ``populi init`` before the election existed holds no
         voter set: its control plane becomes the sole voter (it was the only authority)."""
-        if self.control_plane.is_self and not self.election.state.has_voters():
+        if self.control_plane.named_self and not self.election.state.has_voters():
             self.election.state.bootstrap(
                 first_voters_entry(
                     node_id=self.node_id,
@@ -588,6 +594,24 @@ class Agent:
                     now_ms=wall_ms(self.clock),
                 )
             )
+
+    def _leading_services(self) -> list[Callable[..., Any]]:
+        """While this node acts as control plane: its own heartbeat and the lease table."""
+        self._ensure_lifecycles()
+        self.reporting.to_self = True
+        self_beat = SelfBeat(
+            intake=self.heartbeat_intake,
+            reports=self.heartbeat_reports,
+            health=self.health,
+            interval_s=self.net.timings.local.heartbeat_interval_s,
+            also=[self._report_to_self],
+        )
+        return [self_beat.run, self.leases.run]
+
+    def _following_services(self) -> list[Callable[..., Any]]:
+        """While another node does: heartbeats to it."""
+        self.reporting.to_self = False
+        return [self.heartbeat_sender.run]
 
     def _ensure_lifecycles(self) -> None:
         if self.control_plane.is_self:
@@ -599,24 +623,20 @@ class Agent:
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
+        by_role = RoleServices(
+            is_leader=lambda: self.control_plane.is_self,
+            changed=self.election.wait_changed,
+            leading=self._leading_services,
+            following=self._following_services,
+        )
         services: list[Callable[..., Any]] = [
+            # First: a lone voter leads once its machine started.
             self.election.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,
+            by_role.run,
         ]
-        if self.control_plane.is_self:
-            self.reporting.to_self = True
-            self_beat = SelfBeat(
-                intake=self.heartbeat_intake,
-                reports=self.heartbeat_reports,
-                health=self.health,
-                interval_s=self.net.timings.local.heartbeat_interval_s,
-                also=[self._report_to_self],
-            )
-            services += [self_beat.run, self.leases.run]
-        else:
-            services.append(self.heartbeat_sender.run)
         services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
         if self.config.gossip.enabled:
             services.append(self.gossip.run)
@@ -661,7 +681,7 @@ class Agent:
         address we actually serve on (a listen port of 0 is only known after binding)."""
         addresses = self.address.addresses()
         member = self.membership.get(self.node_id)
-        if member is not None and member.addresses != addresses and self.control_plane.is_self:
+        if member is not None and member.addresses != addresses and self.control_plane.named_self:
             self.membership.upsert(
                 replace(member, addresses=addresses, updated_ms=wall_ms(self.clock))
             )

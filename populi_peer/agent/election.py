@@ -25,9 +25,9 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -123,6 +123,7 @@ class ElectionService:
         self._nursery: trio.Nursery | None = None
         #: When each voter was last heard from (``clock.wall()`` seconds), for status.
         self.last_contact: dict[str, float] = {}
+        self._changed = trio.Event()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -145,6 +146,14 @@ class ElectionService:
     def can_act(self) -> bool:
         """Leader, merged from a majority, and its lease held now."""
         return self.machine is not None and self.machine.can_act(self.clock.boot())
+
+    async def wait_changed(self) -> None:
+        """Until the role, term or leader changes next (or the machine restarts)."""
+        await self._changed.wait()
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -343,6 +352,7 @@ class ElectionService:
         # run loop reads storage again after RESTART_RETRY_S.
         self.machine = None
         self._wake.set()
+        self._notify_changed()
 
     def _settle(
         self,
@@ -405,6 +415,7 @@ class ElectionService:
             log(self.logger, logging.WARNING, "election event not recorded", error=str(exc))
         for listener in self.role_listeners:
             listener(change)
+        self._notify_changed()
 
     # -- sending ----------------------------------------------------------------------
 
@@ -452,6 +463,39 @@ class ElectionService:
         return max(self.settings.heartbeat_interval_s * 2, 1.0)
 
 
+class RoleServices:
+    """Services that run while this node acts as control plane (``leading``) and those
+    that run while it does not (``following``): one set at a time, switched when the
+    election changes this node's role (a leader whose lease lapsed stops at once)."""
+
+    def __init__(
+        self,
+        *,
+        is_leader: Callable[[], bool],
+        changed: Callable[[], Awaitable[None]],
+        leading: Callable[[], list[Callable[..., Any]]],
+        following: Callable[[], list[Callable[..., Any]]],
+    ) -> None:
+        self.is_leader = is_leader
+        self.changed = changed
+        self.leading = leading
+        self.following = following
+        self.logger = get_logger("election")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            leading = self.is_leader()
+            services = self.leading() if leading else self.following()
+            log(self.logger, logging.INFO, "control-plane services", leading=leading)
+            async with trio.open_nursery() as nursery:
+                for service in services:
+                    await nursery.start(service)
+                while self.is_leader() == leading:
+                    await self.changed()
+                nursery.cancel_scope.cancel()
+
+
 class PeerElectionTransport:
     """Election messages over the signed peer client, to a member by its node id."""
 
@@ -478,4 +522,5 @@ __all__ = [
     "ElectionService",
     "ElectionTransport",
     "PeerElectionTransport",
+    "RoleServices",
 ]

@@ -257,6 +257,7 @@ for _route, _method, _path, _signer in [
     ("gossip_digest", "POST", "/v1/populi/gossip/digest", "node"),
     ("gossip_push", "POST", "/v1/populi/gossip/push", "node"),
     ("hints", "GET", "/v1/populi/hints", "operator"),
+    ("election", "POST", "/v1/populi/election", "node"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -341,7 +342,6 @@ for _label, _body, _code in [
     ("roles-string", {"roles": "worker"}, "bad_request"),
     ("roles-unknown", {"roles": ["king"]}, "token_bad_field"),
     ("roles-empty", {"roles": []}, "token_bad_field"),
-    ("roles-voter", {"roles": ["voter"]}, "token_bad_field"),
     ("name-number", {"name": 5}, "bad_request"),
     ("name-too-long", {"name": "a" * 300}, "token_bad_field"),
     ("name-uppercase", {"name": "BAD NAME"}, "token_bad_field"),
@@ -732,6 +732,17 @@ wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": [""]}, 400, "
       "empty-record", signer="node")
 wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": []}, 403, "forbidden",
       "operator-does-not-gossip")
+wrong("election", "POST", "/v1/populi/election", NOT_JSON, 400, "bad_json", "malformed-json",
+      signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": 5}, 400, "bad_record",
+      "messages-number", signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": [{"type": "coup", "sender": "x",
+      "term": 1}]}, 400, "bad_record", "unknown-type", signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": [{"type": "prevote_request",
+      "sender": "n-someone-else", "term": 1}]}, 403, "election_sender_mismatch",
+      "another-sender", signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": []}, 403, "forbidden",
+      "operator-does-not-vote")
 wrong("lease_renew", "POST", "/v1/populi/exec/leases/l-1/renew", {"before_start": "yes"}, 400,
       "bad_request", "before-start-string")
 wrong("health", "GET", "/v1/populi/health?verbose=%ff%fe", b"x" * (LIMIT + 1), 413,
