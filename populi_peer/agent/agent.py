@@ -61,6 +61,7 @@ from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
 from populi_peer.agent.status import NodeStatus, Uptime
 from populi_peer.agent.submitter import Submitter
+from populi_peer.agent.voters import VoterAdmin
 from populi_peer.agent.wiring import (
     AllWork,
     ControlPlaneNodeFacts,
@@ -220,6 +221,16 @@ class Agent:
             records=self.records,
             events=self.events,
         )
+        self.voter_admin = VoterAdmin(
+            node_id=self.node_id,
+            node_key=identity.node_key,
+            clock=clock,
+            election=self.election,
+            membership=self.membership,
+            control_plane=self.control_plane,
+            events=self.events,
+        )
+        self.enrollment.joined_listeners.append(self.voter_admin.joined)
         self.certificates = CertificateRenewal(
             identity=identity,
             clock=clock,
@@ -527,6 +538,7 @@ class Agent:
             *self.settings_sync.routes(),
             *self.node_status.routes(),
             *self.election.routes(),
+            *self.voter_admin.routes(),
         ]
 
     # -- lifetime -------------------------------------------------------------------------
@@ -632,6 +644,7 @@ class Agent:
         services: list[Callable[..., Any]] = [
             # First: a lone voter leads once its machine started.
             self.election.run,
+            self.voter_admin.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,

@@ -52,7 +52,7 @@ from populi_peer.core.election import (
     WriteRefused,
 )
 from populi_peer.core.messages.election import ElectionExchange, ElectionPost
-from populi_peer.core.replication import Entry, Item, VoterSet
+from populi_peer.core.replication import ClusterRecord, Entry, Item, VoterSet
 from populi_peer.errors import Conflict, Forbidden, PopuliError, ServiceUnavailable
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.election import ElectionState
@@ -124,6 +124,7 @@ class ElectionService:
         #: When each voter was last heard from (``clock.wall()`` seconds), for status.
         self.last_contact: dict[str, float] = {}
         self._changed = trio.Event()
+        self._stepped = trio.Event()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -146,6 +147,22 @@ class ElectionService:
     def can_act(self) -> bool:
         """Leader, merged from a majority, and its lease held now."""
         return self.machine is not None and self.machine.can_act(self.clock.boot())
+
+    def voters_settled(self) -> bool:
+        """Whether the voter set is settled and no voter-set write is pending here (on the
+        leader: the last change and its settled mark are on a majority)."""
+        machine = self.machine
+        if machine is None or machine.voter_set is None or not machine.voter_set.settled:
+            return False
+        return not any(
+            isinstance(p.entry.item, ClusterRecord) and p.entry.item.kind == "voters"
+            for p in machine.pending_writes
+        )
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate()`` holds, checked after every event the machine takes."""
+        while not predicate():
+            await self._stepped.wait()
 
     async def wait_changed(self) -> None:
         """Until the role, term or leader changes next (or the machine restarts)."""
@@ -320,6 +337,8 @@ class ElectionService:
         if self.machine is machine:
             self.machine = next_machine
         self._wake.set()
+        self._stepped.set()
+        self._stepped = trio.Event()
         return replies
 
     def _persist(self, action: PersistVote | PersistRecords) -> None:

@@ -258,6 +258,7 @@ for _route, _method, _path, _signer in [
     ("gossip_push", "POST", "/v1/populi/gossip/push", "node"),
     ("hints", "GET", "/v1/populi/hints", "operator"),
     ("election", "POST", "/v1/populi/election", "node"),
+    ("voter_change", "POST", "/v1/populi/admin/voters", "operator"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -743,6 +744,14 @@ wrong("election", "POST", "/v1/populi/election", {"messages": [{"type": "prevote
       "another-sender", signer="node")
 wrong("election", "POST", "/v1/populi/election", {"messages": []}, 403, "forbidden",
       "operator-does-not-vote")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "promote", "node": "cp"}, 400,
+      "bad_request", "unknown-action")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "add"}, 400, "bad_request",
+      "no-node")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "remove", "node": "cp"}, 409,
+      "last_voter", "last-voter")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "add", "node": "cp"}, 403,
+      "role_required", "node-is-no-operator", signer="node")
 wrong("lease_renew", "POST", "/v1/populi/exec/leases/l-1/renew", {"before_start": "yes"}, 400,
       "bad_request", "before-start-string")
 wrong("health", "GET", "/v1/populi/health?verbose=%ff%fe", b"x" * (LIMIT + 1), 413,

@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from populi_peer.core.messages._codec import Message
-from populi_peer.core.messages.election import ElectionExchange, ElectionPost
+from populi_peer.core.messages.election import (
+    ElectionExchange,
+    ElectionPost,
+    VoterChangeAnswer,
+    VoterChangeRequest,
+)
 from populi_peer.core.messages.gossip import (
     GossipDigest,
     GossipPush,
@@ -198,6 +203,7 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
     "gossip_push": _E(GossipPush, GossipPushAnswer),
     "hints": _E(None, HintsAnswer),
     "election": _E(ElectionPost, ElectionExchange),
+    "voter_change": _E(VoterChangeRequest, VoterChangeAnswer),
 }
 
 __all__ = [
@@ -301,4 +307,6 @@ __all__ = [
     "TokenListAnswer",
     "TokenRevokeAnswer",
     "TokenSummary",
+    "VoterChangeAnswer",
+    "VoterChangeRequest",
 ]

@@ -226,6 +226,7 @@ EventKind = Literal[
     "gpu_resumed",
     "lease_revoked",
     "election",
+    "voters_changed",
 ]
 EVENT_KINDS: Final[tuple[EventKind, ...]] = get_args(EventKind)
 
