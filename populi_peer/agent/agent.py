@@ -374,6 +374,8 @@ class Agent:
             health=self.health,
             cert_not_after_s=lambda: self.certificates.not_after_s,
             network=self.net.status_json,
+            election=self.election,
+            names=lambda node_id: m.name if (m := self.membership.get(node_id)) else None,
         )
         # Hint gossip: this node's signed hint, and the cluster's, peer to peer (ADR 0010).
         self.gossip = HintGossip(

@@ -106,3 +106,24 @@ async def test_three_voters_survive_the_leader_crash(
             what="the old leader follows",
         )
         assert leaders(cluster, names) == [second]
+
+
+async def test_status_names_the_leader_and_the_voters_and_events_name_each_election(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_virtual_cluster(tmp_path, workers=1, on_response=validate) as cluster:
+        cp, w1 = cluster.cp, cluster["w1"]
+        async with cluster.operator_client() as client:
+            status = (await client.get("/v1/populi/status")).json()
+            events = (await client.get("/v1/populi/events", params={"kind": "election"})).json()
+        assert status["term"] == cp.election.term
+        assert status["leader"] == {"id": cp.node_id, "name": "cp", "url": cp.control_plane.url}
+        assert [v["id"] for v in status["voters"]] == [cp.node_id]
+        assert status["election_role"] == "leader"
+        causes = [(e["detail"]["role"], e["detail"]["cause"]) for e in events["events"]]
+        assert ("leader", "vote_won") in causes
+        async with cluster.operator_client(via="w1") as client:
+            status = (await client.get("/v1/populi/status")).json()
+        # A worker holds no voter set; its leader is the control plane it follows.
+        assert status["voters"] == [] and status["leader"]["id"] == cp.node_id
+        assert w1.election.voters is None

@@ -135,7 +135,9 @@ from populi_peer.core.messages.status import (
     SightingView,
     StatusAnswer,
     StatusControlPlane,
+    StatusLeader,
     StatusNode,
+    StatusVoter,
 )
 from populi_peer.core.messages.tasks import (
     OutputChunkAnswer,
@@ -293,7 +295,9 @@ __all__ = [
     "Standing",
     "StatusAnswer",
     "StatusControlPlane",
+    "StatusLeader",
     "StatusNode",
+    "StatusVoter",
     "TaskAnswer",
     "TaskCancelAnswer",
     "TaskLeaseGrant",
