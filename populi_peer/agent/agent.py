@@ -78,6 +78,8 @@ from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.cluster import first_voters_entry
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
+from populi_peer.core.election import ElectionSettings
+from populi_peer.core.settings import election_settings
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
@@ -156,7 +158,11 @@ class Agent:
             clock=clock,
             state=ElectionState(self.store),
             events=self.events,
+            settings=self._election_settings(self.records.settings),
             transport=PeerElectionTransport(self.peer_link),
+        )
+        self.records.settings_listeners.append(
+            lambda values: self.election.settings_changed(self._election_settings(values))
         )
         self._ensure_voter_record(identity)
         self.election.role_listeners.append(self.control_plane.role_changed)
@@ -595,6 +601,9 @@ class Agent:
         # Let the leave answer reach the caller before the server goes.
         await trio.sleep(0.2)
         self.request_stop()
+
+    def _election_settings(self, values: dict[str, Any]) -> ElectionSettings:
+        return election_settings(values, max_skew_ms=int(self.config.security.max_skew_s * 1000))
 
     def _ensure_voter_record(self, identity: Any) -> None:
         """A data directory made by ``populi init`` before the election existed holds no

@@ -218,6 +218,8 @@ class ElectionService:
 
     def settings_changed(self, settings: ElectionSettings) -> None:
         """New election timings (verified by the caller)."""
+        if settings == self.settings:
+            return
         self.settings = settings
         if self.machine is not None:
             self._handle(SettingsChanged(settings))

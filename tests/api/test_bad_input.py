@@ -694,6 +694,14 @@ for _label, _body, _code in [
     ("margin-too-big", {"changes": {"lease_expiry_margin_s": 1e9}}, "bad_setting"),
     ("margin-too-small", {"changes": {"lease_expiry_margin_s": 0.1}}, "bad_setting"),
     ("leader-lease-string", {"changes": {"leader_lease_s": "5"}}, "bad_setting"),
+    # The election's timing rule (ADR 0011 Decision 3): the lease must end before the
+    # minimum election timeout, drift and margin counted.
+    ("lease-outlives-election", {"changes": {"leader_lease_s": 9}}, "unsafe_election_timing"),
+    ("timeouts-equal", {"changes": {"election_timeout_max_s": 8}}, "unsafe_election_timing"),
+    # Each set alone is safe, but a voter on the old timings and a leader on the new ones
+    # could overlap: change in steps.
+    ("timing-jump", {"changes": {"leader_lease_s": 9, "election_timeout_min_s": 14,
+                                 "election_timeout_max_s": 28}}, "unsafe_election_timing"),
     ("cert-lifetime-bool", {"changes": {"node_cert_lifetime_s": True}}, "bad_setting"),
     ("cert-lifetime-1e308", {"changes": {"node_cert_lifetime_s": 1e308}}, "bad_setting"),
     ("switch-string", {"changes": {"remote_exec_enabled": "yes"}}, "bad_setting"),
