@@ -221,9 +221,11 @@ class NodeStatus:
                 )
                 for voter in sorted(election.voters.voters)
             )
+        held = election.voters if election is not None else None
         return {
             "leader": leader,
             "voters": voters,
+            "voters_settled": held.settled if held is not None else None,
             "election_role": election.role if election is not None else None,
         }
 

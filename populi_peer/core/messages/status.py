@@ -154,6 +154,9 @@ class StatusAnswer(Message):
     leader: StatusLeader | None = wire(Nullable(Nested(StatusLeader)), default=None)
     #: The voter set this node holds (empty on a node that holds none: not a voter).
     voters: tuple[StatusVoter, ...] = wire(Seq(Nested(StatusVoter)), default=())
+    #: Whether the voter set held is settled (its last change stored by a majority of
+    #: both sets and marked so); absent where none is held.
+    voters_settled: bool | None = wire(Bool(), omit_none=True)
     #: This node's election role (stopped, follower, precandidate, candidate, leader).
     election_role: str | None = wire(
         Choice(("stopped", "follower", "precandidate", "candidate", "leader")), omit_none=True
