@@ -196,7 +196,10 @@ class ElectionService:
                     continue
                 deadline = self.machine.next_deadline()
                 if deadline is not None and self.clock.boot() >= deadline:
-                    self._handle(TimerFired())
+                    try:
+                        self._handle(TimerFired())
+                    except PopuliError as exc:  # pragma: no cover - the machine takes timers
+                        log(self.logger, logging.ERROR, "election timer refused", error=str(exc))
 
     def _try_start(self) -> None:
         try:
@@ -435,7 +438,13 @@ class ElectionService:
         except PopuliError as exc:
             log(self.logger, logging.WARNING, "election event not recorded", error=str(exc))
         for listener in self.role_listeners:
-            listener(change)
+            try:
+                listener(change)
+            except PopuliError as exc:
+                # The control-plane link could not note the leader (its storage failed):
+                # it still names another node, which is the safe side; the next change
+                # or refusal tells it again.
+                log(self.logger, logging.WARNING, "election change not noted", error=str(exc))
         self._notify_changed()
 
     # -- sending ----------------------------------------------------------------------
@@ -478,7 +487,16 @@ class ElectionService:
                             to=to,
                         )
                         break
-                    self._handle(answer)
+                    try:
+                        self._handle(answer)
+                    except PopuliError as exc:
+                        log(
+                            self.logger,
+                            logging.WARNING,
+                            "election answer refused",
+                            to=to,
+                            error=str(exc),
+                        )
 
     def _call_timeout_s(self) -> float:
         return max(self.settings.heartbeat_interval_s * 2, 1.0)
