@@ -629,7 +629,11 @@ class Agent:
 
     def _leading_services(self) -> list[Callable[..., Any]]:
         """While this node acts as control plane: its own heartbeat and the lease table."""
-        self._ensure_lifecycles()
+        try:
+            self._ensure_lifecycles()
+        except PopuliError as exc:
+            # Storage refused it: the self-beat's registers catch up once writes pass.
+            log(self.logger, logging.WARNING, "member lifecycles not written", error=str(exc))
         self.reporting.to_self = True
         self_beat = SelfBeat(
             intake=self.heartbeat_intake,

@@ -125,6 +125,74 @@ async def test_three_voters_survive_the_leader_crash(
         assert leaders(cluster, names) == [second]
 
 
+async def three_voters(cluster: VirtualCluster) -> tuple[str, ...]:
+    cp = cluster.cp
+    await cluster.join("v2", roles=VOTER_ROLES)
+    await cluster.wait_until(
+        lambda: (v := cp.election.voters) is not None and len(v.voters) == 2,
+        timeout_s=GUARD_S,
+        what="v2 is a voter",
+    )
+    await cluster.join("v3", roles=VOTER_ROLES)
+    names = ("cp", "v2", "v3")
+    await cluster.wait_until(
+        lambda: all(
+            (v := cluster[n].election.voters) is not None and len(v.voters) == 3 and v.settled
+            for n in names
+        ),
+        timeout_s=GUARD_S,
+        what="three settled voters",
+    )
+    return names
+
+
+async def test_a_cut_off_leader_stops_acting_before_another_starts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The leader is cut off from both other voters: it stops acting as control plane
+    (its routes refuse, its leader-only services stop) when its lease ends, a new leader
+    is elected, and at no instant do two nodes act; healed, the old one follows."""
+    async with open_virtual_cluster(tmp_path, workers=0, on_response=validate) as cluster:
+        names = await three_voters(cluster)
+        cp = cluster.cp
+        overlap: list[list[str]] = []
+        done = trio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                acting = [n for n in names if cluster[n].control_plane.is_self]
+                if len(acting) > 1:
+                    overlap.append(acting)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for other in ("v2", "v3"):
+                cluster.network.partition(cp.node_id, cluster[other].node_id)
+            await cluster.wait_until(
+                lambda: not cp.control_plane.is_self, timeout_s=GUARD_S, what="cp stops acting"
+            )
+            await cluster.wait_until(
+                lambda: len(leaders(cluster, names)) == 1 and leaders(cluster, names) != ["cp"],
+                timeout_s=GUARD_S,
+                what="a new leader among the others",
+            )
+            (second,) = leaders(cluster, names)
+            assert cluster[second].election.term > 1
+            async with cluster.operator_client() as client:
+                refused = await client.get("/v1/populi/nodes")
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["error"]["code"] == "not_control_plane"
+            cluster.network.heal()
+            await cluster.wait_until(
+                lambda: cp.election.leader_id == cluster[second].node_id,
+                timeout_s=GUARD_S,
+                what="healed, cp follows",
+            )
+            done.set()
+        assert overlap == []
+
+
 async def test_status_names_the_leader_and_the_voters_and_events_name_each_election(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
