@@ -265,10 +265,12 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
     down: set[str] = set()
     scopes: dict[str, trio.CancelScope] = {}
 
+    clocks = {name: VirtualClock() for name in names}
+
     def build(name: str, seed: int) -> ElectionService:
         service = ElectionService(
             node_id=name,
-            clock=VirtualClock(),
+            clock=clocks[name],
             state=ElectionState(stores[name]),
             events=EventLog(stores[name]),
             settings=settings,
@@ -330,6 +332,12 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
         await nursery.start(run, first, 99)
         await wait_for(lambda: services[first].leader_id == second)
         assert services[first].term == services[second].term and leaders() == [second]
+
+        # The leader's machine sleeps past its lease (suspend: the boot clock moves, trio's
+        # does not): it may not act the moment it wakes, before any timer of its fires.
+        assert services[second].can_act()
+        clocks[second].suspend(settings.leader_lease_s * 2)
+        assert not services[second].can_act()
         nursery.cancel_scope.cancel()
     for store in stores.values():
         store.close()
