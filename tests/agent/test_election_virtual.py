@@ -228,3 +228,48 @@ def test_a_settings_record_leaves_out_election_timings_at_their_default() -> Non
         {"leader_lease_s": 4.0, "election_heartbeat_s": 0.5}
     )
     assert cluster_settings.signed_body(changed)["election_heartbeat_s"] == 0.5
+
+
+async def test_an_operator_removes_and_adds_back_a_voter_one_change_at_a_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_virtual_cluster(tmp_path, workers=1, on_response=validate) as cluster:
+        names = await three_voters(cluster)
+        cp, v3 = cluster.cp, cluster["v3"]
+        async with cluster.operator_client() as client:
+            removed = await client.post(
+                "/v1/populi/admin/voters", json={"action": "remove", "node": "v3"}
+            )
+            assert removed.status_code == 200, removed.text
+            body = removed.json()
+            assert body["changed"] and v3.node_id not in body["voters"]
+            assert v3.node_id in body["previous"]
+            again = await client.post(
+                "/v1/populi/admin/voters", json={"action": "remove", "node": "v3"}
+            )
+            assert again.status_code == 200 and again.json()["changed"] is False
+            # A node that did not join as a voter cannot be one.
+            worker = await client.post(
+                "/v1/populi/admin/voters", json={"action": "add", "node": "w1"}
+            )
+            assert (
+                worker.status_code == 409 and worker.json()["error"]["code"] == "not_a_voter_node"
+            )
+            await cluster.wait_until(
+                lambda: all(
+                    (v := cluster[n].election.voters) is not None
+                    and v.voters == {cp.node_id, cluster["v2"].node_id}
+                    and v.settled
+                    for n in names[:2]
+                ),
+                timeout_s=GUARD_S,
+                what="two voters, settled",
+            )
+            added = await client.post(
+                "/v1/populi/admin/voters", json={"action": "add", "node": v3.node_id}
+            )
+            assert added.status_code == 200, added.text
+            assert set(added.json()["voters"]) == {cluster[n].node_id for n in names}
+        events = cp.events.page(kind="voters_changed", limit=10)
+        assert [e.detail["action"] for e in events][-2:] == ["remove", "add"]
+        assert leaders(cluster, names) == ["cp"]
