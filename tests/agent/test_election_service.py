@@ -341,3 +341,33 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
         nursery.cancel_scope.cancel()
     for store in stores.values():
         store.close()
+
+
+async def test_a_control_plane_made_before_the_election_becomes_the_sole_voter(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A data directory from before the election (schema 5: no voter record) is migrated,
+    and its control plane writes the first voter record at start and leads."""
+    from populi_peer.cluster import init_cluster
+
+    data_dir = tmp_path / "cp"
+    init_cluster(
+        data_dir,
+        cluster_name="old",
+        node_name="cp",
+        listen="127.0.0.1:0",
+        advertise=["cp.populi.test:443"],
+        force=False,
+        now_wall_s=VirtualClock().wall(),
+    )
+    store = Store.open(data_dir)
+    with store.transaction():
+        store.execute("DROP TABLE election_entries")
+        store.execute("DROP TABLE election_vote")
+        store.execute("PRAGMA user_version = 5")
+    store.close()
+    async with open_virtual_cluster(tmp_path / "new", template=tmp_path) as cluster:
+        cp = cluster.cp
+        voters = cp.election.voters
+        assert voters is not None and voters.voters == {cp.node_id}
+        assert cp.election.role == "leader" and cp.control_plane.is_self
