@@ -201,6 +201,7 @@ class Agent:
                 else None
             )
         )
+        self.election.url_of = self.control_plane.url_of
         self.uptime = Uptime(clock)
         self.hypercorn: ReloadableConfig | None = None
         self.standing = Standing(

@@ -13,11 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
+from populi_peer.core.hlc import Hlc
+from populi_peer.core.registers import Stamp
+from populi_peer.core.replication import SetElement
+from populi_peer.errors import Conflict
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from support.contract import validate
 
@@ -236,6 +241,19 @@ async def test_an_operator_removes_and_adds_back_a_voter_one_change_at_a_time(
     async with open_virtual_cluster(tmp_path, workers=1, on_response=validate) as cluster:
         names = await three_voters(cluster)
         cp, v3 = cluster.cp, cluster["v3"]
+        # A write proposed to a voter that does not lead names the leader.
+        with pytest.raises(Conflict) as refused:
+            await v3.election.write(
+                SetElement(
+                    "revoked_nodes",
+                    "n-x",
+                    {"reason": "test"},
+                    Stamp(v3.election.term, Hlc(1, 0), v3.node_id),
+                )
+            )
+        details = refused.value.details
+        assert refused.value.code == "not_control_plane" and details["leader_id"] == cp.node_id
+        assert details["leader_url"] == cp.control_plane.url and details["term"] == cp.election.term
         async with cluster.operator_client() as client:
             removed = await client.post(
                 "/v1/populi/admin/voters", json={"action": "remove", "node": "v3"}
