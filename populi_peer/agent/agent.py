@@ -636,6 +636,8 @@ class Agent:
             # Storage refused it: the self-beat's registers catch up once writes pass.
             log(self.logger, logging.WARNING, "member lifecycles not written", error=str(exc))
         self.reporting.to_self = True
+        # A table of an earlier term of this node's must not grant under this one.
+        self.leases.forget()
         self_beat = SelfBeat(
             intake=self.heartbeat_intake,
             reports=self.heartbeat_reports,
@@ -648,6 +650,7 @@ class Agent:
     def _following_services(self) -> list[Callable[..., Any]]:
         """While another node does: heartbeats to it."""
         self.reporting.to_self = False
+        self.leases.forget()
         return [self.heartbeat_sender.run]
 
     def _ensure_lifecycles(self) -> None:
