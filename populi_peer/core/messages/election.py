@@ -55,20 +55,24 @@ class ElectionExchange(Message):
     messages: tuple[ElectionMessage, ...] = wire(_MESSAGES, default=())
 
 
+#: A raw 32-byte X25519 public key, base64url without padding.
+_B64_KEY = Text(pattern=r"[A-Za-z0-9_-]{43}", what="32 bytes, base64url")
+
+
 @message
 class ClusterKeyRequest(Message):
     """A voter's fresh X25519 public key (base64url, 32 bytes) to seal the cluster key to."""
 
-    public_key: str = wire(Text(min_len=43, max_len=44))
+    public_key: str = wire(_B64_KEY)
 
 
 @message
 class ClusterKeyAnswer(Message):
     """The cluster key sealed to the request's key (``enrollment/keyshare.py``)."""
 
-    sender_public: str = wire(Text(min_len=43, max_len=44))
-    nonce: str = wire(Text(min_len=16, max_len=16))
-    sealed: str = wire(Text(min_len=1, max_len=128))
+    sender_public: str = wire(_B64_KEY)
+    nonce: str = wire(Text(pattern=r"[A-Za-z0-9_-]{16}", what="12 bytes, base64url"))
+    sealed: str = wire(Text(pattern=r"[A-Za-z0-9_-]{1,128}", what="base64url"))
 
 
 VoterAction = Literal["add", "remove"]
