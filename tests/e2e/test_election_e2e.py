@@ -81,6 +81,9 @@ def scenario(mesh: Mesh) -> None:
     print(f"three voters settled after {took:.1f} s")
     first_term = seen["cp"]["term"]
     assert seen["cp"]["election_role"] == "leader"
+    human = mesh.cli("v2", "status").stdout
+    assert "leader         cp (" in human and "[this node: follower]" in human
+    assert "voters         " in human and "heard" in human
 
     # The leader dies without a word.
     mesh.stop("cp", signal.SIGKILL)
