@@ -30,7 +30,6 @@ from enrollment.ca import certificate_public_key
 from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
-from populi_peer.agent.cluster_key import ClusterKeyShare
 from populi_peer.agent.election import ElectionService, PeerElectionTransport, RoleServices
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
@@ -243,13 +242,6 @@ class Agent:
             events=self.events,
         )
         self.enrollment.joined_listeners.append(self.voter_admin.joined)
-        self.cluster_key = ClusterKeyShare(
-            identity=identity,
-            election=self.election,
-            control_plane=self.control_plane,
-            peers=self.peer_link,
-            on_key=self.enrollment.adopt_cluster_key,
-        )
         self.certificates = CertificateRenewal(
             identity=identity,
             clock=clock,
@@ -560,7 +552,6 @@ class Agent:
             *self.node_status.routes(),
             *self.election.routes(),
             *self.voter_admin.routes(),
-            *self.cluster_key.routes(),
         ]
 
     # -- lifetime -------------------------------------------------------------------------
@@ -677,7 +668,6 @@ class Agent:
             # First: a lone voter leads once its machine started.
             self.election.run,
             self.voter_admin.run,
-            self.cluster_key.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,

@@ -61,15 +61,6 @@ async def test_three_voters_survive_the_leader_crash(
         )
         assert leaders(cluster, names) == ["cp"]
         first_term = cp.election.term
-        # Every voter holds the cluster key (sealed to it by the leader): a new leader
-        # must sign tokens, certificates and revocation lists.
-        await cluster.wait_until(
-            lambda: all(cluster[n].cluster_key.key is not None for n in names),
-            timeout_s=GUARD_S,
-            what="the voters hold the cluster key",
-        )
-        assert cluster["w1"].cluster_key.key is None  # a worker never gets it
-        assert (cluster.nodes["v2"].data_dir / "keys" / "cluster.key").exists()
         # A voter that does not lead refuses control-plane calls, naming the leader.
         operator = cp.certificates.identity.operator
         assert operator is not None
@@ -108,14 +99,6 @@ async def test_three_voters_survive_the_leader_crash(
             timeout_s=GUARD_S,
             what="the worker follows the new leader",
         )
-        # It mints a join token and a new node joins through it.
-        async with client(second) as leader_client:
-            minted = await leader_client.post(
-                "/v1/populi/admin/tokens", json={"ttl_s": 600, "roles": ["worker"]}
-            )
-        assert minted.status_code == 200, minted.text
-        joined = await cluster.join("w2", token=minted.json()["token"])
-        assert joined is not None and joined.control_plane.id == new.node_id
         # The old leader comes back from its disk and follows.
         old: Agent = await cluster.start("cp")
         await cluster.wait_until(

@@ -3,9 +3,6 @@
 - ``POST /v1/populi/admin/voters``: :class:`VoterChangeRequest` →
   :class:`VoterChangeAnswer`, an operator's one voter added or removed (the leader writes
   the new ``voters`` record through the election);
-- ``POST /v1/populi/election/cluster-key``: :class:`ClusterKeyRequest` →
-  :class:`ClusterKeyAnswer`, a voter fetching the cluster key from the leader (sealed to
-  a fresh key of the request);
 - ``POST /v1/populi/election``: :class:`ElectionPost` → :class:`ElectionExchange`. The
   body carries election messages from the caller (each names the caller as its sender);
   the answer carries the messages the receiving voter sends back to the caller at once
@@ -55,26 +52,6 @@ class ElectionExchange(Message):
     messages: tuple[ElectionMessage, ...] = wire(_MESSAGES, default=())
 
 
-#: A raw 32-byte X25519 public key, base64url without padding.
-_B64_KEY = Text(pattern=r"[A-Za-z0-9_-]{43}", what="32 bytes, base64url")
-
-
-@message
-class ClusterKeyRequest(Message):
-    """A voter's fresh X25519 public key (base64url, 32 bytes) to seal the cluster key to."""
-
-    public_key: str = wire(_B64_KEY)
-
-
-@message
-class ClusterKeyAnswer(Message):
-    """The cluster key sealed to the request's key (``enrollment/keyshare.py``)."""
-
-    sender_public: str = wire(_B64_KEY)
-    nonce: str = wire(Text(pattern=r"[A-Za-z0-9_-]{16}", what="12 bytes, base64url"))
-    sealed: str = wire(Text(pattern=r"[A-Za-z0-9_-]{1,128}", what="base64url"))
-
-
 VoterAction = Literal["add", "remove"]
 
 
@@ -103,8 +80,6 @@ class VoterChangeAnswer(Message):
 __all__ = [
     "ELECTION_MESSAGE",
     "MAX_ELECTION_MESSAGES",
-    "ClusterKeyAnswer",
-    "ClusterKeyRequest",
     "ElectionExchange",
     "ElectionPost",
     "VoterAction",
