@@ -30,6 +30,7 @@ from enrollment.ca import certificate_public_key
 from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
+from populi_peer.agent.election import ElectionService, PeerElectionTransport, RoleServices
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gossip import HintGossip
@@ -60,6 +61,7 @@ from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
 from populi_peer.agent.status import NodeStatus, Uptime
 from populi_peer.agent.submitter import Submitter
+from populi_peer.agent.voters import VoterAdmin
 from populi_peer.agent.wiring import (
     AllWork,
     ControlPlaneNodeFacts,
@@ -74,7 +76,10 @@ from populi_peer.api.auth import Authenticator
 from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
+from populi_peer.cluster import first_voters_entry
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
+from populi_peer.core.election import ElectionSettings
+from populi_peer.core.settings import election_settings
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
@@ -83,6 +88,7 @@ from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, writ
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
+from populi_peer.store.election import ElectionState
 from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
 from populi_peer.store.leases import Leases
@@ -146,6 +152,21 @@ class Agent:
             control_plane=self.control_plane,
             client=self.peers,
         )
+        # The control-plane election (ADR 0011, 0016): this node's machine, voter or not.
+        self.election = ElectionService(
+            node_id=self.node_id,
+            clock=clock,
+            state=ElectionState(self.store),
+            events=self.events,
+            settings=self._election_settings(self.records.settings),
+            transport=PeerElectionTransport(self.peer_link),
+        )
+        self.records.settings_listeners.append(
+            lambda values: self.election.settings_changed(self._election_settings(values))
+        )
+        self._ensure_voter_record(identity)
+        self.election.role_listeners.append(self.control_plane.role_changed)
+        self.control_plane.authority = self.election.can_act
         # Timings by scope, advertised addresses, LAN discovery (docs/wan.md).
         self.net = NodeNetwork(
             config=config,
@@ -164,6 +185,26 @@ class Agent:
         )
         self.peer_link.rank = self.net.address_book.candidates
         self.address = OwnAddress.from_plan(config, self.net, url)
+        # A voter follows only a voter of the signed voter record it holds; another node
+        # (which holds none) a node whose member record has the voter role.
+        self.control_plane.is_voter = lambda node_id: (
+            node_id in held.voters
+            if (held := self.election.voters) is not None
+            else (m := self.membership.get(node_id)) is not None and "voter" in m.roles
+        )
+        self.control_plane.voters = lambda: [
+            (m.id, m.addresses) for m in self.membership.nodes() if "voter" in m.roles
+        ]
+        self.control_plane.url_of = lambda node_id: (
+            self.address.url
+            if node_id == self.node_id
+            else (
+                f"https://{m.addresses[0]}"
+                if (m := self.membership.get(node_id)) and m.addresses
+                else None
+            )
+        )
+        self.election.url_of = self.control_plane.url_of
         self.uptime = Uptime(clock)
         self.hypercorn: ReloadableConfig | None = None
         self.standing = Standing(
@@ -191,6 +232,16 @@ class Agent:
             records=self.records,
             events=self.events,
         )
+        self.voter_admin = VoterAdmin(
+            node_id=self.node_id,
+            node_key=identity.node_key,
+            clock=clock,
+            election=self.election,
+            membership=self.membership,
+            control_plane=self.control_plane,
+            events=self.events,
+        )
+        self.enrollment.joined_listeners.append(self.voter_admin.joined)
         self.certificates = CertificateRenewal(
             identity=identity,
             clock=clock,
@@ -335,6 +386,8 @@ class Agent:
             health=self.health,
             cert_not_after_s=lambda: self.certificates.not_after_s,
             network=self.net.status_json,
+            election=self.election,
+            names=lambda node_id: m.name if (m := self.membership.get(node_id)) else None,
         )
         # Hint gossip: this node's signed hint, and the cluster's, peer to peer (ADR 0010).
         self.gossip = HintGossip(
@@ -498,6 +551,8 @@ class Agent:
             *self.gossip.routes(),
             *self.settings_sync.routes(),
             *self.node_status.routes(),
+            *self.election.routes(),
+            *self.voter_admin.routes(),
         ]
 
     # -- lifetime -------------------------------------------------------------------------
@@ -507,7 +562,6 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         self.uptime.start()
-        self._ensure_lifecycles()
         try:
             async with trio.open_nursery() as server_nursery:
                 if self.serve:
@@ -554,6 +608,47 @@ class Agent:
         await trio.sleep(0.2)
         self.request_stop()
 
+    def _election_settings(self, values: dict[str, Any]) -> ElectionSettings:
+        return election_settings(values, max_skew_ms=int(self.config.security.max_skew_s * 1000))
+
+    def _ensure_voter_record(self, identity: Any) -> None:
+        """A data directory made by ``populi init`` before the election existed holds no
+        voter set: its control plane becomes the sole voter (it was the only authority)."""
+        if self.control_plane.named_self and not self.election.state.has_voters():
+            self.election.state.bootstrap(
+                first_voters_entry(
+                    node_id=self.node_id,
+                    node_key=identity.node_key,
+                    actor=self.node_id,
+                    now_ms=wall_ms(self.clock),
+                )
+            )
+
+    def _leading_services(self) -> list[Callable[..., Any]]:
+        """While this node acts as control plane: its own heartbeat and the lease table."""
+        try:
+            self._ensure_lifecycles()
+        except PopuliError as exc:
+            # Storage refused it: the self-beat's registers catch up once writes pass.
+            log(self.logger, logging.WARNING, "member lifecycles not written", error=str(exc))
+        self.reporting.to_self = True
+        # A table of an earlier term of this node's must not grant under this one.
+        self.leases.forget()
+        self_beat = SelfBeat(
+            intake=self.heartbeat_intake,
+            reports=self.heartbeat_reports,
+            health=self.health,
+            interval_s=self.net.timings.local.heartbeat_interval_s,
+            also=[self._report_to_self],
+        )
+        return [self_beat.run, self.leases.run]
+
+    def _following_services(self) -> list[Callable[..., Any]]:
+        """While another node does: heartbeats to it."""
+        self.reporting.to_self = False
+        self.leases.forget()
+        return [self.heartbeat_sender.run]
+
     def _ensure_lifecycles(self) -> None:
         if self.control_plane.is_self:
             self.registry.ensure_lifecycles(
@@ -564,23 +659,21 @@ class Agent:
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
+        by_role = RoleServices(
+            is_leader=lambda: self.control_plane.is_self,
+            changed=self.election.wait_changed,
+            leading=self._leading_services,
+            following=self._following_services,
+        )
         services: list[Callable[..., Any]] = [
+            # First: a lone voter leads once its machine started.
+            self.election.run,
+            self.voter_admin.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,
+            by_role.run,
         ]
-        if self.control_plane.is_self:
-            self.reporting.to_self = True
-            self_beat = SelfBeat(
-                intake=self.heartbeat_intake,
-                reports=self.heartbeat_reports,
-                health=self.health,
-                interval_s=self.net.timings.local.heartbeat_interval_s,
-                also=[self._report_to_self],
-            )
-            services += [self_beat.run, self.leases.run]
-        else:
-            services.append(self.heartbeat_sender.run)
         services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
         if self.config.gossip.enabled:
             services.append(self.gossip.run)
@@ -625,7 +718,7 @@ class Agent:
         address we actually serve on (a listen port of 0 is only known after binding)."""
         addresses = self.address.addresses()
         member = self.membership.get(self.node_id)
-        if member is not None and member.addresses != addresses and self.control_plane.is_self:
+        if member is not None and member.addresses != addresses and self.control_plane.named_self:
             self.membership.upsert(
                 replace(member, addresses=addresses, updated_ms=wall_ms(self.clock))
             )

@@ -31,6 +31,7 @@ from populi_peer.cli import (
     cmd_settings,
     cmd_status,
     cmd_token,
+    cmd_voter,
 )
 from populi_peer.cli.common import ArgParser
 from populi_peer.errors import PopuliError, translate_enrollment
@@ -62,6 +63,7 @@ COMMAND_MODULES = [
     cmd_node,
     cmd_lease,
     cmd_token,
+    cmd_voter,
     cmd_settings,
     cmd_ca,
     cmd_service,

@@ -28,6 +28,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from populi_peer.core.messages._codec import Message
+from populi_peer.core.messages.election import (
+    ElectionExchange,
+    ElectionPost,
+    VoterChangeAnswer,
+    VoterChangeRequest,
+)
 from populi_peer.core.messages.gossip import (
     GossipDigest,
     GossipPush,
@@ -129,7 +135,9 @@ from populi_peer.core.messages.status import (
     SightingView,
     StatusAnswer,
     StatusControlPlane,
+    StatusLeader,
     StatusNode,
+    StatusVoter,
 )
 from populi_peer.core.messages.tasks import (
     OutputChunkAnswer,
@@ -196,6 +204,8 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
     "gossip_digest": _E(GossipDigest, GossipReply),
     "gossip_push": _E(GossipPush, GossipPushAnswer),
     "hints": _E(None, HintsAnswer),
+    "election": _E(ElectionPost, ElectionExchange),
+    "voter_change": _E(VoterChangeRequest, VoterChangeAnswer),
 }
 
 __all__ = [
@@ -210,6 +220,8 @@ __all__ = [
     "ClusterRef",
     "ControlPlaneRef",
     "DiscoveryStatusView",
+    "ElectionExchange",
+    "ElectionPost",
     "EventKind",
     "EventView",
     "EventsAnswer",
@@ -283,7 +295,9 @@ __all__ = [
     "Standing",
     "StatusAnswer",
     "StatusControlPlane",
+    "StatusLeader",
     "StatusNode",
+    "StatusVoter",
     "TaskAnswer",
     "TaskCancelAnswer",
     "TaskLeaseGrant",
@@ -297,4 +311,6 @@ __all__ = [
     "TokenListAnswer",
     "TokenRevokeAnswer",
     "TokenSummary",
+    "VoterChangeAnswer",
+    "VoterChangeRequest",
 ]
