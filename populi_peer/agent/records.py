@@ -73,6 +73,22 @@ class ClusterRecords:
         self._install(record)
         return True
 
+    def stage_replicated_settings(self, text: str) -> SignedRecord:
+        """Store the settings record a majority of voters holds (ADR 0017) in the caller's
+        transaction, whatever the serial held here (the replicated order is the record's
+        own: term, then serial); :meth:`adopt_settings` once that committed."""
+        with enrollment_boundary():
+            record = verify_record(text, expected_kind="settings")
+        cluster_settings.validate_settings(record.body)
+        with self.store.transaction():
+            self.rows.put(
+                "settings", serial=record.serial, text=record.text, stored_ms=record.signed_ms
+            )
+        return record
+
+    def adopt_settings(self, record: SignedRecord) -> None:
+        self._install(record)
+
     def change_settings(
         self, changes: dict[str, Any], *, identity: Identity, actor: str, now_ms: int
     ) -> SignedRecord | None:

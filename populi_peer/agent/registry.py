@@ -117,6 +117,42 @@ class Registry:
             self.store.set_meta_json("hlc", self._hlc.to_json())
         return merged
 
+    def stage_replicated(self, writes: Iterable[RegisterWrite]) -> RegisterSet | None:
+        """Store the register writes a majority of voters holds (ADR 0017) in the caller's
+        transaction, each only if it wins against what is held here (the item's own
+        order: a replayed or older write changes nothing), and return the merged set for
+        :meth:`adopt`; ``None`` when nothing changes. No skew check: the leader that
+        proposed them made it."""
+        incoming = RegisterSet(writes)
+        merged = self.registers.merge(incoming)
+        if merged is self.registers:
+            return None
+        with self.store.transaction():
+            for write in incoming.writes():
+                if merged.get(*write.key) != write or self.registers.get(*write.key) == write:
+                    continue
+                self.observe_replicated(write.stamp.hlc)
+                text = sign_record(
+                    kind="register",
+                    serial=0,
+                    body=write.to_json(),
+                    signer_id=self.identity.node_id,
+                    signer_key=self.identity.node_key,
+                    now_ms=self.now_ms(),
+                    actor=write.actor,
+                )
+                if write.attribute == LIFECYCLE and write.value is None:
+                    self.rows.drop_node(write.node_id)
+                self.rows.put(write.node_id, write.attribute, text)
+            self.store.set_meta_json("hlc", self._hlc.to_json())
+        return merged
+
+    def observe_replicated(self, remote: Hlc) -> None:
+        """Move this node's clock past a replicated stamp, without the skew check (it was
+        made when the leader accepted the write; refusing it here would only leave this
+        replica behind)."""
+        self._hlc = max(self._hlc, remote)
+
     def adopt(self, merged: RegisterSet) -> None:
         """Show a committed :meth:`stage` to this node."""
         self.registers = merged

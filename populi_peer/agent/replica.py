@@ -1,0 +1,315 @@
+"""The materializer: replicated records into this node's tables (ADR 0017).
+
+With elections (ADR 0011) a control-plane change is one item a majority of voters stores
+(:mod:`populi_peer.core.cluster_state` says which). The election service calls
+:meth:`Replica.apply` on every voter right after it persisted entries — the leader's own
+writes, those merged when it was elected, those a heartbeat brought. :meth:`apply` puts
+the winning items into the tables the rest of the agent reads (principals, registers,
+join tokens and their uses, the revocation list, the settings record), so every reader
+works unchanged on every voter, and refreshes the in-memory views once that committed.
+
+- **Newer wins, by the item's own order.** The entries applied so far are kept (table
+  ``replica_applied``) and merged with :class:`~populi_peer.core.replication.RecordSet`:
+  only an entry that becomes a winner changes a table, so applying the same entries
+  twice, in any order, or after a restart, changes nothing.
+- **One transaction.** Every table change of one call, and the entries applied, commit
+  together; memory adopts them only after the commit.
+- **Never takes the agent down.** A write the storage refuses leaves the tables as they
+  were and the entries pending: the next call applies them first (:attr:`lagging` says
+  so meanwhile). An item that does not decode is logged and skipped, on every voter alike.
+- The signed revocation list is derived from the ``revoked_nodes`` and
+  ``released_names`` sets and signed with the cluster key when this node holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from enrollment.records import SignedRecord
+from enrollment.revocation import RevocationList, RevokedNode, sign_revocations
+from populi_peer.agent.membership import Membership
+from populi_peer.agent.records import ClusterRecords
+from populi_peer.agent.registry import Registry
+from populi_peer.agent.revocations import RevocationState
+from populi_peer.core.cluster_state import (
+    Change,
+    IssuedToken,
+    MemberRemoved,
+    MemberStored,
+    NameReleased,
+    NodeForgotten,
+    NodeRevoked,
+    RegisterStored,
+    SettingsStored,
+    TokenConsumed,
+    TokenRevoked,
+    decode,
+    revocation_content,
+)
+from populi_peer.core.registers import RegisterSet, RegisterWrite
+from populi_peer.core.replication import Entry, RecordSet, SetElement
+from populi_peer.errors import BadRequest, PopuliError, StoreError, enrollment_boundary
+from populi_peer.log import get_logger, log
+from populi_peer.store import Store
+from populi_peer.store.replica import AppliedEntries
+from populi_peer.store.tokens import JoinTokens
+
+#: The order a batch is applied in: tokens before their uses, uses before the member
+#: records that name their certificates, members before registers (a tombstone removes
+#: the member), the derived lists last.
+_ORDER: dict[type, int] = {
+    IssuedToken: 0,
+    TokenRevoked: 1,
+    TokenConsumed: 2,
+    MemberStored: 3,
+    MemberRemoved: 3,
+    RegisterStored: 4,
+    NodeForgotten: 4,
+}
+
+
+class Replica:
+    """Puts the records a majority of voters stored into this node's tables."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        membership: Membership,
+        registry: Registry,
+        records: ClusterRecords,
+        revocations: RevocationState,
+        cluster_key: Callable[[], Ed25519PrivateKey | None],
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.store = store
+        self.applied_rows = AppliedEntries(store)
+        self.tokens = JoinTokens(store)
+        self.membership = membership
+        self.registry = registry
+        self.records = records
+        self.revocations = revocations
+        self.cluster_key = cluster_key
+        self.now_ms = now_ms
+        self.logger = get_logger("replica")
+        entries = [Entry.from_json(data) for data in self.applied_rows.all()]
+        self.applied, _ = RecordSet().merge(entries)
+        #: Entries a failed commit left unapplied; applied first by the next call.
+        self.pending: tuple[Entry, ...] = ()
+
+    @property
+    def lagging(self) -> bool:
+        """Whether some stored records are not in the tables yet (a failed write)."""
+        return bool(self.pending)
+
+    def apply(self, entries: Sequence[Entry]) -> None:
+        """Put ``entries`` (and any left pending) into the tables, in one transaction.
+        Never raises for bad entries or failed storage: see the module docstring."""
+        batch = (*self.pending, *entries)
+        try:
+            self._apply(batch)
+        except StoreError as exc:
+            self.pending = batch
+            log(
+                self.logger,
+                logging.ERROR,
+                "replicated records not applied; will retry with the next ones",
+                entries=len(batch),
+                error=str(exc),
+            )
+            return
+        self.pending = ()
+
+    def _apply(self, batch: Sequence[Entry]) -> None:
+        merged, won = self.applied.merge(batch)
+        if not won:
+            self.applied = merged
+            return
+        changes: list[tuple[Entry, Change]] = []
+        for entry in won:
+            try:
+                changes.append((entry, decode(entry.item)))
+            except BadRequest as exc:
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "replicated record skipped: it does not decode",
+                    write_id=str(entry.write_id),
+                    error=str(exc),
+                )
+        changes.sort(key=lambda pair: _ORDER.get(type(pair[1]), 5))
+        adopt: list[Callable[[], None]] = []
+        with self.store.transaction():
+            registers: list[RegisterWrite] = []
+            revocations_changed = False
+            for entry, change in changes:
+                if isinstance(change, (RegisterStored, NodeForgotten)):
+                    registers.append(change.write)
+                    if isinstance(change, NodeForgotten):
+                        adopt.append(self._forget(change.write.node_id))
+                elif isinstance(change, (NodeRevoked, NameReleased)):
+                    revocations_changed = True
+                else:
+                    adopt.append(self._stage(entry, change))
+            staged = self.registry.stage_replicated(registers)
+            if staged is not None:
+                adopt.append(_adopt_registers(self.registry, staged))
+            if revocations_changed:
+                adopt.append(self._stage_revocations(merged))
+            for entry in won:
+                if isinstance(entry.item, RegisterWrite) and entry.item.is_tombstone:
+                    self.applied_rows.drop_node(entry.item.node_id)
+                self.applied_rows.put(entry.key, entry.to_json())
+        self.applied = merged
+        for step in adopt:
+            step()
+
+    # -- one change each, inside the transaction; each returns what memory adopts after
+
+    def _stage(self, entry: Entry, change: Change) -> Callable[[], None]:
+        if isinstance(change, IssuedToken):
+            self.tokens.put_issued(
+                token_id=change.token_id,
+                digest=change.digest,
+                roles=list(change.roles),
+                name=change.name,
+                uses=change.uses,
+                not_before_ms=change.not_before_ms,
+                expires_ms=change.expires_ms,
+                created_ms=change.created_ms,
+                created_by=change.created_by,
+            )
+        elif isinstance(change, TokenRevoked):
+            self.tokens.revoke(change.token_id, now_ms=change.revoked_ms)
+        elif isinstance(change, TokenConsumed):
+            self._stage_use(entry, change)
+        elif isinstance(change, MemberStored):
+            return self._stage_member(change)
+        elif isinstance(change, MemberRemoved):
+            return self._forget(change.principal_id)
+        elif isinstance(change, SettingsStored):
+            return self._stage_settings(change)
+        return _nothing
+
+    def _stage_use(self, entry: Entry, change: TokenConsumed) -> None:
+        item = entry.item
+        assert isinstance(item, SetElement)
+        before = self.applied.set_element("consumed_tokens", item.key)
+        if before is not None and before.value.get("consumer") != change.node_id:
+            # A use an older leader left on a minority, beaten by this one.
+            self.tokens.drop_use(change.token_id, node_id=str(before.value.get("consumer")))
+        self.tokens.record_use(
+            change.token_id, node_id=change.node_id, at_ms=item.stamp.hlc.wall_ms
+        )
+
+    def _stage_member(self, change: MemberStored) -> Callable[[], None]:
+        member = change.member
+        try:
+            with enrollment_boundary():
+                self.membership.check_member(member)
+        except PopuliError as exc:
+            log(
+                self.logger,
+                logging.WARNING,
+                "replicated member record skipped",
+                principal=member.id,
+                error=str(exc),
+            )
+            return _nothing
+        self.membership.store_member(member)
+        if change.certificate is not None and member.token_id:
+            self.tokens.set_certificate(
+                member.token_id, node_id=member.id, certificate=change.certificate
+            )
+        return lambda: self.membership.adopt(member)
+
+    def _forget(self, principal_id: str) -> Callable[[], None]:
+        if self.membership.get(principal_id) is None:
+            return _nothing
+        self.membership.delete_member(principal_id)
+        return lambda: self.membership.forget(principal_id)
+
+    def _stage_settings(self, change: SettingsStored) -> Callable[[], None]:
+        try:
+            record = self.records.stage_replicated_settings(change.text)
+        except PopuliError as exc:
+            log(
+                self.logger,
+                logging.WARNING,
+                "replicated settings record skipped",
+                serial=change.serial,
+                error=str(exc),
+            )
+            return _nothing
+        return _adopt_settings(self.records, record)
+
+    def _stage_revocations(self, merged: RecordSet) -> Callable[[], None]:
+        key = self.cluster_key()
+        if key is None:
+            log(
+                self.logger,
+                logging.WARNING,
+                "revocations replicated but the list not re-signed: this node does not "
+                "hold the cluster key",
+            )
+            return _nothing
+        revoked = [_change(merged, "revoked_nodes", k) for k in merged.members("revoked_nodes")]
+        released = [_change(merged, "released_names", k) for k in merged.members("released_names")]
+        content = revocation_content(
+            [c for c in revoked if isinstance(c, NodeRevoked)],
+            [c for c in released if isinstance(c, NameReleased)],
+        )
+        try:
+            with enrollment_boundary():
+                lst = RevocationList(
+                    cluster_id=self.revocations.cluster_id,
+                    serial=content.serial,
+                    issued_ms=content.issued_ms,
+                    revoked=tuple(
+                        RevokedNode(
+                            node_id=n.node_id,
+                            name=n.name,
+                            reason=n.reason,
+                            revoked_ms=n.revoked_ms,
+                            cert_serials=n.cert_serials,
+                        )
+                        for n in content.revoked
+                    ),
+                    blocked_names=content.blocked_names,
+                )
+                text = sign_revocations(lst, key)
+        except PopuliError as exc:
+            log(self.logger, logging.WARNING, "derived revocation list refused", error=str(exc))
+            return _nothing
+        if not self.revocations.stage_derived(lst, text, now_ms=self.now_ms()):
+            return _nothing
+        return lambda: self.revocations.adopt(lst, text)
+
+
+def _change(records: RecordSet, set_name: Any, key: str) -> Change | None:
+    element = records.set_element(set_name, key)
+    if element is None:
+        return None
+    try:
+        return decode(element)
+    except BadRequest:
+        return None
+
+
+def _adopt_registers(registry: Registry, staged: RegisterSet) -> Callable[[], None]:
+    return lambda: registry.adopt(staged)
+
+
+def _adopt_settings(records: ClusterRecords, record: SignedRecord) -> Callable[[], None]:
+    return lambda: records.adopt_settings(record)
+
+
+def _nothing() -> None:
+    return None
+
+
+__all__ = ["Replica"]
