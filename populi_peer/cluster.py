@@ -27,10 +27,12 @@ from enrollment.revocation import RevocationList, sign_revocations
 from populi_peer.config import CONFIG_FILE_NAME, format_host_port, parse_host_port, reach_host
 from populi_peer.core import settings as cluster_settings
 from populi_peer.core.membership import Member
+from populi_peer.core.replication import Entry, bootstrap_voters, voters_body
 from populi_peer.datadir_lock import refuse_while_locked
 from populi_peer.errors import Conflict, UsageError
 from populi_peer.identity import NODE_ROLES_INIT, OPERATOR_ROLES, DataPaths
 from populi_peer.store import DB_FILE_NAME, Store
+from populi_peer.store.election import ElectionState
 from populi_peer.store.events import EventLog
 from populi_peer.store.members import Members
 from populi_peer.store.records import SignedRecords
@@ -226,6 +228,11 @@ def init_cluster(
                 )
             )
             SignedRecords(store).put("settings", serial=1, text=settings_text, stored_ms=now_ms)
+            ElectionState(store).bootstrap(
+                first_voters_entry(
+                    node_id=node_id, node_key=node_key, actor=operator_id, now_ms=now_ms
+                )
+            )
             RevocationLists(store).install(
                 0,
                 sign_revocations(RevocationList.empty(cluster_id, now_ms=now_ms), root_key),
@@ -257,6 +264,23 @@ def init_cluster(
     )
 
 
+def first_voters_entry(
+    *, node_id: str, node_key: Ed25519PrivateKey, actor: str, now_ms: int
+) -> Entry:
+    """The cluster's first voter-set record: the ``populi init`` node as its sole voter,
+    signed with its node key (ADR 0011 Decision 6, ADR 0016)."""
+    text = sign_record(
+        kind="voters",
+        serial=1,
+        body=voters_body([node_id], ()),
+        signer_id=node_id,
+        signer_key=node_key,
+        now_ms=now_ms,
+        actor=actor,
+    )
+    return bootstrap_voters([node_id], text)
+
+
 def _default_advertise(listen: str) -> list[str]:
     host, port = parse_host_port(listen)
     if host in ("0.0.0.0", "::") or port == 0:
@@ -266,6 +290,7 @@ def _default_advertise(listen: str) -> list[str]:
 
 __all__ = [
     "InitResult",
+    "first_voters_entry",
     "has_cluster",
     "init_cluster",
     "url_for",

@@ -161,6 +161,14 @@ class AgentUnavailable(PopuliError):
     http_status = 503
 
 
+class ServiceUnavailable(PopuliError):
+    """A service cannot answer now, for a reason that may clear (the control plane is
+    between leaders; a replicated write whose outcome is unknown: ``outcome_unknown``)."""
+
+    code = "service_unavailable"
+    http_status = 503
+
+
 class PeerError(PopuliError):
     code = "peer_error"
     http_status = 502
@@ -271,6 +279,7 @@ __all__ = [
     "PopuliError",
     "RateLimited",
     "RefusedError",
+    "ServiceUnavailable",
     "StorageUnavailable",
     "StoreError",
     "Unauthenticated",

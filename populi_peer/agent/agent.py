@@ -30,6 +30,7 @@ from enrollment.ca import certificate_public_key
 from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
+from populi_peer.agent.election import ElectionService, PeerElectionTransport
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gossip import HintGossip
@@ -74,6 +75,7 @@ from populi_peer.api.auth import Authenticator
 from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
+from populi_peer.cluster import first_voters_entry
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
@@ -83,6 +85,7 @@ from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, writ
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.attempts import Attempts
+from populi_peer.store.election import ElectionState
 from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
 from populi_peer.store.leases import Leases
@@ -146,6 +149,16 @@ class Agent:
             control_plane=self.control_plane,
             client=self.peers,
         )
+        # The control-plane election (ADR 0011, 0016): this node's machine, voter or not.
+        self.election = ElectionService(
+            node_id=self.node_id,
+            clock=clock,
+            state=ElectionState(self.store),
+            events=self.events,
+            transport=PeerElectionTransport(self.peer_link),
+        )
+        self._ensure_voter_record(identity)
+        self.election.role_listeners.append(self.control_plane.role_changed)
         # Timings by scope, advertised addresses, LAN discovery (docs/wan.md).
         self.net = NodeNetwork(
             config=config,
@@ -164,6 +177,15 @@ class Agent:
         )
         self.peer_link.rank = self.net.address_book.candidates
         self.address = OwnAddress.from_plan(config, self.net, url)
+        self.control_plane.url_of = lambda node_id: (
+            self.address.url
+            if node_id == self.node_id
+            else (
+                f"https://{m.addresses[0]}"
+                if (m := self.membership.get(node_id)) and m.addresses
+                else None
+            )
+        )
         self.uptime = Uptime(clock)
         self.hypercorn: ReloadableConfig | None = None
         self.standing = Standing(
@@ -497,6 +519,7 @@ class Agent:
             *self.gossip.routes(),
             *self.settings_sync.routes(),
             *self.node_status.routes(),
+            *self.election.routes(),
         ]
 
     # -- lifetime -------------------------------------------------------------------------
@@ -553,6 +576,19 @@ class Agent:
         await trio.sleep(0.2)
         self.request_stop()
 
+    def _ensure_voter_record(self, identity: Any) -> None:
+        """A data directory made by ``populi init`` before the election existed holds no
+        voter set: its control plane becomes the sole voter (it was the only authority)."""
+        if self.control_plane.is_self and not self.election.state.has_voters():
+            self.election.state.bootstrap(
+                first_voters_entry(
+                    node_id=self.node_id,
+                    node_key=identity.node_key,
+                    actor=self.node_id,
+                    now_ms=wall_ms(self.clock),
+                )
+            )
+
     def _ensure_lifecycles(self) -> None:
         if self.control_plane.is_self:
             self.registry.ensure_lifecycles(
@@ -564,6 +600,7 @@ class Agent:
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
         services: list[Callable[..., Any]] = [
+            self.election.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,

@@ -23,6 +23,7 @@ import trio
 
 from populi_peer.agent.membership import Membership
 from populi_peer.api.client import PeerClient, RequestBody
+from populi_peer.core.election import RoleChanged
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import MembersAnswer, Message
 from populi_peer.discovery.service import call_first
@@ -43,6 +44,9 @@ class ControlPlaneLink:
         self.node_id = node_id
         self.store = store
         self.client = client
+        #: ``url_of(node_id)``: where a leader the election names is reached (this node's
+        #: own URL for itself); ``None`` when no address is known.
+        self.url_of: Callable[[str], str | None] = lambda node_id: None
 
     @property
     def term(self) -> int:
@@ -85,6 +89,27 @@ class ControlPlaneLink:
         unless that term is older than the one this node knows."""
         if term >= self.term and url != self.url:
             self.store.set_meta("control_plane_url", url)
+
+    def role_changed(self, change: RoleChanged) -> None:
+        """This node's election moved (:class:`RoleChanged`): follow the leader it names."""
+        if change.leader is not None:
+            self.leader_elected(term=change.term, leader_id=change.leader)
+
+    def leader_elected(self, *, term: int, leader_id: str) -> None:
+        """The election names ``leader_id`` the leader of ``term`` (this node's own
+        election service, or a voter's heartbeat): follow it unless this node knows a
+        later term."""
+        if term < self.term:
+            return
+        values = {"term": str(term), "control_plane_id": leader_id}
+        url = self.url_of(leader_id)
+        if url:
+            values["control_plane_url"] = url
+        if all(self.store.get_meta(key) == value for key, value in values.items()):
+            return
+        with self.store.transaction():
+            for key, value in values.items():
+                self.store.set_meta(key, value)
 
     @overload
     async def call(

@@ -203,7 +203,27 @@ MIGRATIONS: list[str] = [
         made_ms INTEGER NOT NULL
     );
     """,
-    # 6 (ADR 0017): the replicated records this node has put into its tables, one winning
+    # 6: the control-plane election (ADR 0011 Decision 7, ADR 0016): this voter's term
+    # and vote (one row), the winning record entries by key, and the digest of every
+    # write id the replica has seen (JSON, ranges per term).
+    """
+    CREATE TABLE election_vote (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        term INTEGER NOT NULL,
+        voted_for TEXT,
+        digest TEXT NOT NULL
+    );
+    CREATE TABLE election_entries (
+        key_kind TEXT NOT NULL,
+        key_a TEXT NOT NULL,
+        key_b TEXT NOT NULL,
+        write_term INTEGER NOT NULL,
+        write_seq INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (key_kind, key_a, key_b)
+    ) WITHOUT ROWID;
+    """,
+    # 7 (ADR 0017): the replicated records this node has put into its tables, one winning
     # entry per key (``populi_peer.agent.replica``): what the tables hold, item by item, so
     # that a later entry is applied only if it beats it, and a restart catches up.
     """

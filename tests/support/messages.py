@@ -20,12 +20,21 @@ import yaml
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from populi_peer.core.election import (
+    Heartbeat,
+    HeartbeatAck,
+    PreVoteAnswer,
+    PreVoteRequest,
+    VoteAnswer,
+    VoteRequest,
+)
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.hlc import Hlc
 from populi_peer.core.leases import Lease
 from populi_peer.core.lifecycle import STATES, NodeLifecycle
 from populi_peer.core.messages import OPERATIONS, Message
 from populi_peer.core.messages import _codec as c
+from populi_peer.core.messages.election import ELECTION_MESSAGE
 from populi_peer.core.messages.heartbeat import INCARNATION, REPORT, REPORT_ANSWER, GpuSection
 from populi_peer.core.messages.inbox import (
     ANSWERS,
@@ -48,6 +57,7 @@ from populi_peer.core.messages.records import (
 )
 from populi_peer.core.policy import WORK_CLASSES
 from populi_peer.core.registers import RegisterWrite, Stamp
+from populi_peer.core.replication import Digest, Entry, SetElement, WriteId
 from populi_peer.core.reports import (
     Claim,
     FullReport,
@@ -349,7 +359,37 @@ report_answers = st.builds(
     ).map(tuple),
 )
 
+_voters = st.sampled_from(["n-v1", "n-v2", "n-v3"])
+_terms = st.integers(0, 50)
+_digests = st.lists(st.builds(WriteId, st.integers(0, 5), st.integers(1, 9)), max_size=4).map(
+    Digest
+)
+_election_entries = st.lists(
+    st.builds(
+        Entry,
+        st.builds(WriteId, st.integers(0, 5), st.integers(1, 9)),
+        st.builds(
+            SetElement,
+            st.just("revoked_nodes"),
+            st.sampled_from(["n-a", "n-b"]),
+            st.just({"reason": "lost"}),
+            st.builds(Stamp, _terms, st.builds(Hlc, st.integers(1, 9), st.just(0)), _voters),
+        ),
+    ),
+    max_size=2,
+).map(tuple)
+_holds = st.integers(0, 3_600_000).map(lambda ms: ms / 1000)
+election_messages = st.one_of(
+    st.builds(PreVoteRequest, _voters, _terms),
+    st.builds(PreVoteAnswer, _voters, _terms, st.booleans(), _terms),
+    st.builds(VoteRequest, _voters, _terms, _digests, _holds),
+    st.builds(VoteAnswer, _voters, _terms, st.booleans(), _election_entries, _digests),
+    st.builds(Heartbeat, _voters, _terms, st.integers(0, 99), _digests, _election_entries, _holds),
+    st.builds(HeartbeatAck, _voters, _terms, st.integers(0, 99), st.booleans(), _digests),
+)
+
 CORE: dict[int, st.SearchStrategy[Any]] = {
+    id(ELECTION_MESSAGE): election_messages,
     id(INCARNATION): incarnations,
     id(REPORT): full_reports | report_changes,
     id(REPORT_ANSWER): report_answers,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from populi_peer.core.messages._codec import Message
+from populi_peer.core.messages.election import ElectionExchange, ElectionPost
 from populi_peer.core.messages.gossip import (
     GossipDigest,
     GossipPush,
@@ -196,6 +197,7 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
     "gossip_digest": _E(GossipDigest, GossipReply),
     "gossip_push": _E(GossipPush, GossipPushAnswer),
     "hints": _E(None, HintsAnswer),
+    "election": _E(ElectionPost, ElectionExchange),
 }
 
 __all__ = [
@@ -210,6 +212,8 @@ __all__ = [
     "ClusterRef",
     "ControlPlaneRef",
     "DiscoveryStatusView",
+    "ElectionExchange",
+    "ElectionPost",
     "EventKind",
     "EventView",
     "EventsAnswer",

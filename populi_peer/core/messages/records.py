@@ -225,6 +225,7 @@ EventKind = Literal[
     "gpu_quarantined",
     "gpu_resumed",
     "lease_revoked",
+    "election",
 ]
 EVENT_KINDS: Final[tuple[EventKind, ...]] = get_args(EventKind)
 
