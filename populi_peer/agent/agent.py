@@ -56,6 +56,7 @@ from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import Departure, NodeAdmin
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
+from populi_peer.agent.replica import ClusterWrites, Replica
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
@@ -149,6 +150,16 @@ class Agent:
             control_plane=self.control_plane,
             client=self.peers,
         )
+        # Records a majority of voters stored, into this node's tables (ADR 0017).
+        self.replica = Replica(
+            self.store,
+            membership=self.membership,
+            registry=self.registry,
+            records=self.records,
+            revocations=self.revocations,
+            cluster_key=lambda: identity.cluster_key,
+            now_ms=lambda: wall_ms(clock),
+        )
         # The control-plane election (ADR 0011, 0016): this node's machine, voter or not.
         self.election = ElectionService(
             node_id=self.node_id,
@@ -156,6 +167,10 @@ class Agent:
             state=ElectionState(self.store),
             events=self.events,
             transport=PeerElectionTransport(self.peer_link),
+            on_records=self.replica.apply,
+        )
+        self.cluster_writes = ClusterWrites(
+            election=self.election, registry=self.registry, replica=self.replica
         )
         self._ensure_voter_record(identity)
         self.election.role_listeners.append(self.control_plane.role_changed)
@@ -212,6 +227,7 @@ class Agent:
             revocations=self.revocations,
             records=self.records,
             events=self.events,
+            writes=self.cluster_writes,
         )
         self.certificates = CertificateRenewal(
             identity=identity,
@@ -342,6 +358,7 @@ class Agent:
             liveness=self.heartbeats,
             gpu_view=self.gpu.view,
             departure=self.departure,
+            writes=self.cluster_writes,
         )
         self.node_status = NodeStatus(
             identity=identity,

@@ -11,7 +11,7 @@ degraded until it can, the old one staying in force meanwhile.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 import trio
@@ -46,7 +46,7 @@ class CertificateRenewal:
         identity: Identity,
         clock: Clock,
         control_plane: ControlPlaneLink,
-        issue_own: Callable[[], x509.Certificate],
+        issue_own: Callable[[], Awaitable[x509.Certificate]],
         health: Health,
         on_renewed: Sequence[Callable[[], None]] = (),
     ) -> None:
@@ -76,7 +76,7 @@ class CertificateRenewal:
 
     async def _renew(self) -> None:
         if self.control_plane.is_self:
-            pem = cert_to_pem(self.issue_own()).decode("ascii")
+            pem = cert_to_pem(await self.issue_own()).decode("ascii")
         else:
             answer = await self.control_plane.call(
                 "POST", "/v1/populi/certs/renew", {}, answer=CertRenewAnswer

@@ -51,7 +51,8 @@ class Registry:
     def now_ms(self) -> int:
         return int(self.clock.wall() * 1000)
 
-    def _tick(self) -> Hlc:
+    def tick(self) -> Hlc:
+        """This node's next clock value (a stamp of a write it makes)."""
         self._hlc = hlc_tick(self._hlc, self.now_ms())
         return self._hlc
 
@@ -74,7 +75,7 @@ class Registry:
             node_id=node_id,
             attribute=attribute,
             value=value,
-            stamp=Stamp(term=term, hlc=self._tick(), writer=writer),
+            stamp=Stamp(term=term, hlc=self.tick(), writer=writer),
             writer_class=writer_class,
             actor=actor,
             reason=reason,
@@ -188,7 +189,7 @@ class Registry:
             term=term,
         )
 
-    def command(
+    def plan_command(
         self,
         node_id: str,
         command: Command,
@@ -199,8 +200,11 @@ class Registry:
         term: int,
         deadline_wall_ms: int | None = None,
         until_wall_ms: int | None = None,
-    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None]:
-        """Apply a lifecycle command; returns (before, after). Illegal -> nothing changes."""
+    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None, RegisterWrite | None]:
+        """A lifecycle command checked against the register held here: (before, after,
+        the write that makes it, or ``None`` when nothing changes). Nothing is stored: the
+        control plane proposes the write through the election (ADR 0017). Illegal ->
+        raises, nothing changes."""
         check_command_writer(command, writer_class)
         stored = self.registers.lifecycle(node_id)
         if stored is None:
@@ -215,20 +219,19 @@ class Registry:
             deadline_wall_ms=deadline_wall_ms,
             until_wall_ms=until_wall_ms,
         )
-        if after is not stored:
-            value = None if after is None else after.to_json()
-            self.apply(
-                self.make_write(
-                    node_id,
-                    LIFECYCLE,
-                    value,
-                    writer_class=writer_class,
-                    actor=actor,
-                    reason=reason,
-                    term=term,
-                )
-            )
-        return before, after
+        if after is stored:
+            return before, after, None
+        value = None if after is None else after.to_json()
+        write = self.make_write(
+            node_id,
+            LIFECYCLE,
+            value,
+            writer_class=writer_class,
+            actor=actor,
+            reason=reason,
+            term=term,
+        )
+        return before, after, write
 
     def node_writes_json(self, node_id: str) -> dict[str, Any]:
         return {attr: write.to_json() for attr, write in self.registers.node(node_id).items()}

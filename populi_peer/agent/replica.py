@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -36,6 +36,7 @@ from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.core.cluster_state import (
+    USE_SEPARATOR,
     Change,
     IssuedToken,
     MemberRemoved,
@@ -50,8 +51,8 @@ from populi_peer.core.cluster_state import (
     decode,
     revocation_content,
 )
-from populi_peer.core.registers import RegisterSet, RegisterWrite
-from populi_peer.core.replication import Entry, RecordSet, SetElement
+from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
+from populi_peer.core.replication import Entry, Item, RecordSet, SetElement
 from populi_peer.errors import BadRequest, PopuliError, StoreError, enrollment_boundary
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -312,4 +313,67 @@ def _nothing() -> None:
     return None
 
 
-__all__ = ["Replica"]
+# -- the leader's side: proposing ---------------------------------------------------------
+
+
+class ElectionWriter(Protocol):
+    """What :class:`ClusterWrites` needs of the election service."""
+
+    @property
+    def term(self) -> int: ...
+
+    async def write(self, item: Item) -> Entry: ...
+
+
+class ClusterWrites:
+    """The control plane's write sites propose their change as one item through the
+    election (``ElectionService.write``): it is applied once a majority of voters stored
+    it, and this node's tables change only through :class:`Replica` (which the service
+    calls as soon as the leader stored the item itself, before the majority answered).
+
+    Refusals are the election's (``Conflict``: ``not_control_plane``, ``no_quorum``,
+    ``token_already_consumed``...; ``ServiceUnavailable`` ``outcome_unknown``); a caller
+    maps them to the codes it answered before."""
+
+    def __init__(self, *, election: ElectionWriter, registry: Registry, replica: Replica) -> None:
+        self.election = election
+        self.registry = registry
+        self.replica = replica
+        self.node_id = registry.identity.node_id
+
+    @property
+    def term(self) -> int:
+        return self.election.term
+
+    def stamp(self) -> Stamp:
+        """A stamp of the leader's term, this node's clock and id (set elements must carry
+        the leader's term: ``check_proposal``)."""
+        return Stamp(self.election.term, self.registry.tick(), self.node_id)
+
+    async def propose(self, item: Item) -> Entry:
+        return await self.election.write(item)
+
+    def node_revoked(self, node_id: str) -> bool:
+        return self.replica.applied.set_element("revoked_nodes", node_id) is not None
+
+    def name_released(self, node_id: str) -> bool:
+        return self.replica.applied.set_element("released_names", node_id) is not None
+
+    def token_use(self, token_id: str, node_id: str, uses: int) -> int | None:
+        """The use of ``token_id`` that ``node_id`` takes: the one it already holds (a
+        retried join proposes the same element again, which is accepted), else the lowest
+        free one; ``None`` when all ``uses`` are taken by others."""
+        records = self.replica.applied
+        taken: set[int] = set()
+        for key in records.members("consumed_tokens"):
+            owner, _, use = key.rpartition(USE_SEPARATOR)
+            if owner != token_id or not use.isdigit():
+                continue
+            element = records.set_element("consumed_tokens", key)
+            if element is not None and element.value.get("consumer") == node_id:
+                return int(use)
+            taken.add(int(use))
+        return next((n for n in range(1, uses + 1) if n not in taken), None)
+
+
+__all__ = ["ClusterWrites", "ElectionWriter", "Replica"]
