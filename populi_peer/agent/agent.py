@@ -289,6 +289,7 @@ class Agent:
             control_plane=self.control_plane,
             peers=self.peers,
             timeout_s=config.api.request_timeout_s,
+            writes=self.cluster_writes,
             rank=self.net.address_book.candidates,
         )
         self._build_execution()

@@ -89,11 +89,12 @@ class ClusterRecords:
     def adopt_settings(self, record: SignedRecord) -> None:
         self._install(record)
 
-    def change_settings(
+    def sign_change(
         self, changes: dict[str, Any], *, identity: Identity, actor: str, now_ms: int
     ) -> SignedRecord | None:
-        """Control plane: validate, sign and durably store a new settings record; ``None``
-        (nothing signed or stored) when every value is already as asked."""
+        """Control plane: validate ``changes`` and sign the next settings record (serial
+        + 1); ``None`` when every value is already as asked. Nothing is stored: the record
+        is proposed through the election and installed by the replica (ADR 0017)."""
         current = cluster_settings.validate_settings(dict(self.settings))
         values = dict(current)
         for key, value in changes.items():
@@ -110,11 +111,7 @@ class ClusterRecords:
             now_ms=now_ms,
             actor=actor,
         )
-        record = verify_record(text, expected_kind="settings")
-        with self.store.transaction():
-            self.rows.put("settings", serial=record.serial, text=text, stored_ms=now_ms)
-        self._install(record)
-        return record
+        return verify_record(text, expected_kind="settings")
 
     def policy_gates(self) -> frozenset[tuple[str, str]]:
         """The gated work-class cells the settings held here switch on."""

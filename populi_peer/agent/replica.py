@@ -52,7 +52,14 @@ from populi_peer.core.cluster_state import (
     revocation_content,
 )
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
-from populi_peer.core.replication import Entry, Item, RecordSet, SetElement
+from populi_peer.core.replication import (
+    ClusterKind,
+    ClusterRecord,
+    Entry,
+    Item,
+    RecordSet,
+    SetElement,
+)
 from populi_peer.errors import BadRequest, PopuliError, StoreError, enrollment_boundary
 from populi_peer.log import get_logger, log
 from populi_peer.store import Store
@@ -352,6 +359,11 @@ class ClusterWrites:
 
     async def propose(self, item: Item) -> Entry:
         return await self.election.write(item)
+
+    def cluster_record(self, kind: ClusterKind) -> ClusterRecord | None:
+        """The ``kind`` record the replicated set holds (``None``: never stored through
+        the election)."""
+        return self.replica.applied.cluster_record(kind)
 
     def node_revoked(self, node_id: str) -> bool:
         return self.replica.applied.set_element("revoked_nodes", node_id) is not None

@@ -272,6 +272,16 @@ async def test_a_join_on_a_lone_voter_is_proposed_item_by_item_and_read_from_the
         async with cluster.operator_client() as client:
             answer = await client.post(f"/v1/populi/admin/nodes/{w1}/cordon", json={"reason": "t"})
             assert answer.status_code == 200, answer.text
+            # A settings change: the record held since init goes first, then the change.
+            answer = await client.post(
+                "/v1/populi/admin/settings", json={"changes": {"node_cert_lifetime_s": 3 * 86400}}
+            )
+            assert answer.status_code == 200, answer.text
+        stored = cp.election.machine.records.cluster_record("settings")
+        assert stored is not None and stored.serial == 2
+        assert stored.body["node_cert_lifetime_s"] == 3 * 86400
+        assert cp.records.settings_serial == 2
+        assert cp.records.settings["node_cert_lifetime_s"] == 3 * 86400
         cordoned = cp.election.machine.records.registers.get(w1, LIFECYCLE)
         assert cordoned is not None and cordoned.value["state"] == "cordoned"
         assert cp.registry.registers.get(w1, LIFECYCLE) == cordoned
@@ -279,3 +289,4 @@ async def test_a_join_on_a_lone_voter_is_proposed_item_by_item_and_read_from_the
         cp = await cluster.start("cp")
         assert cp.membership.get(w1) is not None
         assert cp.registry.registers.get(w1, LIFECYCLE) == cordoned
+        assert cp.records.settings_serial == 2
