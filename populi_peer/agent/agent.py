@@ -172,6 +172,7 @@ class Agent:
         self.cluster_writes = ClusterWrites(
             election=self.election, registry=self.registry, replica=self.replica
         )
+        self.election.role_listeners.append(self.cluster_writes.role_changed)
         self._ensure_voter_record(identity)
         self.election.role_listeners.append(self.control_plane.role_changed)
         # Timings by scope, advertised addresses, LAN discovery (docs/wan.md).
@@ -619,6 +620,7 @@ class Agent:
         """Long-running services, each ``async def run(*, task_status)``."""
         services: list[Callable[..., Any]] = [
             self.election.run,
+            self.cluster_writes.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,

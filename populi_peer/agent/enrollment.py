@@ -99,7 +99,6 @@ from populi_peer.errors import (
     NotFound,
     PopuliError,
     RateLimited,
-    ServiceUnavailable,
     StorageUnavailable,
     enrollment_boundary,
 )
@@ -501,9 +500,7 @@ class Enrollment:
             if exc.code == "token_already_consumed":
                 raise TokenUsed("token already used", code="token_already_used") from exc
             raise
-        except ServiceUnavailable as exc:
-            if exc.details.get("reason") != "persist_failed":
-                raise
+        except StorageUnavailable as exc:
             log(
                 self.logger,
                 logging.ERROR,
@@ -514,7 +511,8 @@ class Enrollment:
             )
             raise JoinNotStored(
                 "the control plane could not record the join (its storage failed); nothing "
-                "was kept and the token is unused, try again later"
+                "was kept and the token is unused, try again later",
+                **exc.details,
             ) from exc
         if holder is not None:
             await writes.propose(
@@ -809,7 +807,7 @@ class Enrollment:
                     revoked_ms=self._now_ms(),
                     cert_serials=(member.cert_serial,) if member.cert_serial else (),
                 )
-            await self._import_revocations()
+            await self.writes.import_revocations()
             await self.writes.propose(
                 node_revocation_item(
                     NodeRevoked(
@@ -881,7 +879,7 @@ class Enrollment:
         if not self.revocations.is_name_blocked(name):
             raise NotFound(f"the name {name!r} is not blocked", code="name_not_blocked")
         self._cluster_key()
-        await self._import_revocations()
+        await self.writes.import_revocations()
         now_ms = self._now_ms()
         current = self.revocations.empty_or_current(now_ms=now_ms)
         for node in current.revoked:
@@ -902,37 +900,6 @@ class Enrollment:
         return NameUnretireAnswer(
             name=name, blocked=False, revocation_serial=self.revocations.serial
         )
-
-    async def _import_revocations(self) -> None:
-        """Propose what the list held here says and the replicated sets do not (a list
-        signed before the election ran): the list is derived from the sets, so every
-        revocation it ever held must be an element of them (ADR 0017)."""
-        current = self.revocations.current
-        if current is None:
-            return
-        for node in current.revoked:
-            if not self.writes.node_revoked(node.node_id):
-                await self.writes.propose(
-                    node_revocation_item(
-                        NodeRevoked(
-                            node_id=node.node_id,
-                            name=node.name,
-                            reason=node.reason,
-                            revoked_ms=node.revoked_ms,
-                            cert_serials=node.cert_serials,
-                        ),
-                        stamp=self.writes.stamp(),
-                    )
-                )
-            if node.name not in current.blocked_names and not self.writes.name_released(
-                node.node_id
-            ):
-                await self.writes.propose(
-                    name_release_item(
-                        NameReleased(node.node_id, node.name, current.issued_ms),
-                        stamp=self.writes.stamp(),
-                    )
-                )
 
     # -- views ----------------------------------------------------------------------------
 

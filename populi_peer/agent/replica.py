@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enrollment.records import SignedRecord
@@ -48,10 +49,19 @@ from populi_peer.core.cluster_state import (
     SettingsStored,
     TokenConsumed,
     TokenRevoked,
+    consumption_item,
+    consumption_key,
     decode,
+    issued_token_item,
+    member_item,
+    name_release_item,
+    node_revocation_item,
     revocation_content,
+    settings_item,
+    token_revocation_item,
 )
-from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
+from populi_peer.core.election import RoleChanged
+from populi_peer.core.registers import MEMBER, RegisterSet, RegisterWrite, Stamp
 from populi_peer.core.replication import (
     ClusterKind,
     ClusterRecord,
@@ -60,8 +70,15 @@ from populi_peer.core.replication import (
     RecordSet,
     SetElement,
 )
-from populi_peer.errors import BadRequest, PopuliError, StoreError, enrollment_boundary
-from populi_peer.log import get_logger, log
+from populi_peer.errors import (
+    BadRequest,
+    PopuliError,
+    ServiceUnavailable,
+    StorageUnavailable,
+    StoreError,
+    enrollment_boundary,
+)
+from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.replica import AppliedEntries
 from populi_peer.store.tokens import JoinTokens
@@ -108,6 +125,17 @@ class Replica:
         self.applied, _ = RecordSet().merge(entries)
         #: Entries a failed commit left unapplied; applied first by the next call.
         self.pending: tuple[Entry, ...] = ()
+
+    def holds(self, item: Item) -> bool:
+        """Whether ``item`` was stored here (it is applied, or waits to be)."""
+        if any(entry.item == item for entry in self.pending):
+            return True
+        applied = self.applied
+        if isinstance(item, RegisterWrite):
+            return applied.registers.get(*item.key) == item
+        if isinstance(item, SetElement):
+            return applied.set_element(item.set_name, item.key) == item
+        return applied.cluster_record(item.kind) == item
 
     @property
     def lagging(self) -> bool:
@@ -347,6 +375,127 @@ class ClusterWrites:
         self.registry = registry
         self.replica = replica
         self.node_id = registry.identity.node_id
+        self.logger = get_logger("replica")
+        self._leading = trio.Event()
+
+    # -- importing what the tables held before the election ran ---------------------------
+
+    def role_changed(self, change: RoleChanged) -> None:
+        """An election role listener: once this node leads, :meth:`run` imports."""
+        if change.role == "leader" and change.leader == self.node_id:
+            self._leading.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Each time this node becomes the leader, propose what its tables hold and the
+        replicated set lacks (:meth:`import_tables`), so that every voter — and the next
+        leader — holds it too."""
+        task_status.started()
+        while True:
+            await self._leading.wait()
+            self._leading = trio.Event()
+            try:
+                imported = await self.import_tables()
+            except PopuliError as exc:
+                log(
+                    self.logger,
+                    logging.WARNING,
+                    "tables not imported into the replicated records; next time this node leads",
+                    error=str(exc),
+                )
+                continue
+            if imported:
+                log(
+                    self.logger,
+                    NOTICE,
+                    "tables imported into the replicated records",
+                    items=imported,
+                    term=self.term,
+                )
+
+    async def import_tables(self) -> int:
+        """Propose every row the tables hold that the replicated set does not (a data
+        directory that predates the election: the ``populi init`` node's own records, and
+        whatever it wrote before); the number of items proposed. Idempotent: a second run
+        finds nothing to propose. Each check reads the replicated set afresh: a write
+        proposed meanwhile (a renewal, a command) is not overwritten by an import."""
+        replica = self.replica
+        count = 0
+        now_ms = replica.now_ms()
+        for member in replica.membership.all():
+            if self._lacks_register(member.id, MEMBER):
+                await self.propose(
+                    member_item(
+                        member,
+                        certificate=None,
+                        stamp=self.stamp(),
+                        writer_class="leader",
+                        actor=self.node_id,
+                        reason="imported",
+                        at_wall_ms=now_ms,
+                    )
+                )
+                count += 1
+        for write in self.registry.registers.writes():
+            if self._lacks_register(*write.key) and write.stamp.term <= self.term:
+                await self.propose(write)
+                count += 1
+        for row in replica.tokens.all():
+            if replica.applied.set_element("issued_tokens", row.token_id) is None:
+                token = IssuedToken(
+                    token_id=row.token_id,
+                    digest=row.digest,
+                    roles=row.roles,
+                    name=row.name,
+                    uses=row.uses_total,
+                    not_before_ms=row.not_before_ms,
+                    expires_ms=row.expires_ms,
+                    created_ms=row.created_ms,
+                    created_by=row.created_by,
+                )
+                await self.propose(issued_token_item(token, stamp=self.stamp()))
+                count += 1
+            if row.revoked_ms is not None and not self.token_revoked(row.token_id):
+                revoked = TokenRevoked(row.token_id, row.revoked_ms, row.created_by)
+                await self.propose(token_revocation_item(revoked, stamp=self.stamp()))
+                count += 1
+            for node_id in replica.tokens.used_by(row.token_id):
+                use = self.token_use(row.token_id, node_id, max(row.uses_total, 1))
+                if use is not None and not self._holds_use(row.token_id, use, node_id):
+                    consumed = TokenConsumed(row.token_id, use, node_id)
+                    await self.propose(consumption_item(consumed, stamp=self.stamp()))
+                    count += 1
+        held = replica.records.settings_record
+        if held is not None and replica.applied.cluster_record("settings") is None:
+            await self.propose(
+                settings_item(serial=held.serial, term=self.term, text=held.text, body=held.body)
+            )
+            count += 1
+        return count + await self.import_revocations()
+
+    async def import_revocations(self) -> int:
+        """Propose what the revocation list held here says and the replicated sets do not
+        (a list signed before the election ran): the list is derived from the sets, so
+        every revocation it ever held must be an element of them."""
+        current = self.replica.revocations.current
+        if current is None:
+            return 0
+        count = 0
+        for node in current.revoked:
+            if not self.node_revoked(node.node_id):
+                revoked = NodeRevoked(
+                    node_id=node.node_id,
+                    name=node.name,
+                    reason=node.reason,
+                    revoked_ms=node.revoked_ms,
+                    cert_serials=node.cert_serials,
+                )
+                await self.propose(node_revocation_item(revoked, stamp=self.stamp()))
+                count += 1
+            if node.name not in current.blocked_names and not self.name_released(node.node_id):
+                released = NameReleased(node.node_id, node.name, current.issued_ms)
+                await self.propose(name_release_item(released, stamp=self.stamp()))
+                count += 1
+        return count
 
     @property
     def term(self) -> int:
@@ -358,12 +507,38 @@ class ClusterWrites:
         return Stamp(self.election.term, self.registry.tick(), self.node_id)
 
     async def propose(self, item: Item) -> Entry:
-        return await self.election.write(item)
+        """``item`` once a majority of voters stored it. A write the election could not
+        persist here and that this node does not hold is ``storage_unavailable`` (the
+        leader stores before it sends: nothing was stored anywhere), as before the
+        election; other failures are the election's."""
+        try:
+            return await self.election.write(item)
+        except ServiceUnavailable as exc:
+            if exc.details.get("reason") != "persist_failed" or self.replica.holds(item):
+                raise
+            raise StorageUnavailable(
+                "this control plane could not store the change (its storage failed); "
+                "nothing was stored, try again later",
+                condition=exc.details.get("condition", "unknown"),
+            ) from exc
 
     def cluster_record(self, kind: ClusterKind) -> ClusterRecord | None:
         """The ``kind`` record the replicated set holds (``None``: never stored through
         the election)."""
         return self.replica.applied.cluster_record(kind)
+
+    def _lacks_register(self, node_id: str, attribute: str) -> bool:
+        registers = self.replica.applied.registers
+        return registers.get(node_id, attribute) is None and not registers.is_deleted(node_id)
+
+    def token_revoked(self, token_id: str) -> bool:
+        return self.replica.applied.set_element("revoked_tokens", token_id) is not None
+
+    def _holds_use(self, token_id: str, use: int, node_id: str) -> bool:
+        element = self.replica.applied.set_element(
+            "consumed_tokens", consumption_key(token_id, use)
+        )
+        return element is not None and element.value.get("consumer") == node_id
 
     def node_revoked(self, node_id: str) -> bool:
         return self.replica.applied.set_element("revoked_nodes", node_id) is not None

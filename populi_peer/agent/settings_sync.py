@@ -173,16 +173,11 @@ class SettingsSync:
         )
 
     async def _propose(self, record: SignedRecord) -> None:
-        """Store ``record`` through the election (ADR 0017); the replica installs it. A
-        record held here that the election does not hold yet (signed before it ran) goes
-        first, so that serials keep counting from it."""
-        held = self.records.settings_record
-        if held is not None and self.writes.cluster_record("settings") is None:
-            await self.writes.propose(
-                settings_item(
-                    serial=held.serial, term=self.writes.term, text=held.text, body=held.body
-                )
-            )
+        """Store ``record`` through the election (ADR 0017); the replica installs it. What
+        the tables held before the election ran goes first (the record held since
+        ``populi init``), so that serials keep counting from it."""
+        if self.writes.cluster_record("settings") is None:
+            await self.writes.import_tables()
         await self.writes.propose(
             settings_item(
                 serial=record.serial, term=self.writes.term, text=record.text, body=record.body
