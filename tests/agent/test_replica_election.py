@@ -263,6 +263,12 @@ async def test_a_join_on_a_lone_voter_is_proposed_item_by_item_and_read_from_the
         assert records.registers.get(w1, LIFECYCLE) is not None
         token_id = uses[0].key.rpartition("/")[0]  # type: ignore[union-attr]
         assert records.set_element("issued_tokens", token_id) is not None
+        # What the tables held before the election ran (the init node's and the operator's
+        # records, the first settings record) was imported when the node first led; once.
+        for member in cp.membership.all():
+            assert records.registers.get(member.id, MEMBER) is not None, member.kind
+        assert records.cluster_record("settings") is not None
+        assert await cp.cluster_writes.import_tables() == 0
         # Everything the leader stored is in its tables, and nothing is pending.
         assert cp.replica.applied.entries() == records.entries()
         assert not cp.replica.lagging
