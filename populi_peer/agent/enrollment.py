@@ -171,6 +171,7 @@ class Enrollment:
         self.logger = get_logger("enrollment")
         self.limiter = RateLimiter(security.join_rate_per_min)
         self._challenges: OrderedDict[str, float] = OrderedDict()
+        self._joining = trio.Lock()
         self.tokens = JoinTokens(store)
 
     # -- routes ---------------------------------------------------------------------------
@@ -377,21 +378,26 @@ class Enrollment:
         )
         public_key = public_from_text(body.public_key)
         node_id = node_id_for(public_key)
-        replayed = self._recorded_join(token, node_id, name)
-        if replayed is not None:
-            return replayed
-        now_ms = self._now_ms()
-        check_redeem_time(token, now_ms=now_ms)
-        return await self._enroll(
-            token,
-            envelope=body.token,
-            public_key=public_key,
-            name=name,
-            addresses=body.addresses,
-            now_ms=now_ms,
-        )
+        # One join at a time on this control plane: its checks (key, name, token) and its
+        # writes, which wait on a majority in between, see no other join half-done.
+        async with self._joining:
+            replayed = await self._recorded_join(token, node_id, name)
+            if replayed is not None:
+                return replayed
+            now_ms = self._now_ms()
+            check_redeem_time(token, now_ms=now_ms)
+            return await self._enroll(
+                token,
+                envelope=body.token,
+                public_key=public_key,
+                name=name,
+                addresses=body.addresses,
+                now_ms=now_ms,
+            )
 
-    def _recorded_join(self, token: JoinToken, node_id: str, name: str) -> JoinEnrollAnswer | None:
+    async def _recorded_join(
+        self, token: JoinToken, node_id: str, name: str
+    ) -> JoinEnrollAnswer | None:
         """The first answer again, when this key already joined with this token (the
         joiner lost the answer and retried): same node, same certificate, no second use."""
         recorded = self.tokens.recorded(token.token_id, node_id)
@@ -403,6 +409,12 @@ class Enrollment:
                 f"key {node_id} already joined with this token and is no longer a member "
                 "under that name; every join needs a fresh key",
                 code="key_reused",
+            )
+        if self.registry.registers.lifecycle(node_id) is None:
+            # The join was cut short after its member record: finish it.
+            actor = f"token:{token.token_id}"
+            await self.writes.propose(
+                self.registry.initial_write(node_id, actor=actor, term=self.writes.term)
             )
         log(
             self.logger,
