@@ -132,10 +132,11 @@ TOKEN_SEED_BYTES = 32
 #: What the control plane grants on each edge of a token's validity, on its own clock
 #: (the one that minted the token): a wall-clock step, never the request skew budget.
 REDEEM_GRACE_MS = 2_000
-#: Roles a join token may grant. ``voter`` is reserved: voters hold issuing keys and are
-#: chosen by election, not by whoever holds an invitation.
-TOKEN_ROLES = frozenset({"operator", "submit", "worker"})
-RESERVED_ROLES = frozenset({"voter"})
+#: Roles a join token may grant. ``voter`` makes the joined node a candidate voter: the
+#: control plane then adds it to the voter set, one change at a time (ADR 0016); only an
+#: operator mints tokens. No role is reserved any more.
+TOKEN_ROLES = frozenset({"operator", "submit", "voter", "worker"})
+RESERVED_ROLES: frozenset[str] = frozenset()
 
 #: Millisecond times are JSON-safe integers (RFC 8259 §6: interoperable up to 2**53 - 1).
 

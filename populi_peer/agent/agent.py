@@ -30,7 +30,7 @@ from enrollment.ca import certificate_public_key
 from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
-from populi_peer.agent.election import ElectionService, PeerElectionTransport
+from populi_peer.agent.election import ElectionService, PeerElectionTransport, RoleServices
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
 from populi_peer.agent.gossip import HintGossip
@@ -62,6 +62,7 @@ from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
 from populi_peer.agent.status import NodeStatus, Uptime
 from populi_peer.agent.submitter import Submitter
+from populi_peer.agent.voters import VoterAdmin
 from populi_peer.agent.wiring import (
     AllWork,
     ControlPlaneNodeFacts,
@@ -78,6 +79,8 @@ from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.cluster import first_voters_entry
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
+from populi_peer.core.election import ElectionSettings
+from populi_peer.core.settings import election_settings
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
 from populi_peer.discovery.site import Site
@@ -166,6 +169,7 @@ class Agent:
             clock=clock,
             state=ElectionState(self.store),
             events=self.events,
+            settings=self._election_settings(self.records.settings),
             transport=PeerElectionTransport(self.peer_link),
             on_records=self.replica.apply,
         )
@@ -173,8 +177,12 @@ class Agent:
             election=self.election, registry=self.registry, replica=self.replica
         )
         self.election.role_listeners.append(self.cluster_writes.role_changed)
+        self.records.settings_listeners.append(
+            lambda values: self.election.settings_changed(self._election_settings(values))
+        )
         self._ensure_voter_record(identity)
         self.election.role_listeners.append(self.control_plane.role_changed)
+        self.control_plane.authority = self.election.can_act
         # Timings by scope, advertised addresses, LAN discovery (docs/wan.md).
         self.net = NodeNetwork(
             config=config,
@@ -193,6 +201,12 @@ class Agent:
         )
         self.peer_link.rank = self.net.address_book.candidates
         self.address = OwnAddress.from_plan(config, self.net, url)
+        self.control_plane.is_voter = lambda node_id: (
+            (m := self.membership.get(node_id)) is not None and "voter" in m.roles
+        )
+        self.control_plane.voters = lambda: [
+            (m.id, m.addresses) for m in self.membership.nodes() if "voter" in m.roles
+        ]
         self.control_plane.url_of = lambda node_id: (
             self.address.url
             if node_id == self.node_id
@@ -230,6 +244,16 @@ class Agent:
             events=self.events,
             writes=self.cluster_writes,
         )
+        self.voter_admin = VoterAdmin(
+            node_id=self.node_id,
+            node_key=identity.node_key,
+            clock=clock,
+            election=self.election,
+            membership=self.membership,
+            control_plane=self.control_plane,
+            events=self.events,
+        )
+        self.enrollment.joined_listeners.append(self.voter_admin.joined)
         self.certificates = CertificateRenewal(
             identity=identity,
             clock=clock,
@@ -375,6 +399,8 @@ class Agent:
             health=self.health,
             cert_not_after_s=lambda: self.certificates.not_after_s,
             network=self.net.status_json,
+            election=self.election,
+            names=lambda node_id: m.name if (m := self.membership.get(node_id)) else None,
         )
         # Hint gossip: this node's signed hint, and the cluster's, peer to peer (ADR 0010).
         self.gossip = HintGossip(
@@ -539,6 +565,7 @@ class Agent:
             *self.settings_sync.routes(),
             *self.node_status.routes(),
             *self.election.routes(),
+            *self.voter_admin.routes(),
         ]
 
     # -- lifetime -------------------------------------------------------------------------
@@ -548,7 +575,6 @@ class Agent:
 
     async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
         self.uptime.start()
-        self._ensure_lifecycles()
         try:
             async with trio.open_nursery() as server_nursery:
                 if self.serve:
@@ -595,10 +621,13 @@ class Agent:
         await trio.sleep(0.2)
         self.request_stop()
 
+    def _election_settings(self, values: dict[str, Any]) -> ElectionSettings:
+        return election_settings(values, max_skew_ms=int(self.config.security.max_skew_s * 1000))
+
     def _ensure_voter_record(self, identity: Any) -> None:
         """A data directory made by ``populi init`` before the election existed holds no
         voter set: its control plane becomes the sole voter (it was the only authority)."""
-        if self.control_plane.is_self and not self.election.state.has_voters():
+        if self.control_plane.named_self and not self.election.state.has_voters():
             self.election.state.bootstrap(
                 first_voters_entry(
                     node_id=self.node_id,
@@ -607,6 +636,24 @@ class Agent:
                     now_ms=wall_ms(self.clock),
                 )
             )
+
+    def _leading_services(self) -> list[Callable[..., Any]]:
+        """While this node acts as control plane: its own heartbeat and the lease table."""
+        self._ensure_lifecycles()
+        self.reporting.to_self = True
+        self_beat = SelfBeat(
+            intake=self.heartbeat_intake,
+            reports=self.heartbeat_reports,
+            health=self.health,
+            interval_s=self.net.timings.local.heartbeat_interval_s,
+            also=[self._report_to_self],
+        )
+        return [self_beat.run, self.leases.run]
+
+    def _following_services(self) -> list[Callable[..., Any]]:
+        """While another node does: heartbeats to it."""
+        self.reporting.to_self = False
+        return [self.heartbeat_sender.run]
 
     def _ensure_lifecycles(self) -> None:
         if self.control_plane.is_self:
@@ -618,25 +665,22 @@ class Agent:
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
+        by_role = RoleServices(
+            is_leader=lambda: self.control_plane.is_self,
+            changed=self.election.wait_changed,
+            leading=self._leading_services,
+            following=self._following_services,
+        )
         services: list[Callable[..., Any]] = [
+            # First: a lone voter leads once its machine started.
             self.election.run,
             self.cluster_writes.run,
+            self.voter_admin.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,
+            by_role.run,
         ]
-        if self.control_plane.is_self:
-            self.reporting.to_self = True
-            self_beat = SelfBeat(
-                intake=self.heartbeat_intake,
-                reports=self.heartbeat_reports,
-                health=self.health,
-                interval_s=self.net.timings.local.heartbeat_interval_s,
-                also=[self._report_to_self],
-            )
-            services += [self_beat.run, self.leases.run]
-        else:
-            services.append(self.heartbeat_sender.run)
         services += [self.worker.run, self.submitter.run, self.net.discovery_service()]
         if self.config.gossip.enabled:
             services.append(self.gossip.run)
@@ -681,7 +725,7 @@ class Agent:
         address we actually serve on (a listen port of 0 is only known after binding)."""
         addresses = self.address.addresses()
         member = self.membership.get(self.node_id)
-        if member is not None and member.addresses != addresses and self.control_plane.is_self:
+        if member is not None and member.addresses != addresses and self.control_plane.named_self:
             self.membership.upsert(
                 replace(member, addresses=addresses, updated_ms=wall_ms(self.clock))
             )

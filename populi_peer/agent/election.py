@@ -25,9 +25,9 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -52,7 +52,7 @@ from populi_peer.core.election import (
     WriteRefused,
 )
 from populi_peer.core.messages.election import ElectionExchange, ElectionPost
-from populi_peer.core.replication import Entry, Item, VoterSet
+from populi_peer.core.replication import ClusterRecord, Entry, Item, VoterSet
 from populi_peer.errors import Conflict, Forbidden, PopuliError, ServiceUnavailable
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.election import ElectionState
@@ -123,6 +123,8 @@ class ElectionService:
         self._nursery: trio.Nursery | None = None
         #: When each voter was last heard from (``clock.wall()`` seconds), for status.
         self.last_contact: dict[str, float] = {}
+        self._changed = trio.Event()
+        self._stepped = trio.Event()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -145,6 +147,30 @@ class ElectionService:
     def can_act(self) -> bool:
         """Leader, merged from a majority, and its lease held now."""
         return self.machine is not None and self.machine.can_act(self.clock.boot())
+
+    def voters_settled(self) -> bool:
+        """Whether the voter set is settled and no voter-set write is pending here (on the
+        leader: the last change and its settled mark are on a majority)."""
+        machine = self.machine
+        if machine is None or machine.voter_set is None or not machine.voter_set.settled:
+            return False
+        return not any(
+            isinstance(p.entry.item, ClusterRecord) and p.entry.item.kind == "voters"
+            for p in machine.pending_writes
+        )
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate()`` holds, checked after every event the machine takes."""
+        while not predicate():
+            await self._stepped.wait()
+
+    async def wait_changed(self) -> None:
+        """Until the role, term or leader changes next (or the machine restarts)."""
+        await self._changed.wait()
+
+    def _notify_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -170,7 +196,10 @@ class ElectionService:
                     continue
                 deadline = self.machine.next_deadline()
                 if deadline is not None and self.clock.boot() >= deadline:
-                    self._handle(TimerFired())
+                    try:
+                        self._handle(TimerFired())
+                    except PopuliError as exc:  # pragma: no cover - the machine takes timers
+                        log(self.logger, logging.ERROR, "election timer refused", error=str(exc))
 
     def _try_start(self) -> None:
         try:
@@ -192,6 +221,8 @@ class ElectionService:
 
     def settings_changed(self, settings: ElectionSettings) -> None:
         """New election timings (verified by the caller)."""
+        if settings == self.settings:
+            return
         self.settings = settings
         if self.machine is not None:
             self._handle(SettingsChanged(settings))
@@ -311,6 +342,8 @@ class ElectionService:
         if self.machine is machine:
             self.machine = next_machine
         self._wake.set()
+        self._stepped.set()
+        self._stepped = trio.Event()
         return replies
 
     def _persist(self, action: PersistVote | PersistRecords) -> None:
@@ -343,6 +376,7 @@ class ElectionService:
         # run loop reads storage again after RESTART_RETRY_S.
         self.machine = None
         self._wake.set()
+        self._notify_changed()
 
     def _settle(
         self,
@@ -404,7 +438,14 @@ class ElectionService:
         except PopuliError as exc:
             log(self.logger, logging.WARNING, "election event not recorded", error=str(exc))
         for listener in self.role_listeners:
-            listener(change)
+            try:
+                listener(change)
+            except PopuliError as exc:
+                # The control-plane link could not note the leader (its storage failed):
+                # it still names another node, which is the safe side; the next change
+                # or refusal tells it again.
+                log(self.logger, logging.WARNING, "election change not noted", error=str(exc))
+        self._notify_changed()
 
     # -- sending ----------------------------------------------------------------------
 
@@ -446,10 +487,52 @@ class ElectionService:
                             to=to,
                         )
                         break
-                    self._handle(answer)
+                    try:
+                        self._handle(answer)
+                    except PopuliError as exc:
+                        log(
+                            self.logger,
+                            logging.WARNING,
+                            "election answer refused",
+                            to=to,
+                            error=str(exc),
+                        )
 
     def _call_timeout_s(self) -> float:
         return max(self.settings.heartbeat_interval_s * 2, 1.0)
+
+
+class RoleServices:
+    """Services that run while this node acts as control plane (``leading``) and those
+    that run while it does not (``following``): one set at a time, switched when the
+    election changes this node's role (a leader whose lease lapsed stops at once)."""
+
+    def __init__(
+        self,
+        *,
+        is_leader: Callable[[], bool],
+        changed: Callable[[], Awaitable[None]],
+        leading: Callable[[], list[Callable[..., Any]]],
+        following: Callable[[], list[Callable[..., Any]]],
+    ) -> None:
+        self.is_leader = is_leader
+        self.changed = changed
+        self.leading = leading
+        self.following = following
+        self.logger = get_logger("election")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            leading = self.is_leader()
+            services = self.leading() if leading else self.following()
+            log(self.logger, logging.INFO, "control-plane services", leading=leading)
+            async with trio.open_nursery() as nursery:
+                for service in services:
+                    await nursery.start(service)
+                while self.is_leader() == leading:
+                    await self.changed()
+                nursery.cancel_scope.cancel()
 
 
 class PeerElectionTransport:
@@ -478,4 +561,5 @@ __all__ = [
     "ElectionService",
     "ElectionTransport",
     "PeerElectionTransport",
+    "RoleServices",
 ]

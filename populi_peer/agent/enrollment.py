@@ -168,6 +168,8 @@ class Enrollment:
         self.events = events
         self.writes = writes
         self.membership_listeners = tuple(membership_listeners)
+        #: Called with each member record a join stored (a voter join: a voter change).
+        self.joined_listeners: list[Callable[[Member], None]] = []
         self.logger = get_logger("enrollment")
         self.limiter = RateLimiter(security.join_rate_per_min)
         self._challenges: OrderedDict[str, float] = OrderedDict()
@@ -565,6 +567,8 @@ class Enrollment:
             roles=list(roles),
         )
         self._membership_changed()
+        for listener in self.joined_listeners:
+            listener(member)
         return self._join_answer(member, certificate)
 
     def _take_use(self, token: JoinToken, envelope: str, node_id: str) -> int:

@@ -702,6 +702,7 @@ class HeartbeatSender:
         failures = 0
         while True:
             leaving = self.leaving.started
+            following = (self.control_plane.id, self.control_plane.term)
             try:
                 answer = await self.beat_once(status="leaving" if leaving else "running")
                 if leaving and answer.lifecycle is not None and answer.lifecycle.state == "left":
@@ -728,6 +729,18 @@ class HeartbeatSender:
                 # One interval for the first losses (a lossy overlay path), then back off
                 # from a control plane that is down (core.timings).
                 delay = heartbeat_retry_delay_s(self.timing(), failures, self.rng)
+                # Refused by a voter that does not lead (it named the leader: followed), or
+                # no answer twice: ask the voters who leads now (ADR 0016).
+                followed = (self.control_plane.id, self.control_plane.term) != following
+                if followed or (failures >= 2 and await self.control_plane.find_leader()):
+                    log(
+                        self.logger,
+                        NOTICE,
+                        "following the control plane",
+                        node_id=self.control_plane.id,
+                        term=self.control_plane.term,
+                    )
+                    delay = 0.0
             else:
                 if self.cp_down:
                     self.cp_down = False

@@ -47,6 +47,14 @@ class ControlPlaneLink:
         #: ``url_of(node_id)``: where a leader the election names is reached (this node's
         #: own URL for itself); ``None`` when no address is known.
         self.url_of: Callable[[str], str | None] = lambda node_id: None
+        #: Whether this node may act as control plane now (the election's ``can_act``:
+        #: leader, merged, lease held). ``None``: no election runs (tests of one service).
+        self.authority: Callable[[], bool] | None = None
+        #: Whether a node is a voter (its member record says so): the only nodes whose
+        #: claim to lead this node follows.
+        self.is_voter: Callable[[str], bool] = lambda node_id: False
+        #: The voters this node knows, each with its addresses (where to ask who leads).
+        self.voters: Callable[[], Sequence[tuple[str, Sequence[str]]]] = lambda: ()
 
     @property
     def term(self) -> int:
@@ -61,22 +69,63 @@ class ControlPlaneLink:
         return self.store.require_meta("control_plane_url")
 
     @property
-    def is_self(self) -> bool:
+    def named_self(self) -> bool:
+        """Whether this node is the one it last knew to hold the role (itself): true on a
+        leader whose lease lapsed too; :attr:`is_self` is what may act."""
         return self.id == self.node_id
 
+    @property
+    def is_self(self) -> bool:
+        """Whether this node may act as control plane now: it leads, and (where the
+        election runs) it is merged and its lease is held (ADR 0011 Decision 3)."""
+        return self.named_self and (self.authority is None or self.authority())
+
     def require_self(self) -> None:
-        """Refuse (409 ``not_control_plane``) unless this node holds the role."""
-        if not self.is_self:
+        """Refuse (409 ``not_control_plane``, with the leader's id, URL and term as this
+        node knows them) unless this node may act as control plane now."""
+        if self.is_self:
+            return
+        if self.named_self:
             raise Conflict(
-                f"this node is not the control plane (term {self.term}); ask {self.url}",
+                f"this node is not the control plane now (term {self.term}): an election "
+                "is under way; retry shortly",
                 code="not_control_plane",
-                control_plane_url=self.url,
+                leader_id=None,
+                control_plane_url=None,
+                term=self.term,
             )
+        raise Conflict(
+            f"this node is not the control plane (term {self.term}); ask {self.url}",
+            code="not_control_plane",
+            leader_id=self.id,
+            control_plane_url=self.url,
+            term=self.term,
+        )
 
     def publish_url(self, url: str) -> None:
         """This node holds the role and serves at ``url`` (known once the API is bound)."""
-        if self.is_self and self.url != url:
+        if self.named_self and self.url != url:
             self.store.set_meta("control_plane_url", url)
+
+    def follow_refusal(self, exc: PopuliError) -> bool:
+        """A ``not_control_plane`` refusal naming a leader: follow it when it is a voter
+        and its term is at least the highest this node knows. Whether it was followed."""
+        if exc.code != "not_control_plane":
+            return False
+        leader = exc.details.get("leader_id")
+        term = exc.details.get("term")
+        url = exc.details.get("control_plane_url")
+        if (
+            not isinstance(leader, str)
+            or not isinstance(term, int)
+            or isinstance(term, bool)
+            or (leader, term) == (self.id, self.term)
+            or not self.is_voter(leader)
+        ):
+            return False
+        before = (self.id, self.term)
+        self.leader_elected(term=term, leader_id=leader, url=url if isinstance(url, str) else None)
+        return (self.id, self.term) != before
 
     def reached_at(self, url: str) -> None:
         """The control plane answered at ``url`` (another of its addresses, after the one
@@ -95,14 +144,14 @@ class ControlPlaneLink:
         if change.leader is not None:
             self.leader_elected(term=change.term, leader_id=change.leader)
 
-    def leader_elected(self, *, term: int, leader_id: str) -> None:
+    def leader_elected(self, *, term: int, leader_id: str, url: str | None = None) -> None:
         """The election names ``leader_id`` the leader of ``term`` (this node's own
-        election service, or a voter's heartbeat): follow it unless this node knows a
-        later term."""
+        election service, or a voter's refusal): follow it unless this node knows a later
+        term."""
         if term < self.term:
             return
         values = {"term": str(term), "control_plane_id": leader_id}
-        url = self.url_of(leader_id)
+        url = self.url_of(leader_id) or url
         if url:
             values["control_plane_url"] = url
         if all(self.store.get_meta(key) == value for key, value in values.items()):
@@ -150,17 +199,56 @@ class ControlPlaneLink:
     ) -> dict[str, Any] | Message:
         """Call the control plane; with ``answer``, the answer parsed as that type (a
         malformed one is ``bad_peer_answer``); with ``at``, at that URL (another of its
-        addresses) rather than the one held (the call still names its node id)."""
-        return await self.client.call(
-            url=at or self.url,
-            node_id=self.id,
-            method=method,
-            path=path,
-            payload=payload,
-            params=params,
-            timeout_s=timeout_s,
-            answer=answer,
-        )
+        addresses) rather than the one held (the call still names its node id). A
+        ``not_control_plane`` refusal naming a voter at a term at least as high is
+        followed (:meth:`follow_refusal`), and the call made once more there (not with
+        ``at``: that caller picks its addresses itself)."""
+        for attempt in range(2):
+            try:
+                return await self.client.call(
+                    url=at or self.url,
+                    node_id=self.id,
+                    method=method,
+                    path=path,
+                    payload=payload,
+                    params=params,
+                    timeout_s=timeout_s,
+                    answer=answer,
+                )
+            except PopuliError as exc:
+                if not self.follow_refusal(exc) or at is not None or attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def find_leader(self) -> bool:
+        """Ask each voter (:attr:`voters`) other than the one held whom it follows, and follow the answer of the highest term that names a voter. Whether
+        this node now follows another node (the current one did not answer)."""
+        from populi_peer.core.messages import StatusAnswer
+
+        best: tuple[int, str, str] | None = None
+        for node_id, addresses in self.voters():
+            if node_id in (self.id, self.node_id):
+                continue
+            for address in addresses:
+                try:
+                    status = await self.client.call(
+                        url=f"https://{address}",
+                        node_id=node_id,
+                        method="GET",
+                        path="/v1/populi/status",
+                        answer=StatusAnswer,
+                    )
+                except PopuliError:
+                    continue
+                cp = status.control_plane
+                if self.is_voter(cp.node_id) and (best is None or status.term > best[0]):
+                    best = (status.term, cp.node_id, cp.url)
+                break
+        if best is None or best[1] == self.id:
+            return False
+        before = self.id
+        self.leader_elected(term=best[0], leader_id=best[1], url=best[2])
+        return self.id != before
 
 
 #: ``rank(node_id, addresses)`` -> the addresses to try, best first.

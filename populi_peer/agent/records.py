@@ -7,6 +7,7 @@ and a signature from a voter in their membership view.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
@@ -25,6 +26,8 @@ class ClusterRecords:
         self.store = store
         self.rows = SignedRecords(store)
         self.membership = membership
+        #: Called with the settings each time a record is installed (the election's timings).
+        self.settings_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.settings_record: SignedRecord | None = None
         self.settings: dict[str, Any] = cluster_settings.defaults()
         text = self.rows.text("settings")
@@ -35,6 +38,8 @@ class ClusterRecords:
     def _install(self, record: SignedRecord) -> None:
         self.settings_record = record
         self.settings = cluster_settings.validate_settings(record.body)
+        for listener in self.settings_listeners:
+            listener(self.settings)
 
     @property
     def settings_serial(self) -> int:
@@ -100,6 +105,7 @@ class ClusterRecords:
         for key, value in changes.items():
             values[key] = cluster_settings.validate_value(key, value)
         values = cluster_settings.validate_settings(values)
+        cluster_settings.check_settings_change(current, values)
         if values == current and self.settings_record is not None:
             return None
         text = sign_record(

@@ -26,9 +26,12 @@ from populi_peer.core.messages import (
     HealthAnswer,
     StatusAnswer,
     StatusControlPlane,
+    StatusLeader,
     StatusNode,
+    StatusVoter,
 )
 from populi_peer.core.messages.records import ROLES
+from populi_peer.core.replication import VoterSet
 from populi_peer.identity import Identity
 
 
@@ -56,6 +59,22 @@ class ControlPlaneContact(Protocol):
     def lifecycle(self) -> NodeLifecycle | None: ...
 
 
+class ElectionFacts(Protocol):
+    """What the status says of the election (the election service)."""
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def leader_id(self) -> str | None: ...
+
+    @property
+    def voters(self) -> VoterSet | None: ...
+
+    @property
+    def last_contact(self) -> Mapping[str, float]: ...
+
+
 class NodeStatus:
     def __init__(
         self,
@@ -72,6 +91,8 @@ class NodeStatus:
         health: Health,
         cert_not_after_s: Callable[[], float],
         network: Callable[[], Mapping[str, Any]] | None = None,
+        election: ElectionFacts | None = None,
+        names: Callable[[str], str | None] = lambda node_id: None,
     ) -> None:
         """``identity`` gives the cluster's and this node's names and roles;
         ``cert_not_after_s()`` is the expiry of the certificate in force now; ``network()``
@@ -88,6 +109,8 @@ class NodeStatus:
         self.health = health
         self.cert_not_after_s = cert_not_after_s
         self.network = network
+        self.election = election
+        self.names = names
         #: Where /metrics is served, once bound (the composition root binds it).
         self.metrics_url: Callable[[], str | None] = lambda: None
 
@@ -165,7 +188,46 @@ class NodeStatus:
                 else None
             ),
             metrics_url=self.metrics_url(),
+            **self._election_view(),
         )
+
+    def _election_view(self) -> dict[str, Any]:
+        """``leader``, ``voters`` and ``election_role``: a voter's own election; elsewhere the
+        control plane this node follows."""
+        control_plane = self.control_plane
+        election = self.election
+        if election is None or election.voters is None:
+            leader_id: str | None = control_plane.id
+        else:
+            leader_id = election.leader_id
+        leader = None
+        if leader_id is not None:
+            url = control_plane.url if leader_id == control_plane.id else None
+            leader = StatusLeader(id=leader_id, name=self.names(leader_id), url=url)
+        voters: tuple[StatusVoter, ...] = ()
+        if election is not None and election.voters is not None:
+            now_ms = int(self.uptime.clock.wall() * 1000)
+            voters = tuple(
+                StatusVoter(
+                    id=voter,
+                    name=self.names(voter),
+                    last_contact_ms=now_ms
+                    if voter == self.identity.node_id
+                    else (
+                        int(election.last_contact[voter] * 1000)
+                        if voter in election.last_contact
+                        else None
+                    ),
+                )
+                for voter in sorted(election.voters.voters)
+            )
+        held = election.voters if election is not None else None
+        return {
+            "leader": leader,
+            "voters": voters,
+            "voters_settled": held.settled if held is not None else None,
+            "election_role": election.role if election is not None else None,
+        }
 
 
 __all__ = ["ControlPlaneContact", "NodeStatus", "Uptime"]

@@ -208,6 +208,14 @@ def _event_cells(event: EventView) -> list[str]:
     what = event.kind
     if event.kind == "lifecycle":
         what = f"{detail.get('command')}: {detail.get('from')} -> {detail.get('to')}"
+    elif event.kind == "election":
+        leader = detail.get("leader") or "none"
+        what = (
+            f"election: {detail.get('previous')} -> {detail.get('role')}, "
+            f"term {detail.get('term')}, leader {leader}"
+        )
+    elif event.kind == "voters_changed":
+        what = f"voters {detail.get('action')}: {', '.join(detail.get('voters') or [])}"
     return [
         _when(event.at_ms),
         event.node_name or "-",

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         f"version        {status.version} (protocol {status.protocol_version})",
         f"term           {status.term}",
         f"control plane  {cp.node_id} at {cp.url}{'  (this node)' if cp.is_self else ''}",
+        *election_lines(status),
         *address_lines(status.addresses, status.discovery),
         *health_lines(status.health),
         *standing_lines(status.standing),
@@ -80,6 +81,32 @@ def _status(args: argparse.Namespace, answer: type[StatusAnswer]) -> StatusAnswe
             if deadline is None or time.monotonic() >= deadline:
                 raise
         time.sleep(WAIT_EVERY_S)
+
+
+def election_lines(status: StatusAnswer) -> list[str]:
+    """The leader this node knows and the voters it holds, with when each was last heard
+    (nothing from an older agent that says neither)."""
+    lines = []
+    role = f"  [this node: {status.election_role}]" if status.election_role else ""
+    if status.leader is not None:
+        name = status.leader.name or status.leader.id
+        lines.append(f"leader         {name} ({status.leader.id}){role}")
+    elif status.election_role is not None:
+        lines.append(f"leader         none known: an election is under way{role}")
+    if status.voters:
+        now_ms = time.time() * 1000
+        shown = []
+        for voter in status.voters:
+            seen = (
+                "never heard"
+                if voter.last_contact_ms is None
+                else f"heard {max(0.0, (now_ms - voter.last_contact_ms) / 1000):.0f} s ago"
+            )
+            shown.append(f"{voter.name or voter.id} ({seen})")
+        lines.append(f"voters         {', '.join(shown)}")
+        if len(status.voters) == 2:
+            lines.append("               two voters need both: add a third (populi voter add)")
+    return lines
 
 
 def address_lines(

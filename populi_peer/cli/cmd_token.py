@@ -17,7 +17,7 @@ from populi_peer.cli.common import (
 from populi_peer.core.durations import parse_duration
 from populi_peer.errors import UsageError
 
-ROLES = ("worker", "submit", "operator")
+ROLES = ("worker", "submit", "operator", "voter")
 
 
 def register(subparsers: Any) -> None:
@@ -55,10 +55,6 @@ def register(subparsers: Any) -> None:
 def _roles(text: str) -> list[str]:
     roles = [r.strip() for r in text.split(",") if r.strip()]
     unknown = [r for r in roles if r not in ROLES]
-    if "voter" in unknown:
-        raise UsageError(
-            "--roles: 'voter' is not available yet (it comes with control-plane election)"
-        )
     if unknown or not roles:
         raise UsageError(f"--roles: {', '.join(unknown) or '(empty)'} not in {', '.join(ROLES)}")
     return roles

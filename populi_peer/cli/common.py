@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from populi_peer.config import Config, default_data_dir, load_config
+from populi_peer.errors import PopuliError
 
 if TYPE_CHECKING:  # heavy imports stay out of ``populi --help`` and usage errors
     from populi_peer.api.client import RequestBody, SyncPeerClient
@@ -204,16 +205,35 @@ class NodeCall:
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
         url, node_id = self.address()
-        return self.client().call(
-            url=url,
-            node_id=node_id,
-            method=method,
-            path=path,
-            payload=payload,
-            params=params,
-            timeout_s=timeout_s,
-            answer=answer,
-        )
+        try:
+            return self.client().call(
+                url=url,
+                node_id=node_id,
+                method=method,
+                path=path,
+                payload=payload,
+                params=params,
+                timeout_s=timeout_s,
+                answer=answer,
+            )
+        except PopuliError as exc:
+            # A voter that does not lead names the leader: ask it once (ADR 0016).
+            leader = exc.details.get("leader_id")
+            at = exc.details.get("control_plane_url")
+            if exc.code != "not_control_plane" or not isinstance(leader, str) or not at:
+                raise
+            if (str(at), leader) == (url, node_id):
+                raise
+            return self.client().call(
+                url=str(at),
+                node_id=leader,
+                method=method,
+                path=path,
+                payload=payload,
+                params=params,
+                timeout_s=timeout_s,
+                answer=answer,
+            )
 
 
 @dataclass(frozen=True)

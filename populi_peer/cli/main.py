@@ -30,6 +30,7 @@ from populi_peer.cli import (
     cmd_settings,
     cmd_status,
     cmd_token,
+    cmd_voter,
 )
 from populi_peer.cli.common import ArgParser
 from populi_peer.errors import PopuliError, translate_enrollment
@@ -61,6 +62,7 @@ COMMAND_MODULES = [
     cmd_node,
     cmd_lease,
     cmd_token,
+    cmd_voter,
     cmd_settings,
     cmd_service,
 ]

@@ -12,8 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from populi_peer.core.election import (
+    ElectionSettings,
+    check_election_settings,
+    check_election_settings_change,
+)
 from populi_peer.core.leases import MIN_LEASE_TTL_S
-from populi_peer.errors import BadRequest
+from populi_peer.errors import BadRequest, ConfigError
 
 WORK_CLASSES = ("agent", "inference", "training", "collective")
 SCOPES = ("local", "lan", "overlay")
@@ -69,9 +74,68 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "float",
         5.0,
         "seconds",
-        "leader-lease interval: part of the no-new-grants hold after a control plane starts",
+        "leader lease: how long a majority's acknowledgements keep the elected leader acting "
+        "(counted from when they were sent); also part of the no-new-grants hold after a "
+        "control plane starts. Must end before election_timeout_min_s with the drift and "
+        "margin (unsafe_election_timing)",
         0.5,
         600.0,
+    ),
+    SettingSpec(
+        "election_timeout_min_s",
+        "float",
+        8.0,
+        "seconds",
+        "a voter that hears no leader for a random time in [min, max] asks for votes; one "
+        "that heard a leader within min refuses votes (stickiness)",
+        0.1,
+        3600.0,
+    ),
+    SettingSpec(
+        "election_timeout_max_s",
+        "float",
+        16.0,
+        "seconds",
+        "upper end of the randomized election timeout (must be above the minimum)",
+        0.1,
+        3600.0,
+    ),
+    SettingSpec(
+        "election_heartbeat_s",
+        "float",
+        1.0,
+        "seconds",
+        "how often the leader sends heartbeats (and record writes) to the voters; at least "
+        "three per leader_lease_s",
+        0.01,
+        600.0,
+    ),
+    SettingSpec(
+        "election_lease_margin_s",
+        "float",
+        0.5,
+        "seconds",
+        "time between the leader checking its lease and the effect of what it does",
+        0.0,
+        600.0,
+    ),
+    SettingSpec(
+        "max_clock_drift_ppm",
+        "float",
+        10_000.0,
+        "ppm",
+        "bound on how far any voter's clock rate strays from real time (10000 = 1 %)",
+        0.0,
+        99_999.0,
+    ),
+    SettingSpec(
+        "election_write_timeout_s",
+        "float",
+        10.0,
+        "seconds",
+        "a record write not stored by a majority of voters by then is 'outcome unknown'",
+        0.1,
+        3600.0,
     ),
     SettingSpec(
         "auto_revoke_stale_leases",
@@ -98,6 +162,18 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
 )
 _BY_KEY = {spec.key: spec for spec in SETTINGS}
+#: Settings added with the election (ADR 0016): a record or answer from an older node
+#: lacks them, and they take their defaults there.
+ELECTION_KEYS = frozenset(
+    {
+        "election_timeout_min_s",
+        "election_timeout_max_s",
+        "election_heartbeat_s",
+        "election_lease_margin_s",
+        "max_clock_drift_ppm",
+        "election_write_timeout_s",
+    }
+)
 
 
 def defaults() -> dict[str, Any]:
@@ -150,11 +226,44 @@ def validate_value(key: str, value: Any) -> Any:
 
 
 def validate_settings(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A complete, validated settings mapping (missing keys take their defaults)."""
+    """A complete, validated settings mapping (missing keys take their defaults); the
+    election timings together must be safe (:func:`check_election_settings`: 400
+    ``unsafe_election_timing`` with ``details["reason"]``)."""
     out = defaults()
     for key, value in values.items():
         out[key] = validate_value(key, value)
+    try:
+        check_election_settings(election_settings(out))
+    except ConfigError as exc:
+        raise BadRequest(str(exc), code="unsafe_election_timing", **exc.details) from None
     return out
+
+
+def election_settings(values: Mapping[str, Any], *, max_skew_ms: int = 300_000) -> ElectionSettings:
+    """The election timings these (validated) settings name."""
+    return ElectionSettings(
+        election_timeout_min_s=float(values["election_timeout_min_s"]),
+        election_timeout_max_s=float(values["election_timeout_max_s"]),
+        heartbeat_interval_s=float(values["election_heartbeat_s"]),
+        leader_lease_s=float(values["leader_lease_s"]),
+        lease_margin_s=float(values["election_lease_margin_s"]),
+        max_clock_drift_ppm=int(values["max_clock_drift_ppm"]),
+        write_timeout_s=float(values["election_write_timeout_s"]),
+        max_skew_ms=max_skew_ms,
+    )
+
+
+def check_settings_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Refuse a change of election timings under which a voter still on the old ones and
+    a leader on the new ones (or the reverse) could overlap (400
+    ``unsafe_election_timing``, reason ``unsafe_timing_change``): change them in steps."""
+    before, after = election_settings(old), election_settings(new)
+    if before == after:
+        return
+    try:
+        check_election_settings_change(before, after)
+    except ConfigError as exc:
+        raise BadRequest(str(exc), code="unsafe_election_timing", **exc.details) from None
 
 
 def remote_refusal(values: Mapping[str, Any]) -> str | None:
@@ -207,11 +316,14 @@ def parse_setting(key: str, text: str) -> Any:
 
 
 __all__ = [
+    "ELECTION_KEYS",
     "SCOPES",
     "SETTINGS",
     "WORK_CLASSES",
     "SettingSpec",
+    "check_settings_change",
     "defaults",
+    "election_settings",
     "gates_enabled",
     "parse_setting",
     "remote_refusal",

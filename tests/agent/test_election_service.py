@@ -10,8 +10,8 @@ SQLite, virtual time, the machine driven by trio.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest

@@ -257,6 +257,8 @@ for _route, _method, _path, _signer in [
     ("gossip_digest", "POST", "/v1/populi/gossip/digest", "node"),
     ("gossip_push", "POST", "/v1/populi/gossip/push", "node"),
     ("hints", "GET", "/v1/populi/hints", "operator"),
+    ("election", "POST", "/v1/populi/election", "node"),
+    ("voter_change", "POST", "/v1/populi/admin/voters", "operator"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -341,7 +343,6 @@ for _label, _body, _code in [
     ("roles-string", {"roles": "worker"}, "bad_request"),
     ("roles-unknown", {"roles": ["king"]}, "token_bad_field"),
     ("roles-empty", {"roles": []}, "token_bad_field"),
-    ("roles-voter", {"roles": ["voter"]}, "token_bad_field"),
     ("name-number", {"name": 5}, "bad_request"),
     ("name-too-long", {"name": "a" * 300}, "token_bad_field"),
     ("name-uppercase", {"name": "BAD NAME"}, "token_bad_field"),
@@ -693,6 +694,14 @@ for _label, _body, _code in [
     ("margin-too-big", {"changes": {"lease_expiry_margin_s": 1e9}}, "bad_setting"),
     ("margin-too-small", {"changes": {"lease_expiry_margin_s": 0.1}}, "bad_setting"),
     ("leader-lease-string", {"changes": {"leader_lease_s": "5"}}, "bad_setting"),
+    # The election's timing rule (ADR 0011 Decision 3): the lease must end before the
+    # minimum election timeout, drift and margin counted.
+    ("lease-outlives-election", {"changes": {"leader_lease_s": 9}}, "unsafe_election_timing"),
+    ("timeouts-equal", {"changes": {"election_timeout_max_s": 8}}, "unsafe_election_timing"),
+    # Each set alone is safe, but a voter on the old timings and a leader on the new ones
+    # could overlap: change in steps.
+    ("timing-jump", {"changes": {"leader_lease_s": 9, "election_timeout_min_s": 14,
+                                 "election_timeout_max_s": 28}}, "unsafe_election_timing"),
     ("cert-lifetime-bool", {"changes": {"node_cert_lifetime_s": True}}, "bad_setting"),
     ("cert-lifetime-1e308", {"changes": {"node_cert_lifetime_s": 1e308}}, "bad_setting"),
     ("switch-string", {"changes": {"remote_exec_enabled": "yes"}}, "bad_setting"),
@@ -732,6 +741,25 @@ wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": [""]}, 400, "
       "empty-record", signer="node")
 wrong("gossip_push", "POST", "/v1/populi/gossip/push", {"records": []}, 403, "forbidden",
       "operator-does-not-gossip")
+wrong("election", "POST", "/v1/populi/election", NOT_JSON, 400, "bad_json", "malformed-json",
+      signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": 5}, 400, "bad_record",
+      "messages-number", signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": [{"type": "coup", "sender": "x",
+      "term": 1}]}, 400, "bad_record", "unknown-type", signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": [{"type": "prevote_request",
+      "sender": "n-someone-else", "term": 1}]}, 403, "election_sender_mismatch",
+      "another-sender", signer="node")
+wrong("election", "POST", "/v1/populi/election", {"messages": []}, 403, "forbidden",
+      "operator-does-not-vote")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "promote", "node": "cp"}, 400,
+      "bad_request", "unknown-action")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "add"}, 400, "bad_request",
+      "no-node")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "remove", "node": "cp"}, 409,
+      "last_voter", "last-voter")
+wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "add", "node": "cp"}, 403,
+      "role_required", "node-is-no-operator", signer="node")
 wrong("lease_renew", "POST", "/v1/populi/exec/leases/l-1/renew", {"before_start": "yes"}, 400,
       "bad_request", "before-start-string")
 wrong("health", "GET", "/v1/populi/health?verbose=%ff%fe", b"x" * (LIMIT + 1), 413,

@@ -327,8 +327,6 @@ def test_ttl_must_be_positive(ttl_ms: int) -> None:
 INVALID_AT_MINT: list[tuple[str, dict[str, Any], str]] = [
     ("roles", {"roles": []}, "at least one"),
     ("roles", {"roles": ["admin"]}, "not a role"),
-    ("roles", {"roles": ["voter"]}, "reserved"),
-    ("roles", {"roles": ["worker", "voter"]}, "election"),
     ("roles", {"roles": ["worker", "worker"]}, "twice"),
     ("roles", {"roles": "worker"}, "not one string"),
     ("roles", {"roles": [7]}, "strings"),
@@ -614,7 +612,6 @@ def test_missing_version_is_malformed() -> None:
 
 INVALID_AT_DECODE: list[tuple[str, dict[str, Any]]] = [
     ("roles", {"roles": []}),
-    ("roles", {"roles": ["voter"]}),
     ("roles", {"roles": ["root"]}),
     ("roles", {"roles": "worker"}),
     ("roles", {"roles": [["worker"]]}),
@@ -664,9 +661,10 @@ def test_invalid_fields_in_a_validly_signed_token_are_malformed(
     assert error.details["field"] == field
 
 
-def test_voter_refusal_says_why() -> None:
-    error = refused(signed(roles=["worker", "voter"]), "token_malformed")
-    assert "reserved" in str(error) and "election" in str(error)
+def test_a_token_may_grant_the_voter_role() -> None:
+    """Issue 13: a join with a voter token makes a candidate voter (ADR 0016)."""
+    text, token = mint(roles=["worker", "voter"])
+    assert set(token.roles) == set(decode(text).roles) == {"worker", "voter"}
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from populi_peer.core.messages._codec import Message
-from populi_peer.core.messages.election import ElectionExchange, ElectionPost
+from populi_peer.core.messages.election import (
+    ElectionExchange,
+    ElectionPost,
+    VoterChangeAnswer,
+    VoterChangeRequest,
+)
 from populi_peer.core.messages.gossip import (
     GossipDigest,
     GossipPush,
@@ -130,7 +135,9 @@ from populi_peer.core.messages.status import (
     SightingView,
     StatusAnswer,
     StatusControlPlane,
+    StatusLeader,
     StatusNode,
+    StatusVoter,
 )
 from populi_peer.core.messages.tasks import (
     OutputChunkAnswer,
@@ -198,6 +205,7 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
     "gossip_push": _E(GossipPush, GossipPushAnswer),
     "hints": _E(None, HintsAnswer),
     "election": _E(ElectionPost, ElectionExchange),
+    "voter_change": _E(VoterChangeRequest, VoterChangeAnswer),
 }
 
 __all__ = [
@@ -287,7 +295,9 @@ __all__ = [
     "Standing",
     "StatusAnswer",
     "StatusControlPlane",
+    "StatusLeader",
     "StatusNode",
+    "StatusVoter",
     "TaskAnswer",
     "TaskCancelAnswer",
     "TaskLeaseGrant",
@@ -301,4 +311,6 @@ __all__ = [
     "TokenListAnswer",
     "TokenRevokeAnswer",
     "TokenSummary",
+    "VoterChangeAnswer",
+    "VoterChangeRequest",
 ]

@@ -40,7 +40,7 @@ from populi_peer.core.messages._codec import (
 from populi_peer.core.policy import WORK_CLASSES, WorkClass, check_work_class
 from populi_peer.core.registers import RegisterWrite
 from populi_peer.core.scope import SCOPES, Scope
-from populi_peer.core.settings import SETTINGS, validate_value
+from populi_peer.core.settings import ELECTION_KEYS, SETTINGS, defaults, validate_value
 from populi_peer.core.tasks import TASK_STATES, Attempt, ReasonEntry, Task, TaskOptions, TaskState
 from populi_peer.errors import PopuliError
 
@@ -104,9 +104,12 @@ class SettingsValuesCodec(Codec[Mapping[str, Any]]):
                 out[key] = validate_value(key, item)
             except PopuliError as exc:
                 raise at_field(exc, f"{path}.{key}") from None
-        missing = [key for key in known if key not in out]
+        missing = [key for key in known if key not in out and key not in ELECTION_KEYS]
         if self.complete and missing:
             raise bad_field(f"{path}.{sorted(missing)[0]}", "a setting's value", None)
+        if self.complete:
+            # An older node's answer lacks the election timings: their defaults.
+            out = {**{k: v for k, v in defaults().items() if k in ELECTION_KEYS}, **out}
         return MappingProxyType(out)
 
     def dump(self, value: Mapping[str, Any]) -> Any:
@@ -226,6 +229,7 @@ EventKind = Literal[
     "gpu_resumed",
     "lease_revoked",
     "election",
+    "voters_changed",
 ]
 EVENT_KINDS: Final[tuple[EventKind, ...]] = get_args(EventKind)
 

@@ -104,6 +104,26 @@ class StatusControlPlane(Message):
 
 
 @message
+class StatusLeader(Message):
+    """The control-plane leader this node knows: its own election's on a voter, the one
+    it follows elsewhere (``name``/``url``: ``None`` where this node does not know them)."""
+
+    id: str = wire(Text(min_len=1))
+    name: str | None = wire(Nullable(Text()), default=None)
+    url: str | None = wire(Nullable(Text()), default=None)
+
+
+@message
+class StatusVoter(Message):
+    """One voter of the voter set this node holds; ``last_contact_ms``: when it last
+    exchanged election messages with this node (wall ms; ``None``: not since start)."""
+
+    id: str = wire(Text(min_len=1))
+    name: str | None = wire(Nullable(Text()), default=None)
+    last_contact_ms: int | None = wire(Nullable(Int()), default=None)
+
+
+@message
 class StatusAnswer(Message):
     """``Status``: what this node says about itself."""
 
@@ -130,6 +150,17 @@ class StatusAnswer(Message):
     )
     #: Where this node serves Prometheus metrics (absent: not serving them).
     metrics_url: str | None = wire(Text(), omit_none=True)
+    #: The control-plane leader this node knows (``None``: none known, an election).
+    leader: StatusLeader | None = wire(Nullable(Nested(StatusLeader)), default=None)
+    #: The voter set this node holds (empty on a node that holds none: not a voter).
+    voters: tuple[StatusVoter, ...] = wire(Seq(Nested(StatusVoter)), default=())
+    #: Whether the voter set held is settled (its last change stored by a majority of
+    #: both sets and marked so); absent where none is held.
+    voters_settled: bool | None = wire(Bool(), omit_none=True)
+    #: This node's election role (stopped, follower, precandidate, candidate, leader).
+    election_role: str | None = wire(
+        Choice(("stopped", "follower", "precandidate", "candidate", "leader")), omit_none=True
+    )
 
 
 @message
