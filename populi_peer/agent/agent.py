@@ -639,7 +639,6 @@ class Agent:
 
     def _leading_services(self) -> list[Callable[..., Any]]:
         """While this node acts as control plane: its own heartbeat and the lease table."""
-        self._ensure_lifecycles()
         self.reporting.to_self = True
         self_beat = SelfBeat(
             intake=self.heartbeat_intake,
@@ -654,14 +653,6 @@ class Agent:
         """While another node does: heartbeats to it."""
         self.reporting.to_self = False
         return [self.heartbeat_sender.run]
-
-    def _ensure_lifecycles(self) -> None:
-        if self.control_plane.is_self:
-            self.registry.ensure_lifecycles(
-                (member.id for member in self.membership.nodes()),
-                actor=self.node_id,
-                term=self.control_plane.term,
-            )
 
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""

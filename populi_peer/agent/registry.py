@@ -168,14 +168,6 @@ class Registry:
     def set_initial(self, node_id: str, *, actor: str, term: int) -> None:
         self.apply(self.initial_write(node_id, actor=actor, term=term))
 
-    def ensure_lifecycles(self, node_ids: Iterable[str], *, actor: str, term: int) -> None:
-        """The control plane holds a lifecycle register for every node: write the initial
-        one of each node that has none and was never deleted (the init node's, on the
-        first start)."""
-        for node_id in node_ids:
-            if self.registers.lifecycle(node_id) is None and not self.registers.is_deleted(node_id):
-                self.set_initial(node_id, actor=actor, term=term)
-
     def initial_write(self, node_id: str, *, actor: str, term: int) -> RegisterWrite:
         """The lifecycle register of a node that just joined (active)."""
         lc = initial_lifecycle(now_wall_ms=self.now_ms(), actor=actor)

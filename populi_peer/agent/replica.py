@@ -61,7 +61,7 @@ from populi_peer.core.cluster_state import (
     token_revocation_item,
 )
 from populi_peer.core.election import RoleChanged
-from populi_peer.core.registers import MEMBER, RegisterSet, RegisterWrite, Stamp
+from populi_peer.core.registers import LIFECYCLE, MEMBER, RegisterSet, RegisterWrite, Stamp
 from populi_peer.core.replication import (
     ClusterKind,
     ClusterRecord,
@@ -415,7 +415,8 @@ class ClusterWrites:
     async def import_tables(self) -> int:
         """Propose every row the tables hold that the replicated set does not (a data
         directory that predates the election: the ``populi init`` node's own records, and
-        whatever it wrote before); the number of items proposed. Idempotent: a second run
+        whatever it wrote before), and a first lifecycle for every node without one; the
+        number of items proposed. Idempotent: a second run
         finds nothing to propose. Each check reads the replicated set afresh: a write
         proposed meanwhile (a renewal, a command) is not overwritten by an import."""
         replica = self.replica
@@ -438,6 +439,14 @@ class ClusterWrites:
         for write in self.registry.registers.writes():
             if self._lacks_register(*write.key) and write.stamp.term <= self.term:
                 await self.propose(write)
+                count += 1
+        # Every node has a lifecycle register (the init node's is made here, the first
+        # time it leads).
+        for member in replica.membership.nodes():
+            if self._lacks_register(member.id, LIFECYCLE):
+                await self.propose(
+                    self.registry.initial_write(member.id, actor=self.node_id, term=self.term)
+                )
                 count += 1
         for row in replica.tokens.all():
             if replica.applied.set_element("issued_tokens", row.token_id) is None:
