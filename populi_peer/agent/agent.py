@@ -665,6 +665,7 @@ class Agent:
         services: list[Callable[..., Any]] = [
             # First: a lone voter leads once its machine started.
             self.election.run,
+            self.replica.run,
             self.cluster_writes.run,
             self.voter_admin.run,
             self.certificates.run,

@@ -35,9 +35,14 @@ class ClusterRecords:
             record = verify_record(text, expected_kind="settings")
             self._install(record)
 
-    def _install(self, record: SignedRecord) -> None:
+    def _install(self, record: SignedRecord, *, notify: bool = True) -> None:
         self.settings_record = record
         self.settings = cluster_settings.validate_settings(record.body)
+        if notify:
+            self.notify_settings()
+
+    def notify_settings(self) -> None:
+        """Tell the settings listeners the settings held now."""
         for listener in self.settings_listeners:
             listener(self.settings)
 
@@ -92,7 +97,9 @@ class ClusterRecords:
         return record
 
     def adopt_settings(self, record: SignedRecord) -> None:
-        self._install(record)
+        """Show a committed :meth:`stage_replicated_settings`; the listeners are told by
+        the caller (:meth:`notify_settings`), outside the election step that stored it."""
+        self._install(record, notify=False)
 
     def sign_change(
         self, changes: dict[str, Any], *, identity: Identity, actor: str, now_ms: int

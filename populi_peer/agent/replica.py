@@ -125,6 +125,17 @@ class Replica:
         self.applied, _ = RecordSet().merge(entries)
         #: Entries a failed commit left unapplied; applied first by the next call.
         self.pending: tuple[Entry, ...] = ()
+        self._settings_installed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tell the settings listeners (the election's timings among them) of a settings
+        record :meth:`apply` installed — here, after the election step that stored it: a
+        listener that feeds the election must not run inside that step."""
+        task_status.started()
+        while True:
+            await self._settings_installed.wait()
+            self._settings_installed = trio.Event()
+            self.records.notify_settings()
 
     def holds(self, item: Item) -> bool:
         """Whether ``item`` was stored here (it is applied, or waits to be)."""
@@ -281,7 +292,7 @@ class Replica:
                 error=str(exc),
             )
             return _nothing
-        return _adopt_settings(self.records, record)
+        return _adopt_settings(self.records, record, self._settings_installed)
 
     def _stage_revocations(self, merged: RecordSet) -> Callable[[], None]:
         key = self.cluster_key()
@@ -340,8 +351,14 @@ def _adopt_registers(registry: Registry, staged: RegisterSet) -> Callable[[], No
     return lambda: registry.adopt(staged)
 
 
-def _adopt_settings(records: ClusterRecords, record: SignedRecord) -> Callable[[], None]:
-    return lambda: records.adopt_settings(record)
+def _adopt_settings(
+    records: ClusterRecords, record: SignedRecord, installed: trio.Event
+) -> Callable[[], None]:
+    def adopt() -> None:
+        records.adopt_settings(record)
+        installed.set()
+
+    return adopt
 
 
 def _nothing() -> None:
