@@ -175,7 +175,7 @@ def init_cluster(
         settings_text = sign_record(
             kind="settings",
             serial=1,
-            body=cluster_settings.defaults(),
+            body=cluster_settings.signed_body(cluster_settings.defaults()),
             signer_id=node_id,
             signer_key=node_key,
             now_ms=now_ms,

@@ -30,6 +30,7 @@ from enrollment.ca import certificate_public_key
 from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.attempts import AttemptRunner
 from populi_peer.agent.certificates import CertificateRenewal
+from populi_peer.agent.cluster_key import ClusterKeyShare
 from populi_peer.agent.election import ElectionService, PeerElectionTransport, RoleServices
 from populi_peer.agent.enrollment import Enrollment
 from populi_peer.agent.executor import Executor, ProcessExecutor
@@ -160,7 +161,8 @@ class Agent:
             registry=self.registry,
             records=self.records,
             revocations=self.revocations,
-            cluster_key=lambda: identity.cluster_key,
+            # The key a voter receives later is adopted by enrollment (ADR 0016).
+            cluster_key=lambda: self.enrollment.identity.cluster_key,
             now_ms=lambda: wall_ms(clock),
         )
         # The control-plane election (ADR 0011, 0016): this node's machine, voter or not.
@@ -216,6 +218,7 @@ class Agent:
                 else None
             )
         )
+        self.election.url_of = self.control_plane.url_of
         self.uptime = Uptime(clock)
         self.hypercorn: ReloadableConfig | None = None
         self.standing = Standing(
@@ -254,6 +257,13 @@ class Agent:
             events=self.events,
         )
         self.enrollment.joined_listeners.append(self.voter_admin.joined)
+        self.cluster_key = ClusterKeyShare(
+            identity=identity,
+            election=self.election,
+            control_plane=self.control_plane,
+            peers=self.peer_link,
+            on_key=self.enrollment.adopt_cluster_key,
+        )
         self.certificates = CertificateRenewal(
             identity=identity,
             clock=clock,
@@ -566,6 +576,7 @@ class Agent:
             *self.node_status.routes(),
             *self.election.routes(),
             *self.voter_admin.routes(),
+            *self.cluster_key.routes(),
         ]
 
     # -- lifetime -------------------------------------------------------------------------
@@ -640,6 +651,8 @@ class Agent:
     def _leading_services(self) -> list[Callable[..., Any]]:
         """While this node acts as control plane: its own heartbeat and the lease table."""
         self.reporting.to_self = True
+        # A table of an earlier term of this node's must not grant under this one.
+        self.leases.forget()
         self_beat = SelfBeat(
             intake=self.heartbeat_intake,
             reports=self.heartbeat_reports,
@@ -652,6 +665,7 @@ class Agent:
     def _following_services(self) -> list[Callable[..., Any]]:
         """While another node does: heartbeats to it."""
         self.reporting.to_self = False
+        self.leases.forget()
         return [self.heartbeat_sender.run]
 
     def services(self) -> list[Callable[..., Any]]:
@@ -668,6 +682,7 @@ class Agent:
             self.replica.run,
             self.cluster_writes.run,
             self.voter_admin.run,
+            self.cluster_key.run,
             self.certificates.run,
             self.janitor.run,
             self.gpu.run,

@@ -110,6 +110,8 @@ class ElectionService:
         #: The materializer: called with the entries of every records persist, right after
         #: it committed, before anything later; and with every stored entry at each start.
         self.on_records = on_records
+        #: ``url_of(node_id)``: where a leader is reached, for refusals that name it.
+        self.url_of: Callable[[str], str | None] = lambda node_id: None
         #: Called with every :class:`RoleChanged` (after it is in the event log).
         self.role_listeners: list[Callable[[RoleChanged], None]] = []
         self.rng = rng or random.Random()
@@ -393,11 +395,14 @@ class ElectionService:
             waiter.entry = Entry(entry_id.write_id, waiter.item)
         elif refused is not None:
             if refused.code == "not_leader":
+                url = self.url_of(refused.leader) if refused.leader else None
                 waiter.error = Conflict(
                     f"this node is not the control plane (term {refused.term}); "
                     f"the leader is {refused.leader or 'unknown'}",
                     code="not_control_plane",
                     leader_id=refused.leader,
+                    leader_url=url,
+                    control_plane_url=url,
                     term=refused.term,
                 )
             else:

@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enrollment.ca import cert_to_pem, make_node_certificate
 from enrollment.canonical import b64url_encode
@@ -298,6 +299,11 @@ class Enrollment:
                 f"too many join requests from {key}; retry in {wait:.0f} s",
                 retry_after_s=round(wait, 1),
             )
+
+    def adopt_cluster_key(self, key: Ed25519PrivateKey) -> None:
+        """This node became a voter and received the cluster key (ADR 0016): it can enroll
+        nodes, mint tokens and sign revocation lists once it leads."""
+        self.identity = replace(self.identity, cluster_key=key)
 
     def _cluster_key(self) -> Any:
         key = self.identity.cluster_key

@@ -191,6 +191,13 @@ class LeaseService:
             leader_lease_s=float(values["leader_lease_s"]),
         )
 
+    def forget(self) -> None:
+        """This node stopped (or starts again) acting as control plane: the table of an
+        earlier term is dropped, and rebuilt from the store at the next start, under the
+        term then in force and with its resumption window (ADR 0015, ADR 0016)."""
+        self.table = None
+        self.flags = {}
+
     def load(self) -> None:
         """Rebuild the table from the store (control plane start)."""
         leases = self.stored.all()
@@ -267,7 +274,8 @@ class LeaseService:
 
     def _table(self) -> LeaseTable:
         self.control_plane.require_self()
-        if self.table is None:
+        if self.table is None or self.table.term != self.control_plane.term:
+            # Elected again at a later term: never grant under an earlier one's table.
             self.load()
         assert self.table is not None
         if self.table.settings != self.settings():

@@ -25,7 +25,7 @@ from populi_peer.agent.membership import Membership
 from populi_peer.api.client import PeerClient, RequestBody
 from populi_peer.core.election import RoleChanged
 from populi_peer.core.membership import Member
-from populi_peer.core.messages import MembersAnswer, Message
+from populi_peer.core.messages import MembersAnswer, Message, StatusAnswer
 from populi_peer.discovery.service import call_first
 from populi_peer.errors import Conflict, PopuliError
 from populi_peer.log import get_logger, log
@@ -223,8 +223,6 @@ class ControlPlaneLink:
     async def find_leader(self) -> bool:
         """Ask each voter (:attr:`voters`) other than the one held whom it follows, and follow the answer of the highest term that names a voter. Whether
         this node now follows another node (the current one did not answer)."""
-        from populi_peer.core.messages import StatusAnswer
-
         best: tuple[int, str, str] | None = None
         for node_id, addresses in self.voters():
             if node_id in (self.id, self.node_id):

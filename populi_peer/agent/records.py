@@ -118,7 +118,7 @@ class ClusterRecords:
         text = sign_record(
             kind="settings",
             serial=self.settings_serial + 1,
-            body=values,
+            body=cluster_settings.signed_body(values),
             signer_id=identity.node_id,
             signer_key=identity.node_key,
             now_ms=now_ms,

@@ -239,6 +239,18 @@ def validate_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def signed_body(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a settings record signs: every value, except an election timing at its
+    default (:data:`ELECTION_KEYS`), so that a node of the version before the election,
+    which refuses keys it does not know, still takes the record (a rolling upgrade)."""
+    base = defaults()
+    return {
+        key: value
+        for key, value in values.items()
+        if key not in ELECTION_KEYS or value != base[key]
+    }
+
+
 def election_settings(values: Mapping[str, Any], *, max_skew_ms: int = 300_000) -> ElectionSettings:
     """The election timings these (validated) settings name."""
     return ElectionSettings(
@@ -327,6 +339,7 @@ __all__ = [
     "gates_enabled",
     "parse_setting",
     "remote_refusal",
+    "signed_body",
     "validate_settings",
     "validate_value",
 ]

@@ -265,10 +265,12 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
     down: set[str] = set()
     scopes: dict[str, trio.CancelScope] = {}
 
+    clocks = {name: VirtualClock() for name in names}
+
     def build(name: str, seed: int) -> ElectionService:
         service = ElectionService(
             node_id=name,
-            clock=VirtualClock(),
+            clock=clocks[name],
             state=ElectionState(stores[name]),
             events=EventLog(stores[name]),
             settings=settings,
@@ -330,6 +332,42 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
         await nursery.start(run, first, 99)
         await wait_for(lambda: services[first].leader_id == second)
         assert services[first].term == services[second].term and leaders() == [second]
+
+        # The leader's machine sleeps past its lease (suspend: the boot clock moves, trio's
+        # does not): it may not act the moment it wakes, before any timer of its fires.
+        assert services[second].can_act()
+        clocks[second].suspend(settings.leader_lease_s * 2)
+        assert not services[second].can_act()
         nursery.cancel_scope.cancel()
     for store in stores.values():
         store.close()
+
+
+async def test_a_control_plane_made_before_the_election_becomes_the_sole_voter(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A data directory from before the election (schema 5: no voter record) is migrated,
+    and its control plane writes the first voter record at start and leads."""
+    from populi_peer.cluster import init_cluster
+
+    data_dir = tmp_path / "cp"
+    init_cluster(
+        data_dir,
+        cluster_name="old",
+        node_name="cp",
+        listen="127.0.0.1:0",
+        advertise=["cp.populi.test:443"],
+        force=False,
+        now_wall_s=VirtualClock().wall(),
+    )
+    store = Store.open(data_dir)
+    with store.transaction():
+        store.execute("DROP TABLE election_entries")
+        store.execute("DROP TABLE election_vote")
+        store.execute("PRAGMA user_version = 5")
+    store.close()
+    async with open_virtual_cluster(tmp_path / "new", template=tmp_path) as cluster:
+        cp = cluster.cp
+        voters = cp.election.voters
+        assert voters is not None and voters.voters == {cp.node_id}
+        assert cp.election.role == "leader" and cp.control_plane.is_self

@@ -13,11 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
 from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
+from populi_peer.core.hlc import Hlc
+from populi_peer.core.registers import Stamp
+from populi_peer.core.replication import SetElement
+from populi_peer.errors import Conflict
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
 from support.contract import validate
 
@@ -56,6 +61,15 @@ async def test_three_voters_survive_the_leader_crash(
         )
         assert leaders(cluster, names) == ["cp"]
         first_term = cp.election.term
+        # Every voter holds the cluster key (sealed to it by the leader): a new leader
+        # must sign tokens, certificates and revocation lists.
+        await cluster.wait_until(
+            lambda: all(cluster[n].cluster_key.key is not None for n in names),
+            timeout_s=GUARD_S,
+            what="the voters hold the cluster key",
+        )
+        assert cluster["w1"].cluster_key.key is None  # a worker never gets it
+        assert (cluster.nodes["v2"].data_dir / "keys" / "cluster.key").exists()
         # A voter that does not lead refuses control-plane calls, naming the leader.
         operator = cp.certificates.identity.operator
         assert operator is not None
@@ -94,6 +108,14 @@ async def test_three_voters_survive_the_leader_crash(
             timeout_s=GUARD_S,
             what="the worker follows the new leader",
         )
+        # It mints a join token and a new node joins through it.
+        async with client(second) as leader_client:
+            minted = await leader_client.post(
+                "/v1/populi/admin/tokens", json={"ttl_s": 600, "roles": ["worker"]}
+            )
+        assert minted.status_code == 200, minted.text
+        joined = await cluster.join("w2", token=minted.json()["token"])
+        assert joined is not None and joined.control_plane.id == new.node_id
         # The old leader comes back from its disk and follows.
         old: Agent = await cluster.start("cp")
         await cluster.wait_until(
@@ -106,6 +128,74 @@ async def test_three_voters_survive_the_leader_crash(
             what="the old leader follows",
         )
         assert leaders(cluster, names) == [second]
+
+
+async def three_voters(cluster: VirtualCluster) -> tuple[str, ...]:
+    cp = cluster.cp
+    await cluster.join("v2", roles=VOTER_ROLES)
+    await cluster.wait_until(
+        lambda: (v := cp.election.voters) is not None and len(v.voters) == 2,
+        timeout_s=GUARD_S,
+        what="v2 is a voter",
+    )
+    await cluster.join("v3", roles=VOTER_ROLES)
+    names = ("cp", "v2", "v3")
+    await cluster.wait_until(
+        lambda: all(
+            (v := cluster[n].election.voters) is not None and len(v.voters) == 3 and v.settled
+            for n in names
+        ),
+        timeout_s=GUARD_S,
+        what="three settled voters",
+    )
+    return names
+
+
+async def test_a_cut_off_leader_stops_acting_before_another_starts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The leader is cut off from both other voters: it stops acting as control plane
+    (its routes refuse, its leader-only services stop) when its lease ends, a new leader
+    is elected, and at no instant do two nodes act; healed, the old one follows."""
+    async with open_virtual_cluster(tmp_path, workers=0, on_response=validate) as cluster:
+        names = await three_voters(cluster)
+        cp = cluster.cp
+        overlap: list[list[str]] = []
+        done = trio.Event()
+
+        async def watch() -> None:
+            while not done.is_set():
+                acting = [n for n in names if cluster[n].control_plane.is_self]
+                if len(acting) > 1:
+                    overlap.append(acting)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            for other in ("v2", "v3"):
+                cluster.network.partition(cp.node_id, cluster[other].node_id)
+            await cluster.wait_until(
+                lambda: not cp.control_plane.is_self, timeout_s=GUARD_S, what="cp stops acting"
+            )
+            await cluster.wait_until(
+                lambda: len(leaders(cluster, names)) == 1 and leaders(cluster, names) != ["cp"],
+                timeout_s=GUARD_S,
+                what="a new leader among the others",
+            )
+            (second,) = leaders(cluster, names)
+            assert cluster[second].election.term > 1
+            async with cluster.operator_client() as client:
+                refused = await client.get("/v1/populi/nodes")
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["error"]["code"] == "not_control_plane"
+            cluster.network.heal()
+            await cluster.wait_until(
+                lambda: cp.election.leader_id == cluster[second].node_id,
+                timeout_s=GUARD_S,
+                what="healed, cp follows",
+            )
+            done.set()
+        assert overlap == []
 
 
 async def test_status_names_the_leader_and_the_voters_and_events_name_each_election(
@@ -127,3 +217,77 @@ async def test_status_names_the_leader_and_the_voters_and_events_name_each_elect
         # A worker holds no voter set; its leader is the control plane it follows.
         assert status["voters"] == [] and status["leader"]["id"] == cp.node_id
         assert w1.election.voters is None
+
+
+def test_a_settings_record_leaves_out_election_timings_at_their_default() -> None:
+    """A node of the version before the election refuses settings keys it does not know:
+    a record signs the election timings only when they differ from their defaults, so a
+    rolling upgrade keeps taking records (the timings an older node never uses)."""
+    from populi_peer.core import settings as cluster_settings
+
+    values = cluster_settings.validate_settings({"remote_exec_enabled": True})
+    body = cluster_settings.signed_body(values)
+    assert not cluster_settings.ELECTION_KEYS & body.keys()
+    assert cluster_settings.validate_settings(body) == values
+    changed = cluster_settings.validate_settings(
+        {"leader_lease_s": 4.0, "election_heartbeat_s": 0.5}
+    )
+    assert cluster_settings.signed_body(changed)["election_heartbeat_s"] == 0.5
+
+
+async def test_an_operator_removes_and_adds_back_a_voter_one_change_at_a_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_virtual_cluster(tmp_path, workers=1, on_response=validate) as cluster:
+        names = await three_voters(cluster)
+        cp, v3 = cluster.cp, cluster["v3"]
+        # A write proposed to a voter that does not lead names the leader.
+        with pytest.raises(Conflict) as refused:
+            await v3.election.write(
+                SetElement(
+                    "revoked_nodes",
+                    "n-x",
+                    {"reason": "test"},
+                    Stamp(v3.election.term, Hlc(1, 0), v3.node_id),
+                )
+            )
+        details = refused.value.details
+        assert refused.value.code == "not_control_plane" and details["leader_id"] == cp.node_id
+        assert details["leader_url"] == cp.control_plane.url and details["term"] == cp.election.term
+        async with cluster.operator_client() as client:
+            removed = await client.post(
+                "/v1/populi/admin/voters", json={"action": "remove", "node": "v3"}
+            )
+            assert removed.status_code == 200, removed.text
+            body = removed.json()
+            assert body["changed"] and v3.node_id not in body["voters"]
+            assert v3.node_id in body["previous"]
+            again = await client.post(
+                "/v1/populi/admin/voters", json={"action": "remove", "node": "v3"}
+            )
+            assert again.status_code == 200 and again.json()["changed"] is False
+            # A node that did not join as a voter cannot be one.
+            worker = await client.post(
+                "/v1/populi/admin/voters", json={"action": "add", "node": "w1"}
+            )
+            assert (
+                worker.status_code == 409 and worker.json()["error"]["code"] == "not_a_voter_node"
+            )
+            await cluster.wait_until(
+                lambda: all(
+                    (v := cluster[n].election.voters) is not None
+                    and v.voters == {cp.node_id, cluster["v2"].node_id}
+                    and v.settled
+                    for n in names[:2]
+                ),
+                timeout_s=GUARD_S,
+                what="two voters, settled",
+            )
+            added = await client.post(
+                "/v1/populi/admin/voters", json={"action": "add", "node": v3.node_id}
+            )
+            assert added.status_code == 200, added.text
+            assert set(added.json()["voters"]) == {cluster[n].node_id for n in names}
+        events = cp.events.page(kind="voters_changed", limit=10)
+        assert [e.detail["action"] for e in events][-2:] == ["remove", "add"]
+        assert leaders(cluster, names) == ["cp"]

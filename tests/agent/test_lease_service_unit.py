@@ -37,7 +37,7 @@ from populi_peer.agent.health import Health
 from populi_peer.agent.leases import LeaseService
 from populi_peer.api.app import Request
 from populi_peer.core.hints import GpuHint
-from populi_peer.core.leases import TargetView
+from populi_peer.core.leases import LeaseRefused, TargetView
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import (
     LeaseFallbackRequest,
@@ -274,3 +274,21 @@ def test_the_drain_rule_lives_in_the_core_table() -> None:
     source = inspect.getsource(leases_module)
     for word in ("draining", "drain_deadline", "deadline_wall_ms", '"quarantined"', '"stale"'):
         assert word not in source, word
+
+
+async def test_a_control_plane_elected_again_at_a_later_term_grants_under_that_term(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """ADR 0016: a node that led, stepped down and is elected again in the same process
+    never grants from its earlier term's table: the table is rebuilt at the new term, with
+    the resumption window of a control plane that starts (ADR 0015): the worker that held
+    a lease must report before it is granted on again."""
+    with open_service(tmp_path) as world:
+        first = (await world.service._grant(request(grant("t-1")))).lease.lease
+        term = world.service.control_plane.term
+        assert first.token.term == term
+        world.service.control_plane.leader_elected(term=term + 2, leader_id=CP)
+        with pytest.raises(LeaseRefused) as refused:
+            await world.service._grant(request(grant("t-2")))
+        assert "node_not_reported" in str(refused.value)
+        assert world.service.table is not None and world.service.table.term == term + 2

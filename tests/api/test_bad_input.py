@@ -259,6 +259,7 @@ for _route, _method, _path, _signer in [
     ("hints", "GET", "/v1/populi/hints", "operator"),
     ("election", "POST", "/v1/populi/election", "node"),
     ("voter_change", "POST", "/v1/populi/admin/voters", "operator"),
+    ("cluster_key", "POST", "/v1/populi/election/cluster-key", "node"),
 ]:
     wrong(_route, _method, _path, OVERSIZE, 413, "payload_too_large", "oversize", signer=_signer)
 
@@ -752,6 +753,10 @@ wrong("election", "POST", "/v1/populi/election", {"messages": [{"type": "prevote
       "another-sender", signer="node")
 wrong("election", "POST", "/v1/populi/election", {"messages": []}, 403, "forbidden",
       "operator-does-not-vote")
+wrong("cluster_key", "POST", "/v1/populi/election/cluster-key", {}, 400, "bad_request",
+      "no-public-key", signer="node")
+wrong("cluster_key", "POST", "/v1/populi/election/cluster-key", {"public_key": "x" * 43}, 403,
+      "not_a_voter", "operator-is-no-voter")
 wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "promote", "node": "cp"}, 400,
       "bad_request", "unknown-action")
 wrong("voter_change", "POST", "/v1/populi/admin/voters", {"action": "add"}, 400, "bad_request",

@@ -29,6 +29,8 @@ from typing import Final
 
 from populi_peer.core.messages._codec import Message
 from populi_peer.core.messages.election import (
+    ClusterKeyAnswer,
+    ClusterKeyRequest,
     ElectionExchange,
     ElectionPost,
     VoterChangeAnswer,
@@ -206,6 +208,7 @@ OPERATIONS: Final[Mapping[str, Exchange]] = {
     "hints": _E(None, HintsAnswer),
     "election": _E(ElectionPost, ElectionExchange),
     "voter_change": _E(VoterChangeRequest, VoterChangeAnswer),
+    "cluster_key": _E(ClusterKeyRequest, ClusterKeyAnswer),
 }
 
 __all__ = [
@@ -217,6 +220,8 @@ __all__ = [
     "CancelAnswer",
     "CancelMessage",
     "CertRenewAnswer",
+    "ClusterKeyAnswer",
+    "ClusterKeyRequest",
     "ClusterRef",
     "ControlPlaneRef",
     "DiscoveryStatusView",

@@ -3,6 +3,9 @@
 - ``POST /v1/populi/admin/voters``: :class:`VoterChangeRequest` →
   :class:`VoterChangeAnswer`, an operator's one voter added or removed (the leader writes
   the new ``voters`` record through the election);
+- ``POST /v1/populi/election/cluster-key``: :class:`ClusterKeyRequest` →
+  :class:`ClusterKeyAnswer`, a voter fetching the cluster key from the leader (sealed to
+  a fresh key of the request);
 - ``POST /v1/populi/election``: :class:`ElectionPost` → :class:`ElectionExchange`. The
   body carries election messages from the caller (each names the caller as its sender);
   the answer carries the messages the receiving voter sends back to the caller at once
@@ -52,6 +55,22 @@ class ElectionExchange(Message):
     messages: tuple[ElectionMessage, ...] = wire(_MESSAGES, default=())
 
 
+@message
+class ClusterKeyRequest(Message):
+    """A voter's fresh X25519 public key (base64url, 32 bytes) to seal the cluster key to."""
+
+    public_key: str = wire(Text(min_len=43, max_len=44))
+
+
+@message
+class ClusterKeyAnswer(Message):
+    """The cluster key sealed to the request's key (``enrollment/keyshare.py``)."""
+
+    sender_public: str = wire(Text(min_len=43, max_len=44))
+    nonce: str = wire(Text(min_len=16, max_len=16))
+    sealed: str = wire(Text(min_len=1, max_len=128))
+
+
 VoterAction = Literal["add", "remove"]
 
 
@@ -80,6 +99,8 @@ class VoterChangeAnswer(Message):
 __all__ = [
     "ELECTION_MESSAGE",
     "MAX_ELECTION_MESSAGES",
+    "ClusterKeyAnswer",
+    "ClusterKeyRequest",
     "ElectionExchange",
     "ElectionPost",
     "VoterAction",
