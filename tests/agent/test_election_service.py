@@ -364,6 +364,7 @@ async def test_a_control_plane_made_before_the_election_becomes_the_sole_voter(
     with store.transaction():
         store.execute("DROP TABLE election_entries")
         store.execute("DROP TABLE election_vote")
+        store.execute("DROP TABLE replica_applied")  # migration 7 (ADR 0017)
         store.execute("PRAGMA user_version = 5")
     store.close()
     async with open_virtual_cluster(tmp_path / "new", template=tmp_path) as cluster:
