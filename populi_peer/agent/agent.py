@@ -203,8 +203,12 @@ class Agent:
         )
         self.peer_link.rank = self.net.address_book.candidates
         self.address = OwnAddress.from_plan(config, self.net, url)
+        # A voter follows only a voter of the signed voter record it holds; another node
+        # (which holds none) a node whose member record has the voter role.
         self.control_plane.is_voter = lambda node_id: (
-            (m := self.membership.get(node_id)) is not None and "voter" in m.roles
+            node_id in held.voters
+            if (held := self.election.voters) is not None
+            else (m := self.membership.get(node_id)) is not None and "voter" in m.roles
         )
         self.control_plane.voters = lambda: [
             (m.id, m.addresses) for m in self.membership.nodes() if "voter" in m.roles
