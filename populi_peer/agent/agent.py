@@ -316,6 +316,7 @@ class Agent:
             liveness=self.heartbeats,
             leased_gpus=self.runner.held_gpus,
             own_pids=self.runner.own_pids,
+            writes=self.cluster_writes,
         )
         self.settings_sync = SettingsSync(
             identity=identity,
