@@ -56,6 +56,7 @@ from populi_peer.agent.network import Network, TlsNetwork
 from populi_peer.agent.nodes import Departure, NodeAdmin
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
+from populi_peer.agent.replica import ClusterWrites, Replica
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.agent.settings_sync import SettingsSync
 from populi_peer.agent.standing import RemoteWork, Standing
@@ -152,6 +153,17 @@ class Agent:
             control_plane=self.control_plane,
             client=self.peers,
         )
+        # Records a majority of voters stored, into this node's tables (ADR 0017).
+        self.replica = Replica(
+            self.store,
+            membership=self.membership,
+            registry=self.registry,
+            records=self.records,
+            revocations=self.revocations,
+            # The key a voter receives later is adopted by enrollment (ADR 0016).
+            issuer=lambda: self.enrollment.identity.issuer,
+            now_ms=lambda: wall_ms(clock),
+        )
         # The control-plane election (ADR 0011, 0016): this node's machine, voter or not.
         self.election = ElectionService(
             node_id=self.node_id,
@@ -160,7 +172,12 @@ class Agent:
             events=self.events,
             settings=self._election_settings(self.records.settings),
             transport=PeerElectionTransport(self.peer_link),
+            on_records=self.replica.apply,
         )
+        self.cluster_writes = ClusterWrites(
+            election=self.election, registry=self.registry, replica=self.replica
+        )
+        self.election.role_listeners.append(self.cluster_writes.role_changed)
         self.records.settings_listeners.append(
             lambda values: self.election.settings_changed(self._election_settings(values))
         )
@@ -231,6 +248,7 @@ class Agent:
             revocations=self.revocations,
             records=self.records,
             events=self.events,
+            writes=self.cluster_writes,
         )
         self.voter_admin = VoterAdmin(
             node_id=self.node_id,
@@ -291,6 +309,7 @@ class Agent:
             liveness=self.heartbeats,
             leased_gpus=self.runner.held_gpus,
             own_pids=self.runner.own_pids,
+            writes=self.cluster_writes,
         )
         self.settings_sync = SettingsSync(
             identity=identity,
@@ -303,6 +322,7 @@ class Agent:
             control_plane=self.control_plane,
             peers=self.peers,
             timeout_s=config.api.request_timeout_s,
+            writes=self.cluster_writes,
             rank=self.net.address_book.candidates,
         )
         self._build_execution()
@@ -326,7 +346,7 @@ class Agent:
             records=self.records,
             revocations=self.revocations,
             events=self.events,
-            report_listeners=[self.gpu.hold_report],
+            report_listeners=[self.gpu.hold_report, self.voter_admin.heard],
             answer_parts=[self.gpu.answer_part],
             exchanges=[lambda *a: self.leases.heartbeat_exchange(*a)],  # noqa: PLW0108 (built later)
         )
@@ -372,6 +392,7 @@ class Agent:
             liveness=self.heartbeats,
             gpu_view=self.gpu.view,
             departure=self.departure,
+            writes=self.cluster_writes,
         )
         self.node_status = NodeStatus(
             identity=identity,
@@ -626,11 +647,6 @@ class Agent:
 
     def _leading_services(self) -> list[Callable[..., Any]]:
         """While this node acts as control plane: its own heartbeat and the lease table."""
-        try:
-            self._ensure_lifecycles()
-        except PopuliError as exc:
-            # Storage refused it: the self-beat's registers catch up once writes pass.
-            log(self.logger, logging.WARNING, "member lifecycles not written", error=str(exc))
         self.reporting.to_self = True
         # A table of an earlier term of this node's must not grant under this one.
         self.leases.forget()
@@ -649,14 +665,6 @@ class Agent:
         self.leases.forget()
         return [self.heartbeat_sender.run]
 
-    def _ensure_lifecycles(self) -> None:
-        if self.control_plane.is_self:
-            self.registry.ensure_lifecycles(
-                (member.id for member in self.membership.nodes()),
-                actor=self.node_id,
-                term=self.control_plane.term,
-            )
-
     def services(self) -> list[Callable[..., Any]]:
         """Long-running services, each ``async def run(*, task_status)``."""
         by_role = RoleServices(
@@ -668,6 +676,8 @@ class Agent:
         services: list[Callable[..., Any]] = [
             # First: a lone voter leads once its machine started.
             self.election.run,
+            self.replica.run,
+            self.cluster_writes.run,
             self.voter_admin.run,
             self.certificates.run,
             self.janitor.run,

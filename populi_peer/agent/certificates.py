@@ -11,7 +11,7 @@ degraded until it can, the old one staying in force meanwhile.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 import trio
@@ -47,7 +47,7 @@ class CertificateRenewal:
         identity: Identity,
         clock: Clock,
         control_plane: ControlPlaneLink,
-        issue_own: Callable[[], str],
+        issue_own: Callable[[], Awaitable[str]],
         health: Health,
         on_renewed: Sequence[Callable[[], None]] = (),
         revoked: Revoked | None = None,
@@ -99,7 +99,7 @@ class CertificateRenewal:
 
     async def _renew(self) -> None:
         if self.control_plane.is_self:
-            pem = self.issue_own()
+            pem = await self.issue_own()
         else:
             answer = await self.control_plane.call(
                 "POST", "/v1/populi/certs/renew", {}, answer=CertRenewAnswer

@@ -119,6 +119,8 @@ class ElectionService:
         self.machine: ElectionMachine | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._next_request = 0
+        #: After a step whose first persist failed, timers wait until then (boot clock).
+        self._hold_until = -math.inf
         self._wake = trio.Event()
         self._outboxes: dict[str, deque[Message]] = {}
         self._outbox_ready: dict[str, trio.Event] = {}
@@ -197,7 +199,8 @@ class ElectionService:
                     self._try_start()
                     continue
                 deadline = self.machine.next_deadline()
-                if deadline is not None and self.clock.boot() >= deadline:
+                now = self.clock.boot()
+                if deadline is not None and now >= deadline and now >= self._hold_until:
                     try:
                         self._handle(TimerFired())
                     except PopuliError as exc:  # pragma: no cover - the machine takes timers
@@ -216,6 +219,8 @@ class ElectionService:
             delay = RESTART_RETRY_S
         else:
             deadline = self.machine.next_deadline()
+            if deadline is not None:
+                deadline = max(deadline, self._hold_until)
             delay = math.inf if deadline is None else max(0.0, deadline - self.clock.boot())
         with trio.move_on_after(delay):
             await self._wake.wait()
@@ -309,10 +314,20 @@ class ElectionService:
             return []
         next_machine, actions = machine.handle(event, self.clock.boot(), self.rng)
         replies: list[Message] = []
+        committed = False
         for index, action in enumerate(actions):
             if isinstance(action, (PersistVote, PersistRecords)):
                 try:
                     self._persist(action)
+                except PopuliError as exc:
+                    if committed:
+                        self._persist_failed(exc, actions[index + 1 :])
+                    else:
+                        self._step_dropped(exc, event)
+                    return []
+                committed = True
+                try:
+                    self._materialize(action)
                 except PopuliError as exc:
                     self._persist_failed(exc, actions[index + 1 :])
                     return []
@@ -353,8 +368,37 @@ class ElectionService:
             self.state.save_vote(action.term, action.voted_for)
             return
         self.state.save_records(action.entries, action.digest)
-        if self.on_records is not None and action.entries:
+
+    def _materialize(self, action: PersistVote | PersistRecords) -> None:
+        """After a records commit: the materializer (ADR 0017) sees the entries."""
+        if isinstance(action, PersistRecords) and self.on_records is not None and action.entries:
             self.on_records(action.entries)
+
+    def _step_dropped(self, exc: PopuliError, event: Event) -> None:
+        """The step's first persist failed: nothing of it reached storage, so the machine
+        before it still matches storage and stays (the event is as good as lost, which the
+        election tolerates, as it tolerates a lost message). A write it carried stored
+        nothing and is refused; the timers wait ``RESTART_RETRY_S`` before they fire again.
+        Unlike a restart, this keeps the term, the role and the leader's services running
+        while the disk is full (ADR 0016)."""
+        log(
+            self.logger,
+            logging.WARNING,
+            "election step not persisted; nothing stored, the event is dropped",
+            election_event=type(event).__name__,
+            error=str(exc),
+        )
+        if isinstance(event, ClientWrite):
+            self._settle(
+                event.request_id,
+                error=ServiceUnavailable(
+                    "this node could not store the write; nothing was stored",
+                    code="storage_unavailable",
+                    reason="persist_failed",
+                    condition=exc.details.get("condition", "unknown"),
+                ),
+            )
+        self._hold_until = self.clock.boot() + RESTART_RETRY_S
 
     def _persist_failed(self, exc: PopuliError, skipped: Sequence[object]) -> None:
         """ADR 0011 Decision 7: carry out nothing more; restart from storage."""

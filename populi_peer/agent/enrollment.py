@@ -40,7 +40,7 @@ from enrollment.ca import (
 from enrollment.canonical import b64url_encode
 from enrollment.errors import ErrorKind, TokenError
 from enrollment.keys import node_id_for, public_from_text, public_to_text
-from enrollment.revocation import RevokedNode, revoke_node, unblock_name
+from enrollment.revocation import RevokedNode
 from enrollment.tokens import (
     JoinClaim,
     JoinProofs,
@@ -57,10 +57,25 @@ from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
+from populi_peer.agent.replica import ClusterWrites
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import SecurityConfig, parse_host_port
+from populi_peer.core.cluster_state import (
+    IssuedToken,
+    NameReleased,
+    NodeRevoked,
+    TokenConsumed,
+    TokenRevoked,
+    consumption_item,
+    issued_token_item,
+    member_item,
+    member_removal_item,
+    name_release_item,
+    node_revocation_item,
+    token_revocation_item,
+)
 from populi_peer.core.messages import (
     CertRenewAnswer,
     ClusterRef,
@@ -82,7 +97,7 @@ from populi_peer.core.messages import (
     TokenRevokeAnswer,
     TokenSummary,
 )
-from populi_peer.core.messages.records import ROLES, Role
+from populi_peer.core.messages.records import ROLES, EventKind, Role
 from populi_peer.core.ratelimit import RateLimiter
 from populi_peer.errors import (
     Conflict,
@@ -91,7 +106,7 @@ from populi_peer.errors import (
     PopuliError,
     RateLimited,
     StorageUnavailable,
-    StoreError,
+    enrollment_boundary,
 )
 from populi_peer.identity import Identity
 from populi_peer.log import NOTICE, get_logger, log
@@ -139,11 +154,13 @@ class Enrollment:
         revocations: RevocationState,
         records: ClusterRecords,
         events: EventLog,
+        writes: ClusterWrites,
         membership_listeners: Sequence[MembershipListener] = (),
     ) -> None:
         """``identity`` holds the issuer this control plane enrolls with: its own issuer
         key, or the root key of a cluster made before issuers (a node with neither refuses:
-        ``no_issuer_key``); ``store`` commits a join whole."""
+        ``no_issuer_key``); ``writes`` proposes every change through the election (ADR
+        0017): the tables change only once this node stored it."""
         self.identity = identity
         self.node_id = identity.node_id
         self.clock = clock
@@ -156,12 +173,14 @@ class Enrollment:
         self.revocations = revocations
         self.records = records
         self.events = events
+        self.writes = writes
         self.membership_listeners = tuple(membership_listeners)
         #: Called with each member record a join stored (a voter join: a voter change).
         self.joined_listeners: list[Callable[[Member], None]] = []
         self.logger = get_logger("enrollment")
         self.limiter = RateLimiter(security.join_rate_per_min)
         self._challenges: OrderedDict[str, float] = OrderedDict()
+        self._joining = trio.Lock()
         self.tokens = JoinTokens(store)
 
     # -- routes ---------------------------------------------------------------------------
@@ -401,22 +420,26 @@ class Enrollment:
         )
         public_key = public_from_text(body.public_key)
         node_id = node_id_for(public_key)
-        replayed = self._recorded_join(token, node_id, name)
-        if replayed is not None:
-            return replayed
-        now_ms = self._now_ms()
-        check_redeem_time(token, now_ms=now_ms)
-        await trio.lowlevel.checkpoint()
-        return self._enroll(
-            token,
-            envelope=body.token,
-            public_key=public_key,
-            name=name,
-            addresses=body.addresses,
-            now_ms=now_ms,
-        )
+        # One join at a time on this control plane: its checks (key, name, token) and its
+        # writes, which wait on a majority in between, see no other join half-done.
+        async with self._joining:
+            replayed = await self._recorded_join(token, node_id, name)
+            if replayed is not None:
+                return replayed
+            now_ms = self._now_ms()
+            check_redeem_time(token, now_ms=now_ms)
+            return await self._enroll(
+                token,
+                envelope=body.token,
+                public_key=public_key,
+                name=name,
+                addresses=body.addresses,
+                now_ms=now_ms,
+            )
 
-    def _recorded_join(self, token: JoinToken, node_id: str, name: str) -> JoinEnrollAnswer | None:
+    async def _recorded_join(
+        self, token: JoinToken, node_id: str, name: str
+    ) -> JoinEnrollAnswer | None:
         """The first answer again, when this key already joined with this token (the
         joiner lost the answer and retried): same node, same certificate, no second use."""
         recorded = self.tokens.recorded(token.token_id, node_id)
@@ -429,6 +452,12 @@ class Enrollment:
                 "under that name; every join needs a fresh key",
                 code="key_reused",
             )
+        if self.registry.registers.lifecycle(node_id) is None:
+            # The join was cut short after its member record: finish it.
+            actor = f"token:{token.token_id}"
+            await self.writes.propose(
+                self.registry.initial_write(node_id, actor=actor, term=self.writes.term)
+            )
         log(
             self.logger,
             logging.INFO,
@@ -438,7 +467,7 @@ class Enrollment:
         )
         return self._join_answer(member, recorded.certificate)
 
-    def _enroll(
+    async def _enroll(
         self,
         token: JoinToken,
         *,
@@ -498,28 +527,22 @@ class Enrollment:
             updated_ms=now_ms,
         )
         actor = f"token:{token.token_id}"
-        lifecycle = self.registry.initial_write(node_id, actor=actor, term=self.control_plane.term)
-        # One transaction, no await inside: consumption, membership, lifecycle, the event
-        # and the outcome are durable together before anyone is told (safety rule 7), and
-        # memory adopts them only after the commit: a failed commit leaves nothing behind.
+        writes = self.writes
+        use = self._take_use(token, envelope, node_id)
+        # One majority write each, in this order (ADR 0017): the token use first — only
+        # the leader consumes, checking and adding in one write, so a second consumer is
+        # refused — then the member record with the certificate it issued (a retried
+        # join is answered with it), then the node's first lifecycle. A join cut short
+        # in between is finished by the joiner's retry: the same key takes the same use.
         try:
-            with self.store.transaction():
-                self._check_unused(token, envelope)
-                self.tokens.consume(
-                    token.token_id, node_id=node_id, at_ms=now_ms, certificate=certificate
-                )
-                if holder is not None:
-                    self.membership.delete_member(holder.id)
-                self.membership.store_member(member)
-                registers = self.registry.stage(lifecycle)
-                self.events.append(
-                    at_ms=self._now_ms(),
-                    node_id=node_id,
-                    kind="node_joined",
-                    actor=actor,
-                    detail={"name": name, "roles": list(roles)},
-                )
-        except StoreError as exc:
+            await writes.propose(
+                consumption_item(TokenConsumed(token.token_id, use, node_id), stamp=writes.stamp())
+            )
+        except Conflict as exc:
+            if exc.code == "token_already_consumed":
+                raise TokenUsed("token already used", code="token_already_used") from exc
+            raise
+        except StorageUnavailable as exc:
             log(
                 self.logger,
                 logging.ERROR,
@@ -529,14 +552,39 @@ class Enrollment:
                 error=str(exc),
             )
             raise JoinNotStored(
-                "the control plane could not record the join (its storage failed: "
-                f"{_first_line(exc)}); nothing was kept and the token is unused, try again later"
+                "the control plane could not record the join (its storage failed); nothing "
+                "was kept and the token is unused, try again later",
+                **exc.details,
             ) from exc
         if holder is not None:
-            self.membership.forget(holder.id)
-        self.membership.adopt(member)
-        if registers is not None:
-            self.registry.adopt(registers)
+            await writes.propose(
+                member_removal_item(
+                    holder.id,
+                    stamp=writes.stamp(),
+                    writer_class="leader",
+                    actor=actor,
+                    reason=f"name {name} taken by {node_id}",
+                    at_wall_ms=now_ms,
+                )
+            )
+        await writes.propose(
+            member_item(
+                member,
+                certificate=certificate,
+                stamp=writes.stamp(),
+                writer_class="leader",
+                actor=actor,
+                reason="joined",
+                at_wall_ms=now_ms,
+            )
+        )
+        await writes.propose(self.registry.initial_write(node_id, actor=actor, term=writes.term))
+        self._event(
+            node_id=node_id,
+            kind="node_joined",
+            actor=actor,
+            detail={"name": name, "roles": list(roles)},
+        )
         log(
             self.logger,
             NOTICE,
@@ -551,14 +599,29 @@ class Enrollment:
             listener(member)
         return self._join_answer(member, certificate)
 
-    def _check_unused(self, token: JoinToken, envelope: str) -> None:
+    def _take_use(self, token: JoinToken, envelope: str, node_id: str) -> int:
+        """The use of ``token`` this join takes (the one ``node_id`` already holds when it
+        retries a join cut short); refuses an unknown, revoked or used-up token."""
         row = self.tokens.get(token.token_id)
         if row is None or row.digest != token_digest(envelope):
             raise Forbidden("this token was not issued by this control plane", code="token_unknown")
         if row.revoked_ms is not None:
             raise Forbidden("this token was revoked", code="token_revoked")
-        if row.uses_left <= 0:
+        retried = self.tokens.recorded(token.token_id, node_id) is not None
+        use = self.writes.token_use(token.token_id, node_id, row.uses_total)
+        if use is None or (row.uses_left <= 0 and not retried):
             raise TokenUsed("token already used", code="token_already_used")
+        return use
+
+    def _event(self, *, node_id: str, kind: EventKind, actor: str, **fields: Any) -> None:
+        """Log a control-plane event; the change it tells of is already stored by a
+        majority, so a failed append is logged, never the caller's error."""
+        try:
+            self.events.append(
+                at_ms=self._now_ms(), node_id=node_id, kind=kind, actor=actor, **fields
+            )
+        except PopuliError as exc:
+            log(self.logger, logging.WARNING, "event not recorded", kind=kind, error=str(exc))
 
     def _join_answer(self, member: Member, certificate: str) -> JoinEnrollAnswer:
         identity = self.identity
@@ -615,21 +678,28 @@ class Enrollment:
             token_id=secrets.token_bytes(16),
             token_seed=secrets.token_bytes(32),
         )
-        with self.store.transaction():
-            self.tokens.add(
-                token, digest=token_digest(text), created_ms=now_ms, created_by=request.caller.id
+        await self.writes.propose(
+            issued_token_item(
+                IssuedToken(
+                    token_id=token.token_id,
+                    digest=token_digest(text),
+                    roles=tuple(sorted(token.roles)),
+                    name=token.name,
+                    uses=token.uses,
+                    not_before_ms=token.not_before_ms,
+                    expires_ms=token.expires_ms,
+                    created_ms=now_ms,
+                    created_by=request.caller.id,
+                ),
+                stamp=self.writes.stamp(),
             )
-            self.events.append(
-                at_ms=self._now_ms(),
-                node_id=self.node_id,
-                kind="token_created",
-                actor=request.caller.id,
-                detail={
-                    "token_id": token.token_id,
-                    "roles": sorted(token.roles),
-                    "name": token.name,
-                },
-            )
+        )
+        self._event(
+            node_id=self.node_id,
+            kind="token_created",
+            actor=request.caller.id,
+            detail={"token_id": token.token_id, "roles": sorted(token.roles), "name": token.name},
+        )
         log(
             self.logger,
             logging.INFO,
@@ -638,7 +708,6 @@ class Enrollment:
             roles=sorted(token.roles),
             uses=token.uses,
         )
-        await trio.lowlevel.checkpoint()
         return TokenCreateAnswer(token=text, summary=self._summary(self._token_row(token.token_id)))
 
     def _token_row(self, token_id: str) -> JoinTokenRecord:
@@ -684,21 +753,24 @@ class Enrollment:
         row = self._token_row(token_id)
         changed = row.revoked_ms is None
         if changed:
-            with self.store.transaction():
-                self.tokens.revoke(token_id, now_ms=self._now_ms())
-                self.events.append(
-                    at_ms=self._now_ms(),
-                    node_id=self.node_id,
-                    kind="token_revoked",
-                    actor=request.caller.id,
-                    detail={"token_id": token_id},
+            await self.writes.propose(
+                token_revocation_item(
+                    TokenRevoked(token_id, self._now_ms(), request.caller.id),
+                    stamp=self.writes.stamp(),
                 )
+            )
+            self._event(
+                node_id=self.node_id,
+                kind="token_revoked",
+                actor=request.caller.id,
+                detail={"token_id": token_id},
+            )
         await trio.lowlevel.checkpoint()
         return TokenRevokeAnswer(summary=self._summary(self._token_row(token_id)), changed=changed)
 
     # -- certificates ---------------------------------------------------------------------
 
-    def issue_certificate(self, member: Member) -> str:
+    async def issue_certificate(self, member: Member) -> str:
         """A new certificate for ``member``: its PEM, followed by the issuer's."""
         now_ms = self._now_ms()
         cert, pem = self._issue(
@@ -710,9 +782,18 @@ class Enrollment:
             cert_not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
             updated_ms=now_ms,
         )
-        self.membership.upsert(updated)
-        self.events.append(
-            at_ms=self._now_ms(),
+        await self.writes.propose(
+            member_item(
+                updated,
+                certificate=None,
+                stamp=self.writes.stamp(),
+                writer_class="leader",
+                actor=member.id,
+                reason="certificate renewed",
+                at_wall_ms=now_ms,
+            )
+        )
+        self._event(
             node_id=member.id,
             kind="certificate_renewed",
             actor=member.id,
@@ -720,20 +801,19 @@ class Enrollment:
         )
         return pem
 
-    def issue_own_certificate(self) -> str:
+    async def issue_own_certificate(self) -> str:
         """The control plane renews its own certificate."""
         member = self.membership.get(self.node_id)
         if member is None:
             raise PopuliError("the control plane is missing from its own membership")
-        return self.issue_certificate(member)
+        return await self.issue_certificate(member)
 
     async def _cert_renew(self, request: Request) -> CertRenewAnswer:
         self._require_cp()
         member = self.membership.get(request.caller.id)
         if member is None or member.kind != "node":
             raise Forbidden("only enrolled nodes renew certificates", code="not_a_node")
-        pem = self.issue_certificate(member)
-        await trio.lowlevel.checkpoint()
+        pem = await self.issue_certificate(member)
         return CertRenewAnswer(certificate=pem)
 
     # -- retirement -----------------------------------------------------------------------
@@ -744,38 +824,44 @@ class Enrollment:
         if member.id == self.node_id:
             raise Conflict("the control plane cannot retire itself", code="retire_self")
         reason = request.message(ReasonRequest).reason_or("retired by operator")
-        before, after = self.registry.command(
+        self._issuer(self._now_ms())  # the list derived from the revocation is signed with it
+        before, after, write = self.registry.plan_command(
             member.id,
             "retire",
             writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=self.control_plane.term,
+            term=self.writes.term,
         )
+        if write is not None:
+            await self.writes.propose(write)
         revoked_now = not self.revocations.is_revoked(member.id)
         if revoked_now:
-            now_ms = self._now_ms()
-            current = self.revocations.empty_or_current(now_ms=now_ms)
-            new = revoke_node(
-                current,
-                RevokedNode(
+            with enrollment_boundary():  # the list's own checks, before anything is proposed
+                revoked = RevokedNode(
                     node_id=member.id,
                     name=member.name,
                     reason=" ".join(reason.split()) or "retired",
-                    revoked_ms=now_ms,
+                    revoked_ms=self._now_ms(),
                     cert_serials=(member.cert_serial,) if member.cert_serial else (),
-                ),
-                now_ms=now_ms,
-            )
-            issuer = self._issuer(now_ms)
-            self.revocations.publish(
-                new, signing_key=issuer.key, issuer=issuer.certificate, now_ms=now_ms
+                )
+            await self.writes.import_revocations()
+            await self.writes.propose(
+                node_revocation_item(
+                    NodeRevoked(
+                        node_id=revoked.node_id,
+                        name=revoked.name,
+                        reason=revoked.reason,
+                        revoked_ms=revoked.revoked_ms,
+                        cert_serials=revoked.cert_serials,
+                    ),
+                    stamp=self.writes.stamp(),
+                )
             )
         # Retiring a retired node again is a no-op: no event, and the answer says so.
         changed = revoked_now or before != after
         if changed:
-            self.events.append(
-                at_ms=self._now_ms(),
+            self._event(
                 node_id=member.id,
                 kind="lifecycle",
                 actor=request.caller.id,
@@ -799,17 +885,18 @@ class Enrollment:
         self._require_cp()
         member = self.membership.resolve_node(request.path_params["node"])
         reason = request.message(ReasonRequest).reason_or("deleted by operator")
-        self.registry.command(
+        _, _, tombstone = self.registry.plan_command(
             member.id,
             "delete",
             writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=self.control_plane.term,
+            term=self.writes.term,
         )
-        self.membership.remove(member.id)
-        self.events.append(
-            at_ms=self._now_ms(),
+        # The tombstone drops the node's registers and its member record on every voter.
+        if tombstone is not None:
+            await self.writes.propose(tombstone)
+        self._event(
             node_id=member.id,
             kind="node_deleted",
             actor=request.caller.id,
@@ -829,14 +916,18 @@ class Enrollment:
         name = validate_node_name(request.path_params["name"])
         if not self.revocations.is_name_blocked(name):
             raise NotFound(f"the name {name!r} is not blocked", code="name_not_blocked")
+        self._issuer(self._now_ms())  # the derived list is signed with it
+        await self.writes.import_revocations()
         now_ms = self._now_ms()
-        new = unblock_name(self.revocations.empty_or_current(now_ms=now_ms), name, now_ms=now_ms)
-        issuer = self._issuer(now_ms)
-        self.revocations.publish(
-            new, signing_key=issuer.key, issuer=issuer.certificate, now_ms=now_ms
-        )
-        self.events.append(
-            at_ms=self._now_ms(),
+        current = self.revocations.empty_or_current(now_ms=now_ms)
+        for node in current.revoked:
+            if node.name == name and not self.writes.name_released(node.node_id):
+                await self.writes.propose(
+                    name_release_item(
+                        NameReleased(node.node_id, name, now_ms), stamp=self.writes.stamp()
+                    )
+                )
+        self._event(
             node_id=self.node_id,
             kind="name_unretired",
             actor=request.caller.id,

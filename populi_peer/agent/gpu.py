@@ -31,6 +31,7 @@ from populi_peer.agent.heartbeat import RegisterOutbox
 from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Membership
 from populi_peer.agent.registry import Registry
+from populi_peer.agent.replica import ClusterWrites
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import GpuConfig
@@ -96,9 +97,11 @@ class GpuService:
         liveness: Staleness,
         leased_gpus: Callable[[], Iterable[str]],
         own_pids: Callable[[], Iterable[int]],
+        writes: ClusterWrites,
     ) -> None:
         """``leased_gpus()`` are the GPUs this node's running attempts hold; ``own_pids()``
-        the processes Populi started here (a GPU busy with others is not allocatable)."""
+        the processes Populi started here (a GPU busy with others is not allocatable);
+        ``writes`` proposes an operator's decision through the election (ADR 0017)."""
         self.node_id = node_id
         self.config = config
         self.clock = clock
@@ -111,6 +114,7 @@ class GpuService:
         self.liveness = liveness
         self.leased_gpus = leased_gpus
         self.own_pids = own_pids
+        self.writes = writes
         self.logger = get_logger("gpu")
         self.inventory: GpuInventory | None = None
         self.summary: dict[str, Any] | None = None
@@ -442,9 +446,9 @@ class GpuService:
             writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=self.control_plane.term,
+            term=self.writes.term,
         )
-        self.registry.apply(write)
+        await self.writes.propose(write)
         self.events.append(
             at_ms=wall_ms(self.clock),
             node_id=member.id,

@@ -80,6 +80,11 @@ class Membership:
             candidates=known,
         )
 
+    @staticmethod
+    def check_member(member: Member) -> None:
+        """Refuse a record this view could not hold (its public key does not parse)."""
+        public_from_text(member.public_key)
+
     def upsert(self, member: Member, *, bump: bool = True) -> None:
         with self.store.transaction():
             self.store_member(member, bump=bump)

@@ -29,6 +29,7 @@ from populi_peer.agent.heartbeat import Leaving, RegisterOutbox
 from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Membership
 from populi_peer.agent.registry import Registry
+from populi_peer.agent.replica import ClusterWrites
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.core.eligibility import routing_eligibility
@@ -91,12 +92,15 @@ class NodeAdmin:
         liveness: NodeLiveness,
         gpu_view: Callable[[str], GpuSummaryView | None],
         departure: Departure,
+        writes: ClusterWrites,
         lifecycle_listeners: Sequence[LifecycleListener] = (),
     ) -> None:
+        """``writes`` proposes every lifecycle command through the election (ADR 0017)."""
         self.clock = clock
         self.control_plane = control_plane
         self.membership = membership
         self.registry = registry
+        self.writes = writes
         self.events = events
         self.liveness = liveness
         self.gpu_view = gpu_view
@@ -176,16 +180,18 @@ class NodeAdmin:
                 "lifecycle command on the control plane node itself",
                 action=action,
             )
-        before, after = self.registry.command(
+        before, after, write = self.registry.plan_command(
             member.id,
             action,  # type: ignore[arg-type]
             writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=self.control_plane.term,
+            term=self.writes.term,
             deadline_wall_ms=deadline,
             until_wall_ms=until,
         )
+        if write is not None:
+            await self.writes.propose(write)
         assert after is not None
         changed = before is None or before != after
         if changed:

@@ -35,9 +35,14 @@ class ClusterRecords:
             record = verify_record(text, expected_kind="settings")
             self._install(record)
 
-    def _install(self, record: SignedRecord) -> None:
+    def _install(self, record: SignedRecord, *, notify: bool = True) -> None:
         self.settings_record = record
         self.settings = cluster_settings.validate_settings(record.body)
+        if notify:
+            self.notify_settings()
+
+    def notify_settings(self) -> None:
+        """Tell the settings listeners the settings held now."""
         for listener in self.settings_listeners:
             listener(self.settings)
 
@@ -78,11 +83,30 @@ class ClusterRecords:
         self._install(record)
         return True
 
-    def change_settings(
+    def stage_replicated_settings(self, text: str) -> SignedRecord:
+        """Store the settings record a majority of voters holds (ADR 0017) in the caller's
+        transaction, whatever the serial held here (the replicated order is the record's
+        own: term, then serial); :meth:`adopt_settings` once that committed."""
+        with enrollment_boundary():
+            record = verify_record(text, expected_kind="settings")
+        cluster_settings.validate_settings(record.body)
+        with self.store.transaction():
+            self.rows.put(
+                "settings", serial=record.serial, text=record.text, stored_ms=record.signed_ms
+            )
+        return record
+
+    def adopt_settings(self, record: SignedRecord) -> None:
+        """Show a committed :meth:`stage_replicated_settings`; the listeners are told by
+        the caller (:meth:`notify_settings`), outside the election step that stored it."""
+        self._install(record, notify=False)
+
+    def sign_change(
         self, changes: dict[str, Any], *, identity: Identity, actor: str, now_ms: int
     ) -> SignedRecord | None:
-        """Control plane: validate, sign and durably store a new settings record; ``None``
-        (nothing signed or stored) when every value is already as asked."""
+        """Control plane: validate ``changes`` and sign the next settings record (serial
+        + 1); ``None`` when every value is already as asked. Nothing is stored: the record
+        is proposed through the election and installed by the replica (ADR 0017)."""
         current = cluster_settings.validate_settings(dict(self.settings))
         values = dict(current)
         for key, value in changes.items():
@@ -100,11 +124,7 @@ class ClusterRecords:
             now_ms=now_ms,
             actor=actor,
         )
-        record = verify_record(text, expected_kind="settings")
-        with self.store.transaction():
-            self.rows.put("settings", serial=record.serial, text=text, stored_ms=now_ms)
-        self._install(record)
-        return record
+        return verify_record(text, expected_kind="settings")
 
     def policy_gates(self) -> frozenset[tuple[str, str]]:
         """The gated work-class cells the settings held here switch on."""

@@ -51,7 +51,8 @@ class Registry:
     def now_ms(self) -> int:
         return int(self.clock.wall() * 1000)
 
-    def _tick(self) -> Hlc:
+    def tick(self) -> Hlc:
+        """This node's next clock value (a stamp of a write it makes)."""
         self._hlc = hlc_tick(self._hlc, self.now_ms())
         return self._hlc
 
@@ -74,7 +75,7 @@ class Registry:
             node_id=node_id,
             attribute=attribute,
             value=value,
-            stamp=Stamp(term=term, hlc=self._tick(), writer=writer),
+            stamp=Stamp(term=term, hlc=self.tick(), writer=writer),
             writer_class=writer_class,
             actor=actor,
             reason=reason,
@@ -117,6 +118,42 @@ class Registry:
             self.store.set_meta_json("hlc", self._hlc.to_json())
         return merged
 
+    def stage_replicated(self, writes: Iterable[RegisterWrite]) -> RegisterSet | None:
+        """Store the register writes a majority of voters holds (ADR 0017) in the caller's
+        transaction, each only if it wins against what is held here (the item's own
+        order: a replayed or older write changes nothing), and return the merged set for
+        :meth:`adopt`; ``None`` when nothing changes. No skew check: the leader that
+        proposed them made it."""
+        incoming = RegisterSet(writes)
+        merged = self.registers.merge(incoming)
+        if merged is self.registers:
+            return None
+        with self.store.transaction():
+            for write in incoming.writes():
+                if merged.get(*write.key) != write or self.registers.get(*write.key) == write:
+                    continue
+                self.observe_replicated(write.stamp.hlc)
+                text = sign_record(
+                    kind="register",
+                    serial=0,
+                    body=write.to_json(),
+                    signer_id=self.identity.node_id,
+                    signer_key=self.identity.node_key,
+                    now_ms=self.now_ms(),
+                    actor=write.actor,
+                )
+                if write.attribute == LIFECYCLE and write.value is None:
+                    self.rows.drop_node(write.node_id)
+                self.rows.put(write.node_id, write.attribute, text)
+            self.store.set_meta_json("hlc", self._hlc.to_json())
+        return merged
+
+    def observe_replicated(self, remote: Hlc) -> None:
+        """Move this node's clock past a replicated stamp, without the skew check (it was
+        made when the leader accepted the write; refusing it here would only leave this
+        replica behind)."""
+        self._hlc = max(self._hlc, remote)
+
     def adopt(self, merged: RegisterSet) -> None:
         """Show a committed :meth:`stage` to this node."""
         self.registers = merged
@@ -131,14 +168,6 @@ class Registry:
     def set_initial(self, node_id: str, *, actor: str, term: int) -> None:
         self.apply(self.initial_write(node_id, actor=actor, term=term))
 
-    def ensure_lifecycles(self, node_ids: Iterable[str], *, actor: str, term: int) -> None:
-        """The control plane holds a lifecycle register for every node: write the initial
-        one of each node that has none and was never deleted (the init node's, on the
-        first start)."""
-        for node_id in node_ids:
-            if self.registers.lifecycle(node_id) is None and not self.registers.is_deleted(node_id):
-                self.set_initial(node_id, actor=actor, term=term)
-
     def initial_write(self, node_id: str, *, actor: str, term: int) -> RegisterWrite:
         """The lifecycle register of a node that just joined (active)."""
         lc = initial_lifecycle(now_wall_ms=self.now_ms(), actor=actor)
@@ -152,7 +181,7 @@ class Registry:
             term=term,
         )
 
-    def command(
+    def plan_command(
         self,
         node_id: str,
         command: Command,
@@ -163,8 +192,11 @@ class Registry:
         term: int,
         deadline_wall_ms: int | None = None,
         until_wall_ms: int | None = None,
-    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None]:
-        """Apply a lifecycle command; returns (before, after). Illegal -> nothing changes."""
+    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None, RegisterWrite | None]:
+        """A lifecycle command checked against the register held here: (before, after,
+        the write that makes it, or ``None`` when nothing changes). Nothing is stored: the
+        control plane proposes the write through the election (ADR 0017). Illegal ->
+        raises, nothing changes."""
         check_command_writer(command, writer_class)
         stored = self.registers.lifecycle(node_id)
         if stored is None:
@@ -179,20 +211,19 @@ class Registry:
             deadline_wall_ms=deadline_wall_ms,
             until_wall_ms=until_wall_ms,
         )
-        if after is not stored:
-            value = None if after is None else after.to_json()
-            self.apply(
-                self.make_write(
-                    node_id,
-                    LIFECYCLE,
-                    value,
-                    writer_class=writer_class,
-                    actor=actor,
-                    reason=reason,
-                    term=term,
-                )
-            )
-        return before, after
+        if after is stored:
+            return before, after, None
+        value = None if after is None else after.to_json()
+        write = self.make_write(
+            node_id,
+            LIFECYCLE,
+            value,
+            writer_class=writer_class,
+            actor=actor,
+            reason=reason,
+            term=term,
+        )
+        return before, after, write
 
     def node_writes_json(self, node_id: str) -> dict[str, Any]:
         return {attr: write.to_json() for attr, write in self.registers.node(node_id).items()}

@@ -98,6 +98,22 @@ class RevocationState:
         self._store(kept, text, now_ms)
         return text
 
+    def stage_derived(self, lst: RevocationList, text: str, *, now_ms: int) -> bool:
+        """Store the list derived from the replicated sets (ADR 0017) in the caller's
+        transaction, unless the list held here has a higher serial or is the same;
+        :meth:`adopt` once that committed. Returns whether anything was stored."""
+        if self.current is not None and (
+            lst.serial < self.current.serial or (lst == self.current and text == self.text)
+        ):
+            return False
+        with self.store.transaction():
+            self.rows.install(lst.serial, text, stored_ms=now_ms)
+        return True
+
+    def adopt(self, lst: RevocationList, text: str) -> None:
+        self.current = lst
+        self.text = text
+
     def _store(self, lst: RevocationList, text: str, now_ms: int) -> None:
         with self.store.transaction():
             self.rows.install(lst.serial, text, stored_ms=now_ms)

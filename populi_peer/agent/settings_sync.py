@@ -27,13 +27,16 @@ from collections.abc import Sequence
 
 import trio
 
+from enrollment.records import SignedRecord
 from populi_peer.agent.links import ControlPlaneLink, Rank
 from populi_peer.agent.membership import Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
+from populi_peer.agent.replica import ClusterWrites
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.api.client import PeerClient
 from populi_peer.clock import Clock, wall_ms
+from populi_peer.core.cluster_state import settings_item
 from populi_peer.core.messages import (
     PushMiss,
     PushReport,
@@ -74,6 +77,7 @@ class SettingsSync:
         control_plane: ControlPlaneLink,
         peers: PeerClient,
         timeout_s: float,
+        writes: ClusterWrites,
         rank: Rank | None = None,
     ) -> None:
         """``identity`` signs the records this node makes as the control plane;
@@ -90,6 +94,7 @@ class SettingsSync:
         self.events = events
         self.control_plane = control_plane
         self.peers = peers
+        self.writes = writes
         self.timeout_s = min(PUSH_TIMEOUT_S, timeout_s)
         self.rank = rank
         self.logger = get_logger("settings")
@@ -134,12 +139,14 @@ class SettingsSync:
         self.control_plane.require_self()
         changes = dict(request.message(SettingsChangeRequest).changes)
         previous_ttl = float(self.records.settings["max_lease_ttl_s"])
-        record = self.records.change_settings(
+        record = self.records.sign_change(
             changes,
             identity=self.identity,
             actor=request.caller.id,
             now_ms=wall_ms(self.clock),
         )
+        if record is not None:
+            await self._propose(record)
         if record is None:
             await trio.lowlevel.checkpoint()
             return SettingsSetAnswer(
@@ -163,6 +170,18 @@ class SettingsSync:
         push = await self.push()
         return SettingsSetAnswer(
             settings=self.records.settings_view(), term=self.control_plane.term, push=push
+        )
+
+    async def _propose(self, record: SignedRecord) -> None:
+        """Store ``record`` through the election (ADR 0017); the replica installs it. What
+        the tables held before the election ran goes first (the record held since
+        ``populi init``), so that serials keep counting from it."""
+        if self.writes.cluster_record("settings") is None:
+            await self.writes.import_tables()
+        await self.writes.propose(
+            settings_item(
+                serial=record.serial, term=self.writes.term, text=record.text, body=record.body
+            )
         )
 
     # -- receiving ------------------------------------------------------------------------

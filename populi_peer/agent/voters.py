@@ -46,6 +46,9 @@ RETRIED_CODES = frozenset({"voter_change_pending", "outcome_unknown", "election_
 #: How many times, and how far apart, a background addition is tried.
 JOIN_ADD_ATTEMPTS = 30
 JOIN_ADD_RETRY_S = 2.0
+#: How long a node that joined with the voter role has to send its first heartbeat here
+#: before the leader gives up adding it (the operator's ``populi voter add`` then).
+JOIN_HEAR_TIMEOUT_S = 3600.0
 
 
 class VoterAdmin:
@@ -72,6 +75,9 @@ class VoterAdmin:
         self.logger = get_logger("voters")
         self._joined: deque[str] = deque()
         self._wake = trio.Event()
+        #: Nodes whose heartbeat reached this control plane since it started.
+        self._heard: set[str] = set()
+        self._heard_event = trio.Event()
 
     # -- changes ----------------------------------------------------------------------
 
@@ -163,16 +169,37 @@ class VoterAdmin:
             self._joined.append(member.id)
             self._wake.set()
 
+    def heard(self, node_id: str, report: object) -> None:
+        """A heartbeat of ``node_id`` reached this control plane (a report listener)."""
+        if node_id not in self._heard:
+            self._heard.add(node_id)
+            self._heard_event.set()
+            self._heard_event = trio.Event()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._joined:
-                node_id = self._joined.popleft()
-                await self._add_joined(node_id)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._joined:
+                    nursery.start_soon(self._add_joined, self._joined.popleft())
 
     async def _add_joined(self, node_id: str) -> None:
+        # A voter counts toward every majority from the moment it is added: add it once it
+        # runs (its first heartbeat here), not while it may still be only a data directory
+        # — a set of two whose new voter never starts can write nothing at all.
+        with trio.move_on_after(JOIN_HEAR_TIMEOUT_S):
+            while node_id not in self._heard:
+                await self._heard_event.wait()
+        if node_id not in self._heard:
+            log(
+                self.logger,
+                logging.WARNING,
+                "joined voter never heard from; add it with 'populi voter add' once it runs",
+                node_id=node_id,
+            )
+            return
         for _ in range(JOIN_ADD_ATTEMPTS):
             try:
                 await self.change("add", node_id, actor=self.node_id)

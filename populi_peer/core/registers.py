@@ -47,6 +47,10 @@ GPU_QUARANTINE_PREFIX: Final = "gpu_quarantine/"
 ADDRESSES: Final = "addresses"
 #: The attribute of operator labels (advertised, never verified).
 LABELS: Final = "labels"
+#: The attribute of a principal's member record (value: the member JSON of
+#: ``populi_peer.core.cluster_state``, or ``{"removed": true}``): membership replicated
+#: like any register, so a node's record leaves with its lifecycle tombstone.
+MEMBER: Final = "member"
 
 #: Declared attributes and the writer classes allowed for each. ``gpu_quarantine/<uuid>``
 #: stands for every GPU UUID.
@@ -56,6 +60,7 @@ ATTRIBUTE_WRITERS: Final[Mapping[str, frozenset[WriterClass]]] = MappingProxyTyp
         GPU_QUARANTINE_PREFIX + "<uuid>": frozenset({"self", "operator", "leader"}),
         ADDRESSES: frozenset({"self"}),
         LABELS: frozenset({"operator", "self"}),
+        MEMBER: frozenset({"leader", "operator"}),
     }
 )
 
@@ -268,6 +273,8 @@ def check_write_value(
       its own cordon, drain or quarantine.
     - ``gpu_quarantine/<uuid>``: ``{"quarantined": bool, ...}``. A node may quarantine its
       own GPU but not release it: like node quarantine, release is an explicit decision.
+    - ``member``: ``{"removed": true}``, or a member record whose ``id`` is the node the
+      register is about (checked in full by ``core.cluster_state.member_from_body``).
     - ``addresses``, ``labels``: any JSON object.
     """
     if attribute == LIFECYCLE:
@@ -294,6 +301,16 @@ def check_write_value(
             f"register {attribute!r}: value must be a JSON object (only lifecycle has tombstones)",
             field="value",
         )
+    if attribute == MEMBER:
+        if value.get("removed") is True:
+            return
+        if not isinstance(value.get("id"), str) or not isinstance(value.get("public_key"), str):
+            raise BadRequest(
+                "register 'member': value must be a member record (with 'id' and "
+                "'public_key') or {\"removed\": true}",
+                field="value",
+            )
+        return
     if attribute.startswith(GPU_QUARANTINE_PREFIX):
         quarantined = value.get("quarantined")
         if not isinstance(quarantined, bool):
@@ -466,6 +483,7 @@ __all__ = [
     "GPU_QUARANTINE_PREFIX",
     "LABELS",
     "LIFECYCLE",
+    "MEMBER",
     "RegisterSet",
     "RegisterWrite",
     "Stamp",

@@ -8,7 +8,8 @@ whatever order the majority's copies arrive in:
 - **register writes** — one last-writer-wins value per ``(node, attribute)``, exactly
   :class:`~populi_peer.core.registers.RegisterSet` (reused, not copied);
 - **set elements** — grow-only sets (:data:`SET_NAMES`): consumed join tokens, revoked
-  nodes, revoked certificates. An element never leaves its set; two copies of one element
+  nodes, revoked certificates, issued and revoked join tokens, released names of revoked
+  nodes (``core.cluster_state`` says what each element holds). An element never leaves its set; two copies of one element
   (same set and key) are ordered by their :class:`~populi_peer.core.registers.Stamp`, so
   the write of the newest term wins. ``consumed_tokens`` is *exclusive*: the leader
   refuses a second consumer for a key (:func:`check_proposal`);
@@ -52,7 +53,14 @@ from populi_peer.core.hlc import ClockSkewError, check_clock_skew
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
 from populi_peer.errors import BadRequest, Conflict
 
-SetName = Literal["consumed_tokens", "revoked_nodes", "revoked_certs"]
+SetName = Literal[
+    "consumed_tokens",
+    "revoked_nodes",
+    "revoked_certs",
+    "issued_tokens",
+    "revoked_tokens",
+    "released_names",
+]
 ClusterKind = Literal["settings", "voters"]
 
 SET_NAMES: Final[tuple[SetName, ...]] = get_args(SetName)

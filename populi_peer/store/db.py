@@ -223,6 +223,18 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (key_kind, key_a, key_b)
     ) WITHOUT ROWID;
     """,
+    # 7 (ADR 0017): the replicated records this node has put into its tables, one winning
+    # entry per key (``populi_peer.agent.replica``): what the tables hold, item by item, so
+    # that a later entry is applied only if it beats it, and a restart catches up.
+    """
+    CREATE TABLE replica_applied (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        key TEXT NOT NULL,
+        entry TEXT NOT NULL,
+        PRIMARY KEY (kind, name, key)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -132,5 +132,77 @@ class JoinTokens:
                 (token_id, node_id, at_ms, certificate),
             )
 
+    # -- replicated (ADR 0017): the rows follow the replicated sets, idempotently ---------
+
+    def put_issued(
+        self,
+        *,
+        token_id: str,
+        digest: str,
+        roles: list[str],
+        name: str | None,
+        uses: int,
+        not_before_ms: int,
+        expires_ms: int,
+        created_ms: int,
+        created_by: str,
+    ) -> None:
+        """Hold a minted token (a second copy changes nothing); its uses left follow the
+        recorded uses."""
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO join_tokens (token_id, digest, roles, name, uses_total, uses_left, "
+                "not_before_ms, expires_ms, created_ms, created_by) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (token_id) DO NOTHING",
+                (
+                    token_id,
+                    digest,
+                    canonical_json(sorted(roles)).decode(),
+                    name,
+                    uses,
+                    uses,
+                    not_before_ms,
+                    expires_ms,
+                    created_ms,
+                    created_by,
+                ),
+            )
+            self._recount(token_id)
+
+    def record_use(self, token_id: str, *, node_id: str, at_ms: int) -> None:
+        """One use taken by ``node_id`` (again: nothing changes)."""
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO token_uses (token_id, node_id, at_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (token_id, node_id) DO NOTHING",
+                (token_id, node_id, at_ms),
+            )
+            self._recount(token_id)
+
+    def drop_use(self, token_id: str, *, node_id: str) -> None:
+        """A use beaten by another consumer's (one an older leader left on a minority)."""
+        with self.store.transaction():
+            self.store.execute(
+                "DELETE FROM token_uses WHERE token_id = ? AND node_id = ?", (token_id, node_id)
+            )
+            self._recount(token_id)
+
+    def set_certificate(self, token_id: str, *, node_id: str, certificate: str) -> None:
+        """The certificate the join of ``node_id`` with this token issued (a retried join
+        is answered with it)."""
+        with self.store.transaction():
+            self.store.execute(
+                "UPDATE token_uses SET certificate = ? WHERE token_id = ? AND node_id = ?",
+                (certificate, token_id, node_id),
+            )
+
+    def _recount(self, token_id: str) -> None:
+        self.store.execute(
+            "UPDATE join_tokens SET uses_left = MAX(0, uses_total - "
+            "(SELECT COUNT(*) FROM token_uses WHERE token_uses.token_id = join_tokens.token_id)) "
+            "WHERE token_id = ?",
+            (token_id,),
+        )
+
 
 __all__ = ["JoinTokenRecord", "JoinTokens", "RecordedJoin"]

@@ -159,9 +159,12 @@ async def test_a_node_that_is_not_the_leader_refuses_writes_as_not_control_plane
     store.close()
 
 
-async def test_a_failed_persist_stops_the_step_and_restarts_from_storage(
+async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """The step's first persist fails (a full disk): nothing of it reached storage, so the
+    machine before it still matches storage and stays — same term, still the leader, its
+    services running — and the write is refused, stored nowhere."""
     store = Store.open(tmp_path, create=True)
     bootstrap(store)
     recorder = Recorder()
@@ -177,21 +180,67 @@ async def test_a_failed_persist_stops_the_step_and_restarts_from_storage(
     service.state.save_records = save_records  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
+        await wait_for(lambda: service.role == "leader")
+        term = service.term
+        failing["on"] = True
+        with pytest.raises(ServiceUnavailable) as refused:
+            await service.write(token(service, "tok-1", "node-x"))
+        assert refused.value.code == "storage_unavailable"
+        assert refused.value.details["reason"] == "persist_failed"
+        # Nothing of that step was carried out: not acknowledged, not materialized.
+        assert not any(e.key == ("set", "consumed_tokens", "tok-1") for e in recorder.entries)
+        await trio.sleep(30)
+        assert service.role == "leader" and service.term == term and service.can_act()
+        failing["on"] = False
+        assert service.machine is not None
+        assert service.machine.records.set_element("consumed_tokens", "tok-1") is None
+        entry = await service.write(token(service, "tok-1", "node-y"))
+        assert entry.write_id.term == term
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_a_failure_after_a_commit_restarts_from_storage(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A step whose records committed and then failed (here the materializer) left
+    storage ahead of the machine: the service drops the machine and restarts it from
+    storage (ADR 0011 Decision 7), so it never acts on a state storage does not hold; the
+    write's outcome is unknown — and in fact it took effect."""
+    store = Store.open(tmp_path, create=True)
+    bootstrap(store)
+    recorder = Recorder()
+    service = service_for(store, recorder)
+    failing = {"on": False}
+
+    def materialize(entries: Sequence[Entry]) -> None:
+        if failing["on"]:
+            failing["on"] = False
+            raise StorageUnavailable("disk full", code="storage_unavailable")
+        recorder(entries)
+
+    service.on_records = materialize
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await wait_for(lambda: service.role == "leader")
+        term = service.term
         failing["on"] = True
         with pytest.raises(ServiceUnavailable) as unknown:
             await service.write(token(service, "tok-1", "node-x"))
         assert unknown.value.code == "outcome_unknown"
-        # Nothing of that step was carried out: not acknowledged, not materialized.
-        assert not any(e.key == ("set", "consumed_tokens", "tok-1") for e in recorder.entries)
-        failing["on"] = False
-        # The machine comes back from storage, at a new term, without the write.
-        await wait_for(lambda: service.role == "leader" and service.term == 2)
+        await wait_for(lambda: service.role == "leader" and service.term > term)
+        assert service.term == store_term(store)
+        # Restarted from storage: the stored write is there, and replayed to the
+        # materializer at the start.
         assert service.machine is not None
-        assert service.machine.records.set_element("consumed_tokens", "tok-1") is None
-        entry = await service.write(token(service, "tok-1", "node-y"))
-        assert entry.write_id.term == 2
+        assert service.machine.records.set_element("consumed_tokens", "tok-1") is not None
+        assert any(e.key == ("set", "consumed_tokens", "tok-1") for e in recorder.entries)
         nursery.cancel_scope.cancel()
     store.close()
+
+
+def store_term(store: Store) -> int:
+    return ElectionState(store).load()[0].term
 
 
 async def wait_for(predicate: object, timeout_s: float = 60.0) -> None:
@@ -364,6 +413,7 @@ async def test_a_control_plane_made_before_the_election_becomes_the_sole_voter(
     with store.transaction():
         store.execute("DROP TABLE election_entries")
         store.execute("DROP TABLE election_vote")
+        store.execute("DROP TABLE replica_applied")  # migration 7 (ADR 0017)
         store.execute("PRAGMA user_version = 5")
     store.close()
     async with open_virtual_cluster(tmp_path / "new", template=tmp_path) as cluster:

@@ -238,6 +238,15 @@ async def test_xid_quarantine_survives_restart_and_is_resumed_by_the_operator(
                 uuid,
                 False,
             )
+            # The operator's decision is stored through the election (ADR 0017).
+            assert cp.election.machine is not None
+            resumed = cp.election.machine.records.registers.get(
+                w1.node_id, f"gpu_quarantine/{uuid}"
+            )
+            assert resumed is not None and resumed.value == {
+                "quarantined": False,
+                "reason": "reseated the card",
+            }
             learned = await cluster.wait_until(lambda: not w1.gpu.quarantined(), timeout_s=30)
             print(f"the node learned the resume {learned:.3f} s (virtual) later")
             assert learned <= 2 * _lan_interval(cluster)

@@ -284,12 +284,9 @@ async def test_a_node_certificate_signed_by_an_issuer_verifies_to_the_root_in_tl
 ) -> None:
     caller, worker = pki.node("caller"), pki.node("worker", issuer=pki.issuer())
     server = await _serve(nursery, worker)
-    client = _async_client(pki, caller, revoked=lambda node_id, serial: False)
-    try:
+    async with _async_client(pki, caller, revoked=lambda node_id, serial: False) as client:
         await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
         assert server.requests == ["GET /v1/x"]
-    finally:
-        await client.aclose()
 
 
 async def test_a_certificate_whose_issuer_is_revoked_is_refused_in_the_handshake(
@@ -298,15 +295,14 @@ async def test_a_certificate_whose_issuer_is_revoked_is_refused_in_the_handshake
     voter, *_ = issuer = pki.issuer()
     caller, worker = pki.node("caller"), pki.node("worker", issuer=issuer)
     server = await _serve(nursery, worker)
-    client = _async_client(pki, caller, revoked=lambda node_id, serial: node_id == voter)
-    try:
+    async with _async_client(
+        pki, caller, revoked=lambda node_id, serial: node_id == voter
+    ) as client:
         with pytest.raises(PeerIdentityError) as refused:
             await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
         assert refused.value.code == "peer_revoked"
         assert voter in str(refused.value)
         assert server.requests == []
-    finally:
-        await client.aclose()
 
 
 @pytest.mark.parametrize("case", ["not_a_ca", "chain_missing"])
@@ -319,13 +315,10 @@ async def test_a_chain_through_a_non_ca_or_without_its_issuer_is_refused(
     else:
         worker = pki.node("worker", issuer=pki.issuer(), present_chain=False)
     server = await _serve(nursery, worker)
-    client = _async_client(pki, caller)
-    try:
+    async with _async_client(pki, caller) as client:
         with pytest.raises(PeerIdentityError):
             await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
         assert server.requests == []
-    finally:
-        await client.aclose()
 
 
 async def test_a_node_revoked_on_the_callers_list_is_not_called_at_all(

@@ -110,6 +110,7 @@ def test_declared_attributes() -> None:
         "gpu_quarantine/<uuid>": {"self", "operator", "leader"},
         "addresses": {"self"},
         "labels": {"operator", "self"},
+        "member": {"leader", "operator"},
     }
     assert attribute_writers("gpu_quarantine/GPU-8f6b2c1e-aaaa-bbbb") == {
         "self",

@@ -35,7 +35,7 @@ from enrollment.tokens import (
 )
 from populi_peer.agent.agent import Agent
 from populi_peer.clock import Clock
-from populi_peer.errors import PeerError, RefusedError
+from populi_peer.errors import PeerError, RefusedError, ServiceUnavailable
 from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.cluster import VirtualCluster
 from support.disk import fill, small_tmpfs
@@ -368,6 +368,60 @@ async def test_a_lost_answer_is_asked_again_and_gets_the_first_outcome(
         with pytest.raises(RefusedError) as info:
             await _join(cluster, token, "w2", key=generate_key())
         assert info.value.code == "token_already_used"
+
+
+async def test_two_joins_for_one_name_at_once_enroll_one_node(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A join is several majority writes (ADR 0017); another join for the same name in
+    between must still find the name taken."""
+    async with vcluster(tmp_path) as cluster:
+        cp = cluster.cp
+        tokens = [await cluster.mint_token(), await cluster.mint_token()]
+        outcomes: list[object] = []
+
+        async def join(token: str) -> None:
+            try:
+                outcomes.append(await _join(cluster, token, "w1", key=generate_key()))
+            except RefusedError as exc:
+                outcomes.append(exc.code)
+
+        async with trio.open_nursery() as nursery:
+            for token in tokens:
+                nursery.start_soon(join, token)
+        assert sorted(o for o in outcomes if isinstance(o, str)) == ["name_taken"]
+        assert [m.name for m in cp.membership.nodes()].count("w1") == 1
+
+
+async def test_a_join_cut_short_after_its_member_record_is_finished_by_the_retry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with vcluster(tmp_path) as cluster:
+        cp = cluster.cp
+        token = await cluster.mint_token()
+        key = generate_key()
+        node_id = node_id_for(key.public_key())
+        proposed: list[object] = []
+        real_propose = cp.cluster_writes.propose
+
+        async def propose_until_the_lifecycle(item: Any) -> Any:
+            # The control plane stops answering before the node's first lifecycle is stored.
+            if getattr(item, "attribute", None) == "lifecycle" and item.node_id == node_id:
+                raise ServiceUnavailable("cut short", code="outcome_unknown")
+            proposed.append(item)
+            return await real_propose(item)
+
+        cp.cluster_writes.propose = propose_until_the_lifecycle  # type: ignore[method-assign]
+        with pytest.raises(PeerError):
+            await _join(cluster, token, "w1", key=key)
+        assert cp.membership.get(node_id) is not None
+        assert cp.registry.lifecycle(node_id) is None
+        cp.cluster_writes.propose = real_propose  # type: ignore[method-assign]
+        joined_id, _ = await _join(cluster, token, "w1", key=key)
+        assert joined_id == node_id
+        lifecycle = cp.registry.lifecycle(node_id)
+        assert lifecycle is not None and lifecycle.state == "active"
+        assert _token_state(cp, token) == (0, [node_id])
 
 
 async def test_a_join_that_fails_on_a_full_disk_leaves_nothing_behind(
