@@ -111,7 +111,7 @@ def open_voter(data_dir: Path) -> Voter:
         registry=registry,
         records=records,
         revocations=revocations,
-        cluster_key=lambda: identity.cluster_key,
+        issuer=lambda: identity.issuer,
         now_ms=lambda: WALL_MS,
     )
     return Voter(data_dir, store, identity, membership, registry, records, revocations, replica)

@@ -96,7 +96,7 @@ def open_voter(name: str, data_dir: Path, clock: VirtualClock) -> Voter:
         registry=registry,
         records=records,
         revocations=revocations,
-        cluster_key=lambda: identity.cluster_key,
+        issuer=lambda: identity.issuer,
         now_ms=lambda: wall_ms(clock),
     )
     return Voter(name, store, membership, registry, replica)
