@@ -2,10 +2,12 @@
 loopback, real TLS and signed requests.
 
 Three voters (``cp`` from ``populi init``; ``v2`` and ``v3`` joined with voter tokens, each
-added by the leader after its join) and a worker ``w1``. The leader is SIGKILLed: a survivor
-leads at a higher term, an operator command (cordon) works through it, the worker follows
-it, and the old leader, restarted from its disk, follows it too; ``populi node resume``
-from the old leader's data directory reaches the new leader.
+added by the leader once it runs, each given an issuer signed by the root: ADR 0018) and a
+worker ``w1``. The leader is SIGKILLed: a survivor leads at a higher term; through it a
+token is minted (``populi token create``), a new node joins with it, an operator command
+(cordon) works, and ``populi run`` runs a task under its lease; the worker follows it, and
+the old leader, restarted from its disk, follows it too; ``populi node resume`` from the
+old leader's data directory reaches the new leader.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def test_three_voters_survive_sigkill_of_the_leader(tmp_path: Path) -> None:
         mesh.close()
 
 
+def give_issuers(mesh: Mesh, names: tuple[str, ...]) -> None:
+    """Each voter makes its issuer key and request; the root's holder (``cp``, whose data
+    directory still has the root key) signs it; the voter installs it and restarts, one at
+    a time (runbooks/offline-root.md, "A new voter")."""
+    for name in names:
+        request, issued = mesh.root / f"{name}-request.pem", mesh.root / f"{name}-issuer.crt"
+        mesh.cli(name, "ca", "request", "--out", str(request))
+        mesh.cli("cp", "ca", "sign", str(request), "--out", str(issued))
+        mesh.stop(name)
+        mesh.cli(name, "ca", "install", str(issued))
+        mesh.start(name)
+
+
 def scenario(mesh: Mesh) -> None:
     mesh.settings(**TIMEOUT_STEP)
     voters = {mesh[n].node_id for n in ("cp", "v2", "v3")}
@@ -79,6 +94,10 @@ def scenario(mesh: Mesh) -> None:
         "three settled voters led by cp", all_voters, guard_s=GUARD_S, every_s=0.3
     )
     print(f"three voters settled after {took:.1f} s")
+    give_issuers(mesh, ("v2", "v3"))
+    seen, _ = wait_for(
+        "three settled voters after the issuers", all_voters, guard_s=GUARD_S, every_s=0.3
+    )
     first_term = seen["cp"]["term"]
     assert seen["cp"]["election_role"] == "leader"
     human = mesh.cli("v2", "status").stdout
@@ -103,6 +122,24 @@ def scenario(mesh: Mesh) -> None:
     with mesh.operator(leader) as op:
         cordoned = op.post(f"/v1/populi/admin/nodes/{mesh['w1'].node_id}/cordon", json={})
     assert cordoned.status_code == 200, cordoned.text
+    # A token minted by the new leader, and a join with it: the token's use and the new
+    # member are written through the election, the certificate signed by its issuer.
+    with mesh.operator(leader) as op:
+        minted = op.post(
+            "/v1/populi/admin/tokens", json={"ttl_s": 600, "roles": ["worker", "submit"]}
+        )
+    assert minted.status_code == 200, minted.text
+    w2 = mesh.add("w2", gpu=True)
+    mesh.cli("w2", "join", minted.json()["token"], "--listen", w2.listen, "--name", "w2")
+    mesh.start("w2")
+    # A task through the new leader: a lease of its term on the new node's GPU.
+    ran = mesh.cli("w2", "run", "--gpus", "1", after=["--", "echo", "through-the-new-leader"])
+    assert "through-the-new-leader" in ran.stdout, ran.stdout
+    with mesh.operator(leader) as op:
+        listed = op.get("/v1/populi/exec/leases", params={"node": mesh["w2"].node_id})
+    assert listed.status_code == 200, listed.text
+    tokens = [lease["token"] for lease in listed.json()["leases"]]
+    assert tokens and all(int(t.split(".")[0]) == lead_status["term"] for t in tokens), tokens
     # The worker follows the new leader.
     wait_for(
         "the worker follows the new leader",
@@ -132,6 +169,9 @@ def scenario(mesh: Mesh) -> None:
     # The CLI on the old leader's data directory reaches the new leader.
     resumed = mesh.cli("cp", "node", "resume", "w1", "--json", check=False)
     assert resumed.returncode == 0, resumed.stderr
+    # So does `populi token create` there: the token is the new leader's.
+    token = json.loads(mesh.cli("cp", "token", "create", "--roles", "worker", "--json").stdout)
+    assert token["token"].startswith("populi-join-3."), token
     events = json.loads(mesh.cli("v2", "events", "--kind", "election", "--json").stdout)["events"]
     assert any(e["detail"]["role"] == "leader" for e in events) or leader != "v2"
     nodes = {n["name"]: n for n in json.loads(mesh.cli("cp", "nodes", "--json").stdout)["nodes"]}
