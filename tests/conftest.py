@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,10 @@ from populi_peer.agent.agent import Agent
 from populi_peer.cluster import InitResult
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
+
+# The shared test helpers (``support``) sit beside this file; a pytest run that loads this
+# file from elsewhere (tests/testing/test_virtual_time.py runs one) finds them too.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from support.cluster import init_lab_cluster
 from support.procs import Processes
 

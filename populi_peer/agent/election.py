@@ -458,7 +458,11 @@ class ElectionService:
         waiter.done.set()
 
     def _role_changed(self, change: RoleChanged) -> None:
-        level = NOTICE if "leader" in (change.role, change.previous) else logging.INFO
+        # A lone voter leads at every start: worth a line only where a leader can change
+        # hands (more than one voter); the event log records every election either way.
+        voters = self.machine.voter_set if self.machine is not None else None
+        shared = voters is not None and len(voters.members) > 1
+        level = NOTICE if shared and "leader" in (change.role, change.previous) else logging.INFO
         log(
             self.logger,
             level,

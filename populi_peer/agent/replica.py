@@ -78,7 +78,7 @@ from populi_peer.errors import (
     StoreError,
     enrollment_boundary,
 )
-from populi_peer.log import NOTICE, get_logger, log
+from populi_peer.log import get_logger, log
 from populi_peer.store import Store
 from populi_peer.store.replica import AppliedEntries
 from populi_peer.store.tokens import JoinTokens
@@ -423,7 +423,7 @@ class ClusterWrites:
             if imported:
                 log(
                     self.logger,
-                    NOTICE,
+                    logging.INFO,
                     "tables imported into the replicated records",
                     items=imported,
                     term=self.term,

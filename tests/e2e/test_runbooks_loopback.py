@@ -38,8 +38,11 @@ SINGLE_MACHINE_PAGES = (
 )
 #: Pages that need a network of machines: run (or skipped) step by step in the lab.
 LAB_PAGES = ("overlay-wireguard.md", "overlay-nebula.md", "overlay-tailscale.md")
-#: Pages walked step by step by a test of their own.
-OWN_TEST_PAGES = ("offline-root.md",)  # tests/e2e/test_offline_root_e2e.py
+#: Pages with a test of their own: offline-root.md is run block by block by
+#: tests/e2e/test_offline_root_e2e.py; voters.md's procedure (voter tokens, joins, status,
+#: the leader SIGKILLed, a survivor leading) is carried out by tests/e2e/test_election_e2e.py
+#: through the same commands and API, not block by block.
+OWN_TEST_PAGES = ("offline-root.md", "voters.md")
 GPU_FIXTURE = {"POPULI_GPU_FIXTURE": "h100-80gb-hbm3-idle.json"}
 TOKEN = re.compile(r"^(populi-join-[23]\.\S+)$", re.M)
 #: Guards for what happens within a heartbeat or two, not measurements.
@@ -112,7 +115,8 @@ def test_every_runbook_is_walked_here_or_in_the_lab() -> None:
     the pages that need machines of their own), or has a test of its own."""
     pages = {path.name for path in RUNBOOKS.glob("*.md")}
     assert pages == set(SINGLE_MACHINE_PAGES) | set(LAB_PAGES) | set(OWN_TEST_PAGES)
-    assert (Path(__file__).parent / "test_offline_root_e2e.py").exists()
+    for test in ("test_offline_root_e2e.py", "test_election_e2e.py"):
+        assert (Path(__file__).parent / test).exists()
 
 
 @pytest.mark.parametrize("page", SINGLE_MACHINE_PAGES)

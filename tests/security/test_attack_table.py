@@ -1032,7 +1032,10 @@ def process_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     leases of 6 s declared dead 2 s after they expire, and a leader lease of 0.5 s (a
     restarted control plane grants nothing for TTL + leader lease + margin: 8.5 s)."""
     mesh = Mesh.create(
-        tmp_path_factory.mktemp("process"), ["w1", "w2"], settings={"leader_lease_s": 0.5}
+        tmp_path_factory.mktemp("process"),
+        ["w1", "w2"],
+        # Three election heartbeats per leader lease at least (ADR 0011).
+        settings={"leader_lease_s": 0.5, "election_heartbeat_s": 0.15},
     )
     try:
         yield mesh
