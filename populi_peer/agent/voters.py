@@ -7,10 +7,11 @@ by the leader, as a ``voters`` cluster record written through the election.
   machine's rule). Adding a node that is already a voter, or removing one that is not,
   changes nothing (``changed: false``).
 - A node that joined with a ``voter`` token is added after its join (:meth:`VoterAdmin.joined`),
-  in the background: the change needs the new node's acknowledgement once the set has two
-  voters, and the node runs only after its join answer. A change refused because another
-  is pending, or whose outcome is unknown, is tried again; one that stays undone (the
-  leader went down first) is the operator's ``populi voter add``.
+  in the background, once its first heartbeat reaches the leader (:meth:`VoterAdmin.heard`):
+  a voter counts toward every majority from the moment it is added, so a node that is
+  still only a data directory must not be one. A change refused because another is
+  pending, or whose outcome is unknown, is tried again; one that stays undone (the leader
+  went down first, or the node never started) is the operator's ``populi voter add``.
 """
 
 from __future__ import annotations
