@@ -275,7 +275,12 @@ async def test_a_local_attempt_whose_renewals_go_unanswered_becomes_a_claim(
             timeout_s=60,
             what="the control plane dropped the ended claim",
         )
-        second = await _submit(cluster, "w1", command=["sim", "90"], gpus=1, node="w1")
+        # The ended claim's attempt leaves the control plane's view with the worker's next
+        # report, which may come a heartbeat after the claim itself was dropped: the task
+        # waits for its GPU (a queue timeout) instead of failing at once with no_free_gpu.
+        second = await _submit(
+            cluster, "w1", command=["sim", "90"], gpus=1, node="w1", queue_timeout_s=60
+        )
         try:
             await cluster.wait_until(
                 lambda: bool(host.ledger.for_task(second)), timeout_s=60, what="second runs"
