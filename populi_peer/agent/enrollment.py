@@ -57,7 +57,7 @@ from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
-from populi_peer.agent.replica import ClusterWrites
+from populi_peer.agent.replica import ClusterWrites, replicated
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock, wall_ms
@@ -65,7 +65,6 @@ from populi_peer.config import SecurityConfig, parse_host_port
 from populi_peer.core.cluster_state import (
     IssuedToken,
     NameReleased,
-    NodeRevoked,
     TokenConsumed,
     TokenRevoked,
     consumption_item,
@@ -847,16 +846,7 @@ class Enrollment:
                 )
             await self.writes.import_revocations()
             await self.writes.propose(
-                node_revocation_item(
-                    NodeRevoked(
-                        node_id=revoked.node_id,
-                        name=revoked.name,
-                        reason=revoked.reason,
-                        revoked_ms=revoked.revoked_ms,
-                        cert_serials=revoked.cert_serials,
-                    ),
-                    stamp=self.writes.stamp(),
-                )
+                node_revocation_item(replicated(revoked), stamp=self.writes.stamp())
             )
         # Retiring a retired node again is a no-op: no event, and the answer says so.
         changed = revoked_now or before != after

@@ -316,16 +316,7 @@ class Replica:
                     cluster_id=self.revocations.cluster_id,
                     serial=content.serial,
                     issued_ms=content.issued_ms,
-                    revoked=tuple(
-                        RevokedNode(
-                            node_id=n.node_id,
-                            name=n.name,
-                            reason=n.reason,
-                            revoked_ms=n.revoked_ms,
-                            cert_serials=n.cert_serials,
-                        )
-                        for n in content.revoked
-                    ),
+                    revoked=tuple(list_entry(n) for n in content.revoked),
                     blocked_names=content.blocked_names,
                 )
                 text = sign_revocations(lst, issuer.key, issuer=issuer.certificate)
@@ -335,6 +326,28 @@ class Replica:
         if not self.revocations.stage_derived(lst, text, now_ms=self.now_ms()):
             return _nothing
         return lambda: self.revocations.adopt(lst, text)
+
+
+def replicated(entry: RevokedNode) -> NodeRevoked:
+    """A revocation list's entry as the replicated item states it (the same fields)."""
+    return NodeRevoked(
+        node_id=entry.node_id,
+        name=entry.name,
+        reason=entry.reason,
+        revoked_ms=entry.revoked_ms,
+        cert_serials=entry.cert_serials,
+    )
+
+
+def list_entry(change: NodeRevoked) -> RevokedNode:
+    """The revocation list's entry for a replicated revocation (the list's own checks)."""
+    return RevokedNode(
+        node_id=change.node_id,
+        name=change.name,
+        reason=change.reason,
+        revoked_ms=change.revoked_ms,
+        cert_serials=change.cert_serials,
+    )
 
 
 def _change(records: RecordSet, set_name: Any, key: str) -> Change | None:
@@ -508,14 +521,7 @@ class ClusterWrites:
         count = 0
         for node in current.revoked:
             if not self.node_revoked(node.node_id):
-                revoked = NodeRevoked(
-                    node_id=node.node_id,
-                    name=node.name,
-                    reason=node.reason,
-                    revoked_ms=node.revoked_ms,
-                    cert_serials=node.cert_serials,
-                )
-                await self.propose(node_revocation_item(revoked, stamp=self.stamp()))
+                await self.propose(node_revocation_item(replicated(node), stamp=self.stamp()))
                 count += 1
             if node.name not in current.blocked_names and not self.name_released(node.node_id):
                 released = NameReleased(node.node_id, node.name, current.issued_ms)

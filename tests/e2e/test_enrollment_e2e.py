@@ -25,29 +25,10 @@ from populi_peer.joining import join_cluster
 from populi_peer.store import Store
 from support.apps import open_routes_app
 from support.mesh import Mesh
-from support.procs import Processes, one_line, populi
+from support.procs import Processes, create_token, join_node, one_line, populi
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def _token(data_dir: Path, *args: str) -> str:
-    result = populi("token", "create", "--data-dir", str(data_dir), "--json", *args, check=True)
-    return str(json.loads(result.stdout)["token"])
-
-
-def _join(token: str, data_dir: Path, name: str) -> None:
-    populi(
-        "join",
-        token,
-        "--data-dir",
-        str(data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        name,
-        check=True,
-    )
 
 
 def test_three_real_agents_show_in_nodes(tmp_path: Path) -> None:
@@ -79,7 +60,7 @@ def test_three_real_agents_show_in_nodes(tmp_path: Path) -> None:
 def test_twenty_concurrent_real_joins_one_wins(tmp_path: Path, procs: Processes) -> None:
     cp = tmp_path / "cp"
     procs.init_and_start(cp, env={"POPULI_SECURITY__JOIN_RATE_PER_MIN": "0"})
-    token = _token(cp)
+    token = create_token(cp)
     outcomes: list[str] = []
 
     async def attempt(index: int) -> None:
@@ -123,7 +104,7 @@ def test_revoked_signer_is_refused_on_an_open_keep_alive_connection(
 ) -> None:
     cp = tmp_path / "cp"
     cp_agent = procs.init_and_start(cp)
-    _join(_token(cp), tmp_path / "w1", "w1")
+    join_node(create_token(cp), tmp_path / "w1", "w1")
     store = Store.open(tmp_path / "w1")
     w1 = load_identity(tmp_path / "w1", store)
     store.close()
@@ -197,7 +178,7 @@ def test_join_never_sends_the_token_to_a_node_of_another_ca(
 ) -> None:
     cp = tmp_path / "cp"
     procs.init_and_start(cp)
-    token = _token(cp)
+    token = create_token(cp)
     real_ca = (cp / "tls" / "ca.crt").read_text()
     key_path, cert_path, evil_ca = _fake_ca_server(tmp_path)
     received: list[bytes] = []
@@ -292,7 +273,7 @@ def test_sigkill_then_restart_of_the_control_plane_keeps_quarantine(
 ) -> None:
     cp = tmp_path / "cp"
     agent = procs.init_and_start(cp)
-    _join(_token(cp), tmp_path / "w1", "w1")
+    join_node(create_token(cp), tmp_path / "w1", "w1")
     procs.start_agent(tmp_path / "w1")
     populi("node", "quarantine", "w1", "--reason", "flaky PSU", "--data-dir", str(cp), check=True)
     agent.proc.send_signal(signal.SIGKILL)

@@ -31,30 +31,11 @@ from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
 from support.contract import sync_hook
 from support.mesh import credential_of, meta_of
-from support.procs import AgentProcess, Processes, init, populi
+from support.procs import AgentProcess, Processes, create_token, init, join_node, populi
 
 pytestmark = pytest.mark.e2e
 
 RUNBOOK = Path(__file__).resolve().parents[2] / "runbooks" / "offline-root.md"
-
-
-def _token(data_dir: Path, *args: str) -> str:
-    result = populi("token", "create", "--data-dir", str(data_dir), "--json", *args, check=True)
-    return str(json.loads(result.stdout)["token"])
-
-
-def _join(token: str, data_dir: Path, name: str) -> None:
-    populi(
-        "join",
-        token,
-        "--data-dir",
-        str(data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        name,
-        check=True,
-    )
 
 
 def _chain(data_dir: Path) -> list:
@@ -121,9 +102,9 @@ def test_the_offline_root_runbook_runs_as_written(tmp_path: Path, procs: Process
     init(cp, "--root-signs")
     media.mkdir()  # the medium is mounted
     agent: AgentProcess = procs.start_agent(cp)
-    first = _token(cp)
+    first = create_token(cp)
     assert first.startswith("populi-join-2.")  # signed by the root
-    _join(first, voter, "voter")
+    join_node(first, voter, "voter")
     assert len(_chain(voter)) == 1
     book = LocalRunbook(
         tmp_path, {"cp": cp, "voter": voter, "vault": tmp_path / "vault-has-no-node"}, media
@@ -132,7 +113,7 @@ def test_the_offline_root_runbook_runs_as_written(tmp_path: Path, procs: Process
     book.run("issue-own")
     procs.stop(agent)
     agent = procs.start_agent(cp)
-    assert _token(cp).startswith("populi-join-3.")  # now signed by cp's issuer
+    assert create_token(cp).startswith("populi-join-3.")  # now signed by cp's issuer
     book.run("move-off")
     assert not (cp / "keys" / "cluster.key").exists()
     assert (media / "cluster.key").exists()
@@ -151,7 +132,7 @@ def test_the_offline_root_runbook_runs_as_written(tmp_path: Path, procs: Process
     # Without the root anywhere: a join, the joiner's agent, a renewal, lifecycle, settings.
     ca = cert_from_pem((cp / "tls" / "ca.crt").read_bytes())
     w2 = tmp_path / "w2"
-    _join(_token(cp), w2, "w2")
+    join_node(create_token(cp), w2, "w2")
     leaf, *chain = _chain(w2)
     assert len(chain) == 1 and issuer_node_id(leaf) == meta_of(cp, "node_id")
     verify_chain(leaf, chain, ca, now_wall_s=time.time(), skew_s=0)
@@ -208,10 +189,10 @@ def test_a_data_dir_from_before_issuers_keeps_signing_with_its_root(
     )
     (cp / "tls" / "node.crt").write_bytes(cert_to_pem(old))
     procs.start_agent(cp)
-    token = _token(cp)
+    token = create_token(cp)
     assert token.startswith("populi-join-2.")
     w1 = tmp_path / "w1"
-    _join(token, w1, "w1")
+    join_node(token, w1, "w1")
     assert len(_chain(w1)) == 1 and issuer_node_id(_chain(w1)[0]) is None
     worker = procs.start_agent(w1)
     status = json.loads(populi("status", "--json", "--data-dir", str(w1), check=True).stdout)

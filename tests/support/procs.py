@@ -244,3 +244,24 @@ __all__: Sequence[str] = [
     "supervisor_pids",
     "task_pids",
 ]
+
+
+def create_token(data_dir: Path, *args: str) -> str:
+    """``populi token create --json ARGS`` on ``data_dir``'s node: the token's text."""
+    result = populi("token", "create", "--data-dir", str(data_dir), "--json", *args, check=True)
+    return str(json.loads(result.stdout)["token"])
+
+
+def join_node(token: str, data_dir: Path, name: str) -> None:
+    """``populi join TOKEN`` into ``data_dir`` as ``name``, listening on a free loopback port."""
+    populi(
+        "join",
+        token,
+        "--data-dir",
+        str(data_dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        name,
+        check=True,
+    )
