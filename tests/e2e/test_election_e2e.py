@@ -3,22 +3,27 @@ loopback, real TLS and signed requests.
 
 Three voters (``cp`` from ``populi init``; ``v2`` and ``v3`` joined with voter tokens, each
 added by the leader once it runs, each given an issuer signed by the root: ADR 0018) and a
-worker ``w1``. The leader is SIGKILLed: a survivor leads at a higher term; through it a
-token is minted (``populi token create``), a new node joins with it, an operator command
-(cordon) works, and ``populi run`` runs a task under its lease; the worker follows it, and
-the old leader, restarted from its disk, follows it too; ``populi node resume`` from the
-old leader's data directory reaches the new leader.
+worker ``w1``. The leader — the ``populi init`` node — is SIGKILLed: a survivor leads at a
+higher term; while ``cp`` stays down (issue 14: the cluster works with its first node gone)
+a token is minted through the new leader, a new node joins with it, an operator command
+(cordon) works, ``populi run`` runs a task under the new leader's lease, the new node's
+certificate is renewed (signed by the new leader's issuer) and a settings change reaches
+every running node; the worker follows the new leader, and the old leader, restarted from
+its disk, follows it too; ``populi node resume`` from the old leader's data directory
+reaches the new leader.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from enrollment.ca import cert_from_pem, chain_from_pem, issuer_node_id, verify_chain
 from support.mesh import Mesh
 from support.waiting import wait_for
 
@@ -140,6 +145,19 @@ def scenario(mesh: Mesh) -> None:
     assert listed.status_code == 200, listed.text
     tokens = [lease["token"] for lease in listed.json()["leases"]]
     assert tokens and all(int(t.split(".")[0]) == lead_status["term"] for t in tokens), tokens
+    # The new node's certificate is renewed by the new leader, signed with its issuer.
+    with mesh.client(leader, mesh.credential("w2")) as client:
+        renewal = client.post("/v1/populi/certs/renew", json={})
+    assert renewal.status_code == 200, renewal.text
+    renewed, *chain = chain_from_pem(renewal.json()["certificate"])
+    assert issuer_node_id(renewed) == mesh[leader].node_id
+    ca = cert_from_pem((mesh["cp"].data_dir / "tls" / "ca.crt").read_bytes())
+    verify_chain(renewed, chain, ca, now_wall_s=time.time(), skew_s=0)
+    # A settings change through the new leader reaches every running node.
+    with mesh.operator(leader) as op:
+        changed = op.post("/v1/populi/admin/settings", json={"changes": {"max_lease_ttl_s": 40}})
+    assert changed.status_code == 200, changed.text
+    mesh.wait_settings(int(changed.json()["settings"]["serial"]))
     # The worker follows the new leader.
     wait_for(
         "the worker follows the new leader",
