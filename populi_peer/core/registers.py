@@ -173,20 +173,14 @@ class RegisterWrite:
                 field="writer_class",
             )
         if self.writer_class not in writers:
-            raise Forbidden(
+            raise self._writer_not_allowed(
                 f"writer class {self.writer_class!r} may not write register "
-                f"{self.attribute!r}; allowed: {', '.join(sorted(writers))}",
-                code="writer_not_allowed",
-                attribute=self.attribute,
-                writer_class=self.writer_class,
+                f"{self.attribute!r}; allowed: {', '.join(sorted(writers))}"
             )
         if self.writer_class == "self" and self.stamp.writer != self.node_id:
-            raise Forbidden(
+            raise self._writer_not_allowed(
                 f"a self write about node {self.node_id!r} must be stamped by that node, "
-                f"not {self.stamp.writer!r}",
-                code="writer_not_allowed",
-                attribute=self.attribute,
-                writer_class=self.writer_class,
+                f"not {self.stamp.writer!r}"
             )
         _non_empty_str(self.actor, "actor", "register write")
         if not isinstance(self.reason, str):
@@ -209,6 +203,15 @@ class RegisterWrite:
             # A private deep copy: the caller's dict may change later; ours may not.
             object.__setattr__(self, "value", json.loads(json.dumps(self.value)))
         check_write_value(self.attribute, self.writer_class, self.value)
+
+    def _writer_not_allowed(self, message: str) -> Forbidden:
+        """403 ``writer_not_allowed``: this write's writer may not make it."""
+        return Forbidden(
+            message,
+            code="writer_not_allowed",
+            attribute=self.attribute,
+            writer_class=self.writer_class,
+        )
 
     @property
     def key(self) -> tuple[str, str]:
