@@ -80,6 +80,7 @@ from populi_peer.core.policy import (
     check_work_class,
     decide,
 )
+from populi_peer.core.wire import check_count
 from populi_peer.errors import BadRequest
 
 Where = Literal["remote", "local"]
@@ -228,14 +229,6 @@ def parse_size(text: str) -> int:
 # -- inputs -------------------------------------------------------------------------------
 
 
-def _check_count(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(
-            f"{name} must be an integer >= 0, got {value!r}", code="bad_request", field=name
-        )
-    return value
-
-
 def _check_labels(value: object, name: str) -> Mapping[str, str]:
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -262,11 +255,8 @@ class TaskView:
 
     def __post_init__(self) -> None:
         check_work_class(self.work_class)
-        _check_count(self.gpus_wanted, "gpus_wanted")
-        if (
-            self.gpu_mem_bytes is not None
-            and _check_count(self.gpu_mem_bytes, "gpu_mem_bytes") == 0
-        ):
+        check_count(self.gpus_wanted, "gpus_wanted")
+        if self.gpu_mem_bytes is not None and check_count(self.gpu_mem_bytes, "gpu_mem_bytes") == 0:
             raise BadRequest("gpu_mem_bytes must be > 0", field="gpu_mem_bytes")
         if self.gpu_model is not None:
             check_gpu_model(self.gpu_model)
@@ -305,8 +295,8 @@ class CandidateView:
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
             raise BadRequest("candidate node_id must be a non-empty string", code="bad_request")
-        _check_count(self.free_gpus, "free_gpus")
-        _check_count(self.running_tasks, "running_tasks")
+        check_count(self.free_gpus, "free_gpus")
+        check_count(self.running_tasks, "running_tasks")
         check_scope(self.scope)
         if self.gpus is not None:
             allocatable = sum(1 for g in self.gpus if g.allocatable)

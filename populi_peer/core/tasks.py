@@ -62,7 +62,7 @@ from populi_peer.core.fencing import (
 )
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import check_cwd
+from populi_peer.core.wire import check_count, check_cwd
 from populi_peer.errors import BadRequest, Conflict
 
 _S = TypeVar("_S", bound=str)
@@ -460,16 +460,8 @@ class TaskOptions:
     gpu_model: str | None = None
 
     def __post_init__(self) -> None:
-        if self.gpu_mem_bytes is not None and (
-            isinstance(self.gpu_mem_bytes, bool)
-            or not isinstance(self.gpu_mem_bytes, int)
-            or self.gpu_mem_bytes < 1
-        ):
-            raise BadRequest(
-                f"gpu_mem_bytes must be an integer >= 1, got {self.gpu_mem_bytes!r}",
-                code="bad_request",
-                field="gpu_mem_bytes",
-            )
+        if self.gpu_mem_bytes is not None:
+            check_count(self.gpu_mem_bytes, "gpu_mem_bytes", 1)
         if self.gpu_model is not None:
             check_gpu_model(self.gpu_model)
         for name in ("queue_timeout_s", "timeout_s"):
@@ -720,16 +712,7 @@ class Task:
                 code="bad_request",
                 field="env",
             )
-        if (
-            isinstance(self.gpus_wanted, bool)
-            or not isinstance(self.gpus_wanted, int)
-            or self.gpus_wanted < 0
-        ):
-            raise BadRequest(
-                f"gpus_wanted must be an integer >= 0, got {self.gpus_wanted!r}",
-                code="bad_request",
-                field="gpus_wanted",
-            )
+        check_count(self.gpus_wanted, "gpus_wanted")
         check_work_class(self.work_class)
         if self.state not in TASK_STATES:
             raise BadRequest(f"unknown task state {self.state!r}", code="bad_record")

@@ -36,6 +36,18 @@ def check_id(value: Any, name: str) -> str:
     return value
 
 
+def check_count(value: object, name: str, minimum: int = 0) -> int:
+    """A count or size: an integer from ``minimum`` (``True`` is not one); 400
+    ``bad_request`` naming the field ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadRequest(
+            f"{name} must be an integer >= {minimum}, got {value!r}",
+            code="bad_request",
+            field=name,
+        )
+    return value
+
+
 def check_attempt(value: Any, what: str) -> int:
     """An attempt number: an integer from 1 (``True`` is not one)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPT:

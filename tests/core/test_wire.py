@@ -8,6 +8,7 @@ from populi_peer.core.wire import (
     MAX_ATTEMPT,
     check_attempt,
     check_command,
+    check_count,
     check_env,
     check_id,
     task_attempt,
@@ -37,6 +38,20 @@ def test_attempts_accepted(value: int) -> None:
 def test_attempts_refused(value: object) -> None:
     with pytest.raises(BadRequest, match="result 'attempt'"):
         check_attempt(value, "result")
+
+
+def test_counts_accepted_from_their_minimum() -> None:
+    assert check_count(0, "gpus_wanted") == 0
+    assert check_count(1, "gpu_mem_bytes", 1) == 1
+
+
+@pytest.mark.parametrize(("value", "minimum"), [(-1, 0), (0, 1), (True, 0), (1.0, 0), ("1", 0)])
+def test_counts_refused_naming_the_field(value: object, minimum: int) -> None:
+    with pytest.raises(BadRequest) as caught:
+        check_count(value, "gpus_wanted", minimum)
+    assert str(caught.value) == f"gpus_wanted must be an integer >= {minimum}, got {value!r}"
+    assert caught.value.code == "bad_request"
+    assert caught.value.details == {"field": "gpus_wanted"}
 
 
 def test_task_attempt_reads_both() -> None:
