@@ -977,22 +977,17 @@ def _attempt_ending(event: TaskEvent, key: EventKey) -> AttemptOutcome | None:
     return None
 
 
+#: The keys of a placement that starts an attempt, and where that attempt runs.
+_PLACED_WHERE: Final[Mapping[EventKey, Where]] = MappingProxyType(
+    {"placed_remote": "remote", "placed_local": "local"}
+)
+
+
 def _new_attempt(event: TaskEvent, key: EventKey, n: int, now_wall_ms: int) -> Attempt | None:
-    if isinstance(event, PlacedRemote):
+    if isinstance(event, (PlacedRemote, PlacedLocal)) and key in _PLACED_WHERE:
         return Attempt(
             n,
-            "remote",
-            event.node,
-            event.lease_id,
-            event.token,
-            event.reasons,
-            now_wall_ms,
-            rejected=event.rejected,
-        )
-    if isinstance(event, PlacedLocal) and key == "placed_local":
-        return Attempt(
-            n,
-            "local",
+            _PLACED_WHERE[key],
             event.node,
             event.lease_id,
             event.token,
