@@ -151,18 +151,24 @@ def _row(**moves: TaskState) -> Mapping[EventKey, TaskState]:
     return MappingProxyType(row)
 
 
+def _live_row(state: TaskState, **moves: TaskState) -> Mapping[EventKey, TaskState]:
+    """The row of live ``state``: its own ``moves``, and what every live state takes
+    alike: a stale result changes nothing, a cancel or a timeout ends the task (nothing is
+    stuck forever)."""
+    return _row(**moves, result_stale=state, cancel="cancelled", timeout="timed_out")
+
+
 # The one transition table. A key missing from a state's row is illegal there.
 TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingProxyType(
     {
-        "queued": _row(
+        "queued": _live_row(
+            "queued",
             placing_started="placing",
             placement_failed="failed",
             populi_failure="failed",
-            result_stale="queued",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "placing": _row(
+        "placing": _live_row(
+            "placing",
             placed_remote="running_remote",
             placed_local="running_local",
             placed_local_no_fallback="failed",
@@ -175,14 +181,11 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             # control plane's word (a fence for the local run, or the lease to die).
             control_plane_unreachable="fallback_pending",
             populi_failure="failed",
-            result_stale="placing",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "running_remote": _row(
+        "running_remote": _live_row(
+            "running_remote",
             result_ok="succeeded",
             result_failed="failed",
-            result_stale="running_remote",
             # The worker may have started it anyway: only the lease's death frees it.
             handoff_failed="fallback_pending",
             control_plane_unreachable="fallback_pending",
@@ -191,10 +194,9 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             fallback_refused="running_remote",
             # The worker says it could not renew and stopped the task.
             lease_lost="fallback_pending",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "fallback_pending": _row(
+        "fallback_pending": _live_row(
+            "fallback_pending",
             lease_dead_confirmed="running_local",
             lease_dead_confirmed_no_fallback="failed",
             # lease_live: keep waiting; task_completed: the worker's result is on its way.
@@ -204,21 +206,16 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             # The remote attempt may still finish and deliver: its token is still current.
             result_ok="succeeded",
             result_failed="failed",
-            result_stale="fallback_pending",
             populi_failure="failed",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "running_local": _row(
+        "running_local": _live_row(
+            "running_local",
             result_ok="succeeded",
             result_failed="failed",
-            result_stale="running_local",
             # Our own local lease could not be renewed: the supervisor stopped the task
             # before its deadline, like any holder's (safety rule 3). Wait for the word.
             lease_lost="fallback_pending",
             populi_failure="failed",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
         "succeeded": _row(result_late="succeeded"),
         "failed": _row(result_late="failed"),
