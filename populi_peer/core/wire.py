@@ -1,4 +1,5 @@
-"""Checks shared by every route that takes identifiers, commands or environments.
+"""Checks shared by every route that takes identifiers, counts, commands or environments,
+and by the core records that parse their own JSON.
 
 One definition, so that what a submitter accepts is exactly what a worker accepts: a task
 refused at the worker for something the submitter let through would only ever fail late.
@@ -7,7 +8,7 @@ refused at the worker for something the submitter let through would only ever fa
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from populi_peer.errors import BadRequest
@@ -34,6 +35,17 @@ def check_id(value: Any, name: str) -> str:
             code="bad_request",
         )
     return value
+
+
+def json_record(data: object, what: str, fields: Iterable[str] = ()) -> dict[str, Any]:
+    """``data`` as the JSON object of a ``what`` record that has each of ``fields`` (others
+    are ignored); 400 ``bad_request`` naming the first one missing."""
+    if not isinstance(data, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(data).__name__}")
+    for name in fields:
+        if name not in data:
+            raise BadRequest(f"{what}: missing field {name!r}", field=name)
+    return data
 
 
 def check_count(value: object, name: str, minimum: int = 0) -> int:

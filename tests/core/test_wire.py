@@ -11,6 +11,7 @@ from populi_peer.core.wire import (
     check_count,
     check_env,
     check_id,
+    json_record,
     task_attempt,
 )
 from populi_peer.errors import BadRequest
@@ -83,3 +84,12 @@ def test_envs() -> None:
         with pytest.raises(BadRequest) as caught:
             check_env(bad)
         assert caught.value.code == code, bad
+
+
+def test_a_json_record_needs_an_object_with_its_fields() -> None:
+    assert json_record({"a": 1, "extra": 2}, "thing", ("a",)) == {"a": 1, "extra": 2}
+    with pytest.raises(BadRequest, match=r"^thing must be a JSON object, got list$"):
+        json_record([], "thing", ("a",))
+    with pytest.raises(BadRequest, match=r"^thing: missing field 'b'$") as caught:
+        json_record({"a": 1}, "thing", ("a", "b"))
+    assert caught.value.details == {"field": "b"}
