@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Final, Literal, Protocol, get_args
 
@@ -181,16 +181,8 @@ class ElectionSettings:
         return self.max_clock_drift_ppm / 1_000_000
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "election_timeout_min_s": self.election_timeout_min_s,
-            "election_timeout_max_s": self.election_timeout_max_s,
-            "heartbeat_interval_s": self.heartbeat_interval_s,
-            "leader_lease_s": self.leader_lease_s,
-            "lease_margin_s": self.lease_margin_s,
-            "max_clock_drift_ppm": self.max_clock_drift_ppm,
-            "write_timeout_s": self.write_timeout_s,
-            "max_skew_ms": self.max_skew_ms,
-        }
+        """Every timing, under its field's name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, data: object) -> ElectionSettings:
