@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final, Literal, Protocol, get_args
 
@@ -90,6 +90,7 @@ from populi_peer.core.replication import (
     entries_to_json,
     is_majority,
 )
+from populi_peer.core.wire import fields_json
 from populi_peer.errors import BadRequest, ConfigError, Conflict, RefusedError
 
 Role = Literal["stopped", "follower", "precandidate", "candidate", "leader"]
@@ -181,8 +182,7 @@ class ElectionSettings:
         return self.max_clock_drift_ppm / 1_000_000
 
     def to_json(self) -> dict[str, Any]:
-        """Every timing, under its field's name."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ElectionSettings:

@@ -51,6 +51,7 @@ from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple
 from populi_peer.core.hlc import ClockSkewError, check_clock_skew
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
+from populi_peer.core.wire import fields_json
 from populi_peer.errors import BadRequest, Conflict
 
 SetName = Literal[
@@ -387,14 +388,7 @@ class ClusterRecord:
         return (self.term, self.serial, self.settled, self.text)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "serial": self.serial,
-            "term": self.term,
-            "body": self.body,
-            "text": self.text,
-            "settled": self.settled,
-        }
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ClusterRecord:

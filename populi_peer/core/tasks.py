@@ -62,7 +62,7 @@ from populi_peer.core.fencing import (
 )
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import check_count, check_cwd
+from populi_peer.core.wire import check_count, check_cwd, fields_json
 from populi_peer.errors import BadRequest, Conflict
 
 _S = TypeVar("_S", bound=str)
@@ -486,16 +486,7 @@ class TaskOptions:
         return self.node is None or self.node == local_node or self.node_fallback
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "no_fallback": self.no_fallback,
-            "queue_timeout_s": self.queue_timeout_s,
-            "timeout_s": self.timeout_s,
-            "node": self.node,
-            "node_fallback": self.node_fallback,
-            "cwd": self.cwd,
-            "gpu_mem_bytes": self.gpu_mem_bytes,
-            "gpu_model": self.gpu_model,
-        }
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> TaskOptions:
@@ -645,11 +636,7 @@ class LeaseRequests:
             raise BadRequest("a pending request's number is one already used", code="bad_record")
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "pending": self.pending,
-            "pending_attempt": self.pending_attempt,
-            "highest": self.highest,
-        }
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> LeaseRequests:

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 from populi_peer.errors import BadRequest
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 #: Task, lease, node, message ids and work classes: a letter or digit first (never ``.``
 #: or ``..``: ids become path components), then letters, digits, ``.``, ``_``, ``:``, ``-``.
@@ -35,6 +39,12 @@ def check_id(value: Any, name: str) -> str:
             code="bad_request",
         )
     return value
+
+
+def fields_json(record: DataclassInstance) -> dict[str, Any]:
+    """The JSON object of a record whose wire form is its fields as they are, under their
+    names, in their order."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 def json_record(data: object, what: str, fields: Iterable[str] = ()) -> dict[str, Any]:
