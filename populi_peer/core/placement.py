@@ -85,31 +85,27 @@ from populi_peer.errors import BadRequest
 
 Where = Literal["remote", "local"]
 
-#: The order in which rejection codes are listed, per node and aggregated.
-REJECTION_ORDER: Final[tuple[str, ...]] = (
-    "node_ineligible",
-    "label_mismatch",
+#: The capacity codes (:data:`CAPACITY_CODES`), in their rejection order.
+_CAPACITY_ORDER: Final = (
     "gpu_facts_unknown",
     "no_free_gpu",
     "gpu_model_mismatch",
     "gpu_model_unverified",
     "gpu_mem_insufficient",
     "gpu_mem_unknown",
+)
+#: The order in which rejection codes are listed, per node and aggregated: the node's
+#: own state and labels, then its GPUs, then the policy.
+REJECTION_ORDER: Final[tuple[str, ...]] = (
+    "node_ineligible",
+    "label_mismatch",
+    *_CAPACITY_ORDER,
     "policy_blocked",
     "policy_gated_off",
 )
 _REJECTION_RANK: Final = {code: rank for rank, code in enumerate(REJECTION_ORDER)}
 #: Codes that say the node lacks the GPUs, not that it may not be used.
-CAPACITY_CODES: Final = frozenset(
-    {
-        "gpu_facts_unknown",
-        "no_free_gpu",
-        "gpu_model_mismatch",
-        "gpu_model_unverified",
-        "gpu_mem_insufficient",
-        "gpu_mem_unknown",
-    }
-)
+CAPACITY_CODES: Final = frozenset(_CAPACITY_ORDER)
 
 #: Why the winner won: the first component of the ranking key that differs.
 WIN_REASONS: Final[tuple[str, ...]] = (
