@@ -90,6 +90,7 @@ from populi_peer.core.replication import (
     entries_to_json,
     is_majority,
 )
+from populi_peer.core.wire import fields_json
 from populi_peer.errors import BadRequest, ConfigError, Conflict, RefusedError
 
 Role = Literal["stopped", "follower", "precandidate", "candidate", "leader"]
@@ -181,16 +182,7 @@ class ElectionSettings:
         return self.max_clock_drift_ppm / 1_000_000
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "election_timeout_min_s": self.election_timeout_min_s,
-            "election_timeout_max_s": self.election_timeout_max_s,
-            "heartbeat_interval_s": self.heartbeat_interval_s,
-            "leader_lease_s": self.leader_lease_s,
-            "lease_margin_s": self.lease_margin_s,
-            "max_clock_drift_ppm": self.max_clock_drift_ppm,
-            "write_timeout_s": self.write_timeout_s,
-            "max_skew_ms": self.max_skew_ms,
-        }
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ElectionSettings:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from populi_peer.core.lifecycle import NodeLifecycle, State, effective
+from populi_peer.core.wire import json_record
 from populi_peer.errors import BadRequest
 
 REASON_UNKNOWN_NODE: Final = "unknown_node"
@@ -104,10 +105,9 @@ class Eligibility:
     @classmethod
     def from_json(cls, data: Any) -> Eligibility:
         """Parse what :meth:`to_json` wrote; unknown fields are ignored."""
-        if not isinstance(data, dict):
-            raise BadRequest(f"eligibility must be a JSON object, got {type(data).__name__}")
-        eligible = data.get("eligible")
-        reasons = data.get("reasons")
+        obj = json_record(data, "eligibility")
+        eligible = obj.get("eligible")
+        reasons = obj.get("reasons")
         if not isinstance(eligible, bool):
             raise BadRequest("eligibility: field 'eligible' must be true or false")
         if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):

@@ -145,6 +145,14 @@ def _check_ids(value: object, where: str) -> tuple[str, ...]:
     return tuple(_check_id(v, where) for v in value)
 
 
+def _check_more(obj: Mapping[str, Any], where: str) -> bool:
+    """A page's ``more`` flag (absent: ``False``)."""
+    more = obj.get("more", False)
+    if not isinstance(more, bool):
+        raise BadRequest(f"{where}: 'more' must be true or false", code="bad_gossip")
+    return more
+
+
 @dataclass(frozen=True, slots=True)
 class DigestRequest:
     """Step 1: the initiator's digest (``{"digest": {node: [wall_ms, counter]}}``)."""
@@ -188,9 +196,7 @@ class DigestReply:
     @classmethod
     def from_json(cls, data: object) -> DigestReply:
         obj = _obj(data, "gossip reply")
-        more = obj.get("more", False)
-        if not isinstance(more, bool):
-            raise BadRequest("gossip reply: 'more' must be true or false", code="bad_gossip")
+        more = _check_more(obj, "gossip reply")
         return cls(
             _check_records(obj.get("records", []), "gossip reply"),
             _check_ids(obj.get("want", []), "gossip reply"),
@@ -211,9 +217,7 @@ class HintPush:
     @classmethod
     def from_json(cls, data: object) -> HintPush:
         obj = _obj(data, "gossip push")
-        more = obj.get("more", False)
-        if not isinstance(more, bool):
-            raise BadRequest("gossip push: 'more' must be true or false", code="bad_gossip")
+        more = _check_more(obj, "gossip push")
         return cls(_check_records(obj.get("records", []), "gossip push"), more)
 
 

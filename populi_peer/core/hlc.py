@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from populi_peer.core.wire import json_record
 from populi_peer.errors import BadRequest, RefusedError
 
 
@@ -55,12 +56,8 @@ class Hlc:
     @classmethod
     def from_json(cls, data: Any) -> Hlc:
         """Parse what :meth:`to_json` wrote; unknown fields are ignored."""
-        if not isinstance(data, dict):
-            raise BadRequest(f"hlc must be a JSON object, got {type(data).__name__}")
-        for name in ("wall_ms", "counter"):
-            if name not in data:
-                raise BadRequest(f"hlc: missing field {name!r}", field=name)
-        return cls(wall_ms=data["wall_ms"], counter=data["counter"])
+        obj = json_record(data, "hlc", ("wall_ms", "counter"))
+        return cls(wall_ms=obj["wall_ms"], counter=obj["counter"])
 
 
 #: The smallest value; every tick of a fresh clock is greater.

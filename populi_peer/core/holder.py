@@ -168,18 +168,24 @@ class Cancel:
 HolderEvent = RenewAnswered | RenewRefused | RenewUnanswered | TimerFired | AttemptEnded | Cancel
 
 
+#: The name of each event in :data:`PHASE_EVENTS`.
+_EVENT_NAMES: Final[Mapping[type, EventName]] = MappingProxyType(
+    {
+        RenewAnswered: "renew_answered",
+        RenewRefused: "renew_refused",
+        RenewUnanswered: "renew_unanswered",
+        TimerFired: "timer",
+        AttemptEnded: "ended",
+        Cancel: "cancel",
+    }
+)
+
+
 def _name_of(event: HolderEvent) -> EventName:
-    if isinstance(event, RenewAnswered):
-        return "renew_answered"
-    if isinstance(event, RenewRefused):
-        return "renew_refused"
-    if isinstance(event, RenewUnanswered):
-        return "renew_unanswered"
-    if isinstance(event, TimerFired):
-        return "timer"
-    if isinstance(event, AttemptEnded):
-        return "ended"
-    return "cancel"
+    name = _EVENT_NAMES.get(type(event))
+    if name is None:
+        raise BadRequest(f"not a holder event: {event!r}", code="bad_request")
+    return name
 
 
 # -- actions ----------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ from populi_peer.core.reports import (
     ReportMessage,
     judge,
 )
+from populi_peer.core.wire import check_count
 from populi_peer.errors import (
     BadRequest,
     ConfigError,
@@ -629,22 +630,8 @@ class GrantRequest:
             check_gpu_model(self.gpu_model)
         if self.previous_node is not None:
             _check_name(self.previous_node, "previous_node")
-        if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 1:
-            raise BadRequest(
-                f"attempt must be an integer >= 1, got {self.attempt!r}",
-                code="bad_request",
-                field="attempt",
-            )
-        if (
-            isinstance(self.gpus_wanted, bool)
-            or not isinstance(self.gpus_wanted, int)
-            or self.gpus_wanted < 0
-        ):
-            raise BadRequest(
-                f"gpus_wanted must be an integer >= 0, got {self.gpus_wanted!r}",
-                code="bad_request",
-                field="gpus_wanted",
-            )
+        check_count(self.attempt, "attempt", 1)
+        check_count(self.gpus_wanted, "gpus_wanted")
         check_work_class(self.work_class)
         _check_ttl(self.ttl_s)
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal, cast, get_args, overload
 
+from populi_peer.core.wire import json_record
 from populi_peer.errors import BadRequest, Conflict, Forbidden
 
 State = Literal["active", "cordoned", "draining", "maintenance", "quarantined", "retired", "left"]
@@ -266,18 +267,14 @@ class NodeLifecycle:
     @classmethod
     def from_json(cls, data: Any) -> NodeLifecycle:
         """Parse what :meth:`to_json` wrote; unknown fields are ignored."""
-        if not isinstance(data, dict):
-            raise BadRequest(f"lifecycle must be a JSON object, got {type(data).__name__}")
-        for name in ("state", "since_wall_ms", "actor", "reason"):
-            if name not in data:
-                raise BadRequest(f"lifecycle: missing field {name!r}", field=name)
+        obj = json_record(data, "lifecycle", ("state", "since_wall_ms", "actor", "reason"))
         return cls(
-            state=data["state"],
-            since_wall_ms=data["since_wall_ms"],
-            actor=data["actor"],
-            reason=data["reason"],
-            deadline_wall_ms=data.get("deadline_wall_ms"),
-            until_wall_ms=data.get("until_wall_ms"),
+            state=obj["state"],
+            since_wall_ms=obj["since_wall_ms"],
+            actor=obj["actor"],
+            reason=obj["reason"],
+            deadline_wall_ms=obj.get("deadline_wall_ms"),
+            until_wall_ms=obj.get("until_wall_ms"),
         )
 
 

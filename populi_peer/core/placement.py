@@ -80,35 +80,32 @@ from populi_peer.core.policy import (
     check_work_class,
     decide,
 )
+from populi_peer.core.wire import check_count
 from populi_peer.errors import BadRequest
 
 Where = Literal["remote", "local"]
 
-#: The order in which rejection codes are listed, per node and aggregated.
-REJECTION_ORDER: Final[tuple[str, ...]] = (
-    "node_ineligible",
-    "label_mismatch",
+#: The capacity codes (:data:`CAPACITY_CODES`), in their rejection order.
+_CAPACITY_ORDER: Final = (
     "gpu_facts_unknown",
     "no_free_gpu",
     "gpu_model_mismatch",
     "gpu_model_unverified",
     "gpu_mem_insufficient",
     "gpu_mem_unknown",
+)
+#: The order in which rejection codes are listed, per node and aggregated: the node's
+#: own state and labels, then its GPUs, then the policy.
+REJECTION_ORDER: Final[tuple[str, ...]] = (
+    "node_ineligible",
+    "label_mismatch",
+    *_CAPACITY_ORDER,
     "policy_blocked",
     "policy_gated_off",
 )
 _REJECTION_RANK: Final = {code: rank for rank, code in enumerate(REJECTION_ORDER)}
 #: Codes that say the node lacks the GPUs, not that it may not be used.
-CAPACITY_CODES: Final = frozenset(
-    {
-        "gpu_facts_unknown",
-        "no_free_gpu",
-        "gpu_model_mismatch",
-        "gpu_model_unverified",
-        "gpu_mem_insufficient",
-        "gpu_mem_unknown",
-    }
-)
+CAPACITY_CODES: Final = frozenset(_CAPACITY_ORDER)
 
 #: Why the winner won: the first component of the ranking key that differs.
 WIN_REASONS: Final[tuple[str, ...]] = (
@@ -228,14 +225,6 @@ def parse_size(text: str) -> int:
 # -- inputs -------------------------------------------------------------------------------
 
 
-def _check_count(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(
-            f"{name} must be an integer >= 0, got {value!r}", code="bad_request", field=name
-        )
-    return value
-
-
 def _check_labels(value: object, name: str) -> Mapping[str, str]:
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -262,11 +251,8 @@ class TaskView:
 
     def __post_init__(self) -> None:
         check_work_class(self.work_class)
-        _check_count(self.gpus_wanted, "gpus_wanted")
-        if (
-            self.gpu_mem_bytes is not None
-            and _check_count(self.gpu_mem_bytes, "gpu_mem_bytes") == 0
-        ):
+        check_count(self.gpus_wanted, "gpus_wanted")
+        if self.gpu_mem_bytes is not None and check_count(self.gpu_mem_bytes, "gpu_mem_bytes") == 0:
             raise BadRequest("gpu_mem_bytes must be > 0", field="gpu_mem_bytes")
         if self.gpu_model is not None:
             check_gpu_model(self.gpu_model)
@@ -305,8 +291,8 @@ class CandidateView:
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id:
             raise BadRequest("candidate node_id must be a non-empty string", code="bad_request")
-        _check_count(self.free_gpus, "free_gpus")
-        _check_count(self.running_tasks, "running_tasks")
+        check_count(self.free_gpus, "free_gpus")
+        check_count(self.running_tasks, "running_tasks")
         check_scope(self.scope)
         if self.gpus is not None:
             allocatable = sum(1 for g in self.gpus if g.allocatable)

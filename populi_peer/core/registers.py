@@ -36,6 +36,7 @@ from typing import Any, Final
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.hlc import Hlc, check_clock_skew
 from populi_peer.core.lifecycle import WRITER_CLASSES, NodeLifecycle, WriterClass
+from populi_peer.core.wire import json_record
 from populi_peer.errors import BadRequest, Forbidden
 
 #: The attribute of the lifecycle register (value: ``NodeLifecycle.to_json()``).
@@ -134,12 +135,8 @@ class Stamp:
     @classmethod
     def from_json(cls, data: Any) -> Stamp:
         """Parse what :meth:`to_json` wrote; unknown fields are ignored."""
-        if not isinstance(data, dict):
-            raise BadRequest(f"stamp must be a JSON object, got {type(data).__name__}")
-        for name in ("term", "hlc", "writer"):
-            if name not in data:
-                raise BadRequest(f"stamp: missing field {name!r}", field=name)
-        return cls(term=data["term"], hlc=Hlc.from_json(data["hlc"]), writer=data["writer"])
+        obj = json_record(data, "stamp", ("term", "hlc", "writer"))
+        return cls(term=obj["term"], hlc=Hlc.from_json(obj["hlc"]), writer=obj["writer"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,20 +170,14 @@ class RegisterWrite:
                 field="writer_class",
             )
         if self.writer_class not in writers:
-            raise Forbidden(
+            raise self._writer_not_allowed(
                 f"writer class {self.writer_class!r} may not write register "
-                f"{self.attribute!r}; allowed: {', '.join(sorted(writers))}",
-                code="writer_not_allowed",
-                attribute=self.attribute,
-                writer_class=self.writer_class,
+                f"{self.attribute!r}; allowed: {', '.join(sorted(writers))}"
             )
         if self.writer_class == "self" and self.stamp.writer != self.node_id:
-            raise Forbidden(
+            raise self._writer_not_allowed(
                 f"a self write about node {self.node_id!r} must be stamped by that node, "
-                f"not {self.stamp.writer!r}",
-                code="writer_not_allowed",
-                attribute=self.attribute,
-                writer_class=self.writer_class,
+                f"not {self.stamp.writer!r}"
             )
         _non_empty_str(self.actor, "actor", "register write")
         if not isinstance(self.reason, str):
@@ -209,6 +200,15 @@ class RegisterWrite:
             # A private deep copy: the caller's dict may change later; ours may not.
             object.__setattr__(self, "value", json.loads(json.dumps(self.value)))
         check_write_value(self.attribute, self.writer_class, self.value)
+
+    def _writer_not_allowed(self, message: str) -> Forbidden:
+        """403 ``writer_not_allowed``: this write's writer may not make it."""
+        return Forbidden(
+            message,
+            code="writer_not_allowed",
+            attribute=self.attribute,
+            writer_class=self.writer_class,
+        )
 
     @property
     def key(self) -> tuple[str, str]:
@@ -234,29 +234,29 @@ class RegisterWrite:
     @classmethod
     def from_json(cls, data: Any) -> RegisterWrite:
         """Parse what :meth:`to_json` wrote; unknown fields are ignored."""
-        if not isinstance(data, dict):
-            raise BadRequest(f"register write must be a JSON object, got {type(data).__name__}")
-        for name in (
-            "node_id",
-            "attribute",
-            "value",
-            "stamp",
-            "writer_class",
-            "actor",
-            "reason",
-            "at_wall_ms",
-        ):
-            if name not in data:
-                raise BadRequest(f"register write: missing field {name!r}", field=name)
+        obj = json_record(
+            data,
+            "register write",
+            (
+                "node_id",
+                "attribute",
+                "value",
+                "stamp",
+                "writer_class",
+                "actor",
+                "reason",
+                "at_wall_ms",
+            ),
+        )
         return cls(
-            node_id=data["node_id"],
-            attribute=data["attribute"],
-            value=data["value"],
-            stamp=Stamp.from_json(data["stamp"]),
-            writer_class=data["writer_class"],
-            actor=data["actor"],
-            reason=data["reason"],
-            at_wall_ms=data["at_wall_ms"],
+            node_id=obj["node_id"],
+            attribute=obj["attribute"],
+            value=obj["value"],
+            stamp=Stamp.from_json(obj["stamp"]),
+            writer_class=obj["writer_class"],
+            actor=obj["actor"],
+            reason=obj["reason"],
+            at_wall_ms=obj["at_wall_ms"],
         )
 
     def _canonical(self) -> bytes:
@@ -446,9 +446,7 @@ class RegisterSet:
     @classmethod
     def from_json(cls, data: Any) -> RegisterSet:
         """Parse what :meth:`to_json` wrote; unknown fields are ignored."""
-        if not isinstance(data, dict):
-            raise BadRequest(f"register set must be a JSON object, got {type(data).__name__}")
-        registers = data.get("registers")
+        registers = json_record(data, "register set").get("registers")
         if not isinstance(registers, list):
             raise BadRequest("register set: field 'registers' must be a list", field="registers")
         return cls(tuple(RegisterWrite.from_json(item) for item in registers))

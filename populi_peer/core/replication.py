@@ -45,12 +45,13 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, TypeVar, get_args
 
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple
 from populi_peer.core.hlc import ClockSkewError, check_clock_skew
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
+from populi_peer.core.wire import fields_json
 from populi_peer.errors import BadRequest, Conflict
 
 SetName = Literal[
@@ -387,14 +388,7 @@ class ClusterRecord:
         return (self.term, self.serial, self.settled, self.text)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "serial": self.serial,
-            "term": self.term,
-            "body": self.body,
-            "text": self.text,
-            "settled": self.settled,
-        }
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ClusterRecord:
@@ -476,6 +470,7 @@ Item = RegisterWrite | SetElement | ClusterRecord
 #: What an entry's key looks like: ("register", node, attribute), ("set", name, key),
 #: ("cluster", kind, "").
 EntryKey = tuple[str, str, str]
+_K = TypeVar("_K")
 
 
 def item_key(item: Item) -> EntryKey:
@@ -542,6 +537,31 @@ def _entry_beats(new: Entry, old: Entry, beats: Any) -> bool:
     if new.item == old.item:
         return new.write_id > old.write_id
     return bool(beats(new.item, old.item))
+
+
+def _held(current: Entry | None, item: Item, beats: Any) -> bool:
+    """Whether ``current`` (the entry a replica holds under ``item``'s key) is ``item``
+    or beats it."""
+    return current is not None and (current.item == item or bool(beats(current.item, item)))
+
+
+def _fold_winners(
+    held: Mapping[_K, Entry],
+    batch: list[tuple[_K, Entry]],
+    beats: Any,
+    won: dict[EntryKey, Entry],
+) -> Mapping[_K, Entry]:
+    """``held`` with each ``(key, entry)`` of ``batch`` in its key's place where it beats
+    what is there (:func:`_entry_beats`); each entry that does is also put in ``won``."""
+    if not batch:
+        return held
+    out = dict(held)
+    for key, entry in batch:
+        current = out.get(key)
+        if current is None or _entry_beats(entry, current, beats):
+            out[key] = entry
+            won[entry.key] = entry
+    return MappingProxyType(out)
 
 
 class RecordSet:
@@ -662,14 +682,8 @@ class RecordSet:
         if isinstance(item, RegisterWrite):
             return self._registers.merge(RegisterSet([item])) is self._registers
         if isinstance(item, SetElement):
-            mine = self._sets.get((item.set_name, item.key))
-            return mine is not None and (
-                mine.item == item or _set_beats(mine.item, item)  # type: ignore[arg-type]
-            )
-        current = self._cluster.get(item.kind)
-        return current is not None and (
-            current.item == item or _cluster_beats(current.item, item)  # type: ignore[arg-type]
-        )
+            return _held(self._sets.get((item.set_name, item.key)), item, _set_beats)
+        return _held(self._cluster.get(item.kind), item, _cluster_beats)
 
     def missing_for(self, digest: Digest) -> tuple[Entry, ...]:
         """The winning entries whose write id ``digest`` does not name."""
@@ -719,30 +733,14 @@ class RecordSet:
                 won[best.key] = best
             registers, reg_ids = merged, MappingProxyType(new_ids)
 
-        sets = self._sets
-        set_batch = [e for e in batch if isinstance(e.item, SetElement)]
-        if set_batch:
-            new_sets = dict(sets)
-            for entry in set_batch:
-                item: SetElement = entry.item  # type: ignore[assignment]
-                key = (item.set_name, item.key)
-                current = new_sets.get(key)
-                if current is None or _entry_beats(entry, current, _set_beats):
-                    new_sets[key] = entry
-                    won[entry.key] = entry
-            sets = MappingProxyType(new_sets)
-
-        cluster = self._cluster
-        cluster_batch = [e for e in batch if isinstance(e.item, ClusterRecord)]
-        if cluster_batch:
-            new_cluster = dict(cluster)
-            for entry in cluster_batch:
-                record: ClusterRecord = entry.item  # type: ignore[assignment]
-                current = new_cluster.get(record.kind)
-                if current is None or _entry_beats(entry, current, _cluster_beats):
-                    new_cluster[record.kind] = entry
-                    won[entry.key] = entry
-            cluster = MappingProxyType(new_cluster)
+        set_batch: list[tuple[tuple[str, str], Entry]] = [
+            ((e.item.set_name, e.item.key), e) for e in batch if isinstance(e.item, SetElement)
+        ]
+        sets = _fold_winners(self._sets, set_batch, _set_beats, won)
+        cluster_batch: list[tuple[str, Entry]] = [
+            (e.item.kind, e) for e in batch if isinstance(e.item, ClusterRecord)
+        ]
+        cluster = _fold_winners(self._cluster, cluster_batch, _cluster_beats, won)
 
         result = self._replace(
             registers=registers, reg_ids=reg_ids, sets=sets, cluster=cluster, seen=seen

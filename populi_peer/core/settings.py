@@ -194,12 +194,18 @@ def _check_gate(text: str) -> str:
     return f"{work_class}:{scope}"
 
 
-def validate_value(key: str, value: Any) -> Any:
+def _spec(key: str) -> SettingSpec:
+    """The spec of setting ``key``, or 400 ``unknown_setting`` naming the known keys."""
     spec = _BY_KEY.get(key)
     if spec is None:
         raise BadRequest(
             f"unknown cluster setting {key!r} (known: {', '.join(_BY_KEY)})", code="unknown_setting"
         )
+    return spec
+
+
+def validate_value(key: str, value: Any) -> Any:
+    spec = _spec(key)
     if spec.kind == "bool":
         if not isinstance(value, bool):
             raise BadRequest(f"cluster setting {key}: expected true or false", code="bad_setting")
@@ -302,11 +308,7 @@ def gates_enabled(values: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
 
 def parse_setting(key: str, text: str) -> Any:
     """Parse the text of ``populi settings set KEY VALUE``."""
-    spec = _BY_KEY.get(key)
-    if spec is None:
-        raise BadRequest(
-            f"unknown cluster setting {key!r} (known: {', '.join(_BY_KEY)})", code="unknown_setting"
-        )
+    spec = _spec(key)
     if spec.kind == "bool":
         lowered = text.strip().lower()
         if lowered in ("true", "on", "yes", "1"):

@@ -62,7 +62,7 @@ from populi_peer.core.fencing import (
 )
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import check_cwd
+from populi_peer.core.wire import check_count, check_cwd, fields_json
 from populi_peer.errors import BadRequest, Conflict
 
 _S = TypeVar("_S", bound=str)
@@ -151,18 +151,24 @@ def _row(**moves: TaskState) -> Mapping[EventKey, TaskState]:
     return MappingProxyType(row)
 
 
+def _live_row(state: TaskState, **moves: TaskState) -> Mapping[EventKey, TaskState]:
+    """The row of live ``state``: its own ``moves``, and what every live state takes
+    alike: a stale result changes nothing, a cancel or a timeout ends the task (nothing is
+    stuck forever)."""
+    return _row(**moves, result_stale=state, cancel="cancelled", timeout="timed_out")
+
+
 # The one transition table. A key missing from a state's row is illegal there.
 TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingProxyType(
     {
-        "queued": _row(
+        "queued": _live_row(
+            "queued",
             placing_started="placing",
             placement_failed="failed",
             populi_failure="failed",
-            result_stale="queued",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "placing": _row(
+        "placing": _live_row(
+            "placing",
             placed_remote="running_remote",
             placed_local="running_local",
             placed_local_no_fallback="failed",
@@ -175,14 +181,11 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             # control plane's word (a fence for the local run, or the lease to die).
             control_plane_unreachable="fallback_pending",
             populi_failure="failed",
-            result_stale="placing",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "running_remote": _row(
+        "running_remote": _live_row(
+            "running_remote",
             result_ok="succeeded",
             result_failed="failed",
-            result_stale="running_remote",
             # The worker may have started it anyway: only the lease's death frees it.
             handoff_failed="fallback_pending",
             control_plane_unreachable="fallback_pending",
@@ -191,10 +194,9 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             fallback_refused="running_remote",
             # The worker says it could not renew and stopped the task.
             lease_lost="fallback_pending",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "fallback_pending": _row(
+        "fallback_pending": _live_row(
+            "fallback_pending",
             lease_dead_confirmed="running_local",
             lease_dead_confirmed_no_fallback="failed",
             # lease_live: keep waiting; task_completed: the worker's result is on its way.
@@ -204,21 +206,16 @@ TRANSITIONS: Final[Mapping[TaskState, Mapping[EventKey, TaskState]]] = MappingPr
             # The remote attempt may still finish and deliver: its token is still current.
             result_ok="succeeded",
             result_failed="failed",
-            result_stale="fallback_pending",
             populi_failure="failed",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
-        "running_local": _row(
+        "running_local": _live_row(
+            "running_local",
             result_ok="succeeded",
             result_failed="failed",
-            result_stale="running_local",
             # Our own local lease could not be renewed: the supervisor stopped the task
             # before its deadline, like any holder's (safety rule 3). Wait for the word.
             lease_lost="fallback_pending",
             populi_failure="failed",
-            cancel="cancelled",
-            timeout="timed_out",
         ),
         "succeeded": _row(result_late="succeeded"),
         "failed": _row(result_late="failed"),
@@ -460,16 +457,8 @@ class TaskOptions:
     gpu_model: str | None = None
 
     def __post_init__(self) -> None:
-        if self.gpu_mem_bytes is not None and (
-            isinstance(self.gpu_mem_bytes, bool)
-            or not isinstance(self.gpu_mem_bytes, int)
-            or self.gpu_mem_bytes < 1
-        ):
-            raise BadRequest(
-                f"gpu_mem_bytes must be an integer >= 1, got {self.gpu_mem_bytes!r}",
-                code="bad_request",
-                field="gpu_mem_bytes",
-            )
+        if self.gpu_mem_bytes is not None:
+            check_count(self.gpu_mem_bytes, "gpu_mem_bytes", 1)
         if self.gpu_model is not None:
             check_gpu_model(self.gpu_model)
         for name in ("queue_timeout_s", "timeout_s"):
@@ -497,16 +486,7 @@ class TaskOptions:
         return self.node is None or self.node == local_node or self.node_fallback
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "no_fallback": self.no_fallback,
-            "queue_timeout_s": self.queue_timeout_s,
-            "timeout_s": self.timeout_s,
-            "node": self.node,
-            "node_fallback": self.node_fallback,
-            "cwd": self.cwd,
-            "gpu_mem_bytes": self.gpu_mem_bytes,
-            "gpu_model": self.gpu_model,
-        }
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> TaskOptions:
@@ -656,11 +636,7 @@ class LeaseRequests:
             raise BadRequest("a pending request's number is one already used", code="bad_record")
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "pending": self.pending,
-            "pending_attempt": self.pending_attempt,
-            "highest": self.highest,
-        }
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> LeaseRequests:
@@ -720,16 +696,7 @@ class Task:
                 code="bad_request",
                 field="env",
             )
-        if (
-            isinstance(self.gpus_wanted, bool)
-            or not isinstance(self.gpus_wanted, int)
-            or self.gpus_wanted < 0
-        ):
-            raise BadRequest(
-                f"gpus_wanted must be an integer >= 0, got {self.gpus_wanted!r}",
-                code="bad_request",
-                field="gpus_wanted",
-            )
+        check_count(self.gpus_wanted, "gpus_wanted")
         check_work_class(self.work_class)
         if self.state not in TASK_STATES:
             raise BadRequest(f"unknown task state {self.state!r}", code="bad_record")
@@ -994,22 +961,17 @@ def _attempt_ending(event: TaskEvent, key: EventKey) -> AttemptOutcome | None:
     return None
 
 
+#: The keys of a placement that starts an attempt, and where that attempt runs.
+_PLACED_WHERE: Final[Mapping[EventKey, Where]] = MappingProxyType(
+    {"placed_remote": "remote", "placed_local": "local"}
+)
+
+
 def _new_attempt(event: TaskEvent, key: EventKey, n: int, now_wall_ms: int) -> Attempt | None:
-    if isinstance(event, PlacedRemote):
+    if isinstance(event, (PlacedRemote, PlacedLocal)) and key in _PLACED_WHERE:
         return Attempt(
             n,
-            "remote",
-            event.node,
-            event.lease_id,
-            event.token,
-            event.reasons,
-            now_wall_ms,
-            rejected=event.rejected,
-        )
-    if isinstance(event, PlacedLocal) and key == "placed_local":
-        return Attempt(
-            n,
-            "local",
+            _PLACED_WHERE[key],
             event.node,
             event.lease_id,
             event.token,

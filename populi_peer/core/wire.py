@@ -1,4 +1,5 @@
-"""Checks shared by every route that takes identifiers, commands or environments.
+"""Checks shared by every route that takes identifiers, counts, commands or environments,
+and by the core records that parse their own JSON.
 
 One definition, so that what a submitter accepts is exactly what a worker accepts: a task
 refused at the worker for something the submitter let through would only ever fail late.
@@ -7,10 +8,14 @@ refused at the worker for something the submitter let through would only ever fa
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 from populi_peer.errors import BadRequest
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 #: Task, lease, node, message ids and work classes: a letter or digit first (never ``.``
 #: or ``..``: ids become path components), then letters, digits, ``.``, ``_``, ``:``, ``-``.
@@ -32,6 +37,35 @@ def check_id(value: Any, name: str) -> str:
         raise BadRequest(
             f"{name!r} must be 1-128 characters of A-Z a-z 0-9 . _ : -, starting with a letter or digit",
             code="bad_request",
+        )
+    return value
+
+
+def fields_json(record: DataclassInstance) -> dict[str, Any]:
+    """The JSON object of a record whose wire form is its fields as they are, under their
+    names, in their order."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
+
+
+def json_record(data: object, what: str, fields: Iterable[str] = ()) -> dict[str, Any]:
+    """``data`` as the JSON object of a ``what`` record that has each of ``fields`` (others
+    are ignored); 400 ``bad_request`` naming the first one missing."""
+    if not isinstance(data, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(data).__name__}")
+    for name in fields:
+        if name not in data:
+            raise BadRequest(f"{what}: missing field {name!r}", field=name)
+    return data
+
+
+def check_count(value: object, name: str, minimum: int = 0) -> int:
+    """A count or size: an integer from ``minimum`` (``True`` is not one); 400
+    ``bad_request`` naming the field ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadRequest(
+            f"{name} must be an integer >= {minimum}, got {value!r}",
+            code="bad_request",
+            field=name,
         )
     return value
 

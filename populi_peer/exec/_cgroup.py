@@ -26,14 +26,18 @@ def _unescape_mount_field(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def _proc_lines(path: str) -> list[str]:
+    """The lines of a /proc file of this process; none where it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
 def cgroup2_mount() -> tuple[Path, str] | None:
     """``(mount point, root inside the hierarchy)`` of the first cgroup2 mount, or None."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
+    for line in _proc_lines("/proc/self/mountinfo"):
         left, sep, right = line.partition(" - ")
         if not sep:
             continue
@@ -50,12 +54,7 @@ def own_cgroup_dir() -> Path | None:
     if mount is None:
         return None
     mount_point, mount_root = mount
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
+    for line in _proc_lines("/proc/self/cgroup"):
         if line.startswith("0::"):
             rel = line[3:]
             if mount_root != "/" and rel.startswith(mount_root):

@@ -119,21 +119,22 @@ def pids_in_session(session: int) -> list[int]:
     return [s.pid for s in iter_stats() if s.session == session and not s.dead]
 
 
-def send_signal(pid: int, sig: int) -> bool:
-    """Signal one process; False when it is already gone."""
+def _signalled(kill: Callable[[int, int], None], target: int, sig: int) -> bool:
     try:
-        os.kill(pid, sig)
+        kill(target, sig)
     except ProcessLookupError:
         return False
     return True
+
+
+def send_signal(pid: int, sig: int) -> bool:
+    """Signal one process; False when it is already gone."""
+    return _signalled(os.kill, pid, sig)
 
 
 def signal_group(pgid: int, sig: int) -> bool:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    return True
+    """Signal a process group; False when no process of it is left."""
+    return _signalled(os.killpg, pgid, sig)
 
 
 @functools.cache

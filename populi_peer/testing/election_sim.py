@@ -36,7 +36,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from populi_peer.core.election import (
@@ -510,15 +510,8 @@ class Cluster:
 #: The timings of the "edge" scenarios: no margin, the lease at 99.5 % of what the drift
 #: bound allows (0.9 / 0.95 = 0.947 s against 1.0 / 1.05 = 0.952 s), and election timeouts
 #: barely randomized, so elections happen right when the voters' stickiness ends.
-EDGE_SETTINGS = ElectionSettings(
-    election_timeout_min_s=1.0,
-    election_timeout_max_s=1.05,
-    heartbeat_interval_s=0.15,
-    leader_lease_s=0.9,
-    lease_margin_s=0.0,
-    max_clock_drift_ppm=50_000,
-    write_timeout_s=1.5,
-    max_skew_ms=2_000,
+EDGE_SETTINGS = replace(
+    SIM_SETTINGS, election_timeout_max_s=1.05, leader_lease_s=0.9, lease_margin_s=0.0
 )
 
 

@@ -79,6 +79,7 @@ from populi_peer.core.leases import (
     renew_timeout_s,
 )
 from populi_peer.core.reports import Claim, FullReport, NodeReporter, ReportAnswer, ReportMessage
+from populi_peer.testing.election_sim import SimulationFailure
 
 #: Timings scaled down: a 6 s lease, renewed every 2 s, stopped 1.5 s before its deadline.
 SIM_LEASES = LeaseSettings(max_lease_ttl_s=6.0, expiry_margin_s=1.0)
@@ -94,13 +95,8 @@ WALL0 = 1_700_000_000_000
 MAX_EVENTS = 1_000_000
 
 
-class LeaseSimulationFailure(AssertionError):
-    """A safety property failed. ``seed`` replays it; ``trace`` is the last events."""
-
-    def __init__(self, seed: int | None, message: str, trace: str) -> None:
-        self.seed = seed
-        self.trace = trace
-        super().__init__(f"seed {seed}: {message}\n--- last events ---\n{trace}")
+class LeaseSimulationFailure(SimulationFailure):
+    """A lease rule failed. ``seed`` replays it; ``trace`` is the last events."""
 
 
 @dataclass(frozen=True, slots=True)

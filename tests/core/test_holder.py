@@ -150,6 +150,12 @@ def test_cancel_and_illegal_events() -> None:
     assert "ended" not in PHASE_EVENTS["proving"] and "ended" not in PHASE_EVENTS["ended"]
 
 
+def test_what_is_not_a_holder_event_is_refused_not_taken_as_a_cancel() -> None:
+    machine = running()
+    with pytest.raises(BadRequest, match="not a holder event"):
+        machine.handle(StopAttempt("cancelled"), 105.0)  # type: ignore[arg-type]
+
+
 def test_a_config_that_leaves_no_room_to_renew_is_refused() -> None:
     with pytest.raises(BadRequest):
         HolderConfig(ttl_s=30.0, stop_margin_s=19.5, claim_lead_s=1.0)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from populi_peer.core.wire import (
     MAX_ATTEMPT,
     check_attempt,
     check_command,
+    check_count,
     check_env,
     check_id,
+    fields_json,
+    json_record,
     task_attempt,
 )
 from populi_peer.errors import BadRequest
@@ -37,6 +42,20 @@ def test_attempts_accepted(value: int) -> None:
 def test_attempts_refused(value: object) -> None:
     with pytest.raises(BadRequest, match="result 'attempt'"):
         check_attempt(value, "result")
+
+
+def test_counts_accepted_from_their_minimum() -> None:
+    assert check_count(0, "gpus_wanted") == 0
+    assert check_count(1, "gpu_mem_bytes", 1) == 1
+
+
+@pytest.mark.parametrize(("value", "minimum"), [(-1, 0), (0, 1), (True, 0), (1.0, 0), ("1", 0)])
+def test_counts_refused_naming_the_field(value: object, minimum: int) -> None:
+    with pytest.raises(BadRequest) as caught:
+        check_count(value, "gpus_wanted", minimum)
+    assert str(caught.value) == f"gpus_wanted must be an integer >= {minimum}, got {value!r}"
+    assert caught.value.code == "bad_request"
+    assert caught.value.details == {"field": "gpus_wanted"}
 
 
 def test_task_attempt_reads_both() -> None:
@@ -68,3 +87,21 @@ def test_envs() -> None:
         with pytest.raises(BadRequest) as caught:
             check_env(bad)
         assert caught.value.code == code, bad
+
+
+def test_a_json_record_needs_an_object_with_its_fields() -> None:
+    assert json_record({"a": 1, "extra": 2}, "thing", ("a",)) == {"a": 1, "extra": 2}
+    with pytest.raises(BadRequest, match=r"^thing must be a JSON object, got list$"):
+        json_record([], "thing", ("a",))
+    with pytest.raises(BadRequest, match=r"^thing: missing field 'b'$") as caught:
+        json_record({"a": 1}, "thing", ("a", "b"))
+    assert caught.value.details == {"field": "b"}
+
+
+def test_fields_json_writes_every_field_in_order() -> None:
+    @dataclass(frozen=True)
+    class Pair:
+        b: int
+        a: str | None = None
+
+    assert list(fields_json(Pair(1)).items()) == [("b", 1), ("a", None)]

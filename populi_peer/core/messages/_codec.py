@@ -48,21 +48,22 @@ MAX_JSON_DEPTH = 32
 _MISSING: Any = dataclasses.MISSING
 
 
+#: How an error names the JSON type of a value it got, first match wins (a bool is an int).
+_JSON_KINDS: tuple[tuple[type, str], ...] = (
+    (type(None), "null"),
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "a list"),
+    (Mapping, "an object"),
+)
+
+
 def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "an object"
+    for cls, kind in _JSON_KINDS:
+        if isinstance(value, cls):
+            return kind
     return type(value).__name__
 
 
