@@ -74,35 +74,16 @@ def make_ca_certificate(
         ]
     )
     public = root_key.public_key()
-    ski = x509.SubjectKeyIdentifier.from_public_key(public)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(serial)
-        .not_valid_before(_utc(now_wall_s - BACKDATE_S))
-        .not_valid_after(_utc(now_wall_s + CA_VALIDITY_DAYS * 86400))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(root_key, algorithm=None)
+    return _certificate(
+        subject=name,
+        subject_key=public,
+        signer=name,
+        signer_key=root_key,
+        signer_ski=x509.SubjectKeyIdentifier.from_public_key(public),
+        serial=serial,
+        now_wall_s=now_wall_s,
+        days=CA_VALIDITY_DAYS,
+        ca_path_length=1,
     )
 
 
@@ -138,24 +119,62 @@ def make_node_certificate(
         except ValueError:
             if address and address not in (principal_id,):
                 sans.append(x509.DNSName(address))
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    return _certificate(
+        subject=x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Populi"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster_id),
+                x509.NameAttribute(NameOID.COMMON_NAME, principal_id),
+            ]
+        ),
+        subject_key=subject_key,
+        signer=ca_cert.subject,
+        signer_key=ca_key,
+        signer_ski=_ski_of(ca_cert),
+        serial=serial,
+        now_wall_s=now_wall_s,
+        days=days,
+        ca_path_length=None,
+        leaf_extensions=(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            x509.SubjectAlternativeName(sans),
+        ),
+    )
+
+
+def _ski_of(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+
+
+def _certificate(
+    *,
+    subject: x509.Name,
+    subject_key: Ed25519PublicKey,
+    signer: x509.Name,
+    signer_key: Ed25519PrivateKey,
+    signer_ski: x509.SubjectKeyIdentifier,
+    serial: int,
+    now_wall_s: float,
+    days: float,
+    ca_path_length: int | None,
+    leaf_extensions: Sequence[x509.ExtensionType] = (),
+) -> x509.Certificate:
+    """The one shape of every certificate here: valid from ``BACKDATE_S`` before
+    ``now_wall_s`` for ``days``; a CA with ``ca_path_length`` (``None``: a leaf, for
+    digital signatures only, with its ``leaf_extensions``); Subject and Authority Key
+    Identifiers."""
+    ca = ca_path_length is not None
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Populi"),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster_id),
-                    x509.NameAttribute(NameOID.COMMON_NAME, principal_id),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
+        .subject_name(subject)
+        .issuer_name(signer)
         .public_key(subject_key)
         .serial_number(serial)
         .not_valid_before(_utc(now_wall_s - BACKDATE_S))
         .not_valid_after(_utc(now_wall_s + days * 86400))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=ca_path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -163,39 +182,25 @@ def make_node_certificate(
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
+    )
+    for extension in leaf_extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return (
+        builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False
+        )
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(signer_ski),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, algorithm=None)
-    )
-
-
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
+        .sign(signer_key, algorithm=None)
     )
 
 
@@ -228,23 +233,16 @@ def make_issuer_certificate(
         raise CertificateError(
             "the root key does not belong to this CA certificate", code="root_key_mismatch"
         )
-    root_ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(issuer_name(cluster_id, node_id))
-        .issuer_name(root_cert.subject)
-        .public_key(subject_key)
-        .serial_number(serial)
-        .not_valid_before(_utc(now_wall_s - BACKDATE_S))
-        .not_valid_after(_utc(now_wall_s + days * 86400))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
-            critical=False,
-        )
-        .sign(root_key, algorithm=None)
+    return _certificate(
+        subject=issuer_name(cluster_id, node_id),
+        subject_key=subject_key,
+        signer=root_cert.subject,
+        signer_key=root_key,
+        signer_ski=_ski_of(root_cert),
+        serial=serial,
+        now_wall_s=now_wall_s,
+        days=days,
+        ca_path_length=0,
     )
 
 
