@@ -83,7 +83,7 @@ def make_ca_certificate(
         serial=serial,
         now_wall_s=now_wall_s,
         days=CA_VALIDITY_DAYS,
-        ca_path_length=1,
+        constraints=x509.BasicConstraints(ca=True, path_length=1),
     )
 
 
@@ -134,13 +134,27 @@ def make_node_certificate(
         serial=serial,
         now_wall_s=now_wall_s,
         days=days,
-        ca_path_length=None,
+        constraints=x509.BasicConstraints(ca=False, path_length=None),
         leaf_extensions=(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
             ),
             x509.SubjectAlternativeName(sans),
         ),
+    )
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -158,14 +172,12 @@ def _certificate(
     serial: int,
     now_wall_s: float,
     days: float,
-    ca_path_length: int | None,
+    constraints: x509.BasicConstraints,
     leaf_extensions: Sequence[x509.ExtensionType] = (),
 ) -> x509.Certificate:
     """The one shape of every certificate here: valid from ``BACKDATE_S`` before
-    ``now_wall_s`` for ``days``; a CA with ``ca_path_length`` (``None``: a leaf, for
-    digital signatures only, with its ``leaf_extensions``); Subject and Authority Key
-    Identifiers."""
-    ca = ca_path_length is not None
+    ``now_wall_s`` for ``days``; a CA signs certificates (and lists), a leaf only signs,
+    with its ``leaf_extensions``; Subject and Authority Key Identifiers."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -174,21 +186,8 @@ def _certificate(
         .serial_number(serial)
         .not_valid_before(_utc(now_wall_s - BACKDATE_S))
         .not_valid_after(_utc(now_wall_s + days * 86400))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=ca_path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(constraints, critical=True)
+        .add_extension(_key_usage(ca=constraints.ca), critical=True)
     )
     for extension in leaf_extensions:
         builder = builder.add_extension(extension, critical=False)
@@ -242,7 +241,7 @@ def make_issuer_certificate(
         serial=serial,
         now_wall_s=now_wall_s,
         days=days,
-        ca_path_length=0,
+        constraints=x509.BasicConstraints(ca=True, path_length=0),
     )
 
 
