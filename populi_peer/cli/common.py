@@ -243,7 +243,6 @@ class NodeCall:
         *,
         answer: type[Message] | None = None,
     ) -> dict[str, Any] | Message:
-
         def call_at(url: str, node_id: str) -> dict[str, Any] | Message:
             return self.client().call(
                 url=url,
@@ -273,24 +272,10 @@ class NodeCall:
 @dataclass(frozen=True)
 class OneCall:
     """One call to the node ``pick`` names, for commands that make only one: the local
-    node is opened for it and closed after."""
+    node is opened for it and closed after. The answer is always a typed message."""
 
     pick: Callable[[Local], NodeCall]
 
-    @overload
-    def __call__(
-        self,
-        args: argparse.Namespace,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
     def __call__(
         self,
         args: argparse.Namespace,
@@ -301,19 +286,7 @@ class OneCall:
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         answer: type[M],
-    ) -> M: ...
-
-    def __call__(
-        self,
-        args: argparse.Namespace,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        answer: type[Message] | None = None,
-    ) -> dict[str, Any] | Message:
+    ) -> M:
         local = open_local(args)
         try:
             return self.pick(local)(method, path, payload, params, timeout_s, answer=answer)
