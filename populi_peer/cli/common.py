@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from populi_peer.config import (
     Config,
@@ -155,12 +155,12 @@ class Local:
 
     @property
     def call_agent(self) -> NodeCall:
-        """Call this node's agent; with ``answer``, the answer parsed as that type."""
+        """Call this node's agent; the answer is parsed as the ``answer`` type."""
         return NodeCall(self.client, self._agent_address)
 
     @property
     def call_control_plane(self) -> NodeCall:
-        """Call the control plane; with ``answer``, the answer parsed as that type."""
+        """Call the control plane; the answer is parsed as the ``answer`` type."""
         return NodeCall(self.client, self.control_plane)
 
     def _agent_address(self) -> tuple[str, str]:
@@ -209,19 +209,6 @@ class NodeCall:
     client: Callable[[], SyncPeerClient]
     address: Callable[[], tuple[str, str]]
 
-    @overload
-    def __call__(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
     def __call__(
         self,
         method: str,
@@ -231,19 +218,8 @@ class NodeCall:
         timeout_s: float = 15.0,
         *,
         answer: type[M],
-    ) -> M: ...
-
-    def __call__(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: type[Message] | None = None,
-    ) -> dict[str, Any] | Message:
-        def call_at(url: str, node_id: str) -> dict[str, Any] | Message:
+    ) -> M:
+        def call_at(url: str, node_id: str) -> M:
             return self.client().call(
                 url=url,
                 node_id=node_id,
