@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from enrollment.ca import (
     ISSUER_DAYS,
     Issuer,
-    _certificate,
     ca_pin,
     chain_from_pem,
     issue_intermediate,
@@ -83,16 +82,37 @@ def leaf(signer: Ed25519PrivateKey = ISSUER_KEY, signer_cert: x509.Certificate =
 
 def odd_issuer(*, ca: bool, path_length: int | None) -> x509.Certificate:
     """An issuer-shaped certificate with other basic constraints, signed by the root."""
-    return _certificate(
-        subject=issuer_name(CLUSTER, VOTER),
-        subject_key=ISSUER_KEY.public_key(),
-        signer=ROOT_CERT.subject,
-        signer_key=ROOT,
-        signer_ski=ROOT_CERT.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value,
-        serial=9,
-        now_wall_s=NOW - 3600,
-        days=ISSUER_DAYS,
-        constraints=x509.BasicConstraints(ca=ca, path_length=path_length),
+    ski = ROOT_CERT.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(issuer_name(CLUSTER, VOTER))
+        .issuer_name(ROOT_CERT.subject)
+        .public_key(ISSUER_KEY.public_key())
+        .serial_number(9)
+        .not_valid_before(ISSUER_CERT.not_valid_before_utc)
+        .not_valid_after(ISSUER_CERT.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ISSUER_KEY.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(ROOT, algorithm=None)
     )
 
 
