@@ -73,13 +73,11 @@ def make_ca_certificate(
             x509.NameAttribute(NameOID.COMMON_NAME, f"Populi cluster {cluster_name}"),
         ]
     )
-    public = root_key.public_key()
     return _certificate(
         subject=name,
-        subject_key=public,
-        signer=name,
+        subject_key=root_key.public_key(),
         signer_key=root_key,
-        signer_ski=x509.SubjectKeyIdentifier.from_public_key(public),
+        signer_cert=None,
         serial=serial,
         now_wall_s=now_wall_s,
         days=CA_VALIDITY_DAYS,
@@ -128,9 +126,8 @@ def make_node_certificate(
             ]
         ),
         subject_key=subject_key,
-        signer=ca_cert.subject,
         signer_key=ca_key,
-        signer_ski=_ski_of(ca_cert),
+        signer_cert=ca_cert,
         serial=serial,
         now_wall_s=now_wall_s,
         days=days,
@@ -158,17 +155,12 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def _ski_of(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
-    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-
-
 def _certificate(
     *,
     subject: x509.Name,
     subject_key: Ed25519PublicKey,
-    signer: x509.Name,
     signer_key: Ed25519PrivateKey,
-    signer_ski: x509.SubjectKeyIdentifier,
+    signer_cert: x509.Certificate | None,
     serial: int,
     now_wall_s: float,
     days: float,
@@ -177,11 +169,18 @@ def _certificate(
 ) -> x509.Certificate:
     """The one shape of every certificate here: valid from ``BACKDATE_S`` before
     ``now_wall_s`` for ``days``; a CA signs certificates (and lists), a leaf only signs,
-    with its ``leaf_extensions``; Subject and Authority Key Identifiers."""
+    with its ``leaf_extensions``; Subject and Authority Key Identifiers. Signed by
+    ``signer_key``, whose certificate is ``signer_cert`` (``None``: self-signed)."""
+    ski = x509.SubjectKeyIdentifier.from_public_key(subject_key)
+    if signer_cert is None:
+        signer_name, signer_ski = subject, ski
+    else:
+        signer_name = signer_cert.subject
+        signer_ski = signer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(signer)
+        .issuer_name(signer_name)
         .public_key(subject_key)
         .serial_number(serial)
         .not_valid_before(_utc(now_wall_s - BACKDATE_S))
@@ -192,9 +191,7 @@ def _certificate(
     for extension in leaf_extensions:
         builder = builder.add_extension(extension, critical=False)
     return (
-        builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False
-        )
+        builder.add_extension(ski, critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(signer_ski),
             critical=False,
@@ -235,9 +232,8 @@ def make_issuer_certificate(
     return _certificate(
         subject=issuer_name(cluster_id, node_id),
         subject_key=subject_key,
-        signer=root_cert.subject,
         signer_key=root_key,
-        signer_ski=_ski_of(root_cert),
+        signer_cert=root_cert,
         serial=serial,
         now_wall_s=now_wall_s,
         days=days,
@@ -390,19 +386,14 @@ def check_issuer(
             f"the issuer certificate is for cluster {info.cluster_id!r}, not {cluster_id!r}",
             code="issuer_wrong_cluster",
         )
-    if at_s - skew_s > info.not_after_s:
-        raise CertificateError(
-            f"the issuer certificate of {info.principal_id} expired at "
-            f"{_utc(info.not_after_s).isoformat(timespec='seconds')}; the root must sign a "
-            "new one (runbooks/offline-root.md)",
-            code="issuer_expired",
-        )
-    if at_s + skew_s < info.not_before_s:
-        raise CertificateError(
-            f"the issuer certificate of {info.principal_id} is not valid before "
-            f"{_utc(info.not_before_s).isoformat(timespec='seconds')}",
-            code="issuer_not_yet_valid",
-        )
+    _check_window(
+        info,
+        at_s=at_s,
+        skew_s=skew_s,
+        what="the issuer certificate",
+        when_expired="the root must sign a new one (runbooks/offline-root.md)",
+        codes=("issuer_expired", "issuer_not_yet_valid"),
+    )
     if revoked is not None and revoked(info.principal_id, info.serial):
         raise CertificateError(
             f"the issuer of {info.principal_id} (serial {info.serial}) is revoked",
@@ -587,18 +578,39 @@ def node_certificate_info(cert: x509.Certificate) -> NodeCertificateInfo:
 
 
 def check_validity(cert: x509.Certificate, *, now_wall_s: float, skew_s: float) -> None:
-    info = node_certificate_info(cert)
-    if now_wall_s - skew_s > info.not_after_s:
+    _check_window(
+        node_certificate_info(cert),
+        at_s=now_wall_s,
+        skew_s=skew_s,
+        what="certificate",
+        when_expired="re-join with a new token",
+        codes=("certificate_expired", "certificate_not_yet_valid"),
+    )
+
+
+def _check_window(
+    info: NodeCertificateInfo,
+    *,
+    at_s: float,
+    skew_s: float,
+    what: str,
+    when_expired: str,
+    codes: tuple[str, str],
+) -> None:
+    """``at_s`` lies in the certificate's validity, give or take ``skew_s``; else a
+    CertificateError with ``codes`` (expired, not yet valid) about ``what``."""
+    expired, not_yet_valid = codes
+    if at_s - skew_s > info.not_after_s:
         raise CertificateError(
-            f"certificate of {info.principal_id} expired at "
-            f"{_utc(info.not_after_s).isoformat(timespec='seconds')}; re-join with a new token",
-            code="certificate_expired",
+            f"{what} of {info.principal_id} expired at "
+            f"{_utc(info.not_after_s).isoformat(timespec='seconds')}; {when_expired}",
+            code=expired,
         )
-    if now_wall_s + skew_s < info.not_before_s:
+    if at_s + skew_s < info.not_before_s:
         raise CertificateError(
-            f"certificate of {info.principal_id} is not valid before "
+            f"{what} of {info.principal_id} is not valid before "
             f"{_utc(info.not_before_s).isoformat(timespec='seconds')}",
-            code="certificate_not_yet_valid",
+            code=not_yet_valid,
         )
 
 
