@@ -455,7 +455,13 @@ def _table_of(size: int) -> tuple[LeaseTable, LeaseSettings]:
         for i in range(1, size + 1)
     ]
     restored = LeaseTable.restore(
-        leases, term=1, next_seq=size + 1, settings=settings, now_mono=0.0, hold_s=0.0
+        leases,
+        term=1,
+        next_seq=size + 1,
+        settings=settings,
+        now_mono=0.0,
+        incarnation_id="bench",
+        resume=False,  # every lease is finished: no node can hold GPUs it must report
     )
     return restored, settings
 

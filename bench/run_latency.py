@@ -63,6 +63,7 @@ from populi_peer.api.client import SyncPeerClient
 from populi_peer.api.tls import client_context, peer_context
 from populi_peer.cli.common import open_local
 from populi_peer.clock import SystemClock, boot_time
+from populi_peer.core.messages import TaskListAnswer
 from populi_peer.errors import PopuliError
 from populi_peer.exec import TaskSpec, build_task_env, start_supervised
 
@@ -392,9 +393,11 @@ def run(args: argparse.Namespace) -> None:
                 assert api is not None
                 began = time.monotonic()
                 if keep_alive:
-                    api.call("GET", "/v1/populi/tasks", params={"limit": 1})
+                    api.call("GET", "/v1/populi/tasks", params={"limit": 1}, answer=TaskListAnswer)
                 else:  # what every request of the CLI does: a new client, a new handshake
-                    api.local.call_agent("GET", "/v1/populi/tasks", params={"limit": 1})
+                    api.local.call_agent(
+                        "GET", "/v1/populi/tasks", params={"limit": 1}, answer=TaskListAnswer
+                    )
                 return time.monotonic() - began, None
 
             return measure

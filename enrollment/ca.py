@@ -73,36 +73,15 @@ def make_ca_certificate(
             x509.NameAttribute(NameOID.COMMON_NAME, f"Populi cluster {cluster_name}"),
         ]
     )
-    public = root_key.public_key()
-    ski = x509.SubjectKeyIdentifier.from_public_key(public)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(serial)
-        .not_valid_before(_utc(now_wall_s - BACKDATE_S))
-        .not_valid_after(_utc(now_wall_s + CA_VALIDITY_DAYS * 86400))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(root_key, algorithm=None)
+    return _certificate(
+        subject=name,
+        subject_key=root_key.public_key(),
+        signer_key=root_key,
+        signer_cert=None,
+        serial=serial,
+        now_wall_s=now_wall_s,
+        days=CA_VALIDITY_DAYS,
+        constraints=x509.BasicConstraints(ca=True, path_length=1),
     )
 
 
@@ -138,50 +117,27 @@ def make_node_certificate(
         except ValueError:
             if address and address not in (principal_id,):
                 sans.append(x509.DNSName(address))
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Populi"),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster_id),
-                    x509.NameAttribute(NameOID.COMMON_NAME, principal_id),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(subject_key)
-        .serial_number(serial)
-        .not_valid_before(_utc(now_wall_s - BACKDATE_S))
-        .not_valid_after(_utc(now_wall_s + days * 86400))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
+    return _certificate(
+        subject=x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Populi"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster_id),
+                x509.NameAttribute(NameOID.COMMON_NAME, principal_id),
+            ]
+        ),
+        subject_key=subject_key,
+        signer_key=ca_key,
+        signer_cert=ca_cert,
+        serial=serial,
+        now_wall_s=now_wall_s,
+        days=days,
+        constraints=x509.BasicConstraints(ca=False, path_length=None),
+        leaf_extensions=(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
             ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, algorithm=None)
+            x509.SubjectAlternativeName(sans),
+        ),
     )
 
 
@@ -196,6 +152,51 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
         crl_sign=ca,
         encipher_only=False,
         decipher_only=False,
+    )
+
+
+def _certificate(
+    *,
+    subject: x509.Name,
+    subject_key: Ed25519PublicKey,
+    signer_key: Ed25519PrivateKey,
+    signer_cert: x509.Certificate | None,
+    serial: int,
+    now_wall_s: float,
+    days: float,
+    constraints: x509.BasicConstraints,
+    leaf_extensions: Sequence[x509.ExtensionType] = (),
+) -> x509.Certificate:
+    """The one shape of every certificate here: valid from ``BACKDATE_S`` before
+    ``now_wall_s`` for ``days``; a CA signs certificates (and lists), a leaf only signs,
+    with its ``leaf_extensions``; Subject and Authority Key Identifiers. Signed by
+    ``signer_key``, whose certificate is ``signer_cert`` (``None``: self-signed)."""
+    ski = x509.SubjectKeyIdentifier.from_public_key(subject_key)
+    if signer_cert is None:
+        signer_name, signer_ski = subject, ski
+    else:
+        signer_name = signer_cert.subject
+        signer_ski = signer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(signer_name)
+        .public_key(subject_key)
+        .serial_number(serial)
+        .not_valid_before(_utc(now_wall_s - BACKDATE_S))
+        .not_valid_after(_utc(now_wall_s + days * 86400))
+        .add_extension(constraints, critical=True)
+        .add_extension(_key_usage(ca=constraints.ca), critical=True)
+    )
+    for extension in leaf_extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return (
+        builder.add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(signer_ski),
+            critical=False,
+        )
+        .sign(signer_key, algorithm=None)
     )
 
 
@@ -228,23 +229,15 @@ def make_issuer_certificate(
         raise CertificateError(
             "the root key does not belong to this CA certificate", code="root_key_mismatch"
         )
-    root_ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(issuer_name(cluster_id, node_id))
-        .issuer_name(root_cert.subject)
-        .public_key(subject_key)
-        .serial_number(serial)
-        .not_valid_before(_utc(now_wall_s - BACKDATE_S))
-        .not_valid_after(_utc(now_wall_s + days * 86400))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
-            critical=False,
-        )
-        .sign(root_key, algorithm=None)
+    return _certificate(
+        subject=issuer_name(cluster_id, node_id),
+        subject_key=subject_key,
+        signer_key=root_key,
+        signer_cert=root_cert,
+        serial=serial,
+        now_wall_s=now_wall_s,
+        days=days,
+        constraints=x509.BasicConstraints(ca=True, path_length=0),
     )
 
 
@@ -393,19 +386,14 @@ def check_issuer(
             f"the issuer certificate is for cluster {info.cluster_id!r}, not {cluster_id!r}",
             code="issuer_wrong_cluster",
         )
-    if at_s - skew_s > info.not_after_s:
-        raise CertificateError(
-            f"the issuer certificate of {info.principal_id} expired at "
-            f"{_utc(info.not_after_s).isoformat(timespec='seconds')}; the root must sign a "
-            "new one (runbooks/offline-root.md)",
-            code="issuer_expired",
-        )
-    if at_s + skew_s < info.not_before_s:
-        raise CertificateError(
-            f"the issuer certificate of {info.principal_id} is not valid before "
-            f"{_utc(info.not_before_s).isoformat(timespec='seconds')}",
-            code="issuer_not_yet_valid",
-        )
+    _check_window(
+        info,
+        at_s=at_s,
+        skew_s=skew_s,
+        what="the issuer certificate",
+        when_expired="the root must sign a new one (runbooks/offline-root.md)",
+        codes=("issuer_expired", "issuer_not_yet_valid"),
+    )
     if revoked is not None and revoked(info.principal_id, info.serial):
         raise CertificateError(
             f"the issuer of {info.principal_id} (serial {info.serial}) is revoked",
@@ -590,18 +578,39 @@ def node_certificate_info(cert: x509.Certificate) -> NodeCertificateInfo:
 
 
 def check_validity(cert: x509.Certificate, *, now_wall_s: float, skew_s: float) -> None:
-    info = node_certificate_info(cert)
-    if now_wall_s - skew_s > info.not_after_s:
+    _check_window(
+        node_certificate_info(cert),
+        at_s=now_wall_s,
+        skew_s=skew_s,
+        what="certificate",
+        when_expired="re-join with a new token",
+        codes=("certificate_expired", "certificate_not_yet_valid"),
+    )
+
+
+def _check_window(
+    info: NodeCertificateInfo,
+    *,
+    at_s: float,
+    skew_s: float,
+    what: str,
+    when_expired: str,
+    codes: tuple[str, str],
+) -> None:
+    """``at_s`` lies in the certificate's validity, give or take ``skew_s``; else a
+    CertificateError with ``codes`` (expired, not yet valid) about ``what``."""
+    expired, not_yet_valid = codes
+    if at_s - skew_s > info.not_after_s:
         raise CertificateError(
-            f"certificate of {info.principal_id} expired at "
-            f"{_utc(info.not_after_s).isoformat(timespec='seconds')}; re-join with a new token",
-            code="certificate_expired",
+            f"{what} of {info.principal_id} expired at "
+            f"{_utc(info.not_after_s).isoformat(timespec='seconds')}; {when_expired}",
+            code=expired,
         )
-    if now_wall_s + skew_s < info.not_before_s:
+    if at_s + skew_s < info.not_before_s:
         raise CertificateError(
-            f"certificate of {info.principal_id} is not valid before "
+            f"{what} of {info.principal_id} is not valid before "
             f"{_utc(info.not_before_s).isoformat(timespec='seconds')}",
-            code="certificate_not_yet_valid",
+            code=not_yet_valid,
         )
 
 

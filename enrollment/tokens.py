@@ -780,27 +780,25 @@ def _read(
     return token
 
 
-def _key_field(obj: dict[str, Any], name: str) -> bytes:
+def _base64url_field(obj: dict[str, Any], name: str) -> bytes:
     value = _required(obj, name)
     if not isinstance(value, str):
         raise _FieldProblem(name, f"must be a base64url string, got {_json_type(value)}")
     try:
-        raw = b64url_decode(value)
+        return b64url_decode(value)
     except ValueError as exc:
         raise _FieldProblem(name, f"is not valid base64url ({exc})") from None
+
+
+def _key_field(obj: dict[str, Any], name: str) -> bytes:
+    raw = _base64url_field(obj, name)
     if len(raw) != _KEY_BYTES:
         raise _FieldProblem(name, f"must be {_KEY_BYTES} raw key bytes, got {len(raw)}")
     return raw
 
 
 def _bytes_field(obj: dict[str, Any], name: str, limit: int) -> bytes:
-    value = _required(obj, name)
-    if not isinstance(value, str):
-        raise _FieldProblem(name, f"must be a base64url string, got {_json_type(value)}")
-    try:
-        raw = b64url_decode(value)
-    except ValueError as exc:
-        raise _FieldProblem(name, f"is not valid base64url ({exc})") from None
+    raw = _base64url_field(obj, name)
     if not 0 < len(raw) <= limit:
         raise _FieldProblem(name, f"must be 1 to {limit} bytes, got {len(raw)}")
     return raw

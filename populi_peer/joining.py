@@ -355,29 +355,33 @@ async def join_cluster(
         async def attempt(address: str, *, hint: bool) -> JoinResult | None:
             """Join through ``address``; ``None`` when it is not the way in (it does not
             answer; or, for a ``hint``, it proves to be someone else)."""
+
+            def passed_over(exc: CertificateError | PopuliError) -> bool:
+                """Whether ``exc`` only says ``address`` is not the way in (noted in
+                ``errors``); a certificate refused at a token's own contact ends the join."""
+                if isinstance(exc, CertificateError):
+                    if not hint:
+                        return False
+                    errors.append(f"{address} (seen on the LAN): {exc}")
+                else:
+                    errors.append(f"{address}: {exc}")
+                return True
+
             try:
                 ca_pem = await fetch_pinned_ca(
                     address, held.token.ca_pin, transports=transports, timeout_s=timeout_s
                 )
-            except CertificateError as exc:
-                if not hint:
+            except (CertificateError, PopuliError) as exc:
+                if not passed_over(exc):
                     raise
-                errors.append(f"{address} (seen on the LAN): {exc}")
-                return None
-            except PopuliError as exc:
-                errors.append(f"{address}: {exc}")
                 return None
             async with httpx.AsyncClient(transport=transports(ca_pem), timeout=timeout_s) as client:
                 contact = _Contact(client=client, address=address, ca=cert_from_pem(ca_pem))
                 try:
                     recipient = await _identify_recipient(contact, held)
-                except CertificateError as exc:
-                    if not hint:
+                except (CertificateError, PopuliError) as exc:
+                    if not passed_over(exc):
                         raise
-                    errors.append(f"{address} (seen on the LAN): {exc}")
-                    return None
-                except PopuliError as exc:
-                    errors.append(f"{address}: {exc}")
                     return None
                 advertised = (
                     advertise([address, *held.token.contacts]) if callable(advertise) else advertise

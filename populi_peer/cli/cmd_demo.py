@@ -292,21 +292,23 @@ def _scenario(demo: Demo) -> None:
             gpu="replayed H100",
         )
 
+    from populi_peer.core.messages import GpusAnswer, TaskAnswer
+
     local = _client(cp)
     try:
 
         def gpus_ready() -> Any:
-            nodes = local.call_control_plane("GET", "/v1/populi/gpus")["nodes"]
-            devices = {n["name"]: n["devices"] for n in nodes}
+            answer = local.call_control_plane("GET", "/v1/populi/gpus", answer=GpusAnswer)
+            devices = {n.name: n.devices for n in answer.nodes}
             ready = all(
-                devices.get(n.name) and devices[n.name][0]["allocatable"] for n in (laptop, worker)
+                devices.get(n.name) and devices[n.name][0].allocatable for n in (laptop, worker)
             )
             return devices if ready else None
 
         devices = _wait(demo, "verified GPUs on both nodes", gpus_ready)
     finally:
         local.close()
-    uuids = {name: devs[0]["uuid"] for name, devs in devices.items() if devs}
+    uuids = {name: devs[0].uuid for name, devs in devices.items() if devs}
     demo.say("verified GPUs reported by heartbeat", **uuids)
     if uuids[laptop.name] == uuids[worker.name]:
         raise PopuliError("both replaying nodes show the same GPU UUID")
@@ -337,7 +339,8 @@ def _scenario(demo: Demo) -> None:
     try:
 
         def task() -> dict[str, Any]:
-            return dict(submitter.call_agent("GET", f"/v1/populi/tasks/{task_id}")["task"])
+            answer = submitter.call_agent("GET", f"/v1/populi/tasks/{task_id}", answer=TaskAnswer)
+            return dict(answer.task.to_json())
 
         def describe() -> str:
             t = task()

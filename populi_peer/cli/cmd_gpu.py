@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from populi_peer.cli.common import (
     add_data_dir,
@@ -16,6 +16,9 @@ from populi_peer.cli.common import (
     print_json,
     print_table,
 )
+
+if TYPE_CHECKING:
+    from populi_peer.core.messages import GpuDevice
 
 
 def register(subparsers: Any) -> None:
@@ -85,6 +88,28 @@ def _gib(value: Any) -> str:
     return "-" if value is None else f"{value / 2**30:.1f}"
 
 
+#: The columns of one GPU in ``populi gpus``, after its node's.
+_GPU_HEADERS = ("idx", "uuid", "name", "free/total GiB", "health", "alloc", "reasons")
+
+
+def _gpu_cells(d: GpuDevice) -> tuple[Any, ...]:
+    reasons = ",".join([*d.health_reasons, *d.allocation_reasons]) or "-"
+    return (
+        d.index,
+        d.uuid,
+        d.name,
+        f"{_gib(d.memory_free_bytes)}/{_gib(d.memory_total_bytes)}",
+        d.health,
+        "yes" if d.allocatable else "no",
+        reasons,
+    )
+
+
+def _no_gpu_cells(reason: str) -> tuple[Any, ...]:
+    """The GPU columns of a node without GPUs: only why."""
+    return ("-",) * (len(_GPU_HEADERS) - 1) + (reason,)
+
+
 #: Control-plane failures after which ``populi gpus`` shows this node's hints instead.
 _CONTROL_PLANE_DOWN = frozenset({"peer_unreachable", "peer_timeout", "not_control_plane"})
 
@@ -114,36 +139,12 @@ def run_gpus(args: argparse.Namespace) -> int:
     rows: list[tuple[Any, ...]] = []
     for node in answer.nodes:
         if not node.devices:
-            rows.append(
-                (
-                    node.name,
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    node.cpu_only_reason
-                    or ("no report yet" if node.facts_version is None else "cpu-only"),
-                )
+            reason = node.cpu_only_reason or (
+                "no report yet" if node.facts_version is None else "cpu-only"
             )
-        for d in node.devices:
-            reasons = ",".join([*d.health_reasons, *d.allocation_reasons]) or "-"
-            rows.append(
-                (
-                    node.name,
-                    d.index,
-                    d.uuid,
-                    d.name,
-                    f"{_gib(d.memory_free_bytes)}/{_gib(d.memory_total_bytes)}",
-                    d.health,
-                    "yes" if d.allocatable else "no",
-                    reasons,
-                )
-            )
-    print_table(
-        rows, ["node", "idx", "uuid", "name", "free/total GiB", "health", "alloc", "reasons"]
-    )
+            rows.append((node.name, *_no_gpu_cells(reason)))
+        rows += [(node.name, *_gpu_cells(d)) for d in node.devices]
+    print_table(rows, ["node", *_GPU_HEADERS])
     return 0
 
 
@@ -164,28 +165,9 @@ def _show_hints(args: argparse.Namespace, *, reason: str) -> int:
     for node in nodes:
         age = f"{node.age_s:.1f}s" + (" stale" if node.stale else "")
         if not node.devices:
-            rows.append(
-                (node.name, age, "-", "-", "-", "-", "-", "-", node.cpu_only_reason or "cpu-only")
-            )
-        for d in node.devices:
-            reasons = ",".join([*d.health_reasons, *d.allocation_reasons]) or "-"
-            rows.append(
-                (
-                    node.name,
-                    age,
-                    d.index,
-                    d.uuid,
-                    d.name,
-                    f"{_gib(d.memory_free_bytes)}/{_gib(d.memory_total_bytes)}",
-                    d.health,
-                    "yes" if d.allocatable else "no",
-                    reasons,
-                )
-            )
-    print_table(
-        rows,
-        ["node", "hint age", "idx", "uuid", "name", "free/total GiB", "health", "alloc", "reasons"],
-    )
+            rows.append((node.name, age, *_no_gpu_cells(node.cpu_only_reason or "cpu-only")))
+        rows += [(node.name, age, *_gpu_cells(d)) for d in node.devices]
+    print_table(rows, ["node", "hint age", *_GPU_HEADERS])
     return 0
 
 

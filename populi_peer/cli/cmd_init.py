@@ -7,9 +7,14 @@ import sys
 import time
 from typing import Any
 
-from populi_peer.cli.common import add_data_dir, add_json, data_dir_of, print_json
-from populi_peer.config import default_node_name, parse_host_port
-from populi_peer.errors import UsageError
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    add_new_node_flags,
+    data_dir_of,
+    new_node_name,
+    print_json,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -18,22 +23,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--cluster-name", required=True, help="a name for the cluster")
     add_data_dir(parser)
-    parser.add_argument(
-        "--listen",
-        default="127.0.0.1:7431",
-        help="HOST:PORT the API binds (default 127.0.0.1:7431)",
-    )
-    parser.add_argument(
-        "--advertise",
-        action="append",
-        default=[],
-        metavar="ADDR",
-        help="HOST:PORT other nodes use to reach this one (repeatable)",
-    )
-    parser.add_argument("--name", default=None, help="this node's name (default: host name)")
-    parser.add_argument(
-        "--force", action="store_true", help="replace an existing node in the data directory"
-    )
+    add_new_node_flags(parser, listen_help="HOST:PORT the API binds (default 127.0.0.1:7431)")
     parser.add_argument(
         "--root-signs",
         action="store_true",
@@ -44,32 +34,17 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _check_address(flag: str, value: str) -> str:
-    try:
-        parse_host_port(value)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from exc
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(args)
-    listen = _check_address("--listen", args.listen)
-    advertise = [_check_address("--advertise", a) for a in args.advertise]
-    name = args.name or default_node_name()
-    from populi_peer.config import _node_name
-
-    problem = _node_name(name)
-    if problem:
-        raise UsageError(f"--name {name!r}: {problem}")
+    name = new_node_name(args)
     from populi_peer.cluster import init_cluster
 
     result = init_cluster(
         data_dir,
         cluster_name=args.cluster_name,
         node_name=name,
-        listen=listen,
-        advertise=advertise,
+        listen=args.listen,
+        advertise=list(args.advertise),
         force=args.force,
         now_wall_s=time.time(),
         root_signs=args.root_signs,

@@ -7,9 +7,15 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from populi_peer.cli.common import add_data_dir, add_json, config_of, data_dir_of, print_json
-from populi_peer.config import _node_name, default_node_name, parse_host_port
-from populi_peer.errors import UsageError
+from populi_peer.cli.common import (
+    add_data_dir,
+    add_json,
+    add_new_node_flags,
+    config_of,
+    data_dir_of,
+    new_node_name,
+    print_json,
+)
 
 if TYPE_CHECKING:
     from enrollment.tokens import JoinToken
@@ -23,21 +29,8 @@ def register(subparsers: Any) -> None:
         "token", help="the token printed by 'populi token create' (or '-' to read it from stdin)"
     )
     add_data_dir(parser)
-    parser.add_argument(
-        "--listen",
-        default="127.0.0.1:7431",
-        help="HOST:PORT this node's API binds (default 127.0.0.1:7431)",
-    )
-    parser.add_argument(
-        "--advertise",
-        action="append",
-        default=[],
-        metavar="ADDR",
-        help="HOST:PORT other nodes use to reach this one (repeatable)",
-    )
-    parser.add_argument("--name", default=None, help="this node's name (default: host name)")
-    parser.add_argument(
-        "--force", action="store_true", help="replace an existing node in the data directory"
+    add_new_node_flags(
+        parser, listen_help="HOST:PORT this node's API binds (default 127.0.0.1:7431)"
     )
     add_json(parser)
     parser.set_defaults(handler=run)
@@ -50,15 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from populi_peer.joining import join_cluster
 
     token_text = sys.stdin.read().strip() if args.token == "-" else args.token
-    for flag, value in [("--listen", args.listen), *(("--advertise", a) for a in args.advertise)]:
-        try:
-            parse_host_port(value)
-        except ValueError as exc:
-            raise UsageError(f"{flag}: {exc}") from exc
-    name = args.name or default_node_name()
-    problem = _node_name(name)
-    if problem:
-        raise UsageError(f"--name {name!r}: {problem}")
+    name = new_node_name(args)
     data_dir = data_dir_of(args)
     # Addresses by scope and LAN hints (populi_peer.discovery; docs/wan.md).
     from populi_peer.core.addresses import rank_addresses

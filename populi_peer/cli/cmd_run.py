@@ -265,6 +265,8 @@ class StatusLine:
 def _follow(local: Local, task_id: str) -> int:
     """Stream the task's output until it ends; Ctrl-C cancels it (remote and local). A
     task that ends without any attempt (refused, not placed) returns at once."""
+    from populi_peer.core.messages import TaskCancelAnswer
+
     offsets = {"stdout": 0, "stderr": 0}
     seen = 0
     cancelled = False
@@ -309,7 +311,11 @@ def _follow(local: Local, task_id: str) -> int:
                 sys.stderr.write(f"populi: cancelling {task_id}...\n")
                 try:
                     local.call_agent(
-                        "POST", f"/v1/populi/tasks/{task_id}/cancel", {}, timeout_s=60.0
+                        "POST",
+                        f"/v1/populi/tasks/{task_id}/cancel",
+                        {},
+                        timeout_s=60.0,
+                        answer=TaskCancelAnswer,
                     )
                 except PopuliError as exc:
                     sys.stderr.write(f"populi run: error: could not cancel: {exc}\n")

@@ -8,10 +8,17 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from populi_peer.config import Config, default_data_dir, load_config
-from populi_peer.errors import PopuliError
+from populi_peer.config import (
+    Config,
+    _node_name,
+    default_data_dir,
+    default_node_name,
+    load_config,
+    parse_host_port,
+)
+from populi_peer.errors import PopuliError, UsageError
 
 if TYPE_CHECKING:  # heavy imports stay out of ``populi --help`` and usage errors
     from populi_peer.api.client import RequestBody, SyncPeerClient
@@ -41,6 +48,38 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 def add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def add_new_node_flags(parser: argparse.ArgumentParser, *, listen_help: str) -> None:
+    """``--listen``, ``--advertise``, ``--name`` and ``--force`` of a command that makes a
+    node in the data directory (``init``, ``join``); :func:`new_node_name` checks them."""
+    parser.add_argument("--listen", default="127.0.0.1:7431", help=listen_help)
+    parser.add_argument(
+        "--advertise",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="HOST:PORT other nodes use to reach this one (repeatable)",
+    )
+    parser.add_argument("--name", default=None, help="this node's name (default: host name)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing node in the data directory"
+    )
+
+
+def new_node_name(args: argparse.Namespace) -> str:
+    """The new node's name (``--name`` or the host's), once ``--listen``, ``--advertise``
+    and the name are checked; a UsageError names the flag at fault."""
+    for flag, value in [("--listen", args.listen), *(("--advertise", a) for a in args.advertise)]:
+        try:
+            parse_host_port(value)
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from exc
+    name: str = args.name or default_node_name()
+    problem = _node_name(name)
+    if problem:
+        raise UsageError(f"--name {name!r}: {problem}")
+    return name
 
 
 def data_dir_of(args: argparse.Namespace) -> Path:
@@ -116,12 +155,12 @@ class Local:
 
     @property
     def call_agent(self) -> NodeCall:
-        """Call this node's agent; with ``answer``, the answer parsed as that type."""
+        """Call this node's agent; the answer is parsed as the ``answer`` type."""
         return NodeCall(self.client, self._agent_address)
 
     @property
     def call_control_plane(self) -> NodeCall:
-        """Call the control plane; with ``answer``, the answer parsed as that type."""
+        """Call the control plane; the answer is parsed as the ``answer`` type."""
         return NodeCall(self.client, self.control_plane)
 
     def _agent_address(self) -> tuple[str, str]:
@@ -170,19 +209,6 @@ class NodeCall:
     client: Callable[[], SyncPeerClient]
     address: Callable[[], tuple[str, str]]
 
-    @overload
-    def __call__(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
     def __call__(
         self,
         method: str,
@@ -192,20 +218,8 @@ class NodeCall:
         timeout_s: float = 15.0,
         *,
         answer: type[M],
-    ) -> M: ...
-
-    def __call__(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        *,
-        answer: type[Message] | None = None,
-    ) -> dict[str, Any] | Message:
-        url, node_id = self.address()
-        try:
+    ) -> M:
+        def call_at(url: str, node_id: str) -> M:
             return self.client().call(
                 url=url,
                 node_id=node_id,
@@ -216,6 +230,10 @@ class NodeCall:
                 timeout_s=timeout_s,
                 answer=answer,
             )
+
+        url, node_id = self.address()
+        try:
+            return call_at(url, node_id)
         except PopuliError as exc:
             # A voter that does not lead names the leader: ask it once (ADR 0016).
             leader = exc.details.get("leader_id")
@@ -224,39 +242,16 @@ class NodeCall:
                 raise
             if (str(at), leader) == (url, node_id):
                 raise
-            return self.client().call(
-                url=str(at),
-                node_id=leader,
-                method=method,
-                path=path,
-                payload=payload,
-                params=params,
-                timeout_s=timeout_s,
-                answer=answer,
-            )
+            return call_at(str(at), leader)
 
 
 @dataclass(frozen=True)
 class OneCall:
     """One call to the node ``pick`` names, for commands that make only one: the local
-    node is opened for it and closed after."""
+    node is opened for it and closed after. The answer is always a typed message."""
 
     pick: Callable[[Local], NodeCall]
 
-    @overload
-    def __call__(
-        self,
-        args: argparse.Namespace,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
     def __call__(
         self,
         args: argparse.Namespace,
@@ -267,19 +262,7 @@ class OneCall:
         params: dict[str, Any] | None = None,
         timeout_s: float = 15.0,
         answer: type[M],
-    ) -> M: ...
-
-    def __call__(
-        self,
-        args: argparse.Namespace,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
-        answer: type[Message] | None = None,
-    ) -> dict[str, Any] | Message:
+    ) -> M:
         local = open_local(args)
         try:
             return self.pick(local)(method, path, payload, params, timeout_s, answer=answer)
@@ -325,11 +308,13 @@ __all__ = [
     "OneCall",
     "add_data_dir",
     "add_json",
+    "add_new_node_flags",
     "agent_call",
     "config_of",
     "control_plane_call",
     "data_dir_of",
     "format_table",
+    "new_node_name",
     "open_local",
     "print_json",
     "print_table",

@@ -363,38 +363,48 @@ def _ecc(counter: int) -> Callable[[Any, Any], Any]:
     )
 
 
+def _bus_id(value: Any) -> str:
+    return _text(_attr(value, "busId"))
+
+
+def _compute_capability(value: Any) -> tuple[int, int]:
+    major, minor = _pair(value)
+    return _int(major), _int(minor)
+
+
+def _modes(value: Any) -> tuple[bool, bool]:
+    current, pending = _pair(value)
+    return _enabled(current), _enabled(pending)
+
+
+def _one_field(
+    key: str,
+    field: str,
+    call: Callable[[Any, Any], Any],
+    convert: Callable[[Any], Any] = _int,
+    *,
+    static: bool = False,
+) -> _Query:
+    """A query that fills one record field (an integer unless ``convert`` says else)."""
+    return _Query(key, (field,), call, lambda v: (convert(v),), static=static)
+
+
 def _device_queries() -> tuple[_Query, ...]:
     p = _pynvml
     return (
-        _Query(
-            "uuid",
-            ("uuid",),
-            lambda n, h: n.nvmlDeviceGetUUID(h),
-            lambda v: (_text(v),),
-            static=True,
+        _one_field("uuid", "uuid", lambda n, h: n.nvmlDeviceGetUUID(h), _text, static=True),
+        _one_field("name", "name", lambda n, h: n.nvmlDeviceGetName(h), _text, static=True),
+        _one_field(
+            "pci", "pci_bus_id", lambda n, h: n.nvmlDeviceGetPciInfo(h), _bus_id, static=True
         ),
-        _Query(
-            "name",
-            ("name",),
-            lambda n, h: n.nvmlDeviceGetName(h),
-            lambda v: (_text(v),),
-            static=True,
-        ),
-        _Query(
-            "pci",
-            ("pci_bus_id",),
-            lambda n, h: n.nvmlDeviceGetPciInfo(h),
-            lambda v: (_text(_attr(v, "busId")),),
-            static=True,
-        ),
-        _Query(
+        _one_field(
             "cuda_cc",
-            ("compute_capability",),
+            "compute_capability",
             lambda n, h: n.nvmlDeviceGetCudaComputeCapability(h),
-            lambda v: ((_int(_pair(v)[0]), _int(_pair(v)[1])),),
+            _compute_capability,
             static=True,
         ),
-        _Query("numa_node", ("numa_node",), _numa_node, lambda v: (_int(v),), static=True),
+        _one_field("numa_node", "numa_node", _numa_node, static=True),
         _Query(
             "memory",
             ("memory_total_bytes", "memory_used_bytes", "memory_free_bytes"),
@@ -407,47 +417,32 @@ def _device_queries() -> tuple[_Query, ...]:
             lambda n, h: n.nvmlDeviceGetUtilizationRates(h),
             lambda v: (_int(_attr(v, "gpu")), _int(_attr(v, "memory"))),
         ),
-        _Query(
+        _one_field(
             "temperature_gpu",
-            ("temperature_c",),
+            "temperature_c",
             lambda n, h: n.nvmlDeviceGetTemperature(h, p.NVML_TEMPERATURE_GPU),
-            lambda v: (_int(v),),
         ),
-        _Query(
-            "power_usage_mw",
-            ("power_draw_mw",),
-            lambda n, h: n.nvmlDeviceGetPowerUsage(h),
-            lambda v: (_int(v),),
-        ),
-        _Query(
-            "power_limit_mw",
-            ("power_limit_mw",),
-            lambda n, h: n.nvmlDeviceGetEnforcedPowerLimit(h),
-            lambda v: (_int(v),),
+        _one_field("power_usage_mw", "power_draw_mw", lambda n, h: n.nvmlDeviceGetPowerUsage(h)),
+        _one_field(
+            "power_limit_mw", "power_limit_mw", lambda n, h: n.nvmlDeviceGetEnforcedPowerLimit(h)
         ),
         _Query(
             "mig_mode",
             ("mig_mode_current", "mig_mode_pending"),
             lambda n, h: n.nvmlDeviceGetMigMode(h),
-            lambda v: (_enabled(_pair(v)[0]), _enabled(_pair(v)[1])),
+            _modes,
         ),
         _Query(
             "ecc_mode",
             ("ecc_mode_current", "ecc_mode_pending"),
             lambda n, h: n.nvmlDeviceGetEccMode(h),
-            lambda v: (_enabled(_pair(v)[0]), _enabled(_pair(v)[1])),
+            _modes,
         ),
-        _Query(
-            "ecc_volatile_uncorrected",
-            ("ecc_uncorrected_volatile",),
-            _ecc(p.NVML_VOLATILE_ECC),
-            lambda v: (_int(v),),
+        _one_field(
+            "ecc_volatile_uncorrected", "ecc_uncorrected_volatile", _ecc(p.NVML_VOLATILE_ECC)
         ),
-        _Query(
-            "ecc_aggregate_uncorrected",
-            ("ecc_uncorrected_aggregate",),
-            _ecc(p.NVML_AGGREGATE_ECC),
-            lambda v: (_int(v),),
+        _one_field(
+            "ecc_aggregate_uncorrected", "ecc_uncorrected_aggregate", _ecc(p.NVML_AGGREGATE_ECC)
         ),
         _Query(
             "remapped_rows",
@@ -460,42 +455,26 @@ def _device_queries() -> tuple[_Query, ...]:
             lambda n, h: n.nvmlDeviceGetRemappedRows(h),
             _conv_remap,
         ),
-        _Query(
-            "clocks_throttle_reasons",
-            ("throttle_reasons_mask",),
-            _clock_reasons,
-            lambda v: (_int(v),),
-        ),
-        _Query(
+        _one_field("clocks_throttle_reasons", "throttle_reasons_mask", _clock_reasons),
+        _one_field(
             "persistence_mode",
-            ("persistence_mode",),
+            "persistence_mode",
             lambda n, h: n.nvmlDeviceGetPersistenceMode(h),
-            lambda v: (_enabled(v),),
+            _enabled,
         ),
-        _Query(
+        _one_field(
             "compute_processes",
-            ("compute_processes",),
+            "compute_processes",
             lambda n, h: n.nvmlDeviceGetComputeRunningProcesses(h),
-            lambda v: (_conv_processes(v),),
+            _conv_processes,
         ),
-        _Query(
-            "pcie_link_gen",
-            ("pcie_link_gen",),
-            lambda n, h: n.nvmlDeviceGetCurrPcieLinkGeneration(h),
-            lambda v: (_int(v),),
+        _one_field(
+            "pcie_link_gen", "pcie_link_gen", lambda n, h: n.nvmlDeviceGetCurrPcieLinkGeneration(h)
         ),
-        _Query(
-            "pcie_link_width",
-            ("pcie_link_width",),
-            lambda n, h: n.nvmlDeviceGetCurrPcieLinkWidth(h),
-            lambda v: (_int(v),),
+        _one_field(
+            "pcie_link_width", "pcie_link_width", lambda n, h: n.nvmlDeviceGetCurrPcieLinkWidth(h)
         ),
-        _Query(
-            "fan_speed",
-            ("fan_speed_pct",),
-            lambda n, h: n.nvmlDeviceGetFanSpeed(h),
-            lambda v: (_int(v),),
-        ),
+        _one_field("fan_speed", "fan_speed_pct", lambda n, h: n.nvmlDeviceGetFanSpeed(h)),
     )
 
 
@@ -512,6 +491,9 @@ class _Session:
         self.handles: dict[int, Any] = {}
         self.static: dict[tuple[int, str], _Outcome] = {}
 
+
+#: What the XID watcher calls with each event (plain or async).
+_OnXid = Callable[[XidEvent], Awaitable[None] | None]
 
 _CPU_ONLY_REASONS = {
     "NVMLError_LibraryNotFound": "nvml_library_not_found",
@@ -831,7 +813,7 @@ class Probe:
 
     async def run_xid_watch(
         self,
-        on_event: Callable[[XidEvent], Awaitable[None] | None],
+        on_event: _OnXid,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -846,20 +828,14 @@ class Probe:
         else:
             await self._watch_nvml(on_event, task_status)
 
-    async def _deliver(
-        self, on_event: Callable[[XidEvent], Awaitable[None] | None], event: XidEvent
-    ) -> None:
+    async def _deliver(self, on_event: _OnXid, event: XidEvent) -> None:
         if event.critical:
             log.warning("critical XID %d on GPU %s (index %s)", event.code, event.uuid, event.index)
         result = on_event(event)
         if inspect.isawaitable(result):
             await result
 
-    async def _watch_replay(
-        self,
-        on_event: Callable[[XidEvent], Awaitable[None] | None],
-        task_status: trio.TaskStatus[None],
-    ) -> None:
+    async def _watch_replay(self, on_event: _OnXid, task_status: trio.TaskStatus[None]) -> None:
         assert self._replay is not None
         task_status.started()
         for step in self._replay.sequence.xids:
@@ -896,11 +872,7 @@ class Probe:
             return outcome.value
         return None
 
-    async def _watch_nvml(
-        self,
-        on_event: Callable[[XidEvent], Awaitable[None] | None],
-        task_status: trio.TaskStatus[None],
-    ) -> None:
+    async def _watch_nvml(self, on_event: _OnXid, task_status: trio.TaskStatus[None]) -> None:
         async with self._refresh_lock:
             cpu_only = await self._ensure_init(_Refresh(self))
             if cpu_only is None and self._session.count is None:

@@ -347,6 +347,36 @@ class _Hang:
         return self.step.query is None or self.step.query == key
 
 
+def _as_object(value: Any) -> Any:
+    """A captured struct (a JSON object) as the attribute object pynvml returns."""
+    return SimpleNamespace(**value) if isinstance(value, dict) else value
+
+
+def _as_tuple(value: Any) -> Any:
+    """A captured pair or row (a JSON list) as the tuple pynvml returns."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _system_reader(key: str) -> Callable[[ReplayNvml], Any]:
+    """An ``nvmlSystemGet*`` function that answers the capture's ``key``."""
+
+    def read(self: ReplayNvml) -> Any:
+        return self._system(key)
+
+    return read
+
+
+def _device_reader(
+    key: str, shape: Callable[[Any], Any] = lambda value: value
+) -> Callable[[ReplayNvml, Any], Any]:
+    """An ``nvmlDeviceGet*(handle)`` function that answers the device's ``key``, shaped."""
+
+    def read(self: ReplayNvml, handle: Any) -> Any:
+        return shape(self._device(handle, key))
+
+    return read
+
+
 class ReplayNvml:
     """A ``pynvml``-shaped object that answers from a capture.
 
@@ -429,6 +459,30 @@ class ReplayNvml:
         return value
 
     # -- the pynvml shape ---------------------------------------------------------------
+    # Most functions answer one capture key as it is (or as the object pynvml returns);
+    # those with more to them are methods below.
+
+    nvmlSystemGetDriverVersion = _system_reader("driver_version")
+    nvmlSystemGetNVMLVersion = _system_reader("nvml_version")
+    nvmlSystemGetCudaDriverVersion = _system_reader("cuda_driver_version")
+    nvmlDeviceGetName = _device_reader("name")
+    nvmlDeviceGetPciInfo = _device_reader("pci", _as_object)
+    nvmlDeviceGetMemoryInfo = _device_reader("memory", _as_object)
+    nvmlDeviceGetUtilizationRates = _device_reader("utilization", _as_object)
+    nvmlDeviceGetPowerUsage = _device_reader("power_usage_mw")
+    nvmlDeviceGetEnforcedPowerLimit = _device_reader("power_limit_mw")
+    nvmlDeviceGetCudaComputeCapability = _device_reader("cuda_cc", _as_tuple)
+    nvmlDeviceGetMigMode = _device_reader("mig_mode")
+    nvmlDeviceGetEccMode = _device_reader("ecc_mode")
+    nvmlDeviceGetRemappedRows = _device_reader("remapped_rows", _as_tuple)
+    nvmlDeviceGetCurrentClocksEventReasons = _device_reader("clocks_throttle_reasons")
+    nvmlDeviceGetCurrentClocksThrottleReasons = _device_reader("clocks_throttle_reasons")
+    nvmlDeviceGetPersistenceMode = _device_reader("persistence_mode")
+    nvmlDeviceGetNumaNodeId = _device_reader("numa_node")
+    nvmlDeviceGetCurrPcieLinkGeneration = _device_reader("pcie_link_gen")
+    nvmlDeviceGetCurrPcieLinkWidth = _device_reader("pcie_link_width")
+    nvmlDeviceGetFanSpeed = _device_reader("fan_speed")
+    nvmlDeviceGetSupportedEventTypes = _device_reader("xid_supported_events")
 
     def nvmlInit(self) -> None:
         self.calls += 1
@@ -439,15 +493,6 @@ class ReplayNvml:
 
     def nvmlShutdown(self) -> None:
         self.calls += 1
-
-    def nvmlSystemGetDriverVersion(self) -> Any:
-        return self._system("driver_version")
-
-    def nvmlSystemGetNVMLVersion(self) -> Any:
-        return self._system("nvml_version")
-
-    def nvmlSystemGetCudaDriverVersion(self) -> Any:
-        return self._system("cuda_driver_version")
 
     def nvmlDeviceGetCount(self) -> int:
         self.calls += 1
@@ -478,41 +523,10 @@ class ReplayNvml:
             return self._uuid_map(value)
         return value
 
-    def nvmlDeviceGetName(self, handle: Any) -> Any:
-        return self._device(handle, "name")
-
-    def nvmlDeviceGetPciInfo(self, handle: Any) -> Any:
-        value = self._device(handle, "pci")
-        return SimpleNamespace(**value) if isinstance(value, dict) else value
-
-    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any:
-        value = self._device(handle, "memory")
-        return SimpleNamespace(**value) if isinstance(value, dict) else value
-
-    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
-        value = self._device(handle, "utilization")
-        return SimpleNamespace(**value) if isinstance(value, dict) else value
-
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> Any:
         if sensor != pynvml.NVML_TEMPERATURE_GPU:
             raise _nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
         return self._device(handle, "temperature_gpu")
-
-    def nvmlDeviceGetPowerUsage(self, handle: Any) -> Any:
-        return self._device(handle, "power_usage_mw")
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> Any:
-        return self._device(handle, "power_limit_mw")
-
-    def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> Any:
-        value = self._device(handle, "cuda_cc")
-        return tuple(value) if isinstance(value, list) else value
-
-    def nvmlDeviceGetMigMode(self, handle: Any) -> Any:
-        return self._device(handle, "mig_mode")
-
-    def nvmlDeviceGetEccMode(self, handle: Any) -> Any:
-        return self._device(handle, "ecc_mode")
 
     def nvmlDeviceGetTotalEccErrors(self, handle: Any, error_type: int, counter: int) -> Any:
         if error_type != pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED:
@@ -522,19 +536,6 @@ class ReplayNvml:
         if counter == pynvml.NVML_AGGREGATE_ECC:
             return self._device(handle, "ecc_aggregate_uncorrected")
         raise _nvml_error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-
-    def nvmlDeviceGetRemappedRows(self, handle: Any) -> Any:
-        value = self._device(handle, "remapped_rows")
-        return tuple(value) if isinstance(value, list) else value
-
-    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> Any:
-        return self._device(handle, "clocks_throttle_reasons")
-
-    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> Any:
-        return self._device(handle, "clocks_throttle_reasons")
-
-    def nvmlDeviceGetPersistenceMode(self, handle: Any) -> Any:
-        return self._device(handle, "persistence_mode")
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> Any:
         value = self._device(handle, "compute_processes")
@@ -574,22 +575,7 @@ class ReplayNvml:
             raise _nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
         if _is_error(remote):
             raise _captured_error(remote)
-        return SimpleNamespace(**remote) if isinstance(remote, dict) else remote
-
-    def nvmlDeviceGetNumaNodeId(self, handle: Any) -> Any:
-        return self._device(handle, "numa_node")
-
-    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: Any) -> Any:
-        return self._device(handle, "pcie_link_gen")
-
-    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: Any) -> Any:
-        return self._device(handle, "pcie_link_width")
-
-    def nvmlDeviceGetFanSpeed(self, handle: Any) -> Any:
-        return self._device(handle, "fan_speed")
-
-    def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> Any:
-        return self._device(handle, "xid_supported_events")
+        return _as_object(remote)
 
     # Events: enough of the API for the probe's NVML event loop to run against a replay.
 

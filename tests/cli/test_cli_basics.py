@@ -56,15 +56,17 @@ def test_status_on_a_missing_data_dir_is_one_line(
     assert len(_lines(err)) == 1 and "populi init" in err
 
 
+@pytest.mark.parametrize("command", [["init", "--cluster-name", "lab"], ["join", "TOKEN"]])
 @pytest.mark.parametrize(
     "args", [["--listen", "host:notaport"], ["--advertise", "[::1"], ["--name", "Bad Name"]]
 )
-def test_init_bad_flags_are_usage_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+def test_new_node_bad_flags_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], args: list[str]
 ) -> None:
-    code = main(["init", "--cluster-name", "lab", "--data-dir", str(tmp_path / "d"), *args])
+    code = main([*command, "--data-dir", str(tmp_path / "d"), *args])
     assert code == 2
-    assert len(_lines(capsys.readouterr().err)) == 1
+    err = capsys.readouterr().err
+    assert len(_lines(err)) == 1 and args[0] in err
     assert not (tmp_path / "d").exists()
 
 
