@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from populi_peer.agent.gossip import HintGossip
 from populi_peer.agent.health import Health
+from populi_peer.api.server import with_lifespan
 from populi_peer.config import MetricsConfig, format_host_port, parse_host_port, reach_host
 from populi_peer.core.leases import LEASE_STATES
 from populi_peer.core.messages import LeaseFallbackAnswer, Message
@@ -254,7 +255,7 @@ class Metrics(Collector):
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("populi.http")
         hconfig.graceful_timeout = 1.0
-        app = _with_lifespan(make_asgi_app(self.registry))
+        app = with_lifespan(make_asgi_app(self.registry))
         started = False
         try:
             async with trio.open_nursery() as nursery:
@@ -294,25 +295,6 @@ TASK_DURATION_BUCKETS_S: Final = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.
 
 def _bound(seconds: float) -> str:
     return "+Inf" if math.isinf(seconds) else f"{seconds:g}"
-
-
-def _with_lifespan(app: Any) -> Any:
-    """``app`` (prometheus-client's, which knows only HTTP) answering the ASGI lifespan
-    protocol too, so hypercorn does not warn at every start that it has no lifespan."""
-
-    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    return asgi
 
 
 __all__ = ["Metrics", "NodeFigures"]

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 from enrollment.errors import EnrollmentError
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.auth import Authenticator, Principal
+from populi_peer.api.server import answer_lifespan
 from populi_peer.clock import Clock
 from populi_peer.core.messages import Message
 from populi_peer.errors import (
@@ -269,7 +270,7 @@ class ApiApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":  # websockets are not part of the API
             return
@@ -385,15 +386,6 @@ class ApiApp:
         headers.extend((k.lower().encode(), v.encode()) for k, v in response.headers.items())
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
 
 def _parse_body(cls: type[Message], request: Request) -> Message:
