@@ -101,20 +101,8 @@ class Registry:
         if not changed:
             return None
         self.observe(write.stamp.hlc)
-        text = sign_record(
-            kind="register",
-            serial=0,
-            body=write.to_json(),
-            signer_id=self.identity.node_id,
-            signer_key=self.identity.node_key,
-            now_ms=self.now_ms(),
-            actor=write.actor,
-        )
         with self.store.transaction():
-            if write.attribute == LIFECYCLE and write.value is None:
-                # A tombstone drops the node's other registers for good.
-                self.rows.drop_node(write.node_id)
-            self.rows.put(write.node_id, write.attribute, text)
+            self._put(write)
             self.store.set_meta_json("hlc", self._hlc.to_json())
         return merged
 
@@ -133,20 +121,25 @@ class Registry:
                 if merged.get(*write.key) != write or self.registers.get(*write.key) == write:
                     continue
                 self.observe_replicated(write.stamp.hlc)
-                text = sign_record(
-                    kind="register",
-                    serial=0,
-                    body=write.to_json(),
-                    signer_id=self.identity.node_id,
-                    signer_key=self.identity.node_key,
-                    now_ms=self.now_ms(),
-                    actor=write.actor,
-                )
-                if write.attribute == LIFECYCLE and write.value is None:
-                    self.rows.drop_node(write.node_id)
-                self.rows.put(write.node_id, write.attribute, text)
+                self._put(write)
             self.store.set_meta_json("hlc", self._hlc.to_json())
         return merged
+
+    def _put(self, write: RegisterWrite) -> None:
+        """Store ``write``'s row, signed by this node, in the caller's transaction."""
+        text = sign_record(
+            kind="register",
+            serial=0,
+            body=write.to_json(),
+            signer_id=self.identity.node_id,
+            signer_key=self.identity.node_key,
+            now_ms=self.now_ms(),
+            actor=write.actor,
+        )
+        if write.attribute == LIFECYCLE and write.value is None:
+            # A tombstone drops the node's other registers for good.
+            self.rows.drop_node(write.node_id)
+        self.rows.put(write.node_id, write.attribute, text)
 
     def observe_replicated(self, remote: Hlc) -> None:
         """Move this node's clock past a replicated stamp, without the skew check (it was
