@@ -259,14 +259,7 @@ class Replica:
             with enrollment_boundary():
                 self.membership.check_member(member)
         except PopuliError as exc:
-            log(
-                self.logger,
-                logging.WARNING,
-                "replicated member record skipped",
-                principal=member.id,
-                error=str(exc),
-            )
-            return _nothing
+            return self._skipped("replicated member record skipped", exc, principal=member.id)
         self.membership.store_member(member)
         if change.certificate is not None and member.token_id:
             self.tokens.set_certificate(
@@ -284,14 +277,7 @@ class Replica:
         try:
             record = self.records.stage_replicated_settings(change.text)
         except PopuliError as exc:
-            log(
-                self.logger,
-                logging.WARNING,
-                "replicated settings record skipped",
-                serial=change.serial,
-                error=str(exc),
-            )
-            return _nothing
+            return self._skipped("replicated settings record skipped", exc, serial=change.serial)
         return _adopt_settings(self.records, record, self._settings_installed)
 
     def _stage_revocations(self, merged: RecordSet) -> Callable[[], None]:
@@ -321,11 +307,16 @@ class Replica:
                 )
                 text = sign_revocations(lst, issuer.key, issuer=issuer.certificate)
         except PopuliError as exc:
-            log(self.logger, logging.WARNING, "derived revocation list refused", error=str(exc))
-            return _nothing
+            return self._skipped("derived revocation list refused", exc)
         if not self.revocations.stage_derived(lst, text, now_ms=self.now_ms()):
             return _nothing
         return lambda: self.revocations.adopt(lst, text)
+
+    def _skipped(self, message: str, exc: PopuliError, **fields: object) -> Callable[[], None]:
+        """A replicated change this node refuses: logged (``message``, ``fields``, the
+        error), and nothing to adopt."""
+        log(self.logger, logging.WARNING, message, **fields, error=str(exc))
+        return _nothing
 
 
 def replicated(entry: RevokedNode) -> NodeRevoked:
