@@ -61,6 +61,7 @@ from populi_peer.core.cluster_state import (
     token_revocation_item,
 )
 from populi_peer.core.election import RoleChanged
+from populi_peer.core.lifecycle import Command, NodeLifecycle
 from populi_peer.core.registers import LIFECYCLE, MEMBER, RegisterSet, RegisterWrite, Stamp
 from populi_peer.core.replication import (
     ClusterKind,
@@ -544,6 +545,33 @@ class ClusterWrites:
                 "nothing was stored, try again later",
                 condition=exc.details.get("condition", "unknown"),
             ) from exc
+
+    async def lifecycle_command(
+        self,
+        node_id: str,
+        command: Command,
+        *,
+        actor: str,
+        reason: str,
+        deadline_wall_ms: int | None = None,
+        until_wall_ms: int | None = None,
+    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None]:
+        """An operator's lifecycle command, planned at this term
+        (:meth:`Registry.plan_command`: an illegal one raises) and proposed when it
+        changes the node's register: the node's lifecycle before and after."""
+        before, after, write = self.registry.plan_command(
+            node_id,
+            command,
+            writer_class="operator",
+            actor=actor,
+            reason=reason,
+            term=self.term,
+            deadline_wall_ms=deadline_wall_ms,
+            until_wall_ms=until_wall_ms,
+        )
+        if write is not None:
+            await self.propose(write)
+        return before, after
 
     def cluster_record(self, kind: ClusterKind) -> ClusterRecord | None:
         """The ``kind`` record the replicated set holds (``None``: never stored through
