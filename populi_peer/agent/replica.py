@@ -61,7 +61,13 @@ from populi_peer.core.cluster_state import (
     token_revocation_item,
 )
 from populi_peer.core.election import RoleChanged
-from populi_peer.core.lifecycle import Command, NodeLifecycle
+from populi_peer.core.lifecycle import (
+    Command,
+    NodeLifecycle,
+    apply_command,
+    check_command_writer,
+    effective,
+)
 from populi_peer.core.registers import LIFECYCLE, MEMBER, RegisterSet, RegisterWrite, Stamp
 from populi_peer.core.replication import (
     ClusterKind,
@@ -73,6 +79,7 @@ from populi_peer.core.replication import (
 )
 from populi_peer.errors import (
     BadRequest,
+    NotFound,
     PopuliError,
     ServiceUnavailable,
     StorageUnavailable,
@@ -556,20 +563,34 @@ class ClusterWrites:
         deadline_wall_ms: int | None = None,
         until_wall_ms: int | None = None,
     ) -> tuple[NodeLifecycle | None, NodeLifecycle | None]:
-        """An operator's lifecycle command, planned at this term
-        (:meth:`Registry.plan_command`: an illegal one raises) and proposed when it
-        changes the node's register: the node's lifecycle before and after."""
-        before, after, write = self.registry.plan_command(
-            node_id,
+        """An operator's lifecycle command checked against the register held here
+        (illegal: raises, nothing changes) and, when it changes the register, proposed at
+        this term: the node's lifecycle before and after."""
+        check_command_writer(command, "operator")
+        stored = self.registry.registers.lifecycle(node_id)
+        if stored is None:
+            raise NotFound(f"node {node_id} has no lifecycle record", code="unknown_node")
+        now_ms = self.registry.now_ms()
+        before = effective(stored, now_ms)
+        after = apply_command(
+            stored,
             command,
-            writer_class="operator",
+            now_wall_ms=now_ms,
             actor=actor,
             reason=reason,
-            term=self.term,
             deadline_wall_ms=deadline_wall_ms,
             until_wall_ms=until_wall_ms,
         )
-        if write is not None:
+        if after is not stored:
+            write = self.registry.make_write(
+                node_id,
+                LIFECYCLE,
+                None if after is None else after.to_json(),
+                writer_class="operator",
+                actor=actor,
+                reason=reason,
+                term=self.term,
+            )
             await self.propose(write)
         return before, after
 
