@@ -816,10 +816,8 @@ class Submitter:
             gpu_model=task.options.gpu_model,
         )
         try:
-            answer = await self.control_plane.call(
-                "POST", "/v1/populi/exec/leases", request, answer=LeaseReplayAnswer
-            )
-            lease = self._check_lease(answer.lease, task_id=task_id, attempt=attempt, holder=node)
+            view = await self._grant(request)
+            lease = self._check_lease(view, task_id=task_id, attempt=attempt, holder=node)
         except PopuliError as exc:
             await self._refused(task, control, "grant", exc, node=node)
             return
@@ -833,7 +831,7 @@ class Submitter:
                 reasons=reasons,
                 rejected=rejected,
             ),
-            lease=answer.lease,
+            lease=view,
         )
 
     async def _place_local(self, task: Task, control: Control, reasons: tuple[str, ...]) -> None:
@@ -861,9 +859,7 @@ class Submitter:
         attempt = self.request_number(task.task_id, "local")
         view: LeaseView
         if task.gpus_wanted > 0:
-            granted = await self.control_plane.call(
-                "POST",
-                "/v1/populi/exec/leases",
+            view = await self._grant(
                 LeaseGrantRequest(
                     task_id=task.task_id,
                     attempt=attempt,
@@ -872,28 +868,40 @@ class Submitter:
                     gpus_wanted=task.gpus_wanted,
                     ttl_s=self.ttl_s(),
                     previous_node=previous_node(task),
-                ),
-                answer=LeaseReplayAnswer,
+                )
             )
-            view = granted.lease
         else:
-            confirmed = await self.control_plane.call(
-                "POST",
-                "/v1/populi/exec/fallback",
-                LeaseFallbackRequest(
-                    task_id=task.task_id,
-                    attempt=attempt,
-                    gpus_wanted=0,
-                    ttl_s=self.ttl_s(),
-                    work_class=task.work_class,
-                    previous_node=previous_node(task),
-                ),
-                answer=LeaseFallbackAnswer,
-            )
-            view = confirmed.lease
+            view = (await self._confirm_fallback(task, attempt, gpus_wanted=0)).lease
         self._check_lease(view, task_id=task.task_id, attempt=attempt, holder=self.node_id)
         self.request_settled(task.task_id)
         return view
+
+    async def _grant(self, request: LeaseGrantRequest) -> LeaseView:
+        """The lease the control plane grants for ``request`` (a replay of the same
+        request number answers the same lease)."""
+        answer = await self.control_plane.call(
+            "POST", "/v1/populi/exec/leases", request, answer=LeaseReplayAnswer
+        )
+        return answer.lease
+
+    async def _confirm_fallback(
+        self, task: Task, attempt: int, *, gpus_wanted: int
+    ) -> LeaseFallbackAnswer:
+        """The control plane's lease for a local attempt of ``task`` with
+        ``gpus_wanted`` of this node's GPUs, once any lease before it is dead."""
+        return await self.control_plane.call(
+            "POST",
+            "/v1/populi/exec/fallback",
+            LeaseFallbackRequest(
+                task_id=task.task_id,
+                attempt=attempt,
+                gpus_wanted=gpus_wanted,
+                ttl_s=self.ttl_s(),
+                work_class=task.work_class,
+                previous_node=previous_node(task),
+            ),
+            answer=LeaseFallbackAnswer,
+        )
 
     # -- remote ---------------------------------------------------------------------------
 
@@ -1048,19 +1056,7 @@ class Submitter:
             local_gpus = 0
             extra_reasons = ("no_local_gpu",)
         try:
-            answer = await self.control_plane.call(
-                "POST",
-                "/v1/populi/exec/fallback",
-                LeaseFallbackRequest(
-                    task_id=task.task_id,
-                    attempt=attempt,
-                    gpus_wanted=local_gpus,
-                    ttl_s=self.ttl_s(),
-                    work_class=task.work_class,
-                    previous_node=previous_node(task),
-                ),
-                answer=LeaseFallbackAnswer,
-            )
+            answer = await self._confirm_fallback(task, attempt, gpus_wanted=local_gpus)
             lease = self._check_lease(
                 answer.lease, task_id=task.task_id, attempt=attempt, holder=self.node_id
             )
