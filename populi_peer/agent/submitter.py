@@ -68,7 +68,6 @@ from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import DEAD_STATES, STOPPING_REFUSALS, Lease
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
-    OPERATIONS,
     CancelMessage,
     GpusAnswer,
     HandoffMessage,
@@ -1290,18 +1289,7 @@ class Submitter:
     # -- API ------------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
-        def route(method: str, path: str, handler: Any, roles: frozenset[str], name: str) -> Route:
-            types = OPERATIONS[name]
-            return Route(
-                method,
-                path,
-                handler,
-                roles=roles,
-                name=name,
-                request=types.request,
-                answer=types.answer,
-            )
-
+        route = Route.catalogued
         return [
             route("POST", "/v1/populi/tasks", self._submit, SUBMIT, "task_submit"),
             route("GET", "/v1/populi/tasks", self._list, READERS, "task_list"),

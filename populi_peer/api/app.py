@@ -31,7 +31,7 @@ from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.api.server import answer_lifespan
 from populi_peer.clock import Clock
-from populi_peer.core.messages import Message
+from populi_peer.core.messages import OPERATIONS, Message
 from populi_peer.errors import (
     BadRequest,
     Forbidden,
@@ -175,7 +175,8 @@ def _error_code(response: Response) -> str | None:
 class Route:
     """One operation: ``name`` is its ``operationId`` in the contract; ``request`` and
     ``answer`` its body types, where declared (``OPERATIONS`` in
-    :mod:`populi_peer.core.messages` says which; a test holds the two together)."""
+    :mod:`populi_peer.core.messages` says which: :meth:`catalogued` takes them from there;
+    a test holds the two together)."""
 
     method: str
     pattern: str
@@ -185,6 +186,23 @@ class Route:
     name: str = ""
     request: type[Message] | None = None
     answer: type[Message] | None = None
+
+    @classmethod
+    def catalogued(
+        cls, method: str, pattern: str, handler: Handler, roles: frozenset[str] | None, name: str
+    ) -> Route:
+        """The route of operation ``name`` with the body types the catalogue
+        (``OPERATIONS``) gives it."""
+        types = OPERATIONS[name]
+        return cls(
+            method,
+            pattern,
+            handler,
+            roles=roles,
+            name=name,
+            request=types.request,
+            answer=types.answer,
+        )
 
     def compile(self) -> re.Pattern[str]:
         regex = _PARAM_RE.sub(
