@@ -80,7 +80,7 @@ from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import file_error
-from populi_peer.store.attempts import AttemptRecord, Attempts
+from populi_peer.store.attempts import AttemptIdentity, AttemptRecord, Attempts
 
 #: Kept of each stream in a result message (the rest stays on the worker).
 RESULT_TAIL_BYTES = 64 * 1024
@@ -93,13 +93,7 @@ NO_LEASE_DEADLINE_S = 10 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
-class AttemptPlan:
-    task_id: str
-    attempt: int
-    role: str  # "worker" | "local"
-    submitter: str
-    token: FencingToken
-    lease_id: str | None
+class AttemptPlan(AttemptIdentity):
     ttl_s: float | None
     renewable: bool
     argv: tuple[str, ...]
@@ -272,12 +266,7 @@ class AttemptRunner:
         claim it starts under, recorded with it; a finished attempt gives its claim back
         in the same write."""
         self.attempts.save(
-            task_id=plan.task_id,
-            attempt=plan.attempt,
-            role=plan.role,
-            submitter=plan.submitter,
-            token=plan.token,
-            lease_id=plan.lease_id,
+            plan,
             state=state,
             body={**plan.to_json(), **(extra or {})},
             result=None if result is None else result.to_json(),
