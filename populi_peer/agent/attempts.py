@@ -37,7 +37,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -437,12 +437,10 @@ class AttemptRunner:
             if isinstance(proved, PopuliError):
                 # Not proved: never start (safety rule 3); nothing ran, give the lease back
                 # (its end also rides this node's reports).
-                log(
-                    self.logger,
+                self._log(
                     logging.WARNING,
                     "lease not renewable before start; task not started",
-                    task_id=plan.task_id,
-                    attempt=plan.attempt,
+                    plan,
                     error=str(proved),
                 )
                 result = await self._finish(
@@ -459,12 +457,10 @@ class AttemptRunner:
                 plan.role, plan.task_id, plan.book_attempt, lambda: self.save(plan, "running")
             )
             if not decision.ok:
-                log(
-                    self.logger,
+                self._log(
                     logging.WARNING,
                     "attempt refused at its start: its GPUs are claimed or busy on this node",
-                    task_id=plan.task_id,
-                    attempt=plan.attempt,
+                    plan,
                     reasons=list(decision.reasons),
                 )
                 result = await self._finish(
@@ -508,12 +504,10 @@ class AttemptRunner:
         await self.save_durably(
             plan, "running", extra={"started_wall_ms": started_ms, "task_dir": str(task_dir)}
         )
-        log(
-            self.logger,
+        self._log(
             logging.INFO,
             "attempt started",
-            task_id=plan.task_id,
-            attempt=plan.attempt,
+            plan,
             role=plan.role,
             token=str(plan.token),
             gpus=list(plan.gpus),
@@ -534,12 +528,10 @@ class AttemptRunner:
         claim = self.claim_convert(plan, before_start, record)
         if claim is None or not box:
             return None
-        log(
-            self.logger,
+        self._log(
             NOTICE,
             "no control plane answers: the local attempt runs on under a node-local claim",
-            task_id=plan.task_id,
-            attempt=plan.attempt,
+            plan,
             gpus=list(claim.gpus),
         )
         return box[0]
@@ -577,6 +569,11 @@ class AttemptRunner:
             machine, more = machine.handle(TimerFired(), self.clock.boot())
             actions.extend(more)
 
+    def _log(self, level: int, event: str, plan: AttemptPlan, **fields: Any) -> None:
+        """Log ``event`` about ``plan``'s attempt: its task and attempt number, then
+        ``fields``."""
+        log(self.logger, level, event, task_id=plan.task_id, attempt=plan.attempt, **fields)
+
     def holder_config(self, plan: AttemptPlan) -> HolderConfig:
         assert plan.ttl_s is not None
         try:
@@ -608,12 +605,10 @@ class AttemptRunner:
         key = (plan.task_id, plan.attempt, plan.role)
         running = self.running.setdefault(key, Running(plan, execution=execution))
         try:
-            log(
-                self.logger,
+            self._log(
                 logging.INFO,
                 "attempt re-adopted",
-                task_id=plan.task_id,
-                attempt=plan.attempt,
+                plan,
                 role=plan.role,
             )
             return await self._supervise(running, execution, started_ms, renew_now=True)
@@ -645,12 +640,10 @@ class AttemptRunner:
                     self.health.failed(_component(plan), exc)
             elif isinstance(action, StopAttempt):
                 lost.append(action.reason)
-                log(
-                    self.logger,
+                self._log(
                     logging.WARNING,
                     "lease lost; stopping the task",
-                    task_id=plan.task_id,
-                    attempt=plan.attempt,
+                    plan,
                     reason=action.reason,
                 )
                 self._cancel(plan, execution)
@@ -739,12 +732,10 @@ class AttemptRunner:
                     except PopuliError as exc:
                         if definitive(exc):
                             lost.append(lease_reason(exc))
-                            log(
-                                self.logger,
+                            self._log(
                                 logging.WARNING,
                                 "lease lost; stopping the task",
-                                task_id=plan.task_id,
-                                attempt=plan.attempt,
+                                plan,
                                 reason=lost[-1],
                             )
                             # If the cancel cannot be written, the deadline it no longer
@@ -797,18 +788,7 @@ class AttemptRunner:
         stop_reason = outcome.stop_reason
         if running.lost_reason and not lost:
             lost.append(running.lost_reason)
-        if lost:
-            kind = "lease_lost"
-        elif stop_reason == "exited":
-            kind = "exited"
-        elif stop_reason == "cancelled":
-            kind = "cancelled"
-        elif stop_reason == "deadline":
-            kind = "lease_lost"
-        elif stop_reason == "spawn_failed":
-            kind = "spawn_failed"
-        else:
-            kind = "populi_failure"
+        kind = "lease_lost" if lost else _OUTCOME_OF_STOP.get(stop_reason, "populi_failure")
         result = await self._finish(
             plan,
             outcome=kind,
@@ -874,12 +854,10 @@ class AttemptRunner:
         )
         # Durable before the lease is released and the result delivered (safety rule 7).
         await self.save_durably(plan, "finished", result=result)
-        log(
-            self.logger,
+        self._log(
             logging.INFO,
             "attempt finished",
-            task_id=plan.task_id,
-            attempt=plan.attempt,
+            plan,
             role=plan.role,
             outcome=outcome,
             exit_code=exit_code,
@@ -1007,6 +985,16 @@ def refusal_of(exc: PopuliError) -> Refusal:
     raw = exc.details.get("reasons")
     reasons = [r for r in raw if isinstance(r, str) and r] if isinstance(raw, list) else []
     return Refusal.refused(reasons or [exc.code or "refused"], detail)
+
+
+#: An attempt's outcome by how its supervisor says it stopped (any other way:
+#: ``populi_failure``); a lost lease makes it ``lease_lost`` whatever the stop.
+_OUTCOME_OF_STOP: Final[Mapping[str, str]] = {
+    "exited": "exited",
+    "cancelled": "cancelled",
+    "deadline": "lease_lost",
+    "spawn_failed": "spawn_failed",
+}
 
 
 def lease_reason(exc: PopuliError) -> str:
