@@ -100,6 +100,11 @@ def attempt_of(
         return None
 
 
+def _claim_id(task_id: str, attempt: int) -> str:
+    """The id of the node-local claim an attempt runs under (one claim per attempt)."""
+    return f"c-{task_id}-{attempt}"
+
+
 class NodeLedger:
     """This node's book, over the store: holdings for the reports, and the start and claim
     transactions (each one store transaction that checks and records)."""
@@ -173,7 +178,7 @@ class NodeLedger:
             if len(free) < gpus_wanted or gpus_wanted <= 0:
                 return None
             claim = Claim(
-                claim_id=f"c-{task_id}-{attempt}",
+                claim_id=_claim_id(task_id, attempt),
                 node=self.node_id,
                 task_id=task_id,
                 attempt=attempt,
@@ -208,7 +213,7 @@ class NodeLedger:
         (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan and the
         claim in the same store transaction. ``None``: not claimable (its GPUs are taken)."""
         key: AttemptKey = ("local", plan.task_id, plan.book_attempt)
-        claim_id = f"c-{plan.task_id}-{plan.attempt}"
+        claim_id = _claim_id(plan.task_id, plan.attempt)
         now_ms = wall_ms(self.clock)
         with self.attempts.store.transaction():
             book = self.book()
