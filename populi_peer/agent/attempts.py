@@ -37,7 +37,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -80,7 +80,7 @@ from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store import file_error
-from populi_peer.store.attempts import AttemptRecord, Attempts
+from populi_peer.store.attempts import AttemptIdentity, AttemptRecord, Attempts
 
 #: Kept of each stream in a result message (the rest stays on the worker).
 RESULT_TAIL_BYTES = 64 * 1024
@@ -93,13 +93,7 @@ NO_LEASE_DEADLINE_S = 10 * 365 * 86400.0
 
 
 @dataclass(frozen=True)
-class AttemptPlan:
-    task_id: str
-    attempt: int
-    role: str  # "worker" | "local"
-    submitter: str
-    token: FencingToken
-    lease_id: str | None
+class AttemptPlan(AttemptIdentity):
     ttl_s: float | None
     renewable: bool
     argv: tuple[str, ...]
@@ -272,12 +266,7 @@ class AttemptRunner:
         claim it starts under, recorded with it; a finished attempt gives its claim back
         in the same write."""
         self.attempts.save(
-            task_id=plan.task_id,
-            attempt=plan.attempt,
-            role=plan.role,
-            submitter=plan.submitter,
-            token=plan.token,
-            lease_id=plan.lease_id,
+            plan,
             state=state,
             body={**plan.to_json(), **(extra or {})},
             result=None if result is None else result.to_json(),
@@ -448,12 +437,10 @@ class AttemptRunner:
             if isinstance(proved, PopuliError):
                 # Not proved: never start (safety rule 3); nothing ran, give the lease back
                 # (its end also rides this node's reports).
-                log(
-                    self.logger,
+                self._log(
                     logging.WARNING,
                     "lease not renewable before start; task not started",
-                    task_id=plan.task_id,
-                    attempt=plan.attempt,
+                    plan,
                     error=str(proved),
                 )
                 result = await self._finish(
@@ -470,12 +457,10 @@ class AttemptRunner:
                 plan.role, plan.task_id, plan.book_attempt, lambda: self.save(plan, "running")
             )
             if not decision.ok:
-                log(
-                    self.logger,
+                self._log(
                     logging.WARNING,
                     "attempt refused at its start: its GPUs are claimed or busy on this node",
-                    task_id=plan.task_id,
-                    attempt=plan.attempt,
+                    plan,
                     reasons=list(decision.reasons),
                 )
                 result = await self._finish(
@@ -519,12 +504,10 @@ class AttemptRunner:
         await self.save_durably(
             plan, "running", extra={"started_wall_ms": started_ms, "task_dir": str(task_dir)}
         )
-        log(
-            self.logger,
+        self._log(
             logging.INFO,
             "attempt started",
-            task_id=plan.task_id,
-            attempt=plan.attempt,
+            plan,
             role=plan.role,
             token=str(plan.token),
             gpus=list(plan.gpus),
@@ -545,12 +528,10 @@ class AttemptRunner:
         claim = self.claim_convert(plan, before_start, record)
         if claim is None or not box:
             return None
-        log(
-            self.logger,
+        self._log(
             NOTICE,
             "no control plane answers: the local attempt runs on under a node-local claim",
-            task_id=plan.task_id,
-            attempt=plan.attempt,
+            plan,
             gpus=list(claim.gpus),
         )
         return box[0]
@@ -588,6 +569,11 @@ class AttemptRunner:
             machine, more = machine.handle(TimerFired(), self.clock.boot())
             actions.extend(more)
 
+    def _log(self, level: int, event: str, plan: AttemptPlan, **fields: Any) -> None:
+        """Log ``event`` about ``plan``'s attempt: its task and attempt number, then
+        ``fields``."""
+        log(self.logger, level, event, task_id=plan.task_id, attempt=plan.attempt, **fields)
+
     def holder_config(self, plan: AttemptPlan) -> HolderConfig:
         assert plan.ttl_s is not None
         try:
@@ -619,12 +605,10 @@ class AttemptRunner:
         key = (plan.task_id, plan.attempt, plan.role)
         running = self.running.setdefault(key, Running(plan, execution=execution))
         try:
-            log(
-                self.logger,
+            self._log(
                 logging.INFO,
                 "attempt re-adopted",
-                task_id=plan.task_id,
-                attempt=plan.attempt,
+                plan,
                 role=plan.role,
             )
             return await self._supervise(running, execution, started_ms, renew_now=True)
@@ -656,12 +640,10 @@ class AttemptRunner:
                     self.health.failed(_component(plan), exc)
             elif isinstance(action, StopAttempt):
                 lost.append(action.reason)
-                log(
-                    self.logger,
+                self._log(
                     logging.WARNING,
                     "lease lost; stopping the task",
-                    task_id=plan.task_id,
-                    attempt=plan.attempt,
+                    plan,
                     reason=action.reason,
                 )
                 self._cancel(plan, execution)
@@ -750,12 +732,10 @@ class AttemptRunner:
                     except PopuliError as exc:
                         if definitive(exc):
                             lost.append(lease_reason(exc))
-                            log(
-                                self.logger,
+                            self._log(
                                 logging.WARNING,
                                 "lease lost; stopping the task",
-                                task_id=plan.task_id,
-                                attempt=plan.attempt,
+                                plan,
                                 reason=lost[-1],
                             )
                             # If the cancel cannot be written, the deadline it no longer
@@ -808,18 +788,7 @@ class AttemptRunner:
         stop_reason = outcome.stop_reason
         if running.lost_reason and not lost:
             lost.append(running.lost_reason)
-        if lost:
-            kind = "lease_lost"
-        elif stop_reason == "exited":
-            kind = "exited"
-        elif stop_reason == "cancelled":
-            kind = "cancelled"
-        elif stop_reason == "deadline":
-            kind = "lease_lost"
-        elif stop_reason == "spawn_failed":
-            kind = "spawn_failed"
-        else:
-            kind = "populi_failure"
+        kind = "lease_lost" if lost else _OUTCOME_OF_STOP.get(stop_reason, "populi_failure")
         result = await self._finish(
             plan,
             outcome=kind,
@@ -885,12 +854,10 @@ class AttemptRunner:
         )
         # Durable before the lease is released and the result delivered (safety rule 7).
         await self.save_durably(plan, "finished", result=result)
-        log(
-            self.logger,
+        self._log(
             logging.INFO,
             "attempt finished",
-            task_id=plan.task_id,
-            attempt=plan.attempt,
+            plan,
             role=plan.role,
             outcome=outcome,
             exit_code=exit_code,
@@ -1018,6 +985,16 @@ def refusal_of(exc: PopuliError) -> Refusal:
     raw = exc.details.get("reasons")
     reasons = [r for r in raw if isinstance(r, str) and r] if isinstance(raw, list) else []
     return Refusal.refused(reasons or [exc.code or "refused"], detail)
+
+
+#: An attempt's outcome by how its supervisor says it stopped (any other way:
+#: ``populi_failure``); a lost lease makes it ``lease_lost`` whatever the stop.
+_OUTCOME_OF_STOP: Final[Mapping[str, str]] = {
+    "exited": "exited",
+    "cancelled": "cancelled",
+    "deadline": "lease_lost",
+    "spawn_failed": "spawn_failed",
+}
 
 
 def lease_reason(exc: PopuliError) -> str:

@@ -824,16 +824,9 @@ class Enrollment:
             raise Conflict("the control plane cannot retire itself", code="retire_self")
         reason = request.message(ReasonRequest).reason_or("retired by operator")
         self._issuer(self._now_ms())  # the list derived from the revocation is signed with it
-        before, after, write = self.registry.plan_command(
-            member.id,
-            "retire",
-            writer_class="operator",
-            actor=request.caller.id,
-            reason=reason,
-            term=self.writes.term,
+        before, after = await self.writes.lifecycle_command(
+            member.id, "retire", actor=request.caller.id, reason=reason
         )
-        if write is not None:
-            await self.writes.propose(write)
         revoked_now = not self.revocations.is_revoked(member.id)
         if revoked_now:
             with enrollment_boundary():  # the list's own checks, before anything is proposed
@@ -875,17 +868,10 @@ class Enrollment:
         self._require_cp()
         member = self.membership.resolve_node(request.path_params["node"])
         reason = request.message(ReasonRequest).reason_or("deleted by operator")
-        _, _, tombstone = self.registry.plan_command(
-            member.id,
-            "delete",
-            writer_class="operator",
-            actor=request.caller.id,
-            reason=reason,
-            term=self.writes.term,
-        )
         # The tombstone drops the node's registers and its member record on every voter.
-        if tombstone is not None:
-            await self.writes.propose(tombstone)
+        await self.writes.lifecycle_command(
+            member.id, "delete", actor=request.caller.id, reason=reason
+        )
         self._event(
             node_id=member.id,
             kind="node_deleted",

@@ -40,7 +40,7 @@ from populi_peer.core.reports import (
 )
 from populi_peer.errors import PopuliError
 from populi_peer.log import get_logger, log
-from populi_peer.store.attempts import AttemptRecord, Attempts
+from populi_peer.store.attempts import AttemptIdentity, AttemptRecord, Attempts
 from populi_peer.store.db import Store
 
 #: Meta key of the report epoch (raised at every agent start).
@@ -65,48 +65,32 @@ def phase_of(row: AttemptRecord) -> ReportedPhase:
 def node_attempt(row: AttemptRecord) -> NodeAttempt | None:
     """The book's view of an attempt row (``None``: a row that cannot be one — it is left
     out of the book and the reports rather than stopping them)."""
-    return attempt_of(
-        role=row.role,
-        task_id=row.task_id,
-        attempt=row.attempt,
-        token=row.token,
-        submitter=row.submitter,
-        lease_id=row.lease_id,
-        body=row.body,
-        phase=phase_of(row),
-    )
+    return attempt_of(row, row.body, phase_of(row))
 
 
 def attempt_of(
-    *,
-    role: str,
-    task_id: str,
-    attempt: int,
-    token: FencingToken,
-    submitter: str,
-    lease_id: str | None,
-    body: Mapping[str, Any],
-    phase: ReportedPhase,
+    identity: AttemptIdentity, body: Mapping[str, Any], phase: ReportedPhase
 ) -> NodeAttempt | None:
-    """An attempt as the book holds it, from its plan (``AttemptPlan.to_json``)."""
+    """An attempt as the book holds it, from what names it (an attempt row or a plan)
+    and its plan (``AttemptPlan.to_json``)."""
     try:
         gpus = tuple(str(g) for g in body.get("gpus", ()))
         lease: LeaseTerms | None = None
-        if lease_id is not None:
+        if identity.lease_id is not None:
             work_class = check_work_class(str(body.get("work_class", "agent")))
             ttl = float(body.get("ttl_s") or 0.0)
-            if role == "worker":
-                lease = LeaseTerms(lease_id, "remote", submitter, ttl, work_class)
+            if identity.role == "worker":
+                lease = LeaseTerms(identity.lease_id, "remote", identity.submitter, ttl, work_class)
             elif body.get("renewable") and ttl:
-                lease = LeaseTerms(lease_id, "local", submitter, ttl, work_class)
+                lease = LeaseTerms(identity.lease_id, "local", identity.submitter, ttl, work_class)
             else:
-                lease = LeaseTerms(lease_id, "fence", submitter, 0.0, work_class)
+                lease = LeaseTerms(identity.lease_id, "fence", identity.submitter, 0.0, work_class)
         return NodeAttempt(
-            role="worker" if role == "worker" else "local",
-            task_id=task_id,
+            role="worker" if identity.role == "worker" else "local",
+            task_id=identity.task_id,
             # The lease's own number where it has one (what the control plane knows).
-            attempt=int(body.get("lease_attempt") or attempt),
-            token=token,
+            attempt=int(body.get("lease_attempt") or identity.attempt),
+            token=identity.token,
             gpus=gpus,
             phase=phase,
             lease=lease,
@@ -114,6 +98,11 @@ def attempt_of(
         )
     except (PopuliError, TypeError, ValueError):
         return None
+
+
+def _claim_id(task_id: str, attempt: int) -> str:
+    """The id of the node-local claim an attempt runs under (one claim per attempt)."""
+    return f"c-{task_id}-{attempt}"
 
 
 class NodeLedger:
@@ -145,16 +134,7 @@ class NodeLedger:
         """Whether a handoff may be accepted: refused (``gpu_claimed``) when a claim
         already holds one of its GPUs (a lease granted by a control plane that could not
         hear this node). Records nothing: the worker writes the accepted row itself."""
-        attempt = attempt_of(
-            role=plan.role,
-            task_id=plan.task_id,
-            attempt=plan.attempt,
-            token=plan.token,
-            submitter=plan.submitter,
-            lease_id=plan.lease_id,
-            body=plan.to_json(),
-            phase="accepted",
-        )
+        attempt = attempt_of(plan, plan.to_json(), "accepted")
         if attempt is None:
             return Decision(True)
         _, decision = self.book().accept(attempt)
@@ -198,7 +178,7 @@ class NodeLedger:
             if len(free) < gpus_wanted or gpus_wanted <= 0:
                 return None
             claim = Claim(
-                claim_id=f"c-{task_id}-{attempt}",
+                claim_id=_claim_id(task_id, attempt),
                 node=self.node_id,
                 task_id=task_id,
                 attempt=attempt,
@@ -233,7 +213,7 @@ class NodeLedger:
         (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan and the
         claim in the same store transaction. ``None``: not claimable (its GPUs are taken)."""
         key: AttemptKey = ("local", plan.task_id, plan.book_attempt)
-        claim_id = f"c-{plan.task_id}-{plan.attempt}"
+        claim_id = _claim_id(plan.task_id, plan.attempt)
         now_ms = wall_ms(self.clock)
         with self.attempts.store.transaction():
             book = self.book()

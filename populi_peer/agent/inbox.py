@@ -24,7 +24,6 @@ from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.core.messages import (
-    OPERATIONS,
     InboxDeliverAnswer,
     InboxMessage,
     InboxReadAnswer,
@@ -55,25 +54,9 @@ class Inbox:
         self.handlers[message_type] = handler
 
     def routes(self) -> list[Route]:
-        deliver, read = OPERATIONS["inbox_deliver"], OPERATIONS["inbox_read"]
         return [
-            Route(
-                "POST",
-                "/v1/populi/inbox",
-                self._deliver,
-                roles=NODES,
-                name="inbox_deliver",
-                request=deliver.request,
-                answer=deliver.answer,
-            ),
-            Route(
-                "GET",
-                "/v1/populi/inbox",
-                self._read,
-                roles=ANY_MEMBER,
-                name="inbox_read",
-                answer=read.answer,
-            ),
+            Route.catalogued("POST", "/v1/populi/inbox", self._deliver, NODES, "inbox_deliver"),
+            Route.catalogued("GET", "/v1/populi/inbox", self._read, ANY_MEMBER, "inbox_read"),
         ]
 
     async def _deliver(self, request: Request) -> InboxDeliverAnswer:

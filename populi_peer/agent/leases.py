@@ -68,7 +68,6 @@ from populi_peer.core.leases import (
 )
 from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import (
-    OPERATIONS,
     LeaseAnswer,
     LeaseFallbackAnswer,
     LeaseFallbackRequest,
@@ -428,18 +427,7 @@ class LeaseService:
     # -- routes ---------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
-        def route(method: str, path: str, handler: Any, roles: frozenset[str], name: str) -> Route:
-            types = OPERATIONS[name]
-            return Route(
-                method,
-                path,
-                handler,
-                roles=roles,
-                name=name,
-                request=types.request,
-                answer=types.answer,
-            )
-
+        route = Route.catalogued
         return [
             route("POST", "/v1/populi/exec/leases", self._grant, SUBMIT, "lease_grant"),
             route("GET", "/v1/populi/exec/leases", self._list, ANY_MEMBER, "lease_list"),

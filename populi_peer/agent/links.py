@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 import trio
 
@@ -160,20 +160,6 @@ class ControlPlaneLink:
             for key, value in values.items():
                 self.store.set_meta(key, value)
 
-    @overload
-    async def call(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: None = None,
-        at: str | None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
     async def call(
         self,
         method: str,
@@ -184,21 +170,9 @@ class ControlPlaneLink:
         timeout_s: float | None = None,
         answer: type[M],
         at: str | None = None,
-    ) -> M: ...
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: type[Message] | None = None,
-        at: str | None = None,
-    ) -> dict[str, Any] | Message:
-        """Call the control plane; with ``answer``, the answer parsed as that type (a
-        malformed one is ``bad_peer_answer``); with ``at``, at that URL (another of its
+    ) -> M:
+        """Call the control plane; its answer parsed as ``answer`` (a malformed one is
+        ``bad_peer_answer``); with ``at``, at that URL (another of its
         addresses) rather than the one held (the call still names its node id). A
         ``not_control_plane`` refusal naming a voter at a term at least as high is
         followed (:meth:`follow_refusal`), and the call made once more there (not with
@@ -293,21 +267,6 @@ class PeerLink:
             member = self.membership.get(node_id)
         return member if member is not None and member.addresses else None
 
-    @overload
-    async def call(
-        self,
-        member: Member,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
-
-    @overload
     async def call(
         self,
         member: Member,
@@ -319,21 +278,8 @@ class PeerLink:
         params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
         answer: type[M],
-    ) -> M: ...
-
-    async def call(
-        self,
-        member: Member,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: type[Message] | None = None,
-    ) -> dict[str, Any] | Message:
-        """Call another node (with ``answer``, the answer parsed as that type). A peer
+    ) -> M:
+        """Call another node; its answer parsed as ``answer``. A peer
         that does not know us yet (we joined after its last membership refresh: 401
         ``unknown_signer``) learns of us within a heartbeat, so that refusal is retried a
         few times before it counts."""

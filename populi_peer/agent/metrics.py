@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from populi_peer.agent.gossip import HintGossip
 from populi_peer.agent.health import Health
+from populi_peer.api.server import with_lifespan
 from populi_peer.config import MetricsConfig, format_host_port, parse_host_port, reach_host
 from populi_peer.core.leases import LEASE_STATES
 from populi_peer.core.messages import LeaseFallbackAnswer, Message
@@ -124,68 +125,60 @@ class Metrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         f = self.figures
-        requests = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "populi_api_requests",
             "Requests this node answered, by operation, HTTP status and reason code",
-            labels=["operation", "status", "code"],
+            ["operation", "status", "code"],
+            sorted(self.requests.items()),
         )
-        for (operation, status, code), count in sorted(self.requests.items()):
-            requests.add_metric([operation, status, code], count)
-        yield requests
-        leases_total = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "populi_lease_decisions",
             "Lease grants, renewals and releases this control plane answered, by outcome "
             "and refusal reason",
-            labels=["decision", "outcome", "reason"],
+            ["decision", "outcome", "reason"],
+            sorted(self.lease_decisions.items()),
         )
-        for (kind, outcome, code), count in sorted(self.lease_decisions.items()):
-            leases_total.add_metric([kind, outcome, code], count)
-        yield leases_total
-        fallbacks = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "populi_fallbacks",
             "Fallbacks to a local attempt this control plane confirmed, by the state of the "
             "lease they follow",
-            labels=["reason"],
+            ["reason"],
+            (((reason,), count) for reason, count in sorted(self.fallbacks.items())),
         )
-        for reason, count in sorted(self.fallbacks.items()):
-            fallbacks.add_metric([reason], count)
-        yield fallbacks
-        nodes = GaugeMetricFamily(
+        yield _labelled(
+            GaugeMetricFamily,
             "populi_nodes",
             "Nodes this node knows, by lifecycle state and heartbeat staleness",
-            labels=["state", "stale"],
+            ["state", "stale"],
+            sorted(Counter((state, str(stale).lower()) for _, state, stale in f.nodes()).items()),
         )
-        for (state, stale), count in sorted(
-            Counter((state, str(stale).lower()) for _, state, stale in f.nodes()).items()
-        ):
-            nodes.add_metric([state, stale], count)
-        yield nodes
-        gpus = GaugeMetricFamily(
+        yield _labelled(
+            GaugeMetricFamily,
             "populi_gpus",
             "GPUs this node holds a view of, by health and allocatability",
-            labels=["health", "allocatable"],
-        )
-        for (health, allocatable), count in sorted(
-            Counter((h, str(a).lower()) for _, h, a in f.gpus()).items()
-        ):
-            gpus.add_metric([health, allocatable], count)
-        yield gpus
-        leases = GaugeMetricFamily(
-            "populi_leases", "Leases in the control plane's table, by state", labels=["state"]
+            ["health", "allocatable"],
+            sorted(Counter((h, str(a).lower()) for _, h, a in f.gpus()).items()),
         )
         held = Counter(f.lease_states())
-        if f.is_control_plane():
-            for state in LEASE_STATES:
-                leases.add_metric([state], held.get(state, 0))
-        yield leases
-        ages = GaugeMetricFamily(
+        yield _labelled(
+            GaugeMetricFamily,
+            "populi_leases",
+            "Leases in the control plane's table, by state",
+            ["state"],
+            (((state,), held.get(state, 0)) for state in LEASE_STATES)
+            if f.is_control_plane()
+            else (),
+        )
+        yield _labelled(
+            GaugeMetricFamily,
             "populi_heartbeat_age_seconds",
             "Seconds since the control plane last heard each node",
-            labels=["node"],
+            ["node"],
+            (((node,), age_s) for node, age_s in sorted(f.heartbeat_ages_s())),
         )
-        for node, age_s in sorted(f.heartbeat_ages_s()):
-            ages.add_metric([node], age_s)
-        yield ages
         yield GaugeMetricFamily("populi_term", "The control-plane term this node is in", f.term())
         yield GaugeMetricFamily(
             "populi_control_plane",
@@ -202,20 +195,20 @@ class Metrics(Collector):
         yield CounterMetricFamily(
             "populi_gossip_rounds", "Hint gossip rounds this node ran", stats.rounds
         )
-        exchanges = CounterMetricFamily(
+        yield _labelled(
+            CounterMetricFamily,
             "populi_gossip_exchanges",
             "Push-pull exchanges this node started, by outcome",
-            labels=["outcome"],
+            ["outcome"],
+            [(("ok",), stats.exchanges_ok), (("failed",), stats.exchanges_failed)],
         )
-        exchanges.add_metric(["ok"], stats.exchanges_ok)
-        exchanges.add_metric(["failed"], stats.exchanges_failed)
-        yield exchanges
-        refused = CounterMetricFamily(
-            "populi_gossip_refused", "Hint records refused, by reason", labels=["reason"]
+        yield _labelled(
+            CounterMetricFamily,
+            "populi_gossip_refused",
+            "Hint records refused, by reason",
+            ["reason"],
+            (((reason,), count) for reason, count in sorted(stats.refused.items())),
         )
-        for reason, count in sorted(stats.refused.items()):
-            refused.add_metric([reason], count)
-        yield refused
         durations = HistogramMetricFamily(
             "populi_task_duration_seconds",
             "Tasks submitted on this node, from submission to their end, by end state",
@@ -254,7 +247,7 @@ class Metrics(Collector):
         hconfig.accesslog = None
         hconfig.errorlog = logging.getLogger("populi.http")
         hconfig.graceful_timeout = 1.0
-        app = _with_lifespan(make_asgi_app(self.registry))
+        app = with_lifespan(make_asgi_app(self.registry))
         started = False
         try:
             async with trio.open_nursery() as nursery:
@@ -292,27 +285,22 @@ class Metrics(Collector):
 TASK_DURATION_BUCKETS_S: Final = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, math.inf)
 
 
+def _labelled(
+    family: type[CounterMetricFamily | GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    labels: list[str],
+    samples: Iterable[tuple[tuple[str, ...], float]],
+) -> Metric:
+    """A counter or gauge family with one sample per ``(label values, value)``."""
+    metric = family(name, documentation, labels=labels)
+    for values, value in samples:
+        metric.add_metric(list(values), value)
+    return metric
+
+
 def _bound(seconds: float) -> str:
     return "+Inf" if math.isinf(seconds) else f"{seconds:g}"
-
-
-def _with_lifespan(app: Any) -> Any:
-    """``app`` (prometheus-client's, which knows only HTTP) answering the ASGI lifespan
-    protocol too, so hypercorn does not warn at every start that it has no lifespan."""
-
-    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "lifespan":
-            await app(scope, receive, send)
-            return
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    return asgi
 
 
 __all__ = ["Metrics", "NodeFigures"]

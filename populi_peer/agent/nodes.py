@@ -180,18 +180,14 @@ class NodeAdmin:
                 "lifecycle command on the control plane node itself",
                 action=action,
             )
-        before, after, write = self.registry.plan_command(
+        before, after = await self.writes.lifecycle_command(
             member.id,
             action,  # type: ignore[arg-type]
-            writer_class="operator",
             actor=request.caller.id,
             reason=reason,
-            term=self.writes.term,
             deadline_wall_ms=deadline,
             until_wall_ms=until,
         )
-        if write is not None:
-            await self.writes.propose(write)
         assert after is not None
         changed = before is None or before != after
         if changed:

@@ -16,16 +16,12 @@ from enrollment.records import sign_record, verify_record
 from populi_peer.clock import Clock
 from populi_peer.core.hlc import Hlc, hlc_receive, hlc_tick
 from populi_peer.core.lifecycle import (
-    Command,
     NodeLifecycle,
     WriterClass,
-    apply_command,
-    check_command_writer,
     effective,
     initial_lifecycle,
 )
 from populi_peer.core.registers import LIFECYCLE, RegisterSet, RegisterWrite, Stamp
-from populi_peer.errors import NotFound
 from populi_peer.identity import Identity
 from populi_peer.store import Store
 from populi_peer.store.registers import Registers
@@ -101,20 +97,8 @@ class Registry:
         if not changed:
             return None
         self.observe(write.stamp.hlc)
-        text = sign_record(
-            kind="register",
-            serial=0,
-            body=write.to_json(),
-            signer_id=self.identity.node_id,
-            signer_key=self.identity.node_key,
-            now_ms=self.now_ms(),
-            actor=write.actor,
-        )
         with self.store.transaction():
-            if write.attribute == LIFECYCLE and write.value is None:
-                # A tombstone drops the node's other registers for good.
-                self.rows.drop_node(write.node_id)
-            self.rows.put(write.node_id, write.attribute, text)
+            self._put(write)
             self.store.set_meta_json("hlc", self._hlc.to_json())
         return merged
 
@@ -133,20 +117,25 @@ class Registry:
                 if merged.get(*write.key) != write or self.registers.get(*write.key) == write:
                     continue
                 self.observe_replicated(write.stamp.hlc)
-                text = sign_record(
-                    kind="register",
-                    serial=0,
-                    body=write.to_json(),
-                    signer_id=self.identity.node_id,
-                    signer_key=self.identity.node_key,
-                    now_ms=self.now_ms(),
-                    actor=write.actor,
-                )
-                if write.attribute == LIFECYCLE and write.value is None:
-                    self.rows.drop_node(write.node_id)
-                self.rows.put(write.node_id, write.attribute, text)
+                self._put(write)
             self.store.set_meta_json("hlc", self._hlc.to_json())
         return merged
+
+    def _put(self, write: RegisterWrite) -> None:
+        """Store ``write``'s row, signed by this node, in the caller's transaction."""
+        text = sign_record(
+            kind="register",
+            serial=0,
+            body=write.to_json(),
+            signer_id=self.identity.node_id,
+            signer_key=self.identity.node_key,
+            now_ms=self.now_ms(),
+            actor=write.actor,
+        )
+        if write.attribute == LIFECYCLE and write.value is None:
+            # A tombstone drops the node's other registers for good.
+            self.rows.drop_node(write.node_id)
+        self.rows.put(write.node_id, write.attribute, text)
 
     def observe_replicated(self, remote: Hlc) -> None:
         """Move this node's clock past a replicated stamp, without the skew check (it was
@@ -180,50 +169,6 @@ class Registry:
             reason="joined",
             term=term,
         )
-
-    def plan_command(
-        self,
-        node_id: str,
-        command: Command,
-        *,
-        writer_class: WriterClass,
-        actor: str,
-        reason: str,
-        term: int,
-        deadline_wall_ms: int | None = None,
-        until_wall_ms: int | None = None,
-    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None, RegisterWrite | None]:
-        """A lifecycle command checked against the register held here: (before, after,
-        the write that makes it, or ``None`` when nothing changes). Nothing is stored: the
-        control plane proposes the write through the election (ADR 0017). Illegal ->
-        raises, nothing changes."""
-        check_command_writer(command, writer_class)
-        stored = self.registers.lifecycle(node_id)
-        if stored is None:
-            raise NotFound(f"node {node_id} has no lifecycle record", code="unknown_node")
-        before = effective(stored, self.now_ms())
-        after = apply_command(
-            stored,
-            command,
-            now_wall_ms=self.now_ms(),
-            actor=actor,
-            reason=reason,
-            deadline_wall_ms=deadline_wall_ms,
-            until_wall_ms=until_wall_ms,
-        )
-        if after is stored:
-            return before, after, None
-        value = None if after is None else after.to_json()
-        write = self.make_write(
-            node_id,
-            LIFECYCLE,
-            value,
-            writer_class=writer_class,
-            actor=actor,
-            reason=reason,
-            term=term,
-        )
-        return before, after, write
 
     def node_writes_json(self, node_id: str) -> dict[str, Any]:
         return {attr: write.to_json() for attr, write in self.registers.node(node_id).items()}

@@ -61,6 +61,13 @@ from populi_peer.core.cluster_state import (
     token_revocation_item,
 )
 from populi_peer.core.election import RoleChanged
+from populi_peer.core.lifecycle import (
+    Command,
+    NodeLifecycle,
+    apply_command,
+    check_command_writer,
+    effective,
+)
 from populi_peer.core.registers import LIFECYCLE, MEMBER, RegisterSet, RegisterWrite, Stamp
 from populi_peer.core.replication import (
     ClusterKind,
@@ -72,6 +79,7 @@ from populi_peer.core.replication import (
 )
 from populi_peer.errors import (
     BadRequest,
+    NotFound,
     PopuliError,
     ServiceUnavailable,
     StorageUnavailable,
@@ -259,14 +267,7 @@ class Replica:
             with enrollment_boundary():
                 self.membership.check_member(member)
         except PopuliError as exc:
-            log(
-                self.logger,
-                logging.WARNING,
-                "replicated member record skipped",
-                principal=member.id,
-                error=str(exc),
-            )
-            return _nothing
+            return self._skipped("replicated member record skipped", exc, principal=member.id)
         self.membership.store_member(member)
         if change.certificate is not None and member.token_id:
             self.tokens.set_certificate(
@@ -284,14 +285,7 @@ class Replica:
         try:
             record = self.records.stage_replicated_settings(change.text)
         except PopuliError as exc:
-            log(
-                self.logger,
-                logging.WARNING,
-                "replicated settings record skipped",
-                serial=change.serial,
-                error=str(exc),
-            )
-            return _nothing
+            return self._skipped("replicated settings record skipped", exc, serial=change.serial)
         return _adopt_settings(self.records, record, self._settings_installed)
 
     def _stage_revocations(self, merged: RecordSet) -> Callable[[], None]:
@@ -321,11 +315,16 @@ class Replica:
                 )
                 text = sign_revocations(lst, issuer.key, issuer=issuer.certificate)
         except PopuliError as exc:
-            log(self.logger, logging.WARNING, "derived revocation list refused", error=str(exc))
-            return _nothing
+            return self._skipped("derived revocation list refused", exc)
         if not self.revocations.stage_derived(lst, text, now_ms=self.now_ms()):
             return _nothing
         return lambda: self.revocations.adopt(lst, text)
+
+    def _skipped(self, message: str, exc: PopuliError, **fields: object) -> Callable[[], None]:
+        """A replicated change this node refuses: logged (``message``, ``fields``, the
+        error), and nothing to adopt."""
+        log(self.logger, logging.WARNING, message, **fields, error=str(exc))
+        return _nothing
 
 
 def replicated(entry: RevokedNode) -> NodeRevoked:
@@ -553,6 +552,47 @@ class ClusterWrites:
                 "nothing was stored, try again later",
                 condition=exc.details.get("condition", "unknown"),
             ) from exc
+
+    async def lifecycle_command(
+        self,
+        node_id: str,
+        command: Command,
+        *,
+        actor: str,
+        reason: str,
+        deadline_wall_ms: int | None = None,
+        until_wall_ms: int | None = None,
+    ) -> tuple[NodeLifecycle | None, NodeLifecycle | None]:
+        """An operator's lifecycle command checked against the register held here
+        (illegal: raises, nothing changes) and, when it changes the register, proposed at
+        this term: the node's lifecycle before and after."""
+        check_command_writer(command, "operator")
+        stored = self.registry.registers.lifecycle(node_id)
+        if stored is None:
+            raise NotFound(f"node {node_id} has no lifecycle record", code="unknown_node")
+        now_ms = self.registry.now_ms()
+        before = effective(stored, now_ms)
+        after = apply_command(
+            stored,
+            command,
+            now_wall_ms=now_ms,
+            actor=actor,
+            reason=reason,
+            deadline_wall_ms=deadline_wall_ms,
+            until_wall_ms=until_wall_ms,
+        )
+        if after is not stored:
+            write = self.registry.make_write(
+                node_id,
+                LIFECYCLE,
+                None if after is None else after.to_json(),
+                writer_class="operator",
+                actor=actor,
+                reason=reason,
+                term=self.term,
+            )
+            await self.propose(write)
+        return before, after
 
     def cluster_record(self, kind: ClusterKind) -> ClusterRecord | None:
         """The ``kind`` record the replicated set holds (``None``: never stored through

@@ -68,7 +68,6 @@ from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import DEAD_STATES, STOPPING_REFUSALS, Lease
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
-    OPERATIONS,
     CancelMessage,
     GpusAnswer,
     HandoffMessage,
@@ -816,10 +815,8 @@ class Submitter:
             gpu_model=task.options.gpu_model,
         )
         try:
-            answer = await self.control_plane.call(
-                "POST", "/v1/populi/exec/leases", request, answer=LeaseReplayAnswer
-            )
-            lease = self._check_lease(answer.lease, task_id=task_id, attempt=attempt, holder=node)
+            view = await self._grant(request)
+            lease = self._check_lease(view, task_id=task_id, attempt=attempt, holder=node)
         except PopuliError as exc:
             await self._refused(task, control, "grant", exc, node=node)
             return
@@ -833,7 +830,7 @@ class Submitter:
                 reasons=reasons,
                 rejected=rejected,
             ),
-            lease=answer.lease,
+            lease=view,
         )
 
     async def _place_local(self, task: Task, control: Control, reasons: tuple[str, ...]) -> None:
@@ -861,9 +858,7 @@ class Submitter:
         attempt = self.request_number(task.task_id, "local")
         view: LeaseView
         if task.gpus_wanted > 0:
-            granted = await self.control_plane.call(
-                "POST",
-                "/v1/populi/exec/leases",
+            view = await self._grant(
                 LeaseGrantRequest(
                     task_id=task.task_id,
                     attempt=attempt,
@@ -872,28 +867,40 @@ class Submitter:
                     gpus_wanted=task.gpus_wanted,
                     ttl_s=self.ttl_s(),
                     previous_node=previous_node(task),
-                ),
-                answer=LeaseReplayAnswer,
+                )
             )
-            view = granted.lease
         else:
-            confirmed = await self.control_plane.call(
-                "POST",
-                "/v1/populi/exec/fallback",
-                LeaseFallbackRequest(
-                    task_id=task.task_id,
-                    attempt=attempt,
-                    gpus_wanted=0,
-                    ttl_s=self.ttl_s(),
-                    work_class=task.work_class,
-                    previous_node=previous_node(task),
-                ),
-                answer=LeaseFallbackAnswer,
-            )
-            view = confirmed.lease
+            view = (await self._confirm_fallback(task, attempt, gpus_wanted=0)).lease
         self._check_lease(view, task_id=task.task_id, attempt=attempt, holder=self.node_id)
         self.request_settled(task.task_id)
         return view
+
+    async def _grant(self, request: LeaseGrantRequest) -> LeaseView:
+        """The lease the control plane grants for ``request`` (a replay of the same
+        request number answers the same lease)."""
+        answer = await self.control_plane.call(
+            "POST", "/v1/populi/exec/leases", request, answer=LeaseReplayAnswer
+        )
+        return answer.lease
+
+    async def _confirm_fallback(
+        self, task: Task, attempt: int, *, gpus_wanted: int
+    ) -> LeaseFallbackAnswer:
+        """The control plane's lease for a local attempt of ``task`` with
+        ``gpus_wanted`` of this node's GPUs, once any lease before it is dead."""
+        return await self.control_plane.call(
+            "POST",
+            "/v1/populi/exec/fallback",
+            LeaseFallbackRequest(
+                task_id=task.task_id,
+                attempt=attempt,
+                gpus_wanted=gpus_wanted,
+                ttl_s=self.ttl_s(),
+                work_class=task.work_class,
+                previous_node=previous_node(task),
+            ),
+            answer=LeaseFallbackAnswer,
+        )
 
     # -- remote ---------------------------------------------------------------------------
 
@@ -1048,19 +1055,7 @@ class Submitter:
             local_gpus = 0
             extra_reasons = ("no_local_gpu",)
         try:
-            answer = await self.control_plane.call(
-                "POST",
-                "/v1/populi/exec/fallback",
-                LeaseFallbackRequest(
-                    task_id=task.task_id,
-                    attempt=attempt,
-                    gpus_wanted=local_gpus,
-                    ttl_s=self.ttl_s(),
-                    work_class=task.work_class,
-                    previous_node=previous_node(task),
-                ),
-                answer=LeaseFallbackAnswer,
-            )
+            answer = await self._confirm_fallback(task, attempt, gpus_wanted=local_gpus)
             lease = self._check_lease(
                 answer.lease, task_id=task.task_id, attempt=attempt, holder=self.node_id
             )
@@ -1294,18 +1289,7 @@ class Submitter:
     # -- API ------------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
-        def route(method: str, path: str, handler: Any, roles: frozenset[str], name: str) -> Route:
-            types = OPERATIONS[name]
-            return Route(
-                method,
-                path,
-                handler,
-                roles=roles,
-                name=name,
-                request=types.request,
-                answer=types.answer,
-            )
-
+        route = Route.catalogued
         return [
             route("POST", "/v1/populi/tasks", self._submit, SUBMIT, "task_submit"),
             route("GET", "/v1/populi/tasks", self._list, READERS, "task_list"),

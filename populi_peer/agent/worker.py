@@ -44,7 +44,6 @@ from populi_peer.config import ExecConfig
 from populi_peer.core.claims import Decision
 from populi_peer.core.fencing import FenceBook
 from populi_peer.core.messages import (
-    OPERATIONS,
     CancelAnswer,
     CancelMessage,
     HandoffAnswer,
@@ -129,13 +128,12 @@ class Worker:
 
     def routes(self) -> list[Route]:
         return [
-            Route(
+            Route.catalogued(
                 "GET",
                 "/v1/populi/exec/attempts/{task_id}/{attempt}/output",
                 self._output,
                 roles=OUTPUT_READERS,
                 name="attempt_output",
-                answer=OPERATIONS["attempt_output"].answer,
             )
         ]
 

@@ -29,8 +29,9 @@ from urllib.parse import parse_qs
 from enrollment.errors import EnrollmentError
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.auth import Authenticator, Principal
+from populi_peer.api.server import answer_lifespan
 from populi_peer.clock import Clock
-from populi_peer.core.messages import Message
+from populi_peer.core.messages import OPERATIONS, Message
 from populi_peer.errors import (
     BadRequest,
     Forbidden,
@@ -174,7 +175,8 @@ def _error_code(response: Response) -> str | None:
 class Route:
     """One operation: ``name`` is its ``operationId`` in the contract; ``request`` and
     ``answer`` its body types, where declared (``OPERATIONS`` in
-    :mod:`populi_peer.core.messages` says which; a test holds the two together)."""
+    :mod:`populi_peer.core.messages` says which: :meth:`catalogued` takes them from there;
+    a test holds the two together)."""
 
     method: str
     pattern: str
@@ -184,6 +186,23 @@ class Route:
     name: str = ""
     request: type[Message] | None = None
     answer: type[Message] | None = None
+
+    @classmethod
+    def catalogued(
+        cls, method: str, pattern: str, handler: Handler, roles: frozenset[str] | None, name: str
+    ) -> Route:
+        """The route of operation ``name`` with the body types the catalogue
+        (``OPERATIONS``) gives it."""
+        types = OPERATIONS[name]
+        return cls(
+            method,
+            pattern,
+            handler,
+            roles=roles,
+            name=name,
+            request=types.request,
+            answer=types.answer,
+        )
 
     def compile(self) -> re.Pattern[str]:
         regex = _PARAM_RE.sub(
@@ -269,7 +288,7 @@ class ApiApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":  # websockets are not part of the API
             return
@@ -385,15 +404,6 @@ class ApiApp:
         headers.extend((k.lower().encode(), v.encode()) for k, v in response.headers.items())
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
 
 def _parse_body(cls: type[Message], request: Request) -> Message:

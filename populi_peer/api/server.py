@@ -105,4 +105,36 @@ async def serve_api(
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
-__all__ = ["AlertingSSLObject", "ReloadableConfig", "hypercorn_config", "serve_api"]
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """Answer the ASGI lifespan protocol for an app with nothing to start or stop, so
+    that hypercorn does not warn at every start that it has no lifespan."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def with_lifespan(app: Any) -> Any:
+    """``app`` (one that knows only HTTP, such as prometheus-client's) answering the
+    ASGI lifespan protocol too (:func:`answer_lifespan`)."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return asgi
+
+
+__all__ = [
+    "AlertingSSLObject",
+    "ReloadableConfig",
+    "answer_lifespan",
+    "hypercorn_config",
+    "serve_api",
+    "with_lifespan",
+]

@@ -29,13 +29,21 @@ from populi_peer.store.db import Store
 
 
 @dataclass(frozen=True, slots=True)
-class AttemptRecord:
+class AttemptIdentity:
+    """What names an attempt and the lease it runs under: an attempt row
+    (:class:`AttemptRecord`) and the agent's plan (``agent.attempts.AttemptPlan``) begin
+    with it, and a row is saved from it."""
+
     task_id: str
     attempt: int
     role: str  # "worker" | "local"
     submitter: str
     token: FencingToken
     lease_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord(AttemptIdentity):
     state: str  # "accepted" | "running" | "finished"
     #: The attempt's plan (``agent.attempts.AttemptPlan.to_json``) and what the run added
     #: (``started_wall_ms``...).
@@ -72,13 +80,8 @@ class Attempts:
 
     def save(
         self,
+        identity: AttemptIdentity,
         *,
-        task_id: str,
-        attempt: int,
-        role: str,
-        submitter: str,
-        token: FencingToken,
-        lease_id: str | None,
         state: str,
         body: dict[str, Any],
         result: dict[str, Any] | None,
@@ -87,14 +90,14 @@ class Attempts:
         claim: Claim | None = None,
         drop_claim: str | None = None,
     ) -> None:
-        """Record an attempt's new state; a result once recorded is kept when ``result`` is
-        ``None``. ``fence``: a worker admits this attempt — its task's fence becomes
-        ``token`` in the same transaction (both or neither). ``claim``: the node-local
-        claim this attempt starts under, recorded with it; ``drop_claim``: the claim its
-        end gives back."""
+        """Record the new state of the attempt ``identity`` names; a result once recorded
+        is kept when ``result`` is ``None``. ``fence``: a worker admits this attempt — its
+        task's fence becomes its token in the same transaction (both or neither).
+        ``claim``: the node-local claim this attempt starts under, recorded with it;
+        ``drop_claim``: the claim its end gives back."""
         with self.store.transaction():
             if fence:
-                self.set_fence(task_id, token, now_ms=now_ms)
+                self.set_fence(identity.task_id, identity.token, now_ms=now_ms)
             if claim is not None:
                 self.store.execute(
                     "INSERT INTO claims (claim_id, task_id, attempt, body, made_ms) VALUES (?,?,?,?,?)",
@@ -113,12 +116,12 @@ class Attempts:
                 "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (task_id, attempt, role) DO UPDATE SET "
                 "state=excluded.state, body=excluded.body, result=COALESCE(excluded.result, attempts.result), updated_ms=excluded.updated_ms",
                 (
-                    task_id,
-                    attempt,
-                    role,
-                    submitter,
-                    str(token),
-                    lease_id,
+                    identity.task_id,
+                    identity.attempt,
+                    identity.role,
+                    identity.submitter,
+                    str(identity.token),
+                    identity.lease_id,
                     state,
                     json.dumps(body, sort_keys=True),
                     None if result is None else json.dumps(result, sort_keys=True),
@@ -212,4 +215,4 @@ class Attempts:
             )
 
 
-__all__ = ["AttemptRecord", "Attempts"]
+__all__ = ["AttemptIdentity", "AttemptRecord", "Attempts"]

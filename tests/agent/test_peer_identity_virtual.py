@@ -41,6 +41,7 @@ from agent.sim_support import (
 )
 
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.messages import StatusAnswer
 from populi_peer.testing import Faults
 from populi_peer.testing.cluster import VirtualCluster
 from support.apps import read_body
@@ -227,7 +228,7 @@ async def test_a_misrouted_call_fails_like_a_tls_identity_failure(
             assert member is not None
             before = dict(cluster.network.stats)
             with pytest.raises(PeerIdentityError) as refused:
-                await w1.peer_link.call(member, "GET", "/v1/populi/status")
+                await w1.peer_link.call(member, "GET", "/v1/populi/status", answer=StatusAnswer)
             assert refused.value.code == "peer_revoked"
             assert dict(cluster.network.stats) == before  # not even sent
         assert "\n" not in str(refused.value)

@@ -54,7 +54,7 @@ from populi_peer.core.messages import HandoffMessage
 from populi_peer.core.reports import Claim
 from populi_peer.errors import Conflict
 from populi_peer.store import Store
-from populi_peer.store.attempts import Attempts
+from populi_peer.store.attempts import AttemptIdentity, Attempts
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.sim import SimHost, open_sim_host
 from populi_peer.testing.waiting import wait_for
@@ -470,12 +470,7 @@ def _claim(store: Store, gpu: str) -> None:
         made_wall_ms=1,
     )
     Attempts(store).save(
-        task_id="t-local",
-        attempt=1,
-        role="local",
-        submitter=WORKER,
-        token=claim.token,
-        lease_id=None,
+        AttemptIdentity("t-local", 1, "local", WORKER, claim.token, None),
         state="running",
         body={"gpus": [gpu], "claim_id": claim.claim_id, "task_id": "t-local"},
         result=None,

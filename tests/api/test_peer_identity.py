@@ -34,7 +34,7 @@ from enrollment.ca import (
 )
 from enrollment.keys import generate_key, node_id_for, write_private_key
 from populi_peer.api.client import PeerClient, PeerTransport, SyncPeerClient
-from populi_peer.api.server import hypercorn_config, serve_api
+from populi_peer.api.server import answer_lifespan, hypercorn_config, serve_api
 from populi_peer.api.tls import RevokedCheck, client_context, peer_context
 from populi_peer.clock import SystemClock
 from populi_peer.errors import PeerIdentityError
@@ -162,13 +162,7 @@ async def _serve(nursery: trio.Nursery, node: Node) -> Server:
         scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
     ) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
         if scope["type"] != "http":
             return
         server.requests.append(f"{scope['method']} {scope['path']}")

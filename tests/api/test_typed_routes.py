@@ -13,6 +13,7 @@ import trio
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.app import ApiApp, Request, Response, Route
 from populi_peer.core.messages import (
+    OPERATIONS,
     HeartbeatReport,
     RenewRequest,
     SettingsPushAnswer,
@@ -152,3 +153,19 @@ async def test_a_handler_that_breaks_its_routes_types_is_an_internal_error(
 ) -> None:
     answer = await _post(_app([]), path, b"{}")
     assert (answer.status_code, answer.json()["error"]["code"]) == (500, "internal_error")
+
+
+def test_a_catalogued_route_takes_its_body_types_from_the_catalogue() -> None:
+    async def handler(request: Request) -> Response:
+        return Response(204, {})
+
+    grant = Route.catalogued("POST", "/grant", handler, frozenset({"submit"}), "lease_grant")
+    listing = Route.catalogued("GET", "/list", handler, None, "lease_list")
+    assert (grant.request, grant.answer) == (
+        OPERATIONS["lease_grant"].request,
+        OPERATIONS["lease_grant"].answer,
+    )
+    assert (grant.roles, grant.name) == (frozenset({"submit"}), "lease_grant")
+    assert (listing.request, listing.answer) == (None, OPERATIONS["lease_list"].answer)
+    with pytest.raises(KeyError):
+        Route.catalogued("GET", "/x", handler, None, "not_an_operation")

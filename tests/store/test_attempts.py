@@ -8,7 +8,7 @@ import pytest
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.store import Store
-from populi_peer.store.attempts import AttemptRecord, Attempts
+from populi_peer.store.attempts import AttemptIdentity, AttemptRecord, Attempts
 
 T0 = 1_700_000_000_000
 
@@ -27,12 +27,7 @@ def save(
     **body: Any,
 ) -> None:
     attempts.save(
-        task_id=task_id,
-        attempt=attempt,
-        role=role,
-        submitter="n-submitter",
-        token=FencingToken.parse(token),
-        lease_id="l-1",
+        AttemptIdentity(task_id, attempt, role, "n-submitter", FencingToken.parse(token), "l-1"),
         state=state,
         body={"task_id": task_id, **body},
         result=result,

@@ -17,7 +17,7 @@ from populi_peer.core.membership import Member
 from populi_peer.core.tasks import Task
 from populi_peer.errors import StoreError
 from populi_peer.store import Store, bind_request_nonce
-from populi_peer.store.attempts import Attempts
+from populi_peer.store.attempts import AttemptIdentity, Attempts
 from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
 from populi_peer.store.leases import Leases
@@ -97,12 +97,7 @@ WRITES: dict[str, Callable[[Store], object]] = {
     "tasks.insert": lambda s: Tasks(s).insert(TaskRecord(TASK), now_ms=1),
     "tasks.update": lambda s: Tasks(s).update(TaskRecord(TASK), now_ms=1),
     "attempts.save": lambda s: Attempts(s).save(
-        task_id="t",
-        attempt=1,
-        role="worker",
-        submitter="n",
-        token=FencingToken(1, 1),
-        lease_id=None,
+        AttemptIdentity("t", 1, "worker", "n", FencingToken(1, 1), None),
         state="accepted",
         body={},
         result=None,
