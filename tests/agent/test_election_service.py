@@ -29,7 +29,9 @@ from populi_peer.store.election import ElectionState
 from populi_peer.store.events import EventLog
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import open_virtual_cluster
+from populi_peer.testing.waiting import wait_for
 from support.contract import validate
+from support.voters import FAST_ELECTION, Direct
 
 NODE = "n-voter-a"
 
@@ -180,7 +182,7 @@ async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
     service.state.save_records = save_records  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        await wait_for(lambda: service.role == "leader")
+        await wait_for("the leader", lambda: service.role == "leader")
         term = service.term
         failing["on"] = True
         with pytest.raises(ServiceUnavailable) as refused:
@@ -222,13 +224,13 @@ async def test_a_failure_after_a_commit_restarts_from_storage(
     service.on_records = materialize
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        await wait_for(lambda: service.role == "leader")
+        await wait_for("the leader", lambda: service.role == "leader")
         term = service.term
         failing["on"] = True
         with pytest.raises(ServiceUnavailable) as unknown:
             await service.write(token(service, "tok-1", "node-x"))
         assert unknown.value.code == "outcome_unknown"
-        await wait_for(lambda: service.role == "leader" and service.term > term)
+        await wait_for("a restart", lambda: service.role == "leader" and service.term > term)
         assert service.term == store_term(store)
         # Restarted from storage: the stored write is there, and replayed to the
         # materializer at the start.
@@ -241,12 +243,6 @@ async def test_a_failure_after_a_commit_restarts_from_storage(
 
 def store_term(store: Store) -> int:
     return ElectionState(store).load()[0].term
-
-
-async def wait_for(predicate: object, timeout_s: float = 60.0) -> None:
-    with trio.fail_after(timeout_s):
-        while not predicate():  # type: ignore[operator]
-            await trio.sleep(0.1)
 
 
 async def test_the_init_node_of_a_cluster_is_the_sole_voter_and_leads(
@@ -276,35 +272,10 @@ async def test_the_init_node_of_a_cluster_is_the_sole_voter_and_leads(
         assert w1.control_plane.id == cp.node_id
 
 
-class Direct:
-    """Voters in one trio run, each message handed to the other service's ``receive`` (what
-    the election route does after authenticating the caller); ``down`` voters answer
-    nothing, as a crashed process would not."""
-
-    def __init__(self, sender: str, services: dict[str, ElectionService], down: set[str]) -> None:
-        self.sender = sender
-        self.services = services
-        self.down = down
-
-    async def exchange(self, to: str, messages: Sequence[object]) -> Sequence[object]:
-        await trio.sleep(0.01)
-        if to in self.down or self.sender in self.down:
-            raise ServiceUnavailable(f"{to} does not answer", code="peer_unreachable")
-        return self.services[to].receive(self.sender, messages)  # type: ignore[arg-type]
-
-
 async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_write(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     names = ("n-v1", "n-v2", "n-v3")
-    settings = ElectionSettings(
-        election_timeout_min_s=2.0,
-        election_timeout_max_s=4.0,
-        heartbeat_interval_s=0.25,
-        leader_lease_s=1.0,
-        lease_margin_s=0.2,
-        write_timeout_s=3.0,
-    )
     stores = {}
     for name in names:
         (tmp_path / name).mkdir()
@@ -322,8 +293,8 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
             clock=clocks[name],
             state=ElectionState(stores[name]),
             events=EventLog(stores[name]),
-            settings=settings,
-            transport=Direct(name, services, down),  # type: ignore[arg-type]
+            settings=FAST_ELECTION,
+            transport=Direct(name, services.get, down),  # type: ignore[arg-type]
             rng=random.Random(seed),
         )
         services[name] = service
@@ -340,7 +311,7 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
     async with trio.open_nursery() as nursery:
         for seed, name in enumerate(names):
             await nursery.start(run, name, seed)
-        await wait_for(lambda: len(leaders()) == 1)
+        await wait_for("one leader", lambda: len(leaders()) == 1)
         first = leaders()[0]
         term = services[first].term
         assert all(services[n].leader_id == first for n in names)
@@ -359,7 +330,7 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
         # The leader dies (nothing graceful); a survivor leads at a higher term, with it.
         down.add(first)
         scopes[first].cancel()
-        await wait_for(lambda: len(leaders()) == 1 and leaders()[0] != first)
+        await wait_for("a new leader", lambda: len(leaders()) == 1 and leaders()[0] != first)
         second = leaders()[0]
         assert services[second].term > term
         machine = services[second].machine
@@ -379,13 +350,13 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
         # The old leader comes back from its disk and follows the new one.
         down.discard(first)
         await nursery.start(run, first, 99)
-        await wait_for(lambda: services[first].leader_id == second)
+        await wait_for("the old leader following", lambda: services[first].leader_id == second)
         assert services[first].term == services[second].term and leaders() == [second]
 
         # The leader's machine sleeps past its lease (suspend: the boot clock moves, trio's
         # does not): it may not act the moment it wakes, before any timer of its fires.
         assert services[second].can_act()
-        clocks[second].suspend(settings.leader_lease_s * 2)
+        clocks[second].suspend(FAST_ELECTION.leader_lease_s * 2)
         assert not services[second].can_act()
         nursery.cancel_scope.cancel()
     for store in stores.values():

@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from enrollment.ca import certificate_public_key
 from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.records import sign_record
-from populi_peer.agent.membership import Membership
-from populi_peer.agent.records import ClusterRecords
-from populi_peer.agent.registry import Registry
-from populi_peer.agent.replica import Replica
-from populi_peer.agent.revocations import RevocationState
 from populi_peer.cluster import InitResult
 from populi_peer.core import settings as cluster_settings
 from populi_peer.core.cluster_state import (
@@ -40,9 +33,8 @@ from populi_peer.core.lifecycle import initial_lifecycle
 from populi_peer.core.membership import Member
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite, Stamp
 from populi_peer.core.replication import Entry, Item, SetElement, WriteId
-from populi_peer.identity import Identity, load_identity
-from populi_peer.store import Store
 from populi_peer.store.tokens import JoinTokens
+from support.voters import ReplicaVoter
 
 WALL_MS = 1_780_000_000_000
 
@@ -58,18 +50,8 @@ class FixedClock:
         return 0.0
 
 
-@dataclass
-class Voter:
-    """One voter's data directory, opened as the agent opens it, with its materializer."""
-
-    data_dir: Path
-    store: Store
-    identity: Identity
-    membership: Membership
-    registry: Registry
-    records: ClusterRecords
-    revocations: RevocationState
-    replica: Replica
+class Voter(ReplicaVoter):
+    """A voter's materializer and the reads these tests make of its tables."""
 
     @property
     def tokens(self) -> JoinTokens:
@@ -97,24 +79,7 @@ class Voter:
 
 
 def open_voter(data_dir: Path) -> Voter:
-    store = Store.open(data_dir)
-    identity = load_identity(data_dir, store)
-    membership = Membership(store)
-    registry = Registry(store, identity, FixedClock(), max_skew_s=300.0)
-    records = ClusterRecords(store, membership)
-    revocations = RevocationState(
-        store, cluster_id=identity.cluster_id, cluster_key=certificate_public_key(identity.ca_cert)
-    )
-    replica = Replica(
-        store,
-        membership=membership,
-        registry=registry,
-        records=records,
-        revocations=revocations,
-        issuer=lambda: identity.issuer,
-        now_ms=lambda: WALL_MS,
-    )
-    return Voter(data_dir, store, identity, membership, registry, records, revocations, replica)
+    return Voter.open(data_dir, FixedClock(), now_ms=lambda: WALL_MS)
 
 
 @pytest.fixture
