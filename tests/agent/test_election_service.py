@@ -11,7 +11,8 @@ SQLite, virtual time, the machine driven by trio.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,15 @@ def bootstrap(store: Store, voters: Sequence[str] = (NODE,)) -> Entry:
     return entry
 
 
+@asynccontextmanager
+async def running(service: ElectionService) -> AsyncIterator[ElectionService]:
+    """``service`` started, and running until the block ends."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        yield service
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -78,8 +88,7 @@ async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
     voters = bootstrap(store)
     recorder = Recorder()
     service = service_for(store, recorder)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         assert service.role == "leader" and service.leader_id == NODE
         assert service.term == 1 and service.can_act()
         assert recorder.entries == [voters]  # the stored entries, replayed at start
@@ -96,7 +105,6 @@ async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
             for e in EventLog(store).page(kind="election", limit=10)
         ]
         assert ("leader", "vote_won") in kinds
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -107,22 +115,18 @@ async def test_term_vote_and_records_survive_a_restart(
     bootstrap(store)
     first = Recorder()
     service = service_for(store, first)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         written = await service.write(token(service, "tok-1", "node-x"))
-        nursery.cancel_scope.cancel()
     store.close()
 
     store = Store.open(tmp_path)
     again = Recorder()
     service = service_for(store, again)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         assert service.role == "leader" and service.term == 2
         assert written in again.calls[0]  # replayed to the materializer at start
         assert service.machine is not None
         assert service.machine.records.set_element("consumed_tokens", "tok-1") == written.item
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -132,13 +136,11 @@ async def test_refusals_name_their_reason(
     store = Store.open(tmp_path, create=True)
     bootstrap(store)
     service = service_for(store, Recorder())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         await service.write(token(service, "tok-1", "node-x"))
         with pytest.raises(Conflict) as refused:
             await service.write(token(service, "tok-1", "node-y"))
         assert refused.value.code == "token_already_consumed"
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -149,15 +151,13 @@ async def test_a_node_that_is_not_the_leader_refuses_writes_as_not_control_plane
     # Two voters and no peer reachable: no leader, ever.
     bootstrap(store, (NODE, "n-voter-b"))
     service = service_for(store, Recorder())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         await trio.sleep(60)
         assert service.role in ("follower", "precandidate") and not service.can_act()
         with pytest.raises(Conflict) as refused:
             await service.write(token(service, "tok-1", "node-x"))
         assert refused.value.code == "not_control_plane"
         assert refused.value.details["term"] == service.term
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -180,8 +180,7 @@ async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
         real_save(entries, digest)  # type: ignore[arg-type]
 
     service.state.save_records = save_records  # type: ignore[method-assign]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         await wait_for("the leader", lambda: service.role == "leader")
         term = service.term
         failing["on"] = True
@@ -198,7 +197,6 @@ async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
         assert service.machine.records.set_element("consumed_tokens", "tok-1") is None
         entry = await service.write(token(service, "tok-1", "node-y"))
         assert entry.write_id.term == term
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -222,8 +220,7 @@ async def test_a_failure_after_a_commit_restarts_from_storage(
         recorder(entries)
 
     service.on_records = materialize
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         await wait_for("the leader", lambda: service.role == "leader")
         term = service.term
         failing["on"] = True
@@ -237,7 +234,6 @@ async def test_a_failure_after_a_commit_restarts_from_storage(
         assert service.machine is not None
         assert service.machine.records.set_element("consumed_tokens", "tok-1") is not None
         assert any(e.key == ("set", "consumed_tokens", "tok-1") for e in recorder.entries)
-        nursery.cancel_scope.cancel()
     store.close()
 
 
