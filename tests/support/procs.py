@@ -206,17 +206,18 @@ def kill_pids(pids: Iterable[int]) -> None:
             pass
 
 
+def _loopback_node(data_dir: Path, name: str) -> tuple[str, ...]:
+    """The arguments of ``populi init`` / ``populi join`` for node ``name`` in
+    ``data_dir``, listening on a free loopback port."""
+    return ("--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--name", name)
+
+
 def init(data_dir: Path, *args: str, name: str = "cp") -> dict[str, object]:
     result = populi(
         "init",
         "--cluster-name",
         "lab",
-        "--data-dir",
-        str(data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        name,
+        *_loopback_node(data_dir, name),
         "--json",
         *args,
         check=True,
@@ -254,14 +255,4 @@ def create_token(data_dir: Path, *args: str) -> str:
 
 def join_node(token: str, data_dir: Path, name: str) -> None:
     """``populi join TOKEN`` into ``data_dir`` as ``name``, listening on a free loopback port."""
-    populi(
-        "join",
-        token,
-        "--data-dir",
-        str(data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        name,
-        check=True,
-    )
+    populi("join", token, *_loopback_node(data_dir, name), check=True)
