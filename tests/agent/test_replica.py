@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,18 @@ class Voter(ReplicaVoter):
 
 def open_voter(data_dir: Path) -> Voter:
     return Voter.open(data_dir, FixedClock(), now_ms=lambda: WALL_MS)
+
+
+@contextmanager
+def reopened(voter: Voter) -> Iterator[Voter]:
+    """``voter``'s data directory opened again once its store is closed: what the agent
+    reads after a restart."""
+    voter.store.close()
+    again = open_voter(voter.data_dir)
+    try:
+        yield again
+    finally:
+        again.store.close()
 
 
 @pytest.fixture
@@ -165,14 +178,10 @@ def test_a_join_replicated_lands_in_the_tables_the_agent_reads(voter: Voter) -> 
 
     # A restarted agent reads the same from its tables.
     before = voter.dump()
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         assert again.membership.get(member.id) == member
         assert again.registry.lifecycle(member.id) is not None
         assert again.dump() == before
-    finally:
-        again.store.close()
 
 
 def test_applying_again_in_any_order_or_after_a_restart_changes_nothing(voter: Voter) -> None:
@@ -183,13 +192,9 @@ def test_applying_again_in_any_order_or_after_a_restart_changes_nothing(voter: V
     voter.replica.apply(batch[::-1])
     voter.replica.apply(batch[2:])
     assert voter.dump() == once
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         again.replica.apply(batch)
         assert again.dump() == once
-    finally:
-        again.store.close()
 
 
 def test_the_same_entries_give_the_same_tables_whatever_order_they_arrive_in(
@@ -229,12 +234,8 @@ def test_an_older_register_write_does_not_replace_a_newer_one(voter: Voter) -> N
     stale = lifecycle(member.id, 2, WALL_MS + 9)  # later clock, older term: loses
     voter.replica.apply(entries(2, stale, first_seq=10))
     assert voter.registry.registers.get(member.id, LIFECYCLE) == cordoned
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         assert again.registry.registers.get(member.id, LIFECYCLE) == cordoned
-    finally:
-        again.store.close()
 
 
 def test_a_deleted_node_leaves_every_table_and_a_late_write_does_not_bring_it_back(
@@ -403,9 +404,5 @@ def test_a_replicated_register_older_than_one_written_here_does_not_replace_it(
     )
     assert voter.registry.registers.get(member.id, LIFECYCLE) == newer
     assert voter.registry.lifecycle(other.id) is not None
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         assert again.registry.registers.get(member.id, LIFECYCLE) == newer
-    finally:
-        again.store.close()
