@@ -101,6 +101,11 @@ def grant_body(task_id: str, target: Agent, **changes: Any) -> dict[str, Any]:
     }
 
 
+def fallback_body(task_id: str) -> dict[str, Any]:
+    """The submitter's ask to run ``task_id``'s second attempt itself (no GPU)."""
+    return {"task_id": task_id, "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S}
+
+
 def refusal(response: httpx.Response) -> list[str]:
     assert response.status_code == 409, response.text
     error = response.json()["error"]
@@ -158,17 +163,11 @@ async def test_only_the_holder_renews_and_a_completed_task_never_falls_back(
         stranger_renew = await submitter.post(f"{path}/renew", json={})
         stranger_release = await submitter.post(f"{path}/release", json={"outcome": "stopped"})
         renewed = await holder.post(f"{path}/renew", json={})
-        early = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-done", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        early = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-done"))
         done = await holder.post(f"{path}/release", json={"outcome": "completed"})
         again = await holder.post(f"{path}/release", json={"outcome": "completed"})
         stopped_after = await holder.post(f"{path}/release", json={"outcome": "stopped"})
-        fallback = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-done", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        fallback = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-done"))
         regrant = await submitter.post(
             "/v1/populi/exec/leases", json=grant_body("t-done", w1, attempt=2)
         )
@@ -214,15 +213,9 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(
         # Revoking frees nothing: the GPU and the task key stay taken until the holder
         # releases or the lease expires (safety rule 4).
         busy = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-gpu", w1))
-        waiting = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-rev", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        waiting = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-rev"))
         released = await holder.post(f"{path}/release", json={"outcome": "stopped"})
-        fallback = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-rev", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        fallback = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-rev"))
     body = revoked.json()["lease"]
     assert body["state"] == "revoking" and body["reason"] == "driver update"
     assert body["revoked_by"] == cp.certificates.identity.operator.principal_id
@@ -276,7 +269,6 @@ async def test_expiry_in_virtual_time_then_fallback_gets_a_higher_token(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     margin = float(cp.records.settings["lease_expiry_margin_s"])
-    fallback_body = {"task_id": "t-exp", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S}
     async with as_node(cluster, w2) as submitter:
         granted = trio.current_time()
         answer = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-exp", w1))
@@ -290,14 +282,14 @@ async def test_expiry_in_virtual_time_then_fallback_gets_a_higher_token(
         expiry = granted + TTL_S + margin
         await trio.sleep_until(expiry)
         inside = (await submitter.get(path)).json()["lease"]
-        waiting = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
+        waiting = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-exp"))
         assert trio.current_time() == expiry
         # The control plane's lease loop wakes 1 ms past it (agent/leases.py) and
         # declares the lease dead then.
         await trio.sleep_until(expiry + 0.002)
         dead = (await submitter.get(path)).json()["lease"]
-        confirmed = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
-        replay = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
+        confirmed = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-exp"))
+        replay = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-exp"))
         freed = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-after", w1))
     assert inside["state"] == "live" and inside["expires_in_s"] == -margin
     assert "lease_live" in refusal(waiting)
