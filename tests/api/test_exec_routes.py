@@ -27,7 +27,7 @@ from populi_peer.core.fencing import FencingToken
 from populi_peer.testing.cluster import VirtualCluster
 from support.contract import validate_request
 from support.vcluster import as_node as signed_as_node
-from support.vcluster import change_settings, vcluster
+from support.vcluster import change_settings, grant_body, vcluster
 
 FIXTURE = "h100-80gb-hbm3-idle.json"
 TOKEN_RE = re.compile(r"^[1-9][0-9]*\.[1-9][0-9]*$")
@@ -87,18 +87,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[VirtualCluster]:
             timeout_s=GUARD_S,
         )
         yield cluster
-
-
-def grant_body(task_id: str, target: Agent, **changes: Any) -> dict[str, Any]:
-    return {
-        "task_id": task_id,
-        "attempt": 1,
-        "work_class": "agent",
-        "target": target.node_id,
-        "gpus_wanted": 1,
-        "ttl_s": TTL_S,
-        **changes,
-    }
 
 
 def fallback_body(task_id: str) -> dict[str, Any]:
