@@ -119,6 +119,12 @@ def claimed(cluster: VirtualCluster, name: str, task_id: str) -> bool:
     return row is not None
 
 
+def stored_lease_state(agent: Agent, lease_id: str) -> str | None:
+    """The state of lease ``lease_id`` in ``agent``'s store (None: not there)."""
+    row = agent.store.execute("SELECT state FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+    return None if row is None else str(row["state"])
+
+
 # -- the scenario ---------------------------------------------------------------------------
 
 
@@ -397,14 +403,12 @@ class Observer:
         for lease_id, state in self.terminal.items():
             if lease_id not in table.leases:
                 # Ended leases may leave memory (compaction); the store must keep them.
-                row = node.agent.store.execute(
-                    "SELECT state FROM leases WHERE lease_id = ?", (lease_id,)
-                ).fetchone()
-                if row is None or row["state"] != state:
+                stored = stored_lease_state(node.agent, lease_id)
+                if stored != state:
                     self.fail(
                         "rule 4 (a dead lease stays dead)",
                         f"lease {lease_id} was {state}; the control plane now has "
-                        f"{'nothing' if row is None else row['state']}",
+                        f"{stored or 'nothing'}",
                     )
         history: dict[str, list[Any]] = {}
         for lease in table.leases.values():
@@ -442,14 +446,11 @@ class Observer:
             return
         pending, self.told_dead = self.told_dead, []
         for lease_id, state in pending:
-            row = node.agent.store.execute(
-                "SELECT state FROM leases WHERE lease_id = ?", (lease_id,)
-            ).fetchone()
-            if row is None or row["state"] != state:
+            stored = stored_lease_state(node.agent, lease_id)
+            if stored != state:
                 self.fail(
                     "rule 4 (durable before told)",
-                    f"an answer said lease {lease_id} is {state}; the store says "
-                    f"{None if row is None else row['state']}",
+                    f"an answer said lease {lease_id} is {state}; the store says {stored}",
                 )
 
     def on_answer(self, request: httpx.Request, response: httpx.Response) -> None:
