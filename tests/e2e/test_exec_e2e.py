@@ -57,12 +57,13 @@ from e2e.exec_support import (
     ticks_of,
     token_key,
     wait_for,
+    wait_renewal,
     wait_ticks,
 )
 
 from populi_peer.agent.submitter import handoff_message
 from populi_peer.store.tasks import TaskRecord
-from support.procs import POPULI, populi
+from support.procs import POPULI, pid_alive, populi
 
 pytestmark = pytest.mark.e2e
 
@@ -123,27 +124,6 @@ def lease_ttl(mesh: Mesh, ttl_s: int) -> Iterator[None]:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def wait_renewal(task_dir: Path, guard_s: float = 60.0) -> float:
-    """Block until the supervisor's deadline moves (a renewal just landed); returns the
-    new deadline (CLOCK_BOOTTIME seconds)."""
-    first = deadline_boot_ns(task_dir)
-    moved, _ = wait_for(
-        "a lease renewal moves the supervisor's deadline",
-        lambda: (d := deadline_boot_ns(task_dir)) > first and d,
-        guard_s=guard_s,
-        every_s=0.02,
-    )
-    return float(moved) / 1e9
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def attempt_pids(task_id: str, attempt: int) -> list[int]:

@@ -162,16 +162,18 @@ def _stat_state(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    return _stat_state(pid) not in ("Z", "")
+
+
 def marked_pids(needle: bytes) -> list[int]:
     """Live (non-zombie) processes whose environment holds ``needle``."""
     out = []
     for pid in _pids():
         if pid == os.getpid():
             continue
-        if needle in _read(f"/proc/{pid}/environ").split(b"\0") and _stat_state(pid) not in (
-            "Z",
-            "",
-        ):
+        if needle in _read(f"/proc/{pid}/environ").split(b"\0") and pid_alive(pid):
             out.append(pid)
     return out
 
@@ -188,7 +190,7 @@ def supervisor_pids(root: Path) -> list[int]:
         # The package's supervisor, or the single file's (``populi _supervisor DIR``).
         supervisor = b"populi_peer.exec.supervisor" in cmdline or SUPERVISOR_VERB in cmdline
         if supervisor and any(arg.startswith(str(root).encode()) for arg in cmdline):
-            if _stat_state(pid) not in ("Z", ""):
+            if pid_alive(pid):
                 out.append(pid)
     return out
 
@@ -241,6 +243,7 @@ __all__: Sequence[str] = [
     "leftovers",
     "marked_pids",
     "one_line",
+    "pid_alive",
     "populi",
     "supervisor_pids",
     "task_pids",
