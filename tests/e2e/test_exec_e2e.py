@@ -126,6 +126,16 @@ def lease_ttl(mesh: Mesh, ttl_s: int) -> Iterator[None]:
 # -- helpers ------------------------------------------------------------------------------
 
 
+def ticking_on_w2(
+    mesh: Mesh, ticks: Path, *, n1: int, n2: int = 10, count: int = 3
+) -> tuple[str, Path]:
+    """A one-GPU ticking task (:func:`tick_command`) submitted on w1 and run on w2, once
+    its first attempt ticked ``count`` times: its id and that attempt's directory on w2."""
+    task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=n1, n2=n2))
+    wait_ticks(ticks, 1, count=count)
+    return task_id, mesh.task_dir("w2", "worker", task_id, 1)
+
+
 def attempt_pids(task_id: str, attempt: int) -> list[int]:
     return [
         pid
@@ -285,9 +295,7 @@ def test_sigkilled_worker_agent_task_stops_before_deadline_then_falls_back(
     mesh: Mesh, tmp_path: Path
 ) -> None:
     ticks = tmp_path / "ticks"
-    task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=600, n2=10))
-    wait_ticks(ticks, 1)
-    task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+    task_id, task_dir = ticking_on_w2(mesh, ticks, n1=600)
     mesh.stop("w2", signal.SIGKILL)
     killed_wall_ms = int(time.time() * 1000)
     killed = time.monotonic()
@@ -319,9 +327,7 @@ def test_sigstopped_worker_agent_supervisor_stops_task_late_result_ignored(
 ) -> None:
     ticks = tmp_path / "ticks"
     w2 = mesh["w2"]
-    task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=600, n2=10))
-    wait_ticks(ticks, 1)
-    task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+    task_id, task_dir = ticking_on_w2(mesh, ticks, n1=600)
     os.kill(w2.pid, signal.SIGSTOP)
     paused = time.monotonic()
     try:
@@ -442,9 +448,7 @@ def test_worker_agent_restart_readopts_supervisor_task_completes_once(
     ticks = tmp_path / "ticks"
     w2 = mesh["w2"]
     with lease_ttl(mesh, RESTART_TTL_S):
-        task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=120, n2=10))
-        wait_ticks(ticks, 1, count=1)
-        task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+        task_id, task_dir = ticking_on_w2(mesh, ticks, n1=120, count=1)
         supervisor = int(supervisor_state(task_dir)["supervisor_pid"])
         wait_renewal(task_dir)
         renewed = time.monotonic()
@@ -728,9 +732,7 @@ def test_control_plane_restart_right_after_renewal_lease_survives(
     ticks = tmp_path / "ticks"
     cp = mesh["cp"]
     with lease_ttl(mesh, RESTART_TTL_S):
-        task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=100, n2=10))
-        wait_ticks(ticks, 1, count=1)
-        task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+        task_id, task_dir = ticking_on_w2(mesh, ticks, n1=100, count=1)
         wait_renewal(task_dir)
         renewed = time.monotonic()
         code = mesh.stop("cp", timeout=60)
