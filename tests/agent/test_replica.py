@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.records import sign_record
 from populi_peer.cluster import InitResult
 from populi_peer.core import settings as cluster_settings
@@ -35,6 +34,7 @@ from populi_peer.core.membership import Member
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite, Stamp
 from populi_peer.core.replication import Entry, Item, SetElement, WriteId
 from populi_peer.store.tokens import JoinTokens
+from support.members import node_member
 from support.voters import ReplicaVoter
 
 WALL_MS = 1_780_000_000_000
@@ -111,19 +111,12 @@ def entries(term: int, *items: Item, first_seq: int = 1) -> list[Entry]:
 
 
 def new_member(name: str = "box", token_id: str = "tok1") -> Member:
-    key = generate_key()
-    return Member(
-        id=node_id_for(key.public_key()),
-        kind="node",
-        name=name,
-        public_key=public_to_text(key.public_key()),
-        roles=("submit", "worker"),
+    return node_member(
+        name,
+        now_ms=WALL_MS,
         addresses=("10.0.0.2:7431",),
         cert_serial="abc1",
-        cert_not_after_ms=WALL_MS + 86_400_000,
-        joined_ms=WALL_MS,
         token_id=token_id,
-        updated_ms=WALL_MS,
     )
 
 

@@ -17,7 +17,6 @@ import pytest
 import trio
 import trio.testing
 
-from enrollment.keys import generate_key, node_id_for, public_to_text
 from populi_peer.agent.election import ElectionService
 from populi_peer.agent.replica import ClusterWrites
 from populi_peer.clock import wall_ms
@@ -40,6 +39,7 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import open_virtual_cluster
 from populi_peer.testing.waiting import wait_for
 from support.contract import validate
+from support.members import node_member
 from support.voters import FAST_ELECTION, Direct, ReplicaVoter
 
 NAMES = ("n-v1", "n-v2", "n-v3")
@@ -67,20 +67,13 @@ class Voter(ReplicaVoter):
 
 
 def new_member(clock: VirtualClock) -> Member:
-    key = generate_key()
-    now_ms = wall_ms(clock)
-    return Member(
-        id=node_id_for(key.public_key()),
-        kind="node",
-        name="box",
-        public_key=public_to_text(key.public_key()),
+    return node_member(
+        "box",
+        now_ms=wall_ms(clock),
         roles=("worker",),
         addresses=("10.0.0.9:7431",),
         cert_serial="c1",
-        cert_not_after_ms=now_ms + 86_400_000,
-        joined_ms=now_ms,
         token_id="tok1",
-        updated_ms=now_ms,
     )
 
 
