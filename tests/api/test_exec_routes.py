@@ -89,6 +89,14 @@ async def cluster(tmp_path: Path) -> AsyncIterator[VirtualCluster]:
         yield cluster
 
 
+async def granted(client: httpx.AsyncClient, task_id: str, target: Agent) -> dict[str, Any]:
+    """A lease on one of ``target``'s GPUs for attempt 1 of ``task_id``, asked by
+    ``client``'s node: the lease granted."""
+    answer = await client.post("/v1/populi/exec/leases", json=grant_body(task_id, target))
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json()["lease"])
+
+
 def fallback_body(task_id: str) -> dict[str, Any]:
     """The submitter's ask to run ``task_id``'s second attempt itself (no GPU)."""
     return {"task_id": task_id, "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S}
@@ -144,9 +152,7 @@ async def test_only_the_holder_renews_and_a_completed_task_never_falls_back(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter, as_node(cluster, w1) as holder:
-        lease = (
-            await submitter.post("/v1/populi/exec/leases", json=grant_body("t-done", w1))
-        ).json()["lease"]
+        lease = await granted(submitter, "t-done", w1)
         path = f"/v1/populi/exec/leases/{lease['lease_id']}"
         stranger_renew = await submitter.post(f"{path}/renew", json={})
         stranger_release = await submitter.post(f"{path}/release", json={"outcome": "stopped"})
@@ -185,9 +191,7 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter, as_node(cluster, w1) as holder:
-        lease = (
-            await submitter.post("/v1/populi/exec/leases", json=grant_body("t-rev", w1))
-        ).json()["lease"]
+        lease = await granted(submitter, "t-rev", w1)
         async with cluster.operator_client() as op:
             revoked = await op.post(
                 "/v1/populi/admin/exec-lease-revoke",
@@ -231,9 +235,7 @@ async def test_a_repeated_revoke_adds_no_event(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter:
-        lease = (
-            await submitter.post("/v1/populi/exec/leases", json=grant_body("t-rev2", w1))
-        ).json()["lease"]
+        lease = await granted(submitter, "t-rev2", w1)
     async with cluster.operator_client() as op:
         for reason in ("driver update", "something else"):
             answer = await op.post(
