@@ -15,8 +15,7 @@ import pytest
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
-from populi_peer.identity import load_identity
-from populi_peer.store import Store
+from support.mesh import identity_of
 from support.procs import Processes, init, one_line, populi
 from support.waiting import wait_for
 
@@ -72,9 +71,7 @@ def test_curl_unsigned_status_is_401_and_health_200(tmp_path: Path, procs: Proce
 def test_replayed_request_over_real_tls_is_refused(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
     agent = procs.init_and_start(data_dir)
-    store = Store.open(data_dir)
-    identity = load_identity(data_dir, store)
-    store.close()
+    identity = identity_of(data_dir)
     with httpx.Client(verify=client_context(identity.paths.ca_cert), timeout=10) as client:
         request = client.build_request("GET", agent.url + "/v1/populi/status")
         signed = next(
