@@ -119,6 +119,12 @@ def claimed(cluster: VirtualCluster, name: str, task_id: str) -> bool:
     return row is not None
 
 
+def stored_lease_state(agent: Agent, lease_id: str) -> str | None:
+    """The state of lease ``lease_id`` in ``agent``'s store (None: not there)."""
+    row = agent.store.execute("SELECT state FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+    return None if row is None else str(row["state"])
+
+
 # -- the scenario ---------------------------------------------------------------------------
 
 
@@ -397,14 +403,12 @@ class Observer:
         for lease_id, state in self.terminal.items():
             if lease_id not in table.leases:
                 # Ended leases may leave memory (compaction); the store must keep them.
-                row = node.agent.store.execute(
-                    "SELECT state FROM leases WHERE lease_id = ?", (lease_id,)
-                ).fetchone()
-                if row is None or row["state"] != state:
+                stored = stored_lease_state(node.agent, lease_id)
+                if stored != state:
                     self.fail(
                         "rule 4 (a dead lease stays dead)",
                         f"lease {lease_id} was {state}; the control plane now has "
-                        f"{'nothing' if row is None else row['state']}",
+                        f"{stored or 'nothing'}",
                     )
         history: dict[str, list[Any]] = {}
         for lease in table.leases.values():
@@ -442,14 +446,11 @@ class Observer:
             return
         pending, self.told_dead = self.told_dead, []
         for lease_id, state in pending:
-            row = node.agent.store.execute(
-                "SELECT state FROM leases WHERE lease_id = ?", (lease_id,)
-            ).fetchone()
-            if row is None or row["state"] != state:
+            stored = stored_lease_state(node.agent, lease_id)
+            if stored != state:
                 self.fail(
                     "rule 4 (durable before told)",
-                    f"an answer said lease {lease_id} is {state}; the store says "
-                    f"{None if row is None else row['state']}",
+                    f"an answer said lease {lease_id} is {state}; the store says {stored}",
                 )
 
     def on_answer(self, request: httpx.Request, response: httpx.Response) -> None:
@@ -869,6 +870,42 @@ async def submit(
         response = await client.post("/v1/populi/tasks", json=task_body(argv, gpus=gpus, node=node))
     assert response.status_code == 200, response.text
     return str(response.json()["task"]["task_id"])
+
+
+# -- one remote attempt that loses its lease (tests/agent/test_*_virtual.py) ----------------
+
+#: How long (virtual seconds) that remote attempt would run if nothing stopped it; the
+#: local one after the fallback runs it in full.
+REMOTE_TASK_S = 20.0
+#: How often the tests' watchers look at the cluster (virtual seconds).
+WATCH_S = 0.01
+
+
+async def submit_remote(
+    cluster: VirtualCluster, host: SimHost, observer: Observer
+) -> tuple[str, Run, str]:
+    """A :data:`REMOTE_TASK_S` task submitted on w1 and pinned to w2: its id, its run
+    there (attempt 1) and its lease's id, once one periodic renewal has landed (the
+    supervisor's deadline moved)."""
+    task_id = await submit(cluster, "w1", ["sim", f"{REMOTE_TASK_S:g}"], node="w2")
+    observer.submitted.append(("w1", task_id))
+    await cluster.wait_until(lambda: bool(host.ledger.for_task(task_id)), timeout_s=30)
+    (remote,) = host.ledger.for_task(task_id)
+    assert (remote.node, remote.role, remote.attempt) == ("w2", "worker", 1)
+    lease_id = cluster["w1"].submitter.load(task_id).attempts[0].lease_id
+    assert lease_id is not None
+    await cluster.wait_until(lambda: len(remote.deadlines_boot) >= 2, timeout_s=10)
+    return task_id, remote, lease_id
+
+
+def stopped_at_deadline(remote: Run, last_renewal: float) -> float:
+    """The supervisor stopped ``remote`` by the deadline of its last accepted renewal (at
+    ``last_renewal``), the stop margin before it; returns that instant."""
+    stop_at = last_renewal + TTL_S - sim_config().exec.stop_margin_s
+    assert remote.stop_reason == "deadline", remote.describe()
+    assert remote.stop_requested == stop_at, (remote.stop_requested, stop_at)
+    assert remote.stopped is not None and remote.stopped <= stop_at
+    return stop_at
 
 
 def _all_settled(cluster: VirtualCluster, obs: Observer, driver: Driver) -> bool:

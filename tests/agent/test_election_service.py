@@ -11,7 +11,8 @@ SQLite, virtual time, the machine driven by trio.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,9 @@ from populi_peer.store.election import ElectionState
 from populi_peer.store.events import EventLog
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import open_virtual_cluster
+from populi_peer.testing.waiting import wait_for
 from support.contract import validate
+from support.voters import FAST_ELECTION, Direct
 
 NODE = "n-voter-a"
 
@@ -69,6 +72,15 @@ def bootstrap(store: Store, voters: Sequence[str] = (NODE,)) -> Entry:
     return entry
 
 
+@asynccontextmanager
+async def running(service: ElectionService) -> AsyncIterator[ElectionService]:
+    """``service`` started, and running until the block ends."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        yield service
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -76,8 +88,7 @@ async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
     voters = bootstrap(store)
     recorder = Recorder()
     service = service_for(store, recorder)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         assert service.role == "leader" and service.leader_id == NODE
         assert service.term == 1 and service.can_act()
         assert recorder.entries == [voters]  # the stored entries, replayed at start
@@ -94,7 +105,6 @@ async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
             for e in EventLog(store).page(kind="election", limit=10)
         ]
         assert ("leader", "vote_won") in kinds
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -105,22 +115,18 @@ async def test_term_vote_and_records_survive_a_restart(
     bootstrap(store)
     first = Recorder()
     service = service_for(store, first)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         written = await service.write(token(service, "tok-1", "node-x"))
-        nursery.cancel_scope.cancel()
     store.close()
 
     store = Store.open(tmp_path)
     again = Recorder()
     service = service_for(store, again)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         assert service.role == "leader" and service.term == 2
         assert written in again.calls[0]  # replayed to the materializer at start
         assert service.machine is not None
         assert service.machine.records.set_element("consumed_tokens", "tok-1") == written.item
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -130,13 +136,11 @@ async def test_refusals_name_their_reason(
     store = Store.open(tmp_path, create=True)
     bootstrap(store)
     service = service_for(store, Recorder())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         await service.write(token(service, "tok-1", "node-x"))
         with pytest.raises(Conflict) as refused:
             await service.write(token(service, "tok-1", "node-y"))
         assert refused.value.code == "token_already_consumed"
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -147,15 +151,13 @@ async def test_a_node_that_is_not_the_leader_refuses_writes_as_not_control_plane
     # Two voters and no peer reachable: no leader, ever.
     bootstrap(store, (NODE, "n-voter-b"))
     service = service_for(store, Recorder())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+    async with running(service):
         await trio.sleep(60)
         assert service.role in ("follower", "precandidate") and not service.can_act()
         with pytest.raises(Conflict) as refused:
             await service.write(token(service, "tok-1", "node-x"))
         assert refused.value.code == "not_control_plane"
         assert refused.value.details["term"] == service.term
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -178,9 +180,8 @@ async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
         real_save(entries, digest)  # type: ignore[arg-type]
 
     service.state.save_records = save_records  # type: ignore[method-assign]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await wait_for(lambda: service.role == "leader")
+    async with running(service):
+        await wait_for("the leader", lambda: service.role == "leader")
         term = service.term
         failing["on"] = True
         with pytest.raises(ServiceUnavailable) as refused:
@@ -196,7 +197,6 @@ async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
         assert service.machine.records.set_element("consumed_tokens", "tok-1") is None
         entry = await service.write(token(service, "tok-1", "node-y"))
         assert entry.write_id.term == term
-        nursery.cancel_scope.cancel()
     store.close()
 
 
@@ -220,33 +220,25 @@ async def test_a_failure_after_a_commit_restarts_from_storage(
         recorder(entries)
 
     service.on_records = materialize
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        await wait_for(lambda: service.role == "leader")
+    async with running(service):
+        await wait_for("the leader", lambda: service.role == "leader")
         term = service.term
         failing["on"] = True
         with pytest.raises(ServiceUnavailable) as unknown:
             await service.write(token(service, "tok-1", "node-x"))
         assert unknown.value.code == "outcome_unknown"
-        await wait_for(lambda: service.role == "leader" and service.term > term)
+        await wait_for("a restart", lambda: service.role == "leader" and service.term > term)
         assert service.term == store_term(store)
         # Restarted from storage: the stored write is there, and replayed to the
         # materializer at the start.
         assert service.machine is not None
         assert service.machine.records.set_element("consumed_tokens", "tok-1") is not None
         assert any(e.key == ("set", "consumed_tokens", "tok-1") for e in recorder.entries)
-        nursery.cancel_scope.cancel()
     store.close()
 
 
 def store_term(store: Store) -> int:
     return ElectionState(store).load()[0].term
-
-
-async def wait_for(predicate: object, timeout_s: float = 60.0) -> None:
-    with trio.fail_after(timeout_s):
-        while not predicate():  # type: ignore[operator]
-            await trio.sleep(0.1)
 
 
 async def test_the_init_node_of_a_cluster_is_the_sole_voter_and_leads(
@@ -276,35 +268,10 @@ async def test_the_init_node_of_a_cluster_is_the_sole_voter_and_leads(
         assert w1.control_plane.id == cp.node_id
 
 
-class Direct:
-    """Voters in one trio run, each message handed to the other service's ``receive`` (what
-    the election route does after authenticating the caller); ``down`` voters answer
-    nothing, as a crashed process would not."""
-
-    def __init__(self, sender: str, services: dict[str, ElectionService], down: set[str]) -> None:
-        self.sender = sender
-        self.services = services
-        self.down = down
-
-    async def exchange(self, to: str, messages: Sequence[object]) -> Sequence[object]:
-        await trio.sleep(0.01)
-        if to in self.down or self.sender in self.down:
-            raise ServiceUnavailable(f"{to} does not answer", code="peer_unreachable")
-        return self.services[to].receive(self.sender, messages)  # type: ignore[arg-type]
-
-
 async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_write(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     names = ("n-v1", "n-v2", "n-v3")
-    settings = ElectionSettings(
-        election_timeout_min_s=2.0,
-        election_timeout_max_s=4.0,
-        heartbeat_interval_s=0.25,
-        leader_lease_s=1.0,
-        lease_margin_s=0.2,
-        write_timeout_s=3.0,
-    )
     stores = {}
     for name in names:
         (tmp_path / name).mkdir()
@@ -322,8 +289,8 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
             clock=clocks[name],
             state=ElectionState(stores[name]),
             events=EventLog(stores[name]),
-            settings=settings,
-            transport=Direct(name, services, down),  # type: ignore[arg-type]
+            settings=FAST_ELECTION,
+            transport=Direct(name, services.get, down),  # type: ignore[arg-type]
             rng=random.Random(seed),
         )
         services[name] = service
@@ -340,7 +307,7 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
     async with trio.open_nursery() as nursery:
         for seed, name in enumerate(names):
             await nursery.start(run, name, seed)
-        await wait_for(lambda: len(leaders()) == 1)
+        await wait_for("one leader", lambda: len(leaders()) == 1)
         first = leaders()[0]
         term = services[first].term
         assert all(services[n].leader_id == first for n in names)
@@ -359,7 +326,7 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
         # The leader dies (nothing graceful); a survivor leads at a higher term, with it.
         down.add(first)
         scopes[first].cancel()
-        await wait_for(lambda: len(leaders()) == 1 and leaders()[0] != first)
+        await wait_for("a new leader", lambda: len(leaders()) == 1 and leaders()[0] != first)
         second = leaders()[0]
         assert services[second].term > term
         machine = services[second].machine
@@ -379,13 +346,13 @@ async def test_three_voters_elect_one_leader_and_a_survivor_keeps_every_applied_
         # The old leader comes back from its disk and follows the new one.
         down.discard(first)
         await nursery.start(run, first, 99)
-        await wait_for(lambda: services[first].leader_id == second)
+        await wait_for("the old leader following", lambda: services[first].leader_id == second)
         assert services[first].term == services[second].term and leaders() == [second]
 
         # The leader's machine sleeps past its lease (suspend: the boot clock moves, trio's
         # does not): it may not act the moment it wakes, before any timer of its fires.
         assert services[second].can_act()
-        clocks[second].suspend(settings.leader_lease_s * 2)
+        clocks[second].suspend(FAST_ELECTION.leader_lease_s * 2)
         assert not services[second].can_act()
         nursery.cancel_scope.cancel()
     for store in stores.values():

@@ -34,31 +34,37 @@ def leaders(cluster: VirtualCluster, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if cluster.nodes[n].running and cluster[n].election.can_act()]
 
 
+async def three_voters(cluster: VirtualCluster) -> tuple[str, ...]:
+    """cp, v2 and v3, voters each, settled and known to each."""
+    cp = cluster.cp
+    await cluster.join("v2", roles=VOTER_ROLES)
+    await cluster.wait_until(
+        lambda: (v := cp.election.voters) is not None and len(v.voters) == 2,
+        timeout_s=GUARD_S,
+        what="v2 is a voter",
+    )
+    await cluster.join("v3", roles=VOTER_ROLES)
+    names = ("cp", "v2", "v3")
+    ids = {cluster[n].node_id for n in names}
+    await cluster.wait_until(
+        lambda: all(
+            (v := cluster[n].election.voters) is not None and v.voters == ids and v.settled
+            for n in names
+        ),
+        timeout_s=GUARD_S,
+        what="three voters, settled, known to each",
+    )
+    return names
+
+
 async def test_three_voters_survive_the_leader_crash(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with open_virtual_cluster(tmp_path, workers=0, on_response=validate) as cluster:
         cp = cluster.cp
-        await cluster.join("v2", roles=VOTER_ROLES)
-        await cluster.wait_until(
-            lambda: (v := cp.election.voters) is not None and len(v.voters) == 2,
-            timeout_s=GUARD_S,
-            what="v2 is a voter",
-        )
-        await cluster.join("v3", roles=VOTER_ROLES)
+        names = await three_voters(cluster)
         await cluster.join("w1", roles=["worker", "submit"])
-        names = ("cp", "v2", "v3")
         ids = {n: cluster[n].node_id for n in names}
-        await cluster.wait_until(
-            lambda: all(
-                (v := cluster[n].election.voters) is not None
-                and v.voters == set(ids.values())
-                and v.settled
-                for n in names
-            ),
-            timeout_s=GUARD_S,
-            what="three voters, settled, known to each",
-        )
         assert leaders(cluster, names) == ["cp"]
         first_term = cp.election.term
         # A voter that does not lead refuses control-plane calls, naming the leader.
@@ -111,27 +117,6 @@ async def test_three_voters_survive_the_leader_crash(
             what="the old leader follows",
         )
         assert leaders(cluster, names) == [second]
-
-
-async def three_voters(cluster: VirtualCluster) -> tuple[str, ...]:
-    cp = cluster.cp
-    await cluster.join("v2", roles=VOTER_ROLES)
-    await cluster.wait_until(
-        lambda: (v := cp.election.voters) is not None and len(v.voters) == 2,
-        timeout_s=GUARD_S,
-        what="v2 is a voter",
-    )
-    await cluster.join("v3", roles=VOTER_ROLES)
-    names = ("cp", "v2", "v3")
-    await cluster.wait_until(
-        lambda: all(
-            (v := cluster[n].election.voters) is not None and len(v.voters) == 3 and v.settled
-            for n in names
-        ),
-        timeout_s=GUARD_S,
-        what="three settled voters",
-    )
-    return names
 
 
 async def test_a_cut_off_leader_stops_acting_before_another_starts(

@@ -17,7 +17,7 @@ from enrollment.revocation import RevocationList, sign_revocations
 from enrollment.tokens import mint_token, token_envelope
 from populi_peer.config import Config
 from populi_peer.errors import RefusedError
-from support.vcluster import as_node, node_action, vcluster
+from support.vcluster import as_node, change_settings, node_action, vcluster
 
 
 def _no_rate_limit() -> Config:
@@ -88,10 +88,8 @@ async def test_consumed_token_stays_consumed_after_retire_and_delete(
         token = await cluster.mint_token()
         await cluster.join("w1", token=token)
         await node_action(cluster, "w1", "retire", reason="gone")
-        async with cluster.operator_client() as client:
-            deleted = await client.post("/v1/populi/admin/nodes/w1/delete", json={})
-        assert deleted.status_code == 200
-        assert deleted.json()["name_blocked"] is True
+        deleted = await node_action(cluster, "w1", "delete")
+        assert deleted["name_blocked"] is True
         await cluster.crash("w1")
         error = await _join_error(cluster, "w9", token)
         assert error.code == "token_already_used"
@@ -287,8 +285,7 @@ async def test_revocation_lists_with_lower_serial_or_foreign_signer_are_ignored(
 ) -> None:
     async with vcluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        async with cluster.operator_client() as client:
-            await client.post("/v1/populi/admin/nodes/w1/retire", json={})
+        await node_action(cluster, "w1", "retire")
         current = cp.revocations.current
         assert current is not None and current.serial == 1
         now_ms = int(cp.clock.wall() * 1000)
@@ -308,10 +305,7 @@ async def test_certificate_renewal_and_expiry_in_virtual_time(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with vcluster(tmp_path) as cluster:
-        async with cluster.operator_client() as client:
-            await client.post(
-                "/v1/populi/admin/settings", json={"changes": {"node_cert_lifetime_s": 900}}
-            )
+        await change_settings(cluster, node_cert_lifetime_s=900)
         w1 = await cluster.join("w1")
         first = w1.certificates.identity.node_cert.serial_number
         # Renewed at two thirds of 900 s (+ the 1 h back-date counts in the lifetime).

@@ -12,7 +12,7 @@ import trio.testing
 from agent.sim_support import open_gpu_cluster
 
 from populi_peer.config import Config
-from support.vcluster import as_node, change_settings, vcluster
+from support.vcluster import as_node, change_settings, grant_body, vcluster
 
 
 def _gpu_config(remote: bool) -> Config:
@@ -40,25 +40,11 @@ async def test_node_with_remote_execution_off_is_never_a_target(
         async with as_node(cluster, on) as client:
             refused = await client.post(
                 "/v1/populi/exec/leases",
-                json={
-                    "task_id": "t-gate",
-                    "attempt": 1,
-                    "work_class": "inference",
-                    "target": off.node_id,
-                    "gpus_wanted": 1,
-                    "ttl_s": 30,
-                },
+                json=grant_body("t-gate", off, work_class="inference"),
             )
             granted = await client.post(
                 "/v1/populi/exec/leases",
-                json={
-                    "task_id": "t-gate2",
-                    "attempt": 1,
-                    "work_class": "inference",
-                    "target": on.node_id,
-                    "gpus_wanted": 0,
-                    "ttl_s": 30,
-                },
+                json=grant_body("t-gate2", on, work_class="inference", gpus_wanted=0),
             )
         assert refused.status_code == 409
         assert "remote_off_on_node" in refused.json()["error"]["details"]["reasons"]

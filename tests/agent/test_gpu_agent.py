@@ -32,7 +32,7 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import VirtualCluster, write_no_driver_capture
 from populi_peer.testing.waiting import wait_for
 from support.hints import allocations
-from support.vcluster import change_settings, heard_from, peer_client_as, vcluster
+from support.vcluster import change_settings, grant_body, heard_from, peer_client_as, vcluster
 
 IDLE = "h100-80gb-hbm3-idle.json"
 CAPTURE_UUID = "GPU-3ce30699-44e9-8c2b-0f34-997c3c5cae2d"
@@ -111,14 +111,7 @@ async def _grant(submitter: Agent, cp: Agent, target: Agent, task_id: str) -> di
         node_id=cp.node_id,
         method="POST",
         path="/v1/populi/exec/leases",
-        payload={
-            "task_id": task_id,
-            "attempt": 1,
-            "work_class": "agent",
-            "target": target.node_id,
-            "gpus_wanted": 1,
-            "ttl_s": 10,
-        },
+        payload=grant_body(task_id, target, ttl_s=10),
     )
 
 

@@ -20,7 +20,6 @@ import pytest
 import trio
 
 from enrollment.ca import certificate_public_key
-from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.revocation import RevocationList
 from populi_peer.agent.address import OwnAddress
 from populi_peer.agent.health import Health
@@ -43,7 +42,6 @@ from populi_peer.cluster import InitResult
 from populi_peer.config import Config
 from populi_peer.core.addresses import Cidrs, LocalAddress
 from populi_peer.core.lifecycle import NodeLifecycle
-from populi_peer.core.membership import Member
 from populi_peer.core.messages import (
     ControlPlaneRef,
     HeartbeatAnswer,
@@ -60,6 +58,7 @@ from populi_peer.store.events import EventLog
 from populi_peer.testing.clock import VirtualClock
 from populi_peer.testing.waiting import wait_for
 from support.apps import read_body
+from support.members import node_member
 
 CONFIG = Config()
 LAN_INTERVAL_S = CONFIG.timings.lan.heartbeat_interval_s
@@ -97,24 +96,9 @@ class Plane:
 
     def add_node(self, name: str) -> str:
         """A node that joined (its member record and lifecycle), as the control plane holds it."""
-        key = generate_key()
-        node_id = node_id_for(key.public_key())
-        now_ms = wall_ms(self.clock)
-        self.membership.upsert(
-            Member(
-                id=node_id,
-                kind="node",
-                name=name,
-                public_key=public_to_text(key.public_key()),
-                roles=("submit", "worker"),
-                addresses=(),
-                cert_serial="1",
-                cert_not_after_ms=now_ms + 86_400_000,
-                joined_ms=now_ms,
-                token_id="",
-                updated_ms=now_ms,
-            )
-        )
+        member = node_member(name, now_ms=wall_ms(self.clock))
+        node_id = member.id
+        self.membership.upsert(member)
         self.registry.set_initial(node_id, actor=self.node_id, term=1)
         return node_id
 
@@ -684,21 +668,13 @@ WG = LocalAddress("wg0", "10.8.0.2", 24, tunnel=True)
 
 def add_control_plane_member(plane: Plane, addresses: tuple[str, ...]) -> None:
     """The fake control plane's member record, as this node's membership view holds it."""
-    key = generate_key()
-    now_ms = wall_ms(plane.clock)
     plane.membership.upsert(
-        Member(
-            id=FAKE_CP,
-            kind="node",
-            name="cp",
-            public_key=public_to_text(key.public_key()),
+        node_member(
+            "cp",
+            now_ms=wall_ms(plane.clock),
             roles=("voter",),
             addresses=addresses,
-            cert_serial="1",
-            cert_not_after_ms=now_ms + 86_400_000,
-            joined_ms=now_ms,
-            token_id="",
-            updated_ms=now_ms,
+            node_id=FAKE_CP,
         )
     )
 

@@ -35,26 +35,22 @@ import trio
 import trio.testing
 from agent.sim_support import (
     EXPIRY_MARGIN_S,
+    REMOTE_TASK_S,
     TTL_S,
+    WATCH_S,
     Action,
     Observer,
     Scenario,
     check_rule_7,
     open_small_cluster,
-    sim_config,
-    submit,
+    stopped_at_deadline,
+    submit_remote,
 )
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.testing import Faults
 from populi_peer.testing.cluster import VirtualCluster
 
-STOP_MARGIN_S = sim_config().exec.stop_margin_s
-#: The remote attempt would run this long (virtual seconds) if nothing stopped it; the
-#: local one after the fallback runs it in full.
-TASK_S = 20.0
-#: How often the watcher looks at the cluster (virtual seconds).
-WATCH_S = 0.01
 RENEW_PATH = "/renew"
 
 
@@ -125,7 +121,7 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
             seed=-1,
             faults=Faults(),
             actions=(
-                Action(0.0, "submit", "w1", argv=("sim", f"{TASK_S:g}")),
+                Action(0.0, "submit", "w1", argv=("sim", f"{REMOTE_TASK_S:g}")),
                 Action(0.0, "partition", "w2", other="cp", until=math.inf),
                 *([Action(0.0, "partition", "w2", other="w1", until=math.inf)] * from_submitter),
             ),
@@ -135,19 +131,10 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
         watch = LeaseWatch(cluster, observer)
         watchers.start_soon(watch.run)
 
-        task_id = await submit(cluster, "w1", ["sim", f"{TASK_S:g}"], node="w2")
-        observer.submitted.append(("w1", task_id))
-        await cluster.wait_until(lambda: bool(host.ledger.for_task(task_id)), timeout_s=30)
-        (remote,) = host.ledger.for_task(task_id)
-        assert (remote.node, remote.role, remote.attempt) == ("w2", "worker", 1)
-        task = cluster["w1"].submitter.load(task_id)
-        lease_id = task.attempts[0].lease_id
-        assert lease_id is not None
-        watch.lease_id = lease_id
-
         # One periodic renewal lands (the deadline moves), then the cut, half-way to the
         # next one.
-        await cluster.wait_until(lambda: len(remote.deadlines_boot) >= 2, timeout_s=10)
+        task_id, remote, lease_id = await submit_remote(cluster, host, observer)
+        watch.lease_id = lease_id
         await trio.sleep(TTL_S / 6)
         cut_at = trio.current_time()
         cluster.network.partition(w2, cp)
@@ -165,10 +152,7 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
         # virtual instant, on w2's boot clock, which runs with trio's here).
         boot_offset = remote.started_boot - remote.started
         assert remote.deadlines_boot[-1] == last_renewal + boot_offset + TTL_S
-        stop_at = last_renewal + TTL_S - STOP_MARGIN_S
-        assert remote.stop_reason == "deadline"
-        assert remote.stop_requested == stop_at, (remote.stop_requested, stop_at)
-        assert remote.stopped is not None and remote.stopped <= stop_at
+        stop_at = stopped_at_deadline(remote, last_renewal)
         assert remote.ticks and remote.ticks[-1] <= stop_at
         # It stopped because it could not renew: renewals were tried across the cut.
         assert any(
@@ -209,7 +193,7 @@ async def test_worker_cut_from_the_control_plane_stops_and_the_task_falls_back(
 
         # The task ends with the local attempt's result, the only one accepted.
         await cluster.wait_until(
-            lambda: cluster["w1"].submitter.load(task_id).terminal, timeout_s=TASK_S + 30
+            lambda: cluster["w1"].submitter.load(task_id).terminal, timeout_s=REMOTE_TASK_S + 30
         )
         task = cluster["w1"].submitter.load(task_id)
         assert task.state == "succeeded", task

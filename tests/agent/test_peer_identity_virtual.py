@@ -31,13 +31,15 @@ import trio
 import trio.testing
 from agent.sim_support import (
     EXPIRY_MARGIN_S,
+    REMOTE_TASK_S,
     TTL_S,
+    WATCH_S,
     Action,
     Observer,
     Scenario,
     open_small_cluster,
-    sim_config,
-    submit,
+    stopped_at_deadline,
+    submit_remote,
 )
 
 from populi_peer.core.fencing import FencingToken
@@ -47,9 +49,6 @@ from populi_peer.testing.cluster import VirtualCluster
 from support.apps import read_body
 from support.vcluster import node_action
 
-STOP_MARGIN_S = sim_config().exec.stop_margin_s
-TASK_S = 20.0
-WATCH_S = 0.01
 RENEW_SUFFIX = "/renew"
 
 
@@ -139,14 +138,7 @@ async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(
                 await trio.sleep(WATCH_S)
 
         watchers.start_soon(watch)
-        task_id = await submit(cluster, "w1", ["sim", f"{TASK_S:g}"], node="w2")
-        observer.submitted.append(("w1", task_id))
-        await cluster.wait_until(lambda: bool(host.ledger.for_task(task_id)), timeout_s=30)
-        (remote,) = host.ledger.for_task(task_id)
-        assert (remote.node, remote.role) == ("w2", "worker")
-        lease_id = cluster["w1"].submitter.load(task_id).attempts[0].lease_id
-        assert lease_id is not None
-        await cluster.wait_until(lambda: len(remote.deadlines_boot) >= 2, timeout_s=10)
+        task_id, remote, lease_id = await submit_remote(cluster, host, observer)
         assert any(lease == lease_id for _, lease in renewed)
 
         # The retired node comes back at its old host, as itself, and w2's traffic for
@@ -163,13 +155,10 @@ async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(
         observer.note("w2 -> cp redirected to the impostor (w3)")
 
         # The supervisor stops the task by the deadline of the last genuine renewal.
-        await cluster.wait_until(lambda: not remote.running, timeout_s=TASK_S)
+        await cluster.wait_until(lambda: not remote.running, timeout_s=REMOTE_TASK_S)
         last_renewal = [at for at, lease in renewed if lease == lease_id][-1]
         assert last_renewal < cut_at
-        assert remote.stop_reason == "deadline", remote.describe()
-        stop_at = last_renewal + TTL_S - STOP_MARGIN_S
-        assert remote.stop_requested == stop_at, (remote.stop_requested, stop_at)
-        assert remote.stopped is not None and remote.stopped <= stop_at
+        stopped_at_deadline(remote, last_renewal)
         # w2 kept trying to renew; every try was refused at the "handshake"; the impostor
         # never received a request, so it could neither forge nor relay anything.
         refused = [
@@ -191,7 +180,7 @@ async def test_a_retired_node_in_the_middle_cannot_extend_the_workers_lease(
         assert local.started >= remote.end() + EXPIRY_MARGIN_S
         assert FencingToken.parse(local.token) > FencingToken.parse(remote.token)
         await cluster.wait_until(
-            lambda: cluster["w1"].submitter.load(task_id).terminal, timeout_s=TASK_S + 30
+            lambda: cluster["w1"].submitter.load(task_id).terminal, timeout_s=REMOTE_TASK_S + 30
         )
         task = cluster["w1"].submitter.load(task_id)
         assert task.state == "succeeded", task

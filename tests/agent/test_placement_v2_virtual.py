@@ -20,7 +20,7 @@ from agent.sim_support import sim_config
 from populi_peer.config import Config
 from populi_peer.gpu._replay import load_fixture
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import as_node, change_settings, sim_vcluster, vcluster
+from support.vcluster import as_node, change_settings, grant_body, sim_vcluster, vcluster
 
 GB = 10**9
 SMALL_NAME = "NVIDIA RTX A4000"
@@ -156,15 +156,7 @@ async def test_grant_rechecks_memory_and_model_on_the_control_planes_facts(
             async with as_node(cluster, sub) as client:
                 response = await client.post(
                     "/v1/populi/exec/leases",
-                    json={
-                        "task_id": task_id,
-                        "attempt": 1,
-                        "work_class": "agent",
-                        "target": small.node_id,
-                        "gpus_wanted": 1,
-                        "ttl_s": 30,
-                        **needs,
-                    },
+                    json=grant_body(task_id, small, **needs),
                 )
             return response.status_code, response.json()
 

@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from enrollment.ca import certificate_public_key
-from enrollment.keys import generate_key, node_id_for, public_to_text
 from enrollment.records import sign_record
-from populi_peer.agent.membership import Membership
-from populi_peer.agent.records import ClusterRecords
-from populi_peer.agent.registry import Registry
-from populi_peer.agent.replica import Replica
-from populi_peer.agent.revocations import RevocationState
 from populi_peer.cluster import InitResult
 from populi_peer.core import settings as cluster_settings
 from populi_peer.core.cluster_state import (
@@ -40,9 +33,9 @@ from populi_peer.core.lifecycle import initial_lifecycle
 from populi_peer.core.membership import Member
 from populi_peer.core.registers import LIFECYCLE, RegisterWrite, Stamp
 from populi_peer.core.replication import Entry, Item, SetElement, WriteId
-from populi_peer.identity import Identity, load_identity
-from populi_peer.store import Store
 from populi_peer.store.tokens import JoinTokens
+from support.members import node_member
+from support.voters import ReplicaVoter
 
 WALL_MS = 1_780_000_000_000
 
@@ -58,18 +51,8 @@ class FixedClock:
         return 0.0
 
 
-@dataclass
-class Voter:
-    """One voter's data directory, opened as the agent opens it, with its materializer."""
-
-    data_dir: Path
-    store: Store
-    identity: Identity
-    membership: Membership
-    registry: Registry
-    records: ClusterRecords
-    revocations: RevocationState
-    replica: Replica
+class Voter(ReplicaVoter):
+    """A voter's materializer and the reads these tests make of its tables."""
 
     @property
     def tokens(self) -> JoinTokens:
@@ -97,24 +80,19 @@ class Voter:
 
 
 def open_voter(data_dir: Path) -> Voter:
-    store = Store.open(data_dir)
-    identity = load_identity(data_dir, store)
-    membership = Membership(store)
-    registry = Registry(store, identity, FixedClock(), max_skew_s=300.0)
-    records = ClusterRecords(store, membership)
-    revocations = RevocationState(
-        store, cluster_id=identity.cluster_id, cluster_key=certificate_public_key(identity.ca_cert)
-    )
-    replica = Replica(
-        store,
-        membership=membership,
-        registry=registry,
-        records=records,
-        revocations=revocations,
-        issuer=lambda: identity.issuer,
-        now_ms=lambda: WALL_MS,
-    )
-    return Voter(data_dir, store, identity, membership, registry, records, revocations, replica)
+    return Voter.open(data_dir, FixedClock(), now_ms=lambda: WALL_MS)
+
+
+@contextmanager
+def reopened(voter: Voter) -> Iterator[Voter]:
+    """``voter``'s data directory opened again once its store is closed: what the agent
+    reads after a restart."""
+    voter.store.close()
+    again = open_voter(voter.data_dir)
+    try:
+        yield again
+    finally:
+        again.store.close()
 
 
 @pytest.fixture
@@ -133,19 +111,12 @@ def entries(term: int, *items: Item, first_seq: int = 1) -> list[Entry]:
 
 
 def new_member(name: str = "box", token_id: str = "tok1") -> Member:
-    key = generate_key()
-    return Member(
-        id=node_id_for(key.public_key()),
-        kind="node",
-        name=name,
-        public_key=public_to_text(key.public_key()),
-        roles=("submit", "worker"),
+    return node_member(
+        name,
+        now_ms=WALL_MS,
         addresses=("10.0.0.2:7431",),
         cert_serial="abc1",
-        cert_not_after_ms=WALL_MS + 86_400_000,
-        joined_ms=WALL_MS,
         token_id=token_id,
-        updated_ms=WALL_MS,
     )
 
 
@@ -200,14 +171,10 @@ def test_a_join_replicated_lands_in_the_tables_the_agent_reads(voter: Voter) -> 
 
     # A restarted agent reads the same from its tables.
     before = voter.dump()
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         assert again.membership.get(member.id) == member
         assert again.registry.lifecycle(member.id) is not None
         assert again.dump() == before
-    finally:
-        again.store.close()
 
 
 def test_applying_again_in_any_order_or_after_a_restart_changes_nothing(voter: Voter) -> None:
@@ -218,13 +185,9 @@ def test_applying_again_in_any_order_or_after_a_restart_changes_nothing(voter: V
     voter.replica.apply(batch[::-1])
     voter.replica.apply(batch[2:])
     assert voter.dump() == once
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         again.replica.apply(batch)
         assert again.dump() == once
-    finally:
-        again.store.close()
 
 
 def test_the_same_entries_give_the_same_tables_whatever_order_they_arrive_in(
@@ -264,12 +227,8 @@ def test_an_older_register_write_does_not_replace_a_newer_one(voter: Voter) -> N
     stale = lifecycle(member.id, 2, WALL_MS + 9)  # later clock, older term: loses
     voter.replica.apply(entries(2, stale, first_seq=10))
     assert voter.registry.registers.get(member.id, LIFECYCLE) == cordoned
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         assert again.registry.registers.get(member.id, LIFECYCLE) == cordoned
-    finally:
-        again.store.close()
 
 
 def test_a_deleted_node_leaves_every_table_and_a_late_write_does_not_bring_it_back(
@@ -438,9 +397,5 @@ def test_a_replicated_register_older_than_one_written_here_does_not_replace_it(
     )
     assert voter.registry.registers.get(member.id, LIFECYCLE) == newer
     assert voter.registry.lifecycle(other.id) is not None
-    voter.store.close()
-    again = open_voter(voter.data_dir)
-    try:
+    with reopened(voter) as again:
         assert again.registry.registers.get(member.id, LIFECYCLE) == newer
-    finally:
-        again.store.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from enrollment.ca import certificate_public_key
-from enrollment.keys import generate_key, node_id_for, public_to_text
 from populi_peer.agent.election import ElectionService
-from populi_peer.agent.membership import Membership
-from populi_peer.agent.records import ClusterRecords
-from populi_peer.agent.registry import Registry
-from populi_peer.agent.replica import ClusterWrites, Replica
-from populi_peer.agent.revocations import RevocationState
+from populi_peer.agent.replica import ClusterWrites
 from populi_peer.clock import wall_ms
 from populi_peer.cluster import InitResult
 from populi_peer.core.cluster_state import (
@@ -35,13 +28,10 @@ from populi_peer.core.cluster_state import (
     issued_token_item,
     member_item,
 )
-from populi_peer.core.election import ElectionSettings
 from populi_peer.core.membership import Member
 from populi_peer.core.registers import LIFECYCLE, MEMBER
 from populi_peer.core.replication import bootstrap_voters
-from populi_peer.errors import Conflict, ServiceUnavailable
-from populi_peer.identity import load_identity
-from populi_peer.store import Store
+from populi_peer.errors import Conflict
 from populi_peer.store.election import ElectionState
 from populi_peer.store.events import EventLog
 from populi_peer.store.tokens import JoinTokens
@@ -49,26 +39,21 @@ from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import open_virtual_cluster
 from populi_peer.testing.waiting import wait_for
 from support.contract import validate
+from support.members import node_member
+from support.voters import FAST_ELECTION, Direct, ReplicaVoter
 
 NAMES = ("n-v1", "n-v2", "n-v3")
-SETTINGS = ElectionSettings(
-    election_timeout_min_s=2.0,
-    election_timeout_max_s=4.0,
-    heartbeat_interval_s=0.25,
-    leader_lease_s=1.0,
-    lease_margin_s=0.2,
-    write_timeout_s=3.0,
-)
 
 
 @dataclass
-class Voter:
-    name: str
-    store: Store
-    membership: Membership
-    registry: Registry
-    replica: Replica
+class Voter(ReplicaVoter):
+    """A voter's materializer behind its election service (once it runs)."""
+
     service: ElectionService | None = None
+
+    @property
+    def name(self) -> str:
+        return self.data_dir.name
 
     def writes(self) -> ClusterWrites:
         assert self.service is not None
@@ -81,58 +66,14 @@ class Voter:
         return JoinTokens(self.store).used_by(token_id)
 
 
-def open_voter(name: str, data_dir: Path, clock: VirtualClock) -> Voter:
-    store = Store.open(data_dir)
-    identity = load_identity(data_dir, store)
-    membership = Membership(store)
-    registry = Registry(store, identity, clock, max_skew_s=300.0)
-    records = ClusterRecords(store, membership)
-    revocations = RevocationState(
-        store, cluster_id=identity.cluster_id, cluster_key=certificate_public_key(identity.ca_cert)
-    )
-    replica = Replica(
-        store,
-        membership=membership,
-        registry=registry,
-        records=records,
-        revocations=revocations,
-        issuer=lambda: identity.issuer,
-        now_ms=lambda: wall_ms(clock),
-    )
-    return Voter(name, store, membership, registry, replica)
-
-
-class Direct:
-    """Hands each message to the other voter's service; ``down`` voters answer nothing."""
-
-    def __init__(self, sender: str, voters: dict[str, Voter], down: set[str]) -> None:
-        self.sender = sender
-        self.voters = voters
-        self.down = down
-
-    async def exchange(self, to: str, messages: Sequence[object]) -> Sequence[object]:
-        await trio.sleep(0.01)
-        service = self.voters[to].service
-        if to in self.down or self.sender in self.down or service is None:
-            raise ServiceUnavailable(f"{to} does not answer", code="peer_unreachable")
-        return service.receive(self.sender, messages)  # type: ignore[arg-type]
-
-
 def new_member(clock: VirtualClock) -> Member:
-    key = generate_key()
-    now_ms = wall_ms(clock)
-    return Member(
-        id=node_id_for(key.public_key()),
-        kind="node",
-        name="box",
-        public_key=public_to_text(key.public_key()),
+    return node_member(
+        "box",
+        now_ms=wall_ms(clock),
         roles=("worker",),
         addresses=("10.0.0.9:7431",),
         cert_serial="c1",
-        cert_not_after_ms=now_ms + 86_400_000,
-        joined_ms=now_ms,
         token_id="tok1",
-        updated_ms=now_ms,
     )
 
 
@@ -148,7 +89,7 @@ async def test_an_acknowledged_join_is_on_a_majority_of_tables_and_the_next_lead
         shutil.copytree(cluster_dir[0], dirs[name])
     voters: dict[str, Voter] = {}
     for name in NAMES:
-        voter = open_voter(name, dirs[name], clock)
+        voter = Voter.open(dirs[name], clock, now_ms=lambda: wall_ms(clock))
         # The copied directory's election state is the init node's alone: these three
         # voters start from one three-voter record instead.
         with voter.store.transaction():
@@ -166,8 +107,8 @@ async def test_an_acknowledged_join_is_on_a_majority_of_tables_and_the_next_lead
             clock=clock,
             state=ElectionState(voter.store),
             events=EventLog(voter.store),
-            settings=SETTINGS,
-            transport=Direct(name, voters, down),  # type: ignore[arg-type]
+            settings=FAST_ELECTION,
+            transport=Direct(name, lambda to: voters[to].service, down),  # type: ignore[arg-type]
             on_records=voter.replica.apply,
             rng=random.Random(seed),
         )

@@ -24,7 +24,7 @@ from populi_peer.testing.cluster import VirtualCluster
 from populi_peer.testing.network import MemoryNetwork
 from populi_peer.testing.sim import SimHost
 from support.contract import validate
-from support.vcluster import as_node, change_settings, sim_vcluster
+from support.vcluster import as_node, change_settings, grant_body, sim_vcluster
 
 HEARTBEAT = "/v1/populi/heartbeat"
 
@@ -225,14 +225,7 @@ async def test_with_the_control_plane_unreachable_a_pinned_gpu_task_claims_and_r
             async with as_node(cluster, w2) as client:
                 return await client.post(
                     "/v1/populi/exec/leases",
-                    json={
-                        "task_id": task_id,
-                        "attempt": 1,
-                        "work_class": "inference",
-                        "target": w1.node_id,
-                        "gpus_wanted": 1,
-                        "ttl_s": 6,
-                    },
+                    json=grant_body(task_id, w1, work_class="inference", ttl_s=6),
                 )
 
         refused = await grant("t-other")

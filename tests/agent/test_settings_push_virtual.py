@@ -26,7 +26,7 @@ from agent.sim_support import open_gpu_cluster, submit
 from populi_peer.agent.agent import Agent
 from populi_peer.testing.cluster import VirtualCluster
 from populi_peer.testing.sim import SimHost
-from support.vcluster import as_node, change_settings
+from support.vcluster import as_node, change_settings, grant_body
 
 GUARD_S = 60.0
 
@@ -66,14 +66,7 @@ async def grant(
     async with as_node(cluster, submitter, "cp") as client:
         answer = await client.post(
             "/v1/populi/exec/leases",
-            json={
-                "task_id": task_id,
-                "attempt": 1,
-                "work_class": "agent",
-                "target": target.node_id,
-                "gpus_wanted": gpus,
-                "ttl_s": ttl_s,
-            },
+            json=grant_body(task_id, target, gpus_wanted=gpus, ttl_s=ttl_s),
         )
     assert answer.status_code == 200, answer.text
     return dict(answer.json()["lease"])

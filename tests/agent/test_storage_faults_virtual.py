@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent.sim_support import open_gpu_cluster
-from api.test_exec_routes import GUARD_S, TTL_S, as_node, gpu_config, grant_body, set_remote
+from agent.sim_support import open_gpu_cluster, stored_lease_state
+from api.test_exec_routes import GUARD_S, TTL_S, as_node, gpu_config, set_remote
 
 from populi_peer.agent.agent import Agent
 from populi_peer.agent.health import BACKOFF_MAX_S
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import vcluster
+from support.vcluster import grant_body, vcluster
 
 
 @pytest.fixture
@@ -40,11 +40,6 @@ async def cluster(
             timeout_s=GUARD_S,
         )
         yield cluster
-
-
-def stored_state(agent: Agent, lease_id: str) -> str:
-    row = agent.store.execute("SELECT state FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
-    return str(row["state"])
 
 
 def problems(agent: Agent) -> dict[str, str]:
@@ -68,7 +63,7 @@ async def test_a_dead_state_that_cannot_be_written_is_never_announced(
         while True:
             table = cp.leases.table
             lease = table.find(lease_id) if table else None
-            if lease is not None and lease.dead and stored_state(cp, lease_id) != lease.state:
+            if lease is not None and lease.dead and stored_lease_state(cp, lease_id) != lease.state:
                 announced_before_durable.append(f"{lease.state} at {trio.current_time():.2f}")
             await trio.sleep(0.01)
 
@@ -95,7 +90,7 @@ async def test_a_dead_state_that_cannot_be_written_is_never_announced(
             status = (await operator.get("/v1/populi/status")).json()
         # Still holding: in memory, on disk, to whoever asks.
         assert cp.leases.table is not None and cp.leases.table.get(lease_id).holding
-        assert stored_state(cp, lease_id) == "live"
+        assert stored_lease_state(cp, lease_id) == "live"
         assert shown["state"] == "live" and shown["expires_in_s"] < 0
         assert expired["leases"] == []
         # The submitter's fallback needs that write: 503 with the reason, not a token.
@@ -116,7 +111,9 @@ async def test_a_dead_state_that_cannot_be_written_is_never_announced(
 
         cp.store.execute("PRAGMA query_only = OFF")  # space is back
         cleared = trio.current_time()
-        await cluster.wait_until(lambda: stored_state(cp, lease_id) == "expired", timeout_s=GUARD_S)
+        await cluster.wait_until(
+            lambda: stored_lease_state(cp, lease_id) == "expired", timeout_s=GUARD_S
+        )
         took = trio.current_time() - cleared
         dead = (await submitter.get(path)).json()["lease"]
         confirmed = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)

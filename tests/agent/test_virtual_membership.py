@@ -84,13 +84,10 @@ async def test_maintenance_for_one_minute_clears_after_60_s(
 ) -> None:
     async with open_virtual_cluster(tmp_path, workers=1) as cluster:
         cp, w1 = cluster.cp, cluster["w1"]
-        async with cluster.operator_client() as client:
-            response = await client.post(
-                "/v1/populi/admin/nodes/w1/maintenance",
-                json={"until_in_s": 60, "reason": "kernel update"},
-            )
-        assert response.status_code == 200
-        assert response.json()["node"]["state"] == "maintenance"
+        answer = await node_action(
+            cluster, "w1", "maintenance", until_in_s=60, reason="kernel update"
+        )
+        assert answer["node"]["state"] == "maintenance"
         await trio.sleep(59.9)
         assert cp.registry.lifecycle(w1.node_id).state == "maintenance"
         await trio.sleep(0.2)

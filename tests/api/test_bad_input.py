@@ -35,6 +35,7 @@ from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.clock import require_mock_clock
 from populi_peer.testing.cluster import open_virtual_agent
 from support.clients import signed_client, unsigned_client
+from support.state import differences
 from support.vcluster import heard_from, vcluster
 
 CODE_RE = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
@@ -81,19 +82,6 @@ def snapshot(agent: Agent) -> dict[str, Any]:
     )
     state["membership_version"] = agent.membership.version
     return state
-
-
-def differences(before: dict[str, Any], after: dict[str, Any]) -> str:
-    parts = []
-    for key in sorted(before):
-        if before[key] != after[key]:
-            if isinstance(before[key], list) and isinstance(after[key], list):
-                gone = sorted(set(before[key]) - set(after[key]))
-                new = sorted(set(after[key]) - set(before[key]))
-                parts.append(f"{key}: -{gone} +{new}")
-            else:
-                parts.append(f"{key}: {before[key]!r} -> {after[key]!r}")
-    return "; ".join(parts)[:2000]
 
 
 # -- what some rows need first ----------------------------------------------------------

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import trio
-import yaml
 from openapi_spec_validator import validate
 from openapi_spec_validator.readers import read_from_filename
 
@@ -26,18 +25,17 @@ from populi_peer.config import Config
 from populi_peer.core.messages import OPERATIONS, HeartbeatAnswer, HeartbeatReport
 from populi_peer.testing import VirtualClock
 from populi_peer.testing.cluster import open_virtual_agent
+from support import contract
 from support.clients import signed_client
 from support.contract import CONTRACT
+from support.messages import resolve
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
-    with CONTRACT.open(encoding="utf-8") as handle:
-        loaded = yaml.safe_load(handle)
-    assert isinstance(loaded, dict)
-    return loaded
+    return contract.document()
 
 
 @pytest.fixture
@@ -154,10 +152,8 @@ async def test_documented_path_values_reach_their_route(
     checked = 0
     for (method, path), operation in operations(document).items():
         for entry in operation.get("parameters", []):
-            parameter = resolve(document, entry["$ref"]) if "$ref" in entry else entry
-            schema = parameter.get("schema", {})
-            if "$ref" in schema:
-                schema = resolve(document, schema["$ref"])
+            parameter = resolve(entry)
+            schema = resolve(parameter.get("schema", {}))
             if parameter.get("in") != "path" or "enum" not in schema:
                 continue
             if path == "/v1/populi/admin/nodes/{node}/{action}":
@@ -175,14 +171,6 @@ async def test_documented_path_values_reach_their_route(
                 )
                 checked += 1
     assert checked >= len(LIFECYCLE_ACTIONS)
-
-
-def resolve(document: dict[str, Any], ref: str) -> dict[str, Any]:
-    assert ref.startswith("#/"), ref
-    node: Any = document
-    for part in ref[2:].split("/"):
-        node = node[part]
-    return node
 
 
 async def test_answers_that_changed_are_documented(

@@ -27,7 +27,7 @@ from populi_peer.core.fencing import FencingToken
 from populi_peer.testing.cluster import VirtualCluster
 from support.contract import validate_request
 from support.vcluster import as_node as signed_as_node
-from support.vcluster import change_settings, vcluster
+from support.vcluster import change_settings, grant_body, vcluster
 
 FIXTURE = "h100-80gb-hbm3-idle.json"
 TOKEN_RE = re.compile(r"^[1-9][0-9]*\.[1-9][0-9]*$")
@@ -89,16 +89,17 @@ async def cluster(tmp_path: Path) -> AsyncIterator[VirtualCluster]:
         yield cluster
 
 
-def grant_body(task_id: str, target: Agent, **changes: Any) -> dict[str, Any]:
-    return {
-        "task_id": task_id,
-        "attempt": 1,
-        "work_class": "agent",
-        "target": target.node_id,
-        "gpus_wanted": 1,
-        "ttl_s": TTL_S,
-        **changes,
-    }
+async def granted(client: httpx.AsyncClient, task_id: str, target: Agent) -> dict[str, Any]:
+    """A lease on one of ``target``'s GPUs for attempt 1 of ``task_id``, asked by
+    ``client``'s node: the lease granted."""
+    answer = await client.post("/v1/populi/exec/leases", json=grant_body(task_id, target))
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json()["lease"])
+
+
+def fallback_body(task_id: str) -> dict[str, Any]:
+    """The submitter's ask to run ``task_id``'s second attempt itself (no GPU)."""
+    return {"task_id": task_id, "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S}
 
 
 def refusal(response: httpx.Response) -> list[str]:
@@ -151,24 +152,16 @@ async def test_only_the_holder_renews_and_a_completed_task_never_falls_back(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter, as_node(cluster, w1) as holder:
-        lease = (
-            await submitter.post("/v1/populi/exec/leases", json=grant_body("t-done", w1))
-        ).json()["lease"]
+        lease = await granted(submitter, "t-done", w1)
         path = f"/v1/populi/exec/leases/{lease['lease_id']}"
         stranger_renew = await submitter.post(f"{path}/renew", json={})
         stranger_release = await submitter.post(f"{path}/release", json={"outcome": "stopped"})
         renewed = await holder.post(f"{path}/renew", json={})
-        early = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-done", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        early = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-done"))
         done = await holder.post(f"{path}/release", json={"outcome": "completed"})
         again = await holder.post(f"{path}/release", json={"outcome": "completed"})
         stopped_after = await holder.post(f"{path}/release", json={"outcome": "stopped"})
-        fallback = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-done", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        fallback = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-done"))
         regrant = await submitter.post(
             "/v1/populi/exec/leases", json=grant_body("t-done", w1, attempt=2)
         )
@@ -198,9 +191,7 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter, as_node(cluster, w1) as holder:
-        lease = (
-            await submitter.post("/v1/populi/exec/leases", json=grant_body("t-rev", w1))
-        ).json()["lease"]
+        lease = await granted(submitter, "t-rev", w1)
         async with cluster.operator_client() as op:
             revoked = await op.post(
                 "/v1/populi/admin/exec-lease-revoke",
@@ -214,15 +205,9 @@ async def test_operator_revoke_is_learned_at_the_next_renewal(
         # Revoking frees nothing: the GPU and the task key stay taken until the holder
         # releases or the lease expires (safety rule 4).
         busy = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-gpu", w1))
-        waiting = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-rev", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        waiting = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-rev"))
         released = await holder.post(f"{path}/release", json={"outcome": "stopped"})
-        fallback = await submitter.post(
-            "/v1/populi/exec/fallback",
-            json={"task_id": "t-rev", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S},
-        )
+        fallback = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-rev"))
     body = revoked.json()["lease"]
     assert body["state"] == "revoking" and body["reason"] == "driver update"
     assert body["revoked_by"] == cp.certificates.identity.operator.principal_id
@@ -250,9 +235,7 @@ async def test_a_repeated_revoke_adds_no_event(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     async with as_node(cluster, w2) as submitter:
-        lease = (
-            await submitter.post("/v1/populi/exec/leases", json=grant_body("t-rev2", w1))
-        ).json()["lease"]
+        lease = await granted(submitter, "t-rev2", w1)
     async with cluster.operator_client() as op:
         for reason in ("driver update", "something else"):
             answer = await op.post(
@@ -276,7 +259,6 @@ async def test_expiry_in_virtual_time_then_fallback_gets_a_higher_token(
     cp, w1, w2 = cluster.cp, cluster["w1"], cluster["w2"]
     await set_remote(cluster, True)
     margin = float(cp.records.settings["lease_expiry_margin_s"])
-    fallback_body = {"task_id": "t-exp", "attempt": 2, "gpus_wanted": 0, "ttl_s": TTL_S}
     async with as_node(cluster, w2) as submitter:
         granted = trio.current_time()
         answer = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-exp", w1))
@@ -290,14 +272,14 @@ async def test_expiry_in_virtual_time_then_fallback_gets_a_higher_token(
         expiry = granted + TTL_S + margin
         await trio.sleep_until(expiry)
         inside = (await submitter.get(path)).json()["lease"]
-        waiting = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
+        waiting = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-exp"))
         assert trio.current_time() == expiry
         # The control plane's lease loop wakes 1 ms past it (agent/leases.py) and
         # declares the lease dead then.
         await trio.sleep_until(expiry + 0.002)
         dead = (await submitter.get(path)).json()["lease"]
-        confirmed = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
-        replay = await submitter.post("/v1/populi/exec/fallback", json=fallback_body)
+        confirmed = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-exp"))
+        replay = await submitter.post("/v1/populi/exec/fallback", json=fallback_body("t-exp"))
         freed = await submitter.post("/v1/populi/exec/leases", json=grant_body("t-after", w1))
     assert inside["state"] == "live" and inside["expires_in_s"] == -margin
     assert "lease_live" in refusal(waiting)

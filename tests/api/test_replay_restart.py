@@ -23,7 +23,7 @@ from populi_peer.agent.agent import Agent
 from populi_peer.api.client import SignedAuth
 from populi_peer.config import Config
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import vcluster
+from support.vcluster import grant_body, vcluster
 
 GUARD_S = 60.0
 
@@ -188,14 +188,7 @@ async def test_heartbeats_and_renewals_commit_no_nonce_and_their_replay_after_re
         )
         assert answer.status_code == 200
     cp = cluster.cp
-    grant = {
-        "task_id": "t-replay",
-        "attempt": 1,
-        "work_class": "agent",
-        "target": w2.node_id,
-        "gpus_wanted": 0,
-        "ttl_s": 30,
-    }
+    grant = grant_body("t-replay", w2, gpus_wanted=0)
     beats, renewals = Recorder(), Recorder()
     async with signed(cluster, sender=w1, recipient="cp", recorder=Recorder()) as submitter:
         granted = await submitter.post("/v1/populi/exec/leases", json=grant)

@@ -96,6 +96,36 @@ def wire(item: Item) -> Item:
     return Entry.from_json(Entry(WriteId(3, 1), item).to_json()).item
 
 
+def register_write(
+    attribute: str, value: dict[str, object] | None, *, node: str = "n1", reason: str = ""
+) -> RegisterWrite:
+    """The leader's write of ``node``'s register ``attribute`` at term 1."""
+    return RegisterWrite(
+        node_id=node,
+        attribute=attribute,
+        value=value,
+        stamp=Stamp(1, Hlc(1, 0), "cp"),
+        writer_class="leader",
+        actor="cp",
+        reason=reason,
+        at_wall_ms=1,
+    )
+
+
+def node_tombstone(*, at_ms: int, reason: str) -> RegisterWrite:
+    """The operator's deletion of node n1 (its lifecycle's tombstone) at ``at_ms``."""
+    return RegisterWrite(
+        node_id="n1",
+        attribute=LIFECYCLE,
+        value=None,
+        stamp=Stamp(1, Hlc(at_ms, 0), "op"),
+        writer_class="operator",
+        actor="op",
+        reason=reason,
+        at_wall_ms=at_ms,
+    )
+
+
 @given(members, st.none() | text, stamps, st.sampled_from(["leader", "operator"]))
 def test_a_member_record_round_trips(
     member: Member, certificate: str | None, stamp: Stamp, writer: str
@@ -167,27 +197,11 @@ def test_a_settings_record_round_trips(serial: int, term: int, signed: str) -> N
 def test_the_voter_record_and_plain_registers_pass_through() -> None:
     voters = bootstrap_voters(["a"], "signed").item
     assert decode(voters) == VotersStored(voters)  # type: ignore[arg-type]
-    lifecycle = RegisterWrite(
-        node_id="n1",
-        attribute=LIFECYCLE,
-        value=initial_lifecycle(now_wall_ms=1, actor="cp").to_json(),
-        stamp=Stamp(1, Hlc(1, 0), "cp"),
-        writer_class="leader",
-        actor="cp",
-        reason="joined",
-        at_wall_ms=1,
+    lifecycle = register_write(
+        LIFECYCLE, initial_lifecycle(now_wall_ms=1, actor="cp").to_json(), reason="joined"
     )
     assert decode(lifecycle) == RegisterStored(lifecycle)
-    tombstone = RegisterWrite(
-        node_id="n1",
-        attribute=LIFECYCLE,
-        value=None,
-        stamp=Stamp(1, Hlc(2, 0), "op"),
-        writer_class="operator",
-        actor="op",
-        reason="gone",
-        at_wall_ms=2,
-    )
+    tombstone = node_tombstone(at_ms=2, reason="gone")
     assert decode(tombstone) == NodeForgotten(tombstone)
 
 
@@ -195,16 +209,7 @@ def test_the_voter_record_and_plain_registers_pass_through() -> None:
 
 
 def member_write(value: dict[str, object], node: str = "n1") -> RegisterWrite:
-    return RegisterWrite(
-        node_id=node,
-        attribute=MEMBER,
-        value=value,
-        stamp=Stamp(1, Hlc(1, 0), "cp"),
-        writer_class="leader",
-        actor="cp",
-        reason="",
-        at_wall_ms=1,
-    )
+    return register_write(MEMBER, value, node=node)
 
 
 MEMBER_N1 = Member("n1", "node", "box", "pk", ("worker",), (), "", 0, 0, "t", 0)
@@ -214,16 +219,7 @@ def test_a_member_register_needs_a_member_record_or_a_removal() -> None:
     with pytest.raises(BadRequest, match="member record"):
         member_write({"name": "box"})
     with pytest.raises(BadRequest, match="only lifecycle has tombstones"):
-        RegisterWrite(
-            node_id="n1",
-            attribute=MEMBER,
-            value=None,
-            stamp=Stamp(1, Hlc(1, 0), "cp"),
-            writer_class="leader",
-            actor="cp",
-            reason="",
-            at_wall_ms=1,
-        )
+        register_write(MEMBER, None)
 
 
 def test_a_member_record_about_another_principal_is_refused() -> None:
@@ -301,16 +297,7 @@ def test_a_node_tombstone_takes_its_member_record_along() -> None:
         reason="joined",
         at_wall_ms=1,
     )
-    tombstone = RegisterWrite(
-        node_id="n1",
-        attribute=LIFECYCLE,
-        value=None,
-        stamp=Stamp(1, Hlc(0, 0), "op"),
-        writer_class="operator",
-        actor="op",
-        reason="deleted",
-        at_wall_ms=0,
-    )
+    tombstone = node_tombstone(at_ms=0, reason="deleted")
     records, _ = RecordSet().merge([Entry(WriteId(1, 2), tombstone), Entry(WriteId(1, 1), member)])
     assert [decode(e.item) for e in records.entries()] == [NodeForgotten(tombstone)]
 

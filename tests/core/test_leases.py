@@ -51,6 +51,7 @@ from populi_peer.core.reports import (
     ReportedPhase,
 )
 from populi_peer.errors import BadRequest, ConfigError, Conflict, StoreError
+from support.reports import as_reported
 
 SETTINGS = LeaseSettings(max_lease_ttl_s=30.0, expiry_margin_s=5.0, leader_lease_s=10.0)
 W = 1_700_000_000_000  # a wall clock in ms
@@ -112,24 +113,7 @@ def granted(
 
 def held_by(table: LeaseTable, node: str, phase: ReportedPhase = "started") -> NodeHoldings:
     """What ``node`` holds by the table: its holding leases, in ``phase``."""
-    return NodeHoldings(
-        tuple(
-            ReportedLease(
-                lease_id=x.lease_id,
-                task_id=x.task_id,
-                attempt=x.attempt,
-                work_class=x.work_class,
-                submitter=x.submitter,
-                gpus=x.gpus,
-                token=x.token,
-                ttl_s=x.ttl_s,
-                kind=x.kind,
-                phase=phase,
-            )
-            for x in table.by_node(node)
-            if x.holding
-        )
-    )
+    return NodeHoldings(tuple(as_reported(x, phase) for x in table.by_node(node) if x.holding))
 
 
 def report(

@@ -31,6 +31,7 @@ from populi_peer.core.reports import (
     ReportedLease,
 )
 from populi_peer.errors import BadRequest
+from support.reports import as_reported
 
 SETTINGS = LeaseSettings(max_lease_ttl_s=30.0, expiry_margin_s=5.0)
 W = 1_700_000_000_000
@@ -59,22 +60,6 @@ def reasons_of(table: LeaseTable, request: GrantRequest, now: float) -> tuple[st
     with pytest.raises(LeaseRefused) as info:
         table.grant(request, now_mono=now, now_wall_ms=W, lease_id="X", target=view(request.target))
     return info.value.reasons
-
-
-def as_reported(lease: Lease, phase: str = "started") -> ReportedLease:
-    return ReportedLease(
-        lease_id=lease.lease_id,
-        task_id=lease.task_id,
-        attempt=lease.attempt,
-        work_class=lease.work_class,
-        submitter=lease.submitter,
-        gpus=lease.gpus,
-        token=lease.token,
-        ttl_s=lease.ttl_s,
-        kind=lease.kind,
-        phase=phase,  # type: ignore[arg-type]
-        granted_wall_ms=lease.granted_wall_ms,
-    )
 
 
 def restarted(*leases: Lease, next_seq: int = 1, **kwargs: object) -> LeaseTable:

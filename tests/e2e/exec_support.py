@@ -189,6 +189,19 @@ def deadline_boot_ns(task_dir: Path) -> int:
     return round(float(text) * 1e9)
 
 
+def wait_renewal(task_dir: Path, guard_s: float = 60.0) -> float:
+    """Block until the supervisor's deadline moves (a renewal just landed); returns the
+    new deadline (CLOCK_BOOTTIME seconds)."""
+    first = deadline_boot_ns(task_dir)
+    moved, _ = wait_for(
+        "a lease renewal moves the supervisor's deadline",
+        lambda: (d := deadline_boot_ns(task_dir)) > first and d,
+        guard_s=guard_s,
+        every_s=0.02,
+    )
+    return float(moved) / 1e9
+
+
 def supervisor_state(task_dir: Path) -> dict[str, Any]:
     return dict(json.loads((task_dir / "state.json").read_text()))
 
@@ -244,5 +257,6 @@ __all__ = [
     "ticks_of",
     "token_key",
     "wait_for",
+    "wait_renewal",
     "wait_ticks",
 ]

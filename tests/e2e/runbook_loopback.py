@@ -30,7 +30,7 @@ from pathlib import Path
 from lab.runbook import RunbookError, Shell
 
 from support.mesh import free_port
-from support.procs import MARK, MARK_NAME, kill_pids, leftovers
+from support.procs import MARK, MARK_NAME, kill_pids, leftovers, pid_alive
 
 #: A line that starts an agent in the foreground: ``populi agent [--data-dir DIR] ...``.
 AGENT_LINE = re.compile(r"^(?P<indent>\s*)(?P<cmd>populi agent\b[^&#\n]*?)\s*(?P<comment>#.*)?$")
@@ -135,7 +135,7 @@ class LoopbackHosts:
             except OSError:
                 pass
         deadline = time.monotonic() + timeout
-        while any(_alive(pid) for pid in pids):
+        while any(pid_alive(pid) for pid in pids):
             if time.monotonic() > deadline:
                 raise RunbookError(f"[{host}] the agent did not stop in {timeout:g} s")
             time.sleep(0.1)
@@ -157,14 +157,6 @@ class LoopbackHosts:
                 proc.wait(timeout=10)
             if proc.stdout is not None:
                 proc.stdout.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 __all__ = ["AGENT_WAIT", "LoopbackHosts", "background_agents"]

@@ -20,11 +20,9 @@ from populi_peer.api.server import hypercorn_config, serve_api
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
 from populi_peer.errors import RefusedError
-from populi_peer.identity import load_identity
 from populi_peer.joining import join_cluster
-from populi_peer.store import Store
 from support.apps import open_routes_app
-from support.mesh import Mesh
+from support.mesh import Mesh, identity_of
 from support.procs import Processes, create_token, join_node, one_line, populi
 from support.waiting import wait_for
 
@@ -105,9 +103,7 @@ def test_revoked_signer_is_refused_on_an_open_keep_alive_connection(
     cp = tmp_path / "cp"
     cp_agent = procs.init_and_start(cp)
     join_node(create_token(cp), tmp_path / "w1", "w1")
-    store = Store.open(tmp_path / "w1")
-    w1 = load_identity(tmp_path / "w1", store)
-    store.close()
+    w1 = identity_of(tmp_path / "w1")
     with httpx.Client(verify=client_context(w1.paths.ca_cert), timeout=10) as client:
         auth = SignedAuth(w1.node_credential, cp_agent.node_id, SystemClock())
         first = client.get(cp_agent.url + "/v1/populi/status", auth=auth)

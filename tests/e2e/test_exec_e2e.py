@@ -57,12 +57,13 @@ from e2e.exec_support import (
     ticks_of,
     token_key,
     wait_for,
+    wait_renewal,
     wait_ticks,
 )
 
 from populi_peer.agent.submitter import handoff_message
 from populi_peer.store.tasks import TaskRecord
-from support.procs import POPULI, populi
+from support.procs import POPULI, pid_alive, populi
 
 pytestmark = pytest.mark.e2e
 
@@ -125,25 +126,14 @@ def lease_ttl(mesh: Mesh, ttl_s: int) -> Iterator[None]:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def wait_renewal(task_dir: Path, guard_s: float = 60.0) -> float:
-    """Block until the supervisor's deadline moves (a renewal just landed); returns the
-    new deadline (CLOCK_BOOTTIME seconds)."""
-    first = deadline_boot_ns(task_dir)
-    moved, _ = wait_for(
-        "a lease renewal moves the supervisor's deadline",
-        lambda: (d := deadline_boot_ns(task_dir)) > first and d,
-        guard_s=guard_s,
-        every_s=0.02,
-    )
-    return float(moved) / 1e9
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
+def ticking_on_w2(
+    mesh: Mesh, ticks: Path, *, n1: int, n2: int = 10, count: int = 3
+) -> tuple[str, Path]:
+    """A one-GPU ticking task (:func:`tick_command`) submitted on w1 and run on w2, once
+    its first attempt ticked ``count`` times: its id and that attempt's directory on w2."""
+    task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=n1, n2=n2))
+    wait_ticks(ticks, 1, count=count)
+    return task_id, mesh.task_dir("w2", "worker", task_id, 1)
 
 
 def attempt_pids(task_id: str, attempt: int) -> list[int]:
@@ -305,9 +295,7 @@ def test_sigkilled_worker_agent_task_stops_before_deadline_then_falls_back(
     mesh: Mesh, tmp_path: Path
 ) -> None:
     ticks = tmp_path / "ticks"
-    task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=600, n2=10))
-    wait_ticks(ticks, 1)
-    task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+    task_id, task_dir = ticking_on_w2(mesh, ticks, n1=600)
     mesh.stop("w2", signal.SIGKILL)
     killed_wall_ms = int(time.time() * 1000)
     killed = time.monotonic()
@@ -339,9 +327,7 @@ def test_sigstopped_worker_agent_supervisor_stops_task_late_result_ignored(
 ) -> None:
     ticks = tmp_path / "ticks"
     w2 = mesh["w2"]
-    task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=600, n2=10))
-    wait_ticks(ticks, 1)
-    task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+    task_id, task_dir = ticking_on_w2(mesh, ticks, n1=600)
     os.kill(w2.pid, signal.SIGSTOP)
     paused = time.monotonic()
     try:
@@ -462,9 +448,7 @@ def test_worker_agent_restart_readopts_supervisor_task_completes_once(
     ticks = tmp_path / "ticks"
     w2 = mesh["w2"]
     with lease_ttl(mesh, RESTART_TTL_S):
-        task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=120, n2=10))
-        wait_ticks(ticks, 1, count=1)
-        task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+        task_id, task_dir = ticking_on_w2(mesh, ticks, n1=120, count=1)
         supervisor = int(supervisor_state(task_dir)["supervisor_pid"])
         wait_renewal(task_dir)
         renewed = time.monotonic()
@@ -748,9 +732,7 @@ def test_control_plane_restart_right_after_renewal_lease_survives(
     ticks = tmp_path / "ticks"
     cp = mesh["cp"]
     with lease_ttl(mesh, RESTART_TTL_S):
-        task_id = mesh.run_detached("w1", "--gpus", "1", *tick_command(ticks, n1=100, n2=10))
-        wait_ticks(ticks, 1, count=1)
-        task_dir = mesh.task_dir("w2", "worker", task_id, 1)
+        task_id, task_dir = ticking_on_w2(mesh, ticks, n1=100, count=1)
         wait_renewal(task_dir)
         renewed = time.monotonic()
         code = mesh.stop("cp", timeout=60)

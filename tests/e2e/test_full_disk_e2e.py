@@ -26,10 +26,10 @@ from enrollment.records import verify_record
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
-from populi_peer.identity import load_identity
 from populi_peer.store import Store
 from support.contract import sync_hook
 from support.disk import fill, small_tmpfs
+from support.mesh import identity_of
 from support.procs import AgentProcess, Processes, populi
 
 pytestmark = pytest.mark.e2e
@@ -42,11 +42,7 @@ MARGIN_S = 0.5
 def operator_client(data_dir: Path, agent: AgentProcess) -> Iterator[httpx.Client]:
     """The init node's operator (roles operator and submit), over real TLS; every answer
     is checked against the OpenAPI contract."""
-    store = Store.open(data_dir, readonly=True)
-    try:
-        identity = load_identity(data_dir, store)
-    finally:
-        store.close()
+    identity = identity_of(data_dir)
     with httpx.Client(
         base_url=agent.url,
         verify=client_context(identity.paths.ca_cert),

@@ -16,8 +16,7 @@ import pytest
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
-from populi_peer.identity import load_identity
-from populi_peer.store import Store
+from support.mesh import identity_of
 from support.procs import Processes
 
 pytestmark = pytest.mark.e2e
@@ -43,9 +42,7 @@ def test_captured_operator_requests_replayed_after_a_restart_are_refused(
 ) -> None:
     cp = tmp_path / "cp"
     agent = procs.init_and_start(cp)
-    store = Store.open(cp, readonly=True)
-    identity = load_identity(cp, store)
-    store.close()
+    identity = identity_of(cp)
     assert identity.operator is not None
     captured: list[httpx.Request] = []
 

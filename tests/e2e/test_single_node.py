@@ -15,8 +15,7 @@ import pytest
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
-from populi_peer.identity import load_identity
-from populi_peer.store import Store
+from support.mesh import identity_of
 from support.procs import Processes, init, one_line, populi
 from support.waiting import wait_for
 
@@ -72,9 +71,7 @@ def test_curl_unsigned_status_is_401_and_health_200(tmp_path: Path, procs: Proce
 def test_replayed_request_over_real_tls_is_refused(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
     agent = procs.init_and_start(data_dir)
-    store = Store.open(data_dir)
-    identity = load_identity(data_dir, store)
-    store.close()
+    identity = identity_of(data_dir)
     with httpx.Client(verify=client_context(identity.paths.ca_cert), timeout=10) as client:
         request = client.build_request("GET", agent.url + "/v1/populi/status")
         signed = next(
@@ -87,6 +84,17 @@ def test_replayed_request_over_real_tls_is_refused(tmp_path: Path, procs: Proces
     assert second.json()["error"]["code"] == "signature_replayed"
 
 
+def s_client(hostport: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """``openssl s_client`` to ``hostport`` with ``options``, its input empty."""
+    return subprocess.run(
+        ["openssl", "s_client", "-connect", hostport, *options],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_openssl_verifies_the_chain_against_the_cluster_ca_only(
     tmp_path: Path, procs: Processes
@@ -94,31 +102,12 @@ def test_openssl_verifies_the_chain_against_the_cluster_ca_only(
     data_dir = tmp_path / "d"
     agent = procs.init_and_start(data_dir)
     hostport = agent.url.removeprefix("https://")
-    ok = subprocess.run(
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            hostport,
-            "-CAfile",
-            str(data_dir / "tls" / "ca.crt"),
-            "-verify_return_error",
-            "-tls1_3",
-        ],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=30,
+    ok = s_client(
+        hostport, "-CAfile", str(data_dir / "tls" / "ca.crt"), "-verify_return_error", "-tls1_3"
     )
     assert "Verify return code: 0 (ok)" in ok.stdout
     assert "TLSv1.3" in ok.stdout
-    system = subprocess.run(
-        ["openssl", "s_client", "-connect", hostport, "-verify_return_error"],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    system = s_client(hostport, "-verify_return_error")
     assert "Verify return code: 0 (ok)" not in system.stdout
 
 
@@ -150,13 +139,7 @@ def test_tls_1_2_is_refused(tmp_path: Path, procs: Processes) -> None:
     data_dir = tmp_path / "d"
     agent = procs.init_and_start(data_dir)
     hostport = agent.url.removeprefix("https://")
-    old = subprocess.run(
-        ["openssl", "s_client", "-connect", hostport, "-tls1_2"],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    old = s_client(hostport, "-tls1_2")
     assert "Cipher is (NONE)" in old.stdout or old.returncode != 0
     # Told why (the protocol_version alert), not left with "unexpected eof while reading".
     assert "alert protocol version" in old.stderr, old.stderr

@@ -47,6 +47,7 @@ from e2e.exec_support import (
     tick_command,
     token_key,
     wait_for,
+    wait_renewal,
 )
 
 from support.installs import Installs
@@ -107,17 +108,6 @@ def live_files(pid: int) -> list[str]:
         if len(parts) == 6 and "/_MEI" in parts[5] and not parts[5].endswith("(deleted)"):
             out.append(parts[5])
     return out
-
-
-def wait_renewal(task_dir: Path) -> float:
-    first = deadline_boot_ns(task_dir)
-    moved, _ = wait_for(
-        "a renewal moves the supervisor's deadline",
-        lambda: (d := deadline_boot_ns(task_dir)) > first and d,
-        guard_s=60,
-        every_s=0.02,
-    )
-    return float(moved) / 1e9
 
 
 def task_state(mesh: Mesh, task_id: str) -> dict[str, Any]:

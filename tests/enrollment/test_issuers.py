@@ -17,7 +17,6 @@ from enrollment.ca import (
     ca_pin,
     chain_from_pem,
     issue_intermediate,
-    issuer_name,
     issuer_node_id,
     make_ca_certificate,
     make_issuer_certificate,
@@ -54,15 +53,24 @@ ROOT_CERT = make_ca_certificate(
 VOTER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
 VOTER = node_id_for(VOTER_KEY.public_key())
 ISSUER_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
-ISSUER_CERT = make_issuer_certificate(
-    root_key=ROOT,
-    root_cert=ROOT_CERT,
-    subject_key=ISSUER_KEY.public_key(),
-    node_id=VOTER,
-    cluster_id=CLUSTER,
-    now_wall_s=NOW - 3600,
-    serial=2,
-)
+
+
+def voter_issuer(
+    root_key: Ed25519PrivateKey, root_cert: x509.Certificate, now_wall_s: float = NOW - 3600
+) -> x509.Certificate:
+    """The voter's issuer certificate for :data:`ISSUER_KEY`, signed by ``root_key``."""
+    return make_issuer_certificate(
+        root_key=root_key,
+        root_cert=root_cert,
+        subject_key=ISSUER_KEY.public_key(),
+        node_id=VOTER,
+        cluster_id=CLUSTER,
+        now_wall_s=now_wall_s,
+        serial=2,
+    )
+
+
+ISSUER_CERT = voter_issuer(ROOT, ROOT_CERT)
 NODE_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(3, 35)))
 NODE = node_id_for(NODE_KEY.public_key())
 
@@ -81,38 +89,30 @@ def leaf(signer: Ed25519PrivateKey = ISSUER_KEY, signer_cert: x509.Certificate =
 
 
 def odd_issuer(*, ca: bool, path_length: int | None) -> x509.Certificate:
-    """An issuer-shaped certificate with other basic constraints, signed by the root."""
-    ski = ROOT_CERT.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    """:data:`ISSUER_CERT` with other basic constraints, signed by the root."""
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(issuer_name(CLUSTER, VOTER))
-        .issuer_name(ROOT_CERT.subject)
+        .subject_name(ISSUER_CERT.subject)
+        .issuer_name(ISSUER_CERT.issuer)
         .public_key(ISSUER_KEY.public_key())
         .serial_number(9)
         .not_valid_before(ISSUER_CERT.not_valid_before_utc)
         .not_valid_after(ISSUER_CERT.not_valid_after_utc)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ISSUER_KEY.public_key()), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
-        )
-        .sign(ROOT, algorithm=None)
+    )
+    for extension in ISSUER_CERT.extensions:
+        value = extension.value
+        if isinstance(value, x509.BasicConstraints):
+            value = x509.BasicConstraints(ca=ca, path_length=path_length)
+        builder = builder.add_extension(value, critical=extension.critical)
+    return builder.sign(ROOT, algorithm=None)
+
+
+def voter_revoked() -> RevocationList:
+    """A revocation list naming the voter (and so its issuer)."""
+    return revoke_node(
+        RevocationList.empty(CLUSTER, now_ms=NOW_MS),
+        RevokedNode(node_id=VOTER, name="voter", reason="stolen", revoked_ms=NOW_MS),
+        now_ms=NOW_MS,
     )
 
 
@@ -162,24 +162,12 @@ def test_an_issuer_of_another_root_is_refused() -> None:
     other_ca = make_ca_certificate(
         root_key=other_root, cluster_id=CLUSTER, cluster_name="t", now_wall_s=NOW, serial=1
     )
-    foreign = make_issuer_certificate(
-        root_key=other_root,
-        root_cert=other_ca,
-        subject_key=ISSUER_KEY.public_key(),
-        node_id=VOTER,
-        cluster_id=CLUSTER,
-        now_wall_s=NOW,
-        serial=2,
-    )
+    foreign = voter_issuer(other_root, other_ca, now_wall_s=NOW)
     chain_refused(leaf(ISSUER_KEY, foreign), [foreign], "issuer_foreign")
 
 
 def test_a_revoked_issuer_makes_every_certificate_it_signed_refused() -> None:
-    lst = revoke_node(
-        RevocationList.empty(CLUSTER, now_ms=NOW_MS),
-        RevokedNode(node_id=VOTER, name="voter", reason="stolen", revoked_ms=NOW_MS),
-        now_ms=NOW_MS,
-    )
+    lst = voter_revoked()
     chain_refused(leaf(), [ISSUER_CERT], "issuer_revoked", revoked=lst.revokes_certificate)
 
 
@@ -200,16 +188,21 @@ def test_the_chain_pem_is_the_leaf_first_then_its_issuer() -> None:
 # --- issuer requests: the key never leaves the voter -----------------------------------
 
 
-def test_the_root_signs_a_voters_request_for_its_own_key() -> None:
-    request = make_issuer_request(issuer_key=ISSUER_KEY, node_id=VOTER, cluster_id=CLUSTER)
-    cert = issue_intermediate(
+def root_signs_request(cluster: str, expected: str | None) -> x509.Certificate:
+    """The root signs the voter's issuer request for ``cluster``, expecting ``expected``."""
+    request = make_issuer_request(issuer_key=ISSUER_KEY, node_id=VOTER, cluster_id=cluster)
+    return issue_intermediate(
         root_key=ROOT,
         root_cert=ROOT_CERT,
         request=request,
         now_wall_s=NOW,
         serial=5,
-        expected_node_id=VOTER,
+        expected_node_id=expected,
     )
+
+
+def test_the_root_signs_a_voters_request_for_its_own_key() -> None:
+    cert = root_signs_request(CLUSTER, VOTER)
     assert cert.public_key() == ISSUER_KEY.public_key()
     assert (
         verify_chain(
@@ -229,16 +222,8 @@ def test_the_root_signs_a_voters_request_for_its_own_key() -> None:
 def test_a_request_for_another_cluster_or_node_is_refused(
     cluster: str, expected: str | None, code: str
 ) -> None:
-    request = make_issuer_request(issuer_key=ISSUER_KEY, node_id=VOTER, cluster_id=cluster)
     with pytest.raises(CertificateError) as info:
-        issue_intermediate(
-            root_key=ROOT,
-            root_cert=ROOT_CERT,
-            request=request,
-            now_wall_s=NOW,
-            serial=5,
-            expected_node_id=expected,
-        )
+        root_signs_request(cluster, expected)
     assert info.value.code == code
 
 
@@ -287,11 +272,7 @@ def test_an_issued_token_under_another_root_is_foreign() -> None:
 
 
 def test_a_token_from_a_revoked_issuer_is_refused() -> None:
-    lst = revoke_node(
-        RevocationList.empty(CLUSTER, now_ms=NOW_MS),
-        RevokedNode(node_id=VOTER, name="voter", reason="stolen", revoked_ms=NOW_MS),
-        now_ms=NOW_MS,
-    )
+    lst = voter_revoked()
     envelope = mint_issued().rsplit(".", 1)[0]
     with pytest.raises(TokenError) as info:
         redeem_token(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any, get_args
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +30,7 @@ from enrollment.revocation import (
     unblock_name,
     verify_revocations,
 )
-from support.tokens import NOW, OTHER, ROOT
+from support.tokens import NOW, OTHER, ROOT, b64, open_envelope, raw, seal_envelope, unb64
 
 CLUSTER = ROOT
 CLUSTER_ID = "home"
@@ -41,21 +39,9 @@ DOMAIN = b"populi/revocations/v1\x00"
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
-def raw(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def seal(payload: bytes, key: Ed25519PrivateKey = CLUSTER, *, prefix: str = PREFIX) -> str:
     """The wire form written out from the specification, independent of the module."""
-    return prefix + b64(raw(key) + key.sign(DOMAIN + payload) + payload)
+    return seal_envelope(payload, key, prefix=prefix, domain=DOMAIN)
 
 
 def node(node_id: str = "n-1", name: str = "gpu-1", **overrides: Any) -> RevokedNode:
@@ -242,10 +228,7 @@ def test_sign_then_verify_round_trips() -> None:
 def test_wire_form_is_prefix_key_signature_canonical_payload() -> None:
     text = sign_revocations(TWO, CLUSTER)
     assert text.startswith(PREFIX)
-    blob = unb64(text[len(PREFIX) :])
-    key, signature, payload = blob[:32], blob[32:96], blob[96:]
-    assert key == raw(CLUSTER)
-    CLUSTER.public_key().verify(signature, DOMAIN + payload)
+    payload = open_envelope(text[len(PREFIX) :], CLUSTER, domain=DOMAIN)
     assert payload == canonical_json(TWO.to_json())
     body = json.loads(payload)
     assert body["v"] == 1

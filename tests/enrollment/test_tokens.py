@@ -4,7 +4,6 @@ and the control plane's views of it, and the join proofs."""
 from __future__ import annotations
 
 import ast
-import base64
 import hashlib
 import json
 from datetime import UTC, datetime
@@ -13,7 +12,6 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +39,21 @@ from enrollment.tokens import (
     validate_node_name,
     verify_join,
 )
-from support.tokens import CP, HOUR, NOW, OTHER, ROOT, SEED, TOKEN_ID, mint
+from support.tokens import (
+    CP,
+    HOUR,
+    NOW,
+    OTHER,
+    ROOT,
+    SEED,
+    TOKEN_ID,
+    b64,
+    mint,
+    open_envelope,
+    raw,
+    seal_envelope,
+    unb64,
+)
 
 TOKEN_KEY = Ed25519PrivateKey.from_private_bytes(SEED)
 VOTER = "n-bbbbbbbbbbbbbbbb"
@@ -51,20 +63,8 @@ B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 DELETE = object()
 
 
-def raw(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
 def pin_of(key: Ed25519PrivateKey) -> str:
     return "sha256:" + hashlib.sha256(raw(key)).hexdigest()
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def fields(key: Ed25519PrivateKey = ROOT, /, **overrides: Any) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def seal(
     domain: bytes = DOMAIN,
 ) -> str:
     """The wire form written out from the specification, independent of the module."""
-    return prefix + b64(raw(key) + key.sign(domain + payload) + payload)
+    return seal_envelope(payload, key, prefix=prefix, domain=domain)
 
 
 def signed(key: Ed25519PrivateKey = ROOT, /, **overrides: Any) -> str:
@@ -192,10 +192,7 @@ def test_wire_form_is_prefix_envelope_and_secret() -> None:
     envelope, secret = text[len(PREFIX) :].split(".")
     assert unb64(secret) == SEED  # outside the signature: the secret, never sent
     assert token_envelope(text) == PREFIX + envelope
-    blob = unb64(envelope)
-    key, signature, payload = blob[:32], blob[32:96], blob[96:]
-    assert key == raw(ROOT)
-    ROOT.public_key().verify(signature, DOMAIN + payload)
+    payload = open_envelope(envelope, ROOT, domain=DOMAIN)
     assert payload == canonical_json(token.to_json())
     body = json.loads(payload)
     assert body["v"] == 2

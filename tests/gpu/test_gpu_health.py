@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-import populi_peer.gpu as gpu
 from populi_peer.gpu import (
     ADVERTISED_UUID_PREFIX,
     ALLOCATION_REASONS,
@@ -235,48 +234,6 @@ def test_format_probe_shows_unknown() -> None:
     assert "wedged" in text
     cpu = format_probe(GpuInventory(backend="nvml", cpu_only_reason="nvml_library_not_found"))
     assert "CPU-only (nvml_library_not_found)" in cpu
-
-
-def test_exports_are_pinned() -> None:
-    assert sorted(gpu.__all__) == sorted(
-        [
-            "ADVERTISED_UUID_PREFIX",
-            "ALLOCATION_REASONS",
-            "CRITICAL_XIDS",
-            "HEALTH_RULES",
-            "AdvertisedLabelError",
-            "ComputeProcess",
-            "DeviceAllocation",
-            "FixtureError",
-            "GpuDevice",
-            "GpuInventory",
-            "Health",
-            "HealthRule",
-            "HealthVerdict",
-            "InventoryFormatError",
-            "NvLink",
-            "Probe",
-            "ProbeError",
-            "XidEvent",
-            "advertised_count",
-            "allocatable",
-            "derive_replay_uuid",
-            "facts_version",
-            "format_probe",
-            "gpu_summary",
-            "health_verdict",
-            "health_verdicts",
-            "is_critical_xid",
-            "open_probe",
-            "package_capture_names",
-            "probe_json",
-            "summary_metrics",
-            "summary_static",
-            "throttle_reason_names",
-        ]
-    )
-    for name in gpu.__all__:
-        assert hasattr(gpu, name), name
 
 
 def test_records_are_immutable() -> None:

@@ -190,25 +190,10 @@ def snapshot(
     return state
 
 
-def differences(before: dict[str, Any], after: dict[str, Any]) -> str:
-    out = []
-    for key in sorted(set(before) | set(after)):
-        old, new = before.get(key), after.get(key)
-        if old != new:
-            if isinstance(old, list) and isinstance(new, list):
-                out.append(
-                    f"{key}: -{[x for x in old if x not in new]} +{[x for x in new if x not in old]}"
-                )
-            else:
-                out.append(f"{key}: {old!r} -> {new!r}")
-    return "; ".join(out)[:3000]
-
-
 __all__ = [
     "CODE_RE",
     "Answer",
     "answer_of",
-    "differences",
     "mint",
     "raw_exchange",
     "read_answer",

@@ -63,7 +63,6 @@ from security.attack_support import (
     CODE_RE,
     Answer,
     answer_of,
-    differences,
     mint,
     raw_exchange,
     read_answer,
@@ -105,6 +104,7 @@ from populi_peer.joining import join_cluster
 from support.disk import fill, small_tmpfs
 from support.mesh import credential_of, meta_of
 from support.procs import one_line, populi
+from support.state import differences
 
 pytestmark = pytest.mark.e2e
 

@@ -54,18 +54,19 @@ async def _challenge(client: httpx.AsyncClient) -> str:
     return str(answer.json()["challenge"])
 
 
-def _enroll_body(
+async def _enroll_body(
+    client: httpx.AsyncClient,
     token_text: str,
     *,
     recipient: str,
-    challenge: str,
     key: Any,
     name: str,
     token_key: Any = None,
 ) -> dict[str, Any]:
-    """What ``populi join`` sends for the token's cluster, with the proofs bound to
-    ``recipient`` (and signed with ``token_key`` instead of the token's own, when given: a
-    thief's guess)."""
+    """What ``populi join`` sends for the token's cluster, with a fresh challenge taken by
+    ``client`` and the proofs bound to ``recipient`` (and signed with ``token_key`` instead
+    of the token's own, when given: a thief's guess)."""
+    challenge = await _challenge(client)
     held = open_token(token_text, now_ms=0, skew_ms=2**52)
     if token_key is not None:
         held = dataclasses.replace(held, token_key=token_key)
@@ -89,6 +90,11 @@ def _enroll_body(
         "proof": proofs.proof,
         "token_proof": proofs.token_proof,
     }
+
+
+def _refused(answer: httpx.Response, code: str) -> None:
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["error"]["code"] == code
 
 
 def _token_state(cp: Agent, token_text: str) -> tuple[int, list[str]]:
@@ -130,16 +136,15 @@ async def test_a_proof_made_for_another_node_is_refused_and_consumes_nothing(
         token = await cluster.mint_token()
         key = generate_key()
         async with _client(cluster, impostor.node_id) as relay:
-            body = _enroll_body(
+            body = await _enroll_body(
+                relay,
                 token,
                 recipient=impostor.node_id,
-                challenge=await _challenge(relay),
                 key=key,
                 name="victim",
             )
             answer = await relay.post("/v1/populi/join/enroll", json=body)
-        assert answer.status_code == 403
-        assert answer.json()["error"]["code"] == "proof_invalid"
+        _refused(answer, "proof_invalid")
         assert _token_state(cp, token) == (1, [])
         _nothing_of(cp, node_id_for(key.public_key()))
 
@@ -152,10 +157,10 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
         token = await cluster.mint_token(uses=2)
         key = generate_key()
         async with _client(cluster, "joiner") as joiner, _client(cluster, "thief") as thief:
-            captured = _enroll_body(
+            captured = await _enroll_body(
+                joiner,
                 token,
                 recipient=cp.node_id,
-                challenge=await _challenge(joiner),
                 key=key,
                 name="gpu-1",
             )
@@ -163,27 +168,24 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
             assert ok.status_code == 200, ok.text
             # Replayed as is: its challenge was used.
             again = await thief.post("/v1/populi/join/enroll", json=captured)
-            assert again.status_code == 403
-            assert again.json()["error"]["code"] == "challenge_invalid"
+            _refused(again, "challenge_invalid")
             # With a fresh challenge, the proofs no longer match.
             fresh = {**captured, "challenge": await _challenge(thief)}
             again = await thief.post("/v1/populi/join/enroll", json=fresh)
-            assert again.status_code == 403
-            assert again.json()["error"]["code"] == "proof_invalid"
+            _refused(again, "proof_invalid")
             # The thief's own key and a proof by it: it still lacks the token's secret.
             own = generate_key()
-            forged = _enroll_body(
+            forged = await _enroll_body(
+                thief,
                 token,
                 recipient=cp.node_id,
-                challenge=await _challenge(thief),
                 key=own,
                 name="thief",
                 token_key=generate_key(),  # the envelope, but a token key of its own
             )
             assert forged["token"] == captured["token"]
             answer = await thief.post("/v1/populi/join/enroll", json=forged)
-            assert answer.status_code == 403
-            assert answer.json()["error"]["code"] == "token_proof_invalid"
+            _refused(answer, "token_proof_invalid")
         # The control plane keeps no secret: its database holds nothing to join with.
         secret = token.rsplit(".", 1)[1].encode()
         for path in cp.store.path.parent.glob("populi.db*"):
@@ -222,16 +224,15 @@ async def test_the_joiner_stops_at_a_node_its_token_does_not_name(
         assert sent == [("GET", "/v1/populi/join/ca"), ("GET", "/v1/populi/join/ca")]
         # And the control plane itself refuses a token that does not name it.
         async with _client(cluster) as client:
-            body = _enroll_body(
+            body = await _enroll_body(
+                client,
                 text,
                 recipient=cp.node_id,
-                challenge=await _challenge(client),
                 key=generate_key(),
                 name="victim",
             )
             answer = await client.post("/v1/populi/join/enroll", json=body)
-        assert answer.status_code == 403
-        assert answer.json()["error"]["code"] == "token_wrong_recipient"
+        _refused(answer, "token_wrong_recipient")
 
 
 class _SwitchAfterIdentity(httpx.AsyncBaseTransport):

@@ -83,13 +83,20 @@ class _Response:
 
 
 @functools.lru_cache(maxsize=1)
+def document() -> dict[str, Any]:
+    """The contract, parsed once (read it, never change it)."""
+    with CONTRACT.open(encoding="utf-8") as handle:
+        loaded = yaml.safe_load(handle)
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+@functools.lru_cache(maxsize=1)
 def _operation_paths() -> list[tuple[str, re.Pattern[str], str]]:
     """(METHOD, path regex, operationId), in the document's order (which is the route
     table's: a specific path before the template that would also match it)."""
-    with CONTRACT.open(encoding="utf-8") as handle:
-        document = yaml.safe_load(handle)
     found = []
-    for path, item in document["paths"].items():
+    for path, item in document()["paths"].items():
         regex = re.compile("^" + re.sub(r"\\{[a-z_]+\\}", "[^/]+", re.escape(path)) + "$")
         for method, operation in item.items():
             if isinstance(operation, dict) and "operationId" in operation:

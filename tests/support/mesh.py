@@ -38,7 +38,7 @@ from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
 from populi_peer.core.settings import parse_setting
-from populi_peer.identity import Credential, load_identity
+from populi_peer.identity import Credential, Identity, load_identity
 from populi_peer.store import Store
 from support.contract import sync_hook
 from support.procs import POPULI, AgentProcess, Processes, kill_pids, leftovers
@@ -131,14 +131,20 @@ class Node:
             conn.close()
 
 
+def identity_of(data_dir: Path) -> Identity:
+    """The identity a data directory holds (keys, certificates, cluster), read without
+    an agent (one may be running)."""
+    store = Store.open(data_dir, readonly=True)
+    try:
+        return load_identity(data_dir, store)
+    finally:
+        store.close()
+
+
 def credential_of(data_dir: Path, *, operator: bool = False) -> Credential:
     """The node key (or the operator key) a data directory holds: what anyone who can
     read that directory can sign with."""
-    store = Store.open(data_dir, readonly=True)
-    try:
-        identity = load_identity(data_dir, store)
-    finally:
-        store.close()
+    identity = identity_of(data_dir)
     if operator:
         assert identity.operator is not None, f"{data_dir} holds no operator credential"
         return identity.operator

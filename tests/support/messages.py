@@ -10,13 +10,11 @@ the contract documents; a well-behaved client sends what the contract says).
 
 from __future__ import annotations
 
-import functools
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
-import yaml
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
@@ -73,20 +71,12 @@ from populi_peer.core.settings import SCOPES, SETTINGS
 from populi_peer.core.settings import WORK_CLASSES as GATE_CLASSES
 from populi_peer.core.tasks import ATTEMPT_OUTCOMES, Attempt, ReasonEntry, TaskOptions
 from populi_peer.errors import PopuliError
-from support.contract import CONTRACT
+from support.contract import document
 
 Schema = Mapping[str, Any]
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
 
 # -- the contract -------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def document() -> dict[str, Any]:
-    with CONTRACT.open(encoding="utf-8") as handle:
-        loaded = yaml.safe_load(handle)
-    assert isinstance(loaded, dict)
-    return loaded
 
 
 def resolve(schema: Any) -> Any:

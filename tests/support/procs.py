@@ -162,16 +162,18 @@ def _stat_state(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    return _stat_state(pid) not in ("Z", "")
+
+
 def marked_pids(needle: bytes) -> list[int]:
     """Live (non-zombie) processes whose environment holds ``needle``."""
     out = []
     for pid in _pids():
         if pid == os.getpid():
             continue
-        if needle in _read(f"/proc/{pid}/environ").split(b"\0") and _stat_state(pid) not in (
-            "Z",
-            "",
-        ):
+        if needle in _read(f"/proc/{pid}/environ").split(b"\0") and pid_alive(pid):
             out.append(pid)
     return out
 
@@ -188,7 +190,7 @@ def supervisor_pids(root: Path) -> list[int]:
         # The package's supervisor, or the single file's (``populi _supervisor DIR``).
         supervisor = b"populi_peer.exec.supervisor" in cmdline or SUPERVISOR_VERB in cmdline
         if supervisor and any(arg.startswith(str(root).encode()) for arg in cmdline):
-            if _stat_state(pid) not in ("Z", ""):
+            if pid_alive(pid):
                 out.append(pid)
     return out
 
@@ -206,17 +208,18 @@ def kill_pids(pids: Iterable[int]) -> None:
             pass
 
 
+def _loopback_node(data_dir: Path, name: str) -> tuple[str, ...]:
+    """The arguments of ``populi init`` / ``populi join`` for node ``name`` in
+    ``data_dir``, listening on a free loopback port."""
+    return ("--data-dir", str(data_dir), "--listen", "127.0.0.1:0", "--name", name)
+
+
 def init(data_dir: Path, *args: str, name: str = "cp") -> dict[str, object]:
     result = populi(
         "init",
         "--cluster-name",
         "lab",
-        "--data-dir",
-        str(data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        name,
+        *_loopback_node(data_dir, name),
         "--json",
         *args,
         check=True,
@@ -240,6 +243,7 @@ __all__: Sequence[str] = [
     "leftovers",
     "marked_pids",
     "one_line",
+    "pid_alive",
     "populi",
     "supervisor_pids",
     "task_pids",
@@ -254,14 +258,4 @@ def create_token(data_dir: Path, *args: str) -> str:
 
 def join_node(token: str, data_dir: Path, name: str) -> None:
     """``populi join TOKEN`` into ``data_dir`` as ``name``, listening on a free loopback port."""
-    populi(
-        "join",
-        token,
-        "--data-dir",
-        str(data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        "--name",
-        name,
-        check=True,
-    )
+    populi("join", token, *_loopback_node(data_dir, name), check=True)

@@ -3,9 +3,11 @@ bytes each run."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enrollment.tokens import JoinToken, mint_token
 
@@ -37,3 +39,35 @@ def mint(**overrides: Any) -> tuple[str, JoinToken]:
     }
     args.update(overrides)
     return mint_token(**args)
+
+
+# -- the sealed wire form, written out from the specification (not by the module) ---------
+
+
+def raw(key: Ed25519PrivateKey) -> bytes:
+    """``key``'s public key, the 32 raw bytes."""
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def b64(data: bytes) -> str:
+    """base64url without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def seal_envelope(payload: bytes, key: Ed25519PrivateKey, *, prefix: str, domain: bytes) -> str:
+    """``prefix`` + base64url(signer key || signature over ``domain`` + payload || payload)."""
+    return prefix + b64(raw(key) + key.sign(domain + payload) + payload)
+
+
+def open_envelope(envelope: str, key: Ed25519PrivateKey, *, domain: bytes) -> bytes:
+    """The payload of the base64url part of a sealed envelope, read by hand: its signer
+    key must be ``key``'s, and its signature must hold over ``domain`` + payload."""
+    blob = unb64(envelope)
+    signer, signature, payload = blob[:32], blob[32:96], blob[96:]
+    assert signer == raw(key)
+    key.public_key().verify(signature, domain + payload)
+    return payload

@@ -94,6 +94,20 @@ def peer_client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
     )
 
 
+def grant_body(task_id: str, target: Agent, **changes: Any) -> dict[str, Any]:
+    """A lease grant request (``POST /v1/populi/exec/leases``): attempt 1 of ``task_id``,
+    class ``agent``, one of ``target``'s GPUs for 30 s; ``changes`` replace or add fields."""
+    return {
+        "task_id": task_id,
+        "attempt": 1,
+        "work_class": "agent",
+        "target": target.node_id,
+        "gpus_wanted": 1,
+        "ttl_s": 30,
+        **changes,
+    }
+
+
 async def heard_from(cluster: VirtualCluster, *names: str) -> None:
     """Until the control plane has taken a heartbeat from each node in ``names``."""
     await cluster.wait_until(
