@@ -10,8 +10,9 @@ by the leader, as a ``voters`` cluster record written through the election.
   in the background, once its first heartbeat reaches the leader (:meth:`VoterAdmin.heard`):
   a voter counts toward every majority from the moment it is added, so a node that is
   still only a data directory must not be one. A change refused because another is
-  pending, or whose outcome is unknown, is tried again; one that stays undone (the leader
-  went down first, or the node never started) is the operator's ``populi voter add``.
+  pending, or whose outcome is unknown, or because this node's leader lease lapsed while
+  no other leads (it may lead again), is tried again; one that stays undone (another
+  leader, or the node never started) is the operator's ``populi voter add``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ JOIN_ADD_RETRY_S = 2.0
 #: How long a node that joined with the voter role has to send its first heartbeat here
 #: before the leader gives up adding it (the operator's ``populi voter add`` then).
 JOIN_HEAR_TIMEOUT_S = 3600.0
+
+
+def retried(exc: PopuliError) -> bool:
+    """Whether a background addition is tried again after ``exc``: a code of
+    :data:`RETRIED_CODES`, or ``not_control_plane`` naming no leader — this node's own
+    lease lapsed and an election is under way, which it may win again."""
+    if exc.code in RETRIED_CODES:
+        return True
+    return exc.code == "not_control_plane" and exc.details.get("leader_id") is None
 
 
 class VoterAdmin:
@@ -206,7 +216,7 @@ class VoterAdmin:
                 await self.change("add", node_id, actor=self.node_id)
                 return
             except PopuliError as exc:
-                if exc.code not in RETRIED_CODES:
+                if not retried(exc):
                     log(
                         self.logger,
                         logging.WARNING,

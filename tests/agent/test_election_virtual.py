@@ -18,13 +18,16 @@ import trio
 import trio.testing
 
 from populi_peer.agent.agent import Agent
+from populi_peer.agent.voters import JOIN_ADD_RETRY_S
 from populi_peer.api.client import SignedAuth
 from populi_peer.core.hlc import Hlc
 from populi_peer.core.registers import Stamp
 from populi_peer.core.replication import SetElement
 from populi_peer.errors import Conflict
 from populi_peer.testing.cluster import VirtualCluster, open_virtual_cluster
+from populi_peer.testing.network import Faults
 from support.contract import validate
+from support.mesh import meta_of
 
 GUARD_S = 300.0
 VOTER_ROLES = ["worker", "submit", "voter"]
@@ -258,4 +261,74 @@ async def test_an_operator_removes_and_adds_back_a_voter_one_change_at_a_time(
             assert set(added.json()["voters"]) == {cluster[n].node_id for n in names}
         events = cp.events.page(kind="voters_changed", limit=10)
         assert [e.detail["action"] for e in events][-2:] == ["remove", "add"]
+        assert leaders(cluster, names) == ["cp"]
+
+
+async def test_a_joined_voter_is_added_once_its_leader_leads_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """v2 and v3 joined as voters. v2's addition is stored, and v2 stops before the
+    leader's mark that the change is settled reaches it, so the leader's lease, which
+    now needs v2, lapses; v3, heard meanwhile, waits for that mark
+    (``voter_change_pending``), and its next try meets ``not_control_plane`` naming no
+    leader: an election under way, which this node may win again. It is tried again,
+    and once the leader leads again (v2 back) v3 is a voter too."""
+    async with open_virtual_cluster(
+        tmp_path, workers=0, on_response=validate, faults=Faults(delay_s=(0.05, 0.1))
+    ) as cluster:
+        cp = cluster.cp
+        await cluster.join("v2", roles=VOTER_ROLES, start=False)
+        await cluster.join("v3", roles=VOTER_ROLES, start=False)
+
+        v2 = meta_of(cluster.nodes["v2"].data_dir, "node_id")
+
+        async def cut_v2_before_the_mark() -> None:
+            await cluster.wait_until(
+                lambda: (
+                    (v := cp.election.voters) is not None
+                    and len(v.voters) == 2
+                    and cp.election.machine is not None
+                    and cp.election.machine.voter_set is not None
+                    and cp.election.machine.voter_set.settled
+                    and not cp.election.voters_settled()
+                ),
+                timeout_s=GUARD_S,
+                poll_s=0.001,
+                what="v2's addition stored, its settled mark not yet",
+            )
+            cluster.network.partition(cp.node_id, v2)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cut_v2_before_the_mark)
+            await cluster.start("v2")
+        await cluster.crash("v2")
+        cluster.network.heal()
+        v3 = await cluster.start("v3")
+        await cluster.wait_until(
+            lambda: v3.heartbeat_sender.reachable or not cp.election.can_act(),
+            timeout_s=GUARD_S,
+            what="cp hears v3",
+        )
+        assert v3.heartbeat_sender.reachable, "cp's lease lapsed before it heard v3"
+        await cluster.wait_until(
+            lambda: not cp.election.can_act(), timeout_s=GUARD_S, what="cp's lease lapses"
+        )
+        # Long enough for v3's addition to be tried again while cp may not act.
+        await trio.sleep(3 * JOIN_ADD_RETRY_S)
+        # v2 comes back, unable to reach cp for a while: cp, whose calls reach it, leads
+        # again (the addition is this leader's to make; a new leader knows nothing of it).
+        cluster.network.block(v2, cp.node_id)
+        await cluster.start("v2")
+        await cluster.wait_until(cp.election.can_act, timeout_s=GUARD_S, what="cp leads again")
+        cluster.network.heal()
+        names = ("cp", "v2", "v3")
+        ids = {cluster[n].node_id for n in names}
+        await cluster.wait_until(
+            lambda: all(
+                (v := cluster[n].election.voters) is not None and v.voters == ids and v.settled
+                for n in names
+            ),
+            timeout_s=GUARD_S,
+            what="three settled voters",
+        )
         assert leaders(cluster, names) == ["cp"]

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from enrollment.ca import cert_from_pem, chain_from_pem, issuer_node_id, verify_chain
-from support.mesh import Mesh
+from support.mesh import Mesh, give_issuers
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -64,19 +64,6 @@ def test_three_voters_survive_sigkill_of_the_leader(tmp_path: Path) -> None:
         scenario(mesh)
     finally:
         mesh.close()
-
-
-def give_issuers(mesh: Mesh, names: tuple[str, ...]) -> None:
-    """Each voter makes its issuer key and request; the root's holder (``cp``, whose data
-    directory still has the root key) signs it; the voter installs it and restarts, one at
-    a time (runbooks/offline-root.md, "A new voter")."""
-    for name in names:
-        request, issued = mesh.root / f"{name}-request.pem", mesh.root / f"{name}-issuer.crt"
-        mesh.cli(name, "ca", "request", "--out", str(request))
-        mesh.cli("cp", "ca", "sign", str(request), "--out", str(issued))
-        mesh.stop(name)
-        mesh.cli(name, "ca", "install", str(issued))
-        mesh.start(name)
 
 
 def scenario(mesh: Mesh) -> None:

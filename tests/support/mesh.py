@@ -160,6 +160,34 @@ def meta_of(data_dir: Path, key: str) -> str:
         store.close()
 
 
+@contextmanager
+def signed_client(
+    ca: Path,
+    url: str,
+    node_id: str,
+    credential: Credential | None,
+    *,
+    validate: bool = True,
+    local_address: str | None = None,
+    timeout: float = 30.0,
+) -> Iterator[httpx.Client]:
+    """A client of the node ``node_id`` at ``url`` over real TLS (the cluster CA ``ca``),
+    signing as ``credential`` (unsigned with ``None``); with ``validate``, every answer is
+    checked against the OpenAPI contract. (:meth:`Mesh.client` where this process reaches
+    the node; the lab's callers inside a namespace otherwise.)"""
+    transport = httpx.HTTPTransport(
+        verify=client_context(ca), local_address=local_address, retries=0
+    )
+    with httpx.Client(
+        base_url=url,
+        transport=transport,
+        auth=SignedAuth(credential, node_id, SystemClock()) if credential else None,
+        event_hooks={"response": [sync_hook]} if validate else {},
+        timeout=timeout,
+    ) as client:
+        yield client
+
+
 def _setting(value: object) -> str:
     """A setting's value as ``populi settings set`` takes it."""
     if isinstance(value, bool):
@@ -345,17 +373,13 @@ class Mesh:
         OpenAPI contract."""
         assert self.host.reachable, f"this process cannot reach {to}'s API"
         node = self.nodes[to]
-        transport = httpx.HTTPTransport(
-            verify=client_context(self.nodes["cp"].data_dir / "tls" / "ca.crt"),
+        with signed_client(
+            self.nodes["cp"].data_dir / "tls" / "ca.crt",
+            f"https://{node.listen}",
+            node.node_id,
+            credential,
+            validate=validate,
             local_address=local_address,
-            retries=0,
-        )
-        with httpx.Client(
-            base_url=f"https://{node.listen}",
-            transport=transport,
-            auth=SignedAuth(credential, node.node_id, SystemClock()) if credential else None,
-            event_hooks={"response": [sync_hook]} if validate else {},
-            timeout=30,
         ) as client:
             yield client
 
@@ -621,6 +645,19 @@ class Mesh:
             raise
 
 
+def give_issuers(mesh: Mesh, names: tuple[str, ...]) -> None:
+    """Each voter makes its issuer key and request; the root's holder (``cp``, whose data
+    directory still has the root key) signs it; the voter installs it and restarts, one at
+    a time (runbooks/offline-root.md, "A new voter")."""
+    for name in names:
+        request, issued = mesh.root / f"{name}-request.pem", mesh.root / f"{name}-issuer.crt"
+        mesh.cli(name, "ca", "request", "--out", str(request))
+        mesh.cli("cp", "ca", "sign", str(request), "--out", str(issued))
+        mesh.stop(name)
+        mesh.cli(name, "ca", "install", str(issued))
+        mesh.start(name)
+
+
 __all__ = [
     "DEFAULT_ROLES",
     "EXEC_ENV",
@@ -635,5 +672,7 @@ __all__ = [
     "Node",
     "credential_of",
     "free_port",
+    "give_issuers",
     "meta_of",
+    "signed_client",
 ]
