@@ -96,8 +96,8 @@ PROFILES: Mapping[str, Sequence[Mapping[str, object]]] = {
         {"leader_lease_s": 5.0, "election_heartbeat_s": 1.0},
     ],
 }
-RAFT_DEFAULTS = "heartbeat 1 s, election 1 s, leader lease 0.5 s"
-ETCD_DEFAULTS = "heartbeat 0.1 s, election 1 s"
+RAFT_DEFAULTS = "hb 1 s, election 1 s, lease 0.5 s"
+ETCD_DEFAULTS = "hb 0.1 s, election 1 s"
 
 
 # -- pure helpers (tests/test_failover_bench.py) -------------------------------------------
@@ -171,7 +171,7 @@ def format_table(rows: Sequence[Row]) -> str:
     etcd's (when etcd was measured)."""
     etcd = next((r for r in rows if r.system == "etcd" and r.to_grant), None)
     head = (
-        f"{'system':<16}{'timings':<52}{'kills':>6}  {'new leader s (p50/p99 min-max)':<32}"
+        f"{'system':<18}{'timings':<54}{'kills':>6}  {'new leader s (p50/p99 min-max)':<32}"
         f"{'first grant s (p50/p99 min-max)':<33}{'x etcd':>7}"
     )
     lines = [head, "-" * len(head)]
@@ -188,13 +188,13 @@ def format_table(rows: Sequence[Row]) -> str:
             ratio = f"{percentile(row.to_grant, 0.5) / percentile(etcd.to_grant, 0.5):.1f}"
         kills = str(len(row.to_leader)) if row.to_leader else "-"
         lines.append(
-            f"{row.system:<16}{row.timings:<52}{kills:>6}  {cell(row.to_leader):<32}"
+            f"{row.system:<18}{row.timings:<54}{kills:>6}  {cell(row.to_leader):<32}"
             f"{cell(row.to_grant):<33}{ratio:>7}"
         )
         if row.unplanned:
-            lines.append(f"{'':<16}{row.unplanned} unplanned leader change(s) between kills")
+            lines.append(f"{'':<18}{row.unplanned} unplanned leader change(s) between kills")
         if row.note:
-            lines.append(f"{'':<16}note: {row.note}")
+            lines.append(f"{'':<18}note: {row.note}")
     return "\n".join(lines)
 
 
@@ -677,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown system or profile: {', '.join(unknown)}")
     started = time.monotonic()
+    load_before = os.getloadavg()
     rows: list[Row] = []
     if "populi" in systems:
         rows += [run_populi(profile, args.kills) for profile in profiles]
@@ -685,12 +686,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "raft" in systems:
         rows.append(run_raft(args.kills))
     took = time.monotonic() - started
+    load = [round(x, 1) for x in (*load_before, *os.getloadavg())]
     if args.json:
-        print(json.dumps({"rows": [r.as_json() for r in rows], "took_s": round(took, 1)}, indent=2))
+        out = {"rows": [r.as_json() for r in rows], "took_s": round(took, 1), "loadavg": load}
+        print(json.dumps(out, indent=2))
         return
     print(format_table(rows))
     print(
-        f"\n{args.kills} leader kills each; polled every {POLL_S * 1000:.0f} ms; {took:.0f} s in all"
+        f"\n{args.kills} leader kills each; polled every {POLL_S * 1000:.0f} ms; {took:.0f} s "
+        f"in all; load average (1/5/15 min) {load[:3]} before, {load[3:]} after "
+        f"on {os.cpu_count()} CPUs"
     )
 
 

@@ -20,10 +20,19 @@ BEFORE = {
     },
     "leader_lease_s": 5.0,
 }
-#: How an upgraded cluster moves to the defaults: the lease first, then the timeouts.
+#: How an upgraded cluster moves to the defaults, one ``populi settings set`` each
+#: (runbooks/voters.md), and back to ADR 0016's timings for voters over an overlay.
 UPGRADE_STEPS = (
-    {"leader_lease_s": 1.0, "election_heartbeat_s": 0.25},
-    {"election_timeout_min_s": 2.0, "election_timeout_max_s": 3.0},
+    {"election_heartbeat_s": 0.25},
+    {"leader_lease_s": 1.0},
+    {"election_timeout_min_s": 2.0},
+    {"election_timeout_max_s": 3.0},
+)
+OVERLAY_STEPS = (
+    {"election_timeout_max_s": 16.0},
+    {"election_timeout_min_s": 8.0},
+    {"leader_lease_s": 5.0},
+    {"election_heartbeat_s": 1.0},
 )
 
 
@@ -67,18 +76,25 @@ def test_an_older_nodes_answer_without_the_timings_reads_adr_0016_values() -> No
     assert parsed["election_timeout_min_s"] == 8.0 and parsed["leader_lease_s"] == 5.0
 
 
-def test_an_upgraded_cluster_reaches_the_defaults_in_two_safe_steps() -> None:
-    current = cluster_settings.validate_settings(BEFORE)
-    at_once = cluster_settings.validate_settings(
-        {**current, **UPGRADE_STEPS[0], **UPGRADE_STEPS[1]}
-    )
-    with pytest.raises(BadRequest) as refused:
-        cluster_settings.check_settings_change(current, at_once)
-    assert refused.value.details["reason"] == "unsafe_timing_change"
-    for step in UPGRADE_STEPS:
+def _walk(current: dict[str, object], steps: tuple[dict[str, float], ...]) -> dict[str, object]:
+    for step in steps:
         following = cluster_settings.validate_settings({**current, **step})
         cluster_settings.check_settings_change(current, following)
         current = following
+    return current
+
+
+def test_an_upgraded_cluster_reaches_the_defaults_in_the_runbooks_steps_and_back() -> None:
+    current = cluster_settings.validate_settings(BEFORE)
+    at_once = cluster_settings.validate_settings({**current, **cluster_settings.defaults()})
+    with pytest.raises(BadRequest) as refused:
+        cluster_settings.check_settings_change(current, at_once)
+    assert refused.value.details["reason"] == "unsafe_timing_change"
+    current = _walk(current, UPGRADE_STEPS)
     assert cluster_settings.election_settings(current) == cluster_settings.election_settings(
         cluster_settings.defaults()
+    )
+    back = _walk(current, OVERLAY_STEPS)
+    assert cluster_settings.election_settings(back) == cluster_settings.election_settings(
+        cluster_settings.validate_settings(BEFORE)
     )
