@@ -726,9 +726,15 @@ class HeartbeatSender:
                         url=self.control_plane.url,
                         error=str(exc),
                     )
-                # One interval for the first losses (a lossy overlay path), then back off
-                # from a control plane that is down (core.timings).
-                delay = heartbeat_retry_delay_s(self.timing(), failures, self.rng)
+                # One interval for the first losses (a lossy overlay path) and through an
+                # election timeout (a new leader is found within an interval of its
+                # election: ADR 0019), then back off from a control plane that is down.
+                delay = heartbeat_retry_delay_s(
+                    self.timing(),
+                    failures,
+                    self.rng,
+                    fast_for_s=float(self.records.settings["election_timeout_max_s"]),
+                )
                 # Refused by a voter that does not lead (it named the leader: followed), or
                 # no answer twice: ask the voters who leads now (ADR 0016).
                 followed = (self.control_plane.id, self.control_plane.term) != following

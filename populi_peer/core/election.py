@@ -165,13 +165,14 @@ class ElectionSettings:
       "outcome unknown".
     - ``max_skew_ms``: how far a register write's clock may be ahead of the leader's.
 
-    Sized for the slowest path scope between voters (an overlay path: defaults).
+    Defaults: the LAN timings of ADR 0019 (the settings' defaults); voters that reach each
+    other over an overlay need ADR 0016's (1 s, 5 s, 8-16 s: ``docs/wan.md``).
     """
 
-    election_timeout_min_s: float = 8.0
-    election_timeout_max_s: float = 16.0
-    heartbeat_interval_s: float = 1.0
-    leader_lease_s: float = 5.0
+    election_timeout_min_s: float = 2.0
+    election_timeout_max_s: float = 3.0
+    heartbeat_interval_s: float = 0.25
+    leader_lease_s: float = 1.0
     lease_margin_s: float = 0.5
     max_clock_drift_ppm: int = 10_000
     write_timeout_s: float = 10.0

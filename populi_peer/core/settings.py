@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from populi_peer.core.election import (
@@ -72,7 +73,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "leader_lease_s",
         "float",
-        5.0,
+        1.0,
         "seconds",
         "leader lease: how long a majority's acknowledgements keep the elected leader acting "
         "(counted from when they were sent); also part of the no-new-grants hold after a "
@@ -84,7 +85,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "election_timeout_min_s",
         "float",
-        8.0,
+        2.0,
         "seconds",
         "a voter that hears no leader for a random time in [min, max] asks for votes; one "
         "that heard a leader within min refuses votes (stickiness)",
@@ -94,7 +95,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "election_timeout_max_s",
         "float",
-        16.0,
+        3.0,
         "seconds",
         "upper end of the randomized election timeout (must be above the minimum)",
         0.1,
@@ -103,7 +104,7 @@ SETTINGS: tuple[SettingSpec, ...] = (
     SettingSpec(
         "election_heartbeat_s",
         "float",
-        1.0,
+        0.25,
         "seconds",
         "how often the leader sends heartbeats (and record writes) to the voters; at least "
         "three per leader_lease_s",
@@ -162,18 +163,23 @@ SETTINGS: tuple[SettingSpec, ...] = (
     ),
 )
 _BY_KEY = {spec.key: spec for spec in SETTINGS}
-#: Settings added with the election (ADR 0016): a record or answer from an older node
-#: lacks them, and they take their defaults there.
-ELECTION_KEYS = frozenset(
+#: Settings added with the election (ADR 0016), with what a record or answer that leaves one
+#: out means: its value then. A record signs an election timing only when it differs from
+#: this value (:func:`signed_body`), so that a node of the version before the election,
+#: which refuses keys it does not know, still takes the record; and a record signed before
+#: ADR 0019 changed the defaults keeps meaning what it meant (a cluster keeps its timings
+#: through an upgrade; ``populi settings set`` moves it to the new ones).
+ELECTION_OMITTED: Mapping[str, float] = MappingProxyType(
     {
-        "election_timeout_min_s",
-        "election_timeout_max_s",
-        "election_heartbeat_s",
-        "election_lease_margin_s",
-        "max_clock_drift_ppm",
-        "election_write_timeout_s",
+        "election_timeout_min_s": 8.0,
+        "election_timeout_max_s": 16.0,
+        "election_heartbeat_s": 1.0,
+        "election_lease_margin_s": 0.5,
+        "max_clock_drift_ppm": 10_000.0,
+        "election_write_timeout_s": 10.0,
     }
 )
+ELECTION_KEYS = frozenset(ELECTION_OMITTED)
 
 
 def defaults() -> dict[str, Any]:
@@ -232,10 +238,12 @@ def validate_value(key: str, value: Any) -> Any:
 
 
 def validate_settings(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A complete, validated settings mapping (missing keys take their defaults); the
-    election timings together must be safe (:func:`check_election_settings`: 400
-    ``unsafe_election_timing`` with ``details["reason"]``)."""
-    out = defaults()
+    """A complete, validated settings mapping (missing keys take their defaults, a missing
+    election timing its :data:`ELECTION_OMITTED` value: the mapping is a record's body or
+    a complete one); the election timings together must be safe
+    (:func:`check_election_settings`: 400 ``unsafe_election_timing`` with
+    ``details["reason"]``)."""
+    out = {**defaults(), **ELECTION_OMITTED}
     for key, value in values.items():
         out[key] = validate_value(key, value)
     try:
@@ -247,13 +255,13 @@ def validate_settings(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def signed_body(values: Mapping[str, Any]) -> dict[str, Any]:
     """What a settings record signs: every value, except an election timing at its
-    default (:data:`ELECTION_KEYS`), so that a node of the version before the election,
-    which refuses keys it does not know, still takes the record (a rolling upgrade)."""
-    base = defaults()
+    :data:`ELECTION_OMITTED` value, so that a node of the version before the election,
+    which refuses keys it does not know, still takes the record (a rolling upgrade). The
+    defaults of ADR 0019 differ from those values: a new cluster's record names them."""
     return {
         key: value
         for key, value in values.items()
-        if key not in ELECTION_KEYS or value != base[key]
+        if key not in ELECTION_OMITTED or value != ELECTION_OMITTED[key]
     }
 
 
@@ -331,6 +339,7 @@ def parse_setting(key: str, text: str) -> Any:
 
 __all__ = [
     "ELECTION_KEYS",
+    "ELECTION_OMITTED",
     "SCOPES",
     "SETTINGS",
     "WORK_CLASSES",

@@ -122,7 +122,7 @@ def worst_age_s(timing: ScopeTimings, *, losses: int, rtt_s: float = DESIGN_RTT_
         raise ValueError("losses must be >= 0")
     age = rtt_s / 2 + timing.heartbeat_interval_s + rtt_s / 2
     for failures in range(1, losses + 1):
-        age += timing.heartbeat_timeout_s + _retry_bound_s(timing, failures)
+        age += timing.heartbeat_timeout_s + _retry_bound_s(timing, failures, FAST_RETRIES)
     return age
 
 
@@ -136,24 +136,40 @@ def tolerated_losses(timing: ScopeTimings, *, rtt_s: float = DESIGN_RTT_S) -> in
     return losses
 
 
-def _retry_bound_s(timing: ScopeTimings, failures: int) -> float:
+def fast_retries(timing: ScopeTimings, fast_for_s: float = 0.0) -> int:
+    """How many consecutive failures are retried one interval apart: :data:`FAST_RETRIES`,
+    plus as many as cover ``fast_for_s`` (the cluster's longest election timeout: a node
+    whose leader died asks the voters who leads at every failure from the second on, and
+    finds the new leader within one interval of its election, not a backoff later)."""
+    if isinstance(fast_for_s, bool) or not isinstance(fast_for_s, (int, float)):
+        raise ValueError(f"fast_for_s must be a number of seconds, got {fast_for_s!r}")
+    if not math.isfinite(fast_for_s) or fast_for_s < 0:
+        raise ValueError(f"fast_for_s must be >= 0, got {fast_for_s}")
+    return FAST_RETRIES + math.ceil(fast_for_s / timing.heartbeat_interval_s)
+
+
+def _retry_bound_s(timing: ScopeTimings, failures: int, fast: int) -> float:
     interval = timing.heartbeat_interval_s
-    if failures <= FAST_RETRIES:
+    if failures <= fast:
         return interval
-    backoff: float = interval * 2.0 ** min(failures - FAST_RETRIES, 6)
+    backoff: float = interval * 2.0 ** min(failures - fast, 6)
     return max(interval, min(backoff, MAX_BACKOFF_S))
 
 
-def heartbeat_retry_delay_s(timing: ScopeTimings, failures: int, rng: Rng) -> float:
+def heartbeat_retry_delay_s(
+    timing: ScopeTimings, failures: int, rng: Rng, *, fast_for_s: float = 0.0
+) -> float:
     """How long the sender waits before its next heartbeat after ``failures`` consecutive
     failures (0: the last one was answered): one interval for the first
-    :data:`FAST_RETRIES` failures, then exponential backoff (capped at
-    :data:`MAX_BACKOFF_S`, jittered to half of it at the least, never below one interval)
-    so that a control plane that is down is not hammered by every node at once."""
+    :func:`fast_retries` failures (:data:`FAST_RETRIES`, more with ``fast_for_s``), then
+    exponential backoff (capped at :data:`MAX_BACKOFF_S`, jittered to half of it at the
+    least, never below one interval) so that a control plane that is down is not hammered
+    by every node at once."""
     if failures < 0:
         raise ValueError("failures must be >= 0")
-    bound = _retry_bound_s(timing, failures)
-    if failures <= FAST_RETRIES:
+    fast = fast_retries(timing, fast_for_s)
+    bound = _retry_bound_s(timing, failures, fast)
+    if failures <= fast:
         return bound
     jittered: float = bound * rng.uniform(0.5, 1.0)
     return max(timing.heartbeat_interval_s, jittered)
@@ -196,6 +212,7 @@ __all__ = [
     "MAX_BACKOFF_S",
     "ScopeTimings",
     "TimingTable",
+    "fast_retries",
     "heartbeat_retry_delay_s",
     "tolerated_losses",
     "worst_age_s",

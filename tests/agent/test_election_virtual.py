@@ -192,11 +192,14 @@ async def test_status_names_the_leader_and_the_voters_and_events_name_each_elect
 
 def test_a_settings_record_leaves_out_election_timings_at_their_default() -> None:
     """A node of the version before the election refuses settings keys it does not know:
-    a record signs the election timings only when they differ from their defaults, so a
-    rolling upgrade keeps taking records (the timings an older node never uses)."""
+    a record signs the election timings only when they differ from their values then
+    (``ELECTION_OMITTED``; ADR 0019 changed the defaults), so a rolling upgrade keeps
+    taking records (the timings an older node never uses)."""
     from populi_peer.core import settings as cluster_settings
 
-    values = cluster_settings.validate_settings({"remote_exec_enabled": True})
+    values = cluster_settings.validate_settings(
+        {"remote_exec_enabled": True, "leader_lease_s": 5.0}
+    )
     body = cluster_settings.signed_body(values)
     assert not cluster_settings.ELECTION_KEYS & body.keys()
     assert cluster_settings.validate_settings(body) == values

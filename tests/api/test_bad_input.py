@@ -681,7 +681,7 @@ for _label, _body, _code in [
     # The election's timing rule (ADR 0011 Decision 3): the lease must end before the
     # minimum election timeout, drift and margin counted.
     ("lease-outlives-election", {"changes": {"leader_lease_s": 9}}, "unsafe_election_timing"),
-    ("timeouts-equal", {"changes": {"election_timeout_max_s": 8}}, "unsafe_election_timing"),
+    ("timeouts-equal", {"changes": {"election_timeout_max_s": 2}}, "unsafe_election_timing"),
     # Each set alone is safe, but a voter on the old timings and a leader on the new ones
     # could overlap: change in steps.
     ("timing-jump", {"changes": {"leader_lease_s": 9, "election_timeout_min_s": 14,

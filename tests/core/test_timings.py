@@ -17,6 +17,7 @@ from populi_peer.core.timings import (
     MAX_BACKOFF_S,
     ScopeTimings,
     TimingTable,
+    fast_retries,
     heartbeat_retry_delay_s,
     tolerated_losses,
     worst_age_s,
@@ -101,3 +102,20 @@ def test_retry_delay_never_exceeds_the_bound_the_check_assumes(
     assert interval <= delay
     if failures:
         assert delay <= worst - timeout + 1e-9
+
+
+def test_a_node_whose_leader_died_retries_at_one_interval_through_an_election_timeout() -> None:
+    """ADR 0019: from the second failure on, each failed beat asks the voters who leads; a
+    backoff inside the election timeout would find the new leader seconds after its
+    election (the failover figure's first grant waits for the node's report)."""
+    lan = DEFAULT_SCOPE_TIMINGS["lan"]
+    rng = random.Random(1)
+    assert fast_retries(lan, 3.0) == FAST_RETRIES + 3
+    assert fast_retries(lan, 0.0) == FAST_RETRIES
+    for failures in range(1, FAST_RETRIES + 4):
+        assert heartbeat_retry_delay_s(lan, failures, rng, fast_for_s=3.0) == 1.0
+    # Past the election timeout: back off from a control plane that is down, as before.
+    later = [heartbeat_retry_delay_s(lan, n, rng, fast_for_s=3.0) for n in range(6, 20)]
+    assert max(later) > 10.0
+    with pytest.raises(ValueError):
+        fast_retries(lan, -1.0)

@@ -40,7 +40,7 @@ from populi_peer.core.messages._codec import (
 from populi_peer.core.policy import WORK_CLASSES, WorkClass, check_work_class
 from populi_peer.core.registers import RegisterWrite
 from populi_peer.core.scope import SCOPES, Scope
-from populi_peer.core.settings import ELECTION_KEYS, SETTINGS, defaults, validate_value
+from populi_peer.core.settings import ELECTION_KEYS, ELECTION_OMITTED, SETTINGS, validate_value
 from populi_peer.core.tasks import TASK_STATES, Attempt, ReasonEntry, Task, TaskOptions, TaskState
 from populi_peer.errors import PopuliError
 
@@ -108,8 +108,9 @@ class SettingsValuesCodec(Codec[Mapping[str, Any]]):
         if self.complete and missing:
             raise bad_field(f"{path}.{sorted(missing)[0]}", "a setting's value", None)
         if self.complete:
-            # An older node's answer lacks the election timings: their defaults.
-            out = {**{k: v for k, v in defaults().items() if k in ELECTION_KEYS}, **out}
+            # An older node's answer lacks the election timings: what a record that
+            # leaves them out means (ADR 0016's values, not today's defaults: ADR 0019).
+            out = {**ELECTION_OMITTED, **out}
         return MappingProxyType(out)
 
     def dump(self, value: Mapping[str, Any]) -> Any:
