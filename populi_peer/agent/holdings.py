@@ -209,34 +209,20 @@ class NodeLedger:
     ) -> Claim | None:
         """A local attempt whose lease renewals go unanswered becomes a claim (the holder's
         machine decides when): before its start, the accepted attempt starts under a claim
-        on its GPUs (:meth:`NodeBook.claim`); once started, it keeps its GPUs under one
-        (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan and the
-        claim in the same store transaction. ``None``: not claimable (its GPUs are taken)."""
+        on its GPUs (:meth:`NodeBook.claim_before_start`); once started, it keeps its GPUs
+        under one (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan
+        and the claim in the same store transaction. ``None``: not claimable (its GPUs are
+        taken)."""
         key: AttemptKey = ("local", plan.task_id, plan.book_attempt)
         claim_id = _claim_id(plan.task_id, plan.attempt)
         now_ms = wall_ms(self.clock)
         with self.attempts.store.transaction():
             book = self.book()
-            attempt = book.get(key)
-            if attempt is None or attempt.lease is None:
-                return None
             if before_start:
-                claim: Claim | None = Claim(
-                    claim_id=claim_id,
-                    node=self.node_id,
-                    task_id=plan.task_id,
-                    attempt=attempt.attempt,
-                    token=attempt.token,
-                    gpus=attempt.gpus,
-                    made_wall_ms=now_ms,
-                    lease_id=attempt.lease.lease_id,
-                )
-                assert claim is not None
-                started = replace(attempt, phase="started", claim_id=claim_id)
-                _, decision = book.claim(claim, started)
+                _, decision = book.claim_before_start(key, claim_id=claim_id, made_wall_ms=now_ms)
             else:
                 _, decision = book.convert_to_claim(key, claim_id=claim_id, made_wall_ms=now_ms)
-                claim = decision.claim
+            claim = decision.claim
             if not decision.ok or claim is None or decision.reasons == ("duplicate",):
                 return None
             record(replace(plan, claim_id=claim_id), claim)

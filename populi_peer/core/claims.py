@@ -163,7 +163,8 @@ class NodeAttempt:
 class Decision:
     """What a book operation decided: ``ok``, or refused for ``reasons`` (``gpu_claimed``:
     a claim holds one of the GPUs; ``gpu_busy``: a started attempt uses one;
-    ``not_startable``: the attempt is not waiting to start; ``duplicate``: already done)."""
+    ``not_startable``: the attempt is not waiting to start; ``not_claimable``: the attempt
+    cannot become a claim; ``duplicate``: already done)."""
 
     ok: bool
     reasons: tuple[str, ...] = ()
@@ -356,6 +357,32 @@ class NodeBook:
             return self, _refused(*reasons)
         return self._with(attempt, claims=(claim,)), Decision(True, claim=claim)
 
+    def claim_before_start(
+        self, key: AttemptKey, *, claim_id: str, made_wall_ms: int
+    ) -> tuple[NodeBook, Decision]:
+        """An accepted local attempt whose proof before start goes unanswered starts under
+        a claim on its GPUs instead of waiting (:meth:`claim`, with the claim made from the
+        attempt: its token, GPUs and lease). Refused ``not_claimable`` for an attempt this
+        book does not hold as a local one with a lease and GPUs."""
+        attempt = self.attempts.get(key)
+        if attempt is None or attempt.role != "local" or attempt.lease is None or not attempt.gpus:
+            return self, _refused("not_claimable")
+        claim = self._claim_of(attempt, claim_id=claim_id, made_wall_ms=made_wall_ms)
+        return self.claim(claim, replace(attempt, phase="started", claim_id=claim_id))
+
+    def _claim_of(self, attempt: NodeAttempt, *, claim_id: str, made_wall_ms: int) -> Claim:
+        """The claim that keeps ``attempt``'s GPUs on this node, under its token and lease."""
+        return Claim(
+            claim_id=claim_id,
+            node=self.node,
+            task_id=attempt.task_id,
+            attempt=attempt.attempt,
+            token=attempt.token,
+            gpus=attempt.gpus,
+            made_wall_ms=made_wall_ms,
+            lease_id=attempt.lease.lease_id if attempt.lease is not None else None,
+        )
+
     def convert_to_claim(
         self, key: AttemptKey, *, claim_id: str, made_wall_ms: int
     ) -> tuple[NodeBook, Decision]:
@@ -375,16 +402,7 @@ class NodeBook:
             return self, _refused("not_claimable")
         if attempt.claim_id is not None:
             return self, Decision(True, ("duplicate",), claim=self.claims[attempt.claim_id])
-        claim = Claim(
-            claim_id=claim_id,
-            node=self.node,
-            task_id=attempt.task_id,
-            attempt=attempt.attempt,
-            token=attempt.token,
-            gpus=attempt.gpus,
-            made_wall_ms=made_wall_ms,
-            lease_id=attempt.lease.lease_id,
-        )
+        claim = self._claim_of(attempt, claim_id=claim_id, made_wall_ms=made_wall_ms)
         reasons = self._gpu_reasons(claim.gpus, own_attempt=key, own_claim=None)
         if reasons or claim_id in self.claims:
             return self, _refused(*(reasons or ("duplicate",)))

@@ -128,13 +128,42 @@ def test_a_proof_that_goes_unanswered_starts_the_accepted_attempt_under_a_claim(
     terms = LeaseTerms("L5", "local", "w1", 10.0, "training")
     accepted = NodeAttempt("local", "t5", 1, FencingToken(1, 8), ("G0",), "accepted", lease=terms)
     book, _ = NodeBook("w1").accept(accepted)
+    book, decision = book.claim_before_start(accepted.key, claim_id="C5", made_wall_ms=W)
+    # The claim is made from the attempt: its token, GPUs and lease.
     claim = Claim("C5", "w1", "t5", 1, FencingToken(1, 8), ("G0",), W, lease_id="L5")
-    book, decision = book.claim(claim, replace(accepted, phase="started", claim_id="C5"))
-    assert decision.ok and book.get(accepted.key).started  # type: ignore[union-attr]
+    assert decision.ok and decision.claim == claim and book.claims == {"C5": claim}
+    assert book.get(accepted.key) == replace(accepted, phase="started", claim_id="C5")
+    # Once started under its claim, a second claim of it is a duplicate.
+    same, decision = book.claim_before_start(accepted.key, claim_id="C6", made_wall_ms=W)
+    assert decision.reasons == ("duplicate",) and same is book
     with pytest.raises(BadRequest):  # the lease it had stays its lease
         NodeBook("w1").accept(accepted)[0].claim(
             claim, replace(accepted, phase="started", claim_id="C5", lease=None)
         )
+
+
+def test_only_a_held_local_attempt_with_a_lease_is_claimed_before_its_start() -> None:
+    accepted = NodeAttempt("local", "t5", 1, FencingToken(1, 8), ("G0",), "accepted")
+    no_gpus = NodeAttempt(
+        "local",
+        "t6",
+        1,
+        FencingToken(1, 9),
+        (),
+        "accepted",
+        lease=LeaseTerms("L6", "fence", "w1", 0.0, "agent"),
+    )
+    book, _ = NodeBook("w1").accept(accepted)  # no lease
+    book, _ = book.accept(no_gpus)  # nothing to claim
+    for key in (accepted.key, no_gpus.key, ("local", "t7", 1)):
+        same, decision = book.claim_before_start(key, claim_id="C5", made_wall_ms=W)
+        assert decision.reasons == ("not_claimable",) and same is book
+    # A remote attempt on the GPUs of a started one is refused as any claim would be.
+    book, _ = NodeBook("w1").accept(remote())
+    book, _ = book.start(remote().key)
+    book, _ = book.accept(replace(accepted, lease=LeaseTerms("L5", "local", "w1", 9.0, "agent")))
+    _, decision = book.claim_before_start(accepted.key, claim_id="C5", made_wall_ms=W)
+    assert decision.reasons == ("gpu_busy",)
 
 
 def test_an_attempt_without_a_lease_is_forgotten_when_it_ends() -> None:
@@ -228,6 +257,15 @@ class NodeBookMachine(RuleBasedStateMachine):
         if keys:
             key = data.draw(st.sampled_from(keys))
             self.book, _ = self.book.convert_to_claim(
+                key, claim_id=f"C{self._next()}", made_wall_ms=W
+            )
+
+    @rule(data=st.data())
+    def claim_before_start(self, data: st.DataObject) -> None:
+        keys = sorted(self.book.attempts)
+        if keys:
+            key = data.draw(st.sampled_from(keys))
+            self.book, _ = self.book.claim_before_start(
                 key, claim_id=f"C{self._next()}", made_wall_ms=W
             )
 
