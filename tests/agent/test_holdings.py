@@ -101,3 +101,26 @@ def test_a_conversion_before_start_takes_no_gpu_a_started_attempt_uses(
         ledger.convert(plan("t3", (), lease_id="L3"), True, lambda p, c: recorded.append(c)) is None
     )
     assert recorded == []
+
+
+def test_a_local_run_claims_the_free_gpus_no_accepted_attempt_waits_for_first(
+    ledger: NodeLedger,
+) -> None:
+    save(ledger, plan("t0", ("G1",)), "running")  # uses G1
+    save(ledger, plan("t1", ("G0",), lease_id="L1"), "accepted")  # waits for G0
+    recorded: list[Claim] = []
+
+    def claim(wanted: int) -> Claim | None:
+        return ledger.claim(
+            task_id="t9",
+            attempt=1,
+            gpus_wanted=wanted,
+            verified=frozenset({"G0", "G1", "G2"}),
+            now_ms=5,
+            record=recorded.append,
+        )
+
+    assert claim(3) is None and claim(0) is None and recorded == []
+    made = claim(2)
+    assert made == Claim("c-t9-1", NODE, "t9", 1, FencingToken(0, 0), ("G2", "G0"), 5)
+    assert recorded == [made]

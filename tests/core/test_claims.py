@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from populi_peer.core.claims import LeaseTerms, NodeAttempt, NodeBook
+from populi_peer.core.claims import NO_LEASE_TOKEN, Decision, LeaseTerms, NodeAttempt, NodeBook
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.reports import Claim
 from populi_peer.errors import BadRequest, Conflict
@@ -164,6 +164,37 @@ def test_only_a_held_local_attempt_with_a_lease_is_claimed_before_its_start() ->
     book, _ = book.accept(replace(accepted, lease=LeaseTerms("L5", "local", "w1", 9.0, "agent")))
     _, decision = book.claim_before_start(accepted.key, claim_id="C5", made_wall_ms=W)
     assert decision.reasons == ("gpu_busy",)
+
+
+def claim_free(book: NodeBook, wanted: int) -> tuple[NodeBook, Decision]:
+    """A local run ``t9`` claims ``wanted`` of the node's four GPUs."""
+    return book.claim_free_gpus(
+        task_id="t9",
+        attempt=2,
+        gpus_wanted=wanted,
+        verified={"G0", "G1", "G2", "G3"},
+        claim_id="C9",
+        made_wall_ms=W,
+    )
+
+
+def test_a_claim_for_a_local_run_takes_free_gpus_those_no_attempt_waits_for_first() -> None:
+    book, _ = NodeBook("w1").accept(remote("t1", gpus=("G0",)))  # waits for G0
+    book, _ = book.accept(remote("t2", gpus=("G1",), lease_id="L2"))
+    book, _ = book.start(remote("t2").key)  # uses G1
+    assert book.free_gpus(["G3", "G0", "G1", "G2"]) == ("G2", "G3", "G0")
+    after, decision = claim_free(book, 2)
+    claim = Claim("C9", "w1", "t9", 2, NO_LEASE_TOKEN, ("G2", "G3"), W)
+    assert decision.ok and decision.claim == claim
+    assert after.get(("local", "t9", 2)) == NodeAttempt(
+        "local", "t9", 2, NO_LEASE_TOKEN, ("G2", "G3"), "started", claim_id="C9"
+    )
+    # The GPU an accepted attempt waits for is taken last; one a started attempt uses never.
+    _, decision = claim_free(book, 3)
+    assert decision.claim is not None and decision.claim.gpus == ("G2", "G3", "G0")
+    for wanted in (4, 0):
+        same, decision = claim_free(book, wanted)
+        assert decision.reasons == ("no_free_gpu",) and same is book
 
 
 def test_an_attempt_without_a_lease_is_forgotten_when_it_ends() -> None:
