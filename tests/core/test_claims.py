@@ -230,8 +230,9 @@ GPUS = ("G0", "G1", "G2")
 
 
 class NodeBookMachine(RuleBasedStateMachine):
-    """Whatever order handoffs, starts, claims, conversions and ends come in, no GPU is in
-    two started attempts or in a claim and another attempt's start."""
+    """Whatever order handoffs, starts, claims, conversions (before or after a start) and
+    ends come in, no GPU is in two started attempts or in a claim and another attempt's
+    start."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -282,23 +283,14 @@ class NodeBookMachine(RuleBasedStateMachine):
         self.book, decision = self.book.claim(claim, attempt)
         assert decision.ok == (not set(gpus) & in_use)
 
-    @rule(data=st.data())
-    def convert(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), before_start=st.booleans())
+    def convert(self, data: st.DataObject, before_start: bool) -> None:
         keys = sorted(self.book.attempts)
         if keys:
             key = data.draw(st.sampled_from(keys))
-            self.book, _ = self.book.convert_to_claim(
-                key, claim_id=f"C{self._next()}", made_wall_ms=W
-            )
-
-    @rule(data=st.data())
-    def claim_before_start(self, data: st.DataObject) -> None:
-        keys = sorted(self.book.attempts)
-        if keys:
-            key = data.draw(st.sampled_from(keys))
-            self.book, _ = self.book.claim_before_start(
-                key, claim_id=f"C{self._next()}", made_wall_ms=W
-            )
+            book = self.book
+            to_claim = book.claim_before_start if before_start else book.convert_to_claim
+            self.book, _ = to_claim(key, claim_id=f"C{self._next()}", made_wall_ms=W)
 
     @rule(data=st.data(), outcome=st.sampled_from(["completed", "stopped"]))
     def end(self, data: st.DataObject, outcome: str) -> None:
