@@ -18,12 +18,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment.canonical import b64url_decode, b64url_encode, canonical_json, json_type
 
 _KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 _MAX_MS = 2**53 - 1
 _IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
+#: The JSON type of a value as a field problem names it (the tokens, hints and revocation
+#: lists name it through this module).
+_json_type = json_type
 
 
 class _FieldProblem(Exception):
@@ -48,22 +51,6 @@ def _show(value: object) -> str:
     """A short, one-line, ASCII rendering of a value for an error message."""
     text = ascii(value)
     return text if len(text) <= 48 else text[:45] + "..."
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _check_int(field: str, value: object, low: int, high: int) -> int:

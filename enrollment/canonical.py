@@ -9,30 +9,83 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+#: How an error names the JSON type of a value it got, first match wins (a bool is an int).
+_JSON_TYPES: tuple[tuple[type, str], ...] = (
+    (type(None), "null"),
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "a list"),
+    (Mapping, "an object"),
+)
 
 
-def _check(value: Any, path: str) -> None:
+def json_type(value: object) -> str:
+    """The JSON type of ``value`` as an error names it (``"an integer"``); the Python type's
+    name for a value JSON has no type for."""
+    for cls, name in _JSON_TYPES:
+        if isinstance(value, cls):
+            return name
+    return type(value).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Unsignable:
+    """The first part of a value canonical JSON cannot carry, at ``path`` (``.key`` and
+    ``[index]`` steps after the caller's root): a ``float`` (signed values carry integers),
+    a non-string ``key`` of an object, or a value of another ``type`` (``value`` is the
+    float, the key or the value)."""
+
+    kind: Literal["float", "key", "type"]
+    path: str
+    value: object
+
+
+def unsignable(value: Any, path: str = "") -> Unsignable | None:
+    """What in ``value`` canonical JSON cannot carry (:class:`Unsignable`), or ``None``:
+    only ``null``, booleans, integers, strings, lists (or tuples) and string-keyed
+    objects, all the way down."""
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-        return
+        return None
     if isinstance(value, float):
-        raise ValueError(f"float at {path or '<root>'} cannot be signed; use an integer")
+        return Unsignable("float", path, value)
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ValueError(f"non-string key at {path or '<root>'}")
-            _check(item, f"{path}.{key}")
-        return
+                return Unsignable("key", path, key)
+            problem = unsignable(item, f"{path}.{key}")
+            if problem is not None:
+                return problem
+        return None
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check(item, f"{path}[{index}]")
+            problem = unsignable(item, f"{path}[{index}]")
+            if problem is not None:
+                return problem
+        return None
+    return Unsignable("type", path, value)
+
+
+def _check(value: Any) -> None:
+    problem = unsignable(value)
+    if problem is None:
         return
-    raise ValueError(f"{type(value).__name__} at {path or '<root>'} is not JSON")
+    where = problem.path or "<root>"
+    if problem.kind == "float":
+        raise ValueError(f"float at {where} cannot be signed; use an integer")
+    if problem.kind == "key":
+        raise ValueError(f"non-string key at {where}")
+    raise ValueError(f"{type(problem.value).__name__} at {where} is not JSON")
 
 
 def canonical_json(value: Any) -> bytes:
     """Serialise ``value`` canonically (sorted keys, compact, UTF-8)."""
-    _check(value, "")
+    _check(value)
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
@@ -58,4 +111,11 @@ def b64url_decode(text: str) -> bytes:
     return data
 
 
-__all__ = ["b64url_decode", "b64url_encode", "canonical_json"]
+__all__ = [
+    "Unsignable",
+    "b64url_decode",
+    "b64url_encode",
+    "canonical_json",
+    "json_type",
+    "unsignable",
+]

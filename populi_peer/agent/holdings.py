@@ -26,7 +26,6 @@ from typing import Any
 from populi_peer.agent.attempts import AttemptPlan
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.core.claims import AttemptKey, Decision, LeaseTerms, NodeAttempt, NodeBook
-from populi_peer.core.fencing import FencingToken
 from populi_peer.core.messages.heartbeat import HeartbeatAnswer, HeartbeatReport
 from populi_peer.core.policy import check_work_class
 from populi_peer.core.reports import (
@@ -166,37 +165,20 @@ class NodeLedger:
         now_ms: int,
         record: Callable[[Claim], None],
     ) -> Claim | None:
-        """The claim transaction: take ``gpus_wanted`` of this node's ``verified`` GPUs
-        that no started attempt uses and no claim holds (those no accepted attempt waits
-        for first), record the claim with its started attempt (``record`` writes both, in
-        the same store transaction). ``None``: not enough free GPUs."""
+        """The claim transaction: the book takes ``gpus_wanted`` of this node's ``verified``
+        GPUs (:meth:`NodeBook.claim_free_gpus`), ``record`` writes the claim with its
+        started attempt in the same store transaction. ``None``: not enough free GPUs."""
         with self.attempts.store.transaction():
-            book = self.book()
-            busy = book.gpus_in_use()
-            waiting = {g for x in book.attempts.values() if x.phase == "accepted" for g in x.gpus}
-            free = sorted((g for g in verified if g not in busy), key=lambda g: (g in waiting, g))
-            if len(free) < gpus_wanted or gpus_wanted <= 0:
-                return None
-            claim = Claim(
-                claim_id=_claim_id(task_id, attempt),
-                node=self.node_id,
+            _, decision = self.book().claim_free_gpus(
                 task_id=task_id,
                 attempt=attempt,
-                token=FencingToken(0, 0),
-                gpus=tuple(free[:gpus_wanted]),
+                gpus_wanted=gpus_wanted,
+                verified=verified,
+                claim_id=_claim_id(task_id, attempt),
                 made_wall_ms=now_ms,
             )
-            started = NodeAttempt(
-                role="local",
-                task_id=task_id,
-                attempt=attempt,
-                token=claim.token,
-                gpus=claim.gpus,
-                phase="started",
-                claim_id=claim.claim_id,
-            )
-            _, decision = book.claim(claim, started)
-            if not decision.ok:
+            claim = decision.claim
+            if not decision.ok or claim is None:
                 return None
             record(claim)
             return claim
@@ -209,34 +191,20 @@ class NodeLedger:
     ) -> Claim | None:
         """A local attempt whose lease renewals go unanswered becomes a claim (the holder's
         machine decides when): before its start, the accepted attempt starts under a claim
-        on its GPUs (:meth:`NodeBook.claim`); once started, it keeps its GPUs under one
-        (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan and the
-        claim in the same store transaction. ``None``: not claimable (its GPUs are taken)."""
+        on its GPUs (:meth:`NodeBook.claim_before_start`); once started, it keeps its GPUs
+        under one (:meth:`NodeBook.convert_to_claim`). ``record`` writes the claimed plan
+        and the claim in the same store transaction. ``None``: not claimable (its GPUs are
+        taken)."""
         key: AttemptKey = ("local", plan.task_id, plan.book_attempt)
         claim_id = _claim_id(plan.task_id, plan.attempt)
         now_ms = wall_ms(self.clock)
         with self.attempts.store.transaction():
             book = self.book()
-            attempt = book.get(key)
-            if attempt is None or attempt.lease is None:
-                return None
             if before_start:
-                claim: Claim | None = Claim(
-                    claim_id=claim_id,
-                    node=self.node_id,
-                    task_id=plan.task_id,
-                    attempt=attempt.attempt,
-                    token=attempt.token,
-                    gpus=attempt.gpus,
-                    made_wall_ms=now_ms,
-                    lease_id=attempt.lease.lease_id,
-                )
-                assert claim is not None
-                started = replace(attempt, phase="started", claim_id=claim_id)
-                _, decision = book.claim(claim, started)
+                _, decision = book.claim_before_start(key, claim_id=claim_id, made_wall_ms=now_ms)
             else:
                 _, decision = book.convert_to_claim(key, claim_id=claim_id, made_wall_ms=now_ms)
-                claim = decision.claim
+            claim = decision.claim
             if not decision.ok or claim is None or decision.reasons == ("duplicate",):
                 return None
             record(replace(plan, claim_id=claim_id), claim)

@@ -67,6 +67,8 @@ ClaimBasis = Literal["remote_off", "pinned_here", "fallback_confirmed"]
 CLAIM_BASES: Final[tuple[ClaimBasis, ...]] = get_args(ClaimBasis)
 
 AttemptKey = tuple[AttemptRole, str, int]
+#: The token of a claim made for a local run that never held a lease.
+NO_LEASE_TOKEN: Final = FencingToken(0, 0)
 
 
 def claim_basis(
@@ -163,7 +165,9 @@ class NodeAttempt:
 class Decision:
     """What a book operation decided: ``ok``, or refused for ``reasons`` (``gpu_claimed``:
     a claim holds one of the GPUs; ``gpu_busy``: a started attempt uses one;
-    ``not_startable``: the attempt is not waiting to start; ``duplicate``: already done)."""
+    ``not_startable``: the attempt is not waiting to start; ``not_claimable``: the attempt
+    cannot become a claim; ``no_free_gpu``: fewer GPUs are free than a claim wants;
+    ``duplicate``: already done)."""
 
     ok: bool
     reasons: tuple[str, ...] = ()
@@ -238,6 +242,15 @@ class NodeBook:
     def gpus_in_use(self) -> frozenset[str]:
         """GPUs no remote attempt may start on: started attempts' and claims'."""
         return frozenset(self.started_gpus()) | frozenset(self.claimed_gpus())
+
+    def free_gpus(self, verified: Iterable[str]) -> tuple[str, ...]:
+        """The GPUs of ``verified`` a new claim may take (no started attempt uses them, no
+        claim holds them), in the order it takes them: those no accepted attempt waits for
+        first (a claim would refuse that attempt its start), then by name."""
+        busy = self.gpus_in_use()
+        waiting = {gpu for x in self.attempts.values() if x.phase == "accepted" for gpu in x.gpus}
+        free = (gpu for gpu in verified if gpu not in busy)
+        return tuple(sorted(free, key=lambda gpu: (gpu in waiting, gpu)))
 
     def holdings(self) -> NodeHoldings:
         """What this node reports: the lease of every attempt that has one (held, or ended
@@ -356,6 +369,68 @@ class NodeBook:
             return self, _refused(*reasons)
         return self._with(attempt, claims=(claim,)), Decision(True, claim=claim)
 
+    def claim_free_gpus(
+        self,
+        *,
+        task_id: str,
+        attempt: int,
+        gpus_wanted: int,
+        verified: Iterable[str],
+        claim_id: str,
+        made_wall_ms: int,
+    ) -> tuple[NodeBook, Decision]:
+        """A local run with no lease claims ``gpus_wanted`` of this node's ``verified``
+        GPUs (the first of :meth:`free_gpus`) and starts under the claim (:meth:`claim`).
+        Refused ``no_free_gpu`` when fewer are free (or none is wanted)."""
+        free = self.free_gpus(verified)
+        if gpus_wanted <= 0 or len(free) < gpus_wanted:
+            return self, _refused("no_free_gpu")
+        claim = Claim(
+            claim_id=claim_id,
+            node=self.node,
+            task_id=task_id,
+            attempt=attempt,
+            token=NO_LEASE_TOKEN,
+            gpus=free[:gpus_wanted],
+            made_wall_ms=made_wall_ms,
+        )
+        started = NodeAttempt(
+            role="local",
+            task_id=task_id,
+            attempt=attempt,
+            token=claim.token,
+            gpus=claim.gpus,
+            phase="started",
+            claim_id=claim_id,
+        )
+        return self.claim(claim, started)
+
+    def claim_before_start(
+        self, key: AttemptKey, *, claim_id: str, made_wall_ms: int
+    ) -> tuple[NodeBook, Decision]:
+        """An accepted local attempt whose proof before start goes unanswered starts under
+        a claim on its GPUs instead of waiting (:meth:`claim`, with the claim made from the
+        attempt: its token, GPUs and lease). Refused ``not_claimable`` for an attempt this
+        book does not hold as a local one with a lease and GPUs."""
+        attempt = self.attempts.get(key)
+        if attempt is None or attempt.role != "local" or attempt.lease is None or not attempt.gpus:
+            return self, _refused("not_claimable")
+        claim = self._claim_of(attempt, claim_id=claim_id, made_wall_ms=made_wall_ms)
+        return self.claim(claim, replace(attempt, phase="started", claim_id=claim_id))
+
+    def _claim_of(self, attempt: NodeAttempt, *, claim_id: str, made_wall_ms: int) -> Claim:
+        """The claim that keeps ``attempt``'s GPUs on this node, under its token and lease."""
+        return Claim(
+            claim_id=claim_id,
+            node=self.node,
+            task_id=attempt.task_id,
+            attempt=attempt.attempt,
+            token=attempt.token,
+            gpus=attempt.gpus,
+            made_wall_ms=made_wall_ms,
+            lease_id=attempt.lease.lease_id if attempt.lease is not None else None,
+        )
+
     def convert_to_claim(
         self, key: AttemptKey, *, claim_id: str, made_wall_ms: int
     ) -> tuple[NodeBook, Decision]:
@@ -375,16 +450,7 @@ class NodeBook:
             return self, _refused("not_claimable")
         if attempt.claim_id is not None:
             return self, Decision(True, ("duplicate",), claim=self.claims[attempt.claim_id])
-        claim = Claim(
-            claim_id=claim_id,
-            node=self.node,
-            task_id=attempt.task_id,
-            attempt=attempt.attempt,
-            token=attempt.token,
-            gpus=attempt.gpus,
-            made_wall_ms=made_wall_ms,
-            lease_id=attempt.lease.lease_id,
-        )
+        claim = self._claim_of(attempt, claim_id=claim_id, made_wall_ms=made_wall_ms)
         reasons = self._gpu_reasons(claim.gpus, own_attempt=key, own_claim=None)
         if reasons or claim_id in self.claims:
             return self, _refused(*(reasons or ("duplicate",)))
@@ -430,6 +496,7 @@ class NodeBook:
 __all__ = [
     "ATTEMPT_ROLES",
     "CLAIM_BASES",
+    "NO_LEASE_TOKEN",
     "AttemptKey",
     "AttemptRole",
     "ClaimBasis",

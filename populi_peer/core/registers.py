@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
+from enrollment.canonical import unsignable
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.hlc import Hlc, check_clock_skew
 from populi_peer.core.lifecycle import WRITER_CLASSES, NodeLifecycle, WriterClass
@@ -95,21 +96,18 @@ def attribute_writers(attribute: str) -> frozenset[WriterClass]:
 
 
 def _check_json(value: Any, path: str) -> None:
-    if value is None or isinstance(value, (bool, int, str)):
+    """A register value holds only what canonical JSON carries (no floats:
+    :func:`enrollment.canonical.unsignable`)."""
+    problem = unsignable(value, path)
+    if problem is None:
         return
-    if isinstance(value, float):
-        raise BadRequest(f"register value: float at {path}; use an integer (ms, bytes)")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise BadRequest(f"register value: non-string key {key!r} at {path}")
-            _check_json(item, f"{path}.{key}")
-        return
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _check_json(item, f"{path}[{index}]")
-        return
-    raise BadRequest(f"register value: {type(value).__name__} at {path} is not JSON")
+    if problem.kind == "float":
+        raise BadRequest(f"register value: float at {problem.path}; use an integer (ms, bytes)")
+    if problem.kind == "key":
+        raise BadRequest(f"register value: non-string key {problem.value!r} at {problem.path}")
+    raise BadRequest(
+        f"register value: {type(problem.value).__name__} at {problem.path} is not JSON"
+    )
 
 
 @dataclass(frozen=True, slots=True, order=True)

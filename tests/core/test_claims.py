@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from populi_peer.core.claims import LeaseTerms, NodeAttempt, NodeBook
+from populi_peer.core.claims import NO_LEASE_TOKEN, Decision, LeaseTerms, NodeAttempt, NodeBook
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.reports import Claim
 from populi_peer.errors import BadRequest, Conflict
@@ -128,13 +128,73 @@ def test_a_proof_that_goes_unanswered_starts_the_accepted_attempt_under_a_claim(
     terms = LeaseTerms("L5", "local", "w1", 10.0, "training")
     accepted = NodeAttempt("local", "t5", 1, FencingToken(1, 8), ("G0",), "accepted", lease=terms)
     book, _ = NodeBook("w1").accept(accepted)
+    book, decision = book.claim_before_start(accepted.key, claim_id="C5", made_wall_ms=W)
+    # The claim is made from the attempt: its token, GPUs and lease.
     claim = Claim("C5", "w1", "t5", 1, FencingToken(1, 8), ("G0",), W, lease_id="L5")
-    book, decision = book.claim(claim, replace(accepted, phase="started", claim_id="C5"))
-    assert decision.ok and book.get(accepted.key).started  # type: ignore[union-attr]
+    assert decision.ok and decision.claim == claim and book.claims == {"C5": claim}
+    assert book.get(accepted.key) == replace(accepted, phase="started", claim_id="C5")
+    # Once started under its claim, a second claim of it is a duplicate.
+    same, decision = book.claim_before_start(accepted.key, claim_id="C6", made_wall_ms=W)
+    assert decision.reasons == ("duplicate",) and same is book
     with pytest.raises(BadRequest):  # the lease it had stays its lease
         NodeBook("w1").accept(accepted)[0].claim(
             claim, replace(accepted, phase="started", claim_id="C5", lease=None)
         )
+
+
+def test_only_a_held_local_attempt_with_a_lease_is_claimed_before_its_start() -> None:
+    accepted = NodeAttempt("local", "t5", 1, FencingToken(1, 8), ("G0",), "accepted")
+    no_gpus = NodeAttempt(
+        "local",
+        "t6",
+        1,
+        FencingToken(1, 9),
+        (),
+        "accepted",
+        lease=LeaseTerms("L6", "fence", "w1", 0.0, "agent"),
+    )
+    book, _ = NodeBook("w1").accept(accepted)  # no lease
+    book, _ = book.accept(no_gpus)  # nothing to claim
+    for key in (accepted.key, no_gpus.key, ("local", "t7", 1)):
+        same, decision = book.claim_before_start(key, claim_id="C5", made_wall_ms=W)
+        assert decision.reasons == ("not_claimable",) and same is book
+    # A remote attempt on the GPUs of a started one is refused as any claim would be.
+    book, _ = NodeBook("w1").accept(remote())
+    book, _ = book.start(remote().key)
+    book, _ = book.accept(replace(accepted, lease=LeaseTerms("L5", "local", "w1", 9.0, "agent")))
+    _, decision = book.claim_before_start(accepted.key, claim_id="C5", made_wall_ms=W)
+    assert decision.reasons == ("gpu_busy",)
+
+
+def claim_free(book: NodeBook, wanted: int) -> tuple[NodeBook, Decision]:
+    """A local run ``t9`` claims ``wanted`` of the node's four GPUs."""
+    return book.claim_free_gpus(
+        task_id="t9",
+        attempt=2,
+        gpus_wanted=wanted,
+        verified={"G0", "G1", "G2", "G3"},
+        claim_id="C9",
+        made_wall_ms=W,
+    )
+
+
+def test_a_claim_for_a_local_run_takes_free_gpus_those_no_attempt_waits_for_first() -> None:
+    book, _ = NodeBook("w1").accept(remote("t1", gpus=("G0",)))  # waits for G0
+    book, _ = book.accept(remote("t2", gpus=("G1",), lease_id="L2"))
+    book, _ = book.start(remote("t2").key)  # uses G1
+    assert book.free_gpus(["G3", "G0", "G1", "G2"]) == ("G2", "G3", "G0")
+    after, decision = claim_free(book, 2)
+    claim = Claim("C9", "w1", "t9", 2, NO_LEASE_TOKEN, ("G2", "G3"), W)
+    assert decision.ok and decision.claim == claim
+    assert after.get(("local", "t9", 2)) == NodeAttempt(
+        "local", "t9", 2, NO_LEASE_TOKEN, ("G2", "G3"), "started", claim_id="C9"
+    )
+    # The GPU an accepted attempt waits for is taken last; one a started attempt uses never.
+    _, decision = claim_free(book, 3)
+    assert decision.claim is not None and decision.claim.gpus == ("G2", "G3", "G0")
+    for wanted in (4, 0):
+        same, decision = claim_free(book, wanted)
+        assert decision.reasons == ("no_free_gpu",) and same is book
 
 
 def test_an_attempt_without_a_lease_is_forgotten_when_it_ends() -> None:
@@ -170,8 +230,9 @@ GPUS = ("G0", "G1", "G2")
 
 
 class NodeBookMachine(RuleBasedStateMachine):
-    """Whatever order handoffs, starts, claims, conversions and ends come in, no GPU is in
-    two started attempts or in a claim and another attempt's start."""
+    """Whatever order handoffs, starts, claims, conversions (before or after a start) and
+    ends come in, no GPU is in two started attempts or in a claim and another attempt's
+    start."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -222,14 +283,14 @@ class NodeBookMachine(RuleBasedStateMachine):
         self.book, decision = self.book.claim(claim, attempt)
         assert decision.ok == (not set(gpus) & in_use)
 
-    @rule(data=st.data())
-    def convert(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), before_start=st.booleans())
+    def convert(self, data: st.DataObject, before_start: bool) -> None:
         keys = sorted(self.book.attempts)
         if keys:
             key = data.draw(st.sampled_from(keys))
-            self.book, _ = self.book.convert_to_claim(
-                key, claim_id=f"C{self._next()}", made_wall_ms=W
-            )
+            book = self.book
+            to_claim = book.claim_before_start if before_start else book.convert_to_claim
+            self.book, _ = to_claim(key, claim_id=f"C{self._next()}", made_wall_ms=W)
 
     @rule(data=st.data(), outcome=st.sampled_from(["completed", "stopped"]))
     def end(self, data: st.DataObject, outcome: str) -> None:

@@ -201,6 +201,24 @@ def test_values_must_be_json_objects_without_floats(value: Any) -> None:
         write(attribute="labels", value=value, writer_class="operator")
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"x": [0, 1.5]}, "register value: float at value.x[1]; use an integer (ms, bytes)"),
+        ({"x": {"y": {1: 2}}}, "register value: non-string key 1 at value.x.y"),
+        ({"x": (1, {2})}, "register value: set at value.x[1] is not JSON"),
+    ],
+)
+def test_a_value_canonical_json_cannot_carry_is_refused_naming_where(
+    value: dict[str, Any], message: str
+) -> None:
+    """The rule is canonical JSON's (enrollment.canonical.unsignable); the words are the
+    register's."""
+    with pytest.raises(BadRequest) as refused:
+        write(attribute="labels", value=value, writer_class="operator")
+    assert str(refused.value) == message
+
+
 def test_value_is_copied_so_the_caller_cannot_change_a_stored_write() -> None:
     value = {"zone": ["desk"]}
     w = write(attribute="labels", value=value, writer_class="operator")

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, Generic, Literal, TypeVar, dataclass_transform, overload
 
+from enrollment.canonical import json_type
 from populi_peer.core.wire import ID_RE
 from populi_peer.errors import BadRequest, PopuliError
 
@@ -48,30 +49,11 @@ MAX_JSON_DEPTH = 32
 _MISSING: Any = dataclasses.MISSING
 
 
-#: How an error names the JSON type of a value it got, first match wins (a bool is an int).
-_JSON_KINDS: tuple[tuple[type, str], ...] = (
-    (type(None), "null"),
-    (bool, "a boolean"),
-    (int, "an integer"),
-    (float, "a number"),
-    (str, "a string"),
-    (list, "a list"),
-    (Mapping, "an object"),
-)
-
-
-def _kind(value: object) -> str:
-    for cls, kind in _JSON_KINDS:
-        if isinstance(value, cls):
-            return kind
-    return type(value).__name__
-
-
 def bad_field(path: str, expected: str, value: object, code: str = "bad_request") -> BadRequest:
     """The one error for a field of the wrong type or range (``bad_request`` unless the
     route has its own reason code for that field, e.g. ``token_bad_field``)."""
     return BadRequest(
-        f"field {path!r} must be {expected}, got {_kind(value)}", code=code, field=path
+        f"field {path!r} must be {expected}, got {json_type(value)}", code=code, field=path
     )
 
 
@@ -496,7 +478,9 @@ class Message:
         """Parse ``data`` found at ``path`` of an enclosing body (``""`` at the top)."""
         if not isinstance(data, Mapping):
             if not path:
-                raise BadRequest(f"expected a JSON object, got {_kind(data)}", code="bad_request")
+                raise BadRequest(
+                    f"expected a JSON object, got {json_type(data)}", code="bad_request"
+                )
             raise bad_field(path, "an object", data)
         values: dict[str, Any] = {}
         for field in cls._fields:
