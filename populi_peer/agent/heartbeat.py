@@ -726,14 +726,18 @@ class HeartbeatSender:
                         url=self.control_plane.url,
                         error=str(exc),
                     )
-                # One interval for the first losses (a lossy overlay path) and through an
-                # election timeout (a new leader is found within an interval of its
-                # election: ADR 0019), then back off from a control plane that is down.
+                # One interval for the first losses (a lossy overlay path) and, where
+                # another voter could be elected, through an election timeout (a new
+                # leader is found within an interval of its election: ADR 0019), then back
+                # off from a control plane that is down.
+                electable = len(self.control_plane.voters()) > 1
                 delay = heartbeat_retry_delay_s(
                     self.timing(),
                     failures,
                     self.rng,
-                    fast_for_s=float(self.records.settings["election_timeout_max_s"]),
+                    fast_for_s=(
+                        float(self.records.settings["election_timeout_max_s"]) if electable else 0.0
+                    ),
                 )
                 # Refused by a voter that does not lead (it named the leader: followed), or
                 # no answer twice: ask the voters who leads now (ADR 0016).

@@ -180,6 +180,11 @@ ELECTION_OMITTED: Mapping[str, float] = MappingProxyType(
     }
 )
 ELECTION_KEYS = frozenset(ELECTION_OMITTED)
+#: What a record body that leaves a key out means, where that is not today's default: the
+#: election timings (:data:`ELECTION_OMITTED`), and ``leader_lease_s``, which every record
+#: has signed since the first version but whose default ADR 0019 lowered from 5 s — a body
+#: without it means what it meant to the versions before.
+MISSING_MEANS: Mapping[str, float] = MappingProxyType({**ELECTION_OMITTED, "leader_lease_s": 5.0})
 
 
 def defaults() -> dict[str, Any]:
@@ -239,11 +244,11 @@ def validate_value(key: str, value: Any) -> Any:
 
 def validate_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     """A complete, validated settings mapping (missing keys take their defaults, a missing
-    election timing its :data:`ELECTION_OMITTED` value: the mapping is a record's body or
-    a complete one); the election timings together must be safe
+    election timing or leader lease its :data:`MISSING_MEANS` value: the mapping is a
+    record's body or a complete one); the election timings together must be safe
     (:func:`check_election_settings`: 400 ``unsafe_election_timing`` with
     ``details["reason"]``)."""
-    out = {**defaults(), **ELECTION_OMITTED}
+    out = {**defaults(), **MISSING_MEANS}
     for key, value in values.items():
         out[key] = validate_value(key, value)
     try:
@@ -340,6 +345,7 @@ def parse_setting(key: str, text: str) -> Any:
 __all__ = [
     "ELECTION_KEYS",
     "ELECTION_OMITTED",
+    "MISSING_MEANS",
     "SCOPES",
     "SETTINGS",
     "WORK_CLASSES",

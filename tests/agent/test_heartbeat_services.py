@@ -9,7 +9,9 @@ peer client, so the answers it meets are whatever a peer may send.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -611,6 +613,36 @@ async def test_the_loop_backs_off_while_the_answers_fail_and_recovers(
         await trio.sleep(LAN_INTERVAL_S * 3 + 0.01)
         assert sender.beats == beats + 3
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("voters", "fast"), [(1, False), (3, True)], ids=["one-voter", "three"])
+async def test_a_node_whose_control_plane_is_gone_retries_fast_only_while_another_can_lead(
+    plane: Plane, autojump_clock: trio.testing.MockClock, voters: int, fast: bool
+) -> None:
+    """ADR 0019: with other voters, a new leader can be elected within the longest
+    election timeout, so the node retries one interval apart through it; with a lone
+    voter nothing is elected and the node backs off after the first two, as before."""
+    sent: list[float] = []
+
+    def respond(got: HeartbeatReport) -> Any:
+        sent.append(trio.current_time())
+        return {"not": "an answer"}
+
+    built = make_sender(plane, FakeControlPlane(respond))
+    built.sender.control_plane.voters = lambda: [(f"v{n}", ()) for n in range(voters)]
+    timeout_max_s = float(plane.records.settings["election_timeout_max_s"])
+    interval = built.sender.timing().heartbeat_interval_s
+    async with trio.open_nursery() as nursery:
+        await nursery.start(built.sender.run)
+        await wait_for("eight beats", lambda: len(sent) >= 8, timeout_s=300)
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    fast_gaps = 2 + math.ceil(timeout_max_s / interval) if fast else 2
+    assert fast_gaps < len(gaps)
+    assert all(abs(g - interval) < 0.1 for g in gaps[:fast_gaps]), gaps
+    # Then 2, 4, 8 intervals, each jittered down to half at the least.
+    assert all(g > interval + 0.1 for g in gaps[fast_gaps + 1 :]), gaps
+    assert sum(gaps[fast_gaps:]) >= interval * (len(gaps) - fast_gaps) + 0.5, gaps
 
 
 async def test_a_new_register_is_sent_at_once(

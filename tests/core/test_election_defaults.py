@@ -98,3 +98,15 @@ def test_an_upgraded_cluster_reaches_the_defaults_in_the_runbooks_steps_and_back
     assert cluster_settings.election_settings(back) == cluster_settings.election_settings(
         cluster_settings.validate_settings(BEFORE)
     )
+
+
+def test_a_body_that_leaves_the_leader_lease_out_reads_it_as_the_versions_before_did() -> None:
+    """Every record signs ``leader_lease_s``; a body without it (none is made, but the
+    rule must not depend on that) means the 5 s of the versions before ADR 0019, which
+    fits the timings a body leaves out — not today's 1 s lease with a 1 s heartbeat."""
+    values = cluster_settings.validate_settings({})
+    assert values["leader_lease_s"] == 5.0
+    assert values["election_heartbeat_s"] == 1.0
+    check_election_settings(cluster_settings.election_settings(values))
+    # A complete mapping (every key named) is read as it is.
+    assert cluster_settings.validate_settings(cluster_settings.defaults())["leader_lease_s"] == 1.0
