@@ -30,6 +30,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from populi_peer.api.server import answer_lifespan
+
 LEASE_PATH = re.compile(r"^/v1/populi/exec/leases/([^/]+)(/renew)?$")
 
 
@@ -54,13 +56,8 @@ def main() -> None:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         method, path = scope["method"], scope["path"]
         with log.open("a") as handle:
             handle.write(f"{method} {path}\n")
