@@ -47,6 +47,11 @@ async def three_voters(cluster: VirtualCluster) -> tuple[str, ...]:
         what="v2 is a voter",
     )
     await cluster.join("v3", roles=VOTER_ROLES)
+    return await three_settled_voters(cluster, "three voters, settled, known to each")
+
+
+async def three_settled_voters(cluster: VirtualCluster, what: str) -> tuple[str, ...]:
+    """Wait until cp, v2 and v3 each hold the voter set of the three, settled."""
     names = ("cp", "v2", "v3")
     ids = {cluster[n].node_id for n in names}
     await cluster.wait_until(
@@ -55,7 +60,7 @@ async def three_voters(cluster: VirtualCluster) -> tuple[str, ...]:
             for n in names
         ),
         timeout_s=GUARD_S,
-        what="three voters, settled, known to each",
+        what=what,
     )
     return names
 
@@ -324,14 +329,5 @@ async def test_a_joined_voter_is_added_once_its_leader_leads_again(
         await cluster.start("v2")
         await cluster.wait_until(cp.election.can_act, timeout_s=GUARD_S, what="cp leads again")
         cluster.network.heal()
-        names = ("cp", "v2", "v3")
-        ids = {cluster[n].node_id for n in names}
-        await cluster.wait_until(
-            lambda: all(
-                (v := cluster[n].election.voters) is not None and v.voters == ids and v.settled
-                for n in names
-            ),
-            timeout_s=GUARD_S,
-            what="three settled voters",
-        )
+        names = await three_settled_voters(cluster, "three settled voters")
         assert leaders(cluster, names) == ["cp"]
