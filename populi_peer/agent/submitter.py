@@ -62,8 +62,7 @@ from populi_peer.api.app import Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
-from populi_peer.core.claims import ClaimBasis, claim_basis
-from populi_peer.core.fencing import FencingToken
+from populi_peer.core.claims import NO_LEASE_TOKEN, ClaimBasis, claim_basis
 from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import DEAD_STATES, STOPPING_REFUSALS, Lease
 from populi_peer.core.membership import Member
@@ -138,8 +137,6 @@ from populi_peer.store.tasks import TaskRecord, Tasks
 
 SUBMIT = frozenset({"submit"})
 READERS = frozenset({"submit", "operator"})
-#: Token of a local attempt when remote execution is off (no control plane involved).
-LOCAL_ONLY_TOKEN = FencingToken(0, 0)
 DEFAULT_TTL_S = 30.0
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0
@@ -564,7 +561,7 @@ class Submitter:
             attempt=attempt,
             role="local",
             submitter=self.node_id,
-            token=LOCAL_ONLY_TOKEN,
+            token=NO_LEASE_TOKEN,
             lease_id=None,
             ttl_s=None,
             renewable=False,
@@ -1106,7 +1103,7 @@ class Submitter:
             attempt=attempt.n,
             role="local",
             submitter=self.node_id,
-            token=attempt.token if attempt.token is not None else LOCAL_ONLY_TOKEN,
+            token=attempt.token if attempt.token is not None else NO_LEASE_TOKEN,
             lease_id=attempt.lease_id,
             ttl_s=grant.ttl_s or None,
             renewable=grant.kind == "local",
@@ -1173,7 +1170,7 @@ class Submitter:
         result = message.result
         outcome = result.outcome
         token = (
-            result.token if result.token is not None and result.token != LOCAL_ONLY_TOKEN else None
+            result.token if result.token is not None and result.token != NO_LEASE_TOKEN else None
         )
         attempt = result.attempt
         if task.terminal:
