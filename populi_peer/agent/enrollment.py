@@ -69,7 +69,6 @@ from populi_peer.core.cluster_state import (
     TokenRevoked,
     consumption_item,
     issued_token_item,
-    member_item,
     member_removal_item,
     name_release_item,
     node_revocation_item,
@@ -566,16 +565,8 @@ class Enrollment:
                     at_wall_ms=now_ms,
                 )
             )
-        await writes.propose(
-            member_item(
-                member,
-                certificate=certificate,
-                stamp=writes.stamp(),
-                writer_class="leader",
-                actor=actor,
-                reason="joined",
-                at_wall_ms=now_ms,
-            )
+        await writes.propose_member(
+            member, certificate=certificate, actor=actor, reason="joined", at_wall_ms=now_ms
         )
         await writes.propose(self.registry.initial_write(node_id, actor=actor, term=writes.term))
         self._event(
@@ -781,16 +772,12 @@ class Enrollment:
             cert_not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
             updated_ms=now_ms,
         )
-        await self.writes.propose(
-            member_item(
-                updated,
-                certificate=None,
-                stamp=self.writes.stamp(),
-                writer_class="leader",
-                actor=member.id,
-                reason="certificate renewed",
-                at_wall_ms=now_ms,
-            )
+        await self.writes.propose_member(
+            updated,
+            certificate=None,
+            actor=member.id,
+            reason="certificate renewed",
+            at_wall_ms=now_ms,
         )
         self._event(
             node_id=member.id,

@@ -32,7 +32,7 @@ import trio
 from enrollment.ca import Issuer
 from enrollment.records import SignedRecord
 from enrollment.revocation import RevocationList, RevokedNode, sign_revocations
-from populi_peer.agent.membership import Membership
+from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
@@ -453,16 +453,12 @@ class ClusterWrites:
         now_ms = replica.now_ms()
         for member in replica.membership.all():
             if self._lacks_register(member.id, MEMBER):
-                await self.propose(
-                    member_item(
-                        member,
-                        certificate=None,
-                        stamp=self.stamp(),
-                        writer_class="leader",
-                        actor=self.node_id,
-                        reason="imported",
-                        at_wall_ms=now_ms,
-                    )
+                await self.propose_member(
+                    member,
+                    certificate=None,
+                    actor=self.node_id,
+                    reason="imported",
+                    at_wall_ms=now_ms,
                 )
                 count += 1
         for write in self.registry.registers.writes():
@@ -552,6 +548,29 @@ class ClusterWrites:
                 "nothing was stored, try again later",
                 condition=exc.details.get("condition", "unknown"),
             ) from exc
+
+    async def propose_member(
+        self,
+        member: Member,
+        *,
+        certificate: str | None,
+        actor: str,
+        reason: str,
+        at_wall_ms: int,
+    ) -> Entry:
+        """``member``'s record as the control plane writes it (a join, a renewal, an
+        import): stamped with the leader's term, as the leader's write (:meth:`propose`)."""
+        return await self.propose(
+            member_item(
+                member,
+                certificate=certificate,
+                stamp=self.stamp(),
+                writer_class="leader",
+                actor=actor,
+                reason=reason,
+                at_wall_ms=at_wall_ms,
+            )
+        )
 
     async def lifecycle_command(
         self,
