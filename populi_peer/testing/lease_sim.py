@@ -78,7 +78,7 @@ from populi_peer.core.leases import (
     TargetView,
     renew_timeout_s,
 )
-from populi_peer.core.reports import Claim, FullReport, NodeReporter, ReportAnswer, ReportMessage
+from populi_peer.core.reports import FullReport, NodeReporter, ReportAnswer, ReportMessage
 from populi_peer.testing.election_sim import SimulationFailure
 
 #: Timings scaled down: a 6 s lease, renewed every 2 s, stopped 1.5 s before its deadline.
@@ -723,32 +723,22 @@ class LeaseSimulation:
 
     def claim_and_run(self, task: SimTask) -> None:
         owner = self.nodes[task.owner]
-        free = [g for g in owner.gpus if g not in owner.book.gpus_in_use()]
-        if not free:
-            self.retry(task, 0.5, self.place_local)
-            task.state = "new"
-            return
         self.claim_ids += 1
-        claim = Claim(
-            f"C{self.claim_ids}", owner.node_id, task.task_id, task.requests, ZERO, (free[0],),
-            int(self.now * 1000),
-        )  # fmt: skip
-        attempt = NodeAttempt(
-            "local",
-            task.task_id,
-            task.requests,
-            ZERO,
-            claim.gpus,
-            "started",
-            claim_id=claim.claim_id,
+        owner.book, decision = owner.book.claim_free_gpus(
+            task_id=task.task_id,
+            attempt=task.requests,
+            gpus_wanted=1,
+            verified=owner.gpus,
+            claim_id=f"C{self.claim_ids}",
+            made_wall_ms=int(self.now * 1000),
         )
-        owner.book, decision = owner.book.claim(claim, attempt)
-        if not decision.ok:
+        attempt = owner.book.get(("local", task.task_id, task.requests))
+        if not decision.ok or attempt is None:
             task.state = "new"
             self.retry(task, 0.5, self.place_local)
             return
         self.count("claims")
-        self.note(f"{owner.node_id} claims {claim.gpus} for {task.task_id} (no control plane)")
+        self.note(f"{owner.node_id} claims {attempt.gpus} for {task.task_id} (no control plane)")
         task.state, task.token, task.lease_id, task.last_node = "local", ZERO, None, task.owner
         self.spawn(owner, attempt, task.duration_s, deadline_local=None)
 
@@ -854,14 +844,11 @@ class LeaseSimulation:
         claim_id = f"C{self.claim_ids}"
         if attempt.phase == "accepted":
             # Its proof went unanswered: it starts under a claim instead of waiting.
-            claim = Claim(
-                claim_id, node.node_id, attempt.task_id, attempt.attempt, attempt.token,
-                attempt.gpus, int(self.now * 1000),
-                lease_id=attempt.lease.lease_id if attempt.lease else None,
-            )  # fmt: skip
-            started = replace(attempt, phase="started", claim_id=claim_id)
-            node.book, decision = node.book.claim(claim, started)
-            if not decision.ok:
+            node.book, decision = node.book.claim_before_start(
+                key, claim_id=claim_id, made_wall_ms=int(self.now * 1000)
+            )
+            started = node.book.get(key)
+            if not decision.ok or started is None:
                 node.book = node.book.end(key, "stopped")
                 self.holder_event(node, key, AttemptEnded("stopped"))
                 self.attempt_over(node, key, "not_started")
