@@ -771,7 +771,8 @@ class LeaseSimulation:
             return
         self.count("claims")
         self.note(f"{owner.node_id} claims {attempt.gpus} for {task.task_id} (no control plane)")
-        task.state, task.token, task.lease_id, task.last_node = "local", ZERO, None, task.owner
+        task.state, task.token, task.lease_id = "local", attempt.token, None
+        task.last_node = task.owner
         self.spawn(owner, attempt, task.duration_s, deadline_local=None)
 
     def run_local(self, task: SimTask, lease: Lease, *, may_claim: bool) -> None:
