@@ -78,7 +78,7 @@ from populi_peer.core.leases import (
     TargetView,
     renew_timeout_s,
 )
-from populi_peer.core.reports import Claim, FullReport, NodeReporter, ReportAnswer, ReportMessage
+from populi_peer.core.reports import FullReport, NodeReporter, ReportAnswer, ReportMessage
 from populi_peer.testing.election_sim import SimulationFailure
 
 #: Timings scaled down: a 6 s lease, renewed every 2 s, stopped 1.5 s before its deadline.
@@ -549,6 +549,45 @@ class LeaseSimulation:
 
         self.at(self.now + after, again)
 
+    def ask_grant(
+        self,
+        node: SimNode,
+        task: SimTask,
+        what: str,
+        handle: Callable[[], Any],
+        *,
+        granted: Callable[[Lease], None],
+        refused: Callable[[str, Any], None],
+        unanswered: Callable[[], None],
+    ) -> None:
+        """``task``'s current grant request from ``node`` (:meth:`to_cp`): its answer goes to
+        ``granted`` (the lease) or ``refused`` (the answer's kind and body), or, with none
+        by :data:`REQUEST_TIMEOUT_S`, ``unanswered`` is called; each only while the task
+        still waits for this very request."""
+        attempt = task.requests
+        answered = False
+
+        def current() -> bool:
+            return task.state == "granting" and task.requests == attempt
+
+        def reply(answer: Any) -> None:
+            nonlocal answered
+            answered = True
+            if not current():
+                return
+            kind, body = answer
+            if kind == "ok":
+                granted(body.lease)
+            else:
+                refused(kind, body)
+
+        def timeout() -> None:
+            if not answered and current():
+                unanswered()
+
+        self.to_cp(node, what, handle, reply)
+        self.at(self.now + REQUEST_TIMEOUT_S, timeout)
+
     def place_remote(self, task: SimTask) -> None:
         owner = self.nodes[task.owner]
         others = sorted(n for n in self.nodes if n != task.owner)
@@ -567,7 +606,6 @@ class LeaseSimulation:
             previous_node=task.last_node,
         )
         lease_id = self.cp.lease_id()
-        answered = [False]
 
         def handle() -> Any:
             return self.cp_call(
@@ -576,34 +614,36 @@ class LeaseSimulation:
                 )
             )
 
-        def reply(answer: Any) -> None:
-            answered[0] = True
-            if task.state != "granting" or task.requests != attempt:
-                return
-            kind, body = answer
-            if kind == "ok":
-                lease = body.lease
-                task.state, task.token, task.lease_id = "remote", lease.token, lease.lease_id
-                task.last_node = target
-                self.note(f"{task.task_id} granted {lease.lease_id} {lease.token} on {target}")
-                self.handoff(task, lease)
-                self.retry(task, 3.0, self.ask_fallback)
-            elif kind == "wait" or "no_free_gpu" in body:
+        def granted(lease: Lease) -> None:
+            task.state, task.token, task.lease_id = "remote", lease.token, lease.lease_id
+            task.last_node = target
+            self.note(f"{task.task_id} granted {lease.lease_id} {lease.token} on {target}")
+            self.handoff(task, lease)
+            self.retry(task, 3.0, self.ask_fallback)
+
+        def refused(kind: str, body: Any) -> None:
+            if kind == "wait" or "no_free_gpu" in body:
                 self.retry(task, 0.5, self.place_remote)
             else:
                 task.last_node = target
                 task.state = "fallback_pending"
                 self.retry(task, 0.5, self.ask_fallback)
 
-        def timeout() -> None:
-            if not answered[0] and task.state == "granting" and task.requests == attempt:
-                # It may have been granted: only the control plane's word frees the task.
-                task.last_node = target
-                task.state = "fallback_pending"
-                self.ask_fallback(task)
+        def unanswered() -> None:
+            # It may have been granted: only the control plane's word frees the task.
+            task.last_node = target
+            task.state = "fallback_pending"
+            self.ask_fallback(task)
 
-        self.to_cp(owner, f"grant {task.task_id}#{attempt}", handle, reply)
-        self.at(self.now + REQUEST_TIMEOUT_S, timeout)
+        self.ask_grant(
+            owner,
+            task,
+            f"grant {task.task_id}#{attempt}",
+            handle,
+            granted=granted,
+            refused=refused,
+            unanswered=unanswered,
+        )
 
     def handoff(self, task: SimTask, lease: Lease) -> None:
         owner, worker = self.nodes[task.owner], self.nodes[lease.holder]
@@ -666,8 +706,6 @@ class LeaseSimulation:
             lease = body.lease
             self.note(f"{task.task_id} fallback confirmed: {lease.lease_id} {lease.token}")
             self.count("fallbacks")
-            task.state, task.token, task.lease_id = "local", lease.token, lease.lease_id
-            task.last_node = task.owner
             self.run_local(task, lease, may_claim=True)
 
         self.to_cp(owner, f"fallback {task.task_id}#{attempt}", handle, reply)
@@ -681,7 +719,6 @@ class LeaseSimulation:
         attempt = task.requests
         task.state = "granting"
         lease_id = self.cp.lease_id()
-        answered = [False]
 
         def handle() -> Any:
             return self.cp_call(
@@ -700,59 +737,48 @@ class LeaseSimulation:
                 )
             )
 
-        def reply(answer: Any) -> None:
-            answered[0] = True
-            if task.state != "granting" or task.requests != attempt:
-                return
-            kind, body = answer
-            if kind == "ok":
-                lease = body.lease
-                task.state, task.token, task.lease_id = "local", lease.token, lease.lease_id
-                task.last_node = task.owner
-                self.run_local(task, lease, may_claim=True)
-            else:
-                self.retry(task, 0.5, self.place_local)
+        def granted(lease: Lease) -> None:
+            self.run_local(task, lease, may_claim=True)
 
-        def timeout() -> None:
-            if answered[0] or task.state != "granting" or task.requests != attempt:
-                return
-            self.claim_and_run(task)
+        def refused(kind: str, body: Any) -> None:
+            self.retry(task, 0.5, self.place_local)
 
-        self.to_cp(owner, f"local grant {task.task_id}#{attempt}", handle, reply)
-        self.at(self.now + REQUEST_TIMEOUT_S, timeout)
+        self.ask_grant(
+            owner,
+            task,
+            f"local grant {task.task_id}#{attempt}",
+            handle,
+            granted=granted,
+            refused=refused,
+            unanswered=partial(self.claim_and_run, task),
+        )
 
     def claim_and_run(self, task: SimTask) -> None:
         owner = self.nodes[task.owner]
-        free = [g for g in owner.gpus if g not in owner.book.gpus_in_use()]
-        if not free:
-            self.retry(task, 0.5, self.place_local)
-            task.state = "new"
-            return
         self.claim_ids += 1
-        claim = Claim(
-            f"C{self.claim_ids}", owner.node_id, task.task_id, task.requests, ZERO, (free[0],),
-            int(self.now * 1000),
-        )  # fmt: skip
-        attempt = NodeAttempt(
-            "local",
-            task.task_id,
-            task.requests,
-            ZERO,
-            claim.gpus,
-            "started",
-            claim_id=claim.claim_id,
+        owner.book, decision = owner.book.claim_free_gpus(
+            task_id=task.task_id,
+            attempt=task.requests,
+            gpus_wanted=1,
+            verified=owner.gpus,
+            claim_id=f"C{self.claim_ids}",
+            made_wall_ms=int(self.now * 1000),
         )
-        owner.book, decision = owner.book.claim(claim, attempt)
-        if not decision.ok:
+        attempt = owner.book.get(("local", task.task_id, task.requests))
+        if not decision.ok or attempt is None:
             task.state = "new"
             self.retry(task, 0.5, self.place_local)
             return
         self.count("claims")
-        self.note(f"{owner.node_id} claims {claim.gpus} for {task.task_id} (no control plane)")
-        task.state, task.token, task.lease_id, task.last_node = "local", ZERO, None, task.owner
+        self.note(f"{owner.node_id} claims {attempt.gpus} for {task.task_id} (no control plane)")
+        task.state, task.token, task.lease_id = "local", attempt.token, None
+        task.last_node = task.owner
         self.spawn(owner, attempt, task.duration_s, deadline_local=None)
 
     def run_local(self, task: SimTask, lease: Lease, *, may_claim: bool) -> None:
+        """``task`` runs on its own node under the local ``lease`` it was granted."""
+        task.state, task.token, task.lease_id = "local", lease.token, lease.lease_id
+        task.last_node = task.owner
         owner = self.nodes[task.owner]
         attempt = NodeAttempt(
             "local",
@@ -854,14 +880,11 @@ class LeaseSimulation:
         claim_id = f"C{self.claim_ids}"
         if attempt.phase == "accepted":
             # Its proof went unanswered: it starts under a claim instead of waiting.
-            claim = Claim(
-                claim_id, node.node_id, attempt.task_id, attempt.attempt, attempt.token,
-                attempt.gpus, int(self.now * 1000),
-                lease_id=attempt.lease.lease_id if attempt.lease else None,
-            )  # fmt: skip
-            started = replace(attempt, phase="started", claim_id=claim_id)
-            node.book, decision = node.book.claim(claim, started)
-            if not decision.ok:
+            node.book, decision = node.book.claim_before_start(
+                key, claim_id=claim_id, made_wall_ms=int(self.now * 1000)
+            )
+            started = node.book.get(key)
+            if not decision.ok or started is None:
                 node.book = node.book.end(key, "stopped")
                 self.holder_event(node, key, AttemptEnded("stopped"))
                 self.attempt_over(node, key, "not_started")

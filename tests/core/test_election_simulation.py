@@ -23,6 +23,7 @@ from populi_peer.testing.election_sim import (
     Simulation,
     SimulationFailure,
     run_seed,
+    seed_totals,
 )
 
 #: Seeds the suite runs (about 20-30 s here); override with POPULI_ELECTION_SEEDS.
@@ -43,10 +44,7 @@ QUIET = SimConfig(
 
 
 def test_the_suite_seeds_are_clean() -> None:
-    totals: dict[str, int] = {}
-    for seed in range(SUITE_SEEDS):
-        for key, value in run_seed(seed).items():
-            totals[key] = totals.get(key, 0) + value
+    totals = seed_totals(run_seed, range(SUITE_SEEDS))
     # Not vacuous: elections happen, writes are applied, voters change, nodes crash.
     assert totals["elections"] > SUITE_SEEDS
     assert totals["applied"] > 10 * SUITE_SEEDS

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from populi_peer.core import claims, leases
+from populi_peer.testing.election_sim import seed_totals
 from populi_peer.testing.lease_sim import (
     LeaseSimulation,
     LeaseSimulationFailure,
@@ -42,10 +43,7 @@ QUIET = SimConfig(
 
 
 def test_the_suite_seeds_are_clean() -> None:
-    totals: dict[str, int] = {}
-    for seed in range(SUITE_SEEDS):
-        for key, value in run_seed(seed).items():
-            totals[key] = totals.get(key, 0) + value
+    totals = seed_totals(run_seed, range(SUITE_SEEDS))
     # Not vacuous: restarts, lost full reports and gaps, ends recorded from reports,
     # leases learned, claims made and converted, fallbacks — and the work gets done.
     assert totals["cp_crashes"] > SUITE_SEEDS and totals["gaps"] > SUITE_SEEDS
