@@ -93,7 +93,7 @@ class WriteId:
     def __post_init__(self) -> None:
         for name in ("term", "seq"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _nonneg(value):
                 raise BadRequest(
                     f"write id: {name} must be a non-negative integer, got {value!r}",
                     code="bad_record",
