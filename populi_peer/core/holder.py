@@ -322,18 +322,13 @@ class HolderMachine:
             if isinstance(event, RenewAnswered):
                 return machine._answered(event)
             if isinstance(event, RenewRefused):
-                return machine._refused(event.reason)
+                return machine._stop(event.reason)
             return machine._unanswered(event.sent_at, now)
         if isinstance(event, TimerFired):
             return self._timer(now)
         if isinstance(event, AttemptEnded):
             return replace(self, phase="ended", in_flight=None), (SendRelease(event.outcome),)
-        # Cancel
-        if self.phase == "proving":
-            return self._not_started("cancelled")
-        if self.phase in ("running", "claimed"):
-            return replace(self, phase="stopping"), (StopAttempt("cancelled"),)
-        return self, ()
+        return self._stop("cancelled")  # Cancel
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -357,10 +352,14 @@ class HolderMachine:
             return replace(self, next_renew_at=next_at), ()
         return replace(self, deadline=deadline, next_renew_at=next_at), (ExtendDeadline(deadline),)
 
-    def _refused(self, reason: str) -> tuple[HolderMachine, tuple[HolderAction, ...]]:
+    def _stop(self, reason: str) -> tuple[HolderMachine, tuple[HolderAction, ...]]:
+        """A refusal or a cancel: an attempt not started never starts, a running one (or a
+        claim) is stopped; one already stopping or ended stays as it is."""
         if self.phase == "proving":
             return self._not_started(reason)
-        return replace(self, phase="stopping"), (StopAttempt(reason),)
+        if self.phase in ("running", "claimed"):
+            return replace(self, phase="stopping"), (StopAttempt(reason),)
+        return self, ()
 
     def _unanswered(
         self, sent_at: float, now: float
@@ -377,16 +376,20 @@ class HolderMachine:
         if self.phase == "proving":
             if now >= self.give_up_at:
                 return self._not_started("lease_not_proved")
-            if self.in_flight is None and now >= self.next_renew_at:
-                return replace(self, in_flight=now), (SendRenewal(now, before_start=True),)
-            return self, ()
+            return self._renew_if_due(now)
         if self.phase != "running":
             return self, ()
         claim_at = self.claim_at
         if claim_at is not None and now >= claim_at:
             return replace(self, phase="claimed", in_flight=None, deadline=None), (BecomeClaim(),)
+        return self._renew_if_due(now)
+
+    def _renew_if_due(self, now: float) -> tuple[HolderMachine, tuple[HolderAction, ...]]:
+        """Send the next renewal if it is due and none is waiting for its answer; the one
+        sent while proving is the proof before the start (rule 3)."""
         if self.in_flight is None and now >= self.next_renew_at:
-            return replace(self, in_flight=now), (SendRenewal(now, before_start=False),)
+            before_start = self.phase == "proving"
+            return replace(self, in_flight=now), (SendRenewal(now, before_start=before_start),)
         return self, ()
 
 

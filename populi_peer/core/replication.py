@@ -93,7 +93,7 @@ class WriteId:
     def __post_init__(self) -> None:
         for name in ("term", "seq"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _nonneg(value):
                 raise BadRequest(
                     f"write id: {name} must be a non-negative integer, got {value!r}",
                     code="bad_record",
@@ -274,6 +274,18 @@ def _nonneg(value: object) -> bool:
 # -- items --------------------------------------------------------------------------------
 
 
+_N = TypeVar("_N", bound=str)
+
+
+def _known(obj: Mapping[str, Any], key: str, known: tuple[_N, ...], what: str, noun: str) -> _N:
+    """``obj[key]``, one of ``known``; an unknown one is a ``bad_record`` naming the ``noun``."""
+    value = _str(obj, key, what)
+    for name in known:
+        if value == name:
+            return name
+    raise BadRequest(f"{what}: unknown {noun} {value!r}", code="bad_record")
+
+
 def _canonical(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -329,11 +341,8 @@ class SetElement:
     @classmethod
     def from_json(cls, data: object) -> SetElement:
         obj = _obj(data, "set element")
-        set_name = _str(obj, "set_name", "set element")
-        if set_name not in SET_NAMES:
-            raise BadRequest(f"set element: unknown set {set_name!r}", code="bad_record")
         return cls(
-            set_name=set_name,
+            set_name=_known(obj, "set_name", SET_NAMES, "set element", "set"),
             key=_str(obj, "key", "set element"),
             value=_get(obj, "value", "set element"),
             stamp=Stamp.from_json(_get(obj, "stamp", "set element")),
@@ -393,11 +402,8 @@ class ClusterRecord:
     @classmethod
     def from_json(cls, data: object) -> ClusterRecord:
         obj = _obj(data, "cluster record")
-        kind = _str(obj, "kind", "cluster record")
-        if kind not in CLUSTER_KINDS:
-            raise BadRequest(f"cluster record: unknown kind {kind!r}", code="bad_record")
         return cls(
-            kind=kind,
+            kind=_known(obj, "kind", CLUSTER_KINDS, "cluster record", "kind"),
             serial=_int(obj, "serial", "cluster record"),
             term=_int(obj, "term", "cluster record"),
             body=_get(obj, "body", "cluster record"),

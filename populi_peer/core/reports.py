@@ -52,7 +52,7 @@ from populi_peer.core.fencing import (
     _str_tuple,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import ID_RE
+from populi_peer.core.wire import ID_RE, fields_json
 from populi_peer.errors import BadRequest
 
 #: How far a node got with a lease it holds: ``accepted`` (handed over, not started),
@@ -178,13 +178,9 @@ class ReportedLease:
 
     def __post_init__(self) -> None:
         what = "reported lease"
-        for name in ("lease_id", "task_id", "submitter"):
-            _name(getattr(self, name), what, name)
-        _count(self.attempt, what, "attempt", 1)
+        _check_held(self, what, ("lease_id", "task_id", "submitter"))
         check_work_class(self.work_class)
         _gpus(self.gpus, what)
-        if not isinstance(self.token, FencingToken):
-            raise BadRequest(f"{what}: token must be a FencingToken", code="bad_report")
         _pick(self.kind, REPORTED_KINDS, what, "kind")
         _pick(self.phase, REPORTED_PHASES, what, "phase")
         ttl = self.ttl_s
@@ -259,11 +255,7 @@ class Claim:
 
     def __post_init__(self) -> None:
         what = "claim"
-        for name in ("claim_id", "node", "task_id"):
-            _name(getattr(self, name), what, name)
-        _count(self.attempt, what, "attempt", 1)
-        if not isinstance(self.token, FencingToken):
-            raise BadRequest(f"{what}: token must be a FencingToken", code="bad_report")
+        _check_held(self, what, ("claim_id", "node", "task_id"))
         if not _gpus(self.gpus, what):
             raise BadRequest(f"{what}: a claim takes at least one GPU", code="bad_report")
         _count(self.made_wall_ms, what, "made_wall_ms", 0)
@@ -298,6 +290,16 @@ class Claim:
             made_wall_ms=_int(obj, "made_wall_ms", what),
             lease_id=_opt_str(obj, "lease_id", what),
         )
+
+
+def _check_held(record: ReportedLease | Claim, what: str, ids: tuple[str, ...]) -> None:
+    """What a reported lease and a claim both are: ids (the fields ``ids``), an attempt
+    from 1 and a fencing token."""
+    for name in ids:
+        _name(getattr(record, name), what, name)
+    _count(record.attempt, what, "attempt", 1)
+    if not isinstance(record.token, FencingToken):
+        raise BadRequest(f"{what}: token must be a FencingToken", code="bad_report")
 
 
 def _unique_sorted(items: Iterable[_T], key_of: Any, what: str) -> tuple[_T, ...]:
@@ -566,7 +568,7 @@ class RefusedLease:
     reason: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"lease_id": self.lease_id, "reason": self.reason}
+        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> RefusedLease:

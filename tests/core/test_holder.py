@@ -161,3 +161,12 @@ def test_a_config_that_leaves_no_room_to_renew_is_refused() -> None:
         HolderConfig(ttl_s=30.0, stop_margin_s=19.5, claim_lead_s=1.0)
     with pytest.raises(BadRequest):
         HolderConfig(ttl_s=0.0, stop_margin_s=0.0)
+
+
+def test_a_cancel_stops_a_claim_once_and_a_stopping_attempt_stays_as_it_is() -> None:
+    machine, _ = HolderMachine.begin(LOCAL, 100.0)
+    machine, _ = machine.handle(RenewUnanswered(100.0), 102.0)
+    assert machine.phase == "claimed"
+    machine, actions = machine.handle(Cancel(), 103.0)
+    assert actions == (StopAttempt("cancelled"),) and machine.phase == "stopping"
+    assert machine.handle(Cancel(), 104.0) == (machine, ())

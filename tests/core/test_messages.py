@@ -23,6 +23,7 @@ from populi_peer.core.messages import (
     Message,
     TaskSubmitRequest,
 )
+from populi_peer.core.messages._codec import Codec, Dict, Int, Num, Seq, Text
 from populi_peer.errors import BadRequest, PopuliError
 from support.messages import every_message_type, json_values, messages
 
@@ -115,6 +116,38 @@ def test_errors_name_the_field(body: dict[str, Any], field: str, code: str) -> N
         HeartbeatAnswer.from_json(body)
     assert raised.value.code == code and raised.value.details["field"] == field
     assert f"'{field}'" in str(raised.value)
+
+
+_BOUNDED: list[tuple[Codec[Any], object, bool]] = [
+    (Int(1, 3), 1, True),
+    (Int(1, 3), 3, True),
+    (Int(1, 3), 0, False),
+    (Int(1, 3), 4, False),
+    (Int(maximum=3), -(2**70), True),
+    (Num(0.5, 2.0), 0.5, True),
+    (Num(0.5, 2.0), 2.5, False),
+    (Num(above=0.0), 0.0, False),
+    (Text(min_len=1, max_len=2), "", False),
+    (Text(min_len=1, max_len=2), "ab", True),
+    (Text(min_len=1, max_len=2), "abc", False),
+    (Seq(Int(), min_items=1, max_items=2), [], False),
+    (Seq(Int(), min_items=1, max_items=2), [1, 2], True),
+    (Seq(Int(), max_items=2), [1, 2, 3], False),
+    (Dict(Int(), max_items=1), {"a": 1}, True),
+    (Dict(Int(), max_items=1), {"a": 1, "b": 2}, False),
+]
+
+
+@pytest.mark.parametrize(("codec", "value", "ok"), _BOUNDED)
+def test_bounds_are_inclusive_and_a_missing_bound_is_none(
+    codec: Codec[Any], value: object, ok: bool
+) -> None:
+    if ok:
+        codec.parse(value, "f")
+    else:
+        with pytest.raises(BadRequest) as caught:
+            codec.parse(value, "f")
+        assert caught.value.details["field"] == "f"
 
 
 def test_a_core_records_error_keeps_its_code_under_the_path() -> None:

@@ -4,6 +4,7 @@ set's merge, and the leader's write checks."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -317,3 +318,26 @@ def test_check_proposal_refuses_a_register_clock_from_the_future() -> None:
             RecordSet(), label("n1", 1, 3, 1000), term=2, now_wall_ms=1000, max_skew_ms=0
         )
     assert info.value.code == "stale_stamp"
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "message"),
+    [
+        (
+            SetElement.from_json,
+            {"set_name": "tokens", "key": "t1", "value": {}, "stamp": {}},
+            "set element: unknown set 'tokens'",
+        ),
+        (
+            ClusterRecord.from_json,
+            {"kind": "policy", "serial": 1, "term": 1, "body": {}, "text": ""},
+            "cluster record: unknown kind 'policy'",
+        ),
+    ],
+)
+def test_an_unknown_set_or_kind_on_the_wire_is_a_bad_record(
+    parse: Callable[[object], object], body: dict[str, object], message: str
+) -> None:
+    with pytest.raises(BadRequest, match=f"^{message}$") as caught:
+        parse(body)
+    assert caught.value.code == "bad_record"

@@ -72,6 +72,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _outside(value: float, minimum: float | None, maximum: float | None) -> bool:
+    """``value`` is below ``minimum`` or above ``maximum`` (``None``: no bound)."""
+    return (minimum is not None and value < minimum) or (maximum is not None and value > maximum)
+
+
 class Codec(ABC, Generic[T]):
     """Parses one JSON value into ``T`` (:meth:`parse`) and writes it back (:meth:`dump`).
     ``code`` is the reason code of its refusals. Each kind of value says how it parses."""
@@ -109,8 +114,7 @@ class Int(Codec[int]):
         if (
             isinstance(value, bool)
             or not isinstance(value, int)
-            or (self.minimum is not None and value < self.minimum)
-            or (self.maximum is not None and value > self.maximum)
+            or _outside(value, self.minimum, self.maximum)
         ):
             raise bad_field(path, self._expected(), value, self.code)
         return value
@@ -148,8 +152,7 @@ class Num(Codec[float]):
             or not isinstance(value, (int, float))
             or not math.isfinite(value)
             or (self.above is not None and value <= self.above)
-            or (self.minimum is not None and value < self.minimum)
-            or (self.maximum is not None and value > self.maximum)
+            or _outside(value, self.minimum, self.maximum)
         ):
             raise bad_field(path, self._expected(), value, self.code)
         return float(value)
@@ -204,8 +207,7 @@ class Text(Codec[str]):
     def parse(self, value: object, path: str) -> str:
         if (
             not isinstance(value, str)
-            or len(value) < self.min_len
-            or (self.max_len is not None and len(value) > self.max_len)
+            or _outside(len(value), self.min_len, self.max_len)
             or (self.one_line and ("\n" in value or "\r" in value))
             or (self.pattern is not None and self.pattern.fullmatch(value) is None)
         ):
@@ -283,11 +285,7 @@ class Seq(Codec[tuple[T, ...]]):
         self.max_items = max_items
 
     def parse(self, value: object, path: str) -> tuple[T, ...]:
-        if (
-            not isinstance(value, list)
-            or len(value) < self.min_items
-            or (self.max_items is not None and len(value) > self.max_items)
-        ):
+        if not isinstance(value, list) or _outside(len(value), self.min_items, self.max_items):
             size = ""
             if self.max_items is not None:
                 size = f" of at most {self.max_items} items"
@@ -311,9 +309,7 @@ class Dict(Codec[Mapping[str, T]]):
         self.max_items = max_items
 
     def parse(self, value: object, path: str) -> Mapping[str, T]:
-        if not isinstance(value, Mapping) or (
-            self.max_items is not None and len(value) > self.max_items
-        ):
+        if not isinstance(value, Mapping) or _outside(len(value), None, self.max_items):
             size = f" of at most {self.max_items} entries" if self.max_items is not None else ""
             raise bad_field(path, "an object" + size, value, self.code)
         out: dict[str, T] = {}
