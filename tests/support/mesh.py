@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -72,7 +73,33 @@ DEFAULT_ROLES = "worker,submit"
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 
 
+#: Where :func:`free_port` looks first: below the kernel's ephemeral range.
+FIXED_PORTS_FROM = 10_000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
 def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range where there is room:
+    a node restarted on its port (its address in every other node's records) must find it
+    free, and the kernel takes the local end of every outgoing connection from that range
+    — a port picked there can be taken by any client of any test in between."""
+    low = _ephemeral_low()
+    if low - FIXED_PORTS_FROM >= 1000:
+        pick = random.SystemRandom()
+        for _ in range(100):
+            port = pick.randrange(FIXED_PORTS_FROM, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
