@@ -24,9 +24,6 @@ _KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 _MAX_MS = 2**53 - 1
 _IDENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
-#: The JSON type of a value as a field problem names it (the tokens, hints and revocation
-#: lists name it through this module).
-_json_type = json_type
 
 
 class _FieldProblem(Exception):
@@ -55,7 +52,7 @@ def _show(value: object) -> str:
 
 def _check_int(field: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _FieldProblem(field, f"must be an integer, got {_json_type(value)}")
+        raise _FieldProblem(field, f"must be an integer, got {json_type(value)}")
     if not low <= value <= high:
         raise _FieldProblem(field, f"must be between {low} and {high}, got {value}")
     return value
@@ -63,7 +60,7 @@ def _check_int(field: str, value: object, low: int, high: int) -> int:
 
 def _check_ident(field: str, value: object) -> str:
     if not isinstance(value, str):
-        raise _FieldProblem(field, f"must be a string, got {_json_type(value)}")
+        raise _FieldProblem(field, f"must be a string, got {json_type(value)}")
     if not _IDENT_RE.fullmatch(value):
         raise _FieldProblem(
             field,
@@ -86,7 +83,7 @@ def _required(obj: dict[str, Any], field: str) -> Any:
 def _list_field(obj: dict[str, Any], field: str) -> tuple[Any, ...]:
     value = _required(obj, field)
     if not isinstance(value, list):
-        raise _FieldProblem(field, f"must be a list, got {_json_type(value)}")
+        raise _FieldProblem(field, f"must be a list, got {json_type(value)}")
     return tuple(value)
 
 
@@ -180,5 +177,5 @@ def _parse_canonical_object(payload: bytes) -> dict[str, Any]:
     if canonical != payload:
         raise ValueError("payload is not canonical JSON")
     if not isinstance(value, dict):
-        raise ValueError(f"payload must be a JSON object, got {_json_type(value)}")
+        raise ValueError(f"payload must be a JSON object, got {json_type(value)}")
     return value

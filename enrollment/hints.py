@@ -40,14 +40,13 @@ from enrollment._sealed import (
     _check_ms,
     _EnvelopeError,
     _FieldProblem,
-    _json_type,
     _parse_canonical_object,
     _raw_public_key,
     _required,
     _seal,
     _unseal,
 )
-from enrollment.canonical import canonical_json
+from enrollment.canonical import canonical_json, json_type
 from enrollment.errors import EnrollmentError
 from enrollment.keys import node_id_for, public_from_raw
 
@@ -96,7 +95,7 @@ def sign_hint(
         _check_int("version.counter", version_counter, 0, _MAX_COUNTER)
         _check_ms("issued_ms", issued_ms)
         if not isinstance(body, dict):
-            raise _FieldProblem("body", f"must be an object, got {_json_type(body)}")
+            raise _FieldProblem("body", f"must be an object, got {json_type(body)}")
         payload = canonical_json(
             {
                 "v": HINT_VERSION,
@@ -155,7 +154,7 @@ def verify_hint(text: str, *, resolve_key: Callable[[str], Ed25519PublicKey | No
         issued_ms = _check_ms("issued_ms", _required(obj, "issued_ms"))
         body = _required(obj, "body")
         if not isinstance(body, dict):
-            raise _FieldProblem("body", f"must be an object, got {_json_type(body)}")
+            raise _FieldProblem("body", f"must be an object, got {json_type(body)}")
     except _FieldProblem as exc:
         raise _malformed(str(exc)) from None
     except ValueError as exc:

@@ -55,7 +55,6 @@ from enrollment._sealed import (
     _check_ms,
     _EnvelopeError,
     _FieldProblem,
-    _json_type,
     _list_field,
     _parse_canonical_object,
     _raw_public_key,
@@ -65,7 +64,7 @@ from enrollment._sealed import (
     _unseal,
 )
 from enrollment.ca import Revoked, certificate_der, check_signing_issuer
-from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment.canonical import b64url_decode, b64url_encode, canonical_json, json_type
 from enrollment.errors import CertificateError, ErrorKind, NodeNameError, RevocationError
 from enrollment.tokens import (
     validate_node_name,
@@ -147,7 +146,7 @@ def _check_strings(field_name: str, values: object) -> tuple[Any, ...]:
     for index, value in enumerate(values):
         if not isinstance(value, str):
             raise _FieldProblem(
-                f"{field_name}[{index}]", f"must be a string, got {_json_type(value)}"
+                f"{field_name}[{index}]", f"must be a string, got {json_type(value)}"
             )
     if len(set(values)) != len(values):
         raise _FieldProblem(field_name, "lists an entry twice")
@@ -173,7 +172,7 @@ class RevokedNode:
             _check_ident("node_id", self.node_id)
             _check_name("name", self.name)
             if not isinstance(self.reason, str):
-                raise _FieldProblem("reason", f"must be a string, got {_json_type(self.reason)}")
+                raise _FieldProblem("reason", f"must be a string, got {json_type(self.reason)}")
             if len(self.reason) > MAX_REASON_CHARS or not self.reason.isprintable():
                 raise _FieldProblem(
                     "reason", f"must be one printable line of at most {MAX_REASON_CHARS} chars"
@@ -372,7 +371,7 @@ def _list_from_payload(obj: dict[str, Any]) -> RevocationList:
     for index, raw in enumerate(_list_field(obj, "revoked")):
         where = f"revoked[{index}]"
         if not isinstance(raw, dict):
-            raise _FieldProblem(where, f"must be an object, got {_json_type(raw)}")
+            raise _FieldProblem(where, f"must be an object, got {json_type(raw)}")
         try:
             nodes.append(
                 RevokedNode(

@@ -112,7 +112,6 @@ from enrollment._sealed import (
     _EnvelopeError,
     _FieldProblem,
     _human_ms,
-    _json_type,
     _list_field,
     _parse_canonical_object,
     _raw_public_key,
@@ -123,7 +122,7 @@ from enrollment._sealed import (
     _utc_iso_ms,
 )
 from enrollment.ca import Revoked, certificate_der, check_signing_issuer
-from enrollment.canonical import b64url_decode, b64url_encode, canonical_json
+from enrollment.canonical import b64url_decode, b64url_encode, canonical_json, json_type
 from enrollment.errors import CertificateError, ErrorKind, NodeNameError, TokenError
 
 TOKEN_VERSION = 2
@@ -214,7 +213,7 @@ def validate_node_name(name: object) -> str:
     one DNS label (RFC 1123 §2.1), lower case so that names compare as they read.
     """
     if not isinstance(name, str):
-        raise NodeNameError(f"node name must be a string, got {_json_type(name)}")
+        raise NodeNameError(f"node name must be a string, got {json_type(name)}")
     if len(name) > 63 or not _NAME_RE.fullmatch(name):
         raise NodeNameError(
             f"node name {_show(name)} is invalid; use 1-63 lowercase letters, digits and "
@@ -249,7 +248,7 @@ def _check_recipients(value: object) -> tuple[str, ...]:
 def _check_contact(index: int, value: object) -> str:
     field = f"contacts[{index}]"
     if not isinstance(value, str):
-        raise _FieldProblem(field, f"must be a 'host:port' string, got {_json_type(value)}")
+        raise _FieldProblem(field, f"must be a 'host:port' string, got {json_type(value)}")
     if not value.isascii() or len(value) > 261:
         raise _FieldProblem(field, f"{_show(value)} is not an ASCII 'host:port' address")
     if value.startswith("["):
@@ -398,7 +397,7 @@ class JoinToken:
             )
         for role in self.roles:
             if not isinstance(role, str):
-                raise _FieldProblem("roles", f"must hold strings, got {_json_type(role)}")
+                raise _FieldProblem("roles", f"must hold strings, got {json_type(role)}")
             if role in RESERVED_ROLES:
                 raise _FieldProblem(
                     "roles",
@@ -783,7 +782,7 @@ def _read(
 def _base64url_field(obj: dict[str, Any], name: str) -> bytes:
     value = _required(obj, name)
     if not isinstance(value, str):
-        raise _FieldProblem(name, f"must be a base64url string, got {_json_type(value)}")
+        raise _FieldProblem(name, f"must be a base64url string, got {json_type(value)}")
     try:
         return b64url_decode(value)
     except ValueError as exc:
