@@ -980,29 +980,32 @@ class Submitter:
                 ttl = grant.ttl_s
         return max(0.5, min(ttl / 3, 5.0))
 
-    async def _lease_state(self, task: Task, lease_id: str, holder: str) -> str:
+    async def _lease_state(
+        self, task: Task, control: Control, lease_id: str, holder: str
+    ) -> str | None:
         """The state of ``lease_id`` as the control plane says (the answer must be about
-        that lease, of this task)."""
-        answer = await self.control_plane.call(
-            "GET", f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
-        )
-        lease = self._check_lease(answer.lease, task_id=task.task_id, holder=holder)
-        if lease.lease_id != lease_id:
-            raise PeerError(
-                f"the control plane answered for lease {lease.lease_id}, not {lease_id}",
-                code="bad_peer_answer",
-                peer=self.control_plane.id,
+        that lease, of this task); ``None`` when it could not be learnt (the failure
+        carried out as a ``lease_check`` refusal)."""
+        try:
+            answer = await self.control_plane.call(
+                "GET", f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
             )
+            lease = self._check_lease(answer.lease, task_id=task.task_id, holder=holder)
+            if lease.lease_id != lease_id:
+                raise PeerError(
+                    f"the control plane answered for lease {lease.lease_id}, not {lease_id}",
+                    code="bad_peer_answer",
+                    peer=self.control_plane.id,
+                )
+        except PopuliError as exc:
+            await self._refused(task, control, "lease_check", exc)
+            return None
         return lease.state
 
     async def _check_current_lease(self, task: Task, control: Control) -> None:
         attempt = task.current_attempt
         assert attempt is not None and attempt.lease_id is not None
-        try:
-            state = await self._lease_state(task, attempt.lease_id, attempt.node)
-        except PopuliError as exc:
-            await self._refused(task, control, "lease_check", exc)
-            return
+        state = await self._lease_state(task, control, attempt.lease_id, attempt.node)
         if state in DEAD_STATES:
             await self._fallback(self.load(task.task_id), control, reason=f"lease_{state}")
 
@@ -1027,11 +1030,7 @@ class Submitter:
         if not runs_here and current is not None and current.lease_id and current.token is not None:
             # --no-fallback: the control plane's word that the lease is dead is all that
             # is wanted; nothing new is leased.
-            try:
-                state = await self._lease_state(task, current.lease_id, current.node)
-            except PopuliError as exc:
-                await self._refused(task, control, "lease_check", exc)
-                return
+            state = await self._lease_state(task, control, current.lease_id, current.node)
             if state in DEAD_STATES:
                 self.apply(
                     task.task_id,
