@@ -11,7 +11,7 @@ SQLite, virtual time, the machine driven by trio.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -72,6 +72,14 @@ def bootstrap(store: Store, voters: Sequence[str] = (NODE,)) -> Entry:
     return entry
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A new store in ``tmp_path``, closed after the test."""
+    opened = Store.open(tmp_path, create=True)
+    yield opened
+    opened.close()
+
+
 @asynccontextmanager
 async def running(service: ElectionService) -> AsyncIterator[ElectionService]:
     """``service`` started, and running until the block ends."""
@@ -82,9 +90,8 @@ async def running(service: ElectionService) -> AsyncIterator[ElectionService]:
 
 
 async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = Store.open(tmp_path, create=True)
     voters = bootstrap(store)
     recorder = Recorder()
     service = service_for(store, recorder)
@@ -105,13 +112,11 @@ async def test_a_lone_voter_elects_itself_and_applies_a_write_at_once(
             for e in EventLog(store).page(kind="election", limit=10)
         ]
         assert ("leader", "vote_won") in kinds
-    store.close()
 
 
 async def test_term_vote_and_records_survive_a_restart(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = Store.open(tmp_path, create=True)
     bootstrap(store)
     first = Recorder()
     service = service_for(store, first)
@@ -119,21 +124,20 @@ async def test_term_vote_and_records_survive_a_restart(
         written = await service.write(token(service, "tok-1", "node-x"))
     store.close()
 
-    store = Store.open(tmp_path)
+    reopened = Store.open(tmp_path)
     again = Recorder()
-    service = service_for(store, again)
+    service = service_for(reopened, again)
     async with running(service):
         assert service.role == "leader" and service.term == 2
         assert written in again.calls[0]  # replayed to the materializer at start
         assert service.machine is not None
         assert service.machine.records.set_element("consumed_tokens", "tok-1") == written.item
-    store.close()
+    reopened.close()
 
 
 async def test_refusals_name_their_reason(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = Store.open(tmp_path, create=True)
     bootstrap(store)
     service = service_for(store, Recorder())
     async with running(service):
@@ -141,13 +145,11 @@ async def test_refusals_name_their_reason(
         with pytest.raises(Conflict) as refused:
             await service.write(token(service, "tok-1", "node-y"))
         assert refused.value.code == "token_already_consumed"
-    store.close()
 
 
 async def test_a_node_that_is_not_the_leader_refuses_writes_as_not_control_plane(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
-    store = Store.open(tmp_path, create=True)
     # Two voters and no peer reachable: no leader, ever.
     bootstrap(store, (NODE, "n-voter-b"))
     service = service_for(store, Recorder())
@@ -158,16 +160,27 @@ async def test_a_node_that_is_not_the_leader_refuses_writes_as_not_control_plane
             await service.write(token(service, "tok-1", "node-x"))
         assert refused.value.code == "not_control_plane"
         assert refused.value.details["term"] == service.term
-    store.close()
+
+
+async def failed_write(
+    service: ElectionService, failing: dict[str, bool]
+) -> tuple[int, ServiceUnavailable]:
+    """Once ``service`` leads: its term, and its refusal of a write made with ``failing``
+    switched on."""
+    await wait_for("the leader", lambda: service.role == "leader")
+    term = service.term
+    failing["on"] = True
+    with pytest.raises(ServiceUnavailable) as refused:
+        await service.write(token(service, "tok-1", "node-x"))
+    return term, refused.value
 
 
 async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The step's first persist fails (a full disk): nothing of it reached storage, so the
     machine before it still matches storage and stays — same term, still the leader, its
     services running — and the write is refused, stored nowhere."""
-    store = Store.open(tmp_path, create=True)
     bootstrap(store)
     recorder = Recorder()
     service = service_for(store, recorder)
@@ -181,13 +194,9 @@ async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
 
     service.state.save_records = save_records  # type: ignore[method-assign]
     async with running(service):
-        await wait_for("the leader", lambda: service.role == "leader")
-        term = service.term
-        failing["on"] = True
-        with pytest.raises(ServiceUnavailable) as refused:
-            await service.write(token(service, "tok-1", "node-x"))
-        assert refused.value.code == "storage_unavailable"
-        assert refused.value.details["reason"] == "persist_failed"
+        term, refused = await failed_write(service, failing)
+        assert refused.code == "storage_unavailable"
+        assert refused.details["reason"] == "persist_failed"
         # Nothing of that step was carried out: not acknowledged, not materialized.
         assert not any(e.key == ("set", "consumed_tokens", "tok-1") for e in recorder.entries)
         await trio.sleep(30)
@@ -197,17 +206,15 @@ async def test_a_write_whose_persist_fails_is_refused_and_the_leader_stays(
         assert service.machine.records.set_element("consumed_tokens", "tok-1") is None
         entry = await service.write(token(service, "tok-1", "node-y"))
         assert entry.write_id.term == term
-    store.close()
 
 
 async def test_a_failure_after_a_commit_restarts_from_storage(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    store: Store, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A step whose records committed and then failed (here the materializer) left
     storage ahead of the machine: the service drops the machine and restarts it from
     storage (ADR 0011 Decision 7), so it never acts on a state storage does not hold; the
     write's outcome is unknown — and in fact it took effect."""
-    store = Store.open(tmp_path, create=True)
     bootstrap(store)
     recorder = Recorder()
     service = service_for(store, recorder)
@@ -221,12 +228,8 @@ async def test_a_failure_after_a_commit_restarts_from_storage(
 
     service.on_records = materialize
     async with running(service):
-        await wait_for("the leader", lambda: service.role == "leader")
-        term = service.term
-        failing["on"] = True
-        with pytest.raises(ServiceUnavailable) as unknown:
-            await service.write(token(service, "tok-1", "node-x"))
-        assert unknown.value.code == "outcome_unknown"
+        term, unknown = await failed_write(service, failing)
+        assert unknown.code == "outcome_unknown"
         await wait_for("a restart", lambda: service.role == "leader" and service.term > term)
         assert service.term == store_term(store)
         # Restarted from storage: the stored write is there, and replayed to the
@@ -234,7 +237,6 @@ async def test_a_failure_after_a_commit_restarts_from_storage(
         assert service.machine is not None
         assert service.machine.records.set_element("consumed_tokens", "tok-1") is not None
         assert any(e.key == ("set", "consumed_tokens", "tok-1") for e in recorder.entries)
-    store.close()
 
 
 def store_term(store: Store) -> int:
