@@ -10,11 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enrollment.errors import CertificateError
 from enrollment.keys import generate_key, load_private_key
 from enrollment.revocation import RevocationList, sign_revocations
 from enrollment.tokens import mint_token, token_envelope
+from populi_peer.agent.agent import Agent
 from populi_peer.config import Config
 from populi_peer.errors import RefusedError
 from support.vcluster import as_node, change_settings, node_action, vcluster
@@ -31,6 +33,23 @@ async def _join_error(cluster, name: str, token: str) -> RefusedError:
     with pytest.raises(RefusedError) as info:
         await cluster.join(name, token=token)
     return info.value
+
+
+def _minted_for(cp: Agent, *, signing_key: Ed25519PrivateKey, ahead_ms: int = 0) -> str:
+    """A worker token for ``cp``'s cluster minted outside it, signed by ``signing_key``,
+    with a clock ``ahead_ms`` ahead of ``cp``'s."""
+    text, _ = mint_token(
+        signing_key=signing_key,
+        cluster_id=cp.certificates.identity.cluster_id,
+        contacts=["cp.populi.test:443"],
+        recipients=[cp.node_id],
+        roles=["worker"],
+        now_ms=int(cp.clock.wall() * 1000) + ahead_ms,
+        ttl_ms=600_000,
+        token_id=secrets.token_bytes(16),
+        token_seed=secrets.token_bytes(32),
+    )
+    return text
 
 
 async def test_single_use_token_used_twice(
@@ -149,18 +168,7 @@ async def test_expired_and_not_yet_valid_tokens(
         # A token minted with a clock an hour ahead (signed by the real cluster key).
         cp = cluster.cp
         key = load_private_key(cp.certificates.identity.paths.cluster_key)
-        now_ms = int(cp.clock.wall() * 1000)
-        text, _ = mint_token(
-            signing_key=key,
-            cluster_id=cp.certificates.identity.cluster_id,
-            contacts=["cp.populi.test:443"],
-            recipients=[cp.node_id],
-            roles=["worker"],
-            now_ms=now_ms + 3_600_000,
-            ttl_ms=600_000,
-            token_id=secrets.token_bytes(16),
-            token_seed=secrets.token_bytes(32),
-        )
+        text = _minted_for(cp, signing_key=key, ahead_ms=3_600_000)
         error = await _join_error(cluster, "w2", text)
         assert error.code == "token_not_yet_valid"
 
@@ -169,19 +177,7 @@ async def test_token_of_another_cluster_or_signer_is_refused(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with vcluster(tmp_path) as cluster:
-        cp = cluster.cp
-        now_ms = int(cp.clock.wall() * 1000)
-        foreign, _ = mint_token(
-            signing_key=generate_key(),
-            cluster_id=cp.certificates.identity.cluster_id,
-            contacts=["cp.populi.test:443"],
-            recipients=[cp.node_id],
-            roles=["worker"],
-            now_ms=now_ms,
-            ttl_ms=600_000,
-            token_id=secrets.token_bytes(16),
-            token_seed=secrets.token_bytes(32),
-        )
+        foreign = _minted_for(cluster.cp, signing_key=generate_key())
         # The joiner itself refuses: the CA at the contact does not match the token's pin.
         with pytest.raises(CertificateError) as info:
             await cluster.join("w1", token=foreign)
