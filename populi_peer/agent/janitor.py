@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
@@ -22,29 +23,20 @@ from populi_peer.store.inbox import InboxMessages
 INTERVAL_S = 3600.0
 
 
+@dataclass(frozen=True, kw_only=True)
 class Janitor:
-    def __init__(
-        self,
-        *,
-        clock: Clock,
-        retain_finished_s: float,
-        inbox: InboxMessages,
-        attempts: Attempts,
-        task_dir: Callable[[Mapping[str, Any]], Path],
-        leftovers: Callable[[Path], bool],
-        health: Health,
-    ) -> None:
-        """``task_dir(body)`` is the directory of the attempt stored as ``body``;
-        ``leftovers(dir)`` whether anything of its process may still run there (then the
-        directory stays)."""
-        self.clock = clock
-        self.retain_finished_s = retain_finished_s
-        self.inbox = inbox
-        self.attempts = attempts
-        self.task_dir = task_dir
-        self.leftovers = leftovers
-        self.health = health
-        self.logger = get_logger("agent")
+    """``task_dir(body)`` is the directory of the attempt stored as ``body``;
+    ``leftovers(dir)`` whether anything of its process may still run there (then the
+    directory stays)."""
+
+    clock: Clock
+    retain_finished_s: float
+    inbox: InboxMessages
+    attempts: Attempts
+    task_dir: Callable[[Mapping[str, Any]], Path]
+    leftovers: Callable[[Path], bool]
+    health: Health
+    logger: ClassVar[logging.Logger] = get_logger("agent")
 
     def prune(self) -> dict[str, int]:
         cutoff_ms = int((self.clock.wall() - self.retain_finished_s) * 1000)
