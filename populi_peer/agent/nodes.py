@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import trio
 
@@ -370,39 +371,27 @@ def _role_word(roles: Sequence[str], *, control_plane: bool) -> NodeRoleWord:
     return known[0] if known else "-"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Departure:
     """This node leaves: stop taking work, stop its tasks and release their leases, say
     ``left`` to the control plane (a register write of its own, sent with a heartbeat),
-    and stop heartbeating once the control plane heard it."""
+    and stop heartbeating once the control plane heard it.
 
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        registry: Registry,
-        events: EventLog,
-        outbox: RegisterOutbox,
-        leaving: Leaving,
-        beat: Callable[[HeartbeatStatus], Awaitable[HeartbeatAnswer]],
-        stop_all_work: Callable[[str], Awaitable[int]],
-        timeout_s: float,
-    ) -> None:
-        """``beat(status)`` is one heartbeat now; ``stop_all_work(reason)`` stops every
-        task this node runs and releases their leases (returns how many); ``timeout_s``
-        bounds the goodbye (later heartbeats keep saying it)."""
-        self.node_id = node_id
-        self.clock = clock
-        self.control_plane = control_plane
-        self.registry = registry
-        self.events = events
-        self.outbox = outbox
-        self.leaving = leaving
-        self.beat = beat
-        self.stop_all_work = stop_all_work
-        self.timeout_s = timeout_s
-        self.logger = get_logger("nodes")
+    ``beat(status)`` is one heartbeat now; ``stop_all_work(reason)`` stops every task this
+    node runs and releases their leases (returns how many); ``timeout_s`` bounds the
+    goodbye (later heartbeats keep saying it)."""
+
+    node_id: str
+    clock: Clock
+    control_plane: ControlPlaneLink
+    registry: Registry
+    events: EventLog
+    outbox: RegisterOutbox
+    leaving: Leaving
+    beat: Callable[[HeartbeatStatus], Awaitable[HeartbeatAnswer]]
+    stop_all_work: Callable[[str], Awaitable[int]]
+    timeout_s: float
+    logger: ClassVar[logging.Logger] = get_logger("nodes")
 
     async def leave(self, *, reason: str, actor: str) -> LeaveAnswer:
         self.leaving.begin()
