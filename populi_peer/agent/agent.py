@@ -333,7 +333,7 @@ class Agent:
             records=self.records,
             uptime_s=self.uptime.seconds,
             exec_remote=bool(config.exec.remote),
-            parts=[self.worker.report_part, self.gpu.report_part, self.reporting.part],
+            parts=(self.worker.report_part, self.gpu.report_part, self.reporting.part),
         )
         self.heartbeat_intake = HeartbeatIntake(
             clock=clock,
@@ -346,9 +346,9 @@ class Agent:
             records=self.records,
             revocations=self.revocations,
             events=self.events,
-            report_listeners=[self.gpu.hold_report, self.voter_admin.heard],
-            answer_parts=[self.gpu.answer_part],
-            exchanges=[lambda *a: self.leases.heartbeat_exchange(*a)],  # noqa: PLW0108 (built later)
+            report_listeners=(self.gpu.hold_report, self.voter_admin.heard),
+            answer_parts=(self.gpu.answer_part,),
+            exchanges=(lambda *a: self.leases.heartbeat_exchange(*a),),  # noqa: PLW0108 (built later)
         )
         self.heartbeat_sender = HeartbeatSender(
             clock=clock,
@@ -655,7 +655,7 @@ class Agent:
             reports=self.heartbeat_reports,
             health=self.health,
             interval_s=self.net.timings.local.heartbeat_interval_s,
-            also=[self._report_to_self],
+            also=(self._report_to_self,),
         )
         return [self_beat.run, self.leases.run]
 

@@ -42,7 +42,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import trio
 
@@ -199,28 +199,18 @@ class Leaving:
         self.done.set()
 
 
+@dataclass(frozen=True, kw_only=True)
 class HeartbeatReports:
     """This node's heartbeat: what it holds (serials), where it answers, how long it has
     run, whether it takes remote work, and the parts other services add."""
 
-    def __init__(
-        self,
-        *,
-        address: OwnAddress,
-        revocations: RevocationState,
-        membership: Membership,
-        records: ClusterRecords,
-        uptime_s: Callable[[], float],
-        exec_remote: bool,
-        parts: Sequence[ReportPart] = (),
-    ) -> None:
-        self.address = address
-        self.revocations = revocations
-        self.membership = membership
-        self.records = records
-        self.uptime_s = uptime_s
-        self.exec_remote = exec_remote
-        self.parts = tuple(parts)
+    address: OwnAddress
+    revocations: RevocationState
+    membership: Membership
+    records: ClusterRecords
+    uptime_s: Callable[[], float]
+    exec_remote: bool
+    parts: tuple[ReportPart, ...] = ()
 
     def build(
         self, status: HeartbeatStatus = "running", registers: Sequence[RegisterWrite] = ()
@@ -296,40 +286,24 @@ class Liveness:
         return None if seen is None else seen.report.exec_remote
 
 
+@dataclass(frozen=True, kw_only=True)
 class HeartbeatIntake:
     """Control-plane side: the heartbeat route."""
 
-    def __init__(
-        self,
-        *,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        address: OwnAddress,
-        liveness: Liveness,
-        scope: ScopeConfig,
-        membership: Membership,
-        registry: Registry,
-        records: ClusterRecords,
-        revocations: RevocationState,
-        events: EventLog,
-        report_listeners: Sequence[ReportListener] = (),
-        answer_parts: Sequence[AnswerPart] = (),
-        exchanges: Sequence[ReportExchange] = (),
-    ) -> None:
-        self.clock = clock
-        self.control_plane = control_plane
-        self.address = address
-        self.liveness = liveness
-        self.scope_config = scope
-        self.membership = membership
-        self.registry = registry
-        self.records = records
-        self.revocations = revocations
-        self.events = events
-        self.report_listeners = tuple(report_listeners)
-        self.answer_parts = tuple(answer_parts)
-        self.exchanges = tuple(exchanges)
-        self.logger = get_logger("heartbeat")
+    clock: Clock
+    control_plane: ControlPlaneLink
+    address: OwnAddress
+    liveness: Liveness
+    scope: ScopeConfig
+    membership: Membership
+    registry: Registry
+    records: ClusterRecords
+    revocations: RevocationState
+    events: EventLog
+    report_listeners: tuple[ReportListener, ...] = ()
+    answer_parts: tuple[AnswerPart, ...] = ()
+    exchanges: tuple[ReportExchange, ...] = ()
+    logger: ClassVar[logging.Logger] = get_logger("heartbeat")
 
     def routes(self) -> list[Route]:
         return [
@@ -373,7 +347,7 @@ class HeartbeatIntake:
                     "a node may only send registers about itself, as itself",
                     code="writer_not_allowed",
                 )
-        scope = scope_of(self.scope_config, address)
+        scope = scope_of(self.scope, address)
         self.liveness.note(caller, Seen(self.clock.mono(), address, scope, report.status, report))
         self._update_member(member, report)
         for write in report.registers:
@@ -461,25 +435,17 @@ def _check_addresses(addresses: tuple[str, ...]) -> None:
             ) from exc
 
 
+@dataclass(frozen=True, kw_only=True)
 class SelfBeat:
-    """The control plane's own liveness, noted in process every interval."""
+    """The control plane's own liveness, noted in process every interval; ``also``: what
+    else the control plane does for itself every interval (its own full report to its own
+    lease table)."""
 
-    def __init__(
-        self,
-        *,
-        intake: HeartbeatIntake,
-        reports: HeartbeatReports,
-        health: Health,
-        interval_s: float,
-        also: Sequence[Callable[[], None]] = (),
-    ) -> None:
-        """``also``: what else the control plane does for itself every interval (its
-        own full report to its own lease table)."""
-        self.intake = intake
-        self.reports = reports
-        self.health = health
-        self.interval_s = interval_s
-        self.also = tuple(also)
+    intake: HeartbeatIntake
+    reports: HeartbeatReports
+    health: Health
+    interval_s: float
+    also: tuple[Callable[[], None], ...] = ()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

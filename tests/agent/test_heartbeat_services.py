@@ -179,8 +179,8 @@ def make_intake(plane: Plane) -> Intake:
         records=plane.records,
         revocations=plane.revocations,
         events=plane.events,
-        report_listeners=[lambda node_id, report: heard.append((node_id, report))],
-        answer_parts=[facts_part],
+        report_listeners=(lambda node_id, report: heard.append((node_id, report)),),
+        answer_parts=(facts_part,),
     )
     return Intake(plane, intake, liveness, heard)
 
@@ -497,7 +497,7 @@ def make_sender(
         records=plane.records,
         uptime_s=lambda: 12.5,
         exec_remote=True,
-        parts=[lambda r: replace(r, leases=(HELD,))],
+        parts=(lambda r: replace(r, leases=(HELD,)),),
     )
     sender = HeartbeatSender(
         clock=plane.clock,
