@@ -409,6 +409,7 @@ class Agent:
             network=self.net.status_json,
             election=self.election,
             names=lambda node_id: m.name if (m := self.membership.get(node_id)) else None,
+            metrics_url=lambda: self.metrics.url,
         )
         # Hint gossip: this node's signed hint, and the cluster's, peer to peer (ADR 0010).
         self.gossip = HintGossip(
@@ -475,7 +476,6 @@ class Agent:
         )
         self.app.observers.append(self.metrics.observe)
         self.submitter.finished_listeners.append(self.metrics.task_finished)
-        self.node_status.metrics_url = lambda: self.metrics.url
         self._stop = trio.Event()
         self._server_stop = trio.Event()
         self.stopped = trio.Event()

@@ -5,6 +5,7 @@ lifecycle, standing, certificate, revocations, health) — what ``populi status`
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -75,44 +76,28 @@ class ElectionFacts(Protocol):
     def last_contact(self) -> Mapping[str, float]: ...
 
 
+@dataclass(frozen=True, kw_only=True)
 class NodeStatus:
-    def __init__(
-        self,
-        *,
-        identity: Identity,
-        listen: str,
-        address: OwnAddress,
-        uptime: Uptime,
-        control_plane: ControlPlaneLink,
-        contact: ControlPlaneContact,
-        registry: Registry,
-        standing: Standing,
-        revocations: RevocationState,
-        health: Health,
-        cert_not_after_s: Callable[[], float],
-        network: Callable[[], Mapping[str, Any]] | None = None,
-        election: ElectionFacts | None = None,
-        names: Callable[[str], str | None] = lambda node_id: None,
-    ) -> None:
-        """``identity`` gives the cluster's and this node's names and roles;
-        ``cert_not_after_s()`` is the expiry of the certificate in force now; ``network()``
-        what it advertises and what discovery sees (``addresses``, ``discovery``)."""
-        self.identity = identity
-        self.listen = listen
-        self.address = address
-        self.uptime = uptime
-        self.control_plane = control_plane
-        self.contact = contact
-        self.registry = registry
-        self.standing = standing
-        self.revocations = revocations
-        self.health = health
-        self.cert_not_after_s = cert_not_after_s
-        self.network = network
-        self.election = election
-        self.names = names
-        #: Where /metrics is served, once bound (the composition root binds it).
-        self.metrics_url: Callable[[], str | None] = lambda: None
+    """``identity`` gives the cluster's and this node's names and roles;
+    ``cert_not_after_s()`` is the expiry of the certificate in force now; ``network()``
+    what it advertises and what discovery sees (``addresses``, ``discovery``);
+    ``metrics_url()`` where /metrics is served, once bound."""
+
+    identity: Identity
+    listen: str
+    address: OwnAddress
+    uptime: Uptime
+    control_plane: ControlPlaneLink
+    contact: ControlPlaneContact
+    registry: Registry
+    standing: Standing
+    revocations: RevocationState
+    health: Health
+    cert_not_after_s: Callable[[], float]
+    network: Callable[[], Mapping[str, Any]] | None = None
+    election: ElectionFacts | None = None
+    names: Callable[[str], str | None] = lambda node_id: None
+    metrics_url: Callable[[], str | None] = lambda: None
 
     def routes(self) -> list[Route]:
         return [
