@@ -27,7 +27,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import trio
 
@@ -555,24 +555,17 @@ class ElectionService:
         return max(self.settings.heartbeat_interval_s * 2, 1.0)
 
 
+@dataclass(frozen=True, kw_only=True)
 class RoleServices:
     """Services that run while this node acts as control plane (``leading``) and those
     that run while it does not (``following``): one set at a time, switched when the
     election changes this node's role (a leader whose lease lapsed stops at once)."""
 
-    def __init__(
-        self,
-        *,
-        is_leader: Callable[[], bool],
-        changed: Callable[[], Awaitable[None]],
-        leading: Callable[[], list[Callable[..., Any]]],
-        following: Callable[[], list[Callable[..., Any]]],
-    ) -> None:
-        self.is_leader = is_leader
-        self.changed = changed
-        self.leading = leading
-        self.following = following
-        self.logger = get_logger("election")
+    is_leader: Callable[[], bool]
+    changed: Callable[[], Awaitable[None]]
+    leading: Callable[[], list[Callable[..., Any]]]
+    following: Callable[[], list[Callable[..., Any]]]
+    logger: ClassVar[logging.Logger] = get_logger("election")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
