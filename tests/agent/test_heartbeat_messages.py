@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 
+from populi_peer.agent.agent import Agent
 from populi_peer.core.messages import HeartbeatAnswer, HeartbeatReport
 from populi_peer.errors import PeerError, PopuliError
 from populi_peer.testing.cluster import VirtualCluster
@@ -141,21 +142,17 @@ async def test_a_malformed_heartbeat_answer_is_an_error_for_that_beat(
 
 
 async def test_the_sender_sends_a_report_the_route_takes_and_reads_the_typed_answer(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    one_worker: tuple[VirtualCluster, Agent, Agent], autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with vcluster(tmp_path, workers=1) as cluster:
-        cp, w1 = cluster.cp, cluster["w1"]
-        await heard_from(cluster, "w1")
-        answer = await w1.heartbeat_sender.beat_once()
-        assert answer.term == cp.control_plane.term and answer.control_plane.node_id == cp.node_id
-        assert answer.lifecycle is not None and answer.lifecycle.state == "active"
-        seen = cp.heartbeats.seen[w1.node_id].report
-        assert isinstance(seen, HeartbeatReport)
-        assert seen.status == "running" and seen.addresses == ("w1.populi.test:443",)
-        # What the sender builds is exactly what the route parsed.
-        assert (
-            HeartbeatReport.from_json(w1.heartbeat_sender.payload().to_json()).status == "running"
-        )
+    _, cp, w1 = one_worker
+    answer = await w1.heartbeat_sender.beat_once()
+    assert answer.term == cp.control_plane.term and answer.control_plane.node_id == cp.node_id
+    assert answer.lifecycle is not None and answer.lifecycle.state == "active"
+    seen = cp.heartbeats.seen[w1.node_id].report
+    assert isinstance(seen, HeartbeatReport)
+    assert seen.status == "running" and seen.addresses == ("w1.populi.test:443",)
+    # What the sender builds is exactly what the route parsed.
+    assert HeartbeatReport.from_json(w1.heartbeat_sender.payload().to_json()).status == "running"
 
 
 BAD_REPORTS: list[tuple[str, dict[str, Any], str, str]] = [
@@ -211,32 +208,30 @@ BAD_REPORTS: list[tuple[str, dict[str, Any], str, str]] = [
     ("label", "changes", "code", "field"), BAD_REPORTS, ids=[b[0] for b in BAD_REPORTS]
 )
 async def test_a_malformed_report_is_refused_naming_the_field(
-    tmp_path: Path,
+    one_worker: tuple[VirtualCluster, Agent, Agent],
     autojump_clock: trio.testing.MockClock,
     label: str,
     changes: dict[str, Any],
     code: str,
     field: str,
 ) -> None:
-    async with vcluster(tmp_path, workers=1) as cluster:
-        cp, w1 = cluster.cp, cluster["w1"]
-        await heard_from(cluster, "w1")
-        await cluster.crash("w1")  # from now on only this test speaks for w1
-        before = cp.heartbeats.seen[w1.node_id]
-        client = peer_client_as(cluster, w1)
-        try:
-            with pytest.raises(PopuliError) as raised:
-                await client.call(
-                    url=cp.address.url,
-                    node_id=cp.node_id,
-                    method="POST",
-                    path="/v1/populi/heartbeat",
-                    payload={"status": "running", **changes},
-                    answer=HeartbeatAnswer,
-                )
-        finally:
-            await client.aclose()
-        error = raised.value
-        assert (error.details.get("http_status"), error.code) == (400, code), str(error)
-        assert error.details.get("field") == field, error.details
-        assert cp.heartbeats.seen[w1.node_id] is before  # nothing applied
+    cluster, cp, w1 = one_worker
+    await cluster.crash("w1")  # from now on only this test speaks for w1
+    before = cp.heartbeats.seen[w1.node_id]
+    client = peer_client_as(cluster, w1)
+    try:
+        with pytest.raises(PopuliError) as raised:
+            await client.call(
+                url=cp.address.url,
+                node_id=cp.node_id,
+                method="POST",
+                path="/v1/populi/heartbeat",
+                payload={"status": "running", **changes},
+                answer=HeartbeatAnswer,
+            )
+    finally:
+        await client.aclose()
+    error = raised.value
+    assert (error.details.get("http_status"), error.code) == (400, code), str(error)
+    assert error.details.get("field") == field, error.details
+    assert cp.heartbeats.seen[w1.node_id] is before  # nothing applied

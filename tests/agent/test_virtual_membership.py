@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from populi_peer.agent.agent import Agent
+from populi_peer.testing.cluster import VirtualCluster
 from support.vcluster import heard_from, node_action
 from support.vcluster import vcluster as open_virtual_cluster
 
@@ -26,57 +28,51 @@ async def test_joined_nodes_heartbeat_and_are_fresh(
 
 
 async def test_stale_exactly_after_the_configured_time(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    one_worker: tuple[VirtualCluster, Agent, Agent], autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_virtual_cluster(tmp_path, workers=1) as cluster:
-        cp, w1 = cluster.cp, cluster["w1"]
-        await heard_from(cluster, "w1")
-        await cluster.crash("w1")
-        last = cp.heartbeats.seen[w1.node_id].last_mono
-        stale_after = cp.config.timings.lan.stale_after_s
-        await trio.sleep_until(last + stale_after)
-        assert not cp.heartbeats.stale(w1.node_id)  # exactly at the bound: still fresh
-        await trio.sleep_until(last + stale_after + 0.002)
-        assert cp.heartbeats.stale(w1.node_id)
-        assert "heartbeat_stale" in cp.node_admin.node_view(w1.node_id).ineligible_reasons
+    cluster, cp, w1 = one_worker
+    await cluster.crash("w1")
+    last = cp.heartbeats.seen[w1.node_id].last_mono
+    stale_after = cp.config.timings.lan.stale_after_s
+    await trio.sleep_until(last + stale_after)
+    assert not cp.heartbeats.stale(w1.node_id)  # exactly at the bound: still fresh
+    await trio.sleep_until(last + stale_after + 0.002)
+    assert cp.heartbeats.stale(w1.node_id)
+    assert "heartbeat_stale" in cp.node_admin.node_view(w1.node_id).ineligible_reasons
 
 
 async def test_two_second_pause_is_not_stale(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    one_worker: tuple[VirtualCluster, Agent, Agent], autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_virtual_cluster(tmp_path, workers=1) as cluster:
-        cp, w1 = cluster.cp, cluster["w1"]
-        await heard_from(cluster, "w1")
-        cluster.network.pause(w1.node_id)
-        # A paused process sends nothing either: cut its outgoing heartbeats for 2 s.
-        cluster.network.block(w1.node_id, cp.node_id)
-        worst = 0
-        for _ in range(40):
-            await trio.sleep(0.05)
-            worst = max(worst, cp.heartbeats.age_ms(w1.node_id) or 0)
-            assert not cp.heartbeats.stale(w1.node_id)
-        cluster.network.heal()
-        cluster.network.resume(w1.node_id)
-        await trio.sleep(3)
+    cluster, cp, w1 = one_worker
+    cluster.network.pause(w1.node_id)
+    # A paused process sends nothing either: cut its outgoing heartbeats for 2 s.
+    cluster.network.block(w1.node_id, cp.node_id)
+    worst = 0
+    for _ in range(40):
+        await trio.sleep(0.05)
+        worst = max(worst, cp.heartbeats.age_ms(w1.node_id) or 0)
         assert not cp.heartbeats.stale(w1.node_id)
-        assert worst >= 2000
+    cluster.network.heal()
+    cluster.network.resume(w1.node_id)
+    await trio.sleep(3)
+    assert not cp.heartbeats.stale(w1.node_id)
+    assert worst >= 2000
 
 
 async def test_partitioned_node_goes_stale_and_comes_back(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    one_worker: tuple[VirtualCluster, Agent, Agent], autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with open_virtual_cluster(tmp_path, workers=1) as cluster:
-        cp, w1 = cluster.cp, cluster["w1"]
-        await heard_from(cluster, "w1")
-        cluster.network.partition(w1.node_id, cp.node_id)
-        went_stale = await cluster.wait_until(lambda: cp.heartbeats.stale(w1.node_id))
-        assert 5.0 <= went_stale <= 7.0
-        await cluster.wait_until(lambda: cluster["w1"].heartbeat_sender.cp_down)
-        cluster.network.heal()
-        back = await cluster.wait_until(lambda: not cp.heartbeats.stale(w1.node_id))
-        # Backoff is capped at 30 s.
-        assert back <= 31.0
-        assert not cluster["w1"].heartbeat_sender.cp_down
+    cluster, cp, w1 = one_worker
+    cluster.network.partition(w1.node_id, cp.node_id)
+    went_stale = await cluster.wait_until(lambda: cp.heartbeats.stale(w1.node_id))
+    assert 5.0 <= went_stale <= 7.0
+    await cluster.wait_until(lambda: cluster["w1"].heartbeat_sender.cp_down)
+    cluster.network.heal()
+    back = await cluster.wait_until(lambda: not cp.heartbeats.stale(w1.node_id))
+    # Backoff is capped at 30 s.
+    assert back <= 31.0
+    assert not cluster["w1"].heartbeat_sender.cp_down
 
 
 async def test_maintenance_for_one_minute_clears_after_60_s(
@@ -128,19 +124,20 @@ async def test_membership_reaches_every_node(
     "skew_s,ok", [(240.0, True), (-240.0, True), (600.0, False), (-600.0, False)]
 )
 async def test_clock_skew_budget_between_nodes(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock, skew_s: float, ok: bool
+    one_worker: tuple[VirtualCluster, Agent, Agent],
+    autojump_clock: trio.testing.MockClock,
+    skew_s: float,
+    ok: bool,
 ) -> None:
-    async with open_virtual_cluster(tmp_path, workers=1) as cluster:
-        cp, w1 = cluster.cp, cluster["w1"]
-        await heard_from(cluster, "w1")
-        cluster.nodes["w1"].clock.set_skew(skew_s)
-        beats = w1.heartbeat_sender.beats
-        await trio.sleep(4)
-        if ok:
-            assert w1.heartbeat_sender.beats > beats
-            assert not cp.heartbeats.stale(w1.node_id)
-        else:
-            assert cp.heartbeats.stale(w1.node_id) or w1.heartbeat_sender.cp_down
+    cluster, cp, w1 = one_worker
+    cluster.nodes["w1"].clock.set_skew(skew_s)
+    beats = w1.heartbeat_sender.beats
+    await trio.sleep(4)
+    if ok:
+        assert w1.heartbeat_sender.beats > beats
+        assert not cp.heartbeats.stale(w1.node_id)
+    else:
+        assert cp.heartbeats.stale(w1.node_id) or w1.heartbeat_sender.cp_down
 
 
 async def test_old_inbox_messages_and_task_dirs_are_pruned(
