@@ -17,6 +17,7 @@ import trio
 import trio.testing
 from agent.sim_support import sim_config
 
+from populi_peer.agent.agent import Agent
 from populi_peer.config import Config
 from populi_peer.gpu._replay import load_fixture
 from populi_peer.testing.cluster import VirtualCluster
@@ -45,6 +46,16 @@ def node_config(fixture: str | Path) -> Config:
         gpu=dataclasses.replace(config.gpu, fixture=str(fixture)),
         exec=dataclasses.replace(config.exec, remote=True),
     )
+
+
+async def join_small_and(cluster: VirtualCluster, folder: Path, name: str) -> tuple[Agent, Agent]:
+    """``small`` (the 16 GB card, its capture written in ``folder``) and ``name`` (an 80 GB
+    one) joined, and remote execution switched on."""
+    small = await cluster.join("small", config=node_config(small_capture(folder)))
+    other = await cluster.join(name, config=node_config("h100-80gb-hbm3-idle.json"))
+    assert small is not None and other is not None
+    await change_settings(cluster, remote_exec_enabled=True)
+    return small, other
 
 
 async def submit(cluster: VirtualCluster, **fields: Any) -> str:
@@ -138,12 +149,8 @@ async def test_grant_rechecks_memory_and_model_on_the_control_planes_facts(
 ) -> None:
     """A submitter that trusted a wrong hint asks for a 40 GB GPU on the 16 GB card: the
     control plane refuses from its own view (``gpu_misfit``, with the codes)."""
-    small_fixture = small_capture(tmp_path)
     async with vcluster(tmp_path / "c", config=node_config("h100-80gb-hbm3-idle.json")) as cluster:
-        small = await cluster.join("small", config=node_config(small_fixture))
-        sub = await cluster.join("sub", config=node_config("h100-80gb-hbm3-idle.json"))
-        assert small is not None and sub is not None
-        await change_settings(cluster, remote_exec_enabled=True)
+        small, sub = await join_small_and(cluster, tmp_path, "sub")
         await cluster.wait_until(
             lambda: (
                 bool(cluster.cp.gpu.allocatable_gpus(small.node_id)[0])

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from agent.test_placement_v2_virtual import node_config, small_capture, submit
+from agent.test_placement_v2_virtual import join_small_and, node_config, submit
 
 from populi_peer.agent import submitter as submitter_module
 from populi_peer.testing.cluster import VirtualCluster
-from support.vcluster import change_settings, node_action, sim_vcluster
+from support.vcluster import node_action, sim_vcluster
 
 GB = 10**9
 
@@ -42,14 +42,10 @@ async def test_a_queued_task_is_replaced_on_each_change_with_its_reason(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(submitter_module, "QUEUE_RETRY_S", 10_000.0)
-    small_fixture = small_capture(tmp_path)
     async with sim_vcluster(
         tmp_path / "c", config=node_config("h100-80gb-hbm3-idle.json"), gossip=True
     ) as (cluster, _host):
-        small = await cluster.join("small", config=node_config(small_fixture))
-        big = await cluster.join("big", config=node_config("h100-80gb-hbm3-idle.json"))
-        assert small is not None and big is not None
-        await change_settings(cluster, remote_exec_enabled=True)
+        small, big = await join_small_and(cluster, tmp_path, "big")
         await cluster.wait_until(
             lambda: (
                 all(cluster.cp.gpu.allocatable_gpus(a.node_id)[0] for a in (small, big))
