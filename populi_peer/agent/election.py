@@ -555,7 +555,7 @@ class ElectionService:
         return max(self.settings.heartbeat_interval_s * 2, 1.0)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class RoleServices:
     """Services that run while this node acts as control plane (``leading``) and those
     that run while it does not (``following``): one set at a time, switched when the

@@ -199,7 +199,7 @@ class Leaving:
         self.done.set()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class HeartbeatReports:
     """This node's heartbeat: what it holds (serials), where it answers, how long it has
     run, whether it takes remote work, and the parts other services add."""
@@ -286,7 +286,7 @@ class Liveness:
         return None if seen is None else seen.report.exec_remote
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class HeartbeatIntake:
     """Control-plane side: the heartbeat route."""
 
@@ -435,7 +435,7 @@ def _check_addresses(addresses: tuple[str, ...]) -> None:
             ) from exc
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class SelfBeat:
     """The control plane's own liveness, noted in process every interval; ``also``: what
     else the control plane does for itself every interval (its own full report to its own

@@ -23,7 +23,7 @@ from populi_peer.store.inbox import InboxMessages
 INTERVAL_S = 3600.0
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Janitor:
     """``task_dir(body)`` is the directory of the attempt stored as ``body``;
     ``leftovers(dir)`` whether anything of its process may still run there (then the

@@ -371,7 +371,7 @@ def _role_word(roles: Sequence[str], *, control_plane: bool) -> NodeRoleWord:
     return known[0] if known else "-"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Departure:
     """This node leaves: stop taking work, stop its tasks and release their leases, say
     ``left`` to the control plane (a register write of its own, sent with a heartbeat),

@@ -76,7 +76,7 @@ class ElectionFacts(Protocol):
     def last_contact(self) -> Mapping[str, float]: ...
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class NodeStatus:
     """``identity`` gives the cluster's and this node's names and roles;
     ``cert_not_after_s()`` is the expiry of the certificate in force now; ``network()``
