@@ -113,7 +113,6 @@ from populi_peer.store.events import EventLog
 from populi_peer.store.tokens import JoinTokenRecord, JoinTokens
 
 OPERATOR = frozenset({"operator"})
-NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
 CHALLENGE_TTL_S = 120.0
 MAX_CHALLENGES = 10_000
 #: Far beyond the 24 h maximum (and possibly beyond an integer of milliseconds): refused
@@ -239,7 +238,7 @@ class Enrollment:
                 "POST",
                 "/v1/populi/certs/renew",
                 self._cert_renew,
-                roles=NODE_ROLES,
+                roles=ANY_MEMBER,
                 name="cert_renew",
                 answer=CertRenewAnswer,
             ),

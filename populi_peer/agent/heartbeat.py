@@ -54,7 +54,7 @@ from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.revocations import RevocationState
-from populi_peer.api.app import Request, Route
+from populi_peer.api.app import ANY_MEMBER, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import Config, ScopeConfig, parse_host_port
 from populi_peer.core.eligibility import heartbeat_age_ms, is_stale
@@ -75,8 +75,6 @@ from populi_peer.discovery.site import url_address
 from populi_peer.errors import BadRequest, Forbidden, PopuliError
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.events import EventLog
-
-NODE_ROLES = frozenset({"worker", "submit", "voter", "operator"})
 
 #: A service's part of this node's heartbeat (held leases, the GPU summary): it takes the
 #: report built so far and returns it with its own fields set.
@@ -311,7 +309,7 @@ class HeartbeatIntake:
                 "POST",
                 "/v1/populi/heartbeat",
                 self._heartbeat,
-                roles=NODE_ROLES,
+                roles=ANY_MEMBER,
                 name="heartbeat",
                 request=HeartbeatReport,
                 answer=HeartbeatAnswer,
