@@ -77,6 +77,7 @@ EXPECTED = {
         "health_verdict",
         "health_verdicts",
         "is_critical_xid",
+        "leased_by_book",
         "open_probe",
         "package_capture_names",
         "probe_json",
