@@ -527,6 +527,7 @@ class LeaseService:
             outcome=body.outcome,
             now_mono=now_mono,
             now_wall_ms=now_ms,
+            why=body.reason,
         )
         self._commit(new, change.records)
         return LeaseReplayAnswer(lease=self.view(change.lease), replay=change.replay)

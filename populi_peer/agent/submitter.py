@@ -983,6 +983,11 @@ class Submitter:
     async def _lease_state(self, task: Task, lease_id: str, holder: str) -> str:
         """The state of ``lease_id`` as the control plane says (the answer must be about
         that lease, of this task)."""
+        return (await self._lease(task, lease_id, holder)).state
+
+    async def _lease(self, task: Task, lease_id: str, holder: str) -> Lease:
+        """``lease_id`` as the control plane holds it (the answer must be about that
+        lease, of this task)."""
         answer = await self.control_plane.call(
             "GET", f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
         )
@@ -993,18 +998,21 @@ class Submitter:
                 code="bad_peer_answer",
                 peer=self.control_plane.id,
             )
-        return lease.state
+        return lease
 
     async def _check_current_lease(self, task: Task, control: Control) -> None:
         attempt = task.current_attempt
         assert attempt is not None and attempt.lease_id is not None
         try:
-            state = await self._lease_state(task, attempt.lease_id, attempt.node)
+            lease = await self._lease(task, attempt.lease_id, attempt.node)
         except PopuliError as exc:
             await self._refused(task, control, "lease_check", exc)
             return
-        if state in DEAD_STATES:
-            await self._fallback(self.load(task.task_id), control, reason=f"lease_{state}")
+        if lease.state in DEAD_STATES:
+            # The holder's own word on the lease (it left: the result may still be on its
+            # way), else how the lease died.
+            why = WORKER_LEFT if lease.reason == WORKER_LEFT else f"lease_{lease.state}"
+            await self._fallback(self.load(task.task_id), control, reason=why)
 
     async def _await_word(self, task: Task, control: Control) -> None:
         await self._pause(control, self._check_interval(task))

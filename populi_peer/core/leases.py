@@ -110,6 +110,10 @@ LeaseState = Literal["live", "revoking", "completed", "released", "revoked", "ex
 LeaseKind = Literal["remote", "local", "fence"]
 LeaseEvent = Literal["renew", "revoke", "release_stopped", "release_completed", "expire"]
 ReleaseOutcome = Literal["stopped", "completed"]
+#: Why a holder stopped a task before its end, when its submitter must hear it from the
+#: lease itself (it may look before the result reaches it): ``worker_left`` (the holder
+#: left the cluster: a fallback, not a cancel).
+ReleaseReason = Literal["worker_left"]
 HolderStatus = Literal["ok", "stale", "quarantined"]
 
 LEASE_STATES: Final[tuple[LeaseState, ...]] = get_args(LeaseState)
@@ -1461,11 +1465,13 @@ class LeaseTable:
         outcome: ReleaseOutcome,
         now_mono: float,
         now_wall_ms: int,
+        why: ReleaseReason | None = None,
     ) -> tuple[LeaseTable, LeaseChange]:
         """The holder ends its lease: ``stopped`` (the task is gone, not finished) makes
-        it ``released`` (``revoked`` if it was revoking); ``completed`` (the task
-        finished) makes it ``completed``. Releasing a dead lease raises: dead stays dead.
-        ``now_mono`` is unused (a release is always safe) but kept for a uniform shell."""
+        it ``released`` (``revoked`` if it was revoking), its reason ``why`` when given,
+        else ``released``; ``completed`` (the task finished) makes it ``completed``.
+        Releasing a dead lease raises: dead stays dead. ``now_mono`` is unused (a release
+        is always safe) but kept for a uniform shell."""
         _check_now(now_mono)
         lease = self.get(lease_id)
         if lease.holder != holder:
@@ -1487,7 +1493,7 @@ class LeaseTable:
         reason = (
             "completed"
             if outcome == "completed"
-            else (lease.reason if lease.state == "revoking" else "released")
+            else (lease.reason if lease.state == "revoking" else why or "released")
         )
         after = _transition(lease, event, now_wall_ms=now_wall_ms, reason=reason)
         if after is None:
@@ -1984,6 +1990,7 @@ __all__ = [
     "LeaseTable",
     "ReconcileResult",
     "ReleaseOutcome",
+    "ReleaseReason",
     "ReportNeeded",
     "ReportResult",
     "ResumeWindow",
