@@ -596,5 +596,7 @@ __all__ = [
     "Store",
     "bind_request_nonce",
     "file_error",
+    "from_row",
+    "json_tuple",
     "store_error",
 ]
