@@ -1010,12 +1010,7 @@ class _Refresh:
         self.wedged = False
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> _Outcome:
-        if self.wedged:
-            await trio.lowlevel.checkpoint()
-            return _Fail("wedged")
-        outcome = await self._caller.call(fn, *args)
-        if isinstance(outcome, _Fail) and outcome.reason in ("timeout", "wedged"):
-            self.wedged = True
+        (outcome,) = await self.call_batch([(fn, args)])
         return outcome
 
     async def call_batch(
