@@ -15,6 +15,7 @@ from populi_peer.cli.common import (
     agent_call,
     control_plane_call,
     open_local,
+    print_answer,
     print_json,
     print_table,
 )
@@ -313,17 +314,16 @@ def run_leave(args: argparse.Namespace) -> int:
         timeout_s=60.0,
         answer=LeaveAnswer,
     )
-    if args.json:
-        print_json(answer)
-    else:
-        ack = (
-            "acknowledged by the control plane"
-            if answer.acknowledged
-            else "NOT acknowledged (control plane unreachable)"
-        )
-        sys.stdout.write(
-            f"node {answer.node_id} left the cluster ({ack}); {answer.tasks_stopped} task(s) stopped; the agent exits\n"
-        )
+    ack = (
+        "acknowledged by the control plane"
+        if answer.acknowledged
+        else "NOT acknowledged (control plane unreachable)"
+    )
+    print_answer(
+        args,
+        answer,
+        f"node {answer.node_id} left the cluster ({ack}); {answer.tasks_stopped} task(s) stopped; the agent exits",
+    )
     return 0
 
 
@@ -343,25 +343,23 @@ def run_node_verb(args: argparse.Namespace) -> int:
         retired = control_plane_call(
             args, "POST", path, ReasonRequest(reason=reason), answer=NodeRetireAnswer
         )
-        if args.json:
-            print_json(retired)
-        else:
-            note = "" if retired.changed else " (no change)"
-            sys.stdout.write(
-                f"node {retired.node_id} retired; revocation list serial "
-                f"{retired.revocation_serial}{note}\n"
-            )
+        note = "" if retired.changed else " (no change)"
+        print_answer(
+            args,
+            retired,
+            f"node {retired.node_id} retired; revocation list serial "
+            f"{retired.revocation_serial}{note}",
+        )
         return 0
     if verb == "delete":
         deleted = control_plane_call(
             args, "POST", path, ReasonRequest(reason=reason), answer=NodeDeleteAnswer
         )
-        if args.json:
-            print_json(deleted)
-        else:
-            sys.stdout.write(
-                f"node {deleted.node_id} deleted; its name stays blocked until 'populi node unretire'\n"
-            )
+        print_answer(
+            args,
+            deleted,
+            f"node {deleted.node_id} deleted; its name stays blocked until 'populi node unretire'",
+        )
         return 0
     deadline_in_s = until_in_s = None
     until_wall_ms = None
@@ -382,12 +380,9 @@ def run_node_verb(args: argparse.Namespace) -> int:
         until_wall_ms=until_wall_ms,
     )
     answer = control_plane_call(args, "POST", path, command, answer=LifecycleCommandAnswer)
-    if args.json:
-        print_json(answer)
-        return 0
     node = answer.node
     note = "" if answer.changed else " (no change)"
-    sys.stdout.write(f"node {node.name} ({node.id}) is {_state_text(node)}{note}\n")
+    print_answer(args, answer, f"node {node.name} ({node.id}) is {_state_text(node)}{note}")
     return 0
 
 
@@ -401,10 +396,9 @@ def run_unretire(args: argparse.Namespace) -> int:
         {},
         answer=NameUnretireAnswer,
     )
-    if args.json:
-        print_json(answer)
-    else:
-        sys.stdout.write(
-            f"name {answer.name} may join again (revocation list serial {answer.revocation_serial})\n"
-        )
+    print_answer(
+        args,
+        answer,
+        f"name {answer.name} may join again (revocation list serial {answer.revocation_serial})",
+    )
     return 0

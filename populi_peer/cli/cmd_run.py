@@ -27,6 +27,7 @@ from populi_peer.cli.common import (
     add_json,
     agent_call,
     open_local,
+    print_answer,
     print_json,
     print_table,
 )
@@ -599,10 +600,7 @@ def run_cancel(args: argparse.Namespace) -> int:
         timeout_s=60.0,
         answer=TaskCancelAnswer,
     )
-    if args.json:
-        print_json(answer.to_json())
-    else:
-        task = answer.task
-        note = "" if answer.cancelled else " (it had already ended)"
-        sys.stdout.write(f"{task.task_id} is {task.state}{note}\n")
+    task = answer.task
+    note = "" if answer.cancelled else " (it had already ended)"
+    print_answer(args, answer, f"{task.task_id} is {task.state}{note}")
     return 0

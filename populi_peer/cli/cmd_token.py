@@ -11,6 +11,7 @@ from populi_peer.cli.common import (
     add_data_dir,
     add_json,
     control_plane_call,
+    print_answer,
     print_json,
     print_table,
 )
@@ -126,9 +127,6 @@ def run_revoke(args: argparse.Namespace) -> int:
         {},
         answer=TokenRevokeAnswer,
     )
-    if args.json:
-        print_json(answer)
-    else:
-        note = "" if answer.changed else " (no change)"
-        sys.stdout.write(f"token {answer.summary.token_id} is {answer.summary.state}{note}\n")
+    note = "" if answer.changed else " (no change)"
+    print_answer(args, answer, f"token {answer.summary.token_id} is {answer.summary.state}{note}")
     return 0

@@ -285,6 +285,15 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def print_answer(args: argparse.Namespace, answer: Message, text: str) -> None:
+    """The answer of a command that changes one thing: as JSON with ``--json``, else
+    ``text`` (what changed, in words)."""
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(text + "\n")
+
+
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     text_rows = [[("-" if cell is None else str(cell)) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
