@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 from populi_peer.config import (
     Config,
@@ -201,6 +201,18 @@ def open_local(args: argparse.Namespace) -> Local:
     return Local(data_dir=data_dir, identity=identity, store=store)
 
 
+#: How long a command waits for an answer, unless the call says otherwise.
+CALL_TIMEOUT_S = 15.0
+
+
+class CallOptions(TypedDict, total=False):
+    """What a command's call may add to its route and body: query ``params``, and
+    ``timeout_s`` (default :data:`CALL_TIMEOUT_S`)."""
+
+    params: dict[str, Any] | None
+    timeout_s: float
+
+
 @dataclass(frozen=True)
 class NodeCall:
     """Calls to one node, found when called (``address() -> (url, node id)``): this
@@ -214,10 +226,9 @@ class NodeCall:
         method: str,
         path: str,
         payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
         *,
         answer: type[M],
+        **options: Unpack[CallOptions],
     ) -> M:
         def call_at(url: str, node_id: str) -> M:
             return self.client().call(
@@ -226,8 +237,8 @@ class NodeCall:
                 method=method,
                 path=path,
                 payload=payload,
-                params=params,
-                timeout_s=timeout_s,
+                params=options.get("params"),
+                timeout_s=options.get("timeout_s", CALL_TIMEOUT_S),
                 answer=answer,
             )
 
@@ -259,13 +270,12 @@ class OneCall:
         path: str,
         payload: RequestBody = None,
         *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
         answer: type[M],
+        **options: Unpack[CallOptions],
     ) -> M:
         local = open_local(args)
         try:
-            return self.pick(local)(method, path, payload, params, timeout_s, answer=answer)
+            return self.pick(local)(method, path, payload, answer=answer, **options)
         finally:
             local.close()
 
