@@ -18,6 +18,7 @@ from populi_peer.cli.common import (
     print_answer,
     print_json,
     print_table,
+    utc_text,
 )
 from populi_peer.core.durations import format_duration, parse_duration
 from populi_peer.errors import UsageError
@@ -121,12 +122,6 @@ _HELP = {
 }
 
 
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def parse_utc(text: str, *, flag: str = "--until") -> int:
     raw = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
     try:
@@ -155,9 +150,9 @@ def _state_text(node: NodeView) -> str:
     lc = node.lifecycle
     state = str(node.state)
     if lc is not None and lc.until_wall_ms:
-        state += f" until {_when(lc.until_wall_ms)}"
+        state += f" until {utc_text(lc.until_wall_ms)}"
     if lc is not None and lc.deadline_wall_ms:
-        state += f" by {_when(lc.deadline_wall_ms)}"
+        state += f" by {utc_text(lc.deadline_wall_ms)}"
     return state
 
 
@@ -193,7 +188,7 @@ def run_nodes(args: argparse.Namespace) -> int:
             _age(n),
             n.scope,
             _gpus(n),
-            _when(n.cert_not_after_ms),
+            utc_text(n.cert_not_after_ms),
         )
         for n in answer.nodes
     ]
@@ -218,7 +213,7 @@ def _event_cells(event: EventView) -> list[str]:
     elif event.kind == "voters_changed":
         what = f"voters {detail.get('action')}: {', '.join(detail.get('voters') or [])}"
     return [
-        _when(event.at_ms),
+        utc_text(event.at_ms),
         event.node_name or "-",
         event.node_id,
         what,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import os
 import signal
 import sys
@@ -30,6 +29,7 @@ from populi_peer.cli.common import (
     print_answer,
     print_json,
     print_table,
+    utc_text,
 )
 from populi_peer.cli.placement_flags import (
     add_need_flags,
@@ -159,12 +159,6 @@ def register(subparsers: Any) -> None:
     add_data_dir(cancel)
     add_json(cancel)
     cancel.set_defaults(handler=run_cancel)
-
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _env(pairs: list[str]) -> dict[str, str]:
@@ -432,7 +426,7 @@ def run_tasks(args: argparse.Namespace) -> int:
                 "-" if t.exit_status is None else t.exit_status,
                 where,
                 len(t.attempts),
-                _when(t.created_wall_ms),
+                utc_text(t.created_wall_ms),
                 " ".join(t.command)[:40],
             )
         )
@@ -475,8 +469,8 @@ def run_show(args: argparse.Namespace) -> int:
             a.lease_id or "-",
             ",".join(a.placement_reasons) or "-",
             a.outcome or "running",
-            _when(a.started_wall_ms),
-            _when(a.finished_wall_ms),
+            utc_text(a.started_wall_ms),
+            utc_text(a.finished_wall_ms),
         )
         for a in task.attempts
     ]
@@ -492,7 +486,7 @@ def run_show(args: argparse.Namespace) -> int:
     out.write("\ndecisions:\n")
     for entry in task.reasons:
         detail = f"  {entry.detail}" if entry.detail else ""
-        out.write(f"  {_when(entry.at_wall_ms)}  {entry.code}{detail}\n")
+        out.write(f"  {utc_text(entry.at_wall_ms)}  {entry.code}{detail}\n")
     return 0
 
 

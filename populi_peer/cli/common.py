@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -302,6 +303,13 @@ def print_answer(args: argparse.Namespace, answer: Message, text: str) -> None:
         print_json(answer)
     else:
         sys.stdout.write(text + "\n")
+
+
+def utc_text(ms: int | None) -> str:
+    """A wall time in ms as UTC text (``2026-12-01 18:00:00Z``); ``-`` where there is none."""
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:

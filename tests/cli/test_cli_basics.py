@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from populi_peer.cli.common import print_answer
+from populi_peer.cli.common import print_answer, utc_text
 from populi_peer.cli.main import main
 from populi_peer.core.messages import GpuResumeAnswer
 
@@ -97,3 +97,8 @@ def test_a_changing_command_prints_its_line_or_its_answer_as_json(
         assert json.loads(out) == answer.to_json()
     else:
         assert out == "GPU GPU-1 of w1 is no longer quarantined\n"
+
+
+def test_wall_times_print_as_utc_and_none_as_a_dash() -> None:
+    assert utc_text(1_796_148_000_000) == "2026-12-01 18:00:00Z"
+    assert utc_text(None) == "-"
