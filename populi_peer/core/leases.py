@@ -96,7 +96,7 @@ from populi_peer.core.reports import (
     ReportMessage,
     judge,
 )
-from populi_peer.core.wire import check_count
+from populi_peer.core.wire import check_count, record_json
 from populi_peer.errors import (
     BadRequest,
     ConfigError,
@@ -535,26 +535,9 @@ class Lease:
         return self.state in TERMINAL_STATES
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "lease_id": self.lease_id,
-            "task_key": self.task_key,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "holder": self.holder,
-            "submitter": self.submitter,
-            "gpus": list(self.gpus),
-            "token": str(self.token),
-            "ttl_s": self.ttl_s,
-            "state": self.state,
-            "kind": self.kind,
-            "granted_wall_ms": self.granted_wall_ms,
-            "state_changed_wall_ms": self.state_changed_wall_ms,
-            "reason": self.reason,
-        }
-        if self.revoked_by is not None:
-            body["revoked_by"] = self.revoked_by
-        return body
+        """Its fields but ``expires_mono`` (never persisted), with ``task_key`` second."""
+        first = {"lease_id": self.lease_id, "task_key": self.task_key}
+        return first | record_json(self, omit=("lease_id", "expires_mono"))
 
     @classmethod
     def from_json(cls, data: object) -> Lease:

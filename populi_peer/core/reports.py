@@ -52,7 +52,7 @@ from populi_peer.core.fencing import (
     _str_tuple,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import ID_RE, fields_json
+from populi_peer.core.wire import ID_RE, fields_json, record_json
 from populi_peer.errors import BadRequest
 
 #: How far a node got with a lease it holds: ``accepted`` (handed over, not started),
@@ -202,21 +202,7 @@ class ReportedLease:
         return self.phase in ENDED_PHASES
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "lease_id": self.lease_id,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "submitter": self.submitter,
-            "gpus": list(self.gpus),
-            "token": str(self.token),
-            "ttl_s": self.ttl_s,
-            "kind": self.kind,
-            "phase": self.phase,
-        }
-        if self.granted_wall_ms is not None:
-            body["granted_wall_ms"] = self.granted_wall_ms
-        return body
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportedLease:
@@ -263,18 +249,7 @@ class Claim:
             _name(self.lease_id, what, "lease_id")
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "claim_id": self.claim_id,
-            "node": self.node,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "token": str(self.token),
-            "gpus": list(self.gpus),
-            "made_wall_ms": self.made_wall_ms,
-        }
-        if self.lease_id is not None:
-            body["lease_id"] = self.lease_id
-        return body
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> Claim:

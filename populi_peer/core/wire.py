@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from populi_peer.core.fencing import FencingToken
 from populi_peer.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -45,6 +46,23 @@ def fields_json(record: DataclassInstance) -> dict[str, Any]:
     """The JSON object of a record whose wire form is its fields as they are, under their
     names, in their order."""
     return {f.name: getattr(record, f.name) for f in fields(record)}
+
+
+def record_json(record: DataclassInstance, omit: Iterable[str] = ()) -> dict[str, Any]:
+    """The JSON object of a record whose wire form is its fields in their order, under
+    their names: a tuple as a list, a fencing token as its text; a field that is ``None``
+    is left out, and so is each of ``omit``."""
+    body: dict[str, Any] = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if value is None or f.name in omit:
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, FencingToken):
+            value = str(value)
+        body[f.name] = value
+    return body
 
 
 def json_record(data: object, what: str, fields: Iterable[str] = ()) -> dict[str, Any]:
