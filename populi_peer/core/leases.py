@@ -70,7 +70,6 @@ from populi_peer.core.fencing import (
     FencingToken,
     _bool,
     _float,
-    _get,
     _int,
     _obj,
     _opt_int,
@@ -94,6 +93,7 @@ from populi_peer.core.reports import (
     ReportedLease,
     ReportMark,
     ReportMessage,
+    grant_terms,
     judge,
 )
 from populi_peer.core.wire import check_count, record_json
@@ -550,15 +550,8 @@ class Lease:
         if kind not in LEASE_KINDS:
             raise BadRequest(f"lease: unknown kind {kind!r}", code="bad_record", field="kind")
         return cls(
-            lease_id=_str(obj, "lease_id", what),
-            task_id=_str(obj, "task_id", what),
-            attempt=_int(obj, "attempt", what),
-            work_class=check_work_class(_str(obj, "work_class", what)),
+            **grant_terms(obj, what),
             holder=_str(obj, "holder", what),
-            submitter=_str(obj, "submitter", what),
-            gpus=_str_tuple(obj, "gpus", what),
-            token=FencingToken.parse(_get(obj, "token", what)),
-            ttl_s=_float(obj, "ttl_s", what),
             state=_as_state(state),
             kind=_as_kind(kind),
             granted_wall_ms=_int(obj, "granted_wall_ms", what),

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, TypedDict, TypeVar, get_args
 
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.fencing import (
@@ -158,6 +158,34 @@ class Incarnation:
 # -- what a node holds ----------------------------------------------------------------------
 
 
+class GrantTerms(TypedDict):
+    """What a lease was granted with, which a lease record and a node's account of it
+    both carry (:class:`~populi_peer.core.leases.Lease`, :class:`ReportedLease`)."""
+
+    lease_id: str
+    task_id: str
+    attempt: int
+    work_class: WorkClass
+    submitter: str
+    gpus: tuple[str, ...]
+    token: FencingToken
+    ttl_s: float
+
+
+def grant_terms(obj: Mapping[str, Any], what: str) -> GrantTerms:
+    """The :class:`GrantTerms` of the JSON object ``obj`` of a ``what`` record."""
+    return GrantTerms(
+        lease_id=_str(obj, "lease_id", what),
+        task_id=_str(obj, "task_id", what),
+        attempt=_int(obj, "attempt", what),
+        work_class=check_work_class(_str(obj, "work_class", what)),
+        submitter=_str(obj, "submitter", what),
+        gpus=_str_tuple(obj, "gpus", what),
+        token=FencingToken.parse(_get(obj, "token", what)),
+        ttl_s=_float(obj, "ttl_s", what),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ReportedLease:
     """The node's account of one lease it holds as holder (a worker's remote lease, or a
@@ -209,14 +237,7 @@ class ReportedLease:
         what = "reported lease"
         obj = _obj(data, what)
         return cls(
-            lease_id=_str(obj, "lease_id", what),
-            task_id=_str(obj, "task_id", what),
-            attempt=_int(obj, "attempt", what),
-            work_class=check_work_class(_str(obj, "work_class", what)),
-            submitter=_str(obj, "submitter", what),
-            gpus=_str_tuple(obj, "gpus", what),
-            token=FencingToken.parse(_get(obj, "token", what)),
-            ttl_s=_float(obj, "ttl_s", what),
+            **grant_terms(obj, what),
             kind=_pick(_str(obj, "kind", what), REPORTED_KINDS, what, "kind"),
             phase=_pick(_str(obj, "phase", what), REPORTED_PHASES, what, "phase"),
             granted_wall_ms=_opt_int(obj, "granted_wall_ms", what),
