@@ -612,18 +612,7 @@ class GrantRequest:
         _check_ttl(self.ttl_s)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "target": self.target,
-            "gpus_wanted": self.gpus_wanted,
-            "ttl_s": self.ttl_s,
-            "submitter": self.submitter,
-            **({} if self.previous_node is None else {"previous_node": self.previous_node}),
-            **({} if self.gpu_mem_bytes is None else {"gpu_mem_bytes": self.gpu_mem_bytes}),
-            **({} if self.gpu_model is None else {"gpu_model": self.gpu_model}),
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> GrantRequest:
