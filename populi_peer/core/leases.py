@@ -680,13 +680,9 @@ class TargetView:
         _check_gpus(self.allocatable_gpus)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "eligible": self.eligible,
-            "reasons": list(self.reasons),
-            "allocatable_gpus": list(self.allocatable_gpus),
-            "misfit_gpus": {uuid: list(codes) for uuid, codes in self.misfit_gpus},
-        }
+        body = record_json(self)
+        body["misfit_gpus"] = {uuid: list(codes) for uuid, codes in self.misfit_gpus}
+        return body
 
     @classmethod
     def from_json(cls, data: object) -> TargetView:

@@ -48,14 +48,16 @@ def fields_json(record: DataclassInstance) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
-def record_json(record: DataclassInstance, omit: Iterable[str] = ()) -> dict[str, Any]:
+def record_json(
+    record: DataclassInstance, omit: Iterable[str] = (), *, nulls: bool = False
+) -> dict[str, Any]:
     """The JSON object of a record whose wire form is its fields in their order, under
-    their names: a tuple as a list, a fencing token as its text; a field that is ``None``
-    is left out, and so is each of ``omit``."""
+    their names: a tuple as a list, a fencing token as its text; each of ``omit`` is left
+    out, and so is a field that is ``None`` (written as ``null`` with ``nulls``)."""
     body: dict[str, Any] = {}
     for f in fields(record):
         value = getattr(record, f.name)
-        if value is None or f.name in omit:
+        if f.name in omit or (value is None and not nulls):
             continue
         if isinstance(value, tuple):
             value = list(value)

@@ -123,3 +123,4 @@ def test_record_json_writes_lists_and_token_text_and_leaves_out_none_and_omitted
         ("gpus", ["GPU-a", "GPU-b"]),
     ]
     assert record_json(Held(FencingToken(0, 1), (), "why"))["note"] == "why"
+    assert record_json(Held(FencingToken(0, 1), ()), nulls=True)["note"] is None
