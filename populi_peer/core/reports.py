@@ -333,10 +333,7 @@ class NodeHoldings:
         return next((x for x in self.leases if x.lease_id == lease_id), None)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "leases": [x.to_json() for x in self.leases],
-            "claims": [x.to_json() for x in self.claims],
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> NodeHoldings:
@@ -402,13 +399,7 @@ class ReportChange:
         return NodeHoldings(tuple(leases.values()), tuple(claims.values()))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "leases": [x.to_json() for x in self.leases],
-            "dropped_leases": list(self.dropped_leases),
-            "claims": [x.to_json() for x in self.claims],
-            "dropped_claims": list(self.dropped_claims),
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportChange:
@@ -474,10 +465,7 @@ class FullReport:
         return {
             "version": PROTOCOL_VERSION,
             "type": "full",
-            "node": self.node,
-            "incarnation": self.incarnation.to_json(),
-            "epoch": self.epoch,
-            "seq": self.seq,
+            **record_json(self, omit=("holdings",)),
             **self.holdings.to_json(),
         }
 
@@ -511,15 +499,7 @@ class ReportChanges:
         return self.changes[-1].seq if self.changes else self.base_seq
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "version": PROTOCOL_VERSION,
-            "type": "changes",
-            "node": self.node,
-            "incarnation": self.incarnation.to_json(),
-            "epoch": self.epoch,
-            "base_seq": self.base_seq,
-            "changes": [x.to_json() for x in self.changes],
-        }
+        return {"version": PROTOCOL_VERSION, "type": "changes", **record_json(self)}
 
 
 ReportMessage = FullReport | ReportChanges
@@ -589,13 +569,7 @@ class ReportAnswer:
         _count(self.acked_seq, "report answer", "acked_seq", 0)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "incarnation": self.incarnation.to_json(),
-            "status": self.status,
-            "epoch": self.epoch,
-            "acked_seq": self.acked_seq,
-            "refused": [x.to_json() for x in self.refused],
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportAnswer:

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from populi_peer.core.fencing import FencingToken
 from populi_peer.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -52,19 +51,22 @@ def record_json(
     record: DataclassInstance, omit: Iterable[str] = (), *, nulls: bool = False
 ) -> dict[str, Any]:
     """The JSON object of a record whose wire form is its fields in their order, under
-    their names: a tuple as a list, a fencing token as its text; each of ``omit`` is left
-    out, and so is a field that is ``None`` (written as ``null`` with ``nulls``)."""
+    their names: a tuple as a list, a record (a fencing token, a stamp: anything with a
+    ``to_json``) as what its ``to_json`` writes; each of ``omit`` is left out, and so is
+    a field that is ``None`` (written as ``null`` with ``nulls``)."""
     body: dict[str, Any] = {}
     for f in fields(record):
         value = getattr(record, f.name)
-        if f.name in omit or (value is None and not nulls):
-            continue
-        if isinstance(value, tuple):
-            value = list(value)
-        elif isinstance(value, FencingToken):
-            value = str(value)
-        body[f.name] = value
+        if f.name not in omit and (value is not None or nulls):
+            body[f.name] = _json_value(value)
     return body
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_json_value(item) for item in value]
+    to_json = getattr(value, "to_json", None)
+    return value if to_json is None else to_json()
 
 
 def json_record(data: object, what: str, fields: Iterable[str] = ()) -> dict[str, Any]:

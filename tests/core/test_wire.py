@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.hlc import Hlc
 from populi_peer.core.wire import (
     MAX_ATTEMPT,
     check_attempt,
@@ -109,7 +110,7 @@ def test_fields_json_writes_every_field_in_order() -> None:
     assert list(fields_json(Pair(1)).items()) == [("b", 1), ("a", None)]
 
 
-def test_record_json_writes_lists_and_token_text_and_leaves_out_none_and_omitted() -> None:
+def test_record_json_writes_lists_and_records_and_leaves_out_none_and_omitted() -> None:
     @dataclass(frozen=True)
     class Held:
         token: FencingToken
@@ -124,3 +125,9 @@ def test_record_json_writes_lists_and_token_text_and_leaves_out_none_and_omitted
     ]
     assert record_json(Held(FencingToken(0, 1), (), "why"))["note"] == "why"
     assert record_json(Held(FencingToken(0, 1), ()), nulls=True)["note"] is None
+
+    @dataclass(frozen=True)
+    class Nested:
+        clocks: tuple[Hlc, ...]
+
+    assert record_json(Nested((Hlc(5, 1),))) == {"clocks": [{"wall_ms": 5, "counter": 1}]}
