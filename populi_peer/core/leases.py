@@ -70,7 +70,6 @@ from populi_peer.core.fencing import (
     FencingToken,
     _bool,
     _float,
-    _get,
     _int,
     _obj,
     _opt_int,
@@ -94,9 +93,10 @@ from populi_peer.core.reports import (
     ReportedLease,
     ReportMark,
     ReportMessage,
+    grant_terms,
     judge,
 )
-from populi_peer.core.wire import check_count
+from populi_peer.core.wire import check_count, record_json
 from populi_peer.errors import (
     BadRequest,
     ConfigError,
@@ -539,26 +539,9 @@ class Lease:
         return self.state in TERMINAL_STATES
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "lease_id": self.lease_id,
-            "task_key": self.task_key,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "holder": self.holder,
-            "submitter": self.submitter,
-            "gpus": list(self.gpus),
-            "token": str(self.token),
-            "ttl_s": self.ttl_s,
-            "state": self.state,
-            "kind": self.kind,
-            "granted_wall_ms": self.granted_wall_ms,
-            "state_changed_wall_ms": self.state_changed_wall_ms,
-            "reason": self.reason,
-        }
-        if self.revoked_by is not None:
-            body["revoked_by"] = self.revoked_by
-        return body
+        """Its fields but ``expires_mono`` (never persisted), with ``task_key`` second."""
+        first = {"lease_id": self.lease_id, "task_key": self.task_key}
+        return first | record_json(self, omit=("lease_id", "expires_mono"))
 
     @classmethod
     def from_json(cls, data: object) -> Lease:
@@ -571,15 +554,8 @@ class Lease:
         if kind not in LEASE_KINDS:
             raise BadRequest(f"lease: unknown kind {kind!r}", code="bad_record", field="kind")
         return cls(
-            lease_id=_str(obj, "lease_id", what),
-            task_id=_str(obj, "task_id", what),
-            attempt=_int(obj, "attempt", what),
-            work_class=check_work_class(_str(obj, "work_class", what)),
+            **grant_terms(obj, what),
             holder=_str(obj, "holder", what),
-            submitter=_str(obj, "submitter", what),
-            gpus=_str_tuple(obj, "gpus", what),
-            token=FencingToken.parse(_get(obj, "token", what)),
-            ttl_s=_float(obj, "ttl_s", what),
             state=_as_state(state),
             kind=_as_kind(kind),
             granted_wall_ms=_int(obj, "granted_wall_ms", what),
@@ -640,18 +616,7 @@ class GrantRequest:
         _check_ttl(self.ttl_s)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "target": self.target,
-            "gpus_wanted": self.gpus_wanted,
-            "ttl_s": self.ttl_s,
-            "submitter": self.submitter,
-            **({} if self.previous_node is None else {"previous_node": self.previous_node}),
-            **({} if self.gpu_mem_bytes is None else {"gpu_mem_bytes": self.gpu_mem_bytes}),
-            **({} if self.gpu_model is None else {"gpu_model": self.gpu_model}),
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> GrantRequest:
@@ -719,13 +684,9 @@ class TargetView:
         _check_gpus(self.allocatable_gpus)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "eligible": self.eligible,
-            "reasons": list(self.reasons),
-            "allocatable_gpus": list(self.allocatable_gpus),
-            "misfit_gpus": {uuid: list(codes) for uuid, codes in self.misfit_gpus},
-        }
+        body = record_json(self)
+        body["misfit_gpus"] = {uuid: list(codes) for uuid, codes in self.misfit_gpus}
+        return body
 
     @classmethod
     def from_json(cls, data: object) -> TargetView:
