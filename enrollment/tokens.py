@@ -815,14 +815,20 @@ def _token_key_of(token: JoinToken, secret: str) -> Ed25519PrivateKey:
     return key
 
 
+def _check_skew(skew_ms: int) -> None:
+    """The caller's skew budget is a non-negative integer (a programming error otherwise,
+    not a refusal of the token)."""
+    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
+        raise ValueError("skew_ms must be a non-negative integer")
+
+
 def check_token_time(token: JoinToken, *, now_ms: int, skew_ms: int) -> None:
     """Step 12: refuse a token outside ``[not_before - skew, expires + skew)``.
 
     ``skew_ms`` is what the caller grants on both edges: the joiner's pre-check passes the
     request skew budget; the control plane calls :func:`check_redeem_time` instead.
     """
-    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
-        raise ValueError("skew_ms must be a non-negative integer")
+    _check_skew(skew_ms)
     if now_ms + skew_ms < token.not_before_ms:
         raise _refuse(
             "token_not_yet_valid",
@@ -864,8 +870,7 @@ def decode_token(
     module docstring for the order of the checks. ``skew_ms`` is the clock-skew budget
     granted on both edges.
     """
-    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
-        raise ValueError("skew_ms must be a non-negative integer")
+    _check_skew(skew_ms)
     version, body, secret = _split(text)
     if secret is not None:
         _seed(secret)
@@ -885,8 +890,7 @@ def decode_token(
 def open_token(text: str, *, now_ms: int, skew_ms: int) -> HeldToken:
     """The joiner's view of its token: :func:`decode_token` on the whole text, which must
     carry the secret, and the token key to prove possession with."""
-    if isinstance(skew_ms, bool) or not isinstance(skew_ms, int) or skew_ms < 0:
-        raise ValueError("skew_ms must be a non-negative integer")
+    _check_skew(skew_ms)
     version, body, secret = _split(text)
     if secret is None:
         raise _refuse(

@@ -500,6 +500,7 @@ class Agent:
             events=self.events,
             health=self.health,
         )
+        self.gpu.book_busy = self.leases.busy_on
         node = ExecNode(
             remote_work=self.remote_work,
             standing=self.standing,

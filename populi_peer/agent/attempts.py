@@ -64,7 +64,13 @@ from populi_peer.core.holder import (
     StopAttempt,
     TimerFired,
 )
-from populi_peer.core.leases import renew_interval_s, renew_timeout_s, worker_deadline_boot
+from populi_peer.core.leases import (
+    ReleaseOutcome,
+    ReleaseReason,
+    renew_interval_s,
+    renew_timeout_s,
+    worker_deadline_boot,
+)
 from populi_peer.core.messages import (
     AttemptResult,
     LeaseAnswer,
@@ -73,9 +79,9 @@ from populi_peer.core.messages import (
     RenewRequest,
     ResultMessage,
 )
-from populi_peer.core.messages.leases import ReleaseOutcome
 from populi_peer.core.refusals import Refusal
 from populi_peer.core.reports import Claim
+from populi_peer.core.tasks import WORKER_LEFT
 from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import NOTICE, get_logger, log
@@ -168,6 +174,12 @@ class Running:
     lost_reason: str = ""
     cancel_event: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def release_reason(self) -> ReleaseReason | None:
+        """What its lease's release says of a stop asked for here: ``worker_left`` (this
+        node leaves), which its submitter may read on the lease before the result."""
+        return WORKER_LEFT if self.cancel_reason == WORKER_LEFT else None
 
 
 #: Told of every attempt :meth:`AttemptRunner.recover` finished at start.
@@ -339,17 +351,19 @@ class AttemptRunner:
             )
         return min(plan.ttl_s, lease.ttl_s or plan.ttl_s)
 
-    async def release(self, plan: AttemptPlan, outcome: ReleaseOutcome) -> str | None:
-        """Release the lease; returns its final state, or None if the control plane could
-        not be told, or its answer not read (the lease then expires by itself: nothing
-        depends on the release)."""
+    async def release(
+        self, plan: AttemptPlan, outcome: ReleaseOutcome, *, why: ReleaseReason | None = None
+    ) -> str | None:
+        """Release the lease (``why``: the reason the released lease then carries); returns
+        its final state, or None if the control plane could not be told, or its answer not
+        read (the lease then expires by itself: nothing depends on the release)."""
         if plan.lease_id is None:
             return None
         try:
             answer = await self.control_plane.call(
                 "POST",
                 f"/v1/populi/exec/leases/{plan.lease_id}/release",
-                LeaseReleaseRequest(outcome=outcome),
+                LeaseReleaseRequest(outcome=outcome, reason=why),
                 timeout_s=RELEASE_TIMEOUT_S,
                 answer=LeaseReplayAnswer,
             )
@@ -416,7 +430,7 @@ class AttemptRunner:
             result = await self._finish(
                 plan, outcome="cancelled", started_ms=started_ms, detail=running.cancel_reason
             )
-            await self.release(plan, "stopped")  # nothing ran: free the GPUs now
+            await self.release(plan, "stopped", why=running.release_reason)  # nothing ran
             return result
         deadline = self.clock.boot() + NO_LEASE_DEADLINE_S
         holder: HolderMachine | None = None
@@ -800,7 +814,11 @@ class AttemptRunner:
             detail=lost[0] if lost else (running.cancel_reason if kind == "cancelled" else ""),
             totals=(outcome.stdout_total_bytes, outcome.stderr_total_bytes),
         )
-        await self.release(plan, "completed" if kind in ("exited", "spawn_failed") else "stopped")
+        await self.release(
+            plan,
+            "completed" if kind in ("exited", "spawn_failed") else "stopped",
+            why=running.release_reason,
+        )
         return result
 
     async def _finish(

@@ -55,6 +55,7 @@ from populi_peer.gpu import (
     allocatable,
     gpu_summary,
     health_verdicts,
+    leased_by_book,
     open_probe,
 )
 from populi_peer.log import get_logger, log
@@ -122,6 +123,9 @@ class GpuService:
         self.verdicts: tuple[Any, ...] = ()
         self.acked_facts_version: str | None = None
         self.nodes: dict[str, HeldGpus] = {}
+        #: Control plane: the GPUs of a node its lease book holds busy, ``None`` while it
+        #: keeps no book for the node (set by the composition root: the lease service's).
+        self.book_busy: Callable[[str], frozenset[str] | None] = lambda node_id: None
         self.refreshes = 0
         self._probe: Any = None
 
@@ -299,12 +303,17 @@ class GpuService:
             # The heartbeat's GPU section checked that every device has an integer index.
             metrics = {int(m["index"]): m for m in entry.metrics.get("devices", [])}
         quarantined = self.quarantined(node_id)
+        busy = self.book_busy(node_id)
         rows = []
         for device in entry.static.get("devices", []):
             m = metrics.get(int(device["index"]), {})
             uuid = device.get("uuid")
             reasons = tuple(m.get("allocation_reasons", ()))
             allocatable_now = bool(m.get("allocatable", False))
+            if busy is not None:
+                allocatable_now, reasons = leased_by_book(
+                    allocatable_now, reasons, leased=uuid in busy
+                )
             if uuid in quarantined:
                 allocatable_now = False
                 if "gpu_quarantined" not in reasons:
@@ -334,7 +343,13 @@ class GpuService:
             if not isinstance(pseudo.get("uuid"), str):
                 continue
             uuid = pseudo["uuid"]
-            allocatable_now = bool(pseudo.get("allocatable", False)) and uuid not in quarantined
+            allocatable_now = bool(pseudo.get("allocatable", False))
+            reasons = tuple(r for r in pseudo.get("reasons", ()) if isinstance(r, str))
+            if busy is not None:
+                allocatable_now, reasons = leased_by_book(
+                    allocatable_now, reasons, leased=uuid in busy
+                )
+            allocatable_now = allocatable_now and uuid not in quarantined
             rows.append(
                 GpuDevice(
                     index=index,
@@ -346,9 +361,7 @@ class GpuService:
                     health="unknown",
                     health_reasons=(),
                     allocatable=allocatable_now,
-                    allocation_reasons=tuple(
-                        r for r in pseudo.get("reasons", ()) if isinstance(r, str)
-                    ),
+                    allocation_reasons=reasons,
                     quarantined=uuid in quarantined,
                     quarantine_reason=quarantined.get(uuid),
                     verified=False,

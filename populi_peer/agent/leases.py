@@ -271,6 +271,17 @@ class LeaseService:
             self.table = replace(self.table, leases=keep)
         return dropped
 
+    def busy_on(self, node_id: str) -> frozenset[str] | None:
+        """The GPUs of ``node_id`` that this control plane's book holds busy (a holding
+        lease, a reported claim); ``None`` while it keeps no book of this term, or
+        ``node_id`` has not reported in full to it (its own report then says)."""
+        table = self.table
+        if table is None or table.term != self.control_plane.term:
+            return None
+        if table.window is not None and not table.reported(node_id):
+            return None
+        return frozenset(gpu for node, gpu in table.busy_gpus() if node == node_id)
+
     def _table(self) -> LeaseTable:
         self.control_plane.require_self()
         if self.table is None or self.table.term != self.control_plane.term:
@@ -516,6 +527,7 @@ class LeaseService:
             outcome=body.outcome,
             now_mono=now_mono,
             now_wall_ms=now_ms,
+            why=body.reason,
         )
         self._commit(new, change.records)
         return LeaseReplayAnswer(lease=self.view(change.lease), replay=change.replay)

@@ -27,7 +27,7 @@ import secrets
 import ssl
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, NotRequired, TypedDict, TypeVar, Unpack, overload
 
 import httpx
 
@@ -301,6 +301,20 @@ class SyncPeerTransport(httpx.BaseTransport):
             pool.close()
 
 
+class PeerCall(TypedDict):
+    """What a client's ``call`` sends, and to whom (all but the ``answer`` type): the
+    node ``node_id`` at ``url``, the route (``method``, ``path``), and optionally the
+    ``payload``, query ``params`` and a ``timeout_s`` other than the client's."""
+
+    url: str
+    node_id: str
+    method: str
+    path: str
+    payload: NotRequired[RequestBody]
+    params: NotRequired[dict[str, Any] | None]
+    timeout_s: NotRequired[float | None]
+
+
 @dataclass(frozen=True)
 class _SignedCall:
     """One call of either client: what is sent (:meth:`request`) and what its answer
@@ -310,10 +324,10 @@ class _SignedCall:
     node_id: str
     method: str
     path: str
-    payload: RequestBody
-    params: dict[str, Any] | None
-    timeout_s: float | None
     answer: type[Message] | None
+    payload: RequestBody = None
+    params: dict[str, Any] | None = None
+    timeout_s: float | None = None
 
     def request(
         self, credential: Credential, clock: Clock, is_revoked: RevokedNode | None
@@ -349,7 +363,26 @@ class _SignedCall:
         )
 
 
-class PeerClient:
+class _SigningClient:
+    """What both clients share: who signs (``credential``, ``clock``) and which nodes
+    are never called (``is_revoked``, the caller's own revocation list)."""
+
+    def __init__(
+        self, *, credential: Credential, clock: Clock, is_revoked: RevokedNode | None
+    ) -> None:
+        self.credential = credential
+        self.clock = clock
+        self.is_revoked = is_revoked
+
+    def _prepare(
+        self, answer: type[Message] | None, call: PeerCall
+    ) -> tuple[_SignedCall, dict[str, Any]]:
+        """The call, and its ``httpx`` request's arguments."""
+        signed = _SignedCall(answer=answer, **call)
+        return signed, signed.request(self.credential, self.clock, self.is_revoked)
+
+
+class PeerClient(_SigningClient):
     """Async, signing client for node-to-node calls. ``is_revoked``: the caller's own
     revocation list; a revoked node is never called."""
 
@@ -362,65 +395,31 @@ class PeerClient:
         timeout_s: float,
         is_revoked: RevokedNode | None = None,
     ) -> None:
-        self.credential = credential
-        self.clock = clock
-        self.is_revoked = is_revoked
+        super().__init__(credential=credential, clock=clock, is_revoked=is_revoked)
         self._client = httpx.AsyncClient(transport=transport, timeout=timeout_s)
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     @overload
-    async def call(
-        self,
-        *,
-        url: str,
-        node_id: str,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
+    async def call(self, *, answer: None = None, **call: Unpack[PeerCall]) -> dict[str, Any]: ...
 
     @overload
-    async def call(
-        self,
-        *,
-        url: str,
-        node_id: str,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: type[M],
-    ) -> M: ...
+    async def call(self, *, answer: type[M], **call: Unpack[PeerCall]) -> M: ...
 
     async def call(
-        self,
-        *,
-        url: str,
-        node_id: str,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: type[Message] | None = None,
+        self, *, answer: type[Message] | None = None, **call: Unpack[PeerCall]
     ) -> dict[str, Any] | Message:
         """Call ``node_id`` at ``url``. With ``answer``, the answer parsed as that type."""
-        call = _SignedCall(url, node_id, method, path, payload, params, timeout_s, answer)
-        request = call.request(self.credential, self.clock, self.is_revoked)
+        signed, request = self._prepare(answer, call)
         try:
             response = await self._client.request(**request)
         except httpx.HTTPError as exc:
-            raise call.failure(exc) from exc
-        return call.result(response)
+            raise signed.failure(exc) from exc
+        return signed.result(response)
 
 
-class SyncPeerClient:
+class SyncPeerClient(_SigningClient):
     """Blocking variant for the CLI: ``verify`` is the TLS context
     (``populi_peer.api.tls.peer_context``) of a :class:`SyncPeerTransport`, unless a
     ``transport`` is given."""
@@ -435,9 +434,7 @@ class SyncPeerClient:
         transport: httpx.BaseTransport | None = None,
         is_revoked: RevokedNode | None = None,
     ) -> None:
-        self.credential = credential
-        self.clock = clock
-        self.is_revoked = is_revoked
+        super().__init__(credential=credential, clock=clock, is_revoked=is_revoked)
         if transport is None:
             if verify is None:
                 raise ValueError("SyncPeerClient needs a TLS context or a transport")
@@ -448,57 +445,26 @@ class SyncPeerClient:
         self._client.close()
 
     @overload
-    def call(
-        self,
-        *,
-        url: str,
-        node_id: str,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: None = None,
-    ) -> dict[str, Any]: ...
+    def call(self, *, answer: None = None, **call: Unpack[PeerCall]) -> dict[str, Any]: ...
 
     @overload
-    def call(
-        self,
-        *,
-        url: str,
-        node_id: str,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: type[M],
-    ) -> M: ...
+    def call(self, *, answer: type[M], **call: Unpack[PeerCall]) -> M: ...
 
     def call(
-        self,
-        *,
-        url: str,
-        node_id: str,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: type[Message] | None = None,
+        self, *, answer: type[Message] | None = None, **call: Unpack[PeerCall]
     ) -> dict[str, Any] | Message:
         """Call ``node_id`` at ``url``. With ``answer``, the answer parsed as that type."""
-        call = _SignedCall(url, node_id, method, path, payload, params, timeout_s, answer)
-        request = call.request(self.credential, self.clock, self.is_revoked)
+        signed, request = self._prepare(answer, call)
         try:
             response = self._client.request(**request)
         except httpx.HTTPError as exc:
-            raise call.failure(exc) from exc
-        return call.result(response)
+            raise signed.failure(exc) from exc
+        return signed.result(response)
 
 
 __all__ = [
     "PEER_LIMITS",
+    "PeerCall",
     "PeerClient",
     "PeerTransport",
     "RequestBody",

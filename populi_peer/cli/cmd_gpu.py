@@ -13,6 +13,7 @@ from populi_peer.cli.common import (
     agent_call,
     config_of,
     control_plane_call,
+    print_answer,
     print_json,
     print_table,
 )
@@ -181,8 +182,5 @@ def run_resume(args: argparse.Namespace) -> int:
         ReasonRequest(reason=args.reason or None),
         answer=GpuResumeAnswer,
     )
-    if args.json:
-        print_json(answer)
-    else:
-        sys.stdout.write(f"GPU {answer.uuid} of {answer.node_id} is no longer quarantined\n")
+    print_answer(args, answer, f"GPU {answer.uuid} of {answer.node_id} is no longer quarantined")
     return 0

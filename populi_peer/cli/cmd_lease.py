@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from populi_peer.cli.common import (
     add_data_dir,
     add_json,
     control_plane_call,
+    print_answer,
     print_json,
     print_table,
 )
@@ -99,11 +99,10 @@ def run_revoke(args: argparse.Namespace) -> int:
         {"lease_id": args.lease_id, "reason": args.reason},
         answer=LeaseReplayAnswer,
     )
-    if args.json:
-        print_json(answer.to_json())
-    else:
-        lease = answer.lease.lease
-        sys.stdout.write(
-            f"lease {lease.lease_id} is {lease.state}; the holder stops the task and releases it\n"
-        )
+    lease = answer.lease.lease
+    print_answer(
+        args,
+        answer,
+        f"lease {lease.lease_id} is {lease.state}; the holder stops the task and releases it",
+    )
     return 0

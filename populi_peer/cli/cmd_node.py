@@ -15,8 +15,10 @@ from populi_peer.cli.common import (
     agent_call,
     control_plane_call,
     open_local,
+    print_answer,
     print_json,
     print_table,
+    utc_text,
 )
 from populi_peer.core.durations import format_duration, parse_duration
 from populi_peer.errors import UsageError
@@ -120,12 +122,6 @@ _HELP = {
 }
 
 
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def parse_utc(text: str, *, flag: str = "--until") -> int:
     raw = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
     try:
@@ -154,9 +150,9 @@ def _state_text(node: NodeView) -> str:
     lc = node.lifecycle
     state = str(node.state)
     if lc is not None and lc.until_wall_ms:
-        state += f" until {_when(lc.until_wall_ms)}"
+        state += f" until {utc_text(lc.until_wall_ms)}"
     if lc is not None and lc.deadline_wall_ms:
-        state += f" by {_when(lc.deadline_wall_ms)}"
+        state += f" by {utc_text(lc.deadline_wall_ms)}"
     return state
 
 
@@ -192,7 +188,7 @@ def run_nodes(args: argparse.Namespace) -> int:
             _age(n),
             n.scope,
             _gpus(n),
-            _when(n.cert_not_after_ms),
+            utc_text(n.cert_not_after_ms),
         )
         for n in answer.nodes
     ]
@@ -217,7 +213,7 @@ def _event_cells(event: EventView) -> list[str]:
     elif event.kind == "voters_changed":
         what = f"voters {detail.get('action')}: {', '.join(detail.get('voters') or [])}"
     return [
-        _when(event.at_ms),
+        utc_text(event.at_ms),
         event.node_name or "-",
         event.node_id,
         what,
@@ -313,17 +309,16 @@ def run_leave(args: argparse.Namespace) -> int:
         timeout_s=60.0,
         answer=LeaveAnswer,
     )
-    if args.json:
-        print_json(answer)
-    else:
-        ack = (
-            "acknowledged by the control plane"
-            if answer.acknowledged
-            else "NOT acknowledged (control plane unreachable)"
-        )
-        sys.stdout.write(
-            f"node {answer.node_id} left the cluster ({ack}); {answer.tasks_stopped} task(s) stopped; the agent exits\n"
-        )
+    ack = (
+        "acknowledged by the control plane"
+        if answer.acknowledged
+        else "NOT acknowledged (control plane unreachable)"
+    )
+    print_answer(
+        args,
+        answer,
+        f"node {answer.node_id} left the cluster ({ack}); {answer.tasks_stopped} task(s) stopped; the agent exits",
+    )
     return 0
 
 
@@ -343,25 +338,23 @@ def run_node_verb(args: argparse.Namespace) -> int:
         retired = control_plane_call(
             args, "POST", path, ReasonRequest(reason=reason), answer=NodeRetireAnswer
         )
-        if args.json:
-            print_json(retired)
-        else:
-            note = "" if retired.changed else " (no change)"
-            sys.stdout.write(
-                f"node {retired.node_id} retired; revocation list serial "
-                f"{retired.revocation_serial}{note}\n"
-            )
+        note = "" if retired.changed else " (no change)"
+        print_answer(
+            args,
+            retired,
+            f"node {retired.node_id} retired; revocation list serial "
+            f"{retired.revocation_serial}{note}",
+        )
         return 0
     if verb == "delete":
         deleted = control_plane_call(
             args, "POST", path, ReasonRequest(reason=reason), answer=NodeDeleteAnswer
         )
-        if args.json:
-            print_json(deleted)
-        else:
-            sys.stdout.write(
-                f"node {deleted.node_id} deleted; its name stays blocked until 'populi node unretire'\n"
-            )
+        print_answer(
+            args,
+            deleted,
+            f"node {deleted.node_id} deleted; its name stays blocked until 'populi node unretire'",
+        )
         return 0
     deadline_in_s = until_in_s = None
     until_wall_ms = None
@@ -382,12 +375,9 @@ def run_node_verb(args: argparse.Namespace) -> int:
         until_wall_ms=until_wall_ms,
     )
     answer = control_plane_call(args, "POST", path, command, answer=LifecycleCommandAnswer)
-    if args.json:
-        print_json(answer)
-        return 0
     node = answer.node
     note = "" if answer.changed else " (no change)"
-    sys.stdout.write(f"node {node.name} ({node.id}) is {_state_text(node)}{note}\n")
+    print_answer(args, answer, f"node {node.name} ({node.id}) is {_state_text(node)}{note}")
     return 0
 
 
@@ -401,10 +391,9 @@ def run_unretire(args: argparse.Namespace) -> int:
         {},
         answer=NameUnretireAnswer,
     )
-    if args.json:
-        print_json(answer)
-    else:
-        sys.stdout.write(
-            f"name {answer.name} may join again (revocation list serial {answer.revocation_serial})\n"
-        )
+    print_answer(
+        args,
+        answer,
+        f"name {answer.name} may join again (revocation list serial {answer.revocation_serial})",
+    )
     return 0

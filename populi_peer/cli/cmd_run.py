@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import os
 import signal
 import sys
@@ -27,8 +26,10 @@ from populi_peer.cli.common import (
     add_json,
     agent_call,
     open_local,
+    print_answer,
     print_json,
     print_table,
+    utc_text,
 )
 from populi_peer.cli.placement_flags import (
     add_need_flags,
@@ -158,12 +159,6 @@ def register(subparsers: Any) -> None:
     add_data_dir(cancel)
     add_json(cancel)
     cancel.set_defaults(handler=run_cancel)
-
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _env(pairs: list[str]) -> dict[str, str]:
@@ -431,7 +426,7 @@ def run_tasks(args: argparse.Namespace) -> int:
                 "-" if t.exit_status is None else t.exit_status,
                 where,
                 len(t.attempts),
-                _when(t.created_wall_ms),
+                utc_text(t.created_wall_ms),
                 " ".join(t.command)[:40],
             )
         )
@@ -474,8 +469,8 @@ def run_show(args: argparse.Namespace) -> int:
             a.lease_id or "-",
             ",".join(a.placement_reasons) or "-",
             a.outcome or "running",
-            _when(a.started_wall_ms),
-            _when(a.finished_wall_ms),
+            utc_text(a.started_wall_ms),
+            utc_text(a.finished_wall_ms),
         )
         for a in task.attempts
     ]
@@ -491,7 +486,7 @@ def run_show(args: argparse.Namespace) -> int:
     out.write("\ndecisions:\n")
     for entry in task.reasons:
         detail = f"  {entry.detail}" if entry.detail else ""
-        out.write(f"  {_when(entry.at_wall_ms)}  {entry.code}{detail}\n")
+        out.write(f"  {utc_text(entry.at_wall_ms)}  {entry.code}{detail}\n")
     return 0
 
 
@@ -599,10 +594,7 @@ def run_cancel(args: argparse.Namespace) -> int:
         timeout_s=60.0,
         answer=TaskCancelAnswer,
     )
-    if args.json:
-        print_json(answer.to_json())
-    else:
-        task = answer.task
-        note = "" if answer.cancelled else " (it had already ended)"
-        sys.stdout.write(f"{task.task_id} is {task.state}{note}\n")
+    task = answer.task
+    note = "" if answer.cancelled else " (it had already ended)"
+    print_answer(args, answer, f"{task.task_id} is {task.state}{note}")
     return 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from populi_peer.cli.common import add_data_dir, add_json, agent_call, print_json
+from populi_peer.cli.common import add_data_dir, add_json, agent_call, print_json, utc_text
 from populi_peer.core.durations import parse_duration
 
 if TYPE_CHECKING:
@@ -155,8 +154,7 @@ def standing_lines(standing: Standing) -> list[str]:
     if standing.state == "retired":
         parts = ["RETIRED"]
         if standing.since_ms:
-            since = dt.datetime.fromtimestamp(standing.since_ms / 1000, tz=dt.UTC)
-            parts.append(f"since {since:%Y-%m-%d %H:%M:%SZ}")
+            parts.append(f"since {utc_text(standing.since_ms)}")
         if standing.by:
             parts.append(f"by {standing.by}")
         if standing.reason:

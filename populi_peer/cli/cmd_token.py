@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from typing import Any
 
@@ -11,8 +10,10 @@ from populi_peer.cli.common import (
     add_data_dir,
     add_json,
     control_plane_call,
+    print_answer,
     print_json,
     print_table,
+    utc_text,
 )
 from populi_peer.core.durations import parse_duration
 from populi_peer.errors import UsageError
@@ -60,12 +61,6 @@ def _roles(text: str) -> list[str]:
     return roles
 
 
-def _when(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
 def run_create(args: argparse.Namespace) -> int:
     from populi_peer.core.messages import TokenCreateAnswer, TokenCreateRequest
 
@@ -87,7 +82,7 @@ def run_create(args: argparse.Namespace) -> int:
     sys.stdout.write(answer.token + "\n")
     sys.stderr.write(
         f"token {summary.token_id}: roles {','.join(summary.roles)}, {summary.uses_total} use(s), "
-        f"expires {_when(summary.expires_ms)}"
+        f"expires {utc_text(summary.expires_ms)}"
         + (f", bound to name {summary.name}" if summary.name else "")
         + "\non the new machine: populi join <token> --data-dir DIR --listen HOST:PORT\n"
     )
@@ -108,7 +103,7 @@ def run_list(args: argparse.Namespace) -> int:
             ",".join(t.roles),
             t.name,
             f"{t.uses_total - t.uses_left}/{t.uses_total}",
-            _when(t.expires_ms),
+            utc_text(t.expires_ms),
         )
         for t in answer.tokens
     ]
@@ -126,9 +121,6 @@ def run_revoke(args: argparse.Namespace) -> int:
         {},
         answer=TokenRevokeAnswer,
     )
-    if args.json:
-        print_json(answer)
-    else:
-        note = "" if answer.changed else " (no change)"
-        sys.stdout.write(f"token {answer.summary.token_id} is {answer.summary.state}{note}\n")
+    note = "" if answer.changed else " (no change)"
+    print_answer(args, answer, f"token {answer.summary.token_id} is {answer.summary.state}{note}")
     return 0

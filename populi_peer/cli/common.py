@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 from populi_peer.config import (
     Config,
@@ -201,6 +202,18 @@ def open_local(args: argparse.Namespace) -> Local:
     return Local(data_dir=data_dir, identity=identity, store=store)
 
 
+#: How long a command waits for an answer, unless the call says otherwise.
+CALL_TIMEOUT_S = 15.0
+
+
+class CallOptions(TypedDict, total=False):
+    """What a command's call may add to its route and body: query ``params``, and
+    ``timeout_s`` (default :data:`CALL_TIMEOUT_S`)."""
+
+    params: dict[str, Any] | None
+    timeout_s: float
+
+
 @dataclass(frozen=True)
 class NodeCall:
     """Calls to one node, found when called (``address() -> (url, node id)``): this
@@ -214,10 +227,9 @@ class NodeCall:
         method: str,
         path: str,
         payload: RequestBody = None,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
         *,
         answer: type[M],
+        **options: Unpack[CallOptions],
     ) -> M:
         def call_at(url: str, node_id: str) -> M:
             return self.client().call(
@@ -226,8 +238,8 @@ class NodeCall:
                 method=method,
                 path=path,
                 payload=payload,
-                params=params,
-                timeout_s=timeout_s,
+                params=options.get("params"),
+                timeout_s=options.get("timeout_s", CALL_TIMEOUT_S),
                 answer=answer,
             )
 
@@ -259,13 +271,12 @@ class OneCall:
         path: str,
         payload: RequestBody = None,
         *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float = 15.0,
         answer: type[M],
+        **options: Unpack[CallOptions],
     ) -> M:
         local = open_local(args)
         try:
-            return self.pick(local)(method, path, payload, params, timeout_s, answer=answer)
+            return self.pick(local)(method, path, payload, answer=answer, **options)
         finally:
             local.close()
 
@@ -283,6 +294,22 @@ def print_json(value: Any) -> None:
     if isinstance(value, Message):
         value = value.to_json()
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def print_answer(args: argparse.Namespace, answer: Message, text: str) -> None:
+    """The answer of a command that changes one thing: as JSON with ``--json``, else
+    ``text`` (what changed, in words)."""
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def utc_text(ms: int | None) -> str:
+    """A wall time in ms as UTC text (``2026-12-01 18:00:00Z``); ``-`` where there is none."""
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:

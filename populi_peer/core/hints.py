@@ -42,6 +42,7 @@ from typing import Any, Final, Literal, get_args
 from populi_peer.core.fencing import _bool, _int, _obj, _opt_int, _opt_str, _str
 from populi_peer.core.hlc import Hlc, hlc_tick
 from populi_peer.core.lifecycle import STATES, State
+from populi_peer.core.wire import record_json
 from populi_peer.errors import BadRequest
 
 #: A GPU's health verdict: the values of ``populi_peer.gpu.Health`` (a test keeps them equal).
@@ -103,19 +104,7 @@ class GpuHint:
     verified: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "uuid": self.uuid,
-            "name": self.name,
-            "memory_total_bytes": self.memory_total_bytes,
-            "memory_free_bytes": self.memory_free_bytes,
-            "utilization_gpu_pct": self.utilization_gpu_pct,
-            "health": self.health,
-            "health_reasons": list(self.health_reasons),
-            "allocatable": self.allocatable,
-            "allocation_reasons": list(self.allocation_reasons),
-            "verified": self.verified,
-        }
+        return record_json(self, nulls=True)
 
 
 @dataclass(frozen=True, slots=True)

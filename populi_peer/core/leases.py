@@ -70,7 +70,6 @@ from populi_peer.core.fencing import (
     FencingToken,
     _bool,
     _float,
-    _get,
     _int,
     _obj,
     _opt_int,
@@ -94,9 +93,10 @@ from populi_peer.core.reports import (
     ReportedLease,
     ReportMark,
     ReportMessage,
+    grant_terms,
     judge,
 )
-from populi_peer.core.wire import check_count
+from populi_peer.core.wire import check_count, record_json
 from populi_peer.errors import (
     BadRequest,
     ConfigError,
@@ -110,6 +110,10 @@ LeaseState = Literal["live", "revoking", "completed", "released", "revoked", "ex
 LeaseKind = Literal["remote", "local", "fence"]
 LeaseEvent = Literal["renew", "revoke", "release_stopped", "release_completed", "expire"]
 ReleaseOutcome = Literal["stopped", "completed"]
+#: Why a holder stopped a task before its end, when its submitter must hear it from the
+#: lease itself (it may look before the result reaches it): ``worker_left`` (the holder
+#: left the cluster: a fallback, not a cancel).
+ReleaseReason = Literal["worker_left"]
 HolderStatus = Literal["ok", "stale", "quarantined"]
 
 LEASE_STATES: Final[tuple[LeaseState, ...]] = get_args(LeaseState)
@@ -535,26 +539,9 @@ class Lease:
         return self.state in TERMINAL_STATES
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "lease_id": self.lease_id,
-            "task_key": self.task_key,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "holder": self.holder,
-            "submitter": self.submitter,
-            "gpus": list(self.gpus),
-            "token": str(self.token),
-            "ttl_s": self.ttl_s,
-            "state": self.state,
-            "kind": self.kind,
-            "granted_wall_ms": self.granted_wall_ms,
-            "state_changed_wall_ms": self.state_changed_wall_ms,
-            "reason": self.reason,
-        }
-        if self.revoked_by is not None:
-            body["revoked_by"] = self.revoked_by
-        return body
+        """Its fields but ``expires_mono`` (never persisted), with ``task_key`` second."""
+        first = {"lease_id": self.lease_id, "task_key": self.task_key}
+        return first | record_json(self, omit=("lease_id", "expires_mono"))
 
     @classmethod
     def from_json(cls, data: object) -> Lease:
@@ -567,15 +554,8 @@ class Lease:
         if kind not in LEASE_KINDS:
             raise BadRequest(f"lease: unknown kind {kind!r}", code="bad_record", field="kind")
         return cls(
-            lease_id=_str(obj, "lease_id", what),
-            task_id=_str(obj, "task_id", what),
-            attempt=_int(obj, "attempt", what),
-            work_class=check_work_class(_str(obj, "work_class", what)),
+            **grant_terms(obj, what),
             holder=_str(obj, "holder", what),
-            submitter=_str(obj, "submitter", what),
-            gpus=_str_tuple(obj, "gpus", what),
-            token=FencingToken.parse(_get(obj, "token", what)),
-            ttl_s=_float(obj, "ttl_s", what),
             state=_as_state(state),
             kind=_as_kind(kind),
             granted_wall_ms=_int(obj, "granted_wall_ms", what),
@@ -636,18 +616,7 @@ class GrantRequest:
         _check_ttl(self.ttl_s)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "target": self.target,
-            "gpus_wanted": self.gpus_wanted,
-            "ttl_s": self.ttl_s,
-            "submitter": self.submitter,
-            **({} if self.previous_node is None else {"previous_node": self.previous_node}),
-            **({} if self.gpu_mem_bytes is None else {"gpu_mem_bytes": self.gpu_mem_bytes}),
-            **({} if self.gpu_model is None else {"gpu_model": self.gpu_model}),
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> GrantRequest:
@@ -715,13 +684,9 @@ class TargetView:
         _check_gpus(self.allocatable_gpus)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "eligible": self.eligible,
-            "reasons": list(self.reasons),
-            "allocatable_gpus": list(self.allocatable_gpus),
-            "misfit_gpus": {uuid: list(codes) for uuid, codes in self.misfit_gpus},
-        }
+        body = record_json(self)
+        body["misfit_gpus"] = {uuid: list(codes) for uuid, codes in self.misfit_gpus}
+        return body
 
     @classmethod
     def from_json(cls, data: object) -> TargetView:
@@ -1461,11 +1426,13 @@ class LeaseTable:
         outcome: ReleaseOutcome,
         now_mono: float,
         now_wall_ms: int,
+        why: ReleaseReason | None = None,
     ) -> tuple[LeaseTable, LeaseChange]:
         """The holder ends its lease: ``stopped`` (the task is gone, not finished) makes
-        it ``released`` (``revoked`` if it was revoking); ``completed`` (the task
-        finished) makes it ``completed``. Releasing a dead lease raises: dead stays dead.
-        ``now_mono`` is unused (a release is always safe) but kept for a uniform shell."""
+        it ``released`` (``revoked`` if it was revoking), its reason ``why`` when given,
+        else ``released``; ``completed`` (the task finished) makes it ``completed``.
+        Releasing a dead lease raises: dead stays dead. ``now_mono`` is unused (a release
+        is always safe) but kept for a uniform shell."""
         _check_now(now_mono)
         lease = self.get(lease_id)
         if lease.holder != holder:
@@ -1487,7 +1454,7 @@ class LeaseTable:
         reason = (
             "completed"
             if outcome == "completed"
-            else (lease.reason if lease.state == "revoking" else "released")
+            else (lease.reason if lease.state == "revoking" else why or "released")
         )
         after = _transition(lease, event, now_wall_ms=now_wall_ms, reason=reason)
         if after is None:
@@ -1984,6 +1951,7 @@ __all__ = [
     "LeaseTable",
     "ReconcileResult",
     "ReleaseOutcome",
+    "ReleaseReason",
     "ReportNeeded",
     "ReportResult",
     "ResumeWindow",

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal, cast, get_args, overload
 
-from populi_peer.core.wire import json_record
+from populi_peer.core.wire import json_record, record_json
 from populi_peer.errors import BadRequest, Conflict, Forbidden
 
 State = Literal["active", "cordoned", "draining", "maintenance", "quarantined", "retired", "left"]
@@ -252,17 +252,7 @@ class NodeLifecycle:
             )
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "state": self.state,
-            "since_wall_ms": self.since_wall_ms,
-            "actor": self.actor,
-            "reason": self.reason,
-        }
-        if self.deadline_wall_ms is not None:
-            data["deadline_wall_ms"] = self.deadline_wall_ms
-        if self.until_wall_ms is not None:
-            data["until_wall_ms"] = self.until_wall_ms
-        return data
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: Any) -> NodeLifecycle:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from populi_peer.core.wire import record_json
 from populi_peer.errors import BadRequest
 
 
@@ -27,18 +28,8 @@ class Member:
     updated_ms: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "name": self.name,
-            "public_key": self.public_key,
-            "roles": list(self.roles),
-            "addresses": list(self.addresses),
-            "cert_serial": self.cert_serial,
-            "cert_not_after_ms": self.cert_not_after_ms,
-            "joined_ms": self.joined_ms,
-            "updated_ms": self.updated_ms,
-        }
+        """Its fields but ``token_id`` (the ``member`` register adds it)."""
+        return record_json(self, omit=("token_id",))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Member:

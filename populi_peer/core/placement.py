@@ -80,7 +80,7 @@ from populi_peer.core.policy import (
     check_work_class,
     decide,
 )
-from populi_peer.core.wire import check_count
+from populi_peer.core.wire import check_count, record_json
 from populi_peer.errors import BadRequest
 
 Where = Literal["remote", "local"]
@@ -450,14 +450,9 @@ class Placement:
     waiting_for: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "where": self.where,
-            "node": self.node,
-            "reasons": list(self.reasons),
-            "rejected": {node: list(codes) for node, codes in self.rejected},
-            "gpus": list(self.gpus),
-            "waiting_for": self.waiting_for,
-        }
+        body = record_json(self, nulls=True)
+        body["rejected"] = {node: list(codes) for node, codes in self.rejected}
+        return body
 
 
 def _win_reason(best: _Assessment, runner_up: _Assessment | None) -> str:

@@ -37,7 +37,7 @@ from enrollment.canonical import unsignable
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.hlc import Hlc, check_clock_skew
 from populi_peer.core.lifecycle import WRITER_CLASSES, NodeLifecycle, WriterClass
-from populi_peer.core.wire import json_record
+from populi_peer.core.wire import json_record, record_json
 from populi_peer.errors import BadRequest, Forbidden
 
 #: The attribute of the lifecycle register (value: ``NodeLifecycle.to_json()``).
@@ -217,17 +217,7 @@ class RegisterWrite:
         return self.value is None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "v": PROTOCOL_VERSION,
-            "node_id": self.node_id,
-            "attribute": self.attribute,
-            "value": self.value,
-            "stamp": self.stamp.to_json(),
-            "writer_class": self.writer_class,
-            "actor": self.actor,
-            "reason": self.reason,
-            "at_wall_ms": self.at_wall_ms,
-        }
+        return {"v": PROTOCOL_VERSION, **record_json(self, nulls=True)}
 
     @classmethod
     def from_json(cls, data: Any) -> RegisterWrite:

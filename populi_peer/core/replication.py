@@ -51,7 +51,7 @@ from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple
 from populi_peer.core.hlc import ClockSkewError, check_clock_skew
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
-from populi_peer.core.wire import fields_json
+from populi_peer.core.wire import fields_json, record_json
 from populi_peer.errors import BadRequest, Conflict
 
 SetName = Literal[
@@ -331,12 +331,7 @@ class SetElement:
         object.__setattr__(self, "value", _check_body(self.value, "set element value"))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "set_name": self.set_name,
-            "key": self.key,
-            "value": self.value,
-            "stamp": self.stamp.to_json(),
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> SetElement:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, TypedDict, TypeVar, get_args
 
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.fencing import (
@@ -52,7 +52,7 @@ from populi_peer.core.fencing import (
     _str_tuple,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import ID_RE, fields_json
+from populi_peer.core.wire import ID_RE, fields_json, record_json
 from populi_peer.errors import BadRequest
 
 #: How far a node got with a lease it holds: ``accepted`` (handed over, not started),
@@ -158,6 +158,34 @@ class Incarnation:
 # -- what a node holds ----------------------------------------------------------------------
 
 
+class GrantTerms(TypedDict):
+    """What a lease was granted with, which a lease record and a node's account of it
+    both carry (:class:`~populi_peer.core.leases.Lease`, :class:`ReportedLease`)."""
+
+    lease_id: str
+    task_id: str
+    attempt: int
+    work_class: WorkClass
+    submitter: str
+    gpus: tuple[str, ...]
+    token: FencingToken
+    ttl_s: float
+
+
+def grant_terms(obj: Mapping[str, Any], what: str) -> GrantTerms:
+    """The :class:`GrantTerms` of the JSON object ``obj`` of a ``what`` record."""
+    return GrantTerms(
+        lease_id=_str(obj, "lease_id", what),
+        task_id=_str(obj, "task_id", what),
+        attempt=_int(obj, "attempt", what),
+        work_class=check_work_class(_str(obj, "work_class", what)),
+        submitter=_str(obj, "submitter", what),
+        gpus=_str_tuple(obj, "gpus", what),
+        token=FencingToken.parse(_get(obj, "token", what)),
+        ttl_s=_float(obj, "ttl_s", what),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ReportedLease:
     """The node's account of one lease it holds as holder (a worker's remote lease, or a
@@ -202,35 +230,14 @@ class ReportedLease:
         return self.phase in ENDED_PHASES
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "lease_id": self.lease_id,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "work_class": self.work_class,
-            "submitter": self.submitter,
-            "gpus": list(self.gpus),
-            "token": str(self.token),
-            "ttl_s": self.ttl_s,
-            "kind": self.kind,
-            "phase": self.phase,
-        }
-        if self.granted_wall_ms is not None:
-            body["granted_wall_ms"] = self.granted_wall_ms
-        return body
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportedLease:
         what = "reported lease"
         obj = _obj(data, what)
         return cls(
-            lease_id=_str(obj, "lease_id", what),
-            task_id=_str(obj, "task_id", what),
-            attempt=_int(obj, "attempt", what),
-            work_class=check_work_class(_str(obj, "work_class", what)),
-            submitter=_str(obj, "submitter", what),
-            gpus=_str_tuple(obj, "gpus", what),
-            token=FencingToken.parse(_get(obj, "token", what)),
-            ttl_s=_float(obj, "ttl_s", what),
+            **grant_terms(obj, what),
             kind=_pick(_str(obj, "kind", what), REPORTED_KINDS, what, "kind"),
             phase=_pick(_str(obj, "phase", what), REPORTED_PHASES, what, "phase"),
             granted_wall_ms=_opt_int(obj, "granted_wall_ms", what),
@@ -263,18 +270,7 @@ class Claim:
             _name(self.lease_id, what, "lease_id")
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "claim_id": self.claim_id,
-            "node": self.node,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "token": str(self.token),
-            "gpus": list(self.gpus),
-            "made_wall_ms": self.made_wall_ms,
-        }
-        if self.lease_id is not None:
-            body["lease_id"] = self.lease_id
-        return body
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> Claim:
@@ -337,10 +333,7 @@ class NodeHoldings:
         return next((x for x in self.leases if x.lease_id == lease_id), None)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "leases": [x.to_json() for x in self.leases],
-            "claims": [x.to_json() for x in self.claims],
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> NodeHoldings:
@@ -406,13 +399,7 @@ class ReportChange:
         return NodeHoldings(tuple(leases.values()), tuple(claims.values()))
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "leases": [x.to_json() for x in self.leases],
-            "dropped_leases": list(self.dropped_leases),
-            "claims": [x.to_json() for x in self.claims],
-            "dropped_claims": list(self.dropped_claims),
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportChange:
@@ -478,10 +465,7 @@ class FullReport:
         return {
             "version": PROTOCOL_VERSION,
             "type": "full",
-            "node": self.node,
-            "incarnation": self.incarnation.to_json(),
-            "epoch": self.epoch,
-            "seq": self.seq,
+            **record_json(self, omit=("holdings",)),
             **self.holdings.to_json(),
         }
 
@@ -515,15 +499,7 @@ class ReportChanges:
         return self.changes[-1].seq if self.changes else self.base_seq
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "version": PROTOCOL_VERSION,
-            "type": "changes",
-            "node": self.node,
-            "incarnation": self.incarnation.to_json(),
-            "epoch": self.epoch,
-            "base_seq": self.base_seq,
-            "changes": [x.to_json() for x in self.changes],
-        }
+        return {"version": PROTOCOL_VERSION, "type": "changes", **record_json(self)}
 
 
 ReportMessage = FullReport | ReportChanges
@@ -593,13 +569,7 @@ class ReportAnswer:
         _count(self.acked_seq, "report answer", "acked_seq", 0)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "incarnation": self.incarnation.to_json(),
-            "status": self.status,
-            "epoch": self.epoch,
-            "acked_seq": self.acked_seq,
-            "refused": [x.to_json() for x in self.refused],
-        }
+        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportAnswer:

@@ -62,7 +62,7 @@ from populi_peer.core.fencing import (
 )
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import check_count, check_cwd, fields_json
+from populi_peer.core.wire import check_count, check_cwd, fields_json, record_json
 from populi_peer.errors import BadRequest, Conflict
 
 _S = TypeVar("_S", bound=str)
@@ -568,18 +568,9 @@ class Attempt:
             raise BadRequest(f"unknown attempt outcome {self.outcome!r}", code="bad_record")
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "n": self.n,
-            "where": self.where,
-            "node": self.node,
-            "lease_id": self.lease_id,
-            "token": None if self.token is None else str(self.token),
-            "placement_reasons": list(self.placement_reasons),
-            "started_wall_ms": self.started_wall_ms,
-            "finished_wall_ms": self.finished_wall_ms,
-            "outcome": self.outcome,
-            "rejected": {node: list(codes) for node, codes in self.rejected},
-        }
+        body = record_json(self, nulls=True)
+        body["rejected"] = {node: list(codes) for node, codes in self.rejected}
+        return body
 
     @classmethod
     def from_json(cls, data: object) -> Attempt:

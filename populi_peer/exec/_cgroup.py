@@ -120,11 +120,7 @@ def procs(group: Path) -> list[int]:
     """Pids in ``group`` and its sub-groups (a root task may have made some)."""
     result: list[int] = []
     for path in _walk(group):
-        try:
-            with open(path / "cgroup.procs") as f:
-                result.extend(int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            continue
+        result.extend(_proc.read_pids(path / "cgroup.procs"))
     return result
 
 

@@ -88,12 +88,21 @@ def children_of(pid: int) -> list[int]:
     except OSError:
         return result
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                result.extend(int(x) for x in f.read().split())
-        except (OSError, ValueError):
-            continue
+        result.extend(read_pids(f"/proc/{pid}/task/{tid}/children"))
     return result
+
+
+def read_pids(path: str | os.PathLike[str]) -> list[int]:
+    """The pids a kernel file lists (``/proc/PID/task/TID/children``, ``cgroup.procs``),
+    up to the first one that does not read; none when the file is gone (its thread or
+    group ended meanwhile)."""
+    pids: list[int] = []
+    try:
+        with open(path) as f:
+            pids.extend(int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return pids
 
 
 def descendants_of(pid: int) -> list[int]:

@@ -22,6 +22,7 @@ from populi_peer.gpu._alloc import (
     DeviceAllocation,
     advertised_count,
     allocatable,
+    leased_by_book,
 )
 from populi_peer.gpu._format import format_probe, probe_json
 from populi_peer.gpu._health import (
@@ -80,6 +81,7 @@ __all__ = [
     "health_verdict",
     "health_verdicts",
     "is_critical_xid",
+    "leased_by_book",
     "open_probe",
     "package_capture_names",
     "probe_json",

@@ -26,7 +26,7 @@ Reason codes, in the order they are listed (``blocks``: the device is not alloca
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,9 +134,32 @@ def _device_allocation(
         reasons.append("gpu_processes_unknown")
     if verdict.health is Health.DEGRADED:
         reasons.append("gpu_degraded")
-    ordered = sorted(reasons, key=list(ALLOCATION_REASONS).index)
-    blocked = any(ALLOCATION_REASONS[r] for r in ordered)
-    return DeviceAllocation(uuid, device.index, not blocked, tuple(ordered), True)
+    free, ordered = _judged(reasons)
+    return DeviceAllocation(uuid, device.index, free, ordered, True)
+
+
+def _judged(reasons: Sequence[str]) -> tuple[bool, tuple[str, ...]]:
+    """(allocatable, ``reasons`` in their listed order): a reason this version does not
+    know (a newer node's) blocks and goes last."""
+    known = list(ALLOCATION_REASONS)
+    ordered = tuple(sorted(reasons, key=lambda r: known.index(r) if r in known else len(known)))
+    return not any(ALLOCATION_REASONS.get(r, True) for r in ordered), ordered
+
+
+def leased_by_book(
+    allocatable: bool, reasons: Sequence[str], *, leased: bool
+) -> tuple[bool, tuple[str, ...]]:
+    """A node's reported allocation of one GPU, with ``gpu_leased`` taken from the
+    control plane's lease book (``leased``: the GPU is in a holding lease or a reported
+    claim there) instead of from the report, which lags the book by up to a heartbeat:
+    a GPU whose lease was just released is free at once, one just granted is leased at
+    once. Every other reason stays as reported; a device reported not allocatable
+    without a reason stays so."""
+    others = [r for r in reasons if r != "gpu_leased"]
+    free, ordered = _judged([*others, *(("gpu_leased",) if leased else ())])
+    # Leased-ness is the book's to say; a block the report does not name stays.
+    unexplained = not allocatable and "gpu_leased" not in reasons
+    return free and not unexplained, ordered
 
 
 def allocatable(
@@ -167,9 +190,8 @@ def allocatable(
             reasons.append("gpu_quarantined")
         if uuid in leased:
             reasons.append("gpu_leased")
-        ordered = tuple(sorted(reasons, key=list(ALLOCATION_REASONS).index))
-        blocked = any(ALLOCATION_REASONS[r] for r in ordered)
-        entries.append(DeviceAllocation(uuid, None, not blocked, ordered, False))
+        free, ordered = _judged(reasons)
+        entries.append(DeviceAllocation(uuid, None, free, ordered, False))
     return entries
 
 
@@ -180,4 +202,5 @@ __all__ = [
     "DeviceAllocation",
     "advertised_count",
     "allocatable",
+    "leased_by_book",
 ]

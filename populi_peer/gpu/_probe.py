@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -101,7 +102,21 @@ def _run_one(fn: Callable[..., Any], args: tuple[Any, ...]) -> _Outcome:
         return _Fail(error_reason(exc))
 
 
-class _Caller:
+class _Calls(ABC):
+    """Runs blocking library calls in batches; one call is a batch of one."""
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> _Outcome:
+        (outcome,) = await self.call_batch([(fn, args)])
+        return outcome
+
+    @abstractmethod
+    async def call_batch(
+        self, calls: list[_Call], *, stop: Callable[[_Outcome], bool] | None = None
+    ) -> list[_Outcome]:
+        """Outcomes of ``calls`` in order, ending early where ``stop(outcome)`` holds."""
+
+
+class _Caller(_Calls):
     """Runs blocking calls in one worker thread at a time, each bounded by a timeout.
 
     A batch runs its calls one after another in a single worker thread (one thread hop
@@ -121,10 +136,6 @@ class _Caller:
         """Abandoned calls whose thread has not come back from the library yet."""
         with self._lock:
             return self._abandoned
-
-    async def call(self, fn: Callable[..., Any], *args: Any) -> _Outcome:
-        (outcome,) = await self.call_batch([(fn, args)])
-        return outcome
 
     async def call_batch(
         self, calls: list[_Call], *, stop: Callable[[_Outcome], bool] | None = None
@@ -1002,21 +1013,12 @@ def _xid_thread(  # noqa: PLR0917 - a thread's entry point, called once
             log.debug("nvmlEventSetFree failed: %s", error_reason(exc))
 
 
-class _Refresh:
+class _Refresh(_Calls):
     """One refresh's view of the caller: once a call times out, the rest are ``wedged``."""
 
     def __init__(self, probe: Probe) -> None:
         self._caller = probe._caller
         self.wedged = False
-
-    async def call(self, fn: Callable[..., Any], *args: Any) -> _Outcome:
-        if self.wedged:
-            await trio.lowlevel.checkpoint()
-            return _Fail("wedged")
-        outcome = await self._caller.call(fn, *args)
-        if isinstance(outcome, _Fail) and outcome.reason in ("timeout", "wedged"):
-            self.wedged = True
-        return outcome
 
     async def call_batch(
         self, calls: list[_Call], *, stop: Callable[[_Outcome], bool] | None = None

@@ -430,12 +430,15 @@ class ReplayNvml:
                     raise ReplayHang(hang)
                 hang.released.wait()
 
-    def _system(self, key: str) -> Any:
+    def _system(self, key: str, *, required: bool = True) -> Any:
+        """The capture's ``key`` once its hangs are over; a captured error is raised. A key
+        the capture lacks is ``NVMLError_FunctionNotFound``, or ``None`` where not
+        ``required``."""
         self.calls += 1
         self._wait_hangs(None, key)
-        if key not in self._capture:
+        if required and key not in self._capture:
             raise _nvml_error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
-        value = self._capture[key]
+        value = self._capture.get(key)
         if _is_error(value):
             raise _captured_error(value)
         return value
@@ -485,21 +488,13 @@ class ReplayNvml:
     nvmlDeviceGetSupportedEventTypes = _device_reader("xid_supported_events")
 
     def nvmlInit(self) -> None:
-        self.calls += 1
-        self._wait_hangs(None, "init")
-        init = self._capture.get("init")
-        if _is_error(init):
-            raise _captured_error(init)
+        self._system("init", required=False)
 
     def nvmlShutdown(self) -> None:
         self.calls += 1
 
     def nvmlDeviceGetCount(self) -> int:
-        self.calls += 1
-        self._wait_hangs(None, "device_count")
-        count = self._capture.get("device_count")
-        if _is_error(count):
-            raise _captured_error(count)
+        count = self._system("device_count", required=False)
         if isinstance(count, int) and not isinstance(count, bool):
             return count
         return len(self._capture.get("devices", []))

@@ -27,20 +27,14 @@ class ProbeError(PopuliError):
 
 class FixtureError(ProbeError, ConfigError):
     code = "bad_gpu_fixture"
-    exit_code = 4
-    http_status = 400
 
 
 class AdvertisedLabelError(ProbeError, ConfigError):
     code = "bad_gpu_label"
-    exit_code = 4
-    http_status = 400
 
 
 class InventoryFormatError(ProbeError, BadRequest):
     code = "bad_gpu_inventory"
-    exit_code = 4
-    http_status = 400
 
 
 __all__ = ["AdvertisedLabelError", "FixtureError", "InventoryFormatError", "ProbeError"]

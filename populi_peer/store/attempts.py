@@ -25,7 +25,7 @@ from typing import Any
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.reports import Claim
-from populi_peer.store.db import Store
+from populi_peer.store.db import Store, from_row
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +56,12 @@ class AttemptRecord(AttemptIdentity):
 
 
 def _record(row: sqlite3.Row) -> AttemptRecord:
-    return AttemptRecord(
-        task_id=row["task_id"],
-        attempt=row["attempt"],
-        role=row["role"],
-        submitter=row["submitter"],
-        token=FencingToken.parse(row["token"]),
-        lease_id=row["lease_id"],
-        state=row["state"],
-        body=json.loads(row["body"]),
-        result=None if row["result"] is None else json.loads(row["result"]),
-        delivered_ms=row["delivered_ms"],
-        updated_ms=row["updated_ms"],
-        released_ms=row["released_ms"],
+    return from_row(
+        AttemptRecord,
+        row,
+        token=FencingToken.parse,
+        body=json.loads,
+        result=lambda text: None if text is None else json.loads(text),
     )
 
 

@@ -41,9 +41,9 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from populi_peer.errors import (
     DatabaseTooNew,
@@ -52,6 +52,11 @@ from populi_peer.errors import (
     StoreError,
     Unauthenticated,
 )
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Row = TypeVar("_Row", bound="DataclassInstance")
 
 DB_FILE_NAME = "populi.db"
 
@@ -558,6 +563,26 @@ class Store:
         self.set_meta(key, json.dumps(value, sort_keys=True))
 
 
+def from_row(cls: type[_Row], row: sqlite3.Row, **decode: Callable[[Any], Any]) -> _Row:
+    """The dataclass ``cls`` built from ``row``, whose columns are named like its fields:
+    each field takes its column's value, passed through ``decode[field]`` where the
+    column holds an encoded form (JSON text, a fencing token's string)."""
+    names = [field.name for field in fields(cls)]
+    unknown = decode.keys() - set(names)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r} to decode")
+    return cls(**{name: decode.get(name, _as_stored)(row[name]) for name in names})
+
+
+def _as_stored(value: Any) -> Any:
+    return value
+
+
+def json_tuple(text: str) -> tuple[Any, ...]:
+    """A column that holds a JSON list, read as a tuple (``from_row``'s decoder)."""
+    return tuple(json.loads(text))
+
+
 def _split_sql(script: str) -> list[str]:
     return [part.strip() for part in script.split(";") if part.strip()]
 
@@ -571,5 +596,7 @@ __all__ = [
     "Store",
     "bind_request_nonce",
     "file_error",
+    "from_row",
+    "json_tuple",
     "store_error",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from populi_peer.core.messages.records import EventKind
-from populi_peer.store.db import Store
+from populi_peer.store.db import Store, from_row
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,15 +41,7 @@ class Event:
 
 
 def _event(row: sqlite3.Row) -> Event:
-    return Event(
-        seq=row["seq"],
-        at_ms=row["at_ms"],
-        node_id=row["node_id"],
-        kind=row["kind"],
-        actor=row["actor"],
-        reason=row["reason"],
-        detail=json.loads(row["detail"]),
-    )
+    return from_row(Event, row, detail=json.loads)
 
 
 class EventLog:

@@ -11,7 +11,7 @@ import json
 import sqlite3
 
 from populi_peer.core.membership import Member
-from populi_peer.store.db import Store
+from populi_peer.store.db import Store, from_row, json_tuple
 
 _INSERT = (
     "INSERT INTO principals (id, kind, name, public_key, roles, addresses, cert_serial, "
@@ -36,19 +36,7 @@ def _params(member: Member) -> tuple[object, ...]:
 
 
 def _member(row: sqlite3.Row) -> Member:
-    return Member(
-        id=row["id"],
-        kind=row["kind"],
-        name=row["name"],
-        public_key=row["public_key"],
-        roles=tuple(json.loads(row["roles"])),
-        addresses=tuple(json.loads(row["addresses"])),
-        cert_serial=row["cert_serial"],
-        cert_not_after_ms=row["cert_not_after_ms"],
-        joined_ms=row["joined_ms"],
-        token_id=row["token_id"],
-        updated_ms=row["updated_ms"],
-    )
+    return from_row(Member, row, roles=json_tuple, addresses=json_tuple)
 
 
 class Members:

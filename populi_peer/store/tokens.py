@@ -9,13 +9,12 @@ with the member record it belongs to.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass
 
 from enrollment.canonical import canonical_json
 from enrollment.tokens import JoinToken
-from populi_peer.store.db import Store
+from populi_peer.store.db import Store, from_row, json_tuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +35,7 @@ class JoinTokenRecord:
 
 
 def _token(row: sqlite3.Row) -> JoinTokenRecord:
-    return JoinTokenRecord(
-        token_id=row["token_id"],
-        digest=row["digest"],
-        roles=tuple(json.loads(row["roles"])),
-        name=row["name"],
-        uses_total=row["uses_total"],
-        uses_left=row["uses_left"],
-        not_before_ms=row["not_before_ms"],
-        expires_ms=row["expires_ms"],
-        created_ms=row["created_ms"],
-        created_by=row["created_by"],
-        revoked_ms=row["revoked_ms"],
-    )
+    return from_row(JoinTokenRecord, row, roles=json_tuple)
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,6 +254,47 @@ async def test_xid_quarantine_survives_restart_and_is_resumed_by_the_operator(
         assert answer["lease"]["holder"] == w1.node_id
 
 
+async def test_the_control_planes_view_takes_leased_from_its_lease_book(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A GPU's ``gpu_leased`` is the lease book's, not the node's last report's: leased
+    the moment a lease is granted and free the moment it is released, though the node's
+    heartbeats (which lag by up to an interval) say nothing of it here — the lease is
+    granted through the API, so the node itself runs nothing."""
+    async with vcluster(tmp_path, config=_config(_no_driver(tmp_path))) as cluster:
+        cp = cluster.cp
+        await change_settings(cluster, remote_exec_enabled=True)
+        w1 = await cluster.join("w1", config=_config(IDLE))
+        w2 = await cluster.join("w2", config=_config(_no_driver(tmp_path)))
+        assert w1 is not None and w2 is not None
+        uuid = derive_replay_uuid(CAPTURE_UUID, w1.node_id)
+        async with cluster.operator_client() as client:
+            await _wait_gpus(client, lambda v: bool(v["w1"]["devices"]))
+            await trio.sleep_until(cp.uptime.started_mono + 60)  # past the resumption window
+            lease = (await _grant(w2, cp, w1, "task-book"))["lease"]
+            assert lease["gpus"] == [uuid]
+            device = _device(await _gpus(client), "w1")
+            reported = cp.gpu.nodes[w1.node_id].metrics
+            assert reported is not None and reported["devices"][0]["allocatable"] is True
+            assert (device["allocatable"], device["allocation_reasons"]) == (False, ["gpu_leased"])
+            assert cp.gpu.allocatable_gpus(w1.node_id) == ((), 0)
+            nodes = (await client.get("/v1/populi/nodes")).json()["nodes"]
+            (summary,) = [n["gpu_summary"] for n in nodes if n["id"] == w1.node_id]
+            assert summary["allocatable"] == 0
+
+            released = await w1.peers.call(
+                url=cp.address.url,
+                node_id=cp.node_id,
+                method="POST",
+                path=f"/v1/populi/exec/leases/{lease['lease_id']}/release",
+                payload={"outcome": "completed"},
+            )
+            assert released["lease"]["state"] == "completed", released
+            device = _device(await _gpus(client), "w1")
+            assert (device["allocatable"], device["allocation_reasons"]) == (True, [])
+            assert cp.gpu.allocatable_gpus(w1.node_id) == ((uuid,), 0)
+
+
 # -- 4. a GPU lost mid-run ------------------------------------------------------------------
 
 

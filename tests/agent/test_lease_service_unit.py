@@ -184,6 +184,29 @@ async def test_a_grant_is_durable_before_it_is_answered(
         assert Leases(world.store).get(lease.lease_id).state == "completed"  # type: ignore[union-attr]
 
 
+async def test_the_book_says_which_gpus_of_a_node_are_busy(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """What the GPU view takes ``gpu_leased`` from (ADR 0015 for the window)."""
+    with open_service(tmp_path) as world:
+        assert world.service.busy_on(WORKER) == frozenset()
+        lease = (await world.service._grant(request(grant()))).lease.lease
+        assert world.service.busy_on(WORKER) == {GPU}
+        assert world.service.busy_on(SUBMITTER) == frozenset()
+        await world.service._release(
+            request(
+                LeaseReleaseRequest(outcome="completed"), caller=WORKER, lease_id=lease.lease_id
+            )
+        )
+        assert world.service.busy_on(WORKER) == frozenset()
+        # Restarted with a lease history: until the node reports in full, its report says.
+        again = build(world.store, world.nodes, world.settings)
+        assert again.table is not None and again.table.window is not None
+        assert again.busy_on(WORKER) is None
+        again.forget()
+        assert again.busy_on(WORKER) is None
+
+
 async def test_the_target_is_checked_from_the_control_planes_own_view(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

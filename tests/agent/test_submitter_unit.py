@@ -534,6 +534,27 @@ async def test_a_worker_that_leaves_sends_the_task_back_to_fall_back_here(
         assert "cancelled" not in [r.code for r in done.reasons]
 
 
+async def test_a_lease_released_by_a_leaving_worker_says_so_before_its_result(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The leaving worker's release carries ``worker_left``: a submitter whose lease check
+    sees the released lease before the result reaches it falls back for the same reason."""
+    async with open_submitter(tmp_path) as world:
+        task_id = submit(world)
+        task = await handed_off(world, task_id)
+        assert task.current_attempt is not None and task.current_attempt.lease_id is not None
+        lease = world.peers.leases[task.current_attempt.lease_id]
+        lease.update(state="released", reason="worker_left")
+        done = await ended(world, task_id)  # no result ever comes
+        assert done.state == "succeeded", done.reasons
+        first, second = done.attempts
+        assert first.where == "remote"
+        assert second.where == "local", done.attempts
+        assert "worker_left" in second.placement_reasons, second.placement_reasons
+        assert "lease_released" not in second.placement_reasons
+        assert "cancelled" not in [r.code for r in done.reasons]
+
+
 def refused_grant(world: World, reason: str) -> Spoil:
     """A grant the control plane refuses (the fake issued it: it never was)."""
 

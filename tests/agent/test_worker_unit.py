@@ -292,7 +292,7 @@ async def test_a_refused_handoff_gives_its_lease_back(
             await hand(world, handoff())
         assert refused.value.code == code
         (release,) = world.fake.requests("POST", LEASE + "/release")
-        assert release.body["outcome"] == "stopped"
+        assert release.body["outcome"] == "stopped" and "reason" not in release.body
         assert world.worker.fences.highest("t-1") is None  # nothing admitted
         assert not world.host.ledger.runs
 
@@ -332,7 +332,8 @@ async def test_a_leaving_worker_stops_its_attempts_as_worker_left_and_delivers_t
         result = stored_result(row).result
         assert (result.outcome, result.detail) == ("cancelled", "worker_left")
         (release,) = world.fake.requests("POST", LEASE + "/release")
-        assert release.body["outcome"] == "stopped"
+        # The lease says so too: its submitter may read it before the result.
+        assert (release.body["outcome"], release.body["reason"]) == ("stopped", "worker_left")
 
 
 # -- malformed answers ---------------------------------------------------------------------

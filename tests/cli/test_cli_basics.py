@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import pytest
 
+from populi_peer.cli.common import print_answer, utc_text
 from populi_peer.cli.main import main
+from populi_peer.core.messages import GpuResumeAnswer
 
 
 def _lines(text: str) -> list[str]:
@@ -78,3 +82,23 @@ def test_settings_set_rejects_bad_value_before_contacting_anyone(
     )
     assert code == 4
     assert "max_lease_ttl_s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_changing_command_prints_its_line_or_its_answer_as_json(
+    as_json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    answer = GpuResumeAnswer(node_id="w1", uuid="GPU-1", quarantined=False)
+    print_answer(
+        argparse.Namespace(json=as_json), answer, "GPU GPU-1 of w1 is no longer quarantined"
+    )
+    out = capsys.readouterr().out
+    if as_json:
+        assert json.loads(out) == answer.to_json()
+    else:
+        assert out == "GPU GPU-1 of w1 is no longer quarantined\n"
+
+
+def test_wall_times_print_as_utc_and_none_as_a_dash() -> None:
+    assert utc_text(1_796_148_000_000) == "2026-12-01 18:00:00Z"
+    assert utc_text(None) == "-"

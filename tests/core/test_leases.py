@@ -76,13 +76,14 @@ def req(
     ttl_s: float = 10.0,
     submitter: str = "sub",
     previous: str | None = None,
+    work_class: WorkClass = "training",
 ) -> GrantRequest:
-    """A training task's grant request from ``sub`` (``previous``: the node its last
+    """A grant request from ``sub`` for a ``work_class`` task (``previous``: the node its last
     attempt ran on)."""
     return GrantRequest(
         task_id=task_id,
         attempt=attempt,
-        work_class="training",
+        work_class=work_class,
         target=node,
         gpus_wanted=gpus,
         ttl_s=ttl_s,
@@ -1197,14 +1198,14 @@ class LeaseTableMachine(RuleBasedStateMachine):
             reasons=() if eligible else ("node_cordoned",),
             allocatable_gpus=allocatable,
         )
-        request = GrantRequest(
-            task_id=task_id,
+        request = req(
+            task_id,
+            node,
             attempt=attempt,
-            work_class="agent",
-            target=node,
-            gpus_wanted=gpus_wanted,
+            gpus=gpus_wanted,
             ttl_s=ttl,
             submitter=submitter,
+            work_class="agent",
         )
         history = self.table.by_task(task_id)
         busy = self.table.busy_gpus()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from populi_peer.core.fencing import FencingToken
+from populi_peer.core.hlc import Hlc
 from populi_peer.core.wire import (
     MAX_ATTEMPT,
     check_attempt,
@@ -15,6 +17,7 @@ from populi_peer.core.wire import (
     check_id,
     fields_json,
     json_record,
+    record_json,
     task_attempt,
 )
 from populi_peer.errors import BadRequest
@@ -105,3 +108,26 @@ def test_fields_json_writes_every_field_in_order() -> None:
         a: str | None = None
 
     assert list(fields_json(Pair(1)).items()) == [("b", 1), ("a", None)]
+
+
+def test_record_json_writes_lists_and_records_and_leaves_out_none_and_omitted() -> None:
+    @dataclass(frozen=True)
+    class Held:
+        token: FencingToken
+        gpus: tuple[str, ...]
+        note: str | None = None
+        timer: float = 0.0
+
+    held = Held(FencingToken(3, 7), ("GPU-a", "GPU-b"))
+    assert list(record_json(held, omit=("timer",)).items()) == [
+        ("token", "3.7"),
+        ("gpus", ["GPU-a", "GPU-b"]),
+    ]
+    assert record_json(Held(FencingToken(0, 1), (), "why"))["note"] == "why"
+    assert record_json(Held(FencingToken(0, 1), ()), nulls=True)["note"] is None
+
+    @dataclass(frozen=True)
+    class Nested:
+        clocks: tuple[Hlc, ...]
+
+    assert record_json(Nested((Hlc(5, 1),))) == {"clocks": [{"wall_ms": 5, "counter": 1}]}

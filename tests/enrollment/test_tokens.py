@@ -30,6 +30,7 @@ from enrollment.tokens import (
     _utc_iso_ms,
     ca_pin,
     check_redeem_time,
+    check_token_time,
     decode_token,
     open_token,
     prove_join,
@@ -791,6 +792,19 @@ def test_open_token_gives_the_joiner_its_envelope_and_token_key() -> None:
     with pytest.raises(TokenError) as info:
         open_token(text, now_ms=NOW + HOUR, skew_ms=0)
     assert info.value.code == "token_expired"
+
+
+@pytest.mark.parametrize("skew_ms", [-1, True, 1.5, None])
+def test_a_bad_skew_budget_is_a_programming_error_before_any_decoding(skew_ms: Any) -> None:
+    text, token = mint()
+    for call in (
+        lambda: decode_token("not a token", now_ms=NOW, skew_ms=skew_ms),
+        lambda: open_token("not a token", now_ms=NOW, skew_ms=skew_ms),
+        lambda: check_token_time(token, now_ms=NOW, skew_ms=skew_ms),
+    ):
+        with pytest.raises(ValueError, match="skew_ms must be a non-negative integer"):
+            call()
+    assert open_token(text, now_ms=NOW, skew_ms=0).token == token
 
 
 def _redeem(envelope: str, **overrides: Any) -> JoinToken:

@@ -24,6 +24,7 @@ from populi_peer.gpu import (
     format_probe,
     health_verdict,
     is_critical_xid,
+    leased_by_book,
     throttle_reason_names,
 )
 
@@ -244,3 +245,32 @@ def test_records_are_immutable() -> None:
         device.unknown["fan_speed_pct"] = "x"  # type: ignore[index]
     hash(device)
     hash(GpuInventory(devices=(device,)))
+
+
+@pytest.mark.parametrize(
+    ("reported", "reasons", "leased", "expected"),
+    [
+        # The report still says leased; the book already released it: free at once.
+        (False, ("gpu_leased",), False, (True, ())),
+        (False, ("gpu_leased", "gpu_degraded"), False, (True, ("gpu_degraded",))),
+        # Just granted by the book, the report not yet: leased at once.
+        (True, (), True, (False, ("gpu_leased",))),
+        (True, ("advertised_trusted",), True, (False, ("gpu_leased", "advertised_trusted"))),
+        # Other blocks stay whatever the book says.
+        (False, ("gpu_unhealthy", "gpu_leased"), False, (False, ("gpu_unhealthy",))),
+        (False, ("gpu_in_use_foreign",), False, (False, ("gpu_in_use_foreign",))),
+        # Not allocatable for no reason the report names: it stays so.
+        (False, (), False, (False, ())),
+        # A reason this version does not know blocks, listed last.
+        (
+            True,
+            ("gpu_from_the_future", "gpu_degraded"),
+            False,
+            (False, ("gpu_degraded", "gpu_from_the_future")),
+        ),
+    ],
+)
+def test_leased_by_book(
+    reported: bool, reasons: tuple[str, ...], leased: bool, expected: tuple[bool, tuple[str, ...]]
+) -> None:
+    assert leased_by_book(reported, reasons, leased=leased) == expected

@@ -4,8 +4,11 @@ transaction, and a caller's transaction groups writes of several repositories.""
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
+import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from populi_peer.core.tasks import Task
 from populi_peer.errors import StoreError
 from populi_peer.store import Store, bind_request_nonce
 from populi_peer.store.attempts import AttemptIdentity, Attempts
+from populi_peer.store.db import from_row, json_tuple
 from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
 from populi_peer.store.leases import Leases
@@ -149,3 +153,19 @@ def test_insert_meta_refuses_a_key_already_there(store: Store) -> None:
     with pytest.raises(StoreError):
         store.insert_meta({"node_id": "n-a", "cluster_id": "c-2"})
     assert store.get_meta("cluster_id") == "c-1" and store.get_meta("node_id") is None
+
+
+@dataclass(frozen=True)
+class _Tagged:
+    name: str
+    tags: tuple[str, ...]
+
+
+def test_from_row_fills_each_field_from_its_column_through_its_decoder() -> None:
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT 'a' AS name, '[\"x\", \"y\"]' AS tags, 1 AS extra").fetchone()
+        assert from_row(_Tagged, row, tags=json_tuple) == _Tagged("a", ("x", "y"))
+        assert from_row(_Tagged, row) == _Tagged("a", '["x", "y"]')  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="_Tagged has no field 'tag' to decode"):
+            from_row(_Tagged, row, tag=json_tuple)

@@ -11,9 +11,9 @@ run on it; :meth:`LeaseGrantRequest.of` goes the other way, for the submitter.
 
 from __future__ import annotations
 
-from typing import Final, Literal, get_args
+from typing import Final, get_args
 
-from populi_peer.core.leases import GrantRequest
+from populi_peer.core.leases import GrantRequest, ReleaseOutcome, ReleaseReason
 from populi_peer.core.messages._codec import (
     Bool,
     Choice,
@@ -33,7 +33,6 @@ from populi_peer.core.policy import WorkClass
 
 #: The largest GPU count taken (JSON's safe integers; beyond any machine anyway).
 MAX_GPUS_WANTED: Final = 2**53 - 1
-ReleaseOutcome = Literal["stopped", "completed"]
 _ID = Ident()
 _GPUS = Int(minimum=0, maximum=MAX_GPUS_WANTED)
 
@@ -102,6 +101,9 @@ class RenewRequest(Message):
 @message
 class LeaseReleaseRequest(Message):
     outcome: ReleaseOutcome = wire(Choice(get_args(ReleaseOutcome)))
+    #: With ``stopped``: the released lease's reason (else ``released``), so that a
+    #: submitter which looks at the lease before the result reaches it learns the same.
+    reason: ReleaseReason | None = wire(Choice(get_args(ReleaseReason)), omit_none=True)
 
 
 @message
