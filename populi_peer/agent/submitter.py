@@ -980,35 +980,33 @@ class Submitter:
                 ttl = grant.ttl_s
         return max(0.5, min(ttl / 3, 5.0))
 
-    async def _lease_state(self, task: Task, lease_id: str, holder: str) -> str:
-        """The state of ``lease_id`` as the control plane says (the answer must be about
-        that lease, of this task)."""
-        return (await self._lease(task, lease_id, holder)).state
-
-    async def _lease(self, task: Task, lease_id: str, holder: str) -> Lease:
+    async def _lease(
+        self, task: Task, control: Control, lease_id: str, holder: str
+    ) -> Lease | None:
         """``lease_id`` as the control plane holds it (the answer must be about that
-        lease, of this task)."""
-        answer = await self.control_plane.call(
-            "GET", f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
-        )
-        lease = self._check_lease(answer.lease, task_id=task.task_id, holder=holder)
-        if lease.lease_id != lease_id:
-            raise PeerError(
-                f"the control plane answered for lease {lease.lease_id}, not {lease_id}",
-                code="bad_peer_answer",
-                peer=self.control_plane.id,
+        lease, of this task); ``None`` when it could not be learnt (the failure carried
+        out as a ``lease_check`` refusal)."""
+        try:
+            answer = await self.control_plane.call(
+                "GET", f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
             )
+            lease = self._check_lease(answer.lease, task_id=task.task_id, holder=holder)
+            if lease.lease_id != lease_id:
+                raise PeerError(
+                    f"the control plane answered for lease {lease.lease_id}, not {lease_id}",
+                    code="bad_peer_answer",
+                    peer=self.control_plane.id,
+                )
+        except PopuliError as exc:
+            await self._refused(task, control, "lease_check", exc)
+            return None
         return lease
 
     async def _check_current_lease(self, task: Task, control: Control) -> None:
         attempt = task.current_attempt
         assert attempt is not None and attempt.lease_id is not None
-        try:
-            lease = await self._lease(task, attempt.lease_id, attempt.node)
-        except PopuliError as exc:
-            await self._refused(task, control, "lease_check", exc)
-            return
-        if lease.state in DEAD_STATES:
+        lease = await self._lease(task, control, attempt.lease_id, attempt.node)
+        if lease is not None and lease.state in DEAD_STATES:
             # The holder's own word on the lease (it left: the result may still be on its
             # way), else how the lease died.
             why = WORKER_LEFT if lease.reason == WORKER_LEFT else f"lease_{lease.state}"
@@ -1035,19 +1033,15 @@ class Submitter:
         if not runs_here and current is not None and current.lease_id and current.token is not None:
             # --no-fallback: the control plane's word that the lease is dead is all that
             # is wanted; nothing new is leased.
-            try:
-                state = await self._lease_state(task, current.lease_id, current.node)
-            except PopuliError as exc:
-                await self._refused(task, control, "lease_check", exc)
-                return
-            if state in DEAD_STATES:
+            held = await self._lease(task, control, current.lease_id, current.node)
+            if held is not None and held.state in DEAD_STATES:
                 self.apply(
                     task.task_id,
                     LeaseDeadConfirmed(
                         node=self.node_id,
                         token=current.token,
                         lease_id=None,
-                        reasons=(f"lease_{state}",),
+                        reasons=(f"lease_{held.state}",),
                     ),
                 )
             return
