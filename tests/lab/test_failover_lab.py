@@ -62,7 +62,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,8 @@ from e2e.exec_support import (
     token_key,
     wait_ticks,
 )
-from lab.agents import open_lab_mesh
 from lab.caller import Caller
-from lab.netns import Lab, open_lab
+from lab.netns import Lab
 
 from populi_peer.core.settings import defaults
 from support.mesh import Mesh, give_issuers
@@ -108,20 +107,6 @@ SLACK_S = 10.0
 #: The running task ticks for 30 s (long past a failover); the others for 2 s.
 N_LONG, N_SHORT = 300, 20
 GUARD_S = 90.0
-
-
-@pytest.fixture
-def lab(lab_unavailable: str | None) -> Iterator[Lab]:
-    if lab_unavailable is not None:
-        pytest.skip(lab_unavailable)
-    with open_lab(HOSTS) as built:
-        yield built
-
-
-@pytest.fixture
-def mesh(lab: Lab, tmp_path: Path) -> Iterator[Mesh]:
-    with open_lab_mesh(lab, tmp_path) as built:
-        yield built
 
 
 def test_leader_sigkilled_then_cut_off_from_the_majority(
