@@ -174,24 +174,31 @@ def run_overlay_runbook(page: str, hosts: Hosts, overlay: dict[str, str]) -> Run
     return book
 
 
-def test_the_wireguard_runbook_runs_end_to_end(overlay_lab: tuple[Lab, Hosts]) -> None:
-    missing = tools_missing("wg", "wireguard-go", "iptables", "ping")
+@pytest.mark.parametrize(
+    ("page", "tools", "overlay"),
+    [
+        pytest.param(
+            "overlay-wireguard.md",
+            ("wg", "wireguard-go"),
+            {"cp": "10.8.0.1", "wa": "10.8.0.2", "wb": "10.8.0.3"},
+            id="wireguard",
+        ),
+        pytest.param(
+            "overlay-nebula.md",
+            ("nebula", "nebula-cert"),
+            {"cp": "10.42.0.1", "wa": "10.42.0.2", "wb": "10.42.0.3"},
+            id="nebula",
+        ),
+    ],
+)
+def test_the_overlay_runbook_runs_end_to_end(
+    overlay_lab: tuple[Lab, Hosts], page: str, tools: tuple[str, ...], overlay: dict[str, str]
+) -> None:
+    missing = tools_missing(*tools, "iptables", "ping")
     if missing:
         pytest.skip(missing)
     _, hosts = overlay_lab
-    run_overlay_runbook(
-        "overlay-wireguard.md", hosts, {"cp": "10.8.0.1", "wa": "10.8.0.2", "wb": "10.8.0.3"}
-    )
-
-
-def test_the_nebula_runbook_runs_end_to_end(overlay_lab: tuple[Lab, Hosts]) -> None:
-    missing = tools_missing("nebula", "nebula-cert", "iptables", "ping")
-    if missing:
-        pytest.skip(missing)
-    _, hosts = overlay_lab
-    run_overlay_runbook(
-        "overlay-nebula.md", hosts, {"cp": "10.42.0.1", "wa": "10.42.0.2", "wb": "10.42.0.3"}
-    )
+    run_overlay_runbook(page, hosts, overlay)
 
 
 @pytest.mark.parametrize(
