@@ -31,15 +31,14 @@ from typing import Any
 
 import pytest
 from lab.netns import Lab, open_lab, sh
+from lab.overlay import HOSTS, UNDERLAY, overlay_hosts
 from lab.runbook import Hosts, Runbook, parse_runbook
 
-from support.mesh import EXEC_ENV, EXPIRY_MARGIN_S, GPU_FIXTURE, LEASE_TTL_S
+from support.mesh import EXPIRY_MARGIN_S, LEASE_TTL_S
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 RUNBOOKS = Path(__file__).resolve().parents[2] / "runbooks"
-HOSTS = ("cp", "wa", "wb")
-UNDERLAY = "198.18.0"
 HOME_LAN = {"cp": "192.168.50.1", "wa": "192.168.50.2"}
 
 
@@ -74,13 +73,7 @@ def overlay_lab(lab_unavailable: str | None, tmp_path: Path) -> Iterator[tuple[L
         for name, address in HOME_LAN.items():
             lab.run(name, "ip", "addr", "add", f"{address}/24", "dev", "lan0")
             lab.run(name, "ip", "link", "set", "lan0", "up")
-        worker_env = {"POPULI_GPU_FIXTURE": GPU_FIXTURE, "POPULI_GPU__REFRESH_S": "1"}
-        hosts = Hosts(
-            lab,
-            tmp_path / "hosts",
-            env={**EXEC_ENV, "POPULI_DISCOVERY__ENABLED": "1"},
-            host_env={"wa": worker_env, "wb": worker_env},
-        )
+        hosts = overlay_hosts(lab, tmp_path / "hosts", discovery=True)
         try:
             hosts.open()
             yield lab, hosts
