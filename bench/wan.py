@@ -39,11 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from lab.netns import open_lab  # noqa: E402
+from lab.overlay import HOSTS, UNDERLAY, overlay_hosts  # noqa: E402
 from lab.runbook import Hosts, Runbook  # noqa: E402
 
-from support.mesh import EXEC_ENV, GPU_FIXTURE  # noqa: E402
-
-HOSTS = ("cp", "wa", "wb")
 WG_PORT = 51820
 
 
@@ -197,15 +195,9 @@ class WanLab:
 
 
 def build(tmp: Path) -> tuple[Any, Any, Hosts, WanLab, Runbook]:
-    lab_cm = open_lab(HOSTS, subnet="198.18.0")
+    lab_cm = open_lab(HOSTS, subnet=UNDERLAY)
     lab = lab_cm.__enter__()
-    worker = {"POPULI_GPU_FIXTURE": GPU_FIXTURE, "POPULI_GPU__REFRESH_S": "1"}
-    hosts = Hosts(
-        lab,
-        tmp / "hosts",
-        env={**EXEC_ENV, "POPULI_DISCOVERY__ENABLED": "0"},
-        host_env={"wa": worker, "wb": worker},
-    )
+    hosts = overlay_hosts(lab, tmp / "hosts", discovery=False)
     hosts.open()
     book = Runbook(ROOT / "runbooks" / "overlay-wireguard.md", hosts)
     book.run_through("remote-on")

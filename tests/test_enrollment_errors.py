@@ -34,7 +34,7 @@ from enrollment.signing import ReplayCache, verify_request
 from enrollment.tokens import decode_token, redeem_token, token_envelope
 from enrollment.tokens import validate_node_name as check_name
 from populi_peer.agent.enrollment import TokenUsed
-from populi_peer.agent.membership import Member, Membership
+from populi_peer.agent.membership import Membership
 from populi_peer.api.app import ApiApp, Route
 from populi_peer.api.auth import Authenticator
 from populi_peer.cli.main import main
@@ -52,6 +52,7 @@ from populi_peer.errors import (
 )
 from populi_peer.store import Store
 from populi_peer.testing import VirtualClock
+from support.members import node_member
 from support.tokens import CP, HOUR, NOW, ROOT, mint
 
 
@@ -258,19 +259,7 @@ def test_a_bad_key_from_a_peer_is_a_populi_error(tmp_path: Path) -> None:
     store = Store.open(tmp_path, create=True)
     try:
         membership = Membership(store)
-        member = Member(
-            id="n-1",
-            kind="node",
-            name="gpu-1",
-            public_key="not-a-key",
-            roles=("worker",),
-            addresses=(),
-            cert_serial="",
-            cert_not_after_ms=0,
-            joined_ms=0,
-            token_id="",
-            updated_ms=0,
-        )
+        member = replace(node_member("gpu-1", now_ms=0, node_id="n-1"), public_key="not-a-key")
         with pytest.raises(RefusedError) as info:
             membership.adopt(member)
         assert info.value.code == "bad_public_key"

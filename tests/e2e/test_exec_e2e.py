@@ -136,6 +136,15 @@ def ticking_on_w2(
     return task_id, mesh.task_dir("w2", "worker", task_id, 1)
 
 
+def stop_after_renewal(mesh: Mesh, name: str, task_dir: Path) -> float:
+    """Stops ``name``'s agent right after a renewal of the lease of ``task_dir``'s attempt
+    landed, and checks it exited cleanly; returns the seconds from the renewal to its exit."""
+    wait_renewal(task_dir)
+    renewed = time.monotonic()
+    assert mesh.stop(name, timeout=60) == 0
+    return time.monotonic() - renewed
+
+
 def attempt_pids(task_id: str, attempt: int) -> list[int]:
     return [
         pid
@@ -450,11 +459,7 @@ def test_worker_agent_restart_readopts_supervisor_task_completes_once(
     with lease_ttl(mesh, RESTART_TTL_S):
         task_id, task_dir = ticking_on_w2(mesh, ticks, n1=120, count=1)
         supervisor = int(supervisor_state(task_dir)["supervisor_pid"])
-        wait_renewal(task_dir)
-        renewed = time.monotonic()
-        code = mesh.stop("w2", timeout=60)
-        down = time.monotonic() - renewed
-        assert code == 0
+        down = stop_after_renewal(mesh, "w2", task_dir)
         down_at = len(read_ticks(ticks))
         # The task outlives its agent: the supervisor keeps it running.
         assert pid_alive(supervisor)
@@ -486,8 +491,7 @@ def test_worker_agent_restarted_within_the_lease_renews_at_once(mesh: Mesh, tmp_
         try:
             wait_ticks(ticks, 1, count=1)
             task_dir = mesh.task_dir("w2", "worker", task_id, 1)
-            wait_renewal(task_dir)
-            assert mesh.stop("w2", timeout=60) == 0
+            stop_after_renewal(mesh, "w2", task_dir)
             deadline_s = deadline_boot_ns(task_dir) / 1e9
             stop_at_s = deadline_s - STOP_MARGIN_S
             renew_interval_s = RESTART_TTL_S / 3
@@ -733,11 +737,7 @@ def test_control_plane_restart_right_after_renewal_lease_survives(
     cp = mesh["cp"]
     with lease_ttl(mesh, RESTART_TTL_S):
         task_id, task_dir = ticking_on_w2(mesh, ticks, n1=100, count=1)
-        wait_renewal(task_dir)
-        renewed = time.monotonic()
-        code = mesh.stop("cp", timeout=60)
-        down = time.monotonic() - renewed
-        assert code == 0
+        down = stop_after_renewal(mesh, "cp", task_dir)
         log_before = len(cp.log())
         launched = time.monotonic()
         took = mesh.start("cp")

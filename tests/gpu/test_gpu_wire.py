@@ -30,6 +30,7 @@ from populi_peer.gpu import (
     summary_static,
 )
 from populi_peer.testing import VirtualClock
+from support.fuzz import json_trees
 from support.hints import allocations
 
 
@@ -158,11 +159,10 @@ async def test_wrong_types_name_the_field(
     assert info.value.http_status == 400
 
 
-json_values = st.recursive(
+json_values = json_trees(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
+    width=4,
+    key_size=8,
     max_leaves=20,
 )
 

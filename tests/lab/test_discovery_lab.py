@@ -27,40 +27,32 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lab.agents import PORT, LabHost
 from lab.avahi import avahi_unavailable, open_avahi
 from lab.netns import Lab, open_lab
 
 from populi_peer.discovery import cluster_digest
-from support.mesh import Host, Mesh
+from support.mesh import Mesh
 from support.procs import POPULI
 from support.waiting import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-PORT = 7431
 GUARD_S = 60.0
 HOSTS = ("cp", "wa", "wb", "xf", "obs")
 DISCOVERY_ON = {"POPULI_DISCOVERY__ENABLED": "1"}
 
 
-class WildcardLabHost(Host):
+class WildcardLabHost(LabHost):
     """Each node in its namespace, listening on every interface (no address flags)."""
-
-    reachable = False
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
 
     def listen(self, name: str) -> str:
         return f"0.0.0.0:{PORT}"
-
-    def argv(self, name: str, argv: Sequence[str]) -> list[str]:
-        return list(self.lab.argv(name, *argv))
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,8 @@ from e2e.exec_support import (
     token_key,
     wait_ticks,
 )
-from lab.agents import open_lab_mesh
 from lab.caller import Caller
-from lab.netns import Lab, open_lab
+from lab.netns import Lab
 
 from populi_peer.core.settings import defaults
 from support.mesh import Mesh, give_issuers
@@ -108,20 +107,6 @@ SLACK_S = 10.0
 #: The running task ticks for 30 s (long past a failover); the others for 2 s.
 N_LONG, N_SHORT = 300, 20
 GUARD_S = 90.0
-
-
-@pytest.fixture
-def lab(lab_unavailable: str | None) -> Iterator[Lab]:
-    if lab_unavailable is not None:
-        pytest.skip(lab_unavailable)
-    with open_lab(HOSTS) as built:
-        yield built
-
-
-@pytest.fixture
-def mesh(lab: Lab, tmp_path: Path) -> Iterator[Mesh]:
-    with open_lab_mesh(lab, tmp_path) as built:
-        yield built
 
 
 def test_leader_sigkilled_then_cut_off_from_the_majority(
@@ -197,10 +182,11 @@ def three_settled_voters(
     return probe
 
 
-def leads_above(
-    caller: Caller, names: tuple[str, ...], term: int
-) -> Callable[[], tuple[str, dict[str, Any]] | None]:
-    """A probe: the first of ``names`` that says it leads at a term above ``term``."""
+def wait_leader_above(
+    what: str, caller: Caller, names: tuple[str, ...], term: int
+) -> tuple[str, int]:
+    """Waits (named ``what``) until one of ``names`` says it leads at a term above ``term``;
+    returns that one and its term."""
 
     def probe() -> tuple[str, dict[str, Any]] | None:
         for name in names:
@@ -209,7 +195,8 @@ def leads_above(
                 return name, s
         return None
 
-    return probe
+    (leader, lead), _ = wait_for(what, probe, guard_s=GUARD_S, every_s=0.2)
+    return leader, int(lead["term"])
 
 
 def follows(mesh: Mesh, caller: Caller, name: str, leader: str) -> Callable[[], bool]:
@@ -366,13 +353,9 @@ def sigkill_the_leader(
         "deadline set would have begun"
     )
     assert renewed_boot_ns < stop_at_ns, (renewed_boot_ns, stop_at_ns)
-    (leader, lead), _ = wait_for(
-        "a survivor leads at a higher term",
-        leads_above(wa, survivors, first_term),
-        guard_s=GUARD_S,
-        every_s=0.2,
+    leader, new_term = wait_leader_above(
+        "a survivor leads at a higher term", wa, survivors, first_term
     )
-    new_term = int(lead["term"])
     (other,) = (n for n in survivors if n != leader)
     wait_for(f"{other} follows {leader}", follows(mesh, wa, other, leader), guard_s=GUARD_S)
     elected_ms = max(elected_at_ms(mesh, leader, lambda t: t == new_term))
@@ -493,13 +476,9 @@ def cut_the_leader_off(
     assert details.get("leader_id") != mesh[leader].node_id, details
 
     # The majority elects a leader at a higher term and carries on.
-    (new_leader, lead), _ = wait_for(
-        "the majority elects a leader at a higher term",
-        leads_above(wb, majority, term),
-        guard_s=GUARD_S,
-        every_s=0.2,
+    new_leader, new_term = wait_leader_above(
+        "the majority elects a leader at a higher term", wb, majority, term
     )
-    new_term = int(lead["term"])
     print(f"{new_leader} leads at term {new_term} {time.monotonic() - cut:.1f} s after the cut")
     # The first leader on the majority side after the cut (a stall may have made two):
     # the cut-off leader answered its last 200 before that one was elected.

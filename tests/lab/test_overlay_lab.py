@@ -31,15 +31,14 @@ from typing import Any
 
 import pytest
 from lab.netns import Lab, open_lab, sh
+from lab.overlay import HOSTS, UNDERLAY, overlay_hosts
 from lab.runbook import Hosts, Runbook, parse_runbook
 
-from support.mesh import EXEC_ENV, EXPIRY_MARGIN_S, GPU_FIXTURE, LEASE_TTL_S
+from support.mesh import EXPIRY_MARGIN_S, LEASE_TTL_S
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 RUNBOOKS = Path(__file__).resolve().parents[2] / "runbooks"
-HOSTS = ("cp", "wa", "wb")
-UNDERLAY = "198.18.0"
 HOME_LAN = {"cp": "192.168.50.1", "wa": "192.168.50.2"}
 
 
@@ -74,13 +73,7 @@ def overlay_lab(lab_unavailable: str | None, tmp_path: Path) -> Iterator[tuple[L
         for name, address in HOME_LAN.items():
             lab.run(name, "ip", "addr", "add", f"{address}/24", "dev", "lan0")
             lab.run(name, "ip", "link", "set", "lan0", "up")
-        worker_env = {"POPULI_GPU_FIXTURE": GPU_FIXTURE, "POPULI_GPU__REFRESH_S": "1"}
-        hosts = Hosts(
-            lab,
-            tmp_path / "hosts",
-            env={**EXEC_ENV, "POPULI_DISCOVERY__ENABLED": "1"},
-            host_env={"wa": worker_env, "wb": worker_env},
-        )
+        hosts = overlay_hosts(lab, tmp_path / "hosts", discovery=True)
         try:
             hosts.open()
             yield lab, hosts
@@ -174,24 +167,31 @@ def run_overlay_runbook(page: str, hosts: Hosts, overlay: dict[str, str]) -> Run
     return book
 
 
-def test_the_wireguard_runbook_runs_end_to_end(overlay_lab: tuple[Lab, Hosts]) -> None:
-    missing = tools_missing("wg", "wireguard-go", "iptables", "ping")
+@pytest.mark.parametrize(
+    ("page", "tools", "overlay"),
+    [
+        pytest.param(
+            "overlay-wireguard.md",
+            ("wg", "wireguard-go"),
+            {"cp": "10.8.0.1", "wa": "10.8.0.2", "wb": "10.8.0.3"},
+            id="wireguard",
+        ),
+        pytest.param(
+            "overlay-nebula.md",
+            ("nebula", "nebula-cert"),
+            {"cp": "10.42.0.1", "wa": "10.42.0.2", "wb": "10.42.0.3"},
+            id="nebula",
+        ),
+    ],
+)
+def test_the_overlay_runbook_runs_end_to_end(
+    overlay_lab: tuple[Lab, Hosts], page: str, tools: tuple[str, ...], overlay: dict[str, str]
+) -> None:
+    missing = tools_missing(*tools, "iptables", "ping")
     if missing:
         pytest.skip(missing)
     _, hosts = overlay_lab
-    run_overlay_runbook(
-        "overlay-wireguard.md", hosts, {"cp": "10.8.0.1", "wa": "10.8.0.2", "wb": "10.8.0.3"}
-    )
-
-
-def test_the_nebula_runbook_runs_end_to_end(overlay_lab: tuple[Lab, Hosts]) -> None:
-    missing = tools_missing("nebula", "nebula-cert", "iptables", "ping")
-    if missing:
-        pytest.skip(missing)
-    _, hosts = overlay_lab
-    run_overlay_runbook(
-        "overlay-nebula.md", hosts, {"cp": "10.42.0.1", "wa": "10.42.0.2", "wb": "10.42.0.3"}
-    )
+    run_overlay_runbook(page, hosts, overlay)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from e2e.exec_support import (
     ticks_of,
     wait_ticks,
 )
-from lab.agents import GUARD_S, fell_back_on_the_control_planes_word, open_lab_mesh
+from lab.agents import GUARD_S, fell_back_on_the_control_planes_word
 from lab.netns import Lab
 
 from support.mesh import Mesh
@@ -66,12 +65,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 #: Attempt 1 would tick for a minute (it is stopped long before); attempt 2 for 2 s.
 N1, N2 = 600, 20
-
-
-@pytest.fixture
-def mesh(lab: Lab, tmp_path: Path) -> Iterator[Mesh]:
-    with open_lab_mesh(lab, tmp_path) as built:
-        yield built
 
 
 def test_worker_cut_from_the_control_plane_by_iptables(

@@ -54,7 +54,7 @@ async def _challenge(client: httpx.AsyncClient) -> str:
     return str(answer.json()["challenge"])
 
 
-async def _enroll_body(
+async def _enroll(
     client: httpx.AsyncClient,
     token_text: str,
     *,
@@ -62,10 +62,11 @@ async def _enroll_body(
     key: Any,
     name: str,
     token_key: Any = None,
-) -> dict[str, Any]:
-    """What ``populi join`` sends for the token's cluster, with a fresh challenge taken by
-    ``client`` and the proofs bound to ``recipient`` (and signed with ``token_key`` instead
-    of the token's own, when given: a thief's guess)."""
+) -> tuple[dict[str, Any], httpx.Response]:
+    """Sends through ``client`` what ``populi join`` sends for the token's cluster, with a
+    fresh challenge taken by ``client`` and the proofs bound to ``recipient`` (and signed
+    with ``token_key`` instead of the token's own, when given: a thief's guess); returns
+    that body and the answer."""
     challenge = await _challenge(client)
     held = open_token(token_text, now_ms=0, skew_ms=2**52)
     if token_key is not None:
@@ -81,7 +82,7 @@ async def _enroll_body(
         addresses=(),
     )
     proofs = prove_join(claim, node_key=key, token_key=held.token_key)
-    return {
+    body = {
         "token": held.envelope,
         "public_key": public,
         "name": name,
@@ -90,6 +91,7 @@ async def _enroll_body(
         "proof": proofs.proof,
         "token_proof": proofs.token_proof,
     }
+    return body, await client.post("/v1/populi/join/enroll", json=body)
 
 
 def _refused(answer: httpx.Response, code: str) -> None:
@@ -136,14 +138,9 @@ async def test_a_proof_made_for_another_node_is_refused_and_consumes_nothing(
         token = await cluster.mint_token()
         key = generate_key()
         async with _client(cluster, impostor.node_id) as relay:
-            body = await _enroll_body(
-                relay,
-                token,
-                recipient=impostor.node_id,
-                key=key,
-                name="victim",
+            _, answer = await _enroll(
+                relay, token, recipient=impostor.node_id, key=key, name="victim"
             )
-            answer = await relay.post("/v1/populi/join/enroll", json=body)
         _refused(answer, "proof_invalid")
         assert _token_state(cp, token) == (1, [])
         _nothing_of(cp, node_id_for(key.public_key()))
@@ -157,14 +154,7 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
         token = await cluster.mint_token(uses=2)
         key = generate_key()
         async with _client(cluster, "joiner") as joiner, _client(cluster, "thief") as thief:
-            captured = await _enroll_body(
-                joiner,
-                token,
-                recipient=cp.node_id,
-                key=key,
-                name="gpu-1",
-            )
-            ok = await joiner.post("/v1/populi/join/enroll", json=captured)
+            captured, ok = await _enroll(joiner, token, recipient=cp.node_id, key=key, name="gpu-1")
             assert ok.status_code == 200, ok.text
             # Replayed as is: its challenge was used.
             again = await thief.post("/v1/populi/join/enroll", json=captured)
@@ -175,7 +165,7 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
             _refused(again, "proof_invalid")
             # The thief's own key and a proof by it: it still lacks the token's secret.
             own = generate_key()
-            forged = await _enroll_body(
+            forged, answer = await _enroll(
                 thief,
                 token,
                 recipient=cp.node_id,
@@ -184,7 +174,6 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
                 token_key=generate_key(),  # the envelope, but a token key of its own
             )
             assert forged["token"] == captured["token"]
-            answer = await thief.post("/v1/populi/join/enroll", json=forged)
             _refused(answer, "token_proof_invalid")
         # The control plane keeps no secret: its database holds nothing to join with.
         secret = token.rsplit(".", 1)[1].encode()
@@ -224,14 +213,9 @@ async def test_the_joiner_stops_at_a_node_its_token_does_not_name(
         assert sent == [("GET", "/v1/populi/join/ca"), ("GET", "/v1/populi/join/ca")]
         # And the control plane itself refuses a token that does not name it.
         async with _client(cluster) as client:
-            body = await _enroll_body(
-                client,
-                text,
-                recipient=cp.node_id,
-                key=generate_key(),
-                name="victim",
+            _, answer = await _enroll(
+                client, text, recipient=cp.node_id, key=generate_key(), name="victim"
             )
-            answer = await client.post("/v1/populi/join/enroll", json=body)
         _refused(answer, "token_wrong_recipient")
 
 

@@ -41,13 +41,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from e2e.exec_support import read_ticks, tick_command, wait_ticks
-from lab.agents import GUARD_S, PORT, fell_back_on_the_control_planes_word, open_lab_mesh
-from lab.netns import Lab, open_lab, unavailable
+from lab.agents import GUARD_S, PORT, fell_back_on_the_control_planes_word
+from lab.netns import Lab
 
 from support.mesh import Mesh
 from support.waiting import wait_for
@@ -58,21 +57,6 @@ HOSTS = ("cp", "wa", "wb", "im")
 IMPOSTOR = Path(__file__).with_name("impostor.py")
 #: Attempt 1 would tick for a minute (it is stopped long before); attempt 2 for 2 s.
 N1, N2 = 600, 20
-
-
-@pytest.fixture
-def mitm_lab() -> Iterator[Lab]:
-    why = unavailable()
-    if why is not None:
-        pytest.skip(why)
-    with open_lab(HOSTS) as built:
-        yield built
-
-
-@pytest.fixture
-def mesh(mitm_lab: Lab, tmp_path: Path) -> Iterator[Mesh]:
-    with open_lab_mesh(mitm_lab, tmp_path) as built:
-        yield built
 
 
 class Impostor:
@@ -154,11 +138,11 @@ def dnat_packets(lab: Lab, name: str) -> int:
 
 
 def test_a_retired_node_in_the_middle_can_neither_extend_a_lease_nor_answer_a_grant(
-    mitm_lab: Lab, mesh: Mesh, tmp_path: Path
+    lab: Lab, mesh: Mesh, tmp_path: Path
 ) -> None:
     impostors: list[Impostor] = []
     try:
-        scenario(mitm_lab, mesh, tmp_path, impostors)
+        scenario(lab, mesh, tmp_path, impostors)
     except BaseException:
         print(mesh.logs())
         for impostor in impostors:

@@ -16,7 +16,6 @@ import pytest
 from enrollment.keys import generate_key, node_id_for
 from enrollment.tokens import mint_token
 from populi_peer.core.fencing import FencingToken
-from populi_peer.core.membership import Member
 from populi_peer.core.tasks import Task
 from populi_peer.errors import StoreError
 from populi_peer.store import Store, bind_request_nonce
@@ -31,6 +30,7 @@ from populi_peer.store.registers import Registers
 from populi_peer.store.revocations import RevocationLists
 from populi_peer.store.tasks import TaskRecord, Tasks
 from populi_peer.store.tokens import JoinTokens
+from support.members import node_member
 
 ROOT = Path(__file__).resolve().parents[2]
 SQL = re.compile(
@@ -38,19 +38,7 @@ SQL = re.compile(
     r"CREATE\s+TABLE|ALTER\s+TABLE)\b",
     re.I | re.S,
 )
-MEMBER = Member(
-    id="n-a",
-    kind="node",
-    name="alpha",
-    public_key="ed25519:key",
-    roles=("worker",),
-    addresses=(),
-    cert_serial="",
-    cert_not_after_ms=0,
-    joined_ms=1,
-    token_id="",
-    updated_ms=1,
-)
+MEMBER = node_member("alpha", now_ms=1, roles=("worker",), node_id="n-a")
 
 TASK = Task.new(
     "t-1", command=("true",), env={}, gpus_wanted=0, work_class="agent", created_wall_ms=1

@@ -72,6 +72,7 @@ from populi_peer.core.settings import WORK_CLASSES as GATE_CLASSES
 from populi_peer.core.tasks import ATTEMPT_OUTCOMES, Attempt, ReasonEntry, TaskOptions
 from populi_peer.errors import PopuliError
 from support.contract import document
+from support.fuzz import json_trees
 
 Schema = Mapping[str, Any]
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
@@ -393,13 +394,7 @@ CORE: dict[int, st.SearchStrategy[Any]] = {
 }
 
 json_leaves = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8)
-json_values = st.recursive(
-    json_leaves,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
+json_values = json_trees(json_leaves, width=3, key_size=6, max_leaves=8)
 json_objects = st.dictionaries(st.text(max_size=6), json_values, max_size=4)
 env_names = st.text(string.ascii_uppercase + "_", min_size=1, max_size=8).filter(
     lambda n: not n.startswith("POPULI_") and n != "CUDA_VISIBLE_DEVICES"
