@@ -42,6 +42,7 @@ from populi_peer.core.leases import (
     worker_stop_at_boot,
 )
 from populi_peer.core.lifecycle import NodeLifecycle
+from populi_peer.core.messages import LeaseReleaseRequest
 from populi_peer.core.policy import WorkClass
 from populi_peer.core.reports import (
     FullReport,
@@ -679,6 +680,28 @@ def test_release_outcomes() -> None:
     assert (c3.lease.reason, c3.lease.revoked_by) == ("gpu_swap", "alice")
     _t4, c4 = rev.release("L1", "w1", outcome="completed", now_mono=102.0, now_wall_ms=W)
     assert c4.lease.state == "completed"
+    # A stop's reason, when the holder gives one (it left the cluster): the lease says it.
+    _t5, c5 = table.release(
+        "L1", "w1", outcome="stopped", now_mono=101.0, now_wall_ms=W, why="worker_left"
+    )
+    assert (c5.lease.state, c5.lease.reason) == ("released", "worker_left")
+    _t6, c6 = table.release(
+        "L1", "w1", outcome="completed", now_mono=101.0, now_wall_ms=W, why="worker_left"
+    )
+    assert (c6.lease.state, c6.lease.reason) == ("completed", "completed")
+    _t7, c7 = rev.release(
+        "L1", "w1", outcome="stopped", now_mono=102.0, now_wall_ms=W, why="worker_left"
+    )
+    assert (c7.lease.state, c7.lease.reason) == ("revoked", "gpu_swap")
+
+
+def test_a_release_on_the_wire_takes_only_a_known_reason() -> None:
+    assert LeaseReleaseRequest.from_json({"outcome": "stopped"}).reason is None
+    body = LeaseReleaseRequest(outcome="stopped", reason="worker_left").to_json()
+    assert body == {"outcome": "stopped", "reason": "worker_left"}
+    with pytest.raises(BadRequest) as refused:
+        LeaseReleaseRequest.from_json({"outcome": "stopped", "reason": "tired"})
+    assert "reason" in str(refused.value)
 
 
 def test_a_retried_release_is_a_replay() -> None:
