@@ -25,6 +25,7 @@ from populi_peer.testing.election_sim import (
     run_seed,
     seed_totals,
 )
+from support.seeds import first_failure_twice
 
 #: Seeds the suite runs (about 20-30 s here); override with POPULI_ELECTION_SEEDS.
 SUITE_SEEDS = int(os.environ.get("POPULI_ELECTION_SEEDS", "300"))
@@ -56,16 +57,7 @@ def test_a_failing_seed_replays_exactly_with_its_trace(monkeypatch: pytest.Monke
     # Break the single-use rule on purpose: the simulation must notice, and the same seed
     # must fail the same way again.
     monkeypatch.setattr(replication, "EXCLUSIVE_SETS", frozenset())
-    failures = []
-    for _ in range(2):
-        for seed in range(50):
-            try:
-                run_seed(seed)
-            except SimulationFailure as exc:
-                failures.append(exc)
-                break
-    assert len(failures) == 2
-    first, again = failures
+    first, again = first_failure_twice(run_seed, range(50), SimulationFailure)
     assert first.seed == again.seed
     assert str(first) == str(again)
     assert "consumed twice" in str(first)

@@ -20,6 +20,7 @@ from populi_peer.testing.lease_sim import (
     SimConfig,
     run_seed,
 )
+from support.seeds import first_failure_twice
 
 #: Seeds the suite runs (about 20-30 s here); override with POPULI_LEASE_SEEDS.
 SUITE_SEEDS = int(os.environ.get("POPULI_LEASE_SEEDS", "240"))
@@ -71,16 +72,7 @@ def test_a_failing_seed_replays_exactly_with_its_trace(monkeypatch: pytest.Monke
     """Without the start transaction's check a GPU runs two attempts; the same seed fails
     the same way again, with its trace."""
     _blind_start(monkeypatch)
-    failures = []
-    for _ in range(2):
-        for seed in range(300):
-            try:
-                run_seed(seed)
-            except LeaseSimulationFailure as exc:
-                failures.append(exc)
-                break
-    assert len(failures) == 2
-    first, again = failures
+    first, again = first_failure_twice(run_seed, range(300), LeaseSimulationFailure)
     assert first.seed == again.seed and str(first) == str(again)
     assert re.search(r"GPU \S+ runs", str(first))
     assert "--- last events ---" in str(first) and first.trace.count("\n") > 20
