@@ -31,26 +31,22 @@ from populi_peer.core.reports import (
     report_from_json,
 )
 from populi_peer.errors import BadRequest
+from support.reports import as_reported, sample_lease
 
 I1 = Incarnation(1, "a1")
 I2 = Incarnation(1, "b2")
 
 
 def lease(lease_id: str = "L1", phase: str = "started", **changes: object) -> ReportedLease:
-    base = ReportedLease(
+    base = sample_lease(
         lease_id=lease_id,
         task_id="t1",
-        attempt=1,
-        work_class="training",
         submitter="sub",
         gpus=("G0",),
         token=FencingToken(1, 3),
         ttl_s=10.0,
-        kind="remote",
-        phase="started",
-        granted_wall_ms=1_700_000_000_000,
     )
-    return replace(base, phase=phase, **changes)  # type: ignore[arg-type]
+    return replace(as_reported(base), phase=phase, **changes)  # type: ignore[arg-type]
 
 
 def claim(claim_id: str = "C1", node: str = "w1", gpus: tuple[str, ...] = ("G1",)) -> Claim:

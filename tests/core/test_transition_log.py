@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from populi_peer.core.fencing import FencingToken
-from populi_peer.core.leases import Lease
 from populi_peer.core.tasks import PlacedRemote, PlacementStarted, Result, Task, event_key
 from populi_peer.core.transition_log import lease_transition_fields, task_transition_fields
+from support.reports import sample_lease
 
 T0 = 1_700_000_000_000
 
@@ -45,21 +45,7 @@ def test_a_late_result_changes_nothing_and_logs_nothing() -> None:
 
 
 def test_a_lease_line_only_when_its_state_changes() -> None:
-    lease = Lease(
-        lease_id="l-1",
-        task_id="t-1",
-        attempt=1,
-        work_class="agent",
-        holder="n-w",
-        submitter="n-s",
-        gpus=("GPU-1",),
-        token=FencingToken(1, 1),
-        ttl_s=30.0,
-        state="live",
-        kind="remote",
-        granted_wall_ms=T0,
-        state_changed_wall_ms=T0,
-    )
+    lease = sample_lease()
     granted = lease_transition_fields(None, lease)
     assert granted is not None and (granted["reason"], granted["state"]) == ("granted", "live")
     assert lease_transition_fields(lease, replace(lease, expires_mono=5.0)) is None

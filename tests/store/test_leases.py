@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import Lease
 from populi_peer.store import Store
 from populi_peer.store.leases import Leases
+from support.reports import sample_lease
 
 T0 = 1_700_000_000_000
 
 
 def lease(lease_id: str, task_id: str, seq: int, **changes: object) -> Lease:
-    base = Lease(
-        lease_id=lease_id,
-        task_id=task_id,
-        attempt=1,
-        work_class="training",
-        holder="n-worker",
-        submitter="n-submitter",
-        gpus=("GPU-1",),
-        token=FencingToken(1, seq),
-        ttl_s=30.0,
-        state="live",
-        kind="remote",
-        granted_wall_ms=T0,
-        state_changed_wall_ms=T0,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return sample_lease(lease_id=lease_id, task_id=task_id, token=FencingToken(1, seq), **changes)
 
 
 def test_leases_read_back_as_the_core_records(store: Store) -> None:

@@ -73,6 +73,7 @@ from populi_peer.core.tasks import ATTEMPT_OUTCOMES, Attempt, ReasonEntry, TaskO
 from populi_peer.errors import PopuliError
 from support.contract import document
 from support.fuzz import json_trees
+from support.reports import sample_lease
 
 Schema = Mapping[str, Any]
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
@@ -137,22 +138,7 @@ def properties(schema: Any) -> dict[str, Any]:
 
 # -- what a message writes ----------------------------------------------------------------
 
-_SAMPLE_LEASE = Lease(
-    lease_id="l-1",
-    task_id="t-1",
-    attempt=1,
-    work_class="agent",
-    holder="w1",
-    submitter="s1",
-    gpus=(),
-    token=FencingToken(1, 1),
-    ttl_s=30.0,
-    state="live",
-    kind="remote",
-    granted_wall_ms=1,
-    state_changed_wall_ms=1,
-    revoked_by="op",
-)
+_SAMPLE_LEASE = sample_lease(revoked_by="op")
 
 
 def keys(cls: type[Message]) -> set[str]:
