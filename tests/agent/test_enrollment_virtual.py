@@ -7,7 +7,6 @@ import dataclasses
 import secrets
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -19,13 +18,14 @@ from enrollment.tokens import mint_token, token_envelope
 from populi_peer.agent.agent import Agent
 from populi_peer.config import Config
 from populi_peer.errors import RefusedError
-from support.vcluster import as_node, change_settings, node_action, vcluster
+from support.vcluster import as_node, change_settings, node_action, unsigned_as, vcluster
 
 
-def _no_rate_limit() -> Config:
+def _join_rate(per_min: int) -> Config:
+    """The default configuration with ``per_min`` joins a minute allowed (0: no limit)."""
     config = Config()
     return dataclasses.replace(
-        config, security=dataclasses.replace(config.security, join_rate_per_min=0)
+        config, security=dataclasses.replace(config.security, join_rate_per_min=per_min)
     )
 
 
@@ -66,7 +66,7 @@ async def test_single_use_token_used_twice(
 async def test_twenty_concurrent_joins_exactly_one_succeeds(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with vcluster(tmp_path, config=_no_rate_limit()) as cluster:
+    async with vcluster(tmp_path, config=_join_rate(0)) as cluster:
         token = await cluster.mint_token()
         outcomes: list[str] = []
 
@@ -89,11 +89,7 @@ async def test_twenty_concurrent_joins_exactly_one_succeeds(
 async def test_join_rate_limit_refuses_bursts(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    config = Config()
-    config = dataclasses.replace(
-        config, security=dataclasses.replace(config.security, join_rate_per_min=2)
-    )
-    async with vcluster(tmp_path, config=config) as cluster:
+    async with vcluster(tmp_path, config=_join_rate(2)) as cluster:
         token = await cluster.mint_token(uses=5)
         await cluster.join("w1", token=token, start=False)
         error = await _join_error(cluster, "w2", token)
@@ -183,10 +179,7 @@ async def test_token_of_another_cluster_or_signer_is_refused(
             await cluster.join("w1", token=foreign)
         assert info.value.code == "ca_pin_mismatch"
         # And the control plane refuses it too, should anyone send it there directly.
-        async with httpx.AsyncClient(
-            transport=cluster.network.transport_for("stranger"),
-            base_url="https://cp.populi.test:443",
-        ) as client:
+        async with unsigned_as(cluster) as client:
             challenge = (await client.post("/v1/populi/join/challenge", json={})).json()[
                 "challenge"
             ]
@@ -251,10 +244,7 @@ async def test_only_health_and_join_routes_answer_unsigned(
             "/v1/populi/join/challenge",
             "/v1/populi/join/enroll",
         ]
-        async with httpx.AsyncClient(
-            transport=cluster.network.transport_for("stranger"),
-            base_url="https://cp.populi.test:443",
-        ) as client:
+        async with unsigned_as(cluster) as client:
             for route in app.route_table():
                 if route.roles is None:
                     continue

@@ -39,13 +39,7 @@ from populi_peer.errors import PeerError, RefusedError, ServiceUnavailable
 from populi_peer.joining import PEER_NODE_ID_EXTENSION, join_cluster
 from populi_peer.testing.cluster import VirtualCluster
 from support.disk import fill, small_tmpfs
-from support.vcluster import node_action, vcluster
-
-CP_BASE = "https://cp.populi.test:443"
-
-
-def _client(cluster: VirtualCluster, src: str = "stranger") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=cluster.network.transport_for(src), base_url=CP_BASE)
+from support.vcluster import node_action, unsigned_as, vcluster
 
 
 async def _challenge(client: httpx.AsyncClient) -> str:
@@ -137,7 +131,7 @@ async def test_a_proof_made_for_another_node_is_refused_and_consumes_nothing(
         await node_action(cluster, "w1", "retire")
         token = await cluster.mint_token()
         key = generate_key()
-        async with _client(cluster, impostor.node_id) as relay:
+        async with unsigned_as(cluster, impostor.node_id) as relay:
             _, answer = await _enroll(
                 relay, token, recipient=impostor.node_id, key=key, name="victim"
             )
@@ -153,7 +147,7 @@ async def test_a_captured_join_request_is_useless_to_whoever_captured_it(
         cp = cluster.cp
         token = await cluster.mint_token(uses=2)
         key = generate_key()
-        async with _client(cluster, "joiner") as joiner, _client(cluster, "thief") as thief:
+        async with unsigned_as(cluster, "joiner") as joiner, unsigned_as(cluster, "thief") as thief:
             captured, ok = await _enroll(joiner, token, recipient=cp.node_id, key=key, name="gpu-1")
             assert ok.status_code == 200, ok.text
             # Replayed as is: its challenge was used.
@@ -212,7 +206,7 @@ async def test_the_joiner_stops_at_a_node_its_token_does_not_name(
         sent = [(d.method, d.path) for d in cluster.network.log if d.src == "joiner-victim"]
         assert sent == [("GET", "/v1/populi/join/ca"), ("GET", "/v1/populi/join/ca")]
         # And the control plane itself refuses a token that does not name it.
-        async with _client(cluster) as client:
+        async with unsigned_as(cluster) as client:
             _, answer = await _enroll(
                 client, text, recipient=cp.node_id, key=generate_key(), name="victim"
             )
@@ -272,7 +266,7 @@ async def test_the_token_secret_is_never_sent(
         assert bodies and all(secret.encode() not in body for body in bodies)
         assert any(token_envelope(token).encode() in body for body in bodies)
         # A request that carries the secret is refused: a joiner never sends it.
-        async with _client(cluster) as client:
+        async with unsigned_as(cluster) as client:
             answer = await client.post(
                 "/v1/populi/join/enroll",
                 json={

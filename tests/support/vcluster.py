@@ -83,6 +83,17 @@ def as_node(
     )
 
 
+def unsigned_as(
+    cluster: VirtualCluster, source: str = "stranger", recipient: str = "cp"
+) -> httpx.AsyncClient:
+    """A client with no credential that sends over ``source``'s transport (a name the
+    network does not know is a stranger) to the node named ``recipient``."""
+    return httpx.AsyncClient(
+        transport=cluster.network.transport_for(source),
+        base_url=f"https://{cluster.nodes[recipient].host}",
+    )
+
+
 def peer_client_as(cluster: VirtualCluster, agent: Agent) -> PeerClient:
     """The signing peer client with ``agent``'s node credential, over its transport (the
     agent itself may be stopped)."""
