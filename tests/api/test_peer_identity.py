@@ -206,19 +206,26 @@ async def _async_client(
         await client.aclose()
 
 
+async def _refused_call(client: PeerClient, server: Server, node_id: str) -> PeerIdentityError:
+    """Why ``client``'s call to ``server``, expecting ``node_id`` there, is refused; the
+    refusal comes in the handshake or before it: not one request byte reaches ``server``."""
+    with pytest.raises(PeerIdentityError) as refused:
+        await client.call(url=server.url, node_id=node_id, method="GET", path="/v1/x")
+    assert server.requests == []
+    return refused.value
+
+
 async def test_async_client_refuses_another_nodes_valid_certificate(
     pki: Pki, nursery: trio.Nursery
 ) -> None:
     caller, a, b = pki.node("caller"), pki.node("a"), pki.node("b")
     server = await _serve(nursery, b)
     async with _async_client(pki, caller) as client:
-        with pytest.raises(PeerIdentityError) as refused:
-            await client.call(url=server.url, node_id=a.node_id, method="GET", path="/v1/x")
-        assert refused.value.code == "peer_identity_mismatch"
-        assert refused.value.details["peer"] == a.node_id
-        assert a.node_id in str(refused.value) and "\n" not in str(refused.value)
-        # The handshake refused it: not one request byte reached the impostor.
-        assert server.requests == []
+        # The handshake refuses it: not one request byte reaches the impostor.
+        refused = await _refused_call(client, server, a.node_id)
+        assert refused.code == "peer_identity_mismatch"
+        assert refused.details["peer"] == a.node_id
+        assert a.node_id in str(refused) and "\n" not in str(refused)
         # The node it is, it may answer for.
         answer = await client.call(url=server.url, node_id=b.node_id, method="GET", path="/v1/x")
         assert answer["node_id"] == b.node_id
@@ -249,11 +256,9 @@ async def test_a_certificate_naming_the_expected_id_only_as_an_address_is_refuse
     sly = pki.node("sly", addresses=("127.0.0.1", a.node_id))
     server = await _serve(nursery, sly)
     async with _async_client(pki, caller) as client:
-        with pytest.raises(PeerIdentityError) as refused:
-            await client.call(url=server.url, node_id=a.node_id, method="GET", path="/v1/x")
-        assert refused.value.code == "peer_identity_mismatch"
-        assert refused.value.details["presented"] == sly.node_id
-        assert server.requests == []
+        refused = await _refused_call(client, server, a.node_id)
+    assert refused.code == "peer_identity_mismatch"
+    assert refused.details["presented"] == sly.node_id
 
 
 @pytest.mark.parametrize("by", ["node_id", "serial"])
@@ -267,10 +272,8 @@ async def test_a_revoked_nodes_certificate_is_refused_in_the_handshake(
         return node_id == retired.node_id if by == "node_id" else serial == retired.serial
 
     async with _async_client(pki, caller, revoked=revoked) as client:
-        with pytest.raises(PeerIdentityError) as refused:
-            await client.call(url=server.url, node_id=retired.node_id, method="GET", path="/v1/x")
-        assert refused.value.code == "peer_revoked"
-        assert server.requests == []
+        refused = await _refused_call(client, server, retired.node_id)
+    assert refused.code == "peer_revoked"
 
 
 async def test_a_node_certificate_signed_by_an_issuer_verifies_to_the_root_in_tls(
@@ -292,11 +295,9 @@ async def test_a_certificate_whose_issuer_is_revoked_is_refused_in_the_handshake
     async with _async_client(
         pki, caller, revoked=lambda node_id, serial: node_id == voter
     ) as client:
-        with pytest.raises(PeerIdentityError) as refused:
-            await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
-        assert refused.value.code == "peer_revoked"
-        assert voter in str(refused.value)
-        assert server.requests == []
+        refused = await _refused_call(client, server, worker.node_id)
+    assert refused.code == "peer_revoked"
+    assert voter in str(refused)
 
 
 @pytest.mark.parametrize("case", ["not_a_ca", "chain_missing"])
@@ -310,9 +311,7 @@ async def test_a_chain_through_a_non_ca_or_without_its_issuer_is_refused(
         worker = pki.node("worker", issuer=pki.issuer(), present_chain=False)
     server = await _serve(nursery, worker)
     async with _async_client(pki, caller) as client:
-        with pytest.raises(PeerIdentityError):
-            await client.call(url=server.url, node_id=worker.node_id, method="GET", path="/v1/x")
-        assert server.requests == []
+        await _refused_call(client, server, worker.node_id)
 
 
 async def test_a_node_revoked_on_the_callers_list_is_not_called_at_all(
@@ -323,10 +322,8 @@ async def test_a_node_revoked_on_the_callers_list_is_not_called_at_all(
     async with _async_client(
         pki, caller, is_revoked=lambda node_id: node_id == retired.node_id
     ) as client:
-        with pytest.raises(PeerIdentityError) as refused:
-            await client.call(url=server.url, node_id=retired.node_id, method="GET", path="/v1/x")
-        assert refused.value.code == "peer_revoked"
-        assert server.requests == []
+        refused = await _refused_call(client, server, retired.node_id)
+    assert refused.code == "peer_revoked"
 
 
 async def test_sync_client_checks_who_answers(pki: Pki, nursery: trio.Nursery) -> None:
