@@ -58,7 +58,7 @@ from populi_peer.agent.attempts import (
 from populi_peer.agent.health import RETRIED, Health, retried_failure
 from populi_peer.agent.holdings import NodeLedger
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
-from populi_peer.api.app import Request, Route
+from populi_peer.api.app import OPERATOR, SUBMIT, Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
@@ -135,8 +135,7 @@ from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, Popul
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.tasks import TaskRecord, Tasks
 
-SUBMIT = frozenset({"submit"})
-READERS = frozenset({"submit", "operator"})
+READERS = SUBMIT | OPERATOR
 DEFAULT_TTL_S = 30.0
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0

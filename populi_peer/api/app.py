@@ -43,7 +43,10 @@ from populi_peer.errors import (
 from populi_peer.log import correlation_id, get_logger, log
 from populi_peer.store import RequestNonce, bind_request_nonce
 
+#: The role sets routes admit, one definition each: every member role, and the one-role sets.
 ANY_MEMBER = frozenset({"operator", "submit", "voter", "worker"})
+OPERATOR = frozenset({"operator"})
+SUBMIT = frozenset({"submit"})
 MAX_REASON_CHARS = 200
 _CID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
