@@ -57,7 +57,7 @@ from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
-from populi_peer.agent.replica import ClusterWrites, replicated
+from populi_peer.agent.replica import ClusterWrites
 from populi_peer.agent.revocations import RevocationState
 from populi_peer.api.app import ANY_MEMBER, OPERATOR, Request, Route
 from populi_peer.clock import Clock, wall_ms
@@ -823,9 +823,7 @@ class Enrollment:
                     cert_serials=(member.cert_serial,) if member.cert_serial else (),
                 )
             await self.writes.import_revocations()
-            await self.writes.propose(
-                node_revocation_item(replicated(revoked), stamp=self.writes.stamp())
-            )
+            await self.writes.propose(node_revocation_item(revoked, stamp=self.writes.stamp()))
         # Retiring a retired node again is a no-op: no event, and the answer says so.
         changed = revoked_now or before != after
         if changed:
