@@ -287,7 +287,10 @@ class SettingsSync:
             return
         try:
             answer = await self.control_plane.call(
-                "GET", "/v1/populi/settings", timeout_s=self.timeout_s, answer=SettingsAnswer
+                method="GET",
+                path="/v1/populi/settings",
+                timeout_s=self.timeout_s,
+                answer=SettingsAnswer,
             )
             text = answer.settings.record
             if text is not None and self.records.offer_settings(text):

@@ -248,8 +248,8 @@ class Worker:
     async def _release_if_ours(self, plan: AttemptPlan) -> None:
         try:
             answer = await self.control_plane.call(
-                "GET",
-                f"/v1/populi/exec/leases/{plan.lease_id}",
+                method="GET",
+                path=f"/v1/populi/exec/leases/{plan.lease_id}",
                 timeout_s=LEASE_LOOKUP_TIMEOUT_S,
                 answer=LeaseAnswer,
             )
@@ -365,9 +365,9 @@ class Worker:
         try:
             answer = await self.peers.call(
                 submitter,
-                "POST",
-                "/v1/populi/inbox",
-                message,
+                method="POST",
+                path="/v1/populi/inbox",
+                payload=message,
                 attempts=2,
                 answer=InboxDeliverAnswer,
             )
