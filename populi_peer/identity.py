@@ -36,7 +36,6 @@ from populi_peer.store import Store
 
 NODE_ROLES_INIT = ("submit", "voter", "worker")
 OPERATOR_ROLES = ("operator", "submit")
-ALL_ROLES = frozenset({"operator", "submit", "voter", "worker"})
 
 
 @dataclass(frozen=True)
@@ -267,7 +266,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 __all__ = [
-    "ALL_ROLES",
     "NODE_ROLES_INIT",
     "OPERATOR_ROLES",
     "Credential",

@@ -327,9 +327,9 @@ class AttemptRunner:
         assert plan.lease_id is not None and plan.ttl_s is not None
         try:
             answer = await self.control_plane.call(
-                "POST",
-                f"/v1/populi/exec/leases/{plan.lease_id}/renew",
-                RenewRequest(before_start=before_start),
+                method="POST",
+                path=f"/v1/populi/exec/leases/{plan.lease_id}/renew",
+                payload=RenewRequest(before_start=before_start),
                 # A renewal answered later than TTL/3 is as good as lost.
                 timeout_s=renew_timeout_s(plan.ttl_s),
                 answer=LeaseAnswer,
@@ -361,9 +361,9 @@ class AttemptRunner:
             return None
         try:
             answer = await self.control_plane.call(
-                "POST",
-                f"/v1/populi/exec/leases/{plan.lease_id}/release",
-                LeaseReleaseRequest(outcome=outcome, reason=why),
+                method="POST",
+                path=f"/v1/populi/exec/leases/{plan.lease_id}/release",
+                payload=LeaseReleaseRequest(outcome=outcome, reason=why),
                 timeout_s=RELEASE_TIMEOUT_S,
                 answer=LeaseReplayAnswer,
             )

@@ -102,7 +102,7 @@ class CertificateRenewal:
             pem = await self.issue_own()
         else:
             answer = await self.control_plane.call(
-                "POST", "/v1/populi/certs/renew", {}, answer=CertRenewAnswer
+                method="POST", path="/v1/populi/certs/renew", payload={}, answer=CertRenewAnswer
             )
             pem = answer.certificate
         cert, *chain = chain_from_pem(pem)

@@ -593,9 +593,9 @@ class PeerElectionTransport:
             raise ServiceUnavailable(f"no address known for voter {to}", code="no_address")
         answer = await self.peers.call(
             member,
-            "POST",
-            "/v1/populi/election",
-            ElectionPost(messages=tuple(messages)),
+            method="POST",
+            path="/v1/populi/election",
+            payload=ElectionPost(messages=tuple(messages)),
             attempts=1,
             answer=ElectionExchange,
         )

@@ -57,9 +57,9 @@ from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Member, Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
-from populi_peer.agent.replica import ClusterWrites, replicated
+from populi_peer.agent.replica import ClusterWrites
 from populi_peer.agent.revocations import RevocationState
-from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.api.app import ANY_MEMBER, OPERATOR, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import SecurityConfig, parse_host_port
 from populi_peer.core.cluster_state import (
@@ -112,7 +112,6 @@ from populi_peer.store import Store
 from populi_peer.store.events import EventLog
 from populi_peer.store.tokens import JoinTokenRecord, JoinTokens
 
-OPERATOR = frozenset({"operator"})
 CHALLENGE_TTL_S = 120.0
 MAX_CHALLENGES = 10_000
 #: Far beyond the 24 h maximum (and possibly beyond an integer of milliseconds): refused
@@ -824,9 +823,7 @@ class Enrollment:
                     cert_serials=(member.cert_serial,) if member.cert_serial else (),
                 )
             await self.writes.import_revocations()
-            await self.writes.propose(
-                node_revocation_item(replicated(revoked), stamp=self.writes.stamp())
-            )
+            await self.writes.propose(node_revocation_item(revoked, stamp=self.writes.stamp()))
         # Retiring a retired node again is a no-op: no event, and the answer says so.
         changed = revoked_now or before != after
         if changed:

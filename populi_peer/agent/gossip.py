@@ -362,9 +362,9 @@ class HintGossip:
             with trio.fail_after(self.timeout_s * 2):
                 reply = await self.peers.call(
                     member,
-                    "POST",
-                    "/v1/populi/gossip/digest",
-                    GossipDigest.of(self.state.digest_request()),
+                    method="POST",
+                    path="/v1/populi/gossip/digest",
+                    payload=GossipDigest.of(self.state.digest_request()),
                     attempts=1,
                     timeout_s=self.timeout_s,
                     answer=GossipReply,
@@ -377,9 +377,9 @@ class HintGossip:
                 if push is not None:
                     await self.peers.call(
                         member,
-                        "POST",
-                        "/v1/populi/gossip/push",
-                        GossipPush.of(push),
+                        method="POST",
+                        path="/v1/populi/gossip/push",
+                        payload=GossipPush.of(push),
                         attempts=1,
                         timeout_s=self.timeout_s,
                         answer=GossipPushAnswer,

@@ -32,7 +32,7 @@ from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Membership
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.replica import ClusterWrites
-from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.api.app import ANY_MEMBER, OPERATOR, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.config import GpuConfig
 from populi_peer.core.messages import (
@@ -61,7 +61,6 @@ from populi_peer.gpu import (
 from populi_peer.log import get_logger, log
 from populi_peer.store.events import EventLog
 
-OPERATOR = frozenset({"operator"})
 _HEALTHS: tuple[GpuHealth, ...] = get_args(GpuHealth)
 
 

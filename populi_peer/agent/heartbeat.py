@@ -599,9 +599,9 @@ class HeartbeatSender:
             tried.append(address)
             url = f"https://{address}"
             answer = await self.control_plane.call(
-                "POST",
-                "/v1/populi/heartbeat",
-                payload,
+                method="POST",
+                path="/v1/populi/heartbeat",
+                payload=payload,
                 answer=HeartbeatAnswer,
                 timeout_s=timeout_s,
                 at=url,

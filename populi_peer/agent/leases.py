@@ -51,7 +51,7 @@ import trio
 
 from populi_peer.agent.health import RETRIED, Health
 from populi_peer.agent.links import ControlPlaneLink
-from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.api.app import ANY_MEMBER, OPERATOR, SUBMIT, Request, Route
 from populi_peer.clock import Clock
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.hints import GpuHint
@@ -90,9 +90,7 @@ from populi_peer.log import get_logger, log
 from populi_peer.store.events import EventLog
 from populi_peer.store.leases import Leases
 
-SUBMIT = frozenset({"submit"})
 HOLDERS = frozenset({"worker", "submit"})
-OPERATOR = frozenset({"operator"})
 RECONCILE_INTERVAL_S = 1.0
 #: Ended leases stay in memory this long (listings, late releases), then only on disk:
 #: the table stays the size of the live work, not of history. A lookup by task or lease id

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar, Unpack
 
 import trio
 
 from populi_peer.agent.membership import Membership
-from populi_peer.api.client import PeerClient, RequestBody
+from populi_peer.api.client import CallRequest, PeerClient
 from populi_peer.core.election import RoleChanged
 from populi_peer.core.membership import Member
 from populi_peer.core.messages import MembersAnswer, Message, StatusAnswer
@@ -161,15 +161,7 @@ class ControlPlaneLink:
                 self.store.set_meta(key, value)
 
     async def call(
-        self,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
-        *,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        answer: type[M],
-        at: str | None = None,
+        self, *, answer: type[M], at: str | None = None, **call: Unpack[CallRequest]
     ) -> M:
         """Call the control plane; its answer parsed as ``answer`` (a malformed one is
         ``bad_peer_answer``); with ``at``, at that URL (another of its
@@ -180,14 +172,7 @@ class ControlPlaneLink:
         for attempt in range(2):
             try:
                 return await self.client.call(
-                    url=at or self.url,
-                    node_id=self.id,
-                    method=method,
-                    path=path,
-                    payload=payload,
-                    params=params,
-                    timeout_s=timeout_s,
-                    answer=answer,
+                    url=at or self.url, node_id=self.id, answer=answer, **call
                 )
             except PopuliError as exc:
                 if not self.follow_refusal(exc) or at is not None or attempt:
@@ -249,7 +234,9 @@ class PeerLink:
 
     async def sync_members(self) -> None:
         """Replace this node's membership view with the control plane's."""
-        answer = await self.control_plane.call("GET", "/v1/populi/members", answer=MembersAnswer)
+        answer = await self.control_plane.call(
+            method="GET", path="/v1/populi/members", answer=MembersAnswer
+        )
         members = [view.member() for view in answer.members]
         if not any(m.id == self.node_id for m in members):
             log(self.logger, logging.WARNING, "this node is not in the control plane's membership")
@@ -270,14 +257,10 @@ class PeerLink:
     async def call(
         self,
         member: Member,
-        method: str,
-        path: str,
-        payload: RequestBody = None,
         *,
         attempts: int = UNKNOWN_SIGNER_ATTEMPTS,
-        params: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
         answer: type[M],
+        **call: Unpack[CallRequest],
     ) -> M:
         """Call another node; its answer parsed as ``answer``. A peer
         that does not know us yet (we joined after its last membership refresh: 401
@@ -293,14 +276,7 @@ class PeerLink:
                 return await call_first(
                     candidates,
                     lambda address: self.client.call(
-                        url=f"https://{address}",
-                        node_id=member.id,
-                        method=method,
-                        path=path,
-                        payload=payload,
-                        params=params,
-                        timeout_s=timeout_s,
-                        answer=answer,
+                        url=f"https://{address}", node_id=member.id, answer=answer, **call
                     ),
                 )
             except PopuliError as exc:

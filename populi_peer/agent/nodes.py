@@ -31,7 +31,7 @@ from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Membership
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.replica import ClusterWrites
-from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.api.app import ANY_MEMBER, OPERATOR, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.core.eligibility import routing_eligibility
 from populi_peer.core.lifecycle import NodeLifecycle
@@ -56,7 +56,6 @@ from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, Populi
 from populi_peer.log import get_logger, log
 from populi_peer.store.events import Event, EventLog
 
-OPERATOR = frozenset({"operator"})
 LIFECYCLE_ACTIONS = ("cordon", "drain", "maintenance", "quarantine", "resume")
 #: The longest an events request waits for the next event (``wait_s``).
 MAX_EVENTS_WAIT_S = 60

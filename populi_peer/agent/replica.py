@@ -44,7 +44,6 @@ from populi_peer.core.cluster_state import (
     MemberStored,
     NameReleased,
     NodeForgotten,
-    NodeRevoked,
     RegisterStored,
     SettingsStored,
     TokenConsumed,
@@ -206,7 +205,7 @@ class Replica:
                     registers.append(change.write)
                     if isinstance(change, NodeForgotten):
                         adopt.append(self._forget(change.write.node_id))
-                elif isinstance(change, (NodeRevoked, NameReleased)):
+                elif isinstance(change, (RevokedNode, NameReleased)):
                     revocations_changed = True
                 else:
                     adopt.append(self._stage(entry, change))
@@ -301,7 +300,7 @@ class Replica:
         revoked = [_change(merged, "revoked_nodes", k) for k in merged.members("revoked_nodes")]
         released = [_change(merged, "released_names", k) for k in merged.members("released_names")]
         content = revocation_content(
-            [c for c in revoked if isinstance(c, NodeRevoked)],
+            [c for c in revoked if isinstance(c, RevokedNode)],
             [c for c in released if isinstance(c, NameReleased)],
         )
         try:
@@ -310,7 +309,7 @@ class Replica:
                     cluster_id=self.revocations.cluster_id,
                     serial=content.serial,
                     issued_ms=content.issued_ms,
-                    revoked=tuple(list_entry(n) for n in content.revoked),
+                    revoked=content.revoked,
                     blocked_names=content.blocked_names,
                 )
                 text = sign_revocations(lst, issuer.key, issuer=issuer.certificate)
@@ -325,28 +324,6 @@ class Replica:
         error), and nothing to adopt."""
         log(self.logger, logging.WARNING, message, **fields, error=str(exc))
         return _nothing
-
-
-def replicated(entry: RevokedNode) -> NodeRevoked:
-    """A revocation list's entry as the replicated item states it (the same fields)."""
-    return NodeRevoked(
-        node_id=entry.node_id,
-        name=entry.name,
-        reason=entry.reason,
-        revoked_ms=entry.revoked_ms,
-        cert_serials=entry.cert_serials,
-    )
-
-
-def list_entry(change: NodeRevoked) -> RevokedNode:
-    """The revocation list's entry for a replicated revocation (the list's own checks)."""
-    return RevokedNode(
-        node_id=change.node_id,
-        name=change.name,
-        reason=change.reason,
-        revoked_ms=change.revoked_ms,
-        cert_serials=change.cert_serials,
-    )
 
 
 def _change(records: RecordSet, set_name: Any, key: str) -> Change | None:
@@ -516,7 +493,7 @@ class ClusterWrites:
         count = 0
         for node in current.revoked:
             if not self.node_revoked(node.node_id):
-                await self.propose(node_revocation_item(replicated(node), stamp=self.stamp()))
+                await self.propose(node_revocation_item(node, stamp=self.stamp()))
                 count += 1
             if node.name not in current.blocked_names and not self.name_released(node.node_id):
                 released = NameReleased(node.node_id, node.name, current.issued_ms)

@@ -33,7 +33,7 @@ from populi_peer.agent.membership import Membership
 from populi_peer.agent.records import ClusterRecords
 from populi_peer.agent.registry import Registry
 from populi_peer.agent.replica import ClusterWrites
-from populi_peer.api.app import ANY_MEMBER, Request, Route
+from populi_peer.api.app import ANY_MEMBER, OPERATOR, Request, Route
 from populi_peer.api.client import PeerClient
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.core.cluster_state import settings_item
@@ -54,7 +54,6 @@ from populi_peer.store import Store
 from populi_peer.store.events import EventLog
 
 VOTERS = frozenset({"voter"})
-OPERATOR = frozenset({"operator"})
 #: How long the control plane waits for one node to confirm a pushed record.
 PUSH_TIMEOUT_S = 5.0
 #: Lifecycle states of nodes that get no push (they take no part any more).
@@ -288,7 +287,10 @@ class SettingsSync:
             return
         try:
             answer = await self.control_plane.call(
-                "GET", "/v1/populi/settings", timeout_s=self.timeout_s, answer=SettingsAnswer
+                method="GET",
+                path="/v1/populi/settings",
+                timeout_s=self.timeout_s,
+                answer=SettingsAnswer,
             )
             text = answer.settings.record
             if text is not None and self.records.offer_settings(text):

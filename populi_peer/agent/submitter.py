@@ -58,7 +58,7 @@ from populi_peer.agent.attempts import (
 from populi_peer.agent.health import RETRIED, Health, retried_failure
 from populi_peer.agent.holdings import NodeLedger
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
-from populi_peer.api.app import Request, Route
+from populi_peer.api.app import OPERATOR, SUBMIT, Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
@@ -135,8 +135,7 @@ from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, Popul
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.tasks import TaskRecord, Tasks
 
-SUBMIT = frozenset({"submit"})
-READERS = frozenset({"submit", "operator"})
+READERS = SUBMIT | OPERATOR
 DEFAULT_TTL_S = 30.0
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0
@@ -637,11 +636,15 @@ class Submitter:
         its GPUs as the control plane holds them, so that placement can judge memory,
         model and health (:func:`~populi_peer.core.placement.gpu_misfits`). With
         ``want_facts`` only, the facts are used when they can be had, counts otherwise."""
-        answer = await self.control_plane.call("GET", "/v1/populi/nodes", answer=NodesAnswer)
+        answer = await self.control_plane.call(
+            method="GET", path="/v1/populi/nodes", answer=NodesAnswer
+        )
         facts: dict[str, tuple[GpuHint, ...]] | None = None
         if gpu_facts or want_facts:
             try:
-                gpus = await self.control_plane.call("GET", "/v1/populi/gpus", answer=GpusAnswer)
+                gpus = await self.control_plane.call(
+                    method="GET", path="/v1/populi/gpus", answer=GpusAnswer
+                )
                 facts = {n.node_id: tuple(d.hint() for d in n.devices) for n in gpus.nodes}
             except PopuliError:
                 if gpu_facts:
@@ -876,7 +879,7 @@ class Submitter:
         """The lease the control plane grants for ``request`` (a replay of the same
         request number answers the same lease)."""
         answer = await self.control_plane.call(
-            "POST", "/v1/populi/exec/leases", request, answer=LeaseReplayAnswer
+            method="POST", path="/v1/populi/exec/leases", payload=request, answer=LeaseReplayAnswer
         )
         return answer.lease
 
@@ -886,9 +889,9 @@ class Submitter:
         """The control plane's lease for a local attempt of ``task`` with
         ``gpus_wanted`` of this node's GPUs, once any lease before it is dead."""
         return await self.control_plane.call(
-            "POST",
-            "/v1/populi/exec/fallback",
-            LeaseFallbackRequest(
+            method="POST",
+            path="/v1/populi/exec/fallback",
+            payload=LeaseFallbackRequest(
                 task_id=task.task_id,
                 attempt=attempt,
                 gpus_wanted=gpus_wanted,
@@ -919,9 +922,9 @@ class Submitter:
         node_id = member.id
         answer = await self.peers.call(
             member,
-            "POST",
-            "/v1/populi/inbox",
-            InboxMessage(message_id=message_id, payload=payload),
+            method="POST",
+            path="/v1/populi/inbox",
+            payload=InboxMessage(message_id=message_id, payload=payload),
             answer=InboxDeliverAnswer,
         )
         if answer.type != expect or answer.message_id != message_id:
@@ -988,7 +991,7 @@ class Submitter:
         out as a ``lease_check`` refusal)."""
         try:
             answer = await self.control_plane.call(
-                "GET", f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
+                method="GET", path=f"/v1/populi/exec/leases/{lease_id}", answer=LeaseAnswer
             )
             lease = self._check_lease(answer.lease, task_id=task.task_id, holder=holder)
             if lease.lease_id != lease_id:
@@ -1433,8 +1436,8 @@ class Submitter:
         try:
             answer = await self.peers.call(
                 worker,
-                "GET",
-                f"/v1/populi/exec/attempts/{task_id}/{n}/output",
+                method="GET",
+                path=f"/v1/populi/exec/attempts/{task_id}/{n}/output",
                 params=params,
                 timeout_s=OUTPUT_TIMEOUT_S,
                 attempts=1,

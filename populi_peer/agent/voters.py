@@ -27,7 +27,7 @@ from enrollment.records import sign_record
 from populi_peer.agent.election import ElectionService
 from populi_peer.agent.links import ControlPlaneLink
 from populi_peer.agent.membership import Membership
-from populi_peer.api.app import Request, Route
+from populi_peer.api.app import OPERATOR, Request, Route
 from populi_peer.clock import Clock, wall_ms
 from populi_peer.core.membership import Member
 from populi_peer.core.messages.election import (
@@ -39,8 +39,6 @@ from populi_peer.core.replication import ClusterRecord, VoterSet, voters_body
 from populi_peer.errors import Conflict, PopuliError, ServiceUnavailable
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.events import EventLog
-
-OPERATORS = frozenset({"operator"})
 
 #: Refusals after which a background voter addition is tried again (another change was
 #: still settling; the write's outcome was unknown; the election was between leaders).
@@ -241,7 +239,7 @@ class VoterAdmin:
                 "POST",
                 "/v1/populi/admin/voters",
                 self._post,
-                roles=OPERATORS,
+                roles=OPERATOR,
                 name="voter_change",
                 request=VoterChangeRequest,
                 answer=VoterChangeAnswer,
@@ -258,4 +256,4 @@ class VoterAdmin:
         return await self.change(body.action, node_id, actor=request.caller.id)
 
 
-__all__ = ["JOIN_ADD_ATTEMPTS", "OPERATORS", "VoterAdmin"]
+__all__ = ["JOIN_ADD_ATTEMPTS", "VoterAdmin"]

@@ -37,7 +37,7 @@ from populi_peer.agent.attempts import AttemptPlan, AttemptRunner, stored_result
 from populi_peer.agent.executor import Execution
 from populi_peer.agent.health import RETRIED, Health, retried_failure
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
-from populi_peer.api.app import Request, Route
+from populi_peer.api.app import OPERATOR, SUBMIT, Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import ExecConfig
@@ -65,7 +65,7 @@ from populi_peer.store.attempts import AttemptRecord, Attempts
 DELIVERY_MAX_BACKOFF_S = 30.0
 #: How long the worker waits for the control plane's view of a refused handoff's lease.
 LEASE_LOOKUP_TIMEOUT_S = 5.0
-OUTPUT_READERS = frozenset({"submit", "operator"})
+OUTPUT_READERS = SUBMIT | OPERATOR
 #: How long a leaving worker tries to deliver the results of the attempts it stopped.
 LEAVE_DELIVERY_S = 5.0
 
@@ -248,8 +248,8 @@ class Worker:
     async def _release_if_ours(self, plan: AttemptPlan) -> None:
         try:
             answer = await self.control_plane.call(
-                "GET",
-                f"/v1/populi/exec/leases/{plan.lease_id}",
+                method="GET",
+                path=f"/v1/populi/exec/leases/{plan.lease_id}",
                 timeout_s=LEASE_LOOKUP_TIMEOUT_S,
                 answer=LeaseAnswer,
             )
@@ -365,9 +365,9 @@ class Worker:
         try:
             answer = await self.peers.call(
                 submitter,
-                "POST",
-                "/v1/populi/inbox",
-                message,
+                method="POST",
+                path="/v1/populi/inbox",
+                payload=message,
                 attempts=2,
                 answer=InboxDeliverAnswer,
             )

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from enrollment.errors import EnrollmentError
+from enrollment.tokens import TOKEN_ROLES
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.api.auth import Authenticator, Principal
 from populi_peer.api.server import answer_lifespan
@@ -43,7 +44,11 @@ from populi_peer.errors import (
 from populi_peer.log import correlation_id, get_logger, log
 from populi_peer.store import RequestNonce, bind_request_nonce
 
-ANY_MEMBER = frozenset({"operator", "submit", "voter", "worker"})
+#: The role sets routes admit, one definition each: every member role (the roles a join
+#: token may grant), and the one-role sets.
+ANY_MEMBER = TOKEN_ROLES
+OPERATOR = frozenset({"operator"})
+SUBMIT = frozenset({"submit"})
 MAX_REASON_CHARS = 200
 _CID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")

@@ -301,18 +301,25 @@ class SyncPeerTransport(httpx.BaseTransport):
             pool.close()
 
 
-class PeerCall(TypedDict):
-    """What a client's ``call`` sends, and to whom (all but the ``answer`` type): the
-    node ``node_id`` at ``url``, the route (``method``, ``path``), and optionally the
-    ``payload``, query ``params`` and a ``timeout_s`` other than the client's."""
+class CallRequest(TypedDict):
+    """What a call sends, whoever it is sent to: the route (``method``, ``path``), and
+    optionally the ``payload``, query ``params`` and a ``timeout_s`` other than the
+    client's. The agent's links (``populi_peer.agent.links``) take it as it is and add
+    the node they reach."""
 
-    url: str
-    node_id: str
     method: str
     path: str
     payload: NotRequired[RequestBody]
     params: NotRequired[dict[str, Any] | None]
     timeout_s: NotRequired[float | None]
+
+
+class PeerCall(CallRequest):
+    """What a client's ``call`` sends, and to whom (all but the ``answer`` type): the
+    node ``node_id`` at ``url``, and the :class:`CallRequest`."""
+
+    url: str
+    node_id: str
 
 
 @dataclass(frozen=True)
@@ -464,6 +471,7 @@ class SyncPeerClient(_SigningClient):
 
 __all__ = [
     "PEER_LIMITS",
+    "CallRequest",
     "PeerCall",
     "PeerClient",
     "PeerTransport",

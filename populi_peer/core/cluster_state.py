@@ -30,6 +30,9 @@ The signed revocation list is not replicated as such: it is *derived* from the
 that counts their elements. Grow-only sets make that serial grow with every change, and
 two voters holding the same elements derive the same list (Ed25519 signs deterministically),
 so a new leader serves the list its predecessor served, at the same serial.
+A ``revoked_nodes`` element means the list's own entry
+(:class:`enrollment.revocation.RevokedNode`), checked as the list checks it when it is
+decoded: an element the signed list would refuse does not decode (``bad_record``).
 
 Pure: no clock, no I/O. Stamps (term, hybrid clock, writer) come in as arguments.
 """
@@ -40,6 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from enrollment.revocation import RevocationFieldError, RevokedNode
 from populi_peer.core.fencing import _int, _obj, _opt_str, _str, _str_tuple
 from populi_peer.core.lifecycle import WriterClass
 from populi_peer.core.membership import Member
@@ -123,17 +127,6 @@ class TokenConsumed:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeRevoked:
-    """A revoked node as the revocation list names it."""
-
-    node_id: str
-    name: str
-    reason: str
-    revoked_ms: int
-    cert_serials: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class CertRevoked:
     serial: str
     node_id: str
@@ -169,7 +162,7 @@ Change = (
     | IssuedToken
     | TokenRevoked
     | TokenConsumed
-    | NodeRevoked
+    | RevokedNode
     | CertRevoked
     | NameReleased
     | SettingsStored
@@ -267,7 +260,7 @@ def consumption_item(consumed: TokenConsumed, *, stamp: Stamp) -> SetElement:
     return SetElement("consumed_tokens", key, {"consumer": consumed.node_id}, stamp)
 
 
-def node_revocation_item(revoked: NodeRevoked, *, stamp: Stamp) -> SetElement:
+def node_revocation_item(revoked: RevokedNode, *, stamp: Stamp) -> SetElement:
     value = {
         "name": revoked.name,
         "reason": revoked.reason,
@@ -374,13 +367,16 @@ def _decode_element(element: SetElement) -> Change:
             element.key, _int(value, "revoked_ms", what), _str(value, "actor", what)
         )
     if element.set_name == "revoked_nodes":
-        return NodeRevoked(
-            node_id=element.key,
-            name=_str(value, "name", what),
-            reason=_str(value, "reason", what),
-            revoked_ms=_int(value, "revoked_ms", what),
-            cert_serials=_str_tuple(value, "cert_serials", what),
-        )
+        try:
+            return RevokedNode(
+                node_id=element.key,
+                name=_str(value, "name", what),
+                reason=_str(value, "reason", what),
+                revoked_ms=_int(value, "revoked_ms", what),
+                cert_serials=_str_tuple(value, "cert_serials", what),
+            )
+        except RevocationFieldError as exc:
+            raise _bad(f"{what}: {exc}") from None
     if element.set_name == "revoked_certs":
         return CertRevoked(element.key, _str(value, "node_id", what))
     return NameReleased(element.key, _str(value, "name", what), _int(value, "released_ms", what))
@@ -402,12 +398,12 @@ class RevocationContent:
 
     serial: int
     issued_ms: int
-    revoked: tuple[NodeRevoked, ...]
+    revoked: tuple[RevokedNode, ...]
     blocked_names: tuple[str, ...]
 
 
 def revocation_content(
-    revoked: Iterable[NodeRevoked], released: Iterable[NameReleased]
+    revoked: Iterable[RevokedNode], released: Iterable[NameReleased]
 ) -> RevocationContent:
     """The revocation list the sets stand for: every revoked node; the name of each one
     whose name was not released; serial = the number of elements (grows with every
@@ -434,7 +430,6 @@ __all__ = [
     "MemberStored",
     "NameReleased",
     "NodeForgotten",
-    "NodeRevoked",
     "RegisterStored",
     "RevocationContent",
     "SettingsStored",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from populi_peer.core.messages.records import EventKind
+from populi_peer.core.wire import record_json
 from populi_peer.store.db import Store, from_row
 
 
@@ -29,15 +30,7 @@ class Event:
     detail: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "at_ms": self.at_ms,
-            "node_id": self.node_id,
-            "kind": self.kind,
-            "actor": self.actor,
-            "reason": self.reason,
-            "detail": self.detail,
-        }
+        return record_json(self)
 
 
 def _event(row: sqlite3.Row) -> Event:

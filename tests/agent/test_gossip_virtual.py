@@ -121,9 +121,9 @@ async def test_a_forged_hint_is_refused_over_the_api(
     assert member is not None
     answer = await w2.peer_link.call(
         member,
-        "POST",
-        "/v1/populi/gossip/push",
-        GossipPush.of(HintPush((forged_hint(w2, w1.node_id),))),
+        method="POST",
+        path="/v1/populi/gossip/push",
+        payload=GossipPush.of(HintPush((forged_hint(w2, w1.node_id),))),
         answer=GossipPushAnswer,
     )
     assert answer.changed == 0

@@ -217,7 +217,9 @@ async def test_a_misrouted_call_fails_like_a_tls_identity_failure(
             assert member is not None
             before = dict(cluster.network.stats)
             with pytest.raises(PeerIdentityError) as refused:
-                await w1.peer_link.call(member, "GET", "/v1/populi/status", answer=StatusAnswer)
+                await w1.peer_link.call(
+                    member, method="GET", path="/v1/populi/status", answer=StatusAnswer
+                )
             assert refused.value.code == "peer_revoked"
             assert dict(cluster.network.stats) == before  # not even sent
         assert "\n" not in str(refused.value)

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from enrollment.records import sign_record
+from enrollment.revocation import RevokedNode
 from populi_peer.cluster import InitResult
 from populi_peer.core import settings as cluster_settings
 from populi_peer.core.cluster_state import (
     IssuedToken,
     NameReleased,
-    NodeRevoked,
     TokenConsumed,
     TokenRevoked,
     consumption_item,
@@ -304,8 +304,8 @@ def test_revocations_become_the_signed_list_every_voter_derives_alike(
     shutil.copytree(voter.data_dir, copy_dir)
     other = open_voter(copy_dir)
     try:
-        x = NodeRevoked("node-x", "box", "stolen", WALL_MS + 1, ("ab12",))
-        y = NodeRevoked("node-y", "lab", "retired", WALL_MS + 2, ())
+        x = RevokedNode("node-x", "box", "stolen", WALL_MS + 1, ("ab12",))
+        y = RevokedNode("node-y", "lab", "retired", WALL_MS + 2, ())
         released = NameReleased("node-x", "box", WALL_MS + 3)
         batch = entries(
             2,

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from enrollment.revocation import RevokedNode
 from populi_peer.core.cluster_state import (
     CertRevoked,
     IssuedToken,
@@ -15,7 +16,6 @@ from populi_peer.core.cluster_state import (
     MemberStored,
     NameReleased,
     NodeForgotten,
-    NodeRevoked,
     RegisterStored,
     SettingsStored,
     TokenConsumed,
@@ -81,13 +81,16 @@ issued = st.builds(
     created_ms=ms,
     created_by=ident,
 )
+#: Node names (and ids, serials) the revocation list accepts: a revoked node is the list's
+#: own entry, checked as it is built.
+node_names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 revoked_nodes = st.builds(
-    NodeRevoked,
-    node_id=ident,
-    name=ident,
-    reason=text,
-    revoked_ms=ms,
-    cert_serials=st.lists(ident, max_size=3).map(lambda s: tuple(sorted(s))),
+    RevokedNode,
+    node_id=node_names,
+    name=node_names,
+    reason=text.filter(str.isprintable),
+    revoked_ms=st.integers(0, 2**53 - 1),
+    cert_serials=st.lists(node_names, max_size=3, unique=True).map(lambda s: tuple(sorted(s))),
 )
 
 
@@ -172,7 +175,7 @@ def test_a_token_use_round_trips(token_id: str, use: int, node: str, stamp: Stam
 
 
 @given(revoked_nodes, stamps)
-def test_a_node_revocation_round_trips(revoked: NodeRevoked, stamp: Stamp) -> None:
+def test_a_node_revocation_round_trips(revoked: RevokedNode, stamp: Stamp) -> None:
     assert decode(wire(node_revocation_item(revoked, stamp=stamp))) == revoked
 
 
@@ -247,6 +250,28 @@ def test_a_malformed_member_record_is_refused_naming_the_field(
     assert caught.value.code == "bad_record"
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"name": "Box"}, "field name"),
+        ({"reason": "two\nlines"}, "field reason"),
+        ({"cert_serials": ["s1", "s1"]}, "twice"),
+        ({"revoked_ms": "soon"}, "revoked_ms"),
+    ],
+)
+def test_a_node_revocation_the_list_would_refuse_is_refused_naming_the_field(
+    change: dict[str, object], reason: str
+) -> None:
+    """A replicated revocation is the list's own entry: what the signed list would refuse
+    does not decode (one ``bad_record`` line), rather than failing the derived list."""
+    body = {"name": "box", "reason": "stolen", "revoked_ms": 1, "cert_serials": []} | change
+    element = SetElement("revoked_nodes", "n1", body, Stamp(1, Hlc(1, 0), "cp"))
+    with pytest.raises(BadRequest, match=reason) as caught:
+        decode(element)
+    assert caught.value.code == "bad_record"
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("key", ["t1", "t1/", "t1/0", "t1/01", "/1", "t1/x"])
 def test_a_consumed_token_key_must_be_token_slash_use(key: str) -> None:
     element = SetElement("consumed_tokens", key, {"consumer": "n1"}, Stamp(1, Hlc(1, 0), "cp"))
@@ -306,9 +331,9 @@ def test_a_node_tombstone_takes_its_member_record_along() -> None:
 
 
 def test_the_revocation_list_is_derived_from_the_sets() -> None:
-    a = NodeRevoked("na", "box", "stolen", 10, ("s1",))
-    b = NodeRevoked("nb", "box", "retired", 20, ())
-    c = NodeRevoked("nc", "lab", "retired", 30, ())
+    a = RevokedNode("na", "box", "stolen", 10, ("s1",))
+    b = RevokedNode("nb", "box", "retired", 20, ())
+    c = RevokedNode("nc", "lab", "retired", 30, ())
     content = revocation_content([c, a, b], [NameReleased("na", "box", 40)])
     assert content.serial == 4
     assert content.issued_ms == 40
@@ -325,7 +350,7 @@ def test_the_revocation_list_is_derived_from_the_sets() -> None:
 
 @given(st.lists(revoked_nodes, max_size=6, unique_by=lambda n: n.node_id), st.randoms())
 def test_the_derived_list_does_not_depend_on_the_order(
-    nodes: list[NodeRevoked], rnd: object
+    nodes: list[RevokedNode], rnd: object
 ) -> None:
     shuffled = list(nodes)
     rnd.shuffle(shuffled)  # type: ignore[attr-defined]

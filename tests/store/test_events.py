@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from populi_peer.store import Store
 from populi_peer.store.events import Event, EventLog
 
@@ -37,7 +39,11 @@ def test_an_event_reads_back_with_the_time_it_was_given(store: Store) -> None:
         reason="because",
         detail={"a": "x", "b": 1},
     )
-    assert event.to_json()["detail"] == {"a": "x", "b": 1}
+    # The wire form: every field in order, the detail as it is (events route, CLI --json).
+    assert json.dumps(event.to_json()) == (
+        '{"seq": 1, "at_ms": 1234, "node_id": "n-a", "kind": "settings_changed", '
+        '"actor": "o-x", "reason": "because", "detail": {"a": "x", "b": 1}}'
+    )
 
 
 def test_detail_is_stored_sorted_and_anything_else_as_text(store: Store) -> None:
