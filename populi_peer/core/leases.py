@@ -96,7 +96,7 @@ from populi_peer.core.reports import (
     grant_terms,
     judge,
 )
-from populi_peer.core.wire import check_count, record_json
+from populi_peer.core.wire import FieldsRecord, check_count, record_json
 from populi_peer.errors import (
     BadRequest,
     ConfigError,
@@ -580,7 +580,7 @@ def _as_kind(value: str) -> LeaseKind:
 
 
 @dataclass(frozen=True, slots=True)
-class GrantRequest:
+class GrantRequest(FieldsRecord):
     """A submitter's request for a lease on ``target`` (the submitter itself for a local
     attempt that uses GPUs). ``previous_node``: where the task's last attempt was placed,
     if anywhere — its task key stays held until that node has reported (safety rule 5)."""
@@ -614,9 +614,6 @@ class GrantRequest:
         check_count(self.gpus_wanted, "gpus_wanted")
         check_work_class(self.work_class)
         _check_ttl(self.ttl_s)
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> GrantRequest:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, Literal, cast, get_args, overload
 
-from populi_peer.core.wire import json_record, record_json
+from populi_peer.core.wire import FieldsRecord, json_record
 from populi_peer.errors import BadRequest, Conflict, Forbidden
 
 State = Literal["active", "cordoned", "draining", "maintenance", "quarantined", "retired", "left"]
@@ -210,7 +210,7 @@ def _check_ms(value: object, name: str, *, optional: bool = False) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeLifecycle:
+class NodeLifecycle(FieldsRecord):
     """A node's lifecycle record: the state and who put it there, when and why."""
 
     state: State
@@ -250,9 +250,6 @@ class NodeLifecycle:
                 f"lifecycle: until_wall_ms belongs to maintenance, not {self.state}",
                 field="until_wall_ms",
             )
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     @classmethod
     def from_json(cls, data: Any) -> NodeLifecycle:

@@ -51,7 +51,7 @@ from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple
 from populi_peer.core.hlc import ClockSkewError, check_clock_skew
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
-from populi_peer.core.wire import fields_json, record_json
+from populi_peer.core.wire import FieldsRecord, fields_json
 from populi_peer.errors import BadRequest, Conflict
 
 SetName = Literal[
@@ -302,7 +302,7 @@ def _check_body(value: Any, what: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class SetElement:
+class SetElement(FieldsRecord):
     """One element of a grow-only set: ``key`` (a token id, node id, certificate serial)
     and what is recorded about it. For ``consumed_tokens`` the ``value`` names the
     consumer and nothing that changes on a retry (no times): a retry by the same joiner
@@ -329,9 +329,6 @@ class SetElement:
         if not isinstance(self.stamp, Stamp):
             raise BadRequest("set element: stamp must be a Stamp", code="bad_record")
         object.__setattr__(self, "value", _check_body(self.value, "set element value"))
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> SetElement:

@@ -52,7 +52,7 @@ from populi_peer.core.fencing import (
     _str_tuple,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import ID_RE, fields_json, record_json
+from populi_peer.core.wire import ID_RE, FieldsRecord, fields_json, record_json
 from populi_peer.errors import BadRequest
 
 #: How far a node got with a lease it holds: ``accepted`` (handed over, not started),
@@ -187,7 +187,7 @@ def grant_terms(obj: Mapping[str, Any], what: str) -> GrantTerms:
 
 
 @dataclass(frozen=True, slots=True)
-class ReportedLease:
+class ReportedLease(FieldsRecord):
     """The node's account of one lease it holds as holder (a worker's remote lease, or a
     submitter's own ``local`` lease or ``fence``), and how far it got with it."""
 
@@ -229,9 +229,6 @@ class ReportedLease:
     def ended(self) -> bool:
         return self.phase in ENDED_PHASES
 
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
-
     @classmethod
     def from_json(cls, data: object) -> ReportedLease:
         what = "reported lease"
@@ -245,7 +242,7 @@ class ReportedLease:
 
 
 @dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(FieldsRecord):
     """A node-local claim: GPUs of ``node`` that a local attempt uses without a lease,
     because no control plane could be reached (safety rule 1). The node refuses remote
     work on them; a control plane that hears of it counts them as busy. ``lease_id``: the
@@ -268,9 +265,6 @@ class Claim:
         _count(self.made_wall_ms, what, "made_wall_ms", 0)
         if self.lease_id is not None:
             _name(self.lease_id, what, "lease_id")
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> Claim:
@@ -315,7 +309,7 @@ def _claim_key(claim: Claim) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class NodeHoldings:
+class NodeHoldings(FieldsRecord):
     """Everything a node holds, as it reports it: its leases (by id) and its claims."""
 
     leases: tuple[ReportedLease, ...] = ()
@@ -331,9 +325,6 @@ class NodeHoldings:
 
     def lease(self, lease_id: str) -> ReportedLease | None:
         return next((x for x in self.leases if x.lease_id == lease_id), None)
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> NodeHoldings:
@@ -355,7 +346,7 @@ EMPTY_HOLDINGS: Final = NodeHoldings()
 
 
 @dataclass(frozen=True, slots=True)
-class ReportChange:
+class ReportChange(FieldsRecord):
     """One numbered change of a node's holdings: leases new or changed, leases it no
     longer holds (their release was acknowledged, or they never started), claims made,
     claims ended."""
@@ -397,9 +388,6 @@ class ReportChange:
             claims.pop(claim_id, None)
         claims.update((x.claim_id, x) for x in self.claims)
         return NodeHoldings(tuple(leases.values()), tuple(claims.values()))
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportChange:
@@ -553,7 +541,7 @@ class RefusedLease:
 
 
 @dataclass(frozen=True, slots=True)
-class ReportAnswer:
+class ReportAnswer(FieldsRecord):
     """The control plane's answer to a report: its incarnation, what it made of it, and
     the highest seq of ``epoch`` it has applied for the node (``acked_seq``, 0: none)."""
 
@@ -567,9 +555,6 @@ class ReportAnswer:
         _pick(self.status, ANSWER_STATUSES, "report answer", "status")
         _count(self.epoch, "report answer", "epoch", 0)
         _count(self.acked_seq, "report answer", "acked_seq", 0)
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ReportAnswer:

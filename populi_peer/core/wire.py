@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from populi_peer.errors import BadRequest
 
@@ -60,6 +60,16 @@ def record_json(
         if f.name not in omit and (value is not None or nulls):
             body[f.name] = _json_value(value)
     return body
+
+
+class FieldsRecord:
+    """A record (a dataclass) whose wire form is :func:`record_json` of it: its fields in
+    their order, ``None`` ones left out."""
+
+    __slots__ = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return record_json(cast("DataclassInstance", self))
 
 
 def _json_value(value: Any) -> Any:

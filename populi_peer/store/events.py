@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from populi_peer.core.messages.records import EventKind
-from populi_peer.core.wire import record_json
+from populi_peer.core.wire import FieldsRecord
 from populi_peer.store.db import Store, from_row
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class Event(FieldsRecord):
     seq: int
     at_ms: int
     node_id: str
@@ -28,9 +28,6 @@ class Event:
     actor: str
     reason: str
     detail: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return record_json(self)
 
 
 def _event(row: sqlite3.Row) -> Event:

@@ -10,6 +10,7 @@ from populi_peer.core.fencing import FencingToken
 from populi_peer.core.hlc import Hlc
 from populi_peer.core.wire import (
     MAX_ATTEMPT,
+    FieldsRecord,
     check_attempt,
     check_command,
     check_count,
@@ -131,3 +132,11 @@ def test_record_json_writes_lists_and_records_and_leaves_out_none_and_omitted() 
         clocks: tuple[Hlc, ...]
 
     assert record_json(Nested((Hlc(5, 1),))) == {"clocks": [{"wall_ms": 5, "counter": 1}]}
+
+    @dataclass(frozen=True, slots=True)
+    class Record(FieldsRecord):
+        token: FencingToken
+        note: str | None = None
+
+    record = Record(FencingToken(3, 7))
+    assert record.to_json() == record_json(record) == {"token": "3.7"}
