@@ -153,13 +153,14 @@ def leased_by_book(
     control plane's lease book (``leased``: the GPU is in a holding lease or a reported
     claim there) instead of from the report, which lags the book by up to a heartbeat:
     a GPU whose lease was just released is free at once, one just granted is leased at
-    once. Every other reason stays as reported; a device reported not allocatable
-    without a reason stays so."""
+    once. Only the lease is the book's to say: a device the node calls allocatable stays
+    so unless leased, and one it calls blocked is freed only when its lease was the one
+    block (a reason this version does not know might have been another)."""
     others = [r for r in reasons if r != "gpu_leased"]
-    free, ordered = _judged([*others, *(("gpu_leased",) if leased else ())])
-    # Leased-ness is the book's to say; a block the report does not name stays.
-    unexplained = not allocatable and "gpu_leased" not in reasons
-    return free and not unexplained, ordered
+    free_but_lease, ordered = _judged([*others, *(("gpu_leased",) if leased else ())])
+    if leased:
+        return False, ordered
+    return allocatable or ("gpu_leased" in reasons and free_but_lease), ordered
 
 
 def allocatable(

@@ -261,12 +261,19 @@ def test_records_are_immutable() -> None:
         (False, ("gpu_in_use_foreign",), False, (False, ("gpu_in_use_foreign",))),
         # Not allocatable for no reason the report names: it stays so.
         (False, (), False, (False, ())),
-        # A reason this version does not know blocks, listed last.
+        # A reason this version does not know (a newer node's): the node's own verdict
+        # stands, listed last; a lease it reported is freed only if nothing else blocks.
         (
             True,
             ("gpu_from_the_future", "gpu_degraded"),
             False,
-            (False, ("gpu_degraded", "gpu_from_the_future")),
+            (True, ("gpu_degraded", "gpu_from_the_future")),
+        ),
+        (
+            False,
+            ("gpu_leased", "gpu_from_the_future"),
+            False,
+            (False, ("gpu_from_the_future",)),
         ),
     ],
 )
