@@ -258,9 +258,8 @@ async def test_the_control_planes_view_takes_leased_from_its_lease_book(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """A GPU's ``gpu_leased`` is the lease book's, not the node's last report's: leased
-    the moment a lease is granted and free the moment it is released, though the node's
-    heartbeats (which lag by up to an interval) say nothing of it here — the lease is
-    granted through the API, so the node itself runs nothing."""
+    the moment a lease is granted (the node's report, which lags by up to a heartbeat,
+    still says free), and free the moment it is released (the report still says leased)."""
     async with vcluster(tmp_path, config=_config(_no_driver(tmp_path))) as cluster:
         cp = cluster.cp
         await change_settings(cluster, remote_exec_enabled=True)
@@ -282,6 +281,17 @@ async def test_the_control_planes_view_takes_leased_from_its_lease_book(
             (summary,) = [n["gpu_summary"] for n in nodes if n["id"] == w1.node_id]
             assert summary["allocatable"] == 0
 
+            # The node now holds the GPU, as its runner would while the task runs, and its
+            # reports say so (a stand-in for the runner: nothing runs here).
+            w1.gpu.leased_gpus = lambda: frozenset({uuid})
+
+            def reports_leased() -> bool:
+                held = cp.gpu.nodes[w1.node_id].metrics
+                return held is not None and "gpu_leased" in held["devices"][0].get(
+                    "allocation_reasons", ()
+                )
+
+            await cluster.wait_until(reports_leased, timeout_s=30)
             released = await w1.peers.call(
                 url=cp.address.url,
                 node_id=cp.node_id,
@@ -290,6 +300,7 @@ async def test_the_control_planes_view_takes_leased_from_its_lease_book(
                 payload={"outcome": "completed"},
             )
             assert released["lease"]["state"] == "completed", released
+            assert reports_leased()  # the node's last report still says leased
             device = _device(await _gpus(client), "w1")
             assert (device["allocatable"], device["allocation_reasons"]) == (True, [])
             assert cp.gpu.allocatable_gpus(w1.node_id) == ((uuid,), 0)
