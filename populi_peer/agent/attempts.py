@@ -65,6 +65,7 @@ from populi_peer.core.holder import (
     TimerFired,
 )
 from populi_peer.core.leases import (
+    WORKER_LEFT,
     ReleaseOutcome,
     ReleaseReason,
     renew_interval_s,
@@ -81,7 +82,6 @@ from populi_peer.core.messages import (
 )
 from populi_peer.core.refusals import Refusal
 from populi_peer.core.reports import Claim
-from populi_peer.core.tasks import WORKER_LEFT
 from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import NOTICE, get_logger, log

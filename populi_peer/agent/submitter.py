@@ -1012,8 +1012,7 @@ class Submitter:
         if lease is not None and lease.state in DEAD_STATES:
             # The holder's own word on the lease (it left: the result may still be on its
             # way), else how the lease died.
-            why = WORKER_LEFT if lease.reason == WORKER_LEFT else f"lease_{lease.state}"
-            await self._fallback(self.load(task.task_id), control, reason=why)
+            await self._fallback(self.load(task.task_id), control, reason=lease.fallback_reason)
 
     async def _await_word(self, task: Task, control: Control) -> None:
         await self._pause(control, self._check_interval(task))
@@ -1044,7 +1043,7 @@ class Submitter:
                         node=self.node_id,
                         token=current.token,
                         lease_id=None,
-                        reasons=(f"lease_{held.state}",),
+                        reasons=(held.fallback_reason,),
                     ),
                 )
             return
@@ -1069,7 +1068,7 @@ class Submitter:
         # The kill switch revoked the lease: say so beside how it died.
         stopped_by = (prior.reason,) if prior and prior.reason in STOPPING_REFUSALS else ()
         why = (
-            tuple(r for r in (reason or (f"lease_{prior.state}" if prior else ""),) if r)
+            tuple(r for r in (reason or (prior.fallback_reason if prior else ""),) if r)
             + stopped_by
             + extra_reasons
         )

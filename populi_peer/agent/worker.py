@@ -43,6 +43,7 @@ from populi_peer.clock import Clock
 from populi_peer.config import ExecConfig
 from populi_peer.core.claims import Decision
 from populi_peer.core.fencing import FenceBook
+from populi_peer.core.leases import WORKER_LEFT
 from populi_peer.core.messages import (
     CancelAnswer,
     CancelMessage,
@@ -57,7 +58,6 @@ from populi_peer.core.messages import (
     OutputChunkAnswer,
     ResultMessage,
 )
-from populi_peer.core.tasks import WORKER_LEFT
 from populi_peer.errors import BadRequest, Conflict, Forbidden, NotFound, PeerError, PopuliError
 from populi_peer.log import get_logger, log
 from populi_peer.store.attempts import AttemptRecord, Attempts

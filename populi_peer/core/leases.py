@@ -114,6 +114,9 @@ ReleaseOutcome = Literal["stopped", "completed"]
 #: lease itself (it may look before the result reaches it): ``worker_left`` (the holder
 #: left the cluster: a fallback, not a cancel).
 ReleaseReason = Literal["worker_left"]
+RELEASE_REASONS: Final[tuple[ReleaseReason, ...]] = get_args(ReleaseReason)
+#: The holder left the cluster (``populi leave``): its task falls back, not cancelled.
+WORKER_LEFT: Final[ReleaseReason] = "worker_left"
 HolderStatus = Literal["ok", "stale", "quarantined"]
 
 LEASE_STATES: Final[tuple[LeaseState, ...]] = get_args(LeaseState)
@@ -537,6 +540,13 @@ class Lease:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def fallback_reason(self) -> str:
+        """Why a task falls back from this (dead) lease, as its submitter says it: the
+        holder's own release reason when it gave one (``worker_left``), else
+        ``lease_<state>``."""
+        return self.reason if self.reason in RELEASE_REASONS else f"lease_{self.state}"
 
     def to_json(self) -> dict[str, Any]:
         """Its fields but ``expires_mono`` (never persisted), with ``task_key`` second."""
@@ -1924,12 +1934,14 @@ __all__ = [
     "LEASE_KINDS",
     "LEASE_STATES",
     "MIN_LEASE_TTL_S",
+    "RELEASE_REASONS",
     "RENEW_TIMEOUT_FLOOR_S",
     "REPLAYS",
     "RESUMPTION_REASONS",
     "STOPPING_REFUSALS",
     "TERMINAL_STATES",
     "TRANSITIONS",
+    "WORKER_LEFT",
     "FlaggedLease",
     "GrantRequest",
     "GrantWait",

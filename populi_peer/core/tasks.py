@@ -60,6 +60,7 @@ from populi_peer.core.fencing import (
     _str_tuple,
     accept_result,
 )
+from populi_peer.core.leases import WORKER_LEFT
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
 from populi_peer.core.wire import check_count, check_cwd, fields_json, record_json
@@ -120,7 +121,6 @@ RequestKind = Literal["grant", "local", "fallback"]
 
 #: The reason a worker that leaves the cluster gives for the attempts it stops: their
 #: submitters fall back (``lease_lost``), they are not cancelled.
-WORKER_LEFT: Final = "worker_left"
 
 TASK_STATES: Final[tuple[TaskState, ...]] = get_args(TaskState)
 REQUEST_KINDS: Final[tuple[RequestKind, ...]] = get_args(RequestKind)

@@ -685,6 +685,12 @@ def test_release_outcomes() -> None:
         "L1", "w1", outcome="stopped", now_mono=101.0, now_wall_ms=W, why="worker_left"
     )
     assert (c5.lease.state, c5.lease.reason) == ("released", "worker_left")
+    # What the submitter falls back for: the holder's word, else how the lease died.
+    assert (c1.lease.fallback_reason, c3.lease.fallback_reason) == (
+        "lease_released",
+        "lease_revoked",
+    )
+    assert c5.lease.fallback_reason == "worker_left"
     _t6, c6 = table.release(
         "L1", "w1", outcome="completed", now_mono=101.0, now_wall_ms=W, why="worker_left"
     )
