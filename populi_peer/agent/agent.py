@@ -310,6 +310,7 @@ class Agent:
             leased_gpus=self.runner.held_gpus,
             own_pids=self.runner.own_pids,
             writes=self.cluster_writes,
+            book_busy=lambda node_id: self.leases.busy_on(node_id),  # noqa: PLW0108 (built later)
         )
         self.settings_sync = SettingsSync(
             identity=identity,
@@ -500,7 +501,6 @@ class Agent:
             events=self.events,
             health=self.health,
         )
-        self.gpu.book_busy = self.leases.busy_on
         node = ExecNode(
             remote_work=self.remote_work,
             standing=self.standing,

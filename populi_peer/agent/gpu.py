@@ -98,10 +98,13 @@ class GpuService:
         leased_gpus: Callable[[], Iterable[str]],
         own_pids: Callable[[], Iterable[int]],
         writes: ClusterWrites,
+        book_busy: Callable[[str], frozenset[str] | None],
     ) -> None:
         """``leased_gpus()`` are the GPUs this node's running attempts hold; ``own_pids()``
         the processes Populi started here (a GPU busy with others is not allocatable);
-        ``writes`` proposes an operator's decision through the election (ADR 0017)."""
+        ``writes`` proposes an operator's decision through the election (ADR 0017);
+        ``book_busy(node)`` (control plane) the GPUs of ``node`` its lease book holds busy,
+        ``None`` where it cannot say (the node's report then does)."""
         self.node_id = node_id
         self.config = config
         self.clock = clock
@@ -122,9 +125,7 @@ class GpuService:
         self.verdicts: tuple[Any, ...] = ()
         self.acked_facts_version: str | None = None
         self.nodes: dict[str, HeldGpus] = {}
-        #: Control plane: the GPUs of a node its lease book holds busy, ``None`` while it
-        #: keeps no book for the node (set by the composition root: the lease service's).
-        self.book_busy: Callable[[str], frozenset[str] | None] = lambda node_id: None
+        self.book_busy = book_busy
         self.refreshes = 0
         self._probe: Any = None
 

@@ -270,15 +270,13 @@ class LeaseService:
         return dropped
 
     def busy_on(self, node_id: str) -> frozenset[str] | None:
-        """The GPUs of ``node_id`` that this control plane's book holds busy (a holding
-        lease, a reported claim); ``None`` while it keeps no book of this term, or
-        ``node_id`` has not reported in full to it (its own report then says)."""
+        """The GPUs of ``node_id`` this control plane's book holds busy
+        (:meth:`~populi_peer.core.leases.LeaseTable.busy_on`); ``None`` while it keeps no
+        book of this term."""
         table = self.table
         if table is None or table.term != self.control_plane.term:
             return None
-        if table.window is not None and not table.reported(node_id):
-            return None
-        return frozenset(gpu for node, gpu in table.busy_gpus() if node == node_id)
+        return table.busy_on(node_id)
 
     def _table(self) -> LeaseTable:
         self.control_plane.require_self()

@@ -1085,6 +1085,18 @@ class LeaseTable:
         """GPUs no grant may take: in a holding lease or in a reported claim."""
         return self.live_gpus() | self.claimed_gpus()
 
+    def busy_on(self, node: str) -> frozenset[str] | None:
+        """The GPUs of ``node`` this table holds busy (a holding lease, a reported claim);
+        ``None`` while it cannot say: in a resumption window, before the node reported
+        in full (ADR 0015), its own report says."""
+        if self.window is not None and not self.reported(node):
+            return None
+        leased = (g for x in self.leases.values() if x.holding and x.holder == node for g in x.gpus)
+        claimed = (
+            g for (owner, _), claim in self.claims.items() if owner == node for g in claim.gpus
+        )
+        return frozenset((*leased, *claimed))
+
     def claims_of(self, node: str) -> tuple[Claim, ...]:
         return tuple(claim for (owner, _), claim in sorted(self.claims.items()) if owner == node)
 

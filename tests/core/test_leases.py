@@ -45,6 +45,7 @@ from populi_peer.core.lifecycle import NodeLifecycle
 from populi_peer.core.messages import LeaseReleaseRequest
 from populi_peer.core.policy import WorkClass
 from populi_peer.core.reports import (
+    Claim,
     FullReport,
     Incarnation,
     NodeHoldings,
@@ -708,6 +709,33 @@ def test_a_release_on_the_wire_takes_only_a_known_reason() -> None:
     with pytest.raises(BadRequest) as refused:
         LeaseReleaseRequest.from_json({"outcome": "stopped", "reason": "tired"})
     assert "reason" in str(refused.value)
+
+
+def test_the_book_says_which_gpus_of_a_node_are_busy() -> None:
+    """``busy_on``: a node's GPUs in a holding lease or a reported claim (what the control
+    plane's GPU view says is leased); nothing to say before the node reports in full
+    within a resumption window (its own report then says)."""
+    table, lease = granted()
+    assert table.busy_on("w1") == set(lease.gpus) and table.busy_on("w2") == frozenset()
+    released, _ = table.release("L1", "w1", outcome="completed", now_mono=101.0, now_wall_ms=W)
+    assert released.busy_on("w1") == frozenset()
+    restored = LeaseTable.restore(
+        [lease], term=2, next_seq=2, settings=SETTINGS, now_mono=200.0, incarnation_id="r"
+    )
+    assert restored.window is not None and restored.busy_on("w1") is None
+    claim = Claim(
+        claim_id="c1",
+        node="w1",
+        task_id="t9",
+        attempt=1,
+        token=FencingToken(1, 9),
+        gpus=("G1",),
+        made_wall_ms=W,
+    )
+    holdings = NodeHoldings((as_reported(lease),), (claim,))
+    reported = report(restored, "w1", now=201.0, holdings=holdings)
+    assert reported.busy_on("w1") == {*lease.gpus, "G1"}
+    assert reported.busy_on("w2") is None  # still silent in the window
 
 
 def test_a_retried_release_is_a_replay() -> None:
