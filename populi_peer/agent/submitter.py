@@ -58,7 +58,7 @@ from populi_peer.agent.attempts import (
 from populi_peer.agent.health import RETRIED, Health, retried_failure
 from populi_peer.agent.holdings import NodeLedger
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
-from populi_peer.api.app import OPERATOR, SUBMIT, Request, Route
+from populi_peer.api.app import SUBMIT, TASK_READERS, Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import parse_host_port
@@ -135,7 +135,6 @@ from populi_peer.errors import BadRequest, Forbidden, NotFound, PeerError, Popul
 from populi_peer.log import NOTICE, get_logger, log
 from populi_peer.store.tasks import TaskRecord, Tasks
 
-READERS = SUBMIT | OPERATOR
 DEFAULT_TTL_S = 30.0
 #: How long the submitter waits for a worker's output of a running attempt.
 OUTPUT_TIMEOUT_S = 5.0
@@ -1293,12 +1292,22 @@ class Submitter:
         route = Route.catalogued
         return [
             route("POST", "/v1/populi/tasks", self._submit, SUBMIT, "task_submit"),
-            route("GET", "/v1/populi/tasks", self._list, READERS, "task_list"),
-            route("GET", "/v1/populi/tasks/{task_id}", self._show, READERS, "task_show"),
+            route("GET", "/v1/populi/tasks", self._list, TASK_READERS, "task_list"),
+            route("GET", "/v1/populi/tasks/{task_id}", self._show, TASK_READERS, "task_show"),
             route(
-                "POST", "/v1/populi/tasks/{task_id}/cancel", self._cancel, READERS, "task_cancel"
+                "POST",
+                "/v1/populi/tasks/{task_id}/cancel",
+                self._cancel,
+                TASK_READERS,
+                "task_cancel",
             ),
-            route("GET", "/v1/populi/tasks/{task_id}/output", self._output, READERS, "task_output"),
+            route(
+                "GET",
+                "/v1/populi/tasks/{task_id}/output",
+                self._output,
+                TASK_READERS,
+                "task_output",
+            ),
         ]
 
     def task_view(self, task_id: str) -> TaskView:

@@ -37,7 +37,7 @@ from populi_peer.agent.attempts import AttemptPlan, AttemptRunner, stored_result
 from populi_peer.agent.executor import Execution
 from populi_peer.agent.health import RETRIED, Health, retried_failure
 from populi_peer.agent.links import ControlPlaneLink, PeerLink
-from populi_peer.api.app import OPERATOR, SUBMIT, Request, Route
+from populi_peer.api.app import TASK_READERS, Request, Route
 from populi_peer.api.auth import Principal
 from populi_peer.clock import Clock
 from populi_peer.config import ExecConfig
@@ -65,7 +65,6 @@ from populi_peer.store.attempts import AttemptRecord, Attempts
 DELIVERY_MAX_BACKOFF_S = 30.0
 #: How long the worker waits for the control plane's view of a refused handoff's lease.
 LEASE_LOOKUP_TIMEOUT_S = 5.0
-OUTPUT_READERS = SUBMIT | OPERATOR
 #: How long a leaving worker tries to deliver the results of the attempts it stopped.
 LEAVE_DELIVERY_S = 5.0
 
@@ -132,7 +131,7 @@ class Worker:
                 "GET",
                 "/v1/populi/exec/attempts/{task_id}/{attempt}/output",
                 self._output,
-                roles=OUTPUT_READERS,
+                roles=TASK_READERS,
                 name="attempt_output",
             )
         ]

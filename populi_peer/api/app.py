@@ -49,6 +49,8 @@ from populi_peer.store import RequestNonce, bind_request_nonce
 ANY_MEMBER = TOKEN_ROLES
 OPERATOR = frozenset({"operator"})
 SUBMIT = frozenset({"submit"})
+#: Who may read and cancel tasks and read their output: the submitter, an operator.
+TASK_READERS = SUBMIT | OPERATOR
 MAX_REASON_CHARS = 200
 _CID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PARAM_RE = re.compile(r"\{([a-z_]+)\}")
