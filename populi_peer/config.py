@@ -45,8 +45,6 @@ ENV_ALIASES = {"POPULI_GPU_FIXTURE": "gpu.fixture", "POPULI_EXEC_REMOTE": "exec.
 ENV_NON_CONFIG = frozenset({"POPULI_DATA_DIR", "POPULI_CONFIG", "POPULI_DEBUG"})
 DEFAULT_PORT = 7431
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
 
 def _meta(doc: str, unit: str = "", check: Callable[[Any], str | None] | None = None) -> Any:
     return {"doc": doc, "unit": unit, "check": check}
@@ -145,9 +143,18 @@ def _addresses(value: Any) -> str | None:
 
 
 def _node_name(value: Any) -> str | None:
-    if value == "" or _NAME_RE.match(value):
+    """``""`` (the host's name) or a node name by enrollment's rule (the one a token
+    names and a join is checked against)."""
+    if value == "":
         return None
-    return "must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+    from enrollment.errors import NodeNameError
+    from enrollment.tokens import validate_node_name
+
+    try:
+        validate_node_name(value)
+    except NodeNameError as exc:
+        return str(exc)
+    return None
 
 
 def default_node_name() -> str:

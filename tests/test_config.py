@@ -45,6 +45,7 @@ def test_misspelled_key_is_refused_naming_key_and_file(tmp_path: Path) -> None:
         ('[scope]\noverlay_cidrs = ["10.8.0.0/33"]\n', "scope.overlay_cidrs"),
         ('[node]\nlisten = "nowhere:99999"\n', "node.listen"),
         ('[node]\nname = "Bad_Name"\n', "node.name"),
+        ('[node]\nname = "node-1\\n"\n', "node.name"),  # a trailing newline is no name
         ("gpu = 3\n", "gpu"),
         ("[timings.lan]\nstale_after_s = 0.5\n", "timings.lan.stale_after_s"),
         ("[exec]\nstop_margin_s = 1.0\n", "exec.stop_margin_s"),

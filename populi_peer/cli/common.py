@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 from populi_peer.config import (
     Config,
-    _node_name,
     default_data_dir,
     default_node_name,
     load_config,
@@ -77,10 +76,13 @@ def new_node_name(args: argparse.Namespace) -> str:
         except ValueError as exc:
             raise UsageError(f"{flag}: {exc}") from exc
     name: str = args.name or default_node_name()
-    problem = _node_name(name)
-    if problem:
-        raise UsageError(f"--name {name!r}: {problem}")
-    return name
+    from enrollment.errors import NodeNameError
+    from enrollment.tokens import validate_node_name
+
+    try:
+        return validate_node_name(name)
+    except NodeNameError as exc:
+        raise UsageError(f"--name: {exc}") from None
 
 
 def data_dir_of(args: argparse.Namespace) -> Path:

@@ -62,7 +62,13 @@ def test_status_on_a_missing_data_dir_is_one_line(
 
 @pytest.mark.parametrize("command", [["init", "--cluster-name", "lab"], ["join", "TOKEN"]])
 @pytest.mark.parametrize(
-    "args", [["--listen", "host:notaport"], ["--advertise", "[::1"], ["--name", "Bad Name"]]
+    "args",
+    [
+        ["--listen", "host:notaport"],
+        ["--advertise", "[::1"],
+        ["--name", "Bad Name"],
+        ["--name", "node-1\n"],
+    ],
 )
 def test_new_node_bad_flags_are_usage_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], args: list[str]
