@@ -690,18 +690,14 @@ class HeartbeatSender:
                         url=self.control_plane.url,
                         error=str(exc),
                     )
-                # One interval for the first losses (a lossy overlay path) and, where
-                # another voter could be elected, through an election timeout (a new
-                # leader is found within an interval of its election: ADR 0019), then back
-                # off from a control plane that is down.
-                electable = len(self.control_plane.voters()) > 1
+                # One interval for the first losses and through an election, then back off
+                # from a control plane that is down (the core's rule: ADR 0019).
                 delay = heartbeat_retry_delay_s(
                     self.timing(),
                     failures,
                     self.rng,
-                    fast_for_s=(
-                        float(self.records.settings["election_timeout_max_s"]) if electable else 0.0
-                    ),
+                    election_timeout_max_s=float(self.records.settings["election_timeout_max_s"]),
+                    voters=len(self.control_plane.voters()),
                 )
                 # Refused by a voter that does not lead (it named the leader: followed), or
                 # no answer twice: ask the voters who leads now (ADR 0016).

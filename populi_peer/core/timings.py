@@ -136,16 +136,22 @@ def tolerated_losses(timing: ScopeTimings, *, rtt_s: float = DESIGN_RTT_S) -> in
     return losses
 
 
-def fast_retries(timing: ScopeTimings, fast_for_s: float = 0.0) -> int:
+def fast_retries(
+    timing: ScopeTimings, *, election_timeout_max_s: float = 0.0, voters: int = 1
+) -> int:
     """How many consecutive failures are retried one interval apart: :data:`FAST_RETRIES`,
-    plus as many as cover ``fast_for_s`` (the cluster's longest election timeout: a node
-    whose leader died asks the voters who leads at every failure from the second on, and
-    finds the new leader within one interval of its election, not a backoff later)."""
-    if isinstance(fast_for_s, bool) or not isinstance(fast_for_s, (int, float)):
-        raise ValueError(f"fast_for_s must be a number of seconds, got {fast_for_s!r}")
-    if not math.isfinite(fast_for_s) or fast_for_s < 0:
-        raise ValueError(f"fast_for_s must be >= 0, got {fast_for_s}")
-    return FAST_RETRIES + math.ceil(fast_for_s / timing.heartbeat_interval_s)
+    plus, where another voter could be elected (``voters`` > 1), as many as cover the
+    cluster's longest election timeout (a node whose leader died asks the voters who
+    leads at every failure from the second on, and finds the new leader within one
+    interval of its election, not a backoff later: ADR 0019)."""
+    span = election_timeout_max_s
+    if isinstance(span, bool) or not isinstance(span, (int, float)):
+        raise ValueError(f"election_timeout_max_s must be a number of seconds, got {span!r}")
+    if not math.isfinite(span) or span < 0:
+        raise ValueError(f"election_timeout_max_s must be >= 0, got {span}")
+    if voters <= 1:
+        return FAST_RETRIES
+    return FAST_RETRIES + math.ceil(span / timing.heartbeat_interval_s)
 
 
 def _retry_bound_s(timing: ScopeTimings, failures: int, fast: int) -> float:
@@ -157,17 +163,22 @@ def _retry_bound_s(timing: ScopeTimings, failures: int, fast: int) -> float:
 
 
 def heartbeat_retry_delay_s(
-    timing: ScopeTimings, failures: int, rng: Rng, *, fast_for_s: float = 0.0
+    timing: ScopeTimings,
+    failures: int,
+    rng: Rng,
+    *,
+    election_timeout_max_s: float = 0.0,
+    voters: int = 1,
 ) -> float:
     """How long the sender waits before its next heartbeat after ``failures`` consecutive
     failures (0: the last one was answered): one interval for the first
-    :func:`fast_retries` failures (:data:`FAST_RETRIES`, more with ``fast_for_s``), then
+    :func:`fast_retries` failures (:data:`FAST_RETRIES`, more through an election), then
     exponential backoff (capped at :data:`MAX_BACKOFF_S`, jittered to half of it at the
     least, never below one interval) so that a control plane that is down is not hammered
     by every node at once."""
     if failures < 0:
         raise ValueError("failures must be >= 0")
-    fast = fast_retries(timing, fast_for_s)
+    fast = fast_retries(timing, election_timeout_max_s=election_timeout_max_s, voters=voters)
     bound = _retry_bound_s(timing, failures, fast)
     if failures <= fast:
         return bound

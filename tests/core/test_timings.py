@@ -110,12 +110,15 @@ def test_a_node_whose_leader_died_retries_at_one_interval_through_an_election_ti
     election (the failover figure's first grant waits for the node's report)."""
     lan = DEFAULT_SCOPE_TIMINGS["lan"]
     rng = random.Random(1)
-    assert fast_retries(lan, 3.0) == FAST_RETRIES + 3
-    assert fast_retries(lan, 0.0) == FAST_RETRIES
+    election = {"election_timeout_max_s": 3.0, "voters": 3}
+    assert fast_retries(lan, **election) == FAST_RETRIES + 3
+    assert fast_retries(lan, election_timeout_max_s=0.0, voters=3) == FAST_RETRIES
+    # A lone voter: nobody else can be elected, so no reason to keep retrying fast.
+    assert fast_retries(lan, election_timeout_max_s=3.0, voters=1) == FAST_RETRIES
     for failures in range(1, FAST_RETRIES + 4):
-        assert heartbeat_retry_delay_s(lan, failures, rng, fast_for_s=3.0) == 1.0
+        assert heartbeat_retry_delay_s(lan, failures, rng, **election) == 1.0
     # Past the election timeout: back off from a control plane that is down, as before.
-    later = [heartbeat_retry_delay_s(lan, n, rng, fast_for_s=3.0) for n in range(6, 20)]
+    later = [heartbeat_retry_delay_s(lan, n, rng, **election) for n in range(6, 20)]
     assert max(later) > 10.0
     with pytest.raises(ValueError):
-        fast_retries(lan, -1.0)
+        fast_retries(lan, election_timeout_max_s=-1.0, voters=3)
