@@ -178,6 +178,17 @@ class Decision:
 _OK: Final = Decision(True)
 
 
+def _claimable(attempt: NodeAttempt) -> bool:
+    """Whether ``attempt`` could run under a claim: a local attempt of this node under a
+    ``local`` lease, with GPUs to keep."""
+    return (
+        attempt.role == "local"
+        and attempt.lease is not None
+        and attempt.lease.kind == "local"
+        and bool(attempt.gpus)
+    )
+
+
 def _refused(*reasons: str) -> Decision:
     return Decision(False, reasons)
 
@@ -413,7 +424,7 @@ class NodeBook:
         attempt: its token, GPUs and lease). Refused ``not_claimable`` for an attempt this
         book does not hold as a local one with a lease and GPUs."""
         attempt = self.attempts.get(key)
-        if attempt is None or attempt.role != "local" or attempt.lease is None or not attempt.gpus:
+        if attempt is None or not _claimable(attempt):
             return self, _refused("not_claimable")
         claim = self._claim_of(attempt, claim_id=claim_id, made_wall_ms=made_wall_ms)
         return self.claim(claim, replace(attempt, phase="started", claim_id=claim_id))
@@ -439,14 +450,7 @@ class NodeBook:
         Its lease is still reported — ended when the attempt ends — and expires on the
         control plane if it was never renewed."""
         attempt = self.attempts.get(key)
-        if (
-            attempt is None
-            or attempt.role != "local"
-            or not attempt.started
-            or attempt.lease is None
-            or attempt.lease.kind != "local"
-            or not attempt.gpus
-        ):
+        if attempt is None or not attempt.started or not _claimable(attempt):
             return self, _refused("not_claimable")
         if attempt.claim_id is not None:
             return self, Decision(True, ("duplicate",), claim=self.claims[attempt.claim_id])

@@ -153,9 +153,13 @@ def test_only_a_held_local_attempt_with_a_lease_is_claimed_before_its_start() ->
         "accepted",
         lease=LeaseTerms("L6", "fence", "w1", 0.0, "agent"),
     )
+    fenced = replace(
+        accepted, task_id="t8", gpus=("G3",), lease=LeaseTerms("L8", "fence", "w1", 0.0, "agent")
+    )
     book, _ = NodeBook("w1").accept(accepted)  # no lease
     book, _ = book.accept(no_gpus)  # nothing to claim
-    for key in (accepted.key, no_gpus.key, ("local", "t7", 1)):
+    book, _ = book.accept(fenced)  # not a local lease: nothing a claim could stand for
+    for key in (accepted.key, no_gpus.key, fenced.key, ("local", "t7", 1)):
         same, decision = book.claim_before_start(key, claim_id="C5", made_wall_ms=W)
         assert decision.reasons == ("not_claimable",) and same is book
     # A remote attempt on the GPUs of a started one is refused as any claim would be.
