@@ -292,8 +292,6 @@ class ElectionService:
                 self._post,
                 roles=ELECTION_CALLERS,
                 name="election",
-                request=ElectionPost,
-                answer=ElectionExchange,
             )
         ]
 

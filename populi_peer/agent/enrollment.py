@@ -189,7 +189,6 @@ class Enrollment:
                 self._join_ca,
                 roles=None,
                 name="join_ca",
-                answer=JoinCaAnswer,
             ),
             Route(
                 "POST",
@@ -197,7 +196,6 @@ class Enrollment:
                 self._join_challenge,
                 roles=None,
                 name="join_challenge",
-                answer=JoinChallengeAnswer,
             ),
             Route(
                 "POST",
@@ -205,8 +203,6 @@ class Enrollment:
                 self._join_enroll,
                 roles=None,
                 name="join_enroll",
-                request=JoinEnrollRequest,
-                answer=JoinEnrollAnswer,
             ),
             Route(
                 "POST",
@@ -214,8 +210,6 @@ class Enrollment:
                 self._token_create,
                 roles=OPERATOR,
                 name="token_create",
-                request=TokenCreateRequest,
-                answer=TokenCreateAnswer,
             ),
             Route(
                 "GET",
@@ -223,7 +217,6 @@ class Enrollment:
                 self._token_list,
                 roles=OPERATOR,
                 name="token_list",
-                answer=TokenListAnswer,
             ),
             Route(
                 "POST",
@@ -231,7 +224,6 @@ class Enrollment:
                 self._token_revoke,
                 roles=OPERATOR,
                 name="token_revoke",
-                answer=TokenRevokeAnswer,
             ),
             Route(
                 "POST",
@@ -239,7 +231,6 @@ class Enrollment:
                 self._cert_renew,
                 roles=ANY_MEMBER,
                 name="cert_renew",
-                answer=CertRenewAnswer,
             ),
             Route(
                 "POST",
@@ -247,8 +238,6 @@ class Enrollment:
                 self._retire,
                 roles=OPERATOR,
                 name="node_retire",
-                request=ReasonRequest,
-                answer=NodeRetireAnswer,
             ),
             Route(
                 "POST",
@@ -256,8 +245,6 @@ class Enrollment:
                 self._delete,
                 roles=OPERATOR,
                 name="node_delete",
-                request=ReasonRequest,
-                answer=NodeDeleteAnswer,
             ),
             Route(
                 "POST",
@@ -265,7 +252,6 @@ class Enrollment:
                 self._unretire,
                 roles=OPERATOR,
                 name="name_unretire",
-                answer=NameUnretireAnswer,
             ),
             Route(
                 "GET",
@@ -273,7 +259,6 @@ class Enrollment:
                 self._revocations,
                 roles=ANY_MEMBER,
                 name="revocations",
-                answer=RevocationsAnswer,
             ),
             Route(
                 "GET",
@@ -281,7 +266,6 @@ class Enrollment:
                 self._members,
                 roles=ANY_MEMBER,
                 name="members",
-                answer=MembersAnswer,
             ),
         ]
 

@@ -258,8 +258,6 @@ class HintGossip:
                 self._digest,
                 roles=ANY_MEMBER,
                 name="gossip_digest",
-                request=GossipDigest,
-                answer=GossipReply,
             ),
             Route(
                 "POST",
@@ -267,8 +265,6 @@ class HintGossip:
                 self._push,
                 roles=ANY_MEMBER,
                 name="gossip_push",
-                request=GossipPush,
-                answer=GossipPushAnswer,
             ),
             Route(
                 "GET",
@@ -276,7 +272,6 @@ class HintGossip:
                 self._hints,
                 roles=ANY_MEMBER,
                 name="hints",
-                answer=HintsAnswer,
             ),
         ]
 

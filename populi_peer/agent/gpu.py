@@ -408,7 +408,6 @@ class GpuService:
                 self._gpus,
                 roles=ANY_MEMBER,
                 name="gpus",
-                answer=GpusAnswer,
             ),
             Route(
                 "POST",
@@ -416,8 +415,6 @@ class GpuService:
                 self._resume,
                 roles=OPERATOR,
                 name="gpu_resume",
-                request=ReasonRequest,
-                answer=GpuResumeAnswer,
             ),
         ]
 

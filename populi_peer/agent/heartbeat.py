@@ -311,8 +311,6 @@ class HeartbeatIntake:
                 self._heartbeat,
                 roles=ANY_MEMBER,
                 name="heartbeat",
-                request=HeartbeatReport,
-                answer=HeartbeatAnswer,
             )
         ]
 

@@ -55,8 +55,8 @@ class Inbox:
 
     def routes(self) -> list[Route]:
         return [
-            Route.catalogued("POST", "/v1/populi/inbox", self._deliver, NODES, "inbox_deliver"),
-            Route.catalogued("GET", "/v1/populi/inbox", self._read, ANY_MEMBER, "inbox_read"),
+            Route("POST", "/v1/populi/inbox", self._deliver, NODES, "inbox_deliver"),
+            Route("GET", "/v1/populi/inbox", self._read, ANY_MEMBER, "inbox_read"),
         ]
 
     async def _deliver(self, request: Request) -> InboxDeliverAnswer:

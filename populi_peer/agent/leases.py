@@ -434,7 +434,7 @@ class LeaseService:
     # -- routes ---------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
-        route = Route.catalogued
+        route = Route
         return [
             route("POST", "/v1/populi/exec/leases", self._grant, SUBMIT, "lease_grant"),
             route("GET", "/v1/populi/exec/leases", self._list, ANY_MEMBER, "lease_list"),

@@ -123,8 +123,6 @@ class NodeAdmin:
                 self._lifecycle,
                 roles=OPERATOR,
                 name="node_lifecycle",
-                request=LifecycleCommandRequest,
-                answer=LifecycleCommandAnswer,
             ),
             Route(
                 "GET",
@@ -132,7 +130,6 @@ class NodeAdmin:
                 self._nodes,
                 roles=ANY_MEMBER,
                 name="nodes",
-                answer=NodesAnswer,
             ),
             Route(
                 "GET",
@@ -140,7 +137,6 @@ class NodeAdmin:
                 self._events,
                 roles=ANY_MEMBER,
                 name="events",
-                answer=EventsAnswer,
             ),
             Route(
                 "POST",
@@ -148,8 +144,6 @@ class NodeAdmin:
                 self._leave,
                 roles=ANY_MEMBER,
                 name="leave",
-                request=ReasonRequest,
-                answer=LeaveAnswer,
             ),
         ]
 

@@ -106,7 +106,6 @@ class SettingsSync:
                 self._show,
                 roles=ANY_MEMBER,
                 name="settings_show",
-                answer=SettingsAnswer,
             ),
             Route(
                 "POST",
@@ -114,8 +113,6 @@ class SettingsSync:
                 self._set,
                 roles=OPERATOR,
                 name="settings_set",
-                request=SettingsChangeRequest,
-                answer=SettingsSetAnswer,
             ),
             Route(
                 "POST",
@@ -123,8 +120,6 @@ class SettingsSync:
                 self._receive,
                 roles=VOTERS,
                 name="settings_push",
-                request=SettingsPushRequest,
-                answer=SettingsPushAnswer,
             ),
         ]
 

@@ -107,7 +107,6 @@ class NodeStatus:
                 self._health,
                 roles=None,
                 name="health",
-                answer=HealthAnswer,
             ),
             Route(
                 "GET",
@@ -115,7 +114,6 @@ class NodeStatus:
                 self._status,
                 roles=ANY_MEMBER,
                 name="status",
-                answer=StatusAnswer,
             ),
         ]
 

@@ -1289,7 +1289,7 @@ class Submitter:
     # -- API ------------------------------------------------------------------------------
 
     def routes(self) -> list[Route]:
-        route = Route.catalogued
+        route = Route
         return [
             route("POST", "/v1/populi/tasks", self._submit, SUBMIT, "task_submit"),
             route("GET", "/v1/populi/tasks", self._list, TASK_READERS, "task_list"),

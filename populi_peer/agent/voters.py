@@ -241,8 +241,6 @@ class VoterAdmin:
                 self._post,
                 roles=OPERATOR,
                 name="voter_change",
-                request=VoterChangeRequest,
-                answer=VoterChangeAnswer,
             )
         ]
 

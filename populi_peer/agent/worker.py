@@ -127,7 +127,7 @@ class Worker:
 
     def routes(self) -> list[Route]:
         return [
-            Route.catalogued(
+            Route(
                 "GET",
                 "/v1/populi/exec/attempts/{task_id}/{attempt}/output",
                 self._output,

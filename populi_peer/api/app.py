@@ -181,9 +181,10 @@ def _error_code(response: Response) -> str | None:
 @dataclass(frozen=True)
 class Route:
     """One operation: ``name`` is its ``operationId`` in the contract; ``request`` and
-    ``answer`` its body types, where declared (``OPERATIONS`` in
-    :mod:`populi_peer.core.messages` says which: :meth:`catalogued` takes them from there;
-    a test holds the two together)."""
+    ``answer`` its body types. Those of an operation the catalogue (``OPERATIONS`` in
+    :mod:`populi_peer.core.messages`) lists are the catalogue's, filled in here (a type
+    given that differs from it is a programming error); a test holds the catalogue and
+    the contract together."""
 
     method: str
     pattern: str
@@ -194,22 +195,15 @@ class Route:
     request: type[Message] | None = None
     answer: type[Message] | None = None
 
-    @classmethod
-    def catalogued(
-        cls, method: str, pattern: str, handler: Handler, roles: frozenset[str] | None, name: str
-    ) -> Route:
-        """The route of operation ``name`` with the body types the catalogue
-        (``OPERATIONS``) gives it."""
-        types = OPERATIONS[name]
-        return cls(
-            method,
-            pattern,
-            handler,
-            roles=roles,
-            name=name,
-            request=types.request,
-            answer=types.answer,
-        )
+    def __post_init__(self) -> None:
+        types = OPERATIONS.get(self.name)
+        if types is None:
+            return
+        for attribute, catalogued in (("request", types.request), ("answer", types.answer)):
+            given = getattr(self, attribute)
+            if given is not None and given is not catalogued:
+                raise ValueError(f"route {self.name}: {attribute} {given} is not the catalogue's")
+            object.__setattr__(self, attribute, catalogued)
 
     def compile(self) -> re.Pattern[str]:
         regex = _PARAM_RE.sub(

@@ -159,13 +159,19 @@ def test_a_catalogued_route_takes_its_body_types_from_the_catalogue() -> None:
     async def handler(request: Request) -> Response:
         return Response(204, {})
 
-    grant = Route.catalogued("POST", "/grant", handler, frozenset({"submit"}), "lease_grant")
-    listing = Route.catalogued("GET", "/list", handler, None, "lease_list")
+    grant = Route("POST", "/grant", handler, frozenset({"submit"}), "lease_grant")
+    listing = Route("GET", "/list", handler, None, "lease_list")
     assert (grant.request, grant.answer) == (
         OPERATIONS["lease_grant"].request,
         OPERATIONS["lease_grant"].answer,
     )
     assert (grant.roles, grant.name) == (frozenset({"submit"}), "lease_grant")
     assert (listing.request, listing.answer) == (None, OPERATIONS["lease_list"].answer)
-    with pytest.raises(KeyError):
-        Route.catalogued("GET", "/x", handler, None, "not_an_operation")
+    # Given again, a type must be the catalogue's (a programming error otherwise).
+    same = Route("POST", "/grant", handler, None, "lease_grant", answer=grant.answer)
+    assert same.answer is grant.answer
+    with pytest.raises(ValueError, match="lease_grant"):
+        Route("POST", "/grant", handler, None, "lease_grant", answer=listing.answer)
+    # An operation the catalogue does not list keeps what it is given.
+    other = Route("GET", "/x", handler, None, "not_an_operation")
+    assert (other.request, other.answer) == (None, None)
