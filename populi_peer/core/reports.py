@@ -52,7 +52,7 @@ from populi_peer.core.fencing import (
     _str_tuple,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import ID_RE, FieldsRecord, fields_json, record_json
+from populi_peer.core.wire import ID_RE, FieldsRecord, record_json
 from populi_peer.errors import BadRequest
 
 #: How far a node got with a lease it holds: ``accepted`` (handed over, not started),
@@ -522,7 +522,7 @@ def report_from_json(data: object) -> ReportMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class RefusedLease:
+class RefusedLease(FieldsRecord):
     """A reported lease the control plane will not adopt or renew: the node must not start
     it, and stops it if it runs. ``reason``: ``lease_mismatch``, ``lease_<state>`` (it
     ended here: ``lease_expired``, ``lease_completed``...), ``task_key_taken``,
@@ -530,9 +530,6 @@ class RefusedLease:
 
     lease_id: str
     reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> RefusedLease:

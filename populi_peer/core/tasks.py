@@ -62,7 +62,7 @@ from populi_peer.core.fencing import (
 )
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import check_count, check_cwd, fields_json, record_json
+from populi_peer.core.wire import check_count, check_cwd, record_json
 from populi_peer.errors import BadRequest, Conflict
 
 _S = TypeVar("_S", bound=str)
@@ -486,7 +486,7 @@ class TaskOptions:
         return self.node is None or self.node == local_node or self.node_fallback
 
     def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
+        return record_json(self, nulls=True)
 
     @classmethod
     def from_json(cls, data: object) -> TaskOptions:
@@ -627,7 +627,7 @@ class LeaseRequests:
             raise BadRequest("a pending request's number is one already used", code="bad_record")
 
     def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
+        return record_json(self, nulls=True)
 
     @classmethod
     def from_json(cls, data: object) -> LeaseRequests:

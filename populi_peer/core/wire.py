@@ -41,12 +41,6 @@ def check_id(value: Any, name: str) -> str:
     return value
 
 
-def fields_json(record: DataclassInstance) -> dict[str, Any]:
-    """The JSON object of a record whose wire form is its fields as they are, under their
-    names, in their order."""
-    return {f.name: getattr(record, f.name) for f in fields(record)}
-
-
 def record_json(
     record: DataclassInstance, omit: Iterable[str] = (), *, nulls: bool = False
 ) -> dict[str, Any]:
