@@ -94,8 +94,10 @@ def test_envs() -> None:
 
 def test_a_json_record_needs_an_object_with_its_fields() -> None:
     assert json_record({"a": 1, "extra": 2}, "thing", ("a",)) == {"a": 1, "extra": 2}
-    with pytest.raises(BadRequest, match=r"^thing must be a JSON object, got list$"):
+    with pytest.raises(BadRequest, match=r"^thing must be a JSON object, got a list$"):
         json_record([], "thing", ("a",))
+    with pytest.raises(BadRequest, match=r"^thing must be a JSON object, got null$"):
+        json_record(None, "thing")
     with pytest.raises(BadRequest, match=r"^thing: missing field 'b'$") as caught:
         json_record({"a": 1}, "thing", ("a", "b"))
     assert caught.value.details == {"field": "b"}
