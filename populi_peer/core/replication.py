@@ -48,7 +48,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar, get_args
 
 from populi_peer import PROTOCOL_VERSION
-from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple
+from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple, one_of
 from populi_peer.core.hlc import ClockSkewError, check_clock_skew
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
 from populi_peer.core.wire import FieldsRecord
@@ -280,10 +280,10 @@ _N = TypeVar("_N", bound=str)
 def _known(obj: Mapping[str, Any], key: str, known: tuple[_N, ...], what: str, noun: str) -> _N:
     """``obj[key]``, one of ``known``; an unknown one is a ``bad_record`` naming the ``noun``."""
     value = _str(obj, key, what)
-    for name in known:
-        if value == name:
-            return name
-    raise BadRequest(f"{what}: unknown {noun} {value!r}", code="bad_record")
+    name = one_of(value, known)
+    if name is None:
+        raise BadRequest(f"{what}: unknown {noun} {value!r}", code="bad_record")
+    return name
 
 
 def _canonical(data: Any) -> str:

@@ -50,6 +50,7 @@ from populi_peer.core.fencing import (
     _opt_str,
     _str,
     _str_tuple,
+    one_of,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
 from populi_peer.core.wire import ID_RE, FieldsRecord, record_json
@@ -117,14 +118,14 @@ def _gpus(value: object, what: str) -> tuple[str, ...]:
 
 
 def _pick(value: str, choices: tuple[_S, ...], what: str, name: str) -> _S:
-    for choice in choices:
-        if value == choice:
-            return choice
-    raise BadRequest(
-        f"{what}: {name} {value!r} is not one of {', '.join(choices)}",
-        code="bad_report",
-        field=name,
-    )
+    choice = one_of(value, choices)
+    if choice is None:
+        raise BadRequest(
+            f"{what}: {name} {value!r} is not one of {', '.join(choices)}",
+            code="bad_report",
+            field=name,
+        )
+    return choice
 
 
 # -- the incarnation ------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from populi_peer.core.fencing import (
     _str,
     _str_tuple,
     accept_result,
+    one_of,
 )
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
@@ -136,12 +137,12 @@ RUNNING_STATES: Final[frozenset[TaskState]] = frozenset(
 
 
 def _pick(value: str, choices: tuple[_S, ...], name: str) -> _S:
-    for choice in choices:
-        if value == choice:
-            return choice
-    raise BadRequest(
-        f"{name} {value!r} is not one of {', '.join(choices)}", code="bad_record", field=name
-    )
+    choice = one_of(value, choices)
+    if choice is None:
+        raise BadRequest(
+            f"{name} {value!r} is not one of {', '.join(choices)}", code="bad_record", field=name
+        )
+    return choice
 
 
 def _row(**moves: TaskState) -> Mapping[EventKey, TaskState]:
