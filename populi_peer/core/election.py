@@ -90,7 +90,7 @@ from populi_peer.core.replication import (
     entries_to_json,
     is_majority,
 )
-from populi_peer.core.wire import fields_json
+from populi_peer.core.wire import FieldsRecord
 from populi_peer.errors import BadRequest, ConfigError, Conflict, RefusedError
 
 Role = Literal["stopped", "follower", "precandidate", "candidate", "leader"]
@@ -148,7 +148,7 @@ class Rng(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class ElectionSettings:
+class ElectionSettings(FieldsRecord):
     """Election timings (cluster-wide, part of the signed settings record; seconds).
 
     - ``election_timeout_min_s`` / ``election_timeout_max_s``: a follower that hears no
@@ -181,9 +181,6 @@ class ElectionSettings:
     @property
     def drift(self) -> float:
         return self.max_clock_drift_ppm / 1_000_000
-
-    def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ElectionSettings:

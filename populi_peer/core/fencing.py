@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from populi_peer.errors import BadRequest
 
@@ -46,6 +46,8 @@ HandoffVerdict = Literal["start", "duplicate", "stale"]
 TOKEN_PART_MAX: Final = 2**63 - 1
 
 _TOKEN_RE: Final = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+
+_C = TypeVar("_C", bound=str)
 
 
 # -- JSON field helpers shared by the core's records (leases, tasks, policy, placement) --
@@ -80,6 +82,15 @@ def _str(data: Mapping[str, Any], key: str, what: str) -> str:
     if not isinstance(value, str):
         raise _bad(what, key, "a string", value)
     return value
+
+
+def one_of(value: object, choices: tuple[_C, ...]) -> _C | None:
+    """The one of ``choices`` (names: a ``Literal``'s values) that ``value`` is, or ``None``
+    for the caller to refuse with its own error."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    return None
 
 
 def _opt_str(data: Mapping[str, Any], key: str, what: str) -> str | None:
@@ -274,4 +285,5 @@ __all__ = [
     "FencingToken",
     "HandoffVerdict",
     "accept_result",
+    "one_of",
 ]

@@ -76,6 +76,7 @@ from populi_peer.core.fencing import (
     _opt_str,
     _str,
     _str_tuple,
+    one_of,
 )
 from populi_peer.core.hints import GpuHint
 from populi_peer.core.lifecycle import NodeLifecycle
@@ -576,17 +577,17 @@ class Lease:
 
 
 def _as_state(value: str) -> LeaseState:
-    for state in LEASE_STATES:
-        if value == state:
-            return state
-    raise BadRequest(f"unknown lease state {value!r}", code="bad_record")
+    state = one_of(value, LEASE_STATES)
+    if state is None:
+        raise BadRequest(f"unknown lease state {value!r}", code="bad_record")
+    return state
 
 
 def _as_kind(value: str) -> LeaseKind:
-    for kind in LEASE_KINDS:
-        if value == kind:
-            return kind
-    raise BadRequest(f"unknown lease kind {value!r}", code="bad_record")
+    kind = one_of(value, LEASE_KINDS)
+    if kind is None:
+        raise BadRequest(f"unknown lease kind {value!r}", code="bad_record")
+    return kind
 
 
 @dataclass(frozen=True, slots=True)

@@ -252,8 +252,8 @@ class TaskView:
     def __post_init__(self) -> None:
         check_work_class(self.work_class)
         check_count(self.gpus_wanted, "gpus_wanted")
-        if self.gpu_mem_bytes is not None and check_count(self.gpu_mem_bytes, "gpu_mem_bytes") == 0:
-            raise BadRequest("gpu_mem_bytes must be > 0", field="gpu_mem_bytes")
+        if self.gpu_mem_bytes is not None:
+            check_count(self.gpu_mem_bytes, "gpu_mem_bytes", 1)
         if self.gpu_model is not None:
             check_gpu_model(self.gpu_model)
         if self.gpus_wanted == 0 and (self.gpu_mem_bytes or self.gpu_model):

@@ -48,10 +48,10 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, TypeVar, get_args
 
 from populi_peer import PROTOCOL_VERSION
-from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple
+from populi_peer.core.fencing import _bool, _get, _int, _obj, _str, _str_tuple, one_of
 from populi_peer.core.hlc import ClockSkewError, check_clock_skew
 from populi_peer.core.registers import RegisterSet, RegisterWrite, Stamp
-from populi_peer.core.wire import FieldsRecord, fields_json
+from populi_peer.core.wire import FieldsRecord
 from populi_peer.errors import BadRequest, Conflict
 
 SetName = Literal[
@@ -280,10 +280,10 @@ _N = TypeVar("_N", bound=str)
 def _known(obj: Mapping[str, Any], key: str, known: tuple[_N, ...], what: str, noun: str) -> _N:
     """``obj[key]``, one of ``known``; an unknown one is a ``bad_record`` naming the ``noun``."""
     value = _str(obj, key, what)
-    for name in known:
-        if value == name:
-            return name
-    raise BadRequest(f"{what}: unknown {noun} {value!r}", code="bad_record")
+    name = one_of(value, known)
+    if name is None:
+        raise BadRequest(f"{what}: unknown {noun} {value!r}", code="bad_record")
+    return name
 
 
 def _canonical(data: Any) -> str:
@@ -348,7 +348,7 @@ def _set_beats(new: SetElement, old: SetElement) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class ClusterRecord:
+class ClusterRecord(FieldsRecord):
     """One cluster record: ``text`` is the signed record (checked by the shell, opaque
     here), ``body`` its parsed content, ``serial`` its serial. ``term`` is the term of the
     leader that stored it and ``settled`` says that a voter-set change is known to be
@@ -387,9 +387,6 @@ class ClusterRecord:
     @property
     def order(self) -> tuple[int, int, bool, str]:
         return (self.term, self.serial, self.settled, self.text)
-
-    def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> ClusterRecord:

@@ -50,9 +50,10 @@ from populi_peer.core.fencing import (
     _opt_str,
     _str,
     _str_tuple,
+    one_of,
 )
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import ID_RE, FieldsRecord, fields_json, record_json
+from populi_peer.core.wire import ID_RE, FieldsRecord, record_json
 from populi_peer.errors import BadRequest
 
 #: How far a node got with a lease it holds: ``accepted`` (handed over, not started),
@@ -117,14 +118,14 @@ def _gpus(value: object, what: str) -> tuple[str, ...]:
 
 
 def _pick(value: str, choices: tuple[_S, ...], what: str, name: str) -> _S:
-    for choice in choices:
-        if value == choice:
-            return choice
-    raise BadRequest(
-        f"{what}: {name} {value!r} is not one of {', '.join(choices)}",
-        code="bad_report",
-        field=name,
-    )
+    choice = one_of(value, choices)
+    if choice is None:
+        raise BadRequest(
+            f"{what}: {name} {value!r} is not one of {', '.join(choices)}",
+            code="bad_report",
+            field=name,
+        )
+    return choice
 
 
 # -- the incarnation ------------------------------------------------------------------------
@@ -522,7 +523,7 @@ def report_from_json(data: object) -> ReportMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class RefusedLease:
+class RefusedLease(FieldsRecord):
     """A reported lease the control plane will not adopt or renew: the node must not start
     it, and stops it if it runs. ``reason``: ``lease_mismatch``, ``lease_<state>`` (it
     ended here: ``lease_expired``, ``lease_completed``...), ``task_key_taken``,
@@ -530,9 +531,6 @@ class RefusedLease:
 
     lease_id: str
     reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
 
     @classmethod
     def from_json(cls, data: object) -> RefusedLease:

@@ -59,11 +59,12 @@ from populi_peer.core.fencing import (
     _str,
     _str_tuple,
     accept_result,
+    one_of,
 )
 from populi_peer.core.leases import WORKER_LEFT
 from populi_peer.core.placement import check_gpu_model
 from populi_peer.core.policy import WorkClass, check_work_class
-from populi_peer.core.wire import check_count, check_cwd, fields_json, record_json
+from populi_peer.core.wire import check_count, check_cwd, record_json
 from populi_peer.errors import BadRequest, Conflict
 
 _S = TypeVar("_S", bound=str)
@@ -136,12 +137,12 @@ RUNNING_STATES: Final[frozenset[TaskState]] = frozenset(
 
 
 def _pick(value: str, choices: tuple[_S, ...], name: str) -> _S:
-    for choice in choices:
-        if value == choice:
-            return choice
-    raise BadRequest(
-        f"{name} {value!r} is not one of {', '.join(choices)}", code="bad_record", field=name
-    )
+    choice = one_of(value, choices)
+    if choice is None:
+        raise BadRequest(
+            f"{name} {value!r} is not one of {', '.join(choices)}", code="bad_record", field=name
+        )
+    return choice
 
 
 def _row(**moves: TaskState) -> Mapping[EventKey, TaskState]:
@@ -486,7 +487,7 @@ class TaskOptions:
         return self.node is None or self.node == local_node or self.node_fallback
 
     def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
+        return record_json(self, nulls=True)
 
     @classmethod
     def from_json(cls, data: object) -> TaskOptions:
@@ -627,7 +628,7 @@ class LeaseRequests:
             raise BadRequest("a pending request's number is one already used", code="bad_record")
 
     def to_json(self) -> dict[str, Any]:
-        return fields_json(self)
+        return record_json(self, nulls=True)
 
     @classmethod
     def from_json(cls, data: object) -> LeaseRequests:

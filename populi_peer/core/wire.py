@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, cast
 
+from enrollment.canonical import json_type
 from populi_peer.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -39,12 +40,6 @@ def check_id(value: Any, name: str) -> str:
             code="bad_request",
         )
     return value
-
-
-def fields_json(record: DataclassInstance) -> dict[str, Any]:
-    """The JSON object of a record whose wire form is its fields as they are, under their
-    names, in their order."""
-    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 def record_json(
@@ -83,7 +78,7 @@ def json_record(data: object, what: str, fields: Iterable[str] = ()) -> dict[str
     """``data`` as the JSON object of a ``what`` record that has each of ``fields`` (others
     are ignored); 400 ``bad_request`` naming the first one missing."""
     if not isinstance(data, dict):
-        raise BadRequest(f"{what} must be a JSON object, got {type(data).__name__}")
+        raise BadRequest(f"{what} must be a JSON object, got {json_type(data)}")
     for name in fields:
         if name not in data:
             raise BadRequest(f"{what}: missing field {name!r}", field=name)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import functools
 import json
 import os
 import sqlite3
@@ -567,11 +568,19 @@ def from_row(cls: type[_Row], row: sqlite3.Row, **decode: Callable[[Any], Any]) 
     """The dataclass ``cls`` built from ``row``, whose columns are named like its fields:
     each field takes its column's value, passed through ``decode[field]`` where the
     column holds an encoded form (JSON text, a fencing token's string)."""
-    names = [field.name for field in fields(cls)]
-    unknown = decode.keys() - set(names)
+    names = _columns(cls, frozenset(decode))
+    return cls(**{name: decode.get(name, _as_stored)(row[name]) for name in names})
+
+
+@functools.cache
+def _columns(cls: type[DataclassInstance], decoded: frozenset[str]) -> tuple[str, ...]:
+    """The field names of ``cls`` (its columns), found once per class and set of decoded
+    fields, each of which must be one of them."""
+    names = tuple(field.name for field in fields(cls))
+    unknown = decoded - set(names)
     if unknown:
         raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r} to decode")
-    return cls(**{name: decode.get(name, _as_stored)(row[name]) for name in names})
+    return names
 
 
 def _as_stored(value: Any) -> Any:

@@ -34,8 +34,8 @@ import heapq
 import json
 import math
 import random
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -99,15 +99,6 @@ class SimulationFailure(AssertionError):
         self.seed = seed
         self.trace = trace
         super().__init__(f"seed {seed}: {message}\n--- last events ---\n{trace}")
-
-
-def seed_totals(run: Callable[[int], Mapping[str, int]], seeds: Iterable[int]) -> Counter[str]:
-    """The figures ``run`` (a simulation's ``run_seed``) counts over ``seeds``, summed;
-    the first seed that breaks a rule raises its :class:`SimulationFailure`."""
-    totals: Counter[str] = Counter()
-    for seed in seeds:
-        totals.update(run(seed))
-    return totals
 
 
 # -- client operations (what a client asks for; the node's shell turns it into an item) --
@@ -817,5 +808,4 @@ __all__ = [
     "SimulationFailure",
     "config_for_seed",
     "run_seed",
-    "seed_totals",
 ]

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from populi_peer.core.claims import AttemptKey, LeaseTerms, NodeAttempt, NodeBook
+from populi_peer.core.claims import NO_LEASE_TOKEN, AttemptKey, LeaseTerms, NodeAttempt, NodeBook
 from populi_peer.core.fencing import FenceBook, FencingToken, accept_result
 from populi_peer.core.holder import (
     AttemptEnded,
@@ -89,7 +89,6 @@ CLAIM_LEAD_S = 0.5
 KILL_S = 0.3  # SIGTERM to gone, at worst
 HEARTBEAT_S = 0.5
 REQUEST_TIMEOUT_S = 1.0
-ZERO = FencingToken(0, 0)
 WALL0 = 1_700_000_000_000
 #: A seed runs a few thousand events; far more means something spins.
 MAX_EVENTS = 1_000_000
@@ -1054,7 +1053,7 @@ class LeaseSimulation:
         token = attempt.token if attempt is not None else None
         if role == "worker":
             if token is None:
-                token = node.fences.highest(task_id) or ZERO
+                token = node.fences.highest(task_id) or NO_LEASE_TOKEN
             node.results[key] = (task.owner, token, outcome)
             self.deliver(node, key)
             return

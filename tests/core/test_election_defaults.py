@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 
 from populi_peer.core import settings as cluster_settings
-from populi_peer.core.election import check_election_settings, lease_outlives_hold_s
+from populi_peer.core.election import (
+    ElectionSettings,
+    check_election_settings,
+    lease_outlives_hold_s,
+)
 from populi_peer.core.messages.records import SettingsValuesCodec
 from populi_peer.errors import BadRequest
 
@@ -48,6 +52,13 @@ def test_the_defaults_are_the_lan_timings_of_adr_0019_and_safe() -> None:
     # Eight heartbeats lost in a row before a follower stands, as before ADR 0019.
     assert timings.election_timeout_min_s / timings.heartbeat_interval_s == 8
     assert lease_outlives_hold_s(timings) < timings.election_timeout_min_s / (1 + timings.drift)
+
+
+def test_the_election_settings_defaults_are_the_cluster_settings_defaults() -> None:
+    """The timings are written twice: as :class:`ElectionSettings`' field defaults and as
+    the cluster settings' defaults (``max_skew_ms`` as :func:`election_settings`'s); a
+    default changed in one place only would fail here."""
+    assert ElectionSettings() == cluster_settings.election_settings(cluster_settings.defaults())
 
 
 def test_a_record_signed_before_adr_0019_keeps_its_timings() -> None:

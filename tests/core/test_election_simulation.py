@@ -23,9 +23,8 @@ from populi_peer.testing.election_sim import (
     Simulation,
     SimulationFailure,
     run_seed,
-    seed_totals,
 )
-from support.seeds import first_failure_twice
+from support.seeds import first_failure_twice, seed_totals
 
 #: Seeds the suite runs (about 20-30 s here); override with POPULI_ELECTION_SEEDS.
 SUITE_SEEDS = int(os.environ.get("POPULI_ELECTION_SEEDS", "300"))

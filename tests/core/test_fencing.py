@@ -12,11 +12,23 @@ from populi_peer.core.fencing import (
     FenceBook,
     FencingToken,
     accept_result,
+    one_of,
 )
 from populi_peer.errors import BadRequest
 
 tokens = st.builds(FencingToken, st.integers(0, TOKEN_PART_MAX), st.integers(0, TOKEN_PART_MAX))
 small_tokens = st.builds(FencingToken, st.integers(1, 3), st.integers(0, 4))
+
+
+# -- names ---------------------------------------------------------------------------------
+
+
+def test_one_of_is_the_choice_a_value_names_or_none() -> None:
+    choices = ("grant", "local")
+    assert one_of("local", choices) == "local"
+    for value in ("Local", "grant ", "", None, 1, ["grant"]):
+        assert one_of(value, choices) is None
+    assert one_of("grant", ()) is None
 
 
 # -- tokens -------------------------------------------------------------------------------

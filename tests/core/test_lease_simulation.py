@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 
 from populi_peer.core import claims, leases
-from populi_peer.testing.election_sim import seed_totals
 from populi_peer.testing.lease_sim import (
     LeaseSimulation,
     LeaseSimulationFailure,
     SimConfig,
     run_seed,
 )
-from support.seeds import first_failure_twice
+from support.seeds import first_failure_twice, seed_totals
 
 #: Seeds the suite runs (about 20-30 s here); override with POPULI_LEASE_SEEDS.
 SUITE_SEEDS = int(os.environ.get("POPULI_LEASE_SEEDS", "240"))

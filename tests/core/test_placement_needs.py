@@ -251,8 +251,12 @@ def test_bad_sizes(text: str) -> None:
 def test_task_needs_are_checked() -> None:
     with pytest.raises(BadRequest):
         TaskView("training", gpus_wanted=0, gpu_mem_bytes=GB)
-    with pytest.raises(BadRequest):
+    with pytest.raises(BadRequest) as refused:
         TaskView("training", gpus_wanted=1, gpu_mem_bytes=0)
+    assert (refused.value.code, refused.value.details) == (
+        "bad_request",
+        {"field": "gpu_mem_bytes"},
+    )
     with pytest.raises(BadRequest):
         TaskView("training", gpus_wanted=1, labels={"zone": 1})  # type: ignore[dict-item]
     with pytest.raises(BadRequest):

@@ -80,6 +80,14 @@ def test_messages_round_trip_through_json() -> None:
     assert Incarnation.from_json(I1.to_json()) == I1 and str(I1) == "1/a1"
 
 
+def test_a_name_outside_its_list_is_refused_naming_the_field() -> None:
+    with pytest.raises(
+        BadRequest, match=r"^report answer: status 'lost' is not one of applied, "
+    ) as refused:
+        ReportAnswer.from_json({**ReportAnswer(I1, "applied").to_json(), "status": "lost"})
+    assert (refused.value.code, refused.value.details) == ("bad_report", {"field": "status"})
+
+
 @pytest.mark.parametrize(
     "mutate",
     [

@@ -662,6 +662,14 @@ def test_malformed_request_numbers_are_refused(bad: dict[str, object]) -> None:
         LeaseRequests.from_json(bad)
 
 
+def test_an_unknown_pending_request_kind_is_refused_naming_the_field() -> None:
+    with pytest.raises(
+        BadRequest, match=r"^pending 'lottery' is not one of grant, local, fallback$"
+    ) as refused:
+        LeaseRequests.from_json({"pending": "lottery", "pending_attempt": 1, "highest": 1})
+    assert (refused.value.code, refused.value.details) == ("bad_record", {"field": "pending"})
+
+
 # -- --node, --node-fallback, --cwd, worker_left, exit codes ------------------------------
 
 

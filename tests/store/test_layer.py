@@ -20,7 +20,7 @@ from populi_peer.core.tasks import Task
 from populi_peer.errors import StoreError
 from populi_peer.store import Store, bind_request_nonce
 from populi_peer.store.attempts import AttemptIdentity, Attempts
-from populi_peer.store.db import from_row, json_tuple
+from populi_peer.store.db import _columns, from_row, json_tuple
 from populi_peer.store.events import EventLog
 from populi_peer.store.inbox import InboxMessages
 from populi_peer.store.leases import Leases
@@ -157,3 +157,19 @@ def test_from_row_fills_each_field_from_its_column_through_its_decoder() -> None
         assert from_row(_Tagged, row) == _Tagged("a", '["x", "y"]')  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="_Tagged has no field 'tag' to decode"):
             from_row(_Tagged, row, tag=json_tuple)
+
+
+def test_from_row_finds_a_classes_columns_once_for_all_its_rows() -> None:
+    @dataclass(frozen=True)
+    class Pair:
+        a: str
+        b: tuple[str, ...]
+
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.row_factory = sqlite3.Row
+        rows = db.execute("SELECT 'x' AS a, '[]' AS b UNION ALL SELECT 'y', '[\"z\"]'").fetchall()
+        before = _columns.cache_info()
+        read = [from_row(Pair, row, b=json_tuple) for row in rows * 3]
+        after = _columns.cache_info()
+    assert read[:2] == [Pair("x", ()), Pair("y", ("z",))]
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 5)
