@@ -13,7 +13,7 @@ here has no netem); loss: every host drops incoming WireGuard packets with proba
 LOSS (``iptables -m statistic``), so a round trip loses about twice LOSS.
 
 ``idle``: the cluster sits for ``--minutes``; ``populi nodes`` on ``cp`` is sampled every
-2 s: a stale verdict, or the term changing (a leader change, once elections run), is
+2 s: a stale verdict, or the term changing (a leader change), is
 reported. The largest heartbeat age seen says how close it came: a sample can miss a
 stale spell only if it is shorter than the sampling period, so a largest age below
 ``stale_after - 2 s`` rules one out.

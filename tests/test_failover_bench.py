@@ -62,5 +62,25 @@ def test_the_table_shows_the_ratio_to_etcd_and_what_was_not_measured() -> None:
     table = failover.format_table([populi, etcd, raft])
     lines = table.splitlines()
     assert lines[2].rstrip().endswith("2.5")  # 2.5 s over etcd's 1.0 s at p50
-    assert "1 unplanned leader change(s)" in table
+    assert "1 round(s) began at a higher term than the last first grant" in table
     assert "not measured: no go" in table
+
+
+def test_a_round_counts_when_its_term_moved_on_since_the_last_first_grant() -> None:
+    moved = failover.term_moved_between_rounds
+    assert not moved(0, 5)  # the first round: nothing to compare with
+    assert not moved(3, 3)  # the term the last grant came at: no election since
+    assert moved(3, 4)  # an election nobody caused between the kills
+    assert moved(3, 6)  # several count as one round
+    assert not moved(4, 3)
+
+
+def test_the_warmup_is_the_profiles_longest_election_timeout_and_a_margin() -> None:
+    margin = failover.WARMUP_MARGIN_S
+    # The defaults (3 s, as populi init writes them) outlast etcd-like's 2.2 s.
+    assert failover.warmup_s(failover.PROFILES["etcd-like"]) == 3.0 + margin
+    assert failover.warmup_s(failover.PROFILES["adr0016"]) == 16.0 + margin
+    assert failover.warmup_s([{}]) == 3.0 + margin
+    assert failover.warmup_s(
+        [{"election_timeout_max_s": 9.0}, {"election_timeout_max_s": 4.0}]
+    ) == (9.0 + margin)

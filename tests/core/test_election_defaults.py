@@ -3,6 +3,8 @@ means (ADR 0016's values: a record signed before the defaults changed keeps its 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from populi_peer.core import settings as cluster_settings
@@ -121,3 +123,21 @@ def test_a_body_that_leaves_the_leader_lease_out_reads_it_as_the_versions_before
     check_election_settings(cluster_settings.election_settings(values))
     # A complete mapping (every key named) is read as it is.
     assert cluster_settings.validate_settings(cluster_settings.defaults())["leader_lease_s"] == 1.0
+
+
+@pytest.mark.parametrize("direction", ["to the defaults", "back to the overlay timings"])
+def test_every_other_order_of_the_four_keys_is_refused(direction: str) -> None:
+    """runbooks/voters.md: one key at a time in the order it gives, "every other order is
+    refused" — of the 24 orders of the four keys, only the runbook's passes every step."""
+    start = cluster_settings.validate_settings(BEFORE)
+    steps = UPGRADE_STEPS
+    if direction != "to the defaults":
+        start, steps = _walk(start, UPGRADE_STEPS), OVERLAY_STEPS
+    passed = []
+    for order in itertools.permutations(steps):
+        try:
+            _walk(start, order)
+        except BadRequest:
+            continue
+        passed.append(order)
+    assert passed == [steps]

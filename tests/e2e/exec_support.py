@@ -206,20 +206,24 @@ def supervisor_state(task_dir: Path) -> dict[str, Any]:
     return dict(json.loads((task_dir / "state.json").read_text()))
 
 
+def grant_request(mesh: Mesh, target: str, task_id: str, *, ttl_s: float) -> dict[str, Any]:
+    """The body of a one-GPU lease on ``target`` for attempt 1 of ``task_id``, a task nobody
+    hands off."""
+    return {
+        "task_id": task_id,
+        "attempt": 1,
+        "work_class": "inference",
+        "target": mesh[target].node_id,
+        "gpus_wanted": 1,
+        "ttl_s": ttl_s,
+    }
+
+
 def grant_as_cp(mesh: Mesh, target: str, task_id: str, *, ttl_s: float) -> httpx.Response:
-    """A one-GPU lease on ``target`` asked by the control plane's own node (a submitter
-    too) for attempt 1 of ``task_id``, a task nobody hands off."""
+    """:func:`grant_request`, asked by the control plane's own node (a submitter too)."""
     with mesh.client("cp", mesh.credential("cp")) as client:
         return client.post(
-            "/v1/populi/exec/leases",
-            json={
-                "task_id": task_id,
-                "attempt": 1,
-                "work_class": "inference",
-                "target": mesh[target].node_id,
-                "gpus_wanted": 1,
-                "ttl_s": ttl_s,
-            },
+            "/v1/populi/exec/leases", json=grant_request(mesh, target, task_id, ttl_s=ttl_s)
         )
 
 
@@ -245,6 +249,7 @@ __all__ = [
     "deadline_boot_ns",
     "free_port",
     "grant_as_cp",
+    "grant_request",
     "kill_pids",
     "leftovers",
     "log_events",

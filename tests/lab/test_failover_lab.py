@@ -71,6 +71,7 @@ from e2e.exec_support import (
     accepted_results,
     check_tick_order,
     deadline_boot_ns,
+    grant_request,
     read_ticks,
     supervisor_state,
     tick_command,
@@ -211,18 +212,6 @@ def follows(mesh: Mesh, caller: Caller, name: str, leader: str) -> Callable[[], 
         )
 
     return probe
-
-
-def grant_request(mesh: Mesh, target: str, task_id: str) -> dict[str, Any]:
-    """A one-GPU lease on ``target`` for attempt 1 of ``task_id``, a task nobody hands off."""
-    return {
-        "task_id": task_id,
-        "attempt": 1,
-        "work_class": "inference",
-        "target": mesh[target].node_id,
-        "gpus_wanted": 1,
-        "ttl_s": LEASE_TTL_S,
-    }
 
 
 def elected_at_ms(mesh: Mesh, name: str, term: Callable[[int], bool]) -> list[int]:
@@ -390,7 +379,12 @@ def sigkill_the_leader(
     )
     print(f"{old} follows {leader} {took:.1f} s after its restart")
     details = refused_not_control_plane(
-        wa.call(old, "POST", "/v1/populi/exec/leases", json_body=grant_request(mesh, "wa", "t-x"))
+        wa.call(
+            old,
+            "POST",
+            "/v1/populi/exec/leases",
+            json_body=grant_request(mesh, "wa", "t-x", ttl_s=LEASE_TTL_S),
+        )
     )
     assert details["leader_id"] == mesh[leader].node_id and details["term"] >= new_term, details
     return leader
@@ -421,7 +415,7 @@ def cut_the_leader_off(
                     leader,
                     "POST",
                     "/v1/populi/exec/leases",
-                    json_body=grant_request(mesh, "wa", "t-p1"),
+                    json_body=grant_request(mesh, "wa", "t-p1", ttl_s=LEASE_TTL_S),
                 )
             )[0]
             == 200
@@ -469,7 +463,7 @@ def cut_the_leader_off(
     )
     assert refused_s < bound_s + SLACK_S, (refused_s, bound_s, SLACK_S)
     assert details.get("leader_id") != mesh[leader].node_id, details
-    grant = grant_request(mesh, "wa", "t-p2")
+    grant = grant_request(mesh, "wa", "t-p2", ttl_s=LEASE_TTL_S)
     details = refused_not_control_plane(
         wa.call(leader, "POST", "/v1/populi/exec/leases", json_body=grant)
     )
