@@ -24,23 +24,12 @@ from typing import Any
 import pytest
 
 from enrollment.ca import cert_from_pem, chain_from_pem, issuer_node_id, verify_chain
-from populi_peer.core.settings import defaults
-from support.mesh import Mesh, give_issuers
+from support.mesh import Mesh, give_issuers, shipped_election_timings
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
 VOTER = "worker,submit,voter"
-#: The election timings the test runs at: the shipped defaults (ADR 0019: none of them,
-#: the lease margin least of all, is traded for a faster test), asserted.
-ELECTION_KEYS = (
-    "election_heartbeat_s",
-    "leader_lease_s",
-    "election_lease_margin_s",
-    "election_timeout_min_s",
-    "election_timeout_max_s",
-    "max_clock_drift_ppm",
-)
 GUARD_S = 90.0
 
 
@@ -92,9 +81,7 @@ def scenario(mesh: Mesh) -> None:
     )
     first_term = seen["cp"]["term"]
     assert seen["cp"]["election_role"] == "leader"
-    values = json.loads(mesh.cli("cp", "settings", "show", "--json").stdout)["settings"]["values"]
-    shipped = defaults()
-    assert {k: values[k] for k in ELECTION_KEYS} == {k: shipped[k] for k in ELECTION_KEYS}
+    shipped_election_timings(mesh, "cp")
     human = mesh.cli("v2", "status").stdout
     assert "leader         cp (" in human and "[this node: follower]" in human
     assert "voters         " in human and "heard" in human

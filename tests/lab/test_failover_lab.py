@@ -81,8 +81,7 @@ from e2e.exec_support import (
 from lab.caller import Caller
 from lab.netns import Lab
 
-from populi_peer.core.settings import defaults
-from support.mesh import Mesh, give_issuers
+from support.mesh import ELECTION_TIMINGS, Mesh, give_issuers, shipped_election_timings
 from support.waiting import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -93,15 +92,6 @@ VOTER_ROLES = "worker,submit,voter"
 #: A running task's renewal must reach a new leader within TTL - TTL/3 - stop margin of
 #: the SIGKILL (the module's docstring): 8 s at 15 s.
 LEASE_TTL_S = 15
-#: The election timings the lab runs at: the shipped defaults (ADR 0019), asserted.
-ELECTION_KEYS = (
-    "election_heartbeat_s",
-    "leader_lease_s",
-    "election_lease_margin_s",
-    "election_timeout_min_s",
-    "election_timeout_max_s",
-    "max_clock_drift_ppm",
-)
 #: Slack on the bound for the cut-off leader's first refusal, for a loaded two-core box
 #: (an agent, the caller or iptables stalled for seconds): a bound, not a measurement.
 SLACK_S = 10.0
@@ -119,7 +109,7 @@ def test_leader_sigkilled_then_cut_off_from_the_majority(
         print(
             f"\nthree voters with issuers, two workers: {time.monotonic() - started:.1f} s; "
             f"{first} leads at term {first_term}; "
-            + ", ".join(f"{k} {settings[k]:g}" for k in ELECTION_KEYS)
+            + ", ".join(f"{k} {settings[k]:g}" for k in ELECTION_TIMINGS)
         )
         leader = sigkill_the_leader(mesh, tmp_path, wa, wb, first, first_term)
         cut_the_leader_off(lab, mesh, wa, wb, leader, settings)
@@ -146,9 +136,7 @@ def build(mesh: Mesh, wa: Caller) -> tuple[str, int, dict[str, Any]]:
         "three settled voters after the issuers", settled, guard_s=GUARD_S, every_s=0.3
     )
     assert seen[leader]["election_role"] == "leader", seen[leader]
-    values = json.loads(mesh.cli(leader, "settings", "show", "--json").stdout)["settings"]["values"]
-    shipped = defaults()
-    assert {k: values[k] for k in ELECTION_KEYS} == {k: shipped[k] for k in ELECTION_KEYS}
+    values = shipped_election_timings(mesh, leader)
     return leader, int(seen[leader]["term"]), dict(values)
 
 

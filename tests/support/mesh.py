@@ -38,7 +38,7 @@ import httpx
 from populi_peer.api.client import SignedAuth
 from populi_peer.api.tls import client_context
 from populi_peer.clock import SystemClock
-from populi_peer.core.settings import parse_setting
+from populi_peer.core.settings import defaults, parse_setting
 from populi_peer.identity import Credential, Identity, load_identity
 from populi_peer.store import Store
 from support.contract import sync_hook
@@ -685,8 +685,30 @@ def give_issuers(mesh: Mesh, names: tuple[str, ...]) -> None:
         mesh.start(name)
 
 
+#: The election timings of a cluster (ADR 0019).
+ELECTION_TIMINGS = (
+    "election_heartbeat_s",
+    "leader_lease_s",
+    "election_lease_margin_s",
+    "election_timeout_min_s",
+    "election_timeout_max_s",
+    "max_clock_drift_ppm",
+)
+
+
+def shipped_election_timings(mesh: Mesh, name: str) -> dict[str, Any]:
+    """Node ``name``'s settings values, asserted to run the shipped election timings
+    (a test of failover trades none of them, the lease margin least of all, for speed)."""
+    out = mesh.cli(name, "settings", "show", "--json").stdout
+    values: dict[str, Any] = json.loads(out)["settings"]["values"]
+    shipped = defaults()
+    assert {k: values[k] for k in ELECTION_TIMINGS} == {k: shipped[k] for k in ELECTION_TIMINGS}
+    return values
+
+
 __all__ = [
     "DEFAULT_ROLES",
+    "ELECTION_TIMINGS",
     "EXEC_ENV",
     "EXPIRY_MARGIN_S",
     "GPU_FIXTURE",
@@ -701,5 +723,6 @@ __all__ = [
     "free_port",
     "give_issuers",
     "meta_of",
+    "shipped_election_timings",
     "signed_client",
 ]
