@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from enrollment.ca import cert_from_pem, chain_from_pem, issuer_node_id, verify_chain
-from support.mesh import Mesh, give_issuers, shipped_election_timings
+from support.mesh import Mesh, give_issuers, settled_leader, shipped_election_timings
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -57,19 +57,11 @@ def test_three_voters_survive_sigkill_of_the_leader(tmp_path: Path) -> None:
 
 
 def scenario(mesh: Mesh) -> None:
-    voters = {mesh[n].node_id for n in ("cp", "v2", "v3")}
+    voters = {mesh[n].node_id: n for n in ("cp", "v2", "v3")}
 
     def all_voters() -> dict[str, dict[str, Any]] | None:
-        seen = {n: status(mesh, n) for n in ("cp", "v2", "v3")}
-        ok = all(
-            s is not None
-            and {v["id"] for v in s["voters"]} == voters
-            and s.get("voters_settled") is True
-            and s["leader"] is not None
-            and s["leader"]["id"] == mesh["cp"].node_id
-            for s in seen.values()
-        )
-        return seen if ok else None  # type: ignore[return-value]
+        seen = {n: status(mesh, n) for n in voters.values()}
+        return seen if settled_leader(seen, voters) == "cp" else None  # type: ignore[return-value]
 
     seen, took = wait_for(
         "three settled voters led by cp", all_voters, guard_s=GUARD_S, every_s=0.3

@@ -81,7 +81,13 @@ from e2e.exec_support import (
 from lab.caller import Caller
 from lab.netns import Lab
 
-from support.mesh import ELECTION_TIMINGS, Mesh, give_issuers, shipped_election_timings
+from support.mesh import (
+    ELECTION_TIMINGS,
+    Mesh,
+    give_issuers,
+    settled_leader,
+    shipped_election_timings,
+)
 from support.waiting import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -155,18 +161,10 @@ def three_settled_voters(
 
     def probe() -> tuple[str, dict[str, dict[str, Any]]] | None:
         seen = {n: status(caller, n) for n in VOTERS}
-        named = {s["leader"]["id"] if s and s["leader"] else None for s in seen.values()}
-        ok = all(
-            s is not None
-            and {v["id"] for v in s["voters"]} == set(voters)
-            and s.get("voters_settled") is True
-            for s in seen.values()
-        )
-        if not ok or len(named) != 1 or (found := named.pop()) not in voters:
+        found = settled_leader(seen, voters)
+        if found is None or (leader is not None and found != leader):
             return None
-        if leader is not None and voters[found] != leader:
-            return None
-        return voters[found], seen  # type: ignore[return-value]
+        return found, seen  # type: ignore[return-value]
 
     return probe
 

@@ -685,6 +685,24 @@ def give_issuers(mesh: Mesh, names: tuple[str, ...]) -> None:
         mesh.start(name)
 
 
+def settled_leader(
+    statuses: Mapping[str, Mapping[str, Any] | None], voters: Mapping[str, str]
+) -> str | None:
+    """The name of the leader that every voter's status (by name) names, once each answers
+    and holds the settled set ``voters`` (node id -> name); ``None`` until then."""
+    if any(
+        s is None
+        or {v["id"] for v in s["voters"]} != set(voters)
+        or s.get("voters_settled") is not True
+        for s in statuses.values()
+    ):
+        return None
+    named = {s["leader"]["id"] if s and s["leader"] else None for s in statuses.values()}
+    if len(named) != 1:
+        return None
+    return voters.get(named.pop() or "")
+
+
 #: The election timings of a cluster (ADR 0019).
 ELECTION_TIMINGS = (
     "election_heartbeat_s",
@@ -723,6 +741,7 @@ __all__ = [
     "free_port",
     "give_issuers",
     "meta_of",
+    "settled_leader",
     "shipped_election_timings",
     "signed_client",
 ]
