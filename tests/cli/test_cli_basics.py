@@ -108,3 +108,4 @@ def test_a_changing_command_prints_its_line_or_its_answer_as_json(
 def test_wall_times_print_as_utc_and_none_as_a_dash() -> None:
     assert utc_text(1_796_148_000_000) == "2026-12-01 18:00:00Z"
     assert utc_text(None) == "-"
+    assert utc_text(0) == "-"  # no time (a token without an expiry), as for None
