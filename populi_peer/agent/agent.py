@@ -76,14 +76,14 @@ from populi_peer.api.app import ApiApp, Route
 from populi_peer.api.auth import Authenticator
 from populi_peer.api.client import PeerClient
 from populi_peer.api.server import ReloadableConfig, hypercorn_config, serve_api
-from populi_peer.clock import Clock, wall_ms
+from populi_peer.clock import Clock, SystemClock, wall_ms
 from populi_peer.cluster import first_voters_entry
 from populi_peer.config import Config, format_host_port, parse_host_port, reach_host
 from populi_peer.core.election import ElectionSettings
 from populi_peer.core.settings import election_settings
 from populi_peer.datadir_lock import DataDirLock
 from populi_peer.discovery.node import NodeNetwork
-from populi_peer.discovery.site import Site
+from populi_peer.discovery.site import Site, with_site
 from populi_peer.errors import PopuliError
 from populi_peer.identity import RuntimeInfo, clear_runtime, load_identity, write_runtime
 from populi_peer.log import NOTICE, get_logger, log
@@ -736,4 +736,11 @@ class Agent:
         self.control_plane.publish_url(self.address.url)
 
 
-__all__ = ["Agent"]
+def build_agent(*, data_dir: Path, config: Config) -> Agent:
+    """The agent as ``populi agent`` runs it: real clock, TLS network, HTTPS server, this
+    machine's interfaces (its tunnel networks count as overlay: docs/wan.md)."""
+    site = Site.detect()
+    return Agent(data_dir=data_dir, config=with_site(config, site), clock=SystemClock(), site=site)
+
+
+__all__ = ["Agent", "build_agent"]

@@ -16,7 +16,7 @@ from populi_peer.errors import ConfigError, PopuliError, translate_enrollment
 from populi_peer.log import LOG_FORMATS, LOG_LEVELS
 
 if TYPE_CHECKING:
-    from populi_peer.agent import Agent
+    from populi_peer.agent.agent import Agent
 
 
 def register(subparsers: Any) -> None:
@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import trio
 
-    from populi_peer.agent import build_agent
+    from populi_peer.agent.agent import build_agent
     from populi_peer.log import resolve_logging, setup_logging
 
     config = config_of(
