@@ -5,6 +5,7 @@ exception other than the error tree's, whatever the bytes."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import Any
 
 import pytest
@@ -194,11 +195,17 @@ def test_a_grant_request_becomes_the_cores_with_the_signer_as_submitter() -> Non
             "gpus_wanted": 0,
             "ttl_s": 30,
             "submitter": "forged",
+            "previous_node": "w0",
+            "gpu_mem_bytes": 2**30,
+            "gpu_model": "H100",
         }
     )
     grant = body.grant("s1")
     assert isinstance(grant, GrantRequest) and grant.submitter == "s1"
-    assert LeaseGrantRequest.of(grant) == body
+    # Every field of the wire's request reaches the core's, as it came.
+    assert {f.name: getattr(grant, f.name) for f in fields(body)} == {
+        f.name: getattr(body, f.name) for f in fields(body)
+    }
     assert "submitter" not in body.to_json()
 
 
