@@ -60,7 +60,7 @@ from populi_peer.core.gossip import (
     first_round_delay_s,
     plan_round,
 )
-from populi_peer.core.hints import GpuHint, HintBody, HintView, next_hint_version
+from populi_peer.core.hints import HintBody, HintView, next_hint_version
 from populi_peer.core.hlc import Hlc
 from populi_peer.core.messages import (
     GossipDigest,
@@ -329,7 +329,7 @@ class HintGossip:
             running_tasks=body.running_tasks,
             addresses=body.addresses,
             cpu_only_reason=body.facts.cpu_only_reason,
-            devices=tuple(_device(g) for g in body.gpus),
+            devices=tuple(GpuDevice.of(g) for g in body.gpus),
         )
 
     # -- rounds -----------------------------------------------------------------------------
@@ -411,24 +411,6 @@ def _without_departed(reply: DigestReply, departed: frozenset[str]) -> DigestRep
     """A peer that still wants a departed node's record gets nothing of it from here."""
     return DigestReply(
         tuple(reply.records), tuple(n for n in reply.want if n not in departed), reply.more
-    )
-
-
-def _device(gpu: GpuHint) -> GpuDevice:
-    return GpuDevice(
-        index=gpu.index,
-        uuid=gpu.uuid,
-        name=gpu.name,
-        memory_total_bytes=gpu.memory_total_bytes,
-        memory_free_bytes=gpu.memory_free_bytes,
-        utilization_gpu_pct=gpu.utilization_gpu_pct,
-        health=gpu.health,
-        health_reasons=gpu.health_reasons,
-        allocatable=gpu.allocatable,
-        allocation_reasons=gpu.allocation_reasons,
-        quarantined="gpu_quarantined" in gpu.allocation_reasons,
-        quarantine_reason=None,
-        verified=gpu.verified,
     )
 
 

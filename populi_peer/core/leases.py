@@ -95,6 +95,7 @@ from populi_peer.core.reports import (
     ReportMark,
     ReportMessage,
     grant_terms,
+    grant_terms_of,
     judge,
 )
 from populi_peer.core.wire import FieldsRecord, check_count, record_json
@@ -1770,15 +1771,8 @@ class LeaseTable:
             else ("completed" if reported.phase == "completed" else "released")
         )
         learned = Lease(
-            lease_id=reported.lease_id,
-            task_id=reported.task_id,
-            attempt=reported.attempt,
-            work_class=reported.work_class,
+            **grant_terms_of(reported),
             holder=node,
-            submitter=reported.submitter,
-            gpus=reported.gpus,
-            token=reported.token,
-            ttl_s=reported.ttl_s,
             state=state,
             kind=_as_kind(reported.kind),
             granted_wall_ms=(

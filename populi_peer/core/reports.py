@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal, TypedDict, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict, TypeVar, get_args
 
 from populi_peer import PROTOCOL_VERSION
 from populi_peer.core.fencing import (
@@ -55,6 +55,9 @@ from populi_peer.core.fencing import (
 from populi_peer.core.policy import WorkClass, check_work_class
 from populi_peer.core.wire import ID_RE, FieldsRecord, record_json
 from populi_peer.errors import BadRequest
+
+if TYPE_CHECKING:
+    from populi_peer.core.leases import Lease
 
 #: How far a node got with a lease it holds: ``accepted`` (handed over, not started),
 #: ``started`` (running, or left over: it may still run), or ended with its release not
@@ -184,6 +187,21 @@ def grant_terms(obj: Mapping[str, Any], what: str) -> GrantTerms:
         gpus=_str_tuple(obj, "gpus", what),
         token=FencingToken.parse(_get(obj, "token", what)),
         ttl_s=_float(obj, "ttl_s", what),
+    )
+
+
+def grant_terms_of(record: Lease | ReportedLease) -> GrantTerms:
+    """The :class:`GrantTerms` of a lease record or of a node's account of one: what the
+    control plane learns a reported lease with, and what a lease is reported with."""
+    return GrantTerms(
+        lease_id=record.lease_id,
+        task_id=record.task_id,
+        attempt=record.attempt,
+        work_class=record.work_class,
+        submitter=record.submitter,
+        gpus=record.gpus,
+        token=record.token,
+        ttl_s=record.ttl_s,
     )
 
 

@@ -5,6 +5,7 @@ exception other than the error tree's, whatever the bytes."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from typing import Any
 
 import pytest
@@ -12,8 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from populi_peer.core.fencing import FencingToken
+from populi_peer.core.hints import GpuHint
 from populi_peer.core.leases import GrantRequest
 from populi_peer.core.messages import (
+    GpuDevice,
     HeartbeatAnswer,
     HeartbeatReport,
     InboxDeliverAnswer,
@@ -194,12 +197,38 @@ def test_a_grant_request_becomes_the_cores_with_the_signer_as_submitter() -> Non
             "gpus_wanted": 0,
             "ttl_s": 30,
             "submitter": "forged",
+            "previous_node": "w0",
+            "gpu_mem_bytes": 2**30,
+            "gpu_model": "H100",
         }
     )
     grant = body.grant("s1")
     assert isinstance(grant, GrantRequest) and grant.submitter == "s1"
-    assert LeaseGrantRequest.of(grant) == body
+    # Every field of the wire's request reaches the core's, as it came.
+    assert {f.name: getattr(grant, f.name) for f in fields(body)} == {
+        f.name: getattr(body, f.name) for f in fields(body)
+    }
     assert "submitter" not in body.to_json()
+
+
+def test_a_gpu_of_a_hint_and_its_device_view_convert_both_ways() -> None:
+    hint = GpuHint(
+        index=2,
+        uuid="GPU-2",
+        name="H100",
+        memory_total_bytes=80 * 2**30,
+        memory_free_bytes=70 * 2**30,
+        utilization_gpu_pct=12,
+        health="degraded",
+        health_reasons=("gpu_ecc_errors",),
+        allocatable=False,
+        allocation_reasons=("gpu_quarantined",),
+        verified=True,
+    )
+    device = GpuDevice.of(hint)
+    assert device.quarantined and device.quarantine_reason is None
+    assert device.hint() == hint
+    assert GpuDevice.from_json(device.to_json()) == device
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,8 @@ from populi_peer.core.reports import (
     ReportedLease,
     ReportMark,
     diff_holdings,
+    grant_terms,
+    grant_terms_of,
     judge,
     report_from_json,
 )
@@ -56,6 +58,14 @@ def claim(claim_id: str = "C1", node: str = "w1", gpus: tuple[str, ...] = ("G1",
 def test_the_kinds_and_ends_are_the_lease_tables() -> None:
     assert REPORTED_KINDS == LEASE_KINDS
     assert frozenset(get_args(ReleaseOutcome)) == ENDED_PHASES
+
+
+def test_a_lease_and_its_report_carry_the_same_grant_terms() -> None:
+    record = sample_lease(ttl_s=12.5, token=FencingToken(2, 7))
+    reported = as_reported(record)
+    terms = grant_terms_of(record)
+    # The same keys and values as the lease's JSON gives (the parser both records use).
+    assert grant_terms_of(reported) == terms == grant_terms(record.to_json(), "lease")
 
 
 def test_messages_round_trip_through_json() -> None:

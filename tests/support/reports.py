@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from populi_peer.core.fencing import FencingToken
 from populi_peer.core.leases import Lease
-from populi_peer.core.reports import ReportedLease, ReportedPhase
+from populi_peer.core.reports import ReportedLease, ReportedPhase, grant_terms_of
 
 #: When :func:`sample_lease` is granted (wall clock, ms).
 GRANTED_MS = 1_700_000_000_000
@@ -37,17 +37,7 @@ def sample_lease(**changes: object) -> Lease:
 def as_reported(lease: Lease, phase: ReportedPhase = "started") -> ReportedLease:
     """``lease`` (the control plane's record of it) as its holder reports it, in ``phase``."""
     return ReportedLease(
-        lease_id=lease.lease_id,
-        task_id=lease.task_id,
-        attempt=lease.attempt,
-        work_class=lease.work_class,
-        submitter=lease.submitter,
-        gpus=lease.gpus,
-        token=lease.token,
-        ttl_s=lease.ttl_s,
-        kind=lease.kind,
-        phase=phase,
-        granted_wall_ms=lease.granted_wall_ms,
+        **grant_terms_of(lease), kind=lease.kind, phase=phase, granted_wall_ms=lease.granted_wall_ms
     )
 
 

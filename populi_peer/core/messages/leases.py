@@ -6,7 +6,7 @@ get. Every answer carries :class:`~populi_peer.core.messages.records.LeaseView`:
 A grant request on the wire has no submitter: the control plane takes it from the
 request's signature. :meth:`LeaseGrantRequest.grant` makes the core's
 :class:`~populi_peer.core.leases.GrantRequest` from the two, so that the core's own checks
-run on it; :meth:`LeaseGrantRequest.of` goes the other way, for the submitter.
+run on it.
 """
 
 from __future__ import annotations
@@ -71,21 +71,6 @@ class LeaseGrantRequest(Message):
             previous_node=self.previous_node,
             gpu_mem_bytes=self.gpu_mem_bytes,
             gpu_model=self.gpu_model,
-        )
-
-    @classmethod
-    def of(cls, grant: GrantRequest) -> LeaseGrantRequest:
-        """What a submitter sends for the core's ``grant`` (its submitter is the signer)."""
-        return cls(
-            task_id=grant.task_id,
-            attempt=grant.attempt,
-            work_class=grant.work_class,
-            target=grant.target,
-            gpus_wanted=grant.gpus_wanted,
-            ttl_s=grant.ttl_s,
-            previous_node=grant.previous_node,
-            gpu_mem_bytes=grant.gpu_mem_bytes,
-            gpu_model=grant.gpu_model,
         )
 
 

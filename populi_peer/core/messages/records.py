@@ -499,6 +499,26 @@ class GpuDevice(Message):
     quarantine_reason: str | None = wire(Nullable(Text()))
     verified: bool = wire(Bool())
 
+    @classmethod
+    def of(cls, gpu: GpuHint) -> GpuDevice:
+        """The view of a GPU a node's hint carries (:meth:`hint` reads it back). A hint
+        says only that a GPU is quarantined (an allocation reason), never why."""
+        return cls(
+            index=gpu.index,
+            uuid=gpu.uuid,
+            name=gpu.name,
+            memory_total_bytes=gpu.memory_total_bytes,
+            memory_free_bytes=gpu.memory_free_bytes,
+            utilization_gpu_pct=gpu.utilization_gpu_pct,
+            health=gpu.health,
+            health_reasons=gpu.health_reasons,
+            allocatable=gpu.allocatable,
+            allocation_reasons=gpu.allocation_reasons,
+            quarantined="gpu_quarantined" in gpu.allocation_reasons,
+            quarantine_reason=None,
+            verified=gpu.verified,
+        )
+
     def hint(self) -> GpuHint:
         """This GPU as placement reads it (:func:`populi_peer.core.placement.gpu_misfits`).
         A pseudo-device (``verified`` false) keeps no name: an advertised model is a
