@@ -37,7 +37,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import trio
 
@@ -197,35 +197,25 @@ def stored_result(row: AttemptRecord) -> ResultMessage:
     return ResultMessage.from_json(row.result)
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class AttemptRunner:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        tasks_dir: Path,
-        attempts: Attempts,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        executor: Executor,
-        config: ExecConfig,
-        health: Health,
-        start_check: StartCheck | None = None,
-        claim_convert: ClaimConvert | None = None,
-    ) -> None:
-        """``start_check``: the node's start transaction (``NodeLedger.start``): whether
-        the attempt may start on its GPUs, recording the start if so."""
-        self.node_id = node_id
-        self.tasks_dir = tasks_dir
-        self.attempts = attempts
-        self.clock = clock
-        self.control_plane = control_plane
-        self.executor = executor
-        self.config = config
-        self.health = health
-        self.logger = get_logger("attempts")
+    """``start_check``: the node's start transaction (``NodeLedger.start``): whether
+    the attempt may start on its GPUs, recording the start if so."""
+
+    node_id: str
+    tasks_dir: Path
+    attempts: Attempts
+    clock: Clock
+    control_plane: ControlPlaneLink
+    executor: Executor
+    config: ExecConfig
+    health: Health
+    start_check: StartCheck | None = None
+    claim_convert: ClaimConvert | None = None
+    logger: ClassVar[logging.Logger] = get_logger("attempts")
+
+    def __post_init__(self) -> None:
         self.running: dict[tuple[str, int, str], Running] = {}
-        self.start_check = start_check
-        self.claim_convert = claim_convert
         #: Told when a renewal answers ``report_needed`` (the heartbeat then goes at once).
         self.report_needed: Callable[[], None] = lambda: None
 

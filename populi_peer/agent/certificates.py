@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import trio
 
@@ -40,33 +41,27 @@ RETRY_S = 60.0
 MAX_WAIT_S = 3600.0
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class CertificateRenewal:
-    def __init__(
-        self,
-        *,
-        identity: Identity,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        issue_own: Callable[[], Awaitable[str]],
-        health: Health,
-        on_renewed: Sequence[Callable[[], None]] = (),
-        revoked: Revoked | None = None,
-    ) -> None:
-        """``issue_own()`` is the control plane's own issuing (used when this node holds
-        the role); ``on_renewed`` are told once a new certificate is in force; ``revoked``
-        is this node's revocation check: a certificate whose issuer it revokes is renewed
-        at once (ADR 0018), once per certificate."""
-        self.identity = identity
-        self.clock = clock
-        self.control_plane = control_plane
-        self.issue_own = issue_own
-        self.health = health
-        self.on_renewed = tuple(on_renewed)
-        self.revoked = revoked
+    """``issue_own()`` is the control plane's own issuing (used when this node holds
+    the role); ``on_renewed`` are told once a new certificate is in force; ``revoked``
+    is this node's revocation check: a certificate whose issuer it revokes is renewed
+    at once (ADR 0018), once per certificate."""
+
+    identity: Identity
+    clock: Clock
+    control_plane: ControlPlaneLink
+    issue_own: Callable[[], Awaitable[str]]
+    health: Health
+    on_renewed: Sequence[Callable[[], None]] = ()
+    revoked: Revoked | None = None
+    logger: ClassVar[logging.Logger] = get_logger("agent")
+
+    def __post_init__(self) -> None:
+        self.on_renewed = tuple(self.on_renewed)
         #: The serial of the certificate renewed early because its issuer is revoked: a
         #: control plane that is that very voter would hand back the same issuer.
         self._early_for: int | None = None
-        self.logger = get_logger("agent")
 
     @property
     def not_after_s(self) -> float:

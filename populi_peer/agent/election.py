@@ -86,36 +86,27 @@ class _Waiter:
     error: PopuliError | None = None
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class ElectionService:
     """Drives this node's election machine (see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        clock: Clock,
-        state: ElectionState,
-        events: EventLog,
-        settings: ElectionSettings | None = None,
-        transport: ElectionTransport | None = None,
-        on_records: Callable[[Sequence[Entry]], None] | None = None,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.node_id = node_id
-        self.clock = clock
-        self.state = state
-        self.events = events
-        self.settings = settings or ElectionSettings()
-        self.transport = transport
-        #: The materializer: called with the entries of every records persist, right after
-        #: it committed, before anything later; and with every stored entry at each start.
-        self.on_records = on_records
+    node_id: str
+    clock: Clock
+    state: ElectionState
+    events: EventLog
+    settings: ElectionSettings = field(default_factory=ElectionSettings)
+    transport: ElectionTransport | None = None
+    #: The materializer: called with the entries of every records persist, right after
+    #: it committed, before anything later; and with every stored entry at each start.
+    on_records: Callable[[Sequence[Entry]], None] | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    logger: ClassVar[logging.Logger] = get_logger("election")
+
+    def __post_init__(self) -> None:
         #: ``url_of(node_id)``: where a leader is reached, for refusals that name it.
         self.url_of: Callable[[str], str | None] = lambda node_id: None
         #: Called with every :class:`RoleChanged` (after it is in the event log).
         self.role_listeners: list[Callable[[RoleChanged], None]] = []
-        self.rng = rng or random.Random()
-        self.logger = get_logger("election")
         self.machine: ElectionMachine | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._next_request = 0

@@ -25,8 +25,8 @@ import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from typing import Any, Literal
+from dataclasses import InitVar, dataclass, replace
+from typing import Any, ClassVar, Literal
 
 import trio
 
@@ -135,49 +135,38 @@ class JoinNotStored(StorageUnavailable):
     and the token was not consumed; the joiner may try again later (HTTP 503)."""
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Enrollment:
-    def __init__(
-        self,
-        *,
-        identity: Identity,
-        clock: Clock,
-        store: Store,
-        security: SecurityConfig,
-        control_plane: ControlPlaneLink,
-        address: OwnAddress,
-        membership: Membership,
-        registry: Registry,
-        revocations: RevocationState,
-        records: ClusterRecords,
-        events: EventLog,
-        writes: ClusterWrites,
-        membership_listeners: Sequence[MembershipListener] = (),
-    ) -> None:
-        """``identity`` holds the issuer this control plane enrolls with: its own issuer
-        key, or the root key of a cluster made before issuers (a node with neither refuses:
-        ``no_issuer_key``); ``writes`` proposes every change through the election (ADR
-        0017): the tables change only once this node stored it."""
-        self.identity = identity
-        self.node_id = identity.node_id
-        self.clock = clock
-        self.store = store
+    """``identity`` holds the issuer this control plane enrolls with: its own issuer
+    key, or the root key of a cluster made before issuers (a node with neither refuses:
+    ``no_issuer_key``); ``writes`` proposes every change through the election (ADR
+    0017): the tables change only once this node stored it."""
+
+    identity: Identity
+    clock: Clock
+    store: Store
+    security: InitVar[SecurityConfig]
+    control_plane: ControlPlaneLink
+    address: OwnAddress
+    membership: Membership
+    registry: Registry
+    revocations: RevocationState
+    records: ClusterRecords
+    events: EventLog
+    writes: ClusterWrites
+    membership_listeners: Sequence[MembershipListener] = ()
+    logger: ClassVar[logging.Logger] = get_logger("enrollment")
+
+    def __post_init__(self, security: SecurityConfig) -> None:
+        self.node_id = self.identity.node_id
         self.max_skew_s = security.max_skew_s
-        self.control_plane = control_plane
-        self.address = address
-        self.membership = membership
-        self.registry = registry
-        self.revocations = revocations
-        self.records = records
-        self.events = events
-        self.writes = writes
-        self.membership_listeners = tuple(membership_listeners)
+        self.membership_listeners = tuple(self.membership_listeners)
         #: Called with each member record a join stored (a voter join: a voter change).
         self.joined_listeners: list[Callable[[Member], None]] = []
-        self.logger = get_logger("enrollment")
         self.limiter = RateLimiter(security.join_rate_per_min)
         self._challenges: OrderedDict[str, float] = OrderedDict()
         self._joining = trio.Lock()
-        self.tokens = JoinTokens(store)
+        self.tokens = JoinTokens(self.store)
 
     # -- routes ---------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from typing import ClassVar
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -98,42 +99,31 @@ class GossipStats:
     last_lag_s: float | None = None
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class HintGossip:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        node_key: Ed25519PrivateKey,
-        clock: Clock,
-        store: Store,
-        config: GossipConfig,
-        max_skew_s: float,
-        membership: Membership,
-        registry: Registry,
-        revocations: RevocationState,
-        peers: PeerLink,
-        body: Callable[[], HintBody],
-        timeout_s: float,
-        rng: random.Random | None = None,
-    ) -> None:
-        """``body()`` is this node's hint body now; ``peers`` calls other nodes;
-        ``timeout_s`` bounds one exchange step."""
-        self.node_id = node_id
-        self.node_key = node_key
-        self.clock = clock
-        self.store = store
-        self.config = config
-        self.settings: GossipSettings = config.settings(max_skew_s=max_skew_s)
-        self.membership = membership
-        self.registry = registry
-        self.revocations = revocations
-        self.peers = peers
-        self.body = body
-        self.timeout_s = min(timeout_s, max(1.0, 5 * config.round_interval_s))
-        self.rng = rng or random.Random()
-        self.logger = get_logger("gossip")
-        self.state = GossipState(node_id, max_skew_ms=self.settings.max_skew_ms)
-        saved = store.get_meta_json(VERSION_KEY)
+    """``body()`` is this node's hint body now; ``peers`` calls other nodes;
+    ``timeout_s`` bounds one exchange step."""
+
+    node_id: str
+    node_key: Ed25519PrivateKey
+    clock: Clock
+    store: Store
+    config: GossipConfig
+    max_skew_s: InitVar[float]
+    membership: Membership
+    registry: Registry
+    revocations: RevocationState
+    peers: PeerLink
+    body: Callable[[], HintBody]
+    timeout_s: float
+    rng: random.Random = field(default_factory=random.Random)
+    logger: ClassVar[logging.Logger] = get_logger("gossip")
+
+    def __post_init__(self, max_skew_s: float) -> None:
+        self.settings: GossipSettings = self.config.settings(max_skew_s=max_skew_s)
+        self.timeout_s = min(self.timeout_s, max(1.0, 5 * self.config.round_interval_s))
+        self.state = GossipState(self.node_id, max_skew_ms=self.settings.max_skew_ms)
+        saved = self.store.get_meta_json(VERSION_KEY)
         self.floor = Hlc.from_json(saved) if saved else Hlc(0, 0)
         self.stats = GossipStats()
         self._published_body: HintBody | None = None

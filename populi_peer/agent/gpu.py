@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, get_args
+from typing import Any, ClassVar, Protocol, get_args
 
 import trio
 
@@ -81,51 +81,37 @@ class HeldGpus:
     at_mono: float = 0.0
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class GpuService:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        config: GpuConfig,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        membership: Membership,
-        registry: Registry,
-        events: EventLog,
-        health: Health,
-        outbox: RegisterOutbox,
-        liveness: Staleness,
-        leased_gpus: Callable[[], Iterable[str]],
-        own_pids: Callable[[], Iterable[int]],
-        writes: ClusterWrites,
-        book_busy: Callable[[str], frozenset[str] | None],
-    ) -> None:
-        """``leased_gpus()`` are the GPUs this node's running attempts hold; ``own_pids()``
-        the processes Populi started here (a GPU busy with others is not allocatable);
-        ``writes`` proposes an operator's decision through the election (ADR 0017);
-        ``book_busy(node)`` (control plane) the GPUs of ``node`` its lease book holds busy,
-        ``None`` where it cannot say (the node's report then does)."""
-        self.node_id = node_id
-        self.config = config
-        self.clock = clock
-        self.control_plane = control_plane
-        self.membership = membership
-        self.registry = registry
-        self.events = events
-        self.health = health
-        self.outbox = outbox
-        self.liveness = liveness
-        self.leased_gpus = leased_gpus
-        self.own_pids = own_pids
-        self.writes = writes
-        self.logger = get_logger("gpu")
+    """``leased_gpus()`` are the GPUs this node's running attempts hold; ``own_pids()``
+    the processes Populi started here (a GPU busy with others is not allocatable);
+    ``writes`` proposes an operator's decision through the election (ADR 0017);
+    ``book_busy(node)`` (control plane) the GPUs of ``node`` its lease book holds busy,
+    ``None`` where it cannot say (the node's report then does)."""
+
+    node_id: str
+    config: GpuConfig
+    clock: Clock
+    control_plane: ControlPlaneLink
+    membership: Membership
+    registry: Registry
+    events: EventLog
+    health: Health
+    outbox: RegisterOutbox
+    liveness: Staleness
+    leased_gpus: Callable[[], Iterable[str]]
+    own_pids: Callable[[], Iterable[int]]
+    writes: ClusterWrites
+    book_busy: Callable[[str], frozenset[str] | None]
+    logger: ClassVar[logging.Logger] = get_logger("gpu")
+
+    def __post_init__(self) -> None:
         self.inventory: GpuInventory | None = None
         self.summary: dict[str, Any] | None = None
         self.allocations: list[Any] = []
         self.verdicts: tuple[Any, ...] = ()
         self.acked_facts_version: str | None = None
         self.nodes: dict[str, HeldGpus] = {}
-        self.book_busy = book_busy
         self.refreshes = 0
         self._probe: Any = None
 

@@ -168,13 +168,15 @@ class RegisterOutbox:
             self._put = trio.Event()
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Leaving:
     """Whether this node is leaving the cluster, and when the control plane heard it."""
 
-    def __init__(self, *, node_id: str, clock: Clock, events: EventLog) -> None:
-        self.node_id = node_id
-        self.clock = clock
-        self.events = events
+    node_id: str
+    clock: Clock
+    events: EventLog
+
+    def __post_init__(self) -> None:
         self.started = False
         #: Set once the control plane answered ``left``: the agent then stops.
         self.done = trio.Event()

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import replace
-from typing import Any
+from dataclasses import InitVar, dataclass, replace
+from typing import Any, ClassVar
 
 from populi_peer.agent.attempts import AttemptPlan
 from populi_peer.clock import Clock, wall_ms
@@ -104,14 +104,14 @@ def _claim_id(task_id: str, attempt: int) -> str:
     return f"c-{task_id}-{attempt}"
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class NodeLedger:
     """This node's book, over the store: holdings for the reports, and the start and claim
     transactions (each one store transaction that checks and records)."""
 
-    def __init__(self, *, node_id: str, attempts: Attempts, clock: Clock) -> None:
-        self.node_id = node_id
-        self.attempts = attempts
-        self.clock = clock
+    node_id: str
+    attempts: Attempts
+    clock: Clock
 
     def book(self) -> NodeBook:
         rows = [x for row in self.attempts.held() if (x := node_attempt(row)) is not None]
@@ -211,27 +211,22 @@ class NodeLedger:
             return claim
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Reporting:
     """The node's reports to the control plane (ADR 0015)."""
 
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        store: Store,
-        ledger: NodeLedger,
-        clock: Clock,
-        stop_attempt: StopAttempt,
-    ) -> None:
-        self.node_id = node_id
-        self.ledger = ledger
-        self.clock = clock
-        self.stop_attempt = stop_attempt
-        self.logger = get_logger("reports")
+    node_id: str
+    store: InitVar[Store]
+    ledger: NodeLedger
+    clock: Clock
+    stop_attempt: StopAttempt
+    logger: ClassVar[logging.Logger] = get_logger("reports")
+
+    def __post_init__(self, store: Store) -> None:
         # A report from before this start never passes for a newer one.
         epoch = int(store.get_meta(EPOCH_KEY, "0") or "0") + 1
         store.set_meta(EPOCH_KEY, str(epoch))
-        self.reporter = NodeReporter(node_id, epoch)
+        self.reporter = NodeReporter(self.node_id, epoch)
         #: Asked to beat at once (set by the composition root: the heartbeat sender's).
         self.beat_soon: Callable[[], None] = lambda: None
         #: This node is the control plane: it reports to its own table in process (each

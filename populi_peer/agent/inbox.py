@@ -18,6 +18,7 @@ registered by the composition root with :meth:`Inbox.on`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from populi_peer.api.app import ANY_MEMBER, Request, Route
@@ -41,11 +42,13 @@ NODES = frozenset({"worker", "submit", "voter"})
 Handler = Callable[[Principal, Any], Awaitable[Message]]
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Inbox:
-    def __init__(self, *, node_id: str, messages: InboxMessages, clock: Clock) -> None:
-        self.node_id = node_id
-        self.messages = messages
-        self.clock = clock
+    node_id: str
+    messages: InboxMessages
+    clock: Clock
+
+    def __post_init__(self) -> None:
         self.handlers: dict[MessageType, Handler] = {}
 
     def on(self, message_type: MessageType, handler: Handler) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeVar, Unpack
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar, Unpack
 
 import trio
 
@@ -37,13 +38,15 @@ UNKNOWN_SIGNER_ATTEMPTS = 5
 M = TypeVar("M", bound=Message)
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class ControlPlaneLink:
     """The control plane as this node knows it, and calls to it."""
 
-    def __init__(self, *, node_id: str, store: Store, client: PeerClient) -> None:
-        self.node_id = node_id
-        self.store = store
-        self.client = client
+    node_id: str
+    store: Store
+    client: PeerClient
+
+    def __post_init__(self) -> None:
         #: ``url_of(node_id)``: where a leader the election names is reached (this node's
         #: own URL for itself); ``None`` when no address is known.
         self.url_of: Callable[[str], str | None] = lambda node_id: None
@@ -212,25 +215,20 @@ class ControlPlaneLink:
 Rank = Callable[[str, Sequence[str]], Sequence[str]]
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class PeerLink:
     """Members by id: their record with an address, and calls to them."""
 
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        membership: Membership,
-        control_plane: ControlPlaneLink,
-        client: PeerClient,
-    ) -> None:
-        self.node_id = node_id
-        self.membership = membership
-        self.control_plane = control_plane
-        self.client = client
+    node_id: str
+    membership: Membership
+    control_plane: ControlPlaneLink
+    client: PeerClient
+    logger: ClassVar[logging.Logger] = get_logger("peers")
+
+    def __post_init__(self) -> None:
         #: ``rank(node_id, addresses)``: its addresses best first from here (and where
         #: discovery saw it); ``None`` tries the member record's order.
         self.rank: Rank | None = None
-        self.logger = get_logger("peers")
 
     async def sync_members(self) -> None:
         """Replace this node's membership view with the control plane's."""

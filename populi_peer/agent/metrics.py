@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -75,15 +75,15 @@ class NodeFigures:
     running_attempts: Callable[[], int]
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Metrics(Collector):
-    def __init__(
-        self, *, config: MetricsConfig, figures: NodeFigures, gossip: HintGossip, health: Health
-    ) -> None:
-        self.config = config
-        self.figures = figures
-        self.gossip = gossip
-        self.health = health
-        self.logger = get_logger("metrics")
+    config: MetricsConfig
+    figures: NodeFigures
+    gossip: HintGossip
+    health: Health
+    logger: ClassVar[logging.Logger] = get_logger("metrics")
+
+    def __post_init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self.requests: Counter[tuple[str, str, str]] = Counter()

@@ -80,36 +80,27 @@ class NodeLiveness(Protocol):
     def accepts_remote_work(self, node_id: str) -> bool | None: ...
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class NodeAdmin:
-    def __init__(
-        self,
-        *,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        membership: Membership,
-        registry: Registry,
-        events: EventLog,
-        liveness: NodeLiveness,
-        gpu_view: Callable[[str], GpuSummaryView | None],
-        departure: Departure,
-        writes: ClusterWrites,
-        lifecycle_listeners: Sequence[LifecycleListener] = (),
-    ) -> None:
-        """``writes`` proposes every lifecycle command through the election (ADR 0017)."""
-        self.clock = clock
-        self.control_plane = control_plane
-        self.membership = membership
-        self.registry = registry
-        self.writes = writes
-        self.events = events
-        self.liveness = liveness
-        self.gpu_view = gpu_view
-        self.departure = departure
-        self.lifecycle_listeners = tuple(lifecycle_listeners)
-        self.logger = get_logger("nodes")
+    """``writes`` proposes every lifecycle command through the election (ADR 0017)."""
+
+    clock: Clock
+    control_plane: ControlPlaneLink
+    membership: Membership
+    registry: Registry
+    events: EventLog
+    liveness: NodeLiveness
+    gpu_view: Callable[[str], GpuSummaryView | None]
+    departure: Departure
+    writes: ClusterWrites
+    lifecycle_listeners: Sequence[LifecycleListener] = ()
+    logger: ClassVar[logging.Logger] = get_logger("nodes")
+
+    def __post_init__(self) -> None:
+        self.lifecycle_listeners = tuple(self.lifecycle_listeners)
         # Set (and replaced) by every append: what an events request waits on.
         self._appended = trio.Event()
-        events.listeners.append(self._event_appended)
+        self.events.listeners.append(self._event_appended)
 
     def _event_appended(self) -> None:
         self._appended.set()

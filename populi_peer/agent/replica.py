@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import trio
 
@@ -366,6 +367,7 @@ class ElectionWriter(Protocol):
     async def write(self, item: Item) -> Entry: ...
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class ClusterWrites:
     """The control plane's write sites propose their change as one item through the
     election (``ElectionService.write``): it is applied once a majority of voters stored
@@ -376,12 +378,13 @@ class ClusterWrites:
     ``token_already_consumed``...; ``ServiceUnavailable`` ``outcome_unknown``); a caller
     maps them to the codes it answered before."""
 
-    def __init__(self, *, election: ElectionWriter, registry: Registry, replica: Replica) -> None:
-        self.election = election
-        self.registry = registry
-        self.replica = replica
-        self.node_id = registry.identity.node_id
-        self.logger = get_logger("replica")
+    election: ElectionWriter
+    registry: Registry
+    replica: Replica
+    logger: ClassVar[logging.Logger] = get_logger("replica")
+
+    def __post_init__(self) -> None:
+        self.node_id = self.registry.identity.node_id
         self._leading = trio.Event()
 
     # -- importing what the tables held before the election ran ---------------------------

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import trio
 
@@ -62,41 +64,30 @@ GONE_STATES = ("retired", "left")
 MAX_TTL_SEEN_KEY = "lease_max_ttl_seen_s"
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class SettingsSync:
-    def __init__(
-        self,
-        *,
-        identity: Identity,
-        clock: Clock,
-        store: Store,
-        records: ClusterRecords,
-        membership: Membership,
-        registry: Registry,
-        events: EventLog,
-        control_plane: ControlPlaneLink,
-        peers: PeerClient,
-        timeout_s: float,
-        writes: ClusterWrites,
-        rank: Rank | None = None,
-    ) -> None:
-        """``identity`` signs the records this node makes as the control plane;
-        ``timeout_s`` bounds one push or fetch (at most :data:`PUSH_TIMEOUT_S`);
-        ``rank(node_id, addresses)`` orders a node's addresses best first from here
-        (discovery.service.AddressBook; their own order without it)."""
-        self.identity = identity
-        self.node_id = identity.node_id
-        self.clock = clock
-        self.store = store
-        self.records = records
-        self.membership = membership
-        self.registry = registry
-        self.events = events
-        self.control_plane = control_plane
-        self.peers = peers
-        self.writes = writes
-        self.timeout_s = min(PUSH_TIMEOUT_S, timeout_s)
-        self.rank = rank
-        self.logger = get_logger("settings")
+    """``identity`` signs the records this node makes as the control plane;
+    ``timeout_s`` bounds one push or fetch (at most :data:`PUSH_TIMEOUT_S`);
+    ``rank(node_id, addresses)`` orders a node's addresses best first from here
+    (discovery.service.AddressBook; their own order without it)."""
+
+    identity: Identity
+    clock: Clock
+    store: Store
+    records: ClusterRecords
+    membership: Membership
+    registry: Registry
+    events: EventLog
+    control_plane: ControlPlaneLink
+    peers: PeerClient
+    timeout_s: float
+    writes: ClusterWrites
+    rank: Rank | None = None
+    logger: ClassVar[logging.Logger] = get_logger("settings")
+
+    def __post_init__(self) -> None:
+        self.node_id = self.identity.node_id
+        self.timeout_s = min(PUSH_TIMEOUT_S, self.timeout_s)
 
     def routes(self) -> list[Route]:
         return [

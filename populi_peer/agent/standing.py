@@ -24,7 +24,8 @@ Serving side: :meth:`Standing.notice_for` is what this node tells a retired sign
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import InitVar, dataclass
+from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -58,28 +59,22 @@ def rejoin_steps(name: str, *, name_blocked: bool) -> list[str]:
     return steps
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Standing:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        node_name: str,
-        clock: Clock,
-        revocations: RevocationState,
-        membership: Membership,
-        registry: Registry,
-        max_skew_s: float,
-    ) -> None:
-        """``max_skew_s``: how long past its expiry a signer's certificate still counts
-        (the request-time skew budget)."""
-        self.node_id = node_id
-        self.node_name = node_name
-        self.clock = clock
-        self.revocations = revocations
-        self.membership = membership
-        self.registry = registry
+    """``max_skew_s``: how long past its expiry a signer's certificate still counts
+    (the request-time skew budget)."""
+
+    node_id: str
+    node_name: str
+    clock: Clock
+    revocations: RevocationState
+    membership: Membership
+    registry: Registry
+    max_skew_s: InitVar[float]
+    logger: ClassVar[logging.Logger] = get_logger("standing")
+
+    def __post_init__(self, max_skew_s: float) -> None:
         self.max_skew_ms = int(max_skew_s * 1000)
-        self.logger = get_logger("standing")
         #: The lifecycle record a peer sent with its ``node_retired`` refusal.
         self.refused_lifecycle: NodeLifecycle | None = None
         self.refused_at_ms: int | None = None
@@ -226,14 +221,14 @@ def _lifecycle(raw: object) -> NodeLifecycle | None:
         return None
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class RemoteWork:
     """Whether this node takes part in remote execution: on in its own config
     (``exec.remote``) and in the cluster settings (no kill switch), and still a member."""
 
-    def __init__(self, *, exec_remote: bool, records: ClusterRecords, standing: Standing) -> None:
-        self.exec_remote = exec_remote
-        self.records = records
-        self.standing = standing
+    exec_remote: bool
+    records: ClusterRecords
+    standing: Standing
 
     def enabled(self) -> bool:
         return bool(

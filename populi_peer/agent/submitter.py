@@ -44,7 +44,7 @@ import logging
 import secrets
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import trio
 
@@ -220,40 +220,29 @@ def grant_of(view: LeaseView) -> TaskLeaseGrant:
     )
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Submitter:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        tasks: Tasks,
-        runner: AttemptRunner,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        peers: PeerLink,
-        records: SubmitterSettings,
-        node: SubmitterNode,
-        health: Health,
-        ledger: NodeLedger | None = None,
-        capacity_changed: Callable[[], trio.Event] | None = None,
-    ) -> None:
-        """``ledger``: this node's book (its node-local claims, ADR 0015); without it a
-        local GPU task waits for the control plane as before. ``capacity_changed``: the
-        event set at the next change of the hints this node holds (hint gossip); a task
-        queued for a free GPU wakes on it, not only on its retry."""
-        self.node_id = node_id
-        self.tasks = tasks
-        self.runner = runner
-        self.clock = clock
-        self.control_plane = control_plane
-        self.peers = peers
-        self.records = records
-        self.node = node
-        self.health = health
+    """``ledger``: this node's book (its node-local claims, ADR 0015); without it a
+    local GPU task waits for the control plane as before. ``capacity_changed``: the
+    event set at the next change of the hints this node holds (hint gossip); a task
+    queued for a free GPU wakes on it, not only on its retry."""
+
+    node_id: str
+    tasks: Tasks
+    runner: AttemptRunner
+    clock: Clock
+    control_plane: ControlPlaneLink
+    peers: PeerLink
+    records: SubmitterSettings
+    node: SubmitterNode
+    health: Health
+    ledger: NodeLedger | None = None
+    capacity_changed: Callable[[], trio.Event] | None = None
+    logger: ClassVar[logging.Logger] = get_logger("submitter")
+
+    def __post_init__(self) -> None:
         #: Called with each task of this node as it ends (``/metrics``' task durations).
         self.finished_listeners: list[Callable[[Task], None]] = []
-        self.ledger = ledger
-        self.capacity_changed = capacity_changed
-        self.logger = get_logger("submitter")
         self.controls: dict[str, Control] = {}
         self._nursery: trio.Nursery | None = None
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import dataclass
+from typing import ClassVar
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -60,28 +62,20 @@ def retried(exc: PopuliError) -> bool:
     return exc.code == "not_control_plane" and exc.details.get("leader_id") is None
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class VoterAdmin:
     """The leader's voter changes (see the module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        node_key: Ed25519PrivateKey,
-        clock: Clock,
-        election: ElectionService,
-        membership: Membership,
-        control_plane: ControlPlaneLink,
-        events: EventLog,
-    ) -> None:
-        self.node_id = node_id
-        self.node_key = node_key
-        self.clock = clock
-        self.election = election
-        self.membership = membership
-        self.control_plane = control_plane
-        self.events = events
-        self.logger = get_logger("voters")
+    node_id: str
+    node_key: Ed25519PrivateKey
+    clock: Clock
+    election: ElectionService
+    membership: Membership
+    control_plane: ControlPlaneLink
+    events: EventLog
+    logger: ClassVar[logging.Logger] = get_logger("voters")
+
+    def __post_init__(self) -> None:
         self._joined: deque[str] = deque()
         self._wake = trio.Event()
         #: Nodes whose heartbeat reached this control plane since it started.

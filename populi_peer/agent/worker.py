@@ -28,8 +28,8 @@ import logging
 import os
 import random
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import replace
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Protocol
 
 import trio
 
@@ -90,38 +90,27 @@ class WorkerGates(Protocol):
         ...
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Worker:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        runner: AttemptRunner,
-        attempts: Attempts,
-        clock: Clock,
-        config: ExecConfig,
-        control_plane: ControlPlaneLink,
-        peers: PeerLink,
-        gates: WorkerGates,
-        health: Health,
-        rng: random.Random | None = None,
-        accept_check: Callable[[AttemptPlan], Decision] | None = None,
-    ) -> None:
-        """``accept_check``: the node's book on a handoff (``NodeLedger.accepts``):
-        refused when a node-local claim holds one of its GPUs (ADR 0015)."""
-        self.node_id = node_id
-        self.runner = runner
-        self.attempts = attempts
-        self.clock = clock
-        self.config = config
-        self.control_plane = control_plane
-        self.peers = peers
-        self.gates = gates
-        self.health = health
-        self.rng = rng or random.Random()
-        self.accept_check = accept_check
-        self.logger = get_logger("worker")
+    """``accept_check``: the node's book on a handoff (``NodeLedger.accepts``):
+    refused when a node-local claim holds one of its GPUs (ADR 0015)."""
+
+    node_id: str
+    runner: AttemptRunner
+    attempts: Attempts
+    clock: Clock
+    config: ExecConfig
+    control_plane: ControlPlaneLink
+    peers: PeerLink
+    gates: WorkerGates
+    health: Health
+    rng: random.Random = field(default_factory=random.Random)
+    accept_check: Callable[[AttemptPlan], Decision] | None = None
+    logger: ClassVar[logging.Logger] = get_logger("worker")
+
+    def __post_init__(self) -> None:
         #: The highest token accepted per task, as durable in the fences table.
-        self.fences = FenceBook.from_entries(attempts.fences())
+        self.fences = FenceBook.from_entries(self.attempts.fences())
         self._nursery: trio.Nursery | None = None
         self._deliver_kick = trio.Event()
 

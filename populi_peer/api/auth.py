@@ -19,7 +19,7 @@ else gets ``unknown_signer``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -48,27 +48,19 @@ class Principal:
         return bool(self.roles & roles)
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Authenticator:
-    def __init__(
-        self,
-        *,
-        node_id: str,
-        clock: Clock,
-        skew_s: float,
-        lookup: Callable[[str], Principal | None],
-        is_revoked: Callable[[str], bool],
-        replay_max_entries: int = 1_000_000,
-        nonces: Store | None = None,
-        retired: RetiredLookup | None = None,
-    ) -> None:
-        self.node_id = node_id
-        self.clock = clock
-        self.skew_s = skew_s
-        self.lookup = lookup
-        self.is_revoked = is_revoked
+    node_id: str
+    clock: Clock
+    skew_s: float
+    lookup: Callable[[str], Principal | None]
+    is_revoked: Callable[[str], bool]
+    replay_max_entries: InitVar[int] = 1_000_000
+    nonces: Store | None = None
+    retired: RetiredLookup | None = None
+
+    def __post_init__(self, replay_max_entries: int) -> None:
         self.replay_cache = ReplayCache(max_entries=replay_max_entries)
-        self.nonces = nonces
-        self.retired = retired
 
     def _resolve(self, keyid: str) -> Ed25519PublicKey | None:
         if self.is_revoked(keyid):

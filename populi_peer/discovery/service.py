@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import trio
 
@@ -98,21 +99,17 @@ class Sightings:
         ]
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class AddressBook:
     """Candidate addresses for a node, best first (module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        local: Sequence[LocalAddress],
-        cidrs: Cidrs,
-        sightings: Sightings,
-        cluster_digest: str,
-    ) -> None:
-        self.local = tuple(local)
-        self.cidrs = cidrs
-        self.sightings = sightings
-        self.cluster_digest = cluster_digest
+    local: Sequence[LocalAddress]
+    cidrs: Cidrs
+    sightings: Sightings
+    cluster_digest: str
+
+    def __post_init__(self) -> None:
+        self.local = tuple(self.local)
 
     def rank(self, addresses: Sequence[str]) -> list[str]:
         return [a for _, a in rank_addresses(addresses, local=self.local, cidrs=self.cidrs)]
@@ -151,31 +148,25 @@ async def call_first(candidates: Sequence[str], call: Callable[[str], Awaitable[
 StaticProbe = Callable[[str], Awaitable[Sighting]]
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class DiscoveryService:
     """mDNS announce/browse and static-peer probes for a running agent (module docstring)."""
 
-    def __init__(
-        self,
-        *,
-        enabled: bool,
-        sightings: Sightings,
-        announcement: Announcement | None,
-        interfaces: Sequence[str],
-        static_peers: Sequence[str] = (),
-        static_interval_s: float = 60.0,
-        probe: StaticProbe | None = None,
-    ) -> None:
-        self.enabled = enabled
-        self.sightings = sightings
-        self.announcement = announcement
-        self.interfaces = list(interfaces)
-        self.static_peers = list(static_peers)
-        self.static_interval_s = static_interval_s
-        self.probe = probe
+    enabled: bool
+    sightings: Sightings
+    announcement: Announcement | None
+    interfaces: Sequence[str]
+    static_peers: Sequence[str] = ()
+    static_interval_s: float = 60.0
+    probe: StaticProbe | None = None
+    logger: ClassVar[logging.Logger] = get_logger("discovery")
+
+    def __post_init__(self) -> None:
+        self.interfaces = list(self.interfaces)
+        self.static_peers = list(self.static_peers)
         self.mdns = "off"
-        self.mdns_reason = "discovery.enabled = false" if not enabled else ""
+        self.mdns_reason = "discovery.enabled = false" if not self.enabled else ""
         self.static_errors: dict[str, str] = {}
-        self.logger = get_logger("discovery")
 
     def status_json(self, our_digest: str | None = None) -> dict[str, Any]:
         return {
