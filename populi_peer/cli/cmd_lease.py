@@ -10,8 +10,7 @@ from populi_peer.cli.common import (
     add_json,
     control_plane_call,
     print_answer,
-    print_json,
-    print_table,
+    print_listing,
 )
 
 
@@ -51,9 +50,6 @@ def run_leases(args: argparse.Namespace) -> int:
     answer = control_plane_call(
         args, "GET", "/v1/populi/exec/leases", params=params, answer=LeaseListAnswer
     )
-    if args.json:
-        print_json(answer.to_json())
-        return 0
     rows = []
     for view in answer.leases:
         lease = view.lease
@@ -71,7 +67,9 @@ def run_leases(args: argparse.Namespace) -> int:
                 view.flag or "-",
             )
         )
-    print_table(
+    print_listing(
+        args,
+        answer,
         rows,
         [
             "lease",

@@ -28,6 +28,7 @@ from populi_peer.cli.common import (
     open_local,
     print_answer,
     print_json,
+    print_listing,
     print_table,
     utc_text,
 )
@@ -412,9 +413,6 @@ def run_tasks(args: argparse.Namespace) -> int:
     if args.state:
         params["state"] = args.state
     answer = agent_call(args, "GET", "/v1/populi/tasks", params=params, answer=TaskListAnswer)
-    if args.json:
-        print_json(answer.to_json())
-        return 0
     rows = []
     for t in answer.tasks:
         last = t.attempts[-1] if t.attempts else None
@@ -430,7 +428,9 @@ def run_tasks(args: argparse.Namespace) -> int:
                 " ".join(t.command)[:40],
             )
         )
-    print_table(rows, ["id", "state", "exit", "where", "attempts", "submitted", "command"])
+    print_listing(
+        args, answer, rows, ["id", "state", "exit", "where", "attempts", "submitted", "command"]
+    )
     return 0
 
 

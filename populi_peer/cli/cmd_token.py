@@ -12,7 +12,7 @@ from populi_peer.cli.common import (
     control_plane_call,
     print_answer,
     print_json,
-    print_table,
+    print_listing,
     utc_text,
 )
 from populi_peer.core.durations import parse_duration
@@ -93,9 +93,6 @@ def run_list(args: argparse.Namespace) -> int:
     from populi_peer.core.messages import TokenListAnswer
 
     answer = control_plane_call(args, "GET", "/v1/populi/admin/tokens", answer=TokenListAnswer)
-    if args.json:
-        print_json(answer)
-        return 0
     rows = [
         (
             t.token_id,
@@ -107,7 +104,7 @@ def run_list(args: argparse.Namespace) -> int:
         )
         for t in answer.tokens
     ]
-    print_table(rows, ["id", "state", "roles", "name", "used", "expires"])
+    print_listing(args, answer, rows, ["id", "state", "roles", "name", "used", "expires"])
     return 0
 
 
