@@ -27,9 +27,7 @@ def register(subparsers: Any) -> None:
     add_json(leases)
     leases.set_defaults(handler=run_leases)
     lease = subparsers.add_parser("lease", help="revoke a lease (operator)")
-    verbs = lease.add_subparsers(
-        dest="verb", metavar="VERB", required=True, parser_class=type(lease)
-    )
+    verbs = lease.add_subparsers(dest="verb", metavar="VERB", required=True)
     revoke = verbs.add_parser(
         "revoke",
         help="ask the holder to stop; the GPUs stay taken until it confirms or the lease expires",

@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
         "node",
         help="operate on one node: cordon, drain, maintenance, quarantine, resume, retire, unretire, delete",
     )
-    verbs = node.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=type(node))
+    verbs = node.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in LIFECYCLE_VERBS + ("retire", "delete"):
         p = verbs.add_parser(verb, help=_HELP[verb])
         p.add_argument("node", metavar="NODE", help="node id or unique name")

@@ -125,7 +125,7 @@ def register(subparsers: Any) -> None:
     tasks.set_defaults(handler=run_tasks)
 
     task = subparsers.add_parser("task", help="show, wait for or cancel a task")
-    verbs = task.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=type(task))
+    verbs = task.add_subparsers(dest="verb", metavar="VERB", required=True)
     show = verbs.add_parser("show", help="attempts, placement and fallback reasons, lease history")
     show.add_argument("task_id")
     add_data_dir(show)

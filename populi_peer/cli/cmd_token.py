@@ -23,9 +23,7 @@ ROLES = ("worker", "submit", "operator", "voter")
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("token", help="create, list or revoke join tokens")
-    verbs = parser.add_subparsers(
-        dest="verb", metavar="VERB", required=True, parser_class=type(parser)
-    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     create = verbs.add_parser("create", help="mint a join token (printed once; it is a secret)")
     create.add_argument(
         "--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 24h (default 1h, at most 24h)"
