@@ -23,9 +23,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "ca", help="issuer certificates for voters, so that the root key can live off-line"
     )
-    verbs = parser.add_subparsers(
-        dest="verb", metavar="VERB", required=True, parser_class=type(parser)
-    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     request = verbs.add_parser(
         "request", help="on a voter: make an issuer key here and print its signing request"
     )

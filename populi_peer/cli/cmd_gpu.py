@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     add_json(gpus)
     gpus.set_defaults(handler=run_gpus)
     gpu = subparsers.add_parser("gpu", help="operate on one GPU")
-    verbs = gpu.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=type(gpu))
+    verbs = gpu.add_subparsers(dest="verb", metavar="VERB", required=True)
     resume = verbs.add_parser("resume", help="clear a GPU's quarantine (after an XID)")
     resume.add_argument("node", metavar="NODE")
     resume.add_argument("uuid", metavar="UUID")

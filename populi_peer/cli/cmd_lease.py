@@ -10,8 +10,7 @@ from populi_peer.cli.common import (
     add_json,
     control_plane_call,
     print_answer,
-    print_json,
-    print_table,
+    print_listing,
 )
 
 
@@ -28,9 +27,7 @@ def register(subparsers: Any) -> None:
     add_json(leases)
     leases.set_defaults(handler=run_leases)
     lease = subparsers.add_parser("lease", help="revoke a lease (operator)")
-    verbs = lease.add_subparsers(
-        dest="verb", metavar="VERB", required=True, parser_class=type(lease)
-    )
+    verbs = lease.add_subparsers(dest="verb", metavar="VERB", required=True)
     revoke = verbs.add_parser(
         "revoke",
         help="ask the holder to stop; the GPUs stay taken until it confirms or the lease expires",
@@ -51,9 +48,6 @@ def run_leases(args: argparse.Namespace) -> int:
     answer = control_plane_call(
         args, "GET", "/v1/populi/exec/leases", params=params, answer=LeaseListAnswer
     )
-    if args.json:
-        print_json(answer.to_json())
-        return 0
     rows = []
     for view in answer.leases:
         lease = view.lease
@@ -71,7 +65,9 @@ def run_leases(args: argparse.Namespace) -> int:
                 view.flag or "-",
             )
         )
-    print_table(
+    print_listing(
+        args,
+        answer,
         rows,
         [
             "lease",

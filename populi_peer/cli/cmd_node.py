@@ -17,6 +17,7 @@ from populi_peer.cli.common import (
     open_local,
     print_answer,
     print_json,
+    print_listing,
     print_table,
     utc_text,
 )
@@ -82,7 +83,7 @@ def register(subparsers: Any) -> None:
         "node",
         help="operate on one node: cordon, drain, maintenance, quarantine, resume, retire, unretire, delete",
     )
-    verbs = node.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=type(node))
+    verbs = node.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in LIFECYCLE_VERBS + ("retire", "delete"):
         p = verbs.add_parser(verb, help=_HELP[verb])
         p.add_argument("node", metavar="NODE", help="node id or unique name")
@@ -175,9 +176,6 @@ def run_nodes(args: argparse.Namespace) -> int:
     from populi_peer.core.messages import NodesAnswer
 
     answer = control_plane_call(args, "GET", "/v1/populi/nodes", answer=NodesAnswer)
-    if args.json:
-        print_json(answer)
-        return 0
     rows = [
         (
             n.name,
@@ -192,7 +190,9 @@ def run_nodes(args: argparse.Namespace) -> int:
         )
         for n in answer.nodes
     ]
-    print_table(
+    print_listing(
+        args,
+        answer,
         rows,
         ["name", "id", "address", "role", "state", "heartbeat", "scope", "gpus", "cert expires"],
     )

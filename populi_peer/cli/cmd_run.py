@@ -28,6 +28,7 @@ from populi_peer.cli.common import (
     open_local,
     print_answer,
     print_json,
+    print_listing,
     print_table,
     utc_text,
 )
@@ -124,7 +125,7 @@ def register(subparsers: Any) -> None:
     tasks.set_defaults(handler=run_tasks)
 
     task = subparsers.add_parser("task", help="show, wait for or cancel a task")
-    verbs = task.add_subparsers(dest="verb", metavar="VERB", required=True, parser_class=type(task))
+    verbs = task.add_subparsers(dest="verb", metavar="VERB", required=True)
     show = verbs.add_parser("show", help="attempts, placement and fallback reasons, lease history")
     show.add_argument("task_id")
     add_data_dir(show)
@@ -412,9 +413,6 @@ def run_tasks(args: argparse.Namespace) -> int:
     if args.state:
         params["state"] = args.state
     answer = agent_call(args, "GET", "/v1/populi/tasks", params=params, answer=TaskListAnswer)
-    if args.json:
-        print_json(answer.to_json())
-        return 0
     rows = []
     for t in answer.tasks:
         last = t.attempts[-1] if t.attempts else None
@@ -430,7 +428,9 @@ def run_tasks(args: argparse.Namespace) -> int:
                 " ".join(t.command)[:40],
             )
         )
-    print_table(rows, ["id", "state", "exit", "where", "attempts", "submitted", "command"])
+    print_listing(
+        args, answer, rows, ["id", "state", "exit", "where", "attempts", "submitted", "command"]
+    )
     return 0
 
 

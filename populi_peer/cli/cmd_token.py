@@ -12,7 +12,7 @@ from populi_peer.cli.common import (
     control_plane_call,
     print_answer,
     print_json,
-    print_table,
+    print_listing,
     utc_text,
 )
 from populi_peer.core.durations import parse_duration
@@ -23,9 +23,7 @@ ROLES = ("worker", "submit", "operator", "voter")
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("token", help="create, list or revoke join tokens")
-    verbs = parser.add_subparsers(
-        dest="verb", metavar="VERB", required=True, parser_class=type(parser)
-    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     create = verbs.add_parser("create", help="mint a join token (printed once; it is a secret)")
     create.add_argument(
         "--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 24h (default 1h, at most 24h)"
@@ -93,9 +91,6 @@ def run_list(args: argparse.Namespace) -> int:
     from populi_peer.core.messages import TokenListAnswer
 
     answer = control_plane_call(args, "GET", "/v1/populi/admin/tokens", answer=TokenListAnswer)
-    if args.json:
-        print_json(answer)
-        return 0
     rows = [
         (
             t.token_id,
@@ -107,7 +102,7 @@ def run_list(args: argparse.Namespace) -> int:
         )
         for t in answer.tokens
     ]
-    print_table(rows, ["id", "state", "roles", "name", "used", "expires"])
+    print_listing(args, answer, rows, ["id", "state", "roles", "name", "used", "expires"])
     return 0
 
 

@@ -307,6 +307,20 @@ def print_answer(args: argparse.Namespace, answer: Message, text: str) -> None:
         sys.stdout.write(text + "\n")
 
 
+def print_listing(
+    args: argparse.Namespace,
+    answer: Message,
+    rows: Sequence[Sequence[Any]],
+    headers: Sequence[str],
+) -> None:
+    """The answer of a command that lists things: as JSON with ``--json``, else ``rows``
+    as a table under ``headers``."""
+    if args.json:
+        print_json(answer)
+    else:
+        print_table(rows, headers)
+
+
 def utc_text(ms: int | None) -> str:
     """A wall time in ms as UTC text (``2026-12-01 18:00:00Z``); ``-`` where there is none."""
     if not ms:
@@ -346,6 +360,7 @@ __all__ = [
     "new_node_name",
     "open_local",
     "print_json",
+    "print_listing",
     "print_table",
     "warn",
 ]

@@ -77,7 +77,7 @@ def build_parser() -> ArgParser:
         epilog="Exit codes: 0 ok, 2 usage, 3 no agent running, 4 refused, 125 Populi failed.",
     )
     parser.add_argument("--version", action=_VersionAction)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgParser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(subparsers)
     return parser

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 import trio
@@ -316,21 +316,28 @@ class VirtualCluster:
                 await self.stop(name)
 
 
+class ClusterOptions(TypedDict, total=False):
+    """The keywords of :class:`VirtualCluster` (its defaults apply), which
+    :func:`open_virtual_cluster` passes on."""
+
+    seed: int
+    faults: Faults | None
+    config: Config | None
+    agent_factory: AgentFactory
+    on_response: OnResponse | None
+    make_network: Callable[[VirtualCluster], MemoryNetwork] | None
+    changes: Changes | None
+    gossip: bool
+
+
 @contextlib.asynccontextmanager
 async def open_virtual_cluster(
     root: Path,
     *,
     workers: int = 0,
-    seed: int = 0,
-    faults: Faults | None = None,
-    config: Config | None = None,
     worker_config: Config | None = None,
-    agent_factory: AgentFactory = Agent,
-    on_response: OnResponse | None = None,
-    make_network: Callable[[VirtualCluster], MemoryNetwork] | None = None,
-    changes: Changes | None = None,
     template: Path | None = None,
-    gossip: bool = False,
+    **options: Unpack[ClusterOptions],
 ) -> AsyncIterator[VirtualCluster]:
     """A cluster with a control plane ``cp`` and ``workers`` joined nodes ``w1..wN``;
     every node runs ``config``, the workers ``worker_config`` when it is given. With
@@ -339,18 +346,7 @@ async def open_virtual_cluster(
     arguments are :class:`VirtualCluster`'s (``gossip``: run hint gossip, off unless asked)."""
     require_mock_clock("a VirtualCluster")
     async with trio.open_nursery() as nursery:
-        cluster = VirtualCluster(
-            root,
-            nursery,
-            seed=seed,
-            faults=faults,
-            config=config,
-            agent_factory=agent_factory,
-            on_response=on_response,
-            make_network=make_network,
-            changes=changes,
-            gossip=gossip,
-        )
+        cluster = VirtualCluster(root, nursery, **options)
         workers_named = [f"w{index}" for index in range(1, workers + 1)]
         if template is not None:
             for name in ("cp", *workers_named):

@@ -29,9 +29,9 @@ def _join_rate(per_min: int) -> Config:
     )
 
 
-async def _join_error(cluster, name: str, token: str) -> RefusedError:
+async def _join_error(cluster, name: str, token: str, *, force: bool = False) -> RefusedError:
     with pytest.raises(RefusedError) as info:
-        await cluster.join(name, token=token)
+        await cluster.join(name, token=token, force=force)
     return info.value
 
 
@@ -124,9 +124,7 @@ async def test_retired_name_is_blocked_until_unretire(
         # ...and a fresh unbound token cannot take the name either.
         token = await cluster.mint_token()
         cluster.nodes.pop("w1")
-        with pytest.raises(RefusedError) as info:
-            await cluster.join("w1", token=token, force=True)
-        error = info.value
+        error = await _join_error(cluster, "w1", token, force=True)
         assert error.code == "name_retired"
         assert "populi node unretire w1" in str(error)
         async with cluster.operator_client() as client:

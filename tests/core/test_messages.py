@@ -28,6 +28,7 @@ from populi_peer.core.messages import (
 )
 from populi_peer.core.messages._codec import Codec, Dict, Int, Num, Seq, Text
 from populi_peer.errors import BadRequest, PopuliError
+from support.fuzz import json_paths
 from support.messages import every_message_type, json_values, messages
 
 TYPES = every_message_type()
@@ -52,17 +53,6 @@ def test_round_trip_through_json_text(cls: type[Message], data: st.DataObject) -
     assert cls.from_json({**wire, "v": 1, "server_time_ms": 0, "a_later_field": [1]}) == message
 
 
-def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [path] if path else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += _paths(item, (*path, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found += _paths(item, (*path, index))
-    return found
-
-
 def _replaced(value: Any, path: tuple[Any, ...], new: Any, *, drop: bool) -> Any:
     head, *rest = path
     copy: Any = dict(value) if isinstance(value, dict) else list(value)
@@ -84,7 +74,7 @@ def test_a_spoiled_body_parses_or_is_one_clear_error(
     """Replace or drop any value anywhere in a valid body: the parser answers a message or
     a PopuliError with one line, never a KeyError, TypeError or AttributeError."""
     wire = data.draw(messages(cls)).to_json()
-    paths = _paths(wire)
+    paths = json_paths(wire)
     if not paths:
         return
     path = data.draw(st.sampled_from(paths))

@@ -30,7 +30,7 @@ from populi_peer.gpu import (
     summary_static,
 )
 from populi_peer.testing import VirtualClock
-from support.fuzz import json_trees
+from support.fuzz import json_paths, json_trees
 from support.hints import allocations
 
 
@@ -190,20 +190,9 @@ RICH = GpuInventory(
 ).to_json()
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            out += _paths(item, (*prefix, i))
-    return out
-
-
 DELETE = object()
 mutations = st.lists(
-    st.tuples(st.sampled_from(_paths(RICH)[1:]), st.just(DELETE) | json_values),
+    st.tuples(st.sampled_from(json_paths(RICH)), st.just(DELETE) | json_values),
     min_size=1,
     max_size=3,
 )

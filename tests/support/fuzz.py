@@ -1,5 +1,6 @@
-"""Hypothesis strategies for fuzzing what a parser reads: JSON values of any shape, and
-near misses of a valid text (a token, a signed list) one to four characters away."""
+"""Hypothesis strategies for fuzzing what a parser reads: JSON values of any shape, the
+places inside a valid body to spoil, and near misses of a valid text (a token, a signed
+list) one to four characters away."""
 
 from __future__ import annotations
 
@@ -35,6 +36,19 @@ json_values = json_trees(
 )
 
 
+def json_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The path (keys and list indexes) of every value inside the JSON ``value``, depth
+    first, the root itself left out: the places a fuzz test may replace or drop."""
+    found = [path] if path else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += json_paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += json_paths(item, (*path, index))
+    return found
+
+
 @st.composite
 def mutations_of(draw: st.DrawFn, text: str) -> str:
     """``text`` with one to four characters replaced, inserted or deleted (base64url, the
@@ -53,4 +67,4 @@ def mutations_of(draw: st.DrawFn, text: str) -> str:
     return "".join(chars)
 
 
-__all__ = ["B64URL", "json_trees", "json_values", "mutations_of"]
+__all__ = ["B64URL", "json_paths", "json_trees", "json_values", "mutations_of"]
