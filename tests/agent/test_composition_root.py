@@ -33,8 +33,7 @@ def test_no_service_imports_the_composition_root() -> None:
     importers = [
         path.name
         for path in sorted(AGENT_DIR.glob("*.py"))
-        if path.name != "agent.py"
-        and "populi_peer.agent.agent" in _imported_modules(path)
+        if path.name != "agent.py" and "populi_peer.agent.agent" in _imported_modules(path)
     ]
     assert importers == []
 
