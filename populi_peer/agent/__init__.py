@@ -2,3 +2,5 @@
 
 The package imports nothing itself, so that importing one service never loads the root.
 """
+
+__all__: list[str] = []
