@@ -570,11 +570,11 @@ class RoleServices:
                 nursery.cancel_scope.cancel()
 
 
+@dataclass(eq=False, repr=False)
 class PeerElectionTransport:
     """Election messages over the signed peer client, to a member by its node id."""
 
-    def __init__(self, peers: PeerLink) -> None:
-        self.peers = peers
+    peers: PeerLink
 
     async def exchange(self, to: str, messages: Sequence[Message]) -> Sequence[Message]:
         member = await self.peers.member(to)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import trio
 
@@ -58,10 +58,12 @@ def as_error(exc: BaseException) -> PopuliError:
     return PopuliError(f"{type(exc).__name__}: {exc}")
 
 
+@dataclass(eq=False, repr=False)
 class Health:
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.logger = get_logger("health")
+    clock: Clock
+    logger: ClassVar[logging.Logger] = get_logger("health")
+
+    def __post_init__(self) -> None:
         self.problems: dict[str, Problem] = {}
         self._recovered = trio.Event()
 

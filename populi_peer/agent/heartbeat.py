@@ -505,8 +505,8 @@ class HeartbeatSender:
         self.reports = reports
         self.outbox = outbox
         self.leaving = leaving
-        self.scope_config = scope
-        self.table = timings
+        self.scope = scope
+        self.timings = timings
         self.address_book = address_book
         self.revocations = revocations
         self.records = records
@@ -549,8 +549,8 @@ class HeartbeatSender:
     def timing(self) -> ScopeTimings:
         """The timings the control plane judges this node by (its last answer says them),
         else this node's own row for the scope of its path to the control plane."""
-        scope = scope_of(self.scope_config, url_host(self.control_plane.url))
-        own = self.table.for_scope(scope)
+        scope = scope_of(self.scope, url_host(self.control_plane.url))
+        own = self.timings.for_scope(scope)
         answer = self.last_answer
         if answer is None:
             return own

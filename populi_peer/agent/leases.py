@@ -44,8 +44,8 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Protocol
 
 import trio
 
@@ -154,26 +154,18 @@ class NodeFacts(Protocol):
         ...
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class LeaseService:
-    def __init__(
-        self,
-        *,
-        leases: Leases,
-        clock: Clock,
-        control_plane: ControlPlaneLink,
-        records: SettingsSource,
-        nodes: NodeFacts,
-        events: EventLog,
-        health: Health,
-    ) -> None:
-        self.stored = leases
-        self.clock = clock
-        self.control_plane = control_plane
-        self.records = records
-        self.nodes = nodes
-        self.events = events
-        self.health = health
-        self.logger = get_logger("leases")
+    leases: Leases
+    clock: Clock
+    control_plane: ControlPlaneLink
+    records: SettingsSource
+    nodes: NodeFacts
+    events: EventLog
+    health: Health
+    logger: ClassVar[logging.Logger] = get_logger("leases")
+
+    def __post_init__(self) -> None:
         self.table: LeaseTable | None = None
         self.flags: dict[str, HolderStatus] = {}
         self._kick = trio.Event()
@@ -197,8 +189,8 @@ class LeaseService:
 
     def load(self) -> None:
         """Rebuild the table from the store (control plane start)."""
-        leases = self.stored.all()
-        next_seq = self.stored.next_seq()
+        leases = self.leases.all()
+        next_seq = self.leases.next_seq()
         settings = self.settings()
         # safety rule 5 / ADR 0015: grants resume per node — a lease this table does not
         # know of (a store restored from an older copy) is in its holder's report, or has
@@ -207,7 +199,7 @@ class LeaseService:
         # allowed, in case max_lease_ttl_s was lowered since.
         longest_ttl = max(
             settings.max_lease_ttl_s,
-            self.stored.longest_ttl_seen_s(),
+            self.leases.longest_ttl_seen_s(),
         )
         now_mono = self.clock.mono()
         self.table = LeaseTable.restore(
@@ -241,9 +233,9 @@ class LeaseService:
         that compaction dropped from memory, before anything is decided about them."""
         table = self._table()
         if task_id is not None:
-            stored = self.stored.of_task(task_id)
+            stored = self.leases.of_task(task_id)
         elif lease_id is not None:
-            found = self.stored.get(lease_id)
+            found = self.leases.get(lease_id)
             stored = [] if found is None else [found]
         else:
             return
@@ -292,7 +284,7 @@ class LeaseService:
         """Persist ``records`` (and the token counter) durably, then adopt ``table``."""
         if records:
             # One transaction (the repository's), with the token counter.
-            self.stored.save(records, next_seq=table.next_seq, now_ms=self._now()[1])
+            self.leases.save(records, next_seq=table.next_seq, now_ms=self._now()[1])
         before = self.table.leases if self.table is not None else {}
         self.table = table
         if records:

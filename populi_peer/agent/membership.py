@@ -7,6 +7,8 @@ Authentication looks signers up here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from enrollment.keys import public_from_text
 from populi_peer.api.auth import Principal
 from populi_peer.core.membership import Member
@@ -15,10 +17,12 @@ from populi_peer.store import Store
 from populi_peer.store.members import Members
 
 
+@dataclass(eq=False, repr=False)
 class Membership:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.rows = Members(store)
+    store: Store
+
+    def __post_init__(self) -> None:
+        self.rows = Members(self.store)
         self._members: dict[str, Member] = {}
         self._principals: dict[str, Principal] = {}
         self.reload()

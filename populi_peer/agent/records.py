@@ -8,6 +8,7 @@ and a signature from a voter in their membership view.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -21,11 +22,13 @@ from populi_peer.store import Store
 from populi_peer.store.records import SignedRecords
 
 
+@dataclass(eq=False, repr=False)
 class ClusterRecords:
-    def __init__(self, store: Store, membership: Membership) -> None:
-        self.store = store
-        self.rows = SignedRecords(store)
-        self.membership = membership
+    store: Store
+    membership: Membership
+
+    def __post_init__(self) -> None:
+        self.rows = SignedRecords(self.store)
         #: Called with the settings each time a record is installed (the election's timings).
         self.settings_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.settings_record: SignedRecord | None = None

@@ -10,6 +10,7 @@ maintenance window ends when read, never by a timer.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import KW_ONLY, InitVar, dataclass
 from typing import Any
 
 from enrollment.records import sign_record, verify_record
@@ -27,21 +28,23 @@ from populi_peer.store import Store
 from populi_peer.store.registers import Registers
 
 
+@dataclass(eq=False, repr=False)
 class Registry:
-    def __init__(
-        self, store: Store, identity: Identity, clock: Clock, *, max_skew_s: float
-    ) -> None:
-        self.store = store
-        self.rows = Registers(store)
-        self.identity = identity
-        self.clock = clock
+    store: Store
+    identity: Identity
+    clock: Clock
+    _: KW_ONLY
+    max_skew_s: InitVar[float]
+
+    def __post_init__(self, max_skew_s: float) -> None:
+        self.rows = Registers(self.store)
         self.max_skew_ms = int(max_skew_s * 1000)
         writes = []
         for text in self.rows.all():
             record = verify_record(text, expected_kind="register")
             writes.append(RegisterWrite.from_json(record.body))
         self.registers = RegisterSet(writes)
-        saved = store.get_meta_json("hlc")
+        saved = self.store.get_meta_json("hlc")
         self._hlc = Hlc.from_json(saved) if saved else Hlc(0, 0)
 
     def now_ms(self) -> int:

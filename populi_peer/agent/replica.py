@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar, Protocol
 
 import trio
@@ -105,30 +105,23 @@ _ORDER: dict[type, int] = {
 }
 
 
+@dataclass(eq=False, repr=False)
 class Replica:
     """Puts the records a majority of voters stored into this node's tables."""
 
-    def __init__(
-        self,
-        store: Store,
-        *,
-        membership: Membership,
-        registry: Registry,
-        records: ClusterRecords,
-        revocations: RevocationState,
-        issuer: Callable[[], Issuer | None],
-        now_ms: Callable[[], int],
-    ) -> None:
-        self.store = store
-        self.applied_rows = AppliedEntries(store)
-        self.tokens = JoinTokens(store)
-        self.membership = membership
-        self.registry = registry
-        self.records = records
-        self.revocations = revocations
-        self.issuer = issuer
-        self.now_ms = now_ms
-        self.logger = get_logger("replica")
+    store: Store
+    _: KW_ONLY
+    membership: Membership
+    registry: Registry
+    records: ClusterRecords
+    revocations: RevocationState
+    issuer: Callable[[], Issuer | None]
+    now_ms: Callable[[], int]
+    logger: ClassVar[logging.Logger] = get_logger("replica")
+
+    def __post_init__(self) -> None:
+        self.applied_rows = AppliedEntries(self.store)
+        self.tokens = JoinTokens(self.store)
         entries = [Entry.from_json(data) for data in self.applied_rows.all()]
         self.applied, _ = RecordSet().merge(entries)
         #: Entries a failed commit left unapplied; applied first by the next call.

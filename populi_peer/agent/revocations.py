@@ -11,6 +11,8 @@ revoked (``populi_peer.api.tls``).
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass
+from typing import ClassVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -29,18 +31,23 @@ from populi_peer.store import Store
 from populi_peer.store.revocations import RevocationLists
 
 
+@dataclass(eq=False, repr=False)
 class RevocationState:
-    def __init__(self, store: Store, *, cluster_id: str, cluster_key: Ed25519PublicKey) -> None:
-        self.store = store
-        self.cluster_id = cluster_id
-        self.cluster_key = cluster_key
-        self.logger = get_logger("revocations")
+    store: Store
+    _: KW_ONLY
+    cluster_id: str
+    cluster_key: Ed25519PublicKey
+    logger: ClassVar[logging.Logger] = get_logger("revocations")
+
+    def __post_init__(self) -> None:
         self.current: RevocationList | None = None
         self.text: str | None = None
-        self.rows = RevocationLists(store)
+        self.rows = RevocationLists(self.store)
         text = self.rows.latest()
         if text is not None:
-            self.current = verify_revocations(text, cluster_key=cluster_key, cluster_id=cluster_id)
+            self.current = verify_revocations(
+                text, cluster_key=self.cluster_key, cluster_id=self.cluster_id
+            )
             self.text = text
 
     @property

@@ -36,11 +36,13 @@ from populi_peer.core.replication import VoterSet
 from populi_peer.identity import Identity
 
 
+@dataclass(eq=False, repr=False)
 class Uptime:
     """Since when this agent runs (trio's clock; never persisted)."""
 
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
+    clock: Clock
+
+    def __post_init__(self) -> None:
         self.started_mono: float | None = None
 
     def start(self) -> None:

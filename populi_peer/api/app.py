@@ -225,7 +225,7 @@ class ApiApp:
         max_body_bytes: int,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.auth = authenticator
+        self.authenticator = authenticator
         self.node_id = authenticator.node_id
         self.clock = clock
         self.max_body_bytes = max_body_bytes
@@ -313,7 +313,7 @@ class ApiApp:
                 route_name = route.name
                 body = await self._read_body(receive, headers)
                 if route.roles is not None:
-                    principal, nonce = self.auth.verify(
+                    principal, nonce = self.authenticator.verify(
                         method=method, path=path, query=query, headers=headers, body=body
                     )
                     if not principal.has_any(route.roles):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import trio
 
@@ -63,23 +63,20 @@ def _resolve(zc: Any, service_type: str, name: str) -> Seen:
     return Seen("seen", name, sighting)
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class MdnsBridge:
     """Announce ``announcement`` (if any) and browse ``_populi._tcp`` on the interfaces
     with addresses ``interfaces`` (IPv4), calling ``on_event`` in trio for each event."""
 
-    def __init__(
-        self,
-        *,
-        interfaces: Sequence[str],
-        on_event: OnEvent,
-        announcement: Announcement | None = None,
-    ) -> None:
-        if not interfaces:
+    interfaces: Sequence[str]
+    on_event: OnEvent
+    announcement: Announcement | None = None
+    logger: ClassVar[logging.Logger] = get_logger("discovery")
+
+    def __post_init__(self) -> None:
+        if not self.interfaces:
             raise DiscoveryError("no LAN interface to announce or browse on", code="no_interface")
-        self.interfaces = list(interfaces)
-        self.on_event = on_event
-        self.announcement = announcement
-        self.logger = get_logger("discovery")
+        self.interfaces = list(self.interfaces)  # zeroconf takes a list, no other sequence
 
     def _open(self) -> Any:
         from zeroconf import IPVersion, Zeroconf

@@ -8,6 +8,7 @@ is and a member's addresses); nothing here reaches back into the agent.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 from populi_peer import PROTOCOL_VERSION
@@ -24,46 +25,38 @@ ControlPlane = Callable[[], tuple[str, str]]
 MemberAddresses = Callable[[str], Sequence[str]]
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class NodeNetwork:
-    def __init__(
-        self,
-        *,
-        config: Config,
-        site: Site,
-        node_id: str,
-        cluster_id: str,
-        roles: Sequence[str],
-        ca_pin: str | None,
-        control_plane: ControlPlane,
-        member_addresses: MemberAddresses,
-    ) -> None:
-        self.config = config
-        self.site = site
-        self.node_id = node_id
-        self.roles = tuple(roles)
-        self.ca_pin = ca_pin
-        self.control_plane = control_plane
-        self.member_addresses = member_addresses
+    config: Config
+    site: Site
+    node_id: str
+    cluster_id: InitVar[str]
+    roles: Sequence[str]
+    ca_pin: str | None
+    control_plane: ControlPlane
+    member_addresses: MemberAddresses
+
+    def __post_init__(self, cluster_id: str) -> None:
         #: The one timing table by scope (core.timings), from ``[timings.*]``.
-        self.timings: TimingTable = config.timings.table()
+        self.timings: TimingTable = self.config.timings.table()
         self.cluster_digest = cluster_digest(cluster_id)
         self.sightings = Sightings()
         self.address_book = AddressBook(
-            local=site.local,
-            cidrs=site.cidrs(config),
+            local=self.site.local,
+            cidrs=self.site.cidrs(self.config),
             sightings=self.sightings,
             cluster_digest=self.cluster_digest,
         )
         self.discovery = DiscoveryService(
-            enabled=config.discovery.enabled,
+            enabled=self.config.discovery.enabled,
             sightings=self.sightings,
             announcement=None,
             interfaces=(),
-            static_peers=config.discovery.static_peers,
-            static_interval_s=config.discovery.static_interval_s,
+            static_peers=self.config.discovery.static_peers,
+            static_interval_s=self.config.discovery.static_interval_s,
             probe=self._probe_static,
         )
-        self.plan = self.replan(config.listen_address())
+        self.plan = self.replan(self.config.listen_address())
 
     def replan(self, listen: tuple[str, int]) -> AdvertisePlan:
         """What this node advertises when it listens on ``listen`` (core.addresses),
@@ -94,7 +87,7 @@ class NodeNetwork:
             cluster_digest=self.cluster_digest,
             port=port,
             addresses=tuple(ips),
-            roles=self.roles,
+            roles=tuple(self.roles),
             protocol_version=PROTOCOL_VERSION,
         )
         return announced, ips
