@@ -82,6 +82,7 @@ from populi_peer.core.messages import (
 )
 from populi_peer.core.refusals import Refusal
 from populi_peer.core.reports import Claim
+from populi_peer.core.wire import record_json
 from populi_peer.errors import BadRequest, PopuliError
 from populi_peer.exec import ExecError, SpawnFailed, TaskSpec, build_task_env
 from populi_peer.log import NOTICE, get_logger, log
@@ -124,19 +125,7 @@ class AttemptPlan(AttemptIdentity):
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "role": self.role,
-            "submitter": self.submitter,
-            "token": str(self.token),
-            "lease_id": self.lease_id,
-            "ttl_s": self.ttl_s,
-            "renewable": self.renewable,
-            "argv": list(self.argv),
-            "env": dict(self.env),
-            "gpus": list(self.gpus),
-            "work_class": self.work_class,
-            "cwd": self.cwd,
+            **record_json(self, omit=("claim_id", "may_claim", "lease_attempt"), nulls=True),
             **({} if self.claim_id is None else {"claim_id": self.claim_id}),
             **({"may_claim": True} if self.may_claim else {}),
             **({} if self.lease_attempt is None else {"lease_attempt": self.lease_attempt}),

@@ -825,24 +825,7 @@ class Task:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "command": list(self.command),
-            "env": dict(self.env),
-            "gpus_wanted": self.gpus_wanted,
-            "work_class": self.work_class,
-            "state": self.state,
-            "attempts": [a.to_json() for a in self.attempts],
-            "reasons": [r.to_json() for r in self.reasons],
-            "created_wall_ms": self.created_wall_ms,
-            "finished_wall_ms": self.finished_wall_ms,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "terminal_reason": self.terminal_reason,
-            "options": self.options.to_json(),
-            "requests": self.requests.to_json(),
-            "ended_by": self.ended_by,
-        }
+        return record_json(self, nulls=True) | {"env": dict(self.env)}
 
     @classmethod
     def from_json(cls, data: object) -> Task:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from populi_peer.core.wire import FieldsRecord, record_json
 from populi_peer.errors import BadRequest
 
 RECORD_VERSION = 1
@@ -140,19 +141,7 @@ class TaskSpec:
             )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "v": RECORD_VERSION,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "argv": list(self.argv),
-            "env": dict(self.env),
-            "cwd": self.cwd,
-            "stop_margin_s": self.stop_margin_s,
-            "kill_grace_s": self.kill_grace_s,
-            "output_cap_bytes": self.output_cap_bytes,
-            "isolation": self.isolation,
-            "cgroup_parent": self.cgroup_parent,
-        }
+        return {"v": RECORD_VERSION, **record_json(self, nulls=True)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TaskSpec:
@@ -178,14 +167,11 @@ class TaskSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class StreamTotals:
+class StreamTotals(FieldsRecord):
     """How much a stream produced, and how much of its tail is kept."""
 
     total_bytes: int = 0
     kept_bytes: int = 0
-
-    def to_json(self) -> dict[str, int]:
-        return {"total_bytes": self.total_bytes, "kept_bytes": self.kept_bytes}
 
     @classmethod
     def from_json(cls, data: Any) -> StreamTotals:
@@ -240,27 +226,7 @@ class SupervisorState:
     def to_json(self) -> dict[str, Any]:
         return {
             "v": RECORD_VERSION,
-            "task_id": self.task_id,
-            "attempt": self.attempt,
-            "supervisor_pid": self.supervisor_pid,
-            "supervisor_starttime_ticks": self.supervisor_starttime_ticks,
-            "status": self.status,
-            "isolation": self.isolation,
-            "cgroup": self.cgroup,
-            "child_pid": self.child_pid,
-            "child_starttime_ticks": self.child_starttime_ticks,
-            "pgid": self.pgid,
-            "started_at_boot": self.started_at_boot,
-            "started_at_wall": self.started_at_wall,
-            "deadline_boot": self.deadline_boot,
-            "stop_reason": self.stop_reason,
-            "stop_requested_at_boot": self.stop_requested_at_boot,
-            "sigkill_at_boot": self.sigkill_at_boot,
-            "stopped_at_boot": self.stopped_at_boot,
-            "stopped_at_wall": self.stopped_at_wall,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "error": self.error,
+            **record_json(self, omit=("stdout", "stderr", "updated_at_wall"), nulls=True),
             "output": {"stdout": self.stdout.to_json(), "stderr": self.stderr.to_json()},
             "updated_at_wall": self.updated_at_wall,
         }

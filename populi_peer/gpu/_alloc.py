@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from populi_peer.core.wire import record_json
 from populi_peer.gpu._health import Health, health_verdict
 from populi_peer.gpu._records import GpuDevice, GpuInventory
 from populi_peer.gpu.errors import AdvertisedLabelError
@@ -70,13 +71,7 @@ class DeviceAllocation:
     verified: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "uuid": self.uuid,
-            "index": self.index,
-            "allocatable": self.allocatable,
-            "reasons": list(self.reasons),
-            "verified": self.verified,
-        }
+        return record_json(self, nulls=True)
 
 
 def advertised_count(advertised: Mapping[str, str]) -> int | None:

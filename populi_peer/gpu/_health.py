@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from populi_peer.core.wire import record_json
 from populi_peer.gpu._records import GpuDevice, GpuInventory
 
 
@@ -149,12 +150,7 @@ class HealthVerdict:
     reasons: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "uuid": self.uuid,
-            "health": self.health.value,
-            "reasons": list(self.reasons),
-        }
+        return record_json(self, nulls=True) | {"health": self.health.value}
 
 
 def health_verdict(device: GpuDevice) -> HealthVerdict:
@@ -208,13 +204,7 @@ class XidEvent:
     at_wall: float
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "uuid": self.uuid,
-            "index": self.index,
-            "code": self.code,
-            "critical": self.critical,
-            "at_wall": self.at_wall,
-        }
+        return record_json(self, nulls=True)
 
 
 __all__ = [

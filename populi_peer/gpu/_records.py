@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from populi_peer import PROTOCOL_VERSION
+from populi_peer.core.wire import record_json
 from populi_peer.gpu.errors import InventoryFormatError
 
 #: Clock event ("throttle") reason bits, as NVML defines them (``nvmlClocksEventReason*``).
@@ -66,7 +67,7 @@ class ComputeProcess:
     used_memory_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"pid": self.pid, "used_memory_bytes": self.used_memory_bytes}
+        return record_json(self, nulls=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +81,7 @@ class NvLink:
     peer_index: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "link": self.link,
-            "active": self.active,
-            "remote_pci_bus_id": self.remote_pci_bus_id,
-            "peer_index": self.peer_index,
-        }
+        return record_json(self, nulls=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,14 +201,7 @@ class GpuInventory:
     def to_json(self) -> dict[str, Any]:
         return {
             "v": PROTOCOL_VERSION,
-            "backend": self.backend,
-            "source": self.source,
-            "driver_version": self.driver_version,
-            "nvml_version": self.nvml_version,
-            "cuda_driver_version": self.cuda_driver_version,
-            "cpu_only_reason": self.cpu_only_reason,
-            "wedged": self.wedged,
-            "probed_at_ms": self.probed_at_ms,
+            **record_json(self, omit=("devices", "unknown"), nulls=True),
             "unknown": dict(self.unknown),
             "devices": [d.to_json() for d in self.devices],
         }

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from populi_peer.core.tasks import (
     TASK_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
+    Attempt,
     Cancel,
     ControlPlaneUnreachable,
     FallbackRefused,
@@ -28,6 +31,7 @@ from populi_peer.core.tasks import (
     PlacementFailed,
     PlacementStarted,
     PopuliFailure,
+    ReasonEntry,
     Replanned,
     Result,
     Task,
@@ -332,6 +336,76 @@ def test_json_round_trip_and_tolerance() -> None:
     body["attempts"][0]["token"] = "1.010"
     with pytest.raises(BadRequest):
         Task.from_json(body)
+
+
+def test_the_stored_record_keeps_its_keys_in_order() -> None:
+    """The task row is stored as this JSON: its keys, their order and nulls are pinned."""
+    done = replace(
+        new_task(),
+        state="failed",
+        attempts=(
+            Attempt(1, "remote", "w1", "L1", TOK1, ("most_free_gpus",), T0 + 1, T0 + 2, "failed"),
+        ),
+        reasons=(ReasonEntry(T0, "submitted"), ReasonEntry(T0 + 2, "exit_nonzero", "exit=3")),
+        finished_wall_ms=T0 + 2,
+        exit_code=3,
+        signal=9,
+        terminal_reason="exit_nonzero",
+        options=TaskOptions(timeout_s=60.0, node="w1", gpu_mem_bytes=1024, gpu_model="H100*"),
+        requests=LeaseRequests(pending="grant", pending_attempt=1, highest=1),
+        ended_by="result_failed",
+    )
+    assert list(done.to_json().items()) == [
+        ("task_id", "task-1"),
+        ("command", ["python", "train.py"]),
+        ("env", {"A": "1", "B": "2"}),
+        ("gpus_wanted", 1),
+        ("work_class", "training"),
+        ("state", "failed"),
+        (
+            "attempts",
+            [
+                {
+                    "n": 1,
+                    "where": "remote",
+                    "node": "w1",
+                    "lease_id": "L1",
+                    "token": "1.10",
+                    "placement_reasons": ["most_free_gpus"],
+                    "started_wall_ms": T0 + 1,
+                    "finished_wall_ms": T0 + 2,
+                    "outcome": "failed",
+                    "rejected": {},
+                }
+            ],
+        ),
+        ("reasons", [[T0, "submitted", ""], [T0 + 2, "exit_nonzero", "exit=3"]]),
+        ("created_wall_ms", T0),
+        ("finished_wall_ms", T0 + 2),
+        ("exit_code", 3),
+        ("signal", 9),
+        ("terminal_reason", "exit_nonzero"),
+        (
+            "options",
+            {
+                "no_fallback": False,
+                "queue_timeout_s": None,
+                "timeout_s": 60.0,
+                "node": "w1",
+                "node_fallback": False,
+                "cwd": None,
+                "gpu_mem_bytes": 1024,
+                "gpu_model": "H100*",
+            },
+        ),
+        ("requests", {"pending": "grant", "pending_attempt": 1, "highest": 1}),
+        ("ended_by", "result_failed"),
+    ]
+    assert Task.from_json(done.to_json()) == done
+    fresh = new_task().to_json()
+    assert list(fresh) == [key for key, _ in done.to_json().items()]
+    assert [fresh[key] for key in ("finished_wall_ms", "exit_code", "signal")] == [None] * 3
+    assert (fresh["terminal_reason"], fresh["ended_by"], fresh["attempts"]) == (None, None, [])
 
 
 @pytest.mark.parametrize(

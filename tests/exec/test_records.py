@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import populi_peer.exec as exec_pkg
 from populi_peer.errors import BadRequest
-from populi_peer.exec import TaskSpec, build_task_env
+from populi_peer.exec import StreamTotals, SupervisorState, TaskSpec, build_task_env
 from populi_peer.exec._files import HEADER_LEN, TailWriter, read_deadline, read_tail, write_atomic
 from populi_peer.exec._proc import parse_stat
 
@@ -115,6 +115,110 @@ def test_spec_round_trips_and_validates() -> None:
             _spec(**bad)
     with pytest.raises(BadRequest, match="lacks the field"):
         TaskSpec.from_json({"task_id": "t"})
+
+
+def test_spec_json_keeps_its_keys_in_order() -> None:
+    """``spec.json``: ``v`` first, then every field in order, ``null`` where unset."""
+    spec = _spec(
+        task_id="t-1",
+        attempt=2,
+        argv=["echo", "hi"],
+        env={"A": "1"},
+        output_cap_bytes=4096,
+        isolation="cgroup",
+        cgroup_parent="/sys/fs/cgroup/populi",
+    )
+    assert list(spec.to_json().items()) == [
+        ("v", 1),
+        ("task_id", "t-1"),
+        ("attempt", 2),
+        ("argv", ["echo", "hi"]),
+        ("env", {"A": "1"}),
+        ("cwd", "/"),
+        ("stop_margin_s", 1.0),
+        ("kill_grace_s", 0.5),
+        ("output_cap_bytes", 4096),
+        ("isolation", "cgroup"),
+        ("cgroup_parent", "/sys/fs/cgroup/populi"),
+    ]
+    plain = _spec().to_json()
+    assert (plain["isolation"], plain["cgroup_parent"]) == ("auto", None)
+    assert list(plain) == [key for key, _ in spec.to_json().items()]
+
+
+def test_state_json_keeps_its_keys_in_order() -> None:
+    """``state.json``: every field in order, the two streams under ``output``."""
+    state = SupervisorState(
+        task_id="t-1",
+        attempt=2,
+        supervisor_pid=10,
+        supervisor_starttime_ticks=11,
+        status="exited",
+        isolation="cgroup",
+        cgroup="/sys/fs/cgroup/populi/t-1",
+        child_pid=12,
+        child_starttime_ticks=13,
+        pgid=12,
+        started_at_boot=1.5,
+        started_at_wall=2.5,
+        deadline_boot=3.5,
+        stop_reason="deadline",
+        stop_requested_at_boot=4.5,
+        sigkill_at_boot=5.5,
+        stopped_at_boot=6.5,
+        stopped_at_wall=7.5,
+        exit_code=None,
+        signal=9,
+        error="killed",
+        stdout=StreamTotals(100, 50),
+        stderr=StreamTotals(7, 7),
+        updated_at_wall=8.5,
+    )
+    assert list(state.to_json().items()) == [
+        ("v", 1),
+        ("task_id", "t-1"),
+        ("attempt", 2),
+        ("supervisor_pid", 10),
+        ("supervisor_starttime_ticks", 11),
+        ("status", "exited"),
+        ("isolation", "cgroup"),
+        ("cgroup", "/sys/fs/cgroup/populi/t-1"),
+        ("child_pid", 12),
+        ("child_starttime_ticks", 13),
+        ("pgid", 12),
+        ("started_at_boot", 1.5),
+        ("started_at_wall", 2.5),
+        ("deadline_boot", 3.5),
+        ("stop_reason", "deadline"),
+        ("stop_requested_at_boot", 4.5),
+        ("sigkill_at_boot", 5.5),
+        ("stopped_at_boot", 6.5),
+        ("stopped_at_wall", 7.5),
+        ("exit_code", None),
+        ("signal", 9),
+        ("error", "killed"),
+        (
+            "output",
+            {
+                "stdout": {"total_bytes": 100, "kept_bytes": 50},
+                "stderr": {"total_bytes": 7, "kept_bytes": 7},
+            },
+        ),
+        ("updated_at_wall", 8.5),
+    ]
+    assert SupervisorState.from_json(state.to_json()) == state
+    starting = SupervisorState("t-1", 2, 10, 11, "starting").to_json()
+    assert list(starting) == [key for key, _ in state.to_json().items()]
+    assert [value for key, value in starting.items() if key not in _SET_AT_START] == [None] * 17
+    assert starting["output"] == {
+        "stdout": {"total_bytes": 0, "kept_bytes": 0},
+        "stderr": {"total_bytes": 0, "kept_bytes": 0},
+    }
+
+
+_SET_AT_START = frozenset(
+    ("v", "task_id", "attempt", "supervisor_pid", "supervisor_starttime_ticks", "status", "output")
+)
 
 
 def test_deadline_file(tmp_path: Path) -> None:

@@ -17,10 +17,14 @@ from trio.testing import MockClock
 from gpu import gpu_variants as v
 from populi_peer.gpu import (
     ComputeProcess,
+    DeviceAllocation,
     GpuDevice,
     GpuInventory,
+    Health,
+    HealthVerdict,
     InventoryFormatError,
     NvLink,
+    XidEvent,
     derive_replay_uuid,
     facts_version,
     gpu_summary,
@@ -326,3 +330,110 @@ def test_derive_replay_uuid() -> None:
     # sha256(b"populi replay gpu uuid v1\0" + capture_uuid + b"\0" + node_id)[:128 bits].
     assert a == "GPU-f1e7c5a4-0036-6787-cb54-341f544e4fa2"
     assert derive_replay_uuid("GPU-x", "n") != derive_replay_uuid("GPU-", "xn")
+
+
+def test_inventory_keys_keep_their_order_and_nulls() -> None:
+    """The inventory's own keys: ``v``, its facts in order, then ``unknown`` and the
+    devices (what ``populi gpus --json`` and the heartbeat show)."""
+    full = GpuInventory(
+        devices=(GpuDevice(index=0),),
+        backend="nvml",
+        source="capture.json",
+        driver_version="580",
+        nvml_version="12.580",
+        cuda_driver_version=13000,
+        cpu_only_reason="no_gpus",
+        wedged=True,
+        probed_at_ms=5,
+        unknown={"x": "timeout"},
+    ).to_json()
+    assert [(key, value) for key, value in full.items() if key != "devices"] == [
+        ("v", 1),
+        ("backend", "nvml"),
+        ("source", "capture.json"),
+        ("driver_version", "580"),
+        ("nvml_version", "12.580"),
+        ("cuda_driver_version", 13000),
+        ("cpu_only_reason", "no_gpus"),
+        ("wedged", True),
+        ("probed_at_ms", 5),
+        ("unknown", {"x": "timeout"}),
+    ]
+    assert list(full)[-1] == "devices"
+    assert full["devices"] == [GpuDevice(index=0).to_json()]
+    assert list(GpuInventory().to_json().items()) == [
+        ("v", 1),
+        ("backend", "unknown"),
+        ("source", None),
+        ("driver_version", None),
+        ("nvml_version", None),
+        ("cuda_driver_version", None),
+        ("cpu_only_reason", None),
+        ("wedged", False),
+        ("probed_at_ms", None),
+        ("unknown", {}),
+        ("devices", []),
+    ]
+    assert type(GpuInventory().to_json()["unknown"]) is dict
+
+
+def test_small_gpu_records_write_every_field_in_order_nulls_included() -> None:
+    assert list(ComputeProcess(7, 1024).to_json().items()) == [
+        ("pid", 7),
+        ("used_memory_bytes", 1024),
+    ]
+    assert ComputeProcess(None).to_json() == {"pid": None, "used_memory_bytes": None}
+    assert list(NvLink(0, True, "00000000:00:07.0", 1).to_json().items()) == [
+        ("link", 0),
+        ("active", True),
+        ("remote_pci_bus_id", "00000000:00:07.0"),
+        ("peer_index", 1),
+    ]
+    assert NvLink(1, False).to_json() == {
+        "link": 1,
+        "active": False,
+        "remote_pci_bus_id": None,
+        "peer_index": None,
+    }
+    verdict = HealthVerdict(0, "GPU-a", Health.DEGRADED, ("hw_slowdown",)).to_json()
+    assert list(verdict.items()) == [
+        ("index", 0),
+        ("uuid", "GPU-a"),
+        ("health", "degraded"),
+        ("reasons", ["hw_slowdown"]),
+    ]
+    assert type(verdict["health"]) is str
+    assert HealthVerdict(1, None, Health.HEALTHY).to_json() == {
+        "index": 1,
+        "uuid": None,
+        "health": "healthy",
+        "reasons": [],
+    }
+    assert list(XidEvent("GPU-a", 0, 79, True, 12.5).to_json().items()) == [
+        ("uuid", "GPU-a"),
+        ("index", 0),
+        ("code", 79),
+        ("critical", True),
+        ("at_wall", 12.5),
+    ]
+    assert XidEvent(None, None, 13, False, 1.0).to_json() == {
+        "uuid": None,
+        "index": None,
+        "code": 13,
+        "critical": False,
+        "at_wall": 1.0,
+    }
+    assert list(DeviceAllocation("GPU-a", 0, False, ("leased",)).to_json().items()) == [
+        ("uuid", "GPU-a"),
+        ("index", 0),
+        ("allocatable", False),
+        ("reasons", ["leased"]),
+        ("verified", True),
+    ]
+    assert DeviceAllocation(None, None, True, verified=False).to_json() == {
+        "uuid": None,
+        "index": None,
+        "allocatable": True,
+        "reasons": [],
+        "verified": False,
+    }
