@@ -19,7 +19,7 @@ else gets ``unknown_signer``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import InitVar, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -55,12 +55,12 @@ class Authenticator:
     skew_s: float
     lookup: Callable[[str], Principal | None]
     is_revoked: Callable[[str], bool]
-    replay_max_entries: InitVar[int] = 1_000_000
+    replay_max_entries: int = 1_000_000
     nonces: Store | None = None
     retired: RetiredLookup | None = None
 
-    def __post_init__(self, replay_max_entries: int) -> None:
-        self.replay_cache = ReplayCache(max_entries=replay_max_entries)
+    def __post_init__(self) -> None:
+        self.replay_cache = ReplayCache(max_entries=self.replay_max_entries)
 
     def _resolve(self, keyid: str) -> Ed25519PublicKey | None:
         if self.is_revoked(keyid):

@@ -325,7 +325,10 @@ def utc_text(ms: int | None) -> str:
     """A wall time in ms as UTC text (``2026-12-01 18:00:00Z``); ``-`` where there is none."""
     if not ms:
         return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):  # past year 9999, or before year 1
+        return f"{ms} ms"
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:

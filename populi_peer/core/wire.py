@@ -70,6 +70,8 @@ class FieldsRecord:
 def _json_value(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_json_value(item) for item in value]
+    if isinstance(value, Mapping):  # a copy: the caller may change what it is given
+        return {key: _json_value(item) for key, item in value.items()}
     to_json = getattr(value, "to_json", None)
     return value if to_json is None else to_json()
 

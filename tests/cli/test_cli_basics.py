@@ -109,3 +109,7 @@ def test_wall_times_print_as_utc_and_none_as_a_dash() -> None:
     assert utc_text(1_796_148_000_000) == "2026-12-01 18:00:00Z"
     assert utc_text(None) == "-"
     assert utc_text(0) == "-"  # no time (a token without an expiry), as for None
+    # A time no calendar can show (past year 9999) prints as its number, not a crash:
+    # a listing's table and its --json both still print.
+    assert utc_text(10**17) == "100000000000000000 ms"
+    assert utc_text(-(10**17)) == "-100000000000000000 ms"

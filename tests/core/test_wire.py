@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pytest
@@ -132,3 +134,23 @@ def test_record_json_writes_lists_and_records_and_leaves_out_none_and_omitted() 
 
     record = Record(FencingToken(3, 7))
     assert record.to_json() == record_json(record) == {"token": "3.7"}
+
+
+def test_record_json_writes_a_mapping_as_a_copy_with_its_values_written() -> None:
+    """A mapping field (a task's env, read-only or not) is written as a new dict: the JSON
+    can be changed (redacted) without changing the record, and a read-only mapping
+    becomes something json.dumps takes."""
+    from types import MappingProxyType
+
+    @dataclass(frozen=True)
+    class WithEnv:
+        env: Mapping[str, str]
+        stamps: Mapping[str, Hlc]
+
+    env = {"A": "1"}
+    record = WithEnv(env, MappingProxyType({"s": Hlc(5, 1)}))
+    body = record_json(record)
+    assert body == {"env": {"A": "1"}, "stamps": {"s": {"wall_ms": 5, "counter": 1}}}
+    body["env"]["A"] = "redacted"
+    assert env == {"A": "1"}
+    assert json.loads(json.dumps(body))["stamps"]["s"]["counter"] == 1
